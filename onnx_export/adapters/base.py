@@ -1,0 +1,79 @@
+"""The contract between one architecture and the generic exporter (Optimum-style: one small class each).
+
+An adapter wraps a loaded transformers model and hands the exporter plain `torch.nn.Module` segments with
+fixed signatures. The generic exporter and verifier never branch on model names; everything
+architecture-specific (masks, rotary tables, embedding scaling, heads, positions) lives in the adapter.
+
+Segment signatures (all tensors batch-first, B and T dynamic, right padding):
+- embed:  (input_ids int64 B×T, attention_mask int64 B×T) -> hidden_states float32 B×T×H
+- layer:  (hidden_states float32 B×T×H, attention_mask int64 B×T) -> hidden_states_out float32 B×T×H
+- head:   (hidden_states float32 B×H) -> logits float32 B×C, one column per label
+Positions are derived from attention_mask inside the segments, so a padded row equals the same row alone.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+
+class ArchitectureAdapter(ABC):
+    #: `config.model_type` values this adapter handles.
+    model_types: ClassVar[tuple[str, ...]]
+    #: Which head family: "causal-lm", "masked-lm" or "sequence-classification".
+    head_kind: ClassVar[str]
+    #: Where the head reads the hidden state: "last", "mask" or "cls".
+    readout: ClassVar[str]
+    #: The transformers auto class that loads this kind of model (e.g. transformers.AutoModelForCausalLM).
+    auto_class: ClassVar[Any]
+    #: torch.onnx.export path for this architecture's segments.
+    dynamo: ClassVar[bool] = False
+    padding_side: ClassVar[str] = "right"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def matches(cls, config: Any) -> bool:
+        """True when this adapter handles a config (model type and head family)."""
+        return config.model_type in cls.model_types and cls.head_kind == head_kind_of(config)
+
+    @property
+    @abstractmethod
+    def num_layers(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int: ...
+
+    @abstractmethod
+    def embed_segment(self) -> torch.nn.Module: ...
+
+    @abstractmethod
+    def layer_segment(self, index: int) -> torch.nn.Module: ...
+
+    @abstractmethod
+    def head_segment(self, label_token_ids: Sequence[int]) -> torch.nn.Module: ...
+
+    @abstractmethod
+    def hf_layers(self) -> Sequence[torch.nn.Module]:
+        """The model's own layer modules, hooked by the verifier to read each layer's raw output."""
+
+    @property
+    def prompt_suffix(self) -> str:
+        """Appended to every rendered prompt (masked LMs put their mask token where the label word goes)."""
+        return ""
+
+
+def head_kind_of(config: Any) -> str:
+    """Head family from `config.architectures` (e.g. BertForMaskedLM -> masked-lm)."""
+    names = " ".join(config.architectures or [])
+    if "ForSequenceClassification" in names:
+        return "sequence-classification"
+    if "ForMaskedLM" in names:
+        return "masked-lm"
+    return "causal-lm"

@@ -1,0 +1,1 @@
+"""Apache Beam pipelines: export-onnx, build-db and classify."""

@@ -1,0 +1,3 @@
+from raee_ops.cli import main
+
+main()

@@ -1,0 +1,9 @@
+"""Errors that end a run with one clear line and a non-zero exit (bad configuration, not bad rows)."""
+
+
+class RaeeConfigError(Exception):
+    """A run-level problem: missing files, checksum or fingerprint mismatch, wrong columns, bad options."""
+
+
+class ArtifactError(RaeeConfigError):
+    """Exported artifacts are missing, incomplete or do not match their manifest."""

@@ -1,0 +1,176 @@
+"""The artifact manifest (`manifest.json`): what an export wrote, with checksums, so runtime can trust it.
+
+The manifest is the only contract between the exporter (torch) and the runtime (ONNX Runtime only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raee_ops.errors import ArtifactError
+
+FORMAT = "raee-segments/1"
+MANIFEST_NAME = "manifest.json"
+READOUTS = ("last", "mask", "cls")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileRef:
+    file: str
+    sha256: str
+
+    @classmethod
+    def of(cls, directory: Path, name: str) -> FileRef:
+        return cls(file=name, sha256=sha256_file(directory / name))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    source: str
+    architecture: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    file: str
+    sha256: str
+    pad_id: int
+    mask_token: str | None = None
+    mask_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Segments:
+    embed: FileRef
+    layers: list[FileRef]
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    template: str
+    label_names: list[str]
+    verbalizer: list[str]
+    label_token_ids: list[int]
+    head: FileRef
+
+
+@dataclass(frozen=True)
+class EmbedderEntry:
+    """A separate retrieval embedder (e.g. all-MiniLM-L6-v2) exported beside the backbone."""
+
+    name: str
+    model: FileRef
+    tokenizer: FileRef
+    dim: int
+    max_length: int
+    pooling: str = "mean"
+    normalize: bool = True
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: ModelInfo
+    num_layers: int
+    hidden_size: int
+    readout: str
+    padding_side: str
+    max_length: int
+    tokenizer: TokenizerInfo
+    segments: Segments
+    tasks: dict[str, TaskEntry]
+    embedders: dict[str, EmbedderEntry] = field(default_factory=dict)
+    verify: dict[str, Any] | None = None
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Manifest:
+        seg = raw["segments"]
+        return cls(
+            format=raw["format"],
+            model=ModelInfo(**raw["model"]),
+            num_layers=int(raw["num_layers"]),
+            hidden_size=int(raw["hidden_size"]),
+            readout=raw["readout"],
+            padding_side=raw["padding_side"],
+            max_length=int(raw["max_length"]),
+            tokenizer=TokenizerInfo(**raw["tokenizer"]),
+            segments=Segments(embed=FileRef(**seg["embed"]), layers=[FileRef(**x) for x in seg["layers"]]),
+            tasks={
+                name: TaskEntry(**{**t, "head": FileRef(**t["head"])}) for name, t in raw["tasks"].items()
+            },
+            embedders={
+                name: EmbedderEntry(
+                    **{**e, "model": FileRef(**e["model"]), "tokenizer": FileRef(**e["tokenizer"])}
+                )
+                for name, e in raw.get("embedders", {}).items()
+            },
+            verify=raw.get("verify"),
+        )
+
+    def file_refs(self) -> list[FileRef]:
+        """Every file the manifest vouches for."""
+        refs = [FileRef(self.tokenizer.file, self.tokenizer.sha256), self.segments.embed, *self.segments.layers]
+        refs += [t.head for t in self.tasks.values()]
+        for e in self.embedders.values():
+            refs += [e.model, e.tokenizer]
+        return refs
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the backbone segments: a DB built from other artifacts must not be mixed with these."""
+        parts = [self.model.fingerprint, self.tokenizer.sha256, self.segments.embed.sha256]
+        parts += [layer.sha256 for layer in self.segments.layers]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+    def task(self, name: str) -> TaskEntry:
+        if name not in self.tasks:
+            raise ArtifactError(f"task {name!r} is not in these artifacts (have: {', '.join(sorted(self.tasks))})")
+        return self.tasks[name]
+
+
+def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
+    path = Path(directory) / MANIFEST_NAME
+    path.write_text(manifest.to_json())
+    return path
+
+
+def load_manifest(directory: str | Path, verify_checksums: bool = True) -> Manifest:
+    """Read `manifest.json` and (by default) check every file's sha256, refusing any mismatch."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"no {MANIFEST_NAME} in {directory}: not an exported artifacts directory")
+    try:
+        raw = json.loads(path.read_text())
+        manifest = Manifest.from_dict(raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path} is not a valid manifest: {exc}") from exc
+    if manifest.format != FORMAT:
+        raise ArtifactError(f"{path} has format {manifest.format!r}, expected {FORMAT!r}")
+    if verify_checksums:
+        for ref in manifest.file_refs():
+            target = directory / ref.file
+            if not target.is_file():
+                raise ArtifactError(f"artifact file missing: {target}")
+            actual = sha256_file(target)
+            if actual != ref.sha256:
+                raise ArtifactError(
+                    f"checksum mismatch for {target}: manifest says {ref.sha256[:12]}…, file is {actual[:12]}…"
+                )
+    return manifest

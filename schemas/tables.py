@@ -1,0 +1,56 @@
+"""Arrow schemas of every table raee-ops reads or writes, defined once."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+
+TEXT, TEXT_PAIR, LABEL, ID = "text", "text_pair", "label", "id"
+TABLE_META_KEY = b"raee"
+
+#: Rejected rows, from any pipeline: the row's id (or its position in its file when it has none) and why.
+ERRORS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("reason", pa.string())])
+
+#: Columns classify adds to every input row.
+PREDICTION_FIELDS = [
+    pa.field("prediction", pa.int64()),
+    pa.field("prediction_label", pa.string()),
+    pa.field("exit_layer", pa.int32()),
+    pa.field("confidence", pa.float32()),
+]
+
+
+def exit_table_schema(dim: int, num_layers: int, num_labels: int) -> pa.Schema:
+    """One row per reference example: its key and what every layer predicted (layers 1-based in values)."""
+    return pa.schema([
+        pa.field("id", pa.string()),
+        pa.field("label", pa.int32()),
+        pa.field("vector", pa.list_(pa.float32(), dim)),
+        pa.field("layer_pred", pa.list_(pa.int32(), num_layers)),
+        pa.field("layer_correct", pa.list_(pa.bool_(), num_layers)),
+        pa.field("layer_prob", pa.list_(pa.float32(), num_layers)),
+        # log-softmax over labels at every layer, row-major L×C: lets strategies recalibrate without rerunning.
+        pa.field("layer_logprobs", pa.list_(pa.float32(), num_layers * num_labels)),
+        pa.field("first_correct_layer", pa.int32(), nullable=True),
+    ])
+
+
+@dataclass(frozen=True)
+class TableMeta:
+    """Identity of an exit-metadata table; classify refuses a table whose identity differs from its run."""
+
+    fingerprint: str
+    task: str
+    embedder: str
+    num_layers: int
+    label_names: list[str]
+
+    def encode(self) -> dict[bytes, bytes]:
+        return {TABLE_META_KEY: json.dumps(asdict(self)).encode()}
+
+    @classmethod
+    def decode(cls, schema: pa.Schema) -> TableMeta | None:
+        raw = (schema.metadata or {}).get(TABLE_META_KEY)
+        return cls(**json.loads(raw)) if raw else None

@@ -1,0 +1,52 @@
+"""Task metrics: accuracy everywhere, plus the metric each benchmark is usually reported with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+Metric = Callable[[np.ndarray, np.ndarray, int], float]
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int = 2) -> float:
+    return float(np.mean(y_true == y_pred)) if len(y_true) else float("nan")
+
+
+def matthews(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int = 2) -> float:
+    """Multi-class Matthews correlation (Gorodkin's R_K); 0 when a side is constant."""
+    confusion = np.zeros((num_labels, num_labels), dtype=np.float64)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    n, correct = confusion.sum(), np.trace(confusion)
+    true_counts, pred_counts = confusion.sum(axis=1), confusion.sum(axis=0)
+    numerator = correct * n - true_counts @ pred_counts
+    denominator = np.sqrt((n * n - pred_counts @ pred_counts) * (n * n - true_counts @ true_counts))
+    return float(numerator / denominator) if denominator > 0 else 0.0
+
+
+def _f1(y_true: np.ndarray, y_pred: np.ndarray, cls: int) -> float:
+    tp = np.sum((y_pred == cls) & (y_true == cls))
+    predicted, actual = np.sum(y_pred == cls), np.sum(y_true == cls)
+    return float(2 * tp / (predicted + actual)) if predicted + actual else 0.0
+
+
+def f1_positive(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int = 2) -> float:
+    return _f1(y_true, y_pred, 1)
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int = 2) -> float:
+    return float(np.mean([_f1(y_true, y_pred, c) for c in range(num_labels)]))
+
+
+_BY_TASK: dict[str, tuple[str, Metric]] = {
+    "cola": ("matthews_corr", matthews),
+    "mrpc": ("f1", f1_positive),
+    "qqp": ("f1", f1_positive),
+}
+
+
+def task_metric(task_name: str, num_labels: int) -> tuple[str, Metric]:
+    """The headline metric: the GLUE convention where one exists, macro-F1 for multi-class, else accuracy."""
+    if task_name in _BY_TASK:
+        return _BY_TASK[task_name]
+    return ("macro_f1", macro_f1) if num_labels > 2 else ("accuracy", accuracy)

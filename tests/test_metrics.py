@@ -1,0 +1,31 @@
+import numpy as np
+import pytest
+
+from raee_ops.metrics import accuracy, f1_positive, macro_f1, matthews, task_metric
+
+
+def test_accuracy_and_f1_on_a_hand_counted_case():
+    y = np.array([1, 1, 0, 0, 1])
+    p = np.array([1, 0, 0, 1, 1])
+    assert accuracy(y, p) == pytest.approx(0.6)
+    # positive class: tp=2, predicted=3, actual=3 -> 2*2/6
+    assert f1_positive(y, p) == pytest.approx(4 / 6)
+    # negative class: tp=1, predicted=2, actual=2 -> 0.5; macro = (0.5 + 2/3) / 2
+    assert macro_f1(y, p) == pytest.approx((0.5 + 4 / 6) / 2)
+
+
+def test_matthews_matches_the_binary_formula_and_degenerate_cases():
+    y = np.array([1, 1, 1, 0, 0, 0, 1, 0])
+    p = np.array([1, 1, 0, 0, 0, 1, 1, 0])
+    tp, tn, fp, fn = 3, 3, 1, 1
+    expected = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert matthews(y, p) == pytest.approx(expected)
+    assert matthews(y, np.ones_like(y)) == 0.0
+    assert matthews(y, y) == pytest.approx(1.0)
+
+
+def test_task_metric_names():
+    assert task_metric("cola", 2)[0] == "matthews_corr"
+    assert task_metric("mrpc", 2)[0] == "f1"
+    assert task_metric("trec", 6)[0] == "macro_f1"
+    assert task_metric("my-binary-task", 2)[0] == "accuracy"

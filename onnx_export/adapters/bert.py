@@ -1,0 +1,28 @@
+"""BERT: absolute positions 0..T-1 (right padding keeps every real token's position)."""
+
+from __future__ import annotations
+
+import torch
+
+from onnx_export.adapters.encoder import MaskedLMEncoderAdapter, SequenceClassificationEncoderAdapter
+
+
+class _Bert:
+    model_types = ("bert",)
+    base_model_attr = "bert"
+
+    def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(attention_mask.shape[1], dtype=torch.long, device=attention_mask.device)
+        return positions.unsqueeze(0).expand_as(attention_mask)
+
+
+class BertMaskedLMAdapter(_Bert, MaskedLMEncoderAdapter):
+    def mlm_parts(self) -> tuple[torch.nn.Module, torch.nn.Linear]:
+        predictions = self.model.cls.predictions
+        return predictions.transform, predictions.decoder
+
+
+class BertSequenceClassificationAdapter(_Bert, SequenceClassificationEncoderAdapter):
+    def classifier(self) -> torch.nn.Module:
+        """Pooler (dense + tanh on the CLS state), then the classifier: BertForSequenceClassification."""
+        return torch.nn.Sequential(self.base.pooler, self.model.dropout, self.model.classifier)

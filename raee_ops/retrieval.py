@@ -1,0 +1,95 @@
+"""Exit-metadata tables in LanceDB: identity checks and batched top-k neighbour look-ups.
+
+Connections are opened by `Retriever.open` (called from a worker's load_model), never pickled or forked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+
+from raee_ops.errors import RaeeConfigError
+from schemas.manifest import Manifest
+from schemas.tables import TableMeta
+
+#: Below this many rows every search is exact (flat), even if someone built an ANN index.
+FLAT_LIMIT = 100_000
+
+
+def expected_meta(manifest: Manifest, task: str, embedder: str) -> TableMeta:
+    return TableMeta(
+        fingerprint=manifest.fingerprint,
+        task=task,
+        embedder=embedder,
+        num_layers=manifest.num_layers,
+        label_names=list(manifest.task(task).label_names),
+    )
+
+
+def check_meta(found: TableMeta | None, expected: TableMeta, where: str) -> None:
+    """Refuse a table built from other artifacts, another task, embedder or depth, in one line."""
+    if found is None:
+        raise RaeeConfigError(f"{where} has no raee metadata: not an exit table built by raee-ops build-db")
+    diffs = [
+        f"{k} {v!r} (expected {asdict(expected)[k]!r})"
+        for k, v in asdict(found).items()
+        if v != asdict(expected)[k]
+    ]
+    if diffs:
+        raise RaeeConfigError(f"{where} does not match this run: {'; '.join(diffs)}")
+
+
+def open_table(db_uri: str, name: str) -> lancedb.table.Table:
+    db = lancedb.connect(db_uri)
+    if name not in db.list_tables().tables:
+        raise RaeeConfigError(f"no table {name!r} in {db_uri} (run build-db first)")
+    return db.open_table(name)
+
+
+def table_meta(db_uri: str, name: str) -> TableMeta:
+    return TableMeta.decode(open_table(db_uri, name).schema)
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    correct: np.ndarray  # B×k×L bool, nearest first
+    similarity: np.ndarray  # B×k cosine similarity
+
+
+class Retriever:
+    """Top-k neighbours' `layer_correct` rows for many query vectors in one LanceDB call."""
+
+    def __init__(self, db_uri: str, table: str) -> None:
+        self.table = open_table(db_uri, table)
+        self.meta = TableMeta.decode(self.table.schema)
+        self.rows = self.table.count_rows()
+
+    def search(self, vectors: np.ndarray, k: int) -> Neighbours:
+        num_layers = self.meta.num_layers
+        k = min(k, self.rows)
+        if len(vectors) == 0 or k == 0:
+            return Neighbours(
+                np.zeros((len(vectors), 0, num_layers), bool), np.zeros((len(vectors), 0), np.float32)
+            )
+        query = self.table.search(list(np.asarray(vectors, np.float32))).metric("cosine").limit(k)
+        if self.rows < FLAT_LIMIT:
+            query = query.bypass_vector_index()
+        hits = query.select(["layer_correct", "_distance"]).to_arrow()
+        return _group(hits, len(vectors), k, num_layers)
+
+
+def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int) -> Neighbours:
+    """Results (query_index, layer_correct, _distance) as dense B×k arrays ordered by distance."""
+    if "query_index" not in hits.column_names:  # a single query comes back without it
+        hits = hits.append_column("query_index", pa.array(np.zeros(hits.num_rows, np.int32)))
+    hits = hits.sort_by([("query_index", "ascending"), ("_distance", "ascending")])
+    query = hits.column("query_index").to_numpy()
+    if not np.array_equal(np.bincount(query, minlength=num_queries), np.full(num_queries, k)):
+        raise RuntimeError("LanceDB returned a different number of neighbours than asked for")
+    flat = hits.column("layer_correct").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    correct = flat.reshape(num_queries, k, num_layers).astype(bool)
+    similarity = 1.0 - hits.column("_distance").to_numpy().reshape(num_queries, k)
+    return Neighbours(correct, similarity.astype(np.float32))

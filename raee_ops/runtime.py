@@ -1,0 +1,248 @@
+"""Run exported backbone segments with ONNX Runtime: tokenize, embed, layer by layer, heads, retrieval keys.
+
+Only onnxruntime, tokenizers and numpy: this module is what Beam workers load. Padding is on the right, so a
+batch trimmed to its longest row is a column slice, and a padded row computes the same as the row alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from schemas.manifest import FileRef, Manifest, load_manifest
+
+log = logging.getLogger(__name__)
+
+BACKBONE = "backbone"
+#: Rows per ONNX call; rows are sorted by length first so each sub-batch carries little padding.
+SUB_BATCH = 32
+
+
+def choose_providers(requested: str | None = None) -> list[str]:
+    """CUDA when asked for (option or RAEE_PROVIDER=cuda) and available, else CPU."""
+    wanted = (requested or os.environ.get("RAEE_PROVIDER") or "cpu").lower()
+    if wanted == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        log.warning("CUDA requested but onnxruntime has no CUDAExecutionProvider; using CPU")
+    return ["CPUExecutionProvider"]
+
+
+class PromptTooLong(ValueError):
+    """A prompt exceeds max_length tokens; callers reject such rows rather than truncate them."""
+
+
+class SegmentRuntime:
+    """A backbone's segments, heads and embedders as ORT sessions (heads and embedders load lazily)."""
+
+    def __init__(
+        self,
+        artifacts: str | Path,
+        providers: str | None = None,
+        intra_op_threads: int | None = None,
+        verify_checksums: bool = True,
+    ) -> None:
+        self.dir = Path(artifacts)
+        self.manifest: Manifest = load_manifest(self.dir, verify_checksums=verify_checksums)
+        threads = intra_op_threads or int(os.environ.get("RAEE_INTRA_OP_THREADS", "1"))
+        self._options = ort.SessionOptions()
+        self._options.intra_op_num_threads = threads
+        self._options.inter_op_num_threads = 1
+        self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._providers = choose_providers(providers)
+        m = self.manifest
+        self.tokenizer = self._tokenizer(m.tokenizer.file)
+        self.suffix = f" {m.tokenizer.mask_token}" if m.readout == "mask" else ""
+        self.embed_session = self._session(m.segments.embed)
+        self.layer_sessions = [self._session(ref) for ref in m.segments.layers]
+        self._heads: dict[str, ort.InferenceSession] = {}
+        self._embedders: dict[str, tuple[Tokenizer, ort.InferenceSession]] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return self.manifest.num_layers
+
+    def _session(self, ref: FileRef) -> ort.InferenceSession:
+        return ort.InferenceSession(str(self.dir / ref.file), self._options, providers=self._providers)
+
+    def _tokenizer(self, file: str) -> Tokenizer:
+        tokenizer = Tokenizer.from_file(str(self.dir / file))
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        return tokenizer
+
+    # -- tokens -------------------------------------------------------------------------------------------
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(prompts), add_special_tokens=True)]
+
+    def token_lengths(self, prompts: Sequence[str]) -> np.ndarray:
+        return np.array([len(ids) for ids in self.encode(prompts)], dtype=np.int64)
+
+    def pad(self, encoded: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Right-padded ids and lengths."""
+        lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
+        ids = np.full((len(encoded), int(lengths.max(initial=1))), self.manifest.tokenizer.pad_id, np.int64)
+        for row, seq in enumerate(encoded):
+            ids[row, : len(seq)] = seq
+        return ids, lengths
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Padded ids B×T and lengths; refuses prompts over max_length (truncating would cut the readout)."""
+        return self.pad(self._encode_checked(prompts))
+
+    def _encode_checked(self, prompts: Sequence[str]) -> list[list[int]]:
+        encoded = self.encode(prompts)
+        too_long = [i for i, ids in enumerate(encoded) if len(ids) > self.manifest.max_length]
+        if too_long:
+            raise PromptTooLong(f"prompts {too_long} exceed max_length {self.manifest.max_length} tokens")
+        return encoded
+
+    def readout_positions(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        readout = self.manifest.readout
+        if readout == "last":
+            return lengths - 1
+        if readout == "cls":
+            return np.zeros_like(lengths)
+        # "mask": the last mask token, i.e. the one our suffix appended.
+        hits = ids == self.manifest.tokenizer.mask_token_id
+        if not hits.any(axis=1).all():
+            raise ValueError("a prompt has no mask token to read out")
+        return ids.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)
+
+    # -- segments -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def mask_of(lengths: np.ndarray, width: int) -> np.ndarray:
+        return (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+
+    def embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.embed_session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+    def run_layer(self, index: int, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Layer `index` (0-based, as the segment files are numbered)."""
+        feed = {"hidden_states": np.ascontiguousarray(hidden), "attention_mask": np.ascontiguousarray(mask)}
+        return self.layer_sessions[index].run(None, feed)[0]
+
+    def head(self, task: str, hidden: np.ndarray) -> np.ndarray:
+        """Label logits B×C from the readout hidden states B×H."""
+        if task not in self._heads:
+            self._heads[task] = self._session(self.manifest.task(task).head)
+        return self._heads[task].run(None, {"hidden_states": np.ascontiguousarray(hidden)})[0]
+
+    # -- batch drivers ------------------------------------------------------------------------------------
+
+    def _sub_batches(self, prompts: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(row indices, ids, lengths) for length-sorted sub-batches, each padded to its own longest row."""
+        encoded = self._encode_checked(prompts)
+        order = np.argsort([len(ids) for ids in encoded], kind="stable")
+        for start in range(0, len(order), SUB_BATCH):
+            rows = order[start : start + SUB_BATCH]
+            ids, lengths = self.pad([encoded[i] for i in rows])
+            yield rows, ids, lengths
+
+    def all_layers(self, task: str, prompts: Sequence[str]) -> np.ndarray:
+        """Head logits after every layer, L×B×C (build-db's exit information)."""
+        out: np.ndarray | None = None
+        for rows, ids, lengths in self._sub_batches(prompts):
+            mask = self.mask_of(lengths, ids.shape[1])
+            pos = self.readout_positions(ids, lengths)
+            hidden = self.embed(ids, mask)
+            picked = np.arange(len(rows))
+            for layer in range(self.num_layers):
+                hidden = self.run_layer(layer, hidden, mask)
+                logits = self.head(task, hidden[picked, pos])
+                if out is None:
+                    out = np.zeros((self.num_layers, len(prompts), logits.shape[1]), np.float32)
+                out[layer, rows] = logits
+        if out is None:
+            return np.zeros((self.num_layers, 0, len(self.manifest.task(task).label_names)), np.float32)
+        return out
+
+    def run_to_exit(self, task: str, prompts: Sequence[str], exit_layers: np.ndarray) -> np.ndarray:
+        """Logits B×C, each row read out at its own 1-based exit layer, never running a row past it.
+
+        Active-set compaction: inside a sub-batch rows are ordered by exit layer, latest first; after each
+        layer the rows exiting there are read out and dropped (a prefix slice), and the columns are trimmed
+        to the longest remaining row, so work is proportional to the sum of exit layers.
+        """
+        exit_layers = np.asarray(exit_layers, dtype=np.int64)
+        if len(exit_layers) and not ((exit_layers >= 1) & (exit_layers <= self.num_layers)).all():
+            raise ValueError(f"exit layers must be in 1..{self.num_layers}")
+        out = np.zeros((len(prompts), len(self.manifest.task(task).label_names)), np.float32)
+        for rows, ids, lengths in self._sub_batches(prompts):
+            order = np.argsort(-exit_layers[rows], kind="stable")
+            rows, ids, lengths = rows[order], ids[order], lengths[order]
+            exits = exit_layers[rows]
+            pos = self.readout_positions(ids, lengths)
+            width = int(lengths.max())
+            mask = self.mask_of(lengths, width)
+            hidden = self.embed(ids[:, :width], mask)
+            active = len(rows)
+            for layer in range(1, int(exits.max()) + 1):
+                hidden = self.run_layer(layer - 1, hidden, mask)
+                still = int(np.count_nonzero(exits[:active] > layer))
+                if still < active:
+                    done = np.arange(still, active)
+                    out[rows[done]] = self.head(task, hidden[done, pos[done]])
+                active = still
+                if active == 0:
+                    break
+                width = int(lengths[:active].max())
+                hidden, mask = hidden[:active, :width], mask[:active, :width]
+        return out
+
+    # -- retrieval keys -----------------------------------------------------------------------------------
+
+    def key(
+        self, embedder: str, texts: Sequence[str], pairs: Sequence[str | None] | None = None
+    ) -> np.ndarray:
+        """L2-normalized keys of the raw inputs, never the prompt (the template is shared by all)."""
+        raw = [t if not p else f"{t} {p}" for t, p in zip(texts, pairs or [None] * len(texts), strict=True)]
+        if embedder == BACKBONE:
+            return self.backbone_key(raw)
+        return self.embedder_key(embedder, raw)
+
+    def backbone_key(self, texts: Sequence[str]) -> np.ndarray:
+        """Mean of the embed segment's output over each text's real tokens."""
+        keys = np.zeros((len(texts), self.manifest.hidden_size), np.float32)
+        encoded = self.encode(texts)
+        order = np.argsort([len(ids) for ids in encoded], kind="stable")
+        for start in range(0, len(order), SUB_BATCH):
+            rows = order[start : start + SUB_BATCH]
+            ids, lengths = self.pad([encoded[i] for i in rows])
+            mask = self.mask_of(lengths, ids.shape[1])
+            hidden = self.embed(ids, mask)
+            keys[rows] = (hidden * mask[..., None]).sum(axis=1) / lengths[:, None]
+        return _normalize(keys)
+
+    def embedder_key(self, name: str, texts: Sequence[str]) -> np.ndarray:
+        """A sentence embedder's output; inputs over its max_length are truncated (only a key)."""
+        if name not in self._embedders:
+            entry = self.manifest.embedders.get(name)
+            if entry is None:
+                raise ValueError(f"embedder {name!r} is not in these artifacts")
+            tokenizer = self._tokenizer(entry.tokenizer.file)
+            tokenizer.enable_truncation(entry.max_length)
+            self._embedders[name] = (tokenizer, self._session(entry.model))
+        tokenizer, session = self._embedders[name]
+        encoded = [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+        keys = []
+        for start in range(0, len(encoded), SUB_BATCH):
+            ids, lengths = self.pad(encoded[start : start + SUB_BATCH])
+            feed = {"input_ids": ids, "attention_mask": self.mask_of(lengths, ids.shape[1])}
+            keys.append(session.run(None, feed)[0])
+        width = self.manifest.embedders[name].dim
+        return (
+            _normalize(np.concatenate(keys).astype(np.float32)) if keys else np.zeros((0, width), np.float32)
+        )
+
+
+def _normalize(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

@@ -7,13 +7,18 @@ import torch
 from onnx_export.adapters.encoder import MaskedLMEncoderAdapter, SequenceClassificationEncoderAdapter
 
 
+def arange_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0..T-1 on every row: with right padding each real token keeps the position it has alone."""
+    positions = torch.arange(attention_mask.shape[1], dtype=torch.long, device=attention_mask.device)
+    return positions.unsqueeze(0).expand_as(attention_mask)
+
+
 class _Bert:
     model_types = ("bert",)
     base_model_attr = "bert"
 
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(attention_mask.shape[1], dtype=torch.long, device=attention_mask.device)
-        return positions.unsqueeze(0).expand_as(attention_mask)
+        return arange_positions(attention_mask)
 
 
 class BertMaskedLMAdapter(_Bert, MaskedLMEncoderAdapter):

@@ -22,8 +22,8 @@ PositionFn = Callable[[torch.Tensor], torch.Tensor]
 def key_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """B×T int mask -> B×1×1×T additive bias (0 for real keys, dtype min for padding), as transformers' eager
     mask does; it broadcasts over heads and queries, so padded keys get no weight in any row."""
-    keep = attention_mask[:, None, None, :].bool()
-    return torch.where(keep, torch.zeros((), dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype))
+    padding = attention_mask[:, None, None, :].eq(0).to(dtype)
+    return padding * torch.finfo(dtype).min
 
 
 class EncoderEmbed(torch.nn.Module):

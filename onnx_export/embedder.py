@@ -40,7 +40,8 @@ class MeanPoolEmbedder(torch.nn.Module):
         self.layers = torch.nn.ModuleList(EncoderLayer(layer) for layer in model.encoder.layer)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed(input_ids, attention_mask)
+        # Padding becomes id 0, so a caller padding with another model's pad id cannot index past the vocab.
+        hidden = self.embed(input_ids * attention_mask, attention_mask)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask)
         return mean_pool_normalize(hidden, attention_mask)

@@ -77,9 +77,13 @@ def test_onnx_equals_torch_mean_pooling(exported: tuple[Path, EmbedderEntry]) ->
 @requires_minilm
 def test_padding_does_not_change_an_embedding(exported: tuple[Path, EmbedderEntry]) -> None:
     out, entry = exported
-    batch, _ = embed_onnx(out, entry, TEXTS[:2])
+    batch, feeds = embed_onnx(out, entry, TEXTS[:2])
     alone, _ = embed_onnx(out, entry, TEXTS[:1])
     np.testing.assert_allclose(batch[0], alone[0], atol=1e-5, rtol=0)
+    foreign_pad = np.where(feeds["attention_mask"] == 1, feeds["input_ids"], 128_000)
+    session = ort.InferenceSession(str(out / entry.model.file), providers=["CPUExecutionProvider"])
+    (other,) = session.run(["embedding"], {**feeds, "input_ids": foreign_pad})
+    np.testing.assert_allclose(other, batch, atol=1e-6, rtol=0)
 
 
 def test_unknown_embedder_is_refused(tmp_path: Path) -> None:

@@ -1,0 +1,258 @@
+"""RunInference model handlers: a worker loads the runtime (and retriever) once, then runs Arrow batches.
+
+Beam does the batching (`batch_elements_kwargs`), model sharing and latency metrics. Per-row problems are
+caught inside `run_inference` and become error rows, since an exception would fail the whole batch;
+RunInference's own failure output is still mapped to error rows as a backstop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+
+from raee_ops.exit_policy import Strategy, resolve
+from raee_ops.retrieval import Retriever
+from raee_ops.rows import ROW_ID, errors_table
+from raee_ops.runtime import SegmentRuntime
+from raee_ops.tasks import Task
+from schemas.manifest import Manifest
+from schemas.tables import LABEL, PREDICTION_FIELDS, TEXT, TEXT_PAIR, exit_table_schema
+
+NAMESPACE = "raee"
+#: Elements (small tables) per model call: up to 128 rows with sources.ROWS_PER_ELEMENT = 16.
+MAX_ELEMENTS_PER_BATCH = 8
+
+
+class Outcome(NamedTuple):
+    rows: pa.Table
+    errors: pa.Table
+
+
+@dataclass
+class Loaded:
+    """What a worker holds: the runtime, and for classify the retriever and the strategy."""
+
+    runtime: SegmentRuntime
+    retriever: Retriever | None = None
+    strategy: Strategy | None = None
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
+    """Shared batch logic: concatenate, reject overlong prompts, predict, isolate rows that fail."""
+
+    def __init__(
+        self,
+        artifacts: str,
+        task: Task,
+        embedder: str,
+        threads: int | None = None,
+        providers: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.artifacts, self.task, self.embedder = artifacts, task, embedder
+        self.threads, self.providers = threads, providers
+
+    def _runtime(self) -> SegmentRuntime:
+        return SegmentRuntime(self.artifacts, providers=self.providers, intra_op_threads=self.threads)
+
+    def batch_elements_kwargs(self) -> dict[str, Any]:
+        return {"min_batch_size": 1, "max_batch_size": MAX_ELEMENTS_PER_BATCH}
+
+    def get_metrics_namespace(self) -> str:
+        return NAMESPACE
+
+    def get_num_bytes(self, batch: Sequence[pa.Table]) -> int:
+        return sum(t.nbytes for t in batch)
+
+    def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
+        raise NotImplementedError
+
+    def run_inference(
+        self, batch: Sequence[pa.Table], model: Loaded, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[Outcome]:
+        table = pa.concat_tables(batch)
+        prompts = self.prompts(model.runtime, table)
+        lengths = model.runtime.token_lengths(prompts)
+        limit = model.runtime.manifest.max_length
+        fits = lengths <= limit
+        errors = [
+            errors_table(
+                table.column(ROW_ID).filter(pa.array(~fits)),
+                [
+                    f"prompt is {n} tokens, over max_length {limit} (never truncated: readout is at the end)"
+                    for n in lengths[~fits]
+                ],
+            )
+        ]
+        table = table.filter(pa.array(fits))
+        prompts = [p for p, ok in zip(prompts, fits, strict=True) if ok]
+        try:
+            rows = [self.predict(model, table, prompts)] if table.num_rows else []
+        except Exception:  # isolate the offending rows, keep the rest of the batch
+            rows = []
+            for i in range(table.num_rows):
+                try:
+                    rows.append(self.predict(model, table.slice(i, 1), prompts[i : i + 1]))
+                except Exception as exc:  # becomes this row's error reason
+                    errors.append(
+                        errors_table([table.column(ROW_ID)[i].as_py()], [f"inference failed: {exc!r}"])
+                    )
+        errors_out = pa.concat_tables(errors)
+        beam.metrics.Metrics.counter(NAMESPACE, "rows_rejected").inc(errors_out.num_rows)
+        rows_out = pa.concat_tables(rows) if rows else self.empty(model)
+        beam.metrics.Metrics.counter(NAMESPACE, "rows_out").inc(rows_out.num_rows)
+        return [Outcome(rows_out, errors_out)]
+
+    def prompts(self, runtime: SegmentRuntime, table: pa.Table) -> list[str]:
+        texts = table.column(TEXT).to_pylist()
+        pairs = table.column(TEXT_PAIR).to_pylist() if self.task.is_pair else [None] * len(texts)
+        return [self.task.render(t, p, suffix=runtime.suffix) for t, p in zip(texts, pairs, strict=True)]
+
+    def keys(self, runtime: SegmentRuntime, table: pa.Table) -> np.ndarray:
+        pairs = table.column(TEXT_PAIR).to_pylist() if self.task.is_pair else None
+        return runtime.key(
+            self.embedder,
+            [t.strip() for t in table.column(TEXT).to_pylist()],
+            [p.strip() for p in pairs] if pairs else None,
+        )
+
+    def empty(self, model: Loaded) -> pa.Table:
+        raise NotImplementedError
+
+
+class BuildHandler(_RaeeHandler):
+    """Labelled rows -> exit-table rows: the key and every layer's prediction, correctness and log-probs."""
+
+    def load_model(self) -> Loaded:
+        return Loaded(self._runtime())
+
+    def schema(self, m: Manifest) -> pa.Schema:
+        dim = m.hidden_size if self.embedder == "backbone" else m.embedders[self.embedder].dim
+        return exit_table_schema(dim, m.num_layers, len(self.task.label_names))
+
+    def empty(self, model: Loaded) -> pa.Table:
+        return self.schema(model.runtime.manifest).empty_table()
+
+    def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
+        runtime = model.runtime
+        logprobs = log_softmax(runtime.all_layers(self.task.name, prompts)).transpose(1, 0, 2)  # B×L×C
+        labels = table.column(LABEL).to_numpy()
+        pred = logprobs.argmax(axis=2)
+        correct = pred == labels[:, None]
+        first = np.where(correct.any(axis=1), correct.argmax(axis=1) + 1, 0)
+        keys = self.keys(runtime, table)
+        schema = self.schema(runtime.manifest)
+        n, layers = len(labels), runtime.num_layers
+
+        def fixed(values: np.ndarray, field: str) -> pa.Array:
+            child = pa.array(values.ravel(), schema.field(field).type.value_type)
+            return pa.FixedSizeListArray.from_arrays(child, schema.field(field).type.list_size)
+
+        return (
+            pa.Table.from_arrays(
+                [
+                    table.column(ROW_ID).combine_chunks(),
+                    pa.array(labels, pa.int32()),
+                    fixed(keys, "vector"),
+                    fixed(pred.astype(np.int32), "layer_pred"),
+                    fixed(correct, "layer_correct"),
+                    fixed(np.exp(logprobs.max(axis=2)), "layer_prob"),
+                    fixed(logprobs.reshape(n, -1), "layer_logprobs"),
+                    pa.array(first, pa.int32(), mask=first == 0),
+                ],
+                schema=schema,
+            )
+            if n and layers
+            else schema.empty_table()
+        )
+
+
+class ClassifyHandler(_RaeeHandler):
+    """Input rows -> the same rows plus prediction, label, 1-based exit layer and confidence."""
+
+    def __init__(
+        self,
+        artifacts: str,
+        task: Task,
+        embedder: str,
+        db_uri: str,
+        table: str,
+        k: int,
+        strategy: str,
+        output_schema: pa.Schema,
+        **runtime_options: Any,
+    ) -> None:
+        super().__init__(artifacts, task, embedder, **runtime_options)
+        self.db_uri, self.table, self.k, self.strategy = db_uri, table, k, strategy
+        self.output_schema = output_schema
+
+    def load_model(self) -> Loaded:
+        runtime = self._runtime()
+        strategy = resolve(self.strategy, runtime.num_layers)
+        retriever = Retriever(self.db_uri, self.table) if strategy.needs_retrieval else None
+        return Loaded(runtime, retriever, strategy)
+
+    def empty(self, model: Loaded) -> pa.Table:
+        return self.output_schema.empty_table()
+
+    def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
+        runtime, layers = model.runtime, model.runtime.num_layers
+        if model.retriever is not None:
+            correct = model.retriever.search(self.keys(runtime, table), self.k).correct
+        else:
+            correct = np.zeros((table.num_rows, 0, layers), bool)
+        exits = model.strategy.exits(correct, layers)
+        for layer, count in zip(*np.unique(exits, return_counts=True), strict=True):
+            beam.metrics.Metrics.counter(NAMESPACE, f"exit_layer_{int(layer):03d}").inc(int(count))
+        logprobs = log_softmax(runtime.run_to_exit(self.task.name, prompts, exits))
+        prediction = logprobs.argmax(axis=1)
+        added = [
+            pa.array(prediction, pa.int64()),
+            pa.array([self.task.label_names[i] for i in prediction], pa.string()),
+            pa.array(exits, pa.int32()),
+            pa.array(np.exp(logprobs.max(axis=1)), pa.float32()),
+        ]
+        out = table.drop_columns([ROW_ID])
+        for field, values in zip(PREDICTION_FIELDS, added, strict=True):
+            out = out.append_column(field, values)
+        return out.cast(self.output_schema)
+
+
+def split_outcome(outcome: Outcome):
+    yield outcome.rows
+    yield beam.pvalue.TaggedOutput("errors", outcome.errors)
+
+
+def failed_batch_errors(failure: tuple[Sequence[pa.Table], Any]) -> Iterable[pa.Table]:
+    """RunInference's dead letters (batch, exception info) -> error rows for every row of the batch."""
+    batch, info = failure
+    reason = f"inference failed for the whole batch: {info[1] if isinstance(info, tuple) else info}"
+    for table in batch:
+        yield errors_table(table.column(ROW_ID), [reason] * table.num_rows)
+
+
+class Infer(beam.PTransform):
+    """Valid tables -> (result tables, error tables), nothing lost on failure."""
+
+    def __init__(self, handler: _RaeeHandler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def expand(self, tables):
+        results, dlq = tables | "RunInference" >> RunInference(self.handler).with_exception_handling()
+        split = results | "Split" >> beam.FlatMap(split_outcome).with_outputs("errors", main="rows")
+        failed = dlq.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch_errors)
+        errors = (split.errors, failed) | "AllErrors" >> beam.Flatten()
+        nonempty = errors | "NonEmptyErrors" >> beam.Filter(lambda t: t.num_rows > 0)
+        return split.rows | "NonEmptyRows" >> beam.Filter(lambda t: t.num_rows > 0), nonempty

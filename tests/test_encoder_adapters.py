@@ -3,6 +3,7 @@ heads reproduce its logits."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,17 @@ def test_masked_lm_prompt_ends_in_mask(adapter: ArchitectureAdapter) -> None:
         return
     ids = encode(adapter, TEXTS[:1])["input_ids"][0].tolist()
     assert ids.count(adapter.tokenizer.mask_token_id) == 1
+
+
+def test_exporting_segments_leaves_the_model_in_eval_mode(adapter: ArchitectureAdapter) -> None:
+    """torch.onnx.export restores each wrapper's mode; a train-mode wrapper would re-enable dropout."""
+    hidden = torch.zeros(1, 3, adapter.hidden_size)
+    ids = torch.ones(1, 3, dtype=torch.long)
+    segments = [
+        (adapter.embed_segment(), (ids, ids)),
+        (adapter.layer_segment(0), (hidden, ids)),
+        (adapter.head_segment(label_ids(adapter)), (hidden[:, 0],)),
+    ]
+    for segment, args in segments:
+        torch.onnx.export(segment, args, io.BytesIO(), dynamo=False)
+    assert not any(module.training for module in adapter.model.modules())

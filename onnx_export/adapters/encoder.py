@@ -83,7 +83,11 @@ class ClsHead(torch.nn.Module):
 
 
 class EncoderAdapter(ArchitectureAdapter):
-    """Embed and layer segments of the encoder at `model.<base_model_attr>` (embeddings, encoder.layer)."""
+    """Embed and layer segments of the encoder at `model.<base_model_attr>` (embeddings, encoder.layer).
+
+    Segments are returned in eval mode: torch.onnx.export restores a wrapper's mode afterwards, and a
+    wrapper left in train mode would switch the model's own modules (dropout) to training with it.
+    """
 
     base_model_attr: ClassVar[str]
 
@@ -104,10 +108,10 @@ class EncoderAdapter(ArchitectureAdapter):
         return self.model.config.hidden_size
 
     def embed_segment(self) -> torch.nn.Module:
-        return EncoderEmbed(self.base.embeddings, self.position_ids)
+        return EncoderEmbed(self.base.embeddings, self.position_ids).eval()
 
     def layer_segment(self, index: int) -> torch.nn.Module:
-        return EncoderLayer(self.hf_layers()[index])
+        return EncoderLayer(self.hf_layers()[index]).eval()
 
     def hf_layers(self) -> Sequence[torch.nn.Module]:
         return self.base.encoder.layer
@@ -130,7 +134,7 @@ class MaskedLMEncoderAdapter(EncoderAdapter):
 
     def head_segment(self, label_token_ids: Sequence[int]) -> torch.nn.Module:
         transform, decoder = self.mlm_parts()
-        return MaskedLMHead(transform, decoder, label_token_ids)
+        return MaskedLMHead(transform, decoder, label_token_ids).eval()
 
 
 class SequenceClassificationEncoderAdapter(EncoderAdapter):
@@ -152,4 +156,4 @@ class SequenceClassificationEncoderAdapter(EncoderAdapter):
                 f"task has {len(label_token_ids)} labels but this classifier was trained with {num_labels}; "
                 "a sequence-classification backbone only serves tasks with its own label set"
             )
-        return ClsHead(self.classifier())
+        return ClsHead(self.classifier()).eval()

@@ -1,0 +1,131 @@
+"""Training-free corrections fitted on the reference table only: per-layer label bias and the fused policy.
+
+Intermediate layers read through the output head lean heavily to one label. `prior_bias` finds, per layer,
+the additive logit offset that makes the layer's mean predicted distribution on the reference rows match the
+reference label prior (no training, no validation data). `fit_fused_policy` then chooses k, the weight of the
+neighbours' label vote and the exit tolerance by leave-one-out on the reference table, with the
+one-standard-error rule: among settings whose LOO accuracy is within one standard error of the best, the one
+that runs the fewest layers wins.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+K_GRID = (5, 10, 20, 30)
+ALPHA_GRID = (0.0, 0.25, 0.5, 0.75)
+EPSILON_GRID = (0.0, 0.02, 0.05, 0.1)
+MAX_LOO_QUERIES = 2000
+
+
+def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.exp(log_softmax(x, axis))
+
+
+def prior_bias(
+    logprobs: np.ndarray, labels: np.ndarray, num_labels: int, iterations: int = 100
+) -> np.ndarray:
+    """L×C offsets so that each layer's mean predicted distribution over N×L×C logprobs equals the prior."""
+    prior = np.bincount(labels, minlength=num_labels).astype(np.float64) + 1.0
+    log_prior = np.log(prior / prior.sum())
+    bias = np.zeros(logprobs.shape[1:], np.float64)
+    for _ in range(iterations):
+        mean = softmax(logprobs + bias).mean(axis=0)
+        bias += log_prior - np.log(np.maximum(mean, 1e-12))
+    return (bias - bias.mean(axis=1, keepdims=True)).astype(np.float32)
+
+
+def calibrated_correct(logprobs: np.ndarray, labels: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Per-layer correctness (…×L) after the bias correction, for logprobs …×L×C and labels …."""
+    return np.argmax(logprobs + bias, axis=-1) == labels[..., None]
+
+
+def similarity_weights(similarity: np.ndarray) -> np.ndarray:
+    """Neighbour weights: cosine similarity floored at zero (an opposite neighbour gets no say)."""
+    return np.maximum(similarity, 0.0) + 1e-6
+
+
+def neighbour_accuracy(correct: np.ndarray, similarity: np.ndarray) -> np.ndarray:
+    """B×L similarity-weighted share of neighbours each layer gets right (B×k×L correct, B×k similarity)."""
+    w = similarity_weights(similarity)
+    return np.einsum("bk,bkl->bl", w, correct.astype(np.float64)) / w.sum(axis=1, keepdims=True)
+
+
+def earliest_within(accuracy: np.ndarray, epsilon: float) -> np.ndarray:
+    """1-based earliest layer whose estimated accuracy is within epsilon of that input's best layer."""
+    good = accuracy >= accuracy.max(axis=1, keepdims=True) - epsilon - 1e-12
+    return (np.argmax(good, axis=1) + 1).astype(np.int32)
+
+
+def label_vote(labels: np.ndarray, similarity: np.ndarray, num_labels: int) -> np.ndarray:
+    """B×C similarity-weighted distribution of the neighbours' labels (kNN-LM style)."""
+    w = similarity_weights(similarity)
+    vote = np.zeros((labels.shape[0], num_labels), np.float64)
+    np.add.at(vote, (np.repeat(np.arange(labels.shape[0]), labels.shape[1]), labels.ravel()), w.ravel())
+    return vote / vote.sum(axis=1, keepdims=True)
+
+
+def fuse(calibrated_logits: np.ndarray, vote: np.ndarray, alpha: float) -> np.ndarray:
+    """Mix the exit layer's calibrated head distribution with the neighbours' vote."""
+    return (1.0 - alpha) * softmax(calibrated_logits) + alpha * vote
+
+
+@dataclass(frozen=True)
+class FusedPolicy:
+    """Settings of the `fused` strategy, chosen on the reference table and stored in its metadata."""
+
+    k: int
+    alpha: float
+    epsilon: float
+    bias: list[list[float]]
+    loo_accuracy: float
+    loo_mean_exit: float
+    loo_queries: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def bias_array(self) -> np.ndarray:
+        return np.asarray(self.bias, np.float32)
+
+
+def fit_fused_policy(
+    vectors: np.ndarray, labels: np.ndarray, logprobs: np.ndarray, num_labels: int, seed: int = 0
+) -> FusedPolicy:
+    """Leave-one-out on the reference rows (vectors N×D normalized, labels N, logprobs N×L×C)."""
+    n = len(labels)
+    bias = prior_bias(logprobs, labels, num_labels)
+    rng = np.random.default_rng(seed)
+    queries = rng.choice(n, size=MAX_LOO_QUERIES, replace=False) if n > MAX_LOO_QUERIES else np.arange(n)
+    ks = [k for k in K_GRID if k < n] or [max(n - 1, 1)]
+    sims = vectors[queries] @ vectors.T
+    sims[np.arange(len(queries)), queries] = -np.inf  # leave the query itself out
+    top = np.argsort(-sims, axis=1)[:, : max(ks)]
+    top_sims = np.take_along_axis(sims, top, axis=1)
+    correct = calibrated_correct(logprobs[top], labels[top], bias)
+    own_logits = logprobs[queries] + bias  # Q×L×C, the query's own calibrated head at every layer
+    truth = labels[queries]
+
+    results = []
+    for k, epsilon in itertools.product(ks, EPSILON_GRID):
+        exits = earliest_within(neighbour_accuracy(correct[:, :k], top_sims[:, :k]), epsilon)
+        at_exit = own_logits[np.arange(len(queries)), exits - 1]
+        vote = label_vote(labels[top[:, :k]], top_sims[:, :k], num_labels)
+        for alpha in ALPHA_GRID:
+            acc = float(np.mean(np.argmax(fuse(at_exit, vote, alpha), axis=1) == truth))
+            results.append((acc, float(exits.mean()), k, alpha, epsilon))
+    best = max(r[0] for r in results)
+    standard_error = np.sqrt(best * (1 - best) / len(queries))
+    eligible = [r for r in results if r[0] >= best - standard_error]
+    acc, mean_exit, k, alpha, epsilon = min(eligible, key=lambda r: (r[1], -r[0]))
+    return FusedPolicy(k=k, alpha=alpha, epsilon=epsilon, bias=bias.tolist(), loo_accuracy=acc,
+                       loo_mean_exit=mean_exit, loo_queries=len(queries))

@@ -1,0 +1,137 @@
+"""What decoder-only LMs (Llama, Gemma 3) share: positions, the 4-D additive mask and the causal-LM head.
+
+The segments reuse the model's own modules; only what the HF model builds once per forward (positions, rotary
+tables, masks) is rebuilt inside every layer segment from the B×T attention mask, so each layer file stands
+alone and a right-padded row computes exactly what the same row computes unpadded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from onnx_export.adapters.base import ArchitectureAdapter
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """cumsum(mask) - 1, clamped at 0: real tokens of a right-padded row keep their unpadded positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype,
+                  window: int | None = None) -> torch.Tensor:
+    """B×T int mask -> B×1×T×T additive mask: causal AND real key AND (if windowed) q - k < window.
+
+    Every query also sees itself, so padded query rows never have an all-masked softmax (no NaN); real rows
+    already include themselves, so their result is unchanged.
+    """
+    index = torch.ones_like(attention_mask[0]).cumsum(0) - 1  # 0..T-1 without a data-dependent arange
+    distance = index[:, None] - index[None, :]  # query - key, T×T
+    allowed = distance >= 0
+    if window is not None:
+        allowed = allowed & (distance < window)
+    allowed = allowed[None, None] & attention_mask[:, None, None, :].bool()
+    allowed = allowed | (distance == 0)[None, None]
+    zero = torch.zeros((), dtype=dtype)
+    return torch.where(allowed, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype))
+
+
+class DecoderEmbed(torch.nn.Module):
+    """(input_ids, attention_mask) -> hidden; padded positions are zeroed (they only ever feed themselves),
+    which also keeps `attention_mask` a live graph input."""
+
+    def __init__(self, embed_tokens: torch.nn.Module) -> None:
+        super().__init__()
+        self.embed_tokens = embed_tokens
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        return hidden * attention_mask[..., None].to(hidden.dtype)
+
+
+class DecoderLayer(torch.nn.Module):
+    """(hidden, attention_mask) -> hidden: one HF decoder layer with positions, rotary cos/sin and mask built
+    inside. `rotary_kwargs` selects per-layer RoPE tables (Gemma 3: `layer_type`)."""
+
+    def __init__(self, layer: torch.nn.Module, rotary: torch.nn.Module, rotary_kwargs: dict[str, Any],
+                 window: int | None) -> None:
+        super().__init__()
+        self.layer = layer
+        self.rotary = rotary
+        self.rotary_kwargs = rotary_kwargs
+        self.window = window
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        positions = position_ids(attention_mask)
+        cos_sin = self.rotary(hidden_states, positions, **self.rotary_kwargs)
+        return self.layer(
+            hidden_states,
+            attention_mask=additive_mask(attention_mask, hidden_states.dtype, self.window),
+            position_ids=positions,
+            position_embeddings=cos_sin,
+        )
+
+
+class CausalLMHead(torch.nn.Module):
+    """B×H -> B×labels: final norm, the lm_head rows of the verbalizer tokens, optional logit soft-capping;
+    a head file holds a few rows instead of the (tied) vocabulary matrix."""
+
+    def __init__(self, norm: torch.nn.Module, lm_head: torch.nn.Linear, token_ids: Sequence[int],
+                 softcap: float | None) -> None:
+        super().__init__()
+        ids = torch.tensor(list(token_ids), dtype=torch.long)
+        self.norm = norm
+        self.weight = torch.nn.Parameter(lm_head.weight.detach()[ids].clone(), requires_grad=False)
+        bias = lm_head.bias.detach()[ids].clone() if lm_head.bias is not None else None
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.softcap = softcap
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(self.norm(hidden_states), self.weight, self.bias)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+class DecoderAdapter(ArchitectureAdapter):
+    """A `*ForCausalLM` whose base model at `model.model` has embed_tokens, layers, norm and rotary_emb; the
+    next token is predicted at the last real token. Subclasses say how each layer picks RoPE and window."""
+
+    head_kind: ClassVar[str] = "causal-lm"
+    readout: ClassVar[str] = "last"
+    auto_class = AutoModelForCausalLM
+
+    def rotary_kwargs(self, index: int) -> dict[str, Any]:
+        return {}
+
+    def window(self, index: int) -> int | None:
+        return None
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def embed_segment(self) -> torch.nn.Module:
+        return DecoderEmbed(self.model.model.embed_tokens)
+
+    def layer_segment(self, index: int) -> torch.nn.Module:
+        return DecoderLayer(self.hf_layers()[index], self.model.model.rotary_emb, self.rotary_kwargs(index),
+                            self.window(index))
+
+    def head_segment(self, label_token_ids: Sequence[int]) -> torch.nn.Module:
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        return CausalLMHead(self.model.model.norm, self.model.lm_head, label_token_ids, softcap)
+
+    def hf_layers(self) -> Sequence[torch.nn.Module]:
+        return self.model.model.layers[: self.num_layers]

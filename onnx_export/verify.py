@@ -1,0 +1,147 @@
+"""Check exported segments against PyTorch: chained ONNX Runtime segments on a right-padded batch must give,
+at every layer, the head logits the HF model gives for each prompt run alone (unpadded, its own forward).
+
+This is the export's acceptance test: it covers padding, positions, masks, the saved tokenizer.json and the
+per-task heads, so the runtime (ORT only) can trust the manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from tokenizers import Tokenizer
+
+from onnx_export.adapters.base import ArchitectureAdapter
+from raee_ops.errors import ArtifactError
+from raee_ops.tasks import Task
+from schemas.manifest import Manifest
+
+ATOL = 1e-3
+#: Sample inputs of clearly different lengths, so the batch is padded and positions/masks are exercised.
+SAMPLE_TEXTS = [
+    ("Great.", "It is good."),
+    ("Not bad at all, actually quite fun to watch.", "The film was enjoyable."),
+    ("A dull, plodding film that never finds its footing: long scenes go nowhere, the jokes fall flat and "
+     "the cast seems bored by material that gives them nothing to do for two hours.",
+     "Critics and audiences alike found the movie tedious, overlong and poorly acted."),
+]
+
+
+def sample_prompts(tasks: Sequence[Task], suffix: str) -> list[str]:
+    return [task.render(text, pair, suffix=suffix) for task in tasks for text, pair in SAMPLE_TEXTS]
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def readout_positions(ids: np.ndarray, lengths: np.ndarray, readout: str,
+                      mask_token_id: int | None) -> np.ndarray:
+    if readout == "last":
+        return lengths - 1
+    if readout == "cls":
+        return np.zeros_like(lengths)
+    hits = ids == mask_token_id
+    if not hits.any(axis=1).all():
+        raise ArtifactError("a verification prompt has no mask token to read out")
+    return ids.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)
+
+
+def check_tokenizer(directory: Path, manifest: Manifest, tokenizer: Any,
+                    prompts: Sequence[str]) -> list[list[int]]:
+    """The saved tokenizer.json must encode exactly as the HF tokenizer (special tokens included)."""
+    saved = Tokenizer.from_file(str(directory / manifest.tokenizer.file))
+    encoded = []
+    for prompt in prompts:
+        expected = list(tokenizer(prompt)["input_ids"])
+        got = saved.encode(prompt).ids
+        if got != expected:
+            raise ArtifactError(f"saved tokenizer differs from the HF tokenizer on {prompt!r}: "
+                                f"{got} != {expected}")
+        encoded.append(expected)
+    return encoded
+
+
+def ort_layer_states(directory: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarray,
+                     positions: np.ndarray) -> list[np.ndarray]:
+    """Chained segments on the padded batch; returns each layer's hidden state at the readout positions."""
+    rows = np.arange(len(ids))
+    hidden = _session(directory / manifest.segments.embed.file).run(
+        None, {"input_ids": ids, "attention_mask": mask})[0]
+    states = []
+    for index, ref in enumerate(manifest.segments.layers):
+        feed = {"hidden_states": hidden, "attention_mask": mask}
+        hidden = _session(directory / ref.file).run(None, feed)[0]
+        if not np.isfinite(hidden).all():
+            raise ArtifactError(f"verification failed: layer {index} produced non-finite values")
+        states.append(hidden[rows, positions])
+    return states
+
+
+@torch.no_grad()
+def torch_layer_states(adapter: ArchitectureAdapter, encoded: Sequence[Sequence[int]],
+                       positions: np.ndarray) -> list[np.ndarray]:
+    """Each prompt alone through the HF model's own forward; hooks read every layer's raw output."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer.register_forward_hook(hook) for layer in adapter.hf_layers()]
+    per_prompt = []
+    try:
+        for ids, position in zip(encoded, positions, strict=True):
+            captured.clear()
+            input_ids = torch.tensor([list(ids)], dtype=torch.long)
+            adapter.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+            per_prompt.append([state[0, int(position)].numpy() for state in captured])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [np.stack(layer) for layer in zip(*per_prompt, strict=True)]
+
+
+def verify_export(directory: Path, manifest: Manifest, adapter: ArchitectureAdapter,
+                  tasks: Sequence[Task]) -> dict[str, Any]:
+    """Compare every layer's head logits (ORT on a padded batch vs torch on each prompt alone); raise naming
+    the first layer that differs."""
+    prompts = sample_prompts(tasks, adapter.prompt_suffix)
+    encoded = check_tokenizer(directory, manifest, adapter.tokenizer, prompts)
+    lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
+    ids = np.full((len(encoded), int(lengths.max())), manifest.tokenizer.pad_id, dtype=np.int64)
+    for row, seq in enumerate(encoded):
+        ids[row, : len(seq)] = seq
+    mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+    positions = readout_positions(ids, lengths, manifest.readout, manifest.tokenizer.mask_token_id)
+
+    onnx_states = ort_layer_states(directory, manifest, ids, mask, positions)
+    torch_states = torch_layer_states(adapter, encoded, positions)
+    heads = {name: (_session(directory / entry.head.file), adapter.head_segment(entry.label_token_ids))
+             for name, entry in manifest.tasks.items()}
+    max_diffs = []
+    for layer, (got, want) in enumerate(zip(onnx_states, torch_states, strict=True)):
+        diff = 0.0
+        for name, (session, head) in heads.items():
+            onnx_logits = session.run(None, {"hidden_states": got})[0]
+            with torch.no_grad():
+                torch_logits = head(torch.from_numpy(want)).numpy()
+            diff = max(diff, float(np.abs(onnx_logits - torch_logits).max()))
+            same_argmax = (onnx_logits.argmax(1) == torch_logits.argmax(1)).all()
+            if diff > ATOL or not same_argmax:
+                raise ArtifactError(
+                    f"verification failed at layer {layer} (task {name}): max abs diff {diff:.2e} "
+                    f"(tolerance {ATOL}), argmax {'same' if same_argmax else 'differs'}"
+                )
+        max_diffs.append(diff)
+    return {"passed": True, "tolerance": ATOL, "prompts": len(prompts), "lengths": lengths.tolist(),
+            "max_abs_diff": max_diffs}
+

@@ -40,7 +40,7 @@ SIZES = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     intermediate_size=64,
-    max_position_embeddings=160,
+    max_position_embeddings=512,
 )
 NUM_LABELS = 2
 

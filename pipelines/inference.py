@@ -7,6 +7,9 @@ RunInference's own failure output is still mapped to error rows as a backstop.
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -14,7 +17,6 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from raee_ops.exit_policy import Strategy, resolve
 from raee_ops.retrieval import Retriever
@@ -23,6 +25,26 @@ from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import Task
 from schemas.manifest import Manifest
 from schemas.tables import LABEL, PREDICTION_FIELDS, TEXT, TEXT_PAIR, exit_table_schema
+
+
+def _beam_inference_base():
+    """Beam's `base` imports its GPU ModelManager, which imports torch whenever torch is installed (the export
+    extra); we never use it, so hide torch during that import to keep inference processes torch-free."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which base.py tolerates
+    try:
+        from apache_beam.ml.inference import base
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    if base.resource is None and os.name == "posix":  # the same failed import also skipped `resource`
+        base.resource = importlib.import_module("resource")
+    return base
+
+
+_base = _beam_inference_base()
+ModelHandler, RunInference = _base.ModelHandler, _base.RunInference
 
 NAMESPACE = "raee"
 #: Elements (small tables) per model call: up to 128 rows with sources.ROWS_PER_ELEMENT = 16.

@@ -74,7 +74,11 @@ class Retriever:
             return Neighbours(
                 np.zeros((len(vectors), 0, num_layers), bool), np.zeros((len(vectors), 0), np.float32)
             )
-        query = self.table.search(list(np.asarray(vectors, np.float32))).metric("cosine").limit(k)
+        query = (
+            self.table.search(list(np.asarray(vectors, np.float32)), vector_column_name="vector")
+            .metric("cosine")
+            .limit(k)
+        )
         if self.rows < FLAT_LIMIT:
             query = query.bypass_vector_index()
         hits = query.select(["layer_correct", "_distance"]).to_arrow()

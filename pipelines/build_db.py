@@ -77,7 +77,8 @@ def input_ids(files: list[str]) -> pa.Array:
 
 def refuse_duplicates(db_uri: str, table: str, files: list[str]) -> None:
     present = open_table(db_uri, table).to_arrow().column(ID)
-    clash = pc.filter(input_ids(files), pc.is_in(input_ids(files), value_set=present.combine_chunks()))
+    ids = input_ids(files)
+    clash = ids.filter(pc.is_in(ids, value_set=present.combine_chunks()))
     if len(clash):
         shown = ", ".join(clash.to_pylist()[:5])
         raise RaeeConfigError(f"append refused: {len(clash)} id(s) already in table {table!r} (e.g. {shown})")

@@ -96,7 +96,7 @@ def beam_exit_counts(result) -> dict[int, int] | None:
         if c.key.metric.name.startswith("exit_layer_"):
             layer = int(c.key.metric.name.rsplit("_", 1)[1])
             exits[layer] = exits.get(layer, 0) + int(c.committed if c.committed is not None else c.attempted)
-    return exits or (None if not counters else {})
+    return exits if counters else None  # a runner that reports no counters at all cannot be compared
 
 
 def run_classify(

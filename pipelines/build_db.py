@@ -9,6 +9,7 @@ driver's filesystem (DirectRunner, PortableRunner with LOOPBACK).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import apache_beam as beam
 import lancedb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -25,11 +27,12 @@ import pyarrow.parquet as pq
 from pipelines.inference import BuildHandler, Infer
 from pipelines.options import make_pipeline
 from pipelines.sources import check_inputs, count_rows, expand_inputs, read_validated, task_of, write_tables
+from raee_ops.calibration import fit_fused_policy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.retrieval import check_meta, expected_meta, open_table, table_meta
 from raee_ops.rows import row_ids
 from schemas.manifest import load_manifest
-from schemas.tables import ERRORS_SCHEMA, ID
+from schemas.tables import ERRORS_SCHEMA, ID, POLICY_META_KEY
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,10 @@ def run_build_db(
             if shards
             else schema.empty_table()
         )
-        table_rows = commit(db_uri, table, data.replace_schema_metadata(meta.encode()), mode)
+        if mode == "append":  # the policy is fitted on the whole table, so append rewrites it in one commit
+            data = pa.concat_tables([open_table(db_uri, table).to_arrow().cast(schema), data])
+        policy = fit_policy(data, len(task.label_names), manifest.num_layers)
+        table_rows = commit(db_uri, table, data.replace_schema_metadata(meta.encode() | policy), "overwrite")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if mode == "overwrite":
@@ -143,11 +149,22 @@ def run_build_db(
     return BuildSummary(table, mode, rows_in, written, rejected, table_rows, errors_dir)
 
 
+def fit_policy(data: pa.Table, num_labels: int, num_layers: int) -> dict[bytes, bytes]:
+    """The fused strategy's settings, fitted on the table's own rows only (leave-one-out)."""
+    if data.num_rows < 2:
+        return {}
+    vectors = np.stack(data.column("vector").to_numpy(zero_copy_only=False))
+    logprobs = _flat(data, "layer_logprobs").reshape(data.num_rows, num_layers, num_labels)
+    labels = data.column("label").to_numpy().astype(np.int64)
+    policy = fit_fused_policy(vectors, labels, logprobs, num_labels)
+    return {POLICY_META_KEY: json.dumps(policy.to_dict()).encode()}
+
+
+def _flat(data: pa.Table, column: str) -> np.ndarray:
+    return data.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+
 def commit(db_uri: str, name: str, data: pa.Table, mode: str) -> int:
-    """The run's only LanceDB write: a whole new table version, or one append."""
+    """The run's only LanceDB write: a whole new table version."""
     db = lancedb.connect(db_uri)
-    if mode == "overwrite":
-        return db.create_table(name, data, schema=data.schema, mode="overwrite").count_rows()
-    table = db.open_table(name)
-    table.add(data)
-    return table.count_rows()
+    return db.create_table(name, data, schema=data.schema, mode=mode).count_rows()

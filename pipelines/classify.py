@@ -22,7 +22,7 @@ from pipelines.options import make_pipeline
 from pipelines.sources import check_inputs, count_rows, expand_inputs, read_validated, task_of, write_tables
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import resolve
-from raee_ops.retrieval import check_meta, expected_meta, table_meta
+from raee_ops.retrieval import check_meta, expected_meta, open_table, table_meta, table_policy
 from schemas.manifest import load_manifest
 from schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS
 
@@ -107,12 +107,13 @@ def run_classify(
     input_glob: str,
     output_dir: str,
     k: int,
-    strategy: str,
+    strategy: str | None,
     beam_args: list[str] | tuple[str, ...] = (),
 ) -> ClassifySummary:
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
-    resolve(strategy, manifest.num_layers)
+    chosen = resolve(strategy, manifest.num_layers)
+    strategy = chosen.name
     if k < 1:
         raise RaeeConfigError(f"--k must be at least 1, got {k}")
     meta = table_meta(db_uri, table)
@@ -120,6 +121,8 @@ def run_classify(
     if embedder != "backbone" and embedder not in manifest.embedders:
         raise RaeeConfigError(f"table {table!r} was keyed with embedder {embedder!r}, not in {artifacts}")
     check_meta(meta, expected_meta(manifest, task_name, embedder), f"table {table!r} in {db_uri}")
+    if chosen.needs_policy and table_policy(open_table(db_uri, table).schema) is None:
+        raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
     files = expand_inputs([input_glob])
     schema, rows_in = check_inputs(files, task, need_label=False)
     clash = [f.name for f in PREDICTION_FIELDS if f.name in schema.names]

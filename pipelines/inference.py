@@ -18,7 +18,8 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from raee_ops.exit_policy import Strategy, resolve
+from raee_ops.calibration import log_softmax
+from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.retrieval import Retriever
 from raee_ops.rows import ROW_ID, errors_table
 from raee_ops.runtime import SegmentRuntime
@@ -63,11 +64,7 @@ class Loaded:
     runtime: SegmentRuntime
     retriever: Retriever | None = None
     strategy: Strategy | None = None
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    context: Context | None = None
 
 
 class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
@@ -189,7 +186,7 @@ class BuildHandler(_RaeeHandler):
                     fixed(keys, "vector"),
                     fixed(pred.astype(np.int32), "layer_pred"),
                     fixed(correct, "layer_correct"),
-                    fixed(np.exp(logprobs.max(axis=2)), "layer_prob"),
+                    fixed(np.exp(np.take_along_axis(logprobs, labels[:, None, None], axis=2)), "layer_prob"),
                     fixed(logprobs.reshape(n, -1), "layer_logprobs"),
                     pa.array(first, pa.int32(), mask=first == 0),
                 ],
@@ -222,28 +219,32 @@ class ClassifyHandler(_RaeeHandler):
     def load_model(self) -> Loaded:
         runtime = self._runtime()
         strategy = resolve(self.strategy, runtime.num_layers)
-        retriever = Retriever(self.db_uri, self.table) if strategy.needs_retrieval else None
-        return Loaded(runtime, retriever, strategy)
+        retriever = Retriever(self.db_uri, self.table)
+        context = Context(runtime.num_layers, len(self.task.label_names), self.k, retriever.policy)
+        return Loaded(runtime, retriever, strategy, context)
 
     def empty(self, model: Loaded) -> pa.Table:
         return self.output_schema.empty_table()
 
     def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
-        runtime, layers = model.runtime, model.runtime.num_layers
-        if model.retriever is not None:
-            correct = model.retriever.search(self.keys(runtime, table), self.k).correct
-        else:
-            correct = np.zeros((table.num_rows, 0, layers), bool)
-        exits = model.strategy.exits(correct, layers)
+        runtime, strategy, context = model.runtime, model.strategy, model.context
+        wanted = strategy.neighbours(context)
+        neighbours = (
+            model.retriever.search(self.keys(runtime, table), wanted)
+            if wanted
+            else Neighbours.none(table.num_rows, context.num_layers, context.num_labels)
+        )
+        exits = strategy.exits(neighbours, context)
         for layer, count in zip(*np.unique(exits, return_counts=True), strict=True):
             beam.metrics.Metrics.counter(NAMESPACE, f"exit_layer_{int(layer):03d}").inc(int(count))
-        logprobs = log_softmax(runtime.run_to_exit(self.task.name, prompts, exits))
-        prediction = logprobs.argmax(axis=1)
+        logits = runtime.run_to_exit(self.task.name, prompts, exits)
+        probs = strategy.answer(logits, exits, neighbours, context)
+        prediction = probs.argmax(axis=1)
         added = [
             pa.array(prediction, pa.int64()),
             pa.array([self.task.label_names[i] for i in prediction], pa.string()),
             pa.array(exits, pa.int32()),
-            pa.array(np.exp(logprobs.max(axis=1)), pa.float32()),
+            pa.array(probs.max(axis=1), pa.float32()),
         ]
         out = table.drop_columns([ROW_ID])
         for field, values in zip(PREDICTION_FIELDS, added, strict=True):

@@ -77,11 +77,14 @@ def build_db(ctx: click.Context, artifacts: str, task_name: str, inputs: tuple[s
 @click.option("--table", default=None, help="Table name (default: the task name).")
 @click.option("--input", "input_glob", required=True, help="Parquet file or glob to classify.")
 @click.option("--output", "output_dir", required=True, help="Directory for predictions-*.parquet and errors.")
-@click.option("--k", default=10, show_default=True, help="Neighbours retrieved per input.")
-@click.option("--strategy", default="raee", show_default=True, help="Exit strategy: raee, full or layer:N.")
+@click.option("--k", default=10, show_default=True,
+              help="Neighbours for the paper's rules (raee*); fused uses the k fitted on the reference table.")
+@click.option("--strategy", default=None,
+              help="Exit strategy: fused (default), raee (the paper's rule), raee-counts, raee-cal, full, full-cal "
+                   "or layer:N.")
 @click.pass_context
 def classify(ctx: click.Context, artifacts: str, task_name: str, db_uri: str, table: str | None,
-             input_glob: str, output_dir: str, k: int, strategy: str) -> None:
+             input_glob: str, output_dir: str, k: int, strategy: str | None) -> None:
     """Classify Parquet rows, running each only up to its retrieval-predicted exit layer."""
     from pipelines.classify import run_classify
 

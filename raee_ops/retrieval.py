@@ -5,15 +5,18 @@ Connections are opened by `Retriever.open` (called from a worker's load_model), 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict
 
 import lancedb
 import numpy as np
 import pyarrow as pa
 
+from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import RaeeConfigError
+from raee_ops.exit_policy import Neighbours
 from schemas.manifest import Manifest
-from schemas.tables import TableMeta
+from schemas.tables import POLICY_META_KEY, TableMeta
 
 #: Below this many rows every search is exact (flat), even if someone built an ANN index.
 FLAT_LIMIT = 100_000
@@ -53,27 +56,20 @@ def table_meta(db_uri: str, name: str) -> TableMeta:
     return TableMeta.decode(open_table(db_uri, name).schema)
 
 
-@dataclass(frozen=True)
-class Neighbours:
-    correct: np.ndarray  # B×k×L bool, nearest first
-    similarity: np.ndarray  # B×k cosine similarity
-
-
 class Retriever:
-    """Top-k neighbours' `layer_correct` rows for many query vectors in one LanceDB call."""
+    """Top-k neighbours' exit information for many query vectors in one LanceDB call."""
 
     def __init__(self, db_uri: str, table: str) -> None:
         self.table = open_table(db_uri, table)
         self.meta = TableMeta.decode(self.table.schema)
         self.rows = self.table.count_rows()
+        self.policy = table_policy(self.table.schema)
 
     def search(self, vectors: np.ndarray, k: int) -> Neighbours:
-        num_layers = self.meta.num_layers
+        num_layers, num_labels = self.meta.num_layers, len(self.meta.label_names)
         k = min(k, self.rows)
         if len(vectors) == 0 or k == 0:
-            return Neighbours(
-                np.zeros((len(vectors), 0, num_layers), bool), np.zeros((len(vectors), 0), np.float32)
-            )
+            return Neighbours.none(len(vectors), num_layers, num_labels)
         query = (
             self.table.search(list(np.asarray(vectors, np.float32)), vector_column_name="vector")
             .metric("cosine")
@@ -81,19 +77,30 @@ class Retriever:
         )
         if self.rows < FLAT_LIMIT:
             query = query.bypass_vector_index()
-        hits = query.select(["layer_correct", "_distance"]).to_arrow()
-        return _group(hits, len(vectors), k, num_layers)
+        hits = query.select(["label", "layer_correct", "layer_logprobs", "_distance"]).to_arrow()
+        return _group(hits, len(vectors), k, num_layers, num_labels)
 
 
-def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int) -> Neighbours:
-    """Results (query_index, layer_correct, _distance) as dense B×k arrays ordered by distance."""
+def table_policy(schema: pa.Schema) -> FusedPolicy | None:
+    raw = (schema.metadata or {}).get(POLICY_META_KEY)
+    return FusedPolicy(**json.loads(raw)) if raw else None
+
+
+def _flat(hits: pa.Table, column: str) -> np.ndarray:
+    return hits.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+
+def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels: int) -> Neighbours:
+    """Results (query_index, label, layer_correct, layer_logprobs, _distance) as dense B×k arrays, nearest
+    first."""
     if "query_index" not in hits.column_names:  # a single query comes back without it
         hits = hits.append_column("query_index", pa.array(np.zeros(hits.num_rows, np.int32)))
     hits = hits.sort_by([("query_index", "ascending"), ("_distance", "ascending")])
     query = hits.column("query_index").to_numpy()
     if not np.array_equal(np.bincount(query, minlength=num_queries), np.full(num_queries, k)):
         raise RuntimeError("LanceDB returned a different number of neighbours than asked for")
-    flat = hits.column("layer_correct").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    correct = flat.reshape(num_queries, k, num_layers).astype(bool)
+    correct = _flat(hits, "layer_correct").reshape(num_queries, k, num_layers).astype(bool)
+    logprobs = _flat(hits, "layer_logprobs").reshape(num_queries, k, num_layers, num_labels)
+    labels = hits.column("label").to_numpy().reshape(num_queries, k).astype(np.int64)
     similarity = 1.0 - hits.column("_distance").to_numpy().reshape(num_queries, k)
-    return Neighbours(correct, similarity.astype(np.float32))
+    return Neighbours(correct, similarity.astype(np.float32), labels, logprobs)

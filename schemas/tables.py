@@ -9,6 +9,8 @@ import pyarrow as pa
 
 TEXT, TEXT_PAIR, LABEL, ID = "text", "text_pair", "label", "id"
 TABLE_META_KEY = b"raee"
+#: The fused strategy's settings, fitted on the table's own rows by build-db (raee_ops.calibration).
+POLICY_META_KEY = b"raee_policy"
 
 #: Rejected rows, from any pipeline: the row's id (or its position in its file when it has none) and why.
 ERRORS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("reason", pa.string())])

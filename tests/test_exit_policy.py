@@ -1,8 +1,24 @@
 import numpy as np
 import pytest
 
+from raee_ops import exit_policy
 from raee_ops.errors import RaeeConfigError
-from raee_ops.exit_policy import raee, raee_counts, resolve
+from raee_ops.exit_policy import Context, Neighbours, resolve
+
+
+def _wrap(fn):
+    """Call a strategy's exit rule on a bare B×k×L correctness matrix (all k neighbours used)."""
+
+    def call(correct, num_layers):
+        b, k = correct.shape[:2]
+        nb = Neighbours(correct, np.ones((b, k), np.float32), np.zeros((b, k), np.int64),
+                        np.zeros((b, k, num_layers, 2), np.float32))
+        return fn(nb, Context(num_layers, 2, k=max(k, 1)))
+
+    return call
+
+
+raee, raee_counts = _wrap(exit_policy.raee), _wrap(exit_policy.raee_counts)
 
 
 def m(*rows):
@@ -46,9 +62,56 @@ def test_no_neighbours_exits_last():
 
 def test_resolve_fixed_and_full_and_errors():
     empty = np.zeros((3, 0, 6), bool)
-    assert resolve("layer:1", 6).exits(empty, 6).tolist() == [1, 1, 1]
-    assert resolve("full", 6).exits(empty, 6).tolist() == [6, 6, 6]
+    assert _wrap(resolve("layer:1", 6).exits)(empty, 6).tolist() == [1, 1, 1]
+    assert _wrap(resolve("full", 6).exits)(empty, 6).tolist() == [6, 6, 6]
     assert not resolve("full", 6).needs_retrieval and resolve("raee", 6).needs_retrieval
     for bad in ("layer:0", "layer:7", "layer:x", "fastest"):
         with pytest.raises(RaeeConfigError):
             resolve(bad, 6)
+
+
+def _policy(num_layers: int, bias_first_layer: float = 0.0, k: int = 2, alpha: float = 0.0, epsilon: float = 0.0):
+    from raee_ops.calibration import FusedPolicy
+
+    bias = np.zeros((num_layers, 2))
+    bias[0] = [0.0, bias_first_layer]
+    return FusedPolicy(k=k, alpha=alpha, epsilon=epsilon, bias=bias.tolist(), loo_accuracy=0.0,
+                       loo_mean_exit=0.0, loo_queries=0)
+
+
+def _neighbours(labels, layer_says):
+    """Neighbours whose head says `layer_says[j][l]` (a label) at layer l, with given labels."""
+    says = np.array([layer_says])
+    logprobs = np.where(np.eye(2, dtype=bool)[says], 0.0, -5.0).astype(np.float32)  # 1×k×L×2
+    labels = np.array([labels])
+    return Neighbours(says == labels[..., None], np.ones(labels.shape, np.float32), labels, logprobs)
+
+
+def test_fused_exit_uses_calibrated_correctness_and_the_fitted_k():
+    # both neighbours have label 1; layer 1 says 0 for both (wrong), layers 2 and 3 say 1.
+    nb = _neighbours([1, 1], [[0, 1, 1], [0, 1, 1]])
+    ctx = Context(3, 2, k=10, policy=_policy(3))
+    assert exit_policy.fused_exit(nb, ctx).tolist() == [2]
+    # a bias that flips layer 1 towards label 1 makes layer 1 correct for both: exit there.
+    ctx = Context(3, 2, k=10, policy=_policy(3, bias_first_layer=10.0))
+    assert exit_policy.fused_exit(nb, ctx).tolist() == [1]
+    # the paper's rule on raw correctness is unaffected by calibration
+    assert exit_policy.raee(nb, ctx).tolist() == [2]
+
+
+def test_answers_apply_the_exit_layer_bias_and_the_vote():
+    nb = _neighbours([1, 1], [[1, 1], [1, 1]])
+    logits = np.array([[1.0, 0.0]])
+    ctx = Context(2, 2, k=2, policy=_policy(2, bias_first_layer=3.0))
+    assert exit_policy.head_answer(logits, np.array([1]), nb, ctx).argmax() == 0
+    assert exit_policy.calibrated_answer(logits, np.array([1]), nb, ctx).argmax() == 1  # bias at layer 1
+    assert exit_policy.calibrated_answer(logits, np.array([2]), nb, ctx).argmax() == 0  # no bias at layer 2
+    voted = exit_policy.fused_answer(logits, np.array([2]), nb, Context(2, 2, 2, _policy(2, alpha=0.75)))
+    assert voted.argmax() == 1 and voted.sum() == pytest.approx(1.0)
+
+
+def test_policy_strategies_refuse_a_table_without_a_policy():
+    assert resolve(None, 4).name == exit_policy.DEFAULT_STRATEGY
+    nb = _neighbours([1], [[1, 1]])
+    with pytest.raises(RaeeConfigError, match="no fitted policy"):
+        resolve("fused", 2).exits(nb, Context(2, 2, k=1))

@@ -94,6 +94,18 @@ def test_classify_raee_predicts_valid_rows_and_rejects_bad(segment_artifacts, bu
     assert "rows in: 25  predicted: 22  rejected: 3" in text and "mean exit layer:" in text
 
 
+def test_default_strategy_uses_the_policy_fitted_at_build_time(segment_artifacts, built):  # noqa: F811
+    from raee_ops.retrieval import Retriever
+
+    root, _ = built
+    policy = Retriever(str(root / "db"), "sst2").policy
+    assert policy is not None and policy.loo_queries == 30 and len(policy.bias) == 3
+    summary, predictions, _ = classify(segment_artifacts, root, "default", strategy=None)
+    assert summary.strategy == "fused" and summary.predicted == 22
+    probs = predictions.column("confidence").to_numpy()
+    assert ((probs >= 0.5) & (probs <= 1.0)).all()  # a fused distribution's top share over two labels
+
+
 def test_full_equals_all_layers_and_layer1_exits_first(segment_artifacts, built):  # noqa: F811
     root, _ = built
     _, full, _ = classify(segment_artifacts, root, "full", strategy="full")

@@ -1,0 +1,134 @@
+"""Helpers every benchmark shares, so results are comparable and self-describing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+#: Distributions whose versions move benchmark numbers; read from metadata so nothing heavy gets imported.
+TRACKED_PACKAGES = ("numpy", "pyarrow", "lancedb", "onnxruntime", "apache-beam", "torch", "transformers")
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    """The flags every bench script accepts, so run_all can pass them through blindly."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes; the whole suite in under 10 min")
+    return parser.parse_args()
+
+
+def data_dir() -> Path:
+    """RAEE_DATA_DIR, relative paths taken from the repo root like the Makefile does."""
+    path = Path(os.environ.get("RAEE_DATA_DIR", "../shared/datasets"))
+    return path if path.is_absolute() else (REPO_ROOT / path).resolve()
+
+
+def require_data() -> Path:
+    """The data dir, or a skip (exit 0): a machine without the datasets is not a failing benchmark."""
+    path = data_dir()
+    if not path.is_dir():
+        print(f"benchmark data not found at {path}: set RAEE_DATA_DIR. Skipping.")
+        sys.exit(0)
+    return path
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _ram_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers depend on besides the code."""
+    versions: dict[str, str | None] = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpu": _cpu_model(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ram_gb": _ram_gb(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def git_info() -> dict[str, Any]:
+    """Commit and dirtiness; bench outputs are ignored, so writing one result does not dirty the next."""
+    status = _git("status", "--porcelain", "--", ".", ":!bench/results", ":!bench/RESULTS.md")
+    return {"commit": _git("rev-parse", "--short", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def write_result(name: str, payload: dict[str, Any], quick: bool) -> Path:
+    """Write bench/results/<name>.json as {name, date, quick, git, machine, load_avg, result: payload}."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "name": name,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "git": git_info(),
+        "machine": machine_info(),
+        # other jobs sharing the cores skew timings; this shows whether they did
+        "load_avg": list(os.getloadavg()),
+        "result": payload,
+    }
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {path.relative_to(REPO_ROOT)}")
+    return path
+
+
+@dataclass
+class Elapsed:
+    """Seconds spent in a `timer` block; set when the block exits."""
+
+    s: float = 0.0
+
+
+@contextmanager
+def timer() -> Iterator[Elapsed]:
+    """`with timer() as t: ...` then `t.s`: wall-clock seconds, exceptions included."""
+    elapsed = Elapsed()
+    start = time.perf_counter()
+    try:
+        yield elapsed
+    finally:
+        elapsed.s = time.perf_counter() - start

@@ -1,0 +1,241 @@
+"""Build bench/RESULTS.md from bench/results/*.json, so the published numbers are never hand-edited."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from common import REPO_ROOT, RESULTS_DIR
+
+OUTPUT = REPO_ROOT / "bench" / "RESULTS.md"
+Doc = dict[str, Any]
+
+
+def _fmt(value: Any) -> str:
+    """Three significant digits, whole numbers from 100 up: enough to compare, short enough to scan."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "**NO**"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def _provenance(doc: Doc, header_machine: Doc) -> str:
+    git = doc.get("git") or {}
+    parts = [doc.get("date", "?"), f"commit {git.get('commit')}{' (dirty)' if git.get('dirty') else ''}"]
+    if doc.get("quick"):
+        parts.append("--quick")
+    if doc.get("load_avg"):
+        parts.append(f"load avg {doc['load_avg'][0]:.1f} (1 min) when written")
+    machine = doc.get("machine") or {}
+    if machine != header_machine:
+        parts.append(f"on {machine.get('cpu')} ×{machine.get('cores')}")
+    return "_" + " · ".join(parts) + "_"
+
+
+def render_retrieval(result: Doc) -> list[str]:
+    """Top-k retrieval from LanceDB: exact scan vs vector index; shape written by bench/retrieval.py."""
+    lines = [
+        f"k={result['k']}, dim {result['dim']}, {result['metric']} metric, {result['num_queries']} queries; "
+        "recall@k against exact numpy search; p50/p95 are one query per call, throughput is all queries "
+        "in one call.",
+        "",
+    ]
+    rows = []
+    for size in result["sizes"]:
+        for run in size["runs"]:
+            rows.append(
+                [
+                    size["rows"],
+                    run["method"],
+                    run["params"],
+                    run["build_s"],
+                    run["p50_ms"],
+                    run["p95_ms"],
+                    run["batch_qps"],
+                    run["recall_at_k"],
+                ]
+            )
+    header = ["rows", "method", "params", "index build s", "p50 ms", "p95 ms", "batched q/s", "recall@k"]
+    return lines + _table(header, rows)
+
+
+def render_export(result: Doc) -> list[str]:
+    """ONNX export per preset.
+
+    Shape: {"presets": [{"preset": str, "wall_s": float, "size_mb": float, "size_mb_by_kind": {kind: float},
+    "peak_rss_mb": float, "verify_max_abs_diff": float, "passed": bool, "error": str (only on failure)}, ...]}
+    """
+    header = ["preset", "wall s", "size MB", "MB by kind", "peak RSS MB", "verify max |diff|", "passed"]
+    rows = []
+    for p in result["presets"]:
+        kinds = ", ".join(f"{k} {_fmt(v)}" for k, v in (p.get("size_mb_by_kind") or {}).items())
+        rows.append([p["preset"], p.get("wall_s"), p.get("size_mb"), kinds or p.get("error"), p.get("peak_rss_mb"),
+                     p.get("verify_max_abs_diff"), p.get("passed")])
+    return _table(header, rows)
+
+
+def render_quality(result: Doc) -> list[str]:
+    """Task quality of one preset; the macro-average row is computed here, not by the producer.
+
+    Shape: {"preset": str, "strategies": [str, ...], "tasks": [{"task": str, "metric": str,
+    "full": float, "full_calibrated": float, "best_layer": {"layer": int, "score": float},
+    "oracle": float, "strategies": {name: {"score": float, "mean_exit_layer": float}}}, ...]}
+    Scores are the task's metric (named per task); mean_exit_layer is 1-based.
+    """
+    names = result["strategies"]
+    header = ["task", "metric", "full", "full calibrated", "best layer", "oracle"]
+    for name in names:
+        header += [name, f"{name} exit"]
+    rows: list[list[Any]] = []
+    for task in result["tasks"]:
+        best = task["best_layer"]
+        row = [
+            task["task"],
+            task["metric"],
+            task["full"],
+            task["full_calibrated"],
+            f"{_fmt(best['score'])} (L{best['layer']})",
+            task["oracle"],
+        ]
+        for name in names:
+            strat = task["strategies"].get(name, {})
+            row += [strat.get("score"), strat.get("mean_exit_layer")]
+        rows.append(row)
+    if rows:
+
+        def mean(values: list[Any]) -> float | None:
+            nums = [v for v in values if isinstance(v, (int, float))]
+            return sum(nums) / len(nums) if len(nums) == len(values) else None
+
+        best_scores = [t["best_layer"]["score"] for t in result["tasks"]]
+        macro = [
+            "**macro avg**",
+            "",
+            mean([r[2] for r in rows]),
+            mean([r[3] for r in rows]),
+            mean(best_scores),
+            mean([r[5] for r in rows]),
+        ]
+        macro += [mean([r[col] for r in rows]) for col in range(6, len(header))]
+        rows.append(macro)
+    return _table(header, rows)
+
+
+def render_speed(result: Doc) -> list[str]:
+    """Throughput of one preset per method, against the method named "full".
+
+    Shape: {"preset": str, "num_layers": int, "methods": [{"method": str, "rows_per_s": float,
+    "mean_exit_layer": float | null}, ...]}. Ideal speed-up is num_layers / mean_exit_layer: what
+    exiting would give if retrieval and exit checks cost nothing.
+    """
+    full = next((m["rows_per_s"] for m in result["methods"] if m["method"] == "full"), None)
+    rows = []
+    for m in result["methods"]:
+        exit_layer = m.get("mean_exit_layer")
+        rows.append(
+            [
+                m["method"],
+                m["rows_per_s"],
+                m["rows_per_s"] / full if full else None,
+                exit_layer,
+                result["num_layers"] / exit_layer if exit_layer else None,
+            ]
+        )
+    return _table(["method", "rows/s", "× full", "mean exit layer", "ideal ×"], rows)
+
+
+def render_generic(result: Any) -> list[str]:
+    """Kinds without a renderer yet: show the payload rather than drop it."""
+    return ["```json", json.dumps(result, indent=2), "```"]
+
+
+#: (title, file-name prefix, renderer); a prefix ending in "-" matches one file per preset.
+SECTIONS: list[tuple[str, str, Callable[[Any], list[str]]]] = [
+    ("Retrieval", "retrieval", render_retrieval),
+    ("ONNX export", "export", render_export),
+    ("Quality", "quality-", render_quality),
+    ("Speed", "speed-", render_speed),
+]
+
+
+def _matches(name: str, prefix: str) -> bool:
+    return name.startswith(prefix) if prefix.endswith("-") else name == prefix
+
+
+def _header(docs: dict[str, Doc]) -> tuple[list[str], Doc]:
+    newest = max(docs.values(), key=lambda d: d.get("date", ""), default={})
+    machine = newest.get("machine") or {}
+    versions = ", ".join(f"{k} {v}" for k, v in (machine.get("versions") or {}).items() if v)
+    git = newest.get("git") or {}
+    lines = [
+        "# Benchmark results",
+        "",
+        "<!-- GENERATED by bench/report.py from bench/results/*.json: do not edit by hand. -->",
+        "",
+        f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by `python bench/report.py`.",
+        "",
+    ]
+    if newest:
+        lines += [
+            f"- Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('ram_gb')} GB RAM, "
+            f"{machine.get('os')}",
+            f"- Python {machine.get('python')}; {versions}",
+            f"- Latest result: {newest.get('date')}, commit {git.get('commit')}"
+            f"{' (dirty tree)' if git.get('dirty') else ''}",
+            "",
+            "Each section names its own date and commit; a different machine is named there too.",
+            "",
+        ]
+    return lines, machine
+
+
+def build(results_dir: Path = RESULTS_DIR) -> str:
+    """Markdown for every result file, known kinds first in a fixed order, others after."""
+    docs = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
+    lines, machine = _header(docs)
+    used: set[str] = set()
+    for title, prefix, render in SECTIONS:
+        names = [n for n in docs if _matches(n, prefix)]
+        lines += [f"## {title}", ""]
+        if not names:
+            lines += ["Not run yet.", ""]
+        for name in names:
+            used.add(name)
+            if prefix.endswith("-"):
+                lines += [f"### {name.removeprefix(prefix)}", ""]
+            lines += [_provenance(docs[name], machine), "", *render(docs[name]["result"]), ""]
+    for name in sorted(set(docs) - used):
+        lines += [
+            f"## {name}",
+            "",
+            _provenance(docs[name], machine),
+            "",
+            *render_generic(docs[name].get("result", docs[name])),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    OUTPUT.write_text(build())
+    print(f"wrote {OUTPUT.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Top-k retrieval from LanceDB exit tables: exact scan vs vector indexes, latency and recall@k.
+
+Keys are synthetic (seeded Gaussian mixture, so neighbours cluster as real sentence embeddings do) and
+the table has the real exit-table schema, so each hit carries the per-layer metadata classify reads.
+HNSW is left out: on 2 cores its build took ~85 s at 100k rows already, far past budget at 1M.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+from common import parse_args, timer, write_result
+from lancedb.index import IvfFlat, IvfPq
+
+from schemas.tables import exit_table_schema
+
+DIM, K, NUM_QUERIES = 384, 10, 200
+NUM_LAYERS, NUM_LABELS, NUM_CLUSTERS = 12, 2, 1024
+CHUNK = 100_000
+SEED = 0
+#: Single-query latency runs until all queries are done or this many seconds pass (flat at 1M is slow).
+LATENCY_BUDGET_S, MIN_LATENCY_QUERIES = 30.0, 20
+#: kmeans iterations for index training: the default 50 makes the 1M build take many minutes on 2 cores.
+KMEANS_ITERATIONS = 10
+#: IVF_PQ: 8 dims per sub-vector (48 bytes a row); refine re-ranks refine×k candidates on full vectors.
+PQ_SUB_VECTORS, REFINE_FACTOR = 48, 10
+#: Fractions of partitions probed: one fast setting, one high-recall setting.
+PROBE_FRACTIONS = (0.05, 0.2)
+RESULT_COLUMNS = ["id", "label", "layer_pred", "layer_prob", "layer_logprobs", "_distance"]
+
+
+class Mixture:
+    """Seeded Gaussian mixture: cluster centres with per-cluster spread, so density is uneven."""
+
+    def __init__(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.centres = rng.standard_normal((NUM_CLUSTERS, DIM), dtype=np.float32)
+        self.spread = rng.uniform(0.5, 1.5, NUM_CLUSTERS).astype(np.float32)
+        self.weights = rng.dirichlet(np.full(NUM_CLUSTERS, 2.0))
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        cluster = rng.choice(NUM_CLUSTERS, size=n, p=self.weights)
+        noise = rng.standard_normal((n, DIM), dtype=np.float32)
+        return self.centres[cluster] + self.spread[cluster, None] * noise, cluster
+
+
+def _fixed_list(values: np.ndarray, size: int) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), size)
+
+
+def _batch(rng: np.random.Generator, start: int, keys: np.ndarray, cluster: np.ndarray) -> pa.RecordBatch:
+    """Rows shaped like a real exit table; metadata is random but the label follows the cluster."""
+    n = len(keys)
+    logits = rng.standard_normal((n, NUM_LAYERS, NUM_LABELS), dtype=np.float32)
+    logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    pred = logprobs.argmax(-1).astype(np.int32)
+    label = (cluster % NUM_LABELS).astype(np.int32)
+    correct = pred == label[:, None]
+    first = np.where(correct.any(1), correct.argmax(1) + 1, 0).astype(np.int32)
+    schema = exit_table_schema(DIM, NUM_LAYERS, NUM_LABELS)
+    return pa.record_batch(
+        [
+            pa.array(np.arange(start, start + n).astype(str)),
+            pa.array(label),
+            _fixed_list(keys, DIM),
+            _fixed_list(pred, NUM_LAYERS),
+            _fixed_list(correct, NUM_LAYERS),
+            _fixed_list(np.exp(logprobs.max(-1)), NUM_LAYERS),
+            _fixed_list(logprobs, NUM_LAYERS * NUM_LABELS),
+            pa.array(first, mask=first == 0),
+        ],
+        schema=schema,
+    )
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def build_table(db: lancedb.DBConnection, rows: int, queries: np.ndarray) -> tuple[Any, np.ndarray, float]:
+    """Write the table chunk by chunk, keeping exact cosine top-k per query, so 1M rows never sit in RAM."""
+    mixture, rng = Mixture(SEED), np.random.default_rng(SEED + rows)
+    unit_queries = _unit(queries)
+    best_sim = np.full((len(queries), K), -np.inf, dtype=np.float32)
+    best_id = np.zeros((len(queries), K), dtype=np.int64)
+
+    def chunks() -> Iterator[pa.RecordBatch]:
+        nonlocal best_sim, best_id
+        for start in range(0, rows, CHUNK):
+            keys, cluster = mixture.sample(rng, min(CHUNK, rows - start))
+            sims = unit_queries @ _unit(keys).T
+            top = np.argpartition(-sims, K - 1, axis=1)[:, :K]
+            all_sim = np.concatenate([best_sim, np.take_along_axis(sims, top, 1)], axis=1)
+            all_id = np.concatenate([best_id, top + start], axis=1)
+            order = np.argsort(-all_sim, axis=1)[:, :K]
+            best_sim, best_id = np.take_along_axis(all_sim, order, 1), np.take_along_axis(all_id, order, 1)
+            yield _batch(rng, start, keys, cluster)
+            print(f"  wrote {start + len(keys):,}/{rows:,} rows", flush=True)
+
+    schema = exit_table_schema(DIM, NUM_LAYERS, NUM_LABELS)
+    with timer() as t:
+        table = db.create_table(f"keys_{rows}", pa.RecordBatchReader.from_batches(schema, chunks()))
+    return table, best_id, t.s
+
+
+def _query(table: Any, vectors: np.ndarray, nprobes: int | None, refine: int | None) -> Any:
+    query = table.search(vectors).distance_type("cosine").limit(K).select(RESULT_COLUMNS)
+    if nprobes is None:
+        return query.bypass_vector_index()
+    query = query.nprobes(nprobes)
+    return query.refine_factor(refine) if refine else query
+
+
+def measure(
+    table: Any, queries: np.ndarray, truth: np.ndarray, nprobes: int | None = None, refine: int | None = None
+) -> dict[str, Any]:
+    """Latency one query per call (time-boxed), throughput and recall@k from one call with all queries."""
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for q in queries:
+        if len(latencies) >= MIN_LATENCY_QUERIES and time.perf_counter() - started > LATENCY_BUDGET_S:
+            break
+        with timer() as t:
+            _query(table, q, nprobes, refine).to_arrow()
+        latencies.append(t.s * 1e3)
+    with timer() as t:
+        hits = _query(table, queries, nprobes, refine).to_arrow()
+    found = hits["id"].to_numpy(zero_copy_only=False).astype(np.int64)
+    query_index = hits["query_index"].to_numpy()
+    recall = np.mean([np.isin(truth[i], found[query_index == i]).mean() for i in range(len(queries))])
+    return {
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p95_ms": float(np.percentile(latencies, 95)),
+        "latency_queries": len(latencies),
+        "batch_qps": len(queries) / t.s,
+        "recall_at_k": float(recall),
+    }
+
+
+def bench_size(db: lancedb.DBConnection, rows: int, queries: np.ndarray) -> dict[str, Any]:
+    print(f"== {rows:,} rows", flush=True)
+    table, truth, ingest_s = build_table(db, rows, queries)
+    runs = [{"method": "flat", "params": "exact scan", "build_s": None, **measure(table, queries, truth)}]
+    print(f"  flat: recall {runs[0]['recall_at_k']:.3f}, p50 {runs[0]['p50_ms']:.1f} ms", flush=True)
+    partitions = max(16, round(math.sqrt(rows) / 4))
+    configs = {
+        "ivf_flat": IvfFlat(distance_type="cosine", num_partitions=partitions, max_iterations=KMEANS_ITERATIONS),
+        "ivf_pq": IvfPq(
+            distance_type="cosine",
+            num_partitions=partitions,
+            num_sub_vectors=PQ_SUB_VECTORS,
+            max_iterations=KMEANS_ITERATIONS,
+        ),
+    }
+    for method, config in configs.items():
+        print(f"  building {method} ({partitions} partitions)...", flush=True)
+        with timer() as t:
+            table.create_index("vector", config=config, replace=True)
+        print(f"  {method} built in {t.s:.1f}s", flush=True)
+        for fraction in PROBE_FRACTIONS:
+            nprobes = max(1, round(partitions * fraction))
+            refine = REFINE_FACTOR if method == "ivf_pq" else None
+            params = f"{partitions} partitions, nprobes {nprobes}"
+            if refine:
+                params += f", {PQ_SUB_VECTORS} sub-vectors, refine ×{refine}"
+            run = {
+                "method": method,
+                "params": params,
+                "build_s": t.s,
+                "nprobes": nprobes,
+                "refine_factor": refine,
+                **measure(table, queries, truth, nprobes, refine),
+            }
+            print(
+                f"  {method} nprobes {nprobes}: recall {run['recall_at_k']:.3f}, p50 {run['p50_ms']:.1f} ms, "
+                f"{run['batch_qps']:.0f} q/s batched",
+                flush=True,
+            )
+            runs.append(run)
+    return {"rows": rows, "ingest_s": ingest_s, "runs": runs}
+
+
+def main() -> None:
+    args = parse_args(__doc__ or "")
+    sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
+    queries, _ = Mixture(SEED).sample(np.random.default_rng(SEED + 1), NUM_QUERIES)
+    with tempfile.TemporaryDirectory(prefix="raee-bench-") as tmp:
+        db = lancedb.connect(tmp)
+        results = [bench_size(db, rows, queries) for rows in sizes]
+    write_result(
+        "retrieval",
+        {
+            "k": K,
+            "dim": DIM,
+            "metric": "cosine",
+            "num_queries": NUM_QUERIES,
+            "clusters": NUM_CLUSTERS,
+            "kmeans_iterations": KMEANS_ITERATIONS,
+            "sizes": results,
+        },
+        quick=args.quick,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -93,6 +93,38 @@ def classify(ctx: click.Context, artifacts: str, task_name: str, db_uri: str, ta
     click.echo(summary.render())
 
 
+@cli.command("evaluate", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--artifacts", required=True, type=click.Path(file_okay=False), help="Exported artifacts.")
+@click.option("--task", "task_name", default=None, help="Task name in the artifacts.")
+@click.option("--task-file", default=None, type=click.Path(dir_okay=False),
+              help="JSON task file of a task already exported into the artifacts (instead of --task).")
+@click.option("--db", "db_uri", required=True, help="LanceDB URI holding the exit-metadata table.")
+@click.option("--table", default=None, help="Table name (default: the task name).")
+@click.option("--input", "input_path", required=True, help="Labelled Parquet file or glob to score.")
+@click.option("--report", "report_dir", required=True, help="Directory for report.json, report.md, report.png.")
+@click.option("--k", default=10, show_default=True, help="Neighbours for the paper's rules (raee*).")
+@click.option("--strategy", "strategies", multiple=True,
+              help="Strategy to score (repeatable; default: every named strategy). layer:N works too.")
+def evaluate_cmd(artifacts: str, task_name: str | None, task_file: str | None, db_uri: str, table: str | None,
+                 input_path: str, report_dir: str, k: int, strategies: tuple[str, ...]) -> None:
+    """Score every layer, the full model, the oracle and each exit strategy on labelled rows, in-process."""
+    from raee_ops.evaluate import evaluate, exported_task, write_report
+    from schemas.manifest import load_manifest
+
+    if (task_name is None) == (task_file is None):
+        raise RaeeConfigError("give exactly one of --task or --task-file")
+    if task_file:
+        task_name = exported_task(load_manifest(artifacts), load_task_file(task_file))
+    report = evaluate(Path(artifacts), task_name, db_uri, table or task_name, input_path, k, list(strategies) or None)
+    out = write_report(report, report_dir)
+    full, name = report["full"], report["full"]["metric_name"]
+    click.echo(f"evaluated {report['rows']} rows ({report['rejected']} rejected); full {name} {full['metric']:.4f}")
+    for strategy, s in report["strategies"].items():
+        exit_layer = f"{s['mean_exit_layer']:.2f}/{report['num_layers']}"
+        click.echo(f"  {strategy}: {name} {s['metric']:.4f}, mean exit layer {exit_layer}")
+    click.echo(f"report: {out}")
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

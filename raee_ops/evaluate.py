@@ -1,0 +1,261 @@
+"""evaluate: labelled Parquet -> how every layer, the full model, the oracle and each exit strategy score.
+
+Every valid row runs through all layers once, through build-db's own handler (same prompts, keys, overlong
+rejections and per-row failure isolation), so evaluated rows are exactly what a reference table would hold.
+Retrieval runs once with the most neighbours any strategy needs. A strategy only picks a layer and reads
+that layer's head, so every strategy is scored from the stored per-layer log-probs without rerunning the model
+(softmax is shift-invariant, so log-probs answer exactly as logits would).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.inference import BuildHandler
+from pipelines.sources import check_inputs, expand_inputs, task_of
+from raee_ops.calibration import label_vote
+from raee_ops.errors import RaeeConfigError
+from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES, Context, Neighbours, Strategy, resolve
+from raee_ops.metrics import Metric, accuracy, task_metric
+from raee_ops.retrieval import Retriever, check_meta, expected_meta, table_meta
+from raee_ops.rows import validate
+from raee_ops.tasks import Task
+from schemas.manifest import Manifest, load_manifest
+
+#: Rows per model call; small enough for a progress line every few seconds on CPU.
+CHUNK = 64
+#: Rejected rows shown in report.md (report.json lists them all).
+SHOWN_REJECTED = 20
+
+
+def exported_task(manifest: Manifest, task: Task) -> str:
+    """A --task-file task's name, once it is known to be exported exactly as the file describes it."""
+    entry = manifest.tasks.get(task.name)
+    if entry is None:
+        raise RaeeConfigError(
+            f"task {task.name!r} from the task file is not exported in these artifacts "
+            f"(have: {', '.join(sorted(manifest.tasks))}); export it with export-onnx --task-file first"
+        )
+    exported = (entry.template, list(entry.label_names), list(entry.verbalizer))
+    if exported != (task.template, task.label_names, task.verbalizer):
+        raise RaeeConfigError(f"task {task.name!r} in the task file differs from the one exported in the artifacts")
+    return task.name
+
+
+def _read_validated(path: str, task: Task) -> tuple[pa.Table, list[dict[str, str]]]:
+    """Valid rows of the input files and the rejected ones; run-level problems raise before any work."""
+    files = expand_inputs([path])
+    check_inputs(files, task, need_label=True)
+    valid, rejected = [], []
+    for file in files:
+        checked = validate(pq.read_table(file).replace_schema_metadata(None), task, source=file, need_label=True)
+        valid.append(checked.valid)
+        rejected += checked.errors.to_pylist()
+    return pa.concat_tables(valid), rejected
+
+
+def _run_layers(handler: BuildHandler, table: pa.Table) -> tuple[pa.Table, list[dict[str, str]]]:
+    """Exit-table rows (label, key, per-layer log-probs) for every row the model takes, in chunks."""
+    model = handler.load_model()
+    rows, rejected, start = [], [], time.perf_counter()
+    for offset in range(0, table.num_rows, CHUNK):
+        outcome = handler.run_inference([table.slice(offset, CHUNK)], model)[0]
+        rows.append(outcome.rows)
+        rejected += outcome.errors.to_pylist()
+        done = min(offset + CHUNK, table.num_rows)
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        print(f"evaluate: {done}/{table.num_rows} rows, {rate:.1f} rows/s", file=sys.stderr, flush=True)
+    return pa.concat_tables(rows) if rows else handler.empty(model), rejected
+
+
+def _flat(table: pa.Table, column: str) -> np.ndarray:
+    return table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+
+def _scores(labels: np.ndarray, pred: np.ndarray, metric: Metric, num_labels: int) -> dict[str, float]:
+    return {"accuracy": accuracy(labels, pred), "metric": metric(labels, pred, num_labels)}
+
+
+def _strategy_report(
+    strategy: Strategy, logprobs: np.ndarray, labels: np.ndarray, nb: Neighbours, ctx: Context, metric: Metric
+) -> dict[str, Any]:
+    exits = strategy.exits(nb, ctx)
+    at_exit = logprobs[exits - 1, np.arange(len(labels))]
+    pred = strategy.answer(at_exit, exits, nb, ctx).argmax(axis=1)
+    mean_exit = float(exits.mean())
+    return {
+        **_scores(labels, pred, metric, ctx.num_labels),
+        "mean_exit_layer": mean_exit,
+        "exit_histogram": np.bincount(exits, minlength=ctx.num_layers + 1)[1:].tolist(),
+        "ideal_speedup": ctx.num_layers / mean_exit,
+    }
+
+
+def evaluate(
+    artifacts: str | Path,
+    task_name: str,
+    db_uri: str,
+    table: str,
+    input_path: str,
+    k: int = 10,
+    strategies: list[str] | None = None,
+) -> dict[str, Any]:
+    """The report dict: per-layer, full, calibrated, oracle, neighbour-vote and per-strategy scores."""
+    if k < 1:
+        raise RaeeConfigError(f"--k must be at least 1, got {k}")
+    manifest = load_manifest(artifacts)
+    task = task_of(manifest, task_name)
+    num_layers, num_labels = manifest.num_layers, len(task.label_names)
+    chosen = [resolve(name, num_layers) for name in strategies or list(STRATEGIES)]
+    meta = table_meta(db_uri, table)
+    embedder = meta.embedder if meta else "backbone"
+    check_meta(meta, expected_meta(manifest, task_name, embedder), f"table {table!r} in {db_uri}")
+    retriever = Retriever(db_uri, table)
+    if retriever.policy is None:
+        raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
+    policy = retriever.policy
+
+    valid, rejected = _read_validated(input_path, task)
+    rows, failed = _run_layers(BuildHandler(str(artifacts), task, embedder), valid)
+    rejected += failed
+    if rows.num_rows == 0:
+        raise RaeeConfigError(f"nothing to evaluate: all {len(rejected)} rows of {input_path} were rejected")
+    labels = rows.column("label").to_numpy().astype(np.int64)
+    logprobs = _flat(rows, "layer_logprobs").reshape(rows.num_rows, num_layers, num_labels).transpose(1, 0, 2)
+    keys = np.stack(rows.column("vector").to_numpy(zero_copy_only=False))
+
+    ctx = Context(num_layers, num_labels, k, policy)
+    nb = retriever.search(keys, max(k, policy.k))
+    metric_name, metric = task_metric(task_name, num_labels)
+    layer_pred = logprobs.argmax(axis=2)  # L×N
+    per_layer = [_scores(labels, pred, metric, num_labels) for pred in layer_pred]
+    best = max(range(num_layers), key=lambda i: (per_layer[i]["metric"], per_layer[i]["accuracy"]))
+    any_right = (layer_pred == labels).any(axis=0)
+    oracle = _scores(labels, np.where(any_right, labels, layer_pred[-1]), metric, num_labels)
+    vote = nb.top(policy.k)
+    vote_pred = label_vote(vote.labels, vote.similarity, num_labels).argmax(axis=1)
+    calibrated = _strategy_report(STRATEGIES["full-cal"], logprobs, labels, nb, ctx, metric)
+
+    return {
+        "task": task_name,
+        "label_names": list(task.label_names),
+        "input": input_path,
+        "db": db_uri,
+        "table": table,
+        "embedder": embedder,
+        "rows": int(rows.num_rows),
+        "rejected": len(rejected),
+        "rejected_rows": rejected,
+        "num_layers": num_layers,
+        "metric_name": metric_name,
+        "per_layer_accuracy": [s["accuracy"] for s in per_layer],
+        "per_layer_metric": [s["metric"] for s in per_layer],
+        "best_layer": {"layer": best + 1, **per_layer[best]},
+        "oracle_accuracy": oracle["accuracy"],
+        "oracle_metric": oracle["metric"],
+        "full": {**per_layer[-1], "metric_name": metric_name},
+        "full_calibrated": {"accuracy": calibrated["accuracy"], "metric": calibrated["metric"]},
+        "neighbour_vote": {**_scores(labels, vote_pred, metric, num_labels), "k": vote.labels.shape[1]},
+        "default_strategy": DEFAULT_STRATEGY,
+        "strategies": {s.name: _strategy_report(s, logprobs, labels, nb, ctx, metric) for s in chosen},
+        "policy": {
+            "k": policy.k,
+            "alpha": policy.alpha,
+            "epsilon": policy.epsilon,
+            "loo_accuracy": policy.loo_accuracy,
+            "loo_mean_exit": policy.loo_mean_exit,
+        },
+        "k": k,
+    }
+
+
+def write_report(report: dict[str, Any], directory: str | Path) -> Path:
+    """report.json, report.md and report.png (the plot is skipped, with a note, when matplotlib is missing)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(render_markdown(report))
+    try:
+        plot(report, out / "report.png")
+    except ImportError:
+        print("evaluate: matplotlib is not installed (pip install 'raee-ops[dev]'); report.png skipped",
+              file=sys.stderr)
+    return out
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows] + [""]
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    name = r["metric_name"]
+    lines = [
+        f"# Evaluation: {r['task']}",
+        "",
+        f"{r['rows']} rows scored, {r['rejected']} rejected; {r['num_layers']} layers; table `{r['table']}` "
+        f"({r['embedder']} keys); k={r['k']} for the paper's rules; default strategy `{r['default_strategy']}`.",
+        "",
+        "## Baselines",
+        "",
+    ]
+    best, vote = r["best_layer"], r["neighbour_vote"]
+    lines += _table(["method", "accuracy", name], [
+        ["full model (last layer)", r["full"]["accuracy"], r["full"]["metric"]],
+        ["full, calibrated", r["full_calibrated"]["accuracy"], r["full_calibrated"]["metric"]],
+        [f"best single layer (L{best['layer']})", best["accuracy"], best["metric"]],
+        ["oracle (any layer right)", r["oracle_accuracy"], r["oracle_metric"]],
+        [f"neighbour vote (k={vote['k']}, no layers)", vote["accuracy"], vote["metric"]],
+    ])
+    lines += ["## Strategies", ""]
+    lines += _table(
+        ["strategy", "accuracy", name, "mean exit layer", "ideal speed-up", "exits per layer (1..L)"],
+        [[s, v["accuracy"], v["metric"], v["mean_exit_layer"], v["ideal_speedup"],
+          " ".join(map(str, v["exit_histogram"]))] for s, v in r["strategies"].items()],
+    )
+    lines += ["## Per layer", ""]
+    lines += _table(["layer", "accuracy", name], [
+        [i + 1, a, m] for i, (a, m) in enumerate(zip(r["per_layer_accuracy"], r["per_layer_metric"], strict=True))
+    ])
+    lines += ["## Table policy (fitted by build-db)", "", json.dumps(r["policy"]), ""]
+    if r["rejected_rows"]:
+        lines += [f"## Rejected rows (first {min(SHOWN_REJECTED, r['rejected'])} of {r['rejected']})", ""]
+        lines += _table(["id", "reason"], [[e["id"], e["reason"]] for e in r["rejected_rows"][:SHOWN_REJECTED]])
+    return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    """Accuracy by layer with each strategy at its mean exit layer, and where each strategy exits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = np.arange(1, r["num_layers"] + 1)
+    fig, (curve, hist) = plt.subplots(1, 2, figsize=(13, 4.5))
+    curve.plot(layers, r["per_layer_accuracy"], "o-", color="black", label="layer alone")
+    curve.axhline(r["full"]["accuracy"], color="grey", linestyle="--", label="full")
+    curve.axhline(r["full_calibrated"]["accuracy"], color="grey", linestyle=":", label="full calibrated")
+    width = 0.8 / max(len(r["strategies"]), 1)
+    for i, (name, s) in enumerate(r["strategies"].items()):
+        color = f"C{i}"
+        curve.plot(s["mean_exit_layer"], s["accuracy"], "*", markersize=12, color=color, label=name)
+        hist.bar(layers - 0.4 + (i + 0.5) * width, s["exit_histogram"], width, color=color, label=name)
+    curve.set(xlabel="layer", ylabel="accuracy", title=f"{r['task']}: accuracy by exit layer")
+    hist.set(xlabel="exit layer", ylabel="rows", title="exit layers per strategy")
+    curve.legend(fontsize=7)
+    hist.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

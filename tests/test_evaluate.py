@@ -1,0 +1,102 @@
+"""evaluate on tiny segment artifacts: the report agrees with an independent all-layers run and with itself."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
+from test_pipelines import BAD_IDS, labelled
+
+from pipelines.build_db import run_build_db
+from raee_ops.errors import RaeeConfigError
+from raee_ops.evaluate import evaluate, exported_task, write_report
+from raee_ops.exit_policy import STRATEGIES
+from raee_ops.runtime import SegmentRuntime
+from raee_ops.tasks import PRESETS, Task
+from schemas.manifest import load_manifest
+
+
+@pytest.fixture(scope="module")
+def evaluated(segment_artifacts, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("evaluate")
+    train = labelled(root / "train.parquet", 30, 0, "t", bad=False)
+    run_build_db(segment_artifacts, "sst2", [str(train)], str(root / "db"), "sst2", "minilm", "overwrite", None)
+    held_out = labelled(root / "test.parquet", 25, 1, "q")
+    report = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", str(held_out), k=5)
+    return root, held_out, report
+
+
+def test_report_matches_an_independent_all_layers_run(segment_artifacts, evaluated):  # noqa: F811
+    _, held_out, report = evaluated
+    table = pq.read_table(held_out)
+    good = [i for i, row_id in enumerate(table.column("id").to_pylist()) if row_id not in BAD_IDS]
+    texts = [table.column("text")[i].as_py() for i in good]
+    labels = np.array([table.column("label")[i].as_py() for i in good])
+    logits = SegmentRuntime(segment_artifacts).all_layers("sst2", [PRESETS["sst2"].render(t) for t in texts])
+    expected = [float(np.mean(layer.argmax(axis=1) == labels)) for layer in logits]
+
+    assert report["rows"] == 25 and report["rejected"] == len(BAD_IDS)
+    assert {e["id"] for e in report["rejected_rows"]} == set(BAD_IDS)
+    assert report["num_layers"] == 3 and len(report["per_layer_metric"]) == 3
+    assert report["per_layer_accuracy"] == pytest.approx(expected)
+    assert report["full"]["accuracy"] == report["per_layer_accuracy"][-1]
+    assert report["full"]["metric_name"] == "accuracy"
+    assert report["oracle_accuracy"] >= max(report["per_layer_accuracy"])
+    assert report["best_layer"]["accuracy"] == max(report["per_layer_accuracy"])
+
+
+def test_strategies_are_consistent(evaluated):
+    _, _, report = evaluated
+    strategies = report["strategies"]
+    assert list(strategies) == list(STRATEGIES) and report["default_strategy"] == "fused"
+    assert strategies["full"]["accuracy"] == report["full"]["accuracy"]
+    assert strategies["full"]["mean_exit_layer"] == 3 and strategies["full"]["ideal_speedup"] == 1
+    assert strategies["full-cal"]["accuracy"] == report["full_calibrated"]["accuracy"]
+    for s in strategies.values():
+        assert len(s["exit_histogram"]) == 3 and sum(s["exit_histogram"]) == report["rows"]
+        assert s["ideal_speedup"] == pytest.approx(3 / s["mean_exit_layer"])
+    assert set(report["policy"]) == {"k", "alpha", "epsilon", "loo_accuracy", "loo_mean_exit"}
+    assert report["neighbour_vote"]["k"] == report["policy"]["k"] and report["k"] == 5
+
+
+def test_write_report_and_strategy_override(segment_artifacts, evaluated, tmp_path):  # noqa: F811
+    root, held_out, report = evaluated
+    out = write_report(report, tmp_path / "report")
+    assert json.loads((out / "report.json").read_text())["rows"] == 25
+    assert "| fused |" in (out / "report.md").read_text()
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    fixed = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", str(held_out), 5, ["layer:1", "raee"])
+    assert list(fixed["strategies"]) == ["layer:1", "raee"]
+    assert fixed["strategies"]["layer:1"]["accuracy"] == report["per_layer_accuracy"][0]
+
+
+def test_task_file_must_be_exported_as_described(segment_artifacts):  # noqa: F811
+    manifest = load_manifest(segment_artifacts)
+    assert exported_task(manifest, PRESETS["rte"]) == "rte"
+    with pytest.raises(RaeeConfigError, match="not exported"):
+        exported_task(manifest, Task("topics", "Text: {text}\nTopic:", ["a", "b"], ["good", "bad"]))
+    with pytest.raises(RaeeConfigError, match="differs"):
+        exported_task(manifest, Task("sst2", "Text: {text}\nSentiment:", ["negative", "positive"], ["bad", "good"]))
+
+
+def test_cli_writes_the_report_and_exits_2_on_a_missing_column(segment_artifacts, evaluated, tmp_path):  # noqa: F811
+    root, held_out, _ = evaluated
+    pq.write_table(pa.table({"text": ["good"]}), tmp_path / "nolabel.parquet")
+
+    def run(input_path, report_dir):
+        args = ["--artifacts", str(segment_artifacts), "--task", "sst2", "--db", str(root / "db"),
+                "--input", str(input_path), "--report", str(report_dir), "--strategy", "raee"]
+        return subprocess.run([sys.executable, "-c", "from raee_ops.cli import main; main()", "evaluate", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    ok = run(held_out, tmp_path / "ok")
+    assert ok.returncode == 0, ok.stderr
+    assert "evaluate: 26/26 rows" in ok.stderr  # rows that pass validation; the overlong one is rejected later
+    assert (tmp_path / "ok" / "report.json").exists() and (tmp_path / "ok" / "report.png").exists()
+    missing = run(tmp_path / "nolabel.parquet", tmp_path / "bad")
+    assert missing.returncode == 2
+    assert "missing column(s) label" in missing.stderr and not (tmp_path / "bad").exists()

@@ -1,0 +1,196 @@
+"""Task quality per preset: every layer, full, calibrated, oracle, neighbour vote and each exit strategy.
+
+One export per preset (all bench tasks, MiniLM keys) in .bench/artifacts-<preset>; per task a reference
+table built from a seeded train sample through `raee-ops build-db`, then `raee_ops.evaluate` on a seeded
+held-out sample. qnli and mnli ship without a train split here, so their validation file is split 80/20
+(seed 0) into reference and test rows; the result says so per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from common import REPO_ROOT, require_data, timer, write_result
+
+from raee_ops.evaluate import evaluate, write_report
+from raee_ops.exit_policy import STRATEGIES
+from raee_ops.tasks import get_task
+from schemas.manifest import load_manifest
+
+PRESETS = ("smollm2-135m", "gemma3-270m")
+TASKS = ("sst2", "cola", "mrpc", "rte", "qnli", "mnli", "sst5", "trec")
+QUICK_TASKS = ("sst2", "trec")
+REF_ROWS, QUICK_REF_ROWS = 1000, 200
+EVAL_ROWS, QUICK_EVAL_ROWS = 500, 100
+#: Held-out files in order of preference: a labelled test split where one exists, else validation.
+EVAL_SPLITS = ("test", "validation", "validation_matched")
+EMBEDDER, K, SEED, REFERENCE_SHARE = "minilm", 10, 0, 0.8
+BENCH = REPO_ROOT / ".bench"
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help=f"tasks {', '.join(QUICK_TASKS)} only, fewer rows")
+    parser.add_argument("--preset", choices=PRESETS, action="append", help="repeatable; default: all")
+    return parser.parse_args()
+
+
+def raee_ops(*args: str) -> None:
+    """The CLI as a user runs it, in a child process (export and Beam stay out of this one)."""
+    subprocess.run([sys.executable, "-m", "raee_ops", *args], cwd=REPO_ROOT, check=True)
+
+
+def ensure_artifacts(preset: str) -> Path:
+    """Export once with every bench task; an existing export lacking a task is redone beside it and swapped in,
+    so another bench reading the old directory never sees a half-written one."""
+    out = BENCH / f"artifacts-{preset}"
+    if (out / "manifest.json").is_file() and set(TASKS) <= set(load_manifest(out, verify_checksums=False).tasks):
+        return out
+    fresh = BENCH / f"artifacts-{preset}.new"
+    shutil.rmtree(fresh, ignore_errors=True)
+    print(f"exporting {preset} with tasks {', '.join(TASKS)} -> {out}", flush=True)
+    raee_ops("export-onnx", "--model", preset, "--out", str(fresh), "--embedder", EMBEDDER,
+             *[arg for task in TASKS for arg in ("--task", task)])
+    if out.exists():
+        stale = out.rename(BENCH / f"artifacts-{preset}.old-{time.time_ns()}")
+        fresh.rename(out)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        fresh.rename(out)
+    return out
+
+
+def _checked(path: Path, task: str) -> pa.Table:
+    """The file's rows, refused if its label order (file metadata) is not the preset task's."""
+    table = pq.read_table(path)
+    names = (table.schema.metadata or {}).get(b"label_names")
+    if names and json.loads(names) != get_task(task).label_names:
+        raise SystemExit(f"{path}: label order {json.loads(names)} differs from task {task!r}")
+    return table.replace_schema_metadata(None)
+
+
+def _sample(table: pa.Table, n: int, rng: np.random.Generator) -> pa.Table:
+    """n rows without replacement, in file order."""
+    rows = np.sort(rng.choice(table.num_rows, size=min(n, table.num_rows), replace=False))
+    return table.take(pa.array(rows))
+
+
+def splits(data: Path, task: str, quick: bool) -> tuple[pa.Table, pa.Table, str]:
+    """(reference rows, evaluation rows, where they came from), capped and seeded."""
+    ref_cap, eval_cap = (QUICK_REF_ROWS, QUICK_EVAL_ROWS) if quick else (REF_ROWS, EVAL_ROWS)
+    held_out = next(data / task / f"{s}.parquet" for s in EVAL_SPLITS if (data / task / f"{s}.parquet").is_file())
+    rng = np.random.default_rng(SEED)
+    train = data / task / "train.parquet"
+    if train.is_file():
+        reference, evaluation = _checked(train, task), _checked(held_out, task)
+        source = f"reference: train sample; test: {held_out.stem} sample"
+    else:
+        rows = _checked(held_out, task)
+        order = np.random.default_rng(SEED).permutation(rows.num_rows)
+        cut = int(REFERENCE_SHARE * rows.num_rows)
+        reference, evaluation = rows.take(pa.array(np.sort(order[:cut]))), rows.take(pa.array(np.sort(order[cut:])))
+        source = f"no train split: {held_out.stem} split 80/20 (seed {SEED}) into reference/test, then sampled"
+    return _sample(reference, ref_cap, rng), _sample(evaluation, eval_cap, rng), source
+
+
+def bench_task(artifacts: Path, preset: str, data: Path, task: str, quick: bool) -> dict[str, Any]:
+    work = BENCH / f"quality-{preset}" / task
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    reference, evaluation, source = splits(data, task, quick)
+    pq.write_table(reference, work / "reference.parquet")
+    pq.write_table(evaluation, work / "test.parquet")
+    print(f"[{preset}/{task}] build-db on {reference.num_rows} rows ({source})", flush=True)
+    raee_ops("build-db", "--artifacts", str(artifacts), "--task", task, "--input", str(work / "reference.parquet"),
+             "--db", str(work / "db"), "--embedder", EMBEDDER)
+    print(f"[{preset}/{task}] evaluate on {evaluation.num_rows} rows", flush=True)
+    with timer() as took:
+        report = evaluate(artifacts, task, str(work / "db"), task, str(work / "test.parquet"), K)
+    write_report(report, work / "report")
+    print(f"[{preset}/{task}] {report['metric_name']}: full {report['full']['metric']:.3f}, "
+          f"fused {report['strategies']['fused']['metric']:.3f} in {took.s:.0f}s", flush=True)
+    return task_row(report, source, reference.num_rows, took.s)
+
+
+def _scored(entry: dict[str, Any]) -> dict[str, float]:
+    return {"score": entry["metric"], "accuracy": entry["accuracy"]}
+
+
+def task_row(report: dict[str, Any], source: str, reference_rows: int, seconds: float) -> dict[str, Any]:
+    """One task in bench/report.py's quality shape ("score" is the task metric), plus accuracies."""
+    best = report["best_layer"]
+    return {
+        "task": report["task"],
+        "metric": report["metric_name"],
+        "full": report["full"]["metric"],
+        "full_calibrated": report["full_calibrated"]["metric"],
+        "best_layer": {"layer": best["layer"], **_scored(best)},
+        "oracle": report["oracle_metric"],
+        "neighbour_vote": _scored(report["neighbour_vote"]),
+        "strategies": {
+            name: {**_scored(s), "mean_exit_layer": s["mean_exit_layer"]} for name, s in report["strategies"].items()
+        },
+        "accuracy": {
+            "full": report["full"]["accuracy"],
+            "full_calibrated": report["full_calibrated"]["accuracy"],
+            "oracle": report["oracle_accuracy"],
+        },
+        "num_layers": report["num_layers"],
+        "reference_rows": reference_rows,
+        "eval_rows": report["rows"],
+        "rejected": report["rejected"],
+        "split": source,
+        "evaluate_s": seconds,
+    }
+
+
+def macro_average(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over tasks of every score and exit layer (report.py recomputes its own table row)."""
+    def mean(values: list[float]) -> float:
+        return float(np.mean(values))
+
+    return {
+        "full": mean([r["full"] for r in rows]),
+        "full_calibrated": mean([r["full_calibrated"] for r in rows]),
+        "best_layer": mean([r["best_layer"]["score"] for r in rows]),
+        "oracle": mean([r["oracle"] for r in rows]),
+        "neighbour_vote": mean([r["neighbour_vote"]["score"] for r in rows]),
+        "strategies": {
+            name: {key: mean([r["strategies"][name][key] for r in rows])
+                   for key in ("score", "accuracy", "mean_exit_layer")}
+            for name in STRATEGIES
+        },
+    }
+
+
+def main() -> int:
+    args = parse()
+    data = require_data()
+    tasks = QUICK_TASKS if args.quick else TASKS
+    for preset in args.preset or PRESETS:
+        artifacts = ensure_artifacts(preset)
+        rows = [bench_task(artifacts, preset, data, task, args.quick) for task in tasks]
+        payload = {
+            "preset": preset,
+            "strategies": list(STRATEGIES),
+            "k": K,
+            "embedder": EMBEDDER,
+            "tasks": rows,
+            "macro_average": macro_average(rows),
+        }
+        write_result(f"quality-{preset}", payload, args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

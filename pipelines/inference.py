@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -48,6 +49,7 @@ _base = _beam_inference_base()
 ModelHandler, RunInference = _base.ModelHandler, _base.RunInference
 
 NAMESPACE = "raee"
+PROGRESS_SECONDS = 10.0
 #: Elements (small tables) per model call: up to 128 rows with sources.ROWS_PER_ELEMENT = 16.
 MAX_ELEMENTS_PER_BATCH = 8
 
@@ -65,6 +67,25 @@ class Loaded:
     retriever: Retriever | None = None
     strategy: Strategy | None = None
     context: Context | None = None
+    progress: Progress = field(default_factory=lambda: Progress())
+
+
+@dataclass
+class Progress:
+    """Rows this worker has finished, printed to stderr every few seconds so long runs show they move."""
+
+    rows: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    shown: float = 0.0
+
+    def add(self, rows: int, what: str) -> None:
+        self.rows += rows
+        now = time.perf_counter()
+        if now - self.shown >= PROGRESS_SECONDS:
+            self.shown = now
+            rate = self.rows / max(now - self.started, 1e-9)
+            print(f"  {what}: {self.rows} rows done by worker {os.getpid()} ({rate:.1f} rows/s)", file=sys.stderr,
+                  flush=True)
 
 
 class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
@@ -131,6 +152,7 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         beam.metrics.Metrics.counter(NAMESPACE, "rows_rejected").inc(errors_out.num_rows)
         rows_out = pa.concat_tables(rows) if rows else self.empty(model)
         beam.metrics.Metrics.counter(NAMESPACE, "rows_out").inc(rows_out.num_rows)
+        model.progress.add(rows_out.num_rows + errors_out.num_rows, type(self).__name__.removesuffix("Handler"))
         return [Outcome(rows_out, errors_out)]
 
     def prompts(self, runtime: SegmentRuntime, table: pa.Table) -> list[str]:
@@ -247,8 +269,8 @@ class ClassifyHandler(_RaeeHandler):
             pa.array(probs.max(axis=1), pa.float32()),
         ]
         out = table.drop_columns([ROW_ID])
-        for field, values in zip(PREDICTION_FIELDS, added, strict=True):
-            out = out.append_column(field, values)
+        for spec, values in zip(PREDICTION_FIELDS, added, strict=True):
+            out = out.append_column(spec, values)
         return out.cast(self.output_schema)
 
 

@@ -80,12 +80,21 @@ def render_export(result: Doc) -> list[str]:
     Shape: {"presets": [{"preset": str, "wall_s": float, "size_mb": float, "size_mb_by_kind": {kind: float},
     "peak_rss_mb": float, "verify_max_abs_diff": float, "passed": bool, "error": str (only on failure)}, ...]}
     """
-    header = ["preset", "wall s", "size MB", "MB by kind", "peak RSS MB", "verify max |diff|", "passed"]
+    header = ["preset", "wall s", "size MB", "MB by kind", "peak RSS MB", "verify max abs diff", "passed"]
     rows = []
     for p in result["presets"]:
         kinds = ", ".join(f"{k} {_fmt(v)}" for k, v in (p.get("size_mb_by_kind") or {}).items())
-        rows.append([p["preset"], p.get("wall_s"), p.get("size_mb"), kinds or p.get("error"), p.get("peak_rss_mb"),
-                     p.get("verify_max_abs_diff"), p.get("passed")])
+        rows.append(
+            [
+                p["preset"],
+                p.get("wall_s"),
+                p.get("size_mb"),
+                kinds or p.get("error"),
+                p.get("peak_rss_mb"),
+                p.get("verify_max_abs_diff"),
+                p.get("passed"),
+            ]
+        )
     return _table(header, rows)
 
 
@@ -137,26 +146,44 @@ def render_quality(result: Doc) -> list[str]:
 
 
 def render_speed(result: Doc) -> list[str]:
-    """Throughput of one preset per method, against the method named "full".
+    """Throughput and accuracy of one preset per method, on the same rows, against the baseline method.
 
-    Shape: {"preset": str, "num_layers": int, "methods": [{"method": str, "rows_per_s": float,
-    "mean_exit_layer": float | null}, ...]}. Ideal speed-up is num_layers / mean_exit_layer: what
-    exiting would give if retrieval and exit checks cost nothing.
+    Shape: {"preset": str, "task": str, "num_layers": int, "rows": int, "reference_rows": int, "k": int,
+    "batch_size": int, "baseline": str, "threads": {name: int | str | null}, "timing": str,
+    "methods": [{"method": str, "rows_per_s": float, "wall_s": float, "accuracy": float,
+    "mean_exit_layer": float | null, "ideal_speedup": float (early-exit methods), "speedup_vs_segments": float
+    (idem), "phase_share": {phase: float} (idem), "max_abs_diff_vs_segments": float (whole-model ONNX)}, ...]}.
+    Ideal × is num_layers / mean_exit_layer: what exiting would give if retrieval and exit checks cost nothing.
     """
-    full = next((m["rows_per_s"] for m in result["methods"] if m["method"] == "full"), None)
+    baseline = result.get("baseline", "full")
+    base = next((m["rows_per_s"] for m in result["methods"] if m["method"] == baseline), None)
     rows = []
     for m in result["methods"]:
-        exit_layer = m.get("mean_exit_layer")
+        shares = m.get("phase_share") or {}
+        split = ", ".join(f"{k} {v:.0%}" for k, v in shares.items() if v >= 0.005)
+        if "max_abs_diff_vs_segments" in m:
+            split = f"max abs diff vs segments {_fmt(m['max_abs_diff_vs_segments'])}"
         rows.append(
             [
                 m["method"],
                 m["rows_per_s"],
-                m["rows_per_s"] / full if full else None,
-                exit_layer,
-                result["num_layers"] / exit_layer if exit_layer else None,
+                m["rows_per_s"] / base if base else None,
+                m.get("accuracy"),
+                m.get("mean_exit_layer"),
+                m.get("ideal_speedup"),
+                m.get("speedup_vs_segments"),
+                split,
             ]
         )
-    return _table(["method", "rows/s", "× full", "mean exit layer", "ideal ×"], rows)
+    threads = ", ".join(f"{k} {v}" for k, v in (result.get("threads") or {}).items())
+    lines = [
+        f"{result.get('task')}, {result.get('rows')} rows (reference table {result.get('reference_rows')} rows, "
+        f"k={result.get('k')}), {result['num_layers']} layers, batch {result.get('batch_size')}; threads: {threads}. "
+        f"{result.get('timing', '')}",
+        "",
+    ]
+    header = ["method", "rows/s", f"× {baseline}", "accuracy", "mean exit layer", "ideal ×", "× segments", "notes"]
+    return lines + _table(header, rows)
 
 
 def render_generic(result: Any) -> list[str]:

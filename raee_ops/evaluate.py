@@ -200,7 +200,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def render_markdown(r: dict[str, Any]) -> str:
-    name = r["metric_name"]
+    name = f"metric: {r['metric_name']}"
     lines = [
         f"# Evaluation: {r['task']}",
         "",

@@ -1,0 +1,359 @@
+"""Throughput and accuracy per method on the same rows, side by side in one process and one run.
+
+Methods: (a) hf-torch: the transformers model in PyTorch; (b) ort-whole: one whole-model ONNX graph;
+(c) segments: the exported segments chained through every layer; (d) raee / fused: the in-process classify
+core with retrieval and early exits, each phase timed; (e) beam-fused: `run_classify` on the same rows
+written to Parquet, pipeline start-up included. Every method gets the rows sorted by prompt length in
+batches of BATCH rows (the runtime's own order), so padding is the same for all and only the engine differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from common import REPO_ROOT, require_data, timer, write_result
+from quality import ensure_artifacts  # one shared export per preset, with every task the benches use
+
+from onnx_export.adapters.base import ArchitectureAdapter
+from onnx_export.loader import load_model
+from pipelines.build_db import run_build_db
+from pipelines.classify import run_classify
+from raee_ops.errors import RaeeConfigError
+from raee_ops.exit_policy import Context, resolve
+from raee_ops.retrieval import Retriever, check_meta, expected_meta, table_meta
+from raee_ops.runtime import SUB_BATCH, SegmentRuntime
+from raee_ops.tasks import Task, get_task
+from schemas.manifest import load_manifest
+
+PRESETS = ("smollm2-135m", "gemma3-270m")
+TASK, EMBEDDER, K, SEED = "sst2", "minilm", 10, 0
+BATCH = SUB_BATCH  # 32: the runtime's batch, used for every method
+ROWS, QUICK_ROWS = 256, 64
+REF_ROWS, QUICK_REF_ROWS = 1000, 200
+#: Threads of the single-session methods (torch, whole-model ORT); segments use the runtime's own setting.
+SINGLE_SESSION_THREADS = 2
+STRATEGIES = ("raee", "fused")
+BEAM_STRATEGY = "fused"
+ATOL = 1e-3
+BENCH = REPO_ROOT / ".bench"
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smollm2 only, fewer rows")
+    parser.add_argument("--preset", choices=PRESETS, action="append", help="repeatable; default: all")
+    return parser.parse_args()
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------
+
+
+def sample(path: Path, n: int, seed: int) -> pa.Table:
+    """n rows drawn without replacement, seeded, in file order."""
+    table = pq.read_table(path)
+    rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, size=min(n, table.num_rows), replace=False))
+    return table.take(pa.array(rows)).replace_schema_metadata(None)
+
+
+def ensure_db(artifacts: Path, preset: str, reference: pa.Table) -> tuple[str, str]:
+    """(db uri, table): built with build-db unless a table of this size already matches these artifacts."""
+    db, table = str(BENCH / f"speed-db-{preset}"), f"{TASK}_{reference.num_rows}"
+    try:
+        check_meta(table_meta(db, table), expected_meta(load_manifest(artifacts), TASK, EMBEDDER), table)
+        return db, table
+    except RaeeConfigError:
+        pass
+    with tempfile.TemporaryDirectory(dir=BENCH) as tmp:
+        path = Path(tmp) / "reference.parquet"
+        pq.write_table(reference, path)
+        print(run_build_db(artifacts, TASK, [str(path)], db, table, EMBEDDER, "overwrite", None).render(), flush=True)
+    return db, table
+
+
+# -- methods --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rows:
+    """The benchmark rows, length-sorted once with the runtime's tokenizer."""
+
+    texts: list[str]
+    prompts: list[str]
+    labels: np.ndarray
+    ids: list[list[int]]
+
+
+def batches(rows: Rows) -> list[np.ndarray]:
+    order = np.argsort([len(ids) for ids in rows.ids], kind="stable")
+    return [order[i : i + BATCH] for i in range(0, len(order), BATCH)]
+
+
+def timed(fn: Callable[[Rows], np.ndarray], rows: Rows, warmup: Rows) -> tuple[np.ndarray, float]:
+    """Predictions and seconds of one pass over `rows`, after one untimed pass over `warmup`."""
+    fn(warmup)
+    with timer() as t:
+        out = fn(rows)
+    return out, t.s
+
+
+class WholeModel(torch.nn.Module):
+    """embed -> every layer -> gather the readout position -> head: the adapter's segments as one graph."""
+
+    def __init__(self, adapter: ArchitectureAdapter, label_token_ids: Sequence[int]) -> None:
+        super().__init__()
+        self.embed = adapter.embed_segment()
+        self.layers = torch.nn.ModuleList(adapter.layer_segment(i) for i in range(adapter.num_layers))
+        self.head = adapter.head_segment(label_token_ids)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids, attention_mask)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask)
+        rows = torch.ones_like(positions).cumsum(0) - 1
+        return self.head(hidden[rows, positions])
+
+
+def ensure_whole_onnx(preset: str, artifacts: Path, adapter: ArchitectureAdapter, label_ids: list[int]) -> Path:
+    """Export once; redone when the artifacts (hence possibly the model) are newer than the file."""
+    path = BENCH / f"whole-{preset}.onnx"
+    if path.is_file() and path.stat().st_mtime > (artifacts / "manifest.json").stat().st_mtime:
+        return path
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 0, 0]])
+    mask = (ids != 0).long()
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+        "positions": {0: "batch"},
+        "logits": {0: "batch"},
+    }
+    with torch.no_grad():
+        torch.onnx.export(
+            WholeModel(adapter, label_ids).eval(),
+            (ids, mask, torch.tensor([6, 4])),
+            str(path),
+            input_names=["input_ids", "attention_mask", "positions"],
+            output_names=["logits"],
+            opset_version=17,
+            dynamo=False,
+            dynamic_axes=axes,
+        )
+    return path
+
+
+def ort_session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = SINGLE_SESSION_THREADS
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def hf_torch(adapter: ArchitectureAdapter, label_ids: list[int]) -> Callable[[Rows], np.ndarray]:
+    """The HF model's own forward: label-token logits of the next-token prediction at the last real token."""
+    tokenizer, model = adapter.tokenizer, adapter.model
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:  # padded positions are masked out, so any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    @torch.no_grad()
+    def run(rows: Rows) -> np.ndarray:
+        out = np.zeros((len(rows.prompts), len(label_ids)), np.float32)
+        for batch in batches(rows):
+            enc = tokenizer([rows.prompts[i] for i in batch], padding=True, return_tensors="pt")
+            hidden = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            last = hidden[torch.arange(len(batch)), enc["attention_mask"].sum(1) - 1]
+            logits = model.lm_head(last)[:, label_ids]  # what model(...).logits holds at that token
+            out[batch] = (torch.tanh(logits / softcap) * softcap if softcap else logits).numpy()
+        return out
+
+    return run
+
+
+def ort_whole(session: ort.InferenceSession, runtime: SegmentRuntime) -> Callable[[Rows], np.ndarray]:
+    def run(rows: Rows) -> np.ndarray:
+        encoded = runtime.encode(rows.prompts)
+        out = None
+        for batch in batches(rows):
+            ids, lengths = runtime.pad([encoded[i] for i in batch])
+            feed = {
+                "input_ids": ids,
+                "attention_mask": runtime.mask_of(lengths, ids.shape[1]),
+                "positions": runtime.readout_positions(ids, lengths),
+            }
+            logits = session.run(None, feed)[0]
+            out = np.zeros((len(rows.prompts), logits.shape[1]), np.float32) if out is None else out
+            out[batch] = logits
+        return out
+
+    return run
+
+
+class Core:
+    """The classify core of ClassifyHandler.predict, one timer per phase; `run` returns the predictions."""
+
+    PHASES = ("tokenize", "key", "retrieval", "exits", "layers", "answer")
+
+    def __init__(self, runtime: SegmentRuntime, retriever: Retriever, strategy: str, task: Task) -> None:
+        self.runtime, self.retriever = runtime, retriever
+        self.strategy = resolve(strategy, runtime.num_layers)
+        self.context = Context(runtime.num_layers, len(task.label_names), K, retriever.policy)
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.exits = np.zeros(0, np.int32)
+
+    def run(self, rows: Rows) -> np.ndarray:
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        rt, strategy, ctx = self.runtime, self.strategy, self.context
+        with timer() as t:
+            rt.token_lengths(rows.prompts)  # the handler's max_length check
+        self.seconds["tokenize"] = t.s
+        with timer() as t:
+            keys = rt.key(EMBEDDER, rows.texts)
+        self.seconds["key"] = t.s
+        with timer() as t:
+            neighbours = self.retriever.search(keys, strategy.neighbours(ctx))
+        self.seconds["retrieval"] = t.s
+        with timer() as t:
+            self.exits = strategy.exits(neighbours, ctx)
+        self.seconds["exits"] = t.s
+        with timer() as t:
+            logits = rt.run_to_exit(TASK, rows.prompts, self.exits)
+        self.seconds["layers"] = t.s
+        with timer() as t:
+            probs = strategy.answer(logits, self.exits, neighbours, ctx)
+        self.seconds["answer"] = t.s
+        return probs
+
+
+def beam_fused(artifacts: Path, db: str, table: str, evaluation: pa.Table) -> dict[str, Any]:
+    """run_classify on the rows as Parquet (DirectRunner default), wall time including pipeline start-up."""
+    with tempfile.TemporaryDirectory(dir=BENCH) as tmp:
+        path = Path(tmp) / "rows.parquet"
+        pq.write_table(evaluation, path)
+        with timer() as t:
+            summary = run_classify(artifacts, TASK, db, table, str(path), str(Path(tmp) / "out"), K, BEAM_STRATEGY)
+        files = sorted((Path(tmp) / "out").glob("predictions-*.parquet"))
+        predictions = pa.concat_tables([pq.read_table(f, columns=["label", "prediction"]) for f in files])
+    correct = int(np.sum(predictions["label"].to_numpy() == predictions["prediction"].to_numpy()))
+    return {
+        "method": f"beam-{BEAM_STRATEGY}",
+        "rows_per_s": evaluation.num_rows / t.s,
+        "wall_s": round(t.s, 2),
+        "accuracy": correct / evaluation.num_rows,
+        "mean_exit_layer": summary.mean_exit,
+        "rejected": summary.rejected,
+    }
+
+
+# -- one preset -----------------------------------------------------------------------------------------------
+
+
+def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
+    torch.set_num_threads(SINGLE_SESSION_THREADS)
+    task = get_task(TASK)
+    evaluation = sample(data / TASK / "validation.parquet", QUICK_ROWS if quick else ROWS, SEED)
+    reference = sample(data / TASK / "train.parquet", QUICK_REF_ROWS if quick else REF_ROWS, SEED)
+    artifacts = ensure_artifacts(preset)
+    db, table = ensure_db(artifacts, preset, reference)
+
+    runtime = SegmentRuntime(artifacts)
+    texts = [t.strip() for t in evaluation["text"].to_pylist()]
+    prompts = [task.render(t, suffix=runtime.suffix) for t in evaluation["text"].to_pylist()]
+    rows = Rows(texts, prompts, evaluation["label"].to_numpy(), runtime.encode(prompts))
+    warm = Rows(texts[:BATCH], prompts[:BATCH], rows.labels[:BATCH], rows.ids[:BATCH])
+    num_layers = runtime.num_layers
+    label_ids = runtime.manifest.task(TASK).label_token_ids
+    adapter = load_model(preset).adapter
+    whole = ensure_whole_onnx(preset, artifacts, adapter, label_ids)
+
+    def entry(method: str, predictions: np.ndarray, seconds: float, **extra: Any) -> dict[str, Any]:
+        accuracy = float(np.mean(predictions.argmax(axis=1) == rows.labels))
+        print(f"{preset} {method}: {len(prompts) / seconds:.1f} rows/s, accuracy {accuracy:.3f}", flush=True)
+        return {
+            "method": method,
+            "rows_per_s": len(prompts) / seconds,
+            "wall_s": round(seconds, 3),
+            "accuracy": accuracy,
+            "mean_exit_layer": None,
+            **extra,
+        }
+
+    hf_logits, hf_s = timed(hf_torch(adapter, label_ids), rows, warm)
+
+    def segments(r: Rows) -> np.ndarray:
+        return runtime.run_to_exit(TASK, r.prompts, np.full(len(r.prompts), num_layers))
+
+    segment_logits, segments_s = timed(segments, rows, warm)
+    whole_logits, s = timed(ort_whole(ort_session(whole), runtime), rows, warm)
+    hf_diff = float(np.abs(hf_logits - segment_logits).max())
+    diff = float(np.abs(whole_logits - segment_logits).max())
+    methods = [
+        entry("hf-torch", hf_logits, hf_s, max_abs_diff_vs_segments=hf_diff),
+        entry("ort-whole", whole_logits, s, max_abs_diff_vs_segments=diff, agrees=diff <= ATOL),
+        entry("segments", segment_logits, segments_s),
+    ]
+    retriever = Retriever(db, table)
+    for name in STRATEGIES:
+        core = Core(runtime, retriever, name, task)
+        probs, s = timed(core.run, rows, warm)
+        mean_exit = float(core.exits.mean())
+        total = sum(core.seconds.values())
+        methods.append(
+            entry(
+                name,
+                probs,
+                s,
+                mean_exit_layer=mean_exit,
+                ideal_speedup=num_layers / mean_exit,
+                speedup_vs_segments=segments_s / s,
+                phase_share={k: round(v / total, 3) for k, v in core.seconds.items()},
+            )
+        )
+    methods.append(beam_fused(artifacts, db, table, evaluation))
+    threads = runtime.embed_session.get_session_options().intra_op_num_threads
+    return {
+        "preset": preset,
+        "task": TASK,
+        "num_layers": num_layers,
+        "rows": len(prompts),
+        "reference_rows": reference.num_rows,
+        "embedder": EMBEDDER,
+        "k": K,
+        "batch_size": BATCH,
+        "baseline": "hf-torch",
+        "threads": {
+            "torch": SINGLE_SESSION_THREADS,
+            "ort_whole_intra_op": SINGLE_SESSION_THREADS,
+            "segments_intra_op": threads,
+            "inter_op": 1,
+            "RAEE_INTRA_OP_THREADS": os.environ.get("RAEE_INTRA_OP_THREADS"),
+        },
+        "timing": f"one warm-up pass over {BATCH} rows, then one timed pass; rows length-sorted for every method",
+        "methods": methods,
+    }
+
+
+def main() -> int:
+    args = parse()
+    data = require_data()
+    presets = args.preset or (PRESETS[:1] if args.quick else PRESETS)
+    BENCH.mkdir(exist_ok=True)
+    for preset in presets:
+        write_result(f"speed-{preset}", bench_preset(preset, args.quick, data), args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,7 +33,8 @@ KMEANS_ITERATIONS = 10
 PQ_SUB_VECTORS, REFINE_FACTOR = 48, 10
 #: Fractions of partitions probed: one fast setting, one high-recall setting.
 PROBE_FRACTIONS = (0.05, 0.2)
-RESULT_COLUMNS = ["id", "label", "layer_pred", "layer_prob", "layer_logprobs", "_distance"]
+#: What raee_ops.retrieval.Retriever reads per hit, plus id to score recall.
+RESULT_COLUMNS = ["id", "label", "layer_correct", "layer_logprobs", "_distance"]
 
 
 class Mixture:
@@ -72,7 +73,7 @@ def _batch(rng: np.random.Generator, start: int, keys: np.ndarray, cluster: np.n
             _fixed_list(keys, DIM),
             _fixed_list(pred, NUM_LAYERS),
             _fixed_list(correct, NUM_LAYERS),
-            _fixed_list(np.exp(logprobs.max(-1)), NUM_LAYERS),
+            _fixed_list(np.exp(np.take_along_axis(logprobs, label[:, None, None], -1)), NUM_LAYERS),
             _fixed_list(logprobs, NUM_LAYERS * NUM_LABELS),
             pa.array(first, mask=first == 0),
         ],

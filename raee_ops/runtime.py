@@ -34,6 +34,13 @@ def choose_providers(requested: str | None = None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def default_threads() -> int:
+    """One worker per machine is the common local case: let each session use the cores this process may run
+    on (spinning is off, so chained sessions do not fight while idle). With N worker processes set
+    RAEE_INTRA_OP_THREADS to cores / N."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 class PromptTooLong(ValueError):
     """A prompt exceeds max_length tokens; callers reject such rows rather than truncate them."""
 
@@ -50,7 +57,7 @@ class SegmentRuntime:
     ) -> None:
         self.dir = Path(artifacts)
         self.manifest: Manifest = load_manifest(self.dir, verify_checksums=verify_checksums)
-        threads = intra_op_threads or int(os.environ.get("RAEE_INTRA_OP_THREADS", "1"))
+        threads = intra_op_threads or int(os.environ.get("RAEE_INTRA_OP_THREADS", "0")) or default_threads()
         self._options = ort.SessionOptions()
         self._options.intra_op_num_threads = threads
         self._options.inter_op_num_threads = 1

@@ -17,6 +17,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 #: Distributions whose versions move benchmark numbers; read from metadata so nothing heavy gets imported.
@@ -132,3 +135,9 @@ def timer() -> Iterator[Elapsed]:
         yield elapsed
     finally:
         elapsed.s = time.perf_counter() - start
+
+
+def seeded_sample(table: pa.Table, n: int, rng: np.random.Generator) -> pa.Table:
+    """n rows drawn without replacement, in file order (benchmarks cap every split this way)."""
+    rows = np.sort(rng.choice(table.num_rows, size=min(n, table.num_rows), replace=False))
+    return table.take(pa.array(rows))

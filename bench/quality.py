@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import REPO_ROOT, require_data, timer, write_result
+from common import REPO_ROOT, require_data, seeded_sample, timer, write_result
 
 from raee_ops.evaluate import evaluate, write_report
-from raee_ops.exit_policy import STRATEGIES
+from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES
 from raee_ops.tasks import get_task
 from schemas.manifest import load_manifest
 
@@ -59,8 +59,16 @@ def ensure_artifacts(preset: str) -> Path:
     fresh = BENCH / f"artifacts-{preset}.new"
     shutil.rmtree(fresh, ignore_errors=True)
     print(f"exporting {preset} with tasks {', '.join(TASKS)} -> {out}", flush=True)
-    raee_ops("export-onnx", "--model", preset, "--out", str(fresh), "--embedder", EMBEDDER,
-             *[arg for task in TASKS for arg in ("--task", task)])
+    raee_ops(
+        "export-onnx",
+        "--model",
+        preset,
+        "--out",
+        str(fresh),
+        "--embedder",
+        EMBEDDER,
+        *[arg for task in TASKS for arg in ("--task", task)],
+    )
     if out.exists():
         stale = out.rename(BENCH / f"artifacts-{preset}.old-{time.time_ns()}")
         fresh.rename(out)
@@ -79,12 +87,6 @@ def _checked(path: Path, task: str) -> pa.Table:
     return table.replace_schema_metadata(None)
 
 
-def _sample(table: pa.Table, n: int, rng: np.random.Generator) -> pa.Table:
-    """n rows without replacement, in file order."""
-    rows = np.sort(rng.choice(table.num_rows, size=min(n, table.num_rows), replace=False))
-    return table.take(pa.array(rows))
-
-
 def splits(data: Path, task: str, quick: bool) -> tuple[pa.Table, pa.Table, str]:
     """(reference rows, evaluation rows, where they came from), capped and seeded."""
     ref_cap, eval_cap = (QUICK_REF_ROWS, QUICK_EVAL_ROWS) if quick else (REF_ROWS, EVAL_ROWS)
@@ -100,7 +102,7 @@ def splits(data: Path, task: str, quick: bool) -> tuple[pa.Table, pa.Table, str]
         cut = int(REFERENCE_SHARE * rows.num_rows)
         reference, evaluation = rows.take(pa.array(np.sort(order[:cut]))), rows.take(pa.array(np.sort(order[cut:])))
         source = f"no train split: {held_out.stem} split 80/20 (seed {SEED}) into reference/test, then sampled"
-    return _sample(reference, ref_cap, rng), _sample(evaluation, eval_cap, rng), source
+    return seeded_sample(reference, ref_cap, rng), seeded_sample(evaluation, eval_cap, rng), source
 
 
 def bench_task(artifacts: Path, preset: str, data: Path, task: str, quick: bool) -> dict[str, Any]:
@@ -111,14 +113,28 @@ def bench_task(artifacts: Path, preset: str, data: Path, task: str, quick: bool)
     pq.write_table(reference, work / "reference.parquet")
     pq.write_table(evaluation, work / "test.parquet")
     print(f"[{preset}/{task}] build-db on {reference.num_rows} rows ({source})", flush=True)
-    raee_ops("build-db", "--artifacts", str(artifacts), "--task", task, "--input", str(work / "reference.parquet"),
-             "--db", str(work / "db"), "--embedder", EMBEDDER)
+    raee_ops(
+        "build-db",
+        "--artifacts",
+        str(artifacts),
+        "--task",
+        task,
+        "--input",
+        str(work / "reference.parquet"),
+        "--db",
+        str(work / "db"),
+        "--embedder",
+        EMBEDDER,
+    )
     print(f"[{preset}/{task}] evaluate on {evaluation.num_rows} rows", flush=True)
     with timer() as took:
         report = evaluate(artifacts, task, str(work / "db"), task, str(work / "test.parquet"), K)
     write_report(report, work / "report")
-    print(f"[{preset}/{task}] {report['metric_name']}: full {report['full']['metric']:.3f}, "
-          f"fused {report['strategies']['fused']['metric']:.3f} in {took.s:.0f}s", flush=True)
+    print(
+        f"[{preset}/{task}] {report['metric_name']}: full {report['full']['metric']:.3f}, "
+        f"fused {report['strategies']['fused']['metric']:.3f} in {took.s:.0f}s",
+        flush=True,
+    )
     return task_row(report, source, reference.num_rows, took.s)
 
 
@@ -154,25 +170,6 @@ def task_row(report: dict[str, Any], source: str, reference_rows: int, seconds: 
     }
 
 
-def macro_average(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over tasks of every score and exit layer (report.py recomputes its own table row)."""
-    def mean(values: list[float]) -> float:
-        return float(np.mean(values))
-
-    return {
-        "full": mean([r["full"] for r in rows]),
-        "full_calibrated": mean([r["full_calibrated"] for r in rows]),
-        "best_layer": mean([r["best_layer"]["score"] for r in rows]),
-        "oracle": mean([r["oracle"] for r in rows]),
-        "neighbour_vote": mean([r["neighbour_vote"]["score"] for r in rows]),
-        "strategies": {
-            name: {key: mean([r["strategies"][name][key] for r in rows])
-                   for key in ("score", "accuracy", "mean_exit_layer")}
-            for name in STRATEGIES
-        },
-    }
-
-
 def main() -> int:
     args = parse()
     data = require_data()
@@ -185,8 +182,8 @@ def main() -> int:
             "strategies": list(STRATEGIES),
             "k": K,
             "embedder": EMBEDDER,
+            "default_strategy": DEFAULT_STRATEGY,
             "tasks": rows,
-            "macro_average": macro_average(rows),
         }
         write_result(f"quality-{preset}", payload, args.quick)
     return 0

@@ -99,50 +99,77 @@ def render_export(result: Doc) -> list[str]:
 
 
 def render_quality(result: Doc) -> list[str]:
-    """Task quality of one preset; the macro-average row is computed here, not by the producer.
+    """Task quality of one preset: one row per task plus the macro average, then the default strategy's goal
+    check (issue 5: ≥ 10 points over the full model, not below the calibrated full model, ≤ 60% of layers).
 
-    Shape: {"preset": str, "strategies": [str, ...], "tasks": [{"task": str, "metric": str,
-    "full": float, "full_calibrated": float, "best_layer": {"layer": int, "score": float},
-    "oracle": float, "strategies": {name: {"score": float, "mean_exit_layer": float}}}, ...]}
-    Scores are the task's metric (named per task); mean_exit_layer is 1-based.
+    Shape: {"preset": str, "strategies": [str, ...], "default_strategy": str, "tasks": [{"task": str,
+    "metric": str, "num_layers": int, "full": float, "full_calibrated": float,
+    "best_layer": {"layer": int, "score": float}, "oracle": float, "neighbour_vote": {"score": float},
+    "strategies": {name: {"score": float, "mean_exit_layer": float}}, "split": str}, ...]}
+    Scores are the task's metric; a strategy cell is "score @ mean exit layer / L".
     """
-    names = result["strategies"]
-    header = ["task", "metric", "full", "full calibrated", "best layer", "oracle"]
-    for name in names:
-        header += [name, f"{name} exit"]
+    names, tasks = result["strategies"], result["tasks"]
+    header = ["task", "metric", "L", "full", "full calibrated", "best layer", "oracle", "neighbour vote"] + names
     rows: list[list[Any]] = []
-    for task in result["tasks"]:
+    for task in tasks:
         best = task["best_layer"]
-        row = [
+        row: list[Any] = [
             task["task"],
             task["metric"],
+            task["num_layers"],
             task["full"],
             task["full_calibrated"],
             f"{_fmt(best['score'])} (L{best['layer']})",
             task["oracle"],
+            task["neighbour_vote"]["score"],
         ]
-        for name in names:
-            strat = task["strategies"].get(name, {})
-            row += [strat.get("score"), strat.get("mean_exit_layer")]
+        row += [_strategy_cell(task["strategies"].get(name)) for name in names]
         rows.append(row)
-    if rows:
+    if not tasks:
+        return ["No tasks."]
 
-        def mean(values: list[Any]) -> float | None:
-            nums = [v for v in values if isinstance(v, (int, float))]
-            return sum(nums) / len(nums) if len(nums) == len(values) else None
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
 
-        best_scores = [t["best_layer"]["score"] for t in result["tasks"]]
-        macro = [
-            "**macro avg**",
-            "",
-            mean([r[2] for r in rows]),
-            mean([r[3] for r in rows]),
-            mean(best_scores),
-            mean([r[5] for r in rows]),
+    macro: dict[str, Any] = {
+        "full": mean([t["full"] for t in tasks]),
+        "full_calibrated": mean([t["full_calibrated"] for t in tasks]),
+    }
+    row = [
+        "**macro avg**",
+        "",
+        "",
+        macro["full"],
+        macro["full_calibrated"],
+        mean([t["best_layer"]["score"] for t in tasks]),
+        mean([t["oracle"] for t in tasks]),
+        mean([t["neighbour_vote"]["score"] for t in tasks]),
+    ]
+    for name in names:
+        score = mean([t["strategies"][name]["score"] for t in tasks])
+        share = mean([t["strategies"][name]["mean_exit_layer"] / t["num_layers"] for t in tasks])
+        macro[name] = (score, share)
+        row.append(f"{_fmt(score)} @ {share:.0%} of layers")
+    rows.append(row)
+    lines = _table(header, rows)
+    for task in tasks:
+        lines.append(f"- {task['task']}: {task.get('split', '')}")
+    default = result.get("default_strategy")
+    if default in macro:
+        score, share = macro[default]
+        gain = 100 * (score - macro["full"])
+        checks = [
+            f"{gain:+.1f} points over the full model (goal ≥ +10: {'met' if gain >= 10 else 'NOT met'})",
+            f"{100 * (score - macro['full_calibrated']):+.1f} points over the calibrated full model (goal ≥ 0: "
+            f"{'met' if score >= macro['full_calibrated'] else 'NOT met'})",
+            f"{share:.0%} of the layers on average (goal ≤ 60%: {'met' if share <= 0.6 else 'NOT met'})",
         ]
-        macro += [mean([r[col] for r in rows]) for col in range(6, len(header))]
-        rows.append(macro)
-    return _table(header, rows)
+        lines += ["", f"Default strategy `{default}`, macro average: " + "; ".join(checks) + "."]
+    return lines
+
+
+def _strategy_cell(entry: Doc | None) -> str:
+    return "–" if not entry else f"{_fmt(entry['score'])} @ {entry['mean_exit_layer']:.1f}"
 
 
 def render_speed(result: Doc) -> list[str]:

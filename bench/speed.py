@@ -23,7 +23,7 @@ import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from common import REPO_ROOT, require_data, timer, write_result
+from common import REPO_ROOT, require_data, seeded_sample, timer, write_result
 from quality import ensure_artifacts  # one shared export per preset, with every task the benches use
 
 from onnx_export.adapters.base import ArchitectureAdapter
@@ -62,9 +62,7 @@ def parse() -> argparse.Namespace:
 
 def sample(path: Path, n: int, seed: int) -> pa.Table:
     """n rows drawn without replacement, seeded, in file order."""
-    table = pq.read_table(path)
-    rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, size=min(n, table.num_rows), replace=False))
-    return table.take(pa.array(rows)).replace_schema_metadata(None)
+    return seeded_sample(pq.read_table(path).replace_schema_metadata(None), n, np.random.default_rng(seed))
 
 
 def ensure_db(artifacts: Path, preset: str, reference: pa.Table) -> tuple[str, str]:

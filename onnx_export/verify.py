@@ -26,9 +26,11 @@ ATOL = 1e-3
 SAMPLE_TEXTS = [
     ("Great.", "It is good."),
     ("Not bad at all, actually quite fun to watch.", "The film was enjoyable."),
-    ("A dull, plodding film that never finds its footing: long scenes go nowhere, the jokes fall flat and "
-     "the cast seems bored by material that gives them nothing to do for two hours.",
-     "Critics and audiences alike found the movie tedious, overlong and poorly acted."),
+    (
+        "A dull, plodding film that never finds its footing: long scenes go nowhere, the jokes fall flat and "
+        "the cast seems bored by material that gives them nothing to do for two hours.",
+        "Critics and audiences alike found the movie tedious, overlong and poorly acted.",
+    ),
 ]
 
 
@@ -44,8 +46,7 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def readout_positions(ids: np.ndarray, lengths: np.ndarray, readout: str,
-                      mask_token_id: int | None) -> np.ndarray:
+def readout_positions(ids: np.ndarray, lengths: np.ndarray, readout: str, mask_token_id: int | None) -> np.ndarray:
     if readout == "last":
         return lengths - 1
     if readout == "cls":
@@ -56,8 +57,7 @@ def readout_positions(ids: np.ndarray, lengths: np.ndarray, readout: str,
     return ids.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)
 
 
-def check_tokenizer(directory: Path, manifest: Manifest, tokenizer: Any,
-                    prompts: Sequence[str]) -> list[list[int]]:
+def check_tokenizer(directory: Path, manifest: Manifest, tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     """The saved tokenizer.json must encode exactly as the HF tokenizer (special tokens included)."""
     saved = Tokenizer.from_file(str(directory / manifest.tokenizer.file))
     encoded = []
@@ -65,18 +65,17 @@ def check_tokenizer(directory: Path, manifest: Manifest, tokenizer: Any,
         expected = list(tokenizer(prompt)["input_ids"])
         got = saved.encode(prompt).ids
         if got != expected:
-            raise ArtifactError(f"saved tokenizer differs from the HF tokenizer on {prompt!r}: "
-                                f"{got} != {expected}")
+            raise ArtifactError(f"saved tokenizer differs from the HF tokenizer on {prompt!r}: {got} != {expected}")
         encoded.append(expected)
     return encoded
 
 
-def ort_layer_states(directory: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarray,
-                     positions: np.ndarray) -> list[np.ndarray]:
+def ort_layer_states(
+    directory: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray
+) -> list[np.ndarray]:
     """Chained segments on the padded batch; returns each layer's hidden state at the readout positions."""
     rows = np.arange(len(ids))
-    hidden = _session(directory / manifest.segments.embed.file).run(
-        None, {"input_ids": ids, "attention_mask": mask})[0]
+    hidden = _session(directory / manifest.segments.embed.file).run(None, {"input_ids": ids, "attention_mask": mask})[0]
     states = []
     for index, ref in enumerate(manifest.segments.layers):
         feed = {"hidden_states": hidden, "attention_mask": mask}
@@ -88,8 +87,9 @@ def ort_layer_states(directory: Path, manifest: Manifest, ids: np.ndarray, mask:
 
 
 @torch.no_grad()
-def torch_layer_states(adapter: ArchitectureAdapter, encoded: Sequence[Sequence[int]],
-                       positions: np.ndarray) -> list[np.ndarray]:
+def torch_layer_states(
+    adapter: ArchitectureAdapter, encoded: Sequence[Sequence[int]], positions: np.ndarray
+) -> list[np.ndarray]:
     """Each prompt alone through the HF model's own forward; hooks read every layer's raw output."""
     captured: list[torch.Tensor] = []
 
@@ -110,8 +110,9 @@ def torch_layer_states(adapter: ArchitectureAdapter, encoded: Sequence[Sequence[
     return [np.stack(layer) for layer in zip(*per_prompt, strict=True)]
 
 
-def verify_export(directory: Path, manifest: Manifest, adapter: ArchitectureAdapter,
-                  tasks: Sequence[Task]) -> dict[str, Any]:
+def verify_export(
+    directory: Path, manifest: Manifest, adapter: ArchitectureAdapter, tasks: Sequence[Task]
+) -> dict[str, Any]:
     """Compare every layer's head logits (ORT on a padded batch vs torch on each prompt alone); raise naming
     the first layer that differs."""
     prompts = sample_prompts(tasks, adapter.prompt_suffix)
@@ -125,8 +126,10 @@ def verify_export(directory: Path, manifest: Manifest, adapter: ArchitectureAdap
 
     onnx_states = ort_layer_states(directory, manifest, ids, mask, positions)
     torch_states = torch_layer_states(adapter, encoded, positions)
-    heads = {name: (_session(directory / entry.head.file), adapter.head_segment(entry.label_token_ids))
-             for name, entry in manifest.tasks.items()}
+    heads = {
+        name: (_session(directory / entry.head.file), adapter.head_segment(entry.label_token_ids))
+        for name, entry in manifest.tasks.items()
+    }
     max_diffs = []
     for layer, (got, want) in enumerate(zip(onnx_states, torch_states, strict=True)):
         diff = 0.0
@@ -142,6 +145,10 @@ def verify_export(directory: Path, manifest: Manifest, adapter: ArchitectureAdap
                     f"(tolerance {ATOL}), argmax {'same' if same_argmax else 'differs'}"
                 )
         max_diffs.append(diff)
-    return {"passed": True, "tolerance": ATOL, "prompts": len(prompts), "lengths": lengths.tolist(),
-            "max_abs_diff": max_diffs}
-
+    return {
+        "passed": True,
+        "tolerance": ATOL,
+        "prompts": len(prompts),
+        "lengths": lengths.tolist(),
+        "max_abs_diff": max_diffs,
+    }

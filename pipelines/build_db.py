@@ -70,9 +70,7 @@ def input_ids(files: list[str]) -> pa.Array:
     for path in files:
         has_id = ID in pq.ParquetFile(path).schema_arrow.names
         table = (
-            pq.read_table(path, columns=[ID])
-            if has_id
-            else pa.table({"_": pa.nulls(pq.read_metadata(path).num_rows)})
+            pq.read_table(path, columns=[ID]) if has_id else pa.table({"_": pa.nulls(pq.read_metadata(path).num_rows)})
         )
         ids.append(row_ids(table, path, 0))
     return pa.concat_arrays(ids)
@@ -128,14 +126,8 @@ def run_build_db(
         written, shards = count_rows(os.path.join(staging, "rows*.parquet"))
         rejected, _ = count_rows(errors_prefix + "*.parquet")
         if rows_in != written + rejected:
-            raise RuntimeError(
-                f"rows in {rows_in} != written {written} + rejected {rejected}: not committing"
-            )
-        data = (
-            pa.concat_tables([pq.read_table(s, schema=schema) for s in shards])
-            if shards
-            else schema.empty_table()
-        )
+            raise RuntimeError(f"rows in {rows_in} != written {written} + rejected {rejected}: not committing")
+        data = pa.concat_tables([pq.read_table(s, schema=schema) for s in shards]) if shards else schema.empty_table()
         if mode == "append":  # the policy is fitted on the whole table, so append rewrites it in one commit
             data = pa.concat_tables([open_table(db_uri, table).to_arrow().cast(schema), data])
         policy = fit_policy(data, len(task.label_names), manifest.num_layers)

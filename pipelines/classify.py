@@ -50,9 +50,7 @@ class ClassifySummary:
         if self.beam_exit_counts is None:
             counters = "not reported by this runner"
         else:
-            counters = (
-                "agree" if self.beam_exit_counts == self.exit_counts else f"DIFFER {self.beam_exit_counts}"
-            )
+            counters = "agree" if self.beam_exit_counts == self.exit_counts else f"DIFFER {self.beam_exit_counts}"
         return "\n".join(
             [
                 f"classify with {self.strategy} (k={self.k}, {self.num_layers} layers)",
@@ -67,21 +65,15 @@ class ClassifySummary:
 
 
 def refuse_existing_outputs(output_dir: str) -> None:
-    old = glob.glob(os.path.join(output_dir, "predictions-*")) + glob.glob(
-        os.path.join(output_dir, "errors-*")
-    )
+    old = glob.glob(os.path.join(output_dir, "predictions-*")) + glob.glob(os.path.join(output_dir, "errors-*"))
     if old:
-        raise RaeeConfigError(
-            f"{output_dir} already holds classify outputs; remove them or choose another --output"
-        )
+        raise RaeeConfigError(f"{output_dir} already holds classify outputs; remove them or choose another --output")
 
 
 def exit_counts_from_files(files: list[str]) -> dict[int, int]:
     if not files:
         return {}
-    exits = pa.concat_arrays(
-        [pq.read_table(f, columns=["exit_layer"]).column(0).combine_chunks() for f in files]
-    )
+    exits = pa.concat_arrays([pq.read_table(f, columns=["exit_layer"]).column(0).combine_chunks() for f in files])
     counts = pc.value_counts(exits)
     return {int(v["values"]): int(v["counts"]) for v in counts.to_pylist()}
 

@@ -66,8 +66,9 @@ class ExportSegmentFn(beam.DoFn):
             "head": lambda: adapter.head_segment(job.label_token_ids),
         }
         directory = Path(self.work_dir)
-        export_segment(modules[job.kind](), job.kind, adapter.hidden_size, directory / job.file,
-                       dynamo=type(adapter).dynamo)
+        export_segment(
+            modules[job.kind](), job.kind, adapter.hidden_size, directory / job.file, dynamo=type(adapter).dynamo
+        )
         yield job.file, FileRef.of(directory, job.file)
 
 
@@ -75,8 +76,9 @@ def _write_refs(refs: dict[str, FileRef], path: str) -> None:
     Path(path).write_text(json.dumps({name: asdict(ref) for name, ref in refs.items()}))
 
 
-def export_segments(model_spec: str, work: Path, jobs: Sequence[SegmentJob],
-                    beam_args: Sequence[str]) -> dict[str, FileRef]:
+def export_segments(
+    model_spec: str, work: Path, jobs: Sequence[SegmentJob], beam_args: Sequence[str]
+) -> dict[str, FileRef]:
     """Run the Beam pipeline; returns the FileRef of every exported file, keyed by file name."""
     refs_path = work / REFS_FILE
     with make_pipeline(beam_args) as pipeline:
@@ -136,8 +138,15 @@ def _export_embedders(names: Sequence[str], work: Path) -> dict[str, EmbedderEnt
     return {name: export_embedder(name, work) for name in names}
 
 
-def run_export(model_spec: str, out_dir: Path, tasks: list[Task], verify: bool, embedders: list[str],
-               max_length: int, beam_args: list[str]) -> Manifest:
+def run_export(
+    model_spec: str,
+    out_dir: Path,
+    tasks: list[Task],
+    verify: bool,
+    embedders: list[str],
+    max_length: int,
+    beam_args: list[str],
+) -> Manifest:
     loaded = load_model(model_spec)
     adapter = loaded.adapter
     _check_request(loaded, tasks, max_length)
@@ -152,21 +161,32 @@ def run_export(model_spec: str, out_dir: Path, tasks: list[Task], verify: bool, 
         tokenizer_ref = FileRef.of(work, TOKENIZER_FILE)
         tok = adapter.tokenizer
         manifest = Manifest(
-            model=ModelInfo(source=loaded.source, architecture=type(loaded.model).__name__,
-                            fingerprint=loaded.fingerprint),
+            model=ModelInfo(
+                source=loaded.source, architecture=type(loaded.model).__name__, fingerprint=loaded.fingerprint
+            ),
             num_layers=adapter.num_layers,
             hidden_size=adapter.hidden_size,
             readout=adapter.readout,
             padding_side=adapter.padding_side,
             max_length=max_length,
-            tokenizer=TokenizerInfo(file=tokenizer_ref.file, sha256=tokenizer_ref.sha256,
-                                    pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
-                                    mask_token=tok.mask_token, mask_token_id=tok.mask_token_id),
-            segments=Segments(embed=refs[jobs[0].file],
-                              layers=[refs[j.file] for j in jobs if j.kind == "layer"]),
-            tasks={t.name: TaskEntry(template=t.template, label_names=list(t.label_names),
-                                     verbalizer=list(t.verbalizer), label_token_ids=label_ids[t.name],
-                                     head=refs[_head_file(t)]) for t in tasks},
+            tokenizer=TokenizerInfo(
+                file=tokenizer_ref.file,
+                sha256=tokenizer_ref.sha256,
+                pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+                mask_token=tok.mask_token,
+                mask_token_id=tok.mask_token_id,
+            ),
+            segments=Segments(embed=refs[jobs[0].file], layers=[refs[j.file] for j in jobs if j.kind == "layer"]),
+            tasks={
+                t.name: TaskEntry(
+                    template=t.template,
+                    label_names=list(t.label_names),
+                    verbalizer=list(t.verbalizer),
+                    label_token_ids=label_ids[t.name],
+                    head=refs[_head_file(t)],
+                )
+                for t in tasks
+            },
             embedders=_export_embedders(embedders, work),
         )
         if verify:

@@ -84,8 +84,11 @@ class Progress:
         if now - self.shown >= PROGRESS_SECONDS:
             self.shown = now
             rate = self.rows / max(now - self.started, 1e-9)
-            print(f"  {what}: {self.rows} rows done by worker {os.getpid()} ({rate:.1f} rows/s)", file=sys.stderr,
-                  flush=True)
+            print(
+                f"  {what}: {self.rows} rows done by worker {os.getpid()} ({rate:.1f} rows/s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
@@ -145,9 +148,7 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
                 try:
                     rows.append(self.predict(model, table.slice(i, 1), prompts[i : i + 1]))
                 except Exception as exc:  # becomes this row's error reason
-                    errors.append(
-                        errors_table([table.column(ROW_ID)[i].as_py()], [f"inference failed: {exc!r}"])
-                    )
+                    errors.append(errors_table([table.column(ROW_ID)[i].as_py()], [f"inference failed: {exc!r}"]))
         errors_out = pa.concat_tables(errors)
         beam.metrics.Metrics.counter(NAMESPACE, "rows_rejected").inc(errors_out.num_rows)
         rows_out = pa.concat_tables(rows) if rows else self.empty(model)

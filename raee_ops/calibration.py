@@ -30,9 +30,7 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.exp(log_softmax(x, axis))
 
 
-def prior_bias(
-    logprobs: np.ndarray, labels: np.ndarray, num_labels: int, iterations: int = 100
-) -> np.ndarray:
+def prior_bias(logprobs: np.ndarray, labels: np.ndarray, num_labels: int, iterations: int = 100) -> np.ndarray:
     """L×C offsets so that each layer's mean predicted distribution over N×L×C logprobs equals the prior."""
     prior = np.bincount(labels, minlength=num_labels).astype(np.float64) + 1.0
     log_prior = np.log(prior / prior.sum())
@@ -127,5 +125,12 @@ def fit_fused_policy(
     standard_error = np.sqrt(best * (1 - best) / len(queries))
     eligible = [r for r in results if r[0] >= best - standard_error]
     acc, mean_exit, k, alpha, epsilon = min(eligible, key=lambda r: (r[1], -r[0]))
-    return FusedPolicy(k=k, alpha=alpha, epsilon=epsilon, bias=bias.tolist(), loo_accuracy=acc,
-                       loo_mean_exit=mean_exit, loo_queries=len(queries))
+    return FusedPolicy(
+        k=k,
+        alpha=alpha,
+        epsilon=epsilon,
+        bias=bias.tolist(),
+        loo_accuracy=acc,
+        loo_mean_exit=mean_exit,
+        loo_queries=len(queries),
+    )

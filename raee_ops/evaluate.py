@@ -186,8 +186,9 @@ def write_report(report: dict[str, Any], directory: str | Path) -> Path:
     try:
         plot(report, out / "report.png")
     except ImportError:
-        print("evaluate: matplotlib is not installed (pip install 'raee-ops[dev]'); report.png skipped",
-              file=sys.stderr)
+        print(
+            "evaluate: matplotlib is not installed (pip install 'raee-ops[dev]'); report.png skipped", file=sys.stderr
+        )
     return out
 
 
@@ -211,23 +212,36 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
     ]
     best, vote = r["best_layer"], r["neighbour_vote"]
-    lines += _table(["method", "accuracy", name], [
-        ["full model (last layer)", r["full"]["accuracy"], r["full"]["metric"]],
-        ["full, calibrated", r["full_calibrated"]["accuracy"], r["full_calibrated"]["metric"]],
-        [f"best single layer (L{best['layer']})", best["accuracy"], best["metric"]],
-        ["oracle (any layer right)", r["oracle_accuracy"], r["oracle_metric"]],
-        [f"neighbour vote (k={vote['k']}, no layers)", vote["accuracy"], vote["metric"]],
-    ])
+    lines += _table(
+        ["method", "accuracy", name],
+        [
+            ["full model (last layer)", r["full"]["accuracy"], r["full"]["metric"]],
+            ["full, calibrated", r["full_calibrated"]["accuracy"], r["full_calibrated"]["metric"]],
+            [f"best single layer (L{best['layer']})", best["accuracy"], best["metric"]],
+            ["oracle (any layer right)", r["oracle_accuracy"], r["oracle_metric"]],
+            [f"neighbour vote (k={vote['k']}, no layers)", vote["accuracy"], vote["metric"]],
+        ],
+    )
     lines += ["## Strategies", ""]
     lines += _table(
         ["strategy", "accuracy", name, "mean exit layer", "ideal speed-up", "exits per layer (1..L)"],
-        [[s, v["accuracy"], v["metric"], v["mean_exit_layer"], v["ideal_speedup"],
-          " ".join(map(str, v["exit_histogram"]))] for s, v in r["strategies"].items()],
+        [
+            [
+                s,
+                v["accuracy"],
+                v["metric"],
+                v["mean_exit_layer"],
+                v["ideal_speedup"],
+                " ".join(map(str, v["exit_histogram"])),
+            ]
+            for s, v in r["strategies"].items()
+        ],
     )
     lines += ["## Per layer", ""]
-    lines += _table(["layer", "accuracy", name], [
-        [i + 1, a, m] for i, (a, m) in enumerate(zip(r["per_layer_accuracy"], r["per_layer_metric"], strict=True))
-    ])
+    lines += _table(
+        ["layer", "accuracy", name],
+        [[i + 1, a, m] for i, (a, m) in enumerate(zip(r["per_layer_accuracy"], r["per_layer_metric"], strict=True))],
+    )
     lines += ["## Table policy (fitted by build-db)", "", json.dumps(r["policy"]), ""]
     if r["rejected_rows"]:
         lines += [f"## Rejected rows (first {min(SHOWN_REJECTED, r['rejected'])} of {r['rejected']})", ""]

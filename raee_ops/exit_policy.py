@@ -42,8 +42,12 @@ class Neighbours:
 
     @classmethod
     def none(cls, rows: int, num_layers: int, num_labels: int) -> Neighbours:
-        return cls(np.zeros((rows, 0, num_layers), bool), np.zeros((rows, 0), np.float32),
-                   np.zeros((rows, 0), np.int64), np.zeros((rows, 0, num_layers, num_labels), np.float32))
+        return cls(
+            np.zeros((rows, 0, num_layers), bool),
+            np.zeros((rows, 0), np.float32),
+            np.zeros((rows, 0), np.int64),
+            np.zeros((rows, 0, num_layers, num_labels), np.float32),
+        )
 
 
 @dataclass(frozen=True)

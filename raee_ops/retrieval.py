@@ -37,9 +37,7 @@ def check_meta(found: TableMeta | None, expected: TableMeta, where: str) -> None
     if found is None:
         raise RaeeConfigError(f"{where} has no raee metadata: not an exit table built by raee-ops build-db")
     diffs = [
-        f"{k} {v!r} (expected {asdict(expected)[k]!r})"
-        for k, v in asdict(found).items()
-        if v != asdict(expected)[k]
+        f"{k} {v!r} (expected {asdict(expected)[k]!r})" for k, v in asdict(found).items() if v != asdict(expected)[k]
     ]
     if diffs:
         raise RaeeConfigError(f"{where} does not match this run: {'; '.join(diffs)}")

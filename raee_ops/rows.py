@@ -31,15 +31,12 @@ def check_columns(schema: pa.Schema, task: Task, need_label: bool, source: str) 
     missing = [c for c in required_columns(task, need_label) if c not in schema.names]
     if missing:
         raise RaeeConfigError(
-            f"{source}: missing column(s) {', '.join(missing)} for task {task.name!r} "
-            f"(has: {', '.join(schema.names)})"
+            f"{source}: missing column(s) {', '.join(missing)} for task {task.name!r} (has: {', '.join(schema.names)})"
         )
 
 
 def errors_table(ids: list[str] | pa.Array, reasons: list[str]) -> pa.Table:
-    return pa.Table.from_arrays(
-        [pa.array(ids, pa.string()), pa.array(reasons, pa.string())], schema=ERRORS_SCHEMA
-    )
+    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(reasons, pa.string())], schema=ERRORS_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -50,9 +47,7 @@ class Validated:
 
 def row_ids(table: pa.Table, source: str, first_row: int) -> pa.Array:
     """The `id` column as strings where present and non-null, else the row's position in its file."""
-    positions = pa.array(
-        [f"row:{source}:{n}" for n in range(first_row, first_row + table.num_rows)], pa.string()
-    )
+    positions = pa.array([f"row:{source}:{n}" for n in range(first_row, first_row + table.num_rows)], pa.string())
     if ID not in table.column_names:
         return positions
     ids = pc.cast(table.column(ID), pa.string())

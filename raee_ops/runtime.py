@@ -207,9 +207,7 @@ class SegmentRuntime:
 
     # -- retrieval keys -----------------------------------------------------------------------------------
 
-    def key(
-        self, embedder: str, texts: Sequence[str], pairs: Sequence[str | None] | None = None
-    ) -> np.ndarray:
+    def key(self, embedder: str, texts: Sequence[str], pairs: Sequence[str | None] | None = None) -> np.ndarray:
         """L2-normalized keys of the raw inputs, never the prompt (the template is shared by all)."""
         raw = [t if not p else f"{t} {p}" for t, p in zip(texts, pairs or [None] * len(texts), strict=True)]
         if embedder == BACKBONE:
@@ -246,9 +244,7 @@ class SegmentRuntime:
             feed = {"input_ids": ids, "attention_mask": self.mask_of(lengths, ids.shape[1])}
             keys.append(session.run(None, feed)[0])
         width = self.manifest.embedders[name].dim
-        return (
-            _normalize(np.concatenate(keys).astype(np.float32)) if keys else np.zeros((0, width), np.float32)
-        )
+        return _normalize(np.concatenate(keys).astype(np.float32)) if keys else np.zeros((0, width), np.float32)
 
 
 def _normalize(vectors: np.ndarray) -> np.ndarray:

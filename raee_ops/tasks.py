@@ -71,27 +71,52 @@ _ENTAIL = "Premise: {text}\nHypothesis: {text_pair}\nDoes the premise entail the
 PRESETS: dict[str, Task] = {
     t.name: t
     for t in [
-        _task("sst2", "Review: {text}\nSentiment (negative or positive):", ["negative", "positive"],
-              ["negative", "positive"]),
-        _task("cola", "Sentence: {text}\nIs this sentence grammatically correct English (yes or no)?\nAnswer:",
-              ["unacceptable", "acceptable"], ["no", "yes"]),
-        _task("mrpc", "Sentence 1: {text}\nSentence 2: {text_pair}\n"
-              "Do the two sentences mean the same thing (yes or no)?\nAnswer:",
-              ["not_equivalent", "equivalent"], ["no", "yes"]),
+        _task(
+            "sst2",
+            "Review: {text}\nSentiment (negative or positive):",
+            ["negative", "positive"],
+            ["negative", "positive"],
+        ),
+        _task(
+            "cola",
+            "Sentence: {text}\nIs this sentence grammatically correct English (yes or no)?\nAnswer:",
+            ["unacceptable", "acceptable"],
+            ["no", "yes"],
+        ),
+        _task(
+            "mrpc",
+            "Sentence 1: {text}\nSentence 2: {text_pair}\n"
+            "Do the two sentences mean the same thing (yes or no)?\nAnswer:",
+            ["not_equivalent", "equivalent"],
+            ["no", "yes"],
+        ),
         _task("rte", _ENTAIL, ["entailment", "not_entailment"], ["yes", "no"]),
-        _task("qnli", "Question: {text}\nSentence: {text_pair}\n"
-              "Does the sentence answer the question (yes or no)?\nAnswer:",
-              ["entailment", "not_entailment"], ["yes", "no"]),
-        _task("mnli", "Premise: {text}\nHypothesis: {text_pair}\n"
-              "Does the premise entail the hypothesis (yes, maybe or no)?\nAnswer:",
-              ["entailment", "neutral", "contradiction"], ["yes", "maybe", "no"]),
+        _task(
+            "qnli",
+            "Question: {text}\nSentence: {text_pair}\nDoes the sentence answer the question (yes or no)?\nAnswer:",
+            ["entailment", "not_entailment"],
+            ["yes", "no"],
+        ),
+        _task(
+            "mnli",
+            "Premise: {text}\nHypothesis: {text_pair}\n"
+            "Does the premise entail the hypothesis (yes, maybe or no)?\nAnswer:",
+            ["entailment", "neutral", "contradiction"],
+            ["yes", "maybe", "no"],
+        ),
         _task("wnli", _ENTAIL, ["not_entailment", "entailment"], ["no", "yes"]),
-        _task("sst5", "Review: {text}\nThe movie was (terrible, bad, okay, good or great):",
-              ["very negative", "negative", "neutral", "positive", "very positive"],
-              ["terrible", "bad", "okay", "good", "great"]),
-        _task("trec", "Question: {text}\nThe answer is a (abbreviation, description, entity, human, location "
-              "or number):", ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"],
-              ["abbreviation", "description", "entity", "human", "location", "number"]),
+        _task(
+            "sst5",
+            "Review: {text}\nThe movie was (terrible, bad, okay, good or great):",
+            ["very negative", "negative", "neutral", "positive", "very positive"],
+            ["terrible", "bad", "okay", "good", "great"],
+        ),
+        _task(
+            "trec",
+            "Question: {text}\nThe answer is a (abbreviation, description, entity, human, location or number):",
+            ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"],
+            ["abbreviation", "description", "entity", "human", "location", "number"],
+        ),
     ]
 }
 
@@ -108,8 +133,12 @@ def load_task_file(path: str | Path) -> Task:
     missing = [k for k in ("name", "template", "label_names", "verbalizer") if k not in raw]
     if missing:
         raise RaeeConfigError(f"task file {path} lacks {', '.join(missing)}")
-    return Task(name=raw["name"], template=raw["template"], label_names=list(raw["label_names"]),
-                verbalizer=list(raw["verbalizer"]))
+    return Task(
+        name=raw["name"],
+        template=raw["template"],
+        label_names=list(raw["label_names"]),
+        verbalizer=list(raw["verbalizer"]),
+    )
 
 
 def get_task(name: str) -> Task:

@@ -111,13 +111,9 @@ class Manifest:
             max_length=int(raw["max_length"]),
             tokenizer=TokenizerInfo(**raw["tokenizer"]),
             segments=Segments(embed=FileRef(**seg["embed"]), layers=[FileRef(**x) for x in seg["layers"]]),
-            tasks={
-                name: TaskEntry(**{**t, "head": FileRef(**t["head"])}) for name, t in raw["tasks"].items()
-            },
+            tasks={name: TaskEntry(**{**t, "head": FileRef(**t["head"])}) for name, t in raw["tasks"].items()},
             embedders={
-                name: EmbedderEntry(
-                    **{**e, "model": FileRef(**e["model"]), "tokenizer": FileRef(**e["tokenizer"])}
-                )
+                name: EmbedderEntry(**{**e, "model": FileRef(**e["model"]), "tokenizer": FileRef(**e["tokenizer"])})
                 for name, e in raw.get("embedders", {}).items()
             },
             verify=raw.get("verify"),

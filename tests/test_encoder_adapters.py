@@ -35,9 +35,7 @@ def load_adapter(kind: str, directory: Path) -> ArchitectureAdapter:
 
 @pytest.fixture(scope="module", params=list(ADAPTERS))
 def adapter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ArchitectureAdapter:
-    return load_adapter(
-        request.param, build_tiny_encoder(request.param, tmp_path_factory.mktemp(request.param))
-    )
+    return load_adapter(request.param, build_tiny_encoder(request.param, tmp_path_factory.mktemp(request.param)))
 
 
 def encode(adapter: ArchitectureAdapter, texts: list[str]) -> dict[str, torch.Tensor]:

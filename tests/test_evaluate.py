@@ -88,10 +88,26 @@ def test_cli_writes_the_report_and_exits_2_on_a_missing_column(segment_artifacts
     pq.write_table(pa.table({"text": ["good"]}), tmp_path / "nolabel.parquet")
 
     def run(input_path, report_dir):
-        args = ["--artifacts", str(segment_artifacts), "--task", "sst2", "--db", str(root / "db"),
-                "--input", str(input_path), "--report", str(report_dir), "--strategy", "raee"]
-        return subprocess.run([sys.executable, "-c", "from raee_ops.cli import main; main()", "evaluate", *args],
-                              capture_output=True, text=True, timeout=120)
+        args = [
+            "--artifacts",
+            str(segment_artifacts),
+            "--task",
+            "sst2",
+            "--db",
+            str(root / "db"),
+            "--input",
+            str(input_path),
+            "--report",
+            str(report_dir),
+            "--strategy",
+            "raee",
+        ]
+        return subprocess.run(
+            [sys.executable, "-c", "from raee_ops.cli import main; main()", "evaluate", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     ok = run(held_out, tmp_path / "ok")
     assert ok.returncode == 0, ok.stderr

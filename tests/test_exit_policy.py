@@ -11,8 +11,12 @@ def _wrap(fn):
 
     def call(correct, num_layers):
         b, k = correct.shape[:2]
-        nb = Neighbours(correct, np.ones((b, k), np.float32), np.zeros((b, k), np.int64),
-                        np.zeros((b, k, num_layers, 2), np.float32))
+        nb = Neighbours(
+            correct,
+            np.ones((b, k), np.float32),
+            np.zeros((b, k), np.int64),
+            np.zeros((b, k, num_layers, 2), np.float32),
+        )
         return fn(nb, Context(num_layers, 2, k=max(k, 1)))
 
     return call
@@ -75,8 +79,9 @@ def _policy(num_layers: int, bias_first_layer: float = 0.0, k: int = 2, alpha: f
 
     bias = np.zeros((num_layers, 2))
     bias[0] = [0.0, bias_first_layer]
-    return FusedPolicy(k=k, alpha=alpha, epsilon=epsilon, bias=bias.tolist(), loo_accuracy=0.0,
-                       loo_mean_exit=0.0, loo_queries=0)
+    return FusedPolicy(
+        k=k, alpha=alpha, epsilon=epsilon, bias=bias.tolist(), loo_accuracy=0.0, loo_mean_exit=0.0, loo_queries=0
+    )
 
 
 def _neighbours(labels, layer_says):

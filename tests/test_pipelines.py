@@ -57,9 +57,7 @@ def built(segment_artifacts, tmp_path_factory):  # noqa: F811
 
 def classify(artifacts, root, out, strategy="raee", inputs=None, k=5, task="sst2", table="sst2", args=()):
     inputs = inputs or str(labelled(root / f"in-{out}.parquet", 20, 1, "q"))
-    summary = run_classify(
-        artifacts, task, str(root / "db"), table, inputs, str(root / out), k, strategy, list(args)
-    )
+    summary = run_classify(artifacts, task, str(root / "db"), table, inputs, str(root / out), k, strategy, list(args))
     predictions = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(str(root / out / "pred*")))])
     errors = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(str(root / out / "errors*")))])
     return summary, predictions, errors
@@ -175,10 +173,7 @@ def test_append_adds_new_ids_and_refuses_present_ones(segment_artifacts, tmp_pat
     first = labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False)
     run_build_db(segment_artifacts, "sst2", [str(first)], db, "t", "minilm", "overwrite", None)
     more = labelled(tmp_path / "b.parquet", 4, 4, "b", bad=False)
-    assert (
-        run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None).table_rows
-        == 10
-    )
+    assert run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None).table_rows == 10
     with pytest.raises(RaeeConfigError, match="append refused: 4 id"):
         run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None)
     with pytest.raises(RaeeConfigError, match="embedder"):

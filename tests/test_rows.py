@@ -21,9 +21,7 @@ def test_single_text_rows_and_labels():
     assert out.valid.column(ROW_ID).to_pylist() == ["a", "f", "row:f.parquet:6"]
     assert out.valid.column("label").type == pa.int32()
     assert out.errors.schema == ERRORS_SCHEMA
-    reasons = dict(
-        zip(out.errors.column("id").to_pylist(), out.errors.column("reason").to_pylist(), strict=True)
-    )
+    reasons = dict(zip(out.errors.column("id").to_pylist(), out.errors.column("reason").to_pylist(), strict=True))
     assert reasons["b"] == "text is null"
     assert reasons["c"] == "text is empty or whitespace"
     assert reasons["d"] == "label is null"

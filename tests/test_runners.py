@@ -44,9 +44,7 @@ def job_endpoint(tmp_path_factory):
 
 def run_both(artifacts: Path, root: Path, args: list[str]) -> None:
     train = labelled(root / "train.parquet", 24, 0, "t")
-    build = run_build_db(
-        artifacts, "sst2", [str(train)], str(root / "db"), "sst2", "backbone", "overwrite", None, args
-    )
+    build = run_build_db(artifacts, "sst2", [str(train)], str(root / "db"), "sst2", "backbone", "overwrite", None, args)
     assert (build.rows_in, build.written, build.rejected) == (29, 24, 5)
     queries = labelled(root / "q.parquet", 12, 1, "q")
     summary = run_classify(

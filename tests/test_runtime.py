@@ -47,9 +47,7 @@ def test_overlong_prompts_are_refused_not_truncated(runtime):
 def test_backbone_key_is_mean_embedding_of_raw_text(runtime):
     ids, lengths = runtime.tokenize(["good movie"])
     mean = runtime.embed(ids, runtime.mask_of(lengths, ids.shape[1]))[0].mean(axis=0)
-    np.testing.assert_allclose(
-        runtime.key("backbone", ["good movie"])[0], mean / np.linalg.norm(mean), rtol=1e-5
-    )
+    np.testing.assert_allclose(runtime.key("backbone", ["good movie"])[0], mean / np.linalg.norm(mean), rtol=1e-5)
     pair = runtime.key("backbone", ["good"], ["movie"])
     np.testing.assert_allclose(pair, runtime.key("backbone", ["good movie"]), rtol=1e-6)
     assert runtime.key("minilm", ["good movie", "bad"]).shape == (2, runtime.manifest.embedders["minilm"].dim)

@@ -28,6 +28,5 @@ def adapter_for(config: Any) -> type[ArchitectureAdapter]:
             return adapter
     supported = ", ".join(sorted({f"{t} ({a.head_kind})" for a in ADAPTERS for t in a.model_types}))
     raise RaeeConfigError(
-        f"unsupported architecture: model_type {config.model_type!r} ({head_kind_of(config)}); "
-        f"supported: {supported}"
+        f"unsupported architecture: model_type {config.model_type!r} ({head_kind_of(config)}); supported: {supported}"
     )

@@ -21,8 +21,7 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype,
-                  window: int | None = None) -> torch.Tensor:
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
     """B×T int mask -> B×1×T×T additive mask: causal AND real key AND (if windowed) q - k < window.
 
     Every query also sees itself, so padded query rows never have an all-masked softmax (no NaN); real rows
@@ -56,8 +55,9 @@ class DecoderLayer(torch.nn.Module):
     """(hidden, attention_mask) -> hidden: one HF decoder layer with positions, rotary cos/sin and mask built
     inside. `rotary_kwargs` selects per-layer RoPE tables (Gemma 3: `layer_type`)."""
 
-    def __init__(self, layer: torch.nn.Module, rotary: torch.nn.Module, rotary_kwargs: dict[str, Any],
-                 window: int | None) -> None:
+    def __init__(
+        self, layer: torch.nn.Module, rotary: torch.nn.Module, rotary_kwargs: dict[str, Any], window: int | None
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.rotary = rotary
@@ -79,8 +79,9 @@ class CausalLMHead(torch.nn.Module):
     """B×H -> B×labels: final norm, the lm_head rows of the verbalizer tokens, optional logit soft-capping;
     a head file holds a few rows instead of the (tied) vocabulary matrix."""
 
-    def __init__(self, norm: torch.nn.Module, lm_head: torch.nn.Linear, token_ids: Sequence[int],
-                 softcap: float | None) -> None:
+    def __init__(
+        self, norm: torch.nn.Module, lm_head: torch.nn.Linear, token_ids: Sequence[int], softcap: float | None
+    ) -> None:
         super().__init__()
         ids = torch.tensor(list(token_ids), dtype=torch.long)
         self.norm = norm
@@ -126,8 +127,9 @@ class DecoderAdapter(ArchitectureAdapter):
         return DecoderEmbed(self.model.model.embed_tokens)
 
     def layer_segment(self, index: int) -> torch.nn.Module:
-        return DecoderLayer(self.hf_layers()[index], self.model.model.rotary_emb, self.rotary_kwargs(index),
-                            self.window(index))
+        return DecoderLayer(
+            self.hf_layers()[index], self.model.model.rotary_emb, self.rotary_kwargs(index), self.window(index)
+        )
 
     def head_segment(self, label_token_ids: Sequence[int]) -> torch.nn.Module:
         softcap = getattr(self.config, "final_logit_softcapping", None)

@@ -57,9 +57,7 @@ class MaskedLMHead(torch.nn.Module):
     """The model's MLM head with its vocabulary projection cut down to the verbalizer rows (B×H -> B×labels),
     so a head file holds a few rows instead of the whole (tied) vocabulary matrix."""
 
-    def __init__(
-        self, transform: torch.nn.Module, decoder: torch.nn.Linear, token_ids: Sequence[int]
-    ) -> None:
+    def __init__(self, transform: torch.nn.Module, decoder: torch.nn.Linear, token_ids: Sequence[int]) -> None:
         super().__init__()
         ids = torch.tensor(list(token_ids), dtype=torch.long)
         self.transform = transform

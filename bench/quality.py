@@ -30,8 +30,8 @@ from schemas.manifest import load_manifest
 PRESETS = ("smollm2-135m", "gemma3-270m")
 TASKS = ("sst2", "cola", "mrpc", "rte", "qnli", "mnli", "sst5", "trec")
 QUICK_TASKS = ("sst2", "trec")
-REF_ROWS, QUICK_REF_ROWS = 1000, 200
-EVAL_ROWS, QUICK_EVAL_ROWS = 500, 100
+REF_ROWS, QUICK_REF_ROWS = 500, 200
+EVAL_ROWS, QUICK_EVAL_ROWS = 300, 100
 #: Held-out files in order of preference: a labelled test split where one exists, else validation.
 EVAL_SPLITS = ("test", "validation", "validation_matched")
 EMBEDDER, K, SEED, REFERENCE_SHARE = "minilm", 10, 0, 0.8

@@ -153,7 +153,10 @@ def render_quality(result: Doc) -> list[str]:
     rows.append(row)
     lines = _table(header, rows)
     for task in tasks:
-        lines.append(f"- {task['task']}: {task.get('split', '')}")
+        lines.append(
+            f"- {task['task']}: {task.get('reference_rows')} reference rows, {task.get('eval_rows')} scored rows "
+            f"({task.get('rejected', 0)} rejected); {task.get('split', '')}"
+        )
     default = result.get("default_strategy")
     if default in macro:
         score, share = macro[default]

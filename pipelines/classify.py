@@ -30,7 +30,7 @@ from schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS
 @dataclass(frozen=True)
 class ClassifySummary:
     strategy: str
-    k: int
+    settings: str
     num_layers: int
     rows_in: int
     predicted: int
@@ -53,7 +53,7 @@ class ClassifySummary:
             counters = "agree" if self.beam_exit_counts == self.exit_counts else f"DIFFER {self.beam_exit_counts}"
         return "\n".join(
             [
-                f"classify with {self.strategy} (k={self.k}, {self.num_layers} layers)",
+                f"classify with {self.strategy} ({self.settings}; {self.num_layers} layers)",
                 f"rows in: {self.rows_in}  predicted: {self.predicted}  rejected: {self.rejected}  "
                 f"(in = predicted + rejected: {balance})",
                 f"mean exit layer: {self.mean_exit:.2f} of {self.num_layers}",
@@ -113,8 +113,13 @@ def run_classify(
     if embedder != "backbone" and embedder not in manifest.embedders:
         raise RaeeConfigError(f"table {table!r} was keyed with embedder {embedder!r}, not in {artifacts}")
     check_meta(meta, expected_meta(manifest, task_name, embedder), f"table {table!r} in {db_uri}")
-    if chosen.needs_policy and table_policy(open_table(db_uri, table).schema) is None:
+    policy = table_policy(open_table(db_uri, table).schema)
+    if chosen.needs_policy and policy is None:
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
+    if chosen.needs_policy:
+        settings = f"fitted on the table: k={policy.k}, alpha={policy.alpha}, epsilon={policy.epsilon}"
+    else:
+        settings = f"k={k}" if chosen.needs_retrieval else "no retrieval"
     files = expand_inputs([input_glob])
     schema, rows_in = check_inputs(files, task, need_label=False)
     clash = [f.name for f in PREDICTION_FIELDS if f.name in schema.names]
@@ -139,7 +144,7 @@ def run_classify(
     rejected, _ = count_rows(os.path.join(output_dir, "errors-*.parquet"))
     return ClassifySummary(
         strategy,
-        k,
+        settings,
         manifest.num_layers,
         rows_in,
         predicted,

@@ -131,16 +131,14 @@ def render_quality(result: Doc) -> list[str]:
     def mean(values: list[float]) -> float:
         return sum(values) / len(values)
 
-    macro: dict[str, Any] = {
-        "full": mean([t["full"] for t in tasks]),
-        "full_calibrated": mean([t["full_calibrated"] for t in tasks]),
-    }
+    full, calibrated = mean([t["full"] for t in tasks]), mean([t["full_calibrated"] for t in tasks])
+    macro: dict[str, tuple[float, float]] = {}  # strategy -> (score, share of layers)
     row = [
         "**macro avg**",
         "",
         "",
-        macro["full"],
-        macro["full_calibrated"],
+        full,
+        calibrated,
         mean([t["best_layer"]["score"] for t in tasks]),
         mean([t["oracle"] for t in tasks]),
         mean([t["neighbour_vote"]["score"] for t in tasks]),
@@ -160,11 +158,11 @@ def render_quality(result: Doc) -> list[str]:
     default = result.get("default_strategy")
     if default in macro:
         score, share = macro[default]
-        gain = 100 * (score - macro["full"])
+        gain = 100 * (score - full)
         checks = [
             f"{gain:+.1f} points over the full model (goal ≥ +10: {'met' if gain >= 10 else 'NOT met'})",
-            f"{100 * (score - macro['full_calibrated']):+.1f} points over the calibrated full model (goal ≥ 0: "
-            f"{'met' if score >= macro['full_calibrated'] else 'NOT met'})",
+            f"{100 * (score - calibrated):+.1f} points over the calibrated full model (goal ≥ 0: "
+            f"{'met' if score >= calibrated else 'NOT met'})",
             f"{share:.0%} of the layers on average (goal ≤ 60%: {'met' if share <= 0.6 else 'NOT met'})",
         ]
         lines += ["", f"Default strategy `{default}`, macro average: " + "; ".join(checks) + "."]

@@ -188,7 +188,7 @@ def render_speed(result: Doc) -> list[str]:
     rows = []
     for m in result["methods"]:
         shares = m.get("phase_share") or {}
-        split = ", ".join(f"{k} {v:.0%}" for k, v in shares.items() if v >= 0.005)
+        split = ", ".join(f"{k} {v:.1%}" for k, v in shares.items() if v >= 0.0005)
         if "max_abs_diff_vs_segments" in m:
             split = f"max abs diff vs segments {_fmt(m['max_abs_diff_vs_segments'])}"
         rows.append(

@@ -33,7 +33,7 @@ from pipelines.classify import run_classify
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import Context, resolve
 from raee_ops.retrieval import Retriever, check_meta, expected_meta, table_meta
-from raee_ops.runtime import SUB_BATCH, SegmentRuntime
+from raee_ops.runtime import SUB_BATCH, SegmentRuntime, session_options
 from raee_ops.tasks import Task, get_task
 from schemas.manifest import load_manifest
 
@@ -151,11 +151,7 @@ def ensure_whole_onnx(preset: str, artifacts: Path, adapter: ArchitectureAdapter
 
 
 def ort_session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = SINGLE_SESSION_THREADS
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(SINGLE_SESSION_THREADS), providers=["CPUExecutionProvider"])
 
 
 def hf_torch(adapter: ArchitectureAdapter, label_ids: list[int]) -> Callable[[Rows], np.ndarray]:

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from onnx_export.adapters.base import ArchitectureAdapter
 from raee_ops.errors import ArtifactError
+from raee_ops.runtime import attention_mask, pad_right, readout_positions, session_options
 from raee_ops.tasks import Task
 from schemas.manifest import Manifest
 
@@ -39,22 +40,7 @@ def sample_prompts(tasks: Sequence[Task], suffix: str) -> list[str]:
 
 
 def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def readout_positions(ids: np.ndarray, lengths: np.ndarray, readout: str, mask_token_id: int | None) -> np.ndarray:
-    if readout == "last":
-        return lengths - 1
-    if readout == "cls":
-        return np.zeros_like(lengths)
-    hits = ids == mask_token_id
-    if not hits.any(axis=1).all():
-        raise ArtifactError("a verification prompt has no mask token to read out")
-    return ids.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)
+    return ort.InferenceSession(str(path), session_options(2), providers=["CPUExecutionProvider"])
 
 
 def check_tokenizer(directory: Path, manifest: Manifest, tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -117,12 +103,12 @@ def verify_export(
     the first layer that differs."""
     prompts = sample_prompts(tasks, adapter.prompt_suffix)
     encoded = check_tokenizer(directory, manifest, adapter.tokenizer, prompts)
-    lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
-    ids = np.full((len(encoded), int(lengths.max())), manifest.tokenizer.pad_id, dtype=np.int64)
-    for row, seq in enumerate(encoded):
-        ids[row, : len(seq)] = seq
-    mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
-    positions = readout_positions(ids, lengths, manifest.readout, manifest.tokenizer.mask_token_id)
+    ids, lengths = pad_right(encoded, manifest.tokenizer.pad_id)
+    mask = attention_mask(lengths, ids.shape[1])
+    try:
+        positions = readout_positions(ids, lengths, manifest.readout, manifest.tokenizer.mask_token_id)
+    except ValueError as exc:
+        raise ArtifactError(f"verification prompt: {exc}") from exc
 
     onnx_states = ort_layer_states(directory, manifest, ids, mask, positions)
     torch_states = torch_layer_states(adapter, encoded, positions)

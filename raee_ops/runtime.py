@@ -41,6 +41,41 @@ def default_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+def session_options(threads: int) -> ort.SessionOptions:
+    """Explicit threads and no idle spinning: many chained sessions must not fight over the cores."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def pad_right(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ids B×T and lengths."""
+    lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
+    ids = np.full((len(encoded), int(lengths.max(initial=1))), pad_id, np.int64)
+    for row, seq in enumerate(encoded):
+        ids[row, : len(seq)] = seq
+    return ids, lengths
+
+
+def attention_mask(lengths: np.ndarray, width: int) -> np.ndarray:
+    return (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+
+
+def readout_positions(ids: np.ndarray, lengths: np.ndarray, readout: str, mask_token_id: int | None) -> np.ndarray:
+    """Where each row's head reads: its last real token, the CLS token, or the last mask token (the one the
+    prompt suffix appended)."""
+    if readout == "last":
+        return lengths - 1
+    if readout == "cls":
+        return np.zeros_like(lengths)
+    hits = ids == mask_token_id
+    if not hits.any(axis=1).all():
+        raise ValueError("a prompt has no mask token to read out")
+    return ids.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)
+
+
 class PromptTooLong(ValueError):
     """A prompt exceeds max_length tokens; callers reject such rows rather than truncate them."""
 
@@ -58,10 +93,7 @@ class SegmentRuntime:
         self.dir = Path(artifacts)
         self.manifest: Manifest = load_manifest(self.dir, verify_checksums=verify_checksums)
         threads = intra_op_threads or int(os.environ.get("RAEE_INTRA_OP_THREADS", "0")) or default_threads()
-        self._options = ort.SessionOptions()
-        self._options.intra_op_num_threads = threads
-        self._options.inter_op_num_threads = 1
-        self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._options = session_options(threads)
         self._providers = choose_providers(providers)
         m = self.manifest
         self.tokenizer = self._tokenizer(m.tokenizer.file)
@@ -93,12 +125,7 @@ class SegmentRuntime:
         return np.array([len(ids) for ids in self.encode(prompts)], dtype=np.int64)
 
     def pad(self, encoded: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Right-padded ids and lengths."""
-        lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
-        ids = np.full((len(encoded), int(lengths.max(initial=1))), self.manifest.tokenizer.pad_id, np.int64)
-        for row, seq in enumerate(encoded):
-            ids[row, : len(seq)] = seq
-        return ids, lengths
+        return pad_right(encoded, self.manifest.tokenizer.pad_id)
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Padded ids B×T and lengths; refuses prompts over max_length (truncating would cut the readout)."""
@@ -112,22 +139,11 @@ class SegmentRuntime:
         return encoded
 
     def readout_positions(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        readout = self.manifest.readout
-        if readout == "last":
-            return lengths - 1
-        if readout == "cls":
-            return np.zeros_like(lengths)
-        # "mask": the last mask token, i.e. the one our suffix appended.
-        hits = ids == self.manifest.tokenizer.mask_token_id
-        if not hits.any(axis=1).all():
-            raise ValueError("a prompt has no mask token to read out")
-        return ids.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)
+        return readout_positions(ids, lengths, self.manifest.readout, self.manifest.tokenizer.mask_token_id)
 
     # -- segments -----------------------------------------------------------------------------------------
 
-    @staticmethod
-    def mask_of(lengths: np.ndarray, width: int) -> np.ndarray:
-        return (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    mask_of = staticmethod(attention_mask)
 
     def embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self.embed_session.run(None, {"input_ids": ids, "attention_mask": mask})[0]

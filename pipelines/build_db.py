@@ -32,7 +32,7 @@ from raee_ops.errors import RaeeConfigError
 from raee_ops.retrieval import check_meta, expected_meta, open_table, table_meta
 from raee_ops.rows import row_ids
 from schemas.manifest import load_manifest
-from schemas.tables import ERRORS_SCHEMA, ID, POLICY_META_KEY
+from schemas.tables import ERRORS_SCHEMA, ID, POLICY_META_KEY, flat_values
 
 
 @dataclass(frozen=True)
@@ -146,14 +146,10 @@ def fit_policy(data: pa.Table, num_labels: int, num_layers: int) -> dict[bytes, 
     if data.num_rows < 2:
         return {}
     vectors = np.stack(data.column("vector").to_numpy(zero_copy_only=False))
-    logprobs = _flat(data, "layer_logprobs").reshape(data.num_rows, num_layers, num_labels)
+    logprobs = flat_values(data, "layer_logprobs").reshape(data.num_rows, num_layers, num_labels)
     labels = data.column("label").to_numpy().astype(np.int64)
     policy = fit_fused_policy(vectors, labels, logprobs, num_labels)
     return {POLICY_META_KEY: json.dumps(policy.to_dict()).encode()}
-
-
-def _flat(data: pa.Table, column: str) -> np.ndarray:
-    return data.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
 
 
 def commit(db_uri: str, name: str, data: pa.Table, mode: str) -> int:

@@ -29,6 +29,7 @@ from raee_ops.retrieval import Retriever, check_meta, expected_meta, table_meta
 from raee_ops.rows import validate
 from raee_ops.tasks import Task
 from schemas.manifest import Manifest, load_manifest
+from schemas.tables import flat_values
 
 #: Rows per model call; small enough for a progress line every few seconds on CPU.
 CHUNK = 64
@@ -74,10 +75,6 @@ def _run_layers(handler: BuildHandler, table: pa.Table) -> tuple[pa.Table, list[
         rate = done / max(time.perf_counter() - start, 1e-9)
         print(f"evaluate: {done}/{table.num_rows} rows, {rate:.1f} rows/s", file=sys.stderr, flush=True)
     return pa.concat_tables(rows) if rows else handler.empty(model), rejected
-
-
-def _flat(table: pa.Table, column: str) -> np.ndarray:
-    return table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
 
 
 def _scores(labels: np.ndarray, pred: np.ndarray, metric: Metric, num_labels: int) -> dict[str, float]:
@@ -129,7 +126,7 @@ def evaluate(
     if rows.num_rows == 0:
         raise RaeeConfigError(f"nothing to evaluate: all {len(rejected)} rows of {input_path} were rejected")
     labels = rows.column("label").to_numpy().astype(np.int64)
-    logprobs = _flat(rows, "layer_logprobs").reshape(rows.num_rows, num_layers, num_labels).transpose(1, 0, 2)
+    logprobs = flat_values(rows, "layer_logprobs").reshape(rows.num_rows, num_layers, num_labels).transpose(1, 0, 2)
     keys = np.stack(rows.column("vector").to_numpy(zero_copy_only=False))
 
     ctx = Context(num_layers, num_labels, k, policy)

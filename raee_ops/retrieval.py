@@ -16,7 +16,7 @@ from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import Neighbours
 from schemas.manifest import Manifest
-from schemas.tables import POLICY_META_KEY, TableMeta
+from schemas.tables import POLICY_META_KEY, TableMeta, flat_values
 
 #: Below this many rows every search is exact (flat), even if someone built an ANN index.
 FLAT_LIMIT = 100_000
@@ -84,10 +84,6 @@ def table_policy(schema: pa.Schema) -> FusedPolicy | None:
     return FusedPolicy(**json.loads(raw)) if raw else None
 
 
-def _flat(hits: pa.Table, column: str) -> np.ndarray:
-    return hits.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-
-
 def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels: int) -> Neighbours:
     """Results (query_index, label, layer_correct, layer_logprobs, _distance) as dense B×k arrays, nearest
     first."""
@@ -97,8 +93,8 @@ def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels
     query = hits.column("query_index").to_numpy()
     if not np.array_equal(np.bincount(query, minlength=num_queries), np.full(num_queries, k)):
         raise RuntimeError("LanceDB returned a different number of neighbours than asked for")
-    correct = _flat(hits, "layer_correct").reshape(num_queries, k, num_layers).astype(bool)
-    logprobs = _flat(hits, "layer_logprobs").reshape(num_queries, k, num_layers, num_labels)
+    correct = flat_values(hits, "layer_correct").reshape(num_queries, k, num_layers).astype(bool)
+    logprobs = flat_values(hits, "layer_logprobs").reshape(num_queries, k, num_layers, num_labels)
     labels = hits.column("label").to_numpy().reshape(num_queries, k).astype(np.int64)
     similarity = 1.0 - hits.column("_distance").to_numpy().reshape(num_queries, k)
     return Neighbours(correct, similarity.astype(np.float32), labels, logprobs)

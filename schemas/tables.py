@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pyarrow as pa
 
 TEXT, TEXT_PAIR, LABEL, ID = "text", "text_pair", "label", "id"
@@ -39,6 +40,11 @@ def exit_table_schema(dim: int, num_layers: int, num_labels: int) -> pa.Schema:
             pa.field("first_correct_layer", pa.int32(), nullable=True),
         ]
     )
+
+
+def flat_values(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed-size list column's values as one flat array (reshape to rows × size at the caller)."""
+    return table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
 
 
 @dataclass(frozen=True)

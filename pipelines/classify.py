@@ -22,9 +22,9 @@ from pipelines.options import make_pipeline
 from pipelines.sources import check_inputs, count_rows, expand_inputs, read_validated, task_of, write_tables
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import resolve
-from raee_ops.retrieval import check_meta, expected_meta, open_table, table_meta, table_policy
+from raee_ops.retrieval import check_meta, expected_meta, open_table, table_policy
 from schemas.manifest import load_manifest
-from schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS
+from schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 
 
 @dataclass(frozen=True)
@@ -108,12 +108,13 @@ def run_classify(
     strategy = chosen.name
     if k < 1:
         raise RaeeConfigError(f"--k must be at least 1, got {k}")
-    meta = table_meta(db_uri, table)
+    table_schema = open_table(db_uri, table).schema
+    meta = TableMeta.decode(table_schema)
     embedder = meta.embedder if meta else "backbone"
     if embedder != "backbone" and embedder not in manifest.embedders:
         raise RaeeConfigError(f"table {table!r} was keyed with embedder {embedder!r}, not in {artifacts}")
     check_meta(meta, expected_meta(manifest, task_name, embedder), f"table {table!r} in {db_uri}")
-    policy = table_policy(open_table(db_uri, table).schema)
+    policy = table_policy(table_schema)
     if chosen.needs_policy and policy is None:
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
     if chosen.needs_policy:

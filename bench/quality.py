@@ -154,7 +154,12 @@ def task_row(report: dict[str, Any], source: str, reference_rows: int, seconds: 
         "oracle": report["oracle_metric"],
         "neighbour_vote": _scored(report["neighbour_vote"]),
         "strategies": {
-            name: {**_scored(s), "mean_exit_layer": s["mean_exit_layer"]} for name, s in report["strategies"].items()
+            name: {
+                **_scored(s),
+                "mean_exit_layer": s["mean_exit_layer"],
+                "retrieval_only_share": s["retrieval_only_share"],
+            }
+            for name, s in report["strategies"].items()
         },
         "accuracy": {
             "full": report["full"]["accuracy"],

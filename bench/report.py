@@ -165,6 +165,9 @@ def render_quality(result: Doc) -> list[str]:
             f"{'met' if score >= calibrated else 'NOT met'})",
             f"{share:.0%} of the layers on average (goal ≤ 60%: {'met' if share <= 0.6 else 'NOT met'})",
         ]
+        no_layers = [t["strategies"][default].get("retrieval_only_share") for t in tasks]
+        if None not in no_layers:
+            checks.append(f"{mean(no_layers):.0%} of rows answered from retrieval alone (exit 0, no layer run)")
         lines += ["", f"Default strategy `{default}`, macro average: " + "; ".join(checks) + "."]
     return lines
 
@@ -179,8 +182,9 @@ def render_speed(result: Doc) -> list[str]:
     Shape: {"preset": str, "task": str, "num_layers": int, "rows": int, "reference_rows": int, "k": int,
     "batch_size": int, "baseline": str, "threads": {name: int | str | null}, "timing": str,
     "methods": [{"method": str, "rows_per_s": float, "wall_s": float, "accuracy": float,
-    "mean_exit_layer": float | null, "ideal_speedup": float (early-exit methods), "speedup_vs_segments": float
-    (idem), "phase_share": {phase: float} (idem), "max_abs_diff_vs_segments": float (whole-model ONNX)}, ...]}.
+    "mean_exit_layer": float | null, "retrieval_only_share": float (early-exit methods), "ideal_speedup": float
+    (idem), "speedup_vs_segments": float (idem), "phase_share": {phase: float} (idem), "max_abs_diff_vs_segments":
+    float (whole-model ONNX)}, ...]}. Exit 0 rows are answered from retrieval alone and run no layer.
     Ideal × is num_layers / mean_exit_layer: what exiting would give if retrieval and exit checks cost nothing.
     """
     baseline = result.get("baseline", "full")
@@ -198,6 +202,7 @@ def render_speed(result: Doc) -> list[str]:
                 m["rows_per_s"] / base if base else None,
                 m.get("accuracy"),
                 m.get("mean_exit_layer"),
+                m.get("retrieval_only_share"),
                 m.get("ideal_speedup"),
                 m.get("speedup_vs_segments"),
                 split,
@@ -210,7 +215,17 @@ def render_speed(result: Doc) -> list[str]:
         f"{result.get('timing', '')}",
         "",
     ]
-    header = ["method", "rows/s", f"× {baseline}", "accuracy", "mean exit layer", "ideal ×", "× segments", "notes"]
+    header = [
+        "method",
+        "rows/s",
+        f"× {baseline}",
+        "accuracy",
+        "mean exit layer",
+        "rows with exit 0",
+        "ideal ×",
+        "× segments",
+        "notes",
+    ]
     return lines + _table(header, rows)
 
 

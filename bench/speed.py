@@ -30,12 +30,10 @@ from onnx_export.adapters.base import ArchitectureAdapter
 from onnx_export.loader import load_model
 from pipelines.build_db import run_build_db
 from pipelines.classify import run_classify
-from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import Context, resolve
-from raee_ops.retrieval import Retriever, check_meta, expected_meta, table_meta
+from raee_ops.retrieval import Retriever
 from raee_ops.runtime import SUB_BATCH, SegmentRuntime, session_options
 from raee_ops.tasks import Task, get_task
-from schemas.manifest import load_manifest
 
 PRESETS = ("smollm2-135m", "gemma3-270m")
 TASK, EMBEDDER, K, SEED = "sst2", "minilm", 10, 0
@@ -65,14 +63,9 @@ def sample(path: Path, n: int, seed: int) -> pa.Table:
     return seeded_sample(pq.read_table(path).replace_schema_metadata(None), n, np.random.default_rng(seed))
 
 
-def ensure_db(artifacts: Path, preset: str, reference: pa.Table) -> tuple[str, str]:
-    """(db uri, table): built with build-db unless a table of this size already matches these artifacts."""
+def build_db(artifacts: Path, preset: str, reference: pa.Table) -> tuple[str, str]:
+    """(db uri, table): built afresh by build-db, so its fitted policy is always this code's."""
     db, table = str(BENCH / f"speed-db-{preset}"), f"{TASK}_{reference.num_rows}"
-    try:
-        check_meta(table_meta(db, table), expected_meta(load_manifest(artifacts), TASK, EMBEDDER), table)
-        return db, table
-    except RaeeConfigError:
-        pass
     with tempfile.TemporaryDirectory(dir=BENCH) as tmp:
         path = Path(tmp) / "reference.parquet"
         pq.write_table(reference, path)
@@ -260,7 +253,7 @@ def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
     evaluation = sample(data / TASK / "validation.parquet", QUICK_ROWS if quick else ROWS, SEED)
     reference = sample(data / TASK / "train.parquet", QUICK_REF_ROWS if quick else REF_ROWS, SEED)
     artifacts = ensure_artifacts(preset)
-    db, table = ensure_db(artifacts, preset, reference)
+    db, table = build_db(artifacts, preset, reference)
 
     runtime = SegmentRuntime(artifacts)
     texts = [t.strip() for t in evaluation["text"].to_pylist()]
@@ -310,7 +303,8 @@ def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
                 probs,
                 s,
                 mean_exit_layer=mean_exit,
-                ideal_speedup=num_layers / mean_exit,
+                retrieval_only_share=float(np.mean(core.exits == 0)),
+                ideal_speedup=num_layers / mean_exit if mean_exit > 0 else None,
                 speedup_vs_segments=segments_s / s,
                 phase_share={k: round(v / total, 3) for k, v in core.seconds.items()},
             )

@@ -29,8 +29,10 @@ from pipelines.options import make_pipeline
 from pipelines.sources import check_inputs, count_rows, expand_inputs, read_validated, task_of, write_tables
 from raee_ops.calibration import fit_fused_policy
 from raee_ops.errors import RaeeConfigError
+from raee_ops.metrics import task_metric
 from raee_ops.retrieval import check_meta, expected_meta, open_table, table_meta
 from raee_ops.rows import row_ids
+from raee_ops.tasks import Task
 from schemas.manifest import load_manifest
 from schemas.tables import ERRORS_SCHEMA, ID, POLICY_META_KEY, flat_values
 
@@ -130,7 +132,7 @@ def run_build_db(
         data = pa.concat_tables([pq.read_table(s, schema=schema) for s in shards]) if shards else schema.empty_table()
         if mode == "append":  # the policy is fitted on the whole table, so append rewrites it in one commit
             data = pa.concat_tables([open_table(db_uri, table).to_arrow().cast(schema), data])
-        policy = fit_policy(data, len(task.label_names), manifest.num_layers)
+        policy = fit_policy(data, task, manifest.num_layers)
         table_rows = commit(db_uri, table, data.replace_schema_metadata(meta.encode() | policy), "overwrite")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -141,14 +143,15 @@ def run_build_db(
     return BuildSummary(table, mode, rows_in, written, rejected, table_rows, errors_dir)
 
 
-def fit_policy(data: pa.Table, num_labels: int, num_layers: int) -> dict[bytes, bytes]:
-    """The fused strategy's settings, fitted on the table's own rows only (leave-one-out)."""
+def fit_policy(data: pa.Table, task: Task, num_layers: int) -> dict[bytes, bytes]:
+    """The fused strategy's settings, fitted on the table's own rows only (leave-one-out, task metric)."""
+    num_labels = len(task.label_names)
     if data.num_rows < 2:
         return {}
     vectors = np.stack(data.column("vector").to_numpy(zero_copy_only=False))
     logprobs = flat_values(data, "layer_logprobs").reshape(data.num_rows, num_layers, num_labels)
     labels = data.column("label").to_numpy().astype(np.int64)
-    policy = fit_fused_policy(vectors, labels, logprobs, num_labels)
+    policy = fit_fused_policy(vectors, labels, logprobs, num_labels, task_metric(task.name, num_labels)[0])
     return {POLICY_META_KEY: json.dumps(policy.to_dict()).encode()}
 
 

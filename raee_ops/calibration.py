@@ -15,10 +15,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from raee_ops.metrics import METRICS, Metric, accuracy
+
 K_GRID = (5, 10, 20, 30)
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75)
-EPSILON_GRID = (0.0, 0.02, 0.05, 0.1)
+EPSILON_GRID = (0.0, 0.02, 0.05, 0.1, 0.2)
+#: Retrieval-only exit: answer with the neighbours' vote, running no layer, when its top share reaches tau.
+TAU_GRID = (0.6, 0.7, 0.8, 0.9, 1.0, None)
 MAX_LOO_QUERIES = 2000
+BOOTSTRAP = 200
 
 
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -76,9 +81,19 @@ def fuse(calibrated_logits: np.ndarray, vote: np.ndarray, alpha: float) -> np.nd
     return (1.0 - alpha) * softmax(calibrated_logits) + alpha * vote
 
 
+def retrieval_only(vote: np.ndarray, tau: float | None) -> np.ndarray:
+    """B bool: rows whose neighbours agree so strongly (top vote share >= tau) that no layer needs to run."""
+    if tau is None:
+        return np.zeros(len(vote), bool)
+    return vote.max(axis=1) >= tau - 1e-9
+
+
 @dataclass(frozen=True)
 class FusedPolicy:
-    """Settings of the `fused` strategy, chosen on the reference table and stored in its metadata."""
+    """Settings of the `fused` strategy, chosen on the reference table and stored in its metadata.
+
+    tau None: every row runs at least one layer (tables built before the retrieval-only exit load this way).
+    """
 
     k: int
     alpha: float
@@ -87,6 +102,9 @@ class FusedPolicy:
     loo_accuracy: float
     loo_mean_exit: float
     loo_queries: int
+    tau: float | None = None
+    metric: str = "accuracy"
+    loo_metric: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,10 +114,36 @@ class FusedPolicy:
         return np.asarray(self.bias, np.float32)
 
 
+@dataclass(frozen=True)
+class _Trial:
+    score: float
+    accuracy: float
+    mean_exit: float
+    k: int
+    alpha: float
+    epsilon: float
+    tau: float | None
+    pred: np.ndarray
+
+
+def _standard_error(metric: Metric, truth: np.ndarray, pred: np.ndarray, num_labels: int, seed: int) -> float:
+    """Bootstrap standard error of a metric over the LOO queries (any metric, accuracy included)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(truth), size=(BOOTSTRAP, len(truth)))
+    return float(np.std([metric(truth[d], pred[d], num_labels) for d in draws]))
+
+
 def fit_fused_policy(
-    vectors: np.ndarray, labels: np.ndarray, logprobs: np.ndarray, num_labels: int, seed: int = 0
+    vectors: np.ndarray,
+    labels: np.ndarray,
+    logprobs: np.ndarray,
+    num_labels: int,
+    metric_name: str = "accuracy",
+    seed: int = 0,
 ) -> FusedPolicy:
-    """Leave-one-out on the reference rows (vectors N×D normalized, labels N, logprobs N×L×C)."""
+    """Leave-one-out on the reference rows (vectors N×D normalized, labels N, logprobs N×L×C), scored with the
+    task's metric so that a skewed task does not collapse to its majority label."""
+    metric = METRICS[metric_name]
     n = len(labels)
     bias = prior_bias(logprobs, labels, num_labels)
     rng = np.random.default_rng(seed)
@@ -113,24 +157,29 @@ def fit_fused_policy(
     own_logits = logprobs[queries] + bias  # Q×L×C, the query's own calibrated head at every layer
     truth = labels[queries]
 
-    results = []
+    trials = []
     for k, epsilon in itertools.product(ks, EPSILON_GRID):
         exits = earliest_within(neighbour_accuracy(correct[:, :k], top_sims[:, :k]), epsilon)
         at_exit = own_logits[np.arange(len(queries)), exits - 1]
         vote = label_vote(labels[top[:, :k]], top_sims[:, :k], num_labels)
-        for alpha in ALPHA_GRID:
-            acc = float(np.mean(np.argmax(fuse(at_exit, vote, alpha), axis=1) == truth))
-            results.append((acc, float(exits.mean()), k, alpha, epsilon))
-    best = max(r[0] for r in results)
-    standard_error = np.sqrt(best * (1 - best) / len(queries))
-    eligible = [r for r in results if r[0] >= best - standard_error]
-    acc, mean_exit, k, alpha, epsilon = min(eligible, key=lambda r: (r[1], -r[0]))
+        for alpha, tau in itertools.product(ALPHA_GRID, TAU_GRID):
+            by_vote = retrieval_only(vote, tau)
+            pred = np.where(by_vote, vote.argmax(axis=1), np.argmax(fuse(at_exit, vote, alpha), axis=1))
+            cost = float(np.where(by_vote, 0, exits).mean())
+            score = metric(truth, pred, num_labels)
+            trials.append(_Trial(score, accuracy(truth, pred), cost, k, alpha, epsilon, tau, pred))
+    best = max(trials, key=lambda t: t.score)
+    floor = best.score - _standard_error(metric, truth, best.pred, num_labels, seed)
+    chosen = min((t for t in trials if t.score >= floor), key=lambda t: (t.mean_exit, -t.score))
     return FusedPolicy(
-        k=k,
-        alpha=alpha,
-        epsilon=epsilon,
+        k=chosen.k,
+        alpha=chosen.alpha,
+        epsilon=chosen.epsilon,
         bias=bias.tolist(),
-        loo_accuracy=acc,
-        loo_mean_exit=mean_exit,
+        loo_accuracy=chosen.accuracy,
+        loo_mean_exit=chosen.mean_exit,
         loo_queries=len(queries),
+        tau=chosen.tau,
+        metric=metric_name,
+        loo_metric=chosen.score,
     )

@@ -85,14 +85,16 @@ def _strategy_report(
     strategy: Strategy, logprobs: np.ndarray, labels: np.ndarray, nb: Neighbours, ctx: Context, metric: Metric
 ) -> dict[str, Any]:
     exits = strategy.exits(nb, ctx)
-    at_exit = logprobs[exits - 1, np.arange(len(labels))]
+    # exit 0 runs no layer: its logits are zeros, as run_to_exit returns them
+    at_exit = np.where((exits > 0)[:, None], logprobs[np.maximum(exits, 1) - 1, np.arange(len(labels))], 0.0)
     pred = strategy.answer(at_exit, exits, nb, ctx).argmax(axis=1)
     mean_exit = float(exits.mean())
     return {
         **_scores(labels, pred, metric, ctx.num_labels),
         "mean_exit_layer": mean_exit,
-        "exit_histogram": np.bincount(exits, minlength=ctx.num_layers + 1)[1:].tolist(),
-        "ideal_speedup": ctx.num_layers / mean_exit,
+        "retrieval_only_share": float(np.mean(exits == 0)),
+        "exit_histogram": np.bincount(exits, minlength=ctx.num_layers + 1).tolist(),
+        "ideal_speedup": ctx.num_layers / mean_exit if mean_exit > 0 else None,
     }
 
 
@@ -163,13 +165,7 @@ def evaluate(
         "neighbour_vote": {**_scores(labels, vote_pred, metric, num_labels), "k": vote.labels.shape[1]},
         "default_strategy": DEFAULT_STRATEGY,
         "strategies": {s.name: _strategy_report(s, logprobs, labels, nb, ctx, metric) for s in chosen},
-        "policy": {
-            "k": policy.k,
-            "alpha": policy.alpha,
-            "epsilon": policy.epsilon,
-            "loo_accuracy": policy.loo_accuracy,
-            "loo_mean_exit": policy.loo_mean_exit,
-        },
+        "policy": {name: value for name, value in policy.to_dict().items() if name != "bias"},
         "k": k,
     }
 
@@ -221,14 +217,14 @@ def render_markdown(r: dict[str, Any]) -> str:
     )
     lines += ["## Strategies", ""]
     lines += _table(
-        ["strategy", "accuracy", name, "mean exit layer", "ideal speed-up", "exits per layer (1..L)"],
+        ["strategy", "accuracy", name, "mean exit layer", "ideal speed-up", "exits per layer (0..L)"],
         [
             [
                 s,
                 v["accuracy"],
                 v["metric"],
                 v["mean_exit_layer"],
-                v["ideal_speedup"],
+                "–" if v["ideal_speedup"] is None else v["ideal_speedup"],
                 " ".join(map(str, v["exit_histogram"])),
             ]
             for s, v in r["strategies"].items()
@@ -254,6 +250,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     layers = np.arange(1, r["num_layers"] + 1)
+    exit_layers = np.arange(0, r["num_layers"] + 1)
     fig, (curve, hist) = plt.subplots(1, 2, figsize=(13, 4.5))
     curve.plot(layers, r["per_layer_accuracy"], "o-", color="black", label="layer alone")
     curve.axhline(r["full"]["accuracy"], color="grey", linestyle="--", label="full")
@@ -262,9 +259,9 @@ def plot(r: dict[str, Any], path: Path) -> None:
     for i, (name, s) in enumerate(r["strategies"].items()):
         color = f"C{i}"
         curve.plot(s["mean_exit_layer"], s["accuracy"], "*", markersize=12, color=color, label=name)
-        hist.bar(layers - 0.4 + (i + 0.5) * width, s["exit_histogram"], width, color=color, label=name)
+        hist.bar(exit_layers - 0.4 + (i + 0.5) * width, s["exit_histogram"], width, color=color, label=name)
     curve.set(xlabel="layer", ylabel="accuracy", title=f"{r['task']}: accuracy by exit layer")
-    hist.set(xlabel="exit layer", ylabel="rows", title="exit layers per strategy")
+    hist.set(xlabel="exit layer (0: retrieval only)", ylabel="rows", title="exit layers per strategy")
     curve.legend(fontsize=7)
     hist.legend(fontsize=7)
     fig.tight_layout()

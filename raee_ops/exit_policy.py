@@ -1,5 +1,7 @@
 """Exit strategies: what retrieval found -> one 1-based exit layer per input, and how to answer there.
 
+Exit 0 means the row is answered from retrieval alone and runs no layer (only `fused` does this).
+
 A strategy is two small functions: `exits` picks the layer before any layer runs (from the neighbours only),
 `answer` turns the head's logits at that layer into label probabilities (optionally with the neighbours).
 Each strategy is one entry in `STRATEGIES`; `layer:N` is parsed by `resolve`. Strategies never run the model,
@@ -21,6 +23,7 @@ from raee_ops.calibration import (
     fuse,
     label_vote,
     neighbour_accuracy,
+    retrieval_only,
     softmax,
 )
 from raee_ops.errors import RaeeConfigError
@@ -101,14 +104,17 @@ def raee_calibrated(nb: Neighbours, ctx: Context) -> np.ndarray:
 
 
 def fused_exit(nb: Neighbours, ctx: Context) -> np.ndarray:
-    """Cost-aware: the earliest layer whose similarity-weighted calibrated neighbour accuracy is within the
-    fitted epsilon of the best layer's."""
+    """Cost-aware: 0 (no layer at all) where the neighbours' label vote reaches the fitted agreement tau,
+    else the earliest layer whose similarity-weighted calibrated neighbour accuracy is within the fitted
+    epsilon of the best layer's."""
     policy = ctx.fitted()
     top = nb.top(policy.k)
     if top.labels.shape[1] == 0:
         return np.full(len(top.labels), ctx.num_layers, np.int32)
     correct = calibrated_correct(top.logprobs, top.labels, policy.bias_array)
-    return earliest_within(neighbour_accuracy(correct, top.similarity), policy.epsilon)
+    exits = earliest_within(neighbour_accuracy(correct, top.similarity), policy.epsilon)
+    vote = label_vote(top.labels, top.similarity, ctx.num_labels)
+    return np.where(retrieval_only(vote, policy.tau), 0, exits).astype(np.int32)
 
 
 def full(nb: Neighbours, ctx: Context) -> np.ndarray:
@@ -132,13 +138,15 @@ def calibrated_answer(logits: np.ndarray, exits: np.ndarray, nb: Neighbours, ctx
 
 
 def fused_answer(logits: np.ndarray, exits: np.ndarray, nb: Neighbours, ctx: Context) -> np.ndarray:
-    """Calibrated head mixed with the neighbours' similarity-weighted label vote (fitted weight)."""
+    """Calibrated head mixed with the neighbours' similarity-weighted label vote (fitted weight); rows that
+    ran no layer (exit 0) answer with the vote alone."""
     policy = ctx.fitted()
     top = nb.top(policy.k)
-    calibrated = logits + policy.bias_array[exits - 1]
+    calibrated = logits + policy.bias_array[np.maximum(exits, 1) - 1]
     if top.labels.shape[1] == 0:
         return softmax(calibrated)
-    return fuse(calibrated, label_vote(top.labels, top.similarity, ctx.num_labels), policy.alpha)
+    vote = label_vote(top.labels, top.similarity, ctx.num_labels)
+    return np.where((exits == 0)[:, None], vote, fuse(calibrated, vote, policy.alpha))
 
 
 @dataclass(frozen=True)

@@ -38,15 +38,16 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int = 2) -> flo
     return float(np.mean([_f1(y_true, y_pred, c) for c in range(num_labels)]))
 
 
-_BY_TASK: dict[str, tuple[str, Metric]] = {
-    "cola": ("matthews_corr", matthews),
-    "mrpc": ("f1", f1_positive),
-    "qqp": ("f1", f1_positive),
+METRICS: dict[str, Metric] = {
+    "accuracy": accuracy,
+    "matthews_corr": matthews,
+    "f1": f1_positive,
+    "macro_f1": macro_f1,
 }
+_BY_TASK = {"cola": "matthews_corr", "mrpc": "f1", "qqp": "f1"}
 
 
 def task_metric(task_name: str, num_labels: int) -> tuple[str, Metric]:
     """The headline metric: the GLUE convention where one exists, macro-F1 for multi-class, else accuracy."""
-    if task_name in _BY_TASK:
-        return _BY_TASK[task_name]
-    return ("macro_f1", macro_f1) if num_labels > 2 else ("accuracy", accuracy)
+    name = _BY_TASK.get(task_name) or ("macro_f1" if num_labels > 2 else "accuracy")
+    return name, METRICS[name]

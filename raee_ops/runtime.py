@@ -189,17 +189,20 @@ class SegmentRuntime:
         return out
 
     def run_to_exit(self, task: str, prompts: Sequence[str], exit_layers: np.ndarray) -> np.ndarray:
-        """Logits B×C, each row read out at its own 1-based exit layer, never running a row past it.
+        """Logits B×C, each row read out at its own 1-based exit layer, never running a row past it; rows with
+        exit 0 are not run at all (their logits are 0).
 
         Active-set compaction: inside a sub-batch rows are ordered by exit layer, latest first; after each
         layer the rows exiting there are read out and dropped (a prefix slice), and the columns are trimmed
         to the longest remaining row, so work is proportional to the sum of exit layers.
         """
         exit_layers = np.asarray(exit_layers, dtype=np.int64)
-        if len(exit_layers) and not ((exit_layers >= 1) & (exit_layers <= self.num_layers)).all():
-            raise ValueError(f"exit layers must be in 1..{self.num_layers}")
+        if len(exit_layers) and not ((exit_layers >= 0) & (exit_layers <= self.num_layers)).all():
+            raise ValueError(f"exit layers must be in 0..{self.num_layers}")
         out = np.zeros((len(prompts), len(self.manifest.task(task).label_names)), np.float32)
-        for rows, ids, lengths in self._sub_batches(prompts):
+        running = np.flatnonzero(exit_layers > 0)  # exit 0: answered without the backbone, logits stay 0
+        for rows, ids, lengths in self._sub_batches([prompts[i] for i in running]):
+            rows = running[rows]
             order = np.argsort(-exit_layers[rows], kind="stable")
             rows, ids, lengths = rows[order], ids[order], lengths[order]
             exits = exit_layers[rows]

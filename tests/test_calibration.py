@@ -43,19 +43,48 @@ def test_neighbour_accuracy_exit_and_vote():
     assert vote[0, 1] == pytest.approx(0.5, abs=1e-4)
 
 
-def test_fused_policy_uses_informative_neighbours_and_exits_early_when_layers_agree():
+def _clustered_keys(labels: np.ndarray, spread: float, rng: np.random.Generator) -> np.ndarray:
+    centers = rng.normal(size=(labels.max() + 1, 16))
+    vectors = centers[labels] + rng.normal(0, spread, (len(labels), 16))
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def _readers(labels: np.ndarray, right: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """N×L×2 log-probs of layers that read the label correctly with probability right[l]."""
+    said = np.where(rng.random((len(labels), len(right))) < right, labels[:, None], 1 - labels[:, None])
+    return log_softmax(np.stack([said == 0, said == 1], -1).astype(float) * 2.0)
+
+
+def test_fused_policy_answers_from_retrieval_alone_when_neighbours_are_decisive():
     rng = np.random.default_rng(1)
-    n, num_layers = 300, 4
-    labels = rng.integers(0, 2, n)
-    # keys cluster by label: neighbours are informative
-    centers = rng.normal(size=(2, 16))
-    vectors = centers[labels] + rng.normal(0, 0.3, (n, 16))
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    # every layer is an equally weak reader (60%): nothing to gain from depth
-    noisy = np.where(rng.random((n, num_layers)) < 0.6, labels[:, None], 1 - labels[:, None])
-    logprobs = log_softmax(np.stack([noisy == 0, noisy == 1], -1).astype(float) * 2.0)
+    labels = rng.integers(0, 2, 300)
+    vectors = _clustered_keys(labels, 0.3, rng)  # neighbours share the query's label
+    logprobs = _readers(labels, np.full(4, 0.6), rng)  # every layer is an equally weak reader
     policy = fit_fused_policy(vectors, labels, logprobs, 2)
-    assert policy.alpha > 0  # the vote helps
+    assert policy.tau is not None
     assert policy.loo_accuracy > 0.9
-    assert policy.loo_mean_exit < 2.0  # no reason to go deep
-    assert np.asarray(policy.bias).shape == (num_layers, 2)
+    assert policy.loo_mean_exit < 0.5  # nearly every row skips the backbone
+    assert np.asarray(policy.bias).shape == (4, 2)
+
+
+def test_fused_policy_runs_the_layers_when_neighbours_know_nothing():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 300)
+    vectors = _clustered_keys(rng.integers(0, 2, 300), 0.3, rng)  # clusters unrelated to the label
+    logprobs = _readers(labels, np.array([0.5, 0.55, 0.7, 0.95]), rng)  # only the last layer reads well
+    policy = fit_fused_policy(vectors, labels, logprobs, 2)
+    assert policy.loo_accuracy > 0.85
+    assert policy.loo_mean_exit > 3.0
+
+
+def test_fused_policy_is_fitted_to_the_task_metric_not_to_accuracy():
+    rng = np.random.default_rng(3)
+    labels = (rng.random(400) < 0.1).astype(np.int64)  # 90% label 0
+    vectors = _clustered_keys(rng.integers(0, 2, 400), 0.3, rng)  # uninformative neighbours: they vote majority
+    signal = np.stack([rng.normal(0, 1, 400), 2 * labels - 1 + rng.normal(0, 1, 400)], 1)
+    logprobs = log_softmax(np.stack([-signal, signal], -1) / 2)  # layer 2 carries a real but noisy signal
+    by_accuracy = fit_fused_policy(vectors, labels, logprobs, 2, "accuracy")
+    by_mcc = fit_fused_policy(vectors, labels, logprobs, 2, "matthews_corr")
+    assert by_accuracy.loo_mean_exit < 0.5  # accuracy is content with the majority vote and skips the layers
+    assert by_mcc.metric == "matthews_corr" and by_mcc.loo_metric > 0.05
+    assert by_mcc.loo_mean_exit > 1.0  # the task metric needs layer 2's signal

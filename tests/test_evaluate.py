@@ -57,9 +57,13 @@ def test_strategies_are_consistent(evaluated):
     assert strategies["full"]["mean_exit_layer"] == 3 and strategies["full"]["ideal_speedup"] == 1
     assert strategies["full-cal"]["accuracy"] == report["full_calibrated"]["accuracy"]
     for s in strategies.values():
-        assert len(s["exit_histogram"]) == 3 and sum(s["exit_histogram"]) == report["rows"]
-        assert s["ideal_speedup"] == pytest.approx(3 / s["mean_exit_layer"])
-    assert set(report["policy"]) == {"k", "alpha", "epsilon", "loo_accuracy", "loo_mean_exit"}
+        histogram = s["exit_histogram"]  # rows per exit layer 0..L
+        assert len(histogram) == 4 and sum(histogram) == report["rows"]
+        assert s["retrieval_only_share"] == pytest.approx(histogram[0] / report["rows"])
+        assert s["mean_exit_layer"] == pytest.approx(np.dot(histogram, np.arange(4)) / report["rows"])
+        if s["mean_exit_layer"] > 0:
+            assert s["ideal_speedup"] == pytest.approx(3 / s["mean_exit_layer"])
+    assert set(report["policy"]) >= {"k", "alpha", "epsilon", "tau", "metric", "loo_metric", "loo_mean_exit"}
     assert report["neighbour_vote"]["k"] == report["policy"]["k"] and report["k"] == 5
 
 

@@ -74,13 +74,27 @@ def test_resolve_fixed_and_full_and_errors():
             resolve(bad, 6)
 
 
-def _policy(num_layers: int, bias_first_layer: float = 0.0, k: int = 2, alpha: float = 0.0, epsilon: float = 0.0):
+def _policy(
+    num_layers: int,
+    bias_first_layer: float = 0.0,
+    k: int = 2,
+    alpha: float = 0.0,
+    epsilon: float = 0.0,
+    tau: float | None = None,
+):
     from raee_ops.calibration import FusedPolicy
 
     bias = np.zeros((num_layers, 2))
     bias[0] = [0.0, bias_first_layer]
     return FusedPolicy(
-        k=k, alpha=alpha, epsilon=epsilon, bias=bias.tolist(), loo_accuracy=0.0, loo_mean_exit=0.0, loo_queries=0
+        k=k,
+        alpha=alpha,
+        epsilon=epsilon,
+        bias=bias.tolist(),
+        loo_accuracy=0.0,
+        loo_mean_exit=0.0,
+        loo_queries=0,
+        tau=tau,
     )
 
 
@@ -113,6 +127,19 @@ def test_answers_apply_the_exit_layer_bias_and_the_vote():
     assert exit_policy.calibrated_answer(logits, np.array([2]), nb, ctx).argmax() == 0  # no bias at layer 2
     voted = exit_policy.fused_answer(logits, np.array([2]), nb, Context(2, 2, 2, _policy(2, alpha=0.75)))
     assert voted.argmax() == 1 and voted.sum() == pytest.approx(1.0)
+
+
+def test_fused_answers_from_retrieval_alone_where_the_neighbours_agree_enough():
+    agree = _neighbours([1, 1], [[0, 0, 1], [0, 0, 1]])
+    split = _neighbours([1, 0], [[0, 0, 1], [0, 0, 0]])
+    nb = Neighbours(*(np.concatenate([getattr(agree, f), getattr(split, f)]) for f in Neighbours.__dataclass_fields__))
+    ctx = Context(3, 2, k=2, policy=_policy(3, tau=0.9))
+    exits = exit_policy.fused_exit(nb, ctx)
+    assert exits.tolist() == [0, 3]  # unanimous neighbours: no layer; a split vote: the layer both get right
+    logits = np.array([[5.0, 0.0], [5.0, 0.0]])  # the head says label 0 wherever it ran
+    answer = exit_policy.fused_answer(logits, exits, nb, ctx)
+    assert answer.argmax(axis=1).tolist() == [1, 0]  # exit 0 answers with the vote; the other with its head
+    assert exit_policy.fused_exit(nb, Context(3, 2, k=2, policy=_policy(3, tau=None))).min() >= 1
 
 
 def test_policy_strategies_refuse_a_table_without_a_policy():

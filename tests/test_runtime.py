@@ -29,6 +29,22 @@ def test_run_to_exit_matches_all_layers_at_each_rows_exit(runtime):
     np.testing.assert_allclose(early, every[exits - 1, np.arange(len(batch))], rtol=1e-5, atol=1e-5)
 
 
+def test_exit_zero_rows_run_no_layer_and_leave_the_others_unchanged(runtime, monkeypatch):
+    batch = prompts(12, seed=3)
+    exits = np.array([0, 2, 0, 1, 3, 0, 2, 2, 0, 1, 3, 0])[: len(batch)].clip(0, runtime.num_layers)
+    expected = runtime.run_to_exit("sst2", [batch[i] for i in np.flatnonzero(exits)], exits[exits > 0])
+    embedded = []
+    real_embed = runtime.embed
+    monkeypatch.setattr(runtime, "embed", lambda ids, mask: embedded.append(len(ids)) or real_embed(ids, mask))
+    out = runtime.run_to_exit("sst2", batch, exits)
+    assert sum(embedded) == np.count_nonzero(exits)  # exit-0 rows never reach the backbone
+    assert not out[exits == 0].any()
+    np.testing.assert_allclose(out[exits > 0], expected, rtol=1e-5, atol=1e-5)
+    assert not runtime.run_to_exit("sst2", batch[:3], np.zeros(3, int)).any()
+    with pytest.raises(ValueError, match="0.."):
+        runtime.run_to_exit("sst2", batch[:1], np.array([-1]))
+
+
 def test_padded_batch_equals_rows_alone(runtime):
     batch = prompts(5, seed=2)
     together = runtime.all_layers("sst2", batch)

@@ -90,7 +90,7 @@ def main() -> None:
     correct = int(pc.sum(pc.equal(predictions["prediction"], predictions["label"])).as_py())
     exits = predictions["exit_layer"].to_pylist()
     print(f"\naccuracy on the held-apart reviews: {correct}/{len(exits)} = {correct / len(exits):.1%}")
-    print(f"mean exit layer: {sum(exits) / len(exits):.1f}")
+    print(f"mean exit layer: {sum(exits) / len(exits):.1f} ({exits.count(0)} rows answered from retrieval alone)")
     print(f"classify wall time {seconds:.1f} s, {len(exits) / seconds:.1f} rows/s (includes start-up)")
 
 

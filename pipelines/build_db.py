@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from pipelines.inference import BuildHandler, Infer
 from pipelines.options import make_pipeline
 from pipelines.sources import check_inputs, count_rows, expand_inputs, read_validated, task_of, write_tables
-from raee_ops.calibration import fit_fused_policy
+from raee_ops.calibration import FusedPolicy, fit_fused_policy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.metrics import task_metric
 from raee_ops.retrieval import check_meta, expected_meta, open_table, table_meta
@@ -46,15 +46,24 @@ class BuildSummary:
     rejected: int
     table_rows: int
     errors_dir: str
+    policy: FusedPolicy | None = None
 
     def render(self) -> str:
         balance = "ok" if self.rows_in == self.written + self.rejected else "MISMATCH"
+        p = self.policy
+        fitted = (
+            f"fused policy (leave-one-out on {p.loo_queries} rows, {p.metric}): k={p.k} alpha={p.alpha} "
+            f"epsilon={p.epsilon} tau={p.tau}; LOO {p.metric} {p.loo_metric:.3f}, mean exit layer {p.loo_mean_exit:.2f}"
+            if p
+            else "fused policy: none (fewer than 2 rows)"
+        )
         return "\n".join(
             [
                 f"build-db {self.table} ({self.mode})",
                 f"rows in: {self.rows_in}  written: {self.written}  rejected: {self.rejected}  "
                 f"(in = written + rejected: {balance})",
                 f"table rows: {self.table_rows}",
+                fitted,
                 f"errors: {self.errors_dir}",
             ]
         )
@@ -133,26 +142,26 @@ def run_build_db(
         if mode == "append":  # the policy is fitted on the whole table, so append rewrites it in one commit
             data = pa.concat_tables([open_table(db_uri, table).to_arrow().cast(schema), data])
         policy = fit_policy(data, task, manifest.num_layers)
-        table_rows = commit(db_uri, table, data.replace_schema_metadata(meta.encode() | policy), "overwrite")
+        policy_meta = {POLICY_META_KEY: json.dumps(policy.to_dict()).encode()} if policy else {}
+        table_rows = commit(db_uri, table, data.replace_schema_metadata(meta.encode() | policy_meta), "overwrite")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if mode == "overwrite":
         for old in glob.glob(os.path.join(errors_dir, "errors-*.parquet")):
             if not old.startswith(errors_prefix):
                 os.remove(old)
-    return BuildSummary(table, mode, rows_in, written, rejected, table_rows, errors_dir)
+    return BuildSummary(table, mode, rows_in, written, rejected, table_rows, errors_dir, policy)
 
 
-def fit_policy(data: pa.Table, task: Task, num_layers: int) -> dict[bytes, bytes]:
+def fit_policy(data: pa.Table, task: Task, num_layers: int) -> FusedPolicy | None:
     """The fused strategy's settings, fitted on the table's own rows only (leave-one-out, task metric)."""
     num_labels = len(task.label_names)
     if data.num_rows < 2:
-        return {}
+        return None
     vectors = np.stack(data.column("vector").to_numpy(zero_copy_only=False))
     logprobs = flat_values(data, "layer_logprobs").reshape(data.num_rows, num_layers, num_labels)
     labels = data.column("label").to_numpy().astype(np.int64)
-    policy = fit_fused_policy(vectors, labels, logprobs, num_labels, task_metric(task.name, num_labels)[0])
-    return {POLICY_META_KEY: json.dumps(policy.to_dict()).encode()}
+    return fit_fused_policy(vectors, labels, logprobs, num_labels, task_metric(task.name, num_labels)[0])
 
 
 def commit(db_uri: str, name: str, data: pa.Table, mode: str) -> int:

@@ -57,7 +57,7 @@ class ClassifySummary:
                 f"rows in: {self.rows_in}  predicted: {self.predicted}  rejected: {self.rejected}  "
                 f"(in = predicted + rejected: {balance})",
                 f"mean exit layer: {self.mean_exit:.2f} of {self.num_layers}",
-                f"exits per layer: {exits}",
+                f"exits per layer (0: retrieval alone, no layer run): {exits}",
                 f"beam exit counters: {counters}",
                 f"outputs: {self.output_dir}",
             ]
@@ -118,7 +118,10 @@ def run_classify(
     if chosen.needs_policy and policy is None:
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
     if chosen.needs_policy:
-        settings = f"fitted on the table: k={policy.k}, alpha={policy.alpha}, epsilon={policy.epsilon}"
+        settings = (
+            f"fitted on the table for {policy.metric}: k={policy.k}, alpha={policy.alpha}, "
+            f"epsilon={policy.epsilon}, tau={policy.tau}"
+        )
     else:
         settings = f"k={k}" if chosen.needs_retrieval else "no retrieval"
     files = expand_inputs([input_glob])

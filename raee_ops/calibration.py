@@ -3,9 +3,10 @@
 Intermediate layers read through the output head lean heavily to one label. `prior_bias` finds, per layer,
 the additive logit offset that makes the layer's mean predicted distribution on the reference rows match the
 reference label prior (no training, no validation data). `fit_fused_policy` then chooses k, the weight of the
-neighbours' label vote and the exit tolerance by leave-one-out on the reference table, with the
-one-standard-error rule: among settings whose LOO accuracy is within one standard error of the best, the one
-that runs the fewest layers wins.
+neighbours' label vote, the exit tolerance and the vote agreement at which a row skips the backbone entirely,
+by leave-one-out on the reference table scored with the task's metric, with the one-standard-error rule: among
+settings whose LOO score is within one (bootstrap) standard error of the best, the one that runs the fewest
+layers wins.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ ERRORS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("reason", pa.st
 PREDICTION_FIELDS = [
     pa.field("prediction", pa.int64()),
     pa.field("prediction_label", pa.string()),
-    pa.field("exit_layer", pa.int32()),
+    pa.field("exit_layer", pa.int32()),  # 1-based; 0: answered from retrieval alone, no layer run
     pa.field("confidence", pa.float32()),
 ]
 

@@ -77,6 +77,7 @@ def test_build_db_accounts_for_every_row(built):
     assert sorted(errors.column("id").to_pylist()) == sorted(BAD_IDS)
     check_errors(errors)
     assert "in = written + rejected: ok" in summary.render()
+    assert "fused policy (leave-one-out on 30 rows, accuracy): k=" in summary.render()
 
 
 def test_classify_raee_predicts_valid_rows_and_rejects_bad(segment_artifacts, built):  # noqa: F811
@@ -102,6 +103,28 @@ def test_default_strategy_uses_the_policy_fitted_at_build_time(segment_artifacts
     assert summary.strategy == "fused" and summary.predicted == 22
     probs = predictions.column("confidence").to_numpy()
     assert ((probs >= 0.5) & (probs <= 1.0)).all()  # a fused distribution's top share over two labels
+
+
+def test_rows_answered_from_retrieval_alone_are_written_with_exit_0(segment_artifacts, built, tmp_path):  # noqa: F811
+    import dataclasses
+
+    import lancedb
+
+    from pipelines.build_db import commit
+    from raee_ops.retrieval import Retriever
+    from schemas.tables import POLICY_META_KEY
+
+    root, _ = built
+    data = lancedb.connect(str(root / "db")).open_table("sst2").to_arrow()
+    policy = dataclasses.replace(Retriever(str(root / "db"), "sst2").policy, tau=0.0)  # every vote is decisive
+    meta = (data.schema.metadata or {}) | {POLICY_META_KEY: json.dumps(policy.to_dict()).encode()}
+    commit(str(tmp_path / "db"), "sst2", data.replace_schema_metadata(meta), "overwrite")
+    inputs = str(labelled(tmp_path / "in.parquet", 20, 1, "q"))
+    summary, predictions, errors = classify(segment_artifacts, tmp_path, "out", strategy=None, inputs=inputs)
+    assert (summary.rows_in, summary.predicted, summary.rejected) == (25, 22, 3)
+    assert summary.exit_counts == {0: 22} and summary.mean_exit == 0.0
+    assert set(predictions.column("exit_layer").to_pylist()) == {0}
+    assert "tau=0.0" in summary.render()
 
 
 def test_full_equals_all_layers_and_layer1_exits_first(segment_artifacts, built):  # noqa: F811

@@ -43,9 +43,21 @@ def check_meta(found: TableMeta | None, expected: TableMeta, where: str) -> None
         raise RaeeConfigError(f"{where} does not match this run: {'; '.join(diffs)}")
 
 
+def _table_names(db: lancedb.DBConnection) -> set[str]:
+    """Every table in the database, following LanceDB's pages (remote catalogues return them in pages)."""
+    names: set[str] = set()
+    token = None
+    while True:
+        page = db.list_tables(page_token=token)
+        names.update(page.tables)
+        token = page.page_token
+        if not token:
+            return names
+
+
 def open_table(db_uri: str, name: str) -> lancedb.table.Table:
     db = lancedb.connect(db_uri)
-    if name not in db.list_tables().tables:
+    if name not in _table_names(db):
         raise RaeeConfigError(f"no table {name!r} in {db_uri} (run build-db first)")
     return db.open_table(name)
 

@@ -1,7 +1,7 @@
 """Throughput and accuracy per method on the same rows, side by side in one process and one run.
 
 Methods: (a) hf-torch: the transformers model in PyTorch; (b) ort-whole: one whole-model ONNX graph;
-(c) segments: the exported segments chained through every layer; (d) raee / fused: the in-process classify
+(c) segments: the exported segments chained through every layer; (d) every exit strategy: the in-process classify
 core with retrieval and early exits, each phase timed; (e) beam-fused: `run_classify` on the same rows
 written to Parquet, pipeline start-up included. Every method gets the rows sorted by prompt length in
 batches of BATCH rows (the runtime's own order), so padding is the same for all and only the engine differs.
@@ -30,7 +30,8 @@ from onnx_export.adapters.base import ArchitectureAdapter
 from onnx_export.loader import load_model
 from pipelines.build_db import run_build_db
 from pipelines.classify import run_classify
-from raee_ops.exit_policy import Context, resolve
+from raee_ops import exit_policy
+from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.retrieval import Retriever
 from raee_ops.runtime import SUB_BATCH, SegmentRuntime, session_options
 from raee_ops.tasks import Task, get_task
@@ -42,7 +43,7 @@ ROWS, QUICK_ROWS = 256, 64
 REF_ROWS, QUICK_REF_ROWS = 1000, 200
 #: Threads of the single-session methods (torch, whole-model ORT); segments use the runtime's own setting.
 SINGLE_SESSION_THREADS = 2
-STRATEGIES = ("raee", "fused")
+STRATEGIES = tuple(exit_policy.STRATEGIES)  # every strategy, the ones that lose included
 BEAM_STRATEGY = "fused"
 ATOL = 1e-3
 BENCH = REPO_ROOT / ".bench"
@@ -206,12 +207,15 @@ class Core:
         with timer() as t:
             rt.token_lengths(rows.prompts)  # the handler's max_length check
         self.seconds["tokenize"] = t.s
-        with timer() as t:
-            keys = rt.key(EMBEDDER, rows.texts)
-        self.seconds["key"] = t.s
-        with timer() as t:
-            neighbours = self.retriever.search(keys, strategy.neighbours(ctx))
-        self.seconds["retrieval"] = t.s
+        wanted = strategy.neighbours(ctx)
+        neighbours = Neighbours.none(len(rows.texts), ctx.num_layers, ctx.num_labels)
+        if wanted:  # as the handler: no key and no search for strategies that do not retrieve
+            with timer() as t:
+                keys = rt.key(EMBEDDER, rows.texts)
+            self.seconds["key"] = t.s
+            with timer() as t:
+                neighbours = self.retriever.search(keys, wanted)
+            self.seconds["retrieval"] = t.s
         with timer() as t:
             self.exits = strategy.exits(neighbours, ctx)
         self.seconds["exits"] = t.s

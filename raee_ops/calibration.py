@@ -163,9 +163,10 @@ def fit_fused_policy(
         exits = earliest_within(neighbour_accuracy(correct[:, :k], top_sims[:, :k]), epsilon)
         at_exit = own_logits[np.arange(len(queries)), exits - 1]
         vote = label_vote(labels[top[:, :k]], top_sims[:, :k], num_labels)
+        fused = {alpha: np.argmax(fuse(at_exit, vote, alpha), axis=1) for alpha in ALPHA_GRID}
         for alpha, tau in itertools.product(ALPHA_GRID, TAU_GRID):
             by_vote = retrieval_only(vote, tau)
-            pred = np.where(by_vote, vote.argmax(axis=1), np.argmax(fuse(at_exit, vote, alpha), axis=1))
+            pred = np.where(by_vote, vote.argmax(axis=1), fused[alpha])
             cost = float(np.where(by_vote, 0, exits).mean())
             score = metric(truth, pred, num_labels)
             trials.append(_Trial(score, accuracy(truth, pred), cost, k, alpha, epsilon, tau, pred))

@@ -7,7 +7,6 @@ HNSW is left out: on 2 cores its build took ~85 s at 100k rows already, far past
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pyarrow as pa
 from common import parse_args, timer, write_result
 from lancedb.index import IvfFlat, IvfPq
 
+from raee_ops.retrieval import KMEANS_ITERATIONS, index_partitions
 from schemas.tables import exit_table_schema
 
 DIM, K, NUM_QUERIES = 384, 10, 200
@@ -27,8 +27,6 @@ CHUNK = 100_000
 SEED = 0
 #: Single-query latency runs until all queries are done or this many seconds pass (flat at 1M is slow).
 LATENCY_BUDGET_S, MIN_LATENCY_QUERIES = 30.0, 20
-#: kmeans iterations for index training: the default 50 makes the 1M build take many minutes on 2 cores.
-KMEANS_ITERATIONS = 10
 #: IVF_PQ: 8 dims per sub-vector (48 bytes a row); refine re-ranks refine×k candidates on full vectors.
 PQ_SUB_VECTORS = 48
 #: (fraction of partitions probed, refine factor) per index: a fast and a high-recall setting; at 1M rows
@@ -154,7 +152,7 @@ def bench_size(db: lancedb.DBConnection, rows: int, queries: np.ndarray) -> dict
     table, truth, ingest_s = build_table(db, rows, queries)
     runs = [{"method": "flat", "params": "exact scan", "build_s": None, **measure(table, queries, truth)}]
     print(f"  flat: recall {runs[0]['recall_at_k']:.3f}, p50 {runs[0]['p50_ms']:.1f} ms", flush=True)
-    partitions = max(16, round(math.sqrt(rows) / 4))
+    partitions = index_partitions(rows)  # build-db's own rule
     configs = {
         "ivf_flat": IvfFlat(distance_type="cosine", num_partitions=partitions, max_iterations=KMEANS_ITERATIONS),
         "ivf_pq": IvfPq(

@@ -30,7 +30,7 @@ from pipelines.sources import check_inputs, count_rows, expand_inputs, read_vali
 from raee_ops.calibration import FusedPolicy, fit_fused_policy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.metrics import task_metric
-from raee_ops.retrieval import check_meta, expected_meta, open_table, table_meta
+from raee_ops.retrieval import build_index, check_meta, expected_meta, index_partitions, open_table, table_meta
 from raee_ops.rows import row_ids
 from raee_ops.tasks import Task
 from schemas.manifest import load_manifest
@@ -47,6 +47,7 @@ class BuildSummary:
     table_rows: int
     errors_dir: str
     policy: FusedPolicy | None = None
+    search: str = "exact search"
 
     def render(self) -> str:
         balance = "ok" if self.rows_in == self.written + self.rejected else "MISMATCH"
@@ -62,7 +63,7 @@ class BuildSummary:
                 f"build-db {self.table} ({self.mode})",
                 f"rows in: {self.rows_in}  written: {self.written}  rejected: {self.rejected}  "
                 f"(in = written + rejected: {balance})",
-                f"table rows: {self.table_rows}",
+                f"table rows: {self.table_rows} ({self.search})",
                 fitted,
                 f"errors: {self.errors_dir}",
             ]
@@ -143,14 +144,15 @@ def run_build_db(
             data = pa.concat_tables([open_table(db_uri, table).to_arrow().cast(schema), data])
         policy = fit_policy(data, task, manifest.num_layers)
         policy_meta = {POLICY_META_KEY: json.dumps(policy.to_dict()).encode()} if policy else {}
-        table_rows = commit(db_uri, table, data.replace_schema_metadata(meta.encode() | policy_meta), "overwrite")
+        table_rows, indexed = commit(db_uri, table, data.replace_schema_metadata(meta.encode() | policy_meta))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if mode == "overwrite":
         for old in glob.glob(os.path.join(errors_dir, "errors-*.parquet")):
             if not old.startswith(errors_prefix):
                 os.remove(old)
-    return BuildSummary(table, mode, rows_in, written, rejected, table_rows, errors_dir, policy)
+    search = f"IVF_FLAT index, {index_partitions(table_rows)} partitions" if indexed else "exact search"
+    return BuildSummary(table, mode, rows_in, written, rejected, table_rows, errors_dir, policy, search)
 
 
 def fit_policy(data: pa.Table, task: Task, num_layers: int) -> FusedPolicy | None:
@@ -158,13 +160,15 @@ def fit_policy(data: pa.Table, task: Task, num_layers: int) -> FusedPolicy | Non
     num_labels = len(task.label_names)
     if data.num_rows < 2:
         return None
-    vectors = np.stack(data.column("vector").to_numpy(zero_copy_only=False))
+    vectors = flat_values(data, "vector").reshape(data.num_rows, -1)
     logprobs = flat_values(data, "layer_logprobs").reshape(data.num_rows, num_layers, num_labels)
     labels = data.column("label").to_numpy().astype(np.int64)
     return fit_fused_policy(vectors, labels, logprobs, num_labels, task_metric(task.name, num_labels)[0])
 
 
-def commit(db_uri: str, name: str, data: pa.Table, mode: str) -> int:
-    """The run's only LanceDB write: a whole new table version."""
-    db = lancedb.connect(db_uri)
-    return db.create_table(name, data, schema=data.schema, mode=mode).count_rows()
+def commit(db_uri: str, name: str, data: pa.Table) -> tuple[int, bool]:
+    """The run's table write, a whole new table version; a large table then gets its ANN index (a second version:
+    until it lands, searches scan exactly, so a failed index build leaves a correct table). (rows, indexed)."""
+    table = lancedb.connect(db_uri).create_table(name, data, schema=data.schema, mode="overwrite")
+    indexed = build_index(table)
+    return table.count_rows(), indexed

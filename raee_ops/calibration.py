@@ -24,6 +24,8 @@ EPSILON_GRID = (0.0, 0.02, 0.05, 0.1, 0.2)
 #: Retrieval-only exit: answer with the neighbours' vote, running no layer, when its top share reaches tau.
 TAU_GRID = (0.6, 0.7, 0.8, 0.9, 1.0, None)
 MAX_LOO_QUERIES = 2000
+LOO_CHUNK = 100
+BIAS_ROWS = 20_000
 BOOTSTRAP = 200
 
 
@@ -36,14 +38,25 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.exp(log_softmax(x, axis))
 
 
-def prior_bias(logprobs: np.ndarray, labels: np.ndarray, num_labels: int, iterations: int = 100) -> np.ndarray:
-    """L×C offsets so that each layer's mean predicted distribution over N×L×C logprobs equals the prior."""
+def prior_bias(
+    logprobs: np.ndarray, labels: np.ndarray, num_labels: int, iterations: int = 100, seed: int = 0
+) -> np.ndarray:
+    """L×C offsets so that each layer's mean predicted distribution over N×L×C logprobs equals the prior.
+
+    The prior counts every label; the mean prediction is taken over at most BIAS_ROWS seeded rows (an L×C
+    estimate needs no more), and the fixed-point iteration stops once no offset moves by more than 1e-6.
+    """
     prior = np.bincount(labels, minlength=num_labels).astype(np.float64) + 1.0
     log_prior = np.log(prior / prior.sum())
+    if len(logprobs) > BIAS_ROWS:
+        logprobs = logprobs[np.random.default_rng(seed).choice(len(logprobs), BIAS_ROWS, replace=False)]
     bias = np.zeros(logprobs.shape[1:], np.float64)
     for _ in range(iterations):
         mean = softmax(logprobs + bias).mean(axis=0)
-        bias += log_prior - np.log(np.maximum(mean, 1e-12))
+        step = log_prior - np.log(np.maximum(mean, 1e-12))
+        bias += step
+        if np.abs(step).max() < 1e-6:
+            break
     return (bias - bias.mean(axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -134,6 +147,22 @@ def _standard_error(metric: Metric, truth: np.ndarray, pred: np.ndarray, num_lab
     return float(np.std([metric(truth[d], pred[d], num_labels) for d in draws]))
 
 
+def _loo_neighbours(vectors: np.ndarray, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q×depth nearest rows (and similarities, nearest first) of each query row, itself left out; exact, in
+    chunks of queries so a million-row table needs a few hundred MB, not a Q×N matrix."""
+    tops, sims_out = [], []
+    for start in range(0, len(queries), LOO_CHUNK):
+        chunk = queries[start : start + LOO_CHUNK]
+        sims = vectors[chunk] @ vectors.T
+        sims[np.arange(len(chunk)), chunk] = -np.inf  # leave the query itself out
+        part = np.argpartition(-sims, depth - 1, axis=1)[:, :depth]
+        part_sims = np.take_along_axis(sims, part, axis=1)
+        order = np.argsort(-part_sims, axis=1, kind="stable")
+        tops.append(np.take_along_axis(part, order, axis=1))
+        sims_out.append(np.take_along_axis(part_sims, order, axis=1))
+    return np.concatenate(tops), np.concatenate(sims_out)
+
+
 def fit_fused_policy(
     vectors: np.ndarray,
     labels: np.ndarray,
@@ -150,10 +179,7 @@ def fit_fused_policy(
     rng = np.random.default_rng(seed)
     queries = rng.choice(n, size=MAX_LOO_QUERIES, replace=False) if n > MAX_LOO_QUERIES else np.arange(n)
     ks = [k for k in K_GRID if k < n] or [max(n - 1, 1)]
-    sims = vectors[queries] @ vectors.T
-    sims[np.arange(len(queries)), queries] = -np.inf  # leave the query itself out
-    top = np.argsort(-sims, axis=1)[:, : max(ks)]
-    top_sims = np.take_along_axis(sims, top, axis=1)
+    top, top_sims = _loo_neighbours(vectors, queries, min(max(ks), n - 1))
     correct = calibrated_correct(logprobs[top], labels[top], bias)
     own_logits = logprobs[queries] + bias  # Q×L×C, the query's own calibrated head at every layer
     truth = labels[queries]

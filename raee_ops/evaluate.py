@@ -129,7 +129,7 @@ def evaluate(
         raise RaeeConfigError(f"nothing to evaluate: all {len(rejected)} rows of {input_path} were rejected")
     labels = rows.column("label").to_numpy().astype(np.int64)
     logprobs = flat_values(rows, "layer_logprobs").reshape(rows.num_rows, num_layers, num_labels).transpose(1, 0, 2)
-    keys = np.stack(rows.column("vector").to_numpy(zero_copy_only=False))
+    keys = flat_values(rows, "vector").reshape(rows.num_rows, -1)
 
     ctx = Context(num_layers, num_labels, k, policy)
     nb = retriever.search(keys, max(k, policy.k))

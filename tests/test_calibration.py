@@ -88,3 +88,30 @@ def test_fused_policy_is_fitted_to_the_task_metric_not_to_accuracy():
     assert by_accuracy.loo_mean_exit < 0.5  # accuracy is content with the majority vote and skips the layers
     assert by_mcc.metric == "matthews_corr" and by_mcc.loo_metric > 0.05
     assert by_mcc.loo_mean_exit > 1.0  # the task metric needs layer 2's signal
+
+
+def test_loo_neighbours_in_chunks_equal_a_full_sort(monkeypatch):
+    from raee_ops import calibration
+
+    monkeypatch.setattr(calibration, "LOO_CHUNK", 7)  # several chunks and a ragged last one
+    rng = np.random.default_rng(4)
+    vectors = rng.normal(size=(60, 8))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = rng.choice(60, 30, replace=False)
+    top, sims = calibration._loo_neighbours(vectors, queries, 5)
+    full = vectors[queries] @ vectors.T
+    full[np.arange(30), queries] = -np.inf
+    np.testing.assert_array_equal(top, np.argsort(-full, axis=1)[:, :5])
+    np.testing.assert_allclose(sims, -np.sort(-full, axis=1)[:, :5])
+    assert not (top == queries[:, None]).any()
+
+
+def test_prior_bias_from_a_row_sample_matches_all_rows(monkeypatch):
+    from raee_ops import calibration
+
+    labels, logprobs = _biased_layers(n=6000)
+    everything = prior_bias(logprobs, labels, 2)
+    monkeypatch.setattr(calibration, "BIAS_ROWS", 1500)
+    sampled = prior_bias(logprobs, labels, 2)
+    assert np.abs(sampled - everything).max() < 0.15
+    assert np.abs(everything).max() > 1.0  # a real bias was there to estimate

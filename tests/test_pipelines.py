@@ -118,7 +118,7 @@ def test_rows_answered_from_retrieval_alone_are_written_with_exit_0(segment_arti
     data = lancedb.connect(str(root / "db")).open_table("sst2").to_arrow()
     policy = dataclasses.replace(Retriever(str(root / "db"), "sst2").policy, tau=0.0)  # every vote is decisive
     meta = (data.schema.metadata or {}) | {POLICY_META_KEY: json.dumps(policy.to_dict()).encode()}
-    commit(str(tmp_path / "db"), "sst2", data.replace_schema_metadata(meta), "overwrite")
+    commit(str(tmp_path / "db"), "sst2", data.replace_schema_metadata(meta))
     inputs = str(labelled(tmp_path / "in.parquet", 20, 1, "q"))
     summary, predictions, errors = classify(segment_artifacts, tmp_path, "out", strategy=None, inputs=inputs)
     assert (summary.rows_in, summary.predicted, summary.rejected) == (25, 22, 3)

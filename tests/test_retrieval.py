@@ -1,6 +1,12 @@
 from types import SimpleNamespace
 
-from raee_ops.retrieval import _table_names
+import numpy as np
+import pyarrow as pa
+
+from pipelines.build_db import commit
+from raee_ops import retrieval
+from raee_ops.retrieval import Retriever, _table_names
+from schemas.tables import TableMeta, exit_table_schema
 
 
 class PagedDB:
@@ -18,3 +24,41 @@ class PagedDB:
 def test_table_names_follow_every_page():
     names = [f"t{i}" for i in range(5)]
     assert _table_names(PagedDB(names)) == set(names)
+
+
+def _exit_table(rows: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
+    """Exit-table rows with clustered 16-d keys (uneven density, as real keys), and the keys."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(32, 16))
+    keys = (centres[rng.integers(0, 32, rows)] + rng.normal(0, 0.4, (rows, 16))).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    schema = exit_table_schema(16, 3, 2)
+    meta = TableMeta("fp", "sst2", "minilm", 3, ["negative", "positive"]).encode()
+    columns = {
+        "id": pa.array([f"r{i}" for i in range(rows)]),
+        "label": pa.array(rng.integers(0, 2, rows), pa.int32()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(keys.ravel()), 16),
+        "layer_pred": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(rows * 3, np.int32)), 3),
+        "layer_correct": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(rows * 3, bool)), 3),
+        "layer_prob": pa.FixedSizeListArray.from_arrays(pa.array(np.full(rows * 3, 0.5, np.float32)), 3),
+        "layer_logprobs": pa.FixedSizeListArray.from_arrays(pa.array(np.full(rows * 6, -0.7, np.float32)), 6),
+        "first_correct_layer": pa.array(np.zeros(rows, np.int32)),
+    }
+    return pa.table(columns, schema=schema.with_metadata(meta)), keys
+
+
+def test_large_tables_get_an_ann_index_that_keeps_recall_and_small_ones_stay_exact(tmp_path, monkeypatch):
+    monkeypatch.setattr(retrieval, "INDEX_MIN_ROWS", 3000)
+    small, _ = _exit_table(500)
+    assert commit(str(tmp_path), "small", small) == (500, False)
+    assert Retriever(str(tmp_path), "small").nprobes is None
+
+    table, keys = _exit_table(4000, seed=1)
+    assert commit(str(tmp_path), "large", table) == (4000, True)
+    retriever = Retriever(str(tmp_path), "large")
+    assert retriever.nprobes == round(retrieval.index_partitions(4000) * retrieval.PROBE_SHARE)
+    queries = keys[:200] + np.random.default_rng(2).normal(0, 0.05, (200, 16)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    found = retriever.search(queries, 10).similarity
+    exact = -np.sort(-(queries @ keys.T), axis=1)[:, :10]
+    assert np.mean(np.abs(found - exact) < 1e-4) > 0.9  # recall@10 by similarity: the index finds the true ones

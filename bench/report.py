@@ -215,6 +215,7 @@ def render_speed(result: Doc) -> list[str]:
         f"{result.get('timing', '')}",
         "",
     ]
+    lines += _speed_goal(result)
     header = [
         "method",
         "rows/s",
@@ -227,6 +228,25 @@ def render_speed(result: Doc) -> list[str]:
         "notes",
     ]
     return lines + _table(header, rows)
+
+
+def _speed_goal(result: Doc) -> list[str]:
+    """Issue 5's speed goal for the default strategy: ≥ 1.8× the full model end to end, at accuracy not below it."""
+    methods = {m["method"]: m for m in result["methods"]}
+    default = methods.get(result.get("default_strategy", ""))
+    full = [methods[name] for name in ("segments", "hf-torch") if name in methods]
+    if not default or not full:
+        return []
+    ratios = [default["rows_per_s"] / f["rows_per_s"] for f in full]
+    accurate = all(default["accuracy"] >= f["accuracy"] for f in full)
+    met = accurate and min(ratios) >= 1.8
+    against = " and ".join(f"{r:.2f}× {f['method']}" for r, f in zip(ratios, full, strict=True))
+    return [
+        f"Default strategy `{default['method']}`: {against} (the full model), accuracy {default['accuracy']:.3f} "
+        f"against {full[0]['accuracy']:.3f} (goal ≥ 1.8× at accuracy not below the full model's: "
+        f"{'met' if met else 'NOT met'}).",
+        "",
+    ]
 
 
 def render_generic(result: Any) -> list[str]:

@@ -325,6 +325,7 @@ def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
         "k": K,
         "batch_size": BATCH,
         "baseline": "hf-torch",
+        "default_strategy": exit_policy.DEFAULT_STRATEGY,
         "threads": {
             "torch": SINGLE_SESSION_THREADS,
             "ort_whole_intra_op": SINGLE_SESSION_THREADS,

@@ -149,7 +149,7 @@ def render_quality(result: Doc) -> list[str]:
         macro[name] = (score, share)
         row.append(f"{_fmt(score)} @ {share:.0%} of layers")
     rows.append(row)
-    lines = _table(header, rows)
+    lines = _table(header, rows) + _accuracy_table(names, tasks)
     for task in tasks:
         lines.append(
             f"- {task['task']}: {task.get('reference_rows')} reference rows, {task.get('eval_rows')} scored rows "
@@ -170,6 +170,20 @@ def render_quality(result: Doc) -> list[str]:
             checks.append(f"{mean(no_layers):.0%} of rows answered from retrieval alone (exit 0, no layer run)")
         lines += ["", f"Default strategy `{default}`, macro average: " + "; ".join(checks) + "."]
     return lines
+
+
+def _accuracy_table(names: list[str], tasks: list[Doc]) -> list[str]:
+    """Plain accuracy beside the task metrics above, for the tasks whose metric is not accuracy."""
+    other = [t for t in tasks if t["metric"] != "accuracy"]
+    if not other:
+        return []
+    header = ["task (accuracy)", "full", "full calibrated", "neighbour vote"] + names
+    rows = [
+        [t["task"], t["accuracy"]["full"], t["accuracy"]["full_calibrated"], t["neighbour_vote"]["accuracy"]]
+        + [t["strategies"][name]["accuracy"] for name in names]
+        for t in other
+    ]
+    return ["", "Accuracy on the tasks scored above with another metric:", ""] + _table(header, rows) + [""]
 
 
 def _strategy_cell(entry: Doc | None) -> str:

@@ -247,18 +247,21 @@ def render_speed(result: Doc) -> list[str]:
 def _speed_goal(result: Doc) -> list[str]:
     """Issue 5's speed goal for the default strategy: ≥ 1.8× the full model end to end, at accuracy not below it."""
     methods = {m["method"]: m for m in result["methods"]}
-    default = methods.get(result.get("default_strategy", ""))
-    full = [methods[name] for name in ("segments", "hf-torch") if name in methods]
-    if not default or not full:
+    name = result.get("default_strategy", "")
+    pairs = [  # (default, full model) run the same way
+        (methods.get(name), methods.get(full)) for full in ("segments", "full", "hf-torch")
+    ] + [(methods.get(f"beam-{name}"), methods.get("beam-full"))]
+    pairs = [(d, f) for d, f in pairs if d and f]
+    if not pairs:
         return []
-    ratios = [default["rows_per_s"] / f["rows_per_s"] for f in full]
-    accurate = all(default["accuracy"] >= f["accuracy"] for f in full)
-    met = accurate and min(ratios) >= 1.8
-    against = " and ".join(f"{r:.2f}× {f['method']}" for r, f in zip(ratios, full, strict=True))
+    ratios = [d["rows_per_s"] / f["rows_per_s"] for d, f in pairs]
+    met = min(ratios) >= 1.8 and all(d["accuracy"] >= f["accuracy"] for d, f in pairs)
+    against = ", ".join(f"{d['method']} {r:.2f}× {f['method']}" for r, (d, f) in zip(ratios, pairs, strict=True))
+    default, full = pairs[0]
     return [
-        f"Default strategy `{default['method']}`: {against} (the full model), accuracy {default['accuracy']:.3f} "
-        f"against {full[0]['accuracy']:.3f} (goal ≥ 1.8× at accuracy not below the full model's: "
-        f"{'met' if met else 'NOT met'}).",
+        f"Default strategy `{name}` against the full model run the same way: {against}; accuracy "
+        f"{default['accuracy']:.3f} against {full['accuracy']:.3f} (goal ≥ 1.8× at accuracy not below the full "
+        f"model's, every pair: {'met' if met else 'NOT met'}).",
         "",
     ]
 

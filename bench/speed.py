@@ -2,8 +2,8 @@
 
 Methods: (a) hf-torch: the transformers model in PyTorch; (b) ort-whole: one whole-model ONNX graph;
 (c) segments: the exported segments chained through every layer; (d) every exit strategy: the in-process classify
-core with retrieval and early exits, each phase timed; (e) beam-fused: `run_classify` on the same rows
-written to Parquet, pipeline start-up included. Every method gets the rows sorted by prompt length in
+core with retrieval and early exits, each phase timed; (e) beam-full and beam-fused: `run_classify` on the
+same rows written to Parquet, pipeline start-up included. Every method gets the rows sorted by prompt length in
 batches of BATCH rows (the runtime's own order), so padding is the same for all and only the engine differs.
 """
 
@@ -44,7 +44,9 @@ REF_ROWS, QUICK_REF_ROWS = 1000, 200
 #: Threads of the single-session methods (torch, whole-model ORT); segments use the runtime's own setting.
 SINGLE_SESSION_THREADS = 2
 STRATEGIES = tuple(exit_policy.STRATEGIES)  # every strategy, the ones that lose included
-BEAM_STRATEGY = "fused"
+BEAM_STRATEGIES = ("full", "fused")  # the full model and the default, through the whole Beam pipeline
+#: Timed passes per method; the fastest is reported (other work on a shared machine can only slow a pass down).
+REPEATS = 2
 ATOL = 1e-3
 BENCH = REPO_ROOT / ".bench"
 
@@ -93,11 +95,14 @@ def batches(rows: Rows) -> list[np.ndarray]:
 
 
 def timed(fn: Callable[[Rows], np.ndarray], rows: Rows, warmup: Rows) -> tuple[np.ndarray, float]:
-    """Predictions and seconds of one pass over `rows`, after one untimed pass over `warmup`."""
+    """Predictions and the fastest of REPEATS passes over `rows`, after one untimed pass over `warmup`."""
     fn(warmup)
-    with timer() as t:
-        out = fn(rows)
-    return out, t.s
+    best = float("inf")
+    for _ in range(REPEATS):
+        with timer() as t:
+            out = fn(rows)
+        best = min(best, t.s)
+    return out, best
 
 
 class WholeModel(torch.nn.Module):
@@ -228,20 +233,25 @@ class Core:
         return probs
 
 
-def beam_fused(artifacts: Path, db: str, table: str, evaluation: pa.Table) -> dict[str, Any]:
-    """run_classify on the rows as Parquet (DirectRunner default), wall time including pipeline start-up."""
+def beam_classify(artifacts: Path, db: str, table: str, evaluation: pa.Table, strategy: str) -> dict[str, Any]:
+    """run_classify on the rows as Parquet (DirectRunner default), wall time including pipeline start-up; the
+    fastest of REPEATS runs."""
+    best = float("inf")
     with tempfile.TemporaryDirectory(dir=BENCH) as tmp:
         path = Path(tmp) / "rows.parquet"
         pq.write_table(evaluation, path)
-        with timer() as t:
-            summary = run_classify(artifacts, TASK, db, table, str(path), str(Path(tmp) / "out"), K, BEAM_STRATEGY)
-        files = sorted((Path(tmp) / "out").glob("predictions-*.parquet"))
+        for run in range(REPEATS):
+            out = Path(tmp) / f"out-{run}"
+            with timer() as t:
+                summary = run_classify(artifacts, TASK, db, table, str(path), str(out), K, strategy)
+            best = min(best, t.s)
+        files = sorted(out.glob("predictions-*.parquet"))
         predictions = pa.concat_tables([pq.read_table(f, columns=["label", "prediction"]) for f in files])
     correct = int(np.sum(predictions["label"].to_numpy() == predictions["prediction"].to_numpy()))
     return {
-        "method": f"beam-{BEAM_STRATEGY}",
-        "rows_per_s": evaluation.num_rows / t.s,
-        "wall_s": round(t.s, 2),
+        "method": f"beam-{strategy}",
+        "rows_per_s": evaluation.num_rows / best,
+        "wall_s": round(best, 2),
         "accuracy": correct / evaluation.num_rows,
         "mean_exit_layer": summary.mean_exit,
         "rejected": summary.rejected,
@@ -313,7 +323,7 @@ def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
                 phase_share={k: round(v / total, 3) for k, v in core.seconds.items()},
             )
         )
-    methods.append(beam_fused(artifacts, db, table, evaluation))
+    methods += [beam_classify(artifacts, db, table, evaluation, strategy) for strategy in BEAM_STRATEGIES]
     threads = runtime.embed_session.get_session_options().intra_op_num_threads
     return {
         "preset": preset,
@@ -333,7 +343,8 @@ def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
             "inter_op": 1,
             "RAEE_INTRA_OP_THREADS": os.environ.get("RAEE_INTRA_OP_THREADS"),
         },
-        "timing": f"one warm-up pass over {BATCH} rows, then one timed pass; rows length-sorted for every method",
+        "timing": f"one warm-up pass over {BATCH} rows, then the fastest of {REPEATS} timed passes (Beam: of "
+        f"{REPEATS} runs); rows length-sorted for every method",
         "methods": methods,
     }
 

@@ -245,23 +245,39 @@ def render_speed(result: Doc) -> list[str]:
 
 
 def _speed_goal(result: Doc) -> list[str]:
-    """Issue 5's speed goal for the default strategy: ≥ 1.8× the full model end to end, at accuracy not below it."""
+    """Issue 5's speed goal for the default strategy: ≥ 1.8× the full model end to end, at accuracy not below it.
+
+    Judged twice: per row (the in-process classify core, tokenizing, key and retrieval included, against the full
+    model in three engines) and per job (a whole Beam classify run of the bench rows, start-up included)."""
     methods = {m["method"]: m for m in result["methods"]}
     name = result.get("default_strategy", "")
-    pairs = [  # (default, full model) run the same way
-        (methods.get(name), methods.get(full)) for full in ("segments", "full", "hf-torch")
-    ] + [(methods.get(f"beam-{name}"), methods.get("beam-full"))]
-    pairs = [(d, f) for d, f in pairs if d and f]
-    if not pairs:
+
+    def verdict(label: str, pairs: list[tuple[Doc | None, Doc | None]]) -> str | None:
+        pairs = [(d, f) for d, f in pairs if d and f]
+        if not pairs:
+            return None
+        ratios = [d["rows_per_s"] / f["rows_per_s"] for d, f in pairs]
+        met = min(ratios) >= 1.8 and all(d["accuracy"] >= f["accuracy"] for d, f in pairs)
+        shown = ", ".join(f"{r:.2f}× {f['method']}" for r, (_, f) in zip(ratios, pairs, strict=True))
+        return f"{label}: {shown} ({'met' if met else 'NOT met'})"
+
+    default = methods.get(name)
+    checks = [
+        verdict("per row, in process", [(default, methods.get(f)) for f in ("segments", "full", "hf-torch")]),
+        verdict(
+            f"per Beam job of {result.get('rows')} rows, start-up included",
+            [(methods.get(f"beam-{name}"), methods.get("beam-full"))],
+        ),
+    ]
+    checks = [c for c in checks if c]
+    if not default or not checks:
         return []
-    ratios = [d["rows_per_s"] / f["rows_per_s"] for d, f in pairs]
-    met = min(ratios) >= 1.8 and all(d["accuracy"] >= f["accuracy"] for d, f in pairs)
-    against = ", ".join(f"{d['method']} {r:.2f}× {f['method']}" for r, (d, f) in zip(ratios, pairs, strict=True))
-    default, full = pairs[0]
+    full = methods.get("segments") or methods.get("full") or {}
     return [
-        f"Default strategy `{name}` against the full model run the same way: {against}; accuracy "
-        f"{default['accuracy']:.3f} against {full['accuracy']:.3f} (goal ≥ 1.8× at accuracy not below the full "
-        f"model's, every pair: {'met' if met else 'NOT met'}).",
+        f"Default strategy `{name}` against the full model run the same way (goal ≥ 1.8× at accuracy not below the "
+        f"full model's; accuracy {default['accuracy']:.3f} against {full.get('accuracy', float('nan')):.3f}): "
+        + "; ".join(checks)
+        + ".",
         "",
     ]
 

@@ -87,6 +87,27 @@ def test_tampered_file_is_refused(tiny_llama_artifacts: Path, tmp_path: Path) ->
         load_manifest(copy)
 
 
+def test_checksums_are_hashed_once_per_process_until_a_file_changes(
+    tiny_llama_artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from schemas import manifest as manifest_module
+
+    copy = Path(shutil.copytree(tiny_llama_artifacts, tmp_path / "copy"))
+    load_manifest(copy)
+    hashed = []
+    real = manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    load_manifest(copy)
+    assert hashed == []  # the driver's check already covered these exact files
+    layer = copy / "layer_001.onnx"
+    data = bytearray(layer.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, new contents (and a new mtime)
+    layer.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum mismatch.*layer_001"):
+        load_manifest(copy)
+    assert hashed == ["layer_001.onnx"]
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [

@@ -23,7 +23,7 @@ from onnx_export.tokenizer_file import save_tokenizer
 from onnx_export.verbalizer import label_token_ids
 from onnx_export.verify import verify_export
 from pipelines.options import make_pipeline
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import RaeeConfigError, RaeeRunError
 from raee_ops.tasks import Task
 from schemas.manifest import (
     EmbedderEntry,
@@ -81,14 +81,18 @@ def export_segments(
 ) -> dict[str, FileRef]:
     """Run the Beam pipeline; returns the FileRef of every exported file, keyed by file name."""
     refs_path = work / REFS_FILE
-    with make_pipeline(beam_args) as pipeline:
-        _ = (
-            pipeline
-            | "Segments" >> beam.Create(list(jobs))
-            | "Export" >> beam.ParDo(ExportSegmentFn(model_spec, str(work)))
-            | "Collect" >> beam.combiners.ToDict()
-            | "WriteRefs" >> beam.Map(_write_refs, str(refs_path))
-        )
+    try:
+        with make_pipeline(beam_args) as pipeline:
+            _ = (
+                pipeline
+                | "Segments" >> beam.Create(list(jobs))
+                | "Export" >> beam.ParDo(ExportSegmentFn(model_spec, str(work)))
+                | "Collect" >> beam.combiners.ToDict()
+                | "WriteRefs" >> beam.Map(_write_refs, str(refs_path))
+            )
+    except Exception as exc:  # the model loaded on the driver, so this is the worker's own failure
+        first = (str(exc).splitlines() or [""])[0]
+        raise RaeeRunError(f"segment export failed in a Beam worker: {type(exc).__name__}: {first}") from exc
     refs = {name: FileRef(**ref) for name, ref in json.loads(refs_path.read_text()).items()}
     refs_path.unlink()
     missing = [job.file for job in jobs if job.file not in refs]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import RaeeConfigError, RaeeRunError
 from raee_ops.tasks import Task, get_task, load_task_file
 
 BEAM_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": ["-h", "--help"]}
@@ -220,6 +220,9 @@ def main() -> None:
     except RaeeConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except RaeeRunError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as exc:

@@ -7,3 +7,7 @@ class RaeeConfigError(Exception):
 
 class ArtifactError(RaeeConfigError):
     """Exported artifacts are missing, incomplete or do not match their manifest."""
+
+
+class RaeeRunError(Exception):
+    """Work failed inside a pipeline worker (its traceback is in Beam's log); the run ends with exit code 1."""

@@ -19,7 +19,7 @@ from onnx_export.adapters import adapter_for
 from onnx_export.adapters.gemma3 import Gemma3Adapter
 from onnx_export.loader import fingerprint, load_model, resolve
 from pipelines.export import run_export
-from raee_ops.errors import ArtifactError, RaeeConfigError
+from raee_ops.errors import ArtifactError, RaeeConfigError, RaeeRunError
 from raee_ops.tasks import PRESETS, Task
 from schemas.manifest import MANIFEST_NAME, load_manifest
 
@@ -161,10 +161,27 @@ def test_failed_export_leaves_no_manifest_and_keeps_old(
         return real(module, kind, *args, **kwargs)
 
     monkeypatch.setattr(pipelines.export, "export_segment", failing)
-    with pytest.raises(Exception, match="simulated exporter failure"):
+    with pytest.raises(RaeeRunError, match="failed in a Beam worker: RuntimeError: simulated exporter failure"):
         export(tiny_llama_dir, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left beside it
     assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+
+
+def test_cli_reports_a_worker_failure_in_one_line_with_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from raee_ops import cli
+
+    def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RaeeRunError("segment export failed in a Beam worker: OSError: disk full")
+
+    monkeypatch.setattr(pipelines.export, "run_export", failing)
+    argv = ["raee-ops", "export-onnx", "--model", "smollm2-135m", "--task", "sst2", "--out", str(tmp_path / "o")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == "error: segment export failed in a Beam worker: OSError: disk full\n"
 
 
 def test_cli_help() -> None:

@@ -179,23 +179,25 @@ def fit_fused_policy(
     rng = np.random.default_rng(seed)
     queries = rng.choice(n, size=MAX_LOO_QUERIES, replace=False) if n > MAX_LOO_QUERIES else np.arange(n)
     ks = [k for k in K_GRID if k < n] or [max(n - 1, 1)]
-    top, top_sims = _loo_neighbours(vectors, queries, min(max(ks), n - 1))
+    top, top_sims = _loo_neighbours(vectors, queries, max(ks))
     correct = calibrated_correct(logprobs[top], labels[top], bias)
     own_logits = logprobs[queries] + bias  # Q×L×C, the query's own calibrated head at every layer
     truth = labels[queries]
 
     trials = []
-    for k, epsilon in itertools.product(ks, EPSILON_GRID):
-        exits = earliest_within(neighbour_accuracy(correct[:, :k], top_sims[:, :k]), epsilon)
-        at_exit = own_logits[np.arange(len(queries)), exits - 1]
+    for k in ks:
+        accuracy_by_layer = neighbour_accuracy(correct[:, :k], top_sims[:, :k])
         vote = label_vote(labels[top[:, :k]], top_sims[:, :k], num_labels)
-        fused = {alpha: np.argmax(fuse(at_exit, vote, alpha), axis=1) for alpha in ALPHA_GRID}
-        for alpha, tau in itertools.product(ALPHA_GRID, TAU_GRID):
-            by_vote = retrieval_only(vote, tau)
-            pred = np.where(by_vote, vote.argmax(axis=1), fused[alpha])
-            cost = float(np.where(by_vote, 0, exits).mean())
-            score = metric(truth, pred, num_labels)
-            trials.append(_Trial(score, accuracy(truth, pred), cost, k, alpha, epsilon, tau, pred))
+        by_vote = {tau: retrieval_only(vote, tau) for tau in TAU_GRID}
+        for epsilon in EPSILON_GRID:
+            exits = earliest_within(accuracy_by_layer, epsilon)
+            at_exit = own_logits[np.arange(len(queries)), exits - 1]
+            fused = {alpha: np.argmax(fuse(at_exit, vote, alpha), axis=1) for alpha in ALPHA_GRID}
+            for alpha, tau in itertools.product(ALPHA_GRID, TAU_GRID):
+                pred = np.where(by_vote[tau], vote.argmax(axis=1), fused[alpha])
+                cost = float(np.where(by_vote[tau], 0, exits).mean())
+                score = metric(truth, pred, num_labels)
+                trials.append(_Trial(score, accuracy(truth, pred), cost, k, alpha, epsilon, tau, pred))
     best = max(trials, key=lambda t: t.score)
     floor = best.score - _standard_error(metric, truth, best.pred, num_labels, seed)
     chosen = min((t for t in trials if t.score >= floor), key=lambda t: (t.mean_exit, -t.score))

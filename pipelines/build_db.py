@@ -53,8 +53,8 @@ class BuildSummary:
         balance = "ok" if self.rows_in == self.written + self.rejected else "MISMATCH"
         p = self.policy
         fitted = (
-            f"fused policy (leave-one-out on {p.loo_queries} rows, {p.metric}): k={p.k} alpha={p.alpha} "
-            f"epsilon={p.epsilon} tau={p.tau}; LOO {p.metric} {p.loo_metric:.3f}, mean exit layer {p.loo_mean_exit:.2f}"
+            f"fused policy (leave-one-out on {p.loo_queries} rows, {p.metric}): {p.settings()}; "
+            f"LOO {p.metric} {p.loo_metric:.3f}, mean exit layer {p.loo_mean_exit:.2f}"
             if p
             else "fused policy: none (fewer than 2 rows)"
         )

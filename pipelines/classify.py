@@ -118,10 +118,7 @@ def run_classify(
     if chosen.needs_policy and policy is None:
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
     if chosen.needs_policy:
-        settings = (
-            f"fitted on the table for {policy.metric}: k={policy.k}, alpha={policy.alpha}, "
-            f"epsilon={policy.epsilon}, tau={policy.tau}"
-        )
+        settings = f"fitted on the table for {policy.metric}: {policy.settings()}"
     else:
         settings = f"k={k}" if chosen.needs_retrieval else "no retrieval"
     files = expand_inputs([input_glob])

@@ -123,6 +123,10 @@ class FusedPolicy:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def settings(self) -> str:
+        """The fitted settings in one line, as build-db and classify print them."""
+        return f"k={self.k} alpha={self.alpha} epsilon={self.epsilon} tau={self.tau}"
+
     @property
     def bias_array(self) -> np.ndarray:
         return np.asarray(self.bias, np.float32)

@@ -1,25 +1,100 @@
-"""Beam pipeline construction shared by every pipeline.
+"""Beam pipeline construction shared by every pipeline: options checked before any work, the run ended with one
+clear error.
 
 The DirectRunner of recent Beam first tries to download and start the Prism runner; this machine (and many
 batch hosts) have no internet, so a local run goes straight to the FnApiRunner that DirectRunner falls back to.
 `--direct_num_workers` and `--direct_running_mode` keep working; any other runner name is passed through.
+
+Arguments a command does not know must be Beam pipeline options: anything else (a misspelt `--moed`) is a usage
+error naming the closest valid option, never a warning Beam logs while the run goes on with defaults.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+import difflib
+import logging
+from collections.abc import Iterable, Sequence
+from functools import cache
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from raee_ops.errors import RaeeRunError
+
+log = logging.getLogger(__name__)
+
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner"}
 
 
-def make_pipeline(beam_args: Sequence[str] = ()) -> beam.Pipeline:
-    options = PipelineOptions(list(beam_args))
+class RaeeOptions(PipelineOptions):
+    """The project's own settings as pipeline options, so a runner (Dataflow's job page, templates) sees them."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--raee_command", default=None, help="raee-ops command that built this pipeline.")
+        parser.add_argument("--raee_artifacts", default=None, help="Exported artifacts.")
+        parser.add_argument("--raee_task", default=None, help="Task name.")
+        parser.add_argument("--raee_db", default=None, help="LanceDB URI.")
+        parser.add_argument("--raee_table", default=None, help="Exit-metadata table.")
+        parser.add_argument("--raee_strategy", default=None, help="Exit strategy (classify).")
+
+
+def _subclasses(cls: type) -> Iterable[type]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+@cache
+def _beam_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    for cls in dict.fromkeys(_subclasses(PipelineOptions)):  # each options class once, in definition order
+        try:
+            cls._add_argparse_args(parser)
+        except argparse.ArgumentError:  # an option two classes both declare: the first one stands
+            log.debug("duplicate pipeline option in %s", cls.__name__)
+    return parser
+
+
+def unknown_args(beam_args: Sequence[str], command_options: Iterable[str]) -> str | None:
+    """None when every argument is a Beam pipeline option, else one line naming the first unknown one and the
+    closest option of the command or of Beam."""
+    _, unknown = _beam_parser().parse_known_args(list(beam_args))
+    if not unknown:
+        return None
+    first = unknown[0]
+    if not first.startswith("-"):
+        return f"unexpected argument {first!r}"
+    name = first.split("=", 1)[0]
+    choices = list(command_options) + [o for o in _beam_parser()._option_string_actions if o.startswith("--")]
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"no such option: {name}{hint}; options this command does not know must be Beam pipeline options"
+
+
+def make_pipeline(beam_args: Sequence[str] = (), **settings: str | None) -> beam.Pipeline:
+    """A pipeline with the caller's Beam options and the project's settings (`raee_*` pipeline options)."""
+    extra = [f"--raee_{key}={value}" for key, value in settings.items() if value is not None]
+    options = PipelineOptions(list(beam_args) + extra)
     runner_name = options.view_as(StandardOptions).runner
     if runner_name in LOCAL_RUNNERS:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
         return beam.Pipeline(runner=FnApiRunner(), options=options)
     return beam.Pipeline(options=options)
+
+
+def run_pipeline(pipeline: beam.Pipeline, what: str):
+    """Run to completion; any failure (a worker's exception, a job that ends FAILED or CANCELLED) becomes one
+    RaeeRunError line, the traceback going to the log."""
+    try:
+        result = pipeline.run()
+        state = result.wait_until_finish()
+    except Exception as exc:
+        log.debug("%s pipeline failed", what, exc_info=True)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise RaeeRunError(f"{what} pipeline failed in a Beam worker: {type(exc).__name__}: {first}") from exc
+    if state != "DONE":
+        raise RaeeRunError(f"{what} pipeline ended in state {state}")
+    return result

@@ -1,29 +1,81 @@
-"""The `raee-ops` console script. Commands parse options and hand over to a pipeline; unknown options are
-Beam pipeline options (e.g. `--runner`, `--direct_num_workers 2`) and are passed through untouched."""
+"""The `raee-ops` console script. Commands parse options and hand over to a pipeline; options a command does not
+know must be Beam pipeline options (e.g. `--runner`, `--direct_num_workers 2`), which are passed through; any
+other is a usage error. Every failure ends with one `error:` line and the exit code in `raee_ops.errors`."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from raee_ops.errors import RaeeConfigError, RaeeRunError
+from raee_ops import logs
+from raee_ops.errors import RaeeConfigError, RaeeError
 from raee_ops.tasks import Task, get_task, load_task_file
 
-BEAM_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": ["-h", "--help"]}
+HELP = {"help_option_names": ["-h", "--help"]}
+BEAM_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True, **HELP}
+#: Default --max-rejected: a run that rejects more than half its rows is noticed by its exit code (4).
+MAX_REJECTED = 0.5
+
+max_rejected_option = click.option(
+    "--max-rejected",
+    default=MAX_REJECTED,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Largest share of input rows that may be rejected; above it the run exits with code 4.",
+)
 
 
 def _tasks(names: tuple[str, ...], files: tuple[str, ...]) -> list[Task]:
     return [get_task(n) for n in names] + [load_task_file(f) for f in files]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def command(name: str, beam: bool = True) -> Callable[[Callable[..., Any]], click.Command]:
+    """A subcommand with -v/-q; for pipeline commands, extra arguments must be Beam pipeline options."""
+
+    def wrap(fn: Callable[..., Any]) -> click.Command:
+        @functools.wraps(fn)
+        def run(*args: Any, verbose: int, quiet: bool, **kwargs: Any) -> Any:
+            logs.configure(-1 if quiet else verbose)
+            if beam:
+                from pipelines.options import unknown_args
+
+                ctx = click.get_current_context()
+                problem = unknown_args(ctx.args, [o for p in ctx.command.params for o in p.opts])
+                if problem:
+                    raise click.UsageError(problem)
+            return fn(*args, **kwargs)
+
+        run = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(run)
+        run = click.option("-v", "--verbose", count=True, help="Show library logs (-vv: debug).")(run)
+        return cli.command(name, context_settings=BEAM_ARGS if beam else HELP)(run)
+
+    return wrap
+
+
+def echo(text: str) -> None:
+    if not logs.quiet():
+        click.echo(text)
+
+
+@click.group(context_settings=HELP)
+@click.version_option(package_name="raee-ops", prog_name="raee-ops")
 def cli() -> None:
     """RAEE batch classification: export a backbone, build exit metadata, classify with early exits."""
 
 
-@cli.command("export-onnx", context_settings=BEAM_ARGS)
+def beam_args() -> list[str]:
+    """The Beam pipeline options of the running command (already checked by `command`)."""
+    return list(click.get_current_context().args)
+
+
+@command("export-onnx")
 @click.option(
     "--model",
     "model_spec",
@@ -46,16 +98,20 @@ def cli() -> None:
     type=click.Choice(["minilm"]),
     help="Also export a retrieval embedder into the artifacts.",
 )
-@click.option("--max-length", default=256, show_default=True, help="Longest prompt in tokens the runtime accepts.")
+@click.option(
+    "--max-length",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Longest prompt in tokens the runtime accepts.",
+)
 @click.option(
     "--verify/--no-verify",
     default=True,
     show_default=True,
     help="Check every layer of the chained ONNX segments against the PyTorch model.",
 )
-@click.pass_context
 def export_onnx(
-    ctx: click.Context,
     model_spec: str,
     out_dir: str,
     task_names: tuple[str, ...],
@@ -77,12 +133,12 @@ def export_onnx(
         verify=verify,
         embedders=list(embedders),
         max_length=max_length,
-        beam_args=ctx.args,
+        beam_args=beam_args(),
     )
-    click.echo(f"exported {manifest.num_layers} layers, tasks {', '.join(manifest.tasks)} -> {out_dir}")
+    echo(f"exported {manifest.num_layers} layers, tasks {', '.join(manifest.tasks)} -> {out_dir}")
 
 
-@cli.command("build-db", context_settings=BEAM_ARGS)
+@command("build-db")
 @click.option("--artifacts", required=True, type=click.Path(file_okay=False), help="Exported artifacts.")
 @click.option("--task", "task_name", required=True, help="Task name in the artifacts.")
 @click.option("--input", "inputs", required=True, multiple=True, help="Labelled Parquet file or glob (repeatable).")
@@ -97,9 +153,13 @@ def export_onnx(
 )
 @click.option("--mode", default="overwrite", show_default=True, type=click.Choice(["overwrite", "append"]))
 @click.option("--errors", "errors_dir", default=None, help="Where rejected rows go (default: <db>/_errors/<table>).")
-@click.pass_context
+@max_rejected_option
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Let --mode overwrite replace the table with one of 0 rows (refused otherwise).",
+)
 def build_db(
-    ctx: click.Context,
     artifacts: str,
     task_name: str,
     inputs: tuple[str, ...],
@@ -108,6 +168,8 @@ def build_db(
     embedder: str,
     mode: str,
     errors_dir: str | None,
+    max_rejected: float,
+    allow_empty: bool,
 ) -> None:
     """Run labelled rows through every layer and store their exit information in LanceDB."""
     from pipelines.build_db import run_build_db
@@ -121,22 +183,25 @@ def build_db(
         embedder,
         mode,
         errors_dir,
-        beam_args=ctx.args,
+        beam_args=beam_args(),
+        max_rejected=max_rejected,
+        allow_empty=allow_empty,
     )
-    click.echo(summary.render())
+    echo(summary.render())
 
 
-@cli.command("classify", context_settings=BEAM_ARGS)
+@command("classify")
 @click.option("--artifacts", required=True, type=click.Path(file_okay=False), help="Exported artifacts.")
 @click.option("--task", "task_name", required=True, help="Task name in the artifacts.")
 @click.option("--db", "db_uri", required=True, help="LanceDB URI holding the exit-metadata table.")
 @click.option("--table", default=None, help="Table name (default: the task name).")
-@click.option("--input", "input_glob", required=True, help="Parquet file or glob to classify.")
+@click.option("--input", "inputs", required=True, multiple=True, help="Parquet file or glob to classify (repeatable).")
 @click.option("--output", "output_dir", required=True, help="Directory for predictions-*.parquet and errors.")
 @click.option(
     "--k",
     default=10,
     show_default=True,
+    type=click.IntRange(min=1),
     help="Neighbours for the paper's rules (raee*); fused uses the k fitted on the reference table.",
 )
 @click.option(
@@ -144,28 +209,29 @@ def build_db(
     default=None,
     help="Exit strategy: fused (default), raee (the paper's rule), raee-counts, raee-cal, full, full-cal or layer:N.",
 )
-@click.pass_context
+@max_rejected_option
 def classify(
-    ctx: click.Context,
     artifacts: str,
     task_name: str,
     db_uri: str,
     table: str | None,
-    input_glob: str,
+    inputs: tuple[str, ...],
     output_dir: str,
     k: int,
     strategy: str | None,
+    max_rejected: float,
 ) -> None:
     """Classify Parquet rows, running each only up to its retrieval-predicted exit layer."""
     from pipelines.classify import run_classify
 
     summary = run_classify(
-        Path(artifacts), task_name, db_uri, table or task_name, input_glob, output_dir, k, strategy, beam_args=ctx.args
+        Path(artifacts), task_name, db_uri, table or task_name, list(inputs), output_dir, k, strategy, beam_args()
     )
-    click.echo(summary.render())
+    echo(summary.render())
+    summary.check(max_rejected)
 
 
-@cli.command("evaluate", context_settings={"help_option_names": ["-h", "--help"]})
+@command("evaluate", beam=False)
 @click.option("--artifacts", required=True, type=click.Path(file_okay=False), help="Exported artifacts.")
 @click.option("--task", "task_name", default=None, help="Task name in the artifacts.")
 @click.option(
@@ -176,9 +242,11 @@ def classify(
 )
 @click.option("--db", "db_uri", required=True, help="LanceDB URI holding the exit-metadata table.")
 @click.option("--table", default=None, help="Table name (default: the task name).")
-@click.option("--input", "input_path", required=True, help="Labelled Parquet file or glob to score.")
+@click.option("--input", "inputs", required=True, multiple=True, help="Labelled Parquet file or glob (repeatable).")
 @click.option("--report", "report_dir", required=True, help="Directory for report.json, report.md, report.png.")
-@click.option("--k", default=10, show_default=True, help="Neighbours for the paper's rules (raee*).")
+@click.option(
+    "--k", default=10, show_default=True, type=click.IntRange(min=1), help="Neighbours for the paper's rules (raee*)."
+)
 @click.option(
     "--strategy",
     "strategies",
@@ -191,7 +259,7 @@ def evaluate_cmd(
     task_file: str | None,
     db_uri: str,
     table: str | None,
-    input_path: str,
+    inputs: tuple[str, ...],
     report_dir: str,
     k: int,
     strategies: tuple[str, ...],
@@ -204,30 +272,37 @@ def evaluate_cmd(
         raise RaeeConfigError("give exactly one of --task or --task-file")
     if task_file:
         task_name = exported_task(load_manifest(artifacts), load_task_file(task_file))
-    report = evaluate(Path(artifacts), task_name, db_uri, table or task_name, input_path, k, list(strategies) or None)
+    report = evaluate(Path(artifacts), task_name, db_uri, table or task_name, list(inputs), k, list(strategies) or None)
     out = write_report(report, report_dir)
     full, name = report["full"], report["full"]["metric_name"]
-    click.echo(f"evaluated {report['rows']} rows ({report['rejected']} rejected); full {name} {full['metric']:.4f}")
+    echo(f"evaluated {report['rows']} rows ({report['rejected']} rejected); full {name} {full['metric']:.4f}")
     for strategy, s in report["strategies"].items():
         exit_layer = f"{s['mean_exit_layer']:.2f}/{report['num_layers']}"
-        click.echo(f"  {strategy}: {name} {s['metric']:.4f}, mean exit layer {exit_layer}")
-    click.echo(f"report: {out}")
+        echo(f"  {strategy}: {name} {s['metric']:.4f}, mean exit layer {exit_layer}")
+    echo(f"report: {out}")
 
 
-def main() -> None:
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; every failure is one `error:` line on stderr and its documented exit code."""
     try:
-        cli(standalone_mode=False)
-    except RaeeConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except RaeeRunError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        cli.main(args=argv, prog_name="raee-ops", standalone_mode=False)
+    except RaeeError as exc:
+        logging.getLogger(__name__).debug("failed", exc_info=True)
+        _fail(str(exc), exc.exit_code)
     except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _fail("interrupted", 130)
+    except click.ClickException as exc:  # usage errors: bad or missing options (exit 2)
+        command = f" {exc.ctx.command_path.removeprefix('raee-ops ')}" if getattr(exc, "ctx", None) else ""
+        _fail(f"{exc.format_message()} (see raee-ops{command} --help)", exc.exit_code)
+    except Exception as exc:  # a bug: still one line by default, the traceback with -v
+        if logs.verbose():
+            traceback.print_exc()
+        _fail(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", 1)
 
 
 if __name__ == "__main__":

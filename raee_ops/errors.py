@@ -1,13 +1,47 @@
-"""Errors that end a run with one clear line and a non-zero exit (bad configuration, not bad rows)."""
+"""Errors that end a run with one clear `error:` line and a documented exit code (bad configuration, failed
+pipelines, unbalanced counts — never bad rows, which go to the errors output).
+
+Exit codes: 0 complete and balanced; 1 the pipeline failed; 2 usage or configuration (nothing was changed);
+3 rows in != rows out + rows rejected (nothing was published); 4 outputs are complete but more rows were
+rejected than --max-rejected allows; 75 another run holds the output or table (retry later).
+"""
 
 
-class RaeeConfigError(Exception):
+class RaeeError(Exception):
+    """Base: every raee-ops error carries the exit code the CLI ends with."""
+
+    exit_code = 1
+
+
+class RaeeConfigError(RaeeError):
     """A run-level problem: missing files, checksum or fingerprint mismatch, wrong columns, bad options."""
+
+    exit_code = 2
 
 
 class ArtifactError(RaeeConfigError):
     """Exported artifacts are missing, incomplete or do not match their manifest."""
 
 
-class RaeeRunError(Exception):
-    """Work failed inside a pipeline worker (its traceback is in Beam's log); the run ends with exit code 1."""
+class RaeeRunError(RaeeError):
+    """Work failed inside a pipeline worker or the job failed (its traceback is in the log with -v)."""
+
+    exit_code = 1
+
+
+class CountMismatch(RaeeError):
+    """Rows in != rows out + rows rejected after the pipeline: nothing is published or committed."""
+
+    exit_code = 3
+
+
+class TooManyRejected(RaeeError):
+    """Outputs are complete and balanced, but the rejected share is over --max-rejected."""
+
+    exit_code = 4
+
+
+class Busy(RaeeError):
+    """Another run is writing the same output folder or table; retrying later is safe."""
+
+    exit_code = 75

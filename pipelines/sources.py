@@ -1,19 +1,27 @@
 """Parquet inputs: expand and check them on the driver (run-level errors before any work), then read and
-validate them on workers as small Arrow tables, the elements every later step works on."""
+validate them on workers as small Arrow tables, the elements every later step works on.
+
+A file whose footer cannot be read is refused on the driver before any work (exit 2, the file named). A file
+whose data cannot be decoded past some point (a corrupt page) keeps the rows read before it; the rows of the
+row group that could not be read become error rows naming the file, and the next row group is read as usual.
+"""
 
 from __future__ import annotations
 
 import glob
 from collections.abc import Iterator, Sequence
+from functools import cache
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raee_ops.errors import RaeeConfigError
-from raee_ops.rows import check_columns, validate
+from raee_ops.rows import ROW_ID, Validated, check_columns, errors_table, positions, validate
 from raee_ops.tasks import Task
-from schemas.manifest import Manifest
+from schemas.manifest import Manifest, sha256_file
+from schemas.tables import ID
 
 ERRORS = "errors"
 #: Rows per element; RunInference then batches several elements into one model call.
@@ -32,10 +40,21 @@ def task_of(manifest: Manifest, name: str) -> Task:
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    files = sorted({f for pattern in patterns for f in (glob.glob(pattern) or [])})
-    if not files:
-        raise RaeeConfigError(f"no Parquet files match {', '.join(patterns)}")
-    return files
+    """Every file of every pattern, each file once; a pattern that matches nothing is an error (a typo must not
+    silently drop an input)."""
+    files = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern))
+        if not matched:
+            raise RaeeConfigError(f"--input {pattern}: no such file (no Parquet files match)")
+        files += matched
+    return list(dict.fromkeys(files))
+
+
+@cache
+def file_key(path: str) -> str:
+    """The key of a file's id-less rows: its content digest, so another spelling of the path gives the same ids."""
+    return sha256_file(path)[:16]
 
 
 def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa.Schema, int]:
@@ -54,6 +73,41 @@ def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa
     return schema, rows
 
 
+def file_ids(path: str) -> pa.Array:
+    """The ids the rows of one file get (id column, else positions), read on the driver for duplicate checks."""
+    parquet = pq.ParquetFile(path)
+    rows = parquet.metadata.num_rows
+    if ID not in parquet.schema_arrow.names:
+        return positions(file_key(path), 0, rows)
+    ids = pc.cast(pq.read_table(path, columns=[ID]).column(ID), pa.string()).combine_chunks()
+    return pc.if_else(pc.is_null(ids), positions(file_key(path), 0, rows), ids) if ids.null_count else ids
+
+
+def read_validated_file(path: str, task: Task, need_label: bool, rows: int = ROWS_PER_ELEMENT) -> Iterator[Validated]:
+    """One file, `rows` rows at a time, validated; a row group that cannot be decoded becomes error rows."""
+    parquet = pq.ParquetFile(path)
+    key = file_key(path)
+    first = 0
+    for group in range(parquet.num_row_groups):
+        size, done = parquet.metadata.row_group(group).num_rows, 0
+        batches = parquet.iter_batches(batch_size=rows, row_groups=[group])
+        while done < size:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (OSError, pa.ArrowException) as exc:  # corrupt data: the rest of this row group is lost
+                reason = f"unreadable Parquet data (row group {group}): {type(exc).__name__}: {exc}"[:500]
+                ids = positions(key, first + done, size - done)
+                errors = errors_table(ids, [reason] * len(ids), [path] * len(ids))
+                yield Validated(pa.table({ROW_ID: pa.array([], pa.string())}), errors)
+                break
+            table = pa.Table.from_batches([batch]).replace_schema_metadata(None)
+            yield validate(table, task, source=path, file_key=key, need_label=need_label, first_row=first + done)
+            done += table.num_rows
+        first += size
+
+
 class ReadValidated(beam.DoFn):
     """A Parquet path -> valid rows as small tables (main output) and rejected rows (`errors` output)."""
 
@@ -61,11 +115,7 @@ class ReadValidated(beam.DoFn):
         self.task, self.need_label = task, need_label
 
     def process(self, path: str) -> Iterator[pa.Table | beam.pvalue.TaggedOutput]:
-        first = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_ELEMENT):
-            table = pa.Table.from_batches([batch]).replace_schema_metadata(None)
-            checked = validate(table, self.task, source=path, need_label=self.need_label, first_row=first)
-            first += table.num_rows
+        for checked in read_validated_file(path, self.task, self.need_label):
             if checked.valid.num_rows:
                 yield checked.valid
             if checked.errors.num_rows:

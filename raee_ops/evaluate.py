@@ -17,16 +17,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.inference import BuildHandler
-from pipelines.sources import check_inputs, expand_inputs, task_of
+from pipelines.sources import check_inputs, expand_inputs, read_validated_file, task_of
 from raee_ops.calibration import label_vote
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES, Context, Neighbours, Strategy, resolve
 from raee_ops.metrics import Metric, accuracy, task_metric
 from raee_ops.retrieval import Retriever, check_meta, expected_meta, table_meta
-from raee_ops.rows import validate
 from raee_ops.tasks import Task
 from schemas.manifest import Manifest, load_manifest
 from schemas.tables import flat_values
@@ -51,15 +49,18 @@ def exported_task(manifest: Manifest, task: Task) -> str:
     return task.name
 
 
-def _read_validated(path: str, task: Task) -> tuple[pa.Table, list[dict[str, str]]]:
+def _read_validated(inputs: list[str], task: Task) -> tuple[pa.Table, list[dict[str, str]]]:
     """Valid rows of the input files and the rejected ones; run-level problems raise before any work."""
-    files = expand_inputs([path])
+    files = expand_inputs(inputs)
     check_inputs(files, task, need_label=True)
     valid, rejected = [], []
     for file in files:
-        checked = validate(pq.read_table(file).replace_schema_metadata(None), task, source=file, need_label=True)
-        valid.append(checked.valid)
-        rejected += checked.errors.to_pylist()
+        for checked in read_validated_file(file, task, need_label=True, rows=CHUNK):
+            if checked.valid.num_rows:
+                valid.append(checked.valid)
+            rejected += checked.errors.to_pylist()
+    if not valid:
+        raise RaeeConfigError(f"nothing to evaluate: all {len(rejected)} rows of {', '.join(inputs)} were rejected")
     return pa.concat_tables(valid), rejected
 
 
@@ -103,7 +104,7 @@ def evaluate(
     task_name: str,
     db_uri: str,
     table: str,
-    input_path: str,
+    inputs: list[str],
     k: int = 10,
     strategies: list[str] | None = None,
 ) -> dict[str, Any]:
@@ -122,11 +123,11 @@ def evaluate(
         raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
     policy = retriever.policy
 
-    valid, rejected = _read_validated(input_path, task)
+    valid, rejected = _read_validated(inputs, task)
     rows, failed = _run_layers(BuildHandler(str(artifacts), task, embedder), valid)
     rejected += failed
     if rows.num_rows == 0:
-        raise RaeeConfigError(f"nothing to evaluate: all {len(rejected)} rows of {input_path} were rejected")
+        raise RaeeConfigError(f"nothing to evaluate: all {len(rejected)} rows of {', '.join(inputs)} were rejected")
     labels = rows.column("label").to_numpy().astype(np.int64)
     logprobs = flat_values(rows, "layer_logprobs").reshape(rows.num_rows, num_layers, num_labels).transpose(1, 0, 2)
     keys = flat_values(rows, "vector").reshape(rows.num_rows, -1)
@@ -146,7 +147,7 @@ def evaluate(
     return {
         "task": task_name,
         "label_names": list(task.label_names),
-        "input": input_path,
+        "input": inputs,
         "db": db_uri,
         "table": table,
         "embedder": embedder,

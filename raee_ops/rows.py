@@ -1,9 +1,13 @@
 """Arrow-level input validation: split a table into rows the model can take and rejected rows with a reason.
 
-Row-level problems (null/blank text, missing pair, bad label, a text column of the wrong type in one file)
-reject rows and the run goes on; missing required columns are a run-level `RaeeConfigError` raised before any
-work. Prompts longer than the artifacts' max_length are rejected later, by the inference step, since only the
-tokenizer knows their length (they are never truncated: the readout token is at the end of the prompt).
+Row-level problems (null/blank text, text that is not valid UTF-8, missing pair, bad label) reject rows and the
+run goes on; missing required columns, or columns of a type that cannot hold text or labels, are a run-level
+`RaeeConfigError` raised before any work. Text may be string, dictionary-encoded string or binary (decoded as
+UTF-8 row by row). Prompts longer than the artifacts' max_length are rejected later, by the inference step, since
+only the tokenizer knows their length (they are never truncated: the readout token is at the end of the prompt).
+
+A row's id is its `id` value, or for rows without one `row:<file key>:<n>`: its position in its file, keyed by the
+file's content digest, so the same file gets the same ids however its path is spelt.
 """
 
 from __future__ import annotations
@@ -18,8 +22,23 @@ from raee_ops.errors import RaeeConfigError
 from raee_ops.tasks import Task
 from schemas.tables import ERRORS_SCHEMA, ID, LABEL, TEXT, TEXT_PAIR
 
-#: Internal column carried beside validated rows: the row's id, or its position "row:<file>:<n>".
+#: Internal columns carried beside validated rows: the row's id, and the file it came from (for errors).
 ROW_ID = "_row_id"
+SOURCE = "_source"
+INTERNAL = [ROW_ID, SOURCE]
+
+
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _is_text(t.value_type)
+    kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+    return pa.types.is_null(t) or any(kind(t) for kind in kinds)  # null: a column with no value at all
+
+
+def _is_label(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _is_label(t.value_type)
+    return pa.types.is_null(t) or pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def required_columns(task: Task, need_label: bool) -> list[str]:
@@ -28,15 +47,30 @@ def required_columns(task: Task, need_label: bool) -> list[str]:
 
 def check_columns(schema: pa.Schema, task: Task, need_label: bool, source: str) -> None:
     """Refuse an input that lacks a required column, before any row is processed."""
-    missing = [c for c in required_columns(task, need_label) if c not in schema.names]
+    required = required_columns(task, need_label)
+    missing = [c for c in required if c not in schema.names]
     if missing:
         raise RaeeConfigError(
             f"{source}: missing column(s) {', '.join(missing)} for task {task.name!r} (has: {', '.join(schema.names)})"
         )
+    for column in required:
+        kind, ok = ("label", _is_label) if column == LABEL else ("text", _is_text)
+        if not ok(schema.field(column).type):
+            raise RaeeConfigError(
+                f"{source}: column {column!r} has type {schema.field(column).type}, which cannot hold {kind}"
+            )
 
 
-def errors_table(ids: list[str] | pa.Array, reasons: list[str]) -> pa.Table:
-    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(reasons, pa.string())], schema=ERRORS_SCHEMA)
+def errors_table(ids: list[str] | pa.Array, reasons: list[str], files: list[str] | pa.Array) -> pa.Table:
+    return pa.Table.from_arrays(
+        [pa.array(ids, pa.string()), pa.array(reasons, pa.string()), pa.array(files, pa.string())],
+        schema=ERRORS_SCHEMA,
+    )
+
+
+def internal_errors(table: pa.Table, reasons: list[str]) -> pa.Table:
+    """Error rows for every row of a validated table (which carries its ids and files)."""
+    return errors_table(table.column(ROW_ID), reasons, table.column(SOURCE))
 
 
 @dataclass(frozen=True)
@@ -45,27 +79,75 @@ class Validated:
     errors: pa.Table
 
 
-def row_ids(table: pa.Table, source: str, first_row: int) -> pa.Array:
-    """The `id` column as strings where present and non-null, else the row's position in its file."""
-    positions = pa.array([f"row:{source}:{n}" for n in range(first_row, first_row + table.num_rows)], pa.string())
+def positions(file_key: str, first_row: int, rows: int) -> pa.Array:
+    return pa.array([f"row:{file_key}:{n}" for n in range(first_row, first_row + rows)], pa.string())
+
+
+def row_ids(table: pa.Table, file_key: str, first_row: int) -> pa.Array:
+    """The `id` column as strings where present and non-null, else the row's position keyed by its file."""
     if ID not in table.column_names:
-        return positions
-    ids = pc.cast(table.column(ID), pa.string())
-    return pc.if_else(pc.is_null(ids), positions, ids).combine_chunks()
+        return positions(file_key, first_row, table.num_rows)
+    ids = pc.cast(table.column(ID), pa.string()).combine_chunks()
+    if not ids.null_count:
+        return ids
+    return pc.if_else(pc.is_null(ids), positions(file_key, first_row, table.num_rows), ids)
 
 
-def _text_reasons(table: pa.Table, column: str) -> list[tuple[np.ndarray, str]]:
-    values = table.column(column)
-    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-        return [(np.ones(table.num_rows, bool), f"{column} column has type {values.type}, expected string")]
-    null = pc.is_null(values).to_numpy(zero_copy_only=False)
+def _text_type(t: pa.DataType) -> pa.DataType:
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    return pa.large_string() if pa.types.is_large_string(t) or pa.types.is_large_binary(t) else pa.string()
+
+
+def text_columns(task: Task) -> list[str]:
+    return [TEXT, TEXT_PAIR] if task.is_pair else [TEXT]
+
+
+def validated_schema(schema: pa.Schema, task: Task) -> pa.Schema:
+    """An input schema as validation leaves it: text columns decoded to strings."""
+    for column in text_columns(task):
+        index = schema.get_field_index(column)
+        schema = schema.set(index, schema.field(index).with_type(_text_type(schema.field(index).type)))
+    return schema
+
+
+def as_text(values: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """A text column as a valid string array, and which rows were not valid UTF-8 (set to null here)."""
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    text = _text_type(values.type)
+    raw = values.cast(pa.large_binary() if text == pa.large_string() else pa.binary())  # bytes, unchecked
+    try:
+        return raw.cast(text), np.zeros(len(raw), bool)
+    except pa.ArrowInvalid:  # some row is not UTF-8: find which, one by one (only on this slow path)
+        valid = np.array([v is None or _decodes(v) for v in raw.to_pylist()])
+        kept = pc.if_else(pa.array(valid), raw, pa.nulls(len(raw), raw.type))
+        return kept.cast(text), ~valid
+
+
+def _decodes(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _text_reasons(table: pa.Table, column: str) -> tuple[pa.Table, list[tuple[np.ndarray, str]]]:
+    """The table with `column` as valid strings, and the masks of rows to reject with their reasons."""
+    values, undecodable = as_text(table.column(column))
+    table = table.set_column(table.schema.get_field_index(column), column, values)
+    null = pc.is_null(values).to_numpy(zero_copy_only=False) & ~undecodable
     blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(values), ""), False).to_numpy(zero_copy_only=False)
-    return [(null, f"{column} is null"), (blank, f"{column} is empty or whitespace")]
+    reasons = [(undecodable, f"{column} is not valid UTF-8"), (null, f"{column} is null")]
+    return table, reasons + [(blank, f"{column} is empty or whitespace")]
 
 
 def label_indices(table: pa.Table, task: Task) -> tuple[pa.Array, list[tuple[np.ndarray, str]]]:
     """Labels as int32 indices into the task's labels (ints or label names accepted), plus bad-label masks."""
     values = table.column(LABEL).combine_chunks()
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
     names = task.label_names
     if pa.types.is_integer(values.type):
         index = pc.cast(values, pa.int64())
@@ -81,12 +163,16 @@ def label_indices(table: pa.Table, task: Task) -> tuple[pa.Array, list[tuple[np.
     return pa.array(np.clip(raw, 0, None).astype(np.int32)), [(null, "label is null"), (outside, reason)]
 
 
-def validate(table: pa.Table, task: Task, *, source: str, need_label: bool, first_row: int = 0) -> Validated:
-    """Valid rows (with `_row_id`, and `label` as int32 indices when labels are needed) and errors."""
+def validate(
+    table: pa.Table, task: Task, *, source: str, file_key: str, need_label: bool, first_row: int = 0
+) -> Validated:
+    """Valid rows (with `_row_id` and `_source`, text as strings, and `label` as int32 indices when labels are
+    needed) and errors."""
     check_columns(table.schema, task, need_label, source)
-    checks = _text_reasons(table, TEXT)
-    if task.is_pair:
-        checks += _text_reasons(table, TEXT_PAIR)
+    checks = []
+    for column in text_columns(task):
+        table, column_checks = _text_reasons(table, column)
+        checks += column_checks
     if need_label:
         labels, label_checks = label_indices(table, task)
         checks += label_checks
@@ -94,8 +180,9 @@ def validate(table: pa.Table, task: Task, *, source: str, need_label: bool, firs
     reasons = np.full(table.num_rows, None, dtype=object)
     for mask, reason in checks:
         reasons[mask & (reasons == None)] = reason  # noqa: E711 - elementwise on an object array
-    ids = row_ids(table, source, first_row)
+    ids = row_ids(table, file_key, first_row)
     bad = reasons != None  # noqa: E711
-    valid = table.append_column(ROW_ID, ids).filter(pa.array(~bad))
-    errors = errors_table(ids.filter(pa.array(bad)), list(reasons[bad]))
+    files = pa.array([source] * table.num_rows, pa.string())
+    valid = table.append_column(ROW_ID, ids).append_column(SOURCE, files).filter(pa.array(~bad))
+    errors = errors_table(ids.filter(pa.array(bad)), list(reasons[bad]), [source] * int(bad.sum()))
     return Validated(valid, errors)

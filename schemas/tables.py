@@ -13,8 +13,9 @@ TABLE_META_KEY = b"raee"
 #: The fused strategy's settings, fitted on the table's own rows by build-db (raee_ops.calibration).
 POLICY_META_KEY = b"raee_policy"
 
-#: Rejected rows, from any pipeline: the row's id (or its position in its file when it has none) and why.
-ERRORS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("reason", pa.string())])
+#: Rejected rows, from any pipeline: the row's id (or its position in its file when it has none), why, and the
+#: input file it came from.
+ERRORS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("reason", pa.string()), pa.field("file", pa.string())])
 
 #: Columns classify adds to every input row.
 PREDICTION_FIELDS = [

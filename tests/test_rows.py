@@ -17,8 +17,8 @@ def test_single_text_rows_and_labels():
             "label": [1, 0, 0, None, 5, 0, 1],
         }
     )
-    out = validate(table, SST2, source="f.parquet", need_label=True)
-    assert out.valid.column(ROW_ID).to_pylist() == ["a", "f", "row:f.parquet:6"]
+    out = validate(table, SST2, source="f.parquet", file_key="k", need_label=True)
+    assert out.valid.column(ROW_ID).to_pylist() == ["a", "f", "row:k:6"]
     assert out.valid.column("label").type == pa.int32()
     assert out.errors.schema == ERRORS_SCHEMA
     reasons = dict(zip(out.errors.column("id").to_pylist(), out.errors.column("reason").to_pylist(), strict=True))
@@ -31,15 +31,15 @@ def test_single_text_rows_and_labels():
 
 def test_string_labels_map_to_indices_and_classify_ignores_labels():
     table = pa.table({"text": ["a", "b", "c"], "label": ["positive", "negative", "meh"]})
-    out = validate(table, SST2, source="s", need_label=True, first_row=10)
+    out = validate(table, SST2, source="s", file_key="s", need_label=True, first_row=10)
     assert out.valid.column("label").to_pylist() == [1, 0]
     assert out.errors.column("id").to_pylist() == ["row:s:12"]
-    assert validate(table, SST2, source="s", need_label=False).valid.num_rows == 3
+    assert validate(table, SST2, source="s", file_key="s", need_label=False).valid.num_rows == 3
 
 
 def test_pair_task_needs_text_pair():
     table = pa.table({"text": ["p", "p", "p"], "text_pair": ["h", None, ""], "label": [0, 1, 0]})
-    out = validate(table, RTE, source="r", need_label=True)
+    out = validate(table, RTE, source="r", file_key="r", need_label=True)
     assert out.valid.num_rows == 1
     assert out.errors.column("reason").to_pylist() == [
         "text_pair is null",
@@ -47,10 +47,29 @@ def test_pair_task_needs_text_pair():
     ]
 
 
-def test_non_string_text_rejects_every_row():
-    out = validate(pa.table({"text": [1, 2], "label": [0, 1]}), SST2, source="n", need_label=True)
-    assert out.valid.num_rows == 0
-    assert set(out.errors.column("reason").to_pylist()) == {"text column has type int64, expected string"}
+def test_a_text_column_that_cannot_hold_text_is_run_level():
+    with pytest.raises(RaeeConfigError, match="column 'text' has type int64, which cannot hold text"):
+        check_columns(pa.schema([("text", pa.int64()), ("label", pa.int64())]), SST2, True, "n.parquet")
+    with pytest.raises(RaeeConfigError, match="column 'label' has type double"):
+        check_columns(pa.schema([("text", pa.string()), ("label", pa.float64())]), SST2, True, "n.parquet")
+
+
+def test_dictionary_and_binary_text_are_text_and_invalid_utf8_is_a_row_error():
+    text = pa.array(["good", "fine", "good"]).dictionary_encode()
+    out = validate(pa.table({"text": text, "label": [1, 1, 0]}), SST2, source="d", file_key="d", need_label=True)
+    assert out.valid.column("text").type == pa.string() and out.valid.num_rows == 3
+    raw = pa.array([b"caf\xc3\xa9", b"\xff\xfe bad", None, b"ok"], pa.binary())
+    table = pa.table({"id": ["a", "b", "c", "d"], "text": raw, "label": [1, 0, 1, 0]})
+    out = validate(table, SST2, source="b", file_key="b", need_label=True)
+    assert out.valid.column("text").to_pylist() == ["café", "ok"]
+    reasons = dict(zip(out.errors.column("id").to_pylist(), out.errors.column("reason").to_pylist(), strict=True))
+    assert reasons == {"b": "text is not valid UTF-8", "c": "text is null"}
+    assert out.errors.column("file").to_pylist() == ["b", "b"]
+    # a string column whose bytes are not UTF-8 (as a Parquet writer that does not check can leave it)
+    bad = pa.Array.from_buffers(pa.string(), 2, raw.buffers()[:3])
+    out = validate(pa.table({"text": bad, "label": [0, 1]}), SST2, source="s", file_key="s", need_label=True)
+    assert out.valid.column("text").to_pylist() == ["café"]
+    assert out.errors.column("reason").to_pylist() == ["text is not valid UTF-8"]
 
 
 def test_missing_columns_are_run_level():

@@ -128,7 +128,7 @@ def bench_task(artifacts: Path, preset: str, data: Path, task: str, quick: bool)
     )
     print(f"[{preset}/{task}] evaluate on {evaluation.num_rows} rows", flush=True)
     with timer() as took:
-        report = evaluate(artifacts, task, str(work / "db"), task, str(work / "test.parquet"), K)
+        report = evaluate(artifacts, task, str(work / "db"), task, [str(work / "test.parquet")], K)
     write_report(report, work / "report")
     print(
         f"[{preset}/{task}] {report['metric_name']}: full {report['full']['metric']:.3f}, "

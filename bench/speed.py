@@ -243,7 +243,7 @@ def beam_classify(artifacts: Path, db: str, table: str, evaluation: pa.Table, st
         for run in range(REPEATS):
             out = Path(tmp) / f"out-{run}"
             with timer() as t:
-                summary = run_classify(artifacts, TASK, db, table, str(path), str(out), K, strategy)
+                summary = run_classify(artifacts, TASK, db, table, [str(path)], str(out), K, strategy)
             best = min(best, t.s)
         files = sorted(out.glob("predictions-*.parquet"))
         predictions = pa.concat_tables([pq.read_table(f, columns=["label", "prediction"]) for f in files])

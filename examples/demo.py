@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -70,6 +71,7 @@ def main() -> None:
         "--embedder",
         EMBEDDER,
     )
+    shutil.rmtree(out, ignore_errors=True)  # the demo's own folder: classify refuses a complete output folder
     started = time.perf_counter()
     raee_ops(
         "classify",

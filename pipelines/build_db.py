@@ -1,9 +1,10 @@
 """build-db: labelled Parquet -> exit information for every row -> one LanceDB commit.
 
-Workers write exit rows as Parquet shards into a staging directory (Beam file sink, complete or absent);
-the driver then checks conservation (rows in = written + rejected) and commits all shards to LanceDB at once,
-so a failed run leaves the table as it was. Staging is a local temporary directory: workers must share the
-driver's filesystem (DirectRunner, PortableRunner with LOOPBACK).
+The run claims the table's work folder (`<db>/_raee-work/<table>/`; a second live run on the same table is
+refused), workers write exit rows and errors as Parquet shards into this run's staging folder there, and the
+driver checks conservation (rows in = written + rejected) and its refusals (no rows to overwrite with, too many
+rejected) before it publishes the errors and commits the table in one LanceDB version, so a failed or killed run
+leaves the table as it was. The next run removes a killed run's staging.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,17 +22,30 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.commit import claim_work_dir, new_run_id
 from pipelines.inference import BuildHandler, Infer
-from pipelines.options import make_pipeline
-from pipelines.sources import check_inputs, count_rows, expand_inputs, read_validated, task_of, write_tables
+from pipelines.options import make_pipeline, run_pipeline
+from pipelines.sources import check_inputs, count_rows, expand_inputs, file_ids, read_validated, task_of, write_tables
 from raee_ops.calibration import FusedPolicy, fit_fused_policy
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
+from raee_ops.faults import fault_point
 from raee_ops.metrics import task_metric
-from raee_ops.retrieval import build_index, check_meta, expected_meta, index_partitions, open_table, table_meta
-from raee_ops.rows import row_ids
+from raee_ops.retrieval import (
+    build_index,
+    check_meta,
+    expected_meta,
+    index_partitions,
+    is_local,
+    local_path,
+    open_table,
+    table_meta,
+)
 from raee_ops.tasks import Task
 from schemas.manifest import load_manifest
 from schemas.tables import ERRORS_SCHEMA, ID, POLICY_META_KEY, flat_values
+
+#: Examples of offending ids shown in a refusal.
+SHOWN_IDS = 5
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,7 @@ class BuildSummary:
     errors_dir: str
     policy: FusedPolicy | None = None
     search: str = "exact search"
+    version: int | None = None
 
     def render(self) -> str:
         balance = "ok" if self.rows_in == self.written + self.rejected else "MISMATCH"
@@ -63,7 +75,7 @@ class BuildSummary:
                 f"build-db {self.table} ({self.mode})",
                 f"rows in: {self.rows_in}  written: {self.written}  rejected: {self.rejected}  "
                 f"(in = written + rejected: {balance})",
-                f"table rows: {self.table_rows} ({self.search})",
+                f"table rows: {self.table_rows} ({self.search}); table version {self.version}",
                 fitted,
                 f"errors: {self.errors_dir}",
             ]
@@ -71,30 +83,44 @@ class BuildSummary:
 
 
 def default_errors_dir(db_uri: str, table: str) -> str:
-    if "://" in db_uri and not db_uri.startswith("file://"):
+    if not is_local(db_uri):
         raise RaeeConfigError(f"--errors is required when --db is not a local directory ({db_uri})")
-    return str(Path(db_uri.removeprefix("file://")) / "_errors" / table)
+    return str(local_path(db_uri) / "_errors" / table)
 
 
-def input_ids(files: list[str]) -> pa.Array:
-    """The ids rows will get (id column, else positions), read on the driver for append's check."""
-    ids = []
-    for path in files:
-        has_id = ID in pq.ParquetFile(path).schema_arrow.names
-        table = (
-            pq.read_table(path, columns=[ID]) if has_id else pa.table({"_": pa.nulls(pq.read_metadata(path).num_rows)})
-        )
-        ids.append(row_ids(table, path, 0))
-    return pa.concat_arrays(ids)
+def work_dir(db_uri: str, table: str) -> Path:
+    """Where a table's runs stage their rows and hold their claim: beside the table, in the database folder."""
+    if not is_local(db_uri):
+        raise RaeeConfigError(f"build-db stages its rows beside the table and needs a local --db for now ({db_uri})")
+    return local_path(db_uri) / "_raee-work" / table
 
 
-def refuse_duplicates(db_uri: str, table: str, files: list[str]) -> None:
-    present = open_table(db_uri, table).to_arrow().column(ID)
-    ids = input_ids(files)
-    clash = ids.filter(pc.is_in(ids, value_set=present.combine_chunks()))
+def _examples(ids: pa.Array) -> str:
+    return ", ".join(map(str, ids.to_pylist()[:SHOWN_IDS]))
+
+
+def refuse_duplicate_ids(ids: pa.Array) -> None:
+    """Ids must be unique within the input: the table's rows are keyed by them."""
+    counts = pc.value_counts(ids).flatten()
+    repeated = counts[0].filter(pc.greater(counts[1], 1))
+    if len(repeated):
+        raise RaeeConfigError(f"{len(repeated)} id(s) occur more than once in the input (e.g. {_examples(repeated)})")
+
+
+def refuse_present_ids(db_uri: str, table: str, ids: pa.Array) -> None:
+    present = open_table(db_uri, table).to_arrow().column(ID).combine_chunks()
+    clash = ids.filter(pc.is_in(ids, value_set=present))
     if len(clash):
-        shown = ", ".join(clash.to_pylist()[:5])
+        shown = _examples(clash)
         raise RaeeConfigError(f"append refused: {len(clash)} id(s) already in table {table!r} (e.g. {shown})")
+
+
+def refuse_overwrite_with_nothing(table: str, allow_empty: bool) -> None:
+    if not allow_empty:
+        raise RaeeConfigError(
+            f"no rows to write: --mode overwrite would replace table {table!r} with an empty one "
+            "(left unchanged; pass --allow-empty to do it anyway)"
+        )
 
 
 def run_build_db(
@@ -107,6 +133,8 @@ def run_build_db(
     mode: str,
     errors_dir: str | None,
     beam_args: list[str] | tuple[str, ...] = (),
+    max_rejected: float = 1.0,
+    allow_empty: bool = False,
 ) -> BuildSummary:
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
@@ -114,45 +142,64 @@ def run_build_db(
         raise RaeeConfigError(f"embedder {embedder!r} was not exported into {artifacts}")
     files = expand_inputs(inputs)
     _, rows_in = check_inputs(files, task, need_label=True)
+    if rows_in == 0 and mode == "overwrite":
+        refuse_overwrite_with_nothing(table, allow_empty)
     meta = expected_meta(manifest, task_name, embedder)
     if mode == "append":
         check_meta(table_meta(db_uri, table), meta, f"table {table!r} in {db_uri}")
-        refuse_duplicates(db_uri, table, files)
+    ids = pa.concat_arrays([file_ids(f) for f in files]) if files else pa.array([], pa.string())
+    refuse_duplicate_ids(ids)
     errors_dir = errors_dir or default_errors_dir(db_uri, table)
-    os.makedirs(errors_dir, exist_ok=True)
-    run_id = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
-    errors_prefix = os.path.join(errors_dir, f"errors-{run_id}")
-    staging = tempfile.mkdtemp(prefix="raee-staging-")
-    try:
+    if os.path.exists(errors_dir) and not os.path.isdir(errors_dir):
+        raise RaeeConfigError(f"--errors {errors_dir} exists and is not a directory")
+    run_id = new_run_id()
+    with claim_work_dir(work_dir(db_uri, table), f"table {table!r}") as staging:
+        if mode == "append":  # under the claim: no other run can add these ids in between
+            refuse_present_ids(db_uri, table, ids)
         handler = BuildHandler(str(artifacts), task, embedder)
         schema = handler.schema(manifest)
-        pipeline = make_pipeline(beam_args)
+        pipeline = make_pipeline(
+            beam_args, command="build-db", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
+        )
         valid, invalid = read_validated(pipeline, files, task, need_label=True)
         rows, failed = valid | "Infer" >> Infer(handler)
         write_tables(rows, "WriteStaging", os.path.join(staging, "rows"), schema)
         errors = (invalid, failed) | "Errors" >> beam.Flatten()
-        write_tables(errors, "WriteErrors", errors_prefix, ERRORS_SCHEMA)
-        result = pipeline.run()
-        if result.wait_until_finish() != "DONE":
-            raise RuntimeError(f"build-db pipeline ended in state {result.state}")
+        write_tables(errors, "WriteErrors", os.path.join(staging, f"errors-{run_id}"), ERRORS_SCHEMA)
+        run_pipeline(pipeline, "build-db")
         written, shards = count_rows(os.path.join(staging, "rows*.parquet"))
-        rejected, _ = count_rows(errors_prefix + "*.parquet")
+        rejected, error_shards = count_rows(os.path.join(staging, "errors-*.parquet"))
         if rows_in != written + rejected:
-            raise RuntimeError(f"rows in {rows_in} != written {written} + rejected {rejected}: not committing")
+            raise CountMismatch(f"rows in {rows_in} != written {written} + rejected {rejected}: not committing")
+        publish_errors(error_shards, errors_dir)
+        share = rejected / rows_in if rows_in else 0.0
+        if share > max_rejected:
+            raise TooManyRejected(
+                f"{rejected} of {rows_in} rows rejected ({share:.0%}), over --max-rejected {max_rejected:g}: "
+                f"table {table!r} left unchanged; see {errors_dir}"
+            )
+        if written == 0 and mode == "overwrite":
+            refuse_overwrite_with_nothing(table, allow_empty)
         data = pa.concat_tables([pq.read_table(s, schema=schema) for s in shards]) if shards else schema.empty_table()
         if mode == "append":  # the policy is fitted on the whole table, so append rewrites it in one commit
             data = pa.concat_tables([open_table(db_uri, table).to_arrow().cast(schema), data])
         policy = fit_policy(data, task, manifest.num_layers)
         policy_meta = {POLICY_META_KEY: json.dumps(policy.to_dict()).encode()} if policy else {}
-        table_rows, indexed = commit(db_uri, table, data.replace_schema_metadata(meta.encode() | policy_meta))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        fault_point("commit:errors")
+        table_rows, indexed, version = commit(db_uri, table, data.replace_schema_metadata(meta.encode() | policy_meta))
     if mode == "overwrite":
         for old in glob.glob(os.path.join(errors_dir, "errors-*.parquet")):
-            if not old.startswith(errors_prefix):
+            if not os.path.basename(old).startswith(f"errors-{run_id}"):
                 os.remove(old)
     search = f"IVF_FLAT index, {index_partitions(table_rows)} partitions" if indexed else "exact search"
-    return BuildSummary(table, mode, rows_in, written, rejected, table_rows, errors_dir, policy, search)
+    return BuildSummary(table, mode, rows_in, written, rejected, table_rows, errors_dir, policy, search, version)
+
+
+def publish_errors(shards: list[str], errors_dir: str) -> None:
+    """This run's error shards (named by its run id) into the errors folder."""
+    os.makedirs(errors_dir, exist_ok=True)
+    for shard in shards:
+        os.replace(shard, os.path.join(errors_dir, os.path.basename(shard)))
 
 
 def fit_policy(data: pa.Table, task: Task, num_layers: int) -> FusedPolicy | None:
@@ -166,9 +213,11 @@ def fit_policy(data: pa.Table, task: Task, num_layers: int) -> FusedPolicy | Non
     return fit_fused_policy(vectors, labels, logprobs, num_labels, task_metric(task.name, num_labels)[0])
 
 
-def commit(db_uri: str, name: str, data: pa.Table) -> tuple[int, bool]:
+def commit(db_uri: str, name: str, data: pa.Table) -> tuple[int, bool, int]:
     """The run's table write, a whole new table version; a large table then gets its ANN index (a second version:
-    until it lands, searches scan exactly, so a failed index build leaves a correct table). (rows, indexed)."""
+    until it lands, searches scan exactly, so a failed index build leaves a correct table).
+    (rows, indexed, version)."""
     table = lancedb.connect(db_uri).create_table(name, data, schema=data.schema, mode="overwrite")
+    fault_point("commit:table")
     indexed = build_index(table)
-    return table.count_rows(), indexed
+    return table.count_rows(), indexed, table.version

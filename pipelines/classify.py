@@ -1,13 +1,13 @@
 """classify: Parquet rows -> retrieve neighbours' exit information -> run each row to its exit layer.
 
-Outputs go through Beam's file sinks (temp files renamed at finalize), so `predictions-*.parquet` and
-`errors-*.parquet` appear complete or not at all. An output directory that already holds either is refused
-(pick a new directory or delete the old files): replacing in place could mix two runs' shards.
+The run claims its output folder (a second live run on it is refused), stages predictions and errors in a
+run-private `_temporary/<run id>/`, checks rows in = predicted + rejected there, then publishes both and writes
+`_SUCCESS` last (see pipelines/commit.py). A folder with `_SUCCESS` is complete and is refused as an output; one
+without it is an unfinished run's, and the next run removes what it left.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass, field
 
@@ -17,12 +17,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.metrics.metric import MetricsFilter
 
+from pipelines.commit import claim_output
 from pipelines.inference import NAMESPACE, ClassifyHandler, Infer
-from pipelines.options import make_pipeline
+from pipelines.options import make_pipeline, run_pipeline
 from pipelines.sources import check_inputs, count_rows, expand_inputs, read_validated, task_of, write_tables
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import resolve
 from raee_ops.retrieval import check_meta, expected_meta, open_table, table_policy
+from raee_ops.rows import validated_schema
 from schemas.manifest import load_manifest
 from schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 
@@ -38,6 +40,7 @@ class ClassifySummary:
     exit_counts: dict[int, int]
     output_dir: str
     beam_exit_counts: dict[int, int] | None = field(default=None)
+    table_version: int | None = None
 
     @property
     def mean_exit(self) -> float:
@@ -59,15 +62,19 @@ class ClassifySummary:
                 f"mean exit layer: {self.mean_exit:.2f} of {self.num_layers}",
                 f"exits per layer (0: retrieval alone, no layer run): {exits}",
                 f"beam exit counters: {counters}",
+                f"table version read: {self.table_version}",
                 f"outputs: {self.output_dir}",
             ]
         )
 
-
-def refuse_existing_outputs(output_dir: str) -> None:
-    old = glob.glob(os.path.join(output_dir, "predictions-*")) + glob.glob(os.path.join(output_dir, "errors-*"))
-    if old:
-        raise RaeeConfigError(f"{output_dir} already holds classify outputs; remove them or choose another --output")
+    def check(self, max_rejected: float) -> None:
+        """Refuse a published run whose rejected share is over `max_rejected` (exit code 4)."""
+        share = self.rejected / self.rows_in if self.rows_in else 0.0
+        if share > max_rejected:
+            raise TooManyRejected(
+                f"{self.rejected} of {self.rows_in} rows rejected ({share:.0%}), over --max-rejected "
+                f"{max_rejected:g}; outputs are complete in {self.output_dir}, see its errors-*.parquet"
+            )
 
 
 def exit_counts_from_files(files: list[str]) -> dict[int, int]:
@@ -96,7 +103,7 @@ def run_classify(
     task_name: str,
     db_uri: str,
     table: str,
-    input_glob: str,
+    inputs: list[str],
     output_dir: str,
     k: int,
     strategy: str | None,
@@ -108,7 +115,8 @@ def run_classify(
     strategy = chosen.name
     if k < 1:
         raise RaeeConfigError(f"--k must be at least 1, got {k}")
-    table_schema = open_table(db_uri, table).schema
+    opened = open_table(db_uri, table)
+    version, table_schema = opened.version, opened.schema
     meta = TableMeta.decode(table_schema)
     embedder = meta.embedder if meta else "backbone"
     if embedder != "backbone" and embedder not in manifest.embedders:
@@ -121,36 +129,43 @@ def run_classify(
         settings = f"fitted on the table for {policy.metric}: {policy.settings()}"
     else:
         settings = f"k={k}" if chosen.needs_retrieval else "no retrieval"
-    files = expand_inputs([input_glob])
+    files = expand_inputs(inputs)
     schema, rows_in = check_inputs(files, task, need_label=False)
     clash = [f.name for f in PREDICTION_FIELDS if f.name in schema.names]
     if clash:
         raise RaeeConfigError(f"input already has column(s) {', '.join(clash)} that classify adds")
-    refuse_existing_outputs(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
 
-    output_schema = pa.schema(list(schema) + PREDICTION_FIELDS)
-    handler = ClassifyHandler(str(artifacts), task, embedder, db_uri, table, k, strategy, output_schema)
-    pipeline = make_pipeline(beam_args)
-    valid, invalid = read_validated(pipeline, files, task, need_label=False)
-    rows, failed = valid | "Infer" >> Infer(handler)
-    write_tables(rows, "WritePredictions", os.path.join(output_dir, "predictions"), output_schema)
-    errors = (invalid, failed) | "Errors" >> beam.Flatten()
-    write_tables(errors, "WriteErrors", os.path.join(output_dir, "errors"), ERRORS_SCHEMA)
-    result = pipeline.run()
-    if result.wait_until_finish() != "DONE":
-        raise RuntimeError(f"classify pipeline ended in state {result.state}")
+    output_schema = pa.schema(list(validated_schema(schema, task)) + PREDICTION_FIELDS)
+    handler = ClassifyHandler(str(artifacts), task, embedder, db_uri, table, k, strategy, output_schema, version)
+    with claim_output(output_dir, ["predictions-*.parquet", "errors-*.parquet"], "--output") as claim:
+        pipeline = make_pipeline(
+            beam_args, command="classify", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
+        )
+        valid, invalid = read_validated(pipeline, files, task, need_label=False)
+        rows, failed = valid | "Infer" >> Infer(handler)
+        write_tables(rows, "WritePredictions", os.path.join(claim.staging, "predictions"), output_schema)
+        errors = (invalid, failed) | "Errors" >> beam.Flatten()
+        write_tables(errors, "WriteErrors", os.path.join(claim.staging, "errors"), ERRORS_SCHEMA)
+        result = run_pipeline(pipeline, "classify")
 
-    predicted, prediction_files = count_rows(os.path.join(output_dir, "predictions-*.parquet"))
-    rejected, _ = count_rows(os.path.join(output_dir, "errors-*.parquet"))
-    return ClassifySummary(
-        strategy,
-        settings,
-        manifest.num_layers,
-        rows_in,
-        predicted,
-        rejected,
-        exit_counts_from_files(prediction_files),
-        output_dir,
-        beam_exit_counts(result),
-    )
+        predicted, prediction_files = count_rows(os.path.join(claim.staging, "predictions-*.parquet"))
+        rejected, _ = count_rows(os.path.join(claim.staging, "errors-*.parquet"))
+        summary = ClassifySummary(
+            strategy,
+            settings,
+            manifest.num_layers,
+            rows_in,
+            predicted,
+            rejected,
+            exit_counts_from_files(prediction_files),
+            output_dir,
+            beam_exit_counts(result),
+            version,
+        )
+        if rows_in != predicted + rejected or summary.beam_exit_counts not in (None, summary.exit_counts):
+            raise CountMismatch(
+                f"rows in {rows_in} != predicted {predicted} + rejected {rejected} (or Beam's exit counters "
+                f"{summary.beam_exit_counts} differ): nothing published to {output_dir}"
+            )
+        claim.publish({"command": "classify", "rows_in": rows_in, "predicted": predicted, "rejected": rejected})
+    return summary

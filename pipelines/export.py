@@ -2,11 +2,14 @@
 
 Workers load the model once (DoFn.setup) and write their segment into a temporary directory beside the
 output; the driver then adds the tokenizer and embedders, verifies, writes manifest.json last and moves the
-directory into place, so a failed export never leaves a manifest behind or replaces a good export.
+directory into place, so a failed export never leaves a manifest behind or replaces a good export. The run
+holds a lock on its temporary directory while it lives, so the next export to the same place removes what a
+killed one left (its `.<out>.tmp-*` folder) and never a live one's.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 import shutil
@@ -22,8 +25,10 @@ from onnx_export.segments import export_segment
 from onnx_export.tokenizer_file import save_tokenizer
 from onnx_export.verbalizer import label_token_ids
 from onnx_export.verify import verify_export
-from pipelines.options import make_pipeline
-from raee_ops.errors import RaeeConfigError, RaeeRunError
+from pipelines.commit import locked, reclaim_siblings
+from pipelines.options import make_pipeline, run_pipeline
+from raee_ops.errors import RaeeConfigError
+from raee_ops.faults import fault_point
 from raee_ops.tasks import Task
 from schemas.manifest import (
     EmbedderEntry,
@@ -69,6 +74,7 @@ class ExportSegmentFn(beam.DoFn):
         export_segment(
             modules[job.kind](), job.kind, adapter.hidden_size, directory / job.file, dynamo=type(adapter).dynamo
         )
+        fault_point("export:segment")
         yield job.file, FileRef.of(directory, job.file)
 
 
@@ -81,18 +87,15 @@ def export_segments(
 ) -> dict[str, FileRef]:
     """Run the Beam pipeline; returns the FileRef of every exported file, keyed by file name."""
     refs_path = work / REFS_FILE
-    try:
-        with make_pipeline(beam_args) as pipeline:
-            _ = (
-                pipeline
-                | "Segments" >> beam.Create(list(jobs))
-                | "Export" >> beam.ParDo(ExportSegmentFn(model_spec, str(work)))
-                | "Collect" >> beam.combiners.ToDict()
-                | "WriteRefs" >> beam.Map(_write_refs, str(refs_path))
-            )
-    except Exception as exc:  # the model loaded on the driver, so this is the worker's own failure
-        first = (str(exc).splitlines() or [""])[0]
-        raise RaeeRunError(f"segment export failed in a Beam worker: {type(exc).__name__}: {first}") from exc
+    pipeline = make_pipeline(beam_args, command="export-onnx")
+    _ = (
+        pipeline
+        | "Segments" >> beam.Create(list(jobs))
+        | "Export" >> beam.ParDo(ExportSegmentFn(model_spec, str(work)))
+        | "Collect" >> beam.combiners.ToDict()
+        | "WriteRefs" >> beam.Map(_write_refs, str(refs_path))
+    )
+    run_pipeline(pipeline, "segment export")  # the model loaded on the driver: a failure is the worker's own
     refs = {name: FileRef(**ref) for name, ref in json.loads(refs_path.read_text()).items()}
     refs_path.unlink()
     missing = [job.file for job in jobs if job.file not in refs]
@@ -122,16 +125,16 @@ def _check_request(loaded: LoadedModel, tasks: Sequence[Task], max_length: int) 
 
 
 def _move_into_place(work: Path, out_dir: Path) -> None:
-    """Replace out_dir by work; an existing export is only moved aside once work is complete."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RaeeConfigError(f"--out {out_dir} exists and is not a directory")
-    if not out_dir.exists():
+    """Replace out_dir by work; an existing export is only moved aside once work is complete. Exports to the
+    same place take turns here (the parent's lock), so two at once both end with a complete export."""
+    with locked(out_dir.parent, f"the folder of {out_dir}", wait=True):
+        if not out_dir.exists():
+            work.rename(out_dir)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        out_dir.rename(old / out_dir.name)
         work.rename(out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    out_dir.rename(old / out_dir.name)
-    work.rename(out_dir)
-    shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)  # a concurrent run may have reclaimed it
 
 
 def _export_embedders(names: Sequence[str], work: Path) -> dict[str, EmbedderEntry]:
@@ -156,47 +159,53 @@ def run_export(
     _check_request(loaded, tasks, max_length)
     label_ids = {t.name: label_token_ids(adapter.tokenizer, t) for t in tasks}
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RaeeConfigError(f"--out {out_dir} exists and is not a directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in (".tmp-", ".old-"):
+        reclaim_siblings(str(out_dir.parent / f".{glob.escape(out_dir.name)}{leftover}*"))
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        jobs = _jobs(adapter.num_layers, tasks, label_ids)
-        refs = export_segments(model_spec, work, jobs, beam_args)
-        save_tokenizer(adapter.tokenizer, work / TOKENIZER_FILE)
-        tokenizer_ref = FileRef.of(work, TOKENIZER_FILE)
-        tok = adapter.tokenizer
-        manifest = Manifest(
-            model=ModelInfo(
-                source=loaded.source, architecture=type(loaded.model).__name__, fingerprint=loaded.fingerprint
-            ),
-            num_layers=adapter.num_layers,
-            hidden_size=adapter.hidden_size,
-            readout=adapter.readout,
-            padding_side=adapter.padding_side,
-            max_length=max_length,
-            tokenizer=TokenizerInfo(
-                file=tokenizer_ref.file,
-                sha256=tokenizer_ref.sha256,
-                pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
-                mask_token=tok.mask_token,
-                mask_token_id=tok.mask_token_id,
-            ),
-            segments=Segments(embed=refs[jobs[0].file], layers=[refs[j.file] for j in jobs if j.kind == "layer"]),
-            tasks={
-                t.name: TaskEntry(
-                    template=t.template,
-                    label_names=list(t.label_names),
-                    verbalizer=list(t.verbalizer),
-                    label_token_ids=label_ids[t.name],
-                    head=refs[_head_file(t)],
-                )
-                for t in tasks
-            },
-            embedders=_export_embedders(embedders, work),
-        )
-        if verify:
-            manifest = replace(manifest, verify=verify_export(work, manifest, adapter, tasks))
-        write_manifest(work, manifest)
-        _move_into_place(work, out_dir)
+        with locked(work, "a temporary export folder"):  # held while this run lives
+            jobs = _jobs(adapter.num_layers, tasks, label_ids)
+            refs = export_segments(model_spec, work, jobs, beam_args)
+            save_tokenizer(adapter.tokenizer, work / TOKENIZER_FILE)
+            tokenizer_ref = FileRef.of(work, TOKENIZER_FILE)
+            tok = adapter.tokenizer
+            manifest = Manifest(
+                model=ModelInfo(
+                    source=loaded.source, architecture=type(loaded.model).__name__, fingerprint=loaded.fingerprint
+                ),
+                num_layers=adapter.num_layers,
+                hidden_size=adapter.hidden_size,
+                readout=adapter.readout,
+                padding_side=adapter.padding_side,
+                max_length=max_length,
+                tokenizer=TokenizerInfo(
+                    file=tokenizer_ref.file,
+                    sha256=tokenizer_ref.sha256,
+                    pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+                    mask_token=tok.mask_token,
+                    mask_token_id=tok.mask_token_id,
+                ),
+                segments=Segments(embed=refs[jobs[0].file], layers=[refs[j.file] for j in jobs if j.kind == "layer"]),
+                tasks={
+                    t.name: TaskEntry(
+                        template=t.template,
+                        label_names=list(t.label_names),
+                        verbalizer=list(t.verbalizer),
+                        label_token_ids=label_ids[t.name],
+                        head=refs[_head_file(t)],
+                    )
+                    for t in tasks
+                },
+                embedders=_export_embedders(embedders, work),
+            )
+            if verify:
+                manifest = replace(manifest, verify=verify_export(work, manifest, adapter, tasks))
+            write_manifest(work, manifest)
+            fault_point("export:move")
+            _move_into_place(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -21,8 +21,9 @@ import pyarrow as pa
 
 from raee_ops.calibration import log_softmax
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
+from raee_ops.faults import fault_point
 from raee_ops.retrieval import Retriever
-from raee_ops.rows import ROW_ID, errors_table
+from raee_ops.rows import INTERNAL, ROW_ID, internal_errors
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import Task
 from schemas.manifest import Manifest
@@ -81,7 +82,7 @@ class Progress:
     def add(self, rows: int, what: str) -> None:
         self.rows += rows
         now = time.perf_counter()
-        if now - self.shown >= PROGRESS_SECONDS:
+        if now - self.shown >= PROGRESS_SECONDS and sys.stderr.isatty():  # logs and schedulers get the summary
             self.shown = now
             rate = self.rows / max(now - self.started, 1e-9)
             print(
@@ -93,6 +94,8 @@ class Progress:
 
 class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
     """Shared batch logic: concatenate, reject overlong prompts, predict, isolate rows that fail."""
+
+    command = ""  # the raee-ops command this handler serves (progress lines, fault points)
 
     def __init__(
         self,
@@ -107,6 +110,7 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         self.threads, self.providers = threads, providers
 
     def _runtime(self) -> SegmentRuntime:
+        fault_point(f"load:{self.command}")
         return SegmentRuntime(self.artifacts, providers=self.providers, intra_op_threads=self.threads)
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
@@ -130,8 +134,8 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         limit = model.runtime.manifest.max_length
         fits = lengths <= limit
         errors = [
-            errors_table(
-                table.column(ROW_ID).filter(pa.array(~fits)),
+            internal_errors(
+                table.filter(pa.array(~fits)),
                 [
                     f"prompt is {n} tokens, over max_length {limit} (never truncated: readout is at the end)"
                     for n in lengths[~fits]
@@ -148,12 +152,13 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
                 try:
                     rows.append(self.predict(model, table.slice(i, 1), prompts[i : i + 1]))
                 except Exception as exc:  # becomes this row's error reason
-                    errors.append(errors_table([table.column(ROW_ID)[i].as_py()], [f"inference failed: {exc!r}"]))
+                    errors.append(internal_errors(table.slice(i, 1), [f"inference failed: {exc!r}"]))
         errors_out = pa.concat_tables(errors)
         beam.metrics.Metrics.counter(NAMESPACE, "rows_rejected").inc(errors_out.num_rows)
         rows_out = pa.concat_tables(rows) if rows else self.empty(model)
         beam.metrics.Metrics.counter(NAMESPACE, "rows_out").inc(rows_out.num_rows)
-        model.progress.add(rows_out.num_rows + errors_out.num_rows, type(self).__name__.removesuffix("Handler"))
+        model.progress.add(rows_out.num_rows + errors_out.num_rows, self.command)
+        fault_point(f"batch:{self.command}")
         return [Outcome(rows_out, errors_out)]
 
     def prompts(self, runtime: SegmentRuntime, table: pa.Table) -> list[str]:
@@ -175,6 +180,8 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
 
 class BuildHandler(_RaeeHandler):
     """Labelled rows -> exit-table rows: the key and every layer's prediction, correctness and log-probs."""
+
+    command = "build-db"
 
     def load_model(self) -> Loaded:
         return Loaded(self._runtime())
@@ -223,6 +230,8 @@ class BuildHandler(_RaeeHandler):
 class ClassifyHandler(_RaeeHandler):
     """Input rows -> the same rows plus prediction, label, 1-based exit layer and confidence."""
 
+    command = "classify"
+
     def __init__(
         self,
         artifacts: str,
@@ -233,16 +242,17 @@ class ClassifyHandler(_RaeeHandler):
         k: int,
         strategy: str,
         output_schema: pa.Schema,
+        version: int | None = None,
         **runtime_options: Any,
     ) -> None:
         super().__init__(artifacts, task, embedder, **runtime_options)
         self.db_uri, self.table, self.k, self.strategy = db_uri, table, k, strategy
-        self.output_schema = output_schema
+        self.output_schema, self.version = output_schema, version
 
     def load_model(self) -> Loaded:
         runtime = self._runtime()
         strategy = resolve(self.strategy, runtime.num_layers)
-        retriever = Retriever(self.db_uri, self.table)
+        retriever = Retriever(self.db_uri, self.table, self.version)  # the version the driver checked
         context = Context(runtime.num_layers, len(self.task.label_names), self.k, retriever.policy)
         return Loaded(runtime, retriever, strategy, context)
 
@@ -269,7 +279,7 @@ class ClassifyHandler(_RaeeHandler):
             pa.array(exits, pa.int32()),
             pa.array(probs.max(axis=1), pa.float32()),
         ]
-        out = table.drop_columns([ROW_ID])
+        out = table.drop_columns(INTERNAL)
         for spec, values in zip(PREDICTION_FIELDS, added, strict=True):
             out = out.append_column(spec, values)
         return out.cast(self.output_schema)
@@ -285,7 +295,7 @@ def failed_batch_errors(failure: tuple[Sequence[pa.Table], Any]) -> Iterable[pa.
     batch, info = failure
     reason = f"inference failed for the whole batch: {info[1] if isinstance(info, tuple) else info}"
     for table in batch:
-        yield errors_table(table.column(ROW_ID), [reason] * table.num_rows)
+        yield internal_errors(table, [reason] * table.num_rows)
 
 
 class Infer(beam.PTransform):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict
+from pathlib import Path
 
 import lancedb
 import numpy as np
@@ -78,11 +79,25 @@ def _table_names(db: lancedb.DBConnection) -> set[str]:
             return names
 
 
-def open_table(db_uri: str, name: str) -> lancedb.table.Table:
+def is_local(db_uri: str) -> bool:
+    return "://" not in db_uri or db_uri.startswith("file://")
+
+
+def local_path(db_uri: str) -> Path:
+    return Path(db_uri.removeprefix("file://"))
+
+
+def open_table(db_uri: str, name: str, version: int | None = None) -> lancedb.table.Table:
+    """An existing table (at `version`, when given); a missing database is refused, never created."""
+    if is_local(db_uri) and not local_path(db_uri).is_dir():
+        raise RaeeConfigError(f"no database at {db_uri} (run build-db first, or check --db)")
     db = lancedb.connect(db_uri)
     if name not in _table_names(db):
         raise RaeeConfigError(f"no table {name!r} in {db_uri} (run build-db first)")
-    return db.open_table(name)
+    table = db.open_table(name)
+    if version is not None:
+        table.checkout(version)
+    return table
 
 
 def table_meta(db_uri: str, name: str) -> TableMeta:
@@ -92,8 +107,8 @@ def table_meta(db_uri: str, name: str) -> TableMeta:
 class Retriever:
     """Top-k neighbours' exit information for many query vectors in one LanceDB call."""
 
-    def __init__(self, db_uri: str, table: str) -> None:
-        self.table = open_table(db_uri, table)
+    def __init__(self, db_uri: str, table: str, version: int | None = None) -> None:
+        self.table = open_table(db_uri, table, version)
         self.meta = TableMeta.decode(self.table.schema)
         self.rows = self.table.count_rows()
         self.policy = table_policy(self.table.schema)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from tiny_models import build_tiny_llama
@@ -31,3 +32,34 @@ def tiny_llama_artifacts(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPath
         beam_args=[],
     )
     return out
+
+
+class FaultRecord(NamedTuple):
+    command: str
+    point: str
+    reruns: int
+    lost: int
+    duplicated: int
+
+
+FAULT_RECORDS: list[FaultRecord] = []
+
+
+@pytest.fixture(scope="session")
+def fault_records() -> list[FaultRecord]:
+    """Where the fault-injection tests record each kill, for the summary printed at the end."""
+    return FAULT_RECORDS
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not FAULT_RECORDS:
+        return
+    lost, duplicated = sum(r.lost for r in FAULT_RECORDS), sum(r.duplicated for r in FAULT_RECORDS)
+    terminalreporter.section("fault injection")
+    for r in FAULT_RECORDS:
+        line = f"{r.command:>18} killed at {r.point:<30} reruns {r.reruns}  lost {r.lost}  duplicated {r.duplicated}"
+        terminalreporter.line(line)
+    terminalreporter.line(
+        f"points killed: {len(FAULT_RECORDS)}, reruns: {sum(r.reruns for r in FAULT_RECORDS)}, "
+        f"rows lost: {lost}, rows duplicated: {duplicated}"
+    )

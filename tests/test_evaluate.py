@@ -26,7 +26,7 @@ def evaluated(segment_artifacts, tmp_path_factory):  # noqa: F811
     train = labelled(root / "train.parquet", 30, 0, "t", bad=False)
     run_build_db(segment_artifacts, "sst2", [str(train)], str(root / "db"), "sst2", "minilm", "overwrite", None)
     held_out = labelled(root / "test.parquet", 25, 1, "q")
-    report = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", str(held_out), k=5)
+    report = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(held_out)], k=5)
     return root, held_out, report
 
 
@@ -73,7 +73,7 @@ def test_write_report_and_strategy_override(segment_artifacts, evaluated, tmp_pa
     assert json.loads((out / "report.json").read_text())["rows"] == 25
     assert "| fused |" in (out / "report.md").read_text()
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
-    fixed = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", str(held_out), 5, ["layer:1", "raee"])
+    fixed = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(held_out)], 5, ["layer:1", "raee"])
     assert list(fixed["strategies"]) == ["layer:1", "raee"]
     assert fixed["strategies"]["layer:1"]["accuracy"] == report["per_layer_accuracy"][0]
 

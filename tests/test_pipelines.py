@@ -15,6 +15,7 @@ from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 
 from pipelines.build_db import run_build_db
 from pipelines.classify import run_classify
+from pipelines.sources import file_key
 from raee_ops.errors import RaeeConfigError
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
@@ -57,7 +58,7 @@ def built(segment_artifacts, tmp_path_factory):  # noqa: F811
 
 def classify(artifacts, root, out, strategy="raee", inputs=None, k=5, task="sst2", table="sst2", args=()):
     inputs = inputs or str(labelled(root / f"in-{out}.parquet", 20, 1, "q"))
-    summary = run_classify(artifacts, task, str(root / "db"), table, inputs, str(root / out), k, strategy, list(args))
+    summary = run_classify(artifacts, task, str(root / "db"), table, [inputs], str(root / out), k, strategy, list(args))
     predictions = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(str(root / out / "pred*")))])
     errors = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(str(root / out / "errors*")))])
     return summary, predictions, errors
@@ -210,7 +211,7 @@ def test_append_adds_new_ids_and_refuses_present_ones(segment_artifacts, tmp_pat
             "append",
             None,
         )
-    summary = run_classify(segment_artifacts, "sst2", db, "t", str(more), str(tmp_path / "out"), 3, "raee")
+    summary = run_classify(segment_artifacts, "sst2", db, "t", [str(more)], str(tmp_path / "out"), 3, "raee")
     assert summary.predicted == 4
 
 
@@ -230,7 +231,6 @@ def test_pair_task_rejects_missing_pairs(segment_artifacts, tmp_path):  # noqa: 
     )
     assert (summary.written, summary.rejected) == (6, 2)
     errors = pq.read_table(glob.glob(str(tmp_path / "db" / "_errors" / "rte" / "*.parquet"))[0])
-    assert errors.column("id").to_pylist() == [
-        f"row:{tmp_path / 'rte.parquet'}:6",
-        f"row:{tmp_path / 'rte.parquet'}:7",
-    ]
+    key = file_key(str(tmp_path / "rte.parquet"))  # id-less rows are keyed by the file's content, not its path
+    assert errors.column("id").to_pylist() == [f"row:{key}:6", f"row:{key}:7"]
+    assert errors.column("file").to_pylist() == [str(tmp_path / "rte.parquet")] * 2

@@ -50,11 +50,11 @@ def _exit_table(rows: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
 def test_large_tables_get_an_ann_index_that_keeps_recall_and_small_ones_stay_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(retrieval, "INDEX_MIN_ROWS", 3000)
     small, _ = _exit_table(500)
-    assert commit(str(tmp_path), "small", small) == (500, False)
+    assert commit(str(tmp_path), "small", small) == (500, False, 1)
     assert Retriever(str(tmp_path), "small").nprobes is None
 
     table, keys = _exit_table(4000, seed=1)
-    assert commit(str(tmp_path), "large", table) == (4000, True)
+    assert commit(str(tmp_path), "large", table)[:2] == (4000, True)
     retriever = Retriever(str(tmp_path), "large")
     assert retriever.nprobes == round(retrieval.index_partitions(4000) * retrieval.PROBE_SHARE)
     queries = keys[:200] + np.random.default_rng(2).normal(0, 0.05, (200, 16)).astype(np.float32)

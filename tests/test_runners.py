@@ -48,7 +48,7 @@ def run_both(artifacts: Path, root: Path, args: list[str]) -> None:
     assert (build.rows_in, build.written, build.rejected) == (29, 24, 5)
     queries = labelled(root / "q.parquet", 12, 1, "q")
     summary = run_classify(
-        artifacts, "sst2", str(root / "db"), "sst2", str(queries), str(root / "out"), 4, "raee", args
+        artifacts, "sst2", str(root / "db"), "sst2", [str(queries)], str(root / "out"), 4, "raee", args
     )
     assert (summary.rows_in, summary.predicted, summary.rejected) == (17, 14, 3)
     assert sum(summary.exit_counts.values()) == 14

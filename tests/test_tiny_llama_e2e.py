@@ -51,7 +51,7 @@ def test_build_and_classify_pair_task(tiny_llama_artifacts, tmp_path):
         "rte",
         str(tmp_path / "db"),
         "rte",
-        str(tmp_path / "rte.parquet"),
+        [str(tmp_path / "rte.parquet")],
         str(tmp_path / "out"),
         3,
         "raee",

@@ -1,0 +1,43 @@
+"""A test hook that makes a run kill itself at a named point, so tests can prove a kill at any moment loses nothing.
+
+`RAEE_FAULT=<point>` (or `<point>@N`: at the N-th time the point is reached in this process) sends SIGKILL to
+the process when it gets there: no cleanup, no `finally`, exactly what a scheduler's kill or an OOM does. Points:
+
+- `batch:classify`, `batch:build-db`: after a worker finished a batch (use @N to die mid-run)
+- `publish:predictions-*.parquet`: classify has published its predictions but not its errors or `_SUCCESS`
+- `publish:errors-*.parquet`: both are published, `_SUCCESS` is not
+- `commit:errors`: build-db has published its errors but not committed the table
+- `commit:table`: build-db has committed the table but not yet its index or cleaned the old errors
+- `export:segment`: export-onnx wrote a segment (use @N to die mid-export)
+- `export:move`: the export is complete in its temporary folder, not yet moved into place
+- `load:classify`, `load:build-db`: a worker is loading the model (with RAEE_FAULT_MODE=raise: a failed job)
+
+`RAEE_FAULT_MODE=raise` raises `InjectedFault` there instead of killing: a worker's failure, not a kill.
+Unset (always, outside tests), `fault_point` is one dictionary look-up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV, MODE_ENV = "RAEE_FAULT", "RAEE_FAULT_MODE"
+_seen: dict[str, int] = {}
+
+
+class InjectedFault(RuntimeError):
+    """Raised at a fault point under RAEE_FAULT_MODE=raise."""
+
+
+def fault_point(name: str) -> None:
+    wanted = os.environ.get(ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition("@")
+    if point != name:
+        return
+    _seen[name] = _seen.get(name, 0) + 1
+    if _seen[name] >= int(nth or 1):
+        if os.environ.get(MODE_ENV) == "raise":
+            raise InjectedFault(f"injected fault at {name}")
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,41 @@
+"""Run `raee-ops` as a scheduler would: a separate process, judged by its exit code and its output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TIMEOUT_S = 300
+
+
+def raee_ops(*args: str | Path, fault: str | None = None, mode: str | None = None) -> subprocess.CompletedProcess:
+    """The CLI in its own process; `fault` sets RAEE_FAULT (and `mode` RAEE_FAULT_MODE) for that run only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAEE_FAULT")}
+    if fault:
+        env["RAEE_FAULT"] = fault
+    if mode:
+        env["RAEE_FAULT_MODE"] = mode
+    return subprocess.run(
+        [sys.executable, "-m", "raee_ops", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=env,
+    )
+
+
+def one_error_line(run: subprocess.CompletedProcess) -> str:
+    """stderr must be exactly one line, starting with `error:`; returns it."""
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+    return lines[0]
+
+
+def read_folder(folder: Path, prefix: str) -> pa.Table:
+    files = sorted(folder.glob(f"{prefix}-*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else pa.table({"id": pa.array([], pa.string())})

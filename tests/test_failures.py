@@ -1,0 +1,223 @@
+"""Every way a scheduled run used to lose rows, a table or the truth about its outcome (issue 11's table), through
+the CLI in its own process: exit code, the single `error:` line, row counts, what is left on disk."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import lancedb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from cli_runs import one_error_line, raee_ops, read_folder
+from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
+from test_pipelines import labelled, sentences
+
+from pipelines.build_db import run_build_db
+from pipelines.commit import locked
+
+
+@pytest.fixture(scope="module")
+def db(segment_artifacts, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("failures")
+    train = labelled(root / "train.parquet", 30, 0, "t", bad=False)
+    run_build_db(segment_artifacts, "sst2", [str(train)], str(root / "db"), "sst2", "backbone", "overwrite", None)
+    return root / "db"
+
+
+def classify_args(artifacts, db, output, *inputs, extra=()):
+    args = ["classify", "--artifacts", artifacts, "--task", "sst2", "--db", db, "--output", output, *extra]
+    for path in inputs:
+        args += ["--input", path]
+    return args
+
+
+def build_args(artifacts, db, *inputs, table="sst2", extra=()):
+    args = ["build-db", "--artifacts", artifacts, "--task", "sst2", "--db", db, "--table", table, *extra]
+    for path in inputs:
+        args += ["--input", path]
+    return args
+
+
+def table_state(db, name="sst2") -> tuple[int, int]:
+    table = lancedb.connect(str(db)).open_table(name)
+    return table.count_rows(), table.version
+
+
+def test_1_two_classify_runs_on_one_output_never_both_succeed(segment_artifacts, db, tmp_path):  # noqa: F811
+    queries = labelled(tmp_path / "q.parquet", 40, 1, "q", bad=False)
+    out = tmp_path / "out"
+    with locked(out, "--output"):  # a live run holds the folder: the next one is refused, the folder untouched
+        busy = raee_ops(*classify_args(segment_artifacts, db, out, queries))
+    assert busy.returncode == 75 and "another run is writing --output" in one_error_line(busy)
+    assert list(out.iterdir()) == []
+    args = [sys.executable, "-m", "raee_ops", *map(str, classify_args(segment_artifacts, db, out, queries))]
+    runs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    codes = sorted(r.wait(timeout=300) for r in runs)
+    assert codes[0] == 0 and codes[1] in (2, 75), codes  # refused while running (75) or once complete (2)
+    assert read_folder(out, "predictions").num_rows == 40 and (out / "_SUCCESS").exists()
+
+
+def test_2_misspelt_options_are_usage_errors_naming_the_closest(segment_artifacts, db, tmp_path):  # noqa: F811
+    before = table_state(db)
+    train = labelled(tmp_path / "few.parquet", 4, 2, "few", bad=False)
+    run = raee_ops(*build_args(segment_artifacts, db, train, extra=["--moed", "append"]))
+    assert run.returncode == 2 and "no such option: --moed (did you mean --mode?)" in one_error_line(run)
+    assert table_state(db) == before
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=["--stratgy", "raee"]))
+    assert run.returncode == 2 and "(did you mean --strategy?)" in one_error_line(run)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=["--embedder", "backbone"]))
+    assert run.returncode == 2 and "no such option: --embedder" in one_error_line(run)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=["--k", "0"]))
+    assert run.returncode == 2 and "--k" in one_error_line(run)
+    assert not (tmp_path / "o").exists()
+    beam_option = ["--direct_num_workers", "1"]  # Beam's own options still pass through
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=beam_option))
+    assert run.returncode == 0, run.stderr
+    version = raee_ops("--version")
+    assert version.returncode == 0 and version.stdout.startswith("raee-ops, version ")
+
+
+def test_3_every_input_is_read(segment_artifacts, db, tmp_path):  # noqa: F811
+    a = labelled(tmp_path / "a.parquet", 7, 3, "a", bad=False)
+    b = labelled(tmp_path / "b.parquet", 5, 4, "b", bad=False)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "out", a, b))
+    assert run.returncode == 0, run.stderr
+    assert "rows in: 12  predicted: 12  rejected: 0" in run.stdout
+    assert sorted(read_folder(tmp_path / "out", "predictions").column("id").to_pylist()) == sorted(
+        [f"a{i}" for i in range(7)] + [f"b{i}" for i in range(5)]
+    )
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "out2", a, tmp_path / "typo.parquet"))
+    assert run.returncode == 2 and "typo.parquet: no such file" in one_error_line(run)
+
+
+def test_4_build_db_never_replaces_a_table_with_nothing(segment_artifacts, db, tmp_path):  # noqa: F811
+    before = table_state(db)
+    empty = tmp_path / "empty.parquet"
+    empty_table = pa.table(
+        {"id": pa.array([], pa.string()), "text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}
+    )
+    pq.write_table(empty_table, empty)
+    run = raee_ops(*build_args(segment_artifacts, db, empty))
+    assert run.returncode == 2 and "would replace table 'sst2' with an empty one" in one_error_line(run)
+    rejected = tmp_path / "rejected.parquet"
+    pq.write_table(pa.table({"id": ["x", "y"], "text": ["good", "bad"], "label": [7, 9]}), rejected)
+    run = raee_ops(*build_args(segment_artifacts, db, rejected))
+    assert run.returncode == 4 and "2 of 2 rows rejected" in one_error_line(run)
+    run = raee_ops(*build_args(segment_artifacts, db, rejected, extra=["--max-rejected", "1"]))
+    assert run.returncode == 2 and "with an empty one" in one_error_line(run)
+    assert table_state(db) == before
+    copy = tmp_path / "db-copy"
+    shutil.copytree(db, copy)
+    run = raee_ops(*build_args(segment_artifacts, copy, empty, extra=["--allow-empty"]))
+    assert run.returncode == 0, run.stderr
+    assert table_state(copy)[0] == 0
+
+
+def test_6_undecodable_rows_and_corrupt_pages_stay_row_problems(segment_artifacts, db, tmp_path):  # noqa: F811
+    raw = pa.array([b"good fun", b"\xff\xfe awful", b"dull plot"], pa.binary())
+    text = pa.Array.from_buffers(pa.string(), 3, raw.buffers()[:3])  # a string column that is not UTF-8
+    pq.write_table(pa.table({"id": ["u0", "u1", "u2"], "text": text}), tmp_path / "utf8.parquet")
+    corrupt = tmp_path / "corrupt.parquet"
+    table = pa.table({"id": [f"c{i}" for i in range(40)], "text": sentences(40, 5)})
+    pq.write_table(table, corrupt, row_group_size=20, compression="snappy")
+    column = pq.ParquetFile(corrupt).metadata.row_group(0).column(1)
+    data = bytearray(corrupt.read_bytes())
+    start = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+    end = start + column.total_compressed_size
+    data[end - 16 : end] = bytes(16)  # garbage at the end of the first row group's text page
+    corrupt.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    run = raee_ops(*classify_args(segment_artifacts, db, out, tmp_path / "utf8.parquet", corrupt))
+    assert run.returncode == 0, run.stderr
+    assert "rows in: 43  predicted: 22  rejected: 21" in run.stdout
+    errors = read_folder(out, "errors")
+    reasons = dict(zip(errors.column("id").to_pylist(), errors.column("reason").to_pylist(), strict=True))
+    assert reasons.pop("u1") == "text is not valid UTF-8"
+    assert len(reasons) == 20 and all("unreadable Parquet data (row group 0)" in r for r in reasons.values())
+    assert set(errors.column("file").to_pylist()) == {str(tmp_path / "utf8.parquet"), str(corrupt)}
+    predicted = read_folder(out, "predictions").column("id").to_pylist()
+    assert sorted(predicted) == sorted(["u0", "u2"] + [f"c{i}" for i in range(20, 40)])
+
+
+def test_7_dictionary_and_binary_text_are_text_wrong_types_are_refused(segment_artifacts, db, tmp_path):  # noqa: F811
+    texts = sentences(6, 7)
+    pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), tmp_path / "dict.parquet")
+    pq.write_table(pa.table({"text": pa.array([t.encode() for t in texts], pa.binary())}), tmp_path / "bin.parquet")
+    for name in ("dict", "bin"):
+        run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / name, tmp_path / f"{name}.parquet"))
+        assert run.returncode == 0 and "rows in: 6  predicted: 6  rejected: 0" in run.stdout, run.stderr
+        assert read_folder(tmp_path / name, "predictions").column("text").to_pylist() == texts
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "int.parquet")
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "int", tmp_path / "int.parquet"))
+    assert run.returncode == 2 and "column 'text' has type int64, which cannot hold text" in one_error_line(run)
+    assert not (tmp_path / "int").exists()
+
+
+def test_8_append_refuses_duplicates_and_keys_id_less_rows_by_content(segment_artifacts, tmp_path):  # noqa: F811
+    db = tmp_path / "db"
+    first = labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False)
+    assert raee_ops(*build_args(segment_artifacts, db, first, table="t")).returncode == 0
+    twice = tmp_path / "twice.parquet"
+    pq.write_table(pa.table({"id": ["n1", "n2", "n1"], "text": ["good", "bad", "fun"], "label": [1, 0, 1]}), twice)
+    run = raee_ops(*build_args(segment_artifacts, db, twice, table="t", extra=["--mode", "append"]))
+    assert run.returncode == 2 and "1 id(s) occur more than once in the input (e.g. n1)" in one_error_line(run)
+    idless = tmp_path / "idless.parquet"
+    pq.write_table(pa.table({"text": sentences(4, 8), "label": [0, 1, 0, 1]}), idless)
+    assert raee_ops(*build_args(segment_artifacts, db, idless, table="t", extra=["--mode", "append"])).returncode == 0
+    (tmp_path / "sub").mkdir()
+    respelt = tmp_path / "sub" / ".." / "idless.parquet"
+    copied = shutil.copy(idless, tmp_path / "copy.parquet")
+    for again in (respelt, copied):
+        run = raee_ops(*build_args(segment_artifacts, db, again, table="t", extra=["--mode", "append"]))
+        assert run.returncode == 2 and "append refused: 4 id(s) already in table 't'" in one_error_line(run)
+    assert table_state(db, "t")[0] == 10
+
+
+def test_10_bad_locations_fail_fast_and_create_nothing(segment_artifacts, db, tmp_path):  # noqa: F811
+    queries = labelled(tmp_path / "q.parquet", 3, 1, "q", bad=False)
+    (tmp_path / "afile").write_text("x")
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "afile", queries))
+    assert run.returncode == 2 and "exists and is not a directory" in one_error_line(run)
+    run = raee_ops(*classify_args(segment_artifacts, tmp_path / "no-such-db", tmp_path / "out", queries))
+    assert run.returncode == 2 and "no database at" in one_error_line(run)
+    assert not (tmp_path / "no-such-db").exists() and not (tmp_path / "out").exists()
+
+
+def test_11_no_third_party_noise_unless_verbose(segment_artifacts, tmp_path):  # noqa: F811
+    train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
+    run = raee_ops(*build_args(segment_artifacts, tmp_path / "db", train))
+    assert run.returncode == 0 and run.stdout.startswith("build-db sst2 (overwrite)"), run.stderr
+    assert "WARN" not in run.stderr and "apitools" not in run.stderr
+    assert "table version" in run.stdout
+    run = raee_ops(*build_args(segment_artifacts, tmp_path / "db2", train, extra=["-q"]))
+    assert run.returncode == 0 and run.stdout == "" and run.stderr == ""
+
+
+def test_12_a_failed_job_and_failed_counts_are_not_exit_0(segment_artifacts, db, tmp_path, monkeypatch):  # noqa: F811
+    queries = labelled(tmp_path / "q.parquet", 5, 1, "q", bad=False)
+    args = classify_args(segment_artifacts, db, tmp_path / "out", queries)
+    run = raee_ops(*args, fault="load:classify", mode="raise")
+    assert run.returncode == 1
+    assert "classify pipeline failed in a Beam worker" in one_error_line(run) and "injected fault" in run.stderr
+    assert not (tmp_path / "out" / "_SUCCESS").exists() and not list((tmp_path / "out").glob("*.parquet"))
+
+    import pipelines.classify
+    from pipelines.classify import run_classify
+    from raee_ops.errors import CountMismatch
+
+    real = pipelines.classify.count_rows
+    monkeypatch.setattr(pipelines.classify, "count_rows", lambda p: (lambda n, f: (n + 1, f))(*real(p)))
+    with pytest.raises(CountMismatch, match="nothing published"):
+        run_classify(segment_artifacts, "sst2", str(db), "sst2", [str(queries)], str(tmp_path / "o2"), 5, "raee")
+    assert not list((tmp_path / "o2").iterdir())
+    monkeypatch.undo()
+    rejected = tmp_path / "mostly-bad.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": ["good", None, " "]}), rejected)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o3", rejected))
+    assert run.returncode == 4 and "2 of 3 rows rejected (67%), over --max-rejected 0.5" in one_error_line(run)
+    assert (tmp_path / "o3" / "_SUCCESS").exists()  # the outputs are complete; the exit code flags them
+    assert read_folder(tmp_path / "o3", "predictions").num_rows == 1
+    assert sorted(read_folder(tmp_path / "o3", "errors").column("id").to_pylist()) == ["b", "c"]

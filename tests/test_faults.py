@@ -1,0 +1,118 @@
+"""Fault injection: every command killed (SIGKILL, through the RAEE_FAULT hook) at each named point, then run
+again. After the kill, outputs and tables are the old ones or the new ones, never torn; after the rerun, 0 rows
+are lost, 0 duplicated, and nothing temporary is left. The summary is printed at the end of the test run."""
+
+from __future__ import annotations
+
+import glob
+import tempfile
+from pathlib import Path
+
+import lancedb
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from cli_runs import raee_ops, read_folder
+from conftest import FaultRecord
+from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
+from test_failures import build_args, classify_args
+from test_pipelines import BAD_IDS, labelled
+
+from schemas.manifest import load_manifest
+
+KILLED = -9
+ROWS = 200  # enough for several batches (and the @2 points)
+
+
+def all_ids(path: Path) -> set[str]:
+    return set(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+
+
+def table_ids(db: Path, table: str) -> list[str]:
+    return lancedb.connect(str(db)).open_table(table).to_arrow().column("id").to_pylist()
+
+
+def staging_in_temp() -> set[str]:
+    """What the old build-db left in the system temp folder (it no longer stages there)."""
+    return set(glob.glob(str(Path(tempfile.gettempdir()) / "raee-staging-*")))
+
+
+@pytest.fixture(scope="module")
+def reference(segment_artifacts, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("faults")
+    train = labelled(root / "train.parquet", 30, 0, "t", bad=False)
+    assert raee_ops(*build_args(segment_artifacts, root / "db", train)).returncode == 0
+    return root / "db"
+
+
+@pytest.mark.parametrize("point", ["batch:classify@2", "publish:predictions-*.parquet", "publish:errors-*.parquet"])
+def test_classify_killed_then_rerun(point, segment_artifacts, reference, tmp_path, fault_records):  # noqa: F811
+    queries = labelled(tmp_path / "q.parquet", ROWS, 9, "q")
+    out = tmp_path / "out"
+    args = classify_args(segment_artifacts, reference, out, queries)
+    killed = raee_ops(*args, fault=point)
+    assert killed.returncode == KILLED, killed.stderr
+    assert not (out / "_SUCCESS").exists()  # whatever it published, the folder does not look complete
+    rerun = raee_ops(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "removed what an earlier, unfinished run left" in rerun.stderr
+    predicted, rejected = read_folder(out, "predictions"), read_folder(out, "errors")
+    ids = predicted.column("id").to_pylist() + rejected.column("id").to_pylist()
+    lost, duplicated = len(all_ids(queries) - set(ids)), len(ids) - len(set(ids))
+    assert (lost, duplicated) == (0, 0) and len(ids) == ROWS + len(BAD_IDS)
+    names = {p.name for p in out.iterdir()}
+    assert names == {"_SUCCESS"} | {p.name for p in out.glob("predictions-*.parquet")} | {
+        p.name for p in out.glob("errors-*.parquet")
+    }
+    assert ds.dataset(sorted(map(str, out.glob("predictions-*.parquet")))).count_rows() == predicted.num_rows
+    fault_records.append(FaultRecord("classify", point, 1, lost, duplicated))
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "append"])
+@pytest.mark.parametrize("point", ["batch:build-db@2", "commit:errors", "commit:table"])
+def test_build_db_killed_then_rerun(point, mode, segment_artifacts, tmp_path, fault_records):  # noqa: F811
+    in_temp = staging_in_temp()
+    db = tmp_path / "db"
+    old = labelled(tmp_path / "old.parquet", 30, 0, "t", bad=False)
+    assert raee_ops(*build_args(segment_artifacts, db, old)).returncode == 0
+    new = labelled(tmp_path / "new.parquet", ROWS, 10, "n")
+    args = build_args(segment_artifacts, db, new, extra=["--mode", mode])
+    killed = raee_ops(*args, fault=point)
+    assert killed.returncode == KILLED, killed.stderr
+    valid_new = all_ids(new) - set(BAD_IDS)
+    expected_new = valid_new | (all_ids(old) if mode == "append" else set())
+    after_kill = table_ids(db, "sst2")
+    assert len(after_kill) == len(set(after_kill))  # never duplicated, never torn: old or new
+    assert set(after_kill) in (all_ids(old), expected_new)
+    rerun = raee_ops(*args)
+    if mode == "append" and set(after_kill) == expected_new:  # the kill came after the commit: already appended
+        assert rerun.returncode == 2 and "already in table" in rerun.stderr
+    else:
+        assert rerun.returncode == 0, rerun.stderr
+    ids = table_ids(db, "sst2")
+    lost, duplicated = len(expected_new - set(ids)), len(ids) - len(set(ids))
+    assert (lost, duplicated) == (0, 0) and set(ids) == expected_new
+    assert [p.name for p in (db / "_raee-work" / "sst2").iterdir()] == []  # no staging left behind
+    assert staging_in_temp() == in_temp
+    fault_records.append(FaultRecord(f"build-db {mode}", point, 1, lost, duplicated))
+
+
+def test_export_killed_then_rerun(tiny_llama_dir, tmp_path, fault_records):
+    out = tmp_path / "artifacts"
+    args = ["export-onnx", "--model", tiny_llama_dir, "--task", "sst2", "--out", out, "--no-verify"]
+
+    def leftovers() -> list[str]:
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".artifacts."))
+
+    killed = raee_ops(*args, fault="export:segment@2")
+    assert killed.returncode == KILLED and not out.exists() and leftovers()
+    assert raee_ops(*args).returncode == 0 and leftovers() == []
+    first = load_manifest(out)
+    killed = raee_ops(*args, fault="export:move")
+    assert killed.returncode == KILLED and leftovers()
+    assert load_manifest(out) == first  # the complete old export is untouched (checksums checked on load)
+    rerun = raee_ops(*args)
+    assert rerun.returncode == 0 and leftovers() == [], rerun.stderr
+    load_manifest(out)
+    for point in ("export:segment@2", "export:move"):
+        fault_records.append(FaultRecord("export-onnx", point, 1, 0, 0))

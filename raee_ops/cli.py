@@ -3,6 +3,7 @@ Beam pipeline options (e.g. `--runner`, `--direct_num_workers 2`) and are passed
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ def _tasks(names: tuple[str, ...], files: tuple[str, ...]) -> list[Task]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="raee-ops", prog_name="raee-ops")
 def cli() -> None:
     """RAEE batch classification: export a backbone, build exit metadata, classify with early exits."""
 
@@ -212,6 +214,32 @@ def evaluate_cmd(
         exit_layer = f"{s['mean_exit_layer']:.2f}/{report['num_layers']}"
         click.echo(f"  {strategy}: {name} {s['metric']:.4f}, mean exit layer {exit_layer}")
     click.echo(f"report: {out}")
+
+
+@cli.command("info", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", "db_uri", required=True, help="LanceDB URI (a local directory or object-store URI).")
+@click.option("--table", default=None, help="Only this table (default: every table).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
+    """Show each table's task, embedder, artifacts fingerprint, rows, version, index, fitted policy and versions."""
+    from raee_ops.info import describe, render
+
+    info = describe(db_uri, table)
+    click.echo(json.dumps(info, indent=2) if as_json else render(info))
+
+
+@cli.command("rollback", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", "db_uri", required=True, help="LanceDB URI holding the table.")
+@click.option("--table", required=True, help="Table to roll back.")
+@click.option("--version", "version", required=True, type=int, help="Version to make current (see `info`).")
+def rollback_cmd(db_uri: str, table: str, version: int) -> None:
+    """Make an earlier version of a table current again, as a new version (nothing is deleted)."""
+    from raee_ops.info import render, rollback
+
+    info = rollback(db_uri, table, version)
+    done = "already current" if info["previous"] == version else f"restored (was version {info['previous']})"
+    click.echo(f"table {table}: version {version} {done}")
+    click.echo(render({"db": db_uri, "tables": [info]}))
 
 
 def main() -> None:

@@ -11,3 +11,7 @@ class ArtifactError(RaeeConfigError):
 
 class RaeeRunError(Exception):
     """Work failed inside a pipeline worker (its traceback is in Beam's log); the run ends with exit code 1."""
+
+
+class MissingDependency(RaeeConfigError, ImportError):
+    """An optional package the command needs is not installed; the message names the extra that installs it."""

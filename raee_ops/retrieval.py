@@ -17,6 +17,7 @@ from lancedb.index import IvfFlat
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import Neighbours
+from raee_ops.progress import phase
 from schemas.manifest import Manifest
 from schemas.tables import POLICY_META_KEY, TableMeta, flat_values
 
@@ -41,7 +42,8 @@ def build_index(table: lancedb.table.Table) -> bool:
     if rows < INDEX_MIN_ROWS:
         return False
     config = IvfFlat(distance_type="cosine", num_partitions=index_partitions(rows), max_iterations=KMEANS_ITERATIONS)
-    table.create_index("vector", config=config, replace=True)
+    with phase(f"build-db: building the IVF_FLAT index over {rows} rows"):
+        table.create_index("vector", config=config, replace=True)
     return True
 
 
@@ -66,7 +68,7 @@ def check_meta(found: TableMeta | None, expected: TableMeta, where: str) -> None
         raise RaeeConfigError(f"{where} does not match this run: {'; '.join(diffs)}")
 
 
-def _table_names(db: lancedb.DBConnection) -> set[str]:
+def table_names(db: lancedb.DBConnection) -> set[str]:
     """Every table in the database, following LanceDB's pages (remote catalogues return them in pages)."""
     names: set[str] = set()
     token = None
@@ -80,7 +82,7 @@ def _table_names(db: lancedb.DBConnection) -> set[str]:
 
 def open_table(db_uri: str, name: str) -> lancedb.table.Table:
     db = lancedb.connect(db_uri)
-    if name not in _table_names(db):
+    if name not in table_names(db):
         raise RaeeConfigError(f"no table {name!r} in {db_uri} (run build-db first)")
     return db.open_table(name)
 

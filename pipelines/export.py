@@ -58,11 +58,12 @@ class ExportSegmentFn(beam.DoFn):
         self.total = total
 
     def setup(self) -> None:
-        self.progress = Progress("export-onnx", self.total, "segments", counter="segments_exported")
         self.loaded: LoadedModel = load_model(self.model_spec)
+        self.progress = Progress("export-onnx", self.total, "segments", counter="segments_exported")
 
     def teardown(self) -> None:
-        self.progress.close()
+        if hasattr(self, "progress"):  # not when loading the model failed
+            self.progress.close()
 
     def process(self, job: SegmentJob) -> Iterator[tuple[str, FileRef]]:
         adapter = self.loaded.adapter

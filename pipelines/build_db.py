@@ -30,6 +30,7 @@ from raee_ops.calibration import FusedPolicy, fit_fused_policy
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.faults import fault_point
 from raee_ops.metrics import task_metric
+from raee_ops.progress import phase
 from raee_ops.retrieval import (
     build_index,
     check_meta,
@@ -183,7 +184,8 @@ def run_build_db(
         data = pa.concat_tables([pq.read_table(s, schema=schema) for s in shards]) if shards else schema.empty_table()
         if mode == "append":  # the policy is fitted on the whole table, so append rewrites it in one commit
             data = pa.concat_tables([open_table(db_uri, table).to_arrow().cast(schema), data])
-        policy = fit_policy(data, task, manifest.num_layers)
+        with phase(f"build-db: fitting the fused policy on {data.num_rows} rows"):
+            policy = fit_policy(data, task, manifest.num_layers)
         policy_meta = {POLICY_META_KEY: json.dumps(policy.to_dict()).encode()} if policy else {}
         fault_point("commit:errors")
         table_rows, indexed, version = commit(db_uri, table, data.replace_schema_metadata(meta.encode() | policy_meta))
@@ -217,7 +219,8 @@ def commit(db_uri: str, name: str, data: pa.Table) -> tuple[int, bool, int]:
     """The run's table write, a whole new table version; a large table then gets its ANN index (a second version:
     until it lands, searches scan exactly, so a failed index build leaves a correct table).
     (rows, indexed, version)."""
-    table = lancedb.connect(db_uri).create_table(name, data, schema=data.schema, mode="overwrite")
+    with phase(f"build-db: committing {data.num_rows} rows to LanceDB"):
+        table = lancedb.connect(db_uri).create_table(name, data, schema=data.schema, mode="overwrite")
     fault_point("commit:table")
     indexed = build_index(table)
     return table.count_rows(), indexed, table.version

@@ -29,6 +29,7 @@ from pipelines.commit import locked, reclaim_siblings
 from pipelines.options import make_pipeline, run_pipeline
 from raee_ops.errors import RaeeConfigError
 from raee_ops.faults import fault_point
+from raee_ops.progress import Progress, phase
 from raee_ops.tasks import Task
 from schemas.manifest import (
     EmbedderEntry,
@@ -56,12 +57,18 @@ class SegmentJob:
 
 
 class ExportSegmentFn(beam.DoFn):
-    def __init__(self, model_spec: str, work_dir: str) -> None:
+    def __init__(self, model_spec: str, work_dir: str, total: int) -> None:
         self.model_spec = model_spec
         self.work_dir = work_dir
+        self.total = total
 
     def setup(self) -> None:
         self.loaded: LoadedModel = load_model(self.model_spec)
+        self.progress = Progress("export-onnx", self.total, "segments", counter="segments_exported")
+
+    def teardown(self) -> None:
+        if hasattr(self, "progress"):  # not when loading the model failed
+            self.progress.close()
 
     def process(self, job: SegmentJob) -> Iterator[tuple[str, FileRef]]:
         adapter = self.loaded.adapter
@@ -75,6 +82,7 @@ class ExportSegmentFn(beam.DoFn):
             modules[job.kind](), job.kind, adapter.hidden_size, directory / job.file, dynamo=type(adapter).dynamo
         )
         fault_point("export:segment")
+        self.progress.advance()
         yield job.file, FileRef.of(directory, job.file)
 
 
@@ -91,7 +99,7 @@ def export_segments(
     _ = (
         pipeline
         | "Segments" >> beam.Create(list(jobs))
-        | "Export" >> beam.ParDo(ExportSegmentFn(model_spec, str(work)))
+        | "Export" >> beam.ParDo(ExportSegmentFn(model_spec, str(work), len(jobs)))
         | "Collect" >> beam.combiners.ToDict()
         | "WriteRefs" >> beam.Map(_write_refs, str(refs_path))
     )
@@ -154,7 +162,8 @@ def run_export(
     max_length: int,
     beam_args: list[str],
 ) -> Manifest:
-    loaded = load_model(model_spec)
+    with phase("export-onnx: loading the model"):
+        loaded = load_model(model_spec)
     adapter = loaded.adapter
     _check_request(loaded, tasks, max_length)
     label_ids = {t.name: label_token_ids(adapter.tokenizer, t) for t in tasks}
@@ -202,7 +211,8 @@ def run_export(
                 embedders=_export_embedders(embedders, work),
             )
             if verify:
-                manifest = replace(manifest, verify=verify_export(work, manifest, adapter, tasks))
+                with phase("export-onnx: verifying every layer against PyTorch"):
+                    manifest = replace(manifest, verify=verify_export(work, manifest, adapter, tasks))
             write_manifest(work, manifest)
             fault_point("export:move")
             _move_into_place(work, out_dir)

@@ -22,6 +22,7 @@ import pyarrow as pa
 from raee_ops.calibration import log_softmax
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.faults import fault_point
+from raee_ops.progress import interactive
 from raee_ops.retrieval import Retriever
 from raee_ops.rows import INTERNAL, ROW_ID, internal_errors
 from raee_ops.runtime import SegmentRuntime
@@ -82,7 +83,7 @@ class Progress:
     def add(self, rows: int, what: str) -> None:
         self.rows += rows
         now = time.perf_counter()
-        if now - self.shown >= PROGRESS_SECONDS and sys.stderr.isatty():  # logs and schedulers get the summary
+        if now - self.shown >= PROGRESS_SECONDS and interactive(sys.stderr):  # logs get the summary instead
             self.shown = now
             rate = self.rows / max(now - self.started, 1e-9)
             print(

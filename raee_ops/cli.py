@@ -5,6 +5,7 @@ other is a usage error. Every failure ends with one `error:` line and the exit c
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 import traceback
@@ -280,6 +281,32 @@ def evaluate_cmd(
         exit_layer = f"{s['mean_exit_layer']:.2f}/{report['num_layers']}"
         echo(f"  {strategy}: {name} {s['metric']:.4f}, mean exit layer {exit_layer}")
     echo(f"report: {out}")
+
+
+@command("info", beam=False)
+@click.option("--db", "db_uri", required=True, help="LanceDB URI (a local directory or object-store URI).")
+@click.option("--table", default=None, help="Only this table (default: every table).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
+    """Show each table's task, embedder, artifacts fingerprint, rows, version, index, fitted policy and versions."""
+    from raee_ops.info import describe, render
+
+    info = describe(db_uri, table)
+    echo(json.dumps(info, indent=2) if as_json else render(info))
+
+
+@command("rollback", beam=False)
+@click.option("--db", "db_uri", required=True, help="LanceDB URI holding the table.")
+@click.option("--table", required=True, help="Table to roll back.")
+@click.option("--version", "version", required=True, type=int, help="Version to make current (see `info`).")
+def rollback_cmd(db_uri: str, table: str, version: int) -> None:
+    """Make an earlier version of a table current again, as a new version (nothing is deleted)."""
+    from raee_ops.info import render, rollback
+
+    info = rollback(db_uri, table, version)
+    done = "already current" if info["previous"] == version else f"restored (was version {info['previous']})"
+    echo(f"table {table}: version {version} {done}")
+    echo(render({"db": db_uri, "tables": [info]}))
 
 
 def _fail(message: str, code: int) -> None:

@@ -45,3 +45,7 @@ class Busy(RaeeError):
     """Another run is writing the same output folder or table; retrying later is safe."""
 
     exit_code = 75
+
+
+class MissingDependency(RaeeConfigError, ImportError):
+    """An optional package the command needs is not installed; the message names the extra that installs it."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,13 @@ from raee_ops.calibration import label_vote
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES, Context, Neighbours, Strategy, resolve
 from raee_ops.metrics import Metric, accuracy, task_metric
+from raee_ops.progress import Progress
 from raee_ops.retrieval import Retriever, check_meta, expected_meta, table_meta
 from raee_ops.tasks import Task
 from schemas.manifest import Manifest, load_manifest
 from schemas.tables import flat_values
 
-#: Rows per model call; small enough for a progress line every few seconds on CPU.
+#: Rows per model call; small enough for the progress line to move every few seconds on CPU.
 CHUNK = 64
 #: Rejected rows shown in report.md (report.json lists them all).
 SHOWN_REJECTED = 20
@@ -67,14 +67,12 @@ def _read_validated(inputs: list[str], task: Task) -> tuple[pa.Table, list[dict[
 def _run_layers(handler: BuildHandler, table: pa.Table) -> tuple[pa.Table, list[dict[str, str]]]:
     """Exit-table rows (label, key, per-layer log-probs) for every row the model takes, in chunks."""
     model = handler.load_model()
-    rows, rejected, start = [], [], time.perf_counter()
+    rows, rejected, progress = [], [], Progress("evaluate", table.num_rows)
     for offset in range(0, table.num_rows, CHUNK):
         outcome = handler.run_inference([table.slice(offset, CHUNK)], model)[0]
         rows.append(outcome.rows)
         rejected += outcome.errors.to_pylist()
-        done = min(offset + CHUNK, table.num_rows)
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        print(f"evaluate: {done}/{table.num_rows} rows, {rate:.1f} rows/s", file=sys.stderr, flush=True)
+        progress.advance(min(CHUNK, table.num_rows - offset))
     return pa.concat_tables(rows) if rows else handler.empty(model), rejected
 
 
@@ -181,7 +179,8 @@ def write_report(report: dict[str, Any], directory: str | Path) -> Path:
         plot(report, out / "report.png")
     except ImportError:
         print(
-            "evaluate: matplotlib is not installed (pip install 'raee-ops[dev]'); report.png skipped", file=sys.stderr
+            "evaluate: matplotlib is not installed (pip install 'raee-ops[report]'); report.png skipped",
+            file=sys.stderr,
         )
     return out
 

@@ -18,6 +18,7 @@ from lancedb.index import IvfFlat
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import Neighbours
+from raee_ops.progress import phase
 from schemas.manifest import Manifest
 from schemas.tables import POLICY_META_KEY, TableMeta, flat_values
 
@@ -42,7 +43,8 @@ def build_index(table: lancedb.table.Table) -> bool:
     if rows < INDEX_MIN_ROWS:
         return False
     config = IvfFlat(distance_type="cosine", num_partitions=index_partitions(rows), max_iterations=KMEANS_ITERATIONS)
-    table.create_index("vector", config=config, replace=True)
+    with phase(f"build-db: building the IVF_FLAT index over {rows} rows"):
+        table.create_index("vector", config=config, replace=True)
     return True
 
 
@@ -67,7 +69,7 @@ def check_meta(found: TableMeta | None, expected: TableMeta, where: str) -> None
         raise RaeeConfigError(f"{where} does not match this run: {'; '.join(diffs)}")
 
 
-def _table_names(db: lancedb.DBConnection) -> set[str]:
+def table_names(db: lancedb.DBConnection) -> set[str]:
     """Every table in the database, following LanceDB's pages (remote catalogues return them in pages)."""
     names: set[str] = set()
     token = None
@@ -92,7 +94,7 @@ def open_table(db_uri: str, name: str, version: int | None = None) -> lancedb.ta
     if is_local(db_uri) and not local_path(db_uri).is_dir():
         raise RaeeConfigError(f"no database at {db_uri} (run build-db first, or check --db)")
     db = lancedb.connect(db_uri)
-    if name not in _table_names(db):
+    if name not in table_names(db):
         raise RaeeConfigError(f"no table {name!r} in {db_uri} (run build-db first)")
     table = db.open_table(name)
     if version is not None:

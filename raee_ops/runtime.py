@@ -12,11 +12,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from raee_ops.extras import onnxruntime
 from schemas.manifest import FileRef, Manifest, load_manifest
 
+ort = onnxruntime()
 log = logging.getLogger(__name__)
 
 BACKBONE = "backbone"

@@ -5,7 +5,7 @@ import pyarrow as pa
 
 from pipelines.build_db import commit
 from raee_ops import retrieval
-from raee_ops.retrieval import Retriever, _table_names
+from raee_ops.retrieval import Retriever, table_names
 from schemas.tables import TableMeta, exit_table_schema
 
 
@@ -23,7 +23,7 @@ class PagedDB:
 
 def test_table_names_follow_every_page():
     names = [f"t{i}" for i in range(5)]
-    assert _table_names(PagedDB(names)) == set(names)
+    assert table_names(PagedDB(names)) == set(names)
 
 
 def _exit_table(rows: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:

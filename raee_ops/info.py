@@ -1,0 +1,130 @@
+"""What a LanceDB database holds, for `raee-ops info`, and `rollback` to an earlier table version.
+
+Every build-db run is one new LanceDB table version (an index, when one is due, a second one), and LanceDB keeps
+old versions until they are cleaned up, so a bad reference set is undone by restoring the version before it: the
+restore is itself a new version, and nothing is lost.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lancedb
+
+from raee_ops.errors import RaeeConfigError
+from raee_ops.retrieval import open_table, table_names, table_policy
+from schemas.tables import TableMeta
+
+#: Versions shown by the text rendering (newest last); --json lists them all.
+SHOWN_VERSIONS = 10
+
+
+def version_history(table: lancedb.table.Table) -> list[dict[str, Any]]:
+    """Each version with its time and row count (from the version's manifest; counted when it does not say)."""
+    history = []
+    for entry in table.list_versions():
+        rows = (entry.get("metadata") or {}).get("total_rows")
+        if rows is None:
+            table.checkout(entry["version"])
+            rows = table.count_rows()
+            table.checkout_latest()
+        history.append({"version": entry["version"], "timestamp": entry["timestamp"].isoformat(), "rows": int(rows)})
+    return history
+
+
+def table_info(table: lancedb.table.Table) -> dict[str, Any]:
+    """Identity, size, index, fitted policy and version history of one table, as plain values."""
+    meta = TableMeta.decode(table.schema)
+    policy = table_policy(table.schema)
+    return {
+        "table": table.name,
+        "exit_table": meta is not None,
+        "task": meta.task if meta else None,
+        "label_names": meta.label_names if meta else None,
+        "embedder": meta.embedder if meta else None,
+        "fingerprint": meta.fingerprint if meta else None,
+        "num_layers": meta.num_layers if meta else None,
+        "rows": table.count_rows(),
+        "version": table.version,
+        "indices": [{"name": i.name, "type": i.index_type, "columns": list(i.columns)} for i in table.list_indices()],
+        "policy": {"settings": policy.settings(), **{k: v for k, v in policy.to_dict().items() if k != "bias"}}
+        if policy
+        else None,
+        "versions": version_history(table),
+    }
+
+
+def check_database(db_uri: str) -> None:
+    """Refuse a local database directory that does not exist (connecting would create it, empty)."""
+    if "://" in db_uri and not db_uri.startswith("file://"):
+        return
+    if not Path(db_uri.removeprefix("file://")).is_dir():
+        raise RaeeConfigError(f"no LanceDB database at {db_uri}")
+
+
+def describe(db_uri: str, table: str | None = None) -> dict[str, Any]:
+    """Every table of the database (or the one named), sorted by name."""
+    check_database(db_uri)
+    if table is not None:
+        return {"db": db_uri, "tables": [table_info(open_table(db_uri, table))]}
+    db = lancedb.connect(db_uri)
+    return {"db": db_uri, "tables": [table_info(db.open_table(name)) for name in sorted(table_names(db))]}
+
+
+def rollback(db_uri: str, table: str, version: int) -> dict[str, Any]:
+    """Make `version` the current one, as a new version; then the table's info, with `restored` and `previous`."""
+    check_database(db_uri)
+    handle = open_table(db_uri, table)
+    known = [v["version"] for v in handle.list_versions()]
+    if version not in known:
+        raise RaeeConfigError(f"table {table!r} has no version {version} (versions: {_ranges(known)})")
+    previous = handle.version
+    if version != previous:  # a retried rollback finds its version already current and leaves it
+        handle.restore(version)
+    return {"restored": version, "previous": previous, **table_info(handle)}
+
+
+def _ranges(numbers: list[int]) -> str:
+    """1-3, 5: version lists are long and mostly consecutive."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def render(info: dict[str, Any]) -> str:
+    """The text `raee-ops info` prints: one block per table."""
+    if not info["tables"]:
+        return f"{info['db']}: no tables"
+    return "\n\n".join(_render_table(t) for t in info["tables"])
+
+
+def _render_table(t: dict[str, Any]) -> str:
+    lines = [f"table {t['table']}: {t['rows']} rows, version {t['version']}"]
+    if t["exit_table"]:
+        lines += [
+            f"  task: {t['task']} ({', '.join(t['label_names'])})",
+            f"  embedder: {t['embedder']}; {t['num_layers']} layers; artifacts fingerprint: {t['fingerprint']}",
+        ]
+    else:
+        lines.append("  not an exit table built by raee-ops build-db (no raee metadata)")
+    indices = ", ".join(f"{i['type']} on {', '.join(i['columns'])}" for i in t["indices"])
+    lines.append(f"  index: {indices or 'none (exact search)'}")
+    p = t["policy"]
+    if p:
+        loo = p["loo_metric"] if p["loo_metric"] is not None else p["loo_accuracy"]
+        lines.append(
+            f"  fused policy: {p['settings']}; leave-one-out {p['metric']} {loo:.3f} on {p['loo_queries']} rows, "
+            f"mean exit layer {p['loo_mean_exit']:.2f}"
+        )
+    elif t["exit_table"]:
+        lines.append("  fused policy: none")
+    versions = t["versions"]
+    older = len(versions) - SHOWN_VERSIONS
+    lines.append(f"  versions ({len(versions)}{f'; {older} older not shown, see --json' if older > 0 else ''}):")
+    lines += [f"    {v['version']:>4}  {v['timestamp']}  {v['rows']} rows" for v in versions[-SHOWN_VERSIONS:]]
+    return "\n".join(lines)

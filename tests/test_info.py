@@ -1,0 +1,98 @@
+"""`raee-ops info` and `rollback` on tables built by build-db from tiny segment artifacts."""
+
+import json
+import subprocess
+import sys
+
+import lancedb
+import pyarrow as pa
+import pytest
+from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
+from test_pipelines import labelled
+
+from pipelines.build_db import run_build_db
+from raee_ops.calibration import K_GRID
+from raee_ops.errors import RaeeConfigError
+from raee_ops.info import describe, render, rollback
+from raee_ops.retrieval import Retriever
+from schemas.manifest import load_manifest
+
+
+def build_twice(artifacts, root):
+    """A table written by an overwrite of 24 rows, then an append of 8: versions 1 and 2."""
+    db = str(root / "db")
+    first = labelled(root / "first.parquet", 24, 0, "a", bad=False)
+    more = labelled(root / "more.parquet", 8, 1, "b", bad=False)
+    run_build_db(artifacts, "sst2", [str(first)], db, "sst2", "backbone", "overwrite", None)
+    run_build_db(artifacts, "sst2", [str(more)], db, "sst2", "backbone", "append", None)
+    return db
+
+
+@pytest.fixture(scope="module")
+def db(segment_artifacts, tmp_path_factory):  # noqa: F811
+    db = build_twice(segment_artifacts, tmp_path_factory.mktemp("info"))
+    lancedb.connect(db).create_table("notes", pa.table({"x": [1, 2]}))  # a table build-db did not write
+    return db
+
+
+def test_info_shows_identity_size_policy_and_history(db, segment_artifacts):  # noqa: F811
+    fingerprint = load_manifest(segment_artifacts).fingerprint
+    info = describe(db)
+    assert [t["table"] for t in info["tables"]] == ["notes", "sst2"]
+    notes, table = info["tables"]
+    assert not notes["exit_table"] and notes["task"] is None and notes["rows"] == 2
+    assert table["exit_table"] and (table["task"], table["embedder"]) == ("sst2", "backbone")
+    assert table["fingerprint"] == fingerprint
+    assert table["num_layers"] == 3 and table["label_names"] == ["negative", "positive"]
+    assert table["rows"] == 32 and table["indices"] == []
+    assert [(v["version"], v["rows"]) for v in table["versions"]] == [(1, 24), (2, 32)]
+    assert table["version"] == 2
+    policy = table["policy"]
+    assert policy["k"] in K_GRID and policy["loo_queries"] == 32 and "bias" not in policy
+    assert policy["settings"] == Retriever(db, "sst2").policy.settings()
+    assert json.loads(json.dumps(info)) == info  # plain values only
+
+    text = render(info)
+    assert "table sst2: 32 rows, version 2" in text
+    assert "task: sst2 (negative, positive)" in text and f"artifacts fingerprint: {fingerprint}" in text
+    assert "index: none (exact search)" in text and f"fused policy: {policy['settings']}; leave-one-out" in text
+    assert "   1  " in text and "24 rows" in text and "   2  " in text
+    assert "table notes: 2 rows" in text and "not an exit table" in text
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raee_ops", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_info_cli_json_one_table_and_unknown_table(db):
+    ok = run_cli("info", "--db", db, "--table", "sst2", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert [t["table"] for t in json.loads(ok.stdout)["tables"]] == ["sst2"]
+    missing = run_cli("info", "--db", db, "--table", "nope")
+    assert missing.returncode == 2 and missing.stderr == f"error: no table 'nope' in {db} (run build-db first)\n"
+
+
+def test_info_and_rollback_refuse_a_database_that_is_not_there(tmp_path):
+    for call in (lambda: describe(str(tmp_path / "typo")), lambda: rollback(str(tmp_path / "typo"), "sst2", 1)):
+        with pytest.raises(RaeeConfigError, match="no LanceDB database at .*typo"):
+            call()
+    assert not (tmp_path / "typo").exists()  # connecting would have created it
+
+
+def test_rollback_restores_an_earlier_version_as_a_new_one(segment_artifacts, tmp_path):  # noqa: F811
+    db = build_twice(segment_artifacts, tmp_path)
+    info = rollback(db, "sst2", 1)
+    assert (info["restored"], info["previous"], info["version"], info["rows"]) == (1, 2, 3, 32 - 8)
+    assert [v["rows"] for v in info["versions"]] == [24, 32, 24]
+    retriever = Retriever(db, "sst2")
+    assert retriever.rows == 24 and retriever.policy.loo_queries == 24  # the policy fitted with that version
+
+    again = run_cli("rollback", "--db", db, "--table", "sst2", "--version", "1")  # a retry: same rows again
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("table sst2: version 1 restored (was version 3)\ntable sst2: 24 rows, version 4")
+    current = run_cli("rollback", "--db", db, "--table", "sst2", "--version", "4")
+    assert current.stdout.startswith("table sst2: version 4 already current")
+    assert describe(db, "sst2")["tables"][0]["version"] == 4
+
+    with pytest.raises(RaeeConfigError, match=r"table 'sst2' has no version 9 \(versions: 1-4\)"):
+        rollback(db, "sst2", 9)

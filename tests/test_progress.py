@@ -1,0 +1,95 @@
+"""Progress lines: shown on a terminal, silent otherwise, and counted as Beam counters in workers."""
+
+import io
+import os
+
+import apache_beam as beam
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+
+from pipelines.options import make_pipeline
+from raee_ops import progress
+from raee_ops.progress import NAMESPACE, Progress, clock, phase
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_quiet_when_the_stream_is_not_a_terminal():
+    stream = io.StringIO()
+    bar = Progress("evaluate", 3, stream=stream)
+    for _ in range(3):
+        bar.advance()
+    bar.close()
+    with phase("build-db: committing", stream=stream):
+        pass
+    assert stream.getvalue() == ""
+
+
+def test_a_terminal_sees_done_total_rate_eta_and_the_end(monkeypatch):
+    monkeypatch.setattr(progress, "REFRESH_SECONDS", 0.0)
+    stream = Terminal()
+    bar = Progress("export-onnx", 4, "segments", stream=stream)
+    bar.advance()
+    assert "export-onnx: 1/4 segments, " in stream.getvalue() and " segments/s, ETA " in stream.getvalue()
+    bar.advance(3)
+    last = stream.getvalue().split("\r\033[K")[-1]
+    assert last.startswith("export-onnx: 4/4 segments, ") and ", done in " in last and last.endswith("s\n")
+    bar.close()  # already ended at the total: no second newline
+    assert stream.getvalue().count("\n") == 1
+
+
+def test_redraws_are_throttled(monkeypatch):
+    monkeypatch.setattr(progress, "REFRESH_SECONDS", 3600.0)
+    stream = Terminal()
+    bar = Progress("evaluate", 100, stream=stream)
+    for _ in range(99):
+        bar.advance()
+    assert stream.getvalue().count("evaluate:") == 1  # the first line only, until the total
+    bar.advance()
+    assert stream.getvalue().count("evaluate:") == 2 and "100/100 rows" in stream.getvalue()
+
+
+def test_phase_on_a_terminal_says_when_it_ends_or_fails():
+    stream = Terminal()
+    with phase("build-db: committing 30 rows to LanceDB", stream=stream):
+        assert stream.getvalue() == "build-db: committing 30 rows to LanceDB ..."
+    assert stream.getvalue().endswith("\r\033[Kbuild-db: committing 30 rows to LanceDB: done in 0.0s\n")
+    failed = Terminal()
+    with pytest.raises(OSError), phase("build-db: fitting", stream=failed):
+        raise OSError("disk full")
+    assert "build-db: fitting: failed in " in failed.getvalue()
+
+
+def test_a_real_pseudo_terminal_counts_as_a_terminal():
+    leader, follower = os.openpty()
+    with os.fdopen(follower, "w") as tty:
+        bar = Progress("evaluate", 2, stream=tty)
+        bar.advance(2)
+    shown = os.read(leader, 4096).decode()
+    os.close(leader)
+    assert "evaluate: 2/2 rows" in shown
+
+
+def test_clock():
+    assert (clock(4.24), clock(75), clock(3 * 3600 + 61)) == ("4.2s", "0:01:15", "3:01:01")
+
+
+class Units(beam.DoFn):
+    def setup(self) -> None:
+        self.progress = Progress("units", 5, "units", counter="units_done")
+
+    def process(self, element: int):
+        self.progress.advance(element)
+        yield element
+
+
+def test_workers_count_the_same_units_as_beam_counters():
+    pipeline = make_pipeline([])
+    _ = pipeline | beam.Create([1, 2, 2]) | beam.ParDo(Units())
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE).with_name("units_done"))["counters"]
+    assert sum(c.committed for c in counters) == 5

@@ -323,9 +323,12 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc), exc.exit_code)
     except click.exceptions.Abort:
         _fail("interrupted", 130)
+    except click.exceptions.NoArgsIsHelpError as exc:  # a bare `raee-ops`: its help, as click would
+        click.echo(exc.ctx.get_help(), err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:  # usage errors: bad or missing options (exit 2)
-        command = f" {exc.ctx.command_path.removeprefix('raee-ops ')}" if getattr(exc, "ctx", None) else ""
-        _fail(f"{exc.format_message()} (see raee-ops{command} --help)", exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        _fail(f"{exc.format_message()} (see {ctx.command_path if ctx else 'raee-ops'} --help)", exc.exit_code)
     except Exception as exc:  # a bug: still one line by default, the traceback with -v
         if logs.verbose():
             traceback.print_exc()

@@ -13,9 +13,14 @@ import pyarrow.parquet as pq
 TIMEOUT_S = 300
 
 
-def raee_ops(*args: str | Path, fault: str | None = None, mode: str | None = None) -> subprocess.CompletedProcess:
-    """The CLI in its own process; `fault` sets RAEE_FAULT (and `mode` RAEE_FAULT_MODE) for that run only."""
+def raee_ops(
+    *args: str | Path, fault: str | None = None, mode: str | None = None, tmpdir: Path | None = None
+) -> subprocess.CompletedProcess:
+    """The CLI in its own process; `fault` sets RAEE_FAULT (and `mode` RAEE_FAULT_MODE) for that run only,
+    `tmpdir` its system temp folder."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAEE_FAULT")}
+    if tmpdir:
+        env["TMPDIR"] = str(tmpdir)
     if fault:
         env["RAEE_FAULT"] = fault
     if mode:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 #: Our own packages: their warnings show by default; everything else only from -v on.
 OWN = ("raee_ops", "pipelines", "onnx_export", "schemas")
@@ -23,6 +24,8 @@ def configure(verbosity: int) -> None:
     third_party = {-1: logging.CRITICAL, 0: logging.CRITICAL, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     own = logging.ERROR if verbosity < 0 else min(third_party, logging.WARNING)
     os.environ.setdefault("LANCEDB_LOG", {-1: "error", 0: "error", 1: "info"}.get(verbosity, "debug"))
+    if verbosity < 0 or (verbosity == 0 and not sys.stderr.isatty()):  # transformers' tqdm bars, in logs
+        os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger().setLevel(third_party)
     for name in OWN:

@@ -16,6 +16,7 @@ from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_failures import build_args, classify_args
 from test_pipelines import BAD_IDS, labelled
 
+from pipelines.build_db import run_build_db
 from schemas.manifest import load_manifest
 
 KILLED = -9
@@ -67,7 +68,7 @@ def test_build_db_killed_then_rerun(point, mode, segment_artifacts, tmp_path, fa
     db, temp = tmp_path / "db", tmp_path / "system-temp"  # the runs' own system temp folder, to check it after
     temp.mkdir()
     old = labelled(tmp_path / "old.parquet", 30, 0, "t", bad=False)
-    assert raee_ops(*build_args(segment_artifacts, db, old)).returncode == 0
+    run_build_db(segment_artifacts, "sst2", [str(old)], str(db), "sst2", "backbone", "overwrite", None)
     new = labelled(tmp_path / "new.parquet", ROWS, 10, "n")
     args = build_args(segment_artifacts, db, new, extra=["--mode", mode])
     killed = raee_ops(*args, fault=point, tmpdir=temp)

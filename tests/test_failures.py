@@ -204,14 +204,14 @@ def test_12_a_failed_job_and_failed_counts_are_not_exit_0(segment_artifacts, db,
     assert "classify pipeline failed in a Beam worker" in one_error_line(run) and "injected fault" in run.stderr
     assert not (tmp_path / "out" / "_SUCCESS").exists() and not list((tmp_path / "out").glob("*.parquet"))
 
-    import pipelines.classify
-    from pipelines.classify import run_classify
+    from pipelines import classify as classify_module
     from raee_ops.errors import CountMismatch
 
-    real = pipelines.classify.count_rows
-    monkeypatch.setattr(pipelines.classify, "count_rows", lambda p: (lambda n, f: (n + 1, f))(*real(p)))
+    real = classify_module.count_rows
+    monkeypatch.setattr(classify_module, "count_rows", lambda p: (lambda n, f: (n + 1, f))(*real(p)))
     with pytest.raises(CountMismatch, match="nothing published"):
-        run_classify(segment_artifacts, "sst2", str(db), "sst2", [str(queries)], str(tmp_path / "o2"), 5, "raee")
+        out = str(tmp_path / "o2")
+        classify_module.run_classify(segment_artifacts, "sst2", str(db), "sst2", [str(queries)], out, 5, "raee")
     assert not list((tmp_path / "o2").iterdir())
     monkeypatch.undo()
     rejected = tmp_path / "mostly-bad.parquet"

@@ -221,3 +221,15 @@ def test_12_a_failed_job_and_failed_counts_are_not_exit_0(segment_artifacts, db,
     assert (tmp_path / "o3" / "_SUCCESS").exists()  # the outputs are complete; the exit code flags them
     assert read_folder(tmp_path / "o3", "predictions").num_rows == 1
     assert sorted(read_folder(tmp_path / "o3", "errors").column("id").to_pylist()) == ["b", "c"]
+
+
+def test_workers_read_the_table_version_the_driver_checked(segment_artifacts, tmp_path):  # noqa: F811
+    from raee_ops.retrieval import Retriever
+
+    db = str(tmp_path / "db")
+    first = labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False)
+    checked = run_build_db(segment_artifacts, "sst2", [str(first)], db, "sst2", "backbone", "overwrite", None)
+    more = labelled(tmp_path / "b.parquet", 9, 4, "b", bad=False)
+    run_build_db(segment_artifacts, "sst2", [str(more)], db, "sst2", "backbone", "overwrite", None)
+    assert Retriever(db, "sst2").rows == 9  # a build-db committed after the driver's check ...
+    assert Retriever(db, "sst2", checked.version).rows == 6  # ... is not what the run's workers read

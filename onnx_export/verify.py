@@ -59,15 +59,21 @@ def check_tokenizer(directory: Path, manifest: Manifest, tokenizer: Any, prompts
 
 
 def ort_layer_states(
-    directory: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray
+    directory: Path,
+    manifest: Manifest,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    positions: np.ndarray,
+    layer_files: Sequence[str] | None = None,
 ) -> list[np.ndarray]:
-    """Chained segments on the padded batch; returns each layer's hidden state at the readout positions."""
+    """Chained segments on the padded batch (the manifest's layers, or `layer_files` in their place); returns each
+    layer's hidden state at the readout positions."""
     rows = np.arange(len(ids))
     hidden = _session(directory / manifest.segments.embed.file).run(None, {"input_ids": ids, "attention_mask": mask})[0]
     states = []
-    for index, ref in enumerate(manifest.segments.layers):
+    for index, file in enumerate(layer_files or [ref.file for ref in manifest.segments.layers]):
         feed = {"hidden_states": hidden, "attention_mask": mask}
-        hidden = _session(directory / ref.file).run(None, feed)[0]
+        hidden = _session(directory / file).run(None, feed)[0]
         if not np.isfinite(hidden).all():
             raise ArtifactError(f"verification failed: layer {index} produced non-finite values")
         states.append(hidden[rows, positions])

@@ -21,6 +21,7 @@ from pathlib import Path
 import apache_beam as beam
 
 from onnx_export.loader import LoadedModel, load_model
+from onnx_export.quantize import quantize_layers
 from onnx_export.segments import export_segment
 from onnx_export.tokenizer_file import save_tokenizer
 from onnx_export.verbalizer import label_token_ids
@@ -161,6 +162,7 @@ def run_export(
     embedders: list[str],
     max_length: int,
     beam_args: list[str],
+    quantize: str | None = None,
 ) -> Manifest:
     with phase("export-onnx: loading the model"):
         loaded = load_model(model_spec)
@@ -213,6 +215,9 @@ def run_export(
             if verify:
                 with phase("export-onnx: verifying every layer against PyTorch"):
                     manifest = replace(manifest, verify=verify_export(work, manifest, adapter, tasks))
+            if quantize == "int8":  # after the fp32 check against PyTorch; checked against fp32 itself
+                with phase("export-onnx: quantizing the layers to int8"):
+                    manifest = quantize_layers(work, manifest, tasks, adapter.prompt_suffix)
             write_manifest(work, manifest)
             fault_point("export:move")
             _move_into_place(work, out_dir)

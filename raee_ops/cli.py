@@ -112,6 +112,12 @@ def beam_args() -> list[str]:
     show_default=True,
     help="Check every layer of the chained ONNX segments against the PyTorch model.",
 )
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    default=None,
+    help="Quantize the layers' weights to int8 (dynamic, per channel), checked against the fp32 layers.",
+)
 def export_onnx(
     model_spec: str,
     out_dir: str,
@@ -120,6 +126,7 @@ def export_onnx(
     embedders: tuple[str, ...],
     max_length: int,
     verify: bool,
+    quantize: str | None,
 ) -> None:
     """Export MODEL into per-layer ONNX segments plus one head per task."""
     from pipelines.export import run_export
@@ -135,6 +142,7 @@ def export_onnx(
         embedders=list(embedders),
         max_length=max_length,
         beam_args=beam_args(),
+        quantize=quantize,
     )
     echo(f"exported {manifest.num_layers} layers, tasks {', '.join(manifest.tasks)} -> {out_dir}")
 

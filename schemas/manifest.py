@@ -93,6 +93,8 @@ class Manifest:
     tasks: dict[str, TaskEntry]
     embedders: dict[str, EmbedderEntry] = field(default_factory=dict)
     verify: dict[str, Any] | None = None
+    #: None for fp32 segments; else how the layers were quantized and how they compare with fp32.
+    quantization: dict[str, Any] | None = None
     format: str = FORMAT
 
     def to_json(self) -> str:
@@ -117,6 +119,7 @@ class Manifest:
                 for name, e in raw.get("embedders", {}).items()
             },
             verify=raw.get("verify"),
+            quantization=raw.get("quantization"),
         )
 
     def file_refs(self) -> list[FileRef]:

@@ -217,7 +217,7 @@ def run_export(
                     manifest = replace(manifest, verify=verify_export(work, manifest, adapter, tasks))
             if quantize == "int8":  # after the fp32 check against PyTorch; checked against fp32 itself
                 with phase("export-onnx: quantizing the layers to int8"):
-                    manifest = quantize_layers(work, manifest, tasks, adapter.prompt_suffix)
+                    manifest = quantize_layers(work, manifest, tasks, adapter.prompt_suffix, adapter.int8_keep_fp32)
             write_manifest(work, manifest)
             fault_point("export:move")
             _move_into_place(work, out_dir)

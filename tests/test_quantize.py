@@ -28,10 +28,13 @@ def test_int8_layers_are_checked_against_fp32_and_change_fingerprint(tiny_llama_
     assert int8.quantization["method"] == quantize.METHOD and fp32.quantization is None
     assert len(check["layers"]) == fp32.num_layers
     assert all(0 < layer["relative_error"] <= quantize.MAX_RELATIVE_ERROR for layer in check["layers"])
+    assert int8.quantization["kept_fp32"] == ["down_proj"]  # the decoder adapter's outlier-carrying MatMuls
     assert set(check["layers"][-1]["head_agreement"]) == {"sst2", "rte"}
     assert int8.fingerprint != fp32.fingerprint  # a table built on fp32 states is refused by int8 artifacts
     layer = onnx.load(str(tmp_path / "int8" / int8.segments.layers[0].file))
-    assert any(node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for node in layer.graph.node)
+    ops = {node.op_type for node in layer.graph.node if "down_proj" not in node.name}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}
+    assert [n.op_type for n in layer.graph.node if "down_proj" in n.name] == ["MatMul"]
     assert not (tmp_path / "int8" / quantize.INT8_DIR).exists()
     prompts = [TASKS[0].render(t) for t in ("a good film", "bad", "it was fine and fun")]
     got = SegmentRuntime(tmp_path / "int8").all_layers("sst2", prompts)

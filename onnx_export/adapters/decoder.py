@@ -104,6 +104,10 @@ class DecoderAdapter(ArchitectureAdapter):
     head_kind: ClassVar[str] = "causal-lm"
     readout: ClassVar[str] = "last"
     auto_class = AutoModelForCausalLM
+    # The MLP's down projection reads the gated activations, whose few huge channels ("massive activations")
+    # dominate an int8 per-tensor scale: on SmolLM2 quantizing it took the last layer's relative error from
+    # 0.14 to 0.36 on the verification prompts.
+    int8_keep_fp32: ClassVar[tuple[str, ...]] = ("down_proj",)
 
     def rotary_kwargs(self, index: int) -> dict[str, Any]:
         return {}

@@ -10,7 +10,6 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -129,7 +128,7 @@ def export_onnx(
         raise RaeeConfigError("give at least one --task or --task-file")
     manifest = run_export(
         model_spec,
-        Path(out_dir),
+        out_dir,
         tasks,
         verify=verify,
         embedders=list(embedders),
@@ -176,7 +175,7 @@ def build_db(
     from pipelines.build_db import run_build_db
 
     summary = run_build_db(
-        Path(artifacts),
+        artifacts,
         task_name,
         list(inputs),
         db_uri,
@@ -226,13 +225,13 @@ def classify(
     from pipelines.classify import run_classify
 
     summary = run_classify(
-        Path(artifacts), task_name, db_uri, table or task_name, list(inputs), output_dir, k, strategy, beam_args()
+        artifacts, task_name, db_uri, table or task_name, list(inputs), output_dir, k, strategy, beam_args()
     )
     echo(summary.render())
     summary.check(max_rejected)
 
 
-@command("evaluate", beam=False)
+@command("evaluate")
 @click.option("--artifacts", required=True, type=click.Path(file_okay=False), help="Exported artifacts.")
 @click.option("--task", "task_name", default=None, help="Task name in the artifacts.")
 @click.option(
@@ -265,15 +264,20 @@ def evaluate_cmd(
     k: int,
     strategies: tuple[str, ...],
 ) -> None:
-    """Score every layer, the full model, the oracle and each exit strategy on labelled rows, in-process."""
+    """Score every layer, the full model, the oracle and each exit strategy on labelled rows, in-process (Beam
+    options are accepted for the filesystem and database settings: --s3_endpoint_url, --raee_db_storage_option)."""
+    from raee_ops import storage
     from raee_ops.evaluate import evaluate, exported_task, write_report
     from schemas.manifest import load_manifest
 
     if (task_name is None) == (task_file is None):
         raise RaeeConfigError("give exactly one of --task or --task-file")
     if task_file:
+        storage.configure(beam_args())
         task_name = exported_task(load_manifest(artifacts), load_task_file(task_file))
-    report = evaluate(Path(artifacts), task_name, db_uri, table or task_name, list(inputs), k, list(strategies) or None)
+    report = evaluate(
+        artifacts, task_name, db_uri, table or task_name, list(inputs), k, list(strategies) or None, beam_args()
+    )
     out = write_report(report, report_dir)
     full, name = report["full"], report["full"]["metric_name"]
     echo(f"evaluated {report['rows']} rows ({report['rejected']} rejected); full {name} {full['metric']:.4f}")

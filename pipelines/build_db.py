@@ -154,7 +154,7 @@ def run_build_db(
     with claim_work_dir(work_dir(db_uri, table), f"table {table!r}") as staging:
         if mode == "append":  # under the claim: no other run can add these ids in between
             refuse_present_ids(db_uri, table, ids, store)
-        handler = BuildHandler(str(artifacts), task, embedder, threads=settings.threads, providers=settings.provider)
+        handler = BuildHandler(str(artifacts), task, embedder, **settings.runtime())
         schema = handler.schema(manifest)
         pipeline = make_pipeline(
             beam_args, command="build-db", artifacts=str(artifacts), task=task_name, db=db_uri, table=table

@@ -150,8 +150,7 @@ def run_classify(
         output_schema,
         version,
         storage_options=settings.db_storage_options,
-        threads=settings.threads,
-        providers=settings.provider,
+        **settings.runtime(),
     )
     with claim_output(output_dir, ["predictions-*.parquet", "errors-*.parquet"], "--output") as claim:
         pipeline = make_pipeline(

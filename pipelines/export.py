@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import apache_beam as beam
 
@@ -61,12 +62,14 @@ class SegmentJob:
 
 
 class ExportSegmentFn(beam.DoFn):
-    def __init__(self, model_spec: str, work_dir: str, total: int) -> None:
+    def __init__(self, model_spec: str, work_dir: str, total: int, filesystem: dict[str, Any]) -> None:
         self.model_spec = model_spec
         self.work_dir = work_dir
         self.total = total
+        self.filesystem = filesystem
 
     def setup(self) -> None:
+        storage.on_worker(self.filesystem)
         self.loaded: LoadedModel = load_model(self.model_spec)
         self.progress = Progress("export-onnx", self.total, "segments", counter="segments_exported")
 
@@ -97,11 +100,8 @@ def export_segments(
     """Run the Beam pipeline; returns the FileRef of every exported file, keyed by file name, read from the
     names of the staged files (renamed to their own names here)."""
     pipeline = make_pipeline(beam_args, command="export-onnx")
-    _ = (
-        pipeline
-        | "Segments" >> beam.Create(list(jobs))
-        | "Export" >> beam.ParDo(ExportSegmentFn(model_spec, work, len(jobs)))
-    )
+    export = ExportSegmentFn(model_spec, work, len(jobs), storage.carry(pipeline.options))
+    _ = pipeline | "Segments" >> beam.Create(list(jobs)) | "Export" >> beam.ParDo(export)
     run_pipeline(pipeline, "segment export")  # the model loaded on the driver: a failure is the worker's own
     refs = {}
     for staged in storage.match(storage.join(work, f"*{DIGEST}*")):

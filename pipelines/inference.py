@@ -19,6 +19,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
+from raee_ops import storage
 from raee_ops.artifacts import local_artifacts
 from raee_ops.calibration import log_softmax
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
@@ -106,13 +107,15 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         embedder: str,
         threads: int | None = None,
         providers: str | None = None,
+        filesystem: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.artifacts, self.task, self.embedder = artifacts, task, embedder
-        self.threads, self.providers = threads, providers
+        self.threads, self.providers, self.filesystem = threads, providers, filesystem
 
     def _runtime(self) -> SegmentRuntime:
         fault_point(f"load:{self.command}")
+        storage.on_worker(self.filesystem)
         directory = local_artifacts(self.artifacts)  # fetched into this worker's cache when not local
         return SegmentRuntime(directory, providers=self.providers, intra_op_threads=self.threads)
 

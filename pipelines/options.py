@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options, StandardOptions
@@ -72,6 +73,11 @@ class WorkerSettings:
     provider: str | None = None
     threads: int | None = None
     db_storage_options: dict[str, str] = field(default_factory=dict)
+    filesystem: dict[str, Any] = field(default_factory=dict)  # the run's options, for the workers' filesystems
+
+    def runtime(self) -> dict[str, Any]:
+        """Keyword arguments of the model handlers."""
+        return {"threads": self.threads, "providers": self.provider, "filesystem": self.filesystem}
 
 
 def _s3_storage_options(options: PipelineOptions) -> dict[str, str]:
@@ -106,7 +112,7 @@ def worker_settings(beam_args: Sequence[str], db_uri: str | None = None) -> Work
     if threads is not None and threads < 1:
         raise RaeeConfigError(f"--raee_intra_op_threads must be at least 1, got {threads}")
     provider = raee.raee_provider or os.environ.get("RAEE_PROVIDER") or None
-    return WorkerSettings(provider, threads, derived | explicit)
+    return WorkerSettings(provider, threads, derived | explicit, storage.carry(options))
 
 
 def _subclasses(cls: type) -> Iterable[type]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from functools import cache
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -121,8 +122,11 @@ def _read_validated_groups(
 class ReadValidated(beam.DoFn):
     """A Parquet path -> valid rows as small tables (main output) and rejected rows (`errors` output)."""
 
-    def __init__(self, task: Task, need_label: bool) -> None:
-        self.task, self.need_label = task, need_label
+    def __init__(self, task: Task, need_label: bool, filesystem: dict[str, Any]) -> None:
+        self.task, self.need_label, self.filesystem = task, need_label, filesystem
+
+    def setup(self) -> None:
+        storage.on_worker(self.filesystem)
 
     def process(self, path: str) -> Iterator[pa.Table | beam.pvalue.TaggedOutput]:
         for checked in read_validated_file(path, self.task, self.need_label):
@@ -134,10 +138,11 @@ class ReadValidated(beam.DoFn):
 
 def read_validated(pipeline: beam.Pipeline, files: Sequence[str], task: Task, need_label: bool):
     """(valid tables, error tables); valid tables are reshuffled so every worker gets a share."""
+    reader = ReadValidated(task, need_label, storage.carry(pipeline.options))
     read = (
         pipeline
         | "Files" >> beam.Create(list(files))
-        | "ReadValidate" >> beam.ParDo(ReadValidated(task, need_label)).with_outputs(ERRORS, main="valid")
+        | "ReadValidate" >> beam.ParDo(reader).with_outputs(ERRORS, main="valid")
     )
     return read.valid | "Spread" >> beam.Reshuffle(), read[ERRORS]
 

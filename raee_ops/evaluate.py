@@ -127,7 +127,7 @@ def evaluate(
     policy = retriever.policy
 
     valid, rejected = _read_validated(inputs, task)
-    handler = BuildHandler(str(artifacts), task, embedder, threads=settings.threads, providers=settings.provider)
+    handler = BuildHandler(str(artifacts), task, embedder, **settings.runtime())
     rows, failed = _run_layers(handler, valid)
     rejected += failed
     if rows.num_rows == 0:

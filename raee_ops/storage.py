@@ -3,7 +3,8 @@ through Beam's `FileSystems`: a local path, `s3://` (the `aws` extra) or `gs://`
 
 Beam's filesystems take their settings (S3 endpoint and keys, GCP project) from pipeline options that live in one
 process-wide slot; `configure` fills it from the run's own options before the driver touches any location, so a
-run never uses an earlier run's settings (workers get theirs from the runner). Parquet is read by pyarrow from
+run never uses an earlier run's settings; workers get theirs from the runner and from the DoFns that carry them
+(`carry`, `on_worker`). Parquet is read by pyarrow from
 the same file objects. Local paths behave as before; the only local-only operation is `mkdirs`, which object
 stores do not need.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,6 +45,19 @@ def configure(beam_args: Sequence[str] | PipelineOptions = ()) -> PipelineOption
     options = beam_args if isinstance(beam_args, PipelineOptions) else PipelineOptions(list(beam_args))
     FileSystems.set_options(options)
     return options
+
+
+def carry(options: PipelineOptions) -> dict[str, Any]:
+    """The run's options as a plain dict that DoFns and model handlers carry to workers (see `on_worker`)."""
+    return options.get_all_options(drop_default=True)
+
+
+def on_worker(carried: dict[str, Any] | None) -> None:
+    """Give a worker's filesystems the run's options. Beam's own worker entry point (the containers Dataflow and
+    the portable runners start) does this already; a harness started another way (Beam's external worker pool)
+    does not, and a worker would then reach S3 without the run's endpoint and keys."""
+    if carried is not None:
+        FileSystems.set_options(PipelineOptions.from_dictionary(carried))
 
 
 def check_scheme(uri: str, what: str) -> None:

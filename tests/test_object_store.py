@@ -183,6 +183,7 @@ def private_worker_pool(port: int, root: Path) -> subprocess.Popen:
     """Beam's external worker pool; its workers are processes with their own temp folder and cache, and where
     `unshare` allows, a private /tmp (a tmpfs) so they cannot read the driver's files under /tmp either."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # workers run `python`
     command = [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", "--service_port", str(port)]
     if shutil.which("unshare") and subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0:
         mount = 'mount -t tmpfs none /tmp && mkdir -p /tmp/worker && exec "$@"'

@@ -224,3 +224,41 @@ def test_portable_runner_with_an_external_worker_pool(s3, segment_artifacts, job
     finally:
         pool.terminate()
         pool.wait(timeout=30)
+
+
+def test_claims_on_an_object_store(s3, monkeypatch):
+    """A live claim refuses a second run; a claim not renewed within STALE_S is a dead run's and is removed."""
+    from pipelines import commit
+    from raee_ops import storage
+    from raee_ops.errors import Busy
+
+    endpoint, client = s3
+    storage.configure(s3_args(endpoint))
+    place = f"s3://{BUCKET}/claims/out"
+    with commit.claim_output(place, ["predictions-*.parquet"], "--output") as claim:
+        storage.write_bytes(claim.staging_of("predictions-0.parquet"), b"x")
+        with pytest.raises(Busy, match="another run is writing --output"):
+            with commit.claim_output(place, ["predictions-*.parquet"], "--output"):
+                pass
+        claim.publish({"command": "test"})
+    assert keys(client, "claims/out/") == ["claims/out/_SUCCESS", "claims/out/predictions-0.parquet"]
+    client.put_object(Bucket=BUCKET, Key="claims/work/_CLAIM-dead-run", Body=b"{}")
+    client.put_object(Bucket=BUCKET, Key="claims/work/dead-run/rows-0.parquet", Body=b"x")
+    monkeypatch.setattr(commit, "STALE_S", 0.0)  # every other claim is now older than the limit
+    with commit.claim_work_dir(f"s3://{BUCKET}/claims/work", "table 't'") as staging:
+        assert [k for k in keys(client, "claims/work/") if "dead-run" in k] == []
+        storage.write_bytes(storage.join(staging, "rows-1.parquet"), b"y")
+    assert keys(client, "claims/work/") == []
+
+
+def test_a_scheme_without_its_filesystem_names_the_extra():
+    from raee_ops import storage
+    from raee_ops.errors import RaeeConfigError
+
+    with pytest.raises(RaeeConfigError, match="unsupported scheme hdfs://"):
+        storage.check_scheme("hdfs://nn/data/*.parquet", "--input")
+    try:
+        import google.cloud.storage  # noqa: F401
+    except ImportError:
+        with pytest.raises(RaeeConfigError, match=r"pip install 'raee-ops\[gcp\]'"):
+            storage.check_scheme("gs://bucket/out", "--output")

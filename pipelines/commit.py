@@ -210,8 +210,8 @@ def claim_work_dir(work: str, what: str) -> Iterator[str]:
 def reclaim_siblings(folder: str, pattern: str) -> None:
     """Remove the folders in `folder` whose names match `pattern` and that no live run holds (a killed export's
     temporary folder): each run holds its own temporary folder for as long as it lives."""
-    for name in storage.children(folder):
+    for name in storage.children(folder, pattern):
         path = storage.join(folder, name)
-        if fnmatch.fnmatchcase(name, pattern) and not is_held(path):
+        if not is_held(path):
             storage.delete([path])
             say(f"removed what an earlier, unfinished run left: {path}")

@@ -11,6 +11,7 @@ stores do not need.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any, BinaryIO
@@ -115,12 +116,15 @@ def match(pattern: str, limit: int | None = None) -> list[str]:
     return [m.path for m in match_metadata(pattern, limit)]
 
 
-def children(uri: str) -> list[str]:
-    """Names directly under a folder (files and sub-folders), sorted."""
-    prefix = uri.rstrip("/") + "/"
+def children(uri: str, pattern: str = "*") -> list[str]:
+    """Names directly under a folder (files and sub-folders) that match `pattern`, sorted; on an object store only
+    the keys under `<uri>/<pattern>` are listed."""
     if is_local(uri):
-        return sorted(os.listdir(local_path(uri))) if os.path.isdir(local_path(uri)) else []
-    return sorted({m.path[len(prefix) :].split("/", 1)[0] for m in match_metadata(prefix + "**")})
+        names = os.listdir(local_path(uri)) if os.path.isdir(local_path(uri)) else []
+        return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+    prefix = uri.rstrip("/") + "/"
+    found = match_metadata(prefix + pattern) + match_metadata(prefix + pattern + "/**")
+    return sorted({m.path[len(prefix) :].split("/", 1)[0] for m in found})
 
 
 def mkdirs(uri: str) -> None:

@@ -27,6 +27,7 @@ from raee_ops.errors import MissingDependency, RaeeConfigError
 #: The extra that installs each scheme's filesystem, and a module whose absence means it is not installed.
 EXTRAS = {"s3": ("aws", "boto3"), "gs": ("gcp", "google.cloud.storage")}
 RAW = CompressionTypes.UNCOMPRESSED
+BLOCK = 1 << 22
 
 
 def scheme(uri: str) -> str | None:
@@ -143,28 +144,34 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Readers see the old content or the new, never a part: a local file is written aside and renamed; an
-    object-store upload only becomes visible once complete."""
-    if is_local(uri):
-        mkdirs(parent(uri))
-        partial = join(parent(uri), f".{name(uri)}.partial-{os.getpid()}")
-        with FileSystems.create(partial, compression_type=RAW) as handle:
-            handle.write(data)
-        os.replace(local_path(partial), local_path(uri))
-        return
-    with FileSystems.create(uri, compression_type=RAW) as handle:
-        handle.write(data)
+    """Readers see the old content or the new, never a part (see `_write`)."""
+    _write(uri, [data])
 
 
 def upload(local_file: str, uri: str) -> None:
+    """Copy a local file to `uri` in blocks (segments can be large), as `write_bytes` does."""
     with open(local_file, "rb") as source:
-        write_bytes(uri, source.read())
+        _write(uri, iter(lambda: source.read(BLOCK), b""))
+
+
+def _write(uri: str, blocks: Iterable[bytes]) -> None:
+    """A local file is written aside and renamed into place; an object-store upload only becomes visible once
+    complete."""
+    target = uri
+    if is_local(uri):
+        mkdirs(parent(uri))
+        target = join(parent(uri), f".{name(uri)}.partial-{os.getpid()}")
+    with FileSystems.create(target, compression_type=RAW) as handle:
+        for block in blocks:
+            handle.write(block)
+    if target != uri:
+        os.replace(local_path(target), local_path(uri))
 
 
 def download(uri: str, local_file: str) -> None:
     """Copy to a local file, streamed in blocks (segments can be large)."""
     with open_read(uri) as source, open(local_file, "wb") as target:
-        for block in iter(lambda: source.read(1 << 22), b""):
+        for block in iter(lambda: source.read(BLOCK), b""):
             target.write(block)
 
 

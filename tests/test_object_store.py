@@ -262,3 +262,46 @@ def test_a_scheme_without_its_filesystem_names_the_extra():
     except ImportError:
         with pytest.raises(RaeeConfigError, match=r"pip install 'raee-ops\[gcp\]'"):
             storage.check_scheme("gs://bucket/out", "--output")
+
+
+def test_workers_fetch_artifacts_into_a_checked_cache(s3, segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    from raee_ops import storage
+    from raee_ops.artifacts import local_artifacts
+    from raee_ops.errors import ArtifactError
+    from schemas.manifest import load_manifest
+
+    endpoint, client = s3
+    storage.configure(s3_args(endpoint))
+    art = upload_dir(client, segment_artifacts, "cache/artifacts")
+    monkeypatch.setenv("RAEE_CACHE_DIR", str(tmp_path / "cache"))
+    fetched = local_artifacts(art)
+    manifest = load_manifest(fetched)
+    assert fetched.parent == tmp_path / "cache" and fetched.name.startswith(manifest.fingerprint[:16])
+    layer = fetched / manifest.segments.layers[0].file
+    layer.write_bytes(b"damaged")  # a damaged cache entry is fetched again
+    assert local_artifacts(art) == fetched and load_manifest(fetched) == manifest
+    client.put_object(Bucket=BUCKET, Key=f"cache/artifacts/{layer.name}", Body=b"tampered")
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        local_artifacts(art)
+
+
+def test_worker_settings_come_from_the_options(monkeypatch):
+    from pipelines.options import worker_settings
+
+    monkeypatch.setenv("RAEE_PROVIDER", "cuda")  # read here, on the launching machine, and carried to workers
+    monkeypatch.delenv("RAEE_INTRA_OP_THREADS", raising=False)
+    settings = worker_settings(
+        ["--s3_endpoint_url", "http://127.0.0.1:9", "--s3_region_name", "eu-west-1", "--raee_intra_op_threads", "2"]
+        + ["--raee_db_storage_option", "aws_region=us-east-2", "--raee_db_storage_option", "timeout=30s"],
+        "s3://bucket/db",
+    )
+    assert (settings.provider, settings.threads) == ("cuda", 2)
+    assert settings.db_storage_options == {
+        "aws_endpoint": "http://127.0.0.1:9",
+        "aws_region": "us-east-2",
+        "allow_http": "true",
+        "timeout": "30s",
+    }
+    assert settings.filesystem["s3_endpoint_url"] == "http://127.0.0.1:9"
+    assert worker_settings([], "/local/db").db_storage_options == {}

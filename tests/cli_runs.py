@@ -17,7 +17,7 @@ def raee_ops(
     *args: str | Path,
     fault: str | None = None,
     mode: str | None = None,
-    env: dict[str, str] | None = None,
+    env: dict[str, str | None] | None = None,
     cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
     """The CLI in its own process; `fault` sets RAEE_FAULT (and `mode` RAEE_FAULT_MODE) for that run only; `env`

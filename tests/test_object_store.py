@@ -154,7 +154,7 @@ def test_export_build_classify_evaluate_all_on_s3(s3, tiny_llama_dir, tmp_path):
 
     assert list(cwd.iterdir()) == []  # no `s3:` folder or anything else beside the runs
     left = [p.name for p in (tmp_path / "run" / "tmp").rglob("*")]
-    assert set(left) <= {".ses"}, left  # `.ses`: a 51-byte session id a third-party library keeps in TMPDIR
+    assert set(left) <= {".ses"}, left  # `.ses`: a 51-byte session id ONNX Runtime keeps in TMPDIR
     assert list((tmp_path / "run" / "cache").iterdir())  # the artifacts were fetched into the worker cache
 
 

@@ -305,3 +305,36 @@ def test_worker_settings_come_from_the_options(monkeypatch):
     }
     assert settings.filesystem["s3_endpoint_url"] == "http://127.0.0.1:9"
     assert worker_settings([], "/local/db").db_storage_options == {}
+
+
+def test_a_classify_killed_on_s3_blocks_its_output_until_its_claim_is_released(s3, segment_artifacts, tmp_path):  # noqa: F811
+    """Killed mid-publish: no `_SUCCESS`; the rerun is refused while the dead run's claim looks live (exit 75),
+    and once the claim is deleted the rerun removes the leftovers and publishes every row once."""
+    from pipelines.build_db import run_build_db
+
+    endpoint, client = s3
+    art = upload_dir(client, segment_artifacts, "killed/artifacts")
+    client.upload_file(str(labelled(tmp_path / "train.parquet", 16, 0, "t", bad=False)), BUCKET, "killed/train.parquet")
+    client.upload_file(str(labelled(tmp_path / "q.parquet", 40, 3, "q")), BUCKET, "killed/q.parquet")
+    env, cwd = private_env(tmp_path)
+    db, opts = f"s3://{BUCKET}/killed/db", s3_args(endpoint)
+    train = [f"s3://{BUCKET}/killed/train.parquet"]
+    run_build_db(art, "sst2", train, db, "sst2", "backbone", "overwrite", None, opts)  # in this process: quicker
+    args = ["classify", "--artifacts", art, "--task", "sst2", "--db", db, "--input", f"s3://{BUCKET}/killed/q.parquet"]
+    args += ["--output", f"s3://{BUCKET}/killed/out", *opts]
+    killed = raee_ops(*args, fault="publish:predictions-*.parquet", env=env, cwd=cwd)
+    assert killed.returncode == -9
+    names = [k.removeprefix("killed/out/") for k in keys(client, "killed/out/")]
+    assert SUCCESS not in names and [n for n in names if n.startswith(CLAIM)], names
+    busy = raee_ops(*args, env=env, cwd=cwd)
+    assert busy.returncode == 75 and "another run is writing --output" in one_error_line(busy)
+    for claim in [n for n in names if n.startswith(CLAIM)]:  # what an operator does for a run known to be dead
+        client.delete_object(Bucket=BUCKET, Key=f"killed/out/{claim}")
+    rerun = raee_ops(*args, env=env, cwd=cwd)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "removed what an earlier, unfinished run left" in rerun.stderr
+    ids = read_parquet(client, "killed/out/predictions-").column("id").to_pylist()
+    ids += read_parquet(client, "killed/out/errors-").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 45
+    names = [k.removeprefix("killed/out/") for k in keys(client, "killed/out/")]
+    assert SUCCESS in names and not [n for n in names if n.startswith((TEMPORARY, CLAIM))], names

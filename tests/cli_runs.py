@@ -13,16 +13,9 @@ import pyarrow.parquet as pq
 TIMEOUT_S = 300
 
 
-def raee_ops(
-    *args: str | Path,
-    fault: str | None = None,
-    mode: str | None = None,
-    env: dict[str, str | None] | None = None,
-    cwd: Path | None = None,
-) -> subprocess.CompletedProcess:
-    """The CLI in its own process; `fault` sets RAEE_FAULT (and `mode` RAEE_FAULT_MODE) for that run only; `env`
-    adds to (or, with None values, removes from) this process's environment."""
-    env = {k: v for k, v in (os.environ | (env or {})).items() if not k.startswith("RAEE_FAULT") and v is not None}
+def raee_ops(*args: str | Path, fault: str | None = None, mode: str | None = None) -> subprocess.CompletedProcess:
+    """The CLI in its own process; `fault` sets RAEE_FAULT (and `mode` RAEE_FAULT_MODE) for that run only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAEE_FAULT")}
     if fault:
         env["RAEE_FAULT"] = fault
     if mode:
@@ -33,7 +26,6 @@ def raee_ops(
         text=True,
         timeout=TIMEOUT_S,
         env=env,
-        cwd=cwd,
     )
 
 

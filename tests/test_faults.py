@@ -4,6 +4,8 @@ are lost, 0 duplicated, and nothing temporary is left. The summary is printed at
 
 from __future__ import annotations
 
+import glob
+import tempfile
 from pathlib import Path
 
 import lancedb
@@ -30,15 +32,9 @@ def table_ids(db: Path, table: str) -> list[str]:
     return lancedb.connect(str(db)).open_table(table).to_arrow().column("id").to_pylist()
 
 
-def private_temp(root: Path) -> dict[str, str]:
-    """A temp folder of the runs' own (the machine's is shared with other processes)."""
-    (root / "tmp").mkdir()
-    return {"TMPDIR": str(root / "tmp")}
-
-
-def staging_in_temp(env: dict[str, str]) -> list[str]:
-    """What the old build-db left in the temp folder (it no longer stages there)."""
-    return sorted(p.name for p in Path(env["TMPDIR"]).glob("raee-staging-*"))
+def staging_in_temp() -> set[str]:
+    """What the old build-db left in the system temp folder (it no longer stages there)."""
+    return set(glob.glob(str(Path(tempfile.gettempdir()) / "raee-staging-*")))
 
 
 @pytest.fixture(scope="module")
@@ -75,20 +71,20 @@ def test_classify_killed_then_rerun(point, segment_artifacts, reference, tmp_pat
 @pytest.mark.parametrize("mode", ["overwrite", "append"])
 @pytest.mark.parametrize("point", ["batch:build-db@2", "commit:errors", "commit:table"])
 def test_build_db_killed_then_rerun(point, mode, segment_artifacts, tmp_path, fault_records):  # noqa: F811
-    temp = private_temp(tmp_path)
+    in_temp = staging_in_temp()
     db = tmp_path / "db"
     old = labelled(tmp_path / "old.parquet", 30, 0, "t", bad=False)
     assert raee_ops(*build_args(segment_artifacts, db, old)).returncode == 0
     new = labelled(tmp_path / "new.parquet", ROWS, 10, "n")
     args = build_args(segment_artifacts, db, new, extra=["--mode", mode])
-    killed = raee_ops(*args, fault=point, env=temp)
+    killed = raee_ops(*args, fault=point)
     assert killed.returncode == KILLED, killed.stderr
     valid_new = all_ids(new) - set(BAD_IDS)
     expected_new = valid_new | (all_ids(old) if mode == "append" else set())
     after_kill = table_ids(db, "sst2")
     assert len(after_kill) == len(set(after_kill))  # never duplicated, never torn: old or new
     assert set(after_kill) in (all_ids(old), expected_new)
-    rerun = raee_ops(*args, env=temp)
+    rerun = raee_ops(*args)
     if mode == "append" and set(after_kill) == expected_new:  # the kill came after the commit: already appended
         assert rerun.returncode == 2 and "already in table" in rerun.stderr
     else:
@@ -97,7 +93,7 @@ def test_build_db_killed_then_rerun(point, mode, segment_artifacts, tmp_path, fa
     lost, duplicated = len(expected_new - set(ids)), len(ids) - len(set(ids))
     assert (lost, duplicated) == (0, 0) and set(ids) == expected_new
     assert [p.name for p in (db / "_raee-work" / "sst2").iterdir()] == []  # no staging left behind
-    assert staging_in_temp(temp) == []
+    assert staging_in_temp() == in_temp
     fault_records.append(FaultRecord(f"build-db {mode}", point, 1, lost, duplicated))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cli_runs import one_error_line, raee_ops
+from cli_runs import TIMEOUT_S, one_error_line
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
 from test_runners import job_endpoint  # noqa: F401 - fixture
@@ -30,6 +30,14 @@ BUCKET = "raee-test"
 KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
 #: No AWS settings from the environment: every run must get them from its options.
 NO_AWS_ENV = {k: None for k in os.environ if k.startswith("AWS_")}
+
+
+def raee_ops(*args: str | Path, env: dict[str, str | None], cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process with `env` added to (None: removed from) this one's, in `cwd`."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAEE_FAULT")}
+    merged = {k: v for k, v in (inherited | env).items() if v is not None}
+    command = [sys.executable, "-m", "raee_ops", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=merged, cwd=cwd)
 
 
 def free_port() -> int:
@@ -322,7 +330,7 @@ def test_a_classify_killed_on_s3_blocks_its_output_until_its_claim_is_released(s
     run_build_db(art, "sst2", train, db, "sst2", "backbone", "overwrite", None, opts)  # in this process: quicker
     args = ["classify", "--artifacts", art, "--task", "sst2", "--db", db, "--input", f"s3://{BUCKET}/killed/q.parquet"]
     args += ["--output", f"s3://{BUCKET}/killed/out", *opts]
-    killed = raee_ops(*args, fault="publish:predictions-*.parquet", env=env, cwd=cwd)
+    killed = raee_ops(*args, env=env | {"RAEE_FAULT": "publish:predictions-*.parquet"}, cwd=cwd)
     assert killed.returncode == -9
     names = [k.removeprefix("killed/out/") for k in keys(client, "killed/out/")]
     assert SUCCESS not in names and [n for n in names if n.startswith(CLAIM)], names

@@ -36,25 +36,25 @@ def _tasks(names: tuple[str, ...], files: tuple[str, ...]) -> list[Task]:
     return [get_task(n) for n in names] + [load_task_file(f) for f in files]
 
 
-def command(name: str, beam: bool = True) -> Callable[[Callable[..., Any]], click.Command]:
-    """A subcommand with -v/-q; for pipeline commands, extra arguments must be Beam pipeline options."""
+def command(name: str) -> Callable[[Callable[..., Any]], click.Command]:
+    """A subcommand with -v/-q; extra arguments must be Beam pipeline options (the pipelines' runner and
+    filesystem options; the filesystem and database options for evaluate, info and rollback)."""
 
     def wrap(fn: Callable[..., Any]) -> click.Command:
         @functools.wraps(fn)
         def run(*args: Any, verbose: int, quiet: bool, **kwargs: Any) -> Any:
             logs.configure(-1 if quiet else verbose)
-            if beam:
-                from pipelines.options import unknown_args
+            from pipelines.options import unknown_args
 
-                ctx = click.get_current_context()
-                problem = unknown_args(ctx.args, [o for p in ctx.command.params for o in p.opts])
-                if problem:
-                    raise click.UsageError(problem)
+            ctx = click.get_current_context()
+            problem = unknown_args(ctx.args, [o for p in ctx.command.params for o in p.opts])
+            if problem:
+                raise click.UsageError(problem)
             return fn(*args, **kwargs)
 
         run = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(run)
         run = click.option("-v", "--verbose", count=True, help="Show library logs (-vv: debug).")(run)
-        return cli.command(name, context_settings=BEAM_ARGS if beam else HELP)(run)
+        return cli.command(name, context_settings=BEAM_ARGS)(run)
 
     return wrap
 
@@ -287,27 +287,30 @@ def evaluate_cmd(
     echo(f"report: {out}")
 
 
-@command("info", beam=False)
+@command("info")
 @click.option("--db", "db_uri", required=True, help="LanceDB URI (a local directory or object-store URI).")
 @click.option("--table", default=None, help="Only this table (default: every table).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
 def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
-    """Show each table's task, embedder, artifacts fingerprint, rows, version, index, fitted policy and versions."""
+    """Show each table's task, embedder, artifacts fingerprint, rows, version, index, fitted policy and versions
+    (an object-store database takes the same --s3_* / --raee_db_storage_option options as the pipelines)."""
+    from pipelines.options import worker_settings
     from raee_ops.info import describe, render
 
-    info = describe(db_uri, table)
+    info = describe(db_uri, table, worker_settings(beam_args(), db_uri).db_storage_options)
     echo(json.dumps(info, indent=2) if as_json else render(info))
 
 
-@command("rollback", beam=False)
+@command("rollback")
 @click.option("--db", "db_uri", required=True, help="LanceDB URI holding the table.")
 @click.option("--table", required=True, help="Table to roll back.")
 @click.option("--version", "version", required=True, type=int, help="Version to make current (see `info`).")
 def rollback_cmd(db_uri: str, table: str, version: int) -> None:
     """Make an earlier version of a table current again, as a new version (nothing is deleted)."""
+    from pipelines.options import worker_settings
     from raee_ops.info import render, rollback
 
-    info = rollback(db_uri, table, version)
+    info = rollback(db_uri, table, version, worker_settings(beam_args(), db_uri).db_storage_options)
     done = "already current" if info["previous"] == version else f"restored (was version {info['previous']})"
     echo(f"table {table}: version {version} {done}")
     echo(render({"db": db_uri, "tables": [info]}))

@@ -159,6 +159,8 @@ def test_export_build_classify_evaluate_all_on_s3(s3, tiny_llama_dir, tmp_path):
     done = raee_ops(*evaluate, "--input", f"{base}/in/train.parquet", *opts, env=env, cwd=cwd)
     assert done.returncode == 0, done.stderr
     assert {"e2e/report/report.json", "e2e/report/report.md"} <= set(keys(client, "e2e/report/"))
+    info = raee_ops("info", "--db", db, "--json", *opts, env=env, cwd=cwd)
+    assert info.returncode == 0 and '"rows": 24' in info.stdout, info.stderr
 
     assert list(cwd.iterdir()) == []  # no `s3:` folder or anything else beside the runs
     left = [p.name for p in (tmp_path / "run" / "tmp").rglob("*")]

@@ -5,8 +5,8 @@ Beam's filesystems take their settings (S3 endpoint and keys, GCP project) from 
 process-wide slot; `configure` fills it from the run's own options before the driver touches any location, so a
 run never uses an earlier run's settings; workers get theirs from the runner and from the DoFns that carry them
 (`carry`, `on_worker`). Parquet is read by pyarrow from
-the same file objects. Local paths behave as before; the only local-only operation is `mkdirs`, which object
-stores do not need.
+the same file objects. Local paths behave as before; where the two differ (folders exist locally, not on object
+stores; a local write is made atomic by a rename) the local branch is taken only after `is_local`.
 """
 
 from __future__ import annotations

@@ -318,8 +318,9 @@ def test_worker_settings_come_from_the_options(monkeypatch):
 
 
 def test_a_classify_killed_on_s3_blocks_its_output_until_its_claim_is_released(s3, segment_artifacts, tmp_path):  # noqa: F811
-    """Killed mid-publish: no `_SUCCESS`; the rerun is refused while the dead run's claim looks live (exit 75),
-    and once the claim is deleted the rerun removes the leftovers and publishes every row once."""
+    """Killed mid-publish: no `_SUCCESS`, and the dead run's claim stays (a rerun within STALE_S is refused with
+    75, as test_missing_options_and_live_claims_are_refused shows); once the claim is deleted, the rerun removes
+    the leftovers and publishes every row once."""
     from pipelines.build_db import run_build_db
 
     endpoint, client = s3
@@ -336,8 +337,6 @@ def test_a_classify_killed_on_s3_blocks_its_output_until_its_claim_is_released(s
     assert killed.returncode == -9
     names = [k.removeprefix("killed/out/") for k in keys(client, "killed/out/")]
     assert SUCCESS not in names and [n for n in names if n.startswith(CLAIM)], names
-    busy = raee_ops(*args, env=env, cwd=cwd)
-    assert busy.returncode == 75 and "another run is writing --output" in one_error_line(busy)
     for claim in [n for n in names if n.startswith(CLAIM)]:  # what an operator does for a run known to be dead
         client.delete_object(Bucket=BUCKET, Key=f"killed/out/{claim}")
     rerun = raee_ops(*args, env=env, cwd=cwd)

@@ -235,15 +235,15 @@ def run_export(
                 },
                 embedders=_export_embedders(embedders, files),
             )
-            if not local:  # the driver's files join the workers' segments in the temporary folder
-                driver_files = {ref.file for ref in manifest.file_refs()} - set(refs)
-                for file in sorted(driver_files):
-                    storage.upload(str(files / file), storage.join(work, file))
+            if verify and not local:  # the checks below read the segments from a local folder
+                for file in sorted(refs):
+                    storage.download(storage.join(work, file), str(files / file))
             if verify:
                 with phase("export-onnx: verifying every layer against PyTorch"):
-                    for file in [] if local else sorted(refs):  # the segments, read back as a worker would
-                        storage.download(storage.join(work, file), str(files / file))
                     manifest = replace(manifest, verify=verify_export(files, manifest, adapter, tasks))
+            if not local:  # what the driver wrote or changed joins the workers' segments in the temporary folder
+                for ref in sorted(set(manifest.file_refs()) - set(refs.values()), key=lambda r: r.file):
+                    storage.upload(str(files / ref.file), storage.join(work, ref.file))
             fault_point("export:move")
             if local:
                 write_manifest(files, manifest)

@@ -9,23 +9,19 @@ leaves the table as it was. The next run removes a killed run's staging.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import apache_beam as beam
-import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipelines.commit import claim_work_dir, new_run_id
 from pipelines.inference import BuildHandler, Infer
-from pipelines.options import make_pipeline, run_pipeline
+from pipelines.options import make_pipeline, run_pipeline, worker_settings
 from pipelines.sources import check_inputs, count_rows, expand_inputs, file_ids, read_validated, task_of, write_tables
+from raee_ops import storage
 from raee_ops.calibration import FusedPolicy, fit_fused_policy
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.faults import fault_point
@@ -34,10 +30,9 @@ from raee_ops.progress import phase
 from raee_ops.retrieval import (
     build_index,
     check_meta,
+    connect,
     expected_meta,
     index_partitions,
-    is_local,
-    local_path,
     open_table,
     table_meta,
 )
@@ -84,16 +79,13 @@ class BuildSummary:
 
 
 def default_errors_dir(db_uri: str, table: str) -> str:
-    if not is_local(db_uri):
-        raise RaeeConfigError(f"--errors is required when --db is not a local directory ({db_uri})")
-    return str(local_path(db_uri) / "_errors" / table)
+    return storage.join(db_uri, "_errors", table)
 
 
-def work_dir(db_uri: str, table: str) -> Path:
-    """Where a table's runs stage their rows and hold their claim: beside the table, in the database folder."""
-    if not is_local(db_uri):
-        raise RaeeConfigError(f"build-db stages its rows beside the table and needs a local --db for now ({db_uri})")
-    return local_path(db_uri) / "_raee-work" / table
+def work_dir(db_uri: str, table: str) -> str:
+    """Where a table's runs stage their rows and hold their claim: beside the table, in the database's location
+    (a local folder or an object-store prefix), never the driver's temp folder, so workers anywhere can write."""
+    return storage.join(db_uri, "_raee-work", table)
 
 
 def _examples(ids: pa.Array) -> str:
@@ -108,8 +100,8 @@ def refuse_duplicate_ids(ids: pa.Array) -> None:
         raise RaeeConfigError(f"{len(repeated)} id(s) occur more than once in the input (e.g. {_examples(repeated)})")
 
 
-def refuse_present_ids(db_uri: str, table: str, ids: pa.Array) -> None:
-    present = open_table(db_uri, table).to_arrow().column(ID).combine_chunks()
+def refuse_present_ids(db_uri: str, table: str, ids: pa.Array, storage_options: dict[str, str]) -> None:
+    present = open_table(db_uri, table, storage_options=storage_options).to_arrow().column(ID).combine_chunks()
     clash = ids.filter(pc.is_in(ids, value_set=present))
     if len(clash):
         shown = _examples(clash)
@@ -125,7 +117,7 @@ def refuse_overwrite_with_nothing(table: str, allow_empty: bool) -> None:
 
 
 def run_build_db(
-    artifacts: Path,
+    artifacts: str,
     task_name: str,
     inputs: list[str],
     db_uri: str,
@@ -137,6 +129,11 @@ def run_build_db(
     max_rejected: float = 1.0,
     allow_empty: bool = False,
 ) -> BuildSummary:
+    settings = worker_settings(beam_args, db_uri)
+    store = settings.db_storage_options
+    for uri, what in ((db_uri, "--db"), (errors_dir, "--errors")):
+        if uri:
+            storage.check_scheme(uri, what)
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
     if embedder != "backbone" and embedder not in manifest.embedders:
@@ -147,29 +144,29 @@ def run_build_db(
         refuse_overwrite_with_nothing(table, allow_empty)
     meta = expected_meta(manifest, task_name, embedder)
     if mode == "append":
-        check_meta(table_meta(db_uri, table), meta, f"table {table!r} in {db_uri}")
+        check_meta(table_meta(db_uri, table, store), meta, f"table {table!r} in {db_uri}")
     ids = pa.concat_arrays([file_ids(f) for f in files]) if files else pa.array([], pa.string())
     refuse_duplicate_ids(ids)
     errors_dir = errors_dir or default_errors_dir(db_uri, table)
-    if os.path.exists(errors_dir) and not os.path.isdir(errors_dir):
+    if storage.is_file(errors_dir):
         raise RaeeConfigError(f"--errors {errors_dir} exists and is not a directory")
     run_id = new_run_id()
     with claim_work_dir(work_dir(db_uri, table), f"table {table!r}") as staging:
         if mode == "append":  # under the claim: no other run can add these ids in between
-            refuse_present_ids(db_uri, table, ids)
-        handler = BuildHandler(str(artifacts), task, embedder)
+            refuse_present_ids(db_uri, table, ids, store)
+        handler = BuildHandler(str(artifacts), task, embedder, **settings.runtime())
         schema = handler.schema(manifest)
         pipeline = make_pipeline(
             beam_args, command="build-db", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
         )
         valid, invalid = read_validated(pipeline, files, task, need_label=True)
         rows, failed = valid | "Infer" >> Infer(handler)
-        write_tables(rows, "WriteStaging", os.path.join(staging, "rows"), schema)
+        write_tables(rows, "WriteStaging", storage.join(staging, "rows"), schema)
         errors = (invalid, failed) | "Errors" >> beam.Flatten()
-        write_tables(errors, "WriteErrors", os.path.join(staging, f"errors-{run_id}"), ERRORS_SCHEMA)
+        write_tables(errors, "WriteErrors", storage.join(staging, f"errors-{run_id}"), ERRORS_SCHEMA)
         run_pipeline(pipeline, "build-db")
-        written, shards = count_rows(os.path.join(staging, "rows*.parquet"))
-        rejected, error_shards = count_rows(os.path.join(staging, "errors-*.parquet"))
+        written, shards = count_rows(storage.join(staging, "rows*.parquet"))
+        rejected, error_shards = count_rows(storage.join(staging, "errors-*.parquet"))
         if rows_in != written + rejected:
             raise CountMismatch(f"rows in {rows_in} != written {written} + rejected {rejected}: not committing")
         publish_errors(error_shards, errors_dir)
@@ -181,27 +178,31 @@ def run_build_db(
             )
         if written == 0 and mode == "overwrite":
             refuse_overwrite_with_nothing(table, allow_empty)
-        data = pa.concat_tables([pq.read_table(s, schema=schema) for s in shards]) if shards else schema.empty_table()
+        data = (
+            pa.concat_tables([storage.read_parquet(s, schema=schema) for s in shards])
+            if shards
+            else schema.empty_table()
+        )
         if mode == "append":  # the policy is fitted on the whole table, so append rewrites it in one commit
-            data = pa.concat_tables([open_table(db_uri, table).to_arrow().cast(schema), data])
+            data = pa.concat_tables([open_table(db_uri, table, storage_options=store).to_arrow().cast(schema), data])
         with phase(f"build-db: fitting the fused policy on {data.num_rows} rows"):
             policy = fit_policy(data, task, manifest.num_layers)
         policy_meta = {POLICY_META_KEY: json.dumps(policy.to_dict()).encode()} if policy else {}
         fault_point("commit:errors")
-        table_rows, indexed, version = commit(db_uri, table, data.replace_schema_metadata(meta.encode() | policy_meta))
+        table_rows, indexed, version = commit(
+            db_uri, table, data.replace_schema_metadata(meta.encode() | policy_meta), store
+        )
     if mode == "overwrite":
-        for old in glob.glob(os.path.join(errors_dir, "errors-*.parquet")):
-            if not os.path.basename(old).startswith(f"errors-{run_id}"):
-                os.remove(old)
+        old = storage.match(storage.join(errors_dir, "errors-*.parquet"))
+        storage.delete([p for p in old if not storage.name(p).startswith(f"errors-{run_id}")])
     search = f"IVF_FLAT index, {index_partitions(table_rows)} partitions" if indexed else "exact search"
     return BuildSummary(table, mode, rows_in, written, rejected, table_rows, errors_dir, policy, search, version)
 
 
 def publish_errors(shards: list[str], errors_dir: str) -> None:
     """This run's error shards (named by its run id) into the errors folder."""
-    os.makedirs(errors_dir, exist_ok=True)
-    for shard in shards:
-        os.replace(shard, os.path.join(errors_dir, os.path.basename(shard)))
+    storage.mkdirs(errors_dir)
+    storage.rename((shard, storage.join(errors_dir, storage.name(shard))) for shard in shards)
 
 
 def fit_policy(data: pa.Table, task: Task, num_layers: int) -> FusedPolicy | None:
@@ -215,12 +216,14 @@ def fit_policy(data: pa.Table, task: Task, num_layers: int) -> FusedPolicy | Non
     return fit_fused_policy(vectors, labels, logprobs, num_labels, task_metric(task.name, num_labels)[0])
 
 
-def commit(db_uri: str, name: str, data: pa.Table) -> tuple[int, bool, int]:
+def commit(
+    db_uri: str, name: str, data: pa.Table, storage_options: dict[str, str] | None = None
+) -> tuple[int, bool, int]:
     """The run's table write, a whole new table version; a large table then gets its ANN index (a second version:
     until it lands, searches scan exactly, so a failed index build leaves a correct table).
     (rows, indexed, version)."""
     with phase(f"build-db: committing {data.num_rows} rows to LanceDB"):
-        table = lancedb.connect(db_uri).create_table(name, data, schema=data.schema, mode="overwrite")
+        table = connect(db_uri, storage_options).create_table(name, data, schema=data.schema, mode="overwrite")
     fault_point("commit:table")
     indexed = build_index(table)
     return table.count_rows(), indexed, table.version

@@ -8,19 +8,18 @@ without it is an unfinished run's, and the next run removes what it left.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from apache_beam.metrics.metric import MetricsFilter
 
 from pipelines.commit import claim_output
 from pipelines.inference import NAMESPACE, ClassifyHandler, Infer
-from pipelines.options import make_pipeline, run_pipeline
+from pipelines.options import make_pipeline, run_pipeline, worker_settings
 from pipelines.sources import check_inputs, count_rows, expand_inputs, read_validated, task_of, write_tables
+from raee_ops import storage
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import resolve
 from raee_ops.retrieval import check_meta, expected_meta, open_table, table_policy
@@ -80,7 +79,9 @@ class ClassifySummary:
 def exit_counts_from_files(files: list[str]) -> dict[int, int]:
     if not files:
         return {}
-    exits = pa.concat_arrays([pq.read_table(f, columns=["exit_layer"]).column(0).combine_chunks() for f in files])
+    exits = pa.concat_arrays(
+        [storage.read_parquet(f, columns=["exit_layer"]).column(0).combine_chunks() for f in files]
+    )
     counts = pc.value_counts(exits)
     return {int(v["values"]): int(v["counts"]) for v in counts.to_pylist()}
 
@@ -109,13 +110,15 @@ def run_classify(
     strategy: str | None,
     beam_args: list[str] | tuple[str, ...] = (),
 ) -> ClassifySummary:
+    settings = worker_settings(beam_args, db_uri)
+    storage.check_scheme(output_dir, "--output")
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
     chosen = resolve(strategy, manifest.num_layers)
     strategy = chosen.name
     if k < 1:
         raise RaeeConfigError(f"--k must be at least 1, got {k}")
-    opened = open_table(db_uri, table)
+    opened = open_table(db_uri, table, storage_options=settings.db_storage_options)
     version, table_schema = opened.version, opened.schema
     meta = TableMeta.decode(table_schema)
     embedder = meta.embedder if meta else "backbone"
@@ -126,9 +129,9 @@ def run_classify(
     if chosen.needs_policy and policy is None:
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
     if chosen.needs_policy:
-        settings = f"fitted on the table for {policy.metric}: {policy.settings()}"
+        described = f"fitted on the table for {policy.metric}: {policy.settings()}"
     else:
-        settings = f"k={k}" if chosen.needs_retrieval else "no retrieval"
+        described = f"k={k}" if chosen.needs_retrieval else "no retrieval"
     files = expand_inputs(inputs)
     schema, rows_in = check_inputs(files, task, need_label=False)
     clash = [f.name for f in PREDICTION_FIELDS if f.name in schema.names]
@@ -136,23 +139,35 @@ def run_classify(
         raise RaeeConfigError(f"input already has column(s) {', '.join(clash)} that classify adds")
 
     output_schema = pa.schema(list(validated_schema(schema, task)) + PREDICTION_FIELDS)
-    handler = ClassifyHandler(str(artifacts), task, embedder, db_uri, table, k, strategy, output_schema, version)
+    handler = ClassifyHandler(
+        str(artifacts),
+        task,
+        embedder,
+        db_uri,
+        table,
+        k,
+        strategy,
+        output_schema,
+        version,
+        storage_options=settings.db_storage_options,
+        **settings.runtime(),
+    )
     with claim_output(output_dir, ["predictions-*.parquet", "errors-*.parquet"], "--output") as claim:
         pipeline = make_pipeline(
             beam_args, command="classify", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
         )
         valid, invalid = read_validated(pipeline, files, task, need_label=False)
         rows, failed = valid | "Infer" >> Infer(handler)
-        write_tables(rows, "WritePredictions", os.path.join(claim.staging, "predictions"), output_schema)
+        write_tables(rows, "WritePredictions", claim.staging_of("predictions"), output_schema)
         errors = (invalid, failed) | "Errors" >> beam.Flatten()
-        write_tables(errors, "WriteErrors", os.path.join(claim.staging, "errors"), ERRORS_SCHEMA)
+        write_tables(errors, "WriteErrors", claim.staging_of("errors"), ERRORS_SCHEMA)
         result = run_pipeline(pipeline, "classify")
 
-        predicted, prediction_files = count_rows(os.path.join(claim.staging, "predictions-*.parquet"))
-        rejected, _ = count_rows(os.path.join(claim.staging, "errors-*.parquet"))
+        predicted, prediction_files = count_rows(claim.staging_of("predictions-*.parquet"))
+        rejected, _ = count_rows(claim.staging_of("errors-*.parquet"))
         summary = ClassifySummary(
             strategy,
-            settings,
+            described,
             manifest.num_layers,
             rows_in,
             predicted,

@@ -1,10 +1,19 @@
-"""Run-private staging and all-or-nothing publishing for the local filesystem, safe against kills and concurrent runs.
+"""Run-private staging and all-or-nothing publishing, safe against kills and concurrent runs, for local paths and
+object stores alike (every location goes through raee_ops.storage).
 
-A run claims the place it writes (an output folder, a table's work folder) with an exclusive `flock` on that
-directory: the kernel drops the lock when the process dies, however it dies, so a killed run never blocks the
-next one, and a second live run is refused (`Busy`, exit 75) instead of mixing its files with the first's.
+A run claims the place it writes (an output folder, a table's work folder, its export staging folder):
+
+- locally, with an exclusive `flock` on that directory: the kernel drops the lock when the process dies, however
+  it dies, so a killed run never blocks the next one, and a second live run is refused (`Busy`, exit 75);
+- on an object store (no locks there), with a claim object `_CLAIM-<run id>` in that place that the run rewrites
+  every HEARTBEAT_S seconds. A run that finds another run's claim updated in the last STALE_S seconds is refused
+  (`Busy`, exit 75); older claims are a killed run's and are removed. Two runs that start together may both be
+  refused (each sees the other's claim: a retry sorts it out) but never both proceed, given the store's
+  read-after-write consistency (S3 and GCS have it). A run killed on an object store blocks its place for up to
+  STALE_S seconds; deleting its `_CLAIM-*` object releases it at once.
+
 Under the claim, a run stages everything in `_temporary/<run id>/` (readers such as pyarrow datasets skip
-`_`-prefixed names), publishes by renaming staged files into place, and writes the `_SUCCESS` marker last.
+`_`-prefixed names), publishes by moving staged files into place, and writes the `_SUCCESS` marker last.
 Whatever an earlier killed run left (staging, published files without a marker) is removed by the next run that
 claims the place, which names what it removed.
 """
@@ -13,25 +22,30 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import glob
+import fnmatch
 import json
+import logging
 import os
-import shutil
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from raee_ops import logs
+from raee_ops import logs, storage
 from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.faults import fault_point
 
 TEMPORARY = "_temporary"
 SUCCESS = "_SUCCESS"
+CLAIM = "_CLAIM-"
+#: How often a run on an object store rewrites its claim, and after how long without it a claim is a dead run's.
+HEARTBEAT_S, STALE_S = 60.0, 600.0
+
+log = logging.getLogger(__name__)
 
 
 def new_run_id() -> str:
@@ -45,10 +59,11 @@ def say(message: str) -> None:
 
 
 @contextmanager
-def locked(directory: Path, what: str, wait: bool = False) -> Iterator[None]:
-    """Hold an exclusive lock on `directory` (created if missing) for the block; refuse if another run holds it,
-    or with `wait`, wait for it (for short critical sections)."""
-    directory.mkdir(parents=True, exist_ok=True)
+def locked(directory: str, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on a local `directory` (created if missing) for the block; refuse if another run
+    holds it, or with `wait`, wait for it (for short critical sections)."""
+    directory = storage.local_path(str(directory))
+    storage.mkdirs(directory)
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
@@ -62,12 +77,70 @@ def locked(directory: Path, what: str, wait: bool = False) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def remove_leftovers(paths: Sequence[Path], where: Path) -> None:
+def _claims(place: str) -> list[Any]:
+    return storage.match_metadata(storage.join(place, CLAIM + "*"))
+
+
+def _beat(claim: str, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            storage.write_bytes(claim, json.dumps({"run": claim, "time": time.time()}).encode())
+        except Exception:  # a missed beat only shortens the claim; the run itself goes on
+            log.warning("could not renew the claim %s", claim, exc_info=True)
+
+
+@contextmanager
+def claimed(place: str, what: str) -> Iterator[None]:
+    """Hold an object-store place through a claim object renewed while the run lives (see the module doc)."""
+    mine = storage.join(place, CLAIM + new_run_id())
+    storage.write_bytes(mine, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+    claims = _claims(place)
+    now = max((c.last_updated_in_seconds for c in claims if c.path == mine), default=time.time())
+    others = [c for c in claims if c.path != mine]
+    live = [c.path for c in others if now - c.last_updated_in_seconds < STALE_S]
+    if live:
+        storage.delete([mine])
+        raise Busy(
+            f"another run is writing {what} ({place}; its claim {storage.name(live[0])} was renewed less than "
+            f"{STALE_S:.0f} s ago); retry when it has finished"
+        )
+    remove_leftovers([c.path for c in others], place)
+    stop = threading.Event()
+    beat = threading.Thread(target=_beat, args=(mine, stop), daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        storage.delete([mine])
+
+
+@contextmanager
+def hold(place: str, what: str, wait: bool = False) -> Iterator[None]:
+    """This run's exclusive claim on a place: a local lock, or an object-store claim."""
+    if storage.is_local(place):
+        with locked(place, what, wait):
+            yield
+    else:
+        with claimed(place, what):
+            yield
+
+
+def is_held(place: str) -> bool:
+    """Whether a live run holds a place (a killed run's never does)."""
+    try:
+        with hold(place, "a temporary folder"):
+            return False
+    except Busy:
+        return True
+
+
+def remove_leftovers(paths: Sequence[str], where: str) -> None:
     if not paths:
         return
-    for path in paths:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    names = ", ".join(sorted(p.name for p in paths))
+    storage.delete(paths)
+    names = ", ".join(sorted(storage.name(p) for p in paths))
     say(f"removed what an earlier, unfinished run left in {where}: {names}")
 
 
@@ -75,74 +148,70 @@ def remove_leftovers(paths: Sequence[Path], where: Path) -> None:
 class OutputClaim:
     """A claimed output folder: stage into `staging`, then `publish`."""
 
-    folder: Path
-    staging: Path
+    folder: str
+    staging: str
     patterns: tuple[str, ...]
 
-    def publish(self, marker: dict[str, Any]) -> list[Path]:
+    def publish(self, marker: dict[str, Any]) -> list[str]:
         """Move the staged files matching `patterns` into the folder (pattern by pattern), then write `_SUCCESS`
         with `marker` and the published file names; returns the published paths."""
         published = []
         for pattern in self.patterns:
-            for staged in sorted(self.staging.glob(pattern)):
-                target = self.folder / staged.name
-                os.replace(staged, target)
-                published.append(target)
+            moves = [(s, storage.join(self.folder, storage.name(s))) for s in storage.match(self.staging_of(pattern))]
+            storage.rename(moves)
+            published += [target for _, target in moves]
             fault_point(f"publish:{pattern}")
-        marker = marker | {"files": [p.name for p in published]}
-        write_atomically(self.folder / SUCCESS, json.dumps(marker, indent=1, sort_keys=True))
+        marker = marker | {"files": [storage.name(p) for p in published]}
+        storage.write_bytes(storage.join(self.folder, SUCCESS), json.dumps(marker, indent=1, sort_keys=True).encode())
         return published
 
-
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(text)
-    os.replace(partial, path)
+    def staging_of(self, pattern: str) -> str:
+        return storage.join(self.staging, pattern)
 
 
 @contextmanager
-def claim_output(folder: str | Path, patterns: Sequence[str], what: str) -> Iterator[OutputClaim]:
+def claim_output(folder: str, patterns: Sequence[str], what: str) -> Iterator[OutputClaim]:
     """Claim an output folder for one run: refuse a folder that holds a complete output (`_SUCCESS`) or is being
     written by a live run; remove an unfinished run's leftovers; on exit remove this run's staging."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
+    folder = str(folder)
+    if storage.is_file(folder):
         raise RaeeConfigError(f"{what} {folder} exists and is not a directory")
-    with locked(folder, what):
-        if (folder / SUCCESS).exists():
+    with hold(folder, what):
+        if storage.exists(storage.join(folder, SUCCESS)):
             raise RaeeConfigError(
                 f"{folder} already holds a complete output ({SUCCESS} present); choose another {what} or delete it"
             )
-        stale = [p for pattern in patterns for p in folder.glob(pattern)] + [folder / TEMPORARY]
-        remove_leftovers([p for p in stale if p.exists()], folder)
-        staging = folder / TEMPORARY / new_run_id()
-        staging.mkdir(parents=True)
+        names = [n for n in storage.children(folder) if not n.startswith(CLAIM)]
+        stale = [n for n in names if n == TEMPORARY or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        remove_leftovers([storage.join(folder, n) for n in stale], folder)
+        staging = storage.join(folder, TEMPORARY, new_run_id())
+        storage.mkdirs(staging)
         try:
             yield OutputClaim(folder, staging, tuple(patterns))
         finally:
-            shutil.rmtree(folder / TEMPORARY, ignore_errors=True)
+            storage.delete([storage.join(folder, TEMPORARY)])
 
 
 @contextmanager
-def claim_work_dir(work: Path, what: str) -> Iterator[Path]:
+def claim_work_dir(work: str, what: str) -> Iterator[str]:
     """Claim a work folder that several runs share over time (a table's); yield this run's private staging
-    directory inside it, removing earlier runs' staging first."""
-    with locked(work, what):
-        remove_leftovers([p for p in work.iterdir() if p.is_dir()], work)
-        staging = work / new_run_id()
-        staging.mkdir()
+    folder inside it, removing earlier runs' staging first."""
+    with hold(work, what):
+        stale = [storage.join(work, n) for n in storage.children(work) if not n.startswith(CLAIM)]
+        remove_leftovers(stale, work)
+        staging = storage.join(work, new_run_id())
+        storage.mkdirs(staging)
         try:
             yield staging
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            storage.delete([staging])
 
 
-def reclaim_siblings(pattern: str) -> None:
-    """Remove directories matching `pattern` that no live run holds (a killed export's temporary folder):
-    each run holds a lock on its own temporary directory for as long as it lives."""
-    for path in map(Path, glob.glob(pattern)):
-        try:
-            with locked(path, "a temporary folder"):
-                shutil.rmtree(path)
-        except Busy:
-            continue
-        say(f"removed what an earlier, unfinished run left: {path}")
+def reclaim_siblings(folder: str, pattern: str) -> None:
+    """Remove the folders in `folder` whose names match `pattern` and that no live run holds (a killed export's
+    temporary folder): each run holds its own temporary folder for as long as it lives."""
+    for name in storage.children(folder, pattern):
+        path = storage.join(folder, name)
+        if not is_held(path):
+            storage.delete([path])
+            say(f"removed what an earlier, unfinished run left: {path}")

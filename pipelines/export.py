@@ -1,22 +1,24 @@
 """`export-onnx`: a Beam pipeline with one element per segment (embed, each layer, each task head).
 
-Workers load the model once (DoFn.setup) and write their segment into a temporary directory beside the
-output; the driver then adds the tokenizer and embedders, verifies, writes manifest.json last and moves the
-directory into place, so a failed export never leaves a manifest behind or replaces a good export. The run
-holds a lock on its temporary directory while it lives, so the next export to the same place removes what a
-killed one left (its `.<out>.tmp-*` folder) and never a live one's.
+Workers load the model once (DoFn.setup), export their segment into a local scratch file and write it to the
+run's temporary folder beside `--out` (`.<out>.tmp-<run id>`, a local folder or an object-store prefix) under a
+name that carries its sha256 (`<file>.sha256-<digest>`), so the driver learns every segment's digest from the
+names it lists there, with nothing shared between workers and driver but that folder. The driver then adds the
+tokenizer and embedders, verifies, writes manifest.json and publishes: locally by renaming the folder into place
+(a failed export never leaves a manifest behind or replaces a good export); on an object store by moving the
+files beside the old ones with the old manifest removed first and the new one written last (a reader in between
+finds no manifest and refuses the folder). The run holds its temporary folder while it lives (see commit.py), so
+the next export to the same place removes what a killed one left and never a live one's.
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import apache_beam as beam
 
@@ -26,13 +28,15 @@ from onnx_export.segments import export_segment
 from onnx_export.tokenizer_file import save_tokenizer
 from onnx_export.verbalizer import label_token_ids
 from onnx_export.verify import verify_export
-from pipelines.commit import locked, reclaim_siblings
+from pipelines.commit import CLAIM, hold, new_run_id, reclaim_siblings
 from pipelines.options import make_pipeline, run_pipeline
+from raee_ops import storage
 from raee_ops.errors import RaeeConfigError
 from raee_ops.faults import fault_point
 from raee_ops.progress import Progress, phase
 from raee_ops.tasks import Task
 from schemas.manifest import (
+    MANIFEST_NAME,
     EmbedderEntry,
     FileRef,
     Manifest,
@@ -44,7 +48,8 @@ from schemas.manifest import (
 )
 
 TOKENIZER_FILE = "tokenizer.json"
-REFS_FILE = ".segment-refs.json"
+#: Between a staged segment's file name and its sha256, until the driver publishes it under its own name.
+DIGEST = ".sha256-"
 
 
 @dataclass(frozen=True)
@@ -58,12 +63,14 @@ class SegmentJob:
 
 
 class ExportSegmentFn(beam.DoFn):
-    def __init__(self, model_spec: str, work_dir: str, total: int) -> None:
+    def __init__(self, model_spec: str, work_dir: str, total: int, filesystem: dict[str, Any]) -> None:
         self.model_spec = model_spec
         self.work_dir = work_dir
         self.total = total
+        self.filesystem = filesystem
 
     def setup(self) -> None:
+        storage.on_worker(self.filesystem)
         self.loaded: LoadedModel = load_model(self.model_spec)
         self.progress = Progress("export-onnx", self.total, "segments", counter="segments_exported")
 
@@ -71,42 +78,38 @@ class ExportSegmentFn(beam.DoFn):
         if hasattr(self, "progress"):  # not when loading the model failed
             self.progress.close()
 
-    def process(self, job: SegmentJob) -> Iterator[tuple[str, FileRef]]:
+    def process(self, job: SegmentJob) -> Iterator[str]:
         adapter = self.loaded.adapter
         modules = {
             "embed": adapter.embed_segment,
             "layer": lambda: adapter.layer_segment(job.index),
             "head": lambda: adapter.head_segment(job.label_token_ids),
         }
-        directory = Path(self.work_dir)
-        export_segment(
-            modules[job.kind](), job.kind, adapter.hidden_size, directory / job.file, dynamo=type(adapter).dynamo
-        )
+        with tempfile.TemporaryDirectory(prefix="raee-segment-") as scratch:  # this worker's own disk
+            local = Path(scratch) / job.file
+            export_segment(modules[job.kind](), job.kind, adapter.hidden_size, local, dynamo=type(adapter).dynamo)
+            ref = FileRef.of(Path(scratch), job.file)
+            storage.upload(str(local), storage.join(self.work_dir, f"{job.file}{DIGEST}{ref.sha256}"))
         fault_point("export:segment")
         self.progress.advance()
-        yield job.file, FileRef.of(directory, job.file)
-
-
-def _write_refs(refs: dict[str, FileRef], path: str) -> None:
-    Path(path).write_text(json.dumps({name: asdict(ref) for name, ref in refs.items()}))
+        yield job.file
 
 
 def export_segments(
-    model_spec: str, work: Path, jobs: Sequence[SegmentJob], beam_args: Sequence[str]
+    model_spec: str, work: str, jobs: Sequence[SegmentJob], beam_args: Sequence[str]
 ) -> dict[str, FileRef]:
-    """Run the Beam pipeline; returns the FileRef of every exported file, keyed by file name."""
-    refs_path = work / REFS_FILE
+    """Run the Beam pipeline; returns the FileRef of every exported file, keyed by file name, read from the
+    names of the staged files (renamed to their own names here)."""
     pipeline = make_pipeline(beam_args, command="export-onnx")
-    _ = (
-        pipeline
-        | "Segments" >> beam.Create(list(jobs))
-        | "Export" >> beam.ParDo(ExportSegmentFn(model_spec, str(work), len(jobs)))
-        | "Collect" >> beam.combiners.ToDict()
-        | "WriteRefs" >> beam.Map(_write_refs, str(refs_path))
-    )
+    export = ExportSegmentFn(model_spec, work, len(jobs), storage.carry(pipeline.options))
+    _ = pipeline | "Segments" >> beam.Create(list(jobs)) | "Export" >> beam.ParDo(export)
     run_pipeline(pipeline, "segment export")  # the model loaded on the driver: a failure is the worker's own
-    refs = {name: FileRef(**ref) for name, ref in json.loads(refs_path.read_text()).items()}
-    refs_path.unlink()
+    refs = {}
+    for staged in storage.match(storage.join(work, f"*{DIGEST}*")):
+        file, digest = storage.name(staged).rsplit(DIGEST, 1)
+        if file not in refs:  # a retried bundle may have written a segment twice: either copy is whole
+            storage.rename([(staged, storage.join(work, file))])
+            refs[file] = FileRef(file, digest)
     missing = [job.file for job in jobs if job.file not in refs]
     if missing:
         raise RaeeConfigError(f"export pipeline did not produce {', '.join(missing)}")
@@ -133,17 +136,32 @@ def _check_request(loaded: LoadedModel, tasks: Sequence[Task], max_length: int) 
         raise RaeeConfigError(f"--max-length {max_length} must be between 1 and the model's limit {limit}")
 
 
-def _move_into_place(work: Path, out_dir: Path) -> None:
-    """Replace out_dir by work; an existing export is only moved aside once work is complete. Exports to the
-    same place take turns here (the parent's lock), so two at once both end with a complete export."""
-    with locked(out_dir.parent, f"the folder of {out_dir}", wait=True):
-        if not out_dir.exists():
-            work.rename(out_dir)
+def _move_into_place(work: str, out_dir: str) -> None:
+    """Replace out_dir by work (local folders); an existing export is only moved aside once work is complete.
+    Exports to the same place take turns here (the parent's lock), so two at once both end with a complete one."""
+    parent = storage.parent(out_dir)
+    with hold(parent, f"the folder of {out_dir}", wait=True):
+        if not storage.exists(out_dir):
+            storage.rename([(work, out_dir)])
             return
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        out_dir.rename(old / out_dir.name)
-        work.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)  # a concurrent run may have reclaimed it
+        old = storage.join(parent, f".{storage.name(out_dir)}.old-{new_run_id()}")
+        storage.rename([(out_dir, old)])
+        storage.rename([(work, out_dir)])
+        storage.delete([old])  # a concurrent run may have reclaimed it
+
+
+def _publish_remote(work: str, out_dir: str, manifest: Manifest) -> None:
+    """Move the files of an object-store export into place, the old manifest removed first and the new one
+    written last; files of the old export that the new one does not have are removed at the end."""
+    with hold(out_dir, f"--out {out_dir}"):
+        storage.delete([storage.join(out_dir, MANIFEST_NAME)])
+        files = sorted({ref.file for ref in manifest.file_refs()})
+        storage.rename((storage.join(work, f), storage.join(out_dir, f)) for f in files)
+        fault_point("export:publish")
+        storage.write_bytes(storage.join(out_dir, MANIFEST_NAME), manifest.to_json().encode())
+        keep = set(files) | {MANIFEST_NAME}
+        stale = [n for n in storage.children(out_dir) if n not in keep and not n.startswith(CLAIM)]
+        storage.delete([storage.join(out_dir, n) for n in stale])
 
 
 def _export_embedders(names: Sequence[str], work: Path) -> dict[str, EmbedderEntry]:
@@ -156,7 +174,7 @@ def _export_embedders(names: Sequence[str], work: Path) -> dict[str, EmbedderEnt
 
 def run_export(
     model_spec: str,
-    out_dir: Path,
+    out_dir: str,
     tasks: list[Task],
     verify: bool,
     embedders: list[str],
@@ -164,24 +182,31 @@ def run_export(
     beam_args: list[str],
     quantize: str | None = None,
 ) -> Manifest:
+    out_dir = str(out_dir).rstrip("/")
+    storage.configure(beam_args)
+    storage.check_scheme(out_dir, "--out")
     with phase("export-onnx: loading the model"):
         loaded = load_model(model_spec)
     adapter = loaded.adapter
     _check_request(loaded, tasks, max_length)
     label_ids = {t.name: label_token_ids(adapter.tokenizer, t) for t in tasks}
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
+    if storage.is_file(out_dir):
         raise RaeeConfigError(f"--out {out_dir} exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    parent, name, local = storage.parent(out_dir), storage.name(out_dir), storage.is_local(out_dir)
+    storage.mkdirs(parent)
     for leftover in (".tmp-", ".old-"):
-        reclaim_siblings(str(out_dir.parent / f".{glob.escape(out_dir.name)}{leftover}*"))
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        reclaim_siblings(parent, f".{name}{leftover}*")
+    work = storage.join(parent, f".{name}.tmp-{new_run_id()}")
     try:
-        with locked(work, "a temporary export folder"):  # held while this run lives
+        with (
+            hold(work, "a temporary export folder"),  # held while this run lives
+            tempfile.TemporaryDirectory(prefix="raee-export-") as scratch,  # the driver's own files, if not local
+        ):
+            files = Path(storage.local_path(work) if local else scratch)
             jobs = _jobs(adapter.num_layers, tasks, label_ids)
             refs = export_segments(model_spec, work, jobs, beam_args)
-            save_tokenizer(adapter.tokenizer, work / TOKENIZER_FILE)
-            tokenizer_ref = FileRef.of(work, TOKENIZER_FILE)
+            save_tokenizer(adapter.tokenizer, files / TOKENIZER_FILE)
+            tokenizer_ref = FileRef.of(files, TOKENIZER_FILE)
             tok = adapter.tokenizer
             manifest = Manifest(
                 model=ModelInfo(
@@ -210,18 +235,26 @@ def run_export(
                     )
                     for t in tasks
                 },
-                embedders=_export_embedders(embedders, work),
+                embedders=_export_embedders(embedders, files),
             )
+            if (verify or quantize) and not local:  # the checks below read the segments from a local folder
+                for file in sorted(refs):
+                    storage.download(storage.join(work, file), str(files / file))
             if verify:
                 with phase("export-onnx: verifying every layer against PyTorch"):
-                    manifest = replace(manifest, verify=verify_export(work, manifest, adapter, tasks))
+                    manifest = replace(manifest, verify=verify_export(files, manifest, adapter, tasks))
             if quantize == "int8":  # after the fp32 check against PyTorch; checked against fp32 itself
                 with phase("export-onnx: quantizing the layers to int8"):
-                    manifest = quantize_layers(work, manifest, tasks, adapter.prompt_suffix, adapter.int8_keep_fp32)
-            write_manifest(work, manifest)
+                    manifest = quantize_layers(files, manifest, tasks, adapter.prompt_suffix, adapter.int8_keep_fp32)
+            if not local:  # what the driver wrote or changed joins the workers' segments in the temporary folder
+                for ref in sorted(set(manifest.file_refs()) - set(refs.values()), key=lambda r: r.file):
+                    storage.upload(str(files / ref.file), storage.join(work, ref.file))
             fault_point("export:move")
-            _move_into_place(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+            if local:
+                write_manifest(files, manifest)
+                _move_into_place(work, out_dir)
+            else:
+                _publish_remote(work, out_dir, manifest)
+    finally:  # a failed run's folder, or what a published one left (a retried bundle's second copy)
+        storage.delete([work])
     return manifest

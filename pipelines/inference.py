@@ -19,6 +19,8 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
+from raee_ops import storage
+from raee_ops.artifacts import local_artifacts
 from raee_ops.calibration import log_softmax
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.faults import fault_point
@@ -105,14 +107,17 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         embedder: str,
         threads: int | None = None,
         providers: str | None = None,
+        filesystem: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.artifacts, self.task, self.embedder = artifacts, task, embedder
-        self.threads, self.providers = threads, providers
+        self.threads, self.providers, self.filesystem = threads, providers, filesystem
 
     def _runtime(self) -> SegmentRuntime:
         fault_point(f"load:{self.command}")
-        return SegmentRuntime(self.artifacts, providers=self.providers, intra_op_threads=self.threads)
+        storage.on_worker(self.filesystem)
+        directory = local_artifacts(self.artifacts)  # fetched into this worker's cache when not local
+        return SegmentRuntime(directory, providers=self.providers, intra_op_threads=self.threads)
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
         return {"min_batch_size": 1, "max_batch_size": MAX_ELEMENTS_PER_BATCH}
@@ -244,16 +249,17 @@ class ClassifyHandler(_RaeeHandler):
         strategy: str,
         output_schema: pa.Schema,
         version: int | None = None,
+        storage_options: dict[str, str] | None = None,
         **runtime_options: Any,
     ) -> None:
         super().__init__(artifacts, task, embedder, **runtime_options)
         self.db_uri, self.table, self.k, self.strategy = db_uri, table, k, strategy
-        self.output_schema, self.version = output_schema, version
+        self.output_schema, self.version, self.storage_options = output_schema, version, storage_options
 
     def load_model(self) -> Loaded:
         runtime = self._runtime()
         strategy = resolve(self.strategy, runtime.num_layers)
-        retriever = Retriever(self.db_uri, self.table, self.version)  # the version the driver checked
+        retriever = Retriever(self.db_uri, self.table, self.version, self.storage_options)  # the driver's version
         context = Context(runtime.num_layers, len(self.task.label_names), self.k, retriever.policy)
         return Loaded(runtime, retriever, strategy, context)
 

@@ -14,13 +14,17 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, S3Options, StandardOptions
 
-from raee_ops.errors import RaeeRunError
+from raee_ops import storage
+from raee_ops.errors import RaeeConfigError, RaeeRunError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,77 @@ class RaeeOptions(PipelineOptions):
         parser.add_argument("--raee_db", default=None, help="LanceDB URI.")
         parser.add_argument("--raee_table", default=None, help="Exit-metadata table.")
         parser.add_argument("--raee_strategy", default=None, help="Exit strategy (classify).")
+        parser.add_argument(
+            "--raee_provider",
+            default=None,
+            choices=["cpu", "cuda"],
+            help="ONNX Runtime provider on workers (default: RAEE_PROVIDER on the launching machine, else cpu).",
+        )
+        parser.add_argument(
+            "--raee_intra_op_threads",
+            type=int,
+            default=None,
+            help="ONNX Runtime intra-op threads per worker session (default: RAEE_INTRA_OP_THREADS, else the "
+            "worker's cores, up to 8).",
+        )
+        parser.add_argument(
+            "--raee_db_storage_option",
+            action="append",
+            default=None,
+            metavar="KEY=VALUE",
+            help="LanceDB storage option for an object-store --db (repeatable), e.g. aws_region=eu-west-1; "
+            "for s3:// the --s3_* options give the defaults.",
+        )
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What workers need besides the data, resolved on the launching machine and carried by the handlers (so a
+    worker never depends on its own environment): ONNX Runtime provider and threads, LanceDB storage options."""
+
+    provider: str | None = None
+    threads: int | None = None
+    db_storage_options: dict[str, str] = field(default_factory=dict)
+    filesystem: dict[str, Any] = field(default_factory=dict)  # the run's options, for the workers' filesystems
+
+    def runtime(self) -> dict[str, Any]:
+        """Keyword arguments of the model handlers."""
+        return {"threads": self.threads, "providers": self.provider, "filesystem": self.filesystem}
+
+
+def _s3_storage_options(options: PipelineOptions) -> dict[str, str]:
+    """LanceDB's names for the S3 settings Beam's S3 filesystem was given, so one set of --s3_* options serves
+    the files and the database."""
+    s3 = options.view_as(S3Options)
+    pairs = {
+        "aws_endpoint": s3.s3_endpoint_url,
+        "aws_access_key_id": s3.s3_access_key_id,
+        "aws_secret_access_key": s3.s3_secret_access_key,
+        "aws_session_token": s3.s3_session_token,
+        "aws_region": s3.s3_region_name,
+    }
+    found = {key: value for key, value in pairs.items() if value}
+    if (s3.s3_endpoint_url or "").startswith("http://"):
+        found["allow_http"] = "true"
+    return found
+
+
+def worker_settings(beam_args: Sequence[str], db_uri: str | None = None) -> WorkerSettings:
+    """Configure this process's filesystems for the run and resolve the settings workers get."""
+    options = storage.configure(beam_args)
+    raee = options.view_as(RaeeOptions)
+    explicit = {}
+    for pair in raee.raee_db_storage_option or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise RaeeConfigError(f"--raee_db_storage_option {pair!r}: expected KEY=VALUE")
+        explicit[key] = value
+    derived = _s3_storage_options(options) if db_uri and storage.scheme(db_uri) == "s3" else {}
+    threads = raee.raee_intra_op_threads or int(os.environ.get("RAEE_INTRA_OP_THREADS") or 0) or None
+    if threads is not None and threads < 1:
+        raise RaeeConfigError(f"--raee_intra_op_threads must be at least 1, got {threads}")
+    provider = raee.raee_provider or os.environ.get("RAEE_PROVIDER") or None
+    return WorkerSettings(provider, threads, derived | explicit, storage.carry(options))
 
 
 def _subclasses(cls: type) -> Iterable[type]:

@@ -8,19 +8,20 @@ row group that could not be read become error rows naming the file, and the next
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Iterator, Sequence
 from functools import cache
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raee_ops import storage
 from raee_ops.errors import RaeeConfigError
 from raee_ops.rows import ROW_ID, Validated, check_columns, errors_table, positions, validate
 from raee_ops.tasks import Task
-from schemas.manifest import Manifest, sha256_file
+from schemas.manifest import Manifest, sha256_stream
 from schemas.tables import ID
 
 ERRORS = "errors"
@@ -44,7 +45,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
     silently drop an input)."""
     files = []
     for pattern in patterns:
-        matched = sorted(glob.glob(pattern))
+        storage.check_scheme(pattern, "--input")
+        matched = storage.match(pattern)
         if not matched:
             raise RaeeConfigError(f"--input {pattern}: no such file (no Parquet files match)")
         files += matched
@@ -54,7 +56,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
 @cache
 def file_key(path: str) -> str:
     """The key of a file's id-less rows: its content digest, so another spelling of the path gives the same ids."""
-    return sha256_file(path)[:16]
+    with storage.open_read(path) as handle:
+        return sha256_stream(handle)[:16]
 
 
 def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa.Schema, int]:
@@ -62,7 +65,8 @@ def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa
     schema, rows = None, 0
     for path in files:
         try:
-            meta = pq.ParquetFile(path).metadata
+            with storage.open_read(path) as handle:
+                meta = pq.ParquetFile(handle).metadata
         except (OSError, pa.ArrowInvalid) as exc:
             raise RaeeConfigError(f"{path}: not a readable Parquet file ({exc})") from exc
         file_schema = meta.schema.to_arrow_schema().remove_metadata()
@@ -75,18 +79,25 @@ def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa
 
 def file_ids(path: str) -> pa.Array:
     """The ids the rows of one file get (id column, else positions), read on the driver for duplicate checks."""
-    parquet = pq.ParquetFile(path)
-    rows = parquet.metadata.num_rows
-    if ID not in parquet.schema_arrow.names:
-        return positions(file_key(path), 0, rows)
-    ids = pc.cast(pq.read_table(path, columns=[ID]).column(ID), pa.string()).combine_chunks()
+    with storage.open_read(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        rows = parquet.metadata.num_rows
+        if ID not in parquet.schema_arrow.names:
+            return positions(file_key(path), 0, rows)
+        ids = pc.cast(parquet.read(columns=[ID]).column(ID), pa.string()).combine_chunks()
     return pc.if_else(pc.is_null(ids), positions(file_key(path), 0, rows), ids) if ids.null_count else ids
 
 
 def read_validated_file(path: str, task: Task, need_label: bool, rows: int = ROWS_PER_ELEMENT) -> Iterator[Validated]:
     """One file, `rows` rows at a time, validated; a row group that cannot be decoded becomes error rows."""
-    parquet = pq.ParquetFile(path)
     key = file_key(path)
+    with storage.open_read(path) as handle:
+        yield from _read_validated_groups(pq.ParquetFile(handle), path, key, task, need_label, rows)
+
+
+def _read_validated_groups(
+    parquet: pq.ParquetFile, path: str, key: str, task: Task, need_label: bool, rows: int
+) -> Iterator[Validated]:
     first = 0
     for group in range(parquet.num_row_groups):
         size, done = parquet.metadata.row_group(group).num_rows, 0
@@ -111,8 +122,11 @@ def read_validated_file(path: str, task: Task, need_label: bool, rows: int = ROW
 class ReadValidated(beam.DoFn):
     """A Parquet path -> valid rows as small tables (main output) and rejected rows (`errors` output)."""
 
-    def __init__(self, task: Task, need_label: bool) -> None:
-        self.task, self.need_label = task, need_label
+    def __init__(self, task: Task, need_label: bool, filesystem: dict[str, Any]) -> None:
+        self.task, self.need_label, self.filesystem = task, need_label, filesystem
+
+    def setup(self) -> None:
+        storage.on_worker(self.filesystem)
 
     def process(self, path: str) -> Iterator[pa.Table | beam.pvalue.TaggedOutput]:
         for checked in read_validated_file(path, self.task, self.need_label):
@@ -124,10 +138,11 @@ class ReadValidated(beam.DoFn):
 
 def read_validated(pipeline: beam.Pipeline, files: Sequence[str], task: Task, need_label: bool):
     """(valid tables, error tables); valid tables are reshuffled so every worker gets a share."""
+    reader = ReadValidated(task, need_label, storage.carry(pipeline.options))
     read = (
         pipeline
         | "Files" >> beam.Create(list(files))
-        | "ReadValidate" >> beam.ParDo(ReadValidated(task, need_label)).with_outputs(ERRORS, main="valid")
+        | "ReadValidate" >> beam.ParDo(reader).with_outputs(ERRORS, main="valid")
     )
     return read.valid | "Spread" >> beam.Reshuffle(), read[ERRORS]
 
@@ -138,5 +153,6 @@ def write_tables(pcoll, label: str, prefix: str, schema: pa.Schema):
 
 
 def count_rows(pattern: str) -> tuple[int, list[str]]:
-    files = sorted(glob.glob(pattern))
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files), files
+    """Rows in the Parquet files matching `pattern` (footers only), and the files."""
+    files = storage.match(pattern)
+    return sum(storage.parquet_rows(f) for f in files), files

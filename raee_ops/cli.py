@@ -10,7 +10,6 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -37,25 +36,25 @@ def _tasks(names: tuple[str, ...], files: tuple[str, ...]) -> list[Task]:
     return [get_task(n) for n in names] + [load_task_file(f) for f in files]
 
 
-def command(name: str, beam: bool = True) -> Callable[[Callable[..., Any]], click.Command]:
-    """A subcommand with -v/-q; for pipeline commands, extra arguments must be Beam pipeline options."""
+def command(name: str) -> Callable[[Callable[..., Any]], click.Command]:
+    """A subcommand with -v/-q; extra arguments must be Beam pipeline options (the pipelines' runner and
+    filesystem options; the filesystem and database options for evaluate, info and rollback)."""
 
     def wrap(fn: Callable[..., Any]) -> click.Command:
         @functools.wraps(fn)
         def run(*args: Any, verbose: int, quiet: bool, **kwargs: Any) -> Any:
             logs.configure(-1 if quiet else verbose)
-            if beam:
-                from pipelines.options import unknown_args
+            from pipelines.options import unknown_args
 
-                ctx = click.get_current_context()
-                problem = unknown_args(ctx.args, [o for p in ctx.command.params for o in p.opts])
-                if problem:
-                    raise click.UsageError(problem)
+            ctx = click.get_current_context()
+            problem = unknown_args(ctx.args, [o for p in ctx.command.params for o in p.opts])
+            if problem:
+                raise click.UsageError(problem)
             return fn(*args, **kwargs)
 
         run = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(run)
         run = click.option("-v", "--verbose", count=True, help="Show library logs (-vv: debug).")(run)
-        return cli.command(name, context_settings=BEAM_ARGS if beam else HELP)(run)
+        return cli.command(name, context_settings=BEAM_ARGS)(run)
 
     return wrap
 
@@ -136,7 +135,7 @@ def export_onnx(
         raise RaeeConfigError("give at least one --task or --task-file")
     manifest = run_export(
         model_spec,
-        Path(out_dir),
+        out_dir,
         tasks,
         verify=verify,
         embedders=list(embedders),
@@ -184,7 +183,7 @@ def build_db(
     from pipelines.build_db import run_build_db
 
     summary = run_build_db(
-        Path(artifacts),
+        artifacts,
         task_name,
         list(inputs),
         db_uri,
@@ -234,13 +233,13 @@ def classify(
     from pipelines.classify import run_classify
 
     summary = run_classify(
-        Path(artifacts), task_name, db_uri, table or task_name, list(inputs), output_dir, k, strategy, beam_args()
+        artifacts, task_name, db_uri, table or task_name, list(inputs), output_dir, k, strategy, beam_args()
     )
     echo(summary.render())
     summary.check(max_rejected)
 
 
-@command("evaluate", beam=False)
+@command("evaluate")
 @click.option("--artifacts", required=True, type=click.Path(file_okay=False), help="Exported artifacts.")
 @click.option("--task", "task_name", default=None, help="Task name in the artifacts.")
 @click.option(
@@ -273,15 +272,20 @@ def evaluate_cmd(
     k: int,
     strategies: tuple[str, ...],
 ) -> None:
-    """Score every layer, the full model, the oracle and each exit strategy on labelled rows, in-process."""
+    """Score every layer, the full model, the oracle and each exit strategy on labelled rows, in-process (Beam
+    options are accepted for the filesystem and database settings: --s3_endpoint_url, --raee_db_storage_option)."""
+    from raee_ops import storage
     from raee_ops.evaluate import evaluate, exported_task, write_report
     from schemas.manifest import load_manifest
 
     if (task_name is None) == (task_file is None):
         raise RaeeConfigError("give exactly one of --task or --task-file")
     if task_file:
+        storage.configure(beam_args())
         task_name = exported_task(load_manifest(artifacts), load_task_file(task_file))
-    report = evaluate(Path(artifacts), task_name, db_uri, table or task_name, list(inputs), k, list(strategies) or None)
+    report = evaluate(
+        artifacts, task_name, db_uri, table or task_name, list(inputs), k, list(strategies) or None, beam_args()
+    )
     out = write_report(report, report_dir)
     full, name = report["full"], report["full"]["metric_name"]
     echo(f"evaluated {report['rows']} rows ({report['rejected']} rejected); full {name} {full['metric']:.4f}")
@@ -291,27 +295,30 @@ def evaluate_cmd(
     echo(f"report: {out}")
 
 
-@command("info", beam=False)
+@command("info")
 @click.option("--db", "db_uri", required=True, help="LanceDB URI (a local directory or object-store URI).")
 @click.option("--table", default=None, help="Only this table (default: every table).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
 def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
-    """Show each table's task, embedder, artifacts fingerprint, rows, version, index, fitted policy and versions."""
+    """Show each table's task, embedder, artifacts fingerprint, rows, version, index, fitted policy and versions
+    (an object-store database takes the same --s3_* / --raee_db_storage_option options as the pipelines)."""
+    from pipelines.options import worker_settings
     from raee_ops.info import describe, render
 
-    info = describe(db_uri, table)
+    info = describe(db_uri, table, worker_settings(beam_args(), db_uri).db_storage_options)
     echo(json.dumps(info, indent=2) if as_json else render(info))
 
 
-@command("rollback", beam=False)
+@command("rollback")
 @click.option("--db", "db_uri", required=True, help="LanceDB URI holding the table.")
 @click.option("--table", required=True, help="Table to roll back.")
 @click.option("--version", "version", required=True, type=int, help="Version to make current (see `info`).")
 def rollback_cmd(db_uri: str, table: str, version: int) -> None:
     """Make an earlier version of a table current again, as a new version (nothing is deleted)."""
+    from pipelines.options import worker_settings
     from raee_ops.info import render, rollback
 
-    info = rollback(db_uri, table, version)
+    info = rollback(db_uri, table, version, worker_settings(beam_args(), db_uri).db_storage_options)
     done = "already current" if info["previous"] == version else f"restored (was version {info['previous']})"
     echo(f"table {table}: version {version} {done}")
     echo(render({"db": db_uri, "tables": [info]}))

@@ -9,16 +9,19 @@ that layer's head, so every strategy is scored from the stored per-layer log-pro
 
 from __future__ import annotations
 
+import io
 import json
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from pipelines.inference import BuildHandler
+from pipelines.options import worker_settings
 from pipelines.sources import check_inputs, expand_inputs, read_validated_file, task_of
+from raee_ops import storage
 from raee_ops.calibration import label_vote
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES, Context, Neighbours, Strategy, resolve
@@ -98,31 +101,34 @@ def _strategy_report(
 
 
 def evaluate(
-    artifacts: str | Path,
+    artifacts: str,
     task_name: str,
     db_uri: str,
     table: str,
     inputs: list[str],
     k: int = 10,
     strategies: list[str] | None = None,
+    beam_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The report dict: per-layer, full, calibrated, oracle, neighbour-vote and per-strategy scores."""
     if k < 1:
         raise RaeeConfigError(f"--k must be at least 1, got {k}")
+    settings = worker_settings(beam_args, db_uri)
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
     num_layers, num_labels = manifest.num_layers, len(task.label_names)
     chosen = [resolve(name, num_layers) for name in strategies or list(STRATEGIES)]
-    meta = table_meta(db_uri, table)
+    meta = table_meta(db_uri, table, settings.db_storage_options)
     embedder = meta.embedder if meta else "backbone"
     check_meta(meta, expected_meta(manifest, task_name, embedder), f"table {table!r} in {db_uri}")
-    retriever = Retriever(db_uri, table)
+    retriever = Retriever(db_uri, table, storage_options=settings.db_storage_options)
     if retriever.policy is None:
         raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
     policy = retriever.policy
 
     valid, rejected = _read_validated(inputs, task)
-    rows, failed = _run_layers(BuildHandler(str(artifacts), task, embedder), valid)
+    handler = BuildHandler(str(artifacts), task, embedder, **settings.runtime())
+    rows, failed = _run_layers(handler, valid)
     rejected += failed
     if rows.num_rows == 0:
         raise RaeeConfigError(f"nothing to evaluate: all {len(rejected)} rows of {', '.join(inputs)} were rejected")
@@ -169,14 +175,16 @@ def evaluate(
     }
 
 
-def write_report(report: dict[str, Any], directory: str | Path) -> Path:
+def write_report(report: dict[str, Any], directory: str) -> str:
     """report.json, report.md and report.png (the plot is skipped, with a note, when matplotlib is missing)."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(render_markdown(report))
+    out = str(directory)
+    storage.check_scheme(out, "--report")
+    storage.write_bytes(storage.join(out, "report.json"), (json.dumps(report, indent=2) + "\n").encode())
+    storage.write_bytes(storage.join(out, "report.md"), render_markdown(report).encode())
     try:
-        plot(report, out / "report.png")
+        png = io.BytesIO()
+        plot(report, png)
+        storage.write_bytes(storage.join(out, "report.png"), png.getvalue())
     except ImportError:
         print(
             "evaluate: matplotlib is not installed (pip install 'raee-ops[report]'); report.png skipped",
@@ -242,7 +250,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict[str, Any], path: Path) -> None:
+def plot(r: dict[str, Any], path: io.BytesIO) -> None:
     """Accuracy by layer with each strategy at its mean exit layer, and where each strategy exits."""
     import matplotlib
 
@@ -265,5 +273,5 @@ def plot(r: dict[str, Any], path: Path) -> None:
     curve.legend(fontsize=7)
     hist.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

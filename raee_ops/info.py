@@ -13,7 +13,7 @@ from typing import Any
 import lancedb
 
 from raee_ops.errors import RaeeConfigError
-from raee_ops.retrieval import open_table, table_names, table_policy
+from raee_ops.retrieval import connect, open_table, table_names, table_policy
 from schemas.tables import TableMeta
 
 #: Versions shown by the text rendering (newest last); --json lists them all.
@@ -63,19 +63,19 @@ def check_database(db_uri: str) -> None:
         raise RaeeConfigError(f"no LanceDB database at {db_uri}")
 
 
-def describe(db_uri: str, table: str | None = None) -> dict[str, Any]:
+def describe(db_uri: str, table: str | None = None, storage_options: dict[str, str] | None = None) -> dict[str, Any]:
     """Every table of the database (or the one named), sorted by name."""
     check_database(db_uri)
     if table is not None:
-        return {"db": db_uri, "tables": [table_info(open_table(db_uri, table))]}
-    db = lancedb.connect(db_uri)
+        return {"db": db_uri, "tables": [table_info(open_table(db_uri, table, storage_options=storage_options))]}
+    db = connect(db_uri, storage_options)
     return {"db": db_uri, "tables": [table_info(db.open_table(name)) for name in sorted(table_names(db))]}
 
 
-def rollback(db_uri: str, table: str, version: int) -> dict[str, Any]:
+def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, str] | None = None) -> dict[str, Any]:
     """Make `version` the current one, as a new version; then the table's info, with `restored` and `previous`."""
     check_database(db_uri)
-    handle = open_table(db_uri, table)
+    handle = open_table(db_uri, table, storage_options=storage_options)
     known = [v["version"] for v in handle.list_versions()]
     if version not in known:
         raise RaeeConfigError(f"table {table!r} has no version {version} (versions: {_ranges(known)})")

@@ -89,11 +89,19 @@ def local_path(db_uri: str) -> Path:
     return Path(db_uri.removeprefix("file://"))
 
 
-def open_table(db_uri: str, name: str, version: int | None = None) -> lancedb.table.Table:
+def connect(db_uri: str, storage_options: dict[str, str] | None = None) -> lancedb.DBConnection:
+    """The database; on object stores `storage_options` (endpoint, keys, region) or the standard AWS_* / Google
+    environment say how to reach it."""
+    return lancedb.connect(db_uri, storage_options=storage_options or None)
+
+
+def open_table(
+    db_uri: str, name: str, version: int | None = None, storage_options: dict[str, str] | None = None
+) -> lancedb.table.Table:
     """An existing table (at `version`, when given); a missing database is refused, never created."""
     if is_local(db_uri) and not local_path(db_uri).is_dir():
         raise RaeeConfigError(f"no database at {db_uri} (run build-db first, or check --db)")
-    db = lancedb.connect(db_uri)
+    db = connect(db_uri, storage_options)
     if name not in table_names(db):
         raise RaeeConfigError(f"no table {name!r} in {db_uri} (run build-db first)")
     table = db.open_table(name)
@@ -102,15 +110,17 @@ def open_table(db_uri: str, name: str, version: int | None = None) -> lancedb.ta
     return table
 
 
-def table_meta(db_uri: str, name: str) -> TableMeta:
-    return TableMeta.decode(open_table(db_uri, name).schema)
+def table_meta(db_uri: str, name: str, storage_options: dict[str, str] | None = None) -> TableMeta:
+    return TableMeta.decode(open_table(db_uri, name, storage_options=storage_options).schema)
 
 
 class Retriever:
     """Top-k neighbours' exit information for many query vectors in one LanceDB call."""
 
-    def __init__(self, db_uri: str, table: str, version: int | None = None) -> None:
-        self.table = open_table(db_uri, table, version)
+    def __init__(
+        self, db_uri: str, table: str, version: int | None = None, storage_options: dict[str, str] | None = None
+    ) -> None:
+        self.table = open_table(db_uri, table, version, storage_options)
         self.meta = TableMeta.decode(self.table.schema)
         self.rows = self.table.count_rows()
         self.policy = table_policy(self.table.schema)

@@ -9,8 +9,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from raee_ops import storage
 from raee_ops.errors import ArtifactError
 
 FORMAT = "raee-segments/1"
@@ -18,12 +19,16 @@ MANIFEST_NAME = "manifest.json"
 READOUTS = ("last", "mask", "cls")
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_stream(handle: BinaryIO) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as handle:
+        return sha256_stream(handle)
 
 
 @dataclass(frozen=True)
@@ -149,22 +154,45 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
     return path
 
 
+def parse_manifest(text: str, where: str) -> Manifest:
+    try:
+        manifest = Manifest.from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{where} is not a valid manifest: {exc}") from exc
+    if manifest.format != FORMAT:
+        raise ArtifactError(f"{where} has format {manifest.format!r}, expected {FORMAT!r}")
+    return manifest
+
+
 def load_manifest(directory: str | Path, verify_checksums: bool = True) -> Manifest:
-    """Read `manifest.json` and (by default) check every file's sha256, refusing any mismatch."""
-    directory = Path(directory)
+    """Read `manifest.json` and (by default) check every file's sha256, refusing any mismatch.
+
+    Artifacts on an object store are checked for presence only here; each worker checks every file's sha256
+    when it fetches them (raee_ops.artifacts), so the driver never downloads the segments."""
+    if not storage.is_local(str(directory)):
+        return _load_remote(str(directory), verify_checksums)
+    directory = Path(storage.local_path(str(directory)))
     path = directory / MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(f"no {MANIFEST_NAME} in {directory}: not an exported artifacts directory")
-    try:
-        raw = json.loads(path.read_text())
-        manifest = Manifest.from_dict(raw)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"{path} is not a valid manifest: {exc}") from exc
-    if manifest.format != FORMAT:
-        raise ArtifactError(f"{path} has format {manifest.format!r}, expected {FORMAT!r}")
+    manifest = parse_manifest(path.read_text(), str(path))
     if verify_checksums:
         for ref in manifest.file_refs():
-            _check_file(directory / ref.file, ref.sha256)
+            check_file(directory / ref.file, ref.sha256)
+    return manifest
+
+
+def _load_remote(uri: str, check_presence: bool) -> Manifest:
+    storage.check_scheme(uri, "--artifacts")
+    path = storage.join(uri, MANIFEST_NAME)
+    if not storage.exists(path):
+        raise ArtifactError(f"no {MANIFEST_NAME} in {uri}: not an exported artifacts directory")
+    manifest = parse_manifest(storage.read_bytes(path).decode(), path)
+    if check_presence:
+        present = set(storage.children(uri))
+        missing = [ref.file for ref in manifest.file_refs() if ref.file not in present]
+        if missing:
+            raise ArtifactError(f"artifact file missing: {storage.join(uri, missing[0])}")
     return manifest
 
 
@@ -173,7 +201,8 @@ def load_manifest(directory: str | Path, verify_checksums: bool = True) -> Manif
 _VERIFIED: set[tuple[str, int, int, str]] = set()
 
 
-def _check_file(target: Path, expected: str) -> None:
+def check_file(target: Path, expected: str) -> None:
+    """Refuse a local artifact file that is missing or whose sha256 differs (hashed once per process)."""
     if not target.is_file():
         raise ArtifactError(f"artifact file missing: {target}")
     stat = target.stat()

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -69,7 +70,7 @@ def test_strategies_are_consistent(evaluated):
 
 def test_write_report_and_strategy_override(segment_artifacts, evaluated, tmp_path):  # noqa: F811
     root, held_out, report = evaluated
-    out = write_report(report, tmp_path / "report")
+    out = Path(write_report(report, str(tmp_path / "report")))
     assert json.loads((out / "report.json").read_text())["rows"] == 25
     assert "| fused |" in (out / "report.md").read_text()
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"

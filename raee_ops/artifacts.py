@@ -1,0 +1,61 @@
+"""Artifacts where a worker can run them: a local artifacts directory is used as it is; one on an object store
+is fetched into a worker-local cache before any ONNX Runtime session is made.
+
+The cache folder is keyed by the manifest's fingerprint and its own digest, so artifacts that differ never share
+files; each file is downloaded beside its final name and renamed into place (worker processes on one machine
+may fetch at once), and checked against the manifest's sha256 once per process. manifest.json is written last:
+a cache folder with a manifest is complete. The cache lives in RAEE_CACHE_DIR, else the system temp folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from raee_ops import storage
+from raee_ops.errors import ArtifactError
+from schemas.manifest import MANIFEST_NAME, check_file, parse_manifest
+
+CACHE_ENV = "RAEE_CACHE_DIR"
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "raee-cache")
+
+
+def local_artifacts(uri: str) -> Path:
+    """A local directory holding the artifacts at `uri`, every file checked against the manifest."""
+    if storage.is_local(uri):
+        return Path(storage.local_path(uri))
+    raw = storage.read_bytes(storage.join(uri, MANIFEST_NAME))
+    manifest = parse_manifest(raw.decode(), storage.join(uri, MANIFEST_NAME))
+    target = cache_root() / f"{manifest.fingerprint[:16]}-{hashlib.sha256(raw).hexdigest()[:16]}"
+    target.mkdir(parents=True, exist_ok=True)
+    for ref in manifest.file_refs():
+        local = target / ref.file
+        if local.is_file():
+            try:
+                check_file(local, ref.sha256)
+                continue
+            except ArtifactError:  # a damaged cache entry: fetch it again
+                log.warning("cached %s does not match its manifest; fetching it again", local)
+        _fetch(storage.join(uri, ref.file), local)
+        check_file(local, ref.sha256)
+    if not (target / MANIFEST_NAME).is_file():
+        partial = target / f".{MANIFEST_NAME}.partial-{os.getpid()}"
+        partial.write_bytes(raw)
+        os.replace(partial, target / MANIFEST_NAME)
+    return target
+
+
+def _fetch(uri: str, local: Path) -> None:
+    partial = local.with_name(f".{local.name}.partial-{os.getpid()}")
+    try:
+        storage.download(uri, str(partial))
+        os.replace(partial, local)
+    finally:
+        partial.unlink(missing_ok=True)

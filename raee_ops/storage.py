@@ -1,0 +1,202 @@
+"""Every user-supplied location (inputs, outputs, artifacts, error folders, staging) is a URI read and written
+through Beam's `FileSystems`: a local path, `s3://` (the `aws` extra) or `gs://` (the `gcp` extra).
+
+Beam's filesystems take their settings (S3 endpoint and keys, GCP project) from pipeline options that live in one
+process-wide slot; `configure` fills it from the run's own options before the driver touches any location, so a
+run never uses an earlier run's settings; workers get theirs from the runner and from the DoFns that carry them
+(`carry`, `on_worker`). Parquet is read by pyarrow from
+the same file objects. Local paths behave as before; where the two differ (folders exist locally, not on object
+stores; a local write is made atomic by a rename) the local branch is taken only after `is_local`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from raee_ops.errors import MissingDependency, RaeeConfigError
+
+#: The extra that installs each scheme's filesystem, and a module whose absence means it is not installed.
+EXTRAS = {"s3": ("aws", "boto3"), "gs": ("gcp", "google.cloud.storage")}
+RAW = CompressionTypes.UNCOMPRESSED
+BLOCK = 1 << 22
+
+
+def scheme(uri: str) -> str | None:
+    return FileSystems.get_scheme(uri)
+
+
+def is_local(uri: str) -> bool:
+    return scheme(uri) in (None, "file")
+
+
+def local_path(uri: str) -> str:
+    return uri.removeprefix("file://")
+
+
+def configure(beam_args: Sequence[str] | PipelineOptions = ()) -> PipelineOptions:
+    """Give Beam's filesystems this run's options (and only this run's); returns them."""
+    options = beam_args if isinstance(beam_args, PipelineOptions) else PipelineOptions(list(beam_args))
+    FileSystems.set_options(options)
+    return options
+
+
+def carry(options: PipelineOptions) -> dict[str, Any]:
+    """The run's options as a plain dict that DoFns and model handlers carry to workers (see `on_worker`)."""
+    return options.get_all_options(drop_default=True)
+
+
+def on_worker(carried: dict[str, Any] | None) -> None:
+    """Give a worker's filesystems the run's options. Beam's own worker entry point (the containers Dataflow and
+    the portable runners start) does this already; a harness started another way (Beam's external worker pool)
+    does not, and a worker would then reach S3 without the run's endpoint and keys."""
+    if carried is not None:
+        FileSystems.set_options(PipelineOptions.from_dictionary(carried))
+
+
+def check_scheme(uri: str, what: str) -> None:
+    """Refuse, in one line naming the extra, a URI whose filesystem is not installed."""
+    name = scheme(uri)
+    if is_local(uri):
+        return
+    if name not in EXTRAS:
+        raise RaeeConfigError(f"{what} {uri}: unsupported scheme {name}:// (use a local path, s3:// or gs://)")
+    extra, module = EXTRAS[name]
+    try:
+        __import__(module)
+        FileSystems.get_filesystem(uri)
+    except (ImportError, ValueError) as exc:
+        raise MissingDependency(
+            f"{what} {uri}: the {name}:// filesystem is not installed: pip install 'raee-ops[{extra}]'"
+        ) from exc
+
+
+def join(base: str, *parts: str) -> str:
+    return FileSystems.join(base, *parts) if parts else base
+
+
+def name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(uri: str) -> str:
+    return FileSystems.split(uri.rstrip("/"))[0]
+
+
+def exists(uri: str) -> bool:
+    """A file, or (locally) a directory."""
+    return FileSystems.exists(uri)
+
+
+def is_dir(uri: str) -> bool:
+    """A local directory, or an object-store prefix holding at least one object."""
+    if is_local(uri):
+        return os.path.isdir(local_path(uri))
+    return bool(match(join(uri, "**"), limit=1))
+
+
+def is_file(uri: str) -> bool:
+    return exists(uri) and not is_dir(uri) if is_local(uri) else FileSystems.exists(uri)
+
+
+def match_metadata(pattern: str, limit: int | None = None) -> list[FileMetadata]:
+    """Files matching a glob (`*` stays within one folder, `**` crosses folders), sorted by path."""
+    found = FileSystems.match([pattern], [limit])[0].metadata_list
+    return sorted(found, key=lambda m: m.path)
+
+
+def match(pattern: str, limit: int | None = None) -> list[str]:
+    return [m.path for m in match_metadata(pattern, limit)]
+
+
+def children(uri: str, pattern: str = "*") -> list[str]:
+    """Names directly under a folder (files and sub-folders) that match `pattern`, sorted; on an object store only
+    the keys under `<uri>/<pattern>` are listed."""
+    if is_local(uri):
+        names = os.listdir(local_path(uri)) if os.path.isdir(local_path(uri)) else []
+        return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+    prefix = uri.rstrip("/") + "/"
+    found = match_metadata(prefix + pattern) + match_metadata(prefix + pattern + "/**")
+    return sorted({m.path[len(prefix) :].split("/", 1)[0] for m in found})
+
+
+def mkdirs(uri: str) -> None:
+    """Create a local folder (and its parents); object stores have no folders to create."""
+    if is_local(uri):
+        os.makedirs(local_path(uri), exist_ok=True)
+
+
+def open_read(uri: str) -> BinaryIO:
+    return FileSystems.open(uri, compression_type=RAW)
+
+
+def read_bytes(uri: str) -> bytes:
+    with open_read(uri) as handle:
+        return handle.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Readers see the old content or the new, never a part (see `_write`)."""
+    _write(uri, [data])
+
+
+def upload(local_file: str, uri: str) -> None:
+    """Copy a local file to `uri` in blocks (segments can be large), as `write_bytes` does."""
+    with open(local_file, "rb") as source:
+        _write(uri, iter(lambda: source.read(BLOCK), b""))
+
+
+def _write(uri: str, blocks: Iterable[bytes]) -> None:
+    """A local file is written aside and renamed into place; an object-store upload only becomes visible once
+    complete."""
+    target = uri
+    if is_local(uri):
+        mkdirs(parent(uri))
+        target = join(parent(uri), f".{name(uri)}.partial-{os.getpid()}")
+    with FileSystems.create(target, compression_type=RAW) as handle:
+        for block in blocks:
+            handle.write(block)
+    if target != uri:
+        os.replace(local_path(target), local_path(uri))
+
+
+def download(uri: str, local_file: str) -> None:
+    """Copy to a local file, streamed in blocks (segments can be large)."""
+    with open_read(uri) as source, open(local_file, "wb") as target:
+        for block in iter(lambda: source.read(BLOCK), b""):
+            target.write(block)
+
+
+def rename(pairs: Iterable[tuple[str, str]]) -> None:
+    """Move files (an atomic rename locally; copy then delete on object stores)."""
+    pairs = list(pairs)
+    if pairs:
+        FileSystems.rename([s for s, _ in pairs], [d for _, d in pairs])
+
+
+def delete(uris: Iterable[str]) -> None:
+    """Delete files, or folders with everything under them; missing ones are skipped."""
+    for uri in uris:
+        if is_local(uri):
+            if os.path.lexists(local_path(uri)):
+                FileSystems.delete([uri])
+        else:
+            FileSystems.delete([uri.rstrip("/") + "/", uri] if exists(uri) else [uri.rstrip("/") + "/"])
+
+
+def parquet_rows(uri: str) -> int:
+    with open_read(uri) as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+def read_parquet(uri: str, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
+    with open_read(uri) as handle:
+        return pq.read_table(handle, columns=columns, schema=schema)

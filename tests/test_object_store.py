@@ -1,0 +1,349 @@
+"""Runs where the data lives: every location on an S3-compatible server (moto, on 127.0.0.1), each command a fresh
+process (Beam's filesystems keep the first options a process sets, so only a fresh one shows a missing option),
+and workers in their own processes that share no disk with the driver."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from cli_runs import TIMEOUT_S, one_error_line
+from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
+from test_pipelines import labelled
+from test_runners import job_endpoint  # noqa: F401 - fixture
+
+from pipelines.commit import CLAIM, SUCCESS, TEMPORARY
+
+boto3 = pytest.importorskip("boto3", reason="the aws extra (apache-beam[aws]) runs the object-store tests")
+pytest.importorskip("moto.server", reason="moto[server] (dev extra) runs the object-store tests")
+
+BUCKET = "raee-test"
+KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+#: No AWS settings from the environment: every run must get them from its options.
+NO_AWS_ENV = {k: None for k in os.environ if k.startswith("AWS_")}
+
+
+def raee_ops(*args: str | Path, env: dict[str, str | None], cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process with `env` added to (None: removed from) this one's, in `cwd`."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAEE_FAULT")}
+    merged = {k: v for k, v in (inherited | env).items() if v is not None}
+    command = [sys.executable, "-m", "raee_ops", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=merged, cwd=cwd)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, f"{what} did not start"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 server on 127.0.0.1 with one bucket; (endpoint, boto3 client)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, server, "moto server")
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, **KEYS)
+        client.create_bucket(Bucket=BUCKET)
+        yield endpoint, client
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def s3_args(endpoint: str) -> list[str]:
+    return [
+        "--s3_endpoint_url",
+        endpoint,
+        "--s3_access_key_id",
+        KEYS["aws_access_key_id"],
+        "--s3_secret_access_key",
+        KEYS["aws_secret_access_key"],
+        "--s3_region_name",
+        KEYS["region_name"],
+    ]
+
+
+def keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def upload_dir(client, local: Path, prefix: str) -> str:
+    for path in sorted(local.iterdir()):
+        client.upload_file(str(path), BUCKET, f"{prefix}/{path.name}")
+    return f"s3://{BUCKET}/{prefix}"
+
+
+def read_parquet(client, prefix: str) -> pa.Table:
+    found = [k for k in keys(client, prefix) if k.endswith(".parquet")]
+    tables = [pq.read_table(io.BytesIO(client.get_object(Bucket=BUCKET, Key=k)["Body"].read())) for k in found]
+    return pa.concat_tables(tables) if tables else pa.table({"id": pa.array([], pa.string())})
+
+
+def private_env(root: Path) -> tuple[dict[str, str | None], Path]:
+    """A run whose temp folder, worker cache and working directory are its own (checked empty afterwards)."""
+    for name in ("tmp", "cwd"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    env = NO_AWS_ENV | {"TMPDIR": str(root / "tmp"), "RAEE_CACHE_DIR": str(root / "cache")}
+    return env, root / "cwd"
+
+
+def test_export_build_classify_evaluate_all_on_s3(s3, tiny_llama_dir, tmp_path):
+    """Every path is s3:// (inputs, artifacts, database, outputs, errors, report); nothing is written to the local
+    disk but the worker cache."""
+    endpoint, client = s3
+    base = f"s3://{BUCKET}/e2e"
+    train = labelled(tmp_path / "train.parquet", 24, 0, "t")
+    client.upload_file(str(train), BUCKET, "e2e/in/train.parquet")
+    for part in range(2):
+        queries = labelled(tmp_path / f"q{part}.parquet", 6, part + 1, f"q{part}-", bad=part == 0)
+        client.upload_file(str(queries), BUCKET, f"e2e/in/q-{part}.parquet")
+    env, cwd = private_env(tmp_path / "run")
+    opts = s3_args(endpoint)
+    art, db = f"{base}/artifacts", f"{base}/db"
+
+    export = ["export-onnx", "--model", tiny_llama_dir, "--task", "sst2", "--out", art, "--max-length", "64"]
+    done = raee_ops(*export, *opts, env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    assert "e2e/artifacts/manifest.json" in keys(client, "e2e/artifacts/")
+    assert [k for k in keys(client, "e2e/") if "/.artifacts.tmp-" in k] == []
+
+    build = ["build-db", "--artifacts", art, "--task", "sst2", "--db", db, "--input", f"{base}/in/train.parquet"]
+    done = raee_ops(*build, *opts, env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    assert "rows in: 29  written: 24  rejected: 5  (in = written + rejected: ok)" in done.stdout
+    assert read_parquet(client, "e2e/db/_errors/sst2/").num_rows == 5
+    assert [k for k in keys(client, "e2e/db/_raee-work/")] == []  # staging and claim gone
+
+    out = f"{base}/out"
+    classify = ["classify", "--artifacts", art, "--task", "sst2", "--db", db, "--output", out]
+    done = raee_ops(*classify, "--input", f"{base}/in/q-*.parquet", *opts, env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    predicted, rejected = read_parquet(client, "e2e/out/predictions-"), read_parquet(client, "e2e/out/errors-")
+    assert (predicted.num_rows, rejected.num_rows) == (14, 3)  # classify needs no label: 3 of the 5 bad rows
+    assert f"rows in: 17  predicted: {predicted.num_rows}  rejected: {rejected.num_rows}" in done.stdout
+    names = [k.removeprefix("e2e/out/") for k in keys(client, "e2e/out/")]
+    assert SUCCESS in names and not [n for n in names if n.startswith((TEMPORARY, CLAIM))], names
+
+    again = raee_ops(*classify, "--input", f"{base}/in/q-*.parquet", *opts, env=env, cwd=cwd)
+    assert again.returncode == 2 and "already holds a complete output" in one_error_line(again)
+
+    evaluate = ["evaluate", "--artifacts", art, "--task", "sst2", "--db", db, "--report", f"{base}/report"]
+    done = raee_ops(*evaluate, "--input", f"{base}/in/train.parquet", *opts, env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    assert {"e2e/report/report.json", "e2e/report/report.md"} <= set(keys(client, "e2e/report/"))
+    info = raee_ops("info", "--db", db, "--json", *opts, env=env, cwd=cwd)
+    assert info.returncode == 0 and '"rows": 24' in info.stdout, info.stderr
+
+    assert list(cwd.iterdir()) == []  # no `s3:` folder or anything else beside the runs
+    left = [p.name for p in (tmp_path / "run" / "tmp").rglob("*")]
+    assert set(left) <= {".ses"}, left  # `.ses`: a 51-byte session id ONNX Runtime keeps in TMPDIR
+    assert list((tmp_path / "run" / "cache").iterdir())  # the artifacts were fetched into the worker cache
+
+
+def test_missing_options_and_live_claims_are_refused(s3, segment_artifacts, tmp_path):  # noqa: F811
+    endpoint, client = s3
+    art = upload_dir(client, segment_artifacts, "refused/artifacts")
+    env, cwd = private_env(tmp_path)
+    args = ["classify", "--artifacts", art, "--task", "sst2", "--db", f"s3://{BUCKET}/refused/db"]
+    args += ["--input", f"s3://{BUCKET}/refused/in/*.parquet", "--output", f"s3://{BUCKET}/refused/out"]
+    typo = raee_ops(*args, "--s3_endpoint_urll", endpoint, env=env, cwd=cwd)
+    assert typo.returncode == 2 and "did you mean --s3_endpoint_url" in one_error_line(typo)
+    gcs = raee_ops(*args[:-1], "gs://somewhere/out", *s3_args(endpoint), env=env, cwd=cwd)
+    if gcs.returncode == 2 and "raee-ops[gcp]" in gcs.stderr:  # the gcp extra is not installed here
+        assert "gs:// filesystem is not installed" in one_error_line(gcs)
+
+    client.put_object(Bucket=BUCKET, Key="refused/db/_raee-work/sst2/_CLAIM-live-run", Body=b"{}")
+    train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
+    client.upload_file(str(train), BUCKET, "refused/in/train.parquet")
+    build = ["build-db", "--artifacts", art, "--task", "sst2", "--db", f"s3://{BUCKET}/refused/db"]
+    busy = raee_ops(*build, "--input", f"s3://{BUCKET}/refused/in/train.parquet", *s3_args(endpoint), env=env, cwd=cwd)
+    assert busy.returncode == 75 and "another run is writing table 'sst2'" in one_error_line(busy)
+    assert list(cwd.iterdir()) == []
+
+
+def private_worker_pool(port: int, root: Path) -> subprocess.Popen:
+    """Beam's external worker pool; its workers are processes with their own temp folder and cache, and where
+    `unshare` allows, a private /tmp (a tmpfs) so they cannot read the driver's files under /tmp either."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # workers run `python`
+    command = [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", "--service_port", str(port)]
+    if shutil.which("unshare") and subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0:
+        mount = 'mount -t tmpfs none /tmp && mkdir -p /tmp/worker && exec "$@"'
+        command = ["unshare", "-rm", "sh", "-c", mount, "sh", *command]
+        env |= {"TMPDIR": "/tmp/worker", "RAEE_CACHE_DIR": "/tmp/worker/cache"}
+    else:
+        (root / "worker").mkdir()
+        env |= {"TMPDIR": str(root / "worker"), "RAEE_CACHE_DIR": str(root / "worker" / "cache")}
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.runners
+def test_portable_runner_with_an_external_worker_pool(s3, segment_artifacts, job_endpoint, tmp_path):  # noqa: F811
+    """build-db and classify with workers in other processes that read everything from the S3 server."""
+    endpoint, client = s3
+    art = upload_dir(client, segment_artifacts, "pool/artifacts")
+    client.upload_file(str(labelled(tmp_path / "train.parquet", 24, 0, "t")), BUCKET, "pool/in/train.parquet")
+    client.upload_file(str(labelled(tmp_path / "q.parquet", 12, 1, "q")), BUCKET, "pool/in/q.parquet")
+    port = free_port()
+    pool = private_worker_pool(port, tmp_path)
+    try:
+        wait_for_port(port, pool, "worker pool")
+        runner = ["--runner", "PortableRunner", "--job_endpoint", job_endpoint, "--environment_type", "EXTERNAL"]
+        runner += ["--environment_config", f"localhost:{port}", *s3_args(endpoint)]
+        env, cwd = private_env(tmp_path / "driver")
+        db = f"s3://{BUCKET}/pool/db"
+        build = ["build-db", "--artifacts", art, "--task", "sst2", "--db", db]
+        done = raee_ops(*build, "--input", f"s3://{BUCKET}/pool/in/train.parquet", *runner, env=env, cwd=cwd)
+        assert done.returncode == 0, done.stderr
+        assert "rows in: 29  written: 24  rejected: 5" in done.stdout
+        classify = ["classify", "--artifacts", art, "--task", "sst2", "--db", db, "--strategy", "raee", "--k", "4"]
+        classify += ["--input", f"s3://{BUCKET}/pool/in/q.parquet", "--output", f"s3://{BUCKET}/pool/out"]
+        done = raee_ops(*classify, *runner, env=env, cwd=cwd)
+        assert done.returncode == 0, done.stderr
+        assert "rows in: 17  predicted: 14  rejected: 3  (in = predicted + rejected: ok)" in done.stdout
+        assert read_parquet(client, "pool/out/predictions-").num_rows == 14
+        assert not (tmp_path / "driver" / "cache").exists()  # the driver fetched nothing: the workers did
+    finally:
+        pool.terminate()
+        pool.wait(timeout=30)
+
+
+def test_claims_on_an_object_store(s3, monkeypatch):
+    """A live claim refuses a second run; a claim not renewed within STALE_S is a dead run's and is removed."""
+    from pipelines import commit
+    from raee_ops import storage
+    from raee_ops.errors import Busy
+
+    endpoint, client = s3
+    storage.configure(s3_args(endpoint))
+    place = f"s3://{BUCKET}/claims/out"
+    with commit.claim_output(place, ["predictions-*.parquet"], "--output") as claim:
+        storage.write_bytes(claim.staging_of("predictions-0.parquet"), b"x")
+        with pytest.raises(Busy, match="another run is writing --output"):
+            with commit.claim_output(place, ["predictions-*.parquet"], "--output"):
+                pass
+        claim.publish({"command": "test"})
+    assert keys(client, "claims/out/") == ["claims/out/_SUCCESS", "claims/out/predictions-0.parquet"]
+    client.put_object(Bucket=BUCKET, Key="claims/work/_CLAIM-dead-run", Body=b"{}")
+    client.put_object(Bucket=BUCKET, Key="claims/work/dead-run/rows-0.parquet", Body=b"x")
+    monkeypatch.setattr(commit, "STALE_S", 0.0)  # every other claim is now older than the limit
+    with commit.claim_work_dir(f"s3://{BUCKET}/claims/work", "table 't'") as staging:
+        assert [k for k in keys(client, "claims/work/") if "dead-run" in k] == []
+        storage.write_bytes(storage.join(staging, "rows-1.parquet"), b"y")
+    assert keys(client, "claims/work/") == []
+
+
+def test_a_scheme_without_its_filesystem_names_the_extra():
+    from raee_ops import storage
+    from raee_ops.errors import RaeeConfigError
+
+    with pytest.raises(RaeeConfigError, match="unsupported scheme hdfs://"):
+        storage.check_scheme("hdfs://nn/data/*.parquet", "--input")
+    try:
+        import google.cloud.storage  # noqa: F401
+    except ImportError:
+        with pytest.raises(RaeeConfigError, match=r"pip install 'raee-ops\[gcp\]'"):
+            storage.check_scheme("gs://bucket/out", "--output")
+
+
+def test_workers_fetch_artifacts_into_a_checked_cache(s3, segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    from raee_ops import storage
+    from raee_ops.artifacts import local_artifacts
+    from raee_ops.errors import ArtifactError
+    from schemas.manifest import load_manifest
+
+    endpoint, client = s3
+    storage.configure(s3_args(endpoint))
+    art = upload_dir(client, segment_artifacts, "cache/artifacts")
+    monkeypatch.setenv("RAEE_CACHE_DIR", str(tmp_path / "cache"))
+    fetched = local_artifacts(art)
+    manifest = load_manifest(fetched)
+    assert fetched.parent == tmp_path / "cache" and fetched.name.startswith(manifest.fingerprint[:16])
+    layer = fetched / manifest.segments.layers[0].file
+    layer.write_bytes(b"damaged")  # a damaged cache entry is fetched again
+    assert local_artifacts(art) == fetched and load_manifest(fetched) == manifest
+    client.put_object(Bucket=BUCKET, Key=f"cache/artifacts/{layer.name}", Body=b"tampered")
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        local_artifacts(art)
+
+
+def test_worker_settings_come_from_the_options(monkeypatch):
+    from pipelines.options import worker_settings
+
+    monkeypatch.setenv("RAEE_PROVIDER", "cuda")  # read here, on the launching machine, and carried to workers
+    monkeypatch.delenv("RAEE_INTRA_OP_THREADS", raising=False)
+    settings = worker_settings(
+        ["--s3_endpoint_url", "http://127.0.0.1:9", "--s3_region_name", "eu-west-1", "--raee_intra_op_threads", "2"]
+        + ["--raee_db_storage_option", "aws_region=us-east-2", "--raee_db_storage_option", "timeout=30s"],
+        "s3://bucket/db",
+    )
+    assert (settings.provider, settings.threads) == ("cuda", 2)
+    assert settings.db_storage_options == {
+        "aws_endpoint": "http://127.0.0.1:9",
+        "aws_region": "us-east-2",
+        "allow_http": "true",
+        "timeout": "30s",
+    }
+    assert settings.filesystem["s3_endpoint_url"] == "http://127.0.0.1:9"
+    assert worker_settings([], "/local/db").db_storage_options == {}
+
+
+def test_a_classify_killed_on_s3_blocks_its_output_until_its_claim_is_released(s3, segment_artifacts, tmp_path):  # noqa: F811
+    """Killed mid-publish: no `_SUCCESS`, and the dead run's claim stays (a rerun within STALE_S is refused with
+    75, as test_missing_options_and_live_claims_are_refused shows); once the claim is deleted, the rerun removes
+    the leftovers and publishes every row once."""
+    from pipelines.build_db import run_build_db
+
+    endpoint, client = s3
+    art = upload_dir(client, segment_artifacts, "killed/artifacts")
+    client.upload_file(str(labelled(tmp_path / "train.parquet", 16, 0, "t", bad=False)), BUCKET, "killed/train.parquet")
+    client.upload_file(str(labelled(tmp_path / "q.parquet", 40, 3, "q")), BUCKET, "killed/q.parquet")
+    env, cwd = private_env(tmp_path)
+    db, opts = f"s3://{BUCKET}/killed/db", s3_args(endpoint)
+    train = [f"s3://{BUCKET}/killed/train.parquet"]
+    run_build_db(art, "sst2", train, db, "sst2", "backbone", "overwrite", None, opts)  # in this process: quicker
+    args = ["classify", "--artifacts", art, "--task", "sst2", "--db", db, "--input", f"s3://{BUCKET}/killed/q.parquet"]
+    args += ["--output", f"s3://{BUCKET}/killed/out", *opts]
+    killed = raee_ops(*args, env=env | {"RAEE_FAULT": "publish:predictions-*.parquet"}, cwd=cwd)
+    assert killed.returncode == -9
+    names = [k.removeprefix("killed/out/") for k in keys(client, "killed/out/")]
+    assert SUCCESS not in names and [n for n in names if n.startswith(CLAIM)], names
+    for claim in [n for n in names if n.startswith(CLAIM)]:  # what an operator does for a run known to be dead
+        client.delete_object(Bucket=BUCKET, Key=f"killed/out/{claim}")
+    rerun = raee_ops(*args, env=env, cwd=cwd)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "removed what an earlier, unfinished run left" in rerun.stderr
+    ids = read_parquet(client, "killed/out/predictions-").column("id").to_pylist()
+    ids += read_parquet(client, "killed/out/errors-").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 45
+    names = [k.removeprefix("killed/out/") for k in keys(client, "killed/out/")]
+    assert SUCCESS in names and not [n for n in names if n.startswith((TEMPORARY, CLAIM))], names

@@ -9,32 +9,29 @@ driver's filesystem (DirectRunner, PortableRunner with LOOPBACK).
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import apache_beam as beam
 import lancedb
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.inference import BuildHandler, Infer
 from pipelines.options import make_pipeline
+from pipelines.reference import assemble
 from pipelines.sources import check_inputs, count_rows, expand_inputs, read_validated, task_of, write_tables
-from raee_ops.calibration import FusedPolicy, fit_fused_policy
+from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import RaeeConfigError
-from raee_ops.metrics import task_metric
 from raee_ops.retrieval import build_index, check_meta, expected_meta, index_partitions, open_table, table_meta
 from raee_ops.rows import row_ids
-from raee_ops.tasks import Task
 from schemas.manifest import load_manifest
-from schemas.tables import ERRORS_SCHEMA, ID, POLICY_META_KEY, flat_values
+from schemas.tables import ERRORS_SCHEMA, FEATURES_SUFFIX, ID
 
 
 @dataclass(frozen=True)
@@ -48,6 +45,7 @@ class BuildSummary:
     errors_dir: str
     policy: FusedPolicy | None = None
     search: str = "exact search"
+    probes: list[str] = field(default_factory=list)
 
     def render(self) -> str:
         balance = "ok" if self.rows_in == self.written + self.rejected else "MISMATCH"
@@ -65,6 +63,7 @@ class BuildSummary:
                 f"(in = written + rejected: {balance})",
                 f"table rows: {self.table_rows} ({self.search})",
                 fitted,
+                *self.probes,
                 f"errors: {self.errors_dir}",
             ]
         )
@@ -139,12 +138,9 @@ def run_build_db(
         rejected, _ = count_rows(errors_prefix + "*.parquet")
         if rows_in != written + rejected:
             raise RuntimeError(f"rows in {rows_in} != written {written} + rejected {rejected}: not committing")
-        data = pa.concat_tables([pq.read_table(s, schema=schema) for s in shards]) if shards else schema.empty_table()
-        if mode == "append":  # the policy is fitted on the whole table, so append rewrites it in one commit
-            data = pa.concat_tables([open_table(db_uri, table).to_arrow().cast(schema), data])
-        policy = fit_policy(data, task, manifest.num_layers)
-        policy_meta = {POLICY_META_KEY: json.dumps(policy.to_dict()).encode()} if policy else {}
-        table_rows, indexed = commit(db_uri, table, data.replace_schema_metadata(meta.encode() | policy_meta))
+        previous = previous_rows(db_uri, table) if mode == "append" else (None, None)
+        reference = assemble(shards, schema, task, meta, manifest.hidden_size, *previous)
+        table_rows, indexed = commit(db_uri, table, reference.data, reference.features)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if mode == "overwrite":
@@ -152,23 +148,28 @@ def run_build_db(
             if not old.startswith(errors_prefix):
                 os.remove(old)
     search = f"IVF_FLAT index, {index_partitions(table_rows)} partitions" if indexed else "exact search"
-    return BuildSummary(table, mode, rows_in, written, rejected, table_rows, errors_dir, policy, search)
+    return BuildSummary(
+        table, mode, rows_in, written, rejected, table_rows, errors_dir, reference.policy, search, reference.render()
+    )
 
 
-def fit_policy(data: pa.Table, task: Task, num_layers: int) -> FusedPolicy | None:
-    """The fused strategy's settings, fitted on the table's own rows only (leave-one-out, task metric)."""
-    num_labels = len(task.label_names)
-    if data.num_rows < 2:
-        return None
-    vectors = flat_values(data, "vector").reshape(data.num_rows, -1)
-    logprobs = flat_values(data, "layer_logprobs").reshape(data.num_rows, num_layers, num_labels)
-    labels = data.column("label").to_numpy().astype(np.int64)
-    return fit_fused_policy(vectors, labels, logprobs, num_labels, task_metric(task.name, num_labels)[0])
+def previous_rows(db_uri: str, name: str) -> tuple[pa.Table, pa.Table | None]:
+    """What append builds on: the table's rows and its probes' feature rows (None for tables built without)."""
+    try:
+        features = open_table(db_uri, name + FEATURES_SUFFIX).to_arrow()
+    except RaeeConfigError:
+        features = None
+    return open_table(db_uri, name).to_arrow(), features
 
 
-def commit(db_uri: str, name: str, data: pa.Table) -> tuple[int, bool]:
+def commit(db_uri: str, name: str, data: pa.Table, features: pa.Table | None = None) -> tuple[int, bool]:
     """The run's table write, a whole new table version; a large table then gets its ANN index (a second version:
-    until it lands, searches scan exactly, so a failed index build leaves a correct table). (rows, indexed)."""
-    table = lancedb.connect(db_uri).create_table(name, data, schema=data.schema, mode="overwrite")
+    until it lands, searches scan exactly, so a failed index build leaves a correct table). (rows, indexed).
+    The probes' feature rows are written first: the exit table never refers to feature rows that are not there
+    (a run failing in between leaves extra feature rows, which append ignores)."""
+    db = lancedb.connect(db_uri)
+    if features is not None:
+        db.create_table(name + FEATURES_SUFFIX, features, schema=features.schema, mode="overwrite")
+    table = db.create_table(name, data, schema=data.schema, mode="overwrite")
     indexed = build_index(table)
     return table.count_rows(), indexed

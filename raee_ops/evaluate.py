@@ -25,16 +25,31 @@ from raee_ops.calibration import label_vote
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES, Context, Neighbours, Strategy, resolve
 from raee_ops.metrics import Metric, accuracy, task_metric
-from raee_ops.retrieval import Retriever, check_meta, expected_meta, table_meta
+from raee_ops.probe_policy import confident_exits
+from raee_ops.probes import ProbeSet
+from raee_ops.retrieval import Retriever, check_meta, check_table_probes, expected_meta, table_meta
 from raee_ops.rows import validate
+from raee_ops.runtime import POOLINGS
 from raee_ops.tasks import Task
 from schemas.manifest import Manifest, load_manifest
-from schemas.tables import flat_values
+from schemas.tables import FEATURES, flat_values
 
 #: Rows per model call; small enough for a progress line every few seconds on CPU.
 CHUNK = 64
 #: Rejected rows shown in report.md (report.json lists them all).
 SHOWN_REJECTED = 20
+#: What a user would pick instead of (or as) the default, all fitted on the same reference rows: report name ->
+#: strategy. key-lr: logistic regression on the retrieval key; probe-best: the single layer chosen on reference.
+BASELINES = {
+    "key-lr": "key-lr",
+    "knn-vote": "knn-vote",
+    "probe-best": "probe-best",
+    "probe-last": "probe-last",
+    "full": "full",
+    "full-cal": "full-cal",
+    "raee": "raee",
+    "default": DEFAULT_STRATEGY,
+}
 
 
 def exported_task(manifest: Manifest, task: Task) -> str:
@@ -63,28 +78,56 @@ def _read_validated(path: str, task: Task) -> tuple[pa.Table, list[dict[str, str
     return pa.concat_tables(valid), rejected
 
 
-def _run_layers(handler: BuildHandler, table: pa.Table) -> tuple[pa.Table, list[dict[str, str]]]:
-    """Exit-table rows (label, key, per-layer log-probs) for every row the model takes, in chunks."""
+def _run_layers(
+    handler: BuildHandler, table: pa.Table, probes: ProbeSet
+) -> tuple[pa.Table, np.ndarray, list[dict[str, str]]]:
+    """Layer rows (label, key, per-layer head log-probs) for every row the model takes, every layer's probe log-probs
+    L×N×C, and the rejected rows; in chunks, the pooled states of one chunk at a time."""
     model = handler.load_model()
-    rows, rejected, start = [], [], time.perf_counter()
+    rows, probe_lp, rejected, start = [], [], [], time.perf_counter()
+    num_layers, hidden = len(probes.layers), model.runtime.manifest.hidden_size
     for offset in range(0, table.num_rows, CHUNK):
         outcome = handler.run_inference([table.slice(offset, CHUNK)], model)[0]
-        rows.append(outcome.rows)
+        n = outcome.rows.num_rows
+        pooled = flat_values(outcome.rows, FEATURES).reshape(n, num_layers, len(POOLINGS), hidden)
+        probe_lp.append(probes.every_layer(pooled.transpose(1, 0, 2, 3)))
+        rows.append(outcome.rows.drop_columns([FEATURES]))
         rejected += outcome.errors.to_pylist()
         done = min(offset + CHUNK, table.num_rows)
         rate = done / max(time.perf_counter() - start, 1e-9)
         print(f"evaluate: {done}/{table.num_rows} rows, {rate:.1f} rows/s", file=sys.stderr, flush=True)
-    return pa.concat_tables(rows) if rows else handler.empty(model), rejected
+    if not rows:
+        return (
+            handler.empty(model).drop_columns([FEATURES]),
+            np.zeros((num_layers, 0, probes.key.bias.shape[0])),
+            rejected,
+        )
+    return pa.concat_tables(rows), np.concatenate(probe_lp, axis=1), rejected
 
 
 def _scores(labels: np.ndarray, pred: np.ndarray, metric: Metric, num_labels: int) -> dict[str, float]:
     return {"accuracy": accuracy(labels, pred), "metric": metric(labels, pred, num_labels)}
 
 
+def _brief(report: dict[str, Any]) -> dict[str, float]:
+    keys = ("accuracy", "metric", "mean_exit_layer", "retrieval_only_share")
+    return {key: report[key] for key in keys}
+
+
 def _strategy_report(
-    strategy: Strategy, logprobs: np.ndarray, labels: np.ndarray, nb: Neighbours, ctx: Context, metric: Metric
+    strategy: Strategy,
+    logprobs: np.ndarray,
+    probe_lp: np.ndarray,
+    labels: np.ndarray,
+    nb: Neighbours,
+    ctx: Context,
+    metric: Metric,
 ) -> dict[str, Any]:
+    """One strategy scored from every layer's head (or probe) log-probs L×N×C, as classify would run it."""
     exits = strategy.exits(nb, ctx)
+    if strategy.reads == "probe":
+        logprobs = probe_lp
+        exits = confident_exits(probe_lp.max(axis=2).T, exits, strategy.threshold(ctx))
     # exit 0 runs no layer: its logits are zeros, as run_to_exit returns them
     at_exit = np.where((exits > 0)[:, None], logprobs[np.maximum(exits, 1) - 1, np.arange(len(labels))], 0.0)
     pred = strategy.answer(at_exit, exits, nb, ctx).argmax(axis=1)
@@ -116,14 +159,16 @@ def evaluate(
     chosen = [resolve(name, num_layers) for name in strategies or list(STRATEGIES)]
     meta = table_meta(db_uri, table)
     embedder = meta.embedder if meta else "backbone"
-    check_meta(meta, expected_meta(manifest, task_name, embedder), f"table {table!r} in {db_uri}")
+    expected = expected_meta(manifest, task_name, embedder)
+    check_meta(meta, expected, f"table {table!r} in {db_uri}")
     retriever = Retriever(db_uri, table)
-    if retriever.policy is None:
+    check_table_probes(retriever.table, expected, True, f"table {table!r} in {db_uri}")
+    if retriever.policy is None or retriever.probes is None or retriever.probe_policy is None:
         raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
-    policy = retriever.policy
+    policy, probes = retriever.policy, retriever.probes
 
     valid, rejected = _read_validated(input_path, task)
-    rows, failed = _run_layers(BuildHandler(str(artifacts), task, embedder), valid)
+    rows, probe_lp, failed = _run_layers(BuildHandler(str(artifacts), task, embedder), valid, probes)
     rejected += failed
     if rows.num_rows == 0:
         raise RaeeConfigError(f"nothing to evaluate: all {len(rejected)} rows of {input_path} were rejected")
@@ -131,8 +176,8 @@ def evaluate(
     logprobs = flat_values(rows, "layer_logprobs").reshape(rows.num_rows, num_layers, num_labels).transpose(1, 0, 2)
     keys = flat_values(rows, "vector").reshape(rows.num_rows, -1)
 
-    ctx = Context(num_layers, num_labels, k, policy)
-    nb = retriever.search(keys, max(k, policy.k))
+    ctx = Context(num_layers, num_labels, k, policy, probes, retriever.probe_policy)
+    nb = retriever.search(keys, max(k, policy.k, retriever.probe_policy.k))
     metric_name, metric = task_metric(task_name, num_labels)
     layer_pred = logprobs.argmax(axis=2)  # L×N
     per_layer = [_scores(labels, pred, metric, num_labels) for pred in layer_pred]
@@ -141,7 +186,15 @@ def evaluate(
     oracle = _scores(labels, np.where(any_right, labels, layer_pred[-1]), metric, num_labels)
     vote = nb.top(policy.k)
     vote_pred = label_vote(vote.labels, vote.similarity, num_labels).argmax(axis=1)
-    calibrated = _strategy_report(STRATEGIES["full-cal"], logprobs, labels, nb, ctx, metric)
+    calibrated = _strategy_report(STRATEGIES["full-cal"], logprobs, probe_lp, labels, nb, ctx, metric)
+    probe_layers = [_scores(labels, pred, metric, num_labels) for pred in probe_lp.argmax(axis=2)]
+    reports = {s.name: _strategy_report(s, logprobs, probe_lp, labels, nb, ctx, metric) for s in chosen}
+    for strategy in BASELINES.values():
+        if strategy not in reports:
+            reports[strategy] = _strategy_report(
+                resolve(strategy, num_layers), logprobs, probe_lp, labels, nb, ctx, metric
+            )
+    baselines = {name: _brief(reports[strategy]) for name, strategy in BASELINES.items()}
 
     return {
         "task": task_name,
@@ -164,8 +217,19 @@ def evaluate(
         "full_calibrated": {"accuracy": calibrated["accuracy"], "metric": calibrated["metric"]},
         "neighbour_vote": {**_scores(labels, vote_pred, metric, num_labels), "k": vote.labels.shape[1]},
         "default_strategy": DEFAULT_STRATEGY,
-        "strategies": {s.name: _strategy_report(s, logprobs, labels, nb, ctx, metric) for s in chosen},
+        "strategies": {s.name: reports[s.name] for s in chosen},
+        "baselines": baselines,
+        "per_layer_probe_accuracy": [s["accuracy"] for s in probe_layers],
+        "per_layer_probe_metric": [s["metric"] for s in probe_layers],
+        "probes": {
+            "pooling": probes.pooling,
+            "fit_rows": probes.fit_rows,
+            "best_layer": probes.best_layer,
+            "reference_oof_metric": probes.oof_metric,
+            "key_reference_oof_metric": probes.key_oof_metric,
+        },
         "policy": {name: value for name, value in policy.to_dict().items() if name != "bias"},
+        "probe_policy": retriever.probe_policy.to_dict(),
         "k": k,
     }
 

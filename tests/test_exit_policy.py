@@ -132,7 +132,7 @@ def test_answers_apply_the_exit_layer_bias_and_the_vote():
 def test_fused_answers_from_retrieval_alone_where_the_neighbours_agree_enough():
     agree = _neighbours([1, 1], [[0, 0, 1], [0, 0, 1]])
     split = _neighbours([1, 0], [[0, 0, 1], [0, 0, 0]])
-    nb = Neighbours(*(np.concatenate([getattr(agree, f), getattr(split, f)]) for f in Neighbours.__dataclass_fields__))
+    nb = Neighbours(*(np.concatenate([getattr(agree, f), getattr(split, f)]) for f in ("correct", "similarity", "labels", "logprobs")))
     ctx = Context(3, 2, k=2, policy=_policy(3, tau=0.9))
     exits = exit_policy.fused_exit(nb, ctx)
     assert exits.tolist() == [0, 3]  # unanimous neighbours: no layer; a split vote: the layer both get right

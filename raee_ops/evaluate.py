@@ -279,6 +279,18 @@ def render_markdown(r: dict[str, Any]) -> str:
             [f"neighbour vote (k={vote['k']}, no layers)", vote["accuracy"], vote["metric"]],
         ],
     )
+    lines += ["## Against what a user would pick instead", ""]
+    lines += [
+        "All fitted on the same reference rows. key-lr: logistic regression on the retrieval key; knn-vote: the "
+        "neighbours' label vote; probe-best: the probe of the one layer that scored best out of fold on the "
+        "reference; probe-last: the last layer's probe; full / full-cal: the zero-shot label-word head; default: "
+        f"`{r['default_strategy']}`.",
+        "",
+    ]
+    lines += _table(
+        ["baseline", "accuracy", name, "mean layers"],
+        [[b, v["accuracy"], v["metric"], v["mean_exit_layer"]] for b, v in r["baselines"].items()],
+    )
     lines += ["## Strategies", ""]
     lines += _table(
         ["strategy", "accuracy", name, "mean exit layer", "ideal speed-up", "exits per layer (0..L)"],
@@ -294,12 +306,38 @@ def render_markdown(r: dict[str, Any]) -> str:
             for s, v in r["strategies"].items()
         ],
     )
-    lines += ["## Per layer", ""]
+    p = r["probes"]
+    lines += [
+        "## Per layer",
+        "",
+        f"The label-word head and the probe head ({p['pooling']} pooling, fitted on {p['fit_rows']} reference rows; "
+        f"reference out-of-fold {name} in the last column).",
+        "",
+    ]
     lines += _table(
-        ["layer", "accuracy", name],
-        [[i + 1, a, m] for i, (a, m) in enumerate(zip(r["per_layer_accuracy"], r["per_layer_metric"], strict=True))],
+        ["layer", "head accuracy", f"head {name}", "probe accuracy", f"probe {name}", f"probe reference {name}"],
+        [
+            [i + 1, *values]
+            for i, values in enumerate(
+                zip(
+                    r["per_layer_accuracy"],
+                    r["per_layer_metric"],
+                    r["per_layer_probe_accuracy"],
+                    r["per_layer_probe_metric"],
+                    p["reference_oof_metric"],
+                    strict=True,
+                )
+            )
+        ],
     )
-    lines += ["## Table policy (fitted by build-db)", "", json.dumps(r["policy"]), ""]
+    lines += [
+        "## Table policies (fitted by build-db)",
+        "",
+        json.dumps(r["policy"]),
+        "",
+        json.dumps(r["probe_policy"]),
+        "",
+    ]
     if r["rejected_rows"]:
         lines += [f"## Rejected rows (first {min(SHOWN_REJECTED, r['rejected'])} of {r['rejected']})", ""]
         lines += _table(["id", "reason"], [[e["id"], e["reason"]] for e in r["rejected_rows"][:SHOWN_REJECTED]])
@@ -307,7 +345,8 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
-    """Accuracy by layer with each strategy at its mean exit layer, and where each strategy exits."""
+    """Accuracy by layer (label-word head and probe) with each baseline at its mean layers run, and where each
+    strategy exits."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,15 +355,14 @@ def plot(r: dict[str, Any], path: Path) -> None:
     layers = np.arange(1, r["num_layers"] + 1)
     exit_layers = np.arange(0, r["num_layers"] + 1)
     fig, (curve, hist) = plt.subplots(1, 2, figsize=(13, 4.5))
-    curve.plot(layers, r["per_layer_accuracy"], "o-", color="black", label="layer alone")
-    curve.axhline(r["full"]["accuracy"], color="grey", linestyle="--", label="full")
-    curve.axhline(r["full_calibrated"]["accuracy"], color="grey", linestyle=":", label="full calibrated")
+    curve.plot(layers, r["per_layer_accuracy"], "o-", color="black", label="label-word head by layer")
+    curve.plot(layers, r["per_layer_probe_accuracy"], "s-", color="tab:blue", label="probe head by layer")
+    for i, (name, b) in enumerate(r["baselines"].items()):
+        curve.plot(b["mean_exit_layer"], b["accuracy"], "D", markersize=8, color=f"C{i}", mfc="none", label=name)
     width = 0.8 / max(len(r["strategies"]), 1)
     for i, (name, s) in enumerate(r["strategies"].items()):
-        color = f"C{i}"
-        curve.plot(s["mean_exit_layer"], s["accuracy"], "*", markersize=12, color=color, label=name)
-        hist.bar(exit_layers - 0.4 + (i + 0.5) * width, s["exit_histogram"], width, color=color, label=name)
-    curve.set(xlabel="layer", ylabel="accuracy", title=f"{r['task']}: accuracy by exit layer")
+        hist.bar(exit_layers - 0.4 + (i + 0.5) * width, s["exit_histogram"], width, color=f"C{i}", label=name)
+    curve.set(xlabel="layer (mean layers run)", ylabel="accuracy", title=f"{r['task']}: accuracy against layers")
     hist.set(xlabel="exit layer (0: retrieval only)", ylabel="rows", title="exit layers per strategy")
     curve.legend(fontsize=7)
     hist.legend(fontsize=7)

@@ -33,7 +33,7 @@ from raee_ops.errors import RaeeConfigError
 from raee_ops.probe_policy import ProbePolicy, mix
 from raee_ops.probes import ProbeSet
 
-DEFAULT_STRATEGY = "fused"
+DEFAULT_STRATEGY = "probe-fused"
 
 
 @dataclass(frozen=True)

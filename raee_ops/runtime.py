@@ -83,10 +83,11 @@ POOLINGS = ("mean", "readout")
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """B×POOLINGS×H: masked mean over tokens and the readout token of B×T×H hidden states."""
+    """B×POOLINGS×H: masked mean over tokens and the readout token of B×T×H hidden states, in float16 (what build-db
+    stages and stores, so the probes see at classify time exactly what they were fitted and scored on)."""
     m = mask[..., None].astype(hidden.dtype)
     mean = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
-    return np.stack([mean, hidden[np.arange(len(hidden)), pos]], axis=1)
+    return np.stack([mean, hidden[np.arange(len(hidden)), pos]], axis=1).astype(np.float16)
 
 
 class Readout(NamedTuple):
@@ -234,7 +235,7 @@ class SegmentRuntime:
         if len(exit_layers) and not ((exit_layers >= 0) & (exit_layers <= self.num_layers)).all():
             raise ValueError(f"exit layers must be in 0..{self.num_layers}")
         out = np.zeros((len(prompts), len(self.manifest.task(task).label_names)), np.float32)
-        pooled_out = np.zeros((len(prompts), len(POOLINGS), self.manifest.hidden_size), np.float32)
+        pooled_out = np.zeros((len(prompts), len(POOLINGS), self.manifest.hidden_size), np.float16)
         left_at = np.zeros(len(prompts), np.int32)
         running = np.flatnonzero(exit_layers > 0)  # exit 0: answered without the backbone
         for rows, ids, lengths in self._sub_batches([prompts[i] for i in running]):

@@ -13,6 +13,7 @@ pooled states are not stored). Below FIT_ROWS rows append is therefore exactly a
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class Reference:
     policy: FusedPolicy | None
     probes: ProbeSet | None
     probe_policy: ProbePolicy | None
+    fit_seconds: float = 0.0  # probes and both policies
 
     def render(self) -> list[str]:
         p, q = self.probes, self.probe_policy
@@ -55,7 +57,8 @@ class Reference:
             return ["probe heads: none (fewer than 2 rows)"]
         curve = " ".join(f"{v:.2f}" for v in p.oof_metric)
         return [
-            f"probe heads ({p.pooling} pooling, fitted on {p.fit_rows} rows, out-of-fold {p.metric} by layer): "
+            f"probe heads ({p.pooling} pooling, fitted on {p.fit_rows} rows; probes and policies fitted in "
+            f"{self.fit_seconds:.1f}s; out-of-fold {p.metric} by layer): "
             f"{curve}; key probe {p.key_oof_metric:.3f}; best layer {p.best_layer}",
             f"probe policy (leave-one-out on {q.loo_queries} rows, {q.metric}): {q.settings()}; "
             f"LOO {q.metric} {q.loo_metric:.3f}, mean exit layer {q.loo_mean_exit:.2f}",
@@ -111,6 +114,7 @@ def assemble(
         parts.append(block[keep])
         where.append(offset + keep)
     fit_rows = np.concatenate(where)
+    started = time.perf_counter()
     metric = task_metric(task.name, num_labels)[0]
     probe_lp = np.zeros((rows, num_layers, num_labels), np.float32)
     probes = probe_policy = policy = None
@@ -141,7 +145,7 @@ def assemble(
     }
     data = data.replace_schema_metadata(meta.encode() | {k: v for k, v in extra.items() if v is not None})
     features_rows = _features_table([ids[i] for i in fit_rows], kept, num_layers, hidden)
-    return Reference(data, features_rows, policy, probes, probe_policy)
+    return Reference(data, features_rows, policy, probes, probe_policy, time.perf_counter() - started)
 
 
 def _with_probe_columns(layers: pa.Table, probe_lp: np.ndarray, labels: np.ndarray, schema: pa.Schema) -> pa.Table:

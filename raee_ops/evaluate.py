@@ -127,7 +127,7 @@ def _strategy_report(
     exits = strategy.exits(nb, ctx)
     if strategy.reads == "probe":
         logprobs = probe_lp
-        exits = confident_exits(probe_lp.max(axis=2).T, exits, strategy.threshold(ctx))
+        exits = confident_exits(np.exp(probe_lp.max(axis=2)).T, exits, strategy.threshold(ctx))
     # exit 0 runs no layer: its logits are zeros, as run_to_exit returns them
     at_exit = np.where((exits > 0)[:, None], logprobs[np.maximum(exits, 1) - 1, np.arange(len(labels))], 0.0)
     pred = strategy.answer(at_exit, exits, nb, ctx).argmax(axis=1)

@@ -84,6 +84,8 @@ def test_classify_reads_probes_as_evaluate_scores_them(segment_artifacts, signal
     predictions = pa.concat_tables([pq.read_table(f) for f in sorted((root / "out").glob("predictions-*"))])
     accuracy = float(np.mean(predictions.column("prediction").to_numpy() == predictions.column("label").to_numpy()))
     assert accuracy == pytest.approx(report["strategies"]["probe-fused"]["accuracy"], abs=1e-9)
+    histogram = report["strategies"]["probe-fused"]["exit_histogram"]
+    assert summary.exit_counts == {layer: n for layer, n in enumerate(histogram) if n}
 
 
 def _with_conf(policy, t):

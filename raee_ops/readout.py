@@ -29,16 +29,22 @@ def stop_rule(strategy: Strategy, ctx: Context) -> StopFn | None:
     return stop
 
 
+def read_out(
+    runtime: SegmentRuntime, task: str, prompts: Sequence[str], exits: np.ndarray, strategy: Strategy, ctx: Context
+) -> tuple[np.ndarray, np.ndarray]:
+    """(what the strategy reads B×C: head logits or probe log-probs, the 1-based layer each row left at)."""
+    readout = runtime.run_to_exit_pooled(task, prompts, exits, stop_rule(strategy, ctx))
+    if strategy.reads == "probe":
+        return ctx.fitted_probes().layer_log_probs(readout.pooled, readout.exits), readout.exits
+    return readout.logits, readout.exits
+
+
 def answer_batch(
     runtime: SegmentRuntime, task: str, prompts: Sequence[str], strategy: Strategy, nb: Neighbours, ctx: Context
 ) -> tuple[np.ndarray, np.ndarray]:
     """(label probabilities B×C, the 1-based layer each row left at; 0: no layer run)."""
-    exits = strategy.exits(nb, ctx)
-    readout = runtime.run_to_exit_pooled(task, prompts, exits, stop_rule(strategy, ctx))
-    logits = readout.logits
-    if strategy.reads == "probe":
-        logits = ctx.fitted_probes().layer_log_probs(readout.pooled, readout.exits)
-    return strategy.answer(logits, readout.exits, nb, ctx), readout.exits
+    logits, exits = read_out(runtime, task, prompts, strategy.exits(nb, ctx), strategy, ctx)
+    return strategy.answer(logits, exits, nb, ctx), exits
 
 
 def describe(strategy: Strategy, policy: FusedPolicy | None, probe_policy: ProbePolicy | None, k: int) -> str:

@@ -98,12 +98,12 @@ def assemble(
     pick = [POOLINGS.index(p) for p in poolings]
 
     def staged_features() -> Iterator[tuple[int, np.ndarray]]:
-        """(offset among all rows, B×L×len(poolings)×H) per staged shard, in the order `new` was read."""
+        """(offset among all rows, B×L×POOLINGS×H) per staged shard, in the order `new` was read."""
         offset = old.num_rows
         for shard in shards:
             values = pq.read_table(shard, columns=[FEATURES]).column(0).combine_chunks().flatten().to_numpy()
             count = len(values) // (num_layers * len(POOLINGS) * hidden)
-            yield offset, values.reshape(count, num_layers, len(POOLINGS), hidden)[:, :, pick]
+            yield offset, values.reshape(count, num_layers, len(POOLINGS), hidden)
             offset += count
 
     old_sample = np.flatnonzero(sample[: old.num_rows])
@@ -111,7 +111,7 @@ def assemble(
     where = [old_sample]
     for offset, block in staged_features():
         keep = np.flatnonzero(sample[offset : offset + len(block)])
-        parts.append(block[keep])
+        parts.append(block[keep][:, :, pick])
         where.append(offset + keep)
     fit_rows = np.concatenate(where)
     started = time.perf_counter()

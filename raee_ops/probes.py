@@ -2,8 +2,8 @@
 
 Small backbones read through their label-word head are near chance on most tasks; a linear probe on the same
 hidden states is not (issue 9). build-db fits one probe per layer and one on the retrieval key (the answer of rows
-that run no layer) on the reference rows only, standardized, L2, the strength chosen per layer by k-fold
-cross-validation and the pooling (token mean or readout token) chosen on the same folds. The per-layer answers
+that run no layer) on the reference rows only, standardized, L2, the strength and the pooling (token mean or readout
+token) chosen together by k-fold cross-validation. The per-layer answers
 stored for each reference row are out-of-fold (cross-fitted), so a neighbour never vouches for a layer with an
 answer the probe memorized.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 from dataclasses import asdict, dataclass
 
@@ -27,8 +28,11 @@ from raee_ops.metrics import METRICS
 from raee_ops.runtime import POOLINGS
 
 FOLDS = 5
-#: Inverse L2 strength on standardized features; per layer, chosen by out-of-fold log-loss.
+#: Inverse L2 strength on standardized features, one for every layer: with the pooling, the pair with the lowest
+#: out-of-fold log-loss over SELECTION_LAYERS layers spread over the depth (every layer would triple the fit time
+#: for the same choice); the key probe gets its own.
 C_GRID = (0.003, 0.03, 0.3)
+SELECTION_LAYERS = 8
 #: Rows used to choose pooling and C (a seeded subsample of the fit rows on larger tables).
 CV_ROWS = 2000
 #: Rows the probes are fitted and cross-fitted on: a hash-of-id sample of larger tables; the other rows are
@@ -156,30 +160,26 @@ def fit_probes(
     cv = np.sort(rng.choice(n, CV_ROWS, replace=False)) if n > CV_ROWS else np.arange(n)
     folds = _folds(labels, n, seed)
     cv_folds = folds if len(cv) == n else _folds(labels[cv], len(cv), seed)
-    metric = METRICS[metric_name]
 
-    # pooling: the one whose layers score best on average out-of-fold (each layer at its best C)
-    chosen: dict[str, tuple[float, list[float], list[np.ndarray]]] = {}
-    for p, name in enumerate(poolings):
-        cs, oofs = [], []
-        for layer in range(num_layers):
-            c, oof = _choose_c(features[cv, layer, p], labels[cv], cv_folds, num_labels)
-            cs.append(c)
-            oofs.append(oof)
-        score = float(np.mean([metric(labels[cv], o.argmax(1), num_labels) for o in oofs]))
-        chosen[name] = (score, cs, oofs)
-    pooling = max(chosen, key=lambda name: chosen[name][0])
-    _, cs, cv_oofs = chosen[pooling]
-    p = poolings.index(pooling)
+    # pooling and C: the pair with the lowest out-of-fold log-loss averaged over a spread of layers
+    scored = selection_layers(num_layers)
+    trials: dict[tuple[int, float], tuple[float, dict[int, np.ndarray]]] = {}
+    for p, c in itertools.product(range(len(poolings)), C_GRID):
+        oofs = {layer: _cross_fit(features[cv, layer, p], labels[cv], cv_folds, num_labels, c) for layer in scored}
+        trials[p, c] = (float(np.mean([_log_loss(o, labels[cv]) for o in oofs.values()])), oofs)
+    p, c = min(trials, key=lambda pc: trials[pc][0])
+    reuse = trials[p, c][1] if len(cv) == n else {}
 
     layers, oof = [], np.zeros((n, num_layers, num_labels), np.float32)
     for layer in range(num_layers):
         x = features[:, layer, p]
-        oof[:, layer] = cv_oofs[layer] if len(cv) == n else _cross_fit(x, labels, folds, num_labels, cs[layer])
-        layers.append(_fit(x, labels, num_labels, cs[layer]))
+        oof[:, layer] = reuse[layer] if layer in reuse else _cross_fit(x, labels, folds, num_labels, c)
+        layers.append(_fit(x, labels, num_labels, c))
     key_c, key_oof = _choose_c(keys[cv], labels[cv], cv_folds, num_labels)
     if len(cv) != n:
         key_oof = _cross_fit(keys, labels, folds, num_labels, key_c)
+    pooling = poolings[p]
+    metric = METRICS[metric_name]
     curve = [metric(labels, oof[:, layer].argmax(1), num_labels) for layer in range(num_layers)]
     probes = ProbeSet(
         pooling=pooling,
@@ -193,6 +193,15 @@ def fit_probes(
         identity=identity,
     )
     return Fitted(probes, oof, key_oof)
+
+
+def selection_layers(num_layers: int) -> list[int]:
+    """0-based layers the pooling and C are chosen on: SELECTION_LAYERS spread from the first to the last."""
+    return sorted({round(i) for i in np.linspace(0, num_layers - 1, min(SELECTION_LAYERS, num_layers))})
+
+
+def _log_loss(log_probs: np.ndarray, y: np.ndarray) -> float:
+    return float(-log_probs[np.arange(len(y)), y].mean())
 
 
 def _folds(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -210,7 +219,7 @@ def _choose_c(x: np.ndarray, y: np.ndarray, folds: np.ndarray, num_labels: int) 
     best: tuple[float, float, np.ndarray] | None = None
     for c in C_GRID:
         oof = _cross_fit(x, y, folds, num_labels, c)
-        loss = float(-oof[np.arange(len(y)), y].mean())
+        loss = _log_loss(oof, y)
         if best is None or loss < best[0]:
             best = (loss, c, oof)
     assert best is not None

@@ -223,16 +223,56 @@ def _baselines(result: Doc) -> list[str]:
         checks.append(f"{gap:+.1f} points against {name} (goal {ahead:+.0f}: {verdict}{where})")
     layers = share("default")
     over = [
-        t["task"] for t in tasks if t["baselines"]["default"]["mean_exit_layer"] / t["num_layers"] > MAX_LAYER_SHARE
+        t["task"] for t in tasks if t["baselines"]["default"]["mean_exit_layer"] > MAX_LAYER_SHARE * t["num_layers"]
     ]
     checks.append(
         f"{layers:.0%} of the layers on average (goal ≤ {MAX_LAYER_SHARE:.0%}: "
         f"{'met' if layers <= MAX_LAYER_SHARE else 'NOT met'}{'; over on ' + ', '.join(over) if over else ''})"
     )
-    return lines + [
-        f"Default `{result.get('default_strategy')}`, macro average (issue 9): " + "; ".join(checks) + ".",
-        "",
-    ]
+    summary = f"Default `{result.get('default_strategy')}`, macro average (issue 9): " + "; ".join(checks) + "."
+    curves = _curves_png(result["preset"])
+    image = [f"![probe and label-word head by layer]({curves.name})", ""] if curves.is_file() else []
+    return lines + [summary, "", *image]
+
+
+def _curves_png(preset: str) -> Path:
+    return OUTPUT.parent / f"probe-curves-{preset}.png"
+
+
+def plot_probe_curves(result: Doc) -> None:
+    """Per task, the probes' and the label-word head's score by layer on the scored rows, with the default,
+    key-lr and probe-best at their mean layers run: bench/probe-curves-<preset>.png (skipped without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in result["tasks"] if "probe_layer" in t]
+    if not tasks:
+        return
+    cols, rows = 4, (len(tasks) + 3) // 4
+    fig, axes = plt.subplots(rows, cols, figsize=(14, 3.2 * rows), squeeze=False)
+    for ax, t in zip(axes.ravel(), tasks, strict=False):
+        layers = range(1, t["num_layers"] + 1)
+        ax.plot(layers, t["probe_layer"], "-", color="tab:blue", label="probe")
+        ax.plot(layers, t["head_layer"], "-", color="black", label="label-word head")
+        for name, marker, color in (
+            ("default", "*", "tab:red"),
+            ("key-lr", "D", "tab:orange"),
+            ("probe-best", "s", "tab:green"),
+        ):
+            b = t["baselines"][name]
+            ax.plot(b["mean_exit_layer"], b["score"], marker, color=color, markersize=9, label=name)
+        ax.set(title=f"{t['task']} ({t['metric']})", xlabel="layer / mean layers run")
+    for ax in axes.ravel()[len(tasks) :]:
+        ax.axis("off")
+    axes.ravel()[0].legend(fontsize=7)
+    fig.suptitle(f"{result['preset']}: score by layer on the scored rows")
+    fig.tight_layout()
+    fig.savefig(_curves_png(result["preset"]), dpi=80)
+    plt.close(fig)
 
 
 def _accuracy_table(names: list[str], tasks: list[Doc]) -> list[str]:
@@ -420,6 +460,8 @@ def build(results_dir: Path = RESULTS_DIR) -> str:
 
 
 def main() -> int:
+    for path in sorted(RESULTS_DIR.glob("quality-*.json")):
+        plot_probe_curves(json.loads(path.read_text())["result"])
     OUTPUT.write_text(build())
     print(f"wrote {OUTPUT.relative_to(REPO_ROOT)}")
     return 0

@@ -387,6 +387,17 @@ def _speed_goal(result: Doc) -> list[str]:
     ]
 
 
+def render_probe_fit(result: Doc) -> list[str]:
+    """build-db's probe fit at its row cap and the probe policy fit on a large table (bench/probe_fit.py)."""
+    return [
+        f"Probes: {result['fit_rows']:,} fit rows (C and pooling chosen on {result['cv_rows']:,}), {result['layers']} "
+        f"layers × {result['poolings']} poolings × hidden {result['hidden']} (SmolLM2's shape, synthetic features): "
+        f"**{result['probe_fit_s']} s**. Probe policy (leave-one-out) on a {result['policy_table_rows']:,}-row table: "
+        f"**{result['policy_fit_s']} s**. Tables above {result['fit_rows']:,} rows fit their probes on a sample of "
+        "that size, so this is the fit's cost at any larger size.",
+    ]
+
+
 def render_generic(result: Any) -> list[str]:
     """Kinds without a renderer yet: show the payload rather than drop it."""
     return ["```json", json.dumps(result, indent=2), "```"]
@@ -396,6 +407,7 @@ def render_generic(result: Any) -> list[str]:
 SECTIONS: list[tuple[str, str, Callable[[Any], list[str]]]] = [
     ("Retrieval", "retrieval", render_retrieval),
     ("ONNX export", "export", render_export),
+    ("Probe fit", "probe-fit", render_probe_fit),
     ("Quality", "quality-", render_quality),
     ("Speed", "speed-", render_speed),
 ]

@@ -1,4 +1,5 @@
-"""Task quality per preset: every layer, full, calibrated, oracle, neighbour vote and each exit strategy.
+"""Task quality per preset: every layer, full, calibrated, oracle, neighbour vote, each exit strategy and the
+baselines a user would pick instead (key-lr, knn-vote, probe-best, probe-last), all fitted on the same reference.
 
 One export per preset (all bench tasks, MiniLM keys) in .bench/artifacts-<preset>; per task a reference
 table built from a seeded train sample through `raee-ops build-db`, then `raee_ops.evaluate` on a seeded
@@ -130,11 +131,8 @@ def bench_task(artifacts: Path, preset: str, data: Path, task: str, quick: bool)
     with timer() as took:
         report = evaluate(artifacts, task, str(work / "db"), task, [str(work / "test.parquet")], K)
     write_report(report, work / "report")
-    print(
-        f"[{preset}/{task}] {report['metric_name']}: full {report['full']['metric']:.3f}, "
-        f"fused {report['strategies']['fused']['metric']:.3f} in {took.s:.0f}s",
-        flush=True,
-    )
+    scores = ", ".join(f"{name} {b['metric']:.3f}" for name, b in report["baselines"].items())
+    print(f"[{preset}/{task}] {report['metric_name']}: {scores} in {took.s:.0f}s", flush=True)
     return task_row(report, source, reference.num_rows, took.s)
 
 
@@ -161,6 +159,13 @@ def task_row(report: dict[str, Any], source: str, reference_rows: int, seconds: 
             }
             for name, s in report["strategies"].items()
         },
+        "baselines": {
+            name: {**_scored(b), "mean_exit_layer": b["mean_exit_layer"]} for name, b in report["baselines"].items()
+        },
+        "probe_layer": report["per_layer_probe_metric"],
+        "head_layer": report["per_layer_metric"],
+        "probe_pooling": report["probes"]["pooling"],
+        "probe_best_layer": report["probes"]["best_layer"],
         "accuracy": {
             "full": report["full"]["accuracy"],
             "full_calibrated": report["full_calibrated"]["accuracy"],

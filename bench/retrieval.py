@@ -78,6 +78,8 @@ def _batch(rng: np.random.Generator, start: int, keys: np.ndarray, cluster: np.n
             _fixed_list(np.exp(np.take_along_axis(logprobs, label[:, None, None], -1)), NUM_LAYERS),
             _fixed_list(logprobs, NUM_LAYERS * NUM_LABELS),
             pa.array(first, mask=first == 0),
+            _fixed_list(correct, NUM_LAYERS),  # probe columns: shaped like the head's, their values do not matter here
+            _fixed_list(logprobs, NUM_LAYERS * NUM_LABELS),
         ],
         schema=schema,
     )

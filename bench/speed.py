@@ -2,7 +2,7 @@
 
 Methods: (a) hf-torch: the transformers model in PyTorch; (b) ort-whole: one whole-model ONNX graph;
 (c) segments: the exported segments chained through every layer; (d) every exit strategy: the in-process classify
-core with retrieval and early exits, each phase timed; (e) beam-full and beam-fused: `run_classify` on the
+core with retrieval and early exits, each phase timed; (e) beam-full and beam-<default>: `run_classify` on the
 same rows written to Parquet, pipeline start-up included. Every method gets the rows sorted by prompt length in
 batches of BATCH rows (the runtime's own order), so padding is the same for all and only the engine differs.
 """
@@ -32,6 +32,7 @@ from pipelines.build_db import run_build_db
 from pipelines.classify import run_classify
 from raee_ops import exit_policy
 from raee_ops.exit_policy import Context, Neighbours, resolve
+from raee_ops.readout import read_out
 from raee_ops.retrieval import Retriever
 from raee_ops.runtime import SUB_BATCH, SegmentRuntime, session_options
 from raee_ops.tasks import Task, get_task
@@ -44,7 +45,8 @@ REF_ROWS, QUICK_REF_ROWS = 1000, 200
 #: Threads of the single-session methods (torch, whole-model ORT); segments use the runtime's own setting.
 SINGLE_SESSION_THREADS = 2
 STRATEGIES = tuple(exit_policy.STRATEGIES)  # every strategy, the ones that lose included
-BEAM_STRATEGIES = ("full", "fused")  # the full model and the default, through the whole Beam pipeline
+#: The full model and the default, through the whole Beam pipeline.
+BEAM_STRATEGIES = ("full", exit_policy.DEFAULT_STRATEGY)
 #: Timed passes per method; the fastest is reported (other work on a shared machine can only slow a pass down).
 REPEATS = 2
 ATOL = 1e-3
@@ -202,7 +204,14 @@ class Core:
     def __init__(self, runtime: SegmentRuntime, retriever: Retriever, strategy: str, task: Task) -> None:
         self.runtime, self.retriever = runtime, retriever
         self.strategy = resolve(strategy, runtime.num_layers)
-        self.context = Context(runtime.num_layers, len(task.label_names), K, retriever.policy)
+        self.context = Context(
+            runtime.num_layers,
+            len(task.label_names),
+            K,
+            retriever.policy,
+            retriever.probes,
+            retriever.probe_policy,
+        )
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
         self.exits = np.zeros(0, np.int32)
 
@@ -222,10 +231,10 @@ class Core:
                 neighbours = self.retriever.search(keys, wanted)
             self.seconds["retrieval"] = t.s
         with timer() as t:
-            self.exits = strategy.exits(neighbours, ctx)
+            exits = strategy.exits(neighbours, ctx)
         self.seconds["exits"] = t.s
-        with timer() as t:
-            logits = rt.run_to_exit(TASK, rows.prompts, self.exits)
+        with timer() as t:  # probes included: a probe is read where a row leaves (and tested where it may stop)
+            logits, self.exits = read_out(rt, TASK, rows.prompts, exits, strategy, ctx)
         self.seconds["layers"] = t.s
         with timer() as t:
             probs = strategy.answer(logits, self.exits, neighbours, ctx)

@@ -9,23 +9,21 @@ leaves the table as it was. The next run removes a killed run's staging.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.commit import claim_work_dir, new_run_id
 from pipelines.inference import BuildHandler, Infer
 from pipelines.options import make_pipeline, run_pipeline, worker_settings
+from pipelines.reference import assemble
 from pipelines.sources import check_inputs, count_rows, expand_inputs, file_ids, read_validated, task_of, write_tables
 from raee_ops import storage
-from raee_ops.calibration import FusedPolicy, fit_fused_policy
+from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.faults import fault_point
-from raee_ops.metrics import task_metric
 from raee_ops.progress import phase
 from raee_ops.retrieval import (
     build_index,
@@ -36,9 +34,8 @@ from raee_ops.retrieval import (
     open_table,
     table_meta,
 )
-from raee_ops.tasks import Task
 from schemas.manifest import load_manifest
-from schemas.tables import ERRORS_SCHEMA, ID, POLICY_META_KEY, flat_values
+from schemas.tables import ERRORS_SCHEMA, FEATURES_SUFFIX, ID
 
 #: Examples of offending ids shown in a refusal.
 SHOWN_IDS = 5
@@ -56,6 +53,7 @@ class BuildSummary:
     policy: FusedPolicy | None = None
     search: str = "exact search"
     version: int | None = None
+    probes: list[str] = field(default_factory=list)
 
     def render(self) -> str:
         balance = "ok" if self.rows_in == self.written + self.rejected else "MISMATCH"
@@ -73,6 +71,7 @@ class BuildSummary:
                 f"(in = written + rejected: {balance})",
                 f"table rows: {self.table_rows} ({self.search}); table version {self.version}",
                 fitted,
+                *self.probes,
                 f"errors: {self.errors_dir}",
             ]
         )
@@ -178,25 +177,28 @@ def run_build_db(
             )
         if written == 0 and mode == "overwrite":
             refuse_overwrite_with_nothing(table, allow_empty)
-        data = (
-            pa.concat_tables([storage.read_parquet(s, schema=schema) for s in shards])
-            if shards
-            else schema.empty_table()
-        )
-        if mode == "append":  # the policy is fitted on the whole table, so append rewrites it in one commit
-            data = pa.concat_tables([open_table(db_uri, table, storage_options=store).to_arrow().cast(schema), data])
-        with phase(f"build-db: fitting the fused policy on {data.num_rows} rows"):
-            policy = fit_policy(data, task, manifest.num_layers)
-        policy_meta = {POLICY_META_KEY: json.dumps(policy.to_dict()).encode()} if policy else {}
+        previous = previous_rows(db_uri, table, store) if mode == "append" else (None, None)
+        with phase(f"build-db: fitting the probes and policies on {written} new rows"):
+            reference = assemble(shards, schema, task, meta, manifest.hidden_size, *previous)
         fault_point("commit:errors")
-        table_rows, indexed, version = commit(
-            db_uri, table, data.replace_schema_metadata(meta.encode() | policy_meta), store
-        )
+        table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store)
     if mode == "overwrite":
         old = storage.match(storage.join(errors_dir, "errors-*.parquet"))
         storage.delete([p for p in old if not storage.name(p).startswith(f"errors-{run_id}")])
     search = f"IVF_FLAT index, {index_partitions(table_rows)} partitions" if indexed else "exact search"
-    return BuildSummary(table, mode, rows_in, written, rejected, table_rows, errors_dir, policy, search, version)
+    return BuildSummary(
+        table,
+        mode,
+        rows_in,
+        written,
+        rejected,
+        table_rows,
+        errors_dir,
+        reference.policy,
+        search,
+        version,
+        reference.render(),
+    )
 
 
 def publish_errors(shards: list[str], errors_dir: str) -> None:
@@ -205,25 +207,33 @@ def publish_errors(shards: list[str], errors_dir: str) -> None:
     storage.rename((shard, storage.join(errors_dir, storage.name(shard))) for shard in shards)
 
 
-def fit_policy(data: pa.Table, task: Task, num_layers: int) -> FusedPolicy | None:
-    """The fused strategy's settings, fitted on the table's own rows only (leave-one-out, task metric)."""
-    num_labels = len(task.label_names)
-    if data.num_rows < 2:
-        return None
-    vectors = flat_values(data, "vector").reshape(data.num_rows, -1)
-    logprobs = flat_values(data, "layer_logprobs").reshape(data.num_rows, num_layers, num_labels)
-    labels = data.column("label").to_numpy().astype(np.int64)
-    return fit_fused_policy(vectors, labels, logprobs, num_labels, task_metric(task.name, num_labels)[0])
+def previous_rows(
+    db_uri: str, name: str, storage_options: dict[str, str] | None = None
+) -> tuple[pa.Table, pa.Table | None]:
+    """What append builds on: the table's rows and its probes' feature rows (None for tables built without)."""
+    try:
+        features = open_table(db_uri, name + FEATURES_SUFFIX, storage_options=storage_options).to_arrow()
+    except RaeeConfigError:
+        features = None
+    return open_table(db_uri, name, storage_options=storage_options).to_arrow(), features
 
 
 def commit(
-    db_uri: str, name: str, data: pa.Table, storage_options: dict[str, str] | None = None
+    db_uri: str,
+    name: str,
+    data: pa.Table,
+    features: pa.Table | None = None,
+    storage_options: dict[str, str] | None = None,
 ) -> tuple[int, bool, int]:
     """The run's table write, a whole new table version; a large table then gets its ANN index (a second version:
-    until it lands, searches scan exactly, so a failed index build leaves a correct table).
-    (rows, indexed, version)."""
+    until it lands, searches scan exactly, so a failed index build leaves a correct table). (rows, indexed,
+    version). The probes' feature rows are written first: the exit table never refers to feature rows that are not
+    there (a run failing in between leaves extra feature rows, which append ignores)."""
+    db = connect(db_uri, storage_options)
     with phase(f"build-db: committing {data.num_rows} rows to LanceDB"):
-        table = connect(db_uri, storage_options).create_table(name, data, schema=data.schema, mode="overwrite")
+        if features is not None:
+            db.create_table(name + FEATURES_SUFFIX, features, schema=features.schema, mode="overwrite")
+        table = db.create_table(name, data, schema=data.schema, mode="overwrite")
     fault_point("commit:table")
     indexed = build_index(table)
     return table.count_rows(), indexed, table.version

@@ -22,7 +22,15 @@ from pipelines.sources import check_inputs, count_rows, expand_inputs, read_vali
 from raee_ops import storage
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import resolve
-from raee_ops.retrieval import check_meta, expected_meta, open_table, table_policy
+from raee_ops.readout import describe
+from raee_ops.retrieval import (
+    check_meta,
+    check_table_probes,
+    expected_meta,
+    open_table,
+    table_policy,
+    table_probe_policy,
+)
 from raee_ops.rows import validated_schema
 from schemas.manifest import load_manifest
 from schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
@@ -124,14 +132,13 @@ def run_classify(
     embedder = meta.embedder if meta else "backbone"
     if embedder != "backbone" and embedder not in manifest.embedders:
         raise RaeeConfigError(f"table {table!r} was keyed with embedder {embedder!r}, not in {artifacts}")
-    check_meta(meta, expected_meta(manifest, task_name, embedder), f"table {table!r} in {db_uri}")
+    expected = expected_meta(manifest, task_name, embedder)
+    check_meta(meta, expected, f"table {table!r} in {db_uri}")
+    check_table_probes(open_table(db_uri, table), expected, chosen.needs_probes(), f"table {table!r} in {db_uri}")
     policy = table_policy(table_schema)
     if chosen.needs_policy and policy is None:
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
-    if chosen.needs_policy:
-        described = f"fitted on the table for {policy.metric}: {policy.settings()}"
-    else:
-        described = f"k={k}" if chosen.needs_retrieval else "no retrieval"
+    described = describe(chosen, policy, table_probe_policy(table_schema), k)
     files = expand_inputs(inputs)
     schema, rows_in = check_inputs(files, task, need_label=False)
     clash = [f.name for f in PREDICTION_FIELDS if f.name in schema.names]

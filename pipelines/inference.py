@@ -25,12 +25,13 @@ from raee_ops.calibration import log_softmax
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.faults import fault_point
 from raee_ops.progress import interactive
+from raee_ops.readout import answer_batch
 from raee_ops.retrieval import Retriever
 from raee_ops.rows import INTERNAL, ROW_ID, internal_errors
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import Task
 from schemas.manifest import Manifest
-from schemas.tables import LABEL, PREDICTION_FIELDS, TEXT, TEXT_PAIR, exit_table_schema
+from schemas.tables import FEATURES, LABEL, PREDICTION_FIELDS, TEXT, TEXT_PAIR, layer_rows_schema
 
 
 def _beam_inference_base():
@@ -185,7 +186,8 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
 
 
 class BuildHandler(_RaeeHandler):
-    """Labelled rows -> exit-table rows: the key and every layer's prediction, correctness and log-probs."""
+    """Labelled rows -> layer rows: the key, every layer's head prediction, correctness and log-probs, and every
+    layer's pooled hidden states (the probes' features; build-db's driver turns these into exit-table rows)."""
 
     command = "build-db"
 
@@ -194,14 +196,15 @@ class BuildHandler(_RaeeHandler):
 
     def schema(self, m: Manifest) -> pa.Schema:
         dim = m.hidden_size if self.embedder == "backbone" else m.embedders[self.embedder].dim
-        return exit_table_schema(dim, m.num_layers, len(self.task.label_names))
+        return layer_rows_schema(dim, m.num_layers, len(self.task.label_names), m.hidden_size)
 
     def empty(self, model: Loaded) -> pa.Table:
         return self.schema(model.runtime.manifest).empty_table()
 
     def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
         runtime = model.runtime
-        logprobs = log_softmax(runtime.all_layers(self.task.name, prompts)).transpose(1, 0, 2)  # B×L×C
+        logits, pooled = runtime.all_layers_pooled(self.task.name, prompts)
+        logprobs = log_softmax(logits).transpose(1, 0, 2)  # B×L×C
         labels = table.column(LABEL).to_numpy()
         pred = logprobs.argmax(axis=2)
         correct = pred == labels[:, None]
@@ -225,6 +228,7 @@ class BuildHandler(_RaeeHandler):
                     fixed(np.exp(np.take_along_axis(logprobs, labels[:, None, None], axis=2)), "layer_prob"),
                     fixed(logprobs.reshape(n, -1), "layer_logprobs"),
                     pa.array(first, pa.int32(), mask=first == 0),
+                    fixed(pooled.transpose(1, 0, 2, 3), FEATURES),
                 ],
                 schema=schema,
             )
@@ -260,7 +264,14 @@ class ClassifyHandler(_RaeeHandler):
         runtime = self._runtime()
         strategy = resolve(self.strategy, runtime.num_layers)
         retriever = Retriever(self.db_uri, self.table, self.version, self.storage_options)  # the driver's version
-        context = Context(runtime.num_layers, len(self.task.label_names), self.k, retriever.policy)
+        context = Context(
+            runtime.num_layers,
+            len(self.task.label_names),
+            self.k,
+            retriever.policy,
+            retriever.probes,
+            retriever.probe_policy,
+        )
         return Loaded(runtime, retriever, strategy, context)
 
     def empty(self, model: Loaded) -> pa.Table:
@@ -274,11 +285,9 @@ class ClassifyHandler(_RaeeHandler):
             if wanted
             else Neighbours.none(table.num_rows, context.num_layers, context.num_labels)
         )
-        exits = strategy.exits(neighbours, context)
+        probs, exits = answer_batch(runtime, self.task.name, prompts, strategy, neighbours, context)
         for layer, count in zip(*np.unique(exits, return_counts=True), strict=True):
             beam.metrics.Metrics.counter(NAMESPACE, f"exit_layer_{int(layer):03d}").inc(int(count))
-        logits = runtime.run_to_exit(self.task.name, prompts, exits)
-        probs = strategy.answer(logits, exits, neighbours, context)
         prediction = probs.argmax(axis=1)
         added = [
             pa.array(prediction, pa.int64()),

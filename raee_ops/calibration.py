@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -132,15 +133,13 @@ class FusedPolicy:
         return np.asarray(self.bias, np.float32)
 
 
-@dataclass(frozen=True)
-class _Trial:
+class Trial(NamedTuple):
+    """One setting's leave-one-out outcome."""
+
     score: float
     accuracy: float
     mean_exit: float
-    k: int
-    alpha: float
-    epsilon: float
-    tau: float | None
+    settings: Any
     pred: np.ndarray
 
 
@@ -151,7 +150,14 @@ def _standard_error(metric: Metric, truth: np.ndarray, pred: np.ndarray, num_lab
     return float(np.std([metric(truth[d], pred[d], num_labels) for d in draws]))
 
 
-def _loo_neighbours(vectors: np.ndarray, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+def one_se_choice(trials: list[Trial], metric: Metric, truth: np.ndarray, num_labels: int, seed: int) -> Trial:
+    """The cheapest trial (fewest layers) scoring within one bootstrap standard error of the best."""
+    best = max(trials, key=lambda t: t.score)
+    floor = best.score - _standard_error(metric, truth, best.pred, num_labels, seed)
+    return min((t for t in trials if t.score >= floor), key=lambda t: (t.mean_exit, -t.score))
+
+
+def loo_neighbours(vectors: np.ndarray, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
     """Q×depth nearest rows (and similarities, nearest first) of each query row, itself left out; exact, in
     chunks of queries so a million-row table needs a few hundred MB, not a Q×N matrix."""
     tops, sims_out = [], []
@@ -183,7 +189,7 @@ def fit_fused_policy(
     rng = np.random.default_rng(seed)
     queries = rng.choice(n, size=MAX_LOO_QUERIES, replace=False) if n > MAX_LOO_QUERIES else np.arange(n)
     ks = [k for k in K_GRID if k < n] or [max(n - 1, 1)]
-    top, top_sims = _loo_neighbours(vectors, queries, max(ks))
+    top, top_sims = loo_neighbours(vectors, queries, max(ks))
     correct = calibrated_correct(logprobs[top], labels[top], bias)
     own_logits = logprobs[queries] + bias  # Q×L×C, the query's own calibrated head at every layer
     truth = labels[queries]
@@ -201,19 +207,18 @@ def fit_fused_policy(
                 pred = np.where(by_vote[tau], vote.argmax(axis=1), fused[alpha])
                 cost = float(np.where(by_vote[tau], 0, exits).mean())
                 score = metric(truth, pred, num_labels)
-                trials.append(_Trial(score, accuracy(truth, pred), cost, k, alpha, epsilon, tau, pred))
-    best = max(trials, key=lambda t: t.score)
-    floor = best.score - _standard_error(metric, truth, best.pred, num_labels, seed)
-    chosen = min((t for t in trials if t.score >= floor), key=lambda t: (t.mean_exit, -t.score))
+                trials.append(Trial(score, accuracy(truth, pred), cost, (k, alpha, epsilon, tau), pred))
+    chosen = one_se_choice(trials, metric, truth, num_labels, seed)
+    k, alpha, epsilon, tau = chosen.settings
     return FusedPolicy(
-        k=chosen.k,
-        alpha=chosen.alpha,
-        epsilon=chosen.epsilon,
+        k=k,
+        alpha=alpha,
+        epsilon=epsilon,
         bias=bias.tolist(),
         loo_accuracy=chosen.accuracy,
         loo_mean_exit=chosen.mean_exit,
         loo_queries=len(queries),
-        tau=chosen.tau,
+        tau=tau,
         metric=metric_name,
         loo_metric=chosen.score,
     )

@@ -210,12 +210,14 @@ def build_db(
     default=10,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Neighbours for the paper's rules (raee*); fused uses the k fitted on the reference table.",
+    help="Neighbours for the paper's rules (raee*) and knn-vote; fused and probe-fused use the k fitted on the "
+    "reference table.",
 )
 @click.option(
     "--strategy",
     default=None,
-    help="Exit strategy: fused (default), raee (the paper's rule), raee-counts, raee-cal, full, full-cal or layer:N.",
+    help="Exit strategy: probe-fused (default), probe-conf, raee-probe, probe-best, probe-last, probe:N, key-lr, "
+    "knn-vote, fused, raee (the paper's rule), raee-counts, raee-cal, full, full-cal or layer:N.",
 )
 @max_rejected_option
 def classify(

@@ -26,16 +26,31 @@ from raee_ops.calibration import label_vote
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES, Context, Neighbours, Strategy, resolve
 from raee_ops.metrics import Metric, accuracy, task_metric
+from raee_ops.probe_policy import confident_exits
+from raee_ops.probes import ProbeSet
 from raee_ops.progress import Progress
-from raee_ops.retrieval import Retriever, check_meta, expected_meta, table_meta
+from raee_ops.retrieval import Retriever, check_meta, check_table_probes, expected_meta, table_meta
+from raee_ops.runtime import POOLINGS
 from raee_ops.tasks import Task
 from schemas.manifest import Manifest, load_manifest
-from schemas.tables import flat_values
+from schemas.tables import FEATURES, flat_values
 
 #: Rows per model call; small enough for the progress line to move every few seconds on CPU.
 CHUNK = 64
 #: Rejected rows shown in report.md (report.json lists them all).
 SHOWN_REJECTED = 20
+#: What a user would pick instead of (or as) the default, all fitted on the same reference rows: report name ->
+#: strategy. key-lr: logistic regression on the retrieval key; probe-best: the single layer chosen on reference.
+BASELINES = {
+    "key-lr": "key-lr",
+    "knn-vote": "knn-vote",
+    "probe-best": "probe-best",
+    "probe-last": "probe-last",
+    "full": "full",
+    "full-cal": "full-cal",
+    "raee": "raee",
+    "default": DEFAULT_STRATEGY,
+}
 
 
 def exported_task(manifest: Manifest, task: Task) -> str:
@@ -67,26 +82,54 @@ def _read_validated(inputs: list[str], task: Task) -> tuple[pa.Table, list[dict[
     return pa.concat_tables(valid), rejected
 
 
-def _run_layers(handler: BuildHandler, table: pa.Table) -> tuple[pa.Table, list[dict[str, str]]]:
-    """Exit-table rows (label, key, per-layer log-probs) for every row the model takes, in chunks."""
+def _run_layers(
+    handler: BuildHandler, table: pa.Table, probes: ProbeSet
+) -> tuple[pa.Table, np.ndarray, list[dict[str, str]]]:
+    """Layer rows (label, key, per-layer head log-probs) for every row the model takes, every layer's probe log-probs
+    L×N×C, and the rejected rows; in chunks, the pooled states of one chunk at a time."""
     model = handler.load_model()
-    rows, rejected, progress = [], [], Progress("evaluate", table.num_rows)
+    rows, probe_lp, rejected, progress = [], [], [], Progress("evaluate", table.num_rows)
+    num_layers, hidden = len(probes.layers), model.runtime.manifest.hidden_size
     for offset in range(0, table.num_rows, CHUNK):
         outcome = handler.run_inference([table.slice(offset, CHUNK)], model)[0]
-        rows.append(outcome.rows)
+        n = outcome.rows.num_rows
+        pooled = flat_values(outcome.rows, FEATURES).reshape(n, num_layers, len(POOLINGS), hidden)
+        probe_lp.append(probes.every_layer(pooled.transpose(1, 0, 2, 3)))
+        rows.append(outcome.rows.drop_columns([FEATURES]))
         rejected += outcome.errors.to_pylist()
         progress.advance(min(CHUNK, table.num_rows - offset))
-    return pa.concat_tables(rows) if rows else handler.empty(model), rejected
+    if not rows:
+        return (
+            handler.empty(model).drop_columns([FEATURES]),
+            np.zeros((num_layers, 0, probes.key.bias.shape[0])),
+            rejected,
+        )
+    return pa.concat_tables(rows), np.concatenate(probe_lp, axis=1), rejected
 
 
 def _scores(labels: np.ndarray, pred: np.ndarray, metric: Metric, num_labels: int) -> dict[str, float]:
     return {"accuracy": accuracy(labels, pred), "metric": metric(labels, pred, num_labels)}
 
 
+def _brief(report: dict[str, Any]) -> dict[str, float]:
+    keys = ("accuracy", "metric", "mean_exit_layer", "retrieval_only_share")
+    return {key: report[key] for key in keys}
+
+
 def _strategy_report(
-    strategy: Strategy, logprobs: np.ndarray, labels: np.ndarray, nb: Neighbours, ctx: Context, metric: Metric
+    strategy: Strategy,
+    logprobs: np.ndarray,
+    probe_lp: np.ndarray,
+    labels: np.ndarray,
+    nb: Neighbours,
+    ctx: Context,
+    metric: Metric,
 ) -> dict[str, Any]:
+    """One strategy scored from every layer's head (or probe) log-probs L×N×C, as classify would run it."""
     exits = strategy.exits(nb, ctx)
+    if strategy.reads == "probe":
+        logprobs = probe_lp
+        exits = confident_exits(np.exp(probe_lp.max(axis=2)).T, exits, strategy.threshold(ctx))
     # exit 0 runs no layer: its logits are zeros, as run_to_exit returns them
     at_exit = np.where((exits > 0)[:, None], logprobs[np.maximum(exits, 1) - 1, np.arange(len(labels))], 0.0)
     pred = strategy.answer(at_exit, exits, nb, ctx).argmax(axis=1)
@@ -120,15 +163,17 @@ def evaluate(
     chosen = [resolve(name, num_layers) for name in strategies or list(STRATEGIES)]
     meta = table_meta(db_uri, table, settings.db_storage_options)
     embedder = meta.embedder if meta else "backbone"
-    check_meta(meta, expected_meta(manifest, task_name, embedder), f"table {table!r} in {db_uri}")
+    expected = expected_meta(manifest, task_name, embedder)
+    check_meta(meta, expected, f"table {table!r} in {db_uri}")
     retriever = Retriever(db_uri, table, storage_options=settings.db_storage_options)
-    if retriever.policy is None:
+    check_table_probes(retriever.table, expected, True, f"table {table!r} in {db_uri}")
+    if retriever.policy is None or retriever.probes is None or retriever.probe_policy is None:
         raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
-    policy = retriever.policy
+    policy, probes = retriever.policy, retriever.probes
 
     valid, rejected = _read_validated(inputs, task)
     handler = BuildHandler(str(artifacts), task, embedder, **settings.runtime())
-    rows, failed = _run_layers(handler, valid)
+    rows, probe_lp, failed = _run_layers(handler, valid, probes)
     rejected += failed
     if rows.num_rows == 0:
         raise RaeeConfigError(f"nothing to evaluate: all {len(rejected)} rows of {', '.join(inputs)} were rejected")
@@ -136,8 +181,8 @@ def evaluate(
     logprobs = flat_values(rows, "layer_logprobs").reshape(rows.num_rows, num_layers, num_labels).transpose(1, 0, 2)
     keys = flat_values(rows, "vector").reshape(rows.num_rows, -1)
 
-    ctx = Context(num_layers, num_labels, k, policy)
-    nb = retriever.search(keys, max(k, policy.k))
+    ctx = Context(num_layers, num_labels, k, policy, probes, retriever.probe_policy)
+    nb = retriever.search(keys, max(k, policy.k, retriever.probe_policy.k))
     metric_name, metric = task_metric(task_name, num_labels)
     layer_pred = logprobs.argmax(axis=2)  # L×N
     per_layer = [_scores(labels, pred, metric, num_labels) for pred in layer_pred]
@@ -146,7 +191,15 @@ def evaluate(
     oracle = _scores(labels, np.where(any_right, labels, layer_pred[-1]), metric, num_labels)
     vote = nb.top(policy.k)
     vote_pred = label_vote(vote.labels, vote.similarity, num_labels).argmax(axis=1)
-    calibrated = _strategy_report(STRATEGIES["full-cal"], logprobs, labels, nb, ctx, metric)
+    calibrated = _strategy_report(STRATEGIES["full-cal"], logprobs, probe_lp, labels, nb, ctx, metric)
+    probe_layers = [_scores(labels, pred, metric, num_labels) for pred in probe_lp.argmax(axis=2)]
+    reports = {s.name: _strategy_report(s, logprobs, probe_lp, labels, nb, ctx, metric) for s in chosen}
+    for strategy in BASELINES.values():
+        if strategy not in reports:
+            reports[strategy] = _strategy_report(
+                resolve(strategy, num_layers), logprobs, probe_lp, labels, nb, ctx, metric
+            )
+    baselines = {name: _brief(reports[strategy]) for name, strategy in BASELINES.items()}
 
     return {
         "task": task_name,
@@ -169,8 +222,19 @@ def evaluate(
         "full_calibrated": {"accuracy": calibrated["accuracy"], "metric": calibrated["metric"]},
         "neighbour_vote": {**_scores(labels, vote_pred, metric, num_labels), "k": vote.labels.shape[1]},
         "default_strategy": DEFAULT_STRATEGY,
-        "strategies": {s.name: _strategy_report(s, logprobs, labels, nb, ctx, metric) for s in chosen},
+        "strategies": {s.name: reports[s.name] for s in chosen},
+        "baselines": baselines,
+        "per_layer_probe_accuracy": [s["accuracy"] for s in probe_layers],
+        "per_layer_probe_metric": [s["metric"] for s in probe_layers],
+        "probes": {
+            "pooling": probes.pooling,
+            "fit_rows": probes.fit_rows,
+            "best_layer": probes.best_layer,
+            "reference_oof_metric": probes.oof_metric,
+            "key_reference_oof_metric": probes.key_oof_metric,
+        },
         "policy": {name: value for name, value in policy.to_dict().items() if name != "bias"},
+        "probe_policy": retriever.probe_policy.to_dict(),
         "k": k,
     }
 
@@ -223,6 +287,18 @@ def render_markdown(r: dict[str, Any]) -> str:
             [f"neighbour vote (k={vote['k']}, no layers)", vote["accuracy"], vote["metric"]],
         ],
     )
+    lines += ["## Against what a user would pick instead", ""]
+    lines += [
+        "All fitted on the same reference rows. key-lr: logistic regression on the retrieval key; knn-vote: the "
+        "neighbours' label vote; probe-best: the probe of the one layer that scored best out of fold on the "
+        "reference; probe-last: the last layer's probe; full / full-cal: the zero-shot label-word head; default: "
+        f"`{r['default_strategy']}`.",
+        "",
+    ]
+    lines += _table(
+        ["baseline", "accuracy", name, "mean layers"],
+        [[b, v["accuracy"], v["metric"], v["mean_exit_layer"]] for b, v in r["baselines"].items()],
+    )
     lines += ["## Strategies", ""]
     lines += _table(
         ["strategy", "accuracy", name, "mean exit layer", "ideal speed-up", "exits per layer (0..L)"],
@@ -238,12 +314,38 @@ def render_markdown(r: dict[str, Any]) -> str:
             for s, v in r["strategies"].items()
         ],
     )
-    lines += ["## Per layer", ""]
+    p = r["probes"]
+    lines += [
+        "## Per layer",
+        "",
+        f"The label-word head and the probe head ({p['pooling']} pooling, fitted on {p['fit_rows']} reference rows; "
+        f"reference out-of-fold {name} in the last column).",
+        "",
+    ]
     lines += _table(
-        ["layer", "accuracy", name],
-        [[i + 1, a, m] for i, (a, m) in enumerate(zip(r["per_layer_accuracy"], r["per_layer_metric"], strict=True))],
+        ["layer", "head accuracy", f"head {name}", "probe accuracy", f"probe {name}", f"probe reference {name}"],
+        [
+            [i + 1, *values]
+            for i, values in enumerate(
+                zip(
+                    r["per_layer_accuracy"],
+                    r["per_layer_metric"],
+                    r["per_layer_probe_accuracy"],
+                    r["per_layer_probe_metric"],
+                    p["reference_oof_metric"],
+                    strict=True,
+                )
+            )
+        ],
     )
-    lines += ["## Table policy (fitted by build-db)", "", json.dumps(r["policy"]), ""]
+    lines += [
+        "## Table policies (fitted by build-db)",
+        "",
+        json.dumps(r["policy"]),
+        "",
+        json.dumps(r["probe_policy"]),
+        "",
+    ]
     if r["rejected_rows"]:
         lines += [f"## Rejected rows (first {min(SHOWN_REJECTED, r['rejected'])} of {r['rejected']})", ""]
         lines += _table(["id", "reason"], [[e["id"], e["reason"]] for e in r["rejected_rows"][:SHOWN_REJECTED]])
@@ -251,7 +353,8 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 
 def plot(r: dict[str, Any], path: io.BytesIO) -> None:
-    """Accuracy by layer with each strategy at its mean exit layer, and where each strategy exits."""
+    """Accuracy by layer (label-word head and probe) with each baseline at its mean layers run, and where each
+    strategy exits."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,15 +363,14 @@ def plot(r: dict[str, Any], path: io.BytesIO) -> None:
     layers = np.arange(1, r["num_layers"] + 1)
     exit_layers = np.arange(0, r["num_layers"] + 1)
     fig, (curve, hist) = plt.subplots(1, 2, figsize=(13, 4.5))
-    curve.plot(layers, r["per_layer_accuracy"], "o-", color="black", label="layer alone")
-    curve.axhline(r["full"]["accuracy"], color="grey", linestyle="--", label="full")
-    curve.axhline(r["full_calibrated"]["accuracy"], color="grey", linestyle=":", label="full calibrated")
+    curve.plot(layers, r["per_layer_accuracy"], "o-", color="black", label="label-word head by layer")
+    curve.plot(layers, r["per_layer_probe_accuracy"], "s-", color="tab:blue", label="probe head by layer")
+    for i, (name, b) in enumerate(r["baselines"].items()):
+        curve.plot(b["mean_exit_layer"], b["accuracy"], "D", markersize=8, color=f"C{i}", mfc="none", label=name)
     width = 0.8 / max(len(r["strategies"]), 1)
     for i, (name, s) in enumerate(r["strategies"].items()):
-        color = f"C{i}"
-        curve.plot(s["mean_exit_layer"], s["accuracy"], "*", markersize=12, color=color, label=name)
-        hist.bar(exit_layers - 0.4 + (i + 0.5) * width, s["exit_histogram"], width, color=color, label=name)
-    curve.set(xlabel="layer", ylabel="accuracy", title=f"{r['task']}: accuracy by exit layer")
+        hist.bar(exit_layers - 0.4 + (i + 0.5) * width, s["exit_histogram"], width, color=f"C{i}", label=name)
+    curve.set(xlabel="layer (mean layers run)", ylabel="accuracy", title=f"{r['task']}: accuracy against layers")
     hist.set(xlabel="exit layer (0: retrieval only)", ylabel="rows", title="exit layers per strategy")
     curve.legend(fontsize=7)
     hist.legend(fontsize=7)

@@ -1,11 +1,14 @@
 """Exit strategies: what retrieval found -> one 1-based exit layer per input, and how to answer there.
 
-Exit 0 means the row is answered from retrieval alone and runs no layer (only `fused` does this).
+Exit 0 means the row is answered from retrieval alone and runs no layer (`fused`, `probe-fused`, and the baselines
+`key-lr` and `knn-vote` that never run one).
 
 A strategy is two small functions: `exits` picks the layer before any layer runs (from the neighbours only),
-`answer` turns the head's logits at that layer into label probabilities (optionally with the neighbours).
-Each strategy is one entry in `STRATEGIES`; `layer:N` is parsed by `resolve`. Strategies never run the model,
-so they are tested on hand-made arrays. The paper's rule stays unchanged as `raee`.
+`answer` turns what is read at that layer into label probabilities (optionally with the neighbours). It reads
+either the label-word head (`reads="head"`) or the layer's probe head (`reads="probe"`, raee_ops.probes); a
+`stop` threshold lets a row leave before its exit where its probe is that confident. Each strategy is one entry
+in `STRATEGIES`; `layer:N` and `probe:N` are parsed by `resolve`. Strategies never run the model, so they are
+tested on hand-made arrays. The paper's rule stays unchanged as `raee`.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from raee_ops.calibration import (
     softmax,
 )
 from raee_ops.errors import RaeeConfigError
+from raee_ops.probe_policy import ProbePolicy, mix
+from raee_ops.probes import ProbeSet
 
-DEFAULT_STRATEGY = "fused"
+DEFAULT_STRATEGY = "probe-fused"
 
 
 @dataclass(frozen=True)
@@ -39,9 +44,29 @@ class Neighbours:
     similarity: np.ndarray  # B×k cosine similarity
     labels: np.ndarray  # B×k int
     logprobs: np.ndarray  # B×k×L×C
+    probe_correct: np.ndarray | None = None  # B×k×L bool, the probes' out-of-fold answers (tables with probes)
+    key_logprobs: np.ndarray | None = None  # B×C, the key probe on the B inputs' own keys (tables with probes)
 
     def top(self, k: int) -> Neighbours:
-        return Neighbours(self.correct[:, :k], self.similarity[:, :k], self.labels[:, :k], self.logprobs[:, :k])
+        probe = None if self.probe_correct is None else self.probe_correct[:, :k]
+        return Neighbours(
+            self.correct[:, :k],
+            self.similarity[:, :k],
+            self.labels[:, :k],
+            self.logprobs[:, :k],
+            probe,
+            self.key_logprobs,
+        )
+
+    def probe(self) -> np.ndarray:
+        if self.probe_correct is None:
+            raise RaeeConfigError("this table has no probe answers: rebuild it with this version's build-db")
+        return self.probe_correct
+
+    def key_probs(self) -> np.ndarray:
+        if self.key_logprobs is None:
+            raise RaeeConfigError("this table has no key probe: rebuild it with this version's build-db")
+        return np.exp(self.key_logprobs)
 
     @classmethod
     def none(cls, rows: int, num_layers: int, num_labels: int) -> Neighbours:
@@ -59,11 +84,23 @@ class Context:
     num_labels: int
     k: int  # neighbours for the paper's rules (--k)
     policy: FusedPolicy | None = None  # fitted on the reference table by build-db
+    probes: ProbeSet | None = None  # idem
+    probe_policy: ProbePolicy | None = None  # idem
 
     def fitted(self) -> FusedPolicy:
         if self.policy is None:
             raise RaeeConfigError("this table has no fitted policy: rebuild it with this version's build-db")
         return self.policy
+
+    def fitted_probes(self) -> ProbeSet:
+        if self.probes is None:
+            raise RaeeConfigError("this table has no probe heads: rebuild it with this version's build-db")
+        return self.probes
+
+    def fitted_probe_policy(self) -> ProbePolicy:
+        if self.probe_policy is None:
+            raise RaeeConfigError("this table has no probe policy: rebuild it with this version's build-db")
+        return self.probe_policy
 
 
 ExitFn = Callable[[Neighbours, Context], np.ndarray]
@@ -117,6 +154,35 @@ def fused_exit(nb: Neighbours, ctx: Context) -> np.ndarray:
     return np.where(retrieval_only(vote, policy.tau), 0, exits).astype(np.int32)
 
 
+def raee_probe(nb: Neighbours, ctx: Context) -> np.ndarray:
+    """The paper's rule on the probes' out-of-fold correctness instead of the label-word head's."""
+    return _argmax_exit(_votes(nb.top(ctx.k).probe(), ctx.num_layers, normalize=True))
+
+
+def probe_fused_exit(nb: Neighbours, ctx: Context) -> np.ndarray:
+    """0 where the key probe mixed with the neighbours' label vote is tau confident, else the earliest layer whose
+    similarity-weighted out-of-fold probe accuracy among the neighbours is within epsilon of their best layer's."""
+    policy = ctx.fitted_probe_policy()
+    top = nb.top(policy.k)
+    if top.labels.shape[1] == 0:
+        return np.full(len(top.labels), ctx.num_layers, np.int32)
+    exits = earliest_within(neighbour_accuracy(top.probe(), top.similarity), policy.epsilon)
+    if policy.tau is None:
+        return exits
+    zero = mix(nb.key_probs(), label_vote(top.labels, top.similarity, ctx.num_labels), policy.beta)
+    return np.where(zero.max(axis=1) >= policy.tau - 1e-9, 0, exits).astype(np.int32)
+
+
+def none(nb: Neighbours, ctx: Context) -> np.ndarray:
+    """Exit 0 for every row: baselines answered without the backbone."""
+    return np.zeros(len(nb.correct), np.int32)
+
+
+def best_probe_layer(nb: Neighbours, ctx: Context) -> np.ndarray:
+    """The single layer whose probe scored best out of fold on the reference (chosen by build-db)."""
+    return np.full(len(nb.correct), ctx.fitted_probes().best_layer, np.int32)
+
+
 def full(nb: Neighbours, ctx: Context) -> np.ndarray:
     """No early exit: the last layer, the baseline RAEE is compared against."""
     return np.full(len(nb.correct), ctx.num_layers, dtype=np.int32)
@@ -149,6 +215,45 @@ def fused_answer(logits: np.ndarray, exits: np.ndarray, nb: Neighbours, ctx: Con
     return np.where((exits == 0)[:, None], vote, fuse(calibrated, vote, policy.alpha))
 
 
+def probe_fused_answer(logits: np.ndarray, exits: np.ndarray, nb: Neighbours, ctx: Context) -> np.ndarray:
+    """The exit layer's probe mixed with the neighbours' vote (weight alpha); rows that ran no layer answer with
+    the key probe mixed with the vote (weight beta)."""
+    policy = ctx.fitted_probe_policy()
+    top = nb.top(policy.k)
+    if top.labels.shape[1] == 0:
+        return softmax(logits)
+    vote = label_vote(top.labels, top.similarity, ctx.num_labels)
+    at_zero = mix(nb.key_probs(), vote, policy.beta)
+    return np.where((exits == 0)[:, None], at_zero, mix(softmax(logits), vote, policy.alpha))
+
+
+def key_answer(logits: np.ndarray, exits: np.ndarray, nb: Neighbours, ctx: Context) -> np.ndarray:
+    """`key-lr`: the key probe (logistic regression on the retrieval key) alone."""
+    return nb.key_probs()
+
+
+def vote_answer(logits: np.ndarray, exits: np.ndarray, nb: Neighbours, ctx: Context) -> np.ndarray:
+    """`knn-vote`: the k nearest reference rows' similarity-weighted label vote alone."""
+    top = nb.top(ctx.k)
+    return label_vote(top.labels, top.similarity, ctx.num_labels)
+
+
+def _policy_k(ctx: Context) -> int:
+    return ctx.fitted().k
+
+
+def _probe_policy_k(ctx: Context) -> int:
+    return ctx.fitted_probe_policy().k
+
+
+def _conf_t(ctx: Context) -> float | None:
+    return ctx.fitted_probe_policy().conf_t
+
+
+def _fused_t(ctx: Context) -> float | None:
+    return ctx.fitted_probe_policy().t
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str
@@ -156,12 +261,22 @@ class Strategy:
     answer: AnswerFn = head_answer
     needs_retrieval: bool = True
     needs_policy: bool = False
+    reads: str = "head"  # "head": the label-word head at the exit layer; "probe": that layer's probe head
+    k: Callable[[Context], int] | None = None  # neighbours to fetch; None: --k
+    stop: Callable[[Context], float | None] | None = None  # probe confidence at which a row leaves early
+    needs_probe_policy: bool = False
 
     def neighbours(self, ctx: Context) -> int:
         """How many neighbours to fetch for this strategy."""
         if not self.needs_retrieval:
             return 0
-        return ctx.fitted().k if self.needs_policy else ctx.k
+        return self.k(ctx) if self.k else ctx.k
+
+    def threshold(self, ctx: Context) -> float | None:
+        return self.stop(ctx) if self.stop else None
+
+    def needs_probes(self) -> bool:
+        return self.reads == "probe" or self.answer is key_answer
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -171,8 +286,23 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("raee-counts", raee_counts),
         Strategy("full", full, needs_retrieval=False),
         Strategy("full-cal", full, calibrated_answer, needs_retrieval=False, needs_policy=True),
-        Strategy("raee-cal", raee_calibrated, calibrated_answer, needs_policy=True),
-        Strategy("fused", fused_exit, fused_answer, needs_policy=True),
+        Strategy("raee-cal", raee_calibrated, calibrated_answer, needs_policy=True, k=_policy_k),
+        Strategy("fused", fused_exit, fused_answer, needs_policy=True, k=_policy_k),
+        Strategy("raee-probe", raee_probe, reads="probe"),
+        Strategy("probe-best", best_probe_layer, needs_retrieval=False, reads="probe"),
+        Strategy("probe-last", full, needs_retrieval=False, reads="probe"),
+        Strategy("probe-conf", full, needs_retrieval=False, reads="probe", stop=_conf_t, needs_probe_policy=True),
+        Strategy(
+            "probe-fused",
+            probe_fused_exit,
+            probe_fused_answer,
+            reads="probe",
+            k=_probe_policy_k,
+            stop=_fused_t,
+            needs_probe_policy=True,
+        ),
+        Strategy("key-lr", none, key_answer, k=lambda ctx: 1),
+        Strategy("knn-vote", none, vote_answer),
     ]
 }
 
@@ -181,11 +311,12 @@ def resolve(name: str | None, num_layers: int) -> Strategy:
     """A strategy by name (None: the default), `layer:N` (1-based) included; unknown names are run-level
     errors."""
     name = name or DEFAULT_STRATEGY
-    if name.startswith("layer:"):
-        raw = name.split(":", 1)[1]
+    if name.startswith(("layer:", "probe:")):
+        kind, raw = name.split(":", 1)
         if not raw.isdigit() or not 1 <= int(raw) <= num_layers:
             raise RaeeConfigError(f"strategy {name!r}: N must be an integer in 1..{num_layers}")
-        return Strategy(name, partial(fixed_layer, int(raw)), needs_retrieval=False)
+        reads = "head" if kind == "layer" else "probe"
+        return Strategy(name, partial(fixed_layer, int(raw)), needs_retrieval=False, reads=reads)
     if name not in STRATEGIES:
-        raise RaeeConfigError(f"unknown strategy {name!r}; choose {', '.join(STRATEGIES)} or layer:N")
+        raise RaeeConfigError(f"unknown strategy {name!r}; choose {', '.join(STRATEGIES)}, layer:N or probe:N")
     return STRATEGIES[name]

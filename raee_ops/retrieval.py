@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lancedb
@@ -18,9 +18,11 @@ from lancedb.index import IvfFlat
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import Neighbours
+from raee_ops.probe_policy import ProbePolicy
+from raee_ops.probes import ProbeSet, check_probes
 from raee_ops.progress import phase
 from schemas.manifest import Manifest
-from schemas.tables import POLICY_META_KEY, TableMeta, flat_values
+from schemas.tables import POLICY_META_KEY, PROBE_POLICY_META_KEY, PROBES_META_KEY, TableMeta, flat_values
 
 #: From this many rows build-db gives the table an IVF_FLAT index and searches probe it; below, every search is an
 #: exact scan (bench/RESULTS.md, retrieval: at 100k rows the index is ~5× faster batched at recall 0.99).
@@ -124,6 +126,9 @@ class Retriever:
         self.meta = TableMeta.decode(self.table.schema)
         self.rows = self.table.count_rows()
         self.policy = table_policy(self.table.schema)
+        self.probes = table_probes(self.table.schema)
+        self.probe_policy = table_probe_policy(self.table.schema)
+        self.has_probe_answers = "probe_correct" in self.table.schema.names
         indexed = self.rows >= INDEX_MIN_ROWS and any(i.columns == ["vector"] for i in self.table.list_indices())
         self.nprobes = max(1, round(index_partitions(self.rows) * PROBE_SHARE)) if indexed else None
 
@@ -138,13 +143,40 @@ class Retriever:
             .limit(k)
         )
         query = query.bypass_vector_index() if self.nprobes is None else query.nprobes(self.nprobes)
-        hits = query.select(["label", "layer_correct", "layer_logprobs", "_distance"]).to_arrow()
-        return _group(hits, len(vectors), k, num_layers, num_labels)
+        columns = ["label", "layer_correct", "layer_logprobs", "_distance"]
+        hits = query.select(columns + ["probe_correct"] * self.has_probe_answers).to_arrow()
+        found = _group(hits, len(vectors), k, num_layers, num_labels)
+        if self.probes is None:
+            return found
+        return replace(found, key_logprobs=self.probes.key.log_probs(vectors))
 
 
 def table_policy(schema: pa.Schema) -> FusedPolicy | None:
     raw = (schema.metadata or {}).get(POLICY_META_KEY)
     return FusedPolicy(**json.loads(raw)) if raw else None
+
+
+def table_probes(schema: pa.Schema) -> ProbeSet | None:
+    raw = (schema.metadata or {}).get(PROBES_META_KEY)
+    return ProbeSet.from_json(raw) if raw else None
+
+
+def table_probe_policy(schema: pa.Schema) -> ProbePolicy | None:
+    raw = (schema.metadata or {}).get(PROBE_POLICY_META_KEY)
+    return ProbePolicy(**json.loads(raw)) if raw else None
+
+
+def probe_identity(meta: TableMeta, rows: int) -> dict:
+    """What a table's probes must have been fitted for: its artifacts, task, embedder, depth, labels and rows."""
+    return asdict(meta) | {"rows": rows}
+
+
+def check_table_probes(table: lancedb.table.Table, expected: TableMeta, needed: bool, where: str) -> None:
+    """Refuse probes fitted for another table or artifacts whenever a table has them, and a table without them
+    when the strategy reads them."""
+    probes = table_probes(table.schema)
+    if probes is not None or needed:
+        check_probes(probes, probe_identity(expected, table.count_rows()), where)
 
 
 def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels: int) -> Neighbours:
@@ -153,6 +185,9 @@ def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels
     if "query_index" not in hits.column_names:  # a single query comes back without it
         hits = hits.append_column("query_index", pa.array(np.zeros(hits.num_rows, np.int32)))
     hits = hits.sort_by([("query_index", "ascending"), ("_distance", "ascending")])
+    probe = None
+    if "probe_correct" in hits.column_names:
+        probe = flat_values(hits, "probe_correct").reshape(num_queries, k, num_layers).astype(bool)
     query = hits.column("query_index").to_numpy()
     if not np.array_equal(np.bincount(query, minlength=num_queries), np.full(num_queries, k)):
         raise RuntimeError("LanceDB returned a different number of neighbours than asked for")
@@ -160,4 +195,4 @@ def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels
     logprobs = flat_values(hits, "layer_logprobs").reshape(num_queries, k, num_layers, num_labels)
     labels = hits.column("label").to_numpy().reshape(num_queries, k).astype(np.int64)
     similarity = 1.0 - hits.column("_distance").to_numpy().reshape(num_queries, k)
-    return Neighbours(correct, similarity.astype(np.float32), labels, logprobs)
+    return Neighbours(correct, similarity.astype(np.float32), labels, logprobs, probe)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -75,6 +76,31 @@ def readout_positions(ids: np.ndarray, lengths: np.ndarray, readout: str, mask_t
     if not hits.any(axis=1).all():
         raise ValueError("a prompt has no mask token to read out")
     return ids.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)
+
+
+#: How a layer's hidden states become one vector per row, in the order pooled arrays hold them: the mean over the
+#: prompt's real tokens, and the readout token (where the label-word head reads).
+POOLINGS = ("mean", "readout")
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """B×POOLINGS×H: masked mean over tokens and the readout token of B×T×H hidden states, in float16 (what build-db
+    stages and stores, so the probes see at classify time exactly what they were fitted and scored on)."""
+    m = mask[..., None].astype(hidden.dtype)
+    mean = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
+    return np.stack([mean, hidden[np.arange(len(hidden)), pos]], axis=1).astype(np.float16)
+
+
+class Readout(NamedTuple):
+    """What run_to_exit_pooled reads out per row: head logits B×C, pooled states B×POOLINGS×H at the layer the
+    row left at, and that layer (1-based; 0 for rows not run)."""
+
+    logits: np.ndarray
+    pooled: np.ndarray
+    exits: np.ndarray
+
+
+StopFn = Callable[[int, np.ndarray], np.ndarray]
 
 
 class PromptTooLong(ValueError):
@@ -172,8 +198,15 @@ class SegmentRuntime:
             yield rows, ids, lengths
 
     def all_layers(self, task: str, prompts: Sequence[str]) -> np.ndarray:
-        """Head logits after every layer, L×B×C (build-db's exit information)."""
-        out: np.ndarray | None = None
+        """Head logits after every layer, L×B×C."""
+        return self.all_layers_pooled(task, prompts)[0]
+
+    def all_layers_pooled(self, task: str, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Head logits after every layer, L×B×C, and every layer's pooled hidden states, L×B×POOLINGS×H in
+        float16 (build-db's exit information and its probes' features, from one pass)."""
+        width = len(self.manifest.task(task).label_names)
+        out = np.zeros((self.num_layers, len(prompts), width), np.float32)
+        pooled = np.zeros((self.num_layers, len(prompts), len(POOLINGS), self.manifest.hidden_size), np.float16)
         for rows, ids, lengths in self._sub_batches(prompts):
             mask = self.mask_of(lengths, ids.shape[1])
             pos = self.readout_positions(ids, lengths)
@@ -181,49 +214,55 @@ class SegmentRuntime:
             picked = np.arange(len(rows))
             for layer in range(self.num_layers):
                 hidden = self.run_layer(layer, hidden, mask)
-                logits = self.head(task, hidden[picked, pos])
-                if out is None:
-                    out = np.zeros((self.num_layers, len(prompts), logits.shape[1]), np.float32)
-                out[layer, rows] = logits
-        if out is None:
-            return np.zeros((self.num_layers, 0, len(self.manifest.task(task).label_names)), np.float32)
-        return out
+                out[layer, rows] = self.head(task, hidden[picked, pos])
+                pooled[layer, rows] = pool(hidden, mask, pos)
+        return out, pooled
 
     def run_to_exit(self, task: str, prompts: Sequence[str], exit_layers: np.ndarray) -> np.ndarray:
-        """Logits B×C, each row read out at its own 1-based exit layer, never running a row past it; rows with
-        exit 0 are not run at all (their logits are 0).
+        """Logits B×C, each row read out at its own 1-based exit layer (0: not run, logits 0)."""
+        return self.run_to_exit_pooled(task, prompts, exit_layers).logits
 
-        Active-set compaction: inside a sub-batch rows are ordered by exit layer, latest first; after each
-        layer the rows exiting there are read out and dropped (a prefix slice), and the columns are trimmed
-        to the longest remaining row, so work is proportional to the sum of exit layers.
+    def run_to_exit_pooled(
+        self, task: str, prompts: Sequence[str], exit_layers: np.ndarray, stop: StopFn | None = None
+    ) -> Readout:
+        """Each row read out at its own 1-based exit layer, never running a row past it; rows with exit 0 are
+        not run at all (logits and pooled states 0). `stop(layer, pooled A×POOLINGS×H)` may let rows leave
+        earlier (a probe confident enough); the layers rows actually left at come back in `exits`.
+
+        Active-set compaction: after each layer the rows leaving there are read out and dropped, and the columns
+        are trimmed to the longest remaining row, so work is proportional to the sum of exit layers.
         """
         exit_layers = np.asarray(exit_layers, dtype=np.int64)
         if len(exit_layers) and not ((exit_layers >= 0) & (exit_layers <= self.num_layers)).all():
             raise ValueError(f"exit layers must be in 0..{self.num_layers}")
         out = np.zeros((len(prompts), len(self.manifest.task(task).label_names)), np.float32)
-        running = np.flatnonzero(exit_layers > 0)  # exit 0: answered without the backbone, logits stay 0
+        pooled_out = np.zeros((len(prompts), len(POOLINGS), self.manifest.hidden_size), np.float16)
+        left_at = np.zeros(len(prompts), np.int32)
+        running = np.flatnonzero(exit_layers > 0)  # exit 0: answered without the backbone
         for rows, ids, lengths in self._sub_batches([prompts[i] for i in running]):
             rows = running[rows]
-            order = np.argsort(-exit_layers[rows], kind="stable")
-            rows, ids, lengths = rows[order], ids[order], lengths[order]
             exits = exit_layers[rows]
             pos = self.readout_positions(ids, lengths)
             width = int(lengths.max())
             mask = self.mask_of(lengths, width)
             hidden = self.embed(ids[:, :width], mask)
-            active = len(rows)
             for layer in range(1, int(exits.max()) + 1):
                 hidden = self.run_layer(layer - 1, hidden, mask)
-                still = int(np.count_nonzero(exits[:active] > layer))
-                if still < active:
-                    done = np.arange(still, active)
-                    out[rows[done]] = self.head(task, hidden[done, pos[done]])
-                active = still
-                if active == 0:
-                    break
-                width = int(lengths[:active].max())
-                hidden, mask = hidden[:active, :width], mask[:active, :width]
-        return out
+                pooled = pool(hidden, mask, pos)
+                leaving = exits == layer
+                if stop is not None:
+                    leaving |= stop(layer, pooled)
+                if leaving.any():
+                    done = rows[leaving]
+                    out[done] = self.head(task, hidden[leaving, pos[leaving]])
+                    pooled_out[done], left_at[done] = pooled[leaving], layer
+                    keep = ~leaving
+                    if not keep.any():
+                        break
+                    rows, exits, pos, lengths = rows[keep], exits[keep], pos[keep], lengths[keep]
+                    width = int(lengths.max())
+                    hidden, mask = hidden[keep, :width], mask[keep, :width]
+        return Readout(out, pooled_out, left_at)
 
     # -- retrieval keys -----------------------------------------------------------------------------------
 

@@ -12,6 +12,15 @@ TEXT, TEXT_PAIR, LABEL, ID = "text", "text_pair", "label", "id"
 TABLE_META_KEY = b"raee"
 #: The fused strategy's settings, fitted on the table's own rows by build-db (raee_ops.calibration).
 POLICY_META_KEY = b"raee_policy"
+#: Per-layer probe heads and the key probe as JSON + base64 float32 arrays (raee_ops.probes), and the probe
+#: strategies' fitted settings (raee_ops.probe_policy): in the exit table's own metadata, so they commit with it.
+PROBES_META_KEY = b"raee_probes"
+PROBE_POLICY_META_KEY = b"raee_probe_policy"
+#: Pooled hidden states per layer: staged by build-db's workers (every pooling), kept for the probes' fit rows in
+#: the companion table `<table>__features` (the chosen pooling) so that append can refit the probes.
+FEATURES = "features"
+FEATURES_SUFFIX = "__features"
+POOLED = 2  # len(raee_ops.runtime.POOLINGS); schemas import nothing from the runtime
 
 #: Rejected rows, from any pipeline: the row's id (or its position in its file when it has none), why, and the
 #: input file it came from.
@@ -27,20 +36,42 @@ PREDICTION_FIELDS = [
 
 
 def exit_table_schema(dim: int, num_layers: int, num_labels: int) -> pa.Schema:
-    """One row per reference example: its key and what every layer predicted (layers 1-based in values)."""
+    """One row per reference example: its key and what every layer predicted (layers 1-based in values), through
+    the label-word head (layer_*) and through the probe heads, out of fold (probe_*)."""
     return pa.schema(
-        [
-            pa.field("id", pa.string()),
-            pa.field("label", pa.int32()),
-            pa.field("vector", pa.list_(pa.float32(), dim)),
-            pa.field("layer_pred", pa.list_(pa.int32(), num_layers)),
-            pa.field("layer_correct", pa.list_(pa.bool_(), num_layers)),
-            pa.field("layer_prob", pa.list_(pa.float32(), num_layers)),
-            # log-softmax over labels at every layer, row-major L×C: lets strategies recalibrate without rerunning.
-            pa.field("layer_logprobs", pa.list_(pa.float32(), num_layers * num_labels)),
-            pa.field("first_correct_layer", pa.int32(), nullable=True),
+        list(layer_rows_fields(dim, num_layers, num_labels))
+        + [
+            pa.field("probe_correct", pa.list_(pa.bool_(), num_layers)),
+            # log-softmax of each layer's probe, row-major L×C, out-of-fold (or from a probe that never saw the row)
+            pa.field("probe_logprobs", pa.list_(pa.float32(), num_layers * num_labels)),
         ]
     )
+
+
+def layer_rows_fields(dim: int, num_layers: int, num_labels: int) -> list[pa.Field]:
+    return [
+        pa.field("id", pa.string()),
+        pa.field("label", pa.int32()),
+        pa.field("vector", pa.list_(pa.float32(), dim)),
+        pa.field("layer_pred", pa.list_(pa.int32(), num_layers)),
+        pa.field("layer_correct", pa.list_(pa.bool_(), num_layers)),
+        pa.field("layer_prob", pa.list_(pa.float32(), num_layers)),
+        # log-softmax over labels at every layer, row-major L×C: lets strategies recalibrate without rerunning.
+        pa.field("layer_logprobs", pa.list_(pa.float32(), num_layers * num_labels)),
+        pa.field("first_correct_layer", pa.int32(), nullable=True),
+    ]
+
+
+def layer_rows_schema(dim: int, num_layers: int, num_labels: int, hidden: int) -> pa.Schema:
+    """What build-db's workers stage per row: the head's exit information and every layer's pooled states
+    (L×POOLED×H float16, row-major), from which the driver fits the probes."""
+    features = pa.field(FEATURES, pa.list_(pa.float16(), num_layers * POOLED * hidden))
+    return pa.schema(layer_rows_fields(dim, num_layers, num_labels) + [features])
+
+
+def features_schema(num_layers: int, hidden: int) -> pa.Schema:
+    """`<table>__features`: the probes' fit rows' pooled states in the chosen pooling, L×H float16."""
+    return pa.schema([pa.field("id", pa.string()), pa.field(FEATURES, pa.list_(pa.float16(), num_layers * hidden))])
 
 
 def flat_values(table: pa.Table, column: str) -> np.ndarray:

@@ -98,7 +98,7 @@ def test_loo_neighbours_in_chunks_equal_a_full_sort(monkeypatch):
     vectors = rng.normal(size=(60, 8))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     queries = rng.choice(60, 30, replace=False)
-    top, sims = calibration._loo_neighbours(vectors, queries, 5)
+    top, sims = calibration.loo_neighbours(vectors, queries, 5)
     full = vectors[queries] @ vectors.T
     full[np.arange(30), queries] = -np.inf
     np.testing.assert_array_equal(top, np.argsort(-full, axis=1)[:, :5])

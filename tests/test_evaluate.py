@@ -53,7 +53,7 @@ def test_report_matches_an_independent_all_layers_run(segment_artifacts, evaluat
 def test_strategies_are_consistent(evaluated):
     _, _, report = evaluated
     strategies = report["strategies"]
-    assert list(strategies) == list(STRATEGIES) and report["default_strategy"] == "fused"
+    assert list(strategies) == list(STRATEGIES) and report["default_strategy"] == "probe-fused"
     assert strategies["full"]["accuracy"] == report["full"]["accuracy"]
     assert strategies["full"]["mean_exit_layer"] == 3 and strategies["full"]["ideal_speedup"] == 1
     assert strategies["full-cal"]["accuracy"] == report["full_calibrated"]["accuracy"]

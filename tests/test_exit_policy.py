@@ -132,7 +132,12 @@ def test_answers_apply_the_exit_layer_bias_and_the_vote():
 def test_fused_answers_from_retrieval_alone_where_the_neighbours_agree_enough():
     agree = _neighbours([1, 1], [[0, 0, 1], [0, 0, 1]])
     split = _neighbours([1, 0], [[0, 0, 1], [0, 0, 0]])
-    nb = Neighbours(*(np.concatenate([getattr(agree, f), getattr(split, f)]) for f in Neighbours.__dataclass_fields__))
+    nb = Neighbours(
+        *(
+            np.concatenate([getattr(agree, f), getattr(split, f)])
+            for f in ("correct", "similarity", "labels", "logprobs")
+        )
+    )
     ctx = Context(3, 2, k=2, policy=_policy(3, tau=0.9))
     exits = exit_policy.fused_exit(nb, ctx)
     assert exits.tolist() == [0, 3]  # unanimous neighbours: no layer; a split vote: the layer both get right
@@ -147,3 +152,85 @@ def test_policy_strategies_refuse_a_table_without_a_policy():
     nb = _neighbours([1], [[1, 1]])
     with pytest.raises(RaeeConfigError, match="no fitted policy"):
         resolve("fused", 2).exits(nb, Context(2, 2, k=1))
+
+
+# -- probe strategies -------------------------------------------------------------------------------------------
+
+
+def _probe_policy(k=2, epsilon=0.0, alpha=0.0, beta=0.5, tau=None, t=None, conf_t=0.9):
+    from raee_ops.probe_policy import ProbePolicy
+
+    return ProbePolicy(k, epsilon, alpha, beta, tau, t, conf_t, "accuracy", 0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def _with_probes(nb: Neighbours, probe_says, key_probs) -> Neighbours:
+    """The same neighbours whose probes say `probe_says[j][l]` (a label) at layer l; the inputs' key probe."""
+    import dataclasses
+
+    probe_correct = np.array([probe_says]) == nb.labels[..., None]
+    return dataclasses.replace(nb, probe_correct=probe_correct, key_logprobs=np.log(np.array([key_probs])))
+
+
+def _probes(best_layer: int):
+    from raee_ops.probes import ProbeSet
+
+    return ProbeSet("mean", [], None, best_layer, [], 0.0, "accuracy", 0, {})
+
+
+def test_raee_probe_votes_with_the_probes_correctness_not_the_heads():
+    # heads right only at layer 3; probes right from layer 1
+    nb = _with_probes(_neighbours([1, 1], [[0, 0, 1], [0, 0, 1]]), [[1, 1, 1], [1, 1, 1]], [0.5, 0.5])
+    ctx = Context(3, 2, k=2)
+    assert exit_policy.raee(nb, ctx).tolist() == [3]
+    assert exit_policy.raee_probe(nb, ctx).tolist() == [1]
+    with pytest.raises(RaeeConfigError, match="no probe answers"):
+        exit_policy.raee_probe(_neighbours([1], [[1, 1, 1]]), ctx)
+
+
+def test_probe_fused_exits_where_the_neighbours_probes_are_right_or_at_0_when_key_and_vote_agree():
+    # neighbours' probes are right from layer 2 on
+    nb = _with_probes(_neighbours([1, 1], [[0, 0, 0], [0, 0, 0]]), [[0, 1, 1], [0, 1, 1]], [0.3, 0.7])
+    ctx = Context(3, 2, k=10, probe_policy=_probe_policy(tau=None))
+    assert exit_policy.probe_fused_exit(nb, ctx).tolist() == [2]
+    # key probe 0.7 for label 1, vote 1.0: mixed half-half 0.85 -> exit 0 at tau 0.8, not at tau 0.9
+    assert exit_policy.probe_fused_exit(nb, Context(3, 2, 10, probe_policy=_probe_policy(tau=0.8))).tolist() == [0]
+    assert exit_policy.probe_fused_exit(nb, Context(3, 2, 10, probe_policy=_probe_policy(tau=0.9))).tolist() == [2]
+    # a wide epsilon takes layer 1 although its probe accuracy is lower
+    assert exit_policy.probe_fused_exit(nb, Context(3, 2, 10, probe_policy=_probe_policy(epsilon=1.0))).tolist() == [1]
+
+
+def test_probe_fused_answers_with_the_probe_the_vote_and_the_key_probe():
+    nb = _with_probes(_neighbours([1, 1], [[0, 0], [0, 0]]), [[1, 1], [1, 1]], [0.9, 0.1])
+    probe_logits = np.log(np.array([[0.8, 0.2], [0.8, 0.2]]))
+    exits = np.array([2, 0])
+    ctx = Context(2, 2, 10, probe_policy=_probe_policy(alpha=0.0, beta=0.0))
+    answer = exit_policy.probe_fused_answer(probe_logits[:1].repeat(2, 0), exits, _stack(nb, nb), ctx)
+    np.testing.assert_allclose(answer, [[0.8, 0.2], [0.9, 0.1]])  # the probe; exit 0: the key probe
+    ctx = Context(2, 2, 10, probe_policy=_probe_policy(alpha=0.5, beta=1.0))
+    answer = exit_policy.probe_fused_answer(probe_logits, exits, _stack(nb, nb), ctx)
+    np.testing.assert_allclose(answer, [[0.4, 0.6], [0.0, 1.0]], atol=1e-6)  # half vote; exit 0: the vote alone
+
+
+def _stack(a: Neighbours, b: Neighbours) -> Neighbours:
+    fields = ("correct", "similarity", "labels", "logprobs", "probe_correct", "key_logprobs")
+    return Neighbours(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in fields))
+
+
+def test_fixed_probe_strategies_and_baselines_without_layers():
+    nb = _with_probes(_neighbours([1, 1, 0], [[0, 0, 0, 0]] * 3), [[1, 1, 1, 1]] * 3, [0.2, 0.8])
+    ctx = Context(4, 2, k=3, probes=_probes(best_layer=3), probe_policy=_probe_policy(conf_t=0.9))
+    assert resolve("probe-best", 4).exits(nb, ctx).tolist() == [3]
+    assert resolve("probe-last", 4).exits(nb, ctx).tolist() == [4]
+    assert resolve("probe:2", 4).exits(nb, ctx).tolist() == [2] and resolve("probe:2", 4).reads == "probe"
+    assert resolve("layer:2", 4).reads == "head"
+    conf = resolve("probe-conf", 4)
+    assert conf.exits(nb, ctx).tolist() == [4] and conf.threshold(ctx) == 0.9 and not conf.needs_retrieval
+    for name in ("key-lr", "knn-vote"):
+        assert resolve(name, 4).exits(nb, ctx).tolist() == [0]
+    zeros = np.zeros((1, 2))
+    np.testing.assert_allclose(exit_policy.key_answer(zeros, np.array([0]), nb, ctx), [[0.2, 0.8]])
+    np.testing.assert_allclose(exit_policy.vote_answer(zeros, np.array([0]), nb, ctx), [[1 / 3, 2 / 3]], atol=1e-5)
+    with pytest.raises(RaeeConfigError, match="no probe heads"):
+        resolve("probe-best", 4).exits(nb, Context(4, 2, k=3))
+    with pytest.raises(RaeeConfigError):
+        resolve("probe:5", 4)

@@ -100,10 +100,13 @@ def test_default_strategy_uses_the_policy_fitted_at_build_time(segment_artifacts
     root, _ = built
     policy = Retriever(str(root / "db"), "sst2").policy
     assert policy is not None and policy.loo_queries == 30 and len(policy.bias) == 3
-    summary, predictions, _ = classify(segment_artifacts, root, "default", strategy=None)
+    summary, predictions, _ = classify(segment_artifacts, root, "fused", strategy="fused")
     assert summary.strategy == "fused" and summary.predicted == 22
     probs = predictions.column("confidence").to_numpy()
     assert ((probs >= 0.5) & (probs <= 1.0)).all()  # a fused distribution's top share over two labels
+    summary, _, _ = classify(segment_artifacts, root, "default", strategy=None)
+    probe_policy = Retriever(str(root / "db"), "sst2").probe_policy
+    assert summary.strategy == "probe-fused" and summary.settings.endswith(probe_policy.settings())
 
 
 def test_rows_answered_from_retrieval_alone_are_written_with_exit_0(segment_artifacts, built, tmp_path):  # noqa: F811
@@ -121,7 +124,7 @@ def test_rows_answered_from_retrieval_alone_are_written_with_exit_0(segment_arti
     meta = (data.schema.metadata or {}) | {POLICY_META_KEY: json.dumps(policy.to_dict()).encode()}
     commit(str(tmp_path / "db"), "sst2", data.replace_schema_metadata(meta))
     inputs = str(labelled(tmp_path / "in.parquet", 20, 1, "q"))
-    summary, predictions, errors = classify(segment_artifacts, tmp_path, "out", strategy=None, inputs=inputs)
+    summary, predictions, errors = classify(segment_artifacts, tmp_path, "out", strategy="fused", inputs=inputs)
     assert (summary.rows_in, summary.predicted, summary.rejected) == (25, 22, 3)
     assert summary.exit_counts == {0: 22} and summary.mean_exit == 0.0
     assert set(predictions.column("exit_layer").to_pylist()) == {0}

@@ -43,6 +43,8 @@ def _exit_table(rows: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
         "layer_prob": pa.FixedSizeListArray.from_arrays(pa.array(np.full(rows * 3, 0.5, np.float32)), 3),
         "layer_logprobs": pa.FixedSizeListArray.from_arrays(pa.array(np.full(rows * 6, -0.7, np.float32)), 6),
         "first_correct_layer": pa.array(np.zeros(rows, np.int32)),
+        "probe_correct": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(rows * 3, bool)), 3),
+        "probe_logprobs": pa.FixedSizeListArray.from_arrays(pa.array(np.full(rows * 6, -0.7, np.float32)), 6),
     }
     return pa.table(columns, schema=schema.with_metadata(meta)), keys
 

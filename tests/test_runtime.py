@@ -69,12 +69,13 @@ def test_backbone_key_is_mean_embedding_of_raw_text(runtime):
     assert runtime.key("minilm", ["good movie", "bad"]).shape == (2, runtime.manifest.embedders["minilm"].dim)
 
 
-def test_runtime_and_pipelines_do_not_import_torch_or_transformers():
+def test_runtime_and_pipelines_do_not_import_torch_transformers_or_sklearn():
+    """scikit-learn is imported only inside the probe fit: classify applies probes with numpy."""
     code = (
         "import sys\n"
         "import raee_ops.runtime, raee_ops.retrieval, raee_ops.exit_policy, raee_ops.rows, raee_ops.cli\n"
-        "import pipelines.inference, pipelines.build_db, pipelines.classify\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+        "import raee_ops.probes, raee_ops.readout, pipelines.inference, pipelines.build_db, pipelines.classify\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'sklearn'))\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,184 @@
+"""build-db's driver side: staged layer rows -> probe heads, out-of-fold probe answers and fitted policies -> the
+exit table and the probes' feature rows, ready to commit.
+
+Probes are fitted on at most probes.FIT_ROWS rows: every row of smaller tables, a hash-of-id sample of larger ones
+(features are read shard by shard, so only the sample's pooled states are ever in memory). Fit rows get
+out-of-fold answers; the other new rows are answered by the final probes, which never saw them. The sample's
+pooled states, in the chosen pooling, go to `<table>__features` so that append can refit: append keeps the
+pooling, refits C and the probes on the (re-drawn, never larger) sample, recomputes the fit rows' out-of-fold
+answers and answers the new rows; older rows outside the sample keep the answers the earlier probes gave them (their
+pooled states are not stored). Below FIT_ROWS rows append is therefore exactly a rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raee_ops import storage
+from raee_ops.calibration import FusedPolicy, fit_fused_policy
+from raee_ops.errors import RaeeConfigError
+from raee_ops.metrics import task_metric
+from raee_ops.probe_policy import ProbePolicy, fit_probe_policy
+from raee_ops.probes import ProbeSet, fit_probes, fit_share, in_fit_sample
+from raee_ops.retrieval import probe_identity
+from raee_ops.runtime import POOLINGS
+from raee_ops.tasks import Task
+from schemas.tables import (
+    FEATURES,
+    POLICY_META_KEY,
+    PROBE_POLICY_META_KEY,
+    PROBES_META_KEY,
+    TableMeta,
+    exit_table_schema,
+    features_schema,
+    flat_values,
+)
+
+
+@dataclass(frozen=True)
+class Reference:
+    data: pa.Table  # exit-table rows, identity, policies and probes in the schema metadata
+    features: pa.Table  # `<table>__features` rows: the probes' fit rows' pooled states
+    policy: FusedPolicy | None
+    probes: ProbeSet | None
+    probe_policy: ProbePolicy | None
+    fit_seconds: float = 0.0  # probes and both policies
+
+    def render(self) -> list[str]:
+        p, q = self.probes, self.probe_policy
+        if p is None or q is None:
+            return ["probe heads: none (fewer than 2 rows)"]
+        curve = " ".join(f"{v:.2f}" for v in p.oof_metric)
+        return [
+            f"probe heads ({p.pooling} pooling, fitted on {p.fit_rows} rows; probes and policies fitted in "
+            f"{self.fit_seconds:.1f}s; out-of-fold {p.metric} by layer): "
+            f"{curve}; key probe {p.key_oof_metric:.3f}; best layer {p.best_layer}",
+            f"probe policy (leave-one-out on {q.loo_queries} rows, {q.metric}): {q.settings()}; "
+            f"LOO {q.metric} {q.loo_metric:.3f}, mean exit layer {q.loo_mean_exit:.2f}",
+        ]
+
+
+def assemble(
+    shards: list[str],
+    staged: pa.Schema,
+    task: Task,
+    meta: TableMeta,
+    hidden: int,
+    old: pa.Table | None = None,
+    old_features: pa.Table | None = None,
+) -> Reference:
+    """The reference table from staged shards (plus, on append, the table's rows and feature rows so far)."""
+    num_layers, num_labels = meta.num_layers, len(meta.label_names)
+    dim = staged.field("vector").type.list_size
+    schema = exit_table_schema(dim, num_layers, num_labels)
+    layer_fields = [f.name for f in staged if f.name != FEATURES]
+    new = pa.concat_tables([storage.read_parquet(s, columns=layer_fields) for s in shards] or [staged.empty_table()])
+    new = new.select(layer_fields).cast(pa.schema([staged.field(n) for n in layer_fields]))
+    old_probes = None
+    if old is not None:
+        if "probe_correct" not in old.column_names or old_features is None:
+            raise RaeeConfigError(
+                "append refused: the table was built before probe heads; rebuild it (--mode overwrite)"
+            )
+        old_probes = ProbeSet.from_json(old.schema.metadata[PROBES_META_KEY]) if old.num_rows > 1 else None
+    old = old.cast(schema) if old is not None else schema.empty_table()
+    rows = old.num_rows + new.num_rows
+    ids = old.column("id").to_pylist() + new.column("id").to_pylist()
+    labels = np.concatenate([old.column("label").to_numpy(), new.column("label").to_numpy()]).astype(np.int64)
+    vectors = np.concatenate([flat_values(t, "vector").reshape(t.num_rows, dim) for t in (old, new)])
+    sample = in_fit_sample(ids, fit_share(rows))
+    poolings = (old_probes.pooling,) if old_probes else POOLINGS
+    pick = [POOLINGS.index(p) for p in poolings]
+
+    def staged_features() -> Iterator[tuple[int, np.ndarray]]:
+        """(offset among all rows, B×L×POOLINGS×H) per staged shard, in the order `new` was read."""
+        offset = old.num_rows
+        for shard in shards:
+            values = storage.read_parquet(shard, columns=[FEATURES]).column(0).combine_chunks().flatten().to_numpy()
+            count = len(values) // (num_layers * len(POOLINGS) * hidden)
+            yield offset, values.reshape(count, num_layers, len(POOLINGS), hidden)
+            offset += count
+
+    old_sample = np.flatnonzero(sample[: old.num_rows])
+    parts = [_old_features(old_features, [ids[i] for i in old_sample], num_layers, len(pick), hidden)]
+    where = [old_sample]
+    for offset, block in staged_features():
+        keep = np.flatnonzero(sample[offset : offset + len(block)])
+        parts.append(block[keep][:, :, pick])
+        where.append(offset + keep)
+    fit_rows = np.concatenate(where)
+    started = time.perf_counter()
+    metric = task_metric(task.name, num_labels)[0]
+    probe_lp = np.zeros((rows, num_layers, num_labels), np.float32)
+    probes = probe_policy = policy = None
+    if rows >= 2:
+        features = np.concatenate(parts)
+        identity = probe_identity(meta, rows)
+        fitted = fit_probes(features, vectors[fit_rows], labels[fit_rows], num_labels, metric, identity, poolings)
+        probes = fitted.probes
+        probe_lp[: old.num_rows] = flat_values(old, "probe_logprobs").reshape(old.num_rows, num_layers, num_labels)
+        for offset, block in staged_features():
+            probe_lp[offset : offset + len(block)] = probes.every_layer(block.transpose(1, 0, 2, 3)).transpose(1, 0, 2)
+        probe_lp[fit_rows] = fitted.oof
+        key_lp = probes.key.log_probs(vectors)
+        key_lp[fit_rows] = fitted.key_oof
+        probe_policy = fit_probe_policy(vectors, labels, probe_lp, key_lp, num_labels, metric)
+        kept = features[:, :, poolings.index(probes.pooling)]
+    else:
+        kept = np.zeros((0, num_layers, hidden), np.float16)
+    layers = pa.concat_tables([old.select(layer_fields), new])
+    data = _with_probe_columns(layers, probe_lp, labels, schema)
+    if rows >= 2:
+        head_lp = flat_values(data, "layer_logprobs").reshape(rows, num_layers, num_labels)
+        policy = fit_fused_policy(vectors, labels, head_lp, num_labels, metric)
+    extra = {
+        POLICY_META_KEY: json.dumps(policy.to_dict()).encode() if policy else None,
+        PROBES_META_KEY: probes.to_json() if probes else None,
+        PROBE_POLICY_META_KEY: json.dumps(probe_policy.to_dict()).encode() if probe_policy else None,
+    }
+    data = data.replace_schema_metadata(meta.encode() | {k: v for k, v in extra.items() if v is not None})
+    features_rows = _features_table([ids[i] for i in fit_rows], kept, num_layers, hidden)
+    return Reference(data, features_rows, policy, probes, probe_policy, time.perf_counter() - started)
+
+
+def _with_probe_columns(layers: pa.Table, probe_lp: np.ndarray, labels: np.ndarray, schema: pa.Schema) -> pa.Table:
+    correct = probe_lp.argmax(axis=2) == labels[:, None]
+    columns = {
+        "probe_correct": correct.ravel(),
+        "probe_logprobs": probe_lp.ravel(),
+    }
+    for name, values in columns.items():
+        field = schema.field(name)
+        child = pa.array(values, field.type.value_type)
+        layers = layers.append_column(field, pa.FixedSizeListArray.from_arrays(child, field.type.list_size))
+    return layers.cast(schema)
+
+
+def _old_features(table: pa.Table | None, ids: list[str], num_layers: int, pooled: int, hidden: int) -> np.ndarray:
+    """The stored pooled states of these old rows, N×L×1×H; refuses an append whose feature table lacks some."""
+    if not ids:
+        return np.zeros((0, num_layers, pooled, hidden), np.float16)
+    assert table is not None
+    found = table.filter(pc.is_in(table.column("id"), value_set=pa.array(ids)))
+    if found.num_rows != len(ids):
+        raise RaeeConfigError(
+            f"append refused: the probes' feature table lacks {len(ids) - found.num_rows} of its fit rows; "
+            "rebuild the table (--mode overwrite)"
+        )
+    order = {row_id: i for i, row_id in enumerate(found.column("id").to_pylist())}
+    values = flat_values(found, FEATURES).reshape(found.num_rows, num_layers, 1, hidden)
+    return values[[order[i] for i in ids]]
+
+
+def _features_table(ids: list[str], features: np.ndarray, num_layers: int, hidden: int) -> pa.Table:
+    schema = features_schema(num_layers, hidden)
+    child = pa.array(np.ascontiguousarray(features, np.float16).ravel(), pa.float16())
+    values = pa.FixedSizeListArray.from_arrays(child, num_layers * hidden)
+    return pa.Table.from_arrays([pa.array(ids, pa.string()), values], schema=schema)

@@ -1,0 +1,143 @@
+"""Settings of the probe strategies, fitted by build-db on the reference rows only (leave-one-out, task metric).
+
+`probe-fused` (the default): a row's neighbours' out-of-fold probe accuracy curve picks the earliest layer within
+epsilon of their best; a row leaves before it at the first layer whose probe is at least t confident; a row runs
+no layer at all when its key probe mixed with the neighbours' label vote is at least tau confident. `probe-conf`:
+no retrieval, the first layer whose probe is at least conf_t confident. Both are chosen like the fused policy:
+among settings within one bootstrap standard error of the best score, the one running the fewest layers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from raee_ops.calibration import (
+    EPSILON_GRID,
+    K_GRID,
+    MAX_LOO_QUERIES,
+    Trial,
+    earliest_within,
+    label_vote,
+    loo_neighbours,
+    neighbour_accuracy,
+    one_se_choice,
+)
+from raee_ops.metrics import METRICS, accuracy
+
+ALPHA_GRID = (0.0, 0.25, 0.5)  # weight of the neighbours' vote in the answer at a layer
+BETA_GRID = (0.0, 0.5, 1.0)  # weight of the vote in the exit-0 answer; the rest is the key probe's
+TAU_GRID = (0.7, 0.8, 0.9, 0.95, None)  # None: every row runs at least one layer
+T_GRID = (0.8, 0.9, 0.95, 0.99, None)  # None: no confidence exit before the retrieval-picked layer
+CONF_GRID = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)  # 1.01: never confident, i.e. the last layer
+
+
+@dataclass(frozen=True)
+class ProbePolicy:
+    k: int
+    epsilon: float
+    alpha: float
+    beta: float
+    tau: float | None
+    t: float | None
+    conf_t: float
+    metric: str
+    loo_queries: int
+    loo_metric: float
+    loo_accuracy: float
+    loo_mean_exit: float
+    conf_metric: float
+    conf_mean_exit: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def settings(self) -> str:
+        return (
+            f"k={self.k} epsilon={self.epsilon} alpha={self.alpha} beta={self.beta} tau={self.tau} t={self.t}; "
+            f"probe-conf t={self.conf_t}"
+        )
+
+
+def confident_exits(confidence: np.ndarray, upper: np.ndarray, t: float | None) -> np.ndarray:
+    """First 1-based layer up to each row's `upper` exit whose probe confidence (N×L top probability) reaches t;
+    rows never that confident leave at `upper` (0 stays 0). The runtime's stop rule, on precomputed arrays."""
+    upper = np.asarray(upper, np.int32)
+    if t is None:
+        return upper
+    layers = np.arange(1, confidence.shape[1] + 1)
+    ok = (confidence >= t - 1e-9) & (layers[None, :] <= upper[:, None])
+    return np.where(ok.any(axis=1), np.argmax(ok, axis=1) + 1, upper).astype(np.int32)
+
+
+def mix(probs: np.ndarray, vote: np.ndarray, weight: float) -> np.ndarray:
+    return (1.0 - weight) * probs + weight * vote
+
+
+def fit_probe_policy(
+    vectors: np.ndarray,
+    labels: np.ndarray,
+    probe_logprobs: np.ndarray,
+    key_logprobs: np.ndarray,
+    num_labels: int,
+    metric_name: str,
+    seed: int = 0,
+) -> ProbePolicy:
+    """vectors N×D normalized, labels N, probe_logprobs N×L×C and key_logprobs N×C out of fold."""
+    metric = METRICS[metric_name]
+    n, num_layers = probe_logprobs.shape[:2]
+    rng = np.random.default_rng(seed)
+    queries = rng.choice(n, size=MAX_LOO_QUERIES, replace=False) if n > MAX_LOO_QUERIES else np.arange(n)
+    truth = labels[queries]
+    probs = np.exp(probe_logprobs[queries])  # Q×L×C, each query's own out-of-fold probes
+    confidence = probs.max(axis=2)
+    key_probs = np.exp(key_logprobs[queries])
+    correct = probe_logprobs.argmax(axis=2) == labels[:, None]
+    ks = [k for k in K_GRID if k < n] or [max(n - 1, 1)]
+    top, sims = loo_neighbours(vectors, queries, max(ks))
+    rows = np.arange(len(queries))
+
+    trials = []
+    for k in ks:
+        curve = neighbour_accuracy(correct[top[:, :k]], sims[:, :k])
+        vote = label_vote(labels[top[:, :k]], sims[:, :k], num_labels)
+        at_zero = {beta: mix(key_probs, vote, beta) for beta in BETA_GRID}
+        for epsilon, t in itertools.product(EPSILON_GRID, T_GRID):
+            exits = confident_exits(confidence, earliest_within(curve, epsilon), t)
+            at_exit = probs[rows, exits - 1]
+            answers = {alpha: mix(at_exit, vote, alpha).argmax(axis=1) for alpha in ALPHA_GRID}
+            for alpha, beta, tau in itertools.product(ALPHA_GRID, BETA_GRID, TAU_GRID):
+                zero = np.zeros(len(rows), bool) if tau is None else at_zero[beta].max(axis=1) >= tau - 1e-9
+                pred = np.where(zero, at_zero[beta].argmax(axis=1), answers[alpha])
+                cost = float(np.where(zero, 0, exits).mean())
+                settings = (k, epsilon, alpha, beta, tau, t)
+                trials.append(Trial(metric(truth, pred, num_labels), accuracy(truth, pred), cost, settings, pred))
+    chosen = one_se_choice(trials, metric, truth, num_labels, seed)
+    k, epsilon, alpha, beta, tau, t = chosen.settings
+
+    conf_trials = []
+    for conf_t in CONF_GRID:
+        exits = confident_exits(confidence, np.full(len(rows), num_layers), conf_t)
+        pred = probs[rows, exits - 1].argmax(axis=1)
+        conf_trials.append(
+            Trial(metric(truth, pred, num_labels), accuracy(truth, pred), float(exits.mean()), conf_t, pred)
+        )
+    conf = one_se_choice(conf_trials, metric, truth, num_labels, seed)
+    return ProbePolicy(
+        k=k,
+        epsilon=epsilon,
+        alpha=alpha,
+        beta=beta,
+        tau=tau,
+        t=t,
+        conf_t=conf.settings,
+        metric=metric_name,
+        loo_queries=len(queries),
+        loo_metric=chosen.score,
+        loo_accuracy=chosen.accuracy,
+        loo_mean_exit=chosen.mean_exit,
+        conf_metric=conf.score,
+        conf_mean_exit=conf.mean_exit,
+    )

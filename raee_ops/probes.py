@@ -1,0 +1,258 @@
+"""Per-layer probe heads: multinomial logistic regression on a layer's pooled hidden state, fitted by build-db.
+
+Small backbones read through their label-word head are near chance on most tasks; a linear probe on the same
+hidden states is not (issue 9). build-db fits one probe per layer and one on the retrieval key (the answer of rows
+that run no layer) on the reference rows only, standardized, L2, the strength and the pooling (token mean or readout
+token) chosen together by k-fold cross-validation. The per-layer answers
+stored for each reference row are out-of-fold (cross-fitted), so a neighbour never vouches for a layer with an
+answer the probe memorized.
+
+Probes are plain float32 arrays serialized as JSON + base64 into the exit table's metadata, never pickles: a
+database must not be able to run code in a worker. Applying one is a matmul and a softmax (numpy only); fitting
+imports scikit-learn (build time only).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from raee_ops.calibration import log_softmax
+from raee_ops.errors import RaeeConfigError
+from raee_ops.metrics import METRICS
+from raee_ops.runtime import POOLINGS
+
+FOLDS = 5
+#: Inverse L2 strength on standardized features, one for every layer: with the pooling, the pair with the lowest
+#: out-of-fold log-loss over SELECTION_LAYERS layers spread over the depth (every layer would triple the fit time
+#: for the same choice); the key probe gets its own.
+C_GRID = (0.003, 0.03, 0.3)
+SELECTION_LAYERS = 8
+#: Rows used to choose pooling and C (a seeded subsample of the fit rows on larger tables).
+CV_ROWS = 2000
+#: Rows the probes are fitted and cross-fitted on: a hash-of-id sample of larger tables; the other rows are
+#: answered by the final probes, which never saw them (out-of-sample, as honest as out-of-fold).
+FIT_ROWS = 10_000
+MAX_ITER = 200
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One standardized linear softmax head: log_softmax(((x - mean) / scale) @ weight + bias)."""
+
+    weight: np.ndarray  # D×C
+    bias: np.ndarray  # C
+    mean: np.ndarray  # D
+    scale: np.ndarray  # D
+    c: float
+
+    def log_probs(self, x: np.ndarray) -> np.ndarray:
+        return log_softmax(((np.asarray(x, np.float32) - self.mean) / self.scale) @ self.weight + self.bias)
+
+    def to_dict(self) -> dict:
+        return {name: _encode(getattr(self, name)) for name in ("weight", "bias", "mean", "scale")} | {"c": self.c}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Probe:
+        return cls(**{k: _decode(v) for k, v in raw.items() if k != "c"}, c=float(raw["c"]))
+
+
+def _encode(array: np.ndarray) -> dict:
+    a = np.ascontiguousarray(array, np.float32)
+    return {"shape": list(a.shape), "f32": base64.b64encode(a.tobytes()).decode()}
+
+
+def _decode(raw: dict) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(raw["f32"]), np.float32).reshape(raw["shape"])
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """Every layer's probe and the key probe, with what they were fitted on (checked before use)."""
+
+    pooling: str
+    layers: list[Probe]
+    key: Probe
+    best_layer: int  # 1-based: the layer whose probe scores best out-of-fold on the reference (task metric)
+    oof_metric: list[float]  # per layer, out-of-fold on the fit rows: the probe curve
+    key_oof_metric: float
+    metric: str
+    fit_rows: int
+    identity: dict  # the exit table's TableMeta fields, plus its row count
+
+    @property
+    def pool_index(self) -> int:
+        return POOLINGS.index(self.pooling)
+
+    def layer_log_probs(self, pooled: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        """B×C log-probs of rows' pooled states B×POOLINGS×H, each through the probe of its 1-based layer."""
+        layers = np.asarray(layers)
+        out = np.zeros((len(layers), self.key.bias.shape[0]), np.float32)
+        for layer in np.unique(layers[layers > 0]):
+            rows = layers == layer
+            out[rows] = self.layers[layer - 1].log_probs(pooled[rows, self.pool_index])
+        return out
+
+    def every_layer(self, pooled: np.ndarray) -> np.ndarray:
+        """L×B×C log-probs from every layer's pooled states L×B×POOLINGS×H."""
+        return np.stack([p.log_probs(pooled[i, :, self.pool_index]) for i, p in enumerate(self.layers)])
+
+    def to_json(self) -> bytes:
+        raw = asdict(self) | {"layers": [p.to_dict() for p in self.layers], "key": self.key.to_dict()}
+        return json.dumps(raw).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ProbeSet:
+        d = json.loads(raw)
+        return cls(**d | {"layers": [Probe.from_dict(p) for p in d["layers"]], "key": Probe.from_dict(d["key"])})
+
+
+def check_probes(probes: ProbeSet | None, identity: dict, where: str) -> ProbeSet:
+    """Refuse probes fitted for other artifacts, task, embedder or table contents, in one line."""
+    if probes is None:
+        raise RaeeConfigError(f"{where} has no probe heads: rebuild it with this version's build-db")
+    diffs = [
+        f"{k} {probes.identity.get(k)!r} (expected {v!r})" for k, v in identity.items() if probes.identity.get(k) != v
+    ]
+    if diffs:
+        raise RaeeConfigError(f"probe heads of {where} were fitted for something else: {'; '.join(diffs)}")
+    return probes
+
+
+def fit_share(table_rows: int) -> float:
+    return min(1.0, FIT_ROWS / max(table_rows, 1))
+
+
+def in_fit_sample(ids: list[str], share: float) -> np.ndarray:
+    """Rows whose id hashes below `share`: a sample that stays the same for a row however the table grows (append
+    shrinks the share, so the new sample's old rows are a subset of the old sample)."""
+    if share >= 1.0:
+        return np.ones(len(ids), bool)
+    u = [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") / 2.0**64 for i in ids]
+    return np.asarray(u) < share
+
+
+@dataclass(frozen=True)
+class Fitted:
+    probes: ProbeSet
+    oof: np.ndarray  # N×L×C out-of-fold log-probs of the fit rows
+    key_oof: np.ndarray  # N×C
+
+
+def fit_probes(
+    features: np.ndarray,
+    keys: np.ndarray,
+    labels: np.ndarray,
+    num_labels: int,
+    metric_name: str,
+    identity: dict,
+    poolings: tuple[str, ...] = POOLINGS,
+    seed: int = 0,
+) -> Fitted:
+    """Probes on fit rows: features N×L×len(poolings)×H, keys N×D, labels N."""
+    n, num_layers = features.shape[:2]
+    rng = np.random.default_rng(seed)
+    cv = np.sort(rng.choice(n, CV_ROWS, replace=False)) if n > CV_ROWS else np.arange(n)
+    folds = _folds(labels, n, seed)
+    cv_folds = folds if len(cv) == n else _folds(labels[cv], len(cv), seed)
+
+    # pooling and C: the pair with the lowest out-of-fold log-loss averaged over a spread of layers
+    scored = selection_layers(num_layers)
+    trials: dict[tuple[int, float], tuple[float, dict[int, np.ndarray]]] = {}
+    for p, c in itertools.product(range(len(poolings)), C_GRID):
+        oofs = {layer: _cross_fit(features[cv, layer, p], labels[cv], cv_folds, num_labels, c) for layer in scored}
+        trials[p, c] = (float(np.mean([_log_loss(o, labels[cv]) for o in oofs.values()])), oofs)
+    p, c = min(trials, key=lambda pc: trials[pc][0])
+    reuse = trials[p, c][1] if len(cv) == n else {}
+
+    layers, oof = [], np.zeros((n, num_layers, num_labels), np.float32)
+    for layer in range(num_layers):
+        x = features[:, layer, p]
+        oof[:, layer] = reuse[layer] if layer in reuse else _cross_fit(x, labels, folds, num_labels, c)
+        layers.append(_fit(x, labels, num_labels, c))
+    key_c, key_oof = _choose_c(keys[cv], labels[cv], cv_folds, num_labels)
+    if len(cv) != n:
+        key_oof = _cross_fit(keys, labels, folds, num_labels, key_c)
+    pooling = poolings[p]
+    metric = METRICS[metric_name]
+    curve = [metric(labels, oof[:, layer].argmax(1), num_labels) for layer in range(num_layers)]
+    probes = ProbeSet(
+        pooling=pooling,
+        layers=layers,
+        key=_fit(keys, labels, num_labels, key_c),
+        best_layer=int(np.argmax(curve)) + 1,
+        oof_metric=[float(v) for v in curve],
+        key_oof_metric=float(metric(labels, key_oof.argmax(1), num_labels)),
+        metric=metric_name,
+        fit_rows=n,
+        identity=identity,
+    )
+    return Fitted(probes, oof, key_oof)
+
+
+def selection_layers(num_layers: int) -> list[int]:
+    """0-based layers the pooling and C are chosen on: SELECTION_LAYERS spread from the first to the last."""
+    return sorted({round(i) for i in np.linspace(0, num_layers - 1, min(SELECTION_LAYERS, num_layers))})
+
+
+def _log_loss(log_probs: np.ndarray, y: np.ndarray) -> float:
+    return float(-log_probs[np.arange(len(y)), y].mean())
+
+
+def _folds(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Fold index per row, stratified by label (a round-robin over each label's shuffled rows)."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(n, np.int64)
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        fold[rows] = (np.arange(len(rows)) + rng.integers(FOLDS)) % FOLDS
+    return fold
+
+
+def _choose_c(x: np.ndarray, y: np.ndarray, folds: np.ndarray, num_labels: int) -> tuple[float, np.ndarray]:
+    """The C with the lowest out-of-fold log-loss, and its out-of-fold log-probs."""
+    best: tuple[float, float, np.ndarray] | None = None
+    for c in C_GRID:
+        oof = _cross_fit(x, y, folds, num_labels, c)
+        loss = _log_loss(oof, y)
+        if best is None or loss < best[0]:
+            best = (loss, c, oof)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _cross_fit(x: np.ndarray, y: np.ndarray, folds: np.ndarray, num_labels: int, c: float) -> np.ndarray:
+    """Out-of-fold log-probs N×C: each fold answered by a probe fitted on the other folds."""
+    out = np.zeros((len(y), num_labels), np.float32)
+    for f in np.unique(folds):
+        held = folds == f
+        out[held] = _fit(x[~held], y[~held], num_labels, c).log_probs(x[held])
+    return out
+
+
+def _fit(x: np.ndarray, y: np.ndarray, num_labels: int, c: float) -> Probe:
+    """One standardized L2 multinomial logistic regression (scikit-learn, imported here: build time only)."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.asarray(x, np.float32)
+    mean = x.mean(axis=0)
+    scale = np.maximum(x.std(axis=0), 1e-6)
+    z = (x - mean) / scale
+    weight = np.zeros((x.shape[1], num_labels), np.float32)
+    bias = np.full(num_labels, -30.0, np.float32)  # a label absent from the fit rows is never predicted
+    present = np.unique(y)
+    if len(present) == 1:
+        bias[present[0]] = 0.0
+    else:
+        model = LogisticRegression(C=c, max_iter=MAX_ITER, tol=1e-3).fit(z, y)
+        coef, intercept = model.coef_, model.intercept_
+        if len(present) == 2:  # scikit-learn gives binary problems one row: the second class against the first
+            coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+        weight[:, present] = coef.T
+        bias[present] = intercept
+    return Probe(weight, bias, mean.astype(np.float32), scale.astype(np.float32), c)

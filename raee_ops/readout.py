@@ -1,0 +1,58 @@
+"""One batch through a strategy: its exits, the layers up to them, and its answer (classify's core, also timed by
+bench/speed.py). Strategies reading probes get each row's probe at the layer it left at, and a confidence stop
+where the strategy has one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from raee_ops.calibration import FusedPolicy
+from raee_ops.errors import RaeeConfigError
+from raee_ops.exit_policy import Context, Neighbours, Strategy
+from raee_ops.probe_policy import ProbePolicy
+from raee_ops.runtime import SegmentRuntime, StopFn
+
+
+def stop_rule(strategy: Strategy, ctx: Context) -> StopFn | None:
+    """Rows may leave at a layer whose probe's top probability reaches the strategy's threshold."""
+    t = strategy.threshold(ctx)
+    if t is None:
+        return None
+    probes = ctx.fitted_probes()
+    log_t = np.log(t)
+
+    def stop(layer: int, pooled: np.ndarray) -> np.ndarray:
+        return probes.layers[layer - 1].log_probs(pooled[:, probes.pool_index]).max(axis=1) >= log_t - 1e-9
+
+    return stop
+
+
+def read_out(
+    runtime: SegmentRuntime, task: str, prompts: Sequence[str], exits: np.ndarray, strategy: Strategy, ctx: Context
+) -> tuple[np.ndarray, np.ndarray]:
+    """(what the strategy reads B×C: head logits or probe log-probs, the 1-based layer each row left at)."""
+    readout = runtime.run_to_exit_pooled(task, prompts, exits, stop_rule(strategy, ctx))
+    if strategy.reads == "probe":
+        return ctx.fitted_probes().layer_log_probs(readout.pooled, readout.exits), readout.exits
+    return readout.logits, readout.exits
+
+
+def answer_batch(
+    runtime: SegmentRuntime, task: str, prompts: Sequence[str], strategy: Strategy, nb: Neighbours, ctx: Context
+) -> tuple[np.ndarray, np.ndarray]:
+    """(label probabilities B×C, the 1-based layer each row left at; 0: no layer run)."""
+    logits, exits = read_out(runtime, task, prompts, strategy.exits(nb, ctx), strategy, ctx)
+    return strategy.answer(logits, exits, nb, ctx), exits
+
+
+def describe(strategy: Strategy, policy: FusedPolicy | None, probe_policy: ProbePolicy | None, k: int) -> str:
+    """The settings a strategy runs with, as classify prints them."""
+    if strategy.needs_policy and policy is not None:
+        return f"fitted on the table for {policy.metric}: {policy.settings()}"
+    if strategy.needs_probe_policy:
+        if probe_policy is None:
+            raise RaeeConfigError(f"strategy {strategy.name!r} needs the probe policy; rebuild the table with build-db")
+        return f"fitted on the table for {probe_policy.metric}: {probe_policy.settings()}"
+    return f"k={k}" if strategy.needs_retrieval else "no retrieval"

@@ -1,0 +1,153 @@
+"""Probe heads end to end on tiny segment artifacts: a task with a known signal, append refits, classify reads the
+probes exactly as evaluate scores them, and tables whose probes do not match are refused."""
+
+import json
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
+
+from pipelines.build_db import commit, run_build_db
+from pipelines.classify import run_classify
+from raee_ops.errors import RaeeConfigError
+from raee_ops.evaluate import evaluate
+from raee_ops.exit_policy import Context, Neighbours, resolve
+from raee_ops.probe_policy import confident_exits
+from raee_ops.readout import answer_batch
+from raee_ops.retrieval import Retriever
+from raee_ops.runtime import SegmentRuntime
+from raee_ops.tasks import PRESETS
+from schemas.tables import FEATURES_SUFFIX, PROBES_META_KEY
+
+NEUTRAL = "movie plot the a is was it cat sat on mat dog".split()
+
+
+def signal_rows(path, n: int, seed: int, prefix: str):
+    """Label 1 iff the text holds `good` (else `bad`), among 1-3 neutral words."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    texts = []
+    for label in labels:
+        words = list(rng.choice(NEUTRAL, size=rng.integers(1, 4)))
+        words.insert(rng.integers(len(words) + 1), "good" if label else "bad")
+        texts.append(" ".join(words))
+    ids = [f"{prefix}{i}" for i in range(n)]
+    pq.write_table(pa.table({"id": ids, "text": texts, "label": pa.array(labels, pa.int64())}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def signal(segment_artifacts, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("signal")
+    ref = signal_rows(root / "ref.parquet", 160, 0, "r")
+    summary = run_build_db(segment_artifacts, "sst2", [str(ref)], str(root / "db"), "sst2", "minilm", "overwrite", None)
+    test = signal_rows(root / "test.parquet", 120, 1, "q")
+    report = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", str(test), k=5)
+    return root, summary, test, report
+
+
+def test_probes_beat_the_zero_shot_head_on_a_task_with_a_known_signal(signal):
+    _, summary, _, report = signal
+    base = report["baselines"]
+    assert "probe heads (" in summary.render() and "probe policy (" in summary.render()
+    assert base["probe-best"]["accuracy"] >= 0.85
+    assert base["probe-best"]["accuracy"] >= base["full"]["accuracy"] + 0.15
+    assert base["default"]["accuracy"] >= base["full"]["accuracy"] + 0.15
+    assert max(report["per_layer_probe_accuracy"]) > max(report["per_layer_accuracy"])
+    assert set(base) == {"key-lr", "knn-vote", "probe-best", "probe-last", "full", "full-cal", "raee", "default"}
+
+
+def test_classify_reads_probes_as_evaluate_scores_them(segment_artifacts, signal):  # noqa: F811
+    root, _, test, report = signal
+    runtime = SegmentRuntime(segment_artifacts)
+    retriever = Retriever(str(root / "db"), "sst2")
+    probes = retriever.probes
+    ctx = Context(3, 2, 5, retriever.policy, probes, retriever.probe_policy)
+    texts = pq.read_table(test).column("text").to_pylist()
+    prompts = [PRESETS["sst2"].render(t) for t in texts]
+    _, pooled = runtime.all_layers_pooled("sst2", prompts)
+    every = probes.every_layer(pooled.astype(np.float32))  # L×B×C
+    nb = Neighbours.none(len(prompts), 3, 2)
+    for t in (0.6, 0.9, None):
+        strategy = resolve("probe-conf", 3)
+        ctx_t = Context(3, 2, 5, ctx.policy, probes, _with_conf(ctx.probe_policy, t))
+        probs, exits = answer_batch(runtime, "sst2", prompts, strategy, nb, ctx_t)
+        expected = confident_exits(np.exp(every).max(axis=2).T, np.full(len(prompts), 3), t)
+        assert exits.tolist() == expected.tolist()
+        np.testing.assert_allclose(probs, np.exp(every[exits - 1, np.arange(len(prompts))]), rtol=1e-3, atol=1e-4)
+    labels = pq.read_table(test).column("label").to_numpy()
+    summary = run_classify(segment_artifacts, "sst2", str(root / "db"), "sst2", str(test), str(root / "out"), 5, None)
+    assert summary.strategy == "probe-fused" and summary.predicted == len(labels)
+    predictions = pa.concat_tables([pq.read_table(f) for f in sorted((root / "out").glob("predictions-*"))])
+    accuracy = float(np.mean(predictions.column("prediction").to_numpy() == predictions.column("label").to_numpy()))
+    assert accuracy == pytest.approx(report["strategies"]["probe-fused"]["accuracy"], abs=1e-9)
+    histogram = report["strategies"]["probe-fused"]["exit_histogram"]
+    assert summary.exit_counts == {layer: n for layer, n in enumerate(histogram) if n}
+
+
+def _with_conf(policy, t):
+    import dataclasses
+
+    return dataclasses.replace(policy, conf_t=1.01 if t is None else t)
+
+
+def test_append_refits_the_probes_on_every_row(segment_artifacts, signal, tmp_path):  # noqa: F811
+    db = str(tmp_path / "db")
+    run_build_db(
+        segment_artifacts,
+        "sst2",
+        [str(signal_rows(tmp_path / "a.parquet", 40, 2, "a"))],
+        db,
+        "t",
+        "minilm",
+        "overwrite",
+        None,
+    )
+    before = Retriever(db, "t").probes
+    more = signal_rows(tmp_path / "b.parquet", 30, 3, "b")
+    run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None)
+    after = Retriever(db, "t")
+    assert before.fit_rows == 40 and after.probes.fit_rows == 70 and after.probes.identity["rows"] == 70
+    assert after.probes.pooling == before.pooling
+    assert not np.array_equal(after.probes.key.weight, before.key.weight)
+    assert lancedb.connect(db).open_table("t" + FEATURES_SUFFIX).count_rows() == 70
+    assert after.has_probe_answers
+
+
+def test_tables_whose_probes_do_not_match_are_refused(segment_artifacts, signal, tmp_path):  # noqa: F811
+    root, _, test, _ = signal
+    data = lancedb.connect(str(root / "db")).open_table("sst2").to_arrow()
+    raw = json.loads(data.schema.metadata[PROBES_META_KEY])
+    raw["identity"]["fingerprint"] = "other-artifacts"
+    commit(
+        str(tmp_path / "db"),
+        "sst2",
+        data.replace_schema_metadata(data.schema.metadata | {PROBES_META_KEY: json.dumps(raw).encode()}),
+    )
+    with pytest.raises(RaeeConfigError, match="probe heads of table 'sst2'.*fingerprint 'other-artifacts'"):
+        run_classify(segment_artifacts, "sst2", str(tmp_path / "db"), "sst2", str(test), str(tmp_path / "o"), 5, "raee")
+    with pytest.raises(RaeeConfigError, match="probe heads"):
+        evaluate(segment_artifacts, "sst2", str(tmp_path / "db"), "sst2", str(test))
+    # a table grown behind the probes' back (rows they were not fitted on)
+    commit(str(tmp_path / "db"), "grown", pa.concat_tables([data, data.slice(0, 1)]))
+    with pytest.raises(RaeeConfigError, match="rows 160 \\(expected 161\\)"):
+        run_classify(segment_artifacts, "sst2", str(tmp_path / "db"), "grown", str(test), str(tmp_path / "o2"), 5, None)
+    # a table without probes refuses the strategies that read them, not the others
+    commit(
+        str(tmp_path / "db"),
+        "bare",
+        data.replace_schema_metadata({k: v for k, v in data.schema.metadata.items() if k != PROBES_META_KEY}),
+    )
+    with pytest.raises(RaeeConfigError, match="no probe heads"):
+        run_classify(
+            segment_artifacts, "sst2", str(tmp_path / "db"), "bare", str(test), str(tmp_path / "o3"), 5, "probe-best"
+        )
+    assert (
+        run_classify(
+            segment_artifacts, "sst2", str(tmp_path / "db"), "bare", str(test), str(tmp_path / "o4"), 5, "raee"
+        ).predicted
+        == 120
+    )

@@ -1,0 +1,92 @@
+"""Probe heads on hand-made features: out-of-fold honesty, plain-array storage, identity checks, the fit sample."""
+
+import numpy as np
+import pytest
+
+from raee_ops.errors import RaeeConfigError
+from raee_ops.probe_policy import confident_exits, fit_probe_policy
+from raee_ops.probes import ProbeSet, check_probes, fit_probes, in_fit_sample
+
+IDENTITY = {"fingerprint": "f", "task": "sst2", "rows": 80}
+
+
+def features(n: int, layers: int, hidden: int, labels: np.ndarray, signal: float, seed: int = 0) -> np.ndarray:
+    """N×L×2×H: noise, plus the label along one direction in the mean pooling, stronger at later layers."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, layers, 2, hidden))
+    x[:, :, 0, 0] += signal * (2 * labels[:, None] - 1) * np.arange(layers)[None, :]
+    return x.astype(np.float16)
+
+
+def test_out_of_fold_answers_are_not_what_a_memorizing_probe_says_in_sample():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 80)  # no signal at all: 80 rows, 300 noise dimensions
+    x = features(80, 2, 300, labels, signal=0.0)
+    keys = rng.normal(size=(80, 8)).astype(np.float32)
+    fitted = fit_probes(x, keys, labels, 2, "accuracy", IDENTITY)
+    in_sample = fitted.probes.every_layer(x.transpose(1, 0, 2, 3)).argmax(axis=2) == labels
+    out_of_fold = fitted.oof.argmax(axis=2).T == labels
+    assert in_sample.mean(axis=1).min() >= 0.85  # the probe memorizes its fit rows
+    assert out_of_fold.mean(axis=1).max() <= 0.7  # what it says about rows it did not see is near chance
+    assert (in_sample.mean(axis=1) - out_of_fold.mean(axis=1)).min() >= 0.2
+    assert max(fitted.probes.oof_metric) <= 0.7
+
+
+def test_probes_find_a_signal_and_choose_its_pooling_and_layer():
+    labels = np.random.default_rng(1).integers(0, 2, 120)
+    x = features(120, 4, 16, labels, signal=0.8, seed=1)
+    keys = np.random.default_rng(2).normal(size=(120, 8)).astype(np.float32)
+    fitted = fit_probes(x, keys, labels, 2, "accuracy", IDENTITY)
+    assert fitted.probes.pooling == "mean"
+    assert fitted.probes.oof_metric[-1] >= 0.9 and fitted.probes.oof_metric[0] <= 0.7
+    assert fitted.probes.best_layer >= 3
+    assert fitted.probes.key_oof_metric <= 0.75  # the keys carry no signal
+
+
+def test_probes_round_trip_as_plain_arrays_and_refuse_other_tables():
+    labels = np.random.default_rng(3).integers(0, 3, 60)
+    x = features(60, 2, 6, labels, signal=0.5, seed=3)
+    keys = np.random.default_rng(4).normal(size=(60, 5)).astype(np.float32)
+    probes = fit_probes(x, keys, labels, 3, "macro_f1", IDENTITY).probes
+    raw = probes.to_json()
+    assert b"pickle" not in raw and raw.startswith(b"{")
+    again = ProbeSet.from_json(raw)
+    pooled = x.transpose(1, 0, 2, 3).astype(np.float32)
+    np.testing.assert_array_equal(again.every_layer(pooled), probes.every_layer(pooled))
+    np.testing.assert_array_equal(again.key.log_probs(keys), probes.key.log_probs(keys))
+    assert check_probes(again, IDENTITY, "t") is again
+    with pytest.raises(RaeeConfigError, match="fitted for something else: rows 80 \\(expected 81\\)"):
+        check_probes(again, IDENTITY | {"rows": 81}, "t")
+    with pytest.raises(RaeeConfigError, match="no probe heads"):
+        check_probes(None, IDENTITY, "t")
+
+
+def test_fit_sample_of_a_grown_table_is_a_subset_of_the_old_one():
+    ids = [f"row{i}" for i in range(5000)]
+    big, small = in_fit_sample(ids, 0.5), in_fit_sample(ids, 0.2)
+    assert not (small & ~big).any()
+    assert 0.15 < small.mean() < 0.25 and 0.45 < big.mean() < 0.55
+    assert in_fit_sample(ids[:3], 1.0).all()
+
+
+def test_confident_exits_stop_at_the_first_confident_layer_up_to_the_upper_bound():
+    confidence = np.array([[0.5, 0.95, 0.99], [0.5, 0.6, 0.7], [0.99, 0.99, 0.99], [0.9, 0.9, 0.9]])
+    upper = np.array([3, 3, 0, 1])
+    assert confident_exits(confidence, upper, 0.9).tolist() == [2, 3, 0, 1]
+    assert confident_exits(confidence, upper, None).tolist() == upper.tolist()
+    assert confident_exits(confidence, np.array([1, 2, 3, 3]), 0.99).tolist() == [1, 2, 1, 3]
+
+
+def test_probe_policy_is_fitted_on_the_reference_and_prefers_cheap_settings():
+    rng = np.random.default_rng(5)
+    n, layers = 200, 4
+    labels = rng.integers(0, 2, n)
+    vectors = rng.normal(size=(n, 8))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    # every layer's probe is right and confident: the cheapest settings leave at layer 1 or run no layer
+    probs = np.full((n, layers, 2), 0.02)
+    probs[np.arange(n), :, labels] = 0.98
+    key = np.full((n, 2), 0.5)
+    policy = fit_probe_policy(vectors, labels, np.log(probs), np.log(key), 2, "accuracy")
+    assert policy.loo_metric == 1.0 and policy.loo_mean_exit == 1.0
+    assert policy.conf_metric == 1.0 and policy.conf_mean_exit == 1.0

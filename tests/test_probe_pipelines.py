@@ -45,7 +45,7 @@ def signal(segment_artifacts, tmp_path_factory):  # noqa: F811
     ref = signal_rows(root / "ref.parquet", 160, 0, "r")
     summary = run_build_db(segment_artifacts, "sst2", [str(ref)], str(root / "db"), "sst2", "minilm", "overwrite", None)
     test = signal_rows(root / "test.parquet", 120, 1, "q")
-    report = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", str(test), k=5)
+    report = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(test)], k=5)
     return root, summary, test, report
 
 
@@ -79,7 +79,7 @@ def test_classify_reads_probes_as_evaluate_scores_them(segment_artifacts, signal
         assert exits.tolist() == expected.tolist()
         np.testing.assert_allclose(probs, np.exp(every[exits - 1, np.arange(len(prompts))]), rtol=1e-3, atol=1e-4)
     labels = pq.read_table(test).column("label").to_numpy()
-    summary = run_classify(segment_artifacts, "sst2", str(root / "db"), "sst2", str(test), str(root / "out"), 5, None)
+    summary = run_classify(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(test)], str(root / "out"), 5, None)
     assert summary.strategy == "probe-fused" and summary.predicted == len(labels)
     predictions = pa.concat_tables([pq.read_table(f) for f in sorted((root / "out").glob("predictions-*"))])
     accuracy = float(np.mean(predictions.column("prediction").to_numpy() == predictions.column("label").to_numpy()))
@@ -128,13 +128,17 @@ def test_tables_whose_probes_do_not_match_are_refused(segment_artifacts, signal,
         data.replace_schema_metadata(data.schema.metadata | {PROBES_META_KEY: json.dumps(raw).encode()}),
     )
     with pytest.raises(RaeeConfigError, match="probe heads of table 'sst2'.*fingerprint 'other-artifacts'"):
-        run_classify(segment_artifacts, "sst2", str(tmp_path / "db"), "sst2", str(test), str(tmp_path / "o"), 5, "raee")
+        run_classify(
+            segment_artifacts, "sst2", str(tmp_path / "db"), "sst2", [str(test)], str(tmp_path / "o"), 5, "raee"
+        )
     with pytest.raises(RaeeConfigError, match="probe heads"):
-        evaluate(segment_artifacts, "sst2", str(tmp_path / "db"), "sst2", str(test))
+        evaluate(segment_artifacts, "sst2", str(tmp_path / "db"), "sst2", [str(test)])
     # a table grown behind the probes' back (rows they were not fitted on)
     commit(str(tmp_path / "db"), "grown", pa.concat_tables([data, data.slice(0, 1)]))
     with pytest.raises(RaeeConfigError, match="rows 160 \\(expected 161\\)"):
-        run_classify(segment_artifacts, "sst2", str(tmp_path / "db"), "grown", str(test), str(tmp_path / "o2"), 5, None)
+        run_classify(
+            segment_artifacts, "sst2", str(tmp_path / "db"), "grown", [str(test)], str(tmp_path / "o2"), 5, None
+        )
     # a table without probes refuses the strategies that read them, not the others
     commit(
         str(tmp_path / "db"),
@@ -143,11 +147,11 @@ def test_tables_whose_probes_do_not_match_are_refused(segment_artifacts, signal,
     )
     with pytest.raises(RaeeConfigError, match="no probe heads"):
         run_classify(
-            segment_artifacts, "sst2", str(tmp_path / "db"), "bare", str(test), str(tmp_path / "o3"), 5, "probe-best"
+            segment_artifacts, "sst2", str(tmp_path / "db"), "bare", [str(test)], str(tmp_path / "o3"), 5, "probe-best"
         )
     assert (
         run_classify(
-            segment_artifacts, "sst2", str(tmp_path / "db"), "bare", str(test), str(tmp_path / "o4"), 5, "raee"
+            segment_artifacts, "sst2", str(tmp_path / "db"), "bare", [str(test)], str(tmp_path / "o4"), 5, "raee"
         ).predicted
         == 120
     )

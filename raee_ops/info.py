@@ -14,7 +14,7 @@ import lancedb
 
 from raee_ops.errors import RaeeConfigError
 from raee_ops.retrieval import connect, open_table, table_names, table_policy
-from schemas.tables import TableMeta
+from schemas.tables import FEATURES_SUFFIX, TableMeta
 
 #: Versions shown by the text rendering (newest last); --json lists them all.
 SHOWN_VERSIONS = 10
@@ -69,7 +69,8 @@ def describe(db_uri: str, table: str | None = None, storage_options: dict[str, s
     if table is not None:
         return {"db": db_uri, "tables": [table_info(open_table(db_uri, table, storage_options=storage_options))]}
     db = connect(db_uri, storage_options)
-    return {"db": db_uri, "tables": [table_info(db.open_table(name)) for name in sorted(table_names(db))]}
+    names = sorted(name for name in table_names(db) if not name.endswith(FEATURES_SUFFIX))  # a table's companion
+    return {"db": db_uri, "tables": [table_info(db.open_table(name)) for name in names]}
 
 
 def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, str] | None = None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ COPY schemas schemas
 # No torch or transformers: workers run exported segments only (the export extra stays on the exporting machine).
 RUN if [ "$ORT" = gpu ]; then ort="gpu"; extra="onnxruntime-gpu[cuda,cudnn]"; else ort="cpu"; extra=""; fi \
  && pip install --no-cache-dir ".[${ort},gcp,aws]" $extra \
- && python -c "import onnxruntime, raee_ops, pipelines.inference; print(onnxruntime.get_available_providers())"
+ && python -c "import onnxruntime, raee_ops.pipelines.inference; print(onnxruntime.get_available_providers())"
 
 # Where workers cache fetched artifacts (one copy per machine, checked against the manifest once per process).
 ENV RAEE_CACHE_DIR=/var/cache/raee

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from raee_ops.onnx_export.loader import resolve
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
-
-from onnx_export.loader import resolve
 
 PROMPTS = [
     "Review: fine.\nSentiment (negative or positive):",

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common import REPO_ROOT, parse_args, timer, write_result
-
-from schemas.manifest import load_manifest
+from raee_ops.schemas.manifest import load_manifest
 
 PRESETS = ("smollm2-135m", "gemma3-270m")
 TASKS = ("sst2",)

@@ -22,11 +22,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from common import REPO_ROOT, require_data, seeded_sample, timer, write_result
+from raee_ops.schemas.manifest import load_manifest
 
 from raee_ops.evaluate import evaluate, write_report
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES
 from raee_ops.tasks import get_task
-from schemas.manifest import load_manifest
 
 PRESETS = ("smollm2-135m", "gemma3-270m")
 TASKS = ("sst2", "cola", "mrpc", "rte", "qnli", "mnli", "sst5", "trec")

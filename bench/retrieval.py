@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 from common import parse_args, timer, write_result
 from lancedb.index import IvfFlat, IvfPq
+from raee_ops.schemas.tables import exit_table_schema
 
 from raee_ops.retrieval import KMEANS_ITERATIONS, index_partitions
-from schemas.tables import exit_table_schema
 
 DIM, K, NUM_QUERIES = 384, 10, 200
 NUM_LAYERS, NUM_LABELS, NUM_CLUSTERS = 12, 2, 1024

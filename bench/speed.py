@@ -25,11 +25,11 @@ import pyarrow.parquet as pq
 import torch
 from common import REPO_ROOT, require_data, seeded_sample, timer, write_result
 from quality import ensure_artifacts  # one shared export per preset, with every task the benches use
+from raee_ops.onnx_export.adapters.base import ArchitectureAdapter
+from raee_ops.onnx_export.loader import load_model
+from raee_ops.pipelines.build_db import run_build_db
+from raee_ops.pipelines.classify import run_classify
 
-from onnx_export.adapters.base import ArchitectureAdapter
-from onnx_export.loader import load_model
-from pipelines.build_db import run_build_db
-from pipelines.classify import run_classify
 from raee_ops import exit_policy
 from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.readout import read_out

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from raee_ops.onnx_export.adapters.bert import arange_positions
+from raee_ops.onnx_export.adapters.encoder import EncoderEmbed, EncoderLayer
+from raee_ops.schemas.manifest import EmbedderEntry, FileRef
 from tokenizers import Tokenizer
 from transformers import AutoModel
 
-from onnx_export.adapters.bert import arange_positions
-from onnx_export.adapters.encoder import EncoderEmbed, EncoderLayer
 from raee_ops.errors import ArtifactError, RaeeConfigError
 from raee_ops.extras import onnxruntime
-from schemas.manifest import EmbedderEntry, FileRef
 
 ort = onnxruntime()
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from raee_ops.onnx_export.adapters import adapter_for
+from raee_ops.onnx_export.adapters.base import ArchitectureAdapter
+from raee_ops.schemas.manifest import sha256_file
 from transformers import AutoConfig, AutoTokenizer
 
-from onnx_export.adapters import adapter_for
-from onnx_export.adapters.base import ArchitectureAdapter
 from raee_ops.errors import RaeeConfigError
-from schemas.manifest import sha256_file
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 

@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 import onnx
+from raee_ops.onnx_export.verify import _session, ort_layer_states, sample_prompts
+from raee_ops.schemas.manifest import FileRef, Manifest
 from tokenizers import Tokenizer
 
-from onnx_export.verify import _session, ort_layer_states, sample_prompts
 from raee_ops.errors import ArtifactError
 from raee_ops.runtime import attention_mask, pad_right, readout_positions
 from raee_ops.tasks import Task
-from schemas.manifest import FileRef, Manifest
 
 METHOD = "dynamic int8, per-channel weights, MatMul"
 #: Largest accepted ‖h_int8 − h_fp32‖ / ‖h_fp32‖ over the readout states at the last layer: a guard against a

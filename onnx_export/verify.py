@@ -13,14 +13,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from raee_ops.onnx_export.adapters.base import ArchitectureAdapter
+from raee_ops.schemas.manifest import Manifest
 from tokenizers import Tokenizer
 
-from onnx_export.adapters.base import ArchitectureAdapter
 from raee_ops.errors import ArtifactError
 from raee_ops.extras import onnxruntime
 from raee_ops.runtime import attention_mask, pad_right, readout_positions, session_options
 from raee_ops.tasks import Task
-from schemas.manifest import Manifest
 
 ort = onnxruntime()
 

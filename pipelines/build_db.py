@@ -14,12 +14,22 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
+from raee_ops.pipelines.commit import claim_work_dir, new_run_id
+from raee_ops.pipelines.inference import BuildHandler, Infer
+from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
+from raee_ops.pipelines.reference import assemble
+from raee_ops.pipelines.sources import (
+    check_inputs,
+    count_rows,
+    expand_inputs,
+    file_ids,
+    read_validated,
+    task_of,
+    write_tables,
+)
+from raee_ops.schemas.manifest import load_manifest
+from raee_ops.schemas.tables import ERRORS_SCHEMA, FEATURES_SUFFIX, ID
 
-from pipelines.commit import claim_work_dir, new_run_id
-from pipelines.inference import BuildHandler, Infer
-from pipelines.options import make_pipeline, run_pipeline, worker_settings
-from pipelines.reference import assemble
-from pipelines.sources import check_inputs, count_rows, expand_inputs, file_ids, read_validated, task_of, write_tables
 from raee_ops import storage
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
@@ -34,8 +44,6 @@ from raee_ops.retrieval import (
     open_table,
     table_meta,
 )
-from schemas.manifest import load_manifest
-from schemas.tables import ERRORS_SCHEMA, FEATURES_SUFFIX, ID
 
 #: Examples of offending ids shown in a refusal.
 SHOWN_IDS = 5

@@ -14,11 +14,13 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics.metric import MetricsFilter
+from raee_ops.pipelines.commit import claim_output
+from raee_ops.pipelines.inference import NAMESPACE, ClassifyHandler, Infer
+from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
+from raee_ops.pipelines.sources import check_inputs, count_rows, expand_inputs, read_validated, task_of, write_tables
+from raee_ops.schemas.manifest import load_manifest
+from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 
-from pipelines.commit import claim_output
-from pipelines.inference import NAMESPACE, ClassifyHandler, Infer
-from pipelines.options import make_pipeline, run_pipeline, worker_settings
-from pipelines.sources import check_inputs, count_rows, expand_inputs, read_validated, task_of, write_tables
 from raee_ops import storage
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import resolve
@@ -32,8 +34,6 @@ from raee_ops.retrieval import (
     table_probe_policy,
 )
 from raee_ops.rows import validated_schema
-from schemas.manifest import load_manifest
-from schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 
 
 @dataclass(frozen=True)

@@ -21,21 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
-
-from onnx_export.loader import LoadedModel, load_model
-from onnx_export.quantize import quantize_layers
-from onnx_export.segments import export_segment
-from onnx_export.tokenizer_file import save_tokenizer
-from onnx_export.verbalizer import label_token_ids
-from onnx_export.verify import verify_export
-from pipelines.commit import CLAIM, hold, new_run_id, reclaim_siblings
-from pipelines.options import make_pipeline, run_pipeline
-from raee_ops import storage
-from raee_ops.errors import RaeeConfigError
-from raee_ops.faults import fault_point
-from raee_ops.progress import Progress, phase
-from raee_ops.tasks import Task
-from schemas.manifest import (
+from raee_ops.onnx_export.loader import LoadedModel, load_model
+from raee_ops.onnx_export.quantize import quantize_layers
+from raee_ops.onnx_export.segments import export_segment
+from raee_ops.onnx_export.tokenizer_file import save_tokenizer
+from raee_ops.onnx_export.verbalizer import label_token_ids
+from raee_ops.onnx_export.verify import verify_export
+from raee_ops.pipelines.commit import CLAIM, hold, new_run_id, reclaim_siblings
+from raee_ops.pipelines.options import make_pipeline, run_pipeline
+from raee_ops.schemas.manifest import (
     MANIFEST_NAME,
     EmbedderEntry,
     FileRef,
@@ -46,6 +40,12 @@ from schemas.manifest import (
     TokenizerInfo,
     write_manifest,
 )
+
+from raee_ops import storage
+from raee_ops.errors import RaeeConfigError
+from raee_ops.faults import fault_point
+from raee_ops.progress import Progress, phase
+from raee_ops.tasks import Task
 
 TOKENIZER_FILE = "tokenizer.json"
 #: Between a staged segment's file name and its sha256, until the driver publishes it under its own name.
@@ -167,7 +167,7 @@ def _publish_remote(work: str, out_dir: str, manifest: Manifest) -> None:
 def _export_embedders(names: Sequence[str], work: Path) -> dict[str, EmbedderEntry]:
     if not names:
         return {}
-    from onnx_export.embedder import export_embedder
+    from raee_ops.onnx_export.embedder import export_embedder
 
     return {name: export_embedder(name, work) for name in names}
 

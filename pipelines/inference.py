@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from raee_ops.schemas.manifest import Manifest
+from raee_ops.schemas.tables import FEATURES, LABEL, PREDICTION_FIELDS, TEXT, TEXT_PAIR, layer_rows_schema
 
 from raee_ops import storage
 from raee_ops.artifacts import local_artifacts
@@ -30,8 +32,6 @@ from raee_ops.retrieval import Retriever
 from raee_ops.rows import INTERNAL, ROW_ID, internal_errors
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import Task
-from schemas.manifest import Manifest
-from schemas.tables import FEATURES, LABEL, PREDICTION_FIELDS, TEXT, TEXT_PAIR, layer_rows_schema
 
 
 def _beam_inference_base():

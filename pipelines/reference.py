@@ -20,6 +20,16 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from raee_ops.schemas.tables import (
+    FEATURES,
+    POLICY_META_KEY,
+    PROBE_POLICY_META_KEY,
+    PROBES_META_KEY,
+    TableMeta,
+    exit_table_schema,
+    features_schema,
+    flat_values,
+)
 
 from raee_ops import storage
 from raee_ops.calibration import FusedPolicy, fit_fused_policy
@@ -30,16 +40,6 @@ from raee_ops.probes import ProbeSet, fit_probes, fit_share, in_fit_sample
 from raee_ops.retrieval import probe_identity
 from raee_ops.runtime import POOLINGS
 from raee_ops.tasks import Task
-from schemas.tables import (
-    FEATURES,
-    POLICY_META_KEY,
-    PROBE_POLICY_META_KEY,
-    PROBES_META_KEY,
-    TableMeta,
-    exit_table_schema,
-    features_schema,
-    flat_values,
-)
 
 
 @dataclass(frozen=True)

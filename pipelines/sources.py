@@ -16,13 +16,13 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from raee_ops.schemas.manifest import Manifest, sha256_stream
+from raee_ops.schemas.tables import ID
 
 from raee_ops import storage
 from raee_ops.errors import RaeeConfigError
 from raee_ops.rows import ROW_ID, Validated, check_columns, errors_table, positions, validate
 from raee_ops.tasks import Task
-from schemas.manifest import Manifest, sha256_stream
-from schemas.tables import ID
 
 ERRORS = "errors"
 #: Rows per element; RunInference then batches several elements into one model call.

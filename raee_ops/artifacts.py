@@ -17,7 +17,7 @@ from pathlib import Path
 
 from raee_ops import storage
 from raee_ops.errors import ArtifactError
-from schemas.manifest import MANIFEST_NAME, check_file, parse_manifest
+from raee_ops.schemas.manifest import MANIFEST_NAME, check_file, parse_manifest
 
 CACHE_ENV = "RAEE_CACHE_DIR"
 log = logging.getLogger(__name__)

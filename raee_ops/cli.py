@@ -44,7 +44,7 @@ def command(name: str) -> Callable[[Callable[..., Any]], click.Command]:
         @functools.wraps(fn)
         def run(*args: Any, verbose: int, quiet: bool, **kwargs: Any) -> Any:
             logs.configure(-1 if quiet else verbose)
-            from pipelines.options import unknown_args
+            from raee_ops.pipelines.options import unknown_args
 
             ctx = click.get_current_context()
             problem = unknown_args(ctx.args, [o for p in ctx.command.params for o in p.opts])
@@ -128,7 +128,7 @@ def export_onnx(
     quantize: str | None,
 ) -> None:
     """Export MODEL into per-layer ONNX segments plus one head per task."""
-    from pipelines.export import run_export
+    from raee_ops.pipelines.export import run_export
 
     tasks = _tasks(task_names, task_files)
     if not tasks:
@@ -180,7 +180,7 @@ def build_db(
     allow_empty: bool,
 ) -> None:
     """Run labelled rows through every layer and store their exit information in LanceDB."""
-    from pipelines.build_db import run_build_db
+    from raee_ops.pipelines.build_db import run_build_db
 
     summary = run_build_db(
         artifacts,
@@ -232,7 +232,7 @@ def classify(
     max_rejected: float,
 ) -> None:
     """Classify Parquet rows, running each only up to its retrieval-predicted exit layer."""
-    from pipelines.classify import run_classify
+    from raee_ops.pipelines.classify import run_classify
 
     summary = run_classify(
         artifacts, task_name, db_uri, table or task_name, list(inputs), output_dir, k, strategy, beam_args()
@@ -278,7 +278,7 @@ def evaluate_cmd(
     options are accepted for the filesystem and database settings: --s3_endpoint_url, --raee_db_storage_option)."""
     from raee_ops import storage
     from raee_ops.evaluate import evaluate, exported_task, write_report
-    from schemas.manifest import load_manifest
+    from raee_ops.schemas.manifest import load_manifest
 
     if (task_name is None) == (task_file is None):
         raise RaeeConfigError("give exactly one of --task or --task-file")
@@ -304,8 +304,8 @@ def evaluate_cmd(
 def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
     """Show each table's task, embedder, artifacts fingerprint, rows, version, index, fitted policy and versions
     (an object-store database takes the same --s3_* / --raee_db_storage_option options as the pipelines)."""
-    from pipelines.options import worker_settings
     from raee_ops.info import describe, render
+    from raee_ops.pipelines.options import worker_settings
 
     info = describe(db_uri, table, worker_settings(beam_args(), db_uri).db_storage_options)
     echo(json.dumps(info, indent=2) if as_json else render(info))
@@ -317,8 +317,8 @@ def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
 @click.option("--version", "version", required=True, type=int, help="Version to make current (see `info`).")
 def rollback_cmd(db_uri: str, table: str, version: int) -> None:
     """Make an earlier version of a table current again, as a new version (nothing is deleted)."""
-    from pipelines.options import worker_settings
     from raee_ops.info import render, rollback
+    from raee_ops.pipelines.options import worker_settings
 
     info = rollback(db_uri, table, version, worker_settings(beam_args(), db_uri).db_storage_options)
     done = "already current" if info["previous"] == version else f"restored (was version {info['previous']})"

@@ -18,22 +18,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.inference import BuildHandler
-from pipelines.options import worker_settings
-from pipelines.sources import check_inputs, expand_inputs, read_validated_file, task_of
 from raee_ops import storage
 from raee_ops.calibration import label_vote
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES, Context, Neighbours, Strategy, resolve
 from raee_ops.metrics import Metric, accuracy, task_metric
+from raee_ops.pipelines.inference import BuildHandler
+from raee_ops.pipelines.options import worker_settings
+from raee_ops.pipelines.sources import check_inputs, expand_inputs, read_validated_file, task_of
 from raee_ops.probe_policy import confident_exits
 from raee_ops.probes import ProbeSet
 from raee_ops.progress import Progress
 from raee_ops.retrieval import Retriever, check_meta, check_table_probes, expected_meta, table_meta
 from raee_ops.runtime import POOLINGS
+from raee_ops.schemas.manifest import Manifest, load_manifest
+from raee_ops.schemas.tables import FEATURES, flat_values
 from raee_ops.tasks import Task
-from schemas.manifest import Manifest, load_manifest
-from schemas.tables import FEATURES, flat_values
 
 #: Rows per model call; small enough for the progress line to move every few seconds on CPU.
 CHUNK = 64

@@ -14,7 +14,7 @@ import lancedb
 
 from raee_ops.errors import RaeeConfigError
 from raee_ops.retrieval import connect, open_table, table_names, table_policy
-from schemas.tables import FEATURES_SUFFIX, TableMeta
+from raee_ops.schemas.tables import FEATURES_SUFFIX, TableMeta
 
 #: Versions shown by the text rendering (newest last); --json lists them all.
 SHOWN_VERSIONS = 10

@@ -10,8 +10,8 @@ import logging
 import os
 import sys
 
-#: Our own packages: their warnings show by default; everything else only from -v on.
-OWN = ("raee_ops", "pipelines", "onnx_export", "schemas")
+#: Our own packages (all under raee_ops): their warnings show by default; everything else only from -v on.
+OWN = ("raee_ops",)
 
 _verbosity = 0
 

@@ -21,8 +21,8 @@ from raee_ops.exit_policy import Neighbours
 from raee_ops.probe_policy import ProbePolicy
 from raee_ops.probes import ProbeSet, check_probes
 from raee_ops.progress import phase
-from schemas.manifest import Manifest
-from schemas.tables import POLICY_META_KEY, PROBE_POLICY_META_KEY, PROBES_META_KEY, TableMeta, flat_values
+from raee_ops.schemas.manifest import Manifest
+from raee_ops.schemas.tables import POLICY_META_KEY, PROBE_POLICY_META_KEY, PROBES_META_KEY, TableMeta, flat_values
 
 #: From this many rows build-db gives the table an IVF_FLAT index and searches probe it; below, every search is an
 #: exact scan (bench/RESULTS.md, retrieval: at 100k rows the index is ~5× faster batched at recall 0.99).

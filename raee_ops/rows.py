@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raee_ops.errors import RaeeConfigError
+from raee_ops.schemas.tables import ERRORS_SCHEMA, ID, LABEL, TEXT, TEXT_PAIR
 from raee_ops.tasks import Task
-from schemas.tables import ERRORS_SCHEMA, ID, LABEL, TEXT, TEXT_PAIR
 
 #: Internal columns carried beside validated rows: the row's id, and the file it came from (for errors).
 ROW_ID = "_row_id"

@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from raee_ops.extras import onnxruntime
-from schemas.manifest import FileRef, Manifest, load_manifest
+from raee_ops.schemas.manifest import FileRef, Manifest, load_manifest
 
 ort = onnxruntime()
 log = logging.getLogger(__name__)

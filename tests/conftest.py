@@ -19,7 +19,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_artifacts(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Exported, verified artifacts directory of the tiny Llama with tasks sst2 and rte."""
-    from pipelines.export import run_export
+    from raee_ops.pipelines.export import run_export
 
     out = tmp_path_factory.mktemp("tiny-llama-artifacts") / "artifacts"
     run_export(

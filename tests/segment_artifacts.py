@@ -14,10 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-from raee_ops.tasks import PRESETS
-from schemas.manifest import (
+from raee_ops.schemas.manifest import (
     EmbedderEntry,
     FileRef,
     Manifest,
@@ -27,6 +24,9 @@ from schemas.manifest import (
     TokenizerInfo,
     write_manifest,
 )
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from raee_ops.tasks import PRESETS
 
 HIDDEN, LAYERS, MAX_LENGTH, EMBED_DIM = 8, 3, 64, 6
 WORDS = "good bad great awful fine movie plot boring fun dull the a is was it cat sat on mat dog".split()

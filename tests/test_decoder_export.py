@@ -12,16 +12,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import raee_ops.pipelines.export
+from raee_ops.onnx_export.adapters import adapter_for
+from raee_ops.onnx_export.adapters.gemma3 import Gemma3Adapter
+from raee_ops.onnx_export.loader import fingerprint, load_model, resolve
+from raee_ops.pipelines.export import run_export
+from raee_ops.schemas.manifest import MANIFEST_NAME, load_manifest
 from tiny_models import build_tiny_gemma3
 
-import pipelines.export
-from onnx_export.adapters import adapter_for
-from onnx_export.adapters.gemma3 import Gemma3Adapter
-from onnx_export.loader import fingerprint, load_model, resolve
-from pipelines.export import run_export
 from raee_ops.errors import ArtifactError, RaeeConfigError, RaeeRunError
 from raee_ops.tasks import PRESETS, Task
-from schemas.manifest import MANIFEST_NAME, load_manifest
 
 TASKS = [PRESETS["sst2"], PRESETS["rte"]]
 SCRIPT = Path(sys.executable).with_name("raee-ops")
@@ -90,7 +90,7 @@ def test_tampered_file_is_refused(tiny_llama_artifacts: Path, tmp_path: Path) ->
 def test_checksums_are_hashed_once_per_process_until_a_file_changes(
     tiny_llama_artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from schemas import manifest as manifest_module
+    from raee_ops.schemas import manifest as manifest_module
 
     copy = Path(shutil.copytree(tiny_llama_artifacts, tmp_path / "copy"))
     load_manifest(copy)
@@ -153,14 +153,14 @@ def test_failed_export_leaves_no_manifest_and_keeps_old(
     out = tmp_path / "out"
     out.mkdir()
     (out / "previous.txt").write_text("an earlier export")
-    real = pipelines.export.export_segment
+    real = raee_ops.pipelines.export.export_segment
 
     def failing(module, kind, *args, **kwargs):  # noqa: ANN001, ANN202
         if kind == "head":
             raise RuntimeError("simulated exporter failure")
         return real(module, kind, *args, **kwargs)
 
-    monkeypatch.setattr(pipelines.export, "export_segment", failing)
+    monkeypatch.setattr(raee_ops.pipelines.export, "export_segment", failing)
     with pytest.raises(RaeeRunError, match="failed in a Beam worker: RuntimeError: simulated exporter failure"):
         export(tiny_llama_dir, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left beside it
@@ -175,7 +175,7 @@ def test_cli_reports_a_worker_failure_in_one_line_with_exit_1(
     def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise RaeeRunError("segment export failed in a Beam worker: OSError: disk full")
 
-    monkeypatch.setattr(pipelines.export, "run_export", failing)
+    monkeypatch.setattr(raee_ops.pipelines.export, "run_export", failing)
     argv = ["raee-ops", "export-onnx", "--model", "smollm2-135m", "--task", "sst2", "--out", str(tmp_path / "o")]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exited:

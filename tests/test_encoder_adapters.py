@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from raee_ops.onnx_export.adapters.base import ArchitectureAdapter
+from raee_ops.onnx_export.adapters.bert import BertMaskedLMAdapter, BertSequenceClassificationAdapter
+from raee_ops.onnx_export.adapters.roberta import RobertaMaskedLMAdapter, RobertaSequenceClassificationAdapter
 from tiny_encoders import build_tiny_encoder
 from transformers import AutoTokenizer
 
-from onnx_export.adapters.base import ArchitectureAdapter
-from onnx_export.adapters.bert import BertMaskedLMAdapter, BertSequenceClassificationAdapter
-from onnx_export.adapters.roberta import RobertaMaskedLMAdapter, RobertaSequenceClassificationAdapter
 from raee_ops.errors import RaeeConfigError
 from raee_ops.tasks import PRESETS
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from raee_ops.pipelines.export import run_export
+from raee_ops.schemas.manifest import load_manifest
 from tiny_encoders import BUILDERS, build_tiny_encoder
 
-from pipelines.export import run_export
 from raee_ops.tasks import PRESETS
-from schemas.manifest import load_manifest
 
 READOUTS = {"mlm": "mask", "cls": "cls"}
 

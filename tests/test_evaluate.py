@@ -9,16 +9,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from raee_ops.pipelines.build_db import run_build_db
+from raee_ops.schemas.manifest import load_manifest
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import BAD_IDS, labelled
 
-from pipelines.build_db import run_build_db
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate, exported_task, write_report
 from raee_ops.exit_policy import STRATEGIES
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS, Task
-from schemas.manifest import load_manifest
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import one_error_line, raee_ops, read_folder
+from raee_ops.pipelines.build_db import run_build_db
+from raee_ops.pipelines.commit import locked
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled, sentences
-
-from pipelines.build_db import run_build_db
-from pipelines.commit import locked
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +203,8 @@ def test_12_a_failed_job_and_failed_counts_are_not_exit_0(segment_artifacts, db,
     assert "classify pipeline failed in a Beam worker" in one_error_line(run) and "injected fault" in run.stderr
     assert not (tmp_path / "out" / "_SUCCESS").exists() and not list((tmp_path / "out").glob("*.parquet"))
 
-    from pipelines import classify as classify_module
+    from raee_ops.pipelines import classify as classify_module
+
     from raee_ops.errors import CountMismatch
 
     real = classify_module.count_rows

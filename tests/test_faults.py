@@ -12,12 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from cli_runs import raee_ops, read_folder
 from conftest import FaultRecord
+from raee_ops.pipelines.build_db import run_build_db
+from raee_ops.schemas.manifest import load_manifest
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_failures import build_args, classify_args
 from test_pipelines import BAD_IDS, labelled
-
-from pipelines.build_db import run_build_db
-from schemas.manifest import load_manifest
 
 KILLED = -9
 ROWS = 200  # enough for several batches (and the @2 points)

@@ -7,15 +7,15 @@ import sys
 import lancedb
 import pyarrow as pa
 import pytest
+from raee_ops.pipelines.build_db import run_build_db
+from raee_ops.schemas.manifest import load_manifest
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
 
-from pipelines.build_db import run_build_db
 from raee_ops.calibration import K_GRID
 from raee_ops.errors import RaeeConfigError
 from raee_ops.info import describe, render, rollback
 from raee_ops.retrieval import Retriever
-from schemas.manifest import load_manifest
 
 
 def build_twice(artifacts, root):

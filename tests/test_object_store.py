@@ -17,11 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import TIMEOUT_S, one_error_line
+from raee_ops.pipelines.commit import CLAIM, SUCCESS, TEMPORARY
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
 from test_runners import job_endpoint  # noqa: F401 - fixture
-
-from pipelines.commit import CLAIM, SUCCESS, TEMPORARY
 
 boto3 = pytest.importorskip("boto3", reason="the aws extra (apache-beam[aws]) runs the object-store tests")
 pytest.importorskip("moto.server", reason="moto[server] (dev extra) runs the object-store tests")
@@ -238,7 +237,8 @@ def test_portable_runner_with_an_external_worker_pool(s3, segment_artifacts, job
 
 def test_claims_on_an_object_store(s3, monkeypatch):
     """A live claim refuses a second run; a claim not renewed within STALE_S is a dead run's and is removed."""
-    from pipelines import commit
+    from raee_ops.pipelines import commit
+
     from raee_ops import storage
     from raee_ops.errors import Busy
 
@@ -275,10 +275,11 @@ def test_a_scheme_without_its_filesystem_names_the_extra():
 
 
 def test_workers_fetch_artifacts_into_a_checked_cache(s3, segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    from raee_ops.schemas.manifest import load_manifest
+
     from raee_ops import storage
     from raee_ops.artifacts import local_artifacts
     from raee_ops.errors import ArtifactError
-    from schemas.manifest import load_manifest
 
     endpoint, client = s3
     storage.configure(s3_args(endpoint))
@@ -297,7 +298,7 @@ def test_workers_fetch_artifacts_into_a_checked_cache(s3, segment_artifacts, tmp
 
 
 def test_worker_settings_come_from_the_options(monkeypatch):
-    from pipelines.options import worker_settings
+    from raee_ops.pipelines.options import worker_settings
 
     monkeypatch.setenv("RAEE_PROVIDER", "cuda")  # read here, on the launching machine, and carried to workers
     monkeypatch.delenv("RAEE_INTRA_OP_THREADS", raising=False)
@@ -321,7 +322,7 @@ def test_a_classify_killed_on_s3_blocks_its_output_until_its_claim_is_released(s
     """Killed mid-publish: no `_SUCCESS`, and the dead run's claim stays (a rerun within STALE_S is refused with
     75, as test_missing_options_and_live_claims_are_refused shows); once the claim is deleted, the rerun removes
     the leftovers and publishes every row once."""
-    from pipelines.build_db import run_build_db
+    from raee_ops.pipelines.build_db import run_build_db
 
     endpoint, client = s3
     art = upload_dir(client, segment_artifacts, "killed/artifacts")

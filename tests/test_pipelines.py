@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from raee_ops.pipelines.build_db import run_build_db
+from raee_ops.pipelines.classify import run_classify
+from raee_ops.pipelines.sources import file_key
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 
-from pipelines.build_db import run_build_db
-from pipelines.classify import run_classify
-from pipelines.sources import file_key
 from raee_ops.errors import RaeeConfigError
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
@@ -113,10 +113,10 @@ def test_rows_answered_from_retrieval_alone_are_written_with_exit_0(segment_arti
     import dataclasses
 
     import lancedb
+    from raee_ops.pipelines.build_db import commit
+    from raee_ops.schemas.tables import POLICY_META_KEY
 
-    from pipelines.build_db import commit
     from raee_ops.retrieval import Retriever
-    from schemas.tables import POLICY_META_KEY
 
     root, _ = built
     data = lancedb.connect(str(root / "db")).open_table("sst2").to_arrow()

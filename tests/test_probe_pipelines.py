@@ -8,10 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from raee_ops.pipelines.build_db import commit, run_build_db
+from raee_ops.pipelines.classify import run_classify
+from raee_ops.schemas.tables import FEATURES_SUFFIX, PROBES_META_KEY
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 
-from pipelines.build_db import commit, run_build_db
-from pipelines.classify import run_classify
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate
 from raee_ops.exit_policy import Context, Neighbours, resolve
@@ -20,7 +21,6 @@ from raee_ops.readout import answer_batch
 from raee_ops.retrieval import Retriever
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
-from schemas.tables import FEATURES_SUFFIX, PROBES_META_KEY
 
 NEUTRAL = "movie plot the a is was it cat sat on mat dog".split()
 

@@ -6,8 +6,8 @@ import os
 import apache_beam as beam
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
+from raee_ops.pipelines.options import make_pipeline
 
-from pipelines.options import make_pipeline
 from raee_ops import progress
 from raee_ops.progress import NAMESPACE, Progress, clock, phase
 

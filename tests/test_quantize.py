@@ -5,13 +5,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from raee_ops.onnx_export import quantize
+from raee_ops.pipelines.export import run_export
+from raee_ops.schemas.manifest import load_manifest
 
-from onnx_export import quantize
-from pipelines.export import run_export
 from raee_ops.errors import ArtifactError
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
-from schemas.manifest import load_manifest
 
 TASKS = [PRESETS["sst2"], PRESETS["rte"]]
 

@@ -2,11 +2,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
+from raee_ops.pipelines.build_db import commit
+from raee_ops.schemas.tables import TableMeta, exit_table_schema
 
-from pipelines.build_db import commit
 from raee_ops import retrieval
 from raee_ops.retrieval import Retriever, table_names
-from schemas.tables import TableMeta, exit_table_schema
 
 
 class PagedDB:

@@ -1,10 +1,10 @@
 import pyarrow as pa
 import pytest
+from raee_ops.schemas.tables import ERRORS_SCHEMA
 
 from raee_ops.errors import RaeeConfigError
 from raee_ops.rows import ROW_ID, check_columns, validate
 from raee_ops.tasks import get_task
-from schemas.tables import ERRORS_SCHEMA
 
 SST2, RTE = get_task("sst2"), get_task("rte")
 

@@ -6,11 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
+from raee_ops.pipelines.build_db import run_build_db
+from raee_ops.pipelines.classify import run_classify
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
-
-from pipelines.build_db import run_build_db
-from pipelines.classify import run_classify
 
 pytestmark = pytest.mark.runners
 

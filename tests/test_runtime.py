@@ -74,7 +74,8 @@ def test_runtime_and_pipelines_do_not_import_torch_transformers_or_sklearn():
     code = (
         "import sys\n"
         "import raee_ops.runtime, raee_ops.retrieval, raee_ops.exit_policy, raee_ops.rows, raee_ops.cli\n"
-        "import raee_ops.probes, raee_ops.readout, pipelines.inference, pipelines.build_db, pipelines.classify\n"
+        "import raee_ops.probes, raee_ops.readout, raee_ops.pipelines.inference, raee_ops.pipelines.build_db\n"
+        "import raee_ops.pipelines.classify\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'sklearn'))\n"
         "assert not bad, bad\n"
     )

@@ -5,10 +5,10 @@ import glob
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from raee_ops.pipelines.build_db import run_build_db
+from raee_ops.pipelines.classify import run_classify
 from test_pipelines import labelled, sentences
 
-from pipelines.build_db import run_build_db
-from pipelines.classify import run_classify
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
 

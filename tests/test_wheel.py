@@ -33,8 +33,8 @@ from raee_ops.cli import cli
 pytestmark = pytest.mark.wheel
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("raee_ops", "pipelines", "onnx_export", "schemas")
-SOURCES = ("pyproject.toml", "README.md", *PACKAGES)
+PACKAGES = ("raee_ops",)
+SOURCES = ("pyproject.toml", "README.md", "raee_ops", "pipelines", "onnx_export", "schemas")
 #: The README's install lines, run exactly as written (the test checks the README holds them verbatim).
 BUILD = "pip wheel --no-deps --no-build-isolation --wheel-dir dist ."
 WHEEL = f"raee_ops-{raee_ops.__version__}-py3-none-any.whl"

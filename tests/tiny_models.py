@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from raee_ops.onnx_export.verify import SAMPLE_TEXTS
 from tokenizers import Tokenizer, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import (
@@ -20,7 +21,6 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from onnx_export.verify import SAMPLE_TEXTS
 from raee_ops.tasks import PRESETS
 
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from onnx_export.adapters.base import ArchitectureAdapter, head_kind_of
-from onnx_export.adapters.bert import BertMaskedLMAdapter, BertSequenceClassificationAdapter
-from onnx_export.adapters.gemma3 import Gemma3Adapter
-from onnx_export.adapters.llama import LlamaAdapter
-from onnx_export.adapters.roberta import RobertaMaskedLMAdapter, RobertaSequenceClassificationAdapter
+from raee_ops.onnx_export.adapters.base import ArchitectureAdapter, head_kind_of
+from raee_ops.onnx_export.adapters.bert import BertMaskedLMAdapter, BertSequenceClassificationAdapter
+from raee_ops.onnx_export.adapters.gemma3 import Gemma3Adapter
+from raee_ops.onnx_export.adapters.llama import LlamaAdapter
+from raee_ops.onnx_export.adapters.roberta import RobertaMaskedLMAdapter, RobertaSequenceClassificationAdapter
+
 from raee_ops.errors import RaeeConfigError
 
 ADAPTERS: list[type[ArchitectureAdapter]] = [

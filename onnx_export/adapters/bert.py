@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-
-from onnx_export.adapters.encoder import MaskedLMEncoderAdapter, SequenceClassificationEncoderAdapter
+from raee_ops.onnx_export.adapters.encoder import MaskedLMEncoderAdapter, SequenceClassificationEncoderAdapter
 
 
 def arange_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from raee_ops.onnx_export.adapters.base import ArchitectureAdapter
 from transformers import AutoModelForCausalLM
-
-from onnx_export.adapters.base import ArchitectureAdapter
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
+from raee_ops.onnx_export.adapters.base import ArchitectureAdapter
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-from onnx_export.adapters.base import ArchitectureAdapter
 from raee_ops.errors import RaeeConfigError
 
 PositionFn = Callable[[torch.Tensor], torch.Tensor]

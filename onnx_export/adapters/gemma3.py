@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from onnx_export.adapters.decoder import DecoderAdapter
+from raee_ops.onnx_export.adapters.decoder import DecoderAdapter
+
 from raee_ops.errors import RaeeConfigError
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnx_export.adapters.decoder import DecoderAdapter
+from raee_ops.onnx_export.adapters.decoder import DecoderAdapter
 
 
 class LlamaAdapter(DecoderAdapter):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -190,14 +191,17 @@ def test_missing_options_and_live_claims_are_refused(s3, segment_artifacts, tmp_
 
 def private_worker_pool(port: int, root: Path) -> subprocess.Popen:
     """Beam's external worker pool; its workers are processes with their own temp folder and cache, and where
-    `unshare` allows, a private /tmp (a tmpfs) so they cannot read the driver's files under /tmp either."""
+    `unshare` allows, a private mount (a tmpfs) over the test session's whole temp folder, where every file the
+    driver made lies, so they cannot read those files either (the checkout and its venv stay visible, wherever
+    they are)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # workers run `python`
     command = [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", "--service_port", str(port)]
     if shutil.which("unshare") and subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0:
-        mount = 'mount -t tmpfs none /tmp && mkdir -p /tmp/worker && exec "$@"'
+        hidden = shlex.quote(str(root.parent))  # pytest's base temp folder: every test's and fixture's files
+        mount = f'mount -t tmpfs none {hidden} && mkdir -p {hidden}/worker && exec "$@"'
         command = ["unshare", "-rm", "sh", "-c", mount, "sh", *command]
-        env |= {"TMPDIR": "/tmp/worker", "RAEE_CACHE_DIR": "/tmp/worker/cache"}
+        env |= {"TMPDIR": f"{root.parent}/worker", "RAEE_CACHE_DIR": f"{root.parent}/worker/cache"}
     else:
         (root / "worker").mkdir()
         env |= {"TMPDIR": str(root / "worker"), "RAEE_CACHE_DIR": str(root / "worker" / "cache")}

@@ -14,14 +14,13 @@ from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from raee_ops.schemas.manifest import Manifest, sha256_stream
 from raee_ops.schemas.tables import ID
 
 from raee_ops import storage
 from raee_ops.errors import RaeeConfigError
-from raee_ops.rows import ROW_ID, Validated, check_columns, errors_table, positions, validate
+from raee_ops.rows import ROW_ID, Validated, check_columns, errors_table, positions, row_ids, validate
 from raee_ops.tasks import Task
 
 ERRORS = "errors"
@@ -81,11 +80,10 @@ def file_ids(path: str) -> pa.Array:
     """The ids the rows of one file get (id column, else positions), read on the driver for duplicate checks."""
     with storage.open_read(path) as handle:
         parquet = pq.ParquetFile(handle)
-        rows = parquet.metadata.num_rows
-        if ID not in parquet.schema_arrow.names:
-            return positions(file_key(path), 0, rows)
-        ids = pc.cast(parquet.read(columns=[ID]).column(ID), pa.string()).combine_chunks()
-    return pc.if_else(pc.is_null(ids), positions(file_key(path), 0, rows), ids) if ids.null_count else ids
+        has_ids = ID in parquet.schema_arrow.names
+        table = parquet.read(columns=[ID]) if has_ids else pa.table({"_": pa.nulls(parquet.metadata.num_rows)})
+    positional = not has_ids or table.column(ID).null_count > 0  # hash the file only when its key is used
+    return row_ids(table, file_key(path) if positional else "", 0)
 
 
 def read_validated_file(path: str, task: Task, need_label: bool, rows: int = ROWS_PER_ELEMENT) -> Iterator[Validated]:

@@ -34,7 +34,7 @@ from raee_ops import exit_policy
 from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.readout import read_out
 from raee_ops.retrieval import Retriever
-from raee_ops.runtime import SUB_BATCH, SegmentRuntime, session_options
+from raee_ops.runtime import SUB_BATCH, SegmentRuntime, process_thread_pool, session_options
 from raee_ops.tasks import Task, get_task
 
 PRESETS = ("smollm2-135m", "gemma3-270m")
@@ -333,7 +333,6 @@ def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
             )
         )
     methods += [beam_classify(artifacts, db, table, evaluation, strategy) for strategy in BEAM_STRATEGIES]
-    threads = runtime.embed_session.get_session_options().intra_op_num_threads
     return {
         "preset": preset,
         "task": TASK,
@@ -347,10 +346,9 @@ def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
         "default_strategy": exit_policy.DEFAULT_STRATEGY,
         "threads": {
             "torch": SINGLE_SESSION_THREADS,
-            "ort_whole_intra_op": SINGLE_SESSION_THREADS,
-            "segments_intra_op": threads,
+            "ort_shared_pool": process_thread_pool(SINGLE_SESSION_THREADS),
             "inter_op": 1,
-            "RAEE_INTRA_OP_THREADS": os.environ.get("RAEE_INTRA_OP_THREADS"),
+            "process_os_threads": len(os.listdir("/proc/self/task")),
         },
         "timing": f"one warm-up pass over {BATCH} rows, then the fastest of {REPEATS} timed passes (Beam: of "
         f"{REPEATS} runs); rows length-sorted for every method",

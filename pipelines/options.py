@@ -52,8 +52,8 @@ class RaeeOptions(PipelineOptions):
             "--raee_intra_op_threads",
             type=int,
             default=None,
-            help="ONNX Runtime intra-op threads per worker session (default: RAEE_INTRA_OP_THREADS, else the "
-            "worker's cores, up to 8).",
+            help="Threads of ONNX Runtime's one intra-op pool per worker process, shared by all its sessions "
+            "(default: RAEE_INTRA_OP_THREADS on the launching machine, else the worker's cores, up to 8).",
         )
         parser.add_argument(
             "--raee_db_storage_option",

@@ -19,6 +19,8 @@ from raee_ops.extras import onnxruntime
 from raee_ops.schemas.manifest import FileRef, Manifest, load_manifest
 
 ort = onnxruntime()
+set_global_thread_pool_sizes = ort.capi._pybind_state.set_global_thread_pool_sizes
+OrtFail = ort.capi.onnxruntime_pybind11_state.Fail
 log = logging.getLogger(__name__)
 
 BACKBONE = "backbone"
@@ -27,8 +29,9 @@ SUB_BATCH = 32
 
 
 def choose_providers(requested: str | None = None) -> list[str]:
-    """CUDA when asked for (option or RAEE_PROVIDER=cuda) and available, else CPU."""
-    wanted = (requested or os.environ.get("RAEE_PROVIDER") or "cpu").lower()
+    """CUDA when asked for and available, else CPU. The request is a pipeline option resolved on the launching
+    machine; a worker never reads its own environment for it."""
+    wanted = (requested or "cpu").lower()
     if wanted == "cuda":
         if "CUDAExecutionProvider" in ort.get_available_providers():
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -37,18 +40,37 @@ def choose_providers(requested: str | None = None) -> list[str]:
 
 
 def default_threads() -> int:
-    """One worker per machine is the common local case: let each session use the cores this process may run
-    on (spinning is off, so chained sessions do not fight while idle). With N worker processes set
-    RAEE_INTRA_OP_THREADS to cores / N."""
+    """The cores this process may run on (at most 8): one worker per machine is the common case. With N worker
+    processes per machine pass --raee_intra_op_threads cores / N."""
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+_pool_threads: int | None = None
+
+
+def process_thread_pool(threads: int) -> int:
+    """Create ONNX Runtime's one intra-op thread pool that every session of this process shares, and return its
+    size. Why: a pool per session put 4 threads behind each of ~32 segment sessions (96 OS threads in a worker),
+    though the chain only ever runs one session at a time. The first size wins: ORT cannot replace the pool."""
+    global _pool_threads
+    if _pool_threads is None:
+        try:
+            set_global_thread_pool_sizes(threads, 1)
+            _pool_threads = threads
+        except OrtFail as err:  # another library created the pools first: share them, whatever their size
+            log.debug("ONNX Runtime's global thread pool exists already (%s)", err)
+            _pool_threads = 0
+    elif threads != _pool_threads and _pool_threads:
+        log.debug("ONNX Runtime's thread pool keeps %d threads (asked for %d)", _pool_threads, threads)
+    return _pool_threads
+
+
 def session_options(threads: int) -> ort.SessionOptions:
-    """Explicit threads and no idle spinning: many chained sessions must not fight over the cores."""
+    """Sessions on the process's shared thread pool (`process_thread_pool`), one inter-op thread."""
+    process_thread_pool(threads)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.use_per_session_threads = False
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -119,8 +141,7 @@ class SegmentRuntime:
     ) -> None:
         self.dir = Path(artifacts)
         self.manifest: Manifest = load_manifest(self.dir, verify_checksums=verify_checksums)
-        threads = intra_op_threads or int(os.environ.get("RAEE_INTRA_OP_THREADS", "0")) or default_threads()
-        self._options = session_options(threads)
+        self._options = session_options(intra_op_threads or default_threads())
         self._providers = choose_providers(providers)
         m = self.manifest
         self.tokenizer = self._tokenizer(m.tokenizer.file)

@@ -80,3 +80,20 @@ def test_runtime_and_pipelines_do_not_import_torch_transformers_or_sklearn():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_every_session_of_a_process_shares_one_thread_pool(segment_artifacts):  # noqa: F811
+    """A pool per session meant threads × sessions OS threads in one worker; the shared pool keeps its size."""
+    script = (
+        "import os, sys, numpy as np\n"
+        "from raee_ops.runtime import SegmentRuntime, process_thread_pool\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "rt = SegmentRuntime(sys.argv[1], intra_op_threads=3)\n"
+        "rt.run_to_exit('sst2', ['Review: good\\nSentiment (negative or positive):'] * 4, np.full(4, rt.num_layers))\n"
+        "print(len(rt.layer_sessions) + 1, len(os.listdir('/proc/self/task')) - before, process_thread_pool(5))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(segment_artifacts)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    sessions, new_threads, pool = map(int, out.stdout.split()[-3:])
+    assert sessions >= 3 and pool == 3  # the first size wins
+    assert new_threads <= pool + 1  # the pool's workers (and at most one helper thread), not one pool per session

@@ -66,11 +66,10 @@ def process_thread_pool(threads: int) -> int:
 
 
 def session_options(threads: int) -> ort.SessionOptions:
-    """Sessions on the process's shared thread pool (`process_thread_pool`), one inter-op thread."""
+    """Sessions on the process's shared thread pool (`process_thread_pool`)."""
     process_thread_pool(threads)
     options = ort.SessionOptions()
-    options.use_per_session_threads = False
-    options.inter_op_num_threads = 1
+    options.use_per_session_threads = False  # a per-session thread count would only draw ORT's warning
     return options
 
 
@@ -318,13 +317,14 @@ class SegmentRuntime:
             self._embedders[name] = (tokenizer, self._session(entry.model))
         tokenizer, session = self._embedders[name]
         encoded = [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=True)]
-        keys = []
-        for start in range(0, len(encoded), SUB_BATCH):
-            ids, lengths = self.pad(encoded[start : start + SUB_BATCH])
+        keys = np.zeros((len(encoded), self.manifest.embedders[name].dim), np.float32)
+        order = np.argsort([len(ids) for ids in encoded], kind="stable")  # length-sorted: little padding to run
+        for start in range(0, len(order), SUB_BATCH):
+            rows = order[start : start + SUB_BATCH]
+            ids, lengths = self.pad([encoded[i] for i in rows])
             feed = {"input_ids": ids, "attention_mask": self.mask_of(lengths, ids.shape[1])}
-            keys.append(session.run(None, feed)[0])
-        width = self.manifest.embedders[name].dim
-        return _normalize(np.concatenate(keys).astype(np.float32)) if keys else np.zeros((0, width), np.float32)
+            keys[rows] = session.run(None, feed)[0]
+        return _normalize(keys)
 
 
 def _normalize(vectors: np.ndarray) -> np.ndarray:

@@ -69,6 +69,16 @@ def test_backbone_key_is_mean_embedding_of_raw_text(runtime):
     assert runtime.key("minilm", ["good movie", "bad"]).shape == (2, runtime.manifest.embedders["minilm"].dim)
 
 
+def test_embedder_keys_of_a_mixed_length_batch_are_each_rows_own_key(runtime):
+    """The key sub-batches run length-sorted; each key must still land on its own row."""
+    counts = [1, 40, 3, 25, 2, 60, 7]
+    texts = [" ".join(["word"] * n) + f" {i}" for i, n in enumerate(counts * 6)]
+    batch = runtime.key("minilm", texts)
+    alone = np.concatenate([runtime.key("minilm", [text]) for text in texts])
+    np.testing.assert_allclose(batch, alone, atol=1e-5, rtol=0)
+    assert len({tuple(np.round(row, 4)) for row in batch}) >= len(counts)  # keys differ by length: not one key
+
+
 def test_runtime_and_pipelines_do_not_import_torch_transformers_or_sklearn():
     """scikit-learn is imported only inside the probe fit: classify applies probes with numpy."""
     code = (

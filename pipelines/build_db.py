@@ -144,7 +144,10 @@ def run_build_db(
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
     if embedder != "backbone" and embedder not in manifest.embedders:
-        raise RaeeConfigError(f"embedder {embedder!r} was not exported into {artifacts}")
+        raise RaeeConfigError(
+            f"embedder {embedder!r} was not exported into {artifacts} (export-onnx --embedder {embedder}, or "
+            f"build-db --embedder backbone)"
+        )
     files = expand_inputs(inputs)
     _, rows_in = check_inputs(files, task, need_label=True)
     if rows_in == 0 and mode == "overwrite":

@@ -95,8 +95,10 @@ def beam_args() -> list[str]:
     "--embedder",
     "embedders",
     multiple=True,
-    type=click.Choice(["minilm"]),
-    help="Also export a retrieval embedder into the artifacts.",
+    default=("minilm",),
+    show_default=True,
+    type=click.Choice(["minilm", "none"]),
+    help="Retrieval embedder to export into the artifacts (build-db's default key); `none` exports none.",
 )
 @click.option(
     "--max-length",
@@ -138,7 +140,7 @@ def export_onnx(
         out_dir,
         tasks,
         verify=verify,
-        embedders=list(embedders),
+        embedders=[name for name in embedders if name != "none"],
         max_length=max_length,
         beam_args=beam_args(),
         quantize=quantize,
@@ -154,10 +156,11 @@ def export_onnx(
 @click.option("--table", default=None, help="Table name (default: the task name).")
 @click.option(
     "--embedder",
-    default="backbone",
+    default="minilm",
     show_default=True,
     type=click.Choice(["backbone", "minilm"]),
-    help="Retrieval key embedding.",
+    help="Retrieval key: the exported MiniLM sentence embedder, or `backbone` (the embedding segment's mean: "
+    "cheaper, weaker neighbours).",
 )
 @click.option("--mode", default="overwrite", show_default=True, type=click.Choice(["overwrite", "append"]))
 @click.option("--errors", "errors_dir", default=None, help="Where rejected rows go (default: <db>/_errors/<table>).")

@@ -233,3 +233,12 @@ def test_workers_read_the_table_version_the_driver_checked(segment_artifacts, tm
     run_build_db(segment_artifacts, "sst2", [str(more)], db, "sst2", "backbone", "overwrite", None)
     assert Retriever(db, "sst2").rows == 9  # a build-db committed after the driver's check ...
     assert Retriever(db, "sst2", checked.version).rows == 6  # ... is not what the run's workers read
+
+
+def test_build_db_default_key_needs_the_exported_embedder(tiny_llama_artifacts, tmp_path):
+    """The default key is MiniLM; artifacts exported without it are refused up front with the two ways out."""
+    train = labelled(tmp_path / "train.parquet", 6, 0, "t", bad=False)
+    run = raee_ops(*build_args(tiny_llama_artifacts, tmp_path / "db", train))
+    line = one_error_line(run)
+    assert run.returncode == 2 and "embedder 'minilm' was not exported" in line and "--embedder backbone" in line
+    assert not (tmp_path / "db").exists()

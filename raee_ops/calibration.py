@@ -150,11 +150,17 @@ def _standard_error(metric: Metric, truth: np.ndarray, pred: np.ndarray, num_lab
     return float(np.std([metric(truth[d], pred[d], num_labels) for d in draws]))
 
 
+def cheapest_within(trials: list[Trial], tolerance: float) -> Trial:
+    """The cheapest trial (fewest layers) scoring within `tolerance` of the best; 0: the best, the cheapest of
+    equals."""
+    best = max(t.score for t in trials)
+    return min((t for t in trials if t.score >= best - tolerance - 1e-12), key=lambda t: (t.mean_exit, -t.score))
+
+
 def one_se_choice(trials: list[Trial], metric: Metric, truth: np.ndarray, num_labels: int, seed: int) -> Trial:
     """The cheapest trial (fewest layers) scoring within one bootstrap standard error of the best."""
     best = max(trials, key=lambda t: t.score)
-    floor = best.score - _standard_error(metric, truth, best.pred, num_labels, seed)
-    return min((t for t in trials if t.score >= floor), key=lambda t: (t.mean_exit, -t.score))
+    return cheapest_within(trials, _standard_error(metric, truth, best.pred, num_labels, seed))
 
 
 def loo_neighbours(vectors: np.ndarray, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:

@@ -161,12 +161,13 @@ def raee_probe(nb: Neighbours, ctx: Context) -> np.ndarray:
 
 def probe_fused_exit(nb: Neighbours, ctx: Context) -> np.ndarray:
     """0 where the key probe mixed with the neighbours' label vote is tau confident, else the earliest layer whose
-    similarity-weighted out-of-fold probe accuracy among the neighbours is within epsilon of their best layer's."""
+    similarity-weighted out-of-fold probe accuracy among the neighbours (shrunk toward the whole reference's) is
+    within epsilon of the best layer's."""
     policy = ctx.fitted_probe_policy()
     top = nb.top(policy.k)
     if top.labels.shape[1] == 0:
         return np.full(len(top.labels), ctx.num_layers, np.int32)
-    exits = earliest_within(neighbour_accuracy(top.probe(), top.similarity), policy.epsilon)
+    exits = earliest_within(policy.exit_curve(neighbour_accuracy(top.probe(), top.similarity)), policy.epsilon)
     if policy.tau is None:
         return exits
     zero = mix(nb.key_probs(), label_vote(top.labels, top.similarity, ctx.num_labels), policy.beta)

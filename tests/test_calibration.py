@@ -115,3 +115,17 @@ def test_prior_bias_from_a_row_sample_matches_all_rows(monkeypatch):
     sampled = prior_bias(logprobs, labels, 2)
     assert np.abs(sampled - everything).max() < 0.15
     assert np.abs(everything).max() > 1.0  # a real bias was there to estimate
+
+
+def test_cheapest_within_takes_the_cheapest_of_the_settings_close_enough_to_the_best():
+    from raee_ops.calibration import Trial, cheapest_within
+
+    none = np.zeros(0)
+    trials = [
+        Trial(0.80, 0.8, 9.0, "deep", none),
+        Trial(0.80, 0.8, 6.0, "tie", none),
+        Trial(0.79, 0.79, 2.0, "near", none),
+    ]
+    assert cheapest_within(trials, 0.0).settings == "tie"  # the best score; the cheaper of the two equals
+    assert cheapest_within(trials, 0.01).settings == "near"
+    assert cheapest_within(trials, 0.005).settings == "tie"

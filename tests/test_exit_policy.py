@@ -157,10 +157,12 @@ def test_policy_strategies_refuse_a_table_without_a_policy():
 # -- probe strategies -------------------------------------------------------------------------------------------
 
 
-def _probe_policy(k=2, epsilon=0.0, alpha=0.0, beta=0.5, tau=None, t=None, conf_t=0.9):
+def _probe_policy(k=2, epsilon=0.0, alpha=0.0, beta=0.5, tau=None, t=None, conf_t=0.9, shrink=1.0, curve=None):
     from raee_ops.probe_policy import ProbePolicy
 
-    return ProbePolicy(k, epsilon, alpha, beta, tau, t, conf_t, "accuracy", 0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    return ProbePolicy(
+        k, epsilon, alpha, beta, tau, t, conf_t, "accuracy", 0, 0.0, 0.0, 0.0, 0.0, 0.0, shrink=shrink, curve=curve
+    )
 
 
 def _with_probes(nb: Neighbours, probe_says, key_probs) -> Neighbours:
@@ -234,3 +236,18 @@ def test_fixed_probe_strategies_and_baselines_without_layers():
         resolve("probe-best", 4).exits(nb, Context(4, 2, k=3))
     with pytest.raises(RaeeConfigError):
         resolve("probe:5", 4)
+
+
+def test_probe_fused_shrinks_the_neighbours_curve_toward_the_whole_references():
+    # neighbours' probes are right from layer 2 on; over the whole reference layer 3 is far better
+    nb = _with_probes(_neighbours([1, 1], [[0, 0, 0], [0, 0, 0]]), [[0, 1, 1], [0, 1, 1]], [0.5, 0.5])
+    reference = (0.2, 0.5, 1.0)
+
+    def exit_at(shrink: float) -> int:
+        policy = _probe_policy(shrink=shrink, curve=reference)
+        return exit_policy.probe_fused_exit(nb, Context(3, 2, 10, probe_policy=policy)).tolist()[0]
+
+    assert exit_at(1.0) == 2  # the neighbours alone: layer 2 ties layer 3 among them
+    assert exit_at(0.5) == 3  # half-way: 0.5*1 + 0.5*1.0 at layer 3 beats 0.5*1 + 0.5*0.5 at layer 2
+    assert exit_at(0.0) == 3  # the reference alone: its best layer for every row
+    assert exit_policy.probe_fused_exit(nb, Context(3, 2, 10, probe_policy=_probe_policy(shrink=0.0))).tolist() == [2]

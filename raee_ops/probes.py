@@ -238,6 +238,7 @@ def _cross_fit(x: np.ndarray, y: np.ndarray, folds: np.ndarray, num_labels: int,
 def _fit(x: np.ndarray, y: np.ndarray, num_labels: int, c: float) -> Probe:
     """One standardized L2 multinomial logistic regression (scikit-learn, imported here: build time only)."""
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     x = np.asarray(x, np.float32)
     mean = x.mean(axis=0)
@@ -249,7 +250,10 @@ def _fit(x: np.ndarray, y: np.ndarray, num_labels: int, c: float) -> Probe:
     if len(present) == 1:
         bias[present[0]] = 0.0
     else:
-        model = LogisticRegression(C=c, max_iter=MAX_ITER, tol=1e-3).fit(z, y)
+        # One BLAS/OpenMP thread: a probe is a small problem (SmolLM2: 500 rows x 576, ~10 iterations), where
+        # waking a thread pool for every product cost 15-35x the fit itself on 2 busy cores.
+        with threadpool_limits(limits=1):
+            model = LogisticRegression(C=c, max_iter=MAX_ITER, tol=1e-3).fit(z, y)
         coef, intercept = model.coef_, model.intercept_
         if len(present) == 2:  # scikit-learn gives binary problems one row: the second class against the first
             coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])

@@ -72,16 +72,17 @@ def multi_head_attention(
         raise RaeeConfigError("attention logit soft-capping has no fused ONNX attention")
     batch, _, length, _ = query.shape
     heads = module.config.num_attention_heads  # a constant of the graph, not a traced size
-    key, value = _repeat_heads(key, heads), _repeat_heads(value, heads)
+    kv_heads = getattr(module.config, "num_key_value_heads", None) or heads  # encoders: no grouped heads
+    key, value = _repeat_heads(key, heads, kv_heads), _repeat_heads(value, heads, kv_heads)
     bias = attention_mask.expand(-1, -1, length, -1)  # encoders' B×1×1×T key-padding bias: one row per query
     flat = query.transpose(1, 2).reshape(batch, length, -1)
     out = _MultiHeadAttention.apply(flat, key, value, bias, heads, float(scaling))
     return out.view(batch, length, heads, -1), None
 
 
-def _repeat_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
+def _repeat_heads(states: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
     """B×Nkv×T×D -> B×N×T×D, each key/value head shared by N / Nkv query heads (as HF's repeat_kv)."""
-    batch, kv_heads, length, dim = states.shape
+    batch, _, length, dim = states.shape
     if kv_heads == heads:
         return states
     expanded = states[:, :, None].expand(batch, kv_heads, heads // kv_heads, length, dim)

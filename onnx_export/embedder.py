@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from raee_ops.onnx_export.adapters.bert import arange_positions
 from raee_ops.onnx_export.adapters.encoder import EncoderEmbed, EncoderLayer
-from raee_ops.onnx_export.attention import fused_attention
 from raee_ops.onnx_export.optimize import optimize_graph
 from raee_ops.schemas.manifest import EmbedderEntry, FileRef
 from tokenizers import Tokenizer
@@ -42,14 +41,13 @@ class MeanPoolEmbedder(torch.nn.Module):
         super().__init__()
         self.embed = EncoderEmbed(model.embeddings, arange_positions)
         self.layers = torch.nn.ModuleList(EncoderLayer(layer) for layer in model.encoder.layer)
-        self.config = model.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # Padding becomes id 0, so a caller padding with another model's pad id cannot index past the vocab.
         hidden = self.embed(input_ids * attention_mask, attention_mask)
-        with fused_attention(self.config):  # one MultiHeadAttention node per layer (attention.py)
-            for layer in self.layers:
-                hidden = layer(hidden, attention_mask)
+        # Eager attention, not attention.py's MultiHeadAttention: at 32-token batches that ran 3-6% slower on CPU.
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask)
         return mean_pool_normalize(hidden, attention_mask)
 
 
@@ -131,7 +129,6 @@ def export_embedder(name: str, out_dir: Path, optimize: bool = True) -> Embedder
             dynamic_axes={"input_ids": batch_time, "attention_mask": batch_time, "embedding": {0: "batch"}},
             opset_version=OPSET,
             dynamo=False,
-            custom_opsets={"com.microsoft": 1},
         )
     if optimize:
         optimize_graph(out_dir / onnx_name)

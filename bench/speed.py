@@ -158,7 +158,6 @@ def ensure_whole_onnx(preset: str, artifacts: Path, adapter: ArchitectureAdapter
             opset_version=17,
             dynamo=False,
             dynamic_axes=axes,
-            custom_opsets={"com.microsoft": 1},
         )
     if load_manifest(artifacts, verify_checksums=False).optimization is not None:
         optimize_graph(path)  # as the stored segments were

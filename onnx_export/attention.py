@@ -44,7 +44,7 @@ class _MultiHeadAttention(torch.autograd.Function):
     def symbolic(g: Any, query: Any, key: Any, value: Any, bias: Any, heads: int, scale: float) -> Any:
         absent = g.op("prim::Constant")
         absent.setType(torch._C.OptionalType.ofTensor())
-        return g.op(
+        output = g.op(
             "com.microsoft::MultiHeadAttention",
             query,
             key,
@@ -55,6 +55,8 @@ class _MultiHeadAttention(torch.autograd.Function):
             num_heads_i=heads,
             scale_f=scale,
         )
+        output.setType(query.type())  # same shape and type as the flat query: the exporter cannot infer it
+        return output
 
 
 def multi_head_attention(

@@ -96,6 +96,5 @@ def export_segment(
                 opset_version=OPSET,
                 dynamo=False,
                 dynamic_axes=axes,
-                custom_opsets={"com.microsoft": 1},  # fused attention
             )
     onnx.checker.check_model(str(path))

@@ -312,6 +312,12 @@ def render_speed(result: Doc) -> list[str]:
         split = ", ".join(f"{k} {v:.1%}" for k, v in shares.items() if v >= 0.0005)
         if "max_abs_diff_vs_segments" in m:
             split = f"max abs diff vs segments {_fmt(m['max_abs_diff_vs_segments'])}"
+        if "speedup_vs_ort_whole" in m:  # the chained segments against the one-graph model and an older export
+            split = ", ".join(
+                f"{_fmt(m[key])}× {label}"
+                for key, label in (("speedup_vs_ort_whole", "ort-whole"), ("speedup_vs_baseline", "baseline"))
+                if key in m
+            )
         rows.append(
             [
                 m["method"],
@@ -344,7 +350,22 @@ def render_speed(result: Doc) -> list[str]:
         "× segments",
         "notes",
     ]
-    return lines + _table(header, rows)
+    return lines + _table(header, rows) + _fusions(result.get("fusions"))
+
+
+def _fusions(optimization: Doc | None) -> list[str]:
+    """The artifacts' manifest record of fused ops per stored graph, runs of identical layers on one line."""
+    if not optimization:
+        return ["", "Fusions per segment: graphs stored as exported (no optimization recorded in the manifest)."]
+    groups: list[list[Any]] = []  # [first file, last file, nodes, fused]
+    for file, report in optimization["graphs"].items():
+        fused = ", ".join(f"{op} {n}" for op, n in report["fused"].items()) or "none"
+        if groups and groups[-1][2:] == [report["nodes"], fused]:
+            groups[-1][1] = file
+        else:
+            groups.append([file, file, report["nodes"], fused])
+    rows = [[first if first == last else f"{first} … {last}", nodes, fused] for first, last, nodes, fused in groups]
+    return ["", f"Fusions per segment ({optimization['method']}):", "", *_table(["graph", "nodes", "fused ops"], rows)]
 
 
 SPEED_GOAL = 3.0

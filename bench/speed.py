@@ -1,7 +1,9 @@
 """Throughput and accuracy per method on the same rows, side by side in one process and one run.
 
-Methods: (a) hf-torch: the transformers model in PyTorch; (b) ort-whole: one whole-model ONNX graph;
-(c) segments: the exported segments chained through every layer; (d) every exit strategy: the in-process classify
+Methods: (a) hf-torch: the transformers model in PyTorch; (b) ort-whole: one whole-model ONNX graph of the same
+segment modules, optimized like the stored segments; (c) segments: the exported segments chained through every
+layer (segments-baseline: the same for another export given by --baseline-artifacts, e.g. one made by an older
+commit, whose ratio to segments is `speedup_vs_baseline`); (d) every exit strategy: the in-process classify
 core with retrieval and early exits, each phase timed; (e) beam-full and beam-<default>: `run_classify` on the
 same rows written to Parquet, pipeline start-up included. Every method gets the rows sorted by prompt length in
 batches of BATCH rows (the runtime's own order), so padding is the same for all and only the engine differs.
@@ -27,8 +29,11 @@ from common import REPO_ROOT, require_data, seeded_sample, timer, write_result
 from quality import ensure_artifacts  # one shared export per preset, with every task the benches use
 from raee_ops.onnx_export.adapters.base import ArchitectureAdapter
 from raee_ops.onnx_export.loader import load_model
+from raee_ops.onnx_export.optimize import optimize_graph
+from raee_ops.onnx_export.segments import io_names
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
+from raee_ops.schemas.manifest import load_manifest
 
 from raee_ops import exit_policy
 from raee_ops.exit_policy import Context, Neighbours, resolve
@@ -57,6 +62,8 @@ def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smollm2 only, fewer rows")
     parser.add_argument("--preset", choices=PRESETS, action="append", help="repeatable; default: all")
+    parser.add_argument("--baseline-artifacts", type=Path, help="another export of the (one) preset to chain too")
+    parser.add_argument("--chain-only", action="store_true", help="only hf-torch, ort-whole and the segment chains")
     return parser.parse_args()
 
 
@@ -107,6 +114,20 @@ def timed(fn: Callable[[Rows], np.ndarray], rows: Rows, warmup: Rows) -> tuple[n
     return out, best
 
 
+def timed_together(fns: dict[str, Callable[[Rows], np.ndarray]], rows: Rows, warmup: Rows) -> dict[str, Any]:
+    """As `timed` for several methods at once, each round timing every method once: a load change on a shared
+    machine then hits all of them alike, so their ratios hold. Name -> (predictions, fastest pass)."""
+    for fn in fns.values():
+        fn(warmup)
+    best, out = dict.fromkeys(fns, float("inf")), {}
+    for _ in range(REPEATS):
+        for name, fn in fns.items():
+            with timer() as t:
+                out[name] = fn(rows)
+            best[name] = min(best[name], t.s)
+    return {name: (out[name], best[name]) for name in fns}
+
+
 class WholeModel(torch.nn.Module):
     """embed -> every layer -> gather the readout position -> head: the adapter's segments as one graph."""
 
@@ -117,9 +138,13 @@ class WholeModel(torch.nn.Module):
         self.head = adapter.head_segment(label_token_ids)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed(input_ids, attention_mask)
+        outputs = self.embed(input_ids, attention_mask)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        names = io_names(self.embed, "embed")[1]
+        context = {"attention_mask": attention_mask, **dict(zip(names, outputs, strict=True))}
+        hidden = outputs[0]
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask)
+            hidden = layer(hidden, *[context[name] for name in io_names(layer, "layer")[0][1:]])
         rows = torch.ones_like(positions).cumsum(0) - 1
         return self.head(hidden[rows, positions])
 
@@ -148,6 +173,8 @@ def ensure_whole_onnx(preset: str, artifacts: Path, adapter: ArchitectureAdapter
             dynamo=False,
             dynamic_axes=axes,
         )
+    if load_manifest(artifacts, verify_checksums=False).optimization is not None:
+        optimize_graph(path)  # as the stored segments were
     return path
 
 
@@ -270,13 +297,12 @@ def beam_classify(artifacts: Path, db: str, table: str, evaluation: pa.Table, st
 # -- one preset -----------------------------------------------------------------------------------------------
 
 
-def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
+def bench_preset(preset: str, quick: bool, data: Path, baseline: Path | None, chain_only: bool) -> dict[str, Any]:
     torch.set_num_threads(SINGLE_SESSION_THREADS)
     task = get_task(TASK)
     evaluation = sample(data / TASK / "validation.parquet", QUICK_ROWS if quick else ROWS, SEED)
     reference = sample(data / TASK / "train.parquet", QUICK_REF_ROWS if quick else REF_ROWS, SEED)
     artifacts = ensure_artifacts(preset)
-    db, table = build_db(artifacts, preset, reference)
 
     runtime = SegmentRuntime(artifacts)
     texts = [t.strip() for t in evaluation["text"].to_pylist()]
@@ -302,18 +328,37 @@ def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
 
     hf_logits, hf_s = timed(hf_torch(adapter, label_ids), rows, warm)
 
-    def segments(r: Rows) -> np.ndarray:
-        return runtime.run_to_exit(TASK, r.prompts, np.full(len(r.prompts), num_layers))
+    def chain(rt: SegmentRuntime) -> Callable[[Rows], np.ndarray]:
+        return lambda r: rt.run_to_exit(TASK, r.prompts, np.full(len(r.prompts), num_layers))
 
-    segment_logits, segments_s = timed(segments, rows, warm)
-    whole_logits, s = timed(ort_whole(ort_session(whole), runtime), rows, warm)
+    chains = {"segments": chain(runtime), "ort-whole": ort_whole(ort_session(whole), runtime)}
+    if baseline is not None:
+        chains["segments-baseline"] = chain(SegmentRuntime(baseline))
+    timings = timed_together(chains, rows, warm)
+    (segment_logits, segments_s), (whole_logits, whole_s) = timings["segments"], timings["ort-whole"]
     hf_diff = float(np.abs(hf_logits - segment_logits).max())
     diff = float(np.abs(whole_logits - segment_logits).max())
     methods = [
         entry("hf-torch", hf_logits, hf_s, max_abs_diff_vs_segments=hf_diff),
-        entry("ort-whole", whole_logits, s, max_abs_diff_vs_segments=diff, agrees=diff <= ATOL),
-        entry("segments", segment_logits, segments_s),
+        entry("ort-whole", whole_logits, whole_s, max_abs_diff_vs_segments=diff, agrees=diff <= ATOL),
     ]
+    chained = {"speedup_vs_ort_whole": whole_s / segments_s}
+    if baseline is not None:
+        base_logits, base_s = timings["segments-baseline"]
+        base_diff = float(np.abs(base_logits - segment_logits).max())
+        methods.append(entry("segments-baseline", base_logits, base_s, max_abs_diff_vs_segments=base_diff))
+        chained["speedup_vs_baseline"] = base_s / segments_s
+    methods.append(entry("segments", segment_logits, segments_s, **chained))
+    fusions = runtime.manifest.optimization
+    if chain_only:
+        return {
+            "preset": preset,
+            "num_layers": num_layers,
+            "rows": len(prompts),
+            "methods": methods,
+            "fusions": fusions,
+        }
+    db, table = build_db(artifacts, preset, reference)
     retriever = Retriever(db, table)
     for name in STRATEGIES:
         core = Core(runtime, retriever, name, task)
@@ -350,9 +395,11 @@ def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
             "inter_op": 1,
             "process_os_threads": len(os.listdir("/proc/self/task")),
         },
-        "timing": f"one warm-up pass over {BATCH} rows, then the fastest of {REPEATS} timed passes (Beam: of "
+        "timing": f"one warm-up pass over {BATCH} rows, then the fastest of {REPEATS} timed passes, the segment chains "
+        f"and ort-whole interleaved pass by pass (Beam: of "
         f"{REPEATS} runs); rows length-sorted for every method",
         "methods": methods,
+        "fusions": fusions,
     }
 
 
@@ -361,8 +408,13 @@ def main() -> int:
     data = require_data()
     presets = args.preset or (PRESETS[:1] if args.quick else PRESETS)
     BENCH.mkdir(exist_ok=True)
+    if args.baseline_artifacts and len(presets) != 1:
+        sys.exit("error: --baseline-artifacts needs exactly one --preset")
     for preset in presets:
-        write_result(f"speed-{preset}", bench_preset(preset, args.quick, data), args.quick)
+        result = bench_preset(preset, args.quick, data, args.baseline_artifacts, args.chain_only)
+        if args.chain_only:  # a partial run: printed, never written over the full results
+            continue
+        write_result(f"speed-{preset}", result, args.quick)
     return 0
 
 

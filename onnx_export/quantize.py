@@ -77,7 +77,13 @@ def quantize_layers(
     for ref, target in zip(manifest.segments.layers, int8_files, strict=True):
         kept = _kept(work / ref.file, keep_fp32)
         quantize_dynamic(
-            work / ref.file, work / target, op_types_to_quantize=["MatMul"], per_channel=True, nodes_to_exclude=kept
+            work / ref.file,
+            work / target,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            nodes_to_exclude=kept,
+            # ONNX shape inference knows no contrib op of the optimized graphs: the tensors it cannot type are fp32
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     layers = compare(work, manifest, int8_files, tasks, suffix)
     if layers[-1]["relative_error"] > MAX_RELATIVE_ERROR:

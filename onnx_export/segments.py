@@ -20,33 +20,58 @@ IO_NAMES: dict[str, tuple[list[str], list[str]]] = {
     "layer": (["hidden_states", "attention_mask"], ["hidden_states_out"]),
     "head": (["hidden_states"], ["logits"]),
 }
-DYNAMIC_AXES: dict[str, dict[int, str]] = {
-    "input_ids": {0: "batch", 1: "sequence"},
-    "attention_mask": {0: "batch", 1: "sequence"},
-    "hidden_states": {0: "batch", 1: "sequence"},
-    "hidden_states_out": {0: "batch", 1: "sequence"},
-}
 HEAD_AXES: dict[str, dict[int, str]] = {"hidden_states": {0: "batch"}, "logits": {0: "batch"}}
+#: Per-batch layer inputs whose two last axes are both the sequence (query × key); every other tensor is B×T×…
+SQUARE = "attention_bias"
 
 
-def example_inputs(kind: str, hidden_size: int) -> tuple[torch.Tensor, ...]:
-    """Small inputs of the segment's signature; the second row is right-padded."""
+def io_names(module: torch.nn.Module, kind: str) -> tuple[list[str], list[str]]:
+    """A segment's graph input and output names: the kind's defaults unless the module names its own (decoder
+    embeds add per-batch outputs, decoder layers take them)."""
+    inputs, outputs = IO_NAMES[kind]
+    return list(getattr(module, "input_names", inputs)), list(getattr(module, "output_names", outputs))
+
+
+def dynamic_axes(name: str) -> dict[int, str]:
+    """Batch and sequence axes of a named tensor; the runtime trims the axes named "sequence" when rows leave."""
+    return {0: "batch", 2: "sequence", 3: "sequence"} if name.startswith(SQUARE) else {0: "batch", 1: "sequence"}
+
+
+def example_inputs(
+    kind: str, hidden_size: int, names: list[str], embed: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Small inputs of the segment's signature; the second row is right-padded. A layer's per-batch inputs
+    (masks, rotary tables) are what `embed` computes for the example batch."""
     mask = torch.ones(EXAMPLE_BATCH, EXAMPLE_LENGTH, dtype=torch.long)
     mask[1, EXAMPLE_LENGTH - 2 :] = 0
     hidden = torch.randn(EXAMPLE_BATCH, EXAMPLE_LENGTH, hidden_size)
+    ids = torch.arange(EXAMPLE_BATCH * EXAMPLE_LENGTH).reshape(EXAMPLE_BATCH, EXAMPLE_LENGTH) % 5 + 1
     if kind == "embed":
-        ids = torch.arange(EXAMPLE_BATCH * EXAMPLE_LENGTH).reshape(EXAMPLE_BATCH, EXAMPLE_LENGTH) % 5 + 1
         return (ids, mask)
-    if kind == "layer":
-        return (hidden, mask)
-    return (hidden[:, 0],)
+    if kind == "head":
+        return (hidden[:, 0],)
+    context = {"attention_mask": mask}
+    if embed is not None:
+        with torch.no_grad():
+            outputs = embed(ids, mask)
+        if isinstance(outputs, tuple):
+            context.update(zip(io_names(embed, "embed")[1][1:], outputs[1:], strict=True))
+    return tuple(hidden if name == "hidden_states" else context[name] for name in names)
 
 
-def export_segment(module: torch.nn.Module, kind: str, hidden_size: int, path: Path, dynamo: bool) -> None:
-    """Write `module` (a segment of `kind`: embed, layer or head) to `path` and check it with onnx.checker."""
-    inputs, outputs = IO_NAMES[kind]
-    axes = HEAD_AXES if kind == "head" else {n: DYNAMIC_AXES[n] for n in inputs + outputs}
-    args = example_inputs(kind, hidden_size)
+def export_segment(
+    module: torch.nn.Module,
+    kind: str,
+    hidden_size: int,
+    path: Path,
+    dynamo: bool,
+    embed: torch.nn.Module | None = None,
+) -> None:
+    """Write `module` (a segment of `kind`: embed, layer or head) to `path` and check it with onnx.checker;
+    `embed` (the embed segment) makes a layer's example per-batch inputs."""
+    inputs, outputs = io_names(module, kind)
+    axes = HEAD_AXES if kind == "head" else {n: dynamic_axes(n) for n in inputs + outputs}
+    args = example_inputs(kind, hidden_size, inputs, embed)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape-derived values are expected here
         if dynamo:

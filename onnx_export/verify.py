@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from raee_ops.errors import ArtifactError
 from raee_ops.extras import onnxruntime
-from raee_ops.runtime import attention_mask, pad_right, readout_positions, session_options
+from raee_ops.runtime import attention_mask, embed_batch, layer_feed, pad_right, readout_positions, session_options
 from raee_ops.tasks import Task
 
 ort = onnxruntime()
@@ -69,11 +69,11 @@ def ort_layer_states(
     """Chained segments on the padded batch (the manifest's layers, or `layer_files` in their place); returns each
     layer's hidden state at the readout positions."""
     rows = np.arange(len(ids))
-    hidden = _session(directory / manifest.segments.embed.file).run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    hidden, context = embed_batch(_session(directory / manifest.segments.embed.file), ids, mask)
     states = []
     for index, file in enumerate(layer_files or [ref.file for ref in manifest.segments.layers]):
-        feed = {"hidden_states": hidden, "attention_mask": mask}
-        hidden = _session(directory / file).run(None, feed)[0]
+        session = _session(directory / file)
+        hidden = session.run(None, layer_feed(session, hidden, context))[0]
         if not np.isfinite(hidden).all():
             raise ArtifactError(f"verification failed: layer {index} produced non-finite values")
         states.append(hidden[rows, positions])

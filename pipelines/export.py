@@ -22,6 +22,8 @@ from typing import Any
 
 import apache_beam as beam
 from raee_ops.onnx_export.loader import LoadedModel, load_model
+from raee_ops.onnx_export.optimize import METHOD as OPTIMIZE_METHOD
+from raee_ops.onnx_export.optimize import graph_report, optimize_graph
 from raee_ops.onnx_export.quantize import quantize_layers
 from raee_ops.onnx_export.segments import export_segment
 from raee_ops.onnx_export.tokenizer_file import save_tokenizer
@@ -63,8 +65,11 @@ class SegmentJob:
 
 
 class ExportSegmentFn(beam.DoFn):
-    def __init__(self, model_spec: str, work_dir: str, total: int, filesystem: dict[str, Any]) -> None:
+    def __init__(
+        self, model_spec: str, work_dir: str, total: int, filesystem: dict[str, Any], optimize: bool = True
+    ) -> None:
         self.model_spec = model_spec
+        self.optimize = optimize
         self.work_dir = work_dir
         self.total = total
         self.filesystem = filesystem
@@ -87,7 +92,12 @@ class ExportSegmentFn(beam.DoFn):
         }
         with tempfile.TemporaryDirectory(prefix="raee-segment-") as scratch:  # this worker's own disk
             local = Path(scratch) / job.file
-            export_segment(modules[job.kind](), job.kind, adapter.hidden_size, local, dynamo=type(adapter).dynamo)
+            embed = adapter.embed_segment() if job.kind == "layer" else None  # a layer's example per-batch inputs
+            export_segment(
+                modules[job.kind](), job.kind, adapter.hidden_size, local, dynamo=type(adapter).dynamo, embed=embed
+            )
+            if self.optimize and job.kind == "layer":  # each worker fuses its own layers, once, here
+                optimize_graph(local)
             ref = FileRef.of(Path(scratch), job.file)
             storage.upload(str(local), storage.join(self.work_dir, f"{job.file}{DIGEST}{ref.sha256}"))
         fault_point("export:segment")
@@ -96,12 +106,12 @@ class ExportSegmentFn(beam.DoFn):
 
 
 def export_segments(
-    model_spec: str, work: str, jobs: Sequence[SegmentJob], beam_args: Sequence[str]
+    model_spec: str, work: str, jobs: Sequence[SegmentJob], beam_args: Sequence[str], optimize: bool = True
 ) -> dict[str, FileRef]:
     """Run the Beam pipeline; returns the FileRef of every exported file, keyed by file name, read from the
     names of the staged files (renamed to their own names here)."""
     pipeline = make_pipeline(beam_args, command="export-onnx")
-    export = ExportSegmentFn(model_spec, work, len(jobs), storage.carry(pipeline.options))
+    export = ExportSegmentFn(model_spec, work, len(jobs), storage.carry(pipeline.options), optimize)
     _ = pipeline | "Segments" >> beam.Create(list(jobs)) | "Export" >> beam.ParDo(export)
     run_pipeline(pipeline, "segment export")  # the model loaded on the driver: a failure is the worker's own
     refs = {}
@@ -164,12 +174,35 @@ def _publish_remote(work: str, out_dir: str, manifest: Manifest) -> None:
         storage.delete([storage.join(out_dir, n) for n in stale])
 
 
-def _export_embedders(names: Sequence[str], work: Path) -> dict[str, EmbedderEntry]:
+def _export_embedders(names: Sequence[str], work: Path, optimize: bool) -> dict[str, EmbedderEntry]:
     if not names:
         return {}
     from raee_ops.onnx_export.embedder import export_embedder
 
-    return {name: export_embedder(name, work) for name in names}
+    return {name: export_embedder(name, work, optimize) for name in names}
+
+
+def _optimization(files: Path, manifest: Manifest) -> dict[str, Any]:
+    """The manifest's record of the optimized graphs (layers and embedders), read from the stored files."""
+    stored = [ref.file for ref in manifest.segments.layers] + [e.model.file for e in manifest.embedders.values()]
+    return {"method": OPTIMIZE_METHOD, "graphs": {file: graph_report(files / file) for file in stored}}
+
+
+def fusion_table(manifest: Manifest) -> str:
+    """One line per stored graph, runs of consecutive identical layers folded: node count and fused op counts."""
+    if manifest.optimization is None:
+        return "graphs stored as exported (--no-optimize)"
+    groups: list[list[str]] = []  # [first file, last file, row]
+    for file, report in manifest.optimization["graphs"].items():
+        fused = ", ".join(f"{op} {count}" for op, count in report["fused"].items()) or "none"
+        row = f"{report['nodes']:>5} nodes  fused: {fused}"
+        if groups and groups[-1][2] == row:
+            groups[-1][1] = file
+        else:
+            groups.append([file, file, row])
+    labels = [first if first == last else f"{first}..{last}" for first, last, _ in groups]
+    width = max(map(len, labels))
+    return "\n".join(f"{label:<{width}}  {group[2]}" for label, group in zip(labels, groups, strict=True))
 
 
 def run_export(
@@ -181,6 +214,7 @@ def run_export(
     max_length: int,
     beam_args: list[str],
     quantize: str | None = None,
+    optimize: bool = True,
 ) -> Manifest:
     out_dir = str(out_dir).rstrip("/")
     storage.configure(beam_args)
@@ -204,7 +238,7 @@ def run_export(
         ):
             files = Path(storage.local_path(work) if local else scratch)
             jobs = _jobs(adapter.num_layers, tasks, label_ids)
-            refs = export_segments(model_spec, work, jobs, beam_args)
+            refs = export_segments(model_spec, work, jobs, beam_args, optimize)
             save_tokenizer(adapter.tokenizer, files / TOKENIZER_FILE)
             tokenizer_ref = FileRef.of(files, TOKENIZER_FILE)
             tok = adapter.tokenizer
@@ -235,9 +269,9 @@ def run_export(
                     )
                     for t in tasks
                 },
-                embedders=_export_embedders(embedders, files),
+                embedders=_export_embedders(embedders, files, optimize),
             )
-            if (verify or quantize) and not local:  # the checks below read the segments from a local folder
+            if not local:  # the checks and the fusion record below read the segments from a local folder
                 for file in sorted(refs):
                     storage.download(storage.join(work, file), str(files / file))
             if verify:
@@ -246,6 +280,8 @@ def run_export(
             if quantize == "int8":  # after the fp32 check against PyTorch; checked against fp32 itself
                 with phase("export-onnx: quantizing the layers to int8"):
                     manifest = quantize_layers(files, manifest, tasks, adapter.prompt_suffix, adapter.int8_keep_fp32)
+            if optimize:  # read from the graphs as stored (int8 ones included)
+                manifest = replace(manifest, optimization=_optimization(files, manifest))
             if not local:  # what the driver wrote or changed joins the workers' segments in the temporary folder
                 for ref in sorted(set(manifest.file_refs()) - set(refs.values()), key=lambda r: r.file):
                     storage.upload(str(files / ref.file), storage.join(work, ref.file))

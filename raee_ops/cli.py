@@ -114,6 +114,12 @@ def beam_args() -> list[str]:
     help="Check every layer of the chained ONNX segments against the PyTorch model.",
 )
 @click.option(
+    "--optimize/--no-optimize",
+    default=True,
+    show_default=True,
+    help="Store the layers and embedders optimized and fused (ORT transformer optimizer), verified as exported.",
+)
+@click.option(
     "--quantize",
     type=click.Choice(["int8"]),
     default=None,
@@ -127,10 +133,11 @@ def export_onnx(
     embedders: tuple[str, ...],
     max_length: int,
     verify: bool,
+    optimize: bool,
     quantize: str | None,
 ) -> None:
     """Export MODEL into per-layer ONNX segments plus one head per task."""
-    from raee_ops.pipelines.export import run_export
+    from raee_ops.pipelines.export import fusion_table, run_export
 
     tasks = _tasks(task_names, task_files)
     if not tasks:
@@ -144,7 +151,9 @@ def export_onnx(
         max_length=max_length,
         beam_args=beam_args(),
         quantize=quantize,
+        optimize=optimize,
     )
+    echo(f"fusions per stored graph:\n{fusion_table(manifest)}")
     echo(f"exported {manifest.num_layers} layers, tasks {', '.join(manifest.tasks)} -> {out_dir}")
 
 

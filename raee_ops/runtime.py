@@ -112,6 +112,41 @@ def pool(hidden: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return np.stack([mean, hidden[np.arange(len(hidden)), pos]], axis=1).astype(np.float16)
 
 
+#: A batch's per-batch layer inputs by graph name: the attention mask and what the embed segment computes once
+#: for every layer (decoders: additive masks, rotary cos/sin).
+Context = dict[str, np.ndarray]
+
+
+def embed_batch(session: ort.InferenceSession, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, Context]:
+    """Hidden states B×T×H and the batch's context from the embed segment (its first output is the hidden states)."""
+    hidden, *extra = session.run(None, {"input_ids": ids, "attention_mask": mask})
+    names = [output.name for output in session.get_outputs()[1:]]
+    return hidden, {"attention_mask": mask, **dict(zip(names, extra, strict=True))}
+
+
+def layer_feed(session: ort.InferenceSession, hidden: np.ndarray, context: Context) -> dict[str, np.ndarray]:
+    """What a layer session reads: the hidden states and its named inputs from the batch context."""
+    feed = {name: context[name] for name in (i.name for i in session.get_inputs()) if name != "hidden_states"}
+    return {"hidden_states": np.ascontiguousarray(hidden), **feed}
+
+
+def sequence_axes(session: ort.InferenceSession) -> dict[str, tuple[int, ...]]:
+    """Per embed output, its axes named "sequence" (trimmed to the longest remaining row as rows leave)."""
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    return {name: tuple(i for i, d in enumerate(shape) if d == "sequence") for name, shape in outputs.items()}
+
+
+def take_rows(context: Context, axes: dict[str, tuple[int, ...]], keep: np.ndarray, width: int) -> Context:
+    """The context of rows `keep`, every sequence axis cut to `width` (right padding: a column slice)."""
+    trimmed = {}
+    for name, array in context.items():
+        index: list[slice | np.ndarray] = [keep] + [slice(None)] * (array.ndim - 1)
+        for axis in axes.get(name, (1,)):  # the attention mask is B×T
+            index[axis] = slice(0, width)
+        trimmed[name] = np.ascontiguousarray(array[tuple(index)])
+    return trimmed
+
+
 class Readout(NamedTuple):
     """What run_to_exit_pooled reads out per row: head logits B×C, pooled states B×POOLINGS×H at the layer the
     row left at, and that layer (1-based; 0 for rows not run)."""
@@ -147,6 +182,7 @@ class SegmentRuntime:
         self.suffix = f" {m.tokenizer.mask_token}" if m.readout == "mask" else ""
         self.embed_session = self._session(m.segments.embed)
         self.layer_sessions = [self._session(ref) for ref in m.segments.layers]
+        self._sequence_axes = sequence_axes(self.embed_session)
         self._heads: dict[str, ort.InferenceSession] = {}
         self._embedders: dict[str, tuple[Tokenizer, ort.InferenceSession]] = {}
 
@@ -193,12 +229,19 @@ class SegmentRuntime:
     mask_of = staticmethod(attention_mask)
 
     def embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self.embed_session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        return self.embed_batch(ids, mask)[0]
 
-    def run_layer(self, index: int, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def embed_batch(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, Context]:
+        """Hidden states and the per-batch context every layer of this batch reads."""
+        return embed_batch(self.embed_session, ids, mask)
+
+    def run_layer(self, index: int, hidden: np.ndarray, context: Context) -> np.ndarray:
         """Layer `index` (0-based, as the segment files are numbered)."""
-        feed = {"hidden_states": np.ascontiguousarray(hidden), "attention_mask": np.ascontiguousarray(mask)}
-        return self.layer_sessions[index].run(None, feed)[0]
+        session = self.layer_sessions[index]
+        return session.run(None, layer_feed(session, hidden, context))[0]
+
+    def take_rows(self, context: Context, keep: np.ndarray, width: int) -> Context:
+        return take_rows(context, self._sequence_axes, keep, width)
 
     def head(self, task: str, hidden: np.ndarray) -> np.ndarray:
         """Label logits B×C from the readout hidden states B×H."""
@@ -230,10 +273,10 @@ class SegmentRuntime:
         for rows, ids, lengths in self._sub_batches(prompts):
             mask = self.mask_of(lengths, ids.shape[1])
             pos = self.readout_positions(ids, lengths)
-            hidden = self.embed(ids, mask)
+            hidden, context = self.embed_batch(ids, mask)
             picked = np.arange(len(rows))
             for layer in range(self.num_layers):
-                hidden = self.run_layer(layer, hidden, mask)
+                hidden = self.run_layer(layer, hidden, context)
                 out[layer, rows] = self.head(task, hidden[picked, pos])
                 pooled[layer, rows] = pool(hidden, mask, pos)
         return out, pooled
@@ -265,9 +308,9 @@ class SegmentRuntime:
             pos = self.readout_positions(ids, lengths)
             width = int(lengths.max())
             mask = self.mask_of(lengths, width)
-            hidden = self.embed(ids[:, :width], mask)
+            hidden, context = self.embed_batch(ids[:, :width], mask)
             for layer in range(1, int(exits.max()) + 1):
-                hidden = self.run_layer(layer - 1, hidden, mask)
+                hidden = self.run_layer(layer - 1, hidden, context)
                 pooled = pool(hidden, mask, pos)
                 leaving = exits == layer
                 if stop is not None:
@@ -281,7 +324,8 @@ class SegmentRuntime:
                         break
                     rows, exits, pos, lengths = rows[keep], exits[keep], pos[keep], lengths[keep]
                     width = int(lengths.max())
-                    hidden, mask = hidden[keep, :width], mask[keep, :width]
+                    hidden, context = hidden[keep, :width], self.take_rows(context, keep, width)
+                    mask = context["attention_mask"]
         return Readout(out, pooled_out, left_at)
 
     # -- retrieval keys -----------------------------------------------------------------------------------

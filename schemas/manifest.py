@@ -100,6 +100,9 @@ class Manifest:
     verify: dict[str, Any] | None = None
     #: None for fp32 segments; else how the layers were quantized and how they compare with fp32.
     quantization: dict[str, Any] | None = None
+    #: None for graphs stored as exported; else how they were optimized and, per stored graph file, its node
+    #: count and fused (com.microsoft) op counts: {"method": ..., "graphs": {file: {"nodes", "fused"}}}.
+    optimization: dict[str, Any] | None = None
     format: str = FORMAT
 
     def to_json(self) -> str:
@@ -125,6 +128,7 @@ class Manifest:
             },
             verify=raw.get("verify"),
             quantization=raw.get("quantization"),
+            optimization=raw.get("optimization"),
         )
 
     def file_refs(self) -> list[FileRef]:

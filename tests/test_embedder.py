@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from raee_ops.onnx_export.embedder import PACKAGES, export_embedder, mean_pool_normalize, model_dir
+from raee_ops.onnx_export.optimize import graph_report
 from raee_ops.schemas.manifest import EmbedderEntry, sha256_file
 from tokenizers import Tokenizer
 from transformers import AutoModel
@@ -27,6 +28,14 @@ TEXTS = ["hello", "The movie was long, but the ending made up for every slow min
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EmbedderEntry]:
     out = tmp_path_factory.mktemp("embedder")
     return out, export_embedder("minilm", out)
+
+
+@requires_minilm
+def test_stored_graph_is_fused(exported: tuple[Path, EmbedderEntry]) -> None:
+    """The BERT norm and activation fusions, one each per layer (a lost fusion fails here)."""
+    out, entry = exported
+    fused = graph_report(out / entry.model.file)["fused"]
+    assert fused == {"BiasGelu": 6, "LayerNormalization": 13}
 
 
 def embed_onnx(out: Path, entry: EmbedderEntry, texts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -34,8 +34,8 @@ def test_exit_zero_rows_run_no_layer_and_leave_the_others_unchanged(runtime, mon
     exits = np.array([0, 2, 0, 1, 3, 0, 2, 2, 0, 1, 3, 0])[: len(batch)].clip(0, runtime.num_layers)
     expected = runtime.run_to_exit("sst2", [batch[i] for i in np.flatnonzero(exits)], exits[exits > 0])
     embedded = []
-    real_embed = runtime.embed
-    monkeypatch.setattr(runtime, "embed", lambda ids, mask: embedded.append(len(ids)) or real_embed(ids, mask))
+    real_embed = runtime.embed_batch
+    monkeypatch.setattr(runtime, "embed_batch", lambda ids, mask: embedded.append(len(ids)) or real_embed(ids, mask))
     out = runtime.run_to_exit("sst2", batch, exits)
     assert sum(embedded) == np.count_nonzero(exits)  # exit-0 rows never reach the backbone
     assert not out[exits == 0].any()

@@ -1,8 +1,9 @@
 """What decoder-only LMs (Llama, Gemma 3) share: positions, the 4-D additive mask and the causal-LM head.
 
-The segments reuse the model's own modules; only what the HF model builds once per forward (positions, rotary
-tables, masks) is rebuilt inside every layer segment from the B×T attention mask, so each layer file stands
-alone and a right-padded row computes exactly what the same row computes unpadded.
+The segments reuse the model's own modules. What the HF model builds once per forward (positions, rotary
+tables, masks) the embed segment builds once per batch, from the B×T attention mask, as extra outputs that every
+layer takes as inputs: the layer graphs hold only the layer, which ORT can fuse (and does not rebuild T×T masks
+31 times). A right-padded row computes exactly what the same row computes unpadded.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 from raee_ops.onnx_export.adapters.base import ArchitectureAdapter
+from raee_ops.onnx_export.attention import fused_attention
 from transformers import AutoModelForCausalLM
 
 
@@ -38,40 +40,56 @@ def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype, window: int 
 
 
 class DecoderEmbed(torch.nn.Module):
-    """(input_ids, attention_mask) -> hidden; padded positions are zeroed (they only ever feed themselves),
-    which also keeps `attention_mask` a live graph input."""
+    """(input_ids, attention_mask) -> hidden and, once per batch, what every layer reads: for each layer kind its
+    rotary cos/sin (B×T×D) and additive mask (B×1×T×T). Padded positions of hidden are zeroed (they only ever
+    feed themselves)."""
 
-    def __init__(self, embed_tokens: torch.nn.Module) -> None:
+    def __init__(
+        self,
+        embed_tokens: torch.nn.Module,
+        rotary: torch.nn.Module,
+        kinds: dict[str, tuple[dict[str, Any], int | None]],
+    ) -> None:
         super().__init__()
         self.embed_tokens = embed_tokens
+        self.rotary = rotary
+        self.kinds = kinds  # layer kind -> (rotary kwargs, sliding window)
+        self.output_names = ["hidden_states"]
+        for kind in kinds:
+            self.output_names += layer_inputs(kind)[1:]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         hidden = self.embed_tokens(input_ids)
-        return hidden * attention_mask[..., None].to(hidden.dtype)
+        hidden = hidden * attention_mask[..., None].to(hidden.dtype)
+        positions = position_ids(attention_mask)
+        outputs = [hidden]
+        for rotary_kwargs, window in self.kinds.values():
+            bias = additive_mask(attention_mask, hidden.dtype, window)
+            outputs += [bias, *self.rotary(hidden, positions, **rotary_kwargs)]
+        return tuple(outputs)
+
+
+def layer_inputs(kind: str) -> list[str]:
+    """A decoder layer's graph inputs; per-kind names, so one embed output feeds every layer of its kind."""
+    suffix = f"_{kind}" if kind else ""
+    return ["hidden_states", f"attention_bias{suffix}", f"cos{suffix}", f"sin{suffix}"]
 
 
 class DecoderLayer(torch.nn.Module):
-    """(hidden, attention_mask) -> hidden: one HF decoder layer with positions, rotary cos/sin and mask built
-    inside. `rotary_kwargs` selects per-layer RoPE tables (Gemma 3: `layer_type`)."""
+    """(hidden, attention bias, cos, sin) -> hidden: one HF decoder layer with fused attention; the per-batch
+    inputs come from the embed segment, so the layer graph holds nothing but the layer."""
 
-    def __init__(
-        self, layer: torch.nn.Module, rotary: torch.nn.Module, rotary_kwargs: dict[str, Any], window: int | None
-    ) -> None:
+    def __init__(self, layer: torch.nn.Module, config: Any, kind: str) -> None:
         super().__init__()
         self.layer = layer
-        self.rotary = rotary
-        self.rotary_kwargs = rotary_kwargs
-        self.window = window
+        self.config = config
+        self.input_names = layer_inputs(kind)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        positions = position_ids(attention_mask)
-        cos_sin = self.rotary(hidden_states, positions, **self.rotary_kwargs)
-        return self.layer(
-            hidden_states,
-            attention_mask=additive_mask(attention_mask, hidden_states.dtype, self.window),
-            position_ids=positions,
-            position_embeddings=cos_sin,
-        )
+    def forward(
+        self, hidden_states: torch.Tensor, attention_bias: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        with fused_attention(self.config):
+            return self.layer(hidden_states, attention_mask=attention_bias, position_embeddings=(cos, sin))
 
 
 class CausalLMHead(torch.nn.Module):
@@ -108,6 +126,10 @@ class DecoderAdapter(ArchitectureAdapter):
     # 0.14 to 0.36 on the verification prompts.
     int8_keep_fp32: ClassVar[tuple[str, ...]] = ("down_proj",)
 
+    def layer_kind(self, index: int) -> str:
+        """Layers of one kind share their rotary table and mask ("" when all layers are alike)."""
+        return ""
+
     def rotary_kwargs(self, index: int) -> dict[str, Any]:
         return {}
 
@@ -127,12 +149,13 @@ class DecoderAdapter(ArchitectureAdapter):
         return self.config.hidden_size
 
     def embed_segment(self) -> torch.nn.Module:
-        return DecoderEmbed(self.model.model.embed_tokens)
+        kinds = {}
+        for index in range(self.num_layers):
+            kinds.setdefault(self.layer_kind(index), (self.rotary_kwargs(index), self.window(index)))
+        return DecoderEmbed(self.model.model.embed_tokens, self.model.model.rotary_emb, kinds)
 
     def layer_segment(self, index: int) -> torch.nn.Module:
-        return DecoderLayer(
-            self.hf_layers()[index], self.model.model.rotary_emb, self.rotary_kwargs(index), self.window(index)
-        )
+        return DecoderLayer(self.hf_layers()[index], self.config, self.layer_kind(index))
 
     def head_segment(self, label_token_ids: Sequence[int]) -> torch.nn.Module:
         softcap = getattr(self.config, "final_logit_softcapping", None)

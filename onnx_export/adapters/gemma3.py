@@ -28,6 +28,9 @@ class Gemma3Adapter(DecoderAdapter):
     def layer_type(self, index: int) -> str:
         return self.config.layer_types[index]
 
+    def layer_kind(self, index: int) -> str:
+        return self.layer_type(index)
+
     def rotary_kwargs(self, index: int) -> dict[str, Any]:
         return {"layer_type": self.layer_type(index)}
 

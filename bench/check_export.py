@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from raee_ops.onnx_export.loader import resolve
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
+
+from raee_ops.runtime import open_session
 
 PROMPTS = [
     "Review: fine.\nSentiment (negative or positive):",
@@ -47,8 +48,8 @@ def main() -> int:
     for i, row in enumerate(encoded):
         ids[i, : len(row)], mask[i, : len(row)] = row, 1
 
-    def session(name: str) -> ort.InferenceSession:
-        return ort.InferenceSession(str(args.artifacts / name), providers=["CPUExecutionProvider"])
+    def session(name: str):  # an onnxruntime InferenceSession
+        return open_session(args.artifacts / name)
 
     hidden = session(manifest["segments"]["embed"]["file"]).run(None, {"input_ids": ids, "attention_mask": mask})[0]
     onnx_layers = []

@@ -25,6 +25,7 @@ from transformers import AutoModel
 
 from raee_ops.errors import ArtifactError, RaeeConfigError
 from raee_ops.extras import onnxruntime
+from raee_ops.runtime import open_session
 
 ort = onnxruntime()
 
@@ -100,7 +101,7 @@ def _check(onnx_path: Path, tokenizer_path: Path, model: torch.nn.Module) -> Non
     with torch.no_grad():
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         want = mean_pool_normalize(hidden, mask).numpy()
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = open_session(onnx_path)
     (got,) = session.run(["embedding"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
     error = float(np.abs(got - want).max())
     if error > CHECK_ATOL:

@@ -25,6 +25,7 @@ import onnx
 MODEL_TYPE = "bert"
 #: ORT graph optimization level saved offline: 1 = basic, the provider-independent one.
 OPT_LEVEL = 1
+ORT_LEVEL = "ORT_ENABLE_BASIC"
 METHOD = f"onnxruntime.transformers optimize_model({MODEL_TYPE!r}, opt_level={OPT_LEVEL}, no skip-layer-norm fusion)"
 CONTRIB = "com.microsoft"
 #: Single-kernel norms ORT fuses into the default domain (SimplifiedLayerNormalization is in no ONNX opset).
@@ -36,17 +37,23 @@ def optimize_graph(path: Path) -> None:
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    from raee_ops.runtime import open_session, ort
+
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # per-fusion chatter
+    # ORT's basic level through our own session (optimize_model's would ask for threads of its own, which ORT
+    # refuses in a process whose sessions share one pool), then the Python-side fusions on its output.
+    basic = path.with_name(f".{path.name}.basic")
+    open_session(
+        path,
+        graph_optimization_level=getattr(ort.GraphOptimizationLevel, ORT_LEVEL),
+        optimized_model_filepath=str(basic),
+    )
     options = FusionOptions(MODEL_TYPE)
     options.enable_skip_layer_norm = False
     model = optimize_model(
-        str(path),
-        model_type=MODEL_TYPE,
-        num_heads=0,
-        hidden_size=0,
-        opt_level=OPT_LEVEL,
-        optimization_options=options,
+        str(basic), model_type=MODEL_TYPE, num_heads=0, hidden_size=0, opt_level=0, optimization_options=options
     )
+    basic.unlink()
     model.save_model_to_file(str(path))  # not onnx.checker: ORT's SimplifiedLayerNormalization is in no ONNX opset
 
 

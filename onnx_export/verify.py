@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from raee_ops.errors import ArtifactError
 from raee_ops.extras import onnxruntime
-from raee_ops.runtime import attention_mask, embed_batch, layer_feed, pad_right, readout_positions, session_options
+from raee_ops.runtime import attention_mask, embed_batch, layer_feed, open_session, pad_right, readout_positions
 from raee_ops.tasks import Task
 
 ort = onnxruntime()
@@ -42,7 +42,7 @@ def sample_prompts(tasks: Sequence[Task], suffix: str) -> list[str]:
 
 
 def _session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), session_options(2), providers=["CPUExecutionProvider"])
+    return open_session(path, 2)
 
 
 def check_tokenizer(directory: Path, manifest: Manifest, tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:

@@ -65,6 +65,17 @@ def process_thread_pool(threads: int) -> int:
     return _pool_threads
 
 
+def open_session(
+    path: str | Path, threads: int | None = None, providers: list[str] | None = None, **settings: object
+) -> ort.InferenceSession:
+    """Every ONNX Runtime session this project opens, on the process's shared pool: once that pool exists, ORT
+    refuses any session that asks for threads of its own. `settings` are SessionOptions attributes."""
+    options = session_options(threads or default_threads())
+    for name, value in settings.items():
+        setattr(options, name, value)
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
 def session_options(threads: int) -> ort.SessionOptions:
     """Sessions on the process's shared thread pool (`process_thread_pool`)."""
     process_thread_pool(threads)

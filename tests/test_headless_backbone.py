@@ -34,14 +34,20 @@ def bare(tmp_path_factory):
 
 def test_export_says_there_is_no_head_and_build_db_fits_probes_only(bare):
     root, artifacts, manifest, summary, _ = bare
+    ref = root / "ref.parquet"
     assert manifest.label_word_head is False and manifest.tasks["sst2"].head is None
     assert not list(artifacts.glob("head_*.onnx"))
     text = summary.render()
     assert "fused policy: none (the backbone has no label-word head" in text and "probe heads (" in text
     table = open_table(str(root / "db"), "sst2").to_arrow()
-    for column in ("layer_pred", "layer_correct", "layer_prob", "layer_logprobs", "first_correct_layer"):
-        assert table.column(column).null_count == table.num_rows  # absent, not zeros
-    assert table.column("probe_correct").null_count == 0
+    assert not {"layer_pred", "layer_correct", "layer_prob", "layer_logprobs", "first_correct_layer"} & set(
+        table.column_names
+    )  # absent, not zeros
+    assert table.column("probe_correct").null_count == 0 and table.num_rows == 160
+    more = signal_rows(root / "more.parquet", 20, 5, "m")
+    run_build_db(str(artifacts), "sst2", [str(more)], str(root / "grown"), "t", "backbone", "overwrite", None)
+    appended = run_build_db(str(artifacts), "sst2", [str(ref)], str(root / "grown"), "t", "backbone", "append", None)
+    assert appended.table_rows == 180 and "probe heads (" in appended.render()
 
 
 def test_probe_strategies_work_and_zero_shot_numbers_are_absent(bare):

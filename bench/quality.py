@@ -132,7 +132,7 @@ def bench_task(artifacts: Path, preset: str, data: Path, task: str, quick: bool)
     with timer() as took:
         report = evaluate(artifacts, task, str(work / "db"), task, [str(work / "test.parquet")], K)
     write_report(report, work / "report")
-    scores = ", ".join(f"{name} {b['metric']:.3f}" for name, b in report["baselines"].items())
+    scores = ", ".join(f"{name} {b['metric']:.3f}" for name, b in report["baselines"].items() if b)
     print(f"[{preset}/{task}] {report['metric_name']}: {scores} in {took.s:.0f}s", flush=True)
     return task_row(report, source, reference.num_rows, took.s)
 

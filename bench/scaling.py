@@ -115,13 +115,8 @@ def one_size(artifacts: Path, reference: pa.Table, test: Path) -> dict[str, Any]
     }
 
 
-def main() -> int:
-    args = parse()
-    train_file, test_file = require_sst2()
-    sizes = QUICK_SIZES if args.quick else SIZES
-    artifacts = ensure_artifacts(PRESET)
-    train = read_checked(train_file, TASK)
-    rows = [one_size(artifacts, reference, test_file) for reference in nested_samples(train, sizes).values()]
+def payload(rows: list[dict[str, Any]], sizes: tuple[int, ...]) -> dict[str, Any]:
+    """The result so far: written after every size, so a run stopped early still shows the sizes it finished."""
     largest = rows[-1]
     why = (
         f"backbone {PRESET}: build-db ran {largest['reference_rows']:,} reference rows through all 6 layers (and the "
@@ -129,11 +124,10 @@ def main() -> int:
     )
     estimates = decoder_estimates(largest["reference_rows"])
     if estimates:
-        why += "; at their measured segment throughput the decoders would need " + ", ".join(
+        why += "; at their measured segment throughput (layers only) the decoders would need " + ", ".join(
             f"{p} ~{e['estimated_minutes']:.0f} min" for p, e in estimates.items()
         )
-    print(why, flush=True)
-    payload = {
+    return {
         "preset": PRESET,
         "task": TASK,
         "embedder": EMBEDDER,
@@ -144,9 +138,23 @@ def main() -> int:
         "by build-db on the reference alone",
         "why_this_backbone": why,
         "decoder_estimates": estimates,
+        "planned_sizes": list(sizes),
+        "complete": len(rows) == len(sizes),
         "sizes": rows,
     }
-    write_result("scaling", payload, args.quick)
+
+
+def main() -> int:
+    args = parse()
+    train_file, test_file = require_sst2()
+    sizes = QUICK_SIZES if args.quick else SIZES
+    artifacts = ensure_artifacts(PRESET)
+    train = read_checked(train_file, TASK)
+    rows: list[dict[str, Any]] = []
+    for reference in nested_samples(train, sizes).values():
+        rows.append(one_size(artifacts, reference, test_file))
+        write_result("scaling", payload(rows, sizes), args.quick)
+    print(rows and payload(rows, sizes)["why_this_backbone"], flush=True)
     return 0
 
 

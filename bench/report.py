@@ -440,6 +440,10 @@ def render_scaling(result: Doc) -> list[str]:
         "",
         *_table(header, rows),
     ]
+    if not result.get("complete", True):
+        done = ", ".join(str(s["reference_rows"]) for s in result["sizes"])
+        planned = ", ".join(map(str, result["planned_sizes"]))
+        lines += ["", f"**Incomplete run**: sizes {done} of the planned {planned}."]
     return lines + (
         ["", f"![accuracy and layers run against reference size]({SCALING_PNG.name})"] * SCALING_PNG.is_file()
     )

@@ -443,7 +443,16 @@ def render_scaling(result: Doc) -> list[str]:
     if not result.get("complete", True):
         done = ", ".join(str(s["reference_rows"]) for s in result["sizes"])
         planned = ", ".join(map(str, result["planned_sizes"]))
-        lines += ["", f"**Incomplete run**: sizes {done} of the planned {planned}."]
+        last = result["sizes"][-1]
+        rate = last["reference_rows"] / last["build_db_s"]
+        todo = [n for n in result["planned_sizes"] if n > last["reference_rows"]]
+        lines += [
+            "",
+            f"**Incomplete run**: sizes {done} of the planned {planned}. build-db's rate at the largest finished size "
+            f"was {rate:.1f} rows/s (load included: see the load average above); at that rate "
+            + ", ".join(f"{n:,} rows would take ~{n / rate / 60:.0f} min" for n in todo)
+            + ".",
+        ]
     return lines + (
         ["", f"![accuracy and layers run against reference size]({SCALING_PNG.name})"] * SCALING_PNG.is_file()
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -28,12 +29,16 @@ from common import RESULTS_DIR, data_dir, timer, write_result
 from quality import BENCH, EMBEDDER, SEED, K, ensure_artifacts, raee_ops, read_checked
 
 from raee_ops.evaluate import evaluate
+from raee_ops.runtime import SegmentRuntime
+from raee_ops.tasks import get_task
 
 PRESET, TASK = "minilm-l6", "sst2"
 SIZES, QUICK_SIZES = (500, 2_000, 10_000, 50_000), (500, 2_000)
 METHODS = ("probe-fused", "key-lr", "knn-vote", "probe-best")
 #: Decoder presets whose measured throughput through every segment says what 50,000 rows would cost them.
 OTHER_PRESETS = ("smollm2-135m", "gemma3-270m")
+#: Test rows timed through every layer of this backbone, the same measure as the speed bench's `segments`.
+RATE_ROWS = 256
 
 
 def parse() -> argparse.Namespace:
@@ -59,6 +64,18 @@ def nested_samples(train: pa.Table, sizes: tuple[int, ...]) -> dict[int, pa.Tabl
     in file order."""
     order = np.random.default_rng(SEED).permutation(train.num_rows)
     return {n: train.take(pa.array(np.sort(order[:n]))) for n in sizes}
+
+
+def segment_rate(artifacts: Path, test: Path) -> dict[str, Any]:
+    """This backbone's rows/s through every layer (segments only, as the speed bench's `segments`), on test prompts,
+    with the load average while it ran (other jobs on the machine slow it down)."""
+    runtime = SegmentRuntime(artifacts)
+    texts = pq.read_table(test).column("text").to_pylist()[:RATE_ROWS]
+    prompts = [get_task(TASK).render(t, suffix=runtime.suffix) for t in texts]
+    runtime.all_layers_pooled(TASK, prompts[:32])  # warm-up
+    with timer() as took:
+        runtime.all_layers_pooled(TASK, prompts)
+    return {"segments_rows_per_s": len(prompts) / took.s, "rows": len(prompts), "load_avg_1min": os.getloadavg()[0]}
 
 
 def decoder_estimates(rows: int) -> dict[str, Any]:
@@ -115,17 +132,20 @@ def one_size(artifacts: Path, reference: pa.Table, test: Path) -> dict[str, Any]
     }
 
 
-def payload(rows: list[dict[str, Any]], sizes: tuple[int, ...]) -> dict[str, Any]:
+def payload(rows: list[dict[str, Any]], sizes: tuple[int, ...], rate: dict[str, Any]) -> dict[str, Any]:
     """The result so far: written after every size, so a run stopped early still shows the sizes it finished."""
-    largest = rows[-1]
+    largest, target = rows[-1], max(SIZES)
     why = (
-        f"backbone {PRESET}: build-db ran {largest['reference_rows']:,} reference rows through all 6 layers (and the "
-        f"MiniLM key) in {largest['build_db_s'] / 60:.1f} min here"
+        f"through every layer {PRESET} ran {rate['segments_rows_per_s']:.0f} rows/s here (segments only, load avg "
+        f"{rate['load_avg_1min']:.1f} on {os.cpu_count()} cores), so {target:,} reference rows take "
+        f"~{target / rate['segments_rows_per_s'] / 60:.0f} min of layers; build-db did {largest['reference_rows']:,} "
+        f"rows (layers, MiniLM key, probe and policy fits, commit) in {largest['build_db_s'] / 60:.1f} min"
     )
-    estimates = decoder_estimates(largest["reference_rows"])
+    estimates = decoder_estimates(target)
     if estimates:
-        why += "; at their measured segment throughput (layers only) the decoders would need " + ", ".join(
-            f"{p} ~{e['estimated_minutes']:.0f} min" for p, e in estimates.items()
+        why += "; at their segment throughput in the speed bench the decoders would need " + ", ".join(
+            f"{p} ~{e['estimated_minutes']:.0f} min ({e['segments_rows_per_s']:.1f} rows/s)"
+            for p, e in estimates.items()
         )
     return {
         "preset": PRESET,
@@ -137,6 +157,7 @@ def payload(rows: list[dict[str, Any]], sizes: tuple[int, ...]) -> dict[str, Any
         "sampling": "nested seeded samples of the train split; test: the whole validation split; everything fitted "
         "by build-db on the reference alone",
         "why_this_backbone": why,
+        "segment_rate": rate,
         "decoder_estimates": estimates,
         "planned_sizes": list(sizes),
         "complete": len(rows) == len(sizes),
@@ -150,11 +171,12 @@ def main() -> int:
     sizes = QUICK_SIZES if args.quick else SIZES
     artifacts = ensure_artifacts(PRESET)
     train = read_checked(train_file, TASK)
+    rate = segment_rate(artifacts, test_file)
     rows: list[dict[str, Any]] = []
     for reference in nested_samples(train, sizes).values():
         rows.append(one_size(artifacts, reference, test_file))
-        write_result("scaling", payload(rows, sizes), args.quick)
-    print(rows and payload(rows, sizes)["why_this_backbone"], flush=True)
+        write_result("scaling", payload(rows, sizes, rate), args.quick)
+    print(rows and payload(rows, sizes, rate)["why_this_backbone"], flush=True)
     return 0
 
 

@@ -4,7 +4,8 @@ baselines a user would pick instead (key-lr, knn-vote, probe-best, probe-last), 
 One export per preset (all bench tasks, MiniLM keys) in .bench/artifacts-<preset>; per task a reference
 table built from a seeded train sample through `raee-ops build-db`, then `raee_ops.evaluate` on a seeded
 held-out sample. qnli and mnli ship without a train split here, so their validation file is split 80/20
-(seed 0) into reference and test rows; the result says so per task.
+(seed 0) into reference and test rows; the result says so per task. `minilm-l6` has no label-word head: its
+zero-shot numbers (full, calibrated, oracle, head by layer, raee) are null in the results, never made up.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from raee_ops.evaluate import evaluate, write_report
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES
 from raee_ops.tasks import get_task
 
-PRESETS = ("smollm2-135m", "gemma3-270m")
+PRESETS = ("smollm2-135m", "gemma3-270m", "minilm-l6")
 TASKS = ("sst2", "cola", "mrpc", "rte", "qnli", "mnli", "sst5", "trec")
 QUICK_TASKS = ("sst2", "trec")
 REF_ROWS, QUICK_REF_ROWS = 500, 200
@@ -79,7 +80,7 @@ def ensure_artifacts(preset: str) -> Path:
     return out
 
 
-def _checked(path: Path, task: str) -> pa.Table:
+def read_checked(path: Path, task: str) -> pa.Table:
     """The file's rows, refused if its label order (file metadata) is not the preset task's."""
     table = pq.read_table(path)
     names = (table.schema.metadata or {}).get(b"label_names")
@@ -95,10 +96,10 @@ def splits(data: Path, task: str, quick: bool) -> tuple[pa.Table, pa.Table, str]
     rng = np.random.default_rng(SEED)
     train = data / task / "train.parquet"
     if train.is_file():
-        reference, evaluation = _checked(train, task), _checked(held_out, task)
+        reference, evaluation = read_checked(train, task), read_checked(held_out, task)
         source = f"reference: train sample; test: {held_out.stem} sample"
     else:
-        rows = _checked(held_out, task)
+        rows = read_checked(held_out, task)
         order = np.random.default_rng(SEED).permutation(rows.num_rows)
         cut = int(REFERENCE_SHARE * rows.num_rows)
         reference, evaluation = rows.take(pa.array(np.sort(order[:cut]))), rows.take(pa.array(np.sort(order[cut:])))
@@ -131,7 +132,7 @@ def bench_task(artifacts: Path, preset: str, data: Path, task: str, quick: bool)
     with timer() as took:
         report = evaluate(artifacts, task, str(work / "db"), task, [str(work / "test.parquet")], K)
     write_report(report, work / "report")
-    scores = ", ".join(f"{name} {b['metric']:.3f}" for name, b in report["baselines"].items())
+    scores = ", ".join(f"{name} {b['metric']:.3f}" for name, b in report["baselines"].items() if b)
     print(f"[{preset}/{task}] {report['metric_name']}: {scores} in {took.s:.0f}s", flush=True)
     return task_row(report, source, reference.num_rows, took.s)
 
@@ -140,15 +141,22 @@ def _scored(entry: dict[str, Any]) -> dict[str, float]:
     return {"score": entry["metric"], "accuracy": entry["accuracy"]}
 
 
+def _get(entry: dict[str, Any] | None, key: str) -> Any:
+    """entry[key], or None where the report has no entry (a number of a label-word head the backbone lacks)."""
+    return None if entry is None else entry[key]
+
+
 def task_row(report: dict[str, Any], source: str, reference_rows: int, seconds: float) -> dict[str, Any]:
-    """One task in bench/report.py's quality shape ("score" is the task metric), plus accuracies."""
+    """One task in bench/report.py's quality shape ("score" is the task metric), plus accuracies; the label-word
+    head's numbers are None on a backbone without one."""
     best = report["best_layer"]
     return {
         "task": report["task"],
         "metric": report["metric_name"],
-        "full": report["full"]["metric"],
-        "full_calibrated": report["full_calibrated"]["metric"],
-        "best_layer": {"layer": best["layer"], **_scored(best)},
+        "label_word_head": report.get("label_word_head", True),
+        "full": _get(report["full"], "metric"),
+        "full_calibrated": _get(report["full_calibrated"], "metric"),
+        "best_layer": {"layer": best["layer"], **_scored(best)} if best else None,
         "oracle": report["oracle_metric"],
         "neighbour_vote": _scored(report["neighbour_vote"]),
         "strategies": {
@@ -160,15 +168,16 @@ def task_row(report: dict[str, Any], source: str, reference_rows: int, seconds: 
             for name, s in report["strategies"].items()
         },
         "baselines": {
-            name: {**_scored(b), "mean_exit_layer": b["mean_exit_layer"]} for name, b in report["baselines"].items()
+            name: {**_scored(b), "mean_exit_layer": b["mean_exit_layer"]} if b else None
+            for name, b in report["baselines"].items()
         },
         "probe_layer": report["per_layer_probe_metric"],
         "head_layer": report["per_layer_metric"],
         "probe_pooling": report["probes"]["pooling"],
         "probe_best_layer": report["probes"]["best_layer"],
         "accuracy": {
-            "full": report["full"]["accuracy"],
-            "full_calibrated": report["full_calibrated"]["accuracy"],
+            "full": _get(report["full"], "accuracy"),
+            "full_calibrated": _get(report["full_calibrated"], "accuracy"),
             "oracle": report["oracle_accuracy"],
         },
         "num_layers": report["num_layers"],
@@ -189,7 +198,7 @@ def main() -> int:
         rows = [bench_task(artifacts, preset, data, task, args.quick) for task in tasks]
         payload = {
             "preset": preset,
-            "strategies": list(STRATEGIES),
+            "strategies": list(STRATEGIES),  # those reading a label-word head the backbone lacks: absent per task
             "k": K,
             "embedder": EMBEDDER,
             "default_strategy": DEFAULT_STRATEGY,

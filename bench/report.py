@@ -106,7 +106,8 @@ def render_quality(result: Doc) -> list[str]:
     "metric": str, "num_layers": int, "full": float, "full_calibrated": float,
     "best_layer": {"layer": int, "score": float}, "oracle": float, "neighbour_vote": {"score": float},
     "strategies": {name: {"score": float, "mean_exit_layer": float}}, "split": str}, ...]}
-    Scores are the task's metric; a strategy cell is "score @ mean exit layer / L".
+    Scores are the task's metric; a strategy cell is "score @ mean exit layer / L". A backbone without a label-word
+    head (minilm-l6) has None for the head's numbers and lacks the strategies that read it: shown as "–".
     """
     names, tasks = result["strategies"], result["tasks"]
     header = ["task", "metric", "L", "full", "full calibrated", "best layer", "oracle", "neighbour vote"] + names
@@ -119,7 +120,7 @@ def render_quality(result: Doc) -> list[str]:
             task["num_layers"],
             task["full"],
             task["full_calibrated"],
-            f"{_fmt(best['score'])} (L{best['layer']})",
+            f"{_fmt(best['score'])} (L{best['layer']})" if best else None,
             task["oracle"],
             task["neighbour_vote"]["score"],
         ]
@@ -128,10 +129,7 @@ def render_quality(result: Doc) -> list[str]:
     if not tasks:
         return ["No tasks."]
 
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values)
-
-    full, calibrated = mean([t["full"] for t in tasks]), mean([t["full_calibrated"] for t in tasks])
+    full, calibrated = _mean([t["full"] for t in tasks]), _mean([t["full_calibrated"] for t in tasks])
     macro: dict[str, tuple[float, float]] = {}  # strategy -> (score, share of layers)
     row = [
         "**macro avg**",
@@ -139,13 +137,16 @@ def render_quality(result: Doc) -> list[str]:
         "",
         full,
         calibrated,
-        mean([t["best_layer"]["score"] for t in tasks]),
-        mean([t["oracle"] for t in tasks]),
-        mean([t["neighbour_vote"]["score"] for t in tasks]),
+        _mean([t["best_layer"]["score"] if t["best_layer"] else None for t in tasks]),
+        _mean([t["oracle"] for t in tasks]),
+        _mean([t["neighbour_vote"]["score"] for t in tasks]),
     ]
     for name in names:
-        score = mean([t["strategies"][name]["score"] for t in tasks])
-        share = mean([t["strategies"][name]["mean_exit_layer"] / t["num_layers"] for t in tasks])
+        if not all(name in t["strategies"] for t in tasks):  # reads a label-word head the backbone lacks
+            row.append(None)
+            continue
+        score = _mean([t["strategies"][name]["score"] for t in tasks])
+        share = _mean([t["strategies"][name]["mean_exit_layer"] / t["num_layers"] for t in tasks])
         macro[name] = (score, share)
         row.append(f"{_fmt(score)} @ {share:.0%} of layers")
     rows.append(row)
@@ -156,7 +157,9 @@ def render_quality(result: Doc) -> list[str]:
             f"({task.get('rejected', 0)} rejected); {task.get('split', '')}"
         )
     default = result.get("default_strategy")
-    if default in macro:
+    if default in macro and full is None:
+        lines += ["", f"No label-word head on {result['preset']}: no zero-shot comparison for `{default}`."]
+    elif default in macro:
         score, share = macro[default]
         gain = 100 * (score - full)
         checks = [
@@ -167,9 +170,14 @@ def render_quality(result: Doc) -> list[str]:
         ]
         no_layers = [t["strategies"][default].get("retrieval_only_share") for t in tasks]
         if None not in no_layers:
-            checks.append(f"{mean(no_layers):.0%} of rows answered from retrieval alone (exit 0, no layer run)")
+            checks.append(f"{_mean(no_layers):.0%} of rows answered from retrieval alone (exit 0, no layer run)")
         lines += ["", f"Default strategy `{default}`, macro average: " + "; ".join(checks) + "."]
     return lines
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean, or None when a value is absent (a number of a label-word head the backbone lacks)."""
+    return None if not values or None in values else sum(values) / len(values)  # type: ignore[arg-type]
 
 
 #: Issue 9's goals for the default against what a user would pick instead: (baseline, points the default must be
@@ -198,7 +206,12 @@ def _baselines(result: Doc) -> list[str]:
     def share(name: str) -> float:
         return sum(t["baselines"][name]["mean_exit_layer"] / t["num_layers"] for t in tasks) / len(tasks)
 
-    rows.append(["**macro avg**", "", ""] + [f"{_fmt(macro(n))} @ {share(n):.0%} of layers" for n in names])
+    def cell(name: str) -> str | None:
+        if not all(t["baselines"][name] for t in tasks):  # reads a label-word head the backbone lacks
+            return None
+        return f"{_fmt(macro(name))} @ {share(name):.0%} of layers"
+
+    rows.append(["**macro avg**", "", ""] + [cell(n) for n in names])
     lines = [
         "",
         "Against what a user would pick instead, all fitted on the same reference rows (score @ mean layers run; "
@@ -257,7 +270,8 @@ def plot_probe_curves(result: Doc) -> None:
     for ax, t in zip(axes.ravel(), tasks, strict=False):
         layers = range(1, t["num_layers"] + 1)
         ax.plot(layers, t["probe_layer"], "-", color="tab:blue", label="probe")
-        ax.plot(layers, t["head_layer"], "-", color="black", label="label-word head")
+        if t["head_layer"]:  # none without a label-word head
+            ax.plot(layers, t["head_layer"], "-", color="black", label="label-word head")
         for name, marker, color in (
             ("default", "*", "tab:red"),
             ("key-lr", "D", "tab:orange"),
@@ -283,7 +297,7 @@ def _accuracy_table(names: list[str], tasks: list[Doc]) -> list[str]:
     header = ["task (accuracy)", "full", "full calibrated", "neighbour vote"] + names
     rows = [
         [t["task"], t["accuracy"]["full"], t["accuracy"]["full_calibrated"], t["neighbour_vote"]["accuracy"]]
-        + [t["strategies"][name]["accuracy"] for name in names]
+        + [(t["strategies"].get(name) or {}).get("accuracy") for name in names]
         for t in other
     ]
     return ["", "Accuracy on the tasks scored above with another metric:", ""] + _table(header, rows) + [""]
@@ -390,17 +404,19 @@ def _speed_goal(result: Doc) -> list[str]:
         return f"{label}: {shown} ({'met' if met else 'NOT met'})"
 
     default = methods.get(name)
+    # without a label-word head the full model is every layer read by the last probe (bench/speed.py)
+    fulls = [f for f in ("segments", "full", "hf-torch") if f in methods] or ["probe-last"]
     checks = [
-        verdict("per row, in process", [(default, methods.get(f)) for f in ("segments", "full", "hf-torch")]),
+        verdict("per row, in process", [(default, methods.get(f)) for f in fulls]),
         verdict(
             f"per Beam job of {result.get('rows')} rows, start-up included",
-            [(methods.get(f"beam-{name}"), methods.get("beam-full"))],
+            [(methods.get(f"beam-{name}"), methods.get("beam-full") or methods.get("beam-probe-last"))],
         ),
     ]
     checks = [c for c in checks if c]
     if not default or not checks:
         return []
-    full = (methods.get("segments") or methods.get("full") or {}).get("accuracy", float("nan"))
+    full = (methods.get(fulls[0]) or {}).get("accuracy", float("nan"))
     return [
         f"Default strategy `{name}` against the full model run the same way (goal ≥ {SPEED_GOAL:g}× at accuracy not "
         f"below the full model's; accuracy {default['accuracy']:.3f} against {full:.3f}): " + "; ".join(checks) + ".",
@@ -458,6 +474,77 @@ def render_int8(result: Doc) -> list[str]:
     return lines
 
 
+SCALING_PNG = OUTPUT.parent / "scaling.png"
+
+
+def render_scaling(result: Doc) -> list[str]:
+    """Reference-size scaling (bench/scaling.py): per size, each method's accuracy @ share of the layers run, and
+    build-db's time; the plot beside it (bench/scaling.png)."""
+    methods = result["methods"]
+    header = ["reference rows", "build-db s", "probe fit rows", "probe pooling (best layer)"] + methods
+    rows = [
+        [
+            size["reference_rows"],
+            size["build_db_s"],
+            size["probe_fit_rows"],
+            f"{size['probe_pooling']} (L{size['probe_best_layer']})",
+        ]
+        + [f"{_fmt(size['methods'][m]['accuracy'])} @ {size['methods'][m]['layer_share']:.0%}" for m in methods]
+        for size in result["sizes"]
+    ]
+    test_rows = result["sizes"][0]["test_rows"] if result["sizes"] else 0
+    lines = [
+        f"{result['task']} on `{result['preset']}` ({result['embedder']} keys, k={result['k']}), {test_rows} test rows "
+        f"(the whole validation split); {result['sampling']}. Cells: accuracy @ share of the layers run (a row "
+        "answered at exit 0 runs none). Why this backbone: " + result["why_this_backbone"] + ".",
+        "",
+        *_table(header, rows),
+    ]
+    if not result.get("complete", True):
+        done = ", ".join(str(s["reference_rows"]) for s in result["sizes"])
+        planned = ", ".join(map(str, result["planned_sizes"]))
+        last = result["sizes"][-1]
+        rate = last["reference_rows"] / last["build_db_s"]
+        todo = [n for n in result["planned_sizes"] if n > last["reference_rows"]]
+        lines += [
+            "",
+            f"**Incomplete run**: sizes {done} of the planned {planned}. build-db's rate at the largest finished size "
+            f"was {rate:.1f} rows/s (load included: see the load average above); at that rate "
+            + ", ".join(f"{n:,} rows would take ~{n / rate / 60:.0f} min" for n in todo)
+            + ".",
+        ]
+    return lines + (
+        ["", f"![accuracy and layers run against reference size]({SCALING_PNG.name})"] * SCALING_PNG.is_file()
+    )
+
+
+def plot_scaling(result: Doc) -> None:
+    """Accuracy and mean share of layers run against reference rows (log x), one line per method: bench/scaling.png
+    (skipped without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [s["reference_rows"] for s in result["sizes"]]
+    fig, (acc, layers) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, method in enumerate(result["methods"]):
+        values = [s["methods"][method] for s in result["sizes"]]
+        acc.plot(sizes, [v["accuracy"] for v in values], "o-", color=f"C{i}", label=method)
+        layers.plot(sizes, [v["layer_share"] for v in values], "o-", color=f"C{i}", label=method)
+    acc.set(xscale="log", xlabel="reference rows", ylabel="accuracy", title=f"{result['task']}: accuracy")
+    layers.set(
+        xscale="log", xlabel="reference rows", ylabel="mean share of layers run", title="layers run", ylim=(0, 1.05)
+    )
+    acc.legend(fontsize=8)
+    fig.suptitle(f"{result['preset']}: reference-size scaling")
+    fig.tight_layout()
+    fig.savefig(SCALING_PNG, dpi=80)
+    plt.close(fig)
+
+
 def render_generic(result: Any) -> list[str]:
     """Kinds without a renderer yet: show the payload rather than drop it."""
     return ["```json", json.dumps(result, indent=2), "```"]
@@ -471,6 +558,7 @@ SECTIONS: list[tuple[str, str, Callable[[Any], list[str]]]] = [
     ("Quality", "quality-", render_quality),
     ("Speed", "speed-", render_speed),
     ("INT8", "int8-", render_int8),
+    ("Reference-size scaling", "scaling", render_scaling),
 ]
 
 
@@ -535,6 +623,8 @@ def build(results_dir: Path = RESULTS_DIR) -> str:
 def main() -> int:
     for path in sorted(RESULTS_DIR.glob("quality-*.json")):
         plot_probe_curves(json.loads(path.read_text())["result"])
+    if (RESULTS_DIR / "scaling.json").is_file():
+        plot_scaling(json.loads((RESULTS_DIR / "scaling.json").read_text())["result"])
     OUTPUT.write_text(build())
     print(f"wrote {OUTPUT.relative_to(REPO_ROOT)}")
     return 0

@@ -7,6 +7,10 @@ commit, whose ratio to segments is `speedup_vs_baseline`); (d) every exit strate
 core with retrieval and early exits, each phase timed; (e) beam-full and beam-<default>: `run_classify` on the
 same rows written to Parquet, pipeline start-up included. Every method gets the rows sorted by prompt length in
 batches of BATCH rows (the runtime's own order), so padding is the same for all and only the engine differs.
+
+A backbone without a label-word head (minilm-l6) has no zero-shot answer to compare engines on: (a)-(c) and the
+strategies reading the head are left out (the result says so), and its full model is `probe-last` (every layer,
+answered by the last layer's probe), in process and through Beam.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from raee_ops.retrieval import Retriever
 from raee_ops.runtime import SUB_BATCH, SegmentRuntime, process_thread_pool, session_options
 from raee_ops.tasks import Task, get_task
 
-PRESETS = ("smollm2-135m", "gemma3-270m")
+PRESETS = ("smollm2-135m", "gemma3-270m", "minilm-l6")
 TASK, EMBEDDER, K, SEED = "sst2", "minilm", 10, 0
 BATCH = SUB_BATCH  # 32: the runtime's batch, used for every method
 ROWS, QUICK_ROWS = 256, 64
@@ -50,8 +54,10 @@ REF_ROWS, QUICK_REF_ROWS = 1000, 200
 #: Threads of the single-session methods (torch, whole-model ORT); segments use the runtime's own setting.
 SINGLE_SESSION_THREADS = 2
 STRATEGIES = tuple(exit_policy.STRATEGIES)  # every strategy, the ones that lose included
-#: The full model and the default, through the whole Beam pipeline.
+#: The full model and the default, through the whole Beam pipeline; without a label-word head the full model is
+#: `probe-last`.
 BEAM_STRATEGIES = ("full", exit_policy.DEFAULT_STRATEGY)
+HEADLESS_FULL = "probe-last"
 #: Timed passes per method; the fastest is reported (other work on a shared machine can only slow a pass down).
 REPEATS = 2
 ATOL = 1e-3
@@ -310,9 +316,7 @@ def bench_preset(preset: str, quick: bool, data: Path, baseline: Path | None, ch
     rows = Rows(texts, prompts, evaluation["label"].to_numpy(), runtime.encode(prompts))
     warm = Rows(texts[:BATCH], prompts[:BATCH], rows.labels[:BATCH], rows.ids[:BATCH])
     num_layers = runtime.num_layers
-    label_ids = runtime.manifest.task(TASK).label_token_ids
-    adapter = load_model(preset).adapter
-    whole = ensure_whole_onnx(preset, artifacts, adapter, label_ids)
+    head = runtime.manifest.label_word_head
 
     def entry(method: str, predictions: np.ndarray, seconds: float, **extra: Any) -> dict[str, Any]:
         accuracy = float(np.mean(predictions.argmax(axis=1) == rows.labels))
@@ -326,6 +330,78 @@ def bench_preset(preset: str, quick: bool, data: Path, baseline: Path | None, ch
             **extra,
         }
 
+    methods = engines(preset, artifacts, runtime, rows, warm, entry, baseline) if head else []
+    fusions = runtime.manifest.optimization
+    if chain_only:
+        return {
+            "preset": preset,
+            "num_layers": num_layers,
+            "rows": len(prompts),
+            "methods": methods,
+            "fusions": fusions,
+        }
+    segments_s = next((m["wall_s"] for m in methods if m["method"] == "segments"), None)
+    db, table = build_db(artifacts, preset, reference)
+    retriever = Retriever(db, table)
+    for name in STRATEGIES:
+        if not head and resolve(name, num_layers).needs_head():
+            continue
+        core = Core(runtime, retriever, name, task)
+        probs, s = timed(core.run, rows, warm)
+        mean_exit = float(core.exits.mean())
+        total = sum(core.seconds.values())
+        methods.append(
+            entry(
+                name,
+                probs,
+                s,
+                mean_exit_layer=mean_exit,
+                retrieval_only_share=float(np.mean(core.exits == 0)),
+                ideal_speedup=num_layers / mean_exit if mean_exit > 0 else None,
+                speedup_vs_segments=segments_s / s if segments_s else None,
+                phase_share={k: round(v / total, 3) for k, v in core.seconds.items()},
+            )
+        )
+    beam = BEAM_STRATEGIES if head else (HEADLESS_FULL, exit_policy.DEFAULT_STRATEGY)
+    methods += [beam_classify(artifacts, db, table, evaluation, strategy) for strategy in beam]
+    return {
+        "preset": preset,
+        "task": TASK,
+        "num_layers": num_layers,
+        "rows": len(prompts),
+        "reference_rows": reference.num_rows,
+        "embedder": EMBEDDER,
+        "k": K,
+        "batch_size": BATCH,
+        "baseline": "hf-torch" if head else HEADLESS_FULL,
+        "label_word_head": head,
+        "default_strategy": exit_policy.DEFAULT_STRATEGY,
+        "threads": {
+            "torch": SINGLE_SESSION_THREADS,
+            "ort_shared_pool": process_thread_pool(SINGLE_SESSION_THREADS),
+            "inter_op": 1,
+            "process_os_threads": len(os.listdir("/proc/self/task")),
+        },
+        "timing": f"one warm-up pass over {BATCH} rows, then the fastest of {REPEATS} timed passes, the segment chains "
+        f"and ort-whole interleaved pass by pass (Beam: of {REPEATS} runs); rows length-sorted for every method"
+        + ("" if head else f"; no label-word head: engine comparisons skipped, full model = {HEADLESS_FULL}"),
+        "methods": methods,
+        "fusions": fusions,
+    }
+
+
+Entry = Callable[..., dict[str, Any]]
+
+
+def engines(
+    preset: str, artifacts: Path, runtime: SegmentRuntime, rows: Rows, warm: Rows, entry: Entry, baseline: Path | None
+) -> list[dict[str, Any]]:
+    """The full model's label-word logits in three engines (hf-torch, ort-whole, segments; `baseline`: another
+    export's segments), compared; the chains are timed interleaved pass by pass."""
+    num_layers = runtime.num_layers
+    label_ids = runtime.manifest.task(TASK).label_token_ids
+    adapter = load_model(preset).adapter
+    whole = ensure_whole_onnx(preset, artifacts, adapter, label_ids)
     hf_logits, hf_s = timed(hf_torch(adapter, label_ids), rows, warm)
 
     def chain(rt: SegmentRuntime) -> Callable[[Rows], np.ndarray]:
@@ -349,58 +425,7 @@ def bench_preset(preset: str, quick: bool, data: Path, baseline: Path | None, ch
         methods.append(entry("segments-baseline", base_logits, base_s, max_abs_diff_vs_segments=base_diff))
         chained["speedup_vs_baseline"] = base_s / segments_s
     methods.append(entry("segments", segment_logits, segments_s, **chained))
-    fusions = runtime.manifest.optimization
-    if chain_only:
-        return {
-            "preset": preset,
-            "num_layers": num_layers,
-            "rows": len(prompts),
-            "methods": methods,
-            "fusions": fusions,
-        }
-    db, table = build_db(artifacts, preset, reference)
-    retriever = Retriever(db, table)
-    for name in STRATEGIES:
-        core = Core(runtime, retriever, name, task)
-        probs, s = timed(core.run, rows, warm)
-        mean_exit = float(core.exits.mean())
-        total = sum(core.seconds.values())
-        methods.append(
-            entry(
-                name,
-                probs,
-                s,
-                mean_exit_layer=mean_exit,
-                retrieval_only_share=float(np.mean(core.exits == 0)),
-                ideal_speedup=num_layers / mean_exit if mean_exit > 0 else None,
-                speedup_vs_segments=segments_s / s,
-                phase_share={k: round(v / total, 3) for k, v in core.seconds.items()},
-            )
-        )
-    methods += [beam_classify(artifacts, db, table, evaluation, strategy) for strategy in BEAM_STRATEGIES]
-    return {
-        "preset": preset,
-        "task": TASK,
-        "num_layers": num_layers,
-        "rows": len(prompts),
-        "reference_rows": reference.num_rows,
-        "embedder": EMBEDDER,
-        "k": K,
-        "batch_size": BATCH,
-        "baseline": "hf-torch",
-        "default_strategy": exit_policy.DEFAULT_STRATEGY,
-        "threads": {
-            "torch": SINGLE_SESSION_THREADS,
-            "ort_shared_pool": process_thread_pool(SINGLE_SESSION_THREADS),
-            "inter_op": 1,
-            "process_os_threads": len(os.listdir("/proc/self/task")),
-        },
-        "timing": f"one warm-up pass over {BATCH} rows, then the fastest of {REPEATS} timed passes, the segment chains "
-        f"and ort-whole interleaved pass by pass (Beam: of "
-        f"{REPEATS} runs); rows length-sorted for every method",
-        "methods": methods,
-        "fusions": fusions,
-    }
+    return methods
 
 
 def main() -> int:

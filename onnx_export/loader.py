@@ -1,6 +1,8 @@
 """Resolve a --model SPEC to a loaded model, tokenizer and adapter; presets come from installed packages only.
 
-SPEC is a preset name, a .gguf file, or a local Hugging Face model directory. Nothing is ever downloaded.
+SPEC is a preset name, a .gguf file, or a local Hugging Face model directory. Nothing is ever downloaded. A preset
+resolves to a .gguf file (the decoders) or a model directory (`minilm-l6`: the all-MiniLM-L6-v2 BertModel that the
+retrieval embedder also bundles, a backbone without a label-word head).
 Loads are cached per process, so an in-process Beam worker and the driver share one copy of the weights.
 """
 
@@ -75,13 +77,21 @@ def _gemma3() -> Path:
         raise RaeeConfigError(f"could not assemble the gemma3-270m GGUF ({exc}); reinstall: {fix}") from exc
 
 
-PRESETS: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
+def _minilm_l6() -> Path:
+    from raee_ops.onnx_export.embedder import model_dir  # the package the retrieval embedder exports from
+
+    return model_dir("minilm")
+
+
+PRESETS: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3, "minilm-l6": _minilm_l6}
 
 
 def resolve(spec: str) -> ModelSource:
     if spec in PRESETS:
-        gguf = PRESETS[spec]()
-        return ModelSource(gguf.parent, gguf.name, f"preset:{spec}:{gguf}")
+        path = PRESETS[spec]()
+        if path.is_dir():
+            return ModelSource(path, None, f"preset:{spec}:{path}")
+        return ModelSource(path.parent, path.name, f"preset:{spec}:{path}")
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -45,7 +45,7 @@ def compare(
     positions = readout_positions(ids, lengths, manifest.readout, manifest.tokenizer.mask_token_id)
     fp32 = ort_layer_states(directory, manifest, ids, mask, positions)
     int8 = ort_layer_states(directory, manifest, ids, mask, positions, int8_files)
-    heads = {name: _session(directory / entry.head.file) for name, entry in manifest.tasks.items()}
+    heads = {n: _session(directory / e.head.file) for n, e in manifest.tasks.items() if e.head is not None}
 
     def answers(head: Any, states: np.ndarray) -> np.ndarray:
         return head.run(None, {"hidden_states": states})[0].argmax(axis=1)

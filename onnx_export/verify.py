@@ -107,8 +107,8 @@ def torch_layer_states(
 def verify_export(
     directory: Path, manifest: Manifest, adapter: ArchitectureAdapter, tasks: Sequence[Task]
 ) -> dict[str, Any]:
-    """Compare every layer's head logits (ORT on a padded batch vs torch on each prompt alone); raise naming
-    the first layer that differs."""
+    """Compare every layer's head logits (ORT on a padded batch vs torch on each prompt alone; a head-less backbone:
+    the readout hidden states themselves, what its probes read); raise naming the first layer that differs."""
     prompts = sample_prompts(tasks, adapter.prompt_suffix)
     encoded = check_tokenizer(directory, manifest, adapter.tokenizer, prompts)
     ids, lengths = pad_right(encoded, manifest.tokenizer.pad_id)
@@ -123,10 +123,17 @@ def verify_export(
     heads = {
         name: (_session(directory / entry.head.file), adapter.head_segment(entry.label_token_ids))
         for name, entry in manifest.tasks.items()
+        if entry.head is not None
     }
     max_diffs = []
     for layer, (got, want) in enumerate(zip(onnx_states, torch_states, strict=True)):
         diff = 0.0
+        if not heads:
+            diff = float(np.abs(got - want).max())
+            if diff > ATOL:
+                raise ArtifactError(
+                    f"verification failed at layer {layer}: readout states differ by {diff:.2e} (tolerance {ATOL})"
+                )
         for name, (session, head) in heads.items():
             onnx_logits = session.run(None, {"hidden_states": got})[0]
             with torch.no_grad():
@@ -141,6 +148,7 @@ def verify_export(
         max_diffs.append(diff)
     return {
         "passed": True,
+        "compared": "head logits" if heads else "readout hidden states (no label-word head)",
         "tolerance": ATOL,
         "prompts": len(prompts),
         "lengths": lengths.tolist(),

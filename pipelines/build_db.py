@@ -62,6 +62,7 @@ class BuildSummary:
     search: str = "exact search"
     version: int | None = None
     probes: list[str] = field(default_factory=list)
+    no_policy: str = "fewer than 2 rows"  # why there is no fused policy
 
     def render(self) -> str:
         balance = "ok" if self.rows_in == self.written + self.rejected else "MISMATCH"
@@ -70,7 +71,7 @@ class BuildSummary:
             f"fused policy (leave-one-out on {p.loo_queries} rows, {p.metric}): {p.settings()}; "
             f"LOO {p.metric} {p.loo_metric:.3f}, mean exit layer {p.loo_mean_exit:.2f}"
             if p
-            else "fused policy: none (fewer than 2 rows)"
+            else f"fused policy: none ({self.no_policy})"
         )
         return "\n".join(
             [
@@ -190,7 +191,9 @@ def run_build_db(
             refuse_overwrite_with_nothing(table, allow_empty)
         previous = previous_rows(db_uri, table, store) if mode == "append" else (None, None)
         with phase(f"build-db: fitting the probes and policies on {written} new rows"):
-            reference = assemble(shards, schema, task, meta, manifest.hidden_size, *previous)
+            reference = assemble(
+                shards, schema, task, meta, manifest.hidden_size, *previous, label_word_head=manifest.label_word_head
+            )
         fault_point("commit:errors")
         table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store)
     if mode == "overwrite":
@@ -209,6 +212,7 @@ def run_build_db(
         search,
         version,
         reference.render(),
+        "fewer than 2 rows" if manifest.label_word_head else "the backbone has no label-word head to fit it on",
     )
 
 

@@ -23,7 +23,7 @@ from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 
 from raee_ops import storage
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
-from raee_ops.exit_policy import resolve
+from raee_ops.exit_policy import refuse_head, resolve
 from raee_ops.readout import describe
 from raee_ops.retrieval import (
     check_meta,
@@ -123,6 +123,7 @@ def run_classify(
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
     chosen = resolve(strategy, manifest.num_layers)
+    refuse_head([chosen], manifest.label_word_head)
     strategy = chosen.name
     if k < 1:
         raise RaeeConfigError(f"--k must be at least 1, got {k}")

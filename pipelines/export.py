@@ -131,9 +131,14 @@ def _head_file(task: Task) -> str:
 
 
 def _jobs(num_layers: int, tasks: Sequence[Task], label_ids: dict[str, list[int]]) -> list[SegmentJob]:
+    """Embed, every layer, and a head per task that has label token ids (none on a head-less backbone)."""
     jobs = [SegmentJob("embed", "embed.onnx")]
     jobs += [SegmentJob("layer", f"layer_{i:03d}.onnx", index=i) for i in range(num_layers)]
-    jobs += [SegmentJob("head", _head_file(t), label_token_ids=tuple(label_ids[t.name])) for t in tasks]
+    jobs += [
+        SegmentJob("head", _head_file(t), label_token_ids=tuple(label_ids[t.name]))
+        for t in tasks
+        if t.name in label_ids
+    ]
     return jobs
 
 
@@ -223,7 +228,8 @@ def run_export(
         loaded = load_model(model_spec)
     adapter = loaded.adapter
     _check_request(loaded, tasks, max_length)
-    label_ids = {t.name: label_token_ids(adapter.tokenizer, t) for t in tasks}
+    # a head-less backbone has no label words to read: no verbalizer check, no head segments
+    label_ids = {t.name: label_token_ids(adapter.tokenizer, t) for t in tasks} if adapter.label_word_head else {}
     if storage.is_file(out_dir):
         raise RaeeConfigError(f"--out {out_dir} exists and is not a directory")
     parent, name, local = storage.parent(out_dir), storage.name(out_dir), storage.is_local(out_dir)
@@ -264,12 +270,13 @@ def run_export(
                         template=t.template,
                         label_names=list(t.label_names),
                         verbalizer=list(t.verbalizer),
-                        label_token_ids=label_ids[t.name],
-                        head=refs[_head_file(t)],
+                        label_token_ids=label_ids.get(t.name, []),
+                        head=refs.get(_head_file(t)),
                     )
                     for t in tasks
                 },
                 embedders=_export_embedders(embedders, files, optimize),
+                label_word_head=adapter.label_word_head,
             )
             if not local:  # the checks and the fusion record below read the segments from a local folder
                 for file in sorted(refs):

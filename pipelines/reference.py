@@ -73,12 +73,15 @@ def assemble(
     hidden: int,
     old: pa.Table | None = None,
     old_features: pa.Table | None = None,
+    label_word_head: bool = True,
 ) -> Reference:
-    """The reference table from staged shards (plus, on append, the table's rows and feature rows so far)."""
+    """The reference table from staged shards (plus, on append, the table's rows and feature rows so far). Without
+    a label-word head the table has no head columns (the staged ones hold only the runtime's placeholders) and no
+    fused policy is fitted."""
     num_layers, num_labels = meta.num_layers, len(meta.label_names)
     dim = staged.field("vector").type.list_size
-    schema = exit_table_schema(dim, num_layers, num_labels)
-    layer_fields = [f.name for f in staged if f.name != FEATURES]
+    schema = exit_table_schema(dim, num_layers, num_labels, label_word_head)
+    layer_fields = [f.name for f in staged if f.name != FEATURES and f.name in schema.names]
     new = pa.concat_tables([storage.read_parquet(s, columns=layer_fields) for s in shards] or [staged.empty_table()])
     new = new.select(layer_fields).cast(pa.schema([staged.field(n) for n in layer_fields]))
     old_probes = None
@@ -135,7 +138,7 @@ def assemble(
         kept = np.zeros((0, num_layers, hidden), np.float16)
     layers = pa.concat_tables([old.select(layer_fields), new])
     data = _with_probe_columns(layers, probe_lp, labels, schema)
-    if rows >= 2:
+    if rows >= 2 and label_word_head:  # the fused policy reads the label-word head: none without one
         head_lp = flat_values(data, "layer_logprobs").reshape(rows, num_layers, num_labels)
         policy = fit_fused_policy(vectors, labels, head_lp, num_labels, metric)
     extra = {

@@ -80,7 +80,8 @@ def beam_args() -> list[str]:
     "--model",
     "model_spec",
     required=True,
-    help="Preset (smollm2-135m, gemma3-270m), a .gguf file, or a Hugging Face model directory.",
+    help="Preset (smollm2-135m, gemma3-270m, minilm-l6: no label-word head), a .gguf file, or a Hugging Face model "
+    "directory.",
 )
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Artifacts directory.")
 @click.option("--task", "task_names", multiple=True, help="Preset task to export a head for (repeatable).")

@@ -5,6 +5,10 @@ rejections and per-row failure isolation), so evaluated rows are exactly what a 
 Retrieval runs once with the most neighbours any strategy needs. A strategy only picks a layer and reads
 that layer's head, so every strategy is scored from the stored per-layer log-probs without rerunning the model
 (softmax is shift-invariant, so log-probs answer exactly as logits would).
+
+A backbone without a label-word head (a bare encoder) has no zero-shot numbers: the head's per-layer scores, the
+full model, the oracle and the head-reading baselines are None (absent, shown as "–"), never made up; strategies
+that read the head are left out of the default list and refused when named.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import pyarrow as pa
 from raee_ops import storage
 from raee_ops.calibration import label_vote
 from raee_ops.errors import RaeeConfigError
-from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES, Context, Neighbours, Strategy, resolve
+from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES, Context, Neighbours, Strategy, refuse_head, resolve
 from raee_ops.metrics import Metric, accuracy, task_metric
 from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.options import worker_settings
@@ -143,6 +147,20 @@ def _strategy_report(
     }
 
 
+def _zero_shot(
+    logprobs: np.ndarray, probe_lp: np.ndarray, labels: np.ndarray, nb: Neighbours, ctx: Context, metric: Metric
+) -> tuple[list[dict[str, float]], int, dict[str, float], dict[str, Any]]:
+    """The label-word head's numbers: per-layer scores, the best layer (0-based), the oracle (any layer right) and
+    the calibrated full model."""
+    layer_pred = logprobs.argmax(axis=2)  # L×N
+    per_layer = [_scores(labels, pred, metric, ctx.num_labels) for pred in layer_pred]
+    best = max(range(ctx.num_layers), key=lambda i: (per_layer[i]["metric"], per_layer[i]["accuracy"]))
+    any_right = (layer_pred == labels).any(axis=0)
+    oracle = _scores(labels, np.where(any_right, labels, layer_pred[-1]), metric, ctx.num_labels)
+    calibrated = _strategy_report(STRATEGIES["full-cal"], logprobs, probe_lp, labels, nb, ctx, metric)
+    return per_layer, best, oracle, calibrated
+
+
 def evaluate(
     artifacts: str,
     task_name: str,
@@ -160,16 +178,21 @@ def evaluate(
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
     num_layers, num_labels = manifest.num_layers, len(task.label_names)
-    chosen = [resolve(name, num_layers) for name in strategies or list(STRATEGIES)]
+    head = manifest.label_word_head
+    if strategies:
+        chosen = [resolve(name, num_layers) for name in strategies]
+        refuse_head(chosen, head)
+    else:
+        chosen = [s for s in STRATEGIES.values() if head or not s.needs_head()]
     meta = table_meta(db_uri, table, settings.db_storage_options)
     embedder = meta.embedder if meta else "backbone"
     expected = expected_meta(manifest, task_name, embedder)
     check_meta(meta, expected, f"table {table!r} in {db_uri}")
     retriever = Retriever(db_uri, table, storage_options=settings.db_storage_options)
     check_table_probes(retriever.table, expected, True, f"table {table!r} in {db_uri}")
-    if retriever.policy is None or retriever.probes is None or retriever.probe_policy is None:
+    if (head and retriever.policy is None) or retriever.probes is None or retriever.probe_policy is None:
         raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
-    policy, probes = retriever.policy, retriever.probes
+    policy, probes, probe_policy = retriever.policy, retriever.probes, retriever.probe_policy
 
     valid, rejected = _read_validated(inputs, task)
     handler = BuildHandler(str(artifacts), task, embedder, **settings.runtime())
@@ -181,25 +204,21 @@ def evaluate(
     logprobs = flat_values(rows, "layer_logprobs").reshape(rows.num_rows, num_layers, num_labels).transpose(1, 0, 2)
     keys = flat_values(rows, "vector").reshape(rows.num_rows, -1)
 
-    ctx = Context(num_layers, num_labels, k, policy, probes, retriever.probe_policy)
-    nb = retriever.search(keys, max(k, policy.k, retriever.probe_policy.k))
+    ctx = Context(num_layers, num_labels, k, policy, probes, probe_policy)
+    vote_k = policy.k if policy else probe_policy.k
+    nb = retriever.search(keys, max(k, vote_k, probe_policy.k))
     metric_name, metric = task_metric(task_name, num_labels)
-    layer_pred = logprobs.argmax(axis=2)  # L×N
-    per_layer = [_scores(labels, pred, metric, num_labels) for pred in layer_pred]
-    best = max(range(num_layers), key=lambda i: (per_layer[i]["metric"], per_layer[i]["accuracy"]))
-    any_right = (layer_pred == labels).any(axis=0)
-    oracle = _scores(labels, np.where(any_right, labels, layer_pred[-1]), metric, num_labels)
-    vote = nb.top(policy.k)
+    vote = nb.top(vote_k)
     vote_pred = label_vote(vote.labels, vote.similarity, num_labels).argmax(axis=1)
-    calibrated = _strategy_report(STRATEGIES["full-cal"], logprobs, probe_lp, labels, nb, ctx, metric)
+    zero_shot = _zero_shot(logprobs, probe_lp, labels, nb, ctx, metric) if head else None
     probe_layers = [_scores(labels, pred, metric, num_labels) for pred in probe_lp.argmax(axis=2)]
     reports = {s.name: _strategy_report(s, logprobs, probe_lp, labels, nb, ctx, metric) for s in chosen}
     for strategy in BASELINES.values():
-        if strategy not in reports:
-            reports[strategy] = _strategy_report(
-                resolve(strategy, num_layers), logprobs, probe_lp, labels, nb, ctx, metric
-            )
-    baselines = {name: _brief(reports[strategy]) for name, strategy in BASELINES.items()}
+        baseline = resolve(strategy, num_layers)
+        if strategy not in reports and (head or not baseline.needs_head()):
+            reports[strategy] = _strategy_report(baseline, logprobs, probe_lp, labels, nb, ctx, metric)
+    baselines = {name: _brief(reports[s]) if s in reports else None for name, s in BASELINES.items()}
+    per_layer, best, oracle, calibrated = zero_shot or (None, None, None, None)
 
     return {
         "task": task_name,
@@ -213,13 +232,14 @@ def evaluate(
         "rejected_rows": rejected,
         "num_layers": num_layers,
         "metric_name": metric_name,
-        "per_layer_accuracy": [s["accuracy"] for s in per_layer],
-        "per_layer_metric": [s["metric"] for s in per_layer],
-        "best_layer": {"layer": best + 1, **per_layer[best]},
-        "oracle_accuracy": oracle["accuracy"],
-        "oracle_metric": oracle["metric"],
-        "full": {**per_layer[-1], "metric_name": metric_name},
-        "full_calibrated": {"accuracy": calibrated["accuracy"], "metric": calibrated["metric"]},
+        "label_word_head": head,
+        "per_layer_accuracy": [s["accuracy"] for s in per_layer] if per_layer else None,
+        "per_layer_metric": [s["metric"] for s in per_layer] if per_layer else None,
+        "best_layer": {"layer": best + 1, **per_layer[best]} if per_layer else None,
+        "oracle_accuracy": oracle["accuracy"] if oracle else None,
+        "oracle_metric": oracle["metric"] if oracle else None,
+        "full": {**per_layer[-1], "metric_name": metric_name} if per_layer else None,
+        "full_calibrated": {"accuracy": calibrated["accuracy"], "metric": calibrated["metric"]} if calibrated else None,
         "neighbour_vote": {**_scores(labels, vote_pred, metric, num_labels), "k": vote.labels.shape[1]},
         "default_strategy": DEFAULT_STRATEGY,
         "strategies": {s.name: reports[s.name] for s in chosen},
@@ -233,8 +253,8 @@ def evaluate(
             "reference_oof_metric": probes.oof_metric,
             "key_reference_oof_metric": probes.key_oof_metric,
         },
-        "policy": {name: value for name, value in policy.to_dict().items() if name != "bias"},
-        "probe_policy": retriever.probe_policy.to_dict(),
+        "policy": {name: value for name, value in policy.to_dict().items() if name != "bias"} if policy else None,
+        "probe_policy": probe_policy.to_dict(),
         "k": k,
     }
 
@@ -277,16 +297,18 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
     ]
     best, vote = r["best_layer"], r["neighbour_vote"]
-    lines += _table(
-        ["method", "accuracy", name],
-        [
+    rows = [[f"neighbour vote (k={vote['k']}, no layers)", vote["accuracy"], vote["metric"]]]
+    if r["full"] is None:
+        lines += ["No label-word head on this backbone: no zero-shot numbers (full, calibrated, oracle).", ""]
+    else:
+        rows = [
             ["full model (last layer)", r["full"]["accuracy"], r["full"]["metric"]],
             ["full, calibrated", r["full_calibrated"]["accuracy"], r["full_calibrated"]["metric"]],
             [f"best single layer (L{best['layer']})", best["accuracy"], best["metric"]],
             ["oracle (any layer right)", r["oracle_accuracy"], r["oracle_metric"]],
-            [f"neighbour vote (k={vote['k']}, no layers)", vote["accuracy"], vote["metric"]],
-        ],
-    )
+            *rows,
+        ]
+    lines += _table(["method", "accuracy", name], rows)
     lines += ["## Against what a user would pick instead", ""]
     lines += [
         "All fitted on the same reference rows. key-lr: logistic regression on the retrieval key; knn-vote: the "
@@ -297,7 +319,10 @@ def render_markdown(r: dict[str, Any]) -> str:
     ]
     lines += _table(
         ["baseline", "accuracy", name, "mean layers"],
-        [[b, v["accuracy"], v["metric"], v["mean_exit_layer"]] for b, v in r["baselines"].items()],
+        [
+            [b, *([v["accuracy"], v["metric"], v["mean_exit_layer"]] if v else ["–"] * 3)]
+            for b, v in r["baselines"].items()
+        ],
     )
     lines += ["## Strategies", ""]
     lines += _table(
@@ -322,14 +347,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"reference out-of-fold {name} in the last column).",
         "",
     ]
+    absent = ["–"] * r["num_layers"]
     lines += _table(
         ["layer", "head accuracy", f"head {name}", "probe accuracy", f"probe {name}", f"probe reference {name}"],
         [
             [i + 1, *values]
             for i, values in enumerate(
                 zip(
-                    r["per_layer_accuracy"],
-                    r["per_layer_metric"],
+                    r["per_layer_accuracy"] or absent,
+                    r["per_layer_metric"] or absent,
                     r["per_layer_probe_accuracy"],
                     r["per_layer_probe_metric"],
                     p["reference_oof_metric"],
@@ -341,7 +367,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += [
         "## Table policies (fitted by build-db)",
         "",
-        json.dumps(r["policy"]),
+        json.dumps(r["policy"]) if r["policy"] else "fused policy: none (no label-word head)",
         "",
         json.dumps(r["probe_policy"]),
         "",
@@ -363,9 +389,12 @@ def plot(r: dict[str, Any], path: io.BytesIO) -> None:
     layers = np.arange(1, r["num_layers"] + 1)
     exit_layers = np.arange(0, r["num_layers"] + 1)
     fig, (curve, hist) = plt.subplots(1, 2, figsize=(13, 4.5))
-    curve.plot(layers, r["per_layer_accuracy"], "o-", color="black", label="label-word head by layer")
+    if r["per_layer_accuracy"]:
+        curve.plot(layers, r["per_layer_accuracy"], "o-", color="black", label="label-word head by layer")
     curve.plot(layers, r["per_layer_probe_accuracy"], "s-", color="tab:blue", label="probe head by layer")
     for i, (name, b) in enumerate(r["baselines"].items()):
+        if b is None:  # reads a label-word head this backbone does not have
+            continue
         curve.plot(b["mean_exit_layer"], b["accuracy"], "D", markersize=8, color=f"C{i}", mfc="none", label=name)
     width = 0.8 / max(len(r["strategies"]), 1)
     for i, (name, s) in enumerate(r["strategies"].items()):

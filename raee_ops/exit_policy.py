@@ -5,7 +5,8 @@ Exit 0 means the row is answered from retrieval alone and runs no layer (`fused`
 
 A strategy is two small functions: `exits` picks the layer before any layer runs (from the neighbours only),
 `answer` turns what is read at that layer into label probabilities (optionally with the neighbours). It reads
-either the label-word head (`reads="head"`) or the layer's probe head (`reads="probe"`, raee_ops.probes); a
+either the label-word head (`reads="head"`), the layer's probe head (`reads="probe"`, raee_ops.probes) or no layer
+at all (`reads="none"`: the baselines answered from retrieval alone); a
 `stop` threshold lets a row leave before its exit where its probe is that confident. Each strategy is one entry
 in `STRATEGIES`; `layer:N` and `probe:N` are parsed by `resolve`. Strategies never run the model, so they are
 tested on hand-made arrays. The paper's rule stays unchanged as `raee`.
@@ -262,7 +263,7 @@ class Strategy:
     answer: AnswerFn = head_answer
     needs_retrieval: bool = True
     needs_policy: bool = False
-    reads: str = "head"  # "head": the label-word head at the exit layer; "probe": that layer's probe head
+    reads: str = "head"  # "head": the label-word head at the exit layer; "probe": that layer's probe head; "none"
     k: Callable[[Context], int] | None = None  # neighbours to fetch; None: --k
     stop: Callable[[Context], float | None] | None = None  # probe confidence at which a row leaves early
     needs_probe_policy: bool = False
@@ -278,6 +279,22 @@ class Strategy:
 
     def needs_probes(self) -> bool:
         return self.reads == "probe" or self.answer is key_answer
+
+    def needs_head(self) -> bool:
+        """Reads the label-word head: at its exit, or through the fused policy fitted on the head's answers."""
+        return self.reads == "head" or self.needs_policy
+
+
+def refuse_head(strategies: list[Strategy], label_word_head: bool) -> None:
+    """A backbone without a label-word head (a bare encoder) serves only strategies that never read one; refused
+    at the start of a run, in one line."""
+    reading = [s.name for s in strategies if s.needs_head()]
+    if reading and not label_word_head:
+        allowed = [name for name, s in STRATEGIES.items() if not s.needs_head()]
+        raise RaeeConfigError(
+            f"strategy {', '.join(reading)} reads the label-word head, which this backbone does not have (a bare "
+            f"encoder, read through its probe heads only); choose {', '.join(allowed)} or probe:N"
+        )
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -302,8 +319,8 @@ STRATEGIES: dict[str, Strategy] = {
             stop=_fused_t,
             needs_probe_policy=True,
         ),
-        Strategy("key-lr", none, key_answer, k=lambda ctx: 1),
-        Strategy("knn-vote", none, vote_answer),
+        Strategy("key-lr", none, key_answer, k=lambda ctx: 1, reads="none"),
+        Strategy("knn-vote", none, vote_answer, reads="none"),
     ]
 }
 

@@ -22,7 +22,13 @@ from raee_ops.probe_policy import ProbePolicy
 from raee_ops.probes import ProbeSet, check_probes
 from raee_ops.progress import phase
 from raee_ops.schemas.manifest import Manifest
-from raee_ops.schemas.tables import POLICY_META_KEY, PROBE_POLICY_META_KEY, PROBES_META_KEY, TableMeta, flat_values
+from raee_ops.schemas.tables import (
+    POLICY_META_KEY,
+    PROBE_POLICY_META_KEY,
+    PROBES_META_KEY,
+    TableMeta,
+    flat_values,
+)
 
 #: From this many rows build-db gives the table an IVF_FLAT index and searches probe it; below, every search is an
 #: exact scan (bench/RESULTS.md, retrieval: at 100k rows the index is ~5× faster batched at recall 0.99).
@@ -129,6 +135,7 @@ class Retriever:
         self.probes = table_probes(self.table.schema)
         self.probe_policy = table_probe_policy(self.table.schema)
         self.has_probe_answers = "probe_correct" in self.table.schema.names
+        self.has_head_answers = "layer_logprobs" in self.table.schema.names  # none without a label-word head
         indexed = self.rows >= INDEX_MIN_ROWS and any(i.columns == ["vector"] for i in self.table.list_indices())
         self.nprobes = max(1, round(index_partitions(self.rows) * PROBE_SHARE)) if indexed else None
 
@@ -143,7 +150,7 @@ class Retriever:
             .limit(k)
         )
         query = query.bypass_vector_index() if self.nprobes is None else query.nprobes(self.nprobes)
-        columns = ["label", "layer_correct", "layer_logprobs", "_distance"]
+        columns = ["label", "_distance"] + ["layer_correct", "layer_logprobs"] * self.has_head_answers
         hits = query.select(columns + ["probe_correct"] * self.has_probe_answers).to_arrow()
         found = _group(hits, len(vectors), k, num_layers, num_labels)
         if self.probes is None:
@@ -191,8 +198,12 @@ def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels
     query = hits.column("query_index").to_numpy()
     if not np.array_equal(np.bincount(query, minlength=num_queries), np.full(num_queries, k)):
         raise RuntimeError("LanceDB returned a different number of neighbours than asked for")
-    correct = flat_values(hits, "layer_correct").reshape(num_queries, k, num_layers).astype(bool)
-    logprobs = flat_values(hits, "layer_logprobs").reshape(num_queries, k, num_layers, num_labels)
+    if "layer_logprobs" in hits.column_names:
+        correct = flat_values(hits, "layer_correct").reshape(num_queries, k, num_layers).astype(bool)
+        logprobs = flat_values(hits, "layer_logprobs").reshape(num_queries, k, num_layers, num_labels)
+    else:  # a head-less backbone's table: placeholders that no strategy allowed on it reads (exit_policy.refuse_head)
+        correct = np.zeros((num_queries, k, num_layers), bool)
+        logprobs = np.zeros((num_queries, k, num_layers, num_labels), np.float32)
     labels = hits.column("label").to_numpy().reshape(num_queries, k).astype(np.int64)
     similarity = 1.0 - hits.column("_distance").to_numpy().reshape(num_queries, k)
     return Neighbours(correct, similarity.astype(np.float32), labels, logprobs, probe)

@@ -255,7 +255,11 @@ class SegmentRuntime:
         return take_rows(context, self._sequence_axes, keep, width)
 
     def head(self, task: str, hidden: np.ndarray) -> np.ndarray:
-        """Label logits B×C from the readout hidden states B×H."""
+        """Label logits B×C from the readout hidden states B×H; zeros on a backbone without a label-word head, which
+        nothing reads (build-db stores its head answers as absent, and strategies reading the head are refused)."""
+        entry = self.manifest.task(task)
+        if entry.head is None:
+            return np.zeros((len(hidden), len(entry.label_names)), np.float32)
         if task not in self._heads:
             self._heads[task] = self._session(self.manifest.task(task).head)
         return self._heads[task].run(None, {"hidden_states": np.ascontiguousarray(hidden)})[0]

@@ -69,7 +69,7 @@ class TaskEntry:
     label_names: list[str]
     verbalizer: list[str]
     label_token_ids: list[int]
-    head: FileRef
+    head: FileRef | None = None  # None: the backbone has no label-word head (Manifest.label_word_head)
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,9 @@ class Manifest:
     segments: Segments
     tasks: dict[str, TaskEntry]
     embedders: dict[str, EmbedderEntry] = field(default_factory=dict)
+    #: False for a backbone without a label-word head (a bare encoder such as `minilm-l6`): no task has a head file,
+    #: build-db stores no head answers, and strategies that read the head are refused; the probe heads serve it.
+    label_word_head: bool = True
     verify: dict[str, Any] | None = None
     #: None for fp32 segments; else how the layers were quantized and how they compare with fp32.
     quantization: dict[str, Any] | None = None
@@ -121,11 +124,15 @@ class Manifest:
             max_length=int(raw["max_length"]),
             tokenizer=TokenizerInfo(**raw["tokenizer"]),
             segments=Segments(embed=FileRef(**seg["embed"]), layers=[FileRef(**x) for x in seg["layers"]]),
-            tasks={name: TaskEntry(**{**t, "head": FileRef(**t["head"])}) for name, t in raw["tasks"].items()},
+            tasks={
+                name: TaskEntry(**{**t, "head": FileRef(**t["head"]) if t.get("head") else None})
+                for name, t in raw["tasks"].items()
+            },
             embedders={
                 name: EmbedderEntry(**{**e, "model": FileRef(**e["model"]), "tokenizer": FileRef(**e["tokenizer"])})
                 for name, e in raw.get("embedders", {}).items()
             },
+            label_word_head=bool(raw.get("label_word_head", True)),
             verify=raw.get("verify"),
             quantization=raw.get("quantization"),
             optimization=raw.get("optimization"),
@@ -134,7 +141,7 @@ class Manifest:
     def file_refs(self) -> list[FileRef]:
         """Every file the manifest vouches for."""
         refs = [FileRef(self.tokenizer.file, self.tokenizer.sha256), self.segments.embed, *self.segments.layers]
-        refs += [t.head for t in self.tasks.values()]
+        refs += [t.head for t in self.tasks.values() if t.head is not None]
         for e in self.embedders.values():
             refs += [e.model, e.tokenizer]
         return refs

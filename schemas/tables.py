@@ -26,6 +26,9 @@ POOLED = 2  # len(raee_ops.runtime.POOLINGS); schemas import nothing from the ru
 #: input file it came from.
 ERRORS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("reason", pa.string()), pa.field("file", pa.string())])
 
+#: The label-word head's columns of the exit table, which a backbone without a label-word head does not have.
+HEAD_COLUMNS = ("layer_pred", "layer_correct", "layer_prob", "layer_logprobs", "first_correct_layer")
+
 #: Columns classify adds to every input row.
 PREDICTION_FIELDS = [
     pa.field("prediction", pa.int64()),
@@ -35,11 +38,13 @@ PREDICTION_FIELDS = [
 ]
 
 
-def exit_table_schema(dim: int, num_layers: int, num_labels: int) -> pa.Schema:
+def exit_table_schema(dim: int, num_layers: int, num_labels: int, label_word_head: bool = True) -> pa.Schema:
     """One row per reference example: its key and what every layer predicted (layers 1-based in values), through
-    the label-word head (layer_*) and through the probe heads, out of fold (probe_*)."""
+    the label-word head (layer_*; absent, no columns at all, for a backbone without one) and through the probe
+    heads, out of fold (probe_*)."""
+    fields = layer_rows_fields(dim, num_layers, num_labels)
     return pa.schema(
-        list(layer_rows_fields(dim, num_layers, num_labels))
+        [f for f in fields if label_word_head or f.name not in HEAD_COLUMNS]
         + [
             pa.field("probe_correct", pa.list_(pa.bool_(), num_layers)),
             # log-softmax of each layer's probe, row-major L×C, out-of-fold (or from a probe that never saw the row)

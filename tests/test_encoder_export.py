@@ -11,7 +11,7 @@ from tiny_encoders import BUILDERS, build_tiny_encoder
 
 from raee_ops.tasks import PRESETS
 
-READOUTS = {"mlm": "mask", "cls": "cls"}
+READOUTS = {"mlm": "mask", "cls": "cls", "bare": "cls"}
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
@@ -24,4 +24,8 @@ def test_export_verifies(kind: str, tmp_path: Path) -> None:
     assert manifest.verify is not None and manifest.verify["passed"]
     assert len(manifest.verify["max_abs_diff"]) == manifest.num_layers == 2
     assert manifest.readout == READOUTS[kind.split("-")[1]]
+    bare = kind.endswith("-bare")  # no label-word head: no head files, the readout states are what is verified
+    assert manifest.label_word_head is not bare
+    assert all((t.head is None) is bare for t in manifest.tasks.values())
+    assert manifest.verify["compared"] == ("readout hidden states (no label-word head)" if bare else "head logits")
     assert load_manifest(out).segments == manifest.segments

@@ -1,4 +1,4 @@
-"""Tiny random-weight BERT/RoBERTa encoders (MLM and sequence classification), built offline.
+"""Tiny random-weight BERT/RoBERTa encoders (MLM, sequence classification, and bare: no head), built offline.
 
 Each builder writes an HF model directory (config, weights, tokenizer) that loads with the Auto classes, so
 tests run the exporter on the same path as a real checkpoint. Tokenizers are made with the `tokenizers`
@@ -26,11 +26,13 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
+    BertModel,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     RobertaConfig,
     RobertaForMaskedLM,
     RobertaForSequenceClassification,
+    RobertaModel,
 )
 
 from raee_ops.tasks import PRESETS
@@ -127,6 +129,8 @@ BUILDERS: dict[str, Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerFast]
     "bert-cls": lambda: _bert(BertForSequenceClassification),
     "roberta-mlm": lambda: _roberta(RobertaForMaskedLM),
     "roberta-cls": lambda: _roberta(RobertaForSequenceClassification),
+    "bert-bare": lambda: _bert(BertModel),
+    "roberta-bare": lambda: _roberta(RobertaModel),
 }
 
 

@@ -5,10 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from raee_ops.onnx_export.adapters.base import ArchitectureAdapter, head_kind_of
-from raee_ops.onnx_export.adapters.bert import BertMaskedLMAdapter, BertSequenceClassificationAdapter
+from raee_ops.onnx_export.adapters.bert import (
+    BertEncoderAdapter,
+    BertMaskedLMAdapter,
+    BertSequenceClassificationAdapter,
+)
 from raee_ops.onnx_export.adapters.gemma3 import Gemma3Adapter
 from raee_ops.onnx_export.adapters.llama import LlamaAdapter
-from raee_ops.onnx_export.adapters.roberta import RobertaMaskedLMAdapter, RobertaSequenceClassificationAdapter
+from raee_ops.onnx_export.adapters.roberta import (
+    RobertaEncoderAdapter,
+    RobertaMaskedLMAdapter,
+    RobertaSequenceClassificationAdapter,
+)
 
 from raee_ops.errors import RaeeConfigError
 
@@ -19,6 +27,8 @@ ADAPTERS: list[type[ArchitectureAdapter]] = [
     BertSequenceClassificationAdapter,
     RobertaMaskedLMAdapter,
     RobertaSequenceClassificationAdapter,
+    BertEncoderAdapter,
+    RobertaEncoderAdapter,
 ]
 
 

@@ -23,8 +23,11 @@ import torch
 class ArchitectureAdapter(ABC):
     #: `config.model_type` values this adapter handles.
     model_types: ClassVar[tuple[str, ...]]
-    #: Which head family: "causal-lm", "masked-lm" or "sequence-classification".
+    #: Which head family: "causal-lm", "masked-lm", "sequence-classification", or "none" (a bare encoder).
     head_kind: ClassVar[str]
+    #: False for a backbone without a label-word head (a bare encoder): its layers are read through the probe heads
+    #: build-db fits, never zero-shot, so it exports no head segments.
+    label_word_head: ClassVar[bool] = True
     #: Where the head reads the hidden state: "last", "mask" or "cls".
     readout: ClassVar[str]
     #: The transformers auto class that loads this kind of model (e.g. transformers.AutoModelForCausalLM).
@@ -73,10 +76,13 @@ class ArchitectureAdapter(ABC):
 
 
 def head_kind_of(config: Any) -> str:
-    """Head family from `config.architectures` (e.g. BertForMaskedLM -> masked-lm)."""
-    names = " ".join(config.architectures or [])
+    """Head family from `config.architectures` (e.g. BertForMaskedLM -> masked-lm, BertModel -> none)."""
+    architectures = config.architectures or []
+    names = " ".join(architectures)
     if "ForSequenceClassification" in names:
         return "sequence-classification"
     if "ForMaskedLM" in names:
         return "masked-lm"
+    if architectures and all(name.endswith("Model") and "For" not in name for name in architectures):
+        return "none"
     return "causal-lm"

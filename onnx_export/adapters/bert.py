@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import torch
-from raee_ops.onnx_export.adapters.encoder import MaskedLMEncoderAdapter, SequenceClassificationEncoderAdapter
+from raee_ops.onnx_export.adapters.encoder import (
+    HeadlessEncoderAdapter,
+    MaskedLMEncoderAdapter,
+    SequenceClassificationEncoderAdapter,
+)
 
 
 def arange_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -14,7 +18,6 @@ def arange_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 class _Bert:
     model_types = ("bert",)
-    base_model_attr = "bert"
 
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
         return arange_positions(attention_mask)
@@ -30,3 +33,7 @@ class BertSequenceClassificationAdapter(_Bert, SequenceClassificationEncoderAdap
     def classifier(self) -> torch.nn.Module:
         """Pooler (dense + tanh on the CLS state), then the classifier: BertForSequenceClassification."""
         return torch.nn.Sequential(self.base.pooler, self.model.dropout, self.model.classifier)
+
+
+class BertEncoderAdapter(_Bert, HeadlessEncoderAdapter):
+    """BertModel: the encoder alone (the `minilm-l6` preset)."""

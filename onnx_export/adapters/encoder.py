@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 from raee_ops.onnx_export.adapters.base import ArchitectureAdapter
-from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from raee_ops.errors import RaeeConfigError
 
@@ -81,13 +81,12 @@ class ClsHead(torch.nn.Module):
 
 
 class EncoderAdapter(ArchitectureAdapter):
-    """Embed and layer segments of the encoder at `model.<base_model_attr>` (embeddings, encoder.layer).
+    """Embed and layer segments of the encoder at `model.base_model` (embeddings, encoder.layer): the `bert` or
+    `roberta` attribute of a model with a head, the model itself when it has none.
 
     Segments are returned in eval mode: torch.onnx.export restores a wrapper's mode afterwards, and a
     wrapper left in train mode would switch the model's own modules (dropout) to training with it.
     """
-
-    base_model_attr: ClassVar[str]
 
     @abstractmethod
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -95,7 +94,7 @@ class EncoderAdapter(ArchitectureAdapter):
 
     @property
     def base(self) -> torch.nn.Module:
-        return getattr(self.model, self.base_model_attr)
+        return self.model.base_model
 
     @property
     def num_layers(self) -> int:
@@ -155,3 +154,17 @@ class SequenceClassificationEncoderAdapter(EncoderAdapter):
                 "a sequence-classification backbone only serves tasks with its own label set"
             )
         return ClsHead(self.classifier()).eval()
+
+
+class HeadlessEncoderAdapter(EncoderAdapter):
+    """A bare encoder (e.g. a BertModel such as all-MiniLM-L6-v2): no MLM or classifier head, so no label-word
+    head either. Its layers are read by the probe heads build-db fits on the pooled states (token mean, or the CLS
+    token as the readout), which is all a backbone needs; strategies that read a label-word head refuse it."""
+
+    head_kind: ClassVar[str] = "none"
+    readout: ClassVar[str] = "cls"
+    label_word_head: ClassVar[bool] = False
+    auto_class = AutoModel
+
+    def head_segment(self, label_token_ids: Sequence[int]) -> torch.nn.Module:
+        raise RaeeConfigError(f"{type(self.model).__name__} has no label-word head to export")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import torch
-from raee_ops.onnx_export.adapters.encoder import MaskedLMEncoderAdapter, SequenceClassificationEncoderAdapter
+from raee_ops.onnx_export.adapters.encoder import (
+    HeadlessEncoderAdapter,
+    MaskedLMEncoderAdapter,
+    SequenceClassificationEncoderAdapter,
+)
 
 
 class _Roberta:
     model_types = ("roberta",)
-    base_model_attr = "roberta"
 
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """From the mask, not input_ids: a real token that happens to be the pad id keeps its position."""
@@ -37,3 +40,7 @@ class RobertaSequenceClassificationAdapter(_Roberta, SequenceClassificationEncod
     def classifier(self) -> torch.nn.Module:
         """RobertaClassificationHead (dense, tanh, out_proj) reads position 0 of what it is given."""
         return self.model.classifier
+
+
+class RobertaEncoderAdapter(_Roberta, HeadlessEncoderAdapter):
+    """RobertaModel: the encoder alone."""

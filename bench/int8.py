@@ -67,8 +67,10 @@ def speed_of(artifacts: Path, label: str, quick: bool, data: Path) -> dict[str, 
     warm = speed.Rows(texts[: speed.BATCH], prompts[: speed.BATCH], rows.labels[: speed.BATCH], rows.ids[: speed.BATCH])
     core = speed.Core(runtime, Retriever(db, table), DEFAULT_STRATEGY, task)
     probs, default_s = speed.timed(core.run, rows, warm)
-    full = np.full(len(prompts), runtime.num_layers)
-    logits, full_s = speed.timed(lambda r: runtime.run_to_exit(speed.TASK, r.prompts, full), rows, warm)
+    def full(r: speed.Rows) -> np.ndarray:
+        return runtime.run_to_exit(speed.TASK, r.prompts, np.full(len(r.prompts), runtime.num_layers))
+
+    logits, full_s = speed.timed(full, rows, warm)
     result = {
         "rows": len(prompts),
         "default_rows_per_s": len(prompts) / default_s,

@@ -174,6 +174,31 @@ class PromptTooLong(ValueError):
     """A prompt exceeds max_length tokens; callers reject such rows rather than truncate them."""
 
 
+class DeviceChain:
+    """Layer calls through ONNX Runtime IO binding: a batch's context is uploaded once, and hidden states stay an
+    OrtValue on the provider's device from layer to layer, coming to the host only where rows leave or a stop rule
+    reads them (there the active set is compacted and sent back). Why: without it every layer of a CUDA chain
+    copies its states device -> host -> device. The CPU provider runs the same code (how the tests check it)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def put(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def upload(self, context: Context) -> dict[str, ort.OrtValue]:
+        return {name: self.put(array) for name, array in context.items()}
+
+    def run(self, session: ort.InferenceSession, hidden: np.ndarray | ort.OrtValue, context: dict) -> ort.OrtValue:
+        binding = session.io_binding()
+        for name in (i.name for i in session.get_inputs()):
+            value = hidden if name == "hidden_states" else context[name]
+            binding.bind_ortvalue_input(name, value if isinstance(value, ort.OrtValue) else self.put(value))
+        binding.bind_output(session.get_outputs()[0].name, self.device)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
+
+
 class SegmentRuntime:
     """A backbone's segments, heads and embedders as ORT sessions (heads and embedders load lazily)."""
 
@@ -183,11 +208,17 @@ class SegmentRuntime:
         providers: str | None = None,
         intra_op_threads: int | None = None,
         verify_checksums: bool = True,
+        io_binding: bool | None = None,
     ) -> None:
+        """`io_binding`: chain the layers through DeviceChain (default: on the CUDA provider only; on the CPU the
+        host already holds the states)."""
         self.dir = Path(artifacts)
         self.manifest: Manifest = load_manifest(self.dir, verify_checksums=verify_checksums)
         self._options = session_options(intra_op_threads or default_threads())
         self._providers = choose_providers(providers)
+        on_cuda = self._providers[0] == "CUDAExecutionProvider"
+        bind = on_cuda if io_binding is None else io_binding
+        self._device = DeviceChain("cuda" if on_cuda else "cpu") if bind else None
         m = self.manifest
         self.tokenizer = self._tokenizer(m.tokenizer.file)
         self.suffix = f" {m.tokenizer.mask_token}" if m.readout == "mask" else ""
@@ -324,10 +355,21 @@ class SegmentRuntime:
             width = int(lengths.max())
             mask = self.mask_of(lengths, width)
             hidden, context = self.embed_batch(ids[:, :width], mask)
+            device = self._device
+            bound = device.upload(context) if device else {}
             for layer in range(1, int(exits.max()) + 1):
-                hidden = self.run_layer(layer - 1, hidden, context)
-                pooled = pool(hidden, mask, pos)
                 leaving = exits == layer
+                if device:
+                    state = device.run(self.layer_sessions[layer - 1], hidden, bound)
+                    if stop is None and not leaving.any():
+                        hidden = state  # stays on the device
+                        continue
+                    hidden = state.numpy()
+                else:
+                    hidden = self.run_layer(layer - 1, hidden, context)
+                    if stop is None and not leaving.any():
+                        continue
+                pooled = pool(hidden, mask, pos)
                 if stop is not None:
                     leaving |= stop(layer, pooled)
                 if leaving.any():
@@ -341,6 +383,7 @@ class SegmentRuntime:
                     width = int(lengths.max())
                     hidden, context = hidden[keep, :width], self.take_rows(context, keep, width)
                     mask = context["attention_mask"]
+                    bound = device.upload(context) if device else {}
         return Readout(out, pooled_out, left_at)
 
     # -- retrieval keys -----------------------------------------------------------------------------------

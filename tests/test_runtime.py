@@ -107,3 +107,25 @@ def test_every_session_of_a_process_shares_one_thread_pool(segment_artifacts):  
     sessions, new_threads, pool = map(int, out.stdout.split()[-3:])
     assert sessions >= 3 and pool == 3  # the first size wins
     assert new_threads <= pool + 1  # the pool's workers (and at most one helper thread), not one pool per session
+
+
+@pytest.mark.parametrize("artifacts", ["segment_artifacts", "tiny_llama_artifacts"])
+def test_io_binding_chain_reads_out_what_the_host_chain_does(artifacts, request):
+    """The CUDA path (states kept as OrtValues between layers, to the host only where rows leave or a stop rule
+    reads them) run on the CPU provider: the same logits, pooled states and exits as the numpy chain."""
+    directory = request.getfixturevalue(artifacts)
+    host, bound = SegmentRuntime(directory), SegmentRuntime(directory, io_binding=True)
+    assert bound._device is not None and host._device is None
+    batch = prompts(SUB_BATCH + 5, seed=4)
+    exits = np.random.default_rng(2).integers(0, host.num_layers + 1, size=len(batch))
+    exits[:3] = host.num_layers  # some rows run every layer with no one leaving before the last
+
+    def stop(layer: int, pooled: np.ndarray) -> np.ndarray:
+        return pooled[:, 0, 0] > np.median(pooled[:, 0, 0]) if layer == 2 else np.zeros(len(pooled), bool)
+
+    for rule in (None, stop):
+        want = host.run_to_exit_pooled("sst2", batch, exits, rule)
+        got = bound.run_to_exit_pooled("sst2", batch, exits, rule)
+        np.testing.assert_array_equal(got.exits, want.exits)
+        np.testing.assert_allclose(got.logits, want.logits, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.pooled.astype(np.float32), want.pooled.astype(np.float32), atol=1e-2, rtol=0)

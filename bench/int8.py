@@ -67,6 +67,7 @@ def speed_of(artifacts: Path, label: str, quick: bool, data: Path) -> dict[str, 
     warm = speed.Rows(texts[: speed.BATCH], prompts[: speed.BATCH], rows.labels[: speed.BATCH], rows.ids[: speed.BATCH])
     core = speed.Core(runtime, Retriever(db, table), DEFAULT_STRATEGY, task)
     probs, default_s = speed.timed(core.run, rows, warm)
+
     def full(r: speed.Rows) -> np.ndarray:
         return runtime.run_to_exit(speed.TASK, r.prompts, np.full(len(r.prompts), runtime.num_layers))
 

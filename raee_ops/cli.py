@@ -166,11 +166,10 @@ def export_onnx(
 @click.option("--table", default=None, help="Table name (default: the task name).")
 @click.option(
     "--embedder",
-    default="minilm",
-    show_default=True,
+    default=None,
     type=click.Choice(["backbone", "minilm"]),
     help="Retrieval key: the exported MiniLM sentence embedder, or `backbone` (the embedding segment's mean: "
-    "cheaper, weaker neighbours).",
+    "cheaper, weaker neighbours). Default: minilm for a new table, the table's own for --mode append.",
 )
 @click.option("--mode", default="overwrite", show_default=True, type=click.Choice(["overwrite", "append"]))
 @click.option("--errors", "errors_dir", default=None, help="Where rejected rows go (default: <db>/_errors/<table>).")
@@ -186,7 +185,7 @@ def build_db(
     inputs: tuple[str, ...],
     db_uri: str,
     table: str | None,
-    embedder: str,
+    embedder: str | None,
     mode: str,
     errors_dir: str | None,
     max_rejected: float,

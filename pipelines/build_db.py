@@ -34,6 +34,7 @@ from raee_ops import storage
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.faults import fault_point
+from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET
 from raee_ops.progress import phase
 from raee_ops.retrieval import (
     build_index,
@@ -139,6 +140,7 @@ def run_build_db(
     beam_args: list[str] | tuple[str, ...] = (),
     max_rejected: float = 1.0,
     allow_empty: bool = False,
+    layer_budget: float = DEFAULT_LAYER_BUDGET,
 ) -> BuildSummary:
     settings = worker_settings(beam_args, db_uri)
     store = settings.db_storage_options
@@ -197,7 +199,14 @@ def run_build_db(
         previous = previous_rows(db_uri, table, store) if mode == "append" else (None, None)
         with phase(f"build-db: fitting the probes and policies on {written} new rows"):
             reference = assemble(
-                shards, schema, task, meta, manifest.hidden_size, *previous, label_word_head=manifest.label_word_head
+                shards,
+                schema,
+                task,
+                meta,
+                manifest.hidden_size,
+                *previous,
+                label_word_head=manifest.label_word_head,
+                layer_budget=layer_budget,
             )
         fault_point("commit:errors")
         table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store)

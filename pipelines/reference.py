@@ -35,7 +35,7 @@ from raee_ops import storage
 from raee_ops.calibration import FusedPolicy, fit_fused_policy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.metrics import task_metric
-from raee_ops.probe_policy import ProbePolicy, fit_probe_policy
+from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, ProbePolicy, fit_probe_policy
 from raee_ops.probes import ProbeSet, fit_probes, fit_share, in_fit_sample
 from raee_ops.retrieval import probe_identity
 from raee_ops.runtime import POOLINGS
@@ -74,6 +74,7 @@ def assemble(
     old: pa.Table | None = None,
     old_features: pa.Table | None = None,
     label_word_head: bool = True,
+    layer_budget: float = DEFAULT_LAYER_BUDGET,
 ) -> Reference:
     """The reference table from staged shards (plus, on append, the table's rows and feature rows so far). Without
     a label-word head the table has no head columns (the staged ones hold only the runtime's placeholders) and no
@@ -132,7 +133,9 @@ def assemble(
         probe_lp[fit_rows] = fitted.oof
         key_lp = probes.key.log_probs(vectors)
         key_lp[fit_rows] = fitted.key_oof
-        probe_policy = fit_probe_policy(vectors, labels, probe_lp, key_lp, num_labels, metric)
+        probe_policy = fit_probe_policy(
+            vectors, labels, probe_lp, key_lp, num_labels, metric, layer_budget=layer_budget
+        )
         kept = features[:, :, poolings.index(probes.pooling)]
     else:
         kept = np.zeros((0, num_layers, hidden), np.float16)

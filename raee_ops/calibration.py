@@ -157,6 +157,15 @@ def cheapest_within(trials: list[Trial], tolerance: float) -> Trial:
     return min((t for t in trials if t.score >= best - tolerance - 1e-12), key=lambda t: (t.mean_exit, -t.score))
 
 
+def best_within_budget(trials: list[Trial], max_mean_exit: float) -> Trial:
+    """The best-scoring trial whose mean exit layer is within the budget (the cheapest among equals); the cheapest
+    trial when none is."""
+    affordable = [t for t in trials if t.mean_exit <= max_mean_exit + 1e-9]
+    if not affordable:
+        return min(trials, key=lambda t: (t.mean_exit, -t.score))
+    return cheapest_within(affordable, 0.0)
+
+
 def one_se_choice(trials: list[Trial], metric: Metric, truth: np.ndarray, num_labels: int, seed: int) -> Trial:
     """The cheapest trial (fewest layers) scoring within one bootstrap standard error of the best."""
     best = max(trials, key=lambda t: t.score)

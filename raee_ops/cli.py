@@ -16,6 +16,7 @@ import click
 
 from raee_ops import logs
 from raee_ops.errors import RaeeConfigError, RaeeError
+from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET
 from raee_ops.tasks import Task, get_task, load_task_file
 
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -179,6 +180,14 @@ def export_onnx(
     is_flag=True,
     help="Let --mode overwrite replace the table with one of 0 rows (refused otherwise).",
 )
+@click.option(
+    "--layer-budget",
+    default=DEFAULT_LAYER_BUDGET,
+    show_default=True,
+    type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+    help="Share of the layers the fitted probe strategies may run on average on the reference rows: the most "
+    "accurate setting within it is chosen (1 puts accuracy first).",
+)
 def build_db(
     artifacts: str,
     task_name: str,
@@ -190,6 +199,7 @@ def build_db(
     errors_dir: str | None,
     max_rejected: float,
     allow_empty: bool,
+    layer_budget: float,
 ) -> None:
     """Run labelled rows through every layer and store their exit information in LanceDB."""
     from raee_ops.pipelines.build_db import run_build_db
@@ -206,6 +216,7 @@ def build_db(
         beam_args=beam_args(),
         max_rejected=max_rejected,
         allow_empty=allow_empty,
+        layer_budget=layer_budget,
     )
     echo(summary.render())
 

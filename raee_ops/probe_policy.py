@@ -5,11 +5,14 @@ epsilon of their best; a row leaves before it at the first layer whose probe is 
 no layer at all when its key probe mixed with the neighbours' label vote is at least tau confident. `probe-conf`:
 no retrieval, the first layer whose probe is at least conf_t confident.
 
-Both take the setting with the best leave-one-out score, the cheapest among equals (TOLERANCE). Not the zero-shot
-fused policy's one-standard-error rule: fitting on one half of the sst2 and trec reference rows and scoring on the
-other half (SmolLM2, 500 rows, 20 splits; reference rows only), one SE gave up 3-4 points against the best setting
-to save a fifth of the layers, while the best setting stayed within a point of the single best probe layer at
-about a third of the layers it runs.
+Both take the setting with the best leave-one-out score among those running at most `layer_budget` of the layers
+on average (exit 0 counting as none; the cheapest among equals). The budget is the product's cost target, a user
+setting (build-db --layer-budget, default DEFAULT_LAYER_BUDGET); 1.0 puts accuracy first. Not the zero-shot fused
+policy's one-standard-error rule: fitting on one half of the sst2 and trec reference rows and scoring on the other
+(SmolLM2, 500 rows, 20 splits; reference rows only), one SE gave up 3-4 points against the best setting to save a
+fifth of the layers, while the best setting within a 35% budget stayed within a point of the single best probe
+layer. Leave-one-out mean exits matched the exits measured on held-out rows within about a layer in the benchmark,
+so the budget holds where it is spent.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from raee_ops.calibration import (
     K_GRID,
     MAX_LOO_QUERIES,
     Trial,
-    cheapest_within,
+    best_within_budget,
     earliest_within,
     label_vote,
     loo_neighbours,
@@ -39,8 +42,8 @@ T_GRID = (0.8, 0.9, 0.95, 0.99, None)  # None: no confidence exit before the ret
 #: Weight of the neighbours' accuracy curve against the whole reference's (shrinkage: ten neighbours' curve is noisy;
 #: 0 exits every row at the reference's own earliest layer within epsilon of its best, i.e. probe-best at 0).
 SHRINK_GRID = (0.0, 0.5, 1.0)
-#: Reference score a setting may give up against the best one to run fewer layers (see the module docstring).
-TOLERANCE = 0.0
+#: Share of the layers the fitted settings may run on average on the reference rows (see the module docstring).
+DEFAULT_LAYER_BUDGET = 0.35
 CONF_GRID = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)  # 1.01: never confident, i.e. the last layer
 
 
@@ -62,6 +65,7 @@ class ProbePolicy:
     conf_mean_exit: float
     shrink: float = 1.0  # tables built before the shrinkage existed used the neighbours' curve alone
     curve: tuple[float, ...] | None = None  # the whole reference's out-of-fold probe accuracy per layer
+    layer_budget: float | None = None  # the share of layers the settings were chosen within (None: older tables)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +73,7 @@ class ProbePolicy:
     def settings(self) -> str:
         return (
             f"k={self.k} shrink={self.shrink} epsilon={self.epsilon} alpha={self.alpha} beta={self.beta} "
-            f"tau={self.tau} t={self.t}; probe-conf t={self.conf_t}"
+            f"tau={self.tau} t={self.t}; probe-conf t={self.conf_t}; layer budget {self.layer_budget}"
         )
 
     def exit_curve(self, neighbours_curve: np.ndarray) -> np.ndarray:
@@ -102,6 +106,7 @@ def fit_probe_policy(
     num_labels: int,
     metric_name: str,
     seed: int = 0,
+    layer_budget: float = DEFAULT_LAYER_BUDGET,
 ) -> ProbePolicy:
     """vectors N×D normalized, labels N, probe_logprobs N×L×C and key_logprobs N×C out of fold."""
     metric = METRICS[metric_name]
@@ -134,7 +139,7 @@ def fit_probe_policy(
                 cost = float(np.where(zero, 0, exits).mean())
                 settings = (k, shrink, epsilon, alpha, beta, tau, t)
                 trials.append(Trial(metric(truth, pred, num_labels), accuracy(truth, pred), cost, settings, pred))
-    chosen = cheapest_within(trials, TOLERANCE)
+    chosen = best_within_budget(trials, layer_budget * num_layers)
     k, shrink, epsilon, alpha, beta, tau, t = chosen.settings
 
     conf_trials = []
@@ -144,7 +149,7 @@ def fit_probe_policy(
         conf_trials.append(
             Trial(metric(truth, pred, num_labels), accuracy(truth, pred), float(exits.mean()), conf_t, pred)
         )
-    conf = cheapest_within(conf_trials, TOLERANCE)
+    conf = best_within_budget(conf_trials, layer_budget * num_layers)
     return ProbePolicy(
         k=k,
         epsilon=epsilon,
@@ -162,4 +167,5 @@ def fit_probe_policy(
         conf_mean_exit=conf.mean_exit,
         shrink=shrink,
         curve=tuple(round(float(x), 6) for x in reference_curve),
+        layer_budget=layer_budget,
     )

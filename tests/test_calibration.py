@@ -129,3 +129,17 @@ def test_cheapest_within_takes_the_cheapest_of_the_settings_close_enough_to_the_
     assert cheapest_within(trials, 0.0).settings == "tie"  # the best score; the cheaper of the two equals
     assert cheapest_within(trials, 0.01).settings == "near"
     assert cheapest_within(trials, 0.005).settings == "tie"
+
+
+def test_best_within_budget_takes_the_most_accurate_affordable_setting():
+    from raee_ops.calibration import Trial, best_within_budget
+
+    none = np.zeros(0)
+    trials = [
+        Trial(0.90, 0.9, 20.0, "deep", none),
+        Trial(0.85, 0.85, 9.0, "mid", none),
+        Trial(0.7, 0.7, 1.0, "x", none),
+    ]
+    assert best_within_budget(trials, 10.0).settings == "mid"  # deep is better but over the budget
+    assert best_within_budget(trials, 30.0).settings == "deep"
+    assert best_within_budget(trials, 0.5).settings == "x"  # nothing affordable: the cheapest

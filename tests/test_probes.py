@@ -90,3 +90,23 @@ def test_probe_policy_is_fitted_on_the_reference_and_prefers_cheap_settings():
     policy = fit_probe_policy(vectors, labels, np.log(probs), np.log(key), 2, "accuracy")
     assert policy.loo_metric == 1.0 and policy.loo_mean_exit == 1.0
     assert policy.conf_metric == 1.0 and policy.conf_mean_exit == 1.0
+
+
+def test_probe_policy_takes_the_most_accurate_setting_within_the_layer_budget():
+    rng = np.random.default_rng(6)
+    n, layers = 200, 10
+    labels = rng.integers(0, 2, n)
+    vectors = rng.normal(size=(n, 8))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    # the probes are right on a growing share of rows with depth, never confident: deeper is better
+    probs = np.full((n, layers, 2), 0.4)
+    right = rng.random((n, 1)) < np.linspace(0.5, 1.0, layers)[None, :]
+    answer = np.where(right, labels[:, None], 1 - labels[:, None])
+    probs[np.arange(n)[:, None], np.arange(layers)[None, :], answer] = 0.6
+    key = np.full((n, 2), 0.5)
+    fitted = {
+        b: fit_probe_policy(vectors, labels, np.log(probs), np.log(key), 2, "accuracy", layer_budget=b)
+        for b in (0.5, 1.0)
+    }
+    assert fitted[0.5].loo_mean_exit <= 5.0 and fitted[0.5].layer_budget == 0.5
+    assert fitted[1.0].loo_mean_exit > 5.0 and fitted[1.0].loo_metric > fitted[0.5].loo_metric

@@ -77,12 +77,17 @@ def test_confident_exits_stop_at_the_first_confident_layer_up_to_the_upper_bound
     assert confident_exits(confidence, np.array([1, 2, 3, 3]), 0.99).tolist() == [1, 2, 1, 3]
 
 
-def test_probe_policy_is_fitted_on_the_reference_and_prefers_cheap_settings():
-    rng = np.random.default_rng(5)
-    n, layers = 200, 4
+def _reference_rows(n: int, seed: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+    """A seeded generator, n binary labels and n normalized random keys."""
+    rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, n)
     vectors = rng.normal(size=(n, 8))
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return rng, labels, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_probe_policy_is_fitted_on_the_reference_and_prefers_cheap_settings():
+    n, layers = 200, 4
+    _, labels, vectors = _reference_rows(n, 5)
     # every layer's probe is right and confident: the cheapest settings leave at layer 1 or run no layer
     probs = np.full((n, layers, 2), 0.02)
     probs[np.arange(n), :, labels] = 0.98
@@ -93,11 +98,8 @@ def test_probe_policy_is_fitted_on_the_reference_and_prefers_cheap_settings():
 
 
 def test_probe_policy_takes_the_most_accurate_setting_within_the_layer_budget():
-    rng = np.random.default_rng(6)
     n, layers = 200, 10
-    labels = rng.integers(0, 2, n)
-    vectors = rng.normal(size=(n, 8))
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rng, labels, vectors = _reference_rows(n, 6)
     # the probes are right on a growing share of rows with depth, never confident: deeper is better
     probs = np.full((n, layers, 2), 0.4)
     right = rng.random((n, 1)) < np.linspace(0.5, 1.0, layers)[None, :]

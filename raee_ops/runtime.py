@@ -214,7 +214,7 @@ class SegmentRuntime:
         host already holds the states)."""
         self.dir = Path(artifacts)
         self.manifest: Manifest = load_manifest(self.dir, verify_checksums=verify_checksums)
-        self._options = session_options(intra_op_threads or default_threads())
+        self._threads = intra_op_threads or default_threads()
         self._providers = choose_providers(providers)
         on_cuda = self._providers[0] == "CUDAExecutionProvider"
         bind = on_cuda if io_binding is None else io_binding
@@ -233,7 +233,7 @@ class SegmentRuntime:
         return self.manifest.num_layers
 
     def _session(self, ref: FileRef) -> ort.InferenceSession:
-        return ort.InferenceSession(str(self.dir / ref.file), self._options, providers=self._providers)
+        return open_session(self.dir / ref.file, self._threads, self._providers)
 
     def _tokenizer(self, file: str) -> Tokenizer:
         tokenizer = Tokenizer.from_file(str(self.dir / file))

@@ -51,6 +51,19 @@ def fault_records() -> list[FaultRecord]:
     return FAULT_RECORDS
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist (`make test` runs two workers) each worker hands its kill records to the controller."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["fault_records"] = [tuple(r) for r in FAULT_RECORDS]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """The xdist controller's side of `pytest_sessionfinish`: gather every worker's records for the summary."""
+    FAULT_RECORDS.extend(FaultRecord(*r) for r in node.workeroutput.get("fault_records", []))
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if not FAULT_RECORDS:
         return

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from raee_ops.schemas.manifest import (
@@ -174,3 +176,9 @@ def make_artifacts(directory: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def segment_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_artifacts(tmp_path_factory.mktemp("segments") / "artifacts")
+
+
+def write_labelled(path: Path, ids: list, texts: list, labels: list) -> Path:
+    """An input file of the pipelines' shape: id, text, an int64 label (None where the row should be rejected)."""
+    pq.write_table(pa.table({"id": ids, "text": texts, "label": pa.array(labels, pa.int64())}), path)
+    return path

@@ -14,7 +14,7 @@ import pytest
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.sources import file_key
-from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
+from segment_artifacts import segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops.errors import RaeeConfigError
 from raee_ops.runtime import SegmentRuntime
@@ -42,8 +42,7 @@ def labelled(path: Path, n: int, seed: int, prefix: str, bad: bool = True) -> Pa
         ids += list(BAD_IDS)
         texts += [None, "   ", "good", "good " * 100, "fine"]
         labels += [0, 1, 7, 1, None]
-    pq.write_table(pa.table({"id": ids, "text": texts, "label": pa.array(labels, pa.int64())}), path)
-    return path
+    return write_labelled(path, ids, texts, labels)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from raee_ops.pipelines.build_db import commit, run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.schemas.tables import FEATURES_SUFFIX, PROBES_META_KEY
-from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
+from segment_artifacts import segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate
@@ -35,8 +35,7 @@ def signal_rows(path, n: int, seed: int, prefix: str):
         words.insert(rng.integers(len(words) + 1), "good" if label else "bad")
         texts.append(" ".join(words))
     ids = [f"{prefix}{i}" for i in range(n)]
-    pq.write_table(pa.table({"id": ids, "text": texts, "label": pa.array(labels, pa.int64())}), path)
-    return path
+    return write_labelled(path, ids, texts, labels)
 
 
 @pytest.fixture(scope="module")

@@ -55,17 +55,11 @@ def default_scores(artifacts: Path, label: str, data: Path, task: str, quick: bo
 
 def speed_of(artifacts: Path, label: str, quick: bool, data: Path) -> dict[str, Any]:
     """The default strategy and the full model on the same segments, timed as bench/speed.py times them."""
-    task = get_task(speed.TASK)
-    rows_n, ref_n = (speed.QUICK_ROWS, speed.QUICK_REF_ROWS) if quick else (speed.ROWS, speed.REF_ROWS)
-    evaluation = speed.sample(data / speed.TASK / "validation.parquet", rows_n, speed.SEED)
-    reference = speed.sample(data / speed.TASK / "train.parquet", ref_n, speed.SEED)
-    db, table = speed.build_db(artifacts, label, reference)
     runtime = SegmentRuntime(artifacts)
-    texts = [t.strip() for t in evaluation["text"].to_pylist()]
-    prompts = [task.render(t, suffix=runtime.suffix) for t in evaluation["text"].to_pylist()]
-    rows = speed.Rows(texts, prompts, evaluation["label"].to_numpy(), runtime.encode(prompts))
-    warm = speed.Rows(texts[: speed.BATCH], prompts[: speed.BATCH], rows.labels[: speed.BATCH], rows.ids[: speed.BATCH])
-    core = speed.Core(runtime, Retriever(db, table), DEFAULT_STRATEGY, task)
+    _, reference, rows, warm = speed.bench_rows(runtime, data, quick)
+    db, table = speed.build_db(artifacts, label, reference)
+    prompts = rows.prompts
+    core = speed.Core(runtime, Retriever(db, table), DEFAULT_STRATEGY, get_task(speed.TASK))
     probs, default_s = speed.timed(core.run, rows, warm)
 
     def full(r: speed.Rows) -> np.ndarray:

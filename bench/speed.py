@@ -104,6 +104,19 @@ class Rows:
     ids: list[list[int]]
 
 
+def bench_rows(runtime: SegmentRuntime, data: Path, quick: bool) -> tuple[pa.Table, pa.Table, Rows, Rows]:
+    """(scored rows, reference rows, the scored rows rendered and tokenized, a warm-up batch of them): the same
+    seeded sst2 samples for every speed measurement (this bench and bench/int8.py)."""
+    evaluation = sample(data / TASK / "validation.parquet", QUICK_ROWS if quick else ROWS, SEED)
+    reference = sample(data / TASK / "train.parquet", QUICK_REF_ROWS if quick else REF_ROWS, SEED)
+    task = get_task(TASK)
+    texts = [t.strip() for t in evaluation["text"].to_pylist()]
+    prompts = [task.render(t, suffix=runtime.suffix) for t in evaluation["text"].to_pylist()]
+    rows = Rows(texts, prompts, evaluation["label"].to_numpy(), runtime.encode(prompts))
+    warm = Rows(texts[:BATCH], prompts[:BATCH], rows.labels[:BATCH], rows.ids[:BATCH])
+    return evaluation, reference, rows, warm
+
+
 def batches(rows: Rows) -> list[np.ndarray]:
     order = np.argsort([len(ids) for ids in rows.ids], kind="stable")
     return [order[i : i + BATCH] for i in range(0, len(order), BATCH)]
@@ -275,6 +288,32 @@ class Core:
         return probs
 
 
+def parts_alone(runtime: SegmentRuntime, core: Core, rows: Rows, warm: Rows) -> dict[str, Any]:
+    """Issue 12's overhead check on `core`'s last pass: its time against the sum of its parts timed alone. Key,
+    retrieval and the policy phases are already one call over all rows each; the layers are priced as if every
+    batch stayed full, from the chain timed to depth 1 and to full depth (interpolated to the mean exit; rows
+    answered at exit 0 skip the embed segment too). Probe reads stay in the measured side only, so the ratio
+    errs high."""
+    num_layers = runtime.num_layers
+
+    def depth(d: int) -> Callable[[Rows], np.ndarray]:
+        return lambda r: runtime.run_to_exit_pooled(TASK, r.prompts, np.full(len(r.prompts), d)).pooled
+
+    timings = timed_together({"1": depth(1), "all": depth(num_layers)}, rows, warm)
+    one, every = timings["1"][1], timings["all"][1]
+    per_layer = (every - one) / (num_layers - 1)
+    layers = float(np.mean(core.exits > 0)) * (one - per_layer) + float(core.exits.mean()) * per_layer
+    measured = sum(core.seconds.values())
+    parts = measured - core.seconds["layers"] + layers
+    return {
+        "measured_s": round(measured, 3),
+        "parts_s": round(parts, 3),
+        "layers_measured_s": round(core.seconds["layers"], 3),
+        "layers_full_batch_s": round(layers, 3),
+        "ratio": measured / parts,
+    }
+
+
 def beam_classify(artifacts: Path, db: str, table: str, evaluation: pa.Table, strategy: str) -> dict[str, Any]:
     """run_classify on the rows as Parquet (DirectRunner default), wall time including pipeline start-up; the
     fastest of REPEATS runs."""
@@ -306,15 +345,10 @@ def beam_classify(artifacts: Path, db: str, table: str, evaluation: pa.Table, st
 def bench_preset(preset: str, quick: bool, data: Path, baseline: Path | None, chain_only: bool) -> dict[str, Any]:
     torch.set_num_threads(SINGLE_SESSION_THREADS)
     task = get_task(TASK)
-    evaluation = sample(data / TASK / "validation.parquet", QUICK_ROWS if quick else ROWS, SEED)
-    reference = sample(data / TASK / "train.parquet", QUICK_REF_ROWS if quick else REF_ROWS, SEED)
     artifacts = ensure_artifacts(preset)
-
     runtime = SegmentRuntime(artifacts)
-    texts = [t.strip() for t in evaluation["text"].to_pylist()]
-    prompts = [task.render(t, suffix=runtime.suffix) for t in evaluation["text"].to_pylist()]
-    rows = Rows(texts, prompts, evaluation["label"].to_numpy(), runtime.encode(prompts))
-    warm = Rows(texts[:BATCH], prompts[:BATCH], rows.labels[:BATCH], rows.ids[:BATCH])
+    evaluation, reference, rows, warm = bench_rows(runtime, data, quick)
+    prompts = rows.prompts
     num_layers = runtime.num_layers
     head = runtime.manifest.label_word_head
 
@@ -350,6 +384,7 @@ def bench_preset(preset: str, quick: bool, data: Path, baseline: Path | None, ch
         probs, s = timed(core.run, rows, warm)
         mean_exit = float(core.exits.mean())
         total = sum(core.seconds.values())
+        extra = {"overhead": parts_alone(runtime, core, rows, warm)} if name == exit_policy.DEFAULT_STRATEGY else {}
         methods.append(
             entry(
                 name,
@@ -360,6 +395,7 @@ def bench_preset(preset: str, quick: bool, data: Path, baseline: Path | None, ch
                 ideal_speedup=num_layers / mean_exit if mean_exit > 0 else None,
                 speedup_vs_segments=segments_s / s if segments_s else None,
                 phase_share={k: round(v / total, 3) for k, v in core.seconds.items()},
+                **extra,
             )
         )
     beam = BEAM_STRATEGIES if head else (HEADLESS_FULL, exit_policy.DEFAULT_STRATEGY)

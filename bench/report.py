@@ -98,6 +98,10 @@ def render_export(result: Doc) -> list[str]:
     return _table(header, rows)
 
 
+#: Strategies whose scores are the quality table's own "full" and "full calibrated" columns (at every layer).
+SAME_AS_COLUMNS = ("full", "full-cal")
+
+
 def render_quality(result: Doc) -> list[str]:
     """Task quality of one preset: one row per task plus the macro average, then the default strategy's goal
     check (issue 5: ≥ 10 points over the full model, not below the calibrated full model, ≤ 60% of layers).
@@ -110,7 +114,8 @@ def render_quality(result: Doc) -> list[str]:
     head (minilm-l6) has None for the head's numbers and lacks the strategies that read it: shown as "–".
     """
     names, tasks = result["strategies"], result["tasks"]
-    header = ["task", "metric", "L", "full", "full calibrated", "best layer", "oracle", "neighbour vote"] + names
+    shown = [n for n in names if n not in SAME_AS_COLUMNS]
+    header = ["task", "metric", "L", "full", "full calibrated", "best layer", "oracle", "neighbour vote"] + shown
     rows: list[list[Any]] = []
     for task in tasks:
         best = task["best_layer"]
@@ -124,7 +129,7 @@ def render_quality(result: Doc) -> list[str]:
             task["oracle"],
             task["neighbour_vote"]["score"],
         ]
-        row += [_strategy_cell(task["strategies"].get(name)) for name in names]
+        row += [_strategy_cell(task["strategies"].get(name)) for name in shown]
         rows.append(row)
     if not tasks:
         return ["No tasks."]
@@ -143,14 +148,15 @@ def render_quality(result: Doc) -> list[str]:
     ]
     for name in names:
         if not all(name in t["strategies"] for t in tasks):  # reads a label-word head the backbone lacks
-            row.append(None)
+            row += [None] if name in shown else []
             continue
         score = _mean([t["strategies"][name]["score"] for t in tasks])
         share = _mean([t["strategies"][name]["mean_exit_layer"] / t["num_layers"] for t in tasks])
         macro[name] = (score, share)
-        row.append(f"{_fmt(score)} @ {share:.0%} of layers")
+        if name in shown:
+            row.append(f"{_fmt(score)} @ {share:.0%} of layers")
     rows.append(row)
-    lines = _table(header, rows) + _accuracy_table(names, tasks) + _baselines(result)
+    lines = _table(header, rows) + _accuracy_table(shown, tasks) + _baselines(result)
     for task in tasks:
         lines.append(
             f"- {task['task']}: {task.get('reference_rows')} reference rows, {task.get('eval_rows')} scored rows "
@@ -474,6 +480,37 @@ def render_int8(result: Doc) -> list[str]:
     return lines
 
 
+def render_keys(result: Doc) -> list[str]:
+    """Retrieval keys side by side (bench/keys.py): the neighbours' vote on reference rows against each key's cost,
+    and INT8 MiniLM against issue 12's adoption rule (top-k overlap with fp32, vote within 0.5 point)."""
+    tasks = result["tasks"]
+    names = list(tasks[0]["keys"])
+    lines = [
+        f"{tasks[0]['rows']:,} seeded train rows per task ({result['preset']}'s layers for `layer-N`), the k="
+        f"{result['k']} neighbours' vote leave-one-out, scored with the task's metric; rows/s of the key alone.",
+        "",
+        "| task | metric | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for t in tasks:
+        cells = [f"{_fmt(t['keys'][n]['vote_score'])} @ {t['keys'][n]['rows_per_s']:,.0f}/s" for n in names]
+        lines.append(f"| {t['task']} | {t['metric']} | " + " | ".join(cells) + " |")
+    best = {t["task"]: max(names, key=lambda n: t["keys"][n]["vote_score"]) for t in tasks}
+    overlap = [t["keys"]["minilm-int8"]["top_k_overlap_with_fp32"] for t in tasks]
+    delta = [t["keys"]["minilm-int8"]["vote_score"] - t["keys"]["minilm"]["vote_score"] for t in tasks]
+    adopted = min(overlap) >= result["overlap_goal"] and min(delta) >= -0.005
+    lines += [
+        "",
+        "Best vote per task: " + ", ".join(f"{task} `{name}`" for task, name in best.items()) + ".",
+        f"INT8 MiniLM: top-{result['k']} overlap with fp32 "
+        + ", ".join(f"{t['task']} {o:.2f}" for t, o in zip(tasks, overlap, strict=True))
+        + f" (goal ≥ {result['overlap_goal']}), vote "
+        + ", ".join(f"{t['task']} {d * 100:+.1f}" for t, d in zip(tasks, delta, strict=True))
+        + f" points (goal ≥ −0.5): {'adoptable' if adopted else 'not adoptable'}.",
+    ]
+    return lines
+
+
 SCALING_PNG = OUTPUT.parent / "scaling.png"
 
 
@@ -558,6 +595,7 @@ SECTIONS: list[tuple[str, str, Callable[[Any], list[str]]]] = [
     ("Quality", "quality-", render_quality),
     ("Speed", "speed-", render_speed),
     ("INT8", "int8-", render_int8),
+    ("Retrieval keys", "keys", render_keys),
     ("Reference-size scaling", "scaling", render_scaling),
 ]
 

@@ -146,6 +146,19 @@ def _get(entry: dict[str, Any] | None, key: str) -> Any:
     return None if entry is None else entry[key]
 
 
+def reference_estimate(report: dict[str, Any]) -> dict[str, float]:
+    """What build-db expected from the reference rows alone: the default's leave-one-out metric and mean exit (the
+    setting its policy chose), probe-best's and key-lr's out-of-fold metric; beside the scored rows' numbers they
+    show how far the reference rows' own estimate carries to unseen rows."""
+    probes, policy = report["probes"], report["probe_policy"]
+    return {
+        "default": policy["loo_metric"],
+        "default_mean_exit_layer": policy["loo_mean_exit"],
+        "probe_best": probes["reference_oof_metric"][probes["best_layer"] - 1],
+        "key_lr": probes["key_reference_oof_metric"],
+    }
+
+
 def task_row(report: dict[str, Any], source: str, reference_rows: int, seconds: float) -> dict[str, Any]:
     """One task in bench/report.py's quality shape ("score" is the task metric), plus accuracies; the label-word
     head's numbers are None on a backbone without one."""
@@ -175,6 +188,7 @@ def task_row(report: dict[str, Any], source: str, reference_rows: int, seconds: 
         "head_layer": report["per_layer_metric"],
         "probe_pooling": report["probes"]["pooling"],
         "probe_best_layer": report["probes"]["best_layer"],
+        "reference_estimate": reference_estimate(report),
         "accuracy": {
             "full": _get(report["full"], "accuracy"),
             "full_calibrated": _get(report["full_calibrated"], "accuracy"),

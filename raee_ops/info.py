@@ -2,7 +2,8 @@
 
 Every build-db run is one new LanceDB table version (an index, when one is due, a second one), and LanceDB keeps
 old versions until they are cleaned up, so a bad reference set is undone by restoring the version before it: the
-restore is itself a new version, and nothing is lost.
+restore is itself a new version, and nothing is lost. A rollback holds the table's claim, as build-db does, so it
+never lands between a running build-db's check and its commit.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 import lancedb
 
 from raee_ops.errors import RaeeConfigError
+from raee_ops.pipelines.build_db import work_dir
+from raee_ops.pipelines.commit import hold
 from raee_ops.retrieval import connect, open_table, table_names, table_policy
 from raee_ops.schemas.tables import FEATURES_SUFFIX, TableMeta
 
@@ -80,9 +83,11 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
     known = [v["version"] for v in handle.list_versions()]
     if version not in known:
         raise RaeeConfigError(f"table {table!r} has no version {version} (versions: {_ranges(known)})")
-    previous = handle.version
-    if version != previous:  # a retried rollback finds its version already current and leaves it
-        handle.restore(version)
+    with hold(work_dir(db_uri, table), f"table {table!r}"):
+        handle.checkout_latest()  # what another run committed before the claim was ours
+        previous = handle.version
+        if version != previous:  # a retried rollback finds its version already current and leaves it
+            handle.restore(version)
     return {"restored": version, "previous": previous, **table_info(handle)}
 
 

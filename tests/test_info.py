@@ -7,13 +7,14 @@ import sys
 import lancedb
 import pyarrow as pa
 import pytest
-from raee_ops.pipelines.build_db import run_build_db
+from raee_ops.pipelines.build_db import run_build_db, work_dir
+from raee_ops.pipelines.commit import hold
 from raee_ops.schemas.manifest import load_manifest
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
 
 from raee_ops.calibration import K_GRID
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.info import describe, render, rollback
 from raee_ops.retrieval import Retriever
 
@@ -96,3 +97,11 @@ def test_rollback_restores_an_earlier_version_as_a_new_one(segment_artifacts, tm
 
     with pytest.raises(RaeeConfigError, match=r"table 'sst2' has no version 9 \(versions: 1-4\)"):
         rollback(db, "sst2", 9)
+
+
+def test_rollback_refuses_while_another_run_holds_the_table(segment_artifacts, tmp_path):  # noqa: F811
+    db = build_twice(segment_artifacts, tmp_path)
+    with hold(work_dir(db, "sst2"), "table 'sst2'"), pytest.raises(Busy, match="another run is writing table 'sst2'"):
+        rollback(db, "sst2", 1)
+    assert describe(db, "sst2")["tables"][0]["version"] == 2  # nothing restored under the other run's claim
+    assert rollback(db, "sst2", 1)["version"] == 3  # once it is released

@@ -616,6 +616,7 @@ def render_scaling(result: Doc) -> list[str]:
     build-db's time; the plot beside it (bench/scaling.png)."""
     methods = result["methods"]
     header = ["reference rows", "build-db s", "probe fit rows", "probe pooling (best layer)"] + methods
+    header += ["default on reference (leave-one-out)", "nearest row a phrase of the same sentence"]
     rows = [
         [
             size["reference_rows"],
@@ -624,6 +625,10 @@ def render_scaling(result: Doc) -> list[str]:
             f"{size['probe_pooling']} (L{size['probe_best_layer']})",
         ]
         + [f"{_fmt(size['methods'][m]['accuracy'])} @ {size['methods'][m]['layer_share']:.0%}" for m in methods]
+        + [
+            _fmt((size.get("default_reference_estimate") or {}).get("accuracy")),
+            f"{size['sibling_share']:.0%}" if "sibling_share" in size else None,
+        ]
         for size in result["sizes"]
     ]
     test_rows = result["sizes"][0]["test_rows"] if result["sizes"] else 0

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,6 +38,8 @@ SIZES, QUICK_SIZES = (500, 2_000, 10_000, 50_000), (500, 2_000)
 METHODS = ("probe-fused", "key-lr", "knn-vote", "probe-best")
 #: Decoder presets whose measured throughput through every segment says what 50,000 rows would cost them.
 OTHER_PRESETS = ("smollm2-135m", "gemma3-270m")
+#: Reference rows whose nearest neighbour is checked for being a phrase of the same sentence.
+SIBLING_QUERIES = 500
 #: Test rows timed through every layer of this backbone, the same measure as the speed bench's `segments`.
 RATE_ROWS = 256
 
@@ -93,6 +96,22 @@ def decoder_estimates(rows: int) -> dict[str, Any]:
     return out
 
 
+def sibling_share(reference: pa.Table, db: Path) -> float:
+    """Share of SIBLING_QUERIES sampled reference rows whose nearest other reference row (by the table's keys) is a
+    sub- or super-phrase of it: SST-2's train split holds many phrases cut from the same sentences, which makes a
+    reference row's neighbours look more reliable under leave-one-out than they are for a new sentence."""
+    keys = lancedb.connect(str(db)).open_table(TASK).to_arrow().select(["id", "vector"])
+    lowered = (t.strip().lower() for t in reference["text"].to_pylist())
+    text_of = dict(zip(map(str, reference["id"].to_pylist()), lowered, strict=True))
+    texts = [text_of[str(i)] for i in keys["id"].to_pylist()]
+    vectors = np.stack(keys["vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    queries = np.random.default_rng(SEED).choice(len(texts), min(SIBLING_QUERIES, len(texts)), replace=False)
+    sims = vectors[queries] @ vectors.T
+    sims[np.arange(len(queries)), queries] = -np.inf
+    nearest = sims.argmax(axis=1)
+    return float(np.mean([texts[q] in texts[n] or texts[n] in texts[q] for q, n in zip(queries, nearest, strict=True)]))
+
+
 def one_size(artifacts: Path, reference: pa.Table, test: Path) -> dict[str, Any]:
     n = reference.num_rows
     work = BENCH / "scaling" / str(n)
@@ -117,7 +136,7 @@ def one_size(artifacts: Path, reference: pa.Table, test: Path) -> dict[str, Any]
     }
     shown = ", ".join(f"{m} {v['accuracy']:.3f} @ {v['mean_exit_layer']:.2f}" for m, v in methods.items())
     print(f"[{n}] build-db {built.s:.0f}s; {shown}", flush=True)
-    probes = report["probes"]
+    probes, policy = report["probes"], report["probe_policy"]
     return {
         "reference_rows": n,
         "build_db_s": built.s,
@@ -127,7 +146,9 @@ def one_size(artifacts: Path, reference: pa.Table, test: Path) -> dict[str, Any]
         "probe_pooling": probes["pooling"],
         "probe_best_layer": probes["best_layer"],
         "probe_policy": {k: report["probe_policy"][k] for k in ("k", "epsilon", "alpha", "beta", "tau", "t")},
-        "loo_queries": report["probe_policy"]["loo_queries"],
+        "loo_queries": policy["loo_queries"],
+        "default_reference_estimate": {"accuracy": policy["loo_metric"], "mean_exit_layer": policy["loo_mean_exit"]},
+        "sibling_share": sibling_share(reference, work / "db"),
         "methods": methods,
     }
 

@@ -95,8 +95,9 @@ def _git(*args: str) -> str | None:
 
 
 def git_info() -> dict[str, Any]:
-    """Commit and dirtiness; bench outputs are ignored, so writing one result does not dirty the next."""
-    status = _git("status", "--porcelain", "--", ".", ":!bench/results", ":!bench/RESULTS.md")
+    """Commit and dirtiness; bench outputs (results, RESULTS.md, its plots) are ignored, so writing one result does
+    not dirty the next."""
+    status = _git("status", "--porcelain", "--", ".", ":!bench/results", ":!bench/RESULTS.md", ":!bench/*.png")
     return {"commit": _git("rev-parse", "--short", "HEAD"), "dirty": None if status is None else bool(status)}
 
 

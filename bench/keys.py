@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-from common import parse_args, require_data, seeded_sample, timer, write_result
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from common import REPEATS, fastest, parse_args, require_data, seeded_sample, write_result
 from quality import BENCH, SEED, K, ensure_artifacts, read_checked
+from raee_ops.onnx_export.quantize import quantize_matmuls
 from raee_ops.schemas.manifest import sha256_file
 
 from raee_ops.metrics import task_metric
@@ -48,14 +47,7 @@ def int8_artifacts(artifacts: Path) -> Path:
     for path in artifacts.iterdir():
         if path.name not in ("manifest.json", entry["file"]):
             (out / path.name).symlink_to(path.resolve())
-    quantize_dynamic(
-        artifacts / entry["file"],
-        out / entry["file"],
-        op_types_to_quantize=["MatMul"],
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},  # as the export's int8: fused ops are untyped
-    )
+    quantize_matmuls(artifacts / entry["file"], out / entry["file"])
     entry["sha256"] = sha256_file(out / entry["file"])
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
@@ -83,14 +75,9 @@ def vote(top: np.ndarray, labels: np.ndarray, num_labels: int) -> np.ndarray:
 
 
 def timed_keys(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
-    """Keys and the faster of two passes (after one warm-up pass)."""
+    """Keys and the fastest of REPEATS passes, after one warm-up pass."""
     fn()
-    best, keys = float("inf"), None
-    for _ in range(2):
-        with timer() as t:
-            keys = fn()
-        best = min(best, t.s)
-    return keys, best
+    return fastest(fn, REPEATS)
 
 
 def one_task(fp32: SegmentRuntime, int8: SegmentRuntime, data: Path, task_name: str, n: int) -> dict[str, Any]:

@@ -64,27 +64,32 @@ def _kept(path: Path, keep_fp32: Sequence[str]) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "MatMul" and any(part in n.name for part in keep_fp32)]
 
 
+def quantize_matmuls(source: Path, target: Path, exclude: Sequence[str] = ()) -> None:
+    """Dynamic, per-channel INT8 of a graph's MatMul weights (signed int8, the default), the nodes named in
+    `exclude` left fp32: the one quantization every int8 graph goes through."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(
+        source,
+        target,
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        nodes_to_exclude=list(exclude),
+        # ONNX shape inference knows no contrib op of the optimized graphs: the tensors it cannot type are fp32
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+
+
 def quantize_layers(
     work: Path, manifest: Manifest, tasks: Sequence[Task], suffix: str, keep_fp32: Sequence[str] = ()
 ) -> Manifest:
     """Quantize the layer segments of the export being written in `work` (MatMuls named by `keep_fp32` stay fp32),
     check them against fp32, and return the manifest that vouches for the int8 files, which replace the fp32
     ones."""
-    from onnxruntime.quantization import quantize_dynamic  # weights default to signed int8
-
     (work / INT8_DIR).mkdir()
     int8_files = [f"{INT8_DIR}/{ref.file}" for ref in manifest.segments.layers]
     for ref, target in zip(manifest.segments.layers, int8_files, strict=True):
-        kept = _kept(work / ref.file, keep_fp32)
-        quantize_dynamic(
-            work / ref.file,
-            work / target,
-            op_types_to_quantize=["MatMul"],
-            per_channel=True,
-            nodes_to_exclude=kept,
-            # ONNX shape inference knows no contrib op of the optimized graphs: the tensors it cannot type are fp32
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
+        quantize_matmuls(work / ref.file, work / target, _kept(work / ref.file, keep_fp32))
     layers = compare(work, manifest, int8_files, tasks, suffix)
     if layers[-1]["relative_error"] > MAX_RELATIVE_ERROR:
         raise ArtifactError(

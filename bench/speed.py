@@ -29,7 +29,7 @@ import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from common import REPO_ROOT, require_data, seeded_sample, timer, write_result
+from common import REPEATS, REPO_ROOT, fastest, require_data, seeded_sample, timer, write_result
 from quality import ensure_artifacts  # one shared export per preset, with every task the benches use
 from raee_ops.onnx_export.adapters.base import ArchitectureAdapter
 from raee_ops.onnx_export.loader import load_model
@@ -58,8 +58,6 @@ STRATEGIES = tuple(exit_policy.STRATEGIES)  # every strategy, the ones that lose
 #: `probe-last`.
 BEAM_STRATEGIES = ("full", exit_policy.DEFAULT_STRATEGY)
 HEADLESS_FULL = "probe-last"
-#: Timed passes per method; the fastest is reported (other work on a shared machine can only slow a pass down).
-REPEATS = 2
 ATOL = 1e-3
 BENCH = REPO_ROOT / ".bench"
 
@@ -125,12 +123,7 @@ def batches(rows: Rows) -> list[np.ndarray]:
 def timed(fn: Callable[[Rows], np.ndarray], rows: Rows, warmup: Rows) -> tuple[np.ndarray, float]:
     """Predictions and the fastest of REPEATS passes over `rows`, after one untimed pass over `warmup`."""
     fn(warmup)
-    best = float("inf")
-    for _ in range(REPEATS):
-        with timer() as t:
-            out = fn(rows)
-        best = min(best, t.s)
-    return out, best
+    return fastest(lambda: fn(rows), REPEATS)
 
 
 def timed_together(fns: dict[str, Callable[[Rows], np.ndarray]], rows: Rows, warmup: Rows) -> dict[str, Any]:

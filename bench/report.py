@@ -274,12 +274,8 @@ def _reference_estimates(tasks: list[Doc]) -> list[str]:
                 base["probe-best"]["score"],
             ]
         )
-
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values)
-
-    ref_gap = 100 * mean([t["reference_estimate"]["default"] - t["reference_estimate"]["probe_best"] for t in tasks])
-    test_gap = 100 * mean([t["baselines"]["default"]["score"] - t["baselines"]["probe-best"]["score"] for t in tasks])
+    ref_gap = 100 * _mean([t["reference_estimate"]["default"] - t["reference_estimate"]["probe_best"] for t in tasks])
+    test_gap = 100 * _mean([t["baselines"]["default"]["score"] - t["baselines"]["probe-best"]["score"] for t in tasks])
     return [
         "The default against probe-best as the reference rows predicted them (leave-one-out and out of fold, the "
         "numbers build-db chose settings by) and as scored:",

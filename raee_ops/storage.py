@@ -197,6 +197,9 @@ def parquet_rows(uri: str) -> int:
         return pq.ParquetFile(handle).metadata.num_rows
 
 
-def read_parquet(uri: str, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """The whole file, read on this thread. Not `pq.read_table`: on a Python file it pre-buffers through Arrow's
+    I/O threads, and a buffer one of them frees while the interpreter shuts down aborts the process
+    ("terminate called without an active exception", exit 134) after a run that had succeeded."""
     with open_read(uri) as handle:
-        return pq.read_table(handle, columns=columns, schema=schema)
+        return pq.ParquetFile(handle).read(columns=columns, use_threads=False)

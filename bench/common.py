@@ -104,14 +104,15 @@ def git_info() -> dict[str, Any]:
     return {"commit": _git("rev-parse", "--short", "HEAD"), "dirty": None if status is None else bool(status)}
 
 
-def write_result(name: str, payload: dict[str, Any], quick: bool) -> Path:
-    """Write bench/results/<name>.json as {name, date, quick, git, machine, load_avg, result: payload}."""
+def write_result(name: str, payload: dict[str, Any], quick: bool, git: dict[str, Any] | None = None) -> Path:
+    """Write bench/results/<name>.json as {name, date, quick, git, machine, load_avg, result: payload}; `git`: the
+    commit the run's inputs were prepared at, where that is not this checkout's (bench/gpu.py)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     doc = {
         "name": name,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": quick,
-        "git": git_info(),
+        "git": git or git_info(),
         "machine": machine_info(),
         # other jobs sharing the cores skew timings; this shows whether they did
         "load_avg": list(os.getloadavg()),

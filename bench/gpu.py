@@ -260,6 +260,8 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
         results[name] = {
             "full_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, full)),
             "default_layers_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, exits, keep_all)),
+            # the same exits with no rule reading the states: what reading them costs on this engine
+            "default_layers_unread_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, exits)),
             "key_s": timed(lambda rt=rt: rt.key(EMBEDDER, texts)),
         }
         print(f"{preset} {name}: {results[name]}", flush=True)
@@ -275,6 +277,10 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
         "rows": rows,
         "num_layers": engines["cuda"].num_layers,
         "mean_exit_layer": float(exits.mean()),
+        "layer_runs": {
+            "full": layer_runs(engines["cuda"], prompts, full),
+            "default": layer_runs(engines["cuda"], prompts, exits),
+        },
         "default_strategy": run["strategy"],
         "stops_early": run["stops_early"],
         "gpu": _gpu_name(),
@@ -287,6 +293,16 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
         "engines": results,
         "weights": "random (seeded) in the stored graphs' shapes: speed only, no accuracy",
     }
+
+
+def layer_runs(runtime: Any, prompts: list[str], exits: np.ndarray) -> int:
+    """Layer sessions run: each of the runtime's length-sorted batches runs to its deepest row's exit."""
+    from raee_ops.runtime import SUB_BATCH
+
+    lengths = runtime.token_lengths(prompts)
+    running = np.flatnonzero(exits > 0)
+    order = running[np.argsort(lengths[running], kind="stable")]
+    return int(sum(exits[order[i : i + SUB_BATCH]].max() for i in range(0, len(order), SUB_BATCH)))
 
 
 def _gpu_name() -> str | None:

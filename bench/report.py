@@ -612,17 +612,19 @@ def render_gpu(result: Doc) -> list[str]:
     phases (retrieval, exit policy, answer) timed on the machine that prepared the run."""
     engines, host = result["engines"], result["host_phases_s_measured_here"]
     prepared = result["prepared_at"]
+    runs = result.get("layer_runs")
     lines = [
         f"{result['gpu']} (driver), onnxruntime-gpu {result['onnxruntime']}; {result['rows']} {result['task']} rows "
         f"in batches of the runtime's size, fastest of {result['passes']} passes. Weights: {result['weights']}. "
         f"The default's rows leave at the layers they left at in process on the preparing machine (commit "
         f"{prepared['commit']}{', dirty' if prepared['dirty'] else ''}; mean exit {result['mean_exit_layer']:.1f} of "
         f"{result['num_layers']}{', every layer read back for its confidence rule' if result['stops_early'] else ''}"
-        f"); its host phases ({sum(host.values()) * 1000:.0f} ms: tokenizing, retrieval, exit policy, answer) are that "
-        "machine's, as LanceDB is not on the GPU machine.",
+        f"); its host phases ({sum(host.values()) * 1000:.0f} ms: tokenizing, retrieval, exit policy, answer) are "
+        "that machine's, as LanceDB is not on the GPU machine.",
         "",
-        "| engine | full rows/s | default rows/s | default ÷ full | key share | default's layers |",
-        "|---|---|---|---|---|---|",
+        "| engine | full rows/s | default rows/s | default ÷ full | key share | full's layers | default's layers "
+        "| the same, states not read |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     names = {
         "cuda": "CUDA, states kept on the GPU (IO binding)",
@@ -630,18 +632,25 @@ def render_gpu(result: Doc) -> list[str]:
         "cpu": f"CPU, the GPU machine's {result['cpus_on_gpu_machine']} cores",
     }
     for name, e in engines.items():
+        unread = e.get("default_layers_unread_s")
         lines.append(
             f"| {names.get(name, name)} | {e['full_rows_per_s']:,.0f} | {e['default_rows_per_s']:,.0f} | "
-            f"{e['default_vs_full']:.2f}× | {e['key_share']:.0%} | {e['default_layers_s'] * 1000:.0f} ms |"
+            f"{e['default_vs_full']:.2f}× | {e['key_share']:.0%} | {e['full_s'] * 1000:.0f} ms | "
+            f"{e['default_layers_s'] * 1000:.0f} ms | {'–' if unread is None else f'{unread * 1000:.0f} ms'} |"
         )
     cuda = engines["cuda"]
     lines += [
         "",
-        f"On CUDA the default runs at {cuda['default_vs_full']:.2f}× the full model: at this batch size the GPU is "
-        "bound by per-layer launches and copies, not arithmetic, so exiting early saves little, while the "
-        "confidence rule brings each layer's states back to the host"
-        f" and the host phases alone take {sum(host.values()) / cuda['default_s']:.0%} of the default's time.",
+        f"On CUDA the default runs at {cuda['default_vs_full']:.2f}× the full model. The host phases alone take "
+        f"{sum(host.values()) / cuda['full_s']:.0%} of the full model's whole time there.",
     ]
+    if runs:
+        per_run = {k: cuda[f"{k}_s"] / runs[k if k == "full" else "default"] for k in ("full", "default_layers")}
+        lines[-1] += (
+            f" The default runs {runs['default']} layer sessions against the full model's {runs['full']}, but at "
+            f"{per_run['default_layers'] * 1000:.1f} ms each against {per_run['full'] * 1000:.2f} ms: its confidence "
+            "rule brings every layer's states to the host and pools them there."
+        )
     return lines
 
 

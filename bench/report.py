@@ -645,11 +645,17 @@ def render_gpu(result: Doc) -> list[str]:
         f"{sum(host.values()) / cuda['full_s']:.0%} of the full model's whole time there.",
     ]
     if runs:
-        per_run = {k: cuda[f"{k}_s"] / runs[k if k == "full" else "default"] for k in ("full", "default_layers")}
+        each = {k: cuda[k] / runs["full" if k == "full_s" else "default"] * 1000 for k in cuda if k.endswith("_s")}
         lines[-1] += (
             f" The default runs {runs['default']} layer sessions against the full model's {runs['full']}, but at "
-            f"{per_run['default_layers'] * 1000:.1f} ms each against {per_run['full'] * 1000:.2f} ms: its confidence "
-            "rule brings every layer's states to the host and pools them there."
+            f"{each['default_layers_s']:.1f} ms each against {each['full_s']:.2f} ms"
+            + (
+                f" ({each['default_layers_unread_s']:.1f} ms without the confidence rule's reads)"
+                if "default_layers_unread_s" in each
+                else ""
+            )
+            + ": at every layer where some of a batch's rows leave, the batch's states come to the host, where the "
+            "leaving rows are read out and the rest compacted and sent back."
         )
     return lines
 

@@ -251,20 +251,36 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
     full = np.full(rows, engines["cuda"].num_layers)
     keep_all = (lambda layer, pooled: np.zeros(len(pooled), bool)) if run["stops_early"] else None
 
-    def timed(fn) -> float:
+    def timed(fn) -> tuple[Any, float]:
         fn()  # warm-up: sessions, kernels, allocator
-        return fastest(fn, PASSES)[1]
+        return fastest(fn, PASSES)
 
     results: dict[str, dict[str, float]] = {}
+    outputs: dict[str, Any] = {}
     for name, rt in engines.items():
+        outputs[name], full_s = timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, full))
         results[name] = {
-            "full_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, full)),
-            "default_layers_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, exits, keep_all)),
+            "full_s": full_s,
+            "default_layers_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, exits, keep_all))[1],
             # the same exits with no rule reading the states: what reading them costs on this engine
-            "default_layers_unread_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, exits)),
-            "key_s": timed(lambda rt=rt: rt.key(EMBEDDER, texts)),
+            "default_layers_unread_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, exits))[1],
+            "key_s": timed(lambda rt=rt: rt.key(EMBEDDER, texts))[1],
         }
         print(f"{preset} {name}: {results[name]}", flush=True)
+    # the CUDA chains against the CPU's on the same graphs and rows: the last layer's pooled states, and the head
+    reference = outputs["cpu"]
+    agreement = {
+        name: {
+            "pooled_max_rel_diff": float(
+                np.abs(out.pooled.astype(np.float32) - reference.pooled.astype(np.float32)).max()
+                / np.abs(reference.pooled.astype(np.float32)).max()
+            ),
+            "head_argmax_agreement": float(np.mean(out.logits.argmax(1) == reference.logits.argmax(1))),
+        }
+        for name, out in outputs.items()
+        if name != "cpu"
+    }
+    print(f"{preset} against the CPU: {agreement}", flush=True)
     host = {k: v for k, v in run["cpu_phase_s"].items() if k not in ("key", "layers")}
     for r in results.values():
         r["default_s"] = r["key_s"] + r["default_layers_s"] + sum(host.values())
@@ -291,6 +307,7 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
         "cpu_default_rows_per_s_measured_here": run["cpu_rows_per_s"],
         "passes": PASSES,
         "engines": results,
+        "agreement_with_cpu": agreement,
         "weights": "random (seeded) in the stored graphs' shapes: speed only, no accuracy",
     }
 

@@ -639,6 +639,18 @@ def render_gpu(result: Doc) -> list[str]:
             f"{e['default_layers_s'] * 1000:.0f} ms | {'–' if unread is None else f'{unread * 1000:.0f} ms'} |"
         )
     cuda = engines["cuda"]
+    agreement = result.get("agreement_with_cpu")
+    if agreement:
+        lines += [
+            "",
+            "The CUDA chains against the CPU chain on the same graphs and rows (full depth): "
+            + "; ".join(
+                f"{names.get(n, n)}: pooled states within {a['pooled_max_rel_diff']:.1e} of the largest, head "
+                f"answers {a['head_argmax_agreement']:.1%} the same"
+                for n, a in agreement.items()
+            )
+            + ".",
+        ]
     lines += [
         "",
         f"On CUDA the default runs at {cuda['default_vs_full']:.2f}× the full model. The host phases alone take "

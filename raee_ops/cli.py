@@ -37,25 +37,34 @@ def _tasks(names: tuple[str, ...], files: tuple[str, ...]) -> list[Task]:
     return [get_task(n) for n in names] + [load_task_file(f) for f in files]
 
 
+class BeamCommand(click.Command):
+    """A command whose extra arguments must be Beam pipeline options, checked before click's own checks: a
+    misspelt `--artifact` is reported as itself (with the closest option), not as a missing `--artifacts`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        opts, extra, _ = self.make_parser(ctx).parse_args(args=list(args))  # parses only: nothing is checked yet
+        logs.configure(-1 if opts.get("quiet") else int(opts.get("verbose") or 0))  # before importing Beam
+        from raee_ops.pipelines.options import unknown_args
+
+        if not ctx.resilient_parsing and not set(extra) & set(HELP["help_option_names"]):
+            problem = unknown_args(extra, [o for p in self.params for o in p.opts])
+            if problem:
+                raise click.UsageError(problem, ctx)
+        return super().parse_args(ctx, args)
+
+
 def command(name: str) -> Callable[[Callable[..., Any]], click.Command]:
     """A subcommand with -v/-q; extra arguments must be Beam pipeline options (the pipelines' runner and
     filesystem options; the filesystem and database options for evaluate, info and rollback)."""
 
     def wrap(fn: Callable[..., Any]) -> click.Command:
         @functools.wraps(fn)
-        def run(*args: Any, verbose: int, quiet: bool, **kwargs: Any) -> Any:
-            logs.configure(-1 if quiet else verbose)
-            from raee_ops.pipelines.options import unknown_args
-
-            ctx = click.get_current_context()
-            problem = unknown_args(ctx.args, [o for p in ctx.command.params for o in p.opts])
-            if problem:
-                raise click.UsageError(problem)
+        def run(*args: Any, verbose: int, quiet: bool, **kwargs: Any) -> Any:  # -v/-q: applied in parse_args
             return fn(*args, **kwargs)
 
         run = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(run)
         run = click.option("-v", "--verbose", count=True, help="Show library logs (-vv: debug).")(run)
-        return cli.command(name, context_settings=BEAM_ARGS)(run)
+        return cli.command(name, cls=BeamCommand, context_settings=BEAM_ARGS)(run)
 
     return wrap
 

@@ -67,6 +67,11 @@ def test_2_misspelt_options_are_usage_errors_naming_the_closest(segment_artifact
     assert table_state(db) == before
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=["--stratgy", "raee"]))
     assert run.returncode == 2 and "(did you mean --strategy?)" in one_error_line(run)
+    misspelt_required = [
+        "--artifact" if a == "--artifacts" else a for a in classify_args(segment_artifacts, db, tmp_path / "o", train)
+    ]
+    run = raee_ops(*misspelt_required)  # named as the typo it is, not as a missing --artifacts
+    assert run.returncode == 2 and "no such option: --artifact (did you mean --artifacts?)" in one_error_line(run)
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=["--embedder", "backbone"]))
     assert run.returncode == 2 and "no such option: --embedder" in one_error_line(run)
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=["--k", "0"]))

@@ -25,12 +25,14 @@ from raee_ops.tasks import get_task
 
 PRESETS = ("smollm2-135m", "gemma3-270m")
 VARIANTS = ("fp32", "int8")
+TIMING = "fresh process, before any quality run; fp32 and int8, default and full, interleaved pass by pass"
 
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help=f"tasks {', '.join(quality.QUICK_TASKS)}, fewer rows")
     parser.add_argument("--preset", choices=PRESETS, action="append", help="repeatable; default: smollm2-135m")
+    parser.add_argument("--speed-only", action="store_true", help="only the speed part (int8-speed-<preset>.json)")
     return parser.parse_args()
 
 
@@ -53,28 +55,34 @@ def default_scores(artifacts: Path, label: str, data: Path, task: str, quick: bo
     }
 
 
-def speed_of(artifacts: Path, label: str, quick: bool, data: Path) -> dict[str, Any]:
-    """The default strategy and the full model on the same segments, timed as bench/speed.py times them."""
-    runtime = SegmentRuntime(artifacts)
-    _, reference, rows, warm = speed.bench_rows(runtime, data, quick)
-    db, table = speed.build_db(artifacts, label, reference)
-    prompts = rows.prompts
-    core = speed.Core(runtime, Retriever(db, table), DEFAULT_STRATEGY, get_task(speed.TASK))
-    probs, default_s = speed.timed(core.run, rows, warm)
-
-    def full(r: speed.Rows) -> np.ndarray:
-        return runtime.run_to_exit(speed.TASK, r.prompts, np.full(len(r.prompts), runtime.num_layers))
-
-    logits, full_s = speed.timed(full, rows, warm)
-    result = {
-        "rows": len(prompts),
-        "default_rows_per_s": len(prompts) / default_s,
-        "default_accuracy": float(np.mean(probs.argmax(axis=1) == rows.labels)),
-        "default_mean_exit_layer": float(core.exits.mean()),
-        "segments_rows_per_s": len(prompts) / full_s,
-        "segments_accuracy": float(np.mean(logits.argmax(axis=1) == rows.labels)),
-    }
-    print(f"{label}: default {result['default_rows_per_s']:.1f} rows/s, full {result['segments_rows_per_s']:.1f}")
+def speeds(artifacts: dict[str, Path], preset: str, quick: bool, data: Path) -> dict[str, Any]:
+    """The default strategy and the full model on the same segments for each variant, timed as bench/speed.py
+    times them, all four interleaved pass by pass (a load change on the shared machine hits them alike)."""
+    fns, cores, rows = {}, {}, None
+    for variant, path in artifacts.items():
+        runtime = SegmentRuntime(path)
+        _, reference, rows, warm = speed.bench_rows(runtime, data, quick)
+        db, table = speed.build_db(path, f"{preset}-{variant}", reference)
+        cores[variant] = speed.Core(runtime, Retriever(db, table), DEFAULT_STRATEGY, get_task(speed.TASK))
+        fns[f"{variant}-default"] = cores[variant].run
+        fns[f"{variant}-full"] = lambda r, rt=runtime: rt.run_to_exit(
+            speed.TASK, r.prompts, np.full(len(r.prompts), rt.num_layers)
+        )
+    timings = speed.timed_together(fns, rows, warm)
+    result = {}
+    for variant in artifacts:
+        (probs, default_s), (logits, full_s) = timings[f"{variant}-default"], timings[f"{variant}-full"]
+        result[variant] = {
+            "rows": len(rows.prompts),
+            "default_rows_per_s": len(rows.prompts) / default_s,
+            "default_accuracy": float(np.mean(probs.argmax(axis=1) == rows.labels)),
+            "default_mean_exit_layer": float(cores[variant].exits.mean()),
+            "segments_rows_per_s": len(rows.prompts) / full_s,
+            "segments_accuracy": float(np.mean(logits.argmax(axis=1) == rows.labels)),
+        }
+        speed_of = result[variant]
+        print(f"{preset}-{variant}: default {speed_of['default_rows_per_s']:.1f} rows/s, full ", end="")
+        print(f"{speed_of['segments_rows_per_s']:.1f}")
     return result
 
 
@@ -84,12 +92,15 @@ def main() -> int:
     tasks = quality.QUICK_TASKS if args.quick else quality.TASKS
     for preset in args.preset or PRESETS[:1]:
         artifacts = {"fp32": quality.ensure_artifacts(preset), "int8": ensure_int8(preset)}
-        per_task = {
+        timed = speeds(artifacts, preset, args.quick, data)  # first: a fresh process, nothing else loaded yet
+        payload = {"preset": preset, "default_strategy": DEFAULT_STRATEGY, "speed": timed, "timing": TIMING}
+        if args.speed_only:
+            write_result(f"int8-speed-{preset}", payload, args.quick)
+            continue
+        payload["tasks"] = {
             task: {v: default_scores(artifacts[v], f"{preset}-{v}", data, task, args.quick) for v in VARIANTS}
             for task in tasks
         }
-        speeds = {v: speed_of(artifacts[v], f"{preset}-{v}", args.quick, data) for v in VARIANTS}
-        payload = {"preset": preset, "default_strategy": DEFAULT_STRATEGY, "tasks": per_task, "speed": speeds}
         write_result(f"int8-{preset}", payload, args.quick)
     return 0
 

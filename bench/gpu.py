@@ -302,6 +302,7 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
         "gpu": _gpu_name(),
         "cpus_on_gpu_machine": num_cpus,
         "onnxruntime": ort.__version__,
+        "cuda_use_tf32": engines["cuda"].layer_sessions[0].get_provider_options()["CUDAExecutionProvider"]["use_tf32"],
         "prepared_at": run["git"],
         "host_phases_s_measured_here": host,
         "cpu_default_rows_per_s_measured_here": run["cpu_rows_per_s"],

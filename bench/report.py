@@ -623,8 +623,10 @@ def render_gpu(result: Doc) -> list[str]:
     engines, host = result["engines"], result["host_phases_s_measured_here"]
     prepared = result["prepared_at"]
     runs = result.get("layer_runs")
+    tf32 = {"1": " (TF32 on)", "0": " (TF32 off)"}.get(result.get("cuda_use_tf32", ""), " (TF32 on: ORT's default)")
     lines = [
-        f"{result['gpu']} (driver), onnxruntime-gpu {result['onnxruntime']}; {result['rows']} {result['task']} rows "
+        f"{result['gpu']} (driver), onnxruntime-gpu {result['onnxruntime']}{tf32}; "
+        f"{result['rows']} {result['task']} rows "
         f"in batches of the runtime's size, fastest of {result['passes']} passes. Weights: {result['weights']}. "
         f"The default's rows leave at the layers they left at in process on the preparing machine (commit "
         f"{prepared['commit']}{', dirty' if prepared['dirty'] else ''}; mean exit {result['mean_exit_layer']:.1f} of "

@@ -28,13 +28,21 @@ BACKBONE = "backbone"
 SUB_BATCH = 32
 
 
-def choose_providers(requested: str | None = None) -> list[str]:
+#: An execution provider as ONNX Runtime takes it: a name, or (name, provider options).
+Provider = str | tuple[str, dict[str, str]]
+#: CUDA with full fp32 matrix products. Why: the CUDA provider multiplies in TF32 by default, which on an H200
+#: moved Gemma 3's last-layer states by up to 0.76 of their largest value against the CPU chain and changed 10% of
+#: the head's answers; without TF32 they agree within 2e-3 (bench/gpu.py), and the probes were fitted on fp32 states.
+CUDA: Provider = ("CUDAExecutionProvider", {"use_tf32": "0"})
+
+
+def choose_providers(requested: str | None = None) -> list[Provider]:
     """CUDA when asked for and available, else CPU. The request is a pipeline option resolved on the launching
     machine; a worker never reads its own environment for it."""
     wanted = (requested or "cpu").lower()
     if wanted == "cuda":
         if "CUDAExecutionProvider" in ort.get_available_providers():
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            return [CUDA, "CPUExecutionProvider"]
         log.warning("CUDA requested but onnxruntime has no CUDAExecutionProvider; using CPU")
     return ["CPUExecutionProvider"]
 
@@ -66,7 +74,7 @@ def process_thread_pool(threads: int) -> int:
 
 
 def open_session(
-    path: str | Path, threads: int | None = None, providers: list[str] | None = None, **settings: object
+    path: str | Path, threads: int | None = None, providers: list[Provider] | None = None, **settings: object
 ) -> ort.InferenceSession:
     """Every ONNX Runtime session this project opens, on the process's shared pool: once that pool exists, ORT
     refuses any session that asks for threads of its own. `settings` are SessionOptions attributes."""
@@ -216,7 +224,7 @@ class SegmentRuntime:
         self.manifest: Manifest = load_manifest(self.dir, verify_checksums=verify_checksums)
         self._threads = intra_op_threads or default_threads()
         self._providers = choose_providers(providers)
-        on_cuda = self._providers[0] == "CUDAExecutionProvider"
+        on_cuda = self._providers[0] == CUDA
         bind = on_cuda if io_binding is None else io_binding
         self._device = DeviceChain("cuda" if on_cuda else "cpu") if bind else None
         m = self.manifest

@@ -80,9 +80,8 @@ def speeds(artifacts: dict[str, Path], preset: str, quick: bool, data: Path) -> 
             "segments_rows_per_s": len(rows.prompts) / full_s,
             "segments_accuracy": float(np.mean(logits.argmax(axis=1) == rows.labels)),
         }
-        speed_of = result[variant]
-        print(f"{preset}-{variant}: default {speed_of['default_rows_per_s']:.1f} rows/s, full ", end="")
-        print(f"{speed_of['segments_rows_per_s']:.1f}")
+        r = result[variant]
+        print(f"{preset}-{variant}: default {r['default_rows_per_s']:.1f} rows/s, full {r['segments_rows_per_s']:.1f}")
     return result
 
 

@@ -669,14 +669,15 @@ def render_gpu(result: Doc) -> list[str]:
         f"{sum(host.values()) / cuda['full_s']:.0%} of the full model's whole time there.",
     ]
     if runs:
-        each = {k: cuda[k] / runs["full" if k == "full_s" else "default"] * 1000 for k in cuda if k.endswith("_s")}
+        unread = cuda.get("default_layers_unread_s")
         lines[-1] += (
             f" The default runs {runs['default']} layer sessions against the full model's {runs['full']}, but at "
-            f"{each['default_layers_s']:.1f} ms each against {each['full_s']:.2f} ms"
+            f"{cuda['default_layers_s'] / runs['default'] * 1000:.1f} ms each against "
+            f"{cuda['full_s'] / runs['full'] * 1000:.2f} ms"
             + (
-                f" ({each['default_layers_unread_s']:.1f} ms without the confidence rule's reads)"
-                if "default_layers_unread_s" in each
-                else ""
+                ""
+                if unread is None
+                else f" ({unread / runs['default'] * 1000:.1f} ms without the confidence rule's reads)"
             )
             + ": at every layer where some of a batch's rows leave, the batch's states come to the host, where the "
             "leaving rows are read out and the rest compacted and sent back."

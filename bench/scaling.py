@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from common import RESULTS_DIR, data_dir, timer, write_result
 from quality import BENCH, EMBEDDER, SEED, K, ensure_artifacts, raee_ops, read_checked
 
+from raee_ops.calibration import loo_neighbours
 from raee_ops.evaluate import evaluate
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import get_task
@@ -106,9 +107,7 @@ def sibling_share(reference: pa.Table, db: Path) -> float:
     texts = [text_of[str(i)] for i in keys["id"].to_pylist()]
     vectors = np.stack(keys["vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
     queries = np.random.default_rng(SEED).choice(len(texts), min(SIBLING_QUERIES, len(texts)), replace=False)
-    sims = vectors[queries] @ vectors.T
-    sims[np.arange(len(queries)), queries] = -np.inf
-    nearest = sims.argmax(axis=1)
+    nearest = loo_neighbours(vectors, queries, 1)[0][:, 0]  # build-db's own leave-one-out neighbours
     return float(np.mean([texts[q] in texts[n] or texts[n] in texts[q] for q, n in zip(queries, nearest, strict=True)]))
 
 
@@ -145,7 +144,7 @@ def one_size(artifacts: Path, reference: pa.Table, test: Path) -> dict[str, Any]
         "probe_fit_rows": probes["fit_rows"],
         "probe_pooling": probes["pooling"],
         "probe_best_layer": probes["best_layer"],
-        "probe_policy": {k: report["probe_policy"][k] for k in ("k", "epsilon", "alpha", "beta", "tau", "t")},
+        "probe_policy": {k: policy[k] for k in ("k", "epsilon", "alpha", "beta", "tau", "t")},
         "loo_queries": policy["loo_queries"],
         "default_reference_estimate": {"accuracy": policy["loo_metric"], "mean_exit_layer": policy["loo_mean_exit"]},
         "sibling_share": sibling_share(reference, work / "db"),

@@ -693,7 +693,8 @@ def render_scaling(result: Doc) -> list[str]:
     build-db's time; the plot beside it (bench/scaling.png)."""
     methods = result["methods"]
     header = ["reference rows", "build-db s", "probe fit rows", "probe pooling (best layer)"] + methods
-    header += ["default on reference (leave-one-out)", "nearest row a phrase of the same sentence"]
+    header += ["default on reference (leave-one-group-out)", "without groups (leave-one-out)"]
+    header += ["nearest row a phrase of the same sentence"]
     rows = [
         [
             size["reference_rows"],
@@ -704,6 +705,7 @@ def render_scaling(result: Doc) -> list[str]:
         + [f"{_fmt(size['methods'][m]['accuracy'])} @ {size['methods'][m]['layer_share']:.0%}" for m in methods]
         + [
             _fmt((size.get("default_reference_estimate") or {}).get("accuracy")),
+            _fmt((size.get("ungrouped_reference_estimate") or {}).get("accuracy")),
             f"{size['sibling_share']:.0%}" if "sibling_share" in size else None,
         ]
         for size in result["sizes"]

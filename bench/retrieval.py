@@ -80,6 +80,7 @@ def _batch(rng: np.random.Generator, start: int, keys: np.ndarray, cluster: np.n
             pa.array(first, mask=first == 0),
             _fixed_list(correct, NUM_LAYERS),  # probe columns: shaped like the head's, their values do not matter here
             _fixed_list(logprobs, NUM_LAYERS * NUM_LABELS),
+            pa.nulls(n, pa.string()),  # group_id: every row a group of its own
         ],
         schema=schema,
     )

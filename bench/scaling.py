@@ -6,6 +6,12 @@ size gets its own table from `raee-ops build-db` (probes, their pooling and C, a
 reference alone; nothing is tuned on validation), then `raee_ops.evaluate` scores the default `probe-fused`,
 `key-lr`, `knn-vote` and `probe-best` on the same rows.
 
+SST-2's train split is ~67k phrases cut from ~7k sentences: under plain leave-one-out a reference row's nearest
+neighbours are often phrases of its own sentence, which vouch for it as no new sentence's neighbours can, and the
+more rows the more so. Each reference row's group is the longest train row containing its text (`sentence_groups`),
+given to build-db as `--group-column`; every size is also built without groups, and that table's default is
+scored beside it (`probe-fused (no groups)`), so the run shows what the grouping is worth.
+
 Backbone `minilm-l6`: build-db runs every reference row through every layer, and it is the only preset for which
 50,000 rows do that in minutes on 2 cores; the result states the measured build-db time beside what the decoder
 presets' measured segment throughput (bench/results/speed-*.json, when present) implies for the same rows.
@@ -37,6 +43,11 @@ from raee_ops.tasks import get_task
 PRESET, TASK = "minilm-l6", "sst2"
 SIZES, QUICK_SIZES = (500, 2_000, 10_000, 50_000), (500, 2_000)
 METHODS = ("probe-fused", "key-lr", "knn-vote", "probe-best")
+#: The default fitted on the same reference rows without --group-column, scored beside the others.
+UNGROUPED = "probe-fused (no groups)"
+GROUP_COLUMN = "sentence"
+#: A phrase whose first words open more train rows than this is too common to place in one sentence: its own group.
+MAX_CANDIDATES = 2000
 #: Decoder presets whose measured throughput through every segment says what 50,000 rows would cost them.
 OTHER_PRESETS = ("smollm2-135m", "gemma3-270m")
 #: Reference rows whose nearest neighbour is checked for being a phrase of the same sentence.
@@ -68,6 +79,31 @@ def nested_samples(train: pa.Table, sizes: tuple[int, ...]) -> dict[int, pa.Tabl
     in file order."""
     order = np.random.default_rng(SEED).permutation(train.num_rows)
     return {n: train.take(pa.array(np.sort(order[:n]))) for n in sizes}
+
+
+def sentence_groups(texts: list[str]) -> list[str]:
+    """Each text's group: the index of the longest text containing it (lower-cased, whole words), found among the
+    texts that share its first (up to) four words; a text is its own group when none does or when its opening is
+    too common to tell."""
+    lowered = [" ".join(t.lower().split()) for t in texts]
+    words = [t.split() for t in lowered]
+    starts: dict[tuple[str, ...], list[int]] = {}
+    for row, w in enumerate(words):
+        for n in range(1, 5):
+            for j in range(len(w) - n + 1):
+                starts.setdefault(tuple(w[j : j + n]), []).append(row)
+    root = np.arange(len(texts))
+    for row, w in enumerate(words):
+        candidates = starts.get(tuple(w[:4]), []) if w else []
+        if len(candidates) > MAX_CANDIDATES:
+            continue
+        padded = f" {lowered[row]} "
+        for other in candidates:
+            if len(lowered[other]) > len(lowered[root[row]]) and padded in f" {lowered[other]} ":
+                root[row] = other
+    for _ in range(8):  # a phrase's longest container may itself sit inside a longer row: follow to the top
+        root = root[root]
+    return [f"s{r}" for r in root]
 
 
 def segment_rate(artifacts: Path, test: Path) -> dict[str, Any]:
@@ -119,10 +155,14 @@ def one_size(artifacts: Path, reference: pa.Table, test: Path) -> dict[str, Any]
     pq.write_table(reference, work / "reference.parquet")
     print(f"[{n}] build-db", flush=True)
     args = ["--artifacts", str(artifacts), "--task", TASK, "--input", str(work / "reference.parquet")]
+    args += ["--embedder", EMBEDDER]
     with timer() as built:
-        raee_ops("build-db", *args, "--db", str(work / "db"), "--embedder", EMBEDDER)
+        raee_ops("build-db", *args, "--db", str(work / "db"), "--group-column", GROUP_COLUMN)
+    raee_ops("build-db", *args, "--db", str(work / "db-no-groups"))
     with timer() as scored:
         report = evaluate(artifacts, TASK, str(work / "db"), TASK, [str(test)], K, list(METHODS))
+    plain = evaluate(artifacts, TASK, str(work / "db-no-groups"), TASK, [str(test)], K, ["probe-fused"])
+    report["strategies"][UNGROUPED] = plain["strategies"]["probe-fused"]
     methods = {
         name: {
             "accuracy": s["accuracy"],
@@ -147,6 +187,11 @@ def one_size(artifacts: Path, reference: pa.Table, test: Path) -> dict[str, Any]
         "probe_policy": {k: policy[k] for k in ("k", "epsilon", "alpha", "beta", "tau", "t")},
         "loo_queries": policy["loo_queries"],
         "default_reference_estimate": {"accuracy": policy["loo_metric"], "mean_exit_layer": policy["loo_mean_exit"]},
+        "loo_groups": policy["loo_groups"],
+        "ungrouped_reference_estimate": {
+            "accuracy": plain["probe_policy"]["loo_metric"],
+            "mean_exit_layer": plain["probe_policy"]["loo_mean_exit"],
+        },
         "sibling_share": sibling_share(reference, work / "db"),
         "methods": methods,
     }
@@ -173,9 +218,10 @@ def payload(rows: list[dict[str, Any]], sizes: tuple[int, ...], rate: dict[str, 
         "embedder": EMBEDDER,
         "k": K,
         "seed": SEED,
-        "methods": list(METHODS),
+        "methods": [*METHODS, UNGROUPED],
         "sampling": "nested seeded samples of the train split; test: the whole validation split; everything fitted "
-        "by build-db on the reference alone",
+        f"by build-db on the reference alone, with --group-column {GROUP_COLUMN} (each row's longest containing "
+        f"train row) unless marked (no groups)",
         "why_this_backbone": why,
         "segment_rate": rate,
         "decoder_estimates": estimates,
@@ -191,6 +237,7 @@ def main() -> int:
     sizes = QUICK_SIZES if args.quick else SIZES
     artifacts = ensure_artifacts(PRESET)
     train = read_checked(train_file, TASK)
+    train = train.append_column(GROUP_COLUMN, pa.array(sentence_groups(train.column("text").to_pylist())))
     rate = segment_rate(artifacts, test_file)
     rows: list[dict[str, Any]] = []
     for reference in nested_samples(train, sizes).values():

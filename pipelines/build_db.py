@@ -17,11 +17,12 @@ import pyarrow.compute as pc
 from raee_ops.pipelines.commit import claim_work_dir, new_run_id
 from raee_ops.pipelines.inference import BuildHandler, Infer
 from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
-from raee_ops.pipelines.reference import assemble
+from raee_ops.pipelines.reference import assemble, check_groups, group_codes
 from raee_ops.pipelines.sources import (
     check_inputs,
     count_rows,
     expand_inputs,
+    file_groups,
     file_ids,
     read_validated,
     task_of,
@@ -72,7 +73,7 @@ class BuildSummary:
         balance = "ok" if self.rows_in == self.written + self.rejected else "MISMATCH"
         p = self.policy
         fitted = (
-            f"fused policy (leave-one-out on {p.loo_queries} rows, {p.metric}): {p.settings()}; "
+            f"fused policy ({p.validation()}, {p.metric}): {p.settings()}; "
             f"LOO {p.metric} {p.loo_metric:.3f}, mean exit layer {p.loo_mean_exit:.2f}"
             if p
             else f"fused policy: none ({self.no_policy})"
@@ -141,6 +142,7 @@ def run_build_db(
     max_rejected: float = 1.0,
     allow_empty: bool = False,
     layer_budget: float = DEFAULT_LAYER_BUDGET,
+    group_column: str | None = None,
 ) -> BuildSummary:
     settings = worker_settings(beam_args, db_uri)
     store = settings.db_storage_options
@@ -157,7 +159,11 @@ def run_build_db(
             f"build-db --embedder backbone)"
         )
     files = expand_inputs(inputs)
-    _, rows_in = check_inputs(files, task, need_label=True)
+    schema_in, rows_in = check_inputs(files, task, need_label=True)
+    if group_column and schema_in is not None and group_column not in schema_in.names:
+        raise RaeeConfigError(
+            f"--group-column {group_column!r}: no such column in {files[0]} (has: {', '.join(schema_in.names)})"
+        )
     if rows_in == 0 and mode == "overwrite":
         refuse_overwrite_with_nothing(table, allow_empty)
     meta = expected_meta(manifest, task_name, embedder)
@@ -165,6 +171,7 @@ def run_build_db(
         check_meta(existing, meta, f"table {table!r} in {db_uri}")
     ids = pa.concat_arrays([file_ids(f) for f in files]) if files else pa.array([], pa.string())
     refuse_duplicate_ids(ids)
+    group_of = read_groups(files, ids, group_column) if group_column else None
     errors_dir = errors_dir or default_errors_dir(db_uri, table)
     if storage.is_file(errors_dir):
         raise RaeeConfigError(f"--errors {errors_dir} exists and is not a directory")
@@ -207,6 +214,7 @@ def run_build_db(
                 *previous,
                 label_word_head=manifest.label_word_head,
                 layer_budget=layer_budget,
+                group_of=group_of,
             )
         fault_point("commit:errors")
         table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store)
@@ -228,6 +236,14 @@ def run_build_db(
         reference.render(),
         "fewer than 2 rows" if manifest.label_word_head else "the backbone has no label-word head to fit it on",
     )
+
+
+def read_groups(files: list[str], ids: pa.Array, column: str) -> dict[str, str]:
+    """Each input row's group by id (rows with a null group are left out: each is a group of its own); refused
+    here, before any work, when the input's rows fall into a single group."""
+    names = pa.concat_arrays([file_groups(f, column) for f in files]).to_pylist() if files else []
+    check_groups(group_codes(ids.to_pylist(), names))
+    return {row_id: name for row_id, name in zip(ids.to_pylist(), names, strict=True) if name is not None}
 
 
 def publish_errors(shards: list[str], errors_dir: str) -> None:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from raee_ops.schemas.tables import (
     FEATURES,
+    GROUP,
     POLICY_META_KEY,
     PROBE_POLICY_META_KEY,
     PROBES_META_KEY,
@@ -60,7 +61,7 @@ class Reference:
             f"probe heads ({p.pooling} pooling, fitted on {p.fit_rows} rows; probes and policies fitted in "
             f"{self.fit_seconds:.1f}s; out-of-fold {p.metric} by layer): "
             f"{curve}; key probe {p.key_oof_metric:.3f}; best layer {p.best_layer}",
-            f"probe policy (leave-one-out on {q.loo_queries} rows, {q.metric}): {q.settings()}; "
+            f"probe policy ({q.validation()}, {q.metric}): {q.settings()}; "
             f"LOO {q.metric} {q.loo_metric:.3f}, mean exit layer {q.loo_mean_exit:.2f}",
         ]
 
@@ -75,10 +76,12 @@ def assemble(
     old_features: pa.Table | None = None,
     label_word_head: bool = True,
     layer_budget: float = DEFAULT_LAYER_BUDGET,
+    group_of: dict[str, str] | None = None,
 ) -> Reference:
     """The reference table from staged shards (plus, on append, the table's rows and feature rows so far). Without
     a label-word head the table has no head columns (the staged ones hold only the runtime's placeholders) and no
-    fused policy is fitted."""
+    fused policy is fitted. `group_of` maps new rows' ids to their group (build-db --group-column); old rows keep
+    the groups stored with them."""
     num_layers, num_labels = meta.num_layers, len(meta.label_names)
     dim = staged.field("vector").type.list_size
     schema = exit_table_schema(dim, num_layers, num_labels, label_word_head)
@@ -92,9 +95,14 @@ def assemble(
                 "append refused: the table was built before probe heads; rebuild it (--mode overwrite)"
             )
         old_probes = ProbeSet.from_json(old.schema.metadata[PROBES_META_KEY]) if old.num_rows > 1 else None
+    if old is not None and GROUP not in old.column_names:  # built before groups: every row a group of its own
+        old = old.append_column(GROUP, pa.nulls(old.num_rows, pa.string()))
     old = old.cast(schema) if old is not None else schema.empty_table()
     rows = old.num_rows + new.num_rows
     ids = old.column("id").to_pylist() + new.column("id").to_pylist()
+    group_names = old.column(GROUP).to_pylist() + [(group_of or {}).get(i) for i in new.column("id").to_pylist()]
+    groups = group_codes(ids, group_names)
+    check_groups(groups)
     labels = np.concatenate([old.column("label").to_numpy(), new.column("label").to_numpy()]).astype(np.int64)
     vectors = np.concatenate([flat_values(t, "vector").reshape(t.num_rows, dim) for t in (old, new)])
     sample = in_fit_sample(ids, fit_share(rows))
@@ -125,7 +133,10 @@ def assemble(
     if rows >= 2:
         features = np.concatenate(parts)
         identity = probe_identity(meta, rows)
-        fitted = fit_probes(features, vectors[fit_rows], labels[fit_rows], num_labels, metric, identity, poolings)
+        fit_groups = None if groups is None else groups[fit_rows]
+        fitted = fit_probes(
+            features, vectors[fit_rows], labels[fit_rows], num_labels, metric, identity, poolings, groups=fit_groups
+        )
         probes = fitted.probes
         probe_lp[: old.num_rows] = flat_values(old, "probe_logprobs").reshape(old.num_rows, num_layers, num_labels)
         for offset, block in staged_features():
@@ -134,16 +145,16 @@ def assemble(
         key_lp = probes.key.log_probs(vectors)
         key_lp[fit_rows] = fitted.key_oof
         probe_policy = fit_probe_policy(
-            vectors, labels, probe_lp, key_lp, num_labels, metric, layer_budget=layer_budget
+            vectors, labels, probe_lp, key_lp, num_labels, metric, layer_budget=layer_budget, groups=groups
         )
         kept = features[:, :, poolings.index(probes.pooling)]
     else:
         kept = np.zeros((0, num_layers, hidden), np.float16)
     layers = pa.concat_tables([old.select(layer_fields), new])
-    data = _with_probe_columns(layers, probe_lp, labels, schema)
+    data = _with_probe_columns(layers, probe_lp, labels, pa.array(group_names, pa.string()), schema)
     if rows >= 2 and label_word_head:  # the fused policy reads the label-word head: none without one
         head_lp = flat_values(data, "layer_logprobs").reshape(rows, num_layers, num_labels)
-        policy = fit_fused_policy(vectors, labels, head_lp, num_labels, metric)
+        policy = fit_fused_policy(vectors, labels, head_lp, num_labels, metric, groups=groups)
     extra = {
         POLICY_META_KEY: json.dumps(policy.to_dict()).encode() if policy else None,
         PROBES_META_KEY: probes.to_json() if probes else None,
@@ -154,7 +165,27 @@ def assemble(
     return Reference(data, features_rows, policy, probes, probe_policy, time.perf_counter() - started)
 
 
-def _with_probe_columns(layers: pa.Table, probe_lp: np.ndarray, labels: np.ndarray, schema: pa.Schema) -> pa.Table:
+def group_codes(ids: list[str], names: list[str | None]) -> np.ndarray | None:
+    """Group names (None: a group of its own) as ints for the fits; None when every row is its own group, so that
+    tables without groups are fitted exactly as before groups existed."""
+    if all(name is None for name in names):
+        return None
+    keyed = [f"g:{name}" if name is not None else f"id:{row_id}" for row_id, name in zip(ids, names, strict=True)]
+    return np.unique(keyed, return_inverse=True)[1].astype(np.int64)
+
+
+def check_groups(groups: np.ndarray | None) -> None:
+    """Leave-one-group-out needs a second group to learn from."""
+    if groups is not None and len(groups) > 1 and groups.max() < 1:
+        raise RaeeConfigError(
+            f"--group-column puts all {len(groups)} rows in one group: nothing is left to fit on when it is left "
+            "out (pick a column that marks near-copies, e.g. a source sentence or document id)"
+        )
+
+
+def _with_probe_columns(
+    layers: pa.Table, probe_lp: np.ndarray, labels: np.ndarray, groups: pa.Array, schema: pa.Schema
+) -> pa.Table:
     correct = probe_lp.argmax(axis=2) == labels[:, None]
     columns = {
         "probe_correct": correct.ravel(),
@@ -164,7 +195,7 @@ def _with_probe_columns(layers: pa.Table, probe_lp: np.ndarray, labels: np.ndarr
         field = schema.field(name)
         child = pa.array(values, field.type.value_type)
         layers = layers.append_column(field, pa.FixedSizeListArray.from_arrays(child, field.type.list_size))
-    return layers.cast(schema)
+    return layers.append_column(schema.field(GROUP), groups).cast(schema)
 
 
 def _old_features(table: pa.Table | None, ids: list[str], num_layers: int, pooled: int, hidden: int) -> np.ndarray:

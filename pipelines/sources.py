@@ -14,6 +14,7 @@ from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from raee_ops.schemas.manifest import Manifest, sha256_stream
 from raee_ops.schemas.tables import ID
@@ -84,6 +85,18 @@ def file_ids(path: str) -> pa.Array:
         table = parquet.read(columns=[ID]) if has_ids else pa.table({"_": pa.nulls(parquet.metadata.num_rows)})
     positional = not has_ids or table.column(ID).null_count > 0  # hash the file only when its key is used
     return row_ids(table, file_key(path) if positional else "", 0)
+
+
+def file_groups(path: str, column: str) -> pa.Array:
+    """One file's `column` as strings (null: the row is a group of its own), in row order like file_ids."""
+    with storage.open_read(path) as handle:
+        values = pq.ParquetFile(handle).read(columns=[column]).column(0).combine_chunks()
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    try:
+        return pc.cast(values, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise RaeeConfigError(f"{path}: --group-column {column!r} has type {values.type}, not a group key") from exc
 
 
 def read_validated_file(path: str, task: Task, need_label: bool, rows: int = ROWS_PER_ELEMENT) -> Iterator[Validated]:

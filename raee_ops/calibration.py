@@ -120,9 +120,13 @@ class FusedPolicy:
     tau: float | None = None
     metric: str = "accuracy"
     loo_metric: float | None = None
+    loo_groups: int | None = None  # reference groups left out whole (build-db --group-column); None: single rows
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def validation(self) -> str:
+        return left_out(self.loo_queries, self.loo_groups)
 
     def settings(self) -> str:
         """The fitted settings in one line, as build-db and classify print them."""
@@ -131,6 +135,11 @@ class FusedPolicy:
     @property
     def bias_array(self) -> np.ndarray:
         return np.asarray(self.bias, np.float32)
+
+
+def left_out(queries: int, groups: int | None) -> str:
+    """How a policy's settings were scored, for build-db's summary."""
+    return f"{f'leave-one-group-out, {groups} groups' if groups else 'leave-one-out'}, on {queries} rows"
 
 
 class Trial(NamedTuple):
@@ -172,13 +181,20 @@ def one_se_choice(trials: list[Trial], metric: Metric, truth: np.ndarray, num_la
     return cheapest_within(trials, _standard_error(metric, truth, best.pred, num_labels, seed))
 
 
-def loo_neighbours(vectors: np.ndarray, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """Q×depth nearest rows (and similarities, nearest first) of each query row, itself left out; exact, in
-    chunks of queries so a million-row table needs a few hundred MB, not a Q×N matrix."""
+def loo_neighbours(
+    vectors: np.ndarray, queries: np.ndarray, depth: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Q×depth nearest rows (and similarities, nearest first) of each query row, itself left out, and with
+    `groups` (N ints) every row of its group too: a phrase cut from the same sentence as the query (or a copy of
+    it) would vouch for the query as no new input's neighbour can. Exact, in chunks of queries so a million-row
+    table needs a few hundred MB, not a Q×N matrix; a query with fewer than `depth` rows outside its group gets
+    its nearest same-group rows at similarity -inf, which weigh next to nothing."""
     tops, sims_out = [], []
     for start in range(0, len(queries), LOO_CHUNK):
         chunk = queries[start : start + LOO_CHUNK]
         sims = vectors[chunk] @ vectors.T
+        if groups is not None:
+            sims[groups[chunk][:, None] == groups[None, :]] = -np.inf
         sims[np.arange(len(chunk)), chunk] = -np.inf  # leave the query itself out
         part = np.argpartition(-sims, depth - 1, axis=1)[:, :depth]
         part_sims = np.take_along_axis(sims, part, axis=1)
@@ -195,16 +211,18 @@ def fit_fused_policy(
     num_labels: int,
     metric_name: str = "accuracy",
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> FusedPolicy:
-    """Leave-one-out on the reference rows (vectors N×D normalized, labels N, logprobs N×L×C), scored with the
-    task's metric so that a skewed task does not collapse to its majority label."""
+    """Leave-one-out on the reference rows (vectors N×D normalized, labels N, logprobs N×L×C; with `groups`,
+    leave-one-group-out), scored with the task's metric so that a skewed task does not collapse to its majority
+    label."""
     metric = METRICS[metric_name]
     n = len(labels)
     bias = prior_bias(logprobs, labels, num_labels)
     rng = np.random.default_rng(seed)
     queries = rng.choice(n, size=MAX_LOO_QUERIES, replace=False) if n > MAX_LOO_QUERIES else np.arange(n)
     ks = [k for k in K_GRID if k < n] or [max(n - 1, 1)]
-    top, top_sims = loo_neighbours(vectors, queries, max(ks))
+    top, top_sims = loo_neighbours(vectors, queries, max(ks), groups)
     correct = calibrated_correct(logprobs[top], labels[top], bias)
     own_logits = logprobs[queries] + bias  # Q×L×C, the query's own calibrated head at every layer
     truth = labels[queries]
@@ -236,4 +254,5 @@ def fit_fused_policy(
         tau=tau,
         metric=metric_name,
         loo_metric=chosen.score,
+        loo_groups=None if groups is None else int(groups.max()) + 1,
     )

@@ -197,6 +197,13 @@ def export_onnx(
     help="Share of the layers the fitted probe strategies may run on average on the reference rows: the most "
     "accurate setting within it is chosen (1 puts accuracy first).",
 )
+@click.option(
+    "--group-column",
+    default=None,
+    help="Input column whose equal values mark near-copies (phrases of one sentence, parts of one document): "
+    "they never vouch for each other when the probes and policies are fitted (leave-one-group-out). Null: a "
+    "group of its own.",
+)
 def build_db(
     artifacts: str,
     task_name: str,
@@ -209,6 +216,7 @@ def build_db(
     max_rejected: float,
     allow_empty: bool,
     layer_budget: float,
+    group_column: str | None,
 ) -> None:
     """Run labelled rows through every layer and store their exit information in LanceDB."""
     from raee_ops.pipelines.build_db import run_build_db
@@ -226,6 +234,7 @@ def build_db(
         max_rejected=max_rejected,
         allow_empty=allow_empty,
         layer_budget=layer_budget,
+        group_column=group_column,
     )
     echo(summary.render())
 

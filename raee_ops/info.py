@@ -51,7 +51,11 @@ def table_info(table: lancedb.table.Table) -> dict[str, Any]:
         "rows": table.count_rows(),
         "version": table.version,
         "indices": [{"name": i.name, "type": i.index_type, "columns": list(i.columns)} for i in table.list_indices()],
-        "policy": {"settings": policy.settings(), **{k: v for k, v in policy.to_dict().items() if k != "bias"}}
+        "policy": {
+            "settings": policy.settings(),
+            "validation": policy.validation(),
+            **{k: v for k, v in policy.to_dict().items() if k != "bias"},
+        }
         if policy
         else None,
         "versions": version_history(table),
@@ -124,7 +128,7 @@ def _render_table(t: dict[str, Any]) -> str:
     if p:
         loo = p["loo_metric"] if p["loo_metric"] is not None else p["loo_accuracy"]
         lines.append(
-            f"  fused policy: {p['settings']}; leave-one-out {p['metric']} {loo:.3f} on {p['loo_queries']} rows, "
+            f"  fused policy: {p['settings']}; {p['metric']} {loo:.3f} ({p['validation']}), "
             f"mean exit layer {p['loo_mean_exit']:.2f}"
         )
     elif t["exit_table"]:

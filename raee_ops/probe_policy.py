@@ -30,6 +30,7 @@ from raee_ops.calibration import (
     best_within_budget,
     earliest_within,
     label_vote,
+    left_out,
     loo_neighbours,
     neighbour_accuracy,
 )
@@ -66,6 +67,7 @@ class ProbePolicy:
     shrink: float = 1.0  # tables built before the shrinkage existed used the neighbours' curve alone
     curve: tuple[float, ...] | None = None  # the whole reference's out-of-fold probe accuracy per layer
     layer_budget: float | None = None  # the share of layers the settings were chosen within (None: older tables)
+    loo_groups: int | None = None  # reference groups left out whole (build-db --group-column); None: single rows
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +77,9 @@ class ProbePolicy:
             f"k={self.k} shrink={self.shrink} epsilon={self.epsilon} alpha={self.alpha} beta={self.beta} "
             f"tau={self.tau} t={self.t}; probe-conf t={self.conf_t}; layer budget {self.layer_budget}"
         )
+
+    def validation(self) -> str:
+        return left_out(self.loo_queries, self.loo_groups)
 
     def exit_curve(self, neighbours_curve: np.ndarray) -> np.ndarray:
         """B×L accuracy curve the exit is picked on: the neighbours' shrunk toward the whole reference's."""
@@ -107,8 +112,10 @@ def fit_probe_policy(
     metric_name: str,
     seed: int = 0,
     layer_budget: float = DEFAULT_LAYER_BUDGET,
+    groups: np.ndarray | None = None,
 ) -> ProbePolicy:
-    """vectors N×D normalized, labels N, probe_logprobs N×L×C and key_logprobs N×C out of fold."""
+    """vectors N×D normalized, labels N, probe_logprobs N×L×C and key_logprobs N×C out of fold (out of group
+    with `groups`, N ints: rows of a query's group are never its neighbours)."""
     metric = METRICS[metric_name]
     n, num_layers = probe_logprobs.shape[:2]
     rng = np.random.default_rng(seed)
@@ -120,7 +127,7 @@ def fit_probe_policy(
     correct = probe_logprobs.argmax(axis=2) == labels[:, None]
     reference_curve = correct.mean(axis=0)
     ks = [k for k in K_GRID if k < n] or [max(n - 1, 1)]
-    top, sims = loo_neighbours(vectors, queries, max(ks))
+    top, sims = loo_neighbours(vectors, queries, max(ks), groups)
     rows = np.arange(len(queries))
 
     trials = []
@@ -168,4 +175,5 @@ def fit_probe_policy(
         shrink=shrink,
         curve=tuple(round(float(x), 6) for x in reference_curve),
         layer_budget=layer_budget,
+        loo_groups=None if groups is None else int(groups.max()) + 1,
     )

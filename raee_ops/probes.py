@@ -153,13 +153,15 @@ def fit_probes(
     identity: dict,
     poolings: tuple[str, ...] = POOLINGS,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> Fitted:
-    """Probes on fit rows: features N×L×len(poolings)×H, keys N×D, labels N."""
+    """Probes on fit rows: features N×L×len(poolings)×H, keys N×D, labels N; with `groups` (N ints) the folds
+    keep each group whole, so no row's out-of-fold answer comes from a probe fitted on its near-copies."""
     n, num_layers = features.shape[:2]
     rng = np.random.default_rng(seed)
     cv = np.sort(rng.choice(n, CV_ROWS, replace=False)) if n > CV_ROWS else np.arange(n)
-    folds = _folds(labels, n, seed)
-    cv_folds = folds if len(cv) == n else _folds(labels[cv], len(cv), seed)
+    folds = _folds(labels, n, seed, groups)
+    cv_folds = folds if len(cv) == n else _folds(labels[cv], len(cv), seed, None if groups is None else groups[cv])
 
     # pooling and C: the pair with the lowest out-of-fold log-loss averaged over a spread of layers
     scored = selection_layers(num_layers)
@@ -204,9 +206,14 @@ def _log_loss(log_probs: np.ndarray, y: np.ndarray) -> float:
     return float(-log_probs[np.arange(len(y)), y].mean())
 
 
-def _folds(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Fold index per row, stratified by label (a round-robin over each label's shuffled rows)."""
+def _folds(labels: np.ndarray, n: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """Fold index per row, stratified by label (a round-robin over each label's shuffled rows); with `groups`,
+    per group instead (a round-robin over the shuffled groups, each whole in one fold), unstratified."""
     rng = np.random.default_rng(seed)
+    if groups is not None and len(np.unique(groups)) < n:
+        _, group_index = np.unique(groups, return_inverse=True)
+        order = rng.permutation(group_index.max() + 1)
+        return ((np.argsort(order) + rng.integers(FOLDS)) % FOLDS)[group_index].astype(np.int64)
     fold = np.zeros(n, np.int64)
     for label in np.unique(labels):
         rows = rng.permutation(np.flatnonzero(labels == label))

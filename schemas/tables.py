@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow as pa
 
 TEXT, TEXT_PAIR, LABEL, ID = "text", "text_pair", "label", "id"
+#: The exit table's group of each reference row (build-db --group-column; null: a group of its own).
+GROUP = "group_id"
 TABLE_META_KEY = b"raee"
 #: The fused strategy's settings, fitted on the table's own rows by build-db (raee_ops.calibration).
 POLICY_META_KEY = b"raee_policy"
@@ -49,6 +51,9 @@ def exit_table_schema(dim: int, num_layers: int, num_labels: int, label_word_hea
             pa.field("probe_correct", pa.list_(pa.bool_(), num_layers)),
             # log-softmax of each layer's probe, row-major L×C, out-of-fold (or from a probe that never saw the row)
             pa.field("probe_logprobs", pa.list_(pa.float32(), num_layers * num_labels)),
+            # rows of one group (near-copies: phrases of one sentence, one document's parts) never vouch for each
+            # other when build-db fits the probes and policies; kept so that append refits the same way
+            pa.field(GROUP, pa.string()),
         ]
     )
 

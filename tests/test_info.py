@@ -56,7 +56,8 @@ def test_info_shows_identity_size_policy_and_history(db, segment_artifacts):  # 
     text = render(info)
     assert "table sst2: 32 rows, version 2" in text
     assert "task: sst2 (negative, positive)" in text and f"artifacts fingerprint: {fingerprint}" in text
-    assert "index: none (exact search)" in text and f"fused policy: {policy['settings']}; leave-one-out" in text
+    assert "index: none (exact search)" in text and f"fused policy: {policy['settings']}; accuracy " in text
+    assert "(leave-one-out, on 32 rows)" in text and policy["validation"] == "leave-one-out, on 32 rows"
     assert "   1  " in text and "24 rows" in text and "   2  " in text
     assert "table notes: 2 rows" in text and "not an exit table" in text
 

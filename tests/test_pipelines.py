@@ -77,7 +77,7 @@ def test_build_db_accounts_for_every_row(built):
     assert sorted(errors.column("id").to_pylist()) == sorted(BAD_IDS)
     check_errors(errors)
     assert "in = written + rejected: ok" in summary.render()
-    assert "fused policy (leave-one-out on 30 rows, accuracy): k=" in summary.render()
+    assert "fused policy (leave-one-out, on 30 rows, accuracy): k=" in summary.render()
 
 
 def test_classify_raee_predicts_valid_rows_and_rejects_bad(segment_artifacts, built):  # noqa: F811

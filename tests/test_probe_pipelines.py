@@ -1,5 +1,5 @@
 """Probe heads end to end on tiny segment artifacts: a task with a known signal, append refits, classify reads the
-probes exactly as evaluate scores them, and tables whose probes do not match are refused."""
+probes exactly as evaluate scores them, tables whose probes do not match are refused, and reference groups."""
 
 import json
 
@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from raee_ops.pipelines.build_db import commit, run_build_db
 from raee_ops.pipelines.classify import run_classify
-from raee_ops.schemas.tables import FEATURES_SUFFIX, PROBES_META_KEY
+from raee_ops.schemas.tables import FEATURES_SUFFIX, GROUP, PROBES_META_KEY
 from segment_artifacts import segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops.errors import RaeeConfigError
@@ -154,3 +154,32 @@ def test_tables_whose_probes_do_not_match_are_refused(segment_artifacts, signal,
         ).predicted
         == 120
     )
+
+
+def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_artifacts, tmp_path):  # noqa: F811
+    rows = pq.read_table(signal_rows(tmp_path / "a.parquet", 40, 4, "a"))
+    grouped = tmp_path / "grouped.parquet"
+    pq.write_table(rows.append_column("sentence", pa.array([f"s{i // 2}" for i in range(40)])), grouped)
+    db = str(tmp_path / "db")
+    args = (segment_artifacts, "sst2", [str(grouped)], db, "t", "minilm")
+    summary = run_build_db(*args, "overwrite", None, group_column="sentence")
+    assert "leave-one-group-out, 20 groups" in summary.render()
+    stored = lancedb.connect(db).open_table("t").to_arrow()
+    groups = dict(zip(stored["id"].to_pylist(), stored[GROUP].to_pylist(), strict=True))
+    assert groups == {f"a{i}": f"s{i // 2}" for i in range(40)}
+
+    more = signal_rows(tmp_path / "b.parquet", 10, 5, "b")
+    run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None)
+    stored = lancedb.connect(db).open_table("t").to_arrow()
+    groups = dict(zip(stored["id"].to_pylist(), stored[GROUP].to_pylist(), strict=True))
+    assert groups["a3"] == "s1" and groups["b0"] is None and len(groups) == 50
+
+    with pytest.raises(RaeeConfigError, match="--group-column 'sentense': no such column in .* \\(has: id, text"):
+        run_build_db(*args, "overwrite", None, group_column="sentense")
+    one = tmp_path / "one.parquet"
+    pq.write_table(rows.append_column("sentence", pa.array(["same"] * 40)), one)
+    with pytest.raises(RaeeConfigError, match="puts all 40 rows in one group"):
+        run_build_db(
+            segment_artifacts, "sst2", [str(one)], db, "u", "minilm", "overwrite", None, group_column="sentence"
+        )
+    assert not (tmp_path / "db" / "u.lance").exists()  # refused before any work

@@ -1,11 +1,13 @@
-"""Probe heads on hand-made features: out-of-fold honesty, plain-array storage, identity checks, the fit sample."""
+"""Probe heads on hand-made features: out-of-fold honesty (grouped too), plain-array storage, identity checks, the fit
+sample."""
 
 import numpy as np
 import pytest
 
+from raee_ops.calibration import loo_neighbours
 from raee_ops.errors import RaeeConfigError
 from raee_ops.probe_policy import confident_exits, fit_probe_policy
-from raee_ops.probes import ProbeSet, check_probes, fit_probes, in_fit_sample
+from raee_ops.probes import ProbeSet, _folds, check_probes, fit_probes, in_fit_sample
 
 IDENTITY = {"fingerprint": "f", "task": "sst2", "rows": 80}
 
@@ -112,3 +114,45 @@ def test_probe_policy_takes_the_most_accurate_setting_within_the_layer_budget():
     }
     assert fitted[0.5].loo_mean_exit <= 5.0 and fitted[0.5].layer_budget == 0.5
     assert fitted[1.0].loo_mean_exit > 5.0 and fitted[1.0].loo_metric > fitted[0.5].loo_metric
+
+
+def _copies(n: int, seed: int, copies: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n rows in groups of `copies` near-copies (same label, almost the same 64-d key); labels random across
+    groups, so a row's label says nothing about any other group's."""
+    rng = np.random.default_rng(seed)
+    group_keys = rng.normal(size=(n // copies, 64))
+    keys = np.repeat(group_keys, copies, axis=0) + rng.normal(0, 1e-2, (n, 64))
+    labels = np.repeat(rng.integers(0, 2, n // copies), copies)
+    return labels, keys / np.linalg.norm(keys, axis=1, keepdims=True), np.arange(n) // copies
+
+
+def test_leave_one_group_out_keeps_near_copies_from_vouching_for_each_other():
+    n, layers = 400, 4
+    labels, vectors, groups = _copies(n, 7, copies=4)
+    top, _ = loo_neighbours(vectors, np.arange(n), 5, groups)
+    assert not (groups[top] == groups[:, None]).any()
+    nearest = loo_neighbours(vectors, np.arange(n), 3)[0]
+    assert (groups[nearest] == groups[:, None]).all()  # plain: the copies are nearest
+
+    # the probes know nothing (a coin flip at every layer); the copies' labels are the only signal, and a false one
+    probs = np.full((n, layers, 2), 0.5)
+    key = np.full((n, 2), 0.5)
+    args = (vectors, labels, np.log(probs), np.log(key), 2, "accuracy")
+    plain, grouped = fit_probe_policy(*args), fit_probe_policy(*args, groups=groups)
+    assert plain.loo_metric >= 0.95  # the copies' vote looks perfect ...
+    assert grouped.loo_metric <= 0.7  # ... and is worth nothing for a row that has no copy in the table
+
+
+def test_grouped_folds_keep_groups_whole_so_out_of_fold_answers_stay_honest():
+    n = 120
+    labels, _, groups = _copies(n, 8, copies=2)
+    rng = np.random.default_rng(9)
+    x = np.repeat(rng.normal(size=(n // 2, 2, 2, 200)), 2, axis=0).astype(np.float16)  # no signal; twins share it
+    keys = rng.normal(size=(n, 4)).astype(np.float32)
+    folds = _folds(labels, n, 0, groups)
+    assert (folds[::2] == folds[1::2]).all() and len(set(folds.tolist())) == 5
+    assert _folds(labels, n, 0, np.arange(n)).tolist() == _folds(labels, n, 0).tolist()  # all singletons: as before
+    plain = fit_probes(x, keys, labels, 2, "accuracy", IDENTITY)
+    grouped = fit_probes(x, keys, labels, 2, "accuracy", IDENTITY, groups=groups)
+    assert min(plain.probes.oof_metric) >= 0.8  # the twin was in the other folds 4 times in 5: memorized
+    assert max(grouped.probes.oof_metric) <= 0.7

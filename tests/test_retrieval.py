@@ -45,6 +45,7 @@ def _exit_table(rows: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
         "first_correct_layer": pa.array(np.zeros(rows, np.int32)),
         "probe_correct": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(rows * 3, bool)), 3),
         "probe_logprobs": pa.FixedSizeListArray.from_arrays(pa.array(np.full(rows * 6, -0.7, np.float32)), 6),
+        "group_id": pa.nulls(rows, pa.string()),
     }
     return pa.table(columns, schema=schema.with_metadata(meta)), keys
 

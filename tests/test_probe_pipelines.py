@@ -169,10 +169,21 @@ def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_arti
     assert groups == {f"a{i}": f"s{i // 2}" for i in range(40)}
 
     more = signal_rows(tmp_path / "b.parquet", 10, 5, "b")
+    renamed = tmp_path / "c.parquet"  # the same rows under other ids, for the second append below
+    pq.write_table(pq.read_table(more).set_column(0, "id", pa.array([f"c{i}" for i in range(10)])), renamed)
     run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None)
     stored = lancedb.connect(db).open_table("t").to_arrow()
     groups = dict(zip(stored["id"].to_pylist(), stored[GROUP].to_pylist(), strict=True))
     assert groups["a3"] == "s1" and groups["b0"] is None and len(groups) == 50
+
+    # a table built before groups existed (no group_id column) still serves searches, and append adds the column
+    before = lancedb.connect(db).open_table("t").to_arrow().drop_columns([GROUP])
+    commit(db, "v1", before, lancedb.connect(db).open_table("t" + FEATURES_SUFFIX).to_arrow())
+    keys = np.stack(before["vector"].to_numpy(zero_copy_only=False)[:3])
+    assert Retriever(db, "v1").search(keys, 5).probe().shape == (3, 5, 3)
+    run_build_db(segment_artifacts, "sst2", [str(renamed)], db, "v1", "minilm", "append", None)
+    after = lancedb.connect(db).open_table("v1").to_arrow()
+    assert after.num_rows == 60 and after[GROUP].null_count == 60
 
     with pytest.raises(RaeeConfigError, match="--group-column 'sentense': no such column in .* \\(has: id, text"):
         run_build_db(*args, "overwrite", None, group_column="sentense")

@@ -83,8 +83,7 @@ def file_ids(path: str) -> pa.Array:
         parquet = pq.ParquetFile(handle)
         has_ids = ID in parquet.schema_arrow.names
         table = parquet.read(columns=[ID]) if has_ids else pa.table({"_": pa.nulls(parquet.metadata.num_rows)})
-    positional = not has_ids or table.column(ID).null_count > 0  # hash the file only when its key is used
-    return row_ids(table, file_key(path) if positional else "", 0)
+    return row_ids(table, file_key(path) if _positional(table) else "", 0)  # hash only where the key is used
 
 
 def file_groups(path: str, column: str) -> pa.Array:
@@ -100,14 +99,19 @@ def file_groups(path: str, column: str) -> pa.Array:
 
 
 def read_validated_file(path: str, task: Task, need_label: bool, rows: int = ROWS_PER_ELEMENT) -> Iterator[Validated]:
-    """One file, `rows` rows at a time, validated; a row group that cannot be decoded becomes error rows."""
-    key = file_key(path)
+    """One file, `rows` rows at a time, validated; a row group that cannot be decoded becomes error rows. The file
+    is hashed (file_key: a second full read, from object storage a second download) only where some row's id is its
+    position, not for files whose rows carry ids."""
     with storage.open_read(path) as handle:
-        yield from _read_validated_groups(pq.ParquetFile(handle), path, key, task, need_label, rows)
+        yield from _read_validated_groups(pq.ParquetFile(handle), path, task, need_label, rows)
+
+
+def _positional(table: pa.Table) -> bool:
+    return ID not in table.column_names or table.column(ID).null_count > 0
 
 
 def _read_validated_groups(
-    parquet: pq.ParquetFile, path: str, key: str, task: Task, need_label: bool, rows: int
+    parquet: pq.ParquetFile, path: str, task: Task, need_label: bool, rows: int
 ) -> Iterator[Validated]:
     first = 0
     for group in range(parquet.num_row_groups):
@@ -120,11 +124,12 @@ def _read_validated_groups(
                 break
             except (OSError, pa.ArrowException) as exc:  # corrupt data: the rest of this row group is lost
                 reason = f"unreadable Parquet data (row group {group}): {type(exc).__name__}: {exc}"[:500]
-                ids = positions(key, first + done, size - done)
+                ids = positions(file_key(path), first + done, size - done)
                 errors = errors_table(ids, [reason] * len(ids), [path] * len(ids))
                 yield Validated(pa.table({ROW_ID: pa.array([], pa.string())}), errors)
                 break
             table = pa.Table.from_batches([batch]).replace_schema_metadata(None)
+            key = file_key(path) if _positional(table) else ""  # "": no row here is keyed by position
             yield validate(table, task, source=path, file_key=key, need_label=need_label, first_row=first + done)
             done += table.num_rows
         first += size

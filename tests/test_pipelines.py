@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
-from raee_ops.pipelines.sources import file_key
+from raee_ops.pipelines.sources import file_key, read_validated_file
 from segment_artifacts import segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops.errors import RaeeConfigError
+from raee_ops.rows import ROW_ID
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
 
@@ -236,3 +237,16 @@ def test_pair_task_rejects_missing_pairs(segment_artifacts, tmp_path):  # noqa: 
     key = file_key(str(tmp_path / "rte.parquet"))  # id-less rows are keyed by the file's content, not its path
     assert errors.column("id").to_pylist() == [f"row:{key}:6", f"row:{key}:7"]
     assert errors.column("file").to_pylist() == [str(tmp_path / "rte.parquet")] * 2
+
+
+def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position(tmp_path):
+    """Hashing reads the whole file again (from object storage, a second download): not for rows with ids."""
+    with_ids = write_labelled(tmp_path / "ids.parquet", ["a", "b"], ["good", "bad"], [1, 0])
+    mixed = write_labelled(tmp_path / "mixed.parquet", ["a", None], ["good", "bad"], [1, 0])
+    file_key.cache_clear()
+    assert [t.valid[ROW_ID].to_pylist() for t in read_validated_file(str(with_ids), PRESETS["sst2"], True)] == [
+        ["a", "b"]
+    ]
+    assert file_key.cache_info().currsize == 0
+    ids = [t.valid[ROW_ID].to_pylist() for t in read_validated_file(str(mixed), PRESETS["sst2"], True)]
+    assert ids == [["a", f"row:{file_key(str(mixed))}:1"]] and file_key.cache_info().currsize == 1

@@ -123,7 +123,14 @@ def table_meta(db_uri: str, name: str, storage_options: dict[str, str] | None = 
 
 
 class Retriever:
-    """Top-k neighbours' exit information for many query vectors in one LanceDB call."""
+    """Top-k neighbours' exit information for many query vectors at once.
+
+    A table below INDEX_MIN_ROWS (no index: every LanceDB search is an exact scan anyway) is read into memory once,
+    on the first search, and searched by one matrix product: a LanceDB exact search of 32 queries over 1,000 rows
+    took ~21 ms here against ~0.5 ms, and on object storage each would read the table again. At 100k rows that is
+    ~150 MB of keys per worker. Larger tables are searched through LanceDB (its IVF index, which build-db gives
+    them).
+    """
 
     def __init__(
         self, db_uri: str, table: str, version: int | None = None, storage_options: dict[str, str] | None = None
@@ -138,24 +145,66 @@ class Retriever:
         self.has_head_answers = "layer_logprobs" in self.table.schema.names  # none without a label-word head
         indexed = self.rows >= INDEX_MIN_ROWS and any(i.columns == ["vector"] for i in self.table.list_indices())
         self.nprobes = max(1, round(index_partitions(self.rows) * PROBE_SHARE)) if indexed else None
+        self._memory: InMemory | None = None
+
+    def _columns(self) -> list[str]:
+        head = ["layer_correct", "layer_logprobs"] * self.has_head_answers
+        return ["label", *head, *["probe_correct"] * self.has_probe_answers]
 
     def search(self, vectors: np.ndarray, k: int) -> Neighbours:
         num_layers, num_labels = self.meta.num_layers, len(self.meta.label_names)
         k = min(k, self.rows)
         if len(vectors) == 0 or k == 0:
             return Neighbours.none(len(vectors), num_layers, num_labels)
-        query = (
-            self.table.search(list(np.asarray(vectors, np.float32)), vector_column_name="vector")
-            .metric("cosine")
-            .limit(k)
-        )
-        query = query.bypass_vector_index() if self.nprobes is None else query.nprobes(self.nprobes)
-        columns = ["label", "_distance"] + ["layer_correct", "layer_logprobs"] * self.has_head_answers
-        hits = query.select(columns + ["probe_correct"] * self.has_probe_answers).to_arrow()
-        found = _group(hits, len(vectors), k, num_layers, num_labels)
+        vectors = np.asarray(vectors, np.float32)
+        if self.rows < INDEX_MIN_ROWS:
+            if self._memory is None:
+                columns = ["vector", *self._columns()]  # only these: not the table's other columns
+                self._memory = InMemory(self.table.search().select(columns).limit(None).to_arrow().select(columns))
+            found = self._memory.search(vectors, k, num_layers, num_labels)
+        else:
+            query = self.table.search(list(vectors), vector_column_name="vector").metric("cosine").limit(k)
+            query = query.bypass_vector_index() if self.nprobes is None else query.nprobes(self.nprobes)
+            hits = query.select([*self._columns(), "_distance"]).to_arrow()
+            found = _group(hits, len(vectors), k, num_layers, num_labels)
         if self.probes is None:
             return found
         return replace(found, key_logprobs=self.probes.key.log_probs(vectors))
+
+
+class InMemory:
+    """A small exit table's columns as arrays, searched exactly by cosine similarity (as LanceDB's exact scan)."""
+
+    def __init__(self, rows: pa.Table) -> None:
+        n = rows.num_rows
+        vectors = flat_values(rows, "vector").reshape(n, -1).astype(np.float32)
+        self.unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        self.columns = {
+            name: flat_values(rows, name).reshape(n, -1)
+            if pa.types.is_fixed_size_list(rows.schema.field(name).type)
+            else rows.column(name).to_numpy()
+            for name in rows.column_names
+            if name != "vector"
+        }
+
+    def search(self, vectors: np.ndarray, k: int, num_layers: int, num_labels: int) -> Neighbours:
+        queries = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        sims = queries @ self.unit.T
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # k <= rows
+        top_sims = np.take_along_axis(sims, top, axis=1)
+        order = np.argsort(-top_sims, axis=1, kind="stable")
+        top, top_sims = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_sims, order, axis=1)
+        b = len(vectors)
+        c = self.columns
+        if "layer_logprobs" in c:
+            correct = c["layer_correct"][top].reshape(b, k, num_layers).astype(bool)
+            logprobs = c["layer_logprobs"][top].reshape(b, k, num_layers, num_labels)
+        else:  # a head-less backbone's table: placeholders, as _group gives
+            correct = np.zeros((b, k, num_layers), bool)
+            logprobs = np.zeros((b, k, num_layers, num_labels), np.float32)
+        probe = c["probe_correct"][top].astype(bool) if "probe_correct" in c else None
+        labels = c["label"][top].astype(np.int64)
+        return Neighbours(correct, top_sims.astype(np.float32), labels, logprobs, probe)
 
 
 def table_policy(schema: pa.Schema) -> FusedPolicy | None:

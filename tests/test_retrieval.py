@@ -65,3 +65,23 @@ def test_large_tables_get_an_ann_index_that_keeps_recall_and_small_ones_stay_exa
     found = retriever.search(queries, 10).similarity
     exact = -np.sort(-(queries @ keys.T), axis=1)[:, :10]
     assert np.mean(np.abs(found - exact) < 1e-4) > 0.9  # recall@10 by similarity: the index finds the true ones
+
+
+def test_small_tables_are_searched_in_memory_as_lancedb_scans_them(tmp_path, monkeypatch):
+    table, keys = _exit_table(600, seed=3)
+    rng = np.random.default_rng(4)
+    for name, size in (("layer_correct", 3), ("probe_correct", 3), ("layer_logprobs", 6)):
+        values = rng.random(600 * size) < 0.5 if "correct" in name else rng.normal(size=600 * size).astype(np.float32)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(values), size)
+        table = table.set_column(table.schema.get_field_index(name), table.schema.field(name), column)
+    commit(str(tmp_path), "t", table)
+    queries = keys[:50] + rng.normal(0, 0.1, (50, 16)).astype(np.float32)
+    in_memory = Retriever(str(tmp_path), "t")
+    found = in_memory.search(queries, 10)
+    assert in_memory._memory is not None  # read once, on the first search
+    monkeypatch.setattr(retrieval, "INDEX_MIN_ROWS", 100)  # the same table through LanceDB's exact scan
+    scanned = Retriever(str(tmp_path), "t").search(queries, 10)
+    np.testing.assert_allclose(found.similarity, scanned.similarity, atol=1e-5)
+    for field in ("labels", "correct", "probe_correct", "logprobs"):
+        np.testing.assert_array_equal(getattr(found, field), getattr(scanned, field))
+    assert in_memory.search(queries, 1000).labels.shape == (50, 600)  # k past the table: every row

@@ -370,11 +370,14 @@ def bench_preset(preset: str, quick: bool, data: Path, baseline: Path | None, ch
     segments_s = next((m["wall_s"] for m in methods if m["method"] == "segments"), None)
     db, table = build_db(artifacts, preset, reference)
     retriever = Retriever(db, table)
-    for name in STRATEGIES:
-        if not head and resolve(name, num_layers).needs_head():
-            continue
-        core = Core(runtime, retriever, name, task)
-        probs, s = timed(core.run, rows, warm)
+    cores = {
+        name: Core(runtime, retriever, name, task)
+        for name in STRATEGIES
+        if head or not resolve(name, num_layers).needs_head()
+    }
+    timings = timed_together({name: core.run for name, core in cores.items()}, rows, warm)
+    for name, core in cores.items():
+        probs, s = timings[name]
         mean_exit = float(core.exits.mean())
         total = sum(core.seconds.values())
         extra = {"overhead": parts_alone(runtime, core, rows, warm)} if name == exit_policy.DEFAULT_STRATEGY else {}
@@ -412,7 +415,8 @@ def bench_preset(preset: str, quick: bool, data: Path, baseline: Path | None, ch
             "process_os_threads": len(os.listdir("/proc/self/task")),
         },
         "timing": f"one warm-up pass over {BATCH} rows, then the fastest of {REPEATS} timed passes, the segment chains "
-        f"and ort-whole interleaved pass by pass (Beam: of {REPEATS} runs); rows length-sorted for every method"
+        f"and ort-whole interleaved pass by pass, and the strategies likewise among themselves (Beam: of {REPEATS} "
+        "runs); rows length-sorted for every method"
         + ("" if head else f"; no label-word head: engine comparisons skipped, full model = {HEADLESS_FULL}"),
         "methods": methods,
         "fusions": fusions,

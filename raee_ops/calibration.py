@@ -137,6 +137,11 @@ class FusedPolicy:
         return np.asarray(self.bias, np.float32)
 
 
+def group_count(groups: np.ndarray | None) -> int | None:
+    """How many groups the leave-one-group-out fits left out whole (`groups`: 0-based codes); None without groups."""
+    return None if groups is None else int(groups.max()) + 1
+
+
 def left_out(queries: int, groups: int | None) -> str:
     """How a policy's settings were scored, for build-db's summary."""
     return f"{f'leave-one-group-out, {groups} groups' if groups else 'leave-one-out'}, on {queries} rows"
@@ -254,5 +259,5 @@ def fit_fused_policy(
         tau=tau,
         metric=metric_name,
         loo_metric=chosen.score,
-        loo_groups=None if groups is None else int(groups.max()) + 1,
+        loo_groups=group_count(groups),
     )

@@ -29,6 +29,7 @@ from raee_ops.calibration import (
     Trial,
     best_within_budget,
     earliest_within,
+    group_count,
     label_vote,
     left_out,
     loo_neighbours,
@@ -175,5 +176,5 @@ def fit_probe_policy(
         shrink=shrink,
         curve=tuple(round(float(x), 6) for x in reference_curve),
         layer_budget=layer_budget,
-        loo_groups=None if groups is None else int(groups.max()) + 1,
+        loo_groups=group_count(groups),
     )

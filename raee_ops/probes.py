@@ -210,8 +210,8 @@ def _folds(labels: np.ndarray, n: int, seed: int, groups: np.ndarray | None = No
     """Fold index per row, stratified by label (a round-robin over each label's shuffled rows); with `groups`,
     per group instead (a round-robin over the shuffled groups, each whole in one fold), unstratified."""
     rng = np.random.default_rng(seed)
-    if groups is not None and len(np.unique(groups)) < n:
-        _, group_index = np.unique(groups, return_inverse=True)
+    group_index = None if groups is None else np.unique(groups, return_inverse=True)[1]
+    if group_index is not None and group_index.max() + 1 < n:
         order = rng.permutation(group_index.max() + 1)
         return ((np.argsort(order) + rng.integers(FOLDS)) % FOLDS)[group_index].astype(np.int64)
     fold = np.zeros(n, np.int64)

@@ -179,13 +179,7 @@ class InMemory:
         n = rows.num_rows
         vectors = flat_values(rows, "vector").reshape(n, -1).astype(np.float32)
         self.unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        self.columns = {
-            name: flat_values(rows, name).reshape(n, -1)
-            if pa.types.is_fixed_size_list(rows.schema.field(name).type)
-            else rows.column(name).to_numpy()
-            for name in rows.column_names
-            if name != "vector"
-        }
+        self.columns = _arrays(rows.drop_columns(["vector"]))
 
     def search(self, vectors: np.ndarray, k: int, num_layers: int, num_labels: int) -> Neighbours:
         queries = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -194,17 +188,8 @@ class InMemory:
         top_sims = np.take_along_axis(sims, top, axis=1)
         order = np.argsort(-top_sims, axis=1, kind="stable")
         top, top_sims = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_sims, order, axis=1)
-        b = len(vectors)
-        c = self.columns
-        if "layer_logprobs" in c:
-            correct = c["layer_correct"][top].reshape(b, k, num_layers).astype(bool)
-            logprobs = c["layer_logprobs"][top].reshape(b, k, num_layers, num_labels)
-        else:  # a head-less backbone's table: placeholders, as _group gives
-            correct = np.zeros((b, k, num_layers), bool)
-            logprobs = np.zeros((b, k, num_layers, num_labels), np.float32)
-        probe = c["probe_correct"][top].astype(bool) if "probe_correct" in c else None
-        labels = c["label"][top].astype(np.int64)
-        return Neighbours(correct, top_sims.astype(np.float32), labels, logprobs, probe)
+        found = {name: values[top] for name, values in self.columns.items()}
+        return _neighbours(found, top_sims, num_layers, num_labels)
 
 
 def table_policy(schema: pa.Schema) -> FusedPolicy | None:
@@ -236,23 +221,38 @@ def check_table_probes(table: lancedb.table.Table, expected: TableMeta, needed: 
 
 
 def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels: int) -> Neighbours:
-    """Results (query_index, label, layer_correct, layer_logprobs, _distance) as dense B×k arrays, nearest
-    first."""
+    """LanceDB's results (query_index, _distance and the exit columns) as dense B×k arrays, nearest first."""
     if "query_index" not in hits.column_names:  # a single query comes back without it
         hits = hits.append_column("query_index", pa.array(np.zeros(hits.num_rows, np.int32)))
     hits = hits.sort_by([("query_index", "ascending"), ("_distance", "ascending")])
-    probe = None
-    if "probe_correct" in hits.column_names:
-        probe = flat_values(hits, "probe_correct").reshape(num_queries, k, num_layers).astype(bool)
     query = hits.column("query_index").to_numpy()
     if not np.array_equal(np.bincount(query, minlength=num_queries), np.full(num_queries, k)):
         raise RuntimeError("LanceDB returned a different number of neighbours than asked for")
-    if "layer_logprobs" in hits.column_names:
-        correct = flat_values(hits, "layer_correct").reshape(num_queries, k, num_layers).astype(bool)
-        logprobs = flat_values(hits, "layer_logprobs").reshape(num_queries, k, num_layers, num_labels)
-    else:  # a head-less backbone's table: placeholders that no strategy allowed on it reads (exit_policy.refuse_head)
-        correct = np.zeros((num_queries, k, num_layers), bool)
-        logprobs = np.zeros((num_queries, k, num_layers, num_labels), np.float32)
-    labels = hits.column("label").to_numpy().reshape(num_queries, k).astype(np.int64)
     similarity = 1.0 - hits.column("_distance").to_numpy().reshape(num_queries, k)
+    return _neighbours(_arrays(hits.drop_columns(["query_index", "_distance"])), similarity, num_layers, num_labels)
+
+
+def _arrays(table: pa.Table) -> dict[str, np.ndarray]:
+    """Each column as a numpy array, a fixed-size list column as rows × size."""
+    return {
+        name: flat_values(table, name).reshape(table.num_rows, -1)
+        if pa.types.is_fixed_size_list(table.schema.field(name).type)
+        else table.column(name).to_numpy()
+        for name in table.column_names
+    }
+
+
+def _neighbours(columns: dict[str, np.ndarray], similarity: np.ndarray, num_layers: int, num_labels: int) -> Neighbours:
+    """Neighbours from the exit columns of B×k neighbour rows (each column B×k×…, in `similarity`'s order). A
+    head-less backbone's table has no head columns: placeholders there, which no strategy allowed on it reads
+    (exit_policy.refuse_head)."""
+    b, k = similarity.shape
+    if "layer_logprobs" in columns:
+        correct = columns["layer_correct"].reshape(b, k, num_layers).astype(bool)
+        logprobs = columns["layer_logprobs"].reshape(b, k, num_layers, num_labels)
+    else:
+        correct = np.zeros((b, k, num_layers), bool)
+        logprobs = np.zeros((b, k, num_layers, num_labels), np.float32)
+    probe = columns["probe_correct"].reshape(b, k, num_layers).astype(bool) if "probe_correct" in columns else None
+    labels = columns["label"].reshape(b, k).astype(np.int64)
     return Neighbours(correct, similarity.astype(np.float32), labels, logprobs, probe)

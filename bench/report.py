@@ -12,6 +12,8 @@ from typing import Any
 from common import REPO_ROOT, RESULTS_DIR
 
 OUTPUT = REPO_ROOT / "bench" / "RESULTS.md"
+#: A layer key replaces MiniLM as the default only within this much macro metric of it (bench/key_policy.py).
+KEY_TOLERANCE = 0.005
 Doc = dict[str, Any]
 
 
@@ -616,6 +618,53 @@ def render_keys(result: Doc) -> list[str]:
     return lines
 
 
+def render_key_policy(result: Doc) -> list[str]:
+    """bench/key_policy.py: the default fitted and scored with each retrieval key on split halves of the quality
+    bench's reference tables, against each key's cost in backbone layers; a layer key is adoptable as the default
+    where, on every preset, its macro metric is within KEY_TOLERANCE of MiniLM's and it costs fewer layers."""
+    lines = [
+        f"The default (`{result['strategy']}`) fitted on one half of each quality-bench reference table with each "
+        f"key and scored on the other half, {result['splits']} seeded splits; reference rows only. Cells: the "
+        "task's metric @ layers of the backbone per row (MiniLM: its key in layers, measured on the same rows, plus "
+        "the exit; `layer-N`: at least N). Method and caveats: bench/key_policy.py.",
+    ]
+    verdicts: dict[str, list[bool]] = {}
+    for entry in result["presets"]:
+        tasks = entry["tasks"]
+        names = list(tasks[0]["keys"])
+        lines += [
+            "",
+            f"**{entry['preset']}** ({entry['num_layers']} layers)",
+            "",
+            "| task | metric | MiniLM key in layers | " + " | ".join(names) + " |",
+            "|---|---|---|" + "---|" * len(names),
+        ]
+        for t in tasks:
+            cells = [f"{_fmt(t['keys'][n]['metric'])} @ {t['keys'][n]['layers']:.1f}" for n in names]
+            lines.append(f"| {t['task']} | {t['metric']} | {t['key_layers']:.1f} | " + " | ".join(cells) + " |")
+        macro = {
+            n: (_mean([t["keys"][n]["metric"] for t in tasks]), _mean([t["keys"][n]["layers"] for t in tasks]))
+            for n in names
+        }
+        lines.append("| **macro** |  |  | " + " | ".join(f"{_fmt(m)} @ {c:.1f}" for m, c in macro.values()) + " |")
+        base_metric, base_cost = macro[names[0]]
+        parts = []
+        for n in names[1:]:
+            metric, cost = macro[n]
+            delta = (metric - base_metric) * 100
+            verdicts.setdefault(n, []).append(delta >= -KEY_TOLERANCE * 100 and cost < base_cost)
+            parts.append(f"`{n}` {delta:+.1f} points at {cost / base_cost:.2f}× the layers")
+        lines += ["", f"Against `{names[0]}`: " + "; ".join(parts) + "."]
+    adopted = [n for n, ok in verdicts.items() if all(ok)]
+    lines += [
+        "",
+        f"Adoption rule (set before the run): within {KEY_TOLERANCE * 100:.1f} point macro of MiniLM's and fewer "
+        "layers, on every preset: "
+        + (f"{', '.join(f'`{n}`' for n in adopted)} adoptable." if adopted else "no layer key is adoptable."),
+    ]
+    return lines
+
+
 def render_gpu(result: Doc) -> list[str]:
     """bench/gpu.py: the stored graphs (random weights of their shapes) on CUDA, with and without IO binding, and
     on the GPU machine's own CPUs; the default composed from the key and the layers timed there plus the host
@@ -777,6 +826,7 @@ SECTIONS: list[tuple[str, str, Callable[[Any], list[str]]]] = [
     ("Speed", "speed-", render_speed),
     ("INT8", "int8-", render_int8),
     ("Retrieval keys", "keys", render_keys),
+    ("Retrieval keys for the default", "key-policy", render_key_policy),
     ("Reference-size scaling", "scaling", render_scaling),
     ("GPU", "gpu-", render_gpu),
 ]

@@ -1,0 +1,198 @@
+"""Which retrieval key for the default strategy, end to end (issue 12: "a key read from the backbone's first
+layer(s) ... which rows that run layers need anyway"). bench/keys.py compares keys by their neighbours' vote alone;
+this compares what the default makes of each key, against what each key costs.
+
+On each quality-bench reference table (bench/quality.py runs first and leaves them in .bench/quality-<preset>), the
+default's settings are fitted on a seeded half of the rows with each key (build-db's own fit) and scored on the
+other half the way classify runs them (the product's own strategy functions), over SPLITS splits. No validation or
+test row is read: a rule that uses reference rows only.
+
+Keys: `minilm` (today's default) and `layer-N`: the mean over the prompt's real tokens after the backbone's first
+N layers, standardized with the fit half's mean and spread, then L2-normalized. Each key gets its own key probe
+(the answer at exit 0), fitted on the fit half with out-of-fold answers there, as build-db fits one. Every key sees
+the same per-layer probe answers: the table's out-of-fold ones (fitted on the whole table, so they are slightly
+better informed than a half's own would be; alike for every key).
+
+Cost, in layers of the backbone per row, measured on the same rows in this run: `minilm` costs its key (the MiniLM
+graph's time over the time of one backbone layer) plus the row's exit layer (0 at exit 0). `layer-N` costs at least
+N layers, as the key runs layers 1..N, which a row going further reuses; a row the fitted rule would let out before
+layer N is read out at N (it ran that far for its key). The fit itself does not know of either adjustment, so
+this measures layer keys as a drop-in for today's policy fit, not as well as they could be fitted.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import lancedb
+import numpy as np
+import pyarrow.parquet as pq
+from common import fastest, parse_args, write_result
+from quality import BENCH, PRESETS, QUICK_TASKS, TASKS
+from raee_ops.schemas.tables import flat_values
+
+from raee_ops.calibration import K_GRID
+from raee_ops.exit_policy import Context, Neighbours, resolve
+from raee_ops.metrics import task_metric
+from raee_ops.probe_policy import ProbePolicy, confident_exits, fit_probe_policy
+from raee_ops.probes import _choose_c, _fit, _folds  # the key probe exactly as build-db fits it
+from raee_ops.runtime import POOLINGS, SegmentRuntime
+from raee_ops.tasks import get_task
+
+EMBEDDER = "minilm"
+DEPTHS = (1, 2)
+SPLITS, QUICK_SPLITS = 10, 3
+#: Depth the backbone's per-layer time is measured to: (time to TIMING_DEPTH - time to 1) / (TIMING_DEPTH - 1).
+TIMING_DEPTH = 4
+STRATEGY = "probe-fused"
+
+
+def reference_rows(preset: str, task_name: str, runtime: SegmentRuntime) -> dict[str, Any] | None:
+    """The quality bench's reference table for `task_name` and its rows' texts and prompts, in table order."""
+    work = BENCH / f"quality-{preset}" / task_name
+    if not (work / "db").is_dir() or not (work / "reference.parquet").is_file():
+        return None
+    table = lancedb.connect(str(work / "db")).open_table(task_name).to_arrow()
+    source = pq.read_table(work / "reference.parquet")
+    position = {str(row_id): i for i, row_id in enumerate(source["id"].to_pylist())}  # the table stores ids as text
+    take = [position[row_id] for row_id in table["id"].to_pylist()]
+    task = get_task(task_name)
+    texts = [source["text"][i].as_py().strip() for i in take]
+    pairs = [source["text_pair"][i].as_py() for i in take] if "text_pair" in source.column_names else None
+    num_layers, num_labels = runtime.num_layers, len(task.label_names)
+    return {
+        "texts": texts,
+        "pairs": pairs,
+        "prompts": [
+            task.render(t, p, suffix=runtime.suffix) for t, p in zip(texts, pairs or [None] * len(texts), strict=True)
+        ],
+        "labels": table["label"].to_numpy().astype(np.int64),
+        "minilm": flat_values(table, "vector").reshape(table.num_rows, -1),
+        "probe_lp": flat_values(table, "probe_logprobs").reshape(table.num_rows, num_layers, num_labels),
+    }
+
+
+def mean_after(runtime: SegmentRuntime, task: str, prompts: list[str], depth: int) -> np.ndarray:
+    pooled = runtime.run_to_exit_pooled(task, prompts, np.full(len(prompts), depth)).pooled
+    return pooled[:, POOLINGS.index("mean")].astype(np.float32)
+
+
+def layer_key(states: np.ndarray, fit: np.ndarray) -> np.ndarray:
+    """Standardized with the fit rows' mean and spread, then L2-normalized."""
+    z = (states - states[fit].mean(axis=0)) / (states[fit].std(axis=0) + 1e-6)
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+def key_probe(keys: np.ndarray, labels: np.ndarray, fit: np.ndarray, num_labels: int) -> np.ndarray:
+    """Key-probe log-probs for every row: out of fold on the fit rows, the fit rows' probe on the others."""
+    c, oof = _choose_c(keys[fit], labels[fit], _folds(labels[fit], len(fit), 0), num_labels)
+    out = _fit(keys[fit], labels[fit], num_labels, c).log_probs(keys)
+    out[fit] = oof
+    return out
+
+
+def held_out(
+    policy: ProbePolicy,
+    keys: np.ndarray,
+    key_lp: np.ndarray,
+    rows: dict[str, Any],
+    fit: np.ndarray,
+    held: np.ndarray,
+    depth: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, exits) of the held-out rows, their neighbours among the fit rows, as classify decides; with a
+    layer-`depth` key a row let out before `depth` is read out there (it ran that far for its key)."""
+    labels, probe_lp = rows["labels"], rows["probe_lp"]
+    num_layers, num_labels = probe_lp.shape[1:]
+    width = max(K_GRID)
+    sims = keys[held] @ keys[fit].T
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :width]
+    near = fit[top]
+    correct = probe_lp.argmax(axis=2) == labels[:, None]
+    nb = Neighbours(
+        np.zeros((len(held), width, num_layers), bool),  # the head's answers: not read by the default
+        np.take_along_axis(sims, top, axis=1),
+        labels[near],
+        np.zeros((len(held), width, num_layers, num_labels), np.float32),
+        correct[near],
+        key_lp[held],
+    )
+    ctx = Context(num_layers, num_labels, 10, probe_policy=policy)
+    strategy = resolve(STRATEGY, num_layers)
+    own = probe_lp[held]
+    exits = confident_exits(np.exp(own.max(axis=2)), strategy.exits(nb, ctx), strategy.threshold(ctx))
+    exits = np.where((exits > 0) & (exits < depth), depth, exits)
+    at_exit = np.where((exits > 0)[:, None], own[np.arange(len(held)), np.maximum(exits, 1) - 1], 0.0)
+    return strategy.answer(at_exit, exits, nb, ctx).argmax(axis=1), exits
+
+
+def one_task(preset: str, runtime: SegmentRuntime, task_name: str, splits: int) -> dict[str, Any] | None:
+    rows = reference_rows(preset, task_name, runtime)
+    if rows is None:
+        print(f"{preset}/{task_name}: no quality-bench table (run bench/quality.py first); skipped", flush=True)
+        return None
+    labels, n = rows["labels"], len(rows["labels"])
+    num_labels = rows["probe_lp"].shape[2]
+    metric_name, metric = task_metric(task_name, num_labels)
+    states = {d: mean_after(runtime, task_name, rows["prompts"], d) for d in DEPTHS}
+    _, key_s = fastest(lambda: runtime.key(EMBEDDER, rows["texts"], rows["pairs"]))
+    _, one_s = fastest(lambda: mean_after(runtime, task_name, rows["prompts"], 1))
+    _, deep_s = fastest(lambda: mean_after(runtime, task_name, rows["prompts"], TIMING_DEPTH))
+    key_layers = key_s / ((deep_s - one_s) / (TIMING_DEPTH - 1))
+    names = [EMBEDDER, *(f"layer-{d}" for d in DEPTHS)]
+    out: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for split in range(splits):
+        order = np.random.default_rng(100 + split).permutation(n)
+        fit, held = np.sort(order[: n // 2]), np.sort(order[n // 2 :])
+        for name in names:
+            depth = 0 if name == EMBEDDER else int(name.split("-")[1])
+            keys = rows["minilm"] if depth == 0 else layer_key(states[depth], fit)
+            key_lp = key_probe(keys, labels, fit, num_labels)
+            policy = fit_probe_policy(
+                keys[fit], labels[fit], rows["probe_lp"][fit], key_lp[fit], num_labels, metric_name
+            )
+            pred, exits = held_out(policy, keys, key_lp, rows, fit, held, depth)
+            cost = key_layers + exits.mean() if depth == 0 else np.maximum(exits, depth).mean()
+            out[name].append((metric(labels[held], pred, num_labels), float(cost)))
+    result = {
+        "task": task_name,
+        "metric": metric_name,
+        "rows": n,
+        "key_layers": key_layers,
+        "keys": {
+            name: {"metric": float(np.mean([m for m, _ in v])), "layers": float(np.mean([c for _, c in v]))}
+            for name, v in out.items()
+        },
+    }
+    cells = ", ".join(f"{k} {v['metric']:.3f} @ {v['layers']:.1f}" for k, v in result["keys"].items())
+    print(f"{preset}/{task_name} ({metric_name}; minilm key = {key_layers:.1f} layers): {cells}", flush=True)
+    return result
+
+
+def main() -> int:
+    args = parse_args(__doc__ or "")
+    splits = QUICK_SPLITS if args.quick else SPLITS
+    presets = []
+    for preset in PRESETS:
+        artifacts = BENCH / f"artifacts-{preset}"
+        if not (artifacts / "manifest.json").is_file():
+            print(f"{preset}: no artifacts (run bench/quality.py first); skipped", flush=True)
+            continue
+        runtime = SegmentRuntime(artifacts)
+        tasks = [
+            t for t in (one_task(preset, runtime, name, splits) for name in (QUICK_TASKS if args.quick else TASKS)) if t
+        ]
+        if tasks:
+            presets.append({"preset": preset, "num_layers": runtime.num_layers, "tasks": tasks})
+    if not presets:
+        print("no quality-bench tables to read: run bench/quality.py first", file=sys.stderr)
+        return 1
+    write_result(
+        "key-policy", {"strategy": STRATEGY, "splits": splits, "depths": list(DEPTHS), "presets": presets}, args.quick
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,11 +43,15 @@ from raee_ops import exit_policy
 from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.readout import read_out
 from raee_ops.retrieval import Retriever
-from raee_ops.runtime import SUB_BATCH, SegmentRuntime, process_thread_pool, session_options
+from raee_ops.runtime import POOLINGS, SUB_BATCH, SegmentRuntime, process_thread_pool, session_options
 from raee_ops.tasks import Task, get_task
 
 PRESETS = ("smollm2-135m", "gemma3-270m", "minilm-l6")
 TASK, EMBEDDER, K, SEED = "sst2", "minilm", 10, 0
+#: The default again, on a table keyed by the backbone's first layer (bench/key_policy.py: the same quality at fewer
+#: layers), timed with the rest.
+LAYER_KEY = "layer-1"
+LAYER_KEY_DEFAULT = f"{exit_policy.DEFAULT_STRATEGY} ({LAYER_KEY} key)"
 BATCH = SUB_BATCH  # 32: the runtime's batch, used for every method
 ROWS, QUICK_ROWS = 256, 64
 REF_ROWS, QUICK_REF_ROWS = 1000, 200
@@ -79,13 +83,14 @@ def sample(path: Path, n: int, seed: int) -> pa.Table:
     return seeded_sample(pq.read_table(path).replace_schema_metadata(None), n, np.random.default_rng(seed))
 
 
-def build_db(artifacts: Path, preset: str, reference: pa.Table) -> tuple[str, str]:
+def build_db(artifacts: Path, preset: str, reference: pa.Table, embedder: str = EMBEDDER) -> tuple[str, str]:
     """(db uri, table): built afresh by build-db, so its fitted policy is always this code's."""
-    db, table = str(BENCH / f"speed-db-{preset}"), f"{TASK}_{reference.num_rows}"
+    suffix = "" if embedder == EMBEDDER else f"_{embedder.replace('-', '')}"
+    db, table = str(BENCH / f"speed-db-{preset}"), f"{TASK}_{reference.num_rows}{suffix}"
     with tempfile.TemporaryDirectory(dir=BENCH) as tmp:
         path = Path(tmp) / "reference.parquet"
         pq.write_table(reference, path)
-        print(run_build_db(artifacts, TASK, [str(path)], db, table, EMBEDDER, "overwrite", None).render(), flush=True)
+        print(run_build_db(artifacts, TASK, [str(path)], db, table, embedder, "overwrite", None).render(), flush=True)
     return db, table
 
 
@@ -250,6 +255,7 @@ class Core:
             retriever.policy,
             retriever.probes,
             retriever.probe_policy,
+            retriever.key_depth,
         )
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
         self.exits = np.zeros(0, np.int32)
@@ -262,9 +268,11 @@ class Core:
         self.seconds["tokenize"] = t.s
         wanted = strategy.neighbours(ctx)
         neighbours = Neighbours.none(len(rows.texts), ctx.num_layers, ctx.num_labels)
+        start = None
         if wanted:  # as the handler: no key and no search for strategies that do not retrieve
-            with timer() as t:
-                keys = rt.key(EMBEDDER, rows.texts)
+            with timer() as t:  # a layer key: its layers, which the rows then continue from
+                start = rt.prefix(rows.prompts, ctx.key_depth) if ctx.key_depth else None
+                keys = start.pooled[:, POOLINGS.index("mean")] if start else rt.key(EMBEDDER, rows.texts)
             self.seconds["key"] = t.s
             with timer() as t:
                 neighbours = self.retriever.search(keys, wanted)
@@ -273,7 +281,7 @@ class Core:
             exits = strategy.exits(neighbours, ctx)
         self.seconds["exits"] = t.s
         with timer() as t:  # probes included: a probe is read where a row leaves (and tested where it may stop)
-            logits, self.exits = read_out(rt, TASK, rows.prompts, exits, strategy, ctx)
+            logits, self.exits = read_out(rt, TASK, rows.prompts, exits, strategy, ctx, start)
         self.seconds["layers"] = t.s
         with timer() as t:
             probs = strategy.answer(logits, self.exits, neighbours, ctx)
@@ -375,12 +383,15 @@ def bench_preset(preset: str, quick: bool, data: Path, baseline: Path | None, ch
         for name in STRATEGIES
         if head or not resolve(name, num_layers).needs_head()
     }
+    layer_keyed = Retriever(*build_db(artifacts, preset, reference, LAYER_KEY))
+    cores[LAYER_KEY_DEFAULT] = Core(runtime, layer_keyed, exit_policy.DEFAULT_STRATEGY, task)
     timings = timed_together({name: core.run for name, core in cores.items()}, rows, warm)
     for name, core in cores.items():
         probs, s = timings[name]
         mean_exit = float(core.exits.mean())
         total = sum(core.seconds.values())
-        extra = {"overhead": parts_alone(runtime, core, rows, warm)} if name == exit_policy.DEFAULT_STRATEGY else {}
+        defaults = (exit_policy.DEFAULT_STRATEGY, LAYER_KEY_DEFAULT)
+        extra = {"overhead": parts_alone(runtime, core, rows, warm)} if name in defaults else {}
         methods.append(
             entry(
                 name,
@@ -408,6 +419,7 @@ def bench_preset(preset: str, quick: bool, data: Path, baseline: Path | None, ch
         "baseline": "hf-torch" if head else HEADLESS_FULL,
         "label_word_head": head,
         "default_strategy": exit_policy.DEFAULT_STRATEGY,
+        "layer_key_default": LAYER_KEY_DEFAULT,
         "threads": {
             "torch": SINGLE_SESSION_THREADS,
             "ort_shared_pool": process_thread_pool(SINGLE_SESSION_THREADS),

@@ -35,6 +35,7 @@ from raee_ops import storage
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.faults import fault_point
+from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET
 from raee_ops.progress import phase
 from raee_ops.retrieval import (
@@ -43,6 +44,7 @@ from raee_ops.retrieval import (
     connect,
     expected_meta,
     index_partitions,
+    key_available,
     open_table,
     table_meta,
 )
@@ -153,10 +155,12 @@ def run_build_db(
     task = task_of(manifest, task_name)
     existing = table_meta(db_uri, table, store) if mode == "append" else None
     embedder = embedder or (existing.embedder if existing else DEFAULT_EMBEDDER)
-    if embedder != "backbone" and embedder not in manifest.embedders:
+    if not key_available(manifest, embedder):
         raise RaeeConfigError(
-            f"embedder {embedder!r} was not exported into {artifacts} (export-onnx --embedder {embedder}, or "
-            f"build-db --embedder backbone)"
+            f"--embedder {embedder}: the backbone in {artifacts} has {manifest.num_layers} layers"
+            if layer_depth(embedder)
+            else f"embedder {embedder!r} was not exported into {artifacts} (export-onnx --embedder {embedder}, or "
+            f"build-db --embedder backbone or layer-N)"
         )
     files = expand_inputs(inputs)
     schema_in, rows_in = check_inputs(files, task, need_label=True)

@@ -29,6 +29,7 @@ from raee_ops.retrieval import (
     check_meta,
     check_table_probes,
     expected_meta,
+    key_available,
     open_table,
     table_policy,
     table_probe_policy,
@@ -131,7 +132,7 @@ def run_classify(
     version, table_schema = opened.version, opened.schema
     meta = TableMeta.decode(table_schema)
     embedder = meta.embedder if meta else "backbone"
-    if embedder != "backbone" and embedder not in manifest.embedders:
+    if not key_available(manifest, embedder):
         raise RaeeConfigError(f"table {table!r} was keyed with embedder {embedder!r}, not in {artifacts}")
     expected = expected_meta(manifest, task_name, embedder)
     check_meta(meta, expected, f"table {table!r} in {db_uri}")

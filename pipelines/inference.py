@@ -26,11 +26,12 @@ from raee_ops.artifacts import local_artifacts
 from raee_ops.calibration import log_softmax
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.faults import fault_point
+from raee_ops.layer_key import layer_depth
 from raee_ops.progress import interactive
 from raee_ops.readout import answer_batch
 from raee_ops.retrieval import Retriever
 from raee_ops.rows import INTERNAL, ROW_ID, internal_errors
-from raee_ops.runtime import SegmentRuntime
+from raee_ops.runtime import POOLINGS, SegmentRuntime
 from raee_ops.tasks import Task
 
 
@@ -195,7 +196,8 @@ class BuildHandler(_RaeeHandler):
         return Loaded(self._runtime())
 
     def schema(self, m: Manifest) -> pa.Schema:
-        dim = m.hidden_size if self.embedder == "backbone" else m.embedders[self.embedder].dim
+        own = self.embedder == "backbone" or layer_depth(self.embedder)  # keys of the backbone's own width
+        dim = m.hidden_size if own else m.embedders[self.embedder].dim
         return layer_rows_schema(dim, m.num_layers, len(self.task.label_names), m.hidden_size)
 
     def empty(self, model: Loaded) -> pa.Table:
@@ -209,7 +211,8 @@ class BuildHandler(_RaeeHandler):
         pred = logprobs.argmax(axis=2)
         correct = pred == labels[:, None]
         first = np.where(correct.any(axis=1), correct.argmax(axis=1) + 1, 0)
-        keys = self.keys(runtime, table)
+        depth = layer_depth(self.embedder)  # a layer key's state is here already; the driver standardizes it
+        keys = pooled[depth - 1, :, POOLINGS.index("mean")] if depth else self.keys(runtime, table)
         schema = self.schema(runtime.manifest)
         n, layers = len(labels), runtime.num_layers
 
@@ -271,6 +274,7 @@ class ClassifyHandler(_RaeeHandler):
             retriever.policy,
             retriever.probes,
             retriever.probe_policy,
+            retriever.key_depth,
         )
         return Loaded(runtime, retriever, strategy, context)
 
@@ -280,12 +284,13 @@ class ClassifyHandler(_RaeeHandler):
     def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
         runtime, strategy, context = model.runtime, model.strategy, model.context
         wanted = strategy.neighbours(context)
-        neighbours = (
-            model.retriever.search(self.keys(runtime, table), wanted)
-            if wanted
-            else Neighbours.none(table.num_rows, context.num_layers, context.num_labels)
-        )
-        probs, exits = answer_batch(runtime, self.task.name, prompts, strategy, neighbours, context)
+        start = runtime.prefix(prompts, context.key_depth) if wanted and context.key_depth else None
+        if not wanted:
+            neighbours = Neighbours.none(table.num_rows, context.num_layers, context.num_labels)
+        else:
+            keys = start.pooled[:, POOLINGS.index("mean")] if start else self.keys(runtime, table)
+            neighbours = model.retriever.search(keys, wanted)
+        probs, exits = answer_batch(runtime, self.task.name, prompts, strategy, neighbours, context, start)
         for layer, count in zip(*np.unique(exits, return_counts=True), strict=True):
             beam.metrics.Metrics.counter(NAMESPACE, f"exit_layer_{int(layer):03d}").inc(int(count))
         prediction = probs.argmax(axis=1)

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from raee_ops.schemas.tables import (
     FEATURES,
     GROUP,
+    LAYER_KEY_META_KEY,
     POLICY_META_KEY,
     PROBE_POLICY_META_KEY,
     PROBES_META_KEY,
@@ -35,10 +36,11 @@ from raee_ops.schemas.tables import (
 from raee_ops import storage
 from raee_ops.calibration import FusedPolicy, fit_fused_policy
 from raee_ops.errors import RaeeConfigError
+from raee_ops.layer_key import LayerKey, layer_depth
 from raee_ops.metrics import task_metric
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, ProbePolicy, fit_probe_policy
 from raee_ops.probes import ProbeSet, fit_probes, fit_share, in_fit_sample
-from raee_ops.retrieval import probe_identity
+from raee_ops.retrieval import probe_identity, table_layer_key
 from raee_ops.runtime import POOLINGS
 from raee_ops.tasks import Task
 
@@ -88,6 +90,7 @@ def assemble(
     layer_fields = [f.name for f in staged if f.name != FEATURES and f.name in schema.names]
     new = pa.concat_tables([storage.read_parquet(s, columns=layer_fields) for s in shards] or [staged.empty_table()])
     new = new.select(layer_fields).cast(pa.schema([staged.field(n) for n in layer_fields]))
+    new, layer_key = _layer_keyed(meta, new, old)
     old_probes = None
     if old is not None:
         if "probe_correct" not in old.column_names or old_features is None:
@@ -159,10 +162,27 @@ def assemble(
         POLICY_META_KEY: json.dumps(policy.to_dict()).encode() if policy else None,
         PROBES_META_KEY: probes.to_json() if probes else None,
         PROBE_POLICY_META_KEY: json.dumps(probe_policy.to_dict()).encode() if probe_policy else None,
+        LAYER_KEY_META_KEY: layer_key.to_json() if layer_key else None,
     }
     data = data.replace_schema_metadata(meta.encode() | {k: v for k, v in extra.items() if v is not None})
     features_rows = _features_table([ids[i] for i in fit_rows], kept, num_layers, hidden)
     return Reference(data, features_rows, policy, probes, probe_policy, time.perf_counter() - started)
+
+
+def _layer_keyed(meta: TableMeta, new: pa.Table, old: pa.Table | None) -> tuple[pa.Table, LayerKey | None]:
+    """`new` with its staged raw states turned into keys, and the table's standardization, for a layer-N table:
+    the table's own on append (old and new keys must stay comparable), else fitted on the new rows."""
+    depth = layer_depth(meta.embedder)
+    if depth is None:
+        return new, None
+    layer_key = table_layer_key(old.schema) if old is not None else None
+    if not new.num_rows:
+        return new, layer_key
+    column = new.schema.get_field_index("vector")
+    states = flat_values(new, "vector").reshape(new.num_rows, -1)
+    layer_key = layer_key or LayerKey.fit(depth, states)
+    keys = pa.FixedSizeListArray.from_arrays(pa.array(layer_key.apply(states).ravel(), pa.float32()), states.shape[1])
+    return new.set_column(column, new.schema.field(column), keys.cast(new.schema.field(column).type)), layer_key
 
 
 def group_codes(ids: list[str], names: list[str | None]) -> np.ndarray | None:

@@ -16,6 +16,7 @@ import click
 
 from raee_ops import logs
 from raee_ops.errors import RaeeConfigError, RaeeError
+from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET
 from raee_ops.tasks import Task, get_task, load_task_file
 
@@ -168,6 +169,16 @@ def export_onnx(
     echo(f"exported {manifest.num_layers} layers, tasks {', '.join(manifest.tasks)} -> {out_dir}")
 
 
+def _key_spec(value: str | None) -> str | None:
+    """--embedder's value: backbone, minilm or layer-N (whether these artifacts have it is build-db's check)."""
+    try:
+        if value is None or value in ("backbone", "minilm") or layer_depth(value):
+            return value
+    except RaeeConfigError as err:
+        raise click.BadParameter(str(err)) from None
+    raise click.BadParameter(f"{value!r}: choose backbone, minilm or layer-N (N: a layer of the backbone)")
+
+
 @command("build-db")
 @click.option("--artifacts", required=True, type=click.Path(file_okay=False), help="Exported artifacts.")
 @click.option("--task", "task_name", required=True, help="Task name in the artifacts.")
@@ -177,9 +188,11 @@ def export_onnx(
 @click.option(
     "--embedder",
     default=None,
-    type=click.Choice(["backbone", "minilm"]),
-    help="Retrieval key: the exported MiniLM sentence embedder, or `backbone` (the embedding segment's mean: "
-    "cheaper, weaker neighbours). Default: minilm for a new table, the table's own for --mode append.",
+    callback=lambda ctx, param, value: _key_spec(value),
+    help="Retrieval key: `minilm` (the exported MiniLM sentence embedder), `layer-N` (the backbone's mean state "
+    "after its first N layers, standardized on the table's rows: rows running further reuse those layers) or "
+    "`backbone` (the embedding segment's mean: cheapest, weakest neighbours). Default: minilm for a new table, "
+    "the table's own for --mode append.",
 )
 @click.option("--mode", default="overwrite", show_default=True, type=click.Choice(["overwrite", "append"]))
 @click.option("--errors", "errors_dir", default=None, help="Where rejected rows go (default: <db>/_errors/<table>).")

@@ -134,6 +134,8 @@ def _strategy_report(
     if strategy.reads == "probe":
         logprobs = probe_lp
         exits = confident_exits(np.exp(probe_lp.max(axis=2)).T, exits, strategy.threshold(ctx))
+    if ctx.key_depth and strategy.neighbours(ctx):  # as the runtime reads them out, from the key's layers on
+        exits = np.where((exits > 0) & (exits < ctx.key_depth), ctx.key_depth, exits).astype(np.int32)
     # exit 0 runs no layer: its logits are zeros, as run_to_exit returns them
     at_exit = np.where((exits > 0)[:, None], logprobs[np.maximum(exits, 1) - 1, np.arange(len(labels))], 0.0)
     pred = strategy.answer(at_exit, exits, nb, ctx).argmax(axis=1)
@@ -204,7 +206,7 @@ def evaluate(
     logprobs = flat_values(rows, "layer_logprobs").reshape(rows.num_rows, num_layers, num_labels).transpose(1, 0, 2)
     keys = flat_values(rows, "vector").reshape(rows.num_rows, -1)
 
-    ctx = Context(num_layers, num_labels, k, policy, probes, probe_policy)
+    ctx = Context(num_layers, num_labels, k, policy, probes, probe_policy, retriever.key_depth)
     vote_k = policy.k if policy else probe_policy.k
     nb = retriever.search(keys, max(k, vote_k, probe_policy.k))
     metric_name, metric = task_metric(task_name, num_labels)

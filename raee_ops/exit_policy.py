@@ -87,6 +87,7 @@ class Context:
     policy: FusedPolicy | None = None  # fitted on the reference table by build-db
     probes: ProbeSet | None = None  # idem
     probe_policy: ProbePolicy | None = None  # idem
+    key_depth: int = 0  # a layer-N key's N: rows that retrieve run N layers for it, so leave at N at the earliest
 
     def fitted(self) -> FusedPolicy:
         if self.policy is None:

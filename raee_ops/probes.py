@@ -14,7 +14,6 @@ imports scikit-learn (build time only).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import itertools
 import json
@@ -26,6 +25,7 @@ from raee_ops.calibration import log_softmax
 from raee_ops.errors import RaeeConfigError
 from raee_ops.metrics import METRICS
 from raee_ops.runtime import POOLINGS
+from raee_ops.schemas.tables import decode_array, encode_array
 
 FOLDS = 5
 #: Inverse L2 strength on standardized features, one for every layer: with the pooling, the pair with the lowest
@@ -55,20 +55,11 @@ class Probe:
         return log_softmax(((np.asarray(x, np.float32) - self.mean) / self.scale) @ self.weight + self.bias)
 
     def to_dict(self) -> dict:
-        return {name: _encode(getattr(self, name)) for name in ("weight", "bias", "mean", "scale")} | {"c": self.c}
+        return {name: encode_array(getattr(self, name)) for name in ("weight", "bias", "mean", "scale")} | {"c": self.c}
 
     @classmethod
     def from_dict(cls, raw: dict) -> Probe:
-        return cls(**{k: _decode(v) for k, v in raw.items() if k != "c"}, c=float(raw["c"]))
-
-
-def _encode(array: np.ndarray) -> dict:
-    a = np.ascontiguousarray(array, np.float32)
-    return {"shape": list(a.shape), "f32": base64.b64encode(a.tobytes()).decode()}
-
-
-def _decode(raw: dict) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(raw["f32"]), np.float32).reshape(raw["shape"])
+        return cls(**{k: decode_array(v) for k, v in raw.items() if k != "c"}, c=float(raw["c"]))
 
 
 @dataclass(frozen=True)

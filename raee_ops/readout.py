@@ -12,7 +12,7 @@ from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import Context, Neighbours, Strategy
 from raee_ops.probe_policy import ProbePolicy
-from raee_ops.runtime import SegmentRuntime, StopFn
+from raee_ops.runtime import Prefix, SegmentRuntime, StopFn
 
 
 def stop_rule(strategy: Strategy, ctx: Context) -> StopFn | None:
@@ -30,20 +30,33 @@ def stop_rule(strategy: Strategy, ctx: Context) -> StopFn | None:
 
 
 def read_out(
-    runtime: SegmentRuntime, task: str, prompts: Sequence[str], exits: np.ndarray, strategy: Strategy, ctx: Context
+    runtime: SegmentRuntime,
+    task: str,
+    prompts: Sequence[str],
+    exits: np.ndarray,
+    strategy: Strategy,
+    ctx: Context,
+    start: Prefix | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(what the strategy reads B×C: head logits or probe log-probs, the 1-based layer each row left at)."""
-    readout = runtime.run_to_exit_pooled(task, prompts, exits, stop_rule(strategy, ctx))
+    """(what the strategy reads B×C: head logits or probe log-probs, the 1-based layer each row left at); with
+    `start` (a layer key's prefix) rows continue from there."""
+    readout = runtime.run_to_exit_pooled(task, prompts, exits, stop_rule(strategy, ctx), start)
     if strategy.reads == "probe":
         return ctx.fitted_probes().layer_log_probs(readout.pooled, readout.exits), readout.exits
     return readout.logits, readout.exits
 
 
 def answer_batch(
-    runtime: SegmentRuntime, task: str, prompts: Sequence[str], strategy: Strategy, nb: Neighbours, ctx: Context
+    runtime: SegmentRuntime,
+    task: str,
+    prompts: Sequence[str],
+    strategy: Strategy,
+    nb: Neighbours,
+    ctx: Context,
+    start: Prefix | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(label probabilities B×C, the 1-based layer each row left at; 0: no layer run)."""
-    logits, exits = read_out(runtime, task, prompts, strategy.exits(nb, ctx), strategy, ctx)
+    """(label probabilities B×C, the 1-based layer each row left at; 0: no layer run, or only a layer key's)."""
+    logits, exits = read_out(runtime, task, prompts, strategy.exits(nb, ctx), strategy, ctx, start)
     return strategy.answer(logits, exits, nb, ctx), exits
 
 

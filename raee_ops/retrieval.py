@@ -18,11 +18,13 @@ from lancedb.index import IvfFlat
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import Neighbours
+from raee_ops.layer_key import LayerKey, layer_depth
 from raee_ops.probe_policy import ProbePolicy
 from raee_ops.probes import ProbeSet, check_probes
 from raee_ops.progress import phase
 from raee_ops.schemas.manifest import Manifest
 from raee_ops.schemas.tables import (
+    LAYER_KEY_META_KEY,
     POLICY_META_KEY,
     PROBE_POLICY_META_KEY,
     PROBES_META_KEY,
@@ -54,6 +56,15 @@ def build_index(table: lancedb.table.Table) -> bool:
     with phase(f"build-db: building the IVF_FLAT index over {rows} rows"):
         table.create_index("vector", config=config, replace=True)
     return True
+
+
+def key_available(manifest: Manifest, embedder: str) -> bool:
+    """Whether these artifacts compute this key: `backbone`, `layer-N` within the backbone's depth, or an
+    exported embedder."""
+    depth = layer_depth(embedder)
+    if depth is not None:
+        return depth <= manifest.num_layers
+    return embedder == "backbone" or embedder in manifest.embedders
 
 
 def expected_meta(manifest: Manifest, task: str, embedder: str) -> TableMeta:
@@ -141,22 +152,32 @@ class Retriever:
         self.policy = table_policy(self.table.schema)
         self.probes = table_probes(self.table.schema)
         self.probe_policy = table_probe_policy(self.table.schema)
+        self.layer_key = table_layer_key(self.table.schema)
         self.has_probe_answers = "probe_correct" in self.table.schema.names
         self.has_head_answers = "layer_logprobs" in self.table.schema.names  # none without a label-word head
         indexed = self.rows >= INDEX_MIN_ROWS and any(i.columns == ["vector"] for i in self.table.list_indices())
         self.nprobes = max(1, round(index_partitions(self.rows) * PROBE_SHARE)) if indexed else None
         self._memory: InMemory | None = None
 
+    @property
+    def key_depth(self) -> int:
+        """Layers a query runs for its key: N for a layer-N table, else 0."""
+        return self.layer_key.depth if self.layer_key else 0
+
     def _columns(self) -> list[str]:
         head = ["layer_correct", "layer_logprobs"] * self.has_head_answers
         return ["label", *head, *["probe_correct"] * self.has_probe_answers]
 
     def search(self, vectors: np.ndarray, k: int) -> Neighbours:
+        """Neighbours of query keys: for a layer-N table, the queries' raw states, standardized here as the
+        table's own keys were."""
         num_layers, num_labels = self.meta.num_layers, len(self.meta.label_names)
         k = min(k, self.rows)
         if len(vectors) == 0 or k == 0:
             return Neighbours.none(len(vectors), num_layers, num_labels)
         vectors = np.asarray(vectors, np.float32)
+        if self.layer_key is not None:
+            vectors = self.layer_key.apply(vectors)
         if self.rows < INDEX_MIN_ROWS:
             if self._memory is None:
                 columns = ["vector", *self._columns()]  # only these: not the table's other columns
@@ -195,6 +216,11 @@ class InMemory:
 def table_policy(schema: pa.Schema) -> FusedPolicy | None:
     raw = (schema.metadata or {}).get(POLICY_META_KEY)
     return FusedPolicy(**json.loads(raw)) if raw else None
+
+
+def table_layer_key(schema: pa.Schema) -> LayerKey | None:
+    raw = (schema.metadata or {}).get(LAYER_KEY_META_KEY)
+    return LayerKey.from_json(raw) if raw else None
 
 
 def table_probes(schema: pa.Schema) -> ProbeSet | None:

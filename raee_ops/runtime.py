@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -178,6 +178,28 @@ class Readout(NamedTuple):
 StopFn = Callable[[int, np.ndarray], np.ndarray]
 
 
+class Batch(NamedTuple):
+    """One sub-batch between layers: its rows (indices into the caller's prompts), lengths, readout positions,
+    hidden states (an OrtValue while they stay on the device), context and the context's device copy (IO
+    binding; else empty)."""
+
+    rows: np.ndarray
+    lengths: np.ndarray
+    pos: np.ndarray
+    hidden: np.ndarray | ort.OrtValue
+    context: Context
+    bound: dict[str, ort.OrtValue]
+
+
+class Prefix(NamedTuple):
+    """Rows run through the backbone's first `depth` layers for a layer key (SegmentRuntime.prefix): their
+    sub-batches there, and their pooled states B×POOLINGS×H at `depth`."""
+
+    depth: int
+    batches: list[Batch]
+    pooled: np.ndarray
+
+
 class PromptTooLong(ValueError):
     """A prompt exceeds max_length tokens; callers reject such rows rather than truncate them."""
 
@@ -339,12 +361,34 @@ class SegmentRuntime:
         """Logits B×C, each row read out at its own 1-based exit layer (0: not run, logits 0)."""
         return self.run_to_exit_pooled(task, prompts, exit_layers).logits
 
+    def prefix(self, prompts: Sequence[str], depth: int) -> Prefix:
+        """Every row through the first `depth` layers (a layer key's; rows that go further continue from here in
+        run_to_exit_pooled), with its pooled states there."""
+        pooled = np.zeros((len(prompts), len(POOLINGS), self.manifest.hidden_size), np.float16)
+        batches = []
+        for rows, ids, lengths in self._sub_batches(prompts):
+            batch = self._embedded(rows, ids, lengths)
+            hidden = batch.hidden
+            for layer in range(depth):
+                hidden = self._layer(layer, hidden, batch.context, batch.bound)
+            hidden = self._host(hidden)
+            pooled[rows] = pool(hidden, batch.context["attention_mask"], batch.pos)
+            batches.append(batch._replace(hidden=hidden))
+        return Prefix(depth, batches, pooled)
+
     def run_to_exit_pooled(
-        self, task: str, prompts: Sequence[str], exit_layers: np.ndarray, stop: StopFn | None = None
+        self,
+        task: str,
+        prompts: Sequence[str],
+        exit_layers: np.ndarray,
+        stop: StopFn | None = None,
+        start: Prefix | None = None,
     ) -> Readout:
         """Each row read out at its own 1-based exit layer, never running a row past it; rows with exit 0 are
         not run at all (logits and pooled states 0). `stop(layer, pooled A×POOLINGS×H)` may let rows leave
-        earlier (a probe confident enough); the layers rows actually left at come back in `exits`.
+        earlier (a probe confident enough); the layers rows actually left at come back in `exits`. With `start`
+        (the prefix of these prompts) rows continue from its depth, and a row with an exit before it is read
+        out there: it has run that far already.
 
         Active-set compaction: after each layer the rows leaving there are read out and dropped, and the columns
         are trimmed to the longest remaining row, so work is proportional to the sum of exit layers.
@@ -352,47 +396,78 @@ class SegmentRuntime:
         exit_layers = np.asarray(exit_layers, dtype=np.int64)
         if len(exit_layers) and not ((exit_layers >= 0) & (exit_layers <= self.num_layers)).all():
             raise ValueError(f"exit layers must be in 0..{self.num_layers}")
-        out = np.zeros((len(prompts), len(self.manifest.task(task).label_names)), np.float32)
-        pooled_out = np.zeros((len(prompts), len(POOLINGS), self.manifest.hidden_size), np.float16)
-        left_at = np.zeros(len(prompts), np.int32)
-        running = np.flatnonzero(exit_layers > 0)  # exit 0: answered without the backbone
-        for rows, ids, lengths in self._sub_batches([prompts[i] for i in running]):
-            rows = running[rows]
-            exits = exit_layers[rows]
-            pos = self.readout_positions(ids, lengths)
+        readout = Readout(
+            np.zeros((len(prompts), len(self.manifest.task(task).label_names)), np.float32),
+            np.zeros((len(prompts), len(POOLINGS), self.manifest.hidden_size), np.float16),
+            np.zeros(len(prompts), np.int32),
+        )
+        if start is None:
+            running = np.flatnonzero(exit_layers > 0)  # exit 0: answered without the backbone
+            sub_batches = self._sub_batches([prompts[i] for i in running])
+            batches: Iterable[Batch] = (self._embedded(running[r], ids, n) for r, ids, n in sub_batches)
+        else:
+            batches = start.batches
+        depth = 0 if start is None else start.depth
+        for batch in batches:
+            self._continue(task, batch, exit_layers, depth, stop, readout)
+        return readout
+
+    def _embedded(self, rows: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> Batch:
+        width = int(lengths.max())
+        hidden, context = self.embed_batch(ids[:, :width], self.mask_of(lengths, width))
+        bound = self._device.upload(context) if self._device else {}
+        return Batch(rows, lengths, self.readout_positions(ids, lengths), hidden, context, bound)
+
+    def _layer(
+        self, index: int, hidden: np.ndarray | ort.OrtValue, context: Context, bound: dict[str, ort.OrtValue]
+    ) -> np.ndarray | ort.OrtValue:
+        """Layer `index` (0-based) on the device where there is one (the states stay there), else on the host."""
+        if self._device:
+            return self._device.run(self.layer_sessions[index], hidden, bound)
+        return self.run_layer(index, hidden, context)
+
+    @staticmethod
+    def _host(hidden: np.ndarray | ort.OrtValue) -> np.ndarray:
+        return hidden.numpy() if isinstance(hidden, ort.OrtValue) else hidden
+
+    def _continue(
+        self, task: str, batch: Batch, exit_layers: np.ndarray, depth: int, stop: StopFn | None, readout: Readout
+    ) -> None:
+        """`batch` (its states after `depth` layers) through the layers up to each row's exit, read out into
+        `readout`; rows with exit 0 are dropped, rows with an exit up to `depth` are read out at `depth`."""
+        rows, lengths, pos, hidden, context, bound = batch
+        exits = exit_layers[rows]
+        keep = exits > 0
+        if not keep.all():
+            rows, exits, pos, lengths = rows[keep], exits[keep], pos[keep], lengths[keep]
+            if not keep.any():
+                return
             width = int(lengths.max())
-            mask = self.mask_of(lengths, width)
-            hidden, context = self.embed_batch(ids[:, :width], mask)
-            device = self._device
-            bound = device.upload(context) if device else {}
-            for layer in range(1, int(exits.max()) + 1):
-                leaving = exits == layer
-                if device:
-                    state = device.run(self.layer_sessions[layer - 1], hidden, bound)
-                    if stop is None and not leaving.any():
-                        hidden = state  # stays on the device
-                        continue
-                    hidden = state.numpy()
-                else:
-                    hidden = self.run_layer(layer - 1, hidden, context)
-                    if stop is None and not leaving.any():
-                        continue
-                pooled = pool(hidden, mask, pos)
-                if stop is not None:
-                    leaving |= stop(layer, pooled)
-                if leaving.any():
-                    done = rows[leaving]
-                    out[done] = self.head(task, hidden[leaving, pos[leaving]])
-                    pooled_out[done], left_at[done] = pooled[leaving], layer
-                    keep = ~leaving
-                    if not keep.any():
-                        break
-                    rows, exits, pos, lengths = rows[keep], exits[keep], pos[keep], lengths[keep]
-                    width = int(lengths.max())
-                    hidden, context = hidden[keep, :width], self.take_rows(context, keep, width)
+            hidden, context = self._host(hidden)[keep, :width], self.take_rows(context, keep, width)
+            bound = self._device.upload(context) if self._device else {}
+        layer = depth
+        while True:
+            if layer > 0:
+                leaving = exits <= layer
+                if stop is not None or leaving.any():
+                    hidden = self._host(hidden)
                     mask = context["attention_mask"]
-                    bound = device.upload(context) if device else {}
-        return Readout(out, pooled_out, left_at)
+                    pooled = pool(hidden, mask, pos)
+                    if stop is not None:
+                        leaving |= stop(layer, pooled)
+                    if leaving.any():
+                        done = rows[leaving]
+                        readout.logits[done] = self.head(task, hidden[leaving, pos[leaving]])
+                        readout.pooled[done], readout.exits[done] = pooled[leaving], layer
+                        keep = ~leaving
+                        if not keep.any():
+                            return
+                        rows, exits, pos, lengths = rows[keep], exits[keep], pos[keep], lengths[keep]
+                        width = int(lengths.max())
+                        hidden, context = hidden[keep, :width], self.take_rows(context, keep, width)
+                        bound = self._device.upload(context) if self._device else {}
+            hidden = self._layer(layer, hidden, context, bound)
+            layer += 1
 
     # -- retrieval keys -----------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import asdict, dataclass
 
@@ -18,6 +19,8 @@ POLICY_META_KEY = b"raee_policy"
 #: strategies' fitted settings (raee_ops.probe_policy): in the exit table's own metadata, so they commit with it.
 PROBES_META_KEY = b"raee_probes"
 PROBE_POLICY_META_KEY = b"raee_probe_policy"
+#: A `layer-N` key's standardization, fitted on the table's rows (raee_ops.layer_key): queries need the same one.
+LAYER_KEY_META_KEY = b"raee_layer_key"
 #: Pooled hidden states per layer: staged by build-db's workers (every pooling), kept for the probes' fit rows in
 #: the companion table `<table>__features` (the chosen pooling) so that append can refit the probes.
 FEATURES = "features"
@@ -106,3 +109,14 @@ class TableMeta:
     def decode(cls, schema: pa.Schema) -> TableMeta | None:
         raw = (schema.metadata or {}).get(TABLE_META_KEY)
         return cls(**json.loads(raw)) if raw else None
+
+
+def encode_array(array: np.ndarray) -> dict:
+    """A float32 array as table metadata holds it (probes, a layer key's standardization): plain JSON, never a
+    pickle, so a database cannot run code in a worker."""
+    a = np.ascontiguousarray(array, np.float32)
+    return {"shape": list(a.shape), "f32": base64.b64encode(a.tobytes()).decode()}
+
+
+def decode_array(raw: dict) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(raw["f32"]), np.float32).reshape(raw["shape"])

@@ -1,0 +1,64 @@
+"""Retrieval keys read from the backbone itself (`--embedder layer-N`): a row's mean hidden state over its prompt's
+real tokens after the backbone's first N layers, standardized with the reference rows' mean and spread, then
+L2-normalized.
+
+Why: a row that runs layers computes that state anyway, so its key costs only layers 1..N, which it reuses, where
+the MiniLM key is a second model run on every row. bench/key_policy.py (split halves of reference tables, rows only):
+the default scored the same macro metric with a layer-1 key as with MiniLM's at 0.86x (SmolLM2), 0.76x (Gemma 3)
+and 0.36x (minilm-l6) the layers. Standardizing matters: a few hidden dimensions of a decoder are orders of
+magnitude larger than the rest and would decide every cosine. build-db fits the standardization on the table's
+rows and stores it with the table as plain arrays (like the probes); append keeps it, so old and new keys stay
+comparable; queries go through the same one (Retriever.search).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from raee_ops.errors import RaeeConfigError
+from raee_ops.schemas.tables import decode_array, encode_array
+
+PREFIX = "layer-"
+
+
+def layer_depth(embedder: str | None) -> int | None:
+    """N of a `layer-N` key, None for any other key."""
+    if not embedder or not embedder.startswith(PREFIX):
+        return None
+    raw = embedder[len(PREFIX) :]
+    if not raw.isdigit() or int(raw) < 1:
+        raise RaeeConfigError(f"key {embedder!r}: N of layer-N must be a positive integer")
+    return int(raw)
+
+
+@dataclass(frozen=True)
+class LayerKey:
+    """The standardization of one table's layer-N keys: key = unit((state - mean) / scale)."""
+
+    depth: int
+    mean: np.ndarray  # H
+    scale: np.ndarray  # H
+
+    @classmethod
+    def fit(cls, depth: int, states: np.ndarray) -> LayerKey:
+        states = np.asarray(states, np.float64)
+        return cls(
+            depth, states.mean(axis=0).astype(np.float32), np.maximum(states.std(axis=0), 1e-6).astype(np.float32)
+        )
+
+    def apply(self, states: np.ndarray) -> np.ndarray:
+        z = (np.asarray(states, np.float32) - self.mean) / self.scale
+        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {"depth": self.depth, "mean": encode_array(self.mean), "scale": encode_array(self.scale)}
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> LayerKey:
+        d = json.loads(raw)
+        return cls(int(d["depth"]), decode_array(d["mean"]), decode_array(d["scale"]))

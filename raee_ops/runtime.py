@@ -435,39 +435,38 @@ class SegmentRuntime:
     ) -> None:
         """`batch` (its states after `depth` layers) through the layers up to each row's exit, read out into
         `readout`; rows with exit 0 are dropped, rows with an exit up to `depth` are read out at `depth`."""
-        rows, lengths, pos, hidden, context, bound = batch
-        exits = exit_layers[rows]
-        keep = exits > 0
-        if not keep.all():
-            rows, exits, pos, lengths = rows[keep], exits[keep], pos[keep], lengths[keep]
-            if not keep.any():
-                return
-            width = int(lengths.max())
-            hidden, context = self._host(hidden)[keep, :width], self.take_rows(context, keep, width)
-            bound = self._device.upload(context) if self._device else {}
+        running = exit_layers[batch.rows] > 0
+        if not running.any():
+            return
+        if not running.all():
+            batch = self._kept(batch, running)
         layer = depth
         while True:
             if layer > 0:
-                leaving = exits <= layer
+                leaving = exit_layers[batch.rows] <= layer
                 if stop is not None or leaving.any():
-                    hidden = self._host(hidden)
-                    mask = context["attention_mask"]
-                    pooled = pool(hidden, mask, pos)
+                    hidden = self._host(batch.hidden)
+                    pooled = pool(hidden, batch.context["attention_mask"], batch.pos)
                     if stop is not None:
                         leaving |= stop(layer, pooled)
                     if leaving.any():
-                        done = rows[leaving]
-                        readout.logits[done] = self.head(task, hidden[leaving, pos[leaving]])
+                        done = batch.rows[leaving]
+                        readout.logits[done] = self.head(task, hidden[leaving, batch.pos[leaving]])
                         readout.pooled[done], readout.exits[done] = pooled[leaving], layer
-                        keep = ~leaving
-                        if not keep.any():
+                        if leaving.all():
                             return
-                        rows, exits, pos, lengths = rows[keep], exits[keep], pos[keep], lengths[keep]
-                        width = int(lengths.max())
-                        hidden, context = hidden[keep, :width], self.take_rows(context, keep, width)
-                        bound = self._device.upload(context) if self._device else {}
-            hidden = self._layer(layer, hidden, context, bound)
+                        batch = self._kept(batch._replace(hidden=hidden), ~leaving)
+            batch = batch._replace(hidden=self._layer(layer, batch.hidden, batch.context, batch.bound))
             layer += 1
+
+    def _kept(self, batch: Batch, keep: np.ndarray) -> Batch:
+        """Rows `keep` of a batch, its columns trimmed to their longest row (right padding: a column slice)."""
+        lengths = batch.lengths[keep]
+        width = int(lengths.max())
+        context = self.take_rows(batch.context, keep, width)
+        hidden = self._host(batch.hidden)[keep, :width]
+        bound = self._device.upload(context) if self._device else {}
+        return Batch(batch.rows[keep], lengths, batch.pos[keep], hidden, context, bound)
 
     # -- retrieval keys -----------------------------------------------------------------------------------
 

@@ -16,8 +16,9 @@ better informed than a half's own would be; alike for every key).
 Cost, in layers of the backbone per row, measured on the same rows in this run: `minilm` costs its key (the MiniLM
 graph's time over the time of one backbone layer) plus the row's exit layer (0 at exit 0). `layer-N` costs at least
 N layers, as the key runs layers 1..N, which a row going further reuses; a row the fitted rule would let out before
-layer N is read out at N (it ran that far for its key). The fit itself does not know of either adjustment, so
-this measures layer keys as a drop-in for today's policy fit, not as well as they could be fitted.
+layer N is read out at N (it ran that far for its key). The fit here does not know of either adjustment (it
+runs as build-db's fit did before build-db learnt to count a layer key's layers), so this measures layer keys as a
+drop-in for the MiniLM-keyed fit.
 """
 
 from __future__ import annotations

@@ -91,6 +91,7 @@ def assemble(
     new = pa.concat_tables([storage.read_parquet(s, columns=layer_fields) for s in shards] or [staged.empty_table()])
     new = new.select(layer_fields).cast(pa.schema([staged.field(n) for n in layer_fields]))
     new, layer_key = _layer_keyed(meta, new, old)
+    key_depth = layer_key.depth if layer_key else 0  # layers every row runs for its key: the fits count them
     old_probes = None
     if old is not None:
         if "probe_correct" not in old.column_names or old_features is None:
@@ -148,7 +149,15 @@ def assemble(
         key_lp = probes.key.log_probs(vectors)
         key_lp[fit_rows] = fitted.key_oof
         probe_policy = fit_probe_policy(
-            vectors, labels, probe_lp, key_lp, num_labels, metric, layer_budget=layer_budget, groups=groups
+            vectors,
+            labels,
+            probe_lp,
+            key_lp,
+            num_labels,
+            metric,
+            layer_budget=layer_budget,
+            groups=groups,
+            key_depth=key_depth,
         )
         kept = features[:, :, poolings.index(probes.pooling)]
     else:
@@ -157,7 +166,7 @@ def assemble(
     data = _with_probe_columns(layers, probe_lp, labels, pa.array(group_names, pa.string()), schema)
     if rows >= 2 and label_word_head:  # the fused policy reads the label-word head: none without one
         head_lp = flat_values(data, "layer_logprobs").reshape(rows, num_layers, num_labels)
-        policy = fit_fused_policy(vectors, labels, head_lp, num_labels, metric, groups=groups)
+        policy = fit_fused_policy(vectors, labels, head_lp, num_labels, metric, groups=groups, key_depth=key_depth)
     extra = {
         POLICY_META_KEY: json.dumps(policy.to_dict()).encode() if policy else None,
         PROBES_META_KEY: probes.to_json() if probes else None,

@@ -217,10 +217,11 @@ def fit_fused_policy(
     metric_name: str = "accuracy",
     seed: int = 0,
     groups: np.ndarray | None = None,
+    key_depth: int = 0,
 ) -> FusedPolicy:
     """Leave-one-out on the reference rows (vectors N×D normalized, labels N, logprobs N×L×C; with `groups`,
     leave-one-group-out), scored with the task's metric so that a skewed task does not collapse to its majority
-    label."""
+    label. `key_depth`: a layer key's N, which every row runs and leaves at the earliest."""
     metric = METRICS[metric_name]
     n = len(labels)
     bias = prior_bias(logprobs, labels, num_labels)
@@ -238,12 +239,12 @@ def fit_fused_policy(
         vote = label_vote(labels[top[:, :k]], top_sims[:, :k], num_labels)
         by_vote = {tau: retrieval_only(vote, tau) for tau in TAU_GRID}
         for epsilon in EPSILON_GRID:
-            exits = earliest_within(accuracy_by_layer, epsilon)
+            exits = np.maximum(earliest_within(accuracy_by_layer, epsilon), key_depth)
             at_exit = own_logits[np.arange(len(queries)), exits - 1]
             fused = {alpha: np.argmax(fuse(at_exit, vote, alpha), axis=1) for alpha in ALPHA_GRID}
             for alpha, tau in itertools.product(ALPHA_GRID, TAU_GRID):
                 pred = np.where(by_vote[tau], vote.argmax(axis=1), fused[alpha])
-                cost = float(np.where(by_vote[tau], 0, exits).mean())
+                cost = float(np.where(by_vote[tau], key_depth, exits).mean())
                 score = metric(truth, pred, num_labels)
                 trials.append(Trial(score, accuracy(truth, pred), cost, (k, alpha, epsilon, tau), pred))
     chosen = one_se_choice(trials, metric, truth, num_labels, seed)

@@ -114,9 +114,11 @@ def fit_probe_policy(
     seed: int = 0,
     layer_budget: float = DEFAULT_LAYER_BUDGET,
     groups: np.ndarray | None = None,
+    key_depth: int = 0,
 ) -> ProbePolicy:
     """vectors N×D normalized, labels N, probe_logprobs N×L×C and key_logprobs N×C out of fold (out of group
-    with `groups`, N ints: rows of a query's group are never its neighbours)."""
+    with `groups`, N ints: rows of a query's group are never its neighbours). `key_depth`: a layer key's N, which
+    every row runs (exit 0 included) and leaves at the earliest, as classify runs it."""
     metric = METRICS[metric_name]
     n, num_layers = probe_logprobs.shape[:2]
     rng = np.random.default_rng(seed)
@@ -138,13 +140,13 @@ def fit_probe_policy(
         at_zero = {beta: mix(key_probs, vote, beta) for beta in BETA_GRID}
         for shrink, epsilon, t in itertools.product(SHRINK_GRID, EPSILON_GRID, T_GRID):
             curve = shrink * neighbours_curve + (1.0 - shrink) * reference_curve[None, :]
-            exits = confident_exits(confidence, earliest_within(curve, epsilon), t)
+            exits = np.maximum(confident_exits(confidence, earliest_within(curve, epsilon), t), key_depth)
             at_exit = probs[rows, exits - 1]
             answers = {alpha: mix(at_exit, vote, alpha).argmax(axis=1) for alpha in ALPHA_GRID}
             for alpha, beta, tau in itertools.product(ALPHA_GRID, BETA_GRID, TAU_GRID):
                 zero = np.zeros(len(rows), bool) if tau is None else at_zero[beta].max(axis=1) >= tau - 1e-9
                 pred = np.where(zero, at_zero[beta].argmax(axis=1), answers[alpha])
-                cost = float(np.where(zero, 0, exits).mean())
+                cost = float(np.where(zero, key_depth, exits).mean())
                 settings = (k, shrink, epsilon, alpha, beta, tau, t)
                 trials.append(Trial(metric(truth, pred, num_labels), accuracy(truth, pred), cost, settings, pred))
     chosen = best_within_budget(trials, layer_budget * num_layers)

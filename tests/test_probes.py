@@ -116,6 +116,18 @@ def test_probe_policy_takes_the_most_accurate_setting_within_the_layer_budget():
     assert fitted[1.0].loo_mean_exit > 5.0 and fitted[1.0].loo_metric > fitted[0.5].loo_metric
 
 
+def test_a_layer_keys_layers_count_against_the_budget_and_no_row_leaves_before_them():
+    """With a layer-3 key every row runs 3 layers, answered at exit 0 or not: the fit counts them."""
+    n, layers = 200, 10
+    _, labels, vectors = _reference_rows(n, 8)
+    probs = np.full((n, layers, 2), 0.02)  # every layer right and confident: alone, the fit leaves at layer 1
+    probs[np.arange(n), :, labels] = 0.98
+    args = (vectors, labels, np.log(probs), np.log(np.full((n, 2), 0.5)), 2, "accuracy")
+    plain, keyed = fit_probe_policy(*args), fit_probe_policy(*args, key_depth=3)
+    assert plain.loo_mean_exit == 1.0
+    assert keyed.loo_mean_exit == 3.0 and keyed.loo_metric == 1.0
+
+
 def _copies(n: int, seed: int, copies: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n rows in groups of `copies` near-copies (same label, almost the same 64-d key); labels random across
     groups, so a row's label says nothing about any other group's."""

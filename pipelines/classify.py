@@ -24,6 +24,7 @@ from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 from raee_ops import storage
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import refuse_head, resolve
+from raee_ops.layer_key import layer_depth
 from raee_ops.readout import describe
 from raee_ops.retrieval import (
     check_meta,
@@ -49,6 +50,7 @@ class ClassifySummary:
     output_dir: str
     beam_exit_counts: dict[int, int] | None = field(default=None)
     table_version: int | None = None
+    key_depth: int = 0  # a layer-N table's N: rows that retrieve ran those layers for their key
 
     @property
     def mean_exit(self) -> float:
@@ -68,12 +70,16 @@ class ClassifySummary:
                 f"rows in: {self.rows_in}  predicted: {self.predicted}  rejected: {self.rejected}  "
                 f"(in = predicted + rejected: {balance})",
                 f"mean exit layer: {self.mean_exit:.2f} of {self.num_layers}",
-                f"exits per layer (0: retrieval alone, no layer run): {exits}",
+                f"exits per layer (0: retrieval alone, {self._zero_cost()}): {exits}",
                 f"beam exit counters: {counters}",
                 f"table version read: {self.table_version}",
                 f"outputs: {self.output_dir}",
             ]
         )
+
+    def _zero_cost(self) -> str:
+        plural = "s" if self.key_depth > 1 else ""
+        return f"after the key's {self.key_depth} layer{plural}" if self.key_depth else "no layer run"
 
     def check(self, max_rejected: float) -> None:
         """Refuse a published run whose rejected share is over `max_rejected` (exit code 4)."""
@@ -185,6 +191,7 @@ def run_classify(
             output_dir,
             beam_exit_counts(result),
             version,
+            layer_depth(embedder) or 0,
         )
         if rows_in != predicted + rejected or summary.beam_exit_counts not in (None, summary.exit_counts):
             raise CountMismatch(

@@ -91,7 +91,7 @@ def test_build_db_stores_standardized_keys_and_classify_answers_as_evaluate_scor
     summary = run_classify(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(test)], str(root / "out"), 5, None)
     predictions = pa.concat_tables([pq.read_table(f) for f in sorted((root / "out").glob("predictions-*"))])
     accuracy = float(np.mean(predictions.column("prediction").to_numpy() == predictions.column("label").to_numpy()))
-    assert summary.predicted == 120
+    assert summary.predicted == 120 and f"0: retrieval alone, after the key's {DEPTH} layers" in summary.render()
     assert accuracy == pytest.approx(report["strategies"]["probe-fused"]["accuracy"], abs=1e-9)
     histogram = report["strategies"]["probe-fused"]["exit_histogram"]
     assert summary.exit_counts == {layer: n for layer, n in enumerate(histogram) if n}

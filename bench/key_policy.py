@@ -35,6 +35,7 @@ from raee_ops.schemas.tables import flat_values
 
 from raee_ops.calibration import K_GRID
 from raee_ops.exit_policy import Context, Neighbours, resolve
+from raee_ops.layer_key import LayerKey
 from raee_ops.metrics import task_metric
 from raee_ops.probe_policy import ProbePolicy, confident_exits, fit_probe_policy
 from raee_ops.probes import _choose_c, _fit, _folds  # the key probe exactly as build-db fits it
@@ -77,12 +78,6 @@ def reference_rows(preset: str, task_name: str, runtime: SegmentRuntime) -> dict
 def mean_after(runtime: SegmentRuntime, task: str, prompts: list[str], depth: int) -> np.ndarray:
     pooled = runtime.run_to_exit_pooled(task, prompts, np.full(len(prompts), depth)).pooled
     return pooled[:, POOLINGS.index("mean")].astype(np.float32)
-
-
-def layer_key(states: np.ndarray, fit: np.ndarray) -> np.ndarray:
-    """Standardized with the fit rows' mean and spread, then L2-normalized."""
-    z = (states - states[fit].mean(axis=0)) / (states[fit].std(axis=0) + 1e-6)
-    return z / np.linalg.norm(z, axis=1, keepdims=True)
 
 
 def key_probe(keys: np.ndarray, labels: np.ndarray, fit: np.ndarray, num_labels: int) -> np.ndarray:
@@ -148,7 +143,7 @@ def one_task(preset: str, runtime: SegmentRuntime, task_name: str, splits: int) 
         fit, held = np.sort(order[: n // 2]), np.sort(order[n // 2 :])
         for name in names:
             depth = 0 if name == EMBEDDER else int(name.split("-")[1])
-            keys = rows["minilm"] if depth == 0 else layer_key(states[depth], fit)
+            keys = rows["minilm"] if depth == 0 else LayerKey.fit(depth, states[depth][fit]).apply(states[depth])
             key_lp = key_probe(keys, labels, fit, num_labels)
             policy = fit_probe_policy(
                 keys[fit], labels[fit], rows["probe_lp"][fit], key_lp[fit], num_labels, metric_name

@@ -600,12 +600,13 @@ def render_keys(result: Doc) -> list[str]:
         f"{tasks[0]['rows']:,} seeded train rows per task ({result['preset']}'s layers for `layer-N`), the k="
         f"{result['k']} neighbours' vote leave-one-out, scored with the task's metric; rows/s of the key alone.",
         "",
-        "| task | metric | " + " | ".join(names) + " |",
-        "|---|---|" + "---|" * len(names),
     ]
-    for t in tasks:
-        cells = [f"{_fmt(t['keys'][n]['vote_score'])} @ {t['keys'][n]['rows_per_s']:,.0f}/s" for n in names]
-        lines.append(f"| {t['task']} | {t['metric']} | " + " | ".join(cells) + " |")
+    cell = "{} @ {:,.0f}/s".format
+    rows = [
+        [t["task"], t["metric"], *(cell(_fmt(t["keys"][n]["vote_score"]), t["keys"][n]["rows_per_s"]) for n in names)]
+        for t in tasks
+    ]
+    lines += _table(["task", "metric", *names], rows)
     best = {t["task"]: max(names, key=lambda n: t["keys"][n]["vote_score"]) for t in tasks}
     overlap = [t["keys"]["minilm-int8"]["top_k_overlap_with_fp32"] for t in tasks]
     delta = [t["keys"]["minilm-int8"]["vote_score"] - t["keys"]["minilm"]["vote_score"] for t in tasks]
@@ -636,21 +637,19 @@ def render_key_policy(result: Doc) -> list[str]:
     for entry in result["presets"]:
         tasks = entry["tasks"]
         names = list(tasks[0]["keys"])
-        lines += [
-            "",
-            f"**{entry['preset']}** ({entry['num_layers']} layers)",
-            "",
-            "| task | metric | MiniLM key in layers | " + " | ".join(names) + " |",
-            "|---|---|---|" + "---|" * len(names),
+        cell = "{} @ {:.1f}".format
+        rows = [
+            [t["task"], t["metric"], f"{t['key_layers']:.1f}"]
+            + [cell(_fmt(t["keys"][n]["metric"]), t["keys"][n]["layers"]) for n in names]
+            for t in tasks
         ]
-        for t in tasks:
-            cells = [f"{_fmt(t['keys'][n]['metric'])} @ {t['keys'][n]['layers']:.1f}" for n in names]
-            lines.append(f"| {t['task']} | {t['metric']} | {t['key_layers']:.1f} | " + " | ".join(cells) + " |")
         macro = {
             n: (_mean([t["keys"][n]["metric"] for t in tasks]), _mean([t["keys"][n]["layers"] for t in tasks]))
             for n in names
         }
-        lines.append("| **macro** |  |  | " + " | ".join(f"{_fmt(m)} @ {c:.1f}" for m, c in macro.values()) + " |")
+        rows.append(["**macro**", "", "", *(cell(_fmt(m), c) for m, c in macro.values())])
+        header = ["task", "metric", "MiniLM key in layers", *names]
+        lines += ["", f"**{entry['preset']}** ({entry['num_layers']} layers)", "", *_table(header, rows)]
         base_metric, base_cost = macro[names[0]]
         parts = []
         for n in names[1:]:

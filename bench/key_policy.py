@@ -39,7 +39,7 @@ from raee_ops.layer_key import LayerKey
 from raee_ops.metrics import task_metric
 from raee_ops.probe_policy import ProbePolicy, confident_exits, fit_probe_policy
 from raee_ops.probes import _choose_c, _fit, _folds  # the key probe exactly as build-db fits it
-from raee_ops.runtime import POOLINGS, SegmentRuntime
+from raee_ops.runtime import SegmentRuntime, mean_states
 from raee_ops.tasks import get_task
 
 EMBEDDER = "minilm"
@@ -77,7 +77,7 @@ def reference_rows(preset: str, task_name: str, runtime: SegmentRuntime) -> dict
 
 def mean_after(runtime: SegmentRuntime, task: str, prompts: list[str], depth: int) -> np.ndarray:
     pooled = runtime.run_to_exit_pooled(task, prompts, np.full(len(prompts), depth)).pooled
-    return pooled[:, POOLINGS.index("mean")].astype(np.float32)
+    return mean_states(pooled).astype(np.float32)
 
 
 def key_probe(keys: np.ndarray, labels: np.ndarray, fit: np.ndarray, num_labels: int) -> np.ndarray:

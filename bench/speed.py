@@ -43,7 +43,7 @@ from raee_ops import exit_policy
 from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.readout import read_out
 from raee_ops.retrieval import Retriever
-from raee_ops.runtime import POOLINGS, SUB_BATCH, SegmentRuntime, process_thread_pool, session_options
+from raee_ops.runtime import SUB_BATCH, SegmentRuntime, mean_states, process_thread_pool, session_options
 from raee_ops.tasks import Task, get_task
 
 PRESETS = ("smollm2-135m", "gemma3-270m", "minilm-l6")
@@ -272,7 +272,7 @@ class Core:
         if wanted:  # as the handler: no key and no search for strategies that do not retrieve
             with timer() as t:  # a layer key: its layers, which the rows then continue from
                 start = rt.prefix(rows.prompts, ctx.key_depth) if ctx.key_depth else None
-                keys = start.pooled[:, POOLINGS.index("mean")] if start else rt.key(EMBEDDER, rows.texts)
+                keys = mean_states(start.pooled) if start else rt.key(EMBEDDER, rows.texts)
             self.seconds["key"] = t.s
             with timer() as t:
                 neighbours = self.retriever.search(keys, wanted)

@@ -31,7 +31,7 @@ from raee_ops.progress import interactive
 from raee_ops.readout import answer_batch
 from raee_ops.retrieval import Retriever
 from raee_ops.rows import INTERNAL, ROW_ID, internal_errors
-from raee_ops.runtime import POOLINGS, SegmentRuntime
+from raee_ops.runtime import SegmentRuntime, mean_states
 from raee_ops.tasks import Task
 
 
@@ -212,7 +212,7 @@ class BuildHandler(_RaeeHandler):
         correct = pred == labels[:, None]
         first = np.where(correct.any(axis=1), correct.argmax(axis=1) + 1, 0)
         depth = layer_depth(self.embedder)  # a layer key's state is here already; the driver standardizes it
-        keys = pooled[depth - 1, :, POOLINGS.index("mean")] if depth else self.keys(runtime, table)
+        keys = mean_states(pooled[depth - 1]) if depth else self.keys(runtime, table)
         schema = self.schema(runtime.manifest)
         n, layers = len(labels), runtime.num_layers
 
@@ -288,7 +288,7 @@ class ClassifyHandler(_RaeeHandler):
         if not wanted:
             neighbours = Neighbours.none(table.num_rows, context.num_layers, context.num_labels)
         else:
-            keys = start.pooled[:, POOLINGS.index("mean")] if start else self.keys(runtime, table)
+            keys = mean_states(start.pooled) if start else self.keys(runtime, table)
             neighbours = model.retriever.search(keys, wanted)
         probs, exits = answer_batch(runtime, self.task.name, prompts, strategy, neighbours, context, start)
         for layer, count in zip(*np.unique(exits, return_counts=True), strict=True):

@@ -123,6 +123,12 @@ def readout_positions(ids: np.ndarray, lengths: np.ndarray, readout: str, mask_t
 POOLINGS = ("mean", "readout")
 
 
+def mean_states(pooled: np.ndarray) -> np.ndarray:
+    """The mean pooling's states of pooled arrays, ...×POOLINGS×H -> ...×H: what a layer-N key is read from (build-db
+    from every layer's pooled states, classify from a prefix's)."""
+    return pooled[..., POOLINGS.index("mean"), :]
+
+
 def pool(hidden: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """B×POOLINGS×H: masked mean over tokens and the readout token of B×T×H hidden states, in float16 (what build-db
     stages and stores, so the probes see at classify time exactly what they were fitted and scored on)."""

@@ -83,6 +83,11 @@ def earliest_within(accuracy: np.ndarray, epsilon: float) -> np.ndarray:
     return (np.argmax(good, axis=1) + 1).astype(np.int32)
 
 
+def not_before_key(exits: np.ndarray, key_depth: int) -> np.ndarray:
+    """Exits as rows of a layer-N table leave: none before N, which they ran for their key; exit 0 stays 0."""
+    return np.where(exits > 0, np.maximum(exits, key_depth), exits)
+
+
 def label_vote(labels: np.ndarray, similarity: np.ndarray, num_labels: int) -> np.ndarray:
     """B×C similarity-weighted distribution of the neighbours' labels (kNN-LM style)."""
     w = similarity_weights(similarity)
@@ -239,7 +244,7 @@ def fit_fused_policy(
         vote = label_vote(labels[top[:, :k]], top_sims[:, :k], num_labels)
         by_vote = {tau: retrieval_only(vote, tau) for tau in TAU_GRID}
         for epsilon in EPSILON_GRID:
-            exits = np.maximum(earliest_within(accuracy_by_layer, epsilon), key_depth)
+            exits = not_before_key(earliest_within(accuracy_by_layer, epsilon), key_depth)
             at_exit = own_logits[np.arange(len(queries)), exits - 1]
             fused = {alpha: np.argmax(fuse(at_exit, vote, alpha), axis=1) for alpha in ALPHA_GRID}
             for alpha, tau in itertools.product(ALPHA_GRID, TAU_GRID):

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from raee_ops import storage
-from raee_ops.calibration import label_vote
+from raee_ops.calibration import label_vote, not_before_key
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES, Context, Neighbours, Strategy, refuse_head, resolve
 from raee_ops.metrics import Metric, accuracy, task_metric
@@ -135,7 +135,7 @@ def _strategy_report(
         logprobs = probe_lp
         exits = confident_exits(np.exp(probe_lp.max(axis=2)).T, exits, strategy.threshold(ctx))
     if ctx.key_depth and strategy.neighbours(ctx):  # as the runtime reads them out, from the key's layers on
-        exits = np.where((exits > 0) & (exits < ctx.key_depth), ctx.key_depth, exits).astype(np.int32)
+        exits = not_before_key(exits, ctx.key_depth)
     # exit 0 runs no layer: its logits are zeros, as run_to_exit returns them
     at_exit = np.where((exits > 0)[:, None], logprobs[np.maximum(exits, 1) - 1, np.arange(len(labels))], 0.0)
     pred = strategy.answer(at_exit, exits, nb, ctx).argmax(axis=1)

@@ -34,6 +34,7 @@ from raee_ops.calibration import (
     left_out,
     loo_neighbours,
     neighbour_accuracy,
+    not_before_key,
 )
 from raee_ops.metrics import METRICS, accuracy
 
@@ -140,7 +141,7 @@ def fit_probe_policy(
         at_zero = {beta: mix(key_probs, vote, beta) for beta in BETA_GRID}
         for shrink, epsilon, t in itertools.product(SHRINK_GRID, EPSILON_GRID, T_GRID):
             curve = shrink * neighbours_curve + (1.0 - shrink) * reference_curve[None, :]
-            exits = np.maximum(confident_exits(confidence, earliest_within(curve, epsilon), t), key_depth)
+            exits = not_before_key(confident_exits(confidence, earliest_within(curve, epsilon), t), key_depth)
             at_exit = probs[rows, exits - 1]
             answers = {alpha: mix(at_exit, vote, alpha).argmax(axis=1) for alpha in ALPHA_GRID}
             for alpha, beta, tau in itertools.product(ALPHA_GRID, BETA_GRID, TAU_GRID):

@@ -4,8 +4,8 @@ L2-normalized.
 
 Why: a row that runs layers computes that state anyway, so its key costs only layers 1..N, which it reuses, where
 the MiniLM key is a second model run on every row. bench/key_policy.py (split halves of reference tables, rows only):
-the default scored the same macro metric with a layer-1 key as with MiniLM's at 0.86x (SmolLM2), 0.76x (Gemma 3)
-and 0.36x (minilm-l6) the layers. Standardizing matters: a few hidden dimensions of a decoder are orders of
+the default scored the same macro metric with a layer-1 key as with MiniLM's at 0.82x (SmolLM2), 0.78x (Gemma 3)
+and 0.34x (minilm-l6) the layers. Standardizing matters: a few hidden dimensions of a decoder are orders of
 magnitude larger than the rest and would decide every cosine. build-db fits the standardization on the table's
 rows and stores it with the table as plain arrays (like the probes); append keeps it, so old and new keys stay
 comparable; queries go through the same one (Retriever.search).

@@ -94,7 +94,7 @@ def default_run(preset: str, artifacts: Path) -> dict[str, Any]:
     return {
         "strategy": DEFAULT_STRATEGY,
         "texts": rows.texts,
-        "prompts": rows.prompts,
+        "prompts": rows.rendered(core.form),
         "exits": core.exits.tolist(),
         "stops_early": stop_rule(core.strategy, core.context) is not None,
         "cpu_phase_s": core.seconds,

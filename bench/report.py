@@ -201,7 +201,7 @@ def _baselines(result: Doc) -> list[str]:
     if not tasks:
         return []
     names = list(tasks[0]["baselines"])
-    header = ["task", "metric", "probe pooling (best layer)"] + names
+    header = ["task", "metric", "probe view (best layer)"] + names
     rows: list[list[Any]] = [
         [t["task"], t["metric"], f"{t['probe_pooling']} (L{t['probe_best_layer']})"]
         + [_strategy_cell(t["baselines"][n]) for n in names]
@@ -534,8 +534,8 @@ def _compute_limit_goals(result: Doc, name: str, chains: bool = True) -> list[st
 def render_probe_fit(result: Doc) -> list[str]:
     """build-db's probe fit at its row cap and the probe policy fit on a large table (bench/probe_fit.py)."""
     return [
-        f"Probes: {result['fit_rows']:,} fit rows (C and pooling chosen on {result['cv_rows']:,}), {result['layers']} "
-        f"layers × {result['poolings']} poolings × hidden {result['hidden']} (SmolLM2's shape, synthetic features): "
+        f"Probes: {result['fit_rows']:,} fit rows (C and view chosen on {result['cv_rows']:,}), {result['layers']} "
+        f"layers × {result['views']} views × hidden {result['hidden']} (SmolLM2's shape, synthetic features): "
         f"**{result['probe_fit_s']} s**. Probe policy (leave-one-out) on a {result['policy_table_rows']:,}-row table: "
         f"**{result['policy_fit_s']} s**. Tables above {result['fit_rows']:,} rows fit their probes on a sample of "
         "that size, so this is the fit's cost at any larger size.",
@@ -744,7 +744,7 @@ def render_scaling(result: Doc) -> list[str]:
     """Reference-size scaling (bench/scaling.py): per size, each method's accuracy @ share of the layers run, and
     build-db's time; the plot beside it (bench/scaling.png)."""
     methods = result["methods"]
-    header = ["reference rows", "build-db s", "probe fit rows", "probe pooling (best layer)"] + methods
+    header = ["reference rows", "build-db s", "probe fit rows", "probe view (best layer)"] + methods
     header += ["default on reference (leave-one-group-out)", "without groups (leave-one-out)"]
     header += ["nearest row a phrase of the same sentence"]
     rows = [

@@ -105,6 +105,10 @@ class Rows:
     prompts: list[str]
     labels: np.ndarray
     ids: list[list[int]]
+    bare: list[str]  # the texts as the backbone reads them bare (tasks.FORMS), for probes that read that form
+
+    def rendered(self, form: str) -> list[str]:
+        return self.bare if form == "bare" else self.prompts
 
 
 def bench_rows(runtime: SegmentRuntime, data: Path, quick: bool) -> tuple[pa.Table, pa.Table, Rows, Rows]:
@@ -114,9 +118,10 @@ def bench_rows(runtime: SegmentRuntime, data: Path, quick: bool) -> tuple[pa.Tab
     reference = sample(data / TASK / "train.parquet", QUICK_REF_ROWS if quick else REF_ROWS, SEED)
     task = get_task(TASK)
     texts = [t.strip() for t in evaluation["text"].to_pylist()]
-    prompts = [task.render(t, suffix=runtime.suffix) for t in evaluation["text"].to_pylist()]
-    rows = Rows(texts, prompts, evaluation["label"].to_numpy(), runtime.encode(prompts))
-    warm = Rows(texts[:BATCH], prompts[:BATCH], rows.labels[:BATCH], rows.ids[:BATCH])
+    prompts = [task.render(t, suffix=runtime.suffix) for t in texts]
+    bare = [task.render(t, suffix=runtime.suffix, form="bare") for t in texts]
+    rows = Rows(texts, prompts, evaluation["label"].to_numpy(), runtime.encode(prompts), bare)
+    warm = Rows(texts[:BATCH], prompts[:BATCH], rows.labels[:BATCH], rows.ids[:BATCH], bare[:BATCH])
     return evaluation, reference, rows, warm
 
 
@@ -259,19 +264,21 @@ class Core:
         )
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
         self.exits = np.zeros(0, np.int32)
+        self.form = self.strategy.form(self.context)  # as the handler renders rows for this strategy
 
     def run(self, rows: Rows) -> np.ndarray:
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
         rt, strategy, ctx = self.runtime, self.strategy, self.context
+        prompts = rows.rendered(self.form)
         with timer() as t:
-            rt.token_lengths(rows.prompts)  # the handler's max_length check
+            rt.token_lengths(prompts)  # the handler's max_length check
         self.seconds["tokenize"] = t.s
         wanted = strategy.neighbours(ctx)
         neighbours = Neighbours.none(len(rows.texts), ctx.num_layers, ctx.num_labels)
         start = None
         if wanted:  # as the handler: no key and no search for strategies that do not retrieve
             with timer() as t:  # a layer key: its layers, which the rows then continue from
-                start = rt.prefix(rows.prompts, ctx.key_depth) if ctx.key_depth else None
+                start = rt.prefix(prompts, ctx.key_depth) if ctx.key_depth else None
                 keys = mean_states(start.pooled) if start else rt.key(EMBEDDER, rows.texts)
             self.seconds["key"] = t.s
             with timer() as t:
@@ -281,7 +288,7 @@ class Core:
             exits = strategy.exits(neighbours, ctx)
         self.seconds["exits"] = t.s
         with timer() as t:  # probes included: a probe is read where a row leaves (and tested where it may stop)
-            logits, self.exits = read_out(rt, TASK, rows.prompts, exits, strategy, ctx, start)
+            logits, self.exits = read_out(rt, TASK, prompts, exits, strategy, ctx, start)
         self.seconds["layers"] = t.s
         with timer() as t:
             probs = strategy.answer(logits, self.exits, neighbours, ctx)
@@ -298,7 +305,7 @@ def parts_alone(runtime: SegmentRuntime, core: Core, rows: Rows, warm: Rows) -> 
     num_layers = runtime.num_layers
 
     def depth(d: int) -> Callable[[Rows], np.ndarray]:
-        return lambda r: runtime.run_to_exit_pooled(TASK, r.prompts, np.full(len(r.prompts), d)).pooled
+        return lambda r: runtime.run_to_exit_pooled(TASK, r.rendered(core.form), np.full(len(r.texts), d)).pooled
 
     timings = timed_together({"1": depth(1), "all": depth(num_layers)}, rows, warm)
     one, every = timings["1"][1], timings["all"][1]

@@ -32,7 +32,7 @@ from raee_ops.readout import answer_batch
 from raee_ops.retrieval import Retriever
 from raee_ops.rows import INTERNAL, ROW_ID, internal_errors
 from raee_ops.runtime import SegmentRuntime, mean_states
-from raee_ops.tasks import Task
+from raee_ops.tasks import FORMS, Task
 
 
 def _beam_inference_base():
@@ -137,7 +137,7 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         self, batch: Sequence[pa.Table], model: Loaded, inference_args: dict[str, Any] | None = None
     ) -> Iterable[Outcome]:
         table = pa.concat_tables(batch)
-        prompts = self.prompts(model.runtime, table)
+        prompts = self.prompts(model.runtime, table, self.form(model))
         lengths = model.runtime.token_lengths(prompts)
         limit = model.runtime.manifest.max_length
         fits = lengths <= limit
@@ -169,10 +169,14 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         fault_point(f"batch:{self.command}")
         return [Outcome(rows_out, errors_out)]
 
-    def prompts(self, runtime: SegmentRuntime, table: pa.Table) -> list[str]:
+    def form(self, model: Loaded) -> str:
+        """The input form (tasks.FORMS) of the texts checked for length and handed to `predict`."""
+        return "prompt"
+
+    def prompts(self, runtime: SegmentRuntime, table: pa.Table, form: str) -> list[str]:
         texts = table.column(TEXT).to_pylist()
         pairs = table.column(TEXT_PAIR).to_pylist() if self.task.is_pair else [None] * len(texts)
-        return [self.task.render(t, p, suffix=runtime.suffix) for t, p in zip(texts, pairs, strict=True)]
+        return [self.task.render(t, p, runtime.suffix, form) for t, p in zip(texts, pairs, strict=True)]
 
     def keys(self, runtime: SegmentRuntime, table: pa.Table) -> np.ndarray:
         pairs = table.column(TEXT_PAIR).to_pylist() if self.task.is_pair else None
@@ -188,7 +192,9 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
 
 class BuildHandler(_RaeeHandler):
     """Labelled rows -> layer rows: the key, every layer's head prediction, correctness and log-probs, and every
-    layer's pooled hidden states (the probes' features; build-db's driver turns these into exit-table rows)."""
+    layer's pooled hidden states in every view (the probes' features; build-db's driver turns these into exit-table
+    rows). The prompt's pass gives the head's answers; each other input form is one more all-layer pass, for the
+    probes only."""
 
     command = "build-db"
 
@@ -206,6 +212,8 @@ class BuildHandler(_RaeeHandler):
     def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
         runtime = model.runtime
         logits, pooled = runtime.all_layers_pooled(self.task.name, prompts)
+        others = [runtime.all_layers_pooled(self.task.name, self.prompts(runtime, table, f))[1] for f in FORMS[1:]]
+        staged = np.concatenate([pooled, *others], axis=2)  # L×B×VIEWS×H: each form's poolings, FORMS in order
         logprobs = log_softmax(logits).transpose(1, 0, 2)  # B×L×C
         labels = table.column(LABEL).to_numpy()
         pred = logprobs.argmax(axis=2)
@@ -231,7 +239,7 @@ class BuildHandler(_RaeeHandler):
                     fixed(np.exp(np.take_along_axis(logprobs, labels[:, None, None], axis=2)), "layer_prob"),
                     fixed(logprobs.reshape(n, -1), "layer_logprobs"),
                     pa.array(first, pa.int32(), mask=first == 0),
-                    fixed(pooled.transpose(1, 0, 2, 3), FEATURES),
+                    fixed(staged.transpose(1, 0, 2, 3), FEATURES),
                 ],
                 schema=schema,
             )
@@ -280,6 +288,9 @@ class ClassifyHandler(_RaeeHandler):
 
     def empty(self, model: Loaded) -> pa.Table:
         return self.output_schema.empty_table()
+
+    def form(self, model: Loaded) -> str:
+        return model.strategy.form(model.context)
 
     def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
         runtime, strategy, context = model.runtime, model.strategy, model.context

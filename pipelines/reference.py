@@ -4,8 +4,8 @@ exit table and the probes' feature rows, ready to commit.
 Probes are fitted on at most probes.FIT_ROWS rows: every row of smaller tables, a hash-of-id sample of larger ones
 (features are read shard by shard, so only the sample's pooled states are ever in memory). Fit rows get
 out-of-fold answers; the other new rows are answered by the final probes, which never saw them. The sample's
-pooled states, in the chosen pooling, go to `<table>__features` so that append can refit: append keeps the
-pooling, refits C and the probes on the (re-drawn, never larger) sample, recomputes the fit rows' out-of-fold
+pooled states, in the chosen view (input form and pooling), go to `<table>__features` so that append can refit: append
+keeps the view, refits C and the probes on the (re-drawn, never larger) sample, recomputes the fit rows' out-of-fold
 answers and answers the new rows; older rows outside the sample keep the answers the earlier probes gave them (their
 pooled states are not stored). Below FIT_ROWS rows append is therefore exactly a rebuild.
 """
@@ -39,9 +39,8 @@ from raee_ops.errors import RaeeConfigError
 from raee_ops.layer_key import LayerKey, layer_depth
 from raee_ops.metrics import task_metric
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, ProbePolicy, fit_probe_policy
-from raee_ops.probes import ProbeSet, fit_probes, fit_share, in_fit_sample
+from raee_ops.probes import PROMPT_VIEWS, VIEWS, ProbeSet, fit_probes, fit_share, in_fit_sample
 from raee_ops.retrieval import probe_identity, table_layer_key
-from raee_ops.runtime import POOLINGS
 from raee_ops.tasks import Task
 
 
@@ -60,7 +59,7 @@ class Reference:
             return ["probe heads: none (fewer than 2 rows)"]
         curve = " ".join(f"{v:.2f}" for v in p.oof_metric)
         return [
-            f"probe heads ({p.pooling} pooling, fitted on {p.fit_rows} rows; probes and policies fitted in "
+            f"probe heads ({p.pooling} view, fitted on {p.fit_rows} rows; probes and policies fitted in "
             f"{self.fit_seconds:.1f}s; out-of-fold {p.metric} by layer): "
             f"{curve}; key probe {p.key_oof_metric:.3f}; best layer {p.best_layer}",
             f"probe policy ({q.validation()}, {q.metric}): {q.settings()}; "
@@ -110,16 +109,16 @@ def assemble(
     labels = np.concatenate([old.column("label").to_numpy(), new.column("label").to_numpy()]).astype(np.int64)
     vectors = np.concatenate([flat_values(t, "vector").reshape(t.num_rows, dim) for t in (old, new)])
     sample = in_fit_sample(ids, fit_share(rows))
-    poolings = (old_probes.pooling,) if old_probes else POOLINGS
-    pick = [POOLINGS.index(p) for p in poolings]
+    views = (old_probes.pooling,) if old_probes else PROMPT_VIEWS if layer_key else VIEWS
+    pick = [VIEWS.index(v) for v in views]
 
     def staged_features() -> Iterator[tuple[int, np.ndarray]]:
-        """(offset among all rows, B×L×POOLINGS×H) per staged shard, in the order `new` was read."""
+        """(offset among all rows, B×L×VIEWS×H) per staged shard, in the order `new` was read."""
         offset = old.num_rows
         for shard in shards:
             values = storage.read_parquet(shard, columns=[FEATURES]).column(0).combine_chunks().flatten().to_numpy()
-            count = len(values) // (num_layers * len(POOLINGS) * hidden)
-            yield offset, values.reshape(count, num_layers, len(POOLINGS), hidden)
+            count = len(values) // (num_layers * len(VIEWS) * hidden)
+            yield offset, values.reshape(count, num_layers, len(VIEWS), hidden)
             offset += count
 
     old_sample = np.flatnonzero(sample[: old.num_rows])
@@ -139,7 +138,7 @@ def assemble(
         identity = probe_identity(meta, rows)
         fit_groups = None if groups is None else groups[fit_rows]
         fitted = fit_probes(
-            features, vectors[fit_rows], labels[fit_rows], num_labels, metric, identity, poolings, groups=fit_groups
+            features, vectors[fit_rows], labels[fit_rows], num_labels, metric, identity, views, groups=fit_groups
         )
         probes = fitted.probes
         probe_lp[: old.num_rows] = flat_values(old, "probe_logprobs").reshape(old.num_rows, num_layers, num_labels)
@@ -159,7 +158,7 @@ def assemble(
             groups=groups,
             key_depth=key_depth,
         )
-        kept = features[:, :, poolings.index(probes.pooling)]
+        kept = features[:, :, views.index(probes.pooling)]
     else:
         kept = np.zeros((0, num_layers, hidden), np.float16)
     layers = pa.concat_tables([old.select(layer_fields), new])

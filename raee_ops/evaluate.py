@@ -31,10 +31,9 @@ from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.options import worker_settings
 from raee_ops.pipelines.sources import check_inputs, expand_inputs, read_validated_file, task_of
 from raee_ops.probe_policy import confident_exits
-from raee_ops.probes import ProbeSet
+from raee_ops.probes import VIEWS, ProbeSet
 from raee_ops.progress import Progress
 from raee_ops.retrieval import Retriever, check_meta, check_table_probes, expected_meta, table_meta
-from raee_ops.runtime import POOLINGS
 from raee_ops.schemas.manifest import Manifest, load_manifest
 from raee_ops.schemas.tables import FEATURES, flat_values
 from raee_ops.tasks import Task
@@ -97,8 +96,8 @@ def _run_layers(
     for offset in range(0, table.num_rows, CHUNK):
         outcome = handler.run_inference([table.slice(offset, CHUNK)], model)[0]
         n = outcome.rows.num_rows
-        pooled = flat_values(outcome.rows, FEATURES).reshape(n, num_layers, len(POOLINGS), hidden)
-        probe_lp.append(probes.every_layer(pooled.transpose(1, 0, 2, 3)))
+        staged = flat_values(outcome.rows, FEATURES).reshape(n, num_layers, len(VIEWS), hidden)
+        probe_lp.append(probes.every_layer(staged.transpose(1, 0, 2, 3)))
         rows.append(outcome.rows.drop_columns([FEATURES]))
         rejected += outcome.errors.to_pylist()
         progress.advance(min(CHUNK, table.num_rows - offset))
@@ -249,7 +248,8 @@ def evaluate(
         "per_layer_probe_accuracy": [s["accuracy"] for s in probe_layers],
         "per_layer_probe_metric": [s["metric"] for s in probe_layers],
         "probes": {
-            "pooling": probes.pooling,
+            "pooling": probes.pooling,  # the view: input form and pooling
+            "form": probes.form,
             "fit_rows": probes.fit_rows,
             "best_layer": probes.best_layer,
             "reference_oof_metric": probes.oof_metric,

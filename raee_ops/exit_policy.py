@@ -281,6 +281,11 @@ class Strategy:
     def needs_probes(self) -> bool:
         return self.reads == "probe" or self.answer is key_answer
 
+    def form(self, ctx: Context) -> str:
+        """The input form (tasks.FORMS) its layers read: the probes' for a strategy reading them, else the prompt
+        (the label-word head's, and a layer key's)."""
+        return ctx.fitted_probes().form if self.reads == "probe" else "prompt"
+
     def needs_head(self) -> bool:
         """Reads the label-word head: at its exit, or through the fused policy fitted on the head's answers."""
         return self.reads == "head" or self.needs_policy

@@ -2,8 +2,9 @@
 
 Small backbones read through their label-word head are near chance on most tasks; a linear probe on the same
 hidden states is not (issue 9). build-db fits one probe per layer and one on the retrieval key (the answer of rows
-that run no layer) on the reference rows only, standardized, L2, the strength and the pooling (token mean or readout
-token) chosen together by k-fold cross-validation. The per-layer answers
+that run no layer) on the reference rows only, standardized, L2, the strength and the view (which input form the
+backbone reads, prompt or bare input, and which pooling, token mean or readout token) chosen together by k-fold
+cross-validation. The per-layer answers
 stored for each reference row are out-of-fold (cross-fitted), so a neighbour never vouches for a layer with an
 answer the probe memorized.
 
@@ -25,15 +26,23 @@ from raee_ops.calibration import log_softmax
 from raee_ops.errors import RaeeConfigError
 from raee_ops.metrics import METRICS
 from raee_ops.runtime import POOLINGS
-from raee_ops.schemas.tables import decode_array, encode_array
+from raee_ops.schemas.tables import VIEWS_STAGED, decode_array, encode_array
+from raee_ops.tasks import FORMS
+
+#: What a probe can read: an input form's pooled states, every form × pooling, in the order build-db stages them
+#: (a form's poolings together, as one runtime pass returns them). The prompt's keep their plain pooling names.
+VIEWS = tuple(pooling if form == "prompt" else f"{form}-{pooling}" for form in FORMS for pooling in POOLINGS)
+#: The views a layer-N key's table chooses from: the key's layers are the first layers its rows run, on the prompt.
+PROMPT_VIEWS = VIEWS[: len(POOLINGS)]
+assert len(VIEWS) == VIEWS_STAGED
 
 FOLDS = 5
-#: Inverse L2 strength on standardized features, one for every layer: with the pooling, the pair with the lowest
+#: Inverse L2 strength on standardized features, one for every layer: with the view, the pair with the lowest
 #: out-of-fold log-loss over SELECTION_LAYERS layers spread over the depth (every layer would triple the fit time
 #: for the same choice); the key probe gets its own.
 C_GRID = (0.003, 0.03, 0.3)
 SELECTION_LAYERS = 8
-#: Rows used to choose pooling and C (a seeded subsample of the fit rows on larger tables).
+#: Rows used to choose the view and C (a seeded subsample of the fit rows on larger tables).
 CV_ROWS = 2000
 #: Rows the probes are fitted and cross-fitted on: a hash-of-id sample of larger tables; the other rows are
 #: answered by the final probes, which never saw them (out-of-sample, as honest as out-of-fold).
@@ -66,7 +75,7 @@ class Probe:
 class ProbeSet:
     """Every layer's probe and the key probe, with what they were fitted on (checked before use)."""
 
-    pooling: str
+    pooling: str  # the view (one of VIEWS), named `pooling` since tables were first built with the two prompt views
     layers: list[Probe]
     key: Probe
     best_layer: int  # 1-based: the layer whose probe scores best out-of-fold on the reference (task metric)
@@ -77,11 +86,23 @@ class ProbeSet:
     identity: dict  # the exit table's TableMeta fields, plus its row count
 
     @property
+    def form(self) -> str:
+        """The input form the backbone must read for these probes (tasks.FORMS)."""
+        return FORMS[self.view_index // len(POOLINGS)]
+
+    @property
+    def view_index(self) -> int:
+        """Where the view sits in staged states ...×VIEWS×H."""
+        return VIEWS.index(self.pooling)
+
+    @property
     def pool_index(self) -> int:
-        return POOLINGS.index(self.pooling)
+        """Where the view sits in one pass's pooled states ...×POOLINGS×H (of the input in `form`)."""
+        return self.view_index % len(POOLINGS)
 
     def layer_log_probs(self, pooled: np.ndarray, layers: np.ndarray) -> np.ndarray:
-        """B×C log-probs of rows' pooled states B×POOLINGS×H, each through the probe of its 1-based layer."""
+        """B×C log-probs of rows' pooled states B×POOLINGS×H (a pass over the input in `form`), each through the
+        probe of its 1-based layer."""
         layers = np.asarray(layers)
         out = np.zeros((len(layers), self.key.bias.shape[0]), np.float32)
         for layer in np.unique(layers[layers > 0]):
@@ -89,9 +110,9 @@ class ProbeSet:
             out[rows] = self.layers[layer - 1].log_probs(pooled[rows, self.pool_index])
         return out
 
-    def every_layer(self, pooled: np.ndarray) -> np.ndarray:
-        """L×B×C log-probs from every layer's pooled states L×B×POOLINGS×H."""
-        return np.stack([p.log_probs(pooled[i, :, self.pool_index]) for i, p in enumerate(self.layers)])
+    def every_layer(self, staged: np.ndarray) -> np.ndarray:
+        """L×B×C log-probs from every layer's staged states L×B×VIEWS×H (build-db's and evaluate's all-layer pass)."""
+        return np.stack([p.log_probs(staged[i, :, self.view_index]) for i, p in enumerate(self.layers)])
 
     def to_json(self) -> bytes:
         raw = asdict(self) | {"layers": [p.to_dict() for p in self.layers], "key": self.key.to_dict()}
@@ -142,22 +163,24 @@ def fit_probes(
     num_labels: int,
     metric_name: str,
     identity: dict,
-    poolings: tuple[str, ...] = POOLINGS,
+    views: tuple[str, ...] = VIEWS,
     seed: int = 0,
     groups: np.ndarray | None = None,
 ) -> Fitted:
-    """Probes on fit rows: features N×L×len(poolings)×H, keys N×D, labels N; with `groups` (N ints) the folds
+    """Probes on fit rows: features N×L×len(views)×H, keys N×D, labels N; with `groups` (N ints) the folds
     keep each group whole, so no row's out-of-fold answer comes from a probe fitted on its near-copies."""
     n, num_layers = features.shape[:2]
+    if features.shape[2] != len(views):
+        raise ValueError(f"features hold {features.shape[2]} views, {len(views)} named ({', '.join(views)})")
     rng = np.random.default_rng(seed)
     cv = np.sort(rng.choice(n, CV_ROWS, replace=False)) if n > CV_ROWS else np.arange(n)
     folds = _folds(labels, n, seed, groups)
     cv_folds = folds if len(cv) == n else _folds(labels[cv], len(cv), seed, None if groups is None else groups[cv])
 
-    # pooling and C: the pair with the lowest out-of-fold log-loss averaged over a spread of layers
+    # view and C: the pair with the lowest out-of-fold log-loss averaged over a spread of layers
     scored = selection_layers(num_layers)
     trials: dict[tuple[int, float], tuple[float, dict[int, np.ndarray]]] = {}
-    for p, c in itertools.product(range(len(poolings)), C_GRID):
+    for p, c in itertools.product(range(len(views)), C_GRID):
         oofs = {layer: _cross_fit(features[cv, layer, p], labels[cv], cv_folds, num_labels, c) for layer in scored}
         trials[p, c] = (float(np.mean([_log_loss(o, labels[cv]) for o in oofs.values()])), oofs)
     p, c = min(trials, key=lambda pc: trials[pc][0])
@@ -171,7 +194,7 @@ def fit_probes(
     key_c, key_oof = _choose_c(keys[cv], labels[cv], cv_folds, num_labels)
     if len(cv) != n:
         key_oof = _cross_fit(keys, labels, folds, num_labels, key_c)
-    pooling = poolings[p]
+    pooling = views[p]
     metric = METRICS[metric_name]
     curve = [metric(labels, oof[:, layer].argmax(1), num_labels) for layer in range(num_layers)]
     probes = ProbeSet(

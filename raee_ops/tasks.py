@@ -14,6 +14,11 @@ from pathlib import Path
 
 from raee_ops.errors import RaeeConfigError
 
+#: The forms a backbone can read an input in: the task's prompt (template, instruction and all), or the bare input (the
+#: text, and the pair on the next line). The label-word head needs the prompt; probe heads read either, and on pair
+#: tasks the bare input's states probe far better (build-db picks per table by cross-validation, raee_ops.probes).
+FORMS = ("prompt", "bare")
+
 
 @dataclass(frozen=True)
 class Task:
@@ -46,11 +51,14 @@ class Task:
     def is_pair(self) -> bool:
         return "text_pair" in self.fields
 
-    def render(self, text: str, text_pair: str | None = None, suffix: str = "") -> str:
-        """The prompt for one input; `suffix` is the backbone's readout marker (e.g. " <mask>")."""
+    def render(self, text: str, text_pair: str | None = None, suffix: str = "", form: str = "prompt") -> str:
+        """What the backbone reads for one input in `form` (one of FORMS); `suffix` is the backbone's readout marker
+        (e.g. " <mask>")."""
         values = {"text": text.strip()}
         if self.is_pair:
             values["text_pair"] = (text_pair or "").strip()
+        if form == "bare":
+            return "\n".join(values[name] for name in ("text", "text_pair") if name in values) + suffix
         return self.template.format(**values) + suffix
 
     def to_dict(self) -> dict:

@@ -21,11 +21,11 @@ PROBES_META_KEY = b"raee_probes"
 PROBE_POLICY_META_KEY = b"raee_probe_policy"
 #: A `layer-N` key's standardization, fitted on the table's rows (raee_ops.layer_key): queries need the same one.
 LAYER_KEY_META_KEY = b"raee_layer_key"
-#: Pooled hidden states per layer: staged by build-db's workers (every pooling), kept for the probes' fit rows in
-#: the companion table `<table>__features` (the chosen pooling) so that append can refit the probes.
+#: Pooled hidden states per layer: staged by build-db's workers (every view: input form × pooling), kept for the
+#: probes' fit rows in the companion table `<table>__features` (the chosen view) so that append can refit the probes.
 FEATURES = "features"
 FEATURES_SUFFIX = "__features"
-POOLED = 2  # len(raee_ops.runtime.POOLINGS); schemas import nothing from the runtime
+VIEWS_STAGED = 4  # len(raee_ops.probes.VIEWS), which checks it; schemas import nothing from the core
 
 #: Rejected rows, from any pipeline: the row's id (or its position in its file when it has none), why, and the
 #: input file it came from.
@@ -76,14 +76,14 @@ def layer_rows_fields(dim: int, num_layers: int, num_labels: int) -> list[pa.Fie
 
 
 def layer_rows_schema(dim: int, num_layers: int, num_labels: int, hidden: int) -> pa.Schema:
-    """What build-db's workers stage per row: the head's exit information and every layer's pooled states
-    (L×POOLED×H float16, row-major), from which the driver fits the probes."""
-    features = pa.field(FEATURES, pa.list_(pa.float16(), num_layers * POOLED * hidden))
+    """What build-db's workers stage per row: the head's exit information and every layer's pooled states in every
+    view (L×VIEWS×H float16, row-major), from which the driver fits the probes."""
+    features = pa.field(FEATURES, pa.list_(pa.float16(), num_layers * VIEWS_STAGED * hidden))
     return pa.schema(layer_rows_fields(dim, num_layers, num_labels) + [features])
 
 
 def features_schema(num_layers: int, hidden: int) -> pa.Schema:
-    """`<table>__features`: the probes' fit rows' pooled states in the chosen pooling, L×H float16."""
+    """`<table>__features`: the probes' fit rows' pooled states in the chosen view, L×H float16."""
     return pa.schema([pa.field("id", pa.string()), pa.field(FEATURES, pa.list_(pa.float16(), num_layers * hidden))])
 
 

@@ -66,9 +66,9 @@ def test_classify_reads_probes_as_evaluate_scores_them(segment_artifacts, signal
     probes = retriever.probes
     ctx = Context(3, 2, 5, retriever.policy, probes, retriever.probe_policy)
     texts = pq.read_table(test).column("text").to_pylist()
-    prompts = [PRESETS["sst2"].render(t) for t in texts]
+    prompts = [PRESETS["sst2"].render(t, form=probes.form) for t in texts]
     _, pooled = runtime.all_layers_pooled("sst2", prompts)
-    every = probes.every_layer(pooled.astype(np.float32))  # L×B×C
+    every = np.stack([p.log_probs(pooled[i, :, probes.pool_index]) for i, p in enumerate(probes.layers)])  # L×B×C
     nb = Neighbours.none(len(prompts), 3, 2)
     for t in (0.6, 0.9, None):
         strategy = resolve("probe-conf", 3)
@@ -85,6 +85,38 @@ def test_classify_reads_probes_as_evaluate_scores_them(segment_artifacts, signal
     assert accuracy == pytest.approx(report["strategies"]["probe-fused"]["accuracy"], abs=1e-9)
     histogram = report["strategies"]["probe-fused"]["exit_histogram"]
     assert summary.exit_counts == {layer: n for layer, n in enumerate(histogram) if n}
+
+
+def test_probes_that_read_the_bare_input_are_run_on_it_by_classify_and_evaluate(segment_artifacts, signal, tmp_path):  # noqa: F811
+    """A table whose probes chose a bare-input view: classify renders rows bare for the strategies reading probes,
+    evaluate reads the staged bare states, and both answer as those probes on bare states do (the probes here are
+    the prompt's, relabelled: only the plumbing is under test)."""
+    root, _, test, _ = signal
+    data = lancedb.connect(str(root / "db")).open_table("sst2").to_arrow()
+    raw = json.loads(data.schema.metadata[PROBES_META_KEY]) | {"pooling": "bare-mean"}
+    db = str(tmp_path / "db")
+    commit(db, "sst2", data.replace_schema_metadata(data.schema.metadata | {PROBES_META_KEY: json.dumps(raw).encode()}))
+    probes = Retriever(db, "sst2").probes
+    assert probes.form == "bare"
+    rows = pq.read_table(test)
+    runtime = SegmentRuntime(segment_artifacts)
+    last = {}
+    for form in ("bare", "prompt"):
+        _, pooled = runtime.all_layers_pooled(
+            "sst2", [PRESETS["sst2"].render(t, form=form) for t in rows["text"].to_pylist()]
+        )
+        last[form] = probes.layers[-1].log_probs(pooled[-1, :, 0]).argmax(axis=1)
+    assert (last["bare"] != last["prompt"]).any()  # so reading the wrong form would show
+    summary = run_classify(segment_artifacts, "sst2", db, "sst2", [str(test)], str(tmp_path / "out"), 5, "probe-last")
+    assert summary.predicted == rows.num_rows
+    predictions = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "out").glob("predictions-*"))])
+    order = {row_id: i for i, row_id in enumerate(rows["id"].to_pylist())}
+    expected = last["bare"][[order[i] for i in predictions["id"].to_pylist()]]
+    assert predictions["prediction"].to_numpy().tolist() == expected.tolist()
+    report = evaluate(segment_artifacts, "sst2", db, "sst2", [str(test)], k=5)
+    labels = rows["label"].to_numpy()
+    assert report["probes"]["form"] == "bare"
+    assert report["baselines"]["probe-last"]["accuracy"] == pytest.approx(float(np.mean(last["bare"] == labels)))
 
 
 def _with_conf(policy, t):

@@ -7,16 +7,18 @@ import pytest
 from raee_ops.calibration import loo_neighbours
 from raee_ops.errors import RaeeConfigError
 from raee_ops.probe_policy import confident_exits, fit_probe_policy
-from raee_ops.probes import ProbeSet, _folds, check_probes, fit_probes, in_fit_sample
+from raee_ops.probes import VIEWS, ProbeSet, _folds, check_probes, fit_probes, in_fit_sample
 
 IDENTITY = {"fingerprint": "f", "task": "sst2", "rows": 80}
 
 
-def features(n: int, layers: int, hidden: int, labels: np.ndarray, signal: float, seed: int = 0) -> np.ndarray:
-    """N×L×2×H: noise, plus the label along one direction in the mean pooling, stronger at later layers."""
+def features(
+    n: int, layers: int, hidden: int, labels: np.ndarray, signal: float, seed: int = 0, view: str = "mean"
+) -> np.ndarray:
+    """N×L×VIEWS×H: noise, plus the label along one direction in one view, stronger at later layers."""
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, layers, 2, hidden))
-    x[:, :, 0, 0] += signal * (2 * labels[:, None] - 1) * np.arange(layers)[None, :]
+    x = rng.normal(size=(n, layers, len(VIEWS), hidden))
+    x[:, :, VIEWS.index(view), 0] += signal * (2 * labels[:, None] - 1) * np.arange(layers)[None, :]
     return x.astype(np.float16)
 
 
@@ -34,12 +36,14 @@ def test_out_of_fold_answers_are_not_what_a_memorizing_probe_says_in_sample():
     assert max(fitted.probes.oof_metric) <= 0.7
 
 
-def test_probes_find_a_signal_and_choose_its_pooling_and_layer():
+@pytest.mark.parametrize("view, form, pool_index", [("mean", "prompt", 0), ("bare-readout", "bare", 1)])
+def test_probes_find_a_signal_and_choose_its_view_and_layer(view, form, pool_index):
     labels = np.random.default_rng(1).integers(0, 2, 120)
-    x = features(120, 4, 16, labels, signal=0.8, seed=1)
+    x = features(120, 4, 16, labels, signal=0.8, seed=1, view=view)
     keys = np.random.default_rng(2).normal(size=(120, 8)).astype(np.float32)
     fitted = fit_probes(x, keys, labels, 2, "accuracy", IDENTITY)
-    assert fitted.probes.pooling == "mean"
+    assert fitted.probes.pooling == view  # the view the signal is in: which input form classify must run
+    assert (fitted.probes.form, fitted.probes.pool_index) == (form, pool_index)
     assert fitted.probes.oof_metric[-1] >= 0.9 and fitted.probes.oof_metric[0] <= 0.7
     assert fitted.probes.best_layer >= 3
     assert fitted.probes.key_oof_metric <= 0.75  # the keys carry no signal
@@ -159,7 +163,7 @@ def test_grouped_folds_keep_groups_whole_so_out_of_fold_answers_stay_honest():
     n = 120
     labels, _, groups = _copies(n, 8, copies=2)
     rng = np.random.default_rng(9)
-    x = np.repeat(rng.normal(size=(n // 2, 2, 2, 200)), 2, axis=0).astype(np.float16)  # no signal; twins share it
+    x = np.repeat(rng.normal(size=(n // 2, 2, len(VIEWS), 200)), 2, axis=0).astype(np.float16)  # twins, no signal
     keys = rng.normal(size=(n, 4)).astype(np.float32)
     folds = _folds(labels, n, 0, groups)
     assert (folds[::2] == folds[1::2]).all() and len(set(folds.tolist())) == 5
@@ -168,3 +172,11 @@ def test_grouped_folds_keep_groups_whole_so_out_of_fold_answers_stay_honest():
     grouped = fit_probes(x, keys, labels, 2, "accuracy", IDENTITY, groups=groups)
     assert min(plain.probes.oof_metric) >= 0.8  # the twin was in the other folds 4 times in 5: memorized
     assert max(grouped.probes.oof_metric) <= 0.7
+
+
+def test_the_bare_form_is_the_input_alone_with_the_pair_on_its_own_line():
+    from raee_ops.tasks import PRESETS
+
+    assert PRESETS["sst2"].render(" a fine film ", suffix=" <mask>", form="bare") == "a fine film <mask>"
+    assert PRESETS["rte"].render("A cat sat.", " A cat is sitting. ", form="bare") == "A cat sat.\nA cat is sitting."
+    assert PRESETS["rte"].render("A cat sat.", "A cat is sitting.").startswith("Premise: A cat sat.\nHypothesis:")

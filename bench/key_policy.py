@@ -9,9 +9,11 @@ test row is read: a rule that uses reference rows only.
 
 Keys: `minilm` (today's default) and `layer-N`: the mean over the prompt's real tokens after the backbone's first
 N layers, standardized with the fit half's mean and spread, then L2-normalized. Each key gets its own key probe
-(the answer at exit 0), fitted on the fit half with out-of-fold answers there, as build-db fits one. Every key sees
-the same per-layer probe answers: the table's out-of-fold ones (fitted on the whole table, so they are slightly
-better informed than a half's own would be; alike for every key).
+(the answer at exit 0), fitted on the fit half with out-of-fold answers there, as build-db fits one. The per-layer
+probe answers are out-of-fold ones fitted on the whole table (slightly better informed than a half's own would be;
+alike for every key): for `minilm` the table's own; for `layer-N` the same unless the table's probes read the bare
+input, which a layer-N table's cannot (build-db keeps it on the prompt's views, where its key's layers are): then
+probes on the prompt's views are fitted here, as build-db would fit them on such a table.
 
 Cost, in layers of the backbone per row, measured on the same rows in this run: `minilm` costs its key (the MiniLM
 graph's time over the time of one backbone layer) plus the row's exit layer (0 at exit 0). `layer-N` costs at least
@@ -31,14 +33,14 @@ import numpy as np
 import pyarrow.parquet as pq
 from common import fastest, parse_args, write_result
 from quality import BENCH, PRESETS, QUICK_TASKS, TASKS
-from raee_ops.schemas.tables import flat_values
+from raee_ops.schemas.tables import PROBES_META_KEY, flat_values
 
 from raee_ops.calibration import K_GRID
 from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.layer_key import LayerKey
 from raee_ops.metrics import task_metric
 from raee_ops.probe_policy import ProbePolicy, confident_exits, fit_probe_policy
-from raee_ops.probes import _choose_c, _fit, _folds  # the key probe exactly as build-db fits it
+from raee_ops.probes import PROMPT_VIEWS, ProbeSet, _choose_c, _fit, _folds, fit_probes  # as build-db fits them
 from raee_ops.runtime import SegmentRuntime, mean_states
 from raee_ops.tasks import get_task
 
@@ -72,7 +74,16 @@ def reference_rows(preset: str, task_name: str, runtime: SegmentRuntime) -> dict
         "labels": table["label"].to_numpy().astype(np.int64),
         "minilm": flat_values(table, "vector").reshape(table.num_rows, -1),
         "probe_lp": flat_values(table, "probe_logprobs").reshape(table.num_rows, num_layers, num_labels),
+        "probe_form": ProbeSet.from_json(table.schema.metadata[PROBES_META_KEY]).form,
     }
+
+
+def prompt_view_answers(runtime: SegmentRuntime, task: str, rows: dict[str, Any], metric_name: str) -> np.ndarray:
+    """Out-of-fold probe answers N×L×C from the prompt's views, on every row: what a layer-N table holds."""
+    _, pooled = runtime.all_layers_pooled(task, rows["prompts"])
+    num_labels = rows["probe_lp"].shape[2]
+    features = pooled.transpose(1, 0, 2, 3)
+    return fit_probes(features, rows["minilm"], rows["labels"], num_labels, metric_name, {}, PROMPT_VIEWS).oof
 
 
 def mean_after(runtime: SegmentRuntime, task: str, prompts: list[str], depth: int) -> np.ndarray:
@@ -92,6 +103,7 @@ def held_out(
     policy: ProbePolicy,
     keys: np.ndarray,
     key_lp: np.ndarray,
+    probe_lp: np.ndarray,
     rows: dict[str, Any],
     fit: np.ndarray,
     held: np.ndarray,
@@ -99,7 +111,7 @@ def held_out(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(predictions, exits) of the held-out rows, their neighbours among the fit rows, as classify decides; with a
     layer-`depth` key a row let out before `depth` is read out there (it ran that far for its key)."""
-    labels, probe_lp = rows["labels"], rows["probe_lp"]
+    labels = rows["labels"]
     num_layers, num_labels = probe_lp.shape[1:]
     width = max(K_GRID)
     sims = keys[held] @ keys[fit].T
@@ -132,6 +144,9 @@ def one_task(preset: str, runtime: SegmentRuntime, task_name: str, splits: int) 
     num_labels = rows["probe_lp"].shape[2]
     metric_name, metric = task_metric(task_name, num_labels)
     states = {d: mean_after(runtime, task_name, rows["prompts"], d) for d in DEPTHS}
+    layer_lp = rows["probe_lp"]
+    if rows["probe_form"] != "prompt":
+        layer_lp = prompt_view_answers(runtime, task_name, rows, metric_name)
     _, key_s = fastest(lambda: runtime.key(EMBEDDER, rows["texts"], rows["pairs"]))
     _, one_s = fastest(lambda: mean_after(runtime, task_name, rows["prompts"], 1))
     _, deep_s = fastest(lambda: mean_after(runtime, task_name, rows["prompts"], TIMING_DEPTH))
@@ -144,17 +159,17 @@ def one_task(preset: str, runtime: SegmentRuntime, task_name: str, splits: int) 
         for name in names:
             depth = 0 if name == EMBEDDER else int(name.split("-")[1])
             keys = rows["minilm"] if depth == 0 else LayerKey.fit(depth, states[depth][fit]).apply(states[depth])
+            probe_lp = rows["probe_lp"] if depth == 0 else layer_lp
             key_lp = key_probe(keys, labels, fit, num_labels)
-            policy = fit_probe_policy(
-                keys[fit], labels[fit], rows["probe_lp"][fit], key_lp[fit], num_labels, metric_name
-            )
-            pred, exits = held_out(policy, keys, key_lp, rows, fit, held, depth)
+            policy = fit_probe_policy(keys[fit], labels[fit], probe_lp[fit], key_lp[fit], num_labels, metric_name)
+            pred, exits = held_out(policy, keys, key_lp, probe_lp, rows, fit, held, depth)
             cost = key_layers + exits.mean() if depth == 0 else np.maximum(exits, depth).mean()
             out[name].append((metric(labels[held], pred, num_labels), float(cost)))
     result = {
         "task": task_name,
         "metric": metric_name,
         "rows": n,
+        "probe_form": rows["probe_form"],  # the table's probes' input form (layer keys: always the prompt)
         "key_layers": key_layers,
         "keys": {
             name: {"metric": float(np.mean([m for m, _ in v])), "layers": float(np.mean([c for _, c in v]))}

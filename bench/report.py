@@ -631,7 +631,9 @@ def render_key_policy(result: Doc) -> list[str]:
         f"The default (`{result['strategy']}`) fitted on one half of each quality-bench reference table with each "
         f"key and scored on the other half, {result['splits']} seeded splits; reference rows only. Cells: the "
         "task's metric @ layers of the backbone per row (MiniLM: its key in layers, measured on the same rows, plus "
-        "the exit; `layer-N`: at least N). Method and caveats: bench/key_policy.py.",
+        "the exit; `layer-N`: at least N). A layer-N table's probes read the prompt (its key's layers are the "
+        "rows' first), so where the MiniLM table's probes chose the bare input, the layer keys are scored with "
+        "prompt probes fitted on the same rows. Method and caveats: bench/key_policy.py.",
     ]
     verdicts: dict[str, list[bool]] = {}
     for entry in result["presets"]:
@@ -639,7 +641,8 @@ def render_key_policy(result: Doc) -> list[str]:
         names = list(tasks[0]["keys"])
         cell = "{} @ {:.1f}".format
         rows = [
-            [t["task"], t["metric"], f"{t['key_layers']:.1f}"]
+            [t["task"] + (" (MiniLM: bare-input probes)" if t.get("probe_form") == "bare" else ""), t["metric"]]
+            + [f"{t['key_layers']:.1f}"]
             + [cell(_fmt(t["keys"][n]["metric"]), t["keys"][n]["layers"]) for n in names]
             for t in tasks
         ]

@@ -16,7 +16,7 @@ import lancedb
 from raee_ops.errors import RaeeConfigError
 from raee_ops.pipelines.build_db import work_dir
 from raee_ops.pipelines.commit import hold
-from raee_ops.retrieval import connect, open_table, table_names, table_policy
+from raee_ops.retrieval import connect, open_table, table_names, table_policy, table_probe_policy, table_probes
 from raee_ops.schemas.tables import FEATURES_SUFFIX, TableMeta
 
 #: Versions shown by the text rendering (newest last); --json lists them all.
@@ -37,9 +37,10 @@ def version_history(table: lancedb.table.Table) -> list[dict[str, Any]]:
 
 
 def table_info(table: lancedb.table.Table) -> dict[str, Any]:
-    """Identity, size, index, fitted policy and version history of one table, as plain values."""
+    """Identity, size, index, probe heads, fitted policies and version history of one table, as plain values."""
     meta = TableMeta.decode(table.schema)
     policy = table_policy(table.schema)
+    probes, probe_policy = table_probes(table.schema), table_probe_policy(table.schema)
     return {
         "table": table.name,
         "exit_table": meta is not None,
@@ -57,6 +58,24 @@ def table_info(table: lancedb.table.Table) -> dict[str, Any]:
             **{k: v for k, v in policy.to_dict().items() if k != "bias"},
         }
         if policy
+        else None,
+        "probes": {
+            "view": probes.pooling,
+            "form": probes.form,  # the input form classify runs for the strategies reading the probes
+            "best_layer": probes.best_layer,
+            "metric": probes.metric,
+            "best_oof_metric": max(probes.oof_metric),
+            "key_oof_metric": probes.key_oof_metric,
+            "fit_rows": probes.fit_rows,
+        }
+        if probes
+        else None,
+        "probe_policy": {
+            "settings": probe_policy.settings(),
+            "validation": probe_policy.validation(),
+            **probe_policy.to_dict(),
+        }
+        if probe_policy
         else None,
         "versions": version_history(table),
     }
@@ -133,6 +152,18 @@ def _render_table(t: dict[str, Any]) -> str:
         )
     elif t["exit_table"]:
         lines.append("  fused policy: none")
+    q, pp = t["probes"], t["probe_policy"]
+    if q:
+        lines.append(
+            f"  probe heads: {q['view']} view (runs the {q['form']} input), fitted on {q['fit_rows']} rows; "
+            f"best layer {q['best_layer']} ({q['metric']} {q['best_oof_metric']:.3f} out of fold), "
+            f"key probe {q['key_oof_metric']:.3f}"
+        )
+    if pp:
+        lines.append(
+            f"  probe policy (the default's): {pp['settings']}; {pp['metric']} {pp['loo_metric']:.3f} "
+            f"({pp['validation']}), mean exit layer {pp['loo_mean_exit']:.2f}"
+        )
     versions = t["versions"]
     older = len(versions) - SHOWN_VERSIONS
     lines.append(f"  versions ({len(versions)}{f'; {older} older not shown, see --json' if older > 0 else ''}):")

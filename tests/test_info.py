@@ -51,6 +51,10 @@ def test_info_shows_identity_size_policy_and_history(db, segment_artifacts):  # 
     policy = table["policy"]
     assert policy["k"] in K_GRID and policy["loo_queries"] == 32 and "bias" not in policy
     assert policy["settings"] == Retriever(db, "sst2").policy.settings()
+    probes, probe_policy = Retriever(db, "sst2").probes, Retriever(db, "sst2").probe_policy
+    assert table["probes"]["view"] == probes.pooling and table["probes"]["form"] == probes.form
+    assert table["probes"]["best_layer"] == probes.best_layer and table["probes"]["fit_rows"] == 32
+    assert table["probe_policy"]["settings"] == probe_policy.settings()
     assert json.loads(json.dumps(info)) == info  # plain values only
 
     text = render(info)
@@ -58,6 +62,8 @@ def test_info_shows_identity_size_policy_and_history(db, segment_artifacts):  # 
     assert "task: sst2 (negative, positive)" in text and f"artifacts fingerprint: {fingerprint}" in text
     assert "index: none (exact search)" in text and f"fused policy: {policy['settings']}; accuracy " in text
     assert "(leave-one-out, on 32 rows)" in text and policy["validation"] == "leave-one-out, on 32 rows"
+    assert f"probe heads: {probes.pooling} view (runs the {probes.form} input), fitted on 32 rows" in text
+    assert f"probe policy (the default's): {probe_policy.settings()}; accuracy " in text
     assert "   1  " in text and "24 rows" in text and "   2  " in text
     assert "table notes: 2 rows" in text and "not an exit table" in text
 

@@ -1,14 +1,15 @@
-"""Retrieval keys read from the backbone itself (`--embedder layer-N`): a row's mean hidden state over its prompt's
-real tokens after the backbone's first N layers, standardized with the reference rows' mean and spread, then
+"""Retrieval keys read from the backbone itself (`--embedder layer-N`): a row's mean hidden state over its prompt's real
+tokens after the backbone's first N layers, standardized with the reference rows' mean and spread, then
 L2-normalized.
 
-Why: a row that runs layers computes that state anyway, so its key costs only layers 1..N, which it reuses, where
-the MiniLM key is a second model run on every row. bench/key_policy.py (split halves of reference tables, rows only):
-the default scored the same macro metric with a layer-1 key as with MiniLM's at 0.82x (SmolLM2), 0.78x (Gemma 3)
-and 0.34x (minilm-l6) the layers. Standardizing matters: a few hidden dimensions of a decoder are orders of
-magnitude larger than the rest and would decide every cosine. build-db fits the standardization on the table's
-rows and stores it with the table as plain arrays (like the probes); append keeps it, so old and new keys stay
-comparable; queries go through the same one (Retriever.search).
+Why: a row that runs layers computes that state anyway, so its key costs only layers 1..N, which it reuses, where the
+MiniLM key is a second model run on every row. Its layers are the prompt's, so a layer-N table's probes read the
+prompt (never the bare input, which wins on pair tasks): bench/key_policy.py (split halves of reference tables, rows
+only) scores the default with a layer-1 key 1.2 (SmolLM2) and 2.2 (Gemma 3) points below MiniLM's at 0.77x the
+layers, and level on minilm-l6 at 0.35x; hence not the default. Standardizing matters: a few hidden dimensions of a
+decoder are orders of magnitude larger than the rest and would decide every cosine. build-db fits the standardization
+on the table's rows and stores it with the table as plain arrays (like the probes); append keeps it, so old and new
+keys stay comparable; queries go through the same one (Retriever.search).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from raee_ops.retrieval import (
     open_table,
     table_policy,
     table_probe_policy,
+    table_probes,
 )
 from raee_ops.rows import validated_schema
 
@@ -146,7 +147,7 @@ def run_classify(
     policy = table_policy(table_schema)
     if chosen.needs_policy and policy is None:
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
-    described = describe(chosen, policy, table_probe_policy(table_schema), k)
+    described = describe(chosen, policy, table_probe_policy(table_schema), table_probes(table_schema), k)
     files = expand_inputs(inputs)
     schema, rows_in = check_inputs(files, task, need_label=False)
     clash = [f.name for f in PREDICTION_FIELDS if f.name in schema.names]

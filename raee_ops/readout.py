@@ -12,6 +12,7 @@ from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import Context, Neighbours, Strategy
 from raee_ops.probe_policy import ProbePolicy
+from raee_ops.probes import ProbeSet
 from raee_ops.runtime import Prefix, SegmentRuntime, StopFn
 
 
@@ -60,12 +61,19 @@ def answer_batch(
     return strategy.answer(logits, exits, nb, ctx), exits
 
 
-def describe(strategy: Strategy, policy: FusedPolicy | None, probe_policy: ProbePolicy | None, k: int) -> str:
-    """The settings a strategy runs with, as classify prints them."""
+def describe(
+    strategy: Strategy, policy: FusedPolicy | None, probe_policy: ProbePolicy | None, probes: ProbeSet | None, k: int
+) -> str:
+    """The settings a strategy runs with, as classify prints them; for one reading probes, the input form it runs."""
     if strategy.needs_policy and policy is not None:
         return f"fitted on the table for {policy.metric}: {policy.settings()}"
+    reads = (
+        f"; probes: {probes.pooling} view, run on the {probes.form} input"
+        if probes and strategy.reads == "probe"
+        else ""
+    )
     if strategy.needs_probe_policy:
         if probe_policy is None:
             raise RaeeConfigError(f"strategy {strategy.name!r} needs the probe policy; rebuild the table with build-db")
-        return f"fitted on the table for {probe_policy.metric}: {probe_policy.settings()}"
-    return f"k={k}" if strategy.needs_retrieval else "no retrieval"
+        return f"fitted on the table for {probe_policy.metric}: {probe_policy.settings()}{reads}"
+    return (f"k={k}" if strategy.needs_retrieval else "no retrieval") + reads

@@ -109,6 +109,7 @@ def test_probes_that_read_the_bare_input_are_run_on_it_by_classify_and_evaluate(
     assert (last["bare"] != last["prompt"]).any()  # so reading the wrong form would show
     summary = run_classify(segment_artifacts, "sst2", db, "sst2", [str(test)], str(tmp_path / "out"), 5, "probe-last")
     assert summary.predicted == rows.num_rows
+    assert "probes: bare-mean view, run on the bare input" in summary.render()
     predictions = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "out").glob("predictions-*"))])
     order = {row_id: i for i, row_id in enumerate(rows["id"].to_pylist())}
     expected = last["bare"][[order[i] for i in predictions["id"].to_pylist()]]

@@ -133,18 +133,20 @@ def _strategy_report(
     if strategy.reads == "probe":
         logprobs = probe_lp
         exits = confident_exits(np.exp(probe_lp.max(axis=2)).T, exits, strategy.threshold(ctx))
-    if ctx.key_depth and strategy.neighbours(ctx):  # as the runtime reads them out, from the key's layers on
-        exits = not_before_key(exits, ctx.key_depth)
+    key_layers = ctx.key_depth if strategy.neighbours(ctx) else 0  # a layer key's layers, run by every row
+    if key_layers:  # as the runtime reads them out, from the key's layers on
+        exits = not_before_key(exits, key_layers)
     # exit 0 runs no layer: its logits are zeros, as run_to_exit returns them
     at_exit = np.where((exits > 0)[:, None], logprobs[np.maximum(exits, 1) - 1, np.arange(len(labels))], 0.0)
     pred = strategy.answer(at_exit, exits, nb, ctx).argmax(axis=1)
-    mean_exit = float(exits.mean())
+    layers_run = float(np.maximum(exits, key_layers).mean())  # exit 0 on a layer-N table still ran N for its key
     return {
         **_scores(labels, pred, metric, ctx.num_labels),
-        "mean_exit_layer": mean_exit,
+        "mean_exit_layer": float(exits.mean()),
+        "mean_layers_run": layers_run,
         "retrieval_only_share": float(np.mean(exits == 0)),
         "exit_histogram": np.bincount(exits, minlength=ctx.num_layers + 1).tolist(),
-        "ideal_speedup": ctx.num_layers / mean_exit if mean_exit > 0 else None,
+        "ideal_speedup": ctx.num_layers / layers_run if layers_run > 0 else None,
     }
 
 

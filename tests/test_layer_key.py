@@ -96,6 +96,9 @@ def test_build_db_stores_standardized_keys_and_classify_answers_as_evaluate_scor
     histogram = report["strategies"]["probe-fused"]["exit_histogram"]
     assert summary.exit_counts == {layer: n for layer, n in enumerate(histogram) if n}
     assert not any(summary.exit_counts.get(layer) for layer in range(1, DEPTH))  # read out at the key's layer
+    default = report["strategies"]["probe-fused"]
+    assert histogram[0] > 0  # rows answered at exit 0 ran the key's layers all the same
+    assert default["mean_layers_run"] == pytest.approx(default["mean_exit_layer"] + DEPTH * histogram[0] / 120)
 
 
 def test_append_keeps_the_tables_standardization_and_a_too_deep_key_is_refused(

@@ -105,8 +105,11 @@ def test_default_strategy_uses_the_policy_fitted_at_build_time(segment_artifacts
     probs = predictions.column("confidence").to_numpy()
     assert ((probs >= 0.5) & (probs <= 1.0)).all()  # a fused distribution's top share over two labels
     summary, _, _ = classify(segment_artifacts, root, "default", strategy=None)
-    probe_policy = Retriever(str(root / "db"), "sst2").probe_policy
-    assert summary.strategy == "probe-fused" and summary.settings.endswith(probe_policy.settings())
+    probe_policy, probes = Retriever(str(root / "db"), "sst2").probe_policy, Retriever(str(root / "db"), "sst2").probes
+    assert summary.strategy == "probe-fused"
+    assert summary.settings.endswith(
+        f"{probe_policy.settings()}; probes: {probes.pooling} view, run on the {probes.form} input"
+    )
 
 
 def test_rows_answered_from_retrieval_alone_are_written_with_exit_0(segment_artifacts, built, tmp_path):  # noqa: F811

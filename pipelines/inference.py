@@ -194,7 +194,7 @@ class BuildHandler(_RaeeHandler):
     """Labelled rows -> layer rows: the key, every layer's head prediction, correctness and log-probs, and every
     layer's pooled hidden states in every view (the probes' features; build-db's driver turns these into exit-table
     rows). The prompt's pass gives the head's answers; each other input form is one more all-layer pass, for the
-    probes only."""
+    probes only, skipped on a layer-N table (its probes read the prompt's views; the skipped views stage zeros)."""
 
     command = "build-db"
 
@@ -212,7 +212,12 @@ class BuildHandler(_RaeeHandler):
     def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
         runtime = model.runtime
         logits, pooled = runtime.all_layers_pooled(self.task.name, prompts)
-        others = [runtime.all_layers_pooled(self.task.name, self.prompts(runtime, table, f))[1] for f in FORMS[1:]]
+        others = [
+            np.zeros_like(pooled)
+            if layer_depth(self.embedder)
+            else runtime.all_layers_pooled(self.task.name, self.prompts(runtime, table, form))[1]
+            for form in FORMS[1:]
+        ]
         staged = np.concatenate([pooled, *others], axis=2)  # L×B×VIEWS×H: each form's poolings, FORMS in order
         logprobs = log_softmax(logits).transpose(1, 0, 2)  # B×L×C
         labels = table.column(LABEL).to_numpy()

@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
-from raee_ops.schemas.tables import LAYER_KEY_META_KEY, flat_values
+from raee_ops.pipelines.inference import BuildHandler
+from raee_ops.pipelines.sources import read_validated_file
+from raee_ops.schemas.tables import FEATURES, LAYER_KEY_META_KEY, flat_values
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_probe_pipelines import signal_rows
 from test_runtime import prompts
@@ -17,6 +19,7 @@ from test_runtime import prompts
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate
 from raee_ops.layer_key import LayerKey, layer_depth
+from raee_ops.probes import PROMPT_VIEWS, VIEWS
 from raee_ops.retrieval import Retriever
 from raee_ops.runtime import POOLINGS, SUB_BATCH, SegmentRuntime
 from raee_ops.tasks import PRESETS
@@ -124,3 +127,16 @@ def test_append_keeps_the_tables_standardization_and_a_too_deep_key_is_refused(
 def _keys_by_id(table: pa.Table) -> dict[str, np.ndarray]:
     keys = flat_values(table, "vector").reshape(table.num_rows, -1)
     return dict(zip(table.column("id").to_pylist(), keys, strict=True))
+
+
+def test_a_layer_key_table_skips_the_bare_input_pass_its_probes_cannot_read(segment_artifacts, tmp_path):  # noqa: F811
+    """Its probes read the prompt's views only, so build-db's workers stage zeros for the bare input's views instead
+    of running every layer on it; a MiniLM-keyed table's workers run it."""
+    rows = signal_rows(tmp_path / "rows.parquet", 12, 0, "r")
+    table = next(iter(read_validated_file(str(rows), PRESETS["sst2"], need_label=True))).valid
+    for embedder, bare_run in (("layer-2", False), ("minilm", True)):
+        handler = BuildHandler(str(segment_artifacts), PRESETS["sst2"], embedder)
+        staged = handler.run_inference([table], handler.load_model())[0].rows
+        views = flat_values(staged, FEATURES).reshape(12, 3, len(VIEWS), -1)
+        assert views[:, :, : len(PROMPT_VIEWS)].all(axis=(0, 1)).any()  # the prompt's views: every row, every layer
+        assert views[:, :, len(PROMPT_VIEWS) :].any() == bare_run

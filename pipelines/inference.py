@@ -27,6 +27,7 @@ from raee_ops.calibration import log_softmax
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.faults import fault_point
 from raee_ops.layer_key import layer_depth
+from raee_ops.probes import table_views, view_form
 from raee_ops.progress import interactive
 from raee_ops.readout import answer_batch
 from raee_ops.retrieval import Retriever
@@ -193,8 +194,8 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
 class BuildHandler(_RaeeHandler):
     """Labelled rows -> layer rows: the key, every layer's head prediction, correctness and log-probs, and every
     layer's pooled hidden states in every view (the probes' features; build-db's driver turns these into exit-table
-    rows). The prompt's pass gives the head's answers; each other input form is one more all-layer pass, for the
-    probes only, skipped on a layer-N table (its probes read the prompt's views; the skipped views stage zeros)."""
+    rows). The prompt's pass gives the head's answers; each other input form the table's probes may read
+    (probes.table_views) is one more all-layer pass, for the probes only; views of a form not run stage zeros."""
 
     command = "build-db"
 
@@ -212,10 +213,11 @@ class BuildHandler(_RaeeHandler):
     def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
         runtime = model.runtime
         logits, pooled = runtime.all_layers_pooled(self.task.name, prompts)
+        read = {view_form(view) for view in table_views(self.embedder)}
         others = [
-            np.zeros_like(pooled)
-            if layer_depth(self.embedder)
-            else runtime.all_layers_pooled(self.task.name, self.prompts(runtime, table, form))[1]
+            runtime.all_layers_pooled(self.task.name, self.prompts(runtime, table, form))[1]
+            if form in read
+            else np.zeros_like(pooled)
             for form in FORMS[1:]
         ]
         staged = np.concatenate([pooled, *others], axis=2)  # L×B×VIEWS×H: each form's poolings, FORMS in order

@@ -39,7 +39,7 @@ from raee_ops.errors import RaeeConfigError
 from raee_ops.layer_key import LayerKey, layer_depth
 from raee_ops.metrics import task_metric
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, ProbePolicy, fit_probe_policy
-from raee_ops.probes import PROMPT_VIEWS, VIEWS, ProbeSet, fit_probes, fit_share, in_fit_sample
+from raee_ops.probes import VIEWS, ProbeSet, fit_probes, fit_share, in_fit_sample, table_views
 from raee_ops.retrieval import probe_identity, table_layer_key
 from raee_ops.tasks import Task
 
@@ -109,7 +109,7 @@ def assemble(
     labels = np.concatenate([old.column("label").to_numpy(), new.column("label").to_numpy()]).astype(np.int64)
     vectors = np.concatenate([flat_values(t, "vector").reshape(t.num_rows, dim) for t in (old, new)])
     sample = in_fit_sample(ids, fit_share(rows))
-    views = (old_probes.pooling,) if old_probes else PROMPT_VIEWS if layer_key else VIEWS
+    views = (old_probes.pooling,) if old_probes else table_views(meta.embedder)
     pick = [VIEWS.index(v) for v in views]
 
     def staged_features() -> Iterator[tuple[int, np.ndarray]]:

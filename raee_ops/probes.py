@@ -24,6 +24,7 @@ import numpy as np
 
 from raee_ops.calibration import log_softmax
 from raee_ops.errors import RaeeConfigError
+from raee_ops.layer_key import layer_depth
 from raee_ops.metrics import METRICS
 from raee_ops.runtime import POOLINGS
 from raee_ops.schemas.tables import VIEWS_STAGED, decode_array, encode_array
@@ -32,9 +33,20 @@ from raee_ops.tasks import FORMS
 #: What a probe can read: an input form's pooled states, every form × pooling, in the order build-db stages them
 #: (a form's poolings together, as one runtime pass returns them). The prompt's keep their plain pooling names.
 VIEWS = tuple(pooling if form == "prompt" else f"{form}-{pooling}" for form in FORMS for pooling in POOLINGS)
-#: The views a layer-N key's table chooses from: the key's layers are the first layers its rows run, on the prompt.
 PROMPT_VIEWS = VIEWS[: len(POOLINGS)]
 assert len(VIEWS) == VIEWS_STAGED
+
+
+def view_form(view: str) -> str:
+    """The input form (tasks.FORMS) a view's states come from."""
+    return FORMS[VIEWS.index(view) // len(POOLINGS)]
+
+
+def table_views(embedder: str) -> tuple[str, ...]:
+    """The views a new table's probes choose among: a layer-N key's table only the prompt's, since the key's layers
+    are the first layers its rows run, on the prompt (build-db's workers run no other form for it)."""
+    return PROMPT_VIEWS if layer_depth(embedder) else VIEWS
+
 
 FOLDS = 5
 #: Inverse L2 strength on standardized features, one for every layer: with the view, the pair with the lowest
@@ -88,7 +100,7 @@ class ProbeSet:
     @property
     def form(self) -> str:
         """The input form the backbone must read for these probes (tasks.FORMS)."""
-        return FORMS[self.view_index // len(POOLINGS)]
+        return view_form(self.pooling)
 
     @property
     def view_index(self) -> int:

@@ -51,7 +51,8 @@ def test_info_shows_identity_size_policy_and_history(db, segment_artifacts):  # 
     policy = table["policy"]
     assert policy["k"] in K_GRID and policy["loo_queries"] == 32 and "bias" not in policy
     assert policy["settings"] == Retriever(db, "sst2").policy.settings()
-    probes, probe_policy = Retriever(db, "sst2").probes, Retriever(db, "sst2").probe_policy
+    retriever = Retriever(db, "sst2")
+    probes, probe_policy = retriever.probes, retriever.probe_policy
     assert table["probes"]["view"] == probes.pooling and table["probes"]["form"] == probes.form
     assert table["probes"]["best_layer"] == probes.best_layer and table["probes"]["fit_rows"] == 32
     assert table["probe_policy"]["settings"] == probe_policy.settings()

@@ -105,7 +105,8 @@ def test_default_strategy_uses_the_policy_fitted_at_build_time(segment_artifacts
     probs = predictions.column("confidence").to_numpy()
     assert ((probs >= 0.5) & (probs <= 1.0)).all()  # a fused distribution's top share over two labels
     summary, _, _ = classify(segment_artifacts, root, "default", strategy=None)
-    probe_policy, probes = Retriever(str(root / "db"), "sst2").probe_policy, Retriever(str(root / "db"), "sst2").probes
+    retriever = Retriever(str(root / "db"), "sst2")
+    probe_policy, probes = retriever.probe_policy, retriever.probes
     assert summary.strategy == "probe-fused"
     assert summary.settings.endswith(
         f"{probe_policy.settings()}; probes: {probes.pooling} view, run on the {probes.form} input"

@@ -8,6 +8,7 @@ from raee_ops.calibration import loo_neighbours
 from raee_ops.errors import RaeeConfigError
 from raee_ops.probe_policy import confident_exits, fit_probe_policy
 from raee_ops.probes import VIEWS, ProbeSet, _folds, check_probes, fit_probes, in_fit_sample
+from raee_ops.tasks import PRESETS
 
 IDENTITY = {"fingerprint": "f", "task": "sst2", "rows": 80}
 
@@ -175,8 +176,6 @@ def test_grouped_folds_keep_groups_whole_so_out_of_fold_answers_stay_honest():
 
 
 def test_the_bare_form_is_the_input_alone_with_the_pair_on_its_own_line():
-    from raee_ops.tasks import PRESETS
-
     assert PRESETS["sst2"].render(" a fine film ", suffix=" <mask>", form="bare") == "a fine film <mask>"
     assert PRESETS["rte"].render("A cat sat.", " A cat is sitting. ", form="bare") == "A cat sat.\nA cat is sitting."
     assert PRESETS["rte"].render("A cat sat.", "A cat is sitting.").startswith("Premise: A cat sat.\nHypothesis:")

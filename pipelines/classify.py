@@ -25,6 +25,7 @@ from raee_ops import storage
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import refuse_head, resolve
 from raee_ops.layer_key import layer_depth
+from raee_ops.probe_policy import budgeted
 from raee_ops.readout import describe
 from raee_ops.retrieval import (
     check_meta,
@@ -125,7 +126,9 @@ def run_classify(
     k: int,
     strategy: str | None,
     beam_args: list[str] | tuple[str, ...] = (),
+    layer_budget: float | None = None,
 ) -> ClassifySummary:
+    """`layer_budget`: the probe strategies' settings the table keeps for that share of the layers, not its own."""
     settings = worker_settings(beam_args, db_uri)
     storage.check_scheme(output_dir, "--output")
     manifest = load_manifest(artifacts)
@@ -147,7 +150,10 @@ def run_classify(
     policy = table_policy(table_schema)
     if chosen.needs_policy and policy is None:
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
-    described = describe(chosen, policy, table_probe_policy(table_schema), table_probes(table_schema), k)
+    if layer_budget is not None and not chosen.needs_probe_policy:
+        raise RaeeConfigError(f"--layer-budget sets probe-fused's and probe-conf's cost; {strategy!r} has no budget")
+    probe_policy = budgeted(table_probe_policy(table_schema), layer_budget)
+    described = describe(chosen, policy, probe_policy, table_probes(table_schema), k)
     files = expand_inputs(inputs)
     schema, rows_in = check_inputs(files, task, need_label=False)
     clash = [f.name for f in PREDICTION_FIELDS if f.name in schema.names]
@@ -165,6 +171,7 @@ def run_classify(
         strategy,
         output_schema,
         version,
+        layer_budget,
         storage_options=settings.db_storage_options,
         **settings.runtime(),
     )

@@ -27,6 +27,7 @@ from raee_ops.calibration import log_softmax
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.faults import fault_point
 from raee_ops.layer_key import layer_depth
+from raee_ops.probe_policy import budgeted
 from raee_ops.probes import table_views, view_form
 from raee_ops.progress import interactive
 from raee_ops.readout import answer_batch
@@ -271,12 +272,14 @@ class ClassifyHandler(_RaeeHandler):
         strategy: str,
         output_schema: pa.Schema,
         version: int | None = None,
+        layer_budget: float | None = None,
         storage_options: dict[str, str] | None = None,
         **runtime_options: Any,
     ) -> None:
         super().__init__(artifacts, task, embedder, **runtime_options)
         self.db_uri, self.table, self.k, self.strategy = db_uri, table, k, strategy
         self.output_schema, self.version, self.storage_options = output_schema, version, storage_options
+        self.layer_budget = layer_budget
 
     def load_model(self) -> Loaded:
         runtime = self._runtime()
@@ -288,7 +291,7 @@ class ClassifyHandler(_RaeeHandler):
             self.k,
             retriever.policy,
             retriever.probes,
-            retriever.probe_policy,
+            budgeted(retriever.probe_policy, self.layer_budget),
             retriever.key_depth,
         )
         return Loaded(runtime, retriever, strategy, context)

@@ -12,8 +12,9 @@ layers wins.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -176,13 +177,30 @@ def cheapest_within(trials: list[Trial], tolerance: float) -> Trial:
     return min((t for t in trials if t.score >= best - tolerance - 1e-12), key=lambda t: (t.mean_exit, -t.score))
 
 
-def best_within_budget(trials: list[Trial], max_mean_exit: float) -> Trial:
-    """The best-scoring trial whose mean exit layer is within the budget (the cheapest among equals); the cheapest
-    trial when none is."""
-    affordable = [t for t in trials if t.mean_exit <= max_mean_exit + 1e-9]
-    if not affordable:
-        return min(trials, key=lambda t: (t.mean_exit, -t.score))
-    return cheapest_within(affordable, 0.0)
+class Costed(Protocol):
+    """A setting's outcome with its cost: a Trial, or a frontier point a table stores."""
+
+    @property
+    def mean_exit(self) -> float: ...
+
+
+C = TypeVar("C", bound=Costed)
+
+
+def frontier(trials: Sequence[Trial]) -> list[Trial]:
+    """The trials that score above every cheaper one, cheapest first (the cheapest of equals): the most any budget
+    buys. What build-db keeps of a fit, so a run can choose another budget without refitting."""
+    kept: list[Trial] = []
+    for trial in sorted(trials, key=lambda t: (t.mean_exit, -t.score)):
+        if not kept or trial.score > kept[-1].score:
+            kept.append(trial)
+    return kept
+
+
+def within_budget(front: Sequence[C], max_mean_exit: float) -> C:
+    """The last frontier point (best scoring) whose mean exit is within the budget; the cheapest when none is."""
+    affordable = [point for point in front if point.mean_exit <= max_mean_exit + 1e-9]
+    return affordable[-1] if affordable else front[0]
 
 
 def one_se_choice(trials: list[Trial], metric: Metric, truth: np.ndarray, num_labels: int, seed: int) -> Trial:

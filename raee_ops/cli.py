@@ -33,6 +33,14 @@ max_rejected_option = click.option(
     help="Largest share of input rows that may be rejected; above it the run exits with code 4.",
 )
 
+run_budget_option = click.option(
+    "--layer-budget",
+    default=None,
+    type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+    help="Run probe-fused and probe-conf within this share of the layers instead of the table's own budget, with "
+    "the settings build-db fitted for it (the table keeps them; no rebuild). Default: the table's.",
+)
+
 
 def _tasks(names: tuple[str, ...], files: tuple[str, ...]) -> list[Task]:
     return [get_task(n) for n in names] + [load_task_file(f) for f in files]
@@ -273,6 +281,7 @@ def build_db(
     help="Exit strategy: probe-fused (default), probe-conf, raee-probe, probe-best, probe-last, probe:N, key-lr, "
     "knn-vote, fused, raee (the paper's rule), raee-counts, raee-cal, full, full-cal or layer:N.",
 )
+@run_budget_option
 @max_rejected_option
 def classify(
     artifacts: str,
@@ -283,13 +292,23 @@ def classify(
     output_dir: str,
     k: int,
     strategy: str | None,
+    layer_budget: float | None,
     max_rejected: float,
 ) -> None:
     """Classify Parquet rows, running each only up to its retrieval-predicted exit layer."""
     from raee_ops.pipelines.classify import run_classify
 
     summary = run_classify(
-        artifacts, task_name, db_uri, table or task_name, list(inputs), output_dir, k, strategy, beam_args()
+        artifacts,
+        task_name,
+        db_uri,
+        table or task_name,
+        list(inputs),
+        output_dir,
+        k,
+        strategy,
+        beam_args(),
+        layer_budget=layer_budget,
     )
     echo(summary.render())
     summary.check(max_rejected)
@@ -317,6 +336,7 @@ def classify(
     multiple=True,
     help="Strategy to score (repeatable; default: every named strategy). layer:N works too.",
 )
+@run_budget_option
 def evaluate_cmd(
     artifacts: str,
     task_name: str | None,
@@ -327,6 +347,7 @@ def evaluate_cmd(
     report_dir: str,
     k: int,
     strategies: tuple[str, ...],
+    layer_budget: float | None,
 ) -> None:
     """Score every layer, the full model, the oracle and each exit strategy on labelled rows, in-process (Beam
     options are accepted for the filesystem and database settings: --s3_endpoint_url, --raee_db_storage_option)."""
@@ -340,11 +361,20 @@ def evaluate_cmd(
         storage.configure(beam_args())
         task_name = exported_task(load_manifest(artifacts), load_task_file(task_file))
     report = evaluate(
-        artifacts, task_name, db_uri, table or task_name, list(inputs), k, list(strategies) or None, beam_args()
+        artifacts,
+        task_name,
+        db_uri,
+        table or task_name,
+        list(inputs),
+        k,
+        list(strategies) or None,
+        beam_args(),
+        layer_budget,
     )
     out = write_report(report, report_dir)
-    full, name = report["full"], report["full"]["metric_name"]
-    echo(f"evaluated {report['rows']} rows ({report['rejected']} rejected); full {name} {full['metric']:.4f}")
+    full, name = report["full"], report["metric_name"]
+    zero_shot = f"; full {name} {full['metric']:.4f}" if full else "; no label-word head"
+    echo(f"evaluated {report['rows']} rows ({report['rejected']} rejected){zero_shot}")
     for strategy, s in report["strategies"].items():
         exit_layer = f"{s['mean_exit_layer']:.2f}/{report['num_layers']}"
         echo(f"  {strategy}: {name} {s['metric']:.4f}, mean exit layer {exit_layer}")

@@ -17,6 +17,7 @@ import io
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from raee_ops.metrics import Metric, accuracy, task_metric
 from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.options import worker_settings
 from raee_ops.pipelines.sources import check_inputs, expand_inputs, read_validated_file, task_of
-from raee_ops.probe_policy import confident_exits
+from raee_ops.probe_policy import SHOWN_BUDGETS, ProbePolicy, budgeted, confident_exits
 from raee_ops.probes import VIEWS, ProbeSet
 from raee_ops.progress import Progress
 from raee_ops.retrieval import Retriever, check_meta, check_table_probes, expected_meta, table_meta
@@ -173,8 +174,10 @@ def evaluate(
     k: int = 10,
     strategies: list[str] | None = None,
     beam_args: Sequence[str] = (),
+    layer_budget: float | None = None,
 ) -> dict[str, Any]:
-    """The report dict: per-layer, full, calibrated, oracle, neighbour-vote and per-strategy scores."""
+    """The report dict: per-layer, full, calibrated, oracle, neighbour-vote and per-strategy scores, and the default
+    at other layer budgets. `layer_budget`: the probe strategies' settings for that budget, not the table's."""
     if k < 1:
         raise RaeeConfigError(f"--k must be at least 1, got {k}")
     settings = worker_settings(beam_args, db_uri)
@@ -195,7 +198,8 @@ def evaluate(
     check_table_probes(retriever.table, expected, True, f"table {table!r} in {db_uri}")
     if (head and retriever.policy is None) or retriever.probes is None or retriever.probe_policy is None:
         raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
-    policy, probes, probe_policy = retriever.policy, retriever.probes, retriever.probe_policy
+    policy, probes = retriever.policy, retriever.probes
+    probe_policy = budgeted(retriever.probe_policy, layer_budget)
 
     valid, rejected = _read_validated(inputs, task)
     handler = BuildHandler(str(artifacts), task, embedder, **settings.runtime())
@@ -209,7 +213,8 @@ def evaluate(
 
     ctx = Context(num_layers, num_labels, k, policy, probes, probe_policy, retriever.key_depth)
     vote_k = policy.k if policy else probe_policy.k
-    nb = retriever.search(keys, max(k, vote_k, probe_policy.k))
+    budget_ks = [int(point.settings[0]) for point in probe_policy.frontier or ()]
+    nb = retriever.search(keys, max(k, vote_k, probe_policy.k, *budget_ks))
     metric_name, metric = task_metric(task_name, num_labels)
     vote = nb.top(vote_k)
     vote_pred = label_vote(vote.labels, vote.similarity, num_labels).argmax(axis=1)
@@ -221,6 +226,7 @@ def evaluate(
         if strategy not in reports and (head or not baseline.needs_head()):
             reports[strategy] = _strategy_report(baseline, logprobs, probe_lp, labels, nb, ctx, metric)
     baselines = {name: _brief(reports[s]) if s in reports else None for name, s in BASELINES.items()}
+    by_budget = _by_budget(probe_policy, logprobs, probe_lp, labels, nb, ctx, metric)
     per_layer, best, oracle, calibrated = zero_shot or (None, None, None, None)
 
     return {
@@ -259,8 +265,40 @@ def evaluate(
         },
         "policy": {name: value for name, value in policy.to_dict().items() if name != "bias"} if policy else None,
         "probe_policy": probe_policy.to_dict(),
+        "default_by_budget": by_budget,
         "k": k,
     }
+
+
+def _by_budget(
+    probe_policy: ProbePolicy,
+    logprobs: np.ndarray,
+    probe_lp: np.ndarray,
+    labels: np.ndarray,
+    nb: Neighbours,
+    ctx: Context,
+    metric: Metric,
+) -> list[dict[str, Any]] | None:
+    """The default at each of SHOWN_BUDGETS with the settings the table keeps for it (what another --layer-budget
+    buys, without a rebuild): its leave-one-out score on the reference and its scores here (None for tables built
+    before frontiers)."""
+    if probe_policy.frontier is None:
+        return None
+    out = []
+    for budget in SHOWN_BUDGETS:
+        at = probe_policy.within(budget)
+        budgeted_ctx = replace(ctx, probe_policy=at)
+        report = _strategy_report(STRATEGIES[DEFAULT_STRATEGY], logprobs, probe_lp, labels, nb, budgeted_ctx, metric)
+        out.append(
+            {
+                "layer_budget": budget,
+                "reference_metric": at.loo_metric,
+                "reference_mean_exit": at.loo_mean_exit,
+                **_brief(report),
+                "mean_layers_run": report["mean_layers_run"],
+            }
+        )
+    return out
 
 
 def write_report(report: dict[str, Any], directory: str) -> str:
@@ -328,6 +366,35 @@ def render_markdown(r: dict[str, Any]) -> str:
             for b, v in r["baselines"].items()
         ],
     )
+    if r["default_by_budget"]:
+        lines += [
+            "## The default at other layer budgets",
+            "",
+            "Settings the table keeps for each budget (build-db's fit on the reference rows, no refit); run one with "
+            f"classify --layer-budget. The table's own: {r['probe_policy']['layer_budget']}.",
+            "",
+        ]
+        lines += _table(
+            [
+                "layer budget",
+                f"reference {name} (left out)",
+                "reference mean exit",
+                "accuracy",
+                name,
+                "mean layers run",
+            ],
+            [
+                [
+                    b["layer_budget"],
+                    b["reference_metric"],
+                    b["reference_mean_exit"],
+                    b["accuracy"],
+                    b["metric"],
+                    b["mean_layers_run"],
+                ]
+                for b in r["default_by_budget"]
+            ],
+        )
     lines += ["## Strategies", ""]
     lines += _table(
         ["strategy", "accuracy", name, "mean exit layer", "ideal speed-up", "exits per layer (0..L)"],
@@ -373,7 +440,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         json.dumps(r["policy"]) if r["policy"] else "fused policy: none (no label-word head)",
         "",
-        json.dumps(r["probe_policy"]),
+        json.dumps({k: v for k, v in r["probe_policy"].items() if not k.endswith("frontier")}),
         "",
     ]
     if r["rejected_rows"]:

@@ -73,6 +73,7 @@ def table_info(table: lancedb.table.Table) -> dict[str, Any]:
         "probe_policy": {
             "settings": probe_policy.settings(),
             "validation": probe_policy.validation(),
+            "by_budget": probe_policy.by_budget(),
             **probe_policy.to_dict(),
         }
         if probe_policy
@@ -164,6 +165,9 @@ def _render_table(t: dict[str, Any]) -> str:
             f"  probe policy (the default's): {pp['settings']}; {pp['metric']} {pp['loo_metric']:.3f} "
             f"({pp['validation']}), mean exit layer {pp['loo_mean_exit']:.2f}"
         )
+        if pp["by_budget"]:
+            shown = ", ".join(f"{b['layer_budget']}: {b['metric']:.3f} @ {b['mean_exit']:.1f}" for b in pp["by_budget"])
+            lines.append(f"  other layer budgets (classify --layer-budget; {pp['metric']} @ mean exit): {shown}")
     versions = t["versions"]
     older = len(versions) - SHOWN_VERSIONS
     lines.append(f"  versions ({len(versions)}{f'; {older} older not shown, see --json' if older > 0 else ''}):")

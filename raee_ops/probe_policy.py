@@ -18,7 +18,10 @@ so the budget holds where it is spent.
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -27,15 +30,17 @@ from raee_ops.calibration import (
     K_GRID,
     MAX_LOO_QUERIES,
     Trial,
-    best_within_budget,
     earliest_within,
+    frontier,
     group_count,
     label_vote,
     left_out,
     loo_neighbours,
     neighbour_accuracy,
     not_before_key,
+    within_budget,
 )
+from raee_ops.errors import RaeeConfigError
 from raee_ops.metrics import METRICS, accuracy
 
 ALPHA_GRID = (0.0, 0.25, 0.5)  # weight of the neighbours' vote in the answer at a layer
@@ -47,7 +52,24 @@ T_GRID = (0.8, 0.9, 0.95, 0.99, None)  # None: no confidence exit before the ret
 SHRINK_GRID = (0.0, 0.5, 1.0)
 #: Share of the layers the fitted settings may run on average on the reference rows (see the module docstring).
 DEFAULT_LAYER_BUDGET = 0.35
+#: Budgets evaluate scores the default at and info lists, besides the table's own (any other may be asked for).
+SHOWN_BUDGETS = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 CONF_GRID = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)  # 1.01: never confident, i.e. the last layer
+
+
+class Point(NamedTuple):
+    """A setting on a fit's cost/score frontier, as the table stores it: its leave-one-out mean exit layer, metric
+    and accuracy, and the settings (probe-fused: k, shrink, epsilon, alpha, beta, tau, t; probe-conf: conf_t)."""
+
+    mean_exit: float
+    score: float
+    accuracy: float
+    settings: tuple
+
+
+def _points(trials: list[Trial], settings: Callable[[Any], tuple] = tuple) -> tuple[Point, ...]:
+    """The frontier of a fit's trials, as the table stores it."""
+    return tuple(Point(t.mean_exit, t.score, t.accuracy, settings(t.settings)) for t in frontier(trials))
 
 
 @dataclass(frozen=True)
@@ -70,9 +92,54 @@ class ProbePolicy:
     curve: tuple[float, ...] | None = None  # the whole reference's out-of-fold probe accuracy per layer
     layer_budget: float | None = None  # the share of layers the settings were chosen within (None: older tables)
     loo_groups: int | None = None  # reference groups left out whole (build-db --group-column); None: single rows
+    #: The fits' cost/score frontiers (probe-fused, probe-conf), cheapest first; None: tables built before them.
+    frontier: tuple[Point, ...] | None = None
+    conf_frontier: tuple[Point, ...] | None = None
+
+    def __post_init__(self) -> None:  # read back from JSON, the tuples are lists
+        if self.curve is not None:
+            object.__setattr__(self, "curve", tuple(self.curve))
+        for name in ("frontier", "conf_frontier"):
+            points = getattr(self, name)
+            if points is not None:
+                object.__setattr__(self, name, tuple(Point(m, s, a, tuple(st)) for m, s, a, st in points))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON values (the tuples as lists), as the table stores them and reports show them."""
+        return json.loads(json.dumps(asdict(self)))
+
+    def by_budget(self) -> list[dict[str, float]]:
+        """The default's leave-one-out score and mean exit at each of SHOWN_BUDGETS (none for older tables)."""
+        if self.frontier is None:
+            return []
+        at = [self.within(budget) for budget in SHOWN_BUDGETS]
+        return [{"layer_budget": p.layer_budget, "metric": p.loo_metric, "mean_exit": p.loo_mean_exit} for p in at]
+
+    def within(self, layer_budget: float) -> ProbePolicy:
+        """The settings build-db fits with `layer_budget` (the best of its frontier within it): another cost target
+        for one run, with no refit."""
+        if self.frontier is None or self.conf_frontier is None or self.curve is None:
+            raise RaeeConfigError("this table stores no settings for other layer budgets: rebuild it with build-db")
+        budget = layer_budget * len(self.curve)
+        point, conf = within_budget(self.frontier, budget), within_budget(self.conf_frontier, budget)
+        k, shrink, epsilon, alpha, beta, tau, t = point.settings
+        return replace(
+            self,
+            k=int(k),
+            shrink=shrink,
+            epsilon=epsilon,
+            alpha=alpha,
+            beta=beta,
+            tau=tau,
+            t=t,
+            conf_t=conf.settings[0],
+            loo_metric=point.score,
+            loo_accuracy=point.accuracy,
+            loo_mean_exit=point.mean_exit,
+            conf_metric=conf.score,
+            conf_mean_exit=conf.mean_exit,
+            layer_budget=layer_budget,
+        )
 
     def settings(self) -> str:
         return (
@@ -150,7 +217,8 @@ def fit_probe_policy(
                 cost = float(np.where(zero, key_depth, exits).mean())
                 settings = (k, shrink, epsilon, alpha, beta, tau, t)
                 trials.append(Trial(metric(truth, pred, num_labels), accuracy(truth, pred), cost, settings, pred))
-    chosen = best_within_budget(trials, layer_budget * num_layers)
+    front = _points(trials)
+    chosen = within_budget(front, layer_budget * num_layers)
     k, shrink, epsilon, alpha, beta, tau, t = chosen.settings
 
     conf_trials = []
@@ -160,7 +228,8 @@ def fit_probe_policy(
         conf_trials.append(
             Trial(metric(truth, pred, num_labels), accuracy(truth, pred), float(exits.mean()), conf_t, pred)
         )
-    conf = best_within_budget(conf_trials, layer_budget * num_layers)
+    conf_front = _points(conf_trials, lambda conf_t: (conf_t,))
+    conf = within_budget(conf_front, layer_budget * num_layers)
     return ProbePolicy(
         k=k,
         epsilon=epsilon,
@@ -168,7 +237,7 @@ def fit_probe_policy(
         beta=beta,
         tau=tau,
         t=t,
-        conf_t=conf.settings,
+        conf_t=conf.settings[0],
         metric=metric_name,
         loo_queries=len(queries),
         loo_metric=chosen.score,
@@ -180,4 +249,13 @@ def fit_probe_policy(
         curve=tuple(round(float(x), 6) for x in reference_curve),
         layer_budget=layer_budget,
         loo_groups=group_count(groups),
+        frontier=front,
+        conf_frontier=conf_front,
     )
+
+
+def budgeted(policy: ProbePolicy | None, layer_budget: float | None) -> ProbePolicy | None:
+    """The table's probe policy, or with a run's --layer-budget the settings the table keeps for that budget."""
+    if policy is None or layer_budget is None:
+        return policy
+    return policy.within(layer_budget)

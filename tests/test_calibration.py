@@ -131,15 +131,19 @@ def test_cheapest_within_takes_the_cheapest_of_the_settings_close_enough_to_the_
     assert cheapest_within(trials, 0.005).settings == "tie"
 
 
-def test_best_within_budget_takes_the_most_accurate_affordable_setting():
-    from raee_ops.calibration import Trial, best_within_budget
+def test_the_frontier_holds_the_most_accurate_affordable_setting_of_every_budget():
+    from raee_ops.calibration import Trial, frontier, within_budget
 
     none = np.zeros(0)
     trials = [
         Trial(0.90, 0.9, 20.0, "deep", none),
         Trial(0.85, 0.85, 9.0, "mid", none),
+        Trial(0.85, 0.85, 12.0, "mid, dearer", none),
+        Trial(0.80, 0.8, 15.0, "worse and dearer", none),
         Trial(0.7, 0.7, 1.0, "x", none),
     ]
-    assert best_within_budget(trials, 10.0).settings == "mid"  # deep is better but over the budget
-    assert best_within_budget(trials, 30.0).settings == "deep"
-    assert best_within_budget(trials, 0.5).settings == "x"  # nothing affordable: the cheapest
+    front = frontier(trials)
+    assert [t.settings for t in front] == ["x", "mid", "deep"]  # cheapest first, each better than every cheaper one
+    assert within_budget(front, 10.0).settings == "mid"  # deep is better but over the budget
+    assert within_budget(front, 30.0).settings == "deep"
+    assert within_budget(front, 0.5).settings == "x"  # nothing affordable: the cheapest

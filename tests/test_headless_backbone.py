@@ -89,3 +89,25 @@ def test_head_reading_strategy_is_refused_at_the_start_with_exit_2(bare):
     assert run.returncode == 2
     assert "strategy raee reads the label-word head" in one_error_line(run)
     assert not out.exists()  # refused before the run claimed its output
+
+
+def test_evaluate_cli_reports_a_backbone_without_a_head(bare):
+    root, artifacts, _, _, test = bare
+    run = raee_ops(
+        "evaluate",
+        "--artifacts",
+        artifacts,
+        "--task",
+        "sst2",
+        "--db",
+        root / "db",
+        "--input",
+        test,
+        "--report",
+        root / "report",
+        "--strategy",
+        "probe-fused",
+    )
+    assert run.returncode == 0, run.stderr
+    assert "evaluated 80 rows (0 rejected); no label-word head" in run.stdout
+    assert "probe-fused: accuracy " in run.stdout and (root / "report" / "report.md").exists()

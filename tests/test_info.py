@@ -16,6 +16,7 @@ from test_pipelines import labelled
 from raee_ops.calibration import K_GRID
 from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.info import describe, render, rollback
+from raee_ops.probe_policy import SHOWN_BUDGETS
 from raee_ops.retrieval import Retriever
 
 
@@ -56,6 +57,10 @@ def test_info_shows_identity_size_policy_and_history(db, segment_artifacts):  # 
     assert table["probes"]["view"] == probes.pooling and table["probes"]["form"] == probes.form
     assert table["probes"]["best_layer"] == probes.best_layer and table["probes"]["fit_rows"] == 32
     assert table["probe_policy"]["settings"] == probe_policy.settings()
+    by_budget = table["probe_policy"]["by_budget"]
+    assert [b["layer_budget"] for b in by_budget] == list(SHOWN_BUDGETS)
+    own = next(b for b in by_budget if b["layer_budget"] == probe_policy.layer_budget)
+    assert (own["metric"], own["mean_exit"]) == (probe_policy.loo_metric, probe_policy.loo_mean_exit)
     assert json.loads(json.dumps(info)) == info  # plain values only
 
     text = render(info)
@@ -65,6 +70,8 @@ def test_info_shows_identity_size_policy_and_history(db, segment_artifacts):  # 
     assert "(leave-one-out, on 32 rows)" in text and policy["validation"] == "leave-one-out, on 32 rows"
     assert f"probe heads: {probes.pooling} view (runs the {probes.form} input), fitted on 32 rows" in text
     assert f"probe policy (the default's): {probe_policy.settings()}; accuracy " in text
+    shown = ", ".join(f"{b['layer_budget']}: {b['metric']:.3f} @ {b['mean_exit']:.1f}" for b in by_budget)
+    assert f"other layer budgets (classify --layer-budget; accuracy @ mean exit): {shown}" in text
     assert "   1  " in text and "24 rows" in text and "   2  " in text
     assert "table notes: 2 rows" in text and "not an exit table" in text
 

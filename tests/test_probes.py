@@ -1,12 +1,15 @@
 """Probe heads on hand-made features: out-of-fold honesty (grouped too), plain-array storage, identity checks, the fit
 sample."""
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from raee_ops.calibration import loo_neighbours
 from raee_ops.errors import RaeeConfigError
-from raee_ops.probe_policy import confident_exits, fit_probe_policy
+from raee_ops.probe_policy import ProbePolicy, confident_exits, fit_probe_policy
 from raee_ops.probes import VIEWS, ProbeSet, _folds, check_probes, fit_probes, in_fit_sample
 from raee_ops.tasks import PRESETS
 
@@ -115,10 +118,26 @@ def test_probe_policy_takes_the_most_accurate_setting_within_the_layer_budget():
     key = np.full((n, 2), 0.5)
     fitted = {
         b: fit_probe_policy(vectors, labels, np.log(probs), np.log(key), 2, "accuracy", layer_budget=b)
-        for b in (0.5, 1.0)
+        for b in (0.1, 0.35, 0.5, 0.75, 1.0)
     }
     assert fitted[0.5].loo_mean_exit <= 5.0 and fitted[0.5].layer_budget == 0.5
     assert fitted[1.0].loo_mean_exit > 5.0 and fitted[1.0].loo_metric > fitted[0.5].loo_metric
+    # the table keeps the frontier: any budget's settings, as build-db would fit them, from the stored policy
+    stored = ProbePolicy(**json.loads(json.dumps(fitted[0.35].to_dict())))
+    assert stored == fitted[0.35]
+    assert len({fitted[b].loo_mean_exit for b in fitted}) >= 3  # the budgets chose different settings
+    for budget, policy in fitted.items():
+        assert stored.within(budget) == policy
+
+
+def test_a_table_without_a_frontier_refuses_another_budget():
+    n, layers = 60, 3
+    _, labels, vectors = _reference_rows(n, 7)
+    probs = np.full((n, layers, 2), 0.5)
+    policy = fit_probe_policy(vectors, labels, np.log(probs), np.log(probs[:, 0]), 2, "accuracy")
+    older = replace(policy, frontier=None, conf_frontier=None)  # as tables built before frontiers read back
+    with pytest.raises(RaeeConfigError, match="rebuild it with build-db"):
+        older.within(0.5)
 
 
 def test_a_layer_keys_layers_count_against_the_budget_and_no_row_leaves_before_them():

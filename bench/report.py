@@ -253,7 +253,7 @@ def _baselines(result: Doc) -> list[str]:
     summary = f"Default `{result.get('default_strategy')}`, macro average (issue 9): " + "; ".join(checks) + "."
     curves = _curves_png(result["preset"])
     image = [f"![probe and label-word head by layer]({curves.name})", ""] if curves.is_file() else []
-    return lines + [summary, "", *_reference_estimates(tasks), *image]
+    return lines + [summary, "", *_reference_estimates(tasks), *_budget_sweep(tasks), *image]
 
 
 def _reference_estimates(tasks: list[Doc]) -> list[str]:
@@ -286,6 +286,38 @@ def _reference_estimates(tasks: list[Doc]) -> list[str]:
         "",
         f"Macro, default minus probe-best: {ref_gap:+.1f} points on the reference rows, {test_gap:+.1f} on the "
         "scored rows.",
+        "",
+    ]
+
+
+def _budget_sweep(tasks: list[Doc]) -> list[str]:
+    """The default at other layer budgets, each with the settings its table keeps for it (classify --layer-budget):
+    what more or fewer layers buy against probe-best, macro over the tasks."""
+    tasks = [t for t in tasks if t.get("default_by_budget")]
+    if not tasks:
+        return []
+    best = _mean([t["baselines"]["probe-best"]["score"] for t in tasks])
+    best_share = _mean([t["baselines"]["probe-best"]["mean_exit_layer"] / t["num_layers"] for t in tasks])
+    rows: list[list[Any]] = []
+    for i, budget in enumerate(b["layer_budget"] for b in tasks[0]["default_by_budget"]):
+        at = [t["default_by_budget"][i] for t in tasks]
+        scored = _mean([b["metric"] for b in at])
+        rows.append(
+            [
+                budget,
+                _mean([b["reference_metric"] for b in at]),
+                scored,
+                f"{_mean([b['mean_layers_run'] / t['num_layers'] for b, t in zip(at, tasks, strict=True)]):.0%}",
+                f"{100 * (scored - best):+.1f}",
+            ]
+        )
+    header = ["layer budget", "default on reference (left out)", "default scored", "layers run", "− probe-best"]
+    return [
+        "The default at other layer budgets (macro over the tasks), each with the settings its table keeps for it "
+        f"(`classify --layer-budget`; the tables were built with the default 0.35); probe-best scored {_fmt(best)} at "
+        f"{best_share:.0%} of the layers:",
+        "",
+        *_table(header, rows),
         "",
     ]
 

@@ -24,8 +24,9 @@ from quality import BENCH, SEED, K, ensure_artifacts, read_checked
 from raee_ops.onnx_export.quantize import quantize_matmuls
 from raee_ops.schemas.manifest import sha256_file
 
+from raee_ops.layer_key import LayerKey
 from raee_ops.metrics import task_metric
-from raee_ops.runtime import BACKBONE, POOLINGS, SegmentRuntime
+from raee_ops.runtime import BACKBONE, SegmentRuntime, mean_states
 from raee_ops.tasks import get_task
 
 PRESET, EMBEDDER = "smollm2-135m", "minilm"
@@ -54,11 +55,10 @@ def int8_artifacts(artifacts: Path) -> Path:
 
 
 def layer_key(runtime: SegmentRuntime, task: str, prompts: list[str], depth: int) -> np.ndarray:
-    """Mean-pooled state after `depth` layers, standardized over these rows, L2-normalized."""
-    pooled = runtime.run_to_exit_pooled(task, prompts, np.full(len(prompts), depth)).pooled
-    states = pooled[:, POOLINGS.index("mean"), :].astype(np.float32)
-    states = (states - states.mean(axis=0)) / (states.std(axis=0) + 1e-6)
-    return states / np.linalg.norm(states, axis=1, keepdims=True)
+    """Mean-pooled state after `depth` layers, standardized over these rows, L2-normalized (as build-db keys a
+    layer-N table)."""
+    states = mean_states(runtime.run_to_exit_pooled(task, prompts, np.full(len(prompts), depth)).pooled)
+    return LayerKey.fit(depth, states).apply(states)
 
 
 def neighbours(keys: np.ndarray) -> np.ndarray:

@@ -22,8 +22,7 @@ from raee_ops.pipelines.sources import (
     check_inputs,
     count_rows,
     expand_inputs,
-    file_groups,
-    file_ids,
+    file_keys,
     read_validated,
     task_of,
     write_tables,
@@ -173,9 +172,10 @@ def run_build_db(
     meta = expected_meta(manifest, task_name, embedder)
     if existing is not None:
         check_meta(existing, meta, f"table {table!r} in {db_uri}")
-    ids = pa.concat_arrays([file_ids(f) for f in files]) if files else pa.array([], pa.string())
+    keys = [file_keys(f, group_column) for f in files]
+    ids = pa.concat_arrays([file_ids for file_ids, _ in keys]) if files else pa.array([], pa.string())
     refuse_duplicate_ids(ids)
-    group_of = read_groups(files, ids, group_column) if group_column else None
+    group_of = group_map(ids, [names for _, names in keys]) if group_column else None
     errors_dir = errors_dir or default_errors_dir(db_uri, table)
     if storage.is_file(errors_dir):
         raise RaeeConfigError(f"--errors {errors_dir} exists and is not a directory")
@@ -242,10 +242,10 @@ def run_build_db(
     )
 
 
-def read_groups(files: list[str], ids: pa.Array, column: str) -> dict[str, str]:
-    """Each input row's group by id (rows with a null group are left out: each is a group of its own); refused
-    here, before any work, when the input's rows fall into a single group."""
-    names = pa.concat_arrays([file_groups(f, column) for f in files]).to_pylist() if files else []
+def group_map(ids: pa.Array, file_names: list[pa.Array]) -> dict[str, str]:
+    """Each input row's group by id, from every file's group names (rows with a null group are left out: each is a
+    group of its own); refused here, before any work, when the input's rows fall into a single group."""
+    names = pa.concat_arrays(file_names).to_pylist() if file_names else []
     check_groups(group_codes(ids.to_pylist(), names))
     return {row_id: name for row_id, name in zip(ids.to_pylist(), names, strict=True) if name is not None}
 

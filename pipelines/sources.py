@@ -77,19 +77,18 @@ def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa
     return schema, rows
 
 
-def file_ids(path: str) -> pa.Array:
-    """The ids the rows of one file get (id column, else positions), read on the driver for duplicate checks."""
+def file_keys(path: str, group_column: str | None = None) -> tuple[pa.Array, pa.Array | None]:
+    """The ids the rows of one file get (id column, else positions), read on the driver for duplicate checks, and with
+    `group_column` that column as strings in the same order (null: the row is a group of its own); one read."""
     with storage.open_read(path) as handle:
         parquet = pq.ParquetFile(handle)
-        has_ids = ID in parquet.schema_arrow.names
-        table = parquet.read(columns=[ID]) if has_ids else pa.table({"_": pa.nulls(parquet.metadata.num_rows)})
-    return row_ids(table, file_key(path) if _positional(table) else "", 0)  # hash only where the key is used
+        columns = [c for c in dict.fromkeys((ID, group_column)) if c and c in parquet.schema_arrow.names]
+        table = parquet.read(columns=columns) if columns else pa.table({"_": pa.nulls(parquet.metadata.num_rows)})
+    ids = row_ids(table, file_key(path) if _positional(table) else "", 0)  # hash only where the key is used
+    return ids, _group_names(table.column(group_column).combine_chunks(), path, group_column) if group_column else None
 
 
-def file_groups(path: str, column: str) -> pa.Array:
-    """One file's `column` as strings (null: the row is a group of its own), in row order like file_ids."""
-    with storage.open_read(path) as handle:
-        values = pq.ParquetFile(handle).read(columns=[column]).column(0).combine_chunks()
+def _group_names(values: pa.Array, path: str, column: str) -> pa.Array:
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
     try:

@@ -261,3 +261,9 @@ def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_arti
             segment_artifacts, "sst2", [str(one)], db, "u", "minilm", "overwrite", None, group_column="sentence"
         )
     assert not (tmp_path / "db" / "u.lance").exists()  # refused before any work
+    structs = tmp_path / "structs.parquet"
+    pq.write_table(rows.append_column("sentence", pa.array([{"s": i // 2} for i in range(40)])), structs)
+    with pytest.raises(RaeeConfigError, match="--group-column 'sentence' has type struct"):
+        run_build_db(
+            segment_artifacts, "sst2", [str(structs)], db, "u", "minilm", "overwrite", None, group_column="sentence"
+        )

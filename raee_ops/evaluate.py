@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -31,7 +31,7 @@ from raee_ops.metrics import Metric, accuracy, task_metric
 from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.options import worker_settings
 from raee_ops.pipelines.sources import check_inputs, expand_inputs, read_validated_file, task_of
-from raee_ops.probe_policy import SHOWN_BUDGETS, ProbePolicy, budgeted, confident_exits
+from raee_ops.probe_policy import SHOWN_BUDGETS, budgeted, confident_exits
 from raee_ops.probes import VIEWS, ProbeSet
 from raee_ops.progress import Progress
 from raee_ops.retrieval import Retriever, check_meta, check_table_probes, expected_meta, table_meta
@@ -226,7 +226,8 @@ def evaluate(
         if strategy not in reports and (head or not baseline.needs_head()):
             reports[strategy] = _strategy_report(baseline, logprobs, probe_lp, labels, nb, ctx, metric)
     baselines = {name: _brief(reports[s]) if s in reports else None for name, s in BASELINES.items()}
-    by_budget = _by_budget(probe_policy, logprobs, probe_lp, labels, nb, ctx, metric)
+    default = STRATEGIES[DEFAULT_STRATEGY]
+    by_budget = _by_budget(ctx, lambda c: _strategy_report(default, logprobs, probe_lp, labels, nb, c, metric))
     per_layer, best, oracle, calibrated = zero_shot or (None, None, None, None)
 
     return {
@@ -270,25 +271,17 @@ def evaluate(
     }
 
 
-def _by_budget(
-    probe_policy: ProbePolicy,
-    logprobs: np.ndarray,
-    probe_lp: np.ndarray,
-    labels: np.ndarray,
-    nb: Neighbours,
-    ctx: Context,
-    metric: Metric,
-) -> list[dict[str, Any]] | None:
+def _by_budget(ctx: Context, score: Callable[[Context], dict[str, Any]]) -> list[dict[str, Any]] | None:
     """The default at each of SHOWN_BUDGETS with the settings the table keeps for it (what another --layer-budget
-    buys, without a rebuild): its leave-one-out score on the reference and its scores here (None for tables built
-    before frontiers)."""
-    if probe_policy.frontier is None:
+    buys, without a rebuild): its leave-one-out score on the reference and `score`'s report of it here (None for
+    tables built before frontiers)."""
+    policy = ctx.fitted_probe_policy()
+    if policy.frontier is None:
         return None
     out = []
     for budget in SHOWN_BUDGETS:
-        at = probe_policy.within(budget)
-        budgeted_ctx = replace(ctx, probe_policy=at)
-        report = _strategy_report(STRATEGIES[DEFAULT_STRATEGY], logprobs, probe_lp, labels, nb, budgeted_ctx, metric)
+        at = policy.within(budget)
+        report = score(replace(ctx, probe_policy=at))
         out.append(
             {
                 "layer_budget": budget,

@@ -122,24 +122,7 @@ class ProbePolicy:
             raise RaeeConfigError("this table stores no settings for other layer budgets: rebuild it with build-db")
         budget = layer_budget * len(self.curve)
         point, conf = within_budget(self.frontier, budget), within_budget(self.conf_frontier, budget)
-        k, shrink, epsilon, alpha, beta, tau, t = point.settings
-        return replace(
-            self,
-            k=int(k),
-            shrink=shrink,
-            epsilon=epsilon,
-            alpha=alpha,
-            beta=beta,
-            tau=tau,
-            t=t,
-            conf_t=conf.settings[0],
-            loo_metric=point.score,
-            loo_accuracy=point.accuracy,
-            loo_mean_exit=point.mean_exit,
-            conf_metric=conf.score,
-            conf_mean_exit=conf.mean_exit,
-            layer_budget=layer_budget,
-        )
+        return replace(self, **_chosen(point, conf), layer_budget=layer_budget)
 
     def settings(self) -> str:
         return (
@@ -219,7 +202,6 @@ def fit_probe_policy(
                 trials.append(Trial(metric(truth, pred, num_labels), accuracy(truth, pred), cost, settings, pred))
     front = _points(trials)
     chosen = within_budget(front, layer_budget * num_layers)
-    k, shrink, epsilon, alpha, beta, tau, t = chosen.settings
 
     conf_trials = []
     for conf_t in CONF_GRID:
@@ -231,27 +213,35 @@ def fit_probe_policy(
     conf_front = _points(conf_trials, lambda conf_t: (conf_t,))
     conf = within_budget(conf_front, layer_budget * num_layers)
     return ProbePolicy(
-        k=k,
-        epsilon=epsilon,
-        alpha=alpha,
-        beta=beta,
-        tau=tau,
-        t=t,
-        conf_t=conf.settings[0],
+        **_chosen(chosen, conf),
         metric=metric_name,
         loo_queries=len(queries),
-        loo_metric=chosen.score,
-        loo_accuracy=chosen.accuracy,
-        loo_mean_exit=chosen.mean_exit,
-        conf_metric=conf.score,
-        conf_mean_exit=conf.mean_exit,
-        shrink=shrink,
         curve=tuple(round(float(x), 6) for x in reference_curve),
         layer_budget=layer_budget,
         loo_groups=group_count(groups),
         frontier=front,
         conf_frontier=conf_front,
     )
+
+
+def _chosen(point: Point, conf: Point) -> dict[str, Any]:
+    """A policy's fields set by the frontier points chosen for probe-fused and probe-conf."""
+    k, shrink, epsilon, alpha, beta, tau, t = point.settings
+    return {
+        "k": int(k),
+        "shrink": shrink,
+        "epsilon": epsilon,
+        "alpha": alpha,
+        "beta": beta,
+        "tau": tau,
+        "t": t,
+        "conf_t": conf.settings[0],
+        "loo_metric": point.score,
+        "loo_accuracy": point.accuracy,
+        "loo_mean_exit": point.mean_exit,
+        "conf_metric": conf.score,
+        "conf_mean_exit": conf.mean_exit,
+    }
 
 
 def budgeted(policy: ProbePolicy | None, layer_budget: float | None) -> ProbePolicy | None:

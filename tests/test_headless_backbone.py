@@ -68,46 +68,23 @@ def test_probe_strategies_work_and_zero_shot_numbers_are_absent(bare):
         evaluate(str(artifacts), "sst2", str(root / "db"), "sst2", [str(test)], strategies=["probe-fused", "layer:1"])
 
 
-def test_head_reading_strategy_is_refused_at_the_start_with_exit_2(bare):
+def on_table(bare, command: str, *options):
+    """raee-ops `command` on the bare backbone's artifacts, table and test rows."""
     root, artifacts, _, _, test = bare
-    out = root / "refused"
-    run = raee_ops(
-        "classify",
-        "--artifacts",
-        artifacts,
-        "--task",
-        "sst2",
-        "--db",
-        root / "db",
-        "--input",
-        test,
-        "--output",
-        out,
-        "--strategy",
-        "raee",
-    )
+    return raee_ops(command, "--artifacts", artifacts, "--task", "sst2", "--db", root / "db", "--input", test, *options)
+
+
+def test_head_reading_strategy_is_refused_at_the_start_with_exit_2(bare):
+    out = bare[0] / "refused"
+    run = on_table(bare, "classify", "--output", out, "--strategy", "raee")
     assert run.returncode == 2
     assert "strategy raee reads the label-word head" in one_error_line(run)
     assert not out.exists()  # refused before the run claimed its output
 
 
 def test_evaluate_cli_reports_a_backbone_without_a_head(bare):
-    root, artifacts, _, _, test = bare
-    run = raee_ops(
-        "evaluate",
-        "--artifacts",
-        artifacts,
-        "--task",
-        "sst2",
-        "--db",
-        root / "db",
-        "--input",
-        test,
-        "--report",
-        root / "report",
-        "--strategy",
-        "probe-fused",
-    )
+    report = bare[0] / "report"
+    run = on_table(bare, "evaluate", "--report", report, "--strategy", "probe-fused")
     assert run.returncode == 0, run.stderr
     assert "evaluated 80 rows (0 rejected); no label-word head" in run.stdout
-    assert "probe-fused: accuracy " in run.stdout and (root / "report" / "report.md").exists()
+    assert "probe-fused: accuracy " in run.stdout and (report / "report.md").exists()

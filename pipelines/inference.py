@@ -195,10 +195,18 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
 class BuildHandler(_RaeeHandler):
     """Labelled rows -> layer rows: the key, every layer's head prediction, correctness and log-probs, and every
     layer's pooled hidden states in every view (the probes' features; build-db's driver turns these into exit-table
-    rows). The prompt's pass gives the head's answers; each other input form the table's probes may read
-    (probes.table_views) is one more all-layer pass, for the probes only; views of a form not run stage zeros."""
+    rows). The prompt's pass gives the head's answers; each other input form of the views the caller reads is one
+    more all-layer pass, for the probes only; views of a form not run stage zeros."""
 
     command = "build-db"
+
+    def __init__(
+        self, artifacts: str, task: Task, embedder: str, views: Sequence[str] | None = None, **runtime_options: Any
+    ) -> None:
+        """`views`: the views the caller reads of the staged states (default: every view a new table's probes may
+        choose, probes.table_views); only their input forms are run."""
+        super().__init__(artifacts, task, embedder, **runtime_options)
+        self.forms = {view_form(view) for view in (views or table_views(embedder))}
 
     def load_model(self) -> Loaded:
         return Loaded(self._runtime())
@@ -214,10 +222,9 @@ class BuildHandler(_RaeeHandler):
     def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
         runtime = model.runtime
         logits, pooled = runtime.all_layers_pooled(self.task.name, prompts)
-        read = {view_form(view) for view in table_views(self.embedder)}
         others = [
             runtime.all_layers_pooled(self.task.name, self.prompts(runtime, table, form))[1]
-            if form in read
+            if form in self.forms
             else np.zeros_like(pooled)
             for form in FORMS[1:]
         ]

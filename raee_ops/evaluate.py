@@ -202,7 +202,7 @@ def evaluate(
     probe_policy = budgeted(retriever.probe_policy, layer_budget)
 
     valid, rejected = _read_validated(inputs, task)
-    handler = BuildHandler(str(artifacts), task, embedder, **settings.runtime())
+    handler = BuildHandler(str(artifacts), task, embedder, (probes.pooling,), **settings.runtime())  # its view only
     rows, probe_lp, failed = _run_layers(handler, valid, probes)
     rejected += failed
     if rows.num_rows == 0:
@@ -370,7 +370,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += _table(
             [
                 "layer budget",
-                f"reference {name} (left out)",
+                "reference, left out",
                 "reference mean exit",
                 "accuracy",
                 name,

@@ -131,11 +131,12 @@ def _keys_by_id(table: pa.Table) -> dict[str, np.ndarray]:
 
 def test_a_layer_key_table_skips_the_bare_input_pass_its_probes_cannot_read(segment_artifacts, tmp_path):  # noqa: F811
     """Its probes read the prompt's views only, so build-db's workers stage zeros for the bare input's views instead
-    of running every layer on it; a MiniLM-keyed table's workers run it."""
+    of running every layer on it; a MiniLM-keyed table's workers run it, unless the caller reads only a prompt view
+    (evaluate, on a table whose probes chose one)."""
     rows = signal_rows(tmp_path / "rows.parquet", 12, 0, "r")
     table = next(iter(read_validated_file(str(rows), PRESETS["sst2"], need_label=True))).valid
-    for embedder, bare_run in (("layer-2", False), ("minilm", True)):
-        handler = BuildHandler(str(segment_artifacts), PRESETS["sst2"], embedder)
+    for embedder, views, bare_run in (("layer-2", None, False), ("minilm", None, True), ("minilm", ("mean",), False)):
+        handler = BuildHandler(str(segment_artifacts), PRESETS["sst2"], embedder, views)
         staged = handler.run_inference([table], handler.load_model())[0].rows
         views = flat_values(staged, FEATURES).reshape(12, 3, len(VIEWS), -1)
         assert views[:, :, : len(PROMPT_VIEWS)].all(axis=(0, 1)).any()  # the prompt's views: every row, every layer

@@ -31,7 +31,7 @@ from raee_ops.metrics import Metric, accuracy, task_metric
 from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.options import worker_settings
 from raee_ops.pipelines.sources import check_inputs, expand_inputs, read_validated_file, task_of
-from raee_ops.probe_policy import SHOWN_BUDGETS, budgeted, confident_exits
+from raee_ops.probe_policy import ProbePolicy, budgeted, confident_exits
 from raee_ops.probes import VIEWS, ProbeSet
 from raee_ops.progress import Progress
 from raee_ops.retrieval import Retriever, check_meta, check_table_probes, expected_meta, table_meta
@@ -213,8 +213,8 @@ def evaluate(
 
     ctx = Context(num_layers, num_labels, k, policy, probes, probe_policy, retriever.key_depth)
     vote_k = policy.k if policy else probe_policy.k
-    budget_ks = [int(point.settings[0]) for point in probe_policy.frontier or ()]
-    nb = retriever.search(keys, max(k, vote_k, probe_policy.k, *budget_ks))
+    sweep = probe_policy.shown_budgets()
+    nb = retriever.search(keys, max(k, vote_k, probe_policy.k, *(at.k for at in sweep)))
     metric_name, metric = task_metric(task_name, num_labels)
     vote = nb.top(vote_k)
     vote_pred = label_vote(vote.labels, vote.similarity, num_labels).argmax(axis=1)
@@ -227,7 +227,7 @@ def evaluate(
             reports[strategy] = _strategy_report(baseline, logprobs, probe_lp, labels, nb, ctx, metric)
     baselines = {name: _brief(reports[s]) if s in reports else None for name, s in BASELINES.items()}
     default = STRATEGIES[DEFAULT_STRATEGY]
-    by_budget = _by_budget(ctx, lambda c: _strategy_report(default, logprobs, probe_lp, labels, nb, c, metric))
+    by_budget = _by_budget(ctx, sweep, lambda c: _strategy_report(default, logprobs, probe_lp, labels, nb, c, metric))
     per_layer, best, oracle, calibrated = zero_shot or (None, None, None, None)
 
     return {
@@ -271,20 +271,20 @@ def evaluate(
     }
 
 
-def _by_budget(ctx: Context, score: Callable[[Context], dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """The default at each of SHOWN_BUDGETS with the settings the table keeps for it (what another --layer-budget
-    buys, without a rebuild): its leave-one-out score on the reference and `score`'s report of it here (None for
-    tables built before frontiers)."""
-    policy = ctx.fitted_probe_policy()
-    if policy.frontier is None:
+def _by_budget(
+    ctx: Context, sweep: list[ProbePolicy], score: Callable[[Context], dict[str, Any]]
+) -> list[dict[str, Any]] | None:
+    """The default with each of `sweep`'s settings (the table's for SHOWN_BUDGETS: what another --layer-budget buys,
+    without a rebuild): its leave-one-out score on the reference and `score`'s report of it here (None for tables
+    built before frontiers)."""
+    if not sweep:
         return None
     out = []
-    for budget in SHOWN_BUDGETS:
-        at = policy.within(budget)
+    for at in sweep:
         report = score(replace(ctx, probe_policy=at))
         out.append(
             {
-                "layer_budget": budget,
+                "layer_budget": at.layer_budget,
                 "reference_metric": at.loo_metric,
                 "reference_mean_exit": at.loo_mean_exit,
                 **_brief(report),

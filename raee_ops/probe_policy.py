@@ -108,11 +108,13 @@ class ProbePolicy:
         """Plain JSON values (the tuples as lists), as the table stores them and reports show them."""
         return json.loads(json.dumps(asdict(self)))
 
+    def shown_budgets(self) -> list[ProbePolicy]:
+        """The settings at each of SHOWN_BUDGETS (none for tables built before frontiers)."""
+        return [] if self.frontier is None else [self.within(budget) for budget in SHOWN_BUDGETS]
+
     def by_budget(self) -> list[dict[str, float]]:
         """The default's leave-one-out score and mean exit at each of SHOWN_BUDGETS (none for older tables)."""
-        if self.frontier is None:
-            return []
-        at = [self.within(budget) for budget in SHOWN_BUDGETS]
+        at = self.shown_budgets()
         return [{"layer_budget": p.layer_budget, "metric": p.loo_metric, "mean_exit": p.loo_mean_exit} for p in at]
 
     def within(self, layer_budget: float) -> ProbePolicy:

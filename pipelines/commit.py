@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import fnmatch
+import itertools
 import json
 import logging
 import os
@@ -48,9 +49,13 @@ HEARTBEAT_S, STALE_S = 60.0, 600.0
 log = logging.getLogger(__name__)
 
 
+_run_ids = itertools.count()
+
+
 def new_run_id() -> str:
-    """Sortable and unique across hosts and processes."""
-    return time.strftime("%Y%m%dT%H%M%S") + f"-{socket.gethostname()}-{os.getpid()}"
+    """Sortable and unique across hosts, processes and the calls of one process (two claims one process makes
+    within a second must not share a name: the second would overwrite the first's claim and not see it)."""
+    return time.strftime("%Y%m%dT%H%M%S") + f"-{socket.gethostname()}-{os.getpid()}-{next(_run_ids):06d}"
 
 
 def say(message: str) -> None:

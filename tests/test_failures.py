@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from cli_runs import one_error_line, raee_ops, read_folder
 from raee_ops.pipelines.build_db import run_build_db
-from raee_ops.pipelines.commit import locked
+from raee_ops.pipelines.commit import locked, new_run_id
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled, sentences
 
@@ -247,3 +247,9 @@ def test_build_db_default_key_needs_the_exported_embedder(tiny_llama_artifacts, 
     line = one_error_line(run)
     assert run.returncode == 2 and "embedder 'minilm' was not exported" in line and "--embedder backbone" in line
     assert not (tmp_path / "db").exists()
+
+
+def test_run_ids_differ_within_one_process_and_second():
+    """Claims, staging folders and error shards are named by run id: two in one second must not collide."""
+    ids = [new_run_id() for _ in range(3)]
+    assert len(set(ids)) == 3 and ids == sorted(ids)

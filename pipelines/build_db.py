@@ -46,6 +46,7 @@ from raee_ops.retrieval import (
     key_available,
     open_table,
     table_meta,
+    table_probes,
 )
 
 #: Examples of offending ids shown in a refusal.
@@ -130,6 +131,15 @@ def refuse_overwrite_with_nothing(table: str, allow_empty: bool) -> None:
         )
 
 
+def refuse_one_row(table: str, rows: int) -> None:
+    """A table of one row has nothing to fit its probes and policies on (they are scored leaving each row out), and
+    nothing an append could refit them from: refused, left unchanged."""
+    if rows == 1:
+        raise RaeeConfigError(
+            f"table {table!r} would hold 1 row: its probes and exit policies need at least 2 (left unchanged)"
+        )
+
+
 def run_build_db(
     artifacts: str,
     task_name: str,
@@ -183,7 +193,8 @@ def run_build_db(
     with claim_work_dir(work_dir(db_uri, table), f"table {table!r}") as staging:
         if mode == "append":  # under the claim: no other run can add these ids in between
             refuse_present_ids(db_uri, table, ids, store)
-        handler = BuildHandler(str(artifacts), task, embedder, **settings.runtime())
+        views = append_views(db_uri, table, store) if mode == "append" else None
+        handler = BuildHandler(str(artifacts), task, embedder, views, **settings.runtime())
         schema = handler.schema(manifest)
         pipeline = make_pipeline(
             beam_args, command="build-db", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
@@ -208,6 +219,7 @@ def run_build_db(
         if written == 0 and mode == "overwrite":
             refuse_overwrite_with_nothing(table, allow_empty)
         previous = previous_rows(db_uri, table, store) if mode == "append" else (None, None)
+        refuse_one_row(table, written + (previous[0].num_rows if previous[0] is not None else 0))
         with phase(f"build-db: fitting the probes and policies on {written} new rows"):
             reference = assemble(
                 shards,
@@ -254,6 +266,14 @@ def publish_errors(shards: list[str], errors_dir: str) -> None:
     """This run's error shards (named by its run id) into the errors folder."""
     storage.mkdirs(errors_dir)
     storage.rename((shard, storage.join(errors_dir, storage.name(shard))) for shard in shards)
+
+
+def append_views(db_uri: str, name: str, storage_options: dict[str, str] | None = None) -> tuple[str, ...] | None:
+    """The views an append's refit reads: its table's probes' one view (it keeps it), so the workers run no other
+    input form; None (every view a new table may choose) for a table of one row, which has no probes to keep."""
+    opened = open_table(db_uri, name, storage_options=storage_options)
+    probes = table_probes(opened.schema)
+    return (probes.pooling,) if probes is not None and opened.count_rows() > 1 else None
 
 
 def previous_rows(

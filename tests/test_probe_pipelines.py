@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from raee_ops.pipelines.build_db import commit, run_build_db
+from raee_ops.pipelines.build_db import append_views, commit, run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.schemas.tables import FEATURES_SUFFIX, GROUP, PROBES_META_KEY
 from segment_artifacts import segment_artifacts, write_labelled  # noqa: F401 - fixture
@@ -173,6 +173,7 @@ def test_append_refits_the_probes_on_every_row(segment_artifacts, signal, tmp_pa
         None,
     )
     before = Retriever(db, "t").probes
+    assert append_views(db, "t") == (before.pooling,)  # the refit keeps the view: no other input form is run
     more = signal_rows(tmp_path / "b.parquet", 30, 3, "b")
     run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None)
     after = Retriever(db, "t")
@@ -181,6 +182,20 @@ def test_append_refits_the_probes_on_every_row(segment_artifacts, signal, tmp_pa
     assert not np.array_equal(after.probes.key.weight, before.key.weight)
     assert lancedb.connect(db).open_table("t" + FEATURES_SUFFIX).count_rows() == 70
     assert after.has_probe_answers
+    # a table of one row would have nothing to fit its probes on, nor keep for an append: refused, nothing written
+    one = str(tmp_path / "one")
+    with pytest.raises(RaeeConfigError, match="'t' would hold 1 row"):
+        run_build_db(
+            segment_artifacts,
+            "sst2",
+            [str(signal_rows(tmp_path / "c.parquet", 1, 4, "c"))],
+            one,
+            "t",
+            "minilm",
+            "overwrite",
+            None,
+        )
+    assert "t" not in lancedb.connect(one).table_names()
 
 
 def test_tables_whose_probes_do_not_match_are_refused(segment_artifacts, signal, tmp_path):  # noqa: F811

@@ -109,6 +109,39 @@ def test_every_session_of_a_process_shares_one_thread_pool(segment_artifacts):  
     assert new_threads <= pool + 1  # the pool's workers (and at most one helper thread), not one pool per session
 
 
+def test_every_session_of_a_process_allocates_from_one_arena(tmp_path):
+    """A session's own arena stays at the peak of its largest run, so a chain of ~30 segment sessions held ~30 peaks
+    (10.9 GB on long RTE pairs with SmolLM2); through open_session they share one. Ten sessions that each need a
+    32 MB intermediate must grow the process by about one of them, not ten."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 1024, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [8])
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["x", "xt"], ["scores"]),  # 8×1024×1024 float32: 32 MB
+        helper.make_node("ReduceMean", ["scores"], ["y"], axes=[1, 2], keepdims=0),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "big", [x], [y]), opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, str(tmp_path / "big.onnx"))
+    script = (  # resident memory now, not the peak: a child's peak starts at its parent's size when forked
+        "import sys, numpy as np\n"
+        "from raee_ops.runtime import open_session\n"
+        "rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024\n"
+        "sessions = [open_session(sys.argv[1], 1) for _ in range(10)]\n"
+        "x = np.ones((8, 1024, 4), np.float32)\n"
+        "sessions[0].run(None, {'x': x})\n"
+        "before = rss()\n"
+        "for s in sessions[1:]:\n"
+        "    s.run(None, {'x': x})\n"
+        "print(rss() - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.onnx")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) < 64  # MB the nine other sessions added; ~290 with an arena each
+
+
 @pytest.mark.parametrize("artifacts", ["segment_artifacts", "tiny_llama_artifacts"])
 def test_io_binding_chain_reads_out_what_the_host_chain_does(artifacts, request):
     """The CUDA path (states kept as OrtValues between layers, to the host only where rows leave or a stop rule

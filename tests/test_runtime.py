@@ -139,7 +139,7 @@ def test_every_session_of_a_process_allocates_from_one_arena(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.onnx")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert int(out.stdout.split()[-1]) < 64  # MB the nine other sessions added; ~290 with an arena each
+    assert int(out.stdout.split()[-1]) < 100  # MB the nine other sessions added: 32 here, 290 with an arena each
 
 
 @pytest.mark.parametrize("artifacts", ["segment_artifacts", "tiny_llama_artifacts"])

@@ -190,6 +190,7 @@ def task_row(report: dict[str, Any], source: str, reference_rows: int, seconds: 
         "probe_best_layer": report["probes"]["best_layer"],
         "reference_estimate": reference_estimate(report),
         "default_by_budget": report["default_by_budget"],
+        "default_hindsight": report["default_hindsight"],
         "accuracy": {
             "full": _get(report["full"], "accuracy"),
             "full_calibrated": _get(report["full_calibrated"], "accuracy"),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
@@ -55,6 +55,10 @@ DEFAULT_LAYER_BUDGET = 0.35
 #: Budgets evaluate scores the default at and info lists, besides the table's own (any other may be asked for).
 SHOWN_BUDGETS = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 CONF_GRID = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)  # 1.01: never confident, i.e. the last layer
+
+
+#: The probe-fused settings in the order a Point stores them.
+SETTING_NAMES = ("k", "shrink", "epsilon", "alpha", "beta", "tau", "t")
 
 
 class Point(NamedTuple):
@@ -157,6 +161,54 @@ def mix(probs: np.ndarray, vote: np.ndarray, weight: float) -> np.ndarray:
     return (1.0 - weight) * probs + weight * vote
 
 
+class Found(NamedTuple):
+    """What the probe-fused rule reads of Q rows: their own probes (Q×L×C probabilities) and key probe (Q×C), and
+    their nearest reference rows' labels (Q×k), similarities (Q×k) and out-of-fold probe correctness (Q×k×L)."""
+
+    probs: np.ndarray
+    key_probs: np.ndarray
+    labels: np.ndarray
+    similarity: np.ndarray
+    correct: np.ndarray
+
+
+def neighbour_depths(rows: int) -> list[int]:
+    """The k of the grid a table of `rows` rows is fitted over (a row's neighbours are the others)."""
+    return [k for k in K_GRID if k < rows] or [max(rows - 1, 1)]
+
+
+def fused_trials(
+    found: Found,
+    reference_curve: np.ndarray,
+    truth: np.ndarray,
+    metric: Callable[[np.ndarray, np.ndarray, int], float],
+    num_labels: int,
+    ks: Sequence[int] = K_GRID,
+    key_depth: int = 0,
+) -> list[Trial]:
+    """Every probe-fused setting's answers and mean exit on these rows, scored against `truth`: on the reference
+    rows left out, what build-db fits on; on labelled rows, what evaluate's hindsight bound reads."""
+    rows = np.arange(len(truth))
+    confidence = found.probs.max(axis=2)
+    trials = []
+    for k in ks:
+        neighbours_curve = neighbour_accuracy(found.correct[:, :k], found.similarity[:, :k])
+        vote = label_vote(found.labels[:, :k], found.similarity[:, :k], num_labels)
+        at_zero = {beta: mix(found.key_probs, vote, beta) for beta in BETA_GRID}
+        for shrink, epsilon, t in itertools.product(SHRINK_GRID, EPSILON_GRID, T_GRID):
+            curve = shrink * neighbours_curve + (1.0 - shrink) * reference_curve[None, :]
+            exits = not_before_key(confident_exits(confidence, earliest_within(curve, epsilon), t), key_depth)
+            at_exit = found.probs[rows, exits - 1]
+            answers = {alpha: mix(at_exit, vote, alpha).argmax(axis=1) for alpha in ALPHA_GRID}
+            for alpha, beta, tau in itertools.product(ALPHA_GRID, BETA_GRID, TAU_GRID):
+                zero = np.zeros(len(rows), bool) if tau is None else at_zero[beta].max(axis=1) >= tau - 1e-9
+                pred = np.where(zero, at_zero[beta].argmax(axis=1), answers[alpha])
+                cost = float(np.where(zero, key_depth, exits).mean())
+                settings = (k, shrink, epsilon, alpha, beta, tau, t)
+                trials.append(Trial(metric(truth, pred, num_labels), accuracy(truth, pred), cost, settings, pred))
+    return trials
+
+
 def fit_probe_policy(
     vectors: np.ndarray,
     labels: np.ndarray,
@@ -179,33 +231,16 @@ def fit_probe_policy(
     truth = labels[queries]
     probs = np.exp(probe_logprobs[queries])  # Q×L×C, each query's own out-of-fold probes
     confidence = probs.max(axis=2)
-    key_probs = np.exp(key_logprobs[queries])
     correct = probe_logprobs.argmax(axis=2) == labels[:, None]
     reference_curve = correct.mean(axis=0)
-    ks = [k for k in K_GRID if k < n] or [max(n - 1, 1)]
+    ks = neighbour_depths(n)
     top, sims = loo_neighbours(vectors, queries, max(ks), groups)
-    rows = np.arange(len(queries))
-
-    trials = []
-    for k in ks:
-        neighbours_curve = neighbour_accuracy(correct[top[:, :k]], sims[:, :k])
-        vote = label_vote(labels[top[:, :k]], sims[:, :k], num_labels)
-        at_zero = {beta: mix(key_probs, vote, beta) for beta in BETA_GRID}
-        for shrink, epsilon, t in itertools.product(SHRINK_GRID, EPSILON_GRID, T_GRID):
-            curve = shrink * neighbours_curve + (1.0 - shrink) * reference_curve[None, :]
-            exits = not_before_key(confident_exits(confidence, earliest_within(curve, epsilon), t), key_depth)
-            at_exit = probs[rows, exits - 1]
-            answers = {alpha: mix(at_exit, vote, alpha).argmax(axis=1) for alpha in ALPHA_GRID}
-            for alpha, beta, tau in itertools.product(ALPHA_GRID, BETA_GRID, TAU_GRID):
-                zero = np.zeros(len(rows), bool) if tau is None else at_zero[beta].max(axis=1) >= tau - 1e-9
-                pred = np.where(zero, at_zero[beta].argmax(axis=1), answers[alpha])
-                cost = float(np.where(zero, key_depth, exits).mean())
-                settings = (k, shrink, epsilon, alpha, beta, tau, t)
-                trials.append(Trial(metric(truth, pred, num_labels), accuracy(truth, pred), cost, settings, pred))
+    found = Found(probs, np.exp(key_logprobs[queries]), labels[top], sims, correct[top])
+    trials = fused_trials(found, reference_curve, truth, metric, num_labels, ks, key_depth)
     front = _points(trials)
     chosen = within_budget(front, layer_budget * num_layers)
 
-    conf_trials = []
+    conf_trials, rows = [], np.arange(len(queries))
     for conf_t in CONF_GRID:
         exits = confident_exits(confidence, np.full(len(rows), num_layers), conf_t)
         pred = probs[rows, exits - 1].argmax(axis=1)
@@ -224,6 +259,23 @@ def fit_probe_policy(
         frontier=front,
         conf_frontier=conf_front,
     )
+
+
+def hindsight(
+    found: Found, policy: ProbePolicy, truth: np.ndarray, metric_name: str, ks: Sequence[int], key_depth: int = 0
+) -> Point:
+    """The best score any probe-fused setting of the grid reaches on these labelled rows within the policy's layer
+    budget, both chosen on these rows: what no fit on the reference could beat here. Its gap to the fitted policy
+    is what choosing on other rows costs; its gap to a baseline, what the budget and the grid allow at best."""
+    num_layers = found.probs.shape[1]
+    assert policy.curve is not None and policy.layer_budget is not None
+    metric = METRICS[metric_name]
+    trials = fused_trials(found, np.asarray(policy.curve), truth, metric, found.probs.shape[2], ks, key_depth)
+    affordable = [t for t in trials if t.mean_exit <= policy.layer_budget * num_layers + 1e-9]
+    if not affordable:  # a layer key deeper than the budget: every setting costs more; the cheapest
+        affordable = [min(trials, key=lambda t: t.mean_exit)]
+    best = max(affordable, key=lambda t: (t.score, -t.mean_exit))
+    return Point(best.mean_exit, best.score, best.accuracy, best.settings)
 
 
 def _chosen(point: Point, conf: Point) -> dict[str, Any]:

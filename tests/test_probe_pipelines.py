@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from raee_ops.pipelines.build_db import append_views, commit, run_build_db
 from raee_ops.pipelines.classify import run_classify
-from raee_ops.schemas.tables import FEATURES_SUFFIX, GROUP, PROBES_META_KEY
+from raee_ops.schemas.tables import FEATURES_SUFFIX, GROUP, PROBE_POLICY_META_KEY, PROBES_META_KEY
 from segment_artifacts import segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops.errors import RaeeConfigError
@@ -196,6 +196,30 @@ def test_append_refits_the_probes_on_every_row(segment_artifacts, signal, tmp_pa
             None,
         )
     assert "t" not in lancedb.connect(one).table_names()
+
+
+def test_the_hindsight_bound_scores_what_its_settings_score_and_no_less_than_the_default(
+    segment_artifacts,  # noqa: F811
+    signal,
+    tmp_path,
+):
+    """evaluate's bound is the best setting of the default's grid on the scored rows within the budget: stored as a
+    table's policy, its settings score exactly that through the strategy's own path, and the default's setting,
+    when it stays within the budget on these rows, scores no more."""
+    root, _, test, report = signal
+    bound, default = report["default_hindsight"], report["baselines"]["default"]
+    assert default["mean_exit_layer"] <= bound["layer_budget"] * report["num_layers"]  # so the default competes
+    assert bound["metric"] >= default["metric"]
+    data = lancedb.connect(str(root / "db")).open_table("sst2").to_arrow()
+    policy = json.loads(data.schema.metadata[PROBE_POLICY_META_KEY]) | bound["settings"]
+    commit(
+        str(tmp_path / "db"),
+        "sst2",
+        data.replace_schema_metadata(data.schema.metadata | {PROBE_POLICY_META_KEY: json.dumps(policy).encode()}),
+    )
+    replayed = evaluate(segment_artifacts, "sst2", str(tmp_path / "db"), "sst2", [str(test)], k=5)
+    assert replayed["baselines"]["default"]["metric"] == pytest.approx(bound["metric"])
+    assert replayed["baselines"]["default"]["mean_exit_layer"] == pytest.approx(bound["mean_exit_layer"])
 
 
 def test_tables_whose_probes_do_not_match_are_refused(segment_artifacts, signal, tmp_path):  # noqa: F811

@@ -411,7 +411,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += [
         "## The default's bound with hindsight",
         "",
-        f"The best {name} any setting of the default's grid reaches on these rows within layer budget "
+        f"The best {r['metric_name']} any setting of the default's grid reaches on these rows within layer budget "
         f"{bound['layer_budget']}, chosen on these same rows: {bound['metric']:.4f} (accuracy {bound['accuracy']:.4f}) "
         f"at mean exit {bound['mean_exit_layer']:.2f} ({settings}). No fit on the reference rows can beat it here: "
         "its gap to the default is what choosing on other rows costs, its gap to a baseline what the budget allows.",

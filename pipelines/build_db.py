@@ -270,10 +270,9 @@ def publish_errors(shards: list[str], errors_dir: str) -> None:
 
 def append_views(db_uri: str, name: str, storage_options: dict[str, str] | None = None) -> tuple[str, ...] | None:
     """The views an append's refit reads: its table's probes' one view (it keeps it), so the workers run no other
-    input form; None (every view a new table may choose) for a table of one row, which has no probes to keep."""
-    opened = open_table(db_uri, name, storage_options=storage_options)
-    probes = table_probes(opened.schema)
-    return (probes.pooling,) if probes is not None and opened.count_rows() > 1 else None
+    input form; None (every view a new table may choose) for a table without probes (empty, or built before them)."""
+    probes = table_probes(open_table(db_uri, name, storage_options=storage_options).schema)
+    return None if probes is None else (probes.pooling,)
 
 
 def previous_rows(

@@ -263,12 +263,14 @@ def fit_probe_policy(
 
 def hindsight(
     found: Found, policy: ProbePolicy, truth: np.ndarray, metric_name: str, ks: Sequence[int], key_depth: int = 0
-) -> Point:
+) -> Point | None:
     """The best score any probe-fused setting of the grid reaches on these labelled rows within the policy's layer
     budget, both chosen on these rows: what no fit on the reference could beat here. Its gap to the fitted policy
-    is what choosing on other rows costs; its gap to a baseline, what the budget and the grid allow at best."""
+    is what choosing on other rows costs; its gap to a baseline, what the budget and the grid allow at best. None
+    for tables built before policies kept their reference curve and budget."""
     num_layers = found.probs.shape[1]
-    assert policy.curve is not None and policy.layer_budget is not None
+    if policy.curve is None or policy.layer_budget is None:
+        return None
     metric = METRICS[metric_name]
     trials = fused_trials(found, np.asarray(policy.curve), truth, metric, found.probs.shape[2], ks, key_depth)
     affordable = [t for t in trials if t.mean_exit <= policy.layer_budget * num_layers + 1e-9]

@@ -14,7 +14,7 @@ from raee_ops.schemas.tables import FEATURES_SUFFIX, GROUP, PROBE_POLICY_META_KE
 from segment_artifacts import segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops.errors import RaeeConfigError
-from raee_ops.evaluate import evaluate
+from raee_ops.evaluate import evaluate, write_report
 from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.probe_policy import confident_exits
 from raee_ops.readout import answer_batch
@@ -220,6 +220,18 @@ def test_the_hindsight_bound_scores_what_its_settings_score_and_no_less_than_the
     replayed = evaluate(segment_artifacts, "sst2", str(tmp_path / "db"), "sst2", [str(test)], k=5)
     assert replayed["baselines"]["default"]["metric"] == pytest.approx(bound["metric"])
     assert replayed["baselines"]["default"]["mean_exit_layer"] == pytest.approx(bound["mean_exit_layer"])
+    # a table built before policies kept their reference curve and budget has no bound, and is still evaluated
+    older = {key: value for key, value in policy.items() if key not in ("curve", "layer_budget", "frontier")}
+    older.pop("conf_frontier")
+    commit(
+        str(tmp_path / "db"),
+        "older",
+        data.replace_schema_metadata(data.schema.metadata | {PROBE_POLICY_META_KEY: json.dumps(older).encode()}),
+    )
+    old_report = evaluate(segment_artifacts, "sst2", str(tmp_path / "db"), "older", [str(test)], k=5)
+    assert old_report["default_hindsight"] is None and old_report["baselines"]["default"] is not None
+    write_report(old_report, str(tmp_path / "older-report"))
+    assert "with hindsight" not in (tmp_path / "older-report" / "report.md").read_text()
 
 
 def test_tables_whose_probes_do_not_match_are_refused(segment_artifacts, signal, tmp_path):  # noqa: F811

@@ -79,8 +79,8 @@ _shared_arena = False
 def shared_cpu_arena() -> None:
     """Register the one CPU memory arena that every session of this process allocates from. Why: a session keeps an
     arena of its own at the peak of the largest batch it ever ran, and the chain holds ~30 sessions but runs one at a
-    time; on 128 RTE rows (long pairs) SmolLM2's sessions grew to 10.9 GB and the process was killed on a 24 GB
-    machine, against 1.4 GB sharing one arena, and no slower (figures in the README)."""
+    time, so a worker held about one such peak per layer (build-db on long RTE pairs was killed for memory on a
+    24 GB machine); sharing keeps about one."""
     global _shared_arena
     if not _shared_arena:
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)

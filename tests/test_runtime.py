@@ -111,8 +111,8 @@ def test_every_session_of_a_process_shares_one_thread_pool(segment_artifacts):  
 
 def test_every_session_of_a_process_allocates_from_one_arena(tmp_path):
     """A session's own arena stays at the peak of its largest run, so a chain of ~30 segment sessions held ~30 peaks
-    (10.9 GB on long RTE pairs with SmolLM2); through open_session they share one. Ten sessions that each need a
-    32 MB intermediate must grow the process by about one of them, not ten."""
+    (build-db on long RTE pairs was killed for memory); through open_session they share one. Ten sessions that each
+    need a 32 MB intermediate must grow the process by about one of them, not ten."""
     import onnx
     from onnx import TensorProto, helper
 

@@ -9,7 +9,15 @@ import pytest
 
 from raee_ops.calibration import loo_neighbours
 from raee_ops.errors import RaeeConfigError
-from raee_ops.probe_policy import ProbePolicy, confident_exits, fit_probe_policy
+from raee_ops.probe_policy import (
+    HALVINGS,
+    Found,
+    ProbePolicy,
+    _halvings,
+    confident_exits,
+    fit_probe_policy,
+    hindsight,
+)
 from raee_ops.probes import VIEWS, ProbeSet, _folds, check_probes, fit_probes, in_fit_sample
 from raee_ops.tasks import PRESETS
 
@@ -198,3 +206,29 @@ def test_the_bare_form_is_the_input_alone_with_the_pair_on_its_own_line():
     assert PRESETS["sst2"].render(" a fine film ", suffix=" <mask>", form="bare") == "a fine film <mask>"
     assert PRESETS["rte"].render("A cat sat.", " A cat is sitting. ", form="bare") == "A cat sat.\nA cat is sitting."
     assert PRESETS["rte"].render("A cat sat.", "A cat is sitting.").startswith("Premise: A cat sat.\nHypothesis:")
+
+
+def test_the_held_out_hindsight_is_not_fooled_by_settings_right_by_luck():
+    """On rows whose every signal is noise, the best of the grid's settings scored on the rows it was chosen on
+    looks far better than chance; chosen on half and scored on the other half it is at chance, like the default."""
+    rows, layers, k = 120, 6, 10
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 2, rows)
+    found = Found(
+        rng.dirichlet([1.0, 1.0], size=(rows, layers)),
+        rng.dirichlet([1.0, 1.0], size=rows),
+        rng.integers(0, 2, (rows, k)),
+        np.sort(rng.random((rows, k)), axis=1)[:, ::-1],
+        rng.random((rows, k, layers)) < 0.5,
+    )
+    curve = tuple(np.full(layers, 0.5))
+    policy = ProbePolicy(
+        10, 0.0, 0.0, 0.5, None, None, 0.9, "accuracy", 0, 0, 0, 0, 0, 0, curve=curve, layer_budget=1.0
+    )
+    default_pred = rng.integers(0, 2, rows)
+    bound = hindsight(found, policy, truth, default_pred, "accuracy", [5, 10])
+    assert bound.best.score >= 0.6  # the luckiest of thousands of settings on 120 rows
+    assert abs(bound.held_out - 0.5) < 0.06 and bound.held_out < bound.best.score - 0.07
+    halves = [np.mean(truth[s] == default_pred[s]) for _, s in _halvings(rows, 0)]
+    assert bound.default_held_out == pytest.approx(np.mean(halves))
+    assert len(halves) == 2 * HALVINGS and all(len(f) + len(s) == rows for f, s in _halvings(rows, 0))

@@ -369,7 +369,7 @@ def _hindsight_section(r: dict[str, Any]) -> list[str]:
         "an optimistic one: the best of thousands of settings on these few rows is partly luck.",
         f"- chosen on one random half and scored on the other ({bound['halvings']} halvings, both ways): "
         f"{bound['held_out_metric']:.4f}, against {bound['default_held_out_metric']:.4f} for the default on the "
-        "same halves. The difference is what choosing on rows like these, rather than on the reference rows, "
+        "same halves: what half of these rows, as the rows to choose settings on instead of the reference rows, "
         "would be worth on rows the choice did not see.",
         "",
     ]

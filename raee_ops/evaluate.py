@@ -140,8 +140,8 @@ def _strategy_report(
 ) -> dict[str, Any]:
     """One strategy scored from every layer's head (or probe) log-probs L×N×C, as classify would run it."""
     pred, exits = _answers(strategy, logprobs, probe_lp, nb, ctx)
-    key_layers = ctx.key_depth if strategy.neighbours(ctx) else 0
-    layers_run = float(np.maximum(exits, key_layers).mean())  # exit 0 on a layer-N table still ran N for its key
+    # exit 0 on a layer-N table still ran N layers for its key
+    layers_run = float(np.maximum(exits, _key_layers(strategy, ctx)).mean())
     return {
         **_scores(labels, pred, metric, ctx.num_labels),
         "mean_exit_layer": float(exits.mean()),
@@ -160,12 +160,17 @@ def _answers(
     if strategy.reads == "probe":
         logprobs = probe_lp
         exits = confident_exits(np.exp(probe_lp.max(axis=2)).T, exits, strategy.threshold(ctx))
-    key_layers = ctx.key_depth if strategy.neighbours(ctx) else 0  # a layer key's layers, run by every row
+    key_layers = _key_layers(strategy, ctx)
     if key_layers:  # as the runtime reads them out, from the key's layers on
         exits = not_before_key(exits, key_layers)
     # exit 0 runs no layer: its logits are zeros, as run_to_exit returns them
     at_exit = np.where((exits > 0)[:, None], logprobs[np.maximum(exits, 1) - 1, np.arange(exits.shape[0])], 0.0)
     return strategy.answer(at_exit, exits, nb, ctx).argmax(axis=1), exits
+
+
+def _key_layers(strategy: Strategy, ctx: Context) -> int:
+    """The layers every row runs for its key: a layer key's, where the strategy retrieves."""
+    return ctx.key_depth if strategy.neighbours(ctx) else 0
 
 
 def _zero_shot(

@@ -301,7 +301,8 @@ def hindsight(
     if not affordable:  # a layer key deeper than the budget: every setting costs more; the cheapest
         affordable = [min(trials, key=lambda t: t.mean_exit)]
     best = max(affordable, key=lambda t: (t.score, -t.mean_exit))
-    # one candidate per distinct answer vector, the cheapest first (argmax keeps the first of equal scores)
+    # one candidate per distinct answer vector, ordered by the cost of its costliest setting, cheapest first (argmax
+    # keeps the first of equal scores)
     distinct = {t.pred.tobytes(): t.pred for t in sorted(affordable, key=lambda t: -t.mean_exit)}
     candidates = list(distinct.values())[::-1]
     picked, default = [], []

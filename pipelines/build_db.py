@@ -28,7 +28,7 @@ from raee_ops.pipelines.sources import (
     write_tables,
 )
 from raee_ops.schemas.manifest import load_manifest
-from raee_ops.schemas.tables import ERRORS_SCHEMA, FEATURES_SUFFIX, ID
+from raee_ops.schemas.tables import ERRORS_SCHEMA, FEATURES_SUFFIX, ID, TableMeta
 
 from raee_ops import storage
 from raee_ops.calibration import FusedPolicy
@@ -115,12 +115,33 @@ def refuse_duplicate_ids(ids: pa.Array) -> None:
         raise RaeeConfigError(f"{len(repeated)} id(s) occur more than once in the input (e.g. {_examples(repeated)})")
 
 
-def refuse_present_ids(db_uri: str, table: str, ids: pa.Array, storage_options: dict[str, str]) -> None:
-    present = open_table(db_uri, table, storage_options=storage_options).to_arrow().column(ID).combine_chunks()
+@dataclass(frozen=True)
+class AppendBase:
+    """The table an append builds on, as this run found it once it held the table: the version its refit reads,
+    and the views its workers run (the probes' one view, which the refit keeps; None, every view a new table may
+    choose, for a table without probes: empty, or built before them)."""
+
+    version: int
+    views: tuple[str, ...] | None
+
+
+def claimed_append_base(
+    db_uri: str, table: str, expected: TableMeta, ids: pa.Array, storage_options: dict[str, str]
+) -> AppendBase:
+    """One look at the table under the run's claim, where no other run can write it. Its metadata is checked again:
+    another run may have replaced the table (other artifacts, task or key) after this run's first look, and the
+    refit must not merge rows of two keys. New ids already in the table are refused."""
+    opened = open_table(db_uri, table, storage_options=storage_options)
+    check_meta(
+        TableMeta.decode(opened.schema), expected, f"table {table!r} in {db_uri}, replaced since this run began,"
+    )
+    present = opened.to_arrow().column(ID).combine_chunks()
     clash = ids.filter(pc.is_in(ids, value_set=present))
     if len(clash):
         shown = _examples(clash)
         raise RaeeConfigError(f"append refused: {len(clash)} id(s) already in table {table!r} (e.g. {shown})")
+    probes = table_probes(opened.schema)
+    return AppendBase(opened.version, None if probes is None else (probes.pooling,))
 
 
 def refuse_overwrite_with_nothing(table: str, allow_empty: bool) -> None:
@@ -191,10 +212,8 @@ def run_build_db(
         raise RaeeConfigError(f"--errors {errors_dir} exists and is not a directory")
     run_id = new_run_id()
     with claim_work_dir(work_dir(db_uri, table), f"table {table!r}") as staging:
-        if mode == "append":  # under the claim: no other run can add these ids in between
-            refuse_present_ids(db_uri, table, ids, store)
-        views = append_views(db_uri, table, store) if mode == "append" else None
-        handler = BuildHandler(str(artifacts), task, embedder, views, **settings.runtime())
+        base = claimed_append_base(db_uri, table, meta, ids, store) if mode == "append" else None
+        handler = BuildHandler(str(artifacts), task, embedder, base and base.views, **settings.runtime())
         schema = handler.schema(manifest)
         pipeline = make_pipeline(
             beam_args, command="build-db", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
@@ -218,7 +237,7 @@ def run_build_db(
             )
         if written == 0 and mode == "overwrite":
             refuse_overwrite_with_nothing(table, allow_empty)
-        previous = previous_rows(db_uri, table, store) if mode == "append" else (None, None)
+        previous = previous_rows(db_uri, table, base.version, store) if base else (None, None)
         refuse_one_row(table, written + (previous[0].num_rows if previous[0] is not None else 0))
         with phase(f"build-db: fitting the probes and policies on {written} new rows"):
             reference = assemble(
@@ -268,22 +287,16 @@ def publish_errors(shards: list[str], errors_dir: str) -> None:
     storage.rename((shard, storage.join(errors_dir, storage.name(shard))) for shard in shards)
 
 
-def append_views(db_uri: str, name: str, storage_options: dict[str, str] | None = None) -> tuple[str, ...] | None:
-    """The views an append's refit reads: its table's probes' one view (it keeps it), so the workers run no other
-    input form; None (every view a new table may choose) for a table without probes (empty, or built before them)."""
-    probes = table_probes(open_table(db_uri, name, storage_options=storage_options).schema)
-    return None if probes is None else (probes.pooling,)
-
-
 def previous_rows(
-    db_uri: str, name: str, storage_options: dict[str, str] | None = None
+    db_uri: str, name: str, version: int, storage_options: dict[str, str] | None = None
 ) -> tuple[pa.Table, pa.Table | None]:
-    """What append builds on: the table's rows and its probes' feature rows (None for tables built without)."""
+    """What append builds on: the table's rows at `version` and its probes' feature rows (None for tables built
+    without)."""
     try:
         features = open_table(db_uri, name + FEATURES_SUFFIX, storage_options=storage_options).to_arrow()
     except RaeeConfigError:
         features = None
-    return open_table(db_uri, name, storage_options=storage_options).to_arrow(), features
+    return open_table(db_uri, name, version, storage_options).to_arrow(), features
 
 
 def commit(

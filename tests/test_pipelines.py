@@ -7,16 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from raee_ops.pipelines import build_db
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.sources import file_key, read_validated_file
 from segment_artifacts import segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops.errors import RaeeConfigError
+from raee_ops.retrieval import table_meta
 from raee_ops.rows import ROW_ID
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
@@ -116,7 +119,6 @@ def test_default_strategy_uses_the_policy_fitted_at_build_time(segment_artifacts
 def test_rows_answered_from_retrieval_alone_are_written_with_exit_0(segment_artifacts, built, tmp_path):  # noqa: F811
     import dataclasses
 
-    import lancedb
     from raee_ops.pipelines.build_db import commit
     from raee_ops.schemas.tables import POLICY_META_KEY
 
@@ -220,6 +222,36 @@ def test_append_adds_new_ids_and_refuses_present_ones(segment_artifacts, tmp_pat
         )
     summary = run_classify(segment_artifacts, "sst2", db, "t", [str(more)], str(tmp_path / "out"), 3, "raee")
     assert summary.predicted == 4
+
+
+def test_append_refuses_a_table_replaced_before_it_held_the_table(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    """Another run replaces the table (another key) between an append's first look and its claim: the append
+    must see that under the claim and stop, not merge rows of two keys into the other run's table."""
+    db = str(tmp_path / "db")
+    run_build_db(
+        segment_artifacts,
+        "sst2",
+        [str(labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False))],
+        db,
+        "t",
+        "minilm",
+        "overwrite",
+        None,
+    )
+    other = labelled(tmp_path / "o.parquet", 8, 6, "o", bad=False)
+    real = build_db.claim_work_dir
+
+    def replaced_first(*args, **kwargs):
+        monkeypatch.setattr(build_db, "claim_work_dir", real)  # the other run, and the append's own claim after it
+        run_build_db(segment_artifacts, "sst2", [str(other)], db, "t", "backbone", "overwrite", None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_db, "claim_work_dir", replaced_first)
+    more = labelled(tmp_path / "b.parquet", 4, 4, "b", bad=False)
+    with pytest.raises(RaeeConfigError, match="replaced since this run began, does not match this run: embedder"):
+        run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None)
+    assert table_meta(db, "t").embedder == "backbone"
+    assert lancedb.connect(db).open_table("t").count_rows() == 8
 
 
 def test_pair_task_rejects_missing_pairs(segment_artifacts, tmp_path):  # noqa: F811

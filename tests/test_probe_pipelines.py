@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from raee_ops.pipelines.build_db import append_views, commit, run_build_db
+from raee_ops.pipelines.build_db import claimed_append_base, commit, run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.schemas.tables import FEATURES_SUFFIX, GROUP, PROBE_POLICY_META_KEY, PROBES_META_KEY
 from segment_artifacts import segment_artifacts, write_labelled  # noqa: F401 - fixture
@@ -18,7 +18,7 @@ from raee_ops.evaluate import evaluate, write_report
 from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.probe_policy import HALVINGS, confident_exits
 from raee_ops.readout import answer_batch
-from raee_ops.retrieval import Retriever
+from raee_ops.retrieval import Retriever, table_meta
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
 
@@ -173,7 +173,8 @@ def test_append_refits_the_probes_on_every_row(segment_artifacts, signal, tmp_pa
         None,
     )
     before = Retriever(db, "t").probes
-    assert append_views(db, "t") == (before.pooling,)  # the refit keeps the view: no other input form is run
+    base = claimed_append_base(db, "t", table_meta(db, "t"), pa.array([], pa.string()), {})
+    assert base.views == (before.pooling,)  # the refit keeps the view: no other input form is run
     more = signal_rows(tmp_path / "b.parquet", 30, 3, "b")
     run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None)
     after = Retriever(db, "t")

@@ -200,6 +200,17 @@ def ensure_whole_onnx(preset: str, artifacts: Path, adapter: ArchitectureAdapter
     return path
 
 
+def export_identity(artifacts: Path) -> dict[str, Any]:
+    """What the --baseline-artifacts export is, from its manifest: the report calls its chain the pre-fusion one
+    only where it was stored unoptimized and unquantized."""
+    manifest = load_manifest(artifacts, verify_checksums=False)
+    return {
+        "fingerprint": manifest.fingerprint,
+        "optimized": manifest.optimization is not None,
+        "quantized": manifest.quantization is not None,
+    }
+
+
 def ort_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), session_options(SINGLE_SESSION_THREADS), providers=["CPUExecutionProvider"])
 
@@ -427,6 +438,7 @@ def bench_preset(preset: str, quick: bool, data: Path, baseline: Path | None, ch
         "label_word_head": head,
         "default_strategy": exit_policy.DEFAULT_STRATEGY,
         "layer_key_default": LAYER_KEY_DEFAULT,
+        "baseline_export": export_identity(baseline) if baseline and head else None,
         "threads": {
             "torch": SINGLE_SESSION_THREADS,
             "ort_shared_pool": process_thread_pool(SINGLE_SESSION_THREADS),

@@ -1,12 +1,14 @@
 """Which retrieval key (issue 12): each key's neighbour vote on reference rows against its cost per row, side by
 side on the same rows, so the default key is picked by measured accuracy per cost.
 
-Keys: `minilm` (build-db's default), `minilm-int8` (the same graph with dynamic per-channel INT8 MatMuls; the issue
-adopts it only if its top-10 neighbours overlap fp32's ≥ 0.9 and its vote stays within 0.5 point), `backbone` (the
-paper's key: the embed segment's mean over the raw input's tokens) and `layer-N` (the mean over the prompt's tokens
-after the backbone's first N layers, standardized on the rows: a state the rows that run layers compute anyway).
-Score: the k=10 neighbours' label vote, leave-one-out among seeded train rows of each task; no validation row is
-read. Cost: rows/s of the key alone on the same rows (for `layer-N`: the embed segment and N layers).
+Keys: `minilm` (build-db's default), `minilm-N` (MiniLM's first N layers, mean-pooled: export-onnx --embedder
+minilm-N), `minilm-int8` (the same graph with dynamic per-channel INT8 MatMuls; the issue adopts it only if its
+top-10 neighbours overlap fp32's ≥ 0.9 and its vote stays within 0.5 point), `backbone` (the paper's key: the embed
+segment's mean over the raw input's tokens) and `layer-N` (the mean over the prompt's tokens after the backbone's
+first N layers, standardized on the rows: a state the rows that run layers compute anyway).
+Scores, among seeded train rows of each task (no validation row is read): the k=10 neighbours' label vote,
+leave-one-out, and the key probe (the answer at exit 0, and key-lr's) out of fold, fitted as build-db fits it.
+Cost: rows/s of the key alone on the same rows (for `layer-N`: the embed segment and N layers).
 """
 
 from __future__ import annotations
@@ -15,41 +17,61 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from common import REPEATS, fastest, parse_args, require_data, seeded_sample, write_result
 from quality import BENCH, SEED, K, ensure_artifacts, read_checked
+from raee_ops.onnx_export.embedder import export_embedder
 from raee_ops.onnx_export.quantize import quantize_matmuls
 from raee_ops.schemas.manifest import sha256_file
 
 from raee_ops.layer_key import LayerKey
 from raee_ops.metrics import task_metric
+from raee_ops.probes import key_probe_oof
 from raee_ops.runtime import BACKBONE, SegmentRuntime, mean_states
 from raee_ops.tasks import get_task
 
 PRESET, EMBEDDER = "smollm2-135m", "minilm"
-TASKS = ("sst2", "trec")
+TASKS = ("sst2", "trec", "cola", "mrpc", "rte", "sst5")
 ROWS, QUICK_ROWS = 1500, 300
 LAYERS = (1, 2, 3)
+#: Truncated MiniLM keys: its first N of 6 layers.
+MINILM_DEPTHS = (3, 4)
 #: INT8 is adopted only above this top-k overlap with fp32 (issue 12).
 OVERLAP_GOAL = 0.9
 
 
-def int8_artifacts(artifacts: Path) -> Path:
-    """A copy of `artifacts` whose MiniLM graph is dynamically quantized (the rest linked, not copied), its
-    manifest checksum updated so the runtime loads it like any export."""
-    out = BENCH / f"artifacts-{PRESET}-key-int8"
+def side_artifacts(artifacts: Path, tag: str, replaced: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """A folder linking every file of `artifacts` but its manifest (and `replaced`), and that manifest to amend."""
+    out = BENCH / f"artifacts-{PRESET}-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    manifest = json.loads((artifacts / "manifest.json").read_text())
-    entry = manifest["embedders"][EMBEDDER]["model"]
     for path in artifacts.iterdir():
-        if path.name not in ("manifest.json", entry["file"]):
+        if path.name not in ("manifest.json", replaced):
             (out / path.name).symlink_to(path.resolve())
+    return out, json.loads((artifacts / "manifest.json").read_text())
+
+
+def int8_artifacts(artifacts: Path) -> Path:
+    """A copy of `artifacts` whose MiniLM graph is dynamically quantized, its manifest checksum updated so the
+    runtime loads it like any export."""
+    entry = json.loads((artifacts / "manifest.json").read_text())["embedders"][EMBEDDER]["model"]
+    out, manifest = side_artifacts(artifacts, "key-int8", entry["file"])
     quantize_matmuls(artifacts / entry["file"], out / entry["file"])
-    entry["sha256"] = sha256_file(out / entry["file"])
+    manifest["embedders"][EMBEDDER]["model"]["sha256"] = sha256_file(out / entry["file"])
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def truncated_artifacts(artifacts: Path) -> Path:
+    """A copy of `artifacts` with the `minilm-N` embedders exported beside its MiniLM, as export-onnx writes them."""
+    out, manifest = side_artifacts(artifacts, "key-truncated")
+    for depth in MINILM_DEPTHS:
+        entry = export_embedder(f"{EMBEDDER}-{depth}", out)
+        manifest["embedders"][entry.name] = asdict(entry)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
 
@@ -80,7 +102,9 @@ def timed_keys(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
     return fastest(fn, REPEATS)
 
 
-def one_task(fp32: SegmentRuntime, int8: SegmentRuntime, data: Path, task_name: str, n: int) -> dict[str, Any]:
+def one_task(
+    fp32: SegmentRuntime, int8: SegmentRuntime, truncated: SegmentRuntime, data: Path, task_name: str, n: int
+) -> dict[str, Any]:
     task = get_task(task_name)
     rows = seeded_sample(read_checked(data / task_name / "train.parquet", task_name), n, np.random.default_rng(SEED))
     texts = [t.strip() for t in rows["text"].to_pylist()]
@@ -90,6 +114,7 @@ def one_task(fp32: SegmentRuntime, int8: SegmentRuntime, data: Path, task_name: 
     metric_name, metric = task_metric(task_name, len(task.label_names))
     keys = {
         "minilm": lambda: fp32.key(EMBEDDER, texts, pairs),
+        **{f"{EMBEDDER}-{d}": (lambda d=d: truncated.key(f"{EMBEDDER}-{d}", texts, pairs)) for d in MINILM_DEPTHS},
         "minilm-int8": lambda: int8.key(EMBEDDER, texts, pairs),
         "backbone": lambda: fp32.key(BACKBONE, texts, pairs),
         **{f"layer-{d}": (lambda d=d: layer_key(fp32, task_name, prompts, d)) for d in LAYERS},
@@ -100,12 +125,18 @@ def one_task(fp32: SegmentRuntime, int8: SegmentRuntime, data: Path, task_name: 
         vectors, seconds = timed_keys(fn)
         tops[name] = neighbours(vectors)
         predicted = vote(tops[name], labels, len(task.label_names))
+        probe = key_probe_oof(vectors, labels, len(task.label_names)).argmax(axis=1)
         out["keys"][name] = {
             "vote_score": metric(labels, predicted, len(task.label_names)),
             "vote_accuracy": float(np.mean(predicted == labels)),
+            "probe_score": metric(labels, probe, len(task.label_names)),
             "rows_per_s": len(texts) / seconds,
         }
-        print(f"{task_name} {name}: vote {out['keys'][name]['vote_score']:.3f}, {len(texts) / seconds:.0f} rows/s")
+        scores = out["keys"][name]
+        print(
+            f"{task_name} {name}: vote {scores['vote_score']:.3f}, probe {scores['probe_score']:.3f}, "
+            f"{len(texts) / seconds:.0f} rows/s"
+        )
     same = [len(set(a) & set(b)) / K for a, b in zip(tops["minilm-int8"], tops["minilm"], strict=True)]
     out["keys"]["minilm-int8"]["top_k_overlap_with_fp32"] = float(np.mean(same))
     return out
@@ -116,7 +147,8 @@ def main() -> int:
     data = require_data()
     artifacts = ensure_artifacts(PRESET)
     fp32, int8 = SegmentRuntime(artifacts), SegmentRuntime(int8_artifacts(artifacts))
-    tasks = [one_task(fp32, int8, data, t, QUICK_ROWS if args.quick else ROWS) for t in TASKS]
+    truncated = SegmentRuntime(truncated_artifacts(artifacts))
+    tasks = [one_task(fp32, int8, truncated, data, t, QUICK_ROWS if args.quick else ROWS) for t in TASKS]
     payload = {"preset": PRESET, "k": K, "seed": SEED, "overlap_goal": OVERLAP_GOAL, "tasks": tasks}
     write_result("keys", payload, args.quick)
     return 0

@@ -672,17 +672,49 @@ def render_keys(result: Doc) -> list[str]:
     and INT8 MiniLM against issue 12's adoption rule (top-k overlap with fp32, vote within 0.5 point)."""
     tasks = result["tasks"]
     names = list(tasks[0]["keys"])
+    probed = all("probe_score" in k for t in tasks for k in t["keys"].values())
     lines = [
         f"{tasks[0]['rows']:,} seeded train rows per task ({result['preset']}'s layers for `layer-N`), the k="
-        f"{result['k']} neighbours' vote leave-one-out, scored with the task's metric; rows/s of the key alone.",
+        f"{result['k']} neighbours' vote leave-one-out"
+        + (
+            ", then the key probe out of fold (fitted as build-db fits it: the exit-0 answer, and key-lr)"
+            if probed
+            else ""
+        )
+        + ", scored with the task's metric; rows/s of the key alone.",
         "",
     ]
-    cell = "{} @ {:,.0f}/s".format
-    rows = [
-        [t["task"], t["metric"], *(cell(_fmt(t["keys"][n]["vote_score"]), t["keys"][n]["rows_per_s"]) for n in names)]
-        for t in tasks
-    ]
-    lines += _table(["task", "metric", *names], rows)
+
+    def cell(scores: Doc) -> str:
+        probe = f" / {_fmt(scores['probe_score'])}" if probed else ""
+        return f"{_fmt(scores['vote_score'])}{probe} @ {scores['rows_per_s']:,.0f}/s"
+
+    def macro(name: str, score: str) -> float:
+        return sum(t["keys"][name][score] for t in tasks) / len(tasks)
+
+    rows = [[t["task"], t["metric"], *(cell(t["keys"][n]) for n in names)] for t in tasks]
+    rows.append(
+        [
+            "**macro**",
+            "",
+            *(f"{macro(n, 'vote_score'):.3f}" + (f" / {macro(n, 'probe_score'):.3f}" if probed else "") for n in names),
+        ]
+    )
+    lines += _table(["task", "metric" + (" (vote / probe)" if probed else ""), *names], rows)
+    truncated = [n for n in names if n.startswith("minilm-") and n[len("minilm-") :].isdigit()]
+    if truncated and probed:
+        rate = {n: sum(t["keys"][n]["rows_per_s"] for t in tasks) / len(tasks) for n in names}
+        lines += [
+            "",
+            "Truncated MiniLM against `minilm`, macro: "
+            + "; ".join(
+                f"`{n}` vote {100 * (macro(n, 'vote_score') - macro('minilm', 'vote_score')):+.1f} points, probe "
+                f"{100 * (macro(n, 'probe_score') - macro('minilm', 'probe_score')):+.1f} points, "
+                f"{rate[n] / rate['minilm']:.2f}× its rows/s"
+                for n in truncated
+            )
+            + ".",
+        ]
     best = {t["task"]: max(names, key=lambda n: t["keys"][n]["vote_score"]) for t in tasks}
     overlap = [t["keys"]["minilm-int8"]["top_k_overlap_with_fp32"] for t in tasks]
     delta = [t["keys"]["minilm-int8"]["vote_score"] - t["keys"]["minilm"]["vote_score"] for t in tasks]

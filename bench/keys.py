@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from common import REPEATS, fastest, parse_args, require_data, seeded_sample, write_result
-from quality import BENCH, SEED, K, ensure_artifacts, read_checked
+from quality import SEED, K, ensure_artifacts, read_checked
 from raee_ops.onnx_export.embedder import export_embedder
 from raee_ops.onnx_export.quantize import quantize_matmuls
 from raee_ops.schemas.manifest import sha256_file
@@ -45,8 +45,9 @@ OVERLAP_GOAL = 0.9
 
 
 def side_artifacts(artifacts: Path, tag: str, replaced: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """A folder linking every file of `artifacts` but its manifest (and `replaced`), and that manifest to amend."""
-    out = BENCH / f"artifacts-{PRESET}-{tag}"
+    """A folder beside `artifacts` linking every file of it but its manifest (and `replaced`), and that manifest to
+    amend."""
+    out = artifacts.parent / f"{artifacts.name}-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for path in artifacts.iterdir():

@@ -733,13 +733,14 @@ def render_keys(result: Doc) -> list[str]:
 
 def render_key_policy(result: Doc) -> list[str]:
     """bench/key_policy.py: the default fitted and scored with each retrieval key on split halves of the quality
-    bench's reference tables, against each key's cost in backbone layers; a layer key is adoptable as the default
+    bench's reference tables, against each key's cost in backbone layers; a key is adoptable as the default
     where, on every preset, its macro metric is within KEY_TOLERANCE of MiniLM's and it costs fewer layers."""
     lines = [
         f"The default (`{result['strategy']}`) fitted on one half of each quality-bench reference table with each "
         f"key and scored on the other half, {result['splits']} seeded splits; reference rows only. Cells: the "
-        "task's metric @ layers of the backbone per row (MiniLM: its key in layers, measured on the same rows, plus "
-        "the exit; `layer-N`: at least N). A layer-N table's probes read the prompt (its key's layers are the "
+        "task's metric @ layers of the backbone per row (MiniLM, whole or its first N layers as `minilm-N`: its key "
+        "in layers, measured on the same rows, plus the exit; `layer-N`: at least N). A layer-N table's probes read "
+        "the prompt (its key's layers are the "
         "rows' first), so where the MiniLM table's probes chose the bare input, the layer keys are scored with "
         "prompt probes fitted on the same rows. Method and caveats: bench/key_policy.py.",
     ]
@@ -774,7 +775,7 @@ def render_key_policy(result: Doc) -> list[str]:
         "",
         f"Adoption rule (set before the run): within {KEY_TOLERANCE * 100:.1f} point macro of MiniLM's and fewer "
         "layers, on every preset: "
-        + (f"{', '.join(f'`{n}`' for n in adopted)} adoptable." if adopted else "no layer key is adoptable."),
+        + (f"{', '.join(f'`{n}`' for n in adopted)} adoptable." if adopted else "no other key is adoptable."),
     ]
     return lines
 

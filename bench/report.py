@@ -667,6 +667,10 @@ def render_int8(result: Doc) -> list[str]:
     return [*lines, "Issue 12, INT8: " + "; ".join(verdicts) + "."]
 
 
+def _span(counts: list[int]) -> str:
+    return f"{min(counts):,}" if min(counts) == max(counts) else f"{min(counts):,}–{max(counts):,}"
+
+
 def render_keys(result: Doc) -> list[str]:
     """Retrieval keys side by side (bench/keys.py): the neighbours' vote on reference rows against each key's cost,
     and INT8 MiniLM against issue 12's adoption rule (top-k overlap with fp32, vote within 0.5 point)."""
@@ -674,7 +678,8 @@ def render_keys(result: Doc) -> list[str]:
     names = list(tasks[0]["keys"])
     probed = all("probe_score" in k for t in tasks for k in t["keys"].values())
     lines = [
-        f"{tasks[0]['rows']:,} seeded train rows per task ({result['preset']}'s layers for `layer-N`), the k="
+        f"{_span([t['rows'] for t in tasks])} seeded train rows per task (less any whose prompt is over the "
+        f"backbone's max_length; {result['preset']}'s layers for `layer-N`), the k="
         f"{result['k']} neighbours' vote leave-one-out"
         + (
             ", then the key probe out of fold (fitted as build-db fits it: the exit-0 answer, and key-lr)"

@@ -190,7 +190,7 @@ def run_build_db(
             f"--embedder {embedder}: the backbone in {artifacts} has {manifest.num_layers} layers"
             if layer_depth(embedder)
             else f"embedder {embedder!r} was not exported into {artifacts} (export-onnx --embedder {embedder}, or "
-            f"build-db --embedder backbone or layer-N)"
+            f"build-db --embedder {' or '.join([*manifest.embedders, 'backbone', 'layer-N'])})"
         )
     files = expand_inputs(inputs)
     schema_in, rows_in = check_inputs(files, task, need_label=True)

@@ -135,7 +135,7 @@ def claimed_append_base(
     check_meta(
         TableMeta.decode(opened.schema), expected, f"table {table!r} in {db_uri}, replaced since this run began,"
     )
-    present = opened.to_arrow().column(ID).combine_chunks()
+    present = opened.search().select([ID]).limit(None).to_arrow().column(ID).combine_chunks()  # the ids alone
     clash = ids.filter(pc.is_in(ids, value_set=present))
     if len(clash):
         shown = _examples(clash)
@@ -213,7 +213,8 @@ def run_build_db(
     run_id = new_run_id()
     with claim_work_dir(work_dir(db_uri, table), f"table {table!r}") as staging:
         base = claimed_append_base(db_uri, table, meta, ids, store) if mode == "append" else None
-        handler = BuildHandler(str(artifacts), task, embedder, base and base.views, **settings.runtime())
+        views = base.views if base else None
+        handler = BuildHandler(str(artifacts), task, embedder, views, **settings.runtime())
         schema = handler.schema(manifest)
         pipeline = make_pipeline(
             beam_args, command="build-db", artifacts=str(artifacts), task=task_name, db=db_uri, table=table

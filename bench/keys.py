@@ -110,16 +110,18 @@ def one_task(
     task = get_task(task_name)
     rows = seeded_sample(read_checked(data / task_name / "train.parquet", task_name), n, np.random.default_rng(SEED))
 
-    def rendered(rows: pa.Table) -> list[str]:
-        pairs = rows["text_pair"].to_pylist() if "text_pair" in rows.column_names else [None] * rows.num_rows
-        texts = rows["text"].to_pylist()
-        return [task.render(t.strip(), p, suffix=fp32.suffix) for t, p in zip(texts, pairs, strict=True)]
+    def inputs(rows: pa.Table) -> tuple[list[str], list[str | None] | None, list[str]]:
+        """The rows' raw texts and pairs (what the keys embed) and their prompts (what the layers run)."""
+        texts = [t.strip() for t in rows["text"].to_pylist()]
+        pairs = rows["text_pair"].to_pylist() if "text_pair" in rows.column_names else None
+        prompts = [
+            task.render(t, p, suffix=fp32.suffix) for t, p in zip(texts, pairs or [None] * len(texts), strict=True)
+        ]
+        return texts, pairs, prompts
 
     # rows whose prompt is over the backbone's max_length: build-db rejects them, so they key no table
-    rows = rows.filter(pa.array(fp32.token_lengths(rendered(rows)) <= fp32.manifest.max_length))
-    prompts = rendered(rows)
-    texts = [t.strip() for t in rows["text"].to_pylist()]
-    pairs = rows["text_pair"].to_pylist() if "text_pair" in rows.column_names else None
+    rows = rows.filter(pa.array(fp32.token_lengths(inputs(rows)[2]) <= fp32.manifest.max_length))
+    texts, pairs, prompts = inputs(rows)
     labels = rows["label"].to_numpy()
     metric_name, metric = task_metric(task_name, len(task.label_names))
     keys = {

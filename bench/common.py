@@ -20,6 +20,9 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
+from raee_ops.runtime import SegmentRuntime
+from raee_ops.tasks import Task
+
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -157,3 +160,17 @@ def seeded_sample(table: pa.Table, n: int, rng: np.random.Generator) -> pa.Table
     """n rows drawn without replacement, in file order (benchmarks cap every split this way)."""
     rows = np.sort(rng.choice(table.num_rows, size=min(n, table.num_rows), replace=False))
     return table.take(pa.array(rows))
+
+
+def task_inputs(task: Task, rows: pa.Table, suffix: str) -> tuple[list[str], list[str | None] | None, list[str]]:
+    """The rows' raw texts and pairs (what a retrieval key embeds) and their prompts (what the layers run)."""
+    texts = [t.strip() for t in rows["text"].to_pylist()]
+    pairs = rows["text_pair"].to_pylist() if "text_pair" in rows.column_names else None
+    prompts = [task.render(t, p, suffix=suffix) for t, p in zip(texts, pairs or [None] * len(texts), strict=True)]
+    return texts, pairs, prompts
+
+
+def within_max_length(runtime: SegmentRuntime, task: Task, rows: pa.Table) -> pa.Table:
+    """The rows whose prompt fits the backbone's max_length: build-db and evaluate reject the others."""
+    prompts = task_inputs(task, rows, runtime.suffix)[2]
+    return rows.filter(pa.array(runtime.token_lengths(prompts) <= runtime.manifest.max_length))

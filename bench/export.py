@@ -16,9 +16,11 @@ from typing import Any
 from common import REPO_ROOT, parse_args, timer, write_result
 from raee_ops.schemas.manifest import load_manifest
 
+from raee_ops.key_names import DEFAULT_KEY
+
 PRESETS = ("smollm2-135m", "gemma3-270m")
 TASKS = ("sst2",)
-EMBEDDER = "minilm"
+EMBEDDER = DEFAULT_KEY
 MB = 1024**2
 
 

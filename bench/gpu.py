@@ -34,8 +34,10 @@ from typing import Any
 import numpy as np
 from common import REPO_ROOT, fastest, git_info, timer, write_result
 
+from raee_ops.key_names import DEFAULT_KEY
+
 PRESETS = ("smollm2-135m", "gemma3-270m")
-TASK, EMBEDDER = "sst2", "minilm"
+TASK, EMBEDDER = "sst2", DEFAULT_KEY
 BUNDLE = REPO_ROOT / ".gpu"  # carried to the device machine (ignored by git)
 ORT_GPU = "onnxruntime-gpu==1.31.1"
 SM = 90  # the device's compute capability (H100/H200)

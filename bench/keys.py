@@ -22,8 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-from common import REPEATS, fastest, parse_args, require_data, seeded_sample, write_result
+from common import (
+    REPEATS,
+    fastest,
+    parse_args,
+    require_data,
+    seeded_sample,
+    task_inputs,
+    within_max_length,
+    write_result,
+)
 from quality import SEED, K, ensure_artifacts, read_checked
 from raee_ops.onnx_export.embedder import export_embedder
 from raee_ops.onnx_export.quantize import quantize_matmuls
@@ -31,7 +39,7 @@ from raee_ops.schemas.manifest import sha256_file
 
 from raee_ops.layer_key import LayerKey
 from raee_ops.metrics import task_metric
-from raee_ops.probes import key_probe_oof
+from raee_ops.probes import fit_key_probe
 from raee_ops.runtime import BACKBONE, SegmentRuntime, mean_states
 from raee_ops.tasks import get_task
 
@@ -110,18 +118,9 @@ def one_task(
     task = get_task(task_name)
     rows = seeded_sample(read_checked(data / task_name / "train.parquet", task_name), n, np.random.default_rng(SEED))
 
-    def inputs(rows: pa.Table) -> tuple[list[str], list[str | None] | None, list[str]]:
-        """The rows' raw texts and pairs (what the keys embed) and their prompts (what the layers run)."""
-        texts = [t.strip() for t in rows["text"].to_pylist()]
-        pairs = rows["text_pair"].to_pylist() if "text_pair" in rows.column_names else None
-        prompts = [
-            task.render(t, p, suffix=fp32.suffix) for t, p in zip(texts, pairs or [None] * len(texts), strict=True)
-        ]
-        return texts, pairs, prompts
-
     # rows whose prompt is over the backbone's max_length: build-db rejects them, so they key no table
-    rows = rows.filter(pa.array(fp32.token_lengths(inputs(rows)[2]) <= fp32.manifest.max_length))
-    texts, pairs, prompts = inputs(rows)
+    rows = within_max_length(fp32, task, rows)
+    texts, pairs, prompts = task_inputs(task, rows, fp32.suffix)
     labels = rows["label"].to_numpy()
     metric_name, metric = task_metric(task_name, len(task.label_names))
     keys = {
@@ -137,7 +136,7 @@ def one_task(
         vectors, seconds = timed_keys(fn)
         tops[name] = neighbours(vectors)
         predicted = vote(tops[name], labels, len(task.label_names))
-        probe = key_probe_oof(vectors, labels, len(task.label_names)).argmax(axis=1)
+        probe = fit_key_probe(vectors, labels, len(task.label_names))[1].argmax(axis=1)
         out["keys"][name] = {
             "vote_score": metric(labels, predicted, len(task.label_names)),
             "vote_accuracy": float(np.mean(predicted == labels)),

@@ -1,9 +1,10 @@
 """Task quality per preset: every layer, full, calibrated, oracle, neighbour vote, each exit strategy and the
-baselines a user would pick instead (key-lr, knn-vote, probe-best, probe-last), all fitted on the same reference.
+baselines a user would pick instead (key-lr, knn-vote, probe-best, probe-last, and sentence-lr: logistic regression
+on MiniLM's whole sentence embedding, what a user fits without raee-ops), all fitted on the same reference rows.
 
-One export per preset (all bench tasks, MiniLM keys) in .bench/artifacts-<preset>; per task a reference
-table built from a seeded train sample through `raee-ops build-db`, then `raee_ops.evaluate` on a seeded
-held-out sample. qnli and mnli ship without a train split here, so their validation file is split 80/20
+One export per preset (all bench tasks; the default key and the whole MiniLM) in .bench/artifacts-<preset>; per
+task a reference table built from a seeded train sample through `raee-ops build-db`, then `raee_ops.evaluate` on a
+seeded held-out sample. qnli and mnli ship without a train split here, so their validation file is split 80/20
 (seed 0) into reference and test rows; the result says so per task. `minilm-l6` has no label-word head: its
 zero-shot numbers (full, calibrated, oracle, head by layer, raee) are null in the results, never made up.
 """
@@ -22,11 +23,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import REPO_ROOT, require_data, seeded_sample, timer, write_result
+from common import REPO_ROOT, require_data, seeded_sample, task_inputs, timer, within_max_length, write_result
 from raee_ops.schemas.manifest import load_manifest
 
 from raee_ops.evaluate import evaluate, write_report
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES
+from raee_ops.key_names import DEFAULT_KEY
+from raee_ops.metrics import task_metric
+from raee_ops.probes import fit_key_probe
+from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import get_task
 
 PRESETS = ("smollm2-135m", "gemma3-270m", "minilm-l6")
@@ -36,7 +41,9 @@ REF_ROWS, QUICK_REF_ROWS = 500, 200
 EVAL_ROWS, QUICK_EVAL_ROWS = 300, 100
 #: Held-out files in order of preference: a labelled test split where one exists, else validation.
 EVAL_SPLITS = ("test", "validation", "validation_matched")
-EMBEDDER, K, SEED, REFERENCE_SHARE = "minilm", 10, 0, 0.8
+K, SEED, REFERENCE_SHARE = 10, 0, 0.8
+#: The tables' key (build-db's default), and the embedding a user's own logistic regression reads (sentence-lr).
+EMBEDDER, SENTENCE = DEFAULT_KEY, "minilm"
 BENCH = REPO_ROOT / ".bench"
 
 
@@ -53,11 +60,13 @@ def raee_ops(*args: str) -> None:
 
 
 def ensure_artifacts(preset: str) -> Path:
-    """Export once with every bench task; an existing export lacking a task is redone beside it and swapped in,
-    so another bench reading the old directory never sees a half-written one."""
+    """Export once with every bench task and both embedders; an existing export lacking one is redone beside it and
+    swapped in, so another bench reading the old directory never sees a half-written one."""
     out = BENCH / f"artifacts-{preset}"
-    if (out / "manifest.json").is_file() and set(TASKS) <= set(load_manifest(out, verify_checksums=False).tasks):
-        return out
+    if (out / "manifest.json").is_file():
+        manifest = load_manifest(out, verify_checksums=False)
+        if set(TASKS) <= set(manifest.tasks) and {EMBEDDER, SENTENCE} <= set(manifest.embedders):
+            return out
     fresh = BENCH / f"artifacts-{preset}.new"
     shutil.rmtree(fresh, ignore_errors=True)
     print(f"exporting {preset} with tasks {', '.join(TASKS)} -> {out}", flush=True)
@@ -67,8 +76,7 @@ def ensure_artifacts(preset: str) -> Path:
         preset,
         "--out",
         str(fresh),
-        "--embedder",
-        EMBEDDER,
+        *[arg for embedder in (EMBEDDER, SENTENCE) for arg in ("--embedder", embedder)],
         *[arg for task in TASKS for arg in ("--task", task)],
     )
     if out.exists():
@@ -107,7 +115,9 @@ def splits(data: Path, task: str, quick: bool) -> tuple[pa.Table, pa.Table, str]
     return seeded_sample(reference, ref_cap, rng), seeded_sample(evaluation, eval_cap, rng), source
 
 
-def bench_task(artifacts: Path, preset: str, data: Path, task: str, quick: bool) -> dict[str, Any]:
+def bench_task(
+    artifacts: Path, runtime: SegmentRuntime, preset: str, data: Path, task: str, quick: bool
+) -> dict[str, Any]:
     work = BENCH / f"quality-{preset}" / task
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -132,9 +142,30 @@ def bench_task(artifacts: Path, preset: str, data: Path, task: str, quick: bool)
     with timer() as took:
         report = evaluate(artifacts, task, str(work / "db"), task, [str(work / "test.parquet")], K)
     write_report(report, work / "report")
+    sentence = sentence_lr(runtime, task, reference, evaluation)
     scores = ", ".join(f"{name} {b['metric']:.3f}" for name, b in report["baselines"].items() if b)
-    print(f"[{preset}/{task}] {report['metric_name']}: {scores} in {took.s:.0f}s", flush=True)
-    return task_row(report, source, reference.num_rows, took.s)
+    print(f"[{preset}/{task}] {report['metric_name']}: {scores}, sentence-lr {sentence['score']:.3f} in {took.s:.0f}s")
+    row = task_row(report, source, reference.num_rows, took.s)
+    row["baselines"]["sentence-lr"] = sentence
+    return row
+
+
+def sentence_lr(runtime: SegmentRuntime, task_name: str, reference: pa.Table, evaluation: pa.Table) -> dict[str, Any]:
+    """What a user with these labelled rows fits without raee-ops: logistic regression on MiniLM's sentence
+    embedding, fitted as build-db fits its key probe, scored on the rows evaluate scored (prompts within max_length:
+    evaluate and build-db reject the others). It runs no backbone layer, like key-lr."""
+    task = get_task(task_name)
+    num_labels = len(task.label_names)
+    fit, scored = (within_max_length(runtime, task, rows) for rows in (reference, evaluation))
+    keys = [runtime.key(SENTENCE, *task_inputs(task, rows, runtime.suffix)[:2]) for rows in (fit, scored)]
+    probe = fit_key_probe(keys[0], fit["label"].to_numpy(), num_labels)[0]
+    labels, predicted = scored["label"].to_numpy(), probe.log_probs(keys[1]).argmax(axis=1)
+    metric = task_metric(task_name, num_labels)[1]
+    return {
+        "score": metric(labels, predicted, num_labels),
+        "accuracy": float(np.mean(predicted == labels)),
+        "mean_exit_layer": 0.0,
+    }
 
 
 def _scored(entry: dict[str, Any]) -> dict[str, float]:
@@ -211,12 +242,14 @@ def main() -> int:
     tasks = QUICK_TASKS if args.quick else TASKS
     for preset in args.preset or PRESETS:
         artifacts = ensure_artifacts(preset)
-        rows = [bench_task(artifacts, preset, data, task, args.quick) for task in tasks]
+        runtime = SegmentRuntime(artifacts)
+        rows = [bench_task(artifacts, runtime, preset, data, task, args.quick) for task in tasks]
         payload = {
             "preset": preset,
             "strategies": list(STRATEGIES),  # those reading a label-word head the backbone lacks: absent per task
             "k": K,
             "embedder": EMBEDDER,
+            "sentence_embedder": SENTENCE,
             "default_strategy": DEFAULT_STRATEGY,
             "tasks": rows,
         }

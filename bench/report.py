@@ -223,9 +223,10 @@ def _baselines(result: Doc) -> list[str]:
     lines = [
         "",
         "Against what a user would pick instead, all fitted on the same reference rows (score @ mean layers run; "
-        "key-lr: logistic regression on the retrieval key; knn-vote: the neighbours' label vote, k=10; probe-best: "
-        "the probe of the single layer best out of fold on the reference; probe-last: the last layer's probe; "
-        f"default: `{result.get('default_strategy')}`):",
+        f"key-lr: logistic regression on the retrieval key (`{result.get('embedder')}`); knn-vote: the neighbours' "
+        "label vote, k=10; probe-best: the probe of the single layer best out of fold on the reference; probe-last: "
+        "the last layer's probe; sentence-lr: logistic regression on MiniLM's whole sentence embedding, what a user "
+        f"fits without raee-ops; default: `{result.get('default_strategy')}`):",
         "",
         *_table(header, rows),
         "",
@@ -242,6 +243,15 @@ def _baselines(result: Doc) -> list[str]:
         verdict = "met" if gap >= ahead else "NOT met"
         where = f"; tasks short of it: {', '.join(misses)}" if misses else ""
         checks.append(f"{gap:+.1f} points against {name} (goal {ahead:+.0f}: {verdict}{where})")
+    if "sentence-lr" in names:
+        gap = 100 * (default - macro("sentence-lr"))
+        behind = [
+            t["task"] for t in tasks if t["baselines"]["default"]["score"] < t["baselines"]["sentence-lr"]["score"]
+        ]
+        checks.append(
+            f"{gap:+.1f} points against sentence-lr (no goal: the user's own pick; behind it on "
+            f"{', '.join(behind) or 'no task'})"
+        )
     layers = share("default")
     over = [
         t["task"] for t in tasks if t["baselines"]["default"]["mean_exit_layer"] > MAX_LAYER_SHARE * t["num_layers"]

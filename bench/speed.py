@@ -41,13 +41,14 @@ from raee_ops.schemas.manifest import load_manifest
 
 from raee_ops import exit_policy
 from raee_ops.exit_policy import Context, Neighbours, resolve
+from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.readout import read_out
 from raee_ops.retrieval import Retriever
 from raee_ops.runtime import SUB_BATCH, SegmentRuntime, mean_states, process_thread_pool, session_options
 from raee_ops.tasks import Task, get_task
 
 PRESETS = ("smollm2-135m", "gemma3-270m", "minilm-l6")
-TASK, EMBEDDER, K, SEED = "sst2", "minilm", 10, 0
+TASK, EMBEDDER, K, SEED = "sst2", DEFAULT_KEY, 10, 0
 #: The default again, on a table keyed by the backbone's first layer (bench/key_policy.py: the same quality at fewer
 #: layers), timed with the rest.
 LAYER_KEY = "layer-1"

@@ -8,6 +8,7 @@ Every step is the `raee-ops` command a user would type; the commands are printed
 from __future__ import annotations
 
 import csv
+import json
 import shlex
 import shutil
 import subprocess
@@ -19,9 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raee_ops.key_names import DEFAULT_KEY
+
 HERE = Path(__file__).resolve().parent
 WORK = HERE.parent / ".demo"
-PRESET, TASK, EMBEDDER = "smollm2-135m", "sst2", "minilm"
+PRESET, TASK = "smollm2-135m", "sst2"
 
 
 def raee_ops(*args: str) -> None:
@@ -54,8 +57,10 @@ def main() -> None:
     total = split_reviews(reference, held_apart)
     print(f"examples/reviews.csv: {total} rows -> {reference.name} (3/4), {held_apart.name} (1/4)")
 
-    if not (artifacts / "manifest.json").exists():
-        raee_ops("export-onnx", "--model", PRESET, "--task", TASK, "--embedder", EMBEDDER, "--out", str(artifacts))
+    manifest = artifacts / "manifest.json"
+    if not manifest.exists() or DEFAULT_KEY not in json.loads(manifest.read_text())["embedders"]:
+        shutil.rmtree(artifacts, ignore_errors=True)  # the demo's own folder, from before the default key changed
+        raee_ops("export-onnx", "--model", PRESET, "--task", TASK, "--out", str(artifacts))
     else:
         print(f"\nreusing exported artifacts in {artifacts} (checksums are checked on load)")
     raee_ops(
@@ -68,8 +73,6 @@ def main() -> None:
         str(reference),
         "--db",
         str(db),
-        "--embedder",
-        EMBEDDER,
     )
     shutil.rmtree(out, ignore_errors=True)  # the demo's own folder: classify refuses a complete output folder
     started = time.perf_counter()

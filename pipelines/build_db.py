@@ -34,6 +34,7 @@ from raee_ops import storage
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.faults import fault_point
+from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET
 from raee_ops.progress import phase
@@ -51,9 +52,6 @@ from raee_ops.retrieval import (
 
 #: Examples of offending ids shown in a refusal.
 SHOWN_IDS = 5
-#: The retrieval key of a new table (an append keeps its table's): MiniLM's neighbours vote 10-20 points better
-#: than the backbone's embedding mean on reference rows (README, build-db).
-DEFAULT_EMBEDDER = "minilm"
 
 
 @dataclass(frozen=True)
@@ -184,7 +182,7 @@ def run_build_db(
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
     existing = table_meta(db_uri, table, store) if mode == "append" else None
-    embedder = embedder or (existing.embedder if existing else DEFAULT_EMBEDDER)
+    embedder = embedder or (existing.embedder if existing else DEFAULT_KEY)
     if not key_available(manifest, embedder):
         raise RaeeConfigError(
             f"--embedder {embedder}: the backbone in {artifacts} has {manifest.num_layers} layers"

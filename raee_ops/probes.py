@@ -228,10 +228,11 @@ def selection_layers(num_layers: int) -> list[int]:
     return sorted({round(i) for i in np.linspace(0, num_layers - 1, min(SELECTION_LAYERS, num_layers))})
 
 
-def key_probe_oof(keys: np.ndarray, labels: np.ndarray, num_labels: int, seed: int = 0) -> np.ndarray:
-    """Out-of-fold log-probs N×C of a key probe fitted as build-db fits one (C by cross-validation): how well a key
-    answers at exit 0, to compare keys (bench/keys.py)."""
-    return _choose_c(keys, labels, _folds(labels, len(labels), seed), num_labels)[1]
+def fit_key_probe(keys: np.ndarray, labels: np.ndarray, num_labels: int, seed: int = 0) -> tuple[Probe, np.ndarray]:
+    """A key probe fitted as build-db fits one (C by cross-validation), and its out-of-fold log-probs N×C: how well
+    a key answers at exit 0, and what a user's own logistic regression on an embedding scores (the benches)."""
+    c, oof = _choose_c(keys, labels, _folds(labels, len(labels), seed), num_labels)
+    return _fit(keys, labels, num_labels, c), oof
 
 
 def _log_loss(log_probs: np.ndarray, y: np.ndarray) -> float:

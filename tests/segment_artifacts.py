@@ -28,9 +28,12 @@ from raee_ops.schemas.manifest import (
 )
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
+from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.tasks import PRESETS
 
 HIDDEN, LAYERS, MAX_LENGTH, EMBED_DIM = 8, 3, 64, 6
+#: The tiny sentence embedder is stored under the default key's name, so build-db runs without --embedder use it.
+KEY = DEFAULT_KEY
 WORDS = "good bad great awful fine movie plot boring fun dull the a is was it cat sat on mat dog".split()
 
 
@@ -68,7 +71,8 @@ def _masked_mean(hidden: str, mask: str, out: str) -> list[onnx.NodeProto]:
 
 
 def make_artifacts(directory: Path, seed: int = 0) -> Path:
-    """Write manifest, tokenizer, embed, layers, sst2/rte heads and a `minilm` embedder into `directory`."""
+    """Write manifest, tokenizer, embed, layers, sst2/rte heads and an embedder (named as the default key) into
+    `directory`."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     vocab = _tokenizer(directory / "tokenizer.json")
@@ -137,16 +141,16 @@ def make_artifacts(directory: Path, seed: int = 0) -> Path:
         n("LpNormalization", ["p"], ["embedding"], axis=1, p=2),
     ]
     _graph(
-        directory / "embedder_minilm.onnx",
-        "minilm",
+        directory / f"embedder_{KEY}.onnx",
+        KEY,
         [ids, mask],
         [emb],
         nodes,
         {"F": rng.normal(size=(vocab, EMBED_DIM))},
     )
-    model = onnx.load(str(directory / "embedder_minilm.onnx"))
+    model = onnx.load(str(directory / f"embedder_{KEY}.onnx"))
     model.graph.initializer.extend(axis_inits)
-    onnx.save(model, str(directory / "embedder_minilm.onnx"))
+    onnx.save(model, str(directory / f"embedder_{KEY}.onnx"))
 
     tok = FileRef.of(directory, "tokenizer.json")
     manifest = Manifest(
@@ -160,9 +164,9 @@ def make_artifacts(directory: Path, seed: int = 0) -> Path:
         segments=Segments(embed=FileRef.of(directory, "embed.onnx"), layers=layers),
         tasks=tasks,
         embedders={
-            "minilm": EmbedderEntry(
-                "minilm",
-                FileRef.of(directory, "embedder_minilm.onnx"),
+            KEY: EmbedderEntry(
+                KEY,
+                FileRef.of(directory, f"embedder_{KEY}.onnx"),
                 tok,
                 dim=EMBED_DIM,
                 max_length=MAX_LENGTH,

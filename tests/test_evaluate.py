@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.schemas.manifest import load_manifest
-from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
+from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import BAD_IDS, labelled
 
 from raee_ops.errors import RaeeConfigError
@@ -25,7 +25,7 @@ from raee_ops.tasks import PRESETS, Task
 def evaluated(segment_artifacts, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("evaluate")
     train = labelled(root / "train.parquet", 30, 0, "t", bad=False)
-    run_build_db(segment_artifacts, "sst2", [str(train)], str(root / "db"), "sst2", "minilm", "overwrite", None)
+    run_build_db(segment_artifacts, "sst2", [str(train)], str(root / "db"), "sst2", KEY, "overwrite", None)
     held_out = labelled(root / "test.parquet", 25, 1, "q")
     report = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(held_out)], k=5)
     return root, held_out, report

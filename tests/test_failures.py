@@ -17,6 +17,8 @@ from raee_ops.pipelines.commit import locked, new_run_id
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled, sentences
 
+from raee_ops.key_names import DEFAULT_KEY
+
 
 @pytest.fixture(scope="module")
 def db(segment_artifacts, tmp_path_factory):  # noqa: F811
@@ -246,11 +248,14 @@ def test_workers_read_the_table_version_the_driver_checked(segment_artifacts, tm
 
 
 def test_build_db_default_key_needs_the_exported_embedder(tiny_llama_artifacts, tmp_path):
-    """The default key is MiniLM; artifacts exported without it are refused up front with the two ways out."""
+    """The default key is MiniLM's first layers; artifacts exported without it are refused up front with the ways
+    out."""
     train = labelled(tmp_path / "train.parquet", 6, 0, "t", bad=False)
     run = raee_ops(*build_args(tiny_llama_artifacts, tmp_path / "db", train))
     line = one_error_line(run)
-    assert run.returncode == 2 and "embedder 'minilm' was not exported" in line and "--embedder backbone" in line
+    assert (
+        run.returncode == 2 and f"embedder {DEFAULT_KEY!r} was not exported" in line and "--embedder backbone" in line
+    )
     assert not (tmp_path / "db").exists()
 
 

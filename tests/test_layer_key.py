@@ -12,7 +12,7 @@ from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.sources import read_validated_file
 from raee_ops.schemas.tables import FEATURES, LAYER_KEY_META_KEY, flat_values
-from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
+from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 from test_probe_pipelines import signal_rows
 from test_runtime import prompts
 
@@ -135,7 +135,7 @@ def test_a_layer_key_table_skips_the_bare_input_pass_its_probes_cannot_read(segm
     (evaluate, on a table whose probes chose one)."""
     rows = signal_rows(tmp_path / "rows.parquet", 12, 0, "r")
     table = next(iter(read_validated_file(str(rows), PRESETS["sst2"], need_label=True))).valid
-    for embedder, views, bare_run in (("layer-2", None, False), ("minilm", None, True), ("minilm", ("mean",), False)):
+    for embedder, views, bare_run in (("layer-2", None, False), (KEY, None, True), (KEY, ("mean",), False)):
         handler = BuildHandler(str(segment_artifacts), PRESETS["sst2"], embedder, views)
         staged = handler.run_inference([table], handler.load_model())[0].rows
         views = flat_values(staged, FEATURES).reshape(12, 3, len(VIEWS), -1)

@@ -16,7 +16,7 @@ from raee_ops.pipelines import build_db
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.sources import file_key, read_validated_file
-from segment_artifacts import segment_artifacts, write_labelled  # noqa: F401 - fixture
+from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops.errors import RaeeConfigError
 from raee_ops.retrieval import table_meta
@@ -204,11 +204,11 @@ def test_missing_columns_exit_2_through_the_cli(segment_artifacts, tmp_path):  #
 def test_append_adds_new_ids_and_refuses_present_ones(segment_artifacts, tmp_path):  # noqa: F811
     db = str(tmp_path / "db")
     first = labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False)
-    run_build_db(segment_artifacts, "sst2", [str(first)], db, "t", "minilm", "overwrite", None)
+    run_build_db(segment_artifacts, "sst2", [str(first)], db, "t", KEY, "overwrite", None)
     more = labelled(tmp_path / "b.parquet", 4, 4, "b", bad=False)
-    assert run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None).table_rows == 10
+    assert run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", KEY, "append", None).table_rows == 10
     with pytest.raises(RaeeConfigError, match="append refused: 4 id"):
-        run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None)
+        run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", KEY, "append", None)
     with pytest.raises(RaeeConfigError, match="embedder"):
         run_build_db(
             segment_artifacts,
@@ -234,7 +234,7 @@ def test_append_refuses_a_table_replaced_before_it_held_the_table(segment_artifa
         [str(labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False))],
         db,
         "t",
-        "minilm",
+        KEY,
         "overwrite",
         None,
     )
@@ -249,7 +249,7 @@ def test_append_refuses_a_table_replaced_before_it_held_the_table(segment_artifa
     monkeypatch.setattr(build_db, "claim_work_dir", replaced_first)
     more = labelled(tmp_path / "b.parquet", 4, 4, "b", bad=False)
     with pytest.raises(RaeeConfigError, match="replaced since this run began, does not match this run: embedder"):
-        run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None)
+        run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", KEY, "append", None)
     assert table_meta(db, "t").embedder == "backbone"
     assert lancedb.connect(db).open_table("t").count_rows() == 8
 

@@ -11,7 +11,7 @@ import pytest
 from raee_ops.pipelines.build_db import claimed_append_base, commit, run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.schemas.tables import FEATURES_SUFFIX, GROUP, PROBE_POLICY_META_KEY, PROBES_META_KEY
-from segment_artifacts import segment_artifacts, write_labelled  # noqa: F401 - fixture
+from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate, write_report
@@ -42,7 +42,7 @@ def signal_rows(path, n: int, seed: int, prefix: str):
 def signal(segment_artifacts, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("signal")
     ref = signal_rows(root / "ref.parquet", 160, 0, "r")
-    summary = run_build_db(segment_artifacts, "sst2", [str(ref)], str(root / "db"), "sst2", "minilm", "overwrite", None)
+    summary = run_build_db(segment_artifacts, "sst2", [str(ref)], str(root / "db"), "sst2", KEY, "overwrite", None)
     test = signal_rows(root / "test.parquet", 120, 1, "q")
     report = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(test)], k=5)
     return root, summary, test, report
@@ -168,7 +168,7 @@ def test_append_refits_the_probes_on_every_row(segment_artifacts, signal, tmp_pa
         [str(signal_rows(tmp_path / "a.parquet", 40, 2, "a"))],
         db,
         "t",
-        "minilm",
+        KEY,
         "overwrite",
         None,
     )
@@ -176,7 +176,7 @@ def test_append_refits_the_probes_on_every_row(segment_artifacts, signal, tmp_pa
     base = claimed_append_base(db, "t", table_meta(db, "t"), pa.array([], pa.string()), {})
     assert base.views == (before.pooling,)  # the refit keeps the view: no other input form is run
     more = signal_rows(tmp_path / "b.parquet", 30, 3, "b")
-    run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None)
+    run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", KEY, "append", None)
     after = Retriever(db, "t")
     assert before.fit_rows == 40 and after.probes.fit_rows == 70 and after.probes.identity["rows"] == 70
     assert after.probes.pooling == before.pooling
@@ -192,7 +192,7 @@ def test_append_refits_the_probes_on_every_row(segment_artifacts, signal, tmp_pa
             [str(signal_rows(tmp_path / "c.parquet", 1, 4, "c"))],
             one,
             "t",
-            "minilm",
+            KEY,
             "overwrite",
             None,
         )
@@ -283,7 +283,7 @@ def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_arti
     grouped = tmp_path / "grouped.parquet"
     pq.write_table(rows.append_column("sentence", pa.array([f"s{i // 2}" for i in range(40)])), grouped)
     db = str(tmp_path / "db")
-    args = (segment_artifacts, "sst2", [str(grouped)], db, "t", "minilm")
+    args = (segment_artifacts, "sst2", [str(grouped)], db, "t", KEY)
     summary = run_build_db(*args, "overwrite", None, group_column="sentence")
     assert "leave-one-group-out, 20 groups" in summary.render()
     stored = lancedb.connect(db).open_table("t").to_arrow()
@@ -293,7 +293,7 @@ def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_arti
     more = signal_rows(tmp_path / "b.parquet", 10, 5, "b")
     renamed = tmp_path / "c.parquet"  # the same rows under other ids, for the second append below
     pq.write_table(pq.read_table(more).set_column(0, "id", pa.array([f"c{i}" for i in range(10)])), renamed)
-    run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", "minilm", "append", None)
+    run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", KEY, "append", None)
     stored = lancedb.connect(db).open_table("t").to_arrow()
     groups = dict(zip(stored["id"].to_pylist(), stored[GROUP].to_pylist(), strict=True))
     assert groups["a3"] == "s1" and groups["b0"] is None and len(groups) == 50
@@ -303,7 +303,7 @@ def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_arti
     commit(db, "v1", before, lancedb.connect(db).open_table("t" + FEATURES_SUFFIX).to_arrow())
     keys = np.stack(before["vector"].to_numpy(zero_copy_only=False)[:3])
     assert Retriever(db, "v1").search(keys, 5).probe().shape == (3, 5, 3)
-    run_build_db(segment_artifacts, "sst2", [str(renamed)], db, "v1", "minilm", "append", None)
+    run_build_db(segment_artifacts, "sst2", [str(renamed)], db, "v1", KEY, "append", None)
     after = lancedb.connect(db).open_table("v1").to_arrow()
     assert after.num_rows == 60 and after[GROUP].null_count == 60
 
@@ -312,13 +312,11 @@ def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_arti
     one = tmp_path / "one.parquet"
     pq.write_table(rows.append_column("sentence", pa.array(["same"] * 40)), one)
     with pytest.raises(RaeeConfigError, match="puts all 40 rows in one group"):
-        run_build_db(
-            segment_artifacts, "sst2", [str(one)], db, "u", "minilm", "overwrite", None, group_column="sentence"
-        )
+        run_build_db(segment_artifacts, "sst2", [str(one)], db, "u", KEY, "overwrite", None, group_column="sentence")
     assert not (tmp_path / "db" / "u.lance").exists()  # refused before any work
     structs = tmp_path / "structs.parquet"
     pq.write_table(rows.append_column("sentence", pa.array([{"s": i // 2} for i in range(40)])), structs)
     with pytest.raises(RaeeConfigError, match="--group-column 'sentence' has type struct"):
         run_build_db(
-            segment_artifacts, "sst2", [str(structs)], db, "u", "minilm", "overwrite", None, group_column="sentence"
+            segment_artifacts, "sst2", [str(structs)], db, "u", KEY, "overwrite", None, group_column="sentence"
         )

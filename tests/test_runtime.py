@@ -3,7 +3,7 @@ import sys
 
 import numpy as np
 import pytest
-from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
+from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 
 from raee_ops.runtime import SUB_BATCH, PromptTooLong, SegmentRuntime
 
@@ -66,15 +66,15 @@ def test_backbone_key_is_mean_embedding_of_raw_text(runtime):
     np.testing.assert_allclose(runtime.key("backbone", ["good movie"])[0], mean / np.linalg.norm(mean), rtol=1e-5)
     pair = runtime.key("backbone", ["good"], ["movie"])
     np.testing.assert_allclose(pair, runtime.key("backbone", ["good movie"]), rtol=1e-6)
-    assert runtime.key("minilm", ["good movie", "bad"]).shape == (2, runtime.manifest.embedders["minilm"].dim)
+    assert runtime.key(KEY, ["good movie", "bad"]).shape == (2, runtime.manifest.embedders[KEY].dim)
 
 
 def test_embedder_keys_of_a_mixed_length_batch_are_each_rows_own_key(runtime):
     """The key sub-batches run length-sorted; each key must still land on its own row."""
     counts = [1, 40, 3, 25, 2, 60, 7]
     texts = [" ".join(["word"] * n) + f" {i}" for i, n in enumerate(counts * 6)]
-    batch = runtime.key("minilm", texts)
-    alone = np.concatenate([runtime.key("minilm", [text]) for text in texts])
+    batch = runtime.key(KEY, texts)
+    alone = np.concatenate([runtime.key(KEY, [text]) for text in texts])
     np.testing.assert_allclose(batch, alone, atol=1e-5, rtol=0)
     assert len({tuple(np.round(row, 4)) for row in batch}) >= len(counts)  # keys differ by length: not one key
 

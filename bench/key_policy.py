@@ -7,12 +7,14 @@ default's settings are fitted on a seeded half of the rows with each key (build-
 other half the way classify runs them (the product's own strategy functions), over SPLITS splits. No validation or
 test row is read: a rule that uses reference rows only.
 
-Keys: `minilm` (today's default), `minilm-N` (MiniLM's first N layers, mean-pooled: a cheaper key, exported beside
-the quality bench's artifacts for this run) and `layer-N`: the mean over the prompt's real tokens after the
-backbone's first N layers, standardized with the fit half's mean and spread, then L2-normalized. Each key gets its
-own key probe (the answer at exit 0), fitted on the fit half with out-of-fold answers there, as build-db fits one.
+Keys: `minilm` (the whole MiniLM, the default until this bench adopted `minilm-3`), `minilm-N` (MiniLM's first N
+layers, mean-pooled: a cheaper key, exported beside the quality bench's artifacts for this run), each computed here
+from the rows' texts whichever key the quality bench's tables hold, and `layer-N`: the mean over the prompt's real
+tokens after the backbone's first N layers, standardized with the fit half's mean and spread, then L2-normalized.
+Each key gets its own key probe (the answer at exit 0), fitted on the fit half with out-of-fold answers there, as
+build-db fits one.
 The per-layer probe answers are out-of-fold ones fitted on the whole table (slightly better informed than a half's
-own would be; alike for every key): for `minilm` the table's own; for `layer-N` the same unless the table's probes
+own would be; alike for every key): for a MiniLM key the table's own; for `layer-N` the same unless the table's probes
 read the bare input, which a layer-N table's cannot (build-db keeps it on the prompt's views, where its key's
 layers are): then probes on the prompt's views are fitted here, as build-db would fit them on such a table.
 
@@ -78,7 +80,6 @@ def reference_rows(preset: str, task_name: str, runtime: SegmentRuntime) -> dict
             task.render(t, p, suffix=runtime.suffix) for t, p in zip(texts, pairs or [None] * len(texts), strict=True)
         ],
         "labels": table["label"].to_numpy().astype(np.int64),
-        "minilm": flat_values(table, "vector").reshape(table.num_rows, -1),
         "probe_lp": flat_values(table, "probe_logprobs").reshape(table.num_rows, num_layers, num_labels),
         "probe_form": ProbeSet.from_json(table.schema.metadata[PROBES_META_KEY]).form,
     }
@@ -89,7 +90,8 @@ def prompt_view_answers(runtime: SegmentRuntime, task: str, rows: dict[str, Any]
     _, pooled = runtime.all_layers_pooled(task, rows["prompts"])
     num_labels = rows["probe_lp"].shape[2]
     features = pooled.transpose(1, 0, 2, 3)
-    return fit_probes(features, rows["minilm"], rows["labels"], num_labels, metric_name, {}, PROMPT_VIEWS).oof
+    keys = np.zeros((len(rows["labels"]), 1), np.float32)  # the key probe fit_probes adds is not read here
+    return fit_probes(features, keys, rows["labels"], num_labels, metric_name, {}, PROMPT_VIEWS).oof
 
 
 def mean_after(runtime: SegmentRuntime, task: str, prompts: list[str], depth: int) -> np.ndarray:
@@ -150,9 +152,9 @@ def one_task(preset: str, runtime: SegmentRuntime, task_name: str, splits: int) 
     num_labels = rows["probe_lp"].shape[2]
     metric_name, metric = task_metric(task_name, num_labels)
     states = {d: mean_after(runtime, task_name, rows["prompts"], d) for d in DEPTHS}
-    # each sentence key timed, and the truncated ones' vectors taken from their timed runs (MiniLM's: the table's)
+    # each sentence key timed, its vectors taken from the timed run
     timed = {name: fastest(lambda name=name: runtime.key(name, rows["texts"], rows["pairs"])) for name in KEYS}
-    sentence = {EMBEDDER: rows["minilm"], **{t: timed[t][0] for t in TRUNCATED}}
+    sentence = {name: vectors for name, (vectors, _) in timed.items()}
     layer_lp = rows["probe_lp"]
     if rows["probe_form"] != "prompt":
         layer_lp = prompt_view_answers(runtime, task_name, rows, metric_name)

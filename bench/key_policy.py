@@ -35,7 +35,7 @@ from typing import Any
 import lancedb
 import numpy as np
 import pyarrow.parquet as pq
-from common import fastest, parse_args, write_result
+from common import fastest, parse_args, task_inputs, write_result
 from keys import MINILM_DEPTHS, truncated_artifacts
 from quality import BENCH, PRESETS, QUICK_TASKS, TASKS
 from raee_ops.schemas.tables import PROBES_META_KEY, flat_values
@@ -45,7 +45,7 @@ from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.layer_key import LayerKey
 from raee_ops.metrics import task_metric
 from raee_ops.probe_policy import ProbePolicy, confident_exits, fit_probe_policy
-from raee_ops.probes import PROMPT_VIEWS, ProbeSet, _choose_c, _fit, _folds, fit_probes  # as build-db fits them
+from raee_ops.probes import PROMPT_VIEWS, ProbeSet, fit_key_probe, fit_probes  # as build-db fits them
 from raee_ops.runtime import SegmentRuntime, mean_states
 from raee_ops.tasks import get_task
 
@@ -70,15 +70,12 @@ def reference_rows(preset: str, task_name: str, runtime: SegmentRuntime) -> dict
     position = {str(row_id): i for i, row_id in enumerate(source["id"].to_pylist())}  # the table stores ids as text
     take = [position[row_id] for row_id in table["id"].to_pylist()]
     task = get_task(task_name)
-    texts = [source["text"][i].as_py().strip() for i in take]
-    pairs = [source["text_pair"][i].as_py() for i in take] if "text_pair" in source.column_names else None
+    texts, pairs, prompts = task_inputs(task, source.take(take), runtime.suffix)
     num_layers, num_labels = runtime.num_layers, len(task.label_names)
     return {
         "texts": texts,
         "pairs": pairs,
-        "prompts": [
-            task.render(t, p, suffix=runtime.suffix) for t, p in zip(texts, pairs or [None] * len(texts), strict=True)
-        ],
+        "prompts": prompts,
         "labels": table["label"].to_numpy().astype(np.int64),
         "probe_lp": flat_values(table, "probe_logprobs").reshape(table.num_rows, num_layers, num_labels),
         "probe_form": ProbeSet.from_json(table.schema.metadata[PROBES_META_KEY]).form,
@@ -101,8 +98,8 @@ def mean_after(runtime: SegmentRuntime, task: str, prompts: list[str], depth: in
 
 def key_probe(keys: np.ndarray, labels: np.ndarray, fit: np.ndarray, num_labels: int) -> np.ndarray:
     """Key-probe log-probs for every row: out of fold on the fit rows, the fit rows' probe on the others."""
-    c, oof = _choose_c(keys[fit], labels[fit], _folds(labels[fit], len(fit), 0), num_labels)
-    out = _fit(keys[fit], labels[fit], num_labels, c).log_probs(keys)
+    probe, oof = fit_key_probe(keys[fit], labels[fit], num_labels)
+    out = probe.log_probs(keys)
     out[fit] = oof
     return out
 

@@ -77,9 +77,12 @@ def int8_artifacts(artifacts: Path) -> Path:
 
 
 def truncated_artifacts(artifacts: Path) -> Path:
-    """A copy of `artifacts` with the `minilm-N` embedders exported beside its MiniLM, as export-onnx writes them."""
+    """A copy of `artifacts` with the `minilm-N` embedders exported beside its MiniLM, as export-onnx writes them;
+    those the export already has are kept (their files here are links into it: exporting again would write there)."""
     out, manifest = side_artifacts(artifacts, "key-truncated")
     for depth in MINILM_DEPTHS:
+        if f"{EMBEDDER}-{depth}" in manifest["embedders"]:
+            continue
         entry = export_embedder(f"{EMBEDDER}-{depth}", out)
         manifest["embedders"][entry.name] = asdict(entry)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -115,9 +115,8 @@ def splits(data: Path, task: str, quick: bool) -> tuple[pa.Table, pa.Table, str]
     return seeded_sample(reference, ref_cap, rng), seeded_sample(evaluation, eval_cap, rng), source
 
 
-def bench_task(
-    artifacts: Path, runtime: SegmentRuntime, preset: str, data: Path, task: str, quick: bool
-) -> dict[str, Any]:
+def bench_task(runtime: SegmentRuntime, preset: str, data: Path, task: str, quick: bool) -> dict[str, Any]:
+    artifacts = runtime.dir
     work = BENCH / f"quality-{preset}" / task
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -144,7 +143,10 @@ def bench_task(
     write_report(report, work / "report")
     sentence = sentence_lr(runtime, task, reference, evaluation)
     scores = ", ".join(f"{name} {b['metric']:.3f}" for name, b in report["baselines"].items() if b)
-    print(f"[{preset}/{task}] {report['metric_name']}: {scores}, sentence-lr {sentence['score']:.3f} in {took.s:.0f}s")
+    print(
+        f"[{preset}/{task}] {report['metric_name']}: {scores}, sentence-lr {sentence['score']:.3f} in {took.s:.0f}s",
+        flush=True,
+    )
     row = task_row(report, source, reference.num_rows, took.s)
     row["baselines"]["sentence-lr"] = sentence
     return row
@@ -241,9 +243,8 @@ def main() -> int:
     data = require_data()
     tasks = QUICK_TASKS if args.quick else TASKS
     for preset in args.preset or PRESETS:
-        artifacts = ensure_artifacts(preset)
-        runtime = SegmentRuntime(artifacts)
-        rows = [bench_task(artifacts, runtime, preset, data, task, args.quick) for task in tasks]
+        runtime = SegmentRuntime(ensure_artifacts(preset))
+        rows = [bench_task(runtime, preset, data, task, args.quick) for task in tasks]
         payload = {
             "preset": preset,
             "strategies": list(STRATEGIES),  # those reading a label-word head the backbone lacks: absent per task

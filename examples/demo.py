@@ -8,7 +8,6 @@ Every step is the `raee-ops` command a user would type; the commands are printed
 from __future__ import annotations
 
 import csv
-import json
 import shlex
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from raee_ops.schemas.manifest import load_manifest
 
 from raee_ops.key_names import DEFAULT_KEY
 
@@ -57,8 +57,8 @@ def main() -> None:
     total = split_reviews(reference, held_apart)
     print(f"examples/reviews.csv: {total} rows -> {reference.name} (3/4), {held_apart.name} (1/4)")
 
-    manifest = artifacts / "manifest.json"
-    if not manifest.exists() or DEFAULT_KEY not in json.loads(manifest.read_text())["embedders"]:
+    exported = (artifacts / "manifest.json").exists()
+    if not exported or DEFAULT_KEY not in load_manifest(artifacts, verify_checksums=False).embedders:
         shutil.rmtree(artifacts, ignore_errors=True)  # the demo's own folder, from before the default key changed
         raee_ops("export-onnx", "--model", PRESET, "--task", TASK, "--out", str(artifacts))
     else:

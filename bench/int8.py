@@ -3,7 +3,8 @@ on its own artifacts' hidden states) and its speed per row in process, with the 
 
 Issue 12's goal: the int8 default at ≥ 1.8× the fp32 default's rows/s, its metric within 1 point (macro over the
 tasks). fp32 artifacts are the quality bench's (.bench/artifacts-<preset>); the int8 ones are exported beside them
-with `export-onnx --quantize int8` (the export refuses int8 layers that drift too far from fp32).
+with `export-onnx --quantize int8` and the same embedders (the export refuses int8 layers that drift too far from
+fp32; it quantizes the layers only, so both variants run the same fp32 key).
 """
 
 from __future__ import annotations
@@ -36,16 +37,8 @@ def parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def ensure_int8(preset: str) -> Path:
-    out = quality.BENCH / f"artifacts-{preset}-int8"
-    if not (out / "manifest.json").is_file():
-        tasks = [arg for task in quality.TASKS for arg in ("--task", task)]
-        quality.raee_ops("export-onnx", "--model", preset, "--out", str(out), "--quantize", "int8", *tasks)
-    return out
-
-
-def default_scores(artifacts: Path, label: str, data: Path, task: str, quick: bool) -> dict[str, Any]:
-    row = quality.bench_task(artifacts, label, data, task, quick)
+def default_scores(runtime: SegmentRuntime, label: str, data: Path, task: str, quick: bool) -> dict[str, Any]:
+    row = quality.bench_task(runtime, label, data, task, quick)
     default = row["strategies"][DEFAULT_STRATEGY]
     return {
         "score": default["score"],
@@ -90,14 +83,15 @@ def main() -> int:
     data = require_data()
     tasks = quality.QUICK_TASKS if args.quick else quality.TASKS
     for preset in args.preset or PRESETS[:1]:
-        artifacts = {"fp32": quality.ensure_artifacts(preset), "int8": ensure_int8(preset)}
+        artifacts = {"fp32": quality.ensure_artifacts(preset), "int8": quality.ensure_artifacts(preset, "int8")}
         timed = speeds(artifacts, preset, args.quick, data)  # first: a fresh process, nothing else loaded yet
         payload = {"preset": preset, "default_strategy": DEFAULT_STRATEGY, "speed": timed, "timing": TIMING}
         if args.speed_only:
             write_result(f"int8-speed-{preset}", payload, args.quick)
             continue
+        runtimes = {v: SegmentRuntime(artifacts[v]) for v in VARIANTS}
         payload["tasks"] = {
-            task: {v: default_scores(artifacts[v], f"{preset}-{v}", data, task, args.quick) for v in VARIANTS}
+            task: {v: default_scores(runtimes[v], f"{preset}-{v}", data, task, args.quick) for v in VARIANTS}
             for task in tasks
         }
         write_result(f"int8-{preset}", payload, args.quick)

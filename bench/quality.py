@@ -59,15 +59,17 @@ def raee_ops(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "raee_ops", *args], cwd=REPO_ROOT, check=True)
 
 
-def ensure_artifacts(preset: str) -> Path:
-    """Export once with every bench task and both embedders; an existing export lacking one is redone beside it and
-    swapped in, so another bench reading the old directory never sees a half-written one."""
-    out = BENCH / f"artifacts-{preset}"
+def ensure_artifacts(preset: str, quantize: str | None = None) -> Path:
+    """Export once with every bench task and both embedders (`quantize`: export-onnx --quantize, in a folder of its
+    own); an existing export lacking one is redone beside it and swapped in, so another bench reading the old
+    directory never sees a half-written one."""
+    name = f"artifacts-{preset}" + (f"-{quantize}" if quantize else "")
+    out = BENCH / name
     if (out / "manifest.json").is_file():
         manifest = load_manifest(out, verify_checksums=False)
         if set(TASKS) <= set(manifest.tasks) and {EMBEDDER, SENTENCE} <= set(manifest.embedders):
             return out
-    fresh = BENCH / f"artifacts-{preset}.new"
+    fresh = BENCH / f"{name}.new"
     shutil.rmtree(fresh, ignore_errors=True)
     print(f"exporting {preset} with tasks {', '.join(TASKS)} -> {out}", flush=True)
     raee_ops(
@@ -78,9 +80,10 @@ def ensure_artifacts(preset: str) -> Path:
         str(fresh),
         *[arg for embedder in (EMBEDDER, SENTENCE) for arg in ("--embedder", embedder)],
         *[arg for task in TASKS for arg in ("--task", task)],
+        *(["--quantize", quantize] if quantize else []),
     )
     if out.exists():
-        stale = out.rename(BENCH / f"artifacts-{preset}.old-{time.time_ns()}")
+        stale = out.rename(BENCH / f"{name}.old-{time.time_ns()}")
         fresh.rename(out)
         shutil.rmtree(stale, ignore_errors=True)
     else:

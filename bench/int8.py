@@ -33,7 +33,11 @@ def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help=f"tasks {', '.join(quality.QUICK_TASKS)}, fewer rows")
     parser.add_argument("--preset", choices=PRESETS, action="append", help="repeatable; default: smollm2-135m")
-    parser.add_argument("--speed-only", action="store_true", help="only the speed part (int8-speed-<preset>.json)")
+    part = parser.add_mutually_exclusive_group()
+    part.add_argument("--speed-only", action="store_true", help="only the speed part (int8-speed-<preset>.json)")
+    part.add_argument(
+        "--quality-only", action="store_true", help="only the task metrics (no timing: they may share the machine)"
+    )
     return parser.parse_args()
 
 
@@ -84,8 +88,9 @@ def main() -> int:
     tasks = quality.QUICK_TASKS if args.quick else quality.TASKS
     for preset in args.preset or PRESETS[:1]:
         artifacts = {"fp32": quality.ensure_artifacts(preset), "int8": quality.ensure_artifacts(preset, "int8")}
-        timed = speeds(artifacts, preset, args.quick, data)  # first: a fresh process, nothing else loaded yet
-        payload = {"preset": preset, "default_strategy": DEFAULT_STRATEGY, "speed": timed, "timing": TIMING}
+        payload: dict[str, Any] = {"preset": preset, "default_strategy": DEFAULT_STRATEGY}
+        if not args.quality_only:  # first: a fresh process, nothing else loaded yet
+            payload |= {"speed": speeds(artifacts, preset, args.quick, data), "timing": TIMING}
         if args.speed_only:
             write_result(f"int8-speed-{preset}", payload, args.quick)
             continue

@@ -84,7 +84,7 @@ def file_keys(path: str, group_column: str | None = None) -> tuple[pa.Array, pa.
         parquet = pq.ParquetFile(handle)
         columns = [c for c in dict.fromkeys((ID, group_column)) if c and c in parquet.schema_arrow.names]
         table = parquet.read(columns=columns) if columns else pa.table({"_": pa.nulls(parquet.metadata.num_rows)})
-    ids = row_ids(table, file_key(path) if _positional(table) else "", 0)  # hash only where the key is used
+    ids, _ = row_ids(table, file_key(path) if _positional(table) else "", 0)  # hash only where the key is used
     return ids, _group_names(table.column(group_column).combine_chunks(), path, group_column) if group_column else None
 
 

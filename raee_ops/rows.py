@@ -41,6 +41,13 @@ def _is_label(t: pa.DataType) -> bool:
     return pa.types.is_null(t) or pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
+def _is_id(t: pa.DataType) -> bool:
+    """Anything that reads as one string per row (ids are stored as text); not lists, structs or maps."""
+    if pa.types.is_dictionary(t):
+        return _is_id(t.value_type)
+    return not pa.types.is_nested(t)
+
+
 def required_columns(task: Task, need_label: bool) -> list[str]:
     return [TEXT] + ([TEXT_PAIR] if task.is_pair else []) + ([LABEL] if need_label else [])
 
@@ -53,8 +60,8 @@ def check_columns(schema: pa.Schema, task: Task, need_label: bool, source: str) 
         raise RaeeConfigError(
             f"{source}: missing column(s) {', '.join(missing)} for task {task.name!r} (has: {', '.join(schema.names)})"
         )
-    for column in required:
-        kind, ok = ("label", _is_label) if column == LABEL else ("text", _is_text)
+    for column in required + ([ID] if ID in schema.names else []):
+        kind, ok = {LABEL: ("label", _is_label), ID: ("ids", _is_id)}.get(column, ("text", _is_text))
         if not ok(schema.field(column).type):
             raise RaeeConfigError(
                 f"{source}: column {column!r} has type {schema.field(column).type}, which cannot hold {kind}"
@@ -83,14 +90,31 @@ def positions(file_key: str, first_row: int, rows: int) -> pa.Array:
     return pa.array([f"row:{file_key}:{n}" for n in range(first_row, first_row + rows)], pa.string())
 
 
-def row_ids(table: pa.Table, file_key: str, first_row: int) -> pa.Array:
-    """The `id` column as strings where present and non-null, else the row's position keyed by its file."""
+def row_ids(table: pa.Table, file_key: str, first_row: int) -> tuple[pa.Array, np.ndarray]:
+    """The `id` column as strings where present and non-null, else the row's position keyed by its file; and which
+    rows' ids are bytes that are not UTF-8 (they are rejected, under `hex:<their bytes>`: an id must stay text)."""
     if ID not in table.column_names:
-        return positions(file_key, first_row, table.num_rows)
-    ids = pc.cast(table.column(ID), pa.string()).combine_chunks()
+        return positions(file_key, first_row, table.num_rows), np.zeros(table.num_rows, bool)
+    values = table.column(ID).combine_chunks()
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    undecodable = np.zeros(len(values), bool)
+    if _is_text(values.type):
+        ids, undecodable = as_text(values)
+        if undecodable.any():
+            raw = values.to_pylist()
+            ids = pa.array(
+                [
+                    f"hex:{raw[i].hex()}" if bad else v
+                    for i, (v, bad) in enumerate(zip(ids.to_pylist(), undecodable, strict=True))
+                ]
+            )
+        ids = ids.cast(pa.string())
+    else:
+        ids = pc.cast(values, pa.string())
     if not ids.null_count:
-        return ids
-    return pc.if_else(pc.is_null(ids), positions(file_key, first_row, table.num_rows), ids)
+        return ids, undecodable
+    return pc.if_else(pc.is_null(ids), positions(file_key, first_row, table.num_rows), ids), undecodable
 
 
 def _text_type(t: pa.DataType) -> pa.DataType:
@@ -177,10 +201,11 @@ def validate(
         labels, label_checks = label_indices(table, task)
         checks += label_checks
         table = table.set_column(table.schema.get_field_index(LABEL), LABEL, labels)
+    ids, undecodable_ids = row_ids(table, file_key, first_row)
+    checks.append((undecodable_ids, "id is not valid UTF-8"))
     reasons = np.full(table.num_rows, None, dtype=object)
     for mask, reason in checks:
         reasons[mask & (reasons == None)] = reason  # noqa: E711 - elementwise on an object array
-    ids = row_ids(table, file_key, first_row)
     bad = reasons != None  # noqa: E711
     files = pa.array([source] * table.num_rows, pa.string())
     valid = table.append_column(ROW_ID, ids).append_column(SOURCE, files).filter(pa.array(~bad))

@@ -78,3 +78,15 @@ def test_missing_columns_are_run_level():
     with pytest.raises(RaeeConfigError, match="label"):
         check_columns(pa.schema([("text", pa.string())]), SST2, True, "x.parquet")
     check_columns(pa.schema([("text", pa.string())]), SST2, False, "x.parquet")
+
+
+def test_an_id_that_is_not_utf8_rejects_its_row_under_its_bytes():
+    table = pa.table({"id": pa.array([b"a", b"\xff\xfe", None], pa.binary()), "text": ["x", "y", "z"]})
+    out = validate(table, SST2, source="b.parquet", file_key="k", need_label=False)
+    assert out.valid.column(ROW_ID).to_pylist() == ["a", "row:k:2"]
+    assert out.errors.to_pylist() == [{"id": "hex:fffe", "reason": "id is not valid UTF-8", "file": "b.parquet"}]
+
+
+def test_an_id_column_of_lists_is_run_level():
+    with pytest.raises(RaeeConfigError, match="column 'id' has type list<item: int64>, which cannot hold ids"):
+        check_columns(pa.schema([("id", pa.list_(pa.int64())), ("text", pa.string())]), SST2, False, "l.parquet")

@@ -28,7 +28,14 @@ from raee_ops.pipelines.sources import (
     write_tables,
 )
 from raee_ops.schemas.manifest import load_manifest
-from raee_ops.schemas.tables import ERRORS_SCHEMA, FEATURES_SUFFIX, ID, TableMeta
+from raee_ops.schemas.tables import (
+    ERRORS_SCHEMA,
+    FEATURES_SUFFIX,
+    FEATURES_VERSION_META_KEY,
+    ID,
+    TableMeta,
+    table_name_problem,
+)
 
 from raee_ops import storage
 from raee_ops.calibration import FusedPolicy
@@ -174,6 +181,9 @@ def run_build_db(
     layer_budget: float = DEFAULT_LAYER_BUDGET,
     group_column: str | None = None,
 ) -> BuildSummary:
+    problem = table_name_problem(table)  # the task's name by default, which a task file may spell freely
+    if problem:
+        raise RaeeConfigError(problem)
     settings = worker_settings(beam_args, db_uri)
     store = settings.db_storage_options
     for uri, what in ((db_uri, "--db"), (errors_dir, "--errors")):
@@ -205,6 +215,7 @@ def run_build_db(
     ids = pa.concat_arrays([file_ids for file_ids, _ in keys]) if files else pa.array([], pa.string())
     refuse_duplicate_ids(ids)
     group_of = group_map(ids, [names for _, names in keys]) if group_column else None
+    own_errors = errors_dir is None  # the table's own folder; a given --errors may hold other tables' files
     errors_dir = errors_dir or default_errors_dir(db_uri, table)
     if storage.is_file(errors_dir):
         raise RaeeConfigError(f"--errors {errors_dir} exists and is not a directory")
@@ -252,7 +263,7 @@ def run_build_db(
             )
         fault_point("commit:errors")
         table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store)
-    if mode == "overwrite":
+    if mode == "overwrite" and own_errors:
         old = storage.match(storage.join(errors_dir, "errors-*.parquet"))
         storage.delete([p for p in old if not storage.name(p).startswith(f"errors-{run_id}")])
     search = f"IVF_FLAT index, {index_partitions(table_rows)} partitions" if indexed else "exact search"
@@ -289,13 +300,23 @@ def publish_errors(shards: list[str], errors_dir: str) -> None:
 def previous_rows(
     db_uri: str, name: str, version: int, storage_options: dict[str, str] | None = None
 ) -> tuple[pa.Table, pa.Table | None]:
-    """What append builds on: the table's rows at `version` and its probes' feature rows (None for tables built
-    without)."""
+    """What append builds on: the table's rows at `version` and its probes' feature rows, at the companion version
+    written with it (None for tables built without; the latest for tables built before build-db recorded it)."""
+    rows = open_table(db_uri, name, version, storage_options).to_arrow()
+    pinned = (rows.schema.metadata or {}).get(FEATURES_VERSION_META_KEY)
     try:
-        features = open_table(db_uri, name + FEATURES_SUFFIX, storage_options=storage_options).to_arrow()
+        features = open_table(db_uri, name + FEATURES_SUFFIX, storage_options=storage_options)
     except RaeeConfigError:
-        features = None
-    return open_table(db_uri, name, version, storage_options).to_arrow(), features
+        return rows, None
+    if pinned is not None:
+        known = [v["version"] for v in features.list_versions()]
+        if int(pinned) not in known:
+            raise RaeeConfigError(
+                f"append refused: table {name!r} was built with version {int(pinned)} of {name + FEATURES_SUFFIX!r}, "
+                "which is gone; rebuild the table"
+            )
+        features.checkout(int(pinned))
+    return rows, features.to_arrow()
 
 
 def commit(
@@ -312,7 +333,9 @@ def commit(
     db = connect(db_uri, storage_options)
     with phase(f"build-db: committing {data.num_rows} rows to LanceDB"):
         if features is not None:
-            db.create_table(name + FEATURES_SUFFIX, features, schema=features.schema, mode="overwrite")
+            written = db.create_table(name + FEATURES_SUFFIX, features, schema=features.schema, mode="overwrite")
+            pinned = {FEATURES_VERSION_META_KEY: str(written.version).encode()}
+            data = data.replace_schema_metadata((data.schema.metadata or {}) | pinned)
         table = db.create_table(name, data, schema=data.schema, mode="overwrite")
     fault_point("commit:table")
     indexed = build_index(table)

@@ -29,7 +29,7 @@ from raee_ops.probe_policy import budgeted
 from raee_ops.readout import describe
 from raee_ops.retrieval import (
     check_meta,
-    check_table_probes,
+    check_table_contents,
     expected_meta,
     key_available,
     open_table,
@@ -146,7 +146,7 @@ def run_classify(
         raise RaeeConfigError(f"table {table!r} was keyed with embedder {embedder!r}, not in {artifacts}")
     expected = expected_meta(manifest, task_name, embedder)
     check_meta(meta, expected, f"table {table!r} in {db_uri}")
-    check_table_probes(opened, expected, chosen.needs_probes(), f"table {table!r} in {db_uri}")
+    check_table_contents(opened, expected, chosen.needs_probes(), f"table {table!r} in {db_uri}")
     policy = table_policy(table_schema)
     if chosen.needs_policy and policy is None:
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")

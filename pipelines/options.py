@@ -121,9 +121,16 @@ def _subclasses(cls: type) -> Iterable[type]:
         yield from _subclasses(sub)
 
 
+class _Refusing(argparse.ArgumentParser):
+    """Reports a bad value as an exception (one line for the CLI), not as argparse's usage dump and exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(message)
+
+
 @cache
 def _beam_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    parser = _Refusing(allow_abbrev=False, add_help=False)
     for cls in dict.fromkeys(_subclasses(PipelineOptions)):  # each options class once, in definition order
         try:
             cls._add_argparse_args(parser)
@@ -133,11 +140,14 @@ def _beam_parser() -> argparse.ArgumentParser:
 
 
 def unknown_args(beam_args: Sequence[str], command_options: Iterable[str]) -> str | None:
-    """None when every argument is a Beam pipeline option, else one line naming the first unknown one and the
-    closest option of the command or of Beam."""
-    _, unknown = _beam_parser().parse_known_args(list(beam_args))
+    """None when every argument is a Beam pipeline option with a value it takes, else one line naming the first
+    unknown one and the closest option of the command or of Beam, or the bad value."""
+    try:
+        known, unknown = _beam_parser().parse_known_args(list(beam_args))
+    except ValueError as exc:
+        return f"bad Beam pipeline option: {exc}"
     if not unknown:
-        return None
+        return _bad_value(known)
     first = unknown[0]
     if not first.startswith("-"):
         return f"unexpected argument {first!r}"
@@ -146,6 +156,22 @@ def unknown_args(beam_args: Sequence[str], command_options: Iterable[str]) -> st
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"no such option: {name}{hint}; options this command does not know must be Beam pipeline options"
+
+
+def _bad_value(options: argparse.Namespace) -> str | None:
+    """What Beam would only find once the run has begun (a runner it cannot make, a negative worker count)."""
+    runner = getattr(options, "runner", None)
+    if runner is not None and runner not in LOCAL_RUNNERS:
+        from apache_beam.runners.runner import create_runner
+
+        try:
+            create_runner(runner)
+        except (ValueError, ImportError) as exc:
+            return f"--runner {runner}: {exc}"
+    workers = getattr(options, "direct_num_workers", None)
+    if workers is not None and workers < 0:
+        return f"--direct_num_workers must be 0 (every core) or more, got {workers}"
+    return None
 
 
 def make_pipeline(beam_args: Sequence[str] = (), **settings: str | None) -> beam.Pipeline:

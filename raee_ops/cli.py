@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import sys
 import traceback
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from raee_ops.errors import RaeeConfigError, RaeeError
 from raee_ops.key_names import DEFAULT_KEY, embedder_layers
 from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET
+from raee_ops.schemas.tables import table_name_problem
 from raee_ops.tasks import Task, get_task, load_task_file
 
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -26,18 +28,40 @@ BEAM_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True, **HELP}
 #: Default --max-rejected: a run that rejects more than half its rows is noticed by its exit code (4).
 MAX_REJECTED = 0.5
 
+
+class Share(click.FloatRange):
+    """A share of something, 0..1: click's FloatRange lets `nan` through every bound (nan compares false to
+    both), which would switch a guard off or store a budget of nan in a table."""
+
+    def __init__(self, low_open: bool = False) -> None:
+        super().__init__(0.0, 1.0, min_open=low_open)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
+
+
+def _table_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    problem = value and table_name_problem(value)
+    if problem:
+        raise click.BadParameter(problem, ctx, param)
+    return value
+
+
 max_rejected_option = click.option(
     "--max-rejected",
     default=MAX_REJECTED,
     show_default=True,
-    type=click.FloatRange(0.0, 1.0),
+    type=Share(),
     help="Largest share of input rows that may be rejected; above it the run exits with code 4.",
 )
 
 run_budget_option = click.option(
     "--layer-budget",
     default=None,
-    type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+    type=Share(low_open=True),
     help="Run probe-fused and probe-conf within this share of the layers instead of the table's own budget, with "
     "the settings build-db fitted for it (the table keeps them; no rebuild). Default: the table's.",
 )
@@ -211,7 +235,7 @@ def _key_spec(value: str | None) -> str | None:
 @click.option("--task", "task_name", required=True, help="Task name in the artifacts.")
 @click.option("--input", "inputs", required=True, multiple=True, help="Labelled Parquet file or glob (repeatable).")
 @click.option("--db", "db_uri", required=True, help="LanceDB URI (a local directory or object-store URI).")
-@click.option("--table", default=None, help="Table name (default: the task name).")
+@click.option("--table", default=None, callback=_table_name, help="Table name (default: the task name).")
 @click.option(
     "--embedder",
     default=None,
@@ -234,7 +258,7 @@ def _key_spec(value: str | None) -> str | None:
     "--layer-budget",
     default=DEFAULT_LAYER_BUDGET,
     show_default=True,
-    type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+    type=Share(low_open=True),
     help="Share of the layers the fitted probe strategies may run on average on the reference rows: the most "
     "accurate setting within it is chosen (1 puts accuracy first).",
 )
@@ -284,7 +308,7 @@ def build_db(
 @click.option("--artifacts", required=True, type=click.Path(file_okay=False), help="Exported artifacts.")
 @click.option("--task", "task_name", required=True, help="Task name in the artifacts.")
 @click.option("--db", "db_uri", required=True, help="LanceDB URI holding the exit-metadata table.")
-@click.option("--table", default=None, help="Table name (default: the task name).")
+@click.option("--table", default=None, callback=_table_name, help="Table name (default: the task name).")
 @click.option("--input", "inputs", required=True, multiple=True, help="Parquet file or glob to classify (repeatable).")
 @click.option("--output", "output_dir", required=True, help="Directory for predictions-*.parquet and errors.")
 @click.option(
@@ -344,7 +368,7 @@ def classify(
     help="JSON task file of a task already exported into the artifacts (instead of --task).",
 )
 @click.option("--db", "db_uri", required=True, help="LanceDB URI holding the exit-metadata table.")
-@click.option("--table", default=None, help="Table name (default: the task name).")
+@click.option("--table", default=None, callback=_table_name, help="Table name (default: the task name).")
 @click.option("--input", "inputs", required=True, multiple=True, help="Labelled Parquet file or glob (repeatable).")
 @click.option("--report", "report_dir", required=True, help="Directory for report.json, report.md, report.png.")
 @click.option(
@@ -403,7 +427,7 @@ def evaluate_cmd(
 
 @command("info")
 @click.option("--db", "db_uri", required=True, help="LanceDB URI (a local directory or object-store URI).")
-@click.option("--table", default=None, help="Only this table (default: every table).")
+@click.option("--table", default=None, callback=_table_name, help="Only this table (default: every table).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
 def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
     """Show each table's task, embedder, artifacts fingerprint, rows, version, index, fitted policy and versions
@@ -417,7 +441,7 @@ def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
 
 @command("rollback")
 @click.option("--db", "db_uri", required=True, help="LanceDB URI holding the table.")
-@click.option("--table", required=True, help="Table to roll back.")
+@click.option("--table", required=True, callback=_table_name, help="Table to roll back.")
 @click.option("--version", "version", required=True, type=int, help="Version to make current (see `info`).")
 def rollback_cmd(db_uri: str, table: str, version: int) -> None:
     """Make an earlier version of a table current again, as a new version (nothing is deleted)."""
@@ -450,6 +474,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:  # usage errors: bad or missing options (exit 2)
         ctx = getattr(exc, "ctx", None)
         _fail(f"{exc.format_message()} (see {ctx.command_path if ctx else 'raee-ops'} --help)", exc.exit_code)
+    except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as exc:  # a path given wrong
+        logging.getLogger(__name__).debug("failed", exc_info=True)
+        _fail(f"{exc.strerror or type(exc).__name__}: {exc.filename or exc}", 2)
     except Exception as exc:  # a bug: still one line by default, the traceback with -v
         if logs.verbose():
             traceback.print_exc()

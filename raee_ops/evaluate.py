@@ -43,7 +43,7 @@ from raee_ops.probe_policy import (
 )
 from raee_ops.probes import VIEWS, ProbeSet
 from raee_ops.progress import Progress
-from raee_ops.retrieval import Retriever, check_meta, check_table_probes, expected_meta, table_meta
+from raee_ops.retrieval import Retriever, check_meta, check_table_contents, expected_meta, table_meta
 from raee_ops.schemas.manifest import Manifest, load_manifest
 from raee_ops.schemas.tables import FEATURES, flat_values
 from raee_ops.tasks import Task
@@ -217,7 +217,7 @@ def evaluate(
     expected = expected_meta(manifest, task_name, embedder)
     check_meta(meta, expected, f"table {table!r} in {db_uri}")
     retriever = Retriever(db_uri, table, storage_options=settings.db_storage_options)
-    check_table_probes(retriever.table, expected, True, f"table {table!r} in {db_uri}")
+    check_table_contents(retriever.table, expected, True, f"table {table!r} in {db_uri}")
     if (head and retriever.policy is None) or retriever.probes is None or retriever.probe_policy is None:
         raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
     policy, probes = retriever.policy, retriever.probes

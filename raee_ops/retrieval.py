@@ -238,12 +238,15 @@ def probe_identity(meta: TableMeta, rows: int) -> dict:
     return asdict(meta) | {"rows": rows}
 
 
-def check_table_probes(table: lancedb.table.Table, expected: TableMeta, needed: bool, where: str) -> None:
-    """Refuse probes fitted for another table or artifacts whenever a table has them, and a table without them
-    when the strategy reads them."""
+def check_table_contents(table: lancedb.table.Table, expected: TableMeta, needed: bool, where: str) -> None:
+    """Refuse an empty table (build-db --allow-empty makes one: no row has neighbours to give), probes fitted for
+    another table or artifacts whenever a table has them, and a table without them when the strategy reads them."""
+    rows = table.count_rows()
+    if rows == 0:
+        raise RaeeConfigError(f"{where} is empty: add reference rows with build-db --mode append first")
     probes = table_probes(table.schema)
     if probes is not None or needed:
-        check_probes(probes, probe_identity(expected, table.count_rows()), where)
+        check_probes(probes, probe_identity(expected, rows), where)
 
 
 def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels: int) -> Neighbours:

@@ -108,7 +108,10 @@ def is_file(uri: str) -> bool:
 
 
 def match_metadata(pattern: str, limit: int | None = None) -> list[FileMetadata]:
-    """Files matching a glob (`*` stays within one folder, `**` crosses folders), sorted by path."""
+    """Files matching a glob (`*` stays within one folder, `**` crosses folders), sorted by path. A local pattern is
+    made absolute first: Beam matches a bare `part-*.parquet` against nothing, not the working directory."""
+    if is_local(pattern):
+        pattern = os.path.abspath(local_path(pattern))
     found = FileSystems.match([pattern], [limit])[0].metadata_list
     return sorted(found, key=lambda m: m.path)
 

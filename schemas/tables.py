@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -25,7 +26,24 @@ LAYER_KEY_META_KEY = b"raee_layer_key"
 #: probes' fit rows in the companion table `<table>__features` (the chosen view) so that append can refit the probes.
 FEATURES = "features"
 FEATURES_SUFFIX = "__features"
+#: The companion's version written with this exit-table version: append reads exactly that one, so a rollback of the
+#: exit table, or a run killed between the two writes, never pairs the table with another version's states.
+FEATURES_VERSION_META_KEY = b"raee_features_version"
+#: Names a table may have: LanceDB's characters, no leading dot (a table is a folder `<name>.lance` in the database).
+TABLE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 VIEWS_STAGED = 4  # len(raee_ops.probes.VIEWS), which checks it; schemas import nothing from the core
+
+
+def table_name_problem(name: str) -> str | None:
+    """Why `name` cannot name an exit table (None: it can). Checked before any work: LanceDB refuses a bad name only
+    when the table is written, and `<table>__features` is build-db's companion of `<table>`, never a table of its
+    own (built or rolled back alone, it would no longer match its exit table)."""
+    if not TABLE_NAME.fullmatch(name):
+        return f"table name {name!r} may hold only letters, digits, '_', '-' and '.', and not start with '.'"
+    if name.endswith(FEATURES_SUFFIX):
+        return f"table name {name!r} ends in {FEATURES_SUFFIX!r}, which names build-db's companion of a table"
+    return None
+
 
 #: Rejected rows, from any pipeline: the row's id (or its position in its file when it has none), why, and the
 #: input file it came from.

@@ -14,10 +14,14 @@ TIMEOUT_S = 300
 
 
 def raee_ops(
-    *args: str | Path, fault: str | None = None, mode: str | None = None, tmpdir: Path | None = None
+    *args: str | Path,
+    fault: str | None = None,
+    mode: str | None = None,
+    tmpdir: Path | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    """The CLI in its own process; `fault` sets RAEE_FAULT (and `mode` RAEE_FAULT_MODE) for that run only,
-    `tmpdir` its system temp folder."""
+    """The CLI in its own process (in `cwd`); `fault` sets RAEE_FAULT (and `mode` RAEE_FAULT_MODE) for that run
+    only, `tmpdir` its system temp folder."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAEE_FAULT")}
     if tmpdir:
         env["TMPDIR"] = str(tmpdir)
@@ -31,6 +35,7 @@ def raee_ops(
         text=True,
         timeout=TIMEOUT_S,
         env=env,
+        cwd=cwd,
     )
 
 

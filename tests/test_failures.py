@@ -14,6 +14,7 @@ import pytest
 from cli_runs import one_error_line, raee_ops, read_folder
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.commit import locked, new_run_id
+from raee_ops.schemas.tables import FEATURES_SUFFIX
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled, sentences
 
@@ -125,6 +126,12 @@ def test_4_build_db_never_replaces_a_table_with_nothing(segment_artifacts, db, t
     run = raee_ops(*build_args(segment_artifacts, copy, empty, extra=["--allow-empty"]))
     assert run.returncode == 0, run.stderr
     assert table_state(copy)[0] == 0
+    for strategy in ("knn-vote", "probe-fused"):  # no neighbours to answer with: refused, not made-up answers
+        run = raee_ops(
+            *classify_args(segment_artifacts, copy, tmp_path / "out", rejected, extra=["--strategy", strategy])
+        )
+        assert run.returncode == 2 and "is empty: add reference rows" in one_error_line(run)
+    assert not (tmp_path / "out").exists()
 
 
 def test_6_undecodable_rows_and_corrupt_pages_stay_row_problems(segment_artifacts, db, tmp_path):  # noqa: F811
@@ -195,6 +202,34 @@ def test_10_bad_locations_fail_fast_and_create_nothing(segment_artifacts, db, tm
     run = raee_ops(*classify_args(segment_artifacts, tmp_path / "no-such-db", tmp_path / "out", queries))
     assert run.returncode == 2 and "no database at" in one_error_line(run)
     assert not (tmp_path / "no-such-db").exists() and not (tmp_path / "out").exists()
+
+
+def test_13_bad_values_names_and_paths_are_configuration_errors(segment_artifacts, db, tmp_path):  # noqa: F811
+    queries = labelled(tmp_path / "q-1.parquet", 5, 1, "q", bad=False)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=["--max-rejected", "nan"]))
+    assert run.returncode == 2 and "'nan' is not a number" in one_error_line(run)
+    run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--layer-budget", "nan"]))
+    assert run.returncode == 2 and "'nan' is not a number" in one_error_line(run)
+    for name, why in (("a/b", "may hold only letters"), ("sst2" + FEATURES_SUFFIX, "build-db's companion")):
+        run = raee_ops(*build_args(segment_artifacts, db, queries, table=name))
+        assert run.returncode == 2 and why in one_error_line(run)
+        run = raee_ops("rollback", "--db", db, "--table", name, "--version", "1")
+        assert run.returncode == 2 and why in one_error_line(run)
+    for beam, why in (
+        (["--direct_num_workers", "abc"], "invalid int value: 'abc'"),
+        (["--runner", "Foo"], "--runner Foo: Unexpected pipeline runner"),
+        (["--direct_num_workers=-1"], "must be 0 (every core) or more"),
+    ):
+        run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=beam))
+        assert run.returncode == 2 and why in one_error_line(run)
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "afile").write_text("x")
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "afile" / "sub", queries))
+    assert run.returncode == 2 and "afile" in one_error_line(run)
+    assert table_state(db)[0] == 30
+    run = raee_ops(*classify_args(segment_artifacts, db, "out", "q-*.parquet"), cwd=tmp_path)  # a bare glob: here
+    assert run.returncode == 0, run.stderr
+    assert read_folder(tmp_path / "out", "predictions").num_rows == 5
 
 
 def test_11_no_third_party_noise_unless_verbose(segment_artifacts, tmp_path):  # noqa: F811

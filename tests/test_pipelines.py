@@ -84,6 +84,17 @@ def test_build_db_accounts_for_every_row(built):
     assert "fused policy (leave-one-out, on 30 rows, accuracy): k=" in summary.render()
 
 
+def test_an_overwrite_keeps_a_shared_errors_folders_other_files(segment_artifacts, tmp_path):  # noqa: F811
+    shared, db = tmp_path / "errors", str(tmp_path / "db")
+    train = str(labelled(tmp_path / "t.parquet", 12, 3, "t"))
+    for table in ("one", "two"):
+        run_build_db(segment_artifacts, "sst2", [train], db, table, "backbone", "overwrite", str(shared))
+    assert len(pa.concat_tables(pq.read_table(f) for f in shared.glob("errors-*.parquet"))) == 2 * len(BAD_IDS)
+    run_build_db(segment_artifacts, "sst2", [train], db, "one", "backbone", "overwrite", None)  # its own folder
+    run_build_db(segment_artifacts, "sst2", [train], db, "one", "backbone", "overwrite", None)
+    assert len(list((tmp_path / "db" / "_errors" / "one").glob("errors-*.parquet"))) == 1
+
+
 def test_classify_raee_predicts_valid_rows_and_rejects_bad(segment_artifacts, built):  # noqa: F811
     root, _ = built
     summary, predictions, errors = classify(segment_artifacts, root, "raee")

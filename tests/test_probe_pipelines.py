@@ -6,6 +6,7 @@ import json
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from raee_ops.pipelines.build_db import claimed_append_base, commit, run_build_db
@@ -16,6 +17,7 @@ from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F4
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate, write_report
 from raee_ops.exit_policy import Context, Neighbours, resolve
+from raee_ops.info import rollback
 from raee_ops.probe_policy import HALVINGS, confident_exits
 from raee_ops.readout import answer_batch
 from raee_ops.retrieval import Retriever, table_meta
@@ -320,3 +322,30 @@ def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_arti
         run_build_db(
             segment_artifacts, "sst2", [str(structs)], db, "u", KEY, "overwrite", None, group_column="sentence"
         )
+
+
+def test_append_reads_the_feature_rows_written_with_the_table_version_it_extends(segment_artifacts, tmp_path):  # noqa: F811
+    """A rollback restores the exit table alone, and a run killed between its two writes leaves the companion one
+    version ahead: either way append must refit on the states of the rows it extends, never on another version's
+    states of the same ids."""
+    db = str(tmp_path / "db")
+
+    def build(rows, mode: str) -> None:
+        run_build_db(segment_artifacts, "sst2", [str(rows)], db, "t", KEY, mode, None)
+
+    def companion() -> pa.Table:
+        features = lancedb.connect(db).open_table("t" + FEATURES_SUFFIX).to_arrow()
+        return features.filter(pc.starts_with(features["id"], "a")).sort_by("id")
+
+    build(signal_rows(tmp_path / "a.parquet", 40, 2, "a"), "overwrite")
+    first, version = companion(), lancedb.connect(db).open_table("t").version
+    build(signal_rows(tmp_path / "b.parquet", 40, 5, "a"), "overwrite")  # the same ids, other texts: other states
+    second = companion()
+    assert not second.equals(first)
+    rollback(db, "t", version)
+    build(signal_rows(tmp_path / "c.parquet", 20, 6, "c"), "append")
+    assert companion().equals(first)
+    # a run killed after writing the companion and before the table: its states are the companion's latest
+    lancedb.connect(db).create_table("t" + FEATURES_SUFFIX, second, mode="overwrite")
+    build(signal_rows(tmp_path / "d.parquet", 20, 7, "d"), "append")
+    assert companion().equals(first)

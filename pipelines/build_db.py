@@ -214,7 +214,7 @@ def run_build_db(
     keys = [file_keys(f, group_column) for f in files]
     ids = pa.concat_arrays([file_ids for file_ids, _ in keys]) if files else pa.array([], pa.string())
     refuse_duplicate_ids(ids)
-    group_of = group_map(ids, [names for _, names in keys]) if group_column else None
+    group_of = group_map(ids, [names for _, names in keys], mode) if group_column else None
     own_errors = errors_dir is None  # the table's own folder; a given --errors may hold other tables' files
     errors_dir = errors_dir or default_errors_dir(db_uri, table)
     if storage.is_file(errors_dir):
@@ -283,11 +283,13 @@ def run_build_db(
     )
 
 
-def group_map(ids: pa.Array, file_names: list[pa.Array]) -> dict[str, str]:
+def group_map(ids: pa.Array, file_names: list[pa.Array], mode: str) -> dict[str, str]:
     """Each input row's group by id, from every file's group names (rows with a null group are left out: each is a
-    group of its own); refused here, before any work, when the input's rows fall into a single group."""
+    group of its own); an overwrite is refused here, before any work, when the input's rows fall into a single
+    group (an append's rows may: the table has the others, and the fit checks the whole table)."""
     names = pa.concat_arrays(file_names).to_pylist() if file_names else []
-    check_groups(group_codes(ids.to_pylist(), names))
+    if mode == "overwrite":
+        check_groups(group_codes(ids.to_pylist(), names))
     return {row_id: name for row_id, name in zip(ids.to_pylist(), names, strict=True) if name is not None}
 
 

@@ -46,6 +46,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
     files = []
     for pattern in patterns:
         storage.check_scheme(pattern, "--input")
+        if pattern.endswith("/"):  # an object store lists every key under a prefix, `_SUCCESS` and backups too
+            raise RaeeConfigError(f"--input {pattern}: a folder; give its files or a glob ({pattern}*.parquet)")
         matched = storage.match(pattern)
         if not matched:
             raise RaeeConfigError(f"--input {pattern}: no such file (no Parquet files match)")

@@ -43,6 +43,14 @@ class Share(click.FloatRange):
         return number
 
 
+def _once(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> str | None:
+    """One value: click would keep the last of a repeated option silently (a job template's value and an override:
+    which one ran must not be a guess)."""
+    if len(values) > 1:
+        raise click.BadParameter(f"given {len(values)} times ({', '.join(values)}); give it once", ctx, param)
+    return values[0] if values else None
+
+
 def _table_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     problem = value and table_name_problem(value)
     if problem:
@@ -321,7 +329,8 @@ def build_db(
 )
 @click.option(
     "--strategy",
-    default=None,
+    multiple=True,
+    callback=_once,
     help="Exit strategy: probe-fused (default), probe-conf, raee-probe, probe-best, probe-last, probe:N, key-lr, "
     "knn-vote, fused, raee (the paper's rule), raee-counts, raee-cal, full, full-cal or layer:N.",
 )
@@ -396,13 +405,14 @@ def evaluate_cmd(
     """Score every layer, the full model, the oracle and each exit strategy on labelled rows, in-process (Beam
     options are accepted for the filesystem and database settings: --s3_endpoint_url, --raee_db_storage_option)."""
     from raee_ops import storage
-    from raee_ops.evaluate import evaluate, exported_task, write_report
+    from raee_ops.evaluate import check_report_dir, evaluate, exported_task, write_report
     from raee_ops.schemas.manifest import load_manifest
 
     if (task_name is None) == (task_file is None):
         raise RaeeConfigError("give exactly one of --task or --task-file")
+    storage.configure(beam_args())
+    check_report_dir(report_dir)
     if task_file:
-        storage.configure(beam_args())
         task_name = exported_task(load_manifest(artifacts), load_task_file(task_file))
     report = evaluate(
         artifacts,

@@ -210,6 +210,9 @@ def evaluate(
     if strategies:
         chosen = [resolve(name, num_layers) for name in strategies]
         refuse_head(chosen, head)
+        if layer_budget is not None and not any(s.needs_probe_policy for s in chosen):
+            names = ", ".join(strategies)
+            raise RaeeConfigError(f"--layer-budget sets probe-fused's and probe-conf's cost; none of {names} has one")
     else:
         chosen = [s for s in STRATEGIES.values() if head or not s.needs_head()]
     meta = table_meta(db_uri, table, settings.db_storage_options)
@@ -333,10 +336,14 @@ def _by_budget(
 
 
 def write_report(report: dict[str, Any], directory: str) -> str:
-    """report.json, report.md and report.png (the plot is skipped, with a note, when matplotlib is missing)."""
+    """report.md and report.png (the plot is skipped, with a note, when matplotlib is missing), then report.json:
+    written last, it marks a complete report; an earlier run's is removed first, so a run killed midway never leaves
+    its report.md beside another run's report.json."""
     out = str(directory)
-    storage.check_scheme(out, "--report")
-    storage.write_bytes(storage.join(out, "report.json"), (json.dumps(report, indent=2) + "\n").encode())
+    check_report_dir(out)
+    summary = storage.join(out, "report.json")
+    if storage.exists(summary):
+        storage.delete([summary])
     storage.write_bytes(storage.join(out, "report.md"), render_markdown(report).encode())
     try:
         png = io.BytesIO()
@@ -347,7 +354,15 @@ def write_report(report: dict[str, Any], directory: str) -> str:
             "evaluate: matplotlib is not installed (pip install 'raee-ops[report]'); report.png skipped",
             file=sys.stderr,
         )
+    storage.write_bytes(summary, (json.dumps(report, indent=2) + "\n").encode())
     return out
+
+
+def check_report_dir(directory: str) -> None:
+    """Before any work: evaluating takes long, and a --report that cannot be a folder would only fail at the end."""
+    storage.check_scheme(directory, "--report")
+    if storage.is_file(directory):
+        raise RaeeConfigError(f"--report {directory} exists and is not a directory")
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:

@@ -60,6 +60,9 @@ def check_columns(schema: pa.Schema, task: Task, need_label: bool, source: str) 
         raise RaeeConfigError(
             f"{source}: missing column(s) {', '.join(missing)} for task {task.name!r} (has: {', '.join(schema.names)})"
         )
+    internal = [c for c in INTERNAL if c in schema.names]
+    if internal:
+        raise RaeeConfigError(f"{source}: column(s) {', '.join(internal)} are raee-ops' own; rename them in the input")
     for column in required + ([ID] if ID in schema.names else []):
         kind, ok = {LABEL: ("label", _is_label), ID: ("ids", _is_id)}.get(column, ("text", _is_text))
         if not ok(schema.field(column).type):

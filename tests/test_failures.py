@@ -232,6 +232,27 @@ def test_13_bad_values_names_and_paths_are_configuration_errors(segment_artifact
     assert read_folder(tmp_path / "out", "predictions").num_rows == 5
 
 
+def test_14_what_would_crash_late_or_be_guessed_is_refused_first(segment_artifacts, db, tmp_path):  # noqa: F811
+    queries = labelled(tmp_path / "q.parquet", 5, 1, "q", bad=False)
+    internal = tmp_path / "internal.parquet"
+    pq.write_table(pq.read_table(queries).append_column("_row_id", pa.array(range(5))), internal)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", internal))
+    assert run.returncode == 2 and "column(s) _row_id are raee-ops' own" in one_error_line(run)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", f"{tmp_path}/"))
+    assert run.returncode == 2 and "a folder; give its files or a glob" in one_error_line(run)
+    twice = ["--strategy", "probe-fused", "--strategy", "probe-best"]
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=twice))
+    assert run.returncode == 2 and "given 2 times (probe-fused, probe-best)" in one_error_line(run)
+    assert not (tmp_path / "o").exists()
+    evaluate = ["evaluate", "--artifacts", segment_artifacts, "--task", "sst2", "--db", db, "--input", queries]
+    (tmp_path / "afile").write_text("x")
+    run = raee_ops(*evaluate, "--report", tmp_path / "afile")
+    assert run.returncode == 2 and "exists and is not a directory" in one_error_line(run)
+    run = raee_ops(*evaluate, "--report", tmp_path / "r", "--strategy", "probe-best", "--layer-budget", "0.5")
+    assert run.returncode == 2 and "none of probe-best has one" in one_error_line(run)
+    assert not (tmp_path / "r").exists()
+
+
 def test_11_no_third_party_noise_unless_verbose(segment_artifacts, tmp_path):  # noqa: F811
     train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
     run = raee_ops(*build_args(segment_artifacts, tmp_path / "db", train))

@@ -299,6 +299,11 @@ def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_arti
     stored = lancedb.connect(db).open_table("t").to_arrow()
     groups = dict(zip(stored["id"].to_pylist(), stored[GROUP].to_pylist(), strict=True))
     assert groups["a3"] == "s1" and groups["b0"] is None and len(groups) == 50
+    document = tmp_path / "document.parquet"  # one new document's passages: one group, the table has the others
+    passages = pq.read_table(signal_rows(tmp_path / "d.parquet", 10, 6, "d"))
+    pq.write_table(passages.append_column("sentence", pa.array(["d"] * 10)), document)
+    run_build_db(segment_artifacts, "sst2", [str(document)], db, "t", KEY, "append", None, group_column="sentence")
+    assert lancedb.connect(db).open_table("t").count_rows() == 60
 
     # a table built before groups existed (no group_id column) still serves searches, and append adds the column
     before = lancedb.connect(db).open_table("t").to_arrow().drop_columns([GROUP])
@@ -307,7 +312,7 @@ def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_arti
     assert Retriever(db, "v1").search(keys, 5).probe().shape == (3, 5, 3)
     run_build_db(segment_artifacts, "sst2", [str(renamed)], db, "v1", KEY, "append", None)
     after = lancedb.connect(db).open_table("v1").to_arrow()
-    assert after.num_rows == 60 and after[GROUP].null_count == 60
+    assert after.num_rows == 70 and after[GROUP].null_count == 70
 
     with pytest.raises(RaeeConfigError, match="--group-column 'sentense': no such column in .* \\(has: id, text"):
         run_build_db(*args, "overwrite", None, group_column="sentense")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -93,7 +94,10 @@ def table_names(db: lancedb.DBConnection) -> set[str]:
     names: set[str] = set()
     token = None
     while True:
-        page = db.list_tables(page_token=token)
+        try:
+            page = db.list_tables(page_token=token)
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise unreachable(db.uri, exc) from exc
         names.update(page.tables)
         token = page.page_token
         if not token:
@@ -111,7 +115,19 @@ def local_path(db_uri: str) -> Path:
 def connect(db_uri: str, storage_options: dict[str, str] | None = None) -> lancedb.DBConnection:
     """The database; on object stores `storage_options` (endpoint, keys, region) or the standard AWS_* / Google
     environment say how to reach it."""
-    return lancedb.connect(db_uri, storage_options=storage_options or None)
+    try:
+        return lancedb.connect(db_uri, storage_options=storage_options or None)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise unreachable(db_uri, exc) from exc
+
+
+def unreachable(db_uri: str, exc: Exception) -> RaeeConfigError:
+    """A database LanceDB cannot reach (wrong endpoint, missing bucket, no credentials), as one short line: its
+    error is kilobytes of the store client's debug dump, whose innermost `message: "…"` says what went wrong."""
+    text = str(exc)
+    messages = re.findall(r'message: "([^"]+)"', text)
+    problem = (messages[-1] if messages else text.splitlines()[0] if text else type(exc).__name__)[:200]
+    return RaeeConfigError(f"cannot reach the database at {db_uri} (check --db and the store's settings): {problem}")
 
 
 def open_table(

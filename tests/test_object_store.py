@@ -186,6 +186,8 @@ def test_missing_options_and_live_claims_are_refused(s3, segment_artifacts, tmp_
     build = ["build-db", "--artifacts", art, "--task", "sst2", "--db", f"s3://{BUCKET}/refused/db"]
     busy = raee_ops(*build, "--input", f"s3://{BUCKET}/refused/in/train.parquet", *s3_args(endpoint), env=env, cwd=cwd)
     assert busy.returncode == 75 and "another run is writing table 'sst2'" in one_error_line(busy)
+    gone = raee_ops("info", "--db", "s3://no-such-bucket/db", *s3_args(endpoint), env=env, cwd=cwd)
+    assert gone.returncode == 2 and "cannot reach the database at s3://no-such-bucket/db" in one_error_line(gone)
     assert list(cwd.iterdir()) == []
 
 

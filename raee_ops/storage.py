@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
 from raee_ops.errors import MissingDependency, RaeeConfigError
 
@@ -42,10 +42,16 @@ def local_path(uri: str) -> str:
     return uri.removeprefix("file://")
 
 
+_options = PipelineOptions([])  # the run's, as `configure` last gave them to Beam's filesystems
+_reached: set[tuple[str | None, str]] = set()  # (endpoint, bucket) pairs that answered in this process
+
+
 def configure(beam_args: Sequence[str] | PipelineOptions = ()) -> PipelineOptions:
     """Give Beam's filesystems this run's options (and only this run's); returns them."""
+    global _options
     options = beam_args if isinstance(beam_args, PipelineOptions) else PipelineOptions(list(beam_args))
     FileSystems.set_options(options)
+    _options = options
     return options
 
 
@@ -59,7 +65,7 @@ def on_worker(carried: dict[str, Any] | None) -> None:
     the portable runners start) does this already; a harness started another way (Beam's external worker pool)
     does not, and a worker would then reach S3 without the run's endpoint and keys."""
     if carried is not None:
-        FileSystems.set_options(PipelineOptions.from_dictionary(carried))
+        configure(PipelineOptions.from_dictionary(carried))
 
 
 def check_scheme(uri: str, what: str) -> None:
@@ -77,6 +83,41 @@ def check_scheme(uri: str, what: str) -> None:
         raise MissingDependency(
             f"{what} {uri}: the {name}:// filesystem is not installed: pip install 'raee-ops[{extra}]'"
         ) from exc
+    if name == "s3":
+        _check_bucket(uri, what)
+
+
+def _check_bucket(uri: str, what: str) -> None:
+    """The bucket answers, asked once with a short timeout and no retry, as Beam's S3 client would ask (same
+    options). Why: that client retries a connection it cannot make, with backoff, for many minutes and says
+    nothing; a scheduled job would hang instead of failing with a line to read."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    s3 = _options.view_as(S3Options)
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    if (s3.s3_endpoint_url, bucket) in _reached:
+        return
+    client = boto3.session.Session().client(
+        "s3",
+        region_name=s3.s3_region_name,
+        use_ssl=not s3.s3_disable_ssl,
+        verify=s3.s3_verify,
+        endpoint_url=s3.s3_endpoint_url,
+        aws_access_key_id=s3.s3_access_key_id,
+        aws_secret_access_key=s3.s3_secret_access_key,
+        aws_session_token=s3.s3_session_token,
+        config=Config(connect_timeout=5, read_timeout=15, retries={"max_attempts": 1}),
+    )
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as exc:  # the store answered: a missing bucket is a typo; a refusal may be policy, left to it
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+            raise RaeeConfigError(f"{what} {uri}: no bucket {bucket!r} at {s3.s3_endpoint_url or 'AWS S3'}") from exc
+    except BotoCoreError as exc:  # no connection, a timeout, no credentials
+        raise RaeeConfigError(f"{what} {uri}: cannot reach S3 at {s3.s3_endpoint_url or 'AWS'}: {exc}") from exc
+    _reached.add((s3.s3_endpoint_url, bucket))
 
 
 def join(base: str, *parts: str) -> str:

@@ -188,6 +188,14 @@ def test_missing_options_and_live_claims_are_refused(s3, segment_artifacts, tmp_
     assert busy.returncode == 75 and "another run is writing table 'sst2'" in one_error_line(busy)
     gone = raee_ops("info", "--db", "s3://no-such-bucket/db", *s3_args(endpoint), env=env, cwd=cwd)
     assert gone.returncode == 2 and "cannot reach the database at s3://no-such-bucket/db" in one_error_line(gone)
+    # Beam's S3 client would retry these for minutes, silently: each is one line, at once
+    elsewhere = s3_args(f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    run = raee_ops(*args, *elsewhere, env=env, cwd=cwd)
+    assert run.returncode == 2 and "cannot reach S3 at http://127.0.0.1:" in one_error_line(run)
+    assert time.monotonic() - started < 60
+    run = raee_ops(*args[:-1], "s3://no-such-bucket/out", *s3_args(endpoint), env=env, cwd=cwd)
+    assert run.returncode == 2 and "no bucket 'no-such-bucket'" in one_error_line(run)
     assert list(cwd.iterdir()) == []
 
 

@@ -16,7 +16,15 @@ import lancedb
 from raee_ops.errors import RaeeConfigError
 from raee_ops.pipelines.build_db import work_dir
 from raee_ops.pipelines.commit import hold
-from raee_ops.retrieval import connect, open_table, table_names, table_policy, table_probe_policy, table_probes
+from raee_ops.retrieval import (
+    connect,
+    is_local,
+    open_table,
+    table_names,
+    table_policy,
+    table_probe_policy,
+    table_probes,
+)
 from raee_ops.schemas.tables import FEATURES_SUFFIX, TableMeta
 
 #: Versions shown by the text rendering (newest last); --json lists them all.
@@ -84,7 +92,7 @@ def table_info(table: lancedb.table.Table) -> dict[str, Any]:
 
 def check_database(db_uri: str) -> None:
     """Refuse a local database directory that does not exist (connecting would create it, empty)."""
-    if "://" in db_uri and not db_uri.startswith("file://"):
+    if not is_local(db_uri):
         return
     if not Path(db_uri.removeprefix("file://")).is_dir():
         raise RaeeConfigError(f"no LanceDB database at {db_uri}")
@@ -129,7 +137,8 @@ def _ranges(numbers: list[int]) -> str:
 def render(info: dict[str, Any]) -> str:
     """The text `raee-ops info` prints: one block per table."""
     if not info["tables"]:
-        return f"{info['db']}: no tables"
+        where = "" if is_local(info["db"]) else " (an object-store prefix with none: check --db)"
+        return f"{info['db']}: no tables{where}"
     return "\n\n".join(_render_table(t) for t in info["tables"])
 
 

@@ -120,3 +120,8 @@ def test_rollback_refuses_while_another_run_holds_the_table(segment_artifacts, t
         rollback(db, "sst2", 1)
     assert describe(db, "sst2")["tables"][0]["version"] == 2  # nothing restored under the other run's claim
     assert rollback(db, "sst2", 1)["version"] == 3  # once it is released
+
+
+def test_an_empty_object_store_prefix_says_it_may_be_a_typo():
+    assert render({"db": "s3://bucket/dbb", "tables": []}).endswith("(an object-store prefix with none: check --db)")
+    assert render({"db": "/data/db", "tables": []}) == "/data/db: no tables"  # a local one must exist to get here

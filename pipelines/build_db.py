@@ -54,6 +54,7 @@ from raee_ops.retrieval import (
     key_available,
     open_table,
     table_meta,
+    table_names,
     table_probes,
 )
 
@@ -306,10 +307,9 @@ def previous_rows(
     written with it (None for tables built without; the latest for tables built before build-db recorded it)."""
     rows = open_table(db_uri, name, version, storage_options).to_arrow()
     pinned = (rows.schema.metadata or {}).get(FEATURES_VERSION_META_KEY)
-    try:
-        features = open_table(db_uri, name + FEATURES_SUFFIX, storage_options=storage_options)
-    except RaeeConfigError:
+    if name + FEATURES_SUFFIX not in table_names(connect(db_uri, storage_options)):
         return rows, None
+    features = open_table(db_uri, name + FEATURES_SUFFIX, storage_options=storage_options)
     if pinned is not None:
         known = [v["version"] for v in features.list_versions()]
         if int(pinned) not in known:

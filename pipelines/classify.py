@@ -146,7 +146,8 @@ def run_classify(
         raise RaeeConfigError(f"table {table!r} was keyed with embedder {embedder!r}, not in {artifacts}")
     expected = expected_meta(manifest, task_name, embedder)
     check_meta(meta, expected, f"table {table!r} in {db_uri}")
-    check_table_contents(opened, expected, chosen.needs_probes(), f"table {table!r} in {db_uri}")
+    reads_rows = chosen.needs_retrieval or chosen.needs_probes() or chosen.needs_policy
+    check_table_contents(opened, expected, chosen.needs_probes(), f"table {table!r} in {db_uri}", reads_rows)
     policy = table_policy(table_schema)
     if chosen.needs_policy and policy is None:
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")

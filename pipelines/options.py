@@ -166,7 +166,7 @@ def _bad_value(options: argparse.Namespace) -> str | None:
 
         try:
             create_runner(runner)
-        except (ValueError, ImportError) as exc:
+        except (ValueError, ImportError, AttributeError, TypeError) as exc:
             return f"--runner {runner}: {exc}"
     workers = getattr(options, "direct_num_workers", None)
     if workers is not None and workers < 0:

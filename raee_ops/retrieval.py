@@ -254,11 +254,14 @@ def probe_identity(meta: TableMeta, rows: int) -> dict:
     return asdict(meta) | {"rows": rows}
 
 
-def check_table_contents(table: lancedb.table.Table, expected: TableMeta, needed: bool, where: str) -> None:
-    """Refuse an empty table (build-db --allow-empty makes one: no row has neighbours to give), probes fitted for
-    another table or artifacts whenever a table has them, and a table without them when the strategy reads them."""
+def check_table_contents(
+    table: lancedb.table.Table, expected: TableMeta, needed: bool, where: str, reads_rows: bool = True
+) -> None:
+    """Refuse an empty table (build-db --allow-empty makes one: no row has neighbours, probes or a policy to give)
+    where the strategy `reads_rows` (`full` and `layer:N` read nothing of it); probes fitted for another table or
+    artifacts whenever a table has them; and a table without them when the strategy reads them."""
     rows = table.count_rows()
-    if rows == 0:
+    if rows == 0 and reads_rows:
         raise RaeeConfigError(f"{where} is empty: add reference rows with build-db --mode append first")
     probes = table_probes(table.schema)
     if probes is not None or needed:

@@ -41,6 +41,11 @@ def _is_label(t: pa.DataType) -> bool:
     return pa.types.is_null(t) or pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
+def _id_text(value: object) -> str:
+    """An id arrow cannot cast to text, as text: bytes as `hex:<bytes>`, anything else (a UUID) as it prints."""
+    return f"hex:{value.hex()}" if isinstance(value, bytes) else str(value)
+
+
 def _is_id(t: pa.DataType) -> bool:
     """Anything that reads as one string per row (ids are stored as text); not lists, structs or maps."""
     if pa.types.is_dictionary(t):
@@ -114,7 +119,12 @@ def row_ids(table: pa.Table, file_key: str, first_row: int) -> tuple[pa.Array, n
             )
         ids = ids.cast(pa.string())
     else:
-        ids = pc.cast(values, pa.string())
+        try:
+            if isinstance(values.type, pa.BaseExtensionType):  # a UUID: its storage bytes would cast, unreadable
+                raise pa.ArrowNotImplementedError(str(values.type))
+            ids = pc.cast(values, pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # UUIDs, fixed-size bytes: no cast to text
+            ids = pa.array([None if v is None else _id_text(v) for v in values.to_pylist()], pa.string())
     if not ids.null_count:
         return ids, undecodable
     return pc.if_else(pc.is_null(ids), positions(file_key, first_row, table.num_rows), ids), undecodable

@@ -99,23 +99,23 @@ def _check_bucket(uri: str, what: str) -> None:
     bucket = uri[len("s3://") :].split("/", 1)[0]
     if (s3.s3_endpoint_url, bucket) in _reached:
         return
-    client = boto3.session.Session().client(
-        "s3",
-        region_name=s3.s3_region_name,
-        use_ssl=not s3.s3_disable_ssl,
-        verify=s3.s3_verify,
-        endpoint_url=s3.s3_endpoint_url,
-        aws_access_key_id=s3.s3_access_key_id,
-        aws_secret_access_key=s3.s3_secret_access_key,
-        aws_session_token=s3.s3_session_token,
-        config=Config(connect_timeout=5, read_timeout=15, retries={"max_attempts": 1}),
-    )
     try:
+        client = boto3.session.Session().client(
+            "s3",
+            region_name=s3.s3_region_name,
+            use_ssl=not s3.s3_disable_ssl,
+            verify=s3.s3_verify,
+            endpoint_url=s3.s3_endpoint_url,
+            aws_access_key_id=s3.s3_access_key_id,
+            aws_secret_access_key=s3.s3_secret_access_key,
+            aws_session_token=s3.s3_session_token,
+            config=Config(connect_timeout=5, read_timeout=15, retries={"total_max_attempts": 1}),
+        )
         client.head_bucket(Bucket=bucket)
     except ClientError as exc:  # the store answered: a missing bucket is a typo; a refusal may be policy, left to it
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
             raise RaeeConfigError(f"{what} {uri}: no bucket {bucket!r} at {s3.s3_endpoint_url or 'AWS S3'}") from exc
-    except BotoCoreError as exc:  # no connection, a timeout, no credentials
+    except (BotoCoreError, ValueError) as exc:  # no connection, a timeout, no credentials, a malformed endpoint
         raise RaeeConfigError(f"{what} {uri}: cannot reach S3 at {s3.s3_endpoint_url or 'AWS'}: {exc}") from exc
     _reached.add((s3.s3_endpoint_url, bucket))
 

@@ -132,6 +132,8 @@ def test_4_build_db_never_replaces_a_table_with_nothing(segment_artifacts, db, t
         )
         assert run.returncode == 2 and "is empty: add reference rows" in one_error_line(run)
     assert not (tmp_path / "out").exists()
+    run = raee_ops(*classify_args(segment_artifacts, copy, tmp_path / "full", rejected, extra=["--strategy", "full"]))
+    assert run.returncode == 0, run.stderr  # `full` reads nothing of the table: it runs as before
 
 
 def test_6_undecodable_rows_and_corrupt_pages_stay_row_problems(segment_artifacts, db, tmp_path):  # noqa: F811

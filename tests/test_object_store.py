@@ -194,6 +194,8 @@ def test_missing_options_and_live_claims_are_refused(s3, segment_artifacts, tmp_
     run = raee_ops(*args, *elsewhere, env=env, cwd=cwd)
     assert run.returncode == 2 and "cannot reach S3 at http://127.0.0.1:" in one_error_line(run)
     assert time.monotonic() - started < 60
+    run = raee_ops(*args, *s3_args("minio:9000"), env=env, cwd=cwd)  # no scheme: botocore refuses the endpoint
+    assert run.returncode == 2 and "cannot reach S3 at minio:9000" in one_error_line(run)
     run = raee_ops(*args[:-1], "s3://no-such-bucket/out", *s3_args(endpoint), env=env, cwd=cwd)
     assert run.returncode == 2 and "no bucket 'no-such-bucket'" in one_error_line(run)
     assert list(cwd.iterdir()) == []

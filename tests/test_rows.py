@@ -90,3 +90,15 @@ def test_an_id_that_is_not_utf8_rejects_its_row_under_its_bytes():
 def test_an_id_column_of_lists_is_run_level():
     with pytest.raises(RaeeConfigError, match="column 'id' has type list<item: int64>, which cannot hold ids"):
         check_columns(pa.schema([("id", pa.list_(pa.int64())), ("text", pa.string())]), SST2, False, "l.parquet")
+
+
+def test_uuid_and_fixed_size_ids_read_as_text():
+    import uuid
+
+    table = pa.table({"id": pa.array([uuid.UUID(int=1).bytes], pa.uuid()), "text": ["x"]})
+    out = validate(table, SST2, source="u.parquet", file_key="k", need_label=False)
+    assert out.valid.column(ROW_ID).to_pylist() == ["00000000-0000-0000-0000-000000000001"]
+    table = pa.table({"id": pa.array([b"\xff\x00"], pa.binary(2)), "text": ["x"]})
+    assert validate(table, SST2, source="f", file_key="k", need_label=False).valid.column(ROW_ID).to_pylist() == [
+        "hex:ff00"
+    ]

@@ -218,8 +218,7 @@ def run_build_db(
     group_of = group_map(ids, [names for _, names in keys], mode) if group_column else None
     own_errors = errors_dir is None  # the table's own folder; a given --errors may hold other tables' files
     errors_dir = errors_dir or default_errors_dir(db_uri, table)
-    if storage.is_file(errors_dir):
-        raise RaeeConfigError(f"--errors {errors_dir} exists and is not a directory")
+    storage.check_folder(errors_dir, "--errors")
     run_id = new_run_id()
     with claim_work_dir(work_dir(db_uri, table), f"table {table!r}") as staging:
         base = claimed_append_base(db_uri, table, meta, ids, store) if mode == "append" else None
@@ -307,9 +306,10 @@ def previous_rows(
     written with it (None for tables built without; the latest for tables built before build-db recorded it)."""
     rows = open_table(db_uri, name, version, storage_options).to_arrow()
     pinned = (rows.schema.metadata or {}).get(FEATURES_VERSION_META_KEY)
-    if name + FEATURES_SUFFIX not in table_names(connect(db_uri, storage_options)):
+    db = connect(db_uri, storage_options)
+    if name + FEATURES_SUFFIX not in table_names(db):
         return rows, None
-    features = open_table(db_uri, name + FEATURES_SUFFIX, storage_options=storage_options)
+    features = db.open_table(name + FEATURES_SUFFIX)
     if pinned is not None:
         known = [v["version"] for v in features.list_versions()]
         if int(pinned) not in known:

@@ -179,8 +179,7 @@ def claim_output(folder: str, patterns: Sequence[str], what: str) -> Iterator[Ou
     """Claim an output folder for one run: refuse a folder that holds a complete output (`_SUCCESS`) or is being
     written by a live run; remove an unfinished run's leftovers; on exit remove this run's staging."""
     folder = str(folder)
-    if storage.is_file(folder):
-        raise RaeeConfigError(f"{what} {folder} exists and is not a directory")
+    storage.check_folder(folder, what)
     with hold(folder, what):
         if storage.exists(storage.join(folder, SUCCESS)):
             raise RaeeConfigError(

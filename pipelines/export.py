@@ -230,8 +230,7 @@ def run_export(
     _check_request(loaded, tasks, max_length)
     # a head-less backbone has no label words to read: no verbalizer check, no head segments
     label_ids = {t.name: label_token_ids(adapter.tokenizer, t) for t in tasks} if adapter.label_word_head else {}
-    if storage.is_file(out_dir):
-        raise RaeeConfigError(f"--out {out_dir} exists and is not a directory")
+    storage.check_folder(out_dir, "--out")
     parent, name, local = storage.parent(out_dir), storage.name(out_dir), storage.is_local(out_dir)
     storage.mkdirs(parent)
     for leftover in (".tmp-", ".old-"):

@@ -361,8 +361,7 @@ def write_report(report: dict[str, Any], directory: str) -> str:
 def check_report_dir(directory: str) -> None:
     """Before any work: evaluating takes long, and a --report that cannot be a folder would only fail at the end."""
     storage.check_scheme(directory, "--report")
-    if storage.is_file(directory):
-        raise RaeeConfigError(f"--report {directory} exists and is not a directory")
+    storage.check_folder(directory, "--report")
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:

@@ -8,7 +8,6 @@ never lands between a running build-db's check and its commit.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lancedb
@@ -19,6 +18,7 @@ from raee_ops.pipelines.commit import hold
 from raee_ops.retrieval import (
     connect,
     is_local,
+    local_path,
     open_table,
     table_names,
     table_policy,
@@ -94,7 +94,7 @@ def check_database(db_uri: str) -> None:
     """Refuse a local database directory that does not exist (connecting would create it, empty)."""
     if not is_local(db_uri):
         return
-    if not Path(db_uri.removeprefix("file://")).is_dir():
+    if not local_path(db_uri).is_dir():
         raise RaeeConfigError(f"no LanceDB database at {db_uri}")
 
 

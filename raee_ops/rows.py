@@ -46,6 +46,16 @@ def _id_text(value: object) -> str:
     return f"hex:{value.hex()}" if isinstance(value, bytes) else str(value)
 
 
+def _ids_as_text(values: pa.Array) -> pa.Array:
+    """Ids of a type that is not text (numbers, UUIDs, fixed-size bytes) as strings."""
+    if not isinstance(values.type, pa.BaseExtensionType):  # a UUID's storage bytes would cast, unreadable
+        try:
+            return pc.cast(values, pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # fixed-size bytes: no cast to text
+            pass
+    return pa.array([None if v is None else _id_text(v) for v in values.to_pylist()], pa.string())
+
+
 def _is_id(t: pa.DataType) -> bool:
     """Anything that reads as one string per row (ids are stored as text); not lists, structs or maps."""
     if pa.types.is_dictionary(t):
@@ -112,19 +122,11 @@ def row_ids(table: pa.Table, file_key: str, first_row: int) -> tuple[pa.Array, n
         if undecodable.any():
             raw = values.to_pylist()
             ids = pa.array(
-                [
-                    f"hex:{raw[i].hex()}" if bad else v
-                    for i, (v, bad) in enumerate(zip(ids.to_pylist(), undecodable, strict=True))
-                ]
+                [_id_text(b) if bad else v for b, v, bad in zip(raw, ids.to_pylist(), undecodable, strict=True)]
             )
         ids = ids.cast(pa.string())
     else:
-        try:
-            if isinstance(values.type, pa.BaseExtensionType):  # a UUID: its storage bytes would cast, unreadable
-                raise pa.ArrowNotImplementedError(str(values.type))
-            ids = pc.cast(values, pa.string())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # UUIDs, fixed-size bytes: no cast to text
-            ids = pa.array([None if v is None else _id_text(v) for v in values.to_pylist()], pa.string())
+        ids = _ids_as_text(values)
     if not ids.null_count:
         return ids, undecodable
     return pc.if_else(pc.is_null(ids), positions(file_key, first_row, table.num_rows), ids), undecodable

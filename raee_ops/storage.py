@@ -120,6 +120,12 @@ def _check_bucket(uri: str, what: str) -> None:
     _reached.add((s3.s3_endpoint_url, bucket))
 
 
+def check_folder(uri: str, what: str) -> None:
+    """Refuse, before any work, a location given as a folder that is a file."""
+    if is_file(uri):
+        raise RaeeConfigError(f"{what} {uri} exists and is not a directory")
+
+
 def join(base: str, *parts: str) -> str:
     return FileSystems.join(base, *parts) if parts else base
 

@@ -52,6 +52,7 @@ from raee_ops.retrieval import (
     expected_meta,
     index_partitions,
     key_available,
+    open_listed,
     open_table,
     table_meta,
     table_names,
@@ -309,7 +310,7 @@ def previous_rows(
     db = connect(db_uri, storage_options)
     if name + FEATURES_SUFFIX not in table_names(db):
         return rows, None
-    features = db.open_table(name + FEATURES_SUFFIX)
+    features = open_listed(db, db_uri, name + FEATURES_SUFFIX)
     if pinned is not None:
         known = [v["version"] for v in features.list_versions()]
         if int(pinned) not in known:

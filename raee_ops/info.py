@@ -19,6 +19,7 @@ from raee_ops.retrieval import (
     connect,
     is_local,
     local_path,
+    open_listed,
     open_table,
     table_names,
     table_policy,
@@ -105,7 +106,7 @@ def describe(db_uri: str, table: str | None = None, storage_options: dict[str, s
         return {"db": db_uri, "tables": [table_info(open_table(db_uri, table, storage_options=storage_options))]}
     db = connect(db_uri, storage_options)
     names = sorted(name for name in table_names(db) if not name.endswith(FEATURES_SUFFIX))  # a table's companion
-    return {"db": db_uri, "tables": [table_info(db.open_table(name)) for name in names]}
+    return {"db": db_uri, "tables": [table_info(open_listed(db, db_uri, name)) for name in names]}
 
 
 def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, str] | None = None) -> dict[str, Any]:

@@ -124,10 +124,28 @@ def connect(db_uri: str, storage_options: dict[str, str] | None = None) -> lance
 def unreachable(db_uri: str, exc: Exception) -> RaeeConfigError:
     """A database LanceDB cannot reach (wrong endpoint, missing bucket, no credentials), as one short line: its
     error is kilobytes of the store client's debug dump, whose innermost `message: "…"` says what went wrong."""
+    return RaeeConfigError(
+        f"cannot reach the database at {db_uri} (check --db and the store's settings): {_problem(exc)}"
+    )
+
+
+def _problem(exc: Exception) -> str:
+    """The line of a LanceDB error that says what went wrong."""
     text = str(exc)
     messages = re.findall(r'message: "([^"]+)"', text)
-    problem = (messages[-1] if messages else text.splitlines()[0] if text else type(exc).__name__)[:200]
-    return RaeeConfigError(f"cannot reach the database at {db_uri} (check --db and the store's settings): {problem}")
+    line = messages[-1] if messages else text.splitlines()[0] if text else type(exc).__name__
+    return re.sub(r", /\S+\.rs:\d+:\d+$", "", line)[:200]  # the Rust source line that raised it
+
+
+def open_listed(db: lancedb.DBConnection, db_uri: str, name: str) -> lancedb.table.Table:
+    """A table the database lists, opened; one whose files are damaged (a truncated manifest, say) is one line,
+    not the Rust reader's error."""
+    try:
+        return db.open_table(name)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise RaeeConfigError(
+            f"table {name!r} in {db_uri} cannot be read (damaged or incomplete files?): {_problem(exc)}"
+        ) from exc
 
 
 def open_table(
@@ -139,7 +157,7 @@ def open_table(
     db = connect(db_uri, storage_options)
     if name not in table_names(db):
         raise RaeeConfigError(f"no table {name!r} in {db_uri} (run build-db first)")
-    table = db.open_table(name)
+    table = open_listed(db, db_uri, name)
     if version is not None:
         table.checkout(version)
     return table

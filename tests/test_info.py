@@ -95,6 +95,18 @@ def test_info_and_rollback_refuse_a_database_that_is_not_there(tmp_path):
     assert not (tmp_path / "typo").exists()  # connecting would have created it
 
 
+def test_a_table_with_damaged_files_is_one_line_not_an_internal_error(tmp_path):
+    db = tmp_path / "db"
+    lancedb.connect(str(db)).create_table("t", pa.table({"x": [1, 2]}))
+    for manifest in (db / "t.lance" / "_versions").iterdir():
+        manifest.write_bytes(b"junk\n")  # a manifest cut short by a full disk, say
+    for args in (("info", "--db", str(db)), ("info", "--db", str(db), "--table", "t")):
+        damaged = run_cli(*args)
+        assert damaged.returncode == 2
+        assert damaged.stderr.startswith(f"error: table 't' in {db} cannot be read (damaged or incomplete files?): ")
+        assert damaged.stderr.count("\n") == 1 and ".rs:" not in damaged.stderr
+
+
 def test_rollback_restores_an_earlier_version_as_a_new_one(segment_artifacts, tmp_path):  # noqa: F811
     db = build_twice(segment_artifacts, tmp_path)
     info = rollback(db, "sst2", 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,16 @@ def parse() -> argparse.Namespace:
     part.add_argument(
         "--quality-only", action="store_true", help="only the task metrics (no timing: they may share the machine)"
     )
-    return parser.parse_args()
+    parser.add_argument(
+        "--baseline-artifacts",
+        type=Path,
+        help="an unoptimized export of the (one) preset: its full chain is timed with the others (issue 12's "
+        "default against the pre-fusion segments)",
+    )
+    args = parser.parse_args()
+    if args.baseline_artifacts and (args.quality_only or len(args.preset or PRESETS[:1]) != 1):
+        parser.error("--baseline-artifacts needs exactly one --preset and the speed part")
+    return args
 
 
 def default_scores(runtime: SegmentRuntime, label: str, data: Path, task: str, quick: bool) -> dict[str, Any]:
@@ -52,9 +62,14 @@ def default_scores(runtime: SegmentRuntime, label: str, data: Path, task: str, q
     }
 
 
-def speeds(artifacts: dict[str, Path], preset: str, quick: bool, data: Path) -> dict[str, Any]:
+def full_chain(runtime: SegmentRuntime) -> Callable[[speed.Rows], np.ndarray]:
+    return lambda r: runtime.run_to_exit(speed.TASK, r.prompts, np.full(len(r.prompts), runtime.num_layers))
+
+
+def speeds(artifacts: dict[str, Path], preset: str, quick: bool, data: Path, baseline: Path | None) -> dict[str, Any]:
     """The default strategy and the full model on the same segments for each variant, timed as bench/speed.py
-    times them, all four interleaved pass by pass (a load change on the shared machine hits them alike)."""
+    times them, all interleaved pass by pass (a load change on the shared machine hits them alike); `baseline`:
+    another export's full chain, timed with them."""
     fns, cores, rows = {}, {}, None
     for variant, path in artifacts.items():
         runtime = SegmentRuntime(path)
@@ -62,11 +77,17 @@ def speeds(artifacts: dict[str, Path], preset: str, quick: bool, data: Path) -> 
         db, table = speed.build_db(path, f"{preset}-{variant}", reference)
         cores[variant] = speed.Core(runtime, Retriever(db, table), DEFAULT_STRATEGY, get_task(speed.TASK))
         fns[f"{variant}-default"] = cores[variant].run
-        fns[f"{variant}-full"] = lambda r, rt=runtime: rt.run_to_exit(
-            speed.TASK, r.prompts, np.full(len(r.prompts), rt.num_layers)
-        )
+        fns[f"{variant}-full"] = full_chain(runtime)
+    if baseline is not None:
+        fns["baseline-full"] = full_chain(SegmentRuntime(baseline))
     timings = speed.timed_together(fns, rows, warm)
-    result = {}
+    result: dict[str, Any] = {}
+    if baseline is not None:
+        logits, base_s = timings["baseline-full"]
+        result["baseline"] = speed.export_identity(baseline) | {
+            "segments_rows_per_s": len(rows.prompts) / base_s,
+            "segments_accuracy": float(np.mean(logits.argmax(axis=1) == rows.labels)),
+        }
     for variant in artifacts:
         (probs, default_s), (logits, full_s) = timings[f"{variant}-default"], timings[f"{variant}-full"]
         result[variant] = {
@@ -90,7 +111,8 @@ def main() -> int:
         artifacts = {"fp32": quality.ensure_artifacts(preset), "int8": quality.ensure_artifacts(preset, "int8")}
         payload: dict[str, Any] = {"preset": preset, "default_strategy": DEFAULT_STRATEGY}
         if not args.quality_only:  # first: a fresh process, nothing else loaded yet
-            payload |= {"speed": speeds(artifacts, preset, args.quick, data), "timing": TIMING}
+            payload["speed"] = speeds(artifacts, preset, args.quick, data, args.baseline_artifacts)
+            payload["timing"] = TIMING
         if args.speed_only:
             write_result(f"int8-speed-{preset}", payload, args.quick)
             continue

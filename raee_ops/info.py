@@ -12,13 +12,12 @@ from typing import Any
 
 import lancedb
 
+from raee_ops import storage
 from raee_ops.errors import RaeeConfigError
 from raee_ops.pipelines.build_db import work_dir
 from raee_ops.pipelines.commit import hold
 from raee_ops.retrieval import (
     connect,
-    is_local,
-    local_path,
     open_listed,
     open_table,
     table_names,
@@ -93,9 +92,7 @@ def table_info(table: lancedb.table.Table) -> dict[str, Any]:
 
 def check_database(db_uri: str) -> None:
     """Refuse a local database directory that does not exist (connecting would create it, empty)."""
-    if not is_local(db_uri):
-        return
-    if not local_path(db_uri).is_dir():
+    if storage.is_local(db_uri) and not storage.is_dir(db_uri):
         raise RaeeConfigError(f"no LanceDB database at {db_uri}")
 
 
@@ -138,7 +135,7 @@ def _ranges(numbers: list[int]) -> str:
 def render(info: dict[str, Any]) -> str:
     """The text `raee-ops info` prints: one block per table."""
     if not info["tables"]:
-        where = "" if is_local(info["db"]) else " (an object-store prefix with none: check --db)"
+        where = "" if storage.is_local(info["db"]) else " (an object-store prefix with none: check --db)"
         return f"{info['db']}: no tables{where}"
     return "\n\n".join(_render_table(t) for t in info["tables"])
 

@@ -9,13 +9,13 @@ import json
 import math
 import re
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import lancedb
 import numpy as np
 import pyarrow as pa
 from lancedb.index import IvfFlat
 
+from raee_ops import storage
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import Neighbours
@@ -104,14 +104,6 @@ def table_names(db: lancedb.DBConnection) -> set[str]:
             return names
 
 
-def is_local(db_uri: str) -> bool:
-    return "://" not in db_uri or db_uri.startswith("file://")
-
-
-def local_path(db_uri: str) -> Path:
-    return Path(db_uri.removeprefix("file://"))
-
-
 def connect(db_uri: str, storage_options: dict[str, str] | None = None) -> lancedb.DBConnection:
     """The database; on object stores `storage_options` (endpoint, keys, region) or the standard AWS_* / Google
     environment say how to reach it."""
@@ -152,7 +144,7 @@ def open_table(
     db_uri: str, name: str, version: int | None = None, storage_options: dict[str, str] | None = None
 ) -> lancedb.table.Table:
     """An existing table (at `version`, when given); a missing database is refused, never created."""
-    if is_local(db_uri) and not local_path(db_uri).is_dir():
+    if storage.is_local(db_uri) and not storage.is_dir(db_uri):
         raise RaeeConfigError(f"no database at {db_uri} (run build-db first, or check --db)")
     db = connect(db_uri, storage_options)
     if name not in table_names(db):

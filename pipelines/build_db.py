@@ -1,15 +1,16 @@
 """build-db: labelled Parquet -> exit information for every row -> one LanceDB commit.
 
 The run claims the table's work folder (`<db>/_raee-work/<table>/`; a second live run on the same table is
-refused), workers write exit rows and errors as Parquet shards into this run's staging folder there, and the
-driver checks conservation (rows in = written + rejected) and its refusals (no rows to overwrite with, too many
-rejected) before it publishes the errors and commits the table in one LanceDB version, so a failed or killed run
-leaves the table as it was. The next run removes a killed run's staging.
+refused), workers write exit rows as Parquet shards into this run's staging folder there and rejected rows into
+its staging in the errors folder (pipelines/run_record.py), and the driver checks conservation (rows in = written
++ rejected) and its refusals (no rows to overwrite with, too many rejected) before it commits the table in one
+LanceDB version and then publishes the errors, so a failed or killed run leaves the table as it was. The next run
+removes a killed run's staging.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import apache_beam as beam
 import pyarrow as pa
@@ -18,6 +19,15 @@ from raee_ops.pipelines.commit import claim_work_dir, new_run_id
 from raee_ops.pipelines.inference import BuildHandler, Infer
 from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.reference import assemble, check_groups, group_codes
+from raee_ops.pipelines.run_record import (
+    RunRecord,
+    input_digest,
+    keep_uncommitted,
+    prune,
+    publish,
+    settle,
+    staging_dir,
+)
 from raee_ops.pipelines.sources import (
     check_inputs,
     count_rows,
@@ -39,7 +49,7 @@ from raee_ops.schemas.tables import (
 
 from raee_ops import storage
 from raee_ops.calibration import FusedPolicy
-from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
+from raee_ops.errors import CountMismatch, RaeeConfigError, RaeeError, TooManyRejected
 from raee_ops.faults import fault_point
 from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.layer_key import layer_depth
@@ -77,8 +87,14 @@ class BuildSummary:
     version: int | None = None
     probes: list[str] = field(default_factory=list)
     no_policy: str = "fewer than 2 rows"  # why there is no fused policy
+    done: bool = False  # an append retried after its commit: nothing left to do
 
     def render(self) -> str:
+        if self.done:
+            return (
+                f"build-db {self.table} ({self.mode}): already done: table version {self.version} was written from "
+                f"this input ({self.rows_in} rows) by an earlier run; nothing written\nerrors: {self.errors_dir}"
+            )
         balance = "ok" if self.rows_in == self.written + self.rejected else "MISMATCH"
         p = self.policy
         fitted = (
@@ -130,25 +146,38 @@ class AppendBase:
 
     version: int
     views: tuple[str, ...] | None
+    record: RunRecord | None
+    done: bool = False  # this very input was appended by an earlier run (a retry of a run killed after its commit)
 
 
 def claimed_append_base(
-    db_uri: str, table: str, expected: TableMeta, ids: pa.Array, storage_options: dict[str, str]
+    db_uri: str, table: str, expected: TableMeta, ids: pa.Array, digest: str, storage_options: dict[str, str]
 ) -> AppendBase:
     """One look at the table under the run's claim, where no other run can write it. Its metadata is checked again:
     another run may have replaced the table (other artifacts, task or key) after this run's first look, and the
-    refit must not merge rows of two keys. New ids already in the table are refused."""
+    refit must not merge rows of two keys. New ids already in the table are refused, unless the current version was
+    written from this very input (`digest`): then the append is done already."""
     opened = open_table(db_uri, table, storage_options=storage_options)
     check_meta(
         TableMeta.decode(opened.schema), expected, f"table {table!r} in {db_uri}, replaced since this run began,"
     )
+    probes, record = table_probes(opened.schema), RunRecord.of(opened.schema)
+    base = AppendBase(opened.version, None if probes is None else (probes.pooling,), record)
     present = opened.search().select([ID]).limit(None).to_arrow().column(ID).combine_chunks()  # the ids alone
     clash = ids.filter(pc.is_in(ids, value_set=present))
+    if len(clash) and record is not None and record.input_digest == digest:
+        return replace(base, done=True)
     if len(clash):
         shown = _examples(clash)
         raise RaeeConfigError(f"append refused: {len(clash)} id(s) already in table {table!r} (e.g. {shown})")
-    probes = table_probes(opened.schema)
-    return AppendBase(opened.version, None if probes is None else (probes.pooling,))
+    return base
+
+
+def table_record(db_uri: str, table: str, storage_options: dict[str, str]) -> RunRecord | None:
+    """The run record of the table's current version (None: no table yet, or one built before runs were recorded)."""
+    if table not in table_names(connect(db_uri, storage_options)):
+        return None
+    return RunRecord.of(open_table(db_uri, table, storage_options=storage_options).schema)
 
 
 def refuse_overwrite_with_nothing(table: str, allow_empty: bool) -> None:
@@ -220,9 +249,12 @@ def run_build_db(
     own_errors = errors_dir is None  # the table's own folder; a given --errors may hold other tables' files
     errors_dir = errors_dir or default_errors_dir(db_uri, table)
     storage.check_folder(errors_dir, "--errors")
-    run_id = new_run_id()
+    run_id, digest = new_run_id(), input_digest(ids)
     with claim_work_dir(work_dir(db_uri, table), f"table {table!r}") as staging:
-        base = claimed_append_base(db_uri, table, meta, ids, store) if mode == "append" else None
+        settle(errors_dir, table, table_record(db_uri, table, store), own_errors)
+        base = claimed_append_base(db_uri, table, meta, ids, digest, store) if mode == "append" else None
+        if base and base.done:
+            return BuildSummary(table, mode, rows_in, 0, 0, 0, errors_dir, version=base.version, done=True)
         views = base.views if base else None
         handler = BuildHandler(str(artifacts), task, embedder, views, **settings.runtime())
         schema = handler.schema(manifest)
@@ -233,23 +265,28 @@ def run_build_db(
         rows, failed = valid | "Infer" >> Infer(handler)
         write_tables(rows, "WriteStaging", storage.join(staging, "rows"), schema)
         errors = (invalid, failed) | "Errors" >> beam.Flatten()
-        write_tables(errors, "WriteErrors", storage.join(staging, f"errors-{run_id}"), ERRORS_SCHEMA)
+        rejects = staging_dir(errors_dir, table, run_id)  # on the errors folder's filesystem: published by a rename
+        write_tables(errors, "WriteErrors", storage.join(rejects, f"errors-{run_id}"), ERRORS_SCHEMA)
         run_pipeline(pipeline, "build-db")
         written, shards = count_rows(storage.join(staging, "rows*.parquet"))
-        rejected, error_shards = count_rows(storage.join(staging, "errors-*.parquet"))
+        rejected, _ = count_rows(storage.join(rejects, "errors-*.parquet"))
         if rows_in != written + rejected:
             raise CountMismatch(f"rows in {rows_in} != written {written} + rejected {rejected}: not committing")
-        publish_errors(error_shards, errors_dir)
-        share = rejected / rows_in if rows_in else 0.0
-        if share > max_rejected:
-            raise TooManyRejected(
-                f"{rejected} of {rows_in} rows rejected ({share:.0%}), over --max-rejected {max_rejected:g}: "
-                f"table {table!r} left unchanged; see {errors_dir}"
-            )
-        if written == 0 and mode == "overwrite":
-            refuse_overwrite_with_nothing(table, allow_empty)
-        previous = previous_rows(db_uri, table, base.version, store) if base else (None, None)
-        refuse_one_row(table, written + (previous[0].num_rows if previous[0] is not None else 0))
+        try:
+            share = rejected / rows_in if rows_in else 0.0
+            if share > max_rejected:
+                raise TooManyRejected(
+                    f"{rejected} of {rows_in} rows rejected ({share:.0%}), over --max-rejected {max_rejected:g}: "
+                    f"table {table!r} left unchanged"
+                )
+            if written == 0 and mode == "overwrite":
+                refuse_overwrite_with_nothing(table, allow_empty)
+            previous = previous_rows(db_uri, table, base.version, store) if base else (None, None)
+            refuse_one_row(table, written + (previous[0].num_rows if previous[0] is not None else 0))
+        except RaeeError as refused:  # the rejected rows say why: kept, outside the errors output
+            if rejected:
+                refused.args = (f"{refused}; its rejected rows: {keep_uncommitted(errors_dir, table, run_id)}",)
+            raise
         with phase(f"build-db: fitting the probes and policies on {written} new rows"):
             reference = assemble(
                 shards,
@@ -262,11 +299,14 @@ def run_build_db(
                 layer_budget=layer_budget,
                 group_of=group_of,
             )
+        if base is None:
+            record = RunRecord(run_id, digest, (run_id,))
+        else:
+            record = base.record.after(run_id, digest) if base.record else RunRecord(run_id, digest, None)
         fault_point("commit:errors")
-        table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store)
-    if mode == "overwrite" and own_errors:
-        old = storage.match(storage.join(errors_dir, "errors-*.parquet"))
-        storage.delete([p for p in old if not storage.name(p).startswith(f"errors-{run_id}")])
+        table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store, record)
+        publish(rejects, errors_dir)
+        prune(errors_dir, record, own_errors)
     search = f"IVF_FLAT index, {index_partitions(table_rows)} partitions" if indexed else "exact search"
     return BuildSummary(
         table,
@@ -292,12 +332,6 @@ def group_map(ids: pa.Array, file_names: list[pa.Array], mode: str) -> dict[str,
     if mode == "overwrite":
         check_groups(group_codes(ids.to_pylist(), names))
     return {row_id: name for row_id, name in zip(ids.to_pylist(), names, strict=True) if name is not None}
-
-
-def publish_errors(shards: list[str], errors_dir: str) -> None:
-    """This run's error shards (named by its run id) into the errors folder."""
-    storage.mkdirs(errors_dir)
-    storage.rename((shard, storage.join(errors_dir, storage.name(shard))) for shard in shards)
 
 
 def previous_rows(
@@ -328,6 +362,7 @@ def commit(
     data: pa.Table,
     features: pa.Table | None = None,
     storage_options: dict[str, str] | None = None,
+    record: RunRecord | None = None,
 ) -> tuple[int, bool, int]:
     """The run's table write, a whole new table version; a large table then gets its ANN index (a second version:
     until it lands, searches scan exactly, so a failed index build leaves a correct table). (rows, indexed,
@@ -339,6 +374,8 @@ def commit(
             written = db.create_table(name + FEATURES_SUFFIX, features, schema=features.schema, mode="overwrite")
             pinned = {FEATURES_VERSION_META_KEY: str(written.version).encode()}
             data = data.replace_schema_metadata((data.schema.metadata or {}) | pinned)
+        if record is not None:
+            data = data.replace_schema_metadata((data.schema.metadata or {}) | record.metadata())
         table = db.create_table(name, data, schema=data.schema, mode="overwrite")
     fault_point("commit:table")
     indexed = build_index(table)

@@ -3,12 +3,15 @@ the CLI in its own process: exit code, the single `error:` line, row counts, wha
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import lancedb
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import one_error_line, raee_ops, read_folder
@@ -116,10 +119,17 @@ def test_4_build_db_never_replaces_a_table_with_nothing(segment_artifacts, db, t
     assert run.returncode == 2 and "would replace table 'sst2' with an empty one" in one_error_line(run)
     rejected = tmp_path / "rejected.parquet"
     pq.write_table(pa.table({"id": ["x", "y"], "text": ["good", "bad"], "label": [7, 9]}), rejected)
+    errors = db / "_errors" / "sst2"
+    published = ds.dataset(str(errors)).count_rows()
     run = raee_ops(*build_args(segment_artifacts, db, rejected))
     assert run.returncode == 4 and "2 of 2 rows rejected" in one_error_line(run)
+    kept = Path(one_error_line(run).split("its rejected rows: ")[1])  # shown, but not in the errors output
+    assert kept.parent == errors / "_uncommitted" / "sst2"
+    assert sorted(ds.dataset(str(kept)).to_table().column("id").to_pylist()) == ["x", "y"]
     run = raee_ops(*build_args(segment_artifacts, db, rejected, extra=["--max-rejected", "1"]))
-    assert run.returncode == 2 and "with an empty one" in one_error_line(run)
+    assert run.returncode == 2 and "with an empty one" in one_error_line(run) and "its rejected rows" in run.stderr
+    assert not kept.exists() and len(list(kept.parent.iterdir())) == 1  # the next run removed the earlier one's
+    assert ds.dataset(str(errors)).count_rows() == published  # neither run committed: no errors published
     assert table_state(db) == before
     copy = tmp_path / "db-copy"
     shutil.copytree(db, copy)
@@ -190,9 +200,11 @@ def test_8_append_refuses_duplicates_and_keys_id_less_rows_by_content(segment_ar
     (tmp_path / "sub").mkdir()
     respelt = tmp_path / "sub" / ".." / "idless.parquet"
     copied = shutil.copy(idless, tmp_path / "copy.parquet")
-    for again in (respelt, copied):
+    for again in (respelt, copied):  # the same rows: what the current version was written from, so already done
         run = raee_ops(*build_args(segment_artifacts, db, again, table="t", extra=["--mode", "append"]))
-        assert run.returncode == 2 and "append refused: 4 id(s) already in table 't'" in one_error_line(run)
+        assert run.returncode == 0 and "already done" in run.stdout and "nothing written" in run.stdout
+    run = raee_ops(*build_args(segment_artifacts, db, first, table="t", extra=["--mode", "append"]))
+    assert run.returncode == 2 and "append refused: 6 id(s) already in table 't'" in one_error_line(run)
     assert table_state(db, "t")[0] == 10
 
 
@@ -291,6 +303,20 @@ def test_12_a_failed_job_and_failed_counts_are_not_exit_0(segment_artifacts, db,
     assert (tmp_path / "o3" / "_SUCCESS").exists()  # the outputs are complete; the exit code flags them
     assert read_folder(tmp_path / "o3", "predictions").num_rows == 1
     assert sorted(read_folder(tmp_path / "o3", "errors").column("id").to_pylist()) == ["b", "c"]
+
+
+def test_15_errors_on_another_filesystem_than_the_database(segment_artifacts, tmp_path):  # noqa: F811
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's temp folder")
+    errors = shm / f"raee-test-errors-{os.getpid()}"
+    try:
+        train = labelled(tmp_path / "t.parquet", 12, 3, "t")
+        run = raee_ops(*build_args(segment_artifacts, tmp_path / "db", train, extra=["--errors", errors]))
+        assert run.returncode == 0, run.stderr  # staged beside --errors: publishing is a rename there
+        assert ds.dataset(str(errors)).count_rows() == 5
+    finally:
+        shutil.rmtree(errors, ignore_errors=True)
 
 
 def test_workers_read_the_table_version_the_driver_checked(segment_artifacts, tmp_path):  # noqa: F811

@@ -217,9 +217,15 @@ def test_append_adds_new_ids_and_refuses_present_ones(segment_artifacts, tmp_pat
     first = labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False)
     run_build_db(segment_artifacts, "sst2", [str(first)], db, "t", KEY, "overwrite", None)
     more = labelled(tmp_path / "b.parquet", 4, 4, "b", bad=False)
-    assert run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", KEY, "append", None).table_rows == 10
+    appended = run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", KEY, "append", None)
+    assert appended.table_rows == 10 and not appended.done
+    again = run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", KEY, "append", None)  # a scheduler's retry
+    assert again.done and again.version == appended.version and "already done" in again.render()
+    with pytest.raises(RaeeConfigError, match="append refused: 6 id"):  # not the input the current version came from
+        run_build_db(segment_artifacts, "sst2", [str(first)], db, "t", KEY, "append", None)
+    overlapping = labelled(tmp_path / "b2.parquet", 5, 4, "b", bad=False)  # `more` and one row more
     with pytest.raises(RaeeConfigError, match="append refused: 4 id"):
-        run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", KEY, "append", None)
+        run_build_db(segment_artifacts, "sst2", [str(overlapping)], db, "t", KEY, "append", None)
     with pytest.raises(RaeeConfigError, match="embedder"):
         run_build_db(
             segment_artifacts,

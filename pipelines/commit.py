@@ -42,6 +42,8 @@ from raee_ops.faults import fault_point
 
 TEMPORARY = "_temporary"
 SUCCESS = "_SUCCESS"
+#: The names a run is moving into its output folder, written before the first move, removed after `_SUCCESS`.
+PUBLISHING = "_PUBLISHING"
 CLAIM = "_CLAIM-"
 #: How often a run on an object store rewrites its claim, and after how long without it a claim is a dead run's.
 HEARTBEAT_S, STALE_S = 60.0, 600.0
@@ -159,15 +161,20 @@ class OutputClaim:
 
     def publish(self, marker: dict[str, Any]) -> list[str]:
         """Move the staged files matching `patterns` into the folder (pattern by pattern), then write `_SUCCESS`
-        with `marker` and the published file names; returns the published paths."""
+        with `marker` and the published file names; returns the published paths. The names are written to
+        `_PUBLISHING` first: a run killed midway leaves the next run a list of exactly what it may remove."""
+        staged = {pattern: storage.match(self.staging_of(pattern)) for pattern in self.patterns}
+        names = [storage.name(s) for files in staged.values() for s in files]
+        storage.write_bytes(storage.join(self.folder, PUBLISHING), json.dumps(names).encode())
         published = []
-        for pattern in self.patterns:
-            moves = [(s, storage.join(self.folder, storage.name(s))) for s in storage.match(self.staging_of(pattern))]
+        for pattern, files in staged.items():
+            moves = [(s, storage.join(self.folder, storage.name(s))) for s in files]
             storage.rename(moves)
             published += [target for _, target in moves]
             fault_point(f"publish:{pattern}")
-        marker = marker | {"files": [storage.name(p) for p in published]}
+        marker = marker | {"files": names}
         storage.write_bytes(storage.join(self.folder, SUCCESS), json.dumps(marker, indent=1, sort_keys=True).encode())
+        storage.delete([storage.join(self.folder, PUBLISHING)])
         return published
 
     def staging_of(self, pattern: str) -> str:
@@ -186,7 +193,14 @@ def claim_output(folder: str, patterns: Sequence[str], what: str) -> Iterator[Ou
                 f"{folder} already holds a complete output ({SUCCESS} present); choose another {what} or delete it"
             )
         names = [n for n in storage.children(folder) if not n.startswith(CLAIM)]
-        stale = [n for n in names if n == TEMPORARY or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        ours = set(json.loads(storage.read_bytes(storage.join(folder, PUBLISHING)))) if PUBLISHING in names else set()
+        foreign = [n for n in names if n not in ours and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        if foreign:  # another command's files (build-db's errors?) would be mixed into this output, or removed
+            raise RaeeConfigError(
+                f"{folder} holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}, which no run of this "
+                f"command left unfinished there; choose another {what}"
+            )
+        stale = [n for n in names if n in ours or n in (TEMPORARY, PUBLISHING)]
         remove_leftovers([storage.join(folder, n) for n in stale], folder)
         staging = storage.join(folder, TEMPORARY, new_run_id())
         storage.mkdirs(staging)

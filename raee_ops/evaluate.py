@@ -28,6 +28,7 @@ from raee_ops.calibration import label_vote, not_before_key
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES, Context, Neighbours, Strategy, refuse_head, resolve
 from raee_ops.metrics import Metric, accuracy, task_metric
+from raee_ops.pipelines.commit import hold
 from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.options import worker_settings
 from raee_ops.pipelines.sources import check_inputs, expand_inputs, read_validated_file, task_of
@@ -338,23 +339,27 @@ def _by_budget(
 def write_report(report: dict[str, Any], directory: str) -> str:
     """report.md and report.png (the plot is skipped, with a note, when matplotlib is missing), then report.json:
     written last, it marks a complete report; an earlier run's is removed first, so a run killed midway never leaves
-    its report.md beside another run's report.json."""
+    its report.md beside another run's report.json. The folder is claimed while writing: a second run waits for
+    the first to finish (on an object store it is refused, exit 75), so two runs never mix their files."""
     out = str(directory)
     check_report_dir(out)
-    summary = storage.join(out, "report.json")
-    if storage.exists(summary):
-        storage.delete([summary])
-    storage.write_bytes(storage.join(out, "report.md"), render_markdown(report).encode())
+    markdown, png = render_markdown(report).encode(), io.BytesIO()
     try:
-        png = io.BytesIO()
         plot(report, png)
-        storage.write_bytes(storage.join(out, "report.png"), png.getvalue())
     except ImportError:
         print(
             "evaluate: matplotlib is not installed (pip install 'raee-ops[report]'); report.png skipped",
             file=sys.stderr,
         )
-    storage.write_bytes(summary, (json.dumps(report, indent=2) + "\n").encode())
+    summary = storage.join(out, "report.json")
+    with hold(out, "--report", wait=True):
+        storage.delete([summary])
+        storage.write_bytes(storage.join(out, "report.md"), markdown)
+        if png.getvalue():
+            storage.write_bytes(storage.join(out, "report.png"), png.getvalue())
+        else:  # an earlier run's plot is not this report's
+            storage.delete([storage.join(out, "report.png")])
+        storage.write_bytes(summary, (json.dumps(report, indent=2) + "\n").encode())
     return out
 
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from raee_ops.pipelines.build_db import run_build_db
+from raee_ops.pipelines.commit import locked
 from raee_ops.schemas.manifest import load_manifest
 from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import BAD_IDS, labelled
@@ -77,6 +79,21 @@ def test_write_report_and_strategy_override(segment_artifacts, evaluated, tmp_pa
     fixed = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(held_out)], 5, ["layer:1", "raee"])
     assert list(fixed["strategies"]) == ["layer:1", "raee"]
     assert fixed["strategies"]["layer:1"]["accuracy"] == report["per_layer_accuracy"][0]
+
+
+def test_two_reports_into_one_folder_never_mix(evaluated, tmp_path):
+    _, _, report = evaluated
+    out = tmp_path / "report"
+    write_report(report, str(out))
+    other = report | {"rows": 7}
+    with locked(str(out), "--report"):  # another run is writing its report there
+        writer = threading.Thread(target=write_report, args=(other, str(out)))
+        writer.start()
+        writer.join(1.0)
+        assert writer.is_alive() and json.loads((out / "report.json").read_text())["rows"] == 25  # it waits
+    writer.join()
+    assert json.loads((out / "report.json").read_text())["rows"] == 7
+    assert "7 rows scored" in (out / "report.md").read_text()
 
 
 def test_task_file_must_be_exported_as_described(segment_artifacts):  # noqa: F811

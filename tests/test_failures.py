@@ -319,6 +319,17 @@ def test_15_errors_on_another_filesystem_than_the_database(segment_artifacts, tm
         shutil.rmtree(errors, ignore_errors=True)
 
 
+def test_16_classify_never_removes_another_commands_files(segment_artifacts, db, tmp_path):  # noqa: F811
+    shared = tmp_path / "runs"
+    train = labelled(tmp_path / "t.parquet", 12, 3, "t")
+    assert raee_ops(*build_args(segment_artifacts, tmp_path / "db2", train, extra=["--errors", shared])).returncode == 0
+    theirs = sorted(p.name for p in shared.glob("errors-*.parquet"))
+    queries = labelled(tmp_path / "q.parquet", 4, 1, "q", bad=False)
+    run = raee_ops(*classify_args(segment_artifacts, db, shared, queries))
+    assert run.returncode == 2 and "which no run of this command left unfinished there" in one_error_line(run)
+    assert sorted(p.name for p in shared.glob("errors-*.parquet")) == theirs  # build-db's rejected rows stay
+
+
 def test_workers_read_the_table_version_the_driver_checked(segment_artifacts, tmp_path):  # noqa: F811
     from raee_ops.retrieval import Retriever
 

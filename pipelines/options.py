@@ -15,6 +15,8 @@ import argparse
 import difflib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -186,13 +188,39 @@ def make_pipeline(beam_args: Sequence[str] = (), **settings: str | None) -> beam
     return beam.Pipeline(options=options)
 
 
+class _Interrupts:
+    """Notes a SIGINT while the block runs (in the main thread; elsewhere there is nothing to note), then raises it
+    as Python would."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._installed = threading.current_thread() is threading.main_thread()
+        self._before: Any = None
+
+    def __enter__(self) -> None:
+        if self._installed:
+            self._before = signal.signal(signal.SIGINT, self._note)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._before if self._before is not None else signal.default_int_handler)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.seen = True
+        signal.default_int_handler(signum, frame)
+
+
 def run_pipeline(pipeline: beam.Pipeline, what: str):
     """Run to completion; any failure (a worker's exception, a job that ends FAILED or CANCELLED) becomes one
     RaeeRunError line, the traceback going to the log."""
+    interrupted = _Interrupts()
     try:
-        result = pipeline.run()
-        state = result.wait_until_finish()
+        with interrupted:
+            result = pipeline.run()
+            state = result.wait_until_finish()
     except Exception as exc:
+        if interrupted.seen:  # Ctrl-C reaches the runner's threads too, which report it as their own failure
+            raise KeyboardInterrupt from exc
         log.debug("%s pipeline failed", what, exc_info=True)
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise RaeeRunError(f"{what} pipeline failed in a Beam worker: {type(exc).__name__}: {first}") from exc

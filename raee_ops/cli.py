@@ -471,12 +471,15 @@ def _fail(message: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every failure is one `error:` line on stderr and its documented exit code."""
-    try:
-        cli.main(args=argv, prog_name="raee-ops", standalone_mode=False)
+    try:  # click's own main would print a blank line on Ctrl-C before this one's error line
+        with cli.make_context("raee-ops", sys.argv[1:] if argv is None else list(argv)) as ctx:
+            cli.invoke(ctx)
+    except click.exceptions.Exit as exc:  # --help, --version
+        sys.exit(exc.exit_code)
     except RaeeError as exc:
         logging.getLogger(__name__).debug("failed", exc_info=True)
         _fail(str(exc), exc.exit_code)
-    except click.exceptions.Abort:
+    except (KeyboardInterrupt, click.exceptions.Abort):
         _fail("interrupted", 130)
     except click.exceptions.NoArgsIsHelpError as exc:  # a bare `raee-ops`: its help, as click would
         click.echo(exc.ctx.get_help(), err=True)

@@ -6,13 +6,14 @@ the process when it gets there: no cleanup, no `finally`, exactly what a schedul
 - `batch:classify`, `batch:build-db`: after a worker finished a batch (use @N to die mid-run)
 - `publish:predictions-*.parquet`: classify has published its predictions but not its errors or `_SUCCESS`
 - `publish:errors-*.parquet`: both are published, `_SUCCESS` is not
-- `commit:errors`: build-db has published its errors but not committed the table
-- `commit:table`: build-db has committed the table but not yet its index or cleaned the old errors
+- `commit:errors`: build-db has staged its errors and fitted, not committed the table
+- `commit:table`: build-db has committed the table but not yet its index or published its errors
 - `export:segment`: export-onnx wrote a segment (use @N to die mid-export)
 - `export:move`: the export is complete in its temporary folder, not yet moved into place
 - `load:classify`, `load:build-db`: a worker is loading the model (with RAEE_FAULT_MODE=raise: a failed job)
 
-`RAEE_FAULT_MODE=raise` raises `InjectedFault` there instead of killing: a worker's failure, not a kill.
+`RAEE_FAULT_MODE=raise` raises `InjectedFault` there instead of killing: a worker's failure, not a kill;
+`RAEE_FAULT_MODE=interrupt` sends SIGINT: a Ctrl-C.
 Unset (always, outside tests), `fault_point` is one dictionary look-up.
 """
 
@@ -38,6 +39,7 @@ def fault_point(name: str) -> None:
         return
     _seen[name] = _seen.get(name, 0) + 1
     if _seen[name] >= int(nth or 1):
-        if os.environ.get(MODE_ENV) == "raise":
+        mode = os.environ.get(MODE_ENV)
+        if mode == "raise":
             raise InjectedFault(f"injected fault at {name}")
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGINT if mode == "interrupt" else signal.SIGKILL)

@@ -330,6 +330,15 @@ def test_16_classify_never_removes_another_commands_files(segment_artifacts, db,
     assert sorted(p.name for p in shared.glob("errors-*.parquet")) == theirs  # build-db's rejected rows stay
 
 
+def test_17_ctrl_c_is_interrupted_130_not_a_workers_failure(segment_artifacts, db, tmp_path):  # noqa: F811
+    queries = labelled(tmp_path / "q.parquet", 40, 1, "q", bad=False)
+    args = classify_args(segment_artifacts, db, tmp_path / "out", queries)
+    run = raee_ops(*args, fault="batch:classify", mode="interrupt")  # in the pipeline, as a user's Ctrl-C lands
+    assert (run.returncode, run.stderr) == (130, "error: interrupted\n")
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    assert raee_ops(*args).returncode == 0
+
+
 def test_workers_read_the_table_version_the_driver_checked(segment_artifacts, tmp_path):  # noqa: F811
     from raee_ops.retrieval import Retriever
 

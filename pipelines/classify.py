@@ -2,8 +2,9 @@
 
 The run claims its output folder (a second live run on it is refused), stages predictions and errors in a
 run-private `_temporary/<run id>/`, checks rows in = predicted + rejected there, then publishes both and writes
-`_SUCCESS` last (see pipelines/commit.py). A folder with `_SUCCESS` is complete and is refused as an output; one
-without it is an unfinished run's, and the next run removes what it left.
+`_SUCCESS` last (see pipelines/commit.py). A folder with `_SUCCESS` is complete: refused as an output, unless its
+marker names this very job (settings and input files), which is then done already (a scheduler's retry of a run
+killed after it finished); one without it is an unfinished run's, and the next run removes what it left.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics.metric import MetricsFilter
-from raee_ops.pipelines.commit import claim_output
+from raee_ops.pipelines.commit import claim_output, completed, job_digest
 from raee_ops.pipelines.inference import NAMESPACE, ClassifyHandler, Infer
 from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.sources import check_inputs, count_rows, expand_inputs, read_validated, task_of, write_tables
@@ -53,6 +54,7 @@ class ClassifySummary:
     beam_exit_counts: dict[int, int] | None = field(default=None)
     table_version: int | None = None
     key_depth: int = 0  # a layer-N table's N: rows that retrieve ran those layers for their key
+    done: bool = False  # the output folder held this very job's complete output: nothing was run
 
     @property
     def mean_exit(self) -> float:
@@ -66,8 +68,10 @@ class ClassifySummary:
             counters = "not reported by this runner"
         else:
             counters = "agree" if self.beam_exit_counts == self.exit_counts else f"DIFFER {self.beam_exit_counts}"
+        done = ["already done: the output holds this job's complete output (same settings and inputs)"]
         return "\n".join(
             [
+                *(done if self.done else []),
                 f"classify with {self.strategy} ({self.settings}; {self.num_layers} layers)",
                 f"rows in: {self.rows_in}  predicted: {self.predicted}  rejected: {self.rejected}  "
                 f"(in = predicted + rejected: {balance})",
@@ -156,6 +160,23 @@ def run_classify(
     probe_policy = budgeted(table_probe_policy(table_schema), layer_budget)
     described = describe(chosen, policy, probe_policy, table_probes(table_schema), k)
     files = expand_inputs(inputs)
+    identity = {"fingerprint": manifest.fingerprint, "task": task_name, "db": db_uri, "table": table}
+    job = job_digest(identity | {"k": k, "strategy": strategy, "layer_budget": layer_budget}, files)
+    done = completed(output_dir, job)
+    if done is not None:
+        return ClassifySummary(
+            strategy,
+            described,
+            manifest.num_layers,
+            done["rows_in"],
+            done["predicted"],
+            done["rejected"],
+            {int(layer): n for layer, n in done["exit_counts"].items()},
+            output_dir,
+            table_version=done["table_version"],
+            key_depth=layer_depth(embedder) or 0,
+            done=True,
+        )
     schema, rows_in = check_inputs(files, task, need_label=False)
     clash = [f.name for f in PREDICTION_FIELDS if f.name in schema.names]
     if clash:
@@ -207,5 +228,15 @@ def run_classify(
                 f"rows in {rows_in} != predicted {predicted} + rejected {rejected} (or Beam's exit counters "
                 f"{summary.beam_exit_counts} differ): nothing published to {output_dir}"
             )
-        claim.publish({"command": "classify", "rows_in": rows_in, "predicted": predicted, "rejected": rejected})
+        claim.publish(
+            {
+                "command": "classify",
+                "job": job,
+                "rows_in": rows_in,
+                "predicted": predicted,
+                "rejected": rejected,
+                "exit_counts": summary.exit_counts,
+                "table_version": version,
+            }
+        )
     return summary

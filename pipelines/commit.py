@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import fnmatch
+import hashlib
 import itertools
 import json
 import logging
@@ -179,6 +180,24 @@ class OutputClaim:
 
     def staging_of(self, pattern: str) -> str:
         return storage.join(self.staging, pattern)
+
+
+def job_digest(identity: dict[str, Any], files: Sequence[str]) -> str:
+    """What one job is (settings and input files, each by path, size and modification time): a complete output
+    whose `_SUCCESS` names the same job is this job's, done."""
+    found = [storage.match_metadata(f, 1)[0] for f in files]
+    inputs = [[m.path, m.size_in_bytes, m.last_updated_in_seconds] for m in found]
+    return hashlib.sha256(json.dumps([identity, inputs], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def completed(folder: str, job: str) -> dict[str, Any] | None:
+    """The `_SUCCESS` marker of a folder holding this very job's complete output (a retry of a run killed after it
+    finished, or run twice by a scheduler), else None."""
+    marker = storage.join(str(folder), SUCCESS)
+    if not storage.is_file(marker):
+        return None
+    found = json.loads(storage.read_bytes(marker))
+    return found if found.get("job") == job else None
 
 
 @contextmanager

@@ -51,7 +51,7 @@ def table_state(db, name="sst2") -> tuple[int, int]:
     return table.count_rows(), table.version
 
 
-def test_1_two_classify_runs_on_one_output_never_both_succeed(segment_artifacts, db, tmp_path):  # noqa: F811
+def test_1_two_classify_runs_on_one_output_never_both_write(segment_artifacts, db, tmp_path):  # noqa: F811
     queries = labelled(tmp_path / "q.parquet", 40, 1, "q", bad=False)
     out = tmp_path / "out"
     with locked(out, "--output"):  # a live run holds the folder: the next one is refused, the folder untouched
@@ -60,9 +60,18 @@ def test_1_two_classify_runs_on_one_output_never_both_succeed(segment_artifacts,
     assert list(out.iterdir()) == []
     args = [sys.executable, "-m", "raee_ops", *map(str, classify_args(segment_artifacts, db, out, queries))]
     runs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    codes = sorted(r.wait(timeout=300) for r in runs)
-    assert codes[0] == 0 and codes[1] in (2, 75), codes  # refused while running (75) or once complete (2)
+    results = [(r.communicate(timeout=300)[0], r.returncode) for r in runs]
+    codes = sorted(code for _, code in results)
+    assert codes in ([0, 0], [0, 75]), codes  # refused while the other runs (75), or found its job done (0)
+    assert sum("already done" in stdout for stdout, _ in results) == codes.count(0) - 1  # only one ran
     assert read_folder(out, "predictions").num_rows == 40 and (out / "_SUCCESS").exists()
+    retry = raee_ops(*classify_args(segment_artifacts, db, out, queries))  # a scheduler's retry: done, exit 0
+    assert retry.returncode == 0 and "already done" in retry.stdout and "predicted: 40" in retry.stdout
+    other = labelled(tmp_path / "q.parquet", 41, 1, "q", bad=False)  # the same path, other rows: another job
+    run = raee_ops(*classify_args(segment_artifacts, db, out, other))
+    assert run.returncode == 2 and "already holds a complete output" in one_error_line(run)
+    run = raee_ops(*classify_args(segment_artifacts, db, out, queries, extra=["--k", "3"]))
+    assert run.returncode == 2 and "already holds a complete output" in one_error_line(run)
 
 
 def test_2_misspelt_options_are_usage_errors_naming_the_closest(segment_artifacts, db, tmp_path):  # noqa: F811
@@ -301,6 +310,8 @@ def test_12_a_failed_job_and_failed_counts_are_not_exit_0(segment_artifacts, db,
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o3", rejected))
     assert run.returncode == 4 and "2 of 3 rows rejected (67%), over --max-rejected 0.5" in one_error_line(run)
     assert (tmp_path / "o3" / "_SUCCESS").exists()  # the outputs are complete; the exit code flags them
+    retry = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o3", rejected))  # done, flagged again
+    assert retry.returncode == 4 and "already done" in retry.stdout
     assert read_folder(tmp_path / "o3", "predictions").num_rows == 1
     assert sorted(read_folder(tmp_path / "o3", "errors").column("id").to_pylist()) == ["b", "c"]
 

@@ -152,8 +152,10 @@ def test_export_build_classify_evaluate_all_on_s3(s3, tiny_llama_dir, tmp_path):
     names = [k.removeprefix("e2e/out/") for k in keys(client, "e2e/out/")]
     assert SUCCESS in names and not [n for n in names if n.startswith((TEMPORARY, CLAIM))], names
 
-    again = raee_ops(*classify, "--input", f"{base}/in/q-*.parquet", *opts, env=env, cwd=cwd)
-    assert again.returncode == 2 and "already holds a complete output" in one_error_line(again)
+    again = raee_ops(*classify, "--input", f"{base}/in/q-*.parquet", *opts, env=env, cwd=cwd)  # a retry: done
+    assert again.returncode == 0 and "already done" in again.stdout and "rows in: 17" in again.stdout
+    other = raee_ops(*classify, "--input", f"{base}/in/q-*.parquet", "--k", "3", *opts, env=env, cwd=cwd)
+    assert other.returncode == 2 and "already holds a complete output" in one_error_line(other)
 
     evaluate = ["evaluate", "--artifacts", art, "--task", "sst2", "--db", db, "--report", f"{base}/report"]
     done = raee_ops(*evaluate, "--input", f"{base}/in/train.parquet", *opts, env=env, cwd=cwd)

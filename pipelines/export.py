@@ -29,7 +29,7 @@ from raee_ops.onnx_export.segments import export_segment
 from raee_ops.onnx_export.tokenizer_file import save_tokenizer
 from raee_ops.onnx_export.verbalizer import label_token_ids
 from raee_ops.onnx_export.verify import verify_export
-from raee_ops.pipelines.commit import CLAIM, hold, new_run_id, reclaim_siblings
+from raee_ops.pipelines.commit import CLAIM, hold, new_run_id, reclaim_siblings, say
 from raee_ops.pipelines.options import make_pipeline, run_pipeline
 from raee_ops.schemas.manifest import (
     MANIFEST_NAME,
@@ -161,8 +161,20 @@ def _move_into_place(work: str, out_dir: str) -> None:
             return
         old = storage.join(parent, f".{storage.name(out_dir)}.old-{new_run_id()}")
         storage.rename([(out_dir, old)])
+        fault_point("export:aside")
         storage.rename([(work, out_dir)])
         storage.delete([old])  # a concurrent run may have reclaimed it
+
+
+def _put_back(out_dir: str) -> None:
+    """A run killed between moving the old export aside and the new one in left none at out_dir: the old one goes
+    back, before anything else may fail (a local folder's `.old-*` sibling; object stores publish in place)."""
+    parent, name = storage.parent(out_dir), storage.name(out_dir)
+    with hold(parent, f"the folder of {out_dir}", wait=True):
+        aside = storage.children(parent, f".{name}.old-*")
+        if aside and not storage.exists(out_dir):
+            storage.rename([(storage.join(parent, aside[-1]), out_dir)])
+            say(f"put back {out_dir}: an export killed while replacing it had moved it aside")
 
 
 def _publish_remote(work: str, out_dir: str, manifest: Manifest) -> None:
@@ -233,6 +245,8 @@ def run_export(
     storage.check_folder(out_dir, "--out")
     parent, name, local = storage.parent(out_dir), storage.name(out_dir), storage.is_local(out_dir)
     storage.mkdirs(parent)
+    if local:
+        _put_back(out_dir)
     for leftover in (".tmp-", ".old-"):
         reclaim_siblings(parent, f".{name}{leftover}*")
     work = storage.join(parent, f".{name}.tmp-{new_run_id()}")

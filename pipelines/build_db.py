@@ -10,24 +10,16 @@ removes a killed run's staging.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
-from raee_ops.pipelines.commit import claim_work_dir, new_run_id
+from raee_ops.pipelines.commit import claim_work_dir, job_digest, new_run_id
 from raee_ops.pipelines.inference import BuildHandler, Infer
 from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.reference import assemble, check_groups, group_codes
-from raee_ops.pipelines.run_record import (
-    RunRecord,
-    input_digest,
-    keep_uncommitted,
-    prune,
-    publish,
-    settle,
-    staging_dir,
-)
+from raee_ops.pipelines.run_record import RunRecord, keep_uncommitted, prune, publish, scope, settle, staging_dir
 from raee_ops.pipelines.sources import (
     check_inputs,
     count_rows,
@@ -92,8 +84,9 @@ class BuildSummary:
     def render(self) -> str:
         if self.done:
             return (
-                f"build-db {self.table} ({self.mode}): already done: table version {self.version} was written from "
-                f"this input ({self.rows_in} rows) by an earlier run; nothing written\nerrors: {self.errors_dir}"
+                f"build-db {self.table} ({self.mode}): already done: table version {self.version} was written by "
+                f"this same job (settings and input files, {self.rows_in} rows); nothing written\n"
+                f"errors: {self.errors_dir}"
             )
         balance = "ok" if self.rows_in == self.written + self.rejected else "MISMATCH"
         p = self.policy
@@ -146,31 +139,31 @@ class AppendBase:
 
     version: int
     views: tuple[str, ...] | None
-    record: RunRecord | None
-    done: bool = False  # this very input was appended by an earlier run (a retry of a run killed after its commit)
+    done: bool = False  # the current version is this very job's (a retry of an append killed after its commit)
 
 
 def claimed_append_base(
-    db_uri: str, table: str, expected: TableMeta, ids: pa.Array, digest: str, storage_options: dict[str, str]
+    db_uri: str, table: str, expected: TableMeta, ids: pa.Array, job: str, storage_options: dict[str, str]
 ) -> AppendBase:
     """One look at the table under the run's claim, where no other run can write it. Its metadata is checked again:
     another run may have replaced the table (other artifacts, task or key) after this run's first look, and the
-    refit must not merge rows of two keys. New ids already in the table are refused, unless the current version was
-    written from this very input (`digest`): then the append is done already."""
+    refit must not merge rows of two keys. An append of the very job the current version was written by is done
+    already (its index built, where due); otherwise new ids already in the table are refused."""
     opened = open_table(db_uri, table, storage_options=storage_options)
     check_meta(
         TableMeta.decode(opened.schema), expected, f"table {table!r} in {db_uri}, replaced since this run began,"
     )
-    probes, record = table_probes(opened.schema), RunRecord.of(opened.schema)
-    base = AppendBase(opened.version, None if probes is None else (probes.pooling,), record)
+    record, probes = RunRecord.of(opened.schema), table_probes(opened.schema)
+    if record is not None and record.job == job:
+        if not opened.list_indices():  # killed between its commit and its index
+            build_index(opened)
+        return AppendBase(opened.version, None, done=True)
     present = opened.search().select([ID]).limit(None).to_arrow().column(ID).combine_chunks()  # the ids alone
     clash = ids.filter(pc.is_in(ids, value_set=present))
-    if len(clash) and record is not None and record.input_digest == digest:
-        return replace(base, done=True)
     if len(clash):
         shown = _examples(clash)
         raise RaeeConfigError(f"append refused: {len(clash)} id(s) already in table {table!r} (e.g. {shown})")
-    return base
+    return AppendBase(opened.version, None if probes is None else (probes.pooling,))
 
 
 def table_record(db_uri: str, table: str, storage_options: dict[str, str]) -> RunRecord | None:
@@ -249,10 +242,12 @@ def run_build_db(
     own_errors = errors_dir is None  # the table's own folder; a given --errors may hold other tables' files
     errors_dir = errors_dir or default_errors_dir(db_uri, table)
     storage.check_folder(errors_dir, "--errors")
-    run_id, digest = new_run_id(), input_digest(ids)
+    settings_used = {"fingerprint": manifest.fingerprint, "task": task_name, "embedder": embedder, "mode": mode}
+    job = job_digest(settings_used | {"group_column": group_column, "layer_budget": layer_budget}, files)
+    run_id, where = new_run_id(), scope(db_uri, table)
     with claim_work_dir(work_dir(db_uri, table), f"table {table!r}") as staging:
-        settle(errors_dir, table, table_record(db_uri, table, store), own_errors)
-        base = claimed_append_base(db_uri, table, meta, ids, digest, store) if mode == "append" else None
+        settle(errors_dir, where, table_record(db_uri, table, store), own_errors)
+        base = claimed_append_base(db_uri, table, meta, ids, job, store) if mode == "append" else None
         if base and base.done:
             return BuildSummary(table, mode, rows_in, 0, 0, 0, errors_dir, version=base.version, done=True)
         views = base.views if base else None
@@ -265,7 +260,7 @@ def run_build_db(
         rows, failed = valid | "Infer" >> Infer(handler)
         write_tables(rows, "WriteStaging", storage.join(staging, "rows"), schema)
         errors = (invalid, failed) | "Errors" >> beam.Flatten()
-        rejects = staging_dir(errors_dir, table, run_id)  # on the errors folder's filesystem: published by a rename
+        rejects = staging_dir(errors_dir, where, run_id)  # on the errors folder's filesystem: published by a rename
         write_tables(errors, "WriteErrors", storage.join(rejects, f"errors-{run_id}"), ERRORS_SCHEMA)
         run_pipeline(pipeline, "build-db")
         written, shards = count_rows(storage.join(staging, "rows*.parquet"))
@@ -285,7 +280,7 @@ def run_build_db(
             refuse_one_row(table, written + (previous[0].num_rows if previous[0] is not None else 0))
         except RaeeError as refused:  # the rejected rows say why: kept, outside the errors output
             if rejected:
-                refused.args = (f"{refused}; its rejected rows: {keep_uncommitted(errors_dir, table, run_id)}",)
+                refused.args = (f"{refused}; its rejected rows: {keep_uncommitted(errors_dir, where, run_id)}",)
             raise
         with phase(f"build-db: fitting the probes and policies on {written} new rows"):
             reference = assemble(
@@ -299,10 +294,7 @@ def run_build_db(
                 layer_budget=layer_budget,
                 group_of=group_of,
             )
-        if base is None:
-            record = RunRecord(run_id, digest, (run_id,))
-        else:
-            record = base.record.after(run_id, digest) if base.record else RunRecord(run_id, digest, None)
+        record = RunRecord(run_id, mode, job)
         fault_point("commit:errors")
         table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store, record)
         publish(rejects, errors_dir)

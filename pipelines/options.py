@@ -194,16 +194,19 @@ class _Interrupts:
 
     def __init__(self) -> None:
         self.seen = False
-        self._installed = threading.current_thread() is threading.main_thread()
-        self._before: Any = None
+        # only Python's own Ctrl-C handling is replaced: an ignored SIGINT (a `cmd &` job, `trap '' INT`) stays so
+        self._installed = (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        )
 
     def __enter__(self) -> None:
         if self._installed:
-            self._before = signal.signal(signal.SIGINT, self._note)
+            signal.signal(signal.SIGINT, self._note)
 
     def __exit__(self, *exc: object) -> None:
         if self._installed:
-            signal.signal(signal.SIGINT, self._before if self._before is not None else signal.default_int_handler)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _note(self, signum: int, frame: object) -> None:
         self.seen = True

@@ -1,20 +1,22 @@
 """What an exit-table version records about the build-db run that wrote it, and the errors folder kept in step.
 
-A run's rejected rows are staged in its errors folder itself (`_staging/<table>/<run id>/`: publishing is then a
-rename on one filesystem, wherever `--errors` is) and published there only after the run's table version is
-committed. That version records the run (`RUN_META_KEY`): its id, a digest of its input ids (a retried append
-whose version is committed already is recognised, not refused) and the runs whose error files belong to the
-table's rows (an overwrite's own; an append adds its own to the previous version's). The table's next run, under
-the table's claim, settles what a killed or failed run left: the committed run's staged errors are published, any
-other run's removed. So the errors folder, read as a dataset (`_`-prefixed names are skipped), holds each rejected
-row of the table's runs once. A run refused for rejecting too many rows keeps its rejected rows in
-`_uncommitted/<table>/<run id>/` (named in its error line) until the table's next run.
+A run's rejected rows are staged in its errors folder itself (`_staging/<scope>/<run id>/`, the scope naming the
+database and table: publishing is then a rename on one filesystem, wherever `--errors` is, and runs on other
+databases sharing the folder never touch it) and published there only after the run's table version is committed.
+That version records the run (`RUN_META_KEY`): its id, its mode and its job (settings and input files, as classify
+names its own), so a retried append whose version is committed already is recognised as done, not refused. The
+table's next run, under the table's claim, settles what a killed run left: the committed run's staged errors are
+published (and, after an overwrite, older runs' files pruned from the table's own folder), any other run's
+staging removed. So the errors folder, read as a dataset (`_`-prefixed names are skipped), holds each rejected row
+of the table's runs once. A run refused for rejecting too many rows keeps its rejected rows in
+`_uncommitted/<scope>/<run id>/` (named in its error line) until the table's next run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -24,85 +26,67 @@ from raee_ops.schemas.tables import RUN_META_KEY
 from raee_ops import storage
 
 STAGING, UNCOMMITTED = "_staging", "_uncommitted"
-ERROR_FILES = "errors-*.parquet"
 
 
 @dataclass(frozen=True)
 class RunRecord:
-    """`error_runs` None: the table's earlier error files are unknown (it was built before runs were recorded)."""
-
     run_id: str
-    input_digest: str
-    error_runs: tuple[str, ...] | None
+    mode: str
+    job: str
 
     def metadata(self) -> dict[bytes, bytes]:
         return {RUN_META_KEY: json.dumps(asdict(self)).encode()}
 
     @classmethod
     def of(cls, schema: pa.Schema) -> RunRecord | None:
+        """None: a table built before runs were recorded."""
         raw = (schema.metadata or {}).get(RUN_META_KEY)
-        if raw is None:
-            return None
-        fields = json.loads(raw)
-        runs = fields["error_runs"]
-        return cls(fields["run_id"], fields["input_digest"], None if runs is None else tuple(runs))
-
-    def after(self, run_id: str, input_digest: str) -> RunRecord:
-        """The record of an append on top of this version."""
-        runs = None if self.error_runs is None else (*self.error_runs, run_id)
-        return RunRecord(run_id, input_digest, runs)
+        return None if raw is None else cls(**json.loads(raw))
 
 
-def input_digest(ids: pa.Array) -> str:
-    """The same input ids, in any order, give the same digest."""
-    return hashlib.sha256("\n".join(sorted(map(str, ids.to_pylist()))).encode()).hexdigest()
+def scope(db_uri: str, table: str) -> str:
+    """The errors folder's subfolder for one table of one database (several may share a --errors folder)."""
+    where = os.path.abspath(storage.local_path(db_uri)) if storage.is_local(db_uri) else db_uri.rstrip("/")
+    return f"{table}.{hashlib.sha256(where.encode()).hexdigest()[:12]}"
 
 
-def staging_dir(errors_dir: str, table: str, run_id: str) -> str:
-    return storage.join(errors_dir, STAGING, table, run_id)
-
-
-def uncommitted_dir(errors_dir: str, table: str, run_id: str) -> str:
-    return storage.join(errors_dir, UNCOMMITTED, table, run_id)
+def staging_dir(errors_dir: str, where: str, run_id: str) -> str:
+    return storage.join(errors_dir, STAGING, where, run_id)
 
 
 def publish(folder: str, errors_dir: str) -> None:
-    """A staged run's error files into the errors folder, then the emptied staging folder away."""
-    storage.rename((f, storage.join(errors_dir, storage.name(f))) for f in storage.match(storage.join(folder, "*")))
+    """A staged run's error files into `errors_dir`, then the emptied staging folder away."""
+    files = storage.match(storage.join(folder, "errors-*.parquet"))
+    storage.rename((f, storage.join(errors_dir, storage.name(f))) for f in files)
     storage.delete([folder])
 
 
-def keep_uncommitted(errors_dir: str, table: str, run_id: str) -> str:
+def keep_uncommitted(errors_dir: str, where: str, run_id: str) -> str:
     """A run that will not commit: its staged rejected rows where the user can read them, outside the errors
     output; returns that folder."""
-    kept = uncommitted_dir(errors_dir, table, run_id)
+    kept = storage.join(errors_dir, UNCOMMITTED, where, run_id)
     storage.mkdirs(kept)
-    publish(staging_dir(errors_dir, table, run_id), kept)
+    publish(staging_dir(errors_dir, where, run_id), kept)
     return kept
 
 
-def settle(errors_dir: str, table: str, record: RunRecord | None, own: bool) -> None:
+def settle(errors_dir: str, where: str, record: RunRecord | None, own: bool) -> None:
     """Under the table's claim, before this run writes: publish the committed run's staged errors (it was killed
-    between its commit and publishing them), remove every other run's staging and kept rows, and prune."""
-    staged = storage.join(errors_dir, STAGING, table)
+    between its commit and publishing them), remove every other run's staging and a refused run's kept rows."""
+    staged = storage.join(errors_dir, STAGING, where)
     for run in storage.children(staged):
         if record and run == record.run_id:
             publish(storage.join(staged, run), errors_dir)
+            prune(errors_dir, record, own)
         else:
             remove_leftovers([storage.join(staged, run)], staged)
-    kept = storage.join(errors_dir, UNCOMMITTED, table)  # a refused run's, kept until now as its line said
+    kept = storage.join(errors_dir, UNCOMMITTED, where)  # a refused run's, kept until now as its line said
     storage.delete(storage.join(kept, run) for run in storage.children(kept))
-    prune(errors_dir, record, own)
 
 
-def prune(errors_dir: str, record: RunRecord | None, own: bool) -> None:
-    """In the table's own errors folder, the error files of runs the table's rows no longer come from (an
-    overwrite replaced them). A folder given with --errors may be shared by tables, so nothing there is removed."""
-    if not own or record is None or record.error_runs is None:
-        return
-    runs = record.error_runs
-    storage.delete(
-        f
-        for f in storage.match(storage.join(errors_dir, ERROR_FILES))
-        if not any(storage.name(f).startswith(f"errors-{run}-") for run in runs)
-    )
+def prune(errors_dir: str, record: RunRecord, own: bool) -> None:
+    """After an overwrite, in the table's own errors folder: older runs' error files (their rows are gone). A
+    folder given with --errors may be shared by tables, so nothing there is removed."""
+    if own and record.mode == "overwrite":
+        old = storage.match(storage.join(errors_dir, "errors-*.parquet"))
+        storage.delete(f for f in old if not storage.name(f).startswith(f"errors-{record.run_id}-"))

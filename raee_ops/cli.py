@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from raee_ops import logs
-from raee_ops.errors import RaeeConfigError, RaeeError
+from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError
 from raee_ops.key_names import DEFAULT_KEY, embedder_layers
 from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET
@@ -102,7 +102,10 @@ def command(name: str) -> Callable[[Callable[..., Any]], click.Command]:
     def wrap(fn: Callable[..., Any]) -> click.Command:
         @functools.wraps(fn)
         def run(*args: Any, verbose: int, quiet: bool, **kwargs: Any) -> Any:  # -v/-q: applied in parse_args
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except KeyboardInterrupt:  # before click turns it into an Abort, printing a blank line
+                raise Interrupted("interrupted") from None
 
         run = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(run)
         run = click.option("-v", "--verbose", count=True, help="Show library logs (-vv: debug).")(run)
@@ -471,15 +474,12 @@ def _fail(message: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every failure is one `error:` line on stderr and its documented exit code."""
-    try:  # click's own main would print a blank line on Ctrl-C before this one's error line
-        with cli.make_context("raee-ops", sys.argv[1:] if argv is None else list(argv)) as ctx:
-            cli.invoke(ctx)
-    except click.exceptions.Exit as exc:  # --help, --version
-        sys.exit(exc.exit_code)
+    try:
+        cli.main(args=argv, prog_name="raee-ops", standalone_mode=False)
     except RaeeError as exc:
         logging.getLogger(__name__).debug("failed", exc_info=True)
         _fail(str(exc), exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except click.exceptions.Abort:  # Ctrl-C outside a command's body (click prints a blank line first)
         _fail("interrupted", 130)
     except click.exceptions.NoArgsIsHelpError as exc:  # a bare `raee-ops`: its help, as click would
         click.echo(exc.ctx.get_help(), err=True)

@@ -3,7 +3,7 @@ pipelines, unbalanced counts — never bad rows, which go to the errors output).
 
 Exit codes: 0 complete and balanced; 1 the pipeline failed; 2 usage or configuration (nothing was changed);
 3 rows in != rows out + rows rejected (nothing was published); 4 outputs are complete but more rows were
-rejected than --max-rejected allows; 75 another run holds the output or table (retry later).
+rejected than --max-rejected allows; 75 another run holds the output or table (retry later); 130 interrupted.
 """
 
 
@@ -45,6 +45,12 @@ class Busy(RaeeError):
     """Another run is writing the same output folder or table; retrying later is safe."""
 
     exit_code = 75
+
+
+class Interrupted(RaeeError):
+    """Ctrl-C (SIGINT) during a command: left as a kill leaves things."""
+
+    exit_code = 130
 
 
 class MissingDependency(RaeeConfigError, ImportError):

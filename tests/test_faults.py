@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lancedb
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -90,6 +91,28 @@ def test_build_db_killed_then_rerun(point, mode, segment_artifacts, tmp_path, fa
     lost, duplicated = lost + len(set(BAD_IDS) - set(errors)), duplicated + len(errors) - len(set(errors))
     assert not list(temp.glob("raee-*"))  # the old build-db staged (and, killed, left) its rows there
     fault_records.append(FaultRecord(f"build-db {mode}", point, 1, lost, duplicated))
+
+
+def test_an_all_rejected_append_killed_after_its_commit_is_done_on_retry(segment_artifacts, tmp_path):  # noqa: F811
+    db = tmp_path / "db"
+    run_build_db(
+        segment_artifacts,
+        "sst2",
+        [str(labelled(tmp_path / "old.parquet", 8, 0, "t", bad=False))],
+        str(db),
+        "sst2",
+        "backbone",
+        "overwrite",
+        None,
+    )
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": ["x1", "x2"], "text": ["good", "fine"], "label": [7, 9]}), bad)
+    args = build_args(segment_artifacts, db, bad, extra=["--mode", "append", "--max-rejected", "1"])
+    assert raee_ops(*args, fault="commit:table").returncode == KILLED  # no new ids: a retry finds none present
+    rerun = raee_ops(*args)
+    assert rerun.returncode == 0 and "already done" in rerun.stdout, rerun.stderr
+    errors = ds.dataset(str(db / "_errors" / "sst2")).to_table().column("id").to_pylist()
+    assert sorted(errors) == ["x1", "x2"]  # once
 
 
 def test_export_killed_then_rerun(tiny_llama_dir, tmp_path, fault_records):

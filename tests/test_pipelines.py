@@ -19,6 +19,7 @@ from raee_ops.pipelines.sources import file_key, read_validated_file
 from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops.errors import RaeeConfigError
+from raee_ops.info import rollback
 from raee_ops.retrieval import table_meta
 from raee_ops.rows import ROW_ID
 from raee_ops.runtime import SegmentRuntime
@@ -93,6 +94,27 @@ def test_an_overwrite_keeps_a_shared_errors_folders_other_files(segment_artifact
     run_build_db(segment_artifacts, "sst2", [train], db, "one", "backbone", "overwrite", None)  # its own folder
     run_build_db(segment_artifacts, "sst2", [train], db, "one", "backbone", "overwrite", None)
     assert len(list((tmp_path / "db" / "_errors" / "one").glob("errors-*.parquet"))) == 1
+
+
+def test_a_rollback_never_removes_error_files(segment_artifacts, tmp_path):  # noqa: F811
+    db = str(tmp_path / "db")
+    for name, mode in (("a", "overwrite"), ("b", "append")):
+        run_build_db(
+            segment_artifacts,
+            "sst2",
+            [str(labelled(tmp_path / f"{name}.parquet", 8, 3, name))],
+            db,
+            "t",
+            KEY,
+            mode,
+            None,
+        )
+    rollback(db, "t", 1)
+    run_build_db(
+        segment_artifacts, "sst2", [str(labelled(tmp_path / "c.parquet", 8, 5, "c"))], db, "t", KEY, "append", None
+    )
+    assert len(list((tmp_path / "db" / "_errors" / "t").glob("errors-*.parquet"))) == 3  # b's too: a rollback of
+    # the rollback brings its rows back
 
 
 def test_classify_raee_predicts_valid_rows_and_rejects_bad(segment_artifacts, built):  # noqa: F811
@@ -226,6 +248,12 @@ def test_append_adds_new_ids_and_refuses_present_ones(segment_artifacts, tmp_pat
     overlapping = labelled(tmp_path / "b2.parquet", 5, 4, "b", bad=False)  # `more` and one row more
     with pytest.raises(RaeeConfigError, match="append refused: 4 id"):
         run_build_db(segment_artifacts, "sst2", [str(overlapping)], db, "t", KEY, "append", None)
+    write_labelled(more, [f"b{i}" for i in range(4)], sentences(4, 9), [0, 1, 0, 1])  # the same ids, other rows
+    with pytest.raises(RaeeConfigError, match="append refused: 4 id"):
+        run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", KEY, "append", None)
+    run_build_db(segment_artifacts, "sst2", [str(first)], db, "u", KEY, "overwrite", None)
+    with pytest.raises(RaeeConfigError, match="append refused: 6 id"):  # not an append's job: not done
+        run_build_db(segment_artifacts, "sst2", [str(first)], db, "u", KEY, "append", None)
     with pytest.raises(RaeeConfigError, match="embedder"):
         run_build_db(
             segment_artifacts,

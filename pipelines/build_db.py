@@ -243,7 +243,7 @@ def run_build_db(
     errors_dir = errors_dir or default_errors_dir(db_uri, table)
     storage.check_folder(errors_dir, "--errors")
     settings_used = {"fingerprint": manifest.fingerprint, "task": task_name, "embedder": embedder, "mode": mode}
-    job = job_digest(settings_used | {"group_column": group_column, "layer_budget": layer_budget}, files)
+    job = job_digest(settings_used | {"group_column": group_column, "layer_budget": layer_budget}, inputs)
     run_id, where = new_run_id(), scope(db_uri, table)
     with claim_work_dir(work_dir(db_uri, table), f"table {table!r}") as staging:
         settle(errors_dir, where, table_record(db_uri, table, store), own_errors)

@@ -161,7 +161,7 @@ def run_classify(
     described = describe(chosen, policy, probe_policy, table_probes(table_schema), k)
     files = expand_inputs(inputs)
     identity = {"fingerprint": manifest.fingerprint, "task": task_name, "db": db_uri, "table": table}
-    job = job_digest(identity | {"k": k, "strategy": strategy, "layer_budget": layer_budget}, files)
+    job = job_digest(identity | {"k": k, "strategy": strategy, "layer_budget": layer_budget}, inputs)
     done = completed(output_dir, job)
     if done is not None:
         return ClassifySummary(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ def raee_ops(
     cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
     """The CLI in its own process (in `cwd`); `fault` sets RAEE_FAULT (and `mode` RAEE_FAULT_MODE) for that run
-    only, `tmpdir` its system temp folder."""
+    only, `tmpdir` its system temp folder. Ctrl-C is live in it, as in a terminal, even where the test process
+    ignores it (pytest-xdist's workers do, and a child inherits an ignored SIGINT)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAEE_FAULT")}
     if tmpdir:
         env["TMPDIR"] = str(tmpdir)
@@ -36,6 +38,7 @@ def raee_ops(
         timeout=TIMEOUT_S,
         env=env,
         cwd=cwd,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

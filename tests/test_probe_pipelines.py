@@ -175,7 +175,7 @@ def test_append_refits_the_probes_on_every_row(segment_artifacts, signal, tmp_pa
         None,
     )
     before = Retriever(db, "t").probes
-    base = claimed_append_base(db, "t", table_meta(db, "t"), pa.array([], pa.string()), {})
+    base = claimed_append_base(db, "t", table_meta(db, "t"), pa.array([], pa.string()), "another job", {})
     assert base.views == (before.pooling,)  # the refit keeps the view: no other input form is run
     more = signal_rows(tmp_path / "b.parquet", 30, 3, "b")
     run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", KEY, "append", None)

@@ -687,13 +687,14 @@ def _int8_vs_pre_fusion(result: Doc) -> list[str]:
     if not base or not target or base["optimized"] or base["quantized"]:
         return []
     ratios = {v: sp[v]["default_rows_per_s"] / base["segments_rows_per_s"] for v in ("fp32", "int8")}
-    verdict = "met" if ratios["int8"] >= target else "NOT met"
+    verdict = "the speed met" if ratios["int8"] >= target else "NOT met"
     return [
         "",
         f"The pre-fusion chain (export {base['fingerprint'][:12]}, unoptimized) in the same run: "
         f"{base['segments_rows_per_s']:.1f} rows/s. Issue 12's default ≥ {target:g}× the full model on the pre-fusion "
         f"segments, read for the int8 default: {ratios['int8']:.2f} ({verdict}; fp32 default {ratios['fp32']:.2f}). "
-        "Its metric is the int8 default's (the INT8 quality table), not the fp32 default's that issue 9 judges.",
+        "The goal also asks issue 9's accuracy of it: judge that by the int8 default's metric in the INT8 quality "
+        "table (against fp32's and the probes'), not by this line.",
     ]
 
 

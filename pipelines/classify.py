@@ -160,7 +160,7 @@ def run_classify(
     probe_policy = budgeted(table_probe_policy(table_schema), layer_budget)
     described = describe(chosen, policy, probe_policy, table_probes(table_schema), k)
     files = expand_inputs(inputs)
-    identity = {"fingerprint": manifest.fingerprint, "task": task_name, "db": db_uri, "table": table}
+    identity = {"fingerprint": manifest.fingerprint, "task": task_name, "db": storage.canonical(db_uri), "table": table}
     job = job_digest(identity | {"k": k, "strategy": strategy, "layer_budget": layer_budget}, inputs)
     done = completed(output_dir, job)
     if done is not None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -46,8 +45,7 @@ class RunRecord:
 
 def scope(db_uri: str, table: str) -> str:
     """The errors folder's subfolder for one table of one database (several may share a --errors folder)."""
-    where = os.path.abspath(storage.local_path(db_uri)) if storage.is_local(db_uri) else db_uri.rstrip("/")
-    return f"{table}.{hashlib.sha256(where.encode()).hexdigest()[:12]}"
+    return f"{table}.{hashlib.sha256(storage.canonical(db_uri).encode()).hexdigest()[:12]}"
 
 
 def staging_dir(errors_dir: str, where: str, run_id: str) -> str:

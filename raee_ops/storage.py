@@ -42,6 +42,12 @@ def local_path(uri: str) -> str:
     return uri.removeprefix("file://")
 
 
+def canonical(uri: str) -> str:
+    """One spelling of a location: a local path made absolute and normalised, an object-store URI without a
+    trailing slash."""
+    return os.path.abspath(local_path(uri)) if is_local(uri) else uri.rstrip("/")
+
+
 _options = PipelineOptions([])  # the run's, as `configure` last gave them to Beam's filesystems
 _reached: set[tuple[str | None, str]] = set()  # (endpoint, bucket) pairs that answered in this process
 

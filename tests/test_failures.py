@@ -65,7 +65,8 @@ def test_1_two_classify_runs_on_one_output_never_both_write(segment_artifacts, d
     assert codes in ([0, 0], [0, 75]), codes  # refused while the other runs (75), or found its job done (0)
     assert sum("already done" in stdout for stdout, _ in results) == codes.count(0) - 1  # only one ran
     assert read_folder(out, "predictions").num_rows == 40 and (out / "_SUCCESS").exists()
-    retry = raee_ops(*classify_args(segment_artifacts, db, out, queries))  # a scheduler's retry: done, exit 0
+    respelt = Path(os.path.relpath(db, tmp_path))  # the same database, spelt from the job's working directory
+    retry = raee_ops(*classify_args(segment_artifacts, respelt, out, queries), cwd=tmp_path)  # a scheduler's retry
     assert retry.returncode == 0 and "already done" in retry.stdout and "predicted: 40" in retry.stdout
     other = labelled(tmp_path / "q.parquet", 41, 1, "q", bad=False)  # the same path, other rows: another job
     run = raee_ops(*classify_args(segment_artifacts, db, out, other))

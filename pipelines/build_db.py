@@ -23,8 +23,8 @@ from raee_ops.pipelines.run_record import RunRecord, keep_uncommitted, prune, pu
 from raee_ops.pipelines.sources import (
     check_inputs,
     count_rows,
-    expand_inputs,
     file_keys,
+    input_files,
     read_validated,
     task_of,
     write_tables,
@@ -168,9 +168,8 @@ def claimed_append_base(
 
 def table_record(db_uri: str, table: str, storage_options: dict[str, str]) -> RunRecord | None:
     """The run record of the table's current version (None: no table yet, or one built before runs were recorded)."""
-    if table not in table_names(connect(db_uri, storage_options)):
-        return None
-    return RunRecord.of(open_table(db_uri, table, storage_options=storage_options).schema)
+    db = connect(db_uri, storage_options)
+    return RunRecord.of(open_listed(db, db_uri, table).schema) if table in table_names(db) else None
 
 
 def refuse_overwrite_with_nothing(table: str, allow_empty: bool) -> None:
@@ -224,7 +223,8 @@ def run_build_db(
             else f"embedder {embedder!r} was not exported into {artifacts} (export-onnx --embedder {embedder}, or "
             f"build-db --embedder {' or '.join([*manifest.embedders, 'backbone', 'layer-N'])})"
         )
-    files = expand_inputs(inputs)
+    found = input_files(inputs)
+    files = [m.path for m in found]
     schema_in, rows_in = check_inputs(files, task, need_label=True)
     if group_column and schema_in is not None and group_column not in schema_in.names:
         raise RaeeConfigError(
@@ -243,7 +243,7 @@ def run_build_db(
     errors_dir = errors_dir or default_errors_dir(db_uri, table)
     storage.check_folder(errors_dir, "--errors")
     settings_used = {"fingerprint": manifest.fingerprint, "task": task_name, "embedder": embedder, "mode": mode}
-    job = job_digest(settings_used | {"group_column": group_column, "layer_budget": layer_budget}, inputs)
+    job = job_digest(settings_used | {"group_column": group_column, "layer_budget": layer_budget}, found)
     run_id, where = new_run_id(), scope(db_uri, table)
     with claim_work_dir(work_dir(db_uri, table), f"table {table!r}") as staging:
         settle(errors_dir, where, table_record(db_uri, table, store), own_errors)
@@ -362,12 +362,11 @@ def commit(
     there (a run failing in between leaves extra feature rows, which append ignores)."""
     db = connect(db_uri, storage_options)
     with phase(f"build-db: committing {data.num_rows} rows to LanceDB"):
+        meta = record.metadata() if record is not None else {}
         if features is not None:
             written = db.create_table(name + FEATURES_SUFFIX, features, schema=features.schema, mode="overwrite")
-            pinned = {FEATURES_VERSION_META_KEY: str(written.version).encode()}
-            data = data.replace_schema_metadata((data.schema.metadata or {}) | pinned)
-        if record is not None:
-            data = data.replace_schema_metadata((data.schema.metadata or {}) | record.metadata())
+            meta[FEATURES_VERSION_META_KEY] = str(written.version).encode()
+        data = data.replace_schema_metadata((data.schema.metadata or {}) | meta)
         table = db.create_table(name, data, schema=data.schema, mode="overwrite")
     fault_point("commit:table")
     indexed = build_index(table)

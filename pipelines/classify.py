@@ -18,7 +18,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from raee_ops.pipelines.commit import claim_output, completed, job_digest
 from raee_ops.pipelines.inference import NAMESPACE, ClassifyHandler, Infer
 from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
-from raee_ops.pipelines.sources import check_inputs, count_rows, expand_inputs, read_validated, task_of, write_tables
+from raee_ops.pipelines.sources import check_inputs, count_rows, input_files, read_validated, task_of, write_tables
 from raee_ops.schemas.manifest import load_manifest
 from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 
@@ -159,9 +159,10 @@ def run_classify(
         raise RaeeConfigError(f"--layer-budget sets probe-fused's and probe-conf's cost; {strategy!r} has no budget")
     probe_policy = budgeted(table_probe_policy(table_schema), layer_budget)
     described = describe(chosen, policy, probe_policy, table_probes(table_schema), k)
-    files = expand_inputs(inputs)
+    found = input_files(inputs)
+    files = [m.path for m in found]
     identity = {"fingerprint": manifest.fingerprint, "task": task_name, "db": storage.canonical(db_uri), "table": table}
-    job = job_digest(identity | {"k": k, "strategy": strategy, "layer_budget": layer_budget}, inputs)
+    job = job_digest(identity | {"k": k, "strategy": strategy, "layer_budget": layer_budget}, found)
     done = completed(output_dir, job)
     if done is not None:
         return ClassifySummary(

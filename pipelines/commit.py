@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from apache_beam.io.filesystem import FileMetadata
+
 from raee_ops import logs, storage
 from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.faults import fault_point
@@ -182,12 +184,10 @@ class OutputClaim:
         return storage.join(self.staging, pattern)
 
 
-def job_digest(identity: dict[str, Any], patterns: Sequence[str]) -> str:
-    """What one job is (settings and the input files its patterns match, each by path, size and modification
-    time; one listing per pattern, as expanding them took): a complete output or table version that names the same
-    job is this job's, done."""
-    found = {m.path: m for pattern in patterns for m in storage.match_metadata(pattern)}
-    inputs = [[m.path, m.size_in_bytes, m.last_updated_in_seconds] for _, m in sorted(found.items())]
+def job_digest(identity: dict[str, Any], files: Sequence[FileMetadata]) -> str:
+    """What one job is (settings and input files, each by path, size and modification time): a complete output or
+    table version that names the same job is this job's, done."""
+    inputs = sorted([m.path, m.size_in_bytes, m.last_updated_in_seconds] for m in files)
     return hashlib.sha256(json.dumps([identity, inputs], sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -16,6 +16,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import FileMetadata
 from raee_ops.schemas.manifest import Manifest, sha256_stream
 from raee_ops.schemas.tables import ID
 
@@ -41,18 +42,22 @@ def task_of(manifest: Manifest, name: str) -> Task:
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Every file of every pattern, each file once; a pattern that matches nothing is an error (a typo must not
-    silently drop an input)."""
-    files = []
+    return [m.path for m in input_files(patterns)]
+
+
+def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
+    """Every file of every pattern (path, size, modification time), each file once; a pattern that matches nothing
+    is an error (a typo must not silently drop an input)."""
+    files: dict[str, FileMetadata] = {}
     for pattern in patterns:
         storage.check_scheme(pattern, "--input")
         if pattern.endswith("/"):  # an object store lists every key under a prefix, `_SUCCESS` and backups too
             raise RaeeConfigError(f"--input {pattern}: a folder; give its files or a glob ({pattern}*.parquet)")
-        matched = storage.match(pattern)
+        matched = storage.match_metadata(pattern)
         if not matched:
             raise RaeeConfigError(f"--input {pattern}: no such file (no Parquet files match)")
-        files += matched
-    return list(dict.fromkeys(files))
+        files |= {m.path: m for m in matched if m.path not in files}
+    return list(files.values())
 
 
 @cache

@@ -29,8 +29,8 @@ FEATURES_SUFFIX = "__features"
 #: The companion's version written with this exit-table version: append reads exactly that one, so a rollback of the
 #: exit table, or a run killed between the two writes, never pairs the table with another version's states.
 FEATURES_VERSION_META_KEY = b"raee_features_version"
-#: The build-db run that wrote this exit-table version (raee_ops.pipelines.run_record): its id, its input's digest
-#: and the runs whose error files hold the rejected rows of the table's rows.
+#: The build-db run that wrote this exit-table version (raee_ops.pipelines.run_record): its id, mode and job (settings
+#: and input files), so a retried append of the same job is known to be done.
 RUN_META_KEY = b"raee_run"
 #: Names a table may have: LanceDB's characters, no leading dot (a table is a folder `<name>.lance` in the database).
 TABLE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from common import REPO_ROOT, require_data, seeded_sample, task_inputs, timer, within_max_length, write_result
+from raee_ops.onnx_export.quantize import METHOD as QUANTIZE_METHOD
 from raee_ops.schemas.manifest import load_manifest
 
 from raee_ops.evaluate import evaluate, write_report
@@ -61,13 +62,18 @@ def raee_ops(*args: str) -> None:
 
 def ensure_artifacts(preset: str, quantize: str | None = None) -> Path:
     """Export once with every bench task and both embedders (`quantize`: export-onnx --quantize, in a folder of its
-    own); an existing export lacking one is redone beside it and swapped in, so another bench reading the old
-    directory never sees a half-written one."""
+    own); an existing export lacking one, or quantized by another method than today's, is redone beside it and
+    swapped in, so another bench reading the old directory never sees a half-written one."""
     name = f"artifacts-{preset}" + (f"-{quantize}" if quantize else "")
     out = BENCH / name
     if (out / "manifest.json").is_file():
         manifest = load_manifest(out, verify_checksums=False)
-        if set(TASKS) <= set(manifest.tasks) and {EMBEDDER, SENTENCE} <= set(manifest.embedders):
+        method = (manifest.quantization or {}).get("method")
+        if (
+            set(TASKS) <= set(manifest.tasks)
+            and {EMBEDDER, SENTENCE} <= set(manifest.embedders)
+            and method == (QUANTIZE_METHOD if quantize else None)
+        ):
             return out
     fresh = BENCH / f"{name}.new"
     shutil.rmtree(fresh, ignore_errors=True)

@@ -299,7 +299,7 @@ def run_export(
                     manifest = replace(manifest, verify=verify_export(files, manifest, adapter, tasks))
             if quantize == "int8":  # after the fp32 check against PyTorch; checked against fp32 itself
                 with phase("export-onnx: quantizing the layers to int8"):
-                    manifest = quantize_layers(files, manifest, tasks, adapter.prompt_suffix, adapter.int8_keep_fp32)
+                    manifest = quantize_layers(files, manifest, tasks, adapter.prompt_suffix)
             if optimize:  # read from the graphs as stored (int8 ones included)
                 manifest = replace(manifest, optimization=_optimization(files, manifest))
             if not local:  # what the driver wrote or changed joins the workers' segments in the temporary folder

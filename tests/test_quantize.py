@@ -28,13 +28,13 @@ def test_int8_layers_are_checked_against_fp32_and_change_fingerprint(tiny_llama_
     assert int8.quantization["method"] == quantize.METHOD and fp32.quantization is None
     assert len(check["layers"]) == fp32.num_layers
     assert all(0 < layer["relative_error"] <= quantize.MAX_RELATIVE_ERROR for layer in check["layers"])
-    assert int8.quantization["kept_fp32"] == ["down_proj"]  # the decoder adapter's outlier-carrying MatMuls
+    assert check["batch_dependence"] <= quantize.MAX_BATCH_DEPENDENCE
     assert set(check["layers"][-1]["head_agreement"]) == {"sst2", "rte"}
     assert int8.fingerprint != fp32.fingerprint  # a table built on fp32 states is refused by int8 artifacts
     layer = onnx.load(str(tmp_path / "int8" / int8.segments.layers[0].file))
-    ops = {node.op_type for node in layer.graph.node if "down_proj" not in node.name}
-    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}
-    assert [n.op_type for n in layer.graph.node if "down_proj" in n.name] == ["MatMul"]
+    ops = [node.op_type for node in layer.graph.node]
+    assert ops.count("MatMulInteger") == 7 and "MatMul" not in ops  # q, k, v, o, gate, up and down projections
+    assert ops.count("QuantizeLinear") == 4  # one per distinct input: q/k/v share theirs, gate/up theirs
     assert not (tmp_path / "int8" / quantize.INT8_DIR).exists()
     prompts = [TASKS[0].render(t) for t in ("a good film", "bad", "it was fine and fun")]
     got = SegmentRuntime(tmp_path / "int8").all_layers("sst2", prompts)
@@ -47,3 +47,32 @@ def test_int8_that_drifts_too_far_is_refused_and_leaves_nothing(tiny_llama_dir, 
     with pytest.raises(ArtifactError, match="int8 layers drift too far from fp32"):
         export(tiny_llama_dir, tmp_path / "int8", "int8")
     assert not (tmp_path / "int8").exists() and not list(tmp_path.glob(".int8.tmp-*"))
+
+
+def test_an_int8_row_answers_the_same_whatever_it_is_batched_with(tiny_llama_dir, tmp_path):
+    """Per-token input scales: a row's logits at every layer do not depend on its companions or their padding."""
+    runtime = SegmentRuntime(export(tiny_llama_dir, tmp_path / "int8", "int8"))
+    row = TASKS[0].render("a good film")
+    others = [TASKS[0].render(t) for t in ("bad", "it was fine and fun, " * 6, "AAAA!!! " * 9)]
+    alone = runtime.all_layers("sst2", [row])
+    batched = runtime.all_layers("sst2", [*others, row])[:, -1:]
+    np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_whose_states_move_with_the_batch_is_refused(tiny_llama_dir, tmp_path, monkeypatch):
+    """ONNX Runtime's dynamic quantization (one input scale per batch) in place of ours: the check catches it."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    def per_batch(source: Path, target: Path) -> None:
+        quantize_dynamic(
+            source,
+            target,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+
+    monkeypatch.setattr(quantize, "quantize_matmuls", per_batch)
+    with pytest.raises(ArtifactError, match="int8 layers depend on the batch"):
+        export(tiny_llama_dir, tmp_path / "int8", "int8")
+    assert not (tmp_path / "int8").exists()

@@ -35,9 +35,6 @@ class ArchitectureAdapter(ABC):
     #: torch.onnx.export path for this architecture's segments.
     dynamo: ClassVar[bool] = False
     padding_side: ClassVar[str] = "right"
-    #: MatMuls (by a part of their ONNX node name) that `--quantize int8` keeps in fp32: those whose inputs carry
-    #: outlier activations that a per-batch int8 scale flattens.
-    int8_keep_fp32: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any) -> None:
         self.model = model.eval()

@@ -76,3 +76,41 @@ def test_int8_whose_states_move_with_the_batch_is_refused(tiny_llama_dir, tmp_pa
     with pytest.raises(ArtifactError, match="int8 layers depend on the batch"):
         export(tiny_llama_dir, tmp_path / "int8", "int8")
     assert not (tmp_path / "int8").exists()
+
+
+@pytest.mark.parametrize("opset", [17, 18])  # ReduceMax's axes: an attribute before opset 18, an input since
+def test_a_matmul_becomes_int8_per_output_channel_and_per_token(tmp_path, opset):
+    """On a hand-made graph: the int8 graph computes exactly the per-token × per-channel quantized product, each
+    token at its own scale, so a row of tiny values keeps its precision beside a row of huge ones."""
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(8, 5)).astype(np.float32)
+    x = rng.normal(size=(2, 3, 8)).astype(np.float32)
+    x[0, 0] *= 1e4  # one outlier token
+    x[1, 2] = 0.0  # a padded (all-zero) token
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", "t", 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", "t", 5])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    onnx.save(model, tmp_path / "fp32.onnx")
+    quantize.quantize_matmuls(tmp_path / "fp32.onnx", tmp_path / "int8.onnx")
+
+    got = _run(tmp_path / "int8.onnx", x)
+    w_scale = np.abs(weight).max(axis=0) / 127
+    x_scale = np.maximum(np.abs(x).max(axis=2, keepdims=True) / 127, quantize.TINY)
+    want = (np.round(x / x_scale) @ np.round(weight / w_scale)) * w_scale * x_scale
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    exact = x @ weight
+    small = np.abs(exact[1]).max()
+    assert np.abs(got[1] - exact[1]).max() < 0.02 * small  # not flattened by the outlier token in row 0
+    assert np.array_equal(got[1, 2], np.zeros(5, np.float32))
+    assert [n.op_type for n in onnx.load(tmp_path / "int8.onnx").graph.node].count("MatMul") == 0
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]

@@ -2,10 +2,10 @@
 side on the same rows, so the default key is picked by measured accuracy per cost.
 
 Keys: `minilm` (build-db's default), `minilm-N` (MiniLM's first N layers, mean-pooled: export-onnx --embedder
-minilm-N), `minilm-int8` (the same graph with dynamic per-channel INT8 MatMuls; the issue adopts it only if its
-top-10 neighbours overlap fp32's ≥ 0.9 and its vote stays within 0.5 point), `backbone` (the paper's key: the embed
-segment's mean over the raw input's tokens) and `layer-N` (the mean over the prompt's tokens after the backbone's
-first N layers, standardized on the rows: a state the rows that run layers compute anyway).
+minilm-N), `minilm-int8` (the same graph with INT8 MatMuls, as export-onnx --quantize int8 writes layers; the issue
+adopts it only if its top-10 neighbours overlap fp32's ≥ 0.9 and its vote stays within 0.5 point), `backbone` (the
+paper's key: the embed segment's mean over the raw input's tokens) and `layer-N` (the mean over the prompt's tokens
+after the backbone's first N layers, standardized on the rows: a state the rows that run layers compute anyway).
 Scores, among seeded train rows of each task (no validation row is read): the k=10 neighbours' label vote,
 leave-one-out, and the key probe (the answer at exit 0, and key-lr's) out of fold, fitted as build-db fits it.
 Cost: rows/s of the key alone on the same rows (for `layer-N`: the embed segment and N layers).

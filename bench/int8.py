@@ -19,6 +19,7 @@ import numpy as np
 import quality
 import speed
 from common import require_data, write_result
+from raee_ops.schemas.manifest import load_manifest
 
 from raee_ops.exit_policy import DEFAULT_STRATEGY
 from raee_ops.retrieval import Retriever
@@ -109,7 +110,8 @@ def main() -> int:
     tasks = quality.QUICK_TASKS if args.quick else quality.TASKS
     for preset in args.preset or PRESETS[:1]:
         artifacts = {"fp32": quality.ensure_artifacts(preset), "int8": quality.ensure_artifacts(preset, "int8")}
-        payload: dict[str, Any] = {"preset": preset, "default_strategy": DEFAULT_STRATEGY}
+        method = load_manifest(artifacts["int8"], verify_checksums=False).quantization["method"]
+        payload: dict[str, Any] = {"preset": preset, "default_strategy": DEFAULT_STRATEGY, "int8_method": method}
         if not args.quality_only:  # first: a fresh process, nothing else loaded yet
             payload["speed"] = speeds(artifacts, preset, args.quick, data, args.baseline_artifacts)
             payload["timing"] = TIMING

@@ -636,7 +636,8 @@ def render_int8(result: Doc) -> list[str]:
     """The default strategy on int8 against fp32 artifacts, same rows, each with probes fitted on its own states;
     a `--speed-only` result (int8-speed-<preset>) has the speed part alone, a `--quality-only` one the metrics."""
     tasks = result.get("tasks")
-    lines: list[str] = []
+    method = result.get("int8_method", "ONNX Runtime's dynamic quantization, one input scale per batch")
+    lines: list[str] = [f"INT8 method: {method}.", ""]
     verdicts = []
     if tasks:
         lines += [

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from raee_ops.onnx_export.verify import _session, ort_layer_states, sample_prompts
 from raee_ops.schemas.manifest import FileRef, Manifest
 from tokenizers import Tokenizer
@@ -48,6 +48,8 @@ LEVELS = 127
 #: The uint8 zero point of symmetric per-token inputs: ONNX Runtime's fast integer MatMul takes uint8 × int8.
 INPUT_ZERO = 128
 TINY = 1e-12
+#: ONNX Runtime's contrib domain (MatMulIntegerToFloat: the integer MatMul with its float rescale in one kernel).
+CONTRIB = "com.microsoft"
 
 
 def _states(directory: Path, manifest: Manifest, prompts: Sequence[list[int]], layer_files: Sequence[str] | None):
@@ -144,21 +146,19 @@ class _Rewrite:
         return self.inputs[x]
 
     def matmul(self, node: onnx.NodeProto, weight: np.ndarray) -> None:
-        """x @ W as (int8 x) @ (int8 W), rescaled by the row's and the column's scales."""
+        """x @ W as (int8 x) @ (int8 W), rescaled by the column's scales inside ONNX Runtime's integer MatMul (its
+        input scale is one number, so 1) and by the row's after it."""
         rows, column, lead = self.quantized_input(node.input[0], weight.shape[0])
         scale = np.maximum(np.abs(weight).max(axis=0), TINY) / LEVELS
         q = f"{node.name}/int8"
-        product = self.node(
-            "MatMulInteger",
-            [
-                rows,
-                self.const(f"{q}/w", np.round(weight / scale).astype(np.int8)),
-                self.const(f"{q}/zero", np.uint8(INPUT_ZERO)),
-            ],
-            f"{q}/int32",
-        )
-        real = self.node("Cast", [product], f"{q}/f32", to=TensorProto.FLOAT)
-        by_column = self.node("Mul", [real, self.const(f"{q}/w_scale", scale.astype(np.float32))], f"{q}/by_col")
+        inputs = [
+            rows,
+            self.const(f"{q}/w", np.round(weight / scale).astype(np.int8)),
+            self.const(f"{q}/one", np.float32(1.0)),
+            self.const(f"{q}/w_scale", scale.astype(np.float32)),
+            self.const(f"{q}/zero", np.uint8(INPUT_ZERO)),
+        ]
+        by_column = self.node("MatMulIntegerToFloat", inputs, f"{q}/by_col", domain=CONTRIB)
         by_row = self.node("Mul", [by_column, column], f"{q}/by_row")
         width = self.const(f"{q}/width", np.array([weight.shape[1]], np.int64))
         shape = self.node("Concat", [lead, width], f"{q}/shape", axis=0)
@@ -179,6 +179,8 @@ def quantize_matmuls(source: Path, target: Path) -> None:
             rewrite.nodes.append(node)
             continue
         rewrite.matmul(node, numpy_helper.to_array(weight).astype(np.float32))
+    if rewrite.constants and all(o.domain != CONTRIB for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CONTRIB, 1))
     read = {name for node in rewrite.nodes for name in node.input}
     kept = [tensor for tensor in graph.initializer if tensor.name in read]
     del graph.node[:], graph.initializer[:]

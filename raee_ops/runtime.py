@@ -276,6 +276,11 @@ class SegmentRuntime:
         bind = on_cuda if io_binding is None else io_binding
         self._device = DeviceChain("cuda" if on_cuda else "cpu") if bind else None
         m = self.manifest
+        if on_cuda and m.quantization:
+            log.warning(
+                "int8 artifacts on CUDA: ONNX Runtime's CUDA provider has no uint8 x int8 MatMul, so their MatMuls "
+                "run on the CPU; export without --quantize for GPUs"
+            )
         self.tokenizer = self._tokenizer(m.tokenizer.file)
         self.suffix = f" {m.tokenizer.mask_token}" if m.readout == "mask" else ""
         self.embed_session = self._session(m.segments.embed)

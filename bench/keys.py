@@ -66,8 +66,8 @@ def side_artifacts(artifacts: Path, tag: str, replaced: str | None = None) -> tu
 
 
 def int8_artifacts(artifacts: Path) -> Path:
-    """A copy of `artifacts` whose MiniLM graph is dynamically quantized, its manifest checksum updated so the
-    runtime loads it like any export."""
+    """A copy of `artifacts` whose MiniLM graph's MatMuls are int8 (as export-onnx --quantize int8 makes layers),
+    its manifest checksum updated so the runtime loads it like any export."""
     entry = json.loads((artifacts / "manifest.json").read_text())["embedders"][EMBEDDER]["model"]
     out, manifest = side_artifacts(artifacts, "key-int8", entry["file"])
     quantize_matmuls(artifacts / entry["file"], out / entry["file"])

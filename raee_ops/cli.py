@@ -180,7 +180,7 @@ def beam_args() -> list[str]:
     "--quantize",
     type=click.Choice(["int8"]),
     default=None,
-    help="Quantize the layers' weights to int8 (dynamic, per channel), checked against the fp32 layers.",
+    help="Run the layers' MatMuls in int8 (weights per channel, inputs per token), checked against fp32; for CPUs.",
 )
 def export_onnx(
     model_spec: str,

@@ -278,8 +278,8 @@ class SegmentRuntime:
         m = self.manifest
         if on_cuda and m.quantization:
             log.warning(
-                "int8 artifacts on CUDA: ONNX Runtime's CUDA provider has no uint8 x int8 MatMul, so their MatMuls "
-                "run on the CPU; export without --quantize for GPUs"
+                "int8 artifacts on CUDA: ONNX Runtime's CUDA provider has no kernel for their int8 MatMuls "
+                "(MatMulIntegerToFloat), so those run on the CPU; export without --quantize for GPUs"
             )
         self.tokenizer = self._tokenizer(m.tokenizer.file)
         self.suffix = f" {m.tokenizer.mask_token}" if m.readout == "mask" else ""

@@ -34,6 +34,11 @@ def test_int8_layers_are_checked_against_fp32_and_change_fingerprint(tiny_llama_
     layer = onnx.load(str(tmp_path / "int8" / int8.segments.layers[0].file))
     ops = [node.op_type for node in layer.graph.node]
     assert ops.count("MatMulIntegerToFloat") == 7 and "MatMul" not in ops  # q, k, v, o, gate, up and down projections
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in layer.graph.initializer}
+    int8_weights = [weights[n.input[1]] for n in layer.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    # no pair of uint8 x int8 products can saturate int16, as CPUs without VNNI sum them
+    assert all(w.dtype == np.int8 and 2 * 255 * int(np.abs(w).max()) <= 32767 for w in int8_weights)
+    assert not any("MatMulIntegerToFloat" in g["fused"] for g in int8.optimization["graphs"].values())
     assert ops.count("QuantizeLinear") == 4  # one per distinct input: q/k/v share theirs, gate/up theirs
     assert not (tmp_path / "int8" / quantize.INT8_DIR).exists()
     prompts = [TASKS[0].render(t) for t in ("a good film", "bad", "it was fine and fun")]
@@ -63,7 +68,7 @@ def test_int8_whose_states_move_with_the_batch_is_refused(tiny_llama_dir, tmp_pa
     """ONNX Runtime's dynamic quantization (one input scale per batch) in place of ours: the check catches it."""
     from onnxruntime.quantization import quantize_dynamic
 
-    def per_batch(source: Path, target: Path) -> None:
+    def per_batch(source: Path, target: Path) -> int:
         quantize_dynamic(
             source,
             target,
@@ -71,6 +76,7 @@ def test_int8_whose_states_move_with_the_batch_is_refused(tiny_llama_dir, tmp_pa
             per_channel=True,
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
+        return 1
 
     monkeypatch.setattr(quantize, "quantize_matmuls", per_batch)
     with pytest.raises(ArtifactError, match="int8 layers depend on the batch"):
@@ -96,10 +102,10 @@ def test_a_matmul_becomes_int8_per_output_channel_and_per_token(tmp_path, opset)
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     onnx.save(model, tmp_path / "fp32.onnx")
-    quantize.quantize_matmuls(tmp_path / "fp32.onnx", tmp_path / "int8.onnx")
+    assert quantize.quantize_matmuls(tmp_path / "fp32.onnx", tmp_path / "int8.onnx") == 1
 
     got = _run(tmp_path / "int8.onnx", x)
-    w_scale = np.abs(weight).max(axis=0) / 127
+    w_scale = np.abs(weight).max(axis=0) / 63  # 7 bits: see quantize.WEIGHT_LEVELS
     x_scale = np.maximum(np.abs(x).max(axis=2, keepdims=True) / 127, quantize.TINY)
     want = (np.round(x / x_scale) @ np.round(weight / w_scale)) * w_scale * x_scale
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -112,3 +118,11 @@ def test_a_matmul_becomes_int8_per_output_channel_and_per_token(tmp_path, opset)
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
     return open_session(path, 1).run(None, {"x": x})[0]
+
+
+def test_a_layer_with_nothing_to_quantize_is_refused(tiny_llama_dir, tmp_path, monkeypatch):
+    """An export labelled int8 whose layers hold no int8 MatMul (weights not constants, say) is refused."""
+    monkeypatch.setattr(quantize, "quantize_matmuls", lambda source, target: 0)
+    with pytest.raises(ArtifactError, match="has no MatMul by a constant weight to quantize"):
+        export(tiny_llama_dir, tmp_path / "int8", "int8")
+    assert not (tmp_path / "int8").exists()

@@ -137,13 +137,15 @@ def timed(fn: Callable[[Rows], np.ndarray], rows: Rows, warmup: Rows) -> tuple[n
     return fastest(lambda: fn(rows), REPEATS)
 
 
-def timed_together(fns: dict[str, Callable[[Rows], np.ndarray]], rows: Rows, warmup: Rows) -> dict[str, Any]:
+def timed_together(
+    fns: dict[str, Callable[[Rows], np.ndarray]], rows: Rows, warmup: Rows, rounds: int = REPEATS
+) -> dict[str, Any]:
     """As `timed` for several methods at once, each round timing every method once: a load change on a shared
     machine then hits all of them alike, so their ratios hold. Name -> (predictions, fastest pass)."""
     for fn in fns.values():
         fn(warmup)
     best, out = dict.fromkeys(fns, float("inf")), {}
-    for _ in range(REPEATS):
+    for _ in range(rounds):
         for name, fn in fns.items():
             with timer() as t:
                 out[name] = fn(rows)

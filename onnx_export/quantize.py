@@ -38,7 +38,8 @@ from raee_ops.tasks import Task
 
 METHOD = "int8 MatMuls: 7-bit weights per output channel, 8-bit inputs per token at run time (both symmetric)"
 #: Largest accepted ‖h_int8 − h_fp32‖ / ‖h_fp32‖ over the readout states at the last layer: a guard against a
-#: broken quantization (SmolLM2: 0.13 per token; 0.36 with one scale per batch), not an accuracy claim.
+#: broken quantization (SmolLM2: 0.13 per token; 0.36 with one scale per batch and every MatMul int8), not an
+#: accuracy claim.
 MAX_RELATIVE_ERROR = 0.2
 #: Largest accepted change of any one row's int8 readout states between two batchings (relative to its size): per
 #: token it is a float's rounding; one scale per batch moved a SmolLM2 row by 0.19.

@@ -28,12 +28,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 from raee_ops.onnx_export.optimize import CONTRIB, INT8_MATMUL
-from raee_ops.onnx_export.verify import _session, ort_layer_states, sample_prompts
+from raee_ops.onnx_export.verify import Sessions, ort_layer_states, pad_prompts, sample_prompts
 from raee_ops.schemas.manifest import FileRef, Manifest
 from tokenizers import Tokenizer
 
 from raee_ops.errors import ArtifactError
-from raee_ops.runtime import attention_mask, pad_right, readout_positions
 from raee_ops.tasks import Task
 
 METHOD = "int8 MatMuls: 7-bit weights per output channel, 8-bit inputs per token at run time (both symmetric)"
@@ -56,13 +55,6 @@ WEIGHT_LEVELS = 63
 TINY = 1e-12
 
 
-def _states(directory: Path, manifest: Manifest, prompts: Sequence[list[int]], layer_files: Sequence[str] | None):
-    ids, lengths = pad_right(prompts, manifest.tokenizer.pad_id)
-    mask = attention_mask(lengths, ids.shape[1])
-    positions = readout_positions(ids, lengths, manifest.readout, manifest.tokenizer.mask_token_id)
-    return ort_layer_states(directory, manifest, ids, mask, positions, layer_files)
-
-
 def _relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(a)), TINY))
 
@@ -74,16 +66,16 @@ def compare(
     the int8 states move when the batch is cut in two (other companions, other padding)."""
     tokenizer = Tokenizer.from_file(str(directory / manifest.tokenizer.file))
     encoded = [tokenizer.encode(prompt).ids for prompt in sample_prompts(tasks, suffix)]
-    fp32 = _states(directory, manifest, encoded, None)
-    int8 = _states(directory, manifest, encoded, int8_files)
+    sessions = Sessions(directory)
+
+    def states(prompts: Sequence[list[int]], layer_files: Sequence[str] | None) -> list[np.ndarray]:
+        return ort_layer_states(sessions, manifest, pad_prompts(manifest, prompts), layer_files)
+
+    fp32, int8 = states(encoded, None), states(encoded, int8_files)
     half = len(encoded) // 2
-    cut = [
-        np.concatenate(pair)
-        for pair in zip(
-            *(_states(directory, manifest, part, int8_files) for part in (encoded[:half], encoded[half:])), strict=True
-        )
-    ]
-    heads = {n: _session(directory / e.head.file) for n, e in manifest.tasks.items() if e.head is not None}
+    halves = (states(part, int8_files) for part in (encoded[:half], encoded[half:]))
+    cut = [np.concatenate(pair) for pair in zip(*halves, strict=True)]
+    heads = {n: sessions[e.head.file] for n, e in manifest.tasks.items() if e.head is not None}
 
     def answers(head: Any, states: np.ndarray) -> np.ndarray:
         return head.run(None, {"hidden_states": states})[0].argmax(axis=1)

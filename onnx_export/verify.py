@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -41,8 +41,35 @@ def sample_prompts(tasks: Sequence[Task], suffix: str) -> list[str]:
     return [task.render(text, pair, suffix=suffix) for task in tasks for text, pair in SAMPLE_TEXTS]
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    return open_session(path, 2)
+class Sessions(dict[str, Any]):
+    """An export's ONNX Runtime sessions by file name, each opened on first use and kept: the checks chain the same
+    segments more than once."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.directory = directory
+
+    def __missing__(self, file: str) -> ort.InferenceSession:
+        self[file] = session = open_session(self.directory / file, 2)
+        return session
+
+
+class Padded(NamedTuple):
+    """Encoded prompts right-padded into one batch, with where each row's head reads."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    mask: np.ndarray
+    positions: np.ndarray
+
+
+def pad_prompts(manifest: Manifest, encoded: Sequence[Sequence[int]]) -> Padded:
+    ids, lengths = pad_right(encoded, manifest.tokenizer.pad_id)
+    try:
+        positions = readout_positions(ids, lengths, manifest.readout, manifest.tokenizer.mask_token_id)
+    except ValueError as exc:
+        raise ArtifactError(f"verification prompt: {exc}") from exc
+    return Padded(ids, lengths, attention_mask(lengths, ids.shape[1]), positions)
 
 
 def check_tokenizer(directory: Path, manifest: Manifest, tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -59,24 +86,19 @@ def check_tokenizer(directory: Path, manifest: Manifest, tokenizer: Any, prompts
 
 
 def ort_layer_states(
-    directory: Path,
-    manifest: Manifest,
-    ids: np.ndarray,
-    mask: np.ndarray,
-    positions: np.ndarray,
-    layer_files: Sequence[str] | None = None,
+    sessions: Sessions, manifest: Manifest, batch: Padded, layer_files: Sequence[str] | None = None
 ) -> list[np.ndarray]:
     """Chained segments on the padded batch (the manifest's layers, or `layer_files` in their place); returns each
     layer's hidden state at the readout positions."""
-    rows = np.arange(len(ids))
-    hidden, context = embed_batch(_session(directory / manifest.segments.embed.file), ids, mask)
+    rows = np.arange(len(batch.ids))
+    hidden, context = embed_batch(sessions[manifest.segments.embed.file], batch.ids, batch.mask)
     states = []
     for index, file in enumerate(layer_files or [ref.file for ref in manifest.segments.layers]):
-        session = _session(directory / file)
+        session = sessions[file]
         hidden = session.run(None, layer_feed(session, hidden, context))[0]
         if not np.isfinite(hidden).all():
             raise ArtifactError(f"verification failed: layer {index} produced non-finite values")
-        states.append(hidden[rows, positions])
+        states.append(hidden[rows, batch.positions])
     return states
 
 
@@ -111,17 +133,12 @@ def verify_export(
     the readout hidden states themselves, what its probes read); raise naming the first layer that differs."""
     prompts = sample_prompts(tasks, adapter.prompt_suffix)
     encoded = check_tokenizer(directory, manifest, adapter.tokenizer, prompts)
-    ids, lengths = pad_right(encoded, manifest.tokenizer.pad_id)
-    mask = attention_mask(lengths, ids.shape[1])
-    try:
-        positions = readout_positions(ids, lengths, manifest.readout, manifest.tokenizer.mask_token_id)
-    except ValueError as exc:
-        raise ArtifactError(f"verification prompt: {exc}") from exc
-
-    onnx_states = ort_layer_states(directory, manifest, ids, mask, positions)
-    torch_states = torch_layer_states(adapter, encoded, positions)
+    batch = pad_prompts(manifest, encoded)
+    sessions = Sessions(directory)
+    onnx_states = ort_layer_states(sessions, manifest, batch)
+    torch_states = torch_layer_states(adapter, encoded, batch.positions)
     heads = {
-        name: (_session(directory / entry.head.file), adapter.head_segment(entry.label_token_ids))
+        name: (sessions[entry.head.file], adapter.head_segment(entry.label_token_ids))
         for name, entry in manifest.tasks.items()
         if entry.head is not None
     }
@@ -151,6 +168,6 @@ def verify_export(
         "compared": "head logits" if heads else "readout hidden states (no label-word head)",
         "tolerance": ATOL,
         "prompts": len(prompts),
-        "lengths": lengths.tolist(),
+        "lengths": batch.lengths.tolist(),
         "max_abs_diff": max_diffs,
     }

@@ -120,7 +120,7 @@ def row_ids(table: pa.Table, file_key: str, first_row: int) -> tuple[pa.Array, n
     if _is_text(values.type):
         ids, undecodable = as_text(values)
         if undecodable.any():
-            raw = values.to_pylist()
+            raw = values.cast(pa.large_binary()).to_pylist()  # bytes: a string-typed array would decode them
             ids = pa.array(
                 [_id_text(b) if bad else v for b, v, bad in zip(raw, ids.to_pylist(), undecodable, strict=True)]
             )

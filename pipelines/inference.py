@@ -1,8 +1,9 @@
 """RunInference model handlers: a worker loads the runtime (and retriever) once, then runs Arrow batches.
 
-Beam does the batching (`batch_elements_kwargs`), model sharing and latency metrics. Per-row problems are
-caught inside `run_inference` and become error rows, since an exception would fail the whole batch;
-RunInference's own failure output is still mapped to error rows as a backstop.
+Beam does the batching (`batch_elements_kwargs`), model sharing and latency metrics. A row that fails where its
+batch's other rows run becomes an error row (`run_inference` isolates it); a failure no row of a batch escapes is
+the worker's or the artifacts', never the rows', and fails the job (exit 1, nothing published), as does any other
+exception: rows are never rejected for a broken worker.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from raee_ops.schemas.tables import FEATURES, LABEL, PREDICTION_FIELDS, TEXT, TE
 from raee_ops import storage
 from raee_ops.artifacts import local_artifacts
 from raee_ops.calibration import log_softmax
+from raee_ops.errors import RaeeRunError
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.faults import fault_point
 from raee_ops.layer_key import layer_depth
@@ -156,13 +158,16 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         prompts = [p for p, ok in zip(prompts, fits, strict=True) if ok]
         try:
             rows = [self.predict(model, table, prompts)] if table.num_rows else []
-        except Exception:  # isolate the offending rows, keep the rest of the batch
-            rows = []
+        except Exception as batch_failure:  # isolate the offending rows, keep the rest of the batch
+            rows, failed = [], []
             for i in range(table.num_rows):
                 try:
                     rows.append(self.predict(model, table.slice(i, 1), prompts[i : i + 1]))
                 except Exception as exc:  # becomes this row's error reason
-                    errors.append(internal_errors(table.slice(i, 1), [f"inference failed: {exc!r}"]))
+                    failed.append(internal_errors(table.slice(i, 1), [f"inference failed: {exc!r}"]))
+            if not rows:  # no row runs: the artifacts or the worker are broken, not the rows; the job fails
+                raise RaeeRunError(f"inference failed on every row of a batch: {batch_failure!r}") from batch_failure
+            errors += failed
         errors_out = pa.concat_tables(errors)
         beam.metrics.Metrics.counter(NAMESPACE, "rows_rejected").inc(errors_out.num_rows)
         rows_out = pa.concat_tables(rows) if rows else self.empty(model)
@@ -339,25 +344,15 @@ def split_outcome(outcome: Outcome):
     yield beam.pvalue.TaggedOutput("errors", outcome.errors)
 
 
-def failed_batch_errors(failure: tuple[Sequence[pa.Table], Any]) -> Iterable[pa.Table]:
-    """RunInference's dead letters (batch, exception info) -> error rows for every row of the batch."""
-    batch, info = failure
-    reason = f"inference failed for the whole batch: {info[1] if isinstance(info, tuple) else info}"
-    for table in batch:
-        yield internal_errors(table, [reason] * table.num_rows)
-
-
 class Infer(beam.PTransform):
-    """Valid tables -> (result tables, error tables), nothing lost on failure."""
+    """Valid tables -> (result tables, error tables): rejected rows with their reasons, never rows of a failed batch."""
 
     def __init__(self, handler: _RaeeHandler) -> None:
         super().__init__()
         self.handler = handler
 
     def expand(self, tables):
-        results, dlq = tables | "RunInference" >> RunInference(self.handler).with_exception_handling()
+        results = tables | "RunInference" >> RunInference(self.handler)
         split = results | "Split" >> beam.FlatMap(split_outcome).with_outputs("errors", main="rows")
-        failed = dlq.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch_errors)
-        errors = (split.errors, failed) | "AllErrors" >> beam.Flatten()
-        nonempty = errors | "NonEmptyErrors" >> beam.Filter(lambda t: t.num_rows > 0)
+        nonempty = split.errors | "NonEmptyErrors" >> beam.Filter(lambda t: t.num_rows > 0)
         return split.rows | "NonEmptyRows" >> beam.Filter(lambda t: t.num_rows > 0), nonempty

@@ -3,6 +3,8 @@ the CLI in its own process: exit code, the single `error:` line, row counts, wha
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -17,11 +19,16 @@ import pytest
 from cli_runs import one_error_line, raee_ops, read_folder
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.commit import locked, new_run_id
+from raee_ops.pipelines.inference import BuildHandler
+from raee_ops.pipelines.sources import read_validated_file
 from raee_ops.schemas.tables import FEATURES_SUFFIX
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled, sentences
 
+from raee_ops.errors import RaeeRunError
 from raee_ops.key_names import DEFAULT_KEY
+from raee_ops.rows import ROW_ID
+from raee_ops.tasks import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +322,49 @@ def test_12_a_failed_job_and_failed_counts_are_not_exit_0(segment_artifacts, db,
     assert retry.returncode == 4 and "already done" in retry.stdout
     assert read_folder(tmp_path / "o3", "predictions").num_rows == 1
     assert sorted(read_folder(tmp_path / "o3", "errors").column("id").to_pylist()) == ["b", "c"]
+
+
+def test_19_a_broken_artifact_fails_the_job_it_never_rejects_the_rows(segment_artifacts, db, tmp_path):  # noqa: F811
+    """A head that loads only when a batch first reads it, broken under a matching checksum: every row of every
+    batch fails, so the worker is at fault, not the rows; no --max-rejected may turn that into a complete run."""
+    broken = tmp_path / "artifacts"
+    shutil.copytree(segment_artifacts, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    head = manifest["tasks"]["sst2"]["head"]
+    (broken / head["file"]).write_bytes(b"not an onnx graph")
+    head["sha256"] = hashlib.sha256(b"not an onnx graph").hexdigest()
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    queries = labelled(tmp_path / "q.parquet", 6, 1, "q", bad=False)
+    out = tmp_path / "out"
+    run = raee_ops(*classify_args(broken, db, out, queries, extra=["--strategy", "full", "--max-rejected", "1"]))
+    assert run.returncode == 1 and "inference failed on every row of a batch" in one_error_line(run), run.stderr
+    assert not (out / "_SUCCESS").exists() and not list(out.glob("*.parquet"))
+
+
+def test_a_row_that_fails_where_its_batch_runs_is_rejected_alone(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    rows = labelled(tmp_path / "rows.parquet", 4, 0, "r", bad=False)
+    table = next(iter(read_validated_file(str(rows), PRESETS["sst2"], need_label=True))).valid
+    handler = BuildHandler(str(segment_artifacts), PRESETS["sst2"], "backbone")
+    model, real = handler.load_model(), BuildHandler.predict
+
+    def poisoned(self, model, batch, prompts):
+        if "r2" in batch.column(ROW_ID).to_pylist():
+            raise ValueError("poison")
+        return real(self, model, batch, prompts)
+
+    monkeypatch.setattr(BuildHandler, "predict", poisoned)
+    outcome = handler.run_inference([table], model)[0]
+    assert outcome.rows.column("id").to_pylist() == ["r0", "r1", "r3"]
+    assert outcome.errors.select(["id", "reason"]).to_pylist() == [
+        {"id": "r2", "reason": "inference failed: ValueError('poison')"}
+    ]
+
+    def broken(self, model, batch, prompts):
+        raise ValueError("broken")
+
+    monkeypatch.setattr(BuildHandler, "predict", broken)
+    with pytest.raises(RaeeRunError, match="every row of a batch: ValueError"):
+        handler.run_inference([table], model)
 
 
 def test_15_errors_on_another_filesystem_than_the_database(segment_artifacts, tmp_path):  # noqa: F811

@@ -43,14 +43,6 @@ class Share(click.FloatRange):
         return number
 
 
-def _once(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> str | None:
-    """One value: click would keep the last of a repeated option silently (a job template's value and an override:
-    which one ran must not be a guess)."""
-    if len(values) > 1:
-        raise click.BadParameter(f"given {len(values)} times ({', '.join(values)}); give it once", ctx, param)
-    return values[0] if values else None
-
-
 def _table_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     problem = value and table_name_problem(value)
     if problem:
@@ -84,7 +76,7 @@ class BeamCommand(click.Command):
     misspelt `--artifact` is reported as itself (with the closest option), not as a missing `--artifacts`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        opts, extra, _ = self.make_parser(ctx).parse_args(args=list(args))  # parses only: nothing is checked yet
+        opts, extra, order = self.make_parser(ctx).parse_args(args=list(args))  # parses only: nothing checked yet
         logs.configure(-1 if opts.get("quiet") else int(opts.get("verbose") or 0))  # before importing Beam
         from raee_ops.pipelines.options import unknown_args
 
@@ -92,7 +84,21 @@ class BeamCommand(click.Command):
             problem = unknown_args(extra, [o for p in self.params for o in p.opts])
             if problem:
                 raise click.UsageError(problem, ctx)
+            _given_once(ctx, order)
         return super().parse_args(ctx, args)
+
+
+def _given_once(ctx: click.Context, order: list[click.Parameter]) -> None:
+    """Refuse a one-value option given twice: click would keep the last silently (a job template's value and an
+    override: which one ran must not be a guess). A bare flag repeated (`-q -q`) says the same thing twice."""
+    for param in dict.fromkeys(order):
+        if not isinstance(param, click.Option) or param.multiple or param.count:
+            continue
+        if param.is_flag and not param.secondary_opts:
+            continue
+        given = order.count(param)
+        if given > 1:
+            raise click.BadParameter(f"given {given} times; give it once", ctx, param)
 
 
 def command(name: str) -> Callable[[Callable[..., Any]], click.Command]:
@@ -332,8 +338,6 @@ def build_db(
 )
 @click.option(
     "--strategy",
-    multiple=True,
-    callback=_once,
     help="Exit strategy: probe-fused (default), probe-conf, raee-probe, probe-best, probe-last, probe:N, key-lr, "
     "knn-vote, fused, raee (the paper's rule), raee-counts, raee-cal, full, full-cal or layer:N.",
 )

@@ -271,9 +271,16 @@ def test_14_what_would_crash_late_or_be_guessed_is_refused_first(segment_artifac
     assert run.returncode == 2 and "column(s) _row_id are raee-ops' own" in one_error_line(run)
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", f"{tmp_path}/"))
     assert run.returncode == 2 and "a folder; give its files or a glob" in one_error_line(run)
-    twice = ["--strategy", "probe-fused", "--strategy", "probe-best"]
-    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=twice))
-    assert run.returncode == 2 and "given 2 times (probe-fused, probe-best)" in one_error_line(run)
+    for twice in (
+        ["--strategy", "probe-fused", "--strategy", "probe-best"],
+        ["--max-rejected", "0", "--max-rejected=1"],
+        ["--output", tmp_path / "o2"],
+    ):
+        run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=twice))
+        assert run.returncode == 2 and f"'{twice[0]}': given 2 times; give it once" in one_error_line(run)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=["-q", "-q", "-v", "-v"]))
+    assert run.returncode == 0, run.stderr  # a bare flag or a count said twice leaves nothing to guess
+    shutil.rmtree(tmp_path / "o")
     assert not (tmp_path / "o").exists()
     evaluate = ["evaluate", "--artifacts", segment_artifacts, "--task", "sst2", "--db", db, "--input", queries]
     (tmp_path / "afile").write_text("x")

@@ -4,6 +4,7 @@ other is a usage error. Every failure ends with one `error:` line and the exit c
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -11,7 +12,7 @@ import math
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -471,7 +472,7 @@ def rollback_cmd(db_uri: str, table: str, version: int) -> None:
     echo(render({"db": db_uri, "tables": [info]}))
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -491,13 +492,27 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:  # usage errors: bad or missing options (exit 2)
         ctx = getattr(exc, "ctx", None)
         _fail(f"{exc.format_message()} (see {ctx.command_path if ctx else 'raee-ops'} --help)", exc.exit_code)
-    except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as exc:  # a path given wrong
+    except OSError as exc:
+        if not _path_given_wrong(exc):
+            _internal(exc)
         logging.getLogger(__name__).debug("failed", exc_info=True)
         _fail(f"{exc.strerror or type(exc).__name__}: {exc.filename or exc}", 2)
-    except Exception as exc:  # a bug: still one line by default, the traceback with -v
-        if logs.verbose():
-            traceback.print_exc()
-        _fail(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", 1)
+    except Exception as exc:
+        _internal(exc)
+
+
+def _path_given_wrong(exc: OSError) -> bool:
+    """A location the user gave that cannot be used as given (no permission, a file for a folder, a read-only
+    filesystem): configuration, exit 2, not a bug."""
+    wrong = (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError)
+    return isinstance(exc, wrong) or exc.errno == errno.EROFS
+
+
+def _internal(exc: BaseException) -> NoReturn:
+    """A bug: still one line by default, the traceback with -v."""
+    if logs.verbose():
+        traceback.print_exception(exc)
+    _fail(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", 1)
 
 
 if __name__ == "__main__":

@@ -127,9 +127,19 @@ def _check_bucket(uri: str, what: str) -> None:
 
 
 def check_folder(uri: str, what: str) -> None:
-    """Refuse, before any work, a location given as a folder that is a file."""
+    """Refuse, before any work, a location given as a folder that is a file or, locally, that this process cannot
+    create or write in (an object store says so only at the first write)."""
     if is_file(uri):
         raise RaeeConfigError(f"{what} {uri} exists and is not a directory")
+    if not is_local(uri):
+        return
+    existing = os.path.abspath(local_path(uri))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise RaeeConfigError(f"{what} {uri}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RaeeConfigError(f"{what} {uri}: cannot write in {existing} (permissions, or a read-only filesystem)")
 
 
 def join(base: str, *parts: str) -> str:

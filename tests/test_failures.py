@@ -233,6 +233,11 @@ def test_10_bad_locations_fail_fast_and_create_nothing(segment_artifacts, db, tm
     run = raee_ops(*classify_args(segment_artifacts, tmp_path / "no-such-db", tmp_path / "out", queries))
     assert run.returncode == 2 and "no database at" in one_error_line(run)
     assert not (tmp_path / "no-such-db").exists() and not (tmp_path / "out").exists()
+    run = raee_ops(
+        *build_args(segment_artifacts, tmp_path / "new-db", queries, extra=["--errors", tmp_path / "afile/e"])
+    )
+    assert run.returncode == 2 and "afile is a file, not a directory" in one_error_line(run)  # before any work
+    assert not (tmp_path / "new-db").exists()
 
 
 def test_13_bad_values_names_and_paths_are_configuration_errors(segment_artifacts, db, tmp_path):  # noqa: F811

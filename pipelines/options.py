@@ -31,6 +31,7 @@ from raee_ops.errors import RaeeConfigError, RaeeRunError
 log = logging.getLogger(__name__)
 
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner"}
+PROVIDERS = ("cpu", "cuda")
 
 
 class RaeeOptions(PipelineOptions):
@@ -47,7 +48,7 @@ class RaeeOptions(PipelineOptions):
         parser.add_argument(
             "--raee_provider",
             default=None,
-            choices=["cpu", "cuda"],
+            choices=PROVIDERS,
             help="ONNX Runtime provider on workers (default: RAEE_PROVIDER on the launching machine, else cpu).",
         )
         parser.add_argument(
@@ -110,11 +111,27 @@ def worker_settings(beam_args: Sequence[str], db_uri: str | None = None) -> Work
             raise RaeeConfigError(f"--raee_db_storage_option {pair!r}: expected KEY=VALUE")
         explicit[key] = value
     derived = _s3_storage_options(options) if db_uri and storage.scheme(db_uri) == "s3" else {}
-    threads = raee.raee_intra_op_threads or int(os.environ.get("RAEE_INTRA_OP_THREADS") or 0) or None
+    threads = raee.raee_intra_op_threads
+    if threads is None and _environ("RAEE_INTRA_OP_THREADS"):
+        try:
+            threads = int(_environ("RAEE_INTRA_OP_THREADS"))
+        except ValueError:
+            raise RaeeConfigError(_env_problem("RAEE_INTRA_OP_THREADS", "a whole number")) from None
     if threads is not None and threads < 1:
         raise RaeeConfigError(f"--raee_intra_op_threads must be at least 1, got {threads}")
-    provider = raee.raee_provider or os.environ.get("RAEE_PROVIDER") or None
+    provider = raee.raee_provider or _environ("RAEE_PROVIDER")
+    if provider not in (None, *PROVIDERS):
+        raise RaeeConfigError(_env_problem("RAEE_PROVIDER", " or ".join(PROVIDERS)))
     return WorkerSettings(provider, threads, derived | explicit, storage.carry(options))
+
+
+def _environ(name: str) -> str | None:
+    """A setting's default from the launching machine's environment (set but empty: unset)."""
+    return os.environ.get(name, "").strip() or None
+
+
+def _env_problem(name: str, expected: str) -> str:
+    return f"{name}={os.environ[name]!r} in the environment: expected {expected} (or unset it)"
 
 
 def _subclasses(cls: type) -> Iterable[type]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -22,6 +23,8 @@ from raee_ops.pipelines.commit import CLAIM, SUCCESS, TEMPORARY
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
 from test_runners import job_endpoint  # noqa: F401 - fixture
+
+from raee_ops.errors import RaeeConfigError
 
 boto3 = pytest.importorskip("boto3", reason="the aws extra (apache-beam[aws]) runs the object-store tests")
 pytest.importorskip("moto.server", reason="moto[server] (dev extra) runs the object-store tests")
@@ -334,6 +337,26 @@ def test_worker_settings_come_from_the_options(monkeypatch):
     }
     assert settings.filesystem["s3_endpoint_url"] == "http://127.0.0.1:9"
     assert worker_settings([], "/local/db").db_storage_options == {}
+
+
+@pytest.mark.parametrize(
+    "env, args, problem",
+    [
+        ({"RAEE_PROVIDER": "gpu"}, [], "RAEE_PROVIDER='gpu' in the environment: expected cpu or cuda"),
+        ({"RAEE_INTRA_OP_THREADS": "abc"}, [], "RAEE_INTRA_OP_THREADS='abc' in the environment: expected a whole"),
+        ({"RAEE_INTRA_OP_THREADS": "0"}, [], "must be at least 1, got 0"),
+        ({}, ["--raee_intra_op_threads", "0"], "must be at least 1, got 0"),
+    ],
+)
+def test_settings_from_the_environment_are_checked_as_the_options_are(monkeypatch, env, args, problem):
+    from raee_ops.pipelines.options import worker_settings
+
+    for name in ("RAEE_PROVIDER", "RAEE_INTRA_OP_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RaeeConfigError, match=re.escape(problem)):
+        worker_settings(args, "/local/db")
 
 
 def test_a_classify_killed_on_s3_blocks_its_output_until_its_claim_is_released(s3, segment_artifacts, tmp_path):  # noqa: F811

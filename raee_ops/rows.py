@@ -75,6 +75,9 @@ def check_columns(schema: pa.Schema, task: Task, need_label: bool, source: str) 
         raise RaeeConfigError(
             f"{source}: missing column(s) {', '.join(missing)} for task {task.name!r} (has: {', '.join(schema.names)})"
         )
+    twice = sorted({c for c in schema.names if schema.names.count(c) > 1})
+    if twice:  # which of them holds the rows' text (or ids) would be a guess
+        raise RaeeConfigError(f"{source}: column(s) {', '.join(twice)} appear more than once; keep one of each")
     internal = [c for c in INTERNAL if c in schema.names]
     if internal:
         raise RaeeConfigError(f"{source}: column(s) {', '.join(internal)} are raee-ops' own; rename them in the input")

@@ -78,6 +78,10 @@ def test_missing_columns_are_run_level():
     with pytest.raises(RaeeConfigError, match="label"):
         check_columns(pa.schema([("text", pa.string())]), SST2, True, "x.parquet")
     check_columns(pa.schema([("text", pa.string())]), SST2, False, "x.parquet")
+    with pytest.raises(RaeeConfigError, match="x.parquet: column.s. text appear more than once"):
+        check_columns(
+            pa.schema([("id", pa.string()), ("text", pa.string()), ("text", pa.string())]), SST2, False, "x.parquet"
+        )
 
 
 @pytest.mark.parametrize("stored", [pa.binary(), pa.string()])  # a string column's bytes are not checked on write

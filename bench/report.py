@@ -680,6 +680,22 @@ def render_int8(result: Doc) -> list[str]:
     return [*lines, "Issue 12, INT8: " + "; ".join(verdicts) + ".", *_int8_vs_pre_fusion(result)]
 
 
+def render_quant_methods(result: Doc) -> list[str]:
+    """INT8 methods checked as the export checks its int8 layers (bench/int8_methods.py)."""
+    limits = result["limits"]
+    rows = [
+        [name, m["last_layer_relative_error"], m["last_layer_head_agreement"], m["batch_dependence"]]
+        for name, m in result["methods"].items()
+    ]
+    header = ["method", "last-layer error vs fp32", "zero-shot heads agreeing", "a row's move, batch cut in two"]
+    return [
+        f"On {result['prompts']}; errors relative to the fp32 states' size. The export refuses an error over "
+        f"{limits['max_relative_error']:g} or a move over {limits['max_batch_dependence']:g}.",
+        "",
+        *_table(header, rows),
+    ]
+
+
 def _int8_vs_pre_fusion(result: Doc) -> list[str]:
     """Issue 12's default-against-the-pre-fusion-chain goal read for the int8 default, where the run timed an
     unoptimized, unquantized export's full chain with it (`--baseline-artifacts`)."""
@@ -977,6 +993,7 @@ SECTIONS: list[tuple[str, str, Callable[[Any], list[str]]]] = [
     ("Quality", "quality-", render_quality),
     ("Speed", "speed-", render_speed),
     ("INT8", "int8-", render_int8),
+    ("INT8 methods", "quant-methods-", render_quant_methods),
     ("Retrieval keys", "keys", render_keys),
     ("Retrieval keys for the default", "key-policy", render_key_policy),
     ("Reference-size scaling", "scaling", render_scaling),

@@ -11,7 +11,18 @@ from common import parse_args
 
 BENCH_DIR = Path(__file__).resolve().parent
 #: Bench scripts (bench/<name>.py) in run order; extend this list to add one.
-BENCHES = ["retrieval", "export", "probe_fit", "keys", "quality", "key_policy", "speed", "int8", "scaling"]
+BENCHES = [
+    "retrieval",
+    "export",
+    "probe_fit",
+    "keys",
+    "quality",
+    "key_policy",
+    "speed",
+    "int8",
+    "int8_methods",
+    "scaling",
+]
 
 
 def main() -> int:

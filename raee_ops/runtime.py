@@ -112,6 +112,11 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
+def prompt_suffix(manifest: Manifest) -> str:
+    """What every prompt ends with: the mask token a masked-LM readout reads at, else nothing."""
+    return f" {manifest.tokenizer.mask_token}" if manifest.readout == "mask" else ""
+
+
 def pad_right(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded ids B×T and lengths."""
     lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
@@ -282,7 +287,7 @@ class SegmentRuntime:
                 "(MatMulIntegerToFloat), so those run on the CPU; export without --quantize for GPUs"
             )
         self.tokenizer = self._tokenizer(m.tokenizer.file)
-        self.suffix = f" {m.tokenizer.mask_token}" if m.readout == "mask" else ""
+        self.suffix = prompt_suffix(m)
         self.embed_session = self._session(m.segments.embed)
         self.layer_sessions = [self._session(ref) for ref in m.segments.layers]
         self._sequence_axes = sequence_axes(self.embed_session)

@@ -75,16 +75,20 @@ def expected_meta(manifest: Manifest, task: str, embedder: str) -> TableMeta:
         embedder=embedder,
         num_layers=manifest.num_layers,
         label_names=list(manifest.task(task).label_names),
+        task_fingerprint=manifest.task(task).fingerprint,
     )
+
+
+WHY = {"task_fingerprint": ": the task's prompt, labels or head differ from those the table was built with"}
 
 
 def check_meta(found: TableMeta | None, expected: TableMeta, where: str) -> None:
     """Refuse a table built from other artifacts, another task, embedder or depth, in one line."""
     if found is None:
         raise RaeeConfigError(f"{where} has no raee metadata: not an exit table built by raee-ops build-db")
-    diffs = [
-        f"{k} {v!r} (expected {asdict(expected)[k]!r})" for k, v in asdict(found).items() if v != asdict(expected)[k]
-    ]
+    want = asdict(expected)
+    found_items = asdict(found).items()  # None: a field the table's build-db did not record yet
+    diffs = [f"{k} {v!r} (expected {want[k]!r}{WHY.get(k, '')})" for k, v in found_items if v not in (want[k], None)]
     if diffs:
         raise RaeeConfigError(f"{where} does not match this run: {'; '.join(diffs)}")
 

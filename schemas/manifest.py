@@ -71,6 +71,14 @@ class TaskEntry:
     label_token_ids: list[int]
     head: FileRef | None = None  # None: the backbone has no label-word head (Manifest.label_word_head)
 
+    @property
+    def fingerprint(self) -> str:
+        """Identity of what the task reads from the backbone (its prompt, labels and head): a table built with
+        another prompt holds other exit information, though the backbone is the same."""
+        parts = [self.template, *self.label_names, "", *self.verbalizer, "", *map(str, self.label_token_ids)]
+        parts.append(self.head.sha256 if self.head else "")
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
 
 @dataclass(frozen=True)
 class EmbedderEntry:

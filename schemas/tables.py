@@ -122,6 +122,8 @@ class TableMeta:
     embedder: str
     num_layers: int
     label_names: list[str]
+    #: TaskEntry.fingerprint; None in tables built before it was recorded (they are checked without it)
+    task_fingerprint: str | None = None
 
     def encode(self) -> dict[bytes, bytes]:
         return {TABLE_META_KEY: json.dumps(asdict(self)).encode()}

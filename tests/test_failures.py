@@ -353,6 +353,20 @@ def test_19_a_broken_artifact_fails_the_job_it_never_rejects_the_rows(segment_ar
     assert not (out / "_SUCCESS").exists() and not list(out.glob("*.parquet"))
 
 
+def test_a_table_built_with_another_prompt_is_refused(segment_artifacts, db, tmp_path):  # noqa: F811
+    """Same backbone, the task exported again with another template: the table's exit information came from other
+    prompts."""
+    other = tmp_path / "artifacts"
+    shutil.copytree(segment_artifacts, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tasks"]["sst2"]["template"] = "Review: {text} Verdict:"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    queries = labelled(tmp_path / "q.parquet", 3, 1, "q", bad=False)
+    run = raee_ops(*classify_args(other, db, tmp_path / "out", queries))
+    assert run.returncode == 2 and "the task's prompt, labels or head differ" in one_error_line(run)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_row_that_fails_where_its_batch_runs_is_rejected_alone(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
     rows = labelled(tmp_path / "rows.parquet", 4, 0, "r", bad=False)
     table = next(iter(read_validated_file(str(rows), PRESETS["sst2"], need_label=True))).valid

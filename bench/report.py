@@ -11,6 +11,9 @@ from typing import Any
 
 from common import REPO_ROOT, RESULTS_DIR
 
+from raee_ops.errors import RaeeConfigError
+from raee_ops.key_names import embedder_layers
+
 OUTPUT = REPO_ROOT / "bench" / "RESULTS.md"
 #: A layer key replaces MiniLM as the default only within this much macro metric of it (bench/key_policy.py).
 KEY_TOLERANCE = 0.005
@@ -719,6 +722,14 @@ def _span(counts: list[int]) -> str:
     return f"{min(counts):,}" if min(counts) == max(counts) else f"{min(counts):,}–{max(counts):,}"
 
 
+def _truncated_embedder(name: str) -> bool:
+    """A key column that is an embedder's first N layers (`minilm-N`), as export-onnx names them."""
+    try:
+        return embedder_layers(name)[1] is not None
+    except RaeeConfigError:  # backbone, layer-N, minilm-int8: other kinds of key
+        return False
+
+
 def render_keys(result: Doc) -> list[str]:
     """Retrieval keys side by side (bench/keys.py): the neighbours' vote on reference rows against each key's cost,
     and INT8 MiniLM against issue 12's adoption rule (top-k overlap with fp32, vote within 0.5 point)."""
@@ -754,7 +765,7 @@ def render_keys(result: Doc) -> list[str]:
         ]
     )
     lines += _table(["task", "metric" + (" (vote / probe)" if probed else ""), *names], rows)
-    truncated = [n for n in names if n.startswith("minilm-") and n[len("minilm-") :].isdigit()]
+    truncated = [n for n in names if _truncated_embedder(n)]
     if truncated and probed:
         rate = {n: sum(t["keys"][n]["rows_per_s"] for t in tasks) / len(tasks) for n in names}
         lines += [

@@ -20,10 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import quality
 from common import parse_args, write_result
-from raee_ops.onnx_export.quantize import MAX_BATCH_DEPENDENCE, MAX_RELATIVE_ERROR, compare, quantize_matmuls
+from raee_ops.onnx_export.quantize import (
+    MAX_BATCH_DEPENDENCE,
+    MAX_RELATIVE_ERROR,
+    compare,
+    quantize_matmuls,
+    quantize_per_batch,
+)
 from raee_ops.schemas.manifest import load_manifest
 
 from raee_ops.runtime import prompt_suffix
@@ -32,23 +37,10 @@ from raee_ops.tasks import get_task
 PRESETS = ("smollm2-135m", "gemma3-270m")
 
 
-def per_batch(source: Path, target: Path) -> None:
-    from onnxruntime.quantization import quantize_dynamic
-
-    quantize_dynamic(
-        source,
-        target,
-        op_types_to_quantize=["MatMul"],
-        per_channel=True,
-        # ONNX shape inference knows no contrib op of the optimized graphs: the tensors it cannot type are fp32
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
-
-
 METHODS: dict[str, Callable[[Path, Path], Any]] = {
     "per token, 7-bit weights (shipped)": quantize_matmuls,
     "per token, 8-bit weights": lambda source, target: quantize_matmuls(source, target, weight_levels=127),
-    "per batch (onnxruntime quantize_dynamic, per-channel weights)": per_batch,
+    "per batch (onnxruntime quantize_dynamic, per-channel weights)": quantize_per_batch,
 }
 
 

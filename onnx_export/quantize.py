@@ -4,8 +4,8 @@ come from before they replace them.
 
 Per token, not per batch (ONNX Runtime's dynamic quantization takes one scale for the whole input tensor): a
 row's states then never depend on the rows batched with it or on their padding (per batch, one SmolLM2 row's
-last-layer state moved by 58% of its size when its batch was cut in two: bench/int8_methods.py), outlier tokens spoil only their
-own scale, so the MLP's down projection quantizes too, and no calibration data is needed.
+last-layer state moved by 58% of its size when its batch was cut in two: bench/int8_methods.py), outlier tokens
+spoil only their own scale, so the MLP's down projection quantizes too, and no calibration data is needed.
 
 The embedding (a lookup) and the heads (a few label rows) stay fp32. The check chains the fp32 and the int8
 layers on the verification prompts padded into one batch and records, per layer, the readout states' error
@@ -188,6 +188,24 @@ def quantize_matmuls(source: Path, target: Path, weight_levels: int = WEIGHT_LEV
     graph.initializer.extend(kept + rewrite.constants)
     onnx.save(model, str(target))
     return sum(node.op_type == INT8_MATMUL for node in rewrite.nodes)
+
+
+def quantize_per_batch(source: Path, target: Path) -> int:
+    """ONNX Runtime's dynamic quantization (weights per channel, ONE input scale per MatMul per batch): what the
+    export used before, kept to show why not (bench/int8_methods.py; the test that the export check refuses it).
+    Returns how many MatMuls it quantized."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(
+        source,
+        target,
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        # ONNX shape inference knows no contrib op of the optimized graphs: the tensors it cannot type are fp32
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    matmuls = [sum(n.op_type == "MatMul" for n in onnx.load(str(p)).graph.node) for p in (source, target)]
+    return matmuls[0] - matmuls[1]
 
 
 def quantize_layers(work: Path, manifest: Manifest, tasks: Sequence[Task], suffix: str) -> Manifest:

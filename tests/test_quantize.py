@@ -66,19 +66,7 @@ def test_an_int8_row_answers_the_same_whatever_it_is_batched_with(tiny_llama_dir
 
 def test_int8_whose_states_move_with_the_batch_is_refused(tiny_llama_dir, tmp_path, monkeypatch):
     """ONNX Runtime's dynamic quantization (one input scale per batch) in place of ours: the check catches it."""
-    from onnxruntime.quantization import quantize_dynamic
-
-    def per_batch(source: Path, target: Path) -> int:
-        quantize_dynamic(
-            source,
-            target,
-            op_types_to_quantize=["MatMul"],
-            per_channel=True,
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-        return 1
-
-    monkeypatch.setattr(quantize, "quantize_matmuls", per_batch)
+    monkeypatch.setattr(quantize, "quantize_matmuls", quantize.quantize_per_batch)
     with pytest.raises(ArtifactError, match="int8 layers depend on the batch"):
         export(tiny_llama_dir, tmp_path / "int8", "int8")
     assert not (tmp_path / "int8").exists()

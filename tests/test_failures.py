@@ -27,6 +27,7 @@ from test_pipelines import labelled, sentences
 
 from raee_ops.errors import RaeeRunError
 from raee_ops.key_names import DEFAULT_KEY
+from raee_ops.retrieval import table_names
 from raee_ops.rows import ROW_ID
 from raee_ops.tasks import PRESETS
 
@@ -336,7 +337,7 @@ def test_12_a_failed_job_and_failed_counts_are_not_exit_0(segment_artifacts, db,
     assert sorted(read_folder(tmp_path / "o3", "errors").column("id").to_pylist()) == ["b", "c"]
 
 
-def test_19_a_broken_artifact_fails_the_job_it_never_rejects_the_rows(segment_artifacts, db, tmp_path):  # noqa: F811
+def test_19_a_broken_artifact_fails_the_job_it_never_rejects_the_rows(segment_artifacts, tmp_path):  # noqa: F811
     """A head that loads only when a batch first reads it, broken under a matching checksum: every row of every
     batch fails, so the worker is at fault, not the rows; no --max-rejected may turn that into a complete run."""
     broken = tmp_path / "artifacts"
@@ -346,11 +347,11 @@ def test_19_a_broken_artifact_fails_the_job_it_never_rejects_the_rows(segment_ar
     (broken / head["file"]).write_bytes(b"not an onnx graph")
     head["sha256"] = hashlib.sha256(b"not an onnx graph").hexdigest()
     (broken / "manifest.json").write_text(json.dumps(manifest))
-    queries = labelled(tmp_path / "q.parquet", 6, 1, "q", bad=False)
-    out = tmp_path / "out"
-    run = raee_ops(*classify_args(broken, db, out, queries, extra=["--strategy", "full", "--max-rejected", "1"]))
+    train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
+    run = raee_ops(*build_args(broken, tmp_path / "db", train, extra=["--max-rejected", "1", "--allow-empty"]))
     assert run.returncode == 1 and "inference failed on every row of a batch" in one_error_line(run), run.stderr
-    assert not (out / "_SUCCESS").exists() and not list(out.glob("*.parquet"))
+    assert "sst2" not in table_names(lancedb.connect(str(tmp_path / "db")))
+    assert not list((tmp_path / "db").rglob("errors-*.parquet"))  # no row published as rejected
 
 
 def test_a_table_built_with_another_prompt_is_refused(segment_artifacts, db, tmp_path):  # noqa: F811

@@ -11,6 +11,7 @@ removes a killed run's staging.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import apache_beam as beam
 import pyarrow as pa
@@ -172,6 +173,25 @@ def table_record(db_uri: str, table: str, storage_options: dict[str, str]) -> Ru
     return RunRecord.of(open_listed(db, db_uri, table).schema) if table in table_names(db) else None
 
 
+def recorded_runs(db_uri: str, table: str, storage_options: dict[str, str], run_ids: set[str]) -> set[str]:
+    """Which of `run_ids` some version of the table records (read newest first, only when a run's staging is left:
+    a committed run whose version a rollback then left behind)."""
+    if not run_ids:
+        return set()
+    db = connect(db_uri, storage_options)
+    if table not in table_names(db):
+        return set()
+    handle, found = open_listed(db, db_uri, table), set()
+    for version in sorted((v["version"] for v in handle.list_versions()), reverse=True):
+        handle.checkout(version)
+        record = RunRecord.of(handle.schema)
+        if record and record.run_id in run_ids:
+            found.add(record.run_id)
+            if found == run_ids:
+                break
+    return found
+
+
 def refuse_overwrite_with_nothing(table: str, allow_empty: bool) -> None:
     if not allow_empty:
         raise RaeeConfigError(
@@ -246,7 +266,8 @@ def run_build_db(
     job = job_digest(settings_used | {"group_column": group_column, "layer_budget": layer_budget}, found)
     run_id, where = new_run_id(), scope(db_uri, table)
     with claim_work_dir(work_dir(db_uri, table), f"table {table!r}") as staging:
-        settle(errors_dir, where, table_record(db_uri, table, store), own_errors)
+        recorded = partial(recorded_runs, db_uri, table, store)
+        settle(errors_dir, where, table_record(db_uri, table, store), own_errors, recorded)
         base = claimed_append_base(db_uri, table, meta, ids, job, store) if mode == "append" else None
         if base and base.done:
             return BuildSummary(table, mode, rows_in, 0, 0, 0, errors_dir, version=base.version, done=True)

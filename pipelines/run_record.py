@@ -5,9 +5,9 @@ database and table: publishing is then a rename on one filesystem, wherever `--e
 databases sharing the folder never touch it) and published there only after the run's table version is committed.
 That version records the run (`RUN_META_KEY`): its id, its mode and its job (settings and input files, as classify
 names its own), so a retried append whose version is committed already is recognised as done, not refused. The
-table's next run, under the table's claim, settles what a killed run left: the committed run's staged errors are
-published (and, after an overwrite, older runs' files pruned from the table's own folder), any other run's
-staging removed. So the errors folder, read as a dataset (`_`-prefixed names are skipped), holds each rejected row
+table's next run, under the table's claim, settles what a killed run left: a committed run's staged errors are
+published (whether its version is current or a rollback left it in the history; after the current version's
+overwrite, older runs' files are pruned from the table's own folder), any other run's staging removed. So the errors folder, read as a dataset (`_`-prefixed names are skipped), holds each rejected row
 of the table's runs once. A run refused for rejecting too many rows keeps its rejected rows in
 `_uncommitted/<scope>/<run id>/` (named in its error line) until the table's next run.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -68,14 +69,22 @@ def keep_uncommitted(errors_dir: str, where: str, run_id: str) -> str:
     return kept
 
 
-def settle(errors_dir: str, where: str, record: RunRecord | None, own: bool) -> None:
-    """Under the table's claim, before this run writes: publish the committed run's staged errors (it was killed
-    between its commit and publishing them), remove every other run's staging and a refused run's kept rows."""
+def settle(
+    errors_dir: str, where: str, record: RunRecord | None, own: bool, recorded: Callable[[set[str]], set[str]]
+) -> None:
+    """Under the table's claim, before this run writes: publish the committed runs' staged errors (killed between
+    their commit and publishing them; `record`: the current version's run, `recorded`: which of some run ids an
+    older version records, a run committed and then rolled back past), remove every other run's staging and a
+    refused run's kept rows."""
     staged = storage.join(errors_dir, STAGING, where)
-    for run in storage.children(staged):
-        if record and run == record.run_id:
+    runs = storage.children(staged)
+    current = record.run_id if record else None
+    earlier = recorded({run for run in runs if run != current})
+    for run in runs:
+        if run == current or run in earlier:
             publish(storage.join(staged, run), errors_dir)
-            prune(errors_dir, record, own)
+            if run == current:  # its overwrite replaced older runs' rows; a rolled-back past one replaced nothing now
+                prune(errors_dir, record, own)
         else:
             remove_leftovers([storage.join(staged, run)], staged)
     kept = storage.join(errors_dir, UNCOMMITTED, where)  # a refused run's, kept until now as its line said

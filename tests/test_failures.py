@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -352,6 +353,22 @@ def test_19_a_broken_artifact_fails_the_job_it_never_rejects_the_rows(segment_ar
     assert run.returncode == 1 and "inference failed on every row of a batch" in one_error_line(run), run.stderr
     assert "sst2" not in table_names(lancedb.connect(str(tmp_path / "db")))
     assert not list((tmp_path / "db").rglob("errors-*.parquet"))  # no row published as rejected
+
+
+def test_a_run_killed_after_its_commit_keeps_its_rejected_rows_through_a_rollback(segment_artifacts, tmp_path):  # noqa: F811
+    """Killed between committing its version and publishing its rejected rows, then rolled back past: the next run
+    still publishes them (the version is in the table's history; a rollback removes nothing)."""
+    db = tmp_path / "db"
+    inputs = [labelled(tmp_path / f"{name}.parquet", 8, seed, name) for seed, name in enumerate("abc")]
+    assert raee_ops(*build_args(segment_artifacts, db, inputs[0])).returncode == 0
+    append = ["--mode", "append"]
+    killed = raee_ops(*build_args(segment_artifacts, db, inputs[1], extra=append), fault="commit:table")
+    assert killed.returncode == -signal.SIGKILL and table_state(db)[1] == 2
+    assert raee_ops("rollback", "--db", db, "--table", "sst2", "--version", "1").returncode == 0
+    run = raee_ops(*build_args(segment_artifacts, db, inputs[2], extra=append))
+    assert run.returncode == 0, run.stderr
+    published = ds.dataset(db / "_errors" / "sst2", format="parquet").to_table().column("file").to_pylist()
+    assert sorted({Path(f).name for f in published}) == ["a.parquet", "b.parquet", "c.parquet"]
 
 
 def test_a_table_built_with_another_prompt_is_refused(segment_artifacts, db, tmp_path):  # noqa: F811

@@ -7,8 +7,9 @@ That version records the run (`RUN_META_KEY`): its id, its mode and its job (set
 names its own), so a retried append whose version is committed already is recognised as done, not refused. The
 table's next run, under the table's claim, settles what a killed run left: a committed run's staged errors are
 published (whether its version is current or a rollback left it in the history; after the current version's
-overwrite, older runs' files are pruned from the table's own folder), any other run's staging removed. So the errors folder, read as a dataset (`_`-prefixed names are skipped), holds each rejected row
-of the table's runs once. A run refused for rejecting too many rows keeps its rejected rows in
+overwrite, older runs' files are pruned from the table's own folder), any other run's staging removed. So the
+errors folder, read as a dataset (`_`-prefixed names are skipped), holds each rejected row of the table's runs
+once. A run refused for rejecting too many rows keeps its rejected rows in
 `_uncommitted/<scope>/<run id>/` (named in its error line) until the table's next run.
 """
 

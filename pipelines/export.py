@@ -236,13 +236,18 @@ def run_export(
     out_dir = str(out_dir).rstrip("/")
     storage.configure(beam_args)
     storage.check_scheme(out_dir, "--out")
+    storage.check_folder(out_dir, "--out")  # before the model loads (minutes): a wrong --out says so at once
+    if storage.children(out_dir) and not storage.exists(storage.join(out_dir, MANIFEST_NAME)):
+        raise RaeeConfigError(
+            f"--out {out_dir} holds files that are not an export (no {MANIFEST_NAME}), and an export replaces the "
+            "whole folder: choose another --out, or empty it"
+        )
     with phase("export-onnx: loading the model"):
         loaded = load_model(model_spec)
     adapter = loaded.adapter
     _check_request(loaded, tasks, max_length)
     # a head-less backbone has no label words to read: no verbalizer check, no head segments
     label_ids = {t.name: label_token_ids(adapter.tokenizer, t) for t in tasks} if adapter.label_word_head else {}
-    storage.check_folder(out_dir, "--out")
     parent, name, local = storage.parent(out_dir), storage.name(out_dir), storage.is_local(out_dir)
     storage.mkdirs(parent)
     if local:

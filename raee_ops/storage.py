@@ -134,8 +134,10 @@ def check_folder(uri: str, what: str) -> None:
     if not is_local(uri):
         return
     existing = os.path.abspath(local_path(uri))
-    while not os.path.exists(existing):
+    while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
+    if not os.path.exists(existing):
+        raise RaeeConfigError(f"{what} {uri}: {existing} is a link to nothing ({os.readlink(existing)})")
     if not os.path.isdir(existing):
         raise RaeeConfigError(f"{what} {uri}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):

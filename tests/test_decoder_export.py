@@ -206,3 +206,16 @@ def test_cli_bad_model_exits_nonzero(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 2 and "GGUF file not found" in result.stderr
+
+
+def test_cli_refuses_an_out_it_would_wipe_or_cannot_reach_before_loading(tmp_path: Path) -> None:
+    """An export replaces --out whole: a folder of other files is refused, as is a link to nothing, before the model
+    loads (the missing model would otherwise be the error)."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    for out, problem in (("mine", "holds files that are not an export"), ("broken/o", "is a link to nothing")):
+        args = ["export-onnx", "--model", str(tmp_path / "missing.gguf"), "--task", "sst2", "--out", tmp_path / out]
+        result = subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+        assert result.returncode == 2 and problem in result.stderr, result.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"

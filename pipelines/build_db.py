@@ -232,6 +232,7 @@ def run_build_db(
     for uri, what in ((db_uri, "--db"), (errors_dir, "--errors")):
         if uri:
             storage.check_scheme(uri, what)
+    storage.check_folder(db_uri, "--db")
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
     existing = table_meta(db_uri, table, store) if mode == "append" else None

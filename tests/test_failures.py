@@ -240,6 +240,11 @@ def test_10_bad_locations_fail_fast_and_create_nothing(segment_artifacts, db, tm
     )
     assert run.returncode == 2 and "afile is a file, not a directory" in one_error_line(run)  # before any work
     assert not (tmp_path / "new-db").exists()
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    run = raee_ops(*build_args(segment_artifacts, tmp_path / "gone" / "db", queries))
+    assert run.returncode == 2 and "gone is a link to nothing" in one_error_line(run)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "gone" / "out", queries))
+    assert run.returncode == 2 and "gone is a link to nothing" in one_error_line(run)
 
 
 def test_13_bad_values_names_and_paths_are_configuration_errors(segment_artifacts, db, tmp_path):  # noqa: F811

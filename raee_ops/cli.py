@@ -86,7 +86,17 @@ class BeamCommand(click.Command):
             if problem:
                 raise click.UsageError(problem, ctx)
             _given_once(ctx, order)
+            _not_empty(ctx, opts)
         return super().parse_args(ctx, args)
+
+
+def _not_empty(ctx: click.Context, opts: dict[str, Any]) -> None:
+    """Refuse an option given as '' (a job template's unset variable): `--db ''` would build in the working
+    directory, `--table ''` fall back to the task's table, `--errors ''` to the default folder."""
+    for param in ctx.command.params:
+        values = opts.get(param.name or "")
+        if any(isinstance(v, str) and not v.strip() for v in (values if isinstance(values, list) else [values])):
+            raise click.BadParameter("is empty (an unset variable?); give a value or leave the option out", ctx, param)
 
 
 def _given_once(ctx: click.Context, order: list[click.Parameter]) -> None:

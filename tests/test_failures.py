@@ -290,6 +290,13 @@ def test_14_what_would_crash_late_or_be_guessed_is_refused_first(segment_artifac
     ):
         run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=twice))
         assert run.returncode == 2 and f"'{twice[0]}': given 2 times; give it once" in one_error_line(run)
+    for empty in (["--table", ""], ["--input", ""]):
+        run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=empty))
+        assert run.returncode == 2 and f"'{empty[0]}': is empty (an unset variable?)" in one_error_line(run)
+    run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", " "]))
+    assert run.returncode == 2 and "'--errors': is empty" in one_error_line(run)
+    run = raee_ops(*build_args(segment_artifacts, "", queries), cwd=tmp_path)
+    assert run.returncode == 2 and "'--db': is empty" in one_error_line(run) and not (tmp_path / "sst2.lance").exists()
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=["-q", "-q", "-v", "-v"]))
     assert run.returncode == 0, run.stderr  # a bare flag or a count said twice leaves nothing to guess
     shutil.rmtree(tmp_path / "o")

@@ -152,7 +152,7 @@ def test_failed_export_leaves_no_manifest_and_keeps_old(
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    (out / "previous.txt").write_text("an earlier export")
+    (out / "manifest.json").write_text("an earlier export")
     real = raee_ops.pipelines.export.export_segment
 
     def failing(module, kind, *args, **kwargs):  # noqa: ANN001, ANN202
@@ -164,7 +164,7 @@ def test_failed_export_leaves_no_manifest_and_keeps_old(
     with pytest.raises(RaeeRunError, match="failed in a Beam worker: RuntimeError: simulated exporter failure"):
         export(tiny_llama_dir, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left beside it
-    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+    assert [p.read_text() for p in out.iterdir()] == ["an earlier export"]
 
 
 def test_cli_reports_a_worker_failure_in_one_line_with_exit_1(

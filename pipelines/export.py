@@ -50,6 +50,8 @@ from raee_ops.progress import Progress, phase
 from raee_ops.tasks import Task
 
 TOKENIZER_FILE = "tokenizer.json"
+#: On an object store, an --out being published into (see _publish_remote): an export's folder, even without a manifest.
+PUBLISHING = "_PUBLISHING"
 #: Between a staged segment's file name and its sha256, until the driver publishes it under its own name.
 DIGEST = ".sha256-"
 
@@ -178,17 +180,21 @@ def _put_back(out_dir: str) -> None:
 
 
 def _publish_remote(work: str, out_dir: str, manifest: Manifest) -> None:
-    """Move the files of an object-store export into place, the old manifest removed first and the new one
-    written last; files of the old export that the new one does not have are removed at the end."""
+    """Move the files of an object-store export into place (a copy: an old export cannot stay whole), marked as
+    being published first, the old manifest removed, the new one written last; files of the old export that the new
+    one does not have are removed at the end. A run killed in between leaves the mark: the folder is an export's,
+    without a manifest, which a rerun may replace."""
     with hold(out_dir, f"--out {out_dir}"):
+        storage.write_bytes(storage.join(out_dir, PUBLISHING), b"export-onnx is publishing here\n")  # not empty: S3
         storage.delete([storage.join(out_dir, MANIFEST_NAME)])
         files = sorted({ref.file for ref in manifest.file_refs()})
         storage.rename((storage.join(work, f), storage.join(out_dir, f)) for f in files)
         fault_point("export:publish")
         storage.write_bytes(storage.join(out_dir, MANIFEST_NAME), manifest.to_json().encode())
-        keep = set(files) | {MANIFEST_NAME}
+        keep = set(files) | {MANIFEST_NAME, PUBLISHING}
         stale = [n for n in storage.children(out_dir) if n not in keep and not n.startswith(CLAIM)]
         storage.delete([storage.join(out_dir, n) for n in stale])
+        storage.delete([storage.join(out_dir, PUBLISHING)])
 
 
 def _export_embedders(names: Sequence[str], work: Path, optimize: bool) -> dict[str, EmbedderEntry]:
@@ -237,7 +243,9 @@ def run_export(
     storage.configure(beam_args)
     storage.check_scheme(out_dir, "--out")
     storage.check_folder(out_dir, "--out")  # before the model loads (minutes): a wrong --out says so at once
-    if storage.children(out_dir) and not storage.exists(storage.join(out_dir, MANIFEST_NAME)):
+    if storage.children(out_dir) and not any(
+        storage.exists(storage.join(out_dir, n)) for n in (MANIFEST_NAME, PUBLISHING)
+    ):
         raise RaeeConfigError(
             f"--out {out_dir} holds files that are not an export (no {MANIFEST_NAME}), and an export replaces the "
             "whole folder: choose another --out, or empty it"

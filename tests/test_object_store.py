@@ -137,6 +137,20 @@ def test_export_build_classify_evaluate_all_on_s3(s3, tiny_llama_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "e2e/artifacts/manifest.json" in keys(client, "e2e/artifacts/")
     assert [k for k in keys(client, "e2e/") if "/.artifacts.tmp-" in k] == []
+    # killed while publishing over it: no manifest, the mark; once the dead run's claims are released (as an
+    # operator does; else exit 75 for 10 minutes), the rerun replaces it
+    (tmp_path / "killed-tmp").mkdir()  # a killed run leaves its local scratch folder: in a temp folder of its own
+    killed_env = env | {"RAEE_FAULT": "export:publish", "TMPDIR": str(tmp_path / "killed-tmp")}
+    killed = raee_ops(*export, *opts, env=killed_env, cwd=cwd)
+    assert killed.returncode == -9
+    names = keys(client, "e2e/")
+    assert "e2e/artifacts/_PUBLISHING" in names and "e2e/artifacts/manifest.json" not in names
+    for claim in [k for k in names if CLAIM in k]:
+        client.delete_object(Bucket=BUCKET, Key=claim)
+    done = raee_ops(*export, *opts, env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    names = keys(client, "e2e/")
+    assert "e2e/artifacts/manifest.json" in names and not [k for k in names if "_PUBLISHING" in k or CLAIM in k]
 
     build = ["build-db", "--artifacts", art, "--task", "sst2", "--db", db, "--input", f"{base}/in/train.parquet"]
     done = raee_ops(*build, *opts, env=env, cwd=cwd)

@@ -16,7 +16,7 @@ from functools import partial
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
-from raee_ops.pipelines.commit import claim_work_dir, job_digest, new_run_id
+from raee_ops.pipelines.commit import SUCCESS, claim_work_dir, job_digest, new_run_id
 from raee_ops.pipelines.inference import BuildHandler, Infer
 from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.reference import assemble, check_groups, group_codes
@@ -229,9 +229,8 @@ def run_build_db(
         raise RaeeConfigError(problem)
     settings = worker_settings(beam_args, db_uri)
     store = settings.db_storage_options
-    for uri, what in ((db_uri, "--db"), (errors_dir, "--errors")):
-        if uri:
-            storage.check_scheme(uri, what)
+    if errors_dir:
+        storage.check_scheme(errors_dir, "--errors")
     storage.check_folder(db_uri, "--db")
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
@@ -263,6 +262,8 @@ def run_build_db(
     own_errors = errors_dir is None  # the table's own folder; a given --errors may hold other tables' files
     errors_dir = errors_dir or default_errors_dir(db_uri, table)
     storage.check_folder(errors_dir, "--errors")
+    if storage.exists(storage.join(errors_dir, SUCCESS)):  # a classify output: its _SUCCESS would not list our files
+        raise RaeeConfigError(f"--errors {errors_dir} holds another job's complete output ({SUCCESS}): choose another")
     settings_used = {"fingerprint": manifest.fingerprint, "task": task_name, "embedder": embedder, "mode": mode}
     job = job_digest(settings_used | {"group_column": group_column, "layer_budget": layer_budget}, found)
     run_id, where = new_run_id(), scope(db_uri, table)

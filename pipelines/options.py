@@ -101,8 +101,11 @@ def _s3_storage_options(options: PipelineOptions) -> dict[str, str]:
 
 
 def worker_settings(beam_args: Sequence[str], db_uri: str | None = None) -> WorkerSettings:
-    """Configure this process's filesystems for the run and resolve the settings workers get."""
+    """Configure this process's filesystems for the run and resolve the settings workers get; an object-store
+    database must answer (LanceDB would retry it without a word)."""
     options = storage.configure(beam_args)
+    if db_uri:
+        storage.check_scheme(db_uri, "--db")
     raee = options.view_as(RaeeOptions)
     explicit = {}
     for pair in raee.raee_db_storage_option or []:

@@ -81,6 +81,9 @@ def check_scheme(uri: str, what: str) -> None:
         return
     if name not in EXTRAS:
         raise RaeeConfigError(f"{what} {uri}: unsupported scheme {name}:// (use a local path, s3:// or gs://)")
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    if not key.strip("/"):  # Beam's filesystems take objects under a bucket: its root stalls them in retries
+        raise RaeeConfigError(f"{what} {uri}: give a folder inside the bucket ({name}://{bucket}/<folder>)")
     extra, module = EXTRAS[name]
     try:
         __import__(module)

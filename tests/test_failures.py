@@ -240,6 +240,10 @@ def test_10_bad_locations_fail_fast_and_create_nothing(segment_artifacts, db, tm
     )
     assert run.returncode == 2 and "afile is a file, not a directory" in one_error_line(run)  # before any work
     assert not (tmp_path / "new-db").exists()
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "_SUCCESS").write_text("")  # a classify output
+    run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", tmp_path / "done"]))
+    assert run.returncode == 2 and "holds another job's complete output" in one_error_line(run)
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
     run = raee_ops(*build_args(segment_artifacts, tmp_path / "gone" / "db", queries))
     assert run.returncode == 2 and "gone is a link to nothing" in one_error_line(run)

@@ -206,13 +206,17 @@ def test_missing_options_and_live_claims_are_refused(s3, segment_artifacts, tmp_
     busy = raee_ops(*build, "--input", f"s3://{BUCKET}/refused/in/train.parquet", *s3_args(endpoint), env=env, cwd=cwd)
     assert busy.returncode == 75 and "another run is writing table 'sst2'" in one_error_line(busy)
     gone = raee_ops("info", "--db", "s3://no-such-bucket/db", *s3_args(endpoint), env=env, cwd=cwd)
-    assert gone.returncode == 2 and "cannot reach the database at s3://no-such-bucket/db" in one_error_line(gone)
+    assert gone.returncode == 2 and "--db s3://no-such-bucket/db: no bucket 'no-such-bucket'" in one_error_line(gone)
     # Beam's S3 client would retry these for minutes, silently: each is one line, at once
     elsewhere = s3_args(f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
     run = raee_ops(*args, *elsewhere, env=env, cwd=cwd)
     assert run.returncode == 2 and "cannot reach S3 at http://127.0.0.1:" in one_error_line(run)
+    run = raee_ops("info", "--db", f"s3://{BUCKET}/refused/db", *elsewhere, env=env, cwd=cwd)  # LanceDB's retries
+    assert run.returncode == 2 and "cannot reach S3 at http://127.0.0.1:" in one_error_line(run)
     assert time.monotonic() - started < 60
+    run = raee_ops(*args[:-1], f"s3://{BUCKET}", *s3_args(endpoint), env=env, cwd=cwd)
+    assert run.returncode == 2 and "give a folder inside the bucket" in one_error_line(run)
     run = raee_ops(*args, *s3_args("minio:9000"), env=env, cwd=cwd)  # no scheme: botocore refuses the endpoint
     assert run.returncode == 2 and "cannot reach S3 at minio:9000" in one_error_line(run)
     run = raee_ops(*args[:-1], "s3://no-such-bucket/out", *s3_args(endpoint), env=env, cwd=cwd)
@@ -332,24 +336,30 @@ def test_workers_fetch_artifacts_into_a_checked_cache(s3, segment_artifacts, tmp
         local_artifacts(art)
 
 
-def test_worker_settings_come_from_the_options(monkeypatch):
+def test_worker_settings_come_from_the_options(s3, monkeypatch):
     from raee_ops.pipelines.options import worker_settings
 
+    endpoint, _ = s3
     monkeypatch.setenv("RAEE_PROVIDER", "cuda")  # read here, on the launching machine, and carried to workers
     monkeypatch.delenv("RAEE_INTRA_OP_THREADS", raising=False)
+    keys = ["--s3_access_key_id", "testing", "--s3_secret_access_key", "testing"]
     settings = worker_settings(
-        ["--s3_endpoint_url", "http://127.0.0.1:9", "--s3_region_name", "eu-west-1", "--raee_intra_op_threads", "2"]
+        ["--s3_endpoint_url", endpoint, "--s3_region_name", "eu-west-1", "--raee_intra_op_threads", "2", *keys]
         + ["--raee_db_storage_option", "aws_region=us-east-2", "--raee_db_storage_option", "timeout=30s"],
-        "s3://bucket/db",
+        f"s3://{BUCKET}/db",
     )
     assert (settings.provider, settings.threads) == ("cuda", 2)
     assert settings.db_storage_options == {
-        "aws_endpoint": "http://127.0.0.1:9",
+        "aws_endpoint": endpoint,
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
         "aws_region": "us-east-2",
         "allow_http": "true",
         "timeout": "30s",
     }
-    assert settings.filesystem["s3_endpoint_url"] == "http://127.0.0.1:9"
+    assert settings.filesystem["s3_endpoint_url"] == endpoint
+    with pytest.raises(RaeeConfigError, match=f"--db s3://{BUCKET}: give a folder inside the bucket"):
+        worker_settings(["--s3_endpoint_url", endpoint, *keys], f"s3://{BUCKET}")  # Beam would retry it for minutes
     assert worker_settings([], "/local/db").db_storage_options == {}
 
 

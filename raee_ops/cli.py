@@ -504,11 +504,24 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{exc.format_message()} (see {ctx.command_path if ctx else 'raee-ops'} --help)", exc.exit_code)
     except OSError as exc:
         if not _path_given_wrong(exc):
-            _internal(exc)
+            _unexpected(exc)
         logging.getLogger(__name__).debug("failed", exc_info=True)
         _fail(f"{exc.strerror or type(exc).__name__}: {exc.filename or exc}", 2)
     except Exception as exc:
-        _internal(exc)
+        _unexpected(exc)
+
+
+#: What S3 and GCS clients say when credentials are wrong or lack a permission (boto's 403s, Beam's wrapping of them).
+REFUSED = ("(403)", "Forbidden", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+
+
+def _refused_by_store(exc: Exception) -> bool:
+    """Credentials the store refuses: configuration (exit 2), though they surface as the storage client's error."""
+    return any(marker in str(exc) for marker in REFUSED)
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _path_given_wrong(exc: OSError) -> bool:
@@ -516,6 +529,14 @@ def _path_given_wrong(exc: OSError) -> bool:
     filesystem): configuration, exit 2, not a bug."""
     wrong = (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError)
     return isinstance(exc, wrong) or exc.errno == errno.EROFS
+
+
+def _unexpected(exc: Exception) -> NoReturn:
+    """An exception no check anticipated: credentials the store refuses (exit 2), else a bug."""
+    if _refused_by_store(exc):
+        logging.getLogger(__name__).debug("failed", exc_info=True)
+        _fail(f"the object store refused access (check the credentials and permissions): {_first_line(exc)}", 2)
+    _internal(exc)
 
 
 def _internal(exc: BaseException) -> NoReturn:

@@ -219,3 +219,24 @@ def test_cli_refuses_an_out_it_would_wipe_or_cannot_reach_before_loading(tmp_pat
         result = subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True)
         assert result.returncode == 2 and problem in result.stderr, result.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
+def test_cli_reports_credentials_the_store_refuses_as_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Beam's S3 filesystem wraps a 403 in a BeamIOError raised on the driver: wrong keys, not a bug (exit 2)."""
+    from apache_beam.io.filesystem import BeamIOError
+
+    from raee_ops import cli
+
+    def refused(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        error = "An error occurred (403) when calling the HeadObject operation: Forbidden"
+        raise BeamIOError("exists() operation failed", {"s3://b/art/manifest.json": RuntimeError(error)})
+
+    monkeypatch.setattr(raee_ops.pipelines.export, "run_export", refused)
+    argv = ["raee-ops", "export-onnx", "--model", "smollm2-135m", "--task", "sst2", "--out", str(tmp_path / "o")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith("error: the object store refused access (check the credentials")

@@ -167,23 +167,6 @@ def test_failed_export_leaves_no_manifest_and_keeps_old(
     assert [p.read_text() for p in out.iterdir()] == ["an earlier export"]
 
 
-def test_cli_reports_a_worker_failure_in_one_line_with_exit_1(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from raee_ops import cli
-
-    def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        raise RaeeRunError("segment export failed in a Beam worker: OSError: disk full")
-
-    monkeypatch.setattr(raee_ops.pipelines.export, "run_export", failing)
-    argv = ["raee-ops", "export-onnx", "--model", "smollm2-135m", "--task", "sst2", "--out", str(tmp_path / "o")]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exited:
-        cli.main()
-    assert exited.value.code == 1
-    assert capsys.readouterr().err == "error: segment export failed in a Beam worker: OSError: disk full\n"
-
-
 def test_cli_help() -> None:
     result = subprocess.run([str(SCRIPT), "export-onnx", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
@@ -221,22 +204,43 @@ def test_cli_refuses_an_out_it_would_wipe_or_cannot_reach_before_loading(tmp_pat
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 
 
-def test_cli_reports_credentials_the_store_refuses_as_configuration(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Beam's S3 filesystem wraps a 403 in a BeamIOError raised on the driver: wrong keys, not a bug (exit 2)."""
+def _store_refusal() -> Exception:
+    """Beam's S3 filesystem wraps a 403 in a BeamIOError raised on the driver: wrong keys, not a bug."""
     from apache_beam.io.filesystem import BeamIOError
 
+    error = RuntimeError("An error occurred (403) when calling the HeadObject operation: Forbidden")
+    return BeamIOError("exists() operation failed", {"s3://b/art/manifest.json": error})
+
+
+@pytest.mark.parametrize(
+    "raised, code, line",
+    [
+        (
+            RaeeRunError("segment export failed in a Beam worker: OSError: disk full"),
+            1,
+            "error: segment export failed in a Beam worker: OSError: disk full\n",
+        ),
+        (_store_refusal(), 2, "error: the object store refused access (check the credentials and permissions): "),
+    ],
+)
+def test_cli_reports_a_failure_in_one_line_with_its_code(
+    raised: Exception,
+    code: int,
+    line: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from raee_ops import cli
 
-    def refused(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        error = "An error occurred (403) when calling the HeadObject operation: Forbidden"
-        raise BeamIOError("exists() operation failed", {"s3://b/art/manifest.json": RuntimeError(error)})
+    def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise raised
 
-    monkeypatch.setattr(raee_ops.pipelines.export, "run_export", refused)
+    monkeypatch.setattr(raee_ops.pipelines.export, "run_export", failing)
     argv = ["raee-ops", "export-onnx", "--model", "smollm2-135m", "--task", "sst2", "--out", str(tmp_path / "o")]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exited:
         cli.main()
-    assert exited.value.code == 2
-    assert capsys.readouterr().err.startswith("error: the object store refused access (check the credentials")
+    assert exited.value.code == code
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1, err

@@ -132,6 +132,8 @@ def _check_bucket(uri: str, what: str) -> None:
 def check_folder(uri: str, what: str) -> None:
     """Refuse, before any work, a location given as a folder that is a file or, locally, that this process cannot
     create or write in (an object store says so only at the first write)."""
+    if any(c in uri for c in "*?["):  # Beam's filesystems read them as a pattern: the files would never be found
+        raise RaeeConfigError(f"{what} {uri}: a location written to may not hold glob characters (* ? [)")
     if is_file(uri):
         raise RaeeConfigError(f"{what} {uri} exists and is not a directory")
     if not is_local(uri):

@@ -240,6 +240,8 @@ def test_10_bad_locations_fail_fast_and_create_nothing(segment_artifacts, db, tm
     )
     assert run.returncode == 2 and "afile is a file, not a directory" in one_error_line(run)  # before any work
     assert not (tmp_path / "new-db").exists()
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "out[1]", queries))
+    assert run.returncode == 2 and "may not hold glob characters" in one_error_line(run)
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "_SUCCESS").write_text("")  # a classify output
     run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", tmp_path / "done"]))

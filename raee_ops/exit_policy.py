@@ -310,7 +310,7 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("raee-counts", raee_counts),
         Strategy("full", full, needs_retrieval=False),
         Strategy("full-cal", full, calibrated_answer, needs_retrieval=False, needs_policy=True),
-        Strategy("raee-cal", raee_calibrated, calibrated_answer, needs_policy=True, k=_policy_k),
+        Strategy("raee-cal", raee_calibrated, calibrated_answer, needs_policy=True),  # the paper's rule: --k
         Strategy("fused", fused_exit, fused_answer, needs_policy=True, k=_policy_k),
         Strategy("raee-probe", raee_probe, reads="probe"),
         Strategy("probe-best", best_probe_layer, needs_retrieval=False, reads="probe"),

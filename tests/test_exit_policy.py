@@ -251,3 +251,47 @@ def test_probe_fused_shrinks_the_neighbours_curve_toward_the_whole_references():
     assert exit_at(0.5) == 3  # half-way: 0.5*1 + 0.5*1.0 at layer 3 beats 0.5*1 + 0.5*0.5 at layer 2
     assert exit_at(0.0) == 3  # the reference alone: its best layer for every row
     assert exit_policy.probe_fused_exit(nb, Context(3, 2, 10, probe_policy=_probe_policy(shrink=0.0))).tolist() == [2]
+
+
+def test_every_strategy_reads_no_more_neighbours_than_it_fetches():
+    """classify fetches `strategy.neighbours(ctx)` per row; evaluate fetches more for all strategies at once: a
+    strategy reading past its fetch answers otherwise in the two (raee-cal fetched the fitted k, read --k)."""
+    rng = np.random.default_rng(0)
+    rows, k_max, layers, labels = 6, 12, 4, 3
+    labels_of = rng.integers(0, labels, (rows, k_max))
+    nb = Neighbours(
+        rng.random((rows, k_max, layers)) < 0.5,
+        np.sort(rng.random((rows, k_max)).astype(np.float32), axis=1)[:, ::-1],
+        labels_of,
+        np.log(rng.dirichlet(np.ones(labels), (rows, k_max, layers))).astype(np.float32),
+        rng.random((rows, k_max, layers)) < 0.5,
+        np.log(rng.dirichlet(np.ones(labels), rows)),
+    )
+    from raee_ops.calibration import FusedPolicy
+
+    policy = FusedPolicy(
+        k=3,
+        alpha=0.3,
+        epsilon=0.05,
+        bias=np.zeros((layers, labels)).tolist(),
+        loo_accuracy=0.0,
+        loo_mean_exit=0.0,
+        loo_queries=0,
+        tau=0.7,
+    )
+    ctx = Context(
+        layers,
+        labels,
+        k=7,
+        policy=policy,
+        probes=_probes(best_layer=2),
+        probe_policy=_probe_policy(k=5, tau=0.6, t=0.9),
+    )
+    logits = rng.normal(size=(rows, labels))
+    for name, strategy in exit_policy.STRATEGIES.items():
+        fetched = nb.top(strategy.neighbours(ctx))
+        exits = strategy.exits(nb, ctx)
+        np.testing.assert_array_equal(strategy.exits(fetched, ctx), exits, err_msg=name)
+        np.testing.assert_allclose(
+            strategy.answer(logits, exits, fetched, ctx), strategy.answer(logits, exits, nb, ctx), err_msg=name
+        )

@@ -98,6 +98,8 @@ def file_keys(path: str, group_column: str | None = None) -> tuple[pa.Array, pa.
 def _group_names(values: pa.Array, path: str, column: str) -> pa.Array:
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
+    if pa.types.is_floating(values.type):  # NaN is a missing group, as null is: not one group of every NaN row
+        values = pc.if_else(pc.is_nan(values), pa.nulls(len(values), values.type), values)
     try:
         return pc.cast(values, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:

@@ -1,4 +1,5 @@
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from raee_ops.schemas.tables import ERRORS_SCHEMA
 
@@ -109,3 +110,11 @@ def test_uuid_and_fixed_size_ids_read_as_text():
     assert validate(table, SST2, source="f", file_key="k", need_label=False).valid.column(ROW_ID).to_pylist() == [
         "hex:ff00"
     ]
+
+
+def test_a_nan_group_is_a_missing_group_as_null_is(tmp_path):
+    from raee_ops.pipelines.sources import file_keys
+
+    path = tmp_path / "g.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "g": [1.0, float("nan"), None, float("nan")]}), path)
+    assert file_keys(str(path), "g")[1].to_pylist() == ["1", None, None, None]

@@ -243,9 +243,8 @@ def run_export(
     storage.configure(beam_args)
     storage.check_scheme(out_dir, "--out")
     storage.check_folder(out_dir, "--out")  # before the model loads (minutes): a wrong --out says so at once
-    if storage.children(out_dir) and not any(
-        storage.exists(storage.join(out_dir, n)) for n in (MANIFEST_NAME, PUBLISHING)
-    ):
+    held = storage.children(out_dir)
+    if held and not {MANIFEST_NAME, PUBLISHING} & set(held):
         raise RaeeConfigError(
             f"--out {out_dir} holds files that are not an export (no {MANIFEST_NAME}), and an export replaces the "
             "whole folder: choose another --out, or empty it"

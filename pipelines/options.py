@@ -114,10 +114,10 @@ def worker_settings(beam_args: Sequence[str], db_uri: str | None = None) -> Work
             raise RaeeConfigError(f"--raee_db_storage_option {pair!r}: expected KEY=VALUE")
         explicit[key] = value
     derived = _s3_storage_options(options) if db_uri and storage.scheme(db_uri) == "s3" else {}
-    threads = raee.raee_intra_op_threads
-    if threads is None and _environ("RAEE_INTRA_OP_THREADS"):
+    threads, env_threads = raee.raee_intra_op_threads, _environ("RAEE_INTRA_OP_THREADS")
+    if threads is None and env_threads:
         try:
-            threads = int(_environ("RAEE_INTRA_OP_THREADS"))
+            threads = int(env_threads)
         except ValueError:
             raise RaeeConfigError(_env_problem("RAEE_INTRA_OP_THREADS", "a whole number")) from None
     if threads is not None and threads < 1:

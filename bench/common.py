@@ -64,6 +64,22 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+#: CPU features int8 and fp32 speed hinge on, most capable first: ONNX Runtime's int8 MatMul sums products in one
+#: instruction with VNNI, and in int16 pairs without it (onnx_export/quantize.py), so two "AMD EPYC" machines can
+#: differ by far in the int8 results.
+SIMD_FEATURES = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+
+
+def _simd() -> list[str]:
+    """The SIMD_FEATURES this CPU has (Linux; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [feature for feature in SIMD_FEATURES if feature in flags]
+
+
 def _ram_gb() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -84,6 +100,7 @@ def machine_info() -> dict[str, Any]:
             versions[name] = None
     return {
         "cpu": _cpu_model(),
+        "simd": _simd(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "ram_gb": _ram_gb(),
         "os": platform.platform(),

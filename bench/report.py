@@ -39,6 +39,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines
 
 
+def _simd(machine: Doc) -> str:
+    """The CPU's SIMD features, as bench/common.py records them (results written before it named none)."""
+    simd = machine.get("simd")
+    return "" if simd is None else f" ({', '.join(simd) or 'no AVX2'})"
+
+
 def _provenance(doc: Doc, header_machine: Doc) -> str:
     git = doc.get("git") or {}
     parts = [doc.get("date", "?"), f"commit {git.get('commit')}{' (dirty)' if git.get('dirty') else ''}"]
@@ -48,7 +54,7 @@ def _provenance(doc: Doc, header_machine: Doc) -> str:
         parts.append(f"load avg {doc['load_avg'][0]:.1f} (1 min) when written")
     machine = doc.get("machine") or {}
     if machine != header_machine:
-        parts.append(f"on {machine.get('cpu')} ×{machine.get('cores')}")
+        parts.append(f"on {machine.get('cpu')}{_simd(machine)} ×{machine.get('cores')}")
     return "_" + " · ".join(parts) + "_"
 
 
@@ -1036,8 +1042,8 @@ def _header(docs: dict[str, Doc]) -> tuple[list[str], Doc]:
     ]
     if newest:
         lines += [
-            f"- Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('ram_gb')} GB RAM, "
-            f"{machine.get('os')}",
+            f"- Machine: {machine.get('cpu')}{_simd(machine)}, {machine.get('cores')} cores, "
+            f"{machine.get('ram_gb')} GB RAM, {machine.get('os')}",
             f"- Python {machine.get('python')}; {versions}",
             f"- Latest result on it: {newest.get('date')}, commit {git.get('commit')}"
             f"{' (dirty tree)' if git.get('dirty') else ''}",

@@ -74,7 +74,7 @@ def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa
         try:
             with storage.open_read(path) as handle:
                 meta = pq.ParquetFile(handle).metadata
-        except (OSError, pa.ArrowInvalid) as exc:
+        except (OSError, pa.ArrowInvalid, UnicodeDecodeError) as exc:  # the last: a column name not in UTF-8
             raise RaeeConfigError(f"{path}: not a readable Parquet file ({exc})") from exc
         file_schema = meta.schema.to_arrow_schema().remove_metadata()
         check_columns(file_schema, task, need_label, path)
@@ -86,13 +86,29 @@ def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa
 
 def file_keys(path: str, group_column: str | None = None) -> tuple[pa.Array, pa.Array | None]:
     """The ids the rows of one file get (id column, else positions), read on the driver for duplicate checks, and with
-    `group_column` that column as strings in the same order (null: the row is a group of its own); one read."""
+    `group_column` that column as strings in the same order (null: the row is a group of its own); one read. A row
+    group that cannot be decoded gives no ids: its rows are rejected when the pipeline reads them."""
     with storage.open_read(path) as handle:
         parquet = pq.ParquetFile(handle)
         columns = [c for c in dict.fromkeys((ID, group_column)) if c and c in parquet.schema_arrow.names]
-        table = parquet.read(columns=columns) if columns else pa.table({"_": pa.nulls(parquet.metadata.num_rows)})
-    ids, _ = row_ids(table, file_key(path) if _positional(table) else "", 0)  # hash only where the key is used
-    return ids, _group_names(table.column(group_column).combine_chunks(), path, group_column) if group_column else None
+        ids, names, first = [], [], 0
+        for group in range(parquet.num_row_groups):
+            size = parquet.metadata.row_group(group).num_rows
+            try:
+                table = parquet.read_row_group(group, columns=columns) if columns else pa.table({"_": pa.nulls(size)})
+            except (OSError, pa.ArrowException):
+                table = None
+            if table is not None:
+                key = file_key(path) if _positional(table) else ""  # hash only where the key is used
+                ids.append(row_ids(table, key, first)[0])
+                if group_column:
+                    names.append(_group_names(table.column(group_column).combine_chunks(), path, group_column))
+            first += size
+    return _concat(ids), _concat(names) if group_column else None
+
+
+def _concat(arrays: list[pa.Array]) -> pa.Array:
+    return pa.concat_arrays(arrays) if arrays else pa.array([], pa.string())
 
 
 def _group_names(values: pa.Array, path: str, column: str) -> pa.Array:
@@ -123,23 +139,26 @@ def _read_validated_groups(
 ) -> Iterator[Validated]:
     first = 0
     for group in range(parquet.num_row_groups):
-        size, done = parquet.metadata.row_group(group).num_rows, 0
+        size, done, problem = parquet.metadata.row_group(group).num_rows, 0, None
         batches = parquet.iter_batches(batch_size=rows, row_groups=[group])
         while done < size:
             try:
                 batch = next(batches)
-            except StopIteration:
+            except StopIteration:  # a corrupt page can decode to fewer rows than the footer counts, silently
+                problem = f"its pages held {done} of the {size} rows the footer counts"
                 break
             except (OSError, pa.ArrowException) as exc:  # corrupt data: the rest of this row group is lost
-                reason = f"unreadable Parquet data (row group {group}): {type(exc).__name__}: {exc}"[:500]
-                ids = positions(file_key(path), first + done, size - done)
-                errors = errors_table(ids, [reason] * len(ids), [path] * len(ids))
-                yield Validated(pa.table({ROW_ID: pa.array([], pa.string())}), errors)
+                problem = f"{type(exc).__name__}: {exc}"
                 break
             table = pa.Table.from_batches([batch]).replace_schema_metadata(None)
             key = file_key(path) if _positional(table) else ""  # "": no row here is keyed by position
             yield validate(table, task, source=path, file_key=key, need_label=need_label, first_row=first + done)
             done += table.num_rows
+        if problem is not None:  # the rest of the row group, by position, as the footer counts it
+            reason = f"unreadable Parquet data (row group {group}): {problem}"[:500]
+            ids = positions(file_key(path), first + done, size - done)
+            errors = errors_table(ids, [reason] * len(ids), [path] * len(ids))
+            yield Validated(pa.table({ROW_ID: pa.array([], pa.string())}), errors)
         first += size
 
 

@@ -191,6 +191,45 @@ def test_6_undecodable_rows_and_corrupt_pages_stay_row_problems(segment_artifact
     assert sorted(predicted) == sorted(["u0", "u2"] + [f"c{i}" for i in range(20, 40)])
 
 
+def test_6b_a_row_group_that_decodes_short_or_an_unreadable_id_page_loses_no_row(segment_artifacts, tmp_path):  # noqa: F811
+    """A corrupt page header can make a row group decode to fewer rows than its footer counts, with no error (the
+    run then failed unbalanced, losing every row); a corrupt id page failed build-db's duplicate check outright."""
+    short = tmp_path / "short.parquet"
+    labels = [i % 2 for i in range(40)]
+    table = pa.table({"id": [f"s{i}" for i in range(40)], "text": sentences(40, 8), "label": labels})
+    pq.write_table(table, short, row_group_size=10, compression="snappy", use_dictionary=False)
+    offset = pq.ParquetFile(short).metadata.row_group(2).column(1).data_page_offset
+    data = bytearray(short.read_bytes())
+    assert data[offset + 1] == 0
+    data[offset + 1] = 0x43
+    short.write_bytes(bytes(data))
+    read = list(read_validated_file(str(short), PRESETS["sst2"], need_label=True))
+    valid, errors = (sum(getattr(v, part).num_rows for v in read) for part in ("valid", "errors"))
+    assert valid < 40 and valid + errors == 40
+    reasons = pa.concat_tables([v.errors for v in read]).column("reason").to_pylist()
+    assert all(r.startswith("unreadable Parquet data (row group 2): its pages held") for r in reasons)
+
+    bad_id = tmp_path / "bad_id.parquet"
+    pq.write_table(table, bad_id, row_group_size=10, compression="snappy", use_dictionary=False)
+    column = pq.ParquetFile(bad_id).metadata.row_group(1).column(0)
+    data = bytearray(bad_id.read_bytes())
+    end = column.data_page_offset + column.total_compressed_size
+    data[end - 20 : end] = b"\xff" * 20  # the tail of row group 1's compressed id page
+    bad_id.write_bytes(bytes(data))
+    run = raee_ops(*build_args(segment_artifacts, tmp_path / "db", bad_id))
+    assert run.returncode == 0, run.stderr
+    assert "rows in: 40  written: 30  rejected: 10" in run.stdout, run.stdout
+
+
+def test_6c_a_column_name_not_in_utf8_is_a_bad_file_not_an_internal_error(segment_artifacts, db, tmp_path):  # noqa: F811
+    legacy = tmp_path / "legacy.parquet"
+    pq.write_table(pa.table({"text": ["good", "bad"], "cafQ": [1, 2]}), legacy, store_schema=False)
+    legacy.write_bytes(legacy.read_bytes().replace(b"cafQ", b"caf\xe9"))  # as a writer in Latin-1 leaves it
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "out", legacy))
+    assert run.returncode == 2 and f"{legacy}: not a readable Parquet file" in one_error_line(run)
+    assert not (tmp_path / "out").exists()
+
+
 def test_7_dictionary_and_binary_text_are_text_wrong_types_are_refused(segment_artifacts, db, tmp_path):  # noqa: F811
     texts = sentences(6, 7)
     pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), tmp_path / "dict.parquet")

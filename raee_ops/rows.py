@@ -31,14 +31,21 @@ INTERNAL = [ROW_ID, SOURCE]
 def _is_text(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         return _is_text(t.value_type)
-    kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
-    return pa.types.is_null(t) or any(kind(t) for kind in kinds)  # null: a column with no value at all
+    return pa.types.is_null(t) or _is_string(t) or _is_bytes(t)  # null: a column with no value at all
+
+
+def _is_bytes(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
 
 
 def _is_label(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         return _is_label(t.value_type)
-    return pa.types.is_null(t) or pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+    return pa.types.is_null(t) or pa.types.is_integer(t) or _is_string(t)
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def _id_text(value: object) -> str:
@@ -192,9 +199,10 @@ def label_indices(table: pa.Table, task: Task) -> tuple[pa.Array, list[tuple[np.
         values = values.dictionary_decode()
     names = task.label_names
     if pa.types.is_integer(values.type):
-        index = pc.cast(values, pa.int64())
-    elif pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        index = pc.index_in(values, value_set=pa.array(names, values.type))
+        # unchecked: a uint64 past int64's range wraps to a negative index, outside the labels like any other
+        index = pc.cast(values, pa.int64(), safe=False)
+    elif _is_string(values.type):
+        index = pc.index_in(values.cast(pa.large_string()), value_set=pa.array(names, pa.large_string()))
     else:
         whole = np.ones(table.num_rows, bool)
         return pa.nulls(table.num_rows, pa.int32()), [(whole, f"label column has type {values.type}")]

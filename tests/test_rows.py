@@ -73,6 +73,22 @@ def test_dictionary_and_binary_text_are_text_and_invalid_utf8_is_a_row_error():
     assert out.errors.column("reason").to_pylist() == ["text is not valid UTF-8"]
 
 
+def test_view_typed_text_and_labels_are_text_and_a_label_past_int64_is_a_row_error():
+    text = pa.array(["good", "fine", "dull"], pa.string_view())
+    labels = pa.array(["positive", "negative", "meh"], pa.string_view())
+    out = validate(pa.table({"text": text, "label": labels}), SST2, source="v", file_key="v", need_label=True)
+    assert out.valid.column("text").to_pylist() == ["good", "fine"] and out.valid.column("label").to_pylist() == [1, 0]
+    raw = pa.array([b"ok", b"\xff bad"], pa.binary_view())
+    out = validate(pa.table({"text": raw}), SST2, source="b", file_key="b", need_label=False)
+    assert out.valid.column("text").to_pylist() == ["ok"] and out.errors.column("reason").to_pylist() == [
+        "text is not valid UTF-8"
+    ]
+    huge = pa.array([1, 2**64 - 1, 2**63], pa.uint64())  # past int64: checked casts raised, failing the whole run
+    out = validate(pa.table({"text": ["a", "b", "c"], "label": huge}), SST2, source="u", file_key="u", need_label=True)
+    assert out.valid.column("label").to_pylist() == [1]
+    assert [r.startswith("label is not one of") for r in out.errors.column("reason").to_pylist()] == [True, True]
+
+
 def test_missing_columns_are_run_level():
     with pytest.raises(RaeeConfigError, match="text_pair"):
         check_columns(pa.schema([("text", pa.string()), ("label", pa.int64())]), RTE, True, "x.parquet")

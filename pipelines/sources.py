@@ -22,7 +22,16 @@ from raee_ops.schemas.tables import ID
 
 from raee_ops import storage
 from raee_ops.errors import RaeeConfigError
-from raee_ops.rows import ROW_ID, Validated, check_columns, errors_table, positions, row_ids, validate
+from raee_ops.rows import (
+    ROW_ID,
+    Validated,
+    check_columns,
+    errors_table,
+    positions,
+    row_ids,
+    validate,
+    without_views,
+)
 from raee_ops.tasks import Task
 
 ERRORS = "errors"
@@ -76,7 +85,7 @@ def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa
                 meta = pq.ParquetFile(handle).metadata
         except (OSError, pa.ArrowInvalid, UnicodeDecodeError) as exc:  # the last: a column name not in UTF-8
             raise RaeeConfigError(f"{path}: not a readable Parquet file ({exc})") from exc
-        file_schema = meta.schema.to_arrow_schema().remove_metadata()
+        file_schema = without_views(meta.schema.to_arrow_schema().remove_metadata())  # as validate reads it
         check_columns(file_schema, task, need_label, path)
         if schema is not None and not file_schema.equals(schema):
             raise RaeeConfigError(f"{path}: schema differs from {files[0]}; inputs must share one schema")

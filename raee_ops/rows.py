@@ -28,24 +28,27 @@ SOURCE = "_source"
 INTERNAL = [ROW_ID, SOURCE]
 
 
+#: Arrow's view types (as polars and newer Arrow writers store text) as the plain types every kernel here takes:
+#: pyarrow cannot even filter a table with a string_view column.
+_PLAIN = {pa.string_view(): pa.string(), pa.binary_view(): pa.binary()}
+
+
+def without_views(schema: pa.Schema) -> pa.Schema:
+    """`schema` with its view-typed columns as their plain types: what every input is read as."""
+    return pa.schema([f.with_type(_PLAIN.get(f.type, f.type)) for f in schema], metadata=schema.metadata)
+
+
 def _is_text(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         return _is_text(t.value_type)
-    return pa.types.is_null(t) or _is_string(t) or _is_bytes(t)  # null: a column with no value at all
-
-
-def _is_bytes(t: pa.DataType) -> bool:
-    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+    kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+    return pa.types.is_null(t) or any(kind(t) for kind in kinds)  # null: a column with no value at all
 
 
 def _is_label(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         return _is_label(t.value_type)
-    return pa.types.is_null(t) or pa.types.is_integer(t) or _is_string(t)
-
-
-def _is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    return pa.types.is_null(t) or pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def _id_text(value: object) -> str:
@@ -201,8 +204,8 @@ def label_indices(table: pa.Table, task: Task) -> tuple[pa.Array, list[tuple[np.
     if pa.types.is_integer(values.type):
         # unchecked: a uint64 past int64's range wraps to a negative index, outside the labels like any other
         index = pc.cast(values, pa.int64(), safe=False)
-    elif _is_string(values.type):
-        index = pc.index_in(values.cast(pa.large_string()), value_set=pa.array(names, pa.large_string()))
+    elif pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        index = pc.index_in(values, value_set=pa.array(names, values.type))
     else:
         whole = np.ones(table.num_rows, bool)
         return pa.nulls(table.num_rows, pa.int32()), [(whole, f"label column has type {values.type}")]
@@ -218,6 +221,8 @@ def validate(
 ) -> Validated:
     """Valid rows (with `_row_id` and `_source`, text as strings, and `label` as int32 indices when labels are
     needed) and errors."""
+    if without_views(table.schema) != table.schema:
+        table = table.cast(without_views(table.schema))
     check_columns(table.schema, task, need_label, source)
     checks = []
     for column in text_columns(task):

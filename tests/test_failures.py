@@ -234,7 +234,9 @@ def test_7_dictionary_and_binary_text_are_text_wrong_types_are_refused(segment_a
     texts = sentences(6, 7)
     pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), tmp_path / "dict.parquet")
     pq.write_table(pa.table({"text": pa.array([t.encode() for t in texts], pa.binary())}), tmp_path / "bin.parquet")
-    for name in ("dict", "bin"):
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string_view())}), tmp_path / "view.parquet")  # as polars
+    assert pq.read_schema(tmp_path / "view.parquet").field("text").type == pa.string_view()
+    for name in ("dict", "bin", "view"):
         run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / name, tmp_path / f"{name}.parquet"))
         assert run.returncode == 0 and "rows in: 6  predicted: 6  rejected: 0" in run.stdout, run.stderr
         assert read_folder(tmp_path / name, "predictions").column("text").to_pylist() == texts

@@ -79,7 +79,9 @@ def test_view_typed_text_and_labels_are_text_and_a_label_past_int64_is_a_row_err
     out = validate(pa.table({"text": text, "label": labels}), SST2, source="v", file_key="v", need_label=True)
     assert out.valid.column("text").to_pylist() == ["good", "fine"] and out.valid.column("label").to_pylist() == [1, 0]
     raw = pa.array([b"ok", b"\xff bad"], pa.binary_view())
-    out = validate(pa.table({"text": raw}), SST2, source="b", file_key="b", need_label=False)
+    ids, extra = pa.array(["i", "j"], pa.string_view()), pa.array([b"x", b"y"], pa.binary_view())  # filtered along
+    out = validate(pa.table({"id": ids, "text": raw, "x": extra}), SST2, source="b", file_key="b", need_label=False)
+    assert out.valid.column("id").to_pylist() == ["i"] and out.valid.column("x").type == pa.binary()
     assert out.valid.column("text").to_pylist() == ["ok"] and out.errors.column("reason").to_pylist() == [
         "text is not valid UTF-8"
     ]

@@ -147,9 +147,12 @@ def is_held(place: str) -> bool:
 
 
 def remove_leftovers(paths: Sequence[str], where: str) -> None:
+    """Delete `paths` in their order (a run killed midway leaves the rest for the next)."""
     if not paths:
         return
-    storage.delete(paths)
+    for path in paths:
+        storage.delete([path])
+        fault_point("leftovers")
     names = ", ".join(sorted(storage.name(p) for p in paths))
     say(f"removed what an earlier, unfinished run left in {where}: {names}")
 
@@ -220,7 +223,8 @@ def claim_output(folder: str, patterns: Sequence[str], what: str) -> Iterator[Ou
                 f"{folder} holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}, which no run of this "
                 f"command left unfinished there; choose another {what}"
             )
-        stale = [n for n in names if n in ours or n in (TEMPORARY, PUBLISHING)]
+        # the list last: a run killed while removing leaves the next run the list of what is still to remove
+        stale = sorted((n for n in names if n in ours or n in (TEMPORARY, PUBLISHING)), key=lambda n: n == PUBLISHING)
         remove_leftovers([storage.join(folder, n) for n in stale], folder)
         staging = storage.join(folder, TEMPORARY, new_run_id())
         storage.mkdirs(staging)

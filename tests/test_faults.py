@@ -62,6 +62,21 @@ def test_classify_killed_then_rerun(point, segment_artifacts, reference, tmp_pat
     fault_records.append(FaultRecord("classify", point, 1, lost, duplicated))
 
 
+def test_classify_killed_while_removing_a_killed_runs_leftovers(segment_artifacts, reference, tmp_path):  # noqa: F811
+    """The list of what a killed run published goes last: removed first, it left the files it named looking like
+    another command's, and the folder was refused for good."""
+    queries = labelled(tmp_path / "q.parquet", ROWS, 9, "q")
+    out = tmp_path / "out"
+    args = classify_args(segment_artifacts, reference, out, queries)
+    assert raee_ops(*args, fault="publish:errors-*.parquet").returncode == KILLED
+    assert raee_ops(*args, fault="leftovers").returncode == KILLED
+    assert (out / "_PUBLISHING").exists()
+    rerun = raee_ops(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    ids = read_folder(out, "predictions").column("id").to_pylist() + read_folder(out, "errors").column("id").to_pylist()
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == ROWS + len(BAD_IDS)
+
+
 @pytest.mark.parametrize("mode", ["overwrite", "append"])
 @pytest.mark.parametrize("point", ["batch:build-db@2", "commit:errors", "commit:table"])
 def test_build_db_killed_then_rerun(point, mode, segment_artifacts, tmp_path, fault_records):  # noqa: F811

@@ -106,6 +106,8 @@ def worker_settings(beam_args: Sequence[str], db_uri: str | None = None) -> Work
     options = storage.configure(beam_args)
     if db_uri:
         storage.check_scheme(db_uri, "--db")
+        if not storage.is_local(db_uri) and "%" in db_uri:  # LanceDB decodes %-escapes, Beam's filesystems do not
+            raise RaeeConfigError(f"--db {db_uri}: write the location without %-escapes (LanceDB decodes them)")
     raee = options.view_as(RaeeOptions)
     explicit = {}
     for pair in raee.raee_db_storage_option or []:

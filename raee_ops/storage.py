@@ -84,6 +84,9 @@ def check_scheme(uri: str, what: str) -> None:
     bucket, _, key = uri.split("://", 1)[1].partition("/")
     if not key.strip("/"):  # Beam's filesystems take objects under a bucket: its root stalls them in retries
         raise RaeeConfigError(f"{what} {uri}: give a folder inside the bucket ({name}://{bucket}/<folder>)")
+    if any(part in ("", ".", "..") for part in key.rstrip("/").split("/")):
+        # Beam's filesystems take the key as written, LanceDB resolves it: one table, two places for its claim
+        raise RaeeConfigError(f"{what} {uri}: spell the location without '.', '..' or empty folder names")
     extra, module = EXTRAS[name]
     try:
         __import__(module)

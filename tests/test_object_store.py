@@ -360,6 +360,10 @@ def test_worker_settings_come_from_the_options(s3, monkeypatch):
     assert settings.filesystem["s3_endpoint_url"] == endpoint
     with pytest.raises(RaeeConfigError, match=f"--db s3://{BUCKET}: give a folder inside the bucket"):
         worker_settings(["--s3_endpoint_url", endpoint, *keys], f"s3://{BUCKET}")  # Beam would retry it for minutes
+    # LanceDB resolves '..' and %-escapes, Beam's filesystems do not: the table's claim would lie elsewhere
+    for spelling, problem in [("q/../db", "without '.', '..' or empty"), ("d%20b", "without %-escapes")]:
+        with pytest.raises(RaeeConfigError, match=problem):
+            worker_settings(["--s3_endpoint_url", endpoint, *keys], f"s3://{BUCKET}/{spelling}")
     assert worker_settings([], "/local/db").db_storage_options == {}
 
 

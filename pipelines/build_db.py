@@ -274,7 +274,9 @@ def run_build_db(
         if base and base.done:
             return BuildSummary(table, mode, rows_in, 0, 0, 0, errors_dir, version=base.version, done=True)
         views = base.views if base else None
-        handler = BuildHandler(str(artifacts), task, embedder, views, **settings.runtime())
+        handler = BuildHandler(
+            str(artifacts), task, embedder, views, fingerprint=manifest.fingerprint, **settings.runtime()
+        )
         schema = handler.schema(manifest)
         pipeline = make_pipeline(
             beam_args, command="build-db", artifacts=str(artifacts), task=task_name, db=db_uri, table=table

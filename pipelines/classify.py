@@ -196,6 +196,7 @@ def run_classify(
         version,
         layer_budget,
         storage_options=settings.db_storage_options,
+        fingerprint=manifest.fingerprint,
         **settings.runtime(),
     )
     with claim_output(output_dir, ["predictions-*.parquet", "errors-*.parquet"], "--output") as claim:

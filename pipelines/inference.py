@@ -25,7 +25,7 @@ from raee_ops.schemas.tables import FEATURES, LABEL, PREDICTION_FIELDS, TEXT, TE
 from raee_ops import storage
 from raee_ops.artifacts import local_artifacts
 from raee_ops.calibration import log_softmax
-from raee_ops.errors import RaeeRunError
+from raee_ops.errors import ArtifactError, RaeeRunError
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.faults import fault_point
 from raee_ops.layer_key import layer_depth
@@ -114,16 +114,26 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         threads: int | None = None,
         providers: str | None = None,
         filesystem: dict[str, Any] | None = None,
+        fingerprint: str | None = None,
     ) -> None:
+        """`fingerprint`: the artifacts' as the launching process checked them against the table."""
         super().__init__()
         self.artifacts, self.task, self.embedder = artifacts, task, embedder
         self.threads, self.providers, self.filesystem = threads, providers, filesystem
+        self.fingerprint = fingerprint
 
     def _runtime(self) -> SegmentRuntime:
         fault_point(f"load:{self.command}")
         storage.on_worker(self.filesystem)
         directory = local_artifacts(self.artifacts)  # fetched into this worker's cache when not local
-        return SegmentRuntime(directory, providers=self.providers, intra_op_threads=self.threads)
+        runtime = SegmentRuntime(directory, providers=self.providers, intra_op_threads=self.threads)
+        found = runtime.manifest.fingerprint
+        if self.fingerprint and found != self.fingerprint:  # an export replaced them after the run's checks
+            raise ArtifactError(
+                f"the artifacts at {self.artifacts} changed during the run (fingerprint {found[:12]}, checked "
+                f"{self.fingerprint[:12]}): run again once the new export is in place"
+            )
+        return runtime
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
         return {"min_batch_size": 1, "max_batch_size": MAX_ELEMENTS_PER_BATCH}

@@ -228,7 +228,10 @@ def evaluate(
     probe_policy = budgeted(retriever.probe_policy, layer_budget)
 
     valid, rejected = _read_validated(inputs, task)
-    handler = BuildHandler(str(artifacts), task, embedder, (probes.pooling,), **settings.runtime())  # its view only
+    views = (probes.pooling,)  # its view only
+    handler = BuildHandler(
+        str(artifacts), task, embedder, views, fingerprint=manifest.fingerprint, **settings.runtime()
+    )
     rows, probe_lp, failed = _run_layers(handler, valid, probes)
     rejected += failed
     if rows.num_rows == 0:

@@ -22,11 +22,12 @@ from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.commit import locked, new_run_id
 from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.sources import read_validated_file
+from raee_ops.schemas.manifest import load_manifest
 from raee_ops.schemas.tables import FEATURES_SUFFIX
-from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
+from segment_artifacts import make_artifacts, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled, sentences
 
-from raee_ops.errors import RaeeRunError
+from raee_ops.errors import ArtifactError, RaeeRunError
 from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.retrieval import table_names
 from raee_ops.rows import ROW_ID
@@ -542,3 +543,13 @@ def test_run_ids_differ_within_one_process_and_second():
     """Claims, staging folders and error shards are named by run id: two in one second must not collide."""
     ids = [new_run_id() for _ in range(3)]
     assert len(set(ids)) == 3 and ids == sorted(ids)
+
+
+def test_workers_refuse_artifacts_an_export_replaced_after_the_runs_checks(segment_artifacts, tmp_path):  # noqa: F811
+    """A worker loads the artifacts after the launching process checked them against the table: an export that
+    replaced them in between must fail the run, not answer (or build a table) with another model."""
+    checked = load_manifest(segment_artifacts).fingerprint
+    replaced = make_artifacts(tmp_path / "replaced", seed=1)
+    with pytest.raises(ArtifactError, match="changed during the run"):
+        BuildHandler(str(replaced), PRESETS["sst2"], "backbone", fingerprint=checked).load_model()
+    assert BuildHandler(str(segment_artifacts), PRESETS["sst2"], "backbone", fingerprint=checked).load_model()

@@ -40,7 +40,7 @@ from keys import MINILM_DEPTHS, truncated_artifacts
 from quality import BENCH, PRESETS, QUICK_TASKS, TASKS
 from raee_ops.schemas.tables import PROBES_META_KEY, flat_values
 
-from raee_ops.calibration import K_GRID
+from raee_ops.calibration import K_GRID, not_before_key
 from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.layer_key import LayerKey
 from raee_ops.metrics import task_metric
@@ -134,8 +134,8 @@ def held_out(
     ctx = Context(num_layers, num_labels, 10, probe_policy=policy)
     strategy = resolve(STRATEGY, num_layers)
     own = probe_lp[held]
-    exits = confident_exits(np.exp(own.max(axis=2)), strategy.exits(nb, ctx), strategy.threshold(ctx))
-    exits = np.where((exits > 0) & (exits < depth), depth, exits)
+    exits = confident_exits(np.exp(own.max(axis=2)), strategy.exits(nb, ctx), strategy.threshold(ctx), max(depth, 1))
+    exits = not_before_key(exits, depth)
     at_exit = np.where((exits > 0)[:, None], own[np.arange(len(held)), np.maximum(exits, 1) - 1], 0.0)
     return strategy.answer(at_exit, exits, nb, ctx).argmax(axis=1), exits
 

@@ -158,10 +158,11 @@ def _answers(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(each row's answer, the layer it left at) of one strategy, from every layer's log-probs L×N×C."""
     exits = strategy.exits(nb, ctx)
+    key_layers = _key_layers(strategy, ctx)
     if strategy.reads == "probe":
         logprobs = probe_lp
-        exits = confident_exits(np.exp(probe_lp.max(axis=2)).T, exits, strategy.threshold(ctx))
-    key_layers = _key_layers(strategy, ctx)
+        confidence = np.exp(probe_lp.max(axis=2)).T
+        exits = confident_exits(confidence, exits, strategy.threshold(ctx), max(key_layers, 1))
     if key_layers:  # as the runtime reads them out, from the key's layers on
         exits = not_before_key(exits, key_layers)
     # exit 0 runs no layer: its logits are zeros, as run_to_exit returns them

@@ -16,9 +16,11 @@ from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 from test_probe_pipelines import signal_rows
 from test_runtime import prompts
 
+from raee_ops.calibration import not_before_key
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate
 from raee_ops.layer_key import LayerKey, layer_depth
+from raee_ops.probe_policy import confident_exits
 from raee_ops.probes import PROMPT_VIEWS, VIEWS
 from raee_ops.retrieval import Retriever
 from raee_ops.runtime import POOLINGS, SUB_BATCH, SegmentRuntime
@@ -61,6 +63,24 @@ def test_rows_continue_from_the_keys_layers_as_a_plain_run_reads_them(segment_ar
         np.testing.assert_allclose(got.logits, want.logits, atol=1e-5, rtol=0)
         np.testing.assert_allclose(got.pooled.astype(np.float32), want.pooled.astype(np.float32), atol=1e-2, rtol=0)
         assert not got.logits[exits == 0].any() and not got.exits[exits == 0].any()
+
+
+def test_the_stop_rule_is_checked_from_the_keys_layer_on_as_the_fit_and_evaluate_replay_it(segment_artifacts):  # noqa: F811
+    """Rows of a layer-N table start after their key's N layers: a probe sure of them only before N does not stop
+    them (classify ran them on while the fit and evaluate, checking every layer, counted them as leaving at N)."""
+    runtime = SegmentRuntime(segment_artifacts)
+    batch = prompts(12, seed=7)
+    exits = np.full(len(batch), runtime.num_layers)
+
+    def sure_at_layer_one(layer: int, pooled: np.ndarray) -> np.ndarray:
+        return np.full(len(pooled), layer == 1)
+
+    got = runtime.run_to_exit_pooled("sst2", batch, exits, sure_at_layer_one, runtime.prefix(batch, DEPTH))
+    confidence = np.zeros((len(batch), runtime.num_layers))
+    confidence[:, 0] = 1.0
+    replayed = not_before_key(confident_exits(confidence, exits, 0.9, first=DEPTH), DEPTH)
+    np.testing.assert_array_equal(got.exits, replayed)
+    assert (replayed == runtime.num_layers).all()
 
 
 @pytest.fixture(scope="module")

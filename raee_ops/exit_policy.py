@@ -337,7 +337,7 @@ def resolve(name: str | None, num_layers: int) -> Strategy:
     name = name or DEFAULT_STRATEGY
     if name.startswith(("layer:", "probe:")):
         kind, raw = name.split(":", 1)
-        if not raw.isdigit() or not 1 <= int(raw) <= num_layers:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= num_layers:  # isdigit alone: '²', '１'
             raise RaeeConfigError(f"strategy {name!r}: N must be an integer in 1..{num_layers}")
         reads = "head" if kind == "layer" else "probe"
         return Strategy(name, partial(fixed_layer, int(raw)), needs_retrieval=False, reads=reads)

@@ -69,7 +69,7 @@ def test_resolve_fixed_and_full_and_errors():
     assert _wrap(resolve("layer:1", 6).exits)(empty, 6).tolist() == [1, 1, 1]
     assert _wrap(resolve("full", 6).exits)(empty, 6).tolist() == [6, 6, 6]
     assert not resolve("full", 6).needs_retrieval and resolve("raee", 6).needs_retrieval
-    for bad in ("layer:0", "layer:7", "layer:x", "fastest"):
+    for bad in ("layer:0", "layer:7", "layer:x", "layer:²", "probe:１", "fastest"):
         with pytest.raises(RaeeConfigError):
             resolve(bad, 6)
 

@@ -65,8 +65,11 @@ def test_an_int8_row_answers_the_same_whatever_it_is_batched_with(tiny_llama_dir
 
 
 def test_int8_whose_states_move_with_the_batch_is_refused(tiny_llama_dir, tmp_path, monkeypatch):
-    """ONNX Runtime's dynamic quantization (one input scale per batch) in place of ours: the check catches it."""
+    """ONNX Runtime's dynamic quantization (one input scale per batch) in place of ours: the check catches it. Its
+    8-bit weights also drift past MAX_RELATIVE_ERROR on CPUs without VNNI (int16 pairs saturate: 0.36 on an AVX2
+    EPYC), a check made first: lifted here, so the batch's check is the one tested on every CPU."""
     monkeypatch.setattr(quantize, "quantize_matmuls", quantize.quantize_per_batch)
+    monkeypatch.setattr(quantize, "MAX_RELATIVE_ERROR", float("inf"))
     with pytest.raises(ArtifactError, match="int8 layers depend on the batch"):
         export(tiny_llama_dir, tmp_path / "int8", "int8")
     assert not (tmp_path / "int8").exists()

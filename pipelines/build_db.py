@@ -140,7 +140,7 @@ class AppendBase:
 
     version: int
     views: tuple[str, ...] | None
-    done: bool = False  # the current version is this very job's (a retry of an append killed after its commit)
+    done: RunRecord | None = None  # the current version's run, this very job's (an append retried after its commit)
 
 
 def claimed_append_base(
@@ -158,7 +158,7 @@ def claimed_append_base(
     if record is not None and record.job == job:
         if not opened.list_indices():  # killed between its commit and its index
             build_index(opened)
-        return AppendBase(opened.version, None, done=True)
+        return AppendBase(opened.version, None, done=record)
     present = opened.search().select([ID]).limit(None).to_arrow().column(ID).combine_chunks()  # the ids alone
     clash = ids.filter(pc.is_in(ids, value_set=present))
     if len(clash):
@@ -197,6 +197,16 @@ def refuse_overwrite_with_nothing(table: str, allow_empty: bool) -> None:
         raise RaeeConfigError(
             f"no rows to write: --mode overwrite would replace table {table!r} with an empty one "
             "(left unchanged; pass --allow-empty to do it anyway)"
+        )
+
+
+def refuse_rejected(rejected: int, rows_in: int, max_rejected: float, outcome: str) -> None:
+    """Over --max-rejected: exit code 4, whether this run rejected the rows or the earlier run of its job that
+    committed them (a retry must not pass a result its limit fails)."""
+    share = rejected / rows_in if rows_in else 0.0
+    if share > max_rejected:
+        raise TooManyRejected(
+            f"{rejected} of {rows_in} rows rejected ({share:.0%}), over --max-rejected {max_rejected:g}: {outcome}"
         )
 
 
@@ -272,6 +282,9 @@ def run_build_db(
         settle(errors_dir, where, table_record(db_uri, table, store), own_errors, recorded)
         base = claimed_append_base(db_uri, table, meta, ids, job, store) if mode == "append" else None
         if base and base.done:
+            if base.done.rejected is not None:  # None: recorded before rejected rows were counted
+                done = f"table {table!r} version {base.version} holds this job's rows, committed by an earlier run"
+                refuse_rejected(base.done.rejected, rows_in, max_rejected, done)
             return BuildSummary(table, mode, rows_in, 0, 0, 0, errors_dir, version=base.version, done=True)
         views = base.views if base else None
         handler = BuildHandler(
@@ -293,12 +306,7 @@ def run_build_db(
         if rows_in != written + rejected:
             raise CountMismatch(f"rows in {rows_in} != written {written} + rejected {rejected}: not committing")
         try:
-            share = rejected / rows_in if rows_in else 0.0
-            if share > max_rejected:
-                raise TooManyRejected(
-                    f"{rejected} of {rows_in} rows rejected ({share:.0%}), over --max-rejected {max_rejected:g}: "
-                    f"table {table!r} left unchanged"
-                )
+            refuse_rejected(rejected, rows_in, max_rejected, f"table {table!r} left unchanged")
             if written == 0 and mode == "overwrite":
                 refuse_overwrite_with_nothing(table, allow_empty)
             previous = previous_rows(db_uri, table, base.version, store) if base else (None, None)
@@ -319,7 +327,7 @@ def run_build_db(
                 layer_budget=layer_budget,
                 group_of=group_of,
             )
-        record = RunRecord(run_id, mode, job)
+        record = RunRecord(run_id, mode, job, rejected)
         fault_point("commit:errors")
         table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store, record)
         publish(rejects, errors_dir)

@@ -3,13 +3,13 @@
 A run's rejected rows are staged in its errors folder itself (`_staging/<scope>/<run id>/`, the scope naming the
 database and table: publishing is then a rename on one filesystem, wherever `--errors` is, and runs on other
 databases sharing the folder never touch it) and published there only after the run's table version is committed.
-That version records the run (`RUN_META_KEY`): its id, its mode and its job (settings and input files, as classify
-names its own), so a retried append whose version is committed already is recognised as done, not refused. The
-table's next run, under the table's claim, settles what a killed run left: a committed run's staged errors are
-published (whether its version is current or a rollback left it in the history; after the current version's
-overwrite, older runs' files are pruned from the table's own folder), any other run's staging removed. So the
-errors folder, read as a dataset (`_`-prefixed names are skipped), holds each rejected row of the table's runs
-once. A run refused for rejecting too many rows keeps its rejected rows in
+That version records the run (`RUN_META_KEY`): its id, its mode, its job (settings and input files, as classify
+names its own) and its rejected rows' count, so a retried append whose version is committed already is recognised as
+done, not refused, and held to its own --max-rejected. The table's next run, under the table's claim, settles what a
+killed run left: a committed run's staged errors are published (whether its version is current or a rollback left it
+in the history; after the current version's overwrite, older runs' files are pruned from the table's own folder),
+any other run's staging removed. So the errors folder, read as a dataset (`_`-prefixed names are skipped), holds
+each rejected row of the table's runs once. A run refused for rejecting too many rows keeps its rejected rows in
 `_uncommitted/<scope>/<run id>/` (named in its error line) until the table's next run.
 """
 
@@ -31,9 +31,13 @@ STAGING, UNCOMMITTED = "_staging", "_uncommitted"
 
 @dataclass(frozen=True)
 class RunRecord:
+    """`rejected`: the rows the run rejected, which a retry of its job answers for against its own --max-rejected
+    (None: a version recorded before they were counted)."""
+
     run_id: str
     mode: str
     job: str
+    rejected: int | None = None
 
     def metadata(self) -> dict[bytes, bytes]:
         return {RUN_META_KEY: json.dumps(asdict(self)).encode()}

@@ -130,6 +130,23 @@ def test_an_all_rejected_append_killed_after_its_commit_is_done_on_retry(segment
     assert sorted(errors) == ["x1", "x2"]  # once
 
 
+def test_a_retried_append_is_held_to_its_own_max_rejected(segment_artifacts, tmp_path):  # noqa: F811
+    """A retry that finds its job committed already still answers for the rows that run rejected: over the retry's
+    --max-rejected it fails as a run would (exit 4), not 'already done'."""
+    db = tmp_path / "db"
+    old = labelled(tmp_path / "old.parquet", 30, 0, "t", bad=False)
+    run_build_db(segment_artifacts, "sst2", [str(old)], str(db), "sst2", "backbone", "overwrite", None)
+    new = labelled(tmp_path / "new.parquet", 8, 3, "n")  # 5 of 13 rows rejected: 38%
+    args = build_args(segment_artifacts, db, new, extra=["--mode", "append"])
+    assert raee_ops(*args, fault="commit:table").returncode == KILLED
+    stricter = raee_ops(*args, "--max-rejected", "0.2")  # its stderr first names the killed run's staging, removed
+    line = stricter.stderr.splitlines()[-1]
+    assert stricter.returncode == 4 and line.startswith("error: 5 of 13 rows rejected (38%), over --max-rejected 0.2")
+    assert "version 2 holds this job's rows" in line and len(table_ids(db, "sst2")) == 38  # as it was committed
+    retry = raee_ops(*args)
+    assert retry.returncode == 0 and "already done: table version 2" in retry.stdout, retry.stderr
+
+
 def test_export_killed_then_rerun(tiny_llama_dir, tmp_path, fault_records):
     out = tmp_path / "artifacts"
     args = ["export-onnx", "--model", tiny_llama_dir, "--task", "sst2", "--out", out, "--no-verify"]

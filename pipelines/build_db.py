@@ -64,6 +64,8 @@ from raee_ops.retrieval import (
 
 #: Examples of offending ids shown in a refusal.
 SHOWN_IDS = 5
+#: The database's folder of its tables' default errors folders.
+ERRORS_FOLDER = "_errors"
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ class BuildSummary:
 
 
 def default_errors_dir(db_uri: str, table: str) -> str:
-    return storage.join(db_uri, "_errors", table)
+    return storage.join(db_uri, ERRORS_FOLDER, table)
 
 
 def work_dir(db_uri: str, table: str) -> str:
@@ -241,6 +243,7 @@ def run_build_db(
     store = settings.db_storage_options
     if errors_dir:
         storage.check_scheme(errors_dir, "--errors")
+        storage.check_outside(errors_dir, "--errors", db_uri, ERRORS_FOLDER)  # where the default folder lies
     storage.check_folder(db_uri, "--db")
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)

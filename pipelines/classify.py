@@ -135,6 +135,7 @@ def run_classify(
     """`layer_budget`: the probe strategies' settings the table keeps for that share of the layers, not its own."""
     settings = worker_settings(beam_args, db_uri)
     storage.check_scheme(output_dir, "--output")
+    storage.check_outside(output_dir, "--output", db_uri)
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
     chosen = resolve(strategy, manifest.num_layers)

@@ -152,6 +152,20 @@ def check_folder(uri: str, what: str) -> None:
         raise RaeeConfigError(f"{what} {uri}: cannot write in {existing} (permissions, or a read-only filesystem)")
 
 
+def within(uri: str, folder: str) -> bool:
+    """Whether `uri` is `folder` or lies under it (local paths with their links resolved)."""
+    inner, outer = (os.path.realpath(local_path(u)) if is_local(u) else u.rstrip("/") for u in (uri, folder))
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def check_outside(uri: str, what: str, db_uri: str, unless_in: str | None = None) -> None:
+    """Refuse, before any work, a location to write inside the database (a table's folder or beside the tables:
+    files LanceDB and raee-ops keep there), except under `unless_in` in it."""
+    if within(uri, db_uri) and not (unless_in and within(uri, join(db_uri, unless_in))):
+        allowed = f" (only its {unless_in} folder may be)" if unless_in else ""
+        raise RaeeConfigError(f"{what} {uri}: inside the database {db_uri}{allowed}; choose a folder outside it")
+
+
 def join(base: str, *parts: str) -> str:
     return FileSystems.join(base, *parts) if parts else base
 

@@ -295,6 +295,25 @@ def test_10_bad_locations_fail_fast_and_create_nothing(segment_artifacts, db, tm
     assert run.returncode == 2 and "gone is a link to nothing" in one_error_line(run)
 
 
+def test_outputs_inside_the_database_are_refused_before_any_work(segment_artifacts, db, tmp_path):  # noqa: F811
+    """Parquet written among LanceDB's own files (a table's folder, the database's) would be read as neither."""
+    queries = labelled(tmp_path / "q.parquet", 3, 1, "q", bad=False)
+    before = sorted(p.relative_to(db) for p in db.rglob("*"))
+    for inside in (db / "sst2.lance" / "out", db / "out", db):
+        run = raee_ops(*classify_args(segment_artifacts, db, inside, queries))
+        assert run.returncode == 2 and f"--output {inside}: inside the database {db}" in one_error_line(run)
+    link = tmp_path / "db-link"
+    link.symlink_to(db)
+    run = raee_ops(*classify_args(segment_artifacts, db, link / "out", queries))
+    assert run.returncode == 2 and "inside the database" in one_error_line(run)
+    for inside in (db / "sst2.lance" / "errors", db / "_raee-work" / "sst2" / "errors", db):
+        run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", inside]))
+        assert run.returncode == 2 and f"--errors {inside}: inside the database {db}" in one_error_line(run)
+    assert sorted(p.relative_to(db) for p in db.rglob("*")) == before  # nothing created, the table unchanged
+    run = raee_ops(*build_args(segment_artifacts, tmp_path / "db2", queries, extra=["--errors", db / "_errors" / "x"]))
+    assert run.returncode == 0, run.stderr  # where the default folder lies, another database's rows may go
+
+
 def test_13_bad_values_names_and_paths_are_configuration_errors(segment_artifacts, db, tmp_path):  # noqa: F811
     queries = labelled(tmp_path / "q-1.parquet", 5, 1, "q", bad=False)
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=["--max-rejected", "nan"]))

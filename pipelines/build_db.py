@@ -5,7 +5,7 @@ refused), workers write exit rows as Parquet shards into this run's staging fold
 its staging in the errors folder (pipelines/run_record.py), and the driver checks conservation (rows in = written
 + rejected) and its refusals (no rows to overwrite with, too many rejected) before it commits the table in one
 LanceDB version and then publishes the errors, so a failed or killed run leaves the table as it was. The next run
-removes a killed run's staging.
+removes a killed run's staging and settles its errors folder, whichever --errors it is given itself.
 """
 
 from __future__ import annotations
@@ -20,7 +20,18 @@ from raee_ops.pipelines.commit import SUCCESS, claim_work_dir, job_digest, new_r
 from raee_ops.pipelines.inference import BuildHandler, Infer
 from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.reference import assemble, check_groups, group_codes
-from raee_ops.pipelines.run_record import RunRecord, keep_uncommitted, prune, publish, scope, settle, staging_dir
+from raee_ops.pipelines.run_record import (
+    RunRecord,
+    forget_errors,
+    keep_uncommitted,
+    note_errors,
+    prune,
+    publish,
+    scope,
+    settle,
+    settle_noted,
+    staging_dir,
+)
 from raee_ops.pipelines.sources import (
     check_inputs,
     count_rows,
@@ -279,16 +290,18 @@ def run_build_db(
         raise RaeeConfigError(f"--errors {errors_dir} holds another job's complete output ({SUCCESS}): choose another")
     settings_used = {"fingerprint": manifest.fingerprint, "task": task_name, "embedder": embedder, "mode": mode}
     job = job_digest(settings_used | {"group_column": group_column, "layer_budget": layer_budget}, found)
-    run_id, where = new_run_id(), scope(db_uri, table)
-    with claim_work_dir(work_dir(db_uri, table), f"table {table!r}") as staging:
-        recorded = partial(recorded_runs, db_uri, table, store)
-        settle(errors_dir, where, table_record(db_uri, table, store), own_errors, recorded)
+    run_id, where, work = new_run_id(), scope(db_uri, table), work_dir(db_uri, table)
+    with claim_work_dir(work, f"table {table!r}") as staging:
+        recorded, current = partial(recorded_runs, db_uri, table, store), table_record(db_uri, table, store)
+        settle_noted(work, errors_dir, where, current, recorded)
+        settle(errors_dir, where, current, own_errors, recorded)
         base = claimed_append_base(db_uri, table, meta, ids, job, store) if mode == "append" else None
         if base and base.done:
             if base.done.rejected is not None:  # None: recorded before rejected rows were counted
                 done = f"table {table!r} version {base.version} holds this job's rows, committed by an earlier run"
                 refuse_rejected(base.done.rejected, rows_in, max_rejected, done)
             return BuildSummary(table, mode, rows_in, 0, 0, 0, errors_dir, version=base.version, done=True)
+        note_errors(work, errors_dir, own_errors)
         views = base.views if base else None
         handler = BuildHandler(
             str(artifacts), task, embedder, views, fingerprint=manifest.fingerprint, **settings.runtime()
@@ -335,6 +348,7 @@ def run_build_db(
         table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store, record)
         publish(rejects, errors_dir)
         prune(errors_dir, record, own_errors)
+        forget_errors(work)
     search = f"IVF_FLAT index, {index_partitions(table_rows)} partitions" if indexed else "exact search"
     return BuildSummary(
         table,

@@ -237,9 +237,10 @@ def claim_output(folder: str, patterns: Sequence[str], what: str) -> Iterator[Ou
 @contextmanager
 def claim_work_dir(work: str, what: str) -> Iterator[str]:
     """Claim a work folder that several runs share over time (a table's); yield this run's private staging
-    folder inside it, removing earlier runs' staging first."""
+    folder inside it, removing earlier runs' staging first (`_`-prefixed names are the folder's own: claims,
+    notes its runs keep)."""
     with hold(work, what):
-        stale = [storage.join(work, n) for n in storage.children(work) if not n.startswith(CLAIM)]
+        stale = [storage.join(work, n) for n in storage.children(work) if not n.startswith("_")]
         remove_leftovers(stale, work)
         staging = storage.join(work, new_run_id())
         storage.mkdirs(staging)

@@ -10,7 +10,9 @@ killed run left: a committed run's staged errors are published (whether its vers
 in the history; after the current version's overwrite, older runs' files are pruned from the table's own folder),
 any other run's staging removed. So the errors folder, read as a dataset (`_`-prefixed names are skipped), holds
 each rejected row of the table's runs once. A run refused for rejecting too many rows keeps its rejected rows in
-`_uncommitted/<scope>/<run id>/` (named in its error line) until the table's next run.
+`_uncommitted/<scope>/<run id>/` (named in its error line) until the table's next run. Until a run has published its
+rows, the table's work folder names its errors folder (`NOTE`): a next run given another --errors settles that
+folder first, so a retry's new --errors never strands them.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
-from raee_ops.pipelines.commit import remove_leftovers
+from raee_ops.pipelines.commit import remove_leftovers, say
 from raee_ops.schemas.tables import RUN_META_KEY
 
 from raee_ops import storage
 
 STAGING, UNCOMMITTED = "_staging", "_uncommitted"
+#: In the table's work folder, from before a run stages rejected rows until it has published them: its errors folder.
+NOTE = "_ERRORS"
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,32 @@ def settle(
             remove_leftovers([storage.join(staged, run)], staged)
     kept = storage.join(errors_dir, UNCOMMITTED, where)  # a refused run's, kept until now as its line said
     storage.delete(storage.join(kept, run) for run in storage.children(kept))
+
+
+def note_errors(work: str, errors_dir: str, own: bool) -> None:
+    """Name the errors folder this run stages in, in the table's work folder, until `forget_errors`: a next run given
+    another --errors still finds what this one leaves there if it does not finish."""
+    storage.write_bytes(storage.join(work, NOTE), json.dumps([storage.canonical(errors_dir), own]).encode())
+
+
+def forget_errors(work: str) -> None:
+    storage.delete([storage.join(work, NOTE)])
+
+
+def settle_noted(
+    work: str, errors_dir: str, where: str, record: RunRecord | None, recorded: Callable[[set[str]], set[str]]
+) -> None:
+    """Under the table's claim, before `settle`: the errors folder an unfinished earlier run named, when it is not
+    this run's (a retry given another --errors), settled as a run into it would settle it, and said so."""
+    note = storage.join(work, NOTE)
+    if not storage.is_file(note):
+        return
+    folder, own = json.loads(storage.read_bytes(note))
+    if folder != storage.canonical(errors_dir):
+        storage.check_scheme(folder, "an earlier, unfinished run's errors folder")
+        settle(folder, where, record, own, recorded)
+        say(f"settled what an earlier, unfinished run left in its errors folder {folder}")
+    forget_errors(work)
 
 
 def prune(errors_dir: str, record: RunRecord, own: bool) -> None:

@@ -147,6 +147,30 @@ def test_a_retried_append_is_held_to_its_own_max_rejected(segment_artifacts, tmp
     assert retry.returncode == 0 and "already done: table version 2" in retry.stdout, retry.stderr
 
 
+@pytest.mark.parametrize(
+    ("mode", "point"), [("append", "commit:table"), ("overwrite", "commit:table"), ("overwrite", "commit:errors")]
+)
+def test_a_rerun_given_another_errors_folder_settles_the_killed_runs(mode, point, segment_artifacts, tmp_path):  # noqa: F811
+    """Killed with its rejected rows staged in the default folder, retried with --errors elsewhere: the killed run's
+    folder is settled as a retry into it would settle it (a committed run's rows published there, once; any other
+    staging removed), and the retry says so."""
+    db, elsewhere = tmp_path / "db", tmp_path / "errors"
+    old = labelled(tmp_path / "old.parquet", 30, 0, "t", bad=False)
+    run_build_db(segment_artifacts, "sst2", [str(old)], str(db), "sst2", "backbone", "overwrite", None)
+    new = labelled(tmp_path / "new.parquet", 8, 3, "n")
+    args = build_args(segment_artifacts, db, new, extra=["--mode", mode])
+    assert raee_ops(*args, fault=point).returncode == KILLED
+    rerun = raee_ops(*args, "--errors", elsewhere)
+    assert rerun.returncode == 0, rerun.stderr
+    default, committed = db / "_errors" / "sst2", point == "commit:table"
+    assert sorted(read_folder(default, "errors").column("id").to_pylist()) == sorted(BAD_IDS if committed else [])
+    assert not [p for p in (default / "_staging").rglob("*") if p.is_file()]  # nothing left staged
+    done = mode == "append" and committed
+    assert sorted(read_folder(elsewhere, "errors").column("id").to_pylist()) == sorted([] if done else BAD_IDS)
+    assert f"settled what an earlier, unfinished run left in its errors folder {default}" in rerun.stderr
+    assert [p.name for p in (db / "_raee-work" / "sst2").iterdir()] == []
+
+
 def test_export_killed_then_rerun(tiny_llama_dir, tmp_path, fault_records):
     out = tmp_path / "artifacts"
     args = ["export-onnx", "--model", tiny_llama_dir, "--task", "sst2", "--out", out, "--no-verify"]

@@ -367,9 +367,12 @@ def write_report(report: dict[str, Any], directory: str) -> str:
     return out
 
 
-def check_report_dir(directory: str) -> None:
-    """Before any work: evaluating takes long, and a --report that cannot be a folder would only fail at the end."""
+def check_report_dir(directory: str, db_uri: str | None = None) -> None:
+    """Before any work: evaluating takes long, and a --report that cannot be a folder (or lies in the database it
+    reads) would only fail at the end."""
     storage.check_scheme(directory, "--report")
+    if db_uri:
+        storage.check_outside(directory, "--report", db_uri)
     storage.check_folder(directory, "--report")
 
 

@@ -309,6 +309,9 @@ def test_outputs_inside_the_database_are_refused_before_any_work(segment_artifac
     for inside in (db / "sst2.lance" / "errors", db / "_raee-work" / "sst2" / "errors", db):
         run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", inside]))
         assert run.returncode == 2 and f"--errors {inside}: inside the database {db}" in one_error_line(run)
+    report = ["evaluate", "--artifacts", segment_artifacts, "--task", "sst2", "--db", db, "--input", queries]
+    run = raee_ops(*report, "--report", db / "report")
+    assert run.returncode == 2 and f"--report {db / 'report'}: inside the database {db}" in one_error_line(run)
     assert sorted(p.relative_to(db) for p in db.rglob("*")) == before  # nothing created, the table unchanged
     run = raee_ops(*build_args(segment_artifacts, tmp_path / "db2", queries, extra=["--errors", db / "_errors" / "x"]))
     assert run.returncode == 0, run.stderr  # where the default folder lies, another database's rows may go

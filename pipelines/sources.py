@@ -85,6 +85,12 @@ def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa
                 meta = pq.ParquetFile(handle).metadata
         except (OSError, pa.ArrowInvalid, UnicodeDecodeError) as exc:  # the last: a column name not in UTF-8
             raise RaeeConfigError(f"{path}: not a readable Parquet file ({exc})") from exc
+        counts = [meta.row_group(group).num_rows for group in range(meta.num_row_groups)]
+        if min(counts, default=0) < 0 or sum(counts) != meta.num_rows:  # rows read by group would not add up
+            raise RaeeConfigError(
+                f"{path}: not a readable Parquet file (a damaged footer: it counts {meta.num_rows} rows, its row "
+                f"groups {', '.join(map(str, counts))})"
+            )
         file_schema = without_views(meta.schema.to_arrow_schema().remove_metadata())  # as validate reads it
         check_columns(file_schema, task, need_label, path)
         if schema is not None and not file_schema.equals(schema):

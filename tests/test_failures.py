@@ -222,6 +222,30 @@ def test_6b_a_row_group_that_decodes_short_or_an_unreadable_id_page_loses_no_row
     assert "rows in: 40  written: 30  rejected: 10" in run.stdout, run.stdout
 
 
+def test_6d_a_footer_whose_row_groups_do_not_add_up_is_a_bad_file(segment_artifacts, db, tmp_path):  # noqa: F811
+    """A damaged footer gave a row group -61 rows: its rows were never read nor rejected (exit 3, found by fuzzing)."""
+    path = tmp_path / "footer.parquet"
+    pq.write_table(pa.table({"text": sentences(40, 9)}), path, row_group_size=10)
+    data = path.read_bytes()
+    footer = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    for at in range(footer, len(data) - 8):  # the byte holding row group 1's row count (zigzag varint 20 = 10 rows)
+        damaged = data[:at] + bytes([0x79]) + data[at + 1 :]  # -61
+        path.write_bytes(damaged)
+        try:
+            if pq.ParquetFile(path).metadata.row_group(1).num_rows == -61:
+                break
+        except (OSError, pa.ArrowException):
+            pass
+    else:
+        pytest.fail("no byte of the footer holds row group 1's row count")
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "out", path))
+    assert (
+        run.returncode == 2
+        and "a damaged footer: it counts 40 rows, its row groups 10, -61, 10, 10" in one_error_line(run)
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_6c_a_column_name_not_in_utf8_is_a_bad_file_not_an_internal_error(segment_artifacts, db, tmp_path):  # noqa: F811
     legacy = tmp_path / "legacy.parquet"
     pq.write_table(pa.table({"text": ["good", "bad"], "cafQ": [1, 2]}), legacy, store_schema=False)

@@ -134,7 +134,7 @@ def held_out(
     ctx = Context(num_layers, num_labels, 10, probe_policy=policy)
     strategy = resolve(STRATEGY, num_layers)
     own = probe_lp[held]
-    exits = confident_exits(np.exp(own.max(axis=2)), strategy.exits(nb, ctx), strategy.threshold(ctx), max(depth, 1))
+    exits = confident_exits(np.exp(own.max(axis=2)), strategy.exits(nb, ctx), strategy.threshold(ctx), depth)
     exits = not_before_key(exits, depth)
     at_exit = np.where((exits > 0)[:, None], own[np.arange(len(held)), np.maximum(exits, 1) - 1], 0.0)
     return strategy.answer(at_exit, exits, nb, ctx).argmax(axis=1), exits

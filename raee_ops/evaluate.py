@@ -162,7 +162,7 @@ def _answers(
     if strategy.reads == "probe":
         logprobs = probe_lp
         confidence = np.exp(probe_lp.max(axis=2)).T
-        exits = confident_exits(confidence, exits, strategy.threshold(ctx), max(key_layers, 1))
+        exits = confident_exits(confidence, exits, strategy.threshold(ctx), key_layers)
     if key_layers:  # as the runtime reads them out, from the key's layers on
         exits = not_before_key(exits, key_layers)
     # exit 0 runs no layer: its logits are zeros, as run_to_exit returns them

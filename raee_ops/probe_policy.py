@@ -146,16 +146,16 @@ class ProbePolicy:
         return self.shrink * neighbours_curve + (1.0 - self.shrink) * np.asarray(self.curve)[None, :]
 
 
-def confident_exits(confidence: np.ndarray, upper: np.ndarray, t: float | None, first: int = 1) -> np.ndarray:
-    """First 1-based layer from `first` up to each row's `upper` exit whose probe confidence (N×L top probability)
-    reaches t; rows never that confident leave at `upper` (0 stays 0). The runtime's stop rule, on precomputed
-    arrays: on a layer-N table rows start at N, after the layers of their key, so `first` is N there (a row
-    confident only before N runs on, as classify runs it)."""
+def confident_exits(confidence: np.ndarray, upper: np.ndarray, t: float | None, key_depth: int = 0) -> np.ndarray:
+    """First 1-based layer from `key_depth` up to each row's `upper` exit whose probe confidence (N×L top
+    probability) reaches t; rows never that confident leave at `upper` (0 stays 0). The runtime's stop rule, on
+    precomputed arrays: on a layer-N table rows start at N, after the layers of their key, so a row confident only
+    before N runs on, as classify runs it (0: no layer key, every layer is checked)."""
     upper = np.asarray(upper, np.int32)
     if t is None:
         return upper
     layers = np.arange(1, confidence.shape[1] + 1)
-    ok = (confidence >= t - 1e-9) & (layers[None, :] <= upper[:, None]) & (layers[None, :] >= first)
+    ok = (confidence >= t - 1e-9) & (layers[None, :] <= upper[:, None]) & (layers[None, :] >= key_depth)
     return np.where(ok.any(axis=1), np.argmax(ok, axis=1) + 1, upper).astype(np.int32)
 
 
@@ -200,7 +200,7 @@ def fused_trials(
         for shrink, epsilon, t in itertools.product(SHRINK_GRID, EPSILON_GRID, T_GRID):
             curve = shrink * neighbours_curve + (1.0 - shrink) * reference_curve[None, :]
             upper = earliest_within(curve, epsilon)
-            exits = not_before_key(confident_exits(confidence, upper, t, max(key_depth, 1)), key_depth)
+            exits = not_before_key(confident_exits(confidence, upper, t, key_depth), key_depth)
             at_exit = found.probs[rows, exits - 1]
             answers = {alpha: mix(at_exit, vote, alpha).argmax(axis=1) for alpha in ALPHA_GRID}
             for alpha, beta, tau in itertools.product(ALPHA_GRID, BETA_GRID, TAU_GRID):

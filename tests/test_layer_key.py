@@ -78,7 +78,7 @@ def test_the_stop_rule_is_checked_from_the_keys_layer_on_as_the_fit_and_evaluate
     got = runtime.run_to_exit_pooled("sst2", batch, exits, sure_at_layer_one, runtime.prefix(batch, DEPTH))
     confidence = np.zeros((len(batch), runtime.num_layers))
     confidence[:, 0] = 1.0
-    replayed = not_before_key(confident_exits(confidence, exits, 0.9, first=DEPTH), DEPTH)
+    replayed = not_before_key(confident_exits(confidence, exits, 0.9, key_depth=DEPTH), DEPTH)
     np.testing.assert_array_equal(got.exits, replayed)
     assert (replayed == runtime.num_layers).all()
 

@@ -34,6 +34,7 @@ from raee_ops.pipelines.run_record import (
 )
 from raee_ops.pipelines.sources import (
     check_inputs,
+    concat_strings,
     count_rows,
     file_keys,
     input_files,
@@ -280,7 +281,7 @@ def run_build_db(
     if existing is not None:
         check_meta(existing, meta, f"table {table!r} in {db_uri}")
     keys = [file_keys(f, group_column) for f in files]
-    ids = pa.concat_arrays([file_ids for file_ids, _ in keys]) if files else pa.array([], pa.string())
+    ids = concat_strings([file_ids for file_ids, _ in keys])
     refuse_duplicate_ids(ids)
     group_of = group_map(ids, [names for _, names in keys], mode) if group_column else None
     own_errors = errors_dir is None  # the table's own folder; a given --errors may hold other tables' files

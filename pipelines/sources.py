@@ -119,10 +119,11 @@ def file_keys(path: str, group_column: str | None = None) -> tuple[pa.Array, pa.
                 if group_column:
                     names.append(_group_names(table.column(group_column).combine_chunks(), path, group_column))
             first += size
-    return _concat(ids), _concat(names) if group_column else None
+    return concat_strings(ids), concat_strings(names) if group_column else None
 
 
-def _concat(arrays: list[pa.Array]) -> pa.Array:
+def concat_strings(arrays: list[pa.Array]) -> pa.Array:
+    """String arrays as one (none: an empty one)."""
     return pa.concat_arrays(arrays) if arrays else pa.array([], pa.string())
 
 

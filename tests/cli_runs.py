@@ -1,17 +1,84 @@
-"""Run `raee-ops` as a scheduler would: a separate process, judged by its exit code and its output."""
+"""Run `raee-ops` as a scheduler would: a separate process, judged by its exit code and its output.
+
+Each run is its own process, forked from a warm parent (`cli_zygote.py`, one per test process) that has imported
+Beam, LanceDB and ONNX Runtime once: a fresh interpreter spends ~4 s on those imports before a command's first
+line, which across the suite's few hundred runs was most of `make test`'s time. `fresh=True` starts a new
+interpreter instead, for what happens at import time (third-party noise, modules a command must not load).
+"""
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 TIMEOUT_S = 300
+ZYGOTE = Path(__file__).with_name("cli_zygote.py")
+
+
+class _Zygote:
+    """The warm parent's process and its request pipe."""
+
+    def __init__(self) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix="cli-zygote-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            [sys.executable, str(ZYGOTE)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=_environment(None),
+        )
+        atexit.register(self.close)
+
+    def run(
+        self, args: list[str], env: dict[str, str], cwd: Path | None, timeout: float
+    ) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory(prefix="cli-run-") as folder:
+            out, err = Path(folder, "stdout"), Path(folder, "stderr")
+            request = {"args": args, "env": env, "cwd": str(cwd or os.getcwd()), "stdout": str(out), "stderr": str(err)}
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            pid = self._answer(60)["pid"]
+            try:
+                status = self._answer(timeout)["status"]
+            except subprocess.TimeoutExpired:
+                os.kill(pid, signal.SIGKILL)
+                self._answer(60)
+                raise subprocess.TimeoutExpired(args, timeout, out.read_text(), err.read_text()) from None
+            return subprocess.CompletedProcess(args, status, out.read_text(), err.read_text())
+
+    def _answer(self, timeout: float) -> dict:
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            raise subprocess.TimeoutExpired("cli_zygote", timeout)
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the CLI's warm parent died: {Path(self.log.name).read_text()[-2000:]}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        os.unlink(self.log.name)
+
+
+_zygote: _Zygote | None = None
+
+
+def _environment(overrides: dict[str, str | None] | None) -> dict[str, str]:
+    """This process's environment without fault settings, with `overrides` added (None: removed)."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAEE_FAULT")}
+    return {k: v for k, v in (inherited | (overrides or {})).items() if v is not None}
 
 
 def raee_ops(
@@ -20,23 +87,28 @@ def raee_ops(
     mode: str | None = None,
     tmpdir: Path | None = None,
     cwd: Path | None = None,
+    env: dict[str, str | None] | None = None,
+    fresh: bool = False,
+    timeout: float = TIMEOUT_S,
 ) -> subprocess.CompletedProcess:
-    """The CLI in its own process (in `cwd`); `fault` sets RAEE_FAULT (and `mode` RAEE_FAULT_MODE) for that run
-    only, `tmpdir` its system temp folder. Ctrl-C is live in it, as in a terminal, even where the test process
-    ignores it (pytest-xdist's workers do, and a child inherits an ignored SIGINT)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAEE_FAULT")}
-    if tmpdir:
-        env["TMPDIR"] = str(tmpdir)
-    if fault:
-        env["RAEE_FAULT"] = fault
-    if mode:
-        env["RAEE_FAULT_MODE"] = mode
+    """The CLI in its own process (in `cwd`, with `env` added to this one's environment; None removes a
+    variable); `fault` sets RAEE_FAULT (and `mode` RAEE_FAULT_MODE) for that run only, `tmpdir` its system temp
+    folder. Ctrl-C is live in it, as in a terminal, even where the test process ignores it (pytest-xdist's workers
+    do, and a child inherits an ignored SIGINT)."""
+    global _zygote
+    extra = {"TMPDIR": tmpdir and str(tmpdir), "RAEE_FAULT": fault, "RAEE_FAULT_MODE": mode}
+    environment = _environment((env or {}) | {k: v for k, v in extra.items() if v})
+    argv = [str(a) for a in args]
+    if not fresh:
+        if _zygote is None or _zygote.process.poll() is not None:
+            _zygote = _Zygote()
+        return _zygote.run(argv, environment, cwd, timeout)
     return subprocess.run(
-        [sys.executable, "-m", "raee_ops", *map(str, args)],
+        [sys.executable, "-m", "raee_ops", *argv],
         capture_output=True,
         text=True,
-        timeout=TIMEOUT_S,
-        env=env,
+        timeout=timeout,
+        env=environment,
         cwd=cwd,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )

@@ -406,11 +406,11 @@ def test_14_what_would_crash_late_or_be_guessed_is_refused_first(segment_artifac
 
 def test_11_no_third_party_noise_unless_verbose(segment_artifacts, tmp_path):  # noqa: F811
     train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
-    run = raee_ops(*build_args(segment_artifacts, tmp_path / "db", train))
+    run = raee_ops(*build_args(segment_artifacts, tmp_path / "db", train), fresh=True)  # noise comes at import
     assert run.returncode == 0 and run.stdout.startswith("build-db sst2 (overwrite)"), run.stderr
     assert "WARN" not in run.stderr and "apitools" not in run.stderr
     assert "table version" in run.stdout
-    run = raee_ops(*build_args(segment_artifacts, tmp_path / "db2", train, extra=["-q"]))
+    run = raee_ops(*build_args(segment_artifacts, tmp_path / "db2", train, extra=["-q"]), fresh=True)
     assert run.returncode == 0 and run.stdout == "" and run.stderr == ""
 
 

@@ -2,11 +2,11 @@
 
 import json
 import subprocess
-import sys
 
 import lancedb
 import pyarrow as pa
 import pytest
+from cli_runs import raee_ops
 from raee_ops.pipelines.build_db import run_build_db, work_dir
 from raee_ops.pipelines.commit import hold
 from raee_ops.schemas.manifest import load_manifest
@@ -77,7 +77,7 @@ def test_info_shows_identity_size_policy_and_history(db, segment_artifacts):  # 
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raee_ops", *args], capture_output=True, text=True, timeout=60)
+    return raee_ops(*args, timeout=60)
 
 
 def test_info_cli_json_one_table_and_unknown_table(db):

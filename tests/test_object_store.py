@@ -15,10 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+import cli_runs
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cli_runs import TIMEOUT_S, one_error_line
+from cli_runs import one_error_line
 from raee_ops.pipelines.commit import CLAIM, SUCCESS, TEMPORARY
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
@@ -36,11 +37,8 @@ NO_AWS_ENV = {k: None for k in os.environ if k.startswith("AWS_")}
 
 
 def raee_ops(*args: str | Path, env: dict[str, str | None], cwd: Path) -> subprocess.CompletedProcess:
-    """The CLI in a fresh process with `env` added to (None: removed from) this one's, in `cwd`."""
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAEE_FAULT")}
-    merged = {k: v for k, v in (inherited | env).items() if v is not None}
-    command = [sys.executable, "-m", "raee_ops", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=merged, cwd=cwd)
+    """The CLI in its own process with `env` added to (None: removed from) this one's, in `cwd`."""
+    return cli_runs.raee_ops(*args, env=env, cwd=cwd)
 
 
 def free_port() -> int:

@@ -304,9 +304,7 @@ def run_build_db(
             return BuildSummary(table, mode, rows_in, 0, 0, 0, errors_dir, version=base.version, done=True)
         note_errors(work, errors_dir, own_errors)
         views = base.views if base else None
-        handler = BuildHandler(
-            str(artifacts), task, embedder, views, fingerprint=manifest.fingerprint, **settings.runtime()
-        )
+        handler = BuildHandler(str(artifacts), task, embedder, views, checked=manifest, **settings.runtime())
         schema = handler.schema(manifest)
         pipeline = make_pipeline(
             beam_args, command="build-db", artifacts=str(artifacts), task=task_name, db=db_uri, table=table

@@ -197,7 +197,7 @@ def run_classify(
         version,
         layer_budget,
         storage_options=settings.db_storage_options,
-        fingerprint=manifest.fingerprint,
+        checked=manifest,
         **settings.runtime(),
     )
     with claim_output(output_dir, ["predictions-*.parquet", "errors-*.parquet"], "--output") as claim:

@@ -114,26 +114,37 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         threads: int | None = None,
         providers: str | None = None,
         filesystem: dict[str, Any] | None = None,
-        fingerprint: str | None = None,
+        checked: Manifest | None = None,
     ) -> None:
-        """`fingerprint`: the artifacts' as the launching process checked them against the table."""
+        """`checked`: the manifest the launching process checked against the table; a worker refuses artifacts
+        that differ from it in anything this run reads (Manifest.identity)."""
         super().__init__()
         self.artifacts, self.task, self.embedder = artifacts, task, embedder
         self.threads, self.providers, self.filesystem = threads, providers, filesystem
-        self.fingerprint = fingerprint
+        self.identity = checked.identity(task.name, embedder) if checked else None
 
     def _runtime(self) -> SegmentRuntime:
         fault_point(f"load:{self.command}")
         storage.on_worker(self.filesystem)
         directory = local_artifacts(self.artifacts)  # fetched into this worker's cache when not local
         runtime = SegmentRuntime(directory, providers=self.providers, intra_op_threads=self.threads)
-        found = runtime.manifest.fingerprint
-        if self.fingerprint and found != self.fingerprint:  # an export replaced them after the run's checks
-            raise ArtifactError(
-                f"the artifacts at {self.artifacts} changed during the run (fingerprint {found[:12]}, checked "
-                f"{self.fingerprint[:12]}): run again once the new export is in place"
-            )
+        if self.identity:
+            self._check_unchanged(runtime.manifest)
         return runtime
+
+    def _check_unchanged(self, found: Manifest) -> None:
+        """Refuse artifacts an export replaced after the run's checks: the run would answer with another model."""
+        identity = found.identity(self.task.name, self.embedder)  # an export without the task raises here
+        changed = [
+            f"{part} {identity.get(part, 'missing')[:12]}, checked {want[:12]}"
+            for part, want in self.identity.items()
+            if identity.get(part) != want
+        ]
+        if changed:
+            raise ArtifactError(
+                f"the artifacts at {self.artifacts} changed during the run ({'; '.join(changed)}): run again once "
+                "the new export is in place"
+            )
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
         return {"min_batch_size": 1, "max_batch_size": MAX_ELEMENTS_PER_BATCH}

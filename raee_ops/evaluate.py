@@ -230,9 +230,7 @@ def evaluate(
 
     valid, rejected = _read_validated(inputs, task)
     views = (probes.pooling,)  # its view only
-    handler = BuildHandler(
-        str(artifacts), task, embedder, views, fingerprint=manifest.fingerprint, **settings.runtime()
-    )
+    handler = BuildHandler(str(artifacts), task, embedder, views, checked=manifest, **settings.runtime())
     rows, probe_lp, failed = _run_layers(handler, valid, probes)
     rejected += failed
     if rows.num_rows == 0:

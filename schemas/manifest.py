@@ -161,6 +161,16 @@ class Manifest:
         parts += [layer.sha256 for layer in self.segments.layers]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
+    def identity(self, task: str, embedder: str) -> dict[str, str]:
+        """What a run of `task` keyed by `embedder` reads of these artifacts, part by part: the backbone, the task's
+        prompt and head, and the key's embedder where it is a file of its own (the backbone's own keys are in its
+        fingerprint). Workers compare it with the launching process's: an export replaced mid-run changes one."""
+        parts = {"backbone": self.fingerprint, f"task {task}": self.task(task).fingerprint}
+        if embedder in self.embedders:
+            entry = json.dumps(asdict(self.embedders[embedder]), sort_keys=True)
+            parts[f"key embedder {embedder}"] = hashlib.sha256(entry.encode()).hexdigest()[:32]
+        return parts
+
     def task(self, name: str) -> TaskEntry:
         if name not in self.tasks:
             raise ArtifactError(f"task {name!r} is not in these artifacts (have: {', '.join(sorted(self.tasks))})")

@@ -594,8 +594,32 @@ def test_run_ids_differ_within_one_process_and_second():
 def test_workers_refuse_artifacts_an_export_replaced_after_the_runs_checks(segment_artifacts, tmp_path):  # noqa: F811
     """A worker loads the artifacts after the launching process checked them against the table: an export that
     replaced them in between must fail the run, not answer (or build a table) with another model."""
-    checked = load_manifest(segment_artifacts).fingerprint
+    checked = load_manifest(segment_artifacts)
     replaced = make_artifacts(tmp_path / "replaced", seed=1)
     with pytest.raises(ArtifactError, match="changed during the run"):
-        BuildHandler(str(replaced), PRESETS["sst2"], "backbone", fingerprint=checked).load_model()
-    assert BuildHandler(str(segment_artifacts), PRESETS["sst2"], "backbone", fingerprint=checked).load_model()
+        BuildHandler(str(replaced), PRESETS["sst2"], "backbone", checked=checked).load_model()
+    assert BuildHandler(str(segment_artifacts), PRESETS["sst2"], "backbone", checked=checked).load_model()
+
+
+def republished_with(artifacts: Path, other: Path, name: str, into: Path) -> Path:
+    """A copy of `artifacts` with file `name` taken from `other` and the manifest vouching for it: a valid export
+    that differs from `artifacts` in that file only."""
+    shutil.copytree(artifacts, into)
+    shutil.copy(other / name, into / name)
+    digest = hashlib.sha256((into / name).read_bytes()).hexdigest()
+    text = (into / "manifest.json").read_text()
+    old = next(ref.sha256 for ref in load_manifest(artifacts).file_refs() if ref.file == name)
+    (into / "manifest.json").write_text(text.replace(old, digest))
+    return into
+
+
+@pytest.mark.parametrize(("name", "part"), [("head_sst2.onnx", "task sst2"), (f"embedder_{DEFAULT_KEY}.onnx", "key")])
+def test_workers_refuse_an_export_republished_with_another_head_or_key(segment_artifacts, tmp_path, name, part):  # noqa: F811
+    """The backbone alone does not make the answers: an export republished mid-run with the same backbone and
+    another task head (or key embedder) must fail the run too, naming what changed."""
+    checked = load_manifest(segment_artifacts)
+    other = make_artifacts(tmp_path / "other", seed=1)
+    replaced = republished_with(segment_artifacts, other, name, tmp_path / "replaced")
+    assert load_manifest(replaced).fingerprint == checked.fingerprint  # the same backbone
+    with pytest.raises(ArtifactError, match=f"changed during the run \\({part}"):
+        BuildHandler(str(replaced), PRESETS["sst2"], DEFAULT_KEY, checked=checked).load_model()

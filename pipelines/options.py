@@ -17,13 +17,16 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
 import apache_beam as beam
+import grpc
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options, StandardOptions
+from apache_beam.portability.api import beam_job_api_pb2
+from apache_beam.runners.portability import portable_runner
 
 from raee_ops import storage
 from raee_ops.errors import RaeeConfigError, RaeeRunError
@@ -237,13 +240,20 @@ class _Interrupts:
 
 def run_pipeline(pipeline: beam.Pipeline, what: str):
     """Run to completion; any failure (a worker's exception, a job that ends FAILED or CANCELLED) becomes one
-    RaeeRunError line, the traceback going to the log."""
+    RaeeRunError line, the traceback going to the log. A job the driver stops waiting for (Ctrl-C, a failure
+    while waiting) is cancelled first, so it does not go on writing into the run's folders."""
     interrupted = _Interrupts()
+    result = None
     try:
         with interrupted:
             result = pipeline.run()
+            _streams_without_deadline(result)
             state = result.wait_until_finish()
+    except KeyboardInterrupt:
+        _cancel(result, what)
+        raise
     except Exception as exc:
+        _cancel(result, what)
         if interrupted.seen:  # Ctrl-C reaches the runner's threads too, which report it as their own failure
             raise KeyboardInterrupt from exc
         log.debug("%s pipeline failed", what, exc_info=True)
@@ -252,3 +262,34 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
     if state != "DONE":
         raise RaeeRunError(f"{what} pipeline ended in state {state}")
     return result
+
+
+def _streams_without_deadline(result: Any) -> None:
+    """Beam opens a job service's state and message streams with --job_server_timeout as their deadline, so a
+    job running longer is reported failed (DEADLINE_EXCEEDED) while it runs on, though the option's own help says
+    it does not bound the run. Reopen both without one (the timeout still bounds the job service's requests); a
+    broken message stream, which carries only the job's logs, ends quietly instead of in a thread's traceback."""
+    if not isinstance(result, portable_runner.PipelineResult) or not hasattr(result, "_job_service"):
+        return  # a local run has finished by now; another Beam's result is waited on as it comes
+    service, job = result._job_service, result._job_id
+    result._state_stream = service.GetStateStream(beam_job_api_pb2.GetJobStateRequest(job_id=job))
+    result._message_stream = _quiet(service.GetMessageStream(beam_job_api_pb2.JobMessagesRequest(job_id=job)))
+
+
+def _quiet(messages: Iterable[Any]) -> Iterator[Any]:
+    try:
+        yield from messages
+    except grpc.RpcError as exc:  # the state stream reports the job service's failure, in one line
+        log.debug("job message stream ended: %s", exc)
+
+
+def _cancel(result: Any, what: str) -> None:
+    """Cancel a job still running on a job service or cluster; best effort, since the reason the run stops (a
+    Ctrl-C, a lost job service) must not be hidden by a failed cancel."""
+    if result is None or not isinstance(result, portable_runner.PipelineResult):
+        return  # nothing submitted, or a local run, which stopped with this process's own call
+    try:
+        result.cancel()
+        log.info("%s: cancelled the Beam job it stopped waiting for", what)
+    except Exception:
+        log.debug("%s: cancelling the Beam job failed", what, exc_info=True)

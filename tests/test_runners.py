@@ -5,7 +5,11 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
+from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
+from cli_runs import raee_ops
+from raee_ops.pipelines import inference
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
@@ -67,3 +71,50 @@ def test_portable_runner_loopback(segment_artifacts, tmp_path, job_endpoint):  #
         tmp_path,
         ["--runner", "PortableRunner", "--job_endpoint", job_endpoint, "--environment_type", "LOOPBACK"],
     )
+
+
+def loopback(job_endpoint: str) -> list[str]:
+    return ["--runner", "PortableRunner", "--job_endpoint", job_endpoint, "--environment_type", "LOOPBACK"]
+
+
+def job_states(job_endpoint: str) -> dict[str, str]:
+    """Every job the job service knows, by id: its state's name."""
+    with grpc.insecure_channel(job_endpoint) as channel:
+        jobs = beam_job_api_pb2_grpc.JobServiceStub(channel).GetJobs(beam_job_api_pb2.GetJobsRequest(), timeout=30)
+    return {j.job_id: beam_job_api_pb2.JobState.Enum.Name(j.state) for j in jobs.job_info}
+
+
+def test_a_portable_job_longer_than_the_job_server_timeout_runs_to_its_end(
+    segment_artifacts,  # noqa: F811
+    tmp_path,
+    job_endpoint,
+    monkeypatch,
+):
+    """--job_server_timeout bounds the job service's requests, not the run: Beam's streams of the job's state
+    had it as their deadline, so a healthy job outliving it failed the run (exit 1) and ran on."""
+    loaded = inference._RaeeHandler._runtime
+
+    def slow(handler):
+        time.sleep(6)  # the workers run in this process (LOOPBACK)
+        return loaded(handler)
+
+    monkeypatch.setattr(inference._RaeeHandler, "_runtime", slow)
+    train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
+    args = [*loopback(job_endpoint), "--job_server_timeout", "3"]
+    build = run_build_db(
+        segment_artifacts, "sst2", [str(train)], str(tmp_path / "db"), "sst2", "backbone", "overwrite", None, args
+    )
+    assert (build.rows_in, build.written) == (8, 8)
+
+
+def test_ctrl_c_cancels_the_job_on_the_job_service(segment_artifacts, tmp_path, job_endpoint):  # noqa: F811
+    """A Ctrl-C while the driver waits cancels the job it submitted: left running, it went on writing into the
+    run's staging folders after the command had exited 130."""
+    before = job_states(job_endpoint)
+    train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
+    build = ["build-db", "--artifacts", segment_artifacts, "--task", "sst2", "--input", train]
+    run = raee_ops(*build, "--db", tmp_path / "db", *loopback(job_endpoint), fault="load:build-db", mode="interrupt")
+    # exit 130, or SIGABRT at exit: LOOPBACK's worker threads in the driver outlive it (Beam's, as before the cancel)
+    assert run.returncode in (130, -6) and run.stderr.startswith("error: interrupted\n"), run.stderr
+    ours = {job: state for job, state in job_states(job_endpoint).items() if job not in before}
+    assert list(ours.values()) == ["CANCELLED"]

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner"}
 PROVIDERS = ("cpu", "cuda")
+#: Most ONNX Runtime threads per worker process: far above any machine's cores per process, far below what stalls.
+MAX_THREADS = 1024
 
 
 class RaeeOptions(PipelineOptions):
@@ -119,18 +121,26 @@ def worker_settings(beam_args: Sequence[str], db_uri: str | None = None) -> Work
             raise RaeeConfigError(f"--raee_db_storage_option {pair!r}: expected KEY=VALUE")
         explicit[key] = value
     derived = _s3_storage_options(options) if db_uri and storage.scheme(db_uri) == "s3" else {}
-    threads, env_threads = raee.raee_intra_op_threads, _environ("RAEE_INTRA_OP_THREADS")
-    if threads is None and env_threads:
-        try:
-            threads = int(env_threads)
-        except ValueError:
-            raise RaeeConfigError(_env_problem("RAEE_INTRA_OP_THREADS", "a whole number")) from None
-    if threads is not None and threads < 1:
-        raise RaeeConfigError(f"--raee_intra_op_threads must be at least 1, got {threads}")
+    threads = _threads(raee.raee_intra_op_threads)
     provider = raee.raee_provider or _environ("RAEE_PROVIDER")
     if provider not in (None, *PROVIDERS):
         raise RaeeConfigError(_env_problem("RAEE_PROVIDER", " or ".join(PROVIDERS)))
     return WorkerSettings(provider, threads, derived | explicit, storage.carry(options))
+
+
+def _threads(option: int | None) -> int | None:
+    """--raee_intra_op_threads, else RAEE_INTRA_OP_THREADS, from 1 to MAX_THREADS: checked here, as one line
+    naming where it came from, since workers fail on a count past C's int and stall on thousands of threads."""
+    if option is None:
+        raw = _environ("RAEE_INTRA_OP_THREADS")
+        if raw is None:
+            return None
+        if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_THREADS):
+            raise RaeeConfigError(_env_problem("RAEE_INTRA_OP_THREADS", f"a whole number from 1 to {MAX_THREADS}"))
+        return int(raw)
+    if not 1 <= option <= MAX_THREADS:
+        raise RaeeConfigError(f"--raee_intra_op_threads must be from 1 to {MAX_THREADS}, got {option}")
+    return option
 
 
 def _environ(name: str) -> str | None:

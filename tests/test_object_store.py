@@ -370,8 +370,11 @@ def test_worker_settings_come_from_the_options(s3, monkeypatch):
     [
         ({"RAEE_PROVIDER": "gpu"}, [], "RAEE_PROVIDER='gpu' in the environment: expected cpu or cuda"),
         ({"RAEE_INTRA_OP_THREADS": "abc"}, [], "RAEE_INTRA_OP_THREADS='abc' in the environment: expected a whole"),
-        ({"RAEE_INTRA_OP_THREADS": "0"}, [], "must be at least 1, got 0"),
-        ({}, ["--raee_intra_op_threads", "0"], "must be at least 1, got 0"),
+        ({"RAEE_INTRA_OP_THREADS": "0"}, [], "RAEE_INTRA_OP_THREADS='0' in the environment: expected a whole number"),
+        ({"RAEE_INTRA_OP_THREADS": "99999999999"}, [], "RAEE_INTRA_OP_THREADS='99999999999' in the environment"),
+        ({}, ["--raee_intra_op_threads", "0"], "--raee_intra_op_threads must be from 1 to 1024, got 0"),
+        ({}, ["--raee_intra_op_threads", "99999999999"], "must be from 1 to 1024, got 99999999999"),
+        ({}, ["--raee_intra_op_threads", "2000"], "must be from 1 to 1024, got 2000"),
     ],
 )
 def test_settings_from_the_environment_are_checked_as_the_options_are(monkeypatch, env, args, problem):

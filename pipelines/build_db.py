@@ -42,7 +42,7 @@ from raee_ops.pipelines.sources import (
     task_of,
     write_tables,
 )
-from raee_ops.schemas.manifest import load_manifest
+from raee_ops.schemas.manifest import check_outside_artifacts, load_manifest
 from raee_ops.schemas.tables import (
     ERRORS_SCHEMA,
     FEATURES_SUFFIX,
@@ -256,6 +256,8 @@ def run_build_db(
     if errors_dir:
         storage.check_scheme(errors_dir, "--errors")
         storage.check_outside(errors_dir, "--errors", db_uri, ERRORS_FOLDER)  # where the default folder lies
+        check_outside_artifacts(errors_dir, "--errors")
+    check_outside_artifacts(db_uri, "--db")  # the default --errors lies in the database
     storage.check_folder(db_uri, "--db")
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)

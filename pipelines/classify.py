@@ -19,7 +19,7 @@ from raee_ops.pipelines.commit import claim_output, completed, job_digest
 from raee_ops.pipelines.inference import NAMESPACE, ClassifyHandler, Infer
 from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.sources import check_inputs, count_rows, input_files, read_validated, task_of, write_tables
-from raee_ops.schemas.manifest import load_manifest
+from raee_ops.schemas.manifest import check_outside_artifacts, load_manifest
 from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 
 from raee_ops import storage
@@ -136,6 +136,7 @@ def run_classify(
     settings = worker_settings(beam_args, db_uri)
     storage.check_scheme(output_dir, "--output")
     storage.check_outside(output_dir, "--output", db_uri)
+    check_outside_artifacts(output_dir, "--output")
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
     chosen = resolve(strategy, manifest.num_layers)

@@ -63,6 +63,11 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + f"-{socket.gethostname()}-{os.getpid()}-{next(_run_ids):06d}"
 
 
+def some(names: Sequence[str], shown: int = 3) -> str:
+    """The first few of `names` for a one-line message, '…' standing for the rest."""
+    return ", ".join(names[:shown]) + (" …" if len(names) > shown else "")
+
+
 def say(message: str) -> None:
     if not logs.quiet():
         print(message, file=sys.stderr, flush=True)
@@ -220,8 +225,8 @@ def claim_output(folder: str, patterns: Sequence[str], what: str) -> Iterator[Ou
         foreign = [n for n in names if n not in ours and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
         if foreign:  # another command's files (build-db's errors?) would be mixed into this output, or removed
             raise RaeeConfigError(
-                f"{folder} holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}, which no run of this "
-                f"command left unfinished there; choose another {what}"
+                f"{folder} holds {some(foreign)}, which no run of this command left unfinished there; choose another "
+                f"{what}"
             )
         # the list last: a run killed while removing leaves the next run the list of what is still to remove
         stale = sorted((n for n in names if n in ours or n in (TEMPORARY, PUBLISHING)), key=lambda n: n == PUBLISHING)

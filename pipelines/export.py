@@ -29,7 +29,7 @@ from raee_ops.onnx_export.segments import export_segment
 from raee_ops.onnx_export.tokenizer_file import save_tokenizer
 from raee_ops.onnx_export.verbalizer import label_token_ids
 from raee_ops.onnx_export.verify import verify_export
-from raee_ops.pipelines.commit import CLAIM, hold, new_run_id, reclaim_siblings, say
+from raee_ops.pipelines.commit import CLAIM, hold, new_run_id, reclaim_siblings, say, some
 from raee_ops.pipelines.options import make_pipeline, run_pipeline
 from raee_ops.schemas.manifest import (
     MANIFEST_NAME,
@@ -40,11 +40,13 @@ from raee_ops.schemas.manifest import (
     Segments,
     TaskEntry,
     TokenizerInfo,
+    check_outside_artifacts,
+    load_manifest,
     write_manifest,
 )
 
 from raee_ops import storage
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import ArtifactError, RaeeConfigError
 from raee_ops.faults import fault_point
 from raee_ops.progress import Progress, phase
 from raee_ops.tasks import Task
@@ -122,6 +124,8 @@ def export_segments(
         if file not in refs:  # a retried bundle may have written a segment twice: either copy is whole
             storage.rename([(staged, storage.join(work, file))])
             refs[file] = FileRef(file, digest)
+        else:  # not published with the folder: the next export would find a file its manifest does not list
+            storage.delete([staged])
     missing = [job.file for job in jobs if job.file not in refs]
     if missing:
         raise RaeeConfigError(f"export pipeline did not produce {', '.join(missing)}")
@@ -151,6 +155,37 @@ def _check_request(loaded: LoadedModel, tasks: Sequence[Task], max_length: int) 
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if max_length < 1 or (limit is not None and max_length > limit):
         raise RaeeConfigError(f"--max-length {max_length} must be between 1 and the model's limit {limit}")
+
+
+def check_out(out_dir: str) -> None:
+    """Refuse an --out the export could not replace whole without losing something, or could not write."""
+    storage.check_scheme(out_dir, "--out")
+    storage.check_folder(out_dir, "--out")
+    check_outside_artifacts(out_dir, "--out", start=storage.parent(out_dir))  # --out itself may be the old export
+    _check_replaceable(out_dir)
+
+
+def _check_replaceable(out_dir: str) -> None:
+    """An export replaces --out whole: one that holds anything its previous export did not write (a database built
+    there, notes) is refused, or that would go with it."""
+    held = [n for n in storage.children(out_dir) if not n.startswith(CLAIM)]
+    if not held or PUBLISHING in held:  # empty, or an object-store export killed while publishing (its mark)
+        return
+    if MANIFEST_NAME not in held:
+        raise RaeeConfigError(
+            f"--out {out_dir} holds files that are not an export (no {MANIFEST_NAME}), and an export replaces the "
+            "whole folder: choose another --out, or empty it"
+        )
+    try:
+        ours = {ref.file for ref in load_manifest(out_dir, verify_checksums=False).file_refs()} | {MANIFEST_NAME}
+    except ArtifactError as exc:
+        raise RaeeConfigError(f"--out {out_dir}: which files are the export's is unknown: {exc}") from exc
+    foreign = sorted(set(held) - ours)
+    if foreign:
+        raise RaeeConfigError(
+            f"--out {out_dir} holds {some(foreign)}, not part of the export there (not in its {MANIFEST_NAME}), and "
+            "an export replaces the whole folder: move it out, or choose another --out"
+        )
 
 
 def _move_into_place(work: str, out_dir: str) -> None:
@@ -241,14 +276,7 @@ def run_export(
 ) -> Manifest:
     out_dir = str(out_dir).rstrip("/")
     storage.configure(beam_args)
-    storage.check_scheme(out_dir, "--out")
-    storage.check_folder(out_dir, "--out")  # before the model loads (minutes): a wrong --out says so at once
-    held = storage.children(out_dir)
-    if held and not {MANIFEST_NAME, PUBLISHING} & set(held):
-        raise RaeeConfigError(
-            f"--out {out_dir} holds files that are not an export (no {MANIFEST_NAME}), and an export replaces the "
-            "whole folder: choose another --out, or empty it"
-        )
+    check_out(out_dir)  # before the model loads (minutes): a wrong --out says so at once
     with phase("export-onnx: loading the model"):
         loaded = load_model(model_spec)
     adapter = loaded.adapter

@@ -45,7 +45,7 @@ from raee_ops.probe_policy import (
 from raee_ops.probes import VIEWS, ProbeSet
 from raee_ops.progress import Progress
 from raee_ops.retrieval import Retriever, check_meta, check_table_contents, expected_meta, table_meta
-from raee_ops.schemas.manifest import Manifest, load_manifest
+from raee_ops.schemas.manifest import Manifest, check_outside_artifacts, load_manifest
 from raee_ops.schemas.tables import FEATURES, flat_values
 from raee_ops.tasks import Task
 
@@ -367,10 +367,11 @@ def write_report(report: dict[str, Any], directory: str) -> str:
 
 def check_report_dir(directory: str, db_uri: str | None = None) -> None:
     """Before any work: evaluating takes long, and a --report that cannot be a folder (or lies in the database it
-    reads) would only fail at the end."""
+    reads, or in an artifacts folder a re-export replaces) would only fail at the end."""
     storage.check_scheme(directory, "--report")
     if db_uri:
         storage.check_outside(directory, "--report", db_uri)
+    check_outside_artifacts(directory, "--report")
     storage.check_folder(directory, "--report")
 
 

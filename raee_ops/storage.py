@@ -158,12 +158,28 @@ def within(uri: str, folder: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
-def check_outside(uri: str, what: str, db_uri: str, unless_in: str | None = None) -> None:
-    """Refuse, before any work, a location to write inside the database (a table's folder or beside the tables:
-    files LanceDB and raee-ops keep there), except under `unless_in` in it."""
-    if within(uri, db_uri) and not (unless_in and within(uri, join(db_uri, unless_in))):
+def check_outside(uri: str, what: str, folder: str, unless_in: str | None = None, kind: str = "the database") -> None:
+    """Refuse, before any work, a location to write inside `folder`: the database (a table's folder or beside the
+    tables: files LanceDB and raee-ops keep there) except under `unless_in` in it, or another `kind` of folder whose
+    owner replaces it whole (an artifacts folder)."""
+    if within(uri, folder) and not (unless_in and within(uri, join(folder, unless_in))):
         allowed = f" (only its {unless_in} folder may be)" if unless_in else ""
-        raise RaeeConfigError(f"{what} {uri}: inside the database {db_uri}{allowed}; choose a folder outside it")
+        raise RaeeConfigError(f"{what} {uri}: inside {kind} {folder}{allowed}; choose a folder outside it")
+
+
+def folders_up(uri: str) -> list[str]:
+    """`uri` and every folder above it up to the root (an object store's bucket), nearest first; a local path with
+    its links resolved, as `within` compares it."""
+    if not is_local(uri):
+        head, _, rest = uri.rstrip("/").partition("://")
+        parts = rest.split("/")
+        return [f"{head}://{'/'.join(parts[:n])}" for n in range(len(parts), 0, -1)]
+    path = os.path.realpath(local_path(uri))
+    found = [path]
+    while os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+        found.append(path)
+    return found
 
 
 def join(base: str, *parts: str) -> str:

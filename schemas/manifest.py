@@ -211,6 +211,19 @@ def load_manifest(directory: str | Path, verify_checksums: bool = True) -> Manif
     return manifest
 
 
+def artifacts_holding(uri: str) -> str | None:
+    """The nearest artifacts folder (one with a manifest.json) at or above `uri`, if any."""
+    return next((d for d in storage.folders_up(uri) if storage.is_file(storage.join(d, MANIFEST_NAME))), None)
+
+
+def check_outside_artifacts(uri: str, what: str, start: str | None = None) -> None:
+    """Refuse, before any work, a location to write in an artifacts folder found at or above `start` (default
+    `uri`): a re-export replaces that folder whole, and whatever was written in it with it."""
+    folder = artifacts_holding(start or uri)
+    if folder is not None:
+        storage.check_outside(uri, what, folder, kind="the artifacts folder")
+
+
 def _load_remote(uri: str, check_presence: bool) -> Manifest:
     storage.check_scheme(uri, "--artifacts")
     path = storage.join(uri, MANIFEST_NAME)

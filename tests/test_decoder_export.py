@@ -18,6 +18,7 @@ from raee_ops.onnx_export.adapters.gemma3 import Gemma3Adapter
 from raee_ops.onnx_export.loader import fingerprint, load_model, resolve
 from raee_ops.pipelines.export import run_export
 from raee_ops.schemas.manifest import MANIFEST_NAME, load_manifest
+from segment_artifacts import make_artifacts
 from tiny_models import build_tiny_gemma3
 
 from raee_ops.errors import ArtifactError, RaeeConfigError, RaeeRunError
@@ -150,9 +151,8 @@ def test_multi_token_verbalizer_names_the_word(tiny_llama_dir: Path, tmp_path: P
 def test_failed_export_leaves_no_manifest_and_keeps_old(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "manifest.json").write_text("an earlier export")
+    out = make_artifacts(tmp_path / "out")  # an earlier export
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     real = raee_ops.pipelines.export.export_segment
 
     def failing(module, kind, *args, **kwargs):  # noqa: ANN001, ANN202
@@ -164,7 +164,7 @@ def test_failed_export_leaves_no_manifest_and_keeps_old(
     with pytest.raises(RaeeRunError, match="failed in a Beam worker: RuntimeError: simulated exporter failure"):
         export(tiny_llama_dir, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left beside it
-    assert [p.read_text() for p in out.iterdir()] == ["an earlier export"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_cli_help() -> None:
@@ -202,6 +202,22 @@ def test_cli_refuses_an_out_it_would_wipe_or_cannot_reach_before_loading(tmp_pat
         result = subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True)
         assert result.returncode == 2 and problem in result.stderr, result.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
+def test_an_out_the_export_cannot_replace_whole_is_refused_before_loading(tmp_path: Path) -> None:
+    """A re-export replaces --out whole: anything its previous export did not write (a database built inside it) and
+    a folder inside another export are refused before the model loads (the missing model would otherwise be the
+    error)."""
+    previous = make_artifacts(tmp_path / "art")
+    (previous / "lancedb" / "sst2.lance").mkdir(parents=True)
+    for out, problem in (
+        (previous, f"--out {previous} holds lancedb, not part of the export there"),
+        (previous / "inner", f"inside the artifacts folder {previous}"),
+    ):
+        with pytest.raises(RaeeConfigError, match=re.escape(problem)):
+            export(tmp_path / "missing.gguf", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # nothing made beside it
+    assert (previous / "lancedb" / "sst2.lance").is_dir() and load_manifest(previous)
 
 
 def _store_refusal() -> Exception:

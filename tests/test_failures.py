@@ -341,6 +341,26 @@ def test_outputs_inside_the_database_are_refused_before_any_work(segment_artifac
     assert run.returncode == 0, run.stderr  # where the default folder lies, another database's rows may go
 
 
+def test_outputs_inside_an_artifacts_folder_are_refused_before_any_work(segment_artifacts, db, tmp_path):  # noqa: F811
+    """A re-export replaces its --out whole: a database, errors, predictions or a report written in an artifacts
+    folder (found at the location or any folder above it, links resolved) would go with it."""
+    queries = labelled(tmp_path / "q.parquet", 3, 1, "q", bad=False)
+    art = tmp_path / "art"
+    shutil.copytree(segment_artifacts, art)
+    (tmp_path / "art-link").symlink_to(art)
+    run = raee_ops(*build_args(art, art / "lancedb", queries))
+    assert run.returncode == 2 and f"--db {art / 'lancedb'}: inside the artifacts folder {art}" in one_error_line(run)
+    run = raee_ops(*build_args(art, tmp_path / "db2", queries, extra=["--errors", tmp_path / "art-link" / "e"]))
+    assert run.returncode == 2 and f"inside the artifacts folder {art}" in one_error_line(run)
+    run = raee_ops(*classify_args(art, db, art / "out" / "day1", queries))
+    assert run.returncode == 2 and f"--output {art / 'out' / 'day1'}: inside the artifacts" in one_error_line(run)
+    report = ["evaluate", "--artifacts", art, "--task", "sst2", "--db", db, "--input", queries, "--report", art]
+    run = raee_ops(*report)
+    assert run.returncode == 2 and f"--report {art}: inside the artifacts folder {art}" in one_error_line(run)
+    assert sorted(p.name for p in art.iterdir()) == sorted(p.name for p in segment_artifacts.iterdir())
+    assert not (tmp_path / "db2").exists()
+
+
 def test_13_bad_values_names_and_paths_are_configuration_errors(segment_artifacts, db, tmp_path):  # noqa: F811
     queries = labelled(tmp_path / "q-1.parquet", 5, 1, "q", bad=False)
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=["--max-rejected", "nan"]))

@@ -298,6 +298,25 @@ def test_claims_on_an_object_store(s3, monkeypatch):
     assert keys(client, "claims/work/") == []
 
 
+def test_an_s3_export_folder_keeps_what_is_not_the_export(s3, segment_artifacts):  # noqa: F811
+    """A re-export replaces its s3:// --out whole: a database may not be built in it, and one found there (or any
+    object its manifest does not list) refuses the export, before the model loads."""
+    from raee_ops.pipelines.export import check_out
+    from raee_ops.schemas.manifest import check_outside_artifacts
+
+    from raee_ops import storage
+
+    endpoint, client = s3
+    storage.configure(s3_args(endpoint))
+    art = upload_dir(client, segment_artifacts, "kept/artifacts")
+    check_out(art)  # an earlier export alone: replaced
+    with pytest.raises(RaeeConfigError, match=f"--db {art}/lancedb: inside the artifacts folder {art};"):
+        check_outside_artifacts(f"{art}/lancedb", "--db")
+    client.put_object(Bucket=BUCKET, Key="kept/artifacts/lancedb/sst2.lance/_versions/1.manifest", Body=b"x")
+    with pytest.raises(RaeeConfigError, match=f"--out {art} holds lancedb, not part of the export there"):
+        check_out(art)
+
+
 def test_a_scheme_without_its_filesystem_names_the_extra():
     from raee_ops import storage
     from raee_ops.errors import RaeeConfigError

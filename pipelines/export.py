@@ -13,6 +13,7 @@ the next export to the same place removes what a killed one left and never a liv
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -54,6 +55,8 @@ from raee_ops.tasks import Task
 TOKENIZER_FILE = "tokenizer.json"
 #: On an object store, an --out being published into (see _publish_remote): an export's folder, even without a manifest.
 PUBLISHING = "_PUBLISHING"
+#: A LanceDB table: a folder of this pattern in its database.
+TABLE_FOLDERS = "*.lance"
 #: Between a staged segment's file name and its sha256, until the driver publishes it under its own name.
 DIGEST = ".sha256-"
 
@@ -158,11 +161,35 @@ def _check_request(loaded: LoadedModel, tasks: Sequence[Task], max_length: int) 
 
 
 def check_out(out_dir: str) -> None:
-    """Refuse an --out the export could not replace whole without losing something, or could not write."""
+    """Refuse an --out the export could not replace whole without losing something, or could not write (its
+    temporary folder goes beside it)."""
     storage.check_scheme(out_dir, "--out")
+    if storage.name(out_dir) in ("", ".", ".."):  # no folder of its own to replace, nor a name to put beside it
+        raise RaeeConfigError(f"--out {out_dir or '/'}: name the export's own folder (e.g. artifacts/<model>)")
     storage.check_folder(out_dir, "--out")
+    if storage.is_local(out_dir):
+        _check_local_out(out_dir)
     check_outside_artifacts(out_dir, "--out", start=storage.parent(out_dir))  # --out itself may be the old export
     _check_replaceable(out_dir)
+
+
+def _check_local_out(out_dir: str) -> None:
+    """A link would be replaced by a folder (the export it points to left as it was); the folder beside --out takes
+    the temporary one; a database's folder holds tables, and an export there would read as a broken one."""
+    if os.path.islink(storage.local_path(out_dir)):
+        raise RaeeConfigError(
+            f"--out {out_dir} is a symbolic link ({os.readlink(storage.local_path(out_dir))}): give the folder it "
+            "points to, or a new one"
+        )
+    storage.check_folder(storage.parent(out_dir), "--out's folder")
+    database = next((d for d in storage.folders_up(storage.parent(out_dir)) if _is_database(d)), None)
+    if database is not None:
+        storage.check_outside(out_dir, "--out", database)
+
+
+def _is_database(folder: str) -> bool:
+    """A local folder holding a LanceDB table (a `<name>.lance` folder)."""
+    return any(os.path.isdir(os.path.join(folder, n)) for n in storage.children(folder, TABLE_FOLDERS))
 
 
 def _check_replaceable(out_dir: str) -> None:

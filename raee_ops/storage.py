@@ -292,7 +292,9 @@ def delete(uris: Iterable[str]) -> None:
     """Delete files, or folders with everything under them; missing ones are skipped."""
     for uri in uris:
         if is_local(uri):
-            if os.path.lexists(local_path(uri)):
+            if os.path.islink(local_path(uri)):  # the link itself, never what it points to (rmtree refuses one)
+                os.unlink(local_path(uri))
+            elif os.path.lexists(local_path(uri)):
                 FileSystems.delete([uri])
         else:
             FileSystems.delete([uri.rstrip("/") + "/", uri] if exists(uri) else [uri.rstrip("/") + "/"])

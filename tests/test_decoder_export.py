@@ -4,6 +4,7 @@ manifest describes what was written, and bad input or a failed export ends clean
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from raee_ops.schemas.manifest import MANIFEST_NAME, load_manifest
 from segment_artifacts import make_artifacts
 from tiny_models import build_tiny_gemma3
 
+from raee_ops import storage
 from raee_ops.errors import ArtifactError, RaeeConfigError, RaeeRunError
 from raee_ops.tasks import PRESETS, Task
 
@@ -204,20 +206,42 @@ def test_cli_refuses_an_out_it_would_wipe_or_cannot_reach_before_loading(tmp_pat
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 
 
-def test_an_out_the_export_cannot_replace_whole_is_refused_before_loading(tmp_path: Path) -> None:
-    """A re-export replaces --out whole: anything its previous export did not write (a database built inside it) and
-    a folder inside another export are refused before the model loads (the missing model would otherwise be the
-    error)."""
+def test_an_out_the_export_cannot_replace_whole_is_refused_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-export replaces --out whole: anything its previous export did not write (a database built inside it),
+    a link (replaced by a folder, its target left stale), a folder inside another export or a database, '.' and a
+    parent the temporary folder cannot be written in are refused before the model loads (the missing model would
+    otherwise be the error)."""
     previous = make_artifacts(tmp_path / "art")
     (previous / "lancedb" / "sst2.lance").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(previous)
+    (tmp_path / "db" / "sst2.lance").mkdir(parents=True)
+    readonly = make_artifacts(tmp_path / "ro" / "art").parent
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(readonly) and real_access(path, mode))
     for out, problem in (
         (previous, f"--out {previous} holds lancedb, not part of the export there"),
+        (tmp_path / "link", f"--out {tmp_path / 'link'} is a symbolic link"),
         (previous / "inner", f"inside the artifacts folder {previous}"),
+        (tmp_path / "db" / "exp.lance", f"inside the database {tmp_path / 'db'}"),
+        (Path("."), "--out .: name the export's own folder"),
+        (Path("/"), "--out /: name the export's own folder"),
+        (readonly / "art", f"--out's folder {readonly}: cannot write in"),
     ):
         with pytest.raises(RaeeConfigError, match=re.escape(problem)):
             export(tmp_path / "missing.gguf", out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # nothing made beside it
-    assert (previous / "lancedb" / "sst2.lance").is_dir() and load_manifest(previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "db", "link", "ro"]  # nothing made beside them
+    assert sorted(p.name for p in previous.iterdir()) == sorted([*os.listdir(readonly / "art"), "lancedb"])
+
+
+def test_a_leftover_link_is_removed_not_followed(tmp_path: Path) -> None:
+    """A killed export may leave its --out's link aside (`.out.old-*`): removing it must not fail or empty the
+    export it points to."""
+    target = make_artifacts(tmp_path / "v1")
+    (tmp_path / ".out.old-1").symlink_to(target)
+    storage.delete([str(tmp_path / ".out.old-1")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"] and (target / MANIFEST_NAME).is_file()
 
 
 def _store_refusal() -> Exception:

@@ -18,6 +18,27 @@ from raee_ops.errors import RaeeConfigError
 #: text, and the pair on the next line). The label-word head needs the prompt; probe heads read either, and on pair
 #: tasks the bare input's states probe far better (build-db picks per table by cross-validation, raee_ops.probes).
 FORMS = ("prompt", "bare")
+#: The fields a template may name: the ones Task.render fills in.
+FIELDS = ("text", "text_pair")
+
+
+def template_problem(template: str) -> str | None:
+    """What keeps Task.render from filling `template` (None: nothing). str.format would also take positional `{}` or
+    `{0}`, conversions and format specs (which may nest fields), and fail on them only when a row is rendered: in a
+    build-db worker, long after the export."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        return f"template is not a valid format string ({exc}); write a literal brace as {{{{ or }}}}"
+    named = [(name, spec, conversion) for _, name, spec, conversion in parts if name is not None]
+    unknown = sorted({"{" + name + "}" for name, _, _ in named if name not in FIELDS})
+    if unknown:
+        return f"template may name only {{text}} and {{text_pair}}, not {', '.join(unknown)}"
+    if any(spec or conversion for _, spec, conversion in named):
+        return "template fields take no conversion or format spec: write {text} and {text_pair} as they are"
+    if "text" not in {name for name, _, _ in named}:
+        return "template must contain {text}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -28,14 +49,13 @@ class Task:
     verbalizer: list[str]
 
     def __post_init__(self) -> None:
-        fields = self.fields
-        if "text" not in fields:
-            raise RaeeConfigError(f"task {self.name!r}: template must contain {{text}}")
-        unknown = fields - {"text", "text_pair"}
-        if unknown:
-            raise RaeeConfigError(f"task {self.name!r}: unknown template fields {sorted(unknown)}")
+        problem = template_problem(self.template)
+        if problem:
+            raise RaeeConfigError(f"task {self.name!r}: {problem}")
         if len(self.label_names) < 2:
             raise RaeeConfigError(f"task {self.name!r}: needs at least two label names")
+        if len(set(self.label_names)) != len(self.label_names):
+            raise RaeeConfigError(f"task {self.name!r}: label names must be distinct")
         if len(self.verbalizer) != len(self.label_names):
             raise RaeeConfigError(
                 f"task {self.name!r}: {len(self.verbalizer)} verbalizer words for {len(self.label_names)} labels"
@@ -129,24 +149,58 @@ PRESETS: dict[str, Task] = {
 }
 
 
+#: A task file's keys, each a non-empty string or a list of them.
+TASK_FILE_STRINGS = ("name", "template")
+TASK_FILE_LISTS = ("label_names", "verbalizer")
+
+
 def load_task_file(path: str | Path) -> Task:
-    """A user's task from JSON with `name`, `template`, `label_names`, `verbalizer`."""
+    """A user's task from JSON with `name`, `template`, `label_names`, `verbalizer`: every problem with the file
+    is one line naming the file (and the field), before any model loads."""
     path = Path(path)
+    raw = _read_task_file(path)
+    missing = [k for k in TASK_FILE_STRINGS + TASK_FILE_LISTS if k not in raw]
+    if missing:
+        raise RaeeConfigError(f"task file {path} lacks {', '.join(missing)}")
+    try:
+        strings = {key: _text(raw[key], key) for key in TASK_FILE_STRINGS}
+        lists = {key: _texts(raw[key], key) for key in TASK_FILE_LISTS}
+        return Task(**strings, **lists)
+    except RaeeConfigError as err:
+        raise RaeeConfigError(f"task file {path}: {err}") from None
+
+
+def _read_task_file(path: Path) -> dict:
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise RaeeConfigError(f"task file not found: {path}") from exc
     except ValueError as exc:
         raise RaeeConfigError(f"task file {path} is not valid JSON: {exc}") from exc
-    missing = [k for k in ("name", "template", "label_names", "verbalizer") if k not in raw]
-    if missing:
-        raise RaeeConfigError(f"task file {path} lacks {', '.join(missing)}")
-    return Task(
-        name=raw["name"],
-        template=raw["template"],
-        label_names=list(raw["label_names"]),
-        verbalizer=list(raw["verbalizer"]),
-    )
+    except OSError as exc:
+        raise RaeeConfigError(f"cannot read task file {path}: {exc.strerror or exc}") from exc
+    if not isinstance(raw, dict):
+        raise RaeeConfigError(f"task file {path} holds a JSON {_json_type(raw)}; it must be an object")
+    return raw
+
+
+def _text(value: object, key: str) -> str:
+    """A non-empty string: `list(...)` of one would split it into characters, a number fail deep in the export."""
+    if not isinstance(value, str) or not value.strip():
+        shown = "a blank string" if isinstance(value, str) else f"a JSON {_json_type(value)}"
+        raise RaeeConfigError(f"{key} must be a non-empty string, not {shown}")
+    return value
+
+
+def _texts(value: object, key: str) -> list[str]:
+    if not isinstance(value, list):
+        raise RaeeConfigError(f"{key} must be a list of strings, not a JSON {_json_type(value)}")
+    return [_text(item, f"{key}[{index}]") for index, item in enumerate(value)]
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def get_task(name: str) -> Task:

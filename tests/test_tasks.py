@@ -1,0 +1,68 @@
+"""Task files: every mistake in a task is refused when the task is read (one line naming the
+file and the field, exit 2), never an internal error or an export that build-db fails on later."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_runs import one_error_line, raee_ops
+
+from raee_ops.errors import RaeeConfigError
+from raee_ops.tasks import load_task_file
+
+GOOD = {
+    "name": "t",
+    "template": "Review: {text}\nSentiment:",
+    "label_names": ["a", "b"],
+    "verbalizer": ["negative", "positive"],
+}
+
+
+def write(tmp_path: Path, content: object) -> Path:
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps(content))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (["name", "template"], "holds a JSON list; it must be an object"),
+        (5, "holds a JSON number; it must be an object"),
+        ({**GOOD, "name": None}, "name must be a non-empty string, not a JSON null"),
+        ({**GOOD, "name": ""}, "name must be a non-empty string, not a blank string"),
+        ({**GOOD, "template": ["Review: {text}"]}, "template must be a non-empty string, not a JSON list"),
+        ({**GOOD, "label_names": "np"}, "label_names must be a list of strings, not a JSON string"),
+        ({**GOOD, "verbalizer": "np"}, "verbalizer must be a list of strings, not a JSON string"),
+        ({**GOOD, "verbalizer": ["negative", 5]}, r"verbalizer\[1\] must be a non-empty string, not a JSON number"),
+        ({**GOOD, "label_names": ["a", "a"]}, "label names must be distinct"),
+        ({**GOOD, "template": "Review: {text} {}\nSentiment:"}, r"only \{text\} and \{text_pair\}, not \{\}"),
+        ({**GOOD, "template": "Review: {text}\nSentiment: {0}"}, r"not \{0\}"),
+        ({**GOOD, "template": "Review: {text.upper}"}, r"not \{text.upper\}"),
+        ({**GOOD, "template": "Review: {text\nSentiment:"}, "not a valid format string"),
+        ({**GOOD, "template": "Review: {text} }"}, "not a valid format string"),
+        ({**GOOD, "template": "Review: {text:{}}"}, "no conversion or format spec"),
+        ({**GOOD, "template": "Review: {text!r}"}, "no conversion or format spec"),
+        ({**GOOD, "template": "Review: {{text}}"}, r"must contain \{text\}"),
+        ({k: v for k, v in GOOD.items() if k != "verbalizer"}, "lacks verbalizer"),
+    ],
+)
+def test_bad_task_files_are_refused_naming_file_and_field(tmp_path: Path, content: object, message: str) -> None:
+    path = write(tmp_path, content)
+    with pytest.raises(RaeeConfigError, match=f"task file {path}.*{message}"):
+        load_task_file(path)
+
+
+def test_a_good_task_file_renders_with_literal_braces(tmp_path: Path) -> None:
+    task = load_task_file(write(tmp_path, {**GOOD, "template": "{{json}}: {text}\n{text_pair}?"}))
+    assert task.is_pair and task.render(" hi ", "there") == "{json}: hi\nthere?"
+
+
+def test_cli_refuses_a_positional_template_before_loading_the_model(tmp_path: Path) -> None:
+    """The model does not exist: the task file is the error, exit 2, nothing written."""
+    path = write(tmp_path, {**GOOD, "template": "Review: {text} {}\nSentiment:"})
+    run = raee_ops("export-onnx", "--model", tmp_path / "none.gguf", "--task-file", path, "--out", tmp_path / "out")
+    assert run.returncode == 2 and "template may name only" in one_error_line(run)
+    assert not (tmp_path / "out").exists()

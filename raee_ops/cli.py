@@ -211,11 +211,11 @@ def export_onnx(
     quantize: str | None,
 ) -> None:
     """Export MODEL into per-layer ONNX segments plus one head per task."""
-    from raee_ops.pipelines.export import fusion_table, run_export
-
-    tasks = _tasks(task_names, task_files)
+    tasks = _tasks(task_names, task_files)  # before the pipeline's imports (torch, Beam: seconds)
     if not tasks:
         raise RaeeConfigError("give at least one --task or --task-file")
+    from raee_ops.pipelines.export import fusion_table, run_export
+
     manifest = run_export(
         model_spec,
         out_dir,

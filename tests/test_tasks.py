@@ -4,10 +4,12 @@ file and the field, exit 2), never an internal error or an export that build-db 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from cli_runs import one_error_line, raee_ops
+from cli_runs import TIMEOUT_S, one_error_line, raee_ops
 from raee_ops.onnx_export.verbalizer import label_token_ids
 from tiny_encoders import _bert_tokenizer
 from tiny_models import build_tokenizer
@@ -69,6 +71,16 @@ def test_cli_refuses_a_positional_template_before_loading_the_model(tmp_path: Pa
     run = raee_ops("export-onnx", "--model", tmp_path / "none.gguf", "--task-file", path, "--out", tmp_path / "out")
     assert run.returncode == 2 and "template may name only" in one_error_line(run)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_reads_task_files_before_importing_the_pipeline(tmp_path: Path) -> None:
+    """A wrong task file is answered in the CLI's own start-up time, not after torch and Beam import (seconds)."""
+    path = write(tmp_path, {**GOOD, "name": None})
+    args = ["export-onnx", "--model", "m.gguf", "--task-file", str(path), "--out", str(tmp_path / "out")]
+    code = f"import sys\nfrom raee_ops.cli import main\ntry:\n    main({args!r})\nexcept SystemExit as e:\n    "
+    code += "print(e.code, 'torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert run.stdout.split() == ["2", "False"] and "name must be a non-empty string" in one_error_line(run)
 
 
 @pytest.mark.parametrize(

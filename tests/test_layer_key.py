@@ -31,8 +31,9 @@ DEPTH = 2  # of the tiny artifacts' 3 layers: rows whose exit is 1 are read out 
 
 def test_layer_key_specs_and_their_standardization():
     assert layer_depth("layer-3") == 3 and layer_depth("minilm") is None and layer_depth(None) is None
-    with pytest.raises(RaeeConfigError, match="positive integer"):
-        layer_depth("layer-x")
+    for wrong in ("layer-x", "layer-0", "layer-03", "layer-²", "layer-３"):  # one spelling per key, no crash
+        with pytest.raises(RaeeConfigError, match="positive integer"):
+            layer_depth(wrong)
     states = np.random.default_rng(0).normal(size=(50, 8)) * np.array([1, 1, 1, 1, 1, 1, 1, 1000.0])
     key = LayerKey.fit(2, states)
     keys = key.apply(states)

@@ -1,8 +1,9 @@
 """Run `raee-ops` as a scheduler would: a separate process, judged by its exit code and its output.
 
-Each run is its own process, forked from a warm parent (`cli_zygote.py`, one per test process) that has imported
-Beam, LanceDB and ONNX Runtime once: a fresh interpreter spends ~4 s on those imports before a command's first
-line, which across the suite's few hundred runs was most of `make test`'s time. `fresh=True` starts a new
+Each run is its own process, forked from a warm parent (`cli_zygote.py`, one per test process and kind) that has
+imported Beam, LanceDB and pyarrow once (export-onnx's: torch and transformers too): a fresh interpreter spends
+~4 s on those imports before a command's first line (~17 s for export-onnx), which across the suite's few hundred
+runs was most of `make test`'s time. `fresh=True` starts a new
 interpreter instead, for what happens at import time (third-party noise, modules a command must not load).
 """
 
@@ -28,10 +29,10 @@ ZYGOTE = Path(__file__).with_name("cli_zygote.py")
 class _Zygote:
     """The warm parent's process and its request pipe."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str) -> None:
         self.log = tempfile.NamedTemporaryFile(prefix="cli-zygote-", suffix=".log", delete=False)
         self.process = subprocess.Popen(
-            [sys.executable, str(ZYGOTE)],
+            [sys.executable, str(ZYGOTE), kind],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -72,7 +73,8 @@ class _Zygote:
         os.unlink(self.log.name)
 
 
-_zygote: _Zygote | None = None
+#: One warm parent per kind: export-onnx's has torch and transformers imported, which other commands must not have.
+_zygotes: dict[str, _Zygote] = {}
 
 
 def _environment(overrides: dict[str, str | None] | None) -> dict[str, str]:
@@ -95,14 +97,14 @@ def raee_ops(
     variable); `fault` sets RAEE_FAULT (and `mode` RAEE_FAULT_MODE) for that run only, `tmpdir` its system temp
     folder. Ctrl-C is live in it, as in a terminal, even where the test process ignores it (pytest-xdist's workers
     do, and a child inherits an ignored SIGINT)."""
-    global _zygote
     extra = {"TMPDIR": tmpdir and str(tmpdir), "RAEE_FAULT": fault, "RAEE_FAULT_MODE": mode}
     environment = _environment((env or {}) | {k: v for k, v in extra.items() if v})
     argv = [str(a) for a in args]
     if not fresh:
-        if _zygote is None or _zygote.process.poll() is not None:
-            _zygote = _Zygote()
-        return _zygote.run(argv, environment, cwd, timeout)
+        kind = "export" if argv[:1] == ["export-onnx"] else "commands"
+        if kind not in _zygotes or _zygotes[kind].process.poll() is not None:
+            _zygotes[kind] = _Zygote(kind)
+        return _zygotes[kind].run(argv, environment, cwd, timeout)
     return subprocess.run(
         [sys.executable, "-m", "raee_ops", *argv],
         capture_output=True,

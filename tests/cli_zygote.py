@@ -1,6 +1,7 @@
-"""A warm parent for CLI runs: it imports what every command imports (Beam, LanceDB, ONNX Runtime: ~4 s in a fresh
-interpreter) once, then forks one child per request, and the child runs `python -m raee_ops` as a fresh process
-would from there on — its own argv, environment, folder, stdout/stderr files and exit status.
+"""A warm parent for CLI runs: it imports the packages the commands import (PRELOADED: ~4 s in a fresh interpreter;
+with `export` as its argument, export-onnx's too) once, then forks one child per request, and the child runs
+`python -m raee_ops` as a fresh process would from there on — its own argv, environment, folder, stdout/stderr
+files and exit status.
 
 Protocol on stdin/stdout, one JSON line each: a request {"args", "env", "cwd", "stdout", "stderr"} is answered
 {"pid"} once the child runs and {"status"} (a `subprocess`-style return code: -N when killed by signal N) when
@@ -17,11 +18,11 @@ import sys
 import warnings
 
 #: What the commands import from other packages (Beam and LanceDB are most of a fresh start). Not ONNX Runtime:
-#: its import starts a thread, and a child forked after it hangs or aborts at exit, joining a thread it lacks.
+#: its import starts a thread, and a child forked after it hangs or aborts at exit, joining a thread it lacks. Not
+#: Beam's RunInference either: it imports torch, which raee-ops hides from it (pipelines/inference.py).
 PRELOADED = (
     "apache_beam",
     "apache_beam.io.parquetio",
-    "apache_beam.ml.inference.base",
     "apache_beam.options.pipeline_options",
     "apache_beam.runners.direct.direct_runner",
     "apache_beam.runners.portability.portable_runner",
@@ -34,18 +35,21 @@ PRELOADED = (
     "pyarrow.parquet",
     "tokenizers",
 )
+#: export-onnx's own, for a parent that runs only export-onnx (torch and transformers: ~15 s of a tiny export's 20).
+EXPORT = ("torch", "transformers", "onnx", "raee_ops.onnx_export.loader")
 
 
-def preload() -> None:
-    """Import PRELOADED with logging and Lance's log level set as a default run sets them (Lance reads the
-    latter once)."""
+def preload(export: bool) -> None:
+    """Import PRELOADED (and EXPORT for export-onnx's parent) with logging and Lance's log level set as a default
+    run sets them (Lance reads the latter once)."""
     os.environ.setdefault("LANCEDB_LOG", "error")
     from raee_ops import logs
 
     logs.configure(0)
-    for module in PRELOADED:
+    for module in PRELOADED + (EXPORT if export else ()):
         importlib.import_module(module)
     assert "onnxruntime" not in sys.modules, "a preloaded module imports ONNX Runtime"
+    assert export or "torch" not in sys.modules, "a preloaded module imports torch"
     # LanceDB resets its runtime in a forked child and says so on every fork: nothing is running here to fork.
     warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
 
@@ -90,7 +94,7 @@ def become(request: dict) -> None:
 
 
 if __name__ == "__main__":
-    preload()
+    preload(export=sys.argv[1:] == ["export"])
     become(serve())
     import runpy
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import gc
 import logging
 import os
 import signal
@@ -254,6 +255,7 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
     while waiting) is cancelled first, so it does not go on writing into the run's folders."""
     interrupted = _Interrupts()
     result = None
+    gc.freeze()  # the imports and the pipeline live until exit: spare the collector (and the exit) walking them
     try:
         with interrupted:
             result = pipeline.run()

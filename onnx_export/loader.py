@@ -26,7 +26,7 @@ from raee_ops.schemas.manifest import sha256_file
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import RaeeConfigError, first_line
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 #: What loading a model's damaged or missing files raises (a file or a header cut short, weights of the wrong shape, a
@@ -145,7 +145,7 @@ def _config(source: ModelSource, digest: str) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(source.directory, **_kwargs(source))
     except (*LOAD_ERRORS, KeyError) as exc:
-        raise RaeeConfigError(f"cannot read a model config from {source.source}: {_one_line(exc)}") from exc
+        raise RaeeConfigError(f"cannot read a model config from {source.source}: {first_line(exc)}") from exc
 
 
 @functools.lru_cache(maxsize=2)
@@ -156,7 +156,7 @@ def _load(source: ModelSource, digest: str) -> LoadedModel:
             source.directory, attn_implementation="eager", dtype=torch.float32, **_kwargs(source)
         )
     except LOAD_ERRORS as exc:
-        raise RaeeConfigError(f"--model {source.source}: cannot load its weights: {_one_line(exc)}") from exc
+        raise RaeeConfigError(f"--model {source.source}: cannot load its weights: {first_line(exc)}") from exc
     return LoadedModel(adapter_class(model, _tokenizer(source)), source.source, digest)
 
 
@@ -166,16 +166,10 @@ def _tokenizer(source: ModelSource) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.directory, **_kwargs(source))
     except (OSError, ValueError) as exc:
-        raise RaeeConfigError(f"--model {source.source}: cannot load its tokenizer: {_one_line(exc)}") from exc
+        raise RaeeConfigError(f"--model {source.source}: cannot load its tokenizer: {first_line(exc)}") from exc
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise RaeeConfigError(
             f"--model {source.source}: its tokenizer knows only its special tokens (no tokenizer.json or "
             "vocabulary file?)"
         )
     return tokenizer
-
-
-def _one_line(exc: BaseException) -> str:
-    """A library's message on one line (the CLI's error is one line), cut short."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

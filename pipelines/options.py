@@ -30,7 +30,7 @@ from apache_beam.portability.api import beam_job_api_pb2
 from apache_beam.runners.portability import portable_runner
 
 from raee_ops import storage
-from raee_ops.errors import RaeeConfigError, RaeeRunError
+from raee_ops.errors import RaeeConfigError, RaeeRunError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -269,8 +269,7 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
         if interrupted.seen:  # Ctrl-C reaches the runner's threads too, which report it as their own failure
             raise KeyboardInterrupt from exc
         log.debug("%s pipeline failed", what, exc_info=True)
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise RaeeRunError(f"{what} pipeline failed in a Beam worker: {type(exc).__name__}: {first}") from exc
+        raise RaeeRunError(f"{what} pipeline failed in a Beam worker: {type(exc).__name__}: {first_line(exc)}") from exc
     if state != "DONE":
         raise RaeeRunError(f"{what} pipeline ended in state {state}")
     return result

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from raee_ops import logs
-from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError
+from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, first_line
 from raee_ops.key_names import DEFAULT_KEY, embedder_layers
 from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET
@@ -520,10 +520,6 @@ def _refused_by_store(exc: Exception) -> bool:
     return any(marker in str(exc) for marker in REFUSED)
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-
-
 def _path_given_wrong(exc: OSError) -> bool:
     """A location the user gave that cannot be used as given (no permission, a file for a folder, a read-only
     filesystem): configuration, exit 2, not a bug."""
@@ -535,7 +531,7 @@ def _unexpected(exc: Exception) -> NoReturn:
     """An exception no check anticipated: credentials the store refuses (exit 2), else a bug."""
     if _refused_by_store(exc):
         logging.getLogger(__name__).debug("failed", exc_info=True)
-        _fail(f"the object store refused access (check the credentials and permissions): {_first_line(exc)}", 2)
+        _fail(f"the object store refused access (check the credentials and permissions): {first_line(exc)}", 2)
     _internal(exc)
 
 

@@ -17,7 +17,7 @@ from lancedb.index import IvfFlat
 
 from raee_ops import storage
 from raee_ops.calibration import FusedPolicy
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import RaeeConfigError, first_line
 from raee_ops.exit_policy import Neighbours
 from raee_ops.layer_key import LayerKey, layer_depth
 from raee_ops.probe_policy import ProbePolicy
@@ -127,9 +127,8 @@ def unreachable(db_uri: str, exc: Exception) -> RaeeConfigError:
 
 def _problem(exc: Exception) -> str:
     """The line of a LanceDB error that says what went wrong."""
-    text = str(exc)
-    messages = re.findall(r'message: "([^"]+)"', text)
-    line = messages[-1] if messages else text.splitlines()[0] if text else type(exc).__name__
+    messages = re.findall(r'message: "([^"]+)"', str(exc))
+    line = messages[-1] if messages else first_line(exc)
     return re.sub(r", /\S+\.rs:\d+:\d+$", "", line)[:200]  # the Rust source line that raised it
 
 

@@ -157,6 +157,8 @@ def _check_request(model_spec: str, tasks: Sequence[Task], embedders: Sequence[s
     names = [t.name for t in tasks]
     if len(set(names)) != len(names) or len({_head_file(t) for t in tasks}) != len(tasks):
         raise RaeeConfigError(f"task names must be distinct: {', '.join(names)}")
+    if len(set(embedders)) != len(embedders):
+        raise RaeeConfigError(f"embedder names must be distinct: {', '.join(embedders)}")
     if embedders:
         from raee_ops.onnx_export.embedder import embedder_depth
 

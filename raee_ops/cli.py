@@ -170,7 +170,7 @@ def beam_args() -> list[str]:
     multiple=True,
     default=(DEFAULT_KEY,),
     show_default=True,
-    callback=lambda ctx, param, value: tuple(_embedder_name(v) for v in value),
+    callback=lambda ctx, param, value: _embedder_names(value),
     help=f"Retrieval embedder to export into the artifacts: `minilm-N` (MiniLM's first N layers; {DEFAULT_KEY} is "
     "build-db's default key), `minilm` (all six: the sentence embedding) or `none`; repeatable.",
 )
@@ -231,14 +231,18 @@ def export_onnx(
     echo(f"exported {manifest.num_layers} layers, tasks {', '.join(manifest.tasks)} -> {out_dir}")
 
 
-def _embedder_name(value: str) -> str:
-    """export-onnx --embedder's value: none, minilm or minilm-N."""
-    if value != "none":
+def _embedder_names(values: tuple[str, ...]) -> tuple[str, ...]:
+    """export-onnx --embedder's values: none alone, or distinct minilm / minilm-N names."""
+    if "none" in values and len(values) > 1:
+        raise click.BadParameter("`none` exports no embedder; give it alone")
+    if len(set(values)) != len(values):
+        raise click.BadParameter(f"names an embedder twice: {', '.join(values)}")
+    for value in set(values) - {"none"}:
         try:
             embedder_layers(value)
         except RaeeConfigError as err:
             raise click.BadParameter(str(err)) from None
-    return value
+    return values
 
 
 def _key_spec(value: str | None) -> str | None:

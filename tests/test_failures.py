@@ -104,6 +104,11 @@ def test_2_misspelt_options_are_usage_errors_naming_the_closest(segment_artifact
     assert run.returncode == 2 and "choose backbone, minilm, minilm-N or layer-N" in one_error_line(run)
     run = raee_ops("export-onnx", "--model", "m", "--task", "sst2", "--out", tmp_path / "x", "--embedder", "minlm")
     assert run.returncode == 2 and "unknown embedder 'minlm'; known: minilm, minilm-N" in one_error_line(run)
+    export = ["export-onnx", "--model", "m", "--task", "sst2", "--out", tmp_path / "x"]
+    run = raee_ops(*export, "--embedder", "minilm-3", "--embedder", "minilm-3")
+    assert run.returncode == 2 and "names an embedder twice: minilm-3, minilm-3" in one_error_line(run)
+    run = raee_ops(*export, "--embedder", "none", "--embedder", "minilm")
+    assert run.returncode == 2 and "`none` exports no embedder; give it alone" in one_error_line(run)
     assert not (tmp_path / "x").exists()
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=["--k", "0"]))
     assert run.returncode == 2 and "--k" in one_error_line(run)

@@ -113,11 +113,25 @@ def resolve(spec: str) -> ModelSource:
 
 
 def fingerprint(source: ModelSource) -> str:
-    """sha256 of the GGUF file, or of config.json and the weight files of a directory (names and contents)."""
+    """sha256 of the GGUF file, or of config.json and the weight files of a directory (names and contents).
+    Computed once per state of the files (names, sizes, modification times): an export asks for it three times
+    (the request's check, the driver's load, the export worker's), and a file replaced in between is hashed anew."""
+    files = _model_files(source)
+    stamps = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _digest(tuple(files), stamps, whole_file=source.gguf_file is not None)
+
+
+def _model_files(source: ModelSource) -> list[Path]:
     if source.gguf_file is not None:
-        return sha256_file(source.directory / source.gguf_file)
+        return [source.directory / source.gguf_file]
     files = [source.directory / "config.json"]
-    files += sorted(f for pattern in WEIGHT_PATTERNS for f in source.directory.glob(pattern))
+    return files + sorted(f for pattern in WEIGHT_PATTERNS for f in source.directory.glob(pattern))
+
+
+@functools.lru_cache(maxsize=4)
+def _digest(files: tuple[Path, ...], stamps: tuple[tuple[int, int], ...], whole_file: bool) -> str:
+    if whole_file:  # a GGUF file: its own sha256
+        return sha256_file(files[0])
     digest = hashlib.sha256()
     for file in files:
         digest.update(f"{file.name}\0{sha256_file(file)}\n".encode())

@@ -216,7 +216,10 @@ def _check_replaceable(out_dir: str) -> None:
     try:
         ours = {ref.file for ref in load_manifest(out_dir, verify_checksums=False).file_refs()} | {MANIFEST_NAME}
     except ArtifactError as exc:
-        raise RaeeConfigError(f"--out {out_dir}: which files are the export's is unknown: {exc}") from exc
+        raise RaeeConfigError(
+            f"--out {out_dir}: its {MANIFEST_NAME} cannot be read ({exc}), so which files are an export's is unknown "
+            "and replacing the folder could delete others: remove it yourself, or choose another --out"
+        ) from exc
     foreign = sorted(set(held) - ours)
     if foreign:
         raise RaeeConfigError(

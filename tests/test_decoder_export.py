@@ -271,12 +271,14 @@ def test_cli_refuses_an_out_it_would_wipe_or_cannot_reach_before_loading(tmp_pat
 def test_an_out_the_export_cannot_replace_whole_is_refused_before_loading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A re-export replaces --out whole: anything its previous export did not write (a database built inside it),
-    a link (replaced by a folder, its target left stale), a folder inside another export or a database, '.' and a
-    parent the temporary folder cannot be written in are refused before the model loads (the missing model would
-    otherwise be the error)."""
+    """A re-export replaces --out whole: anything its previous export did not write (a database built inside it, or
+    everything, where its manifest cannot be read), a link (replaced by a folder, its target left stale), a folder
+    inside another export or a database, '.' and a parent the temporary folder cannot be written in are refused
+    before the model loads (the missing model would otherwise be the error)."""
     previous = make_artifacts(tmp_path / "art")
     (previous / "lancedb" / "sst2.lance").mkdir(parents=True)
+    damaged = make_artifacts(tmp_path / "damaged")
+    (damaged / "manifest.json").write_text('{"format_version": ')
     (tmp_path / "link").symlink_to(previous)
     (tmp_path / "db" / "sst2.lance").mkdir(parents=True)
     readonly = make_artifacts(tmp_path / "ro" / "art").parent
@@ -290,10 +292,11 @@ def test_an_out_the_export_cannot_replace_whole_is_refused_before_loading(
         (Path("."), "--out .: name the export's own folder"),
         (Path("/"), "--out /: name the export's own folder"),
         (readonly / "art", f"--out's folder {readonly}: cannot write in"),
+        (damaged, f"--out {damaged}: its manifest.json cannot be read"),
     ):
         with pytest.raises(RaeeConfigError, match=re.escape(problem)):
             export(tmp_path / "missing.gguf", out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "db", "link", "ro"]  # nothing made beside them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "damaged", "db", "link", "ro"]  # nothing beside them
     assert sorted(p.name for p in previous.iterdir()) == sorted([*os.listdir(readonly / "art"), "lancedb"])
 
 

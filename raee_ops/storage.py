@@ -11,6 +11,7 @@ stores; a local write is made atomic by a rename) the local branch is taken only
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 from collections.abc import Iterable, Sequence
@@ -28,6 +29,8 @@ from raee_ops.errors import MissingDependency, RaeeConfigError
 EXTRAS = {"s3": ("aws", "boto3"), "gs": ("gcp", "google.cloud.storage")}
 RAW = CompressionTypes.UNCOMPRESSED
 BLOCK = 1 << 22
+#: What creating a local folder answers where the location cannot hold one (not a full disk nor an I/O error).
+REFUSED_NAMES = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST}
 
 
 def scheme(uri: str) -> str | None:
@@ -235,9 +238,15 @@ def children(uri: str, pattern: str = "*") -> list[str]:
 
 
 def mkdirs(uri: str) -> None:
-    """Create a local folder (and its parents); object stores have no folders to create."""
+    """Create a local folder (and its parents); object stores have no folders to create. A filesystem that refuses
+    the name (/proc answers ENOENT under a folder root may write in) is the location given, not a bug."""
     if is_local(uri):
-        os.makedirs(local_path(uri), exist_ok=True)
+        try:
+            os.makedirs(local_path(uri), exist_ok=True)
+        except OSError as exc:
+            if exc.errno not in REFUSED_NAMES:
+                raise
+            raise RaeeConfigError(f"cannot create the folder {uri}: {exc.strerror}") from exc
 
 
 def open_read(uri: str) -> BinaryIO:

@@ -322,6 +322,10 @@ def test_10_bad_locations_fail_fast_and_create_nothing(segment_artifacts, db, tm
     assert run.returncode == 2 and "gone is a link to nothing" in one_error_line(run)
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "gone" / "out", queries))
     assert run.returncode == 2 and "gone is a link to nothing" in one_error_line(run)
+    if sys.platform == "linux":  # /proc refuses a new folder with ENOENT, even to root, who may write in it
+        run = raee_ops(*classify_args(segment_artifacts, db, f"/proc/raee-test-{os.getpid()}", queries))
+        line = one_error_line(run)
+        assert run.returncode == 2 and "/proc" in line and "internal error" not in line, line
 
 
 def test_outputs_inside_the_database_are_refused_before_any_work(segment_artifacts, db, tmp_path):  # noqa: F811

@@ -131,16 +131,10 @@ def _brief(report: dict[str, Any]) -> dict[str, float]:
 
 
 def _strategy_report(
-    strategy: Strategy,
-    logprobs: np.ndarray,
-    probe_lp: np.ndarray,
-    labels: np.ndarray,
-    nb: Neighbours,
-    ctx: Context,
-    metric: Metric,
+    strategy: Strategy, answers: tuple[np.ndarray, np.ndarray], labels: np.ndarray, ctx: Context, metric: Metric
 ) -> dict[str, Any]:
-    """One strategy scored from every layer's head (or probe) log-probs L×N×C, as classify would run it."""
-    pred, exits = _answers(strategy, logprobs, probe_lp, nb, ctx)
+    """One strategy scored from its `_answers` (each row's answer and exit layer), as classify would run it."""
+    pred, exits = answers
     # exit 0 on a layer-N table still ran N layers for its key
     layers_run = float(np.maximum(exits, _key_layers(strategy, ctx)).mean())
     return {
@@ -185,7 +179,8 @@ def _zero_shot(
     best = max(range(ctx.num_layers), key=lambda i: (per_layer[i]["metric"], per_layer[i]["accuracy"]))
     any_right = (layer_pred == labels).any(axis=0)
     oracle = _scores(labels, np.where(any_right, labels, layer_pred[-1]), metric, ctx.num_labels)
-    calibrated = _strategy_report(STRATEGIES["full-cal"], logprobs, probe_lp, labels, nb, ctx, metric)
+    full_cal = STRATEGIES["full-cal"]
+    calibrated = _strategy_report(full_cal, _answers(full_cal, logprobs, probe_lp, nb, ctx), labels, ctx, metric)
     return per_layer, best, oracle, calibrated
 
 
@@ -249,17 +244,21 @@ def evaluate(
     vote_pred = label_vote(vote.labels, vote.similarity, num_labels).argmax(axis=1)
     zero_shot = _zero_shot(logprobs, probe_lp, labels, nb, ctx, metric) if head else None
     probe_layers = [_scores(labels, pred, metric, num_labels) for pred in probe_lp.argmax(axis=2)]
-    reports = {s.name: _strategy_report(s, logprobs, probe_lp, labels, nb, ctx, metric) for s in chosen}
-    for strategy in BASELINES.values():
-        baseline = resolve(strategy, num_layers)
-        if strategy not in reports and (head or not baseline.needs_head()):
-            reports[strategy] = _strategy_report(baseline, logprobs, probe_lp, labels, nb, ctx, metric)
-    baselines = {name: _brief(reports[s]) if s in reports else None for name, s in BASELINES.items()}
     default = STRATEGIES[DEFAULT_STRATEGY]
-    by_budget = _by_budget(ctx, sweep, lambda c: _strategy_report(default, logprobs, probe_lp, labels, nb, c, metric))
+    scored = {s.name: s for s in chosen}
+    for name in BASELINES.values():
+        baseline = resolve(name, num_layers)
+        if name not in scored and (head or not baseline.needs_head()):
+            scored[name] = baseline
+    answers = {name: _answers(s, logprobs, probe_lp, nb, ctx) for name, s in {**scored, default.name: default}.items()}
+    reports = {name: _strategy_report(s, answers[name], labels, ctx, metric) for name, s in scored.items()}
+    baselines = {name: _brief(reports[s]) if s in reports else None for name, s in BASELINES.items()}
+    by_budget = _by_budget(
+        ctx, sweep, lambda c: _strategy_report(default, _answers(default, logprobs, probe_lp, nb, c), labels, c, metric)
+    )
     per_layer, best, oracle, calibrated = zero_shot or (None, None, None, None)
     found = Found(np.exp(probe_lp.transpose(1, 0, 2)), nb.key_probs(), nb.labels, nb.similarity, nb.probe())
-    default_pred = _answers(default, logprobs, probe_lp, nb, ctx)[0]
+    default_pred = answers[default.name][0]
     bound = hindsight(found, probe_policy, labels, default_pred, metric_name, depths, retriever.key_depth)
 
     return {

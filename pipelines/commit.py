@@ -28,12 +28,14 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -263,3 +265,19 @@ def reclaim_siblings(folder: str, pattern: str) -> None:
         if not is_held(path):
             storage.delete([path])
             say(f"removed what an earlier, unfinished run left: {path}")
+
+
+@contextmanager
+def scratch_folder(kind: str) -> Iterator[str]:
+    """A private folder on this machine's temporary disk for the block, removed after it. Held while the run lives:
+    the folders killed runs left (a model's worth of segments, for an export) are removed by the next run's."""
+    root = tempfile.gettempdir()
+    scratch = os.path.join(root, f"raee-{kind}-{new_run_id()}")
+    with ExitStack() as held:
+        with locked(root, "the temporary folder", wait=True):  # no run reclaims a folder made but not yet held
+            reclaim_siblings(root, f"raee-{kind}-*")
+            held.enter_context(locked(scratch, f"a {kind} folder"))
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)  # while held: another run's reclaim leaves it alone

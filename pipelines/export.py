@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from raee_ops.onnx_export.segments import export_segment
 from raee_ops.onnx_export.tokenizer_file import save_tokenizer
 from raee_ops.onnx_export.verbalizer import label_token_ids
 from raee_ops.onnx_export.verify import verify_export
-from raee_ops.pipelines.commit import CLAIM, hold, new_run_id, reclaim_siblings, say, some
+from raee_ops.pipelines.commit import CLAIM, hold, new_run_id, reclaim_siblings, say, scratch_folder, some
 from raee_ops.pipelines.options import make_pipeline, run_pipeline
 from raee_ops.schemas.manifest import (
     MANIFEST_NAME,
@@ -97,7 +96,7 @@ class ExportSegmentFn(beam.DoFn):
             "layer": lambda: adapter.layer_segment(job.index),
             "head": lambda: adapter.head_segment(job.label_token_ids),
         }
-        with tempfile.TemporaryDirectory(prefix="raee-segment-") as scratch:  # this worker's own disk
+        with scratch_folder("segment-scratch") as scratch:  # this worker's own disk
             local = Path(scratch) / job.file
             embed = adapter.embed_segment() if job.kind == "layer" else None  # a layer's example per-batch inputs
             export_segment(
@@ -333,7 +332,7 @@ def run_export(
     try:
         with (
             hold(work, "a temporary export folder"),  # held while this run lives
-            tempfile.TemporaryDirectory(prefix="raee-export-") as scratch,  # the driver's own files, if not local
+            scratch_folder("export-scratch") as scratch,  # the driver's own files, if not local
         ):
             files = Path(storage.local_path(work) if local else scratch)
             jobs = _jobs(adapter.num_layers, tasks, label_ids)

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import lancedb
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from cli_runs import one_error_line, raee_ops, read_folder
 from raee_ops.pipelines.build_db import run_build_db
-from raee_ops.pipelines.commit import locked, new_run_id
+from raee_ops.pipelines.commit import locked, new_run_id, scratch_folder
 from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.sources import read_validated_file
 from raee_ops.schemas.manifest import load_manifest
@@ -618,6 +619,27 @@ def test_run_ids_differ_within_one_process_and_second():
     """Claims, staging folders and error shards are named by run id: two in one second must not collide."""
     ids = [new_run_id() for _ in range(3)]
     assert len(set(ids)) == 3 and ids == sorted(ids)
+
+
+def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run_a_live_ones_is_not(tmp_path, monkeypatch):
+    """Export stages a model's worth of segments on the local temporary disk: a run killed with SIGKILL leaves its
+    folder, which the next run removes; a live run's, beside it, stays until that run ends."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    hold_one = "from raee_ops.pipelines.commit import scratch_folder\nimport sys, time\n"
+    hold_one += "with scratch_folder('test-scratch') as s:\n    open(s + '/seg', 'w').write('x'); print(s, flush=True)"
+    hold_one += "; time.sleep(60)"
+    killed = subprocess.Popen([sys.executable, "-c", hold_one], env=env, stdout=subprocess.PIPE, text=True)
+    left = Path(killed.stdout.readline().strip())
+    killed.kill()
+    killed.wait()
+    assert (left / "seg").exists()  # a SIGKILL runs no clean-up
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with scratch_folder("test-scratch") as live:
+        assert not left.exists() and Path(live).parent == left.parent == tmp_path
+        Path(live, "seg").write_text("mine")
+        with scratch_folder("test-scratch") as concurrent:
+            assert Path(live, "seg").read_text() == "mine" and concurrent != live
+    assert not Path(live).exists() and not Path(concurrent).exists()
 
 
 def test_workers_refuse_artifacts_an_export_replaced_after_the_runs_checks(segment_artifacts, tmp_path):  # noqa: F811

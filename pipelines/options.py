@@ -12,6 +12,7 @@ error naming the closest valid option, never a warning Beam logs while the run g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import gc
 import logging
@@ -226,10 +227,13 @@ def make_pipeline(beam_args: Sequence[str] = (), **settings: str | None) -> beam
 
 class _Interrupts:
     """Notes a SIGINT while the block runs (in the main thread; elsewhere there is nothing to note), then raises it
-    as Python would."""
+    as Python would. With `local_workers` (the local runner's, in processes of their own) it first stops them: a
+    SIGINT sent to this process alone (a scheduler's, not a terminal's) never reaches them, and the runner waits for
+    them to end before it lets the interrupt through — a run it interrupted hung there, its workers busy."""
 
-    def __init__(self) -> None:
+    def __init__(self, local_workers: bool = False) -> None:
         self.seen = False
+        self._local_workers = local_workers
         # only Python's own Ctrl-C handling is replaced: an ignored SIGINT (a `cmd &` job, `trap '' INT`) stays so
         self._installed = (
             threading.current_thread() is threading.main_thread()
@@ -246,14 +250,40 @@ class _Interrupts:
 
     def _note(self, signum: int, frame: object) -> None:
         self.seen = True
+        if self._local_workers:
+            for pid in _descendants(os.getpid()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
         signal.default_int_handler(signum, frame)
+
+
+def _descendants(root: int) -> list[int]:
+    """The processes under `root` (children first), read from /proc; none where there is no /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():  # self, thread-self, and what is not a process
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:  # "pid (name) state ppid ...": name may hold spaces
+                ppid = int(stat.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):  # one that ended meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop(0)
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
 
 
 def run_pipeline(pipeline: beam.Pipeline, what: str):
     """Run to completion; any failure (a worker's exception, a job that ends FAILED or CANCELLED) becomes one
     RaeeRunError line, the traceback going to the log. A job the driver stops waiting for (Ctrl-C, a failure
     while waiting) is cancelled first, so it does not go on writing into the run's folders."""
-    interrupted = _Interrupts()
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    interrupted = _Interrupts(local_workers=isinstance(pipeline.runner, FnApiRunner))
     result = None
     gc.freeze()  # the imports and the pipeline live until exit: spare the collector (and the exit) walking them
     try:

@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -488,7 +489,19 @@ def rollback_cmd(db_uri: str, table: str, version: int) -> None:
 
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"error: {message}", err=True)
+    if code == Interrupted.exit_code:
+        _end_as_killed(code)
     sys.exit(code)
+
+
+def _end_as_killed(code: int) -> NoReturn:
+    """End an interrupted run as a kill would, without the interpreter's teardown: threads a runner left running
+    in this process (LOOPBACK's workers, ONNX Runtime's) made it abort there (`terminate called without an active
+    exception`, SIGABRT) instead of exiting 130. Its `with` blocks have run; claims are locks the kernel drops."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

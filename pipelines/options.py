@@ -227,34 +227,48 @@ def make_pipeline(beam_args: Sequence[str] = (), **settings: str | None) -> beam
 
 class _Interrupts:
     """Notes a SIGINT while the block runs (in the main thread; elsewhere there is nothing to note), then raises it
-    as Python would. With `local_workers` (the local runner's, in processes of their own) it first stops them: a
-    SIGINT sent to this process alone (a scheduler's, not a terminal's) never reaches them, and the runner waits for
-    them to end before it lets the interrupt through — a run it interrupted hung there, its workers busy."""
+    as Python would. With `local_workers` (the local runner's, in processes of their own) it first stops them, on
+    SIGINT and SIGTERM alike: a signal sent to this process alone (a scheduler's, not a terminal's) never reaches
+    them. Interrupted, the runner waited for them to end (a SIGINT while they started hung the run); terminated,
+    they outlived the run, waiting for its servers."""
 
     def __init__(self, local_workers: bool = False) -> None:
         self.seen = False
+        main = threading.current_thread() is threading.main_thread()
+        # only Python's own handling is replaced: an ignored SIGINT (a `cmd &` job, `trap '' INT`) stays so
+        self._sigint = main and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        self._sigterm = main and local_workers and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
         self._local_workers = local_workers
-        # only Python's own Ctrl-C handling is replaced: an ignored SIGINT (a `cmd &` job, `trap '' INT`) stays so
-        self._installed = (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        )
 
     def __enter__(self) -> None:
-        if self._installed:
+        if self._sigint:
             signal.signal(signal.SIGINT, self._note)
+        if self._sigterm:
+            signal.signal(signal.SIGTERM, self._terminated)
 
     def __exit__(self, *exc: object) -> None:
-        if self._installed:
+        if self._sigint:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self._sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def _note(self, signum: int, frame: object) -> None:
         self.seen = True
         if self._local_workers:
-            for pid in _descendants(os.getpid()):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+            _stop_workers()
         signal.default_int_handler(signum, frame)
+
+    def _terminated(self, signum: int, frame: object) -> None:
+        """End as SIGTERM ends a process (status -15, nothing cleaned up), the workers first."""
+        _stop_workers()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _stop_workers() -> None:
+    for pid in _descendants(os.getpid()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
 
 def _descendants(root: int) -> list[int]:

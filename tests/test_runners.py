@@ -67,10 +67,19 @@ def test_multi_processing_direct_runner(segment_artifacts, tmp_path):  # noqa: F
     )
 
 
-def test_sigint_to_the_driver_alone_stops_the_multi_process_runners_workers(segment_artifacts, tmp_path):  # noqa: F811
-    """A scheduler's SIGINT reaches the driver, not its worker processes (a terminal's reaches the whole group): one
-    that came while they started hung the run, the runner waiting for workers that then waited for its closed
-    servers. Now the driver stops them: exit 130, no worker left, no table."""
+@pytest.mark.parametrize(
+    ("stop", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)], ids=["int", "term"]
+)
+def test_a_signal_to_the_driver_alone_stops_the_multi_process_workers(
+    segment_artifacts,  # noqa: F811
+    tmp_path,
+    stop,
+    status,
+):
+    """A scheduler's signal reaches the driver, not its worker processes (a terminal's reaches the whole group). A
+    SIGINT while they started hung the run, the runner waiting for workers that waited for its closed servers; after
+    a SIGTERM they lived on, waiting. Now the driver stops them: exit 130 (or the SIGTERM's status), no worker left,
+    no table."""
     train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
     args = ["build-db", "--artifacts", segment_artifacts, "--task", "sst2", "--input", train, "--db", tmp_path / "db"]
     args += ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
@@ -86,11 +95,11 @@ def test_sigint_to_the_driver_alone_stops_the_multi_process_runners_workers(segm
         while not (workers := worker_processes(driver.pid)):  # an SDK worker started, still importing Beam
             assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read()
             time.sleep(0.1)
-        driver.send_signal(signal.SIGINT)
+        driver.send_signal(stop)
         _, stderr = driver.communicate(timeout=60)
     finally:
         driver.kill()
-    assert driver.returncode == 130 and "error: interrupted" in stderr, stderr[-2000:]
+    assert driver.returncode == status and ("error: interrupted" in stderr) == (stop == signal.SIGINT), stderr[-2000:]
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)  # SIGTERM'd; init reaps them

@@ -29,6 +29,7 @@ import grpc
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options, StandardOptions
 from apache_beam.portability.api import beam_job_api_pb2
 from apache_beam.runners.portability import portable_runner
+from apache_beam.runners.runner import PipelineState
 
 from raee_ops import storage
 from raee_ops.errors import RaeeConfigError, RaeeRunError, first_line
@@ -225,19 +226,24 @@ def make_pipeline(beam_args: Sequence[str] = (), **settings: str | None) -> beam
     return beam.Pipeline(options=options)
 
 
+class _Terminated(BaseException):
+    """A SIGTERM while a job runs: unwinds to run_pipeline, which cancels the job, then ends as SIGTERM ends a
+    process."""
+
+
 class _Interrupts:
     """Notes a SIGINT while the block runs (in the main thread; elsewhere there is nothing to note), then raises it
-    as Python would. With `local_workers` (the local runner's, in processes of their own) it first stops them, on
-    SIGINT and SIGTERM alike: a signal sent to this process alone (a scheduler's, not a terminal's) never reaches
-    them. Interrupted, the runner waited for them to end (a SIGINT while they started hung the run); terminated,
-    they outlived the run, waiting for its servers."""
+    as Python would; a SIGTERM raises _Terminated, so that the job is cancelled before the process ends. With
+    `local_workers` (the local runner's, in processes of their own) either first stops them: a signal sent to this
+    process alone (a scheduler's, not a terminal's) never reaches them. Interrupted, the runner waited for them to
+    end (a SIGINT while they started hung the run); terminated, they outlived the run, waiting for its servers."""
 
     def __init__(self, local_workers: bool = False) -> None:
         self.seen = False
         main = threading.current_thread() is threading.main_thread()
         # only Python's own handling is replaced: an ignored SIGINT (a `cmd &` job, `trap '' INT`) stays so
         self._sigint = main and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        self._sigterm = main and local_workers and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        self._sigterm = main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
         self._local_workers = local_workers
 
     def __enter__(self) -> None:
@@ -259,10 +265,9 @@ class _Interrupts:
         signal.default_int_handler(signum, frame)
 
     def _terminated(self, signum: int, frame: object) -> None:
-        """End as SIGTERM ends a process (status -15, nothing cleaned up), the workers first."""
-        _stop_workers()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+        if self._local_workers:
+            _stop_workers()
+        raise _Terminated
 
 
 def _stop_workers() -> None:
@@ -293,8 +298,8 @@ def _descendants(root: int) -> list[int]:
 
 def run_pipeline(pipeline: beam.Pipeline, what: str):
     """Run to completion; any failure (a worker's exception, a job that ends FAILED or CANCELLED) becomes one
-    RaeeRunError line, the traceback going to the log. A job the driver stops waiting for (Ctrl-C, a failure
-    while waiting) is cancelled first, so it does not go on writing into the run's folders."""
+    RaeeRunError line, the traceback going to the log. A job the driver stops waiting for (Ctrl-C, SIGTERM, a
+    failure while waiting) is cancelled first, so it does not go on writing into the run's folders."""
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
     interrupted = _Interrupts(local_workers=isinstance(pipeline.runner, FnApiRunner))
@@ -307,6 +312,11 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
             state = result.wait_until_finish()
     except KeyboardInterrupt:
         _cancel(result, what)
+        raise
+    except _Terminated:
+        _cancel(result, what)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)  # status -15, nothing else cleaned up, as SIGTERM leaves a process
         raise
     except Exception as exc:
         _cancel(result, what)
@@ -341,10 +351,12 @@ def _quiet(messages: Iterable[Any]) -> Iterator[Any]:
 def _cancel(result: Any, what: str) -> None:
     """Cancel a job still running on a job service or cluster; best effort, since the reason the run stops (a
     Ctrl-C, a lost job service) must not be hidden by a failed cancel."""
-    if result is None or not isinstance(result, portable_runner.PipelineResult):
+    if result is None:
         return  # nothing submitted, or a local run, which stopped with this process's own call
     try:
-        result.cancel()
+        if PipelineState.is_terminal(result.state):  # a local run's result (DONE), or a job that ended anyway
+            return
+        result.cancel()  # a job service's, or a cluster's (Dataflow's result cancels its job the same way)
         log.info("%s: cancelled the Beam job it stopped waiting for", what)
     except Exception:
         log.debug("%s: cancelling the Beam job failed", what, exc_info=True)

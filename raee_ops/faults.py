@@ -16,7 +16,7 @@ the process when it gets there: no cleanup, no `finally`, exactly what a schedul
 - `load:classify`, `load:build-db`: a worker is loading the model (with RAEE_FAULT_MODE=raise: a failed job)
 
 `RAEE_FAULT_MODE=raise` raises `InjectedFault` there instead of killing: a worker's failure, not a kill;
-`RAEE_FAULT_MODE=interrupt` sends SIGINT: a Ctrl-C.
+`RAEE_FAULT_MODE=interrupt` sends SIGINT: a Ctrl-C; `RAEE_FAULT_MODE=terminate` sends SIGTERM: a scheduler's stop.
 Unset (always, outside tests), `fault_point` is one dictionary look-up.
 """
 
@@ -45,4 +45,5 @@ def fault_point(name: str) -> None:
         mode = os.environ.get(MODE_ENV)
         if mode == "raise":
             raise InjectedFault(f"injected fault at {name}")
-        os.kill(os.getpid(), signal.SIGINT if mode == "interrupt" else signal.SIGKILL)
+        signals = {"interrupt": signal.SIGINT, "terminate": signal.SIGTERM}
+        os.kill(os.getpid(), signals.get(mode or "", signal.SIGKILL))

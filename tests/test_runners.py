@@ -170,14 +170,24 @@ def test_a_portable_job_longer_than_the_job_server_timeout_runs_to_its_end(
     assert (build.rows_in, build.written) == (8, 8)
 
 
-def test_ctrl_c_cancels_the_job_on_the_job_service(segment_artifacts, tmp_path, job_endpoint):  # noqa: F811
-    """A Ctrl-C while the driver waits cancels the job it submitted: left running, it went on writing into the
-    run's staging folders after the command had exited 130."""
+@pytest.mark.parametrize(
+    ("mode", "status", "stderr"), [("interrupt", 130, "error: interrupted\n"), ("terminate", -signal.SIGTERM, "")]
+)
+def test_ctrl_c_or_sigterm_cancels_the_job_on_the_job_service(
+    segment_artifacts,  # noqa: F811
+    tmp_path,
+    job_endpoint,
+    mode,
+    status,
+    stderr,
+):
+    """A Ctrl-C or a scheduler's SIGTERM while the driver waits cancels the job it submitted: left running, it went
+    on writing into the run's staging folders after the command had ended."""
     before = job_states(job_endpoint)
     train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
     build = ["build-db", "--artifacts", segment_artifacts, "--task", "sst2", "--input", train]
-    run = raee_ops(*build, "--db", tmp_path / "db", *loopback(job_endpoint), fault="load:build-db", mode="interrupt")
-    # exit 130, not SIGABRT: LOOPBACK's worker threads in the driver outlive it, and aborted the interpreter's teardown
-    assert run.returncode == 130 and run.stderr == "error: interrupted\n", (run.returncode, run.stderr)
+    run = raee_ops(*build, "--db", tmp_path / "db", *loopback(job_endpoint), fault="load:build-db", mode=mode)
+    # 130, not SIGABRT: LOOPBACK's worker threads in the driver outlive it, and aborted the interpreter's teardown
+    assert run.returncode == status and run.stderr == stderr, (run.returncode, run.stderr)
     ours = {job: state for job, state in job_states(job_endpoint).items() if job not in before}
     assert list(ours.values()) == ["CANCELLED"]

@@ -184,10 +184,11 @@ def test_unsupported_architecture_lists_supported() -> None:
 
 
 @pytest.mark.parametrize(
-    "tasks, max_length, message",
+    "tasks, embedders, max_length, message",
     [
-        ([PRESETS["sst2"]], 1_000_000, "--max-length 1000000 must be between 1 and the model's limit"),
-        ([PRESETS["sst2"], PRESETS["sst2"]], 128, "task names must be distinct: sst2, sst2"),
+        ([PRESETS["sst2"]], [], 1_000_000, "--max-length 1000000 must be between 1 and the model's limit"),
+        ([PRESETS["sst2"], PRESETS["sst2"]], [], 128, "task names must be distinct: sst2, sst2"),
+        ([PRESETS["sst2"]], ["minilm", "minilm"], 128, "embedder names must be distinct: minilm, minilm"),
     ],
 )
 def test_request_is_refused_before_the_model_loads(
@@ -195,13 +196,14 @@ def test_request_is_refused_before_the_model_loads(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     tasks: list[Task],
+    embedders: list[str],
     max_length: int,
     message: str,
 ) -> None:
     """The model's config tells its length limit: loading its weights (minutes for a real model) comes after."""
     monkeypatch.setattr(raee_ops.pipelines.export, "load_model", lambda spec: pytest.fail("the model loaded"))
     with pytest.raises(RaeeConfigError, match=re.escape(message)):
-        run_export(str(tiny_llama_dir), tmp_path / "out", tasks, True, [], max_length, beam_args=[])
+        run_export(str(tiny_llama_dir), tmp_path / "out", tasks, True, embedders, max_length, beam_args=[])
     assert not (tmp_path / "out").exists()
 
 

@@ -117,7 +117,7 @@ def fingerprint(source: ModelSource) -> str:
     Computed once per state of the files (names, sizes, modification times): an export asks for it three times
     (the request's check, the driver's load, the export worker's), and a file replaced in between is hashed anew."""
     files = _model_files(source)
-    stamps = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    stamps = tuple((s.st_size, s.st_mtime_ns) for s in map(Path.stat, files))
     return _digest(tuple(files), stamps, whole_file=source.gguf_file is not None)
 
 

@@ -232,6 +232,7 @@ def task_row(report: dict[str, Any], source: str, reference_rows: int, seconds: 
         "probe_best_layer": report["probes"]["best_layer"],
         "reference_estimate": reference_estimate(report),
         "default_by_budget": report["default_by_budget"],
+        "layer_cost": {key: report["probe_policy"][key] for key in ("layer_budget", "layer_price")},
         "default_hindsight": report["default_hindsight"],
         "accuracy": {
             "full": _get(report["full"], "accuracy"),

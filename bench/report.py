@@ -324,8 +324,9 @@ def _hindsight(tasks: list[Doc]) -> list[str]:
     scored = round(_mean([t["eval_rows"] for t in tasks]))
     reference = round(_mean([t["reference_rows"] for t in tasks]))
     lines = [
-        f"With hindsight, the best setting of the default's grid within layer budget {bounds[0]['layer_budget']}, "
-        f"chosen on the scored rows and scored on them, reaches {_fmt(in_sample)} at {share:.0%} of the layers "
+        f"With hindsight, the best setting of the default's grid within layer budget {bounds[0]['layer_budget']} at "
+        f"layer price {bounds[0].get('layer_price', 0.0)}, chosen on the scored rows and scored on them, reaches "
+        f"{_fmt(in_sample)} at {share:.0%} of the layers "
         f"(macro): {100 * (in_sample - best):+.1f} points against probe-best, {100 * (in_sample - default):+.1f} "
         f"above the default. That is partly luck: the best of thousands of settings on about {scored} scored rows "
         "per task."
@@ -344,30 +345,40 @@ def _hindsight(tasks: list[Doc]) -> list[str]:
 
 
 def _budget_sweep(tasks: list[Doc]) -> list[str]:
-    """The default at other layer budgets, each with the settings its table keeps for it (classify --layer-budget):
-    what more or fewer layers buy against probe-best, macro over the tasks."""
+    """The default at other layer budgets and prices, each with the settings its table keeps for it (classify
+    --layer-budget / --layer-price): what more or fewer layers buy against probe-best, macro over the tasks."""
     tasks = [t for t in tasks if t.get("default_by_budget")]
     if not tasks:
         return []
     best = _mean([t["baselines"]["probe-best"]["score"] for t in tasks])
     best_share = _mean([t["baselines"]["probe-best"]["mean_exit_layer"] / t["num_layers"] for t in tasks])
+    own = tasks[0].get("layer_cost") or {"layer_budget": 0.35}  # results from before the price: a budget alone
     rows: list[list[Any]] = []
-    for i, budget in enumerate(b["layer_budget"] for b in tasks[0]["default_by_budget"]):
+    for i, point in enumerate(tasks[0]["default_by_budget"]):
         at = [t["default_by_budget"][i] for t in tasks]
         scored = _mean([b["metric"] for b in at])
         rows.append(
             [
-                budget,
+                point["layer_budget"],
+                point.get("layer_price", 0.0),
                 _mean([b["reference_metric"] for b in at]),
                 scored,
                 f"{_mean([b['mean_layers_run'] / t['num_layers'] for b, t in zip(at, tasks, strict=True)]):.0%}",
                 f"{100 * (scored - best):+.1f}",
             ]
         )
-    header = ["layer budget", "default on reference (left out)", "default scored", "layers run", "− probe-best"]
+    header = [
+        "layer budget",
+        "layer price",
+        "default on reference (left out)",
+        "default scored",
+        "layers run",
+        "− probe-best",
+    ]
     return [
-        "The default at other layer budgets (macro over the tasks), each with the settings its table keeps for it "
-        f"(`classify --layer-budget`; the tables were built with the default 0.35); probe-best scored {_fmt(best)} at "
+        "The default at other layer budgets and prices (macro over the tasks), each with the settings its table keeps "
+        f"for it (`classify --layer-budget`, `--layer-price`; the tables were built with budget "
+        f"{own.get('layer_budget')} and price {own.get('layer_price', 0.0)}); probe-best scored {_fmt(best)} at "
         f"{best_share:.0%} of the layers:",
         "",
         *_table(header, rows),

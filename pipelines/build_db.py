@@ -58,7 +58,7 @@ from raee_ops.errors import CountMismatch, RaeeConfigError, RaeeError, TooManyRe
 from raee_ops.faults import fault_point
 from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.layer_key import layer_depth
-from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET
+from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
 from raee_ops.progress import phase
 from raee_ops.retrieval import (
     build_index,
@@ -247,6 +247,7 @@ def run_build_db(
     allow_empty: bool = False,
     layer_budget: float = DEFAULT_LAYER_BUDGET,
     group_column: str | None = None,
+    layer_price: float = DEFAULT_LAYER_PRICE,
 ) -> BuildSummary:
     problem = table_name_problem(table)  # the task's name by default, which a task file may spell freely
     if problem:
@@ -292,7 +293,9 @@ def run_build_db(
     if storage.exists(storage.join(errors_dir, SUCCESS)):  # a classify output: its _SUCCESS would not list our files
         raise RaeeConfigError(f"--errors {errors_dir} holds another job's complete output ({SUCCESS}): choose another")
     settings_used = {"fingerprint": manifest.fingerprint, "task": task_name, "embedder": embedder, "mode": mode}
-    job = job_digest(settings_used | {"group_column": group_column, "layer_budget": layer_budget}, found)
+    job = job_digest(
+        settings_used | {"group_column": group_column, "layer_budget": layer_budget, "layer_price": layer_price}, found
+    )
     run_id, where, work = new_run_id(), scope(db_uri, table), work_dir(db_uri, table)
     with claim_work_dir(work, f"table {table!r}") as staging:
         recorded, current = partial(recorded_runs, db_uri, table, store), table_record(db_uri, table, store)
@@ -342,6 +345,7 @@ def run_build_db(
                 *previous,
                 label_word_head=manifest.label_word_head,
                 layer_budget=layer_budget,
+                layer_price=layer_price,
                 group_of=group_of,
             )
         record = RunRecord(run_id, mode, job, rejected)

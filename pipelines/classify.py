@@ -131,8 +131,10 @@ def run_classify(
     strategy: str | None,
     beam_args: list[str] | tuple[str, ...] = (),
     layer_budget: float | None = None,
+    layer_price: float | None = None,
 ) -> ClassifySummary:
-    """`layer_budget`: the probe strategies' settings the table keeps for that share of the layers, not its own."""
+    """`layer_budget`, `layer_price`: the probe strategies' settings the table keeps for that share of the layers
+    and that price, not its own."""
     settings = worker_settings(beam_args, db_uri)
     storage.check_scheme(output_dir, "--output")
     storage.check_outside(output_dir, "--output", db_uri)
@@ -157,14 +159,17 @@ def run_classify(
     policy = table_policy(table_schema)
     if chosen.needs_policy and policy is None:
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
-    if layer_budget is not None and not chosen.needs_probe_policy:
-        raise RaeeConfigError(f"--layer-budget sets probe-fused's and probe-conf's cost; {strategy!r} has no budget")
-    probe_policy = budgeted(table_probe_policy(table_schema), layer_budget)
+    for option, value in (("--layer-budget", layer_budget), ("--layer-price", layer_price)):
+        if value is not None and not chosen.needs_probe_policy:
+            raise RaeeConfigError(f"{option} sets probe-fused's and probe-conf's cost; {strategy!r} has none")
+    probe_policy = budgeted(table_probe_policy(table_schema), layer_budget, layer_price)
     described = describe(chosen, policy, probe_policy, table_probes(table_schema), k)
     found = input_files(inputs)
     files = [m.path for m in found]
     identity = {"fingerprint": manifest.fingerprint, "task": task_name, "db": storage.canonical(db_uri), "table": table}
-    job = job_digest(identity | {"k": k, "strategy": strategy, "layer_budget": layer_budget}, found)
+    job = job_digest(
+        identity | {"k": k, "strategy": strategy, "layer_budget": layer_budget, "layer_price": layer_price}, found
+    )
     done = completed(output_dir, job)
     if done is not None:
         return ClassifySummary(
@@ -197,6 +202,7 @@ def run_classify(
         output_schema,
         version,
         layer_budget,
+        layer_price,
         storage_options=settings.db_storage_options,
         checked=manifest,
         **settings.runtime(),

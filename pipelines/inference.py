@@ -306,13 +306,14 @@ class ClassifyHandler(_RaeeHandler):
         output_schema: pa.Schema,
         version: int | None = None,
         layer_budget: float | None = None,
+        layer_price: float | None = None,
         storage_options: dict[str, str] | None = None,
         **runtime_options: Any,
     ) -> None:
         super().__init__(artifacts, task, embedder, **runtime_options)
         self.db_uri, self.table, self.k, self.strategy = db_uri, table, k, strategy
         self.output_schema, self.version, self.storage_options = output_schema, version, storage_options
-        self.layer_budget = layer_budget
+        self.layer_budget, self.layer_price = layer_budget, layer_price
 
     def load_model(self) -> Loaded:
         runtime = self._runtime()
@@ -324,7 +325,7 @@ class ClassifyHandler(_RaeeHandler):
             self.k,
             retriever.policy,
             retriever.probes,
-            budgeted(retriever.probe_policy, self.layer_budget),
+            budgeted(retriever.probe_policy, self.layer_budget, self.layer_price),
             retriever.key_depth,
         )
         return Loaded(runtime, retriever, strategy, context)

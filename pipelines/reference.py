@@ -38,7 +38,7 @@ from raee_ops.calibration import FusedPolicy, fit_fused_policy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.layer_key import LayerKey, layer_depth
 from raee_ops.metrics import task_metric
-from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, ProbePolicy, fit_probe_policy
+from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE, ProbePolicy, fit_probe_policy
 from raee_ops.probes import VIEWS, ProbeSet, fit_probes, fit_share, in_fit_sample, table_views
 from raee_ops.retrieval import probe_identity, table_layer_key
 from raee_ops.tasks import Task
@@ -78,6 +78,7 @@ def assemble(
     label_word_head: bool = True,
     layer_budget: float = DEFAULT_LAYER_BUDGET,
     group_of: dict[str, str] | None = None,
+    layer_price: float = DEFAULT_LAYER_PRICE,
 ) -> Reference:
     """The reference table from staged shards (plus, on append, the table's rows and feature rows so far). Without
     a label-word head the table has no head columns (the staged ones hold only the runtime's placeholders) and no
@@ -155,6 +156,7 @@ def assemble(
             num_labels,
             metric,
             layer_budget=layer_budget,
+            layer_price=layer_price,
             groups=groups,
             key_depth=key_depth,
         )

@@ -183,6 +183,9 @@ class Costed(Protocol):
     @property
     def mean_exit(self) -> float: ...
 
+    @property
+    def score(self) -> float: ...
+
 
 C = TypeVar("C", bound=Costed)
 
@@ -197,10 +200,13 @@ def frontier(trials: Sequence[Trial]) -> list[Trial]:
     return kept
 
 
-def within_budget(front: Sequence[C], max_mean_exit: float) -> C:
-    """The last frontier point (best scoring) whose mean exit is within the budget; the cheapest when none is."""
+def within_budget(front: Sequence[C], max_mean_exit: float, price_per_layer: float = 0.0) -> C:
+    """The frontier point whose mean exit is within the budget and whose score less `price_per_layer` per layer it
+    runs is highest (0: the best scoring; the cheapest of equals); the cheapest point when none is affordable."""
     affordable = [point for point in front if point.mean_exit <= max_mean_exit + 1e-9]
-    return affordable[-1] if affordable else front[0]
+    if not affordable:
+        return front[0]
+    return max(affordable, key=lambda p: (p.score - price_per_layer * p.mean_exit, -p.mean_exit))
 
 
 def one_se_choice(trials: list[Trial], metric: Metric, truth: np.ndarray, num_labels: int, seed: int) -> Trial:

@@ -21,7 +21,7 @@ from raee_ops import logs
 from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, first_line
 from raee_ops.key_names import DEFAULT_KEY, embedder_layers
 from raee_ops.layer_key import layer_depth
-from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET
+from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
 from raee_ops.schemas.tables import table_name_problem
 from raee_ops.tasks import Task, get_task, load_task_file
 
@@ -45,6 +45,13 @@ class Share(click.FloatRange):
         return number
 
 
+class Price(Share):
+    """A layer price: the task's metric (0..1) a setting must gain to run all the layers; 0 or more, not nan."""
+
+    def __init__(self) -> None:
+        click.FloatRange.__init__(self, 0.0, None)
+
+
 def _table_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     problem = value and table_name_problem(value)
     if problem:
@@ -66,6 +73,14 @@ run_budget_option = click.option(
     type=Share(low_open=True),
     help="Run probe-fused and probe-conf within this share of the layers instead of the table's own budget, with "
     "the settings build-db fitted for it (the table keeps them; no rebuild). Default: the table's.",
+)
+
+run_price_option = click.option(
+    "--layer-price",
+    default=None,
+    type=Price(),
+    help="Choose probe-fused's and probe-conf's settings at this layer price instead of the table's (see build-db; "
+    "the table keeps what any price buys; no rebuild). Default: the table's.",
 )
 
 
@@ -292,8 +307,17 @@ def _key_spec(value: str | None) -> str | None:
     default=DEFAULT_LAYER_BUDGET,
     show_default=True,
     type=Share(low_open=True),
-    help="Share of the layers the fitted probe strategies may run on average on the reference rows: the most "
-    "accurate setting within it is chosen (1 puts accuracy first).",
+    help="Share of the layers the fitted probe strategies may run at most on average on the reference rows (a hard "
+    "cap; 1: none).",
+)
+@click.option(
+    "--layer-price",
+    default=DEFAULT_LAYER_PRICE,
+    show_default=True,
+    type=Price(),
+    help="Metric the fitted probe strategies must gain on the reference rows for running all the layers rather than "
+    "none: the setting whose metric less this price per share of the layers it runs is highest is chosen (0.1: a "
+    "tenth of the layers must buy a point; 0 puts accuracy first).",
 )
 @click.option(
     "--group-column",
@@ -314,6 +338,7 @@ def build_db(
     max_rejected: float,
     allow_empty: bool,
     layer_budget: float,
+    layer_price: float,
     group_column: str | None,
 ) -> None:
     """Run labelled rows through every layer and store their exit information in LanceDB."""
@@ -332,6 +357,7 @@ def build_db(
         max_rejected=max_rejected,
         allow_empty=allow_empty,
         layer_budget=layer_budget,
+        layer_price=layer_price,
         group_column=group_column,
     )
     echo(summary.render())
@@ -358,6 +384,7 @@ def build_db(
     "knn-vote, fused, raee (the paper's rule), raee-counts, raee-cal, full, full-cal or layer:N.",
 )
 @run_budget_option
+@run_price_option
 @max_rejected_option
 def classify(
     artifacts: str,
@@ -369,6 +396,7 @@ def classify(
     k: int,
     strategy: str | None,
     layer_budget: float | None,
+    layer_price: float | None,
     max_rejected: float,
 ) -> None:
     """Classify Parquet rows, running each only up to its retrieval-predicted exit layer."""
@@ -385,6 +413,7 @@ def classify(
         strategy,
         beam_args(),
         layer_budget=layer_budget,
+        layer_price=layer_price,
     )
     echo(summary.render())
     summary.check(max_rejected)
@@ -413,6 +442,7 @@ def classify(
     help="Strategy to score (repeatable; default: every named strategy). layer:N works too.",
 )
 @run_budget_option
+@run_price_option
 def evaluate_cmd(
     artifacts: str,
     task_name: str | None,
@@ -424,6 +454,7 @@ def evaluate_cmd(
     k: int,
     strategies: tuple[str, ...],
     layer_budget: float | None,
+    layer_price: float | None,
 ) -> None:
     """Score every layer, the full model, the oracle and each exit strategy on labelled rows, in-process (Beam
     options are accepted for the filesystem and database settings: --s3_endpoint_url, --raee_db_storage_option)."""
@@ -447,6 +478,7 @@ def evaluate_cmd(
         list(strategies) or None,
         beam_args(),
         layer_budget,
+        layer_price,
     )
     out = write_report(report, report_dir)
     full, name = report["full"], report["metric_name"]

@@ -194,9 +194,11 @@ def evaluate(
     strategies: list[str] | None = None,
     beam_args: Sequence[str] = (),
     layer_budget: float | None = None,
+    layer_price: float | None = None,
 ) -> dict[str, Any]:
     """The report dict: per-layer, full, calibrated, oracle, neighbour-vote and per-strategy scores, and the default
-    at other layer budgets. `layer_budget`: the probe strategies' settings for that budget, not the table's."""
+    at other layer budgets. `layer_budget`, `layer_price`: the probe strategies' settings for that budget and price,
+    not the table's."""
     if k < 1:
         raise RaeeConfigError(f"--k must be at least 1, got {k}")
     settings = worker_settings(beam_args, db_uri)
@@ -207,9 +209,10 @@ def evaluate(
     if strategies:
         chosen = [resolve(name, num_layers) for name in strategies]
         refuse_head(chosen, head)
-        if layer_budget is not None and not any(s.needs_probe_policy for s in chosen):
-            names = ", ".join(strategies)
-            raise RaeeConfigError(f"--layer-budget sets probe-fused's and probe-conf's cost; none of {names} has one")
+        for option, value in (("--layer-budget", layer_budget), ("--layer-price", layer_price)):
+            if value is not None and not any(s.needs_probe_policy for s in chosen):
+                names = ", ".join(strategies)
+                raise RaeeConfigError(f"{option} sets probe-fused's and probe-conf's cost; none of {names} has one")
     else:
         chosen = [s for s in STRATEGIES.values() if head or not s.needs_head()]
     meta = table_meta(db_uri, table, settings.db_storage_options)
@@ -221,7 +224,7 @@ def evaluate(
     if (head and retriever.policy is None) or retriever.probes is None or retriever.probe_policy is None:
         raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
     policy, probes = retriever.policy, retriever.probes
-    probe_policy = budgeted(retriever.probe_policy, layer_budget)
+    probe_policy = budgeted(retriever.probe_policy, layer_budget, layer_price)
 
     valid, rejected = _read_validated(inputs, task)
     views = (probes.pooling,)  # its view only
@@ -236,7 +239,7 @@ def evaluate(
 
     ctx = Context(num_layers, num_labels, k, policy, probes, probe_policy, retriever.key_depth)
     vote_k = policy.k if policy else probe_policy.k
-    sweep = probe_policy.shown_budgets()
+    sweep = probe_policy.shown_costs()
     depths = neighbour_depths(retriever.rows)
     nb = retriever.search(keys, max(k, vote_k, probe_policy.k, *(at.k for at in sweep), *depths))
     metric_name, metric = task_metric(task_name, num_labels)
@@ -302,6 +305,7 @@ def evaluate(
         if bound is None
         else {
             "layer_budget": probe_policy.layer_budget,
+            "layer_price": probe_policy.layer_price,
             "metric": bound.best.score,
             "accuracy": bound.best.accuracy,
             "mean_exit_layer": bound.best.mean_exit,
@@ -317,9 +321,9 @@ def evaluate(
 def _by_budget(
     ctx: Context, sweep: list[ProbePolicy], score: Callable[[Context], dict[str, Any]]
 ) -> list[dict[str, Any]] | None:
-    """The default with each of `sweep`'s settings (the table's for SHOWN_BUDGETS: what another --layer-budget buys,
-    without a rebuild): its leave-one-out score on the reference and `score`'s report of it here (None for tables
-    built before frontiers)."""
+    """The default with each of `sweep`'s settings (the table's for SHOWN_BUDGETS and SHOWN_PRICES: what another
+    --layer-budget or --layer-price buys, without a rebuild): its leave-one-out score on the reference and
+    `score`'s report of it here (None for tables built before frontiers)."""
     if not sweep:
         return None
     out = []
@@ -328,6 +332,7 @@ def _by_budget(
         out.append(
             {
                 "layer_budget": at.layer_budget,
+                "layer_price": at.layer_price,
                 "reference_metric": at.loo_metric,
                 "reference_mean_exit": at.loo_mean_exit,
                 **_brief(report),
@@ -391,7 +396,7 @@ def _hindsight_section(r: dict[str, Any]) -> list[str]:
         "## The default's grid with hindsight",
         "",
         f"Settings of the default's grid chosen on these labelled rows, within layer budget {bound['layer_budget']} "
-        f"({r['metric_name']}):",
+        f"at layer price {bound.get('layer_price', 0.0)} ({r['metric_name']}):",
         "",
         f"- chosen on all of them and scored on the same rows: {bound['metric']:.4f} (accuracy "
         f"{bound['accuracy']:.4f}) at mean exit {bound['mean_exit_layer']:.2f} ({settings}). An upper bound, and "
@@ -445,15 +450,18 @@ def render_markdown(r: dict[str, Any]) -> str:
     )
     if r["default_by_budget"]:
         lines += [
-            "## The default at other layer budgets",
+            "## The default at other layer budgets and prices",
             "",
-            "Settings the table keeps for each budget (build-db's fit on the reference rows, no refit); run one with "
-            f"classify --layer-budget. The table's own: {r['probe_policy']['layer_budget']}.",
+            "Settings the table keeps for each budget (at the table's price) and price (within the table's budget), "
+            "from build-db's fit on the reference rows, no refit; run one with classify --layer-budget or "
+            f"--layer-price. The table's own: budget {r['probe_policy']['layer_budget']}, price "
+            f"{r['probe_policy'].get('layer_price', 0.0)}.",
             "",
         ]
         lines += _table(
             [
                 "layer budget",
+                "layer price",
                 "reference, left out",
                 "reference mean exit",
                 "accuracy",
@@ -463,6 +471,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             [
                 [
                     b["layer_budget"],
+                    b.get("layer_price", 0.0),
                     b["reference_metric"],
                     b["reference_mean_exit"],
                     b["accuracy"],

@@ -16,6 +16,7 @@ from raee_ops import storage
 from raee_ops.errors import RaeeConfigError
 from raee_ops.pipelines.build_db import work_dir
 from raee_ops.pipelines.commit import hold
+from raee_ops.probe_policy import SHOWN_BUDGETS
 from raee_ops.retrieval import (
     connect,
     open_listed,
@@ -140,6 +141,20 @@ def render(info: dict[str, Any]) -> str:
     return "\n\n".join(_render_table(t) for t in info["tables"])
 
 
+def shown_costs(pp: dict[str, Any]) -> str:
+    """The policy's other budgets and prices on one line: what classify --layer-budget / --layer-price would run."""
+    shown = pp["by_budget"]
+    budgets, prices = shown[: len(SHOWN_BUDGETS)], shown[len(SHOWN_BUDGETS) :]
+
+    def at(points: list[dict[str, Any]], key: str) -> str:
+        return ", ".join(f"{b[key]}: {b['metric']:.3f} @ {b['mean_exit']:.1f}" for b in points)
+
+    return (
+        f"other layer budgets (classify --layer-budget; {pp['metric']} @ mean exit): {at(budgets, 'layer_budget')}; "
+        f"other layer prices (--layer-price): {at(prices, 'layer_price')}"
+    )
+
+
 def _render_table(t: dict[str, Any]) -> str:
     lines = [f"table {t['table']}: {t['rows']} rows, version {t['version']}"]
     if t["exit_table"]:
@@ -173,8 +188,7 @@ def _render_table(t: dict[str, Any]) -> str:
             f"({pp['validation']}), mean exit layer {pp['loo_mean_exit']:.2f}"
         )
         if pp["by_budget"]:
-            shown = ", ".join(f"{b['layer_budget']}: {b['metric']:.3f} @ {b['mean_exit']:.1f}" for b in pp["by_budget"])
-            lines.append(f"  other layer budgets (classify --layer-budget; {pp['metric']} @ mean exit): {shown}")
+            lines.append(f"  {shown_costs(pp)}")
     versions = t["versions"]
     older = len(versions) - SHOWN_VERSIONS
     lines.append(f"  versions ({len(versions)}{f'; {older} older not shown, see --json' if older > 0 else ''}):")

@@ -5,14 +5,19 @@ epsilon of their best; a row leaves before it at the first layer whose probe is 
 no layer at all when its key probe mixed with the neighbours' label vote is at least tau confident. `probe-conf`:
 no retrieval, the first layer whose probe is at least conf_t confident.
 
-Both take the setting with the best leave-one-out score among those running at most `layer_budget` of the layers
-on average (exit 0 counting as none; the cheapest among equals). The budget is the product's cost target, a user
-setting (build-db --layer-budget, default DEFAULT_LAYER_BUDGET); 1.0 puts accuracy first. Not the zero-shot fused
+Both take the setting whose leave-one-out score, less `layer_price` for each share of the layers it runs on average
+(exit 0 counting as none), is highest, among those within `layer_budget` of the layers (the cheapest among
+equals). The price is the product's exchange rate between compute and the task's metric, a user setting (build-db
+--layer-price, default DEFAULT_LAYER_PRICE: a tenth of the layers must buy a point of the metric); the budget a
+hard cap (build-db --layer-budget, default none). A price spends layers where they pay: on a task whose answer
+only forms deep in the backbone (SmolLM2's NLI pairs: best probe at 60% of the layers) it runs deeper, on one the
+first layers already answer it runs less, where a fixed budget cut every task at the same share. The default price
+was set on reference rows only: over the 24 reference tables of the quality bench (8 tasks, 3 presets), it is the
+round price whose choices run 35% of the layers on average, the product's cost target. Not the zero-shot fused
 policy's one-standard-error rule: fitting on one half of the sst2 and trec reference rows and scoring on the other
 (SmolLM2, 500 rows, 20 splits; reference rows only), one SE gave up 3-4 points against the best setting to save a
-fifth of the layers, while the best setting within a 35% budget stayed within a point of the single best probe
-layer. Leave-one-out mean exits matched the exits measured on held-out rows within about a layer in the benchmark,
-so the budget holds where it is spent.
+fifth of the layers. Leave-one-out mean exits matched the exits measured on held-out rows within about a layer in
+the benchmark, so the cost holds where it is spent.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from raee_ops.calibration import (
     EPSILON_GRID,
     K_GRID,
     MAX_LOO_QUERIES,
+    C,
     Trial,
     earliest_within,
     frontier,
@@ -51,9 +57,13 @@ T_GRID = (0.8, 0.9, 0.95, 0.99, None)  # None: no confidence exit before the ret
 #: 0 exits every row at the reference's own earliest layer within epsilon of its best, i.e. probe-best at 0).
 SHRINK_GRID = (0.0, 0.5, 1.0)
 #: Share of the layers the fitted settings may run on average on the reference rows (see the module docstring).
-DEFAULT_LAYER_BUDGET = 0.35
-#: Budgets evaluate scores the default at and info lists, besides the table's own (any other may be asked for).
+DEFAULT_LAYER_BUDGET = 1.0
+#: Metric a setting must gain for running all the layers on average rather than none (see the module docstring).
+DEFAULT_LAYER_PRICE = 0.1
+#: Budgets (at the table's price) and prices (within the table's budget) evaluate scores the default at and info
+#: lists, besides the table's own (any other may be asked for).
 SHOWN_BUDGETS = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+SHOWN_PRICES = (0.0, 0.05, 0.1, 0.2, 0.3)
 CONF_GRID = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)  # 1.01: never confident, i.e. the last layer
 
 
@@ -95,6 +105,7 @@ class ProbePolicy:
     shrink: float = 1.0  # tables built before the shrinkage existed used the neighbours' curve alone
     curve: tuple[float, ...] | None = None  # the whole reference's out-of-fold probe accuracy per layer
     layer_budget: float | None = None  # the share of layers the settings were chosen within (None: older tables)
+    layer_price: float = 0.0  # the metric each share of the layers cost in that choice (0: older tables' rule)
     loo_groups: int | None = None  # reference groups left out whole (build-db --group-column); None: single rows
     #: The fits' cost/score frontiers (probe-fused, probe-conf), cheapest first; None: tables built before them.
     frontier: tuple[Point, ...] | None = None
@@ -112,28 +123,41 @@ class ProbePolicy:
         """Plain JSON values (the tuples as lists), as the table stores them and reports show them."""
         return json.loads(json.dumps(asdict(self)))
 
-    def shown_budgets(self) -> list[ProbePolicy]:
-        """The settings at each of SHOWN_BUDGETS (none for tables built before frontiers)."""
-        return [] if self.frontier is None else [self.within(budget) for budget in SHOWN_BUDGETS]
+    def shown_costs(self) -> list[ProbePolicy]:
+        """The settings at each of SHOWN_BUDGETS, then of SHOWN_PRICES (none for tables built before frontiers)."""
+        if self.frontier is None:
+            return []
+        own_budget = 1.0 if self.layer_budget is None else self.layer_budget
+        return [self.within(budget) for budget in SHOWN_BUDGETS] + [self.within(own_budget, p) for p in SHOWN_PRICES]
 
     def by_budget(self) -> list[dict[str, float]]:
-        """The default's leave-one-out score and mean exit at each of SHOWN_BUDGETS (none for older tables)."""
-        at = self.shown_budgets()
-        return [{"layer_budget": p.layer_budget, "metric": p.loo_metric, "mean_exit": p.loo_mean_exit} for p in at]
+        """The default's leave-one-out score and mean exit at each of shown_costs (none for older tables)."""
+        return [
+            {
+                "layer_budget": p.layer_budget,
+                "layer_price": p.layer_price,
+                "metric": p.loo_metric,
+                "mean_exit": p.loo_mean_exit,
+            }
+            for p in self.shown_costs()
+        ]
 
-    def within(self, layer_budget: float) -> ProbePolicy:
-        """The settings build-db fits with `layer_budget` (the best of its frontier within it): another cost target
-        for one run, with no refit."""
+    def within(self, layer_budget: float, layer_price: float | None = None) -> ProbePolicy:
+        """The settings build-db fits with `layer_budget` and `layer_price` (None: the table's): another cost target
+        for one run, chosen from the stored frontiers with no refit."""
         if self.frontier is None or self.conf_frontier is None or self.curve is None:
             raise RaeeConfigError("this table stores no settings for other layer budgets: rebuild it with build-db")
-        budget = layer_budget * len(self.curve)
-        point, conf = within_budget(self.frontier, budget), within_budget(self.conf_frontier, budget)
-        return replace(self, **_chosen(point, conf), layer_budget=layer_budget)
+        price = self.layer_price if layer_price is None else layer_price
+        point, conf = (
+            _choose(front, layer_budget, price, len(self.curve)) for front in (self.frontier, self.conf_frontier)
+        )
+        return replace(self, **_chosen(point, conf), layer_budget=layer_budget, layer_price=price)
 
     def settings(self) -> str:
         return (
             f"k={self.k} shrink={self.shrink} epsilon={self.epsilon} alpha={self.alpha} beta={self.beta} "
-            f"tau={self.tau} t={self.t}; probe-conf t={self.conf_t}; layer budget {self.layer_budget}"
+            f"tau={self.tau} t={self.t}; probe-conf t={self.conf_t}; layer budget {self.layer_budget}, "
+            f"layer price {self.layer_price}"
         )
 
     def validation(self) -> str:
@@ -223,6 +247,7 @@ def fit_probe_policy(
     layer_budget: float = DEFAULT_LAYER_BUDGET,
     groups: np.ndarray | None = None,
     key_depth: int = 0,
+    layer_price: float = DEFAULT_LAYER_PRICE,
 ) -> ProbePolicy:
     """vectors N×D normalized, labels N, probe_logprobs N×L×C and key_logprobs N×C out of fold (out of group
     with `groups`, N ints: rows of a query's group are never its neighbours). `key_depth`: a layer key's N, which
@@ -241,7 +266,7 @@ def fit_probe_policy(
     found = Found(probs, np.exp(key_logprobs[queries]), labels[top], sims, correct[top])
     trials = fused_trials(found, reference_curve, truth, metric, num_labels, ks, key_depth)
     front = _points(trials)
-    chosen = within_budget(front, layer_budget * num_layers)
+    chosen = _choose(front, layer_budget, layer_price, num_layers)
 
     conf_trials, rows = [], np.arange(len(queries))
     for conf_t in CONF_GRID:
@@ -251,13 +276,14 @@ def fit_probe_policy(
             Trial(metric(truth, pred, num_labels), accuracy(truth, pred), float(exits.mean()), conf_t, pred)
         )
     conf_front = _points(conf_trials, lambda conf_t: (conf_t,))
-    conf = within_budget(conf_front, layer_budget * num_layers)
+    conf = _choose(conf_front, layer_budget, layer_price, num_layers)
     return ProbePolicy(
         **_chosen(chosen, conf),
         metric=metric_name,
         loo_queries=len(queries),
         curve=tuple(round(float(x), 6) for x in reference_curve),
         layer_budget=layer_budget,
+        layer_price=layer_price,
         loo_groups=group_count(groups),
         frontier=front,
         conf_frontier=conf_front,
@@ -269,12 +295,12 @@ HALVINGS = 20
 
 
 class Hindsight(NamedTuple):
-    """The default's grid on labelled rows, within the policy's layer budget. `best`: the setting that scores best on
-    all of them, chosen on those same rows: an upper bound, and an optimistic one, since the best of thousands of
-    settings on a few hundred rows is partly luck. `held_out`: a setting chosen the same way on one random half of
-    the rows, scored on the other half (the mean over HALVINGS halvings, both ways): what choosing on rows of the
-    scored distribution is worth on rows the choice did not see. `default_held_out`: the fitted default scored on
-    the same halves, which is what `held_out` compares with."""
+    """The default's grid on labelled rows, within the policy's layer budget and at its price. `best`: the setting
+    that scores best (less the price of its layers) on all of them, chosen on those same rows: an upper bound, and
+    an optimistic one, since the best of thousands of settings on a few hundred rows is partly luck. `held_out`: a
+    setting chosen the same way on one random half of the rows, scored on the other half (the mean over HALVINGS
+    halvings, both ways): what choosing on rows of the scored distribution is worth on rows the choice did not see.
+    `default_held_out`: the fitted default scored on the same halves, which is what `held_out` compares with."""
 
     best: Point
     held_out: float
@@ -291,7 +317,7 @@ def hindsight(
     key_depth: int = 0,
     seed: int = 0,
 ) -> Hindsight | None:
-    """The default's grid chosen on these labelled rows within the policy's layer budget (Hindsight), against the
+    """The default's grid chosen on these labelled rows as build-db chooses (Hindsight), against the
     default's own answers `default_pred`. None for tables built before policies kept their reference curve and
     budget."""
     num_layers = found.probs.shape[1]
@@ -303,14 +329,16 @@ def hindsight(
     affordable = [t for t in trials if t.mean_exit <= policy.layer_budget * num_layers + 1e-9]
     if not affordable:  # a layer key deeper than the budget: every setting costs more; the cheapest
         affordable = [min(trials, key=lambda t: t.mean_exit)]
-    best = max(affordable, key=lambda t: (t.score, -t.mean_exit))
-    # one candidate per distinct answer vector, ordered by the cost of its costliest setting, cheapest first (argmax
-    # keeps the first of equal scores)
-    distinct = {t.pred.tobytes(): t.pred for t in sorted(affordable, key=lambda t: -t.mean_exit)}
-    candidates = list(distinct.values())[::-1]
+    best = _choose(frontier(affordable), 1.0, policy.layer_price, num_layers)
+    # one candidate per distinct answer vector at the cost of its cheapest setting, cheapest first (argmax keeps the
+    # first of equal values)
+    distinct = {t.pred.tobytes(): t for t in sorted(affordable, key=lambda t: -t.mean_exit)}
+    candidates = sorted(distinct.values(), key=lambda t: t.mean_exit)
+    per_layer = policy.layer_price / num_layers
     picked, default = [], []
     for fit, scored in _halvings(len(truth), seed):
-        choice = candidates[int(np.argmax([metric(truth[fit], pred[fit], num_labels) for pred in candidates]))]
+        values = [metric(truth[fit], t.pred[fit], num_labels) - per_layer * t.mean_exit for t in candidates]
+        choice = candidates[int(np.argmax(values))].pred
         picked.append(metric(truth[scored], choice[scored], num_labels))
         default.append(metric(truth[scored], default_pred[scored], num_labels))
     return Hindsight(
@@ -327,6 +355,11 @@ def _halvings(rows: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
         first, second = np.sort(order[: rows // 2]), np.sort(order[rows // 2 :])
         out += [(first, second), (second, first)]
     return out
+
+
+def _choose(front: Sequence[C], layer_budget: float, layer_price: float, num_layers: int) -> C:
+    """The point of `front` a budget (share of the layers) and a price (metric per share) choose."""
+    return within_budget(front, layer_budget * num_layers, layer_price / num_layers)
 
 
 def _chosen(point: Point, conf: Point) -> dict[str, Any]:
@@ -349,8 +382,12 @@ def _chosen(point: Point, conf: Point) -> dict[str, Any]:
     }
 
 
-def budgeted(policy: ProbePolicy | None, layer_budget: float | None) -> ProbePolicy | None:
-    """The table's probe policy, or with a run's --layer-budget the settings the table keeps for that budget."""
-    if policy is None or layer_budget is None:
+def budgeted(
+    policy: ProbePolicy | None, layer_budget: float | None, layer_price: float | None = None
+) -> ProbePolicy | None:
+    """The table's probe policy, or with a run's --layer-budget or --layer-price the settings the table keeps for
+    them (the other one the table's)."""
+    if policy is None or (layer_budget is None and layer_price is None):
         return policy
-    return policy.within(layer_budget)
+    budget = policy.layer_budget if layer_budget is None else layer_budget
+    return policy.within(1.0 if budget is None else budget, layer_price)

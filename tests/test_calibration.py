@@ -147,3 +147,8 @@ def test_the_frontier_holds_the_most_accurate_affordable_setting_of_every_budget
     assert within_budget(front, 10.0).settings == "mid"  # deep is better but over the budget
     assert within_budget(front, 30.0).settings == "deep"
     assert within_budget(front, 0.5).settings == "x"  # nothing affordable: the cheapest
+    # a price per layer: the point whose score less its layers' price is highest, within the budget
+    assert within_budget(front, 30.0, 0.004).settings == "deep"  # 0.90 - 0.080 > 0.85 - 0.036 > 0.7 - 0.004
+    assert within_budget(front, 30.0, 0.01).settings == "mid"  # 0.85 - 0.09 > 0.90 - 0.2, 0.7 - 0.01
+    assert within_budget(front, 30.0, 0.2).settings == "x"  # layers too dear for any gain here
+    assert within_budget(front, 10.0, 0.004).settings == "mid"  # the budget still caps what the price would buy

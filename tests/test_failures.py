@@ -377,6 +377,11 @@ def test_13_bad_values_names_and_paths_are_configuration_errors(segment_artifact
     assert run.returncode == 2 and "'nan' is not a number" in one_error_line(run)
     run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--layer-budget", "nan"]))
     assert run.returncode == 2 and "'nan' is not a number" in one_error_line(run)
+    for price, why in (("nan", "'nan' is not a number"), ("-0.1", "-0.1 is not in the range x>=0")):
+        run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--layer-price", price]))
+        assert run.returncode == 2 and why in one_error_line(run)
+        run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=["--layer-price", price]))
+        assert run.returncode == 2 and why in one_error_line(run)
     for name, why in (("a/b", "may hold only letters"), ("sst2" + FEATURES_SUFFIX, "build-db's companion")):
         run = raee_ops(*build_args(segment_artifacts, db, queries, table=name))
         assert run.returncode == 2 and why in one_error_line(run)
@@ -429,8 +434,10 @@ def test_14_what_would_crash_late_or_be_guessed_is_refused_first(segment_artifac
     (tmp_path / "afile").write_text("x")
     run = raee_ops(*evaluate, "--report", tmp_path / "afile")
     assert run.returncode == 2 and "exists and is not a directory" in one_error_line(run)
-    run = raee_ops(*evaluate, "--report", tmp_path / "r", "--strategy", "probe-best", "--layer-budget", "0.5")
-    assert run.returncode == 2 and "none of probe-best has one" in one_error_line(run)
+    for option in ("--layer-budget", "--layer-price"):
+        run = raee_ops(*evaluate, "--report", tmp_path / "r", "--strategy", "probe-best", option, "0.5")
+        assert run.returncode == 2 and f"{option} sets probe-fused's" in one_error_line(run)
+        assert "none of probe-best has one" in one_error_line(run)
     assert not (tmp_path / "r").exists()
 
 

@@ -16,7 +16,7 @@ from test_pipelines import labelled
 from raee_ops.calibration import K_GRID
 from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.info import describe, render, rollback
-from raee_ops.probe_policy import SHOWN_BUDGETS
+from raee_ops.probe_policy import SHOWN_BUDGETS, SHOWN_PRICES
 from raee_ops.retrieval import Retriever
 
 
@@ -58,8 +58,11 @@ def test_info_shows_identity_size_policy_and_history(db, segment_artifacts):  # 
     assert table["probes"]["best_layer"] == probes.best_layer and table["probes"]["fit_rows"] == 32
     assert table["probe_policy"]["settings"] == probe_policy.settings()
     by_budget = table["probe_policy"]["by_budget"]
-    assert [b["layer_budget"] for b in by_budget] == list(SHOWN_BUDGETS)
-    own = next(b for b in by_budget if b["layer_budget"] == probe_policy.layer_budget)
+    own_budget, own_price = probe_policy.layer_budget, probe_policy.layer_price
+    assert [(b["layer_budget"], b["layer_price"]) for b in by_budget] == [(b, own_price) for b in SHOWN_BUDGETS] + [
+        (own_budget, p) for p in SHOWN_PRICES
+    ]
+    own = next(b for b in by_budget if (b["layer_budget"], b["layer_price"]) == (own_budget, own_price))
     assert (own["metric"], own["mean_exit"]) == (probe_policy.loo_metric, probe_policy.loo_mean_exit)
     assert json.loads(json.dumps(info)) == info  # plain values only
 
@@ -70,8 +73,10 @@ def test_info_shows_identity_size_policy_and_history(db, segment_artifacts):  # 
     assert "(leave-one-out, on 32 rows)" in text and policy["validation"] == "leave-one-out, on 32 rows"
     assert f"probe heads: {probes.pooling} view (runs the {probes.form} input), fitted on 32 rows" in text
     assert f"probe policy (the default's): {probe_policy.settings()}; accuracy " in text
-    shown = ", ".join(f"{b['layer_budget']}: {b['metric']:.3f} @ {b['mean_exit']:.1f}" for b in by_budget)
-    assert f"other layer budgets (classify --layer-budget; accuracy @ mean exit): {shown}" in text
+    budgets = ", ".join(f"{b['layer_budget']}: {b['metric']:.3f} @ {b['mean_exit']:.1f}" for b in by_budget[:6])
+    prices = ", ".join(f"{b['layer_price']}: {b['metric']:.3f} @ {b['mean_exit']:.1f}" for b in by_budget[6:])
+    assert f"other layer budgets (classify --layer-budget; accuracy @ mean exit): {budgets}; " in text
+    assert f"other layer prices (--layer-price): {prices}" in text
     assert "   1  " in text and "24 rows" in text and "   2  " in text
     assert "table notes: 2 rows" in text and "not an exit table" in text
 

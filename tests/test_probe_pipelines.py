@@ -18,7 +18,7 @@ from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate, write_report
 from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.info import rollback
-from raee_ops.probe_policy import HALVINGS, confident_exits
+from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE, HALVINGS, confident_exits
 from raee_ops.readout import answer_batch
 from raee_ops.retrieval import Retriever, table_meta
 from raee_ops.runtime import SegmentRuntime
@@ -122,37 +122,38 @@ def test_probes_that_read_the_bare_input_are_run_on_it_by_classify_and_evaluate(
     assert report["baselines"]["probe-last"]["accuracy"] == pytest.approx(float(np.mean(last["bare"] == labels)))
 
 
-def test_another_layer_budget_runs_the_settings_the_table_keeps_for_it(segment_artifacts, signal, tmp_path):  # noqa: F811
-    """--layer-budget: classify and evaluate run the settings build-db fitted for that budget (kept with the table,
-    no refit); evaluate's budget sweep scores them as classify runs them, and the table's own budget as the default."""
+def test_another_layer_budget_or_price_runs_the_settings_the_table_keeps_for_it(segment_artifacts, signal, tmp_path):  # noqa: F811
+    """--layer-budget and --layer-price: classify and evaluate run the settings build-db fitted for them (kept with
+    the table, no refit); evaluate's sweep scores them as classify runs them, and the table's own as the default."""
     root, _, test, report = signal
     db = str(root / "db")
     policy = Retriever(db, "sst2").probe_policy
-    sweep = {b["layer_budget"]: b for b in report["default_by_budget"]}
+    assert (policy.layer_budget, policy.layer_price) == (DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE)
+    sweep = {(b["layer_budget"], b["layer_price"]): b for b in report["default_by_budget"]}
     own = report["strategies"]["probe-fused"]
-    assert (sweep[policy.layer_budget]["accuracy"], sweep[policy.layer_budget]["mean_exit_layer"]) == (
-        own["accuracy"],
-        own["mean_exit_layer"],
-    )
-    cheap, dear = policy.within(0.1), policy.within(1.0)
-    assert cheap.loo_mean_exit < dear.loo_mean_exit  # the two budgets run different settings
-    for budget, settings in ((0.1, cheap), (1.0, dear)):
-        out = tmp_path / f"out-{budget}"
-        summary = run_classify(
-            segment_artifacts, "sst2", db, "sst2", [str(test)], str(out), 5, None, layer_budget=budget
-        )
+    table_own = sweep[policy.layer_budget, policy.layer_price]
+    assert (table_own["accuracy"], table_own["mean_exit_layer"]) == (own["accuracy"], own["mean_exit_layer"])
+    runs = {
+        (0.1, 0.1): ({"layer_budget": 0.1}, policy.within(0.1)),
+        (1.0, 0.0): ({"layer_price": 0.0}, policy.within(1.0, 0.0)),
+        (1.0, 2.0): ({"layer_price": 2.0}, policy.within(1.0, 2.0)),
+    }
+    assert len({settings.loo_mean_exit for _, settings in runs.values()}) == 3  # each runs other settings
+    for (budget, price), (option, settings) in runs.items():
+        out = tmp_path / f"out-{budget}-{price}"
+        summary = run_classify(segment_artifacts, "sst2", db, "sst2", [str(test)], str(out), 5, None, **option)
         assert settings.settings() in summary.render()
         predictions = pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("predictions-*"))])
         right = predictions["prediction"].to_numpy() == predictions["label"].to_numpy()
-        assert float(np.mean(right)) == pytest.approx(sweep[budget]["accuracy"], abs=1e-9)
         exits = predictions["exit_layer"].to_numpy()
-        assert float(exits.mean()) == pytest.approx(sweep[budget]["mean_exit_layer"], abs=1e-9)
-    at_cheap = evaluate(segment_artifacts, "sst2", db, "sst2", [str(test)], k=5, layer_budget=0.1)
-    assert at_cheap["strategies"]["probe-fused"]["accuracy"] == sweep[0.1]["accuracy"]
-    with pytest.raises(RaeeConfigError, match="'raee' has no budget"):
-        run_classify(
-            segment_artifacts, "sst2", db, "sst2", [str(test)], str(tmp_path / "x"), 5, "raee", layer_budget=0.5
-        )
+        scored = evaluate(segment_artifacts, "sst2", db, "sst2", [str(test)], k=5, **option)
+        for expected in (scored["strategies"]["probe-fused"], sweep.get((budget, price), {})):
+            assert float(np.mean(right)) == pytest.approx(expected.get("accuracy", np.mean(right)), abs=1e-9)
+            assert float(exits.mean()) == pytest.approx(expected.get("mean_exit_layer", exits.mean()), abs=1e-9)
+    assert {(0.1, 0.1), (1.0, 0.0)} <= set(sweep)  # the sweep shows what those two runs ran
+    for option in ({"layer_budget": 0.5}, {"layer_price": 0.2}):
+        with pytest.raises(RaeeConfigError, match="'raee' has none"):
+            run_classify(segment_artifacts, "sst2", db, "sst2", [str(test)], str(tmp_path / "x"), 5, "raee", **option)
     assert not (tmp_path / "x").exists()
 
 

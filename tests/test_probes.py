@@ -115,17 +115,20 @@ def test_probe_policy_is_fitted_on_the_reference_and_prefers_cheap_settings():
     assert policy.conf_metric == 1.0 and policy.conf_mean_exit == 1.0
 
 
-def test_probe_policy_takes_the_most_accurate_setting_within_the_layer_budget():
-    n, layers = 200, 10
-    rng, labels, vectors = _reference_rows(n, 6)
-    # the probes are right on a growing share of rows with depth, never confident: deeper is better
+def _deeper_is_better(n: int, layers: int, seed: int) -> tuple[np.ndarray, ...]:
+    """Reference rows whose probes are right on a growing share of rows with depth, never confident."""
+    rng, labels, vectors = _reference_rows(n, seed)
     probs = np.full((n, layers, 2), 0.4)
     right = rng.random((n, 1)) < np.linspace(0.5, 1.0, layers)[None, :]
     answer = np.where(right, labels[:, None], 1 - labels[:, None])
     probs[np.arange(n)[:, None], np.arange(layers)[None, :], answer] = 0.6
-    key = np.full((n, 2), 0.5)
+    return vectors, labels, np.log(probs), np.log(np.full((n, 2), 0.5))
+
+
+def test_probe_policy_takes_the_most_accurate_setting_within_the_layer_budget():
+    vectors, labels, probe_lp, key_lp = _deeper_is_better(200, 10, 6)
     fitted = {
-        b: fit_probe_policy(vectors, labels, np.log(probs), np.log(key), 2, "accuracy", layer_budget=b)
+        b: fit_probe_policy(vectors, labels, probe_lp, key_lp, 2, "accuracy", layer_budget=b, layer_price=0.0)
         for b in (0.1, 0.35, 0.5, 0.75, 1.0)
     }
     assert fitted[0.5].loo_mean_exit <= 5.0 and fitted[0.5].layer_budget == 0.5
@@ -136,6 +139,26 @@ def test_probe_policy_takes_the_most_accurate_setting_within_the_layer_budget():
     assert len({fitted[b].loo_mean_exit for b in fitted}) >= 3  # the budgets chose different settings
     for budget, policy in fitted.items():
         assert stored.within(budget) == policy
+
+
+def test_a_layer_price_spends_layers_only_where_they_buy_the_metric():
+    """build-db --layer-price: the setting whose reference score less the price per share of the layers is highest;
+    a dearer price never runs more layers, price 0 is the most accurate, and the stored frontier gives any price's
+    choice without a refit."""
+    layers = 10
+    vectors, labels, probe_lp, key_lp = _deeper_is_better(200, layers, 6)
+    prices = (0.0, 0.2, 0.5, 0.7, 10.0)
+    fitted = {p: fit_probe_policy(vectors, labels, probe_lp, key_lp, 2, "accuracy", layer_price=p) for p in prices}
+    front = fitted[0.0].frontier
+    assert fitted[0.0].loo_metric == max(point.score for point in front)
+    for price, policy in fitted.items():
+        values = [point.score - price * point.mean_exit / layers for point in front]
+        assert policy.loo_metric - price * policy.loo_mean_exit / layers == pytest.approx(max(values))
+        assert policy.layer_price == price and fitted[0.0].within(1.0, price) == policy
+    exits = [fitted[p].loo_mean_exit for p in prices]
+    assert exits == sorted(exits, reverse=True) and exits[0] > exits[-1]  # dearer layers: fewer of them
+    assert fitted[10.0].loo_mean_exit == front[0].mean_exit  # nothing is worth that price: the cheapest point
+    assert len(set(exits)) >= 3  # the prices chose different settings
 
 
 def test_a_table_without_a_frontier_refuses_another_budget():

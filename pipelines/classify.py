@@ -9,6 +9,7 @@ killed after it finished); one without it is an unfinished run's, and the next r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import apache_beam as beam
@@ -75,13 +76,16 @@ class ClassifySummary:
                 f"classify with {self.strategy} ({self.settings}; {self.num_layers} layers)",
                 f"rows in: {self.rows_in}  predicted: {self.predicted}  rejected: {self.rejected}  "
                 f"(in = predicted + rejected: {balance})",
-                f"mean exit layer: {self.mean_exit:.2f} of {self.num_layers}",
+                f"mean exit layer: {self._mean_exit_text()} of {self.num_layers}",
                 f"exits per layer (0: retrieval alone, {self._zero_cost()}): {exits}",
                 f"beam exit counters: {counters}",
                 f"table version read: {self.table_version}",
                 f"outputs: {self.output_dir}",
             ]
         )
+
+    def _mean_exit_text(self) -> str:
+        return "- (no row predicted)" if math.isnan(self.mean_exit) else f"{self.mean_exit:.2f}"
 
     def _zero_cost(self) -> str:
         plural = "s" if self.key_depth > 1 else ""

@@ -170,6 +170,11 @@ def test_4_build_db_never_replaces_a_table_with_nothing(segment_artifacts, db, t
     assert not (tmp_path / "out").exists()
     run = raee_ops(*classify_args(segment_artifacts, copy, tmp_path / "full", rejected, extra=["--strategy", "full"]))
     assert run.returncode == 0, run.stderr  # `full` reads nothing of the table: it runs as before
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "none", empty))  # an input of no rows: balanced
+    assert (
+        run.returncode == 0 and "rows in: 0  predicted: 0  rejected: 0  (in = predicted + rejected: ok)" in run.stdout
+    )
+    assert "mean exit layer: - (no row predicted) of" in run.stdout and (tmp_path / "none" / "_SUCCESS").is_file()
 
 
 def test_6_undecodable_rows_and_corrupt_pages_stay_row_problems(segment_artifacts, db, tmp_path):  # noqa: F811

@@ -386,6 +386,29 @@ def _budget_sweep(tasks: list[Doc]) -> list[str]:
     ]
 
 
+def _price_calibration(results: list[Doc]) -> list[str]:
+    """The default layer price's rule, checked on this run's reference rows alone: the share of the layers the
+    settings each price chooses run on the reference rows (left out), averaged over every quality table, beside the
+    default price's (set where that average is the 35% cost target)."""
+    tables = [t for r in results for t in r["tasks"] if t.get("layer_cost")]
+    if not tables:
+        return []
+    own = tables[0]["layer_cost"]
+    shares: dict[float, list[float]] = {}
+    for t in tables:
+        for point in t["default_by_budget"]:
+            if point["layer_budget"] == own["layer_budget"]:
+                share = point["reference_mean_exit"] / t["num_layers"]
+                shares.setdefault(point["layer_price"], []).append(share)
+    cells = ", ".join(f"{price:g}: {_mean(values):.0%}" for price, values in sorted(shares.items()))
+    return [
+        "Layer price, reference rows only (the default price's rule): the share of the layers the default runs on "
+        f"the reference rows (left out) at each price, averaged over these {len(tables)} tables: {cells}. The "
+        f"default price is {own['layer_price']:g}, budget {own['layer_budget']:g}.",
+        "",
+    ]
+
+
 def _curves_png(preset: str) -> Path:
     return OUTPUT.parent / f"probe-curves-{preset}.png"
 
@@ -1080,6 +1103,8 @@ def build(results_dir: Path = RESULTS_DIR) -> str:
             if prefix.endswith("-"):
                 lines += [f"### {name.removeprefix(prefix)}", ""]
             lines += [_provenance(docs[name], machine), "", *render(docs[name]["result"]), ""]
+        if prefix == "quality-":
+            lines += _price_calibration([docs[name]["result"] for name in names])
     for name in sorted(set(docs) - used):
         lines += [
             f"## {name}",

@@ -27,7 +27,7 @@ from raee_ops import storage
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import refuse_head, resolve
 from raee_ops.layer_key import layer_depth
-from raee_ops.probe_policy import budgeted
+from raee_ops.probe_policy import budgeted, refuse_cost_options
 from raee_ops.readout import describe
 from raee_ops.retrieval import (
     check_meta,
@@ -163,9 +163,7 @@ def run_classify(
     policy = table_policy(table_schema)
     if chosen.needs_policy and policy is None:
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
-    for option, value in (("--layer-budget", layer_budget), ("--layer-price", layer_price)):
-        if value is not None and not chosen.needs_probe_policy:
-            raise RaeeConfigError(f"{option} sets probe-fused's and probe-conf's cost; {strategy!r} has none")
+    refuse_cost_options(chosen.needs_probe_policy, f"{strategy!r} has none", layer_budget, layer_price)
     probe_policy = budgeted(table_probe_policy(table_schema), layer_budget, layer_price)
     described = describe(chosen, policy, probe_policy, table_probes(table_schema), k)
     found = input_files(inputs)

@@ -31,12 +31,9 @@ BEAM_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True, **HELP}
 MAX_REJECTED = 0.5
 
 
-class Share(click.FloatRange):
-    """A share of something, 0..1: click's FloatRange lets `nan` through every bound (nan compares false to
-    both), which would switch a guard off or store a budget of nan in a table."""
-
-    def __init__(self, low_open: bool = False) -> None:
-        super().__init__(0.0, 1.0, min_open=low_open)
+class Number(click.FloatRange):
+    """A bounded number: click's FloatRange lets `nan` through every bound (nan compares false to both), which
+    would switch a guard off or store a budget of nan in a table."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         number = super().convert(value, param, ctx)
@@ -45,11 +42,13 @@ class Share(click.FloatRange):
         return number
 
 
-class Price(Share):
-    """A layer price: the task's metric (0..1) a setting must gain to run all the layers; 0 or more, not nan."""
+def share(low_open: bool = False) -> Number:
+    """A share of something, 0..1."""
+    return Number(0.0, 1.0, min_open=low_open)
 
-    def __init__(self) -> None:
-        click.FloatRange.__init__(self, 0.0, None)
+
+#: A layer price: the task's metric (0..1) a setting must gain to run all the layers; 0 or more.
+PRICE = Number(0.0, None)
 
 
 def _table_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -63,14 +62,14 @@ max_rejected_option = click.option(
     "--max-rejected",
     default=MAX_REJECTED,
     show_default=True,
-    type=Share(),
+    type=share(),
     help="Largest share of input rows that may be rejected; above it the run exits with code 4.",
 )
 
 run_budget_option = click.option(
     "--layer-budget",
     default=None,
-    type=Share(low_open=True),
+    type=share(low_open=True),
     help="Run probe-fused and probe-conf within this share of the layers instead of the table's own budget, with "
     "the settings build-db fitted for it (the table keeps them; no rebuild). Default: the table's.",
 )
@@ -78,7 +77,7 @@ run_budget_option = click.option(
 run_price_option = click.option(
     "--layer-price",
     default=None,
-    type=Price(),
+    type=PRICE,
     help="Choose probe-fused's and probe-conf's settings at this layer price instead of the table's (see build-db; "
     "the table keeps what any price buys; no rebuild). Default: the table's.",
 )
@@ -306,7 +305,7 @@ def _key_spec(value: str | None) -> str | None:
     "--layer-budget",
     default=DEFAULT_LAYER_BUDGET,
     show_default=True,
-    type=Share(low_open=True),
+    type=share(low_open=True),
     help="Share of the layers the fitted probe strategies may run at most on average on the reference rows (a hard "
     "cap; 1: none).",
 )
@@ -314,7 +313,7 @@ def _key_spec(value: str | None) -> str | None:
     "--layer-price",
     default=DEFAULT_LAYER_PRICE,
     show_default=True,
-    type=Price(),
+    type=PRICE,
     help="Metric the fitted probe strategies must gain on the reference rows for running all the layers rather than "
     "none: the setting whose metric less this price per share of the layers it runs is highest is chosen (0.1: a "
     "tenth of the layers must buy a point; 0 puts accuracy first).",

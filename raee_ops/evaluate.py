@@ -41,6 +41,7 @@ from raee_ops.probe_policy import (
     confident_exits,
     hindsight,
     neighbour_depths,
+    refuse_cost_options,
 )
 from raee_ops.probes import VIEWS, ProbeSet
 from raee_ops.progress import Progress
@@ -209,10 +210,8 @@ def evaluate(
     if strategies:
         chosen = [resolve(name, num_layers) for name in strategies]
         refuse_head(chosen, head)
-        for option, value in (("--layer-budget", layer_budget), ("--layer-price", layer_price)):
-            if value is not None and not any(s.needs_probe_policy for s in chosen):
-                names = ", ".join(strategies)
-                raise RaeeConfigError(f"{option} sets probe-fused's and probe-conf's cost; none of {names} has one")
+        applies = any(s.needs_probe_policy for s in chosen)
+        refuse_cost_options(applies, f"none of {', '.join(strategies)} has one", layer_budget, layer_price)
     else:
         chosen = [s for s in STRATEGIES.values() if head or not s.needs_head()]
     meta = table_meta(db_uri, table, settings.db_storage_options)

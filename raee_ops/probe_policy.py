@@ -128,8 +128,7 @@ class ProbePolicy:
         """The settings at each of SHOWN_BUDGETS, then of SHOWN_PRICES (none for tables built before frontiers)."""
         if self.frontier is None:
             return []
-        own_budget = 1.0 if self.layer_budget is None else self.layer_budget
-        return [self.within(budget) for budget in SHOWN_BUDGETS] + [self.within(own_budget, p) for p in SHOWN_PRICES]
+        return [self.within(budget) for budget in SHOWN_BUDGETS] + [self.within(layer_price=p) for p in SHOWN_PRICES]
 
     def by_budget(self) -> list[dict[str, float]]:
         """The default's leave-one-out score and mean exit at each of shown_costs (none for older tables)."""
@@ -143,16 +142,16 @@ class ProbePolicy:
             for p in self.shown_costs()
         ]
 
-    def within(self, layer_budget: float, layer_price: float | None = None) -> ProbePolicy:
+    def within(self, layer_budget: float | None = None, layer_price: float | None = None) -> ProbePolicy:
         """The settings build-db fits with `layer_budget` and `layer_price` (None: the table's): another cost target
         for one run, chosen from the stored frontiers with no refit."""
         if self.frontier is None or self.conf_frontier is None or self.curve is None:
             raise RaeeConfigError("this table stores no settings for other layer budgets: rebuild it with build-db")
+        own_budget = 1.0 if self.layer_budget is None else self.layer_budget
+        budget = own_budget if layer_budget is None else layer_budget
         price = self.layer_price if layer_price is None else layer_price
-        point, conf = (
-            _choose(front, layer_budget, price, len(self.curve)) for front in (self.frontier, self.conf_frontier)
-        )
-        return replace(self, **_chosen(point, conf), layer_budget=layer_budget, layer_price=price)
+        point, conf = (_choose(front, budget, price, len(self.curve)) for front in (self.frontier, self.conf_frontier))
+        return replace(self, **_chosen(point, conf), layer_budget=budget, layer_price=price)
 
     def settings(self) -> str:
         return (
@@ -390,5 +389,11 @@ def budgeted(
     them (the other one the table's)."""
     if policy is None or (layer_budget is None and layer_price is None):
         return policy
-    budget = policy.layer_budget if layer_budget is None else layer_budget
-    return policy.within(1.0 if budget is None else budget, layer_price)
+    return policy.within(layer_budget, layer_price)
+
+
+def refuse_cost_options(applies: bool, whose: str, layer_budget: float | None, layer_price: float | None) -> None:
+    """A run's --layer-budget or --layer-price given for strategies without a cost (`whose` names them) is refused."""
+    for option, value in (("--layer-budget", layer_budget), ("--layer-price", layer_price)):
+        if value is not None and not applies:
+            raise RaeeConfigError(f"{option} sets probe-fused's and probe-conf's cost; {whose}")

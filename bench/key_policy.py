@@ -36,7 +36,7 @@ import lancedb
 import numpy as np
 import pyarrow.parquet as pq
 from common import fastest, parse_args, task_inputs, write_result
-from keys import MINILM_DEPTHS, truncated_artifacts
+from keys import key_artifacts
 from quality import BENCH, PRESETS, QUICK_TASKS, TASKS
 from raee_ops.schemas.tables import PROBES_META_KEY, flat_values
 
@@ -52,7 +52,7 @@ from raee_ops.tasks import get_task
 EMBEDDER = "minilm"
 DEPTHS = (1, 2)
 #: Truncated MiniLM keys (bench/keys.py compares them by vote and key probe alone).
-TRUNCATED = tuple(f"{EMBEDDER}-{d}" for d in MINILM_DEPTHS)
+TRUNCATED = ("minilm-3", "minilm-4")
 KEYS = (EMBEDDER, *TRUNCATED)
 SPLITS, QUICK_SPLITS = 10, 3
 #: Depth the backbone's per-layer time is measured to: (time to TIMING_DEPTH - time to 1) / (TIMING_DEPTH - 1).
@@ -140,7 +140,16 @@ def held_out(
     return strategy.answer(at_exit, exits, nb, ctx).argmax(axis=1), exits
 
 
-def one_task(preset: str, runtime: SegmentRuntime, task_name: str, splits: int) -> dict[str, Any] | None:
+def one_task(
+    preset: str,
+    runtime: SegmentRuntime,
+    task_name: str,
+    splits: int,
+    embedders: tuple[str, ...],
+    depths: tuple[int, ...],
+) -> dict[str, Any] | None:
+    """The default with each sentence key in `embedders` (the others are read against the first) and each layer-N
+    key for N in `depths`, over `splits` halvings of the task's reference table."""
     rows = reference_rows(preset, task_name, runtime)
     if rows is None:
         print(f"{preset}/{task_name}: no quality-bench table (run bench/quality.py first); skipped", flush=True)
@@ -148,18 +157,18 @@ def one_task(preset: str, runtime: SegmentRuntime, task_name: str, splits: int) 
     labels, n = rows["labels"], len(rows["labels"])
     num_labels = rows["probe_lp"].shape[2]
     metric_name, metric = task_metric(task_name, num_labels)
-    states = {d: mean_after(runtime, task_name, rows["prompts"], d) for d in DEPTHS}
+    states = {d: mean_after(runtime, task_name, rows["prompts"], d) for d in depths}
     # each sentence key timed, its vectors taken from the timed run
-    timed = {name: fastest(lambda name=name: runtime.key(name, rows["texts"], rows["pairs"])) for name in KEYS}
+    timed = {name: fastest(lambda name=name: runtime.key(name, rows["texts"], rows["pairs"])) for name in embedders}
     sentence = {name: vectors for name, (vectors, _) in timed.items()}
     layer_lp = rows["probe_lp"]
-    if rows["probe_form"] != "prompt":
+    if depths and rows["probe_form"] != "prompt":
         layer_lp = prompt_view_answers(runtime, task_name, rows, metric_name)
     _, one_s = fastest(lambda: mean_after(runtime, task_name, rows["prompts"], 1))
     _, deep_s = fastest(lambda: mean_after(runtime, task_name, rows["prompts"], TIMING_DEPTH))
     layer_s = (deep_s - one_s) / (TIMING_DEPTH - 1)
     key_layers = {name: seconds / layer_s for name, (_, seconds) in timed.items()}
-    names = [*sentence, *(f"layer-{d}" for d in DEPTHS)]
+    names = [*sentence, *(f"layer-{d}" for d in depths)]
     out: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for split in range(splits):
         order = np.random.default_rng(100 + split).permutation(n)
@@ -178,7 +187,7 @@ def one_task(preset: str, runtime: SegmentRuntime, task_name: str, splits: int) 
         "metric": metric_name,
         "rows": n,
         "probe_form": rows["probe_form"],  # the table's probes' input form (layer keys: always the prompt)
-        "key_layers": key_layers[EMBEDDER],
+        "key_layers": key_layers[embedders[0]],
         "key_layers_by_key": key_layers,
         "keys": {
             name: {"metric": float(np.mean([m for m, _ in v])), "layers": float(np.mean([c for _, c in v]))}
@@ -186,11 +195,16 @@ def one_task(preset: str, runtime: SegmentRuntime, task_name: str, splits: int) 
         },
     }
     cells = ", ".join(f"{k} {v['metric']:.3f} @ {v['layers']:.1f}" for k, v in result["keys"].items())
-    print(f"{preset}/{task_name} ({metric_name}; minilm key = {key_layers[EMBEDDER]:.1f} layers): {cells}", flush=True)
+    print(
+        f"{preset}/{task_name} ({metric_name}; {embedders[0]} key = {key_layers[embedders[0]]:.1f} layers): {cells}",
+        flush=True,
+    )
     return result
 
 
-def main() -> int:
+def run(name: str, embedders: tuple[str, ...], depths: tuple[int, ...]) -> int:
+    """Score the default with the `embedders` keys and layer-`depths` keys on every preset's quality-bench tables;
+    write result `name`."""
     args = parse_args(__doc__ or "")
     splits = QUICK_SPLITS if args.quick else SPLITS
     presets = []
@@ -199,22 +213,30 @@ def main() -> int:
         if not (artifacts / "manifest.json").is_file():
             print(f"{preset}: no artifacts (run bench/quality.py first); skipped", flush=True)
             continue
-        runtime = SegmentRuntime(truncated_artifacts(artifacts))
+        runtime = SegmentRuntime(key_artifacts(artifacts, embedders, tag=name))
         tasks = [
-            t for t in (one_task(preset, runtime, name, splits) for name in (QUICK_TASKS if args.quick else TASKS)) if t
+            t
+            for t in (
+                one_task(preset, runtime, task, splits, embedders, depths)
+                for task in (QUICK_TASKS if args.quick else TASKS)
+            )
+            if t
         ]
         if tasks:
             presets.append({"preset": preset, "num_layers": runtime.num_layers, "tasks": tasks})
     if not presets:
         print("no quality-bench tables to read: run bench/quality.py first", file=sys.stderr)
         return 1
-    write_result(
-        "key-policy",
-        {"strategy": STRATEGY, "splits": splits, "depths": list(DEPTHS), "truncated": TRUNCATED, "presets": presets},
-        args.quick,
-    )
+    payload = {
+        "strategy": STRATEGY,
+        "splits": splits,
+        "depths": list(depths),
+        "keys": list(embedders),
+        "presets": presets,
+    }
+    write_result(name, payload, args.quick)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("key-policy", KEYS, DEPTHS))

@@ -1,9 +1,10 @@
 """Which retrieval key (issue 12): each key's neighbour vote on reference rows against its cost per row, side by
 side on the same rows, so the default key is picked by measured accuracy per cost.
 
-Keys: `minilm` (build-db's default), `minilm-N` (MiniLM's first N layers, mean-pooled: export-onnx --embedder
-minilm-N), `minilm-int8` (the same graph with INT8 MatMuls, as export-onnx --quantize int8 writes layers; the issue
-adopts it only if its top-10 neighbours overlap fp32's ≥ 0.9 and its vote stays within 0.5 point), `backbone` (the
+Keys: `minilm` (the whole sentence embedder), `minilm-N` (MiniLM's first N layers, mean-pooled: export-onnx
+--embedder minilm-N), `minilm-int8` and `minilm-3-int8` (those graphs with INT8 MatMuls, as export-onnx --embedder
+...-int8 writes them; the issue adopts an int8 key only if its top-10 neighbours overlap fp32's ≥ 0.9 and its end
+accuracy stays within 0.5 point: bench/key_policy.py measures the latter for the default), `backbone` (the
 paper's key: the embed segment's mean over the raw input's tokens) and `layer-N` (the mean over the prompt's tokens
 after the backbone's first N layers, standardized on the rows: a state the rows that run layers compute anyway).
 Scores, among seeded train rows of each task (no validation row is read): the k=10 neighbours' label vote,
@@ -34,8 +35,6 @@ from common import (
 )
 from quality import SEED, K, ensure_artifacts, read_checked
 from raee_ops.onnx_export.embedder import export_embedder
-from raee_ops.onnx_export.quantize import quantize_matmuls
-from raee_ops.schemas.manifest import sha256_file
 
 from raee_ops.layer_key import LayerKey
 from raee_ops.metrics import task_metric
@@ -47,43 +46,29 @@ PRESET, EMBEDDER = "smollm2-135m", "minilm"
 TASKS = ("sst2", "trec", "cola", "mrpc", "rte", "sst5")
 ROWS, QUICK_ROWS = 1500, 300
 LAYERS = (1, 2, 3)
-#: Truncated MiniLM keys: its first N of 6 layers.
-MINILM_DEPTHS = (3, 4)
+#: Keys export-onnx writes beside the whole MiniLM: its first N of 6 layers, and int8 graphs (below).
+EXPORTED = ("minilm-3", "minilm-4", "minilm-int8", "minilm-3-int8")
+#: Each int8 key -> the fp32 key it must agree with.
+INT8_OF = {"minilm-int8": "minilm", "minilm-3-int8": "minilm-3"}
 #: INT8 is adopted only above this top-k overlap with fp32 (issue 12).
 OVERLAP_GOAL = 0.9
 
 
-def side_artifacts(artifacts: Path, tag: str, replaced: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """A folder beside `artifacts` linking every file of it but its manifest (and `replaced`), and that manifest to
-    amend."""
+def key_artifacts(artifacts: Path, names: tuple[str, ...] = EXPORTED, tag: str = "keys") -> Path:
+    """A copy of `artifacts` (in its folder's sibling named with `tag`) with the embedders `names` exported beside
+    its own, as export-onnx writes them; those the export already has are kept (their files here are links into it:
+    exporting again would write there)."""
     out = artifacts.parent / f"{artifacts.name}-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for path in artifacts.iterdir():
-        if path.name not in ("manifest.json", replaced):
+        if path.name != "manifest.json":
             (out / path.name).symlink_to(path.resolve())
-    return out, json.loads((artifacts / "manifest.json").read_text())
-
-
-def int8_artifacts(artifacts: Path) -> Path:
-    """A copy of `artifacts` whose MiniLM graph's MatMuls are int8 (as export-onnx --quantize int8 makes layers),
-    its manifest checksum updated so the runtime loads it like any export."""
-    entry = json.loads((artifacts / "manifest.json").read_text())["embedders"][EMBEDDER]["model"]
-    out, manifest = side_artifacts(artifacts, "key-int8", entry["file"])
-    quantize_matmuls(artifacts / entry["file"], out / entry["file"])
-    manifest["embedders"][EMBEDDER]["model"]["sha256"] = sha256_file(out / entry["file"])
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out
-
-
-def truncated_artifacts(artifacts: Path) -> Path:
-    """A copy of `artifacts` with the `minilm-N` embedders exported beside its MiniLM, as export-onnx writes them;
-    those the export already has are kept (their files here are links into it: exporting again would write there)."""
-    out, manifest = side_artifacts(artifacts, "key-truncated")
-    for depth in MINILM_DEPTHS:
-        if f"{EMBEDDER}-{depth}" in manifest["embedders"]:
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    for name in names:
+        if name in manifest["embedders"]:
             continue
-        entry = export_embedder(f"{EMBEDDER}-{depth}", out)
+        entry = export_embedder(name, out)
         manifest["embedders"][entry.name] = asdict(entry)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
@@ -115,23 +100,19 @@ def timed_keys(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
     return fastest(fn, REPEATS)
 
 
-def one_task(
-    fp32: SegmentRuntime, int8: SegmentRuntime, truncated: SegmentRuntime, data: Path, task_name: str, n: int
-) -> dict[str, Any]:
+def one_task(runtime: SegmentRuntime, data: Path, task_name: str, n: int) -> dict[str, Any]:
     task = get_task(task_name)
     rows = seeded_sample(read_checked(data / task_name / "train.parquet", task_name), n, np.random.default_rng(SEED))
 
     # rows whose prompt is over the backbone's max_length: build-db rejects them, so they key no table
-    rows = within_max_length(fp32, task, rows)
-    texts, pairs, prompts = task_inputs(task, rows, fp32.suffix)
+    rows = within_max_length(runtime, task, rows)
+    texts, pairs, prompts = task_inputs(task, rows, runtime.suffix)
     labels = rows["label"].to_numpy()
     metric_name, metric = task_metric(task_name, len(task.label_names))
     keys = {
-        "minilm": lambda: fp32.key(EMBEDDER, texts, pairs),
-        **{f"{EMBEDDER}-{d}": (lambda d=d: truncated.key(f"{EMBEDDER}-{d}", texts, pairs)) for d in MINILM_DEPTHS},
-        "minilm-int8": lambda: int8.key(EMBEDDER, texts, pairs),
-        "backbone": lambda: fp32.key(BACKBONE, texts, pairs),
-        **{f"layer-{d}": (lambda d=d: layer_key(fp32, task_name, prompts, d)) for d in LAYERS},
+        **{name: (lambda name=name: runtime.key(name, texts, pairs)) for name in (EMBEDDER, *EXPORTED)},
+        "backbone": lambda: runtime.key(BACKBONE, texts, pairs),
+        **{f"layer-{d}": (lambda d=d: layer_key(runtime, task_name, prompts, d)) for d in LAYERS},
     }
     out: dict[str, Any] = {"task": task_name, "rows": len(texts), "metric": metric_name, "keys": {}}
     tops = {}
@@ -151,8 +132,9 @@ def one_task(
             f"{task_name} {name}: vote {scores['vote_score']:.3f}, probe {scores['probe_score']:.3f}, "
             f"{len(texts) / seconds:.0f} rows/s"
         )
-    same = [len(set(a) & set(b)) / K for a, b in zip(tops["minilm-int8"], tops["minilm"], strict=True)]
-    out["keys"]["minilm-int8"]["top_k_overlap_with_fp32"] = float(np.mean(same))
+    for int8, fp32 in INT8_OF.items():
+        same = [len(set(a) & set(b)) / K for a, b in zip(tops[int8], tops[fp32], strict=True)]
+        out["keys"][int8]["top_k_overlap_with_fp32"] = float(np.mean(same))
     return out
 
 
@@ -160,10 +142,9 @@ def main() -> int:
     args = parse_args(__doc__ or "")
     data = require_data()
     artifacts = ensure_artifacts(PRESET)
-    fp32, int8 = SegmentRuntime(artifacts), SegmentRuntime(int8_artifacts(artifacts))
-    truncated = SegmentRuntime(truncated_artifacts(artifacts))
-    tasks = [one_task(fp32, int8, truncated, data, t, QUICK_ROWS if args.quick else ROWS) for t in TASKS]
-    payload = {"preset": PRESET, "k": K, "seed": SEED, "overlap_goal": OVERLAP_GOAL, "tasks": tasks}
+    runtime = SegmentRuntime(key_artifacts(artifacts))
+    tasks = [one_task(runtime, data, t, QUICK_ROWS if args.quick else ROWS) for t in TASKS]
+    payload = {"preset": PRESET, "k": K, "seed": SEED, "overlap_goal": OVERLAP_GOAL, "int8_of": INT8_OF, "tasks": tasks}
     write_result("keys", payload, args.quick)
     return 0
 

@@ -12,7 +12,7 @@ from typing import Any
 from common import REPO_ROOT, RESULTS_DIR
 
 from raee_ops.errors import RaeeConfigError
-from raee_ops.key_names import embedder_layers
+from raee_ops.key_names import parse_embedder
 
 OUTPUT = REPO_ROOT / "bench" / "RESULTS.md"
 #: A layer key replaces MiniLM as the default only within this much macro metric of it (bench/key_policy.py).
@@ -763,11 +763,12 @@ def _span(counts: list[int]) -> str:
 
 
 def _truncated_embedder(name: str) -> bool:
-    """A key column that is an embedder's first N layers (`minilm-N`), as export-onnx names them."""
+    """A key column that is an embedder's first N layers in fp32 (`minilm-N`), as export-onnx names them."""
     try:
-        return embedder_layers(name)[1] is not None
-    except RaeeConfigError:  # backbone, layer-N, minilm-int8: other kinds of key
+        parsed = parse_embedder(name)
+    except RaeeConfigError:  # backbone, layer-N: other kinds of key
         return False
+    return parsed.layers is not None and not parsed.int8
 
 
 def render_keys(result: Doc) -> list[str]:
@@ -820,33 +821,42 @@ def render_keys(result: Doc) -> list[str]:
             + ".",
         ]
     best = {t["task"]: max(names, key=lambda n: t["keys"][n]["vote_score"]) for t in tasks}
-    overlap = [t["keys"]["minilm-int8"]["top_k_overlap_with_fp32"] for t in tasks]
-    delta = [t["keys"]["minilm-int8"]["vote_score"] - t["keys"]["minilm"]["vote_score"] for t in tasks]
-    adopted = min(overlap) >= result["overlap_goal"] and min(delta) >= -0.005
-    lines += [
-        "",
-        "Best vote per task: " + ", ".join(f"{task} `{name}`" for task, name in best.items()) + ".",
-        f"INT8 MiniLM: top-{result['k']} overlap with fp32 "
-        + ", ".join(f"{t['task']} {o:.2f}" for t, o in zip(tasks, overlap, strict=True))
-        + f" (goal ≥ {result['overlap_goal']}), vote "
-        + ", ".join(f"{t['task']} {d * 100:+.1f}" for t, d in zip(tasks, delta, strict=True))
-        + f" points (goal ≥ −0.5): {'adoptable' if adopted else 'not adoptable'}.",
-    ]
+    lines += ["", "Best vote per task: " + ", ".join(f"{task} `{name}`" for task, name in best.items()) + "."]
+    for int8, fp32 in result.get("int8_of", {"minilm-int8": "minilm"}).items():
+        overlap = [t["keys"][int8]["top_k_overlap_with_fp32"] for t in tasks]
+        delta = [t["keys"][int8]["vote_score"] - t["keys"][fp32]["vote_score"] for t in tasks]
+        lines.append(
+            f"`{int8}` against `{fp32}`: top-{result['k']} overlap "
+            + ", ".join(f"{t['task']} {o:.3f}" for t, o in zip(tasks, overlap, strict=True))
+            + f" (goal ≥ {result['overlap_goal']}: {'met' if min(overlap) >= result['overlap_goal'] else 'NOT met'}), "
+            "vote "
+            + ", ".join(f"{t['task']} {d * 100:+.1f}" for t, d in zip(tasks, delta, strict=True))
+            + f" points (macro {100 * (macro(int8, 'vote_score') - macro(fp32, 'vote_score')):+.1f}"
+            + (f", key probe {100 * (macro(int8, 'probe_score') - macro(fp32, 'probe_score')):+.1f}" if probed else "")
+            + f"), {_mean([t['keys'][int8]['rows_per_s'] / t['keys'][fp32]['rows_per_s'] for t in tasks]):.2f}× its "
+            "rows/s.",
+        )
     return lines
 
 
 def render_key_policy(result: Doc) -> list[str]:
-    """bench/key_policy.py: the default fitted and scored with each retrieval key on split halves of the quality
-    bench's reference tables, against each key's cost in backbone layers; a key is adoptable as the default
-    where, on every preset, its macro metric is within KEY_TOLERANCE of MiniLM's and it costs fewer layers."""
+    """bench/key_policy.py and bench/key_int8.py: the default fitted and scored with each retrieval key on split
+    halves of the quality bench's reference tables, against each key's cost in backbone layers; a key is adoptable
+    where, on every preset, its macro metric is within KEY_TOLERANCE of the first key's and it costs fewer layers."""
+    first = result.get("keys", ["minilm"])[0]
     lines = [
         f"The default (`{result['strategy']}`) fitted on one half of each quality-bench reference table with each "
         f"key and scored on the other half, {result['splits']} seeded splits; reference rows only. Cells: the "
-        "task's metric @ layers of the backbone per row (MiniLM, whole or its first N layers as `minilm-N`: its key "
-        "in layers, measured on the same rows, plus the exit; `layer-N`: at least N). A layer-N table's probes read "
-        "the prompt (its key's layers are the "
-        "rows' first), so where the MiniLM table's probes chose the bare input, the layer keys are scored with "
-        "prompt probes fitted on the same rows. Method and caveats: bench/key_policy.py.",
+        "task's metric @ layers of the backbone per row (MiniLM, whole or its first N layers as `minilm-N`, `-int8` "
+        "with int8 MatMuls: its key in layers, measured on the same rows, plus the exit"
+        + (
+            "; `layer-N`: at least N). A layer-N table's probes read the prompt (its key's layers are the rows' "
+            "first), so where the MiniLM table's probes chose the bare input, the layer keys are scored with prompt "
+            "probes fitted on the same rows"
+            if result["depths"]
+            else ")"
+        )
+        + ". Method and caveats: bench/key_policy.py.",
     ]
     verdicts: dict[str, list[bool]] = {}
     for entry in result["presets"]:
@@ -864,7 +874,7 @@ def render_key_policy(result: Doc) -> list[str]:
             for n in names
         }
         rows.append(["**macro**", "", "", *(cell(_fmt(m), c) for m, c in macro.values())])
-        header = ["task", "metric", "MiniLM key in layers", *names]
+        header = ["task", "metric", f"`{first}` key in layers", *names]
         lines += ["", f"**{entry['preset']}** ({entry['num_layers']} layers)", "", *_table(header, rows)]
         base_metric, base_cost = macro[names[0]]
         parts = []
@@ -877,7 +887,7 @@ def render_key_policy(result: Doc) -> list[str]:
     adopted = [n for n, ok in verdicts.items() if all(ok)]
     lines += [
         "",
-        f"Adoption rule (set before the run): within {KEY_TOLERANCE * 100:.1f} point macro of MiniLM's and fewer "
+        f"Adoption rule (set before the run): within {KEY_TOLERANCE * 100:.1f} point macro of `{first}`'s and fewer "
         "layers, on every preset: "
         + (f"{', '.join(f'`{n}`' for n in adopted)} adoptable." if adopted else "no other key is adoptable."),
     ]
@@ -1047,6 +1057,7 @@ SECTIONS: list[tuple[str, str, Callable[[Any], list[str]]]] = [
     ("INT8 methods", "quant-methods-", render_quant_methods),
     ("Retrieval keys", "keys", render_keys),
     ("Retrieval keys for the default", "key-policy", render_key_policy),
+    ("An int8 retrieval key for the default", "key-int8", render_key_policy),
     ("Reference-size scaling", "scaling", render_scaling),
     ("GPU", "gpu-", render_gpu),
 ]

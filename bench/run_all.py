@@ -18,6 +18,7 @@ BENCHES = [
     "keys",
     "quality",
     "key_policy",
+    "key_int8",
     "speed",
     "int8",
     "int8_methods",

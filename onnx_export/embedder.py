@@ -1,5 +1,7 @@
 """Export the retrieval embedder (all-MiniLM-L6-v2, or its first N layers: `minilm-N`, raee_ops.key_names) as one
-ONNX graph: token ids -> unit sentence vector.
+ONNX graph: token ids -> unit sentence vector; `-int8` names store it with int8 MatMuls (onnx_export.quantize's
+per-token method), checked against PyTorch with a looser bound that guards against a broken graph (how well its
+neighbours agree with fp32's is bench/keys.py's to measure).
 
 The runtime embeds rows with ONNX Runtime alone, so pooling and normalization are inside the graph
 (sentence-transformers semantics: mean over real tokens, then L2). The model comes from the installed
@@ -20,13 +22,14 @@ import torch
 from raee_ops.onnx_export.adapters.bert import arange_positions
 from raee_ops.onnx_export.adapters.encoder import EncoderEmbed, EncoderLayer
 from raee_ops.onnx_export.optimize import optimize_graph
+from raee_ops.onnx_export.quantize import quantize_matmuls
 from raee_ops.schemas.manifest import EmbedderEntry, FileRef
 from tokenizers import Tokenizer
 from transformers import AutoModel
 
 from raee_ops.errors import ArtifactError, RaeeConfigError
 from raee_ops.extras import onnxruntime
-from raee_ops.key_names import PACKAGES, embedder_layers
+from raee_ops.key_names import PACKAGES, parse_embedder
 from raee_ops.runtime import open_session
 
 ort = onnxruntime()
@@ -34,6 +37,9 @@ ort = onnxruntime()
 OPSET = 17
 CHECK_TEXTS = ["A short sentence.", "A longer sentence, so that the first row of the batch is padded."]
 CHECK_ATOL = 1e-4
+#: Largest accepted distance between an int8 key's unit vector and PyTorch's on the check texts: a guard against a
+#: broken quantization, not an accuracy claim (minilm-3-int8: cosine 0.998 on average over sst2 rows, distance 0.06).
+INT8_MAX_DISTANCE = 0.15
 
 
 class MeanPoolEmbedder(torch.nn.Module):
@@ -64,7 +70,7 @@ def mean_pool_normalize(hidden: torch.Tensor, attention_mask: torch.Tensor) -> t
 
 def model_dir(name: str) -> Path:
     """The bundled model directory of embedder `name`'s package."""
-    package = PACKAGES[embedder_layers(name)[0]]
+    package = PACKAGES[parse_embedder(name).base]
     distribution = package.replace("_", "-")
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
@@ -75,7 +81,7 @@ def model_dir(name: str) -> Path:
 def embedder_depth(name: str) -> int | None:
     """The encoder layers embedder `name` reads (None: all), refused beyond the packaged model's own, read from its
     config.json: export-onnx checks this before any work, not after exporting every segment."""
-    layers = embedder_layers(name)[1]
+    layers = parse_embedder(name).layers
     total = json.loads((model_dir(name) / "config.json").read_text())["num_hidden_layers"]
     if layers is not None and layers > total:
         raise RaeeConfigError(f"embedder {name!r}: the model has {total} layers")
@@ -101,9 +107,9 @@ def _write_tokenizer(directory: Path, target: Path, max_length: int) -> None:
     tokenizer.save(str(target))
 
 
-def _check(onnx_path: Path, tokenizer_path: Path, model: torch.nn.Module, layers: int | None) -> None:
+def _check(onnx_path: Path, tokenizer_path: Path, model: torch.nn.Module, layers: int | None, int8: bool) -> None:
     """The exported graph on a right-padded batch equals HF forward (to `layers`) + mean pooling (catches a lost
-    mask)."""
+    mask); an int8 graph is within INT8_MAX_DISTANCE of it."""
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     tokenizer.enable_padding(pad_id=0)
     encodings = tokenizer.encode_batch(CHECK_TEXTS)
@@ -114,6 +120,13 @@ def _check(onnx_path: Path, tokenizer_path: Path, model: torch.nn.Module, layers
         want = mean_pool_normalize(hidden, mask).numpy()
     session = open_session(onnx_path)
     (got,) = session.run(["embedding"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    if int8:
+        distance = float(np.linalg.norm(got - want, axis=1).max())
+        if distance > INT8_MAX_DISTANCE:
+            raise ArtifactError(
+                f"{onnx_path}: its int8 vectors are {distance:.3f} from torch's (at most {INT8_MAX_DISTANCE})"
+            )
+        return
     error = float(np.abs(got - want).max())
     if error > CHECK_ATOL:
         raise ArtifactError(f"{onnx_path} differs from torch by {error:.2e} (limit {CHECK_ATOL:.0e})")
@@ -121,7 +134,8 @@ def _check(onnx_path: Path, tokenizer_path: Path, model: torch.nn.Module, layers
 
 def export_embedder(name: str, out_dir: Path, optimize: bool = True) -> EmbedderEntry:
     """Write `embedder_<name>.onnx` and `embedder_<name>_tokenizer.json` to out_dir, checked against torch
-    (optimized and fused first unless `optimize` is off: the stored graph is the one checked)."""
+    (optimized and fused first unless `optimize` is off: the stored graph is the one checked; an int8 one's fp32
+    graph is checked first, to the fp32 limit)."""
     directory = model_dir(name)
     layers = embedder_depth(name)
     dim, max_length = _settings(directory)
@@ -146,7 +160,10 @@ def export_embedder(name: str, out_dir: Path, optimize: bool = True) -> Embedder
     if optimize:
         optimize_graph(out_dir / onnx_name)
     _write_tokenizer(directory, out_dir / tokenizer_name, max_length)
-    _check(out_dir / onnx_name, out_dir / tokenizer_name, model, layers)
+    _check(out_dir / onnx_name, out_dir / tokenizer_name, model, layers, int8=False)
+    if parse_embedder(name).int8:
+        quantize_matmuls(out_dir / onnx_name, out_dir / onnx_name)
+        _check(out_dir / onnx_name, out_dir / tokenizer_name, model, layers, int8=True)
     return EmbedderEntry(
         name=name,
         model=FileRef.of(out_dir, onnx_name),

@@ -19,7 +19,7 @@ import click
 
 from raee_ops import logs
 from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, first_line
-from raee_ops.key_names import DEFAULT_KEY, embedder_layers
+from raee_ops.key_names import DEFAULT_KEY, parse_embedder
 from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
 from raee_ops.schemas.tables import table_name_problem
@@ -187,7 +187,8 @@ def beam_args() -> list[str]:
     show_default=True,
     callback=lambda ctx, param, value: _embedder_names(value),
     help=f"Retrieval embedder to export into the artifacts: `minilm-N` (MiniLM's first N layers; {DEFAULT_KEY} is "
-    "build-db's default key), `minilm` (all six: the sentence embedding) or `none`; repeatable.",
+    "build-db's default key), `minilm` (all six: the sentence embedding), either with `-int8` (its MatMuls in int8: "
+    "faster on CPUs, no CUDA kernel), or `none`; repeatable.",
 )
 @click.option(
     "--max-length",
@@ -247,21 +248,21 @@ def export_onnx(
 
 
 def _embedder_names(values: tuple[str, ...]) -> tuple[str, ...]:
-    """export-onnx --embedder's values: none alone, or distinct minilm / minilm-N names."""
+    """export-onnx --embedder's values: none alone, or distinct minilm[-N][-int8] names."""
     if "none" in values and len(values) > 1:
         raise click.BadParameter("`none` exports no embedder; give it alone")
     if len(set(values)) != len(values):
         raise click.BadParameter(f"names an embedder twice: {', '.join(values)}")
     for value in set(values) - {"none"}:
         try:
-            embedder_layers(value)
+            parse_embedder(value)
         except RaeeConfigError as err:
             raise click.BadParameter(str(err)) from None
     return values
 
 
 def _key_spec(value: str | None) -> str | None:
-    """build-db --embedder's value: backbone, minilm, minilm-N or layer-N (whether these artifacts have it is
+    """build-db --embedder's value: backbone, minilm[-N][-int8] or layer-N (whether these artifacts have it is
     build-db's check)."""
     if value is None or value == "backbone":
         return value
@@ -271,9 +272,11 @@ def _key_spec(value: str | None) -> str | None:
         raise click.BadParameter(str(err)) from None
     if depth is None:
         try:
-            embedder_layers(value)
+            parse_embedder(value)
         except RaeeConfigError:
-            raise click.BadParameter(f"{value!r}: choose backbone, minilm, minilm-N or layer-N (N: a layer)") from None
+            raise click.BadParameter(
+                f"{value!r}: choose backbone, minilm, minilm-N (either also as ...-int8) or layer-N (N: a layer)"
+            ) from None
     return value
 
 
@@ -288,8 +291,8 @@ def _key_spec(value: str | None) -> str | None:
     default=None,
     callback=lambda ctx, param, value: _key_spec(value),
     help="Retrieval key: `minilm-N` (the exported MiniLM embedder's first N layers, mean-pooled; `minilm`: all of "
-    "it, the sentence embedding), `layer-N` (the backbone's mean state "
-    "after its first N layers, standardized on the table's rows: rows running further reuse those layers) or "
+    "it, the sentence embedding; either with `-int8`: as exported with int8 MatMuls), `layer-N` (the backbone's mean "
+    "state after its first N layers, standardized on the table's rows: rows running further reuse those layers) or "
     f"`backbone` (the embedding segment's mean: cheapest, weakest neighbours). Default: {DEFAULT_KEY} for a new "
     "table, the table's own for --mode append.",
 )

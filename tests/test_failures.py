@@ -102,7 +102,10 @@ def test_2_misspelt_options_are_usage_errors_naming_the_closest(segment_artifact
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=["--embedder", "backbone"]))
     assert run.returncode == 2 and "no such option: --embedder" in one_error_line(run)
     run = raee_ops(*build_args(segment_artifacts, db, train, extra=["--embedder", "minilm-x"]))
-    assert run.returncode == 2 and "choose backbone, minilm, minilm-N or layer-N" in one_error_line(run)
+    assert (
+        run.returncode == 2
+        and "choose backbone, minilm, minilm-N (either also as ...-int8) or layer-N" in one_error_line(run)
+    )
     run = raee_ops("export-onnx", "--model", "m", "--task", "sst2", "--out", tmp_path / "x", "--embedder", "minlm")
     assert run.returncode == 2 and "unknown embedder 'minlm'; known: minilm, minilm-N" in one_error_line(run)
     export = ["export-onnx", "--model", "m", "--task", "sst2", "--out", tmp_path / "x"]

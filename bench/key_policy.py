@@ -231,7 +231,6 @@ def run(name: str, embedders: tuple[str, ...], depths: tuple[int, ...]) -> int:
         "strategy": STRATEGY,
         "splits": splits,
         "depths": list(depths),
-        "keys": list(embedders),
         "presets": presets,
     }
     write_result(name, payload, args.quick)

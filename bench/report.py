@@ -822,7 +822,7 @@ def render_keys(result: Doc) -> list[str]:
         ]
     best = {t["task"]: max(names, key=lambda n: t["keys"][n]["vote_score"]) for t in tasks}
     lines += ["", "Best vote per task: " + ", ".join(f"{task} `{name}`" for task, name in best.items()) + "."]
-    for int8, fp32 in result.get("int8_of", {"minilm-int8": "minilm"}).items():
+    for int8, fp32 in result["int8_of"].items():
         overlap = [t["keys"][int8]["top_k_overlap_with_fp32"] for t in tasks]
         delta = [t["keys"][int8]["vote_score"] - t["keys"][fp32]["vote_score"] for t in tasks]
         lines.append(
@@ -843,7 +843,7 @@ def render_key_policy(result: Doc) -> list[str]:
     """bench/key_policy.py and bench/key_int8.py: the default fitted and scored with each retrieval key on split
     halves of the quality bench's reference tables, against each key's cost in backbone layers; a key is adoptable
     where, on every preset, its macro metric is within KEY_TOLERANCE of the first key's and it costs fewer layers."""
-    first = result.get("keys", ["minilm"])[0]
+    first = next(iter(result["presets"][0]["tasks"][0]["keys"]))  # the key the others are read against
     lines = [
         f"The default (`{result['strategy']}`) fitted on one half of each quality-bench reference table with each "
         f"key and scored on the other half, {result['splits']} seeded splits; reference rows only. Cells: the "

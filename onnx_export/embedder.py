@@ -107,9 +107,9 @@ def _write_tokenizer(directory: Path, target: Path, max_length: int) -> None:
     tokenizer.save(str(target))
 
 
-def _check(onnx_path: Path, tokenizer_path: Path, model: torch.nn.Module, layers: int | None, int8: bool) -> None:
-    """The exported graph on a right-padded batch equals HF forward (to `layers`) + mean pooling (catches a lost
-    mask); an int8 graph is within INT8_MAX_DISTANCE of it."""
+def _reference(tokenizer_path: Path, model: torch.nn.Module, layers: int | None) -> tuple[dict, np.ndarray]:
+    """The check texts as a right-padded batch (the graph's feeds) and HF forward (to `layers`) + mean pooling on
+    it: what every stored graph is checked against (a lost mask shows on the padded row)."""
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     tokenizer.enable_padding(pad_id=0)
     encodings = tokenizer.encode_batch(CHECK_TEXTS)
@@ -118,18 +118,12 @@ def _check(onnx_path: Path, tokenizer_path: Path, model: torch.nn.Module, layers
     with torch.no_grad():
         hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layers or -1]
         want = mean_pool_normalize(hidden, mask).numpy()
-    session = open_session(onnx_path)
-    (got,) = session.run(["embedding"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    if int8:
-        distance = float(np.linalg.norm(got - want, axis=1).max())
-        if distance > INT8_MAX_DISTANCE:
-            raise ArtifactError(
-                f"{onnx_path}: its int8 vectors are {distance:.3f} from torch's (at most {INT8_MAX_DISTANCE})"
-            )
-        return
-    error = float(np.abs(got - want).max())
-    if error > CHECK_ATOL:
-        raise ArtifactError(f"{onnx_path} differs from torch by {error:.2e} (limit {CHECK_ATOL:.0e})")
+    return {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, want
+
+
+def _embed(onnx_path: Path, feeds: dict) -> np.ndarray:
+    (got,) = open_session(onnx_path).run(["embedding"], feeds)
+    return got
 
 
 def export_embedder(name: str, out_dir: Path, optimize: bool = True) -> EmbedderEntry:
@@ -160,10 +154,17 @@ def export_embedder(name: str, out_dir: Path, optimize: bool = True) -> Embedder
     if optimize:
         optimize_graph(out_dir / onnx_name)
     _write_tokenizer(directory, out_dir / tokenizer_name, max_length)
-    _check(out_dir / onnx_name, out_dir / tokenizer_name, model, layers, int8=False)
+    feeds, want = _reference(out_dir / tokenizer_name, model, layers)
+    error = float(np.abs(_embed(out_dir / onnx_name, feeds) - want).max())
+    if error > CHECK_ATOL:
+        raise ArtifactError(f"{out_dir / onnx_name} differs from torch by {error:.2e} (limit {CHECK_ATOL:.0e})")
     if parse_embedder(name).int8:
         quantize_matmuls(out_dir / onnx_name, out_dir / onnx_name)
-        _check(out_dir / onnx_name, out_dir / tokenizer_name, model, layers, int8=True)
+        distance = float(np.linalg.norm(_embed(out_dir / onnx_name, feeds) - want, axis=1).max())
+        if distance > INT8_MAX_DISTANCE:
+            raise ArtifactError(
+                f"{out_dir / onnx_name}: its int8 vectors are {distance:.3f} from torch's (at most {INT8_MAX_DISTANCE})"
+            )
     return EmbedderEntry(
         name=name,
         model=FileRef.of(out_dir, onnx_name),

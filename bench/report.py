@@ -840,7 +840,7 @@ def render_keys(result: Doc) -> list[str]:
 
 
 def render_key_policy(result: Doc) -> list[str]:
-    """bench/key_policy.py and bench/key_int8.py: the default fitted and scored with each retrieval key on split
+    """bench/key_policy.py, key_int8.py and key_depth.py: the default fitted and scored with each retrieval key on split
     halves of the quality bench's reference tables, against each key's cost in backbone layers; a key is adoptable
     where, on every preset, its macro metric is within KEY_TOLERANCE of the first key's and it costs fewer layers."""
     first = next(iter(result["presets"][0]["tasks"][0]["keys"]))  # the key the others are read against
@@ -1058,6 +1058,7 @@ SECTIONS: list[tuple[str, str, Callable[[Any], list[str]]]] = [
     ("Retrieval keys", "keys", render_keys),
     ("Retrieval keys for the default", "key-policy", render_key_policy),
     ("An int8 retrieval key for the default", "key-int8", render_key_policy),
+    ("A two-layer retrieval key for the default", "key-depth", render_key_policy),
     ("Reference-size scaling", "scaling", render_scaling),
     ("GPU", "gpu-", render_gpu),
 ]

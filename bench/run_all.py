@@ -19,6 +19,7 @@ BENCHES = [
     "quality",
     "key_policy",
     "key_int8",
+    "key_depth",
     "speed",
     "int8",
     "int8_methods",

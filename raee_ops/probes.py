@@ -15,10 +15,12 @@ imports scikit-learn (build time only).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -275,10 +277,19 @@ def _cross_fit(x: np.ndarray, y: np.ndarray, folds: np.ndarray, num_labels: int,
     return out
 
 
+@functools.cache
+def _thread_pools() -> Any:
+    """The BLAS/OpenMP pools loaded once scikit-learn is: found once per process (threadpoolctl's
+    `threadpool_limits` scans every loaded library on each call, 30-60 ms, more than a small probe's fit)."""
+    import sklearn.linear_model  # noqa: F401 - loads the pools to find
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 def _fit(x: np.ndarray, y: np.ndarray, num_labels: int, c: float) -> Probe:
     """One standardized L2 multinomial logistic regression (scikit-learn, imported here: build time only)."""
     from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits
 
     x = np.asarray(x, np.float32)
     mean = x.mean(axis=0)
@@ -292,7 +303,7 @@ def _fit(x: np.ndarray, y: np.ndarray, num_labels: int, c: float) -> Probe:
     else:
         # One BLAS/OpenMP thread: a probe is a small problem (SmolLM2: 500 rows x 576, ~10 iterations), where
         # waking a thread pool for every product cost 15-35x the fit itself on 2 busy cores.
-        with threadpool_limits(limits=1):
+        with _thread_pools().limit(limits=1):
             model = LogisticRegression(C=c, max_iter=MAX_ITER, tol=1e-3).fit(z, y)
         coef, intercept = model.coef_, model.intercept_
         if len(present) == 2:  # scikit-learn gives binary problems one row: the second class against the first

@@ -23,6 +23,7 @@ from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
+from raee_ops import s3_clients
 from raee_ops.errors import MissingDependency, RaeeConfigError
 
 #: The extra that installs each scheme's filesystem, and a module whose absence means it is not installed.
@@ -59,6 +60,7 @@ def configure(beam_args: Sequence[str] | PipelineOptions = ()) -> PipelineOption
     """Give Beam's filesystems this run's options (and only this run's); returns them."""
     global _options
     options = beam_args if isinstance(beam_args, PipelineOptions) else PipelineOptions(list(beam_args))
+    s3_clients.share()
     FileSystems.set_options(options)
     _options = options
     return options
@@ -73,6 +75,7 @@ def on_worker(carried: dict[str, Any] | None) -> None:
     """Give a worker's filesystems the run's options. Beam's own worker entry point (the containers Dataflow and
     the portable runners start) does this already; a harness started another way (Beam's external worker pool)
     does not, and a worker would then reach S3 without the run's endpoint and keys."""
+    s3_clients.share()
     if carried is not None:
         configure(PipelineOptions.from_dictionary(carried))
 

@@ -301,6 +301,28 @@ def test_claims_on_an_object_store(s3, monkeypatch):
     assert keys(client, "claims/work/") == []
 
 
+def test_s3_operations_share_one_client_per_setting_set(s3, monkeypatch):
+    """Beam's S3 filesystem asks for a client at every operation; building one costs ~0.4 s, so the same settings
+    get the same client, and other settings (another region) their own."""
+    import boto3
+
+    from raee_ops import storage
+
+    endpoint, client = s3
+    made = []
+    real = boto3.session.Session.client
+    monkeypatch.setattr(boto3.session.Session, "client", lambda *a, **kw: made.append(kw) or real(*a, **kw))
+    for region in ("us-east-1", "eu-west-1"):
+        storage.configure([*s3_args(endpoint)[:-1], region])
+        place = f"s3://{BUCKET}/shared/{region}"
+        storage.write_bytes(f"{place}/a", b"a")
+        assert storage.exists(f"{place}/a") and storage.read_bytes(f"{place}/a") == b"a"
+        assert storage.children(place) == ["a"]
+        storage.delete([f"{place}/a"])
+        assert not storage.exists(f"{place}/a")
+    assert [kw["region_name"] for kw in made] == ["us-east-1", "eu-west-1"]
+
+
 def test_an_s3_export_folder_keeps_what_is_not_the_export(s3, segment_artifacts):  # noqa: F811
     """A re-export replaces its s3:// --out whole: a database may not be built in it, and one found there (or any
     object its manifest does not list) refuses the export, before the model loads."""

@@ -32,7 +32,7 @@ demo: $(STAMP)
 
 # Two workers, a test file per worker at a time (module fixtures are built once): 6½-11 min of tests on a 2-core AVX2 EPYC.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # The README's build line; tests/test_wheel.py installs the result into a fresh venv and runs it.
 wheel: $(STAMP)

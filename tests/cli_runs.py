@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from raee_ops.onnx_export.model_source import PRESETS
 
 TIMEOUT_S = 300
 ZYGOTE = Path(__file__).with_name("cli_zygote.py")
@@ -113,7 +114,7 @@ def raee_ops(
     environment = _environment((env or {}) | {k: v for k, v in extra.items() if v})
     argv = [str(a) for a in args]
     if not fresh:
-        kind = "export" if argv[:1] == ["export-onnx"] else "commands"
+        kind = "export" if _loads_a_model(argv, cwd) else "commands"
         if kind not in _zygotes or _zygotes[kind].process.poll() is not None:
             _zygotes[kind] = _Zygote(kind)
         return _zygotes[kind].run(argv, environment, cwd, timeout)
@@ -126,6 +127,15 @@ def raee_ops(
         cwd=cwd,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+def _loads_a_model(argv: list[str], cwd: Path | None) -> bool:
+    """An export-onnx whose --model is there gets the parent with torch imported; one refused before the model loads
+    (no such model, a bad option) needs no torch, and a parent started for it alone costs ~20 s of CPU."""
+    if argv[:1] != ["export-onnx"] or "--model" not in argv[:-1]:
+        return False
+    model = argv[argv.index("--model") + 1]
+    return model in PRESETS or Path(cwd or os.getcwd(), model).exists()
 
 
 def one_error_line(run: subprocess.CompletedProcess) -> str:

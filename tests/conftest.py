@@ -34,6 +34,28 @@ def tiny_llama_artifacts(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPath
     return out
 
 
+#: The longest test files (one to six minutes each on 2 cores), longest first. pytest-xdist (`make test`: --dist
+#: loadfile --no-loadscope-reorder) hands out files in collection order as workers free up; its default order (most
+#: tests first) left test_wheel, two tests and a minute or more, to run last while the other worker sat idle.
+LONGEST_FIRST = (
+    "test_failures.py",
+    "test_faults.py",
+    "test_object_store.py",
+    "test_runners.py",
+    "test_wheel.py",
+    "test_decoder_export.py",
+    "test_pipelines.py",
+    "test_probe_pipelines.py",
+    "test_evaluate.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest files first (each file's tests keep their order), so the workers finish together."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 class FaultRecord(NamedTuple):
     command: str
     point: str

@@ -94,9 +94,11 @@ class BeamCommand(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         opts, extra, order = self.make_parser(ctx).parse_args(args=list(args))  # parses only: nothing checked yet
         logs.configure(-1 if opts.get("quiet") else int(opts.get("verbose") or 0))  # before importing Beam
-        from raee_ops.pipelines.options import unknown_args
+        help_option = self.get_help_option(ctx)
+        asks_help = help_option is not None and opts.get(help_option.name or "")
+        if not ctx.resilient_parsing and not asks_help:  # help needs no Beam (its import: ~4 s)
+            from raee_ops.pipelines.options import unknown_args
 
-        if not ctx.resilient_parsing and not set(extra) & set(HELP["help_option_names"]):
             problem = unknown_args(extra, [o for p in self.params for o in p.opts])
             if problem:
                 raise click.UsageError(problem, ctx)

@@ -1,8 +1,6 @@
 """evaluate on tiny segment artifacts: the report agrees with an independent all-layers run and with itself."""
 
 import json
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -10,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_runs import raee_ops
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.commit import locked
 from raee_ops.schemas.manifest import load_manifest
@@ -124,12 +123,7 @@ def test_cli_writes_the_report_and_exits_2_on_a_missing_column(segment_artifacts
             "--strategy",
             "raee",
         ]
-        return subprocess.run(
-            [sys.executable, "-c", "from raee_ops.cli import main; main()", "evaluate", *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return raee_ops("evaluate", *args)
 
     ok = run(held_out, tmp_path / "ok")
     assert ok.returncode == 0, ok.stderr

@@ -455,7 +455,7 @@ def test_11_no_third_party_noise_unless_verbose(segment_artifacts, tmp_path):  #
     assert run.returncode == 0 and run.stdout.startswith("build-db sst2 (overwrite)"), run.stderr
     assert "WARN" not in run.stderr and "apitools" not in run.stderr
     assert "table version" in run.stdout
-    run = raee_ops(*build_args(segment_artifacts, tmp_path / "db2", train, extra=["-q"]), fresh=True)
+    run = raee_ops(*build_args(segment_artifacts, tmp_path / "db2", train, extra=["-q"]))  # import noise: above
     assert run.returncode == 0 and run.stdout == "" and run.stderr == ""
 
 

@@ -260,14 +260,18 @@ class _Interrupts:
 
     def _note(self, signum: int, frame: object) -> None:
         self.seen = True
-        if self._local_workers:
-            _stop_workers()
+        self.stop_workers()
         signal.default_int_handler(signum, frame)
 
     def _terminated(self, signum: int, frame: object) -> None:
+        self.stop_workers()
+        raise _Terminated
+
+    def stop_workers(self) -> None:
+        """Stop the local runner's workers: at the signal, and again once the job is cancelled, since the runner's
+        threads may have started another worker in between (it outlived a terminated run, holding its stderr)."""
         if self._local_workers:
             _stop_workers()
-        raise _Terminated
 
 
 def _stop_workers() -> None:
@@ -312,9 +316,11 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
             state = result.wait_until_finish()
     except KeyboardInterrupt:
         _cancel(result, what)
+        interrupted.stop_workers()
         raise
     except _Terminated:
         _cancel(result, what)
+        interrupted.stop_workers()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)  # status -15, nothing else cleaned up, as SIGTERM leaves a process
         raise

@@ -7,7 +7,6 @@ import importlib.util
 import os
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,6 @@ from raee_ops.errors import ArtifactError, RaeeConfigError, RaeeRunError
 from raee_ops.tasks import PRESETS, Task
 
 TASKS = [PRESETS["sst2"], PRESETS["rte"]]
-SCRIPT = Path(sys.executable).with_name("raee-ops")
 
 
 def export(model: Path, out: Path, tasks: list[Task] = TASKS) -> None:
@@ -235,26 +233,13 @@ def test_failed_export_leaves_no_manifest_and_keeps_old(
 
 
 def test_cli_help() -> None:
-    result = subprocess.run([str(SCRIPT), "export-onnx", "--help"], capture_output=True, text=True)
+    result = run_cli("export-onnx", "--help")
     assert result.returncode == 0
     assert "--model" in result.stdout and "--task" in result.stdout
 
 
 def test_cli_bad_model_exits_nonzero(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            str(SCRIPT),
-            "export-onnx",
-            "--model",
-            str(tmp_path / "missing.gguf"),
-            "--task",
-            "sst2",
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = run_cli("export-onnx", "--model", tmp_path / "missing.gguf", "--task", "sst2", "--out", tmp_path / "out")
     assert result.returncode == 2 and "GGUF file not found" in result.stderr
 
 
@@ -266,7 +251,7 @@ def test_cli_refuses_an_out_it_would_wipe_or_cannot_reach_before_loading(tmp_pat
     (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
     for out, problem in (("mine", "holds files that are not an export"), ("broken/o", "is a link to nothing")):
         args = ["export-onnx", "--model", str(tmp_path / "missing.gguf"), "--task", "sst2", "--out", tmp_path / out]
-        result = subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+        result = run_cli(*args)
         assert result.returncode == 2 and problem in result.stderr, result.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 

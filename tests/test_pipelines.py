@@ -3,8 +3,6 @@
 import glob
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lancedb
@@ -12,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_runs import raee_ops
 from raee_ops.pipelines import build_db
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
@@ -210,25 +209,8 @@ def test_mismatched_tables_and_run_level_errors_fail_before_work(segment_artifac
 
 def test_missing_columns_exit_2_through_the_cli(segment_artifacts, tmp_path):  # noqa: F811
     pq.write_table(pa.table({"text": ["good"]}), tmp_path / "nolabel.parquet")
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from raee_ops.cli import main; main()",
-            "build-db",
-            "--artifacts",
-            str(segment_artifacts),
-            "--task",
-            "sst2",
-            "--input",
-            str(tmp_path / "nolabel.parquet"),
-            "--db",
-            str(tmp_path / "db"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    args = ["--artifacts", segment_artifacts, "--task", "sst2", "--input", tmp_path / "nolabel.parquet"]
+    run = raee_ops("build-db", *args, "--db", tmp_path / "db")
     assert run.returncode == 2
     assert "error:" in run.stderr and "missing column(s) label" in run.stderr
     assert not (tmp_path / "db").exists()

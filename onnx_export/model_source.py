@@ -11,6 +11,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ from raee_ops.errors import RaeeConfigError
 from raee_ops.key_names import model_dir
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+GGUF_MAGIC = b"GGUF"
+#: A GGUF file's fixed header: the magic, a uint32 version, the uint64 counts of its tensors and metadata entries.
+GGUF_HEADER = struct.Struct("<4sIQQ")
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ def resolve(spec: str) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise RaeeConfigError(f"--model {spec}: GGUF file not found")
+        _check_gguf_header(path, spec)
         return ModelSource(path.resolve().parent, path.name, str(path.resolve()))
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -82,6 +87,19 @@ def resolve(spec: str) -> ModelSource:
     raise RaeeConfigError(
         f"--model {spec}: not a preset ({', '.join(PRESETS)}), an existing .gguf file or a model directory"
     )
+
+
+def _check_gguf_header(path: Path, spec: str) -> None:
+    """Refuse a file that cannot be a GGUF (another format, or cut short within its header) before transformers is
+    imported (~20 s) to find out; damage further in is found when its config or weights are read."""
+    with open(path, "rb") as file:
+        head = file.read(GGUF_HEADER.size)
+    if head[:4] != GGUF_MAGIC:
+        raise RaeeConfigError(f"--model {spec}: not a GGUF file (it does not start with {GGUF_MAGIC!r})")
+    if len(head) < GGUF_HEADER.size:
+        raise RaeeConfigError(
+            f"cannot read a model config from {path.resolve()}: its GGUF header is cut short ({len(head)} bytes)"
+        )
 
 
 def fingerprint(source: ModelSource) -> str:

@@ -126,6 +126,16 @@ def test_bad_spec(spec: str, message: str) -> None:
         resolve(spec)
 
 
+def test_a_file_that_is_no_gguf_is_refused_before_transformers_reads_it(tmp_path: Path) -> None:
+    other = tmp_path / "model.gguf"
+    other.write_bytes(b"PK\x03\x04" + bytes(40))  # a zip (a PyTorch checkpoint) under a .gguf name
+    with pytest.raises(RaeeConfigError, match="not a GGUF file"):
+        resolve(str(other))
+    other.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(8))  # the tensor count, then nothing
+    with pytest.raises(RaeeConfigError, match=r"its GGUF header is cut short \(16 bytes\)"):
+        resolve(str(other))
+
+
 def _without(directory: Path, *names: str) -> None:
     for name in names:
         (directory / name).unlink()

@@ -94,8 +94,8 @@ class BeamCommand(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         opts, extra, order = self.make_parser(ctx).parse_args(args=list(args))  # parses only: nothing checked yet
         logs.configure(-1 if opts.get("quiet") else int(opts.get("verbose") or 0))  # before importing Beam
-        help_option = self.get_help_option(ctx)
-        asks_help = help_option is not None and opts.get(help_option.name or "")
+        help_option = self.get_help_option(ctx)  # --help parsed as click's own option, or left among the extras
+        asks_help = help_option is not None and (opts.get(help_option.name or "") or set(extra) & set(help_option.opts))
         if not ctx.resilient_parsing and not asks_help:  # help needs no Beam (its import: ~4 s)
             from raee_ops.pipelines.options import unknown_args
 

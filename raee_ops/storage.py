@@ -24,7 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
 from raee_ops import s3_clients
-from raee_ops.errors import MissingDependency, RaeeConfigError
+from raee_ops.errors import MissingDependency, RaeeConfigError, StoreUnavailable
 
 #: The extra that installs each scheme's filesystem, and a module whose absence means it is not installed.
 EXTRAS = {"s3": ("aws", "boto3"), "gs": ("gcp", "google.cloud.storage")}
@@ -111,10 +111,18 @@ def _check_bucket(uri: str, what: str) -> None:
     nothing; a scheduled job would hang instead of failing with a line to read."""
     import boto3
     from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
 
     s3 = _options.view_as(S3Options)
     bucket = uri[len("s3://") :].split("/", 1)[0]
+    where = s3.s3_endpoint_url or "AWS"
     if (s3.s3_endpoint_url, bucket) in _reached:
         return
     try:
@@ -131,10 +139,17 @@ def _check_bucket(uri: str, what: str) -> None:
         )
         client.head_bucket(Bucket=bucket)
     except ClientError as exc:  # the store answered: a missing bucket is a typo; a refusal may be policy, left to it
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+        error = exc.response.get("Error", {}).get("Code")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if error in ("404", "NoSuchBucket"):
             raise RaeeConfigError(f"{what} {uri}: no bucket {bucket!r} at {s3.s3_endpoint_url or 'AWS S3'}") from exc
-    except (BotoCoreError, ValueError) as exc:  # no connection, a timeout, no credentials, a malformed endpoint
-        raise RaeeConfigError(f"{what} {uri}: cannot reach S3 at {s3.s3_endpoint_url or 'AWS'}: {exc}") from exc
+        if status >= 500:  # 500, 503 SlowDown: the store is failing, not the request
+            raise StoreUnavailable(f"{what} {uri}: S3 at {where} is failing ({error}); retry later") from exc
+    except (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError) as exc:
+        # nothing answered: a store that is down (or an endpoint spelled wrong: the line names it)
+        raise StoreUnavailable(f"{what} {uri}: cannot reach S3 at {where}: {exc} (retry later)") from exc
+    except (BotoCoreError, ValueError) as exc:  # no credentials, a malformed endpoint: no retry will mend them
+        raise RaeeConfigError(f"{what} {uri}: cannot reach S3 at {where}: {exc}") from exc
     _reached.add((s3.s3_endpoint_url, bucket))
 
 

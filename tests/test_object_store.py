@@ -4,6 +4,8 @@ and workers in their own processes that share no disk with the driver."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
 import os
 import re
@@ -12,7 +14,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cli_runs
@@ -208,13 +212,18 @@ def test_missing_options_and_live_claims_are_refused(s3, segment_artifacts, tmp_
     assert busy.returncode == 75 and "another run is writing table 'sst2'" in one_error_line(busy)
     gone = raee_ops("info", "--db", "s3://no-such-bucket/db", *s3_args(endpoint), env=env, cwd=cwd)
     assert gone.returncode == 2 and "--db s3://no-such-bucket/db: no bucket 'no-such-bucket'" in one_error_line(gone)
-    # Beam's S3 client would retry these for minutes, silently: each is one line, at once
+    # Beam's S3 client would retry these for minutes, silently: each is one line, at once, and a store that does
+    # not answer (or answers 503) is a scheduler's retry (75), not a configuration to mend (2)
     elsewhere = s3_args(f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
     run = raee_ops(*args, *elsewhere, env=env, cwd=cwd)
-    assert run.returncode == 2 and "cannot reach S3 at http://127.0.0.1:" in one_error_line(run)
+    assert run.returncode == 75 and "cannot reach S3 at http://127.0.0.1:" in one_error_line(run)
+    assert one_error_line(run).endswith("(retry later)")
     run = raee_ops("info", "--db", f"s3://{BUCKET}/refused/db", *elsewhere, env=env, cwd=cwd)  # LanceDB's retries
-    assert run.returncode == 2 and "cannot reach S3 at http://127.0.0.1:" in one_error_line(run)
+    assert run.returncode == 75 and "cannot reach S3 at http://127.0.0.1:" in one_error_line(run)
+    with failing_store() as failing:
+        run = raee_ops(*args, *s3_args(failing), env=env, cwd=cwd)
+    assert run.returncode == 75 and f"S3 at {failing} is failing (503); retry later" in one_error_line(run)
     assert time.monotonic() - started < 60
     run = raee_ops(*args[:-1], f"s3://{BUCKET}", *s3_args(endpoint), env=env, cwd=cwd)
     assert run.returncode == 2 and "give a folder inside the bucket" in one_error_line(run)
@@ -223,6 +232,31 @@ def test_missing_options_and_live_claims_are_refused(s3, segment_artifacts, tmp_
     run = raee_ops(*args[:-1], "s3://no-such-bucket/out", *s3_args(endpoint), env=env, cwd=cwd)
     assert run.returncode == 2 and "no bucket 'no-such-bucket'" in one_error_line(run)
     assert list(cwd.iterdir()) == []
+
+
+@contextlib.contextmanager
+def failing_store() -> Iterator[str]:
+    """An S3 endpoint on 127.0.0.1 that answers every request 503 Slow Down, as a store under strain does."""
+
+    class SlowDown(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_PUT = do_POST = do_HEAD  # noqa: N815
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowDown)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def private_worker_pool(port: int, root: Path) -> subprocess.Popen:

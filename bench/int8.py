@@ -4,7 +4,7 @@ on its own artifacts' hidden states) and its speed per row in process, with the 
 Issue 12's goal: the int8 default at ≥ 1.8× the fp32 default's rows/s, its metric within 1 point (macro over the
 tasks). fp32 artifacts are the quality bench's (.bench/artifacts-<preset>); the int8 ones are exported beside them
 with `export-onnx --quantize int8` and the same embedders (the export refuses int8 layers that drift too far from
-fp32; it quantizes the layers only, so both variants run the same key: the artifacts' own, minilm-3-int8 by default).
+fp32; it quantizes the layers only, so both variants run the same key: the artifacts' own, `DEFAULT_KEY` unless told).
 """
 
 from __future__ import annotations

@@ -47,7 +47,9 @@ from raee_ops.faults import fault_point
 
 TEMPORARY = "_temporary"
 SUCCESS = "_SUCCESS"
-#: The names a run is moving into its output folder, written before the first move, removed after `_SUCCESS`.
+#: A run is moving files into this folder: written before the first move, removed once it is complete. In an output
+#: folder it lists the names being moved; in an object-store export's --out (export._publish_remote) it marks an
+#: export's folder, even without a manifest.
 PUBLISHING = "_PUBLISHING"
 CLAIM = "_CLAIM-"
 #: How often a run on an object store rewrites its claim, and after how long without it a claim is a dead run's.

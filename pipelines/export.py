@@ -28,8 +28,8 @@ from raee_ops.onnx_export.segments import export_segment
 from raee_ops.onnx_export.tokenizer_file import save_tokenizer
 from raee_ops.onnx_export.verbalizer import label_token_ids
 from raee_ops.onnx_export.verify import verify_export
-from raee_ops.pipelines.commit import CLAIM, hold, new_run_id, reclaim_siblings, say, scratch_folder
-from raee_ops.pipelines.export_checks import PUBLISHING, check_before_loading
+from raee_ops.pipelines.commit import CLAIM, PUBLISHING, hold, new_run_id, reclaim_siblings, say, scratch_folder
+from raee_ops.pipelines.export_checks import check_before_loading
 from raee_ops.pipelines.options import make_pipeline, run_pipeline
 from raee_ops.schemas.manifest import (
     MANIFEST_NAME,

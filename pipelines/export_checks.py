@@ -9,16 +9,13 @@ import os
 from collections.abc import Sequence
 
 from raee_ops.onnx_export.model_source import resolve
-from raee_ops.pipelines.commit import CLAIM, some
+from raee_ops.pipelines.commit import CLAIM, PUBLISHING, some
 from raee_ops.schemas.manifest import MANIFEST_NAME, check_outside_artifacts, load_manifest
 
 from raee_ops import storage
 from raee_ops.errors import ArtifactError, RaeeConfigError
 from raee_ops.key_names import embedder_depth
 
-#: On an object store, an --out being published into (see export._publish_remote): an export's folder, even without
-#: a manifest.
-PUBLISHING = "_PUBLISHING"
 #: A LanceDB table: a folder of this pattern in its database.
 TABLE_FOLDERS = "*.lance"
 

@@ -276,9 +276,23 @@ def check_table_contents(
     rows = table.count_rows()
     if rows == 0 and reads_rows:
         raise RaeeConfigError(f"{where} is empty: add reference rows with build-db --mode append first")
+    if reads_rows:
+        check_readable(table, where)
     probes = table_probes(table.schema)
     if probes is not None or needed:
         check_probes(probes, probe_identity(expected, rows), where)
+
+
+def check_readable(table: lancedb.table.Table, where: str) -> None:
+    """Read one small column of every row, so a table whose data files are gone or cut short (its manifest still
+    names them) is refused here in one line, not by every worker's first search."""
+    try:
+        table.search().select(["label"]).limit(None).to_arrow()
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise RaeeConfigError(
+            f"{where} cannot be read (damaged or incomplete files? restore them, or rebuild it with build-db): "
+            f"{_problem(exc)}"
+        ) from exc
 
 
 def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels: int) -> Neighbours:

@@ -536,6 +536,21 @@ def test_a_table_built_with_another_prompt_is_refused(segment_artifacts, db, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("damage", ["deleted", "cut short"])
+def test_a_table_whose_data_files_are_damaged_is_refused_before_any_work(segment_artifacts, db, tmp_path, damage):  # noqa: F811
+    """Its manifest still names the files: the workers' first search used to fail the job (exit 1, a worker's
+    error); now the driver reads every row's label first and refuses it in one line."""
+    damaged = tmp_path / "db"
+    shutil.copytree(db, damaged)
+    for data in (damaged / "sst2.lance" / "data").glob("*.lance"):
+        data.unlink() if damage == "deleted" else os.truncate(data, data.stat().st_size // 2)
+    queries = labelled(tmp_path / "q.parquet", 3, 1, "q", bad=False)
+    run = raee_ops(*classify_args(segment_artifacts, damaged, tmp_path / "out", queries))
+    line = one_error_line(run)
+    assert run.returncode == 2 and line.startswith(f"error: table 'sst2' in {damaged} cannot be read (damaged"), line
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_row_that_fails_where_its_batch_runs_is_rejected_alone(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
     rows = labelled(tmp_path / "rows.parquet", 4, 0, "r", bad=False)
     table = next(iter(read_validated_file(str(rows), PRESETS["sst2"], need_label=True))).valid

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import apache_beam as beam
+import lancedb
 import pyarrow as pa
 import pyarrow.compute as pc
 from raee_ops.pipelines.commit import SUCCESS, claim_work_dir, job_digest, new_run_id
@@ -69,6 +70,7 @@ from raee_ops.retrieval import (
     key_available,
     open_listed,
     open_table,
+    read_column,
     table_meta,
     table_names,
     table_probes,
@@ -173,7 +175,10 @@ def claimed_append_base(
         if not opened.list_indices():  # killed between its commit and its index
             build_index(opened)
         return AppendBase(opened.version, None, done=record)
-    present = opened.search().select([ID]).limit(None).to_arrow().column(ID).combine_chunks()  # the ids alone
+    present = read_column(opened, ID, f"table {table!r} in {db_uri}").combine_chunks()  # the ids alone
+    features = features_at(db_uri, table, opened.schema, storage_options)
+    if features is not None:  # what the refit reads after the work, read now
+        read_column(features, ID, f"table {table + FEATURES_SUFFIX!r} in {db_uri}")
     clash = ids.filter(pc.is_in(ids, value_set=present))
     if len(clash):
         shown = _examples(clash)
@@ -384,13 +389,22 @@ def group_map(ids: pa.Array, file_names: list[pa.Array], mode: str) -> dict[str,
 def previous_rows(
     db_uri: str, name: str, version: int, storage_options: dict[str, str] | None = None
 ) -> tuple[pa.Table, pa.Table | None]:
-    """What append builds on: the table's rows at `version` and its probes' feature rows, at the companion version
-    written with it (None for tables built without; the latest for tables built before build-db recorded it)."""
+    """What append builds on: the table's rows at `version` and its probes' feature rows (None for tables built
+    without)."""
     rows = open_table(db_uri, name, version, storage_options).to_arrow()
-    pinned = (rows.schema.metadata or {}).get(FEATURES_VERSION_META_KEY)
+    features = features_at(db_uri, name, rows.schema, storage_options)
+    return rows, None if features is None else features.to_arrow()
+
+
+def features_at(
+    db_uri: str, name: str, schema: pa.Schema, storage_options: dict[str, str] | None = None
+) -> lancedb.table.Table | None:
+    """The probes' feature rows for the table version of `schema`: the companion at the version written with it
+    (None for tables built without; the latest for tables built before build-db recorded it)."""
+    pinned = (schema.metadata or {}).get(FEATURES_VERSION_META_KEY)
     db = connect(db_uri, storage_options)
     if name + FEATURES_SUFFIX not in table_names(db):
-        return rows, None
+        return None
     features = open_listed(db, db_uri, name + FEATURES_SUFFIX)
     if pinned is not None:
         known = [v["version"] for v in features.list_versions()]
@@ -400,7 +414,7 @@ def previous_rows(
                 "which is gone; rebuild the table"
             )
         features.checkout(int(pinned))
-    return rows, features.to_arrow()
+    return features
 
 
 def commit(

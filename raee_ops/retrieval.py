@@ -277,17 +277,17 @@ def check_table_contents(
     if rows == 0 and reads_rows:
         raise RaeeConfigError(f"{where} is empty: add reference rows with build-db --mode append first")
     if reads_rows:
-        check_readable(table, where)
+        read_column(table, "label", where)  # the workers' first search must not be where damaged files show
     probes = table_probes(table.schema)
     if probes is not None or needed:
         check_probes(probes, probe_identity(expected, rows), where)
 
 
-def check_readable(table: lancedb.table.Table, where: str) -> None:
-    """Read one small column of every row, so a table whose data files are gone or cut short (its manifest still
-    names them) is refused here in one line, not by every worker's first search."""
+def read_column(table: lancedb.table.Table, column: str, where: str) -> pa.ChunkedArray:
+    """One column of every row; a table whose data files are gone or cut short (its manifest still names them) is
+    one line, not the Rust reader's error in the middle of a run."""
     try:
-        table.search().select(["label"]).limit(None).to_arrow()
+        return table.search().select([column]).limit(None).to_arrow().column(column)
     except (ValueError, OSError, RuntimeError) as exc:
         raise RaeeConfigError(
             f"{where} cannot be read (damaged or incomplete files? restore them, or rebuild it with build-db): "

@@ -536,19 +536,39 @@ def test_a_table_built_with_another_prompt_is_refused(segment_artifacts, db, tmp
     assert not (tmp_path / "out").exists()
 
 
+def damaged_copy(db: Path, to: Path, table: str, damage: str) -> Path:
+    """The database's tables (not what other tests' runs left beside them), `table`'s data files deleted or cut."""
+    shutil.copytree(
+        db, to, ignore=lambda folder, names: [n for n in names if n.startswith("_")] if folder == str(db) else []
+    )
+    for data in (to / f"{table}.lance" / "data").glob("*.lance"):
+        data.unlink() if damage == "deleted" else os.truncate(data, data.stat().st_size // 2)
+    return to
+
+
 @pytest.mark.parametrize("damage", ["deleted", "cut short"])
 def test_a_table_whose_data_files_are_damaged_is_refused_before_any_work(segment_artifacts, db, tmp_path, damage):  # noqa: F811
     """Its manifest still names the files: the workers' first search used to fail the job (exit 1, a worker's
     error); now the driver reads every row's label first and refuses it in one line."""
-    damaged = tmp_path / "db"
-    shutil.copytree(db, damaged)
-    for data in (damaged / "sst2.lance" / "data").glob("*.lance"):
-        data.unlink() if damage == "deleted" else os.truncate(data, data.stat().st_size // 2)
+    damaged = damaged_copy(db, tmp_path / "db", "sst2", damage)
     queries = labelled(tmp_path / "q.parquet", 3, 1, "q", bad=False)
     run = raee_ops(*classify_args(segment_artifacts, damaged, tmp_path / "out", queries))
     line = one_error_line(run)
     assert run.returncode == 2 and line.startswith(f"error: table 'sst2' in {damaged} cannot be read (damaged"), line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("table", ["sst2", "sst2" + FEATURES_SUFFIX])
+def test_append_to_a_table_with_damaged_data_files_is_refused_before_the_work(segment_artifacts, db, tmp_path, table):  # noqa: F811
+    """The companion's rows are read only for the refit, after every row ran the backbone: it used to fail there
+    as an internal error (exit 1). Now both tables are read under the claim, before the work; nothing changes."""
+    before = table_state(db)
+    damaged = damaged_copy(db, tmp_path / "db", table, "deleted")
+    more = labelled(tmp_path / "more.parquet", 4, 7, "more", bad=False)
+    run = raee_ops(*build_args(segment_artifacts, damaged, more, extra=["--mode", "append"]))
+    line = one_error_line(run)
+    assert run.returncode == 2 and line.startswith(f"error: table {table!r} in {damaged} cannot be read (damaged"), line
+    assert "inference" not in run.stderr and table_state(damaged) == before
 
 
 def test_a_row_that_fails_where_its_batch_runs_is_rejected_alone(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811

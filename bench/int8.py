@@ -117,7 +117,12 @@ def main() -> int:
     for preset in args.preset or PRESETS[:1]:
         artifacts = {"fp32": quality.ensure_artifacts(preset), "int8": quality.ensure_artifacts(preset, "int8")}
         method = load_manifest(artifacts["int8"], verify_checksums=False).quantization["method"]
-        payload: dict[str, Any] = {"preset": preset, "default_strategy": DEFAULT_STRATEGY, "int8_method": method}
+        payload: dict[str, Any] = {
+            "preset": preset,
+            "default_strategy": DEFAULT_STRATEGY,
+            "int8_method": method,
+            "embedder": quality.EMBEDDER,
+        }
         if not args.quality_only:  # first: a fresh process, nothing else loaded yet
             payload["speed"] = speeds(artifacts, preset, args.quick, data, args.baseline_artifacts)
             payload["timing"] = TIMING

@@ -680,7 +680,8 @@ def render_int8(result: Doc) -> list[str]:
     a `--speed-only` result (int8-speed-<preset>) has the speed part alone, a `--quality-only` one the metrics."""
     tasks = result.get("tasks")
     method = result.get("int8_method", "ONNX Runtime's dynamic quantization, one input scale per batch")
-    lines: list[str] = [f"INT8 method: {method}.", ""]
+    key = f" Key: `{result['embedder']}`." if "embedder" in result else " Key: not recorded (runs before it was)."
+    lines: list[str] = [f"INT8 method: {method}.{key}", ""]
     verdicts = []
     if tasks:
         lines += [

@@ -238,8 +238,12 @@ class _Interrupts:
     process alone (a scheduler's, not a terminal's) never reaches them. Interrupted, the runner waited for them to
     end (a SIGINT while they started hung the run); terminated, they outlived the run, waiting for its servers."""
 
+    #: How often, once signalled, the local runner's workers are stopped again until the block is left.
+    REAP_EVERY_S = 0.2
+
     def __init__(self, local_workers: bool = False) -> None:
         self.seen = False
+        self._left = threading.Event()
         main = threading.current_thread() is threading.main_thread()
         # only Python's own handling is replaced: an ignored SIGINT (a `cmd &` job, `trap '' INT`) stays so
         self._sigint = main and signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -253,6 +257,7 @@ class _Interrupts:
             signal.signal(signal.SIGTERM, self._terminated)
 
     def __exit__(self, *exc: object) -> None:
+        self._left.set()
         if self._sigint:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         if self._sigterm:
@@ -260,12 +265,25 @@ class _Interrupts:
 
     def _note(self, signum: int, frame: object) -> None:
         self.seen = True
-        self.stop_workers()
+        self._reap()
         signal.default_int_handler(signum, frame)
 
     def _terminated(self, signum: int, frame: object) -> None:
-        self.stop_workers()
+        self._reap()
         raise _Terminated
+
+    def _reap(self) -> None:
+        """Stop the workers now and, from a daemon thread, again and again until the block is left: the runner
+        unwinding the signal joins its worker threads, and one that started a worker after the first stop waited
+        on it forever (a SIGINT while workers started, under load: the run hung)."""
+        if not self._local_workers:
+            return
+        _stop_workers()
+        threading.Thread(target=self._reap_until_left, name="raee-reap-workers", daemon=True).start()
+
+    def _reap_until_left(self) -> None:
+        while not self._left.wait(self.REAP_EVERY_S):
+            _stop_workers()
 
     def stop_workers(self) -> None:
         """Stop the local runner's workers: at the signal, and again once the job is cancelled, since the runner's

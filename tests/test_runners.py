@@ -11,7 +11,7 @@ import grpc
 import pytest
 from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
 from cli_runs import raee_ops
-from raee_ops.pipelines import inference
+from raee_ops.pipelines import inference, options
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
@@ -105,6 +105,25 @@ def test_a_signal_to_the_driver_alone_stops_the_multi_process_workers(
         time.sleep(0.2)  # SIGTERM'd; init reaps them
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived its interrupted run"
     assert not (tmp_path / "db" / "sst2.lance").exists()
+
+
+def test_a_worker_started_after_the_signal_is_stopped_too():
+    """The runner unwinding a signal joins its worker threads; one that started its worker process after the
+    driver stopped the others waited on it forever (once in a loaded `make test`: the run hung). Here the main thread
+    plays that runner: interrupted, it starts a process and waits for it, which must be stopped in well under its
+    60 s; once the block is left, nothing is stopped any more."""
+    interrupts = options._Interrupts(local_workers=True)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), interrupts:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises here
+        finally:
+            late = subprocess.Popen(["sleep", "60"])
+            assert late.wait(timeout=30) == -signal.SIGTERM
+    assert interrupts.seen and time.monotonic() - started < 10
+    after = subprocess.Popen(["sleep", "1"])
+    assert after.wait(timeout=30) == 0
 
 
 def worker_processes(parent: int) -> list[int]:

@@ -138,9 +138,15 @@ def open_listed(db: lancedb.DBConnection, db_uri: str, name: str) -> lancedb.tab
     try:
         return db.open_table(name)
     except (ValueError, OSError, RuntimeError) as exc:
-        raise RaeeConfigError(
-            f"table {name!r} in {db_uri} cannot be read (damaged or incomplete files?): {_problem(exc)}"
-        ) from exc
+        raise _unreadable(f"table {name!r} in {db_uri}", exc) from exc
+
+
+def _unreadable(where: str, exc: Exception) -> RaeeConfigError:
+    """The one line for a table whose files LanceDB cannot read, whichever read found it."""
+    return RaeeConfigError(
+        f"{where} cannot be read (damaged or incomplete files?): {_problem(exc)}; restore them, or rebuild it with "
+        "build-db"
+    )
 
 
 def open_table(
@@ -289,10 +295,7 @@ def read_column(table: lancedb.table.Table, column: str, where: str) -> pa.Chunk
     try:
         return table.search().select([column]).limit(None).to_arrow().column(column)
     except (ValueError, OSError, RuntimeError) as exc:
-        raise RaeeConfigError(
-            f"{where} cannot be read (damaged or incomplete files? restore them, or rebuild it with build-db): "
-            f"{_problem(exc)}"
-        ) from exc
+        raise _unreadable(where, exc) from exc
 
 
 def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels: int) -> Neighbours:

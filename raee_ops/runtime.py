@@ -25,6 +25,8 @@ OrtFail = ort.capi.onnxruntime_pybind11_state.Fail
 log = logging.getLogger(__name__)
 
 BACKBONE = "backbone"
+#: The graphs a device chain runs between layers (package data, written by raee_ops.onnx_export.device_ops).
+DEVICE_GRAPHS = Path(__file__).resolve().parent / "graphs"
 #: Rows per ONNX call; rows are sorted by length first so each sub-batch carries little padding.
 SUB_BATCH = 32
 
@@ -147,6 +149,7 @@ def readout_positions(ids: np.ndarray, lengths: np.ndarray, readout: str, mask_t
 #: How a layer's hidden states become one vector per row, in the order pooled arrays hold them: the mean over the
 #: prompt's real tokens, and the readout token (where the label-word head reads).
 POOLINGS = ("mean", "readout")
+READOUT = POOLINGS.index("readout")
 
 
 def mean_states(pooled: np.ndarray) -> np.ndarray:
@@ -155,12 +158,18 @@ def mean_states(pooled: np.ndarray) -> np.ndarray:
     return pooled[..., POOLINGS.index("mean"), :]
 
 
-def pool(hidden: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """B×POOLINGS×H: masked mean over tokens and the readout token of B×T×H hidden states, in float16 (what build-db
-    stages and stores, so the probes see at classify time exactly what they were fitted and scored on)."""
+def pool_states(hidden: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """B×POOLINGS×H in the states' float32: masked mean over tokens and the readout token of B×T×H hidden states
+    (what a device chain's `pool` graph computes; the head reads the readout token's row)."""
     m = mask[..., None].astype(hidden.dtype)
     mean = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
-    return np.stack([mean, hidden[np.arange(len(hidden)), pos]], axis=1).astype(np.float16)
+    return np.stack([mean, hidden[np.arange(len(hidden)), pos]], axis=1)
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """pool_states in float16: what build-db stages and stores, so the probes see at classify time exactly what
+    they were fitted and scored on."""
+    return pool_states(hidden, mask, pos).astype(np.float16)
 
 
 #: A batch's per-batch layer inputs by graph name: the attention mask and what the embed segment computes once
@@ -238,12 +247,16 @@ class PromptTooLong(ValueError):
 
 class DeviceChain:
     """Layer calls through ONNX Runtime IO binding: a batch's context is uploaded once, and hidden states stay an
-    OrtValue on the provider's device from layer to layer, coming to the host only where rows leave or a stop rule
-    reads them (there the active set is compacted and sent back). Why: without it every layer of a CUDA chain
-    copies its states device -> host -> device. The CPU provider runs the same code (how the tests check it)."""
+    OrtValue on the provider's device from layer to layer. Where rows leave or a stop rule reads them, only their
+    pooled states B×POOLINGS×H come to the host (the `pool` graph), and the active set is compacted on the device
+    (the `compact` graph). Why: without it every layer of a CUDA chain copies its states device -> host -> device,
+    and a read-out layer did the same with the whole B×T×H. The CPU provider runs the same code (how the tests check
+    it)."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, open_graph: Callable[[Path], ort.InferenceSession]) -> None:
         self.device = device
+        self._pool = open_graph(DEVICE_GRAPHS / "pool.onnx")
+        self._compact = open_graph(DEVICE_GRAPHS / "compact.onnx")
 
     def put(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
@@ -251,14 +264,31 @@ class DeviceChain:
     def upload(self, context: Context) -> dict[str, ort.OrtValue]:
         return {name: self.put(array) for name, array in context.items()}
 
-    def run(self, session: ort.InferenceSession, hidden: np.ndarray | ort.OrtValue, context: dict) -> ort.OrtValue:
+    def _run(self, session: ort.InferenceSession, feed: dict[str, np.ndarray | ort.OrtValue], to: str) -> ort.OrtValue:
         binding = session.io_binding()
         for name in (i.name for i in session.get_inputs()):
-            value = hidden if name == "hidden_states" else context[name]
-            binding.bind_ortvalue_input(name, value if isinstance(value, ort.OrtValue) else self.put(value))
-        binding.bind_output(session.get_outputs()[0].name, self.device)
+            value = feed[name]
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:  # host arrays (indices, a width, the embed segment's states): ORT copies them where a kernel wants
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output(session.get_outputs()[0].name, to)
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0]
+
+    def run(self, session: ort.InferenceSession, hidden: np.ndarray | ort.OrtValue, context: dict) -> ort.OrtValue:
+        """A layer: its states stay on the device."""
+        return self._run(session, {**context, "hidden_states": hidden}, self.device)
+
+    def pool(self, hidden: ort.OrtValue, mask: ort.OrtValue, pos: np.ndarray) -> np.ndarray:
+        """pool_states on the device; only the B×POOLINGS×H result comes to the host."""
+        feed = {"hidden_states": hidden, "attention_mask": mask, "positions": pos.astype(np.int64)}
+        return self._run(self._pool, feed, "cpu").numpy()
+
+    def compact(self, hidden: ort.OrtValue, keep: np.ndarray, width: int) -> ort.OrtValue:
+        """hidden[keep, :width], staying on the device."""
+        feed = {"hidden_states": hidden, "keep": np.flatnonzero(keep), "width": np.array([width], np.int64)}
+        return self._run(self._compact, feed, self.device)
 
 
 class SegmentRuntime:
@@ -280,7 +310,7 @@ class SegmentRuntime:
         self._providers = choose_providers(providers)
         on_cuda = self._providers[0] == CUDA
         bind = on_cuda if io_binding is None else io_binding
-        self._device = DeviceChain("cuda" if on_cuda else "cpu") if bind else None
+        self._device = DeviceChain("cuda" if on_cuda else "cpu", self._open) if bind else None
         m = self.manifest
         if on_cuda and m.quantization:
             log.warning(
@@ -300,7 +330,10 @@ class SegmentRuntime:
         return self.manifest.num_layers
 
     def _session(self, ref: FileRef) -> ort.InferenceSession:
-        return open_session(self.dir / ref.file, self._threads, self._providers)
+        return self._open(self.dir / ref.file)
+
+    def _open(self, path: Path) -> ort.InferenceSession:
+        return open_session(path, self._threads, self._providers)
 
     def _tokenizer(self, file: str) -> Tokenizer:
         tokenizer = Tokenizer.from_file(str(self.dir / file))
@@ -408,9 +441,9 @@ class SegmentRuntime:
             hidden = batch.hidden
             for layer in range(depth):
                 hidden = self._layer(layer, hidden, batch.context, batch.bound)
-            hidden = self._host(hidden)
-            pooled[rows] = pool(hidden, batch.context["attention_mask"], batch.pos)
-            batches.append(batch._replace(hidden=hidden))
+            batch = batch._replace(hidden=hidden)
+            pooled[rows] = self._pooled(batch)
+            batches.append(batch)
         return Prefix(depth, batches, pooled)
 
     def run_to_exit_pooled(
@@ -463,9 +496,11 @@ class SegmentRuntime:
             return self._device.run(self.layer_sessions[index], hidden, bound)
         return self.run_layer(index, hidden, context)
 
-    @staticmethod
-    def _host(hidden: np.ndarray | ort.OrtValue) -> np.ndarray:
-        return hidden.numpy() if isinstance(hidden, ort.OrtValue) else hidden
+    def _pooled(self, batch: Batch) -> np.ndarray:
+        """The batch's pooled states B×POOLINGS×H in float32, computed where its states are."""
+        if isinstance(batch.hidden, ort.OrtValue):
+            return self._device.pool(batch.hidden, batch.bound["attention_mask"], batch.pos)
+        return pool_states(batch.hidden, batch.context["attention_mask"], batch.pos)
 
     def _continue(
         self, task: str, batch: Batch, exit_layers: np.ndarray, depth: int, stop: StopFn | None, readout: Readout
@@ -482,17 +517,17 @@ class SegmentRuntime:
             if layer > 0:
                 leaving = exit_layers[batch.rows] <= layer
                 if stop is not None or leaving.any():
-                    hidden = self._host(batch.hidden)
-                    pooled = pool(hidden, batch.context["attention_mask"], batch.pos)
+                    states = self._pooled(batch)
+                    pooled = states.astype(np.float16)
                     if stop is not None:
                         leaving |= stop(layer, pooled)
                     if leaving.any():
                         done = batch.rows[leaving]
-                        readout.logits[done] = self.head(task, hidden[leaving, batch.pos[leaving]])
+                        readout.logits[done] = self.head(task, states[leaving, READOUT])
                         readout.pooled[done], readout.exits[done] = pooled[leaving], layer
                         if leaving.all():
                             return
-                        batch = self._kept(batch._replace(hidden=hidden), ~leaving)
+                        batch = self._kept(batch, ~leaving)
             batch = batch._replace(hidden=self._layer(layer, batch.hidden, batch.context, batch.bound))
             layer += 1
 
@@ -501,7 +536,10 @@ class SegmentRuntime:
         lengths = batch.lengths[keep]
         width = int(lengths.max())
         context = self.take_rows(batch.context, keep, width)
-        hidden = self._host(batch.hidden)[keep, :width]
+        if isinstance(batch.hidden, ort.OrtValue):
+            hidden = self._device.compact(batch.hidden, keep, width)
+        else:
+            hidden = batch.hidden[keep, :width]
         bound = self._device.upload(context) if self._device else {}
         return Batch(batch.rows[keep], lengths, batch.pos[keep], hidden, context, bound)
 

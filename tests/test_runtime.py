@@ -3,9 +3,18 @@ import sys
 
 import numpy as np
 import pytest
+from raee_ops.onnx_export import device_ops
 from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 
-from raee_ops.runtime import SUB_BATCH, PromptTooLong, SegmentRuntime
+from raee_ops.runtime import (
+    DEVICE_GRAPHS,
+    SUB_BATCH,
+    DeviceChain,
+    PromptTooLong,
+    SegmentRuntime,
+    open_session,
+    pool_states,
+)
 
 WORDS = "good bad great awful fine movie plot boring fun dull".split()
 
@@ -162,3 +171,28 @@ def test_io_binding_chain_reads_out_what_the_host_chain_does(artifacts, request)
         np.testing.assert_array_equal(got.exits, want.exits)
         np.testing.assert_allclose(got.logits, want.logits, atol=1e-5, rtol=0)
         np.testing.assert_allclose(got.pooled.astype(np.float32), want.pooled.astype(np.float32), atol=1e-2, rtol=0)
+
+
+def test_the_stored_device_graphs_are_what_their_builder_writes():
+    """The package's graphs are generated files: a change to the builder without rewriting them is caught here."""
+    import onnx
+
+    for name, build in device_ops.BUILDERS.items():
+        stored = onnx.load(str(DEVICE_GRAPHS / f"{name}.onnx"))
+        assert stored.SerializeToString() == build().SerializeToString(), f"rewrite {name}.onnx: {device_ops.__doc__}"
+
+
+def test_the_device_graphs_pool_and_compact_as_numpy_does():
+    """What a device chain reads out and keeps (run here on the CPU provider through IO binding): the pooled states
+    of ragged rows (a row of one token, rows padded by several), and rows kept with their columns cut."""
+    chain = DeviceChain("cpu", open_session)
+    rng = np.random.default_rng(5)
+    hidden = rng.standard_normal((6, 9, 16)).astype(np.float32)
+    lengths = np.array([9, 3, 1, 6, 2, 9])
+    mask = (np.arange(9)[None, :] < lengths[:, None]).astype(np.int64)
+    pos = np.array([8, 2, 0, 5, 0, 4])  # last tokens, a CLS-like first one, a mask token inside the row
+    states = chain.put(hidden)
+    np.testing.assert_allclose(chain.pool(states, chain.put(mask), pos), pool_states(hidden, mask, pos), atol=1e-6)
+    keep = np.array([True, False, True, True, False, False])
+    np.testing.assert_array_equal(chain.compact(states, keep, 6).numpy(), hidden[keep, :6])
+    np.testing.assert_array_equal(chain.compact(states, ~keep, 9).numpy(), hidden[~keep])

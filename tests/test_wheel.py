@@ -114,6 +114,7 @@ def test_the_wheel_works_in_a_fresh_environment_without_the_checkout(tmp_path: P
     assert Path(where.strip()).is_relative_to(fresh_site)
     for package in PACKAGES:
         assert (fresh_site / package / "__init__.py").exists()
+    assert {p.name for p in (fresh_site / "raee_ops" / "graphs").iterdir()} >= {"pool.onnx", "compact.onnx"}
     assert shell("raee-ops --version", user, env).stdout == f"raee-ops, version {raee_ops.__version__}\n"
     assert "Commands:" in shell("raee-ops --help", user, env).stdout
     for command in cli.commands:

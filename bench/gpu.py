@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 from common import REPO_ROOT, fastest, git_info, timer, write_result
 
-from raee_ops.key_names import DEFAULT_KEY
+from raee_ops.key_names import GPU_KEY
 
 PRESETS = ("smollm2-135m", "gemma3-270m")
-TASK, EMBEDDER = "sst2", DEFAULT_KEY
+TASK = "sst2"
 BUNDLE = REPO_ROOT / ".gpu"  # carried to the device machine (ignored by git)
 ORT_GPU = "onnxruntime-gpu==1.31.1"
 SM = 90  # the device's compute capability (H100/H200)
@@ -266,7 +266,7 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
             "default_layers_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, exits, keep_all))[1],
             # the same exits with no rule reading the states: what reading them costs on this engine
             "default_layers_unread_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, exits))[1],
-            "key_s": timed(lambda rt=rt: rt.key(EMBEDDER, texts))[1],
+            "key_s": timed(lambda rt=rt: rt.key(GPU_KEY, texts))[1],
         }
         print(f"{preset} {name}: {results[name]}", flush=True)
     # the CUDA chains against the CPU's on the same graphs and rows: the last layer's pooled states, and the head
@@ -300,6 +300,7 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
             "default": layer_runs(engines["cuda"], prompts, exits),
         },
         "default_strategy": run["strategy"],
+        "key": GPU_KEY,
         "stops_early": run["stops_early"],
         "gpu": _gpu_name(),
         "cpus_on_gpu_machine": num_cpus,

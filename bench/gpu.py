@@ -3,10 +3,11 @@
 The device machine has no package index and takes at most 64 MiB per call, so this runs in two steps:
 
 - `prepare` (here): per preset, the stored graphs with every large float weight stripped (shapes, fusions and all
-  small constants kept), the tokenizers, the speed bench's 256 sst2 rows with the exits the default took on them
-  in process here, and the default's host-side phases (retrieval, exit policy, answer) timed here; plus the
-  onnxruntime-gpu wheel cut to fit: the C API library and TensorRT provider dropped, and the CUDA provider's
-  kernels for chips other than sm_90 (H100/H200) zeroed, so the archive compresses to about 60 MB.
+  small constants kept; of the keys only the one timed, GPU_KEY), the tokenizers, the speed bench's 256 sst2 rows
+  with the exits the default took on them in process here, and the default's host-side phases (retrieval, exit
+  policy, answer) timed here; plus the onnxruntime-gpu wheel cut to fit: the C API library and TensorRT provider
+  dropped, and the CUDA provider's kernels for chips other than sm_90 (H100/H200) zeroed, so the archive
+  compresses to about 60 MB. A device call carries it and one preset's archive.
 - `measure` (on the GPU machine): the stripped weights refilled with seeded random values of the same shapes (speed
   does not depend on the values; answers do, so no accuracy is measured there), then, on CUDA, the full chain and
   the chain to the default's real exits, each with hidden states kept on the device (IO binding, the runtime's
@@ -106,13 +107,23 @@ def default_run(preset: str, artifacts: Path) -> dict[str, Any]:
 
 def prepare_preset(preset: str) -> Path:
     from quality import ensure_artifacts
+    from raee_ops.schemas.manifest import load_manifest
 
     artifacts = ensure_artifacts(preset)
     stage = BUNDLE / preset
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     stripped = {}
+    manifest = load_manifest(artifacts, verify_checksums=False)
+    unused = {  # the keys the GPU run does not time: the archive must fit a device call beside onnxruntime-gpu
+        ref.file
+        for name, entry in manifest.embedders.items()
+        if name != GPU_KEY
+        for ref in (entry.model, entry.tokenizer)
+    }
     for path in sorted(artifacts.iterdir()):
+        if path.name in unused:
+            continue
         if path.suffix == ".onnx":
             stripped[path.name] = strip_weights(path, stage / path.name)
         else:

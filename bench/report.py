@@ -917,7 +917,8 @@ def render_gpu(result: Doc) -> list[str]:
         f"{prepared['commit']}{', dirty' if prepared['dirty'] else ''}; mean exit {result['mean_exit_layer']:.1f} of "
         f"{result['num_layers']}{', every layer read back for its confidence rule' if result['stops_early'] else ''}"
         f"); its host phases ({sum(host.values()) * 1000:.0f} ms: tokenizing, retrieval, exit policy, answer) are "
-        "that machine's, as LanceDB is not on the GPU machine.",
+        "that machine's, as LanceDB is not on the GPU machine. Key timed: "
+        f"{result.get('key', 'not recorded')}.",
         "",
         "| engine | full rows/s | default rows/s | default ÷ full | key share | full's layers | default's layers "
         "| the same, states not read |",
@@ -964,8 +965,9 @@ def render_gpu(result: Doc) -> list[str]:
                 if unread is None
                 else f" ({unread / runs['default'] * 1000:.1f} ms without the confidence rule's reads)"
             )
-            + ": at every layer where some of a batch's rows leave, the batch's states come to the host, where the "
-            "leaving rows are read out and the rest compacted and sent back."
+            + ": at every layer where some of a batch's rows leave (with the confidence rule, at every layer), the "
+            "batch's pooled states are computed on the device and read to the host, the leaving rows' head runs, and "
+            "the rest are compacted on the device with their masks and rotary tables sent up again."
         )
     return lines
 

@@ -33,9 +33,43 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import REPO_ROOT, fastest, git_info, timer, write_result
 
-from raee_ops.key_names import GPU_KEY
+
+def local_files_beam() -> None:
+    """Where Beam is not installed (the GPU machine: no package index, 64 MiB per call), give `raee_ops.storage` the
+    few Beam names it imports, over local files only; loading artifacts is all it does here, before any timing."""
+    try:
+        import apache_beam  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return
+    import types
+
+    class FileSystems:
+        get_scheme = staticmethod(lambda uri: uri.split("://", 1)[0] if "://" in uri else None)
+        join = staticmethod(os.path.join)
+        split = staticmethod(os.path.split)
+        exists = staticmethod(os.path.exists)
+        open = staticmethod(lambda uri, compression_type=None: open(uri, "rb"))
+
+    names = {
+        "apache_beam.io.filesystem": {"CompressionTypes": types.SimpleNamespace(UNCOMPRESSED="uncompressed"),
+                                      "FileMetadata": object},
+        "apache_beam.io.filesystems": {"FileSystems": FileSystems},
+        "apache_beam.options.pipeline_options": {"PipelineOptions": dict, "S3Options": object},
+    }  # fmt: skip
+    for module in ("apache_beam", "apache_beam.io", "apache_beam.options", *names):
+        sys.modules[module] = types.ModuleType(module)
+        for attr, value in names.get(module, {}).items():
+            setattr(sys.modules[module], attr, value)
+
+
+local_files_beam()  # before common, which imports the runtime
+
+from common import REPO_ROOT, fastest, git_info, timer, write_result  # noqa: E402
+
+from raee_ops.key_names import GPU_KEY  # noqa: E402
 
 PRESETS = ("smollm2-135m", "gemma3-270m")
 TASK = "sst2"
@@ -45,6 +79,7 @@ SM = 90  # the device's compute capability (H100/H200)
 #: Float initializers with at least this many elements are weights: stripped here, refilled there.
 MIN_STRIPPED = 4096
 PASSES = 5  # timed passes on the GPU, fastest kept (after one warm-up pass)
+SUB_BATCHES = (32, 64, 128, 256)  # rows per ONNX call tried on CUDA
 
 
 def parse() -> argparse.Namespace:
@@ -210,40 +245,9 @@ def unpack_preset(preset: str, work: Path) -> tuple[Path, dict[str, Any]]:
     return artifacts, run
 
 
-def local_files_beam() -> None:
-    """Where Beam is not installed (the GPU machine: no package index, 64 MiB per call), give `raee_ops.storage` the
-    few Beam names it imports, over local files only; loading artifacts is all it does here, before any timing."""
-    try:
-        import apache_beam  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        return
-    import types
-
-    class FileSystems:
-        get_scheme = staticmethod(lambda uri: uri.split("://", 1)[0] if "://" in uri else None)
-        join = staticmethod(os.path.join)
-        split = staticmethod(os.path.split)
-        exists = staticmethod(os.path.exists)
-        open = staticmethod(lambda uri, compression_type=None: open(uri, "rb"))
-
-    names = {
-        "apache_beam.io.filesystem": {"CompressionTypes": types.SimpleNamespace(UNCOMPRESSED="uncompressed"),
-                                      "FileMetadata": object},
-        "apache_beam.io.filesystems": {"FileSystems": FileSystems},
-        "apache_beam.options.pipeline_options": {"PipelineOptions": dict},
-    }  # fmt: skip
-    for module in ("apache_beam", "apache_beam.io", "apache_beam.options", *names):
-        sys.modules[module] = types.ModuleType(module)
-        for attr, value in names.get(module, {}).items():
-            setattr(sys.modules[module], attr, value)
-
-
 def measure(preset: str, work: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
-    local_files_beam()
     from raee_ops.runtime import SegmentRuntime
 
     ort.preload_dlls()  # CUDA and cuDNN from the machine's nvidia-* Python packages
@@ -295,7 +299,20 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
     }
     print(f"{preset} against the CPU: {agreement}", flush=True)
     host = {k: v for k, v in run["cpu_phase_s"].items() if k not in ("key", "layers")}
-    for r in results.values():
+    cuda = engines["cuda"]
+    # rows per ONNX call on CUDA, where a chain of small batches waits on kernel launches more than on arithmetic
+    size_used, sweep = cuda.sub_batch, {}
+    for size in SUB_BATCHES:
+        cuda.sub_batch = size
+        sweep[size] = {
+            "full_s": timed(lambda: cuda.run_to_exit_pooled(TASK, prompts, full))[1],
+            "default_layers_s": timed(lambda: cuda.run_to_exit_pooled(TASK, prompts, exits, keep_all))[1],
+            "key_s": timed(lambda: cuda.key(GPU_KEY, texts))[1],
+            "layer_runs": {"full": layer_runs(cuda, prompts, full), "default": layer_runs(cuda, prompts, exits)},
+        }
+        print(f"{preset} cuda, sub-batch {size}: {sweep[size]}", flush=True)
+    cuda.sub_batch = size_used
+    for r in [*results.values(), *sweep.values()]:
         r["default_s"] = r["key_s"] + r["default_layers_s"] + sum(host.values())
         r["full_rows_per_s"], r["default_rows_per_s"] = rows / r["full_s"], rows / r["default_s"]
         r["default_vs_full"] = r["full_s"] / r["default_s"]
@@ -321,7 +338,9 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
         "host_phases_s_measured_here": host,
         "cpu_default_rows_per_s_measured_here": run["cpu_rows_per_s"],
         "passes": PASSES,
+        "sub_batch": cuda.sub_batch,
         "engines": results,
+        "cuda_sub_batch_sweep": sweep,
         "agreement_with_cpu": agreement,
         "weights": "random (seeded) in the stored graphs' shapes: speed only, no accuracy",
     }
@@ -329,12 +348,10 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
 
 def layer_runs(runtime: Any, prompts: list[str], exits: np.ndarray) -> int:
     """Layer sessions run: each of the runtime's length-sorted batches runs to its deepest row's exit."""
-    from raee_ops.runtime import SUB_BATCH
-
-    lengths = runtime.token_lengths(prompts)
+    lengths, size = runtime.token_lengths(prompts), runtime.sub_batch
     running = np.flatnonzero(exits > 0)
     order = running[np.argsort(lengths[running], kind="stable")]
-    return int(sum(exits[order[i : i + SUB_BATCH]].max() for i in range(0, len(order), SUB_BATCH)))
+    return int(sum(exits[order[i : i + size]].max() for i in range(0, len(order), size)))
 
 
 def _gpu_name() -> str | None:

@@ -301,9 +301,10 @@ class SegmentRuntime:
         intra_op_threads: int | None = None,
         verify_checksums: bool = True,
         io_binding: bool | None = None,
+        sub_batch: int | None = None,
     ) -> None:
         """`io_binding`: chain the layers through DeviceChain (default: on the CUDA provider only; on the CPU the
-        host already holds the states)."""
+        host already holds the states). `sub_batch`: rows per ONNX call (default SUB_BATCH)."""
         self.dir = Path(artifacts)
         self.manifest: Manifest = load_manifest(self.dir, verify_checksums=verify_checksums)
         self._threads = intra_op_threads or default_threads()
@@ -311,6 +312,7 @@ class SegmentRuntime:
         on_cuda = self._providers[0] == CUDA
         bind = on_cuda if io_binding is None else io_binding
         self._device = DeviceChain("cuda" if on_cuda else "cpu", self._open) if bind else None
+        self.sub_batch = sub_batch or SUB_BATCH
         m = self.manifest
         if on_cuda and m.quantization:
             log.warning(
@@ -401,8 +403,8 @@ class SegmentRuntime:
         """(row indices, ids, lengths) for length-sorted sub-batches, each padded to its own longest row."""
         encoded = self._encode_checked(prompts)
         order = np.argsort([len(ids) for ids in encoded], kind="stable")
-        for start in range(0, len(order), SUB_BATCH):
-            rows = order[start : start + SUB_BATCH]
+        for start in range(0, len(order), self.sub_batch):
+            rows = order[start : start + self.sub_batch]
             ids, lengths = self.pad([encoded[i] for i in rows])
             yield rows, ids, lengths
 
@@ -557,8 +559,8 @@ class SegmentRuntime:
         keys = np.zeros((len(texts), self.manifest.hidden_size), np.float32)
         encoded = self.encode(texts)
         order = np.argsort([len(ids) for ids in encoded], kind="stable")
-        for start in range(0, len(order), SUB_BATCH):
-            rows = order[start : start + SUB_BATCH]
+        for start in range(0, len(order), self.sub_batch):
+            rows = order[start : start + self.sub_batch]
             ids, lengths = self.pad([encoded[i] for i in rows])
             mask = self.mask_of(lengths, ids.shape[1])
             hidden = self.embed(ids, mask)
@@ -585,8 +587,8 @@ class SegmentRuntime:
         encoded = [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=True)]
         keys = np.zeros((len(encoded), self.manifest.embedders[name].dim), np.float32)
         order = np.argsort([len(ids) for ids in encoded], kind="stable")  # length-sorted: little padding to run
-        for start in range(0, len(order), SUB_BATCH):
-            rows = order[start : start + SUB_BATCH]
+        for start in range(0, len(order), self.sub_batch):
+            rows = order[start : start + self.sub_batch]
             ids, lengths = self.pad([encoded[i] for i in rows])
             feed = {"input_ids": ids, "attention_mask": self.mask_of(lengths, ids.shape[1])}
             keys[rows] = session.run(None, feed)[0]

@@ -135,6 +135,7 @@ def default_run(preset: str, artifacts: Path) -> dict[str, Any]:
         "prompts": rows.rendered(core.form),
         "exits": core.exits.tolist(),
         "stops_early": stop_rule(core.strategy, core.context) is not None,
+        "probe_best_layer": core.context.fitted_probes().best_layer,
         "cpu_phase_s": core.seconds,
         "cpu_rows_per_s": len(rows.prompts) / sum(core.seconds.values()),
     }
@@ -265,7 +266,7 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
     }
     if engines["cuda"].layer_sessions[0].get_providers()[0] != "CUDAExecutionProvider":
         sys.exit("error: the layer sessions did not get the CUDA provider")
-    full = np.full(rows, engines["cuda"].num_layers)
+    full, best = np.full(rows, engines["cuda"].num_layers), np.full(rows, run["probe_best_layer"])
     keep_all = (lambda layer, pooled: np.zeros(len(pooled), bool)) if run["stops_early"] else None
 
     def timed(fn) -> tuple[Any, float]:
@@ -282,6 +283,8 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
             # the same exits with no rule reading the states: what reading them costs on this engine
             "default_layers_unread_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, exits))[1],
             "key_s": timed(lambda rt=rt: rt.key(GPU_KEY, texts))[1],
+            # what a user could run instead: every row to the layer whose probe scored best on the reference
+            "probe_best_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, best))[1],
         }
         print(f"{preset} {name}: {results[name]}", flush=True)
     # the CUDA chains against the CPU's on the same graphs and rows: the last layer's pooled states, and the head
@@ -308,6 +311,7 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
             "full_s": timed(lambda: cuda.run_to_exit_pooled(TASK, prompts, full))[1],
             "default_layers_s": timed(lambda: cuda.run_to_exit_pooled(TASK, prompts, exits, keep_all))[1],
             "key_s": timed(lambda: cuda.key(GPU_KEY, texts))[1],
+            "probe_best_s": timed(lambda: cuda.run_to_exit_pooled(TASK, prompts, best))[1],
             "layer_runs": {"full": layer_runs(cuda, prompts, full), "default": layer_runs(cuda, prompts, exits)},
         }
         print(f"{preset} cuda, sub-batch {size}: {sweep[size]}", flush=True)
@@ -317,6 +321,7 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
         r["full_rows_per_s"], r["default_rows_per_s"] = rows / r["full_s"], rows / r["default_s"]
         r["default_vs_full"] = r["full_s"] / r["default_s"]
         r["key_share"] = r["key_s"] / r["default_s"]
+        r["probe_best_rows_per_s"], r["probe_best_vs_full"] = rows / r["probe_best_s"], r["full_s"] / r["probe_best_s"]
     return {
         "preset": preset,
         "task": TASK,
@@ -328,6 +333,7 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
             "default": layer_runs(engines["cuda"], prompts, exits),
         },
         "default_strategy": run["strategy"],
+        "probe_best_layer": run["probe_best_layer"],
         "key": GPU_KEY,
         "stops_early": run["stops_early"],
         "gpu": _gpu_name(),

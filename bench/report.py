@@ -920,9 +920,11 @@ def render_gpu(result: Doc) -> list[str]:
         "that machine's, as LanceDB is not on the GPU machine. Key timed: "
         f"{result.get('key', 'not recorded')}.",
         "",
+        f"Rows per ONNX call: {result.get('sub_batch', 32)} on every engine below.",
+        "",
         "| engine | full rows/s | default rows/s | default ÷ full | key share | full's layers | default's layers "
-        "| the same, states not read |",
-        "|---|---|---|---|---|---|---|---|",
+        "| the same, states not read | probe-best rows/s (÷ full) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     names = {
         "cuda": "CUDA, states kept on the GPU (IO binding)",
@@ -934,8 +936,30 @@ def render_gpu(result: Doc) -> list[str]:
         lines.append(
             f"| {names.get(name, name)} | {e['full_rows_per_s']:,.0f} | {e['default_rows_per_s']:,.0f} | "
             f"{e['default_vs_full']:.2f}× | {e['key_share']:.0%} | {e['full_s'] * 1000:.0f} ms | "
-            f"{e['default_layers_s'] * 1000:.0f} ms | {'–' if unread is None else f'{unread * 1000:.0f} ms'} |"
+            f"{e['default_layers_s'] * 1000:.0f} ms | {'–' if unread is None else f'{unread * 1000:.0f} ms'} | "
+            f"{_probe_best(e)} |"
         )
+    sweep = result.get("cuda_sub_batch_sweep")
+    if sweep:
+        lines += [
+            "",
+            "Rows per ONNX call on CUDA (states kept on the GPU), the same rows and exits"
+            + (
+                f"; probe-best runs every row to layer {result['probe_best_layer']}:"
+                if "probe_best_layer" in result
+                else ":"
+            ),
+            "",
+            "| rows per call | full rows/s | default rows/s | default ÷ full | layer sessions, full / default "
+            "| probe-best rows/s (÷ full) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for size, e in sweep.items():
+            lines.append(
+                f"| {size} | {e['full_rows_per_s']:,.0f} | {e['default_rows_per_s']:,.0f} | "
+                f"{e['default_vs_full']:.2f}× | {e['layer_runs']['full']} / {e['layer_runs']['default']} | "
+                f"{_probe_best(e)} |"
+            )
     cuda = engines["cuda"]
     agreement = result.get("agreement_with_cpu")
     if agreement:
@@ -970,6 +994,12 @@ def render_gpu(result: Doc) -> list[str]:
             "the rest are compacted on the device with their masks and rotary tables sent up again."
         )
     return lines
+
+
+def _probe_best(engine: Doc) -> str:
+    if "probe_best_s" not in engine:
+        return "–"
+    return f"{engine['probe_best_rows_per_s']:,.0f} ({engine['probe_best_vs_full']:.2f}×)"
 
 
 SCALING_PNG = OUTPUT.parent / "scaling.png"

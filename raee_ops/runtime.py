@@ -29,6 +29,10 @@ BACKBONE = "backbone"
 DEVICE_GRAPHS = Path(__file__).resolve().parent / "graphs"
 #: Rows per ONNX call; rows are sorted by length first so each sub-batch carries little padding.
 SUB_BATCH = 32
+#: The same on the CUDA provider, where a layer call of 32 rows waits on kernel launches more than on arithmetic: on
+#: an H200, 128 ran both the full chain and the default fastest of 32-256 on both presets (bench/gpu.py's sweep).
+#: Beam hands the handler up to 128 rows per call (pipelines/inference.py).
+CUDA_SUB_BATCH = 128
 
 
 #: An execution provider as ONNX Runtime takes it: a name, or (name, provider options).
@@ -304,7 +308,7 @@ class SegmentRuntime:
         sub_batch: int | None = None,
     ) -> None:
         """`io_binding`: chain the layers through DeviceChain (default: on the CUDA provider only; on the CPU the
-        host already holds the states). `sub_batch`: rows per ONNX call (default SUB_BATCH)."""
+        host already holds the states). `sub_batch`: rows per ONNX call (default SUB_BATCH; on CUDA CUDA_SUB_BATCH)."""
         self.dir = Path(artifacts)
         self.manifest: Manifest = load_manifest(self.dir, verify_checksums=verify_checksums)
         self._threads = intra_op_threads or default_threads()
@@ -312,7 +316,7 @@ class SegmentRuntime:
         on_cuda = self._providers[0] == CUDA
         bind = on_cuda if io_binding is None else io_binding
         self._device = DeviceChain("cuda" if on_cuda else "cpu", self._open) if bind else None
-        self.sub_batch = sub_batch or SUB_BATCH
+        self.sub_batch = sub_batch or (CUDA_SUB_BATCH if on_cuda else SUB_BATCH)
         m = self.manifest
         if on_cuda and m.quantization:
             log.warning(

@@ -30,7 +30,8 @@ DEVICE_GRAPHS = Path(__file__).resolve().parent / "graphs"
 #: Rows per ONNX call; rows are sorted by length first so each sub-batch carries little padding.
 SUB_BATCH = 32
 #: The same on the CUDA provider, where a layer call of 32 rows waits on kernel launches more than on arithmetic: on
-#: an H200, 128 ran both the full chain and the default fastest of 32-256 on both presets (bench/gpu.py's sweep).
+#: an H200, of 32-256 rows 128 ran the full chain fastest on both presets and the default fastest or level
+#: (bench/gpu.py's sweep).
 #: Beam hands the handler up to 128 rows per call (pipelines/inference.py).
 CUDA_SUB_BATCH = 128
 

@@ -38,6 +38,23 @@ def test_run_to_exit_matches_all_layers_at_each_rows_exit(runtime):
     np.testing.assert_allclose(early, every[exits - 1, np.arange(len(batch))], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_rows_per_call_change_no_answer(segment_artifacts, io_binding):  # noqa: F811
+    """CUDA runs 128 rows per ONNX call, the CPU 32: a row's logits, pooled states and exit must not depend on how
+    many rows share its call (nor on the padding its longer neighbours bring)."""
+    batch = prompts(SUB_BATCH + 9, seed=8)
+    exits = np.random.default_rng(3).integers(0, 4, size=len(batch))
+    readouts = []
+    for size in (5, SUB_BATCH, 128):
+        runtime = SegmentRuntime(segment_artifacts, io_binding=io_binding, sub_batch=size)
+        assert runtime.sub_batch == size
+        readouts.append(runtime.run_to_exit_pooled("sst2", batch, exits.clip(0, runtime.num_layers)))
+    for got in readouts[1:]:
+        np.testing.assert_array_equal(got.exits, readouts[0].exits)
+        np.testing.assert_allclose(got.logits, readouts[0].logits, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.pooled.astype(np.float32), readouts[0].pooled.astype(np.float32), atol=1e-2)
+
+
 def test_exit_zero_rows_run_no_layer_and_leave_the_others_unchanged(runtime, monkeypatch):
     batch = prompts(12, seed=3)
     exits = np.array([0, 2, 0, 1, 3, 0, 2, 2, 0, 1, 3, 0])[: len(batch)].clip(0, runtime.num_layers)

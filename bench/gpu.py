@@ -7,11 +7,14 @@ The device machine has no package index and takes at most 64 MiB per call, so th
   with the exits the default took on them in process here, and the default's host-side phases (retrieval, exit
   policy, answer) timed here; plus the onnxruntime-gpu wheel cut to fit: the C API library and TensorRT provider
   dropped, and the CUDA provider's kernels for chips other than sm_90 (H100/H200) zeroed, so the archive
-  compresses to about 60 MB. A device call carries it and one preset's archive.
-- `measure` (on the GPU machine): the stripped weights refilled with seeded random values of the same shapes (speed
-  does not depend on the values; answers do, so no accuracy is measured there), then, on CUDA, the full chain and
-  the chain to the default's real exits, each with hidden states kept on the device (IO binding, the runtime's
-  default on CUDA) and copied to the host after every layer; the key; and the same chains on that machine's CPUs.
+  compresses to about 60 MB.
+- `measure` (on the GPU machine, through bench/gpu_measure.sh, which sets up onnxruntime-gpu and this tree there;
+  a device call carries `.gpu/ort.tar.xz` and one preset's archive, as both presets' would not fit in 64 MiB): the
+  stripped weights refilled with seeded random values of the same shapes (speed does not depend on the values;
+  answers do, so no accuracy is measured there), then, on CUDA, the full chain and the chain to the default's real
+  exits, each with hidden states kept on the device (IO binding, the runtime's default on CUDA) and copied to the
+  host after every layer; the key; probe-best (every row to the reference's best layer); the same chains on that
+  machine's CPUs; and on CUDA the rows per ONNX call from 32 to 256.
 
 The default's rate on the GPU is composed, not run end to end: LanceDB is not on that machine, so the default's
 host-side phases are this machine's, added to the key and the layers measured there. Rows that the default's

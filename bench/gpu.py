@@ -276,19 +276,23 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
         fn()  # warm-up: sessions, kernels, allocator
         return fastest(fn, PASSES)
 
+    def methods(rt: SegmentRuntime) -> tuple[Any, dict[str, float]]:
+        """The full chain's readout, and the times of every method an engine and each rows-per-call size run."""
+        output, full_s = timed(lambda: rt.run_to_exit_pooled(TASK, prompts, full))
+        return output, {
+            "full_s": full_s,
+            "default_layers_s": timed(lambda: rt.run_to_exit_pooled(TASK, prompts, exits, keep_all))[1],
+            "key_s": timed(lambda: rt.key(GPU_KEY, texts))[1],
+            # what a user could run instead: every row to the layer whose probe scored best on the reference
+            "probe_best_s": timed(lambda: rt.run_to_exit_pooled(TASK, prompts, best))[1],
+        }
+
     results: dict[str, dict[str, float]] = {}
     outputs: dict[str, Any] = {}
     for name, rt in engines.items():
-        outputs[name], full_s = timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, full))
-        results[name] = {
-            "full_s": full_s,
-            "default_layers_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, exits, keep_all))[1],
-            # the same exits with no rule reading the states: what reading them costs on this engine
-            "default_layers_unread_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, exits))[1],
-            "key_s": timed(lambda rt=rt: rt.key(GPU_KEY, texts))[1],
-            # what a user could run instead: every row to the layer whose probe scored best on the reference
-            "probe_best_s": timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, best))[1],
-        }
+        outputs[name], results[name] = methods(rt)
+        # the same exits with no rule reading the states: what reading them costs on this engine
+        results[name]["default_layers_unread_s"] = timed(lambda rt=rt: rt.run_to_exit_pooled(TASK, prompts, exits))[1]
         print(f"{preset} {name}: {results[name]}", flush=True)
     # the CUDA chains against the CPU's on the same graphs and rows: the last layer's pooled states, and the head
     reference = outputs["cpu"]
@@ -310,11 +314,7 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
     size_used, sweep = cuda.sub_batch, {}
     for size in SUB_BATCHES:
         cuda.sub_batch = size
-        sweep[size] = {
-            "full_s": timed(lambda: cuda.run_to_exit_pooled(TASK, prompts, full))[1],
-            "default_layers_s": timed(lambda: cuda.run_to_exit_pooled(TASK, prompts, exits, keep_all))[1],
-            "key_s": timed(lambda: cuda.key(GPU_KEY, texts))[1],
-            "probe_best_s": timed(lambda: cuda.run_to_exit_pooled(TASK, prompts, best))[1],
+        sweep[size] = methods(cuda)[1] | {
             "layer_runs": {"full": layer_runs(cuda, prompts, full), "default": layer_runs(cuda, prompts, exits)},
         }
         print(f"{preset} cuda, sub-batch {size}: {sweep[size]}", flush=True)

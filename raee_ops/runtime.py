@@ -406,7 +406,10 @@ class SegmentRuntime:
 
     def _sub_batches(self, prompts: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(row indices, ids, lengths) for length-sorted sub-batches, each padded to its own longest row."""
-        encoded = self._encode_checked(prompts)
+        yield from self._batched(self._encode_checked(prompts))
+
+    def _batched(self, encoded: Sequence[Sequence[int]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Encoded rows in length-sorted sub-batches of `sub_batch` rows: little padding to run."""
         order = np.argsort([len(ids) for ids in encoded], kind="stable")
         for start in range(0, len(order), self.sub_batch):
             rows = order[start : start + self.sub_batch]
@@ -562,11 +565,7 @@ class SegmentRuntime:
     def backbone_key(self, texts: Sequence[str]) -> np.ndarray:
         """Mean of the embed segment's output over each text's real tokens."""
         keys = np.zeros((len(texts), self.manifest.hidden_size), np.float32)
-        encoded = self.encode(texts)
-        order = np.argsort([len(ids) for ids in encoded], kind="stable")
-        for start in range(0, len(order), self.sub_batch):
-            rows = order[start : start + self.sub_batch]
-            ids, lengths = self.pad([encoded[i] for i in rows])
+        for rows, ids, lengths in self._batched(self.encode(texts)):
             mask = self.mask_of(lengths, ids.shape[1])
             hidden = self.embed(ids, mask)
             keys[rows] = (hidden * mask[..., None]).sum(axis=1) / lengths[:, None]
@@ -591,10 +590,7 @@ class SegmentRuntime:
         tokenizer, session = self._embedders[name]
         encoded = [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=True)]
         keys = np.zeros((len(encoded), self.manifest.embedders[name].dim), np.float32)
-        order = np.argsort([len(ids) for ids in encoded], kind="stable")  # length-sorted: little padding to run
-        for start in range(0, len(order), self.sub_batch):
-            rows = order[start : start + self.sub_batch]
-            ids, lengths = self.pad([encoded[i] for i in rows])
+        for rows, ids, lengths in self._batched(encoded):
             feed = {"input_ids": ids, "attention_mask": self.mask_of(lengths, ids.shape[1])}
             keys[rows] = session.run(None, feed)[0]
         return _normalize(keys)

@@ -9,6 +9,7 @@ killed after it finished); one without it is an unfinished run's, and the next r
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -40,6 +41,9 @@ from raee_ops.retrieval import (
     table_probes,
 )
 from raee_ops.rows import validated_schema
+from raee_ops.runtime import CUDA_SUB_BATCH
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,14 @@ def run_classify(
     chosen = resolve(strategy, manifest.num_layers)
     refuse_head([chosen], manifest.label_word_head)
     strategy = chosen.name
+    if settings.provider == "cuda" and chosen.exits_per_row():
+        log.warning(
+            "strategy %s exits row by row, which saves a GPU little: a call of %d rows costs about as much as its "
+            "deepest row's, and on an H200 the default ran slower than the full model; for speed on GPUs run a "
+            "fixed depth (--strategy probe-best) (README: Runners, Dataflow and GPUs)",
+            strategy,
+            CUDA_SUB_BATCH,
+        )
     if k < 1:
         raise RaeeConfigError(f"--k must be at least 1, got {k}")
     opened = open_table(db_uri, table, storage_options=settings.db_storage_options)

@@ -290,6 +290,11 @@ class Strategy:
         """Reads the label-word head: at its exit, or through the fused policy fitted on the head's answers."""
         return self.reads == "head" or self.needs_policy
 
+    def exits_per_row(self) -> bool:
+        """Runs layers to a depth that differs row by row (retrieved, or a probe confident enough): what saves a
+        CPU compute, and a GPU little, where a call costs about the same for one deep row as for all of them."""
+        return (self.needs_retrieval and self.reads != "none") or self.stop is not None
+
 
 def refuse_head(strategies: list[Strategy], label_word_head: bool) -> None:
     """A backbone without a label-word head (a bare encoder) serves only strategies that never read one; refused

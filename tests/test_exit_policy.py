@@ -295,3 +295,11 @@ def test_every_strategy_reads_no_more_neighbours_than_it_fetches():
         np.testing.assert_allclose(
             strategy.answer(logits, exits, fetched, ctx), strategy.answer(logits, exits, nb, ctx), err_msg=name
         )
+
+
+def test_strategies_whose_rows_exit_at_depths_of_their_own():
+    """What classify warns a GPU run about: retrieved exits or a probe's early stop, not a fixed depth and not the
+    baselines that run no layer."""
+    per_row = {name for name, s in exit_policy.STRATEGIES.items() if s.exits_per_row()}
+    assert per_row == {"raee", "raee-counts", "raee-cal", "fused", "raee-probe", "probe-conf", "probe-fused"}
+    assert not resolve("probe:3", 4).exits_per_row() and not resolve("layer:2", 4).exits_per_row()

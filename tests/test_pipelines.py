@@ -313,3 +313,19 @@ def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position(tmp_path):
     assert file_key.cache_info().currsize == 0
     ids = [t.valid[ROW_ID].to_pylist() for t in read_validated_file(str(mixed), PRESETS["sst2"], True)]
     assert ids == [["a", f"row:{file_key(str(mixed))}:1"]] and file_key.cache_info().currsize == 1
+
+
+def test_a_gpu_run_of_a_row_by_row_strategy_is_told_a_fixed_depth_runs_faster(segment_artifacts, built, caplog):  # noqa: F811
+    """On a GPU a call costs what its deepest row costs (bench/gpu.py): the driver says so for a strategy whose rows
+    exit at depths of their own, and not for a fixed depth. Without a GPU here the workers run on the CPU."""
+    import logging
+
+    root, _ = built
+    for strategy, warned in (("raee", True), ("probe-best", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="raee_ops.pipelines.classify"):
+            summary, _, _ = classify(
+                segment_artifacts, root, f"gpu-{strategy}", strategy, args=["--raee_provider=cuda"]
+            )
+        assert ("--strategy probe-best" in caplog.text) == warned, caplog.text
+        assert (summary.rows_in, summary.predicted, summary.rejected) == (25, 22, 3)

@@ -126,10 +126,12 @@ def unreachable(db_uri: str, exc: Exception) -> RaeeConfigError:
 
 
 def _problem(exc: Exception) -> str:
-    """The line of a LanceDB error that says what went wrong."""
+    """The line of a LanceDB error that says what went wrong: the store client's innermost message, else the first
+    line without the Rust source lines that raised it and the layers of "Wrapped error: " around a lost file's
+    "Not found: <path>"."""
     messages = re.findall(r'message: "([^"]+)"', str(exc))
-    line = messages[-1] if messages else first_line(exc)
-    return re.sub(r", /\S+\.rs:\d+:\d+$", "", line)[:200]  # the Rust source line that raised it
+    line = messages[-1] if messages else first_line(re.sub(r",\s*/\S+\.rs:\d+:\d+", "", str(exc)))
+    return line.rpartition("Wrapped error: ")[2][:200]
 
 
 def open_listed(db: lancedb.DBConnection, db_uri: str, name: str) -> lancedb.table.Table:

@@ -112,6 +112,32 @@ def test_a_table_with_damaged_files_is_one_line_not_an_internal_error(tmp_path):
         assert damaged.stderr.count("\n") == 1 and ".rs:" not in damaged.stderr
 
 
+def test_a_table_whose_data_files_are_gone_is_shown_unreadable_with_its_versions_and_exit_2(tmp_path):
+    """Its manifest whole, a data file it names gone (a lost upload, a lifecycle rule): classify would refuse the
+    table, so info must not show it sound. It still shows it, with the versions an operator may roll back to, the
+    sound table beside it too, then ends with one error line and exit 2."""
+    db = tmp_path / "db"
+    connection = lancedb.connect(str(db))
+    connection.create_table("sound", pa.table({"x": [1, 2]}))
+    damaged = connection.create_table("t", pa.table({"x": [1, 2]}))
+    damaged.add(pa.table({"x": [3]}))
+    assert describe(str(db))["tables"][1]["unreadable"] is None
+    newest = max((db / "t.lance" / "data").iterdir(), key=lambda f: f.stat().st_mtime_ns)
+    newest.unlink()
+    run = run_cli("info", "--db", str(db))
+    assert run.returncode == 2
+    assert f"error: table(s) t in {db} cannot be read: see above" == run.stderr.strip()
+    blocks = dict(block.split(":", 1) for block in run.stdout.split("\n\n"))
+    assert "UNREADABLE" not in blocks["table sound"]
+    problem = f"UNREADABLE: table 't' cannot be read (damaged or incomplete files?): Not found: {newest};"
+    assert problem in blocks["table t"], blocks["table t"]
+    assert "   1  " in blocks["table t"] and "   2  " in blocks["table t"]  # the versions, version 1 among them
+    as_json = json.loads(run_cli("info", "--db", str(db), "--table", "t", "--json").stdout)
+    assert as_json["tables"][0]["unreadable"].startswith("table 't' cannot be read")
+    rollback(str(db), "t", 1)  # version 1's file is whole
+    assert run_cli("info", "--db", str(db), "--table", "t").returncode == 0
+
+
 def test_rollback_restores_an_earlier_version_as_a_new_one(segment_artifacts, tmp_path):  # noqa: F811
     db = build_twice(segment_artifacts, tmp_path)
     info = rollback(db, "sst2", 1)

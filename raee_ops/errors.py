@@ -66,9 +66,10 @@ class MissingDependency(RaeeConfigError, ImportError):
     """An optional package the command needs is not installed; the message names the extra that installs it."""
 
 
-def first_line(exc: BaseException) -> str:
-    """A library's message cut to its first non-empty line, at most 300 characters: every `error:` the CLI prints
-    is one line, and what follows the first line of a library's message is detail (a traceback, a debug dump)."""
+def first_line(exc: BaseException | str) -> str:
+    """A library's message (an exception's, or its text already cleaned) cut to its first non-empty line, at most 300
+    characters: every `error:` the CLI prints is one line, and what follows the first line of a library's message is
+    detail (a traceback, a debug dump)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
+    text = lines[0] if lines else "" if isinstance(exc, str) else type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."

@@ -35,7 +35,9 @@ TRACKED_PACKAGES = ("numpy", "pyarrow", "lancedb", "onnxruntime", "apache-beam",
 def parse_args(description: str) -> argparse.Namespace:
     """The flags every bench script accepts, so run_all can pass them through blindly."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes; the whole suite in under 10 min")
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller sizes; the whole suite in about half an hour on 2 cores"
+    )
     return parser.parse_args()
 
 

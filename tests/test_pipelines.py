@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -318,8 +319,6 @@ def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position(tmp_path):
 def test_a_gpu_run_of_a_row_by_row_strategy_is_told_a_fixed_depth_runs_faster(segment_artifacts, built, caplog):  # noqa: F811
     """On a GPU a call costs what its deepest row costs (bench/gpu.py): the driver says so for a strategy whose rows
     exit at depths of their own, and not for a fixed depth. Without a GPU here the workers run on the CPU."""
-    import logging
-
     root, _ = built
     for strategy, warned in (("raee", True), ("probe-best", False)):
         caplog.clear()

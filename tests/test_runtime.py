@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,6 +54,35 @@ def test_rows_per_call_change_no_answer(segment_artifacts, io_binding):  # noqa:
         np.testing.assert_array_equal(got.exits, readouts[0].exits)
         np.testing.assert_allclose(got.logits, readouts[0].logits, atol=1e-5, rtol=0)
         np.testing.assert_allclose(got.pooled.astype(np.float32), readouts[0].pooled.astype(np.float32), atol=1e-2)
+
+
+class CountingTokenizer:
+    """A tokenizer that records the prompts it is asked to encode."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.asked = tokenizer, []
+
+    def encode_batch(self, prompts: list[str], add_special_tokens: bool) -> list[Any]:
+        self.asked.append(list(prompts))
+        return self.tokenizer.encode_batch(prompts, add_special_tokens=add_special_tokens)
+
+
+def test_a_batch_checked_for_length_is_not_tokenized_again_to_run(segment_artifacts):  # noqa: F811
+    """The handler's length check, then the layers on the rows that fit: one tokenizing; the next batch tokenizes
+    only its own new prompts, with the same ids a fresh runtime gives."""
+    runtime, fresh = SegmentRuntime(segment_artifacts), SegmentRuntime(segment_artifacts)
+    counting = runtime.tokenizer = CountingTokenizer(runtime.tokenizer)
+    first, second = prompts(12, seed=4), prompts(7, seed=5)
+    runtime.token_lengths(first)
+    exits = np.full(8, runtime.num_layers)
+    got = runtime.run_to_exit_pooled("sst2", first[:8], exits)
+    assert counting.asked == [first]
+    np.testing.assert_array_equal(got.logits, fresh.run_to_exit_pooled("sst2", first[:8], exits).logits)
+    mixed = [*second, first[0]]
+    assert runtime.encode(mixed) == fresh.encode(mixed)
+    assert counting.asked[1:] == [list(dict.fromkeys(p for p in second if p != first[0]))]
+    runtime.encode(first[1:3])  # the batch before last is no longer kept
+    assert counting.asked[-1] == first[1:3]
 
 
 def test_exit_zero_rows_run_no_layer_and_leave_the_others_unchanged(runtime, monkeypatch):

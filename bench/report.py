@@ -1011,9 +1011,9 @@ def _host_phases(result: Doc) -> str:
             "as LanceDB is not on the GPU machine."
         )
     return (
-        f"every method's time includes tokenizing its rows once ({result['tokenize_s'] * 1000:.0f} ms on the GPU "
-        "machine's CPUs: the length check, whose ids the layers reuse); the default's retrieval, exit policy and "
-        f"answer ({host * 1000:.0f} ms) and key-lr's retrieval, key probe and answer "
+        f"every method running layers includes tokenizing its rows once ({result['tokenize_s'] * 1000:.0f} ms on "
+        "the GPU machine's CPUs: the length check, whose ids the layers reuse); the default's retrieval, exit policy "
+        f"and answer ({host * 1000:.0f} ms) and key-lr's retrieval, key probe and answer "
         f"({result['key_lr_host_s_measured_here'] * 1000:.0f} ms) are the preparing machine's, as LanceDB is not on "
         "the GPU machine."
     )

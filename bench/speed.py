@@ -285,7 +285,8 @@ class Core:
         rt, strategy, ctx = self.runtime, self.strategy, self.context
         prompts = rows.rendered(self.form)
         with timer() as t:
-            rt.token_lengths(prompts)  # the handler's max_length check
+            if strategy.runs_backbone(ctx):
+                rt.token_lengths(prompts)  # the handler's max_length check
         self.seconds["tokenize"] = t.s
         wanted = strategy.neighbours(ctx)
         neighbours = Neighbours.none(len(rows.texts), ctx.num_layers, ctx.num_labels)

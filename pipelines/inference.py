@@ -163,7 +163,8 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
     ) -> Iterable[Outcome]:
         table = pa.concat_tables(batch)
         prompts = self.prompts(model.runtime, table, self.form(model))
-        lengths = model.runtime.token_lengths(prompts)
+        runs = self.runs_backbone(model)
+        lengths = model.runtime.token_lengths(prompts) if runs else np.zeros(len(prompts), np.int64)
         limit = model.runtime.manifest.max_length
         fits = lengths <= limit
         errors = [
@@ -200,6 +201,10 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
     def form(self, model: Loaded) -> str:
         """The input form (tasks.FORMS) of the texts checked for length and handed to `predict`."""
         return "prompt"
+
+    def runs_backbone(self, model: Loaded) -> bool:
+        """Whether `predict` runs the rows' prompts through the backbone, which refuses those over max_length."""
+        return True
 
     def prompts(self, runtime: SegmentRuntime, table: pa.Table, form: str) -> list[str]:
         texts = table.column(TEXT).to_pylist()
@@ -335,6 +340,9 @@ class ClassifyHandler(_RaeeHandler):
 
     def form(self, model: Loaded) -> str:
         return model.strategy.form(model.context)
+
+    def runs_backbone(self, model: Loaded) -> bool:
+        return model.strategy.runs_backbone(model.context)
 
     def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
         runtime, strategy, context = model.runtime, model.strategy, model.context

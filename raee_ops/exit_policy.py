@@ -290,6 +290,11 @@ class Strategy:
         """Reads the label-word head: at its exit, or through the fused policy fitted on the head's answers."""
         return self.reads == "head" or self.needs_policy
 
+    def runs_backbone(self, ctx: Context) -> bool:
+        """Runs its rows' prompts through backbone layers, to an exit or for a layer key: only then must a prompt
+        fit max_length. key-lr and knn-vote on an embedder's key never run one."""
+        return self.reads != "none" or bool(self.neighbours(ctx) and ctx.key_depth)
+
     def exits_per_row(self) -> bool:
         """Runs layers to a depth that differs row by row (retrieved, or a probe confident enough): what saves a
         CPU compute, and a GPU little, where a call costs about the same for one deep row as for all of them."""

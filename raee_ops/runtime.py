@@ -356,13 +356,15 @@ class SegmentRuntime:
         same prompts through the layers, and tokenizing them twice cost the default a quarter of the full model's
         time on a GPU (bench/gpu.py). Only the last call's are kept, so memory stays one batch's."""
         known = self._encoded
-        missing = [p for p in dict.fromkeys(prompts) if p not in known]
+        missing = list(dict.fromkeys(p for p in prompts if p not in known))
         if missing:
-            fresh = self.tokenizer.encode_batch(missing, add_special_tokens=True)
-            known = known | {p: e.ids for p, e in zip(missing, fresh, strict=True)}
+            known = known | dict(zip(missing, self._tokenize(missing), strict=True))
         encoded = [known[p] for p in prompts]
         self._encoded = dict(zip(prompts, encoded, strict=True))
         return encoded
+
+    def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
 
     def token_lengths(self, prompts: Sequence[str]) -> np.ndarray:
         return np.array([len(ids) for ids in self.encode(prompts)], dtype=np.int64)
@@ -576,7 +578,7 @@ class SegmentRuntime:
     def backbone_key(self, texts: Sequence[str]) -> np.ndarray:
         """Mean of the embed segment's output over each text's real tokens."""
         keys = np.zeros((len(texts), self.manifest.hidden_size), np.float32)
-        for rows, ids, lengths in self._batched(self.encode(texts)):
+        for rows, ids, lengths in self._batched(self._tokenize(texts)):  # raw texts, never run as prompts
             mask = self.mask_of(lengths, ids.shape[1])
             hidden = self.embed(ids, mask)
             keys[rows] = (hidden * mask[..., None]).sum(axis=1) / lengths[:, None]

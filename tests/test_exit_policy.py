@@ -303,3 +303,12 @@ def test_strategies_whose_rows_exit_at_depths_of_their_own():
     per_row = {name for name, s in exit_policy.STRATEGIES.items() if s.exits_per_row()}
     assert per_row == {"raee", "raee-counts", "raee-cal", "fused", "raee-probe", "probe-conf", "probe-fused"}
     assert not resolve("probe:3", 4).exits_per_row() and not resolve("layer:2", 4).exits_per_row()
+
+
+def test_only_strategies_running_layers_or_a_layer_key_run_the_backbone():
+    """Rows over max_length are refused only where the backbone runs them: every strategy but the key baselines,
+    which run it too on a table keyed by the backbone's first layers."""
+    embedder_key, layer_key = Context(4, 2, k=3), Context(4, 2, k=3, key_depth=1)
+    no_backbone = {name for name, s in exit_policy.STRATEGIES.items() if not s.runs_backbone(embedder_key)}
+    assert no_backbone == {"key-lr", "knn-vote"}
+    assert all(s.runs_backbone(layer_key) for s in exit_policy.STRATEGIES.values())

@@ -9,6 +9,7 @@ from pathlib import Path
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import raee_ops
@@ -128,6 +129,18 @@ def test_classify_raee_predicts_valid_rows_and_rejects_bad(segment_artifacts, bu
     assert summary.beam_exit_counts in (None, summary.exit_counts)
     text = summary.render()
     assert "rows in: 25  predicted: 22  rejected: 3" in text and "mean exit layer:" in text
+
+
+@pytest.mark.parametrize("strategy", ["key-lr", "knn-vote"])
+def test_strategies_that_run_no_layer_answer_rows_over_max_length(segment_artifacts, built, strategy):  # noqa: F811
+    """Only the backbone refuses a prompt over max_length (its readout is at the end); the key truncates, so a
+    strategy answering from the key alone answers such a row instead of rejecting it."""
+    root, _ = built
+    summary, predictions, errors = classify(segment_artifacts, root, f"no-layer-{strategy}", strategy=strategy)
+    assert (summary.rows_in, summary.predicted, summary.rejected) == (25, 23, 2)
+    assert sorted(errors.column("id").to_pylist()) == ["blank", "null"]
+    long = predictions.filter(pc.equal(predictions.column("id"), "long"))
+    assert long.column("exit_layer").to_pylist() == [0]
 
 
 def test_default_strategy_uses_the_policy_fitted_at_build_time(segment_artifacts, built):  # noqa: F811

@@ -974,8 +974,7 @@ def render_gpu(result: Doc) -> list[str]:
     lines += [
         "",
         f"On CUDA the default runs at {cuda['default_vs_full']:.2f}× the full model. The host phases alone take "
-        f"{sum(host.values()) / (cuda['full_s'] + result.get('tokenize_s', 0.0)):.0%} of the full model's whole "
-        "time there."
+        f"{sum(host.values()) / cuda['full_s']:.0%} of the full model's whole time there."
         + (
             f" key-lr (the key and its probe, no layer) runs at {cuda['key_lr_vs_full']:.1f}× the full model and "
             f"{cuda['key_lr_rows_per_s'] / cuda['default_rows_per_s']:.1f}× the default; its accuracy against "
@@ -1005,15 +1004,10 @@ def render_gpu(result: Doc) -> list[str]:
 def _host_phases(result: Doc) -> str:
     """What of each method's time on the GPU machine was timed on the preparing machine."""
     host = sum(result["host_phases_s_measured_here"].values())
-    if "tokenize_s" not in result:  # runs before the length check's ids were reused: it tokenized twice
-        return (
-            f"its host phases ({host * 1000:.0f} ms: tokenizing, retrieval, exit policy, answer) are that machine's, "
-            "as LanceDB is not on the GPU machine."
-        )
     return (
-        f"every method running layers includes tokenizing its rows once ({result['tokenize_s'] * 1000:.0f} ms on "
-        "the GPU machine's CPUs: the length check, whose ids the layers reuse); the default's retrieval, exit policy "
-        f"and answer ({host * 1000:.0f} ms) and key-lr's retrieval, key probe and answer "
+        f"every method running layers tokenizes its rows once ({result['tokenize_s'] * 1000:.0f} ms on the GPU "
+        "machine's CPUs, inside its layers' time: the length check, whose ids the layers reuse); the default's "
+        f"retrieval, exit policy and answer ({host * 1000:.0f} ms) and key-lr's retrieval, key probe and answer "
         f"({result['key_lr_host_s_measured_here'] * 1000:.0f} ms) are the preparing machine's, as LanceDB is not on "
         "the GPU machine."
     )

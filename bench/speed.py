@@ -284,10 +284,15 @@ class Core:
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
         rt, strategy, ctx = self.runtime, self.strategy, self.context
         prompts = rows.rendered(self.form)
-        with timer() as t:
-            if strategy.runs_backbone(ctx):
-                rt.token_lengths(prompts)  # the handler's max_length check
+        with timer() as t:  # the handler's max_length check, whose ids the layers reuse
+            known = dict(zip(prompts, rt.encode(prompts), strict=True)) if strategy.runs_backbone(ctx) else {}
         self.seconds["tokenize"] = t.s
+        with rt.reusing(known):
+            return self._answer(rows, prompts)
+
+    def _answer(self, rows: Rows, prompts: list[str]) -> np.ndarray:
+        """The handler's predict, phase by phase."""
+        rt, strategy, ctx = self.runtime, self.strategy, self.context
         wanted = strategy.neighbours(ctx)
         neighbours = Neighbours.none(len(rows.texts), ctx.num_layers, ctx.num_labels)
         start = None

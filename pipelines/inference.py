@@ -161,11 +161,12 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
     def run_inference(
         self, batch: Sequence[pa.Table], model: Loaded, inference_args: dict[str, Any] | None = None
     ) -> Iterable[Outcome]:
-        table = pa.concat_tables(batch)
-        prompts = self.prompts(model.runtime, table, self.form(model))
-        runs = self.runs_backbone(model)
-        lengths = model.runtime.token_lengths(prompts) if runs else np.zeros(len(prompts), np.int64)
-        limit = model.runtime.manifest.max_length
+        table, runtime = pa.concat_tables(batch), model.runtime
+        prompts = self.prompts(runtime, table, self.form(model))
+        # the length check's ids are the ones the layers run; where no layer runs a prompt, nothing is checked
+        known = dict(zip(prompts, runtime.encode(prompts), strict=True)) if self.runs_backbone(model) else {}
+        lengths = np.array([len(known.get(p, ())) for p in prompts], np.int64)
+        limit = runtime.manifest.max_length
         fits = lengths <= limit
         errors = [
             internal_errors(
@@ -178,9 +179,23 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         ]
         table = table.filter(pa.array(fits))
         prompts = [p for p, ok in zip(prompts, fits, strict=True) if ok]
+        with runtime.reusing(known):
+            rows, failed = self.predicted(model, table, prompts)
+        errors += failed
+        errors_out = pa.concat_tables(errors)
+        beam.metrics.Metrics.counter(NAMESPACE, "rows_rejected").inc(errors_out.num_rows)
+        rows_out = pa.concat_tables(rows) if rows else self.empty(model)
+        beam.metrics.Metrics.counter(NAMESPACE, "rows_out").inc(rows_out.num_rows)
+        model.progress.add(rows_out.num_rows + errors_out.num_rows, self.command)
+        fault_point(f"batch:{self.command}")
+        return [Outcome(rows_out, errors_out)]
+
+    def predicted(self, model: Loaded, table: pa.Table, prompts: list[str]) -> tuple[list[pa.Table], list[pa.Table]]:
+        """(`predict`'s tables, error tables): a batch that fails is retried row by row, so one offending row
+        becomes an error with its reason and the rest are kept."""
         try:
-            rows = [self.predict(model, table, prompts)] if table.num_rows else []
-        except Exception as batch_failure:  # isolate the offending rows, keep the rest of the batch
+            return ([self.predict(model, table, prompts)] if table.num_rows else []), []
+        except Exception as batch_failure:
             rows, failed = [], []
             for i in range(table.num_rows):
                 try:
@@ -189,14 +204,7 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
                     failed.append(internal_errors(table.slice(i, 1), [f"inference failed: {exc!r}"]))
             if not rows:  # no row runs: the artifacts or the worker are broken, not the rows; the job fails
                 raise RaeeRunError(f"inference failed on every row of a batch: {batch_failure!r}") from batch_failure
-            errors += failed
-        errors_out = pa.concat_tables(errors)
-        beam.metrics.Metrics.counter(NAMESPACE, "rows_rejected").inc(errors_out.num_rows)
-        rows_out = pa.concat_tables(rows) if rows else self.empty(model)
-        beam.metrics.Metrics.counter(NAMESPACE, "rows_out").inc(rows_out.num_rows)
-        model.progress.add(rows_out.num_rows + errors_out.num_rows, self.command)
-        fault_point(f"batch:{self.command}")
-        return [Outcome(rows_out, errors_out)]
+            return rows, failed
 
     def form(self, model: Loaded) -> str:
         """The input form (tasks.FORMS) of the texts checked for length and handed to `predict`."""

@@ -6,6 +6,7 @@ batch trimmed to its longest row is a column slice, and a padded row computes th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -325,7 +326,7 @@ class SegmentRuntime:
                 "(MatMulIntegerToFloat), so those run on the CPU; export without --quantize for GPUs"
             )
         self.tokenizer = self._tokenizer(m.tokenizer.file)
-        self._encoded: dict[str, list[int]] = {}  # the last encode call's ids (see encode)
+        self._encoded: dict[str, list[int]] = {}  # ids known without tokenizing (see reusing)
         self.suffix = prompt_suffix(m)
         self.embed_session = self._session(m.segments.embed)
         self.layer_sessions = [self._session(ref) for ref in m.segments.layers]
@@ -352,16 +353,23 @@ class SegmentRuntime:
     # -- tokens -------------------------------------------------------------------------------------------
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each prompt. The last call's stay known: a handler checks a batch's lengths, then runs the
-        same prompts through the layers, and tokenizing them twice cost the default a quarter of the full model's
-        time on a GPU (bench/gpu.py). Only the last call's are kept, so memory stays one batch's."""
+        """Token ids of each prompt; inside `reusing`, the ids it was given are not tokenized again."""
         known = self._encoded
         missing = list(dict.fromkeys(p for p in prompts if p not in known))
         if missing:
             known = known | dict(zip(missing, self._tokenize(missing), strict=True))
-        encoded = [known[p] for p in prompts]
-        self._encoded = dict(zip(prompts, encoded, strict=True))
-        return encoded
+        return [known[p] for p in prompts]
+
+    @contextlib.contextmanager
+    def reusing(self, known: dict[str, list[int]]) -> Iterator[None]:
+        """Within the block the prompts in `known` are not tokenized again: a handler tokenizes a batch for its
+        length check, then runs the same prompts through the layers, and tokenizing them twice cost the default
+        about a quarter of the full model's time on a GPU (bench/gpu.py)."""
+        self._encoded = known
+        try:
+            yield
+        finally:
+            self._encoded = {}
 
     def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]

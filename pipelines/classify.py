@@ -40,7 +40,7 @@ from raee_ops.retrieval import (
     table_probe_policy,
     table_probes,
 )
-from raee_ops.rows import validated_schema
+from raee_ops.rows import output_columns
 from raee_ops.runtime import CUDA_SUB_BATCH
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def run_classify(
     if clash:
         raise RaeeConfigError(f"input already has column(s) {', '.join(clash)} that classify adds")
 
-    output_schema = pa.schema(list(validated_schema(schema, task)) + PREDICTION_FIELDS)
+    output_schema = pa.schema(list(output_columns(schema, task)) + PREDICTION_FIELDS)
     handler = ClassifyHandler(
         str(artifacts),
         task,

@@ -34,7 +34,7 @@ from raee_ops.probes import table_views, view_form
 from raee_ops.progress import interactive
 from raee_ops.readout import answer_batch
 from raee_ops.retrieval import Retriever
-from raee_ops.rows import INTERNAL, ROW_ID, internal_errors
+from raee_ops.rows import ROW_ID, internal_errors, output_rows
 from raee_ops.runtime import SegmentRuntime, mean_states
 from raee_ops.tasks import FORMS, Task
 
@@ -371,7 +371,7 @@ class ClassifyHandler(_RaeeHandler):
             pa.array(exits, pa.int32()),
             pa.array(probs.max(axis=1), pa.float32()),
         ]
-        out = table.drop_columns(INTERNAL)
+        out = output_rows(table)
         for spec, values in zip(PREDICTION_FIELDS, added, strict=True):
             out = out.append_column(spec, values)
         return out.cast(self.output_schema)

@@ -7,7 +7,8 @@ UTF-8 row by row). Prompts longer than the artifacts' max_length are rejected la
 only the tokenizer knows their length (they are never truncated: the readout token is at the end of the prompt).
 
 A row's id is its `id` value, or for rows without one `row:<file key>:<n>`: its position in its file, keyed by the
-file's content digest, so the same file gets the same ids however its path is spelt.
+file's content digest, so the same file gets the same ids however its path is spelt. Outputs of an input without an
+`id` column carry these as their `id`.
 """
 
 from __future__ import annotations
@@ -160,6 +161,20 @@ def validated_schema(schema: pa.Schema, task: Task) -> pa.Schema:
         index = schema.get_field_index(column)
         schema = schema.set(index, schema.field(index).with_type(_text_type(schema.field(index).type)))
     return schema
+
+
+def output_columns(schema: pa.Schema, task: Task) -> pa.Schema:
+    """The input columns as an output carries them (see `output_rows`): text decoded to strings, and for an input
+    without an `id` column a string `id` first."""
+    schema = validated_schema(schema, task)
+    return schema if ID in schema.names else schema.insert(0, pa.field(ID, pa.string()))
+
+
+def output_rows(table: pa.Table) -> pa.Table:
+    """Validated rows without the internal columns. Rows of an input without an `id` column get one: the
+    `row:<file key>:<n>` that errors name such rows by, so every output row can be joined back to its input."""
+    out = table.drop_columns(INTERNAL)
+    return out if ID in out.column_names else out.add_column(0, ID, table.column(ROW_ID))
 
 
 def as_text(values: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:

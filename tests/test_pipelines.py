@@ -316,6 +316,23 @@ def test_pair_task_rejects_missing_pairs(segment_artifacts, tmp_path):  # noqa: 
     assert errors.column("file").to_pylist() == [str(tmp_path / "rte.parquet")] * 2
 
 
+def test_predictions_of_an_input_without_ids_carry_the_ids_its_errors_use(segment_artifacts, built):  # noqa: F811
+    """Beam writes predictions in shards of its own order: without an id a row could not be joined back to its
+    input. Such rows get `row:<file key>:<n>`, as their errors do, so predictions and errors cover the input once."""
+    root, _ = built
+    texts = [*sentences(6, 9), None, "  ", *sentences(3, 10)]
+    path = root / "no-ids.parquet"
+    pq.write_table(pa.table({"text": texts}), path)
+    summary, predictions, errors = classify(segment_artifacts, root, "no-ids", strategy="full", inputs=str(path))
+    key = file_key(str(path))
+    assert predictions.column_names[0] == "id" and predictions.schema.field("id").type == pa.string()
+    assert sorted(predictions.column("id").to_pylist()) == sorted(f"row:{key}:{n}" for n in [*range(6), 8, 9, 10])
+    assert sorted(errors.column("id").to_pylist()) == [f"row:{key}:6", f"row:{key}:7"]
+    by_id = dict(zip(predictions.column("id").to_pylist(), predictions.column("text").to_pylist(), strict=True))
+    assert all(by_id[f"row:{key}:{n}"] == texts[n] for n in [*range(6), 8, 9, 10])
+    assert (summary.predicted, summary.rejected) == (9, 2)
+
+
 def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position(tmp_path):
     """Hashing reads the whole file again (from object storage, a second download): not for rows with ids."""
     with_ids = write_labelled(tmp_path / "ids.parquet", ["a", "b"], ["good", "bad"], [1, 0])

@@ -8,7 +8,7 @@ row group that could not be read become error rows naming the file, and the next
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cache
 from typing import Any
 
@@ -69,11 +69,17 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
     return list(files.values())
 
 
-@cache
 def file_key(path: str) -> str:
-    """The key of a file's id-less rows: its content digest, so another spelling of the path gives the same ids."""
+    """The key of a file's id-less rows: its content digest, so another spelling of the path gives the same ids.
+    Not kept across reads: a process outliving one run (a worker pool's) must not key a file rewritten at the same
+    path by its old content, which would give new rows the ids of old ones."""
     with storage.open_read(path) as handle:
         return sha256_stream(handle)[:16]
+
+
+def _lazy_key(path: str) -> Callable[[], str]:
+    """`path`'s file_key, hashed on first use only (a second full read: not for a file whose rows all carry ids)."""
+    return cache(lambda: file_key(path))
 
 
 def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa.Schema, int]:
@@ -106,7 +112,7 @@ def file_keys(path: str, group_column: str | None = None) -> tuple[pa.Array, pa.
     with storage.open_read(path) as handle:
         parquet = pq.ParquetFile(handle)
         columns = [c for c in dict.fromkeys((ID, group_column)) if c and c in parquet.schema_arrow.names]
-        ids, names, first = [], [], 0
+        ids, names, first, key = [], [], 0, _lazy_key(path)
         for group in range(parquet.num_row_groups):
             size = parquet.metadata.row_group(group).num_rows
             try:
@@ -114,8 +120,7 @@ def file_keys(path: str, group_column: str | None = None) -> tuple[pa.Array, pa.
             except (OSError, pa.ArrowException):
                 table = None
             if table is not None:
-                key = file_key(path) if _positional(table) else ""  # hash only where the key is used
-                ids.append(row_ids(table, key, first)[0])
+                ids.append(row_ids(table, key() if _positional(table) else "", first)[0])
                 if group_column:
                     names.append(_group_names(table.column(group_column).combine_chunks(), path, group_column))
             first += size
@@ -153,7 +158,7 @@ def _positional(table: pa.Table) -> bool:
 def _read_validated_groups(
     parquet: pq.ParquetFile, path: str, task: Task, need_label: bool, rows: int
 ) -> Iterator[Validated]:
-    first = 0
+    first, key = 0, _lazy_key(path)
     for group in range(parquet.num_row_groups):
         size, done, problem = parquet.metadata.row_group(group).num_rows, 0, None
         batches = parquet.iter_batches(batch_size=rows, row_groups=[group])
@@ -167,12 +172,12 @@ def _read_validated_groups(
                 problem = f"{type(exc).__name__}: {exc}"
                 break
             table = pa.Table.from_batches([batch]).replace_schema_metadata(None)
-            key = file_key(path) if _positional(table) else ""  # "": no row here is keyed by position
-            yield validate(table, task, source=path, file_key=key, need_label=need_label, first_row=first + done)
+            keyed = key() if _positional(table) else ""  # "": no row here is keyed by position
+            yield validate(table, task, source=path, file_key=keyed, need_label=need_label, first_row=first + done)
             done += table.num_rows
         if problem is not None:  # the rest of the row group, by position, as the footer counts it
             reason = f"unreadable Parquet data (row group {group}): {problem}"[:500]
-            ids = positions(file_key(path), first + done, size - done)
+            ids = positions(key(), first + done, size - done)
             errors = errors_table(ids, [reason] * len(ids), [path] * len(ids))
             yield Validated(pa.table({ROW_ID: pa.array([], pa.string())}), errors)
         first += size

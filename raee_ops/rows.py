@@ -171,10 +171,17 @@ def output_columns(schema: pa.Schema, task: Task) -> pa.Schema:
 
 
 def output_rows(table: pa.Table) -> pa.Table:
-    """Validated rows without the internal columns. Rows of an input without an `id` column get one: the
-    `row:<file key>:<n>` that errors name such rows by, so every output row can be joined back to its input."""
+    """Validated rows without the internal columns. Rows without an id get the `row:<file key>:<n>` that errors
+    name them by, so every output row can be joined back to its input: an input without an `id` column gets one,
+    and a null in a text `id` column is filled (one of numbers stays null: a text id would not fit it)."""
     out = table.drop_columns(INTERNAL)
-    return out if ID in out.column_names else out.add_column(0, ID, table.column(ROW_ID))
+    if ID not in out.column_names:
+        return out.add_column(0, ID, table.column(ROW_ID))
+    ids = out.column(ID)
+    if not ids.null_count or not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
+        return out
+    filled = pc.if_else(pc.is_null(ids), table.column(ROW_ID).cast(ids.type), ids)
+    return out.set_column(out.schema.get_field_index(ID), out.schema.field(ID), filled)
 
 
 def as_text(values: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:

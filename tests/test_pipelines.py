@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import raee_ops
-from raee_ops.pipelines import build_db
+from raee_ops.pipelines import build_db, sources
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.sources import file_key, read_validated_file
@@ -331,19 +331,34 @@ def test_predictions_of_an_input_without_ids_carry_the_ids_its_errors_use(segmen
     by_id = dict(zip(predictions.column("id").to_pylist(), predictions.column("text").to_pylist(), strict=True))
     assert all(by_id[f"row:{key}:{n}"] == texts[n] for n in [*range(6), 8, 9, 10])
     assert (summary.predicted, summary.rejected) == (9, 2)
+    pq.write_table(pa.table({"id": ["a", None, "c"], "text": sentences(3, 11)}), path)  # a text id column's null
+    _, predictions, _ = classify(segment_artifacts, root, "null-id", strategy="full", inputs=str(path))
+    assert sorted(predictions.column("id").to_pylist()) == ["a", "c", f"row:{file_key(str(path))}:1"]
 
 
-def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position(tmp_path):
-    """Hashing reads the whole file again (from object storage, a second download): not for rows with ids."""
+def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position_once_per_read(tmp_path, monkeypatch):
+    """Hashing reads the whole file again (from object storage, a second download): not for rows with ids, once
+    for a file read 2 rows at a time; and again on the next read, so a file rewritten at the same path (in a
+    process serving many runs) is keyed by its new content, never its old one's."""
+    hashed = []
+    monkeypatch.setattr(sources, "file_key", lambda path: hashed.append(path) or f"k{len(hashed)}")
     with_ids = write_labelled(tmp_path / "ids.parquet", ["a", "b"], ["good", "bad"], [1, 0])
-    mixed = write_labelled(tmp_path / "mixed.parquet", ["a", None], ["good", "bad"], [1, 0])
-    file_key.cache_clear()
-    assert [t.valid[ROW_ID].to_pylist() for t in read_validated_file(str(with_ids), PRESETS["sst2"], True)] == [
-        ["a", "b"]
-    ]
-    assert file_key.cache_info().currsize == 0
-    ids = [t.valid[ROW_ID].to_pylist() for t in read_validated_file(str(mixed), PRESETS["sst2"], True)]
-    assert ids == [["a", f"row:{file_key(str(mixed))}:1"]] and file_key.cache_info().currsize == 1
+    mixed = write_labelled(tmp_path / "mixed.parquet", ["a", None, None, "d"], ["good", "bad", "fun", "dull"], [1] * 4)
+
+    def ids(path: Path) -> list[list[str]]:
+        return [t.valid[ROW_ID].to_pylist() for t in read_validated_file(str(path), PRESETS["sst2"], True, rows=2)]
+
+    assert ids(with_ids) == [["a", "b"]] and hashed == []
+    assert ids(mixed) == [["a", "row:k1:1"], ["row:k1:2", "d"]] and hashed == [str(mixed)]
+    assert ids(mixed) == [["a", "row:k2:1"], ["row:k2:2", "d"]] and hashed == [str(mixed)] * 2
+    assert sources.file_keys(str(mixed))[0].to_pylist() == ["a", "row:k3:1", "row:k3:2", "d"]
+
+
+def test_a_rewritten_file_gets_its_new_contents_key(tmp_path):
+    path = write_labelled(tmp_path / "f.parquet", [None], ["good"], [1])
+    before = file_key(str(path))
+    write_labelled(path, [None], ["bad"], [0])
+    assert file_key(str(path)) != before
 
 
 def test_a_gpu_run_of_a_row_by_row_strategy_is_told_a_fixed_depth_runs_faster(segment_artifacts, built, caplog):  # noqa: F811

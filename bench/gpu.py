@@ -14,7 +14,8 @@ The device machine has no package index and takes at most 64 MiB per call, so th
   answers do, so no accuracy is measured there), then, on CUDA, the full chain and the chain to the default's real
   exits, each with hidden states kept on the device (IO binding, the runtime's default on CUDA) and copied to the
   host after every layer; the key; probe-best (every row to the reference's best layer); the same chains on that
-  machine's CPUs; and on CUDA the rows per ONNX call from 32 to 256.
+  machine's CPUs; and on CUDA the default's chain compacted at every exit, as the runtime does, and never, and
+  the rows per ONNX call from 32 to 256.
 
 The default's rate on the GPU is composed, not run end to end: LanceDB is not on that machine, so the default's
 host-side phases (retrieval, exit policy, answer) are this machine's, added to the key and the layers measured
@@ -317,9 +318,16 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
     # a handler tokenizes its rows once (the length check, whose ids the layers reuse): the chains timed above did
     # it inside, so the preparing machine's tokenizing is left out of the default's host phases
     tokenize_s = timed(lambda: engines["cpu"].encode(prompts))[1]
+    # the default's layers on CUDA as the runtime compacts its batches (compact_below), and at every exit or never
+    cuda = engines["cuda"]
+    used, compaction = cuda.compact_below, {}
+    for share in sorted({1.0, used, 0.0}, reverse=True):
+        cuda.compact_below = share
+        compaction[str(share)] = timed(lambda: cuda.run_to_exit_pooled(TASK, prompts, exits, keep_all))[1]
+    cuda.compact_below = used
+    print(f"{preset} cuda, the default's layers by compaction: {compaction}", flush=True)
     host = {k: v for k, v in run["cpu_phase_s"].items() if k not in ("tokenize", "key", "layers")}
     key_lr_host = sum(v for k, v in run["key_lr_cpu_phase_s"].items() if k != "key")  # it runs no prompt
-    cuda = engines["cuda"]
     # rows per ONNX call on CUDA, where a chain of small batches waits on kernel launches more than on arithmetic
     size_used, sweep = cuda.sub_batch, {}
     for size in SUB_BATCHES:
@@ -366,6 +374,8 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
         "cpu_default_rows_per_s_measured_here": run["cpu_rows_per_s"],
         "passes": PASSES,
         "sub_batch": cuda.sub_batch,
+        "compact_below": used,
+        "default_layers_s_by_compact_below": compaction,
         "engines": results,
         "cuda_sub_batch_sweep": sweep,
         "agreement_with_cpu": agreement,

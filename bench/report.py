@@ -937,6 +937,14 @@ def render_gpu(result: Doc) -> list[str]:
             f"{e['default_layers_s'] * 1000:.0f} ms | {'–' if unread is None else f'{unread * 1000:.0f} ms'} | "
             f"{_rate(e, 'probe_best')} | {_rate(e, 'key_lr')} |"
         )
+    compaction = result.get("default_layers_s_by_compact_below")
+    if compaction:
+        lines += [
+            "",
+            "The default's layers on CUDA (IO binding) by when a batch is compacted to the rows still running: "
+            + "; ".join(f"{_compaction(share)}: {s * 1000:.0f} ms" for share, s in compaction.items())
+            + f" (the runtime's setting: {_compaction(str(result['compact_below']))}).",
+        ]
     sweep = result.get("cuda_sub_batch_sweep")
     if sweep:
         lines += [
@@ -1011,6 +1019,11 @@ def _host_phases(result: Doc) -> str:
         f"({result['key_lr_host_s_measured_here'] * 1000:.0f} ms) are the preparing machine's, as LanceDB is not on "
         "the GPU machine."
     )
+
+
+def _compaction(share: str) -> str:
+    """A compact_below setting in words."""
+    return {"1.0": "at every exit", "0.0": "never"}.get(share, f"once under {float(share):.0%} still run")
 
 
 def _rate(engine: Doc, method: str) -> str:

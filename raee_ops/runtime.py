@@ -35,6 +35,10 @@ SUB_BATCH = 32
 #: (bench/gpu.py's sweep).
 #: Beam hands the handler up to 128 rows per call (pipelines/inference.py).
 CUDA_SUB_BATCH = 128
+#: On CUDA a layer call costs about the same for a full batch as for a thinned one, while compacting one (its
+#: states gathered on the device, its masks and rotary tables sent up again) costs a layer's worth: a batch is
+#: compacted only once fewer than this share of its rows still run (bench/gpu.py times 1.0, 0.5 and 0).
+CUDA_COMPACT_BELOW = 0.5
 
 
 #: An execution provider as ONNX Runtime takes it: a name, or (name, provider options).
@@ -308,9 +312,12 @@ class SegmentRuntime:
         verify_checksums: bool = True,
         io_binding: bool | None = None,
         sub_batch: int | None = None,
+        compact_below: float | None = None,
     ) -> None:
         """`io_binding`: chain the layers through DeviceChain (default: on the CUDA provider only; on the CPU the
-        host already holds the states). `sub_batch`: rows per ONNX call (default SUB_BATCH; on CUDA CUDA_SUB_BATCH)."""
+        host already holds the states). `sub_batch`: rows per ONNX call (default SUB_BATCH; on CUDA CUDA_SUB_BATCH).
+        `compact_below`: a batch whose rows still running fall under this share is compacted to them; until then
+        the rows that left ride along (default: 1.0, at every exit, on the host; CUDA_COMPACT_BELOW on CUDA)."""
         self.dir = Path(artifacts)
         self.manifest: Manifest = load_manifest(self.dir, verify_checksums=verify_checksums)
         self._threads = intra_op_threads or default_threads()
@@ -319,6 +326,7 @@ class SegmentRuntime:
         bind = on_cuda if io_binding is None else io_binding
         self._device = DeviceChain("cuda" if on_cuda else "cpu", self._open) if bind else None
         self.sub_batch = sub_batch or (CUDA_SUB_BATCH if on_cuda else SUB_BATCH)
+        self.compact_below = (CUDA_COMPACT_BELOW if on_cuda else 1.0) if compact_below is None else compact_below
         m = self.manifest
         if on_cuda and m.quantization:
             log.warning(
@@ -543,22 +551,25 @@ class SegmentRuntime:
             return
         if not running.all():
             batch = self._kept(batch, running)
+        active = np.ones(len(batch.rows), bool)  # rows not read out yet; the others may ride along (compact_below)
         layer = depth
         while True:
             if layer > 0:
-                leaving = exit_layers[batch.rows] <= layer
+                leaving = active & (exit_layers[batch.rows] <= layer)
                 if stop is not None or leaving.any():
                     states = self._pooled(batch)
                     pooled = states.astype(np.float16)
                     if stop is not None:
-                        leaving |= stop(layer, pooled)
+                        leaving |= active & stop(layer, pooled)
                     if leaving.any():
                         done = batch.rows[leaving]
                         readout.logits[done] = self.head(task, states[leaving, READOUT])
                         readout.pooled[done], readout.exits[done] = pooled[leaving], layer
-                        if leaving.all():
+                        active &= ~leaving
+                        if not active.any():
                             return
-                        batch = self._kept(batch, ~leaving)
+                        if active.mean() < self.compact_below:
+                            batch, active = self._kept(batch, active), np.ones(int(active.sum()), bool)
             batch = batch._replace(hidden=self._layer(layer, batch.hidden, batch.context, batch.bound))
             layer += 1
 

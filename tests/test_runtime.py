@@ -84,6 +84,37 @@ def test_a_batch_checked_for_length_is_not_tokenized_again_to_run(segment_artifa
     assert counting.asked[2:] == [first[:2]]
 
 
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_rows_that_left_riding_along_change_no_answer(segment_artifacts, io_binding):  # noqa: F811
+    """On CUDA a batch is compacted only once few of its rows still run (compact_below): rows that left ride along
+    uncounted. Compacting at every exit, at half, or never reads every row out once, at the same layer, the same."""
+    batch = prompts(SUB_BATCH + 9, seed=9)
+    num_layers = SegmentRuntime(segment_artifacts).num_layers
+    exits = np.random.default_rng(4).integers(0, num_layers + 1, size=len(batch))
+    states = SegmentRuntime(segment_artifacts).run_to_exit_pooled("sst2", batch, np.full(len(batch), 1)).pooled
+    ordered = np.sort(states[:, 0, 0].astype(np.float32))
+    gap = int(np.argmax(np.diff(ordered)))
+    threshold = (ordered[gap] + ordered[gap + 1]) / 2  # far from every row's value: no row near the cut
+
+    def stop(layer: int, pooled: np.ndarray) -> np.ndarray:
+        return np.full(len(pooled), layer == 1) & (pooled[:, 0, 0].astype(np.float32) > threshold)
+
+    readouts = []
+    for share in (1.0, 0.5, 0.0):
+        runtime = SegmentRuntime(segment_artifacts, io_binding=io_binding, compact_below=share)
+        readouts.append(runtime.run_to_exit_pooled("sst2", batch, exits, stop))
+    first = readouts[0]
+    assert (
+        ((first.exits == 1) & (exits > 1)).any()
+        and (first.exits[exits == 0] == 0).all()
+        and (first.exits <= exits).all()
+    )
+    for got in readouts[1:]:
+        np.testing.assert_array_equal(got.exits, first.exits)
+        np.testing.assert_allclose(got.logits, first.logits, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.pooled.astype(np.float32), first.pooled.astype(np.float32), atol=1e-2)
+
+
 def test_exit_zero_rows_run_no_layer_and_leave_the_others_unchanged(runtime, monkeypatch):
     batch = prompts(12, seed=3)
     exits = np.array([0, 2, 0, 1, 3, 0, 2, 2, 0, 1, 3, 0])[: len(batch)].clip(0, runtime.num_layers)

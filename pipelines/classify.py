@@ -155,7 +155,7 @@ def run_classify(
     if settings.provider == "cuda" and chosen.exits_per_row():
         log.warning(
             "strategy %s exits row by row, which saves a GPU little: a call of %d rows costs about as much as its "
-            "deepest row's, and on an H200 the default ran slower than the full model; for speed on GPUs run a "
+            "deepest row's, and on an H200 the default ran about as fast as the full model; for speed on GPUs run a "
             "fixed depth (--strategy probe-best) (README: Runners, Dataflow and GPUs)",
             strategy,
             CUDA_SUB_BATCH,

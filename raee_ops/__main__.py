@@ -1,3 +1,3 @@
-from raee_ops.cli import main
+from raee_ops.cli import entry
 
-main()
+entry()

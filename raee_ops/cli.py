@@ -533,18 +533,32 @@ def rollback_cmd(db_uri: str, table: str, version: int) -> None:
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     if code == Interrupted.exit_code:
-        _end_as_killed(code)
+        _end_now(code)
     sys.exit(code)
 
 
-def _end_as_killed(code: int) -> NoReturn:
-    """End an interrupted run as a kill would, without the interpreter's teardown: threads a runner left running
-    in this process (LOOPBACK's workers, ONNX Runtime's) made it abort there (`terminate called without an active
-    exception`, SIGABRT) instead of exiting 130. Its `with` blocks have run; claims are locks the kernel drops."""
+def _end_now(code: int) -> NoReturn:
+    """End the process with `code` without the interpreter's teardown: native threads still running there (a
+    runner's LOOPBACK workers, ONNX Runtime's, Arrow's) made it abort (`terminate called without an active
+    exception`, SIGABRT) instead of exiting with its code: an interrupted run (130), a finished classify, a refused
+    build-db (2). Every `with` block has run by then, files are closed and claims are locks the kernel drops."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def entry() -> NoReturn:
+    """The `raee-ops` process (console script, `python -m raee_ops`): main(), then `_end_now` with its exit code.
+    In-process callers use main(), which raises SystemExit as usual."""
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            _end_now(exc.code or 0)
+        print(exc.code, file=sys.stderr)  # as Python reports a SystemExit with a message
+        _end_now(1)
+    _end_now(0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -603,4 +617,4 @@ def _internal(exc: BaseException) -> NoReturn:
 
 
 if __name__ == "__main__":
-    main()
+    entry()

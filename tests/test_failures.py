@@ -724,3 +724,20 @@ def test_workers_refuse_an_export_republished_with_another_head_or_key(segment_a
     assert load_manifest(replaced).fingerprint == checked.fingerprint  # the same backbone
     with pytest.raises(ArtifactError, match=f"changed during the run \\({part}"):
         BuildHandler(str(replaced), PRESETS["sst2"], DEFAULT_KEY, checked=checked).load_model()
+
+
+@pytest.mark.parametrize(("args", "code"), [(["info", "--db", "no-such-db"], 2), (["--help"], 0)])
+def test_the_process_ends_with_its_code_whatever_its_teardown_would_do(tmp_path, args, code):
+    """Native threads still running at the interpreter's teardown (Arrow's, LanceDB's, ONNX Runtime's) aborted
+    refused and finished runs alike (SIGABRT, `terminate called without an active exception`) instead of their exit
+    code: the process ends before its teardown. Here an exit handler that aborts stands in for them."""
+    script = (
+        "import atexit, os, sys\n"
+        "atexit.register(os.abort)\n"
+        f"sys.argv = ['raee-ops', *{args!r}]\n"
+        "from raee_ops.cli import entry\n"
+        "entry()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == code, run.stderr
+    assert ("error: " in run.stderr) == bool(code) and ("Usage" in run.stdout) == (not code)

@@ -285,7 +285,7 @@ class Core:
         rt, strategy, ctx = self.runtime, self.strategy, self.context
         prompts = rows.rendered(self.form)
         with timer() as t:  # the handler's max_length check, whose ids the layers reuse
-            known = dict(zip(prompts, rt.encode(prompts), strict=True)) if strategy.runs_backbone(ctx) else {}
+            known = rt.encoded_by_prompt(prompts) if strategy.runs_backbone(ctx) else {}
         self.seconds["tokenize"] = t.s
         with rt.reusing(known):
             return self._answer(rows, prompts)

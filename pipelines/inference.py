@@ -164,7 +164,7 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         table, runtime = pa.concat_tables(batch), model.runtime
         prompts = self.prompts(runtime, table, self.form(model))
         # the length check's ids are the ones the layers run; where no layer runs a prompt, nothing is checked
-        known = dict(zip(prompts, runtime.encode(prompts), strict=True)) if self.runs_backbone(model) else {}
+        known = runtime.encoded_by_prompt(prompts) if self.runs_backbone(model) else {}
         lengths = np.array([len(known.get(p, ())) for p in prompts], np.int64)
         limit = runtime.manifest.max_length
         fits = lengths <= limit

@@ -369,6 +369,10 @@ class SegmentRuntime:
             known = known | dict(zip(missing, self._tokenize(missing), strict=True))
         return [known[p] for p in prompts]
 
+    def encoded_by_prompt(self, prompts: Sequence[str]) -> dict[str, list[int]]:
+        """Each prompt's token ids, keyed by the prompt: what `reusing` takes."""
+        return dict(zip(prompts, self.encode(prompts), strict=True))
+
     @contextlib.contextmanager
     def reusing(self, known: dict[str, list[int]]) -> Iterator[None]:
         """Within the block the prompts in `known` are not tokenized again: a handler tokenizes a batch for its

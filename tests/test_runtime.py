@@ -74,7 +74,7 @@ def test_a_batch_checked_for_length_is_not_tokenized_again_to_run(segment_artifa
     counting = runtime.tokenizer = CountingTokenizer(runtime.tokenizer)
     first, second = prompts(12, seed=4), prompts(3, seed=5)
     exits = np.full(8, runtime.num_layers)
-    with runtime.reusing(dict(zip(first, runtime.encode(first), strict=True))):
+    with runtime.reusing(runtime.encoded_by_prompt(first)):
         got = runtime.run_to_exit_pooled("sst2", first[:8], exits)
         assert counting.asked == [first]
         assert runtime.encode([second[0], first[0]]) == fresh.encode([second[0], first[0]])

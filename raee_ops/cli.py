@@ -532,8 +532,6 @@ def rollback_cmd(db_uri: str, table: str, version: int) -> None:
 
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"error: {message}", err=True)
-    if code == Interrupted.exit_code:
-        _end_now(code)
     sys.exit(code)
 
 

@@ -40,6 +40,7 @@ from raee_ops.pipelines.sources import (
     file_keys,
     input_files,
     read_validated,
+    refuse_reading_own_output,
     task_of,
     write_tables,
 )
@@ -302,6 +303,7 @@ def run_build_db(
         settings_used | {"group_column": group_column, "layer_budget": layer_budget, "layer_price": layer_price}, found
     )
     run_id, where, work = new_run_id(), scope(db_uri, table), work_dir(db_uri, table)
+    refuse_reading_own_output(found, inputs, errors_dir, [f"errors-{run_id}-00000-of-00001.parquet"], "--errors")
     with claim_work_dir(work, f"table {table!r}") as staging:
         recorded, current = partial(recorded_runs, db_uri, table, store), table_record(db_uri, table, store)
         settle_noted(work, errors_dir, where, current, recorded)

@@ -17,10 +17,18 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics.metric import MetricsFilter
-from raee_ops.pipelines.commit import claim_output, completed, job_digest
+from raee_ops.pipelines.commit import SUCCESS, claim_output, completed, job_digest
 from raee_ops.pipelines.inference import NAMESPACE, ClassifyHandler, Infer
 from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
-from raee_ops.pipelines.sources import check_inputs, count_rows, input_files, read_validated, task_of, write_tables
+from raee_ops.pipelines.sources import (
+    check_inputs,
+    count_rows,
+    input_files,
+    read_validated,
+    refuse_reading_own_output,
+    task_of,
+    write_tables,
+)
 from raee_ops.schemas.manifest import check_outside_artifacts, load_manifest
 from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 
@@ -44,6 +52,10 @@ from raee_ops.rows import output_columns
 from raee_ops.runtime import CUDA_SUB_BATCH
 
 log = logging.getLogger(__name__)
+#: What a run publishes in its --output folder, besides `_SUCCESS`.
+OUTPUTS = ("predictions-*.parquet", "errors-*.parquet")
+#: Names of the files a run writes there (shards numbered as Beam numbers them), which no --input may match.
+OUTPUT_NAMES = (SUCCESS, *(pattern.replace("*", "00000-of-00001") for pattern in OUTPUTS))
 
 
 @dataclass(frozen=True)
@@ -179,6 +191,7 @@ def run_classify(
     probe_policy = budgeted(table_probe_policy(table_schema), layer_budget, layer_price)
     described = describe(chosen, policy, probe_policy, table_probes(table_schema), k)
     found = input_files(inputs)
+    refuse_reading_own_output(found, inputs, output_dir, OUTPUT_NAMES, "--output")
     files = [m.path for m in found]
     identity = {"fingerprint": manifest.fingerprint, "task": task_name, "db": storage.canonical(db_uri), "table": table}
     job = job_digest(
@@ -221,7 +234,7 @@ def run_classify(
         checked=manifest,
         **settings.runtime(),
     )
-    with claim_output(output_dir, ["predictions-*.parquet", "errors-*.parquet"], "--output") as claim:
+    with claim_output(output_dir, OUTPUTS, "--output") as claim:
         pipeline = make_pipeline(
             beam_args, command="classify", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
         )

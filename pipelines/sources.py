@@ -69,6 +69,24 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
     return list(files.values())
 
 
+def refuse_reading_own_output(
+    found: Sequence[FileMetadata], patterns: Sequence[str], folder: str, written: Sequence[str], what: str
+) -> None:
+    """Refuse, before any work, a folder to write that holds an input file or whose files (`written`: names of the
+    kind the run writes there) an input pattern matches: the outputs would mix with the inputs, and the same command
+    run again (a scheduler's retry) would read the first run's outputs as input."""
+    held = [m.path for m in found if storage.same_folder(storage.parent(m.path), folder)]
+    if held:
+        raise RaeeConfigError(f"{what} {folder} holds the input {held[0]}; write the outputs to a folder of their own")
+    for pattern in patterns:
+        read = [name for name in written if storage.matches(pattern, storage.join(folder, name))]
+        if read:
+            raise RaeeConfigError(
+                f"--input {pattern} matches what this run writes to {what} {folder} ({read[0]}), which the same "
+                "command run again would read as input; write the outputs where the inputs do not match"
+            )
+
+
 def file_key(path: str) -> str:
     """The key of a file's id-less rows: its content digest, so another spelling of the path gives the same ids.
     Not kept across reads: a process outliving one run (a worker pool's) must not key a file rewritten at the same

@@ -473,7 +473,7 @@ def evaluate_cmd(
     if (task_name is None) == (task_file is None):
         raise RaeeConfigError("give exactly one of --task or --task-file")
     storage.configure(beam_args())
-    check_report_dir(report_dir, db_uri)
+    check_report_dir(report_dir, db_uri, inputs)
     if task_file:
         task_name = exported_task(load_manifest(artifacts), load_task_file(task_file))
     report = evaluate(

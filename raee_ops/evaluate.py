@@ -31,7 +31,14 @@ from raee_ops.metrics import Metric, accuracy, task_metric
 from raee_ops.pipelines.commit import hold
 from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.options import worker_settings
-from raee_ops.pipelines.sources import check_inputs, expand_inputs, read_validated_file, task_of
+from raee_ops.pipelines.sources import (
+    check_inputs,
+    expand_inputs,
+    input_files,
+    read_validated_file,
+    refuse_reading_own_output,
+    task_of,
+)
 from raee_ops.probe_policy import (
     HALVINGS,
     SETTING_NAMES,
@@ -54,6 +61,8 @@ from raee_ops.tasks import Task
 CHUNK = 64
 #: Rejected rows shown in report.md (report.json lists them all).
 SHOWN_REJECTED = 20
+#: The report's files, in the order they are written (report.json last: it marks a complete report).
+REPORT_FILES = ("report.md", "report.png", "report.json")
 #: What a user would pick instead of (or as) the default, all fitted on the same reference rows: report name ->
 #: strategy. key-lr: logistic regression on the retrieval key; probe-best: the single layer chosen on reference.
 BASELINES = {
@@ -356,24 +365,27 @@ def write_report(report: dict[str, Any], directory: str) -> str:
             "evaluate: matplotlib is not installed (pip install 'raee-ops[report]'); report.png skipped",
             file=sys.stderr,
         )
-    summary = storage.join(out, "report.json")
+    md_file, png_file, json_file = (storage.join(out, name) for name in REPORT_FILES)
     with hold(out, "--report", wait=True):
-        storage.delete([summary])
-        storage.write_bytes(storage.join(out, "report.md"), markdown)
+        storage.delete([json_file])
+        storage.write_bytes(md_file, markdown)
         if png.getvalue():
-            storage.write_bytes(storage.join(out, "report.png"), png.getvalue())
+            storage.write_bytes(png_file, png.getvalue())
         else:  # an earlier run's plot is not this report's
-            storage.delete([storage.join(out, "report.png")])
-        storage.write_bytes(summary, (json.dumps(report, indent=2) + "\n").encode())
+            storage.delete([png_file])
+        storage.write_bytes(json_file, (json.dumps(report, indent=2) + "\n").encode())
     return out
 
 
-def check_report_dir(directory: str, db_uri: str | None = None) -> None:
+def check_report_dir(directory: str, db_uri: str | None = None, inputs: Sequence[str] = ()) -> None:
     """Before any work: evaluating takes long, and a --report that cannot be a folder (or lies in the database it
-    reads, or in an artifacts folder a re-export replaces) would only fail at the end."""
+    reads, or in an artifacts folder a re-export replaces, or holds the `inputs` or is read by them) would only fail
+    at the end, or on the next run."""
     storage.check_scheme(directory, "--report")
     if db_uri:
         storage.check_outside(directory, "--report", db_uri)
+    if inputs:
+        refuse_reading_own_output(input_files(inputs), inputs, directory, REPORT_FILES, "--report")
     check_outside_artifacts(directory, "--report")
     storage.check_folder(directory, "--report")
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes, FileMetadata
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata, FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
@@ -179,6 +180,10 @@ def within(uri: str, folder: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
+def same_folder(a: str, b: str) -> bool:
+    return within(a, b) and within(b, a)
+
+
 def check_outside(uri: str, what: str, folder: str, unless_in: str | None = None, kind: str = "the database") -> None:
     """Refuse, before any work, a location to write inside `folder`: the database (a table's folder or beside the
     tables: files LanceDB and raee-ops keep there) except under `unless_in` in it, or another `kind` of folder whose
@@ -242,6 +247,14 @@ def match_metadata(pattern: str, limit: int | None = None) -> list[FileMetadata]
 
 def match(pattern: str, limit: int | None = None) -> list[str]:
     return [m.path for m in match_metadata(pattern, limit)]
+
+
+def matches(pattern: str, uri: str) -> bool:
+    """Whether `match(pattern)` would list the file `uri` were it there (Beam's own glob rules)."""
+    if is_local(pattern) != is_local(uri):
+        return False
+    pattern, uri = (os.path.abspath(local_path(u)) if is_local(u) else u for u in (pattern, uri))
+    return re.match(FileSystem.translate_pattern(pattern), uri) is not None
 
 
 def children(uri: str, pattern: str = "*") -> list[str]:

@@ -60,8 +60,10 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
     files: dict[str, FileMetadata] = {}
     for pattern in patterns:
         storage.check_scheme(pattern, "--input")
-        if pattern.endswith("/"):  # an object store lists every key under a prefix, `_SUCCESS` and backups too
-            raise RaeeConfigError(f"--input {pattern}: a folder; give its files or a glob ({pattern}*.parquet)")
+        # a folder: an object store lists every key under a prefix, `_SUCCESS` and backups too
+        if pattern.endswith("/") or (not storage.is_pattern(pattern) and storage.is_dir(pattern)):
+            folder = pattern.rstrip("/")
+            raise RaeeConfigError(f"--input {pattern}: a folder; give its files or a glob ({folder}/*.parquet)")
         matched = storage.match_metadata(pattern)
         if not matched:
             raise RaeeConfigError(f"--input {pattern}: no such file (no Parquet files match)")

@@ -154,10 +154,18 @@ def _check_bucket(uri: str, what: str) -> None:
     _reached.add((s3.s3_endpoint_url, bucket))
 
 
+#: What Beam's filesystems read as a pattern in a location.
+GLOB_CHARACTERS = "*?["
+
+
+def is_pattern(uri: str) -> bool:
+    return any(c in uri for c in GLOB_CHARACTERS)
+
+
 def check_folder(uri: str, what: str) -> None:
     """Refuse, before any work, a location given as a folder that is a file or, locally, that this process cannot
     create or write in (an object store says so only at the first write)."""
-    if any(c in uri for c in "*?["):  # Beam's filesystems read them as a pattern: the files would never be found
+    if is_pattern(uri):  # Beam's filesystems read them as a pattern: the files would never be found
         raise RaeeConfigError(f"{what} {uri}: a location written to may not hold glob characters (* ? [)")
     if is_file(uri):
         raise RaeeConfigError(f"{what} {uri} exists and is not a directory")

@@ -443,8 +443,11 @@ def test_14_what_would_crash_late_or_be_guessed_is_refused_first(segment_artifac
     pq.write_table(pq.read_table(queries).append_column("_row_id", pa.array(range(5))), internal)
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", internal))
     assert run.returncode == 2 and "column(s) _row_id are raee-ops' own" in one_error_line(run)
-    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", f"{tmp_path}/"))
-    assert run.returncode == 2 and "a folder; give its files or a glob" in one_error_line(run)
+    for folder in (f"{tmp_path}/", tmp_path):  # with its slash or without
+        run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", folder))
+        assert run.returncode == 2 and f"a folder; give its files or a glob ({tmp_path}/*.parquet)" in one_error_line(
+            run
+        )
     for twice in (
         ["--strategy", "probe-fused", "--strategy", "probe-best"],
         ["--max-rejected", "0", "--max-rejected=1"],

@@ -210,6 +210,11 @@ def test_missing_options_and_live_claims_are_refused(s3, segment_artifacts, tmp_
     build = ["build-db", "--artifacts", art, "--task", "sst2", "--db", f"s3://{BUCKET}/refused/db"]
     busy = raee_ops(*build, "--input", f"s3://{BUCKET}/refused/in/train.parquet", *s3_args(endpoint), env=env, cwd=cwd)
     assert busy.returncode == 75 and "another run is writing table 'sst2'" in one_error_line(busy)
+    prefix, store = f"s3://{BUCKET}/refused/in", s3_args(endpoint)
+    run = raee_ops(*build, "--input", prefix, *store, env=env, cwd=cwd)
+    assert run.returncode == 2 and f"a folder; give its files or a glob ({prefix}/*.parquet)" in one_error_line(run)
+    run = raee_ops(*build, "--input", f"{prefix}/**", "--errors", f"{prefix}/errors", *store, env=env, cwd=cwd)
+    assert run.returncode == 2 and f"--input {prefix}/** matches what this run writes" in one_error_line(run)
     gone = raee_ops("info", "--db", "s3://no-such-bucket/db", *s3_args(endpoint), env=env, cwd=cwd)
     assert gone.returncode == 2 and "--db s3://no-such-bucket/db: no bucket 'no-such-bucket'" in one_error_line(gone)
     # Beam's S3 client would retry these for minutes, silently: each is one line, at once, and a store that does

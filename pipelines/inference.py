@@ -172,7 +172,8 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
             internal_errors(
                 table.filter(pa.array(~fits)),
                 [
-                    f"prompt is {n} tokens, over max_length {limit} (never truncated: readout is at the end)"
+                    f"prompt is {n} tokens, over max_length {limit} (never truncated: the answer is read at its "
+                    "end; export-onnx --max-length raises the limit)"
                     for n in lengths[~fits]
                 ],
             )

@@ -31,7 +31,7 @@ BAD_IDS = {
     "null": "text is null",
     "blank": "text is empty or whitespace",
     "badlabel": "label is not one of",
-    "long": "over max_length",
+    "long": "over max_length 64 (never truncated: the answer is read at its end; export-onnx --max-length raises",
     "nolabel": "label is null",
 }
 

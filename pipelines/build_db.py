@@ -321,7 +321,7 @@ def run_build_db(
         pipeline = make_pipeline(
             beam_args, command="build-db", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
         )
-        valid, invalid = read_validated(pipeline, files, task, need_label=True)
+        valid, invalid = read_validated(pipeline, files, task, need_label=True, schema=schema_in)
         rows, failed = valid | "Infer" >> Infer(handler)
         write_tables(rows, "WriteStaging", storage.join(staging, "rows"), schema)
         errors = (invalid, failed) | "Errors" >> beam.Flatten()

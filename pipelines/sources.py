@@ -103,7 +103,8 @@ def _lazy_key(path: str) -> Callable[[], str]:
 
 
 def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa.Schema, int]:
-    """Every file's columns (same schema across files) and the total row count, from footers only."""
+    """Every file's columns and the total row count, from footers only; and the one schema all files' rows are read
+    as (`common_schema`)."""
     schema, rows = None, 0
     for path in files:
         try:
@@ -119,10 +120,60 @@ def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa
             )
         file_schema = without_views(meta.schema.to_arrow_schema().remove_metadata())  # as validate reads it
         check_columns(file_schema, task, need_label, path)
-        if schema is not None and not file_schema.equals(schema):
-            raise RaeeConfigError(f"{path}: schema differs from {files[0]}; inputs must share one schema")
-        schema, rows = file_schema, rows + meta.num_rows
+        schema = file_schema if schema is None else common_schema(schema, file_schema, files[0], path)
+        rows += meta.num_rows
     return schema, rows
+
+
+def common_schema(first: pa.Schema, other: pa.Schema, first_path: str, path: str) -> pa.Schema:
+    """The schema rows of both are read as: files written by different tools (pandas, polars, Spark) may order their
+    columns differently, mark them required or not, and store text as string or large_string and integers at
+    other widths; the first's column order, every column nullable and of the wider type. Different columns, or a
+    column of another kind (numbers in one file, text in the other), are refused: a guess would change values."""
+    if set(first.names) != set(other.names):
+        missing, extra = sorted(set(first.names) - set(other.names)), sorted(set(other.names) - set(first.names))
+        differ = "; ".join(
+            f"{what}: {', '.join(names)}" for what, names in (("lacks", missing), ("adds", extra)) if names
+        )
+        raise RaeeConfigError(f"{path}: its columns differ from {first_path}'s ({differ}); inputs must share them")
+    fields = []
+    for field in first:
+        theirs = other.field(field.name).type
+        common = _common_type(field.type, theirs)
+        if common is None:
+            raise RaeeConfigError(
+                f"{path}: column {field.name!r} is {theirs} there and {field.type} in {first_path}; inputs must "
+                "share each column's kind"
+            )
+        fields.append(pa.field(field.name, common))
+    return pa.schema(fields)
+
+
+def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type holding every value of `a` and `b` unchanged (None: no such type): the wider of two string, binary or
+    integer types; a column of nulls takes the other's."""
+    if a == b or pa.types.is_null(b):
+        return a
+    if pa.types.is_null(a):
+        return b
+    kinds = (
+        lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+        lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+        pa.types.is_integer,
+    )
+    if not any(kind(a) and kind(b) for kind in kinds):
+        return None
+    if pa.uint64() in (a, b):  # Arrow would promote uint64 with a signed type to int64, which cannot hold it
+        return None
+    unified = pa.unify_schemas([pa.schema([("c", a)]), pa.schema([("c", b)])], promote_options="permissive")
+    return unified.field("c").type
+
+
+def as_read(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
+    """A file's rows in the inputs' common schema (None: as they are)."""
+    if schema is None or table.schema == schema:
+        return table
+    return table.select(schema.names).cast(schema)
 
 
 def file_keys(path: str, group_column: str | None = None) -> tuple[pa.Array, pa.Array | None]:
@@ -163,12 +214,15 @@ def _group_names(values: pa.Array, path: str, column: str) -> pa.Array:
         raise RaeeConfigError(f"{path}: --group-column {column!r} has type {values.type}, not a group key") from exc
 
 
-def read_validated_file(path: str, task: Task, need_label: bool, rows: int = ROWS_PER_ELEMENT) -> Iterator[Validated]:
-    """One file, `rows` rows at a time, validated; a row group that cannot be decoded becomes error rows. The file
-    is hashed (file_key: a second full read, from object storage a second download) only where some row's id is its
-    position, not for files whose rows carry ids."""
+def read_validated_file(
+    path: str, task: Task, need_label: bool, schema: pa.Schema | None = None, rows: int = ROWS_PER_ELEMENT
+) -> Iterator[Validated]:
+    """One file, `rows` rows at a time, in the inputs' common `schema` (check_inputs; None: the file's own),
+    validated; a row group that cannot be decoded becomes error rows. The file is hashed (file_key: a second full
+    read, from object storage a second download) only where some row's id is its position, not for files whose rows
+    carry ids."""
     with storage.open_read(path) as handle:
-        yield from _read_validated_groups(pq.ParquetFile(handle), path, task, need_label, rows)
+        yield from _read_validated_groups(pq.ParquetFile(handle), path, task, need_label, schema, rows)
 
 
 def _positional(table: pa.Table) -> bool:
@@ -176,7 +230,7 @@ def _positional(table: pa.Table) -> bool:
 
 
 def _read_validated_groups(
-    parquet: pq.ParquetFile, path: str, task: Task, need_label: bool, rows: int
+    parquet: pq.ParquetFile, path: str, task: Task, need_label: bool, schema: pa.Schema | None, rows: int
 ) -> Iterator[Validated]:
     first, key = 0, _lazy_key(path)
     for group in range(parquet.num_row_groups):
@@ -191,7 +245,7 @@ def _read_validated_groups(
             except (OSError, pa.ArrowException) as exc:  # corrupt data: the rest of this row group is lost
                 problem = f"{type(exc).__name__}: {exc}"
                 break
-            table = pa.Table.from_batches([batch]).replace_schema_metadata(None)
+            table = as_read(pa.Table.from_batches([batch]).replace_schema_metadata(None), schema)
             keyed = key() if _positional(table) else ""  # "": no row here is keyed by position
             yield validate(table, task, source=path, file_key=keyed, need_label=need_label, first_row=first + done)
             done += table.num_rows
@@ -206,23 +260,24 @@ def _read_validated_groups(
 class ReadValidated(beam.DoFn):
     """A Parquet path -> valid rows as small tables (main output) and rejected rows (`errors` output)."""
 
-    def __init__(self, task: Task, need_label: bool, filesystem: dict[str, Any]) -> None:
-        self.task, self.need_label, self.filesystem = task, need_label, filesystem
+    def __init__(self, task: Task, need_label: bool, schema: pa.Schema, filesystem: dict[str, Any]) -> None:
+        self.task, self.need_label, self.schema, self.filesystem = task, need_label, schema, filesystem
 
     def setup(self) -> None:
         storage.on_worker(self.filesystem)
 
     def process(self, path: str) -> Iterator[pa.Table | beam.pvalue.TaggedOutput]:
-        for checked in read_validated_file(path, self.task, self.need_label):
+        for checked in read_validated_file(path, self.task, self.need_label, self.schema):
             if checked.valid.num_rows:
                 yield checked.valid
             if checked.errors.num_rows:
                 yield beam.pvalue.TaggedOutput(ERRORS, checked.errors)
 
 
-def read_validated(pipeline: beam.Pipeline, files: Sequence[str], task: Task, need_label: bool):
-    """(valid tables, error tables); valid tables are reshuffled so every worker gets a share."""
-    reader = ReadValidated(task, need_label, storage.carry(pipeline.options))
+def read_validated(pipeline: beam.Pipeline, files: Sequence[str], task: Task, need_label: bool, schema: pa.Schema):
+    """(valid tables, error tables) of files read in their common `schema` (check_inputs); valid tables are
+    reshuffled so every worker gets a share."""
+    reader = ReadValidated(task, need_label, schema, storage.carry(pipeline.options))
     read = (
         pipeline
         | "Files" >> beam.Create(list(files))

@@ -94,10 +94,10 @@ def exported_task(manifest: Manifest, task: Task) -> str:
 def _read_validated(inputs: list[str], task: Task) -> tuple[pa.Table, list[dict[str, str]]]:
     """Valid rows of the input files and the rejected ones; run-level problems raise before any work."""
     files = expand_inputs(inputs)
-    check_inputs(files, task, need_label=True)
+    schema, _ = check_inputs(files, task, need_label=True)
     valid, rejected = [], []
     for file in files:
-        for checked in read_validated_file(file, task, need_label=True, rows=CHUNK):
+        for checked in read_validated_file(file, task, need_label=True, schema=schema, rows=CHUNK):
             if checked.valid.num_rows:
                 valid.append(checked.valid)
             rejected += checked.errors.to_pylist()

@@ -404,6 +404,40 @@ def test_outputs_among_or_matched_by_the_inputs_are_refused_before_any_work(segm
     assert run.returncode == 0 and "already done" in run.stdout + run.stderr, run.stderr
 
 
+def test_inputs_from_different_writers_are_read_in_one_schema(segment_artifacts, db, tmp_path):  # noqa: F811
+    """Files whose columns are ordered differently, required or not, text as large_string and integers at another
+    width (pandas, polars, Spark writing the same data) are read as one; other columns, or a column of another kind,
+    are refused naming the difference."""
+    first = labelled(tmp_path / "a.parquet", 4, 1, "a", bad=False)
+    rows = pq.read_table(labelled(tmp_path / "b0.parquet", 4, 2, "b", bad=False))
+    other = pa.schema([pa.field("label", pa.int32(), False), pa.field("text", pa.large_string(), False)])
+    second = tmp_path / "b.parquet"
+    pq.write_table(rows.select(["label", "text", "id"]).cast(other.append(pa.field("id", pa.large_string()))), second)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "out", first, second))
+    assert run.returncode == 0 and "rows in: 8  predicted: 8  rejected: 0" in run.stdout, run.stderr
+    predicted = read_folder(tmp_path / "out", "predictions")
+    assert sorted(predicted.column("id").to_pylist()) == [f"{p}{i}" for p in "ab" for i in range(4)]
+    assert predicted.schema.field("text").type == pa.large_string() and predicted.column_names[:3] == [
+        "id",
+        "text",
+        "label",
+    ]
+    run = raee_ops(*build_args(segment_artifacts, db, first, second, table="mixed"))
+    assert run.returncode == 0 and "rows in: 8  written: 8  rejected: 0" in run.stdout, run.stderr
+    report = ["evaluate", "--artifacts", segment_artifacts, "--task", "sst2", "--db", db, "--strategy", "probe-best"]
+    run = raee_ops(*report, "--input", first, "--input", second, "--report", tmp_path / "rep")
+    assert run.returncode == 0 and "evaluated 8 rows (0 rejected)" in run.stdout, run.stderr
+    extra = tmp_path / "extra.parquet"
+    pq.write_table(rows.append_column("source", pa.array(["x"] * 4)), extra)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "out2", first, extra))
+    assert run.returncode == 2 and "its columns differ from" in one_error_line(run) and "(adds: source)" in run.stderr
+    named = tmp_path / "named.parquet"
+    pq.write_table(rows.set_column(2, "label", pa.array(["positive"] * 4)), named)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "out2", first, named))
+    assert run.returncode == 2 and "column 'label' is string there and int64 in" in one_error_line(run)
+    assert not (tmp_path / "out2").exists()
+
+
 def test_13_bad_values_names_and_paths_are_configuration_errors(segment_artifacts, db, tmp_path):  # noqa: F811
     queries = labelled(tmp_path / "q-1.parquet", 5, 1, "q", bad=False)
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=["--max-rejected", "nan"]))

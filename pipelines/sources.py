@@ -151,11 +151,14 @@ def common_schema(first: pa.Schema, other: pa.Schema, first_path: str, path: str
 
 def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     """The type holding every value of `a` and `b` unchanged (None: no such type): the wider of two string, binary or
-    integer types; a column of nulls takes the other's."""
+    integer types; a column of nulls takes the other's; a dictionary-encoded one (pandas' categoricals) meets the
+    other as its values' type."""
     if a == b or pa.types.is_null(b):
         return a
     if pa.types.is_null(a):
         return b
+    if pa.types.is_dictionary(a) or pa.types.is_dictionary(b):
+        return _common_type(*(t.value_type if pa.types.is_dictionary(t) else t for t in (a, b)))
     kinds = (
         lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
         lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
@@ -163,7 +166,7 @@ def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     )
     if not any(kind(a) and kind(b) for kind in kinds):
         return None
-    if pa.uint64() in (a, b):  # Arrow would promote uint64 with a signed type to int64, which cannot hold it
+    if pa.uint64() in (a, b) and any(pa.types.is_signed_integer(t) for t in (a, b)):  # Arrow would make it int64
         return None
     unified = pa.unify_schemas([pa.schema([("c", a)]), pa.schema([("c", b)])], promote_options="permissive")
     return unified.field("c").type

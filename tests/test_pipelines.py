@@ -373,3 +373,29 @@ def test_a_gpu_run_of_a_row_by_row_strategy_is_told_a_fixed_depth_runs_faster(se
             )
         assert ("--strategy probe-best" in caplog.text) == warned, caplog.text
         assert (summary.rows_in, summary.predicted, summary.rejected) == (25, 22, 3)
+
+
+@pytest.mark.parametrize(
+    ("first", "other", "common"),
+    [
+        (pa.string(), pa.large_string(), pa.large_string()),
+        (pa.int32(), pa.int64(), pa.int64()),
+        (pa.uint32(), pa.int32(), pa.int64()),
+        (pa.uint64(), pa.uint8(), pa.uint64()),
+        (pa.null(), pa.string(), pa.string()),
+        (pa.dictionary(pa.int32(), pa.string()), pa.string(), pa.string()),
+        (pa.uint64(), pa.int64(), None),  # Arrow's int64 cannot hold every uint64
+        (pa.int64(), pa.string(), None),
+        (pa.float64(), pa.int64(), None),  # an id 1 would read as "1.0"
+    ],
+)
+def test_files_of_one_kind_of_column_are_read_in_the_wider_type(first, other, common):
+    a = pa.schema([pa.field("id", first, nullable=pa.types.is_null(first)), pa.field("text", pa.string())])
+    b = pa.schema([pa.field("text", pa.string()), pa.field("id", other)])
+    if common is None:
+        with pytest.raises(RaeeConfigError, match=f"column 'id' is {other} there and {first} in a.parquet"):
+            sources.common_schema(a, b, "a.parquet", "b.parquet")
+    else:
+        assert sources.common_schema(a, b, "a.parquet", "b.parquet") == pa.schema(
+            [("id", common), ("text", pa.string())]
+        )

@@ -150,9 +150,9 @@ def common_schema(first: pa.Schema, other: pa.Schema, first_path: str, path: str
 
 
 def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
-    """The type holding every value of `a` and `b` unchanged (None: no such type): the wider of two string, binary or
-    integer types; a column of nulls takes the other's; a dictionary-encoded one (pandas' categoricals) meets the
-    other as its values' type."""
+    """The type holding every value of `a` and `b` unchanged (None: no such type): the wider of two string, binary,
+    integer or floating-point types; a column of nulls takes the other's; a dictionary-encoded one (pandas'
+    categoricals) meets the other as its values' type."""
     if a == b or pa.types.is_null(b):
         return a
     if pa.types.is_null(a):
@@ -163,6 +163,7 @@ def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
         lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
         lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
         pa.types.is_integer,
+        pa.types.is_floating,
     )
     if not any(kind(a) and kind(b) for kind in kinds):
         return None

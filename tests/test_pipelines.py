@@ -386,6 +386,7 @@ def test_a_gpu_run_of_a_row_by_row_strategy_is_told_a_fixed_depth_runs_faster(se
         (pa.dictionary(pa.int32(), pa.string()), pa.string(), pa.string()),
         (pa.uint64(), pa.int64(), None),  # Arrow's int64 cannot hold every uint64
         (pa.int64(), pa.string(), None),
+        (pa.float32(), pa.float64(), pa.float64()),
         (pa.float64(), pa.int64(), None),  # an id 1 would read as "1.0"
     ],
 )

@@ -72,13 +72,18 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
 
 
 def refuse_reading_own_output(
-    found: Sequence[FileMetadata], patterns: Sequence[str], folder: str, written: Sequence[str], what: str
+    found: Sequence[FileMetadata],
+    patterns: Sequence[str],
+    folder: str,
+    written: Sequence[str],
+    what: str,
+    dataset: bool = True,
 ) -> None:
-    """Refuse, before any work, a folder to write that holds an input file or whose files (`written`: names of the
-    kind the run writes there) an input pattern matches: the outputs would mix with the inputs, and the same command
-    run again (a scheduler's retry) would read the first run's outputs as input."""
+    """Refuse, before any work, a folder to write whose files (`written`: names of the kind the run writes there) an
+    input pattern matches: the same command run again (a scheduler's retry) would read the first run's outputs as
+    input; and a `dataset` folder (Parquet files readers take whole) that holds an input file: they would mix."""
     held = [m.path for m in found if storage.same_folder(storage.parent(m.path), folder)]
-    if held:
+    if dataset and held:
         raise RaeeConfigError(f"{what} {folder} holds the input {held[0]}; write the outputs to a folder of their own")
     for pattern in patterns:
         read = [name for name in written if storage.matches(pattern, storage.join(folder, name))]

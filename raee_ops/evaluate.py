@@ -379,13 +379,13 @@ def write_report(report: dict[str, Any], directory: str) -> str:
 
 def check_report_dir(directory: str, db_uri: str | None = None, inputs: Sequence[str] = ()) -> None:
     """Before any work: evaluating takes long, and a --report that cannot be a folder (or lies in the database it
-    reads, or in an artifacts folder a re-export replaces, or holds the `inputs` or is read by them) would only fail
-    at the end, or on the next run."""
+    reads, or in an artifacts folder a re-export replaces, or whose files the `inputs` would read) would only fail at
+    the end, or on the next run."""
     storage.check_scheme(directory, "--report")
     if db_uri:
         storage.check_outside(directory, "--report", db_uri)
     if inputs:
-        refuse_reading_own_output(input_files(inputs), inputs, directory, REPORT_FILES, "--report")
+        refuse_reading_own_output(input_files(inputs), inputs, directory, REPORT_FILES, "--report", dataset=False)
     check_outside_artifacts(directory, "--report")
     storage.check_folder(directory, "--report")
 

@@ -380,8 +380,9 @@ def test_outputs_inside_an_artifacts_folder_are_refused_before_any_work(segment_
 
 
 def test_outputs_among_or_matched_by_the_inputs_are_refused_before_any_work(segment_artifacts, db, tmp_path):  # noqa: F811
-    """Outputs written beside the inputs mix with them, and outputs an --input pattern matches are read as input by
-    the same command run again (a scheduler's retry): both are refused, whichever command writes them."""
+    """Outputs an --input pattern matches are read as input by the same command run again (a scheduler's retry),
+    whichever command writes them; Parquet outputs written beside the inputs mix with them: both are refused. A
+    report (no Parquet) may lie beside its input."""
     data = tmp_path / "data"
     data.mkdir()
     queries = labelled(data / "q.parquet", 3, 1, "q", bad=False)
@@ -394,14 +395,16 @@ def test_outputs_among_or_matched_by_the_inputs_are_refused_before_any_work(segm
     assert "(predictions-00000-of-00001.parquet)" in line, line
     run = raee_ops(*build_args(segment_artifacts, db, f"{data}/**", table="t2", extra=["--errors", data / "e"]))
     assert run.returncode == 2 and f"matches what this run writes to --errors {data / 'e'}" in one_error_line(run)
-    report = ["evaluate", "--artifacts", segment_artifacts, "--task", "sst2", "--db", db, "--input", f"{data}/*"]
-    run = raee_ops(*report, "--report", data)
-    assert run.returncode == 2 and f"--report {data} holds the input {queries}" in one_error_line(run)
+    report = ["evaluate", "--artifacts", segment_artifacts, "--task", "sst2", "--db", db, "--report", data]
+    run = raee_ops(*report, "--input", f"{data}/*")
+    assert run.returncode == 2 and f"--input {data}/* matches what this run writes to --report" in one_error_line(run)
     assert sorted(tmp_path.rglob("*")) == before  # nothing created
     run = raee_ops(*classify_args(segment_artifacts, db, data / "out", queries))  # a folder of their own: fine
     assert run.returncode == 0, run.stderr
     run = raee_ops(*classify_args(segment_artifacts, db, data / "out", queries))  # and the retry finds it done
     assert run.returncode == 0 and "already done" in run.stdout + run.stderr, run.stderr
+    run = raee_ops(*report, "--input", queries, "--strategy", "probe-best")
+    assert run.returncode == 0 and (data / "report.json").exists(), run.stderr
 
 
 def test_inputs_from_different_writers_are_read_in_one_schema(segment_artifacts, db, tmp_path):  # noqa: F811

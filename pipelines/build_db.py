@@ -38,6 +38,7 @@ from raee_ops.pipelines.sources import (
     concat_strings,
     count_rows,
     file_keys,
+    first_shard,
     input_files,
     read_validated,
     refuse_reading_own_output,
@@ -303,7 +304,7 @@ def run_build_db(
         settings_used | {"group_column": group_column, "layer_budget": layer_budget, "layer_price": layer_price}, found
     )
     run_id, where, work = new_run_id(), scope(db_uri, table), work_dir(db_uri, table)
-    refuse_reading_own_output(found, inputs, errors_dir, [f"errors-{run_id}-00000-of-00001.parquet"], "--errors")
+    refuse_reading_own_output(found, inputs, errors_dir, [first_shard(f"errors-{run_id}")], "--errors")
     with claim_work_dir(work, f"table {table!r}") as staging:
         recorded, current = partial(recorded_runs, db_uri, table, store), table_record(db_uri, table, store)
         settle_noted(work, errors_dir, where, current, recorded)

@@ -23,6 +23,7 @@ from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_setti
 from raee_ops.pipelines.sources import (
     check_inputs,
     count_rows,
+    first_shard,
     input_files,
     read_validated,
     refuse_reading_own_output,
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 #: What a run publishes in its --output folder, besides `_SUCCESS`.
 OUTPUTS = ("predictions-*.parquet", "errors-*.parquet")
 #: Names of the files a run writes there (shards numbered as Beam numbers them), which no --input may match.
-OUTPUT_NAMES = (SUCCESS, *(pattern.replace("*", "00000-of-00001") for pattern in OUTPUTS))
+OUTPUT_NAMES = (SUCCESS, first_shard("predictions"), first_shard("errors"))
 
 
 @dataclass(frozen=True)

@@ -72,19 +72,20 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
 
 
 def refuse_reading_own_output(
-    found: Sequence[FileMetadata],
-    patterns: Sequence[str],
-    folder: str,
-    written: Sequence[str],
-    what: str,
-    dataset: bool = True,
+    found: Sequence[FileMetadata], patterns: Sequence[str], folder: str, written: Sequence[str], what: str
 ) -> None:
+    """Refuse, before any work, a folder of Parquet outputs (a dataset readers take whole) that holds an input file:
+    they would mix; and one whose files an input pattern matches (refuse_matched_outputs)."""
+    held = [m.path for m in found if storage.same_folder(storage.parent(m.path), folder)]
+    if held:
+        raise RaeeConfigError(f"{what} {folder} holds the input {held[0]}; write the outputs to a folder of their own")
+    refuse_matched_outputs(patterns, folder, written, what)
+
+
+def refuse_matched_outputs(patterns: Sequence[str], folder: str, written: Sequence[str], what: str) -> None:
     """Refuse, before any work, a folder to write whose files (`written`: names of the kind the run writes there) an
     input pattern matches: the same command run again (a scheduler's retry) would read the first run's outputs as
-    input; and a `dataset` folder (Parquet files readers take whole) that holds an input file: they would mix."""
-    held = [m.path for m in found if storage.same_folder(storage.parent(m.path), folder)]
-    if dataset and held:
-        raise RaeeConfigError(f"{what} {folder} holds the input {held[0]}; write the outputs to a folder of their own")
+    input."""
     for pattern in patterns:
         read = [name for name in written if storage.matches(pattern, storage.join(folder, name))]
         if read:
@@ -293,6 +294,11 @@ def read_validated(pipeline: beam.Pipeline, files: Sequence[str], task: Task, ne
         | "ReadValidate" >> beam.ParDo(reader).with_outputs(ERRORS, main="valid")
     )
     return read.valid | "Spread" >> beam.Reshuffle(), read[ERRORS]
+
+
+def first_shard(prefix: str) -> str:
+    """The name of the first file write_tables writes under `prefix` (Beam's shard template)."""
+    return f"{prefix}-00000-of-00001.parquet"
 
 
 def write_tables(pcoll, label: str, prefix: str, schema: pa.Schema):

@@ -34,9 +34,8 @@ from raee_ops.pipelines.options import worker_settings
 from raee_ops.pipelines.sources import (
     check_inputs,
     expand_inputs,
-    input_files,
     read_validated_file,
-    refuse_reading_own_output,
+    refuse_matched_outputs,
     task_of,
 )
 from raee_ops.probe_policy import (
@@ -385,7 +384,7 @@ def check_report_dir(directory: str, db_uri: str | None = None, inputs: Sequence
     if db_uri:
         storage.check_outside(directory, "--report", db_uri)
     if inputs:
-        refuse_reading_own_output(input_files(inputs), inputs, directory, REPORT_FILES, "--report", dataset=False)
+        refuse_matched_outputs(inputs, directory, REPORT_FILES, "--report")
     check_outside_artifacts(directory, "--report")
     storage.check_folder(directory, "--report")
 

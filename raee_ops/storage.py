@@ -261,8 +261,7 @@ def matches(pattern: str, uri: str) -> bool:
     """Whether `match(pattern)` would list the file `uri` were it there (Beam's own glob rules)."""
     if is_local(pattern) != is_local(uri):
         return False
-    pattern, uri = (os.path.abspath(local_path(u)) if is_local(u) else u for u in (pattern, uri))
-    return re.match(FileSystem.translate_pattern(pattern), uri) is not None
+    return re.match(FileSystem.translate_pattern(canonical(pattern)), canonical(uri)) is not None
 
 
 def children(uri: str, pattern: str = "*") -> list[str]:

@@ -213,6 +213,16 @@ def recorded_runs(db_uri: str, table: str, storage_options: dict[str, str], run_
     return found
 
 
+def settle_errors(db_uri: str, table: str, errors_dir: str, own: bool, storage_options: dict[str, str]) -> None:
+    """Under the table's claim, before a run writes or old versions are pruned: what earlier runs left staged in
+    the errors folders, published or removed (pipelines/run_record.py; the history tells a committed run's from an
+    uncommitted one's)."""
+    recorded = partial(recorded_runs, db_uri, table, storage_options)
+    current, where = table_record(db_uri, table, storage_options), scope(db_uri, table)
+    settle_noted(work_dir(db_uri, table), errors_dir, where, current, recorded)
+    settle(errors_dir, where, current, own, recorded)
+
+
 def refuse_overwrite_with_nothing(table: str, allow_empty: bool) -> None:
     if not allow_empty:
         raise RaeeConfigError(
@@ -306,9 +316,7 @@ def run_build_db(
     run_id, where, work = new_run_id(), scope(db_uri, table), work_dir(db_uri, table)
     refuse_reading_own_output(found, inputs, errors_dir, [first_shard(f"errors-{run_id}")], "--errors")
     with claim_work_dir(work, f"table {table!r}") as staging:
-        recorded, current = partial(recorded_runs, db_uri, table, store), table_record(db_uri, table, store)
-        settle_noted(work, errors_dir, where, current, recorded)
-        settle(errors_dir, where, current, own_errors, recorded)
+        settle_errors(db_uri, table, errors_dir, own_errors, store)
         base = claimed_append_base(db_uri, table, meta, ids, job, store) if mode == "append" else None
         if base and base.done:
             if base.done.rejected is not None:  # None: recorded before rejected rows were counted

@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, NoReturn
 
 import click
@@ -40,6 +41,26 @@ class Number(click.FloatRange):
         if math.isnan(number):
             self.fail(f"{value!r} is not a number", param, ctx)
         return number
+
+
+class Duration(click.ParamType):
+    """A length of time: a number and its unit (`90s`, `30m`, `12h`, `7d`), or `0`."""
+
+    name = "duration"
+    UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        text = str(value).strip()
+        number, unit = (text, "s") if text == "0" else (text[:-1], text[-1:])
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = math.nan
+        if unit not in self.UNITS or not math.isfinite(amount) or amount < 0:
+            self.fail(f"{value!r} is not a duration (a number and s, m, h or d: 90s, 30m, 12h, 7d; or 0)", param, ctx)
+        return timedelta(seconds=amount * self.UNITS[unit])
 
 
 def share(low_open: bool = False) -> Number:
@@ -521,13 +542,43 @@ def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
 @click.option("--version", "version", required=True, type=int, help="Version to make current (see `info`).")
 def rollback_cmd(db_uri: str, table: str, version: int) -> None:
     """Make an earlier version of a table current again, as a new version (nothing is deleted)."""
-    from raee_ops.info import render, rollback
+    from raee_ops.info import render
     from raee_ops.pipelines.options import worker_settings
+    from raee_ops.versions import rollback
 
     info = rollback(db_uri, table, version, worker_settings(beam_args(), db_uri).db_storage_options)
     done = "already current" if info["previous"] == version else f"restored (was version {info['previous']})"
     echo(f"table {table}: version {version} {done}")
     echo(render({"db": db_uri, "tables": [info]}))
+
+
+@command("prune")
+@click.option("--db", "db_uri", required=True, help="LanceDB URI holding the table.")
+@click.option("--table", required=True, callback=_table_name, help="Table whose old versions to remove.")
+@click.option(
+    "--keep",
+    required=True,
+    type=click.IntRange(min=1),
+    help="How many of the newest versions stay (a build-db makes one, and one more for its index).",
+)
+@click.option(
+    "--grace",
+    default="1d",
+    show_default=True,
+    type=Duration(),
+    help="A version replaced less than this long ago stays too: a classify that began on it reads it till it ends "
+    "(90s, 30m, 12h, 7d; 0 for none).",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+def prune_cmd(db_uri: str, table: str, keep: int, grace: timedelta, dry_run: bool) -> None:
+    """Remove a table's old versions (and its probe fit rows' versions none of the kept ones names), freeing their
+    files: every build-db is a new version, and LanceDB keeps them all. The removed versions cannot be rolled back
+    to."""
+    from raee_ops.pipelines.options import worker_settings
+    from raee_ops.versions import prune
+
+    pruned = prune(db_uri, table, keep, grace, dry_run, worker_settings(beam_args(), db_uri).db_storage_options)
+    echo(pruned.render())
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -1,10 +1,4 @@
-"""What a LanceDB database holds, for `raee-ops info`, and `rollback` to an earlier table version.
-
-Every build-db run is one new LanceDB table version (an index, when one is due, a second one), and LanceDB keeps
-old versions until they are cleaned up, so a bad reference set is undone by restoring the version before it: the
-restore is itself a new version, and nothing is lost. A rollback holds the table's claim, as build-db does, so it
-never lands between a running build-db's check and its commit.
-"""
+"""What a LanceDB database holds, for `raee-ops info` (raee_ops/versions.py changes a table's versions)."""
 
 from __future__ import annotations
 
@@ -14,8 +8,6 @@ import lancedb
 
 from raee_ops import storage
 from raee_ops.errors import RaeeConfigError
-from raee_ops.pipelines.build_db import work_dir
-from raee_ops.pipelines.commit import hold
 from raee_ops.probe_policy import SHOWN_BUDGETS
 from raee_ops.retrieval import (
     connect,
@@ -118,32 +110,6 @@ def describe(db_uri: str, table: str | None = None, storage_options: dict[str, s
     db = connect(db_uri, storage_options)
     names = sorted(name for name in table_names(db) if not name.endswith(FEATURES_SUFFIX))  # a table's companion
     return {"db": db_uri, "tables": [table_info(open_listed(db, db_uri, name)) for name in names]}
-
-
-def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, str] | None = None) -> dict[str, Any]:
-    """Make `version` the current one, as a new version; then the table's info, with `restored` and `previous`."""
-    check_database(db_uri)
-    handle = open_table(db_uri, table, storage_options=storage_options)
-    known = [v["version"] for v in handle.list_versions()]
-    if version not in known:
-        raise RaeeConfigError(f"table {table!r} has no version {version} (versions: {_ranges(known)})")
-    with hold(work_dir(db_uri, table), f"table {table!r}"):
-        handle.checkout_latest()  # what another run committed before the claim was ours
-        previous = handle.version
-        if version != previous:  # a retried rollback finds its version already current and leaves it
-            handle.restore(version)
-    return {"restored": version, "previous": previous, **table_info(handle)}
-
-
-def _ranges(numbers: list[int]) -> str:
-    """1-3, 5: version lists are long and mostly consecutive."""
-    spans: list[list[int]] = []
-    for n in sorted(numbers):
-        if spans and n == spans[-1][1] + 1:
-            spans[-1][1] = n
-        else:
-            spans.append([n, n])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def render(info: dict[str, Any]) -> str:

@@ -571,9 +571,11 @@ def test_19_a_broken_artifact_fails_the_job_it_never_rejects_the_rows(segment_ar
     assert not list((tmp_path / "db").rglob("errors-*.parquet"))  # no row published as rejected
 
 
-def test_a_run_killed_after_its_commit_keeps_its_rejected_rows_through_a_rollback(segment_artifacts, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("then", ["append", "prune"])
+def test_a_run_killed_after_its_commit_keeps_its_rejected_rows_through_a_rollback(segment_artifacts, tmp_path, then):  # noqa: F811
     """Killed between committing its version and publishing its rejected rows, then rolled back past: the next run
-    still publishes them (the version is in the table's history; a rollback removes nothing)."""
+    still publishes them (the version is in the table's history; a rollback removes nothing), and so does a prune,
+    before it removes that version (which alone told the run committed)."""
     db = tmp_path / "db"
     inputs = [labelled(tmp_path / f"{name}.parquet", 8, seed, name) for seed, name in enumerate("abc")]
     assert raee_ops(*build_args(segment_artifacts, db, inputs[0])).returncode == 0
@@ -581,10 +583,15 @@ def test_a_run_killed_after_its_commit_keeps_its_rejected_rows_through_a_rollbac
     killed = raee_ops(*build_args(segment_artifacts, db, inputs[1], extra=append), fault="commit:table")
     assert killed.returncode == -signal.SIGKILL and table_state(db)[1] == 2
     assert raee_ops("rollback", "--db", db, "--table", "sst2", "--version", "1").returncode == 0
-    run = raee_ops(*build_args(segment_artifacts, db, inputs[2], extra=append))
+    if then == "append":
+        run = raee_ops(*build_args(segment_artifacts, db, inputs[2], extra=append))
+    else:
+        run = raee_ops("prune", "--db", db, "--table", "sst2", "--keep", "1", "--grace", "0")
+        assert "removed versions 1-2; kept versions 3" in run.stdout
     assert run.returncode == 0, run.stderr
     published = ds.dataset(db / "_errors" / "sst2", format="parquet").to_table().column("file").to_pylist()
-    assert sorted({Path(f).name for f in published}) == ["a.parquet", "b.parquet", "c.parquet"]
+    expected = ["a.parquet", "b.parquet", "c.parquet"] if then == "append" else ["a.parquet", "b.parquet"]
+    assert sorted({Path(f).name for f in published}) == expected
 
 
 def test_a_table_built_with_another_prompt_is_refused(segment_artifacts, db, tmp_path):  # noqa: F811

@@ -1,7 +1,8 @@
-"""`raee-ops info` and `rollback` on tables built by build-db from tiny segment artifacts."""
+"""`raee-ops info`, `rollback` and `prune` on tables built by build-db from tiny segment artifacts."""
 
 import json
 import subprocess
+from datetime import timedelta
 
 import lancedb
 import pyarrow as pa
@@ -15,9 +16,10 @@ from test_pipelines import labelled
 
 from raee_ops.calibration import K_GRID
 from raee_ops.errors import Busy, RaeeConfigError
-from raee_ops.info import describe, render, rollback
+from raee_ops.info import describe, render
 from raee_ops.probe_policy import SHOWN_BUDGETS, SHOWN_PRICES
 from raee_ops.retrieval import Retriever
+from raee_ops.versions import prune, rollback, to_keep
 
 
 def build_twice(artifacts, root):
@@ -168,3 +170,69 @@ def test_rollback_refuses_while_another_run_holds_the_table(segment_artifacts, t
 def test_an_empty_object_store_prefix_says_it_may_be_a_typo():
     assert render({"db": "s3://bucket/dbb", "tables": []}).endswith("(an object-store prefix with none: check --db)")
     assert render({"db": "/data/db", "tables": []}) == "/data/db: no tables"  # a local one must exist to get here
+
+
+def test_prune_keeps_the_newest_versions_those_replaced_lately_and_what_they_were_built_on(
+    segment_artifacts,  # noqa: F811
+    tmp_path,
+):
+    """Overwrite (1), append (2), append (3), rollback to 2 (4, built on the companion's version 2): keeping one
+    version removes 1-3 and the companion's version 1, keeps its version 2 (what an append of version 4 refits on)
+    and its latest; nothing is removed on a dry run, nor within the grace; what is left is read and appended to."""
+    db = build_twice(segment_artifacts, tmp_path)
+    third = labelled(tmp_path / "third.parquet", 8, 2, "c", bad=False)
+    run_build_db(segment_artifacts, "sst2", [str(third)], db, "sst2", "backbone", "append", None)
+    assert rollback(db, "sst2", 2)["version"] == 4
+    versions = [v["version"] for v in describe(db, "sst2")["tables"][0]["versions"]]
+
+    planned = prune(db, "sst2", 1, timedelta(0), dry_run=True)
+    assert (planned.removed, planned.kept, planned.features_removed, planned.features_kept) == (
+        [1, 2, 3],
+        [4],
+        [1],
+        [2, 3],
+    )
+    assert planned.bytes_freed is None and planned.render().startswith("table sst2: would remove versions 1-3; kept")
+    within_grace = prune(db, "sst2", 1, timedelta(days=1))  # each was replaced less than a day ago
+    assert (within_grace.removed, within_grace.features_removed, within_grace.bytes_freed) == ([], [], 0)
+    assert [v["version"] for v in describe(db, "sst2")["tables"][0]["versions"]] == versions == [1, 2, 3, 4]
+
+    done = run_cli("prune", "--db", db, "--table", "sst2", "--keep", "1", "--grace", "0")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:2] == [
+        "table sst2: removed versions 1-3; kept versions 4",
+        "  sst2__features (probe fit rows): removed versions 1; kept versions 2-3",
+    ]
+    assert lines[2].endswith(" kB freed") and float(lines[2].split()[0]) > 0
+    assert [v["version"] for v in describe(db, "sst2")["tables"][0]["versions"]] == [4]
+    assert Retriever(db, "sst2").rows == 32  # version 4 reads whole
+    more = labelled(tmp_path / "more2.parquet", 8, 3, "d", bad=False)
+    run_build_db(segment_artifacts, "sst2", [str(more)], db, "sst2", "backbone", "append", None)  # refits on 2
+    assert Retriever(db, "sst2").rows == 40 and Retriever(db, "sst2").probes.fit_rows == 40
+    with pytest.raises(RaeeConfigError, match=r"table 'sst2' has no version 1 \(versions: 4-5\)"):
+        rollback(db, "sst2", 1)
+    again = run_cli("prune", "--db", db, "--table", "sst2", "--keep", "5")  # a retry, or nothing to remove
+    assert again.returncode == 0 and again.stdout.startswith("table sst2: removed no version; kept versions 4-5")
+
+
+def test_prune_refuses_while_another_run_holds_the_table_and_a_bad_option(segment_artifacts, tmp_path):  # noqa: F811
+    db = build_twice(segment_artifacts, tmp_path)
+    with hold(work_dir(db, "sst2"), "table 'sst2'"):
+        busy = run_cli("prune", "--db", db, "--table", "sst2", "--keep", "1", "--grace", "0")
+    assert busy.returncode == 75 and "another run is writing table 'sst2'" in busy.stderr
+    for bad in (["--keep", "0"], ["--keep", "1", "--grace", "5x"], ["--keep", "1", "--grace", "-1h"]):
+        run = run_cli("prune", "--db", db, "--table", "sst2", *bad)
+        assert run.returncode == 2 and "Invalid value for" in run.stderr, (bad, run.stderr)
+    gone = run_cli("prune", "--db", db, "--table", "nope", "--keep", "1")
+    assert gone.returncode == 2 and f"no table 'nope' in {db}" in gone.stderr
+    assert [v["version"] for v in describe(db, "sst2")["tables"][0]["versions"]] == [1, 2]
+
+
+def test_the_versions_prune_keeps():
+    history = [(1, 0.0), (2, 100.0), (3, 200.0), (4, 300.0)]
+    assert to_keep(history, 1, 0, 1000) == {4}
+    assert to_keep(history, 2, 0, 1000) == {3, 4}
+    assert to_keep(history, 1, 750, 1000) == {3, 4}  # 3 was replaced 700 s ago, 2 800 s ago
+    assert to_keep(history, 1, 850, 1000) == {2, 3, 4}
+    assert to_keep(history, 9, 0, 1000) == {1, 2, 3, 4}

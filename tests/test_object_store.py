@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import json
 import os
 import re
 import shlex
@@ -185,6 +186,19 @@ def test_export_build_classify_evaluate_all_on_s3(s3, tiny_llama_dir, tmp_path):
     assert {"e2e/report/report.json", "e2e/report/report.md"} <= set(keys(client, "e2e/report/"))
     info = raee_ops("info", "--db", db, "--json", *opts, env=env, cwd=cwd)
     assert info.returncode == 0 and '"rows": 24' in info.stdout, info.stderr
+
+    # rebuilt (version 2), then pruned: version 1's objects leave the bucket, version 2 reads whole
+    done = raee_ops(*build, *opts, env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    before = keys(client, "e2e/db/sst2")
+    prune = ["prune", "--db", db, "--table", "sst2", "--keep", "1", "--grace", "0"]
+    done = raee_ops(*prune, *opts, env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("table sst2: removed versions 1; kept versions 2\n"), done.stdout
+    assert len(keys(client, "e2e/db/sst2")) < len(before)
+    info = raee_ops("info", "--db", db, "--table", "sst2", "--json", *opts, env=env, cwd=cwd)
+    assert info.returncode == 0, info.stderr
+    assert [v["version"] for v in json.loads(info.stdout)["tables"][0]["versions"]] == [2]
 
     assert list(cwd.iterdir()) == []  # no `s3:` folder or anything else beside the runs
     left = [p.name for p in (tmp_path / "run" / "tmp").rglob("*")]

@@ -20,11 +20,11 @@ from raee_ops.pipelines.sources import file_key, read_validated_file
 from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops.errors import RaeeConfigError
-from raee_ops.info import rollback
 from raee_ops.retrieval import table_meta
 from raee_ops.rows import ROW_ID
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
+from raee_ops.versions import rollback
 
 WORDS = "good bad great awful fine movie plot boring fun dull".split()
 BAD_IDS = {

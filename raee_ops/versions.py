@@ -1,0 +1,196 @@
+"""A table's version history: `rollback` to an earlier version, `prune` the old ones.
+
+Every build-db run is one new LanceDB table version (an index, when one is due, a second one), and LanceDB keeps
+old versions until they are cleaned up, so a bad reference set is undone by restoring the version before it: the
+restore is itself a new version, and nothing is lost. A daily append therefore grows the database without bound
+until old versions are pruned. Both hold the table's claim, as build-db does, so neither lands between a running
+build-db's check and its commit.
+
+Prune keeps the newest `keep` versions and every version replaced less than `grace` ago (a classify pins the
+version it checked and its workers read that one until it ends), and, of the `__features` companion, the versions
+those name (append refits on exactly the one its version names) and its latest. LanceDB removes versions by age
+(`optimize(cleanup_older_than=…)`, the only clean-up its Python API has without pylance), so the cut is a time
+between the newest version to go and the oldest to stay; which versions are left is checked after it. Before anything goes,
+what killed runs left in the errors folders is settled as build-db's next run would settle it, since that reads
+the history to tell a committed run's rejected rows from an uncommitted one's.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import lancedb
+
+from raee_ops import storage
+from raee_ops.errors import RaeeConfigError
+from raee_ops.info import check_database, table_info
+from raee_ops.pipelines.build_db import default_errors_dir, settle_errors, work_dir
+from raee_ops.pipelines.commit import hold
+from raee_ops.retrieval import connect, open_listed, open_table, table_names
+from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY
+
+def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, str] | None = None) -> dict[str, Any]:
+    """Make `version` the current one, as a new version; then the table's info, with `restored` and `previous`."""
+    check_database(db_uri)
+    handle = open_table(db_uri, table, storage_options=storage_options)
+    known = [v["version"] for v in handle.list_versions()]
+    if version not in known:
+        raise RaeeConfigError(f"table {table!r} has no version {version} (versions: {ranges(known)})")
+    with hold(work_dir(db_uri, table), f"table {table!r}"):
+        handle.checkout_latest()  # what another run committed before the claim was ours
+        previous = handle.version
+        if version != previous:  # a retried rollback finds its version already current and leaves it
+            handle.restore(version)
+    return {"restored": version, "previous": previous, **table_info(handle)}
+
+
+def ranges(numbers: list[int]) -> str:
+    """1-3, 5: version lists are long and mostly consecutive."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What prune removed (or, with `dry_run`, would remove) and kept, per table; bytes freed (None: a dry run)."""
+
+    table: str
+    removed: list[int]
+    kept: list[int]
+    features_removed: list[int]
+    features_kept: list[int]
+    bytes_freed: int | None
+
+    def render(self) -> str:
+        verb = "would remove" if self.bytes_freed is None else "removed"
+        lines = [f"table {self.table}: {verb} {_listed(self.removed)}; kept {_listed(self.kept)}"]
+        if self.features_removed or self.features_kept:
+            lines.append(
+                f"  {self.table}{FEATURES_SUFFIX} (probe fit rows): {verb} {_listed(self.features_removed)}; "
+                f"kept {_listed(self.features_kept)}"
+            )
+        if self.bytes_freed is not None:
+            lines.append(f"  {_size_text(self.bytes_freed)} freed")
+        return "\n".join(lines)
+
+
+def _size_text(n: int) -> str:
+    """1.2 MB: bytes as people read them."""
+    size, unit = float(n), "bytes"
+    for larger in ("kB", "MB", "GB", "TB"):
+        if size < 1000:
+            break
+        size, unit = size / 1000, larger
+    return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+
+
+def _listed(versions: list[int]) -> str:
+    return f"versions {ranges(versions)}" if versions else "no version"
+
+
+def to_keep(history: list[tuple[int, float]], keep: int, grace_s: float, now: float) -> set[int]:
+    """Of (version, commit time) pairs: the `keep` newest, and those replaced (the next version committed) less
+    than `grace_s` before `now`."""
+    ordered = sorted(history)
+    recent = {v for (v, _), (_, replaced) in zip(ordered, ordered[1:], strict=False) if now - replaced < grace_s}
+    return {v for v, _ in ordered[-keep:]} | recent
+
+
+def prune(
+    db_uri: str,
+    table: str,
+    keep: int,
+    grace: timedelta,
+    dry_run: bool = False,
+    storage_options: dict[str, str] | None = None,
+) -> Pruned:
+    """Remove the table's versions that are neither among the `keep` newest nor replaced less than `grace` ago,
+    and the companion's versions no kept one names (see the module doc)."""
+    check_database(db_uri)
+    handle = open_table(db_uri, table, storage_options=storage_options)
+    with hold(work_dir(db_uri, table), f"table {table!r}"):
+        handle.checkout_latest()  # what another run committed before the claim was ours
+        if not dry_run:  # committed runs' staged rejected rows are told apart by the versions about to go
+            settle_errors(db_uri, table, default_errors_dir(db_uri, table), True, storage_options or {})
+        history = _history(handle)
+        kept = to_keep(history, keep, grace.total_seconds(), time.time())
+        features = _companion(db_uri, table, storage_options)
+        features_history = _history(features) if features is not None else []
+        there = {v for v, _ in features_history}
+        features_kept = (_pinned(handle, kept) & there) | {v for v, _ in features_history[-1:]}
+        if dry_run:
+            return Pruned(table, *_split(history, kept), *_split(features_history, features_kept), None)
+        before = _size(db_uri, table)
+        _cut(handle, history, kept)
+        if features is not None:
+            _cut(features, features_history, features_kept)
+        left = {v for v, _ in _history(handle)}
+        features_left = {v for v, _ in _history(features)} if features is not None else set()
+        missing = (kept - left) | (features_kept - features_left)
+        if missing:  # the cut is by time; a version meant to stay that is gone is a bug to hear of, loudly
+            raise RuntimeError(f"prune removed version(s) {ranges(sorted(missing))} of {table!r} it meant to keep")
+        return Pruned(
+            table,
+            *_split(history, left),
+            *_split(features_history, features_left),
+            before - _size(db_uri, table),
+        )
+
+
+def _split(history: list[tuple[int, float]], kept: set[int]) -> tuple[list[int], list[int]]:
+    """(removed, kept): the versions of a history not kept, and the kept ones (the history's, or what is left after
+    the cut: an index's clean-up may commit one more)."""
+    return [v for v, _ in history if v not in kept], sorted(kept)
+
+
+def _history(handle: lancedb.table.Table) -> list[tuple[int, float]]:
+    """(version, commit time in seconds since the epoch), oldest first."""
+    return sorted((v["version"], v["timestamp"].timestamp()) for v in handle.list_versions())
+
+
+def _companion(db_uri: str, table: str, storage_options: dict[str, str] | None) -> lancedb.table.Table | None:
+    db = connect(db_uri, storage_options)
+    name = table + FEATURES_SUFFIX
+    return open_listed(db, db_uri, name) if name in table_names(db) else None
+
+
+def _pinned(handle: lancedb.table.Table, versions: set[int]) -> set[int]:
+    """The companion versions the given table versions were written with (tables built before that was recorded
+    name none: append reads the companion's latest for them)."""
+    pinned = set()
+    for version in versions:
+        handle.checkout(version)
+        raw = (handle.schema.metadata or {}).get(FEATURES_VERSION_META_KEY)
+        if raw is not None:
+            pinned.add(int(raw))
+    handle.checkout_latest()
+    return pinned
+
+
+def _cut(handle: lancedb.table.Table, history: list[tuple[int, float]], kept: set[int]) -> None:
+    """Remove the versions committed before the oldest kept one. LanceDB cuts by age from its own clock's now,
+    read a moment after ours: the cut lies midway between the newest version to go and the oldest to stay, so
+    that moment may last half their distance (never the latest version, which LanceDB never removes)."""
+    oldest_kept = min(t for v, t in history if v in kept)
+    older = [t for v, t in history if v not in kept and t < oldest_kept]
+    if not older:
+        return  # nothing to remove: no call, no new version
+    cut = (max(older) + oldest_kept) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LanceDB's warning about readers of older versions: the grace is for them
+        handle.optimize(cleanup_older_than=timedelta(seconds=time.time() - cut))
+
+
+def _size(db_uri: str, table: str) -> int:
+    """Bytes under the table's folder and its companion's."""
+    folders = [storage.join(db_uri, f"{name}.lance", "**") for name in (table, table + FEATURES_SUFFIX)]
+    return sum(m.size_in_bytes for folder in folders for m in storage.match_metadata(folder))

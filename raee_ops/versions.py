@@ -10,9 +10,9 @@ Prune keeps the newest `keep` versions and every version replaced less than `gra
 version it checked and its workers read that one until it ends), and, of the `__features` companion, the versions
 those name (append refits on exactly the one its version names) and its latest. LanceDB removes versions by age
 (`optimize(cleanup_older_than=…)`, the only clean-up its Python API has without pylance), so the cut is a time
-between the newest version to go and the oldest to stay; which versions are left is checked after it. Before anything goes,
-what killed runs left in the errors folders is settled as build-db's next run would settle it, since that reads
-the history to tell a committed run's rejected rows from an uncommitted one's.
+between the newest version to go and the oldest to stay; which versions are left is checked after it. Before
+anything goes, what killed runs left in the errors folders is settled as build-db's next run would settle it,
+since that reads the history to tell a committed run's rejected rows from an uncommitted one's.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from raee_ops.pipelines.build_db import default_errors_dir, settle_errors, work_
 from raee_ops.pipelines.commit import hold
 from raee_ops.retrieval import connect, open_listed, open_table, table_names
 from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY
+
 
 def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, str] | None = None) -> dict[str, Any]:
     """Make `version` the current one, as a new version; then the table's info, with `restored` and `previous`."""

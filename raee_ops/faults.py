@@ -13,6 +13,7 @@ the process when it gets there: no cleanup, no `finally`, exactly what a schedul
 - `export:move`: the export is complete in its temporary folder, not yet moved into place
 - `export:aside`: the previous export is moved aside, the new one not yet in its place
 - `export:publish`: on an object store, the new export's files are copied over the old one's, its manifest not yet
+- `prune:cut`: prune has removed the table's old versions (@2: and its companion's), not yet what it reports
 - `load:classify`, `load:build-db`: a worker is loading the model (with RAEE_FAULT_MODE=raise: a failed job)
 
 `RAEE_FAULT_MODE=raise` raises `InjectedFault` there instead of killing: a worker's failure, not a kill;

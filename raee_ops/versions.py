@@ -27,6 +27,7 @@ import lancedb
 
 from raee_ops import storage
 from raee_ops.errors import RaeeConfigError
+from raee_ops.faults import fault_point
 from raee_ops.info import check_database, table_info
 from raee_ops.pipelines.build_db import default_errors_dir, settle_errors, work_dir
 from raee_ops.pipelines.commit import hold
@@ -189,6 +190,7 @@ def _cut(handle: lancedb.table.Table, history: list[tuple[int, float]], kept: se
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LanceDB's warning about readers of older versions: the grace is for them
         handle.optimize(cleanup_older_than=timedelta(seconds=time.time() - cut))
+    fault_point("prune:cut")
 
 
 def _size(db_uri: str, table: str) -> int:

@@ -171,6 +171,33 @@ def test_a_rerun_given_another_errors_folder_settles_the_killed_runs(mode, point
     assert [p.name for p in (db / "_raee-work" / "sst2").iterdir()] == []
 
 
+@pytest.mark.parametrize("point", ["prune:cut", "prune:cut@2"])
+def test_prune_killed_then_rerun(point, segment_artifacts, tmp_path, fault_records):  # noqa: F811
+    """Killed after removing the table's old versions (or its companion's too): the kept version reads whole, and the
+    rerun removes what is left to remove; an append then refits as before."""
+    db = tmp_path / "db"
+    for n, mode in enumerate(["overwrite", "append", "append"]):
+        rows = labelled(tmp_path / f"{n}.parquet", 8, n, f"r{n}-", bad=False)
+        run_build_db(segment_artifacts, "sst2", [str(rows)], str(db), "sst2", "backbone", mode, None)
+    before = table_ids(db, "sst2")
+    prune = ("prune", "--db", db, "--table", "sst2", "--keep", "1", "--grace", "0")
+    assert raee_ops(*prune, fault=point).returncode == KILLED
+    assert sorted(table_ids(db, "sst2")) == sorted(before)
+    rerun = raee_ops(*prune)
+    assert rerun.returncode == 0, rerun.stderr
+    companion = "no version" if point.endswith("@2") else "versions 1-2"
+    assert rerun.stdout.startswith(
+        f"table sst2: removed no version; kept versions 3\n  sst2__features (probe fit rows): removed {companion}; "
+        "kept versions 3"
+    ), rerun.stdout
+    more = labelled(tmp_path / "more.parquet", 8, 5, "m", bad=False)
+    run_build_db(segment_artifacts, "sst2", [str(more)], str(db), "sst2", "backbone", "append", None)
+    ids = table_ids(db, "sst2")
+    lost, duplicated = len(set(before) - set(ids)), len(ids) - len(set(ids))
+    assert (lost, duplicated) == (0, 0) and len(ids) == len(before) + 8
+    fault_records.append(FaultRecord("prune", point, 1, lost, duplicated))
+
+
 def test_export_killed_then_rerun(tiny_llama_dir, tmp_path, fault_records):
     out = tmp_path / "artifacts"
     args = ["export-onnx", "--model", tiny_llama_dir, "--task", "sst2", "--out", out, "--no-verify"]

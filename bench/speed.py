@@ -318,10 +318,10 @@ class Core:
 
 def parts_alone(runtime: SegmentRuntime, core: Core, rows: Rows, warm: Rows) -> dict[str, Any]:
     """Issue 12's overhead check on `core`'s last pass: its time against the sum of its parts timed alone. Key,
-    retrieval and the policy phases are already one call over all rows each; the layers are priced as if every
-    batch stayed full, from the chain timed to depth 1 and to full depth (interpolated to the mean exit; rows
-    answered at exit 0 skip the embed segment too). Probe reads stay in the measured side only, so the ratio
-    errs high."""
+    retrieval and the policy phases are already one call over all rows each; the layers are priced as the same rows
+    run to the same exits with every batch full (`full_batch_layers`). Probe reads stay in the measured side only,
+    so the ratio errs high. Beside it, the older price: the chain at full depth and at depth 1 over all rows,
+    interpolated to the mean exit, which also charges the engine with which rows run deep (the longer ones)."""
     num_layers = runtime.num_layers
 
     def depth(d: int) -> Callable[[Rows], np.ndarray]:
@@ -330,7 +330,11 @@ def parts_alone(runtime: SegmentRuntime, core: Core, rows: Rows, warm: Rows) -> 
     timings = timed_together({"1": depth(1), "all": depth(num_layers)}, rows, warm)
     one, every = timings["1"][1], timings["all"][1]
     per_layer = (every - one) / (num_layers - 1)
-    layers = float(np.mean(core.exits > 0)) * (one - per_layer) + float(core.exits.mean()) * per_layer
+    mean_depth = float(np.mean(core.exits > 0)) * (one - per_layer) + float(core.exits.mean()) * per_layer
+    encoded = runtime.encode(rows.rendered(core.form))
+    exits, start = core.exits.copy(), core.context.key_depth
+    full_batch_layers(runtime, encoded, exits, start)  # warm-up
+    layers = min(full_batch_layers(runtime, encoded, exits, start) for _ in range(REPEATS))
     measured = sum(core.seconds.values())
     parts = measured - core.seconds["layers"] + layers
     return {
@@ -338,8 +342,29 @@ def parts_alone(runtime: SegmentRuntime, core: Core, rows: Rows, warm: Rows) -> 
         "parts_s": round(parts, 3),
         "layers_measured_s": round(core.seconds["layers"], 3),
         "layers_full_batch_s": round(layers, 3),
+        "layers_at_mean_depth_s": round(mean_depth, 3),
         "ratio": measured / parts,
     }
+
+
+def full_batch_layers(runtime: SegmentRuntime, encoded: list[list[int]], exits: np.ndarray, start: int) -> float:
+    """Seconds of the layer work `exits` asks for, every batch full: the rows that run are embedded in
+    length-sorted batches of BATCH, and each layer from `start` (a layer key's depth: its layers are the key's
+    phase) runs the rows whose exit lies past it, again in full length-sorted batches. Only the segment calls are
+    timed, not the regrouping a real engine would pay for; the states fed are the embedding's (a layer's cost
+    does not depend on its input's values)."""
+    seconds = 0.0
+    for layer in range(start, runtime.num_layers):
+        running = np.flatnonzero(exits > layer)
+        order = running[np.argsort([len(encoded[i]) for i in running], kind="stable")]
+        for first in range(0, len(order), BATCH):
+            ids, lengths = runtime.pad([encoded[i] for i in order[first : first + BATCH]])
+            with timer() as embed:
+                hidden, context = runtime.embed_batch(ids, runtime.mask_of(lengths, ids.shape[1]))
+            with timer() as t:
+                runtime.run_layer(layer, hidden, context)
+            seconds += t.s + (embed.s if layer == start == 0 else 0.0)
+    return seconds
 
 
 def beam_classify(artifacts: Path, db: str, table: str, evaluation: pa.Table, strategy: str) -> dict[str, Any]:

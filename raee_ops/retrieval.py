@@ -23,6 +23,7 @@ from raee_ops.layer_key import LayerKey, layer_depth
 from raee_ops.probe_policy import ProbePolicy
 from raee_ops.probes import ProbeSet, check_probes
 from raee_ops.progress import phase
+from raee_ops.runtime import STORED_GRAPHS, open_session, ort
 from raee_ops.schemas.manifest import Manifest
 from raee_ops.schemas.tables import (
     LAYER_KEY_META_KEY,
@@ -231,21 +232,22 @@ class Retriever:
 
 
 class InMemory:
-    """A small exit table's columns as arrays, searched exactly by cosine similarity (as LanceDB's exact scan)."""
+    """A small exit table's columns as arrays, searched exactly by cosine similarity (as LanceDB's exact scan),
+    through the stored `search` graph on ONNX Runtime's shared thread pool (onnx_export/stored_graphs.py: why not
+    numpy)."""
 
     def __init__(self, rows: pa.Table) -> None:
         n = rows.num_rows
         vectors = flat_values(rows, "vector").reshape(n, -1).astype(np.float32)
-        self.unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        self.keys_t = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(unit.T))  # handed over once
+        self.session = open_session(STORED_GRAPHS / "search.onnx")
         self.columns = _arrays(rows.drop_columns(["vector"]))
 
     def search(self, vectors: np.ndarray, k: int, num_layers: int, num_labels: int) -> Neighbours:
         queries = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        sims = queries @ self.unit.T
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # k <= rows
-        top_sims = np.take_along_axis(sims, top, axis=1)
-        order = np.argsort(-top_sims, axis=1, kind="stable")
-        top, top_sims = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_sims, order, axis=1)
+        feed = {"queries": queries.astype(np.float32), "keys_t": self.keys_t, "k": np.array([k], np.int64)}
+        top_sims, top = self.session.run(None, feed)  # k <= rows
         found = {name: values[top] for name, values in self.columns.items()}
         return _neighbours(found, top_sims, num_layers, num_labels)
 

@@ -26,8 +26,9 @@ OrtFail = ort.capi.onnxruntime_pybind11_state.Fail
 log = logging.getLogger(__name__)
 
 BACKBONE = "backbone"
-#: The graphs a device chain runs between layers (package data, written by raee_ops.onnx_export.device_ops).
-DEVICE_GRAPHS = Path(__file__).resolve().parent / "graphs"
+#: The small graphs run besides the segments: a device chain's between layers, a small table's exact search
+#: (package data, written by raee_ops.onnx_export.stored_graphs).
+STORED_GRAPHS = Path(__file__).resolve().parent / "graphs"
 #: Rows per ONNX call; rows are sorted by length first so each sub-batch carries little padding.
 SUB_BATCH = 32
 #: The same on the CUDA provider, where a layer call of 32 rows waits on kernel launches more than on arithmetic: on
@@ -266,8 +267,8 @@ class DeviceChain:
 
     def __init__(self, device: str, open_graph: Callable[[Path], ort.InferenceSession]) -> None:
         self.device = device
-        self._pool = open_graph(DEVICE_GRAPHS / "pool.onnx")
-        self._compact = open_graph(DEVICE_GRAPHS / "compact.onnx")
+        self._pool = open_graph(STORED_GRAPHS / "pool.onnx")
+        self._compact = open_graph(STORED_GRAPHS / "compact.onnx")
 
     def put(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)

@@ -4,11 +4,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from raee_ops.onnx_export import device_ops
+from raee_ops.onnx_export import stored_graphs
 from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 
 from raee_ops.runtime import (
-    DEVICE_GRAPHS,
+    STORED_GRAPHS,
     SUB_BATCH,
     DeviceChain,
     PromptTooLong,
@@ -250,13 +250,15 @@ def test_io_binding_chain_reads_out_what_the_host_chain_does(artifacts, request)
         np.testing.assert_allclose(got.pooled.astype(np.float32), want.pooled.astype(np.float32), atol=1e-2, rtol=0)
 
 
-def test_the_stored_device_graphs_are_what_their_builder_writes():
+def test_the_stored_graphs_are_what_their_builder_writes():
     """The package's graphs are generated files: a change to the builder without rewriting them is caught here."""
     import onnx
 
-    for name, build in device_ops.BUILDERS.items():
-        stored = onnx.load(str(DEVICE_GRAPHS / f"{name}.onnx"))
-        assert stored.SerializeToString() == build().SerializeToString(), f"rewrite {name}.onnx: {device_ops.__doc__}"
+    for name, build in stored_graphs.BUILDERS.items():
+        stored = onnx.load(str(STORED_GRAPHS / f"{name}.onnx"))
+        assert stored.SerializeToString() == build().SerializeToString(), (
+            f"rewrite {name}.onnx: {stored_graphs.__doc__}"
+        )
 
 
 def test_the_device_graphs_pool_and_compact_as_numpy_does():

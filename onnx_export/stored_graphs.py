@@ -1,10 +1,14 @@
-"""The two small graphs a device chain runs between layers, so a batch's states stay on the device: `pool` (each
-row's mean over its real tokens and its readout token, B×T×H -> B×POOLINGS×H: all a readout or a stop rule needs
-from a layer) and `compact` (rows `keep`, columns cut to `width`: the active set once rows leave). Why stored
-graphs: classify loads onnxruntime, not onnx, and ONNX Runtime builds graphs only from files. They do not depend
-on the backbone (every dimension is symbolic), so they ship with the package, written by this module:
+"""The small graphs the runtime runs besides the segments. A device chain runs two between layers, so a batch's
+states stay on the device: `pool` (each row's mean over its real tokens and its readout token, B×T×H ->
+B×POOLINGS×H: all a readout or a stop rule needs from a layer) and `compact` (rows `keep`, columns cut to `width`:
+the active set once rows leave). A small table's exact search runs `search` (cosine similarities and the top k),
+on ONNX Runtime's thread pool, the one the layers run on: numpy's BLAS brought threads of its own that kept
+spinning after each search and slowed the layers run next to them (bench/RESULTS.md), and its argpartition was
+3× slower than TopK. Why stored graphs: classify loads onnxruntime, not onnx, and ONNX Runtime builds graphs only
+from files. They do not depend on the backbone (every dimension is symbolic), so they ship with the package,
+written by this module:
 
-    python -m raee_ops.onnx_export.device_ops
+    python -m raee_ops.onnx_export.stored_graphs
 
 and tests/test_runtime.py checks the stored files against what it writes, and their results against numpy's.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from raee_ops.runtime import DEVICE_GRAPHS
+from raee_ops.runtime import STORED_GRAPHS
 
 OPSET, IR_VERSION = 17, 8  # pinned, so the written bytes do not move with the installed onnx
 
@@ -76,14 +80,34 @@ def compact_graph() -> onnx.ModelProto:
     return _model("compact", nodes, inputs, outputs, consts)
 
 
-BUILDERS = {"pool": pool_graph, "compact": compact_graph}
+def search_graph() -> onnx.ModelProto:
+    """queries Q×H, keys_t H×N (unit rows, transposed once), k (int64 [1]) -> similarities and indices of each
+    query's k nearest, Q×k, most similar first (ties: the lower index first, as ONNX's TopK defines)."""
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    nodes = [
+        helper.make_node("MatMul", ["queries", "keys_t"], ["similarities"]),
+        helper.make_node("TopK", ["similarities", "k"], ["top_similarities", "top"], axis=-1, largest=1, sorted=1),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("queries", f, ["queries", "dim"]),
+        helper.make_tensor_value_info("keys_t", f, ["dim", "rows"]),
+        helper.make_tensor_value_info("k", i64, [1]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("top_similarities", f, ["queries", "k"]),
+        helper.make_tensor_value_info("top", i64, ["queries", "k"]),
+    ]
+    return _model("search", nodes, inputs, outputs)
+
+
+BUILDERS = {"pool": pool_graph, "compact": compact_graph, "search": search_graph}
 
 
 def main() -> None:
-    DEVICE_GRAPHS.mkdir(exist_ok=True)
+    STORED_GRAPHS.mkdir(exist_ok=True)
     for name, build in BUILDERS.items():
-        onnx.save(build(), str(DEVICE_GRAPHS / f"{name}.onnx"))
-        print(f"wrote {DEVICE_GRAPHS / f'{name}.onnx'}")
+        onnx.save(build(), str(STORED_GRAPHS / f"{name}.onnx"))
+        print(f"wrote {STORED_GRAPHS / f'{name}.onnx'}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ other is a usage error. Every failure ends with one `error:` line and the exit c
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -570,7 +571,8 @@ def rollback_cmd(db_uri: str, table: str, version: int) -> None:
     "(90s, 30m, 12h, 7d; 0 for none).",
 )
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
-def prune_cmd(db_uri: str, table: str, keep: int, grace: timedelta, dry_run: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+def prune_cmd(db_uri: str, table: str, keep: int, grace: timedelta, dry_run: bool, as_json: bool) -> None:
     """Remove a table's old versions (and its probe fit rows' versions none of the kept ones names), freeing their
     files: every build-db is a new version, and LanceDB keeps them all. The removed versions cannot be rolled back
     to."""
@@ -578,7 +580,7 @@ def prune_cmd(db_uri: str, table: str, keep: int, grace: timedelta, dry_run: boo
     from raee_ops.versions import prune
 
     pruned = prune(db_uri, table, keep, grace, dry_run, worker_settings(beam_args(), db_uri).db_storage_options)
-    echo(pruned.render())
+    echo(json.dumps(dataclasses.asdict(pruned), indent=2) if as_json else pruned.render())
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -214,6 +214,17 @@ def test_prune_keeps_the_newest_versions_those_replaced_lately_and_what_they_wer
         rollback(db, "sst2", 1)
     again = run_cli("prune", "--db", db, "--table", "sst2", "--keep", "5")  # a retry, or nothing to remove
     assert again.returncode == 0 and again.stdout.startswith("table sst2: removed no version; kept versions 4-5")
+    as_json = json.loads(
+        run_cli("prune", "--db", db, "--table", "sst2", "--keep", "1", "--grace", "0", "--dry-run", "--json").stdout
+    )
+    assert as_json == {
+        "table": "sst2",
+        "removed": [4],
+        "kept": [5],
+        "features_removed": [2, 3],
+        "features_kept": [4],
+        "bytes_freed": None,
+    }
 
 
 def test_prune_refuses_while_another_run_holds_the_table_and_a_bad_option(segment_artifacts, tmp_path):  # noqa: F811

@@ -555,7 +555,12 @@ def rollback_cmd(db_uri: str, table: str, version: int) -> None:
 
 @command("prune")
 @click.option("--db", "db_uri", required=True, help="LanceDB URI holding the table.")
-@click.option("--table", required=True, callback=_table_name, help="Table whose old versions to remove.")
+@click.option(
+    "--table",
+    default=None,
+    callback=_table_name,
+    help="Table whose old versions to remove (default: every exit table).",
+)
 @click.option(
     "--keep",
     required=True,
@@ -572,15 +577,24 @@ def rollback_cmd(db_uri: str, table: str, version: int) -> None:
 )
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
-def prune_cmd(db_uri: str, table: str, keep: int, grace: timedelta, dry_run: bool, as_json: bool) -> None:
-    """Remove a table's old versions (and its probe fit rows' versions none of the kept ones names), freeing their
-    files: every build-db is a new version, and LanceDB keeps them all. The removed versions cannot be rolled back
-    to."""
+def prune_cmd(db_uri: str, table: str | None, keep: int, grace: timedelta, dry_run: bool, as_json: bool) -> None:
+    """Remove old versions of a table, or of every table build-db wrote (and their probe fit rows' versions none of
+    the kept ones names), freeing their files: every build-db is a new version, and LanceDB keeps them all. The
+    removed versions cannot be rolled back to."""
+    from raee_ops.errors import Busy
     from raee_ops.pipelines.options import worker_settings
-    from raee_ops.versions import prune
+    from raee_ops.versions import prune, prune_all
 
-    pruned = prune(db_uri, table, keep, grace, dry_run, worker_settings(beam_args(), db_uri).db_storage_options)
-    echo(json.dumps(dataclasses.asdict(pruned), indent=2) if as_json else pruned.render())
+    store = worker_settings(beam_args(), db_uri).db_storage_options
+    if table is None:
+        pruned, held = prune_all(db_uri, keep, grace, dry_run, store)
+    else:
+        pruned, held = [prune(db_uri, table, keep, grace, dry_run, store)], []
+    as_dicts = [dataclasses.asdict(p) for p in pruned]
+    text = "\n".join(p.render() for p in pruned) or f"{db_uri}: no tables written by build-db"
+    echo(json.dumps({"db": db_uri, "tables": as_dicts}, indent=2) if as_json else text)
+    if held:  # the others are pruned; a scheduler's retry finds these free
+        raise Busy(f"another run is writing table(s) {', '.join(held)} in {db_uri}: not pruned; retry later")
 
 
 def _fail(message: str, code: int) -> NoReturn:

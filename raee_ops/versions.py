@@ -26,13 +26,13 @@ from typing import Any
 import lancedb
 
 from raee_ops import storage
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.faults import fault_point
 from raee_ops.info import check_database, table_info
 from raee_ops.pipelines.build_db import default_errors_dir, settle_errors, work_dir
 from raee_ops.pipelines.commit import hold
 from raee_ops.retrieval import connect, open_listed, open_table, table_names
-from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY
+from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, TableMeta
 
 
 def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, str] | None = None) -> dict[str, Any]:
@@ -146,6 +146,25 @@ def prune(
             *_split(features_history, features_left),
             before - _size(db_uri, table),
         )
+
+
+def prune_all(
+    db_uri: str, keep: int, grace: timedelta, dry_run: bool = False, storage_options: dict[str, str] | None = None
+) -> tuple[list[Pruned], list[str]]:
+    """`prune` for every exit table of the database (tables build-db did not write are left alone), each under its
+    own claim: (what was pruned, the tables another run held, left as they are)."""
+    check_database(db_uri)
+    db = connect(db_uri, storage_options)
+    names = sorted(n for n in table_names(db) if not n.endswith(FEATURES_SUFFIX))
+    pruned, held = [], []
+    for name in names:
+        if TableMeta.decode(open_listed(db, db_uri, name).schema) is None:
+            continue
+        try:
+            pruned.append(prune(db_uri, name, keep, grace, dry_run, storage_options))
+        except Busy:
+            held.append(name)
+    return pruned, held
 
 
 def _split(history: list[tuple[int, float]], kept: set[int]) -> tuple[list[int], list[int]]:

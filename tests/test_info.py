@@ -214,17 +214,41 @@ def test_prune_keeps_the_newest_versions_those_replaced_lately_and_what_they_wer
         rollback(db, "sst2", 1)
     again = run_cli("prune", "--db", db, "--table", "sst2", "--keep", "5")  # a retry, or nothing to remove
     assert again.returncode == 0 and again.stdout.startswith("table sst2: removed no version; kept versions 4-5")
-    as_json = json.loads(
-        run_cli("prune", "--db", db, "--table", "sst2", "--keep", "1", "--grace", "0", "--dry-run", "--json").stdout
-    )
-    assert as_json == {
-        "table": "sst2",
-        "removed": [4],
-        "kept": [5],
-        "features_removed": [2, 3],
-        "features_kept": [4],
-        "bytes_freed": None,
-    }
+    dry = ("--keep", "1", "--grace", "0", "--dry-run", "--json")
+    as_json = json.loads(run_cli("prune", "--db", db, "--table", "sst2", *dry).stdout)
+    assert as_json["db"] == db and as_json["tables"] == [
+        {
+            "table": "sst2",
+            "removed": [4],
+            "kept": [5],
+            "features_removed": [2, 3],
+            "features_kept": [4],
+            "bytes_freed": None,
+        }
+    ]
+
+
+def test_prune_without_a_table_prunes_every_exit_table_and_names_those_another_run_holds(segment_artifacts, tmp_path):  # noqa: F811
+    """Two exit tables and one build-db did not write: both exit tables pruned, the other left alone; with one of
+    them held by another run, the other is pruned and the command ends with exit 75 naming the held one."""
+    db = build_twice(segment_artifacts, tmp_path)
+    rows = labelled(tmp_path / "other.parquet", 8, 4, "o", bad=False)
+    for mode in ("overwrite", "overwrite"):
+        run_build_db(segment_artifacts, "sst2", [str(rows)], db, "other", "backbone", mode, None)
+    lancedb.connect(db).create_table("notes", pa.table({"x": [1]})).add(pa.table({"x": [2]}))  # versions 1, 2
+
+    with hold(work_dir(db, "other"), "table 'other'"):
+        partly = run_cli("prune", "--db", db, "--keep", "1", "--grace", "0")
+    assert partly.returncode == 75, partly.stderr
+    assert partly.stdout.startswith("table sst2: removed versions 1; kept versions 2")
+    assert f"another run is writing table(s) other in {db}: not pruned; retry later" in partly.stderr
+    done = json.loads(run_cli("prune", "--db", db, "--keep", "1", "--grace", "0", "--json").stdout)
+    assert [(t["table"], t["removed"], t["kept"]) for t in done["tables"]] == [("other", [1], [2]), ("sst2", [], [2])]
+    assert [v["version"] for v in describe(db, "notes")["tables"][0]["versions"]] == [1, 2]
+    empty = tmp_path / "empty"
+    lancedb.connect(str(empty)).create_table("notes", pa.table({"x": [1]}))
+    none = run_cli("prune", "--db", str(empty), "--keep", "1")
+    assert none.returncode == 0 and none.stdout.strip() == f"{empty}: no tables written by build-db"
 
 
 def test_prune_refuses_while_another_run_holds_the_table_and_a_bad_option(segment_artifacts, tmp_path):  # noqa: F811

@@ -2,18 +2,22 @@
 
 import json
 import subprocess
+import time
 from datetime import timedelta
 
 import lancedb
 import pyarrow as pa
 import pytest
 from cli_runs import raee_ops
-from raee_ops.pipelines.build_db import run_build_db, work_dir
+from raee_ops.pipelines.build_db import commit, run_build_db, work_dir
 from raee_ops.pipelines.commit import hold
+from raee_ops.pipelines.run_record import RunRecord
 from raee_ops.schemas.manifest import load_manifest
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
+from test_retrieval import _exit_table
 
+from raee_ops import retrieval
 from raee_ops.calibration import K_GRID
 from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.info import describe, render
@@ -271,3 +275,19 @@ def test_the_versions_prune_keeps():
     assert to_keep(history, 1, 750, 1000) == {3, 4}  # 3 was replaced 700 s ago, 2 800 s ago
     assert to_keep(history, 1, 850, 1000) == {2, 3, 4}
     assert to_keep(history, 9, 0, 1000) == {1, 2, 3, 4}
+
+
+def test_prune_of_an_indexed_table_keeps_its_rows_index_and_run_record(tmp_path, monkeypatch):
+    """LanceDB's clean-up optimizes an index once, as one more version: the same rows, index and recorded run (what a
+    retried append recognises as done)."""
+    monkeypatch.setattr(retrieval, "INDEX_MIN_ROWS", 1000)
+    table, _ = _exit_table(4000)
+    db = str(tmp_path / "db")
+    for run in ("r1", "r2"):
+        commit(db, "large", table, record=RunRecord(run, "overwrite", f"job-{run}", 0))  # a version, its index one more
+        time.sleep(1)  # the cut lies midway between the runs' versions: not within the index build's moment
+    pruned = prune(db, "large", 2, timedelta(0))
+    assert pruned.removed == [1, 2] and pruned.kept[:2] == [3, 4] and pruned.bytes_freed > 0
+    handle = lancedb.connect(db).open_table("large")
+    assert RunRecord.of(handle.schema).run_id == "r2" and handle.count_rows() == 4000
+    assert handle.list_indices() and handle.list_indices()[0].num_unindexed_rows == 0

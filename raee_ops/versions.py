@@ -39,15 +39,20 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
     """Make `version` the current one, as a new version; then the table's info, with `restored` and `previous`."""
     check_database(db_uri)
     handle = open_table(db_uri, table, storage_options=storage_options)
-    known = [v["version"] for v in handle.list_versions()]
-    if version not in known:
-        raise RaeeConfigError(f"table {table!r} has no version {version} (versions: {ranges(known)})")
+    _check_version(handle, table, version)  # a typo is told at once, even while another run holds the table
     with hold(work_dir(db_uri, table), f"table {table!r}"):
-        handle.checkout_latest()  # what another run committed before the claim was ours
+        handle.checkout_latest()  # what another run committed (or pruned) before the claim was ours
+        _check_version(handle, table, version)
         previous = handle.version
         if version != previous:  # a retried rollback finds its version already current and leaves it
             handle.restore(version)
     return {"restored": version, "previous": previous, **table_info(handle)}
+
+
+def _check_version(handle: lancedb.table.Table, table: str, version: int) -> None:
+    known = [v["version"] for v in handle.list_versions()]
+    if version not in known:
+        raise RaeeConfigError(f"table {table!r} has no version {version} (versions: {ranges(known)})")
 
 
 def ranges(numbers: list[int]) -> str:

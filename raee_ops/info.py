@@ -172,6 +172,7 @@ def _render_table(t: dict[str, Any]) -> str:
             lines.append(f"  {shown_costs(pp)}")
     versions = t["versions"]
     older = len(versions) - SHOWN_VERSIONS
-    lines.append(f"  versions ({len(versions)}{f'; {older} older not shown, see --json' if older > 0 else ''}):")
+    hidden = f"; {older} older not shown, see --json; raee-ops prune removes old ones" if older > 0 else ""
+    lines.append(f"  versions ({len(versions)}{hidden}):")
     lines += [f"    {v['version']:>4}  {v['timestamp']}  {v['rows']} rows" for v in versions[-SHOWN_VERSIONS:]]
     return "\n".join(lines)

@@ -171,6 +171,15 @@ def test_rollback_refuses_while_another_run_holds_the_table(segment_artifacts, t
     assert rollback(db, "sst2", 1)["version"] == 3  # once it is released
 
 
+def test_info_shows_the_newest_versions_and_says_how_to_remove_old_ones(tmp_path):
+    table = lancedb.connect(str(tmp_path)).create_table("t", pa.table({"x": [0]}))
+    for n in range(1, 12):
+        table.add(pa.table({"x": [n]}))
+    text = render(describe(str(tmp_path), "t"))
+    assert "versions (12; 2 older not shown, see --json; raee-ops prune removes old ones):" in text
+    assert "\n       3  " in text and "\n       2  " not in text
+
+
 def test_an_empty_object_store_prefix_says_it_may_be_a_typo():
     assert render({"db": "s3://bucket/dbb", "tables": []}).endswith("(an object-store prefix with none: check --db)")
     assert render({"db": "/data/db", "tables": []}) == "/data/db: no tables"  # a local one must exist to get here

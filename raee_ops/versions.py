@@ -124,13 +124,50 @@ def prune(
     and the companion's versions no kept one names (see the module doc)."""
     check_database(db_uri)
     handle = open_table(db_uri, table, storage_options=storage_options)
+    db = connect(db_uri, storage_options)
+    return _prune(db_uri, db, table_names(db), handle, keep, grace, dry_run, storage_options)
+
+
+def prune_all(
+    db_uri: str, keep: int, grace: timedelta, dry_run: bool = False, storage_options: dict[str, str] | None = None
+) -> tuple[list[Pruned], list[str]]:
+    """`prune` for every exit table of the database (tables build-db did not write are left alone), each under its
+    own claim, from one listing of the tables: (what was pruned, the tables another run held, left as they are)."""
+    check_database(db_uri)
+    db = connect(db_uri, storage_options)
+    names = table_names(db)
+    pruned, held = [], []
+    for name in sorted(n for n in names if not n.endswith(FEATURES_SUFFIX)):
+        handle = open_listed(db, db_uri, name)
+        if TableMeta.decode(handle.schema) is None:
+            continue
+        try:
+            pruned.append(_prune(db_uri, db, names, handle, keep, grace, dry_run, storage_options))
+        except Busy:
+            held.append(name)
+    return pruned, held
+
+
+def _prune(
+    db_uri: str,
+    db: lancedb.DBConnection,
+    names: set[str],
+    handle: lancedb.table.Table,
+    keep: int,
+    grace: timedelta,
+    dry_run: bool,
+    storage_options: dict[str, str] | None,
+) -> Pruned:
+    """One table, opened as `handle` from the database's tables `names` (its companion among them, when it has one)."""
+    table = handle.name
     with hold(work_dir(db_uri, table), f"table {table!r}"):
         handle.checkout_latest()  # what another run committed before the claim was ours
         if not dry_run:  # committed runs' staged rejected rows are told apart by the versions about to go
             settle_errors(db_uri, table, default_errors_dir(db_uri, table), True, storage_options or {})
         history = _history(handle)
         kept = to_keep(history, keep, grace.total_seconds(), time.time())
-        features = _companion(db_uri, table, storage_options)
+        companion = table + FEATURES_SUFFIX
+        features = open_listed(db, db_uri, companion) if companion in names else None
         features_history = _history(features) if features is not None else []
         there = {v for v, _ in features_history}
         features_kept = (_pinned(handle, kept) & there) | {v for v, _ in features_history[-1:]}
@@ -153,25 +190,6 @@ def prune(
         )
 
 
-def prune_all(
-    db_uri: str, keep: int, grace: timedelta, dry_run: bool = False, storage_options: dict[str, str] | None = None
-) -> tuple[list[Pruned], list[str]]:
-    """`prune` for every exit table of the database (tables build-db did not write are left alone), each under its
-    own claim: (what was pruned, the tables another run held, left as they are)."""
-    check_database(db_uri)
-    db = connect(db_uri, storage_options)
-    names = sorted(n for n in table_names(db) if not n.endswith(FEATURES_SUFFIX))
-    pruned, held = [], []
-    for name in names:
-        if TableMeta.decode(open_listed(db, db_uri, name).schema) is None:
-            continue
-        try:
-            pruned.append(prune(db_uri, name, keep, grace, dry_run, storage_options))
-        except Busy:
-            held.append(name)
-    return pruned, held
-
-
 def _split(history: list[tuple[int, float]], kept: set[int]) -> tuple[list[int], list[int]]:
     """(removed, kept): the versions of a history not kept, and the kept ones (the history's, or what is left after
     the cut: an index's clean-up may commit one more)."""
@@ -181,12 +199,6 @@ def _split(history: list[tuple[int, float]], kept: set[int]) -> tuple[list[int],
 def _history(handle: lancedb.table.Table) -> list[tuple[int, float]]:
     """(version, commit time in seconds since the epoch), oldest first."""
     return sorted((v["version"], v["timestamp"].timestamp()) for v in handle.list_versions())
-
-
-def _companion(db_uri: str, table: str, storage_options: dict[str, str] | None) -> lancedb.table.Table | None:
-    db = connect(db_uri, storage_options)
-    name = table + FEATURES_SUFFIX
-    return open_listed(db, db_uri, name) if name in table_names(db) else None
 
 
 def _pinned(handle: lancedb.table.Table, versions: set[int]) -> set[int]:

@@ -228,6 +228,7 @@ def task_row(report: dict[str, Any], source: str, reference_rows: int, seconds: 
             name: {**_scored(b), "mean_exit_layer": b["mean_exit_layer"]} if b else None
             for name, b in report["baselines"].items()
         },
+        "default_against": report["default_against"],
         "probe_layer": report["per_layer_probe_metric"],
         "head_layer": report["per_layer_metric"],
         "probe_pooling": report["probes"]["pooling"],

@@ -27,7 +27,7 @@ from raee_ops import storage
 from raee_ops.calibration import label_vote, not_before_key
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES, Context, Neighbours, Strategy, refuse_head, resolve
-from raee_ops.metrics import Metric, accuracy, task_metric
+from raee_ops.metrics import BOOTSTRAP_ROUNDS, Metric, accuracy, paired_difference, task_metric
 from raee_ops.pipelines.commit import hold
 from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.options import worker_settings
@@ -269,6 +269,11 @@ def evaluate(
     per_layer, best, oracle, calibrated = zero_shot or (None, None, None, None)
     found = Found(np.exp(probe_lp.transpose(1, 0, 2)), nb.key_probs(), nb.labels, nb.similarity, nb.probe())
     default_pred = answers[default.name][0]
+    against = {}  # the default minus each baseline on these rows, and how much that moves with the rows drawn
+    for name, s in BASELINES.items():
+        if s in reports and s != default.name:
+            gap, se = paired_difference(labels, default_pred, answers[s][0], metric, num_labels)
+            against[name] = {"difference": gap, "standard_error": se}
     bound = hindsight(found, probe_policy, labels, default_pred, metric_name, depths, retriever.key_depth)
 
     return {
@@ -295,6 +300,7 @@ def evaluate(
         "default_strategy": DEFAULT_STRATEGY,
         "strategies": {s.name: reports[s.name] for s in chosen},
         "baselines": baselines,
+        "default_against": against,
         "per_layer_probe_accuracy": [s["accuracy"] for s in probe_layers],
         "per_layer_probe_metric": [s["metric"] for s in probe_layers],
         "probes": {
@@ -419,6 +425,10 @@ def _hindsight_section(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _gap(against: dict[str, float] | None) -> str:
+    return "–" if against is None else f"{against['difference']:+.3f} ± {against['standard_error']:.3f}"
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     name = f"metric: {r['metric_name']}"
     lines = [
@@ -448,13 +458,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         "All fitted on the same reference rows. key-lr: logistic regression on the retrieval key; knn-vote: the "
         "neighbours' label vote; probe-best: the probe of the one layer that scored best out of fold on the "
         "reference; probe-last: the last layer's probe; full / full-cal: the zero-shot label-word head; default: "
-        f"`{r['default_strategy']}`.",
+        f"`{r['default_strategy']}`. Default minus it: the difference in {r['metric_name']} on these rows, ± its "
+        f"standard error over {BOOTSTRAP_ROUNDS} resamples of the rows (both scored on each).",
         "",
     ]
+    against = r.get("default_against") or {}
     lines += _table(
-        ["baseline", "accuracy", name, "mean layers"],
+        ["baseline", "accuracy", name, "mean layers", "default minus it"],
         [
-            [b, *([v["accuracy"], v["metric"], v["mean_exit_layer"]] if v else ["–"] * 3)]
+            [b, *([v["accuracy"], v["metric"], v["mean_exit_layer"]] if v else ["–"] * 3), _gap(against.get(b))]
             for b, v in r["baselines"].items()
         ],
     )

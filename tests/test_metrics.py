@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from raee_ops.metrics import accuracy, f1_positive, macro_f1, matthews, task_metric
+from raee_ops.metrics import accuracy, f1_positive, macro_f1, matthews, paired_difference, task_metric
 
 
 def test_accuracy_and_f1_on_a_hand_counted_case():
@@ -29,3 +29,19 @@ def test_task_metric_names():
     assert task_metric("mrpc", 2)[0] == "f1"
     assert task_metric("trec", 6)[0] == "macro_f1"
     assert task_metric("my-binary-task", 2)[0] == "accuracy"
+
+
+def test_paired_difference_is_the_score_gap_with_the_bootstrap_spread_of_the_rows():
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 2, 400)
+    assert paired_difference(truth, truth, truth, accuracy, 2) == (0.0, 0.0)  # the same answers never differ
+    half_wrong = np.where(np.arange(400) % 2 == 0, truth, 1 - truth)
+    gap, se = paired_difference(truth, truth, half_wrong, accuracy, 2)
+    assert gap == 0.5
+    assert se == pytest.approx(np.sqrt(0.25 / 400), rel=0.15)  # per-row differences 0 or 1, half each
+    # paired: two methods wrong on the same rows differ by nothing however the rows are drawn
+    same_mistakes = np.where(np.arange(400) % 3 == 0, 1 - truth, truth)
+    assert paired_difference(truth, same_mistakes, same_mistakes.copy(), matthews, 2)[1] == 0.0
+    shifted = np.where(np.arange(400) % 5 == 0, 1 - truth, truth)
+    gap, se = paired_difference(truth, same_mistakes, shifted, matthews, 2, seed=3)
+    assert gap == pytest.approx(matthews(truth, same_mistakes) - matthews(truth, shifted)) and 0 < se < 0.1

@@ -15,7 +15,7 @@ from raee_ops.schemas.tables import FEATURES_SUFFIX, GROUP, PROBE_POLICY_META_KE
 from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops.errors import RaeeConfigError
-from raee_ops.evaluate import evaluate, write_report
+from raee_ops.evaluate import evaluate, render_markdown, write_report
 from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE, HALVINGS, confident_exits
 from raee_ops.readout import answer_batch
@@ -59,6 +59,12 @@ def test_probes_beat_the_zero_shot_head_on_a_task_with_a_known_signal(signal):
     assert base["default"]["accuracy"] >= base["full"]["accuracy"] + 0.15
     assert max(report["per_layer_probe_accuracy"]) > max(report["per_layer_accuracy"])
     assert set(base) == {"key-lr", "knn-vote", "probe-best", "probe-last", "full", "full-cal", "raee", "default"}
+    # the default against each: the gap of the two metrics on the same rows, with its spread over resampled rows
+    assert set(report["default_against"]) == set(base) - {"default"}
+    for name, against in report["default_against"].items():
+        assert against["difference"] == pytest.approx(base["default"]["metric"] - base[name]["metric"])
+        assert against["standard_error"] > 0  # the default answers differently from each on some rows
+    assert "default minus it" in render_markdown(report)
 
 
 def test_classify_reads_probes_as_evaluate_scores_them(segment_artifacts, signal):  # noqa: F811

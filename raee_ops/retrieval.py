@@ -218,8 +218,7 @@ class Retriever:
             vectors = self.layer_key.apply(vectors)
         if self.rows < INDEX_MIN_ROWS:
             if self._memory is None:
-                columns = ["vector", *self._columns()]  # only these: not the table's other columns
-                self._memory = InMemory(self.table.search().select(columns).limit(None).to_arrow().select(columns))
+                self._memory = InMemory.read(self.table, self._columns())
             found = self._memory.search(vectors, k, num_layers, num_labels)
         else:
             query = self.table.search(list(vectors), vector_column_name="vector").metric("cosine").limit(k)
@@ -243,6 +242,18 @@ class InMemory:
         self.keys_t = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(unit.T))  # handed over once
         self.session = open_session(STORED_GRAPHS / "search.onnx")
         self.columns = _arrays(rows.drop_columns(["vector"]))
+
+    @classmethod
+    def read(cls, table: lancedb.table.Table, columns: list[str]) -> InMemory:
+        """The table's keys and these exit columns (only these: not the table's other columns), read once."""
+        wanted = ["vector", *columns]
+        return cls(table.search().select(wanted).limit(None).to_arrow().select(wanted))
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the arrays hold: the keys (float32) and the exit columns."""
+        rows, dim = self.keys_t.shape()[1], self.keys_t.shape()[0]
+        return 4 * rows * dim + sum(values.nbytes for values in self.columns.values())
 
     def search(self, vectors: np.ndarray, k: int, num_layers: int, num_labels: int) -> Neighbours:
         queries = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

@@ -34,8 +34,10 @@ from raee_ops.schemas.tables import (
     flat_values,
 )
 
-#: From this many rows build-db gives the table an IVF_FLAT index and searches probe it; below, every search is an
-#: exact scan (bench/RESULTS.md, retrieval: at 100k rows the index is ~5× faster batched at recall 0.99).
+#: From this many rows build-db gives the table an IVF_FLAT index and searches probe it; below, every search is exact,
+#: on a copy of the table read into memory. Memory, not speed, sets the line: in bench/retrieval.py the in-memory
+#: search was 2.3× the index's batched rate at 100k rows and 2.9× at 1M, but each worker process holds the copy
+#: (158 MB at 100k rows, 1.6 GB and 17 s to read at 1M; Dataflow runs a Python process per core).
 INDEX_MIN_ROWS = 100_000
 #: Share of the index's partitions each search probes: recall@10 0.989 at 100k rows and 1.0 at 1M in the bench.
 PROBE_SHARE = 0.2
@@ -177,8 +179,8 @@ class Retriever:
     A table below INDEX_MIN_ROWS (no index: every LanceDB search is an exact scan anyway) is read into memory once,
     on the first search, and searched by one matrix product: a LanceDB exact search of 32 queries over 1,000 rows
     took ~21 ms here against ~0.5 ms, and on object storage each would read the table again. At 100k rows that is
-    ~150 MB of keys per worker. Larger tables are searched through LanceDB (its IVF index, which build-db gives
-    them).
+    ~160 MB per worker process (see INDEX_MIN_ROWS). Larger tables are searched through LanceDB (its IVF index,
+    which build-db gives them).
     """
 
     def __init__(

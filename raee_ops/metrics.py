@@ -15,8 +15,8 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int = 2) -> flo
 
 def matthews(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int = 2) -> float:
     """Multi-class Matthews correlation (Gorodkin's R_K); 0 when a side is constant."""
-    confusion = np.zeros((num_labels, num_labels), dtype=np.float64)
-    np.add.at(confusion, (y_true, y_pred), 1)
+    cells = np.asarray(y_true, np.int64) * num_labels + np.asarray(y_pred, np.int64)
+    confusion = np.bincount(cells, minlength=num_labels * num_labels).reshape(num_labels, num_labels).astype(np.float64)
     n, correct = confusion.sum(), np.trace(confusion)
     true_counts, pred_counts = confusion.sum(axis=1), confusion.sum(axis=0)
     numerator = correct * n - true_counts @ pred_counts
@@ -70,8 +70,8 @@ def paired_difference(
     goal on the difference is judged by how much."""
     y_true, a, b = (np.asarray(v) for v in (y_true, a, b))
     rng = np.random.default_rng(seed)
-    resampled = [
-        metric(y_true[rows], a[rows], num_labels) - metric(y_true[rows], b[rows], num_labels)
-        for rows in rng.integers(0, len(y_true), size=(rounds, len(y_true)))
-    ]
+    resampled = []
+    for _ in range(rounds):  # one resample at a time: all at once would hold rounds × rows indices
+        rows = rng.integers(0, len(y_true), len(y_true))
+        resampled.append(metric(y_true[rows], a[rows], num_labels) - metric(y_true[rows], b[rows], num_labels))
     return metric(y_true, a, num_labels) - metric(y_true, b, num_labels), float(np.std(resampled, ddof=1))

@@ -208,15 +208,14 @@ BASELINE_GOALS = (("key-lr", 5.0), ("knn-vote", 10.0), ("probe-best", -1.0))
 MAX_LAYER_SHARE = 0.35
 
 
-def _interval(tasks: list[Doc], name: str, goal: float) -> str:
-    """The 95% interval of the default's macro lead over `name` as the scored rows allow it (each task's paired
-    bootstrap standard error, the tasks' rows drawn independently), and whether it decides the goal; "" for results
-    written before evaluate measured the spread."""
+def _interval(tasks: list[Doc], name: str, gap: float, goal: float) -> str:
+    """The 95% interval of the default's macro lead `gap` (points) over `name` as the scored rows allow it (each
+    task's paired bootstrap standard error, the tasks' rows drawn independently), and whether it decides the goal;
+    "" for results written before evaluate measured the spread."""
     against = [t.get("default_against", {}).get(name) for t in tasks]
     if None in against:
         return ""
     se = 100 * math.sqrt(sum(a["standard_error"] ** 2 for a in against)) / len(tasks)
-    gap = 100 * _mean([a["difference"] for a in against])
     low, high = gap - 1.96 * se, gap + 1.96 * se
     undecided = "; the scored rows cannot tell" if low < goal < high else ""
     return f"; 95% interval {low:+.1f} to {high:+.1f}{undecided}"
@@ -270,9 +269,8 @@ def _baselines(result: Doc) -> list[str]:
         ]
         verdict = "met" if gap >= ahead else "NOT met"
         where = f"; tasks short of it: {', '.join(misses)}" if misses else ""
-        checks.append(
-            f"{gap:+.1f} points against {name} (goal {ahead:+.0f}: {verdict}{_interval(tasks, name, ahead)}{where})"
-        )
+        spread = _interval(tasks, name, gap, ahead)
+        checks.append(f"{gap:+.1f} points against {name} (goal {ahead:+.0f}: {verdict}{spread}{where})")
     if "sentence-lr" in names:
         gap = 100 * (default - macro("sentence-lr"))
         behind = [

@@ -258,8 +258,8 @@ class InMemory:
     @property
     def nbytes(self) -> int:
         """Memory the arrays hold: the keys (float32) and the exit columns."""
-        rows, dim = self.keys_t.shape()[1], self.keys_t.shape()[0]
-        return 4 * rows * dim + sum(values.nbytes for values in self.columns.values())
+        dim, rows = self.keys_t.shape()
+        return 4 * dim * rows + sum(values.nbytes for values in self.columns.values())
 
     def search(self, vectors: np.ndarray, k: int, num_layers: int, num_labels: int) -> Neighbours:
         queries = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

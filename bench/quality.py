@@ -150,8 +150,9 @@ def bench_task(runtime: SegmentRuntime, preset: str, data: Path, task: str, quic
     )
     print(f"[{preset}/{task}] evaluate on {evaluation.num_rows} rows", flush=True)
     with timer() as took:
-        report = evaluate(artifacts, task, str(work / "db"), task, [str(work / "test.parquet")], K)
-    write_report(report, work / "report")
+        evaluation = evaluate(artifacts, task, str(work / "db"), task, [str(work / "test.parquet")], K)
+    write_report(evaluation, work / "report")
+    report = evaluation.report
     sentence = sentence_lr(runtime, task, reference, evaluation)
     scores = ", ".join(f"{name} {b['metric']:.3f}" for name, b in report["baselines"].items() if b)
     print(

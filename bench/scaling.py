@@ -160,8 +160,8 @@ def one_size(artifacts: Path, reference: pa.Table, test: Path) -> dict[str, Any]
         raee_ops("build-db", *args, "--db", str(work / "db"), "--group-column", GROUP_COLUMN)
     raee_ops("build-db", *args, "--db", str(work / "db-no-groups"))
     with timer() as scored:
-        report = evaluate(artifacts, TASK, str(work / "db"), TASK, [str(test)], K, list(METHODS))
-    plain = evaluate(artifacts, TASK, str(work / "db-no-groups"), TASK, [str(test)], K, ["probe-fused"])
+        report = evaluate(artifacts, TASK, str(work / "db"), TASK, [str(test)], K, list(METHODS)).report
+    plain = evaluate(artifacts, TASK, str(work / "db-no-groups"), TASK, [str(test)], K, ["probe-fused"]).report
     report["strategies"][UNGROUPED] = plain["strategies"]["probe-fused"]
     methods = {
         name: {

@@ -461,7 +461,12 @@ def classify(
 @click.option("--db", "db_uri", required=True, help="LanceDB URI holding the exit-metadata table.")
 @click.option("--table", default=None, callback=_table_name, help="Table name (default: the task name).")
 @click.option("--input", "inputs", required=True, multiple=True, help="Labelled Parquet file or glob (repeatable).")
-@click.option("--report", "report_dir", required=True, help="Directory for report.json, report.md, report.png.")
+@click.option(
+    "--report",
+    "report_dir",
+    required=True,
+    help="Directory for report.json, report.md, report.png and predictions.parquet (each row's answers).",
+)
 @click.option(
     "--k", default=10, show_default=True, type=click.IntRange(min=1), help="Neighbours for the paper's rules (raee*)."
 )
@@ -498,7 +503,7 @@ def evaluate_cmd(
     check_report_dir(report_dir, db_uri, inputs)
     if task_file:
         task_name = exported_task(load_manifest(artifacts), load_task_file(task_file))
-    report = evaluate(
+    evaluation = evaluate(
         artifacts,
         task_name,
         db_uri,
@@ -510,7 +515,7 @@ def evaluate_cmd(
         layer_budget,
         layer_price,
     )
-    out = write_report(report, report_dir)
+    out, report = write_report(evaluation, report_dir), evaluation.report
     full, name = report["full"], report["metric_name"]
     zero_shot = f"; full {name} {full['metric']:.4f}" if full else "; no label-word head"
     echo(f"evaluated {report['rows']} rows ({report['rejected']} rejected){zero_shot}")

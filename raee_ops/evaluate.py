@@ -4,7 +4,9 @@ Every valid row runs through all layers once, through build-db's own handler (sa
 rejections and per-row failure isolation), so evaluated rows are exactly what a reference table would hold.
 Retrieval runs once with the most neighbours any strategy needs. A strategy only picks a layer and reads
 that layer's head, so every strategy is scored from the stored per-layer log-probs without rerunning the model
-(softmax is shift-invariant, so log-probs answer exactly as logits would).
+(softmax is shift-invariant, so log-probs answer exactly as logits would). Beside the report, every scored row's
+answer and exit under each strategy (predictions.parquet): the rows behind each number, for error analysis and for
+pairing two evaluations of the same rows.
 
 A backbone without a label-word head (a bare encoder) has no zero-shot numbers: the head's per-layer scores, the
 full model, the oracle and the head-reading baselines are None (absent, shown as "–"), never made up; strategies
@@ -17,11 +19,12 @@ import io
 import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from raee_ops import storage
 from raee_ops.calibration import label_vote, not_before_key
@@ -53,7 +56,7 @@ from raee_ops.probes import VIEWS, ProbeSet
 from raee_ops.progress import Progress
 from raee_ops.retrieval import Retriever, check_meta, check_table_contents, expected_meta, table_meta
 from raee_ops.schemas.manifest import Manifest, check_outside_artifacts, load_manifest
-from raee_ops.schemas.tables import FEATURES, flat_values
+from raee_ops.schemas.tables import EVALUATION_PREDICTIONS_SCHEMA, FEATURES, flat_values
 from raee_ops.tasks import Task
 
 #: Rows per model call; small enough for the progress line to move every few seconds on CPU.
@@ -61,7 +64,7 @@ CHUNK = 64
 #: Rejected rows shown in report.md (report.json lists them all).
 SHOWN_REJECTED = 20
 #: The report's files, in the order they are written (report.json last: it marks a complete report).
-REPORT_FILES = ("report.md", "report.png", "report.json")
+REPORT_FILES = ("report.md", "report.png", "predictions.parquet", "report.json")
 #: What a user would pick instead of (or as) the default, all fitted on the same reference rows: report name ->
 #: strategy. key-lr: logistic regression on the retrieval key; probe-best: the single layer chosen on reference.
 BASELINES = {
@@ -74,6 +77,15 @@ BASELINES = {
     "raee": "raee",
     "default": DEFAULT_STRATEGY,
 }
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What evaluate found: the report (JSON numbers) and the answers behind it, one row per (row, strategy) in
+    EVALUATION_PREDICTIONS_SCHEMA."""
+
+    report: dict[str, Any]
+    predictions: pa.Table
 
 
 def exported_task(manifest: Manifest, task: Task) -> str:
@@ -178,6 +190,24 @@ def _key_layers(strategy: Strategy, ctx: Context) -> int:
     return ctx.key_depth if strategy.neighbours(ctx) else 0
 
 
+def _predictions(
+    ids: pa.ChunkedArray, labels: np.ndarray, answers: dict[str, tuple[np.ndarray, np.ndarray]], label_names: list[str]
+) -> pa.Table:
+    """Each row's answer and exit under every strategy in `answers`, strategy after strategy."""
+    n, names = labels.shape[0], list(answers)
+    table = pa.Table.from_pydict(
+        {
+            "id": pa.concat_arrays([ids.combine_chunks()] * len(names)),
+            "label": np.tile(labels, len(names)),
+            "strategy": np.repeat(names, n),
+            "prediction": np.concatenate([pred for pred, _ in answers.values()]),
+            "exit_layer": np.concatenate([exits for _, exits in answers.values()]),
+        },
+        schema=EVALUATION_PREDICTIONS_SCHEMA,
+    )
+    return table.replace_schema_metadata({b"label_names": json.dumps(label_names).encode()})
+
+
 def _zero_shot(
     logprobs: np.ndarray, probe_lp: np.ndarray, labels: np.ndarray, nb: Neighbours, ctx: Context, metric: Metric
 ) -> tuple[list[dict[str, float]], int, dict[str, float], dict[str, Any]]:
@@ -204,10 +234,10 @@ def evaluate(
     beam_args: Sequence[str] = (),
     layer_budget: float | None = None,
     layer_price: float | None = None,
-) -> dict[str, Any]:
-    """The report dict: per-layer, full, calibrated, oracle, neighbour-vote and per-strategy scores, and the default
-    at other layer budgets. `layer_budget`, `layer_price`: the probe strategies' settings for that budget and price,
-    not the table's."""
+) -> Evaluation:
+    """The report (per-layer, full, calibrated, oracle, neighbour-vote and per-strategy scores, and the default at
+    other layer budgets) and each row's answers. `layer_budget`, `layer_price`: the probe strategies' settings for
+    that budget and price, not the table's."""
     if k < 1:
         raise RaeeConfigError(f"--k must be at least 1, got {k}")
     settings = worker_settings(beam_args, db_uri)
@@ -276,7 +306,7 @@ def evaluate(
             against[name] = {"difference": gap, "standard_error": se}
     bound = hindsight(found, probe_policy, labels, default_pred, metric_name, depths, retriever.key_depth)
 
-    return {
+    report = {
         "task": task_name,
         "label_names": list(task.label_names),
         "input": inputs,
@@ -329,6 +359,7 @@ def evaluate(
         },
         "k": k,
     }
+    return Evaluation(report, _predictions(rows.column("id"), labels, answers, list(task.label_names)))
 
 
 def _by_budget(
@@ -355,14 +386,16 @@ def _by_budget(
     return out
 
 
-def write_report(report: dict[str, Any], directory: str) -> str:
-    """report.md and report.png (the plot is skipped, with a note, when matplotlib is missing), then report.json:
+def write_report(evaluation: Evaluation, directory: str) -> str:
+    """report.md, report.png (the plot is skipped, with a note, when matplotlib is missing) and predictions.parquet,
+    then report.json:
     written last, it marks a complete report; an earlier run's is removed first, so a run killed midway never leaves
     its report.md beside another run's report.json. The folder is claimed while writing: a second run waits for
     the first to finish (on an object store it is refused, exit 75), so two runs never mix their files."""
-    out = str(directory)
+    out, report = str(directory), evaluation.report
     check_report_dir(out)
-    markdown, png = render_markdown(report).encode(), io.BytesIO()
+    markdown, png, predictions = render_markdown(report).encode(), io.BytesIO(), pa.BufferOutputStream()
+    pq.write_table(evaluation.predictions, predictions)
     try:
         plot(report, png)
     except ImportError:
@@ -370,7 +403,7 @@ def write_report(report: dict[str, Any], directory: str) -> str:
             "evaluate: matplotlib is not installed (pip install 'raee-ops[report]'); report.png skipped",
             file=sys.stderr,
         )
-    md_file, png_file, json_file = (storage.join(out, name) for name in REPORT_FILES)
+    md_file, png_file, predictions_file, json_file = (storage.join(out, name) for name in REPORT_FILES)
     with hold(out, "--report", wait=True):
         storage.delete([json_file])
         storage.write_bytes(md_file, markdown)
@@ -378,6 +411,7 @@ def write_report(report: dict[str, Any], directory: str) -> str:
             storage.write_bytes(png_file, png.getvalue())
         else:  # an earlier run's plot is not this report's
             storage.delete([png_file])
+        storage.write_bytes(predictions_file, predictions.getvalue().to_pybytes())
         storage.write_bytes(json_file, (json.dumps(report, indent=2) + "\n").encode())
     return out
 

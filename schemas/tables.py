@@ -64,6 +64,20 @@ PREDICTION_FIELDS = [
 ]
 
 
+#: evaluate's predictions.parquet: each scored row's answer and exit layer under every strategy it scored (the
+#: baselines' included), one row per (row, strategy), so the columns never depend on which strategies ran. Answers
+#: are label indices; the file's metadata holds the label names under `label_names`, as the bench datasets do.
+EVALUATION_PREDICTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("label", pa.int32()),
+        pa.field("strategy", pa.string()),
+        pa.field("prediction", pa.int64()),
+        pa.field("exit_layer", pa.int32()),  # as classify's: 0 answered from retrieval alone
+    ]
+)
+
+
 def exit_table_schema(dim: int, num_layers: int, num_labels: int, label_word_head: bool = True) -> pa.Schema:
     """One row per reference example: its key and what every layer predicted (layers 1-based in values), through
     the label-word head (layer_*; absent, no columns at all, for a backbone without one) and through the probe

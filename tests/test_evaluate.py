@@ -2,10 +2,12 @@
 
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import raee_ops
@@ -28,12 +30,13 @@ def evaluated(segment_artifacts, tmp_path_factory):  # noqa: F811
     train = labelled(root / "train.parquet", 30, 0, "t", bad=False)
     run_build_db(segment_artifacts, "sst2", [str(train)], str(root / "db"), "sst2", KEY, "overwrite", None)
     held_out = labelled(root / "test.parquet", 25, 1, "q")
-    report = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(held_out)], k=5)
-    return root, held_out, report
+    evaluation = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(held_out)], k=5)
+    return root, held_out, evaluation
 
 
 def test_report_matches_an_independent_all_layers_run(segment_artifacts, evaluated):  # noqa: F811
-    _, held_out, report = evaluated
+    _, held_out, evaluation = evaluated
+    report = evaluation.report
     table = pq.read_table(held_out)
     good = [i for i, row_id in enumerate(table.column("id").to_pylist()) if row_id not in BAD_IDS]
     texts = [table.column("text")[i].as_py() for i in good]
@@ -52,7 +55,7 @@ def test_report_matches_an_independent_all_layers_run(segment_artifacts, evaluat
 
 
 def test_strategies_are_consistent(evaluated):
-    _, _, report = evaluated
+    report = evaluated[2].report
     strategies = report["strategies"]
     assert list(strategies) == list(STRATEGIES) and report["default_strategy"] == "probe-fused"
     assert strategies["full"]["accuracy"] == report["full"]["accuracy"]
@@ -69,22 +72,42 @@ def test_strategies_are_consistent(evaluated):
     assert report["neighbour_vote"]["k"] == report["policy"]["k"] and report["k"] == 5
 
 
+def test_predictions_are_the_rows_behind_every_number(evaluated):
+    """predictions.parquet holds each scored row once per strategy (the baselines' too), and every strategy's
+    accuracy and exits per layer in the report are counted from its rows there."""
+    _, held_out, evaluation = evaluated
+    report, predictions = evaluation.report, evaluation.predictions
+    scored = {row_id for row_id in pq.read_table(held_out).column("id").to_pylist() if row_id not in BAD_IDS}
+    assert json.loads(predictions.schema.metadata[b"label_names"]) == PRESETS["sst2"].label_names
+    names = predictions.column("strategy").unique().to_pylist()
+    assert set(names) == set(report["strategies"]) and predictions.num_rows == len(names) * report["rows"]
+    for name, s in report["strategies"].items():
+        rows = predictions.filter(pc.equal(predictions["strategy"], name))
+        assert set(rows["id"].to_pylist()) == scored and rows.num_rows == report["rows"]
+        right = rows["prediction"].to_numpy() == rows["label"].to_numpy()
+        assert float(right.mean()) == pytest.approx(s["accuracy"], abs=1e-12)
+        assert np.bincount(rows["exit_layer"].to_numpy(), minlength=4).tolist() == s["exit_histogram"]
+
+
 def test_write_report_and_strategy_override(segment_artifacts, evaluated, tmp_path):  # noqa: F811
-    root, held_out, report = evaluated
-    out = Path(write_report(report, str(tmp_path / "report")))
+    root, held_out, evaluation = evaluated
+    report = evaluation.report
+    out = Path(write_report(evaluation, str(tmp_path / "report")))
     assert json.loads((out / "report.json").read_text())["rows"] == 25
     assert "| fused |" in (out / "report.md").read_text()
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert pq.read_table(out / "predictions.parquet").equals(evaluation.predictions)
     fixed = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(held_out)], 5, ["layer:1", "raee"])
+    fixed = fixed.report
     assert list(fixed["strategies"]) == ["layer:1", "raee"]
     assert fixed["strategies"]["layer:1"]["accuracy"] == report["per_layer_accuracy"][0]
 
 
 def test_two_reports_into_one_folder_never_mix(evaluated, tmp_path):
-    _, _, report = evaluated
+    evaluation = evaluated[2]
     out = tmp_path / "report"
-    write_report(report, str(out))
-    other = report | {"rows": 7}
+    write_report(evaluation, str(out))
+    other = replace(evaluation, report=evaluation.report | {"rows": 7})
     with locked(str(out), "--report"):  # another run is writing its report there
         writer = threading.Thread(target=write_report, args=(other, str(out)))
         writer.start()

@@ -52,7 +52,7 @@ def test_export_says_there_is_no_head_and_build_db_fits_probes_only(bare):
 
 def test_probe_strategies_work_and_zero_shot_numbers_are_absent(bare):
     root, artifacts, _, _, test = bare
-    report = evaluate(str(artifacts), "sst2", str(root / "db"), "sst2", [str(test)], k=5)
+    report = evaluate(str(artifacts), "sst2", str(root / "db"), "sst2", [str(test)], k=5).report
     assert report["full"] is None and report["per_layer_accuracy"] is None and report["oracle_metric"] is None
     assert {n for n, b in report["baselines"].items() if b is None} == {"full", "full-cal", "raee"}
     assert {"probe-fused", "probe-conf", "probe-best", "key-lr", "knn-vote"} <= set(report["strategies"])

@@ -5,6 +5,7 @@ classify (prefix, continuation, clamped exits) answers exactly as evaluate score
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from raee_ops.pipelines.build_db import run_build_db
@@ -111,10 +112,14 @@ def test_build_db_stores_standardized_keys_and_classify_answers_as_evaluate_scor
     np.testing.assert_allclose(own.similarity[:, 0], 1.0, atol=1e-4)
 
     test = signal_rows(root / "test.parquet", 120, 1, "q")
-    report = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(test)], k=5)
+    evaluation = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(test)], k=5)
+    report = evaluation.report
     summary = run_classify(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(test)], str(root / "out"), 5, None)
     predictions = pa.concat_tables([pq.read_table(f) for f in sorted((root / "out").glob("predictions-*"))])
     accuracy = float(np.mean(predictions.column("prediction").to_numpy() == predictions.column("label").to_numpy()))
+    evaluated = evaluation.predictions.filter(pc.equal(evaluation.predictions["strategy"], "probe-fused"))
+    classified = predictions.select(["id", "prediction", "exit_layer"]).sort_by("id")
+    assert evaluated.select(["id", "prediction", "exit_layer"]).sort_by("id").equals(classified)  # row by row
     assert summary.predicted == 120 and f"0: retrieval alone, after the key's {DEPTH} layers" in summary.render()
     assert accuracy == pytest.approx(report["strategies"]["probe-fused"]["accuracy"], abs=1e-9)
     histogram = report["strategies"]["probe-fused"]["exit_histogram"]

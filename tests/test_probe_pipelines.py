@@ -46,12 +46,13 @@ def signal(segment_artifacts, tmp_path_factory):  # noqa: F811
     ref = signal_rows(root / "ref.parquet", 160, 0, "r")
     summary = run_build_db(segment_artifacts, "sst2", [str(ref)], str(root / "db"), "sst2", KEY, "overwrite", None)
     test = signal_rows(root / "test.parquet", 120, 1, "q")
-    report = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(test)], k=5)
-    return root, summary, test, report
+    evaluation = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(test)], k=5)
+    return root, summary, test, evaluation
 
 
 def test_probes_beat_the_zero_shot_head_on_a_task_with_a_known_signal(signal):
-    _, summary, _, report = signal
+    _, summary, _, evaluation = signal
+    report = evaluation.report
     base = report["baselines"]
     assert "probe heads (" in summary.render() and "probe policy (" in summary.render()
     assert base["probe-best"]["accuracy"] >= 0.85
@@ -68,7 +69,8 @@ def test_probes_beat_the_zero_shot_head_on_a_task_with_a_known_signal(signal):
 
 
 def test_classify_reads_probes_as_evaluate_scores_them(segment_artifacts, signal):  # noqa: F811
-    root, _, test, report = signal
+    root, _, test, evaluation = signal
+    report = evaluation.report
     runtime = SegmentRuntime(segment_artifacts)
     retriever = Retriever(str(root / "db"), "sst2")
     probes = retriever.probes
@@ -122,7 +124,7 @@ def test_probes_that_read_the_bare_input_are_run_on_it_by_classify_and_evaluate(
     order = {row_id: i for i, row_id in enumerate(rows["id"].to_pylist())}
     expected = last["bare"][[order[i] for i in predictions["id"].to_pylist()]]
     assert predictions["prediction"].to_numpy().tolist() == expected.tolist()
-    report = evaluate(segment_artifacts, "sst2", db, "sst2", [str(test)], k=5)
+    report = evaluate(segment_artifacts, "sst2", db, "sst2", [str(test)], k=5).report
     labels = rows["label"].to_numpy()
     assert report["probes"]["form"] == "bare"
     assert report["baselines"]["probe-last"]["accuracy"] == pytest.approx(float(np.mean(last["bare"] == labels)))
@@ -131,7 +133,8 @@ def test_probes_that_read_the_bare_input_are_run_on_it_by_classify_and_evaluate(
 def test_another_layer_budget_or_price_runs_the_settings_the_table_keeps_for_it(segment_artifacts, signal, tmp_path):  # noqa: F811
     """--layer-budget and --layer-price: classify and evaluate run the settings build-db fitted for them (kept with
     the table, no refit); evaluate's sweep scores them as classify runs them, and the table's own as the default."""
-    root, _, test, report = signal
+    root, _, test, evaluation = signal
+    report = evaluation.report
     db = str(root / "db")
     policy = Retriever(db, "sst2").probe_policy
     assert (policy.layer_budget, policy.layer_price) == (DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE)
@@ -152,7 +155,7 @@ def test_another_layer_budget_or_price_runs_the_settings_the_table_keeps_for_it(
         predictions = pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("predictions-*"))])
         right = predictions["prediction"].to_numpy() == predictions["label"].to_numpy()
         exits = predictions["exit_layer"].to_numpy()
-        scored = evaluate(segment_artifacts, "sst2", db, "sst2", [str(test)], k=5, **option)
+        scored = evaluate(segment_artifacts, "sst2", db, "sst2", [str(test)], k=5, **option).report
         for expected in (scored["strategies"]["probe-fused"], sweep.get((budget, price), {})):
             assert float(np.mean(right)) == pytest.approx(expected.get("accuracy", np.mean(right)), abs=1e-9)
             assert float(exits.mean()) == pytest.approx(expected.get("mean_exit_layer", exits.mean()), abs=1e-9)
@@ -216,12 +219,13 @@ def test_the_hindsight_bound_scores_what_its_settings_score_and_no_less_than_the
     """evaluate's in-sample bound is the best setting of the default's grid on the scored rows within the budget:
     stored as a table's policy, its settings score exactly that through the strategy's own path, and the default's
     setting, when it stays within the budget on these rows, scores no more; nor does the held-out estimate."""
-    root, _, test, report = signal
+    root, _, test, evaluation = signal
+    report = evaluation.report
     bound, default = report["default_hindsight"], report["baselines"]["default"]
     assert default["mean_exit_layer"] <= bound["layer_budget"] * report["num_layers"]  # so the default competes
     assert bound["metric"] >= default["metric"] >= 0 and bound["metric"] >= bound["held_out_metric"]
     assert bound["halvings"] == HALVINGS and bound["default_held_out_metric"] > 0.5  # the synthetic signal
-    write_report(report, str(tmp_path / "report"))
+    write_report(evaluation, str(tmp_path / "report"))
     assert "chosen on one random half and scored on the other" in (tmp_path / "report" / "report.md").read_text()
     data = lancedb.connect(str(root / "db")).open_table("sst2").to_arrow()
     policy = json.loads(data.schema.metadata[PROBE_POLICY_META_KEY]) | bound["settings"]
@@ -230,7 +234,7 @@ def test_the_hindsight_bound_scores_what_its_settings_score_and_no_less_than_the
         "sst2",
         data.replace_schema_metadata(data.schema.metadata | {PROBE_POLICY_META_KEY: json.dumps(policy).encode()}),
     )
-    replayed = evaluate(segment_artifacts, "sst2", str(tmp_path / "db"), "sst2", [str(test)], k=5)
+    replayed = evaluate(segment_artifacts, "sst2", str(tmp_path / "db"), "sst2", [str(test)], k=5).report
     assert replayed["baselines"]["default"]["metric"] == pytest.approx(bound["metric"])
     assert replayed["baselines"]["default"]["mean_exit_layer"] == pytest.approx(bound["mean_exit_layer"])
     # a table built before policies kept their reference curve and budget has no bound, and is still evaluated
@@ -241,9 +245,9 @@ def test_the_hindsight_bound_scores_what_its_settings_score_and_no_less_than_the
         "older",
         data.replace_schema_metadata(data.schema.metadata | {PROBE_POLICY_META_KEY: json.dumps(older).encode()}),
     )
-    old_report = evaluate(segment_artifacts, "sst2", str(tmp_path / "db"), "older", [str(test)], k=5)
-    assert old_report["default_hindsight"] is None and old_report["baselines"]["default"] is not None
-    write_report(old_report, str(tmp_path / "older-report"))
+    old = evaluate(segment_artifacts, "sst2", str(tmp_path / "db"), "older", [str(test)], k=5)
+    assert old.report["default_hindsight"] is None and old.report["baselines"]["default"] is not None
+    write_report(old, str(tmp_path / "older-report"))
     assert "with hindsight" not in (tmp_path / "older-report" / "report.md").read_text()
 
 

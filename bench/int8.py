@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import quality
 import speed
 from common import require_data, write_result
 from raee_ops.schemas.manifest import load_manifest
 
 from raee_ops.exit_policy import DEFAULT_STRATEGY
+from raee_ops.metrics import paired_difference, task_metric
 from raee_ops.retrieval import Retriever
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import get_task
@@ -67,6 +70,21 @@ def default_scores(runtime: SegmentRuntime, label: str, data: Path, task: str, q
         "probe_best": row["baselines"]["probe-best"]["score"],
         "key_lr": row["baselines"]["key-lr"]["score"],
     }
+
+
+def int8_minus_fp32(preset: str, task: str) -> dict[str, float]:
+    """The int8 default's metric minus fp32's on the same rows, with the difference's paired bootstrap standard
+    error, from the answers each evaluation kept (predictions.parquet beside its report)."""
+    answers = {}
+    for variant in VARIANTS:
+        table = pq.read_table(quality.BENCH / f"quality-{preset}-{variant}" / task / "report" / "predictions.parquet")
+        answers[variant] = table.filter(pc.equal(table["strategy"], DEFAULT_STRATEGY)).sort_by("id")
+    if not answers["int8"]["id"].equals(answers["fp32"]["id"]):  # one tokenizer: both take the same rows
+        raise SystemExit(f"{preset}/{task}: the int8 and fp32 evaluations scored different rows")
+    labels, num_labels = answers["fp32"]["label"].to_numpy(), len(get_task(task).label_names)
+    int8, fp32 = (answers[v]["prediction"].to_numpy() for v in ("int8", "fp32"))
+    gap, se = paired_difference(labels, int8, fp32, task_metric(task, num_labels)[1], num_labels)
+    return {"difference": gap, "standard_error": se}
 
 
 def full_chain(runtime: SegmentRuntime) -> Callable[[speed.Rows], np.ndarray]:
@@ -130,10 +148,12 @@ def main() -> int:
             write_result(f"int8-speed-{preset}", payload, args.quick)
             continue
         runtimes = {v: SegmentRuntime(artifacts[v]) for v in VARIANTS}
-        payload["tasks"] = {
-            task: {v: default_scores(runtimes[v], f"{preset}-{v}", data, task, args.quick) for v in VARIANTS}
-            for task in tasks
-        }
+        payload["tasks"] = {}
+        for task in tasks:
+            payload["tasks"][task] = {
+                v: default_scores(runtimes[v], f"{preset}-{v}", data, task, args.quick) for v in VARIANTS
+            }
+            payload["tasks"][task]["int8_minus_fp32"] = int8_minus_fp32(preset, task)
         write_result(f"int8-{preset}", payload, args.quick)
     return 0
 

@@ -208,14 +208,13 @@ BASELINE_GOALS = (("key-lr", 5.0), ("knn-vote", 10.0), ("probe-best", -1.0))
 MAX_LAYER_SHARE = 0.35
 
 
-def _interval(tasks: list[Doc], name: str, gap: float, goal: float) -> str:
-    """The 95% interval of the default's macro lead `gap` (points) over `name` as the scored rows allow it (each
-    task's paired bootstrap standard error, the tasks' rows drawn independently), and whether it decides the goal;
-    "" for results written before evaluate measured the spread."""
-    against = [t.get("default_against", {}).get(name) for t in tasks]
-    if None in against:
+def _interval(differences: list[Doc | None], gap: float, goal: float) -> str:
+    """The 95% interval of a macro gap `gap` (points) as the scored rows allow it, from each task's paired difference
+    and its bootstrap standard error (the tasks' rows drawn independently), and whether it decides the goal; "" for
+    results written before the benches measured the spread."""
+    if not differences or None in differences:
         return ""
-    se = 100 * math.sqrt(sum(a["standard_error"] ** 2 for a in against)) / len(tasks)
+    se = 100 * math.sqrt(sum(d["standard_error"] ** 2 for d in differences)) / len(differences)
     low, high = gap - 1.96 * se, gap + 1.96 * se
     undecided = "; the scored rows cannot tell" if low < goal < high else ""
     return f"; 95% interval {low:+.1f} to {high:+.1f}{undecided}"
@@ -269,7 +268,7 @@ def _baselines(result: Doc) -> list[str]:
         ]
         verdict = "met" if gap >= ahead else "NOT met"
         where = f"; tasks short of it: {', '.join(misses)}" if misses else ""
-        spread = _interval(tasks, name, gap, ahead)
+        spread = _interval([t.get("default_against", {}).get(name) for t in tasks], gap, ahead)
         checks.append(f"{gap:+.1f} points against {name} (goal {ahead:+.0f}: {verdict}{spread}{where})")
     if "sentence-lr" in names:
         gap = 100 * (default - macro("sentence-lr"))
@@ -723,9 +722,10 @@ def render_int8(result: Doc) -> list[str]:
         macro = {v: sum(t[v]["score"] for t in tasks.values()) / len(tasks) for v in ("fp32", "int8")}
         drop = macro["fp32"] - macro["int8"]
         lines += [f"| **macro avg** | {_fmt(macro['fp32'])} | {_fmt(macro['int8'])} | {-drop:+.3f} |  |  |  |", ""]
+        spread = _interval([v.get("int8_minus_fp32") for v in tasks.values()], -100 * drop, -100 * INT8_MAX_DROP)
         verdicts.append(
             f"the default's macro metric within {INT8_MAX_DROP * 100:.0f} point of fp32's: {-drop * 100:+.1f} points "
-            f"({'met' if drop <= INT8_MAX_DROP + 1e-9 else 'NOT met'})"
+            f"({'met' if drop <= INT8_MAX_DROP + 1e-9 else 'NOT met'}{spread})"
         )
     sp = result.get("speed")
     if sp is None:  # a --quality-only run: the speed is an int8-speed-<preset> result's

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from common import REPO_ROOT, require_data, seeded_sample, task_inputs, timer, within_max_length, write_result
 from raee_ops.onnx_export.quantize import METHOD as QUANTIZE_METHOD
@@ -150,9 +151,9 @@ def bench_task(runtime: SegmentRuntime, preset: str, data: Path, task: str, quic
     )
     print(f"[{preset}/{task}] evaluate on {evaluation.num_rows} rows", flush=True)
     with timer() as took:
-        evaluation = evaluate(artifacts, task, str(work / "db"), task, [str(work / "test.parquet")], K)
-    write_report(evaluation, work / "report")
-    report = evaluation.report
+        evaluated = evaluate(artifacts, task, str(work / "db"), task, [str(work / "test.parquet")], K)
+    write_report(evaluated, work / "report")
+    report = evaluated.report
     sentence = sentence_lr(runtime, task, reference, evaluation)
     scores = ", ".join(f"{name} {b['metric']:.3f}" for name, b in report["baselines"].items() if b)
     print(
@@ -161,7 +162,16 @@ def bench_task(runtime: SegmentRuntime, preset: str, data: Path, task: str, quic
     )
     row = task_row(report, source, reference.num_rows, took.s)
     row["baselines"]["sentence-lr"] = sentence
+    row["default_exit_share"] = exit_share(evaluated.predictions, report["num_layers"])
     return row
+
+
+def exit_share(predictions: pa.Table, num_layers: int) -> dict[str, float]:
+    """The default's mean share of the layers on the scored rows and its standard error (how far it moves with the
+    rows drawn), from the answers evaluate kept: for the layer-share goal's interval."""
+    default = predictions.filter(pc.equal(predictions["strategy"], DEFAULT_STRATEGY))
+    share = default["exit_layer"].to_numpy() / num_layers
+    return {"share": float(share.mean()), "standard_error": float(share.std(ddof=1) / np.sqrt(share.size))}
 
 
 def sentence_lr(runtime: SegmentRuntime, task_name: str, reference: pa.Table, evaluation: pa.Table) -> dict[str, Any]:

@@ -208,16 +208,17 @@ BASELINE_GOALS = (("key-lr", 5.0), ("knn-vote", 10.0), ("probe-best", -1.0))
 MAX_LAYER_SHARE = 0.35
 
 
-def _interval(differences: list[Doc | None], gap: float, goal: float) -> str:
-    """The 95% interval of a macro gap `gap` (points) as the scored rows allow it, from each task's paired difference
-    and its bootstrap standard error (the tasks' rows drawn independently), and whether it decides the goal; "" for
-    results written before the benches measured the spread."""
+def _interval(differences: list[Doc | None], gap: float, goal: float, unit: str = "") -> str:
+    """The 95% interval of a macro figure `gap` (points: a gap, or with unit "%" a share) as the scored rows allow
+    it, from each task's standard error (a paired difference's, or a mean's; the tasks' rows drawn independently),
+    and whether it decides the goal; "" for results written before the benches measured the spread."""
     if not differences or None in differences:
         return ""
     se = 100 * math.sqrt(sum(d["standard_error"] ** 2 for d in differences)) / len(differences)
     low, high = gap - 1.96 * se, gap + 1.96 * se
     undecided = "; the scored rows cannot tell" if low < goal < high else ""
-    return f"; 95% interval {low:+.1f} to {high:+.1f}{undecided}"
+    sign = "" if unit else "+"  # a share has no sign
+    return f"; 95% interval {low:{sign}.1f}{unit} to {high:{sign}.1f}{unit}{undecided}"
 
 
 def _baselines(result: Doc) -> list[str]:
@@ -283,9 +284,10 @@ def _baselines(result: Doc) -> list[str]:
     over = [
         t["task"] for t in tasks if t["baselines"]["default"]["mean_exit_layer"] > MAX_LAYER_SHARE * t["num_layers"]
     ]
+    spread = _interval([t.get("default_exit_share") for t in tasks], 100 * layers, 100 * MAX_LAYER_SHARE, "%")
     checks.append(
         f"{layers:.0%} of the layers on average (goal ≤ {MAX_LAYER_SHARE:.0%}: "
-        f"{'met' if layers <= MAX_LAYER_SHARE else 'NOT met'}{'; over on ' + ', '.join(over) if over else ''})"
+        f"{'met' if layers <= MAX_LAYER_SHARE else 'NOT met'}{spread}{'; over on ' + ', '.join(over) if over else ''})"
     )
     summary = f"Default `{result.get('default_strategy')}`, macro average (issue 9): " + "; ".join(checks) + "."
     curves = _curves_png(result["preset"])

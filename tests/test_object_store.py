@@ -183,7 +183,9 @@ def test_export_build_classify_evaluate_all_on_s3(s3, tiny_llama_dir, tmp_path):
     evaluate = ["evaluate", "--artifacts", art, "--task", "sst2", "--db", db, "--report", f"{base}/report"]
     done = raee_ops(*evaluate, "--input", f"{base}/in/train.parquet", *opts, env=env, cwd=cwd)
     assert done.returncode == 0, done.stderr
-    assert {"e2e/report/report.json", "e2e/report/report.md"} <= set(keys(client, "e2e/report/"))
+    assert {"e2e/report/report.json", "e2e/report/report.md", "e2e/report/predictions.parquet"} <= set(
+        keys(client, "e2e/report/")
+    )
     info = raee_ops("info", "--db", db, "--json", *opts, env=env, cwd=cwd)
     assert info.returncode == 0 and '"rows": 24' in info.stdout, info.stderr
 

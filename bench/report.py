@@ -208,14 +208,14 @@ BASELINE_GOALS = (("key-lr", 5.0), ("knn-vote", 10.0), ("probe-best", -1.0))
 MAX_LAYER_SHARE = 0.35
 
 
-def _interval(differences: list[Doc | None], gap: float, goal: float, unit: str = "") -> str:
-    """The 95% interval of a macro figure `gap` (points: a gap, or with unit "%" a share) as the scored rows allow
-    it, from each task's standard error (a paired difference's, or a mean's; the tasks' rows drawn independently),
-    and whether it decides the goal; "" for results written before the benches measured the spread."""
-    if not differences or None in differences:
+def _interval(estimates: list[Doc | None], value: float, goal: float, unit: str = "") -> str:
+    """The 95% interval of a macro figure `value` (points: a gap, or with unit "%" a share) as the scored rows allow
+    it, from each task's estimate's standard error (a paired difference's, or a mean's; the tasks' rows drawn
+    independently), and whether it decides the goal; "" for results written before the benches measured the spread."""
+    if not estimates or None in estimates:
         return ""
-    se = 100 * math.sqrt(sum(d["standard_error"] ** 2 for d in differences)) / len(differences)
-    low, high = gap - 1.96 * se, gap + 1.96 * se
+    se = 100 * math.sqrt(sum(e["standard_error"] ** 2 for e in estimates)) / len(estimates)
+    low, high = value - 1.96 * se, value + 1.96 * se
     undecided = "; the scored rows cannot tell" if low < goal < high else ""
     sign = "" if unit else "+"  # a share has no sign
     return f"; 95% interval {low:{sign}.1f}{unit} to {high:{sign}.1f}{unit}{undecided}"

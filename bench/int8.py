@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import quality
 import speed
 from common import require_data, write_result
 from raee_ops.schemas.manifest import load_manifest
 
+from raee_ops.evaluate import strategy_rows
 from raee_ops.exit_policy import DEFAULT_STRATEGY
 from raee_ops.metrics import paired_difference, task_metric
 from raee_ops.retrieval import Retriever
@@ -77,8 +77,8 @@ def int8_minus_fp32(preset: str, task: str) -> dict[str, float]:
     error, from the answers each evaluation kept (predictions.parquet beside its report)."""
     answers = {}
     for variant in VARIANTS:
-        table = pq.read_table(quality.BENCH / f"quality-{preset}-{variant}" / task / "report" / "predictions.parquet")
-        answers[variant] = table.filter(pc.equal(table["strategy"], DEFAULT_STRATEGY)).sort_by("id")
+        report = quality.work_dir(f"{preset}-{variant}", task) / "report"
+        answers[variant] = strategy_rows(pq.read_table(report / "predictions.parquet"), DEFAULT_STRATEGY)
     if not answers["int8"]["id"].equals(answers["fp32"]["id"]):  # one tokenizer: both take the same rows
         raise SystemExit(f"{preset}/{task}: the int8 and fp32 evaluations scored different rows")
     labels, num_labels = answers["fp32"]["label"].to_numpy(), len(get_task(task).label_names)

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from common import fastest, parse_args, task_inputs, write_result
 from keys import key_artifacts
-from quality import BENCH, PRESETS, QUICK_TASKS, TASKS
+from quality import BENCH, PRESETS, QUICK_TASKS, TASKS, work_dir
 from raee_ops.schemas.tables import PROBES_META_KEY, flat_values
 
 from raee_ops.calibration import K_GRID, not_before_key
@@ -62,7 +62,7 @@ STRATEGY = "probe-fused"
 
 def reference_rows(preset: str, task_name: str, runtime: SegmentRuntime) -> dict[str, Any] | None:
     """The quality bench's reference table for `task_name` and its rows' texts and prompts, in table order."""
-    work = BENCH / f"quality-{preset}" / task_name
+    work = work_dir(preset, task_name)
     if not (work / "db").is_dir() or not (work / "reference.parquet").is_file():
         return None
     table = lancedb.connect(str(work / "db")).open_table(task_name).to_arrow()

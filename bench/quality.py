@@ -22,13 +22,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from common import REPO_ROOT, require_data, seeded_sample, task_inputs, timer, within_max_length, write_result
 from raee_ops.onnx_export.quantize import METHOD as QUANTIZE_METHOD
 from raee_ops.schemas.manifest import load_manifest
 
-from raee_ops.evaluate import evaluate, write_report
+from raee_ops.evaluate import evaluate, strategy_rows, write_report
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES
 from raee_ops.key_names import DEFAULT_KEY, GPU_KEY
 from raee_ops.metrics import task_metric
@@ -127,9 +126,14 @@ def splits(data: Path, task: str, quick: bool) -> tuple[pa.Table, pa.Table, str]
     return seeded_sample(reference, ref_cap, rng), seeded_sample(evaluation, eval_cap, rng), source
 
 
+def work_dir(preset: str, task: str) -> Path:
+    """bench_task's folder for one preset (or variant label) and task: its rows, table and evaluate's report."""
+    return BENCH / f"quality-{preset}" / task
+
+
 def bench_task(runtime: SegmentRuntime, preset: str, data: Path, task: str, quick: bool) -> dict[str, Any]:
     artifacts = runtime.dir
-    work = BENCH / f"quality-{preset}" / task
+    work = work_dir(preset, task)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     reference, evaluation, source = splits(data, task, quick)
@@ -169,8 +173,7 @@ def bench_task(runtime: SegmentRuntime, preset: str, data: Path, task: str, quic
 def exit_share(predictions: pa.Table, num_layers: int) -> dict[str, float]:
     """The default's mean share of the layers on the scored rows and its standard error (how far it moves with the
     rows drawn), from the answers evaluate kept: for the layer-share goal's interval."""
-    default = predictions.filter(pc.equal(predictions["strategy"], DEFAULT_STRATEGY))
-    share = default["exit_layer"].to_numpy() / num_layers
+    share = strategy_rows(predictions, DEFAULT_STRATEGY)["exit_layer"].to_numpy() / num_layers
     return {"share": float(share.mean()), "standard_error": float(share.std(ddof=1) / np.sqrt(share.size))}
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raee_ops import storage
@@ -206,6 +207,12 @@ def _predictions(
         schema=EVALUATION_PREDICTIONS_SCHEMA,
     )
     return table.replace_schema_metadata({b"label_names": json.dumps(label_names).encode()})
+
+
+def strategy_rows(predictions: pa.Table, strategy: str) -> pa.Table:
+    """One strategy's rows of a predictions table (predictions.parquet), in id order: two evaluations of the same
+    rows line up row by row."""
+    return predictions.filter(pc.equal(predictions["strategy"], strategy)).sort_by("id")
 
 
 def _zero_shot(

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import raee_ops
@@ -18,7 +17,7 @@ from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import BAD_IDS, labelled
 
 from raee_ops.errors import RaeeConfigError
-from raee_ops.evaluate import evaluate, exported_task, write_report
+from raee_ops.evaluate import evaluate, exported_task, strategy_rows, write_report
 from raee_ops.exit_policy import STRATEGIES
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS, Task
@@ -82,7 +81,7 @@ def test_predictions_are_the_rows_behind_every_number(evaluated):
     names = predictions.column("strategy").unique().to_pylist()
     assert set(names) == set(report["strategies"]) and predictions.num_rows == len(names) * report["rows"]
     for name, s in report["strategies"].items():
-        rows = predictions.filter(pc.equal(predictions["strategy"], name))
+        rows = strategy_rows(predictions, name)
         assert set(rows["id"].to_pylist()) == scored and rows.num_rows == report["rows"]
         right = rows["prediction"].to_numpy() == rows["label"].to_numpy()
         assert float(right.mean()) == pytest.approx(s["accuracy"], abs=1e-12)
@@ -97,8 +96,9 @@ def test_write_report_and_strategy_override(segment_artifacts, evaluated, tmp_pa
     assert "| fused |" in (out / "report.md").read_text()
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert pq.read_table(out / "predictions.parquet").equals(evaluation.predictions)
-    fixed = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(held_out)], 5, ["layer:1", "raee"])
-    fixed = fixed.report
+    fixed = evaluate(
+        segment_artifacts, "sst2", str(root / "db"), "sst2", [str(held_out)], 5, ["layer:1", "raee"]
+    ).report
     assert list(fixed["strategies"]) == ["layer:1", "raee"]
     assert fixed["strategies"]["layer:1"]["accuracy"] == report["per_layer_accuracy"][0]
 

@@ -5,7 +5,6 @@ classify (prefix, continuation, clamped exits) answers exactly as evaluate score
 import lancedb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from raee_ops.pipelines.build_db import run_build_db
@@ -19,7 +18,7 @@ from test_runtime import prompts
 
 from raee_ops.calibration import not_before_key
 from raee_ops.errors import RaeeConfigError
-from raee_ops.evaluate import evaluate
+from raee_ops.evaluate import evaluate, strategy_rows
 from raee_ops.layer_key import LayerKey, layer_depth
 from raee_ops.probe_policy import confident_exits
 from raee_ops.probes import PROMPT_VIEWS, VIEWS
@@ -117,9 +116,8 @@ def test_build_db_stores_standardized_keys_and_classify_answers_as_evaluate_scor
     summary = run_classify(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(test)], str(root / "out"), 5, None)
     predictions = pa.concat_tables([pq.read_table(f) for f in sorted((root / "out").glob("predictions-*"))])
     accuracy = float(np.mean(predictions.column("prediction").to_numpy() == predictions.column("label").to_numpy()))
-    evaluated = evaluation.predictions.filter(pc.equal(evaluation.predictions["strategy"], "probe-fused"))
-    classified = predictions.select(["id", "prediction", "exit_layer"]).sort_by("id")
-    assert evaluated.select(["id", "prediction", "exit_layer"]).sort_by("id").equals(classified)  # row by row
+    evaluated = strategy_rows(evaluation.predictions, "probe-fused").select(["id", "prediction", "exit_layer"])
+    assert evaluated.equals(predictions.select(["id", "prediction", "exit_layer"]).sort_by("id"))  # row by row
     assert summary.predicted == 120 and f"0: retrieval alone, after the key's {DEPTH} layers" in summary.render()
     assert accuracy == pytest.approx(report["strategies"]["probe-fused"]["accuracy"], abs=1e-9)
     histogram = report["strategies"]["probe-fused"]["exit_histogram"]

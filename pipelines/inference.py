@@ -34,7 +34,7 @@ from raee_ops.probes import table_views, view_form
 from raee_ops.progress import interactive
 from raee_ops.readout import answer_batch
 from raee_ops.retrieval import Retriever
-from raee_ops.rows import ROW_ID, internal_errors, output_rows
+from raee_ops.rows import ROW_ID, internal_errors, output_rows, unjoinable
 from raee_ops.runtime import SegmentRuntime, mean_states
 from raee_ops.tasks import FORMS, Task
 
@@ -162,13 +162,16 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         self, batch: Sequence[pa.Table], model: Loaded, inference_args: dict[str, Any] | None = None
     ) -> Iterable[Outcome]:
         table, runtime = pa.concat_tables(batch), model.runtime
+        refused, why = self.refused(table)
+        errors = [internal_errors(table.filter(pa.array(refused)), [why] * int(refused.sum()))]
+        table = table.filter(pa.array(~refused))
         prompts = self.prompts(runtime, table, self.form(model))
         # the length check's ids are the ones the layers run; where no layer runs a prompt, nothing is checked
         known = runtime.encoded_by_prompt(prompts) if self.runs_backbone(model) else {}
         lengths = np.array([len(known.get(p, ())) for p in prompts], np.int64)
         limit = runtime.manifest.max_length
         fits = lengths <= limit
-        errors = [
+        errors.append(
             internal_errors(
                 table.filter(pa.array(~fits)),
                 [
@@ -177,7 +180,7 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
                     for n in lengths[~fits]
                 ],
             )
-        ]
+        )
         table = table.filter(pa.array(fits))
         prompts = [p for p, ok in zip(prompts, fits, strict=True) if ok]
         with runtime.reusing(known):
@@ -206,6 +209,10 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
             if not rows:  # no row runs: the artifacts or the worker are broken, not the rows; the job fails
                 raise RaeeRunError(f"inference failed on every row of a batch: {batch_failure!r}") from batch_failure
             return rows, failed
+
+    def refused(self, table: pa.Table) -> tuple[np.ndarray, str]:
+        """Rows this command cannot write whatever the model answers, and why: none but in classify."""
+        return np.zeros(table.num_rows, bool), ""
 
     def form(self, model: Loaded) -> str:
         """The input form (tasks.FORMS) of the texts checked for length and handed to `predict`."""
@@ -346,6 +353,9 @@ class ClassifyHandler(_RaeeHandler):
 
     def empty(self, model: Loaded) -> pa.Table:
         return self.output_schema.empty_table()
+
+    def refused(self, table: pa.Table) -> tuple[np.ndarray, str]:
+        return unjoinable(table)
 
     def form(self, model: Loaded) -> str:
         return model.strategy.form(model.context)

@@ -170,15 +170,31 @@ def output_columns(schema: pa.Schema, task: Task) -> pa.Schema:
     return schema if ID in schema.names else schema.insert(0, pa.field(ID, pa.string()))
 
 
+def _holds_positions(t: pa.DataType) -> bool:
+    """Whether an `id` column of type `t` can take a row's `row:<file key>:<n>` in place of a null."""
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def unjoinable(table: pa.Table) -> tuple[np.ndarray, str]:
+    """Validated rows whose output `id` would be null, and why: a null in an `id` column of numbers, bytes or
+    dictionary codes, which cannot hold the row's position. classify rejects them (the errors name each by its
+    position) rather than write a prediction nobody can join back to its row."""
+    if ID not in table.column_names or _holds_positions(table.schema.field(ID).type):
+        return np.zeros(table.num_rows, bool), ""
+    kind = table.schema.field(ID).type
+    reason = f"id is null (an id column of {kind} cannot hold the row's position in its place)"
+    return pc.is_null(table.column(ID)).to_numpy(zero_copy_only=False), reason
+
+
 def output_rows(table: pa.Table) -> pa.Table:
     """Validated rows without the internal columns. Rows without an id get the `row:<file key>:<n>` that errors
     name them by, so every output row can be joined back to its input: an input without an `id` column gets one,
-    and a null in a text `id` column is filled (one of numbers stays null: a text id would not fit it)."""
+    and a null in a text `id` column is filled (a null in other `id` columns rejects its row: `unjoinable`)."""
     out = table.drop_columns(INTERNAL)
     if ID not in out.column_names:
         return out.add_column(0, ID, table.column(ROW_ID))
     ids = out.column(ID)
-    if not ids.null_count or not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
+    if not ids.null_count or not _holds_positions(ids.type):
         return out
     filled = pc.if_else(pc.is_null(ids), table.column(ROW_ID).cast(ids.type), ids)
     return out.set_column(out.schema.get_field_index(ID), out.schema.field(ID), filled)

@@ -334,6 +334,16 @@ def test_predictions_of_an_input_without_ids_carry_the_ids_its_errors_use(segmen
     pq.write_table(pa.table({"id": ["a", None, "c"], "text": sentences(3, 11)}), path)  # a text id column's null
     _, predictions, _ = classify(segment_artifacts, root, "null-id", strategy="full", inputs=str(path))
     assert sorted(predictions.column("id").to_pylist()) == ["a", "c", f"row:{file_key(str(path))}:1"]
+    pq.write_table(pa.table({"id": [7, None, 9], "text": sentences(3, 11)}), path)  # a number id column's null
+    summary, predictions, errors = classify(
+        segment_artifacts, root, "null-number-id", strategy="full", inputs=str(path)
+    )
+    assert predictions.schema.field("id").type == pa.int64() and sorted(predictions.column("id").to_pylist()) == [7, 9]
+    assert errors.column("id").to_pylist() == [f"row:{file_key(str(path))}:1"]
+    assert errors.column("reason").to_pylist() == [
+        "id is null (an id column of int64 cannot hold the row's position in its place)"
+    ]
+    assert (summary.predicted, summary.rejected) == (2, 1)
 
 
 def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position_once_per_read(tmp_path, monkeypatch):

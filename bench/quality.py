@@ -1,6 +1,7 @@
 """Task quality per preset: every layer, full, calibrated, oracle, neighbour vote, each exit strategy and the
-baselines a user would pick instead (key-lr, knn-vote, probe-best, probe-last, and sentence-lr: logistic regression
-on MiniLM's whole sentence embedding, what a user fits without raee-ops), all fitted on the same reference rows.
+baselines a user would pick instead (key-lr, knn-vote, majority, probe-best, probe-last, and sentence-lr: logistic
+regression on MiniLM's whole sentence embedding, what a user fits without raee-ops), all fitted on the same reference
+rows.
 
 One export per preset (all bench tasks; the default key and the whole MiniLM) in .bench/artifacts-<preset>; per
 task a reference table built from a seeded train sample through `raee-ops build-db`, then `raee_ops.evaluate` on a

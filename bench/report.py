@@ -251,9 +251,10 @@ def _baselines(result: Doc) -> list[str]:
         "",
         "Against what a user would pick instead, all fitted on the same reference rows (score @ mean layers run; "
         f"key-lr: logistic regression on the retrieval key (`{result.get('embedder')}`); knn-vote: the neighbours' "
-        "label vote, k=10; probe-best: the probe of the single layer best out of fold on the reference; probe-last: "
-        "the last layer's probe; sentence-lr: logistic regression on MiniLM's whole sentence embedding, what a user "
-        f"fits without raee-ops; default: `{result.get('default_strategy')}`):",
+        "label vote, k=10; majority: the reference's most common label for every row; probe-best: the probe of the "
+        "single layer best out of fold on the reference; probe-last: the last layer's probe; sentence-lr: logistic "
+        "regression on MiniLM's whole sentence embedding, what a user fits without raee-ops; "
+        f"default: `{result.get('default_strategy')}`):",
         "",
         *_table(header, rows),
         "",

@@ -64,6 +64,20 @@ class Reference:
             f"{curve}; key probe {p.key_oof_metric:.3f}; best layer {p.best_layer}",
             f"probe policy ({q.validation()}, {q.metric}): {q.settings()}; "
             f"LOO {q.metric} {q.loo_metric:.3f}, mean exit layer {q.loo_mean_exit:.2f}",
+            *self.no_signal(),
+        ]
+
+    def no_signal(self) -> list[str]:
+        """A warning where the default, left out on the reference rows, does no better than answering every row
+        with the most common label: what it reads (probes, key, neighbours) does not predict these labels."""
+        p, q = self.probes, self.probe_policy
+        floor = p.majority_metric()
+        if q.loo_metric > floor:
+            return []
+        return [
+            f"warning: the default scores {q.metric} {q.loo_metric:.3f} on the reference rows ({q.validation()}), "
+            f"no better than answering every row with the most common label ({floor:.3f}): nothing it reads "
+            "predicts these labels (evaluate's `majority` baseline shows it on your test rows)"
         ]
 
 

@@ -411,7 +411,7 @@ def build_db(
 @click.option(
     "--strategy",
     help="Exit strategy: probe-fused (default), probe-conf, raee-probe, probe-best, probe-last, probe:N, key-lr, "
-    "knn-vote, fused, raee (the paper's rule), raee-counts, raee-cal, full, full-cal or layer:N.",
+    "knn-vote, majority, fused, raee (the paper's rule), raee-counts, raee-cal, full, full-cal or layer:N.",
 )
 @run_budget_option
 @run_price_option

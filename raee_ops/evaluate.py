@@ -67,10 +67,12 @@ SHOWN_REJECTED = 20
 #: The report's files, in the order they are written (report.json last: it marks a complete report).
 REPORT_FILES = ("report.md", "report.png", "predictions.parquet", "report.json")
 #: What a user would pick instead of (or as) the default, all fitted on the same reference rows: report name ->
-#: strategy. key-lr: logistic regression on the retrieval key; probe-best: the single layer chosen on reference.
+#: strategy. key-lr: logistic regression on the retrieval key; majority: the reference's most common label for
+#: every row; probe-best: the single layer chosen on reference.
 BASELINES = {
     "key-lr": "key-lr",
     "knn-vote": "knn-vote",
+    "majority": "majority",
     "probe-best": "probe-best",
     "probe-last": "probe-last",
     "full": "full",
@@ -497,7 +499,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["## Against what a user would pick instead", ""]
     lines += [
         "All fitted on the same reference rows. key-lr: logistic regression on the retrieval key; knn-vote: the "
-        "neighbours' label vote; probe-best: the probe of the one layer that scored best out of fold on the "
+        "neighbours' label vote; majority: the reference's most common label for every row (what a model that "
+        "learned nothing scores); probe-best: the probe of the one layer that scored best out of fold on the "
         "reference; probe-last: the last layer's probe; full / full-cal: the zero-shot label-word head; default: "
         f"`{r['default_strategy']}`. Default minus it: the difference in {r['metric_name']} on these rows, ± its "
         f"standard error over {BOOTSTRAP_ROUNDS} resamples of the rows (both scored on each).",

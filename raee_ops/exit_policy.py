@@ -1,7 +1,7 @@
 """Exit strategies: what retrieval found -> one 1-based exit layer per input, and how to answer there.
 
 Exit 0 means the row is answered from retrieval alone and runs no layer (`fused`, `probe-fused`, and the baselines
-`key-lr` and `knn-vote` that never run one).
+`key-lr`, `knn-vote` and `majority` that never run one).
 
 A strategy is two small functions: `exits` picks the layer before any layer runs (from the neighbours only),
 `answer` turns what is read at that layer into label probabilities (optionally with the neighbours). It reads
@@ -241,6 +241,11 @@ def vote_answer(logits: np.ndarray, exits: np.ndarray, nb: Neighbours, ctx: Cont
     return label_vote(top.labels, top.similarity, ctx.num_labels)
 
 
+def prior_answer(logits: np.ndarray, exits: np.ndarray, nb: Neighbours, ctx: Context) -> np.ndarray:
+    """`majority`: every row the reference's label shares, so its most common label: the floor a model must beat."""
+    return np.tile(ctx.fitted_probes().label_prior(), (len(exits), 1))
+
+
 def _policy_k(ctx: Context) -> int:
     return ctx.fitted().k
 
@@ -279,7 +284,7 @@ class Strategy:
         return self.stop(ctx) if self.stop else None
 
     def needs_probes(self) -> bool:
-        return self.reads == "probe" or self.answer is key_answer
+        return self.reads == "probe" or self.answer in (key_answer, prior_answer)
 
     def form(self, ctx: Context) -> str:
         """The input form (tasks.FORMS) its layers read: the probes' for a strategy reading them, else the prompt
@@ -337,6 +342,7 @@ STRATEGIES: dict[str, Strategy] = {
         ),
         Strategy("key-lr", none, key_answer, k=lambda ctx: 1, reads="none"),
         Strategy("knn-vote", none, vote_answer, reads="none"),
+        Strategy("majority", none, prior_answer, needs_retrieval=False, reads="none"),
     ]
 }
 

@@ -68,6 +68,7 @@ def table_info(table: lancedb.table.Table) -> dict[str, Any]:
             "metric": probes.metric,
             "best_oof_metric": max(probes.oof_metric),
             "key_oof_metric": probes.key_oof_metric,
+            "majority_metric": None if probes.label_counts is None else probes.majority_metric(),
             "fit_rows": probes.fit_rows,
         }
         if probes
@@ -162,6 +163,11 @@ def _render_table(t: dict[str, Any]) -> str:
             f"  probe heads: {q['view']} view (runs the {q['form']} input), fitted on {q['fit_rows']} rows; "
             f"best layer {q['best_layer']} ({q['metric']} {q['best_oof_metric']:.3f} out of fold), "
             f"key probe {q['key_oof_metric']:.3f}"
+            + (
+                ""
+                if q["majority_metric"] is None
+                else f", the most common label for every row {q['majority_metric']:.3f}"
+            )
         )
     if pp:
         lines.append(

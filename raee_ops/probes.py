@@ -98,6 +98,8 @@ class ProbeSet:
     metric: str
     fit_rows: int
     identity: dict  # the exit table's TableMeta fields, plus its row count
+    #: The fit rows per label: the `majority` baseline's answer (None: tables built before it was kept).
+    label_counts: list[int] | None = None
 
     @property
     def form(self) -> str:
@@ -113,6 +115,19 @@ class ProbeSet:
     def pool_index(self) -> int:
         """Where the view sits in one pass's pooled states ...×POOLINGS×H (of the input in `form`)."""
         return self.view_index % len(POOLINGS)
+
+    def label_prior(self) -> np.ndarray:
+        """Each label's share of the fit rows: what a model that learned nothing answers (`majority`)."""
+        if self.label_counts is None:
+            raise RaeeConfigError("this table keeps no label counts: rebuild it with this version's build-db")
+        counts = np.asarray(self.label_counts, np.float32)
+        return counts / counts.sum()
+
+    def majority_metric(self) -> float:
+        """The task metric of answering every fit row with its most common label."""
+        counts = np.asarray(self.label_counts)
+        labels = np.repeat(np.arange(len(counts)), counts)
+        return float(METRICS[self.metric](labels, np.full(len(labels), counts.argmax()), len(counts)))
 
     def layer_log_probs(self, pooled: np.ndarray, layers: np.ndarray) -> np.ndarray:
         """B×C log-probs of rows' pooled states B×POOLINGS×H (a pass over the input in `form`), each through the
@@ -221,6 +236,7 @@ def fit_probes(
         metric=metric_name,
         fit_rows=n,
         identity=identity,
+        label_counts=np.bincount(labels, minlength=num_labels).tolist(),
     )
     return Fitted(probes, oof, key_oof)
 

@@ -176,7 +176,7 @@ def _with_probes(nb: Neighbours, probe_says, key_probs) -> Neighbours:
 def _probes(best_layer: int):
     from raee_ops.probes import ProbeSet
 
-    return ProbeSet("mean", [], None, best_layer, [], 0.0, "accuracy", 0, {})
+    return ProbeSet("mean", [], None, best_layer, [], 0.0, "accuracy", 4, {}, label_counts=[1, 3])
 
 
 def test_raee_probe_votes_with_the_probes_correctness_not_the_heads():
@@ -227,10 +227,14 @@ def test_fixed_probe_strategies_and_baselines_without_layers():
     assert resolve("layer:2", 4).reads == "head"
     conf = resolve("probe-conf", 4)
     assert conf.exits(nb, ctx).tolist() == [4] and conf.threshold(ctx) == 0.9 and not conf.needs_retrieval
-    for name in ("key-lr", "knn-vote"):
+    for name in ("key-lr", "knn-vote", "majority"):
         assert resolve(name, 4).exits(nb, ctx).tolist() == [0]
     zeros = np.zeros((1, 2))
     np.testing.assert_allclose(exit_policy.key_answer(zeros, np.array([0]), nb, ctx), [[0.2, 0.8]])
+    np.testing.assert_allclose(
+        exit_policy.prior_answer(np.zeros((2, 2)), np.array([0, 0]), nb, ctx), [[0.25, 0.75]] * 2
+    )
+    assert not resolve("majority", 4).needs_retrieval and resolve("majority", 4).needs_probes()
     np.testing.assert_allclose(exit_policy.vote_answer(zeros, np.array([0]), nb, ctx), [[1 / 3, 2 / 3]], atol=1e-5)
     with pytest.raises(RaeeConfigError, match="no probe heads"):
         resolve("probe-best", 4).exits(nb, Context(4, 2, k=3))
@@ -310,5 +314,24 @@ def test_only_strategies_running_layers_or_a_layer_key_run_the_backbone():
     which run it too on a table keyed by the backbone's first layers."""
     embedder_key, layer_key = Context(4, 2, k=3), Context(4, 2, k=3, key_depth=1)
     no_backbone = {name for name, s in exit_policy.STRATEGIES.items() if not s.runs_backbone(embedder_key)}
-    assert no_backbone == {"key-lr", "knn-vote"}
-    assert all(s.runs_backbone(layer_key) for s in exit_policy.STRATEGIES.values())
+    assert no_backbone == {"key-lr", "knn-vote", "majority"}
+    assert all(s.runs_backbone(layer_key) for s in exit_policy.STRATEGIES.values() if s.needs_retrieval)
+    assert not resolve("majority", 4).runs_backbone(layer_key)  # it retrieves nothing, so computes no key
+
+
+def test_majority_is_the_floor_build_db_warns_about():
+    """`majority` answers the fit rows' label shares; build-db warns where the default, left out on the reference
+    rows, scores no better than it (WNLI: anti-correlated neighbours, 0.34 against 0.51)."""
+    from dataclasses import replace
+
+    from raee_ops.pipelines.reference import Reference
+
+    probes = _probes(best_layer=1)
+    assert probes.majority_metric() == pytest.approx(0.75)
+    for loo, warned in ((0.75, True), (0.7, True), (0.76, False)):
+        policy = replace(_probe_policy(), loo_metric=loo)
+        lines = Reference(None, None, None, probes, policy).render()
+        assert any(line.startswith("warning: the default scores accuracy") for line in lines) == warned
+    older = replace(probes, label_counts=None)
+    with pytest.raises(RaeeConfigError, match="keeps no label counts"):
+        older.label_prior()

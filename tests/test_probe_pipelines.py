@@ -59,7 +59,18 @@ def test_probes_beat_the_zero_shot_head_on_a_task_with_a_known_signal(signal):
     assert base["probe-best"]["accuracy"] >= base["full"]["accuracy"] + 0.15
     assert base["default"]["accuracy"] >= base["full"]["accuracy"] + 0.15
     assert max(report["per_layer_probe_accuracy"]) > max(report["per_layer_accuracy"])
-    assert set(base) == {"key-lr", "knn-vote", "probe-best", "probe-last", "full", "full-cal", "raee", "default"}
+    assert set(base) == {
+        "key-lr",
+        "knn-vote",
+        "majority",
+        "probe-best",
+        "probe-last",
+        "full",
+        "full-cal",
+        "raee",
+        "default",
+    }
+    assert base["default"]["accuracy"] >= base["majority"]["accuracy"] + 0.15 and "warning:" not in summary.render()
     # the default against each: the gap of the two metrics on the same rows, with its spread over resampled rows
     assert set(report["default_against"]) == set(base) - {"default"}
     for name, against in report["default_against"].items():

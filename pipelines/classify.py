@@ -35,7 +35,7 @@ from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 
 from raee_ops import storage
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
-from raee_ops.exit_policy import refuse_head, resolve
+from raee_ops.exit_policy import refuse_head, refuse_unanswerable, resolve
 from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import budgeted, refuse_cost_options
 from raee_ops.readout import describe
@@ -190,7 +190,9 @@ def run_classify(
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
     refuse_cost_options(chosen.needs_probe_policy, f"{strategy!r} has none", layer_budget, layer_price)
     probe_policy = budgeted(table_probe_policy(table_schema), layer_budget, layer_price)
-    described = describe(chosen, policy, probe_policy, table_probes(table_schema), k)
+    probes = table_probes(table_schema)
+    refuse_unanswerable([chosen], probes, f"table {table!r} in {db_uri}")
+    described = describe(chosen, policy, probe_policy, probes, k)
     found = input_files(inputs)
     refuse_reading_own_output(found, inputs, output_dir, OUTPUT_NAMES, "--output")
     files = [m.path for m in found]

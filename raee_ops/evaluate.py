@@ -30,7 +30,16 @@ import pyarrow.parquet as pq
 from raee_ops import storage
 from raee_ops.calibration import label_vote, not_before_key
 from raee_ops.errors import RaeeConfigError
-from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES, Context, Neighbours, Strategy, refuse_head, resolve
+from raee_ops.exit_policy import (
+    DEFAULT_STRATEGY,
+    STRATEGIES,
+    Context,
+    Neighbours,
+    Strategy,
+    refuse_head,
+    refuse_unanswerable,
+    resolve,
+)
 from raee_ops.metrics import BOOTSTRAP_ROUNDS, Metric, accuracy, paired_difference, task_metric
 from raee_ops.pipelines.commit import hold
 from raee_ops.pipelines.inference import BuildHandler
@@ -271,6 +280,9 @@ def evaluate(
         raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
     policy, probes = retriever.policy, retriever.probes
     probe_policy = budgeted(retriever.probe_policy, layer_budget, layer_price)
+    if strategies:
+        refuse_unanswerable(chosen, probes, f"table {table!r} in {db_uri}")
+    chosen = [s for s in chosen if s.answerable(probes)]  # the default list, on a table built before `majority`
 
     valid, rejected = _read_validated(inputs, task)
     views = (probes.pooling,)  # its view only
@@ -297,7 +309,7 @@ def evaluate(
     scored = {s.name: s for s in chosen}
     for name in BASELINES.values():
         baseline = resolve(name, num_layers)
-        if name not in scored and (head or not baseline.needs_head()):
+        if name not in scored and (head or not baseline.needs_head()) and baseline.answerable(probes):
             scored[name] = baseline
     answers = {name: _answers(s, logprobs, probe_lp, nb, ctx) for name, s in {**scored, default.name: default}.items()}
     reports = {name: _strategy_report(s, answers[name], labels, ctx, metric) for name, s in scored.items()}

@@ -283,6 +283,11 @@ class Strategy:
     def threshold(self, ctx: Context) -> float | None:
         return self.stop(ctx) if self.stop else None
 
+    def answerable(self, probes: ProbeSet | None) -> bool:
+        """Whether a table with these probes holds what this strategy answers with: `majority` reads the label
+        counts build-db keeps with the probes, which tables built before it lack."""
+        return self.answer is not prior_answer or (probes is not None and probes.label_counts is not None)
+
     def needs_probes(self) -> bool:
         return self.reads == "probe" or self.answer in (key_answer, prior_answer)
 
@@ -315,6 +320,17 @@ def refuse_head(strategies: list[Strategy], label_word_head: bool) -> None:
         raise RaeeConfigError(
             f"strategy {', '.join(reading)} reads the label-word head, which this backbone does not have (a bare "
             f"encoder, read through its probe heads only); choose {', '.join(allowed)} or probe:N"
+        )
+
+
+def refuse_unanswerable(strategies: list[Strategy], probes: ProbeSet | None, where: str) -> None:
+    """A strategy the table cannot answer with (`majority` on a table built before it) is refused at the start of a
+    run, in one line."""
+    missing = [s.name for s in strategies if not s.answerable(probes)]
+    if missing:
+        raise RaeeConfigError(
+            f"strategy {', '.join(missing)} reads the label counts build-db keeps with the probes, which {where} "
+            "lacks: rebuild it with this version's build-db"
         )
 
 

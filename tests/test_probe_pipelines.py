@@ -248,16 +248,22 @@ def test_the_hindsight_bound_scores_what_its_settings_score_and_no_less_than_the
     replayed = evaluate(segment_artifacts, "sst2", str(tmp_path / "db"), "sst2", [str(test)], k=5).report
     assert replayed["baselines"]["default"]["metric"] == pytest.approx(bound["metric"])
     assert replayed["baselines"]["default"]["mean_exit_layer"] == pytest.approx(bound["mean_exit_layer"])
-    # a table built before policies kept their reference curve and budget has no bound, and is still evaluated
+    # a table built before policies kept their reference curve and budget has no bound, and one built before
+    # probes kept their label counts no `majority`; it is still evaluated, and a named `majority` refused
     older = {key: value for key, value in policy.items() if key not in ("curve", "layer_budget", "frontier")}
     older.pop("conf_frontier")
-    commit(
-        str(tmp_path / "db"),
-        "older",
-        data.replace_schema_metadata(data.schema.metadata | {PROBE_POLICY_META_KEY: json.dumps(older).encode()}),
-    )
+    probes = {k: v for k, v in json.loads(data.schema.metadata[PROBES_META_KEY]).items() if k != "label_counts"}
+    older_meta = {PROBE_POLICY_META_KEY: json.dumps(older).encode(), PROBES_META_KEY: json.dumps(probes).encode()}
+    commit(str(tmp_path / "db"), "older", data.replace_schema_metadata(data.schema.metadata | older_meta))
     old = evaluate(segment_artifacts, "sst2", str(tmp_path / "db"), "older", [str(test)], k=5)
     assert old.report["default_hindsight"] is None and old.report["baselines"]["default"] is not None
+    assert old.report["baselines"]["majority"] is None and report["baselines"]["majority"] is not None
+    with pytest.raises(RaeeConfigError, match="strategy majority reads the label counts .* table 'older'"):
+        evaluate(segment_artifacts, "sst2", str(tmp_path / "db"), "older", [str(test)], strategies=["majority"])
+    with pytest.raises(RaeeConfigError, match="strategy majority reads the label counts"):
+        run_classify(
+            segment_artifacts, "sst2", str(tmp_path / "db"), "older", [str(test)], str(tmp_path / "o"), 5, "majority"
+        )
     write_report(old, str(tmp_path / "older-report"))
     assert "with hindsight" not in (tmp_path / "older-report" / "report.md").read_text()
 

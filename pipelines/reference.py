@@ -76,8 +76,8 @@ class Reference:
             return []
         return [
             f"warning: the default scores {q.metric} {q.loo_metric:.3f} on the reference rows ({q.validation()}), "
-            f"no better than answering every row with the most common label ({floor:.3f}): nothing it reads "
-            "predicts these labels (evaluate's `majority` baseline shows it on your test rows)"
+            f"no better than answering every row with the most common label ({floor:.3f}): by this metric, nothing "
+            "it reads predicts these labels better (evaluate's `majority` baseline shows it on your test rows)"
         ]
 
 

@@ -68,16 +68,15 @@ class Reference:
         ]
 
     def no_signal(self) -> list[str]:
-        """A warning where the default, left out on the reference rows, does no better than answering every row
-        with the most common label: what it reads (probes, key, neighbours) does not predict these labels."""
-        p, q = self.probes, self.probe_policy
-        floor = p.majority_metric()
-        if q.loo_metric > floor:
+        """A warning where no setting of the default beat answering every row with the most common label on the
+        left-out reference rows, so the default answers that label (what it reads does not predict these labels)."""
+        q = self.probe_policy
+        if not q.majority:
             return []
         return [
-            f"warning: the default scores {q.metric} {q.loo_metric:.3f} on the reference rows ({q.validation()}), "
-            f"no better than answering every row with the most common label ({floor:.3f}): by this metric, nothing "
-            "it reads predicts these labels better (evaluate's `majority` baseline shows it on your test rows)"
+            f"warning: on the reference rows ({q.validation()}) no setting of the default scored better than answering "
+            f"every row with the most common label ({q.metric} {q.loo_metric:.3f}): the default answers that label for "
+            "every row, as by this metric nothing it reads predicts these labels better"
         ]
 
 

@@ -166,6 +166,8 @@ def probe_fused_exit(nb: Neighbours, ctx: Context) -> np.ndarray:
     similarity-weighted out-of-fold probe accuracy among the neighbours (shrunk toward the whole reference's) is
     within epsilon of the best layer's."""
     policy = ctx.fitted_probe_policy()
+    if policy.majority:
+        return np.zeros(len(nb.labels), np.int32)
     top = nb.top(policy.k)
     if top.labels.shape[1] == 0:
         return np.full(len(top.labels), ctx.num_layers, np.int32)
@@ -220,8 +222,11 @@ def fused_answer(logits: np.ndarray, exits: np.ndarray, nb: Neighbours, ctx: Con
 
 def probe_fused_answer(logits: np.ndarray, exits: np.ndarray, nb: Neighbours, ctx: Context) -> np.ndarray:
     """The exit layer's probe mixed with the neighbours' vote (weight alpha); rows that ran no layer answer with
-    the key probe mixed with the vote (weight beta)."""
+    the key probe mixed with the vote (weight beta); where the settings did not beat the reference's most common
+    label, that label's shares (`majority`)."""
     policy = ctx.fitted_probe_policy()
+    if policy.majority:
+        return prior_answer(logits, exits, nb, ctx)
     top = nb.top(policy.k)
     if top.labels.shape[1] == 0:
         return softmax(logits)

@@ -111,10 +111,19 @@ class ProbePolicy:
     #: The fits' cost/score frontiers (probe-fused, probe-conf), cheapest first; None: tables built before them.
     frontier: tuple[Point, ...] | None = None
     conf_frontier: tuple[Point, ...] | None = None
+    #: The metric and accuracy of answering every left-out reference row with the reference's most common label
+    #: (None: tables built before they were kept).
+    floor: tuple[float, float] | None = None
+    #: The chosen settings scored no better than that floor on the left-out reference rows: probe-fused answers every
+    #: row with that label at exit 0 (the cheapest among equals: what it reads does not predict these labels, as on
+    #: WNLI's flipped pairs), and the loo_* fields are the floor's.
+    majority: bool = False
 
     def __post_init__(self) -> None:  # read back from JSON, the tuples are lists
         if self.curve is not None:
             object.__setattr__(self, "curve", tuple(self.curve))
+        if self.floor is not None:
+            object.__setattr__(self, "floor", tuple(self.floor))
         for name in ("frontier", "conf_frontier"):
             points = getattr(self, name)
             if points is not None:
@@ -151,13 +160,16 @@ class ProbePolicy:
         budget = own_budget if layer_budget is None else layer_budget
         price = self.layer_price if layer_price is None else layer_price
         point, conf = (_choose(front, budget, price, len(self.curve)) for front in (self.frontier, self.conf_frontier))
-        return replace(self, **_chosen(point, conf), layer_budget=budget, layer_price=price)
+        return replace(self, **_chosen(point, conf, self.floor), layer_budget=budget, layer_price=price)
 
     def settings(self) -> str:
+        majority = (
+            "; answers every row with the most common label: these settings did no better" if self.majority else ""
+        )
         return (
             f"k={self.k} shrink={self.shrink} epsilon={self.epsilon} alpha={self.alpha} beta={self.beta} "
             f"tau={self.tau} t={self.t}; probe-conf t={self.conf_t}; layer budget {self.layer_budget}, "
-            f"layer price {self.layer_price}"
+            f"layer price {self.layer_price}{majority}"
         )
 
     def validation(self) -> str:
@@ -277,8 +289,10 @@ def fit_probe_policy(
         )
     conf_front = _points(conf_trials, lambda conf_t: (conf_t,))
     conf = _choose(conf_front, layer_budget, layer_price, num_layers)
+    majority = np.full(len(truth), np.bincount(labels, minlength=num_labels).argmax())
+    floor = (float(metric(truth, majority, num_labels)), float(accuracy(truth, majority)))
     return ProbePolicy(
-        **_chosen(chosen, conf),
+        **_chosen(chosen, conf, floor),
         metric=metric_name,
         loo_queries=len(queries),
         curve=tuple(round(float(x), 6) for x in reference_curve),
@@ -287,6 +301,7 @@ def fit_probe_policy(
         loo_groups=group_count(groups),
         frontier=front,
         conf_frontier=conf_front,
+        floor=floor,
     )
 
 
@@ -362,9 +377,12 @@ def _choose(front: Sequence[C], layer_budget: float, layer_price: float, num_lay
     return within_budget(front, layer_budget * num_layers, layer_price / num_layers)
 
 
-def _chosen(point: Point, conf: Point) -> dict[str, Any]:
-    """A policy's fields set by the frontier points chosen for probe-fused and probe-conf."""
+def _chosen(point: Point, conf: Point, floor: tuple[float, float] | None) -> dict[str, Any]:
+    """A policy's fields set by the frontier points chosen for probe-fused and probe-conf, and whether probe-fused
+    answers the most common label instead (its point scoring no better than that `floor`: metric, accuracy)."""
     k, shrink, epsilon, alpha, beta, tau, t = point.settings
+    majority = floor is not None and point.score <= floor[0]
+    score, accuracy_, mean_exit = (*floor, 0.0) if majority else (point.score, point.accuracy, point.mean_exit)
     return {
         "k": int(k),
         "shrink": shrink,
@@ -374,11 +392,12 @@ def _chosen(point: Point, conf: Point) -> dict[str, Any]:
         "tau": tau,
         "t": t,
         "conf_t": conf.settings[0],
-        "loo_metric": point.score,
-        "loo_accuracy": point.accuracy,
-        "loo_mean_exit": point.mean_exit,
+        "loo_metric": score,
+        "loo_accuracy": accuracy_,
+        "loo_mean_exit": mean_exit,
         "conf_metric": conf.score,
         "conf_mean_exit": conf.mean_exit,
+        "majority": majority,
     }
 
 

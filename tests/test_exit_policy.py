@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -319,19 +321,38 @@ def test_only_strategies_running_layers_or_a_layer_key_run_the_backbone():
     assert not resolve("majority", 4).runs_backbone(layer_key)  # it retrieves nothing, so computes no key
 
 
-def test_majority_is_the_floor_build_db_warns_about():
-    """`majority` answers the fit rows' label shares; build-db warns where the default, left out on the reference
-    rows, scores no better than it (WNLI: anti-correlated neighbours, 0.34 against 0.51)."""
-    from dataclasses import replace
-
+def test_the_default_answers_the_most_common_label_where_nothing_it_reads_does_better():
+    """Fitted on reference rows whose probes, key and neighbours all point away from the truth (WNLI's flipped
+    pairs), no setting beats answering every row with the most common label: the default answers that, at exit 0,
+    its left-out numbers are that label's, and build-db warns; with probes that read the truth it does not."""
     from raee_ops.pipelines.reference import Reference
 
+    from raee_ops.probe_policy import fit_probe_policy
+
+    rng = np.random.default_rng(0)
+    n, layers = 200, 4
+    labels = (rng.random(n) < 0.3).astype(np.int64)  # 70% label 0
+    vectors = rng.normal(size=(n, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def says(answers: np.ndarray, confidence: float = 0.9) -> np.ndarray:
+        return np.log(np.where(np.eye(2, dtype=bool)[answers], confidence, 1 - confidence))
+
+    wrong = says(1 - labels)
+    flipped = fit_probe_policy(vectors, labels, np.repeat(wrong[:, None], layers, 1), wrong, 2, "accuracy")
+    assert flipped.majority and flipped.loo_metric == pytest.approx(0.7, abs=0.05) and flipped.loo_mean_exit == 0
+    assert flipped.within(layer_price=0.0).majority  # every cost's choice falls back alike
     probes = _probes(best_layer=1)
-    assert probes.majority_metric() == pytest.approx(0.75)
-    for loo, warned in ((0.75, True), (0.7, True), (0.76, False)):
-        policy = replace(_probe_policy(), loo_metric=loo)
-        lines = Reference(None, None, None, probes, policy).render()
-        assert any(line.startswith("warning: the default scores accuracy") for line in lines) == warned
-    older = replace(probes, label_counts=None)
+    nb = _with_probes(_neighbours([1, 1], [[0] * layers] * 2), [[1] * layers] * 2, [0.1, 0.9])
+    ctx = Context(layers, 2, k=2, probes=probes, probe_policy=flipped)
+    assert exit_policy.probe_fused_exit(nb, ctx).tolist() == [0]
+    np.testing.assert_allclose(exit_policy.probe_fused_answer(np.zeros((1, 2)), np.array([0]), nb, ctx), [[0.25, 0.75]])
+    assert "answers every row with the most common label" in flipped.settings()
+    assert Reference(None, None, None, probes, flipped).render()[-1].startswith("warning: on the reference rows")
+    right = says(labels)
+    read = fit_probe_policy(vectors, labels, np.repeat(right[:, None], layers, 1), wrong, 2, "accuracy")
+    assert not read.majority and read.loo_metric > 0.95 and read.floor[0] == pytest.approx(flipped.floor[0])
+    assert not Reference(None, None, None, probes, read).render()[-1].startswith("warning")
+    assert probes.majority_metric() == pytest.approx(0.75)  # info's figure: label counts 1 and 3
     with pytest.raises(RaeeConfigError, match="keeps no label counts"):
-        older.label_prior()
+        dataclasses.replace(probes, label_counts=None).label_prior()

@@ -256,7 +256,8 @@ def _policy_k(ctx: Context) -> int:
 
 
 def _probe_policy_k(ctx: Context) -> int:
-    return ctx.fitted_probe_policy().k
+    policy = ctx.fitted_probe_policy()
+    return 0 if policy.majority else policy.k  # the most common label needs no key and no neighbours
 
 
 def _conf_t(ctx: Context) -> float | None:

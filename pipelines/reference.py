@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -154,7 +154,8 @@ def assemble(
         fitted = fit_probes(
             features, vectors[fit_rows], labels[fit_rows], num_labels, metric, identity, views, groups=fit_groups
         )
-        probes = fitted.probes
+        # every row's label, as the probe policy's floor counts them: one most common label for both
+        probes = replace(fitted.probes, label_counts=np.bincount(labels, minlength=num_labels).tolist())
         probe_lp[: old.num_rows] = flat_values(old, "probe_logprobs").reshape(old.num_rows, num_layers, num_labels)
         for offset, block in staged_features():
             probe_lp[offset : offset + len(block)] = probes.every_layer(block.transpose(1, 0, 2, 3)).transpose(1, 0, 2)

@@ -255,9 +255,13 @@ def _policy_k(ctx: Context) -> int:
     return ctx.fitted().k
 
 
+def _fell_back(ctx: Context) -> bool:
+    """probe-fused answers every row with the most common label (its fit beat that nowhere): no key, no layer."""
+    return ctx.probe_policy is not None and ctx.probe_policy.majority
+
+
 def _probe_policy_k(ctx: Context) -> int:
-    policy = ctx.fitted_probe_policy()
-    return 0 if policy.majority else policy.k  # the most common label needs no key and no neighbours
+    return 0 if _fell_back(ctx) else ctx.fitted_probe_policy().k
 
 
 def _conf_t(ctx: Context) -> float | None:
@@ -279,6 +283,7 @@ class Strategy:
     k: Callable[[Context], int] | None = None  # neighbours to fetch; None: --k
     stop: Callable[[Context], float | None] | None = None  # probe confidence at which a row leaves early
     needs_probe_policy: bool = False
+    layerless: Callable[[Context], bool] | None = None  # whether the table's fit runs no row through any layer
 
     def neighbours(self, ctx: Context) -> int:
         """How many neighbours to fetch for this strategy."""
@@ -308,8 +313,9 @@ class Strategy:
 
     def runs_backbone(self, ctx: Context) -> bool:
         """Runs its rows' prompts through backbone layers, to an exit or for a layer key: only then must a prompt
-        fit max_length. key-lr and knn-vote on an embedder's key never run one."""
-        return self.reads != "none" or bool(self.neighbours(ctx) and ctx.key_depth)
+        fit max_length. key-lr and knn-vote on an embedder's key never run one, nor a probe-fused that fell back."""
+        layers = self.reads != "none" and not (self.layerless and self.layerless(ctx))
+        return layers or bool(self.neighbours(ctx) and ctx.key_depth)
 
     def exits_per_row(self) -> bool:
         """Runs layers to a depth that differs row by row (retrieved, or a probe confident enough): what saves a
@@ -361,6 +367,7 @@ STRATEGIES: dict[str, Strategy] = {
             k=_probe_policy_k,
             stop=_fused_t,
             needs_probe_policy=True,
+            layerless=_fell_back,
         ),
         Strategy("key-lr", none, key_answer, k=lambda ctx: 1, reads="none"),
         Strategy("knn-vote", none, vote_answer, reads="none"),

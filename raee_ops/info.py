@@ -166,13 +166,14 @@ def _render_table(t: dict[str, Any]) -> str:
             + (
                 ""
                 if q["majority_metric"] is None
-                else f", the most common label for every row {q['majority_metric']:.3f}"
+                else f", the most common label for every reference row {q['majority_metric']:.3f}"
             )
         )
     if pp:
         lines.append(
             f"  probe policy (the default's): {pp['settings']}; {pp['metric']} {pp['loo_metric']:.3f} "
             f"({pp['validation']}), mean exit layer {pp['loo_mean_exit']:.2f}"
+            + ("" if pp["floor"] is None else f"; the most common label there {pp['floor'][0]:.3f}")
         )
         if pp["by_budget"]:
             lines.append(f"  {shown_costs(pp)}")

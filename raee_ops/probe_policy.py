@@ -289,6 +289,7 @@ def fit_probe_policy(
         )
     conf_front = _points(conf_trials, lambda conf_t: (conf_t,))
     conf = _choose(conf_front, layer_budget, layer_price, num_layers)
+    # every row's label, as build-db's ProbeSet.label_counts counts them: the label the fall-back answers
     majority = np.full(len(truth), np.bincount(labels, minlength=num_labels).argmax())
     floor = (float(metric(truth, majority, num_labels)), float(accuracy(truth, majority)))
     return ProbePolicy(

@@ -98,7 +98,8 @@ class ProbeSet:
     metric: str
     fit_rows: int
     identity: dict  # the exit table's TableMeta fields, plus its row count
-    #: The fit rows per label: the `majority` baseline's answer (None: tables built before it was kept).
+    #: The reference rows per label, every row of the table (not only the fit sample): `majority`'s answer, and
+    #: probe-fused's where it falls back, which the policy's floor counts alike (None: tables built before it).
     label_counts: list[int] | None = None
 
     @property
@@ -117,14 +118,14 @@ class ProbeSet:
         return self.view_index % len(POOLINGS)
 
     def label_prior(self) -> np.ndarray:
-        """Each label's share of the fit rows: what a model that learned nothing answers (`majority`)."""
+        """Each label's share of the reference rows: what a model that learned nothing answers (`majority`)."""
         if self.label_counts is None:
             raise RaeeConfigError("this table keeps no label counts: rebuild it with this version's build-db")
         counts = np.asarray(self.label_counts, np.float32)
         return counts / counts.sum()
 
     def majority_metric(self) -> float:
-        """The task metric of answering every fit row with its most common label."""
+        """The task metric of answering every reference row with the most common label."""
         counts = np.asarray(self.label_counts)
         labels = np.repeat(np.arange(len(counts)), counts)
         return float(METRICS[self.metric](labels, np.full(len(labels), counts.argmax()), len(counts)))
@@ -236,7 +237,6 @@ def fit_probes(
         metric=metric_name,
         fit_rows=n,
         identity=identity,
-        label_counts=np.bincount(labels, minlength=num_labels).tolist(),
     )
     return Fitted(probes, oof, key_oof)
 

@@ -347,6 +347,8 @@ def test_the_default_answers_the_most_common_label_where_nothing_it_reads_does_b
     ctx = Context(layers, 2, k=2, probes=probes, probe_policy=flipped)
     assert exit_policy.probe_fused_exit(nb, ctx).tolist() == [0]
     assert resolve("probe-fused", layers).neighbours(ctx) == 0  # classify computes no key and searches nothing
+    for key_depth in (0, 2):  # nor runs a layer: a prompt over max_length is answered, not refused
+        assert not resolve("probe-fused", layers).runs_backbone(dataclasses.replace(ctx, key_depth=key_depth))
     np.testing.assert_allclose(exit_policy.probe_fused_answer(np.zeros((1, 2)), np.array([0]), nb, ctx), [[0.25, 0.75]])
     assert "answers every row with the most common label" in flipped.settings()
     assert Reference(None, None, None, probes, flipped).render()[-1].startswith("warning: on the reference rows")
@@ -354,6 +356,7 @@ def test_the_default_answers_the_most_common_label_where_nothing_it_reads_does_b
     read = fit_probe_policy(vectors, labels, np.repeat(right[:, None], layers, 1), wrong, 2, "accuracy")
     assert not read.majority and read.loo_metric > 0.95 and read.floor[0] == pytest.approx(flipped.floor[0])
     assert resolve("probe-fused", layers).neighbours(Context(layers, 2, k=2, probe_policy=read)) == read.k
+    assert resolve("probe-fused", layers).runs_backbone(Context(layers, 2, k=2, probe_policy=read))
     assert not Reference(None, None, None, probes, read).render()[-1].startswith("warning")
     assert probes.majority_metric() == pytest.approx(0.75)  # info's figure: label counts 1 and 3
     with pytest.raises(RaeeConfigError, match="keeps no label counts"):

@@ -79,6 +79,9 @@ def test_info_shows_identity_size_policy_and_history(db, segment_artifacts):  # 
     assert "(leave-one-out, on 32 rows)" in text and policy["validation"] == "leave-one-out, on 32 rows"
     assert f"probe heads: {probes.pooling} view (runs the {probes.form} input), fitted on 32 rows" in text
     assert f"probe policy (the default's): {probe_policy.settings()}; accuracy " in text
+    assert f"; the most common label there {probe_policy.floor[0]:.3f}" in text  # the floor the fall-back compares
+    counts = probes.label_counts  # every row of the table (the fall-back's answer), not only the probes' fit rows
+    assert sum(counts) == 32 and f"the most common label for every reference row {max(counts) / 32:.3f}" in text
     budgets = ", ".join(f"{b['layer_budget']}: {b['metric']:.3f} @ {b['mean_exit']:.1f}" for b in by_budget[:6])
     prices = ", ".join(f"{b['layer_price']}: {b['metric']:.3f} @ {b['mean_exit']:.1f}" for b in by_budget[6:])
     assert f"other layer budgets (classify --layer-budget; accuracy @ mean exit): {budgets}; " in text

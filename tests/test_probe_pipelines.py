@@ -14,6 +14,7 @@ from raee_ops.pipelines.classify import run_classify
 from raee_ops.schemas.tables import FEATURES_SUFFIX, GROUP, PROBE_POLICY_META_KEY, PROBES_META_KEY
 from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
+from raee_ops import probes as probes_module
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate, render_markdown, write_report
 from raee_ops.exit_policy import Context, Neighbours, resolve
@@ -355,6 +356,17 @@ def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_arti
         run_build_db(
             segment_artifacts, "sst2", [str(structs)], db, "u", KEY, "overwrite", None, group_column="sentence"
         )
+
+
+def test_the_label_counts_count_every_row_not_only_the_fit_sample(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    """Over FIT_ROWS rows the probes are fitted on a sample; the label counts `majority` and the default's fall-back
+    answer with count every row, as the policy's floor does, so both name the same most common label."""
+    monkeypatch.setattr(probes_module, "FIT_ROWS", 30)
+    rows = signal_rows(tmp_path / "a.parquet", 80, 2, "a")
+    run_build_db(segment_artifacts, "sst2", [str(rows)], str(tmp_path / "db"), "t", KEY, "overwrite", None)
+    probes = Retriever(str(tmp_path / "db"), "t").probes
+    labels = pq.read_table(rows).column("label").to_numpy()
+    assert probes.fit_rows < 80 and probes.label_counts == np.bincount(labels, minlength=2).tolist()
 
 
 def test_append_reads_the_feature_rows_written_with_the_table_version_it_extends(segment_artifacts, tmp_path):  # noqa: F811

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ def resolve(spec: str) -> ModelSource:
         path = PRESETS[spec]()
         if path.is_dir():
             return ModelSource(path, None, f"preset:{spec}:{path}")
+        _check_gguf_header(path, spec)  # a package's file cut short (an assemble() killed part-way, a bad install)
         return ModelSource(path.parent, path.name, f"preset:{spec}:{path}")
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
@@ -95,16 +97,87 @@ def resolve(spec: str) -> ModelSource:
 
 
 def _check_gguf_header(path: Path, spec: str) -> None:
-    """Refuse a file that cannot be a GGUF (another format, or cut short within its header) before transformers is
-    imported (~20 s) to find out; damage further in is found when its config or weights are read."""
+    """Refuse a file that cannot be a GGUF (another format) or is cut short (within its header, its metadata or its
+    tensors' data: a copy or download that stopped) before transformers is imported (~20 s) to find out; damage
+    that keeps the size is found when its config or weights are read."""
     with open(path, "rb") as file:
         head = file.read(GGUF_HEADER.size)
     if head[:4] != GGUF_MAGIC:
         raise RaeeConfigError(f"--model {spec}: not a GGUF file (it does not start with {GGUF_MAGIC!r})")
+    cut = f"cannot read a model config from {path.resolve()}: its GGUF"
     if len(head) < GGUF_HEADER.size:
-        raise RaeeConfigError(
-            f"cannot read a model config from {path.resolve()}: its GGUF header is cut short ({len(head)} bytes)"
-        )
+        raise RaeeConfigError(f"{cut} header is cut short ({len(head)} bytes)")
+    stat = path.stat()
+    size = stat.st_size
+    try:
+        end = _data_end(path, size, stat.st_mtime_ns)
+    except EOFError:
+        raise RaeeConfigError(f"{cut} metadata is cut short ({size} bytes)") from None
+    if end is not None and end > size:
+        raise RaeeConfigError(f"{cut} file is cut short: its tensors' data ends at byte {end}, the file has {size}")
+
+
+@functools.lru_cache(maxsize=4)  # an export resolves the model 4 times; the key holds the file's state
+def _data_end(path: Path, size: int, mtime_ns: int) -> int | None:
+    return gguf_data_end(path)
+
+
+#: Bytes of each GGUF scalar metadata value type; 8 is a string, 9 an array (gguf.GGUFValueType).
+GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+GGUF_STRING, GGUF_ARRAY, GGUF_UINT32 = 8, 9, 4
+GGUF_DEFAULT_ALIGNMENT = 32
+
+
+def gguf_data_end(path: Path) -> int | None:
+    """The byte where a GGUF file's last tensor's data ends, read from its header, metadata and tensor infos without
+    loading anything (gguf's own reader takes seconds building arrays of the tokenizer's metadata); EOFError where
+    the file ends first; None for a version or a type this reader does not know (transformers then judges it)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+
+        def take(n: int) -> bytes:
+            if file.tell() + n > size:
+                raise EOFError
+            return file.read(n)
+
+        def number(fmt: str) -> int:
+            return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
+
+        def skip(kind: int) -> None:
+            if kind == GGUF_STRING:
+                take(number("<Q"))
+            elif kind == GGUF_ARRAY:
+                item, count = number("<I"), number("<Q")
+                if item in GGUF_SCALAR_BYTES:
+                    take(GGUF_SCALAR_BYTES[item] * count)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            else:
+                take(GGUF_SCALAR_BYTES[kind])
+
+        _, version, tensors, entries = GGUF_HEADER.unpack(take(GGUF_HEADER.size))
+        if version not in (2, 3):
+            return None
+        alignment = GGUF_DEFAULT_ALIGNMENT
+        try:
+            for _ in range(entries):
+                key, kind = take(number("<Q")), number("<I")
+                if key == b"general.alignment" and kind == GGUF_UINT32:
+                    alignment = number("<I")
+                else:
+                    skip(kind)
+            end = 0
+            for _ in range(tensors):
+                take(number("<Q"))  # the tensor's name
+                dims = [number("<Q") for _ in range(number("<I"))]
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(number("<I"))]
+                end = max(end, number("<Q") + math.prod(dims) // block * type_size)
+        except (KeyError, ValueError):  # a value or tensor type this reader does not know
+            return None
+        return file.tell() + -file.tell() % alignment + end
 
 
 def fingerprint(source: ModelSource) -> str:

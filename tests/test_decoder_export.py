@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import raee_ops.pipelines.export
 from cli_runs import one_error_line
@@ -19,7 +20,7 @@ from cli_runs import raee_ops as run_cli
 from raee_ops.onnx_export.adapters import adapter_for
 from raee_ops.onnx_export.adapters.gemma3 import Gemma3Adapter
 from raee_ops.onnx_export.loader import load_model
-from raee_ops.onnx_export.model_source import fingerprint, resolve
+from raee_ops.onnx_export.model_source import fingerprint, gguf_data_end, resolve
 from raee_ops.pipelines.export import run_export
 from raee_ops.schemas.manifest import MANIFEST_NAME, load_manifest
 from segment_artifacts import make_artifacts
@@ -134,6 +135,30 @@ def test_a_file_that_is_no_gguf_is_refused_before_transformers_reads_it(tmp_path
     other.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(8))  # the tensor count, then nothing
     with pytest.raises(RaeeConfigError, match=r"its GGUF header is cut short \(16 bytes\)"):
         resolve(str(other))
+
+
+def test_a_gguf_file_cut_short_is_refused_before_transformers_reads_it(tmp_path: Path) -> None:
+    """A copy that stopped part-way, within the metadata or the tensors' data, is refused from the file's own
+    header and tensor infos, in a fraction of a second rather than after transformers' import."""
+    import gguf
+
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("tokenizer.ggml.tokens", [f"token{i}" for i in range(300)])
+    writer.add_tensor("a", np.ones((4, 64), np.float32))
+    writer.add_tensor("b", np.ones(100, np.float16))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    whole, end = path.read_bytes(), gguf_data_end(path)
+    assert len(whole) - 32 < end <= len(whole)  # the writer pads the last tensor to the alignment
+    resolve(str(path))  # whole: nothing to refuse
+    path.write_bytes(whole[: end - 1])
+    with pytest.raises(RaeeConfigError, match=f"GGUF file is cut short: its tensors' data ends at byte {end}, the"):
+        resolve(str(path))
+    path.write_bytes(whole[:200])  # within the tokens' metadata
+    with pytest.raises(RaeeConfigError, match=r"its GGUF metadata is cut short \(200 bytes\)"):
+        resolve(str(path))
 
 
 def _without(directory: Path, *names: str) -> None:

@@ -94,7 +94,7 @@ class ClassifySummary:
                 f"rows in: {self.rows_in}  predicted: {self.predicted}  rejected: {self.rejected}  "
                 f"(in = predicted + rejected: {balance})",
                 f"mean exit layer: {self._mean_exit_text()} of {self.num_layers}",
-                f"exits per layer (0: retrieval alone, {self._zero_cost()}): {exits}",
+                f"exits per layer (0: answered {self._zero_cost()}): {exits}",
                 f"beam exit counters: {counters}",
                 f"table version read: {self.table_version}",
                 f"outputs: {self.output_dir}",
@@ -106,7 +106,7 @@ class ClassifySummary:
 
     def _zero_cost(self) -> str:
         plural = "s" if self.key_depth > 1 else ""
-        return f"after the key's {self.key_depth} layer{plural}" if self.key_depth else "no layer run"
+        return f"after the key's {self.key_depth} layer{plural}" if self.key_depth else "without running a layer"
 
     def check(self, max_rejected: float) -> None:
         """Refuse a published run whose rejected share is over `max_rejected` (exit code 4)."""

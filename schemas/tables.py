@@ -59,7 +59,7 @@ HEAD_COLUMNS = ("layer_pred", "layer_correct", "layer_prob", "layer_logprobs", "
 PREDICTION_FIELDS = [
     pa.field("prediction", pa.int64()),
     pa.field("prediction_label", pa.string()),
-    pa.field("exit_layer", pa.int32()),  # 1-based; 0: answered from retrieval alone, no layer run
+    pa.field("exit_layer", pa.int32()),  # 1-based; 0: answered without running a layer
     pa.field("confidence", pa.float32()),
 ]
 

@@ -118,7 +118,7 @@ def test_build_db_stores_standardized_keys_and_classify_answers_as_evaluate_scor
     accuracy = float(np.mean(predictions.column("prediction").to_numpy() == predictions.column("label").to_numpy()))
     evaluated = strategy_rows(evaluation.predictions, "probe-fused").select(["id", "prediction", "exit_layer"])
     assert evaluated.equals(predictions.select(["id", "prediction", "exit_layer"]).sort_by("id"))  # row by row
-    assert summary.predicted == 120 and f"0: retrieval alone, after the key's {DEPTH} layers" in summary.render()
+    assert summary.predicted == 120 and f"0: answered after the key's {DEPTH} layers" in summary.render()
     assert accuracy == pytest.approx(report["strategies"]["probe-fused"]["accuracy"], abs=1e-9)
     histogram = report["strategies"]["probe-fused"]["exit_histogram"]
     assert summary.exit_counts == {layer: n for layer, n in enumerate(histogram) if n}

@@ -243,7 +243,8 @@ class BuildHandler(_RaeeHandler):
     """Labelled rows -> layer rows: the key, every layer's head prediction, correctness and log-probs, and every
     layer's pooled hidden states in every view (the probes' features; build-db's driver turns these into exit-table
     rows). The prompt's pass gives the head's answers; each other input form of the views the caller reads is one
-    more all-layer pass, for the probes only; views of a form not run stage zeros."""
+    more all-layer pass, for the probes only (and the only one where nothing reads the prompt's, `form`); views of a
+    form not run stage zeros."""
 
     command = "build-db"
 
@@ -258,6 +259,15 @@ class BuildHandler(_RaeeHandler):
     def load_model(self) -> Loaded:
         return Loaded(self._runtime())
 
+    def form(self, model: Loaded) -> str:
+        """The prompt, unless nothing reads its pass: a backbone without a label-word head, keyed by an embedder,
+        whose views read one other form only (a bare encoder's table whose probes chose the bare input). Its pass
+        would be wasted, and its length check would refuse rows the form read fits, which classify answers."""
+        if model.runtime.manifest.label_word_head or layer_depth(self.embedder) or len(self.forms) > 1:
+            return "prompt"
+        (form,) = self.forms
+        return form
+
     def schema(self, m: Manifest) -> pa.Schema:
         own = self.embedder == "backbone" or layer_depth(self.embedder)  # keys of the backbone's own width
         dim = m.hidden_size if own else m.embedders[self.embedder].dim
@@ -267,15 +277,15 @@ class BuildHandler(_RaeeHandler):
         return self.schema(model.runtime.manifest).empty_table()
 
     def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
-        runtime = model.runtime
+        runtime, read = model.runtime, self.form(model)
+        # the head's logits come from the pass over `prompts` (zeros where it is not the prompt's: no head then)
         logits, pooled = runtime.all_layers_pooled(self.task.name, prompts)
-        others = [
-            runtime.all_layers_pooled(self.task.name, self.prompts(runtime, table, form))[1]
-            if form in self.forms
-            else np.zeros_like(pooled)
-            for form in FORMS[1:]
-        ]
-        staged = np.concatenate([pooled, *others], axis=2)  # L×B×VIEWS×H: each form's poolings, FORMS in order
+        passes = {read: pooled} | {
+            form: runtime.all_layers_pooled(self.task.name, self.prompts(runtime, table, form))[1]
+            for form in self.forms - {read}
+        }
+        # L×B×VIEWS×H: each form's poolings, FORMS in order; zeros for a form nothing reads
+        staged = np.concatenate([passes.get(form, np.zeros_like(pooled)) for form in FORMS], axis=2)
         logprobs = log_softmax(logits).transpose(1, 0, 2)  # B×L×C
         labels = table.column(LABEL).to_numpy()
         pred = logprobs.argmax(axis=2)

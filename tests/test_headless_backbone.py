@@ -1,20 +1,25 @@
 """A backbone without a label-word head (a bare BertModel, like the `minilm-l6` preset): exported and verified, build-db
 stores its head answers as absent and fits the probes, probe strategies classify, head-reading ones are refused."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import one_error_line, raee_ops
-from raee_ops.pipelines.build_db import run_build_db
+from raee_ops.pipelines.build_db import commit, run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.export import run_export
+from raee_ops.schemas.tables import PROBES_META_KEY
+from segment_artifacts import write_labelled
 from test_probe_pipelines import signal_rows
 from tiny_encoders import build_tiny_encoder
 
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate, render_markdown
 from raee_ops.retrieval import open_table
+from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
 
 
@@ -88,3 +93,35 @@ def test_evaluate_cli_reports_a_backbone_without_a_head(bare):
     assert run.returncode == 0, run.stderr
     assert "evaluated 80 rows (0 rejected); no label-word head" in run.stdout
     assert "probe-fused: accuracy " in run.stdout and (report / "report.md").exists()
+
+
+def test_probes_on_the_bare_input_run_no_prompt_pass_and_refuse_no_row_for_its_prompt(bare, tmp_path, monkeypatch):
+    """A bare encoder's table whose probes read the bare input: nothing reads the prompt (no head, no layer key), so
+    evaluate runs the bare input only, and a row whose prompt is over max_length but whose bare input fits is scored,
+    as classify answers it (the probes here are the prompt's, relabelled: only the plumbing is under test)."""
+    root, artifacts, manifest, _, test = bare
+    data = open_table(str(root / "db"), "sst2").to_arrow()
+    raw = json.loads(data.schema.metadata[PROBES_META_KEY]) | {"pooling": "bare-mean"}
+    db = str(tmp_path / "db")
+    commit(db, "sst2", data.replace_schema_metadata(data.schema.metadata | {PROBES_META_KEY: json.dumps(raw).encode()}))
+    runtime, sst2 = SegmentRuntime(str(artifacts)), PRESETS["sst2"]
+    rows = pq.read_table(test)
+    texts = [*rows["text"].to_pylist(), " ".join(["good movie"] * 28)]
+    inputs = write_labelled(
+        tmp_path / "long.parquet", [*rows["id"].to_pylist(), "long"], texts, [*rows["label"].to_pylist(), 1]
+    )
+    prompts = {form: [sst2.render(t, suffix=runtime.suffix, form=form) for t in texts] for form in ("prompt", "bare")}
+    lengths = {form: len(runtime.encode(rendered[-1:])[0]) for form, rendered in prompts.items()}
+    assert lengths["bare"] <= manifest.max_length < lengths["prompt"], lengths
+    read = []
+    all_layers_pooled = SegmentRuntime.all_layers_pooled
+    monkeypatch.setattr(
+        SegmentRuntime,
+        "all_layers_pooled",
+        lambda self, task, batch: read.extend(batch) or all_layers_pooled(self, task, batch),
+    )
+    report = evaluate(str(artifacts), "sst2", db, "sst2", [str(inputs)], k=5).report
+    assert report["rejected"] == 0 and report["probes"]["form"] == "bare"
+    assert sorted(read) == sorted(prompts["bare"])  # once each, and no prompt
+    summary = run_classify(str(artifacts), "sst2", db, "sst2", [str(inputs)], str(tmp_path / "out"), 5, None)
+    assert summary.predicted == len(texts)

@@ -35,7 +35,7 @@ from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 
 from raee_ops import storage
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
-from raee_ops.exit_policy import refuse_head, refuse_unanswerable, resolve
+from raee_ops.exit_policy import Context, refuse_head, refuse_unanswerable, resolve
 from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import budgeted, refuse_cost_options
 from raee_ops.readout import describe
@@ -165,14 +165,6 @@ def run_classify(
     chosen = resolve(strategy, manifest.num_layers)
     refuse_head([chosen], manifest.label_word_head)
     strategy = chosen.name
-    if settings.provider == "cuda" and chosen.exits_per_row():
-        log.warning(
-            "strategy %s exits row by row, which saves a GPU little: a call of %d rows costs about as much as its "
-            "deepest row's, and on an H200 the default ran about as fast as the full model; for speed on GPUs run a "
-            "fixed depth (--strategy probe-best) (README: Runners, Dataflow and GPUs)",
-            strategy,
-            CUDA_SUB_BATCH,
-        )
     if k < 1:
         raise RaeeConfigError(f"--k must be at least 1, got {k}")
     opened = open_table(db_uri, table, storage_options=settings.db_storage_options)
@@ -192,6 +184,17 @@ def run_classify(
     probe_policy = budgeted(table_probe_policy(table_schema), layer_budget, layer_price)
     probes = table_probes(table_schema)
     refuse_unanswerable([chosen], probes, f"table {table!r} in {db_uri}")
+    ctx = Context(
+        manifest.num_layers, len(task.label_names), k, policy, probes, probe_policy, layer_depth(embedder) or 0
+    )
+    if settings.provider == "cuda" and chosen.exits_per_row(ctx):
+        log.warning(
+            "strategy %s exits row by row, which saves a GPU little: a call of %d rows costs about as much as its "
+            "deepest row's, and on an H200 the default ran about as fast as the full model; for speed on GPUs run a "
+            "fixed depth (--strategy probe-best) (README: Runners, Dataflow and GPUs)",
+            strategy,
+            CUDA_SUB_BATCH,
+        )
     described = describe(chosen, policy, probe_policy, probes, k)
     found = input_files(inputs)
     refuse_reading_own_output(found, inputs, output_dir, OUTPUT_NAMES, "--output")

@@ -317,9 +317,12 @@ class Strategy:
         layers = self.reads != "none" and not (self.layerless and self.layerless(ctx))
         return layers or bool(self.neighbours(ctx) and ctx.key_depth)
 
-    def exits_per_row(self) -> bool:
+    def exits_per_row(self, ctx: Context) -> bool:
         """Runs layers to a depth that differs row by row (retrieved, or a probe confident enough): what saves a
-        CPU compute, and a GPU little, where a call costs about the same for one deep row as for all of them."""
+        CPU compute, and a GPU little, where a call costs about the same for one deep row as for all of them. Not a
+        probe-fused that fell back, which runs no layer."""
+        if self.layerless and self.layerless(ctx):
+            return False
         return (self.needs_retrieval and self.reads != "none") or self.stop is not None
 
 

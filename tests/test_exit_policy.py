@@ -306,9 +306,10 @@ def test_every_strategy_reads_no_more_neighbours_than_it_fetches():
 def test_strategies_whose_rows_exit_at_depths_of_their_own():
     """What classify warns a GPU run about: retrieved exits or a probe's early stop, not a fixed depth and not the
     baselines that run no layer."""
-    per_row = {name for name, s in exit_policy.STRATEGIES.items() if s.exits_per_row()}
+    ctx = Context(4, 2, k=3)
+    per_row = {name for name, s in exit_policy.STRATEGIES.items() if s.exits_per_row(ctx)}
     assert per_row == {"raee", "raee-counts", "raee-cal", "fused", "raee-probe", "probe-conf", "probe-fused"}
-    assert not resolve("probe:3", 4).exits_per_row() and not resolve("layer:2", 4).exits_per_row()
+    assert not resolve("probe:3", 4).exits_per_row(ctx) and not resolve("layer:2", 4).exits_per_row(ctx)
 
 
 def test_only_strategies_running_layers_or_a_layer_key_run_the_backbone():
@@ -349,6 +350,7 @@ def test_the_default_answers_the_most_common_label_where_nothing_it_reads_does_b
     assert resolve("probe-fused", layers).neighbours(ctx) == 0  # classify computes no key and searches nothing
     for key_depth in (0, 2):  # nor runs a layer: a prompt over max_length is answered, not refused
         assert not resolve("probe-fused", layers).runs_backbone(dataclasses.replace(ctx, key_depth=key_depth))
+    assert not resolve("probe-fused", layers).exits_per_row(ctx)  # so classify does not warn a GPU run about exits
     np.testing.assert_allclose(exit_policy.probe_fused_answer(np.zeros((1, 2)), np.array([0]), nb, ctx), [[0.25, 0.75]])
     assert "answers every row with the most common label" in flipped.settings()
     assert Reference(None, None, None, probes, flipped).render()[-1].startswith("warning: on the reference rows")
@@ -357,6 +359,7 @@ def test_the_default_answers_the_most_common_label_where_nothing_it_reads_does_b
     assert not read.majority and read.loo_metric > 0.95 and read.floor[0] == pytest.approx(flipped.floor[0])
     assert resolve("probe-fused", layers).neighbours(Context(layers, 2, k=2, probe_policy=read)) == read.k
     assert resolve("probe-fused", layers).runs_backbone(Context(layers, 2, k=2, probe_policy=read))
+    assert resolve("probe-fused", layers).exits_per_row(Context(layers, 2, k=2, probe_policy=read))
     assert not Reference(None, None, None, probes, read).render()[-1].startswith("warning")
     assert probes.majority_metric() == pytest.approx(0.75)  # info's figure: label counts 1 and 3
     with pytest.raises(RaeeConfigError, match="keeps no label counts"):

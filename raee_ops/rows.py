@@ -165,14 +165,26 @@ def validated_schema(schema: pa.Schema, task: Task) -> pa.Schema:
 
 def output_columns(schema: pa.Schema, task: Task) -> pa.Schema:
     """The input columns as an output carries them (see `output_rows`): text decoded to strings, and for an input
-    without an `id` column a string `id` first."""
+    without an `id` column, or with one of type null (no value at all), a string `id` (first where it was absent)."""
     schema = validated_schema(schema, task)
-    return schema if ID in schema.names else schema.insert(0, pa.field(ID, pa.string()))
+    if ID not in schema.names:
+        return schema.insert(0, pa.field(ID, pa.string()))
+    index = schema.get_field_index(ID)
+    return (
+        schema.set(index, schema.field(index).with_type(pa.string()))
+        if _no_values(schema.field(index).type)
+        else schema
+    )
+
+
+def _no_values(t: pa.DataType) -> bool:
+    """An `id` column of type null holds no id at all: its rows are named by position, as rows without one are."""
+    return pa.types.is_null(t)
 
 
 def _holds_positions(t: pa.DataType) -> bool:
     """Whether an `id` column of type `t` can take a row's `row:<file key>:<n>` in place of a null."""
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
+    return _no_values(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def unjoinable(table: pa.Table) -> tuple[np.ndarray, str]:
@@ -194,6 +206,8 @@ def output_rows(table: pa.Table) -> pa.Table:
     if ID not in out.column_names:
         return out.add_column(0, ID, table.column(ROW_ID))
     ids = out.column(ID)
+    if _no_values(ids.type):
+        return out.set_column(out.schema.get_field_index(ID), pa.field(ID, pa.string()), table.column(ROW_ID))
     if not ids.null_count or not _holds_positions(ids.type):
         return out
     filled = pc.if_else(pc.is_null(ids), table.column(ROW_ID).cast(ids.type), ids)

@@ -344,6 +344,10 @@ def test_predictions_of_an_input_without_ids_carry_the_ids_its_errors_use(segmen
         "id is null (an id column of int64 cannot hold the row's position in its place)"
     ]
     assert (summary.predicted, summary.rejected) == (2, 1)
+    pq.write_table(pa.table({"id": pa.nulls(3), "text": sentences(3, 11)}), path)  # a column of no id at all
+    summary, predictions, _ = classify(segment_artifacts, root, "null-typed-id", strategy="full", inputs=str(path))
+    assert predictions.schema.field("id").type == pa.string() and summary.predicted == 3
+    assert sorted(predictions.column("id").to_pylist()) == [f"row:{file_key(str(path))}:{n}" for n in range(3)]
 
 
 def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position_once_per_read(tmp_path, monkeypatch):

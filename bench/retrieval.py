@@ -20,7 +20,7 @@ from common import parse_args, timer, write_result
 from lancedb.index import IvfFlat, IvfPq
 from raee_ops.schemas.tables import exit_table_schema
 
-from raee_ops.retrieval import INDEX_MIN_ROWS, KMEANS_ITERATIONS, InMemory, index_partitions
+from raee_ops.retrieval import INDEX_MIN_ROWS, KMEANS_ITERATIONS, PROBE_SHARE, InMemory, index_partitions
 
 DIM, K, NUM_QUERIES = 384, 10, 200
 NUM_LAYERS, NUM_LABELS, NUM_CLUSTERS = 12, 2, 1024
@@ -33,7 +33,7 @@ PQ_SUB_VECTORS = 48
 #: (fraction of partitions probed, refine factor) per index: a fast and a high-recall setting; at 1M rows
 #: PQ recall plateaus at 0.75 with refine ×10 whatever nprobes, so PQ also gets a deeper refine.
 SETTINGS: dict[str, list[tuple[float, int | None]]] = {
-    "ivf_flat": [(0.05, None), (0.2, None)],
+    "ivf_flat": [(share, None) for share in sorted({0.05, 0.2, PROBE_SHARE})],  # classify's share among them
     "ivf_pq": [(0.05, 10), (0.2, 10), (0.2, 50)],
 }
 #: What raee_ops.retrieval.Retriever reads per hit, plus id to score recall.
@@ -244,6 +244,7 @@ def main() -> None:
             "clusters": NUM_CLUSTERS,
             "kmeans_iterations": KMEANS_ITERATIONS,
             "index_min_rows": INDEX_MIN_ROWS,
+            "probe_share": PROBE_SHARE,
             "sizes": results,
         },
         quick=args.quick,

@@ -16,6 +16,7 @@ BENCHES = [
     "export",
     "probe_fit",
     "keys",
+    "index_recall",
     "quality",
     "key_policy",
     "key_int8",

@@ -36,12 +36,12 @@ from raee_ops.schemas.tables import (
 
 #: From this many rows build-db gives the table an IVF_FLAT index and searches probe it; below, every search is exact,
 #: on a copy of the table read into memory. Memory, not speed, sets the line: in bench/retrieval.py the in-memory
-#: search was 2.3× the index's batched rate at 100k rows and 2.9× at 1M, but each worker process holds the copy
-#: (158 MB at 100k rows, 1.6 GB and 17 s to read at 1M; Dataflow runs a Python process per core).
+#: search was 3.7× the index's batched rate (at PROBE_SHARE) at 100k rows and 3.2× at 1M, but each worker process
+#: holds the copy (158 MB at 100k rows, 1.6 GB and 15 s to read at 1M; Dataflow runs a Python process per core).
 INDEX_MIN_ROWS = 100_000
 #: Share of the index's partitions each search probes: the smallest measured share whose recall@10 on real keys
-#: reaches 0.99 (bench/index_recall.py: the default key of 118k shared-dataset texts, 0.965 at 0.2, 0.995 at 0.4;
-#: synthetic keys in bench/retrieval.py reached 0.995 at 0.2 already).
+#: reaches 0.99 (bench/index_recall.py: the default key of 118k shared-dataset texts, 0.963 at 0.2, 0.994 at 0.4;
+#: synthetic keys in bench/retrieval.py reached 0.998 at 0.2 already).
 PROBE_SHARE = 0.4
 #: kmeans iterations when training the index (the default 50 makes a 1M-row build take many minutes on 2 cores);
 #: the bench's recall figures were measured with this many.

@@ -1,7 +1,7 @@
 """The IVF index on real keys: bench/retrieval.py chose build-db's index rule (IVF_FLAT, √rows/4 partitions) and
 classify's share of partitions probed (PROBE_SHARE) on synthetic keys, a Gaussian mixture; real sentence keys crowd
 into a narrow cone and may split into partitions worse. Here: the default key of every text in the shared datasets
-(train and validation files of every task, ~118k rows, past INDEX_MIN_ROWS where build-db indexes a table), a
+(every file of every task, its test splits included, ~118k rows, past INDEX_MIN_ROWS where build-db indexes a table), a
 seeded set of them left out as queries, the table indexed by build-db's own `build_index`, and recall@k against an
 exact search at classify's share and around it, as classify queries (cosine, nprobes).
 """

@@ -1,6 +1,6 @@
-"""The IVF index on real keys: bench/retrieval.py chose build-db's index rule (IVF_FLAT, √rows/4 partitions) and
-classify's share of partitions probed (PROBE_SHARE) on synthetic keys, a Gaussian mixture; real sentence keys crowd
-into a narrow cone and may split into partitions worse. Here: the default key of every text in the shared datasets
+"""The IVF index on real keys, where classify's share of partitions probed (PROBE_SHARE) is chosen: bench/retrieval.py
+measures build-db's index rule (IVF_FLAT, √rows/4 partitions) on synthetic keys, a Gaussian mixture, but real
+sentence keys crowd into a narrow cone and split into partitions worse. Here: the default key of every text in the shared datasets
 (every file of every task, its test splits included, ~118k rows, past INDEX_MIN_ROWS where build-db indexes a table), a
 seeded set of them left out as queries, the table indexed by build-db's own `build_index`, and recall@k against an
 exact search at classify's share and around it, as classify queries (cosine, nprobes).

@@ -1,9 +1,10 @@
-"""The IVF index on real keys, where classify's share of partitions probed (PROBE_SHARE) is chosen: bench/retrieval.py
-measures build-db's index rule (IVF_FLAT, √rows/4 partitions) on synthetic keys, a Gaussian mixture, but real
-sentence keys crowd into a narrow cone and split into partitions worse. Here: the default key of every text in the shared datasets
-(every file of every task, its test splits included, ~118k rows, past INDEX_MIN_ROWS where build-db indexes a table), a
-seeded set of them left out as queries, the table indexed by build-db's own `build_index`, and recall@k against an
-exact search at classify's share and around it, as classify queries (cosine, nprobes).
+"""The IVF index on real keys, where classify's share of partitions probed (PROBE_SHARE) is chosen:
+bench/retrieval.py measures build-db's index rule (IVF_FLAT, √rows/4 partitions) on synthetic keys, a Gaussian
+mixture, but real sentence keys crowd into a narrow cone and split into partitions worse. Here: the default key of
+every text in the shared datasets (every file of every task, its test splits included, ~118k rows, past
+INDEX_MIN_ROWS where build-db indexes a table), a seeded set of them left out as queries, the table indexed by
+build-db's own `build_index`, and recall@k against an exact search at classify's share and around it, as classify
+queries (cosine, nprobes).
 """
 
 from __future__ import annotations

@@ -156,35 +156,31 @@ def text_columns(task: Task) -> list[str]:
 
 
 def validated_schema(schema: pa.Schema, task: Task) -> pa.Schema:
-    """An input schema as validation leaves it: text columns decoded to strings."""
+    """An input schema as validation leaves it: text columns decoded to strings, and an `id` column as `_text_ids`."""
     for column in text_columns(task):
         index = schema.get_field_index(column)
         schema = schema.set(index, schema.field(index).with_type(_text_type(schema.field(index).type)))
-    return schema
+    return _text_ids(schema)
+
+
+def _text_ids(schema: pa.Schema) -> pa.Schema:
+    """`schema` with an `id` column of type null (no value at all, as pandas writes an all-None column) as a string
+    one, whose nulls `output_rows` fills with the rows' positions as in any text `id` column."""
+    if ID not in schema.names or not pa.types.is_null(schema.field(ID).type):
+        return schema
+    return schema.set(schema.get_field_index(ID), schema.field(ID).with_type(pa.string()))
 
 
 def output_columns(schema: pa.Schema, task: Task) -> pa.Schema:
     """The input columns as an output carries them (see `output_rows`): text decoded to strings, and for an input
-    without an `id` column, or with one of type null (no value at all), a string `id` (first where it was absent)."""
+    without an `id` column a string `id` first."""
     schema = validated_schema(schema, task)
-    if ID not in schema.names:
-        return schema.insert(0, pa.field(ID, pa.string()))
-    index = schema.get_field_index(ID)
-    return (
-        schema.set(index, schema.field(index).with_type(pa.string()))
-        if _no_values(schema.field(index).type)
-        else schema
-    )
-
-
-def _no_values(t: pa.DataType) -> bool:
-    """An `id` column of type null holds no id at all: its rows are named by position, as rows without one are."""
-    return pa.types.is_null(t)
+    return schema if ID in schema.names else schema.insert(0, pa.field(ID, pa.string()))
 
 
 def _holds_positions(t: pa.DataType) -> bool:
     """Whether an `id` column of type `t` can take a row's `row:<file key>:<n>` in place of a null."""
-    return _no_values(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def unjoinable(table: pa.Table) -> tuple[np.ndarray, str]:
@@ -206,8 +202,6 @@ def output_rows(table: pa.Table) -> pa.Table:
     if ID not in out.column_names:
         return out.add_column(0, ID, table.column(ROW_ID))
     ids = out.column(ID)
-    if _no_values(ids.type):
-        return out.set_column(out.schema.get_field_index(ID), pa.field(ID, pa.string()), table.column(ROW_ID))
     if not ids.null_count or not _holds_positions(ids.type):
         return out
     filled = pc.if_else(pc.is_null(ids), table.column(ROW_ID).cast(ids.type), ids)
@@ -273,8 +267,9 @@ def validate(
 ) -> Validated:
     """Valid rows (with `_row_id` and `_source`, text as strings, and `label` as int32 indices when labels are
     needed) and errors."""
-    if without_views(table.schema) != table.schema:
-        table = table.cast(without_views(table.schema))
+    read = _text_ids(without_views(table.schema))
+    if read != table.schema:
+        table = table.cast(read)
     check_columns(table.schema, task, need_label, source)
     checks = []
     for column in text_columns(task):

@@ -311,19 +311,19 @@ class Strategy:
         """Reads the label-word head: at its exit, or through the fused policy fitted on the head's answers."""
         return self.reads == "head" or self.needs_policy
 
+    def runs_layers(self, ctx: Context) -> bool:
+        """Runs rows to an exit layer: every strategy that reads a layer, but a probe-fused that fell back."""
+        return self.reads != "none" and not (self.layerless and self.layerless(ctx))
+
     def runs_backbone(self, ctx: Context) -> bool:
         """Runs its rows' prompts through backbone layers, to an exit or for a layer key: only then must a prompt
         fit max_length. key-lr and knn-vote on an embedder's key never run one, nor a probe-fused that fell back."""
-        layers = self.reads != "none" and not (self.layerless and self.layerless(ctx))
-        return layers or bool(self.neighbours(ctx) and ctx.key_depth)
+        return self.runs_layers(ctx) or bool(self.neighbours(ctx) and ctx.key_depth)
 
     def exits_per_row(self, ctx: Context) -> bool:
         """Runs layers to a depth that differs row by row (retrieved, or a probe confident enough): what saves a
-        CPU compute, and a GPU little, where a call costs about the same for one deep row as for all of them. Not a
-        probe-fused that fell back, which runs no layer."""
-        if self.layerless and self.layerless(ctx):
-            return False
-        return (self.needs_retrieval and self.reads != "none") or self.stop is not None
+        CPU compute, and a GPU little, where a call costs about the same for one deep row as for all of them."""
+        return self.runs_layers(ctx) and (self.needs_retrieval or self.stop is not None)
 
 
 def refuse_head(strategies: list[Strategy], label_word_head: bool) -> None:

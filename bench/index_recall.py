@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from common import parse_args, require_data, timer, write_result
 from quality import ensure_artifacts
 
+from raee_ops.calibration import label_vote
 from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.retrieval import INDEX_MIN_ROWS, KMEANS_ITERATIONS, PROBE_SHARE, build_index, index_partitions
 from raee_ops.runtime import SegmentRuntime
@@ -34,7 +35,8 @@ CHUNK = 8192
 
 def shared_rows(data: Path) -> tuple[list[str], list[str | None], list[str], np.ndarray]:
     """(text, pair, file, answer) of every row of every dataset file, files in name order; the answer is the row's
-    label within its file's task, one number per (file's task, label), so a vote across tasks never conflates them."""
+    label within its file's task, one number 0.. per (file's task, label), so a vote across tasks never conflates
+    them."""
     texts: list[str] = []
     pairs: list[str | None] = []
     files: list[str] = []
@@ -47,7 +49,7 @@ def shared_rows(data: Path) -> tuple[list[str], list[str | None], list[str], np.
         files += [f"{path.parent.name}/{path.name}"] * table.num_rows
         offset = tasks.setdefault(path.parent.name, 100 * len(tasks))
         answers.append(offset + table.column("label").to_numpy())
-    return texts, pairs, files, np.concatenate(answers)
+    return texts, pairs, files, np.unique(np.concatenate(answers), return_inverse=True)[1]
 
 
 def keys_of(runtime: SegmentRuntime, texts: list[str], pairs: list[str | None]) -> np.ndarray:
@@ -71,12 +73,9 @@ def exact(queries: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(rows), np.concatenate(sims)
 
 
-def voted(answers: np.ndarray, similarity: np.ndarray, query: np.ndarray, num_queries: int) -> np.ndarray:
-    """Each query's similarity-weighted vote over its hits' answers (as classify's knn-vote weighs them)."""
-    codes, index = np.unique(answers, return_inverse=True)
-    weights = np.zeros((num_queries, len(codes)))
-    np.add.at(weights, (query, index), similarity)
-    return codes[weights.argmax(axis=1)]
+def voted(answers: np.ndarray, similarity: np.ndarray) -> np.ndarray:
+    """Each query's label vote over its B×k neighbours' answers, weighted as classify's knn-vote weighs them."""
+    return label_vote(answers, similarity, int(answers.max()) + 1).argmax(axis=1)
 
 
 def probed(
@@ -98,14 +97,13 @@ def probed(
             .nprobes(nprobes)
             .select(["id", "_distance"])
             .to_arrow()
+            .sort_by([("query_index", "ascending"), ("_distance", "ascending")])
         )
     rows, sims = truth
-    similarity = 1.0 - hits["_distance"].to_numpy()
-    query = hits["query_index"].to_numpy()
-    found = np.bincount(query[similarity >= sims[query, -1] - 1e-4], minlength=len(queries))
-    per_query = np.minimum(found, K) / K
-    exact_vote = voted(answers[rows].ravel(), sims.ravel(), np.repeat(np.arange(len(queries)), K), len(queries))
-    index_vote = voted(answers[hits["id"].to_numpy()], similarity, query, len(queries))
+    found = hits["id"].to_numpy().reshape(len(queries), K)  # k hits each, as classify's Retriever checks
+    similarity = 1.0 - hits["_distance"].to_numpy().reshape(len(queries), K)
+    per_query = np.minimum((similarity >= sims[:, -1:] - 1e-4).sum(axis=1), K) / K
+    exact_vote, index_vote = voted(answers[rows], sims), voted(answers[found], similarity)
     return {
         "nprobes": nprobes,
         "recall_at_k": float(per_query.mean()),

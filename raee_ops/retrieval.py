@@ -40,7 +40,7 @@ from raee_ops.schemas.tables import (
 #: holds the copy (158 MB at 100k rows, 1.6 GB and 15 s to read at 1M; Dataflow runs a Python process per core).
 INDEX_MIN_ROWS = 100_000
 #: Share of the index's partitions each search probes: the smallest measured share whose recall@10 on real keys
-#: reaches 0.99 (bench/index_recall.py: the default key of 118k shared-dataset texts, 0.963 at 0.2, 0.994 at 0.4;
+#: reaches 0.99 (bench/index_recall.py: the default key of 118k shared-dataset texts, 0.966 at 0.2, 0.994 at 0.4;
 #: synthetic keys in bench/retrieval.py reached 0.998 at 0.2 already).
 PROBE_SHARE = 0.4
 #: kmeans iterations when training the index (the default 50 makes a 1M-row build take many minutes on 2 cores);

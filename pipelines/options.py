@@ -243,6 +243,7 @@ class _Interrupts:
 
     def __init__(self, local_workers: bool = False) -> None:
         self.seen = False
+        self.terminated = False
         self._left = threading.Event()
         main = threading.current_thread() is threading.main_thread()
         # only Python's own handling is replaced: an ignored SIGINT (a `cmd &` job, `trap '' INT`) stays so
@@ -269,6 +270,7 @@ class _Interrupts:
         signal.default_int_handler(signum, frame)
 
     def _terminated(self, signum: int, frame: object) -> None:
+        self.terminated = True
         self._reap()
         raise _Terminated
 
@@ -337,12 +339,11 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
         interrupted.stop_workers()
         raise
     except _Terminated:
-        _cancel(result, what)
-        interrupted.stop_workers()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)  # status -15, nothing else cleaned up, as SIGTERM leaves a process
+        _end_terminated(result, what, interrupted)
         raise
     except Exception as exc:
+        if interrupted.terminated:  # raised in a transform the local runner runs in this thread, which wraps it
+            _end_terminated(result, what, interrupted)
         _cancel(result, what)
         if interrupted.seen:  # Ctrl-C reaches the runner's threads too, which report it as their own failure
             raise KeyboardInterrupt from exc
@@ -351,6 +352,15 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
     if state != "DONE":
         raise RaeeRunError(f"{what} pipeline ended in state {state}")
     return result
+
+
+def _end_terminated(result: Any, what: str, interrupted: _Interrupts) -> None:
+    """A SIGTERM's end: the job cancelled, the local workers stopped, then status -15 with nothing else cleaned up,
+    as SIGTERM leaves a process."""
+    _cancel(result, what)
+    interrupted.stop_workers()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _streams_without_deadline(result: Any) -> None:

@@ -704,11 +704,24 @@ def test_16_classify_never_removes_another_commands_files(segment_artifacts, db,
     assert sorted(p.name for p in shared.glob("errors-*.parquet")) == theirs  # build-db's rejected rows stay
 
 
-def test_17_ctrl_c_is_interrupted_130_not_a_workers_failure(segment_artifacts, db, tmp_path):  # noqa: F811
+@pytest.mark.parametrize(
+    ("mode", "status", "stderr"), [("interrupt", 130, "error: interrupted\n"), ("terminate", -signal.SIGTERM, "")]
+)
+def test_17_a_signal_in_the_pipeline_is_that_signal_not_a_workers_failure(
+    segment_artifacts,  # noqa: F811
+    db,
+    tmp_path,
+    mode,
+    status,
+    stderr,
+):
+    """A Ctrl-C (130) or a scheduler's SIGTERM (its status) that lands in a transform the local runner runs in the
+    driver's thread, which wraps what the handler raises in a worker's failure: a SIGTERM ended as that failure,
+    exit 1 and an error line."""
     queries = labelled(tmp_path / "q.parquet", 40, 1, "q", bad=False)
     args = classify_args(segment_artifacts, db, tmp_path / "out", queries)
-    run = raee_ops(*args, fault="batch:classify", mode="interrupt")  # in the pipeline, as a user's Ctrl-C lands
-    assert (run.returncode, run.stderr) == (130, "error: interrupted\n")
+    run = raee_ops(*args, fault="batch:classify", mode=mode)  # in the pipeline, as a user's Ctrl-C lands
+    assert (run.returncode, run.stderr) == (status, stderr)
     assert not (tmp_path / "out" / "_SUCCESS").exists()
     assert raee_ops(*args).returncode == 0
 

@@ -172,7 +172,8 @@ def _prune(
         there = {v for v, _ in features_history}
         features_kept = (_pinned(handle, kept) & there) | {v for v, _ in features_history[-1:]}
         if dry_run:
-            return Pruned(table, *_split(history, kept), *_split(features_history, features_kept), None)
+            staying = (_staying(history, kept), _staying(features_history, features_kept))
+            return Pruned(table, *_split(history, staying[0]), *_split(features_history, staying[1]), None)
         before = _size(db_uri, table)
         _cut(handle, history, kept)
         if features is not None:
@@ -214,15 +215,23 @@ def _pinned(handle: lancedb.table.Table, versions: set[int]) -> set[int]:
     return pinned
 
 
-def _cut(handle: lancedb.table.Table, history: list[tuple[int, float]], kept: set[int]) -> None:
-    """Remove the versions committed before the oldest kept one. LanceDB cuts by age from its own clock's now,
-    read a moment after ours: the cut lies midway between the newest version to go and the oldest to stay, so
-    that moment may last half their distance (never the latest version, which LanceDB never removes)."""
+def _staying(history: list[tuple[int, float]], kept: set[int]) -> set[int]:
+    """The versions a cut that keeps `kept` leaves: LanceDB cuts by age, so every version committed after the
+    oldest kept one stays too (a companion's version between two that kept table versions name)."""
     oldest_kept = min(t for v, t in history if v in kept)
-    older = [t for v, t in history if v not in kept and t < oldest_kept]
+    return {v for v, t in history if v in kept or t >= oldest_kept}
+
+
+def _cut(handle: lancedb.table.Table, history: list[tuple[int, float]], kept: set[int]) -> None:
+    """Remove the versions `_staying` does not leave, those committed before the oldest kept one. LanceDB cuts by
+    age from its own clock's now, read a moment after ours: the cut lies midway between the newest version to go
+    and the oldest to stay, so that moment may last half their distance (never the latest version, which LanceDB
+    never removes)."""
+    staying = _staying(history, kept)
+    older = [t for v, t in history if v not in staying]
     if not older:
         return  # nothing to remove: no call, no new version
-    cut = (max(older) + oldest_kept) / 2
+    cut = (max(older) + min(t for v, t in history if v in staying)) / 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LanceDB's warning about readers of older versions: the grace is for them
         handle.optimize(cleanup_older_than=timedelta(seconds=time.time() - cut))

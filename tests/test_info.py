@@ -244,6 +244,26 @@ def test_prune_keeps_the_newest_versions_those_replaced_lately_and_what_they_wer
     ]
 
 
+def test_a_dry_run_of_prune_names_the_versions_prune_then_removes(segment_artifacts, tmp_path):  # noqa: F811
+    """Versions 1-4 (an overwrite, three appends), then a rollback to 2 (5, built on the companion's version 2):
+    keeping one version keeps the companion's 2 and its latest, 4, and LanceDB's cut by age leaves 3 between them.
+    The dry run said it would remove 3."""
+    db = build_twice(segment_artifacts, tmp_path)
+    for name in ("c", "d"):
+        rows = labelled(tmp_path / f"{name}.parquet", 8, 2, name, bad=False)
+        run_build_db(segment_artifacts, "sst2", [str(rows)], db, "sst2", "backbone", "append", None)
+    assert rollback(db, "sst2", 2)["version"] == 5
+    planned = prune(db, "sst2", 1, timedelta(0), dry_run=True)
+    done = prune(db, "sst2", 1, timedelta(0))
+    for pruned in (planned, done):
+        assert (pruned.removed, pruned.kept, pruned.features_removed, pruned.features_kept) == (
+            [1, 2, 3, 4],
+            [5],
+            [1],
+            [2, 3, 4],
+        )
+
+
 def test_prune_without_a_table_prunes_every_exit_table_and_names_those_another_run_holds(segment_artifacts, tmp_path):  # noqa: F811
     """Two exit tables and one build-db did not write: both exit tables pruned, the other left alone; with one of
     them held by another run, the other is pruned and the command ends with exit 75 naming the held one."""

@@ -74,9 +74,10 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
 def refuse_reading_own_output(
     found: Sequence[FileMetadata], patterns: Sequence[str], folder: str, written: Sequence[str], what: str
 ) -> None:
-    """Refuse, before any work, a folder of Parquet outputs (a dataset readers take whole) that holds an input file:
-    they would mix; and one whose files an input pattern matches (refuse_matched_outputs)."""
-    held = [m.path for m in found if storage.same_folder(storage.parent(m.path), folder)]
+    """Refuse, before any work, a folder of Parquet outputs (a dataset readers take whole, subfolders included) that
+    holds an input file, at any depth: they would mix; and one whose files an input pattern matches
+    (refuse_matched_outputs)."""
+    held = [m.path for m in found if storage.within(m.path, folder)]
     if held:
         raise RaeeConfigError(f"{what} {folder} holds the input {held[0]}; write the outputs to a folder of their own")
     refuse_matched_outputs(patterns, folder, written, what)

@@ -381,7 +381,8 @@ def test_outputs_inside_an_artifacts_folder_are_refused_before_any_work(segment_
 
 def test_outputs_among_or_matched_by_the_inputs_are_refused_before_any_work(segment_artifacts, db, tmp_path):  # noqa: F811
     """Outputs an --input pattern matches are read as input by the same command run again (a scheduler's retry),
-    whichever command writes them; Parquet outputs written beside the inputs mix with them: both are refused. A
+    whichever command writes them; Parquet outputs written beside the inputs, or in a folder above them (readers
+    take a folder whole, subfolders included; only beside them was refused), mix with them: both are refused. A
     report (no Parquet) may lie beside its input."""
     data = tmp_path / "data"
     data.mkdir()
@@ -389,6 +390,10 @@ def test_outputs_among_or_matched_by_the_inputs_are_refused_before_any_work(segm
     before = sorted(tmp_path.rglob("*"))
     run = raee_ops(*classify_args(segment_artifacts, db, data, f"{data}/*.parquet"))
     assert run.returncode == 2 and f"--output {data} holds the input {queries}" in one_error_line(run)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path, queries))  # a folder above: read whole too
+    assert run.returncode == 2 and f"--output {tmp_path} holds the input {queries}" in one_error_line(run)
+    run = raee_ops(*build_args(segment_artifacts, db, queries, table="t2", extra=["--errors", tmp_path]))
+    assert run.returncode == 2 and f"--errors {tmp_path} holds the input {queries}" in one_error_line(run)
     run = raee_ops(*classify_args(segment_artifacts, db, data / "out", f"{data}/**.parquet"))
     line = one_error_line(run)
     assert run.returncode == 2 and f"--input {data}/**.parquet matches what this run writes to --output" in line

@@ -187,7 +187,7 @@ def unknown_args(beam_args: Sequence[str], command_options: Iterable[str]) -> st
     except ValueError as exc:
         return f"bad Beam pipeline option: {exc}"
     if not unknown:
-        return _bad_value(known)
+        return _own_record(known) or _bad_value(known)
     first = unknown[0]
     if not first.startswith("-"):
         return f"unexpected argument {first!r}"
@@ -196,6 +196,17 @@ def unknown_args(beam_args: Sequence[str], command_options: Iterable[str]) -> st
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"no such option: {name}{hint}; options this command does not know must be Beam pipeline options"
+
+
+#: The RaeeOptions make_pipeline sets from the command's own options, after the caller's: one given was dropped.
+RECORDED = ("command", "artifacts", "task", "db", "table", "strategy")
+
+
+def _own_record(options: argparse.Namespace) -> str | None:
+    given = [name for name in RECORDED if getattr(options, f"raee_{name}", None) is not None]
+    if not given:
+        return None
+    return f"--raee_{given[0]} is raee-ops's record of the command's own options, not one to give (it would be ignored)"
 
 
 def _bad_value(options: argparse.Namespace) -> str | None:

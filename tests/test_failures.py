@@ -116,6 +116,9 @@ def test_2_misspelt_options_are_usage_errors_naming_the_closest(segment_artifact
     assert not (tmp_path / "x").exists()
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=["--k", "0"]))
     assert run.returncode == 2 and "--k" in one_error_line(run)
+    recorded = ["--raee_strategy", "full"]  # a pipeline option raee-ops sets from --strategy: it was dropped
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=recorded))
+    assert run.returncode == 2 and "--raee_strategy is raee-ops's record of the" in one_error_line(run)
     assert not (tmp_path / "o").exists()
     beam_option = ["--direct_num_workers", "1"]  # Beam's own options still pass through
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=beam_option))

@@ -297,6 +297,8 @@ def run_build_db(
         )
     if rows_in == 0 and mode == "overwrite":
         refuse_overwrite_with_nothing(table, allow_empty)
+    if rows_in == 1 and mode == "overwrite":  # before any work: after it, the run has made its folders
+        refuse_one_row(table, rows_in)
     meta = expected_meta(manifest, task_name, embedder)
     if existing is not None:
         check_meta(existing, meta, f"table {table!r} in {db_uri}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -125,8 +126,18 @@ def _read_validated(inputs: list[str], task: Task) -> tuple[pa.Table, list[dict[
                 valid.append(checked.valid)
             rejected += checked.errors.to_pylist()
     if not valid:
-        raise RaeeConfigError(f"nothing to evaluate: all {len(rejected)} rows of {', '.join(inputs)} were rejected")
+        raise nothing_to_evaluate(inputs, rejected)
     return pa.concat_tables(valid), rejected
+
+
+def nothing_to_evaluate(inputs: list[str], rejected: list[dict[str, str]]) -> RaeeConfigError:
+    """No row to score: the line says why, with the commonest reasons (evaluate writes no report to keep them)."""
+    where = ", ".join(inputs)
+    if not rejected:
+        return RaeeConfigError(f"nothing to evaluate: {where} holds no rows")
+    reasons = Counter(row["reason"] for row in rejected)
+    why = "; ".join(f"{n} × {reason}" for reason, n in reasons.most_common(2)) + ("; …" if len(reasons) > 2 else "")
+    return RaeeConfigError(f"nothing to evaluate: all {len(rejected)} rows of {where} were rejected ({why})")
 
 
 def _run_layers(
@@ -290,7 +301,7 @@ def evaluate(
     rows, probe_lp, failed = _run_layers(handler, valid, probes)
     rejected += failed
     if rows.num_rows == 0:
-        raise RaeeConfigError(f"nothing to evaluate: all {len(rejected)} rows of {', '.join(inputs)} were rejected")
+        raise nothing_to_evaluate(inputs, rejected)
     labels = rows.column("label").to_numpy().astype(np.int64)
     logprobs = flat_values(rows, "layer_logprobs").reshape(rows.num_rows, num_layers, num_labels).transpose(1, 0, 2)
     keys = flat_values(rows, "vector").reshape(rows.num_rows, -1)

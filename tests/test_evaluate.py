@@ -155,3 +155,17 @@ def test_cli_writes_the_report_and_exits_2_on_a_missing_column(segment_artifacts
     missing = run(tmp_path / "nolabel.parquet", tmp_path / "bad")
     assert missing.returncode == 2
     assert "missing column(s) label" in missing.stderr and not (tmp_path / "bad").exists()
+
+
+def test_nothing_to_evaluate_says_why(segment_artifacts, evaluated, tmp_path):  # noqa: F811
+    """Every row rejected: evaluate writes no report, so its one line names the commonest reasons (it named none:
+    the user could not tell why); an input of no rows says so, not that its 0 rows were rejected."""
+    root = str(evaluated[0] / "db")
+    blank = tmp_path / "blank.parquet"
+    pq.write_table(pa.table({"text": ["", " ", None], "label": [0, 1, 0]}), blank)
+    with pytest.raises(RaeeConfigError, match=r"were rejected \(2 × text is empty or whitespace; 1 × text is null\)$"):
+        evaluate(segment_artifacts, "sst2", root, "sst2", [str(blank)], k=5)
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}), empty)
+    with pytest.raises(RaeeConfigError, match=f"nothing to evaluate: {empty} holds no rows$"):
+        evaluate(segment_artifacts, "sst2", root, "sst2", [str(empty)], k=5)

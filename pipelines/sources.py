@@ -8,6 +8,7 @@ row group that could not be read become error rows naming the file, and the next
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from functools import cache
 from typing import Any
@@ -67,8 +68,25 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
         matched = storage.match_metadata(pattern)
         if not matched:
             raise RaeeConfigError(f"--input {pattern}: no such file (no Parquet files match)")
-        files |= {m.path: m for m in matched if m.path not in files}
+        if storage.is_local(pattern):
+            refuse_unreadable(pattern)
+        for m in matched:  # a local file once, however spelt (a link to it, another route): read twice otherwise
+            files.setdefault(_same_file(m.path), m)
     return list(files.values())
+
+
+def _same_file(path: str) -> str:
+    return os.path.realpath(path) if storage.is_local(path) else path
+
+
+def refuse_unreadable(pattern: str) -> None:
+    """Refuse a local pattern that names or matches what is not a regular file (storage.unreadable_matches)."""
+    unreadable = storage.unreadable_matches(pattern)
+    if unreadable:
+        path = unreadable[0]
+        dangling = os.path.islink(path) and not os.path.exists(path)
+        kind = f"a link to nothing ({os.readlink(path)})" if dangling else "a named pipe, socket or device"
+        raise RaeeConfigError(f"--input {pattern}: {path} is not a file that can be read: {kind}")
 
 
 def refuse_reading_own_output(

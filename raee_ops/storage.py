@@ -15,6 +15,7 @@ import errno
 import fnmatch
 import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from typing import Any, BinaryIO
 
@@ -251,6 +252,26 @@ def match_metadata(pattern: str, limit: int | None = None) -> list[FileMetadata]
         pattern = os.path.abspath(local_path(pattern))
     found = FileSystems.match([pattern], [limit])[0].metadata_list
     return sorted(found, key=lambda m: m.path)
+
+
+def unreadable_matches(pattern: str) -> list[str]:
+    """Local entries a pattern names or matches that are not regular files: a link to nothing, which Beam's glob
+    skips without a word (its rows would go missing), and a named pipe, socket or device, whose read waits forever."""
+    path = os.path.abspath(local_path(pattern))
+    prefix = re.match("^[^[*?]*", path).group(0)
+    if prefix == path:
+        found = [path] if os.path.lexists(path) else []
+    else:  # the folder Beam walks for it
+        walked = (os.path.join(d, f) for d, _, files in os.walk(os.path.dirname(prefix)) for f in files)
+        found = [f for f in walked if matches(path, f)]
+    return [f for f in found if not _regular(f)]
+
+
+def _regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def match(pattern: str, limit: int | None = None) -> list[str]:

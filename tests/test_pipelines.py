@@ -3,6 +3,7 @@
 import glob
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -366,6 +367,25 @@ def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position_once_per_rea
     assert ids(mixed) == [["a", "row:k1:1"], ["row:k1:2", "d"]] and hashed == [str(mixed)]
     assert ids(mixed) == [["a", "row:k2:1"], ["row:k2:2", "d"]] and hashed == [str(mixed)] * 2
     assert sources.file_keys(str(mixed))[0].to_pylist() == ["a", "row:k3:1", "row:k3:2", "d"]
+
+
+def test_inputs_read_each_local_file_once_and_refuse_what_is_not_a_file(tmp_path):
+    """A link to an input is that input (its rows were read twice, under the same ids); a link to nothing that a glob
+    matches was skipped by Beam's glob without a word, and a named pipe hung the run reading it: both refused."""
+    data = tmp_path / "data"
+    data.mkdir()
+    real = write_labelled(data / "a.parquet", ["a"], ["good"], [1])
+    (data / "b.parquet").symlink_to(real.name)
+    assert [m.path for m in sources.input_files([f"{data}/*.parquet", str(real)])] == [str(real)]
+    (data / "c.parquet").symlink_to(tmp_path / "gone.parquet")
+    with pytest.raises(RaeeConfigError, match=r"c.parquet is not a file that can be read: a link to nothing \("):
+        sources.input_files([f"{data}/*.parquet"])
+    (data / "c.parquet").unlink()
+    (data / "sub").mkdir()
+    os.mkfifo(data / "sub" / "d.parquet")
+    for pattern in (f"{data}/**.parquet", str(data / "sub" / "d.parquet")):
+        with pytest.raises(RaeeConfigError, match=r"d.parquet is not a file that can be read: a named pipe"):
+            sources.input_files([pattern])
 
 
 def test_a_rewritten_file_gets_its_new_contents_key(tmp_path):

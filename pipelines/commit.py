@@ -189,6 +189,7 @@ class OutputClaim:
             fault_point(f"publish:{pattern}")
         marker = marker | {"files": names}
         storage.write_bytes(storage.join(self.folder, SUCCESS), json.dumps(marker, indent=1, sort_keys=True).encode())
+        fault_point(f"publish:{SUCCESS}")
         storage.delete([storage.join(self.folder, PUBLISHING)])
         return published
 
@@ -210,7 +211,23 @@ def completed(folder: str, job: str) -> dict[str, Any] | None:
     if not storage.is_file(marker):
         return None
     found = json.loads(storage.read_bytes(marker))
-    return found if found.get("job") == job else None
+    if found.get("job") != job:
+        return None
+    _tidy(str(folder))
+    return found
+
+
+def _tidy(folder: str) -> None:
+    """What a run killed just after writing `_SUCCESS` left beside it (its publishing list, its staging folder),
+    removed under the folder's claim; left to a later retry while another run holds the folder."""
+    leftovers = [storage.join(folder, n) for n in storage.children(folder) if n in (PUBLISHING, TEMPORARY)]
+    if not leftovers:
+        return
+    try:
+        with hold(folder, "the output folder"):
+            remove_leftovers(leftovers, folder)
+    except Busy:
+        pass
 
 
 @contextmanager

@@ -62,6 +62,21 @@ def test_classify_killed_then_rerun(point, segment_artifacts, reference, tmp_pat
     fault_records.append(FaultRecord("classify", point, 1, lost, duplicated))
 
 
+def test_classify_killed_just_after_its_success_marker_is_done_and_tidied(segment_artifacts, reference, tmp_path):  # noqa: F811
+    """Killed between writing `_SUCCESS` and removing its publishing list: complete, so a rerun is done; the list and
+    the staging folder it left beside the marker were never removed."""
+    queries = labelled(tmp_path / "q.parquet", ROWS, 9, "q")
+    out = tmp_path / "out"
+    args = classify_args(segment_artifacts, reference, out, queries)
+    assert raee_ops(*args, fault="publish:_SUCCESS").returncode == KILLED
+    assert {"_SUCCESS", "_PUBLISHING", "_temporary"} <= {p.name for p in out.iterdir()}
+    rerun = raee_ops(*args)
+    assert rerun.returncode == 0 and "already done" in rerun.stdout, rerun.stderr
+    assert not {"_PUBLISHING", "_temporary"} & {p.name for p in out.iterdir()}
+    ids = read_folder(out, "predictions").column("id").to_pylist() + read_folder(out, "errors").column("id").to_pylist()
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == ROWS + len(BAD_IDS)
+
+
 def test_classify_killed_while_removing_a_killed_runs_leftovers(segment_artifacts, reference, tmp_path):  # noqa: F811
     """The list of what a killed run published goes last: removed first, it left the files it named looking like
     another command's, and the folder was refused for good."""

@@ -208,7 +208,16 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
                     failed.append(internal_errors(table.slice(i, 1), [f"inference failed: {exc!r}"]))
             if not rows:  # no row runs: the artifacts or the worker are broken, not the rows; the job fails
                 raise RaeeRunError(f"inference failed on every row of a batch: {batch_failure!r}") from batch_failure
+            if self.runs_backbone(model) and not any(self.ran_layers(model, r) for r in rows):  # the same, where
+                # the rows kept are those answered without running a layer (retrieval's exit 0)
+                raise RaeeRunError(
+                    f"inference failed on every row of a batch that runs a layer: {batch_failure!r}"
+                ) from batch_failure
             return rows, failed
+
+    def ran_layers(self, model: Loaded, rows: pa.Table) -> bool:
+        """Whether answering these rows (`predict`'s table) ran the backbone: every row build-db answers does."""
+        return True
 
     def refused(self, table: pa.Table) -> tuple[np.ndarray, str]:
         """Rows this command cannot write whatever the model answers, and why: none but in classify."""
@@ -372,6 +381,10 @@ class ClassifyHandler(_RaeeHandler):
 
     def runs_backbone(self, model: Loaded) -> bool:
         return model.strategy.runs_backbone(model.context)
+
+    def ran_layers(self, model: Loaded, rows: pa.Table) -> bool:
+        """A layer key runs its layers for every row, exit 0 included."""
+        return model.context.key_depth > 0 or bool(rows.column("exit_layer").to_numpy().any())
 
     def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
         runtime, strategy, context = model.runtime, model.strategy, model.context

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import lancedb
 import pyarrow as pa
@@ -21,7 +22,7 @@ import pytest
 from cli_runs import one_error_line, raee_ops, read_folder
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.commit import locked, new_run_id, scratch_folder
-from raee_ops.pipelines.inference import BuildHandler
+from raee_ops.pipelines.inference import BuildHandler, ClassifyHandler
 from raee_ops.pipelines.sources import read_validated_file
 from raee_ops.schemas.manifest import load_manifest
 from raee_ops.schemas.tables import FEATURES_SUFFIX
@@ -31,7 +32,7 @@ from test_pipelines import labelled, sentences
 from raee_ops.errors import ArtifactError, RaeeRunError
 from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.retrieval import table_names
-from raee_ops.rows import ROW_ID
+from raee_ops.rows import ROW_ID, SOURCE
 from raee_ops.tasks import PRESETS
 
 
@@ -577,6 +578,36 @@ def test_19_a_broken_artifact_fails_the_job_it_never_rejects_the_rows(segment_ar
     assert run.returncode == 1 and "inference failed on every row of a batch" in one_error_line(run), run.stderr
     assert "sst2" not in table_names(lancedb.connect(str(tmp_path / "db")))
     assert not list((tmp_path / "db").rglob("errors-*.parquet"))  # no row published as rejected
+
+
+def test_a_backbone_failing_every_row_that_runs_a_layer_fails_the_job():
+    """A backbone broken under a matching checksum (a manifest's readout the runtime does not know): classify's
+    default answered some rows at exit 0, without a layer, and rejected the rest with the backbone's error, exit 0.
+    Rows kept only where no layer ran do not clear the worker; one row that ran a layer and was answered does."""
+
+    class Broken(ClassifyHandler):
+        def __init__(self) -> None:  # no artifacts: predict stands in for the runtime
+            pass
+
+        def runs_backbone(self, model: object) -> bool:
+            return True
+
+        def predict(self, model: object, table: pa.Table, prompts: list[str]) -> pa.Table:
+            if any(p.startswith("deep") for p in prompts):
+                raise ValueError("a prompt has no mask token to read out")
+            exits = [int(p.startswith("ran")) for p in prompts]
+            return pa.table({"id": table.column(ROW_ID), "exit_layer": pa.array(exits, pa.int32())})
+
+    model = SimpleNamespace(context=SimpleNamespace(key_depth=0))
+    rows = pa.table({ROW_ID: ["a", "b"], SOURCE: ["f.parquet"] * 2})
+    with pytest.raises(RaeeRunError, match="inference failed on every row of a batch that runs a layer"):
+        Broken().predicted(model, rows, ["zero", "deep"])
+    kept, failed = Broken().predicted(model, rows, ["ran", "deep"])  # the backbone answered a row: that one is at fault
+    assert [t.column("id").to_pylist() for t in kept] == [["a"]] and [t.column("id").to_pylist() for t in failed] == [
+        ["b"]
+    ]
+    layer_key = SimpleNamespace(context=SimpleNamespace(key_depth=2))  # its exit 0 ran the key's layers
+    assert len(Broken().predicted(layer_key, rows, ["zero", "deep"])[0]) == 1
 
 
 @pytest.mark.parametrize("then", ["append", "prune"])

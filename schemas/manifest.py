@@ -186,8 +186,12 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
 def parse_manifest(text: str, where: str) -> Manifest:
     try:
         manifest = Manifest.from_dict(json.loads(text))
-    except (ValueError, KeyError, TypeError) as exc:
+        refs = manifest.file_refs()
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # the last: a list where a mapping belongs
         raise ArtifactError(f"{where} is not a valid manifest: {exc}") from exc
+    for ref in refs:
+        if not (isinstance(ref.file, str) and isinstance(ref.sha256, str)):
+            raise ArtifactError(f"{where} is not a valid manifest: file {ref.file!r} with sha256 {ref.sha256!r}")
     if manifest.format != FORMAT:
         raise ArtifactError(f"{where} has format {manifest.format!r}, expected {FORMAT!r}")
     return manifest

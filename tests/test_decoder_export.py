@@ -4,6 +4,7 @@ manifest describes what was written, and bad input or a failed export ends clean
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -90,6 +91,28 @@ def test_tampered_file_is_refused(tiny_llama_artifacts: Path, tmp_path: Path) ->
     with open(copy / "layer_001.onnx", "ab") as handle:
         handle.write(b"\0")
     with pytest.raises(ArtifactError, match="checksum mismatch.*layer_001"):
+        load_manifest(copy)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.update(tasks=list(m["tasks"].values())),
+        lambda m: m.update(embedders=[]),
+        lambda m: m["segments"]["layers"][0].update(sha256=12345),
+    ],
+    ids=["tasks-list", "embedders-list", "sha256-number"],
+)
+def test_a_manifest_of_the_wrong_json_types_is_not_a_valid_one(
+    tiny_llama_artifacts: Path, tmp_path: Path, edit
+) -> None:
+    """A list where a mapping belongs, a number for a checksum: one line naming the manifest (an internal error,
+    exit 1, before)."""
+    copy = Path(shutil.copytree(tiny_llama_artifacts, tmp_path / "copy"))
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
+    edit(manifest)
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="is not a valid manifest"):
         load_manifest(copy)
 
 

@@ -61,7 +61,10 @@ class Duration(click.ParamType):
             amount = math.nan
         if unit not in self.UNITS or not math.isfinite(amount) or amount < 0:
             self.fail(f"{value!r} is not a duration (a number and s, m, h or d: 90s, 30m, 12h, 7d; or 0)", param, ctx)
-        return timedelta(seconds=amount * self.UNITS[unit])
+        try:
+            return timedelta(seconds=amount * self.UNITS[unit])
+        except OverflowError:  # past timedelta's 999,999,999 days
+            self.fail(f"{value!r} is longer than any duration this can wait (999999999d)", param, ctx)
 
 
 def share(low_open: bool = False) -> Number:

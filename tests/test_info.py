@@ -292,7 +292,8 @@ def test_prune_refuses_while_another_run_holds_the_table_and_a_bad_option(segmen
     with hold(work_dir(db, "sst2"), "table 'sst2'"):
         busy = run_cli("prune", "--db", db, "--table", "sst2", "--keep", "1", "--grace", "0")
     assert busy.returncode == 75 and "another run is writing table 'sst2'" in busy.stderr
-    for bad in (["--keep", "0"], ["--keep", "1", "--grace", "5x"], ["--keep", "1", "--grace", "-1h"]):
+    too_long = ["--keep", "1", "--grace", "99999999999d"]  # past timedelta's range: an internal error, exit 1
+    for bad in (["--keep", "0"], ["--keep", "1", "--grace", "5x"], ["--keep", "1", "--grace", "-1h"], too_long):
         run = run_cli("prune", "--db", db, "--table", "sst2", *bad)
         assert run.returncode == 2 and "Invalid value for" in run.stderr, (bad, run.stderr)
     gone = run_cli("prune", "--db", db, "--table", "nope", "--keep", "1")

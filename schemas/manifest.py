@@ -140,7 +140,7 @@ class Manifest:
                 name: EmbedderEntry(**{**e, "model": FileRef(**e["model"]), "tokenizer": FileRef(**e["tokenizer"])})
                 for name, e in raw.get("embedders", {}).items()
             },
-            label_word_head=bool(raw.get("label_word_head", True)),
+            label_word_head=raw.get("label_word_head", True),
             verify=raw.get("verify"),
             quantization=raw.get("quantization"),
             optimization=raw.get("optimization"),
@@ -192,9 +192,39 @@ def parse_manifest(text: str, where: str) -> Manifest:
     for ref in refs:
         if not (isinstance(ref.file, str) and isinstance(ref.sha256, str)):
             raise ArtifactError(f"{where} is not a valid manifest: file {ref.file!r} with sha256 {ref.sha256!r}")
+    problem = _invalid(manifest)
+    if problem:
+        raise ArtifactError(f"{where} is not a valid manifest: {problem}")
     if manifest.format != FORMAT:
         raise ArtifactError(f"{where} has format {manifest.format!r}, expected {FORMAT!r}")
     return manifest
+
+
+def _invalid(m: Manifest) -> str | None:
+    """The first setting the runtime reads that no export writes: the checksums vouch for the files, not for these,
+    and a wrong one failed only in workers, or answered rows wrongly."""
+    if m.num_layers != len(m.segments.layers) or m.num_layers < 1:
+        return f"num_layers {m.num_layers} for {len(m.segments.layers)} layer files"
+    sizes = {"hidden_size": m.hidden_size, "max_length": m.max_length}
+    sizes |= {f"embedder {n} {k}": getattr(e, k) for n, e in m.embedders.items() for k in ("dim", "max_length")}
+    for name, value in sizes.items():
+        if not _whole(value) or value < 1:
+            return f"{name} {value!r}, expected a positive whole number"
+    if not _whole(m.tokenizer.pad_id) or m.tokenizer.pad_id < 0:
+        return f"tokenizer pad_id {m.tokenizer.pad_id!r}, expected a token id"
+    if m.readout not in READOUTS:
+        return f"readout {m.readout!r}, expected one of {', '.join(READOUTS)}"
+    if m.readout == "mask" and not isinstance(m.tokenizer.mask_token_id, int):
+        return "readout 'mask' without the tokenizer's mask_token_id"
+    if m.padding_side not in ("left", "right"):
+        return f"padding_side {m.padding_side!r}, expected left or right"
+    if not isinstance(m.label_word_head, bool):
+        return f"label_word_head {m.label_word_head!r}, expected true or false"
+    return None
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def load_manifest(directory: str | Path, verify_checksums: bool = True) -> Manifest:

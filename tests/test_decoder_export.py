@@ -100,14 +100,21 @@ def test_tampered_file_is_refused(tiny_llama_artifacts: Path, tmp_path: Path) ->
         lambda m: m.update(tasks=list(m["tasks"].values())),
         lambda m: m.update(embedders=[]),
         lambda m: m["segments"]["layers"][0].update(sha256=12345),
+        lambda m: m.update(readout="bogus"),
+        lambda m: m.update(num_layers=m["num_layers"] - 1),
+        lambda m: m.update(hidden_size=0),
+        lambda m: m.update(padding_side="middle"),
+        lambda m: m.update(label_word_head="false"),
+        lambda m: m["tokenizer"].update(pad_id="abc"),
     ],
-    ids=["tasks-list", "embedders-list", "sha256-number"],
+    ids=["tasks-list", "embedders-list", "sha256-number", "readout", "num-layers", "hidden", "padding", "head", "pad"],
 )
-def test_a_manifest_of_the_wrong_json_types_is_not_a_valid_one(
+def test_a_manifest_of_the_wrong_json_types_or_settings_is_not_a_valid_one(
     tiny_llama_artifacts: Path, tmp_path: Path, edit
 ) -> None:
     """A list where a mapping belongs, a number for a checksum: one line naming the manifest (an internal error,
-    exit 1, before)."""
+    exit 1, before); and settings no export writes, which the checksums do not cover (a readout the runtime does not
+    know failed each row that ran a layer; a smaller num_layers built a table of fewer layers)."""
     copy = Path(shutil.copytree(tiny_llama_artifacts, tmp_path / "copy"))
     manifest = json.loads((copy / MANIFEST_NAME).read_text())
     edit(manifest)

@@ -42,7 +42,7 @@ from typing import Any
 from apache_beam.io.filesystem import FileMetadata
 
 from raee_ops import logs, storage
-from raee_ops.errors import Busy, RaeeConfigError
+from raee_ops.errors import Busy, RaeeConfigError, first_line
 from raee_ops.faults import fault_point
 
 TEMPORARY = "_temporary"
@@ -100,12 +100,54 @@ def _claims(place: str) -> list[Any]:
     return storage.match_metadata(storage.join(place, CLAIM + "*"))
 
 
-def _beat(claim: str, stop: threading.Event) -> None:
-    while not stop.wait(HEARTBEAT_S):
-        try:
-            storage.write_bytes(claim, json.dumps({"run": claim, "time": time.time()}).encode())
-        except Exception:  # a missed beat only shortens the claim; the run itself goes on
-            log.warning("could not renew the claim %s", claim, exc_info=True)
+class _Beat:
+    """Renews one object-store claim every HEARTBEAT_S seconds while the run lives, and knows whether it lapsed: a
+    claim not renewed for STALE_S seconds (the store unreachable, the driver stalled) is another run's to take, which
+    then writes the same place; this run must not write there any more (`check`)."""
+
+    #: Renewals further apart than this (a beat's margin under STALE_S) count as lapsed.
+    LAPSE_S = STALE_S - HEARTBEAT_S
+
+    def __init__(self, claim: str) -> None:
+        self.claim, self.renewed, self.lapsed = claim, time.monotonic(), False
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(HEARTBEAT_S):
+            try:
+                storage.write_bytes(self.claim, json.dumps({"run": self.claim, "time": time.time()}).encode())
+            except Exception as exc:  # a missed beat only shortens the claim; the run goes on until `check`
+                log.warning("could not renew the claim %s: %s", self.claim, first_line(exc))
+                log.debug("renewing the claim %s failed", self.claim, exc_info=True)
+                continue
+            now = time.monotonic()
+            self.lapsed = self.lapsed or now - self.renewed >= self.LAPSE_S
+            self.renewed = now
+
+    def check(self, what: str) -> None:
+        if self.lapsed or time.monotonic() - self.renewed >= self.LAPSE_S:
+            raise Busy(
+                f"this run's claim on {what} went {self.LAPSE_S:.0f} s or more without renewal, so another run may "
+                "have taken it over; nothing more is written (retry)"
+            )
+
+    def end(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+#: The object-store places this process holds, by place: their claims' heartbeats.
+_held: dict[str, _Beat] = {}
+
+
+def check_held(place: str, what: str) -> None:
+    """Before writing what others must not overwrite (publishing an output): refuse (Busy) where this run's claim
+    on an object-store place lapsed; a local lock cannot lapse."""
+    beat = _held.get(place)
+    if beat is not None:
+        beat.check(what)
 
 
 @contextmanager
@@ -124,14 +166,12 @@ def claimed(place: str, what: str) -> Iterator[None]:
             f"{STALE_S:.0f} s ago); retry when it has finished"
         )
     remove_leftovers([c.path for c in others], place)
-    stop = threading.Event()
-    beat = threading.Thread(target=_beat, args=(mine, stop), daemon=True)
-    beat.start()
+    beat = _held[place] = _Beat(mine)
     try:
         yield
     finally:
-        stop.set()
-        beat.join()
+        del _held[place]
+        beat.end()
         storage.delete([mine])
 
 
@@ -180,6 +220,7 @@ class OutputClaim:
         `_PUBLISHING` first: a run killed midway leaves the next run a list of exactly what it may remove."""
         staged = {pattern: storage.match(self.staging_of(pattern)) for pattern in self.patterns}
         names = [storage.name(s) for files in staged.values() for s in files]
+        check_held(self.folder, self.folder)
         storage.write_bytes(storage.join(self.folder, PUBLISHING), json.dumps(names).encode())
         published = []
         for pattern, files in staged.items():
@@ -188,6 +229,7 @@ class OutputClaim:
             published += [target for _, target in moves]
             fault_point(f"publish:{pattern}")
         marker = marker | {"files": names}
+        check_held(self.folder, self.folder)
         storage.write_bytes(storage.join(self.folder, SUCCESS), json.dumps(marker, indent=1, sort_keys=True).encode())
         fault_point(f"publish:{SUCCESS}")
         storage.delete([storage.join(self.folder, PUBLISHING)])

@@ -356,6 +356,33 @@ def test_claims_on_an_object_store(s3, monkeypatch):
     assert keys(client, "claims/work/") == []
 
 
+def test_a_run_whose_claim_lapsed_publishes_nothing(s3, monkeypatch):
+    """A run whose claim went unrenewed for STALE_S (the store unreachable, the driver stalled) may have lost its
+    place to another run, which removes a claim that old and writes there: it published over that run's complete
+    output, both exiting 0. Now it refuses (Busy, exit 75) and publishes nothing; a run renewing its claim publishes."""
+    from raee_ops.pipelines import commit
+
+    from raee_ops import storage
+    from raee_ops.errors import Busy
+
+    endpoint, client = s3
+    storage.configure(s3_args(endpoint))
+    monkeypatch.setattr(commit._Beat, "LAPSE_S", 0.5)
+    for heartbeat, lapses in ((0.05, False), (3600.0, True)):
+        monkeypatch.setattr(commit, "HEARTBEAT_S", heartbeat)
+        place = f"s3://{BUCKET}/lapse/{lapses}"
+        with commit.claim_output(place, ["predictions-*.parquet"], "--output") as claim:
+            storage.write_bytes(claim.staging_of("predictions-0.parquet"), b"x")
+            time.sleep(1.0)
+            if lapses:
+                with pytest.raises(Busy, match="another run may have taken it over"):
+                    claim.publish({"command": "test"})
+            else:
+                claim.publish({"command": "test"})
+        published = [k for k in keys(client, f"lapse/{lapses}/") if not k.split("/")[-1].startswith("_CLAIM")]
+        assert published == ([] if lapses else [f"lapse/{lapses}/_SUCCESS", f"lapse/{lapses}/predictions-0.parquet"])
+
+
 def test_s3_operations_share_one_client_per_setting_set(s3, monkeypatch):
     """Beam's S3 filesystem asks for a client at every operation; building one costs ~0.4 s, so the same settings
     get the same client, and other settings (another region) their own."""

@@ -65,7 +65,8 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
         if pattern.endswith("/") or (not storage.is_pattern(pattern) and storage.is_dir(pattern)):
             folder = pattern.rstrip("/")
             raise RaeeConfigError(f"--input {pattern}: a folder; give its files or a glob ({folder}/*.parquet)")
-        matched = storage.match_metadata(pattern)
+        # an object store's folder markers (zero-byte `prefix/` keys that consoles and tools make) are folders
+        matched = [m for m in storage.match_metadata(pattern) if not m.path.endswith("/")]
         if not matched:
             raise RaeeConfigError(f"--input {pattern}: no such file (no Parquet files match)")
         if storage.is_local(pattern):

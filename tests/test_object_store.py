@@ -383,6 +383,22 @@ def test_a_run_whose_claim_lapsed_publishes_nothing(s3, monkeypatch):
         assert published == ([] if lapses else [f"lapse/{lapses}/_SUCCESS", f"lapse/{lapses}/predictions-0.parquet"])
 
 
+def test_an_input_glob_skips_the_stores_folder_markers(s3, tmp_path):
+    """A zero-byte `prefix/` key (a console's "create folder") matched `prefix/*` and was read as a Parquet file of
+    0 bytes, refusing the run; a local folder is not a file either."""
+    from raee_ops.pipelines import sources
+
+    from raee_ops import storage
+
+    endpoint, client = s3
+    storage.configure(s3_args(endpoint))
+    client.put_object(Bucket=BUCKET, Key="marked/", Body=b"")
+    client.put_object(Bucket=BUCKET, Key="marked/a.parquet", Body=b"x")
+    for pattern in ("marked/*", "marked/**"):
+        found = [m.path for m in sources.input_files([f"s3://{BUCKET}/{pattern}"])]
+        assert found == [f"s3://{BUCKET}/marked/a.parquet"], pattern
+
+
 def test_s3_operations_share_one_client_per_setting_set(s3, monkeypatch):
     """Beam's S3 filesystem asks for a client at every operation; building one costs ~0.4 s, so the same settings
     get the same client, and other settings (another region) their own."""

@@ -359,10 +359,18 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
         if interrupted.seen:  # Ctrl-C reaches the runner's threads too, which report it as their own failure
             raise KeyboardInterrupt from exc
         log.debug("%s pipeline failed", what, exc_info=True)
-        raise RaeeRunError(f"{what} pipeline failed in a Beam worker: {type(exc).__name__}: {first_line(exc)}") from exc
+        raise RaeeRunError(failure(what, exc)) from exc
     if state != "DONE":
         raise RaeeRunError(f"{what} pipeline ended in state {state}")
     return result
+
+
+def failure(what: str, exc: Exception) -> str:
+    """The line of a failed run: a job service's lost call names the service and its status (its first line was
+    "<_MultiThreadedRendezvous of RPC that terminated with:"), anything else the worker's error."""
+    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+        return f"{what} pipeline failed: the job service stopped answering ({exc.code().name}: {exc.details()})"
+    return f"{what} pipeline failed in a Beam worker: {type(exc).__name__}: {first_line(exc)}"
 
 
 def _end_terminated(result: Any, what: str, interrupted: _Interrupts) -> None:

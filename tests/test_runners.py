@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -230,3 +231,22 @@ def test_ctrl_c_or_sigterm_cancels_the_job_on_the_job_service(
     assert run.returncode == status and run.stderr == stderr, (run.returncode, run.stderr)
     ours = {job: state for job, state in job_states(job_endpoint).items() if job not in before}
     assert list(ours.values()) == ["CANCELLED"]
+
+
+def test_a_lost_job_service_is_named_as_such():
+    """A job service gone mid-run failed the run as "in a Beam worker: _MultiThreadedRendezvous:
+    <_MultiThreadedRendezvous of RPC that terminated with:", the line ending there; here a call to a port nothing
+    listens on gives the same kind of error."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = beam_job_api_pb2_grpc.JobServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as lost:
+        stub.GetState(beam_job_api_pb2.GetJobStateRequest(job_id="x"), timeout=5)
+    line = options.failure("classify", lost.value)
+    assert line.startswith("classify pipeline failed: the job service stopped answering (UNAVAILABLE: "), line
+    assert (
+        options.failure("classify", ValueError("bad\nmore"))
+        == "classify pipeline failed in a Beam worker: ValueError: bad"
+    )

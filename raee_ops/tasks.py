@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raee_ops.errors import RaeeConfigError
+from raee_ops.schemas.tables import table_name_problem
+
+#: Longest task name: it names files (`head_<name>.onnx`), which filesystems allow 255 bytes.
+MAX_NAME = 100
 
 #: The forms a backbone can read an input in: the task's prompt (template, instruction and all), or the bare input (the
 #: text, and the pair on the next line). The label-word head needs the prompt; probe heads read either, and on pair
@@ -49,6 +53,11 @@ class Task:
     verbalizer: list[str]
 
     def __post_init__(self) -> None:
+        if len(self.name) > MAX_NAME:
+            raise RaeeConfigError(f"task name {self.name[:20]!r}…: over {MAX_NAME} characters (it names files)")
+        problem = table_name_problem(self.name)
+        if problem:  # the name of the task's default table: refused by build-db, after a whole export
+            raise RaeeConfigError(f"task name: {problem} (a task's name is its table's by default)")
         problem = template_problem(self.template)
         if problem:
             raise RaeeConfigError(f"task {self.name!r}: {problem}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -1275,7 +1276,8 @@ def build(results_dir: Path = RESULTS_DIR) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)  # no options: --help and typos stop here
     for path in sorted(RESULTS_DIR.glob("quality-*.json")):
         plot_probe_curves(json.loads(path.read_text())["result"])
     if (RESULTS_DIR / "scaling.json").is_file():

@@ -10,7 +10,9 @@ A run claims the place it writes (an output folder, a table's work folder, its e
   (`Busy`, exit 75); older claims are a killed run's and are removed. Two runs that start together may both be
   refused (each sees the other's claim: a retry sorts it out) but never both proceed, given the store's
   read-after-write consistency (S3 and GCS have it). A run killed on an object store blocks its place for up to
-  STALE_S seconds; deleting its `_CLAIM-*` object releases it at once.
+  STALE_S seconds; deleting its `_CLAIM-*` object releases it at once. A live run whose claim went about that long
+  without renewal (the store unreachable, the driver stalled) may have lost the place, and publishes nothing
+  (`check_held`).
 
 Under the claim, a run stages everything in `_temporary/<run id>/` (readers such as pyarrow datasets skip
 `_`-prefixed names), publishes by moving staged files into place, and writes the `_SUCCESS` marker last.

@@ -186,23 +186,23 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
 def parse_manifest(text: str, where: str) -> Manifest:
     try:
         manifest = Manifest.from_dict(json.loads(text))
-        refs = manifest.file_refs()
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # the last: a list where a mapping belongs
         raise ArtifactError(f"{where} is not a valid manifest: {exc}") from exc
-    for ref in refs:
-        if not (isinstance(ref.file, str) and isinstance(ref.sha256, str)):
-            raise ArtifactError(f"{where} is not a valid manifest: file {ref.file!r} with sha256 {ref.sha256!r}")
+    if manifest.format != FORMAT:
+        raise ArtifactError(f"{where} has format {manifest.format!r}, expected {FORMAT!r}")
     problem = _invalid(manifest)
     if problem:
         raise ArtifactError(f"{where} is not a valid manifest: {problem}")
-    if manifest.format != FORMAT:
-        raise ArtifactError(f"{where} has format {manifest.format!r}, expected {FORMAT!r}")
     return manifest
 
 
 def _invalid(m: Manifest) -> str | None:
-    """The first setting the runtime reads that no export writes: the checksums vouch for the files, not for these,
-    and a wrong one failed only in workers, or answered rows wrongly."""
+    """The first file reference of the wrong types, or setting the runtime reads that no export writes: the
+    checksums vouch for the files, not for these settings, and a wrong one failed only in workers, or answered rows
+    wrongly."""
+    for ref in m.file_refs():
+        if not (isinstance(ref.file, str) and isinstance(ref.sha256, str)):
+            return f"file {ref.file!r} with sha256 {ref.sha256!r}"
     if m.num_layers != len(m.segments.layers) or m.num_layers < 1:
         return f"num_layers {m.num_layers} for {len(m.segments.layers)} layer files"
     sizes = {"hidden_size": m.hidden_size, "max_length": m.max_length}

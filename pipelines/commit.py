@@ -128,11 +128,11 @@ class _Beat:
             self.lapsed = self.lapsed or now - self.renewed >= self.LAPSE_S
             self.renewed = now
 
-    def check(self, what: str) -> None:
+    def check(self) -> None:
         if self.lapsed or time.monotonic() - self.renewed >= self.LAPSE_S:
             raise Busy(
-                f"this run's claim on {what} went {self.LAPSE_S:.0f} s or more without renewal, so another run may "
-                "have taken it over; nothing more is written (retry)"
+                f"this run's claim on {storage.parent(self.claim)} went {self.LAPSE_S:.0f} s or more without "
+                "renewal, so another run may have taken it over; nothing more is written (retry)"
             )
 
     def end(self) -> None:
@@ -144,12 +144,12 @@ class _Beat:
 _held: dict[str, _Beat] = {}
 
 
-def check_held(place: str, what: str) -> None:
+def check_held(place: str) -> None:
     """Before writing what others must not overwrite (publishing an output): refuse (Busy) where this run's claim
     on an object-store place lapsed; a local lock cannot lapse."""
     beat = _held.get(place)
     if beat is not None:
-        beat.check(what)
+        beat.check()
 
 
 @contextmanager
@@ -222,7 +222,7 @@ class OutputClaim:
         `_PUBLISHING` first: a run killed midway leaves the next run a list of exactly what it may remove."""
         staged = {pattern: storage.match(self.staging_of(pattern)) for pattern in self.patterns}
         names = [storage.name(s) for files in staged.values() for s in files]
-        check_held(self.folder, self.folder)
+        check_held(self.folder)
         storage.write_bytes(storage.join(self.folder, PUBLISHING), json.dumps(names).encode())
         published = []
         for pattern, files in staged.items():
@@ -231,7 +231,7 @@ class OutputClaim:
             published += [target for _, target in moves]
             fault_point(f"publish:{pattern}")
         marker = marker | {"files": names}
-        check_held(self.folder, self.folder)
+        check_held(self.folder)
         storage.write_bytes(storage.join(self.folder, SUCCESS), json.dumps(marker, indent=1, sort_keys=True).encode())
         fault_point(f"publish:{SUCCESS}")
         storage.delete([storage.join(self.folder, PUBLISHING)])

@@ -172,8 +172,8 @@ def _prune(
         there = {v for v, _ in features_history}
         features_kept = (_pinned(handle, kept) & there) | {v for v, _ in features_history[-1:]}
         if dry_run:
-            staying = (_staying(history, kept), _staying(features_history, features_kept))
-            return Pruned(table, *_split(history, staying[0]), *_split(features_history, staying[1]), None)
+            table_left, features_left = _staying(history, kept), _staying(features_history, features_kept)
+            return Pruned(table, *_split(history, table_left), *_split(features_history, features_left), None)
         before = _size(db_uri, table)
         _cut(handle, history, kept)
         if features is not None:

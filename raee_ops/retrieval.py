@@ -17,7 +17,7 @@ from lancedb.index import IvfFlat
 
 from raee_ops import storage
 from raee_ops.calibration import FusedPolicy
-from raee_ops.errors import RaeeConfigError, first_line
+from raee_ops.errors import RaeeConfigError, StoreUnavailable, first_line
 from raee_ops.exit_policy import Neighbours
 from raee_ops.layer_key import LayerKey, layer_depth
 from raee_ops.probe_policy import ProbePolicy
@@ -122,21 +122,39 @@ def connect(db_uri: str, storage_options: dict[str, str] | None = None) -> lance
         raise unreachable(db_uri, exc) from exc
 
 
-def unreachable(db_uri: str, exc: Exception) -> RaeeConfigError:
-    """A database LanceDB cannot reach (wrong endpoint, missing bucket, no credentials), as one short line: its
-    error is kilobytes of the store client's debug dump, whose innermost `message: "…"` says what went wrong."""
-    return RaeeConfigError(
-        f"cannot reach the database at {db_uri} (check --db and the store's settings): {_problem(exc)}"
-    )
+def unreachable(db_uri: str, exc: Exception) -> RaeeConfigError | StoreUnavailable:
+    """A database LanceDB cannot reach, as one short line: its error is kilobytes of the store client's debug dump.
+    No connection, a timeout or a server error is an outage a scheduler's retry mends (75); anything else (a wrong
+    endpoint's scheme, a missing bucket, refused credentials) is configuration (2)."""
+    line = f"cannot reach the database at {db_uri} (check --db and the store's settings): {_problem(exc)}"
+    if _OUTAGE.search(str(exc)):
+        return StoreUnavailable(f"{line} (retry later)")
+    return RaeeConfigError(line)
+
+
+#: What an object store's client says when the store did not answer or failed, not the request.
+_OUTAGE = re.compile(r"kind: (?:Connect|Timeout)\b|status: 5\d\d\b")
+#: An S3 error body inside the client's dump (its quotes escaped there): its code and message.
+_S3_ERROR = re.compile(r"<Code>([^<]+)</Code>\s*<Message>([^<]*)</Message>")
 
 
 def _problem(exc: Exception) -> str:
-    """The line of a LanceDB error that says what went wrong: the store client's innermost message, else the first
-    line without the Rust source lines that raised it and the layers of "Wrapped error: " around a lost file's
+    """The words of a LanceDB error that say what went wrong. Its store client's errors are a Rust debug dump
+    (`Failed to connect to namespace: IO { source: Generic { … } }`): their head, then the innermost cause (an S3
+    error body's code and message, a `message: "…"`, a `source: "…"` up to its own dump, else the innermost
+    `source: Name`). Other errors: the first line
+    without the Rust source lines that raised it and the layers of "Wrapped error: " around a lost file's
     "Not found: <path>"."""
-    messages = re.findall(r'message: "([^"]+)"', str(exc))
-    line = messages[-1] if messages else first_line(re.sub(r",\s*/\S+\.rs:\d+:\d+", "", str(exc)))
-    return line.rpartition("Wrapped error: ")[2][:200]
+    text = str(exc)
+    coded = _S3_ERROR.search(text)
+    messages = re.findall(r'message: "([^"]+)"', text)
+    told = [re.sub(r": \w+$", "", said.split("(", 1)[0]) for said in re.findall(r'source: "([^"(]+)', text)]
+    sources = re.findall(r"source: ([A-Za-z]\w*) \}", text)
+    cause = f"{coded[1]}: {coded[2]}" if coded else (messages or told or sources or [None])[-1]
+    if cause is None or " { " not in text:
+        return first_line(re.sub(r",\s*/\S+\.rs:\d+:\d+", "", text)).rpartition("Wrapped error: ")[2]
+    head = re.sub(r": [A-Z]\w*$", "", first_line(text).split(" { ", 1)[0])
+    return first_line(f"{head}: {cause}")
 
 
 def open_listed(db: lancedb.DBConnection, db_uri: str, name: str) -> lancedb.table.Table:

@@ -30,7 +30,8 @@ from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
 from test_runners import job_endpoint  # noqa: F401 - fixture
 
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import RaeeConfigError, StoreUnavailable
+from raee_ops.retrieval import connect, table_names
 
 boto3 = pytest.importorskip("boto3", reason="the aws extra (apache-beam[aws]) runs the object-store tests")
 pytest.importorskip("moto.server", reason="moto[server] (dev extra) runs the object-store tests")
@@ -63,24 +64,31 @@ def wait_for_port(port: int, process: subprocess.Popen, what: str) -> None:
             time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def s3():
-    """An S3 server on 127.0.0.1 with one bucket; (endpoint, boto3 client)."""
+@contextlib.contextmanager
+def moto_server(**env: str) -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 (`env` added to its environment); its endpoint."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=os.environ | env,
     )
     try:
         wait_for_port(port, server, "moto server")
-        endpoint = f"http://127.0.0.1:{port}"
-        client = boto3.client("s3", endpoint_url=endpoint, **KEYS)
-        client.create_bucket(Bucket=BUCKET)
-        yield endpoint, client
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 server on 127.0.0.1 with one bucket; (endpoint, boto3 client)."""
+    with moto_server() as endpoint:
+        client = boto3.client("s3", endpoint_url=endpoint, **KEYS)
+        client.create_bucket(Bucket=BUCKET)
+        yield endpoint, client
 
 
 def s3_args(endpoint: str) -> list[str]:
@@ -253,6 +261,22 @@ def test_missing_options_and_live_claims_are_refused(s3, segment_artifacts, tmp_
     run = raee_ops(*args[:-1], "s3://no-such-bucket/out", *s3_args(endpoint), env=env, cwd=cwd)
     assert run.returncode == 2 and "no bucket 'no-such-bucket'" in one_error_line(run)
     assert list(cwd.iterdir()) == []
+
+
+def test_the_databases_store_refusing_says_why_and_its_outage_is_a_retry(tmp_path):
+    """LanceDB's store errors are a kilobyte-long Rust dump: the line keeps their cause, however deep in it (refused
+    credentials, which the pre-run check cannot tell from a policy refusing HEAD), and a connection nobody takes
+    is the outage a scheduler's retry mends (75), not configuration (2)."""
+    env, cwd = private_env(tmp_path)
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as endpoint:  # a store that checks its keys
+        run = raee_ops("info", "--db", f"s3://{BUCKET}/db", *s3_args(endpoint), env=env, cwd=cwd)
+    assert run.returncode == 2, run.stderr
+    refused = "InvalidAccessKeyId: The AWS Access Key Id you provided does not exist in our records."
+    assert one_error_line(run).endswith(refused)
+    nobody = {"aws_endpoint": f"http://127.0.0.1:{free_port()}", "allow_http": "true", "aws_access_key_id": "k"}
+    nobody |= {"aws_secret_access_key": "s", "aws_region": "us-east-1"}
+    with pytest.raises(StoreUnavailable, match=r"Connection refused \(retry later\)$"):
+        table_names(connect(f"s3://{BUCKET}/db", nobody))
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from tokenizers import Tokenizer
 
+from raee_ops.errors import ArtifactError
 from raee_ops.extras import onnxruntime
 from raee_ops.key_names import INT8_SUFFIX, parse_embedder
 from raee_ops.schemas.manifest import FileRef, Manifest, load_manifest
@@ -343,6 +344,28 @@ class SegmentRuntime:
         self._sequence_axes = sequence_axes(self.embed_session)
         self._heads: dict[str, ort.InferenceSession] = {}
         self._embedders: dict[str, tuple[Tokenizer, ort.InferenceSession]] = {}
+        self._check_graphs()
+
+    def _check_graphs(self) -> None:
+        """The manifest's sizes against the graphs and tokenizer they describe (no checksum covers them): a wrong
+        hidden_size failed every row that ran a layer, a pad_id past the vocabulary every padded batch (each row then
+        ran alone, slowly)."""
+        m = self.manifest
+        graphs = [(m.segments.embed.file, self.embed_session.get_outputs()[0].shape)]
+        graphs += [
+            (ref.file, s.get_outputs()[0].shape) for ref, s in zip(m.segments.layers, self.layer_sessions, strict=True)
+        ]
+        for file, shape in graphs:
+            if isinstance(shape[-1], int) and shape[-1] != m.hidden_size:
+                raise ArtifactError(
+                    f"{self.dir}: {file} gives {shape[-1]}-wide hidden states, manifest hidden_size {m.hidden_size}"
+                )
+        vocabulary = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        for name, token in (("pad_id", m.tokenizer.pad_id), ("mask_token_id", m.tokenizer.mask_token_id)):
+            if token is not None and token >= vocabulary:
+                raise ArtifactError(
+                    f"{self.dir}: manifest tokenizer {name} {token} is past the tokenizer's {vocabulary} tokens"
+                )
 
     @property
     def num_layers(self) -> int:

@@ -123,6 +123,30 @@ def test_a_manifest_of_the_wrong_json_types_or_settings_is_not_a_valid_one(
         load_manifest(copy)
 
 
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda m: m.update(hidden_size=m["hidden_size"] + 1), "embed.onnx gives .*-wide hidden states"),
+        (lambda m: m["tokenizer"].update(pad_id=10**6), "pad_id 1000000 is past the tokenizer's"),
+    ],
+    ids=["hidden", "pad"],
+)
+def test_manifest_sizes_are_checked_against_the_graphs_when_they_load(
+    tiny_llama_artifacts: Path, tmp_path: Path, edit, problem
+) -> None:
+    """Sizes the checksums do not cover, which load_manifest cannot check without the graphs: a wrong hidden_size
+    failed every row that ran a layer, a pad_id past the vocabulary every padded batch (each row then ran alone)."""
+    from raee_ops.runtime import SegmentRuntime
+
+    copy = Path(shutil.copytree(tiny_llama_artifacts, tmp_path / "copy"))
+    SegmentRuntime(copy)
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
+    edit(manifest)
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=problem):
+        SegmentRuntime(copy)
+
+
 def test_checksums_are_hashed_once_per_process_until_a_file_changes(
     tiny_llama_artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import lancedb
 import numpy as np
 import pyarrow.parquet as pq
-from common import fastest, parse_args, task_inputs, write_result
+from common import fastest, parse_args, require_data, task_inputs, write_result
 from keys import key_artifacts
 from quality import BENCH, PRESETS, QUICK_TASKS, TASKS, work_dir
 from raee_ops.schemas.tables import PROBES_META_KEY, flat_values
@@ -206,6 +206,7 @@ def run(name: str, embedders: tuple[str, ...], depths: tuple[int, ...]) -> int:
     """Score the default with the `embedders` keys and layer-`depths` keys on every preset's quality-bench tables;
     write result `name`."""
     args = parse_args(__doc__ or "")
+    require_data()  # the quality bench's tables come from the datasets: without them, the benches' skip
     splits = QUICK_SPLITS if args.quick else SPLITS
     presets = []
     for preset in PRESETS:

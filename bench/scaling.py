@@ -15,7 +15,8 @@ scored beside it (`probe-fused (no groups)`), so the run shows what the grouping
 Backbone `minilm-l6`: build-db runs every reference row through every layer, and it is the only preset for which
 50,000 rows do that in minutes on 2 cores; the result states the measured build-db time beside what the decoder
 presets' measured segment throughput (bench/results/speed-*.json, when present) implies for the same rows.
-Unlike the other benches, missing datasets are an error here (exit 2): the study has nothing to fall back on.
+Like the other benches it skips (exit 0) on a machine without the datasets; a data folder without sst2's train and
+validation splits is an error (exit 2).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import RESULTS_DIR, data_dir, timer, write_result
+from common import RESULTS_DIR, require_data, timer, write_result
 from quality import BENCH, EMBEDDER, SEED, K, ensure_artifacts, raee_ops, read_checked
 
 from raee_ops.calibration import loo_neighbours
@@ -63,8 +64,8 @@ def parse() -> argparse.Namespace:
 
 
 def require_sst2() -> tuple[Path, Path]:
-    """(train, validation) of sst2, or one `error:` line and exit 2."""
-    root = data_dir()
+    """(train, validation) of sst2; without a data folder the benches' skip, without the splits one `error:` line."""
+    root = require_data()
     files = root / TASK / "train.parquet", root / TASK / "validation.parquet"
     missing = [str(f) for f in files if not f.is_file()]
     if missing:

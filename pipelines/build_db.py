@@ -17,7 +17,7 @@ import apache_beam as beam
 import lancedb
 import pyarrow as pa
 import pyarrow.compute as pc
-from raee_ops.pipelines.commit import SUCCESS, claim_work_dir, job_digest, new_run_id
+from raee_ops.pipelines.commit import SUCCESS, check_held, claim_work_dir, job_digest, new_run_id
 from raee_ops.pipelines.inference import BuildHandler, Infer
 from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.reference import assemble, check_groups, group_codes
@@ -368,6 +368,7 @@ def run_build_db(
             )
         record = RunRecord(run_id, mode, job, rejected)
         fault_point("commit:errors")
+        check_held(work)  # the fit may have run long: a lapsed claim's table may be another run's by now
         table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store, record)
         publish(rejects, errors_dir)
         prune(errors_dir, record, own_errors)

@@ -28,7 +28,16 @@ from raee_ops.onnx_export.segments import export_segment
 from raee_ops.onnx_export.tokenizer_file import save_tokenizer
 from raee_ops.onnx_export.verbalizer import label_token_ids
 from raee_ops.onnx_export.verify import verify_export
-from raee_ops.pipelines.commit import CLAIM, PUBLISHING, hold, new_run_id, reclaim_siblings, say, scratch_folder
+from raee_ops.pipelines.commit import (
+    CLAIM,
+    PUBLISHING,
+    check_held,
+    hold,
+    new_run_id,
+    reclaim_siblings,
+    say,
+    scratch_folder,
+)
 from raee_ops.pipelines.export_checks import check_before_loading
 from raee_ops.pipelines.options import make_pipeline, run_pipeline
 from raee_ops.schemas.manifest import (
@@ -193,6 +202,7 @@ def _publish_remote(work: str, out_dir: str, manifest: Manifest) -> None:
         files = sorted({ref.file for ref in manifest.file_refs()})
         storage.rename((storage.join(work, f), storage.join(out_dir, f)) for f in files)
         fault_point("export:publish")
+        check_held(out_dir)  # a model's worth of copies: the manifest makes them an export only while ours
         storage.write_bytes(storage.join(out_dir, MANIFEST_NAME), manifest.to_json().encode())
         keep = set(files) | {MANIFEST_NAME, PUBLISHING}
         stale = [n for n in storage.children(out_dir) if n not in keep and not n.startswith(CLAIM)]

@@ -30,7 +30,7 @@ from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.faults import fault_point
 from raee_ops.info import check_database, table_info
 from raee_ops.pipelines.build_db import default_errors_dir, settle_errors, work_dir
-from raee_ops.pipelines.commit import hold
+from raee_ops.pipelines.commit import check_held, hold
 from raee_ops.retrieval import connect, open_listed, open_table, table_names
 from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, TableMeta
 
@@ -175,6 +175,7 @@ def _prune(
             table_left, features_left = _staying(history, kept), _staying(features_history, features_kept)
             return Pruned(table, *_split(history, table_left), *_split(features_history, features_left), None)
         before = _size(db_uri, table)
+        check_held(work_dir(db_uri, table))  # settling the errors may have run long
         _cut(handle, history, kept)
         if features is not None:
             _cut(features, features_history, features_kept)

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import cli_runs
@@ -405,6 +406,58 @@ def test_a_run_whose_claim_lapsed_publishes_nothing(s3, monkeypatch):
                 claim.publish({"command": "test"})
         published = [k for k in keys(client, f"lapse/{lapses}/") if not k.split("/")[-1].startswith("_CLAIM")]
         assert published == ([] if lapses else [f"lapse/{lapses}/_SUCCESS", f"lapse/{lapses}/predictions-0.parquet"])
+
+
+def test_a_table_or_export_whose_claim_lapsed_commits_nothing(
+    s3,
+    segment_artifacts,  # noqa: F811
+    tiny_llama_dir,
+    tmp_path,
+    monkeypatch,
+):
+    """As classify's output: a build-db, a prune or an export whose claim went unrenewed (here: at once) may have
+    lost the table or --out to another run, and commits nothing (Busy, exit 75): before, it committed its table or
+    manifest over that run's. The checks come last, after the fit, the errors or the copies, which take the time."""
+    from raee_ops.pipelines import commit
+    from raee_ops.pipelines.build_db import run_build_db
+    from raee_ops.pipelines.export import run_export
+    from raee_ops.pipelines.options import worker_settings
+
+    from raee_ops import storage
+    from raee_ops.errors import Busy
+    from raee_ops.tasks import get_task
+    from raee_ops.versions import prune
+
+    endpoint, client = s3
+    storage.configure(s3_args(endpoint))
+    monkeypatch.setattr(commit._Beat, "LAPSE_S", 0.0)
+    train = labelled(tmp_path / "train.parquet", 24, 0, "t", bad=False)
+    with pytest.raises(Busy, match="another run may have taken it over"):
+        run_build_db(
+            str(segment_artifacts),
+            "sst2",
+            [str(train)],
+            f"s3://{BUCKET}/lapsed/db",
+            "sst2",
+            "backbone",
+            "overwrite",
+            None,
+            beam_args=s3_args(endpoint),
+        )
+    assert [k for k in keys(client, "lapsed/db/") if ".lance/" in k] == []
+    monkeypatch.setattr(commit._Beat, "LAPSE_S", 3600.0)
+    db = f"s3://{BUCKET}/lapsed/db"
+    run_build_db(
+        str(segment_artifacts), "sst2", [str(train)], db, "sst2", "backbone", "overwrite", None, s3_args(endpoint)
+    )
+    monkeypatch.setattr(commit._Beat, "LAPSE_S", 0.0)
+    with pytest.raises(Busy, match="another run may have taken it over"):
+        prune(db, "sst2", 1, timedelta(0), storage_options=worker_settings(s3_args(endpoint), db).db_storage_options)
+    with pytest.raises(Busy, match="another run may have taken it over"):
+        run_export(
+            str(tiny_llama_dir), f"s3://{BUCKET}/lapsed/art", [get_task("sst2")], False, [], 64, s3_args(endpoint)
+        )
+    assert "lapsed/art/manifest.json" not in keys(client, "lapsed/art/")
 
 
 def test_an_input_glob_skips_the_stores_folder_markers(s3, tmp_path):

@@ -17,6 +17,7 @@ import difflib
 import gc
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -359,18 +360,38 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
         if interrupted.seen:  # Ctrl-C reaches the runner's threads too, which report it as their own failure
             raise KeyboardInterrupt from exc
         log.debug("%s pipeline failed", what, exc_info=True)
-        raise RaeeRunError(failure(what, exc)) from exc
+        raise RaeeRunError(failure(what, exc, result)) from exc
     if state != "DONE":
         raise RaeeRunError(f"{what} pipeline ended in state {state}")
     return result
 
 
-def failure(what: str, exc: Exception) -> str:
+def failure(what: str, exc: Exception, result: Any = None) -> str:
     """The line of a failed run: a job service's lost call names the service and its status (its first line was
-    "<_MultiThreadedRendezvous of RPC that terminated with:"), anything else the worker's error."""
+    "<_MultiThreadedRendezvous of RPC that terminated with:"), a job that failed on a job service the worker's error
+    from the job's messages (Beam's exception says only "Error running pipeline."), anything else the worker's
+    error."""
     if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
         return f"{what} pipeline failed: the job service stopped answering ({exc.code().name}: {exc.details()})"
-    return f"{what} pipeline failed in a Beam worker: {type(exc).__name__}: {first_line(exc)}"
+    return (
+        f"{what} pipeline failed in a Beam worker: {_job_error(result) or f'{type(exc).__name__}: {first_line(exc)}'}"
+    )
+
+
+#: The last line of a Python traceback: the exception's name (its module's dotted path dropped) and its message.
+_RAISED = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Fault|Exit|Interrupt)\w*): (.+)$", re.M)
+
+
+def _job_error(result: Any) -> str | None:
+    """The worker's exception in a failed portable job's error messages (their tracebacks), as `Name: message`."""
+    texts = [
+        m.message_response.message_text
+        for m in getattr(result, "_messages", ())
+        if m.HasField("message_response")
+        and m.message_response.importance == beam_job_api_pb2.JobMessage.JOB_MESSAGE_ERROR
+    ]
+    raised = [found for text in texts for found in _RAISED.findall(text)]
+    return f"{raised[-1][0]}: {first_line(raised[-1][1])}" if raised else None
 
 
 def _end_terminated(result: Any, what: str, interrupted: _Interrupts) -> None:

@@ -233,6 +233,18 @@ def test_ctrl_c_or_sigterm_cancels_the_job_on_the_job_service(
     assert list(ours.values()) == ["CANCELLED"]
 
 
+def test_a_job_failed_on_the_job_service_names_the_workers_error(segment_artifacts, tmp_path, job_endpoint):  # noqa: F811
+    """Beam's exception for a job that failed on a job service says only "Error running pipeline."; the worker's
+    exception is in the job's messages, and the line names it as the local runner's does."""
+    train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
+    build = ["build-db", "--artifacts", segment_artifacts, "--task", "sst2", "--input", train]
+    run = raee_ops(*build, "--db", tmp_path / "db", *loopback(job_endpoint), fault="load:build-db", mode="raise")
+    line = run.stderr.splitlines()[-1]  # LOOPBACK's workers, in this process, print their tracebacks too
+    assert run.returncode == 1 and line.startswith(
+        "error: build-db pipeline failed in a Beam worker: InjectedFault: injected fault at load:build-db"
+    ), line
+
+
 def test_a_lost_job_service_is_named_as_such():
     """A job service gone mid-run failed the run as "in a Beam worker: _MultiThreadedRendezvous:
     <_MultiThreadedRendezvous of RPC that terminated with:", the line ending there; here a call to a port nothing

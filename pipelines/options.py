@@ -41,6 +41,8 @@ LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner"}
 PROVIDERS = ("cpu", "cuda")
 #: Most ONNX Runtime threads per worker process: far above any machine's cores per process, far below what stalls.
 MAX_THREADS = 1024
+#: Seconds the driver waits on an object store that answers none of its calls before it ends the run (exit 75).
+STORE_PATIENCE_S = 300.0
 
 
 class RaeeOptions(PipelineOptions):
@@ -74,6 +76,14 @@ class RaeeOptions(PipelineOptions):
             metavar="KEY=VALUE",
             help="LanceDB storage option for an object-store --db (repeatable), e.g. aws_region=eu-west-1; "
             "for s3:// the --s3_* options give the defaults.",
+        )
+        parser.add_argument(
+            "--raee_store_patience",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help=f"End the command with exit 75 once the object store has not answered the driver's calls for this "
+            f"long (default {STORE_PATIENCE_S:g}).",
         )
 
 
@@ -130,6 +140,16 @@ def worker_settings(beam_args: Sequence[str], db_uri: str | None = None) -> Work
     if provider not in (None, *PROVIDERS):
         raise RaeeConfigError(_env_problem("RAEE_PROVIDER", " or ".join(PROVIDERS)))
     return WorkerSettings(provider, threads, derived | explicit, storage.carry(options))
+
+
+def store_patience(beam_args: Sequence[str]) -> float:
+    """--raee_store_patience: how long the driver waits on an object store that does not answer (s3_clients.watch)."""
+    given = PipelineOptions(list(beam_args)).view_as(RaeeOptions).raee_store_patience
+    if given is None:
+        return STORE_PATIENCE_S
+    if not 0 < given < 10**7:  # nan fails both
+        raise RaeeConfigError(f"--raee_store_patience must be a number of seconds above 0, got {given}")
+    return given
 
 
 def _threads(option: int | None) -> int | None:
@@ -292,21 +312,22 @@ class _Interrupts:
         on it forever (a SIGINT while workers started, under load: the run hung)."""
         if not self._local_workers:
             return
-        _stop_workers()
+        stop_local_workers()
         threading.Thread(target=self._reap_until_left, name="raee-reap-workers", daemon=True).start()
 
     def _reap_until_left(self) -> None:
         while not self._left.wait(self.REAP_EVERY_S):
-            _stop_workers()
+            stop_local_workers()
 
     def stop_workers(self) -> None:
         """Stop the local runner's workers: at the signal, and again once the job is cancelled, since the runner's
         threads may have started another worker in between (it outlived a terminated run, holding its stderr)."""
         if self._local_workers:
-            _stop_workers()
+            stop_local_workers()
 
 
-def _stop_workers() -> None:
+def stop_local_workers() -> None:
+    """Stop the local runner's worker processes: this process's descendants."""
     for pid in _descendants(os.getpid()):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)

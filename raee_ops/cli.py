@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import click
 
 from raee_ops import logs
-from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, first_line
+from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, StoreUnavailable, first_line
 from raee_ops.key_names import DEFAULT_KEY, parse_embedder
 from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
@@ -161,6 +161,8 @@ def command(name: str) -> Callable[[Callable[..., Any]], click.Command]:
     def wrap(fn: Callable[..., Any]) -> click.Command:
         @functools.wraps(fn)
         def run(*args: Any, verbose: int, quiet: bool, **kwargs: Any) -> Any:  # -v/-q: applied in parse_args
+            if _own_process:
+                _watch_the_store()
             try:
                 return fn(*args, **kwargs)
             except KeyboardInterrupt:  # before click turns it into an Abort, printing a blank line
@@ -182,6 +184,25 @@ def echo(text: str) -> None:
 @click.version_option(package_name="raee-ops", prog_name="raee-ops")
 def cli() -> None:
     """RAEE batch classification: export a backbone, build exit metadata, classify with early exits."""
+
+
+#: Whether this process is the `raee-ops` command's own (entry), which may end itself; in-process callers' is not.
+_own_process = False
+
+
+def _watch_the_store() -> None:
+    """End the command with exit 75 once the object store has answered none of this process's calls for
+    --raee_store_patience seconds: botocore's and Beam's retries had a run hang for half an hour and more, and then
+    again removing its staging. Ending is a kill, which loses nothing; the next run removes what this one staged."""
+    from raee_ops import s3_clients
+    from raee_ops.pipelines.options import stop_local_workers, store_patience
+
+    def give_up(line: str) -> None:
+        click.echo(f"error: {line}", err=True)
+        stop_local_workers()
+        _end_now(StoreUnavailable.exit_code)
+
+    s3_clients.watch(store_patience(beam_args()), give_up)
 
 
 def beam_args() -> list[str]:
@@ -624,6 +645,8 @@ def _end_now(code: int) -> NoReturn:
 def entry() -> NoReturn:
     """The `raee-ops` process (console script, `python -m raee_ops`): main(), then `_end_now` with its exit code.
     In-process callers use main(), which raises SystemExit as usual."""
+    global _own_process
+    _own_process = True
     try:
         main()
     except SystemExit as exc:

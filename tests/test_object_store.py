@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -66,8 +67,8 @@ def wait_for_port(port: int, process: subprocess.Popen, what: str) -> None:
 
 
 @contextlib.contextmanager
-def moto_server(**env: str) -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 (`env` added to its environment); its endpoint."""
+def moto_server(**env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A moto S3 server on 127.0.0.1 (`env` added to its environment): its endpoint and process."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -77,8 +78,9 @@ def moto_server(**env: str) -> Iterator[str]:
     )
     try:
         wait_for_port(port, server, "moto server")
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
+        server.send_signal(signal.SIGCONT)  # one a test stopped
         server.terminate()
         server.wait(timeout=30)
 
@@ -86,7 +88,7 @@ def moto_server(**env: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def s3():
     """An S3 server on 127.0.0.1 with one bucket; (endpoint, boto3 client)."""
-    with moto_server() as endpoint:
+    with moto_server() as (endpoint, _):
         client = boto3.client("s3", endpoint_url=endpoint, **KEYS)
         client.create_bucket(Bucket=BUCKET)
         yield endpoint, client
@@ -269,7 +271,7 @@ def test_the_databases_store_refusing_says_why_and_its_outage_is_a_retry(tmp_pat
     credentials, which the pre-run check cannot tell from a policy refusing HEAD), and a connection nobody takes
     is the outage a scheduler's retry mends (75), not configuration (2)."""
     env, cwd = private_env(tmp_path)
-    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as endpoint:  # a store that checks its keys
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as (endpoint, _):  # a store that checks its keys
         run = raee_ops("info", "--db", f"s3://{BUCKET}/db", *s3_args(endpoint), env=env, cwd=cwd)
     assert run.returncode == 2, run.stderr
     refused = "InvalidAccessKeyId: The AWS Access Key Id you provided does not exist in our records."
@@ -637,3 +639,51 @@ def test_a_classify_killed_on_s3_blocks_its_output_until_its_claim_is_released(s
     assert len(ids) == len(set(ids)) == 45
     names = [k.removeprefix("killed/out/") for k in keys(client, "killed/out/")]
     assert SUCCESS in names and not [n for n in names if n.startswith((TEMPORARY, CLAIM))], names
+
+
+def test_a_store_that_stops_answering_mid_run_ends_it_with_75(segment_artifacts, tmp_path):  # noqa: F811
+    """The store stops answering once the run has claimed its output (a partition; here the server is stopped, so
+    connections are taken and never answered): botocore's timeouts and retries under Beam's seven retries had the run
+    hang for half an hour or more, and again removing its staging. It ends once the driver's calls have gone
+    --raee_store_patience seconds unanswered, exit 75, nothing published; a rerun publishes every row once."""
+    from raee_ops.pipelines.build_db import run_build_db
+
+    env, cwd = private_env(tmp_path)
+    with moto_server() as (endpoint, server):
+        client = boto3.client("s3", endpoint_url=endpoint, **KEYS)
+        client.create_bucket(Bucket=BUCKET)
+        client.upload_file(str(labelled(tmp_path / "q.parquet", 40, 3, "q")), BUCKET, "in/q.parquet")
+        db = str(tmp_path / "db")
+        train = labelled(tmp_path / "train.parquet", 16, 0, "t", bad=False)
+        run_build_db(str(segment_artifacts), "sst2", [str(train)], db, "sst2", "backbone", "overwrite", None)
+        args = ["classify", "--artifacts", segment_artifacts, "--task", "sst2", "--db", db]
+        args += ["--input", f"s3://{BUCKET}/in/q.parquet", "--output", f"s3://{BUCKET}/out", *s3_args(endpoint)]
+        ended = threading.Event()
+
+        def stop_the_store_once_claimed() -> None:
+            while not ended.wait(0.05):
+                if any(CLAIM in k for k in keys(client, "out/")):
+                    server.send_signal(signal.SIGSTOP)
+                    return
+
+        watcher = threading.Thread(target=stop_the_store_once_claimed, daemon=True)
+        watcher.start()
+        started = time.monotonic()
+        try:
+            run = raee_ops(*args, "--raee_store_patience", "5", env=env, cwd=cwd)
+        finally:
+            ended.set()
+            watcher.join()
+            server.send_signal(signal.SIGCONT)
+        assert run.returncode == 75, run.stderr
+        assert re.search(rf"the object store at {endpoint} \(.*\) has not answered for \d+ s", one_error_line(run))
+        assert time.monotonic() - started < 60  # botocore alone waits 60 s for a reply
+        names = [k.removeprefix("out/") for k in keys(client, "out/")]
+        assert SUCCESS not in names, names
+        for claim in [n for n in names if n.startswith(CLAIM)]:  # the stopped run's, as after a kill
+            client.delete_object(Bucket=BUCKET, Key=f"out/{claim}")
+        rerun = raee_ops(*args, env=env, cwd=cwd)
+        assert rerun.returncode == 0, rerun.stderr
+        ids = read_parquet(client, "out/predictions-").column("id").to_pylist()
+        ids += read_parquet(client, "out/errors-").column("id").to_pylist()
+        assert len(ids) == len(set(ids)) == 45

@@ -208,7 +208,7 @@ def unknown_args(beam_args: Sequence[str], command_options: Iterable[str]) -> st
     except ValueError as exc:
         return f"bad Beam pipeline option: {exc}"
     if not unknown:
-        return _own_record(known) or _bad_value(known)
+        return _given_once(beam_args) or _own_record(known) or _bad_value(known)
     first = unknown[0]
     if not first.startswith("-"):
         return f"unexpected argument {first!r}"
@@ -217,6 +217,27 @@ def unknown_args(beam_args: Sequence[str], command_options: Iterable[str]) -> st
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"no such option: {name}{hint}; options this command does not know must be Beam pipeline options"
+
+
+def _given_once(beam_args: Sequence[str]) -> str | None:
+    """As for the command's own options: a Beam option that takes one value given twice (argparse keeps the last: a
+    job template's value and an override, which one ran must not be a guess) or as an empty string (an unset
+    variable), or a flag given with its opposite. Options that gather values (`--experiments`) may repeat."""
+    actions = _beam_parser()._option_string_actions
+    seen: dict[str, str] = {}
+    for i, arg in enumerate(beam_args):
+        name, eq, inline = arg.partition("=")
+        action = actions.get(name) if arg.startswith("--") else None
+        if not isinstance(action, argparse._StoreAction | argparse._StoreConstAction):
+            continue
+        value = inline if eq else (beam_args[i + 1] if i + 1 < len(beam_args) else None)
+        if isinstance(action, argparse._StoreAction) and value is not None and not value.strip():
+            return f"{name} is empty (an unset variable?); give a value or leave the option out"
+        earlier = seen.get(action.dest)
+        if earlier is not None and (isinstance(action, argparse._StoreAction) or earlier != name):
+            return f"{name} given twice; give it once" if earlier == name else f"{earlier} and {name}: give one"
+        seen[action.dest] = name
+    return None
 
 
 #: The RaeeOptions make_pipeline sets from the command's own options, after the caller's: one given was dropped.

@@ -504,6 +504,13 @@ def test_14_what_would_crash_late_or_be_guessed_is_refused_first(segment_artifac
     for empty in (["--table", ""], ["--input", ""]):
         run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=empty))
         assert run.returncode == 2 and f"'{empty[0]}': is empty (an unset variable?)" in one_error_line(run)
+    for beam, why in (  # Beam's options too: argparse kept the last value and took an empty one
+        (["--raee_provider", "cpu", "--raee_provider=cuda"], "--raee_provider given twice; give it once"),
+        (["--temp_location", ""], "--temp_location is empty (an unset variable?)"),
+        (["--save_main_session", "--no_save_main_session"], "--save_main_session and --no_save_main_session: give"),
+    ):
+        run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=beam))
+        assert run.returncode == 2 and why in one_error_line(run), run.stderr
     run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", " "]))
     assert run.returncode == 2 and "'--errors': is empty" in one_error_line(run)
     run = raee_ops(*build_args(segment_artifacts, "", queries), cwd=tmp_path)

@@ -17,6 +17,7 @@ since that reads the history to tell a committed run's rejected rows from an unc
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -218,8 +219,9 @@ def _pinned(handle: lancedb.table.Table, versions: set[int]) -> set[int]:
 
 def _staying(history: list[tuple[int, float]], kept: set[int]) -> set[int]:
     """The versions a cut that keeps `kept` leaves: LanceDB cuts by age, so every version committed after the
-    oldest kept one stays too (a companion's version between two that kept table versions name)."""
-    oldest_kept = min(t for v, t in history if v in kept)
+    oldest kept one stays too (a companion's version between two that kept table versions name). No history (a
+    table without a companion) leaves none."""
+    oldest_kept = min((t for v, t in history if v in kept), default=math.inf)
     return {v for v, t in history if v in kept or t >= oldest_kept}
 
 

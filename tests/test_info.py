@@ -262,6 +262,11 @@ def test_a_dry_run_of_prune_names_the_versions_prune_then_removes(segment_artifa
             [1],
             [2, 3, 4],
         )
+    run_build_db(segment_artifacts, "sst2", [str(rows)], db, "sst2", "backbone", "append", None)  # version 6
+    lancedb.connect(db).drop_table("sst2__features")  # a table without a companion: the dry run failed on it
+    planned = prune(db, "sst2", 1, timedelta(0), dry_run=True)
+    assert (planned.removed, planned.kept, planned.features_removed) == ([5], [6], [])
+    assert (prune(db, "sst2", 1, timedelta(0)).removed, planned.features_kept) == ([5], [])
 
 
 def test_prune_without_a_table_prunes_every_exit_table_and_names_those_another_run_holds(segment_artifacts, tmp_path):  # noqa: F811

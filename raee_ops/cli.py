@@ -34,13 +34,14 @@ MAX_REJECTED = 0.5
 
 
 class Number(click.FloatRange):
-    """A bounded number: click's FloatRange lets `nan` through every bound (nan compares false to both), which
-    would switch a guard off or store a budget of nan in a table."""
+    """A bounded, finite number: click's FloatRange lets `nan` through every bound (nan compares false to both),
+    which would switch a guard off or store a budget of nan in a table, and `inf` through an open one, which JSON
+    outputs (info --json, report.json) cannot hold."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         number = super().convert(value, param, ctx)
-        if math.isnan(number):
-            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
 
 
@@ -492,7 +493,11 @@ def classify(
     help="Directory for report.json, report.md, report.png and predictions.parquet (each row's answers).",
 )
 @click.option(
-    "--k", default=10, show_default=True, type=click.IntRange(min=1), help="Neighbours for the paper's rules (raee*)."
+    "--k",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Neighbours for the paper's rules (raee*) and knn-vote.",
 )
 @click.option(
     "--strategy",

@@ -453,10 +453,15 @@ def test_inputs_from_different_writers_are_read_in_one_schema(segment_artifacts,
 def test_13_bad_values_names_and_paths_are_configuration_errors(segment_artifacts, db, tmp_path):  # noqa: F811
     queries = labelled(tmp_path / "q-1.parquet", 5, 1, "q", bad=False)
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=["--max-rejected", "nan"]))
-    assert run.returncode == 2 and "'nan' is not a number" in one_error_line(run)
+    assert run.returncode == 2 and "'nan' is not a finite number" in one_error_line(run)
     run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--layer-budget", "nan"]))
-    assert run.returncode == 2 and "'nan' is not a number" in one_error_line(run)
-    for price, why in (("nan", "'nan' is not a number"), ("-0.1", "-0.1 is not in the range x>=0")):
+    assert run.returncode == 2 and "'nan' is not a finite number" in one_error_line(run)
+    # inf too: JSON outputs (info --json, report.json) cannot hold it
+    for price, why in (
+        ("nan", "'nan' is not a finite"),
+        ("inf", "'inf' is not a finite"),
+        ("-0.1", "not in the range"),
+    ):
         run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--layer-price", price]))
         assert run.returncode == 2 and why in one_error_line(run)
         run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=["--layer-price", price]))

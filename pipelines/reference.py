@@ -73,6 +73,15 @@ class Reference:
         q = self.probe_policy
         if not q.majority:
             return []
+        best = q.best_elsewhere()
+        if best is not None:  # the budget or price ruled the better settings out, not the data
+            return [
+                f"warning: on the reference rows ({q.validation()}) no setting of the default within layer budget "
+                f"{q.layer_budget} at layer price {q.layer_price} scored better than answering every row with the "
+                f"most common label ({q.metric} {q.loo_metric:.3f}), so the default answers that label for every row; "
+                f"settings that run more layers scored up to {best:.3f} (a higher --layer-budget or a lower "
+                "--layer-price would choose them)"
+            ]
         return [
             f"warning: on the reference rows ({q.validation()}) no setting of the default scored better than answering "
             f"every row with the most common label ({q.metric} {q.loo_metric:.3f}): the default answers that label for "

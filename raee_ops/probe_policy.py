@@ -162,13 +162,23 @@ class ProbePolicy:
         point, conf = (_choose(front, budget, price, len(self.curve)) for front in (self.frontier, self.conf_frontier))
         return replace(self, **_chosen(point, conf, self.floor), layer_budget=budget, layer_price=price)
 
+    def best_elsewhere(self) -> float | None:
+        """Where the chosen settings answer the most common label but settings at another layer budget or price
+        scored better than it: the best of them (their cost, not the data, ruled them out). None otherwise."""
+        if not self.majority or self.frontier is None or self.floor is None:
+            return None
+        best = max(point.score for point in self.frontier)
+        return best if best > self.floor[0] else None
+
     def settings(self) -> str:
-        majority = (
-            "; answers every row with the most common label: these settings did no better" if self.majority else ""
-        )
+        majority = ""
+        if self.majority:
+            why = "these settings did no better" if self.best_elsewhere() is None else "at this cost nothing did better"
+            majority = f"; answers every row with the most common label: {why}"
+        t = "never" if self.t is None else self.t
         return (
             f"k={self.k} shrink={self.shrink} epsilon={self.epsilon} alpha={self.alpha} beta={self.beta} "
-            f"tau={self.tau} t={self.t}; probe-conf t={self.conf_t}; layer budget {self.layer_budget}, "
+            f"tau={self.tau} t={t}; probe-conf t={self.conf_t}; layer budget {self.layer_budget}, "
             f"layer price {self.layer_price}{majority}"
         )
 

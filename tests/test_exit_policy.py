@@ -361,6 +361,14 @@ def test_the_default_answers_the_most_common_label_where_nothing_it_reads_does_b
     assert resolve("probe-fused", layers).runs_backbone(Context(layers, 2, k=2, probe_policy=read))
     assert resolve("probe-fused", layers).exits_per_row(Context(layers, 2, k=2, probe_policy=read))
     assert not Reference(None, None, None, probes, read).render()[-1].startswith("warning")
+    # priced so that only answering at exit 0, from the misleading key, is affordable: it falls back too, but the
+    # data is not why, and the line says what is (it had blamed the data, naming no cost)
+    priced = read.within(layer_price=1000.0)
+    assert priced.majority and priced.best_elsewhere() > 0.95 and flipped.best_elsewhere() is None
+    assert "at this cost nothing did better" in priced.settings()
+    warned = Reference(None, None, None, probes, priced).render()[-1]
+    assert warned.startswith("warning: on the reference rows") and "a lower --layer-price" in warned, warned
+    assert "a lower --layer-price" not in Reference(None, None, None, probes, flipped).render()[-1]
     assert probes.majority_metric() == pytest.approx(0.75)  # info's figure: label counts 1 and 3
     with pytest.raises(RaeeConfigError, match="keeps no label counts"):
         dataclasses.replace(probes, label_counts=None).label_prior()

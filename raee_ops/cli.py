@@ -625,8 +625,9 @@ def prune_cmd(db_uri: str, table: str | None, keep: int, grace: timedelta, dry_r
     else:
         pruned, held = [prune(db_uri, table, keep, grace, dry_run, store)], []
     as_dicts = [dataclasses.asdict(p) for p in pruned]
-    text = "\n".join(p.render() for p in pruned) or f"{db_uri}: no tables written by build-db"
-    echo(json.dumps({"db": db_uri, "tables": as_dicts}, indent=2) if as_json else text)
+    text = "\n".join(p.render() for p in pruned) or ("" if held else f"{db_uri}: no tables written by build-db")
+    if as_json or text:  # with every table held, the one line is the error's
+        echo(json.dumps({"db": db_uri, "tables": as_dicts}, indent=2) if as_json else text)
     if held:  # the others are pruned; a scheduler's retry finds these free
         raise Busy(f"another run is writing table(s) {', '.join(held)} in {db_uri}: not pruned; retry later")
 

@@ -278,6 +278,9 @@ def test_prune_without_a_table_prunes_every_exit_table_and_names_those_another_r
         run_build_db(segment_artifacts, "sst2", [str(rows)], db, "other", "backbone", mode, None)
     lancedb.connect(db).create_table("notes", pa.table({"x": [1]})).add(pa.table({"x": [2]}))  # versions 1, 2
 
+    with hold(work_dir(db, "other"), "table 'other'"), hold(work_dir(db, "sst2"), "table 'sst2'"):
+        both = run_cli("prune", "--db", db, "--keep", "1", "--grace", "0")
+    assert both.returncode == 75 and both.stdout == "", both.stdout  # it said "no tables written by build-db"
     with hold(work_dir(db, "other"), "table 'other'"):
         partly = run_cli("prune", "--db", db, "--keep", "1", "--grace", "0")
     assert partly.returncode == 75, partly.stderr

@@ -178,14 +178,21 @@ def claimed_append_base(
             build_index(opened)
         return AppendBase(opened.version, None, done=record)
     present = read_column(opened, ID, f"table {table!r} in {db_uri}").combine_chunks()  # the ids alone
+    if probes is None:
+        raise RaeeConfigError("append refused: the table was built before probe heads; rebuild it (--mode overwrite)")
+    companion = table + FEATURES_SUFFIX
     features = features_at(db_uri, table, opened.schema, storage_options)
-    if features is not None:  # what the refit reads after the work, read now
-        read_column(features, ID, f"table {table + FEATURES_SUFFIX!r} in {db_uri}")
+    if features is None:  # the refit reads the old rows' pooled states there
+        raise RaeeConfigError(
+            f"append refused: table {companion!r}, the old rows' features the probes are refitted on, is missing "
+            f"from {db_uri}; rebuild the table (--mode overwrite)"
+        )
+    read_column(features, ID, f"table {companion!r} in {db_uri}")  # what the refit reads after the work, read now
     clash = ids.filter(pc.is_in(ids, value_set=present))
     if len(clash):
         shown = _examples(clash)
         raise RaeeConfigError(f"append refused: {len(clash)} id(s) already in table {table!r} (e.g. {shown})")
-    return AppendBase(opened.version, None if probes is None else (probes.pooling,))
+    return AppendBase(opened.version, (probes.pooling,))
 
 
 def table_record(db_uri: str, table: str, storage_options: dict[str, str]) -> RunRecord | None:

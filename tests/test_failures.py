@@ -660,11 +660,12 @@ def test_a_table_built_with_another_prompt_is_refused(segment_artifacts, db, tmp
 
 
 def damaged_copy(db: Path, to: Path, table: str, damage: str) -> Path:
-    """The database's tables (not what other tests' runs left beside them), `table`'s data files deleted or cut."""
+    """The database's tables (not what other tests' runs left beside them), `table`'s data files deleted or cut
+    (or, with damage "none", left whole)."""
     shutil.copytree(
         db, to, ignore=lambda folder, names: [n for n in names if n.startswith("_")] if folder == str(db) else []
     )
-    for data in (to / f"{table}.lance" / "data").glob("*.lance"):
+    for data in (to / f"{table}.lance" / "data").glob("*.lance") if damage != "none" else ():
         data.unlink() if damage == "deleted" else os.truncate(data, data.stat().st_size // 2)
     return to
 
@@ -692,6 +693,20 @@ def test_append_to_a_table_with_damaged_data_files_is_refused_before_the_work(se
     line = one_error_line(run)
     assert run.returncode == 2 and line.startswith(f"error: table {table!r} in {damaged} cannot be read (damaged"), line
     assert "inference" not in run.stderr and table_state(damaged) == before
+
+
+def test_append_to_a_table_whose_companion_is_gone_is_refused_before_the_work(segment_artifacts, db, tmp_path):  # noqa: F811
+    """The companion (the old rows' features the probes are refitted on) deleted: the append ran every row through
+    the backbone, then said the table "was built before probe heads", which it was not, leaving staged errors."""
+    before = table_state(db)
+    copy = damaged_copy(db, tmp_path / "db", "sst2", "none")
+    shutil.rmtree(copy / f"sst2{FEATURES_SUFFIX}.lance")
+    more = labelled(tmp_path / "more.parquet", 4, 7, "more", bad=False)
+    run = raee_ops(*build_args(segment_artifacts, copy, more, extra=["--mode", "append"]))
+    line = one_error_line(run)
+    assert run.returncode == 2 and f"append refused: table 'sst2{FEATURES_SUFFIX}', the old rows' features" in line
+    assert "inference" not in run.stderr and table_state(copy) == before
+    assert not list(copy.glob("_errors/**/*.parquet")), list(copy.glob("_errors/**/*"))
 
 
 def test_a_row_that_fails_where_its_batch_runs_is_rejected_alone(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -203,8 +204,8 @@ def run_classify(
     job = job_digest(
         identity | {"k": k, "strategy": strategy, "layer_budget": layer_budget, "layer_price": layer_price}, found
     )
-    done = completed(output_dir, job)
-    if done is not None:
+
+    def already_done(done: dict[str, Any]) -> ClassifySummary:
         return ClassifySummary(
             strategy,
             described,
@@ -218,6 +219,10 @@ def run_classify(
             key_depth=layer_depth(embedder) or 0,
             done=True,
         )
+
+    done = completed(output_dir, job)
+    if done is not None:
+        return already_done(done)
     schema, rows_in = check_inputs(files, task, need_label=False)
     clash = [f.name for f in PREDICTION_FIELDS if f.name in schema.names]
     if clash:
@@ -240,7 +245,9 @@ def run_classify(
         checked=manifest,
         **settings.runtime(),
     )
-    with claim_output(output_dir, OUTPUTS, "--output") as claim:
+    with claim_output(output_dir, OUTPUTS, "--output", job) as claim:
+        if claim.done is not None:  # another run of this job finished while this one waited for the claim
+            return already_done(claim.done)
         pipeline = make_pipeline(
             beam_args, command="classify", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
         )

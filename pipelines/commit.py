@@ -210,11 +210,13 @@ def remove_leftovers(paths: Sequence[str], where: str) -> None:
 
 @dataclass(frozen=True)
 class OutputClaim:
-    """A claimed output folder: stage into `staging`, then `publish`."""
+    """A claimed output folder: stage into `staging`, then `publish`; or, with `done`, the `_SUCCESS` marker of this
+    very job, which another run of it published while this one waited for the claim (nothing staged)."""
 
     folder: str
     staging: str
     patterns: tuple[str, ...]
+    done: dict[str, Any] | None = None
 
     def publish(self, marker: dict[str, Any]) -> list[str]:
         """Move the staged files matching `patterns` into the folder (pattern by pattern), then write `_SUCCESS`
@@ -248,14 +250,24 @@ def job_digest(identity: dict[str, Any], files: Sequence[FileMetadata]) -> str:
     return hashlib.sha256(json.dumps([identity, inputs], sort_keys=True, default=str).encode()).hexdigest()
 
 
+def read_marker(folder: str) -> dict[str, Any] | None:
+    """A folder's `_SUCCESS` marker as raee-ops writes it (JSON), {} for another tool's (Spark's and Hadoop's are
+    empty files), None where there is none."""
+    marker = storage.join(str(folder), SUCCESS)
+    if not storage.exists(marker):
+        return None
+    try:
+        found = json.loads(storage.read_bytes(marker))
+    except (OSError, ValueError):  # not JSON, not UTF-8, not a file
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def completed(folder: str, job: str) -> dict[str, Any] | None:
     """The `_SUCCESS` marker of a folder holding this very job's complete output (a retry of a run killed after it
     finished, or run twice by a scheduler), else None."""
-    marker = storage.join(str(folder), SUCCESS)
-    if not storage.is_file(marker):
-        return None
-    found = json.loads(storage.read_bytes(marker))
-    if found.get("job") != job:
+    found = read_marker(folder)
+    if found is None or found.get("job") != job:
         return None
     _tidy(str(folder))
     return found
@@ -275,13 +287,19 @@ def _tidy(folder: str) -> None:
 
 
 @contextmanager
-def claim_output(folder: str, patterns: Sequence[str], what: str) -> Iterator[OutputClaim]:
+def claim_output(folder: str, patterns: Sequence[str], what: str, job: str | None = None) -> Iterator[OutputClaim]:
     """Claim an output folder for one run: refuse a folder that holds a complete output (`_SUCCESS`) or is being
-    written by a live run; remove an unfinished run's leftovers; on exit remove this run's staging."""
+    written by a live run; remove an unfinished run's leftovers; on exit remove this run's staging. A complete
+    output of this very `job`, published by another run while this one waited for the claim, is yielded as `done`
+    (its twin started together is not refused for it: a scheduler reads 2 as a mistake to mend)."""
     folder = str(folder)
     storage.check_folder(folder, what)
     with hold(folder, what):
-        if storage.exists(storage.join(folder, SUCCESS)):
+        found = read_marker(folder)
+        if found is not None and job is not None and found.get("job") == job:
+            yield OutputClaim(folder, "", tuple(patterns), done=found)
+            return
+        if found is not None:
             raise RaeeConfigError(
                 f"{folder} already holds a complete output ({SUCCESS} present); choose another {what} or delete it"
             )

@@ -87,6 +87,27 @@ def test_1_two_classify_runs_on_one_output_never_both_write(segment_artifacts, d
     assert run.returncode == 2 and "already holds a complete output" in one_error_line(run)
 
 
+def test_1b_a_twin_that_finishes_first_makes_the_other_done_not_refused(segment_artifacts, db, tmp_path, monkeypatch):  # noqa: F811
+    """Two runs of one job started together: the second looked for a finished output before the first published
+    and took the claim after it, then was refused (exit 2, "already holds a complete output"), which a scheduler
+    does not retry. Under the claim it now finds its own job done. Another tool's `_SUCCESS` (Spark's and Hadoop's
+    are empty) is another output, refused in one line; it was an internal error (exit 1)."""
+    from raee_ops.pipelines import classify
+
+    queries = labelled(tmp_path / "q.parquet", 12, 1, "q", bad=False)
+    out = str(tmp_path / "out")
+    first = classify.run_classify(segment_artifacts, "sst2", str(db), "sst2", [str(queries)], out, 4, "raee")
+    monkeypatch.setattr(classify, "completed", lambda folder, job: None)  # its look came before the first's _SUCCESS
+    twin = classify.run_classify(segment_artifacts, "sst2", str(db), "sst2", [str(queries)], out, 4, "raee")
+    assert twin.done and (twin.rows_in, twin.predicted) == (first.rows_in, first.predicted) == (12, 12)
+    monkeypatch.undo()
+    spark = tmp_path / "spark"
+    spark.mkdir()
+    (spark / "_SUCCESS").write_bytes(b"")
+    run = raee_ops(*classify_args(segment_artifacts, db, spark, queries))
+    assert run.returncode == 2 and "already holds a complete output (_SUCCESS present)" in one_error_line(run)
+
+
 def test_2_misspelt_options_are_usage_errors_naming_the_closest(segment_artifacts, db, tmp_path):  # noqa: F811
     before = table_state(db)
     train = labelled(tmp_path / "few.parquet", 4, 2, "few", bad=False)

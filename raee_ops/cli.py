@@ -582,7 +582,11 @@ def rollback_cmd(db_uri: str, table: str, version: int) -> None:
     from raee_ops.versions import rollback
 
     info = rollback(db_uri, table, version, worker_settings(beam_args(), db_uri).db_storage_options)
-    done = "already current" if info["previous"] == version else f"restored (was version {info['previous']})"
+    previous = info["previous"]
+    if info["changed"]:
+        done = f"restored (was version {previous})"
+    else:
+        done = "already current" + (f" (as version {previous})" if previous != version else "")
     echo(f"table {table}: version {version} {done}")
     echo(render({"db": db_uri, "tables": [info]}))
 

@@ -37,7 +37,8 @@ from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, 
 
 
 def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, str] | None = None) -> dict[str, Any]:
-    """Make `version` the current one, as a new version; then the table's info, with `restored` and `previous`."""
+    """Make `version` the current one, as a new version; then the table's info, with `restored`, `previous` and
+    `changed` (False: the latest version held it already)."""
     check_database(db_uri)
     handle = open_table(db_uri, table, storage_options=storage_options)
     _check_version(handle, table, version)  # a typo is told at once, even while another run holds the table
@@ -45,9 +46,24 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
         handle.checkout_latest()  # what another run committed (or pruned) before the claim was ours
         _check_version(handle, table, version)
         previous = handle.version
-        if version != previous:  # a retried rollback finds its version already current and leaves it
+        changed = not _holds(handle, version)  # a retried rollback finds its version already current: left so
+        if changed:
             handle.restore(version)
-    return {"restored": version, "previous": previous, **table_info(handle)}
+    return {"restored": version, "previous": previous, "changed": changed, **table_info(handle)}
+
+
+def _holds(handle: lancedb.table.Table, version: int) -> bool:
+    """Whether the latest version is `version` or a restored copy of it: a restore commits a new version number, so a
+    rollback retried after a kill that came after its restore compared unequal and restored again, each retry one
+    more copy (which `prune --keep` then counted). Every build-db commit stamps its own run record, fit and
+    companion pin in the schema's metadata: equal metadata and row counts are the same rows."""
+    if handle.version == version:
+        return True
+    latest = handle.schema.metadata, handle.count_rows()
+    handle.checkout(version)
+    then = handle.schema.metadata, handle.count_rows()
+    handle.checkout_latest()
+    return latest == then
 
 
 def _check_version(handle: lancedb.table.Table, table: str, version: int) -> None:

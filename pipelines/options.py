@@ -148,7 +148,9 @@ def store_patience(beam_args: Sequence[str]) -> float:
     if given is None:
         return STORE_PATIENCE_S
     if not 0 < given < 10**7:  # nan fails both
-        raise RaeeConfigError(f"--raee_store_patience must be a number of seconds above 0, got {given}")
+        raise RaeeConfigError(
+            f"--raee_store_patience must be a number of seconds above 0 and below 10000000, got {given}"
+        )
     return given
 
 

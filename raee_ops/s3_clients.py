@@ -104,6 +104,8 @@ class _Timed:
             except Exception as exc:
                 silent = _no_answer(exc)
                 health.end(token, start, None if silent is None else not silent, f"{type(exc).__name__}: {exc}")
+                if getattr(exc, "response", {}) is None:  # a timeout's: Beam's wrapper reads response.get(...)
+                    exc.response = {}  # and, failing on None, said "'NoneType' object has no attribute 'get'"
                 raise
             health.end(token, start, True)
             return result

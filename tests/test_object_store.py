@@ -687,3 +687,32 @@ def test_a_store_that_stops_answering_mid_run_ends_it_with_75(segment_artifacts,
         ids = read_parquet(client, "out/predictions-").column("id").to_pylist()
         ids += read_parquet(client, "out/errors-").column("id").to_pylist()
         assert len(ids) == len(set(ids)) == 45
+
+
+def test_calls_that_get_no_answer_are_timed_and_named_as_beam_can_read_them(monkeypatch):
+    """A store that takes connections and never answers (a TCP listener that never replies): the call is counted as
+    unanswered from its start, the watch gives up once that lasts its patience, naming the endpoint and the call's
+    error; and the timeout reaches Beam's S3 wrapper with a response it can read: Beam read `response.get(...)` off
+    botocore's None and turned every timeout into "'NoneType' object has no attribute 'get'"."""
+    from apache_beam.io.aws.clients.s3.boto3_client import get_http_error_code
+    from botocore.config import Config
+
+    from raee_ops import s3_clients
+
+    monkeypatch.setattr(s3_clients, "health", s3_clients._Health())
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        quick = Config(read_timeout=1, retries={"total_max_attempts": 1})
+        client = s3_clients._Timed(boto3.client("s3", endpoint_url=endpoint, config=quick, **KEYS))
+        given_up: list[str] = []
+        s3_clients.watch(1.5, given_up.append)  # past the call's 1 s timeout: its error is known by then
+        with pytest.raises(Exception, match="Read timeout") as timed_out:
+            client.head_object(Bucket=BUCKET, Key="k")
+        assert get_http_error_code(timed_out.value) is None  # Beam's retry filter reads None as retryable
+        deadline = time.monotonic() + 10
+        while not given_up and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert s3_clients.health.silent_for() >= 1.5
+    assert given_up and f"the object store at {endpoint} (ReadTimeoutError: Read timeout" in given_up[0], given_up

@@ -255,14 +255,20 @@ class BuildHandler(_RaeeHandler):
     more all-layer pass, for the probes only (and the only one where nothing reads the prompt's, `form`); views of a
     form not run stage zeros."""
 
-    command = "build-db"
-
     def __init__(
-        self, artifacts: str, task: Task, embedder: str, views: Sequence[str] | None = None, **runtime_options: Any
+        self,
+        artifacts: str,
+        task: Task,
+        embedder: str,
+        views: Sequence[str] | None = None,
+        command: str = "build-db",
+        **runtime_options: Any,
     ) -> None:
         """`views`: the views the caller reads of the staged states (default: every view a new table's probes may
-        choose, probes.table_views); only their input forms are run."""
+        choose, probes.table_views); only their input forms are run. `command`: the one it serves (evaluate runs
+        every layer too), for its progress lines and fault points."""
         super().__init__(artifacts, task, embedder, **runtime_options)
+        self.command = command
         self.forms = {view_form(view) for view in (views or table_views(embedder))}
 
     def load_model(self) -> Loaded:

@@ -297,7 +297,9 @@ def evaluate(
 
     valid, rejected = _read_validated(inputs, task)
     views = (probes.pooling,)  # its view only
-    handler = BuildHandler(str(artifacts), task, embedder, views, checked=manifest, **settings.runtime())
+    handler = BuildHandler(
+        str(artifacts), task, embedder, views, command="evaluate", checked=manifest, **settings.runtime()
+    )
     rows, probe_lp, failed = _run_layers(handler, valid, probes)
     rejected += failed
     if rows.num_rows == 0:

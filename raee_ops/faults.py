@@ -3,7 +3,7 @@
 `RAEE_FAULT=<point>` (or `<point>@N`: at the N-th time the point is reached in this process) sends SIGKILL to
 the process when it gets there: no cleanup, no `finally`, exactly what a scheduler's kill or an OOM does. Points:
 
-- `batch:classify`, `batch:build-db`: after a worker finished a batch (use @N to die mid-run)
+- `batch:classify`, `batch:build-db`, `batch:evaluate`: after a worker finished a batch (use @N to die mid-run)
 - `publish:predictions-*.parquet`: classify has published its predictions but not its errors or `_SUCCESS`
 - `publish:errors-*.parquet`: both are published, `_SUCCESS` is not
 - `publish:_SUCCESS`: `_SUCCESS` is written, the list of what was being published not yet removed
@@ -15,7 +15,8 @@ the process when it gets there: no cleanup, no `finally`, exactly what a schedul
 - `export:aside`: the previous export is moved aside, the new one not yet in its place
 - `export:publish`: on an object store, the new export's files are copied over the old one's, its manifest not yet
 - `prune:cut`: prune has removed the table's old versions (@2: and its companion's), not yet what it reports
-- `load:classify`, `load:build-db`: a worker is loading the model (with RAEE_FAULT_MODE=raise: a failed job)
+- `load:classify`, `load:build-db`, `load:evaluate`: a worker is loading the model (with RAEE_FAULT_MODE=raise: a
+  failed job)
 
 `RAEE_FAULT_MODE=raise` raises `InjectedFault` there instead of killing: a worker's failure, not a kill;
 `RAEE_FAULT_MODE=interrupt` sends SIGINT: a Ctrl-C; `RAEE_FAULT_MODE=terminate` sends SIGTERM: a scheduler's stop.

@@ -146,8 +146,12 @@ def test_cli_writes_the_report_and_exits_2_on_a_missing_column(segment_artifacts
             "--strategy",
             "raee",
         ]
-        return raee_ops("evaluate", *args)
+        return raee_ops("evaluate", *args, **fault)
 
+    fault = {"fault": "load:evaluate", "mode": "raise"}  # its workers serve evaluate: their progress said "build-db"
+    failed = run(held_out, tmp_path / "failed")
+    assert failed.returncode == 1 and "InjectedFault: injected fault at load:evaluate" in failed.stderr
+    fault = {}
     ok = run(held_out, tmp_path / "ok")
     assert ok.returncode == 0, ok.stderr
     assert "evaluate:" not in ok.stderr  # no progress line when stderr is not a terminal (tests/test_progress.py)

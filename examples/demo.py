@@ -18,8 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from raee_ops.schemas.manifest import load_manifest
 
+from raee_ops import logs
 from raee_ops.key_names import DEFAULT_KEY
 
 HERE = Path(__file__).resolve().parent
@@ -51,6 +51,9 @@ def split_reviews(reference: Path, held_apart: Path) -> int:
 
 
 def main() -> None:
+    logs.configure(0)  # before Beam is imported (by load_manifest): its "apitools not found" warning is noise here
+    from raee_ops.schemas.manifest import load_manifest
+
     WORK.mkdir(exist_ok=True)
     artifacts, db, out = WORK / "artifacts", WORK / "db", WORK / "predictions"
     reference, held_apart = WORK / "reference.parquet", WORK / "held_apart.parquet"

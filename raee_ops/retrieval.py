@@ -5,6 +5,7 @@ Connections are opened by `Retriever.open` (called from a worker's load_model), 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -15,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from lancedb.index import IvfFlat
 
-from raee_ops import storage
+from raee_ops import s3_clients, storage
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import RaeeConfigError, StoreUnavailable, first_line
 from raee_ops.exit_policy import Neighbours
@@ -104,7 +105,8 @@ def table_names(db: lancedb.DBConnection) -> set[str]:
     token = None
     while True:
         try:
-            page = db.list_tables(page_token=token)
+            with _waiting_on(db.uri):
+                page = db.list_tables(page_token=token)
         except (ValueError, OSError, RuntimeError) as exc:
             raise unreachable(db.uri, exc) from exc
         names.update(page.tables)
@@ -117,9 +119,16 @@ def connect(db_uri: str, storage_options: dict[str, str] | None = None) -> lance
     """The database; on object stores `storage_options` (endpoint, keys, region) or the standard AWS_* / Google
     environment say how to reach it."""
     try:
-        return lancedb.connect(db_uri, storage_options=storage_options or None)
+        with _waiting_on(db_uri):
+            return lancedb.connect(db_uri, storage_options=storage_options or None)
     except (ValueError, OSError, RuntimeError) as exc:
         raise unreachable(db_uri, exc) from exc
+
+
+def _waiting_on(db_uri: str) -> contextlib.AbstractContextManager[None]:
+    """LanceDB's look-ups on an object store, timed for the store watch (s3_clients.watch): its own client retries
+    a store that stopped answering for minutes, unseen by the watch."""
+    return contextlib.nullcontext() if storage.is_local(db_uri) else s3_clients.waiting_on(db_uri)
 
 
 def unreachable(db_uri: str, exc: Exception) -> RaeeConfigError | StoreUnavailable:
@@ -161,7 +170,8 @@ def open_listed(db: lancedb.DBConnection, db_uri: str, name: str) -> lancedb.tab
     """A table the database lists, opened; one whose files are damaged (a truncated manifest, say) is one line,
     not the Rust reader's error."""
     try:
-        return db.open_table(name)
+        with _waiting_on(db_uri):
+            return db.open_table(name)
     except (ValueError, OSError, RuntimeError) as exc:
         raise _unreadable(f"table {name!r} in {db_uri}", exc) from exc
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -72,6 +73,22 @@ class _Health:
 
 health = _Health()
 
+#: boto3's managed transfers (Beam's copy is one): their inner calls go to the client underneath, untimed.
+_TRANSFERS = {"copy", "upload_file", "upload_fileobj", "download_file", "download_fileobj"}
+
+
+@contextmanager
+def waiting_on(where: str) -> Iterator[None]:
+    """A call to a store made through another client (LanceDB's own, for a database's listing and opening), timed
+    as the S3 calls are, so the watch sees it wait: an answer counts as one, a failure says nothing."""
+    token, start = health.begin(where)
+    answered: bool | None = None
+    try:
+        yield
+        answered = True
+    finally:
+        health.end(token, start, answered)
+
 
 def _no_answer(exc: Exception) -> bool | None:
     """Whether a failed call got no answer from the store (True), got one (False), or says nothing of it (None)."""
@@ -89,7 +106,7 @@ class _Timed:
 
     def __init__(self, client: Any) -> None:
         self._client = client
-        self._operations = set(client.meta.method_to_api_mapping)
+        self._operations = set(client.meta.method_to_api_mapping) | _TRANSFERS
         self._where = client.meta.endpoint_url
 
     def __getattr__(self, name: str) -> Any:

@@ -716,3 +716,41 @@ def test_calls_that_get_no_answer_are_timed_and_named_as_beam_can_read_them(monk
             time.sleep(0.1)
     assert s3_clients.health.silent_for() >= 1.5
     assert given_up and f"the object store at {endpoint} (ReadTimeoutError: Read timeout" in given_up[0], given_up
+
+
+def _waits(call: str, endpoint: str) -> None:
+    """`call` against `endpoint`: a database listing through LanceDB's client, or a managed copy through the timed
+    boto3 client; whatever it raises once the test's listener closes is beside the point."""
+    from botocore.config import Config
+
+    from raee_ops import retrieval, s3_clients
+
+    with contextlib.suppress(Exception):
+        if call == "lancedb":
+            store = {"aws_endpoint": endpoint, "allow_http": "true", "aws_region": "us-east-1"}
+            retrieval.table_names(retrieval.connect(f"s3://{BUCKET}/db", store | {"aws_access_key_id": "k"}))
+        else:
+            quick = Config(read_timeout=30, retries={"total_max_attempts": 1})
+            client = s3_clients._Timed(boto3.client("s3", endpoint_url=endpoint, config=quick, **KEYS))
+            client.copy({"Bucket": BUCKET, "Key": "a"}, BUCKET, "b")
+
+
+@pytest.mark.parametrize("call", ["lancedb", "copy"])
+def test_the_watch_sees_lancedb_and_managed_copies_wait_too(monkeypatch, call):
+    """Calls the timed S3 client does not make: LanceDB's own client (a database's listing and opening, which it
+    retried for twelve minutes on a stopped store: info, rollback, prune, a classify opening its table) and boto3's
+    managed copy (publishing on S3), whose inner calls go to the client underneath. The watch sees both wait."""
+    from raee_ops import s3_clients
+
+    monkeypatch.setattr(s3_clients, "health", s3_clients._Health())
+    given_up: list[str] = []
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        s3_clients.watch(1.0, given_up.append)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        threading.Thread(target=_waits, args=(call, endpoint), daemon=True).start()
+        deadline = time.monotonic() + 10
+        while not given_up and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert given_up and "(no reply yet) has not answered for" in given_up[0], given_up

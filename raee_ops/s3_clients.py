@@ -81,13 +81,14 @@ _TRANSFERS = {"copy", "upload_file", "upload_fileobj", "download_file", "downloa
 def waiting_on(where: str) -> Iterator[None]:
     """A call to a store made through another client (LanceDB's own, for a database's listing and opening), timed
     as the S3 calls are, so the watch sees it wait: an answer counts as one, a failure says nothing."""
-    token, start = health.begin(where)
+    seen = health  # the one its end is reported to
+    token, start = seen.begin(where)
     answered: bool | None = None
     try:
         yield
         answered = True
     finally:
-        health.end(token, start, answered)
+        seen.end(token, start, answered)
 
 
 def _no_answer(exc: Exception) -> bool | None:
@@ -115,16 +116,17 @@ class _Timed:
             return attribute
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            token, start = health.begin(self._where)
+            seen = health  # the one its end is reported to
+            token, start = seen.begin(self._where)
             try:
                 result = attribute(*args, **kwargs)
             except Exception as exc:
                 silent = _no_answer(exc)
-                health.end(token, start, None if silent is None else not silent, f"{type(exc).__name__}: {exc}")
+                seen.end(token, start, None if silent is None else not silent, f"{type(exc).__name__}: {exc}")
                 if getattr(exc, "response", {}) is None:  # a timeout's: Beam's wrapper reads response.get(...)
                     exc.response = {}  # and, failing on None, said "'NoneType' object has no attribute 'get'"
                 raise
-            health.end(token, start, True)
+            seen.end(token, start, True)
             return result
 
         return call

@@ -14,6 +14,7 @@ class PagedDB:
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
+        self.uri = "paged"  # a local database's, as DBConnection.uri names it
 
     def list_tables(self, page_token: str | None = None) -> SimpleNamespace:
         start = int(page_token or 0)

@@ -11,6 +11,7 @@ stores; a local write is made atomic by a rename) the local branch is taken only
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import os
@@ -335,11 +336,17 @@ def _write(uri: str, blocks: Iterable[bytes]) -> None:
     if is_local(uri):
         mkdirs(parent(uri))
         target = join(parent(uri), f".{name(uri)}.partial-{os.getpid()}")
-    with FileSystems.create(target, compression_type=RAW) as handle:
-        for block in blocks:
-            handle.write(block)
-    if target != uri:
-        os.replace(local_path(target), local_path(uri))
+    try:
+        with FileSystems.create(target, compression_type=RAW) as handle:
+            for block in blocks:
+                handle.write(block)
+        if target != uri:
+            os.replace(local_path(target), local_path(uri))
+    except BaseException:  # a full disk or an interrupt: no stray partial stays behind to fill the disk on retries
+        if target != uri:
+            with contextlib.suppress(OSError):
+                os.unlink(local_path(target))
+        raise
 
 
 def download(uri: str, local_file: str) -> None:

@@ -29,6 +29,7 @@ from raee_ops.schemas.tables import FEATURES_SUFFIX
 from segment_artifacts import make_artifacts, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled, sentences
 
+from raee_ops import storage
 from raee_ops.errors import ArtifactError, RaeeRunError
 from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.retrieval import table_names
@@ -841,6 +842,16 @@ def test_run_ids_differ_within_one_process_and_second():
     """Claims, staging folders and error shards are named by run id: two in one second must not collide."""
     ids = [new_run_id() for _ in range(3)]
     assert len(set(ids)) == 3 and ids == sorted(ids)
+
+
+def test_a_write_that_fails_leaves_no_partial_file_behind(tmp_path):
+    """Reports and markers are written aside and renamed into place: one that fails (a full disk, a folder in the
+    way) must not leave its partial copy, which every retry of a scheduled job would add to the full disk."""
+    (tmp_path / "report.json").mkdir()
+    (tmp_path / "report.json" / "keep").write_text("x")
+    with pytest.raises(OSError):
+        storage.write_bytes(str(tmp_path / "report.json"), b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
 def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run_a_live_ones_is_not(tmp_path, monkeypatch):

@@ -165,10 +165,26 @@ def validated_schema(schema: pa.Schema, task: Task) -> pa.Schema:
 
 def _text_ids(schema: pa.Schema) -> pa.Schema:
     """`schema` with an `id` column of type null (no value at all, as pandas writes an all-None column) as a string
-    one, whose nulls `output_rows` fills with the rows' positions as in any text `id` column."""
-    if ID not in schema.names or not pa.types.is_null(schema.field(ID).type):
+    one, and a dictionary-encoded text one (a pandas categorical) as its text: `output_rows` fills their nulls with
+    the rows' positions as in any text `id` column, whichever other files a run reads beside them."""
+    if ID not in schema.names:
         return schema
-    return schema.set(schema.get_field_index(ID), schema.field(ID).with_type(pa.string()))
+    t = schema.field(ID).type
+    if pa.types.is_dictionary(t) and _holds_positions(t.value_type):
+        t = t.value_type
+    elif pa.types.is_null(t):
+        t = pa.string()
+    return schema.set(schema.get_field_index(ID), schema.field(ID).with_type(t))
+
+
+def _nan_ids_as_null(table: pa.Table) -> pa.Table:
+    """A NaN in a float `id` column is no id (NaN equals nothing, not even itself: its prediction could not be
+    joined back), so it is a null, rejected by `unjoinable` as one."""
+    if ID not in table.column_names or not pa.types.is_floating(table.schema.field(ID).type):
+        return table
+    ids = table.column(ID)
+    index = table.schema.get_field_index(ID)
+    return table.set_column(index, table.field(ID), pc.if_else(pc.is_nan(ids), pa.scalar(None, ids.type), ids))
 
 
 def output_columns(schema: pa.Schema, task: Task) -> pa.Schema:
@@ -184,13 +200,14 @@ def _holds_positions(t: pa.DataType) -> bool:
 
 
 def unjoinable(table: pa.Table) -> tuple[np.ndarray, str]:
-    """Validated rows whose output `id` would be null, and why: a null in an `id` column of numbers, bytes or
-    dictionary codes, which cannot hold the row's position. classify rejects them (the errors name each by its
+    """Validated rows whose output `id` would be null, and why: a null (or NaN) in an `id` column of numbers or
+    bytes, which cannot hold the row's position. classify rejects them (the errors name each by its
     position) rather than write a prediction nobody can join back to its row."""
     if ID not in table.column_names or _holds_positions(table.schema.field(ID).type):
         return np.zeros(table.num_rows, bool), ""
     kind = table.schema.field(ID).type
-    reason = f"id is null (an id column of {kind} cannot hold the row's position in its place)"
+    missing = "null or NaN" if pa.types.is_floating(kind) else "null"
+    reason = f"id is {missing} (an id column of {kind} cannot hold the row's position in its place)"
     return pc.is_null(table.column(ID)).to_numpy(zero_copy_only=False), reason
 
 
@@ -271,6 +288,7 @@ def validate(
     if read != table.schema:
         table = table.cast(read)
     check_columns(table.schema, task, need_label, source)
+    table = _nan_ids_as_null(table)
     checks = []
     for column in text_columns(task):
         table, column_checks = _text_reasons(table, column)

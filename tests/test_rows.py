@@ -4,7 +4,7 @@ import pytest
 from raee_ops.schemas.tables import ERRORS_SCHEMA
 
 from raee_ops.errors import RaeeConfigError
-from raee_ops.rows import ROW_ID, check_columns, validate
+from raee_ops.rows import ROW_ID, check_columns, output_rows, unjoinable, validate
 from raee_ops.tasks import get_task
 
 SST2, RTE = get_task("sst2"), get_task("rte")
@@ -136,3 +136,18 @@ def test_a_nan_group_is_a_missing_group_as_null_is(tmp_path):
     path = tmp_path / "g.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "g": [1.0, float("nan"), None, float("nan")]}), path)
     assert file_keys(str(path), "g")[1].to_pylist() == ["1", None, None, None]
+
+
+def test_a_categorical_text_id_is_filled_as_text_and_a_nan_id_is_a_missing_one():
+    """A pandas categorical id holds text: its nulls are filled with the row's position as a string column's are
+    (they were rejected, unless another file in the run made the column plain text). A NaN in a float id is no id:
+    its prediction could never be joined back, so it is rejected as a null is, named by its position."""
+    ids = pa.array(["a", None, "c"]).dictionary_encode()
+    out = validate(pa.table({"id": ids, "text": ["x", "y", "z"]}), SST2, source="c", file_key="k", need_label=False)
+    assert not unjoinable(out.valid)[0].any()
+    assert output_rows(out.valid).column("id").to_pylist() == ["a", "row:k:1", "c"]
+    floats = pa.table({"id": [1.5, float("nan"), None, 4.0], "text": ["w", "x", "y", "z"]})
+    out = validate(floats, SST2, source="f", file_key="k", need_label=False)
+    assert out.valid.column(ROW_ID).to_pylist() == ["1.5", "row:k:1", "row:k:2", "4"]
+    rejected, reason = unjoinable(out.valid)
+    assert rejected.tolist() == [False, True, True, False] and reason.startswith("id is null or NaN")

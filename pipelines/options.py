@@ -413,13 +413,13 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
 def failure(what: str, exc: Exception, result: Any = None) -> str:
     """The line of a failed run: a job service's lost call names the service and its status (its first line was
     "<_MultiThreadedRendezvous of RPC that terminated with:"), a job that failed on a job service the worker's error
-    from the job's messages (Beam's exception says only "Error running pipeline."), anything else the worker's
-    error."""
+    from the job's messages (Beam's exception says only "Error running pipeline."), a failure in workers of their
+    own the exception their traceback ends with, anything else the worker's error."""
     if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
         return f"{what} pipeline failed: the job service stopped answering ({exc.code().name}: {exc.details()})"
-    return (
-        f"{what} pipeline failed in a Beam worker: {_job_error(result) or f'{type(exc).__name__}: {first_line(exc)}'}"
-    )
+    traced = first_line(exc).startswith("Traceback (most recent call last)") and _raised([str(exc)])
+    cause = _job_error(result) or traced or f"{type(exc).__name__}: {first_line(exc)}"
+    return f"{what} pipeline failed in a Beam worker: {cause}"
 
 
 #: The last line of a Python traceback: the exception's name (its module's dotted path dropped) and its message.
@@ -434,6 +434,12 @@ def _job_error(result: Any) -> str | None:
         if m.HasField("message_response")
         and m.message_response.importance == beam_job_api_pb2.JobMessage.JOB_MESSAGE_ERROR
     ]
+    return _raised(texts)
+
+
+def _raised(texts: Iterable[str]) -> str | None:
+    """The last exception the tracebacks in `texts` end with, as `Name: message`: in a job's error messages, or in
+    the error of workers in processes or threads of their own (`--direct_running_mode`), which is their traceback."""
     raised = [found for text in texts for found in _RAISED.findall(text)]
     return f"{raised[-1][0]}: {first_line(raised[-1][1])}" if raised else None
 

@@ -69,6 +69,26 @@ def test_multi_processing_direct_runner(segment_artifacts, tmp_path):  # noqa: F
     )
 
 
+def test_a_failure_in_worker_processes_names_its_cause(segment_artifacts, tmp_path):  # noqa: F811
+    """Workers in processes of their own fail the run with their traceback as the error's text: the run's line
+    said "RuntimeError: Traceback (most recent call last):", which a scheduler keeping the last line records as the
+    reason. It names the worker's exception."""
+    train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
+    args = ["build-db", "--artifacts", segment_artifacts, "--task", "sst2", "--input", train, "--db", tmp_path / "db"]
+    run = raee_ops(
+        *args,
+        "--direct_num_workers",
+        "2",
+        "--direct_running_mode",
+        "multi_processing",
+        fault="load:build-db",
+        mode="raise",
+    )
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and last.startswith("error: build-db pipeline failed in a Beam worker: InjectedFault: ")
+    assert "injected fault at load:build-db" in last and not (tmp_path / "db" / "sst2.lance").exists()
+
+
 @pytest.mark.parametrize(
     ("stop", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)], ids=["int", "term"]
 )

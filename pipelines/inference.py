@@ -22,7 +22,7 @@ import pyarrow as pa
 from raee_ops.schemas.manifest import Manifest
 from raee_ops.schemas.tables import FEATURES, LABEL, PREDICTION_FIELDS, TEXT, TEXT_PAIR, layer_rows_schema
 
-from raee_ops import storage
+from raee_ops import logs, storage
 from raee_ops.artifacts import local_artifacts
 from raee_ops.calibration import log_softmax
 from raee_ops.errors import ArtifactError, RaeeRunError
@@ -91,12 +91,12 @@ class Progress:
     def add(self, rows: int, what: str) -> None:
         self.rows += rows
         now = time.perf_counter()
-        if now - self.shown >= PROGRESS_SECONDS and interactive(sys.stderr):  # logs get the summary instead
+        if now - self.shown >= PROGRESS_SECONDS and interactive(logs.stream()):  # logs get the summary instead
             self.shown = now
             rate = self.rows / max(now - self.started, 1e-9)
             print(
                 f"  {what}: {self.rows} rows done by worker {os.getpid()} ({rate:.1f} rows/s)",
-                file=sys.stderr,
+                file=logs.stream(),
                 flush=True,
             )
 

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from apache_beam.portability.api import beam_job_api_pb2
 from apache_beam.runners.portability import portable_runner
 from apache_beam.runners.runner import PipelineState
 
-from raee_ops import storage
+from raee_ops import logs, storage
 from raee_ops.errors import RaeeConfigError, RaeeRunError, first_line
 
 log = logging.getLogger(__name__)
@@ -275,10 +276,25 @@ def make_pipeline(beam_args: Sequence[str] = (), **settings: str | None) -> beam
     options = PipelineOptions(list(beam_args) + extra)
     runner_name = options.view_as(StandardOptions).runner
     if runner_name in LOCAL_RUNNERS:
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-        return beam.Pipeline(runner=FnApiRunner(), options=options)
+        return beam.Pipeline(runner=_local_runner(), options=options)
     return beam.Pipeline(options=options)
+
+
+def _local_runner() -> Any:
+    """Beam's local runner, whose worker processes of their own (multi_processing) run `local_worker`, which
+    logs as this command does."""
+    from apache_beam.portability import python_urns
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    class LocalRunner(FnApiRunner):
+        def run_via_runner_api(self, pipeline_proto: Any, options: PipelineOptions) -> Any:
+            command = f"{sys.executable} -m raee_ops.pipelines.local_worker {logs.verbosity()}"
+            for environment in pipeline_proto.components.environments.values():
+                if environment.urn == python_urns.SUBPROCESS_SDK:  # the command of Beam's own worker
+                    environment.payload = command.encode()
+            return super().run_via_runner_api(pipeline_proto, options)
+
+    return LocalRunner()
 
 
 class _Terminated(BaseException):

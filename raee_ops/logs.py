@@ -9,17 +9,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TextIO
 
 #: Our own packages (all under raee_ops): their warnings show by default; everything else only from -v on.
 OWN = ("raee_ops",)
 
 _verbosity = 0
+_stream: TextIO | None = None
 
 
 def configure(verbosity: int) -> None:
     """-1 quiet (errors only), 0 default (our warnings), 1 info from everyone (-v), 2 debug (-vv)."""
-    global _verbosity
-    _verbosity = verbosity
+    global _verbosity, _stream
+    _verbosity, _stream = verbosity, sys.stderr
     # Beam logs a failed worker's whole traceback at ERROR: by default the run's one `error:` line says it all
     third_party = {-1: logging.CRITICAL, 0: logging.CRITICAL, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     own = logging.ERROR if verbosity < 0 else min(third_party, logging.WARNING)
@@ -30,6 +32,32 @@ def configure(verbosity: int) -> None:
     logging.getLogger().setLevel(third_party)
     for name in OWN:
         logging.getLogger(name).setLevel(own)
+    for handler in logging.getLogger().handlers:  # Beam's worker sets the root level to INFO once it starts
+        handler.addFilter(_Levels(own, third_party))
+
+
+class _Levels(logging.Filter):
+    """The levels `configure` set, kept where they are printed: whoever resets a logger's level later (Beam's SDK
+    worker, in a local worker process) still prints nothing below them."""
+
+    def __init__(self, own: int, third_party: int) -> None:
+        super().__init__()
+        self.own, self.third_party = own, third_party
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name.split(".")[0] in OWN
+        return record.levelno >= (self.own if ours else self.third_party)
+
+
+def stream() -> TextIO:
+    """Where this process's own lines go (progress, logs): stderr as `configure` found it, which a local worker
+    process then points away from Beam's prints (`raee_ops.pipelines.local_worker`)."""
+    return _stream if _stream is not None else sys.stderr
+
+
+def verbosity() -> int:
+    """What `configure` was given: worker processes a command starts are configured the same."""
+    return _verbosity
 
 
 def quiet() -> bool:

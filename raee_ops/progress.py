@@ -7,7 +7,6 @@ and each command's closing summary carry the numbers there.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,7 +46,7 @@ class Progress:
         self, label: str, total: int, unit: str = "rows", counter: str | None = None, stream: TextIO | None = None
     ) -> None:
         self.label, self.total, self.unit = label, total, unit
-        self.stream = stream if stream is not None else sys.stderr
+        self.stream = stream if stream is not None else logs.stream()
         self.show = interactive(self.stream)
         self.counter = None
         if counter:
@@ -93,7 +92,7 @@ class Progress:
 def phase(label: str, stream: TextIO | None = None) -> Iterator[None]:
     """A driver step without units (a LanceDB commit, an index build, a fit): its name while it runs, then how
     long it took, or that it failed."""
-    stream = stream if stream is not None else sys.stderr
+    stream = stream if stream is not None else logs.stream()
     if not interactive(stream):
         yield
         return

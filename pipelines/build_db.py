@@ -17,7 +17,7 @@ import apache_beam as beam
 import lancedb
 import pyarrow as pa
 import pyarrow.compute as pc
-from raee_ops.pipelines.commit import SUCCESS, check_held, claim_work_dir, job_digest, new_run_id
+from raee_ops.pipelines.commit import SUCCESS, check_held, claim_work_dir, job_digest, new_run_id, say
 from raee_ops.pipelines.inference import BuildHandler, Infer
 from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.reference import assemble, check_groups, group_codes
@@ -64,6 +64,7 @@ from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
 from raee_ops.progress import phase
 from raee_ops.retrieval import (
+    Unfinished,
     build_index,
     check_meta,
     connect,
@@ -73,6 +74,7 @@ from raee_ops.retrieval import (
     open_listed,
     open_table,
     read_column,
+    table_folder,
     table_meta,
     table_names,
     table_probes,
@@ -193,6 +195,21 @@ def claimed_append_base(
         shown = _examples(clash)
         raise RaeeConfigError(f"append refused: {len(clash)} id(s) already in table {table!r} (e.g. {shown})")
     return AppendBase(opened.version, (probes.pooling,))
+
+
+def remove_unfinished(db_uri: str, table: str, storage_options: dict[str, str]) -> None:
+    """Under the table's claim: the folders of the table and its companion that a build-db killed before their
+    first commit left. LanceDB lists them but opens neither, so every later build-db of the table, and info or
+    prune of the whole database, failed on them."""
+    db = connect(db_uri, storage_options)
+    names = table_names(db)
+    for name in (table, table + FEATURES_SUFFIX):
+        try:
+            if name in names:
+                open_listed(db, db_uri, name)
+        except Unfinished:
+            storage.delete([table_folder(db_uri, name)])
+            say(f"removed what an earlier, unfinished run left: {table_folder(db_uri, name)}")
 
 
 def table_record(db_uri: str, table: str, storage_options: dict[str, str]) -> RunRecord | None:
@@ -325,6 +342,7 @@ def run_build_db(
     run_id, where, work = new_run_id(), scope(db_uri, table), work_dir(db_uri, table)
     refuse_reading_own_output(found, inputs, errors_dir, [first_shard(f"errors-{run_id}")], "--errors")
     with claim_work_dir(work, f"table {table!r}") as staging:
+        remove_unfinished(db_uri, table, store)
         settle_errors(db_uri, table, errors_dir, own_errors, store)
         base = claimed_append_base(db_uri, table, meta, ids, job, store) if mode == "append" else None
         if base and base.done:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lancedb
@@ -10,6 +12,7 @@ from raee_ops import storage
 from raee_ops.errors import RaeeConfigError
 from raee_ops.probe_policy import SHOWN_BUDGETS
 from raee_ops.retrieval import (
+    Unfinished,
     connect,
     open_listed,
     open_table,
@@ -110,7 +113,15 @@ def describe(db_uri: str, table: str | None = None, storage_options: dict[str, s
         return {"db": db_uri, "tables": [table_info(open_table(db_uri, table, storage_options=storage_options))]}
     db = connect(db_uri, storage_options)
     names = sorted(name for name in table_names(db) if not name.endswith(FEATURES_SUFFIX))  # a table's companion
-    return {"db": db_uri, "tables": [table_info(open_listed(db, db_uri, name)) for name in names]}
+    return {"db": db_uri, "tables": [table_info(handle) for handle in opened(db, db_uri, names)]}
+
+
+def opened(db: lancedb.DBConnection, db_uri: str, names: Iterable[str]) -> Iterator[lancedb.table.Table]:
+    """The tables `names` of the database that have a version: one a build-db is creating, or left unfinished when
+    it was killed, is no table yet (it stopped every listing)."""
+    for name in names:
+        with contextlib.suppress(Unfinished):
+            yield open_listed(db, db_uri, name)
 
 
 def render(info: dict[str, Any]) -> str:

@@ -166,14 +166,30 @@ def _problem(exc: Exception) -> str:
     return first_line(f"{head}: {cause}")
 
 
+class Unfinished(RaeeConfigError):
+    """A table the database lists that has no committed version: the build-db creating it was killed before its
+    first commit (or is creating it now). No row was ever in it; build-db of that table removes what a killed one
+    left (`table_folder`)."""
+
+
 def open_listed(db: lancedb.DBConnection, db_uri: str, name: str) -> lancedb.table.Table:
     """A table the database lists, opened; one whose files are damaged (a truncated manifest, say) is one line,
-    not the Rust reader's error."""
+    not the Rust reader's error, and one without any version is `Unfinished`."""
     try:
         with _waiting_on(db_uri):
             return db.open_table(name)
     except (ValueError, OSError, RuntimeError) as exc:
+        if not storage.children(storage.join(table_folder(db_uri, name), "_versions"), "*.manifest"):
+            raise Unfinished(
+                f"table {name!r} in {db_uri} has no committed version: the build-db creating it was stopped before "
+                "its first commit, or is creating it now (build-db of the table removes what a stopped one left)"
+            ) from exc
         raise _unreadable(f"table {name!r} in {db_uri}", exc) from exc
+
+
+def table_folder(db_uri: str, name: str) -> str:
+    """Where LanceDB keeps a table of a database directory (or object-store prefix)."""
+    return storage.join(db_uri, f"{name}.lance")
 
 
 def _unreadable(where: str, exc: Exception) -> RaeeConfigError:

@@ -29,10 +29,10 @@ import lancedb
 from raee_ops import storage
 from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.faults import fault_point
-from raee_ops.info import check_database, table_info
+from raee_ops.info import check_database, opened, table_info
 from raee_ops.pipelines.build_db import default_errors_dir, settle_errors, work_dir
 from raee_ops.pipelines.commit import check_held, hold
-from raee_ops.retrieval import connect, open_listed, open_table, table_names
+from raee_ops.retrieval import connect, open_listed, open_table, table_folder, table_names
 from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, TableMeta
 
 
@@ -154,14 +154,13 @@ def prune_all(
     db = connect(db_uri, storage_options)
     names = table_names(db)
     pruned, held = [], []
-    for name in sorted(n for n in names if not n.endswith(FEATURES_SUFFIX)):
-        handle = open_listed(db, db_uri, name)
+    for handle in opened(db, db_uri, sorted(n for n in names if not n.endswith(FEATURES_SUFFIX))):
         if TableMeta.decode(handle.schema) is None:
             continue
         try:
             pruned.append(_prune(db_uri, db, names, handle, keep, grace, dry_run, storage_options))
         except Busy:
-            held.append(name)
+            held.append(handle.name)
     return pruned, held
 
 
@@ -259,5 +258,5 @@ def _cut(handle: lancedb.table.Table, history: list[tuple[int, float]], kept: se
 
 def _size(db_uri: str, table: str) -> int:
     """Bytes under the table's folder and its companion's."""
-    folders = [storage.join(db_uri, f"{name}.lance", "**") for name in (table, table + FEATURES_SUFFIX)]
+    folders = [storage.join(table_folder(db_uri, name), "**") for name in (table, table + FEATURES_SUFFIX)]
     return sum(m.size_in_bytes for folder in folders for m in storage.match_metadata(folder))

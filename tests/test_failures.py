@@ -206,6 +206,33 @@ def test_4_build_db_never_replaces_a_table_with_nothing(segment_artifacts, db, t
     assert "mean exit layer: - (no row predicted) of" in run.stdout and (tmp_path / "none" / "_SUCCESS").is_file()
 
 
+def test_a_table_killed_before_its_first_commit_is_redone_and_stops_no_listing(segment_artifacts, db, tmp_path):  # noqa: F811
+    """A build-db killed while LanceDB wrote a new table's first data files, before its first manifest, left a
+    folder LanceDB lists but cannot open: every retry of that build-db exited 2, and info and prune of the whole
+    database exited 2 on it, listing and pruning no other table. It holds no row: info and prune pass it by (a
+    build-db may be creating it now) and the table's next build-db removes it, says so, and builds the table."""
+    copy = tmp_path / "db"
+    shutil.copytree(db, copy)
+    shutil.copytree(db / "sst2.lance" / "data", copy / "newt.lance" / "data")  # data written, no version committed
+    (copy / "newt__features.lance").mkdir()
+    info = raee_ops("info", "--db", copy)
+    assert info.returncode == 0 and "sst2" in info.stdout and "newt" not in info.stdout, info.stderr
+    prune = raee_ops("prune", "--db", copy, "--keep", "1")
+    assert prune.returncode == 0, prune.stderr
+    queries = labelled(tmp_path / "q.parquet", 4, 1, "q")
+    for command in (
+        ["info", "--db", copy, "--table", "newt"],
+        classify_args(segment_artifacts, copy, tmp_path / "o", queries, extra=["--table", "newt"]),
+    ):
+        run = raee_ops(*command)
+        assert run.returncode == 2 and "table 'newt'" in one_error_line(run) and "no committed version" in run.stderr
+    train = labelled(tmp_path / "train.parquet", 12, 0, "t", bad=False)
+    run = raee_ops(*build_args(segment_artifacts, copy, train, table="newt"))
+    assert run.returncode == 0, run.stderr
+    assert f"removed what an earlier, unfinished run left: {copy / 'newt.lance'}" in run.stderr + run.stdout
+    assert table_state(copy, "newt")[0] == 12
+
+
 def test_6_undecodable_rows_and_corrupt_pages_stay_row_problems(segment_artifacts, db, tmp_path):  # noqa: F811
     raw = pa.array([b"good fun", b"\xff\xfe awful", b"dull plot"], pa.binary())
     text = pa.Array.from_buffers(pa.string(), 3, raw.buffers()[:3])  # a string column that is not UTF-8

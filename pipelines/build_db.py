@@ -180,6 +180,8 @@ def claimed_append_base(
             build_index(opened)
         return AppendBase(opened.version, None, done=record)
     present = read_column(opened, ID, f"table {table!r} in {db_uri}").combine_chunks()  # the ids alone
+    if not len(present):  # built empty (--allow-empty): no probes, no old rows; the append fits them as a build does
+        return AppendBase(opened.version, None)
     if probes is None:
         raise RaeeConfigError("append refused: the table was built before probe heads; rebuild it (--mode overwrite)")
     companion = table + FEATURES_SUFFIX

@@ -204,6 +204,10 @@ def test_4_build_db_never_replaces_a_table_with_nothing(segment_artifacts, db, t
         run.returncode == 0 and "rows in: 0  predicted: 0  rejected: 0  (in = predicted + rejected: ok)" in run.stdout
     )
     assert "mean exit layer: - (no row predicted) of" in run.stdout and (tmp_path / "none" / "_SUCCESS").is_file()
+    # a table built empty takes its first rows by append (refused: 'built before probe heads', which was false)
+    first = labelled(tmp_path / "first.parquet", 12, 0, "f", bad=False)
+    run = raee_ops(*build_args(segment_artifacts, copy, first, extra=["--mode", "append"]))
+    assert run.returncode == 0 and table_state(copy)[0] == 12, run.stderr
 
 
 def test_a_table_killed_before_its_first_commit_is_redone_and_stops_no_listing(segment_artifacts, db, tmp_path):  # noqa: F811

@@ -299,7 +299,8 @@ def run_build_db(
     store = settings.db_storage_options
     if errors_dir:
         storage.check_scheme(errors_dir, "--errors")
-        storage.check_outside(errors_dir, "--errors", db_uri, ERRORS_FOLDER)  # where the default folder lies
+        # the table's own default folder only: an overwrite of another table empties that table's
+        storage.check_outside(errors_dir, "--errors", db_uri, storage.join(ERRORS_FOLDER, table))
         check_outside_artifacts(errors_dir, "--errors")
     check_outside_artifacts(db_uri, "--db")  # the default --errors lies in the database
     storage.check_folder(db_uri, "--db")

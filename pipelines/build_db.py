@@ -10,6 +10,7 @@ removes a killed run's staging and settles its errors folder, whichever --errors
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -199,6 +200,21 @@ def claimed_append_base(
     return AppendBase(opened.version, (probes.pooling,))
 
 
+def refuse_replacing_foreign(db_uri: str, table: str, storage_options: dict[str, str]) -> None:
+    """An overwrite replaces exit tables only: a table another program keeps in the database (a misspelt --table)
+    is not build-db's to replace."""
+    if storage.is_local(db_uri) and not storage.is_dir(db_uri):
+        return  # no database yet (connecting would create it)
+    db = connect(db_uri, storage_options)
+    if table in table_names(db):
+        with contextlib.suppress(Unfinished):  # no version: build-db's own, killed before its first commit
+            if TableMeta.decode(open_listed(db, db_uri, table).schema) is None:
+                raise RaeeConfigError(
+                    f"table {table!r} in {db_uri} has no raee metadata: not an exit table built by raee-ops build-db, "
+                    "so build-db does not replace it (choose another --table)"
+                )
+
+
 def remove_unfinished(db_uri: str, table: str, storage_options: dict[str, str]) -> None:
     """Under the table's claim: the folders of the table and its companion that a build-db killed before their
     first commit left. LanceDB lists them but opens neither, so every later build-db of the table, and info or
@@ -307,6 +323,8 @@ def run_build_db(
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
     existing = table_meta(db_uri, table, store) if mode == "append" else None
+    if mode == "overwrite":
+        refuse_replacing_foreign(db_uri, table, store)
     embedder = embedder or (existing.embedder if existing else DEFAULT_KEY)
     if not key_available(manifest, embedder):
         raise RaeeConfigError(
@@ -327,7 +345,7 @@ def run_build_db(
     if rows_in == 1 and mode == "overwrite":  # before any work: after it, the run has made its folders
         refuse_one_row(table, rows_in)
     meta = expected_meta(manifest, task_name, embedder)
-    if existing is not None:
+    if mode == "append":  # before the claim: a table build-db did not write was refused under it, as 'replaced'
         check_meta(existing, meta, f"table {table!r} in {db_uri}")
     keys = [file_keys(f, group_column) for f in files]
     ids = concat_strings([file_ids for file_ids, _ in keys])

@@ -763,6 +763,21 @@ def test_append_to_a_table_whose_companion_is_gone_is_refused_before_the_work(se
     assert not list(copy.glob("_errors/**/*.parquet")), list(copy.glob("_errors/**/*"))
 
 
+def test_a_table_another_program_keeps_is_neither_appended_to_nor_replaced(segment_artifacts, db, tmp_path):  # noqa: F811
+    """A LanceDB table build-db did not write (a misspelt --table naming another program's): append was refused
+    under the claim as 'replaced since this run began', which nothing had, leaving its work folder; overwrite
+    replaced it without a word. Both are refused before any work, creating nothing."""
+    copy = tmp_path / "db"
+    shutil.copytree(db, copy)
+    lancedb.connect(str(copy)).create_table("notes", pa.table({"x": [1, 2, 3]}))
+    train = labelled(tmp_path / "train.parquet", 12, 0, "t", bad=False)
+    for mode, said in (("append", "has no raee metadata"), ("overwrite", "does not replace it")):
+        run = raee_ops(*build_args(segment_artifacts, copy, train, table="notes", extra=["--mode", mode]))
+        line = one_error_line(run)
+        assert run.returncode == 2 and "table 'notes'" in line and said in line and "replaced since" not in line
+    assert table_state(copy, "notes") == (3, 1) and not (copy / "_raee-work" / "notes").exists()
+
+
 def test_a_row_that_fails_where_its_batch_runs_is_rejected_alone(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
     rows = labelled(tmp_path / "rows.parquet", 4, 0, "r", bad=False)
     table = next(iter(read_validated_file(str(rows), PRESETS["sst2"], need_label=True))).valid

@@ -54,8 +54,9 @@ class RunRecord:
 
 
 def scope(db_uri: str, table: str) -> str:
-    """The errors folder's subfolder for one table of one database (several may share a --errors folder)."""
-    return f"{table}.{hashlib.sha256(storage.canonical(db_uri).encode()).hexdigest()[:12]}"
+    """The errors folder's subfolder for one table of one database (several may share a --errors folder), the same
+    however the database is named (through a link: a retry found nothing its killed run staged)."""
+    return f"{table}.{hashlib.sha256(storage.resolved(db_uri).encode()).hexdigest()[:12]}"
 
 
 def staging_dir(errors_dir: str, where: str, run_id: str) -> str:

@@ -72,12 +72,8 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
         if storage.is_local(pattern):
             refuse_unreadable(pattern)
         for m in matched:  # a local file once, however spelt (a link to it, another route): read twice otherwise
-            files.setdefault(_same_file(m.path), m)
+            files.setdefault(storage.resolved(m.path), m)
     return list(files.values())
-
-
-def _same_file(path: str) -> str:
-    return os.path.realpath(path) if storage.is_local(path) else path
 
 
 def refuse_unreadable(pattern: str) -> None:

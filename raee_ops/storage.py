@@ -55,6 +55,12 @@ def canonical(uri: str) -> str:
     return os.path.abspath(local_path(uri)) if is_local(uri) else uri.rstrip("/")
 
 
+def resolved(uri: str) -> str:
+    """What a location is: `canonical`, a local path's links resolved too (a file or database named through a link
+    is that file or database)."""
+    return os.path.realpath(local_path(uri)) if is_local(uri) else canonical(uri)
+
+
 _options = PipelineOptions([])  # the run's, as `configure` last gave them to Beam's filesystems
 _reached: set[tuple[str | None, str]] = set()  # (endpoint, bucket) pairs that answered in this process
 

@@ -828,6 +828,21 @@ def test_18_databases_sharing_an_errors_folder_keep_each_others_rows(segment_art
     assert ds.dataset(str(shared)).count_rows() == 15  # a's killed run's (published by its next run), b's, a's
 
 
+def test_a_retry_naming_the_database_by_a_link_publishes_the_killed_runs_rejected_rows(segment_artifacts, tmp_path):  # noqa: F811
+    """A run killed between its commit and publishing its errors leaves them staged under the database's digest: a
+    next run naming the database through a link (or the link's target) looked under another digest, said it
+    settled the earlier run, and never published them. Every spelling of one database is one digest."""
+    (tmp_path / "real").mkdir()
+    link, train = tmp_path / "link", labelled(tmp_path / "t.parquet", 12, 3, "t")
+    link.symlink_to(tmp_path / "real")
+    assert raee_ops(*build_args(segment_artifacts, link / "db", train), fault="commit:table").returncode == -9
+    again = labelled(tmp_path / "t2.parquet", 12, 4, "u")
+    append = build_args(segment_artifacts, tmp_path / "real" / "db", again, extra=["--mode", "append"])
+    assert raee_ops(*append).returncode == 0
+    published = ds.dataset(str(tmp_path / "real" / "db" / "_errors" / "sst2")).to_table().column("id").to_pylist()
+    assert len(published) == 10  # the killed run's 5 and the append's 5
+
+
 def test_16_classify_never_removes_another_commands_files(segment_artifacts, db, tmp_path):  # noqa: F811
     shared = tmp_path / "runs"
     train = labelled(tmp_path / "t.parquet", 12, 3, "t")

@@ -8,7 +8,6 @@ failure at INFO there, and printed each failed bundle's traceback, whatever -q o
 
 from __future__ import annotations
 
-import os
 import sys
 
 from raee_ops import logs
@@ -16,9 +15,9 @@ from raee_ops import logs
 
 def main(argv: list[str]) -> None:
     verbosity = int(argv[1])
-    logs.configure(verbosity)  # before Beam's import, which logs its own warnings; our logs keep the real stderr
+    logs.configure(verbosity)  # before Beam's import, which logs its own warnings
     if verbosity < 1:
-        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's life: Beam prints tracebacks here
+        logs.hide_library_prints()
     from apache_beam.runners.worker import sdk_worker_main
 
     sdk_worker_main.main(argv)

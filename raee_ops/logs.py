@@ -20,8 +20,8 @@ _stream: TextIO | None = None
 
 def configure(verbosity: int) -> None:
     """-1 quiet (errors only), 0 default (our warnings), 1 info from everyone (-v), 2 debug (-vv)."""
-    global _verbosity, _stream
-    _verbosity, _stream = verbosity, sys.stderr
+    global _verbosity
+    _verbosity = verbosity
     # Beam logs a failed worker's whole traceback at ERROR: by default the run's one `error:` line says it all
     third_party = {-1: logging.CRITICAL, 0: logging.CRITICAL, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     own = logging.ERROR if verbosity < 0 else min(third_party, logging.WARNING)
@@ -50,9 +50,17 @@ class _Levels(logging.Filter):
 
 
 def stream() -> TextIO:
-    """Where this process's own lines go (progress, logs): stderr as `configure` found it, which a local worker
-    process then points away from Beam's prints (`raee_ops.pipelines.local_worker`)."""
+    """Where this process's own lines go (progress): stderr, the real one where `hide_library_prints` hid it."""
     return _stream if _stream is not None else sys.stderr
+
+
+def hide_library_prints() -> None:
+    """Point sys.stderr away for the rest of the process, our own lines (`stream`, and the logs `configure` set up)
+    keeping the real one: Beam's SDK worker prints each failed bundle's traceback there, whatever the log level (in
+    a local worker process, `raee_ops.pipelines.local_worker`)."""
+    global _stream
+    _stream = sys.stderr
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - open for the process's life
 
 
 def verbosity() -> int:

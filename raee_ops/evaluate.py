@@ -76,6 +76,9 @@ CHUNK = 64
 SHOWN_REJECTED = 20
 #: The report's files, in the order they are written (report.json last: it marks a complete report).
 REPORT_FILES = ("report.md", "report.png", "predictions.parquet", "report.json")
+#: Written before the report's files are replaced, removed once report.json is: files beside it are a killed
+#: evaluate's, which the next may replace.
+WRITING = "_WRITING"
 #: What a user would pick instead of (or as) the default, all fitted on the same reference rows: report name ->
 #: strategy. key-lr: logistic regression on the retrieval key; majority: the reference's most common label for
 #: every row; probe-best: the single layer chosen on reference.
@@ -439,6 +442,8 @@ def write_report(evaluation: Evaluation, directory: str) -> str:
         )
     md_file, png_file, predictions_file, json_file = (storage.join(out, name) for name in REPORT_FILES)
     with hold(out, "--report", wait=True):
+        refuse_others_files(out)  # again, under the claim: another program may have written there meanwhile
+        storage.write_bytes(storage.join(out, WRITING), b"evaluate\n")  # an empty upload fails on some stores
         storage.delete([json_file])
         storage.write_bytes(md_file, markdown)
         if png.getvalue():
@@ -447,6 +452,7 @@ def write_report(evaluation: Evaluation, directory: str) -> str:
             storage.delete([png_file])
         storage.write_bytes(predictions_file, predictions.getvalue().to_pybytes())
         storage.write_bytes(json_file, (json.dumps(report, indent=2) + "\n").encode())
+        storage.delete([storage.join(out, WRITING)])
     return out
 
 
@@ -461,6 +467,33 @@ def check_report_dir(directory: str, db_uri: str | None = None, inputs: Sequence
         refuse_matched_outputs(inputs, directory, REPORT_FILES, "--report")
     check_outside_artifacts(directory, "--report")
     storage.check_folder(directory, "--report")
+    refuse_others_files(directory)
+
+
+def refuse_others_files(directory: str) -> None:
+    """A report replaces only an earlier evaluate's files (a complete report, whose report.json says so, or a
+    killed run's): a folder holding a predictions.parquet or report.md of someone else's is refused, not
+    overwritten."""
+    there = [n for n in REPORT_FILES if storage.exists(storage.join(directory, n))]
+    if (
+        not there
+        or storage.exists(storage.join(directory, WRITING))
+        or _evaluates(storage.join(directory, "report.json"))
+    ):
+        return
+    raise RaeeConfigError(
+        f"--report {directory} holds {', '.join(there)} that evaluate did not write (no evaluate report.json): "
+        "choose another folder"
+    )
+
+
+def _evaluates(json_file: str) -> bool:
+    """Whether `json_file` is a report evaluate wrote."""
+    try:
+        found = json.loads(storage.read_bytes(json_file))
+    except (OSError, ValueError):  # missing, or not JSON
+        return False
+    return isinstance(found, dict) and {"default_strategy", "strategies", "baselines"} <= found.keys()
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:

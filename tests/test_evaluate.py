@@ -118,6 +118,32 @@ def test_two_reports_into_one_folder_never_mix(evaluated, tmp_path):
     assert "7 rows scored" in (out / "report.md").read_text()
 
 
+def test_a_report_replaces_only_an_evaluates_files(evaluated, tmp_path):
+    """A --report folder holding someone's predictions.parquet or report.md had them overwritten without a word.
+    They are refused, untouched; a killed evaluate's files (its marker beside them) and a complete report's are
+    replaced."""
+    evaluation = evaluated[2]
+    theirs = tmp_path / "data"
+    theirs.mkdir()
+    (theirs / "predictions.parquet").write_bytes(b"mine")
+    (theirs / "report.md").write_text("my notes")
+    with pytest.raises(RaeeConfigError, match="holds report.md, predictions.parquet that evaluate did not write"):
+        write_report(evaluation, str(theirs))
+    assert (theirs / "predictions.parquet").read_bytes() == b"mine" and (theirs / "report.md").read_text() == "my notes"
+    (theirs / "report.json").write_text('{"rows": 3}')  # a JSON of someone else's is no evaluate report either
+    with pytest.raises(RaeeConfigError, match="evaluate did not write"):
+        write_report(evaluation, str(theirs))
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "report.md").write_text("half")
+    (killed / "_WRITING").write_bytes(b"")
+    write_report(evaluation, str(killed))
+    write_report(evaluation, str(killed))  # a complete report's folder
+    assert sorted(p.name for p in killed.iterdir()) == sorted(
+        ["report.md", "report.png", "predictions.parquet", "report.json"]
+    )
+
+
 def test_task_file_must_be_exported_as_described(segment_artifacts):  # noqa: F811
     manifest = load_manifest(segment_artifacts)
     assert exported_task(manifest, PRESETS["rte"]) == "rte"

@@ -194,10 +194,30 @@ def claimed_append_base(
         )
     read_column(features, ID, f"table {companion!r} in {db_uri}")  # what the refit reads after the work, read now
     clash = ids.filter(pc.is_in(ids, value_set=present))
+    earlier = _committed_earlier(db_uri, table, job, ids, present, storage_options) if len(clash) else None
+    if earlier is not None:
+        return AppendBase(opened.version, None, done=earlier)
     if len(clash):
         shown = _examples(clash)
         raise RaeeConfigError(f"append refused: {len(clash)} id(s) already in table {table!r} (e.g. {shown})")
     return AppendBase(opened.version, (probes.pooling,))
+
+
+def _committed_earlier(
+    db_uri: str, table: str, job: str, ids: pa.Array, present: pa.Array, storage_options: dict[str, str]
+) -> RunRecord | None:
+    """This very job's run record further back in the table's history, when every row it added is still in the
+    table: an append killed after its commit, retried after another append committed, finds its rows and is done
+    (it was refused for their ids, exit 2, which schedulers do not retry). Walked only when ids clash."""
+    handle = open_table(db_uri, table, storage_options=storage_options)
+    for version in sorted((v["version"] for v in handle.list_versions()), reverse=True)[1:]:
+        handle.checkout(version)
+        record = RunRecord.of(handle.schema)
+        if record is not None and record.job == job:
+            then = read_column(handle, ID, f"table {table!r} in {db_uri}, version {version},").combine_chunks()
+            added = ids.filter(pc.is_in(ids, value_set=then))  # none of them were there before it: append refuses
+            return record if pc.all(pc.is_in(added, value_set=present)).as_py() else None
+    return None
 
 
 def refuse_replacing_foreign(db_uri: str, table: str, storage_options: dict[str, str]) -> None:

@@ -492,7 +492,10 @@ def test_inputs_from_different_writers_are_read_in_one_schema(segment_artifacts,
     assert run.returncode == 0 and "rows in: 8  written: 8  rejected: 0" in run.stdout, run.stderr
     report = ["evaluate", "--artifacts", segment_artifacts, "--task", "sst2", "--db", db, "--strategy", "probe-best"]
     run = raee_ops(*report, "--input", first, "--input", second, "--report", tmp_path / "rep")
-    assert run.returncode == 0 and "evaluated 8 rows (0 rejected)" in run.stdout, run.stderr
+    assert (
+        run.returncode == 0
+        and "evaluated: rows in: 8  scored: 8  rejected: 0  (in = scored + rejected: ok)" in run.stdout
+    ), run.stderr
     extra = tmp_path / "extra.parquet"
     pq.write_table(rows.append_column("source", pa.array(["x"] * 4)), extra)
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "out2", first, extra))
@@ -674,6 +677,22 @@ def test_a_backbone_failing_every_row_that_runs_a_layer_fails_the_job():
     ]
     layer_key = SimpleNamespace(context=SimpleNamespace(key_depth=2))  # its exit 0 ran the key's layers
     assert len(Broken().predicted(layer_key, rows, ["zero", "deep"])[0]) == 1
+
+
+def test_an_append_retried_after_another_committed_finds_its_rows_done(segment_artifacts, tmp_path):  # noqa: F811
+    """An append killed after its commit, retried after another append committed: its rows are in the table, but
+    'already done' looked at the current version's run only, and the retry was refused for their ids (exit 2, which
+    a scheduler does not retry: a finished job reported failed for good)."""
+    db = tmp_path / "db"
+    inputs = [labelled(tmp_path / f"{name}.parquet", 8, seed, name, bad=False) for seed, name in enumerate("abc")]
+    append = ["--mode", "append"]
+    assert raee_ops(*build_args(segment_artifacts, db, inputs[0])).returncode == 0
+    killed = raee_ops(*build_args(segment_artifacts, db, inputs[1], extra=append), fault="commit:table")
+    assert killed.returncode == -signal.SIGKILL and table_state(db) == (16, 2)
+    assert raee_ops(*build_args(segment_artifacts, db, inputs[2], extra=append)).returncode == 0
+    retry = raee_ops(*build_args(segment_artifacts, db, inputs[1], extra=append))
+    assert retry.returncode == 0 and "already done" in retry.stdout, retry.stderr
+    assert table_state(db)[0] == 24
 
 
 @pytest.mark.parametrize("then", ["append", "prune"])

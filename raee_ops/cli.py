@@ -547,7 +547,8 @@ def evaluate_cmd(
     out, report = write_report(evaluation, report_dir), evaluation.report
     full, name = report["full"], report["metric_name"]
     zero_shot = f"; full {name} {full['metric']:.4f}" if full else "; no label-word head"
-    echo(f"evaluated {report['rows']} rows ({report['rejected']} rejected){zero_shot}")
+    balance = f"rows in: {report['rows_in']}  scored: {report['rows']}  rejected: {report['rejected']}"
+    echo(f"evaluated: {balance}  (in = scored + rejected: ok){zero_shot}")
     for strategy, s in report["strategies"].items():
         exit_layer = f"{s['mean_exit_layer']:.2f}/{report['num_layers']}"
         echo(f"  {strategy}: {name} {s['metric']:.4f}, mean exit layer {exit_layer}")

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from raee_ops import storage
 from raee_ops.calibration import label_vote, not_before_key
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import CountMismatch, RaeeConfigError
 from raee_ops.exit_policy import (
     DEFAULT_STRATEGY,
     STRATEGIES,
@@ -118,10 +118,11 @@ def exported_task(manifest: Manifest, task: Task) -> str:
     return task.name
 
 
-def _read_validated(inputs: list[str], task: Task) -> tuple[pa.Table, list[dict[str, str]]]:
-    """Valid rows of the input files and the rejected ones; run-level problems raise before any work."""
+def _read_validated(inputs: list[str], task: Task) -> tuple[int, pa.Table, list[dict[str, str]]]:
+    """The input files' row count (from their footers), their valid rows and the rejected ones; run-level problems
+    raise before any work."""
     files = expand_inputs(inputs)
-    schema, _ = check_inputs(files, task, need_label=True)
+    schema, rows_in = check_inputs(files, task, need_label=True)
     valid, rejected = [], []
     for file in files:
         for checked in read_validated_file(file, task, need_label=True, schema=schema, rows=CHUNK):
@@ -130,7 +131,7 @@ def _read_validated(inputs: list[str], task: Task) -> tuple[pa.Table, list[dict[
             rejected += checked.errors.to_pylist()
     if not valid:
         raise nothing_to_evaluate(inputs, rejected)
-    return pa.concat_tables(valid), rejected
+    return rows_in, pa.concat_tables(valid), rejected
 
 
 def nothing_to_evaluate(inputs: list[str], rejected: list[dict[str, str]]) -> RaeeConfigError:
@@ -298,7 +299,7 @@ def evaluate(
         refuse_unanswerable(chosen, probes, f"table {table!r} in {db_uri}")
     chosen = [s for s in chosen if s.answerable(probes)]  # the default list, on a table built before `majority`
 
-    valid, rejected = _read_validated(inputs, task)
+    rows_in, valid, rejected = _read_validated(inputs, task)
     views = (probes.pooling,)  # its view only
     handler = BuildHandler(
         str(artifacts), task, embedder, views, command="evaluate", checked=manifest, **settings.runtime()
@@ -307,6 +308,8 @@ def evaluate(
     rejected += failed
     if rows.num_rows == 0:
         raise nothing_to_evaluate(inputs, rejected)
+    if rows_in != rows.num_rows + len(rejected):  # a file rewritten while it was read, say: no report on part of it
+        raise CountMismatch(f"rows in {rows_in} != scored {rows.num_rows} + rejected {len(rejected)}")
     labels = rows.column("label").to_numpy().astype(np.int64)
     logprobs = flat_values(rows, "layer_logprobs").reshape(rows.num_rows, num_layers, num_labels).transpose(1, 0, 2)
     keys = flat_values(rows, "vector").reshape(rows.num_rows, -1)
@@ -350,6 +353,7 @@ def evaluate(
         "db": db_uri,
         "table": table,
         "embedder": embedder,
+        "rows_in": rows_in,
         "rows": int(rows.num_rows),
         "rejected": len(rejected),
         "rejected_rows": rejected,

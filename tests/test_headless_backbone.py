@@ -91,7 +91,10 @@ def test_evaluate_cli_reports_a_backbone_without_a_head(bare):
     report = bare[0] / "report"
     run = on_table(bare, "evaluate", "--report", report, "--strategy", "probe-fused")
     assert run.returncode == 0, run.stderr
-    assert "evaluated 80 rows (0 rejected); no label-word head" in run.stdout
+    assert (
+        "evaluated: rows in: 80  scored: 80  rejected: 0  (in = scored + rejected: ok); no label-word head"
+        in run.stdout
+    )
     assert "probe-fused: accuracy " in run.stdout and (report / "report.md").exists()
 
 

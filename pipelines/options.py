@@ -120,14 +120,27 @@ def _s3_storage_options(options: PipelineOptions) -> dict[str, str]:
     return found
 
 
+def _read_as_url(db_uri: str) -> str | None:
+    """What in an object-store location LanceDB reads as a URL's, not as the key's: it decodes %-escapes, drops what
+    follows '#' or '?' and strips spaces at the ends (a build-db wrote 'db#x''s table under 'db', exit 0, and a
+    rollback of 'db?x=1' took no claim of the table's)."""
+    if db_uri != db_uri.strip():
+        return "spaces at its ends (LanceDB strips them)"
+    found = [c for c in "%#?" if c in db_uri]
+    if found:
+        return f"{found[0]!r} (LanceDB reads it as part of a URL: %-escapes decoded, what follows # or ? dropped)"
+    return None
+
+
 def worker_settings(beam_args: Sequence[str], db_uri: str | None = None) -> WorkerSettings:
     """Configure this process's filesystems for the run and resolve the settings workers get; an object-store
     database must answer (LanceDB would retry it without a word)."""
     options = storage.configure(beam_args)
     if db_uri:
         storage.check_scheme(db_uri, "--db")
-        if not storage.is_local(db_uri) and "%" in db_uri:  # LanceDB decodes %-escapes, Beam's filesystems do not
-            raise RaeeConfigError(f"--db {db_uri}: write the location without %-escapes (LanceDB decodes them)")
+        problem = None if storage.is_local(db_uri) else _read_as_url(db_uri)
+        if problem:  # Beam's filesystems take the key as written: the table in one place, its claim in another
+            raise RaeeConfigError(f"--db {db_uri!r}: write the location without {problem}")
     raee = options.view_as(RaeeOptions)
     explicit = {}
     for pair in raee.raee_db_storage_option or []:

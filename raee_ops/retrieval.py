@@ -136,6 +136,8 @@ def unreachable(db_uri: str, exc: Exception) -> RaeeConfigError | StoreUnavailab
     No connection, a timeout or a server error is an outage a scheduler's retry mends (75); anything else (a wrong
     endpoint's scheme, a missing bucket, refused credentials) is configuration (2)."""
     line = f"cannot reach the database at {db_uri} (check --db and the store's settings): {_problem(exc)}"
+    if "BadScheme" in str(exc):  # an http:// endpoint from the environment (AWS_ENDPOINT_URL), which LanceDB refuses
+        line += " (an http:// endpoint: pass it as --s3_endpoint_url, or set AWS_ALLOW_HTTP=true)"
     if _OUTAGE.search(str(exc)):
         return StoreUnavailable(f"{line} (retry later)")
     return RaeeConfigError(line)

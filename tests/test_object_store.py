@@ -280,6 +280,9 @@ def test_the_databases_store_refusing_says_why_and_its_outage_is_a_retry(tmp_pat
     nobody |= {"aws_secret_access_key": "s", "aws_region": "us-east-1"}
     with pytest.raises(StoreUnavailable, match=r"Connection refused \(retry later\)$"):
         table_names(connect(f"s3://{BUCKET}/db", nobody))
+    plain_http = {k: v for k, v in nobody.items() if k != "allow_http"}  # AWS_ENDPOINT_URL alone: LanceDB says only
+    with pytest.raises(RaeeConfigError, match=r"BadScheme \(an http:// endpoint: pass it as --s3_endpoint_url"):
+        table_names(connect(f"s3://{BUCKET}/db", plain_http))
 
 
 @contextlib.contextmanager
@@ -579,8 +582,12 @@ def test_worker_settings_come_from_the_options(s3, monkeypatch):
     assert settings.filesystem["s3_endpoint_url"] == endpoint
     with pytest.raises(RaeeConfigError, match=f"--db s3://{BUCKET}: give a folder inside the bucket"):
         worker_settings(["--s3_endpoint_url", endpoint, *keys], f"s3://{BUCKET}")  # Beam would retry it for minutes
-    # LanceDB resolves '..' and %-escapes, Beam's filesystems do not: the table's claim would lie elsewhere
-    for spelling, problem in [("q/../db", "without '.', '..' or empty"), ("d%20b", "without %-escapes")]:
+    # LanceDB resolves '..' and %-escapes, drops what follows '#' or '?' and strips spaces at the ends; Beam's
+    # filesystems do not: the table's claim (and its errors) would lie elsewhere ('db#x': a table nobody could open)
+    url = "LanceDB reads it as part of a URL"
+    spellings = [("q/../db", "without '.', '..' or empty"), ("d%20b", f"without '%' .{url}"), ("db#x", "without '#'")]
+    spellings += [("db?x=1", f"without '[?]' .{url}"), ("db ", "without spaces at its ends")]
+    for spelling, problem in spellings:
         with pytest.raises(RaeeConfigError, match=problem):
             worker_settings(["--s3_endpoint_url", endpoint, *keys], f"s3://{BUCKET}/{spelling}")
     assert worker_settings([], "/local/db").db_storage_options == {}

@@ -194,10 +194,10 @@ def claimed_append_base(
         )
     read_column(features, ID, f"table {companion!r} in {db_uri}")  # what the refit reads after the work, read now
     clash = ids.filter(pc.is_in(ids, value_set=present))
-    earlier = _committed_earlier(db_uri, table, job, ids, present, storage_options) if len(clash) else None
-    if earlier is not None:
-        return AppendBase(opened.version, None, done=earlier)
     if len(clash):
+        earlier = _committed_earlier(db_uri, table, job, ids, present, storage_options)
+        if earlier is not None:
+            return AppendBase(opened.version, None, done=earlier)
         shown = _examples(clash)
         raise RaeeConfigError(f"append refused: {len(clash)} id(s) already in table {table!r} (e.g. {shown})")
     return AppendBase(opened.version, (probes.pooling,))
@@ -241,10 +241,9 @@ def remove_unfinished(db_uri: str, table: str, storage_options: dict[str, str]) 
     prune of the whole database, failed on them."""
     db = connect(db_uri, storage_options)
     names = table_names(db)
-    for name in (table, table + FEATURES_SUFFIX):
+    for name in (n for n in (table, table + FEATURES_SUFFIX) if n in names):
         try:
-            if name in names:
-                open_listed(db, db_uri, name)
+            open_listed(db, db_uri, name)
         except Unfinished:
             storage.delete([table_folder(db_uri, name)])
             say(f"removed what an earlier, unfinished run left: {table_folder(db_uri, name)}")

@@ -122,8 +122,8 @@ def _s3_storage_options(options: PipelineOptions) -> dict[str, str]:
 
 def _read_as_url(db_uri: str) -> str | None:
     """What in an object-store location LanceDB reads as a URL's, not as the key's: it decodes %-escapes, drops what
-    follows '#' or '?' and strips spaces at the ends (a build-db wrote 'db#x''s table under 'db', exit 0, and a
-    rollback of 'db?x=1' took no claim of the table's)."""
+    follows '#' or '?' and strips spaces at the ends (a build-db given db#x wrote its table under db and exited 0;
+    a rollback given db?x=1 took no claim of the table's)."""
     if db_uri != db_uri.strip():
         return "spaces at its ends (LanceDB strips them)"
     found = [c for c in "%#?" if c in db_uri]

@@ -43,19 +43,8 @@ def local_artifacts(uri: str) -> Path:
                 continue
             except ArtifactError:  # a damaged cache entry: fetch it again
                 log.warning("cached %s does not match its manifest; fetching it again", local)
-        _fetch(storage.join(uri, ref.file), local)
+        storage.download(storage.join(uri, ref.file), str(local))
         check_file(local, ref.sha256)
     if not (target / MANIFEST_NAME).is_file():
-        partial = target / f".{MANIFEST_NAME}.partial-{os.getpid()}"
-        partial.write_bytes(raw)
-        os.replace(partial, target / MANIFEST_NAME)
+        storage.write_bytes(str(target / MANIFEST_NAME), raw)
     return target
-
-
-def _fetch(uri: str, local: Path) -> None:
-    partial = local.with_name(f".{local.name}.partial-{os.getpid()}")
-    try:
-        storage.download(uri, str(partial))
-        os.replace(partial, local)
-    finally:
-        partial.unlink(missing_ok=True)

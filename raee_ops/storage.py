@@ -16,6 +16,7 @@ import errno
 import fnmatch
 import os
 import re
+import socket
 import stat
 from collections.abc import Iterable, Sequence
 from typing import Any, BinaryIO
@@ -338,10 +339,7 @@ def upload(local_file: str, uri: str) -> None:
 def _write(uri: str, blocks: Iterable[bytes]) -> None:
     """A local file is written aside and renamed into place; an object-store upload only becomes visible once
     complete."""
-    target = uri
-    if is_local(uri):
-        mkdirs(parent(uri))
-        target = join(parent(uri), f".{name(uri)}.partial-{os.getpid()}")
+    target = _partial(uri) if is_local(uri) else uri
     try:
         with FileSystems.create(target, compression_type=RAW) as handle:
             for block in blocks:
@@ -356,10 +354,34 @@ def _write(uri: str, blocks: Iterable[bytes]) -> None:
 
 
 def download(uri: str, local_file: str) -> None:
-    """Copy to a local file, streamed in blocks (segments can be large)."""
-    with open_read(uri) as source, open(local_file, "wb") as target:
-        for block in iter(lambda: source.read(BLOCK), b""):
-            target.write(block)
+    """Copy to a local file, streamed in blocks (segments can be large); the file appears whole or not at all."""
+    with open_read(uri) as source:
+        _write(local_file, iter(lambda: source.read(BLOCK), b""))
+
+
+def _partial(uri: str) -> str:
+    """Where a local file is written before its rename, named by host and process. A writer killed outright
+    (SIGKILL, a lost machine) cannot remove its own; the next write of the file removes those of writers on this
+    host that are gone, so retries of a killed job do not pile them up."""
+    mkdirs(parent(uri))
+    prefix = f".{name(uri)}.partial-{socket.gethostname()}-"
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(local_path(parent(uri))):
+            pid = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    return join(parent(uri), f"{prefix}{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def rename(pairs: Iterable[tuple[str, str]]) -> None:

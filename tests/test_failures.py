@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -933,6 +934,20 @@ def test_a_write_that_fails_leaves_no_partial_file_behind(tmp_path):
     with pytest.raises(OSError):
         storage.write_bytes(str(tmp_path / "report.json"), b"{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_partial_copies_killed_writers_left_are_removed_by_the_next_write_a_live_ones_are_not(tmp_path):
+    """A writer killed outright (SIGKILL) cannot remove its partial copy: the next write of that file removes the
+    copies of writers on this host that are gone, so a killed job's retries do not pile them up on the disk."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    left = tmp_path / f".report.json.partial-{host}-{gone.stdout.strip()}"
+    live = tmp_path / f".report.json.partial-{host}-{os.getppid()}"
+    other_host = tmp_path / f".report.json.partial-elsewhere-{gone.stdout.strip()}"
+    for path in (left, live, other_host):
+        path.write_text("{")
+    storage.write_bytes(str(tmp_path / "report.json"), b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_host.name, "report.json"])
 
 
 def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run_a_live_ones_is_not(tmp_path, monkeypatch):

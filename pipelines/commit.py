@@ -32,7 +32,6 @@ import logging
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -76,7 +75,7 @@ def some(names: Sequence[str], shown: int = 3) -> str:
 
 def say(message: str) -> None:
     if not logs.quiet():
-        print(message, file=sys.stderr, flush=True)
+        print(message, file=logs.stream(), flush=True)
 
 
 @contextmanager

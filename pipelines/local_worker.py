@@ -16,11 +16,10 @@ from raee_ops import logs
 def main(argv: list[str]) -> None:
     verbosity = int(argv[1])
     logs.configure(verbosity)  # before Beam's import, which logs its own warnings
-    if verbosity < 1:
-        logs.hide_library_prints()
     from apache_beam.runners.worker import sdk_worker_main
 
-    sdk_worker_main.main(argv)
+    with logs.library_prints_hidden():
+        sdk_worker_main.main(argv)
 
 
 if __name__ == "__main__":

@@ -415,7 +415,7 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
     result = None
     gc.freeze()  # the imports and the pipeline live until exit: spare the collector (and the exit) walking them
     try:
-        with interrupted:
+        with interrupted, logs.library_prints_hidden():
             result = pipeline.run()
             _streams_without_deadline(result)
             state = result.wait_until_finish()

@@ -199,7 +199,7 @@ def _watch_the_store() -> None:
     from raee_ops.pipelines.options import stop_local_workers, store_patience
 
     def give_up(line: str) -> None:
-        click.echo(f"error: {line}", err=True)
+        click.echo(f"error: {line}", file=logs.stream())  # while a run's library prints are hidden, too
         stop_local_workers()
         _end_now(StoreUnavailable.exit_code)
 

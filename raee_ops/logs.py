@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
 #: Our own packages (all under raee_ops): their warnings show by default; everything else only from -v on.
@@ -50,17 +52,26 @@ class _Levels(logging.Filter):
 
 
 def stream() -> TextIO:
-    """Where this process's own lines go (progress): stderr, the real one where `hide_library_prints` hid it."""
+    """Where this process's own lines go (progress, errors): stderr, the real one while `library_prints_hidden`."""
     return _stream if _stream is not None else sys.stderr
 
 
-def hide_library_prints() -> None:
-    """Point sys.stderr away for the rest of the process, our own lines (`stream`, and the logs `configure` set up)
-    keeping the real one: Beam's SDK worker prints each failed bundle's traceback there, whatever the log level (in
-    a local worker process, `raee_ops.pipelines.local_worker`)."""
+@contextmanager
+def library_prints_hidden() -> Iterator[None]:
+    """sys.stderr pointed away for the block, unless -v: Beam's SDK worker prints each failed bundle's traceback
+    there, whatever the log level (its threads in this process under `--direct_running_mode multi_threading`, its
+    processes under multi_processing: `raee_ops.pipelines.local_worker`). Our own lines (`stream`, and the logs
+    `configure` set up) keep the real one."""
     global _stream
-    _stream = sys.stderr
-    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - open for the process's life
+    if verbose() or _stream is not None:
+        yield
+        return
+    _stream, sys.stderr = sys.stderr, open(os.devnull, "w")  # noqa: SIM115 - closed below
+    try:
+        yield
+    finally:
+        hidden, sys.stderr, _stream = sys.stderr, _stream, None
+        hidden.close()
 
 
 def verbosity() -> int:

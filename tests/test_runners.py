@@ -69,19 +69,23 @@ def test_multi_processing_direct_runner(segment_artifacts, tmp_path):  # noqa: F
     )
 
 
-def test_worker_processes_say_as_much_as_their_command(segment_artifacts, tmp_path):  # noqa: F811
-    """Workers in processes of their own share the command's stderr: Beam's worker logged its start and stop at
-    INFO there and printed a failed bundle's traceback, whatever -q or the default said (44 lines from a -q run, 400
-    from a failed one), and the failed run's line said "RuntimeError: Traceback (most recent call last):", the
-    workers' error being their traceback. A failure is one line naming the worker's exception; -q prints nothing."""
+@pytest.mark.parametrize("running_mode", ["multi_processing", "multi_threading"])
+def test_local_workers_say_as_much_as_their_command(segment_artifacts, tmp_path, running_mode):  # noqa: F811
+    """The local runner's workers share the command's stderr: Beam's worker processes logged their start and stop
+    at INFO there and printed a failed bundle's traceback, whatever -q or the default said (44 lines from a -q run,
+    400 from a failed one), and the failed run's line said "RuntimeError: Traceback (most recent call last):", the
+    workers' error being their traceback; its worker threads printed the traceback too (169 lines). A failure is
+    one line naming the worker's exception; -q prints nothing; -v shows the traceback."""
     train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
     args = ["build-db", "--artifacts", segment_artifacts, "--task", "sst2", "--input", train, "--db", tmp_path / "db"]
-    args += ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
+    args += ["--direct_num_workers", "2", "--direct_running_mode", running_mode]
     failed = raee_ops(*args, fault="load:build-db", mode="raise")
     line = one_error_line(failed)
     assert failed.returncode == 1 and line.startswith(
         "error: build-db pipeline failed in a Beam worker: InjectedFault: "
     )
+    shown = raee_ops(*args, "-v", fault="load:build-db", mode="raise")
+    assert shown.returncode == 1 and "Traceback (most recent call last)" in shown.stderr
     assert "injected fault at load:build-db" in line and not (tmp_path / "db" / "sst2.lance").exists()
     done = raee_ops(*args, "-q")
     assert done.returncode == 0 and done.stderr == "" and done.stdout == ""

@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -66,6 +67,9 @@ def new_run_id() -> str:
     """Sortable and unique across hosts, processes and the calls of one process (two claims one process makes
     within a second must not share a name: the second would overwrite the first's claim and not see it)."""
     return time.strftime("%Y%m%dT%H%M%S") + f"-{socket.gethostname()}-{os.getpid()}-{next(_run_ids):06d}"
+
+
+_RUN_ID = re.compile(r"\d{8}T\d{6}-.+-\d+-\d{6}")
 
 
 def some(names: Sequence[str], shown: int = 3) -> str:
@@ -337,10 +341,16 @@ def claim_work_dir(work: str, what: str) -> Iterator[str]:
             storage.delete([staging])
 
 
-def reclaim_siblings(folder: str, pattern: str) -> None:
-    """Remove the folders in `folder` whose names match `pattern` and that no live run holds (a killed export's
-    temporary folder): each run holds its own temporary folder for as long as it lives."""
-    for name in storage.children(folder, pattern):
+def run_named(names: Sequence[str], prefix: str) -> list[str]:
+    """Of `names`, those a run made: `prefix` then a run id. A user's folder of a like name (`.out.old-backup`) is
+    never taken for a killed run's."""
+    return [n for n in names if n.startswith(prefix) and _RUN_ID.fullmatch(n[len(prefix) :])]
+
+
+def reclaim_siblings(folder: str, prefix: str) -> None:
+    """Remove the folders in `folder` that a run named `prefix` + its run id and that no live run holds (a killed
+    export's temporary folder): each run holds its own temporary folder for as long as it lives."""
+    for name in run_named(storage.children(folder, f"{prefix}*"), prefix):
         path = storage.join(folder, name)
         if not is_held(path):
             storage.delete([path])
@@ -355,7 +365,7 @@ def scratch_folder(kind: str) -> Iterator[str]:
     scratch = os.path.join(root, f"raee-{kind}-{new_run_id()}")
     with ExitStack() as held:
         with locked(root, "the temporary folder", wait=True):  # no run reclaims a folder made but not yet held
-            reclaim_siblings(root, f"raee-{kind}-*")
+            reclaim_siblings(root, f"raee-{kind}-")
             held.enter_context(locked(scratch, f"a {kind} folder"))
         try:
             yield scratch

@@ -35,6 +35,7 @@ from raee_ops.pipelines.commit import (
     hold,
     new_run_id,
     reclaim_siblings,
+    run_named,
     say,
     scratch_folder,
 )
@@ -166,12 +167,16 @@ def _check_request(model_spec: str, tasks: Sequence[Task], max_length: int) -> N
 
 
 def _move_into_place(work: str, out_dir: str) -> None:
-    """Replace out_dir by work (local folders); an existing export is only moved aside once work is complete.
-    Exports to the same place take turns here (the parent's lock), so two at once both end with a complete one."""
+    """Replace out_dir by work (local folders) once work is complete, in one step where the filesystem can swap
+    two folders, else by moving the old export aside first (`_put_back` mends a kill in between). Exports to the
+    same place take turns here (the parent's lock), so two at once both end with a complete one."""
     parent = storage.parent(out_dir)
     with hold(parent, f"the folder of {out_dir}", wait=True):
         if not storage.exists(out_dir):
             storage.rename([(work, out_dir)])
+            return
+        if storage.exchange(work, out_dir):
+            fault_point("export:aside")  # work holds the old export now: the run's end (or the next run) removes it
             return
         old = storage.join(parent, f".{storage.name(out_dir)}.old-{new_run_id()}")
         storage.rename([(out_dir, old)])
@@ -185,7 +190,7 @@ def _put_back(out_dir: str) -> None:
     back, before anything else may fail (a local folder's `.old-*` sibling; object stores publish in place)."""
     parent, name = storage.parent(out_dir), storage.name(out_dir)
     with hold(parent, f"the folder of {out_dir}", wait=True):
-        aside = storage.children(parent, f".{name}.old-*")
+        aside = run_named(storage.children(parent, f".{name}.old-*"), f".{name}.old-")
         if aside and not storage.exists(out_dir):
             storage.rename([(storage.join(parent, aside[-1]), out_dir)])
             say(f"put back {out_dir}: an export killed while replacing it had moved it aside")
@@ -265,7 +270,7 @@ def run_export(
     if local:
         _put_back(out_dir)
     for leftover in (".tmp-", ".old-"):
-        reclaim_siblings(parent, f".{name}{leftover}*")
+        reclaim_siblings(parent, f".{name}{leftover}")
     work = storage.join(parent, f".{name}.tmp-{new_run_id()}")
     try:
         with (

@@ -12,7 +12,8 @@ the process when it gets there: no cleanup, no `finally`, exactly what a schedul
 - `commit:table`: build-db has committed the table but not yet its index or published its errors
 - `export:segment`: export-onnx wrote a segment (use @N to die mid-export)
 - `export:move`: the export is complete in its temporary folder, not yet moved into place
-- `export:aside`: the previous export is moved aside, the new one not yet in its place
+- `export:aside`: the new export has swapped places with the previous one, which is not yet removed (where the
+  filesystem cannot swap two folders: the previous export is moved aside, the new one not yet in its place)
 - `export:publish`: on an object store, the new export's files are copied over the old one's, its manifest not yet
 - `prune:cut`: prune has removed the table's old versions (@2: and its companion's), not yet what it reports
 - `load:classify`, `load:build-db`, `load:evaluate`: a worker is loading the model (with RAEE_FAULT_MODE=raise: a

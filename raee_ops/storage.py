@@ -12,6 +12,7 @@ stores; a local write is made atomic by a rename) the local branch is taken only
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fnmatch
 import os
@@ -389,6 +390,22 @@ def rename(pairs: Iterable[tuple[str, str]]) -> None:
     pairs = list(pairs)
     if pairs:
         FileSystems.rename([s for s, _ in pairs], [d for _, d in pairs])
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap two local paths in one atomic step (Linux's renameat2 with RENAME_EXCHANGE), so no moment finds
+    either missing; False where the system or the filesystem (NFS, say) cannot."""
+    swap = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if swap is None:
+        return False
+    swap.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, rename_exchange = -100, 2
+    if swap(at_cwd, os.fsencode(local_path(a)), at_cwd, os.fsencode(local_path(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), a)
 
 
 def delete(uris: Iterable[str]) -> None:

@@ -236,6 +236,8 @@ def load_manifest(directory: str | Path, verify_checksums: bool = True) -> Manif
         return _load_remote(str(directory), verify_checksums)
     directory = Path(storage.local_path(str(directory)))
     path = directory / MANIFEST_NAME
+    if not directory.exists():
+        raise ArtifactError(f"the artifacts folder {directory} does not exist (export-onnx writes it)")
     if not path.is_file():
         raise ArtifactError(f"no {MANIFEST_NAME} in {directory}: not an exported artifacts directory")
     manifest = parse_manifest(path.read_text(), str(path))

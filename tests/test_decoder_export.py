@@ -386,6 +386,39 @@ def test_a_leftover_link_is_removed_not_followed(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"] and (target / MANIFEST_NAME).is_file()
 
 
+def test_an_export_takes_only_its_own_runs_folders_beside_out(tmp_path: Path, monkeypatch) -> None:
+    """Folders beside --out named like an export's leftovers but not by a run (`.out.old-backup`, `.out.tmp-x`,
+    which may hold a whole export) were taken for a killed run's: put back as --out, then replaced, or removed,
+    and the user's files with them. Only run-named ones are taken. Where the filesystem cannot swap two folders
+    in one step, a kill between the two moves leaves no --out, which the next run puts back."""
+    from raee_ops.pipelines.commit import new_run_id, reclaim_siblings
+    from raee_ops.pipelines.export import _move_into_place, _put_back
+
+    from raee_ops.faults import InjectedFault
+
+    out, old = make_artifacts(tmp_path / "out"), load_manifest(tmp_path / "out")
+    backup = tmp_path / ".out.old-backup"
+    backup.mkdir()
+    (backup / "notes.txt").write_text("precious")
+    make_artifacts(tmp_path / ".out.tmp-x")
+    work = make_artifacts(tmp_path / f".out.tmp-{new_run_id()}", seed=1)
+    monkeypatch.setattr(storage, "exchange", lambda a, b: False)
+    monkeypatch.setenv("RAEE_FAULT", "export:aside")
+    monkeypatch.setenv("RAEE_FAULT_MODE", "raise")
+    with pytest.raises(InjectedFault):
+        _move_into_place(str(work), str(out))
+    assert not out.exists()
+    monkeypatch.delenv("RAEE_FAULT")
+    _put_back(str(out))
+    for leftover in (".tmp-", ".old-"):
+        reclaim_siblings(str(tmp_path), f".out{leftover}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old-backup", ".out.tmp-x", "out"]
+    assert load_manifest(out) == old and (backup / "notes.txt").read_text() == "precious"
+    monkeypatch.undo()
+    _move_into_place(str(make_artifacts(tmp_path / f".out.tmp-{new_run_id()}", seed=1)), str(out))  # one swap
+    assert load_manifest(out) != old and load_manifest(tmp_path / ".out.tmp-x")
+
+
 def _store_refusal() -> Exception:
     """Beam's S3 filesystem wraps a 403 in a BeamIOError raised on the driver: wrong keys, not a bug."""
     from apache_beam.io.filesystem import BeamIOError

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from tokenizers import Tokenizer
 
+from raee_ops import logs
 from raee_ops.errors import ArtifactError
 from raee_ops.extras import onnxruntime
 from raee_ops.key_names import INT8_SUFFIX, parse_embedder
@@ -119,13 +120,23 @@ def open_session(
 
 
 def session_options(threads: int) -> ort.SessionOptions:
-    """Sessions on the process's shared thread pool (`process_thread_pool`) and CPU memory (`shared_cpu_arena`)."""
+    """Sessions on the process's shared thread pool (`process_thread_pool`) and CPU memory (`shared_cpu_arena`),
+    logging as the command says (`ort_log_severity`)."""
     process_thread_pool(threads)
     shared_cpu_arena()
+    ort.set_default_logger_severity(ort_log_severity())
     options = ort.SessionOptions()
+    options.log_severity_level = ort_log_severity()
     options.use_per_session_threads = False  # a per-session thread count would only draw ORT's warning
     options.add_session_config_entry("session.use_env_allocators", "1")
     return options
+
+
+def ort_log_severity() -> int:
+    """ONNX Runtime's own log lines (printed by its C++ core, whatever Python's stderr is) only from -v on: a row
+    that fails in a graph printed ORT's red error line above an exit-0 summary, its reason already in the errors
+    output. 0 verbose … 4 fatal."""
+    return {1: 2}.get(logs.verbosity(), 0 if logs.verbosity() > 1 else 4)
 
 
 def prompt_suffix(manifest: Manifest) -> str:

@@ -228,6 +228,34 @@ def test_every_session_of_a_process_allocates_from_one_arena(tmp_path):
     assert int(out.stdout.split()[-1]) < 100  # MB the nine other sessions added: 32 here, 290 with an arena each
 
 
+def test_onnx_runtime_prints_its_own_log_lines_only_from_v_on(tmp_path):
+    """ORT's C++ core prints to the process's stderr, past Python: a row failing in a graph printed ORT's red error
+    line above the summary of an exit-0 run, the row's reason already in the errors output."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    table = helper.make_tensor("table", TensorProto.FLOAT, [4, 2], [0.0] * 8)
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [1])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2])
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["out"])], "g", [ids], [out], [table])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "g.onnx"))
+    script = (
+        "import sys, numpy as np\n"
+        "from raee_ops import logs\n"
+        "logs.configure(int(sys.argv[2]))\n"
+        "from raee_ops.runtime import open_session\n"
+        "try:\n"
+        "    open_session(sys.argv[1], 1).run(None, {'ids': np.array([9], np.int64)})\n"
+        "except Exception as exc:\n"
+        "    print('raised', type(exc).__name__)\n"
+    )
+    for verbosity, shown in ((0, False), (-1, False), (1, True)):
+        run = [sys.executable, "-c", script, str(tmp_path / "g.onnx"), str(verbosity)]
+        done = subprocess.run(run, capture_output=True, text=True)
+        assert done.stdout.strip() == "raised InvalidArgument", done.stderr
+        assert ("[E:onnxruntime" in done.stderr) == shown, done.stderr
+
+
 @pytest.mark.parametrize("artifacts", ["segment_artifacts", "tiny_llama_artifacts"])
 def test_io_binding_chain_reads_out_what_the_host_chain_does(artifacts, request):
     """The CUDA path (states kept as OrtValues between layers, to the host only where rows leave or a stop rule

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import quality
 import speed
-from common import require_data, write_result
+from common import write_result
 from raee_ops.schemas.manifest import load_manifest
 
 from raee_ops.evaluate import strategy_rows
@@ -130,8 +130,8 @@ def speeds(artifacts: dict[str, Path], preset: str, quick: bool, data: Path, bas
 
 def main() -> int:
     args = parse()
-    data = require_data()
     tasks = quality.QUICK_TASKS if args.quick else quality.TASKS
+    data = quality.require_tasks(tasks)
     for preset in args.preset or PRESETS[:1]:
         artifacts = {"fp32": quality.ensure_artifacts(preset), "int8": quality.ensure_artifacts(preset, "int8")}
         method = load_manifest(artifacts["int8"], verify_checksums=False).quantization["method"]

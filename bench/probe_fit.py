@@ -39,6 +39,7 @@ def main() -> int:
         fit_probe_policy(vectors, rng.integers(0, 2, table_rows), uniform, uniform[:, 0], 2, "accuracy")
     payload = {
         "fit_rows": rows,
+        "fit_row_cap": FIT_ROWS,
         "cv_rows": min(CV_ROWS, rows),
         "layers": LAYERS,
         "views": len(VIEWS),

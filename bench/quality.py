@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +110,28 @@ def read_checked(path: Path, task: str) -> pa.Table:
     return table.replace_schema_metadata(None)
 
 
+def held_out_file(data: Path, task: str) -> Path | None:
+    """The task's evaluation split: the first of EVAL_SPLITS the data folder has."""
+    return next((data / task / f"{s}.parquet" for s in EVAL_SPLITS if (data / task / f"{s}.parquet").is_file()), None)
+
+
+def require_tasks(tasks: Sequence[str]) -> Path:
+    """The data folder (without one, the benches' skip), every task's evaluation split in it checked before any
+    export: a missing one is one `error:` line, exit 2."""
+    data = require_data()
+    missing = [task for task in tasks if held_out_file(data, task) is None]
+    if missing:
+        splits = ", ".join(f"{s}.parquet" for s in EVAL_SPLITS)
+        print(f"error: no {splits} for {', '.join(missing)} in {data} (set RAEE_DATA_DIR)", file=sys.stderr)
+        sys.exit(2)
+    return data
+
+
 def splits(data: Path, task: str, quick: bool) -> tuple[pa.Table, pa.Table, str]:
     """(reference rows, evaluation rows, where they came from), capped and seeded."""
     ref_cap, eval_cap = (QUICK_REF_ROWS, QUICK_EVAL_ROWS) if quick else (REF_ROWS, EVAL_ROWS)
-    held_out = next(data / task / f"{s}.parquet" for s in EVAL_SPLITS if (data / task / f"{s}.parquet").is_file())
+    held_out = held_out_file(data, task)
+    assert held_out is not None, "require_tasks checks every task first"
     rng = np.random.default_rng(SEED)
     train = data / task / "train.parquet"
     if train.is_file():
@@ -268,8 +287,8 @@ def task_row(report: dict[str, Any], source: str, reference_rows: int, seconds: 
 
 def main() -> int:
     args = parse()
-    data = require_data()
     tasks = QUICK_TASKS if args.quick else TASKS
+    data = require_tasks(tasks)
     for preset in args.preset or PRESETS:
         runtime = SegmentRuntime(ensure_artifacts(preset))
         rows = [bench_task(runtime, preset, data, task, args.quick) for task in tasks]

@@ -259,6 +259,7 @@ def run_export(
 ) -> Manifest:
     out_dir = str(out_dir).rstrip("/")
     check_before_loading(model_spec, out_dir, embedders, beam_args)
+    out_dir = storage.canonical(out_dir)  # the workers' working directory is not this one
     _check_request(model_spec, tasks, max_length)
     with phase("export-onnx: loading the model"):
         loaded = load_model(model_spec)

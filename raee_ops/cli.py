@@ -109,6 +109,15 @@ run_price_option = click.option(
 )
 
 
+def _absolute(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A local location a pipeline's workers read or write, made absolute here: workers in processes of their own
+    (a job service's worker pool) resolved a relative one against their own working directory, so a relative
+    --output ran the whole job into the workers' folder and ended with exit 3."""
+    from raee_ops import storage
+
+    return storage.canonical(value) if value and storage.is_local(value) else value
+
+
 def _tasks(names: tuple[str, ...], files: tuple[str, ...]) -> list[Task]:
     return [get_task(n) for n in names] + [load_task_file(f) for f in files]
 
@@ -334,10 +343,14 @@ def _key_spec(value: str | None) -> str | None:
 
 
 @command("build-db")
-@click.option("--artifacts", required=True, type=click.Path(file_okay=False), help="Exported artifacts.")
+@click.option(
+    "--artifacts", required=True, type=click.Path(file_okay=False), callback=_absolute, help="Exported artifacts."
+)
 @click.option("--task", "task_name", required=True, help="Task name in the artifacts.")
 @click.option("--input", "inputs", required=True, multiple=True, help="Labelled Parquet file or glob (repeatable).")
-@click.option("--db", "db_uri", required=True, help="LanceDB URI (a local directory or object-store URI).")
+@click.option(
+    "--db", "db_uri", required=True, callback=_absolute, help="LanceDB URI (a local directory or object-store URI)."
+)
 @click.option("--table", default=None, callback=_table_name, help="Table name (default: the task name).")
 @click.option(
     "--embedder",
@@ -350,7 +363,13 @@ def _key_spec(value: str | None) -> str | None:
     "table, the table's own for --mode append.",
 )
 @click.option("--mode", default="overwrite", show_default=True, type=click.Choice(["overwrite", "append"]))
-@click.option("--errors", "errors_dir", default=None, help="Where rejected rows go (default: <db>/_errors/<table>).")
+@click.option(
+    "--errors",
+    "errors_dir",
+    default=None,
+    callback=_absolute,
+    help="Where rejected rows go (default: <db>/_errors/<table>).",
+)
 @max_rejected_option
 @click.option(
     "--allow-empty",
@@ -419,12 +438,16 @@ def build_db(
 
 
 @command("classify")
-@click.option("--artifacts", required=True, type=click.Path(file_okay=False), help="Exported artifacts.")
+@click.option(
+    "--artifacts", required=True, type=click.Path(file_okay=False), callback=_absolute, help="Exported artifacts."
+)
 @click.option("--task", "task_name", required=True, help="Task name in the artifacts.")
-@click.option("--db", "db_uri", required=True, help="LanceDB URI holding the exit-metadata table.")
+@click.option("--db", "db_uri", required=True, callback=_absolute, help="LanceDB URI holding the exit-metadata table.")
 @click.option("--table", default=None, callback=_table_name, help="Table name (default: the task name).")
 @click.option("--input", "inputs", required=True, multiple=True, help="Parquet file or glob to classify (repeatable).")
-@click.option("--output", "output_dir", required=True, help="Directory for predictions-*.parquet and errors.")
+@click.option(
+    "--output", "output_dir", required=True, callback=_absolute, help="Directory for predictions-*.parquet and errors."
+)
 @click.option(
     "--k",
     default=10,

@@ -330,6 +330,40 @@ def private_worker_pool(port: int, root: Path) -> subprocess.Popen:
 
 
 @pytest.mark.runners
+def test_relative_locations_reach_workers_that_run_in_another_folder(segment_artifacts, job_endpoint, tmp_path):  # noqa: F811
+    """Beam's external worker pool runs its workers in its own working directory, where relative --artifacts, --db
+    and --output were resolved: a relative --output ran the whole job into the workers' folder and ended with exit
+    3, a relative --artifacts failed the job. The driver makes every local location absolute before the run."""
+    shutil.copytree(segment_artifacts, tmp_path / "art")
+    labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
+    labelled(tmp_path / "q.parquet", 6, 1, "q", bad=False)
+    (tmp_path / "pool").mkdir()
+    port = free_port()
+    env = os.environ | {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    pool = subprocess.Popen(
+        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", "--service_port", str(port)],
+        cwd=tmp_path / "pool",
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, pool, "worker pool")
+        runner = ["--runner", "PortableRunner", "--job_endpoint", job_endpoint, "--environment_type", "EXTERNAL"]
+        runner += ["--environment_config", f"localhost:{port}"]
+        common = ["--artifacts", "art", "--task", "sst2", "--db", "db", *runner]
+        done = raee_ops("build-db", *common, "--input", "train.parquet", "--errors", "rejected", env={}, cwd=tmp_path)
+        assert done.returncode == 0 and "rows in: 8  written: 8" in done.stdout, done.stderr
+        done = raee_ops("classify", *common, "--input", "q.parquet", "--output", "out", env={}, cwd=tmp_path)
+        assert done.returncode == 0 and (tmp_path / "out" / SUCCESS).is_file(), done.stderr
+        assert "rows in: 6  predicted: 6  rejected: 0" in done.stdout
+        assert list((tmp_path / "pool").iterdir()) == []  # nothing written where the workers run
+    finally:
+        pool.terminate()
+        pool.wait(timeout=30)
+
+
+@pytest.mark.runners
 def test_portable_runner_with_an_external_worker_pool(s3, segment_artifacts, job_endpoint, tmp_path):  # noqa: F811
     """build-db and classify with workers in other processes that read everything from the S3 server."""
     endpoint, client = s3

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from raee_ops.onnx_export.model_source import resolve
 from raee_ops.pipelines.commit import CLAIM, PUBLISHING, some
+from raee_ops.pipelines.options import check_job_service
 from raee_ops.schemas.manifest import MANIFEST_NAME, check_outside_artifacts, load_manifest
 
 from raee_ops import storage
@@ -23,7 +24,7 @@ TABLE_FOLDERS = "*.lance"
 def check_before_loading(model_spec: str, out_dir: str, embedders: Sequence[str], beam_args: Sequence[str]) -> None:
     """Refuse the request's --out, embedders (their packaged configs) or --model (its files, not its config) with
     one line; `beam_args` carry the object store's settings."""
-    storage.configure(beam_args)
+    check_job_service(storage.configure(beam_args))
     check_out(out_dir)
     if len(set(embedders)) != len(embedders):
         raise RaeeConfigError(f"embedder names must be distinct: {', '.join(embedders)}")

@@ -28,13 +28,20 @@ from typing import Any
 
 import apache_beam as beam
 import grpc
-from apache_beam.options.pipeline_options import PipelineOptions, S3Options, StandardOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    PortableOptions,
+    S3Options,
+    StandardOptions,
+    WorkerOptions,
+)
 from apache_beam.portability.api import beam_job_api_pb2
 from apache_beam.runners.portability import portable_runner
 from apache_beam.runners.runner import PipelineState
 
 from raee_ops import logs, storage
-from raee_ops.errors import RaeeConfigError, RaeeRunError, first_line
+from raee_ops.errors import RaeeConfigError, RaeeRunError, RetryLater, first_line
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +143,7 @@ def worker_settings(beam_args: Sequence[str], db_uri: str | None = None) -> Work
     """Configure this process's filesystems for the run and resolve the settings workers get; an object-store
     database must answer (LanceDB would retry it without a word)."""
     options = storage.configure(beam_args)
+    check_job_service(options)
     if db_uri:
         storage.check_scheme(db_uri, "--db")
         problem = None if storage.is_local(db_uri) else _read_as_url(db_uri)
@@ -154,6 +162,29 @@ def worker_settings(beam_args: Sequence[str], db_uri: str | None = None) -> Work
     if provider not in (None, *PROVIDERS):
         raise RaeeConfigError(_env_problem("RAEE_PROVIDER", " or ".join(PROVIDERS)))
     return WorkerSettings(provider, threads, derived | explicit, storage.carry(options))
+
+
+#: How long a job service has to answer before the run starts: Beam waited --job_server_timeout (60 s by default,
+#: more where given) and then failed with "FutureTimeoutError", naming neither the service nor the cause.
+JOB_SERVICE_WAIT_S = 10.0
+
+
+def check_job_service(options: PipelineOptions) -> None:
+    """A portable runner's job service must answer before the run makes anything; one that does not is an outage
+    a scheduler's retry mends (exit 75), as for an object store."""
+    endpoint = options.view_as(PortableOptions).job_endpoint
+    if not endpoint or endpoint == "embed":  # "embed": Beam starts a job service in this process
+        return
+    channel = grpc.insecure_channel(endpoint)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=JOB_SERVICE_WAIT_S)
+    except grpc.FutureTimeoutError:
+        raise RetryLater(
+            f"the job service at --job_endpoint {endpoint} did not answer in {JOB_SERVICE_WAIT_S:.0f} s (is it "
+            "running there? retry later)"
+        ) from None
+    finally:
+        channel.close()
 
 
 def store_patience(beam_args: Sequence[str]) -> float:
@@ -216,15 +247,19 @@ def _beam_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def unknown_args(beam_args: Sequence[str], command_options: Iterable[str]) -> str | None:
+def unknown_args(beam_args: Sequence[str], command_options: Iterable[str], runs_pipeline: bool = True) -> str | None:
     """None when every argument is a Beam pipeline option with a value it takes, else one line naming the first
-    unknown one and the closest option of the command or of Beam, or the bad value."""
+    unknown one and the closest option of the command or of Beam, or the bad value. A command that runs no
+    pipeline (`runs_pipeline` False) takes no runner option: it would run in this process whatever they said."""
     try:
         known, unknown = _beam_parser().parse_known_args(list(beam_args))
     except ValueError as exc:
         return f"bad Beam pipeline option: {exc}"
     if not unknown:
-        return _given_once(beam_args) or _own_record(known) or _bad_value(known)
+        where = None if runs_pipeline else _runner_option(beam_args)
+        if where:
+            return f"{where}: this command runs in this process, not on a runner (runner options are for the pipelines)"
+        return _given_once(beam_args) or _own_record(known) or _bad_value(known, beam_args)
     first = unknown[0]
     if not first.startswith("-"):
         return f"unexpected argument {first!r}"
@@ -267,19 +302,56 @@ def _own_record(options: argparse.Namespace) -> str | None:
     return f"--raee_{given[0]} is raee-ops's record of the command's own options, not one to give (it would be ignored)"
 
 
-def _bad_value(options: argparse.Namespace) -> str | None:
-    """What Beam would only find once the run has begun (a runner it cannot make, a negative worker count)."""
+@cache
+def _runner_options() -> frozenset[str]:
+    """The Beam options that say where and how a pipeline runs (runner, job service, workers)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for cls in (StandardOptions, PortableOptions, DirectOptions, WorkerOptions):
+        cls._add_argparse_args(parser)
+    return frozenset(name for name in parser._option_string_actions if name.startswith("--"))
+
+
+def _runner_option(beam_args: Sequence[str]) -> str | None:
+    return next((a.split("=", 1)[0] for a in beam_args if a.split("=", 1)[0] in _runner_options()), None)
+
+
+def _bad_value(options: argparse.Namespace, beam_args: Sequence[str]) -> str | None:
+    """What Beam would only find once the run has begun, having made the run's folders: a runner it cannot make,
+    a portable runner's missing job service or worker environment, a negative worker count."""
     runner = getattr(options, "runner", None)
     if runner is not None and runner not in LOCAL_RUNNERS:
         from apache_beam.runners.runner import create_runner
 
         try:
-            create_runner(runner)
+            made = create_runner(runner)
         except (ValueError, ImportError, AttributeError, TypeError) as exc:
             return f"--runner {runner}: {exc}"
+        if isinstance(made, portable_runner.PortableRunner):
+            return _bad_portable(made, PipelineOptions(list(beam_args)))
     workers = getattr(options, "direct_num_workers", None)
     if workers is not None and workers < 0:
         return f"--direct_num_workers must be 0 (every core) or more, got {workers}"
+    return None
+
+
+def _bad_portable(runner: portable_runner.PortableRunner, options: PipelineOptions) -> str | None:
+    """A portable runner's settings as Beam checks them when the run starts (it failed as "in a Beam worker", or as
+    an internal error of two lines)."""
+    from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
+    from apache_beam.transforms.environments import Environment
+
+    portable = options.view_as(PortableOptions)
+    if type(runner) is portable_runner.PortableRunner and not portable.job_endpoint:
+        return "--runner PortableRunner needs --job_endpoint (the job service's host:port)"
+    if portable.environment_type == "EXTERNAL" and not portable.environment_config:
+        return "--environment_type EXTERNAL needs --environment_config (the worker pool's host:port)"
+    problems = PipelineOptionsValidator(options, runner).validate()
+    if problems:
+        return f"--runner {type(runner).__name__}: {first_line(problems[0])}"
+    try:
+        Environment.from_options(portable)
+    except (ValueError, TypeError) as exc:
+        return f"--environment_type {portable.environment_type}: {first_line(exc)}"
     return None
 
 
@@ -469,8 +541,19 @@ def _job_error(result: Any) -> str | None:
 def _raised(texts: Iterable[str]) -> str | None:
     """The last exception the tracebacks in `texts` end with, as `Name: message`: in a job's error messages, or in
     the error of workers in processes or threads of their own (`--direct_running_mode`), which is their traceback."""
+    texts = list(texts)
     raised = [found for text in texts for found in _RAISED.findall(text)]
-    return f"{raised[-1][0]}: {first_line(raised[-1][1])}" if raised else None
+    if not raised:
+        return None
+    name, message = raised[-1]
+    call = (
+        _GRPC_CALL.search(texts[-1]) if message.startswith("<_") else None
+    )  # grpc's repr: its first line says nothing
+    return f"{name}: a gRPC call failed ({call[1]}: {call[2]})" if call else f"{name}: {first_line(message)}"
+
+
+#: A failed gRPC call's status and details in grpc's repr of it (a worker's call to its worker pool, say).
+_GRPC_CALL = re.compile(r'status = StatusCode\.(\w+)\s+details = "([^"]*)"')
 
 
 def _end_terminated(result: Any, what: str, interrupted: _Interrupts) -> None:

@@ -124,7 +124,12 @@ def _tasks(names: tuple[str, ...], files: tuple[str, ...]) -> list[Task]:
 
 class BeamCommand(click.Command):
     """A command whose extra arguments must be Beam pipeline options, checked before click's own checks: a
-    misspelt `--artifact` is reported as itself (with the closest option), not as a missing `--artifacts`."""
+    misspelt `--artifact` is reported as itself (with the closest option), not as a missing `--artifacts`. One
+    that runs no pipeline (`runs_pipeline` False) takes no runner option."""
+
+    def __init__(self, *args: Any, runs_pipeline: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.runs_pipeline = runs_pipeline
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         opts, extra, order = self.make_parser(ctx).parse_args(args=list(args))  # parses only: nothing checked yet
@@ -134,7 +139,7 @@ class BeamCommand(click.Command):
         if not ctx.resilient_parsing and not asks_help:  # help needs no Beam (its import: ~4 s)
             from raee_ops.pipelines.options import unknown_args
 
-            problem = unknown_args(extra, [o for p in self.params for o in p.opts])
+            problem = unknown_args(extra, [o for p in self.params for o in p.opts], self.runs_pipeline)
             if problem:
                 raise click.UsageError(problem, ctx)
             _given_once(ctx, order)
@@ -164,9 +169,10 @@ def _given_once(ctx: click.Context, order: list[click.Parameter]) -> None:
             raise click.BadParameter(f"given {given} times; give it once", ctx, param)
 
 
-def command(name: str) -> Callable[[Callable[..., Any]], click.Command]:
+def command(name: str, runs_pipeline: bool = True) -> Callable[[Callable[..., Any]], click.Command]:
     """A subcommand with -v/-q; extra arguments must be Beam pipeline options (the pipelines' runner and
-    filesystem options; the filesystem and database options for evaluate, info and rollback)."""
+    filesystem options; for a command that runs no pipeline, `runs_pipeline` False, the filesystem and database
+    options)."""
 
     def wrap(fn: Callable[..., Any]) -> click.Command:
         @functools.wraps(fn)
@@ -180,7 +186,7 @@ def command(name: str) -> Callable[[Callable[..., Any]], click.Command]:
 
         run = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(run)
         run = click.option("-v", "--verbose", count=True, help="Show library logs (-vv: debug).")(run)
-        return cli.command(name, cls=BeamCommand, context_settings=BEAM_ARGS)(run)
+        return cli.command(name, cls=BeamCommand, context_settings=BEAM_ARGS, runs_pipeline=runs_pipeline)(run)
 
     return wrap
 
@@ -497,7 +503,7 @@ def classify(
     summary.check(max_rejected)
 
 
-@command("evaluate")
+@command("evaluate", runs_pipeline=False)
 @click.option("--artifacts", required=True, type=click.Path(file_okay=False), help="Exported artifacts.")
 @click.option("--task", "task_name", default=None, help="Task name in the artifacts.")
 @click.option(
@@ -578,7 +584,7 @@ def evaluate_cmd(
     echo(f"report: {out}")
 
 
-@command("info")
+@command("info", runs_pipeline=False)
 @click.option("--db", "db_uri", required=True, help="LanceDB URI (a local directory or object-store URI).")
 @click.option("--table", default=None, callback=_table_name, help="Only this table (default: every table).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
@@ -595,7 +601,7 @@ def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
         raise RaeeConfigError(f"table(s) {', '.join(unreadable)} in {db_uri} cannot be read: see above")
 
 
-@command("rollback")
+@command("rollback", runs_pipeline=False)
 @click.option("--db", "db_uri", required=True, help="LanceDB URI holding the table.")
 @click.option("--table", required=True, callback=_table_name, help="Table to roll back.")
 @click.option("--version", "version", required=True, type=int, help="Version to make current (see `info`).")
@@ -615,7 +621,7 @@ def rollback_cmd(db_uri: str, table: str, version: int) -> None:
     echo(render({"db": db_uri, "tables": [info]}))
 
 
-@command("prune")
+@command("prune", runs_pipeline=False)
 @click.option("--db", "db_uri", required=True, help="LanceDB URI holding the table.")
 @click.option(
     "--table",

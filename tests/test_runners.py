@@ -261,10 +261,39 @@ def test_a_job_failed_on_the_job_service_names_the_workers_error(segment_artifac
     train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
     build = ["build-db", "--artifacts", segment_artifacts, "--task", "sst2", "--input", train]
     run = raee_ops(*build, "--db", tmp_path / "db", *loopback(job_endpoint), fault="load:build-db", mode="raise")
-    line = run.stderr.splitlines()[-1]  # LOOPBACK's workers, in this process, print their tracebacks too
+    line = one_error_line(run)  # LOOPBACK's workers, in this process, printed their tracebacks above it
     assert run.returncode == 1 and line.startswith(
         "error: build-db pipeline failed in a Beam worker: InjectedFault: injected fault at load:build-db"
     ), line
+
+
+def test_runner_settings_are_checked_before_the_run_makes_anything(tmp_path):
+    """What Beam finds only once a run has begun, having made the run's folders: a portable runner without its job
+    service or worker pool, an unknown environment (exit 1 "in a Beam worker", or an internal error of two lines);
+    a job service that does not answer (Beam waited its --job_server_timeout, then said "FutureTimeoutError"). And
+    a command that runs in this process took runner options and ignored them (evaluate ran everything here)."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{free.getsockname()[1]}"
+    classify = ["classify", "--artifacts", tmp_path / "art", "--task", "sst2", "--db", tmp_path / "db"]
+    classify += ["--input", tmp_path / "q.parquet", "--output", tmp_path / "out", "--runner", "PortableRunner"]
+    for extra, said in (
+        ([], "--runner PortableRunner needs --job_endpoint"),
+        (["--job_endpoint", nobody, "--environment_type", "EXTERNAL"], "EXTERNAL needs --environment_config"),
+        (["--job_endpoint", nobody, "--environment_type", "EXTRNAL"], "Unknown environment type: EXTRNAL"),
+    ):
+        run = raee_ops(*classify, *extra)
+        assert run.returncode == 2 and said in one_error_line(run), run.stderr
+    started = time.monotonic()
+    run = raee_ops(*classify, "--job_endpoint", nobody, "--environment_type", "LOOPBACK")
+    assert run.returncode == 75 and f"the job service at --job_endpoint {nobody} did not answer" in one_error_line(run)
+    assert time.monotonic() - started < 40 and not (tmp_path / "out").exists()
+    evaluate = ["evaluate", "--artifacts", tmp_path / "art", "--task", "sst2", "--db", tmp_path / "db"]
+    evaluate += ["--input", tmp_path / "q.parquet", "--report", tmp_path / "report"]
+    for extra in (["--runner", "PortableRunner"], ["--direct_num_workers", "2"]):
+        run = raee_ops(*evaluate, *extra)
+        assert run.returncode == 2 and f"{extra[0]}: this command runs in this process" in one_error_line(run)
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_a_lost_job_service_is_named_as_such():
@@ -283,4 +312,13 @@ def test_a_lost_job_service_is_named_as_such():
     assert (
         options.failure("classify", ValueError("bad\nmore"))
         == "classify pipeline failed in a Beam worker: ValueError: bad"
+    )
+    # a worker's failed gRPC call (its worker pool gone) in the job's messages: grpc's repr says nothing on its
+    # first line ("<_InactiveRpcError of RPC that terminated with:", all the line said)
+    traceback = "Traceback (most recent call last):\n  File ...\ngrpc._channel._InactiveRpcError: <_InactiveRpcError "
+    traceback += 'of RPC that terminated with:\n\tstatus = StatusCode.UNAVAILABLE\n\tdetails = "failed to connect to '
+    traceback += 'all addresses; last error: 127.0.0.1:2: Connection refused"\n\tdebug_error_string = "x"\n>'
+    assert options._raised([traceback]) == (
+        "_InactiveRpcError: a gRPC call failed (UNAVAILABLE: failed to connect to all addresses; last error: "
+        "127.0.0.1:2: Connection refused)"
     )

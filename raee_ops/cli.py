@@ -667,7 +667,8 @@ def prune_cmd(db_uri: str, table: str | None, keep: int, grace: timedelta, dry_r
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    """The one `error:` line: a message of several lines (a library's, inside ours) is joined into it."""
+    click.echo("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()), err=True)
     sys.exit(code)
 
 
@@ -749,7 +750,7 @@ def _internal(exc: BaseException) -> NoReturn:
     """A bug: still one line by default, the traceback with -v."""
     if logs.verbose():
         traceback.print_exception(exc)
-    _fail(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", 1)
+    _fail(f"internal error: {type(exc).__name__}: {first_line(exc)} (run with -v for the traceback)", 1)
 
 
 if __name__ == "__main__":

@@ -436,6 +436,12 @@ def _store_refusal() -> Exception:
             "error: segment export failed in a Beam worker: OSError: disk full\n",
         ),
         (_store_refusal(), 2, "error: the object store refused access (check the credentials and permissions): "),
+        (  # a bug whose message has lines (Beam's option validation): its first, as one line
+            ValueError("Pipeline has validations errors: \nOption x is required."),
+            1,
+            "error: internal error: ValueError: Pipeline has validations errors: (run with -v for the traceback)\n",
+        ),
+        (RaeeRunError("a message\nof two lines"), 1, "error: a message of two lines\n"),
     ],
 )
 def test_cli_reports_a_failure_in_one_line_with_its_code(

@@ -18,7 +18,15 @@ import apache_beam as beam
 import lancedb
 import pyarrow as pa
 import pyarrow.compute as pc
-from raee_ops.pipelines.commit import SUCCESS, check_held, claim_work_dir, job_digest, new_run_id, say
+from raee_ops.pipelines.commit import (
+    SUCCESS,
+    check_held,
+    claim_work_dir,
+    job_digest,
+    new_run_id,
+    say,
+    unseen_staging,
+)
 from raee_ops.pipelines.inference import BuildHandler, Infer
 from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.reference import assemble, check_groups, group_codes
@@ -407,7 +415,10 @@ def run_build_db(
         written, shards = count_rows(storage.join(staging, "rows*.parquet"))
         rejected, _ = count_rows(storage.join(rejects, "errors-*.parquet"))
         if rows_in != written + rejected:
-            raise CountMismatch(f"rows in {rows_in} != written {written} + rejected {rejected}: not committing")
+            raise CountMismatch(
+                f"rows in {rows_in} != written {written} + rejected {rejected}: not committing"
+                + unseen_staging(rows_in, written + rejected, "--db and --errors")
+            )
         try:
             refuse_rejected(rejected, rows_in, max_rejected, f"table {table!r} left unchanged")
             if written == 0 and mode == "overwrite":

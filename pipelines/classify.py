@@ -18,7 +18,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics.metric import MetricsFilter
-from raee_ops.pipelines.commit import SUCCESS, claim_output, completed, job_digest
+from raee_ops.pipelines.commit import SUCCESS, claim_output, completed, job_digest, unseen_staging
 from raee_ops.pipelines.inference import NAMESPACE, ClassifyHandler, Infer
 from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.sources import (
@@ -277,6 +277,7 @@ def run_classify(
             raise CountMismatch(
                 f"rows in {rows_in} != predicted {predicted} + rejected {rejected} (or Beam's exit counters "
                 f"{summary.beam_exit_counts} differ): nothing published to {output_dir}"
+                + unseen_staging(rows_in, predicted + rejected, "--output")
             )
         claim.publish(
             {

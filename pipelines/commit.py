@@ -77,6 +77,14 @@ def some(names: Sequence[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (" …" if len(names) > shown else "")
 
 
+def unseen_staging(rows_in: int, staged: int, where: str) -> str:
+    """What a count of nothing staged most likely means (workers on other machines wrote to their own disks), to add
+    to the count's refusal."""
+    if rows_in and not staged:
+        return f" (no staged file is visible here: workers on other machines need {where} where this one sees it too)"
+    return ""
+
+
 def say(message: str) -> None:
     if not logs.quiet():
         print(message, file=logs.stream(), flush=True)

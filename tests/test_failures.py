@@ -625,10 +625,15 @@ def test_12_a_failed_job_and_failed_counts_are_not_exit_0(segment_artifacts, db,
 
     real = classify_module.count_rows
     monkeypatch.setattr(classify_module, "count_rows", lambda p: (lambda n, f: (n + 1, f))(*real(p)))
-    with pytest.raises(CountMismatch, match="nothing published"):
+    with pytest.raises(CountMismatch, match="nothing published") as refused:
         out = str(tmp_path / "o2")
         classify_module.run_classify(segment_artifacts, "sst2", str(db), "sst2", [str(queries)], out, 5, "raee")
-    assert not list((tmp_path / "o2").iterdir())
+    assert not list((tmp_path / "o2").iterdir()) and "visible" not in str(refused.value)
+    # nothing staged at all: what workers on other machines writing to their own disks look like, said so
+    monkeypatch.setattr(classify_module, "count_rows", lambda p: (0, []))
+    with pytest.raises(CountMismatch, match="no staged file is visible here: workers on other machines need --output"):
+        out = str(tmp_path / "o3")
+        classify_module.run_classify(segment_artifacts, "sst2", str(db), "sst2", [str(queries)], out, 5, "raee")
     monkeypatch.undo()
     rejected = tmp_path / "mostly-bad.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "c"], "text": ["good", None, " "]}), rejected)

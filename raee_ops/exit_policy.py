@@ -387,6 +387,8 @@ def resolve(name: str | None, num_layers: int) -> Strategy:
         kind, raw = name.split(":", 1)
         if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= num_layers:  # isdigit alone: '²', '１'
             raise RaeeConfigError(f"strategy {name!r}: N must be an integer in 1..{num_layers}")
+        if raw != str(int(raw)):  # one spelling per strategy: the name is the job's identity and the report's row
+            raise RaeeConfigError(f"strategy {name!r}: write it {kind}:{int(raw)}")
         reads = "head" if kind == "layer" else "probe"
         return Strategy(name, partial(fixed_layer, int(raw)), needs_retrieval=False, reads=reads)
     if name not in STRATEGIES:

@@ -275,7 +275,11 @@ def label_indices(table: pa.Table, task: Task) -> tuple[pa.Array, list[tuple[np.
     null = pc.is_null(values).to_numpy(zero_copy_only=False)
     raw = pc.fill_null(index, -1).to_numpy(zero_copy_only=False)
     outside = ~null & ((raw < 0) | (raw >= len(names)))
-    reason = f"label is not one of {names} or 0..{len(names) - 1}"
+    reason = (  # a string column holds label names; an integer column, indices (a string "0" is neither)
+        f"label is not one of the label names {names}"
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type)
+        else f"label is not one of the label indices 0..{len(names) - 1}"
+    )
     return pa.array(np.clip(raw, 0, None).astype(np.int32)), [(null, "label is null"), (outside, reason)]
 
 

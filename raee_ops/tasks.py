@@ -171,6 +171,10 @@ def load_task_file(path: str | Path) -> Task:
     missing = [k for k in TASK_FILE_STRINGS + TASK_FILE_LISTS if k not in raw]
     if missing:
         raise RaeeConfigError(f"task file {path} lacks {', '.join(missing)}")
+    unknown = [k for k in raw if k not in TASK_FILE_STRINGS + TASK_FILE_LISTS]
+    if unknown:  # a misspelt or wished-for field would be ignored without a word
+        fields = ", ".join(TASK_FILE_STRINGS + TASK_FILE_LISTS)
+        raise RaeeConfigError(f"task file {path}: unknown field {unknown[0]!r}; a task file has {fields}")
     try:
         strings = {key: _text(raw[key], key) for key in TASK_FILE_STRINGS}
         lists = {key: _texts(raw[key], key) for key in TASK_FILE_LISTS}

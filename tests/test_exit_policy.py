@@ -74,6 +74,8 @@ def test_resolve_fixed_and_full_and_errors():
     for bad in ("layer:0", "layer:7", "layer:x", "layer:²", "probe:１", "fastest"):
         with pytest.raises(RaeeConfigError):
             resolve(bad, 6)
+    with pytest.raises(RaeeConfigError, match="write it probe:3"):  # a second name of probe:3, a job of its own
+        resolve("probe:03", 6)
 
 
 def _policy(

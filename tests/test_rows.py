@@ -26,8 +26,13 @@ def test_single_text_rows_and_labels():
     assert reasons["b"] == "text is null"
     assert reasons["c"] == "text is empty or whitespace"
     assert reasons["d"] == "label is null"
-    assert reasons["e"].startswith("label is not one of")
+    assert reasons["e"] == "label is not one of the label indices 0..1"
     assert out.valid.num_rows + out.errors.num_rows == table.num_rows
+    # a string label is a label name: "0" is neither a name nor, in a string column, an index
+    named = pa.table({"text": ["a", "b"], "label": ["positive", "0"]})
+    out = validate(named, SST2, source="f.parquet", file_key="k", need_label=True)
+    assert out.valid.column("label").to_pylist() == [1]
+    assert out.errors.column("reason").to_pylist() == ["label is not one of the label names ['negative', 'positive']"]
 
 
 def test_string_labels_map_to_indices_and_classify_ignores_labels():

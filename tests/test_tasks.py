@@ -52,6 +52,7 @@ def write(tmp_path: Path, content: object) -> Path:
         ({**GOOD, "template": "Review: {text!r}"}, "no conversion or format spec"),
         ({**GOOD, "template": "Review: {{text}}"}, r"must contain \{text\}"),
         ({k: v for k, v in GOOD.items() if k != "verbalizer"}, "lacks verbalizer"),
+        ({**GOOD, "labels": ["a", "b"]}, "unknown field 'labels'"),  # ignored without a word
         ({**GOOD, "name": "x" * 300}, "over 100 characters"),  # failed in the export, writing head_<name>.onnx
         ({**GOOD, "name": "my task"}, r"task name: table name 'my task' may hold only letters"),  # exported, then
         ({**GOOD, "name": "t__features"}, "build-db's companion"),  # refused as build-db's default table name

@@ -21,7 +21,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -247,10 +247,16 @@ def _beam_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def unknown_args(beam_args: Sequence[str], command_options: Iterable[str], runs_pipeline: bool = True) -> str | None:
+def unknown_args(
+    beam_args: Sequence[str],
+    command_options: Iterable[str],
+    runs_pipeline: bool = True,
+    elsewhere: Mapping[str, Sequence[str]] | None = None,
+) -> str | None:
     """None when every argument is a Beam pipeline option with a value it takes, else one line naming the first
-    unknown one and the closest option of the command or of Beam, or the bad value. A command that runs no
-    pipeline (`runs_pipeline` False) takes no runner option: it would run in this process whatever they said."""
+    unknown one and the closest option of the command or of Beam (or the other commands that have it: `elsewhere`,
+    option → command names), or the bad value. A command that runs no pipeline (`runs_pipeline` False) takes no
+    runner option: it would run in this process whatever they said."""
     try:
         known, unknown = _beam_parser().parse_known_args(list(beam_args))
     except ValueError as exc:
@@ -264,6 +270,10 @@ def unknown_args(beam_args: Sequence[str], command_options: Iterable[str], runs_
     if not first.startswith("-"):
         return f"unexpected argument {first!r}"
     name = first.split("=", 1)[0]
+    if name in (elsewhere or {}):
+        names = elsewhere[name]
+        listed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        return f"no such option: {name} (an option of {listed}, not of this command)"
     choices = list(command_options) + [o for o in _beam_parser()._option_string_actions if o.startswith("--")]
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]}?)" if close else ""

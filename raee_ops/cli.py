@@ -132,19 +132,33 @@ class BeamCommand(click.Command):
         self.runs_pipeline = runs_pipeline
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        opts, extra, order = self.make_parser(ctx).parse_args(args=list(args))  # parses only: nothing checked yet
+        try:
+            opts, extra, order = self.make_parser(ctx).parse_args(args=list(args))  # parses only: nothing checked yet
+        except click.UsageError as exc:  # click's parser raises them without the command: its help, not ours
+            exc.ctx = exc.ctx or ctx
+            raise
         logs.configure(-1 if opts.get("quiet") else int(opts.get("verbose") or 0))  # before importing Beam
         help_option = self.get_help_option(ctx)  # --help parsed as click's own option, or left among the extras
         asks_help = help_option is not None and (opts.get(help_option.name or "") or set(extra) & set(help_option.opts))
         if not ctx.resilient_parsing and not asks_help:  # help needs no Beam (its import: ~4 s)
             from raee_ops.pipelines.options import unknown_args
 
-            problem = unknown_args(extra, [o for p in self.params for o in p.opts], self.runs_pipeline)
+            own = [o for p in self.params for o in p.opts]
+            problem = unknown_args(extra, own, self.runs_pipeline, _options_elsewhere(self.name))
             if problem:
                 raise click.UsageError(problem, ctx)
             _given_once(ctx, order)
             _not_empty(ctx, opts)
         return super().parse_args(ctx, args)
+
+
+def _options_elsewhere(command: str | None) -> dict[str, list[str]]:
+    """The options of raee-ops's other commands, each with the commands that have it."""
+    found: dict[str, list[str]] = {}
+    for name, other in sorted(cli.commands.items()):
+        for option in {o for p in other.params for o in p.opts} if name != command else ():
+            found.setdefault(option, []).append(name)
+    return found
 
 
 def _not_empty(ctx: click.Context, opts: dict[str, Any]) -> None:

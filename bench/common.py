@@ -20,8 +20,12 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from raee_ops.runtime import SegmentRuntime
-from raee_ops.tasks import Task
+from raee_ops import logs
+
+logs.configure(0)  # before Beam's import (below, through raee_ops): third-party noise hidden, as the CLI hides it
+
+from raee_ops.runtime import SegmentRuntime  # noqa: E402
+from raee_ops.tasks import Task  # noqa: E402
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent

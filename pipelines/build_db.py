@@ -28,7 +28,7 @@ from raee_ops.pipelines.commit import (
     unseen_staging,
 )
 from raee_ops.pipelines.inference import BuildHandler, Infer
-from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
+from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.reference import assemble, check_groups, group_codes
 from raee_ops.pipelines.run_record import (
     RunRecord,
@@ -389,6 +389,7 @@ def run_build_db(
     )
     run_id, where, work = new_run_id(), scope(db_uri, table), work_dir(db_uri, table)
     refuse_reading_own_output(found, inputs, errors_dir, [first_shard(f"errors-{run_id}")], "--errors")
+    check_job_service(beam_args)  # the last check, the only one over the network: then the run makes its folders
     with claim_work_dir(work, f"table {table!r}") as staging:
         remove_unfinished(db_uri, table, store)
         settle_errors(db_uri, table, errors_dir, own_errors, store)

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from apache_beam.metrics.metric import MetricsFilter
 from raee_ops.pipelines.commit import SUCCESS, claim_output, completed, job_digest, unseen_staging
 from raee_ops.pipelines.inference import NAMESPACE, ClassifyHandler, Infer
-from raee_ops.pipelines.options import make_pipeline, run_pipeline, worker_settings
+from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.sources import (
     check_inputs,
     count_rows,
@@ -245,6 +245,7 @@ def run_classify(
         checked=manifest,
         **settings.runtime(),
     )
+    check_job_service(beam_args)  # the last check, the only one over the network: then the run makes its folders
     with claim_output(output_dir, OUTPUTS, "--output", job) as claim:
         if claim.done is not None:  # another run of this job finished while this one waited for the claim
             return already_done(claim.done)

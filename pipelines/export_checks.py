@@ -24,13 +24,14 @@ TABLE_FOLDERS = "*.lance"
 def check_before_loading(model_spec: str, out_dir: str, embedders: Sequence[str], beam_args: Sequence[str]) -> None:
     """Refuse the request's --out, embedders (their packaged configs) or --model (its files, not its config) with
     one line; `beam_args` carry the object store's settings."""
-    check_job_service(storage.configure(beam_args))
+    storage.configure(beam_args)
     check_out(out_dir)
     if len(set(embedders)) != len(embedders):
         raise RaeeConfigError(f"embedder names must be distinct: {', '.join(embedders)}")
     for name in embedders:
         embedder_depth(name)
     resolve(model_spec)
+    check_job_service(beam_args)
 
 
 def check_out(out_dir: str) -> None:

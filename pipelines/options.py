@@ -143,7 +143,6 @@ def worker_settings(beam_args: Sequence[str], db_uri: str | None = None) -> Work
     """Configure this process's filesystems for the run and resolve the settings workers get; an object-store
     database must answer (LanceDB would retry it without a word)."""
     options = storage.configure(beam_args)
-    check_job_service(options)
     if db_uri:
         storage.check_scheme(db_uri, "--db")
         problem = None if storage.is_local(db_uri) else _read_as_url(db_uri)
@@ -169,22 +168,35 @@ def worker_settings(beam_args: Sequence[str], db_uri: str | None = None) -> Work
 JOB_SERVICE_WAIT_S = 10.0
 
 
-def check_job_service(options: PipelineOptions) -> None:
-    """A portable runner's job service must answer before the run makes anything; one that does not is an outage
-    a scheduler's retry mends (exit 75), as for an object store."""
+def check_job_service(beam_args: Sequence[str]) -> None:
+    """A portable runner's job service must answer, as a job service, before the run makes anything (called after
+    the checks that need no network: a wrong option is exit 2 at once, not a retry). One that does not answer is an
+    outage a scheduler's retry mends (exit 75), as for an object store; one that answers as something else (a
+    worker pool's port) is configuration (2). Other runners ignore --job_endpoint, and so does this check."""
+    options = PipelineOptions(list(beam_args))
     endpoint = options.view_as(PortableOptions).job_endpoint
-    if not endpoint or endpoint == "embed":  # "embed": Beam starts a job service in this process
+    runner = options.view_as(StandardOptions).runner
+    if not endpoint or endpoint == "embed" or runner in LOCAL_RUNNERS:  # "embed": Beam starts one in this process
         return
-    channel = grpc.insecure_channel(endpoint)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=JOB_SERVICE_WAIT_S)
-    except grpc.FutureTimeoutError:
-        raise RetryLater(
-            f"the job service at --job_endpoint {endpoint} did not answer in {JOB_SERVICE_WAIT_S:.0f} s (is it "
-            "running there? retry later)"
-        ) from None
-    finally:
-        channel.close()
+    from apache_beam.portability.api import beam_job_api_pb2_grpc
+    from apache_beam.runners.runner import create_runner
+
+    if not isinstance(create_runner(runner), portable_runner.PortableRunner):
+        return
+    with grpc.insecure_channel(endpoint) as channel:
+        try:
+            jobs = beam_job_api_pb2_grpc.JobServiceStub(channel)
+            jobs.GetJobs(beam_job_api_pb2.GetJobsRequest(), timeout=JOB_SERVICE_WAIT_S)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            said = f"{code.name}: {first_line(exc.details() or '')}" if code else first_line(exc)
+            if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED):
+                raise RaeeConfigError(
+                    f"--job_endpoint {endpoint} answers, but not as a Beam job service ({said})"
+                ) from None
+            raise RetryLater(
+                f"the job service at --job_endpoint {endpoint} did not answer ({said}); retry later"
+            ) from None
 
 
 def store_patience(beam_args: Sequence[str]) -> float:

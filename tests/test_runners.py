@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -267,11 +268,13 @@ def test_a_job_failed_on_the_job_service_names_the_workers_error(segment_artifac
     ), line
 
 
-def test_runner_settings_are_checked_before_the_run_makes_anything(tmp_path):
+def test_runner_settings_are_checked_before_the_run_makes_anything(tmp_path, tiny_llama_dir):
     """What Beam finds only once a run has begun, having made the run's folders: a portable runner without its job
     service or worker pool, an unknown environment (exit 1 "in a Beam worker", or an internal error of two lines);
-    a job service that does not answer (Beam waited its --job_server_timeout, then said "FutureTimeoutError"). And
-    a command that runs in this process took runner options and ignored them (evaluate ran everything here)."""
+    a job service that does not answer (Beam waited its --job_server_timeout, then said "FutureTimeoutError") or is
+    not one (a worker pool's port). The checks that need no network come first: a wrong option is exit 2 at once,
+    not a retry. And a command that runs in this process took runner options and ignored them (evaluate ran
+    everything here)."""
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         nobody = f"127.0.0.1:{free.getsockname()[1]}"
@@ -281,13 +284,27 @@ def test_runner_settings_are_checked_before_the_run_makes_anything(tmp_path):
         ([], "--runner PortableRunner needs --job_endpoint"),
         (["--job_endpoint", nobody, "--environment_type", "EXTERNAL"], "EXTERNAL needs --environment_config"),
         (["--job_endpoint", nobody, "--environment_type", "EXTRNAL"], "Unknown environment type: EXTRNAL"),
+        (["--job_endpoint", nobody, "--environment_type", "LOOPBACK"], "the artifacts folder"),  # no network first
     ):
         run = raee_ops(*classify, *extra)
         assert run.returncode == 2 and said in one_error_line(run), run.stderr
+    export = ["export-onnx", "--model", tiny_llama_dir, "--task", "sst2", "--runner", "PortableRunner"]
+    export += ["--environment_type", "LOOPBACK", "--job_endpoint"]
+    run = raee_ops(*export, nobody, "--out", f"{tmp_path}/x/.")  # not a Path: it drops the "."
+    assert run.returncode == 2 and "name the export's own folder" in one_error_line(run)
     started = time.monotonic()
-    run = raee_ops(*classify, "--job_endpoint", nobody, "--environment_type", "LOOPBACK")
+    run = raee_ops(*export, nobody, "--out", tmp_path / "x")
     assert run.returncode == 75 and f"the job service at --job_endpoint {nobody} did not answer" in one_error_line(run)
-    assert time.monotonic() - started < 40 and not (tmp_path / "out").exists()
+    assert time.monotonic() - started < 40
+    not_a_job_service = grpc.server(ThreadPoolExecutor(1))  # a gRPC server without the job API: a pool's port
+    port = not_a_job_service.add_insecure_port("127.0.0.1:0")
+    not_a_job_service.start()
+    try:
+        run = raee_ops(*export, f"127.0.0.1:{port}", "--out", tmp_path / "x")
+    finally:
+        not_a_job_service.stop(None)
+    assert run.returncode == 2 and "answers, but not as a Beam job service (UNIMPLEMENTED" in one_error_line(run)
+    options.check_job_service(["--job_endpoint", nobody])  # the local runner ignores it: so does the check
     evaluate = ["evaluate", "--artifacts", tmp_path / "art", "--task", "sst2", "--db", tmp_path / "db"]
     evaluate += ["--input", tmp_path / "q.parquet", "--report", tmp_path / "report"]
     for extra in (["--runner", "PortableRunner"], ["--direct_num_workers", "2"]):

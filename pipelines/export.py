@@ -257,9 +257,8 @@ def run_export(
     quantize: str | None = None,
     optimize: bool = True,
 ) -> Manifest:
-    out_dir = str(out_dir).rstrip("/")
+    out_dir = storage.absolute(str(out_dir)).rstrip("/")  # the workers' working directory is not this one
     check_before_loading(model_spec, out_dir, embedders, beam_args)
-    out_dir = storage.canonical(out_dir)  # the workers' working directory is not this one
     _check_request(model_spec, tasks, max_length)
     with phase("export-onnx: loading the model"):
         loaded = load_model(model_spec)

@@ -115,7 +115,7 @@ def _absolute(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     --output ran the whole job into the workers' folder and ended with exit 3."""
     from raee_ops import storage
 
-    return storage.canonical(value) if value and storage.is_local(value) else value
+    return storage.absolute(value) if value else value
 
 
 def _tasks(names: tuple[str, ...], files: tuple[str, ...]) -> list[Task]:
@@ -248,7 +248,9 @@ def beam_args() -> list[str]:
     help="Preset (smollm2-135m, gemma3-270m, minilm-l6: no label-word head), a .gguf file, or a Hugging Face model "
     "directory.",
 )
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Artifacts directory.")
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(file_okay=False), callback=_absolute, help="Artifacts directory."
+)
 @click.option("--task", "task_names", multiple=True, help="Preset task to export a head for (repeatable).")
 @click.option(
     "--task-file",

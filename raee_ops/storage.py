@@ -57,6 +57,20 @@ def canonical(uri: str) -> str:
     return os.path.abspath(local_path(uri)) if is_local(uri) else uri.rstrip("/")
 
 
+def absolute(uri: str) -> str:
+    """A local location made absolute with its folders resolved as the system resolves them, its own name kept (a
+    link there is refused where it must be): `..` after a link is the link's target's parent. Collapsed as text
+    (`canonical`), a check read one folder and the run wrote another; left in, Beam's writers collapse it while
+    readers resolve it. An object-store URI as it is."""
+    if not is_local(uri):
+        return uri
+    path = os.path.join(os.getcwd(), local_path(uri))
+    folder, own = os.path.split(path.rstrip("/"))
+    if own in ("", ".", "..") or not os.path.isdir(folder):  # refused where it is checked (a link to nothing, say)
+        return path
+    return os.path.join(os.path.realpath(folder), own)
+
+
 def resolved(uri: str) -> str:
     """What a location is: `canonical`, a local path's links resolved too (a file or database named through a link
     is that file or database)."""

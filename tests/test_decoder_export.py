@@ -366,7 +366,7 @@ def test_an_out_the_export_cannot_replace_whole_is_refused_before_loading(
         (tmp_path / "link", f"--out {tmp_path / 'link'} is a symbolic link"),
         (previous / "inner", f"inside the artifacts folder {previous}"),
         (tmp_path / "db" / "exp.lance", f"inside the database {tmp_path / 'db'}"),
-        (Path("."), "--out .: name the export's own folder"),
+        (Path("."), "/.: name the export's own folder"),  # made absolute, the "." kept
         (Path("/"), "--out /: name the export's own folder"),
         (readonly / "art", f"--out's folder {readonly}: cannot write in"),
         (damaged, f"--out {damaged}: its manifest.json cannot be read"),

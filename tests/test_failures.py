@@ -555,6 +555,13 @@ def test_13_bad_values_names_and_paths_are_configuration_errors(segment_artifact
     run = raee_ops(*classify_args(segment_artifacts, db, "out", "q-*.parquet"), cwd=tmp_path)  # a bare glob: here
     assert run.returncode == 0, run.stderr
     assert read_folder(tmp_path / "out", "predictions").num_rows == 5
+    # a relative location is made absolute as the system resolves it: `..` after a link is the link's target's
+    # parent (collapsed as text, the run wrote beside the link, where info of the same spelling found nothing)
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    (tmp_path / "lnk").symlink_to(tmp_path / "elsewhere" / "sub")
+    run = raee_ops(*classify_args(segment_artifacts, db, "lnk/../o2", "q-*.parquet"), cwd=tmp_path)
+    assert run.returncode == 0 and not (tmp_path / "o2").exists(), run.stderr
+    assert read_folder(tmp_path / "elsewhere" / "o2", "predictions").num_rows == 5
 
 
 def test_14_what_would_crash_late_or_be_guessed_is_refused_first(segment_artifacts, db, tmp_path):  # noqa: F811

@@ -110,9 +110,9 @@ run_price_option = click.option(
 
 
 def _absolute(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A local location a pipeline's workers read or write, made absolute here: workers in processes of their own
-    (a job service's worker pool) resolved a relative one against their own working directory, so a relative
-    --output ran the whole job into the workers' folder and ended with exit 3."""
+    """A local location made absolute here (`storage.absolute`), by every command alike: a pipeline's workers in
+    processes of their own (a job service's worker pool) resolved a relative one against their own working
+    directory, so a relative --output ran the whole job into the workers' folder and ended with exit 3."""
     from raee_ops import storage
 
     return storage.absolute(value) if value else value
@@ -520,7 +520,9 @@ def classify(
 
 
 @command("evaluate", runs_pipeline=False)
-@click.option("--artifacts", required=True, type=click.Path(file_okay=False), help="Exported artifacts.")
+@click.option(
+    "--artifacts", required=True, type=click.Path(file_okay=False), callback=_absolute, help="Exported artifacts."
+)
 @click.option("--task", "task_name", default=None, help="Task name in the artifacts.")
 @click.option(
     "--task-file",
@@ -528,13 +530,14 @@ def classify(
     type=click.Path(dir_okay=False),
     help="JSON task file of a task already exported into the artifacts (instead of --task).",
 )
-@click.option("--db", "db_uri", required=True, help="LanceDB URI holding the exit-metadata table.")
+@click.option("--db", "db_uri", required=True, callback=_absolute, help="LanceDB URI holding the exit-metadata table.")
 @click.option("--table", default=None, callback=_table_name, help="Table name (default: the task name).")
 @click.option("--input", "inputs", required=True, multiple=True, help="Labelled Parquet file or glob (repeatable).")
 @click.option(
     "--report",
     "report_dir",
     required=True,
+    callback=_absolute,
     help="Directory for report.json, report.md, report.png and predictions.parquet (each row's answers).",
 )
 @click.option(
@@ -601,7 +604,9 @@ def evaluate_cmd(
 
 
 @command("info", runs_pipeline=False)
-@click.option("--db", "db_uri", required=True, help="LanceDB URI (a local directory or object-store URI).")
+@click.option(
+    "--db", "db_uri", required=True, callback=_absolute, help="LanceDB URI (a local directory or object-store URI)."
+)
 @click.option("--table", default=None, callback=_table_name, help="Only this table (default: every table).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
 def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
@@ -618,7 +623,7 @@ def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
 
 
 @command("rollback", runs_pipeline=False)
-@click.option("--db", "db_uri", required=True, help="LanceDB URI holding the table.")
+@click.option("--db", "db_uri", required=True, callback=_absolute, help="LanceDB URI holding the table.")
 @click.option("--table", required=True, callback=_table_name, help="Table to roll back.")
 @click.option("--version", "version", required=True, type=int, help="Version to make current (see `info`).")
 def rollback_cmd(db_uri: str, table: str, version: int) -> None:
@@ -638,7 +643,7 @@ def rollback_cmd(db_uri: str, table: str, version: int) -> None:
 
 
 @command("prune", runs_pipeline=False)
-@click.option("--db", "db_uri", required=True, help="LanceDB URI holding the table.")
+@click.option("--db", "db_uri", required=True, callback=_absolute, help="LanceDB URI holding the table.")
 @click.option(
     "--table",
     default=None,

@@ -249,7 +249,7 @@ def test_onnx_runtime_prints_its_own_log_lines_only_from_v_on(tmp_path):
         "except Exception as exc:\n"
         "    print('raised', type(exc).__name__)\n"
     )
-    for verbosity, shown in ((0, False), (-1, False), (1, True)):
+    for verbosity, shown in ((0, False), (-1, False), (1, True), (2, True)):
         run = [sys.executable, "-c", script, str(tmp_path / "g.onnx"), str(verbosity)]
         done = subprocess.run(run, capture_output=True, text=True)
         assert done.stdout.strip() == "raised InvalidArgument", done.stderr

@@ -15,8 +15,10 @@ import contextlib
 import ctypes
 import errno
 import fnmatch
+import functools
 import os
 import re
+import shutil
 import socket
 import stat
 from collections.abc import Iterable, Sequence
@@ -375,11 +377,12 @@ def download(uri: str, local_file: str) -> None:
 
 
 def _partial(uri: str) -> str:
-    """Where a local file is written before its rename, named by host and process. A writer killed outright
-    (SIGKILL, a lost machine) cannot remove its own; the next write of the file removes those of writers on this
-    host that are gone, so retries of a killed job do not pile them up."""
+    """Where a local file is written before its rename, named by host, process-id namespace and process. A writer
+    killed outright (SIGKILL, a lost machine) cannot remove its own; the next write of the file removes those of
+    writers that are gone among the processes it can see (its host's, in its namespace: containers sharing a
+    hostname number their processes apart), so retries of a killed job do not pile them up."""
     mkdirs(parent(uri))
-    prefix = f".{name(uri)}.partial-{socket.gethostname()}-"
+    prefix = f".{name(uri)}.partial-{_processes_seen()}-"
     with contextlib.suppress(OSError):
         for entry in os.scandir(local_path(parent(uri))):
             pid = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
@@ -387,6 +390,16 @@ def _partial(uri: str) -> str:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
     return join(parent(uri), f"{prefix}{os.getpid()}")
+
+
+@functools.cache
+def _processes_seen() -> str:
+    """This host and its process-id namespace: the processes whose ids this one can look up."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # no /proc (not Linux): the host's one namespace
+        namespace = 0
+    return f"{socket.gethostname()}-{namespace}"
 
 
 def _alive(pid: int) -> bool:
@@ -423,15 +436,23 @@ def exchange(a: str, b: str) -> bool:
 
 
 def delete(uris: Iterable[str]) -> None:
-    """Delete files, or folders with everything under them; missing ones are skipped."""
+    """Delete files, or folders with everything under them; missing ones are skipped, as are files another process
+    removes meanwhile (two runs may remove one killed run's leftovers at once)."""
     for uri in uris:
         if is_local(uri):
-            if os.path.islink(local_path(uri)):  # the link itself, never what it points to (rmtree refuses one)
-                os.unlink(local_path(uri))
-            elif os.path.lexists(local_path(uri)):
-                FileSystems.delete([uri])
+            path = local_path(uri)
+            if os.path.isdir(path) and not os.path.islink(path):  # a link: itself, never what it points to
+                shutil.rmtree(path, onerror=_unless_gone)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         else:
             FileSystems.delete([uri.rstrip("/") + "/", uri] if exists(uri) else [uri.rstrip("/") + "/"])
+
+
+def _unless_gone(_: Any, __: str, exc_info: tuple[type[BaseException], BaseException, Any]) -> None:
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
 
 
 def parquet_rows(uri: str) -> int:

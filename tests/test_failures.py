@@ -963,14 +963,31 @@ def test_partial_copies_killed_writers_left_are_removed_by_the_next_write_a_live
     """A writer killed outright (SIGKILL) cannot remove its partial copy: the next write of that file removes the
     copies of writers on this host that are gone, so a killed job's retries do not pile them up on the disk."""
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = socket.gethostname()
-    left = tmp_path / f".report.json.partial-{host}-{gone.stdout.strip()}"
-    live = tmp_path / f".report.json.partial-{host}-{os.getppid()}"
+    seen = f"{socket.gethostname()}-{os.stat('/proc/self/ns/pid').st_ino}"
+    left = tmp_path / f".report.json.partial-{seen}-{gone.stdout.strip()}"
+    live = tmp_path / f".report.json.partial-{seen}-{os.getppid()}"
     other_host = tmp_path / f".report.json.partial-elsewhere-{gone.stdout.strip()}"
-    for path in (left, live, other_host):
+    other_namespace = tmp_path / f".report.json.partial-{seen}0-{gone.stdout.strip()}"  # a container's: ids apart
+    for path in (left, live, other_host, other_namespace):
         path.write_text("{")
     storage.write_bytes(str(tmp_path / "report.json"), b"{}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_host.name, "report.json"])
+    kept = [live.name, other_host.name, other_namespace.name, "report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+def test_two_runs_removing_one_leftover_folder_at_once_both_succeed(tmp_path):
+    """Two runs may remove what one killed run left at the same moment (an export's swapped-out folder, reclaimed
+    by the next export while its own run removes it): Beam's delete failed on the files the other removed first,
+    ending a run whose work was done with an error (10 times in 10)."""
+    for i in range(40):
+        (tmp_path / "left" / f"d{i}").mkdir(parents=True)
+        for j in range(50):
+            (tmp_path / "left" / f"d{i}" / f"f{j}").write_text("x")
+    remove = f"from raee_ops import storage; storage.delete([{str(tmp_path / 'left')!r}])"
+    both = [subprocess.Popen([sys.executable, "-c", remove], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for run in both:
+        assert run.wait(timeout=120) == 0, run.stderr.read()
+    assert not (tmp_path / "left").exists()
 
 
 def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run_a_live_ones_is_not(tmp_path, monkeypatch):

@@ -200,7 +200,7 @@ def run_classify(
     found = input_files(inputs)
     refuse_reading_own_output(found, inputs, output_dir, OUTPUT_NAMES, "--output")
     files = [m.path for m in found]
-    identity = {"fingerprint": manifest.fingerprint, "task": task_name, "db": storage.canonical(db_uri), "table": table}
+    identity = {"fingerprint": manifest.fingerprint, "task": task_name, "db": storage.resolved(db_uri), "table": table}
     job = job_digest(
         identity | {"k": k, "strategy": strategy, "layer_budget": layer_budget, "layer_price": layer_price}, found
     )

@@ -82,6 +82,9 @@ def test_1_two_classify_runs_on_one_output_never_both_write(segment_artifacts, d
     respelt = Path(os.path.relpath(db, tmp_path))  # the same database, spelt from the job's working directory
     retry = raee_ops(*classify_args(segment_artifacts, respelt, out, queries), cwd=tmp_path)  # a scheduler's retry
     assert retry.returncode == 0 and "already done" in retry.stdout and "predicted: 40" in retry.stdout
+    (tmp_path / "db-link").symlink_to(db)  # the same database through a link: the same job
+    retry = raee_ops(*classify_args(segment_artifacts, tmp_path / "db-link", out, queries))
+    assert retry.returncode == 0 and "already done" in retry.stdout, retry.stderr
     other = labelled(tmp_path / "q.parquet", 41, 1, "q", bad=False)  # the same path, other rows: another job
     run = raee_ops(*classify_args(segment_artifacts, db, out, other))
     assert run.returncode == 2 and "already holds a complete output" in one_error_line(run)

@@ -349,16 +349,16 @@ def claim_work_dir(work: str, what: str) -> Iterator[str]:
             storage.delete([staging])
 
 
-def run_named(names: Sequence[str], prefix: str) -> list[str]:
-    """Of `names`, those a run made: `prefix` then a run id. A user's folder of a like name (`.out.old-backup`) is
-    never taken for a killed run's."""
-    return [n for n in names if n.startswith(prefix) and _RUN_ID.fullmatch(n[len(prefix) :])]
+def run_named(folder: str, prefix: str) -> list[str]:
+    """The names in `folder` that a run made: `prefix` then a run id. A user's folder of a like name
+    (`.out.old-backup`) is never taken for a killed run's."""
+    return [n for n in storage.children(folder, f"{prefix}*") if _RUN_ID.fullmatch(n[len(prefix) :])]
 
 
 def reclaim_siblings(folder: str, prefix: str) -> None:
     """Remove the folders in `folder` that a run named `prefix` + its run id and that no live run holds (a killed
     export's temporary folder): each run holds its own temporary folder for as long as it lives."""
-    for name in run_named(storage.children(folder, f"{prefix}*"), prefix):
+    for name in run_named(folder, prefix):
         path = storage.join(folder, name)
         if not is_held(path):
             storage.delete([path])

@@ -190,7 +190,7 @@ def _put_back(out_dir: str) -> None:
     back, before anything else may fail (a local folder's `.old-*` sibling; object stores publish in place)."""
     parent, name = storage.parent(out_dir), storage.name(out_dir)
     with hold(parent, f"the folder of {out_dir}", wait=True):
-        aside = run_named(storage.children(parent, f".{name}.old-*"), f".{name}.old-")
+        aside = run_named(parent, f".{name}.old-")
         if aside and not storage.exists(out_dir):
             storage.rename([(storage.join(parent, aside[-1]), out_dir)])
             say(f"put back {out_dir}: an export killed while replacing it had moved it aside")

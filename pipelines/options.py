@@ -563,14 +563,11 @@ def _job_error(result: Any) -> str | None:
 def _raised(texts: Iterable[str]) -> str | None:
     """The last exception the tracebacks in `texts` end with, as `Name: message`: in a job's error messages, or in
     the error of workers in processes or threads of their own (`--direct_running_mode`), which is their traceback."""
-    texts = list(texts)
-    raised = [found for text in texts for found in _RAISED.findall(text)]
+    raised = [(name, message, text) for text in texts for name, message in _RAISED.findall(text)]
     if not raised:
         return None
-    name, message = raised[-1]
-    call = (
-        _GRPC_CALL.search(texts[-1]) if message.startswith("<_") else None
-    )  # grpc's repr: its first line says nothing
+    name, message, text = raised[-1]
+    call = _GRPC_CALL.search(text) if message.startswith("<_") else None  # grpc's repr: its first line says nothing
     return f"{name}: a gRPC call failed ({call[1]}: {call[2]})" if call else f"{name}: {first_line(message)}"
 
 

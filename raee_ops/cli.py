@@ -118,6 +118,16 @@ def _absolute(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     return storage.absolute(value) if value else value
 
 
+artifacts_option = click.option(
+    "--artifacts", required=True, type=click.Path(file_okay=False), callback=_absolute, help="Exported artifacts."
+)
+
+
+def db_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--db, as every command takes it."""
+    return click.option("--db", "db_uri", required=True, callback=_absolute, help=help_text)
+
+
 def _tasks(names: tuple[str, ...], files: tuple[str, ...]) -> list[Task]:
     return [get_task(n) for n in names] + [load_task_file(f) for f in files]
 
@@ -365,14 +375,10 @@ def _key_spec(value: str | None) -> str | None:
 
 
 @command("build-db")
-@click.option(
-    "--artifacts", required=True, type=click.Path(file_okay=False), callback=_absolute, help="Exported artifacts."
-)
+@artifacts_option
 @click.option("--task", "task_name", required=True, help="Task name in the artifacts.")
 @click.option("--input", "inputs", required=True, multiple=True, help="Labelled Parquet file or glob (repeatable).")
-@click.option(
-    "--db", "db_uri", required=True, callback=_absolute, help="LanceDB URI (a local directory or object-store URI)."
-)
+@db_option("LanceDB URI (a local directory or object-store URI).")
 @click.option("--table", default=None, callback=_table_name, help="Table name (default: the task name).")
 @click.option(
     "--embedder",
@@ -460,11 +466,9 @@ def build_db(
 
 
 @command("classify")
-@click.option(
-    "--artifacts", required=True, type=click.Path(file_okay=False), callback=_absolute, help="Exported artifacts."
-)
+@artifacts_option
 @click.option("--task", "task_name", required=True, help="Task name in the artifacts.")
-@click.option("--db", "db_uri", required=True, callback=_absolute, help="LanceDB URI holding the exit-metadata table.")
+@db_option("LanceDB URI holding the exit-metadata table.")
 @click.option("--table", default=None, callback=_table_name, help="Table name (default: the task name).")
 @click.option("--input", "inputs", required=True, multiple=True, help="Parquet file or glob to classify (repeatable).")
 @click.option(
@@ -520,9 +524,7 @@ def classify(
 
 
 @command("evaluate", runs_pipeline=False)
-@click.option(
-    "--artifacts", required=True, type=click.Path(file_okay=False), callback=_absolute, help="Exported artifacts."
-)
+@artifacts_option
 @click.option("--task", "task_name", default=None, help="Task name in the artifacts.")
 @click.option(
     "--task-file",
@@ -530,7 +532,7 @@ def classify(
     type=click.Path(dir_okay=False),
     help="JSON task file of a task already exported into the artifacts (instead of --task).",
 )
-@click.option("--db", "db_uri", required=True, callback=_absolute, help="LanceDB URI holding the exit-metadata table.")
+@db_option("LanceDB URI holding the exit-metadata table.")
 @click.option("--table", default=None, callback=_table_name, help="Table name (default: the task name).")
 @click.option("--input", "inputs", required=True, multiple=True, help="Labelled Parquet file or glob (repeatable).")
 @click.option(
@@ -604,9 +606,7 @@ def evaluate_cmd(
 
 
 @command("info", runs_pipeline=False)
-@click.option(
-    "--db", "db_uri", required=True, callback=_absolute, help="LanceDB URI (a local directory or object-store URI)."
-)
+@db_option("LanceDB URI (a local directory or object-store URI).")
 @click.option("--table", default=None, callback=_table_name, help="Only this table (default: every table).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
 def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
@@ -623,7 +623,7 @@ def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
 
 
 @command("rollback", runs_pipeline=False)
-@click.option("--db", "db_uri", required=True, callback=_absolute, help="LanceDB URI holding the table.")
+@db_option("LanceDB URI holding the table.")
 @click.option("--table", required=True, callback=_table_name, help="Table to roll back.")
 @click.option("--version", "version", required=True, type=int, help="Version to make current (see `info`).")
 def rollback_cmd(db_uri: str, table: str, version: int) -> None:
@@ -643,7 +643,7 @@ def rollback_cmd(db_uri: str, table: str, version: int) -> None:
 
 
 @command("prune", runs_pipeline=False)
-@click.option("--db", "db_uri", required=True, callback=_absolute, help="LanceDB URI holding the table.")
+@db_option("LanceDB URI holding the table.")
 @click.option(
     "--table",
     default=None,

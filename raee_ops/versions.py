@@ -32,7 +32,7 @@ from raee_ops.faults import fault_point
 from raee_ops.info import check_database, opened, table_info
 from raee_ops.pipelines.build_db import default_errors_dir, settle_errors, work_dir
 from raee_ops.pipelines.commit import check_held, hold
-from raee_ops.retrieval import Unfinished, connect, open_listed, open_table, table_folder, table_names
+from raee_ops.retrieval import connect, open_table, table_folder, table_names
 from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, TableMeta
 
 
@@ -183,7 +183,9 @@ def _prune(
         history = _history(handle)
         kept = to_keep(history, keep, grace.total_seconds(), time.time())
         companion = table + FEATURES_SUFFIX
-        features = _companion(db, db_uri, companion) if companion in names else None
+        # a companion a killed build-db left before its first commit holds no version to prune (`opened` passes
+        # it by; the table's next build-db removes it)
+        features = next(opened(db, db_uri, [companion]), None) if companion in names else None
         features_history = _history(features) if features is not None else []
         there = {v for v, _ in features_history}
         features_kept = (_pinned(handle, kept) & there) | {v for v, _ in features_history[-1:]}
@@ -206,15 +208,6 @@ def _prune(
             *_split(features_history, features_left),
             before - _size(db_uri, table),
         )
-
-
-def _companion(db: lancedb.DBConnection, db_uri: str, name: str) -> lancedb.table.Table | None:
-    """The table's companion; None for one a killed build-db left before its first commit (it holds no version to
-    prune; the table's next build-db removes it)."""
-    try:
-        return open_listed(db, db_uri, name)
-    except Unfinished:
-        return None
 
 
 def _split(history: list[tuple[int, float]], kept: set[int]) -> tuple[list[int], list[int]]:

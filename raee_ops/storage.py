@@ -214,10 +214,6 @@ def within(uri: str, folder: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
-def same_folder(a: str, b: str) -> bool:
-    return within(a, b) and within(b, a)
-
-
 def check_outside(uri: str, what: str, folder: str, unless_in: str | None = None, kind: str = "the database") -> None:
     """Refuse, before any work, a location to write inside `folder`: the database (a table's folder or beside the
     tables: files LanceDB and raee-ops keep there) except under `unless_in` in it, or another `kind` of folder whose

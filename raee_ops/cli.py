@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import click
 
-from raee_ops import logs
+from raee_ops import extras, logs
 from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, StoreUnavailable, first_line
 from raee_ops.key_names import DEFAULT_KEY, parse_embedder
 from raee_ops.layer_key import layer_depth
@@ -320,6 +320,7 @@ def export_onnx(
     tasks = _tasks(task_names, task_files)  # before the pipeline's imports (torch, Beam: seconds)
     if not tasks:
         raise RaeeConfigError("give at least one --task or --task-file")
+    extras.require("export", "export-onnx")
     from raee_ops.pipelines.export_checks import check_before_loading
 
     embedders = tuple(name for name in embedders if name != "none")

@@ -41,6 +41,7 @@ from raee_ops.exit_policy import (
     refuse_unanswerable,
     resolve,
 )
+from raee_ops.extras import install_line
 from raee_ops.metrics import BOOTSTRAP_ROUNDS, Metric, accuracy, paired_difference, task_metric
 from raee_ops.pipelines.commit import hold
 from raee_ops.pipelines.inference import BuildHandler
@@ -441,7 +442,7 @@ def write_report(evaluation: Evaluation, directory: str) -> str:
         plot(report, png)
     except ImportError:
         print(
-            "evaluate: matplotlib is not installed (pip install 'raee-ops[report]'); report.png skipped",
+            f"evaluate: matplotlib is not installed ({install_line('report')}); report.png skipped",
             file=sys.stderr,
         )
     md_file, png_file, predictions_file, json_file = (storage.join(out, name) for name in REPORT_FILES)

@@ -1,14 +1,41 @@
-"""Packages chosen through extras: one that is missing fails with one line naming the extra that installs it."""
+"""Packages chosen through extras: one that is missing fails with one line naming what installs it.
+
+raee-ops is installed from its wheel, not from PyPI, so `pip install 'raee-ops[cpu]'` would ask PyPI for a project
+that is not there: the line names the extra's own packages, as this installation's metadata pins them."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
+import re
 from types import ModuleType
 
 from raee_ops.errors import MissingDependency
 
+#: What the export extra's torch needs said: a plain `pip install torch` takes the multi-GB CUDA build.
+NOTES = {"export": "torch from its CPU index first: see the README's Install"}
+
+
+def pins(extra: str) -> list[str]:
+    """The requirements `extra` adds, e.g. ['onnxruntime>=1.32.0'] for `cpu` (none where raee-ops is not installed)."""
+    try:
+        requirements = importlib.metadata.requires("raee-ops") or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    marker = f'extra == "{extra}"'
+    return [r.split(";")[0].strip() for r in requirements if r.split(";", 1)[-1].strip() == marker]
+
+
+def install_line(extra: str) -> str:
+    """How to install `extra`: "pip install 'onnxruntime>=1.32.0' (raee-ops's cpu extra)"."""
+    about = "; ".join([f"raee-ops's {extra} extra", *([NOTES[extra]] if extra in NOTES else [])])
+    packages = " ".join(f"'{p}'" for p in pins(extra))
+    return f"pip install {packages} ({about})" if packages else f"install {about}"
+
+
 ONNXRUNTIME_MISSING = (
-    "ONNX Runtime is not installed: pip install 'raee-ops[cpu]' (or 'raee-ops[gpu]' on CUDA machines, not both)"
+    f"ONNX Runtime is not installed: {install_line('cpu')}, or on CUDA machines {install_line('gpu')}, not both"
 )
 
 
@@ -18,3 +45,12 @@ def onnxruntime() -> ModuleType:
         return importlib.import_module("onnxruntime")
     except ImportError as exc:
         raise MissingDependency(ONNXRUNTIME_MISSING) from exc
+
+
+def require(extra: str, what: str) -> None:
+    """Refuse, before any work, to run `what` without every package of `extra` (found, not imported: torch takes
+    seconds to import)."""
+    names = [re.match(r"[A-Za-z0-9_.-]+", pin).group(0) for pin in pins(extra)]
+    missing = [name for name in names if importlib.util.find_spec(name.replace("-", "_")) is None]
+    if missing:
+        raise MissingDependency(f"{what} needs {', '.join(missing)}: {install_line(extra)}")

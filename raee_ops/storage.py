@@ -32,6 +32,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
 from raee_ops import s3_clients
 from raee_ops.errors import MissingDependency, RaeeConfigError, StoreUnavailable
+from raee_ops.extras import install_line
 
 #: The extra that installs each scheme's filesystem, and a module whose absence means it is not installed.
 EXTRAS = {"s3": ("aws", "boto3"), "gs": ("gcp", "google.cloud.storage")}
@@ -126,7 +127,7 @@ def check_scheme(uri: str, what: str) -> None:
         FileSystems.get_filesystem(uri)
     except (ImportError, ValueError) as exc:
         raise MissingDependency(
-            f"{what} {uri}: the {name}:// filesystem is not installed: pip install 'raee-ops[{extra}]'"
+            f"{what} {uri}: the {name}:// filesystem is not installed: {install_line(extra)}"
         ) from exc
     if name == "s3":
         _check_bucket(uri, what)

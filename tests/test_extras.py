@@ -1,4 +1,4 @@
-"""Extras: without any ONNX Runtime flavour installed, a command ends with one line naming the extras."""
+"""Extras: without a package an extra installs, a command ends with one line naming what installs it."""
 
 import subprocess
 import sys
@@ -15,4 +15,15 @@ def test_no_onnxruntime_is_one_error_line_naming_the_extras(tmp_path):
     assert run.returncode == 2
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
     assert errors == [f"error: {ONNXRUNTIME_MISSING}"]  # Beam's own import-time warnings may precede it
-    assert "raee-ops[cpu]" in run.stderr and "raee-ops[gpu]" in run.stderr
+    # raee-ops is not on PyPI: the line names the packages themselves, not `raee-ops[cpu]`
+    assert "pip install 'onnxruntime>=" in run.stderr and "pip install 'onnxruntime-gpu>=" in run.stderr
+
+
+def test_export_without_its_extra_is_one_error_line_before_any_work(tmp_path):
+    without = "import sys; sys.modules['gguf'] = None; from raee_ops.cli import main; main()"
+    args = ["export-onnx", "--model", "smollm2-135m", "--task", "sst2", "--out", str(tmp_path / "art")]
+    run = subprocess.run([sys.executable, "-c", without, *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2  # it was an internal error (exit 1) naming a ModuleNotFoundError
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: export-onnx needs gguf: pip install ")
+    assert "raee-ops's export extra" in errors[0] and not (tmp_path / "art").exists()

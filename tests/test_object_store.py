@@ -228,7 +228,7 @@ def test_missing_options_and_live_claims_are_refused(s3, segment_artifacts, tmp_
     typo = raee_ops(*args, "--s3_endpoint_urll", endpoint, env=env, cwd=cwd)
     assert typo.returncode == 2 and "did you mean --s3_endpoint_url" in one_error_line(typo)
     gcs = raee_ops(*args[:-1], "gs://somewhere/out", *s3_args(endpoint), env=env, cwd=cwd)
-    if gcs.returncode == 2 and "raee-ops[gcp]" in gcs.stderr:  # the gcp extra is not installed here
+    if gcs.returncode == 2 and "raee-ops's gcp extra" in gcs.stderr:  # the gcp extra is not installed here
         assert "gs:// filesystem is not installed" in one_error_line(gcs)
 
     client.put_object(Bucket=BUCKET, Key="refused/db/_raee-work/sst2/_CLAIM-live-run", Body=b"{}")
@@ -565,7 +565,7 @@ def test_a_scheme_without_its_filesystem_names_the_extra():
     try:
         import google.cloud.storage  # noqa: F401
     except ImportError:
-        with pytest.raises(RaeeConfigError, match=r"pip install 'raee-ops\[gcp\]'"):
+        with pytest.raises(RaeeConfigError, match=r"pip install 'apache-beam\[gcp\]>=.*' \(raee-ops's gcp extra\)"):
             storage.check_scheme("gs://bucket/out", "--output")
 
 

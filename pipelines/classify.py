@@ -54,10 +54,16 @@ from raee_ops.rows import output_columns
 from raee_ops.runtime import CUDA_SUB_BATCH
 
 log = logging.getLogger(__name__)
-#: What a run publishes in its --output folder, besides `_SUCCESS`.
-OUTPUTS = ("predictions-*.parquet", "errors-*.parquet")
+#: The prefixes of what a run publishes in its --output folder, besides `_SUCCESS`. The errors' is `_`-prefixed, so
+#: that a reader of the whole folder (pyarrow, pandas, Spark skip `_` and `.` names) gets the predictions: with
+#: `errors-*` it got the errors' schema, and every prediction column missing, without a word.
+PREDICTIONS, ERRORS = "predictions", "_errors"
+OUTPUTS = (f"{PREDICTIONS}-*.parquet", f"{ERRORS}-*.parquet")
 #: Names of the files a run writes there (shards numbered as Beam numbers them), which no --input may match.
-OUTPUT_NAMES = (SUCCESS, first_shard("predictions"), first_shard("errors"))
+OUTPUT_NAMES = (SUCCESS, first_shard(PREDICTIONS), first_shard(ERRORS))
+#: Another command's outputs (build-db's rejected rows; an earlier classify's, named so): a folder holding them
+#: that no unfinished classify left is refused, not mixed with this run's.
+OTHERS = ("errors-*.parquet",)
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,7 @@ class ClassifySummary:
         if share > max_rejected:
             raise TooManyRejected(
                 f"{self.rejected} of {self.rows_in} rows rejected ({share:.0%}), over --max-rejected "
-                f"{max_rejected:g}; outputs are complete in {self.output_dir}, see its errors-*.parquet"
+                f"{max_rejected:g}; outputs are complete in {self.output_dir}, see its {ERRORS}-*.parquet"
             )
 
 
@@ -246,7 +252,7 @@ def run_classify(
         **settings.runtime(),
     )
     check_job_service(beam_args)  # the last check, the only one over the network: then the run makes its folders
-    with claim_output(output_dir, OUTPUTS, "--output", job) as claim:
+    with claim_output(output_dir, OUTPUTS, "--output", job, refused=OTHERS) as claim:
         if claim.done is not None:  # another run of this job finished while this one waited for the claim
             return already_done(claim.done)
         pipeline = make_pipeline(
@@ -254,13 +260,13 @@ def run_classify(
         )
         valid, invalid = read_validated(pipeline, files, task, need_label=False, schema=schema)
         rows, failed = valid | "Infer" >> Infer(handler)
-        write_tables(rows, "WritePredictions", claim.staging_of("predictions"), output_schema)
+        write_tables(rows, "WritePredictions", claim.staging_of(PREDICTIONS), output_schema)
         errors = (invalid, failed) | "Errors" >> beam.Flatten()
-        write_tables(errors, "WriteErrors", claim.staging_of("errors"), ERRORS_SCHEMA)
+        write_tables(errors, "WriteErrors", claim.staging_of(ERRORS), ERRORS_SCHEMA)
         result = run_pipeline(pipeline, "classify")
 
-        predicted, prediction_files = count_rows(claim.staging_of("predictions-*.parquet"))
-        rejected, _ = count_rows(claim.staging_of("errors-*.parquet"))
+        predicted, prediction_files = count_rows(claim.staging_of(OUTPUTS[0]))
+        rejected, _ = count_rows(claim.staging_of(OUTPUTS[1]))
         summary = ClassifySummary(
             strategy,
             described,

@@ -298,9 +298,12 @@ def _tidy(folder: str) -> None:
 
 
 @contextmanager
-def claim_output(folder: str, patterns: Sequence[str], what: str, job: str | None = None) -> Iterator[OutputClaim]:
-    """Claim an output folder for one run: refuse a folder that holds a complete output (`_SUCCESS`) or is being
-    written by a live run; remove an unfinished run's leftovers; on exit remove this run's staging. A complete
+def claim_output(
+    folder: str, patterns: Sequence[str], what: str, job: str | None = None, refused: Sequence[str] = ()
+) -> Iterator[OutputClaim]:
+    """Claim an output folder for one run: refuse a folder that holds a complete output (`_SUCCESS`), files matching
+    `patterns` or `refused` that no unfinished run left, or is being written by a live run; remove an unfinished
+    run's leftovers; on exit remove this run's staging. A complete
     output of this very `job`, published by another run while this one waited for the claim, is yielded as `done`
     (its twin started together is not refused for it: a scheduler reads 2 as a mistake to mend)."""
     folder = str(folder)
@@ -316,7 +319,7 @@ def claim_output(folder: str, patterns: Sequence[str], what: str, job: str | Non
             )
         names = [n for n in storage.children(folder) if not n.startswith(CLAIM)]
         ours = set(json.loads(storage.read_bytes(storage.join(folder, PUBLISHING)))) if PUBLISHING in names else set()
-        foreign = [n for n in names if n not in ours and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        foreign = [n for n in names if n not in ours and any(fnmatch.fnmatchcase(n, p) for p in (*patterns, *refused))]
         if foreign:  # another command's files (build-db's errors?) would be mixed into this output, or removed
             raise RaeeConfigError(
                 f"{folder} holds {some(foreign)}, which no run of this command left unfinished there; choose another "

@@ -5,7 +5,7 @@ the process when it gets there: no cleanup, no `finally`, exactly what a schedul
 
 - `batch:classify`, `batch:build-db`, `batch:evaluate`: after a worker finished a batch (use @N to die mid-run)
 - `publish:predictions-*.parquet`: classify has published its predictions but not its errors or `_SUCCESS`
-- `publish:errors-*.parquet`: both are published, `_SUCCESS` is not
+- `publish:_errors-*.parquet`: both are published, `_SUCCESS` is not
 - `publish:_SUCCESS`: `_SUCCESS` is written, the list of what was being published not yet removed
 - `leftovers`: a run removed one file of what an unfinished run left (use @N to die midway)
 - `commit:errors`: build-db has staged its errors and fitted, not committed the table

@@ -269,7 +269,7 @@ def test_6_undecodable_rows_and_corrupt_pages_stay_row_problems(segment_artifact
     run = raee_ops(*classify_args(segment_artifacts, db, out, tmp_path / "utf8.parquet", corrupt))
     assert run.returncode == 0, run.stderr
     assert "rows in: 43  predicted: 22  rejected: 21" in run.stdout
-    errors = read_folder(out, "errors")
+    errors = read_folder(out, "_errors")
     reasons = dict(zip(errors.column("id").to_pylist(), errors.column("reason").to_pylist(), strict=True))
     assert reasons.pop("u1") == "text is not valid UTF-8"
     assert len(reasons) == 20 and all("unreadable Parquet data (row group 0)" in r for r in reasons.values())
@@ -656,7 +656,7 @@ def test_12_a_failed_job_and_failed_counts_are_not_exit_0(segment_artifacts, db,
     retry = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o3", rejected))  # done, flagged again
     assert retry.returncode == 4 and "already done" in retry.stdout
     assert read_folder(tmp_path / "o3", "predictions").num_rows == 1
-    assert sorted(read_folder(tmp_path / "o3", "errors").column("id").to_pylist()) == ["b", "c"]
+    assert sorted(read_folder(tmp_path / "o3", "_errors").column("id").to_pylist()) == ["b", "c"]
 
 
 def test_19_a_broken_artifact_fails_the_job_it_never_rejects_the_rows(segment_artifacts, tmp_path):  # noqa: F811

@@ -39,7 +39,7 @@ def reference(segment_artifacts, tmp_path_factory):  # noqa: F811
     return root / "db"
 
 
-@pytest.mark.parametrize("point", ["batch:classify@2", "publish:predictions-*.parquet", "publish:errors-*.parquet"])
+@pytest.mark.parametrize("point", ["batch:classify@2", "publish:predictions-*.parquet", "publish:_errors-*.parquet"])
 def test_classify_killed_then_rerun(point, segment_artifacts, reference, tmp_path, fault_records):  # noqa: F811
     queries = labelled(tmp_path / "q.parquet", ROWS, 9, "q")
     out = tmp_path / "out"
@@ -50,13 +50,13 @@ def test_classify_killed_then_rerun(point, segment_artifacts, reference, tmp_pat
     rerun = raee_ops(*args)
     assert rerun.returncode == 0, rerun.stderr
     assert "removed what an earlier, unfinished run left" in rerun.stderr
-    predicted, rejected = read_folder(out, "predictions"), read_folder(out, "errors")
+    predicted, rejected = read_folder(out, "predictions"), read_folder(out, "_errors")
     ids = predicted.column("id").to_pylist() + rejected.column("id").to_pylist()
     lost, duplicated = len(all_ids(queries) - set(ids)), len(ids) - len(set(ids))
     assert (lost, duplicated) == (0, 0) and len(ids) == ROWS + len(BAD_IDS)
     names = {p.name for p in out.iterdir()}
     assert names == {"_SUCCESS"} | {p.name for p in out.glob("predictions-*.parquet")} | {
-        p.name for p in out.glob("errors-*.parquet")
+        p.name for p in out.glob("_errors-*.parquet")
     }
     assert ds.dataset(sorted(map(str, out.glob("predictions-*.parquet")))).count_rows() == predicted.num_rows
     fault_records.append(FaultRecord("classify", point, 1, lost, duplicated))
@@ -73,7 +73,9 @@ def test_classify_killed_just_after_its_success_marker_is_done_and_tidied(segmen
     rerun = raee_ops(*args)
     assert rerun.returncode == 0 and "already done" in rerun.stdout, rerun.stderr
     assert not {"_PUBLISHING", "_temporary"} & {p.name for p in out.iterdir()}
-    ids = read_folder(out, "predictions").column("id").to_pylist() + read_folder(out, "errors").column("id").to_pylist()
+    ids = (
+        read_folder(out, "predictions").column("id").to_pylist() + read_folder(out, "_errors").column("id").to_pylist()
+    )
     assert sorted(ids) == sorted(set(ids)) and len(ids) == ROWS + len(BAD_IDS)
 
 
@@ -83,12 +85,14 @@ def test_classify_killed_while_removing_a_killed_runs_leftovers(segment_artifact
     queries = labelled(tmp_path / "q.parquet", ROWS, 9, "q")
     out = tmp_path / "out"
     args = classify_args(segment_artifacts, reference, out, queries)
-    assert raee_ops(*args, fault="publish:errors-*.parquet").returncode == KILLED
+    assert raee_ops(*args, fault="publish:_errors-*.parquet").returncode == KILLED
     assert raee_ops(*args, fault="leftovers").returncode == KILLED
     assert (out / "_PUBLISHING").exists()
     rerun = raee_ops(*args)
     assert rerun.returncode == 0, rerun.stderr
-    ids = read_folder(out, "predictions").column("id").to_pylist() + read_folder(out, "errors").column("id").to_pylist()
+    ids = (
+        read_folder(out, "predictions").column("id").to_pylist() + read_folder(out, "_errors").column("id").to_pylist()
+    )
     assert sorted(ids) == sorted(set(ids)) and len(ids) == ROWS + len(BAD_IDS)
 
 

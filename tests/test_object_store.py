@@ -180,7 +180,7 @@ def test_export_build_classify_evaluate_all_on_s3(s3, tiny_llama_dir, tmp_path):
     classify = ["classify", "--artifacts", art, "--task", "sst2", "--db", db, "--output", out]
     done = raee_ops(*classify, "--input", f"{base}/in/q-*.parquet", *opts, env=env, cwd=cwd)
     assert done.returncode == 0, done.stderr
-    predicted, rejected = read_parquet(client, "e2e/out/predictions-"), read_parquet(client, "e2e/out/errors-")
+    predicted, rejected = read_parquet(client, "e2e/out/predictions-"), read_parquet(client, "e2e/out/_errors-")
     assert (predicted.num_rows, rejected.num_rows) == (14, 3)  # classify needs no label: 3 of the 5 bad rows
     assert f"rows in: 17  predicted: {predicted.num_rows}  rejected: {rejected.num_rows}" in done.stdout
     names = [k.removeprefix("e2e/out/") for k in keys(client, "e2e/out/")]
@@ -676,7 +676,7 @@ def test_a_classify_killed_on_s3_blocks_its_output_until_its_claim_is_released(s
     assert rerun.returncode == 0, rerun.stderr
     assert "removed what an earlier, unfinished run left" in rerun.stderr
     ids = read_parquet(client, "killed/out/predictions-").column("id").to_pylist()
-    ids += read_parquet(client, "killed/out/errors-").column("id").to_pylist()
+    ids += read_parquet(client, "killed/out/_errors-").column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 45
     names = [k.removeprefix("killed/out/") for k in keys(client, "killed/out/")]
     assert SUCCESS in names and not [n for n in names if n.startswith((TEMPORARY, CLAIM))], names
@@ -726,7 +726,7 @@ def test_a_store_that_stops_answering_mid_run_ends_it_with_75(segment_artifacts,
         rerun = raee_ops(*args, env=env, cwd=cwd)
         assert rerun.returncode == 0, rerun.stderr
         ids = read_parquet(client, "out/predictions-").column("id").to_pylist()
-        ids += read_parquet(client, "out/errors-").column("id").to_pylist()
+        ids += read_parquet(client, "out/_errors-").column("id").to_pylist()
         assert len(ids) == len(set(ids)) == 45
 
 

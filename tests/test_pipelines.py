@@ -66,7 +66,7 @@ def classify(artifacts, root, out, strategy="raee", inputs=None, k=5, task="sst2
     inputs = inputs or str(labelled(root / f"in-{out}.parquet", 20, 1, "q"))
     summary = run_classify(artifacts, task, str(root / "db"), table, [inputs], str(root / out), k, strategy, list(args))
     predictions = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(str(root / out / "pred*")))])
-    errors = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(str(root / out / "errors*")))])
+    errors = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(str(root / out / "_errors*")))])
     return summary, predictions, errors
 
 
@@ -126,6 +126,8 @@ def test_classify_raee_predicts_valid_rows_and_rejects_bad(segment_artifacts, bu
     assert sorted(errors.column("id").to_pylist()) == ["blank", "long", "null"]
     check_errors(errors)
     assert set(predictions.column_names) >= {"id", "text", "label", "prediction", "exit_layer", "confidence"}
+    whole = pq.read_table(root / "raee")  # the folder read whole is its predictions (it was the errors' columns)
+    assert whole.column_names == predictions.column_names and whole.num_rows == summary.predicted
     assert sum(summary.exit_counts.values()) == summary.predicted
     assert summary.beam_exit_counts in (None, summary.exit_counts)
     text = summary.render()

@@ -136,7 +136,8 @@ class FusedPolicy:
 
     def settings(self) -> str:
         """The fitted settings in one line, as build-db and classify print them."""
-        return f"k={self.k} alpha={self.alpha} epsilon={self.epsilon} tau={self.tau}"
+        tau = "never" if self.tau is None else self.tau
+        return f"k={self.k} alpha={self.alpha} epsilon={self.epsilon} tau={tau}"
 
     @property
     def bias_array(self) -> np.ndarray:

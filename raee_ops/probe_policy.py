@@ -175,10 +175,10 @@ class ProbePolicy:
         if self.majority:
             why = "these settings did no better" if self.best_elsewhere() is None else "at this cost nothing did better"
             majority = f"; answers every row with the most common label: {why}"
-        t = "never" if self.t is None else self.t
+        tau, t = ("never" if value is None else value for value in (self.tau, self.t))
         return (
             f"k={self.k} shrink={self.shrink} epsilon={self.epsilon} alpha={self.alpha} beta={self.beta} "
-            f"tau={self.tau} t={t}; probe-conf t={self.conf_t}; layer budget {self.layer_budget}, "
+            f"tau={tau} t={t}; probe-conf t={self.conf_t}; layer budget {self.layer_budget}, "
             f"layer price {self.layer_price}{majority}"
         )
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -93,10 +93,13 @@ class Pruned:
     features_removed: list[int]
     features_kept: list[int]
     bytes_freed: int | None
+    #: Kept versions that are not among the --keep newest: replaced less than --grace ago
+    within_grace: list[int] = field(default_factory=list)
 
     def render(self) -> str:
         verb = "would remove" if self.bytes_freed is None else "removed"
-        lines = [f"table {self.table}: {verb} {_listed(self.removed)}; kept {_listed(self.kept)}"]
+        grace = f" ({_listed(self.within_grace)} replaced less than --grace ago)" if self.within_grace else ""
+        lines = [f"table {self.table}: {verb} {_listed(self.removed)}; kept {_listed(self.kept)}{grace}"]
         if self.features_removed or self.features_kept:
             lines.append(
                 f"  {self.table}{FEATURES_SUFFIX} (probe fit rows): {verb} {_listed(self.features_removed)}; "
@@ -181,7 +184,9 @@ def _prune(
         if not dry_run:  # committed runs' staged rejected rows are told apart by the versions about to go
             settle_errors(db_uri, table, default_errors_dir(db_uri, table), True, storage_options or {})
         history = _history(handle)
-        kept = to_keep(history, keep, grace.total_seconds(), time.time())
+        now = time.time()
+        kept = to_keep(history, keep, grace.total_seconds(), now)
+        within_grace = sorted(kept - to_keep(history, keep, 0, now))
         companion = table + FEATURES_SUFFIX
         # a companion a killed build-db left before its first commit holds no version to prune (`opened` passes
         # it by; the table's next build-db removes it)
@@ -191,7 +196,8 @@ def _prune(
         features_kept = (_pinned(handle, kept) & there) | {v for v, _ in features_history[-1:]}
         if dry_run:
             table_left, features_left = _staying(history, kept), _staying(features_history, features_kept)
-            return Pruned(table, *_split(history, table_left), *_split(features_history, features_left), None)
+            features = _split(features_history, features_left)
+            return Pruned(table, *_split(history, table_left), *features, None, within_grace)
         before = _size(db_uri, table)
         check_held(work_dir(db_uri, table))  # settling the errors may have run long
         _cut(handle, history, kept)
@@ -207,6 +213,7 @@ def _prune(
             *_split(history, left),
             *_split(features_history, features_left),
             before - _size(db_uri, table),
+            within_grace,
         )
 
 

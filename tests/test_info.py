@@ -218,6 +218,10 @@ def test_prune_keeps_the_newest_versions_those_replaced_lately_and_what_they_wer
     assert planned.bytes_freed is None and planned.render().startswith("table sst2: would remove versions 1-3; kept")
     within_grace = prune(db, "sst2", 1, timedelta(days=1))  # each was replaced less than a day ago
     assert (within_grace.removed, within_grace.features_removed, within_grace.bytes_freed) == ([], [], 0)
+    # says why --keep 1 kept four (it said only "kept versions 1-4", as if --keep were ignored)
+    assert within_grace.render().startswith(
+        "table sst2: removed no version; kept versions 1-4 (versions 1-3 replaced less than --grace ago)\n"
+    )
     assert [v["version"] for v in describe(db, "sst2")["tables"][0]["versions"]] == versions == [1, 2, 3, 4]
 
     done = run_cli("prune", "--db", db, "--table", "sst2", "--keep", "1", "--grace", "0")
@@ -247,6 +251,7 @@ def test_prune_keeps_the_newest_versions_those_replaced_lately_and_what_they_wer
             "features_removed": [2, 3],
             "features_kept": [4],
             "bytes_freed": None,
+            "within_grace": [],
         }
     ]
 

@@ -281,15 +281,32 @@ def unknown_args(
     first = unknown[0]
     if not first.startswith("-"):
         return f"unexpected argument {first!r}"
-    name = first.split("=", 1)[0]
-    if name in (elsewhere or {}):
-        names = elsewhere[name]
-        listed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
-        return f"no such option: {name} (an option of {listed}, not of this command)"
-    choices = list(command_options) + [o for o in _beam_parser()._option_string_actions if o.startswith("--")]
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    return f"no such option: {name}{hint}; options this command does not know must be Beam pipeline options"
+    name, elsewhere = first.split("=", 1)[0], elsewhere or {}
+    if name in elsewhere:
+        return f"no such option: {name} ({_of_others(name, elsewhere[name])})"
+    return (
+        f"no such option: {name}{_closest(name, command_options, elsewhere)}; options this command does not know "
+        "must be Beam pipeline options"
+    )
+
+
+def _closest(name: str, command_options: Iterable[str], elsewhere: Mapping[str, Sequence[str]]) -> str:
+    """The hint for a misspelt option: the closest of the command's own, of another command's (`--moed` on classify is
+    build-db's `--mode`) and of Beam's, said whose (`--moed` named `--zone`, a Dataflow option, as if classify's);
+    the command's own first of equally close ones."""
+    beam = [o for o in _beam_parser()._option_string_actions if o.startswith("--")]
+    candidates = [(o, o) for o in command_options]
+    candidates += [(o, f"{o}, {_of_others(o, commands)}") for o, commands in elsewhere.items()]
+    candidates += [(o, f"Beam's {o}") for o in beam]
+    score, said = max(
+        ((difflib.SequenceMatcher(None, name, o).ratio(), said) for o, said in candidates), key=lambda c: c[0]
+    )
+    return f" (did you mean {said}?)" if score >= 0.6 else ""
+
+
+def _of_others(option: str, commands: Sequence[str]) -> str:
+    listed = " and ".join([", ".join(commands[:-1]), commands[-1]] if len(commands) > 1 else commands)
+    return f"an option of {listed}, not of this command"
 
 
 def _given_once(beam_args: Sequence[str]) -> str | None:
@@ -321,7 +338,11 @@ def _own_record(options: argparse.Namespace) -> str | None:
     given = [name for name in RECORDED if getattr(options, f"raee_{name}", None) is not None]
     if not given:
         return None
-    return f"--raee_{given[0]} is raee-ops's record of the command's own options, not one to give (it would be ignored)"
+    instead = "" if given[0] == "command" else f"; give --{given[0]}"
+    return (
+        f"--raee_{given[0]} is raee-ops's record of the command's own options, not one to give (it would be "
+        f"ignored){instead}"
+    )
 
 
 @cache

@@ -67,10 +67,10 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
             raise RaeeConfigError(f"--input {pattern}: a folder; give its files or a glob ({folder}/*.parquet)")
         # an object store's folder markers (zero-byte `prefix/` keys that consoles and tools make) are folders
         matched = [m for m in storage.match_metadata(pattern) if not m.path.endswith("/")]
+        if storage.is_local(pattern):  # first: a link to nothing matches nothing, and is better named as what it is
+            refuse_unreadable(pattern)
         if not matched:
             raise RaeeConfigError(f"--input {pattern}: no such file (no Parquet files match)")
-        if storage.is_local(pattern):
-            refuse_unreadable(pattern)
         for m in matched:  # a local file once, however spelt (a link to it, another route): read twice otherwise
             files.setdefault(storage.resolved(m.path), m)
     return list(files.values())

@@ -177,7 +177,8 @@ def _not_empty(ctx: click.Context, opts: dict[str, Any]) -> None:
     for param in ctx.command.params:
         values = opts.get(param.name or "")
         if any(isinstance(v, str) and not v.strip() for v in (values if isinstance(values, list) else [values])):
-            raise click.BadParameter("is empty (an unset variable?); give a value or leave the option out", ctx, param)
+            instead = "" if param.required else " or leave the option out"
+            raise click.BadParameter(f"is empty (an unset variable?); give a value{instead}", ctx, param)
 
 
 def _given_once(ctx: click.Context, order: list[click.Parameter]) -> None:

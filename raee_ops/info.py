@@ -147,7 +147,7 @@ def shown_costs(pp: dict[str, Any]) -> str:
 
 
 def _render_table(t: dict[str, Any]) -> str:
-    lines = [f"table {t['table']}: {t['rows']} rows, version {t['version']}"]
+    lines = [f"table {t['table']}: {_rows(t['rows'])}, version {t['version']}"]
     if t["unreadable"]:
         lines.append(f"  UNREADABLE: {t['unreadable']}")
     if t["exit_table"]:
@@ -192,5 +192,9 @@ def _render_table(t: dict[str, Any]) -> str:
     older = len(versions) - SHOWN_VERSIONS
     hidden = f"; {older} older not shown, see --json; raee-ops prune removes old ones" if older > 0 else ""
     lines.append(f"  versions ({len(versions)}{hidden}):")
-    lines += [f"    {v['version']:>4}  {v['timestamp']}  {v['rows']} rows" for v in versions[-SHOWN_VERSIONS:]]
+    lines += [f"    {v['version']:>4}  {v['timestamp']}  {_rows(v['rows'])}" for v in versions[-SHOWN_VERSIONS:]]
     return "\n".join(lines)
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"

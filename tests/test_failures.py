@@ -121,6 +121,11 @@ def test_2_misspelt_options_are_usage_errors_naming_the_closest(segment_artifact
     assert table_state(db) == before
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=["--stratgy", "raee"]))
     assert run.returncode == 2 and "(did you mean --strategy?)" in one_error_line(run)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=["--moed", "append"]))
+    line = one_error_line(run)  # classify has no --mode: it named Dataflow's --zone as if classify's
+    assert run.returncode == 2 and "(did you mean --mode, an option of build-db, not of this command?)" in line
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=["--runer", "x"]))
+    assert run.returncode == 2 and "(did you mean Beam's --runner?)" in one_error_line(run)
     misspelt_required = [
         "--artifact" if a == "--artifacts" else a for a in classify_args(segment_artifacts, db, tmp_path / "o", train)
     ]
@@ -148,7 +153,7 @@ def test_2_misspelt_options_are_usage_errors_naming_the_closest(segment_artifact
     assert run.returncode == 2 and "--k" in one_error_line(run)
     recorded = ["--raee_strategy", "full"]  # a pipeline option raee-ops sets from --strategy: it was dropped
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=recorded))
-    assert run.returncode == 2 and "--raee_strategy is raee-ops's record of the" in one_error_line(run)
+    assert run.returncode == 2 and "(it would be ignored); give --strategy (see" in one_error_line(run)
     assert not (tmp_path / "o").exists()
     beam_option = ["--direct_num_workers", "1"]  # Beam's own options still pass through
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=beam_option))
@@ -585,9 +590,11 @@ def test_14_what_would_crash_late_or_be_guessed_is_refused_first(segment_artifac
     ):
         run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=twice))
         assert run.returncode == 2 and f"'{twice[0]}': given 2 times; give it once" in one_error_line(run)
-    for empty in (["--table", ""], ["--input", ""]):
+    for empty, instead in ((["--table", ""], " or leave the option out"), (["--input", ""], "")):
         run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=empty))
-        assert run.returncode == 2 and f"'{empty[0]}': is empty (an unset variable?)" in one_error_line(run)
+        line = one_error_line(run)  # a required option cannot be left out
+        assert run.returncode == 2 and f"'{empty[0]}': is empty (an unset variable?); give a value{instead}" in line
+        assert instead or "leave the option out" not in line
     for beam, why in (  # Beam's options too: argparse kept the last value and took an empty one
         (["--raee_provider", "cpu", "--raee_provider=cuda"], "--raee_provider given twice; give it once"),
         (["--temp_location", ""], "--temp_location is empty (an unset variable?)"),

@@ -109,6 +109,14 @@ def test_info_and_rollback_refuse_a_database_that_is_not_there(tmp_path):
     assert not (tmp_path / "typo").exists()  # connecting would have created it
 
 
+def test_info_of_another_programs_table_says_so_and_counts_its_row(tmp_path):
+    db = tmp_path / "db"
+    lancedb.connect(str(db)).create_table("t", pa.table({"x": [1]}))
+    text = render(describe(str(db)))
+    assert text.startswith("table t: 1 row, version 1\n")  # "1 rows"
+    assert "not an exit table built by raee-ops build-db" in text and "  1 row\n" in text + "\n"
+
+
 def test_a_table_with_damaged_files_is_one_line_not_an_internal_error(tmp_path):
     db = tmp_path / "db"
     lancedb.connect(str(db)).create_table("t", pa.table({"x": [1, 2]}))

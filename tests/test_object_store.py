@@ -226,7 +226,7 @@ def test_missing_options_and_live_claims_are_refused(s3, segment_artifacts, tmp_
     args = ["classify", "--artifacts", art, "--task", "sst2", "--db", f"s3://{BUCKET}/refused/db"]
     args += ["--input", f"s3://{BUCKET}/refused/in/*.parquet", "--output", f"s3://{BUCKET}/refused/out"]
     typo = raee_ops(*args, "--s3_endpoint_urll", endpoint, env=env, cwd=cwd)
-    assert typo.returncode == 2 and "did you mean --s3_endpoint_url" in one_error_line(typo)
+    assert typo.returncode == 2 and "did you mean Beam's --s3_endpoint_url" in one_error_line(typo)
     gcs = raee_ops(*args[:-1], "gs://somewhere/out", *s3_args(endpoint), env=env, cwd=cwd)
     if gcs.returncode == 2 and "raee-ops's gcp extra" in gcs.stderr:  # the gcp extra is not installed here
         assert "gs:// filesystem is not installed" in one_error_line(gcs)

@@ -380,8 +380,9 @@ def test_inputs_read_each_local_file_once_and_refuse_what_is_not_a_file(tmp_path
     (data / "b.parquet").symlink_to(real.name)
     assert [m.path for m in sources.input_files([f"{data}/*.parquet", str(real)])] == [str(real)]
     (data / "c.parquet").symlink_to(tmp_path / "gone.parquet")
-    with pytest.raises(RaeeConfigError, match=r"c.parquet is not a file that can be read: a link to nothing \("):
-        sources.input_files([f"{data}/*.parquet"])
+    for pattern in (f"{data}/*.parquet", str(data / "c.parquet")):  # named alone, it was "no such file"
+        with pytest.raises(RaeeConfigError, match=r"c.parquet is not a file that can be read: a link to nothing \("):
+            sources.input_files([pattern])
     (data / "c.parquet").unlink()
     (data / "sub").mkdir()
     os.mkfifo(data / "sub" / "d.parquet")

@@ -33,9 +33,9 @@ from raee_ops.pipelines.reference import assemble, check_groups, group_codes
 from raee_ops.pipelines.run_record import (
     RunRecord,
     forget_errors,
+    in_step,
     keep_uncommitted,
     note_errors,
-    prune,
     publish,
     scope,
     settle,
@@ -443,12 +443,12 @@ def run_build_db(
                 layer_price=layer_price,
                 group_of=group_of,
             )
-        record = RunRecord(run_id, mode, job, rejected)
+        record = RunRecord.new(run_id, mode, job, rejected, previous[0].schema if previous[0] is not None else None)
         fault_point("commit:errors")
         check_held(work)  # the fit may have run long: a lapsed claim's table may be another run's by now
         table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store, record)
         publish(rejects, errors_dir)
-        prune(errors_dir, record, own_errors)
+        in_step(errors_dir, record, own_errors)
         forget_errors(work)
     search = f"IVF_FLAT index, {index_partitions(table_rows)} partitions" if indexed else "exact search"
     return BuildSummary(

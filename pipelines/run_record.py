@@ -7,9 +7,12 @@ That version records the run (`RUN_META_KEY`): its id, its mode, its job (settin
 names its own) and its rejected rows' count, so a retried append whose version is committed already is recognised as
 done, not refused, and held to its own --max-rejected. The table's next run, under the table's claim, settles what a
 killed run left: a committed run's staged errors are published (whether its version is current or a rollback left it
-in the history; after the current version's overwrite, older runs' files are pruned from the table's own folder),
-any other run's staging removed. So the errors folder, read as a dataset (`_`-prefixed names are skipped), holds
-each rejected row of the table's runs once. A run refused for rejecting too many rows keeps its rejected rows in
+in the history), any other run's staging removed. Each version also records its lineage, the runs whose rows it
+holds (an overwrite's own; an append's base's and its own), and the table's own errors folder is kept in step with
+the current version's: the files of runs it does not hold (an overwrite replaced them, a rollback went back before
+them) wait in `_replaced/` until a rollback brings their rows back, or prune removes the last version that holds
+them. So the errors folder, read as a dataset (`_`-prefixed names are skipped), holds each rejected row of the runs
+whose rows the table holds, once. A run refused for rejecting too many rows keeps its rejected rows in
 `_uncommitted/<scope>/<run id>/` (named in its error line) until the table's next run. Until a run has published its
 rows, the table's work folder names its errors folder (`NOTE`): a next run given another --errors settles that
 folder first, so a retry's new --errors never strands them.
@@ -28,7 +31,7 @@ from raee_ops.schemas.tables import RUN_META_KEY
 
 from raee_ops import storage
 
-STAGING, UNCOMMITTED = "_staging", "_uncommitted"
+STAGING, UNCOMMITTED, REPLACED = "_staging", "_uncommitted", "_replaced"
 #: In the table's work folder, from before a run stages rejected rows until it has published them: its errors folder.
 NOTE = "_ERRORS"
 
@@ -36,12 +39,23 @@ NOTE = "_ERRORS"
 @dataclass(frozen=True)
 class RunRecord:
     """`rejected`: the rows the run rejected, which a retry of its job answers for against its own --max-rejected
-    (None: a version recorded before they were counted)."""
+    (None: a version recorded before they were counted). `lineage`: the runs whose rows the version holds, oldest
+    first, this one last (None: a version recorded before it was, or an append onto one)."""
 
     run_id: str
     mode: str
     job: str
     rejected: int | None = None
+    lineage: list[str] | None = None
+
+    @classmethod
+    def new(cls, run_id: str, mode: str, job: str, rejected: int, base: pa.Schema | None) -> RunRecord:
+        """This run's record; `base`: the schema of the version an append adds to (None: the table's first run),
+        whose lineage this one's continues."""
+        before = cls.of(base) if mode == "append" and base is not None else None
+        if mode == "append" and base is not None and (before is None or before.lineage is None):
+            return cls(run_id, mode, job, rejected)
+        return cls(run_id, mode, job, rejected, [*(before.lineage if before else []), run_id])
 
     def metadata(self) -> dict[bytes, bytes]:
         return {RUN_META_KEY: json.dumps(asdict(self)).encode()}
@@ -93,12 +107,11 @@ def settle(
     for run in runs:
         if run == current or run in earlier:
             publish(storage.join(staged, run), errors_dir)
-            if run == current:  # its overwrite replaced older runs' rows; a rolled-back past one replaced nothing now
-                prune(errors_dir, record, own)
         else:
             remove_leftovers([storage.join(staged, run)], staged)
     kept = storage.join(errors_dir, UNCOMMITTED, where)  # a refused run's, kept until now as its line said
     storage.delete(storage.join(kept, run) for run in storage.children(kept))
+    in_step(errors_dir, record, own)
 
 
 def note_errors(work: str, errors_dir: str, own: bool) -> None:
@@ -127,9 +140,36 @@ def settle_noted(
     forget_errors(work)
 
 
-def prune(errors_dir: str, record: RunRecord, own: bool) -> None:
-    """After an overwrite, in the table's own errors folder: older runs' error files (their rows are gone). A
-    folder given with --errors may be shared by tables, so nothing there is removed."""
-    if own and record.mode == "overwrite":
-        old = storage.match(storage.join(errors_dir, "errors-*.parquet"))
-        storage.delete(f for f in old if not storage.name(f).startswith(f"errors-{record.run_id}-"))
+def in_step(errors_dir: str, record: RunRecord | None, own: bool) -> None:
+    """In the table's own errors folder, under the table's claim: the error files of the runs the current version
+    (`record`) holds, the others' in `_replaced/`. A folder given with --errors may be shared by tables, so nothing
+    there is moved. Without a lineage (versions recorded before it), an overwrite's older runs' files are removed."""
+    if not own or record is None:
+        return
+    here = storage.match(storage.join(errors_dir, "errors-*.parquet"))
+    if record.lineage is None:
+        if record.mode == "overwrite":
+            storage.delete(f for f in here if not _of(f, [record.run_id]))
+        return
+    aside = storage.join(errors_dir, REPLACED)
+    away = [(f, storage.join(aside, storage.name(f))) for f in here if not _of(f, record.lineage)]
+    if away:
+        storage.mkdirs(aside)
+    storage.rename(away)
+    back = [f for f in storage.match(storage.join(aside, "errors-*.parquet")) if _of(f, record.lineage)]
+    storage.rename((f, storage.join(errors_dir, storage.name(f))) for f in back)
+
+
+def drop_replaced(errors_dir: str, lineages: list[list[str] | None]) -> None:
+    """After prune, in the table's own errors folder: the replaced files of runs no version left holds (kept all
+    while a version's lineage is unknown)."""
+    if any(lineage is None for lineage in lineages):
+        return
+    held = [run for lineage in lineages for run in lineage]
+    aside = storage.match(storage.join(errors_dir, REPLACED, "errors-*.parquet"))
+    storage.delete(f for f in aside if not _of(f, held))
+
+
+def _of(path: str, runs: list[str]) -> bool:
+    """Whether an error file is one of `runs`' (`errors-<run id>-<shard>`)."""
+    return any(storage.name(path).startswith(f"errors-{run}-") for run in runs)

@@ -25,6 +25,7 @@ from datetime import timedelta
 from typing import Any
 
 import lancedb
+import pyarrow as pa
 
 from raee_ops import storage
 from raee_ops.errors import Busy, RaeeConfigError
@@ -32,6 +33,7 @@ from raee_ops.faults import fault_point
 from raee_ops.info import check_database, opened, table_info
 from raee_ops.pipelines.build_db import default_errors_dir, settle_errors, work_dir
 from raee_ops.pipelines.commit import check_held, hold
+from raee_ops.pipelines.run_record import RunRecord, drop_replaced
 from raee_ops.retrieval import connect, open_table, table_folder, table_names
 from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, TableMeta
 
@@ -49,6 +51,8 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
         changed = not _holds(handle, version)  # a retried rollback finds its version already current: left so
         if changed:
             handle.restore(version)
+        # the errors folder in step with the version now current: the rejected rows of the runs it holds
+        settle_errors(db_uri, table, default_errors_dir(db_uri, table), True, storage_options or {})
     return {"restored": version, "previous": previous, "changed": changed, **table_info(handle)}
 
 
@@ -196,8 +200,8 @@ def _prune(
         features_kept = (_pinned(handle, kept) & there) | {v for v, _ in features_history[-1:]}
         if dry_run:
             table_left, features_left = _staying(history, kept), _staying(features_history, features_kept)
-            features = _split(features_history, features_left)
-            return Pruned(table, *_split(history, table_left), *features, None, within_grace)
+            companion_split = _split(features_history, features_left)
+            return Pruned(table, *_split(history, table_left), *companion_split, None, within_grace)
         before = _size(db_uri, table)
         check_held(work_dir(db_uri, table))  # settling the errors may have run long
         _cut(handle, history, kept)
@@ -208,6 +212,8 @@ def _prune(
         missing = (kept - left) | (features_kept - features_left)
         if missing:  # the cut is by time; a version meant to stay that is gone is a bug to hear of, loudly
             raise RuntimeError(f"prune removed version(s) {ranges(sorted(missing))} of {table!r} it meant to keep")
+        records = [RunRecord.of(schema) for schema in _schemas(handle, left)]
+        drop_replaced(default_errors_dir(db_uri, table), [r.lineage if r else None for r in records])
         return Pruned(
             table,
             *_split(history, left),
@@ -231,14 +237,18 @@ def _history(handle: lancedb.table.Table) -> list[tuple[int, float]]:
 def _pinned(handle: lancedb.table.Table, versions: set[int]) -> set[int]:
     """The companion versions the given table versions were written with (tables built before that was recorded
     name none: append reads the companion's latest for them)."""
-    pinned = set()
-    for version in versions:
+    raw = ((schema.metadata or {}).get(FEATURES_VERSION_META_KEY) for schema in _schemas(handle, versions))
+    return {int(r) for r in raw if r is not None}
+
+
+def _schemas(handle: lancedb.table.Table, versions: set[int]) -> list[pa.Schema]:
+    """The schema (with its metadata) of each of the table's `versions`."""
+    schemas = []
+    for version in sorted(versions):
         handle.checkout(version)
-        raw = (handle.schema.metadata or {}).get(FEATURES_VERSION_META_KEY)
-        if raw is not None:
-            pinned.add(int(raw))
+        schemas.append(handle.schema)
     handle.checkout_latest()
-    return pinned
+    return schemas
 
 
 def _staying(history: list[tuple[int, float]], kept: set[int]) -> set[int]:

@@ -732,8 +732,9 @@ def test_an_append_retried_after_another_committed_finds_its_rows_done(segment_a
 @pytest.mark.parametrize("then", ["append", "prune"])
 def test_a_run_killed_after_its_commit_keeps_its_rejected_rows_through_a_rollback(segment_artifacts, tmp_path, then):  # noqa: F811
     """Killed between committing its version and publishing its rejected rows, then rolled back past: the next run
-    still publishes them (the version is in the table's history; a rollback removes nothing), and so does a prune,
-    before it removes that version (which alone told the run committed)."""
+    still publishes them (the version is in the table's history), set aside in _replaced/ since the current version
+    does not hold that run's rows, where a rollback to it would bring them back; a prune that removes that version
+    removes them too."""
     db = tmp_path / "db"
     inputs = [labelled(tmp_path / f"{name}.parquet", 8, seed, name) for seed, name in enumerate("abc")]
     assert raee_ops(*build_args(segment_artifacts, db, inputs[0])).returncode == 0
@@ -748,8 +749,12 @@ def test_a_run_killed_after_its_commit_keeps_its_rejected_rows_through_a_rollbac
         assert "removed versions 1-2; kept versions 3" in run.stdout
     assert run.returncode == 0, run.stderr
     published = ds.dataset(db / "_errors" / "sst2", format="parquet").to_table().column("file").to_pylist()
-    expected = ["a.parquet", "b.parquet", "c.parquet"] if then == "append" else ["a.parquet", "b.parquet"]
-    assert sorted({Path(f).name for f in published}) == expected
+    assert sorted({Path(f).name for f in published}) == (
+        ["a.parquet", "c.parquet"] if then == "append" else ["a.parquet"]
+    )
+    aside = sorted((db / "_errors" / "sst2" / "_replaced").glob("errors-*.parquet"))
+    replaced = {Path(f).name for f in ds.dataset(aside).to_table().column("file").to_pylist()} if aside else set()
+    assert replaced == ({"b.parquet"} if then == "append" else set())  # kept while version 2 is
 
 
 def test_a_table_built_with_another_prompt_is_refused(segment_artifacts, db, tmp_path):  # noqa: F811

@@ -5,12 +5,14 @@ import json
 import logging
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import raee_ops
@@ -25,7 +27,7 @@ from raee_ops.retrieval import table_meta
 from raee_ops.rows import ROW_ID
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
-from raee_ops.versions import rollback
+from raee_ops.versions import prune, rollback
 
 WORDS = "good bad great awful fine movie plot boring fun dull".split()
 BAD_IDS = {
@@ -98,25 +100,38 @@ def test_an_overwrite_keeps_a_shared_errors_folders_other_files(segment_artifact
     assert len(list((tmp_path / "db" / "_errors" / "one").glob("errors-*.parquet"))) == 1
 
 
-def test_a_rollback_never_removes_error_files(segment_artifacts, tmp_path):  # noqa: F811
-    db = str(tmp_path / "db")
-    for name, mode in (("a", "overwrite"), ("b", "append")):
-        run_build_db(
-            segment_artifacts,
-            "sst2",
-            [str(labelled(tmp_path / f"{name}.parquet", 8, 3, name))],
-            db,
-            "t",
-            KEY,
-            mode,
-            None,
-        )
-    rollback(db, "t", 1)
-    run_build_db(
-        segment_artifacts, "sst2", [str(labelled(tmp_path / "c.parquet", 8, 5, "c"))], db, "t", KEY, "append", None
-    )
-    assert len(list((tmp_path / "db" / "_errors" / "t").glob("errors-*.parquet"))) == 3  # b's too: a rollback of
-    # the rollback brings its rows back
+def test_the_errors_folder_holds_the_rejected_rows_of_the_runs_the_current_version_holds(segment_artifacts, tmp_path):  # noqa: F811
+    """Read whole, the table's errors folder is the rejected rows of the runs whose rows the table holds, each once:
+    a rollback past an overwrite brought the rows back and not their rejected rows (the overwrite had removed
+    them), and an append rolled back and run again left its rejected rows there twice. Others wait in _replaced/
+    until prune removes the last version that holds their runs."""
+    db, folder = str(tmp_path / "db"), tmp_path / "db" / "_errors" / "t"
+
+    def build(name, mode):
+        data = str(labelled(tmp_path / f"{name}.parquet", 8, 3, name))
+        run_build_db(segment_artifacts, "sst2", [data], db, "t", KEY, mode, None)
+        return {p.name for p in folder.glob("errors-*.parquet")}
+
+    def state():  # (the folder's files, those set aside), as names
+        return {p.name for p in folder.glob("errors-*.parquet")}, {p.name for p in folder.glob("_replaced/*")}
+
+    a = build("a", "overwrite")  # version 1
+    b = build("b", "append") - a  # 2
+    rollback(db, "t", 1)  # 3
+    assert state() == (a, b)
+    rollback(db, "t", 2)  # 4
+    assert state() == (a | b, set())
+    c = build("c", "overwrite")  # 5
+    assert state() == (c, a | b)
+    rollback(db, "t", 4)  # 6: a's and b's rows, and their rejected rows (they were gone for good)
+    assert state() == (a | b, c)
+    assert ds.dataset(str(folder)).count_rows() == 2 * len(BAD_IDS)  # _replaced/ is skipped
+    rollback(db, "t", 1)  # 7
+    again = build("b", "append") - a  # 8: b's job run again, after a rollback past its first run
+    assert state() == (a | again, b | c)  # b's first run's rejected rows were there twice
+    assert ds.dataset(str(folder)).count_rows() == 2 * len(BAD_IDS)
+    prune(db, "t", 1, timedelta(0))  # no version left holds b's first run or c
+    assert state() == (a | again, set())
 
 
 def test_classify_raee_predicts_valid_rows_and_rejects_bad(segment_artifacts, built):  # noqa: F811

@@ -66,9 +66,9 @@ from raee_ops.probe_policy import (
 )
 from raee_ops.probes import VIEWS, ProbeSet
 from raee_ops.progress import Progress
-from raee_ops.retrieval import Retriever, check_meta, check_table_contents, expected_meta, table_meta
+from raee_ops.retrieval import Retriever, check_meta, check_table_contents, expected_meta, open_table
 from raee_ops.schemas.manifest import Manifest, check_outside_artifacts, load_manifest
-from raee_ops.schemas.tables import EVALUATION_PREDICTIONS_SCHEMA, FEATURES, flat_values
+from raee_ops.schemas.tables import EVALUATION_PREDICTIONS_SCHEMA, FEATURES, TableMeta, flat_values
 from raee_ops.tasks import Task
 
 #: Rows per model call; small enough for the progress line to move every few seconds on CPU.
@@ -286,11 +286,13 @@ def evaluate(
         refuse_cost_options(applies, f"none of {', '.join(strategies)} has one", layer_budget, layer_price)
     else:
         chosen = [s for s in STRATEGIES.values() if head or not s.needs_head()]
-    meta = table_meta(db_uri, table, settings.db_storage_options)
+    # one version, checked and read: a build-db or rollback committing meanwhile changes neither (the report names it)
+    opened = open_table(db_uri, table, storage_options=settings.db_storage_options)
+    meta = TableMeta.decode(opened.schema)
     embedder = meta.embedder if meta else "backbone"
     expected = expected_meta(manifest, task_name, embedder)
     check_meta(meta, expected, f"table {table!r} in {db_uri}")
-    retriever = Retriever(db_uri, table, storage_options=settings.db_storage_options)
+    retriever = Retriever(db_uri, table, opened.version, settings.db_storage_options)
     check_table_contents(retriever.table, expected, True, f"table {table!r} in {db_uri}")
     if (head and retriever.policy is None) or retriever.probes is None or retriever.probe_policy is None:
         raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
@@ -353,6 +355,7 @@ def evaluate(
         "input": inputs,
         "db": db_uri,
         "table": table,
+        "table_version": opened.version,
         "embedder": embedder,
         "rows_in": rows_in,
         "rows": int(rows.num_rows),
@@ -540,7 +543,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"# Evaluation: {r['task']}",
         "",
         f"{r['rows']} rows scored, {r['rejected']} rejected; {r['num_layers']} layers; table `{r['table']}` "
-        f"({r['embedder']} keys); k={r['k']} for the paper's rules; default strategy `{r['default_strategy']}`.",
+        f"(version {r['table_version']}, {r['embedder']} keys); k={r['k']} for the paper's rules; default strategy "
+        f"`{r['default_strategy']}`.",
         "",
         "## Baselines",
         "",

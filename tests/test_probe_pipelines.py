@@ -53,8 +53,10 @@ def signal(segment_artifacts, tmp_path_factory):  # noqa: F811
 
 
 def test_probes_beat_the_zero_shot_head_on_a_task_with_a_known_signal(signal):
-    _, summary, _, evaluation = signal
+    root, summary, _, evaluation = signal
     report = evaluation.report
+    assert f"table `sst2` (version {report['table_version']}," in render_markdown(report)
+    assert report["table_version"] == Retriever(str(root / "db"), "sst2").table.version  # the version it read, named
     base = report["baselines"]
     assert "probe heads (" in summary.render() and "probe policy (" in summary.render()
     assert base["probe-best"]["accuracy"] >= 0.85

@@ -176,7 +176,8 @@ def claimed(place: str, what: str) -> Iterator[None]:
         storage.delete([mine])
         raise Busy(
             f"another run is writing {what} ({place}; its claim {storage.name(live[0])} was renewed less than "
-            f"{STALE_S:.0f} s ago); retry when it has finished"
+            f"{STALE_S:.0f} s ago); retry when it has finished (a killed run's claim lapses {STALE_S:.0f} s after its "
+            "last renewal; deleting it releases the place now, if no run is alive to renew it)"
         )
     remove_leftovers([c.path for c in others], place)
     beat = _held[place] = _Beat(mine)

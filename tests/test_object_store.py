@@ -406,9 +406,10 @@ def test_claims_on_an_object_store(s3, monkeypatch):
     place = f"s3://{BUCKET}/claims/out"
     with commit.claim_output(place, ["predictions-*.parquet"], "--output") as claim:
         storage.write_bytes(claim.staging_of("predictions-0.parquet"), b"x")
-        with pytest.raises(Busy, match="another run is writing --output"):
+        with pytest.raises(Busy, match="another run is writing --output") as busy:
             with commit.claim_output(place, ["predictions-*.parquet"], "--output"):
                 pass
+        assert "s after its last renewal; deleting it releases the place now" in str(busy.value)  # what to do
         claim.publish({"command": "test"})
     assert keys(client, "claims/out/") == ["claims/out/_SUCCESS", "claims/out/predictions-0.parquet"]
     client.put_object(Bucket=BUCKET, Key="claims/work/_CLAIM-dead-run", Body=b"{}")

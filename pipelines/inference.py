@@ -94,8 +94,8 @@ class Progress:
         if now - self.shown >= PROGRESS_SECONDS and interactive(logs.stream()):  # logs get the summary instead
             self.shown = now
             rate = self.rows / max(now - self.started, 1e-9)
-            print(
-                f"  {what}: {self.rows} rows done by worker {os.getpid()} ({rate:.1f} rows/s)",
+            print(  # over a refreshing progress line of the same process (evaluate's), which redraws below it
+                f"\r\033[K  {what}: {self.rows} rows done by worker {os.getpid()} ({rate:.1f} rows/s)",
                 file=logs.stream(),
                 flush=True,
             )

@@ -93,3 +93,19 @@ def test_workers_count_the_same_units_as_beam_counters():
     result.wait_until_finish()
     counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE).with_name("units_done"))["counters"]
     assert sum(c.committed for c in counters) == 5
+
+
+def test_a_workers_line_in_the_same_process_clears_the_progress_line_first(monkeypatch):
+    """evaluate runs its workers in-process: their "rows done" line was printed into the middle of its progress
+    line (`evaluate: 128/150 rows, … ETA 2.9s  evaluate: 150 rows done by worker …`)."""
+    from raee_ops.pipelines import inference
+
+    from raee_ops import logs
+
+    monkeypatch.setattr(progress, "REFRESH_SECONDS", 0.0)
+    stream = Terminal()
+    monkeypatch.setattr(logs, "stream", lambda: stream)
+    Progress("evaluate", 150, stream=stream).advance(128)
+    inference.Progress(shown=float("-inf")).add(150, "evaluate")
+    first, worker = stream.getvalue().split("\n")[0].split("\r\033[K")[-2:]
+    assert first.startswith("evaluate: 128/150 rows") and worker.startswith("  evaluate: 150 rows done by worker")

@@ -378,8 +378,10 @@ def run_build_db(
     ids = concat_strings([file_ids for file_ids, _ in keys])
     refuse_duplicate_ids(ids)
     group_of = group_map(ids, [names for _, names in keys], mode) if group_column else None
-    own_errors = errors_dir is None  # the table's own folder; a given --errors may hold other tables' files
-    errors_dir = errors_dir or default_errors_dir(db_uri, table)
+    # the table's own folder, however named; a given --errors may hold other tables' files
+    own_folder = default_errors_dir(db_uri, table)
+    errors_dir = errors_dir or own_folder
+    own_errors = storage.resolved(errors_dir) == storage.resolved(own_folder)
     storage.check_folder(errors_dir, "--errors")
     if storage.exists(storage.join(errors_dir, SUCCESS)):  # a classify output: its _SUCCESS would not list our files
         raise RaeeConfigError(f"--errors {errors_dir} holds another job's complete output ({SUCCESS}): choose another")
@@ -448,7 +450,7 @@ def run_build_db(
         check_held(work)  # the fit may have run long: a lapsed claim's table may be another run's by now
         table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store, record)
         publish(rejects, errors_dir)
-        in_step(errors_dir, record, own_errors)
+        in_step(own_folder, record, True)  # follows the version now current, wherever this run's rows went
         forget_errors(work)
     search = f"IVF_FLAT index, {index_partitions(table_rows)} partitions" if indexed else "exact search"
     return BuildSummary(

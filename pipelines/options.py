@@ -294,10 +294,11 @@ def _closest(name: str, command_options: Iterable[str], elsewhere: Mapping[str, 
     """The hint for a misspelt option: the closest of the command's own, of another command's (`--moed` on classify is
     build-db's `--mode`) and of Beam's, said whose (`--moed` named `--zone`, a Dataflow option, as if classify's);
     the command's own first of equally close ones."""
-    beam = [o for o in _beam_parser()._option_string_actions if o.startswith("--")]
+    recorded = {f"--raee_{name}" for name in RECORDED}  # never to give: not to suggest either
+    beam = [o for o in _beam_parser()._option_string_actions if o.startswith("--") and o not in recorded]
     candidates = [(o, o) for o in command_options]
     candidates += [(o, f"{o}, {_of_others(o, commands)}") for o, commands in elsewhere.items()]
-    candidates += [(o, f"Beam's {o}") for o in beam]
+    candidates += [(o, f"the pipeline option {o}" if o.startswith("--raee_") else f"Beam's {o}") for o in beam]
     score, said = max(
         ((difflib.SequenceMatcher(None, name, o).ratio(), said) for o, said in candidates), key=lambda c: c[0]
     )

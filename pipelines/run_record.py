@@ -23,11 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import pyarrow as pa
 from raee_ops.pipelines.commit import remove_leftovers, say
-from raee_ops.schemas.tables import RUN_META_KEY
+from raee_ops.schemas.tables import LINEAGE_META_KEY, RUN_META_KEY
 
 from raee_ops import storage
 
@@ -52,19 +52,33 @@ class RunRecord:
     def new(cls, run_id: str, mode: str, job: str, rejected: int, base: pa.Schema | None) -> RunRecord:
         """This run's record; `base`: the schema of the version an append adds to (None: the table's first run),
         whose lineage this one's continues."""
-        before = cls.of(base) if mode == "append" and base is not None else None
-        if mode == "append" and base is not None and (before is None or before.lineage is None):
-            return cls(run_id, mode, job, rejected)
-        return cls(run_id, mode, job, rejected, [*(before.lineage if before else []), run_id])
+        if mode == "overwrite" or base is None:
+            return cls(run_id, mode, job, rejected, [run_id])
+        before = cls.of(base)
+        holds = before.holds if before is not None else None
+        return cls(run_id, mode, job, rejected, None if holds is None else [*holds, run_id])
+
+    @property
+    def holds(self) -> list[str] | None:
+        """The runs whose rows the version holds: its lineage; for an overwrite recorded before lineages were, itself
+        alone; else (such an append) not known."""
+        return self.lineage if self.lineage is not None or self.mode != "overwrite" else [self.run_id]
 
     def metadata(self) -> dict[bytes, bytes]:
-        return {RUN_META_KEY: json.dumps(asdict(self)).encode()}
+        record = {name: value for name, value in asdict(self).items() if name != "lineage"}
+        lineage = {} if self.lineage is None else {LINEAGE_META_KEY: json.dumps(self.lineage).encode()}
+        return {RUN_META_KEY: json.dumps(record).encode(), **lineage}
 
     @classmethod
     def of(cls, schema: pa.Schema) -> RunRecord | None:
-        """None: a table built before runs were recorded."""
-        raw = (schema.metadata or {}).get(RUN_META_KEY)
-        return None if raw is None else cls(**json.loads(raw))
+        """None: a table built before runs were recorded. Fields a later release added are passed by."""
+        metadata = schema.metadata or {}
+        raw, lineage = metadata.get(RUN_META_KEY), metadata.get(LINEAGE_META_KEY)
+        if raw is None:
+            return None
+        known = {f.name for f in fields(cls)} - {"lineage"}
+        record = {name: value for name, value in json.loads(raw).items() if name in known}
+        return cls(**record, lineage=None if lineage is None else json.loads(lineage))
 
 
 def scope(db_uri: str, table: str) -> str:
@@ -143,29 +157,28 @@ def settle_noted(
 def in_step(errors_dir: str, record: RunRecord | None, own: bool) -> None:
     """In the table's own errors folder, under the table's claim: the error files of the runs the current version
     (`record`) holds, the others' in `_replaced/`. A folder given with --errors may be shared by tables, so nothing
-    there is moved. Without a lineage (versions recorded before it), an overwrite's older runs' files are removed."""
+    there is moved. Where the runs a version holds are not known (an append an earlier release recorded), its own
+    run's files are brought back and none moved away: no file is set aside for it."""
     if not own or record is None:
         return
-    here = storage.match(storage.join(errors_dir, "errors-*.parquet"))
-    if record.lineage is None:
-        if record.mode == "overwrite":
-            storage.delete(f for f in here if not _of(f, [record.run_id]))
-        return
-    aside = storage.join(errors_dir, REPLACED)
-    away = [(f, storage.join(aside, storage.name(f))) for f in here if not _of(f, record.lineage)]
-    if away:
-        storage.mkdirs(aside)
-    storage.rename(away)
-    back = [f for f in storage.match(storage.join(aside, "errors-*.parquet")) if _of(f, record.lineage)]
+    aside, holds = storage.join(errors_dir, REPLACED), record.holds
+    if holds is not None:
+        here = storage.match(storage.join(errors_dir, "errors-*.parquet"))
+        away = [(f, storage.join(aside, storage.name(f))) for f in here if not _of(f, holds)]
+        if away:
+            storage.mkdirs(aside)
+        storage.rename(away)
+    back = [f for f in storage.match(storage.join(aside, "errors-*.parquet")) if _of(f, holds or [record.run_id])]
     storage.rename((f, storage.join(errors_dir, storage.name(f))) for f in back)
 
 
-def drop_replaced(errors_dir: str, lineages: list[list[str] | None]) -> None:
+def drop_replaced(errors_dir: str, records: list[RunRecord | None]) -> None:
     """After prune, in the table's own errors folder: the replaced files of runs no version left holds (kept all
-    while a version's lineage is unknown)."""
-    if any(lineage is None for lineage in lineages):
+    while the runs a version left holds are not known)."""
+    holds = [record.holds if record is not None else None for record in records]
+    if any(runs is None for runs in holds):
         return
-    held = [run for lineage in lineages for run in lineage]
+    held = [run for runs in holds for run in runs]
     aside = storage.match(storage.join(errors_dir, REPLACED, "errors-*.parquet"))
     storage.delete(f for f in aside if not _of(f, held))
 

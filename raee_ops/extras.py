@@ -13,8 +13,8 @@ from types import ModuleType
 
 from raee_ops.errors import MissingDependency
 
-#: What the export extra's torch needs said: a plain `pip install torch` takes the multi-GB CUDA build.
-NOTES = {"export": "torch from its CPU index first: see the README's Install"}
+#: What goes before an extra's line: a plain `pip install torch` takes the multi-GB CUDA build.
+FIRST = {"export": "pip install torch --index-url https://download.pytorch.org/whl/cpu (the CPU build) first, then "}
 
 
 def pins(extra: str) -> list[str]:
@@ -23,15 +23,15 @@ def pins(extra: str) -> list[str]:
         requirements = importlib.metadata.requires("raee-ops") or []
     except importlib.metadata.PackageNotFoundError:
         return []
-    marker = f'extra == "{extra}"'
-    return [r.split(";")[0].strip() for r in requirements if r.split(";", 1)[-1].strip() == marker]
+    marker = re.compile(rf"""extra\s*==\s*["']{re.escape(extra)}["']""")
+    return [r.split(";")[0].strip() for r in requirements if ";" in r and marker.fullmatch(r.split(";", 1)[1].strip())]
 
 
 def install_line(extra: str) -> str:
     """How to install `extra`: "pip install 'onnxruntime>=1.32.0' (raee-ops's cpu extra)"."""
-    about = "; ".join([f"raee-ops's {extra} extra", *([NOTES[extra]] if extra in NOTES else [])])
     packages = " ".join(f"'{p}'" for p in pins(extra))
-    return f"pip install {packages} ({about})" if packages else f"install {about}"
+    line = f"pip install {packages} (raee-ops's {extra} extra)" if packages else f"install raee-ops's {extra} extra"
+    return FIRST.get(extra, "") + line
 
 
 ONNXRUNTIME_MISSING = (
@@ -51,6 +51,23 @@ def require(extra: str, what: str) -> None:
     """Refuse, before any work, to run `what` without every package of `extra` (found, not imported: torch takes
     seconds to import)."""
     names = [re.match(r"[A-Za-z0-9_.-]+", pin).group(0) for pin in pins(extra)]
-    missing = [name for name in names if importlib.util.find_spec(name.replace("-", "_")) is None]
+    missing = [name for name in names if not _installed(name)]
     if missing:
         raise MissingDependency(f"{what} needs {', '.join(missing)}: {install_line(extra)}")
+
+
+def _installed(name: str) -> bool:
+    """Whether a distribution is installed and a module of it can be found (its modules may be named otherwise:
+    pytest-xdist installs `xdist`)."""
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    wanted = _normal(name)
+    provided = importlib.metadata.packages_distributions().items()
+    modules = [module for module, dists in provided if wanted in map(_normal, dists)]
+    return not modules or any(importlib.util.find_spec(module) is not None for module in modules)
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()

@@ -212,8 +212,7 @@ def _prune(
         missing = (kept - left) | (features_kept - features_left)
         if missing:  # the cut is by time; a version meant to stay that is gone is a bug to hear of, loudly
             raise RuntimeError(f"prune removed version(s) {ranges(sorted(missing))} of {table!r} it meant to keep")
-        records = [RunRecord.of(schema) for schema in _schemas(handle, left)]
-        drop_replaced(default_errors_dir(db_uri, table), [r.lineage if r else None for r in records])
+        drop_replaced(default_errors_dir(db_uri, table), [RunRecord.of(schema) for schema in _schemas(handle, left)])
         return Pruned(
             table,
             *_split(history, left),

@@ -32,6 +32,9 @@ FEATURES_VERSION_META_KEY = b"raee_features_version"
 #: The build-db run that wrote this exit-table version (raee_ops.pipelines.run_record): its id, mode and job (settings
 #: and input files), so a retried append of the same job is known to be done.
 RUN_META_KEY = b"raee_run"
+#: The runs whose rows the version holds (its lineage), beside the run record rather than in it: a release before it
+#: refused a run record with a field it did not know.
+LINEAGE_META_KEY = b"raee_run_lineage"
 #: Names a table may have: LanceDB's characters, no leading dot (a table is a folder `<name>.lance` in the database).
 TABLE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 VIEWS_STAGED = 4  # len(raee_ops.probes.VIEWS), which checks it; schemas import nothing from the core

@@ -27,3 +27,10 @@ def test_export_without_its_extra_is_one_error_line_before_any_work(tmp_path):
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
     assert len(errors) == 1 and errors[0].startswith("error: export-onnx needs gguf: pip install ")
     assert "raee-ops's export extra" in errors[0] and not (tmp_path / "art").exists()
+
+
+def test_a_package_is_found_by_its_modules_whatever_their_names():
+    from raee_ops import extras
+
+    extras.require("dev", "the tests")  # pytest-xdist installs `xdist`, moto[server] `moto`: all installed here
+    assert extras.install_line("export").startswith("pip install torch --index-url ")  # the CPU build first

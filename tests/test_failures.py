@@ -126,6 +126,8 @@ def test_2_misspelt_options_are_usage_errors_naming_the_closest(segment_artifact
     assert run.returncode == 2 and "(did you mean --mode, an option of build-db, not of this command?)" in line
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=["--runer", "x"]))
     assert run.returncode == 2 and "(did you mean Beam's --runner?)" in one_error_line(run)
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", train, extra=["--raee_mode", "x"]))
+    assert run.returncode == 2 and "--raee_db" not in one_error_line(run)  # an option never to give, not suggested
     misspelt_required = [
         "--artifact" if a == "--artifacts" else a for a in classify_args(segment_artifacts, db, tmp_path / "o", train)
     ]

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from raee_ops.pipelines import build_db, sources
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.sources import file_key, read_validated_file
+from raee_ops.schemas.tables import RUN_META_KEY
 from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops.errors import RaeeConfigError
@@ -132,6 +134,51 @@ def test_the_errors_folder_holds_the_rejected_rows_of_the_runs_the_current_versi
     assert ds.dataset(str(folder)).count_rows() == 2 * len(BAD_IDS)
     prune(db, "t", 1, timedelta(0))  # no version left holds b's first run or c
     assert state() == (a | again, set())
+
+
+def test_the_errors_folder_after_an_earlier_release_and_whichever_errors_folder_a_run_names(
+    segment_artifacts,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    """Versions an earlier release wrote record no lineage: a rollback to one deleted newer runs' rejected rows (it
+    took the earlier rule, an overwrite's older runs' files removed); the run record keeps the fields that release
+    reads (it refused the table, exit 1, on an unknown one). The table's own folder named with --errors is its own
+    folder, and it follows the current version when a run writes its rows elsewhere."""
+    db, folder = str(tmp_path / "db"), tmp_path / "db" / "_errors" / "t"
+
+    def build(name, mode, errors=None):
+        data = str(labelled(tmp_path / f"{name}.parquet", 8, 3, name))
+        run_build_db(segment_artifacts, "sst2", [data], db, "t", KEY, mode, errors)
+        return {p.name for p in folder.glob("**/errors-*.parquet")}
+
+    def state():
+        return {p.name for p in folder.glob("errors-*.parquet")}, {p.name for p in folder.glob("_replaced/*")}
+
+    with monkeypatch.context() as earlier:  # versions as the earlier release wrote them
+        fields = lambda r: {k: v for k, v in asdict(r).items() if k != "lineage"}  # noqa: E731
+        earlier.setattr(build_db.RunRecord, "metadata", lambda r: {RUN_META_KEY: json.dumps(fields(r)).encode()})
+        new = classmethod(lambda cls, run, mode, job, rejected, base: cls(run, mode, job, rejected))
+        earlier.setattr(build_db.RunRecord, "new", new)
+        a = build("a", "overwrite")  # version 1
+        b = build("b", "append") - a  # 2
+    c = build("c", "append") - a - b  # 3: which runs it holds is not known (its base's are not)
+    d = build("d", "overwrite") - a - b - c  # 4
+    assert state() == (d, a | b | c)
+    assert set(json.loads(lancedb.connect(db).open_table("t").schema.metadata[RUN_META_KEY])) == {
+        "run_id",
+        "mode",
+        "job",
+        "rejected",
+    }
+    rollback(db, "t", 1)  # 5: an overwrite the earlier release recorded holds its own run's rows
+    assert state() == (a, b | c | d)
+    rollback(db, "t", 4)  # 6: d's rejected rows were deleted for good here
+    assert state() == (d, a | b | c)
+    e = build("e", "overwrite", str(folder)) - a - b - c - d  # the own folder, named: d's moved aside as before
+    assert state() == (e, a | b | c | d)
+    build("f", "overwrite", str(tmp_path / "elsewhere"))  # rows elsewhere: the own folder holds none of f's runs
+    assert state() == (set(), a | b | c | d | e)
 
 
 def test_classify_raee_predicts_valid_rows_and_rejects_bad(segment_artifacts, built):  # noqa: F811

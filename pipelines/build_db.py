@@ -40,7 +40,6 @@ from raee_ops.pipelines.run_record import (
     scope,
     settle,
     settle_noted,
-    shown_runs,
     staging_dir,
 )
 from raee_ops.pipelines.sources import (
@@ -446,8 +445,7 @@ def run_build_db(
                 layer_price=layer_price,
                 group_of=group_of,
             )
-        base_schema = previous[0].schema if previous[0] is not None else None
-        record = RunRecord.new(run_id, mode, job, rejected, base_schema, shown_runs(own_folder))
+        record = RunRecord.new(run_id, mode, job, rejected, previous[0].schema if previous[0] is not None else None)
         fault_point("commit:errors")
         check_held(work)  # the fit may have run long: a lapsed claim's table may be another run's by now
         table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store, record)

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import pyarrow as pa
@@ -35,8 +34,6 @@ from raee_ops import storage
 STAGING, UNCOMMITTED, REPLACED = "_staging", "_uncommitted", "_replaced"
 #: In the table's work folder, from before a run stages rejected rows until it has published them: its errors folder.
 NOTE = "_ERRORS"
-#: A published error file's name: `errors-<run id>` and Beam's shard template.
-_SHARD = re.compile(r"errors-(.+)-\d+-of-\d+\.parquet")
 
 
 @dataclass(frozen=True)
@@ -52,19 +49,14 @@ class RunRecord:
     lineage: list[str] | None = None
 
     @classmethod
-    def new(
-        cls, run_id: str, mode: str, job: str, rejected: int, base: pa.Schema | None, shown: Sequence[str] = ()
-    ) -> RunRecord:
+    def new(cls, run_id: str, mode: str, job: str, rejected: int, base: pa.Schema | None) -> RunRecord:
         """This run's record; `base`: the schema of the version an append adds to (None: the table's first run),
-        whose lineage this one's continues. Where the runs the base holds are not known (an append an earlier
-        release recorded), the lineage starts from `shown`, the runs whose files the table's own errors folder
-        shows: what that release kept there stays, and the table follows the rule from here on."""
+        whose lineage this one's continues."""
         if mode == "overwrite" or base is None:
             return cls(run_id, mode, job, rejected, [run_id])
         before = cls.of(base)
         holds = before.holds if before is not None else None
-        earlier = [run for run in (shown if holds is None else holds) if run != run_id]
-        return cls(run_id, mode, job, rejected, [*earlier, run_id])
+        return cls(run_id, mode, job, rejected, None if holds is None else [*holds, run_id])
 
     @property
     def holds(self) -> list[str] | None:
@@ -189,12 +181,6 @@ def drop_replaced(errors_dir: str, records: list[RunRecord | None]) -> None:
     held = [run for runs in holds for run in runs]
     aside = storage.match(storage.join(errors_dir, REPLACED, "errors-*.parquet"))
     storage.delete(f for f in aside if not _of(f, held))
-
-
-def shown_runs(errors_dir: str) -> list[str]:
-    """The runs whose error files the folder shows (not those set aside), by their names' run ids."""
-    names = (storage.name(f) for f in storage.match(storage.join(errors_dir, "errors-*.parquet")))
-    return sorted({m.group(1) for m in map(_SHARD.fullmatch, names) if m})
 
 
 def _of(path: str, runs: list[str]) -> bool:

@@ -382,6 +382,11 @@ def run_build_db(
     own_folder = default_errors_dir(db_uri, table)
     errors_dir = errors_dir or own_folder
     own_errors = storage.resolved(errors_dir) == storage.resolved(own_folder)
+    if not own_errors and storage.within(errors_dir, own_folder):
+        raise RaeeConfigError(
+            f"--errors {errors_dir} is inside the table's own errors folder {own_folder}, which holds its runs' files "
+            "and sets some aside: give that folder itself (or leave --errors out), or one outside it"
+        )
     storage.check_folder(errors_dir, "--errors")
     if storage.exists(storage.join(errors_dir, SUCCESS)):  # a classify output: its _SUCCESS would not list our files
         raise RaeeConfigError(f"--errors {errors_dir} holds another job's complete output ({SUCCESS}): choose another")

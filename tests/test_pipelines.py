@@ -179,6 +179,14 @@ def test_the_errors_folder_after_an_earlier_release_and_whichever_errors_folder_
     assert state() == (e, a | b | c | d)
     build("f", "overwrite", str(tmp_path / "elsewhere"))  # rows elsewhere: the own folder holds none of f's runs
     assert state() == (set(), a | b | c | d | e)
+    for inside in ("sub", "_replaced"):  # the own folder would show another folder's rows, or lose its own
+        with pytest.raises(RaeeConfigError, match="is inside the table's own errors folder"):
+            build("g", "append", str(folder / inside))
+    rollback(db, "t", 2)  # an append of that release: its own run's files back, none set aside
+    g = build("g", "append") - a - b - c - d - e  # onto it: which runs it holds is not known either
+    prune(db, "t", 1, timedelta(0))  # kept every set-aside file: a guessed lineage had it delete a's for good
+    shown, aside = state()
+    assert b | g <= shown and shown | aside == a | b | c | d | e | g
 
 
 def test_classify_raee_predicts_valid_rows_and_rejects_bad(segment_artifacts, built):  # noqa: F811

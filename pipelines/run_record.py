@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
@@ -34,6 +35,8 @@ from raee_ops import storage
 STAGING, UNCOMMITTED, REPLACED = "_staging", "_uncommitted", "_replaced"
 #: In the table's work folder, from before a run stages rejected rows until it has published them: its errors folder.
 NOTE = "_ERRORS"
+#: A published error file's name: `errors-<run id>` and Beam's shard template.
+_SHARD = re.compile(r"errors-(.+)-\d+-of-\d+\.parquet")
 
 
 @dataclass(frozen=True)
@@ -161,14 +164,15 @@ def in_step(errors_dir: str, record: RunRecord | None, own: bool) -> None:
     run's files are brought back and none moved away: no file is set aside for it."""
     if not own or record is None:
         return
-    aside, holds = storage.join(errors_dir, REPLACED), record.holds
-    if holds is not None:
+    aside, known = storage.join(errors_dir, REPLACED), record.holds
+    holds = set(known) if known is not None else {record.run_id}
+    if known is not None:
         here = storage.match(storage.join(errors_dir, "errors-*.parquet"))
         away = [(f, storage.join(aside, storage.name(f))) for f in here if not _of(f, holds)]
         if away:
             storage.mkdirs(aside)
         storage.rename(away)
-    back = [f for f in storage.match(storage.join(aside, "errors-*.parquet")) if _of(f, holds or [record.run_id])]
+    back = [f for f in storage.match(storage.join(aside, "errors-*.parquet")) if _of(f, holds)]
     storage.rename((f, storage.join(errors_dir, storage.name(f))) for f in back)
 
 
@@ -178,11 +182,13 @@ def drop_replaced(errors_dir: str, records: list[RunRecord | None]) -> None:
     holds = [record.holds if record is not None else None for record in records]
     if any(runs is None for runs in holds):
         return
-    held = [run for runs in holds for run in runs]
+    held = {run for runs in holds for run in runs}
     aside = storage.match(storage.join(errors_dir, REPLACED, "errors-*.parquet"))
     storage.delete(f for f in aside if not _of(f, held))
 
 
-def _of(path: str, runs: list[str]) -> bool:
-    """Whether an error file is one of `runs`' (`errors-<run id>-<shard>`)."""
-    return any(storage.name(path).startswith(f"errors-{run}-") for run in runs)
+def _of(path: str, runs: set[str]) -> bool:
+    """Whether an error file is one of `runs`' (`errors-<run id>` and Beam's shard template; a lineage grows by one
+    run an append, so runs are a set)."""
+    named = _SHARD.fullmatch(storage.name(path))
+    return named is not None and named.group(1) in runs

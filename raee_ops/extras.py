@@ -9,6 +9,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import re
+from collections.abc import Mapping
 from types import ModuleType
 
 from raee_ops.errors import MissingDependency
@@ -34,9 +35,9 @@ def install_line(extra: str) -> str:
     return FIRST.get(extra, "") + line
 
 
-ONNXRUNTIME_MISSING = (
-    f"ONNX Runtime is not installed: {install_line('cpu')}, or on CUDA machines {install_line('gpu')}, not both"
-)
+def onnxruntime_missing() -> str:
+    """The line for a missing ONNX Runtime (built when needed: it reads the installation's metadata)."""
+    return f"ONNX Runtime is not installed: {install_line('cpu')}, or on CUDA machines {install_line('gpu')}, not both"
 
 
 def onnxruntime() -> ModuleType:
@@ -44,19 +45,20 @@ def onnxruntime() -> ModuleType:
     try:
         return importlib.import_module("onnxruntime")
     except ImportError as exc:
-        raise MissingDependency(ONNXRUNTIME_MISSING) from exc
+        raise MissingDependency(onnxruntime_missing()) from exc
 
 
 def require(extra: str, what: str) -> None:
     """Refuse, before any work, to run `what` without every package of `extra` (found, not imported: torch takes
     seconds to import)."""
     names = [re.match(r"[A-Za-z0-9_.-]+", pin).group(0) for pin in pins(extra)]
-    missing = [name for name in names if not _installed(name)]
+    provided = importlib.metadata.packages_distributions()  # module -> distributions: ~0.1 s, so read once
+    missing = [name for name in names if not _installed(name, provided)]
     if missing:
         raise MissingDependency(f"{what} needs {', '.join(missing)}: {install_line(extra)}")
 
 
-def _installed(name: str) -> bool:
+def _installed(name: str, provided: Mapping[str, list[str]]) -> bool:
     """Whether a distribution is installed and a module of it can be found (its modules may be named otherwise:
     pytest-xdist installs `xdist`)."""
     try:
@@ -64,8 +66,7 @@ def _installed(name: str) -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
     wanted = _normal(name)
-    provided = importlib.metadata.packages_distributions().items()
-    modules = [module for module, dists in provided if wanted in map(_normal, dists)]
+    modules = [module for module, dists in provided.items() if wanted in map(_normal, dists)]
     return not modules or any(importlib.util.find_spec(module) is not None for module in modules)
 
 

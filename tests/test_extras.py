@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from raee_ops.extras import ONNXRUNTIME_MISSING
+from raee_ops.extras import onnxruntime_missing
 
 WITHOUT_ORT = "import sys; sys.modules['onnxruntime'] = None; from raee_ops.cli import main; main()"
 
@@ -14,7 +14,7 @@ def test_no_onnxruntime_is_one_error_line_naming_the_extras(tmp_path):
     run = subprocess.run([sys.executable, "-c", WITHOUT_ORT, *args], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
-    assert errors == [f"error: {ONNXRUNTIME_MISSING}"]  # Beam's own import-time warnings may precede it
+    assert errors == [f"error: {onnxruntime_missing()}"]  # Beam's own import-time warnings may precede it
     # raee-ops is not on PyPI: the line names the packages themselves, not `raee-ops[cpu]`
     assert "pip install 'onnxruntime>=" in run.stderr and "pip install 'onnxruntime-gpu>=" in run.stderr
 

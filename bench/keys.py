@@ -36,6 +36,7 @@ from common import (
 )
 from quality import SEED, K, ensure_artifacts, read_checked
 from raee_ops.onnx_export.embedder import export_embedder
+from raee_ops.schemas.manifest import sealed
 
 from raee_ops.layer_key import LayerKey
 from raee_ops.metrics import task_metric
@@ -71,7 +72,7 @@ def key_artifacts(artifacts: Path, names: tuple[str, ...] = EXPORTED, tag: str =
             continue
         entry = export_embedder(name, out)
         manifest["embedders"][entry.name] = asdict(entry)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (out / "manifest.json").write_text(sealed(manifest))
     return out
 
 

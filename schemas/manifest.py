@@ -17,6 +17,9 @@ from raee_ops.errors import ArtifactError
 FORMAT = "raee-segments/1"
 MANIFEST_NAME = "manifest.json"
 READOUTS = ("last", "mask", "cls")
+#: The field holding the sha256 of the manifest's other fields: the file checksums vouch for the files, the seal
+#: for the settings beside them (template, labels, layer order, sizes), which a hand edit changed without a word.
+SEAL = "seal"
 
 
 def sha256_stream(handle: BinaryIO) -> str:
@@ -117,7 +120,7 @@ class Manifest:
     format: str = FORMAT
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
+        return sealed(asdict(self))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Manifest:
@@ -177,6 +180,17 @@ class Manifest:
         return self.tasks[name]
 
 
+def sealed(raw: dict[str, Any]) -> str:
+    """`raw` as manifest.json's text, sealed: what export-onnx (or a tool that adds to an export) writes."""
+    return json.dumps({**raw, SEAL: _seal(raw)}, indent=2)
+
+
+def _seal(raw: dict[str, Any]) -> str:
+    """The sha256 of the fields besides the seal, whatever the file's layout: reformatting is not a change."""
+    body = {k: v for k, v in raw.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
     path = Path(directory) / MANIFEST_NAME
     path.write_text(manifest.to_json())
@@ -184,8 +198,17 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
 
 
 def parse_manifest(text: str, where: str) -> Manifest:
+    """The manifest in `text`, refused with one line if it is not one an export wrote: unreadable, of another
+    format, edited after export-onnx sealed it (an export from before seals has none), or with settings no export
+    writes."""
     try:
-        manifest = Manifest.from_dict(json.loads(text))
+        raw = json.loads(text)
+        if isinstance(raw, dict) and SEAL in raw and raw[SEAL] != _seal(raw):
+            raise ArtifactError(
+                f"{where} was changed after export-onnx wrote it (its seal does not match its contents): export "
+                "again with the settings you want rather than edit it"
+            )
+        manifest = Manifest.from_dict(raw)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # the last: a list where a mapping belongs
         raise ArtifactError(f"{where} is not a valid manifest: {exc}") from exc
     if manifest.format != FORMAT:

@@ -23,7 +23,7 @@ from raee_ops.onnx_export.adapters.gemma3 import Gemma3Adapter
 from raee_ops.onnx_export.loader import load_model
 from raee_ops.onnx_export.model_source import fingerprint, gguf_data_end, resolve
 from raee_ops.pipelines.export import run_export
-from raee_ops.schemas.manifest import MANIFEST_NAME, load_manifest
+from raee_ops.schemas.manifest import MANIFEST_NAME, load_manifest, sealed
 from segment_artifacts import make_artifacts
 from tiny_models import build_tiny_gemma3
 
@@ -118,7 +118,7 @@ def test_a_manifest_of_the_wrong_json_types_or_settings_is_not_a_valid_one(
     copy = Path(shutil.copytree(tiny_llama_artifacts, tmp_path / "copy"))
     manifest = json.loads((copy / MANIFEST_NAME).read_text())
     edit(manifest)
-    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    (copy / MANIFEST_NAME).write_text(sealed(manifest))
     with pytest.raises(ArtifactError, match="is not a valid manifest"):
         load_manifest(copy)
 
@@ -142,9 +142,35 @@ def test_manifest_sizes_are_checked_against_the_graphs_when_they_load(
     SegmentRuntime(copy)
     manifest = json.loads((copy / MANIFEST_NAME).read_text())
     edit(manifest)
-    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    (copy / MANIFEST_NAME).write_text(sealed(manifest))
     with pytest.raises(ArtifactError, match=problem):
         SegmentRuntime(copy)
+
+
+def test_a_manifest_edited_after_export_is_refused_and_reformatting_is_not_an_edit(
+    tiny_llama_artifacts: Path, tmp_path: Path
+) -> None:
+    """The checksums cover the files, not the settings beside them: a hand-edited template, label order or layer
+    list was accepted, and build-db built a table of wrong answers from it, exit 0. Laid out otherwise, the same
+    content is the same manifest; an export from before seals has none and still loads."""
+    copy = Path(shutil.copytree(tiny_llama_artifacts, tmp_path / "copy"))
+    raw = json.loads((copy / MANIFEST_NAME).read_text())
+    assert raw["seal"]
+    (copy / MANIFEST_NAME).write_text(json.dumps(dict(reversed(raw.items())), separators=(",", ":")))
+    assert load_manifest(copy) == load_manifest(tiny_llama_artifacts)
+    for edit in (
+        lambda m: m["tasks"]["sst2"].update(label_names=m["tasks"]["sst2"]["label_names"][::-1]),
+        lambda m: m["segments"].update(layers=m["segments"]["layers"][::-1]),
+        lambda m: m.update(max_length=m["max_length"] * 2),
+    ):
+        edited = json.loads(json.dumps(raw))
+        edit(edited)
+        (copy / MANIFEST_NAME).write_text(json.dumps(edited, indent=2))
+        with pytest.raises(ArtifactError, match="was changed after export-onnx wrote it"):
+            load_manifest(copy)
+    del raw["seal"]
+    (copy / MANIFEST_NAME).write_text(json.dumps(raw))
+    assert load_manifest(copy) == load_manifest(tiny_llama_artifacts)
 
 
 def test_checksums_are_hashed_once_per_process_until_a_file_changes(

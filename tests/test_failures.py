@@ -25,7 +25,7 @@ from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.commit import locked, new_run_id, scratch_folder
 from raee_ops.pipelines.inference import BuildHandler, ClassifyHandler
 from raee_ops.pipelines.sources import read_validated_file
-from raee_ops.schemas.manifest import load_manifest
+from raee_ops.schemas.manifest import load_manifest, sealed
 from raee_ops.schemas.tables import FEATURES_SUFFIX
 from segment_artifacts import make_artifacts, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled, sentences
@@ -677,7 +677,7 @@ def test_19_a_broken_artifact_fails_the_job_it_never_rejects_the_rows(segment_ar
     head = manifest["tasks"]["sst2"]["head"]
     (broken / head["file"]).write_bytes(b"not an onnx graph")
     head["sha256"] = hashlib.sha256(b"not an onnx graph").hexdigest()
-    (broken / "manifest.json").write_text(json.dumps(manifest))
+    (broken / "manifest.json").write_text(sealed(manifest))
     train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
     run = raee_ops(*build_args(broken, tmp_path / "db", train, extra=["--max-rejected", "1", "--allow-empty"]))
     assert run.returncode == 1 and "inference failed on every row of a batch" in one_error_line(run), run.stderr
@@ -766,7 +766,7 @@ def test_a_table_built_with_another_prompt_is_refused(segment_artifacts, db, tmp
     shutil.copytree(segment_artifacts, other)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["tasks"]["sst2"]["template"] = "Review: {text} Verdict:"
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    (other / "manifest.json").write_text(sealed(manifest))
     queries = labelled(tmp_path / "q.parquet", 3, 1, "q", bad=False)
     run = raee_ops(*classify_args(other, db, tmp_path / "out", queries))
     assert run.returncode == 2 and "the task's prompt, labels or head differ" in one_error_line(run)
@@ -1038,6 +1038,21 @@ def test_workers_refuse_artifacts_an_export_replaced_after_the_runs_checks(segme
     assert BuildHandler(str(segment_artifacts), PRESETS["sst2"], "backbone", checked=checked).load_model()
 
 
+def test_build_db_refuses_a_manifest_edited_after_export(segment_artifacts, tmp_path):  # noqa: F811
+    """Label names swapped by hand were taken, exit 0: the table's answers then carried each other's names, and
+    nothing the checksums cover had changed. Refused with one line before anything is made."""
+    edited = tmp_path / "artifacts"
+    shutil.copytree(segment_artifacts, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["tasks"]["sst2"]["label_names"].reverse()
+    (edited / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
+    run = raee_ops(*build_args(edited, tmp_path / "db", train))
+    assert run.returncode == 2, run.stderr
+    assert "manifest.json was changed after export-onnx wrote it" in one_error_line(run)
+    assert not (tmp_path / "db").exists()
+
+
 def republished_with(artifacts: Path, other: Path, name: str, into: Path) -> Path:
     """A copy of `artifacts` with file `name` taken from `other` and the manifest vouching for it: a valid export
     that differs from `artifacts` in that file only."""
@@ -1046,7 +1061,7 @@ def republished_with(artifacts: Path, other: Path, name: str, into: Path) -> Pat
     digest = hashlib.sha256((into / name).read_bytes()).hexdigest()
     text = (into / "manifest.json").read_text()
     old = next(ref.sha256 for ref in load_manifest(artifacts).file_refs() if ref.file == name)
-    (into / "manifest.json").write_text(text.replace(old, digest))
+    (into / "manifest.json").write_text(sealed(json.loads(text.replace(old, digest))))
     return into
 
 

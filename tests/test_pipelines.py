@@ -21,6 +21,7 @@ from raee_ops.pipelines import build_db, sources
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.sources import file_key, read_validated_file
+from raee_ops.schemas.manifest import sealed
 from raee_ops.schemas.tables import RUN_META_KEY
 from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
@@ -280,7 +281,7 @@ def test_mismatched_tables_and_run_level_errors_fail_before_work(segment_artifac
     shutil.copytree(segment_artifacts, tampered)
     manifest = json.loads((tampered / "manifest.json").read_text())
     manifest["model"]["fingerprint"] = "other"
-    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    (tampered / "manifest.json").write_text(sealed(manifest))
     with pytest.raises(RaeeConfigError, match="fingerprint"):
         classify(tampered, root, "tampered")
     with pytest.raises(RaeeConfigError, match="unknown strategy"):

@@ -1,7 +1,8 @@
 """Export one segment module to ONNX with fixed input/output names and dynamic batch and sequence axes.
 
-Generic on purpose: the adapter hands over a plain torch module and says (via `dynamo`) which exporter path
-its architecture needs; nothing here knows about model names.
+Generic on purpose: the adapter hands over a plain torch module, which may name its own graph inputs and outputs
+(`input_names`, `output_names`); nothing here knows about model names. Every architecture exports with the legacy
+(TorchScript, `dynamo=False`) exporter.
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ def export_segment(
     kind: str,
     hidden_size: int,
     path: Path,
-    dynamo: bool,
     embed: torch.nn.Module | None = None,
 ) -> None:
     """Write `module` (a segment of `kind`: embed, layer or head) to `path` and check it with onnx.checker;
@@ -74,27 +74,14 @@ def export_segment(
     args = example_inputs(kind, hidden_size, inputs, embed)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape-derived values are expected here
-        if dynamo:
-            shapes = {name: {axis: torch.export.Dim.AUTO for axis in axes[name]} for name in inputs}
-            program = torch.onnx.export(
-                module.eval(),
-                args,
-                input_names=inputs,
-                output_names=outputs,
-                opset_version=max(OPSET, 18),
-                dynamo=True,
-                dynamic_shapes=shapes,
-            )
-            program.save(str(path), external_data=False)  # one self-contained file per manifest entry
-        else:
-            torch.onnx.export(
-                module.eval(),
-                args,
-                str(path),
-                input_names=inputs,
-                output_names=outputs,
-                opset_version=OPSET,
-                dynamo=False,
-                dynamic_axes=axes,
-            )
+        torch.onnx.export(
+            module.eval(),
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            opset_version=OPSET,
+            dynamo=False,
+            dynamic_axes=axes,
+        )
     onnx.checker.check_model(str(path))

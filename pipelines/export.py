@@ -103,9 +103,7 @@ class ExportSegmentFn(beam.DoFn):
         with scratch_folder("segment-scratch") as scratch:  # this worker's own disk
             local = Path(scratch) / job.file
             embed = adapter.embed_segment() if job.kind == "layer" else None  # a layer's example per-batch inputs
-            export_segment(
-                modules[job.kind](), job.kind, adapter.hidden_size, local, dynamo=type(adapter).dynamo, embed=embed
-            )
+            export_segment(modules[job.kind](), job.kind, adapter.hidden_size, local, embed=embed)
             if self.optimize and job.kind == "layer":  # each worker fuses its own layers, once, here
                 optimize_graph(local)
             ref = FileRef.of(Path(scratch), job.file)

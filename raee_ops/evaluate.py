@@ -3,10 +3,10 @@
 Every valid row runs through all layers once, through build-db's own handler (same prompts, keys, overlong
 rejections and per-row failure isolation), so evaluated rows are exactly what a reference table would hold.
 Retrieval runs once with the most neighbours any strategy needs. A strategy only picks a layer and reads
-that layer's head, so every strategy is scored from the stored per-layer log-probs without rerunning the model
-(softmax is shift-invariant, so log-probs answer exactly as logits would). Beside the report, every scored row's
-answer and exit under each strategy (predictions.parquet): the rows behind each number, for error analysis and for
-pairing two evaluations of the same rows.
+that layer's head or probe, so every strategy is scored from both's stored per-layer log-probs without rerunning
+the model (softmax is shift-invariant, so log-probs answer exactly as logits would). Beside the report, every
+scored row's answer and exit under each strategy (predictions.parquet): the rows behind each number, for error
+analysis and for pairing two evaluations of the same rows.
 
 A backbone without a label-word head (a bare encoder) has no zero-shot numbers: the head's per-layer scores, the
 full model, the oracle and the head-reading baselines are None (absent, shown as "–"), never made up; strategies
@@ -161,12 +161,6 @@ def _run_layers(
         rows.append(outcome.rows.drop_columns([FEATURES]))
         rejected += outcome.errors.to_pylist()
         progress.advance(min(CHUNK, table.num_rows - offset))
-    if not rows:
-        return (
-            handler.empty(model).drop_columns([FEATURES]),
-            np.zeros((num_layers, 0, probes.key.bias.shape[0])),
-            rejected,
-        )
     return pa.concat_tables(rows), np.concatenate(probe_lp, axis=1), rejected
 
 

@@ -239,8 +239,8 @@ def _invalid(m: Manifest) -> str | None:
         return f"readout {m.readout!r}, expected one of {', '.join(READOUTS)}"
     if m.readout == "mask" and not isinstance(m.tokenizer.mask_token_id, int):
         return "readout 'mask' without the tokenizer's mask_token_id"
-    if m.padding_side not in ("left", "right"):
-        return f"padding_side {m.padding_side!r}, expected left or right"
+    if m.padding_side != "right":  # the runtime pads on the right: a left-padded export's rows would read padding
+        return f"padding_side {m.padding_side!r}, expected right"
     if not isinstance(m.label_word_head, bool):
         return f"label_word_head {m.label_word_head!r}, expected true or false"
     return None

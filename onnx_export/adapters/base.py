@@ -4,11 +4,15 @@ An adapter wraps a loaded transformers model and hands the exporter plain `torch
 fixed signatures. The generic exporter and verifier never branch on model names; everything
 architecture-specific (masks, rotary tables, embedding scaling, heads, positions) lives in the adapter.
 
-Segment signatures (all tensors batch-first, B and T dynamic, right padding):
+Segment signatures (all tensors batch-first, B and T dynamic, right padding), the defaults of
+`onnx_export.segments.IO_NAMES`:
 - embed:  (input_ids int64 B×T, attention_mask int64 B×T) -> hidden_states float32 B×T×H
 - layer:  (hidden_states float32 B×T×H, attention_mask int64 B×T) -> hidden_states_out float32 B×T×H
 - head:   (hidden_states float32 B×H) -> logits float32 B×C, one column per label
-Positions are derived from attention_mask inside the segments, so a padded row equals the same row alone.
+A segment module may name its own inputs and outputs (`input_names`, `output_names`): decoder embeds also return
+per-batch tensors computed once from attention_mask (an attention bias and rotary cos/sin per attention kind), and
+their layers take those instead of attention_mask (adapters/decoder.py). Either way a padded row equals the same
+row alone.
 """
 
 from __future__ import annotations
@@ -32,8 +36,7 @@ class ArchitectureAdapter(ABC):
     readout: ClassVar[str]
     #: The transformers auto class that loads this kind of model (e.g. transformers.AutoModelForCausalLM).
     auto_class: ClassVar[Any]
-    #: torch.onnx.export path for this architecture's segments.
-    dynamo: ClassVar[bool] = False
+    #: The runtime pads on the right, so every architecture's segments must take right-padded batches.
     padding_side: ClassVar[str] = "right"
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any) -> None:

@@ -106,7 +106,7 @@ class Rows:
     prompts: list[str]
     labels: np.ndarray
     ids: list[list[int]]
-    bare: list[str]  # the texts as the backbone reads them bare (tasks.FORMS), for probes that read that form
+    bare: list[str]  # the texts as the backbone reads them bare (schemas.tables.FORMS), for probes that read that form
 
     def rendered(self, form: str) -> list[str]:
         return self.bare if form == "bare" else self.prompts

@@ -33,7 +33,7 @@ def _model(name: str, nodes: list, inputs: list, outputs: list, initializers: li
 
 def pool_graph() -> onnx.ModelProto:
     """hidden_states B×T×H, attention_mask B×T (int64), positions B (int64) -> pooled B×2×H (float32), in
-    runtime.POOLINGS order: the masked mean, then the readout token's states."""
+    schemas.tables.POOLINGS order: the masked mean, then the readout token's states."""
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
     consts = [
         helper.make_tensor("axis_1", i64, [1], [1]),

@@ -20,7 +20,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from raee_ops.schemas.manifest import Manifest
-from raee_ops.schemas.tables import FEATURES, LABEL, PREDICTION_FIELDS, TEXT, TEXT_PAIR, layer_rows_schema
+from raee_ops.schemas.tables import FEATURES, FORMS, LABEL, PREDICTION_FIELDS, TEXT, TEXT_PAIR, layer_rows_schema
 
 from raee_ops import logs, storage
 from raee_ops.artifacts import local_artifacts
@@ -36,7 +36,7 @@ from raee_ops.readout import answer_batch
 from raee_ops.retrieval import Retriever
 from raee_ops.rows import ROW_ID, internal_errors, output_rows, unjoinable
 from raee_ops.runtime import SegmentRuntime, mean_states
-from raee_ops.tasks import FORMS, Task
+from raee_ops.tasks import Task
 
 
 def _beam_inference_base():
@@ -224,7 +224,7 @@ class _RaeeHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         return np.zeros(table.num_rows, bool), ""
 
     def form(self, model: Loaded) -> str:
-        """The input form (tasks.FORMS) of the texts checked for length and handed to `predict`."""
+        """The input form (schemas.tables.FORMS) of the texts checked for length and handed to `predict`."""
         return "prompt"
 
     def runs_backbone(self, model: Loaded) -> bool:

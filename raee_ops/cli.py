@@ -21,6 +21,7 @@ import click
 
 from raee_ops import extras, logs
 from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, StoreUnavailable, first_line
+from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES
 from raee_ops.key_names import DEFAULT_KEY, parse_embedder
 from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
@@ -486,8 +487,8 @@ def build_db(
 )
 @click.option(
     "--strategy",
-    help="Exit strategy: probe-fused (default), probe-conf, raee-probe, probe-best, probe-last, probe:N, key-lr, "
-    "knn-vote, majority, fused, raee (the paper's rule), raee-counts, raee-cal, full, full-cal or layer:N.",
+    help=f"Exit strategy: {DEFAULT_STRATEGY} (default), {', '.join(s for s in STRATEGIES if s != DEFAULT_STRATEGY)}, "
+    "probe:N or layer:N (a fixed layer's probe or head; raee is the paper's rule).",
 )
 @run_budget_option
 @run_price_option

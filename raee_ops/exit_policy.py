@@ -303,7 +303,7 @@ class Strategy:
         return self.reads == "probe" or self.answer in (key_answer, prior_answer)
 
     def form(self, ctx: Context) -> str:
-        """The input form (tasks.FORMS) its layers read: the probes' for a strategy reading them, else the prompt
+        """The input form (FORMS) its layers read: the probes' for a strategy reading them, else the prompt
         (the label-word head's, and a layer key's)."""
         return ctx.fitted_probes().form if self.reads == "probe" else "prompt"
 

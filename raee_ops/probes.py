@@ -28,9 +28,7 @@ from raee_ops.calibration import log_softmax
 from raee_ops.errors import RaeeConfigError
 from raee_ops.layer_key import layer_depth
 from raee_ops.metrics import METRICS
-from raee_ops.runtime import POOLINGS
-from raee_ops.schemas.tables import VIEWS_STAGED, decode_array, encode_array
-from raee_ops.tasks import FORMS
+from raee_ops.schemas.tables import FORMS, POOLINGS, VIEWS_STAGED, decode_array, encode_array
 
 #: What a probe can read: an input form's pooled states, every form × pooling, in the order build-db stages them
 #: (a form's poolings together, as one runtime pass returns them). The prompt's keep their plain pooling names.
@@ -40,7 +38,7 @@ assert len(VIEWS) == VIEWS_STAGED
 
 
 def view_form(view: str) -> str:
-    """The input form (tasks.FORMS) a view's states come from."""
+    """The input form (schemas.tables.FORMS) a view's states come from."""
     return FORMS[VIEWS.index(view) // len(POOLINGS)]
 
 
@@ -104,7 +102,7 @@ class ProbeSet:
 
     @property
     def form(self) -> str:
-        """The input form the backbone must read for these probes (tasks.FORMS)."""
+        """The input form the backbone must read for these probes (schemas.tables.FORMS)."""
         return view_form(self.pooling)
 
     @property

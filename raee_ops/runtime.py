@@ -21,6 +21,7 @@ from raee_ops.errors import ArtifactError
 from raee_ops.extras import onnxruntime
 from raee_ops.key_names import INT8_SUFFIX, parse_embedder
 from raee_ops.schemas.manifest import FileRef, Manifest, load_manifest
+from raee_ops.schemas.tables import POOLINGS
 
 ort = onnxruntime()
 set_global_thread_pool_sizes = ort.capi._pybind_state.set_global_thread_pool_sizes
@@ -170,9 +171,6 @@ def readout_positions(ids: np.ndarray, lengths: np.ndarray, readout: str, mask_t
     return ids.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)
 
 
-#: How a layer's hidden states become one vector per row, in the order pooled arrays hold them: the mean over the
-#: prompt's real tokens, and the readout token (where the label-word head reads).
-POOLINGS = ("mean", "readout")
 READOUT = POOLINGS.index("readout")
 
 

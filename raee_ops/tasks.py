@@ -18,10 +18,6 @@ from raee_ops.schemas.tables import table_name_problem
 #: Longest task name: it names files (`head_<name>.onnx`), which filesystems allow 255 bytes.
 MAX_NAME = 100
 
-#: The forms a backbone can read an input in: the task's prompt (template, instruction and all), or the bare input (the
-#: text, and the pair on the next line). The label-word head needs the prompt; probe heads read either, and on pair
-#: tasks the bare input's states probe far better (build-db picks per table by cross-validation, raee_ops.probes).
-FORMS = ("prompt", "bare")
 #: The fields a template may name: the ones Task.render fills in.
 FIELDS = ("text", "text_pair")
 

@@ -37,7 +37,16 @@ RUN_META_KEY = b"raee_run"
 LINEAGE_META_KEY = b"raee_run_lineage"
 #: Names a table may have: LanceDB's characters, no leading dot (a table is a folder `<name>.lance` in the database).
 TABLE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
-VIEWS_STAGED = 4  # len(raee_ops.probes.VIEWS), which checks it; schemas import nothing from the core
+#: The forms a backbone can read an input in: the task's prompt (template, instruction and all), or the bare input (the
+#: text, and the pair on the next line). The label-word head needs the prompt; probe heads read either, and on pair
+#: tasks the bare input's states probe far better (build-db picks per table by cross-validation, raee_ops.probes).
+FORMS = ("prompt", "bare")
+#: How a layer's hidden states become one vector per row, in the order pooled arrays hold them: the mean over the
+#: prompt's real tokens, and the readout token (where the label-word head reads).
+POOLINGS = ("mean", "readout")
+#: The pooled vectors build-db stages per layer and row in its `features` column: every form × pooling
+#: (raee_ops.probes.VIEWS names them).
+VIEWS_STAGED = len(FORMS) * len(POOLINGS)
 
 
 def table_name_problem(name: str) -> str | None:

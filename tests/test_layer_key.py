@@ -11,7 +11,7 @@ from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.sources import read_validated_file
-from raee_ops.schemas.tables import FEATURES, LAYER_KEY_META_KEY, flat_values
+from raee_ops.schemas.tables import FEATURES, LAYER_KEY_META_KEY, POOLINGS, flat_values
 from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 from test_probe_pipelines import signal_rows
 from test_runtime import prompts
@@ -23,7 +23,7 @@ from raee_ops.layer_key import LayerKey, layer_depth
 from raee_ops.probe_policy import confident_exits
 from raee_ops.probes import PROMPT_VIEWS, VIEWS
 from raee_ops.retrieval import Retriever
-from raee_ops.runtime import POOLINGS, SUB_BATCH, SegmentRuntime
+from raee_ops.runtime import SUB_BATCH, SegmentRuntime
 from raee_ops.tasks import PRESETS
 
 DEPTH = 2  # of the tiny artifacts' 3 layers: rows whose exit is 1 are read out at 2

@@ -300,16 +300,6 @@ def refuse_overwrite_with_nothing(table: str, allow_empty: bool) -> None:
         )
 
 
-def refuse_rejected(rejected: int, rows_in: int, max_rejected: float, outcome: str) -> None:
-    """Over --max-rejected: exit code 4, whether this run rejected the rows or the earlier run of its job that
-    committed them (a retry must not pass a result its limit fails)."""
-    share = rejected / rows_in if rows_in else 0.0
-    if share > max_rejected:
-        raise TooManyRejected(
-            f"{rejected} of {rows_in} rows rejected ({share:.0%}), over --max-rejected {max_rejected:g}: {outcome}"
-        )
-
-
 def refuse_one_row(table: str, rows: int) -> None:
     """A table of one row has nothing to fit its probes and policies on (they are scored leaving each row out), and
     nothing an append could refit them from: refused, left unchanged."""
@@ -404,7 +394,8 @@ def run_build_db(
         if base and base.done:
             if base.done.rejected is not None:  # None: recorded before rejected rows were counted
                 done = f"table {table!r} version {base.version} holds this job's rows, committed by an earlier run"
-                refuse_rejected(base.done.rejected, rows_in, max_rejected, done)
+                # the earlier run of this job committed them: a retry must not pass a result its limit fails
+                TooManyRejected.check(base.done.rejected, rows_in, max_rejected, done)
             return BuildSummary(table, mode, rows_in, 0, 0, 0, errors_dir, version=base.version, done=True)
         note_errors(work, errors_dir, own_errors)
         views = base.views if base else None
@@ -428,7 +419,7 @@ def run_build_db(
                 + unseen_staging(rows_in, written + rejected, "--db and --errors")
             )
         try:
-            refuse_rejected(rejected, rows_in, max_rejected, f"table {table!r} left unchanged")
+            TooManyRejected.check(rejected, rows_in, max_rejected, f"table {table!r} left unchanged")
             if written == 0 and mode == "overwrite":
                 refuse_overwrite_with_nothing(table, allow_empty)
             previous = previous_rows(db_uri, table, base.version, store) if base else (None, None)

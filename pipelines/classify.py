@@ -117,12 +117,8 @@ class ClassifySummary:
 
     def check(self, max_rejected: float) -> None:
         """Refuse a published run whose rejected share is over `max_rejected` (exit code 4)."""
-        share = self.rejected / self.rows_in if self.rows_in else 0.0
-        if share > max_rejected:
-            raise TooManyRejected(
-                f"{self.rejected} of {self.rows_in} rows rejected ({share:.0%}), over --max-rejected "
-                f"{max_rejected:g}; outputs are complete in {self.output_dir}, see its {ERRORS}-*.parquet"
-            )
+        where = f"outputs are complete in {self.output_dir}, see its {ERRORS}-*.parquet"
+        TooManyRejected.check(self.rejected, self.rows_in, max_rejected, where)
 
 
 def exit_counts_from_files(files: list[str]) -> dict[int, int]:

@@ -20,7 +20,16 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from raee_ops.schemas.manifest import Manifest
-from raee_ops.schemas.tables import FEATURES, FORMS, LABEL, PREDICTION_FIELDS, TEXT, TEXT_PAIR, layer_rows_schema
+from raee_ops.schemas.tables import (
+    FEATURES,
+    FORMS,
+    LABEL,
+    PREDICTION_FIELDS,
+    TEXT,
+    TEXT_PAIR,
+    fixed_list,
+    layer_rows_schema,
+)
 
 from raee_ops import logs, storage
 from raee_ops.artifacts import local_artifacts
@@ -312,8 +321,7 @@ class BuildHandler(_RaeeHandler):
         n, layers = len(labels), runtime.num_layers
 
         def fixed(values: np.ndarray, field: str) -> pa.Array:
-            child = pa.array(values.ravel(), schema.field(field).type.value_type)
-            return pa.FixedSizeListArray.from_arrays(child, schema.field(field).type.list_size)
+            return fixed_list(values, schema.field(field))
 
         return (
             pa.Table.from_arrays(

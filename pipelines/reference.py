@@ -30,6 +30,7 @@ from raee_ops.schemas.tables import (
     TableMeta,
     exit_table_schema,
     features_schema,
+    fixed_list,
     flat_values,
 )
 
@@ -135,7 +136,7 @@ def assemble(
         """(offset among all rows, B×L×VIEWS×H) per staged shard, in the order `new` was read."""
         offset = old.num_rows
         for shard in shards:
-            values = storage.read_parquet(shard, columns=[FEATURES]).column(0).combine_chunks().flatten().to_numpy()
+            values = flat_values(storage.read_parquet(shard, columns=[FEATURES]), FEATURES)
             count = len(values) // (num_layers * len(VIEWS) * hidden)
             yield offset, values.reshape(count, num_layers, len(VIEWS), hidden)
             offset += count
@@ -210,8 +211,8 @@ def _layer_keyed(meta: TableMeta, new: pa.Table, old: pa.Table | None) -> tuple[
     column = new.schema.get_field_index("vector")
     states = flat_values(new, "vector").reshape(new.num_rows, -1)
     layer_key = layer_key or LayerKey.fit(depth, states)
-    keys = pa.FixedSizeListArray.from_arrays(pa.array(layer_key.apply(states).ravel(), pa.float32()), states.shape[1])
-    return new.set_column(column, new.schema.field(column), keys.cast(new.schema.field(column).type)), layer_key
+    field = new.schema.field(column)
+    return new.set_column(column, field, fixed_list(layer_key.apply(states), field)), layer_key
 
 
 def group_codes(ids: list[str], names: list[str | None]) -> np.ndarray | None:
@@ -241,9 +242,7 @@ def _with_probe_columns(
         "probe_logprobs": probe_lp.ravel(),
     }
     for name, values in columns.items():
-        field = schema.field(name)
-        child = pa.array(values, field.type.value_type)
-        layers = layers.append_column(field, pa.FixedSizeListArray.from_arrays(child, field.type.list_size))
+        layers = layers.append_column(schema.field(name), fixed_list(values, schema.field(name)))
     return layers.append_column(schema.field(GROUP), groups).cast(schema)
 
 
@@ -265,6 +264,6 @@ def _old_features(table: pa.Table | None, ids: list[str], num_layers: int, poole
 
 def _features_table(ids: list[str], features: np.ndarray, num_layers: int, hidden: int) -> pa.Table:
     schema = features_schema(num_layers, hidden)
-    child = pa.array(np.ascontiguousarray(features, np.float16).ravel(), pa.float16())
-    values = pa.FixedSizeListArray.from_arrays(child, num_layers * hidden)
-    return pa.Table.from_arrays([pa.array(ids, pa.string()), values], schema=schema)
+    return pa.Table.from_arrays(
+        [pa.array(ids, pa.string()), fixed_list(features, schema.field(FEATURES))], schema=schema
+    )

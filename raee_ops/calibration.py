@@ -97,9 +97,24 @@ def label_vote(labels: np.ndarray, similarity: np.ndarray, num_labels: int) -> n
     return vote / vote.sum(axis=1, keepdims=True)
 
 
+def mix(probs: np.ndarray, vote: np.ndarray, weight: float) -> np.ndarray:
+    """A distribution mixed with the neighbours' vote, `weight` the vote's share."""
+    return (1.0 - weight) * probs + weight * vote
+
+
 def fuse(calibrated_logits: np.ndarray, vote: np.ndarray, alpha: float) -> np.ndarray:
     """Mix the exit layer's calibrated head distribution with the neighbours' vote."""
-    return (1.0 - alpha) * softmax(calibrated_logits) + alpha * vote
+    return mix(softmax(calibrated_logits), vote, alpha)
+
+
+def loo_queries(n: int, rng: np.random.Generator) -> np.ndarray:
+    """The reference rows a leave-one-out fit scores: all of them, or a seeded sample of MAX_LOO_QUERIES."""
+    return rng.choice(n, size=MAX_LOO_QUERIES, replace=False) if n > MAX_LOO_QUERIES else np.arange(n)
+
+
+def neighbour_depths(rows: int) -> list[int]:
+    """The k of the grid a table of `rows` rows is fitted over (a row's neighbours are the others)."""
+    return [k for k in K_GRID if k < rows] or [max(rows - 1, 1)]
 
 
 def retrieval_only(vote: np.ndarray, tau: float | None) -> np.ndarray:
@@ -256,8 +271,8 @@ def fit_fused_policy(
     n = len(labels)
     bias = prior_bias(logprobs, labels, num_labels)
     rng = np.random.default_rng(seed)
-    queries = rng.choice(n, size=MAX_LOO_QUERIES, replace=False) if n > MAX_LOO_QUERIES else np.arange(n)
-    ks = [k for k in K_GRID if k < n] or [max(n - 1, 1)]
+    queries = loo_queries(n, rng)
+    ks = neighbour_depths(n)
     top, top_sims = loo_neighbours(vectors, queries, max(ks), groups)
     correct = calibrated_correct(logprobs[top], labels[top], bias)
     own_logits = logprobs[queries] + bias  # Q×L×C, the query's own calibrated head at every layer

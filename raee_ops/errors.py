@@ -41,6 +41,15 @@ class TooManyRejected(RaeeError):
 
     exit_code = 4
 
+    @classmethod
+    def check(cls, rejected: int, rows_in: int, max_rejected: float, outcome: str) -> None:
+        """Refuse a run whose rejected share is over `max_rejected`; `outcome` says what became of its outputs."""
+        share = rejected / rows_in if rows_in else 0.0
+        if share > max_rejected:
+            raise cls(
+                f"{rejected} of {rows_in} rows rejected ({share:.0%}), over --max-rejected {max_rejected:g}: {outcome}"
+            )
+
 
 class RetryLater(RaeeError):
     """Nothing was changed and the same command may well succeed later: a scheduler's retry is the remedy."""

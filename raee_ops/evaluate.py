@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raee_ops import storage
-from raee_ops.calibration import label_vote, not_before_key
+from raee_ops.calibration import label_vote, neighbour_depths, not_before_key
 from raee_ops.errors import CountMismatch, RaeeConfigError
 from raee_ops.exit_policy import (
     DEFAULT_STRATEGY,
@@ -61,7 +61,6 @@ from raee_ops.probe_policy import (
     budgeted,
     confident_exits,
     hindsight,
-    neighbour_depths,
     refuse_cost_options,
 )
 from raee_ops.probes import VIEWS, ProbeSet

@@ -26,12 +26,13 @@ from raee_ops.calibration import (
     earliest_within,
     fuse,
     label_vote,
+    mix,
     neighbour_accuracy,
     retrieval_only,
     softmax,
 )
 from raee_ops.errors import RaeeConfigError
-from raee_ops.probe_policy import ProbePolicy, mix
+from raee_ops.probe_policy import ProbePolicy
 from raee_ops.probes import ProbeSet
 
 DEFAULT_STRATEGY = "probe-fused"

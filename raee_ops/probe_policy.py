@@ -34,7 +34,6 @@ import numpy as np
 from raee_ops.calibration import (
     EPSILON_GRID,
     K_GRID,
-    MAX_LOO_QUERIES,
     C,
     Trial,
     earliest_within,
@@ -43,7 +42,10 @@ from raee_ops.calibration import (
     label_vote,
     left_out,
     loo_neighbours,
+    loo_queries,
+    mix,
     neighbour_accuracy,
+    neighbour_depths,
     not_before_key,
     within_budget,
 )
@@ -205,10 +207,6 @@ def confident_exits(confidence: np.ndarray, upper: np.ndarray, t: float | None, 
     return np.where(ok.any(axis=1), np.argmax(ok, axis=1) + 1, upper).astype(np.int32)
 
 
-def mix(probs: np.ndarray, vote: np.ndarray, weight: float) -> np.ndarray:
-    return (1.0 - weight) * probs + weight * vote
-
-
 class Found(NamedTuple):
     """What the probe-fused rule reads of Q rows: their own probes (Q×L×C probabilities) and key probe (Q×C), and
     their nearest reference rows' labels (Q×k), similarities (Q×k) and out-of-fold probe correctness (Q×k×L)."""
@@ -218,11 +216,6 @@ class Found(NamedTuple):
     labels: np.ndarray
     similarity: np.ndarray
     correct: np.ndarray
-
-
-def neighbour_depths(rows: int) -> list[int]:
-    """The k of the grid a table of `rows` rows is fitted over (a row's neighbours are the others)."""
-    return [k for k in K_GRID if k < rows] or [max(rows - 1, 1)]
 
 
 def fused_trials(
@@ -277,7 +270,7 @@ def fit_probe_policy(
     metric = METRICS[metric_name]
     n, num_layers = probe_logprobs.shape[:2]
     rng = np.random.default_rng(seed)
-    queries = rng.choice(n, size=MAX_LOO_QUERIES, replace=False) if n > MAX_LOO_QUERIES else np.arange(n)
+    queries = loo_queries(n, rng)
     truth = labels[queries]
     probs = np.exp(probe_logprobs[queries])  # Q×L×C, each query's own out-of-fold probes
     confidence = probs.max(axis=2)

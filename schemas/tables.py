@@ -139,6 +139,11 @@ def flat_values(table: pa.Table, column: str) -> np.ndarray:
     return table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
 
 
+def fixed_list(values: np.ndarray, field: pa.Field) -> pa.FixedSizeListArray:
+    """`values`, rows × … in C order, as `field`'s fixed-size list column (its value type): flat_values' inverse."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), field.type.value_type), field.type.list_size)
+
+
 @dataclass(frozen=True)
 class TableMeta:
     """Identity of an exit-metadata table; classify refuses a table whose identity differs from its run."""

@@ -97,6 +97,12 @@ def label_vote(labels: np.ndarray, similarity: np.ndarray, num_labels: int) -> n
     return vote / vote.sum(axis=1, keepdims=True)
 
 
+def reaches(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Where a probability reaches a confidence threshold, one rounding error below it included: the one comparison
+    the fits and classify share, so the settings build-db picks are for the rule classify runs."""
+    return probs >= threshold - 1e-9
+
+
 def mix(probs: np.ndarray, vote: np.ndarray, weight: float) -> np.ndarray:
     """A distribution mixed with the neighbours' vote, `weight` the vote's share."""
     return (1.0 - weight) * probs + weight * vote
@@ -121,7 +127,7 @@ def retrieval_only(vote: np.ndarray, tau: float | None) -> np.ndarray:
     """B bool: rows whose neighbours agree so strongly (top vote share >= tau) that no layer needs to run."""
     if tau is None:
         return np.zeros(len(vote), bool)
-    return vote.max(axis=1) >= tau - 1e-9
+    return reaches(vote.max(axis=1), tau)
 
 
 @dataclass(frozen=True)

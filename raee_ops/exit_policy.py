@@ -28,6 +28,7 @@ from raee_ops.calibration import (
     label_vote,
     mix,
     neighbour_accuracy,
+    reaches,
     retrieval_only,
     softmax,
 )
@@ -176,7 +177,7 @@ def probe_fused_exit(nb: Neighbours, ctx: Context) -> np.ndarray:
     if policy.tau is None:
         return exits
     zero = mix(nb.key_probs(), label_vote(top.labels, top.similarity, ctx.num_labels), policy.beta)
-    return np.where(zero.max(axis=1) >= policy.tau - 1e-9, 0, exits).astype(np.int32)
+    return np.where(reaches(zero.max(axis=1), policy.tau), 0, exits).astype(np.int32)
 
 
 def none(nb: Neighbours, ctx: Context) -> np.ndarray:

@@ -47,6 +47,7 @@ from raee_ops.calibration import (
     neighbour_accuracy,
     neighbour_depths,
     not_before_key,
+    reaches,
     within_budget,
 )
 from raee_ops.errors import RaeeConfigError
@@ -191,7 +192,12 @@ class ProbePolicy:
         """B×L accuracy curve the exit is picked on: the neighbours' shrunk toward the whole reference's."""
         if self.curve is None or self.shrink == 1.0:
             return neighbours_curve
-        return self.shrink * neighbours_curve + (1.0 - self.shrink) * np.asarray(self.curve)[None, :]
+        return shrunk(neighbours_curve, np.asarray(self.curve), self.shrink)
+
+
+def shrunk(neighbours_curve: np.ndarray, reference_curve: np.ndarray, shrink: float) -> np.ndarray:
+    """B×L: each row's neighbours' accuracy curve moved toward the whole reference's L (weight 1 - shrink)."""
+    return shrink * neighbours_curve + (1.0 - shrink) * reference_curve[None, :]
 
 
 def confident_exits(confidence: np.ndarray, upper: np.ndarray, t: float | None, key_depth: int = 0) -> np.ndarray:
@@ -203,7 +209,7 @@ def confident_exits(confidence: np.ndarray, upper: np.ndarray, t: float | None, 
     if t is None:
         return upper
     layers = np.arange(1, confidence.shape[1] + 1)
-    ok = (confidence >= t - 1e-9) & (layers[None, :] <= upper[:, None]) & (layers[None, :] >= key_depth)
+    ok = reaches(confidence, t) & (layers[None, :] <= upper[:, None]) & (layers[None, :] >= key_depth)
     return np.where(ok.any(axis=1), np.argmax(ok, axis=1) + 1, upper).astype(np.int32)
 
 
@@ -237,13 +243,13 @@ def fused_trials(
         vote = label_vote(found.labels[:, :k], found.similarity[:, :k], num_labels)
         at_zero = {beta: mix(found.key_probs, vote, beta) for beta in BETA_GRID}
         for shrink, epsilon, t in itertools.product(SHRINK_GRID, EPSILON_GRID, T_GRID):
-            curve = shrink * neighbours_curve + (1.0 - shrink) * reference_curve[None, :]
+            curve = shrunk(neighbours_curve, reference_curve, shrink)
             upper = earliest_within(curve, epsilon)
             exits = not_before_key(confident_exits(confidence, upper, t, key_depth), key_depth)
             at_exit = found.probs[rows, exits - 1]
             answers = {alpha: mix(at_exit, vote, alpha).argmax(axis=1) for alpha in ALPHA_GRID}
             for alpha, beta, tau in itertools.product(ALPHA_GRID, BETA_GRID, TAU_GRID):
-                zero = np.zeros(len(rows), bool) if tau is None else at_zero[beta].max(axis=1) >= tau - 1e-9
+                zero = np.zeros(len(rows), bool) if tau is None else reaches(at_zero[beta].max(axis=1), tau)
                 pred = np.where(zero, at_zero[beta].argmax(axis=1), answers[alpha])
                 cost = float(np.where(zero, key_depth, exits).mean())
                 settings = (k, shrink, epsilon, alpha, beta, tau, t)

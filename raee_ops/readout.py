@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from raee_ops.calibration import FusedPolicy
+from raee_ops.calibration import FusedPolicy, reaches
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import Context, Neighbours, Strategy
 from raee_ops.probe_policy import ProbePolicy
@@ -22,10 +22,9 @@ def stop_rule(strategy: Strategy, ctx: Context) -> StopFn | None:
     if t is None:
         return None
     probes = ctx.fitted_probes()
-    log_t = np.log(t)
 
     def stop(layer: int, pooled: np.ndarray) -> np.ndarray:
-        return probes.layers[layer - 1].log_probs(pooled[:, probes.pool_index]).max(axis=1) >= log_t - 1e-9
+        return reaches(np.exp(probes.layers[layer - 1].log_probs(pooled[:, probes.pool_index]).max(axis=1)), t)
 
     return stop
 

@@ -375,3 +375,43 @@ def test_the_default_answers_the_most_common_label_where_nothing_it_reads_does_b
     assert probes.majority_metric() == pytest.approx(0.75)  # info's figure: label counts 1 and 3
     with pytest.raises(RaeeConfigError, match="keeps no label counts"):
         dataclasses.replace(probes, label_counts=None).label_prior()
+
+
+def test_the_default_classify_runs_is_the_rule_build_db_fits_it_for():
+    """build-db scores every probe-fused setting with probe_policy.fused_trials, a vectorised copy of the rule that
+    classify runs (probe_fused_exit, the confidence stop, probe_fused_answer). On the same rows, every setting of
+    the grid gives the same answers and exits both ways: a change to one copy that the other lacks would fit
+    settings for a rule classify does not run."""
+    from raee_ops.metrics import accuracy
+    from raee_ops.probe_policy import Found, confident_exits, fused_trials
+
+    rng = np.random.default_rng(7)
+    rows, k, layers, labels = 60, 4, 5, 3
+    probs = rng.dirichlet(np.full(labels, 0.4), size=(rows, layers))  # Q×L×C, each row's own probes
+    found = Found(
+        probs,
+        rng.dirichlet(np.full(labels, 0.4), size=rows),
+        rng.integers(0, labels, (rows, k)),
+        -np.sort(-rng.uniform(0.2, 1.0, (rows, k)), axis=1),
+        rng.random((rows, k, layers)) < np.linspace(0.3, 0.9, layers),
+    )
+    reference_curve = rng.uniform(0.3, 0.9, layers)
+    trials = fused_trials(found, reference_curve, rng.integers(0, labels, rows), accuracy, labels, ks=[k])
+    nb = Neighbours(
+        np.zeros((rows, k, layers), bool),
+        found.similarity,
+        found.labels,
+        np.zeros((rows, k, layers, labels)),
+        found.correct,
+        np.log(found.key_probs),
+    )
+    assert len(trials) > 1000 and len({t.mean_exit for t in trials}) > 20  # the grid, with exits of every kind
+    for trial in trials:
+        _, shrink, epsilon, alpha, beta, tau, t = trial.settings
+        policy = _probe_policy(k, epsilon, alpha, beta, tau, t, shrink=shrink, curve=tuple(reference_curve))
+        ctx = Context(layers, labels, k, probe_policy=policy)
+        exits = confident_exits(probs.max(axis=2), exit_policy.probe_fused_exit(nb, ctx), t)  # classify's stop
+        at_exit = np.log(probs[np.arange(rows), np.maximum(exits, 1) - 1])
+        answers = exit_policy.probe_fused_answer(at_exit, exits, nb, ctx).argmax(axis=1)
+        assert answers.tolist() == trial.pred.tolist(), trial.settings
+        assert exits.mean() == trial.mean_exit, trial.settings

@@ -36,9 +36,8 @@ from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 
 from raee_ops import storage
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
-from raee_ops.exit_policy import Context, refuse_head, refuse_unanswerable, resolve
-from raee_ops.layer_key import layer_depth
-from raee_ops.probe_policy import budgeted, refuse_cost_options
+from raee_ops.exit_policy import refuse_head, refuse_unanswerable, resolve
+from raee_ops.probe_policy import refuse_cost_options
 from raee_ops.readout import describe
 from raee_ops.retrieval import (
     check_meta,
@@ -46,9 +45,7 @@ from raee_ops.retrieval import (
     expected_meta,
     key_available,
     open_table,
-    table_policy,
-    table_probe_policy,
-    table_probes,
+    table_context,
 )
 from raee_ops.rows import output_columns
 from raee_ops.runtime import CUDA_SUB_BATCH
@@ -180,16 +177,11 @@ def run_classify(
     check_meta(meta, expected, f"table {table!r} in {db_uri}")
     reads_rows = chosen.needs_retrieval or chosen.needs_probes() or chosen.needs_policy
     check_table_contents(opened, expected, chosen.needs_probes(), f"table {table!r} in {db_uri}", reads_rows)
-    policy = table_policy(table_schema)
-    if chosen.needs_policy and policy is None:
-        raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
     refuse_cost_options(chosen.needs_probe_policy, f"{strategy!r} has none", layer_budget, layer_price)
-    probe_policy = budgeted(table_probe_policy(table_schema), layer_budget, layer_price)
-    probes = table_probes(table_schema)
-    refuse_unanswerable([chosen], probes, f"table {table!r} in {db_uri}")
-    ctx = Context(
-        manifest.num_layers, len(task.label_names), k, policy, probes, probe_policy, layer_depth(embedder) or 0
-    )
+    ctx = table_context(table_schema, manifest.num_layers, len(task.label_names), k, layer_budget, layer_price)
+    if chosen.needs_policy and ctx.policy is None:
+        raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
+    refuse_unanswerable([chosen], ctx.probes, f"table {table!r} in {db_uri}")
     if settings.provider == "cuda" and chosen.exits_per_row(ctx):
         log.warning(
             "strategy %s exits row by row, which saves a GPU little: a call of %d rows costs about as much as its "
@@ -198,7 +190,7 @@ def run_classify(
             strategy,
             CUDA_SUB_BATCH,
         )
-    described = describe(chosen, policy, probe_policy, probes, k)
+    described = describe(chosen, ctx.policy, ctx.probe_policy, ctx.probes, k)
     found = input_files(inputs)
     refuse_reading_own_output(found, inputs, output_dir, OUTPUT_NAMES, "--output")
     files = [m.path for m in found]
@@ -218,7 +210,7 @@ def run_classify(
             {int(layer): n for layer, n in done["exit_counts"].items()},
             output_dir,
             table_version=done["table_version"],
-            key_depth=layer_depth(embedder) or 0,
+            key_depth=ctx.key_depth,
             done=True,
         )
 
@@ -274,7 +266,7 @@ def run_classify(
             output_dir,
             beam_exit_counts(result),
             version,
-            layer_depth(embedder) or 0,
+            ctx.key_depth,
         )
         if rows_in != predicted + rejected or summary.beam_exit_counts not in (None, summary.exit_counts):
             raise CountMismatch(

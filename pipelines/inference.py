@@ -38,11 +38,10 @@ from raee_ops.errors import ArtifactError, RaeeRunError
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.faults import fault_point
 from raee_ops.layer_key import layer_depth
-from raee_ops.probe_policy import budgeted
 from raee_ops.probes import table_views, view_form
 from raee_ops.progress import interactive
 from raee_ops.readout import answer_batch
-from raee_ops.retrieval import Retriever
+from raee_ops.retrieval import Retriever, table_context
 from raee_ops.rows import ROW_ID, internal_errors, output_rows, unjoinable
 from raee_ops.runtime import SegmentRuntime, mean_states
 from raee_ops.tasks import Task
@@ -373,14 +372,13 @@ class ClassifyHandler(_RaeeHandler):
         runtime = self._runtime()
         strategy = resolve(self.strategy, runtime.num_layers)
         retriever = Retriever(self.db_uri, self.table, self.version, self.storage_options)  # the driver's version
-        context = Context(
+        context = table_context(
+            retriever.table.schema,
             runtime.num_layers,
             len(self.task.label_names),
             self.k,
-            retriever.policy,
-            retriever.probes,
-            budgeted(retriever.probe_policy, self.layer_budget, self.layer_price),
-            retriever.key_depth,
+            self.layer_budget,
+            self.layer_price,
         )
         return Loaded(runtime, retriever, strategy, context)
 

@@ -58,14 +58,20 @@ from raee_ops.probe_policy import (
     SETTING_NAMES,
     Found,
     ProbePolicy,
-    budgeted,
     confident_exits,
     hindsight,
     refuse_cost_options,
 )
 from raee_ops.probes import VIEWS, ProbeSet
 from raee_ops.progress import Progress
-from raee_ops.retrieval import Retriever, check_meta, check_table_contents, expected_meta, open_table
+from raee_ops.retrieval import (
+    Retriever,
+    check_meta,
+    check_table_contents,
+    expected_meta,
+    open_table,
+    table_context,
+)
 from raee_ops.schemas.manifest import Manifest, check_outside_artifacts, load_manifest
 from raee_ops.schemas.tables import EVALUATION_PREDICTIONS_SCHEMA, FEATURES, TableMeta, flat_values
 from raee_ops.tasks import Task
@@ -287,10 +293,10 @@ def evaluate(
     check_meta(meta, expected, f"table {table!r} in {db_uri}")
     retriever = Retriever(db_uri, table, opened.version, settings.db_storage_options)
     check_table_contents(retriever.table, expected, True, f"table {table!r} in {db_uri}")
-    if (head and retriever.policy is None) or retriever.probes is None or retriever.probe_policy is None:
+    ctx = table_context(retriever.table.schema, num_layers, num_labels, k, layer_budget, layer_price)
+    policy, probes, probe_policy = ctx.policy, ctx.probes, ctx.probe_policy
+    if (head and policy is None) or probes is None or probe_policy is None:
         raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
-    policy, probes = retriever.policy, retriever.probes
-    probe_policy = budgeted(retriever.probe_policy, layer_budget, layer_price)
     if strategies:
         refuse_unanswerable(chosen, probes, f"table {table!r} in {db_uri}")
     chosen = [s for s in chosen if s.answerable(probes)]  # the default list, on a table built before `majority`
@@ -310,7 +316,6 @@ def evaluate(
     logprobs = flat_values(rows, "layer_logprobs").reshape(rows.num_rows, num_layers, num_labels).transpose(1, 0, 2)
     keys = flat_values(rows, "vector").reshape(rows.num_rows, -1)
 
-    ctx = Context(num_layers, num_labels, k, policy, probes, probe_policy, retriever.key_depth)
     vote_k = policy.k if policy else probe_policy.k
     sweep = probe_policy.shown_costs()
     depths = neighbour_depths(retriever.rows)

@@ -19,9 +19,9 @@ from lancedb.index import IvfFlat
 from raee_ops import s3_clients, storage
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import RaeeConfigError, StoreUnavailable, first_line
-from raee_ops.exit_policy import Neighbours
+from raee_ops.exit_policy import Context, Neighbours
 from raee_ops.layer_key import LayerKey, layer_depth
-from raee_ops.probe_policy import ProbePolicy
+from raee_ops.probe_policy import ProbePolicy, budgeted
 from raee_ops.probes import ProbeSet, check_probes
 from raee_ops.progress import phase
 from raee_ops.runtime import STORED_GRAPHS, open_session, ort
@@ -335,6 +335,29 @@ def table_probes(schema: pa.Schema) -> ProbeSet | None:
 def table_probe_policy(schema: pa.Schema) -> ProbePolicy | None:
     raw = (schema.metadata or {}).get(PROBE_POLICY_META_KEY)
     return ProbePolicy(**json.loads(raw)) if raw else None
+
+
+def table_context(
+    schema: pa.Schema,
+    num_layers: int,
+    num_labels: int,
+    k: int,
+    layer_budget: float | None = None,
+    layer_price: float | None = None,
+) -> Context:
+    """What a strategy reads of a table besides its rows: its fitted policies (probe-fused's settings for another
+    layer budget or price where asked), its probes and its key's depth. classify's driver and workers and evaluate
+    all take it from here, so they run one strategy alike."""
+    layer_key = table_layer_key(schema)
+    return Context(
+        num_layers,
+        num_labels,
+        k,
+        table_policy(schema),
+        table_probes(schema),
+        budgeted(table_probe_policy(schema), layer_budget, layer_price),
+        layer_key.depth if layer_key else 0,
+    )
 
 
 def probe_identity(meta: TableMeta, rows: int) -> dict:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics.metric import MetricsFilter
 from raee_ops.pipelines.commit import SUCCESS, claim_output, completed, job_digest, unseen_staging
-from raee_ops.pipelines.inference import NAMESPACE, ClassifyHandler, Infer
+from raee_ops.pipelines.inference import ClassifyHandler, Infer
 from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.sources import (
     check_inputs,
@@ -38,6 +38,7 @@ from raee_ops import storage
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import refuse_head, refuse_unanswerable, resolve
 from raee_ops.probe_policy import refuse_cost_options
+from raee_ops.progress import NAMESPACE
 from raee_ops.readout import describe
 from raee_ops.retrieval import (
     check_meta,

@@ -39,7 +39,7 @@ from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.faults import fault_point
 from raee_ops.layer_key import layer_depth
 from raee_ops.probes import table_views, view_form
-from raee_ops.progress import interactive
+from raee_ops.progress import NAMESPACE, interactive
 from raee_ops.readout import answer_batch
 from raee_ops.retrieval import Retriever, table_context
 from raee_ops.rows import ROW_ID, internal_errors, output_rows, unjoinable
@@ -66,7 +66,6 @@ def _beam_inference_base():
 _base = _beam_inference_base()
 ModelHandler, RunInference = _base.ModelHandler, _base.RunInference
 
-NAMESPACE = "raee"
 PROGRESS_SECONDS = 10.0
 #: Elements (small tables) per model call: up to 128 rows with sources.ROWS_PER_ELEMENT = 16.
 MAX_ELEMENTS_PER_BATCH = 8
@@ -85,12 +84,13 @@ class Loaded:
     retriever: Retriever | None = None
     strategy: Strategy | None = None
     context: Context | None = None
-    progress: Progress = field(default_factory=lambda: Progress())
+    progress: WorkerProgress = field(default_factory=lambda: WorkerProgress())
 
 
 @dataclass
-class Progress:
-    """Rows this worker has finished, printed to stderr every few seconds so long runs show they move."""
+class WorkerProgress:
+    """Rows this worker has finished, a line of its own every PROGRESS_SECONDS so long runs show they move. Not
+    raee_ops.progress.Progress: a worker knows no total, and several share one terminal."""
 
     rows: int = 0
     started: float = field(default_factory=time.perf_counter)

@@ -14,7 +14,7 @@ from typing import TextIO
 
 from raee_ops import logs
 
-#: Beam counter namespace, shared with the pipelines' own counters.
+#: Beam counter namespace of every raee-ops counter (progress, rows out and rejected, exit layers).
 NAMESPACE = "raee"
 #: Seconds between two redraws of a progress line.
 REFRESH_SECONDS = 0.5

@@ -196,17 +196,17 @@ def pool(hidden: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 #: A batch's per-batch layer inputs by graph name: the attention mask and what the embed segment computes once
 #: for every layer (decoders: additive masks, rotary cos/sin).
-Context = dict[str, np.ndarray]
+LayerInputs = dict[str, np.ndarray]
 
 
-def embed_batch(session: ort.InferenceSession, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, Context]:
+def embed_batch(session: ort.InferenceSession, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, LayerInputs]:
     """Hidden states B×T×H and the batch's context from the embed segment (its first output is the hidden states)."""
     hidden, *extra = session.run(None, {"input_ids": ids, "attention_mask": mask})
     names = [output.name for output in session.get_outputs()[1:]]
     return hidden, {"attention_mask": mask, **dict(zip(names, extra, strict=True))}
 
 
-def layer_feed(session: ort.InferenceSession, hidden: np.ndarray, context: Context) -> dict[str, np.ndarray]:
+def layer_feed(session: ort.InferenceSession, hidden: np.ndarray, context: LayerInputs) -> dict[str, np.ndarray]:
     """What a layer session reads: the hidden states and its named inputs from the batch context."""
     feed = {name: context[name] for name in (i.name for i in session.get_inputs()) if name != "hidden_states"}
     return {"hidden_states": np.ascontiguousarray(hidden), **feed}
@@ -218,7 +218,7 @@ def sequence_axes(session: ort.InferenceSession) -> dict[str, tuple[int, ...]]:
     return {name: tuple(i for i, d in enumerate(shape) if d == "sequence") for name, shape in outputs.items()}
 
 
-def take_rows(context: Context, axes: dict[str, tuple[int, ...]], keep: np.ndarray, width: int) -> Context:
+def take_rows(context: LayerInputs, axes: dict[str, tuple[int, ...]], keep: np.ndarray, width: int) -> LayerInputs:
     """The context of rows `keep`, every sequence axis cut to `width` (right padding: a column slice)."""
     trimmed = {}
     for name, array in context.items():
@@ -250,7 +250,7 @@ class Batch(NamedTuple):
     lengths: np.ndarray
     pos: np.ndarray
     hidden: np.ndarray | ort.OrtValue
-    context: Context
+    context: LayerInputs
     bound: dict[str, ort.OrtValue]
 
 
@@ -283,7 +283,7 @@ class DeviceChain:
     def put(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
-    def upload(self, context: Context) -> dict[str, ort.OrtValue]:
+    def upload(self, context: LayerInputs) -> dict[str, ort.OrtValue]:
         return {name: self.put(array) for name, array in context.items()}
 
     def _run(self, session: ort.InferenceSession, feed: dict[str, np.ndarray | ort.OrtValue], to: str) -> ort.OrtValue:
@@ -447,16 +447,16 @@ class SegmentRuntime:
     def embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self.embed_batch(ids, mask)[0]
 
-    def embed_batch(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, Context]:
+    def embed_batch(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, LayerInputs]:
         """Hidden states and the per-batch context every layer of this batch reads."""
         return embed_batch(self.embed_session, ids, mask)
 
-    def run_layer(self, index: int, hidden: np.ndarray, context: Context) -> np.ndarray:
+    def run_layer(self, index: int, hidden: np.ndarray, context: LayerInputs) -> np.ndarray:
         """Layer `index` (0-based, as the segment files are numbered)."""
         session = self.layer_sessions[index]
         return session.run(None, layer_feed(session, hidden, context))[0]
 
-    def take_rows(self, context: Context, keep: np.ndarray, width: int) -> Context:
+    def take_rows(self, context: LayerInputs, keep: np.ndarray, width: int) -> LayerInputs:
         return take_rows(context, self._sequence_axes, keep, width)
 
     def head(self, task: str, hidden: np.ndarray) -> np.ndarray:
@@ -567,7 +567,7 @@ class SegmentRuntime:
         return Batch(rows, lengths, self.readout_positions(ids, lengths), hidden, context, bound)
 
     def _layer(
-        self, index: int, hidden: np.ndarray | ort.OrtValue, context: Context, bound: dict[str, ort.OrtValue]
+        self, index: int, hidden: np.ndarray | ort.OrtValue, context: LayerInputs, bound: dict[str, ort.OrtValue]
     ) -> np.ndarray | ort.OrtValue:
         """Layer `index` (0-based) on the device where there is one (the states stay there), else on the host."""
         if self._device:

@@ -106,6 +106,6 @@ def test_a_workers_line_in_the_same_process_clears_the_progress_line_first(monke
     stream = Terminal()
     monkeypatch.setattr(logs, "stream", lambda: stream)
     Progress("evaluate", 150, stream=stream).advance(128)
-    inference.Progress(shown=float("-inf")).add(150, "evaluate")
+    inference.WorkerProgress(shown=float("-inf")).add(150, "evaluate")
     first, worker = stream.getvalue().split("\n")[0].split("\r\033[K")[-2:]
     assert first.startswith("evaluate: 128/150 rows") and worker.startswith("  evaluate: 150 rows done by worker")

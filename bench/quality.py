@@ -29,11 +29,12 @@ from common import REPO_ROOT, require_data, seeded_sample, task_inputs, timer, w
 from raee_ops.onnx_export.quantize import METHOD as QUANTIZE_METHOD
 from raee_ops.schemas.manifest import load_manifest
 
-from raee_ops.evaluate import evaluate, strategy_rows, write_report
+from raee_ops.evaluate import evaluate, strategy_rows
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES
 from raee_ops.key_names import DEFAULT_KEY, GPU_KEY
 from raee_ops.metrics import task_metric
 from raee_ops.probes import fit_key_probe
+from raee_ops.report import write_report
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import get_task
 

@@ -576,7 +576,8 @@ def evaluate_cmd(
     """Score every layer, the full model, the oracle and each exit strategy on labelled rows, in-process (Beam
     options are accepted for the filesystem and database settings: --s3_endpoint_url, --raee_db_storage_option)."""
     from raee_ops import storage
-    from raee_ops.evaluate import check_report_dir, evaluate, exported_task, write_report
+    from raee_ops.evaluate import evaluate, exported_task
+    from raee_ops.report import check_report_dir, write_report
     from raee_ops.schemas.manifest import load_manifest
 
     if (task_name is None) == (task_file is None):

@@ -17,8 +17,9 @@ from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import BAD_IDS, labelled
 
 from raee_ops.errors import RaeeConfigError
-from raee_ops.evaluate import evaluate, exported_task, strategy_rows, write_report
+from raee_ops.evaluate import evaluate, exported_task, strategy_rows
 from raee_ops.exit_policy import STRATEGIES
+from raee_ops.report import write_report
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS, Task
 

@@ -17,7 +17,8 @@ from test_probe_pipelines import signal_rows
 from tiny_encoders import build_tiny_encoder
 
 from raee_ops.errors import RaeeConfigError
-from raee_ops.evaluate import evaluate, render_markdown
+from raee_ops.evaluate import evaluate
+from raee_ops.report import render_markdown
 from raee_ops.retrieval import open_table
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS

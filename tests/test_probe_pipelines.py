@@ -17,10 +17,11 @@ from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F4
 
 from raee_ops import probes as probes_module
 from raee_ops.errors import RaeeConfigError
-from raee_ops.evaluate import evaluate, render_markdown, write_report
+from raee_ops.evaluate import evaluate
 from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE, HALVINGS, confident_exits
 from raee_ops.readout import answer_batch
+from raee_ops.report import render_markdown, write_report
 from raee_ops.retrieval import Retriever, table_meta
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS

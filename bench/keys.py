@@ -38,10 +38,11 @@ from quality import SEED, K, ensure_artifacts, read_checked
 from raee_ops.onnx_export.embedder import export_embedder
 from raee_ops.schemas.manifest import sealed
 
+from raee_ops.key_names import BACKBONE
 from raee_ops.layer_key import LayerKey
 from raee_ops.metrics import task_metric
 from raee_ops.probes import fit_key_probe
-from raee_ops.runtime import BACKBONE, SegmentRuntime, mean_states
+from raee_ops.runtime import SegmentRuntime, mean_states
 from raee_ops.tasks import get_task
 
 PRESET, EMBEDDER = "smollm2-135m", "minilm"

@@ -37,6 +37,7 @@ from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 from raee_ops import storage
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import refuse_head, refuse_unanswerable, resolve
+from raee_ops.key_names import BACKBONE
 from raee_ops.probe_policy import refuse_cost_options
 from raee_ops.progress import NAMESPACE
 from raee_ops.readout import describe
@@ -171,7 +172,7 @@ def run_classify(
     opened = open_table(db_uri, table, storage_options=settings.db_storage_options)
     version, table_schema = opened.version, opened.schema
     meta = TableMeta.decode(table_schema)
-    embedder = meta.embedder if meta else "backbone"
+    embedder = meta.embedder if meta else BACKBONE
     if not key_available(manifest, embedder):
         raise RaeeConfigError(f"table {table!r} was keyed with embedder {embedder!r}, not in {artifacts}")
     expected = expected_meta(manifest, task_name, embedder)

@@ -22,7 +22,7 @@ import click
 from raee_ops import extras, logs
 from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, StoreUnavailable, first_line
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES
-from raee_ops.key_names import DEFAULT_KEY, parse_embedder
+from raee_ops.key_names import BACKBONE, DEFAULT_KEY, parse_embedder
 from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
 from raee_ops.schemas.tables import table_name_problem
@@ -361,7 +361,7 @@ def _embedder_names(values: tuple[str, ...]) -> tuple[str, ...]:
 def _key_spec(value: str | None) -> str | None:
     """build-db --embedder's value: backbone, minilm[-N][-int8] or layer-N (whether these artifacts have it is
     build-db's check)."""
-    if value is None or value == "backbone":
+    if value is None or value == BACKBONE:
         return value
     try:
         depth = layer_depth(value)

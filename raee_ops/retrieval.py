@@ -20,6 +20,7 @@ from raee_ops import s3_clients, storage
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import RaeeConfigError, StoreUnavailable, first_line
 from raee_ops.exit_policy import Context, Neighbours
+from raee_ops.key_names import BACKBONE
 from raee_ops.layer_key import LayerKey, layer_depth
 from raee_ops.probe_policy import ProbePolicy, budgeted
 from raee_ops.probes import ProbeSet, check_probes
@@ -71,7 +72,7 @@ def key_available(manifest: Manifest, embedder: str) -> bool:
     depth = layer_depth(embedder)
     if depth is not None:
         return depth <= manifest.num_layers
-    return embedder == "backbone" or embedder in manifest.embedders
+    return embedder == BACKBONE or embedder in manifest.embedders
 
 
 def expected_meta(manifest: Manifest, task: str, embedder: str) -> TableMeta:

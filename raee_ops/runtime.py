@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from raee_ops import logs
 from raee_ops.errors import ArtifactError
 from raee_ops.extras import onnxruntime
-from raee_ops.key_names import INT8_SUFFIX, parse_embedder
+from raee_ops.key_names import BACKBONE, INT8_SUFFIX, parse_embedder
 from raee_ops.schemas.manifest import FileRef, Manifest, load_manifest
 from raee_ops.schemas.tables import POOLINGS
 
@@ -28,7 +28,6 @@ set_global_thread_pool_sizes = ort.capi._pybind_state.set_global_thread_pool_siz
 OrtFail = ort.capi.onnxruntime_pybind11_state.Fail
 log = logging.getLogger(__name__)
 
-BACKBONE = "backbone"
 #: The small graphs run besides the segments: a device chain's between layers, a small table's exact search
 #: (package data, written by raee_ops.onnx_export.stored_graphs).
 STORED_GRAPHS = Path(__file__).resolve().parent / "graphs"

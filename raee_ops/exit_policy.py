@@ -286,6 +286,8 @@ class Strategy:
     stop: Callable[[Context], float | None] | None = None  # probe confidence at which a row leaves early
     needs_probe_policy: bool = False
     layerless: Callable[[Context], bool] | None = None  # whether the table's fit runs no row through any layer
+    reads_key_probe: bool = False  # answers with the probe on the retrieval key (probe-reading strategies may too)
+    reads_label_counts: bool = False  # answers with the reference's label counts, kept with the probes
 
     def neighbours(self, ctx: Context) -> int:
         """How many neighbours to fetch for this strategy."""
@@ -299,10 +301,10 @@ class Strategy:
     def answerable(self, probes: ProbeSet | None) -> bool:
         """Whether a table with these probes holds what this strategy answers with: `majority` reads the label
         counts build-db keeps with the probes, which tables built before it lack."""
-        return self.answer is not prior_answer or (probes is not None and probes.label_counts is not None)
+        return not self.reads_label_counts or (probes is not None and probes.label_counts is not None)
 
     def needs_probes(self) -> bool:
-        return self.reads == "probe" or self.answer in (key_answer, prior_answer)
+        return self.reads == "probe" or self.reads_key_probe or self.reads_label_counts
 
     def form(self, ctx: Context) -> str:
         """The input form (FORMS) its layers read: the probes' for a strategy reading them, else the prompt
@@ -374,9 +376,9 @@ STRATEGIES: dict[str, Strategy] = {
             needs_probe_policy=True,
             layerless=_fell_back,
         ),
-        Strategy("key-lr", none, key_answer, k=lambda ctx: 1, reads="none"),
+        Strategy("key-lr", none, key_answer, k=lambda ctx: 1, reads="none", reads_key_probe=True),
         Strategy("knn-vote", none, vote_answer, reads="none"),
-        Strategy("majority", none, prior_answer, needs_retrieval=False, reads="none"),
+        Strategy("majority", none, prior_answer, needs_retrieval=False, reads="none", reads_label_counts=True),
     ]
 }
 

@@ -24,7 +24,7 @@ from raee_ops.schemas.manifest import load_manifest
 
 from raee_ops.evaluate import strategy_rows
 from raee_ops.exit_policy import DEFAULT_STRATEGY
-from raee_ops.metrics import paired_difference, task_metric
+from raee_ops.metrics import METRICS, paired_difference
 from raee_ops.retrieval import Retriever
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import get_task
@@ -83,7 +83,7 @@ def int8_minus_fp32(preset: str, task: str) -> dict[str, float]:
         raise SystemExit(f"{preset}/{task}: the int8 and fp32 evaluations scored different rows")
     labels, num_labels = answers["fp32"]["label"].to_numpy(), len(get_task(task).label_names)
     int8, fp32 = (answers[v]["prediction"].to_numpy() for v in ("int8", "fp32"))
-    gap, se = paired_difference(labels, int8, fp32, task_metric(task, num_labels)[1], num_labels)
+    gap, se = paired_difference(labels, int8, fp32, METRICS[get_task(task).metric_name], num_labels)
     return {"difference": gap, "standard_error": se}
 
 

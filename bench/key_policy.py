@@ -43,7 +43,7 @@ from raee_ops.schemas.tables import PROBES_META_KEY, flat_values
 from raee_ops.calibration import K_GRID, not_before_key
 from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.layer_key import LayerKey
-from raee_ops.metrics import task_metric
+from raee_ops.metrics import METRICS
 from raee_ops.probe_policy import ProbePolicy, confident_exits, fit_probe_policy
 from raee_ops.probes import PROMPT_VIEWS, ProbeSet, fit_key_probe, fit_probes  # as build-db fits them
 from raee_ops.runtime import SegmentRuntime, mean_states
@@ -156,7 +156,8 @@ def one_task(
         return None
     labels, n = rows["labels"], len(rows["labels"])
     num_labels = rows["probe_lp"].shape[2]
-    metric_name, metric = task_metric(task_name, num_labels)
+    metric_name = get_task(task_name).metric_name
+    metric = METRICS[metric_name]
     states = {d: mean_after(runtime, task_name, rows["prompts"], d) for d in depths}
     # each sentence key timed, its vectors taken from the timed run
     timed = {name: fastest(lambda name=name: runtime.key(name, rows["texts"], rows["pairs"])) for name in embedders}

@@ -40,7 +40,7 @@ from raee_ops.schemas.manifest import sealed
 
 from raee_ops.key_names import BACKBONE
 from raee_ops.layer_key import LayerKey
-from raee_ops.metrics import task_metric
+from raee_ops.metrics import METRICS
 from raee_ops.probes import fit_key_probe
 from raee_ops.runtime import SegmentRuntime, mean_states
 from raee_ops.tasks import get_task
@@ -111,7 +111,8 @@ def one_task(runtime: SegmentRuntime, data: Path, task_name: str, n: int) -> dic
     rows = within_max_length(runtime, task, rows)
     texts, pairs, prompts = task_inputs(task, rows, runtime.suffix)
     labels = rows["label"].to_numpy()
-    metric_name, metric = task_metric(task_name, len(task.label_names))
+    metric_name = task.metric_name
+    metric = METRICS[metric_name]
     keys = {
         **{name: (lambda name=name: runtime.key(name, texts, pairs)) for name in (EMBEDDER, *EXPORTED)},
         "backbone": lambda: runtime.key(BACKBONE, texts, pairs),

@@ -32,7 +32,7 @@ from raee_ops.schemas.manifest import load_manifest
 from raee_ops.evaluate import evaluate, strategy_rows
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES
 from raee_ops.key_names import DEFAULT_KEY, GPU_KEY
-from raee_ops.metrics import task_metric
+from raee_ops.metrics import METRICS
 from raee_ops.probes import fit_key_probe
 from raee_ops.report import write_report
 from raee_ops.runtime import SegmentRuntime
@@ -208,7 +208,7 @@ def sentence_lr(runtime: SegmentRuntime, task_name: str, reference: pa.Table, ev
     keys = [runtime.key(SENTENCE, *task_inputs(task, rows, runtime.suffix)[:2]) for rows in (fit, scored)]
     probe = fit_key_probe(keys[0], fit["label"].to_numpy(), num_labels)[0]
     labels, predicted = scored["label"].to_numpy(), probe.log_probs(keys[1]).argmax(axis=1)
-    metric = task_metric(task_name, num_labels)[1]
+    metric = METRICS[task.metric_name]
     return {
         "score": metric(labels, predicted, num_labels),
         "accuracy": float(np.mean(predicted == labels)),

@@ -305,6 +305,7 @@ def run_export(
                         verbalizer=list(t.verbalizer),
                         label_token_ids=label_ids.get(t.name, []),
                         head=refs.get(_head_file(t)),
+                        metric=t.metric_name,
                     )
                     for t in tasks
                 },

@@ -38,7 +38,6 @@ from raee_ops import storage
 from raee_ops.calibration import FusedPolicy, fit_fused_policy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.layer_key import LayerKey, layer_depth
-from raee_ops.metrics import task_metric
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE, ProbePolicy, fit_probe_policy
 from raee_ops.probes import VIEWS, ProbeSet, fit_probes, fit_share, in_fit_sample, table_views
 from raee_ops.retrieval import probe_identity, table_layer_key
@@ -150,7 +149,7 @@ def assemble(
         where.append(offset + keep)
     fit_rows = np.concatenate(where)
     started = time.perf_counter()
-    metric = task_metric(task.name, num_labels)[0]
+    metric = task.metric_name
     probe_lp = np.zeros((rows, num_layers, num_labels), np.float32)
     probes = probe_policy = policy = None
     if rows >= 2:

@@ -33,7 +33,7 @@ from raee_ops.rows import (
     validate,
     without_views,
 )
-from raee_ops.tasks import Task
+from raee_ops.tasks import PRESETS, Task
 
 ERRORS = "errors"
 #: Rows per element; RunInference then batches several elements into one model call.
@@ -41,13 +41,16 @@ ROWS_PER_ELEMENT = 16
 
 
 def task_of(manifest: Manifest, name: str) -> Task:
-    """The task as exported: the artifacts, not the preset list, are the source of truth."""
+    """The task as exported: the artifacts, not the preset list, are the source of truth. An export from before
+    tasks carried their metric is scored as it was then: a preset's name takes the preset's metric."""
     entry = manifest.task(name)
+    metric = entry.metric or (PRESETS[name].metric if name in PRESETS else None)
     return Task(
         name=name,
         template=entry.template,
         label_names=list(entry.label_names),
         verbalizer=list(entry.verbalizer),
+        metric=metric,
     )
 
 

@@ -38,7 +38,7 @@ from raee_ops.exit_policy import (
     resolve,
 )
 from raee_ops.key_names import BACKBONE
-from raee_ops.metrics import Metric, accuracy, paired_difference, task_metric
+from raee_ops.metrics import METRICS, Metric, accuracy, paired_difference
 from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.options import worker_settings
 from raee_ops.pipelines.sources import (
@@ -105,8 +105,8 @@ def exported_task(manifest: Manifest, task: Task) -> str:
             f"task {task.name!r} from the task file is not exported in these artifacts "
             f"(have: {', '.join(sorted(manifest.tasks))}); export it with export-onnx --task-file first"
         )
-    exported = (entry.template, list(entry.label_names), list(entry.verbalizer))
-    if exported != (task.template, task.label_names, task.verbalizer):
+    exported = (entry.template, list(entry.label_names), list(entry.verbalizer), entry.metric or task.metric_name)
+    if exported != (task.template, task.label_names, task.verbalizer, task.metric_name):
         raise RaeeConfigError(f"task {task.name!r} in the task file differs from the one exported in the artifacts")
     return task.name
 
@@ -307,7 +307,8 @@ def evaluate(
     sweep = probe_policy.shown_costs()
     depths = neighbour_depths(retriever.rows)
     nb = retriever.search(keys, max(k, vote_k, probe_policy.k, *(at.k for at in sweep), *depths))
-    metric_name, metric = task_metric(task_name, num_labels)
+    metric_name = task.metric_name
+    metric = METRICS[metric_name]
     vote = nb.top(vote_k)
     vote_pred = label_vote(vote.labels, vote.similarity, num_labels).argmax(axis=1)
     zero_shot = _zero_shot(logprobs, probe_lp, labels, nb, ctx, metric) if head else None

@@ -44,15 +44,10 @@ METRICS: dict[str, Metric] = {
     "f1": f1_positive,
     "macro_f1": macro_f1,
 }
-_BY_TASK = {"cola": "matthews_corr", "mrpc": "f1", "qqp": "f1"}
+#: Metrics of a two-label task only (the F1 of label 1, the positive class).
+BINARY_METRICS = ("f1",)
 #: Resamples of the scored rows behind a paired difference's standard error.
 BOOTSTRAP_ROUNDS = 1000
-
-
-def task_metric(task_name: str, num_labels: int) -> tuple[str, Metric]:
-    """The headline metric: the GLUE convention where one exists, macro-F1 for multi-class, else accuracy."""
-    name = _BY_TASK.get(task_name) or ("macro_f1" if num_labels > 2 else "accuracy")
-    return name, METRICS[name]
 
 
 def paired_difference(

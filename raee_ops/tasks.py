@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raee_ops.errors import RaeeConfigError
+from raee_ops.metrics import BINARY_METRICS, METRICS
 from raee_ops.schemas.tables import table_name_problem
 
 #: Longest task name: it names files (`head_<name>.onnx`), which filesystems allow 255 bytes.
@@ -47,6 +48,9 @@ class Task:
     template: str
     label_names: list[str]
     verbalizer: list[str]
+    #: The task's headline metric (a key of raee_ops.metrics.METRICS), which build-db fits the exit policies to and
+    #: evaluate reports; None: macro-F1 with more than two labels, else accuracy.
+    metric: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.name) > MAX_NAME:
@@ -67,6 +71,15 @@ class Task:
             )
         if len(set(self.verbalizer)) != len(self.verbalizer):
             raise RaeeConfigError(f"task {self.name!r}: verbalizer words must be distinct")
+        if self.metric is not None and self.metric not in METRICS:
+            raise RaeeConfigError(f"task {self.name!r}: metric {self.metric!r} is none of {', '.join(METRICS)}")
+        if self.metric in BINARY_METRICS and len(self.label_names) != 2:
+            raise RaeeConfigError(f"task {self.name!r}: metric {self.metric!r} needs two labels")
+
+    @property
+    def metric_name(self) -> str:
+        """The metric the task is scored and fitted with: its own, else macro-F1 beyond two labels, else accuracy."""
+        return self.metric or ("macro_f1" if len(self.label_names) > 2 else "accuracy")
 
     @property
     def fields(self) -> set[str]:
@@ -86,17 +99,9 @@ class Task:
             return "\n".join(values[name] for name in ("text", "text_pair") if name in values) + suffix
         return self.template.format(**values) + suffix
 
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "template": self.template,
-            "label_names": list(self.label_names),
-            "verbalizer": list(self.verbalizer),
-        }
 
-
-def _task(name: str, template: str, labels: list[str], words: list[str]) -> Task:
-    return Task(name=name, template=template, label_names=labels, verbalizer=words)
+def _task(name: str, template: str, labels: list[str], words: list[str], metric: str | None = None) -> Task:
+    return Task(name=name, template=template, label_names=labels, verbalizer=words, metric=metric)
 
 
 _ENTAIL = "Premise: {text}\nHypothesis: {text_pair}\nDoes the premise entail the hypothesis (yes or no)?\nAnswer:"
@@ -115,6 +120,7 @@ PRESETS: dict[str, Task] = {
             "Sentence: {text}\nIs this sentence grammatically correct English (yes or no)?\nAnswer:",
             ["unacceptable", "acceptable"],
             ["no", "yes"],
+            "matthews_corr",  # GLUE's convention
         ),
         _task(
             "mrpc",
@@ -122,6 +128,7 @@ PRESETS: dict[str, Task] = {
             "Do the two sentences mean the same thing (yes or no)?\nAnswer:",
             ["not_equivalent", "equivalent"],
             ["no", "yes"],
+            "f1",  # GLUE's convention: F1 of the positive class
         ),
         _task("rte", _ENTAIL, ["entailment", "not_entailment"], ["yes", "no"]),
         _task(
@@ -154,25 +161,26 @@ PRESETS: dict[str, Task] = {
 }
 
 
-#: A task file's keys, each a non-empty string or a list of them.
+#: A task file's keys, each a non-empty string or a list of them, and its optional ones (strings).
 TASK_FILE_STRINGS = ("name", "template")
 TASK_FILE_LISTS = ("label_names", "verbalizer")
+TASK_FILE_OPTIONAL = ("metric",)
 
 
 def load_task_file(path: str | Path) -> Task:
-    """A user's task from JSON with `name`, `template`, `label_names`, `verbalizer`: every problem with the file
-    is one line naming the file (and the field), before any model loads."""
+    """A user's task from JSON with `name`, `template`, `label_names`, `verbalizer` and optionally `metric`: every
+    problem with the file is one line naming the file (and the field), before any model loads."""
     path = Path(path)
     raw = _read_task_file(path)
     missing = [k for k in TASK_FILE_STRINGS + TASK_FILE_LISTS if k not in raw]
     if missing:
         raise RaeeConfigError(f"task file {path} lacks {', '.join(missing)}")
-    unknown = [k for k in raw if k not in TASK_FILE_STRINGS + TASK_FILE_LISTS]
+    known = TASK_FILE_STRINGS + TASK_FILE_LISTS + TASK_FILE_OPTIONAL
+    unknown = [k for k in raw if k not in known]
     if unknown:  # a misspelt or wished-for field would be ignored without a word
-        fields = ", ".join(TASK_FILE_STRINGS + TASK_FILE_LISTS)
-        raise RaeeConfigError(f"task file {path}: unknown field {unknown[0]!r}; a task file has {fields}")
+        raise RaeeConfigError(f"task file {path}: unknown field {unknown[0]!r}; a task file has {', '.join(known)}")
     try:
-        strings = {key: _text(raw[key], key) for key in TASK_FILE_STRINGS}
+        strings = {key: _text(raw[key], key) for key in TASK_FILE_STRINGS + TASK_FILE_OPTIONAL if key in raw}
         lists = {key: _texts(raw[key], key) for key in TASK_FILE_LISTS}
         return Task(**strings, **lists)
     except RaeeConfigError as err:

@@ -73,6 +73,7 @@ class TaskEntry:
     verbalizer: list[str]
     label_token_ids: list[int]
     head: FileRef | None = None  # None: the backbone has no label-word head (Manifest.label_word_head)
+    metric: str | None = None  # the task's metric (Task.metric_name); None: exported before tasks carried one
 
     @property
     def fingerprint(self) -> str:

@@ -79,6 +79,7 @@ def test_manifest_contents(tiny_llama_artifacts: Path, tiny_llama_dir: Path) -> 
     assert list(manifest.tasks) == ["sst2", "rte"]
     sst2 = manifest.tasks["sst2"]
     assert sst2.verbalizer == ["negative", "positive"] and sst2.head.file == "head_sst2.onnx"
+    assert (sst2.metric, manifest.tasks["rte"].metric) == ("accuracy", "accuracy")  # what build-db fits them to
     assert sst2.label_token_ids == [tokenizer.convert_tokens_to_ids(w) for w in sst2.verbalizer]
     assert sorted(p.name for p in tiny_llama_artifacts.iterdir()) == sorted(
         [MANIFEST_NAME, manifest.tokenizer.file] + [ref.file for ref in manifest.file_refs()][1:]

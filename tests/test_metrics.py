@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from raee_ops.metrics import accuracy, f1_positive, macro_f1, matthews, paired_difference, task_metric
+from raee_ops.metrics import accuracy, f1_positive, macro_f1, matthews, paired_difference
 
 
 def test_accuracy_and_f1_on_a_hand_counted_case():
@@ -22,13 +22,6 @@ def test_matthews_matches_the_binary_formula_and_degenerate_cases():
     assert matthews(y, p) == pytest.approx(expected)
     assert matthews(y, np.ones_like(y)) == 0.0
     assert matthews(y, y) == pytest.approx(1.0)
-
-
-def test_task_metric_names():
-    assert task_metric("cola", 2)[0] == "matthews_corr"
-    assert task_metric("mrpc", 2)[0] == "f1"
-    assert task_metric("trec", 6)[0] == "macro_f1"
-    assert task_metric("my-binary-task", 2)[0] == "accuracy"
 
 
 def test_paired_difference_is_the_score_gap_with_the_bootstrap_spread_of_the_rows():

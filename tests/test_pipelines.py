@@ -1,5 +1,6 @@
 """End to end on tiny segment artifacts: build-db, then classify, every row accounted for."""
 
+import dataclasses
 import glob
 import json
 import logging
@@ -21,7 +22,7 @@ from raee_ops.pipelines import build_db, sources
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.sources import file_key, read_validated_file
-from raee_ops.schemas.manifest import sealed
+from raee_ops.schemas.manifest import load_manifest, sealed
 from raee_ops.schemas.tables import RUN_META_KEY
 from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
@@ -90,6 +91,26 @@ def test_build_db_accounts_for_every_row(built):
     check_errors(errors)
     assert "in = written + rejected: ok" in summary.render()
     assert "fused policy (leave-one-out, on 30 rows, accuracy): k=" in summary.render()
+
+
+def test_build_db_fits_to_the_metric_the_export_records_for_its_task(segment_artifacts, tmp_path):  # noqa: F811
+    """An export records its task's metric (a task file's own, or its label count's): build-db fits the policies
+    to it. An export from before tasks carried one is scored as it was then, a preset's name taking the preset's
+    metric (`built` above: sst2, accuracy)."""
+    other = tmp_path / "artifacts"
+    shutil.copytree(segment_artifacts, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tasks"]["sst2"]["metric"] = "matthews_corr"
+    (other / "manifest.json").write_text(sealed(manifest))
+    train = labelled(tmp_path / "train.parquet", 30, 0, "t", bad=False)
+    summary = run_build_db(
+        str(other), "sst2", [str(train)], str(tmp_path / "db"), "sst2", "backbone", "overwrite", None
+    )
+    assert "fused policy (leave-one-out, on 30 rows, matthews_corr): k=" in summary.render()
+    exported = load_manifest(segment_artifacts)
+    entry = dataclasses.replace(exported.tasks["sst2"], metric=None)
+    assert sources.task_of(dataclasses.replace(exported, tasks={"cola": entry}), "cola").metric_name == "matthews_corr"
+    assert sources.task_of(dataclasses.replace(exported, tasks={"mine": entry}), "mine").metric_name == "accuracy"
 
 
 def test_an_overwrite_keeps_a_shared_errors_folders_other_files(segment_artifacts, tmp_path):  # noqa: F811

@@ -56,12 +56,30 @@ def write(tmp_path: Path, content: object) -> Path:
         ({**GOOD, "name": "x" * 300}, "over 100 characters"),  # failed in the export, writing head_<name>.onnx
         ({**GOOD, "name": "my task"}, r"task name: table name 'my task' may hold only letters"),  # exported, then
         ({**GOOD, "name": "t__features"}, "build-db's companion"),  # refused as build-db's default table name
+        ({**GOOD, "metric": "auc"}, "metric 'auc' is none of accuracy, matthews_corr, f1, macro_f1"),
+        ({**GOOD, "metric": 1}, "metric must be a non-empty string, not a JSON number"),
+        ({**GOOD, "label_names": ["a", "b", "c"], "verbalizer": ["x", "y", "z"], "metric": "f1"}, "needs two labels"),
     ],
 )
 def test_bad_task_files_are_refused_naming_file_and_field(tmp_path: Path, content: object, message: str) -> None:
     path = write(tmp_path, content)
     with pytest.raises(RaeeConfigError, match=f"task file {path}.*{message}"):
         load_task_file(path)
+
+
+def test_a_task_is_scored_with_its_own_metric_else_by_its_label_count(tmp_path: Path) -> None:
+    """A task file may name its metric (an imbalanced task fitted for accuracy exits for the majority label); a
+    task's name is no metric: a task file called `cola` was scored with Matthews correlation, unasked."""
+    assert load_task_file(write(tmp_path, {**GOOD, "metric": "matthews_corr"})).metric_name == "matthews_corr"
+    assert load_task_file(write(tmp_path, {**GOOD, "name": "cola"})).metric_name == "accuracy"
+    three = {**GOOD, "label_names": ["a", "b", "c"], "verbalizer": ["x", "y", "z"]}
+    assert load_task_file(write(tmp_path, three)).metric_name == "macro_f1"
+    assert [PRESETS[name].metric_name for name in ("cola", "mrpc", "sst2", "trec")] == [
+        "matthews_corr",
+        "f1",
+        "accuracy",
+        "macro_f1",
+    ]
 
 
 def test_a_good_task_file_renders_with_literal_braces(tmp_path: Path) -> None:

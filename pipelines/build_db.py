@@ -11,6 +11,7 @@ removes a killed run's staging and settles its errors folder, whichever --errors
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -65,7 +66,7 @@ from raee_ops.schemas.tables import (
 )
 
 from raee_ops import storage
-from raee_ops.calibration import FusedPolicy
+from raee_ops.calibration import FusedPolicy, fit_line
 from raee_ops.errors import CountMismatch, RaeeConfigError, RaeeError, TooManyRejected
 from raee_ops.faults import fault_point
 from raee_ops.key_names import DEFAULT_KEY
@@ -87,6 +88,7 @@ from raee_ops.retrieval import (
     table_meta,
     table_names,
     table_probes,
+    version_schemas,
 )
 
 #: Examples of offending ids shown in a refusal.
@@ -119,13 +121,7 @@ class BuildSummary:
                 f"errors: {self.errors_dir}"
             )
         balance = "ok" if self.rows_in == self.written + self.rejected else "MISMATCH"
-        p = self.policy
-        fitted = (
-            f"fused policy ({p.validation()}, {p.metric}): {p.settings()}; "
-            f"LOO {p.metric} {p.loo_metric:.3f}, mean exit layer {p.loo_mean_exit:.2f}"
-            if p
-            else f"fused policy: none ({self.no_policy})"
-        )
+        fitted = fit_line("fused policy", self.policy) if self.policy else f"fused policy: none ({self.no_policy})"
         return "\n".join(
             [
                 f"build-db {self.table} ({self.mode})",
@@ -218,9 +214,8 @@ def _committed_earlier(
     table: an append killed after its commit, retried after another append committed, finds its rows and is done
     (it was refused for their ids, exit 2, which schedulers do not retry). Walked only when ids clash."""
     handle = open_table(db_uri, table, storage_options=storage_options)
-    for version in sorted((v["version"] for v in handle.list_versions()), reverse=True)[1:]:
-        handle.checkout(version)
-        record = RunRecord.of(handle.schema)
+    for version, schema in itertools.islice(version_schemas(handle), 1, None):  # further back than the latest
+        record = RunRecord.of(schema)
         if record is not None and record.job == job:
             then = read_column(handle, ID, f"table {table!r} in {db_uri}, version {version},").combine_chunks()
             added = ids.filter(pc.is_in(ids, value_set=then))  # none of them were there before it: append refuses
@@ -272,9 +267,8 @@ def recorded_runs(db_uri: str, table: str, storage_options: dict[str, str], run_
     if table not in table_names(db):
         return set()
     handle, found = open_listed(db, db_uri, table), set()
-    for version in sorted((v["version"] for v in handle.list_versions()), reverse=True):
-        handle.checkout(version)
-        record = RunRecord.of(handle.schema)
+    for _, schema in version_schemas(handle):
+        record = RunRecord.of(schema)
         if record and record.run_id in run_ids:
             found.add(record.run_id)
             if found == run_ids:
@@ -359,7 +353,7 @@ def run_build_db(
         )
     if rows_in == 0 and mode == "overwrite":
         refuse_overwrite_with_nothing(table, allow_empty)
-    if rows_in == 1 and mode == "overwrite":  # before any work: after it, the run has made its folders
+    if mode == "overwrite":  # before any work: after it, the run has made its folders
         refuse_one_row(table, rows_in)
     meta = expected_meta(manifest, task_name, embedder)
     if mode == "append":  # before the claim: a table build-db did not write was refused under it, as 'replaced'

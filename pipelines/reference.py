@@ -35,7 +35,7 @@ from raee_ops.schemas.tables import (
 )
 
 from raee_ops import storage
-from raee_ops.calibration import FusedPolicy, fit_fused_policy
+from raee_ops.calibration import FusedPolicy, fit_fused_policy, fit_line
 from raee_ops.errors import RaeeConfigError
 from raee_ops.layer_key import LayerKey, layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE, ProbePolicy, fit_probe_policy
@@ -62,8 +62,7 @@ class Reference:
             f"probe heads ({p.pooling} view, fitted on {p.fit_rows} rows; probes and policies fitted in "
             f"{self.fit_seconds:.1f}s; out-of-fold {p.metric} by layer): "
             f"{curve}; key probe {p.key_oof_metric:.3f}; best layer {p.best_layer}",
-            f"probe policy ({q.validation()}, {q.metric}): {q.settings()}; "
-            f"LOO {q.metric} {q.loo_metric:.3f}, mean exit layer {q.loo_mean_exit:.2f}",
+            fit_line("probe policy", q),
             *self.no_signal(),
         ]
 

@@ -130,6 +130,27 @@ def retrieval_only(vote: np.ndarray, tau: float | None) -> np.ndarray:
     return reaches(vote.max(axis=1), tau)
 
 
+class FittedPolicy(Protocol):
+    """What build-db reports of a policy it has just fitted (FusedPolicy, probe_policy.ProbePolicy)."""
+
+    metric: str
+    loo_metric: float | None
+    loo_mean_exit: float
+
+    def validation(self) -> str: ...
+
+    def settings(self) -> str: ...
+
+
+def fit_line(name: str, policy: FittedPolicy) -> str:
+    """`name (validation, metric): settings; LOO metric m, mean exit layer e`, as build-db prints each fit."""
+    p = policy
+    return (
+        f"{name} ({p.validation()}, {p.metric}): {p.settings()}; "
+        f"LOO {p.metric} {p.loo_metric:.3f}, mean exit layer {p.loo_mean_exit:.2f}"
+    )
+
+
 @dataclass(frozen=True)
 class FusedPolicy:
     """Settings of the `fused` strategy, chosen on the reference table and stored in its metadata.

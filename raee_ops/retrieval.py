@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, replace
 
 import lancedb
@@ -216,6 +217,17 @@ def open_table(
     if version is not None:
         table.checkout(version)
     return table
+
+
+def version_schemas(
+    handle: lancedb.table.Table, versions: Iterable[int] | None = None
+) -> Iterator[tuple[int, pa.Schema]]:
+    """(version, its schema and metadata) of each of the table's `versions` (default: all), newest first: a walk
+    over a table's history (its run records, companions' versions). The handle is left at the last one read."""
+    wanted = versions if versions is not None else (v["version"] for v in handle.list_versions())
+    for version in sorted(wanted, reverse=True):
+        handle.checkout(version)
+        yield version, handle.schema
 
 
 def table_meta(db_uri: str, name: str, storage_options: dict[str, str] | None = None) -> TableMeta:

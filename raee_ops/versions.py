@@ -34,7 +34,7 @@ from raee_ops.info import check_database, opened, table_info
 from raee_ops.pipelines.build_db import default_errors_dir, settle_errors, work_dir
 from raee_ops.pipelines.commit import check_held, hold
 from raee_ops.pipelines.run_record import RunRecord, drop_replaced
-from raee_ops.retrieval import connect, open_table, table_folder, table_names
+from raee_ops.retrieval import connect, open_table, table_folder, table_names, version_schemas
 from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, TableMeta
 
 
@@ -241,11 +241,8 @@ def _pinned(handle: lancedb.table.Table, versions: set[int]) -> set[int]:
 
 
 def _schemas(handle: lancedb.table.Table, versions: set[int]) -> list[pa.Schema]:
-    """The schema (with its metadata) of each of the table's `versions`."""
-    schemas = []
-    for version in sorted(versions):
-        handle.checkout(version)
-        schemas.append(handle.schema)
+    """The schema (with its metadata) of each of the table's `versions`, the handle back at its latest after."""
+    schemas = [schema for _, schema in version_schemas(handle, versions)]
     handle.checkout_latest()
     return schemas
 

@@ -84,10 +84,15 @@ def expected_meta(manifest: Manifest, task: str, embedder: str) -> TableMeta:
         num_layers=manifest.num_layers,
         label_names=list(manifest.task(task).label_names),
         task_fingerprint=manifest.task(task).fingerprint,
+        key_fingerprint=manifest.key_fingerprint(embedder),
     )
 
 
-WHY = {"task_fingerprint": ": the task's prompt, labels or head differ from those the table was built with"}
+WHY = {
+    "task_fingerprint": ": the task's prompt, labels or head differ from those the table was built with",
+    "key_fingerprint": ": the key embedder was exported otherwise (its graph, tokenizer or settings) than the one "
+    "the table's keys were made with, so its keys would find other neighbours",
+}
 
 
 def check_meta(found: TableMeta | None, expected: TableMeta, where: str) -> None:
@@ -374,8 +379,11 @@ def table_context(
 
 
 def probe_identity(meta: TableMeta, rows: int) -> dict:
-    """What a table's probes must have been fitted for: its artifacts, task, embedder, depth, labels and rows."""
-    return asdict(meta) | {"rows": rows}
+    """What a table's probes must have been fitted for: its artifacts, task, embedder, depth, labels and rows (the
+    key embedder's identity is the table's own, checked with it: probes fitted before it was recorded stay valid)."""
+    identity = asdict(meta) | {"rows": rows}
+    del identity["key_fingerprint"]
+    return identity
 
 
 def check_table_contents(

@@ -170,10 +170,18 @@ class Manifest:
         prompt and head, and the key's embedder where it is a file of its own (the backbone's own keys are in its
         fingerprint). Workers compare it with the launching process's: an export replaced mid-run changes one."""
         parts = {"backbone": self.fingerprint, f"task {task}": self.task(task).fingerprint}
-        if embedder in self.embedders:
-            entry = json.dumps(asdict(self.embedders[embedder]), sort_keys=True)
-            parts[f"key embedder {embedder}"] = hashlib.sha256(entry.encode()).hexdigest()[:32]
+        key = self.key_fingerprint(embedder)
+        if key is not None:
+            parts[f"key embedder {embedder}"] = key
         return parts
+
+    def key_fingerprint(self, embedder: str) -> str | None:
+        """Identity of an exported key embedder (its graph, tokenizer and settings, max_length included): a table's
+        keys made with one are not another's neighbours. None for the backbone's own keys (its fingerprint)."""
+        if embedder not in self.embedders:
+            return None
+        entry = json.dumps(asdict(self.embedders[embedder]), sort_keys=True)
+        return hashlib.sha256(entry.encode()).hexdigest()[:32]
 
     def task(self, name: str) -> TaskEntry:
         if name not in self.tasks:

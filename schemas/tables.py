@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +14,9 @@ TEXT, TEXT_PAIR, LABEL, ID = "text", "text_pair", "label", "id"
 #: The exit table's group of each reference row (build-db --group-column; null: a group of its own).
 GROUP = "group_id"
 TABLE_META_KEY = b"raee"
+#: The key embedder's identity (TableMeta.key_fingerprint), beside the table's identity rather than in it: a release
+#: before it refused table metadata with a field it did not know.
+KEY_META_KEY = b"raee_key"
 #: The fused strategy's settings, fitted on the table's own rows by build-db (raee_ops.calibration).
 POLICY_META_KEY = b"raee_policy"
 #: Per-layer probe heads and the key probe as JSON + base64 float32 arrays (raee_ops.probes), and the probe
@@ -155,14 +158,26 @@ class TableMeta:
     label_names: list[str]
     #: TaskEntry.fingerprint; None in tables built before it was recorded (they are checked without it)
     task_fingerprint: str | None = None
+    #: Manifest.key_fingerprint of the embedder the keys were made with (None: the backbone's own keys, which its
+    #: fingerprint covers, or a table built before it was recorded)
+    key_fingerprint: str | None = None
 
     def encode(self) -> dict[bytes, bytes]:
-        return {TABLE_META_KEY: json.dumps(asdict(self)).encode()}
+        fields = asdict(self)
+        key = fields.pop("key_fingerprint")
+        return {TABLE_META_KEY: json.dumps(fields).encode()} | ({KEY_META_KEY: key.encode()} if key else {})
 
     @classmethod
     def decode(cls, schema: pa.Schema) -> TableMeta | None:
-        raw = (schema.metadata or {}).get(TABLE_META_KEY)
-        return cls(**json.loads(raw)) if raw else None
+        """The table's identity; fields a later release records are ignored (it says so where it matters)."""
+        metadata = schema.metadata or {}
+        raw = metadata.get(TABLE_META_KEY)
+        if not raw:
+            return None
+        known = {f.name for f in fields(cls)}
+        found = {k: v for k, v in json.loads(raw).items() if k in known}
+        key = metadata.get(KEY_META_KEY)
+        return cls(**found, key_fingerprint=key.decode() if key else None)
 
 
 def encode_array(array: np.ndarray) -> dict:

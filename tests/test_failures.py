@@ -22,11 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 from cli_runs import one_error_line, raee_ops, read_folder
 from raee_ops.pipelines.build_db import run_build_db
+from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.commit import locked, new_run_id, scratch_folder
 from raee_ops.pipelines.inference import BuildHandler, ClassifyHandler
 from raee_ops.pipelines.sources import read_validated_file
 from raee_ops.schemas.manifest import load_manifest, sealed
-from raee_ops.schemas.tables import FEATURES_SUFFIX
+from raee_ops.schemas.tables import FEATURES_SUFFIX, TABLE_META_KEY, TableMeta
 from segment_artifacts import make_artifacts, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled, sentences
 
@@ -1051,6 +1052,35 @@ def test_build_db_refuses_a_manifest_edited_after_export(segment_artifacts, tmp_
     assert run.returncode == 2, run.stderr
     assert "manifest.json was changed after export-onnx wrote it" in one_error_line(run)
     assert not (tmp_path / "db").exists()
+
+
+def test_a_table_keyed_by_an_embedder_exported_otherwise_is_refused(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    """The same backbone and task with the key embedder exported otherwise (here its max_length): the table's keys
+    were made by the other one, and classify's would find other neighbours. Accepted before, exit 0 with answers
+    that differed (sweep K: 18 of 90), and an append mixed the two kinds of keys in one table. A table built
+    before the key's identity was recorded is checked without it, as before."""
+    train = labelled(tmp_path / "train.parquet", 30, 0, "t", bad=False)
+    db = str(tmp_path / "db")
+    run_build_db(segment_artifacts, "sst2", [str(train)], db, "sst2", DEFAULT_KEY, "overwrite", None)
+    other = tmp_path / "artifacts"
+    shutil.copytree(segment_artifacts, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["embedders"][DEFAULT_KEY]["max_length"] = 4
+    (other / "manifest.json").write_text(sealed(manifest))
+    queries = labelled(tmp_path / "q.parquet", 3, 1, "q", bad=False)
+    run = raee_ops(*classify_args(other, db, tmp_path / "out", queries))
+    assert run.returncode == 2 and "key_fingerprint" in one_error_line(run), run.stderr
+    assert "the key embedder was exported otherwise" in one_error_line(run) and not (tmp_path / "out").exists()
+    more = labelled(tmp_path / "more.parquet", 4, 2, "m", bad=False)
+    run = raee_ops(*build_args(other, db, more, extra=["--embedder", DEFAULT_KEY, "--mode", "append"]))
+    assert run.returncode == 2 and "key_fingerprint" in one_error_line(run), run.stderr
+
+    encode = TableMeta.encode  # as an earlier release encodes it: no key identity
+    monkeypatch.setattr(TableMeta, "encode", lambda meta: {TABLE_META_KEY: encode(meta)[TABLE_META_KEY]})
+    run_build_db(segment_artifacts, "sst2", [str(train)], str(tmp_path / "old"), "sst2", DEFAULT_KEY, "overwrite", None)
+    monkeypatch.undo()
+    summary = run_classify(other, "sst2", str(tmp_path / "old"), "sst2", [str(queries)], str(tmp_path / "o"), 10, None)
+    assert summary.rows_in == summary.predicted == 3
 
 
 def republished_with(artifacts: Path, other: Path, name: str, into: Path) -> Path:

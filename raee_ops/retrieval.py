@@ -19,7 +19,7 @@ from lancedb.index import IvfFlat
 
 from raee_ops import s3_clients, storage
 from raee_ops.calibration import FusedPolicy
-from raee_ops.errors import RaeeConfigError, StoreUnavailable, first_line
+from raee_ops.errors import RaeeConfigError, RetryLater, StoreUnavailable, first_line
 from raee_ops.exit_policy import Context, Neighbours
 from raee_ops.key_names import BACKBONE
 from raee_ops.layer_key import LayerKey, layer_depth
@@ -408,7 +408,21 @@ def read_column(table: lancedb.table.Table, column: str, where: str) -> pa.Chunk
     try:
         return table.search().select([column]).limit(None).to_arrow().column(column)
     except (ValueError, OSError, RuntimeError) as exc:
+        if _removed(table):
+            raise RetryLater(
+                f"{where}: version {table.version}, which this run read, was removed meanwhile (prune --grace 0 "
+                "removes versions a running job may read); run again"
+            ) from exc
         raise _unreadable(where, exc) from exc
+
+
+def _removed(table: lancedb.table.Table) -> bool:
+    """Whether the version `table` is checked out at has left the table's history (a prune): its files going
+    while it was read is no damage."""
+    try:
+        return table.version not in {v["version"] for v in table.list_versions()}
+    except (ValueError, OSError, RuntimeError):
+        return False
 
 
 def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels: int) -> Neighbours:

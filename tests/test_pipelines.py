@@ -26,8 +26,8 @@ from raee_ops.schemas.manifest import load_manifest, sealed
 from raee_ops.schemas.tables import RUN_META_KEY
 from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
-from raee_ops.errors import RaeeConfigError
-from raee_ops.retrieval import table_meta
+from raee_ops.errors import RaeeConfigError, RetryLater
+from raee_ops.retrieval import check_table_contents, expected_meta, open_table, table_meta
 from raee_ops.rows import ROW_ID
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
@@ -529,3 +529,19 @@ def test_files_of_one_kind_of_column_are_read_in_the_wider_type(first, other, co
         assert sources.common_schema(a, b, "a.parquet", "b.parquet") == pa.schema(
             [("id", common), ("text", pa.string())]
         )
+
+
+def test_a_version_pruned_while_a_run_reads_it_is_a_retry_not_damage(segment_artifacts, tmp_path):  # noqa: F811
+    """prune --grace 0 between classify opening its table version and reading it (sweep K): the run said the
+    table's files were damaged, "restore them, or rebuild it", exit 2, which a scheduler does not retry; the table
+    was whole, and a rerun reads its current version."""
+    db = str(tmp_path / "db")
+    for seed in (0, 1):
+        train = labelled(tmp_path / f"t{seed}.parquet", 12, seed, f"t{seed}", bad=False)
+        run_build_db(segment_artifacts, "sst2", [str(train)], db, "sst2", "backbone", "overwrite", None)
+    pinned = open_table(db, "sst2", 1)
+    assert prune(db, "sst2", 1, timedelta(0)).removed == [1]
+    expected = expected_meta(load_manifest(segment_artifacts), "sst2", "backbone")
+    with pytest.raises(RetryLater, match="version 1, which this run read, was removed meanwhile"):
+        check_table_contents(pinned, expected, True, "table 'sst2'")
+    check_table_contents(open_table(db, "sst2"), expected, True, "table 'sst2'")

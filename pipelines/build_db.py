@@ -30,7 +30,6 @@ from raee_ops.pipelines.commit import (
 )
 from raee_ops.pipelines.inference import BuildHandler, Infer
 from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline, worker_settings
-from raee_ops.pipelines.reference import assemble, check_groups, group_codes
 from raee_ops.pipelines.run_record import (
     RunRecord,
     forget_errors,
@@ -73,6 +72,7 @@ from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
 from raee_ops.progress import phase
+from raee_ops.reference import assemble, check_groups, group_codes
 from raee_ops.retrieval import (
     Unfinished,
     build_index,

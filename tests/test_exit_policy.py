@@ -329,9 +329,8 @@ def test_the_default_answers_the_most_common_label_where_nothing_it_reads_does_b
     """Fitted on reference rows whose probes, key and neighbours all point away from the truth (WNLI's flipped
     pairs), no setting beats answering every row with the most common label: the default answers that, at exit 0,
     its left-out numbers are that label's, and build-db warns; with probes that read the truth it does not."""
-    from raee_ops.pipelines.reference import Reference
-
     from raee_ops.probe_policy import fit_probe_policy
+    from raee_ops.reference import Reference
 
     rng = np.random.default_rng(0)
     n, layers = 200, 4

@@ -41,7 +41,7 @@ from apache_beam.runners.portability import portable_runner
 from apache_beam.runners.runner import PipelineState
 
 from raee_ops import logs, storage
-from raee_ops.errors import RaeeConfigError, RaeeRunError, RetryLater, first_line
+from raee_ops.errors import RaeeConfigError, RaeeRunError, RetryLater, VersionRemoved, first_line
 
 log = logging.getLogger(__name__)
 
@@ -549,10 +549,24 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
         if interrupted.seen:  # Ctrl-C reaches the runner's threads too, which report it as their own failure
             raise KeyboardInterrupt from exc
         log.debug("%s pipeline failed", what, exc_info=True)
-        raise RaeeRunError(failure(what, exc, result)) from exc
+        line = failure(what, exc, result)
+        if _raised_in_worker(exc, line, VersionRemoved):  # a prune under the run: nothing wrong, run it again
+            raise VersionRemoved(line) from exc
+        raise RaeeRunError(line) from exc
     if state != "DONE":
         raise RaeeRunError(f"{what} pipeline ended in state {state}")
     return result
+
+
+def _raised_in_worker(exc: BaseException, line: str, kind: type[Exception]) -> bool:
+    """Whether a worker's failure was a `kind`: in this process, an exception in the chain Beam wrapped it in; in
+    workers of their own, the exception the failure's line names."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return f"in a Beam worker: {kind.__name__}: " in line
 
 
 def failure(what: str, exc: Exception, result: Any = None) -> str:

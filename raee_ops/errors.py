@@ -61,6 +61,11 @@ class Busy(RetryLater):
     """Another run is writing the same output folder or table."""
 
 
+class VersionRemoved(RetryLater):
+    """The table version a run reads was removed meanwhile (a prune): nothing is damaged, and a rerun reads the
+    version that is current then. From a worker too, it ends the run with this exit code (pipelines.options)."""
+
+
 class StoreUnavailable(RetryLater):
     """The object store did not answer (no connection, a timeout, a server error) before any work."""
 

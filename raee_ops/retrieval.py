@@ -19,7 +19,7 @@ from lancedb.index import IvfFlat
 
 from raee_ops import s3_clients, storage
 from raee_ops.calibration import FusedPolicy
-from raee_ops.errors import RaeeConfigError, RetryLater, StoreUnavailable, first_line
+from raee_ops.errors import RaeeConfigError, StoreUnavailable, VersionRemoved, first_line
 from raee_ops.exit_policy import Context, Neighbours
 from raee_ops.key_names import BACKBONE
 from raee_ops.layer_key import LayerKey, layer_depth
@@ -220,7 +220,12 @@ def open_table(
         raise RaeeConfigError(f"no table {name!r} in {db_uri} (run build-db first)")
     table = open_listed(db, db_uri, name)
     if version is not None:
-        table.checkout(version)
+        try:
+            table.checkout(version)
+        except (ValueError, OSError, RuntimeError) as exc:  # "Version N no longer exists"
+            if _removed(table, version):
+                raise version_removed(f"table {name!r} in {db_uri}", version) from exc
+            raise
     return table
 
 
@@ -270,6 +275,16 @@ class Retriever:
         """Layers a query runs for its key: N for a layer-N table, else 0."""
         return self.layer_key.depth if self.layer_key else 0
 
+    def _search(self, vectors: np.ndarray, k: int, num_layers: int, num_labels: int) -> Neighbours:
+        if self.rows < INDEX_MIN_ROWS:
+            if self._memory is None:
+                self._memory = InMemory.read(self.table, self._columns())
+            return self._memory.search(vectors, k, num_layers, num_labels)
+        query = self.table.search(list(vectors), vector_column_name="vector").metric("cosine").limit(k)
+        query = query.bypass_vector_index() if self.nprobes is None else query.nprobes(self.nprobes)
+        hits = query.select([*self._columns(), "_distance"]).to_arrow()
+        return _group(hits, len(vectors), k, num_layers, num_labels)
+
     def _columns(self) -> list[str]:
         head = ["layer_correct", "layer_logprobs"] * self.has_head_answers
         return ["label", *head, *["probe_correct"] * self.has_probe_answers]
@@ -284,15 +299,12 @@ class Retriever:
         vectors = np.asarray(vectors, np.float32)
         if self.layer_key is not None:
             vectors = self.layer_key.apply(vectors)
-        if self.rows < INDEX_MIN_ROWS:
-            if self._memory is None:
-                self._memory = InMemory.read(self.table, self._columns())
-            found = self._memory.search(vectors, k, num_layers, num_labels)
-        else:
-            query = self.table.search(list(vectors), vector_column_name="vector").metric("cosine").limit(k)
-            query = query.bypass_vector_index() if self.nprobes is None else query.nprobes(self.nprobes)
-            hits = query.select([*self._columns(), "_distance"]).to_arrow()
-            found = _group(hits, len(vectors), k, num_layers, num_labels)
+        try:
+            found = self._search(vectors, k, num_layers, num_labels)
+        except (ValueError, OSError, RuntimeError) as exc:
+            if _removed(self.table, self.table.version):
+                raise version_removed(f"table {self.table.name!r}", self.table.version) from exc
+            raise
         if self.probes is None:
             return found
         return replace(found, key_logprobs=self.probes.key.log_probs(vectors))
@@ -408,21 +420,24 @@ def read_column(table: lancedb.table.Table, column: str, where: str) -> pa.Chunk
     try:
         return table.search().select([column]).limit(None).to_arrow().column(column)
     except (ValueError, OSError, RuntimeError) as exc:
-        if _removed(table):
-            raise RetryLater(
-                f"{where}: version {table.version}, which this run read, was removed meanwhile (prune --grace 0 "
-                "removes versions a running job may read); run again"
-            ) from exc
+        if _removed(table, table.version):
+            raise version_removed(where, table.version) from exc
         raise _unreadable(where, exc) from exc
 
 
-def _removed(table: lancedb.table.Table) -> bool:
-    """Whether the version `table` is checked out at has left the table's history (a prune): its files going
-    while it was read is no damage."""
+def _removed(table: lancedb.table.Table, version: int) -> bool:
+    """Whether `version` has left the table's history (a prune): its files going while it was read is no damage."""
     try:
-        return table.version not in {v["version"] for v in table.list_versions()}
+        return version not in {v["version"] for v in table.list_versions()}
     except (ValueError, OSError, RuntimeError):
         return False
+
+
+def version_removed(where: str, version: int) -> VersionRemoved:
+    return VersionRemoved(
+        f"{where}: version {version}, which this run read, was removed meanwhile (prune --grace 0 removes versions "
+        "a running job may read); run again"
+    )
 
 
 def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels: int) -> Neighbours:

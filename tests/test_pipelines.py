@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import raee_ops
-from raee_ops.pipelines import build_db, sources
+from raee_ops.pipelines import build_db, inference, sources
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.sources import file_key, read_validated_file
@@ -26,8 +26,8 @@ from raee_ops.schemas.manifest import load_manifest, sealed
 from raee_ops.schemas.tables import RUN_META_KEY
 from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
-from raee_ops.errors import RaeeConfigError, RetryLater
-from raee_ops.retrieval import check_table_contents, expected_meta, open_table, table_meta
+from raee_ops.errors import RaeeConfigError, VersionRemoved
+from raee_ops.retrieval import Retriever, check_table_contents, expected_meta, open_table, table_meta
 from raee_ops.rows import ROW_ID
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
@@ -542,6 +542,29 @@ def test_a_version_pruned_while_a_run_reads_it_is_a_retry_not_damage(segment_art
     pinned = open_table(db, "sst2", 1)
     assert prune(db, "sst2", 1, timedelta(0)).removed == [1]
     expected = expected_meta(load_manifest(segment_artifacts), "sst2", "backbone")
-    with pytest.raises(RetryLater, match="version 1, which this run read, was removed meanwhile"):
+    with pytest.raises(VersionRemoved, match="version 1, which this run read, was removed meanwhile"):
         check_table_contents(pinned, expected, True, "table 'sst2'")
     check_table_contents(open_table(db, "sst2"), expected, True, "table 'sst2'")
+
+
+def test_a_version_pruned_before_the_workers_read_it_ends_the_run_for_a_retry(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    """The same prune after the driver's checks, before a worker opens the version (review L): the job failed, exit
+    1, "Version 3 no longer exists. Was it cleaned up?". Now exit 75, nothing published, and a rerun completes."""
+    db = str(tmp_path / "db")
+    for seed in (0, 1):
+        train = labelled(tmp_path / f"t{seed}.parquet", 12, seed, f"t{seed}", bad=False)
+        run_build_db(segment_artifacts, "sst2", [str(train)], db, "sst2", "backbone", "overwrite", None)
+    queries = labelled(tmp_path / "q.parquet", 3, 2, "q", bad=False)
+
+    def pruned_first(*args, **kwargs):
+        rollback(db, "sst2", 1)  # the driver read version 2, which this makes replaced, then removes
+        prune(db, "sst2", 1, timedelta(0))
+        return Retriever(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "Retriever", pruned_first)
+    with pytest.raises(VersionRemoved, match="was removed meanwhile") as raised:
+        run_classify(segment_artifacts, "sst2", db, "sst2", [str(queries)], str(tmp_path / "out"), 5, None)
+    assert raised.value.exit_code == 75 and not (tmp_path / "out" / "_SUCCESS").exists()
+    monkeypatch.undo()
+    summary = run_classify(segment_artifacts, "sst2", db, "sst2", [str(queries)], str(tmp_path / "out"), 5, None)
+    assert summary.rows_in == summary.predicted == 3

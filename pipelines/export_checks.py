@@ -78,7 +78,8 @@ def _check_replaceable(out_dir: str) -> None:
             "whole folder: choose another --out, or empty it"
         )
     try:
-        ours = {ref.file for ref in load_manifest(out_dir, verify_checksums=False).file_refs()} | {MANIFEST_NAME}
+        listed = load_manifest(out_dir, verify_checksums=False, check_seal=False).file_refs()  # an edited one too
+        ours = {ref.file for ref in listed} | {MANIFEST_NAME}
     except ArtifactError as exc:
         raise RaeeConfigError(
             f"--out {out_dir}: its {MANIFEST_NAME} cannot be read ({exc}), so which files are an export's is unknown "

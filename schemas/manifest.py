@@ -195,9 +195,20 @@ def sealed(raw: dict[str, Any]) -> str:
 
 
 def _seal(raw: dict[str, Any]) -> str:
-    """The sha256 of the fields besides the seal, whatever the file's layout: reformatting is not a change."""
-    body = {k: v for k, v in raw.items() if k != SEAL}
+    """The sha256 of the fields besides the seal, whatever the file's layout: reformatting is not a change (nor is
+    a whole number written `1` or `1.0`, as jq and JavaScript rewrite the floats an export records)."""
+    body = _canonical({k: v for k, v in raw.items() if k != SEAL})
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
@@ -206,13 +217,13 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
     return path
 
 
-def parse_manifest(text: str, where: str) -> Manifest:
+def parse_manifest(text: str, where: str, check_seal: bool = True) -> Manifest:
     """The manifest in `text`, refused with one line if it is not one an export wrote: unreadable, of another
-    format, edited after export-onnx sealed it (an export from before seals has none), or with settings no export
-    writes."""
+    format, edited after export-onnx sealed it (an export from before seals has none; `check_seal` False: only
+    which files it lists is wanted), or with settings no export writes."""
     try:
         raw = json.loads(text)
-        if isinstance(raw, dict) and SEAL in raw and raw[SEAL] != _seal(raw):
+        if check_seal and isinstance(raw, dict) and SEAL in raw and raw[SEAL] != _seal(raw):
             raise ArtifactError(
                 f"{where} was changed after export-onnx wrote it (its seal does not match its contents): export "
                 "again with the settings you want rather than edit it"
@@ -259,20 +270,20 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def load_manifest(directory: str | Path, verify_checksums: bool = True) -> Manifest:
+def load_manifest(directory: str | Path, verify_checksums: bool = True, check_seal: bool = True) -> Manifest:
     """Read `manifest.json` and (by default) check every file's sha256, refusing any mismatch.
 
     Artifacts on an object store are checked for presence only here; each worker checks every file's sha256
     when it fetches them (raee_ops.artifacts), so the driver never downloads the segments."""
     if not storage.is_local(str(directory)):
-        return _load_remote(str(directory), verify_checksums)
+        return _load_remote(str(directory), verify_checksums, check_seal)
     directory = Path(storage.local_path(str(directory)))
     path = directory / MANIFEST_NAME
     if not directory.exists():
         raise ArtifactError(f"the artifacts folder {directory} does not exist (export-onnx writes it)")
     if not path.is_file():
         raise ArtifactError(f"no {MANIFEST_NAME} in {directory}: not an exported artifacts directory")
-    manifest = parse_manifest(path.read_text(), str(path))
+    manifest = parse_manifest(path.read_text(), str(path), check_seal)
     if verify_checksums:
         for ref in manifest.file_refs():
             check_file(directory / ref.file, ref.sha256)
@@ -292,12 +303,12 @@ def check_outside_artifacts(uri: str, what: str, start: str | None = None) -> No
         storage.check_outside(uri, what, folder, kind="the artifacts folder")
 
 
-def _load_remote(uri: str, check_presence: bool) -> Manifest:
+def _load_remote(uri: str, check_presence: bool, check_seal: bool) -> Manifest:
     storage.check_scheme(uri, "--artifacts")
     path = storage.join(uri, MANIFEST_NAME)
     if not storage.exists(path):
         raise ArtifactError(f"no {MANIFEST_NAME} in {uri}: not an exported artifacts directory")
-    manifest = parse_manifest(storage.read_bytes(path).decode(), path)
+    manifest = parse_manifest(storage.read_bytes(path).decode(), path, check_seal)
     if check_presence:
         present = set(storage.children(uri))
         missing = [ref.file for ref in manifest.file_refs() if ref.file not in present]

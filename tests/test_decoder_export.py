@@ -159,6 +159,12 @@ def test_a_manifest_edited_after_export_is_refused_and_reformatting_is_not_an_ed
     assert raw["seal"]
     (copy / MANIFEST_NAME).write_text(json.dumps(dict(reversed(raw.items())), separators=(",", ":")))
     assert load_manifest(copy) == load_manifest(tiny_llama_artifacts)
+    floats = {**raw, "verify": {"max_abs_diff": 0.0, "agreement": 1.0}}
+    as_jq_writes = json.loads(
+        sealed(floats), parse_float=lambda text: int(float(text)) if float(text) % 1 == 0 else float(text)
+    )
+    (copy / MANIFEST_NAME).write_text(json.dumps(as_jq_writes))  # whole floats as 0 and 1 (review L)
+    assert load_manifest(copy).verify == {"max_abs_diff": 0, "agreement": 1}
     for edit in (
         lambda m: m["tasks"]["sst2"].update(label_names=m["tasks"]["sst2"]["label_names"][::-1]),
         lambda m: m["segments"].update(layers=m["segments"]["layers"][::-1]),
@@ -402,6 +408,19 @@ def test_an_out_the_export_cannot_replace_whole_is_refused_before_loading(
             export(tmp_path / "missing.gguf", out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "damaged", "db", "link", "ro"]  # nothing beside them
     assert sorted(p.name for p in previous.iterdir()) == sorted([*os.listdir(readonly / "art"), "lancedb"])
+
+
+def test_an_export_whose_manifest_was_edited_may_be_exported_over(tmp_path: Path) -> None:
+    """An edited manifest is refused with "export again" as its remedy, and exporting again over it was refused
+    too, "remove it yourself" (review L): its files are still the export's, the seal aside. Here the export gets as
+    far as the missing model."""
+    edited = make_artifacts(tmp_path / "edited")
+    raw = json.loads((edited / MANIFEST_NAME).read_text())
+    (edited / MANIFEST_NAME).write_text(json.dumps({**raw, "max_length": raw["max_length"] * 2}))
+    with pytest.raises(ArtifactError, match="was changed after export-onnx wrote it"):
+        load_manifest(edited)
+    with pytest.raises(RaeeConfigError, match="missing.gguf"):
+        export(tmp_path / "missing.gguf", edited)
 
 
 def test_a_leftover_link_is_removed_not_followed(tmp_path: Path) -> None:

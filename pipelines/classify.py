@@ -47,6 +47,7 @@ from raee_ops.retrieval import (
     expected_meta,
     key_available,
     open_table,
+    other_metric,
     table_context,
 )
 from raee_ops.rows import output_columns
@@ -184,6 +185,9 @@ def run_classify(
     if chosen.needs_policy and ctx.policy is None:
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
     refuse_unanswerable([chosen], ctx.probes, f"table {table!r} in {db_uri}")
+    note = other_metric(ctx, task.metric_name, f"table {table!r} in {db_uri}")
+    if note:
+        log.warning(note)
     if settings.provider == "cuda" and chosen.exits_per_row(ctx):
         log.warning(
             "strategy %s exits row by row, which saves a GPU little: a call of %d rows costs about as much as its "

@@ -33,7 +33,7 @@ from raee_ops.rows import (
     validate,
     without_views,
 )
-from raee_ops.tasks import PRESETS, Task
+from raee_ops.tasks import LEGACY_METRICS, Task
 
 ERRORS = "errors"
 #: Rows per element; RunInference then batches several elements into one model call.
@@ -42,9 +42,9 @@ ROWS_PER_ELEMENT = 16
 
 def task_of(manifest: Manifest, name: str) -> Task:
     """The task as exported: the artifacts, not the preset list, are the source of truth. An export from before
-    tasks carried their metric is scored as it was then: a preset's name takes the preset's metric."""
+    tasks carried their metric is scored as it was then, by the task's name (tasks.LEGACY_METRICS)."""
     entry = manifest.task(name)
-    metric = entry.metric or (PRESETS[name].metric if name in PRESETS else None)
+    metric = entry.metric or LEGACY_METRICS.get(name)
     return Task(
         name=name,
         template=entry.template,

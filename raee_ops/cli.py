@@ -269,7 +269,7 @@ def beam_args() -> list[str]:
     "task_files",
     multiple=True,
     type=click.Path(dir_okay=False),
-    help="JSON task file (name, template, label_names, verbalizer); repeatable.",
+    help="JSON task file (name, template, label_names, verbalizer; optionally metric); repeatable.",
 )
 @click.option(
     "--embedder",

@@ -16,6 +16,7 @@ that read the head are left out of the default list and refused when named.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -64,12 +65,14 @@ from raee_ops.retrieval import (
     check_table_contents,
     expected_meta,
     open_table,
+    other_metric,
     table_context,
 )
 from raee_ops.schemas.manifest import Manifest, load_manifest
 from raee_ops.schemas.tables import EVALUATION_PREDICTIONS_SCHEMA, FEATURES, TableMeta, flat_values
 from raee_ops.tasks import Task
 
+log = logging.getLogger(__name__)
 #: Rows per model call; small enough for the progress line to move every few seconds on CPU.
 CHUNK = 64
 #: What a user would pick instead of (or as) the default, all fitted on the same reference rows: report name ->
@@ -105,9 +108,14 @@ def exported_task(manifest: Manifest, task: Task) -> str:
             f"task {task.name!r} from the task file is not exported in these artifacts "
             f"(have: {', '.join(sorted(manifest.tasks))}); export it with export-onnx --task-file first"
         )
-    exported = (entry.template, list(entry.label_names), list(entry.verbalizer), entry.metric or task.metric_name)
-    if exported != (task.template, task.label_names, task.verbalizer, task.metric_name):
-        raise RaeeConfigError(f"task {task.name!r} in the task file differs from the one exported in the artifacts")
+    exported = task_of(manifest, task.name)
+    for field in ("template", "label_names", "verbalizer", "metric_name"):  # the metric: the one scoring would use
+        if getattr(task, field) != getattr(exported, field):
+            raise RaeeConfigError(
+                f"task {task.name!r} in the task file differs from the one exported in the artifacts in its "
+                f"{field.removesuffix('_name')}: {getattr(task, field)!r} against {getattr(exported, field)!r} "
+                "(export it again with this task file)"
+            )
     return task.name
 
 
@@ -284,6 +292,9 @@ def evaluate(
     policy, probes, probe_policy = ctx.policy, ctx.probes, ctx.probe_policy
     if (head and policy is None) or probes is None or probe_policy is None:
         raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
+    note = other_metric(ctx, task.metric_name, f"table {table!r} in {db_uri}")
+    if note:
+        log.warning(note)
     if strategies:
         refuse_unanswerable(chosen, probes, f"table {table!r} in {db_uri}")
     chosen = [s for s in chosen if s.answerable(probes)]  # the default list, on a table built before `majority`

@@ -390,6 +390,18 @@ def table_context(
     )
 
 
+def other_metric(ctx: Context, metric: str, where: str) -> str | None:
+    """A note when the table's policies were fitted for another metric than the task's (an export that changed only
+    the task's metric keeps its tables): they still answer, tuned for the other one; an append or rebuild refits."""
+    fitted = next((p.metric for p in (ctx.probe_policy, ctx.policy) if p is not None), metric)
+    if fitted == metric:
+        return None
+    return (
+        f"{where}: its policies were fitted for {fitted}, and the task is scored by {metric} in these artifacts; "
+        "rebuild it with build-db to fit them for it"
+    )
+
+
 def probe_identity(meta: TableMeta, rows: int) -> dict:
     """What a table's probes must have been fitted for: its artifacts, task, embedder, depth, labels and rows (the
     key embedder's identity is the table's own, checked with it: probes fitted before it was recorded stay valid)."""

@@ -161,6 +161,9 @@ PRESETS: dict[str, Task] = {
 }
 
 
+#: How an export from before tasks carried their metric is scored and fitted: by the task's name, as it was then.
+LEGACY_METRICS = {"cola": "matthews_corr", "mrpc": "f1", "qqp": "f1"}
+
 #: A task file's keys, each a non-empty string or a list of them, and its optional ones (strings).
 TASK_FILE_STRINGS = ("name", "template")
 TASK_FILE_LISTS = ("label_names", "verbalizer")

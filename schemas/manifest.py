@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -137,7 +137,7 @@ class Manifest:
             tokenizer=TokenizerInfo(**raw["tokenizer"]),
             segments=Segments(embed=FileRef(**seg["embed"]), layers=[FileRef(**x) for x in seg["layers"]]),
             tasks={
-                name: TaskEntry(**{**t, "head": FileRef(**t["head"]) if t.get("head") else None})
+                name: TaskEntry(**{**_known(TaskEntry, t), "head": FileRef(**t["head"]) if t.get("head") else None})
                 for name, t in raw["tasks"].items()
             },
             embedders={
@@ -209,6 +209,13 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw`'s fields that `cls` has: a field a later release adds to a task is not this release's to read (the
+    seal still covers it)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
 
 
 def write_manifest(directory: str | Path, manifest: Manifest) -> Path:

@@ -1,5 +1,6 @@
 """evaluate on tiny segment artifacts: the report agrees with an independent all-layers run and with itself."""
 
+import dataclasses
 import json
 import threading
 from dataclasses import replace
@@ -150,8 +151,13 @@ def test_task_file_must_be_exported_as_described(segment_artifacts):  # noqa: F8
     assert exported_task(manifest, PRESETS["rte"]) == "rte"
     with pytest.raises(RaeeConfigError, match="not exported"):
         exported_task(manifest, Task("topics", "Text: {text}\nTopic:", ["a", "b"], ["good", "bad"]))
-    with pytest.raises(RaeeConfigError, match="differs"):
+    with pytest.raises(RaeeConfigError, match="differs from the one exported in the artifacts in its template"):
         exported_task(manifest, Task("sst2", "Text: {text}\nSentiment:", ["negative", "positive"], ["bad", "good"]))
+    # an export from before tasks carried their metric scores sst2 by accuracy: a file asking for f1 was accepted,
+    # and the report then scored accuracy (review L)
+    with pytest.raises(RaeeConfigError, match="in its metric: 'f1' against 'accuracy'"):
+        exported_task(manifest, dataclasses.replace(PRESETS["sst2"], metric="f1"))
+    assert exported_task(manifest, PRESETS["sst2"]) == "sst2"
 
 
 def test_cli_writes_the_report_and_exits_2_on_a_missing_column(segment_artifacts, evaluated, tmp_path):  # noqa: F811

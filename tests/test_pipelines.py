@@ -93,7 +93,7 @@ def test_build_db_accounts_for_every_row(built):
     assert "fused policy (leave-one-out, on 30 rows, accuracy): k=" in summary.render()
 
 
-def test_build_db_fits_to_the_metric_the_export_records_for_its_task(segment_artifacts, tmp_path):  # noqa: F811
+def test_build_db_fits_to_the_metric_the_export_records_for_its_task(segment_artifacts, tmp_path, caplog):  # noqa: F811
     """An export records its task's metric (a task file's own, or its label count's): build-db fits the policies
     to it. An export from before tasks carried one is scored as it was then, a preset's name taking the preset's
     metric (`built` above: sst2, accuracy)."""
@@ -107,6 +107,12 @@ def test_build_db_fits_to_the_metric_the_export_records_for_its_task(segment_art
         str(other), "sst2", [str(train)], str(tmp_path / "db"), "sst2", "backbone", "overwrite", None
     )
     assert "fused policy (leave-one-out, on 30 rows, matthews_corr): k=" in summary.render()
+    queries = labelled(tmp_path / "q.parquet", 3, 1, "q", bad=False)
+    for artifacts, out in ((other, "o1"), (segment_artifacts, "o2")):  # the second scores by accuracy: noted
+        caplog.clear()
+        run_classify(str(artifacts), "sst2", str(tmp_path / "db"), "sst2", [str(queries)], str(tmp_path / out), 5, None)
+        noted = "policies were fitted for matthews_corr, and the task is scored by accuracy" in caplog.text
+        assert noted == (artifacts == segment_artifacts), caplog.text
     exported = load_manifest(segment_artifacts)
     entry = dataclasses.replace(exported.tasks["sst2"], metric=None)
     assert sources.task_of(dataclasses.replace(exported, tasks={"cola": entry}), "cola").metric_name == "matthews_corr"

@@ -128,20 +128,26 @@ class Manifest:
         seg = raw["segments"]
         return cls(
             format=raw["format"],
-            model=ModelInfo(**raw["model"]),
+            model=ModelInfo(**_known(ModelInfo, raw["model"])),
             num_layers=int(raw["num_layers"]),
             hidden_size=int(raw["hidden_size"]),
             readout=raw["readout"],
             padding_side=raw["padding_side"],
             max_length=int(raw["max_length"]),
-            tokenizer=TokenizerInfo(**raw["tokenizer"]),
+            tokenizer=TokenizerInfo(**_known(TokenizerInfo, raw["tokenizer"])),
             segments=Segments(embed=FileRef(**seg["embed"]), layers=[FileRef(**x) for x in seg["layers"]]),
             tasks={
                 name: TaskEntry(**{**_known(TaskEntry, t), "head": FileRef(**t["head"]) if t.get("head") else None})
                 for name, t in raw["tasks"].items()
             },
             embedders={
-                name: EmbedderEntry(**{**e, "model": FileRef(**e["model"]), "tokenizer": FileRef(**e["tokenizer"])})
+                name: EmbedderEntry(
+                    **{
+                        **_known(EmbedderEntry, e),
+                        "model": FileRef(**e["model"]),
+                        "tokenizer": FileRef(**e["tokenizer"]),
+                    }
+                )
                 for name, e in raw.get("embedders", {}).items()
             },
             label_word_head=raw.get("label_word_head", True),
@@ -212,8 +218,8 @@ def _canonical(value: Any) -> Any:
 
 
 def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
-    """`raw`'s fields that `cls` has: a field a later release adds to a task is not this release's to read (the
-    seal still covers it)."""
+    """`raw`'s fields that `cls` has: a field a later release adds (to a task, an embedder) is not this release's to
+    read, and the seal still covers it."""
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in raw.items() if k in names}
 

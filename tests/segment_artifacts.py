@@ -7,7 +7,10 @@ masked mean, so padding mistakes change results.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from raee_ops.schemas.manifest import (
+    MANIFEST_NAME,
     EmbedderEntry,
     FileRef,
     Manifest,
@@ -24,6 +28,7 @@ from raee_ops.schemas.manifest import (
     Segments,
     TaskEntry,
     TokenizerInfo,
+    sealed,
     write_manifest,
 )
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -186,3 +191,13 @@ def write_labelled(path: Path, ids: list, texts: list, labels: list) -> Path:
     """An input file of the pipelines' shape: id, text, an int64 label (None where the row should be rejected)."""
     pq.write_table(pa.table({"id": ids, "text": texts, "label": pa.array(labels, pa.int64())}), path)
     return path
+
+
+def reexported(artifacts: Path, into: Path, edit: Callable[[dict], None]) -> Path:
+    """A copy of `artifacts` in `into` whose manifest `edit` changed and that is sealed again: another export of
+    the same files, as export-onnx would write it (an edit without the seal is refused before anything it tests)."""
+    shutil.copytree(artifacts, into)
+    manifest = json.loads((into / MANIFEST_NAME).read_text())
+    edit(manifest)
+    (into / MANIFEST_NAME).write_text(sealed(manifest))
+    return into

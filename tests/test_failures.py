@@ -28,7 +28,7 @@ from raee_ops.pipelines.inference import BuildHandler, ClassifyHandler
 from raee_ops.pipelines.sources import read_validated_file
 from raee_ops.schemas.manifest import load_manifest, sealed
 from raee_ops.schemas.tables import FEATURES_SUFFIX, TABLE_META_KEY, TableMeta
-from segment_artifacts import make_artifacts, segment_artifacts  # noqa: F401 - fixture
+from segment_artifacts import make_artifacts, reexported, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled, sentences
 
 from raee_ops import storage
@@ -763,11 +763,11 @@ def test_a_run_killed_after_its_commit_keeps_its_rejected_rows_through_a_rollbac
 def test_a_table_built_with_another_prompt_is_refused(segment_artifacts, db, tmp_path):  # noqa: F811
     """Same backbone, the task exported again with another template: the table's exit information came from other
     prompts."""
-    other = tmp_path / "artifacts"
-    shutil.copytree(segment_artifacts, other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["tasks"]["sst2"]["template"] = "Review: {text} Verdict:"
-    (other / "manifest.json").write_text(sealed(manifest))
+    other = reexported(
+        segment_artifacts,
+        tmp_path / "artifacts",
+        lambda m: m["tasks"]["sst2"].update(template="Review: {text} Verdict:"),
+    )
     queries = labelled(tmp_path / "q.parquet", 3, 1, "q", bad=False)
     run = raee_ops(*classify_args(other, db, tmp_path / "out", queries))
     assert run.returncode == 2 and "the task's prompt, labels or head differ" in one_error_line(run)
@@ -1062,11 +1062,9 @@ def test_a_table_keyed_by_an_embedder_exported_otherwise_is_refused(segment_arti
     train = labelled(tmp_path / "train.parquet", 30, 0, "t", bad=False)
     db = str(tmp_path / "db")
     run_build_db(segment_artifacts, "sst2", [str(train)], db, "sst2", DEFAULT_KEY, "overwrite", None)
-    other = tmp_path / "artifacts"
-    shutil.copytree(segment_artifacts, other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["embedders"][DEFAULT_KEY]["max_length"] = 4
-    (other / "manifest.json").write_text(sealed(manifest))
+    other = reexported(
+        segment_artifacts, tmp_path / "artifacts", lambda m: m["embedders"][DEFAULT_KEY].update(max_length=4)
+    )
     queries = labelled(tmp_path / "q.parquet", 3, 1, "q", bad=False)
     run = raee_ops(*classify_args(other, db, tmp_path / "out", queries))
     assert run.returncode == 2 and "key_fingerprint" in one_error_line(run), run.stderr

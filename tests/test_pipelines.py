@@ -5,7 +5,6 @@ import glob
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -22,9 +21,9 @@ from raee_ops.pipelines import build_db, inference, sources
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.sources import file_key, read_validated_file
-from raee_ops.schemas.manifest import load_manifest, sealed
+from raee_ops.schemas.manifest import load_manifest
 from raee_ops.schemas.tables import RUN_META_KEY
-from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F401 - fixture
+from segment_artifacts import KEY, reexported, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops.errors import RaeeConfigError, VersionRemoved
 from raee_ops.retrieval import Retriever, check_table_contents, expected_meta, open_table, table_meta
@@ -95,13 +94,11 @@ def test_build_db_accounts_for_every_row(built):
 
 def test_build_db_fits_to_the_metric_the_export_records_for_its_task(segment_artifacts, tmp_path, caplog):  # noqa: F811
     """An export records its task's metric (a task file's own, or its label count's): build-db fits the policies
-    to it. An export from before tasks carried one is scored as it was then, a preset's name taking the preset's
-    metric (`built` above: sst2, accuracy)."""
-    other = tmp_path / "artifacts"
-    shutil.copytree(segment_artifacts, other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["tasks"]["sst2"]["metric"] = "matthews_corr"
-    (other / "manifest.json").write_text(sealed(manifest))
+    to it. An export from before tasks carried one is scored as it was then, by the task's name (`built` above:
+    sst2, accuracy)."""
+    other = reexported(
+        segment_artifacts, tmp_path / "artifacts", lambda m: m["tasks"]["sst2"].update(metric="matthews_corr")
+    )
     train = labelled(tmp_path / "train.parquet", 30, 0, "t", bad=False)
     summary = run_build_db(
         str(other), "sst2", [str(train)], str(tmp_path / "db"), "sst2", "backbone", "overwrite", None
@@ -304,11 +301,7 @@ def test_mismatched_tables_and_run_level_errors_fail_before_work(segment_artifac
     root, _ = built
     with pytest.raises(RaeeConfigError, match="task 'sst2'"):
         classify(segment_artifacts, root, "rte", task="rte", inputs=str(root / "train.parquet"))
-    tampered = tmp_path / "tampered"
-    shutil.copytree(segment_artifacts, tampered)
-    manifest = json.loads((tampered / "manifest.json").read_text())
-    manifest["model"]["fingerprint"] = "other"
-    (tampered / "manifest.json").write_text(sealed(manifest))
+    tampered = reexported(segment_artifacts, tmp_path / "tampered", lambda m: m["model"].update(fingerprint="other"))
     with pytest.raises(RaeeConfigError, match="fingerprint"):
         classify(tampered, root, "tampered")
     with pytest.raises(RaeeConfigError, match="unknown strategy"):

@@ -186,7 +186,7 @@ def run_classify(
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
     refuse_unanswerable([chosen], ctx.probes, f"table {table!r} in {db_uri}")
     note = other_metric(ctx, task.metric_name, f"table {table!r} in {db_uri}")
-    if note:
+    if note and (chosen.needs_policy or chosen.needs_probe_policy):  # only then does the run read the policies
         log.warning(note)
     if settings.provider == "cuda" and chosen.exits_per_row(ctx):
         log.warning(

@@ -41,7 +41,7 @@ from apache_beam.runners.portability import portable_runner
 from apache_beam.runners.runner import PipelineState
 
 from raee_ops import logs, storage
-from raee_ops.errors import RaeeConfigError, RaeeRunError, RetryLater, VersionRemoved, first_line
+from raee_ops.errors import RaeeConfigError, RaeeRunError, RetryLater, first_line
 
 log = logging.getLogger(__name__)
 
@@ -550,23 +550,34 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
             raise KeyboardInterrupt from exc
         log.debug("%s pipeline failed", what, exc_info=True)
         line = failure(what, exc, result)
-        if _raised_in_worker(exc, line, VersionRemoved):  # a prune under the run: nothing wrong, run it again
-            raise VersionRemoved(line) from exc
-        raise RaeeRunError(line) from exc
+        retry = _retry_later(exc, line)  # a prune under the run, the store not answering: nothing wrong, run again
+        raise (retry or RaeeRunError)(line) from exc
     if state != "DONE":
         raise RaeeRunError(f"{what} pipeline ended in state {state}")
     return result
 
 
-def _raised_in_worker(exc: BaseException, line: str, kind: type[Exception]) -> bool:
-    """Whether a worker's failure was a `kind`: in this process, an exception in the chain Beam wrapped it in; in
-    workers of their own, the exception the failure's line names."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, kind):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return f"in a Beam worker: {kind.__name__}: " in line
+def _kinds(cls: type[RetryLater]) -> dict[str, type[RetryLater]]:
+    return {cls.__name__: cls} | {name: kind for sub in cls.__subclasses__() for name, kind in _kinds(sub).items()}
+
+
+#: The worker failures a rerun cures (raee_ops.errors), by name: a worker of its own reports only its traceback.
+RETRY_LATER = _kinds(RetryLater)
+WORKER = " in a Beam worker: "
+
+
+def _retry_later(exc: BaseException, line: str) -> type[RetryLater] | None:
+    """The kind of RetryLater a worker's failure was, if it was one: in this process, an exception in the chain
+    Beam wrapped it in; in workers of their own, the exception the failure's line names first."""
+    seen: set[int] = set()
+    chained: BaseException | None = exc
+    while chained is not None and id(chained) not in seen:
+        if isinstance(chained, RetryLater):
+            return type(chained)
+        seen.add(id(chained))
+        chained = chained.__cause__ or chained.__context__
+    named = line.split(WORKER, 1)[1].split(":", 1)[0] if WORKER in line else ""
+    return RETRY_LATER.get(named)
 
 
 def failure(what: str, exc: Exception, result: Any = None) -> str:
@@ -578,11 +589,14 @@ def failure(what: str, exc: Exception, result: Any = None) -> str:
         return f"{what} pipeline failed: the job service stopped answering ({exc.code().name}: {exc.details()})"
     traced = first_line(exc).startswith("Traceback (most recent call last)") and _raised([str(exc)])
     cause = _job_error(result) or traced or f"{type(exc).__name__}: {first_line(exc)}"
-    return f"{what} pipeline failed in a Beam worker: {cause}"
+    return f"{what} pipeline failed{WORKER}{cause}"
 
 
 #: The last line of a Python traceback: the exception's name (its module's dotted path dropped) and its message.
-_RAISED = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Fault|Exit|Interrupt)\w*): (.+)$", re.M)
+_RAISED = re.compile(
+    rf"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Fault|Exit|Interrupt)\w*|{'|'.join(RETRY_LATER)}): (.+)$",
+    re.M,
+)
 
 
 def _job_error(result: Any) -> str | None:

@@ -23,6 +23,7 @@ from raee_ops.schemas.tables import ID
 
 from raee_ops import storage
 from raee_ops.errors import RaeeConfigError
+from raee_ops.metrics import BINARY_METRICS
 from raee_ops.rows import (
     ROW_ID,
     Validated,
@@ -45,6 +46,8 @@ def task_of(manifest: Manifest, name: str) -> Task:
     tasks carried their metric is scored as it was then, by the task's name (tasks.LEGACY_METRICS)."""
     entry = manifest.task(name)
     metric = entry.metric or LEGACY_METRICS.get(name)
+    if metric in BINARY_METRICS and len(entry.label_names) != 2:  # a `qqp` of three labels: by its label count
+        metric = None
     return Task(
         name=name,
         template=entry.template,

@@ -20,6 +20,8 @@ from raee_ops.pipelines.classify import run_classify
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
 
+from raee_ops.errors import StoreUnavailable, VersionRemoved
+
 pytestmark = pytest.mark.runners
 
 
@@ -339,3 +341,25 @@ def test_a_lost_job_service_is_named_as_such():
         "_InactiveRpcError: a gRPC call failed (UNAVAILABLE: failed to connect to all addresses; last error: "
         "127.0.0.1:2: Connection refused)"
     )
+
+
+def test_a_workers_retry_later_is_the_runs_exit_code_from_workers_of_their_own_too():
+    """A prune under the run, or the store not answering, in a worker: exit 75, as in the driver. Workers in
+    processes or threads of their own report only their traceback, whose last line a name not ending in "Error"
+    did not match (review M: a pruned version was exit 1 there, and a worker's Busy read "RuntimeError:
+    Traceback (most recent call last):")."""
+    traceback = "Traceback (most recent call last):\n  File ...\n  File ...\nraee_ops.errors.VersionRemoved: table "
+    traceback += "'sst2': version 2, which this run read, was removed meanwhile (prune --grace 0 ...); run again\n"
+    line = options.failure("classify", RuntimeError(traceback))
+    assert line == (
+        "classify pipeline failed in a Beam worker: VersionRemoved: table 'sst2': version 2, which this run read, "
+        "was removed meanwhile (prune --grace 0 ...); run again"
+    )
+    assert options._retry_later(RuntimeError(traceback), line) is VersionRemoved
+    in_process = RuntimeError("wrapped")
+    in_process.__cause__ = StoreUnavailable("cannot reach S3")
+    assert options._retry_later(in_process, options.failure("build-db", in_process)) is StoreUnavailable
+    cycle = ValueError("a message naming in a Beam worker: VersionRemoved: x")
+    cycle.__context__ = KeyError("k")
+    cycle.__context__.__context__ = cycle  # a chain that loops ends, and a message is not a worker's exception
+    assert options._retry_later(cycle, options.failure("classify", cycle)) is None

@@ -258,6 +258,7 @@ class Retriever:
         self, db_uri: str, table: str, version: int | None = None, storage_options: dict[str, str] | None = None
     ) -> None:
         self.table = open_table(db_uri, table, version, storage_options)
+        self.where = f"table {table!r} in {db_uri}"
         self.meta = TableMeta.decode(self.table.schema)
         self.rows = self.table.count_rows()
         self.policy = table_policy(self.table.schema)
@@ -303,7 +304,7 @@ class Retriever:
             found = self._search(vectors, k, num_layers, num_labels)
         except (ValueError, OSError, RuntimeError) as exc:
             if _removed(self.table, self.table.version):
-                raise version_removed(f"table {self.table.name!r}", self.table.version) from exc
+                raise version_removed(self.where, self.table.version) from exc
             raise
         if self.probes is None:
             return found

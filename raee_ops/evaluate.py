@@ -114,7 +114,8 @@ def exported_task(manifest: Manifest, task: Task) -> str:
             raise RaeeConfigError(
                 f"task {task.name!r} in the task file differs from the one exported in the artifacts in its "
                 f"{field.removesuffix('_name')}: {getattr(task, field)!r} against {getattr(exported, field)!r} "
-                "(export it again with this task file)"
+                f"({'name the exported metric in the task file, or ' if field == 'metric_name' else ''}export it "
+                "again with this task file)"
             )
     return task.name
 

@@ -305,7 +305,7 @@ class Retriever:
         except (ValueError, OSError, RuntimeError) as exc:
             if _removed(self.table, self.table.version):
                 raise version_removed(self.where, self.table.version) from exc
-            raise
+            raise _unreadable(self.where, exc) from exc
         if self.probes is None:
             return found
         return replace(found, key_logprobs=self.probes.key.log_probs(vectors))

@@ -266,6 +266,9 @@ def _invalid(m: Manifest) -> str | None:
     for name, value in sizes.items():
         if not _whole(value) or value < 1:
             return f"{name} {value!r}, expected a positive whole number"
+    for name, task in m.tasks.items():  # a tool writing 3524 as 3524.0 gets past the seal, which reads them alike
+        if not isinstance(task.label_token_ids, list) or not all(_whole(i) for i in task.label_token_ids):
+            return f"task {name} label_token_ids {task.label_token_ids!r}, expected token ids"
     if not _whole(m.tokenizer.pad_id) or m.tokenizer.pad_id < 0:
         return f"tokenizer pad_id {m.tokenizer.pad_id!r}, expected a token id"
     if m.readout not in READOUTS:

@@ -107,8 +107,20 @@ def test_tampered_file_is_refused(tiny_llama_artifacts: Path, tmp_path: Path) ->
         lambda m: m.update(padding_side="middle"),
         lambda m: m.update(label_word_head="false"),
         lambda m: m["tokenizer"].update(pad_id="abc"),
+        lambda m: m["tasks"]["sst2"].update(label_token_ids=[float(i) for i in m["tasks"]["sst2"]["label_token_ids"]]),
     ],
-    ids=["tasks-list", "embedders-list", "sha256-number", "readout", "num-layers", "hidden", "padding", "head", "pad"],
+    ids=[
+        "tasks-list",
+        "embedders-list",
+        "sha256-number",
+        "readout",
+        "num-layers",
+        "hidden",
+        "padding",
+        "head",
+        "pad",
+        "token-ids",
+    ],
 )
 def test_a_manifest_of_the_wrong_json_types_or_settings_is_not_a_valid_one(
     tiny_llama_artifacts: Path, tmp_path: Path, edit

@@ -155,7 +155,7 @@ def test_task_file_must_be_exported_as_described(segment_artifacts):  # noqa: F8
         exported_task(manifest, Task("sst2", "Text: {text}\nSentiment:", ["negative", "positive"], ["bad", "good"]))
     # an export from before tasks carried their metric scores sst2 by accuracy: a file asking for f1 was accepted,
     # and the report then scored accuracy (review L)
-    with pytest.raises(RaeeConfigError, match="in its metric: 'f1' against 'accuracy'"):
+    with pytest.raises(RaeeConfigError, match="in its metric: 'f1' against 'accuracy' .name the exported metric in"):
         exported_task(manifest, dataclasses.replace(PRESETS["sst2"], metric="f1"))
     assert exported_task(manifest, PRESETS["sst2"]) == "sst2"
 

@@ -546,6 +546,23 @@ def test_a_version_pruned_while_a_run_reads_it_is_a_retry_not_damage(segment_art
     check_table_contents(open_table(db, "sst2"), expected, True, "table 'sst2'")
 
 
+def test_files_lost_under_a_search_are_damage_not_a_retry(segment_artifacts, tmp_path):  # noqa: F811
+    """A data file gone while its version is still the table's (a lost upload, a hand deletion): the one line for
+    unreadable files, exit 2, as the driver's check says it; evaluate said "internal error: RuntimeError: lance
+    error: Not found" (review M). Never exit 75: a rerun would not mend it."""
+    db = str(tmp_path / "db")
+    train = labelled(tmp_path / "t.parquet", 12, 0, "t", bad=False)
+    run_build_db(segment_artifacts, "sst2", [str(train)], db, "sst2", "backbone", "overwrite", None)
+    retriever = Retriever(db, "sst2")
+    for data in (tmp_path / "db" / "sst2.lance" / "data").iterdir():
+        data.unlink()
+    with pytest.raises(
+        RaeeConfigError, match="table 'sst2' in .* cannot be read .damaged or incomplete files"
+    ) as raised:
+        retriever.search(np.ones((1, retriever.table.schema.field("vector").type.list_size), np.float32), 3)
+    assert not isinstance(raised.value, VersionRemoved)
+
+
 def test_a_version_pruned_before_the_workers_read_it_ends_the_run_for_a_retry(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
     """The same prune after the driver's checks, before a worker opens the version (review L): the job failed, exit
     1, "Version 3 no longer exists. Was it cleaned up?". Now exit 75, nothing published, and a rerun completes."""

@@ -281,6 +281,36 @@ def loo_neighbours(
     return np.concatenate(tops), np.concatenate(sims_out)
 
 
+def fused_trials(
+    neighbours: tuple[np.ndarray, np.ndarray, np.ndarray],
+    own_logits: np.ndarray,
+    truth: np.ndarray,
+    metric: Metric,
+    num_labels: int,
+    ks: Sequence[int],
+    key_depth: int = 0,
+) -> list[Trial]:
+    """Every `fused` setting's answers and mean exit on Q rows, scored against `truth`: the rule fused_exit and
+    fused_answer run (raee_ops.exit_policy), over the grid at once. `neighbours`: their labels, similarities and
+    calibrated per-layer correctness (Q×k, Q×k, Q×k×L); `own_logits`: each row's calibrated head at every layer."""
+    top_labels, top_sims, correct = neighbours
+    trials = []
+    for k in ks:
+        accuracy_by_layer = neighbour_accuracy(correct[:, :k], top_sims[:, :k])
+        vote = label_vote(top_labels[:, :k], top_sims[:, :k], num_labels)
+        by_vote = {tau: retrieval_only(vote, tau) for tau in TAU_GRID}
+        for epsilon in EPSILON_GRID:
+            exits = not_before_key(earliest_within(accuracy_by_layer, epsilon), key_depth)
+            at_exit = own_logits[np.arange(len(truth)), exits - 1]
+            fused = {alpha: np.argmax(fuse(at_exit, vote, alpha), axis=1) for alpha in ALPHA_GRID}
+            for alpha, tau in itertools.product(ALPHA_GRID, TAU_GRID):
+                pred = np.where(by_vote[tau], vote.argmax(axis=1), fused[alpha])
+                cost = float(np.where(by_vote[tau], key_depth, exits).mean())
+                score = metric(truth, pred, num_labels)
+                trials.append(Trial(score, accuracy(truth, pred), cost, (k, alpha, epsilon, tau), pred))
+    return trials
+
+
 def fit_fused_policy(
     vectors: np.ndarray,
     labels: np.ndarray,
@@ -301,24 +331,10 @@ def fit_fused_policy(
     queries = loo_queries(n, rng)
     ks = neighbour_depths(n)
     top, top_sims = loo_neighbours(vectors, queries, max(ks), groups)
-    correct = calibrated_correct(logprobs[top], labels[top], bias)
-    own_logits = logprobs[queries] + bias  # Q×L×C, the query's own calibrated head at every layer
     truth = labels[queries]
-
-    trials = []
-    for k in ks:
-        accuracy_by_layer = neighbour_accuracy(correct[:, :k], top_sims[:, :k])
-        vote = label_vote(labels[top[:, :k]], top_sims[:, :k], num_labels)
-        by_vote = {tau: retrieval_only(vote, tau) for tau in TAU_GRID}
-        for epsilon in EPSILON_GRID:
-            exits = not_before_key(earliest_within(accuracy_by_layer, epsilon), key_depth)
-            at_exit = own_logits[np.arange(len(queries)), exits - 1]
-            fused = {alpha: np.argmax(fuse(at_exit, vote, alpha), axis=1) for alpha in ALPHA_GRID}
-            for alpha, tau in itertools.product(ALPHA_GRID, TAU_GRID):
-                pred = np.where(by_vote[tau], vote.argmax(axis=1), fused[alpha])
-                cost = float(np.where(by_vote[tau], key_depth, exits).mean())
-                score = metric(truth, pred, num_labels)
-                trials.append(Trial(score, accuracy(truth, pred), cost, (k, alpha, epsilon, tau), pred))
+    neighbours = (labels[top], top_sims, calibrated_correct(logprobs[top], labels[top], bias))
+    own_logits = logprobs[queries] + bias  # Q×L×C, the query's own calibrated head at every layer
+    trials = fused_trials(neighbours, own_logits, truth, metric, num_labels, ks, key_depth)
     chosen = one_se_choice(trials, metric, truth, num_labels, seed)
     k, alpha, epsilon, tau = chosen.settings
     return FusedPolicy(

@@ -414,3 +414,31 @@ def test_the_default_classify_runs_is_the_rule_build_db_fits_it_for():
         answers = exit_policy.probe_fused_answer(at_exit, exits, nb, ctx).argmax(axis=1)
         assert answers.tolist() == trial.pred.tolist(), trial.settings
         assert exits.mean() == trial.mean_exit, trial.settings
+
+
+def test_the_fused_rule_classify_runs_is_the_one_build_db_fits_it_for():
+    """As for the default: calibration.fused_trials scores every `fused` setting at once for build-db's fit, and
+    classify runs fused_exit and fused_answer; on the same rows every setting gives the same answers and exits."""
+    from raee_ops.calibration import FusedPolicy, calibrated_correct, fused_trials
+    from raee_ops.metrics import accuracy
+
+    rng = np.random.default_rng(3)
+    rows, k, layers, labels = 50, 5, 4, 3
+    nb_labels = rng.integers(0, labels, (rows, k))
+    nb_logprobs = np.log(rng.dirichlet(np.full(labels, 0.5), size=(rows, k, layers)))
+    similarity = -np.sort(-rng.uniform(0.2, 1.0, (rows, k)), axis=1)
+    own = np.log(rng.dirichlet(np.full(labels, 0.5), size=(rows, layers)))  # Q×L×C, each row's own head
+    bias = rng.normal(0, 0.5, (layers, labels))
+    neighbours = (nb_labels, similarity, calibrated_correct(nb_logprobs, nb_labels, bias))
+    trials = fused_trials(neighbours, own + bias, rng.integers(0, labels, rows), accuracy, labels, [k])
+    nb = Neighbours(np.zeros((rows, k, layers), bool), similarity, nb_labels, nb_logprobs)
+    assert len({t.mean_exit for t in trials}) > 5  # exits of every kind, exit 0 among them
+    for trial in trials:
+        _, alpha, epsilon, tau = trial.settings
+        policy = FusedPolicy(k, alpha, epsilon, bias.tolist(), 0.0, 0.0, rows, tau)
+        ctx = Context(layers, labels, k, policy=policy)
+        exits = exit_policy.fused_exit(nb, ctx)
+        at_exit = own[np.arange(rows), np.maximum(exits, 1) - 1]
+        answers = exit_policy.fused_answer(at_exit, exits, nb, ctx).argmax(axis=1)
+        assert answers.tolist() == trial.pred.tolist(), trial.settings
+        assert exits.mean() == trial.mean_exit, trial.settings

@@ -224,7 +224,7 @@ def open_table(
             table.checkout(version)
         except (ValueError, OSError, RuntimeError) as exc:  # "Version N no longer exists"
             if _removed(table, version):
-                raise version_removed(f"table {name!r} in {db_uri}", version) from exc
+                raise _version_removed(f"table {name!r} in {db_uri}", version) from exc
             raise
     return table
 
@@ -303,9 +303,7 @@ class Retriever:
         try:
             found = self._search(vectors, k, num_layers, num_labels)
         except (ValueError, OSError, RuntimeError) as exc:
-            if _removed(self.table, self.table.version):
-                raise version_removed(self.where, self.table.version) from exc
-            raise _unreadable(self.where, exc) from exc
+            raise _read_failure(self.table, self.where, exc) from exc
         if self.probes is None:
             return found
         return replace(found, key_logprobs=self.probes.key.log_probs(vectors))
@@ -433,9 +431,15 @@ def read_column(table: lancedb.table.Table, column: str, where: str) -> pa.Chunk
     try:
         return table.search().select([column]).limit(None).to_arrow().column(column)
     except (ValueError, OSError, RuntimeError) as exc:
-        if _removed(table, table.version):
-            raise version_removed(where, table.version) from exc
-        raise _unreadable(where, exc) from exc
+        raise _read_failure(table, where, exc) from exc
+
+
+def _read_failure(table: lancedb.table.Table, where: str, exc: Exception) -> RaeeConfigError | VersionRemoved:
+    """The one line for a read of the table's version that failed: the version pruned meanwhile (a retry reads
+    the current one), else its files damaged."""
+    if _removed(table, table.version):
+        return _version_removed(where, table.version)
+    return _unreadable(where, exc)
 
 
 def _removed(table: lancedb.table.Table, version: int) -> bool:
@@ -446,7 +450,7 @@ def _removed(table: lancedb.table.Table, version: int) -> bool:
         return False
 
 
-def version_removed(where: str, version: int) -> VersionRemoved:
+def _version_removed(where: str, version: int) -> VersionRemoved:
     return VersionRemoved(
         f"{where}: version {version}, which this run read, was removed meanwhile (prune --grace 0 removes versions "
         "a running job may read); run again"

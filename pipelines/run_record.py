@@ -24,11 +24,11 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 from raee_ops.pipelines.commit import remove_leftovers, say
-from raee_ops.schemas.tables import LINEAGE_META_KEY, RUN_META_KEY
+from raee_ops.schemas.tables import LINEAGE_META_KEY, RUN_META_KEY, known_fields
 
 from raee_ops import storage
 
@@ -79,9 +79,8 @@ class RunRecord:
         raw, lineage = metadata.get(RUN_META_KEY), metadata.get(LINEAGE_META_KEY)
         if raw is None:
             return None
-        known = {f.name for f in fields(cls)} - {"lineage"}
-        record = {name: value for name, value in json.loads(raw).items() if name in known}
-        return cls(**record, lineage=None if lineage is None else json.loads(lineage))
+        record = known_fields(cls, json.loads(raw))
+        return cls(**{**record, "lineage": None if lineage is None else json.loads(lineage)})
 
 
 def scope(db_uri: str, table: str) -> str:

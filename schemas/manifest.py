@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from raee_ops.schemas.tables import known_fields
 
 from raee_ops import storage
 from raee_ops.errors import ArtifactError
@@ -128,22 +130,24 @@ class Manifest:
         seg = raw["segments"]
         return cls(
             format=raw["format"],
-            model=ModelInfo(**_known(ModelInfo, raw["model"])),
+            model=ModelInfo(**known_fields(ModelInfo, raw["model"])),
             num_layers=int(raw["num_layers"]),
             hidden_size=int(raw["hidden_size"]),
             readout=raw["readout"],
             padding_side=raw["padding_side"],
             max_length=int(raw["max_length"]),
-            tokenizer=TokenizerInfo(**_known(TokenizerInfo, raw["tokenizer"])),
+            tokenizer=TokenizerInfo(**known_fields(TokenizerInfo, raw["tokenizer"])),
             segments=Segments(embed=FileRef(**seg["embed"]), layers=[FileRef(**x) for x in seg["layers"]]),
             tasks={
-                name: TaskEntry(**{**_known(TaskEntry, t), "head": FileRef(**t["head"]) if t.get("head") else None})
+                name: TaskEntry(
+                    **{**known_fields(TaskEntry, t), "head": FileRef(**t["head"]) if t.get("head") else None}
+                )
                 for name, t in raw["tasks"].items()
             },
             embedders={
                 name: EmbedderEntry(
                     **{
-                        **_known(EmbedderEntry, e),
+                        **known_fields(EmbedderEntry, e),
                         "model": FileRef(**e["model"]),
                         "tokenizer": FileRef(**e["tokenizer"]),
                     }
@@ -215,13 +219,6 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
-
-
-def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
-    """`raw`'s fields that `cls` has: a field a later release adds (to a task, an embedder) is not this release's to
-    read, and the seal still covers it."""
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in raw.items() if k in names}
 
 
 def write_manifest(directory: str | Path, manifest: Manifest) -> Path:

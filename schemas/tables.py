@@ -6,6 +6,7 @@ import base64
 import json
 import re
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -142,6 +143,12 @@ def flat_values(table: pa.Table, column: str) -> np.ndarray:
     return table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
 
 
+def known_fields(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw`'s fields that dataclass `cls` has: a field a later release records is not this release's to read."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
+
+
 def fixed_list(values: np.ndarray, field: pa.Field) -> pa.FixedSizeListArray:
     """`values`, rows × … in C order, as `field`'s fixed-size list column (its value type): flat_values' inverse."""
     return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), field.type.value_type), field.type.list_size)
@@ -163,9 +170,9 @@ class TableMeta:
     key_fingerprint: str | None = None
 
     def encode(self) -> dict[bytes, bytes]:
-        fields = asdict(self)
-        key = fields.pop("key_fingerprint")
-        return {TABLE_META_KEY: json.dumps(fields).encode()} | ({KEY_META_KEY: key.encode()} if key else {})
+        identity = asdict(self)
+        key = identity.pop("key_fingerprint")
+        return {TABLE_META_KEY: json.dumps(identity).encode()} | ({KEY_META_KEY: key.encode()} if key else {})
 
     @classmethod
     def decode(cls, schema: pa.Schema) -> TableMeta | None:
@@ -174,10 +181,8 @@ class TableMeta:
         raw = metadata.get(TABLE_META_KEY)
         if not raw:
             return None
-        known = {f.name for f in fields(cls)}
-        found = {k: v for k, v in json.loads(raw).items() if k in known}
         key = metadata.get(KEY_META_KEY)
-        return cls(**found, key_fingerprint=key.decode() if key else None)
+        return cls(**{**known_fields(cls, json.loads(raw)), "key_fingerprint": key.decode() if key else None})
 
 
 def encode_array(array: np.ndarray) -> dict:

@@ -2,7 +2,7 @@
 
 The run claims the table's work folder (`<db>/_raee-work/<table>/`; a second live run on the same table is
 refused), workers write exit rows as Parquet shards into this run's staging folder there and rejected rows into
-its staging in the errors folder (pipelines/run_record.py), and the driver checks conservation (rows in = written
+its staging in the errors folder (raee_ops/run_record.py), and the driver checks conservation (rows in = written
 + rejected) and its refusals (no rows to overwrite with, too many rejected) before it commits the table in one
 LanceDB version and then publishes the errors, so a failed or killed run leaves the table as it was. The next run
 removes a killed run's staging and settles its errors folder, whichever --errors it is given itself.
@@ -13,35 +13,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import dataclass, field
-from functools import partial
 
 import apache_beam as beam
 import lancedb
 import pyarrow as pa
 import pyarrow.compute as pc
-from raee_ops.pipelines.commit import (
-    SUCCESS,
-    check_held,
-    claim_work_dir,
-    job_digest,
-    new_run_id,
-    say,
-    unseen_staging,
-)
 from raee_ops.pipelines.inference import BuildHandler, Infer
 from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline, worker_settings
-from raee_ops.pipelines.run_record import (
-    RunRecord,
-    forget_errors,
-    in_step,
-    keep_uncommitted,
-    note_errors,
-    publish,
-    scope,
-    settle,
-    settle_noted,
-    staging_dir,
-)
 from raee_ops.pipelines.sources import (
     check_inputs,
     concat_strings,
@@ -66,6 +44,15 @@ from raee_ops.schemas.tables import (
 
 from raee_ops import storage
 from raee_ops.calibration import FusedPolicy, fit_line
+from raee_ops.commit import (
+    SUCCESS,
+    check_held,
+    claim_work_dir,
+    job_digest,
+    new_run_id,
+    say,
+    unseen_staging,
+)
 from raee_ops.errors import CountMismatch, RaeeConfigError, RaeeError, TooManyRejected
 from raee_ops.faults import fault_point
 from raee_ops.key_names import DEFAULT_KEY
@@ -90,11 +77,23 @@ from raee_ops.retrieval import (
     table_probes,
     version_schemas,
 )
+from raee_ops.run_record import (
+    ERRORS_FOLDER,
+    RunRecord,
+    default_errors_dir,
+    forget_errors,
+    in_step,
+    keep_uncommitted,
+    note_errors,
+    publish,
+    scope,
+    settle_errors,
+    staging_dir,
+    work_dir,
+)
 
 #: Examples of offending ids shown in a refusal.
 SHOWN_IDS = 5
-#: The database's folder of its tables' default errors folders.
-ERRORS_FOLDER = "_errors"
 
 
 @dataclass(frozen=True)
@@ -133,16 +132,6 @@ class BuildSummary:
                 f"errors: {self.errors_dir}",
             ]
         )
-
-
-def default_errors_dir(db_uri: str, table: str) -> str:
-    return storage.join(db_uri, ERRORS_FOLDER, table)
-
-
-def work_dir(db_uri: str, table: str) -> str:
-    """Where a table's runs stage their rows and hold their claim: beside the table, in the database's location
-    (a local folder or an object-store prefix), never the driver's temp folder, so workers anywhere can write."""
-    return storage.join(db_uri, "_raee-work", table)
 
 
 def _examples(ids: pa.Array) -> str:
@@ -250,40 +239,6 @@ def remove_unfinished(db_uri: str, table: str, storage_options: dict[str, str]) 
         except Unfinished:
             storage.delete([table_folder(db_uri, name)])
             say(f"removed what an earlier, unfinished run left: {table_folder(db_uri, name)}")
-
-
-def table_record(db_uri: str, table: str, storage_options: dict[str, str]) -> RunRecord | None:
-    """The run record of the table's current version (None: no table yet, or one built before runs were recorded)."""
-    db = connect(db_uri, storage_options)
-    return RunRecord.of(open_listed(db, db_uri, table).schema) if table in table_names(db) else None
-
-
-def recorded_runs(db_uri: str, table: str, storage_options: dict[str, str], run_ids: set[str]) -> set[str]:
-    """Which of `run_ids` some version of the table records (read newest first, only when a run's staging is left:
-    a committed run whose version a rollback then left behind)."""
-    if not run_ids:
-        return set()
-    db = connect(db_uri, storage_options)
-    if table not in table_names(db):
-        return set()
-    handle, found = open_listed(db, db_uri, table), set()
-    for _, schema in version_schemas(handle):
-        record = RunRecord.of(schema)
-        if record and record.run_id in run_ids:
-            found.add(record.run_id)
-            if found == run_ids:
-                break
-    return found
-
-
-def settle_errors(db_uri: str, table: str, errors_dir: str, own: bool, storage_options: dict[str, str]) -> None:
-    """Under the table's claim, before a run writes or old versions are pruned: what earlier runs left staged in
-    the errors folders, published or removed (pipelines/run_record.py; the history tells a committed run's from an
-    uncommitted one's)."""
-    recorded = partial(recorded_runs, db_uri, table, storage_options)
-    current, where = table_record(db_uri, table, storage_options), scope(db_uri, table)
-    settle_noted(work_dir(db_uri, table), errors_dir, where, current, recorded)
-    settle(errors_dir, where, current, own, recorded)
 
 
 def refuse_overwrite_with_nothing(table: str, allow_empty: bool) -> None:

@@ -2,7 +2,7 @@
 
 The run claims its output folder (a second live run on it is refused), stages predictions and errors in a
 run-private `_temporary/<run id>/`, checks rows in = predicted + rejected there, then publishes both and writes
-`_SUCCESS` last (see pipelines/commit.py). A folder with `_SUCCESS` is complete: refused as an output, unless its
+`_SUCCESS` last (see raee_ops/commit.py). A folder with `_SUCCESS` is complete: refused as an output, unless its
 marker names this very job (settings and input files), which is then done already (a scheduler's retry of a run
 killed after it finished); one without it is an unfinished run's, and the next run removes what it left.
 """
@@ -18,7 +18,6 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics.metric import MetricsFilter
-from raee_ops.pipelines.commit import SUCCESS, claim_output, completed, job_digest, unseen_staging
 from raee_ops.pipelines.inference import ClassifyHandler, Infer
 from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.sources import (
@@ -35,6 +34,7 @@ from raee_ops.schemas.manifest import check_outside_artifacts, load_manifest
 from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 
 from raee_ops import storage
+from raee_ops.commit import SUCCESS, claim_output, completed, job_digest, unseen_staging
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import refuse_head, refuse_unanswerable, resolve
 from raee_ops.key_names import BACKBONE

@@ -28,17 +28,6 @@ from raee_ops.onnx_export.segments import export_segment
 from raee_ops.onnx_export.tokenizer_file import save_tokenizer
 from raee_ops.onnx_export.verbalizer import label_token_ids
 from raee_ops.onnx_export.verify import verify_export
-from raee_ops.pipelines.commit import (
-    CLAIM,
-    PUBLISHING,
-    check_held,
-    hold,
-    new_run_id,
-    reclaim_siblings,
-    run_named,
-    say,
-    scratch_folder,
-)
 from raee_ops.pipelines.export_checks import check_before_loading
 from raee_ops.pipelines.options import make_pipeline, run_pipeline
 from raee_ops.schemas.manifest import (
@@ -54,6 +43,17 @@ from raee_ops.schemas.manifest import (
 )
 
 from raee_ops import storage
+from raee_ops.commit import (
+    CLAIM,
+    PUBLISHING,
+    check_held,
+    hold,
+    new_run_id,
+    reclaim_siblings,
+    run_named,
+    say,
+    scratch_folder,
+)
 from raee_ops.errors import RaeeConfigError
 from raee_ops.faults import fault_point
 from raee_ops.progress import Progress, phase

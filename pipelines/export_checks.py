@@ -9,11 +9,11 @@ import os
 from collections.abc import Sequence
 
 from raee_ops.onnx_export.model_source import resolve
-from raee_ops.pipelines.commit import CLAIM, PUBLISHING, some
 from raee_ops.pipelines.options import check_job_service
 from raee_ops.schemas.manifest import MANIFEST_NAME, check_outside_artifacts, load_manifest
 
 from raee_ops import storage
+from raee_ops.commit import CLAIM, PUBLISHING, some
 from raee_ops.errors import ArtifactError, RaeeConfigError
 from raee_ops.key_names import embedder_depth
 

@@ -28,13 +28,12 @@ import lancedb
 import pyarrow as pa
 
 from raee_ops import storage
+from raee_ops.commit import check_held, hold
 from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.faults import fault_point
 from raee_ops.info import check_database, opened, table_info
-from raee_ops.pipelines.build_db import default_errors_dir, settle_errors, work_dir
-from raee_ops.pipelines.commit import check_held, hold
-from raee_ops.pipelines.run_record import RunRecord, drop_replaced
 from raee_ops.retrieval import connect, open_table, table_folder, table_names, version_schemas
+from raee_ops.run_record import RunRecord, default_errors_dir, drop_replaced, settle_errors, work_dir
 from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, TableMeta
 
 

@@ -33,7 +33,7 @@ FEATURES_SUFFIX = "__features"
 #: The companion's version written with this exit-table version: append reads exactly that one, so a rollback of the
 #: exit table, or a run killed between the two writes, never pairs the table with another version's states.
 FEATURES_VERSION_META_KEY = b"raee_features_version"
-#: The build-db run that wrote this exit-table version (raee_ops.pipelines.run_record): its id, mode and job (settings
+#: The build-db run that wrote this exit-table version (raee_ops.run_record): its id, mode and job (settings
 #: and input files), so a retried append of the same job is known to be done.
 RUN_META_KEY = b"raee_run"
 #: The runs whose rows the version holds (its lineage), beside the run record rather than in it: a release before it

@@ -449,9 +449,9 @@ def test_an_export_takes_only_its_own_runs_folders_beside_out(tmp_path: Path, mo
     which may hold a whole export) were taken for a killed run's: put back as --out, then replaced, or removed,
     and the user's files with them. Only run-named ones are taken. Where the filesystem cannot swap two folders
     in one step, a kill between the two moves leaves no --out, which the next run puts back."""
-    from raee_ops.pipelines.commit import new_run_id, reclaim_siblings
     from raee_ops.pipelines.export import _move_into_place, _put_back
 
+    from raee_ops.commit import new_run_id, reclaim_siblings
     from raee_ops.faults import InjectedFault
 
     out, old = make_artifacts(tmp_path / "out"), load_manifest(tmp_path / "out")

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from cli_runs import raee_ops
 from raee_ops.pipelines.build_db import run_build_db
-from raee_ops.pipelines.commit import locked
 from raee_ops.schemas.manifest import load_manifest
 from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import BAD_IDS, labelled
 
+from raee_ops.commit import locked
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate, exported_task, strategy_rows
 from raee_ops.exit_policy import STRATEGIES

@@ -23,7 +23,6 @@ import pytest
 from cli_runs import one_error_line, raee_ops, read_folder
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
-from raee_ops.pipelines.commit import locked, new_run_id, scratch_folder
 from raee_ops.pipelines.inference import BuildHandler, ClassifyHandler
 from raee_ops.pipelines.sources import read_validated_file
 from raee_ops.schemas.manifest import load_manifest, sealed
@@ -32,6 +31,7 @@ from segment_artifacts import make_artifacts, reexported, segment_artifacts  # n
 from test_pipelines import labelled, sentences
 
 from raee_ops import storage
+from raee_ops.commit import locked, new_run_id, scratch_folder
 from raee_ops.errors import ArtifactError, RaeeRunError
 from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.retrieval import table_names
@@ -1012,7 +1012,7 @@ def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run_a_live_ones_is_
     """Export stages a model's worth of segments on the local temporary disk: a run killed with SIGKILL leaves its
     folder, which the next run removes; a live run's, beside it, stays until that run ends."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    hold_one = "from raee_ops.pipelines.commit import scratch_folder\nimport sys, time\n"
+    hold_one = "from raee_ops.commit import scratch_folder\nimport sys, time\n"
     hold_one += "with scratch_folder('test-scratch') as s:\n    open(s + '/seg', 'w').write('x'); print(s, flush=True)"
     hold_one += "; time.sleep(60)"
     killed = subprocess.Popen([sys.executable, "-c", hold_one], env=env, stdout=subprocess.PIPE, text=True)

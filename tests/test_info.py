@@ -9,9 +9,7 @@ import lancedb
 import pyarrow as pa
 import pytest
 from cli_runs import raee_ops
-from raee_ops.pipelines.build_db import commit, run_build_db, work_dir
-from raee_ops.pipelines.commit import hold
-from raee_ops.pipelines.run_record import RunRecord
+from raee_ops.pipelines.build_db import commit, run_build_db
 from raee_ops.schemas.manifest import load_manifest
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
@@ -19,10 +17,12 @@ from test_retrieval import _exit_table
 
 from raee_ops import retrieval
 from raee_ops.calibration import K_GRID
+from raee_ops.commit import hold
 from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.info import describe, render
 from raee_ops.probe_policy import SHOWN_BUDGETS, SHOWN_PRICES
 from raee_ops.retrieval import Retriever
+from raee_ops.run_record import RunRecord, work_dir
 from raee_ops.versions import prune, rollback, to_keep
 
 

@@ -27,11 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import one_error_line
-from raee_ops.pipelines.commit import CLAIM, SUCCESS, TEMPORARY
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
 from test_runners import job_endpoint  # noqa: F401 - fixture
 
+from raee_ops.commit import CLAIM, SUCCESS, TEMPORARY
 from raee_ops.errors import RaeeConfigError, StoreUnavailable
 from raee_ops.retrieval import connect, table_names
 
@@ -396,9 +396,7 @@ def test_portable_runner_with_an_external_worker_pool(s3, segment_artifacts, job
 
 def test_claims_on_an_object_store(s3, monkeypatch):
     """A live claim refuses a second run; a claim not renewed within STALE_S is a dead run's and is removed."""
-    from raee_ops.pipelines import commit
-
-    from raee_ops import storage
+    from raee_ops import commit, storage
     from raee_ops.errors import Busy
 
     endpoint, client = s3
@@ -425,9 +423,7 @@ def test_a_run_whose_claim_lapsed_publishes_nothing(s3, monkeypatch):
     """A run whose claim went unrenewed for STALE_S (the store unreachable, the driver stalled) may have lost its
     place to another run, which removes a claim that old and writes there: it published over that run's complete
     output, both exiting 0. Now it refuses (Busy, exit 75) and publishes nothing; a run renewing its claim publishes."""
-    from raee_ops.pipelines import commit
-
-    from raee_ops import storage
+    from raee_ops import commit, storage
     from raee_ops.errors import Busy
 
     endpoint, client = s3
@@ -458,12 +454,11 @@ def test_a_table_or_export_whose_claim_lapsed_commits_nothing(
     """As classify's output: a build-db, a prune or an export whose claim went unrenewed (here: at once) may have
     lost the table or --out to another run, and commits nothing (Busy, exit 75): before, it committed its table or
     manifest over that run's. The checks come last, after the fit, the errors or the copies, which take the time."""
-    from raee_ops.pipelines import commit
     from raee_ops.pipelines.build_db import run_build_db
     from raee_ops.pipelines.export import run_export
     from raee_ops.pipelines.options import worker_settings
 
-    from raee_ops import storage
+    from raee_ops import commit, storage
     from raee_ops.errors import Busy
     from raee_ops.tasks import get_task
     from raee_ops.versions import prune

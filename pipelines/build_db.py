@@ -20,18 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from raee_ops.pipelines.inference import BuildHandler, Infer
 from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline, worker_settings
-from raee_ops.pipelines.sources import (
-    check_inputs,
-    concat_strings,
-    count_rows,
-    file_keys,
-    first_shard,
-    input_files,
-    read_validated,
-    refuse_reading_own_output,
-    task_of,
-    write_tables,
-)
+from raee_ops.pipelines.sources import first_shard, read_validated, write_tables
 from raee_ops.schemas.manifest import check_outside_artifacts, load_manifest
 from raee_ops.schemas.tables import (
     ERRORS_SCHEMA,
@@ -55,6 +44,7 @@ from raee_ops.commit import (
 )
 from raee_ops.errors import CountMismatch, RaeeConfigError, RaeeError, TooManyRejected
 from raee_ops.faults import fault_point
+from raee_ops.inputs import check_inputs, concat_strings, count_rows, file_keys, input_files, refuse_reading_own_output
 from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.layer_key import layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
@@ -91,6 +81,7 @@ from raee_ops.run_record import (
     staging_dir,
     work_dir,
 )
+from raee_ops.tasks import task_of
 
 #: Examples of offending ids shown in a refusal.
 SHOWN_IDS = 5

@@ -20,16 +20,7 @@ import pyarrow.compute as pc
 from apache_beam.metrics.metric import MetricsFilter
 from raee_ops.pipelines.inference import ClassifyHandler, Infer
 from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline, worker_settings
-from raee_ops.pipelines.sources import (
-    check_inputs,
-    count_rows,
-    first_shard,
-    input_files,
-    read_validated,
-    refuse_reading_own_output,
-    task_of,
-    write_tables,
-)
+from raee_ops.pipelines.sources import first_shard, read_validated, write_tables
 from raee_ops.schemas.manifest import check_outside_artifacts, load_manifest
 from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 
@@ -37,6 +28,7 @@ from raee_ops import storage
 from raee_ops.commit import SUCCESS, claim_output, completed, job_digest, unseen_staging
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import refuse_head, refuse_unanswerable, resolve
+from raee_ops.inputs import check_inputs, count_rows, input_files, refuse_reading_own_output
 from raee_ops.key_names import BACKBONE
 from raee_ops.probe_policy import refuse_cost_options
 from raee_ops.progress import NAMESPACE
@@ -52,6 +44,7 @@ from raee_ops.retrieval import (
 )
 from raee_ops.rows import output_columns
 from raee_ops.runtime import CUDA_SUB_BATCH
+from raee_ops.tasks import task_of
 
 log = logging.getLogger(__name__)
 #: The prefixes of what a run publishes in its --output folder, besides `_SUCCESS`. The errors' is `_`-prefixed, so

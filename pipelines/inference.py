@@ -68,7 +68,7 @@ _base = _beam_inference_base()
 ModelHandler, RunInference = _base.ModelHandler, _base.RunInference
 
 PROGRESS_SECONDS = 10.0
-#: Elements (small tables) per model call: up to 128 rows with sources.ROWS_PER_ELEMENT = 16.
+#: Elements (small tables) per model call: up to 128 rows with inputs.ROWS_PER_ELEMENT = 16.
 MAX_ELEMENTS_PER_BATCH = 8
 
 

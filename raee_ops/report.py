@@ -18,8 +18,8 @@ from raee_ops.commit import hold
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import Evaluation
 from raee_ops.extras import install_line
+from raee_ops.inputs import refuse_matched_outputs
 from raee_ops.metrics import BOOTSTRAP_ROUNDS
-from raee_ops.pipelines.sources import refuse_matched_outputs
 from raee_ops.schemas.manifest import check_outside_artifacts
 
 #: Rejected rows shown in report.md (report.json lists them all).

@@ -11,10 +11,14 @@ import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raee_ops.errors import RaeeConfigError
 from raee_ops.metrics import BINARY_METRICS, METRICS
 from raee_ops.schemas.tables import table_name_problem
+
+if TYPE_CHECKING:  # the manifest's module reads storage, which loads Beam's filesystems: not for every task lookup
+    from raee_ops.schemas.manifest import Manifest
 
 #: Longest task name: it names files (`head_<name>.onnx`), which filesystems allow 255 bytes.
 MAX_NAME = 100
@@ -227,3 +231,19 @@ def get_task(name: str) -> Task:
     if name not in PRESETS:
         raise RaeeConfigError(f"unknown task {name!r}; presets: {', '.join(PRESETS)} (or pass --task-file)")
     return PRESETS[name]
+
+
+def task_of(manifest: Manifest, name: str) -> Task:
+    """The task as exported: the artifacts, not the preset list, are the source of truth. An export from before
+    tasks carried their metric is scored as it was then, by the task's name (tasks.LEGACY_METRICS)."""
+    entry = manifest.task(name)
+    metric = entry.metric or LEGACY_METRICS.get(name)
+    if metric in BINARY_METRICS and len(entry.label_names) != 2:  # a `qqp` of three labels: by its label count
+        metric = None
+    return Task(
+        name=name,
+        template=entry.template,
+        label_names=list(entry.label_names),
+        verbalizer=list(entry.verbalizer),
+        metric=metric,
+    )

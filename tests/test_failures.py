@@ -24,7 +24,6 @@ from cli_runs import one_error_line, raee_ops, read_folder
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.inference import BuildHandler, ClassifyHandler
-from raee_ops.pipelines.sources import read_validated_file
 from raee_ops.schemas.manifest import load_manifest, sealed
 from raee_ops.schemas.tables import FEATURES_SUFFIX, TABLE_META_KEY, TableMeta
 from segment_artifacts import make_artifacts, reexported, segment_artifacts  # noqa: F401 - fixture
@@ -33,6 +32,7 @@ from test_pipelines import labelled, sentences
 from raee_ops import storage
 from raee_ops.commit import locked, new_run_id, scratch_folder
 from raee_ops.errors import ArtifactError, RaeeRunError
+from raee_ops.inputs import read_validated_file
 from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.retrieval import table_names
 from raee_ops.rows import ROW_ID, SOURCE

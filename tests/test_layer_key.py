@@ -10,7 +10,6 @@ import pytest
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.inference import BuildHandler
-from raee_ops.pipelines.sources import read_validated_file
 from raee_ops.schemas.tables import FEATURES, LAYER_KEY_META_KEY, POOLINGS, flat_values
 from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 from test_probe_pipelines import signal_rows
@@ -19,6 +18,7 @@ from test_runtime import prompts
 from raee_ops.calibration import not_before_key
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate, strategy_rows
+from raee_ops.inputs import read_validated_file
 from raee_ops.layer_key import LayerKey, layer_depth
 from raee_ops.probe_policy import confident_exits
 from raee_ops.probes import PROMPT_VIEWS, VIEWS

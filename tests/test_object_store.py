@@ -498,16 +498,14 @@ def test_a_table_or_export_whose_claim_lapsed_commits_nothing(
 def test_an_input_glob_skips_the_stores_folder_markers(s3, tmp_path):
     """A zero-byte `prefix/` key (a console's "create folder") matched `prefix/*` and was read as a Parquet file of
     0 bytes, refusing the run; a local folder is not a file either."""
-    from raee_ops.pipelines import sources
-
-    from raee_ops import storage
+    from raee_ops import inputs, storage
 
     endpoint, client = s3
     storage.configure(s3_args(endpoint))
     client.put_object(Bucket=BUCKET, Key="marked/", Body=b"")
     client.put_object(Bucket=BUCKET, Key="marked/a.parquet", Body=b"x")
     for pattern in ("marked/*", "marked/**"):
-        found = [m.path for m in sources.input_files([f"s3://{BUCKET}/{pattern}"])]
+        found = [m.path for m in inputs.input_files([f"s3://{BUCKET}/{pattern}"])]
         assert found == [f"s3://{BUCKET}/marked/a.parquet"], pattern
 
 

@@ -17,15 +17,16 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import raee_ops
-from raee_ops.pipelines import build_db, inference, sources
+from raee_ops.pipelines import build_db, inference
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
-from raee_ops.pipelines.sources import file_key, read_validated_file
 from raee_ops.schemas.manifest import load_manifest
 from raee_ops.schemas.tables import RUN_META_KEY
 from segment_artifacts import KEY, reexported, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
+from raee_ops import inputs, tasks
 from raee_ops.errors import RaeeConfigError, VersionRemoved
+from raee_ops.inputs import file_key, read_validated_file
 from raee_ops.retrieval import Retriever, check_table_contents, expected_meta, open_table, table_meta
 from raee_ops.rows import ROW_ID
 from raee_ops.runtime import SegmentRuntime
@@ -112,8 +113,8 @@ def test_build_db_fits_to_the_metric_the_export_records_for_its_task(segment_art
         assert noted == (artifacts == segment_artifacts), caplog.text
     exported = load_manifest(segment_artifacts)
     entry = dataclasses.replace(exported.tasks["sst2"], metric=None)
-    assert sources.task_of(dataclasses.replace(exported, tasks={"cola": entry}), "cola").metric_name == "matthews_corr"
-    assert sources.task_of(dataclasses.replace(exported, tasks={"mine": entry}), "mine").metric_name == "accuracy"
+    assert tasks.task_of(dataclasses.replace(exported, tasks={"cola": entry}), "cola").metric_name == "matthews_corr"
+    assert tasks.task_of(dataclasses.replace(exported, tasks={"mine": entry}), "mine").metric_name == "accuracy"
 
 
 def test_an_overwrite_keeps_a_shared_errors_folders_other_files(segment_artifacts, tmp_path):  # noqa: F811
@@ -449,7 +450,7 @@ def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position_once_per_rea
     for a file read 2 rows at a time; and again on the next read, so a file rewritten at the same path (in a
     process serving many runs) is keyed by its new content, never its old one's."""
     hashed = []
-    monkeypatch.setattr(sources, "file_key", lambda path: hashed.append(path) or f"k{len(hashed)}")
+    monkeypatch.setattr(inputs, "file_key", lambda path: hashed.append(path) or f"k{len(hashed)}")
     with_ids = write_labelled(tmp_path / "ids.parquet", ["a", "b"], ["good", "bad"], [1, 0])
     mixed = write_labelled(tmp_path / "mixed.parquet", ["a", None, None, "d"], ["good", "bad", "fun", "dull"], [1] * 4)
 
@@ -459,7 +460,7 @@ def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position_once_per_rea
     assert ids(with_ids) == [["a", "b"]] and hashed == []
     assert ids(mixed) == [["a", "row:k1:1"], ["row:k1:2", "d"]] and hashed == [str(mixed)]
     assert ids(mixed) == [["a", "row:k2:1"], ["row:k2:2", "d"]] and hashed == [str(mixed)] * 2
-    assert sources.file_keys(str(mixed))[0].to_pylist() == ["a", "row:k3:1", "row:k3:2", "d"]
+    assert inputs.file_keys(str(mixed))[0].to_pylist() == ["a", "row:k3:1", "row:k3:2", "d"]
 
 
 def test_inputs_read_each_local_file_once_and_refuse_what_is_not_a_file(tmp_path):
@@ -469,17 +470,17 @@ def test_inputs_read_each_local_file_once_and_refuse_what_is_not_a_file(tmp_path
     data.mkdir()
     real = write_labelled(data / "a.parquet", ["a"], ["good"], [1])
     (data / "b.parquet").symlink_to(real.name)
-    assert [m.path for m in sources.input_files([f"{data}/*.parquet", str(real)])] == [str(real)]
+    assert [m.path for m in inputs.input_files([f"{data}/*.parquet", str(real)])] == [str(real)]
     (data / "c.parquet").symlink_to(tmp_path / "gone.parquet")
     for pattern in (f"{data}/*.parquet", str(data / "c.parquet")):  # named alone, it was "no such file"
         with pytest.raises(RaeeConfigError, match=r"c.parquet is not a file that can be read: a link to nothing \("):
-            sources.input_files([pattern])
+            inputs.input_files([pattern])
     (data / "c.parquet").unlink()
     (data / "sub").mkdir()
     os.mkfifo(data / "sub" / "d.parquet")
     for pattern in (f"{data}/**.parquet", str(data / "sub" / "d.parquet")):
         with pytest.raises(RaeeConfigError, match=r"d.parquet is not a file that can be read: a named pipe"):
-            sources.input_files([pattern])
+            inputs.input_files([pattern])
 
 
 def test_a_rewritten_file_gets_its_new_contents_key(tmp_path):
@@ -523,9 +524,9 @@ def test_files_of_one_kind_of_column_are_read_in_the_wider_type(first, other, co
     b = pa.schema([pa.field("text", pa.string()), pa.field("id", other)])
     if common is None:
         with pytest.raises(RaeeConfigError, match=f"column 'id' is {other} there and {first} in a.parquet"):
-            sources.common_schema(a, b, "a.parquet", "b.parquet")
+            inputs.common_schema(a, b, "a.parquet", "b.parquet")
     else:
-        assert sources.common_schema(a, b, "a.parquet", "b.parquet") == pa.schema(
+        assert inputs.common_schema(a, b, "a.parquet", "b.parquet") == pa.schema(
             [("id", common), ("text", pa.string())]
         )
 

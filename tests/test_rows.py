@@ -136,7 +136,7 @@ def test_uuid_and_fixed_size_ids_read_as_text():
 
 
 def test_a_nan_group_is_a_missing_group_as_null_is(tmp_path):
-    from raee_ops.pipelines.sources import file_keys
+    from raee_ops.inputs import file_keys
 
     path = tmp_path / "g.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "g": [1.0, float("nan"), None, float("nan")]}), path)

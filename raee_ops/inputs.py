@@ -1,0 +1,276 @@
+"""Parquet inputs, read where they are (local or object storage): expand and check them on the driver (run-level
+errors before any work), and read and validate them as small Arrow tables, the elements every later step works on
+(pipelines/sources.py reads them so on workers; evaluate in its own process).
+
+A file whose footer cannot be read is refused on the driver before any work (exit 2, the file named). A file
+whose data cannot be decoded past some point (a corrupt page) keeps the rows read before it; the rows of the
+row group that could not be read become error rows naming the file, and the next row group is read as usual.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from functools import cache
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import FileMetadata
+
+from raee_ops import storage
+from raee_ops.errors import RaeeConfigError
+from raee_ops.rows import (
+    ROW_ID,
+    Validated,
+    check_columns,
+    errors_table,
+    positions,
+    row_ids,
+    validate,
+    without_views,
+)
+from raee_ops.schemas.manifest import sha256_stream
+from raee_ops.schemas.tables import ID
+from raee_ops.tasks import Task
+
+#: Rows per element; RunInference then batches several elements into one model call.
+ROWS_PER_ELEMENT = 16
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
+    return [m.path for m in input_files(patterns)]
+
+
+def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
+    """Every file of every pattern (path, size, modification time), each file once; a pattern that matches nothing
+    is an error (a typo must not silently drop an input)."""
+    files: dict[str, FileMetadata] = {}
+    for pattern in patterns:
+        storage.check_scheme(pattern, "--input")
+        # a folder: an object store lists every key under a prefix, `_SUCCESS` and backups too
+        if pattern.endswith("/") or (not storage.is_pattern(pattern) and storage.is_dir(pattern)):
+            folder = pattern.rstrip("/")
+            raise RaeeConfigError(f"--input {pattern}: a folder; give its files or a glob ({folder}/*.parquet)")
+        # an object store's folder markers (zero-byte `prefix/` keys that consoles and tools make) are folders
+        matched = [m for m in storage.match_metadata(pattern) if not m.path.endswith("/")]
+        if storage.is_local(pattern):  # first: a link to nothing matches nothing, and is better named as what it is
+            refuse_unreadable(pattern)
+        if not matched:
+            raise RaeeConfigError(f"--input {pattern}: no such file (no Parquet files match)")
+        for m in matched:  # a local file once, however spelt (a link to it, another route): read twice otherwise
+            files.setdefault(storage.resolved(m.path), m)
+    return list(files.values())
+
+
+def refuse_unreadable(pattern: str) -> None:
+    """Refuse a local pattern that names or matches what is not a regular file (storage.unreadable_matches)."""
+    unreadable = storage.unreadable_matches(pattern)
+    if unreadable:
+        path = unreadable[0]
+        dangling = os.path.islink(path) and not os.path.exists(path)
+        kind = f"a link to nothing ({os.readlink(path)})" if dangling else "a named pipe, socket or device"
+        raise RaeeConfigError(f"--input {pattern}: {path} is not a file that can be read: {kind}")
+
+
+def refuse_reading_own_output(
+    found: Sequence[FileMetadata], patterns: Sequence[str], folder: str, written: Sequence[str], what: str
+) -> None:
+    """Refuse, before any work, a folder of Parquet outputs (a dataset readers take whole, subfolders included) that
+    holds an input file, at any depth: they would mix; and one whose files an input pattern matches
+    (refuse_matched_outputs)."""
+    held = [m.path for m in found if storage.within(m.path, folder)]
+    if held:
+        raise RaeeConfigError(f"{what} {folder} holds the input {held[0]}; write the outputs to a folder of their own")
+    refuse_matched_outputs(patterns, folder, written, what)
+
+
+def refuse_matched_outputs(patterns: Sequence[str], folder: str, written: Sequence[str], what: str) -> None:
+    """Refuse, before any work, a folder to write whose files (`written`: names of the kind the run writes there) an
+    input pattern matches: the same command run again (a scheduler's retry) would read the first run's outputs as
+    input."""
+    for pattern in patterns:
+        read = [name for name in written if storage.matches(pattern, storage.join(folder, name))]
+        if read:
+            raise RaeeConfigError(
+                f"--input {pattern} matches what this run writes to {what} {folder} ({read[0]}), which the same "
+                "command run again would read as input; write the outputs where the inputs do not match"
+            )
+
+
+def file_key(path: str) -> str:
+    """The key of a file's id-less rows: its content digest, so another spelling of the path gives the same ids.
+    Not kept across reads: a process outliving one run (a worker pool's) must not key a file rewritten at the same
+    path by its old content, which would give new rows the ids of old ones."""
+    with storage.open_read(path) as handle:
+        return sha256_stream(handle)[:16]
+
+
+def _lazy_key(path: str) -> Callable[[], str]:
+    """`path`'s file_key, hashed on first use only (a second full read: not for a file whose rows all carry ids)."""
+    return cache(lambda: file_key(path))
+
+
+def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa.Schema, int]:
+    """Every file's columns and the total row count, from footers only; and the one schema all files' rows are read
+    as (`common_schema`)."""
+    schema, rows = None, 0
+    for path in files:
+        try:
+            with storage.open_read(path) as handle:
+                meta = pq.ParquetFile(handle).metadata
+        except (OSError, pa.ArrowInvalid, UnicodeDecodeError) as exc:  # the last: a column name not in UTF-8
+            raise RaeeConfigError(f"{path}: not a readable Parquet file ({exc})") from exc
+        counts = [meta.row_group(group).num_rows for group in range(meta.num_row_groups)]
+        if min(counts, default=0) < 0 or sum(counts) != meta.num_rows:  # rows read by group would not add up
+            raise RaeeConfigError(
+                f"{path}: not a readable Parquet file (a damaged footer: it counts {meta.num_rows} rows, its row "
+                f"groups {', '.join(map(str, counts))})"
+            )
+        file_schema = without_views(meta.schema.to_arrow_schema().remove_metadata())  # as validate reads it
+        check_columns(file_schema, task, need_label, path)
+        schema = file_schema if schema is None else common_schema(schema, file_schema, files[0], path)
+        rows += meta.num_rows
+    return schema, rows
+
+
+def common_schema(first: pa.Schema, other: pa.Schema, first_path: str, path: str) -> pa.Schema:
+    """The schema rows of both are read as: files written by different tools (pandas, polars, Spark) may order their
+    columns differently, mark them required or not, and store text as string or large_string and integers at
+    other widths; the first's column order, every column nullable and of the wider type. Different columns, or a
+    column of another kind (numbers in one file, text in the other), are refused: a guess would change values."""
+    if set(first.names) != set(other.names):
+        missing, extra = sorted(set(first.names) - set(other.names)), sorted(set(other.names) - set(first.names))
+        differ = "; ".join(
+            f"{what}: {', '.join(names)}" for what, names in (("lacks", missing), ("adds", extra)) if names
+        )
+        raise RaeeConfigError(f"{path}: its columns differ from {first_path}'s ({differ}); inputs must share them")
+    fields = []
+    for field in first:
+        theirs = other.field(field.name).type
+        common = _common_type(field.type, theirs)
+        if common is None:
+            raise RaeeConfigError(
+                f"{path}: column {field.name!r} is {theirs} there and {field.type} in {first_path}; inputs must "
+                "share each column's kind"
+            )
+        fields.append(pa.field(field.name, common))
+    return pa.schema(fields)
+
+
+def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type holding every value of `a` and `b` unchanged (None: no such type): the wider of two string, binary,
+    integer or floating-point types; a column of nulls takes the other's; a dictionary-encoded one (pandas'
+    categoricals) meets the other as its values' type."""
+    if a == b or pa.types.is_null(b):
+        return a
+    if pa.types.is_null(a):
+        return b
+    if pa.types.is_dictionary(a) or pa.types.is_dictionary(b):
+        return _common_type(*(t.value_type if pa.types.is_dictionary(t) else t for t in (a, b)))
+    kinds = (
+        lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+        lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+        pa.types.is_integer,
+        pa.types.is_floating,
+    )
+    if not any(kind(a) and kind(b) for kind in kinds):
+        return None
+    if pa.uint64() in (a, b) and any(pa.types.is_signed_integer(t) for t in (a, b)):  # Arrow would make it int64
+        return None
+    unified = pa.unify_schemas([pa.schema([("c", a)]), pa.schema([("c", b)])], promote_options="permissive")
+    return unified.field("c").type
+
+
+def as_read(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
+    """A file's rows in the inputs' common schema (None: as they are)."""
+    if schema is None or table.schema == schema:
+        return table
+    return table.select(schema.names).cast(schema)
+
+
+def file_keys(path: str, group_column: str | None = None) -> tuple[pa.Array, pa.Array | None]:
+    """The ids the rows of one file get (id column, else positions), read on the driver for duplicate checks, and with
+    `group_column` that column as strings in the same order (null: the row is a group of its own); one read. A row
+    group that cannot be decoded gives no ids: its rows are rejected when the pipeline reads them."""
+    with storage.open_read(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        columns = [c for c in dict.fromkeys((ID, group_column)) if c and c in parquet.schema_arrow.names]
+        ids, names, first, key = [], [], 0, _lazy_key(path)
+        for group in range(parquet.num_row_groups):
+            size = parquet.metadata.row_group(group).num_rows
+            try:
+                table = parquet.read_row_group(group, columns=columns) if columns else pa.table({"_": pa.nulls(size)})
+            except (OSError, pa.ArrowException):
+                table = None
+            if table is not None:
+                ids.append(row_ids(table, key() if _positional(table) else "", first)[0])
+                if group_column:
+                    names.append(_group_names(table.column(group_column).combine_chunks(), path, group_column))
+            first += size
+    return concat_strings(ids), concat_strings(names) if group_column else None
+
+
+def concat_strings(arrays: list[pa.Array]) -> pa.Array:
+    """String arrays as one (none: an empty one)."""
+    return pa.concat_arrays(arrays) if arrays else pa.array([], pa.string())
+
+
+def _group_names(values: pa.Array, path: str, column: str) -> pa.Array:
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    if pa.types.is_floating(values.type):  # NaN is a missing group, as null is: not one group of every NaN row
+        values = pc.if_else(pc.is_nan(values), pa.nulls(len(values), values.type), values)
+    try:
+        return pc.cast(values, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise RaeeConfigError(f"{path}: --group-column {column!r} has type {values.type}, not a group key") from exc
+
+
+def read_validated_file(
+    path: str, task: Task, need_label: bool, schema: pa.Schema | None = None, rows: int = ROWS_PER_ELEMENT
+) -> Iterator[Validated]:
+    """One file, `rows` rows at a time, in the inputs' common `schema` (check_inputs; None: the file's own),
+    validated; a row group that cannot be decoded becomes error rows. The file is hashed (file_key: a second full
+    read, from object storage a second download) only where some row's id is its position, not for files whose rows
+    carry ids."""
+    with storage.open_read(path) as handle:
+        yield from _read_validated_groups(pq.ParquetFile(handle), path, task, need_label, schema, rows)
+
+
+def _positional(table: pa.Table) -> bool:
+    return ID not in table.column_names or table.column(ID).null_count > 0
+
+
+def _read_validated_groups(
+    parquet: pq.ParquetFile, path: str, task: Task, need_label: bool, schema: pa.Schema | None, rows: int
+) -> Iterator[Validated]:
+    first, key = 0, _lazy_key(path)
+    for group in range(parquet.num_row_groups):
+        size, done, problem = parquet.metadata.row_group(group).num_rows, 0, None
+        batches = parquet.iter_batches(batch_size=rows, row_groups=[group])
+        while done < size:
+            try:
+                batch = next(batches)
+            except StopIteration:  # a corrupt page can decode to fewer rows than the footer counts, silently
+                problem = f"its pages held {done} of the {size} rows the footer counts"
+                break
+            except (OSError, pa.ArrowException) as exc:  # corrupt data: the rest of this row group is lost
+                problem = f"{type(exc).__name__}: {exc}"
+                break
+            table = as_read(pa.Table.from_batches([batch]).replace_schema_metadata(None), schema)
+            keyed = key() if _positional(table) else ""  # "": no row here is keyed by position
+            yield validate(table, task, source=path, file_key=keyed, need_label=need_label, first_row=first + done)
+            done += table.num_rows
+        if problem is not None:  # the rest of the row group, by position, as the footer counts it
+            reason = f"unreadable Parquet data (row group {group}): {problem}"[:500]
+            ids = positions(key(), first + done, size - done)
+            errors = errors_table(ids, [reason] * len(ids), [path] * len(ids))
+            yield Validated(pa.table({ROW_ID: pa.array([], pa.string())}), errors)
+        first += size
+
+
+def count_rows(pattern: str) -> tuple[int, list[str]]:
+    """Rows in the Parquet files matching `pattern` (footers only), and the files."""
+    files = storage.match(pattern)
+    return sum(storage.parquet_rows(f) for f in files), files

@@ -260,7 +260,7 @@ def ort_whole(session: ort.InferenceSession, runtime: SegmentRuntime) -> Callabl
 
 
 class Core:
-    """The classify core of ClassifyHandler.predict, one timer per phase; `run` returns the predictions."""
+    """The classify core of batches.Classify.predict, one timer per phase; `run` returns the predictions."""
 
     PHASES = ("tokenize", "key", "retrieval", "exits", "layers", "answer")
 
@@ -278,25 +278,25 @@ class Core:
         )
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
         self.exits = np.zeros(0, np.int32)
-        self.form = self.strategy.form(self.context)  # as the handler renders rows for this strategy
+        self.form = self.strategy.form(self.context)  # as Classify renders rows for this strategy
 
     def run(self, rows: Rows) -> np.ndarray:
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
         rt, strategy, ctx = self.runtime, self.strategy, self.context
         prompts = rows.rendered(self.form)
-        with timer() as t:  # the handler's max_length check, whose ids the layers reuse
+        with timer() as t:  # the max_length check, whose ids the layers reuse
             known = rt.encoded_by_prompt(prompts) if strategy.runs_backbone(ctx) else {}
         self.seconds["tokenize"] = t.s
         with rt.reusing(known):
             return self._answer(rows, prompts)
 
     def _answer(self, rows: Rows, prompts: list[str]) -> np.ndarray:
-        """The handler's predict, phase by phase."""
+        """Classify.predict, phase by phase."""
         rt, strategy, ctx = self.runtime, self.strategy, self.context
         wanted = strategy.neighbours(ctx)
         neighbours = Neighbours.none(len(rows.texts), ctx.num_layers, ctx.num_labels)
         start = None
-        if wanted:  # as the handler: no key and no search for strategies that do not retrieve
+        if wanted:  # as Classify: no key and no search for strategies that do not retrieve
             with timer() as t:  # a layer key: its layers, which the rows then continue from
                 start = rt.prefix(prompts, ctx.key_depth) if ctx.key_depth else None
                 keys = mean_states(start.pooled) if start else rt.key(EMBEDDER, rows.texts)

@@ -18,7 +18,7 @@ import apache_beam as beam
 import lancedb
 import pyarrow as pa
 import pyarrow.compute as pc
-from raee_ops.pipelines.inference import BuildHandler, Infer
+from raee_ops.pipelines.inference import Infer
 from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.sources import first_shard, read_validated, write_tables
 from raee_ops.schemas.manifest import check_outside_artifacts, load_manifest
@@ -32,6 +32,7 @@ from raee_ops.schemas.tables import (
 )
 
 from raee_ops import storage
+from raee_ops.batches import LayerRows
 from raee_ops.calibration import FusedPolicy, fit_line
 from raee_ops.commit import (
     SUCCESS,
@@ -339,13 +340,13 @@ def run_build_db(
             return BuildSummary(table, mode, rows_in, 0, 0, 0, errors_dir, version=base.version, done=True)
         note_errors(work, errors_dir, own_errors)
         views = base.views if base else None
-        handler = BuildHandler(str(artifacts), task, embedder, views, checked=manifest, **settings.runtime())
-        schema = handler.schema(manifest)
+        layer_rows = LayerRows(str(artifacts), task, embedder, views, checked=manifest, **settings.runtime())
+        schema = layer_rows.schema(manifest)
         pipeline = make_pipeline(
             beam_args, command="build-db", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
         )
         valid, invalid = read_validated(pipeline, files, task, need_label=True, schema=schema_in)
-        rows, failed = valid | "Infer" >> Infer(handler)
+        rows, failed = valid | "Infer" >> Infer(layer_rows)
         write_tables(rows, "WriteStaging", storage.join(staging, "rows"), schema)
         errors = (invalid, failed) | "Errors" >> beam.Flatten()
         rejects = staging_dir(errors_dir, where, run_id)  # on the errors folder's filesystem: published by a rename

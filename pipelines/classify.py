@@ -18,13 +18,14 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics.metric import MetricsFilter
-from raee_ops.pipelines.inference import ClassifyHandler, Infer
+from raee_ops.pipelines.inference import Infer
 from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline, worker_settings
 from raee_ops.pipelines.sources import first_shard, read_validated, write_tables
 from raee_ops.schemas.manifest import check_outside_artifacts, load_manifest
 from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
 
 from raee_ops import storage
+from raee_ops.batches import Classify
 from raee_ops.commit import SUCCESS, claim_output, completed, job_digest, unseen_staging
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import refuse_head, refuse_unanswerable, resolve
@@ -222,7 +223,7 @@ def run_classify(
         raise RaeeConfigError(f"input already has column(s) {', '.join(clash)} that classify adds")
 
     output_schema = pa.schema(list(output_columns(schema, task)) + PREDICTION_FIELDS)
-    handler = ClassifyHandler(
+    answering = Classify(
         str(artifacts),
         task,
         embedder,
@@ -246,7 +247,7 @@ def run_classify(
             beam_args, command="classify", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
         )
         valid, invalid = read_validated(pipeline, files, task, need_label=False, schema=schema)
-        rows, failed = valid | "Infer" >> Infer(handler)
+        rows, failed = valid | "Infer" >> Infer(answering)
         write_tables(rows, "WritePredictions", claim.staging_of(PREDICTIONS), output_schema)
         errors = (invalid, failed) | "Errors" >> beam.Flatten()
         write_tables(errors, "WriteErrors", claim.staging_of(ERRORS), ERRORS_SCHEMA)

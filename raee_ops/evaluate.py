@@ -1,6 +1,6 @@
 """evaluate: labelled Parquet -> how every layer, the full model, the oracle and each exit strategy score.
 
-Every valid row runs through all layers once, through build-db's own handler (same prompts, keys, overlong
+Every valid row runs through all layers once, as build-db runs it (batches.LayerRows: same prompts, keys, overlong
 rejections and per-row failure isolation), so evaluated rows are exactly what a reference table would hold.
 Retrieval runs once with the most neighbours any strategy needs. A strategy only picks a layer and reads
 that layer's head or probe, so every strategy is scored from both's stored per-layer log-probs without rerunning
@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raee_ops.batches import LayerRows
 from raee_ops.calibration import label_vote, neighbour_depths, not_before_key
 from raee_ops.errors import CountMismatch, RaeeConfigError
 from raee_ops.exit_policy import (
@@ -41,7 +42,6 @@ from raee_ops.exit_policy import (
 from raee_ops.inputs import check_inputs, expand_inputs, read_validated_file
 from raee_ops.key_names import BACKBONE
 from raee_ops.metrics import METRICS, Metric, accuracy, paired_difference
-from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.pipelines.options import worker_settings
 from raee_ops.probe_policy import (
     HALVINGS,
@@ -142,15 +142,15 @@ def nothing_to_evaluate(inputs: list[str], rejected: list[dict[str, str]]) -> Ra
 
 
 def _run_layers(
-    handler: BuildHandler, table: pa.Table, probes: ProbeSet
+    work: LayerRows, table: pa.Table, probes: ProbeSet
 ) -> tuple[pa.Table, np.ndarray, list[dict[str, str]]]:
     """Layer rows (label, key, per-layer head log-probs) for every row the model takes, every layer's probe log-probs
     L×N×C, and the rejected rows; in chunks, the pooled states of one chunk at a time."""
-    model = handler.load_model()
+    model = work.load()
     rows, probe_lp, rejected, progress = [], [], [], Progress("evaluate", table.num_rows)
     num_layers, hidden = len(probes.layers), model.runtime.manifest.hidden_size
     for offset in range(0, table.num_rows, CHUNK):
-        outcome = handler.run_inference([table.slice(offset, CHUNK)], model)[0]
+        outcome = work.run(table.slice(offset, CHUNK), model)
         n = outcome.rows.num_rows
         staged = flat_values(outcome.rows, FEATURES).reshape(n, num_layers, len(VIEWS), hidden)
         probe_lp.append(probes.every_layer(staged.transpose(1, 0, 2, 3)))
@@ -297,10 +297,8 @@ def evaluate(
 
     rows_in, valid, rejected = _read_validated(inputs, task)
     views = (probes.pooling,)  # its view only
-    handler = BuildHandler(
-        str(artifacts), task, embedder, views, command="evaluate", checked=manifest, **settings.runtime()
-    )
-    rows, probe_lp, failed = _run_layers(handler, valid, probes)
+    work = LayerRows(str(artifacts), task, embedder, views, command="evaluate", checked=manifest, **settings.runtime())
+    rows, probe_lp, failed = _run_layers(work, valid, probes)
     rejected += failed
     if rows.num_rows == 0:
         raise nothing_to_evaluate(inputs, rejected)

@@ -7,9 +7,11 @@ and each command's closing summary carry the numbers there.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TextIO
 
 from raee_ops import logs
@@ -105,3 +107,29 @@ def phase(label: str, stream: TextIO | None = None) -> Iterator[None]:
     finally:
         stream.write(f"\r\033[K{label}: {outcome} in {clock(time.perf_counter() - started)}\n")
         stream.flush()
+
+
+#: Seconds between two lines of a worker's progress.
+PROGRESS_SECONDS = 10.0
+
+
+@dataclass
+class WorkerProgress:
+    """Rows this worker has finished, a line of its own every PROGRESS_SECONDS so long runs show they move. Not
+    `Progress`: a worker knows no total, and several share one terminal."""
+
+    rows: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    shown: float = 0.0
+
+    def add(self, rows: int, what: str) -> None:
+        self.rows += rows
+        now = time.perf_counter()
+        if now - self.shown >= PROGRESS_SECONDS and interactive(logs.stream()):  # logs get the summary instead
+            self.shown = now
+            rate = self.rows / max(now - self.started, 1e-9)
+            print(  # over a refreshing progress line of the same process (evaluate's), which redraws below it
+                f"\r\033[K  {what}: {self.rows} rows done by worker {os.getpid()} ({rate:.1f} rows/s)",
+                file=logs.stream(),
+                flush=True,
+            )

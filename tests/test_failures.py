@@ -23,13 +23,13 @@ import pytest
 from cli_runs import one_error_line, raee_ops, read_folder
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
-from raee_ops.pipelines.inference import BuildHandler, ClassifyHandler
 from raee_ops.schemas.manifest import load_manifest, sealed
 from raee_ops.schemas.tables import FEATURES_SUFFIX, TABLE_META_KEY, TableMeta
 from segment_artifacts import make_artifacts, reexported, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled, sentences
 
 from raee_ops import storage
+from raee_ops.batches import Classify, LayerRows
 from raee_ops.commit import locked, new_run_id, scratch_folder
 from raee_ops.errors import ArtifactError, RaeeRunError
 from raee_ops.inputs import read_validated_file
@@ -691,7 +691,7 @@ def test_a_backbone_failing_every_row_that_runs_a_layer_fails_the_job():
     default answered some rows at exit 0, without a layer, and rejected the rest with the backbone's error, exit 0.
     Rows kept only where no layer ran do not clear the worker; one row that ran a layer and was answered does."""
 
-    class Broken(ClassifyHandler):
+    class Broken(Classify):
         def __init__(self) -> None:  # no artifacts: predict stands in for the runtime
             pass
 
@@ -842,16 +842,16 @@ def test_a_table_another_program_keeps_is_neither_appended_to_nor_replaced(segme
 def test_a_row_that_fails_where_its_batch_runs_is_rejected_alone(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
     rows = labelled(tmp_path / "rows.parquet", 4, 0, "r", bad=False)
     table = next(iter(read_validated_file(str(rows), PRESETS["sst2"], need_label=True))).valid
-    handler = BuildHandler(str(segment_artifacts), PRESETS["sst2"], "backbone")
-    model, real = handler.load_model(), BuildHandler.predict
+    work = LayerRows(str(segment_artifacts), PRESETS["sst2"], "backbone")
+    model, real = work.load(), LayerRows.predict
 
     def poisoned(self, model, batch, prompts):
         if "r2" in batch.column(ROW_ID).to_pylist():
             raise ValueError("poison")
         return real(self, model, batch, prompts)
 
-    monkeypatch.setattr(BuildHandler, "predict", poisoned)
-    outcome = handler.run_inference([table], model)[0]
+    monkeypatch.setattr(LayerRows, "predict", poisoned)
+    outcome = work.run(table, model)
     assert outcome.rows.column("id").to_pylist() == ["r0", "r1", "r3"]
     assert outcome.errors.select(["id", "reason"]).to_pylist() == [
         {"id": "r2", "reason": "inference failed: ValueError('poison')"}
@@ -860,9 +860,9 @@ def test_a_row_that_fails_where_its_batch_runs_is_rejected_alone(segment_artifac
     def broken(self, model, batch, prompts):
         raise ValueError("broken")
 
-    monkeypatch.setattr(BuildHandler, "predict", broken)
+    monkeypatch.setattr(LayerRows, "predict", broken)
     with pytest.raises(RaeeRunError, match="every row of a batch: ValueError"):
-        handler.run_inference([table], model)
+        work.run(table, model)
 
 
 def test_15_errors_on_another_filesystem_than_the_database(segment_artifacts, tmp_path):  # noqa: F811
@@ -1035,8 +1035,8 @@ def test_workers_refuse_artifacts_an_export_replaced_after_the_runs_checks(segme
     checked = load_manifest(segment_artifacts)
     replaced = make_artifacts(tmp_path / "replaced", seed=1)
     with pytest.raises(ArtifactError, match="changed during the run"):
-        BuildHandler(str(replaced), PRESETS["sst2"], "backbone", checked=checked).load_model()
-    assert BuildHandler(str(segment_artifacts), PRESETS["sst2"], "backbone", checked=checked).load_model()
+        LayerRows(str(replaced), PRESETS["sst2"], "backbone", checked=checked).load()
+    assert LayerRows(str(segment_artifacts), PRESETS["sst2"], "backbone", checked=checked).load()
 
 
 def test_build_db_refuses_a_manifest_edited_after_export(segment_artifacts, tmp_path):  # noqa: F811
@@ -1102,7 +1102,7 @@ def test_workers_refuse_an_export_republished_with_another_head_or_key(segment_a
     replaced = republished_with(segment_artifacts, other, name, tmp_path / "replaced")
     assert load_manifest(replaced).fingerprint == checked.fingerprint  # the same backbone
     with pytest.raises(ArtifactError, match=f"changed during the run \\({part}"):
-        BuildHandler(str(replaced), PRESETS["sst2"], DEFAULT_KEY, checked=checked).load_model()
+        LayerRows(str(replaced), PRESETS["sst2"], DEFAULT_KEY, checked=checked).load()
 
 
 @pytest.mark.parametrize(("args", "code"), [(["info", "--db", "no-such-db"], 2), (["--help"], 0)])

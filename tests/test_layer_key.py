@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
-from raee_ops.pipelines.inference import BuildHandler
 from raee_ops.schemas.tables import FEATURES, LAYER_KEY_META_KEY, POOLINGS, flat_values
 from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 from test_probe_pipelines import signal_rows
 from test_runtime import prompts
 
+from raee_ops.batches import LayerRows
 from raee_ops.calibration import not_before_key
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate, strategy_rows
@@ -160,8 +160,8 @@ def test_a_layer_key_table_skips_the_bare_input_pass_its_probes_cannot_read(segm
     rows = signal_rows(tmp_path / "rows.parquet", 12, 0, "r")
     table = next(iter(read_validated_file(str(rows), PRESETS["sst2"], need_label=True))).valid
     for embedder, views, bare_run in (("layer-2", None, False), (KEY, None, True), (KEY, ("mean",), False)):
-        handler = BuildHandler(str(segment_artifacts), PRESETS["sst2"], embedder, views)
-        staged = handler.run_inference([table], handler.load_model())[0].rows
+        work = LayerRows(str(segment_artifacts), PRESETS["sst2"], embedder, views)
+        staged = work.run(table, work.load()).rows
         views = flat_values(staged, FEATURES).reshape(12, 3, len(VIEWS), -1)
         assert views[:, :, : len(PROMPT_VIEWS)].all(axis=(0, 1)).any()  # the prompt's views: every row, every layer
         assert views[:, :, len(PROMPT_VIEWS) :].any() == bare_run

@@ -17,14 +17,14 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import raee_ops
-from raee_ops.pipelines import build_db, inference
+from raee_ops.pipelines import build_db
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.schemas.manifest import load_manifest
 from raee_ops.schemas.tables import RUN_META_KEY
 from segment_artifacts import KEY, reexported, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
-from raee_ops import inputs, tasks
+from raee_ops import batches, inputs, tasks
 from raee_ops.errors import RaeeConfigError, VersionRemoved
 from raee_ops.inputs import file_key, read_validated_file
 from raee_ops.retrieval import Retriever, check_table_contents, expected_meta, open_table, table_meta
@@ -578,7 +578,7 @@ def test_a_version_pruned_before_the_workers_read_it_ends_the_run_for_a_retry(se
         prune(db, "sst2", 1, timedelta(0))
         return Retriever(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "Retriever", pruned_first)
+    monkeypatch.setattr(batches, "Retriever", pruned_first)
     with pytest.raises(VersionRemoved, match="was removed meanwhile") as raised:
         run_classify(segment_artifacts, "sst2", db, "sst2", [str(queries)], str(tmp_path / "out"), 5, None)
     assert raised.value.exit_code == 75 and not (tmp_path / "out" / "_SUCCESS").exists()

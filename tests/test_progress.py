@@ -4,11 +4,14 @@ import io
 import os
 
 import apache_beam as beam
+import pyarrow as pa
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
+from raee_ops.pipelines.inference import Infer
 from raee_ops.pipelines.options import make_pipeline
 
 from raee_ops import progress
+from raee_ops.batches import BatchWork, Outcome
 from raee_ops.progress import NAMESPACE, Progress, clock, phase
 
 
@@ -95,10 +98,34 @@ def test_workers_count_the_same_units_as_beam_counters():
     assert sum(c.committed for c in counters) == 5
 
 
+class Exits(BatchWork):
+    """Each row answered at the exit layer its text names, and one row rejected per batch: no model."""
+
+    def __init__(self) -> None:  # no artifacts: `run` stands in for the model
+        pass
+
+    def load(self) -> None:
+        return None
+
+    def run(self, table: pa.Table, model: None) -> Outcome:
+        exits = pa.array([int(text) for text in table.column("text").to_pylist()], pa.int32())
+        return Outcome(pa.table({"exit_layer": exits}), pa.table({"reason": ["bad"]}))
+
+
+def test_the_handler_counts_rows_out_rows_rejected_and_exit_layers():
+    """The counters a remote runner's job page shows come from the engine's handler, around the work's own run."""
+    pipeline = make_pipeline([])
+    _ = pipeline | beam.Create([pa.table({"text": ["0", "2", "2"]})]) | Infer(Exits())
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    ours = {c.key.metric.name: c.committed for c in counters if c.key.metric.name.startswith(("rows_", "exit_"))}
+    assert ours == {"rows_out": 3, "rows_rejected": 1, "exit_layer_000": 1, "exit_layer_002": 2}
+
+
 def test_a_workers_line_in_the_same_process_clears_the_progress_line_first(monkeypatch):
     """evaluate runs its workers in-process: their "rows done" line was printed into the middle of its progress
     line (`evaluate: 128/150 rows, … ETA 2.9s  evaluate: 150 rows done by worker …`)."""
-    from raee_ops.pipelines import inference
 
     from raee_ops import logs
 
@@ -106,6 +133,6 @@ def test_a_workers_line_in_the_same_process_clears_the_progress_line_first(monke
     stream = Terminal()
     monkeypatch.setattr(logs, "stream", lambda: stream)
     Progress("evaluate", 150, stream=stream).advance(128)
-    inference.WorkerProgress(shown=float("-inf")).add(150, "evaluate")
+    progress.WorkerProgress(shown=float("-inf")).add(150, "evaluate")
     first, worker = stream.getvalue().split("\n")[0].split("\r\033[K")[-2:]
     assert first.startswith("evaluate: 128/150 rows") and worker.startswith("  evaluate: 150 rows done by worker")

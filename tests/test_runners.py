@@ -14,12 +14,13 @@ import grpc
 import pytest
 from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
 from cli_runs import one_error_line, raee_ops
-from raee_ops.pipelines import inference, options
+from raee_ops.pipelines import options
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
 
+from raee_ops import batches
 from raee_ops.errors import StoreUnavailable, VersionRemoved
 
 pytestmark = pytest.mark.runners
@@ -220,13 +221,13 @@ def test_a_portable_job_longer_than_the_job_server_timeout_runs_to_its_end(
 ):
     """--job_server_timeout bounds the job service's requests, not the run: Beam's streams of the job's state
     had it as their deadline, so a healthy job outliving it failed the run (exit 1) and ran on."""
-    loaded = inference._RaeeHandler._runtime
+    loaded = batches.BatchWork._runtime
 
     def slow(handler):
         time.sleep(6)  # the workers run in this process (LOOPBACK)
         return loaded(handler)
 
-    monkeypatch.setattr(inference._RaeeHandler, "_runtime", slow)
+    monkeypatch.setattr(batches.BatchWork, "_runtime", slow)
     train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
     args = [*loopback(job_endpoint), "--job_server_timeout", "3"]
     build = run_build_db(

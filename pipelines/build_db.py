@@ -19,7 +19,7 @@ import lancedb
 import pyarrow as pa
 import pyarrow.compute as pc
 from raee_ops.pipelines.inference import Infer
-from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline, worker_settings
+from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline
 from raee_ops.pipelines.sources import first_shard, read_validated, write_tables
 from raee_ops.schemas.manifest import check_outside_artifacts, load_manifest
 from raee_ops.schemas.tables import (
@@ -82,6 +82,7 @@ from raee_ops.run_record import (
     staging_dir,
     work_dir,
 )
+from raee_ops.settings import worker_settings
 from raee_ops.tasks import task_of
 
 #: Examples of offending ids shown in a refusal.

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics.metric import MetricsFilter
 from raee_ops.pipelines.inference import Infer
-from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline, worker_settings
+from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline
 from raee_ops.pipelines.sources import first_shard, read_validated, write_tables
 from raee_ops.schemas.manifest import check_outside_artifacts, load_manifest
 from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
@@ -45,6 +45,7 @@ from raee_ops.retrieval import (
 )
 from raee_ops.rows import output_columns
 from raee_ops.runtime import CUDA_SUB_BATCH
+from raee_ops.settings import worker_settings
 from raee_ops.tasks import task_of
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ import signal
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -32,7 +31,6 @@ from apache_beam.options.pipeline_options import (
     DirectOptions,
     PipelineOptions,
     PortableOptions,
-    S3Options,
     StandardOptions,
     WorkerOptions,
 )
@@ -40,127 +38,13 @@ from apache_beam.portability.api import beam_job_api_pb2
 from apache_beam.runners.portability import portable_runner
 from apache_beam.runners.runner import PipelineState
 
-from raee_ops import logs, storage
+from raee_ops import logs
 from raee_ops.errors import RaeeConfigError, RaeeRunError, RetryLater, first_line
+from raee_ops.settings import RaeeOptions
 
 log = logging.getLogger(__name__)
 
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner"}
-PROVIDERS = ("cpu", "cuda")
-#: Most ONNX Runtime threads per worker process: far above any machine's cores per process, far below what stalls.
-MAX_THREADS = 1024
-#: Seconds the driver waits on an object store that answers none of its calls before it ends the run (exit 75).
-STORE_PATIENCE_S = 300.0
-
-
-class RaeeOptions(PipelineOptions):
-    """The project's own settings as pipeline options, so a runner (Dataflow's job page, templates) sees them."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--raee_command", default=None, help="raee-ops command that built this pipeline.")
-        parser.add_argument("--raee_artifacts", default=None, help="Exported artifacts.")
-        parser.add_argument("--raee_task", default=None, help="Task name.")
-        parser.add_argument("--raee_db", default=None, help="LanceDB URI.")
-        parser.add_argument("--raee_table", default=None, help="Exit-metadata table.")
-        parser.add_argument("--raee_strategy", default=None, help="Exit strategy (classify).")
-        parser.add_argument(
-            "--raee_provider",
-            default=None,
-            choices=PROVIDERS,
-            help="ONNX Runtime provider on workers (default: RAEE_PROVIDER on the launching machine, else cpu).",
-        )
-        parser.add_argument(
-            "--raee_intra_op_threads",
-            type=int,
-            default=None,
-            help="Threads of ONNX Runtime's one intra-op pool per worker process, shared by all its sessions "
-            "(default: RAEE_INTRA_OP_THREADS on the launching machine, else the worker's cores, up to 8).",
-        )
-        parser.add_argument(
-            "--raee_db_storage_option",
-            action="append",
-            default=None,
-            metavar="KEY=VALUE",
-            help="LanceDB storage option for an object-store --db (repeatable), e.g. aws_region=eu-west-1; "
-            "for s3:// the --s3_* options give the defaults.",
-        )
-        parser.add_argument(
-            "--raee_store_patience",
-            type=float,
-            default=None,
-            metavar="SECONDS",
-            help=f"End the command with exit 75 once the object store has not answered the driver's calls for this "
-            f"long (default {STORE_PATIENCE_S:g}).",
-        )
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """What workers need besides the data, resolved on the launching machine and carried by the handlers (so a
-    worker never depends on its own environment): ONNX Runtime provider and threads, LanceDB storage options."""
-
-    provider: str | None = None
-    threads: int | None = None
-    db_storage_options: dict[str, str] = field(default_factory=dict)
-    filesystem: dict[str, Any] = field(default_factory=dict)  # the run's options, for the workers' filesystems
-
-    def runtime(self) -> dict[str, Any]:
-        """Keyword arguments of the model handlers."""
-        return {"threads": self.threads, "providers": self.provider, "filesystem": self.filesystem}
-
-
-def _s3_storage_options(options: PipelineOptions) -> dict[str, str]:
-    """LanceDB's names for the S3 settings Beam's S3 filesystem was given, so one set of --s3_* options serves
-    the files and the database."""
-    s3 = options.view_as(S3Options)
-    pairs = {
-        "aws_endpoint": s3.s3_endpoint_url,
-        "aws_access_key_id": s3.s3_access_key_id,
-        "aws_secret_access_key": s3.s3_secret_access_key,
-        "aws_session_token": s3.s3_session_token,
-        "aws_region": s3.s3_region_name,
-    }
-    found = {key: value for key, value in pairs.items() if value}
-    if (s3.s3_endpoint_url or "").startswith("http://"):
-        found["allow_http"] = "true"
-    return found
-
-
-def _read_as_url(db_uri: str) -> str | None:
-    """What in an object-store location LanceDB reads as a URL's, not as the key's: it decodes %-escapes, drops what
-    follows '#' or '?' and strips spaces at the ends (a build-db given db#x wrote its table under db and exited 0;
-    a rollback given db?x=1 took no claim of the table's)."""
-    if db_uri != db_uri.strip():
-        return "spaces at its ends (LanceDB strips them)"
-    found = [c for c in "%#?" if c in db_uri]
-    if found:
-        return f"{found[0]!r} (LanceDB reads it as part of a URL: %-escapes decoded, what follows # or ? dropped)"
-    return None
-
-
-def worker_settings(beam_args: Sequence[str], db_uri: str | None = None) -> WorkerSettings:
-    """Configure this process's filesystems for the run and resolve the settings workers get; an object-store
-    database must answer (LanceDB would retry it without a word)."""
-    options = storage.configure(beam_args)
-    if db_uri:
-        storage.check_scheme(db_uri, "--db")
-        problem = None if storage.is_local(db_uri) else _read_as_url(db_uri)
-        if problem:  # Beam's filesystems take the key as written: the table in one place, its claim in another
-            raise RaeeConfigError(f"--db {db_uri!r}: write the location without {problem}")
-    raee = options.view_as(RaeeOptions)
-    explicit = {}
-    for pair in raee.raee_db_storage_option or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise RaeeConfigError(f"--raee_db_storage_option {pair!r}: expected KEY=VALUE")
-        explicit[key] = value
-    derived = _s3_storage_options(options) if db_uri and storage.scheme(db_uri) == "s3" else {}
-    threads = _threads(raee.raee_intra_op_threads)
-    provider = raee.raee_provider or _environ("RAEE_PROVIDER")
-    if provider not in (None, *PROVIDERS):
-        raise RaeeConfigError(_env_problem("RAEE_PROVIDER", " or ".join(PROVIDERS)))
-    return WorkerSettings(provider, threads, derived | explicit, storage.carry(options))
 
 
 #: How long a job service has to answer before the run starts: Beam waited --job_server_timeout (60 s by default,
@@ -199,42 +83,6 @@ def check_job_service(beam_args: Sequence[str]) -> None:
             ) from None
 
 
-def store_patience(beam_args: Sequence[str]) -> float:
-    """--raee_store_patience: how long the driver waits on an object store that does not answer (s3_clients.watch)."""
-    given = PipelineOptions(list(beam_args)).view_as(RaeeOptions).raee_store_patience
-    if given is None:
-        return STORE_PATIENCE_S
-    if not 0 < given < 10**7:  # nan fails both
-        raise RaeeConfigError(
-            f"--raee_store_patience must be a number of seconds above 0 and below 10000000, got {given}"
-        )
-    return given
-
-
-def _threads(option: int | None) -> int | None:
-    """--raee_intra_op_threads, else RAEE_INTRA_OP_THREADS, from 1 to MAX_THREADS: checked here, as one line
-    naming where it came from, since workers fail on a count past C's int and stall on thousands of threads."""
-    if option is None:
-        raw = _environ("RAEE_INTRA_OP_THREADS")
-        if raw is None:
-            return None
-        if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_THREADS):
-            raise RaeeConfigError(_env_problem("RAEE_INTRA_OP_THREADS", f"a whole number from 1 to {MAX_THREADS}"))
-        return int(raw)
-    if not 1 <= option <= MAX_THREADS:
-        raise RaeeConfigError(f"--raee_intra_op_threads must be from 1 to {MAX_THREADS}, got {option}")
-    return option
-
-
-def _environ(name: str) -> str | None:
-    """A setting's default from the launching machine's environment (set but empty: unset)."""
-    return os.environ.get(name, "").strip() or None
-
-
-def _env_problem(name: str, expected: str) -> str:
-    return f"{name}={os.environ[name]!r} in the environment: expected {expected} (or unset it)"
-
-
 def _subclasses(cls: type) -> Iterable[type]:
     for sub in cls.__subclasses__():
         yield sub
@@ -251,7 +99,8 @@ class _Refusing(argparse.ArgumentParser):
 @cache
 def _beam_parser() -> argparse.ArgumentParser:
     parser = _Refusing(allow_abbrev=False, add_help=False)
-    for cls in dict.fromkeys(_subclasses(PipelineOptions)):  # each options class once, in definition order
+    # each options class once, in definition order; ours named, as Beam knows only the classes imported so far
+    for cls in dict.fromkeys([*_subclasses(PipelineOptions), RaeeOptions]):
         try:
             cls._add_argparse_args(parser)
         except argparse.ArgumentError:  # an option two classes both declare: the first one stands

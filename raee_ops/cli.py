@@ -237,7 +237,8 @@ def _watch_the_store() -> None:
     --raee_store_patience seconds: botocore's and Beam's retries had a run hang for half an hour and more, and then
     again removing its staging. Ending is a kill, which loses nothing; the next run removes what this one staged."""
     from raee_ops import s3_clients
-    from raee_ops.pipelines.options import stop_local_workers, store_patience
+    from raee_ops.pipelines.options import stop_local_workers
+    from raee_ops.settings import store_patience
 
     def give_up(line: str) -> None:
         click.echo(f"error: {line}", file=logs.stream())  # while a run's library prints are hidden, too
@@ -617,7 +618,7 @@ def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
     """Show each table's task, embedder, artifacts fingerprint, rows, version, index, fitted policy and versions
     (an object-store database takes the same --s3_* / --raee_db_storage_option options as the pipelines)."""
     from raee_ops.info import describe, render
-    from raee_ops.pipelines.options import worker_settings
+    from raee_ops.settings import worker_settings
 
     info = describe(db_uri, table, worker_settings(beam_args(), db_uri).db_storage_options)
     echo(json.dumps(info, indent=2) if as_json else render(info))
@@ -633,7 +634,7 @@ def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
 def rollback_cmd(db_uri: str, table: str, version: int) -> None:
     """Make an earlier version of a table current again, as a new version (nothing is deleted)."""
     from raee_ops.info import render
-    from raee_ops.pipelines.options import worker_settings
+    from raee_ops.settings import worker_settings
     from raee_ops.versions import rollback
 
     info = rollback(db_uri, table, version, worker_settings(beam_args(), db_uri).db_storage_options)
@@ -675,7 +676,7 @@ def prune_cmd(db_uri: str, table: str | None, keep: int, grace: timedelta, dry_r
     the kept ones names), freeing their files: every build-db is a new version, and LanceDB keeps them all. The
     removed versions cannot be rolled back to."""
     from raee_ops.errors import Busy
-    from raee_ops.pipelines.options import worker_settings
+    from raee_ops.settings import worker_settings
     from raee_ops.versions import prune, prune_all
 
     store = worker_settings(beam_args(), db_uri).db_storage_options

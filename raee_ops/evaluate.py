@@ -42,7 +42,6 @@ from raee_ops.exit_policy import (
 from raee_ops.inputs import check_inputs, expand_inputs, read_validated_file
 from raee_ops.key_names import BACKBONE
 from raee_ops.metrics import METRICS, Metric, accuracy, paired_difference
-from raee_ops.pipelines.options import worker_settings
 from raee_ops.probe_policy import (
     HALVINGS,
     SETTING_NAMES,
@@ -65,6 +64,7 @@ from raee_ops.retrieval import (
 )
 from raee_ops.schemas.manifest import Manifest, load_manifest
 from raee_ops.schemas.tables import EVALUATION_PREDICTIONS_SCHEMA, FEATURES, TableMeta, flat_values
+from raee_ops.settings import worker_settings
 from raee_ops.tasks import Task, task_of
 
 log = logging.getLogger(__name__)

@@ -456,10 +456,10 @@ def test_a_table_or_export_whose_claim_lapsed_commits_nothing(
     manifest over that run's. The checks come last, after the fit, the errors or the copies, which take the time."""
     from raee_ops.pipelines.build_db import run_build_db
     from raee_ops.pipelines.export import run_export
-    from raee_ops.pipelines.options import worker_settings
 
     from raee_ops import commit, storage
     from raee_ops.errors import Busy
+    from raee_ops.settings import worker_settings
     from raee_ops.tasks import get_task
     from raee_ops.versions import prune
 
@@ -587,7 +587,7 @@ def test_workers_fetch_artifacts_into_a_checked_cache(s3, segment_artifacts, tmp
 
 
 def test_worker_settings_come_from_the_options(s3, monkeypatch):
-    from raee_ops.pipelines.options import worker_settings
+    from raee_ops.settings import worker_settings
 
     endpoint, _ = s3
     monkeypatch.setenv("RAEE_PROVIDER", "cuda")  # read here, on the launching machine, and carried to workers
@@ -634,7 +634,7 @@ def test_worker_settings_come_from_the_options(s3, monkeypatch):
     ],
 )
 def test_settings_from_the_environment_are_checked_as_the_options_are(monkeypatch, env, args, problem):
-    from raee_ops.pipelines.options import worker_settings
+    from raee_ops.settings import worker_settings
 
     for name in ("RAEE_PROVIDER", "RAEE_INTRA_OP_THREADS"):
         monkeypatch.delenv(name, raising=False)

@@ -1,9 +1,12 @@
+import ast
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import raee_ops.schemas
 from raee_ops.onnx_export import stored_graphs
 from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 
@@ -176,6 +179,22 @@ def test_runtime_and_pipelines_do_not_import_torch_transformers_or_sklearn():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_core_modules_never_import_the_pipelines():
+    """The Beam pipelines are shells over the core (raee_ops/, schemas/): a core module importing one of them ran
+    build-db's handler by hand (evaluate) or reached into a pipeline for the errors folder (rollback, prune). Only
+    the CLI, which starts the pipelines, imports them."""
+    folders = {Path(raee_ops.__file__).parent, Path(raee_ops.schemas.__file__).parent}  # apart, installed editable
+    core = [p for folder in folders for p in folder.glob("*.py") if p.name not in ("cli.py", "__main__.py")]
+    assert len(core) > 20
+    found = []
+    for path in core:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import | ast.ImportFrom) else []
+            found += [f"{path.name}: {name}" for name in names if "pipelines" in name.split(".")]
+    assert not found, found
 
 
 def test_every_session_of_a_process_shares_one_thread_pool(segment_artifacts):  # noqa: F811

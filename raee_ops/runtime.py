@@ -425,11 +425,8 @@ class SegmentRuntime:
     def pad(self, encoded: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         return pad_right(encoded, self.manifest.tokenizer.pad_id)
 
-    def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Padded ids B×T and lengths; refuses prompts over max_length (truncating would cut the readout)."""
-        return self.pad(self._encode_checked(prompts))
-
     def _encode_checked(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids; refuses prompts over max_length (truncating would cut the readout)."""
         encoded = self.encode(prompts)
         too_long = [i for i, ids in enumerate(encoded) if len(ids) > self.manifest.max_length]
         if too_long:

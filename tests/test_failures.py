@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import one_error_line, raee_ops, read_folder
+from raee_ops.pipelines import build_db
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.schemas.manifest import load_manifest, sealed
@@ -30,6 +32,7 @@ from test_pipelines import labelled, sentences
 
 from raee_ops import storage
 from raee_ops.batches import Classify, LayerRows
+from raee_ops.cli import main
 from raee_ops.commit import locked, new_run_id, scratch_folder
 from raee_ops.errors import ArtifactError, RaeeRunError
 from raee_ops.inputs import read_validated_file
@@ -1120,3 +1123,48 @@ def test_the_process_ends_with_its_code_whatever_its_teardown_would_do(tmp_path,
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert run.returncode == code, run.stderr
     assert ("error: " in run.stderr) == bool(code) and ("Usage" in run.stdout) == (not code)
+
+
+def _commit_conflict(root: Path) -> Exception:
+    """LanceDB's own error for a commit that another writer's beat: two threads overwrite one table until one loses."""
+    data, lost = pa.table({"a": list(range(1000))}), []
+    lancedb.connect(str(root)).create_table("t", data)
+
+    def overwrite() -> None:
+        db = lancedb.connect(str(root))
+        for _ in range(200):
+            try:
+                db.create_table("t", data, mode="overwrite")
+            except Exception as exc:  # the conflict, as LanceDB raises it
+                lost.append(exc)
+                return
+
+    racers = [threading.Thread(target=overwrite) for _ in range(2)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join()
+    assert lost, "no commit conflict in 400 racing overwrites"
+    return lost[0]
+
+
+def test_a_writer_outside_raee_ops_committing_first_is_a_retry(segment_artifacts, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """Two raee-ops runs never race a commit (the table's claim); a writer outside them can. Its conflict was an
+    internal error, exit 1, naming a Rust source file: a scheduler's retry is the remedy, and the rerun commits."""
+    conflict = _commit_conflict(tmp_path / "race")
+    assert "commit conflict" in str(conflict).lower()
+    train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
+    args = ["build-db", "--artifacts", str(segment_artifacts), "--task", "sst2", "--input", str(train)]
+    args += ["--db", str(tmp_path / "db")]
+
+    def beaten(*_: object, **__: object) -> None:
+        raise conflict
+
+    monkeypatch.setattr(build_db, "commit", beaten)
+    with pytest.raises(SystemExit) as ended:
+        main(args)
+    line = one_error_line(SimpleNamespace(stderr=capsys.readouterr().err))
+    assert ended.value.code == 75 and "another writer, outside raee-ops's claims" in line and "run again" in line
+    monkeypatch.undo()
+    main(args)
+    assert lancedb.connect(str(tmp_path / "db")).open_table("sst2").count_rows() == 8

@@ -68,7 +68,7 @@ class RaeeOptions(PipelineOptions):
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """What workers need besides the data, resolved on the launching machine and carried by the handlers (so a
+    """What workers need besides the data, resolved on the launching machine and carried by the batch work (so a
     worker never depends on its own environment): ONNX Runtime provider and threads, LanceDB storage options."""
 
     provider: str | None = None
@@ -77,7 +77,7 @@ class WorkerSettings:
     filesystem: dict[str, Any] = field(default_factory=dict)  # the run's options, for the workers' filesystems
 
     def runtime(self) -> dict[str, Any]:
-        """Keyword arguments of the model handlers."""
+        """Keyword arguments of the batch work (batches.BatchWork)."""
         return {"threads": self.threads, "providers": self.provider, "filesystem": self.filesystem}
 
 

@@ -407,7 +407,7 @@ class SegmentRuntime:
 
     @contextlib.contextmanager
     def reusing(self, known: dict[str, list[int]]) -> Iterator[None]:
-        """Within the block the prompts in `known` are not tokenized again: a handler tokenizes a batch for its
+        """Within the block the prompts in `known` are not tokenized again: a batch's work tokenizes it for its
         length check, then runs the same prompts through the layers, where a second tokenizing is pure overhead
         (4-5 ms per 256 rows on the H200 machine's CPUs, about 4% of the full model's time there: bench/gpu.py)."""
         self._encoded = known

@@ -144,13 +144,13 @@ def test_padded_batch_equals_rows_alone(runtime):
 
 def test_overlong_prompts_are_refused_not_truncated(runtime):
     with pytest.raises(PromptTooLong):
-        runtime.tokenize(["good " * 200])
+        runtime.run_to_exit("sst2", ["good " * 200], np.array([1]))
     with pytest.raises(ValueError):
         runtime.run_to_exit("sst2", prompts(1), np.array([runtime.num_layers + 1]))
 
 
 def test_backbone_key_is_mean_embedding_of_raw_text(runtime):
-    ids, lengths = runtime.tokenize(["good movie"])
+    ids, lengths = runtime.pad(runtime.encode(["good movie"]))
     mean = runtime.embed(ids, runtime.mask_of(lengths, ids.shape[1]))[0].mean(axis=0)
     np.testing.assert_allclose(runtime.key("backbone", ["good movie"])[0], mean / np.linalg.norm(mean), rtol=1e-5)
     pair = runtime.key("backbone", ["good"], ["movie"])

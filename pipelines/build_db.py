@@ -46,8 +46,7 @@ from raee_ops.commit import (
 from raee_ops.errors import CountMismatch, RaeeConfigError, RaeeError, TooManyRejected
 from raee_ops.faults import fault_point
 from raee_ops.inputs import check_inputs, concat_strings, count_rows, file_keys, input_files, refuse_reading_own_output
-from raee_ops.key_names import DEFAULT_KEY
-from raee_ops.layer_key import layer_depth
+from raee_ops.key_names import DEFAULT_KEY, key_available, layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
 from raee_ops.progress import phase
 from raee_ops.reference import assemble, check_groups, group_codes
@@ -58,7 +57,6 @@ from raee_ops.retrieval import (
     connect,
     expected_meta,
     index_partitions,
-    key_available,
     open_listed,
     open_table,
     read_column,

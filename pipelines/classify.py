@@ -30,7 +30,7 @@ from raee_ops.commit import SUCCESS, claim_output, completed, job_digest, unseen
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import refuse_head, refuse_unanswerable, resolve
 from raee_ops.inputs import check_inputs, count_rows, input_files, refuse_reading_own_output
-from raee_ops.key_names import BACKBONE
+from raee_ops.key_names import BACKBONE, key_available
 from raee_ops.probe_policy import refuse_cost_options
 from raee_ops.progress import NAMESPACE
 from raee_ops.readout import describe
@@ -38,7 +38,6 @@ from raee_ops.retrieval import (
     check_meta,
     check_table_contents,
     expected_meta,
-    key_available,
     open_table,
     other_metric,
     table_context,

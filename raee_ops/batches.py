@@ -22,8 +22,7 @@ from raee_ops.calibration import log_softmax
 from raee_ops.errors import ArtifactError, RaeeRunError
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.faults import fault_point
-from raee_ops.key_names import BACKBONE
-from raee_ops.layer_key import layer_depth
+from raee_ops.key_names import key_width, layer_depth
 from raee_ops.probes import table_views, view_form
 from raee_ops.progress import WorkerProgress
 from raee_ops.readout import answer_batch
@@ -235,9 +234,7 @@ class LayerRows(BatchWork):
         return form
 
     def schema(self, m: Manifest) -> pa.Schema:
-        own = self.embedder == BACKBONE or layer_depth(self.embedder)  # keys of the backbone's own width
-        dim = m.hidden_size if own else m.embedders[self.embedder].dim
-        return layer_rows_schema(dim, m.num_layers, len(self.task.label_names), m.hidden_size)
+        return layer_rows_schema(key_width(m, self.embedder), m.num_layers, len(self.task.label_names), m.hidden_size)
 
     def empty(self, model: Loaded) -> pa.Table:
         return self.schema(model.runtime.manifest).empty_table()

@@ -22,8 +22,7 @@ import click
 from raee_ops import extras, logs
 from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, StoreUnavailable, first_line
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES
-from raee_ops.key_names import BACKBONE, DEFAULT_KEY, parse_embedder
-from raee_ops.layer_key import layer_depth
+from raee_ops.key_names import DEFAULT_KEY, check_key, parse_embedder
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
 from raee_ops.schemas.tables import table_name_problem
 from raee_ops.tasks import Task, get_task, load_task_file
@@ -362,19 +361,11 @@ def _embedder_names(values: tuple[str, ...]) -> tuple[str, ...]:
 def _key_spec(value: str | None) -> str | None:
     """build-db --embedder's value: backbone, minilm[-N][-int8] or layer-N (whether these artifacts have it is
     build-db's check)."""
-    if value is None or value == BACKBONE:
-        return value
-    try:
-        depth = layer_depth(value)
-    except RaeeConfigError as err:
-        raise click.BadParameter(str(err)) from None
-    if depth is None:
+    if value is not None:
         try:
-            parse_embedder(value)
-        except RaeeConfigError:
-            raise click.BadParameter(
-                f"{value!r}: choose backbone, minilm, minilm-N (either also as ...-int8) or layer-N (N: a layer)"
-            ) from None
+            check_key(value)
+        except RaeeConfigError as err:
+            raise click.BadParameter(str(err)) from None
     return value
 
 

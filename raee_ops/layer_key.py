@@ -15,26 +15,11 @@ keys stay comparable; queries go through the same one (Retriever.search).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from raee_ops.errors import RaeeConfigError
 from raee_ops.schemas.tables import decode_array, encode_array
-
-PREFIX = "layer-"
-
-
-def layer_depth(embedder: str | None) -> int | None:
-    """N of a `layer-N` key, None for any other key. N in ASCII digits without a leading zero: the name is stored in
-    the table, so `layer-03` would be a second name for `layer-3` (and `layer-²` passed str.isdigit)."""
-    if not embedder or not embedder.startswith(PREFIX):
-        return None
-    raw = embedder[len(PREFIX) :]
-    if not re.fullmatch(r"[1-9][0-9]*", raw):
-        raise RaeeConfigError(f"key {embedder!r}: N of layer-N must be a positive integer, in digits 0-9")
-    return int(raw)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import numpy as np
 
 from raee_ops.calibration import log_softmax
 from raee_ops.errors import RaeeConfigError
-from raee_ops.layer_key import layer_depth
+from raee_ops.key_names import layer_depth
 from raee_ops.metrics import METRICS
 from raee_ops.schemas.tables import FORMS, POOLINGS, VIEWS_STAGED, decode_array, encode_array
 

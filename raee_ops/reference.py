@@ -24,7 +24,8 @@ import pyarrow.compute as pc
 from raee_ops import storage
 from raee_ops.calibration import FusedPolicy, fit_fused_policy, fit_line
 from raee_ops.errors import RaeeConfigError
-from raee_ops.layer_key import LayerKey, layer_depth
+from raee_ops.key_names import layer_depth
+from raee_ops.layer_key import LayerKey
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE, ProbePolicy, fit_probe_policy
 from raee_ops.probes import VIEWS, ProbeSet, fit_probes, fit_share, in_fit_sample, table_views
 from raee_ops.retrieval import probe_identity, table_layer_key

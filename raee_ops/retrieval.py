@@ -21,8 +21,7 @@ from raee_ops import s3_clients, storage
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import RaeeConfigError, StoreUnavailable, VersionRemoved, first_line
 from raee_ops.exit_policy import Context, Neighbours
-from raee_ops.key_names import BACKBONE
-from raee_ops.layer_key import LayerKey, layer_depth
+from raee_ops.layer_key import LayerKey
 from raee_ops.probe_policy import ProbePolicy, budgeted
 from raee_ops.probes import ProbeSet, check_probes
 from raee_ops.progress import phase
@@ -65,15 +64,6 @@ def build_index(table: lancedb.table.Table) -> bool:
     with phase(f"build-db: building the IVF_FLAT index over {rows} rows"):
         table.create_index("vector", config=config, replace=True)
     return True
-
-
-def key_available(manifest: Manifest, embedder: str) -> bool:
-    """Whether these artifacts compute this key: `backbone`, `layer-N` within the backbone's depth, or an
-    exported embedder."""
-    depth = layer_depth(embedder)
-    if depth is not None:
-        return depth <= manifest.num_layers
-    return embedder == BACKBONE or embedder in manifest.embedders
 
 
 def expected_meta(manifest: Manifest, task: str, embedder: str) -> TableMeta:

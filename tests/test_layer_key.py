@@ -2,6 +2,8 @@
 plain run would read them, build-db stores standardized keys and their standardization (kept on append), and
 classify (prefix, continuation, clamped exits) answers exactly as evaluate scores the same table."""
 
+from types import SimpleNamespace
+
 import lancedb
 import numpy as np
 import pyarrow as pa
@@ -19,7 +21,8 @@ from raee_ops.calibration import not_before_key
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate, strategy_rows
 from raee_ops.inputs import read_validated_file
-from raee_ops.layer_key import LayerKey, layer_depth
+from raee_ops.key_names import check_key, key_available, key_width, layer_depth
+from raee_ops.layer_key import LayerKey
 from raee_ops.probe_policy import confident_exits
 from raee_ops.probes import PROMPT_VIEWS, VIEWS
 from raee_ops.retrieval import Retriever
@@ -42,6 +45,19 @@ def test_layer_key_specs_and_their_standardization():
     again = LayerKey.from_json(key.to_json())
     assert again.depth == 2
     np.testing.assert_array_equal(again.apply(states), keys)
+
+
+def test_each_kind_of_key_its_names_width_and_availability():
+    """key_names says, in one place, which names are keys and what each kind computes from."""
+    for name in ("backbone", "layer-2", "minilm", "minilm-2-int8"):
+        check_key(name)
+    for wrong in ("minlm", "Backbone", "layer-02", "minilm-02"):
+        with pytest.raises(RaeeConfigError, match="choose backbone|positive integer"):
+            check_key(wrong)
+    exported = SimpleNamespace(hidden_size=64, num_layers=4, embedders={"minilm-2": SimpleNamespace(dim=384)})
+    assert [key_width(exported, name) for name in ("backbone", "layer-4", "minilm-2")] == [64, 64, 384]
+    names = ("backbone", "layer-4", "layer-5", "minilm-2", "minilm")
+    assert [key_available(exported, name) for name in names] == [True, True, False, True, False]
 
 
 @pytest.mark.parametrize("io_binding", [False, True])

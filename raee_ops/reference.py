@@ -112,6 +112,12 @@ def assemble(
     layer_fields = [f.name for f in staged if f.name != FEATURES and f.name in schema.names]
     new = pa.concat_tables([storage.read_parquet(s, columns=layer_fields) for s in shards] or [staged.empty_table()])
     new = new.select(layer_fields).cast(pa.schema([staged.field(n) for n in layer_fields]))
+    # by id: the shards' order is the runner's bundling (a multi-process or remote runner's differs run to run),
+    # and the fits read rows by position (folds, samples), so the same rows fit the same table on every runner
+    order = pc.sort_indices(new, [("id", "ascending")]).to_numpy()
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    new = new.take(order)
     new, layer_key = _layer_keyed(meta, new, old)
     key_depth = layer_key.depth if layer_key else 0  # layers every row runs for its key: the fits count them
     old_probes = None
@@ -131,29 +137,29 @@ def assemble(
     views = (old_probes.pooling,) if old_probes else table_views(meta.embedder)
     pick = [VIEWS.index(v) for v in views]
 
-    def staged_features() -> Iterator[tuple[int, np.ndarray]]:
-        """(offset among all rows, B×L×VIEWS×H) per staged shard, in the order `new` was read."""
-        offset = old.num_rows
+    def staged_features() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(each row's position among all rows, B×L×VIEWS×H) per staged shard."""
+        read = 0
         for shard in shards:
             values = flat_values(storage.read_parquet(shard, columns=[FEATURES]), FEATURES)
             count = len(values) // (num_layers * len(VIEWS) * hidden)
-            yield offset, values.reshape(count, num_layers, len(VIEWS), hidden)
-            offset += count
+            yield old.num_rows + rank[read : read + count], values.reshape(count, num_layers, len(VIEWS), hidden)
+            read += count
 
-    old_sample = np.flatnonzero(sample[: old.num_rows])
-    parts = [_old_features(old_features, [ids[i] for i in old_sample], num_layers, len(pick), hidden)]
-    where = [old_sample]
-    for offset, block in staged_features():
-        keep = np.flatnonzero(sample[offset : offset + len(block)])
-        parts.append(block[keep][:, :, pick])
-        where.append(offset + keep)
-    fit_rows = np.concatenate(where)
+    fit_rows = np.flatnonzero(sample)  # in table order, as the fits read them
+    features = np.empty((len(fit_rows), num_layers, len(pick), hidden), np.float16)
+    old_sample = fit_rows[fit_rows < old.num_rows]
+    features[: len(old_sample)] = _old_features(
+        old_features, [ids[i] for i in old_sample], num_layers, len(pick), hidden
+    )
+    for positions, block in staged_features():
+        keep = np.flatnonzero(sample[positions])
+        features[np.searchsorted(fit_rows, positions[keep])] = block[keep][:, :, pick]
     started = time.perf_counter()
     metric = task.metric_name
     probe_lp = np.zeros((rows, num_layers, num_labels), np.float32)
     probes = probe_policy = policy = None
     if rows >= 2:
-        features = np.concatenate(parts)
         identity = probe_identity(meta, rows)
         fit_groups = None if groups is None else groups[fit_rows]
         fitted = fit_probes(
@@ -162,8 +168,8 @@ def assemble(
         # every row's label, as the probe policy's floor counts them: one most common label for both
         probes = replace(fitted.probes, label_counts=np.bincount(labels, minlength=num_labels).tolist())
         probe_lp[: old.num_rows] = flat_values(old, "probe_logprobs").reshape(old.num_rows, num_layers, num_labels)
-        for offset, block in staged_features():
-            probe_lp[offset : offset + len(block)] = probes.every_layer(block.transpose(1, 0, 2, 3)).transpose(1, 0, 2)
+        for positions, block in staged_features():
+            probe_lp[positions] = probes.every_layer(block.transpose(1, 0, 2, 3)).transpose(1, 0, 2)
         probe_lp[fit_rows] = fitted.oof
         key_lp = probes.key.log_probs(vectors)
         key_lp[fit_rows] = fitted.key_oof

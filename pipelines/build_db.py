@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 import apache_beam as beam
@@ -54,6 +55,8 @@ from raee_ops.retrieval import (
     Unfinished,
     build_index,
     check_meta,
+    committing,
+    conflict,
     connect,
     expected_meta,
     index_partitions,
@@ -82,6 +85,8 @@ from raee_ops.run_record import (
 )
 from raee_ops.settings import worker_settings
 from raee_ops.tasks import task_of
+
+log = logging.getLogger(__name__)
 
 #: Examples of offending ids shown in a refusal.
 SHOWN_IDS = 5
@@ -459,7 +464,7 @@ def commit(
     version). The probes' feature rows are written first: the exit table never refers to feature rows that are not
     there (a run failing in between leaves extra feature rows, which append ignores)."""
     db = connect(db_uri, storage_options)
-    with phase(f"build-db: committing {data.num_rows} rows to LanceDB"):
+    with phase(f"build-db: committing {data.num_rows} rows to LanceDB"), committing(db_uri, name):
         meta = record.metadata() if record is not None else {}
         if features is not None:
             written = db.create_table(name + FEATURES_SUFFIX, features, schema=features.schema, mode="overwrite")
@@ -467,5 +472,12 @@ def commit(
         data = data.replace_schema_metadata((data.schema.metadata or {}) | meta)
         table = db.create_table(name, data, schema=data.schema, mode="overwrite")
     fault_point("commit:table")
-    indexed = build_index(table)
+    try:
+        indexed = build_index(table)
+    except Exception as exc:  # the table is committed; a rerun of an append would find it done, and not index it
+        said = conflict(exc)
+        if said is None:
+            raise
+        log.warning("table %r: not indexed (%s); its searches scan exactly until the next build-db", name, said)
+        indexed = False
     return table.count_rows(), indexed, table.version

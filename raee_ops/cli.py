@@ -755,24 +755,11 @@ def _path_given_wrong(exc: OSError) -> bool:
     return isinstance(exc, wrong) or exc.errno == errno.EROFS
 
 
-#: What LanceDB says when another writer committed to a table between a write's read and its commit.
-COMMIT_CONFLICT = "commit conflict"
-
-
 def _unexpected(exc: Exception) -> NoReturn:
-    """An exception no check anticipated: credentials the store refuses (exit 2); a writer outside raee-ops's claims
-    that committed to the table first (exit 75: this run committed nothing a rerun does not settle, as after a
-    kill); else a bug."""
+    """An exception no check anticipated: credentials the store refuses (exit 2), else a bug."""
     if _refused_by_store(exc):
         logging.getLogger(__name__).debug("failed", exc_info=True)
         _fail(f"the object store refused access (check the credentials and permissions): {first_line(exc)}", 2)
-    if COMMIT_CONFLICT in str(exc).lower():
-        logging.getLogger(__name__).debug("failed", exc_info=True)
-        _fail(
-            f"another writer, outside raee-ops's claims, committed to the table meanwhile ({first_line(exc)}); "
-            "run again",
-            75,
-        )
     _internal(exc)
 
 

@@ -66,6 +66,11 @@ class VersionRemoved(RetryLater):
     version that is current then. From a worker too, it ends the run with this exit code (pipelines.options)."""
 
 
+class CommitConflict(RetryLater):
+    """A writer outside raee-ops's claims committed to the table between this run's read and its commit: the
+    version this run meant to write was not made, and a rerun writes it (retrieval.committing)."""
+
+
 class StoreUnavailable(RetryLater):
     """The object store did not answer (no connection, a timeout, a server error) before any work."""
 

@@ -19,7 +19,7 @@ from lancedb.index import IvfFlat
 
 from raee_ops import s3_clients, storage
 from raee_ops.calibration import FusedPolicy
-from raee_ops.errors import RaeeConfigError, StoreUnavailable, VersionRemoved, first_line
+from raee_ops.errors import CommitConflict, RaeeConfigError, StoreUnavailable, VersionRemoved, first_line
 from raee_ops.exit_policy import Context, Neighbours
 from raee_ops.layer_key import LayerKey
 from raee_ops.probe_policy import ProbePolicy, budgeted
@@ -120,6 +120,35 @@ def connect(db_uri: str, storage_options: dict[str, str] | None = None) -> lance
             return lancedb.connect(db_uri, storage_options=storage_options or None)
     except (ValueError, OSError, RuntimeError) as exc:
         raise unreachable(db_uri, exc) from exc
+
+
+#: LanceDB's words for a commit another writer beat: at once, or once its own retries are spent.
+_CONFLICT = re.compile(r"commit conflict for version \d+|too many concurrent writers", re.IGNORECASE)
+#: The Rust source location LanceDB appends to its messages.
+_RUST_SOURCE = re.compile(r",\s*\S+\.rs:\d+:\d+")
+
+
+def conflict(exc: BaseException) -> str | None:
+    """LanceDB's message, without its Rust source location, where `exc` is a commit another writer beat (one outside
+    raee-ops's claims: two raee-ops runs never race one); None for any other error."""
+    text = str(exc)
+    return _RUST_SOURCE.sub("", first_line(text)) if _CONFLICT.search(text) else None
+
+
+@contextlib.contextmanager
+def committing(db_uri: str, table: str) -> Iterator[None]:
+    """A LanceDB write whose commit another writer beat is CommitConflict (exit 75): its version was not made, and
+    the same command run again makes it."""
+    try:
+        yield
+    except Exception as exc:
+        said = conflict(exc)
+        if said is None:
+            raise
+        raise CommitConflict(
+            f"another writer, outside raee-ops's claims, committed to table {table!r} in {db_uri} first ({said}): "
+            "this run's version was not made; run again"
+        ) from exc
 
 
 def _waiting_on(db_uri: str) -> contextlib.AbstractContextManager[None]:

@@ -32,7 +32,7 @@ from raee_ops.commit import check_held, hold
 from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.faults import fault_point
 from raee_ops.info import check_database, opened, table_info
-from raee_ops.retrieval import connect, open_table, table_folder, table_names, version_schemas
+from raee_ops.retrieval import committing, connect, open_table, table_folder, table_names, version_schemas
 from raee_ops.run_record import RunRecord, default_errors_dir, drop_replaced, settle_errors, work_dir
 from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, TableMeta
 
@@ -49,7 +49,8 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
         previous = handle.version
         changed = not _holds(handle, version)  # a retried rollback finds its version already current: left so
         if changed:
-            handle.restore(version)
+            with committing(db_uri, table):
+                handle.restore(version)
         # the errors folder in step with the version now current: the rejected rows of the runs it holds
         settle_errors(db_uri, table, default_errors_dir(db_uri, table), True, storage_options or {})
     return {"restored": version, "previous": previous, "changed": changed, **table_info(handle)}
@@ -203,9 +204,10 @@ def _prune(
             return Pruned(table, *_split(history, table_left), *companion_split, None, within_grace)
         before = _size(db_uri, table)
         check_held(work_dir(db_uri, table))  # settling the errors may have run long
-        _cut(handle, history, kept)
-        if features is not None:
-            _cut(features, features_history, features_kept)
+        with committing(db_uri, table):
+            _cut(handle, history, kept)
+            if features is not None:
+                _cut(features, features_history, features_kept)
         left = {v for v, _ in _history(handle)}
         features_left = {v for v, _ in _history(features)} if features is not None else set()
         missing = (kept - left) | (features_kept - features_left)

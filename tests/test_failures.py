@@ -26,7 +26,7 @@ from raee_ops.pipelines import build_db
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.schemas.manifest import load_manifest, sealed
-from raee_ops.schemas.tables import FEATURES_SUFFIX, TABLE_META_KEY, TableMeta
+from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, TABLE_META_KEY, TableMeta
 from segment_artifacts import make_artifacts, reexported, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled, sentences
 
@@ -37,7 +37,7 @@ from raee_ops.commit import locked, new_run_id, scratch_folder
 from raee_ops.errors import ArtifactError, RaeeRunError
 from raee_ops.inputs import read_validated_file
 from raee_ops.key_names import DEFAULT_KEY
-from raee_ops.retrieval import table_names
+from raee_ops.retrieval import conflict, table_names
 from raee_ops.rows import ROW_ID, SOURCE
 from raee_ops.tasks import PRESETS
 
@@ -1150,21 +1150,49 @@ def _commit_conflict(root: Path) -> Exception:
 
 def test_a_writer_outside_raee_ops_committing_first_is_a_retry(segment_artifacts, tmp_path, monkeypatch, capsys):  # noqa: F811
     """Two raee-ops runs never race a commit (the table's claim); a writer outside them can. Its conflict was an
-    internal error, exit 1, naming a Rust source file: a scheduler's retry is the remedy, and the rerun commits."""
+    internal error, exit 1, naming a Rust source file. Here LanceDB's own error (from two racing overwrites) lands
+    on an append's exit-table write, after its feature rows were written: exit 75, the table as it was, and the
+    rerun commits the rows with the feature version it wrote."""
     conflict = _commit_conflict(tmp_path / "race")
     assert "commit conflict" in str(conflict).lower()
-    train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
-    args = ["build-db", "--artifacts", str(segment_artifacts), "--task", "sst2", "--input", str(train)]
-    args += ["--db", str(tmp_path / "db")]
+    db = tmp_path / "db"
+    common = ["--artifacts", str(segment_artifacts), "--task", "sst2", "--db", str(db)]
+    main(["build-db", *common, "--input", str(labelled(tmp_path / "base.parquet", 8, 0, "b", bad=False))])
+    append = ["build-db", *common, "--input", str(labelled(tmp_path / "more.parquet", 6, 1, "m", bad=False))]
+    capsys.readouterr()
+    real_connect = build_db.connect
 
-    def beaten(*_: object, **__: object) -> None:
-        raise conflict
+    def beaten(db_uri: str, storage_options: dict[str, str] | None = None) -> lancedb.DBConnection:
+        connection = real_connect(db_uri, storage_options)
+        create_table = connection.create_table
 
-    monkeypatch.setattr(build_db, "commit", beaten)
+        def create_exit_table(name: str, *args: object, **kwargs: object) -> lancedb.table.Table:
+            if name == "sst2":  # the feature rows are written; the exit table's commit loses the race
+                raise conflict
+            return create_table(name, *args, **kwargs)
+
+        connection.create_table = create_exit_table
+        return connection
+
+    monkeypatch.setattr(build_db, "connect", beaten)
     with pytest.raises(SystemExit) as ended:
-        main(args)
+        main([*append, "--mode", "append"])
     line = one_error_line(SimpleNamespace(stderr=capsys.readouterr().err))
     assert ended.value.code == 75 and "another writer, outside raee-ops's claims" in line and "run again" in line
+    assert ".rs:" not in line  # LanceDB's Rust source location is not the user's business
+    assert lancedb.connect(str(db)).open_table("sst2").count_rows() == 8
     monkeypatch.undo()
-    main(args)
-    assert lancedb.connect(str(tmp_path / "db")).open_table("sst2").count_rows() == 8
+    main([*append, "--mode", "append"])
+    table = lancedb.connect(str(db)).open_table("sst2")
+    features = lancedb.connect(str(db)).open_table("sst2" + FEATURES_SUFFIX)
+    assert table.count_rows() == 14
+    assert table.schema.metadata[FEATURES_VERSION_META_KEY] == str(features.version).encode()
+
+
+def test_only_lancedb_commit_conflicts_read_as_conflicts():
+    """A retry is the remedy for a lost commit only: an error that merely mentions the words is not one."""
+    rust = ", /root/.cargo/registry/src/index/lance-13/src/io/commit/conflict_resolver.rs:1552:30"
+    lost = RuntimeError(f"lance error: Retryable commit conflict for version 9: preempted. Please retry.{rust}")
+    assert conflict(lost) == "lance error: Retryable commit conflict for version 9: preempted. Please retry."
+    assert conflict(RuntimeError("lance error: Too many concurrent writers. Retried 20 times")) is not None
+    assert conflict(OSError("/data/commit conflict notes/rows.parquet: No such file or directory")) is None

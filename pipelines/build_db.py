@@ -47,7 +47,7 @@ from raee_ops.commit import (
 from raee_ops.errors import CountMismatch, RaeeConfigError, RaeeError, TooManyRejected
 from raee_ops.faults import fault_point
 from raee_ops.inputs import check_inputs, concat_strings, count_rows, file_keys, input_files, refuse_reading_own_output
-from raee_ops.key_names import DEFAULT_KEY, key_available, layer_depth
+from raee_ops.key_names import BACKBONE, DEFAULT_KEY, LAYER_PREFIX, key_available, layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
 from raee_ops.progress import phase
 from raee_ops.reference import assemble, check_groups, group_codes
@@ -293,7 +293,7 @@ def run_build_db(
             f"--embedder {embedder}: the backbone in {artifacts} has {manifest.num_layers} layers"
             if layer_depth(embedder)
             else f"embedder {embedder!r} was not exported into {artifacts} (export-onnx --embedder {embedder}, or "
-            f"build-db --embedder {' or '.join([*manifest.embedders, 'backbone', 'layer-N'])})"
+            f"build-db --embedder {' or '.join([*manifest.embedders, BACKBONE, f'{LAYER_PREFIX}N'])})"
         )
     found = input_files(inputs)
     files = [m.path for m in found]

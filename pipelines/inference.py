@@ -58,8 +58,8 @@ class WorkHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         outcome = self.work.run(pa.concat_tables(batch), model)
         beam.metrics.Metrics.counter(NAMESPACE, "rows_rejected").inc(outcome.errors.num_rows)
         beam.metrics.Metrics.counter(NAMESPACE, "rows_out").inc(outcome.rows.num_rows)
-        if "exit_layer" in outcome.rows.column_names:  # classify's rows
-            exits = outcome.rows.column("exit_layer").to_numpy()
+        exits = self.work.exit_layers(outcome.rows)
+        if exits is not None:
             for layer, count in zip(*np.unique(exits, return_counts=True), strict=True):
                 beam.metrics.Metrics.counter(NAMESPACE, f"exit_layer_{int(layer):03d}").inc(int(count))
         return [outcome]

@@ -99,7 +99,7 @@ class _Refusing(argparse.ArgumentParser):
 @cache
 def _beam_parser() -> argparse.ArgumentParser:
     parser = _Refusing(allow_abbrev=False, add_help=False)
-    # each options class once, in definition order; ours named, as Beam knows only the classes imported so far
+    # each options class once, in definition order (ours among them: imported above)
     for cls in dict.fromkeys([*_subclasses(PipelineOptions), RaeeOptions]):
         try:
             cls._add_argparse_args(parser)

@@ -56,7 +56,7 @@ class Loaded:
     retriever: Retriever | None = None
     strategy: Strategy | None = None
     context: Context | None = None
-    progress: WorkerProgress = field(default_factory=lambda: WorkerProgress())
+    progress: WorkerProgress = field(default_factory=WorkerProgress)
 
 
 class BatchWork:
@@ -168,6 +168,10 @@ class BatchWork:
     def ran_layers(self, model: Loaded, rows: pa.Table) -> bool:
         """Whether answering these rows (`predict`'s table) ran the backbone: every row build-db answers does."""
         return True
+
+    def exit_layers(self, rows: pa.Table) -> np.ndarray | None:
+        """Each answered row's exit layer, for the run's counters (None: this work runs every layer)."""
+        return None
 
     def refused(self, table: pa.Table) -> tuple[np.ndarray, str]:
         """Rows this command cannot write whatever the model answers, and why: none but in classify."""
@@ -336,7 +340,10 @@ class Classify(BatchWork):
 
     def ran_layers(self, model: Loaded, rows: pa.Table) -> bool:
         """A layer key runs its layers for every row, exit 0 included."""
-        return model.context.key_depth > 0 or bool(rows.column("exit_layer").to_numpy().any())
+        return model.context.key_depth > 0 or bool(self.exit_layers(rows).any())
+
+    def exit_layers(self, rows: pa.Table) -> np.ndarray:
+        return rows.column("exit_layer").to_numpy()
 
     def predict(self, model: Loaded, table: pa.Table, prompts: list[str]) -> pa.Table:
         runtime, strategy, context = model.runtime, model.strategy, model.context

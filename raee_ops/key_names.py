@@ -113,14 +113,14 @@ def check_key(name: str) -> None:
         ) from None
 
 
-def from_backbone(name: str) -> bool:
+def _from_backbone(name: str) -> bool:
     """Whether the key is the backbone's own state (`backbone`, `layer-N`), of its hidden size, where an embedder's
     is its own model's output."""
     return name == BACKBONE or layer_depth(name) is not None
 
 
 def key_width(manifest: Manifest, name: str) -> int:
-    return manifest.hidden_size if from_backbone(name) else manifest.embedders[name].dim
+    return manifest.hidden_size if _from_backbone(name) else manifest.embedders[name].dim
 
 
 def key_available(manifest: Manifest, name: str) -> bool:

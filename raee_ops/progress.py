@@ -20,6 +20,8 @@ from raee_ops import logs
 NAMESPACE = "raee"
 #: Seconds between two redraws of a progress line.
 REFRESH_SECONDS = 0.5
+#: Seconds between two lines of a worker's progress.
+PROGRESS_SECONDS = 10.0
 
 
 def interactive(stream: TextIO) -> bool:
@@ -90,29 +92,6 @@ class Progress:
             self.open = False
 
 
-@contextmanager
-def phase(label: str, stream: TextIO | None = None) -> Iterator[None]:
-    """A driver step without units (a LanceDB commit, an index build, a fit): its name while it runs, then how
-    long it took, or that it failed."""
-    stream = stream if stream is not None else logs.stream()
-    if not interactive(stream):
-        yield
-        return
-    stream.write(f"{label} ...")
-    stream.flush()
-    started, outcome = time.perf_counter(), "failed"
-    try:
-        yield
-        outcome = "done"
-    finally:
-        stream.write(f"\r\033[K{label}: {outcome} in {clock(time.perf_counter() - started)}\n")
-        stream.flush()
-
-
-#: Seconds between two lines of a worker's progress.
-PROGRESS_SECONDS = 10.0
-
-
 @dataclass
 class WorkerProgress:
     """Rows this worker has finished, a line of its own every PROGRESS_SECONDS so long runs show they move. Not
@@ -133,3 +112,22 @@ class WorkerProgress:
                 file=logs.stream(),
                 flush=True,
             )
+
+
+@contextmanager
+def phase(label: str, stream: TextIO | None = None) -> Iterator[None]:
+    """A driver step without units (a LanceDB commit, an index build, a fit): its name while it runs, then how
+    long it took, or that it failed."""
+    stream = stream if stream is not None else logs.stream()
+    if not interactive(stream):
+        yield
+        return
+    stream.write(f"{label} ...")
+    stream.flush()
+    started, outcome = time.perf_counter(), "failed"
+    try:
+        yield
+        outcome = "done"
+    finally:
+        stream.write(f"\r\033[K{label}: {outcome} in {clock(time.perf_counter() - started)}\n")
+        stream.flush()

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from raee_ops import storage
 from raee_ops.calibration import FusedPolicy, fit_fused_policy, fit_line
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import CountMismatch, RaeeConfigError
 from raee_ops.key_names import layer_depth
 from raee_ops.layer_key import LayerKey
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE, ProbePolicy, fit_probe_policy
@@ -145,6 +145,8 @@ def assemble(
             count = len(values) // (num_layers * len(VIEWS) * hidden)
             yield old.num_rows + rank[read : read + count], values.reshape(count, num_layers, len(VIEWS), hidden)
             read += count
+        if read != len(rank):  # a shard rewritten between two reads: its rows would land on other rows' places
+            raise CountMismatch(f"the staged shards hold {read} rows' states, {len(rank)} rows: not committing")
 
     fit_rows = np.flatnonzero(sample)  # in table order, as the fits read them
     features = np.empty((len(fit_rows), num_layers, len(pick), hidden), np.float16)

@@ -1,6 +1,7 @@
 """Exit-metadata tables in LanceDB: identity checks and batched top-k neighbour look-ups.
 
-Connections are opened by `Retriever(...)` (made in a worker's load_model), never pickled or forked.
+Connections are opened by `Retriever(...)` (made as a worker loads its work, batches.Classify.load), never pickled
+or forked.
 """
 
 from __future__ import annotations

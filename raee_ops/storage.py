@@ -95,8 +95,9 @@ def configure(beam_args: Sequence[str] | PipelineOptions = ()) -> PipelineOption
 
 
 def carry(options: PipelineOptions) -> dict[str, Any]:
-    """The run's options as a plain dict that DoFns and model handlers carry to workers (see `on_worker`)."""
-    return options.get_all_options(drop_default=True)
+    """The run's options as a plain dict that DoFns and the batch work carry to workers (see `on_worker`); options of
+    classes this process has not imported are kept as given, not dropped."""
+    return options.get_all_options(drop_default=True, retain_unknown_options=True)
 
 
 def on_worker(carried: dict[str, Any] | None) -> None:

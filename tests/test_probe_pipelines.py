@@ -405,33 +405,37 @@ def test_append_reads_the_feature_rows_written_with_the_table_version_it_extends
     assert companion().equals(first)
 
 
-def test_the_same_rows_fit_the_same_table_whatever_the_shards_order(segment_artifacts, tmp_path):  # noqa: F811
+def test_the_same_rows_fit_the_same_table_whatever_the_shards_order(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
     """The runner bundles rows into the staged shards (a multi-process or remote runner differently run to run), and
     the fits read rows by position (folds, samples): the same 270 rows fitted other policies under
-    multi_processing than in process, and 5 of 90 answers differed. The driver reads the rows in id order."""
-    rows = signal_rows(tmp_path / "rows.parquet", 40, 0, "r")
+    multi_processing than in process, and 5 of 90 answers differed. The driver reads the rows in id order: a new
+    table, and an append (the table's rows, then the new ones), each with a sample of its rows fitted."""
+    monkeypatch.setattr(probes_module, "FIT_ROWS", 30)  # the other rows are answered by the fitted probes
+    rows = signal_rows(tmp_path / "rows.parquet", 60, 0, "r")
     task = PRESETS["sst2"]
-    table = next(iter(read_validated_file(str(rows), task, need_label=True, rows=40))).valid
+    table = next(iter(read_validated_file(str(rows), task, need_label=True, rows=60))).valid
     work = LayerRows(str(segment_artifacts), task, "backbone")
     staged = work.run(table, work.load()).rows
     manifest = load_manifest(segment_artifacts)
     meta = expected_meta(manifest, "sst2", "backbone")
 
-    def fitted(name: str, parts: list[pa.Table]) -> Reference:
+    def fitted(name: str, parts: list[pa.Table], base: Reference | None = None) -> Reference:
         shards = [str(tmp_path / f"{name}-{i}.parquet") for i in range(len(parts))]
         for part, shard in zip(parts, shards, strict=True):
             pq.write_table(part, shard)
-        return assemble(shards, staged.schema, task, meta, manifest.hidden_size)
+        old = (base.data, base.features) if base else ()
+        return assemble(shards, staged.schema, task, meta, manifest.hidden_size, *old)
 
-    one = fitted("one", [staged.slice(0, 25), staged.slice(25)])
-    other = fitted(
-        "other",
-        [
-            staged.slice(30),
-            staged.slice(10, 10),
-            staged.slice(20, 10).take([3, 1, 2, 0] + list(range(4, 10))),
-            staged.slice(0, 10),
-        ],
+    def same(one: Reference, other: Reference) -> bool:
+        return one.data.equals(other.data, check_metadata=True) and one.features.equals(other.features)
+
+    shuffled = staged.slice(12, 12).take([3, 1, 2, 0, *range(4, 12)])
+    base = fitted("base", [staged.slice(0, 24), staged.slice(24, 12)])
+    assert same(base, fitted("base-other", [staged.slice(24, 12), shuffled, staged.slice(0, 12)]))
+    assert 0 < base.features.num_rows < 36  # a sample fitted
+    grown = fitted("grown", [staged.slice(36)], base)
+    assert same(
+        grown, fitted("grown-other", [staged.slice(48), staged.slice(36, 12).take(list(range(11, -1, -1)))], base)
     )
-    assert one.data.equals(other.data, check_metadata=True) and one.features.equals(other.features)
-    assert one.data.column("id").to_pylist() == sorted(table.column(ROW_ID).to_pylist())
+    ids = table.column(ROW_ID).to_pylist()
+    assert grown.data.column("id").to_pylist() == sorted(ids[:36]) + sorted(ids[36:])

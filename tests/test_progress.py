@@ -4,6 +4,7 @@ import io
 import os
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
@@ -110,6 +111,9 @@ class Exits(BatchWork):
     def run(self, table: pa.Table, model: None) -> Outcome:
         exits = pa.array([int(text) for text in table.column("text").to_pylist()], pa.int32())
         return Outcome(pa.table({"exit_layer": exits}), pa.table({"reason": ["bad"]}))
+
+    def exit_layers(self, rows: pa.Table) -> np.ndarray:
+        return rows.column("exit_layer").to_numpy()
 
 
 def test_the_handler_counts_rows_out_rows_rejected_and_exit_layers():

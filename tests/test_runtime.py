@@ -71,7 +71,7 @@ class CountingTokenizer:
 
 
 def test_a_batch_checked_for_length_is_not_tokenized_again_to_run(segment_artifacts):  # noqa: F811
-    """The handler's length check, then the layers on the rows that fit: one tokenizing. Inside `reusing` only
+    """BatchWork.run's length check, then the layers on the rows that fit: one tokenizing. Inside `reusing` only
     prompts it was not given are tokenized; outside it every call tokenizes (a bench pass pays for its own)."""
     runtime, fresh = SegmentRuntime(segment_artifacts), SegmentRuntime(segment_artifacts)
     counting = runtime.tokenizer = CountingTokenizer(runtime.tokenizer)

@@ -79,12 +79,12 @@ from raee_ops.run_record import (
     note_errors,
     publish,
     scope,
-    settle_errors,
     staging_dir,
     work_dir,
 )
 from raee_ops.settings import worker_settings
 from raee_ops.tasks import task_of
+from raee_ops.versions import settle_errors
 
 log = logging.getLogger(__name__)
 

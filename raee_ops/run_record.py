@@ -25,13 +25,11 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 
 import pyarrow as pa
 
 from raee_ops import storage
 from raee_ops.commit import remove_leftovers, say
-from raee_ops.retrieval import connect, open_listed, table_names, version_schemas
 from raee_ops.schemas.tables import LINEAGE_META_KEY, RUN_META_KEY, known_fields
 
 STAGING, UNCOMMITTED, REPLACED = "_staging", "_uncommitted", "_replaced"
@@ -205,37 +203,3 @@ def work_dir(db_uri: str, table: str) -> str:
     """Where a table's runs stage their rows and hold their claim: beside the table, in the database's location
     (a local folder or an object-store prefix), never the driver's temp folder, so workers anywhere can write."""
     return storage.join(db_uri, "_raee-work", table)
-
-
-def table_record(db_uri: str, table: str, storage_options: dict[str, str]) -> RunRecord | None:
-    """The run record of the table's current version (None: no table yet, or one built before runs were recorded)."""
-    db = connect(db_uri, storage_options)
-    return RunRecord.of(open_listed(db, db_uri, table).schema) if table in table_names(db) else None
-
-
-def recorded_runs(db_uri: str, table: str, storage_options: dict[str, str], run_ids: set[str]) -> set[str]:
-    """Which of `run_ids` some version of the table records (read newest first, only when a run's staging is left:
-    a committed run whose version a rollback then left behind)."""
-    if not run_ids:
-        return set()
-    db = connect(db_uri, storage_options)
-    if table not in table_names(db):
-        return set()
-    handle, found = open_listed(db, db_uri, table), set()
-    for _, schema in version_schemas(handle):
-        record = RunRecord.of(schema)
-        if record and record.run_id in run_ids:
-            found.add(record.run_id)
-            if found == run_ids:
-                break
-    return found
-
-
-def settle_errors(db_uri: str, table: str, errors_dir: str, own: bool, storage_options: dict[str, str]) -> None:
-    """Under the table's claim, before a run writes or old versions are pruned: what earlier runs left staged in
-    the errors folders, published or removed (above; the history tells a committed run's from an
-    uncommitted one's)."""
-    recorded = partial(recorded_runs, db_uri, table, storage_options)
-    current, where = table_record(db_uri, table, storage_options), scope(db_uri, table)
-    settle_noted(work_dir(db_uri, table), errors_dir, where, current, recorded)
-    settle(errors_dir, where, current, own, recorded)

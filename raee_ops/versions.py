@@ -1,4 +1,5 @@
-"""A table's version history: `rollback` to an earlier version, `prune` the old ones.
+"""A table's version history: `rollback` to an earlier version, `prune` the old ones, and `settle_errors`, which
+reads the history to settle what killed runs left in the errors folders (raee_ops/run_record.py).
 
 Every build-db run is one new LanceDB table version (an index, when one is due, a second one), and LanceDB keeps
 old versions until they are cleaned up, so a bad reference set is undone by restoring the version before it: the
@@ -22,6 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import lancedb
@@ -32,8 +34,8 @@ from raee_ops.commit import check_held, hold
 from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.faults import fault_point
 from raee_ops.info import check_database, opened, table_info
-from raee_ops.retrieval import committing, connect, open_table, table_folder, table_names, version_schemas
-from raee_ops.run_record import RunRecord, default_errors_dir, drop_replaced, settle_errors, work_dir
+from raee_ops.retrieval import committing, connect, open_listed, open_table, table_folder, table_names, version_schemas
+from raee_ops.run_record import RunRecord, default_errors_dir, drop_replaced, scope, settle, settle_noted, work_dir
 from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, TableMeta
 
 
@@ -276,3 +278,37 @@ def _size(db_uri: str, table: str) -> int:
     """Bytes under the table's folder and its companion's."""
     folders = [storage.join(table_folder(db_uri, name), "**") for name in (table, table + FEATURES_SUFFIX)]
     return sum(m.size_in_bytes for folder in folders for m in storage.match_metadata(folder))
+
+
+def table_record(db_uri: str, table: str, storage_options: dict[str, str]) -> RunRecord | None:
+    """The run record of the table's current version (None: no table yet, or one built before runs were recorded)."""
+    db = connect(db_uri, storage_options)
+    return RunRecord.of(open_listed(db, db_uri, table).schema) if table in table_names(db) else None
+
+
+def recorded_runs(db_uri: str, table: str, storage_options: dict[str, str], run_ids: set[str]) -> set[str]:
+    """Which of `run_ids` some version of the table records (read newest first, only when a run's staging is left:
+    a committed run whose version a rollback then left behind)."""
+    if not run_ids:
+        return set()
+    db = connect(db_uri, storage_options)
+    if table not in table_names(db):
+        return set()
+    handle, found = open_listed(db, db_uri, table), set()
+    for _, schema in version_schemas(handle):
+        record = RunRecord.of(schema)
+        if record and record.run_id in run_ids:
+            found.add(record.run_id)
+            if found == run_ids:
+                break
+    return found
+
+
+def settle_errors(db_uri: str, table: str, errors_dir: str, own: bool, storage_options: dict[str, str]) -> None:
+    """Under the table's claim, before a run writes or old versions are pruned: what earlier runs left staged in
+    the errors folders, published or removed (raee_ops/run_record.py; the history tells a committed run's from an
+    uncommitted one's)."""
+    recorded = partial(recorded_runs, db_uri, table, storage_options)
+    current, where = table_record(db_uri, table, storage_options), scope(db_uri, table)
+    settle_noted(work_dir(db_uri, table), errors_dir, where, current, recorded)
+    settle(errors_dir, where, current, own, recorded)

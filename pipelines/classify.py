@@ -22,7 +22,7 @@ from raee_ops.pipelines.inference import Infer
 from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline
 from raee_ops.pipelines.sources import first_shard, read_validated, write_tables
 from raee_ops.schemas.manifest import check_outside_artifacts, load_manifest
-from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS, TableMeta
+from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS
 
 from raee_ops import storage
 from raee_ops.batches import Classify
@@ -30,15 +30,12 @@ from raee_ops.commit import SUCCESS, claim_output, completed, job_digest, unseen
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import refuse_head, refuse_unanswerable, resolve
 from raee_ops.inputs import check_inputs, count_rows, input_files, refuse_reading_own_output
-from raee_ops.key_names import BACKBONE, key_available
 from raee_ops.probe_policy import refuse_cost_options
 from raee_ops.progress import NAMESPACE
 from raee_ops.readout import describe
 from raee_ops.retrieval import (
-    check_meta,
     check_table_contents,
-    expected_meta,
-    open_table,
+    checked_table,
     other_metric,
     table_context,
 )
@@ -164,14 +161,8 @@ def run_classify(
     strategy = chosen.name
     if k < 1:
         raise RaeeConfigError(f"--k must be at least 1, got {k}")
-    opened = open_table(db_uri, table, storage_options=settings.db_storage_options)
-    version, table_schema = opened.version, opened.schema
-    meta = TableMeta.decode(table_schema)
-    embedder = meta.embedder if meta else BACKBONE
-    if not key_available(manifest, embedder):
-        raise RaeeConfigError(f"table {table!r} was keyed with embedder {embedder!r}, not in {artifacts}")
-    expected = expected_meta(manifest, task_name, embedder)
-    check_meta(meta, expected, f"table {table!r} in {db_uri}")
+    opened, expected = checked_table(db_uri, table, manifest, task_name, str(artifacts), settings.db_storage_options)
+    version, table_schema, embedder = opened.version, opened.schema, expected.embedder
     reads_rows = chosen.needs_retrieval or chosen.needs_probes() or chosen.needs_policy
     check_table_contents(opened, expected, chosen.needs_probes(), f"table {table!r} in {db_uri}", reads_rows)
     refuse_cost_options(chosen.needs_probe_policy, f"{strategy!r} has none", layer_budget, layer_price)

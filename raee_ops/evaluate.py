@@ -40,7 +40,6 @@ from raee_ops.exit_policy import (
     resolve,
 )
 from raee_ops.inputs import check_inputs, expand_inputs, read_validated_file
-from raee_ops.key_names import BACKBONE
 from raee_ops.metrics import METRICS, Metric, accuracy, paired_difference
 from raee_ops.probe_policy import (
     HALVINGS,
@@ -55,15 +54,13 @@ from raee_ops.probes import VIEWS, ProbeSet
 from raee_ops.progress import Progress
 from raee_ops.retrieval import (
     Retriever,
-    check_meta,
     check_table_contents,
-    expected_meta,
-    open_table,
+    checked_table,
     other_metric,
     table_context,
 )
 from raee_ops.schemas.manifest import Manifest, load_manifest
-from raee_ops.schemas.tables import EVALUATION_PREDICTIONS_SCHEMA, FEATURES, TableMeta, flat_values
+from raee_ops.schemas.tables import EVALUATION_PREDICTIONS_SCHEMA, FEATURES, flat_values
 from raee_ops.settings import worker_settings
 from raee_ops.tasks import Task, task_of
 
@@ -277,11 +274,8 @@ def evaluate(
     else:
         chosen = [s for s in STRATEGIES.values() if head or not s.needs_head()]
     # one version, checked and read: a build-db or rollback committing meanwhile changes neither (the report names it)
-    opened = open_table(db_uri, table, storage_options=settings.db_storage_options)
-    meta = TableMeta.decode(opened.schema)
-    embedder = meta.embedder if meta else BACKBONE
-    expected = expected_meta(manifest, task_name, embedder)
-    check_meta(meta, expected, f"table {table!r} in {db_uri}")
+    opened, expected = checked_table(db_uri, table, manifest, task_name, str(artifacts), settings.db_storage_options)
+    embedder = expected.embedder
     retriever = Retriever(db_uri, table, opened.version, settings.db_storage_options)
     check_table_contents(retriever.table, expected, True, f"table {table!r} in {db_uri}")
     ctx = table_context(retriever.table.schema, num_layers, num_labels, k, layer_budget, layer_price)

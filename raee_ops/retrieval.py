@@ -22,6 +22,7 @@ from raee_ops import s3_clients, storage
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import CommitConflict, RaeeConfigError, StoreUnavailable, VersionRemoved, first_line
 from raee_ops.exit_policy import Context, Neighbours
+from raee_ops.key_names import BACKBONE, key_available
 from raee_ops.layer_key import LayerKey
 from raee_ops.probe_policy import ProbePolicy, budgeted
 from raee_ops.probes import ProbeSet, check_probes
@@ -247,6 +248,21 @@ def open_table(
                 raise _version_removed(f"table {name!r} in {db_uri}", version) from exc
             raise
     return table
+
+
+def checked_table(
+    db_uri: str, name: str, manifest: Manifest, task: str, artifacts: str, storage_options: dict[str, str]
+) -> tuple[lancedb.table.Table, TableMeta]:
+    """The table's current version, and the identity it was checked to have: refused with one line unless these
+    artifacts compute its key and it was built with them for `task` (classify's and evaluate's check)."""
+    opened = open_table(db_uri, name, storage_options=storage_options)
+    meta = TableMeta.decode(opened.schema)
+    embedder = meta.embedder if meta else BACKBONE
+    if not key_available(manifest, embedder):
+        raise RaeeConfigError(f"table {name!r} was keyed with embedder {embedder!r}, not in {artifacts}")
+    expected = expected_meta(manifest, task, embedder)
+    check_meta(meta, expected, f"table {name!r} in {db_uri}")
+    return opened, expected
 
 
 def version_schemas(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -34,7 +35,8 @@ from raee_ops import storage
 from raee_ops.batches import Classify, LayerRows
 from raee_ops.cli import main
 from raee_ops.commit import locked, new_run_id, scratch_folder
-from raee_ops.errors import ArtifactError, RaeeRunError
+from raee_ops.errors import ArtifactError, RaeeConfigError, RaeeRunError
+from raee_ops.evaluate import evaluate
 from raee_ops.inputs import read_validated_file
 from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.retrieval import conflict, table_names
@@ -1082,6 +1084,25 @@ def test_a_table_keyed_by_an_embedder_exported_otherwise_is_refused(segment_arti
     monkeypatch.undo()
     summary = run_classify(other, "sst2", str(tmp_path / "old"), "sst2", [str(queries)], str(tmp_path / "o"), 10, None)
     assert summary.rows_in == summary.predicted == 3
+
+
+def test_a_table_keyed_by_an_embedder_the_export_lacks_is_refused_alike(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    """classify refused it with one line; evaluate, on a table from before keys' identities were recorded, ran its
+    rows into the missing embedder (every row failed: exit 1). Both open a table through one check now."""
+    encode = TableMeta.encode  # as an earlier release encodes it: no key identity
+    monkeypatch.setattr(TableMeta, "encode", lambda meta: {TABLE_META_KEY: encode(meta)[TABLE_META_KEY]})
+    train = labelled(tmp_path / "train.parquet", 30, 0, "t", bad=False)
+    db = str(tmp_path / "db")
+    run_build_db(segment_artifacts, "sst2", [str(train)], db, "sst2", DEFAULT_KEY, "overwrite", None)
+    monkeypatch.undo()
+    without = reexported(segment_artifacts, tmp_path / "artifacts", lambda m: m["embedders"].clear())
+    queries = labelled(tmp_path / "q.parquet", 3, 1, "q", bad=False)
+    line = re.escape(f"table 'sst2' was keyed with embedder {DEFAULT_KEY!r}, not in {without}")
+    with pytest.raises(RaeeConfigError, match=line):
+        run_classify(without, "sst2", db, "sst2", [str(queries)], str(tmp_path / "out"), 10, None)
+    with pytest.raises(RaeeConfigError, match=line):
+        evaluate(str(without), "sst2", db, "sst2", [str(queries)], k=5)
+    assert not (tmp_path / "out").exists()
 
 
 def republished_with(artifacts: Path, other: Path, name: str, into: Path) -> Path:

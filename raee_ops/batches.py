@@ -19,7 +19,7 @@ import pyarrow as pa
 from raee_ops import storage
 from raee_ops.artifacts import local_artifacts
 from raee_ops.calibration import log_softmax
-from raee_ops.errors import ArtifactError, RaeeRunError
+from raee_ops.errors import ArtifactError, RaeeError, RaeeRunError
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.faults import fault_point
 from raee_ops.key_names import key_width, layer_depth
@@ -146,14 +146,20 @@ class BatchWork:
 
     def predicted(self, model: Loaded, table: pa.Table, prompts: list[str]) -> tuple[list[pa.Table], list[pa.Table]]:
         """(`predict`'s tables, error tables): a batch that fails is retried row by row, so one offending row
-        becomes an error with its reason and the rest are kept."""
+        becomes an error with its reason and the rest are kept. A raee-ops error (the table unreadable or pruned,
+        the store failing, the artifacts changed) is no row's doing: it fails the job, even where it cleared before
+        the retries ended, and never turns rows into rejections."""
         try:
             return ([self.predict(model, table, prompts)] if table.num_rows else []), []
+        except RaeeError:
+            raise
         except Exception as batch_failure:
             rows, failed = [], []
             for i in range(table.num_rows):
                 try:
                     rows.append(self.predict(model, table.slice(i, 1), prompts[i : i + 1]))
+                except RaeeError:
+                    raise
                 except Exception as exc:  # becomes this row's error reason
                     failed.append(internal_errors(table.slice(i, 1), [f"inference failed: {exc!r}"]))
             if not rows:  # no row runs: the artifacts or the worker are broken, not the rows; the job fails

@@ -470,9 +470,13 @@ def read_column(table: lancedb.table.Table, column: str, where: str) -> pa.Chunk
         raise _read_failure(table, where, exc) from exc
 
 
-def _read_failure(table: lancedb.table.Table, where: str, exc: Exception) -> RaeeConfigError | VersionRemoved:
-    """The one line for a read of the table's version that failed: the version pruned meanwhile (a retry reads
-    the current one), else its files damaged."""
+def _read_failure(
+    table: lancedb.table.Table, where: str, exc: Exception
+) -> RaeeConfigError | VersionRemoved | StoreUnavailable:
+    """The one line for a read of the table's version that failed: the store failing or out of reach (a retry
+    reads it), the version pruned meanwhile (a retry reads the current one), else its files damaged."""
+    if _OUTAGE.search(str(exc)):
+        return StoreUnavailable(f"{where} could not be read: {_problem(exc)} (the store failed; retry later)")
     if _removed(table, table.version):
         return _version_removed(where, table.version)
     return _unreadable(where, exc)

@@ -954,6 +954,41 @@ def test_workers_read_the_table_version_the_driver_checked(segment_artifacts, tm
     assert Retriever(db, "sst2", checked.version).rows == 6  # ... is not what the run's workers read
 
 
+def test_a_store_failing_under_a_worker_is_retry_later_never_rejected_rows(
+    segment_artifacts,  # noqa: F811
+    db,
+    tmp_path,
+    monkeypatch,
+    capsys,
+):
+    """The table's first read in a worker failing a few times (an S3 503 outlasting the client's retries), then
+    working again: the batch failed, its rows were retried one by one, the first ones met the outage and became
+    rejections ("damaged files"), and the run ended balanced with exit 0. A raee-ops error is never a row's."""
+    from raee_ops import retrieval
+
+    queries = labelled(tmp_path / "q.parquet", 12, 1, "q", bad=False)
+    out = tmp_path / "out"
+    args = classify_args(str(segment_artifacts), str(db), str(out), str(queries), extra=["--strategy", "raee"])
+    real_read, failures = retrieval.InMemory.read.__func__, iter(range(3))
+
+    def hiccup(cls, table, columns):
+        if next(failures, None) is not None:
+            raise OSError("LanceError(IO): Generic S3 error: request failed, status: 503 Slow Down")
+        return real_read(cls, table, columns)
+
+    monkeypatch.setattr(retrieval.InMemory, "read", classmethod(hiccup))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        main(args)
+    line = one_error_line(SimpleNamespace(stderr=capsys.readouterr().err))
+    assert ended.value.code == 75 and "could not be read" in line and "retry later" in line, line
+    assert not (out / "_SUCCESS").exists()
+    monkeypatch.undo()
+    main(args)
+    assert read_folder(out, "predictions").num_rows == 12
+    assert not read_folder(out, "_errors").num_rows
+
+
 def test_build_db_default_key_needs_the_exported_embedder(tiny_llama_artifacts, tmp_path):
     """The default key is MiniLM's first layers; artifacts exported without it are refused up front with the ways
     out."""

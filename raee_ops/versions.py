@@ -42,8 +42,7 @@ from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, 
 def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, str] | None = None) -> dict[str, Any]:
     """Make `version` the current one, as a new version; then the table's info, with `restored`, `previous` and
     `changed` (False: the latest version held it already)."""
-    check_database(db_uri)
-    handle = open_table(db_uri, table, storage_options=storage_options)
+    handle = _exit_table(db_uri, table, storage_options)
     _check_version(handle, table, version)  # a typo is told at once, even while another run holds the table
     with hold(work_dir(db_uri, table), f"table {table!r}"):
         handle.checkout_latest()  # what another run committed (or pruned) before the claim was ours
@@ -56,6 +55,19 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
         # the errors folder in step with the version now current: the rejected rows of the runs it holds
         settle_errors(db_uri, table, default_errors_dir(db_uri, table), True, storage_options or {})
     return {"restored": version, "previous": previous, "changed": changed, **table_info(handle)}
+
+
+def _exit_table(db_uri: str, table: str, storage_options: dict[str, str] | None) -> lancedb.table.Table:
+    """The exit table rollback or prune acts on; another program's table (a misspelt --table, a companion) is
+    refused before anything is claimed or changed, as build-db refuses it."""
+    check_database(db_uri)
+    handle = open_table(db_uri, table, storage_options=storage_options)
+    if TableMeta.decode(handle.schema) is None:
+        raise RaeeConfigError(
+            f"table {table!r} in {db_uri} has no raee metadata: not an exit table built by raee-ops build-db, "
+            "so it is left alone (check --table)"
+        )
+    return handle
 
 
 def _holds(handle: lancedb.table.Table, version: int) -> bool:
@@ -148,8 +160,7 @@ def prune(
 ) -> Pruned:
     """Remove the table's versions that are neither among the `keep` newest nor replaced less than `grace` ago,
     and the companion's versions no kept one names (see the module doc)."""
-    check_database(db_uri)
-    handle = open_table(db_uri, table, storage_options=storage_options)
+    handle = _exit_table(db_uri, table, storage_options)
     db = connect(db_uri, storage_options)
     return _prune(db_uri, db, table_names(db), handle, keep, grace, dry_run, storage_options)
 

@@ -1,6 +1,7 @@
 """`raee-ops info`, `rollback` and `prune` on tables built by build-db from tiny segment artifacts."""
 
 import json
+import os
 import subprocess
 import time
 from datetime import timedelta
@@ -290,8 +291,9 @@ def test_a_dry_run_of_prune_names_the_versions_prune_then_removes(segment_artifa
 
 
 def test_prune_without_a_table_prunes_every_exit_table_and_names_those_another_run_holds(segment_artifacts, tmp_path):  # noqa: F811
-    """Two exit tables and one build-db did not write: both exit tables pruned, the other left alone; with one of
-    them held by another run, the other is pruned and the command ends with exit 75 naming the held one."""
+    """Two exit tables and one build-db did not write: both exit tables pruned, the other left alone (and refused
+    when named); with one of them held by another run, the other is pruned and the command ends with exit 75
+    naming the held one."""
     db = build_twice(segment_artifacts, tmp_path)
     rows = labelled(tmp_path / "other.parquet", 8, 4, "o", bad=False)
     for mode in ("overwrite", "overwrite"):
@@ -309,6 +311,12 @@ def test_prune_without_a_table_prunes_every_exit_table_and_names_those_another_r
     done = json.loads(run_cli("prune", "--db", db, "--keep", "1", "--grace", "0", "--json").stdout)
     assert [(t["table"], t["removed"], t["kept"]) for t in done["tables"]] == [("other", [1], [2]), ("sst2", [], [2])]
     assert [v["version"] for v in describe(db, "notes")["tables"][0]["versions"]] == [1, 2]
+    # named (a misspelt --table): refused, not compacted and pruned as if build-db had written it (exit 0 or 1)
+    for named in (["prune", "--keep", "1", "--grace", "0"], ["rollback", "--version", "1"]):
+        run = run_cli(*named, "--db", db, "--table", "notes")
+        assert run.returncode == 2 and "'notes'" in run.stderr and "not an exit table" in run.stderr, run.stderr
+    assert [v["version"] for v in describe(db, "notes")["tables"][0]["versions"]] == [1, 2]
+    assert not os.path.exists(os.path.join(db, "_raee-work", "notes"))
     empty = tmp_path / "empty"
     lancedb.connect(str(empty)).create_table("notes", pa.table({"x": [1]}))
     none = run_cli("prune", "--db", str(empty), "--keep", "1")

@@ -111,8 +111,9 @@ class BuildSummary:
     def render(self) -> str:
         if self.done:
             return (
-                f"build-db {self.table} ({self.mode}): already done: table version {self.version} was written by "
-                f"this same job (settings and input files, {self.rows_in} rows); nothing written\n"
+                f"build-db {self.table} ({self.mode}): already done: table version {self.version} holds the rows of "
+                f"this same job (settings and input files, {self.rows_in} rows), committed by an earlier run of it; "
+                "nothing written\n"
                 f"errors: {self.errors_dir}"
             )
         balance = "ok" if self.rows_in == self.written + self.rejected else "MISMATCH"
@@ -150,7 +151,8 @@ class AppendBase:
 
     version: int
     views: tuple[str, ...] | None
-    done: RunRecord | None = None  # the current version's run, this very job's (an append retried after its commit)
+    #: This very job's run, whose rows the version holds (an append retried after its commit)
+    done: RunRecord | None = None
 
 
 def claimed_append_base(
@@ -165,10 +167,11 @@ def claimed_append_base(
         TableMeta.decode(opened.schema), expected, f"table {table!r} in {db_uri}, replaced since this run began,"
     )
     record, probes = RunRecord.of(opened.schema), table_probes(opened.schema)
-    if record is not None and record.job == job:
+    done = record.run_of(job) if record is not None else None
+    if done is not None:
         if not opened.list_indices():  # killed between its commit and its index
             build_index(opened)
-        return AppendBase(opened.version, None, done=record)
+        return AppendBase(opened.version, None, done=done)
     present = read_column(opened, ID, f"table {table!r} in {db_uri}").combine_chunks()  # the ids alone
     if not len(present):  # built empty (--allow-empty): no probes, no old rows; the append fits them as a build does
         return AppendBase(opened.version, None)
@@ -197,7 +200,8 @@ def _committed_earlier(
 ) -> RunRecord | None:
     """This very job's run record further back in the table's history, when every row it added is still in the
     table: an append killed after its commit, retried after another append committed, finds its rows and is done
-    (it was refused for their ids, exit 2, which schedulers do not retry). Walked only when ids clash."""
+    (it was refused for their ids, exit 2, which schedulers do not retry). Walked only when ids clash, for tables
+    whose current version's lineage does not record its runs' jobs (`RunRecord.run_of`: written before it did)."""
     handle = open_table(db_uri, table, storage_options=storage_options)
     for version, schema in itertools.islice(version_schemas(handle), 1, None):  # further back than the latest
         record = RunRecord.of(schema)

@@ -25,12 +25,13 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import pyarrow as pa
 
 from raee_ops import storage
 from raee_ops.commit import remove_leftovers, say
-from raee_ops.schemas.tables import LINEAGE_META_KEY, RUN_META_KEY, known_fields
+from raee_ops.schemas.tables import LINEAGE_JOBS_META_KEY, LINEAGE_META_KEY, RUN_META_KEY, known_fields
 
 STAGING, UNCOMMITTED, REPLACED = "_staging", "_uncommitted", "_replaced"
 #: In the table's work folder, from before a run stages rejected rows until it has published them: its errors folder.
@@ -45,23 +46,37 @@ ERRORS_FOLDER = "_errors"
 class RunRecord:
     """`rejected`: the rows the run rejected, which a retry of its job answers for against its own --max-rejected
     (None: a version recorded before they were counted). `lineage`: the runs whose rows the version holds, oldest
-    first, this one last (None: a version recorded before it was, or an append onto one)."""
+    first, this one last (None: a version recorded before it was, or an append onto one). `jobs`: the records of
+    the lineage's runs (`mode`, `job`, `rejected`) by run id, this one's included (those recorded since they were)."""
 
     run_id: str
     mode: str
     job: str
     rejected: int | None = None
     lineage: list[str] | None = None
+    jobs: dict[str, dict[str, Any]] | None = None
 
     @classmethod
     def new(cls, run_id: str, mode: str, job: str, rejected: int, base: pa.Schema | None) -> RunRecord:
         """This run's record; `base`: the schema of the version an append adds to (None: the table's first run),
         whose lineage this one's continues."""
+        own = {run_id: {"mode": mode, "job": job, "rejected": rejected}}
         if mode == "overwrite" or base is None:
-            return cls(run_id, mode, job, rejected, [run_id])
+            return cls(run_id, mode, job, rejected, [run_id], own)
         before = cls.of(base)
         holds = before.holds if before is not None else None
-        return cls(run_id, mode, job, rejected, None if holds is None else [*holds, run_id])
+        jobs = (before.jobs if before is not None and before.jobs else {}) | own
+        return cls(run_id, mode, job, rejected, None if holds is None else [*holds, run_id], jobs)
+
+    def run_of(self, job: str) -> RunRecord | None:
+        """The run of `job` whose rows this version holds, as recorded: its own, or one of its lineage (an append
+        killed after its commit, then appended onto; its own version may be pruned since). None: none recorded."""
+        if self.job == job:
+            return self
+        for run_id, record in (self.jobs or {}).items():
+            if record.get("job") == job:
+                return RunRecord(run_id, record["mode"], job, record.get("rejected"))
+        return None
 
     @property
     def holds(self) -> list[str] | None:
@@ -70,19 +85,24 @@ class RunRecord:
         return self.lineage if self.lineage is not None or self.mode != "overwrite" else [self.run_id]
 
     def metadata(self) -> dict[bytes, bytes]:
-        record = {name: value for name, value in asdict(self).items() if name != "lineage"}
+        record = {name: value for name, value in asdict(self).items() if name not in ("lineage", "jobs")}
         lineage = {} if self.lineage is None else {LINEAGE_META_KEY: json.dumps(self.lineage).encode()}
-        return {RUN_META_KEY: json.dumps(record).encode(), **lineage}
+        jobs = {} if self.jobs is None else {LINEAGE_JOBS_META_KEY: json.dumps(self.jobs).encode()}
+        return {RUN_META_KEY: json.dumps(record).encode(), **lineage, **jobs}
 
     @classmethod
     def of(cls, schema: pa.Schema) -> RunRecord | None:
         """None: a table built before runs were recorded. Fields a later release added are passed by."""
         metadata = schema.metadata or {}
-        raw, lineage = metadata.get(RUN_META_KEY), metadata.get(LINEAGE_META_KEY)
+        raw, lineage, jobs = (metadata.get(key) for key in (RUN_META_KEY, LINEAGE_META_KEY, LINEAGE_JOBS_META_KEY))
         if raw is None:
             return None
         record = known_fields(cls, json.loads(raw))
-        return cls(**{**record, "lineage": None if lineage is None else json.loads(lineage)})
+        return cls(**{**record, "lineage": _loaded(lineage), "jobs": _loaded(jobs)})
+
+
+def _loaded(raw: bytes | None) -> Any:
+    return None if raw is None else json.loads(raw)
 
 
 def scope(db_uri: str, table: str) -> str:

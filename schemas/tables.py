@@ -39,6 +39,9 @@ RUN_META_KEY = b"raee_run"
 #: The runs whose rows the version holds (its lineage), beside the run record rather than in it: a release before it
 #: refused a run record with a field it did not know.
 LINEAGE_META_KEY = b"raee_run_lineage"
+#: The lineage's runs' records (mode, job, rejected rows) by run id, beside it for the same reason: a retried append
+#: finds its job's rows held even once prune removed the version its killed run wrote.
+LINEAGE_JOBS_META_KEY = b"raee_run_lineage_jobs"
 #: Names a table may have: LanceDB's characters, no leading dot (a table is a folder `<name>.lance` in the database).
 TABLE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 #: The forms a backbone can read an input in: the task's prompt (template, instruction and all), or the bare input (the

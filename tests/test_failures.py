@@ -41,6 +41,7 @@ from raee_ops.inputs import read_validated_file
 from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.retrieval import conflict, table_names
 from raee_ops.rows import ROW_ID, SOURCE
+from raee_ops.run_record import RunRecord
 from raee_ops.tasks import PRESETS
 
 
@@ -721,10 +722,19 @@ def test_a_backbone_failing_every_row_that_runs_a_layer_fails_the_job():
     assert len(Broken().predicted(layer_key, rows, ["zero", "deep"])[0]) == 1
 
 
-def test_an_append_retried_after_another_committed_finds_its_rows_done(segment_artifacts, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("recorded", ["lineage", "history"])
+def test_an_append_retried_after_another_committed_finds_its_rows_done(
+    segment_artifacts,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    capsys,
+    recorded,
+):
     """An append killed after its commit, retried after another append committed: its rows are in the table, but
     'already done' looked at the current version's run only, and the retry was refused for their ids (exit 2, which
-    a scheduler does not retry: a finished job reported failed for good)."""
+    a scheduler does not retry: a finished job reported failed for good). The current version's lineage records
+    its job, even once a prune removed the version it wrote (the history held it no more: exit 2 again); a table
+    written before lineages recorded jobs is found in the history."""
     db = tmp_path / "db"
     inputs = [labelled(tmp_path / f"{name}.parquet", 8, seed, name, bad=False) for seed, name in enumerate("abc")]
     append = ["--mode", "append"]
@@ -732,8 +742,16 @@ def test_an_append_retried_after_another_committed_finds_its_rows_done(segment_a
     killed = raee_ops(*build_args(segment_artifacts, db, inputs[1], extra=append), fault="commit:table")
     assert killed.returncode == -signal.SIGKILL and table_state(db) == (16, 2)
     assert raee_ops(*build_args(segment_artifacts, db, inputs[2], extra=append)).returncode == 0
-    retry = raee_ops(*build_args(segment_artifacts, db, inputs[1], extra=append))
-    assert retry.returncode == 0 and "already done" in retry.stdout, retry.stderr
+    if recorded == "lineage":
+        pruned = raee_ops("prune", "--db", str(db), "--table", "sst2", "--keep", "1", "--grace", "0")
+        assert pruned.returncode == 0 and "removed versions 1-2" in pruned.stdout, pruned.stdout + pruned.stderr
+        retry = raee_ops(*build_args(segment_artifacts, db, inputs[1], extra=append))
+        assert retry.returncode == 0 and "already done: table version 3 holds" in retry.stdout, retry.stderr
+    else:
+        monkeypatch.setattr(RunRecord, "run_of", lambda self, job: self if self.job == job else None)
+        capsys.readouterr()
+        main(build_args(str(segment_artifacts), str(db), str(inputs[1]), extra=append))
+        assert "already done: table version 3 holds" in capsys.readouterr().out
     assert table_state(db)[0] == 24
 
 

@@ -68,7 +68,8 @@ DEFAULT_LAYER_PRICE = 0.1
 #: lists, besides the table's own (any other may be asked for).
 SHOWN_BUDGETS = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 SHOWN_PRICES = (0.0, 0.05, 0.1, 0.2, 0.3)
-CONF_GRID = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)  # 1.01: never confident, i.e. the last layer
+NEVER_CONFIDENT = 1.01  # a probe-conf threshold no probability reaches: every row leaves at the last layer
+CONF_GRID = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99, NEVER_CONFIDENT)
 
 
 #: The probe-fused settings in the order a Point stores them.
@@ -178,10 +179,12 @@ class ProbePolicy:
         if self.majority:
             why = "these settings did no better" if self.best_elsewhere() is None else "at this cost nothing did better"
             majority = f"; answers every row with the most common label: {why}"
-        tau, t = ("never" if value is None else value for value in (self.tau, self.t))
+        tau, t, conf_t = (
+            "never" if value in (None, NEVER_CONFIDENT) else value for value in (self.tau, self.t, self.conf_t)
+        )
         return (
             f"k={self.k} shrink={self.shrink} epsilon={self.epsilon} alpha={self.alpha} beta={self.beta} "
-            f"tau={tau} t={t}; probe-conf t={self.conf_t}; layer budget {self.layer_budget}, "
+            f"tau={tau} t={t}; probe-conf t={conf_t}; layer budget {self.layer_budget}, "
             f"layer price {self.layer_price}{majority}"
         )
 

@@ -3,7 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from raee_ops import exit_policy
+from raee_ops import exit_policy, probe_policy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import Context, Neighbours, resolve
 
@@ -199,6 +199,8 @@ def test_probe_fused_exits_where_the_neighbours_probes_are_right_or_at_0_when_ke
     ctx = Context(3, 2, k=10, probe_policy=_probe_policy(tau=None))
     assert exit_policy.probe_fused_exit(nb, ctx).tolist() == [2]
     assert "tau=never t=never;" in ctx.probe_policy.settings()  # as the README names them (it said tau=None)
+    never = dataclasses.replace(ctx.probe_policy, conf_t=probe_policy.NEVER_CONFIDENT)
+    assert "probe-conf t=never;" in never.settings()  # it said t=1.01
     # key probe 0.7 for label 1, vote 1.0: mixed half-half 0.85 -> exit 0 at tau 0.8, not at tau 0.9
     assert exit_policy.probe_fused_exit(nb, Context(3, 2, 10, probe_policy=_probe_policy(tau=0.8))).tolist() == [0]
     assert exit_policy.probe_fused_exit(nb, Context(3, 2, 10, probe_policy=_probe_policy(tau=0.9))).tolist() == [2]

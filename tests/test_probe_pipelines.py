@@ -22,7 +22,13 @@ from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate
 from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.inputs import read_validated_file
-from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE, HALVINGS, confident_exits
+from raee_ops.probe_policy import (
+    DEFAULT_LAYER_BUDGET,
+    DEFAULT_LAYER_PRICE,
+    HALVINGS,
+    NEVER_CONFIDENT,
+    confident_exits,
+)
 from raee_ops.readout import answer_batch
 from raee_ops.reference import Reference, assemble
 from raee_ops.report import render_markdown, write_report
@@ -190,7 +196,7 @@ def test_another_layer_budget_or_price_runs_the_settings_the_table_keeps_for_it(
 def _with_conf(policy, t):
     import dataclasses
 
-    return dataclasses.replace(policy, conf_t=1.01 if t is None else t)
+    return dataclasses.replace(policy, conf_t=NEVER_CONFIDENT if t is None else t)
 
 
 def test_append_refits_the_probes_on_every_row(segment_artifacts, signal, tmp_path):  # noqa: F811

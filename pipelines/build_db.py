@@ -59,6 +59,7 @@ from raee_ops.retrieval import (
     conflict,
     connect,
     expected_meta,
+    foreign_table,
     index_partitions,
     open_listed,
     open_table,
@@ -221,9 +222,8 @@ def refuse_replacing_foreign(db_uri: str, table: str, storage_options: dict[str,
     if table in table_names(db):
         with contextlib.suppress(Unfinished):  # no version: build-db's own, killed before its first commit
             if TableMeta.decode(open_listed(db, db_uri, table).schema) is None:
-                raise RaeeConfigError(
-                    f"table {table!r} in {db_uri} has no raee metadata: not an exit table built by raee-ops build-db, "
-                    "so build-db does not replace it (choose another --table)"
+                raise foreign_table(
+                    f"table {table!r} in {db_uri}", ", so build-db does not replace it (choose another --table)"
                 )
 
 

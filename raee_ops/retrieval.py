@@ -87,13 +87,23 @@ WHY = {
 }
 
 
+#: Fingerprints of another field's subject: told only where the subject matched (another key is no key exported
+#: otherwise).
+SUBJECT = {"task_fingerprint": "task", "key_fingerprint": "embedder"}
+
+
+def foreign_table(where: str, consequence: str = "") -> RaeeConfigError:
+    """A LanceDB table without raee-ops' identity: another program's, named by a misspelt --table."""
+    return RaeeConfigError(f"{where} has no raee metadata: not an exit table built by raee-ops build-db{consequence}")
+
+
 def check_meta(found: TableMeta | None, expected: TableMeta, where: str) -> None:
     """Refuse a table built from other artifacts, another task, embedder or depth, in one line."""
     if found is None:
-        raise RaeeConfigError(f"{where} has no raee metadata: not an exit table built by raee-ops build-db")
-    want = asdict(expected)
-    found_items = asdict(found).items()  # None: a field the table's build-db did not record yet
-    diffs = [f"{k} {v!r} (expected {want[k]!r}{WHY.get(k, '')})" for k, v in found_items if v not in (want[k], None)]
+        raise foreign_table(where)
+    want, have = asdict(expected), asdict(found)  # None: a field the table's build-db did not record yet
+    told = [k for k, v in have.items() if v not in (want[k], None)]
+    diffs = [f"{k} {have[k]!r} (expected {want[k]!r}{WHY.get(k, '')})" for k in told if SUBJECT.get(k) not in told]
     if diffs:
         raise RaeeConfigError(f"{where} does not match this run: {'; '.join(diffs)}")
 

@@ -34,7 +34,16 @@ from raee_ops.commit import check_held, hold
 from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.faults import fault_point
 from raee_ops.info import check_database, opened, table_info
-from raee_ops.retrieval import committing, connect, open_listed, open_table, table_folder, table_names, version_schemas
+from raee_ops.retrieval import (
+    committing,
+    connect,
+    foreign_table,
+    open_listed,
+    open_table,
+    table_folder,
+    table_names,
+    version_schemas,
+)
 from raee_ops.run_record import RunRecord, default_errors_dir, drop_replaced, scope, settle, settle_noted, work_dir
 from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, TableMeta
 
@@ -63,10 +72,7 @@ def _exit_table(db_uri: str, table: str, storage_options: dict[str, str] | None)
     check_database(db_uri)
     handle = open_table(db_uri, table, storage_options=storage_options)
     if TableMeta.decode(handle.schema) is None:
-        raise RaeeConfigError(
-            f"table {table!r} in {db_uri} has no raee metadata: not an exit table built by raee-ops build-db, "
-            "so it is left alone (check --table)"
-        )
+        raise foreign_table(f"table {table!r} in {db_uri}", ", so it is left alone (check --table)")
     return handle
 
 

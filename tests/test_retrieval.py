@@ -2,10 +2,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from raee_ops.pipelines.build_db import commit
 from raee_ops.schemas.tables import TableMeta, exit_table_schema
 
 from raee_ops import retrieval
+from raee_ops.errors import RaeeConfigError
 from raee_ops.retrieval import Retriever, table_names
 
 
@@ -86,3 +88,23 @@ def test_small_tables_are_searched_in_memory_as_lancedb_scans_them(tmp_path, mon
     for field in ("labels", "correct", "probe_correct", "logprobs"):
         np.testing.assert_array_equal(getattr(found, field), getattr(scanned, field))
     assert in_memory.search(queries, 1000).labels.shape == (50, 600)  # k past the table: every row
+
+
+def test_a_table_of_another_key_or_task_is_told_so_not_that_its_fingerprint_differs():
+    """Appending with another --embedder told the key's fingerprint too, as if the same key had been exported
+    otherwise; a fingerprint is told only where its subject (the key, the task) matched."""
+    keyed = TableMeta("f", "sst2", "minilm-2-int8", 3, ["a", "b"], "tf", key_fingerprint="k1")
+    backbone = TableMeta("f", "sst2", "backbone", 3, ["a", "b"], "tf")
+    with pytest.raises(RaeeConfigError) as told:
+        retrieval.check_meta(keyed, backbone, "table 't'")
+    assert "embedder 'minilm-2-int8' (expected 'backbone')" in str(told.value)
+    assert "key_fingerprint" not in str(told.value)
+    reexported = TableMeta("f", "sst2", "minilm-2-int8", 3, ["a", "b"], "tf", key_fingerprint="k2")
+    with pytest.raises(RaeeConfigError, match="key_fingerprint 'k1' .expected 'k2': the key embedder was exported"):
+        retrieval.check_meta(keyed, reexported, "table 't'")
+    other_task = TableMeta("f", "sst5", "minilm-2-int8", 3, ["a", "b"], "tf5", key_fingerprint="k1")
+    with pytest.raises(RaeeConfigError) as told:
+        retrieval.check_meta(keyed, other_task, "table 't'")
+    assert "task 'sst2' (expected 'sst5')" in str(told.value) and "task_fingerprint" not in str(told.value)
+    with pytest.raises(RaeeConfigError, match="not an exit table built by raee-ops build-db"):
+        retrieval.check_meta(None, keyed, "table 't'")

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raee_ops import storage
-from raee_ops.commit import hold
+from raee_ops.commit import check_unclaimed, hold
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import Evaluation
 from raee_ops.extras import install_line
@@ -75,6 +75,7 @@ def check_report_dir(directory: str, db_uri: str | None = None, inputs: Sequence
     check_outside_artifacts(directory, "--report")
     storage.check_folder(directory, "--report")
     refuse_others_files(directory)
+    check_unclaimed(directory, "--report")
 
 
 def refuse_others_files(directory: str) -> None:

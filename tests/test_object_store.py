@@ -44,9 +44,12 @@ KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "reg
 NO_AWS_ENV = {k: None for k in os.environ if k.startswith("AWS_")}
 
 
-def raee_ops(*args: str | Path, env: dict[str, str | None], cwd: Path) -> subprocess.CompletedProcess:
-    """The CLI in its own process with `env` added to (None: removed from) this one's, in `cwd`."""
-    return cli_runs.raee_ops(*args, env=env, cwd=cwd)
+def raee_ops(
+    *args: str | Path, env: dict[str, str | None], cwd: Path, fault: str | None = None
+) -> subprocess.CompletedProcess:
+    """The CLI in its own process with `env` added to (None: removed from) this one's, in `cwd`; `fault`: the point
+    where it kills itself (raee_ops.faults)."""
+    return cli_runs.raee_ops(*args, env=env, cwd=cwd, fault=fault)
 
 
 def free_port() -> int:
@@ -206,6 +209,11 @@ def test_export_build_classify_evaluate_all_on_s3(s3, tiny_llama_dir, tmp_path):
     assert other.returncode == 2 and "already holds a complete output" in one_error_line(other)
 
     evaluate = ["evaluate", "--artifacts", art, "--task", "sst2", "--db", db, "--report", f"{base}/report"]
+    client.put_object(Bucket=BUCKET, Key="e2e/report/_CLAIM-killed-run", Body=b"{}")  # a kill moments ago
+    held = raee_ops(*evaluate, "--input", f"{base}/in/train.parquet", *opts, env=env, cwd=cwd, fault="load:evaluate")
+    assert held.returncode == 75 and "another run is writing --report" in one_error_line(held)  # told before the
+    # work (where the model loads, a failure is injected: exit 1), not after it
+    client.delete_object(Bucket=BUCKET, Key="e2e/report/_CLAIM-killed-run")  # what an operator does for a dead run
     done = raee_ops(*evaluate, "--input", f"{base}/in/train.parquet", *opts, env=env, cwd=cwd)
     assert done.returncode == 0, done.stderr
     assert {"e2e/report/report.json", "e2e/report/report.md", "e2e/report/predictions.parquet"} <= set(
@@ -409,20 +417,26 @@ def test_portable_runner_with_an_external_worker_pool(s3, segment_artifacts, job
 
 
 def test_claims_on_an_object_store(s3, monkeypatch):
-    """A live claim refuses a second run; a claim not renewed within STALE_S is a dead run's and is removed."""
+    """A live claim refuses a second run, and a look before long work (evaluate's, which claims its report at the
+    end: a retry within a killed run's claim's lapse evaluated everything, then exited 75); a claim not renewed
+    within STALE_S is a dead run's and is removed."""
     from raee_ops import commit, storage
     from raee_ops.errors import Busy
 
     endpoint, client = s3
     storage.configure(s3_args(endpoint))
     place = f"s3://{BUCKET}/claims/out"
+    commit.check_unclaimed(place, "--output")
     with commit.claim_output(place, ["predictions-*.parquet"], "--output") as claim:
         storage.write_bytes(claim.staging_of("predictions-0.parquet"), b"x")
         with pytest.raises(Busy, match="another run is writing --output") as busy:
             with commit.claim_output(place, ["predictions-*.parquet"], "--output"):
                 pass
         assert "s after its last renewal; deleting it releases the place now" in str(busy.value)  # what to do
+        with pytest.raises(Busy, match="another run is writing --report"):
+            commit.check_unclaimed(place, "--report")
         claim.publish({"command": "test"})
+    commit.check_unclaimed(place, "--output")
     assert keys(client, "claims/out/") == ["claims/out/_SUCCESS", "claims/out/predictions-0.parquet"]
     client.put_object(Bucket=BUCKET, Key="claims/work/_CLAIM-dead-run", Body=b"{}")
     client.put_object(Bucket=BUCKET, Key="claims/work/dead-run/rows-0.parquet", Body=b"x")

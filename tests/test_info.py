@@ -152,7 +152,8 @@ def test_a_table_whose_data_files_are_gone_is_shown_unreadable_with_its_versions
     assert "   1  " in blocks["table t"] and "   2  " in blocks["table t"]  # the versions, version 1 among them
     as_json = json.loads(run_cli("info", "--db", str(db), "--table", "t", "--json").stdout)
     assert as_json["tables"][0]["unreadable"].startswith("table 't' cannot be read")
-    rollback(str(db), "t", 1)  # version 1's file is whole
+    lancedb.connect(str(db)).open_table("t").restore(1)  # version 1's file is whole (rollback refuses a table
+    # build-db did not write)
     assert run_cli("info", "--db", str(db), "--table", "t").returncode == 0
 
 

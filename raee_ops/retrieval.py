@@ -10,8 +10,9 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, replace
+from typing import TypeVar
 
 import lancedb
 import numpy as np
@@ -38,6 +39,7 @@ from raee_ops.schemas.tables import (
     flat_values,
 )
 
+T = TypeVar("T")
 #: From this many rows build-db gives the table an IVF_FLAT index and searches probe it; below, every search is exact,
 #: on a copy of the table read into memory. Memory, not speed, sets the line: in bench/retrieval.py the in-memory
 #: search was 3.7× the index's batched rate (at PROBE_SHARE) at 100k rows and 3.2× at 1M, but each worker process
@@ -325,12 +327,21 @@ class Retriever:
     def _search(self, vectors: np.ndarray, k: int, num_layers: int, num_labels: int) -> Neighbours:
         if self.rows < INDEX_MIN_ROWS:
             if self._memory is None:
-                self._memory = InMemory.read(self.table, self._columns())
+                self._memory = self._read(lambda: InMemory.read(self.table, self._columns()))
             return self._memory.search(vectors, k, num_layers, num_labels)
         query = self.table.search(list(vectors), vector_column_name="vector").metric("cosine").limit(k)
         query = query.bypass_vector_index() if self.nprobes is None else query.nprobes(self.nprobes)
-        hits = query.select([*self._columns(), "_distance"]).to_arrow()
+        hits = self._read(lambda: query.select([*self._columns(), "_distance"]).to_arrow())
         return _group(hits, len(vectors), k, num_layers, num_labels)
+
+    def _read(self, read: Callable[[], T]) -> T:
+        """A read of the table: its failure is the table's or the store's (`_read_failure`), which fails the job;
+        what the search then makes of the rows' keys fails their rows only (a key that is not finite finds no
+        neighbours in LanceDB)."""
+        try:
+            return read()
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise _read_failure(self.table, self.where, exc) from exc
 
     def _columns(self) -> list[str]:
         head = ["layer_correct", "layer_logprobs"] * self.has_head_answers
@@ -346,10 +357,7 @@ class Retriever:
         vectors = np.asarray(vectors, np.float32)
         if self.layer_key is not None:
             vectors = self.layer_key.apply(vectors)
-        try:
-            found = self._search(vectors, k, num_layers, num_labels)
-        except (ValueError, OSError, RuntimeError) as exc:
-            raise _read_failure(self.table, self.where, exc) from exc
+        found = self._search(vectors, k, num_layers, num_labels)
         if self.probes is None:
             return found
         return replace(found, key_logprobs=self.probes.key.log_probs(vectors))
@@ -513,8 +521,9 @@ def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels
         hits = hits.append_column("query_index", pa.array(np.zeros(hits.num_rows, np.int32)))
     hits = hits.sort_by([("query_index", "ascending"), ("_distance", "ascending")])
     query = hits.column("query_index").to_numpy()
-    if not np.array_equal(np.bincount(query, minlength=num_queries), np.full(num_queries, k)):
-        raise RuntimeError("LanceDB returned a different number of neighbours than asked for")
+    found = np.bincount(query, minlength=num_queries)
+    if not np.array_equal(found, np.full(num_queries, k)):
+        raise ValueError(f"{found.min()} neighbours found for a key, not {k} (a key that is not finite?)")
     similarity = 1.0 - hits.column("_distance").to_numpy().reshape(num_queries, k)
     return _neighbours(_arrays(hits.drop_columns(["query_index", "_distance"])), similarity, num_layers, num_labels)
 

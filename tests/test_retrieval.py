@@ -7,7 +7,7 @@ from raee_ops.pipelines.build_db import commit
 from raee_ops.schemas.tables import TableMeta, exit_table_schema
 
 from raee_ops import retrieval
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import RaeeConfigError, RaeeError
 from raee_ops.retrieval import Retriever, table_names
 
 
@@ -88,6 +88,21 @@ def test_small_tables_are_searched_in_memory_as_lancedb_scans_them(tmp_path, mon
     for field in ("labels", "correct", "probe_correct", "logprobs"):
         np.testing.assert_array_equal(getattr(found, field), getattr(scanned, field))
     assert in_memory.search(queries, 1000).labels.shape == (50, 600)  # k past the table: every row
+
+
+def test_a_key_that_finds_no_neighbours_is_its_rows_failure_not_the_tables(tmp_path, monkeypatch):
+    """LanceDB finds no neighbours for a key that is not finite: the search named the table damaged, a raee-ops
+    error that fails the whole job, where the batch's rows retried one by one reject that row alone."""
+    monkeypatch.setattr(retrieval, "INDEX_MIN_ROWS", 100)  # searched through LanceDB
+    table, keys = _exit_table(300)
+    commit(str(tmp_path), "t", table)
+    queries = keys[:4].copy()
+    queries[2] = np.nan
+    retriever = Retriever(str(tmp_path), "t")
+    with pytest.raises(ValueError, match="neighbours found for a key, not 5 .a key that is not finite") as failed:
+        retriever.search(queries, 5)
+    assert not isinstance(failed.value, RaeeError)
+    assert retriever.search(queries[[0, 1, 3]], 5).labels.shape == (3, 5)
 
 
 def test_a_table_of_another_key_or_task_is_told_so_not_that_its_fingerprint_differs():

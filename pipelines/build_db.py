@@ -201,8 +201,9 @@ def _committed_earlier(
 ) -> RunRecord | None:
     """This very job's run record further back in the table's history, when every row it added is still in the
     table: an append killed after its commit, retried after another append committed, finds its rows and is done
-    (it was refused for their ids, exit 2, which schedulers do not retry). Walked only when ids clash, for tables
-    whose current version's lineage does not record its runs' jobs (`RunRecord.run_of`: written before it did)."""
+    (it was refused for their ids, exit 2, which schedulers do not retry). Walked only when ids clash and the
+    current version's record names no run of this job (`RunRecord.run_of`: runs recorded before versions kept
+    their lineage's jobs, or more than JOBS_KEPT appends ago)."""
     handle = open_table(db_uri, table, storage_options=storage_options)
     for version, schema in itertools.islice(version_schemas(handle), 1, None):  # further back than the latest
         record = RunRecord.of(schema)

@@ -72,7 +72,8 @@ class CommitConflict(RetryLater):
 
 
 class StoreUnavailable(RetryLater):
-    """The object store did not answer (no connection, a timeout, a server error) before any work."""
+    """The object store did not answer (no connection, a timeout, a server error): before any work, or under a
+    worker reading the table."""
 
 
 class Interrupted(RaeeError):

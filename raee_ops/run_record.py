@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -34,6 +34,9 @@ from raee_ops.commit import remove_leftovers, say
 from raee_ops.schemas.tables import LINEAGE_JOBS_META_KEY, LINEAGE_META_KEY, RUN_META_KEY, known_fields
 
 STAGING, UNCOMMITTED, REPLACED = "_staging", "_uncommitted", "_replaced"
+#: Runs a version's `jobs` records: a killed append's retry comes within its scheduler's retries, not this many
+#: appends later, and the schema's metadata, copied into every search's result, must not grow with the table's age.
+JOBS_KEPT = 64
 #: In the table's work folder, from before a run stages rejected rows until it has published them: its errors folder.
 NOTE = "_ERRORS"
 #: A published error file's name: `errors-<run id>` and Beam's shard template.
@@ -47,7 +50,7 @@ class RunRecord:
     """`rejected`: the rows the run rejected, which a retry of its job answers for against its own --max-rejected
     (None: a version recorded before they were counted). `lineage`: the runs whose rows the version holds, oldest
     first, this one last (None: a version recorded before it was, or an append onto one). `jobs`: the records of
-    the lineage's runs (`mode`, `job`, `rejected`) by run id, this one's included (those recorded since they were)."""
+    the lineage's newest JOBS_KEPT runs (`mode`, `job`, `rejected`) by run id, oldest first, this one's last."""
 
     run_id: str
     mode: str
@@ -60,22 +63,29 @@ class RunRecord:
     def new(cls, run_id: str, mode: str, job: str, rejected: int, base: pa.Schema | None) -> RunRecord:
         """This run's record; `base`: the schema of the version an append adds to (None: the table's first run),
         whose lineage this one's continues."""
-        own = {run_id: {"mode": mode, "job": job, "rejected": rejected}}
+        record = cls(run_id, mode, job, rejected)
         if mode == "overwrite" or base is None:
-            return cls(run_id, mode, job, rejected, [run_id], own)
+            return replace(record, lineage=[run_id], jobs=record.entry())
         before = cls.of(base)
-        holds = before.holds if before is not None else None
-        jobs = (before.jobs if before is not None and before.jobs else {}) | own
-        return cls(run_id, mode, job, rejected, None if holds is None else [*holds, run_id], jobs)
+        if before is None:
+            return replace(record, jobs=record.entry())
+        jobs = list(((before.jobs if before.jobs is not None else before.entry()) | record.entry()).items())
+        lineage = None if before.holds is None else [*before.holds, run_id]
+        return replace(record, lineage=lineage, jobs=dict(jobs[-JOBS_KEPT:]))
+
+    def entry(self) -> dict[str, dict[str, Any]]:
+        """This run in a version's `jobs`."""
+        return {self.run_id: {"mode": self.mode, "job": self.job, "rejected": self.rejected}}
 
     def run_of(self, job: str) -> RunRecord | None:
-        """The run of `job` whose rows this version holds, as recorded: its own, or one of its lineage (an append
-        killed after its commit, then appended onto; its own version may be pruned since). None: none recorded."""
+        """The run of `job` whose rows this version holds, as recorded: its own, or one of its lineage's newest
+        (an append killed after its commit, then appended onto; its own version may be pruned since). None: none
+        recorded."""
         if self.job == job:
             return self
-        for run_id, record in (self.jobs or {}).items():
-            if record.get("job") == job:
-                return RunRecord(run_id, record["mode"], job, record.get("rejected"))
+        for run_id, entry in (self.jobs or {}).items():
+            if entry.get("job") == job:
+                return RunRecord(**known_fields(RunRecord, {**entry, "run_id": run_id}))
         return None
 
     @property

@@ -67,8 +67,8 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
 
 
 def _exit_table(db_uri: str, table: str, storage_options: dict[str, str] | None) -> lancedb.table.Table:
-    """The exit table rollback or prune acts on; another program's table (a misspelt --table, a companion) is
-    refused before anything is claimed or changed, as build-db refuses it."""
+    """The exit table rollback or prune acts on; another program's table (a misspelt --table) is refused before
+    anything is claimed or changed, as build-db refuses it."""
     check_database(db_uri)
     handle = open_table(db_uri, table, storage_options=storage_options)
     if TableMeta.decode(handle.schema) is None:

@@ -41,7 +41,7 @@ from raee_ops.inputs import read_validated_file
 from raee_ops.key_names import DEFAULT_KEY
 from raee_ops.retrieval import conflict, table_names
 from raee_ops.rows import ROW_ID, SOURCE
-from raee_ops.run_record import RunRecord
+from raee_ops.run_record import JOBS_KEPT, RunRecord
 from raee_ops.tasks import PRESETS
 
 
@@ -720,6 +720,26 @@ def test_a_backbone_failing_every_row_that_runs_a_layer_fails_the_job():
     ]
     layer_key = SimpleNamespace(context=SimpleNamespace(key_depth=2))  # its exit 0 ran the key's layers
     assert len(Broken().predicted(layer_key, rows, ["zero", "deep"])[0]) == 1
+
+
+def test_a_versions_record_names_the_jobs_whose_rows_it_holds():
+    """An append continues its base's jobs (seeded with the base's own run where its release recorded none), an
+    overwrite starts them anew (a re-append of an earlier job is then no 'already done': its rows are gone), and
+    only the newest JOBS_KEPT are kept, so the schema's metadata does not grow with the table's age."""
+    schema = pa.schema([("x", pa.int8())])
+    first = RunRecord.new("r0", "overwrite", "J0", 1, None)
+    assert first.run_of("J0") == first and first.jobs == first.entry()
+    old = RunRecord("r0", "overwrite", "J0", 1, ["r0"])  # as an earlier release recorded it: no jobs
+    onto_old = RunRecord.new("r1", "append", "J1", 0, schema.with_metadata(old.metadata()))
+    assert onto_old.run_of("J0") == RunRecord("r0", "overwrite", "J0", 1) and onto_old.lineage == ["r0", "r1"]
+    version = first
+    for n in range(1, 80):
+        version = RunRecord.new(f"r{n}", "append", f"J{n}", n, schema.with_metadata(version.metadata()))
+    assert version.run_of("J79") == version and version.run_of("J16") == RunRecord("r16", "append", "J16", 16)
+    assert version.run_of("J15") is None and len(version.jobs) == JOBS_KEPT == 64 and len(version.lineage) == 80
+    assert RunRecord.of(schema.with_metadata(version.metadata())) == version
+    replaced = RunRecord.new("r80", "overwrite", "J80", 0, schema.with_metadata(version.metadata()))
+    assert replaced.run_of("J79") is None and replaced.lineage == ["r80"]
 
 
 @pytest.mark.parametrize("recorded", ["lineage", "history"])

@@ -174,7 +174,11 @@ def claimed(place: str, what: str) -> Iterator[None]:
     live = [c.path for c in others if now - c.last_updated_in_seconds < STALE_S]
     if live:
         storage.delete([mine])
-        raise _taken(place, what, live[0])
+        raise Busy(
+            f"another run is writing {what} ({place}; its claim {storage.name(live[0])} was renewed less than "
+            f"{STALE_S:.0f} s ago); retry when it has finished (a killed run's claim lapses {STALE_S:.0f} s after its "
+            "last renewal; deleting it releases the place now, if no run is alive to renew it)"
+        )
     remove_leftovers([c.path for c in others], place)
     beat = _held[place] = _Beat(mine)
     try:
@@ -185,24 +189,14 @@ def claimed(place: str, what: str) -> Iterator[None]:
         storage.delete([mine])
 
 
-def _taken(place: str, what: str, claim: str) -> Busy:
-    return Busy(
-        f"another run is writing {what} ({place}; its claim {storage.name(claim)} was renewed less than "
-        f"{STALE_S:.0f} s ago); retry when it has finished (a killed run's claim lapses {STALE_S:.0f} s after its "
-        "last renewal; deleting it releases the place now, if no run is alive to renew it)"
-    )
-
-
 def check_unclaimed(place: str, what: str) -> None:
     """Before long work whose place is claimed only at its end (evaluate's report): refuse at once where a live
     run's claim on an object store would refuse it then (within a killed run's claim's lapse, say), not after the
-    work. A local place is locked then, waiting for the other run: nothing to tell."""
-    if storage.is_local(place):
-        return
-    now = time.time()
-    live = [c.path for c in _claims(place) if now - c.last_updated_in_seconds < STALE_S]
-    if live:
-        raise _taken(place, what, live[0])
+    work; a claim taken and let go at once, so the store's clock judges, as then. A local place is locked then,
+    waiting for the other run: nothing to tell."""
+    if not storage.is_local(place):
+        with claimed(place, what):
+            pass
 
 
 @contextmanager

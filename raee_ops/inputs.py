@@ -10,7 +10,7 @@ row group that could not be read become error rows naming the file, and the next
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from functools import cache
 
 import pyarrow as pa
@@ -25,6 +25,7 @@ from raee_ops.rows import (
     Validated,
     check_columns,
     errors_table,
+    nan_ids_as_null,
     positions,
     row_ids,
     validate,
@@ -45,7 +46,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
 def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
     """Every file of every pattern (path, size, modification time), each file once; a pattern that matches nothing
     is an error (a typo must not silently drop an input)."""
-    files: dict[str, FileMetadata] = {}
+    files: dict[Hashable, FileMetadata] = {}
     for pattern in patterns:
         storage.check_scheme(pattern, "--input")
         # a folder: an object store lists every key under a prefix, `_SUCCESS` and backups too
@@ -58,8 +59,8 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
             refuse_unreadable(pattern)
         if not matched:
             raise RaeeConfigError(f"--input {pattern}: no such file (no Parquet files match)")
-        for m in matched:  # a local file once, however spelt (a link to it, another route): read twice otherwise
-            files.setdefault(storage.resolved(m.path), m)
+        for m in matched:  # a file once, however named (a link to it, another route): read twice otherwise
+            files.setdefault(storage.identity(m.path), m)
     return list(files.values())
 
 
@@ -87,10 +88,11 @@ def refuse_reading_own_output(
 
 def refuse_matched_outputs(patterns: Sequence[str], folder: str, written: Sequence[str], what: str) -> None:
     """Refuse, before any work, a folder to write whose files (`written`: names of the kind the run writes there) an
-    input pattern matches: the same command run again (a scheduler's retry) would read the first run's outputs as
-    input."""
+    input pattern matches, as spelt or through the links either names: the same command run again (a scheduler's
+    retry) would read the first run's outputs as input."""
     for pattern in patterns:
-        read = [name for name in written if storage.matches(pattern, storage.join(folder, name))]
+        spellings = ((pattern, folder), (storage.resolved_pattern(pattern), storage.resolved(folder)))
+        read = [n for n in written for glob, where in spellings if storage.matches(glob, storage.join(where, n))]
         if read:
             raise RaeeConfigError(
                 f"--input {pattern} matches what this run writes to {what} {folder} ({read[0]}), which the same "
@@ -204,6 +206,7 @@ def file_keys(path: str, group_column: str | None = None) -> tuple[pa.Array, pa.
             except (OSError, pa.ArrowException):
                 table = None
             if table is not None:
+                table = nan_ids_as_null(table)
                 ids.append(row_ids(table, key() if _positional(table) else "", first)[0])
                 if group_column:
                     names.append(_group_names(table.column(group_column).combine_chunks(), path, group_column))

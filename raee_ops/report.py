@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raee_ops import storage
-from raee_ops.commit import check_unclaimed, hold
+from raee_ops.commit import SUCCESS, check_unclaimed, hold, some
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import Evaluation
 from raee_ops.extras import install_line
@@ -26,6 +27,8 @@ from raee_ops.schemas.manifest import check_outside_artifacts
 SHOWN_REJECTED = 20
 #: The report's files, in the order they are written (report.json last: it marks a complete report).
 REPORT_FILES = ("report.md", "report.png", "predictions.parquet", "report.json")
+#: A file name Beam's writers give a shard (`predictions-00000-of-00001.parquet`).
+_SHARD = re.compile(r".+-\d+-of-\d+\.parquet")
 #: Written before the report's files are replaced, removed once report.json is: files beside it are a killed
 #: evaluate's, which the next may replace.
 WRITING = "_WRITING"
@@ -81,8 +84,16 @@ def check_report_dir(directory: str, db_uri: str | None = None, inputs: Sequence
 def refuse_others_files(directory: str) -> None:
     """A report replaces only an earlier evaluate's files (a complete report, whose report.json says so, or a
     killed run's): a folder holding a predictions.parquet or report.md of someone else's is refused, not
-    overwritten."""
-    there = [n for n in REPORT_FILES if storage.exists(storage.join(directory, n))]
+    overwritten; and one holding another command's output (a complete one's `_SUCCESS`, the shards Beam wrote:
+    classify's predictions, build-db's errors) is refused, not written into: read whole, it would no longer read as
+    theirs. An input beside the report is no output."""
+    names = storage.children(directory)
+    others = [n for n in names if n == SUCCESS or _SHARD.fullmatch(n)]
+    if others:
+        raise RaeeConfigError(
+            f"--report {directory} holds {some(others)}, another command's output: choose a folder of its own"
+        )
+    there = [n for n in REPORT_FILES if n in names]
     if (
         not there
         or storage.exists(storage.join(directory, WRITING))

@@ -177,7 +177,7 @@ def _text_ids(schema: pa.Schema) -> pa.Schema:
     return schema.set(schema.get_field_index(ID), schema.field(ID).with_type(t))
 
 
-def _nan_ids_as_null(table: pa.Table) -> pa.Table:
+def nan_ids_as_null(table: pa.Table) -> pa.Table:
     """A NaN in a float `id` column is no id (NaN equals nothing, not even itself: its prediction could not be
     joined back), so it is a null, rejected by `unjoinable` as one."""
     if ID not in table.column_names or not pa.types.is_floating(table.schema.field(ID).type):
@@ -292,7 +292,7 @@ def validate(
     if read != table.schema:
         table = table.cast(read)
     check_columns(table.schema, task, need_label, source)
-    table = _nan_ids_as_null(table)
+    table = nan_ids_as_null(table)
     checks = []
     for column in text_columns(task):
         table, column_checks = _text_reasons(table, column)

@@ -21,7 +21,7 @@ import re
 import shutil
 import socket
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any, BinaryIO
 
 import pyarrow as pa
@@ -78,6 +78,28 @@ def resolved(uri: str) -> str:
     """What a location is: `canonical`, a local path's links resolved too (a file or database named through a link
     is that file or database)."""
     return os.path.realpath(local_path(uri)) if is_local(uri) else canonical(uri)
+
+
+def identity(uri: str) -> Hashable:
+    """What a file is, however it is named: a local file's device and inode (another spelling, a symbolic or a hard
+    link to it), else `resolved`."""
+    if is_local(uri):
+        try:
+            found = os.stat(local_path(uri))
+        except OSError:  # gone since it was listed: reading it says so
+            return resolved(uri)
+        return found.st_dev, found.st_ino
+    return resolved(uri)
+
+
+def resolved_pattern(pattern: str) -> str:
+    """A glob as `resolved` spells a location: a local pattern's folders before its first glob character with their
+    links resolved (what `match` lists through them lies there)."""
+    if not is_local(pattern):
+        return canonical(pattern)
+    parts = os.path.abspath(local_path(pattern)).split("/")
+    first = next((i for i, part in enumerate(parts) if is_pattern(part)), len(parts))
+    return os.path.join(os.path.realpath("/".join(parts[:first]) or "/"), *parts[first:])
 
 
 _options = PipelineOptions([])  # the run's, as `configure` last gave them to Beam's filesystems

@@ -39,6 +39,7 @@ from raee_ops.errors import ArtifactError, RaeeConfigError, RaeeRunError
 from raee_ops.evaluate import evaluate
 from raee_ops.inputs import read_validated_file
 from raee_ops.key_names import DEFAULT_KEY
+from raee_ops.report import REPORT_FILES
 from raee_ops.retrieval import conflict, table_names
 from raee_ops.rows import ROW_ID, SOURCE
 from raee_ops.run_record import JOBS_KEPT, RunRecord
@@ -469,10 +470,13 @@ def test_outputs_inside_an_artifacts_folder_are_refused_before_any_work(segment_
 def test_outputs_among_or_matched_by_the_inputs_are_refused_before_any_work(segment_artifacts, db, tmp_path):  # noqa: F811
     """Outputs an --input pattern matches are read as input by the same command run again (a scheduler's retry),
     whichever command writes them; Parquet outputs written beside the inputs, or in a folder above them (readers
-    take a folder whole, subfolders included; only beside them was refused), mix with them: both are refused. A
-    report (no Parquet) may lie beside its input."""
+    take a folder whole, subfolders included; only beside them was refused), mix with them: both are refused, the
+    input or the output named through a link too (sweep S: it was not, and the retry was refused). A report (no
+    Parquet) may lie beside its input, but not in classify's output, nor classify's in a report (sweep S: each wrote
+    into the other's, exit 0, and the folder no longer read as predictions)."""
     data = tmp_path / "data"
     data.mkdir()
+    (tmp_path / "data-link").symlink_to(data)
     queries = labelled(data / "q.parquet", 3, 1, "q", bad=False)
     before = sorted(tmp_path.rglob("*"))
     run = raee_ops(*classify_args(segment_artifacts, db, data, f"{data}/*.parquet"))
@@ -485,6 +489,10 @@ def test_outputs_among_or_matched_by_the_inputs_are_refused_before_any_work(segm
     line = one_error_line(run)
     assert run.returncode == 2 and f"--input {data}/**.parquet matches what this run writes to --output" in line
     assert "(predictions-00000-of-00001.parquet)" in line, line
+    linked = ((f"{tmp_path}/data-link/**.parquet", data / "out"), (f"{data}/**", tmp_path / "data-link" / "out"))
+    for pattern, out in linked:
+        run = raee_ops(*classify_args(segment_artifacts, db, out, pattern))
+        assert run.returncode == 2 and f"--input {pattern} matches what this run writes to" in one_error_line(run)
     run = raee_ops(*build_args(segment_artifacts, db, f"{data}/**", table="t2", extra=["--errors", data / "e"]))
     assert run.returncode == 2 and f"matches what this run writes to --errors {data / 'e'}" in one_error_line(run)
     report = ["evaluate", "--artifacts", segment_artifacts, "--task", "sst2", "--db", db, "--report", data]
@@ -497,6 +505,13 @@ def test_outputs_among_or_matched_by_the_inputs_are_refused_before_any_work(segm
     assert run.returncode == 0 and "already done" in run.stdout + run.stderr, run.stderr
     run = raee_ops(*report, "--input", queries, "--strategy", "probe-best")
     assert run.returncode == 0 and (data / "report.json").exists(), run.stderr
+    run = raee_ops(*report[:-1], data / "out", "--input", queries, "--strategy", "probe-best")
+    line = one_error_line(run)
+    assert run.returncode == 2 and f"--report {data / 'out'} holds _SUCCESS, " in line and "another command's" in line
+    shutil.copytree(data, tmp_path / "report", ignore=shutil.ignore_patterns("q.parquet", "out"))
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "report", queries))
+    assert run.returncode == 2 and "holds predictions.parquet, report.json, report.md" in one_error_line(run)
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(REPORT_FILES)
 
 
 def test_inputs_from_different_writers_are_read_in_one_schema(segment_artifacts, db, tmp_path):  # noqa: F811

@@ -461,16 +461,22 @@ def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position_once_per_rea
     assert ids(mixed) == [["a", "row:k1:1"], ["row:k1:2", "d"]] and hashed == [str(mixed)]
     assert ids(mixed) == [["a", "row:k2:1"], ["row:k2:2", "d"]] and hashed == [str(mixed)] * 2
     assert inputs.file_keys(str(mixed))[0].to_pylist() == ["a", "row:k3:1", "row:k3:2", "d"]
+    floats = tmp_path / "floats.parquet"  # NaN is no id, as null is (sweep S: two NaN ids were one id twice)
+    pq.write_table(pa.table({"id": [1.0, float("nan"), float("nan")], "text": ["a", "b", "c"]}), floats)
+    assert inputs.file_keys(str(floats))[0].to_pylist() == ["1", "row:k4:1", "row:k4:2"]
 
 
 def test_inputs_read_each_local_file_once_and_refuse_what_is_not_a_file(tmp_path):
-    """A link to an input is that input (its rows were read twice, under the same ids); a link to nothing that a glob
-    matches was skipped by Beam's glob without a word, and a named pipe hung the run reading it: both refused."""
+    """A link to an input is that input (its rows were read twice, under the same ids), a hard link too (sweep S: a
+    glob matching a file and its hard link read it twice, exit 0); a link to nothing that a glob matches was skipped
+    by Beam's glob without a word, and a named pipe hung the run reading it: both refused."""
     data = tmp_path / "data"
     data.mkdir()
     real = write_labelled(data / "a.parquet", ["a"], ["good"], [1])
     (data / "b.parquet").symlink_to(real.name)
+    os.link(real, data / "hard.parquet")
     assert [m.path for m in inputs.input_files([f"{data}/*.parquet", str(real)])] == [str(real)]
+    (data / "hard.parquet").unlink()
     (data / "c.parquet").symlink_to(tmp_path / "gone.parquet")
     for pattern in (f"{data}/*.parquet", str(data / "c.parquet")):  # named alone, it was "no such file"
         with pytest.raises(RaeeConfigError, match=r"c.parquet is not a file that can be read: a link to nothing \("):

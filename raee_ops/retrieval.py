@@ -224,9 +224,15 @@ def open_listed(db: lancedb.DBConnection, db_uri: str, name: str) -> lancedb.tab
         if not storage.children(storage.join(table_folder(db_uri, name), "_versions"), "*.manifest"):
             raise Unfinished(
                 f"table {name!r} in {db_uri} has no committed version: the build-db creating it was stopped before "
-                "its first commit, or is creating it now (build-db of the table removes what a stopped one left)"
+                "its first commit, or is creating it now (an overwrite of the table by build-db removes what a stopped "
+                "one left)"
             ) from exc
-        raise _unreadable(f"table {name!r} in {db_uri}", exc) from exc
+        raise _unreadable(  # LanceDB opens no version of it, an earlier one neither: rollback and build-db cannot
+            f"table {name!r} in {db_uri}",
+            exc,
+            f"no version of it opens, so neither rollback nor build-db can mend it: restore its files, or move its "
+            f"folder {table_folder(db_uri, name)} away and rebuild it with build-db",
+        ) from exc
 
 
 def table_folder(db_uri: str, name: str) -> str:
@@ -234,12 +240,11 @@ def table_folder(db_uri: str, name: str) -> str:
     return storage.join(db_uri, f"{name}.lance")
 
 
-def _unreadable(where: str, exc: Exception) -> RaeeConfigError:
+def _unreadable(
+    where: str, exc: Exception, remedy: str = "restore them, or rebuild it with build-db"
+) -> RaeeConfigError:
     """The one line for a table whose files LanceDB cannot read, whichever read found it."""
-    return RaeeConfigError(
-        f"{where} cannot be read (damaged or incomplete files?): {_problem(exc)}; restore them, or rebuild it with "
-        "build-db"
-    )
+    return RaeeConfigError(f"{where} cannot be read (damaged or incomplete files?): {_problem(exc)}; {remedy}")
 
 
 def open_table(

@@ -128,6 +128,17 @@ def test_a_table_with_damaged_files_is_one_line_not_an_internal_error(tmp_path):
         assert damaged.returncode == 2
         assert damaged.stderr.startswith(f"error: table 't' in {db} cannot be read (damaged or incomplete files?): ")
         assert damaged.stderr.count("\n") == 1 and ".rs:" not in damaged.stderr
+        # no version opens: rollback and build-db fail alike, so the line does not send the operator to them (sweep T)
+        assert f"restore its files, or move its folder {db / 't.lance'} away and rebuild it" in damaged.stderr
+
+
+def test_a_table_without_a_committed_version_names_the_build_db_that_removes_it(tmp_path):
+    """Only an overwrite removes what a killed first build-db left; the line named any build-db, and an append is
+    refused with it (sweep T)."""
+    (tmp_path / "db" / "t.lance" / "data").mkdir(parents=True)
+    (tmp_path / "db" / "t.lance" / "data" / "half.lance").write_bytes(os.urandom(500))
+    with pytest.raises(retrieval.Unfinished, match="an overwrite of the table by build-db removes what a stopped"):
+        retrieval.open_table(str(tmp_path / "db"), "t")
 
 
 def test_a_table_whose_data_files_are_gone_is_shown_unreadable_with_its_versions_and_exit_2(tmp_path):

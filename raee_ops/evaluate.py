@@ -162,7 +162,7 @@ def _scores(labels: np.ndarray, pred: np.ndarray, metric: Metric, num_labels: in
 
 
 def _brief(report: dict[str, Any]) -> dict[str, float]:
-    keys = ("accuracy", "metric", "mean_exit_layer", "retrieval_only_share")
+    keys = ("accuracy", "metric", "mean_exit_layer", "mean_layers_run", "retrieval_only_share")
     return {key: report[key] for key in keys}
 
 
@@ -410,7 +410,6 @@ def _by_budget(
                 "reference_metric": at.loo_metric,
                 "reference_mean_exit": at.loo_mean_exit,
                 **_brief(report),
-                "mean_layers_run": report["mean_layers_run"],
             }
         )
     return out

@@ -186,9 +186,9 @@ def render_markdown(r: dict[str, Any]) -> str:
     ]
     against = r.get("default_against") or {}
     lines += _table(
-        ["baseline", "accuracy", name, "mean layers", "default minus it"],
+        ["baseline", "accuracy", name, "mean layers run", "default minus it"],
         [
-            [b, *([v["accuracy"], v["metric"], v["mean_exit_layer"]] if v else ["–"] * 3), _gap(against.get(b))]
+            [b, *([v["accuracy"], v["metric"], v["mean_layers_run"]] if v else ["–"] * 3), _gap(against.get(b))]
             for b, v in r["baselines"].items()
         ],
     )
@@ -297,7 +297,7 @@ def plot(r: dict[str, Any], path: io.BytesIO) -> None:
     for i, (name, b) in enumerate(r["baselines"].items()):
         if b is None:  # reads a label-word head this backbone does not have
             continue
-        curve.plot(b["mean_exit_layer"], b["accuracy"], "D", markersize=8, color=f"C{i}", mfc="none", label=name)
+        curve.plot(b["mean_layers_run"], b["accuracy"], "D", markersize=8, color=f"C{i}", mfc="none", label=name)
     width = 0.8 / max(len(r["strategies"]), 1)
     for i, (name, s) in enumerate(r["strategies"].items()):
         hist.bar(exit_layers - 0.4 + (i + 0.5) * width, s["exit_histogram"], width, color=f"C{i}", label=name)

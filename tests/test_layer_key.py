@@ -25,6 +25,7 @@ from raee_ops.key_names import check_key, key_available, key_width, layer_depth
 from raee_ops.layer_key import LayerKey
 from raee_ops.probe_policy import confident_exits
 from raee_ops.probes import PROMPT_VIEWS, VIEWS
+from raee_ops.report import render_markdown
 from raee_ops.retrieval import Retriever
 from raee_ops.runtime import SUB_BATCH, SegmentRuntime
 from raee_ops.tasks import PRESETS
@@ -142,6 +143,10 @@ def test_build_db_stores_standardized_keys_and_classify_answers_as_evaluate_scor
     default = report["strategies"]["probe-fused"]
     assert histogram[0] > 0  # rows answered at exit 0 ran the key's layers all the same
     assert default["mean_layers_run"] == pytest.approx(default["mean_exit_layer"] + DEPTH * histogram[0] / 120)
+    # what a user would pick instead is shown at the layers it ran too: key-lr ran the key's (sweep U: at exit 0)
+    assert report["baselines"]["key-lr"]["mean_layers_run"] == DEPTH
+    row = next(line for line in render_markdown(report).splitlines() if line.startswith("| key-lr |"))
+    assert row.split(" | ")[3] == f"{DEPTH:.4f}", row  # the baselines' table's "mean layers run"
 
 
 def test_append_keeps_the_tables_standardization_and_a_too_deep_key_is_refused(

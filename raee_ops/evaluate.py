@@ -58,6 +58,7 @@ from raee_ops.retrieval import (
     checked_table,
     other_metric,
     table_context,
+    table_probe_policy,
 )
 from raee_ops.schemas.manifest import Manifest, load_manifest
 from raee_ops.schemas.tables import EVALUATION_PREDICTIONS_SCHEMA, FEATURES, flat_values
@@ -280,6 +281,7 @@ def evaluate(
     check_table_contents(retriever.table, expected, True, f"table {table!r} in {db_uri}")
     ctx = table_context(retriever.table.schema, num_layers, num_labels, k, layer_budget, layer_price)
     policy, probes, probe_policy = ctx.policy, ctx.probes, ctx.probe_policy
+    own = table_probe_policy(retriever.table.schema)  # as build-db fitted it; `probe_policy`: at this run's cost
     if (head and policy is None) or probes is None or probe_policy is None:
         raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
     note = other_metric(ctx, task.metric_name, f"table {table!r} in {db_uri}")
@@ -303,7 +305,7 @@ def evaluate(
     keys = flat_values(rows, "vector").reshape(rows.num_rows, -1)
 
     vote_k = policy.k if policy else probe_policy.k
-    sweep = probe_policy.shown_costs()
+    sweep = own.shown_costs()
     depths = neighbour_depths(retriever.rows)
     nb = retriever.search(keys, max(k, vote_k, probe_policy.k, *(at.k for at in sweep), *depths))
     metric_name = task.metric_name
@@ -372,7 +374,8 @@ def evaluate(
             "key_reference_oof_metric": probes.key_oof_metric,
         },
         "policy": {name: value for name, value in policy.to_dict().items() if name != "bias"} if policy else None,
-        "probe_policy": probe_policy.to_dict(),
+        "probe_policy": own.to_dict(),
+        "layer_cost": {"layer_budget": probe_policy.layer_budget, "layer_price": probe_policy.layer_price},
         "default_by_budget": by_budget,
         "default_hindsight": None
         if bound is None

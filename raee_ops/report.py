@@ -274,6 +274,13 @@ def render_markdown(r: dict[str, Any]) -> str:
         json.dumps({k: v for k, v in r["probe_policy"].items() if not k.endswith("frontier")}),
         "",
     ]
+    cost, own = r["layer_cost"], r["probe_policy"]
+    if (cost["layer_budget"], cost["layer_price"]) != (own["layer_budget"], own.get("layer_price", 0.0)):
+        lines += [
+            f"This run scored the probe strategies at layer budget {cost['layer_budget']}, layer price "
+            f"{cost['layer_price']} (--layer-budget, --layer-price): the settings the table keeps for them.",
+            "",
+        ]
     if r["rejected_rows"]:
         lines += [f"## Rejected rows (first {min(SHOWN_REJECTED, r['rejected'])} of {r['rejected']})", ""]
         lines += _table(["id", "reason"], [[e["id"], e["reason"]] for e in r["rejected_rows"][:SHOWN_REJECTED]])

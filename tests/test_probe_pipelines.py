@@ -165,8 +165,11 @@ def test_another_layer_budget_or_price_runs_the_settings_the_table_keeps_for_it(
     db = str(root / "db")
     policy = Retriever(db, "sst2").probe_policy
     assert (policy.layer_budget, policy.layer_price) == (DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE)
-    sweep = {(b["layer_budget"], b["layer_price"]): b for b in report["default_by_budget"]}
+    sweep_rows = report["default_by_budget"]
+    sweep = {(b["layer_budget"], b["layer_price"]): b for b in sweep_rows}
     own = report["strategies"]["probe-fused"]
+    assert report["layer_cost"] == {"layer_budget": policy.layer_budget, "layer_price": policy.layer_price}
+    assert "(--layer-budget, --layer-price)" not in render_markdown(report)
     table_own = sweep[policy.layer_budget, policy.layer_price]
     assert (table_own["accuracy"], table_own["mean_exit_layer"]) == (own["accuracy"], own["mean_exit_layer"])
     runs = {
@@ -183,6 +186,11 @@ def test_another_layer_budget_or_price_runs_the_settings_the_table_keeps_for_it(
         right = predictions["prediction"].to_numpy() == predictions["label"].to_numpy()
         exits = predictions["exit_layer"].to_numpy()
         scored = evaluate(segment_artifacts, "sst2", db, "sst2", [str(test)], k=5, **option).report
+        # the table's own policy is reported as it, this run's cost beside it (sweep U: the override was shown as
+        # the table's, and the sweep "within the table's budget" ran within the override's)
+        assert scored["probe_policy"] == report["probe_policy"] and scored["default_by_budget"] == sweep_rows
+        assert scored["layer_cost"] == {"layer_budget": budget, "layer_price": price}
+        assert f"at layer budget {budget}, layer price {price} (--layer-budget" in render_markdown(scored)
         for expected in (scored["strategies"]["probe-fused"], sweep.get((budget, price), {})):
             assert float(np.mean(right)) == pytest.approx(expected.get("accuracy", np.mean(right)), abs=1e-9)
             assert float(exits.mean()) == pytest.approx(expected.get("mean_exit_layer", exits.mean()), abs=1e-9)

@@ -54,6 +54,8 @@ SUCCESS = "_SUCCESS"
 #: export's folder, even without a manifest.
 PUBLISHING = "_PUBLISHING"
 CLAIM = "_CLAIM-"
+#: How the file names Beam's writers give their shards end (`predictions-00000-of-00001.parquet`), as a regex.
+SHARD_ENDING = r"-\d+-of-\d+\.parquet"
 #: How often a run on an object store rewrites its claim, and after how long without it a claim is a dead run's.
 HEARTBEAT_S, STALE_S = 60.0, 600.0
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raee_ops import storage
-from raee_ops.commit import SUCCESS, check_unclaimed, hold, some
+from raee_ops.commit import SHARD_ENDING, SUCCESS, check_unclaimed, hold, some
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import Evaluation
 from raee_ops.extras import install_line
@@ -27,8 +27,7 @@ from raee_ops.schemas.manifest import check_outside_artifacts
 SHOWN_REJECTED = 20
 #: The report's files, in the order they are written (report.json last: it marks a complete report).
 REPORT_FILES = ("report.md", "report.png", "predictions.parquet", "report.json")
-#: A file name Beam's writers give a shard (`predictions-00000-of-00001.parquet`).
-_SHARD = re.compile(r".+-\d+-of-\d+\.parquet")
+_SHARD = re.compile(rf".+{SHARD_ENDING}")
 #: Written before the report's files are replaced, removed once report.json is: files beside it are a killed
 #: evaluate's, which the next may replace.
 WRITING = "_WRITING"
@@ -94,11 +93,7 @@ def refuse_others_files(directory: str) -> None:
             f"--report {directory} holds {some(others)}, another command's output: choose a folder of its own"
         )
     there = [n for n in REPORT_FILES if n in names]
-    if (
-        not there
-        or storage.exists(storage.join(directory, WRITING))
-        or _evaluates(storage.join(directory, "report.json"))
-    ):
+    if not there or WRITING in names or _evaluates(storage.join(directory, "report.json")):
         return
     raise RaeeConfigError(
         f"--report {directory} holds {', '.join(there)} that evaluate did not write (no evaluate report.json): "

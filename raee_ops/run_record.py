@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 
 from raee_ops import storage
-from raee_ops.commit import remove_leftovers, say
+from raee_ops.commit import SHARD_ENDING, remove_leftovers, say
 from raee_ops.schemas.tables import LINEAGE_JOBS_META_KEY, LINEAGE_META_KEY, RUN_META_KEY, known_fields
 
 STAGING, UNCOMMITTED, REPLACED = "_staging", "_uncommitted", "_replaced"
@@ -40,7 +40,7 @@ JOBS_KEPT = 64
 #: In the table's work folder, from before a run stages rejected rows until it has published them: its errors folder.
 NOTE = "_ERRORS"
 #: A published error file's name: `errors-<run id>` and Beam's shard template.
-_SHARD = re.compile(r"errors-(.+)-\d+-of-\d+\.parquet")
+_SHARD = re.compile(rf"errors-(.+){SHARD_ENDING}")
 #: The database's folder of its tables' default errors folders.
 ERRORS_FOLDER = "_errors"
 

@@ -84,11 +84,9 @@ def identity(uri: str) -> Hashable:
     """What a file is, however it is named: a local file's device and inode (another spelling, a symbolic or a hard
     link to it), else `resolved`."""
     if is_local(uri):
-        try:
+        with contextlib.suppress(OSError):  # gone since it was listed: reading it says so
             found = os.stat(local_path(uri))
-        except OSError:  # gone since it was listed: reading it says so
-            return resolved(uri)
-        return found.st_dev, found.st_ino
+            return found.st_dev, found.st_ino
     return resolved(uri)
 
 

@@ -37,6 +37,7 @@ from raee_ops.report import REPORT_FILES, WRITING
 from raee_ops.retrieval import (
     check_table_contents,
     checked_table,
+    neighbours_asked,
     other_metric,
     table_context,
 )
@@ -165,7 +166,9 @@ def run_classify(
     opened, expected = checked_table(db_uri, table, manifest, task_name, str(artifacts), settings.db_storage_options)
     version, table_schema, embedder = opened.version, opened.schema, expected.embedder
     reads_rows = chosen.needs_retrieval or chosen.needs_probes() or chosen.needs_policy
-    check_table_contents(opened, expected, chosen.needs_probes(), f"table {table!r} in {db_uri}", reads_rows)
+    table_rows = check_table_contents(
+        opened, expected, chosen.needs_probes(), f"table {table!r} in {db_uri}", reads_rows
+    )
     refuse_cost_options(chosen.needs_probe_policy, f"{strategy!r} has none", layer_budget, layer_price)
     ctx = table_context(table_schema, manifest.num_layers, len(task.label_names), k, layer_budget, layer_price)
     if chosen.needs_policy and ctx.policy is None:
@@ -182,7 +185,7 @@ def run_classify(
             strategy,
             CUDA_SUB_BATCH,
         )
-    described = describe(chosen, ctx.policy, ctx.probe_policy, ctx.probes, k)
+    described = describe(chosen, ctx.policy, ctx.probe_policy, ctx.probes, neighbours_asked(k, table_rows))
     found = input_files(inputs)
     refuse_reading_own_output(found, inputs, output_dir, OUTPUT_NAMES, "--output")
     files = [m.path for m in found]

@@ -278,7 +278,7 @@ def evaluate(
     opened, expected = checked_table(db_uri, table, manifest, task_name, str(artifacts), settings.db_storage_options)
     embedder = expected.embedder
     retriever = Retriever(db_uri, table, opened.version, settings.db_storage_options)
-    check_table_contents(retriever.table, expected, True, f"table {table!r} in {db_uri}")
+    table_rows = check_table_contents(retriever.table, expected, True, f"table {table!r} in {db_uri}")
     ctx = table_context(retriever.table.schema, num_layers, num_labels, k, layer_budget, layer_price)
     policy, probes, probe_policy = ctx.policy, ctx.probes, ctx.probe_policy
     own = table_probe_policy(retriever.table.schema)  # as build-db fitted it; `probe_policy`: at this run's cost
@@ -390,7 +390,9 @@ def evaluate(
             "default_held_out_metric": bound.default_held_out,
             "halvings": HALVINGS,
         },
-        "k": k,
+        "k": min(k, table_rows),  # a search finds at most the table's rows
+        "k_asked": k,
+        "table_rows": table_rows,
     }
     return Evaluation(report, _predictions(rows.column("id"), labels, answers, list(task.label_names)))
 

@@ -61,9 +61,14 @@ def answer_batch(
 
 
 def describe(
-    strategy: Strategy, policy: FusedPolicy | None, probe_policy: ProbePolicy | None, probes: ProbeSet | None, k: int
+    strategy: Strategy,
+    policy: FusedPolicy | None,
+    probe_policy: ProbePolicy | None,
+    probes: ProbeSet | None,
+    neighbours: str,
 ) -> str:
-    """The settings a strategy runs with, as classify prints them; for one reading probes, the input form it runs."""
+    """The settings a strategy runs with, as classify prints them (`neighbours`: --k as the run uses it); for one
+    reading probes, the input form it runs."""
     if strategy.needs_policy and policy is not None:
         return f"fitted on the table for {policy.metric}: {policy.settings()}"
     reads = (
@@ -75,4 +80,6 @@ def describe(
         if probe_policy is None:
             raise RaeeConfigError(f"strategy {strategy.name!r} needs the probe policy; rebuild the table with build-db")
         return f"fitted on the table for {probe_policy.metric}: {probe_policy.settings()}{reads}"
-    return (f"k={k}" if strategy.needs_retrieval else "no retrieval") + reads
+    if strategy.reads_key_probe:  # its one neighbour only carries the key: --k is not read
+        return "the probe on the retrieval key" + reads
+    return (neighbours if strategy.needs_retrieval else "no retrieval") + reads

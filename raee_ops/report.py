@@ -21,6 +21,7 @@ from raee_ops.evaluate import Evaluation
 from raee_ops.extras import install_line
 from raee_ops.inputs import refuse_matched_outputs
 from raee_ops.metrics import BOOTSTRAP_ROUNDS
+from raee_ops.retrieval import neighbours_asked
 from raee_ops.schemas.manifest import check_outside_artifacts
 
 #: Rejected rows shown in report.md (report.json lists them all).
@@ -150,8 +151,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"# Evaluation: {r['task']}",
         "",
         f"{r['rows']} rows scored, {r['rejected']} rejected; {r['num_layers']} layers; table `{r['table']}` "
-        f"(version {r['table_version']}, {r['embedder']} keys); k={r['k']} for the paper's rules; default strategy "
-        f"`{r['default_strategy']}`.",
+        f"(version {r['table_version']}, {r['embedder']} keys); {neighbours_asked(r['k_asked'], r['table_rows'])} "
+        f"for the paper's rules; default strategy `{r['default_strategy']}`.",
         "",
         "## Baselines",
         "",

@@ -470,10 +470,10 @@ def probe_identity(meta: TableMeta, rows: int) -> dict:
 
 def check_table_contents(
     table: lancedb.table.Table, expected: TableMeta, needed: bool, where: str, reads_rows: bool = True
-) -> None:
+) -> int:
     """Refuse an empty table (build-db --allow-empty makes one: no row has neighbours, probes or a policy to give)
     where the strategy `reads_rows` (`full` and `layer:N` read nothing of it); probes fitted for another table or
-    artifacts whenever a table has them; and a table without them when the strategy reads them."""
+    artifacts whenever a table has them; and a table without them when the strategy reads them. Returns its rows."""
     rows = table.count_rows()
     if rows == 0 and reads_rows:
         raise RaeeConfigError(f"{where} is empty: add reference rows with build-db --mode append first")
@@ -482,6 +482,12 @@ def check_table_contents(
     probes = table_probes(table.schema)
     if probes is not None or needed:
         check_probes(probes, probe_identity(expected, rows), where)
+    return rows
+
+
+def neighbours_asked(k: int, table_rows: int) -> str:
+    """--k as a run uses it: a search finds at most the table's rows, so a larger k is said to be that many."""
+    return f"k={k}" if k <= table_rows else f"k={table_rows} (--k {k}; the table holds {table_rows} rows)"
 
 
 def read_column(table: lancedb.table.Table, column: str, where: str) -> pa.ChunkedArray:

@@ -20,7 +20,7 @@ from raee_ops.commit import locked
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate, exported_task, strategy_rows
 from raee_ops.exit_policy import STRATEGIES
-from raee_ops.report import write_report
+from raee_ops.report import render_markdown, write_report
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS, Task
 
@@ -71,6 +71,14 @@ def test_strategies_are_consistent(evaluated):
             assert s["ideal_speedup"] == pytest.approx(3 / s["mean_exit_layer"])
     assert set(report["policy"]) >= {"k", "alpha", "epsilon", "tau", "metric", "loo_metric", "loo_mean_exit"}
     assert report["neighbour_vote"]["k"] == report["policy"]["k"] and report["k"] == 5
+
+
+def test_a_k_beyond_the_table_is_reported_as_the_rows_it_reads(segment_artifacts, evaluated):  # noqa: F811
+    """A search finds at most the table's 30 rows: --k 50 reads 30, and the report says so."""
+    root, held_out, _ = evaluated
+    report = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(held_out)], k=50, strategies=["raee"])
+    assert (report.report["k"], report.report["k_asked"], report.report["table_rows"]) == (30, 50, 30)
+    assert "k=30 (--k 50; the table holds 30 rows) for the paper's rules" in render_markdown(report.report)
 
 
 def test_predictions_are_the_rows_behind_every_number(evaluated):

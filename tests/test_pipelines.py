@@ -228,6 +228,7 @@ def test_classify_raee_predicts_valid_rows_and_rejects_bad(segment_artifacts, bu
     assert summary.beam_exit_counts in (None, summary.exit_counts)
     text = summary.render()
     assert "rows in: 25  predicted: 22  rejected: 3" in text and "mean exit layer:" in text
+    assert "classify with raee (k=5; 3 layers)" in text
 
 
 @pytest.mark.parametrize("strategy", ["key-lr", "knn-vote"])
@@ -235,8 +236,11 @@ def test_strategies_that_run_no_layer_answer_rows_over_max_length(segment_artifa
     """Only the backbone refuses a prompt over max_length (its readout is at the end); the key truncates, so a
     strategy answering from the key alone answers such a row instead of rejecting it."""
     root, _ = built
-    summary, predictions, errors = classify(segment_artifacts, root, f"no-layer-{strategy}", strategy=strategy)
+    summary, predictions, errors = classify(segment_artifacts, root, f"no-layer-{strategy}", strategy=strategy, k=50)
     assert (summary.rows_in, summary.predicted, summary.rejected) == (25, 23, 2)
+    # what it read, as the run says it: the key's probe ignores --k; the vote has the table's 30 rows, not 50
+    expected = {"key-lr": "the probe on the retrieval key", "knn-vote": "k=30 (--k 50; the table holds 30 rows)"}
+    assert summary.settings == expected[strategy]
     assert sorted(errors.column("id").to_pylist()) == ["blank", "null"]
     long = predictions.filter(pc.equal(predictions.column("id"), "long"))
     assert long.column("exit_layer").to_pylist() == [0]

@@ -246,7 +246,7 @@ def refuse_overwrite_with_nothing(table: str, allow_empty: bool) -> None:
     if not allow_empty:
         raise RaeeConfigError(
             f"no rows to write: --mode overwrite would replace table {table!r} with an empty one "
-            "(left unchanged; pass --allow-empty to do it anyway)"
+            "(nothing written; pass --allow-empty to do it anyway)"
         )
 
 
@@ -255,7 +255,7 @@ def refuse_one_row(table: str, rows: int) -> None:
     nothing an append could refit them from: refused, left unchanged."""
     if rows == 1:
         raise RaeeConfigError(
-            f"table {table!r} would hold 1 row: its probes and exit policies need at least 2 (left unchanged)"
+            f"table {table!r} would hold 1 row: its probes and exit policies need at least 2 (nothing written)"
         )
 
 
@@ -337,7 +337,7 @@ def run_build_db(
     run_id, where, work = new_run_id(), scope(db_uri, table), work_dir(db_uri, table)
     refuse_reading_own_output(found, inputs, errors_dir, [first_shard(f"errors-{run_id}")], "--errors")
     check_job_service(beam_args)  # the last check, the only one over the network: then the run makes its folders
-    with claim_work_dir(work, f"table {table!r}") as staging:
+    with claim_work_dir(work, f"table {table!r}", run_id) as staging:
         remove_unfinished(db_uri, table, store)
         settle_errors(db_uri, table, errors_dir, own_errors, store)
         base = claimed_append_base(db_uri, table, meta, ids, job, store) if mode == "append" else None
@@ -377,6 +377,9 @@ def run_build_db(
         except RaeeError as refused:  # the rejected rows say why: kept, outside the errors output
             if rejected:
                 refused.args = (f"{refused}; its rejected rows: {keep_uncommitted(errors_dir, where, run_id)}",)
+            else:  # a refusal, not an unfinished run: nothing of it left for the next run to clean up
+                storage.delete([rejects])
+                forget_errors(work)
             raise
         with phase(f"build-db: fitting the probes and policies on {written} new rows"):
             reference = assemble(

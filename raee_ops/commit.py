@@ -350,14 +350,14 @@ def claim_output(
 
 
 @contextmanager
-def claim_work_dir(work: str, what: str) -> Iterator[str]:
+def claim_work_dir(work: str, what: str, run_id: str) -> Iterator[str]:
     """Claim a work folder that several runs share over time (a table's); yield this run's private staging
-    folder inside it, removing earlier runs' staging first (`_`-prefixed names are the folder's own: claims,
-    notes its runs keep)."""
+    folder inside it, named by its `run_id`, removing earlier runs' staging first (`_`-prefixed names are the
+    folder's own: claims, notes its runs keep)."""
     with hold(work, what):
         stale = [storage.join(work, n) for n in storage.children(work) if not n.startswith("_")]
         remove_leftovers(stale, work)
-        staging = storage.join(work, new_run_id())
+        staging = storage.join(work, run_id)
         storage.mkdirs(staging)
         try:
             yield staging

@@ -229,7 +229,7 @@ def test_export_build_classify_evaluate_all_on_s3(s3, tiny_llama_dir, tmp_path):
     prune = ["prune", "--db", db, "--table", "sst2", "--keep", "1", "--grace", "0"]
     done = raee_ops(*prune, *opts, env=env, cwd=cwd)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("table sst2: removed versions 1; kept versions 2\n"), done.stdout
+    assert done.stdout.startswith("table sst2: removed version 1; kept version 2\n"), done.stdout
     assert len(keys(client, "e2e/db/sst2")) < len(before)
     info = raee_ops("info", "--db", db, "--table", "sst2", "--json", *opts, env=env, cwd=cwd)
     assert info.returncode == 0, info.stderr
@@ -441,7 +441,7 @@ def test_claims_on_an_object_store(s3, monkeypatch):
     client.put_object(Bucket=BUCKET, Key="claims/work/_CLAIM-dead-run", Body=b"{}")
     client.put_object(Bucket=BUCKET, Key="claims/work/dead-run/rows-0.parquet", Body=b"x")
     monkeypatch.setattr(commit, "STALE_S", 0.0)  # every other claim is now older than the limit
-    with commit.claim_work_dir(f"s3://{BUCKET}/claims/work", "table 't'") as staging:
+    with commit.claim_work_dir(f"s3://{BUCKET}/claims/work", "table 't'", commit.new_run_id()) as staging:
         assert [k for k in keys(client, "claims/work/") if "dead-run" in k] == []
         storage.write_bytes(storage.join(staging, "rows-1.parquet"), b"y")
     assert keys(client, "claims/work/") == []

@@ -3,6 +3,7 @@ probes exactly as evaluate scores them, tables whose probes do not match are ref
 
 import json
 import os
+from pathlib import Path
 
 import lancedb
 import numpy as np
@@ -244,6 +245,19 @@ def test_append_refits_the_probes_on_every_row(segment_artifacts, signal, tmp_pa
             None,
         )
     assert not os.path.exists(one)  # refused before any work, as exit 2 promises: nothing created
+    # refused after its pipeline (an empty table and one row), with no row rejected: nothing left behind either, so
+    # the next run has no 'earlier, unfinished run' to clean up after
+    empty = pa.table(
+        {"id": pa.array([], pa.string()), "text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}
+    )
+    pq.write_table(empty, tmp_path / "empty.parquet")
+    run_build_db(
+        segment_artifacts, "sst2", [str(tmp_path / "empty.parquet")], one, "t", KEY, "overwrite", None, allow_empty=True
+    )
+    before = sorted(str(p.relative_to(one)) for p in Path(one).rglob("*"))
+    with pytest.raises(RaeeConfigError, match="'t' would hold 1 row"):
+        run_build_db(segment_artifacts, "sst2", [str(tmp_path / "c.parquet")], one, "t", KEY, "append", None)
+    assert sorted(str(p.relative_to(one)) for p in Path(one).rglob("*")) == before
 
 
 def test_the_hindsight_bound_scores_what_its_settings_score_and_no_less_than_the_default(

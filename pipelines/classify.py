@@ -95,7 +95,7 @@ class ClassifySummary:
                 f"(in = predicted + rejected: {balance})",
                 f"mean exit layer: {self._mean_exit_text()} of {self.num_layers}",
                 f"exits per layer (0: answered {self._zero_cost()}): {exits}",
-                f"beam exit counters: {counters}",
+                *([] if self.done else [f"beam exit counters: {counters}"]),  # no pipeline ran to count them
                 f"table version read: {self.table_version}",
                 f"outputs: {self.output_dir}",
             ]
@@ -169,7 +169,7 @@ def run_classify(
     table_rows = check_table_contents(
         opened, expected, chosen.needs_probes(), f"table {table!r} in {db_uri}", reads_rows
     )
-    refuse_cost_options(chosen.needs_probe_policy, f"{strategy!r} has none", layer_budget, layer_price)
+    refuse_cost_options([strategy], chosen.needs_probe_policy, layer_budget, layer_price)
     ctx = table_context(table_schema, manifest.num_layers, len(task.label_names), k, layer_budget, layer_price)
     if chosen.needs_policy and ctx.policy is None:
         raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")

@@ -148,8 +148,10 @@ def _closest(name: str, command_options: Iterable[str], elsewhere: Mapping[str, 
     candidates = [(o, o) for o in command_options]
     candidates += [(o, f"{o}, {_of_others(o, commands)}") for o, commands in elsewhere.items()]
     candidates += [(o, f"the pipeline option {o}" if o.startswith("--raee_") else f"Beam's {o}") for o in beam]
+    bare = name.lstrip("-")  # the dashes every option shares made `--foo` look 60% like `--out`
     score, said = max(
-        ((difflib.SequenceMatcher(None, name, o).ratio(), said) for o, said in candidates), key=lambda c: c[0]
+        ((difflib.SequenceMatcher(None, bare, o.lstrip("-")).ratio(), said) for o, said in candidates),
+        key=lambda c: c[0],
     )
     return f" (did you mean {said}?)" if score >= 0.6 else ""
 

@@ -143,11 +143,11 @@ class FittedPolicy(Protocol):
 
 
 def fit_line(name: str, policy: FittedPolicy) -> str:
-    """`name (validation, metric): settings; LOO metric m, mean exit layer e`, as build-db prints each fit."""
+    """`name (validation, metric): settings; left-out metric m, mean exit layer e`, as build-db prints each fit."""
     p = policy
     return (
         f"{name} ({p.validation()}, {p.metric}): {p.settings()}; "
-        f"LOO {p.metric} {p.loo_metric:.3f}, mean exit layer {p.loo_mean_exit:.2f}"
+        f"left-out {p.metric} {p.loo_metric:.3f}, mean exit layer {p.loo_mean_exit:.2f}"
     )
 
 

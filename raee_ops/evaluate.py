@@ -271,7 +271,7 @@ def evaluate(
         chosen = [resolve(name, num_layers) for name in strategies]
         refuse_head(chosen, head)
         applies = any(s.needs_probe_policy for s in chosen)
-        refuse_cost_options(applies, f"none of {', '.join(strategies)} has one", layer_budget, layer_price)
+        refuse_cost_options(strategies, applies, layer_budget, layer_price)
     else:
         chosen = [s for s in STRATEGIES.values() if head or not s.needs_head()]
     # one version, checked and read: a build-db or rollback committing meanwhile changes neither (the report names it)

@@ -91,6 +91,11 @@ def _points(trials: list[Trial], settings: Callable[[Any], tuple] = tuple) -> tu
     return tuple(Point(t.mean_exit, t.score, t.accuracy, settings(t.settings)) for t in frontier(trials))
 
 
+def _shown(threshold: float | None) -> float | str:
+    """A confidence threshold as printed: `never` for one no row reaches."""
+    return "never" if threshold in (None, NEVER_CONFIDENT) else threshold
+
+
 @dataclass(frozen=True)
 class ProbePolicy:
     k: int
@@ -179,14 +184,18 @@ class ProbePolicy:
         if self.majority:
             why = "these settings did no better" if self.best_elsewhere() is None else "at this cost nothing did better"
             majority = f"; answers every row with the most common label: {why}"
-        tau, t, conf_t = (
-            "never" if value in (None, NEVER_CONFIDENT) else value for value in (self.tau, self.t, self.conf_t)
-        )
+        tau, t, conf_t = (_shown(value) for value in (self.tau, self.t, self.conf_t))
         return (
             f"k={self.k} shrink={self.shrink} epsilon={self.epsilon} alpha={self.alpha} beta={self.beta} "
-            f"tau={tau} t={t}; probe-conf t={conf_t}; layer budget {self.layer_budget}, "
-            f"layer price {self.layer_price}{majority}"
+            f"tau={tau} t={t}; probe-conf t={conf_t}; {self._cost()}{majority}"
         )
+
+    def conf_settings(self) -> str:
+        """probe-conf's one setting, as classify prints it: it reads none of the others."""
+        return f"t={_shown(self.conf_t)}; {self._cost()}"
+
+    def _cost(self) -> str:
+        return f"layer budget {self.layer_budget}, layer price {self.layer_price}"
 
     def validation(self) -> str:
         return left_out(self.loo_queries, self.loo_groups)
@@ -424,8 +433,12 @@ def budgeted(
     return policy.within(layer_budget, layer_price)
 
 
-def refuse_cost_options(applies: bool, whose: str, layer_budget: float | None, layer_price: float | None) -> None:
-    """A run's --layer-budget or --layer-price given for strategies without a cost (`whose` names them) is refused."""
+def refuse_cost_options(
+    strategies: Sequence[str], applies: bool, layer_budget: float | None, layer_price: float | None
+) -> None:
+    """A run's --layer-budget or --layer-price given where none of its `strategies` has a cost (`applies`) is
+    refused."""
+    whose = f"{strategies[0]!r} has none" if len(strategies) == 1 else f"none of {', '.join(strategies)} has one"
     for option, value in (("--layer-budget", layer_budget), ("--layer-price", layer_price)):
         if value is not None and not applies:
             raise RaeeConfigError(f"{option} sets probe-fused's and probe-conf's cost; {whose}")

@@ -79,7 +79,8 @@ def describe(
     if strategy.needs_probe_policy:
         if probe_policy is None:
             raise RaeeConfigError(f"strategy {strategy.name!r} needs the probe policy; rebuild the table with build-db")
-        return f"fitted on the table for {probe_policy.metric}: {probe_policy.settings()}{reads}"
+        fitted = probe_policy.settings() if strategy.needs_retrieval else probe_policy.conf_settings()
+        return f"fitted on the table for {probe_policy.metric}: {fitted}{reads}"
     if strategy.reads_key_probe:  # its one neighbour only carries the key: --k is not read
         return "the probe on the retrieval key" + reads
     return (neighbours if strategy.needs_retrieval else "no retrieval") + reads

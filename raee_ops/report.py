@@ -150,7 +150,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation: {r['task']}",
         "",
-        f"{r['rows']} rows scored, {r['rejected']} rejected; {r['num_layers']} layers; table `{r['table']}` "
+        f"{r['rows']} row{'' if r['rows'] == 1 else 's'} scored, {r['rejected']} rejected; {r['num_layers']} layers; "
+        f"table `{r['table']}` "
         f"(version {r['table_version']}, {r['embedder']} keys); {neighbours_asked(r['k_asked'], r['table_rows'])} "
         f"for the paper's rules; default strategy `{r['default_strategy']}`.",
         "",

@@ -93,7 +93,7 @@ def check_columns(schema: pa.Schema, task: Task, need_label: bool, source: str) 
     if internal:
         raise RaeeConfigError(f"{source}: column(s) {', '.join(internal)} are raee-ops' own; rename them in the input")
     for column in required + ([ID] if ID in schema.names else []):
-        kind, ok = {LABEL: ("label", _is_label), ID: ("ids", _is_id)}.get(column, ("text", _is_text))
+        kind, ok = {LABEL: ("labels", _is_label), ID: ("ids", _is_id)}.get(column, ("text", _is_text))
         if not ok(schema.field(column).type):
             raise RaeeConfigError(
                 f"{source}: column {column!r} has type {schema.field(column).type}, which cannot hold {kind}"

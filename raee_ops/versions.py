@@ -145,7 +145,9 @@ def _size_text(n: int) -> str:
 
 
 def _listed(versions: list[int]) -> str:
-    return f"versions {ranges(versions)}" if versions else "no version"
+    if not versions:
+        return "no version"
+    return f"version {versions[0]}" if len(versions) == 1 else f"versions {ranges(versions)}"
 
 
 def to_keep(history: list[tuple[int, float]], keep: int, grace_s: float, now: float) -> set[int]:

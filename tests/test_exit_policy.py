@@ -6,6 +6,7 @@ import pytest
 from raee_ops import exit_policy, probe_policy
 from raee_ops.errors import RaeeConfigError
 from raee_ops.exit_policy import Context, Neighbours, resolve
+from raee_ops.readout import describe
 
 
 def _wrap(fn):
@@ -444,3 +445,15 @@ def test_the_fused_rule_classify_runs_is_the_one_build_db_fits_it_for():
         answers = exit_policy.fused_answer(at_exit, exits, nb, ctx).argmax(axis=1)
         assert answers.tolist() == trial.pred.tolist(), trial.settings
         assert exits.mean() == trial.mean_exit, trial.settings
+
+
+def test_classify_states_the_settings_each_strategy_reads():
+    """probe-conf reads one threshold of the probe policy (it printed all of probe-fused's), key-lr no --k."""
+    policy = dataclasses.replace(_probe_policy(), conf_t=probe_policy.NEVER_CONFIDENT)
+    conf = describe(resolve("probe-conf", 3), None, policy, None, "k=10")
+    assert ": t=never; layer budget" in conf and "k=" not in conf and "shrink" not in conf
+    fused = describe(resolve("probe-fused", 3), None, policy, None, "k=10")
+    assert "k=2 shrink=" in fused and "probe-conf t=never; layer budget" in fused
+    assert describe(resolve("knn-vote", 3), None, policy, None, "k=10") == "k=10"
+    assert describe(resolve("key-lr", 3), None, policy, None, "k=10") == "the probe on the retrieval key"
+    assert describe(resolve("probe-best", 3), None, policy, None, "k=10") == "no retrieval"

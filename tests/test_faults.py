@@ -209,8 +209,8 @@ def test_prune_killed_then_rerun(point, segment_artifacts, tmp_path, fault_recor
     assert rerun.returncode == 0, rerun.stderr
     companion = "no version" if point.endswith("@2") else "versions 1-2"
     assert rerun.stdout.startswith(
-        f"table sst2: removed no version; kept versions 3\n  sst2__features (probe fit rows): removed {companion}; "
-        "kept versions 3"
+        f"table sst2: removed no version; kept version 3\n  sst2__features (probe fit rows): removed {companion}; "
+        "kept version 3"
     ), rerun.stdout
     more = labelled(tmp_path / "more.parquet", 8, 5, "m", bad=False)
     run_build_db(segment_artifacts, "sst2", [str(more)], str(db), "sst2", "backbone", "append", None)

@@ -249,8 +249,8 @@ def test_prune_keeps_the_newest_versions_those_replaced_lately_and_what_they_wer
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[:2] == [
-        "table sst2: removed versions 1-3; kept versions 4",
-        "  sst2__features (probe fit rows): removed versions 1; kept versions 2-3",
+        "table sst2: removed versions 1-3; kept version 4",
+        "  sst2__features (probe fit rows): removed version 1; kept versions 2-3",
     ]
     assert lines[2].endswith(" kB freed") and float(lines[2].split()[0]) > 0
     assert [v["version"] for v in describe(db, "sst2")["tables"][0]["versions"]] == [4]
@@ -318,7 +318,7 @@ def test_prune_without_a_table_prunes_every_exit_table_and_names_those_another_r
     with hold(work_dir(db, "other"), "table 'other'"):
         partly = run_cli("prune", "--db", db, "--keep", "1", "--grace", "0")
     assert partly.returncode == 75, partly.stderr
-    assert partly.stdout.startswith("table sst2: removed versions 1; kept versions 2")
+    assert partly.stdout.startswith("table sst2: removed version 1; kept version 2")
     assert f"another run is writing table(s) other in {db}: not pruned; retry later" in partly.stderr
     done = json.loads(run_cli("prune", "--db", db, "--keep", "1", "--grace", "0", "--json").stdout)
     assert [(t["table"], t["removed"], t["kept"]) for t in done["tables"]] == [("other", [1], [2]), ("sst2", [], [2])]

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -20,13 +20,14 @@ from raee_ops import logs
 from raee_ops.errors import ArtifactError
 from raee_ops.extras import onnxruntime
 from raee_ops.key_names import BACKBONE, INT8_SUFFIX, parse_embedder
-from raee_ops.schemas.manifest import FileRef, Manifest, load_manifest
+from raee_ops.schemas.manifest import FileRef, Manifest, load_checked, load_manifest
 from raee_ops.schemas.tables import POOLINGS
 
 ort = onnxruntime()
 set_global_thread_pool_sizes = ort.capi._pybind_state.set_global_thread_pool_sizes
 OrtFail = ort.capi.onnxruntime_pybind11_state.Fail
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: The small graphs run besides the segments: a device chain's between layers, a small table's exact search
 #: (package data, written by raee_ops.onnx_export.stored_graphs).
@@ -313,7 +314,9 @@ class DeviceChain:
 
 
 class SegmentRuntime:
-    """A backbone's segments, heads and embedders as ORT sessions (heads and embedders load lazily)."""
+    """A backbone's segments, heads and embedders as ORT sessions (heads and embedders load lazily). Each file is
+    read once and its bytes checked against the manifest before a session or tokenizer is made of them
+    (`read_verified`), so what runs is what the manifest vouches for, whatever happens to the folder meanwhile."""
 
     def __init__(
         self,
@@ -331,6 +334,7 @@ class SegmentRuntime:
         the rows that left ride along (default: 1.0, at every exit, on the host; CUDA_COMPACT_BELOW on CUDA)."""
         self.dir = Path(artifacts)
         self.manifest: Manifest = load_manifest(self.dir, verify_checksums=verify_checksums)
+        self._verify = verify_checksums
         self._threads = intra_op_threads or default_threads()
         self._providers = choose_providers(providers)
         on_cuda = self._providers[0] == CUDA
@@ -344,7 +348,7 @@ class SegmentRuntime:
                 "int8 artifacts on CUDA: ONNX Runtime's CUDA provider has no kernel for their int8 MatMuls "
                 "(MatMulIntegerToFloat), so those run on the CPU; export without --quantize for GPUs"
             )
-        self.tokenizer = self._tokenizer(m.tokenizer.file)
+        self.tokenizer = self._tokenizer(FileRef(m.tokenizer.file, m.tokenizer.sha256))
         self._encoded: dict[str, list[int]] = {}  # ids known without tokenizing (see reusing)
         self.suffix = prompt_suffix(m)
         self.embed_session = self._session(m.segments.embed)
@@ -379,14 +383,17 @@ class SegmentRuntime:
     def num_layers(self) -> int:
         return self.manifest.num_layers
 
-    def _session(self, ref: FileRef) -> ort.InferenceSession:
-        return self._open(self.dir / ref.file)
+    def _load(self, ref: FileRef, load: Callable[[str], T]) -> T:
+        return load_checked(self.dir / ref.file, ref.sha256 if self._verify else None, load)
 
-    def _open(self, path: Path) -> ort.InferenceSession:
+    def _session(self, ref: FileRef) -> ort.InferenceSession:
+        return self._load(ref, self._open)
+
+    def _open(self, path: str | Path) -> ort.InferenceSession:
         return open_session(path, self._threads, self._providers)
 
-    def _tokenizer(self, file: str) -> Tokenizer:
-        tokenizer = Tokenizer.from_file(str(self.dir / file))
+    def _tokenizer(self, ref: FileRef) -> Tokenizer:
+        tokenizer = self._load(ref, Tokenizer.from_file)
         tokenizer.no_padding()
         tokenizer.no_truncation()
         return tokenizer
@@ -651,7 +658,7 @@ class SegmentRuntime:
                     name,
                     name.removesuffix(INT8_SUFFIX),
                 )
-            tokenizer = self._tokenizer(entry.tokenizer.file)
+            tokenizer = self._tokenizer(entry.tokenizer)
             tokenizer.enable_truncation(entry.max_length)
             self._embedders[name] = (tokenizer, self._session(entry.model))
         tokenizer, session = self._embedders[name]

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from raee_ops.schemas.tables import known_fields
 
@@ -22,6 +24,8 @@ READOUTS = ("last", "mask", "cls")
 #: The field holding the sha256 of the manifest's other fields: the file checksums vouch for the files, the seal
 #: for the settings beside them (template, labels, layer order, sizes), which a hand edit changed without a word.
 SEAL = "seal"
+
+T = TypeVar("T")
 
 
 def sha256_stream(handle: BinaryIO) -> str:
@@ -330,20 +334,47 @@ def _load_remote(uri: str, check_presence: bool, check_seal: bool) -> Manifest:
     return manifest
 
 
-#: Files this process has hashed and found as a manifest says, by (path, size, mtime, sha256): the driver's check
-#: and an in-process worker's load read a gigabyte of segments once, not twice; a changed file is hashed again.
-_VERIFIED: set[tuple[str, int, int, str]] = set()
+#: Files this process has hashed and found as a manifest says, by (device, inode, size, mtime, sha256): the driver's
+#: check and an in-process worker's load read a gigabyte of segments once, not twice; a changed or replaced file (a
+#: new inode, or new contents and so a new mtime) is hashed again.
+_VERIFIED: set[tuple[int, int, int, int, str]] = set()
 
 
-def check_file(target: Path, expected: str) -> None:
-    """Refuse a local artifact file that is missing or whose sha256 differs (hashed once per process)."""
-    if not target.is_file():
-        raise ArtifactError(f"artifact file missing: {target}")
-    stat = target.stat()
-    key = (str(target.resolve()), stat.st_size, stat.st_mtime_ns, expected)
-    if key in _VERIFIED:
-        return
-    actual = sha256_file(target)
+def _verified_key(stat: os.stat_result, expected: str) -> tuple[int, int, int, int, str]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, expected)
+
+
+def check_file(target: Path, expected: str) -> tuple[int, int, int, int, str]:
+    """Refuse a local artifact file that is missing or whose sha256 differs (hashed once per process); returns the
+    key of the file it checked."""
+    try:
+        with open(target, "rb") as handle:  # hashed and keyed through one handle: the file checked is the file keyed
+            key = _verified_key(os.fstat(handle.fileno()), expected)
+            actual = expected if key in _VERIFIED else sha256_stream(handle)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ArtifactError(f"artifact file missing: {target}") from None
     if actual != expected:
         raise ArtifactError(f"checksum mismatch for {target}: manifest says {expected[:12]}…, file is {actual[:12]}…")
     _VERIFIED.add(key)
+    return key
+
+
+def load_checked(target: Path, expected: str | None, load: Callable[[str], T]) -> T:
+    """`load(path)` of a local artifact file the manifest vouches for (`expected`; None: unchecked), refused unless
+    the file it read is the one checked. Why: a session or tokenizer opened by path after a check reads whatever is
+    there by then, and an export republished in between (or a link switched to another export) made a run answer
+    with one export's layers and another's head, exit 0. The same device, inode, size and mtime before the check and
+    after the load: the file loaded is the file checked (an export replaces files, never writes into them)."""
+    if expected is None:
+        return load(str(target))
+    checked = check_file(target, expected)
+    loaded = load(str(target))
+    try:
+        unchanged = _verified_key(os.stat(target), expected) == checked
+    except FileNotFoundError:
+        unchanged = False
+    if not unchanged:
+        raise ArtifactError(
+            f"{target} changed while it was loaded: an export replaced it? run again once it is in place"
+        )
+    return loaded

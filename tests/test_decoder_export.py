@@ -200,8 +200,10 @@ def test_checksums_are_hashed_once_per_process_until_a_file_changes(
     copy = Path(shutil.copytree(tiny_llama_artifacts, tmp_path / "copy"))
     load_manifest(copy)
     hashed = []
-    real = manifest_module.sha256_file
-    monkeypatch.setattr(manifest_module, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    real = manifest_module.sha256_stream
+    monkeypatch.setattr(
+        manifest_module, "sha256_stream", lambda handle: hashed.append(Path(handle.name).name) or real(handle)
+    )
     load_manifest(copy)
     assert hashed == []  # the driver's check already covered these exact files
     layer = copy / "layer_001.onnx"
@@ -211,6 +213,54 @@ def test_checksums_are_hashed_once_per_process_until_a_file_changes(
     with pytest.raises(ArtifactError, match="checksum mismatch.*layer_001"):
         load_manifest(copy)
     assert hashed == ["layer_001.onnx"]
+
+
+def test_a_runtime_runs_the_files_its_manifest_vouches_for_not_what_the_folder_holds_later(
+    tiny_llama_artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export republished (or a link switched) after a worker's check: its sessions were opened by path after the
+    check, its heads on first use, and a run answered with one export's layers and another's head, exit 0."""
+    from raee_ops import runtime as runtime_module
+    from raee_ops.runtime import SegmentRuntime
+
+    copy = Path(shutil.copytree(tiny_llama_artifacts, tmp_path / "copy"))
+    runtime = SegmentRuntime(copy)
+    shutil.copy(copy / "head_rte.onnx", copy / "head_sst2.onnx")  # another valid head of the same shape
+    with pytest.raises(ArtifactError, match="checksum mismatch.*head_sst2"):
+        runtime.head("sst2", np.zeros((1, runtime.manifest.hidden_size), np.float32))
+
+    fresh = Path(shutil.copytree(tiny_llama_artifacts, tmp_path / "fresh"))
+    checked = runtime_module.load_manifest
+
+    def then_replaced(directory: Path, **kwargs: bool):  # the export changes between the check and the load
+        manifest = checked(directory, **kwargs)
+        shutil.copy(fresh / "layer_000.onnx", fresh / "layer_001.onnx.new")
+        os.replace(fresh / "layer_001.onnx.new", fresh / "layer_001.onnx")
+        return manifest
+
+    monkeypatch.setattr(runtime_module, "load_manifest", then_replaced)
+    with pytest.raises(ArtifactError, match="checksum mismatch.*layer_001"):
+        SegmentRuntime(fresh)
+
+
+def test_a_file_replaced_while_it_loads_is_refused(tiny_llama_artifacts: Path, tmp_path: Path) -> None:
+    from raee_ops.schemas.manifest import load_checked
+
+    copy = Path(shutil.copytree(tiny_llama_artifacts, tmp_path / "copy"))
+    ref = load_manifest(copy).task("sst2").head
+    assert (
+        load_checked(copy / ref.file, ref.sha256, lambda path: Path(path).read_bytes())
+        == (copy / ref.file).read_bytes()
+    )
+
+    def read_then_replaced(path: str) -> bytes:  # the export swaps the file in just after the load read it
+        data = Path(path).read_bytes()
+        shutil.copy(copy / "head_rte.onnx", copy / "swapped")
+        os.replace(copy / "swapped", path)
+        return data
+
+    with pytest.raises(ArtifactError, match="head_sst2.onnx changed while it was loaded"):
+        load_checked(copy / ref.file, ref.sha256, read_then_replaced)
 
 
 @pytest.mark.parametrize(

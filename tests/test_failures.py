@@ -1311,3 +1311,23 @@ def test_only_lancedb_commit_conflicts_read_as_conflicts():
     assert conflict(lost) == "lance error: Retryable commit conflict for version 9: preempted. Please retry."
     assert conflict(RuntimeError("lance error: Too many concurrent writers. Retried 20 times")) is not None
     assert conflict(OSError("/data/commit conflict notes/rows.parquet: No such file or directory")) is None
+
+
+def test_a_full_disk_is_one_line_saying_where_not_an_internal_error(monkeypatch, capsys):
+    """An export filling its disk ended `internal error: OSError: [Errno 28] No space left on device`, as for a bug
+    (sweep Y). What fills a disk is the command's own writing; here the command raises it as it would."""
+    import errno
+
+    import raee_ops.cli
+
+    def fills_the_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/.artifacts.tmp-1/layer_003.onnx")
+
+    monkeypatch.setattr(raee_ops.cli.cli, "main", fills_the_disk)
+    with pytest.raises(SystemExit) as ended:
+        main(["info", "--db", "unused"])
+    assert ended.value.code == 1
+    line = capsys.readouterr().err.strip()
+    assert line == (
+        "error: No space left on device: /data/.artifacts.tmp-1/layer_003.onnx: free space there, then run again"
+    )

@@ -81,7 +81,8 @@ def _tokenizer(source: ModelSource) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.directory, **_kwargs(source))
     except (OSError, ValueError) as exc:
-        raise RaeeConfigError(f"--model {source.source}: cannot load its tokenizer: {first_line(exc)}") from exc
+        said = " ".join(str(exc).split())  # transformers' first line ends in "from one of:", the list after it
+        raise RaeeConfigError(f"--model {source.source}: cannot load its tokenizer: {said}") from exc
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise RaeeConfigError(
             f"--model {source.source}: its tokenizer knows only its special tokens (no tokenizer.json or "

@@ -341,7 +341,11 @@ def export_onnx(
         optimize=optimize,
     )
     echo(f"fusions per stored graph:\n{fusion_table(manifest)}")
-    echo(f"exported {manifest.num_layers} layers, tasks {', '.join(manifest.tasks)} -> {out_dir}")
+    int8 = ", int8" if manifest.quantization else ""
+    echo(
+        f"exported {manifest.num_layers} layers, tasks {', '.join(manifest.tasks)} -> {out_dir} "
+        f"(artifacts fingerprint {manifest.fingerprint}{int8})"
+    )
 
 
 def _embedder_names(values: tuple[str, ...]) -> tuple[str, ...]:

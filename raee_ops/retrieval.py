@@ -83,6 +83,9 @@ def expected_meta(manifest: Manifest, task: str, embedder: str) -> TableMeta:
 
 
 WHY = {
+    "fingerprint": ": the table was built from other artifacts, another model or another export of it (--quantize, "
+    "--no-optimize, another raee-ops release); build its table from these, or give the artifacts it was built "
+    "from (export-onnx prints an export's fingerprint, info a table's)",
     "task_fingerprint": ": the task's prompt, labels or head differ from those the table was built with",
     "key_fingerprint": ": the key embedder was exported otherwise (its graph, tokenizer or settings) than the one "
     "the table's keys were made with, so its keys would find other neighbours",

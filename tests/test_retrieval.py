@@ -123,3 +123,8 @@ def test_a_table_of_another_key_or_task_is_told_so_not_that_its_fingerprint_diff
     assert "task 'sst2' (expected 'sst5')" in str(told.value) and "task_fingerprint" not in str(told.value)
     with pytest.raises(RaeeConfigError, match="not an exit table built by raee-ops build-db"):
         retrieval.check_meta(None, keyed, "table 't'")
+    other_export = TableMeta("g", "sst2", "minilm-2-int8", 3, ["a", "b"], "tf", key_fingerprint="k1")
+    with pytest.raises(
+        RaeeConfigError, match="fingerprint 'f' .expected 'g': the table was built from other artifacts"
+    ):
+        retrieval.check_meta(keyed, other_export, "table 't'")  # two hashes alone said neither which nor what to do

@@ -191,10 +191,14 @@ def as_read(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
     return table.select(schema.names).cast(schema)
 
 
-def file_keys(path: str, group_column: str | None = None) -> tuple[pa.Array, pa.Array | None]:
+def file_keys(
+    path: str, group_column: str | None = None, schema: pa.Schema | None = None
+) -> tuple[pa.Array, pa.Array | None]:
     """The ids the rows of one file get (id column, else positions), read on the driver for duplicate checks, and with
-    `group_column` that column as strings in the same order (null: the row is a group of its own); one read. A row
-    group that cannot be decoded gives no ids: its rows are rejected when the pipeline reads them."""
+    `group_column` that column as strings in the same order (null: the row is a group of its own); one read, in the
+    inputs' common `schema` (check_inputs; None: the file's own) as the pipeline reads the rows: a float32 id is
+    another string once widened to float64, and two files' ids may only meet there. A row group that cannot be
+    decoded gives no ids: its rows are rejected when the pipeline reads them."""
     with storage.open_read(path) as handle:
         parquet = pq.ParquetFile(handle)
         columns = [c for c in dict.fromkeys((ID, group_column)) if c and c in parquet.schema_arrow.names]
@@ -206,12 +210,19 @@ def file_keys(path: str, group_column: str | None = None) -> tuple[pa.Array, pa.
             except (OSError, pa.ArrowException):
                 table = None
             if table is not None:
-                table = nan_ids_as_null(table)
+                table = nan_ids_as_null(_columns_as_read(table, schema))
                 ids.append(row_ids(table, key() if _positional(table) else "", first)[0])
                 if group_column:
                     names.append(_group_names(table.column(group_column).combine_chunks(), path, group_column))
             first += size
     return concat_strings(ids), concat_strings(names) if group_column else None
+
+
+def _columns_as_read(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
+    """Some of a file's columns in the inputs' common schema (None: as they are), as `as_read` reads them all."""
+    if schema is None:
+        return table
+    return table.cast(pa.schema([schema.field(f.name) if f.name in schema.names else f for f in table.schema]))
 
 
 def concat_strings(arrays: list[pa.Array]) -> pa.Array:

@@ -470,6 +470,36 @@ def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position_once_per_rea
     assert inputs.file_keys(str(floats))[0].to_pylist() == ["1", "row:k4:1", "row:k4:2"]
 
 
+def test_the_duplicate_check_reads_ids_as_the_rows_are_stored_in_the_inputs_common_schema(segment_artifacts, tmp_path):  # noqa: F811
+    """Ids that only become equal widened (float32 0.1 is 0.10000000149011612 as float64) were checked in each
+    file's own type, so a float32 file and a float64 one built a table holding ids twice (exit 0); the check's ids
+    are the stored ones for every type the inputs' common schema widens."""
+    singles = np.array([0.1, 1000.1, 2000.1, 3000.1], np.float32)
+    pairs = {
+        "float32/float64": (pa.array(singles), pa.array(singles[:2].astype(np.float64).tolist() + [0.5, 1.5])),
+        "float16/float32": (pa.array(singles[:2].astype(np.float16)), pa.array([0.1, 0.2], pa.float32())),
+        "int32/int64": (pa.array([1, 2], pa.int32()), pa.array([3, 4], pa.int64())),
+        "uint32/int16": (pa.array([5, 6], pa.uint32()), pa.array([-1, 7], pa.int16())),
+        "string/large_string": (pa.array(["a", "b"]), pa.array(["c", "d"], pa.large_string())),
+        "binary/large_binary": (pa.array([b"e", b"f"]), pa.array([b"g", b"h"], pa.large_binary())),
+        "categorical/string": (pa.array(["i", "j"]).dictionary_encode(), pa.array(["k", "l"])),
+    }
+    for name, (first, second) in pairs.items():
+        files = []
+        for part, ids in (("a", first), ("b", second)):
+            files.append(str(tmp_path / f"{name.replace('/', '-')}-{part}.parquet"))
+            rows = {"id": ids, "text": ["good"] * len(ids), "label": pa.array([1] * len(ids), pa.int64())}
+            pq.write_table(pa.table(rows), files[-1])
+        if name == "float32/float64":
+            args = (segment_artifacts, "sst2", files, str(tmp_path / "db"), "t", KEY, "overwrite", None)
+            with pytest.raises(RaeeConfigError, match=r"2 id\(s\) occur more than once .*0\.10000000149011612"):
+                run_build_db(*args)
+        schema, _ = inputs.check_inputs(files, PRESETS["sst2"], need_label=True)
+        for path in files:
+            stored = [t.valid[ROW_ID].to_pylist() for t in read_validated_file(path, PRESETS["sst2"], True, schema)]
+            assert inputs.file_keys(path, None, schema)[0].to_pylist() == sum(stored, []), name
+
+
 def test_inputs_read_each_local_file_once_and_refuse_what_is_not_a_file(tmp_path):
     """A link to an input is that input (its rows were read twice, under the same ids), a hard link too (sweep S: a
     glob matching a file and its hard link read it twice, exit 0); a link to nothing that a glob matches was skipped

@@ -23,6 +23,7 @@ from raee_ops.errors import RaeeConfigError
 from raee_ops.rows import (
     ROW_ID,
     Validated,
+    as_text,
     check_columns,
     errors_table,
     nan_ids_as_null,
@@ -213,7 +214,7 @@ def file_keys(
                 table = nan_ids_as_null(_columns_as_read(table, schema))
                 ids.append(row_ids(table, key() if _positional(table) else "", first)[0])
                 if group_column:
-                    names.append(_group_names(table.column(group_column).combine_chunks(), path, group_column))
+                    names.append(_group_names(table.column(group_column).combine_chunks(), path, group_column, first))
             first += size
     return concat_strings(ids), concat_strings(names) if group_column else None
 
@@ -230,15 +231,32 @@ def concat_strings(arrays: list[pa.Array]) -> pa.Array:
     return pa.concat_arrays(arrays) if arrays else pa.array([], pa.string())
 
 
-def _group_names(values: pa.Array, path: str, column: str) -> pa.Array:
+def _group_names(values: pa.Array, path: str, column: str, first_row: int) -> pa.Array:
+    """A group column's values as the strings the table stores; text or bytes that are not UTF-8 are refused here, on
+    the driver before any work, since every row's group is known before its row is read."""
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
+    if _is_bytes(values.type):
+        names, undecodable = as_text(values)
+        if undecodable.any():
+            row = first_row + int(undecodable.argmax())
+            raise RaeeConfigError(
+                f"{path}: --group-column {column!r} holds a value that is not valid UTF-8 (row {row}, counting from "
+                "0); group keys are stored as text"
+            )
+        return names.cast(pa.string())
     if pa.types.is_floating(values.type):  # NaN is a missing group, as null is: not one group of every NaN row
         values = pc.if_else(pc.is_nan(values), pa.nulls(len(values), values.type), values)
     try:
         return pc.cast(values, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise RaeeConfigError(f"{path}: --group-column {column!r} has type {values.type}, not a group key") from exc
+
+
+def _is_bytes(t: pa.DataType) -> bool:
+    """Text or binary: a group key of either is the UTF-8 text of its bytes."""
+    kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+    return any(kind(t) for kind in kinds)
 
 
 def read_validated_file(

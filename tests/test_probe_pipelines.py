@@ -3,6 +3,7 @@ probes exactly as evaluate scores them, tables whose probes do not match are ref
 
 import json
 import os
+import re
 from pathlib import Path
 
 import lancedb
@@ -393,6 +394,32 @@ def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_arti
         run_build_db(
             segment_artifacts, "sst2", [str(structs)], db, "u", KEY, "overwrite", None, group_column="sentence"
         )
+
+
+def test_a_group_key_not_in_utf8_is_refused_naming_the_file_and_column(segment_artifacts, tmp_path):  # noqa: F811
+    """A string group column holding bytes that are not UTF-8 failed as an internal error (exit 1), and a binary
+    one was refused as 'has type binary, not a group key' though a binary column of UTF-8 values is read as text."""
+    rows = pq.read_table(signal_rows(tmp_path / "a.parquet", 40, 4, "a"))
+    names = [f"s{i // 2}".encode() for i in range(40)]
+    raw = pa.array([*names[:39], b"\xff"], pa.binary())
+    db = str(tmp_path / "db")
+    for kind, values in {"string": pa.Array.from_buffers(pa.string(), 40, raw.buffers()), "binary": raw}.items():
+        path = tmp_path / f"{kind}.parquet"
+        pq.write_table(rows.append_column("sentence", values), path, row_group_size=30)
+        refusal = f"{path}: --group-column 'sentence' holds a value that is not valid UTF-8 (row 39, counting from 0)"
+        with pytest.raises(RaeeConfigError, match=re.escape(refusal)):
+            run_build_db(
+                segment_artifacts, "sst2", [str(path)], db, kind, KEY, "overwrite", None, group_column="sentence"
+            )
+        assert not (tmp_path / "db" / f"{kind}.lance").exists()  # refused before any work
+    valid = tmp_path / "valid.parquet"
+    pq.write_table(rows.append_column("sentence", pa.array(names, pa.binary())), valid)
+    summary = run_build_db(
+        segment_artifacts, "sst2", [str(valid)], db, "t", KEY, "overwrite", None, group_column="sentence"
+    )
+    assert "leave-one-group-out, 20 groups" in summary.render()
+    stored = lancedb.connect(db).open_table("t").to_arrow()
+    assert dict(zip(stored["id"].to_pylist(), stored[GROUP].to_pylist(), strict=True))["a3"] == "s1"
 
 
 def test_the_label_counts_count_every_row_not_only_the_fit_sample(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811

@@ -3,8 +3,9 @@ errors before any work), and read and validate them as small Arrow tables, the e
 (pipelines/sources.py reads them so on workers; evaluate in its own process).
 
 A file whose footer cannot be read is refused on the driver before any work (exit 2, the file named). A file
-whose data cannot be decoded past some point (a corrupt page) keeps the rows read before it; the rows of the
-row group that could not be read become error rows naming the file, and the next row group is read as usual.
+whose data cannot be decoded past some point (a corrupt page, or one failing its stored CRC checksum) keeps the
+rows read before it; the rows of the row group that could not be read become error rows naming the file, and the
+next row group is read as usual.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from functools import cache
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -114,6 +116,12 @@ def _lazy_key(path: str) -> Callable[[], str]:
     return cache(lambda: file_key(path))
 
 
+def open_parquet(handle: BinaryIO) -> pq.ParquetFile:
+    """An input file whose pages are checked against the CRC checksums their writer stored (where it stored them):
+    a page damaged on disk or in transit can decode, silently, to other text; it is an unreadable row group."""
+    return pq.ParquetFile(handle, page_checksum_verification=True)
+
+
 def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa.Schema, int]:
     """Every file's columns and the total row count, from footers only; and the one schema all files' rows are read
     as (`common_schema`)."""
@@ -121,7 +129,7 @@ def check_inputs(files: Sequence[str], task: Task, need_label: bool) -> tuple[pa
     for path in files:
         try:
             with storage.open_read(path) as handle:
-                meta = pq.ParquetFile(handle).metadata
+                meta = open_parquet(handle).metadata
         except (OSError, pa.ArrowInvalid, UnicodeDecodeError) as exc:  # the last: a column name not in UTF-8
             raise RaeeConfigError(f"{path}: not a readable Parquet file ({exc})") from exc
         counts = [meta.row_group(group).num_rows for group in range(meta.num_row_groups)]
@@ -201,7 +209,7 @@ def file_keys(
     another string once widened to float64, and two files' ids may only meet there. A row group that cannot be
     decoded gives no ids: its rows are rejected when the pipeline reads them."""
     with storage.open_read(path) as handle:
-        parquet = pq.ParquetFile(handle)
+        parquet = open_parquet(handle)
         columns = [c for c in dict.fromkeys((ID, group_column)) if c and c in parquet.schema_arrow.names]
         ids, names, first, key = [], [], 0, _lazy_key(path)
         for group in range(parquet.num_row_groups):
@@ -267,7 +275,7 @@ def read_validated_file(
     read, from object storage a second download) only where some row's id is its position, not for files whose rows
     carry ids."""
     with storage.open_read(path) as handle:
-        yield from _read_validated_groups(pq.ParquetFile(handle), path, task, need_label, schema, rows)
+        yield from _read_validated_groups(open_parquet(handle), path, task, need_label, schema, rows)
 
 
 def _positional(table: pa.Table) -> bool:

@@ -327,6 +327,24 @@ def test_6b_a_row_group_that_decodes_short_or_an_unreadable_id_page_loses_no_row
     assert "rows in: 40  written: 30  rejected: 10" in run.stdout, run.stdout
 
 
+def test_6c_a_page_that_fails_its_crc_checksum_is_an_unreadable_row_group(tmp_path):
+    """Page checksums were never verified: a text page changed on disk decoded to other text, classified (exit 0)."""
+    path = tmp_path / "crc.parquet"
+    table = pa.table({"id": [f"k{i}" for i in range(20)], "text": [f"a good plot {i}" for i in range(20)]})
+    plain = {"compression": "none", "use_dictionary": False, "write_statistics": False}  # the text once, in the page
+    pq.write_table(table, path, write_page_checksum=True, row_group_size=10, **plain)
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(1).data_page_offset
+    data = path.read_bytes()
+    at = data.index(b"good", offset)
+    path.write_bytes(data[:at] + b"dull" + data[at + 4 :])  # the page still decodes, to another text
+    read = list(read_validated_file(str(path), PRESETS["sst2"], need_label=False))
+    assert [i for v in read for i in v.valid[ROW_ID].to_pylist()] == [f"k{i}" for i in range(10)]
+    reasons = pa.concat_tables([v.errors for v in read]).column("reason").to_pylist()
+    assert len(reasons) == 10 and all(
+        r.startswith("unreadable Parquet data (row group 1): OSError: ") and "CRC checksum" in r for r in reasons
+    )
+
+
 def test_6d_a_footer_whose_row_groups_do_not_add_up_is_a_bad_file(segment_artifacts, db, tmp_path):  # noqa: F811
     """A damaged footer gave a row group -61 rows: its rows were never read nor rejected (exit 3, found by fuzzing)."""
     path = tmp_path / "footer.parquet"

@@ -248,12 +248,17 @@ def _decodes(value: bytes) -> bool:
     return True
 
 
+#: Text made only of these shows nothing, so it is blank: whitespace (every Unicode space is a separator, Z, or a
+#: control), controls (Cc: NUL, tabs) and format characters (Cf: zero-width spaces and joiners, U+FEFF, soft hyphens).
+_BLANK = r"^[\p{Z}\p{Cc}\p{Cf}]*$"
+
+
 def _text_reasons(table: pa.Table, column: str) -> tuple[pa.Table, list[tuple[np.ndarray, str]]]:
     """The table with `column` as valid strings, and the masks of rows to reject with their reasons."""
     values, undecodable = as_text(table.column(column))
     table = table.set_column(table.schema.get_field_index(column), column, values)
     null = pc.is_null(values).to_numpy(zero_copy_only=False) & ~undecodable
-    blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(values), ""), False).to_numpy(zero_copy_only=False)
+    blank = pc.fill_null(pc.match_substring_regex(values, _BLANK), False).to_numpy(zero_copy_only=False)
     reasons = [(undecodable, f"{column} is not valid UTF-8"), (null, f"{column} is null")]
     return table, reasons + [(blank, f"{column} is empty or whitespace")]
 

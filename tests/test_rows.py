@@ -53,6 +53,22 @@ def test_pair_task_needs_text_pair():
     ]
 
 
+def test_text_of_invisible_characters_only_is_blank():
+    """Text of zero-width, format or control characters alone counted as text and got a prediction; one of them
+    beside visible text is still text."""
+    invisible = ["\u200b", "\u200c\u200d", "\u2060", "\ufeff", "\u00ad", "\u180e", "\x00", " \u200b\t\u3000\x7f"]
+    texts = ["good", "a\u200b", "\u00a0", *invisible]
+    table = pa.table({"text": texts, "text_pair": ["h"] * len(texts), "label": [0] * len(texts)})
+    for task in (SST2, RTE):
+        out = validate(table, task, source="s", file_key="k", need_label=True)
+        assert out.valid.column("text").to_pylist() == ["good", "a\u200b"]
+        assert out.errors.column("reason").to_pylist() == ["text is empty or whitespace"] * (len(texts) - 2)
+    pairs = table.set_column(0, "text", pa.array(["p"] * len(texts))).set_column(1, "text_pair", pa.array(texts))
+    out = validate(pairs, RTE, source="s", file_key="k", need_label=True)
+    assert out.valid.column("text_pair").to_pylist() == ["good", "a\u200b"]
+    assert out.errors.column("reason").to_pylist() == ["text_pair is empty or whitespace"] * (len(texts) - 2)
+
+
 def test_a_text_column_that_cannot_hold_text_is_run_level():
     with pytest.raises(RaeeConfigError, match="column 'text' has type int64, which cannot hold text"):
         check_columns(pa.schema([("text", pa.int64()), ("label", pa.int64())]), SST2, True, "n.parquet")

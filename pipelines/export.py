@@ -28,7 +28,7 @@ from raee_ops.onnx_export.segments import export_segment
 from raee_ops.onnx_export.tokenizer_file import save_tokenizer
 from raee_ops.onnx_export.verbalizer import label_token_ids
 from raee_ops.onnx_export.verify import verify_export
-from raee_ops.pipelines.export_checks import check_before_loading
+from raee_ops.pipelines.export_checks import EXPORT_MARK, check_before_loading
 from raee_ops.pipelines.options import make_pipeline, run_pipeline
 from raee_ops.schemas.manifest import (
     MANIFEST_NAME,
@@ -200,7 +200,7 @@ def _publish_remote(work: str, out_dir: str, manifest: Manifest) -> None:
     one does not have are removed at the end. A run killed in between leaves the mark: the folder is an export's,
     without a manifest, which a rerun may replace."""
     with hold(out_dir, f"--out {out_dir}"):
-        storage.write_bytes(storage.join(out_dir, PUBLISHING), b"export-onnx is publishing here\n")  # not empty: S3
+        storage.write_bytes(storage.join(out_dir, PUBLISHING), EXPORT_MARK)  # not empty: S3
         storage.delete([storage.join(out_dir, MANIFEST_NAME)])
         files = sorted({ref.file for ref in manifest.file_refs()})
         storage.rename((storage.join(work, f), storage.join(out_dir, f)) for f in files)

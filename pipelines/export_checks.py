@@ -5,6 +5,7 @@ CLI refuses a typo in a second; run_export checks the same before it loads anyth
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Sequence
 
@@ -19,6 +20,18 @@ from raee_ops.key_names import embedder_depth
 
 #: A LanceDB table: a folder of this pattern in its database.
 TABLE_FOLDERS = "*.lance"
+#: What `_publish_remote` writes to `_PUBLISHING` in an object-store --out while it copies an export's files in.
+EXPORT_MARK = b"export-onnx is publishing here\n"
+#: The names of the files an export writes beside its manifest (pipelines/export.py, onnx_export/embedder.py): an
+#: export killed while publishing them on an object store leaves them without the manifest that lists them.
+EXPORT_FILES = (
+    "tokenizer.json",
+    "embed.onnx",
+    "layer_*.onnx",
+    "head_*.onnx",
+    "embedder_*.onnx",
+    "embedder_*_tokenizer.json",
+)
 
 
 def check_before_loading(model_spec: str, out_dir: str, embedders: Sequence[str], beam_args: Sequence[str]) -> None:
@@ -68,26 +81,47 @@ def _is_database(folder: str) -> bool:
 
 def _check_replaceable(out_dir: str) -> None:
     """An export replaces --out whole: one that holds anything its previous export did not write (a database built
-    there, notes) is refused, or that would go with it."""
-    held = [n for n in storage.children(out_dir) if not n.startswith(CLAIM)]
-    if not held or PUBLISHING in held:  # empty, or an object-store export killed while publishing (its mark)
+    there, notes) is refused, or that would go with it. Its export's files are those its manifest lists; where an
+    export was killed while publishing on an object store (its mark), the manifest may be gone and the new export's
+    files half copied, so there a file of a name an export gives its files (EXPORT_FILES) counts too, and the mark.
+    Claims are skipped on an object store only (a local claim is a lock, never a file)."""
+    remote = not storage.is_local(out_dir)
+    held = [n for n in storage.children(out_dir) if not (remote and n.startswith(CLAIM))]  # runs' claims, live or not
+    if not held:
         return
-    if MANIFEST_NAME not in held:
+    publishing = remote and _export_publishing(out_dir, held)
+    if MANIFEST_NAME not in held and not publishing:
         raise RaeeConfigError(
             f"--out {out_dir} holds files that are not an export (no {MANIFEST_NAME}), and an export replaces the "
             "whole folder: choose another --out, or empty it"
         )
+    ours = _listed(out_dir) if MANIFEST_NAME in held else {MANIFEST_NAME}
+    if publishing:
+        ours |= {PUBLISHING} | {n for n in held if any(fnmatch.fnmatchcase(n, p) for p in EXPORT_FILES)}
+    foreign = sorted(set(held) - ours)
+    if foreign:
+        what = "a file an export writes" if publishing else f"in its {MANIFEST_NAME}"
+        raise RaeeConfigError(
+            f"--out {out_dir} holds {some(foreign)}, not part of the export there (not {what}), and an export "
+            "replaces the whole folder: move it out, or choose another --out"
+        )
+
+
+def _export_publishing(folder: str, held: Sequence[str]) -> bool:
+    """Whether an object-store folder holds export-onnx's mark of a publish it was killed in (`_publish_remote`):
+    the old export's files with or without its manifest, some of the new one's, perhaps the new manifest. Not
+    classify's `_PUBLISHING` (a list of its names), nor a local one: a local export is renamed into place whole and
+    never leaves one, so there it is a file like any other."""
+    return PUBLISHING in held and storage.read_bytes(storage.join(folder, PUBLISHING)) == EXPORT_MARK
+
+
+def _listed(out_dir: str) -> set[str]:
+    """The names the manifest in --out lists, itself included."""
     try:
         listed = load_manifest(out_dir, verify_checksums=False, check_seal=False).file_refs()  # an edited one too
-        ours = {ref.file for ref in listed} | {MANIFEST_NAME}
     except ArtifactError as exc:
         raise RaeeConfigError(
             f"--out {out_dir}: its {MANIFEST_NAME} cannot be read ({exc}), so which files are an export's is unknown "
             "and replacing the folder could delete others: remove it yourself, or choose another --out"
         ) from exc
-    foreign = sorted(set(held) - ours)
-    if foreign:
-        raise RaeeConfigError(
-            f"--out {out_dir} holds {some(foreign)}, not part of the export there (not in its {MANIFEST_NAME}), and "
-            "an export replaces the whole folder: move it out, or choose another --out"
-        )
+    return {ref.file for ref in listed} | {MANIFEST_NAME}

@@ -23,6 +23,7 @@ from raee_ops.onnx_export.adapters.gemma3 import Gemma3Adapter
 from raee_ops.onnx_export.loader import load_model
 from raee_ops.onnx_export.model_source import fingerprint, gguf_data_end, resolve
 from raee_ops.pipelines.export import run_export
+from raee_ops.pipelines.export_checks import EXPORT_MARK
 from raee_ops.schemas.manifest import MANIFEST_NAME, load_manifest, sealed
 from segment_artifacts import make_artifacts
 from tiny_models import build_tiny_gemma3
@@ -473,6 +474,28 @@ def test_an_out_the_export_cannot_replace_whole_is_refused_before_loading(
             export(tmp_path / "missing.gguf", out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "damaged", "db", "link", "ro"]  # nothing beside them
     assert sorted(p.name for p in previous.iterdir()) == sorted([*os.listdir(readonly / "art"), "lancedb"])
+
+
+def test_a_publishing_mark_excuses_nothing_in_a_local_out(tmp_path: Path) -> None:
+    """`_PUBLISHING` is what an object-store export killed while publishing leaves (a local one is renamed into place
+    whole) and what a killed classify leaves in its output folder: in a local --out it let the export replace the
+    folder whatever else it held, the user's notes deleted with it. A `_CLAIM-*` file there is no claim either."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("precious")
+    (notes / "_PUBLISHING").write_text('["predictions-00000-of-00001.parquet"]')  # a killed classify's
+    previous = make_artifacts(tmp_path / "art")
+    (previous / "_PUBLISHING").write_bytes(EXPORT_MARK)
+    claimed = make_artifacts(tmp_path / "claimed")
+    (claimed / "_CLAIM-mine").write_text("precious")  # a local claim is a lock, never a file
+    for out, problem in (
+        (notes, f"--out {notes} holds files that are not an export"),
+        (previous, f"--out {previous} holds _PUBLISHING, not part of the export there"),
+        (claimed, f"--out {claimed} holds _CLAIM-mine, not part of the export there"),
+    ):
+        with pytest.raises(RaeeConfigError, match=re.escape(problem)):
+            export(tmp_path / "missing.gguf", out)
+    assert (notes / "notes.txt").read_text() == "precious"
 
 
 def test_an_export_whose_manifest_was_edited_may_be_exported_over(tmp_path: Path) -> None:

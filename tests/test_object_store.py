@@ -578,6 +578,31 @@ def test_an_s3_export_folder_keeps_what_is_not_the_export(s3, segment_artifacts)
         check_out(art)
 
 
+def test_an_s3_export_killed_while_publishing_excuses_only_an_exports_files(s3, segment_artifacts):  # noqa: F811
+    """An export killed while publishing on S3 leaves its mark, the old export without its manifest, new files among
+    them and its claim: a rerun replaces that. The mark let it replace anything else there too (the user's notes),
+    and a killed classify's `_PUBLISHING` (its list of names) counted as the mark."""
+    from raee_ops.pipelines.export_checks import EXPORT_MARK, check_out
+
+    from raee_ops import storage
+
+    endpoint, client = s3
+    storage.configure(s3_args(endpoint))
+    prefix = "killed/artifacts"
+    art = upload_dir(client, segment_artifacts, prefix)
+    client.delete_object(Bucket=BUCKET, Key=f"{prefix}/manifest.json")
+    for name, body in (("_PUBLISHING", EXPORT_MARK), ("layer_007.onnx", b"new"), (f"{CLAIM}x", b"{}")):
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=body)
+    check_out(art)
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/notes.txt", Body=b"mine")
+    with pytest.raises(RaeeConfigError, match=f"--out {art} holds notes.txt, not part of the export there"):
+        check_out(art)
+    client.delete_object(Bucket=BUCKET, Key=f"{prefix}/notes.txt")
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/_PUBLISHING", Body=b'["predictions-00000-of-00001.parquet"]')
+    with pytest.raises(RaeeConfigError, match=f"--out {art} holds files that are not an export"):
+        check_out(art)
+
+
 def test_a_scheme_without_its_filesystem_names_the_extra():
     from raee_ops import storage
     from raee_ops.errors import RaeeConfigError

@@ -14,7 +14,7 @@ the next export to the same place removes what a killed one left and never a liv
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from raee_ops.onnx_export.segments import export_segment
 from raee_ops.onnx_export.tokenizer_file import save_tokenizer
 from raee_ops.onnx_export.verbalizer import label_token_ids
 from raee_ops.onnx_export.verify import verify_export
-from raee_ops.pipelines.export_checks import EXPORT_MARK, check_before_loading
+from raee_ops.pipelines.export_checks import EXPORT_MARK, check_before_loading, check_replaceable
 from raee_ops.pipelines.options import make_pipeline, run_pipeline
 from raee_ops.schemas.manifest import (
     MANIFEST_NAME,
@@ -167,20 +167,41 @@ def _check_request(model_spec: str, tasks: Sequence[Task], max_length: int) -> N
 def _move_into_place(work: str, out_dir: str) -> None:
     """Replace out_dir by work (local folders) once work is complete, in one step where the filesystem can swap
     two folders, else by moving the old export aside first (`_put_back` mends a kill in between). Exports to the
-    same place take turns here (the parent's lock), so two at once both end with a complete one."""
+    same place take turns here (the parent's lock), so two at once both end with a complete one.
+
+    Files written into out_dir while this run exported would be deleted with the old export, so it is checked
+    again here, and once more when out of the way, before it is deleted (a file written in between); found, the
+    old export goes back to out_dir and the run is refused. One window is left, a listing long, between the swap and
+    its undoing: a run killed there leaves the old export with the file in work, which the next run removes, and a
+    file written into out_dir then goes with the new export, dropped."""
     parent = storage.parent(out_dir)
     with hold(parent, f"the folder of {out_dir}", wait=True):
         if not storage.exists(out_dir):
             storage.rename([(work, out_dir)])
             return
+        _check_late_files(out_dir)
         if storage.exchange(work, out_dir):
             fault_point("export:aside")  # work holds the old export now: the run's end (or the next run) removes it
+            _check_late_files(out_dir, aside=work, undo=lambda: storage.exchange(work, out_dir))
             return
         old = storage.join(parent, f".{storage.name(out_dir)}.old-{new_run_id()}")
         storage.rename([(out_dir, old)])
         fault_point("export:aside")
+        _check_late_files(out_dir, aside=old, undo=lambda: storage.rename([(old, out_dir)]))
         storage.rename([(work, out_dir)])
         storage.delete([old])  # a concurrent run may have reclaimed it
+
+
+def _check_late_files(out_dir: str, aside: str = "", undo: Callable[[], object] = lambda: None) -> None:
+    """Refuse where out_dir's old export (at `aside` once out of the way, to be deleted) holds files its manifest
+    does not list, written while this run exported; `undo` first puts it back at out_dir."""
+    try:
+        check_replaceable(out_dir, found_at=aside)
+    except RaeeConfigError as exc:
+        undo()
+        raise RaeeConfigError(
+            f"{exc} (written while this export ran: the old export stays, the new one is dropped)"
+        ) from exc
 
 
 def _put_back(out_dir: str) -> None:

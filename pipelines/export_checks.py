@@ -57,7 +57,7 @@ def check_out(out_dir: str) -> None:
     if storage.is_local(out_dir):
         _check_local_out(out_dir)
     check_outside_artifacts(out_dir, "--out", start=storage.parent(out_dir))  # --out itself may be the old export
-    _check_replaceable(out_dir)
+    check_replaceable(out_dir)
 
 
 def _check_local_out(out_dir: str) -> None:
@@ -79,23 +79,25 @@ def _is_database(folder: str) -> bool:
     return any(os.path.isdir(os.path.join(folder, n)) for n in storage.children(folder, TABLE_FOLDERS))
 
 
-def _check_replaceable(out_dir: str) -> None:
+def check_replaceable(out_dir: str, found_at: str = "") -> None:
     """An export replaces --out whole: one that holds anything its previous export did not write (a database built
     there, notes) is refused, or that would go with it. Its export's files are those its manifest lists; where an
     export was killed while publishing on an object store (its mark), the manifest may be gone and the new export's
     files half copied, so there a file of a name an export gives its files (EXPORT_FILES) counts too, and the mark.
-    Claims are skipped on an object store only (a local claim is a lock, never a file)."""
+    Claims are skipped on an object store only (a local claim is a lock, never a file). `found_at`: where the old
+    export lies now, moved out of the way to be replaced (messages name --out)."""
+    folder = found_at or out_dir
     remote = not storage.is_local(out_dir)
-    held = [n for n in storage.children(out_dir) if not (remote and n.startswith(CLAIM))]  # runs' claims, live or not
+    held = [n for n in storage.children(folder) if not (remote and n.startswith(CLAIM))]  # runs' claims, live or not
     if not held:
         return
-    publishing = remote and _export_publishing(out_dir, held)
+    publishing = remote and _export_publishing(folder, held)
     if MANIFEST_NAME not in held and not publishing:
         raise RaeeConfigError(
             f"--out {out_dir} holds files that are not an export (no {MANIFEST_NAME}), and an export replaces the "
             "whole folder: choose another --out, or empty it"
         )
-    ours = _listed(out_dir) if MANIFEST_NAME in held else {MANIFEST_NAME}
+    ours = _listed(folder, out_dir) if MANIFEST_NAME in held else {MANIFEST_NAME}
     if publishing:
         ours |= {PUBLISHING} | {n for n in held if any(fnmatch.fnmatchcase(n, p) for p in EXPORT_FILES)}
     foreign = sorted(set(held) - ours)
@@ -115,10 +117,10 @@ def _export_publishing(folder: str, held: Sequence[str]) -> bool:
     return PUBLISHING in held and storage.read_bytes(storage.join(folder, PUBLISHING)) == EXPORT_MARK
 
 
-def _listed(out_dir: str) -> set[str]:
-    """The names the manifest in --out lists, itself included."""
+def _listed(folder: str, out_dir: str) -> set[str]:
+    """The names the manifest in `folder` (--out's export) lists, itself included."""
     try:
-        listed = load_manifest(out_dir, verify_checksums=False, check_seal=False).file_refs()  # an edited one too
+        listed = load_manifest(folder, verify_checksums=False, check_seal=False).file_refs()  # an edited one too
     except ArtifactError as exc:
         raise RaeeConfigError(
             f"--out {out_dir}: its {MANIFEST_NAME} cannot be read ({exc}), so which files are an export's is unknown "

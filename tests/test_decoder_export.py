@@ -553,6 +553,54 @@ def test_an_export_takes_only_its_own_runs_folders_beside_out(tmp_path: Path, mo
     assert load_manifest(out) != old and load_manifest(tmp_path / ".out.tmp-x")
 
 
+def test_files_written_into_out_while_an_export_runs_are_kept(
+    tiny_llama_dir: Path, tiny_llama_artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--out is checked for files its export did not write before the model loads; one written there while the
+    export ran (minutes) was deleted with the old export it replaced, and the run ended 0. It is refused instead,
+    the old export left in place with the file, nothing of the new one left."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_llama_artifacts, out)
+    old = load_manifest(out)
+    real = raee_ops.pipelines.export.export_segments
+
+    def and_a_note(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        (out / "notes.txt").write_text("precious")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(raee_ops.pipelines.export, "export_segments", and_a_note)
+    with pytest.raises(RaeeConfigError, match=f"--out {out} holds notes.txt, not part of the export there .* ran"):
+        run_export(str(tiny_llama_dir), out, TASKS[:1], verify=False, embedders=[], max_length=64, beam_args=[])
+    assert load_manifest(out) == old and (out / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("swaps", [True, False], ids=["exchange", "move-aside"])
+def test_a_file_written_into_out_as_the_export_moves_in_is_kept(
+    swaps: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file written into --out after its last check but before the old export is out of the way goes with it:
+    the old export is checked again there, before it is deleted, and put back with the file."""
+    from raee_ops.pipelines.export import _move_into_place
+
+    from raee_ops.commit import new_run_id
+
+    out, old = make_artifacts(tmp_path / "out"), load_manifest(tmp_path / "out")
+    work = make_artifacts(tmp_path / f".out.tmp-{new_run_id()}", seed=1)
+    new, real = load_manifest(work), storage.exchange
+
+    def late_write(a: str, b: str) -> bool:
+        if not (out / "notes.txt").exists():
+            (out / "notes.txt").write_text("precious")
+        return swaps and real(a, b)
+
+    monkeypatch.setattr(storage, "exchange", late_write)
+    with pytest.raises(RaeeConfigError, match=f"--out {out} holds notes.txt, not part of the export there .* ran"):
+        _move_into_place(str(work), str(out))
+    assert load_manifest(out) == old and (out / "notes.txt").read_text() == "precious"
+    assert load_manifest(work) == new and sorted(p.name for p in tmp_path.iterdir()) == [work.name, "out"]
+
+
 def _store_refusal() -> Exception:
     """Beam's S3 filesystem wraps a 403 in a BeamIOError raised on the driver: wrong keys, not a bug."""
     from apache_beam.io.filesystem import BeamIOError

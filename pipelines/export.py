@@ -28,7 +28,12 @@ from raee_ops.onnx_export.segments import export_segment
 from raee_ops.onnx_export.tokenizer_file import save_tokenizer
 from raee_ops.onnx_export.verbalizer import label_token_ids
 from raee_ops.onnx_export.verify import verify_export
-from raee_ops.pipelines.export_checks import EXPORT_MARK, check_before_loading, check_replaceable
+from raee_ops.pipelines.export_checks import (
+    EXPORT_MARK,
+    check_before_loading,
+    check_replaceable,
+    is_export_file,
+)
 from raee_ops.pipelines.options import make_pipeline, run_pipeline
 from raee_ops.schemas.manifest import (
     MANIFEST_NAME,
@@ -44,7 +49,6 @@ from raee_ops.schemas.manifest import (
 
 from raee_ops import storage
 from raee_ops.commit import (
-    CLAIM,
     PUBLISHING,
     check_held,
     hold,
@@ -219,8 +223,11 @@ def _publish_remote(work: str, out_dir: str, manifest: Manifest) -> None:
     """Move the files of an object-store export into place (a copy: an old export cannot stay whole), marked as
     being published first, the old manifest removed, the new one written last; files of the old export that the new
     one does not have are removed at the end. A run killed in between leaves the mark: the folder is an export's,
-    without a manifest, which a rerun may replace."""
+    without a manifest, which a rerun may replace. --out is checked again first (a file written there while this
+    run exported), and only files of the names an export gives its files are removed at the end: one written during
+    the copy stays, and the next export refuses the folder."""
     with hold(out_dir, f"--out {out_dir}"):
+        _check_late_files(out_dir)
         storage.write_bytes(storage.join(out_dir, PUBLISHING), EXPORT_MARK)  # not empty: S3
         storage.delete([storage.join(out_dir, MANIFEST_NAME)])
         files = sorted({ref.file for ref in manifest.file_refs()})
@@ -228,8 +235,7 @@ def _publish_remote(work: str, out_dir: str, manifest: Manifest) -> None:
         fault_point("export:publish")
         check_held(out_dir)  # a model's worth of copies: the manifest makes them an export only while ours
         storage.write_bytes(storage.join(out_dir, MANIFEST_NAME), manifest.to_json().encode())
-        keep = set(files) | {MANIFEST_NAME, PUBLISHING}
-        stale = [n for n in storage.children(out_dir) if n not in keep and not n.startswith(CLAIM)]
+        stale = [n for n in storage.children(out_dir) if n not in files and is_export_file(n)]
         storage.delete([storage.join(out_dir, n) for n in stale])
         storage.delete([storage.join(out_dir, PUBLISHING)])
 

@@ -99,7 +99,7 @@ def check_replaceable(out_dir: str, found_at: str = "") -> None:
         )
     ours = _listed(folder, out_dir) if MANIFEST_NAME in held else {MANIFEST_NAME}
     if publishing:
-        ours |= {PUBLISHING} | {n for n in held if any(fnmatch.fnmatchcase(n, p) for p in EXPORT_FILES)}
+        ours |= {PUBLISHING} | {n for n in held if is_export_file(n)}
     foreign = sorted(set(held) - ours)
     if foreign:
         what = "a file an export writes" if publishing else f"in its {MANIFEST_NAME}"
@@ -107,6 +107,11 @@ def check_replaceable(out_dir: str, found_at: str = "") -> None:
             f"--out {out_dir} holds {some(foreign)}, not part of the export there (not {what}), and an export "
             "replaces the whole folder: move it out, or choose another --out"
         )
+
+
+def is_export_file(name: str) -> bool:
+    """Whether a file's name is one an export gives its files (the manifest aside)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in EXPORT_FILES)
 
 
 def _export_publishing(folder: str, held: Sequence[str]) -> bool:

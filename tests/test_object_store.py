@@ -603,6 +603,40 @@ def test_an_s3_export_killed_while_publishing_excuses_only_an_exports_files(s3, 
         check_out(art)
 
 
+def test_an_s3_export_keeps_files_written_into_out_while_it_ran(s3, segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    """Publishing on S3 removed every file the new export did not have: one written into --out while the export
+    ran was deleted without a word. --out is checked again as publishing starts (refused, nothing changed there),
+    and only files of an export's names are removed (the old export's head that the new one lacks; a file written
+    during the copy stays)."""
+    from dataclasses import replace
+
+    import raee_ops.pipelines.export
+    from raee_ops.pipelines.export import _publish_remote
+    from raee_ops.schemas.manifest import load_manifest
+
+    from raee_ops import storage
+
+    endpoint, client = s3
+    storage.configure(s3_args(endpoint))
+    manifest = load_manifest(segment_artifacts)
+    manifest = replace(manifest, tasks={"sst2": manifest.tasks["sst2"]})  # head_rte.onnx: the old export's only
+    late = upload_dir(client, segment_artifacts, "late/out")
+    client.put_object(Bucket=BUCKET, Key="late/out/notes.txt", Body=b"mine")
+    before = keys(client, "late/out/")
+    with pytest.raises(RaeeConfigError, match=f"--out {late} holds notes.txt, not part of the export there .* ran"):
+        _publish_remote(upload_dir(client, segment_artifacts, "late/work"), late, manifest)
+    assert keys(client, "late/out/") == before
+
+    during = upload_dir(client, segment_artifacts, "during/out")
+    put = client.put_object
+    monkeypatch.setattr(
+        raee_ops.pipelines.export, "fault_point", lambda _: put(Bucket=BUCKET, Key="during/out/notes.txt")
+    )
+    _publish_remote(upload_dir(client, segment_artifacts, "during/work"), during, manifest)
+    names = {k.rsplit("/", 1)[1] for k in keys(client, "during/out/")}
+    assert names == {ref.file for ref in manifest.file_refs()} | {"manifest.json", "notes.txt"}
+
+
 def test_a_scheme_without_its_filesystem_names_the_extra():
     from raee_ops import storage
     from raee_ops.errors import RaeeConfigError

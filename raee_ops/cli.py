@@ -736,7 +736,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{exc.format_message()} (see {ctx.command_path if ctx else 'raee-ops'} --help)", exc.exit_code)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # not a bug: the line says where, and what mends it
-            _fail(f"{exc.strerror}{f': {exc.filename}' if exc.filename else ''}: free space there, then run again", 1)
+            where = exc.filename or "where this command writes (its outputs, the temporary folders beside them, TMPDIR)"
+            _fail(f"{exc.strerror}: {where}: free space there, then run again", 1)
         if not _path_given_wrong(exc):
             _unexpected(exc)
         logging.getLogger(__name__).debug("failed", exc_info=True)

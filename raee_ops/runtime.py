@@ -315,8 +315,8 @@ class DeviceChain:
 
 class SegmentRuntime:
     """A backbone's segments, heads and embedders as ORT sessions (heads and embedders load lazily). Each file is
-    read once and its bytes checked against the manifest before a session or tokenizer is made of them
-    (`read_verified`), so what runs is what the manifest vouches for, whatever happens to the folder meanwhile."""
+    loaded through `load_checked`: what runs is what the manifest vouches for, whatever happens to the folder
+    meanwhile."""
 
     def __init__(
         self,

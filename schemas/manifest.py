@@ -5,10 +5,11 @@ The manifest is the only contract between the exporter (torch) and the runtime (
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -181,9 +182,12 @@ class Manifest:
 
     def identity(self, task: str, embedder: str) -> dict[str, str]:
         """What a run of `task` keyed by `embedder` reads of these artifacts, part by part: the backbone, the task's
-        prompt and head, and the key's embedder where it is a file of its own (the backbone's own keys are in its
-        fingerprint). Workers compare it with the launching process's: an export replaced mid-run changes one."""
+        prompt and head, the longest prompt it accepts (the same files exported with another --max-length had every
+        row of a run checked against the other export's limit) and the key's embedder where it is a file of its own
+        (the backbone's own keys are in its fingerprint). Workers compare it with the launching process's: an export
+        replaced mid-run changes one."""
         parts = {"backbone": self.fingerprint, f"task {task}": self.task(task).fingerprint}
+        parts["max_length"] = str(self.max_length)
         key = self.key_fingerprint(embedder)
         if key is not None:
             parts[f"key embedder {embedder}"] = key
@@ -344,30 +348,54 @@ def _verified_key(stat: os.stat_result, expected: str) -> tuple[int, int, int, i
     return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, expected)
 
 
-def check_file(target: Path, expected: str) -> tuple[int, int, int, int, str]:
-    """Refuse a local artifact file that is missing or whose sha256 differs (hashed once per process); returns the
-    key of the file it checked."""
+def check_file(target: Path, expected: str) -> None:
+    """Refuse a local artifact file that is missing or whose sha256 differs (hashed once per process)."""
+    with _opened(target) as handle:
+        _check_handle(handle, target, expected)
+
+
+@contextlib.contextmanager
+def _opened(target: Path) -> Iterator[BinaryIO]:
     try:
-        with open(target, "rb") as handle:  # hashed and keyed through one handle: the file checked is the file keyed
-            key = _verified_key(os.fstat(handle.fileno()), expected)
-            actual = expected if key in _VERIFIED else sha256_stream(handle)
+        handle = open(target, "rb")
     except (FileNotFoundError, IsADirectoryError):
         raise ArtifactError(f"artifact file missing: {target}") from None
-    if actual != expected:
-        raise ArtifactError(f"checksum mismatch for {target}: manifest says {expected[:12]}…, file is {actual[:12]}…")
-    _VERIFIED.add(key)
+    with handle:
+        yield handle
+
+
+def _check_handle(handle: BinaryIO, target: Path, expected: str) -> tuple[int, int, int, int, str]:
+    """The open file's sha256 against `expected`, hashed through that handle (the file checked is the file keyed);
+    returns its key."""
+    key = _verified_key(os.fstat(handle.fileno()), expected)
+    if key not in _VERIFIED:
+        actual = sha256_stream(handle)
+        if actual != expected:
+            raise ArtifactError(
+                f"checksum mismatch for {target}: manifest says {expected[:12]}…, file is {actual[:12]}…"
+            )
+        _VERIFIED.add(key)
     return key
+
+
+#: Where this process reopens a file it holds open (Linux): what a loader opens there is the file checked,
+#: whatever its path names by then.
+_OPEN_FILES = Path("/proc/self/fd")
 
 
 def load_checked(target: Path, expected: str | None, load: Callable[[str], T]) -> T:
     """`load(path)` of a local artifact file the manifest vouches for (`expected`; None: unchecked), refused unless
     the file it read is the one checked. Why: a session or tokenizer opened by path after a check reads whatever is
     there by then, and an export republished in between (or a link switched to another export) made a run answer
-    with one export's layers and another's head, exit 0. The same device, inode, size and mtime before the check and
-    after the load: the file loaded is the file checked (an export replaces files, never writes into them)."""
+    with one export's layers and another's head, exit 0. The loader opens the checked file through this process's
+    handle on it (Linux), or its path, which must then name the same device, inode, size and mtime after the load
+    as at the check (an export replaces files, never writes into them)."""
     if expected is None:
         return load(str(target))
-    checked = check_file(target, expected)
+    with _opened(target) as handle:
+        checked = _check_handle(handle, target, expected)
+        if _OPEN_FILES.is_dir():
+            return load(str(_OPEN_FILES / str(handle.fileno())))
     loaded = load(str(target))
     try:
         unchanged = _verified_key(os.stat(target), expected) == checked

@@ -244,24 +244,38 @@ def test_a_runtime_runs_the_files_its_manifest_vouches_for_not_what_the_folder_h
         SegmentRuntime(fresh)
 
 
-def test_a_file_replaced_while_it_loads_is_refused(tiny_llama_artifacts: Path, tmp_path: Path) -> None:
+def test_a_file_replaced_while_it_loads_is_never_loaded_unchecked(
+    tiny_llama_artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link switched to another export and back while one file loads (A, B, A): the checked file was A's and the
+    path named A's again after the load, but the loader had read B's."""
+    from raee_ops.schemas import manifest as manifest_module
     from raee_ops.schemas.manifest import load_checked
 
     copy = Path(shutil.copytree(tiny_llama_artifacts, tmp_path / "copy"))
     ref = load_manifest(copy).task("sst2").head
-    assert (
-        load_checked(copy / ref.file, ref.sha256, lambda path: Path(path).read_bytes())
-        == (copy / ref.file).read_bytes()
-    )
+    checked, other = (copy / ref.file).read_bytes(), (copy / "head_rte.onnx").read_bytes()
+    assert checked != other
 
-    def read_then_replaced(path: str) -> bytes:  # the export swaps the file in just after the load read it
+    def switched_while_read(path: str) -> bytes:  # the export's file is another while the loader reads
+        os.replace(copy / ref.file, copy / "aside")
+        (copy / ref.file).write_bytes(other)
+        data = Path(path).read_bytes()
+        os.replace(copy / "aside", copy / ref.file)
+        return data
+
+    assert load_checked(copy / ref.file, ref.sha256, switched_while_read) == checked  # reopened through its handle
+
+    monkeypatch.setattr(manifest_module, "_OPEN_FILES", tmp_path / "no-proc")  # where a process cannot reopen it
+
+    def replaced_after_read(path: str) -> bytes:
         data = Path(path).read_bytes()
         shutil.copy(copy / "head_rte.onnx", copy / "swapped")
         os.replace(copy / "swapped", path)
         return data
 
     with pytest.raises(ArtifactError, match="head_sst2.onnx changed while it was loaded"):
-        load_checked(copy / ref.file, ref.sha256, read_then_replaced)
+        load_checked(copy / ref.file, ref.sha256, replaced_after_read)
 
 
 @pytest.mark.parametrize(

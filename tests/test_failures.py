@@ -1241,6 +1241,16 @@ def test_workers_refuse_an_export_republished_with_another_head_or_key(segment_a
         LayerRows(str(replaced), PRESETS["sst2"], DEFAULT_KEY, checked=checked).load()
 
 
+def test_workers_refuse_the_same_files_exported_with_another_max_length(segment_artifacts, tmp_path):  # noqa: F811
+    """Files, fingerprint and task alike, --max-length not: a run checked against one export's limit had all its rows
+    refused (or accepted) by the other's (sweep Y)."""
+    checked = load_manifest(segment_artifacts)
+    shorter = reexported(segment_artifacts, tmp_path / "shorter", lambda m: m.update(max_length=8))
+    assert load_manifest(shorter).fingerprint == checked.fingerprint
+    with pytest.raises(ArtifactError, match=f"changed during the run \\(max_length 8, checked {checked.max_length}"):
+        LayerRows(str(shorter), PRESETS["sst2"], DEFAULT_KEY, checked=checked).load()
+
+
 @pytest.mark.parametrize(("args", "code"), [(["info", "--db", "no-such-db"], 2), (["--help"], 0)])
 def test_the_process_ends_with_its_code_whatever_its_teardown_would_do(tmp_path, args, code):
     """Native threads still running at the interpreter's teardown (Arrow's, LanceDB's, ONNX Runtime's) aborted
@@ -1331,7 +1341,14 @@ def test_only_lancedb_commit_conflicts_read_as_conflicts():
     assert conflict(OSError("/data/commit conflict notes/rows.parquet: No such file or directory")) is None
 
 
-def test_a_full_disk_is_one_line_saying_where_not_an_internal_error(monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("filename", "where"),
+    [
+        ("/data/.artifacts.tmp-1/layer_003.onnx", "/data/.artifacts.tmp-1/layer_003.onnx"),
+        (None, "where this command writes (its outputs, the temporary folders beside them, TMPDIR)"),  # torch's save
+    ],
+)
+def test_a_full_disk_is_one_line_saying_where_not_an_internal_error(monkeypatch, capsys, filename, where):
     """An export filling its disk ended `internal error: OSError: [Errno 28] No space left on device`, as for a bug
     (sweep Y). What fills a disk is the command's own writing; here the command raises it as it would."""
     import errno
@@ -1339,13 +1356,11 @@ def test_a_full_disk_is_one_line_saying_where_not_an_internal_error(monkeypatch,
     import raee_ops.cli
 
     def fills_the_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/.artifacts.tmp-1/layer_003.onnx")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
     monkeypatch.setattr(raee_ops.cli.cli, "main", fills_the_disk)
     with pytest.raises(SystemExit) as ended:
         main(["info", "--db", "unused"])
     assert ended.value.code == 1
     line = capsys.readouterr().err.strip()
-    assert line == (
-        "error: No space left on device: /data/.artifacts.tmp-1/layer_003.onnx: free space there, then run again"
-    )
+    assert line == f"error: No space left on device: {where}: free space there, then run again"

@@ -215,7 +215,10 @@ def run_classify(
     schema, rows_in = check_inputs(files, task, need_label=False)
     clash = [f.name for f in PREDICTION_FIELDS if f.name in schema.names]
     if clash:
-        raise RaeeConfigError(f"input already has column(s) {', '.join(clash)} that classify adds")
+        every = " (as every input has)" if len(files) > 1 else ""  # inputs share their columns (check_inputs)
+        raise RaeeConfigError(
+            f"{files[0]}: has column(s) {', '.join(clash)}{every}, which classify adds: rename or drop them"
+        )
 
     output_schema = pa.schema(list(output_columns(schema, task)) + PREDICTION_FIELDS)
     answering = Classify(

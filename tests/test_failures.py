@@ -1364,3 +1364,15 @@ def test_a_full_disk_is_one_line_saying_where_not_an_internal_error(monkeypatch,
     assert ended.value.code == 1
     line = capsys.readouterr().err.strip()
     assert line == f"error: No space left on device: {where}: free space there, then run again"
+
+
+def test_an_input_with_a_column_classify_adds_is_refused_naming_the_file(segment_artifacts, db, tmp_path):  # noqa: F811
+    """The one input refusal that named no file (sweep X); nothing is written."""
+    rows = pq.read_table(labelled(tmp_path / "in.parquet", 4, 1, "q", bad=False))
+    pq.write_table(rows.append_column("exit_layer", pa.array([1, 2, 3, 4])), tmp_path / "in.parquet")
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "out", tmp_path / "in.parquet"))
+    assert run.returncode == 2
+    assert one_error_line(run) == (
+        f"error: {tmp_path / 'in.parquet'}: has column(s) exit_layer, which classify adds: rename or drop them"
+    )
+    assert not (tmp_path / "out").exists()

@@ -28,6 +28,7 @@ from raee_ops.rows import (
     as_text,
     check_columns,
     errors_table,
+    is_text,
     nan_ids_as_null,
     positions,
     row_ids,
@@ -231,7 +232,7 @@ def _columns_as_read(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
     """Some of a file's columns in the inputs' common schema (None: as they are), as `as_read` reads them all."""
     if schema is None:
         return table
-    return table.cast(pa.schema([schema.field(f.name) if f.name in schema.names else f for f in table.schema]))
+    return table.cast(pa.schema([schema.field(name) for name in table.column_names]))
 
 
 def concat_strings(arrays: list[pa.Array]) -> pa.Array:
@@ -244,7 +245,7 @@ def _group_names(values: pa.Array, path: str, column: str, first_row: int) -> pa
     the driver before any work, since every row's group is known before its row is read."""
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
-    if _is_bytes(values.type):
+    if is_text(values.type):
         names, undecodable = as_text(values)
         if undecodable.any():
             row = first_row + int(undecodable.argmax())
@@ -259,12 +260,6 @@ def _group_names(values: pa.Array, path: str, column: str, first_row: int) -> pa
         return pc.cast(values, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise RaeeConfigError(f"{path}: --group-column {column!r} has type {values.type}, not a group key") from exc
-
-
-def _is_bytes(t: pa.DataType) -> bool:
-    """Text or binary: a group key of either is the UTF-8 text of its bytes."""
-    kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
-    return any(kind(t) for kind in kinds)
 
 
 def read_validated_file(

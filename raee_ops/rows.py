@@ -39,9 +39,10 @@ def without_views(schema: pa.Schema) -> pa.Schema:
     return pa.schema([f.with_type(_PLAIN.get(f.type, f.type)) for f in schema], metadata=schema.metadata)
 
 
-def _is_text(t: pa.DataType) -> bool:
+def is_text(t: pa.DataType) -> bool:
+    """A type whose values `as_text` reads as text: strings, bytes, their dictionaries, or nothing at all."""
     if pa.types.is_dictionary(t):
-        return _is_text(t.value_type)
+        return is_text(t.value_type)
     kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
     return pa.types.is_null(t) or any(kind(t) for kind in kinds)  # null: a column with no value at all
 
@@ -93,7 +94,7 @@ def check_columns(schema: pa.Schema, task: Task, need_label: bool, source: str) 
     if internal:
         raise RaeeConfigError(f"{source}: column(s) {', '.join(internal)} are raee-ops' own; rename them in the input")
     for column in required + ([ID] if ID in schema.names else []):
-        kind, ok = {LABEL: ("labels", _is_label), ID: ("ids", _is_id)}.get(column, ("text", _is_text))
+        kind, ok = {LABEL: ("labels", _is_label), ID: ("ids", _is_id)}.get(column, ("text", is_text))
         if not ok(schema.field(column).type):
             raise RaeeConfigError(
                 f"{source}: column {column!r} has type {schema.field(column).type}, which cannot hold {kind}"
@@ -131,7 +132,7 @@ def row_ids(table: pa.Table, file_key: str, first_row: int) -> tuple[pa.Array, n
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
     undecodable = np.zeros(len(values), bool)
-    if _is_text(values.type):
+    if is_text(values.type):
         ids, undecodable = as_text(values)
         if undecodable.any():
             raw = values.cast(pa.large_binary()).to_pylist()  # bytes: a string-typed array would decode them

@@ -232,7 +232,8 @@ def _columns_as_read(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
     """Some of a file's columns in the inputs' common schema (None: as they are), as `as_read` reads them all."""
     if schema is None:
         return table
-    return table.cast(pa.schema([schema.field(name) for name in table.column_names]))
+    fields = [schema.field(f.name) if f.name in schema.names else f for f in table.schema]  # an id-less file's "_"
+    return table.cast(pa.schema(fields))
 
 
 def concat_strings(arrays: list[pa.Array]) -> pa.Array:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, replace
@@ -192,6 +193,17 @@ _OUTAGE = re.compile(r"kind: (?:Connect|Timeout)\b|status: 5\d\d\b")
 _S3_ERROR = re.compile(r"<Code>([^<]+)</Code>\s*<Message>([^<]*)</Message>")
 
 
+#: A lost file's path as LanceDB's local reader gives it: absolute, less its leading slash.
+_NOT_FOUND = re.compile(r"(?<=Not found: )(?!/)(\S+)")
+
+
+def _rooted(found: re.Match[str]) -> str:
+    """The path of a `Not found:` with its leading slash back where it is a local file's (its folder exists);
+    an object store's key stays as said."""
+    path = found[1]
+    return f"/{path}" if os.path.isdir(os.path.dirname(f"/{path}")) else path
+
+
 def _problem(exc: Exception) -> str:
     """The words of a LanceDB error that say what went wrong. Its store client's errors are a Rust debug dump
     (`Failed to connect to namespace: IO { source: Generic { … } }`): their head, then the innermost cause (an S3
@@ -206,7 +218,8 @@ def _problem(exc: Exception) -> str:
     sources = re.findall(r"source: ([A-Za-z]\w*) \}", text)
     cause = f"{coded[1]}: {coded[2]}" if coded else (messages or told or sources or [None])[-1]
     if cause is None or " { " not in text:
-        return first_line(re.sub(r",\s*/\S+\.rs:\d+:\d+", "", text)).rpartition("Wrapped error: ")[2]
+        said = first_line(re.sub(r",\s*/\S+\.rs:\d+:\d+", "", text)).rpartition("Wrapped error: ")[2]
+        return _NOT_FOUND.sub(_rooted, said)
     head = re.sub(r": [A-Z]\w*$", "", first_line(text).split(" { ", 1)[0])
     return first_line(f"{head}: {cause}")
 

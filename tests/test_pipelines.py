@@ -590,7 +590,8 @@ def test_a_version_pruned_while_a_run_reads_it_is_a_retry_not_damage(segment_art
 def test_files_lost_under_a_search_are_damage_not_a_retry(segment_artifacts, tmp_path):  # noqa: F811
     """A data file gone while its version is still the table's (a lost upload, a hand deletion): the one line for
     unreadable files, exit 2, as the driver's check says it; evaluate said "internal error: RuntimeError: lance
-    error: Not found" (review M). Never exit 75: a rerun would not mend it."""
+    error: Not found" (review M), and the lost file's path is said as on disk. Never exit 75: a rerun would not mend
+    it."""
     db = str(tmp_path / "db")
     train = labelled(tmp_path / "t.parquet", 12, 0, "t", bad=False)
     run_build_db(segment_artifacts, "sst2", [str(train)], db, "sst2", "backbone", "overwrite", None)
@@ -602,6 +603,8 @@ def test_files_lost_under_a_search_are_damage_not_a_retry(segment_artifacts, tmp
     ) as raised:
         retriever.search(np.ones((1, retriever.table.schema.field("vector").type.list_size), np.float32), 3)
     assert not isinstance(raised.value, VersionRemoved)
+    # the lost file as it is on disk: LanceDB's reader gives it less its leading slash
+    assert f"Not found: {tmp_path / 'db' / 'sst2.lance' / 'data'}/" in str(raised.value), raised.value
 
 
 def test_a_version_pruned_before_the_workers_read_it_ends_the_run_for_a_retry(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811

@@ -81,6 +81,7 @@ from raee_ops.run_record import (
     publish,
     scope,
     staging_dir,
+    tidy,
     work_dir,
 )
 from raee_ops.settings import worker_settings
@@ -380,6 +381,7 @@ def run_build_db(
             else:  # a refusal, not an unfinished run: nothing of it left for the next run to clean up
                 storage.delete([rejects])
                 forget_errors(work)
+            tidy(errors_dir, where, own_errors)
             raise
         with phase(f"build-db: fitting the probes and policies on {written} new rows"):
             reference = assemble(
@@ -399,6 +401,7 @@ def run_build_db(
         check_held(work)  # the fit may have run long: a lapsed claim's table may be another run's by now
         table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store, record)
         publish(rejects, errors_dir)
+        tidy(errors_dir, where, own_errors)
         in_step(own_folder, record, True)  # follows the version now current, wherever this run's rows went
         forget_errors(work)
     search = f"IVF_FLAT index, {index_partitions(table_rows)} partitions" if indexed else "exact search"

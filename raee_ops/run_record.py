@@ -159,7 +159,18 @@ def settle(
             remove_leftovers([storage.join(staged, run)], staged)
     kept = storage.join(errors_dir, UNCOMMITTED, where)  # a refused run's, kept until now as its line said
     storage.delete(storage.join(kept, run) for run in storage.children(kept))
+    tidy(errors_dir, where, own)
     in_step(errors_dir, record, own)
+
+
+def tidy(errors_dir: str, where: str, own: bool) -> None:
+    """Under the table's claim: its emptied `_staging/<scope>` and `_uncommitted/<scope>` folders removed, and in
+    the table's own errors folder, which only its runs write, their parents too (in a folder shared through
+    --errors they may be another table's run's at this moment)."""
+    for kind in (STAGING, UNCOMMITTED):
+        storage.remove_empty(storage.join(errors_dir, kind, where))
+        if own:
+            storage.remove_empty(storage.join(errors_dir, kind))
 
 
 def note_errors(work: str, errors_dir: str, own: bool) -> None:

@@ -351,6 +351,14 @@ def mkdirs(uri: str) -> None:
             raise RaeeConfigError(f"cannot create the folder {uri}: {exc.strerror}") from exc
 
 
+def remove_empty(uri: str) -> None:
+    """Remove a local folder if it is empty (a run's emptied staging); object stores have no folders. A folder
+    another process writes in meanwhile is not empty and stays."""
+    if is_local(uri):
+        with contextlib.suppress(OSError):
+            os.rmdir(local_path(uri))
+
+
 def open_read(uri: str) -> BinaryIO:
     return FileSystems.open(uri, compression_type=RAW)
 

@@ -207,6 +207,7 @@ def test_4_build_db_never_replaces_a_table_with_nothing(segment_artifacts, db, t
     kept = Path(one_error_line(run).split("its rejected rows: ")[1])  # shown, but not in the errors output
     assert kept.parent.parent == errors / "_uncommitted" and kept.parent.name.startswith("sst2.")
     assert sorted(ds.dataset(str(kept)).to_table().column("id").to_pylist()) == ["x", "y"]
+    assert sorted(p.name for p in errors.glob("_*")) == ["_uncommitted"]  # no emptied staging folder left behind
     run = raee_ops(*build_args(segment_artifacts, db, rejected, extra=["--max-rejected", "1"]))
     assert run.returncode == 2 and "with an empty one" in one_error_line(run) and "its rejected rows" in run.stderr
     assert not kept.exists() and len(list(kept.parent.iterdir())) == 1  # the next run removed the earlier one's

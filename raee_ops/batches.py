@@ -19,7 +19,7 @@ import pyarrow as pa
 from raee_ops import storage
 from raee_ops.artifacts import local_artifacts
 from raee_ops.calibration import log_softmax
-from raee_ops.errors import ArtifactError, RaeeError, RaeeRunError
+from raee_ops.errors import ArtifactsChanged, RaeeError, RaeeRunError
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.faults import fault_point
 from raee_ops.key_names import key_width, layer_depth
@@ -99,7 +99,7 @@ class BatchWork:
             if identity.get(part) != want
         ]
         if changed:
-            raise ArtifactError(
+            raise ArtifactsChanged(
                 f"the artifacts at {self.artifacts} changed during the run ({'; '.join(changed)}): run again once "
                 "the new export is in place"
             )

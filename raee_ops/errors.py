@@ -76,6 +76,12 @@ class StoreUnavailable(RetryLater):
     worker reading the table."""
 
 
+class ArtifactsChanged(RetryLater):
+    """An export replaced the artifacts while the run loaded them (a republish, a blue/green link switched): neither
+    export is wrong, and a rerun reads the one in place by then (and refuses it where the table was built from
+    another)."""
+
+
 class Interrupted(RaeeError):
     """Ctrl-C (SIGINT) during a command: left as a kill leaves things."""
 

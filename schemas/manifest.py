@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, TypeVar
 from raee_ops.schemas.tables import known_fields
 
 from raee_ops import storage
-from raee_ops.errors import ArtifactError
+from raee_ops.errors import ArtifactError, ArtifactsChanged
 
 FORMAT = "raee-segments/1"
 MANIFEST_NAME = "manifest.json"
@@ -402,7 +402,7 @@ def load_checked(target: Path, expected: str | None, load: Callable[[str], T]) -
     except FileNotFoundError:
         unchanged = False
     if not unchanged:
-        raise ArtifactError(
+        raise ArtifactsChanged(
             f"{target} changed while it was loaded: an export replaced it? run again once it is in place"
         )
     return loaded

@@ -29,7 +29,7 @@ from segment_artifacts import make_artifacts
 from tiny_models import build_tiny_gemma3
 
 from raee_ops import storage
-from raee_ops.errors import ArtifactError, RaeeConfigError, RaeeRunError
+from raee_ops.errors import ArtifactError, ArtifactsChanged, RaeeConfigError, RaeeRunError
 from raee_ops.tasks import PRESETS, Task
 
 TASKS = [PRESETS["sst2"], PRESETS["rte"]]
@@ -274,7 +274,7 @@ def test_a_file_replaced_while_it_loads_is_never_loaded_unchecked(
         os.replace(copy / "swapped", path)
         return data
 
-    with pytest.raises(ArtifactError, match="head_sst2.onnx changed while it was loaded"):
+    with pytest.raises(ArtifactsChanged, match="head_sst2.onnx changed while it was loaded"):
         load_checked(copy / ref.file, ref.sha256, replaced_after_read)
 
 

@@ -35,7 +35,7 @@ from raee_ops import storage
 from raee_ops.batches import Classify, LayerRows
 from raee_ops.cli import main
 from raee_ops.commit import locked, new_run_id, scratch_folder
-from raee_ops.errors import ArtifactError, RaeeConfigError, RaeeRunError
+from raee_ops.errors import ArtifactsChanged, RaeeConfigError, RaeeRunError
 from raee_ops.evaluate import evaluate
 from raee_ops.inputs import read_validated_file
 from raee_ops.key_names import DEFAULT_KEY
@@ -1152,9 +1152,39 @@ def test_workers_refuse_artifacts_an_export_replaced_after_the_runs_checks(segme
     replaced them in between must fail the run, not answer (or build a table) with another model."""
     checked = load_manifest(segment_artifacts)
     replaced = make_artifacts(tmp_path / "replaced", seed=1)
-    with pytest.raises(ArtifactError, match="changed during the run"):
+    with pytest.raises(ArtifactsChanged, match="changed during the run"):
         LayerRows(str(replaced), PRESETS["sst2"], "backbone", checked=checked).load()
     assert LayerRows(str(segment_artifacts), PRESETS["sst2"], "backbone", checked=checked).load()
+
+
+def test_an_export_switched_in_while_workers_load_is_a_retry(segment_artifacts, db, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """A blue/green link switched to another export after classify's checks, before its worker loads: the run ends
+    with exit 75 (a scheduler retries it: nothing is wrong with either export), publishes nothing, and its rerun
+    reads the export in place by then. It was exit 1 from classify and build-db and 2 from evaluate, while each
+    line said to run again."""
+    link, other = tmp_path / "live", make_artifacts(tmp_path / "other", seed=1)
+    link.symlink_to(segment_artifacts)
+    loader = Classify.load
+
+    def switched_first(self):
+        link.unlink()
+        link.symlink_to(other)
+        return loader(self)
+
+    monkeypatch.setattr(Classify, "load", switched_first)
+    queries = labelled(tmp_path / "q.parquet", 4, 5, "q", bad=False)
+    args = classify_args(str(link), str(db), str(tmp_path / "out"), str(queries))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        main(args)
+    line = one_error_line(SimpleNamespace(stderr=capsys.readouterr().err))
+    assert ended.value.code == 75 and "changed during the run" in line and "run again" in line, line
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    monkeypatch.undo()
+    link.unlink()
+    link.symlink_to(segment_artifacts)  # the export the table was built from, in place again
+    main(args)
+    assert (tmp_path / "out" / "_SUCCESS").is_file()
 
 
 def test_build_db_refuses_a_manifest_edited_after_export(segment_artifacts, tmp_path):  # noqa: F811
@@ -1238,7 +1268,7 @@ def test_workers_refuse_an_export_republished_with_another_head_or_key(segment_a
     other = make_artifacts(tmp_path / "other", seed=1)
     replaced = republished_with(segment_artifacts, other, name, tmp_path / "replaced")
     assert load_manifest(replaced).fingerprint == checked.fingerprint  # the same backbone
-    with pytest.raises(ArtifactError, match=f"changed during the run \\({part}"):
+    with pytest.raises(ArtifactsChanged, match=f"changed during the run \\({part}"):
         LayerRows(str(replaced), PRESETS["sst2"], DEFAULT_KEY, checked=checked).load()
 
 
@@ -1248,7 +1278,7 @@ def test_workers_refuse_the_same_files_exported_with_another_max_length(segment_
     checked = load_manifest(segment_artifacts)
     shorter = reexported(segment_artifacts, tmp_path / "shorter", lambda m: m.update(max_length=8))
     assert load_manifest(shorter).fingerprint == checked.fingerprint
-    with pytest.raises(ArtifactError, match=f"changed during the run \\(max_length 8, checked {checked.max_length}"):
+    with pytest.raises(ArtifactsChanged, match=f"changed during the run \\(max_length 8, checked {checked.max_length}"):
         LayerRows(str(shorter), PRESETS["sst2"], DEFAULT_KEY, checked=checked).load()
 
 

@@ -54,19 +54,21 @@ def test_pair_task_needs_text_pair():
 
 
 def test_text_of_invisible_characters_only_is_blank():
-    """Text of zero-width, format or control characters alone counted as text and got a prediction; one of them
-    beside visible text is still text."""
+    """Text of zero-width, format or control characters alone counted as text and got a prediction, and so did the
+    other default-ignorable characters (a Hangul filler, a variation selector) and the braille blank; one of them
+    beside visible text is still text, and so is a combining mark, which shows."""
     invisible = ["\u200b", "\u200c\u200d", "\u2060", "\ufeff", "\u00ad", "\u180e", "\x00", " \u200b\t\u3000\x7f"]
-    texts = ["good", "a\u200b", "\u00a0", *invisible]
+    invisible += ["\u3164", "\u115f\u1160", "\uffa0", "\ufe0f", "\U000e0100", "\u034f", "\u2800 \u2800", "\u17b4"]
+    texts = ["good", "a\u200b", "\u00a0", *invisible, "\u0301", "\u2764\ufe0f"]
     table = pa.table({"text": texts, "text_pair": ["h"] * len(texts), "label": [0] * len(texts)})
     for task in (SST2, RTE):
         out = validate(table, task, source="s", file_key="k", need_label=True)
-        assert out.valid.column("text").to_pylist() == ["good", "a\u200b"]
-        assert out.errors.column("reason").to_pylist() == ["text is empty or whitespace"] * (len(texts) - 2)
+        assert out.valid.column("text").to_pylist() == ["good", "a\u200b", "\u0301", "\u2764\ufe0f"]
+        assert out.errors.column("reason").to_pylist() == ["text is empty or whitespace"] * (len(texts) - 4)
     pairs = table.set_column(0, "text", pa.array(["p"] * len(texts))).set_column(1, "text_pair", pa.array(texts))
     out = validate(pairs, RTE, source="s", file_key="k", need_label=True)
-    assert out.valid.column("text_pair").to_pylist() == ["good", "a\u200b"]
-    assert out.errors.column("reason").to_pylist() == ["text_pair is empty or whitespace"] * (len(texts) - 2)
+    assert out.valid.column("text_pair").to_pylist() == ["good", "a\u200b", "\u0301", "\u2764\ufe0f"]
+    assert out.errors.column("reason").to_pylist() == ["text_pair is empty or whitespace"] * (len(texts) - 4)
 
 
 def test_a_text_column_that_cannot_hold_text_is_run_level():

@@ -19,6 +19,8 @@ from raee_ops.schemas.tables import FEATURES_SUFFIX, GROUP, PROBE_POLICY_META_KE
 from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops import probes as probes_module
+from raee_ops import reference as reference_module
+from raee_ops import storage
 from raee_ops.batches import LayerRows
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate
@@ -494,3 +496,17 @@ def test_the_same_rows_fit_the_same_table_whatever_the_shards_order(segment_arti
     )
     ids = table.column(ROW_ID).to_pylist()
     assert grown.data.column("id").to_pylist() == sorted(ids[:36]) + sorted(ids[36:])
+    # the staged states read a few rows at a time, never a shard whole (0.8 GB a thousand SmolLM2 rows, 17 GB at
+    # 20,000): the same tables
+    parts, whole = [], storage.parquet_batches
+
+    def counted(*args):
+        for part in whole(*args):
+            parts.append(part.num_rows)
+            yield part
+
+    monkeypatch.setattr(reference_module, "STATES_READ", 5)
+    monkeypatch.setattr(storage, "parquet_batches", counted)
+    small = fitted("small", [staged.slice(0, 24), staged.slice(24, 12)])
+    assert same(base, small) and same(grown, fitted("small-grown", [staged.slice(36)], small))
+    assert max(parts) == 5 and sum(parts) == 2 * 36 + 2 * 24  # each new row's states read twice: fit, answers

@@ -275,7 +275,8 @@ def read_validated_file(
 
 
 def _positional(table: pa.Table) -> bool:
-    return ID not in table.column_names or table.column(ID).null_count > 0
+    """Whether some row's id is its position: no `id` column, or a null in it (a NaN is one, nan_ids_as_null)."""
+    return ID not in table.column_names or nan_ids_as_null(table).column(ID).null_count > 0
 
 
 def _read_validated_groups(

@@ -466,8 +466,12 @@ def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position_once_per_rea
     assert ids(mixed) == [["a", "row:k2:1"], ["row:k2:2", "d"]] and hashed == [str(mixed)] * 2
     assert inputs.file_keys(str(mixed))[0].to_pylist() == ["a", "row:k3:1", "row:k3:2", "d"]
     floats = tmp_path / "floats.parquet"  # NaN is no id, as null is (sweep S: two NaN ids were one id twice)
-    pq.write_table(pa.table({"id": [1.0, float("nan"), float("nan")], "text": ["a", "b", "c"]}), floats)
+    pq.write_table(
+        pa.table({"id": [1.0, float("nan"), float("nan")], "text": ["a", "b", "c"], "label": [1] * 3}), floats
+    )
     assert inputs.file_keys(str(floats))[0].to_pylist() == ["1", "row:k4:1", "row:k4:2"]
+    # and as the rows are read: they were keyed 'row::1' (no file key), so two files' NaN rows shared an id
+    assert ids(floats) == [["1", "row:k5:1"], ["row:k5:2"]]
 
 
 def test_the_duplicate_check_reads_ids_as_the_rows_are_stored_in_the_inputs_common_schema(segment_artifacts, tmp_path):  # noqa: F811

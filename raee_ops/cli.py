@@ -573,7 +573,7 @@ def evaluate_cmd(
     options are accepted for the filesystem and database settings: --s3_endpoint_url, --raee_db_storage_option)."""
     from raee_ops import storage
     from raee_ops.evaluate import evaluate, exported_task
-    from raee_ops.report import check_report_dir, write_report
+    from raee_ops.report import check_report_dir, copies_note, write_report
     from raee_ops.schemas.manifest import load_manifest
 
     if (task_name is None) == (task_file is None):
@@ -599,6 +599,9 @@ def evaluate_cmd(
     zero_shot = f"; full {name} {full['metric']:.4f}" if full else "; no label-word head"
     balance = f"rows in: {report['rows_in']}  scored: {report['rows']}  rejected: {report['rejected']}"
     echo(f"evaluated: {balance}  (in = scored + rejected: ok){zero_shot}")
+    note = copies_note(report)
+    if note:
+        echo(f"warning: {note}")
     for strategy, s in report["strategies"].items():
         exit_layer = f"{s['mean_exit_layer']:.2f}/{report['num_layers']}"
         echo(f"  {strategy}: {name} {s['metric']:.4f}, mean exit layer {exit_layer}")

@@ -66,6 +66,8 @@ from raee_ops.settings import worker_settings
 from raee_ops.tasks import Task, task_of
 
 log = logging.getLogger(__name__)
+#: A scored row whose nearest reference row's key is this similar is a copy of it (keys are unit vectors).
+SAME_KEY = 0.9999
 #: Rows per model call; small enough for the progress line to move every few seconds on CPU.
 CHUNK = 64
 #: What a user would pick instead of (or as) the default, all fitted on the same reference rows: report name ->
@@ -310,6 +312,7 @@ def evaluate(
     nb = retriever.search(keys, max(k, vote_k, probe_policy.k, *(at.k for at in sweep), *depths))
     metric_name = task.metric_name
     metric = METRICS[metric_name]
+    copies = int((nb.similarity[:, 0] >= SAME_KEY).sum())  # report.copies_note says so
     vote = nb.top(vote_k)
     vote_pred = label_vote(vote.labels, vote.similarity, num_labels).argmax(axis=1)
     zero_shot = _zero_shot(logprobs, probe_lp, labels, nb, ctx, metric) if head else None
@@ -390,6 +393,7 @@ def evaluate(
             "default_held_out_metric": bound.default_held_out,
             "halvings": HALVINGS,
         },
+        "reference_copies": copies,
         "k": min(k, table_rows),  # a search finds at most the table's rows
         "k_asked": k,
         "table_rows": table_rows,

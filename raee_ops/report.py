@@ -145,6 +145,18 @@ def _gap(against: dict[str, float] | None) -> str:
     return "–" if against is None else f"{against['difference']:+.3f} ± {against['standard_error']:.3f}"
 
 
+def copies_note(r: dict[str, Any]) -> str | None:
+    """The warning where scored rows are rows of the table (None: none are, or a report from before they were
+    counted): evaluate prints it and report.md leads with it."""
+    copies = r.get("reference_copies")
+    if not copies:
+        return None
+    return (
+        f"{copies} of the {r['rows']} scored rows have a row of table {r['table']!r} with the same key (the same text, "
+        "most likely): they score what the table holds, not what it predicts; evaluate rows it does not hold"
+    )
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     name = f"metric: {r['metric_name']}"
     lines = [
@@ -155,6 +167,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"(version {r['table_version']}, {r['embedder']} keys); {neighbours_asked(r['k_asked'], r['table_rows'])} "
         f"for the paper's rules; default strategy `{r['default_strategy']}`.",
         "",
+        *([f"**Warning:** {copies_note(r)}.", ""] if copies_note(r) else []),
         "## Baselines",
         "",
     ]

@@ -202,6 +202,26 @@ def test_cli_writes_the_report_and_exits_2_on_a_missing_column(segment_artifacts
     assert "missing column(s) label" in missing.stderr and not (tmp_path / "bad").exists()
 
 
+def test_rows_the_table_holds_are_counted_and_warned_of(segment_artifacts, evaluated, tmp_path):  # noqa: F811
+    """Scoring the reference rows themselves reported every strategy at 1.0 without a word (the README's S3 recipe
+    did): rows whose nearest reference row has their key are counted and warned of."""
+    root, held_out, evaluation = evaluated
+    train = root / "train.parquet"
+    texts = set(pq.read_table(train).column("text").to_pylist())
+    scored = pq.read_table(held_out).filter(
+        pa.compute.is_in(pq.read_table(held_out)["id"], evaluation.predictions["id"])
+    )
+    assert evaluation.report["reference_copies"] == sum(t in texts for t in scored.column("text").to_pylist())
+    args = ["--artifacts", str(segment_artifacts), "--task", "sst2", "--db", str(root / "db"), "--strategy", "full"]
+    run = raee_ops("evaluate", *args, "--input", str(train), "--report", str(tmp_path / "report"))
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["reference_copies"] == report["rows"] == 30
+    assert "warning: 30 of the 30 scored rows have a row of table 'sst2' with the same key" in run.stdout
+    assert "**Warning:** 30 of the 30 scored rows" in (tmp_path / "report" / "report.md").read_text()
+    assert "Warning" not in render_markdown(evaluation.report | {"reference_copies": 0})
+
+
 def test_nothing_to_evaluate_says_why(segment_artifacts, evaluated, tmp_path):  # noqa: F811
     """Every row rejected: evaluate writes no report, so its one line names the commonest reasons (it named none:
     the user could not tell why); an input of no rows says so, not that its 0 rows were rejected."""

@@ -1,6 +1,7 @@
 # The worker image for Dataflow (--sdk_container_image) and other container runners: Beam's Python SDK image, whose
 # entry point (/opt/apache/beam/boot) is what Dataflow starts, plus raee-ops with ONNX Runtime and both filesystems.
 #
+#   docker build --build-arg BEAM=<the launching environment's apache_beam.__version__> -t IMAGE .   (as below)
 #   docker build -t IMAGE .                    # CPU: onnxruntime
 #   docker build --build-arg ORT=gpu -t IMAGE . # GPU: onnxruntime-gpu with its CUDA/cuDNN wheels (run on GPU workers
 #                                              # with --raee_provider cuda; not tried yet)

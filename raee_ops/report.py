@@ -158,7 +158,7 @@ def copies_note(r: dict[str, Any]) -> str | None:
 
 
 def render_markdown(r: dict[str, Any]) -> str:
-    name = f"metric: {r['metric_name']}"
+    name, note = f"metric: {r['metric_name']}", copies_note(r)
     lines = [
         f"# Evaluation: {r['task']}",
         "",
@@ -167,7 +167,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"(version {r['table_version']}, {r['embedder']} keys); {neighbours_asked(r['k_asked'], r['table_rows'])} "
         f"for the paper's rules; default strategy `{r['default_strategy']}`.",
         "",
-        *([f"**Warning:** {copies_note(r)}.", ""] if copies_note(r) else []),
+        *([f"**Warning:** {note}.", ""] if note else []),
         "## Baselines",
         "",
     ]

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from raee_ops import storage
-from raee_ops.errors import ArtifactError
+from raee_ops.errors import ArtifactError, ArtifactsChanged, first_line
 from raee_ops.schemas.manifest import MANIFEST_NAME, check_file, parse_manifest
 
 CACHE_ENV = "RAEE_CACHE_DIR"
@@ -44,7 +44,15 @@ def local_artifacts(uri: str) -> Path:
             except ArtifactError:  # a damaged cache entry: fetch it again
                 log.warning("cached %s does not match its manifest; fetching it again", local)
         storage.download(storage.join(uri, ref.file), str(local))
-        check_file(local, ref.sha256)
+        try:
+            check_file(local, ref.sha256)
+        except ArtifactError as exc:
+            if storage.read_bytes(storage.join(uri, MANIFEST_NAME)) != raw:  # republished while this worker fetched
+                raise ArtifactsChanged(
+                    f"the artifacts at {uri} were replaced while this worker fetched them ({first_line(exc)}): "
+                    "run again once the new export is in place"
+                ) from exc
+            raise
     if not (target / MANIFEST_NAME).is_file():
         storage.write_bytes(str(target / MANIFEST_NAME), raw)
     return target

@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from raee_ops import logs
-from raee_ops.errors import ArtifactError
+from raee_ops.errors import ArtifactError, ArtifactsChanged, first_line
 from raee_ops.extras import onnxruntime
 from raee_ops.key_names import BACKBONE, INT8_SUFFIX, parse_embedder
 from raee_ops.schemas.manifest import FileRef, Manifest, load_checked, load_manifest
@@ -316,7 +316,8 @@ class DeviceChain:
 class SegmentRuntime:
     """A backbone's segments, heads and embedders as ORT sessions (heads and embedders load lazily). Each file is
     loaded through `load_checked`: what runs is what the manifest vouches for, whatever happens to the folder
-    meanwhile."""
+    meanwhile. A link to the folder is resolved once, first: a head loaded late comes from the export whose manifest
+    was read, though a blue/green link names another by then."""
 
     def __init__(
         self,
@@ -332,7 +333,7 @@ class SegmentRuntime:
         host already holds the states). `sub_batch`: rows per ONNX call (default SUB_BATCH; on CUDA CUDA_SUB_BATCH).
         `compact_below`: a batch whose rows still running fall under this share is compacted to them; until then
         the rows that left ride along (default: 1.0, at every exit, on the host; CUDA_COMPACT_BELOW on CUDA)."""
-        self.dir = Path(artifacts)
+        self.dir = Path(os.path.realpath(artifacts))
         self.manifest: Manifest = load_manifest(self.dir, verify_checksums=verify_checksums)
         self._verify = verify_checksums
         self._threads = intra_op_threads or default_threads()
@@ -384,7 +385,23 @@ class SegmentRuntime:
         return self.manifest.num_layers
 
     def _load(self, ref: FileRef, load: Callable[[str], T]) -> T:
-        return load_checked(self.dir / ref.file, ref.sha256 if self._verify else None, load)
+        try:
+            return load_checked(self.dir / ref.file, ref.sha256 if self._verify else None, load)
+        except ArtifactError as exc:
+            if self._republished():
+                raise ArtifactsChanged(
+                    f"the artifacts at {self.dir} were replaced while this run loaded them ({first_line(exc)}): "
+                    "run again once the new export is in place"
+                ) from exc
+            raise
+
+    def _republished(self) -> bool:
+        """Whether the folder's manifest is no longer the one this runtime read: a file that fails its check then
+        belongs to an export republished into the folder meanwhile (a retry), not to a damaged one."""
+        try:
+            return load_manifest(self.dir, verify_checksums=False) != self.manifest
+        except ArtifactError:  # the manifest itself is gone or half-written: a republish under way
+            return True
 
     def _session(self, ref: FileRef) -> ort.InferenceSession:
         return self._load(ref, self._open)

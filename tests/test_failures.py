@@ -43,6 +43,7 @@ from raee_ops.report import REPORT_FILES
 from raee_ops.retrieval import conflict, table_names
 from raee_ops.rows import ROW_ID, SOURCE
 from raee_ops.run_record import JOBS_KEPT, RunRecord
+from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
 
 
@@ -1185,6 +1186,49 @@ def test_an_export_switched_in_while_workers_load_is_a_retry(segment_artifacts, 
     link.symlink_to(segment_artifacts)  # the export the table was built from, in place again
     main(args)
     assert (tmp_path / "out" / "_SUCCESS").is_file()
+
+
+def _republish(source: Path, folder: Path) -> None:
+    """Export `source` again into `folder` as an export does: each file written aside, then renamed over its old one,
+    the manifest last."""
+    names = sorted(p.name for p in source.iterdir() if p.is_file() and p.name != "manifest.json")
+    for name in [*names, "manifest.json"]:
+        shutil.copyfile(source / name, folder / f".{name}.new")
+        os.replace(folder / f".{name}.new", folder / name)
+
+
+@pytest.mark.parametrize("switch", ["link", "in place"])
+def test_an_export_switched_after_a_worker_read_its_manifest(segment_artifacts, db, tmp_path, monkeypatch, switch):  # noqa: F811
+    """Another export switched in after a worker read the manifest, before it loaded the files it loads late (a head,
+    the key embedder): a checksum mismatch then ended classify with exit 1 (build-db too, and evaluate 2), read as
+    damage. A link is now resolved once, so the worker reads the export it checked to the end (exit 0); an export
+    republished into the same folder is a retry (75), and nothing is published."""
+    live, other = tmp_path / "live", make_artifacts(tmp_path / "other", seed=1)
+    if switch == "link":
+        live.symlink_to(segment_artifacts)
+    else:
+        shutil.copytree(segment_artifacts, live)
+    built = SegmentRuntime.__init__
+
+    def switched_after(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        if switch == "link":
+            live.unlink()
+            live.symlink_to(other)
+        else:
+            _republish(other, live)
+
+    monkeypatch.setattr(SegmentRuntime, "__init__", switched_after)
+    queries = labelled(tmp_path / "q.parquet", 4, 5, "q", bad=False)
+    # the paper's rule runs layers and reads the zero-shot head, which loads late
+    args = classify_args(str(live), str(db), str(tmp_path / "out"), str(queries), extra=("--strategy", "raee"))
+    if switch == "link":
+        main(args)
+        assert (tmp_path / "out" / "_SUCCESS").is_file()
+        return
+    with pytest.raises(SystemExit) as ended:
+        main(args)
+    assert ended.value.code == 75 and not (tmp_path / "out" / "_SUCCESS").exists()
 
 
 def test_build_db_refuses_a_manifest_edited_after_export(segment_artifacts, tmp_path):  # noqa: F811

@@ -655,7 +655,7 @@ def test_workers_fetch_artifacts_into_a_checked_cache(s3, segment_artifacts, tmp
 
     from raee_ops import storage
     from raee_ops.artifacts import local_artifacts
-    from raee_ops.errors import ArtifactError
+    from raee_ops.errors import ArtifactError, ArtifactsChanged
 
     endpoint, client = s3
     storage.configure(s3_args(endpoint))
@@ -670,6 +670,18 @@ def test_workers_fetch_artifacts_into_a_checked_cache(s3, segment_artifacts, tmp
     client.put_object(Bucket=BUCKET, Key=f"cache/artifacts/{layer.name}", Body=b"tampered")
     shutil.rmtree(tmp_path / "cache")
     with pytest.raises(ArtifactError, match="checksum mismatch"):
+        local_artifacts(art)
+    # the same mismatch from an export republished while the worker fetched (the manifest replaced after it was
+    # read): not damage but a retry, exit 75
+    fetch = storage.download
+
+    def republished_meanwhile(source: str, target: str) -> None:
+        client.put_object(Bucket=BUCKET, Key="cache/artifacts/manifest.json", Body=b"{}")
+        fetch(source, target)
+
+    monkeypatch.setattr(storage, "download", republished_meanwhile)
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(ArtifactsChanged, match="replaced while this worker fetched them.*checksum mismatch"):
         local_artifacts(art)
 
 

@@ -74,6 +74,7 @@ from raee_ops.run_record import (
     ERRORS_FOLDER,
     RunRecord,
     default_errors_dir,
+    errors_owner,
     forget_errors,
     in_step,
     keep_uncommitted,
@@ -286,6 +287,12 @@ def run_build_db(
         # the table's own default folder only: an overwrite of another table empties that table's
         storage.check_outside(errors_dir, "--errors", db_uri, storage.join(ERRORS_FOLDER, table))
         check_outside_artifacts(errors_dir, "--errors")
+        owner = None if storage.within(errors_dir, db_uri) else errors_owner(errors_dir)
+        if owner:
+            raise RaeeConfigError(
+                f"--errors {errors_dir}: inside the errors folder of table {owner[1]!r} in the database {owner[0]}, "
+                "whose build-db sets other runs' files aside there and prunes them; choose a folder outside it"
+            )
     check_outside_artifacts(db_uri, "--db")  # the default --errors lies in the database
     storage.check_folder(db_uri, "--db")
     manifest = load_manifest(artifacts)

@@ -240,6 +240,19 @@ def default_errors_dir(db_uri: str, table: str) -> str:
     return storage.join(db_uri, ERRORS_FOLDER, table)
 
 
+def errors_owner(uri: str) -> tuple[str, str] | None:
+    """The database and table whose default errors folder `uri` is, or lies in: a folder `<db>/_errors/<table>` where
+    `<db>` holds that table or its work folder. That table's build-db sets files aside there and prunes them."""
+    up = storage.folders_up(uri)
+    for inner, errors, db in zip(up, up[1:], up[2:], strict=False):
+        table = storage.name(inner)
+        if storage.name(errors) == ERRORS_FOLDER and any(
+            storage.is_dir(marker) for marker in (work_dir(db, table), storage.join(db, f"{table}.lance"))
+        ):
+            return db, table
+    return None
+
+
 def work_dir(db_uri: str, table: str) -> str:
     """Where a table's runs stage their rows and hold their claim: beside the table, in the database's location
     (a local folder or an object-store prefix), never the driver's temp folder, so workers anywhere can write."""

@@ -469,6 +469,14 @@ def test_outputs_inside_the_database_are_refused_before_any_work(segment_artifac
     assert sorted(p.relative_to(db) for p in db.rglob("*")) == before  # nothing created, the table unchanged
     run = raee_ops(*build_args(segment_artifacts, tmp_path / "db2", queries, extra=["--errors", db / "_errors" / "x"]))
     assert run.returncode == 0, run.stderr  # where the default folder lies, another database's rows may go
+    # but not into a table's own folder there: that table's next build-db set the other database's files aside and
+    # a prune deleted them (its rejected rows lost, exit 0 each time)
+    own = db / "_errors" / "sst2"
+    for inside in (own, own / "more", tmp_path / "db-link" / "_errors" / "sst2"):
+        run = raee_ops(*build_args(segment_artifacts, tmp_path / "db3", queries, extra=["--errors", inside]))
+        line = one_error_line(run)
+        assert run.returncode == 2 and f"inside the errors folder of table 'sst2' in the database {db}," in line, line
+    assert not (tmp_path / "db3").exists()
 
 
 def test_outputs_inside_an_artifacts_folder_are_refused_before_any_work(segment_artifacts, db, tmp_path):  # noqa: F811

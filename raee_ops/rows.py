@@ -252,11 +252,12 @@ def _decodes(value: bytes) -> bool:
 #: Text made only of these shows nothing, so it is blank: whitespace (every Unicode space is a separator, Z, or a
 #: control), controls (Cc: NUL, tabs), format characters (Cf: zero-width spaces and joiners, U+FEFF, soft hyphens),
 #: the other default-ignorable code points Unicode says to render as nothing (the Hangul fillers, variation
-#: selectors, the combining grapheme joiner, Khmer's inherent vowels, Mongolian's variation selectors) and the
-#: braille blank, U+2800: the characters used to post a name or a message that looks empty.
+#: selectors, the combining grapheme joiner, Khmer's inherent vowels, Mongolian's variation selectors, and the
+#: code points Unicode reserves as default-ignorable: U+2065, U+FFF0..FFF8, the whole U+E0000..E0FFF tag and
+#: selector block) and the braille blank, U+2800: the characters used to post a name or a message that looks empty.
 _BLANK = (
-    r"^[\p{Z}\p{Cc}\p{Cf}\x{034F}\x{115F}\x{1160}\x{17B4}\x{17B5}\x{180B}-\x{180F}\x{2800}\x{3164}"
-    r"\x{FE00}-\x{FE0F}\x{FFA0}\x{E0100}-\x{E01EF}]*$"
+    r"^[\p{Z}\p{Cc}\p{Cf}\x{034F}\x{115F}\x{1160}\x{17B4}\x{17B5}\x{180B}-\x{180F}\x{2065}\x{2800}\x{3164}"
+    r"\x{FE00}-\x{FE0F}\x{FFA0}\x{FFF0}-\x{FFF8}\x{E0000}-\x{E0FFF}]*$"
 )
 
 

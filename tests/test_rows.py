@@ -59,6 +59,7 @@ def test_text_of_invisible_characters_only_is_blank():
     beside visible text is still text, and so is a combining mark, which shows."""
     invisible = ["\u200b", "\u200c\u200d", "\u2060", "\ufeff", "\u00ad", "\u180e", "\x00", " \u200b\t\u3000\x7f"]
     invisible += ["\u3164", "\u115f\u1160", "\uffa0", "\ufe0f", "\U000e0100", "\u034f", "\u2800 \u2800", "\u17b4"]
+    invisible += ["\u2065", "\ufff0", "\U000e0000", "\U000e01f0"]  # reserved default-ignorable: shown as nothing too
     texts = ["good", "a\u200b", "\u00a0", *invisible, "\u0301", "\u2764\ufe0f"]
     table = pa.table({"text": texts, "text_pair": ["h"] * len(texts), "label": [0] * len(texts)})
     for task in (SST2, RTE):

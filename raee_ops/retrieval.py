@@ -198,10 +198,13 @@ _NOT_FOUND = re.compile(r"(?<=Not found: )(?!/)(\S+)")
 
 
 def _rooted(found: re.Match[str]) -> str:
-    """The path of a `Not found:` with its leading slash back where it is a local file's (its folder exists);
-    an object store's key stays as said."""
+    """The path of a `Not found:` with its leading slash back where it is a local file's (a folder above it exists
+    here, the table's at least: its whole data folder may be gone); an object store's key stays as said."""
     path = found[1]
-    return f"/{path}" if os.path.isdir(os.path.dirname(f"/{path}")) else path
+    folder = os.path.dirname(f"/{path}")
+    while folder != "/" and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    return path if folder == "/" else f"/{path}"
 
 
 def _problem(exc: Exception) -> str:

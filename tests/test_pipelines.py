@@ -609,6 +609,9 @@ def test_files_lost_under_a_search_are_damage_not_a_retry(segment_artifacts, tmp
     assert not isinstance(raised.value, VersionRemoved)
     # the lost file as it is on disk: LanceDB's reader gives it less its leading slash
     assert f"Not found: {tmp_path / 'db' / 'sst2.lance' / 'data'}/" in str(raised.value), raised.value
+    (tmp_path / "db" / "sst2.lance" / "data").rmdir()  # the whole data folder gone: the same path
+    with pytest.raises(RaeeConfigError, match=f"Not found: {tmp_path / 'db' / 'sst2.lance' / 'data'}/"):
+        retriever.search(np.ones((1, retriever.table.schema.field("vector").type.list_size), np.float32), 3)
 
 
 def test_a_version_pruned_before_the_workers_read_it_ends_the_run_for_a_retry(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811

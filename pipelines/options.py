@@ -40,11 +40,9 @@ from apache_beam.runners.runner import PipelineState
 
 from raee_ops import logs
 from raee_ops.errors import RaeeConfigError, RaeeRunError, RetryLater, first_line
-from raee_ops.settings import RaeeOptions
+from raee_ops.settings import LOCAL_RUNNERS, RaeeOptions
 
 log = logging.getLogger(__name__)
-
-LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner"}
 
 
 #: How long a job service has to answer before the run starts: Beam waited --job_server_timeout (60 s by default,

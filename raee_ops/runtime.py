@@ -65,10 +65,12 @@ def choose_providers(requested: str | None = None) -> list[Provider]:
     return ["CPUExecutionProvider"]
 
 
-def default_threads() -> int:
-    """The cores this process may run on (at most 8): one worker per machine is the common case. With N worker
-    processes per machine pass --raee_intra_op_threads cores / N."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+def default_threads(processes: int = 1) -> int:
+    """The cores this process may run on, shared by `processes` like it on one machine (at most 8): one worker per
+    machine is the common case. Elsewhere with N worker processes per machine pass --raee_intra_op_threads cores / N.
+    `processes` 0: one per core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // (processes or cores)))
 
 
 _pool_threads: int | None = None

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 import apache_beam as beam
 import lancedb
@@ -87,7 +88,7 @@ from raee_ops.run_record import (
 )
 from raee_ops.settings import worker_settings
 from raee_ops.tasks import task_of
-from raee_ops.versions import settle_errors
+from raee_ops.versions import recorded_runs, settle_errors
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +410,8 @@ def run_build_db(
         table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store, record)
         publish(rejects, errors_dir)
         tidy(errors_dir, where, own_errors)
-        in_step(own_folder, record, True)  # follows the version now current, wherever this run's rows went
+        # follows the version now current, wherever this run's rows went
+        in_step(own_folder, record, True, partial(recorded_runs, db_uri, table, store))
         forget_errors(work)
     search = f"IVF_FLAT index, {index_partitions(table_rows)} partitions" if indexed else "exact search"
     return BuildSummary(

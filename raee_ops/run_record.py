@@ -160,7 +160,7 @@ def settle(
     kept = storage.join(errors_dir, UNCOMMITTED, where)  # a refused run's, kept until now as its line said
     storage.delete(storage.join(kept, run) for run in storage.children(kept))
     tidy(errors_dir, where, own)
-    in_step(errors_dir, record, own)
+    in_step(errors_dir, record, own, recorded)
 
 
 def tidy(errors_dir: str, where: str, own: bool) -> None:
@@ -199,18 +199,22 @@ def settle_noted(
     forget_errors(work)
 
 
-def in_step(errors_dir: str, record: RunRecord | None, own: bool) -> None:
+def in_step(errors_dir: str, record: RunRecord | None, own: bool, recorded: Callable[[set[str]], set[str]]) -> None:
     """In the table's own errors folder, under the table's claim: the error files of the runs the current version
-    (`record`) holds, the others' in `_replaced/`. A folder given with --errors may be shared by tables, so nothing
-    there is moved. Where the runs a version holds are not known (an append an earlier release recorded), its own
-    run's files are brought back and none moved away: no file is set aside for it."""
+    (`record`) holds, the files of its other runs (`recorded`: those some version records) in `_replaced/`. A file
+    of a run the table never recorded is left where it is: another database's build-db given this folder as its
+    --errors before the table existed wrote it, and a prune deletes what lies in `_replaced/`. A folder given with
+    --errors may be shared by tables, so nothing there is moved. Where the runs a version holds are not known (an
+    append an earlier release recorded), its own run's files are brought back and none moved away."""
     if not own or record is None:
         return
     aside, known = storage.join(errors_dir, REPLACED), record.holds
     holds = set(known) if known is not None else {record.run_id}
     if known is not None:
         here = storage.match(storage.join(errors_dir, "errors-*.parquet"))
-        away = [(f, storage.join(aside, storage.name(f))) for f in here if not _of(f, holds)]
+        others = {f: _SHARD.fullmatch(storage.name(f)) for f in here if not _of(f, holds)}
+        ours = recorded({named.group(1) for named in others.values() if named})
+        away = [(f, storage.join(aside, storage.name(f))) for f, named in others.items() if named and named[1] in ours]
         if away:
             storage.mkdirs(aside)
         storage.rename(away)

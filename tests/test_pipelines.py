@@ -162,6 +162,25 @@ def test_the_errors_folder_holds_the_rejected_rows_of_the_runs_the_current_versi
     assert state() == (a | again, set())
 
 
+def test_another_databases_rejected_rows_in_a_tables_folder_are_never_set_aside(segment_artifacts, tmp_path):  # noqa: F811
+    """Another database's build-db given `<db>/_errors/t` as --errors before table t existed (allowed then: no
+    table's folder yet) wrote its rejected rows there; t's build-db then set them aside as a replaced run's, and a
+    prune deleted them, exit 0 each time. Only files of runs some version of t recorded are set aside."""
+    db, folder = str(tmp_path / "db"), tmp_path / "db" / "_errors" / "t"
+    other = str(labelled(tmp_path / "other.parquet", 8, 4, "o"))
+    run_build_db(segment_artifacts, "sst2", [other], str(tmp_path / "db2"), "t", KEY, "overwrite", str(folder))
+    theirs = {p.name for p in folder.glob("errors-*.parquet")}
+    assert theirs
+    mine = set()
+    for name in ("a", "b"):
+        data = str(labelled(tmp_path / f"{name}.parquet", 8, 3, name))
+        run_build_db(segment_artifacts, "sst2", [data], db, "t", KEY, "overwrite", None)
+        mine = {p.name for p in folder.glob("**/errors-*.parquet")} - theirs - mine
+    prune(db, "t", 1, timedelta(0))
+    assert {p.name for p in folder.glob("errors-*.parquet")} == theirs | mine  # a's set aside, then pruned
+    assert not list(folder.glob("_replaced/*"))
+
+
 def test_the_errors_folder_after_an_earlier_release_and_whichever_errors_folder_a_run_names(
     segment_artifacts,  # noqa: F811
     tmp_path,

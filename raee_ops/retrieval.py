@@ -198,13 +198,14 @@ _NOT_FOUND = re.compile(r"(?<=Not found: )(?!/)(\S+)")
 
 
 def _rooted(found: re.Match[str]) -> str:
-    """The path of a `Not found:` with its leading slash back where it is a local file's (a folder above it exists
-    here, the table's at least: its whole data folder may be gone); an object store's key stays as said."""
+    """The path of a `Not found:` with its leading slash back where it is a local file's (a folder two or more
+    levels down above it exists here, the table's at least: its whole data folder may be gone); an object store's
+    key stays as said, though its bucket is named like a folder at the root here (`tmp/db/t.lance/...`)."""
     path = found[1]
     folder = os.path.dirname(f"/{path}")
-    while folder != "/" and not os.path.isdir(folder):
+    while folder.count("/") > 1 and not os.path.isdir(folder):
         folder = os.path.dirname(folder)
-    return path if folder == "/" else f"/{path}"
+    return f"/{path}" if folder.count("/") > 1 else path
 
 
 def _problem(exc: Exception) -> str:

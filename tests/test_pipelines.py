@@ -27,7 +27,15 @@ from segment_artifacts import KEY, reexported, segment_artifacts, write_labelled
 from raee_ops import batches, inputs, tasks
 from raee_ops.errors import RaeeConfigError, VersionRemoved
 from raee_ops.inputs import file_key, read_validated_file
-from raee_ops.retrieval import Retriever, check_table_contents, expected_meta, open_table, table_meta
+from raee_ops.retrieval import (
+    _NOT_FOUND,
+    Retriever,
+    _rooted,
+    check_table_contents,
+    expected_meta,
+    open_table,
+    table_meta,
+)
 from raee_ops.rows import ROW_ID
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
@@ -631,6 +639,8 @@ def test_files_lost_under_a_search_are_damage_not_a_retry(segment_artifacts, tmp
     (tmp_path / "db" / "sst2.lance" / "data").rmdir()  # the whole data folder gone: the same path
     with pytest.raises(RaeeConfigError, match=f"Not found: {tmp_path / 'db' / 'sst2.lance' / 'data'}/"):
         retriever.search(np.ones((1, retriever.table.schema.field("vector").type.list_size), np.float32), 3)
+    key = "Not found: tmp/raee-no-such-folder/db/t.lance/data/a.lance"  # an object store's, in a bucket named tmp
+    assert _NOT_FOUND.sub(_rooted, key) == key
 
 
 def test_a_version_pruned_before_the_workers_read_it_ends_the_run_for_a_retry(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811

@@ -19,7 +19,7 @@ import pyarrow as pa
 from raee_ops import storage
 from raee_ops.artifacts import local_artifacts
 from raee_ops.calibration import log_softmax
-from raee_ops.errors import ArtifactsChanged, RaeeError, RaeeRunError
+from raee_ops.errors import ArtifactError, ArtifactsChanged, RaeeError, RaeeRunError, first_line
 from raee_ops.exit_policy import Context, Neighbours, Strategy, resolve
 from raee_ops.faults import fault_point
 from raee_ops.key_names import key_width, layer_depth
@@ -29,7 +29,7 @@ from raee_ops.readout import answer_batch
 from raee_ops.retrieval import Retriever, table_context
 from raee_ops.rows import ROW_ID, internal_errors, output_rows, unjoinable
 from raee_ops.runtime import SegmentRuntime, mean_states
-from raee_ops.schemas.manifest import Manifest
+from raee_ops.schemas.manifest import MANIFEST_NAME, Manifest
 from raee_ops.schemas.tables import (
     FEATURES,
     FORMS,
@@ -85,7 +85,15 @@ class BatchWork:
         fault_point(f"load:{self.command}")
         storage.on_worker(self.filesystem)
         directory = local_artifacts(self.artifacts)  # fetched into this worker's cache when not local
-        runtime = SegmentRuntime(directory, providers=self.providers, intra_op_threads=self.threads)
+        try:
+            runtime = SegmentRuntime(directory, providers=self.providers, intra_op_threads=self.threads)
+        except ArtifactError as exc:
+            if self.identity and not (directory / MANIFEST_NAME).is_file():  # the run's checks read one
+                raise ArtifactsChanged(
+                    f"the artifacts at {self.artifacts} lost their manifest during the run ({first_line(exc)}): an "
+                    "export publishing there? run again once it is in place"
+                ) from exc
+            raise
         if self.identity:
             self._check_unchanged(runtime.manifest)
         return runtime

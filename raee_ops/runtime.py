@@ -20,7 +20,7 @@ from raee_ops import logs
 from raee_ops.errors import ArtifactError, ArtifactsChanged, first_line
 from raee_ops.extras import onnxruntime
 from raee_ops.key_names import BACKBONE, INT8_SUFFIX, parse_embedder
-from raee_ops.schemas.manifest import FileRef, Manifest, load_checked, load_manifest
+from raee_ops.schemas.manifest import FileRef, Manifest, load_checked, load_manifest, replaced_since
 from raee_ops.schemas.tables import POOLINGS
 
 ort = onnxruntime()
@@ -390,20 +390,12 @@ class SegmentRuntime:
         try:
             return load_checked(self.dir / ref.file, ref.sha256 if self._verify else None, load)
         except ArtifactError as exc:
-            if self._republished():
+            if replaced_since(self.dir, self.manifest):
                 raise ArtifactsChanged(
                     f"the artifacts at {self.dir} were replaced while this run loaded them ({first_line(exc)}): "
                     "run again once the new export is in place"
                 ) from exc
             raise
-
-    def _republished(self) -> bool:
-        """Whether the folder's manifest is no longer the one this runtime read: a file that fails its check then
-        belongs to an export republished into the folder meanwhile (a retry), not to a damaged one."""
-        try:
-            return load_manifest(self.dir, verify_checksums=False) != self.manifest
-        except ArtifactError:  # the manifest itself is gone or half-written: a republish under way
-            return True
 
     def _session(self, ref: FileRef) -> ort.InferenceSession:
         return self._load(ref, self._open)

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, TypeVar
 from raee_ops.schemas.tables import known_fields
 
 from raee_ops import storage
-from raee_ops.errors import ArtifactError, ArtifactsChanged
+from raee_ops.errors import ArtifactError, ArtifactsChanged, first_line
 
 FORMAT = "raee-segments/1"
 MANIFEST_NAME = "manifest.json"
@@ -306,9 +306,28 @@ def load_manifest(directory: str | Path, verify_checksums: bool = True, check_se
         raise ArtifactError(f"no {MANIFEST_NAME} in {directory}: not an exported artifacts directory")
     manifest = parse_manifest(path.read_text(), str(path), check_seal)
     if verify_checksums:
-        for ref in manifest.file_refs():
-            check_file(directory / ref.file, ref.sha256)
+        try:
+            for ref in manifest.file_refs():
+                check_file(directory / ref.file, ref.sha256)
+        except ArtifactError as exc:
+            if replaced_since(directory, manifest):
+                raise ArtifactsChanged(
+                    f"the artifacts at {directory} were replaced while this run read them ({first_line(exc)}): "
+                    "run again once the new export is in place"
+                ) from exc
+            raise
     return manifest
+
+
+def replaced_since(directory: Path, read: Manifest) -> bool:
+    """Whether a local artifacts folder's manifest is no longer `read` (gone, half-written or another export's): a
+    file that fails its check then belongs to an export published there meanwhile (a link switched, a republish),
+    which a rerun reads, not to a damaged one."""
+    path = directory / MANIFEST_NAME
+    try:
+        return parse_manifest(path.read_text(), str(path), check_seal=False) != read
+    except (OSError, ArtifactError):
+        return True
 
 
 def artifacts_holding(uri: str) -> str | None:

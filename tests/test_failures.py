@@ -26,6 +26,7 @@ from cli_runs import one_error_line, raee_ops, read_folder
 from raee_ops.pipelines import build_db
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
+from raee_ops.schemas import manifest as manifest_module
 from raee_ops.schemas.manifest import load_manifest, sealed
 from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, TABLE_META_KEY, TableMeta
 from segment_artifacts import make_artifacts, reexported, segment_artifacts  # noqa: F401 - fixture
@@ -1164,6 +1165,42 @@ def test_workers_refuse_artifacts_an_export_replaced_after_the_runs_checks(segme
     with pytest.raises(ArtifactsChanged, match="changed during the run"):
         LayerRows(str(replaced), PRESETS["sst2"], "backbone", checked=checked).load()
     assert LayerRows(str(segment_artifacts), PRESETS["sst2"], "backbone", checked=checked).load()
+    publishing = tmp_path / "publishing"  # an export on its way in: the old manifest gone, the new one not yet there
+    shutil.copytree(segment_artifacts, publishing)
+    (publishing / "manifest.json").unlink()
+    with pytest.raises(ArtifactsChanged, match="lost their manifest during the run"):  # was exit 1 (evaluate 2)
+        LayerRows(str(publishing), PRESETS["sst2"], "backbone", checked=checked).load()
+    with pytest.raises(RaeeConfigError, match="no manifest.json") as unchecked:  # no run checked one: a wrong folder
+        LayerRows(str(publishing), PRESETS["sst2"], "backbone").load()
+    assert not isinstance(unchecked.value, ArtifactsChanged)
+
+
+def test_a_link_switched_while_the_driver_hashes_the_export_is_a_retry(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    """The launching process hashes every file through the link the user named; switched meanwhile to another
+    export, a file failed its check (exit 2, "checksum mismatch", as for a damaged export) where a rerun reads the
+    new export: now exit 75. A file damaged with the manifest unchanged is still damage."""
+    live, other = tmp_path / "live", make_artifacts(tmp_path / "other", seed=1)
+    live.symlink_to(segment_artifacts)
+    checking = manifest_module.check_file
+
+    def switched_after_the_first(target, expected):
+        checking(target, expected)
+        if live.resolve() != other:
+            live.unlink()
+            live.symlink_to(other)
+
+    monkeypatch.setattr(manifest_module, "check_file", switched_after_the_first)
+    with pytest.raises(ArtifactsChanged, match="replaced while this run read them .checksum mismatch"):
+        load_manifest(live)
+    monkeypatch.undo()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(segment_artifacts, damaged)
+    head = next(damaged.glob("head_*.onnx"))
+    data = head.read_bytes()
+    head.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(RaeeConfigError, match="checksum mismatch") as refused:
+        load_manifest(damaged)
+    assert not isinstance(refused.value, ArtifactsChanged)
 
 
 def test_an_export_switched_in_while_workers_load_is_a_retry(segment_artifacts, db, tmp_path, monkeypatch, capsys):  # noqa: F811

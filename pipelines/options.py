@@ -40,7 +40,7 @@ from apache_beam.runners.runner import PipelineState
 
 from raee_ops import logs
 from raee_ops.errors import RaeeConfigError, RaeeRunError, RetryLater, first_line
-from raee_ops.settings import LOCAL_RUNNERS, RaeeOptions
+from raee_ops.settings import RaeeOptions, is_local_runner
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def check_job_service(beam_args: Sequence[str]) -> None:
     options = PipelineOptions(list(beam_args))
     endpoint = options.view_as(PortableOptions).job_endpoint
     runner = options.view_as(StandardOptions).runner
-    if not endpoint or endpoint == "embed" or runner in LOCAL_RUNNERS:  # "embed": Beam starts one in this process
+    if not endpoint or endpoint == "embed" or is_local_runner(runner):  # "embed": Beam starts one in this process
         return
     from apache_beam.portability.api import beam_job_api_pb2_grpc
     from apache_beam.runners.runner import create_runner
@@ -212,7 +212,7 @@ def _bad_value(options: argparse.Namespace, beam_args: Sequence[str]) -> str | N
     """What Beam would only find once the run has begun, having made the run's folders: a runner it cannot make,
     a portable runner's missing job service or worker environment, a negative worker count."""
     runner = getattr(options, "runner", None)
-    if runner is not None and runner not in LOCAL_RUNNERS:
+    if not is_local_runner(runner):
         from apache_beam.runners.runner import create_runner
 
         try:
@@ -253,7 +253,7 @@ def make_pipeline(beam_args: Sequence[str] = (), **settings: str | None) -> beam
     extra = [f"--raee_{key}={value}" for key, value in settings.items() if value is not None]
     options = PipelineOptions(list(beam_args) + extra)
     runner_name = options.view_as(StandardOptions).runner
-    if runner_name in LOCAL_RUNNERS:
+    if is_local_runner(runner_name):
         return beam.Pipeline(runner=_local_runner(), options=options)
     return beam.Pipeline(options=options)
 

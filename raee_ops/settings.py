@@ -18,8 +18,9 @@ from raee_ops import storage
 from raee_ops.errors import RaeeConfigError
 
 PROVIDERS = ("cpu", "cuda")
-#: The runner names that mean Beam's local runner (DirectRunner), whose workers all run on the launching machine.
-LOCAL_RUNNERS = {None, "DirectRunner", "direct", "FnApiRunner"}
+#: Beam's local runners (DirectRunner and what it runs), whose workers all run on the launching machine, as
+#: `is_local_runner` reads their names.
+LOCAL_RUNNERS = ("direct", "switchingdirect", "fnapi")
 #: Most ONNX Runtime threads per worker process: far above any machine's cores per process, far below what stalls.
 MAX_THREADS = 1024
 #: Seconds the driver waits on an object store that answers none of its calls before it ends the run (exit 75).
@@ -163,13 +164,19 @@ def _threads(option: int | None) -> int | None:
     return option
 
 
+def is_local_runner(name: str | None) -> bool:
+    """Whether `--runner name` is one of Beam's local runners, read as Beam reads it (any case, `Runner` optional:
+    `directrunner` was taken for a remote one, and its workers each sized their pool to every core)."""
+    return name is None or name.lower().removesuffix("runner") in LOCAL_RUNNERS
+
+
 def _local_process_share(options: PipelineOptions) -> int | None:
     """ONNX Runtime threads for each of the local runner's worker processes (multi_processing): this machine's cores
     (as a worker sizes its pool by default) shared among them. Each sized to every core, 2 workers on 2 cores
     classified SST-2's 872 validation rows in 34-38 s, with 1 thread each in 28-33 s. Elsewhere a worker's own
     cores are its default."""
     direct = options.view_as(DirectOptions)
-    if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS or direct.direct_running_mode != "multi_processing":
+    if not is_local_runner(options.view_as(StandardOptions).runner) or direct.direct_running_mode != "multi_processing":
         return None
     from raee_ops.runtime import default_threads
 

@@ -89,6 +89,8 @@ def test_local_worker_processes_share_the_cores(monkeypatch):
     given = ["--direct_num_workers", "2", "--raee_intra_op_threads", "3"]
     assert worker_settings([*processes, *given]).threads == 3
     assert worker_settings(["--direct_num_workers", "2", "--direct_running_mode", "multi_threading"]).threads is None
+    for spelling in ("directrunner", "Direct", "SwitchingDirectRunner", "FnApiRunner"):  # as Beam reads names
+        assert worker_settings(["--runner", spelling, *processes, "--direct_num_workers", "2"]).threads is not None
     remote = ["--runner", "PortableRunner", "--job_endpoint", "localhost:1"]
     assert worker_settings([*remote, *processes, "--direct_num_workers", "2"]).threads is None
 

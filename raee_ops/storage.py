@@ -129,9 +129,17 @@ def on_worker(carried: dict[str, Any] | None) -> None:
         configure(PipelineOptions.from_dictionary(carried))
 
 
+#: A location spelled as a URL short of its `//` (`s3:/bucket/x`, `file:/tmp/x`): Beam reads it as a local folder
+#: named `s3:` in the working directory, where a run wrote its output or its rejected rows, exit 0.
+_HALF_URL = re.compile(r"(file|s3|gs|gcs|hdfs|https?|az|abfss?):/?(?!/)", re.IGNORECASE)
+
+
 def check_scheme(uri: str, what: str) -> None:
-    """Refuse, in one line naming the extra, a URI whose filesystem is not installed."""
+    """Refuse, in one line naming the extra, a URI whose filesystem is not installed, and one short of its `//`."""
     name = scheme(uri)
+    half = _HALF_URL.match(uri)
+    if half:
+        raise RaeeConfigError(f"{what} {uri}: write {half[1]}://… (a local folder named so: ./{uri})")
     if is_local(uri):
         return
     if name not in EXTRAS:

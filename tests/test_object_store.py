@@ -643,6 +643,12 @@ def test_a_scheme_without_its_filesystem_names_the_extra():
 
     with pytest.raises(RaeeConfigError, match="unsupported scheme hdfs://"):
         storage.check_scheme("hdfs://nn/data/*.parquet", "--input")
+    # short of its '//': a folder named 's3:' or 'file:' in the working directory took the run's files, exit 0
+    for half, scheme in (("file:/tmp/errors", "file"), ("s3:/bucket/out", "s3"), ("S3:bucket/out", "S3")):
+        with pytest.raises(RaeeConfigError, match=f"--errors {half}: write {scheme}://… .a local folder named so"):
+            storage.check_scheme(half, "--errors")
+    for fine in ("file:///tmp/errors", "./s3:/x", "out/s3:/x", "files:/x"):
+        storage.check_scheme(fine, "--output")
     try:
         import google.cloud.storage  # noqa: F401
     except ImportError:

@@ -679,13 +679,17 @@ def prune_cmd(db_uri: str, table: str | None, keep: int, grace: timedelta, dry_r
 
     store = worker_settings(beam_args(), db_uri).db_storage_options
     if table is None:
-        pruned, held = prune_all(db_uri, keep, grace, dry_run, store)
+        pruned, held, damaged = prune_all(db_uri, keep, grace, dry_run, store)
     else:
-        pruned, held = [prune(db_uri, table, keep, grace, dry_run, store)], []
+        pruned, held, damaged = [prune(db_uri, table, keep, grace, dry_run, store)], [], []
     as_dicts = [dataclasses.asdict(p) for p in pruned]
-    text = "\n".join(p.render() for p in pruned) or ("" if held else f"{db_uri}: no tables written by build-db")
-    if as_json or text:  # with every table held, the one line is the error's
+    skipped = held or damaged
+    text = "\n".join(p.render() for p in pruned) or ("" if skipped else f"{db_uri}: no tables written by build-db")
+    if as_json or text:  # with every table held or damaged, the one line is the error's
         echo(json.dumps({"db": db_uri, "tables": as_dicts}, indent=2) if as_json else text)
+    if damaged:  # the others are pruned (printed above); a retry would not mend these
+        held_too = f"; held by another run, not pruned: {', '.join(held)}" if held else ""
+        raise RaeeConfigError(f"not pruned, the others were: {'; '.join(damaged)}{held_too}")
     if held:  # the others are pruned; a scheduler's retry finds these free
         raise Busy(f"another run is writing table(s) {', '.join(held)} in {db_uri}: not pruned; retry later")
 

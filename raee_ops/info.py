@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -113,15 +112,40 @@ def describe(db_uri: str, table: str | None = None, storage_options: dict[str, s
         return {"db": db_uri, "tables": [table_info(open_table(db_uri, table, storage_options=storage_options))]}
     db = connect(db_uri, storage_options)
     names = sorted(name for name in table_names(db) if not name.endswith(FEATURES_SUFFIX))  # a table's companion
-    return {"db": db_uri, "tables": [table_info(handle) for handle in opened(db, db_uri, names)]}
+    tables = [
+        table_info(t) if isinstance(t, lancedb.table.Table) else _unopened(n, t) for n, t in listed(db, db_uri, names)
+    ]
+    return {"db": db_uri, "tables": tables}
+
+
+def _unopened(name: str, why: RaeeConfigError) -> dict[str, Any]:
+    """A table LanceDB cannot open (its newest manifest damaged): its name and why, among the others."""
+    return {"table": name, "version": None, "unreadable": str(why)}
+
+
+def listed(
+    db: lancedb.DBConnection, db_uri: str, names: Iterable[str]
+) -> Iterator[tuple[str, lancedb.table.Table | RaeeConfigError]]:
+    """The tables `names` of the database that have a version, each opened or with the line saying why it cannot
+    be: one a build-db is creating, or left unfinished when it was killed, is no table yet (it stopped every
+    listing); one whose files are damaged stopped a listing or prune of every table partway (the tables before it
+    pruned, exit 2), where the others are sound."""
+    for name in names:
+        try:
+            found = open_listed(db, db_uri, name)
+        except Unfinished:
+            continue
+        except RaeeConfigError as exc:
+            found = exc
+        yield name, found
 
 
 def opened(db: lancedb.DBConnection, db_uri: str, names: Iterable[str]) -> Iterator[lancedb.table.Table]:
-    """The tables `names` of the database that have a version: one a build-db is creating, or left unfinished when
-    it was killed, is no table yet (it stopped every listing)."""
-    for name in names:
-        with contextlib.suppress(Unfinished):
-            yield open_listed(db, db_uri, name)
+    """`listed`'s tables, refusing a damaged one."""
+    for _, found in listed(db, db_uri, names):
+        if isinstance(found, RaeeConfigError):
+            raise found
+        yield found
 
 
 def render(info: dict[str, Any]) -> str:
@@ -147,6 +171,8 @@ def shown_costs(pp: dict[str, Any]) -> str:
 
 
 def _render_table(t: dict[str, Any]) -> str:
+    if t["version"] is None:
+        return f"table {t['table']}: cannot be opened\n  UNREADABLE: {t['unreadable']}"
     lines = [f"table {t['table']}: {_rows(t['rows'])}, version {t['version']}"]
     if t["unreadable"]:
         lines.append(f"  UNREADABLE: {t['unreadable']}")

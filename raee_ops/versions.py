@@ -33,7 +33,7 @@ from raee_ops import storage
 from raee_ops.commit import check_held, hold
 from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.faults import fault_point
-from raee_ops.info import check_database, opened, table_info
+from raee_ops.info import check_database, listed, opened, table_info
 from raee_ops.retrieval import (
     committing,
     connect,
@@ -175,21 +175,23 @@ def prune(
 
 def prune_all(
     db_uri: str, keep: int, grace: timedelta, dry_run: bool = False, storage_options: dict[str, str] | None = None
-) -> tuple[list[Pruned], list[str]]:
+) -> tuple[list[Pruned], list[str], list[str]]:
     """`prune` for every exit table of the database (tables build-db did not write are left alone), each under its
-    own claim, from one listing of the tables: (what was pruned, the tables another run held, left as they are)."""
+    own claim, from one listing of the tables: (what was pruned, the tables another run held, the lines of those
+    that cannot be opened; both left as they are)."""
     check_database(db_uri)
     db = connect(db_uri, storage_options)
     names = table_names(db)
-    pruned, held = [], []
-    for handle in opened(db, db_uri, sorted(n for n in names if not n.endswith(FEATURES_SUFFIX))):
-        if TableMeta.decode(handle.schema) is None:
-            continue
-        try:
-            pruned.append(_prune(db_uri, db, names, handle, keep, grace, dry_run, storage_options))
-        except Busy:
-            held.append(handle.name)
-    return pruned, held
+    pruned, held, damaged = [], [], []
+    for name, handle in listed(db, db_uri, sorted(n for n in names if not n.endswith(FEATURES_SUFFIX))):
+        if isinstance(handle, RaeeConfigError):
+            damaged.append(str(handle))
+        elif TableMeta.decode(handle.schema) is not None:
+            try:
+                pruned.append(_prune(db_uri, db, names, handle, keep, grace, dry_run, storage_options))
+            except Busy:
+                held.append(name)
+    return pruned, held, damaged
 
 
 def _prune(

@@ -123,13 +123,40 @@ def test_a_table_with_damaged_files_is_one_line_not_an_internal_error(tmp_path):
     lancedb.connect(str(db)).create_table("t", pa.table({"x": [1, 2]}))
     for manifest in (db / "t.lance" / "_versions").iterdir():
         manifest.write_bytes(b"junk\n")  # a manifest cut short by a full disk, say
-    for args in (("info", "--db", str(db)), ("info", "--db", str(db), "--table", "t")):
-        damaged = run_cli(*args)
-        assert damaged.returncode == 2
-        assert damaged.stderr.startswith(f"error: table 't' in {db} cannot be read (damaged or incomplete files?): ")
-        assert damaged.stderr.count("\n") == 1 and ".rs:" not in damaged.stderr
-        # no version opens: rollback and build-db fail alike, so the line does not send the operator to them (sweep T)
-        assert f"restore its files, or move its folder {db / 't.lance'} away and rebuild it" in damaged.stderr
+    damaged = run_cli("info", "--db", str(db), "--table", "t")
+    assert damaged.returncode == 2
+    line = f"table 't' in {db} cannot be read (damaged or incomplete files?): "
+    assert damaged.stderr.startswith(f"error: {line}")
+    assert damaged.stderr.count("\n") == 1 and ".rs:" not in damaged.stderr
+    # no version opens: rollback and build-db fail alike, so the line does not send the operator to them (sweep T)
+    assert f"restore its files, or move its folder {db / 't.lance'} away and rebuild it" in damaged.stderr
+    # among the others (it hid every sound table behind its one line): shown in place, then exit 2
+    lancedb.connect(str(db)).create_table("sound", pa.table({"x": [1]}))
+    every = run_cli("info", "--db", str(db))
+    assert every.returncode == 2 and every.stderr == f"error: table(s) t in {db} cannot be read: see above\n"
+    assert (
+        every.stdout.startswith("table sound: 1 row, version 1\n") and "UNREADABLE" not in every.stdout.split("\n\n")[0]
+    )
+    assert every.stdout.split("\n\n")[1].startswith(f"table t: cannot be opened\n  UNREADABLE: {line}")
+    assert json.loads(run_cli("info", "--db", str(db), "--json").stdout)["tables"][1]["unreadable"].startswith(line)
+
+
+def test_prune_of_every_table_goes_on_past_a_damaged_one(segment_artifacts, tmp_path):  # noqa: F811
+    """One table whose newest manifest is damaged stopped a prune of every table with exit 2 partway: the tables
+    sorted before it pruned (their versions gone for rollback) without a word, those after it never. Now every
+    sound table is pruned and printed, and the damaged one is named in the error line, exit 2."""
+    db = build_twice(segment_artifacts, tmp_path)
+    lancedb.connect(db).create_table("a_damaged", pa.table({"x": [1]}))  # sorts first
+    for manifest in (tmp_path / "db" / "a_damaged.lance" / "_versions").iterdir():
+        manifest.write_bytes(b"junk\n")
+    run = run_cli("prune", "--db", db, "--keep", "1", "--grace", "0")
+    assert run.returncode == 2
+    assert (
+        run.stderr.startswith("error: not pruned, the others were: table 'a_damaged' in ")
+        and run.stderr.count("\n") == 1
+    )
+    assert run.stdout.startswith("table sst2: removed version 1"), run.stdout
+    assert [v["version"] for v in describe(db, "sst2")["tables"][0]["versions"]] == [2]
 
 
 def test_a_table_without_a_committed_version_names_the_build_db_that_removes_it(tmp_path):

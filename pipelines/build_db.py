@@ -43,6 +43,7 @@ from raee_ops.commit import (
     job_digest,
     new_run_id,
     say,
+    some,
     unseen_staging,
 )
 from raee_ops.errors import CountMismatch, RaeeConfigError, RaeeError, TooManyRejected
@@ -52,6 +53,7 @@ from raee_ops.key_names import BACKBONE, DEFAULT_KEY, LAYER_PREFIX, key_availabl
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
 from raee_ops.progress import phase
 from raee_ops.reference import assemble, check_groups, group_codes
+from raee_ops.report import REPORT_FILES
 from raee_ops.retrieval import (
     Unfinished,
     build_index,
@@ -337,8 +339,12 @@ def run_build_db(
             "and sets some aside: give that folder itself (or leave --errors out), or one outside it"
         )
     storage.check_folder(errors_dir, "--errors")
-    if storage.exists(storage.join(errors_dir, SUCCESS)):  # a classify output: its _SUCCESS would not list our files
-        raise RaeeConfigError(f"--errors {errors_dir} holds another job's complete output ({SUCCESS}): choose another")
+    # a classify output (its _SUCCESS would not list our files) or a report (read whole, it is its predictions)
+    there = set(storage.children(errors_dir)) & {SUCCESS, *REPORT_FILES}
+    if there:
+        raise RaeeConfigError(
+            f"--errors {errors_dir} holds another job's complete output ({some(sorted(there))}): choose another"
+        )
     settings_used = {"fingerprint": manifest.fingerprint, "task": task_name, "embedder": embedder, "mode": mode}
     job = job_digest(
         settings_used | {"group_column": group_column, "layer_budget": layer_budget, "layer_price": layer_price}, found

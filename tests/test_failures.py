@@ -438,6 +438,10 @@ def test_10_bad_locations_fail_fast_and_create_nothing(segment_artifacts, db, tm
     (tmp_path / "done" / "_SUCCESS").write_text("")  # a classify output
     run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", tmp_path / "done"]))
     assert run.returncode == 2 and "holds another job's complete output" in one_error_line(run)
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.json").write_text("{}")  # an evaluate report: read whole, its predictions
+    run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", tmp_path / "report"]))
+    assert run.returncode == 2 and "holds another job's complete output (report.json)" in one_error_line(run)
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
     run = raee_ops(*build_args(segment_artifacts, tmp_path / "gone" / "db", queries))
     assert run.returncode == 2 and "gone is a link to nothing" in one_error_line(run)

@@ -33,7 +33,7 @@ from raee_ops.inputs import check_inputs, count_rows, input_files, refuse_readin
 from raee_ops.probe_policy import refuse_cost_options
 from raee_ops.progress import NAMESPACE
 from raee_ops.readout import describe
-from raee_ops.report import REPORT_FILES, WRITING
+from raee_ops.report import REPORT_FILES, WRITING, check_outside_outputs
 from raee_ops.retrieval import (
     check_table_contents,
     checked_table,
@@ -156,6 +156,7 @@ def run_classify(
     storage.check_scheme(output_dir, "--output")
     storage.check_outside(output_dir, "--output", db_uri)
     check_outside_artifacts(output_dir, "--output")
+    check_outside_outputs(output_dir, "--output")
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
     chosen = resolve(strategy, manifest.num_layers)

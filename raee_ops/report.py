@@ -66,6 +66,19 @@ def write_report(evaluation: Evaluation, directory: str) -> str:
     return out
 
 
+def check_outside_outputs(uri: str, what: str) -> None:
+    """Refuse a location inside another job's output, a classify's (its `_SUCCESS`) or an evaluate report (its
+    report.json): read whole (`pq.read_table('out/')` reads subfolders too), that folder would no longer read as its
+    own (a report's JSON among a classify output's Parquet failed the read)."""
+    for folder in storage.folders_up(uri)[1:]:
+        for name, whose in ((SUCCESS, "a classify output"), ("report.json", "an evaluate report")):
+            if storage.exists(storage.join(folder, name)):
+                raise RaeeConfigError(
+                    f"{what} {uri}: inside {folder}, {whose} ({name}), which would no longer read as its own: "
+                    "choose a folder outside it"
+                )
+
+
 def check_report_dir(directory: str, db_uri: str | None = None, inputs: Sequence[str] = ()) -> None:
     """Before any work: evaluating takes long, and a --report that cannot be a folder (or lies in the database it
     reads, or in an artifacts folder a re-export replaces, or whose files the `inputs` would read) would only fail at
@@ -78,6 +91,7 @@ def check_report_dir(directory: str, db_uri: str | None = None, inputs: Sequence
     check_outside_artifacts(directory, "--report")
     storage.check_folder(directory, "--report")
     refuse_others_files(directory)
+    check_outside_outputs(directory, "--report")
     check_unclaimed(directory, "--report")
 
 

@@ -504,6 +504,23 @@ def test_outputs_inside_an_artifacts_folder_are_refused_before_any_work(segment_
     assert not (tmp_path / "db2").exists()
 
 
+def test_outputs_inside_another_jobs_output_are_refused_before_any_work(segment_artifacts, db, tmp_path):  # noqa: F811
+    """A report written in a subfolder of a finished classify output, or a classify output in a report's: read whole
+    (pq.read_table('out/') reads subfolders), the outer folder failed on the other's files, exit 0 each time."""
+    queries = labelled(tmp_path / "q.parquet", 3, 1, "q", bad=False)
+    out, report = tmp_path / "out", tmp_path / "report"
+    main(classify_args(str(segment_artifacts), str(db), str(out), str(queries)))
+    evaluate = ["evaluate", "--artifacts", segment_artifacts, "--task", "sst2", "--db", db, "--input", queries]
+    run = raee_ops(*evaluate, "--report", out / "rep")
+    assert run.returncode == 2 and f"--report {out / 'rep'}: inside {out}, a classify output" in one_error_line(run)
+    assert raee_ops(*evaluate, "--report", report).returncode == 0
+    for inside in (report / "day1", out / "day1"):
+        run = raee_ops(*classify_args(segment_artifacts, db, inside, queries))
+        assert run.returncode == 2 and f"--output {inside}: inside {inside.parent}, a" in one_error_line(run)
+        assert not inside.exists()
+    assert pq.read_table(out).num_rows == 3
+
+
 def test_outputs_among_or_matched_by_the_inputs_are_refused_before_any_work(segment_artifacts, db, tmp_path):  # noqa: F811
     """Outputs an --input pattern matches are read as input by the same command run again (a scheduler's retry),
     whichever command writes them; Parquet outputs written beside the inputs, or in a folder above them (readers

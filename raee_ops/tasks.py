@@ -186,19 +186,36 @@ def load_task_file(path: str | Path) -> Task:
     unknown = [k for k in raw if k not in known]
     if unknown:  # a misspelt or wished-for field would be ignored without a word
         raise RaeeConfigError(f"task file {path}: unknown field {unknown[0]!r}; a task file has {', '.join(known)}")
-    try:
-        strings = {key: _text(raw[key], key) for key in TASK_FILE_STRINGS + TASK_FILE_OPTIONAL if key in raw}
+    try:  # an optional field given as null is left out
+        given = [key for key in TASK_FILE_OPTIONAL if raw.get(key) is not None]
+        strings = {key: _text(raw[key], key) for key in [*TASK_FILE_STRINGS, *given]}
         lists = {key: _texts(raw[key], key) for key in TASK_FILE_LISTS}
         return Task(**strings, **lists)
     except RaeeConfigError as err:
         raise RaeeConfigError(f"task file {path}: {err}") from None
 
 
+class _Twice(ValueError):
+    """A field given twice in one JSON object (json keeps the last without a word)."""
+
+
+def _once(pairs: list[tuple[str, object]]) -> dict:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _Twice(key)
+        seen.add(key)
+    return dict(pairs)
+
+
 def _read_task_file(path: Path) -> dict:
+    """The file's JSON object; a byte-order mark (Windows editors write one) is no content."""
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_once)
     except FileNotFoundError as exc:
         raise RaeeConfigError(f"task file not found: {path}") from exc
+    except _Twice as exc:
+        raise RaeeConfigError(f"task file {path}: field {exc.args[0]!r} given twice; give it once") from exc
     except ValueError as exc:
         raise RaeeConfigError(f"task file {path} is not valid JSON: {exc}") from exc
     except OSError as exc:

@@ -82,6 +82,22 @@ def test_a_task_is_scored_with_its_own_metric_else_by_its_label_count(tmp_path: 
     ]
 
 
+def test_a_task_file_field_given_twice_is_refused_and_a_byte_order_mark_or_null_metric_is_none(tmp_path: Path) -> None:
+    """json keeps the last of two same fields without a word (an edit that added a second `template` ran the one
+    below it); a null optional field was refused though optional, and a file with a byte-order mark as not JSON."""
+    path = tmp_path / "twice.json"
+    path.write_text(
+        '{"name": "t", "template": "A: {text}", "template": "B: {text}", "label_names": ["n", "p"], '
+        '"verbalizer": ["no", "yes"]}'
+    )
+    with pytest.raises(RaeeConfigError, match=f"task file {path}: field 'template' given twice; give it once"):
+        load_task_file(path)
+    assert load_task_file(write(tmp_path, {**GOOD, "metric": None})).metric_name == "accuracy"
+    marked = tmp_path / "bom.json"
+    marked.write_text(json.dumps(GOOD), encoding="utf-8-sig")
+    assert load_task_file(marked) == load_task_file(write(tmp_path, GOOD))
+
+
 def test_a_good_task_file_renders_with_literal_braces(tmp_path: Path) -> None:
     task = load_task_file(write(tmp_path, {**GOOD, "template": "{{json}}: {text}\n{text_pair}?"}))
     assert task.is_pair and task.render(" hi ", "there") == "{json}: hi\nthere?"

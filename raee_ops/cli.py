@@ -115,7 +115,10 @@ def _absolute(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     directory, so a relative --output ran the whole job into the workers' folder and ended with exit 3."""
     from raee_ops import storage
 
-    return storage.absolute(value) if value else value
+    if not value:
+        return value
+    storage.refuse_half_url(value, param.opts[0])  # made absolute, `s3:/b/x` would be a local folder's path
+    return storage.absolute(value)
 
 
 artifacts_option = click.option(

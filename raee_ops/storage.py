@@ -131,15 +131,20 @@ def on_worker(carried: dict[str, Any] | None) -> None:
 
 #: A location spelled as a URL short of its `//` (`s3:/bucket/x`, `file:/tmp/x`): Beam reads it as a local folder
 #: named `s3:` in the working directory, where a run wrote its output or its rejected rows, exit 0.
-_HALF_URL = re.compile(r"(file|s3|gs|gcs|hdfs|https?|az|abfss?):/?(?!/)", re.IGNORECASE)
+_HALF_URL = re.compile(r"(file|s3|gs|gcs|hdfs|azfs|https?|az|abfss?):/?(?!/)", re.IGNORECASE)
+
+
+def refuse_half_url(uri: str, what: str) -> None:
+    """Refuse a location spelled as a URL short of its `//` (checked as given, before it is made absolute)."""
+    half = _HALF_URL.match(uri)
+    if half:
+        raise RaeeConfigError(f"{what} {uri}: write {half[1]}://… (a local folder named so: ./{uri})")
 
 
 def check_scheme(uri: str, what: str) -> None:
     """Refuse, in one line naming the extra, a URI whose filesystem is not installed, and one short of its `//`."""
     name = scheme(uri)
-    half = _HALF_URL.match(uri)
-    if half:
-        raise RaeeConfigError(f"{what} {uri}: write {half[1]}://… (a local folder named so: ./{uri})")
+    refuse_half_url(uri, what)
     if is_local(uri):
         return
     if name not in EXTRAS:

@@ -438,6 +438,13 @@ def test_10_bad_locations_fail_fast_and_create_nothing(segment_artifacts, db, tm
     (tmp_path / "done" / "_SUCCESS").write_text("")  # a classify output
     run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", tmp_path / "done"]))
     assert run.returncode == 2 and "holds another job's complete output" in one_error_line(run)
+    # a URL short of its '//': made absolute first, it was a local folder 's3:' in the working directory, exit 0
+    (tmp_path / "cwd").mkdir()
+    run = raee_ops(*classify_args(segment_artifacts, db, "s3:/bucket/x", queries), cwd=tmp_path / "cwd")
+    assert run.returncode == 2 and "--output s3:/bucket/x: write s3://…" in one_error_line(run)
+    run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", "file:/tmp/e"]), cwd=tmp_path / "cwd")
+    assert run.returncode == 2 and "--errors file:/tmp/e: write file://…" in one_error_line(run)
+    assert not list((tmp_path / "cwd").iterdir())
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "report.json").write_text("{}")  # an evaluate report: read whole, its predictions
     run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", tmp_path / "report"]))

@@ -318,8 +318,8 @@ def recorded_runs(db_uri: str, table: str, storage_options: dict[str, str], run_
     handle, found = open_listed(db, db_uri, table), set()
     for _, schema in version_schemas(handle):
         record = RunRecord.of(schema)
-        if record and record.run_id in run_ids:
-            found.add(record.run_id)
+        if record:  # its own run, and those whose rows it holds (an append's base's: their versions may be pruned)
+            found |= ({record.run_id} | set(record.holds or ())) & run_ids
             if found == run_ids:
                 break
     return found

@@ -187,6 +187,14 @@ def test_another_databases_rejected_rows_in_a_tables_folder_are_never_set_aside(
     prune(db, "t", 1, timedelta(0))
     assert {p.name for p in folder.glob("errors-*.parquet")} == theirs | mine  # a's set aside, then pruned
     assert not list(folder.glob("_replaced/*"))
+    # a run whose own version is pruned while an append's version still holds its rows is still t's: set aside
+    # when an overwrite replaces them (the daily append, then prune, then overwrite)
+    data = str(labelled(tmp_path / "c.parquet", 8, 5, "c"))
+    run_build_db(segment_artifacts, "sst2", [data], db, "t", KEY, "append", None)
+    prune(db, "t", 1, timedelta(0))  # b's own version goes; c's holds b's rows and c's
+    data = str(labelled(tmp_path / "d.parquet", 8, 6, "d"))
+    run_build_db(segment_artifacts, "sst2", [data], db, "t", KEY, "overwrite", None)
+    assert len({p.name for p in folder.glob("errors-*.parquet")} - theirs) == 1  # d's alone, beside theirs
 
 
 def test_the_errors_folder_after_an_earlier_release_and_whichever_errors_folder_a_run_names(

@@ -53,7 +53,7 @@ from raee_ops.key_names import BACKBONE, DEFAULT_KEY, LAYER_PREFIX, key_availabl
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
 from raee_ops.progress import phase
 from raee_ops.reference import assemble, check_groups, group_codes
-from raee_ops.report import REPORT_FILES
+from raee_ops.report import check_outside_outputs, is_evaluate_report
 from raee_ops.retrieval import (
     Unfinished,
     build_index,
@@ -339,11 +339,13 @@ def run_build_db(
             "and sets some aside: give that folder itself (or leave --errors out), or one outside it"
         )
     storage.check_folder(errors_dir, "--errors")
-    # a classify output (its _SUCCESS would not list our files) or a report (read whole, it is its predictions)
-    there = set(storage.children(errors_dir)) & {SUCCESS, *REPORT_FILES}
+    check_outside_outputs(errors_dir, "--errors")
+    # a classify output (its _SUCCESS would not list our files) or an evaluate report (read whole, its predictions)
+    there = [SUCCESS] if storage.exists(storage.join(errors_dir, SUCCESS)) else []
+    there += ["report.json"] if is_evaluate_report(storage.join(errors_dir, "report.json")) else []
     if there:
         raise RaeeConfigError(
-            f"--errors {errors_dir} holds another job's complete output ({some(sorted(there))}): choose another"
+            f"--errors {errors_dir} holds another job's complete output ({some(there)}): choose another"
         )
     settings_used = {"fingerprint": manifest.fingerprint, "task": task_name, "embedder": embedder, "mode": mode}
     job = job_digest(

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raee_ops import storage
-from raee_ops.commit import SHARD_ENDING, SUCCESS, check_unclaimed, hold, some
+from raee_ops.commit import SHARD_ENDING, SUCCESS, check_unclaimed, hold, read_marker, some
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import Evaluation
 from raee_ops.extras import install_line
@@ -71,8 +71,11 @@ def check_outside_outputs(uri: str, what: str) -> None:
     report.json): read whole (`pq.read_table('out/')` reads subfolders too), that folder would no longer read as its
     own (a report's JSON among a classify output's Parquet failed the read)."""
     for folder in storage.folders_up(uri)[1:]:
-        for name, whose in ((SUCCESS, "a classify output"), ("report.json", "an evaluate report")):
-            if storage.exists(storage.join(folder, name)):
+        for name, whose, ours in (
+            (SUCCESS, "a classify output", lambda f: bool(read_marker(f))),  # not another tool's (Spark's is empty)
+            ("report.json", "an evaluate report", lambda f: is_evaluate_report(storage.join(f, "report.json"))),
+        ):
+            if ours(folder):
                 raise RaeeConfigError(
                     f"{what} {uri}: inside {folder}, {whose} ({name}), which would no longer read as its own: "
                     "choose a folder outside it"
@@ -108,7 +111,7 @@ def refuse_others_files(directory: str) -> None:
             f"--report {directory} holds {some(others)}, another command's output: choose a folder of its own"
         )
     there = [n for n in REPORT_FILES if n in names]
-    if not there or WRITING in names or _evaluates(storage.join(directory, "report.json")):
+    if not there or WRITING in names or is_evaluate_report(storage.join(directory, "report.json")):
         return
     raise RaeeConfigError(
         f"--report {directory} holds {', '.join(there)} that evaluate did not write (no evaluate report.json): "
@@ -116,7 +119,7 @@ def refuse_others_files(directory: str) -> None:
     )
 
 
-def _evaluates(json_file: str) -> bool:
+def is_evaluate_report(json_file: str) -> bool:
     """Whether `json_file` is a report evaluate wrote."""
     try:
         found = json.loads(storage.read_bytes(json_file))

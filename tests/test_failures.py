@@ -446,8 +446,13 @@ def test_10_bad_locations_fail_fast_and_create_nothing(segment_artifacts, db, tm
     assert run.returncode == 2 and "--errors file:/tmp/e: write file://…" in one_error_line(run)
     assert not list((tmp_path / "cwd").iterdir())
     (tmp_path / "report").mkdir()
-    (tmp_path / "report" / "report.json").write_text("{}")  # an evaluate report: read whole, its predictions
-    run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", tmp_path / "report"]))
+    (tmp_path / "report" / "report.json").write_text("{}")  # another tool's report.json: a folder like another
+    (tmp_path / "report" / "report.md").write_text("notes")
+    run = raee_ops(*build_args(segment_artifacts, tmp_path / "db3", queries, extra=["--errors", tmp_path / "report"]))
+    assert run.returncode == 0, run.stderr
+    evaluated = {"default_strategy": "probe-fused", "strategies": {}, "baselines": {}}
+    (tmp_path / "report" / "report.json").write_text(json.dumps(evaluated))  # an evaluate report: read whole, its
+    run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", tmp_path / "report"]))  # predictions
     assert run.returncode == 2 and "holds another job's complete output (report.json)" in one_error_line(run)
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
     run = raee_ops(*build_args(segment_artifacts, tmp_path / "gone" / "db", queries))
@@ -526,6 +531,12 @@ def test_outputs_inside_another_jobs_output_are_refused_before_any_work(segment_
         assert run.returncode == 2 and f"--output {inside}: inside {inside.parent}, a" in one_error_line(run)
         assert not inside.exists()
     assert pq.read_table(out).num_rows == 3
+    home = tmp_path / "home"  # another tool's marker and report.json far above: no output of raee-ops's
+    (home / "proj").mkdir(parents=True)
+    (home / "_SUCCESS").touch()  # Spark's and Hadoop's are empty
+    (home / "report.json").write_text("{}")
+    run = raee_ops(*classify_args(segment_artifacts, db, home / "proj" / "out", queries))
+    assert run.returncode == 0, run.stderr
 
 
 def test_outputs_among_or_matched_by_the_inputs_are_refused_before_any_work(segment_artifacts, db, tmp_path):  # noqa: F811

@@ -72,6 +72,7 @@ from raee_ops.retrieval import (
     table_names,
     table_probes,
     version_schemas,
+    versions_of,
 )
 from raee_ops.run_record import (
     ERRORS_FOLDER,
@@ -469,7 +470,7 @@ def features_at(
         return None
     features = open_listed(db, db_uri, name + FEATURES_SUFFIX)
     if pinned is not None:
-        known = [v["version"] for v in features.list_versions()]
+        known = [v["version"] for v in versions_of(features)]
         if int(pinned) not in known:
             raise RaeeConfigError(
                 f"append refused: table {name!r} was built with version {int(pinned)} of {name + FEATURES_SUFFIX!r}, "

@@ -692,7 +692,8 @@ def prune_cmd(db_uri: str, table: str | None, keep: int, grace: timedelta, dry_r
         echo(json.dumps({"db": db_uri, "tables": as_dicts}, indent=2) if as_json else text)
     if damaged:  # the others are pruned (printed above); a retry would not mend these
         held_too = f"; held by another run, not pruned: {', '.join(held)}" if held else ""
-        raise RaeeConfigError(f"not pruned, the others were: {'; '.join(damaged)}{held_too}")
+        others = "the others would be (--dry-run)" if dry_run else "the others were"
+        raise RaeeConfigError(f"not pruned, {others}: {'; '.join(damaged)}{held_too}")
     if held:  # the others are pruned; a scheduler's retry finds these free
         raise Busy(f"another run is writing table(s) {', '.join(held)} in {db_uri}: not pruned; retry later")
 

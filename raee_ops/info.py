@@ -20,6 +20,7 @@ from raee_ops.retrieval import (
     table_policy,
     table_probe_policy,
     table_probes,
+    versions_of,
 )
 from raee_ops.schemas.tables import FEATURES_SUFFIX, TableMeta
 
@@ -30,7 +31,7 @@ SHOWN_VERSIONS = 10
 def version_history(table: lancedb.table.Table) -> list[dict[str, Any]]:
     """Each version with its time and row count (from the version's manifest; counted when it does not say)."""
     history = []
-    for entry in table.list_versions():
+    for entry in versions_of(table):
         rows = (entry.get("metadata") or {}).get("total_rows")
         if rows is None:
             table.checkout(entry["version"])
@@ -112,15 +113,18 @@ def describe(db_uri: str, table: str | None = None, storage_options: dict[str, s
         return {"db": db_uri, "tables": [table_info(open_table(db_uri, table, storage_options=storage_options))]}
     db = connect(db_uri, storage_options)
     names = sorted(name for name in table_names(db) if not name.endswith(FEATURES_SUFFIX))  # a table's companion
-    tables = [
-        table_info(t) if isinstance(t, lancedb.table.Table) else _unopened(n, t) for n, t in listed(db, db_uri, names)
-    ]
-    return {"db": db_uri, "tables": tables}
+    return {"db": db_uri, "tables": [_shown(name, found) for name, found in listed(db, db_uri, names)]}
 
 
-def _unopened(name: str, why: RaeeConfigError) -> dict[str, Any]:
-    """A table LanceDB cannot open (its newest manifest damaged): its name and why, among the others."""
-    return {"table": name, "version": None, "unreadable": str(why)}
+def _shown(name: str, found: lancedb.table.Table | RaeeConfigError) -> dict[str, Any]:
+    """A table's info, or, for one LanceDB cannot open or list the versions of (a manifest damaged), its name and
+    why, among the others."""
+    try:
+        if isinstance(found, RaeeConfigError):
+            raise found
+        return table_info(found)
+    except RaeeConfigError as why:
+        return {"table": name, "version": None, "unreadable": str(why)}
 
 
 def listed(

@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lancedb
 import numpy as np
@@ -302,14 +302,30 @@ def checked_table(
     return opened, expected
 
 
+#: What mends a table one of whose versions' manifest is damaged (LanceDB reads every one to list them).
+_DAMAGED_VERSION = "restore them, or move its folder away and rebuild it"
+
+
+def versions_of(table: lancedb.table.Table) -> list[dict[str, Any]]:
+    """LanceDB's list of the table's versions; a damaged manifest of any of them (LanceDB reads them all) is the
+    one line for unreadable files, not the Rust reader's error (exit 1, "internal error")."""
+    try:
+        return table.list_versions()
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise _unreadable(f"table {table.name!r}", exc, _DAMAGED_VERSION) from exc
+
+
 def version_schemas(
     handle: lancedb.table.Table, versions: Iterable[int] | None = None
 ) -> Iterator[tuple[int, pa.Schema]]:
     """(version, its schema and metadata) of each of the table's `versions` (default: all), newest first: a walk
     over a table's history (its run records, companions' versions). The handle is left at the last one read."""
-    wanted = versions if versions is not None else (v["version"] for v in handle.list_versions())
+    wanted = versions if versions is not None else (v["version"] for v in versions_of(handle))
     for version in sorted(wanted, reverse=True):
-        handle.checkout(version)
+        try:
+            handle.checkout(version)
+        except (ValueError, OSError, RuntimeError) as exc:  # that version's manifest damaged
+            raise _unreadable(f"table {handle.name!r}", exc, _DAMAGED_VERSION) from exc
         yield version, handle.schema
 
 

@@ -43,6 +43,7 @@ from raee_ops.retrieval import (
     table_folder,
     table_names,
     version_schemas,
+    versions_of,
 )
 from raee_ops.run_record import RunRecord, default_errors_dir, drop_replaced, scope, settle, settle_noted, work_dir
 from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, TableMeta
@@ -91,7 +92,7 @@ def _holds(handle: lancedb.table.Table, version: int) -> bool:
 
 
 def _check_version(handle: lancedb.table.Table, table: str, version: int) -> None:
-    known = [v["version"] for v in handle.list_versions()]
+    known = [v["version"] for v in versions_of(handle)]
     if version not in known:
         raise RaeeConfigError(f"table {table!r} has no version {version} (versions: {ranges(known)})")
 
@@ -191,6 +192,8 @@ def prune_all(
                 pruned.append(_prune(db_uri, db, names, handle, keep, grace, dry_run, storage_options))
             except Busy:
                 held.append(name)
+            except RaeeConfigError as exc:  # found before anything is removed: a version's or companion's manifest
+                damaged.append(str(exc))
     return pruned, held, damaged
 
 
@@ -254,7 +257,7 @@ def _split(history: list[tuple[int, float]], kept: set[int]) -> tuple[list[int],
 
 def _history(handle: lancedb.table.Table) -> list[tuple[int, float]]:
     """(version, commit time in seconds since the epoch), oldest first."""
-    return sorted((v["version"], v["timestamp"].timestamp()) for v in handle.list_versions())
+    return sorted((v["version"], v["timestamp"].timestamp()) for v in versions_of(handle))
 
 
 def _pinned(handle: lancedb.table.Table, versions: set[int]) -> set[int]:

@@ -149,14 +149,27 @@ def test_prune_of_every_table_goes_on_past_a_damaged_one(segment_artifacts, tmp_
     lancedb.connect(db).create_table("a_damaged", pa.table({"x": [1]}))  # sorts first
     for manifest in (tmp_path / "db" / "a_damaged.lance" / "_versions").iterdir():
         manifest.write_bytes(b"junk\n")
+    for seed in (0, 1):  # zz: an exit table whose older version's manifest is damaged (LanceDB reads them all)
+        data = labelled(tmp_path / f"zz{seed}.parquet", 8, seed, f"z{seed}", bad=False)
+        run_build_db(segment_artifacts, "sst2", [str(data)], db, "zz", "backbone", "overwrite", None)
+    oldest = min((tmp_path / "db" / "zz.lance" / "_versions").iterdir(), key=lambda f: f.stat().st_mtime_ns)
+    oldest.write_bytes(b"junk\n")
     run = run_cli("prune", "--db", db, "--keep", "1", "--grace", "0")
-    assert run.returncode == 2
-    assert (
-        run.stderr.startswith("error: not pruned, the others were: table 'a_damaged' in ")
-        and run.stderr.count("\n") == 1
-    )
+    assert run.returncode == 2, run.stderr
+    line = "error: not pruned, the others were: table 'a_damaged' in "
+    assert run.stderr.startswith(line) and run.stderr.count("\n") == 1
+    assert "; table 'zz' cannot be read (damaged or incomplete files?)" in run.stderr  # was exit 1, internal error
     assert run.stdout.startswith("table sst2: removed version 1"), run.stdout
     assert [v["version"] for v in describe(db, "sst2")["tables"][0]["versions"]] == [2]
+    shown = run_cli("info", "--db", db)  # each damaged table in place, the sound one whole
+    assert (
+        shown.returncode == 2 and shown.stderr == f"error: table(s) a_damaged, zz in {db} cannot be read: see above\n"
+    )
+    assert [block.split(":")[0] for block in shown.stdout.split("\n\n")] == [
+        "table a_damaged",
+        "table sst2",
+        "table zz",
+    ]
 
 
 def test_a_table_without_a_committed_version_names_the_build_db_that_removes_it(tmp_path):

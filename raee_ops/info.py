@@ -132,8 +132,7 @@ def listed(
 ) -> Iterator[tuple[str, lancedb.table.Table | RaeeConfigError]]:
     """The tables `names` of the database that have a version, each opened or with the line saying why it cannot
     be: one a build-db is creating, or left unfinished when it was killed, is no table yet (it stopped every
-    listing); one whose files are damaged stopped a listing or prune of every table partway (the tables before it
-    pruned, exit 2), where the others are sound."""
+    listing); a damaged one stopped a listing or a prune of every table partway, where the others are sound."""
     for name in names:
         try:
             found = open_listed(db, db_uri, name)
@@ -176,7 +175,7 @@ def shown_costs(pp: dict[str, Any]) -> str:
 
 def _render_table(t: dict[str, Any]) -> str:
     if t["version"] is None:
-        return f"table {t['table']}: cannot be opened\n  UNREADABLE: {t['unreadable']}"
+        return f"table {t['table']}: cannot be read\n  UNREADABLE: {t['unreadable']}"
     lines = [f"table {t['table']}: {_rows(t['rows'])}, version {t['version']}"]
     if t["unreadable"]:
         lines.append(f"  UNREADABLE: {t['unreadable']}")

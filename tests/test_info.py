@@ -137,7 +137,7 @@ def test_a_table_with_damaged_files_is_one_line_not_an_internal_error(tmp_path):
     assert (
         every.stdout.startswith("table sound: 1 row, version 1\n") and "UNREADABLE" not in every.stdout.split("\n\n")[0]
     )
-    assert every.stdout.split("\n\n")[1].startswith(f"table t: cannot be opened\n  UNREADABLE: {line}")
+    assert every.stdout.split("\n\n")[1].startswith(f"table t: cannot be read\n  UNREADABLE: {line}")
     assert json.loads(run_cli("info", "--db", str(db), "--json").stdout)["tables"][1]["unreadable"].startswith(line)
 
 

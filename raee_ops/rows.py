@@ -13,6 +13,7 @@ file's content digest, so the same file gets the same ids however its path is sp
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -281,7 +282,14 @@ def label_indices(table: pa.Table, task: Task) -> tuple[pa.Array, list[tuple[np.
         # unchecked: a uint64 past int64's range wraps to a negative index, outside the labels like any other
         index = pc.cast(values, pa.int64(), safe=False)
     elif pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        index = pc.index_in(values, value_set=pa.array(names, values.type))
+        # a name in another Unicode form is that name: `négatif` decomposed (NFD, as macOS spells file names and
+        # some editors write) was a row outside the labels
+        # label columns hold few distinct strings: each normalized here (pyarrow 25's utf8_normalize gives NFD for
+        # every form)
+        distinct = pc.unique(values)
+        as_nfc = pa.array([v and unicodedata.normalize("NFC", v) for v in distinct.to_pylist()], values.type)
+        nfc = pa.array([unicodedata.normalize("NFC", name) for name in names], values.type)
+        index = pc.take(pc.index_in(as_nfc, value_set=nfc), pc.index_in(values, value_set=distinct))
     else:
         whole = np.ones(table.num_rows, bool)
         return pa.nulls(table.num_rows, pa.int32()), [(whole, f"label column has type {values.type}")]

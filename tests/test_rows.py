@@ -1,3 +1,5 @@
+import unicodedata
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -5,7 +7,7 @@ from raee_ops.schemas.tables import ERRORS_SCHEMA
 
 from raee_ops.errors import RaeeConfigError
 from raee_ops.rows import ROW_ID, check_columns, output_rows, unjoinable, validate
-from raee_ops.tasks import get_task
+from raee_ops.tasks import Task, get_task
 
 SST2, RTE = get_task("sst2"), get_task("rte")
 
@@ -33,6 +35,16 @@ def test_single_text_rows_and_labels():
     out = validate(named, SST2, source="f.parquet", file_key="k", need_label=True)
     assert out.valid.column("label").to_pylist() == [1]
     assert out.errors.column("reason").to_pylist() == ["label is not one of the label names ['negative', 'positive']"]
+
+
+def test_a_label_name_in_another_unicode_form_is_that_label():
+    """`négatif` decomposed (NFD: e and a combining accent) was rejected as outside the labels, though it shows
+    the same; names match as Unicode's canonical equivalence says (NFC on both sides)."""
+    task = Task(name="t", template="{text}", label_names=["négatif", "positif"], verbalizer=["no", "yes"])
+    labels = [unicodedata.normalize("NFD", "négatif"), "négatif", "positif", "negatif"]
+    out = validate(pa.table({"text": ["a"] * 4, "label": labels}), task, source="s", file_key="k", need_label=True)
+    assert out.valid.column("label").to_pylist() == [0, 0, 1]
+    assert out.errors.column("reason").to_pylist() == ["label is not one of the label names ['négatif', 'positif']"]
 
 
 def test_string_labels_map_to_indices_and_classify_ignores_labels():

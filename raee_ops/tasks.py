@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import string
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,8 +68,8 @@ class Task:
             raise RaeeConfigError(f"task {self.name!r}: {problem}")
         if len(self.label_names) < 2:
             raise RaeeConfigError(f"task {self.name!r}: needs at least two label names")
-        if len(set(self.label_names)) != len(self.label_names):
-            raise RaeeConfigError(f"task {self.name!r}: label names must be distinct")
+        if len({unicodedata.normalize("NFC", n) for n in self.label_names}) != len(self.label_names):
+            raise RaeeConfigError(f"task {self.name!r}: label names must be distinct (as Unicode compares them)")
         if len(self.verbalizer) != len(self.label_names):
             raise RaeeConfigError(
                 f"task {self.name!r}: {len(self.verbalizer)} verbalizer words for {len(self.label_names)} labels"

@@ -43,6 +43,7 @@ def write(tmp_path: Path, content: object) -> Path:
         ({**GOOD, "verbalizer": "np"}, "verbalizer must be a list of strings, not a JSON string"),
         ({**GOOD, "verbalizer": ["negative", 5]}, r"verbalizer\[1\] must be a non-empty string, not a JSON number"),
         ({**GOOD, "label_names": ["a", "a"]}, "label names must be distinct"),
+        ({**GOOD, "label_names": ["\u00e9", "e\u0301"]}, "label names must be distinct .as Unicode compares them"),
         ({**GOOD, "template": "Review: {text} {}\nSentiment:"}, r"only \{text\} and \{text_pair\}, not \{\}"),
         ({**GOOD, "template": "Review: {text}\nSentiment: {0}"}, r"not \{0\}"),
         ({**GOOD, "template": "Review: {text.upper}"}, r"not \{text.upper\}"),

@@ -282,10 +282,8 @@ def label_indices(table: pa.Table, task: Task) -> tuple[pa.Array, list[tuple[np.
         # unchecked: a uint64 past int64's range wraps to a negative index, outside the labels like any other
         index = pc.cast(values, pa.int64(), safe=False)
     elif pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        # a name in another Unicode form is that name: `négatif` decomposed (NFD, as macOS spells file names and
-        # some editors write) was a row outside the labels
-        # label columns hold few distinct strings: each normalized here (pyarrow 25's utf8_normalize gives NFD for
-        # every form)
+        # a name in another Unicode form is that name (`négatif` decomposed, NFD, was a row outside the labels):
+        # the column's few distinct strings normalized here, since pyarrow 25's utf8_normalize gives NFD for any form
         distinct = pc.unique(values)
         as_nfc = pa.array([v and unicodedata.normalize("NFC", v) for v in distinct.to_pylist()], values.type)
         nfc = pa.array([unicodedata.normalize("NFC", name) for name in names], values.type)

@@ -302,17 +302,20 @@ def checked_table(
     return opened, expected
 
 
-#: What mends a table one of whose versions' manifest is damaged (LanceDB reads every one to list them).
-_DAMAGED_VERSION = "restore them, or move its folder away and rebuild it"
+@contextlib.contextmanager
+def _reading_versions(table: lancedb.table.Table) -> Iterator[None]:
+    """A damaged manifest of a version read in the block is the one line for unreadable files, not the Rust
+    reader's error (exit 1, "internal error")."""
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise _unreadable(f"table {table.name!r}", exc, "restore them, or move its folder away and rebuild it") from exc
 
 
 def versions_of(table: lancedb.table.Table) -> list[dict[str, Any]]:
-    """LanceDB's list of the table's versions; a damaged manifest of any of them (LanceDB reads them all) is the
-    one line for unreadable files, not the Rust reader's error (exit 1, "internal error")."""
-    try:
+    """LanceDB's list of the table's versions (it reads every version's manifest)."""
+    with _reading_versions(table):
         return table.list_versions()
-    except (ValueError, OSError, RuntimeError) as exc:
-        raise _unreadable(f"table {table.name!r}", exc, _DAMAGED_VERSION) from exc
 
 
 def version_schemas(
@@ -322,10 +325,8 @@ def version_schemas(
     over a table's history (its run records, companions' versions). The handle is left at the last one read."""
     wanted = versions if versions is not None else (v["version"] for v in versions_of(handle))
     for version in sorted(wanted, reverse=True):
-        try:
+        with _reading_versions(handle):
             handle.checkout(version)
-        except (ValueError, OSError, RuntimeError) as exc:  # that version's manifest damaged
-            raise _unreadable(f"table {handle.name!r}", exc, _DAMAGED_VERSION) from exc
         yield version, handle.schema
 
 

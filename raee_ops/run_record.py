@@ -212,13 +212,13 @@ def in_step(errors_dir: str, record: RunRecord | None, own: bool, recorded: Call
     holds = set(known) if known is not None else {record.run_id}
     if known is not None:
         here = storage.match(storage.join(errors_dir, "errors-*.parquet"))
-        others = {f: _SHARD.fullmatch(storage.name(f)) for f in here if not _of(f, holds)}
-        ours = recorded({named.group(1) for named in others.values() if named})
-        away = [(f, storage.join(aside, storage.name(f))) for f, named in others.items() if named and named[1] in ours]
+        others = {f: run for f in here if (run := _run(f)) not in holds}
+        ours = recorded({run for run in others.values() if run})
+        away = [(f, storage.join(aside, storage.name(f))) for f, run in others.items() if run in ours]
         if away:
             storage.mkdirs(aside)
         storage.rename(away)
-    back = [f for f in storage.match(storage.join(aside, "errors-*.parquet")) if _of(f, holds)]
+    back = [f for f in storage.match(storage.join(aside, "errors-*.parquet")) if _run(f) in holds]
     storage.rename((f, storage.join(errors_dir, storage.name(f))) for f in back)
 
 
@@ -230,14 +230,13 @@ def drop_replaced(errors_dir: str, records: list[RunRecord | None]) -> None:
         return
     held = {run for runs in holds for run in runs}
     aside = storage.match(storage.join(errors_dir, REPLACED, "errors-*.parquet"))
-    storage.delete(f for f in aside if not _of(f, held))
+    storage.delete(f for f in aside if _run(f) not in held)
 
 
-def _of(path: str, runs: set[str]) -> bool:
-    """Whether an error file is one of `runs`' (`errors-<run id>` and Beam's shard template; a lineage grows by one
-    run an append, so runs are a set)."""
+def _run(path: str) -> str | None:
+    """The run an error file is of (`errors-<run id>` and Beam's shard template), None for another file."""
     named = _SHARD.fullmatch(storage.name(path))
-    return named is not None and named.group(1) in runs
+    return named and named.group(1)
 
 
 def default_errors_dir(db_uri: str, table: str) -> str:

@@ -17,10 +17,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from raee_ops import logs
-from raee_ops.errors import ArtifactError, ArtifactsChanged, first_line
+from raee_ops.errors import ArtifactError
 from raee_ops.extras import onnxruntime
 from raee_ops.key_names import BACKBONE, INT8_SUFFIX, parse_embedder
-from raee_ops.schemas.manifest import FileRef, Manifest, load_checked, load_manifest, replaced_since
+from raee_ops.schemas.manifest import FileRef, Manifest, load_checked, load_manifest, republished_is_retry
 from raee_ops.schemas.tables import POOLINGS
 
 ort = onnxruntime()
@@ -387,15 +387,8 @@ class SegmentRuntime:
         return self.manifest.num_layers
 
     def _load(self, ref: FileRef, load: Callable[[str], T]) -> T:
-        try:
+        with republished_is_retry(self.dir, self.manifest, "loaded"):
             return load_checked(self.dir / ref.file, ref.sha256 if self._verify else None, load)
-        except ArtifactError as exc:
-            if replaced_since(self.dir, self.manifest):
-                raise ArtifactsChanged(
-                    f"the artifacts at {self.dir} were replaced while this run loaded them ({first_line(exc)}): "
-                    "run again once the new export is in place"
-                ) from exc
-            raise
 
     def _session(self, ref: FileRef) -> ort.InferenceSession:
         return self._load(ref, self._open)

@@ -306,28 +306,31 @@ def load_manifest(directory: str | Path, verify_checksums: bool = True, check_se
         raise ArtifactError(f"no {MANIFEST_NAME} in {directory}: not an exported artifacts directory")
     manifest = parse_manifest(path.read_text(), str(path), check_seal)
     if verify_checksums:
-        try:
+        with republished_is_retry(directory, manifest, "read"):
             for ref in manifest.file_refs():
                 check_file(directory / ref.file, ref.sha256)
-        except ArtifactError as exc:
-            if replaced_since(directory, manifest):
-                raise ArtifactsChanged(
-                    f"the artifacts at {directory} were replaced while this run read them ({first_line(exc)}): "
-                    "run again once the new export is in place"
-                ) from exc
-            raise
     return manifest
 
 
-def replaced_since(directory: Path, read: Manifest) -> bool:
-    """Whether a local artifacts folder's manifest is no longer `read` (gone, half-written or another export's): a
-    file that fails its check then belongs to an export published there meanwhile (a link switched, a republish),
-    which a rerun reads, not to a damaged one."""
-    path = directory / MANIFEST_NAME
+@contextlib.contextmanager
+def republished_is_retry(directory: Path, read: Manifest, doing: str) -> Iterator[None]:
+    """A file of a local artifacts folder that fails its check where the folder's manifest is no longer `read` (gone,
+    half-written or another export's) belongs to an export published there meanwhile (a link switched, a
+    republish), which a rerun reads: ArtifactsChanged (exit 75), not damage."""
     try:
-        return parse_manifest(path.read_text(), str(path), check_seal=False) != read
-    except (OSError, ArtifactError):
-        return True
+        yield
+    except ArtifactError as exc:
+        path = directory / MANIFEST_NAME
+        try:
+            replaced = parse_manifest(path.read_text(), str(path), check_seal=False) != read
+        except (OSError, ArtifactError):
+            replaced = True
+        if replaced:
+            raise ArtifactsChanged(
+                f"the artifacts at {directory} were replaced while this run {doing} them ({first_line(exc)}): "
+                "run again once the new export is in place"
+            ) from exc
+        raise
 
 
 def artifacts_holding(uri: str) -> str | None:

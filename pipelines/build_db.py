@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import apache_beam as beam
-import lancedb
 import pyarrow as pa
 import pyarrow.compute as pc
 from raee_ops.pipelines.inference import Infer
@@ -58,6 +57,7 @@ from raee_ops.retrieval import (
     Unfinished,
     build_index,
     check_meta,
+    checked_features,
     committing,
     conflict,
     connect,
@@ -72,7 +72,6 @@ from raee_ops.retrieval import (
     table_names,
     table_probes,
     version_schemas,
-    versions_of,
 )
 from raee_ops.run_record import (
     ERRORS_FOLDER,
@@ -184,14 +183,7 @@ def claimed_append_base(
         return AppendBase(opened.version, None)
     if probes is None:
         raise RaeeConfigError("append refused: the table was built before probe heads; rebuild it (--mode overwrite)")
-    companion = table + FEATURES_SUFFIX
-    features = features_at(db_uri, table, opened.schema, storage_options)
-    if features is None:  # the refit reads the old rows' pooled states there
-        raise RaeeConfigError(
-            f"append refused: table {companion!r}, the old rows' features the probes are refitted on, is missing "
-            f"from {db_uri}; rebuild the table (--mode overwrite)"
-        )
-    read_column(features, ID, f"table {companion!r} in {db_uri}")  # what the refit reads after the work, read now
+    checked_features(db_uri, table, opened.schema, storage_options)  # what the refit reads after the work, read now
     clash = ids.filter(pc.is_in(ids, value_set=present))
     if len(clash):
         earlier = _committed_earlier(db_uri, table, job, ids, present, storage_options)
@@ -455,29 +447,8 @@ def previous_rows(
     """What append builds on: the table's rows at `version` and its probes' feature rows (None for tables built
     without)."""
     rows = open_table(db_uri, name, version, storage_options).to_arrow()
-    features = features_at(db_uri, name, rows.schema, storage_options)
+    features = checked_features(db_uri, name, rows.schema, storage_options) if table_probes(rows.schema) else None
     return rows, None if features is None else features.to_arrow()
-
-
-def features_at(
-    db_uri: str, name: str, schema: pa.Schema, storage_options: dict[str, str] | None = None
-) -> lancedb.table.Table | None:
-    """The probes' feature rows for the table version of `schema`: the companion at the version written with it
-    (None for tables built without; the latest for tables built before build-db recorded it)."""
-    pinned = (schema.metadata or {}).get(FEATURES_VERSION_META_KEY)
-    db = connect(db_uri, storage_options)
-    if name + FEATURES_SUFFIX not in table_names(db):
-        return None
-    features = open_listed(db, db_uri, name + FEATURES_SUFFIX)
-    if pinned is not None:
-        known = [v["version"] for v in versions_of(features)]
-        if int(pinned) not in known:
-            raise RaeeConfigError(
-                f"append refused: table {name!r} was built with version {int(pinned)} of {name + FEATURES_SUFFIX!r}, "
-                "which is gone; rebuild the table"
-            )
-        features.checkout(int(pinned))
-    return features
 
 
 def commit(

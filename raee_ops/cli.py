@@ -624,8 +624,11 @@ def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
     info = describe(db_uri, table, worker_settings(beam_args(), db_uri).db_storage_options)
     echo(json.dumps(info, indent=2) if as_json else render(info))
     unreadable = [t["table"] for t in info["tables"] if t["unreadable"]]
-    if unreadable:  # shown above with the rest (the versions to roll back to among it); a health check sees exit 2
-        raise RaeeConfigError(f"table(s) {', '.join(unreadable)} in {db_uri} cannot be read: see above")
+    no_append = [t["table"] for t in info["tables"] if t["features_unreadable"]]
+    problems = [f"table(s) {', '.join(unreadable)} in {db_uri} cannot be read"] if unreadable else []
+    problems += [f"table(s) {', '.join(no_append)} in {db_uri} cannot be appended to"] if no_append else []
+    if problems:  # shown above with the rest (the versions to roll back to among it); a health check sees exit 2
+        raise RaeeConfigError(f"{'; '.join(problems)}: see above")
 
 
 @command("rollback", runs_pipeline=False)

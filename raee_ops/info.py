@@ -12,9 +12,9 @@ from raee_ops.errors import RaeeConfigError
 from raee_ops.probe_policy import SHOWN_BUDGETS
 from raee_ops.retrieval import (
     Unfinished,
+    checked_features,
     connect,
     open_listed,
-    open_table,
     read_column,
     table_names,
     table_policy,
@@ -41,7 +41,7 @@ def version_history(table: lancedb.table.Table) -> list[dict[str, Any]]:
     return history
 
 
-def table_info(table: lancedb.table.Table) -> dict[str, Any]:
+def table_info(table: lancedb.table.Table, db_uri: str, storage_options: dict[str, str] | None) -> dict[str, Any]:
     """Identity, size, index, probe heads, fitted policies and version history of one table, as plain values."""
     meta = TableMeta.decode(table.schema)
     policy = table_policy(table.schema)
@@ -86,6 +86,7 @@ def table_info(table: lancedb.table.Table) -> dict[str, Any]:
         else None,
         "versions": version_history(table),
         "unreadable": unreadable(table),
+        "features_unreadable": None if probes is None else features_unreadable(table, db_uri, storage_options),
     }
 
 
@@ -100,6 +101,16 @@ def unreadable(table: lancedb.table.Table) -> str | None:
     return None
 
 
+def features_unreadable(table: lancedb.table.Table, db_uri: str, storage_options: dict[str, str] | None) -> str | None:
+    """Why an append of the table would be refused for its probes' feature rows (the companion missing, its version
+    gone, its files damaged), or None: classify reads none of them, but a scheduled append would fail."""
+    try:
+        checked_features(db_uri, table.name, table.schema, storage_options)
+    except RaeeConfigError as exc:
+        return str(exc)
+    return None
+
+
 def check_database(db_uri: str) -> None:
     """Refuse a local database directory that does not exist (connecting would create it, empty)."""
     if storage.is_local(db_uri) and not storage.is_dir(db_uri):
@@ -109,22 +120,28 @@ def check_database(db_uri: str) -> None:
 def describe(db_uri: str, table: str | None = None, storage_options: dict[str, str] | None = None) -> dict[str, Any]:
     """Every table of the database (or the one named), sorted by name."""
     check_database(db_uri)
-    if table is not None:
-        return {"db": db_uri, "tables": [table_info(open_table(db_uri, table, storage_options=storage_options))]}
     db = connect(db_uri, storage_options)
-    names = sorted(name for name in table_names(db) if not name.endswith(FEATURES_SUFFIX))  # a table's companion
-    return {"db": db_uri, "tables": [_shown(name, found) for name, found in listed(db, db_uri, names)]}
+    names = table_names(db)
+    if table is not None:
+        if table not in names:
+            raise RaeeConfigError(f"no table {table!r} in {db_uri} (run build-db first)")
+        found = [(table, _open_or_why(db, db_uri, table))]
+    else:
+        found = listed(db, db_uri, sorted(name for name in names if not name.endswith(FEATURES_SUFFIX)))
+    return {"db": db_uri, "tables": [_shown(name, opened, db_uri, storage_options) for name, opened in found]}
 
 
-def _shown(name: str, found: lancedb.table.Table | RaeeConfigError) -> dict[str, Any]:
+def _shown(
+    name: str, found: lancedb.table.Table | RaeeConfigError, db_uri: str, storage_options: dict[str, str] | None
+) -> dict[str, Any]:
     """A table's info, or, for one LanceDB cannot open or list the versions of (a manifest damaged), its name and
     why, among the others."""
     try:
         if isinstance(found, RaeeConfigError):
             raise found
-        return table_info(found)
+        return table_info(found, db_uri, storage_options)
     except RaeeConfigError as why:
-        return {"table": name, "version": None, "unreadable": str(why)}
+        return {"table": name, "version": None, "unreadable": str(why), "features_unreadable": None}
 
 
 def listed(
@@ -135,12 +152,20 @@ def listed(
     listing); a damaged one stopped a listing or a prune of every table partway, where the others are sound."""
     for name in names:
         try:
-            found = open_listed(db, db_uri, name)
+            found = _open_or_why(db, db_uri, name)
         except Unfinished:
             continue
-        except RaeeConfigError as exc:
-            found = exc
         yield name, found
+
+
+def _open_or_why(db: lancedb.DBConnection, db_uri: str, name: str) -> lancedb.table.Table | RaeeConfigError:
+    """The table opened, or the line saying why it cannot be (`Unfinished` is raised: it is no table yet)."""
+    try:
+        return open_listed(db, db_uri, name)
+    except Unfinished:
+        raise
+    except RaeeConfigError as exc:
+        return exc
 
 
 def opened(db: lancedb.DBConnection, db_uri: str, names: Iterable[str]) -> Iterator[lancedb.table.Table]:
@@ -179,6 +204,8 @@ def _render_table(t: dict[str, Any]) -> str:
     lines = [f"table {t['table']}: {_rows(t['rows'])}, version {t['version']}"]
     if t["unreadable"]:
         lines.append(f"  UNREADABLE: {t['unreadable']}")
+    if t["features_unreadable"]:
+        lines.append(f"  NO APPEND (classify is unaffected): {t['features_unreadable']}")
     if t["exit_table"]:
         lines += [
             f"  task: {t['task']} ({', '.join(t['label_names'])})",

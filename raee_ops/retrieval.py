@@ -32,6 +32,9 @@ from raee_ops.progress import phase
 from raee_ops.runtime import STORED_GRAPHS, open_session, ort
 from raee_ops.schemas.manifest import Manifest
 from raee_ops.schemas.tables import (
+    FEATURES_SUFFIX,
+    FEATURES_VERSION_META_KEY,
+    ID,
     LAYER_KEY_META_KEY,
     POLICY_META_KEY,
     PROBE_POLICY_META_KEY,
@@ -328,6 +331,33 @@ def version_schemas(
         with _reading_versions(handle):
             handle.checkout(version)
         yield version, handle.schema
+
+
+def checked_features(
+    db_uri: str, name: str, schema: pa.Schema, storage_options: dict[str, str] | None = None
+) -> lancedb.table.Table:
+    """The probes' feature rows an append of the table version of `schema` refits on (the companion at the version
+    written with it; the latest for tables built before build-db recorded it), every data file opened: refused with
+    one line where they are missing, gone or damaged (build-db's append checks before its work, info shows it)."""
+    companion = name + FEATURES_SUFFIX
+    pinned = (schema.metadata or {}).get(FEATURES_VERSION_META_KEY)
+    db = connect(db_uri, storage_options)
+    if companion not in table_names(db):
+        raise RaeeConfigError(
+            f"append refused: table {companion!r}, the old rows' features the probes are refitted on, is missing "
+            f"from {db_uri}; rebuild the table (--mode overwrite)"
+        )
+    features = open_listed(db, db_uri, companion)
+    if pinned is not None:
+        if int(pinned) not in [v["version"] for v in versions_of(features)]:
+            raise RaeeConfigError(
+                f"append refused: table {name!r} was built with version {int(pinned)} of {companion!r}, "
+                "which is gone; rebuild the table"
+            )
+        with _reading_versions(features):
+            features.checkout(int(pinned))
+    read_column(features, ID, f"table {companion!r} in {db_uri}")
+    return features
 
 
 def table_meta(db_uri: str, name: str, storage_options: dict[str, str] | None = None) -> TableMeta:

@@ -64,7 +64,12 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
                 handle.restore(version)
         # the errors folder in step with the version now current: the rejected rows of the runs it holds
         settle_errors(db_uri, table, default_errors_dir(db_uri, table), True, storage_options or {})
-    return {"restored": version, "previous": previous, "changed": changed, **table_info(handle)}
+    return {
+        "restored": version,
+        "previous": previous,
+        "changed": changed,
+        **table_info(handle, db_uri, storage_options),
+    }
 
 
 def _exit_table(db_uri: str, table: str, storage_options: dict[str, str] | None) -> lancedb.table.Table:

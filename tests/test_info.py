@@ -123,13 +123,13 @@ def test_a_table_with_damaged_files_is_one_line_not_an_internal_error(tmp_path):
     lancedb.connect(str(db)).create_table("t", pa.table({"x": [1, 2]}))
     for manifest in (db / "t.lance" / "_versions").iterdir():
         manifest.write_bytes(b"junk\n")  # a manifest cut short by a full disk, say
-    damaged = run_cli("info", "--db", str(db), "--table", "t")
-    assert damaged.returncode == 2
+    damaged = run_cli("info", "--db", str(db), "--table", "t", "--json")
+    assert damaged.returncode == 2 and damaged.stderr == f"error: table(s) t in {db} cannot be read: see above\n"
     line = f"table 't' in {db} cannot be read (damaged or incomplete files?): "
-    assert damaged.stderr.startswith(f"error: {line}")
-    assert damaged.stderr.count("\n") == 1 and ".rs:" not in damaged.stderr
+    (shown,) = json.loads(damaged.stdout)["tables"]  # it printed no JSON, only the error line
+    assert shown["table"] == "t" and shown["unreadable"].startswith(line) and ".rs:" not in shown["unreadable"]
     # no version opens: rollback and build-db fail alike, so the line does not send the operator to them (sweep T)
-    assert f"restore its files, or move its folder {db / 't.lance'} away and rebuild it" in damaged.stderr
+    assert f"restore its files, or move its folder {db / 't.lance'} away and rebuild it" in shown["unreadable"]
     # among the others (it hid every sound table behind its one line): shown in place, then exit 2
     lancedb.connect(str(db)).create_table("sound", pa.table({"x": [1]}))
     every = run_cli("info", "--db", str(db))
@@ -170,6 +170,32 @@ def test_prune_of_every_table_goes_on_past_a_damaged_one(segment_artifacts, tmp_
         "table sst2",
         "table zz",
     ]
+
+
+def test_a_table_whose_feature_rows_are_damaged_or_gone_says_append_is_refused_and_exit_2(segment_artifacts, tmp_path):  # noqa: F811
+    """The probes' feature rows (the companion an append refits on) damaged: info showed the table sound, exit 0,
+    and the next scheduled append failed. Now info says append is refused and why, with exit 2; the table's rows
+    are sound, so classify is not refused."""
+    db = build_twice(segment_artifacts, tmp_path)
+    assert describe(db)["tables"][0]["features_unreadable"] is None
+    newest = max((tmp_path / "db" / "sst2__features.lance" / "data").iterdir(), key=lambda f: f.stat().st_mtime_ns)
+    newest.write_bytes(b"junk")
+    run = run_cli("info", "--db", db)
+    assert run.returncode == 2 and run.stderr == f"error: table(s) sst2 in {db} cannot be appended to: see above\n"
+    assert "UNREADABLE" not in run.stdout
+    (line,) = [line for line in run.stdout.splitlines() if line.startswith("  NO APPEND")]
+    assert (
+        line.startswith("  NO APPEND (classify is unaffected): table 'sst2__features' in ") and "cannot be read" in line
+    )
+    more = labelled(tmp_path / "more.parquet", 4, 7, "more", bad=False)
+    with pytest.raises(RaeeConfigError, match="table 'sst2__features' in .* cannot be read"):  # what info foretold
+        run_build_db(segment_artifacts, "sst2", [str(more)], db, "sst2", "backbone", "append", None)
+    lancedb.connect(db).drop_table("sst2__features")
+    (shown,) = describe(db, "sst2")["tables"]
+    assert (
+        shown["unreadable"] is None
+        and "the old rows' features the probes are refitted on, is missing" in (shown["features_unreadable"])
+    )
 
 
 def test_a_table_without_a_committed_version_names_the_build_db_that_removes_it(tmp_path):

@@ -24,6 +24,7 @@ from raee_ops import logs
 
 logs.configure(0)  # before Beam's import (below, through raee_ops): third-party noise hidden, as the CLI hides it
 
+from raee_ops.batches import key_inputs  # noqa: E402
 from raee_ops.runtime import SegmentRuntime  # noqa: E402
 from raee_ops.tasks import Task  # noqa: E402
 
@@ -187,8 +188,7 @@ def seeded_sample(table: pa.Table, n: int, rng: np.random.Generator) -> pa.Table
 
 def task_inputs(task: Task, rows: pa.Table, suffix: str) -> tuple[list[str], list[str | None] | None, list[str]]:
     """The rows' raw texts and pairs (what a retrieval key embeds) and their prompts (what the layers run)."""
-    texts = [t.strip() for t in rows["text"].to_pylist()]
-    pairs = rows["text_pair"].to_pylist() if "text_pair" in rows.column_names else None
+    texts, pairs = key_inputs(task, rows)
     prompts = [task.render(t, p, suffix=suffix) for t, p in zip(texts, pairs or [None] * len(texts), strict=True)]
     return texts, pairs, prompts
 
@@ -196,4 +196,9 @@ def task_inputs(task: Task, rows: pa.Table, suffix: str) -> tuple[list[str], lis
 def within_max_length(runtime: SegmentRuntime, task: Task, rows: pa.Table) -> pa.Table:
     """The rows whose prompt fits the backbone's max_length: build-db and evaluate reject the others."""
     prompts = task_inputs(task, rows, runtime.suffix)[2]
-    return rows.filter(pa.array(runtime.token_lengths(prompts) <= runtime.manifest.max_length))
+    return rows.filter(pa.array(token_lengths(runtime, prompts) <= runtime.manifest.max_length))
+
+
+def token_lengths(runtime: SegmentRuntime, prompts: list[str]) -> np.ndarray:
+    """Each prompt's length in the backbone's tokens."""
+    return np.array([len(ids) for ids in runtime.encode(prompts)], dtype=np.int64)

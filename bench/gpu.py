@@ -73,7 +73,7 @@ def local_files_beam() -> None:
 
 local_files_beam()  # before common, which imports the runtime
 
-from common import REPO_ROOT, fastest, git_info, timer, write_result  # noqa: E402
+from common import REPO_ROOT, fastest, git_info, timer, token_lengths, write_result  # noqa: E402
 
 from raee_ops.key_names import GPU_KEY  # noqa: E402
 
@@ -385,7 +385,7 @@ def measure(preset: str, work: Path) -> dict[str, Any]:
 
 def layer_runs(runtime: Any, prompts: list[str], exits: np.ndarray) -> int:
     """Layer sessions run: each of the runtime's length-sorted batches runs to its deepest row's exit."""
-    lengths, size = runtime.token_lengths(prompts), runtime.sub_batch
+    lengths, size = token_lengths(runtime, prompts), runtime.sub_batch
     running = np.flatnonzero(exits > 0)
     order = running[np.argsort(lengths[running], kind="stable")]
     return int(sum(exits[order[i : i + size]].max() for i in range(0, len(order), size)))

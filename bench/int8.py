@@ -88,7 +88,9 @@ def int8_minus_fp32(preset: str, task: str) -> dict[str, float]:
 
 
 def full_chain(runtime: SegmentRuntime) -> Callable[[speed.Rows], np.ndarray]:
-    return lambda r: runtime.run_to_exit(speed.TASK, r.prompts, np.full(len(r.prompts), runtime.num_layers))
+    return lambda r: (
+        runtime.run_to_exit_pooled(speed.TASK, r.prompts, np.full(len(r.prompts), runtime.num_layers)).logits
+    )
 
 
 def speeds(artifacts: dict[str, Path], preset: str, quick: bool, data: Path, baseline: Path | None) -> dict[str, Any]:

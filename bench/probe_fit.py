@@ -12,6 +12,7 @@ import sys
 import numpy as np
 from common import parse_args, timer, write_result
 
+from raee_ops.layer_key import unit_rows
 from raee_ops.probe_policy import fit_probe_policy
 from raee_ops.probes import CV_ROWS, FIT_ROWS, VIEWS, fit_probes
 
@@ -32,8 +33,7 @@ def main() -> int:
     keys = rng.normal(size=(rows, KEY_DIM)).astype(np.float32)
     with timer() as probes_s:
         fitted = fit_probes(features, keys, labels, 2, "accuracy", {})
-    vectors = rng.normal(size=(table_rows, KEY_DIM)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = unit_rows(rng.normal(size=(table_rows, KEY_DIM)).astype(np.float32))
     uniform = np.log(np.full((table_rows, LAYERS, 2), 0.5, np.float32))
     with timer() as policy_s:
         fit_probe_policy(vectors, rng.integers(0, 2, table_rows), uniform, uniform[:, 0], 2, "accuracy")

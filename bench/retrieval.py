@@ -18,8 +18,9 @@ import numpy as np
 import pyarrow as pa
 from common import parse_args, timer, write_result
 from lancedb.index import IvfFlat, IvfPq
-from raee_ops.schemas.tables import exit_table_schema
+from raee_ops.schemas.tables import exit_table_schema, fixed_list
 
+from raee_ops.layer_key import unit_rows
 from raee_ops.retrieval import INDEX_MIN_ROWS, KMEANS_ITERATIONS, PROBE_SHARE, InMemory, index_partitions
 
 DIM, K, NUM_QUERIES = 384, 10, 200
@@ -55,10 +56,6 @@ class Mixture:
         return self.centres[cluster] + self.spread[cluster, None] * noise, cluster
 
 
-def _fixed_list(values: np.ndarray, size: int) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), size)
-
-
 def _batch(rng: np.random.Generator, start: int, keys: np.ndarray, cluster: np.ndarray) -> pa.RecordBatch:
     """Rows shaped like a real exit table; metadata is random but the label follows the cluster."""
     n = len(keys)
@@ -69,32 +66,30 @@ def _batch(rng: np.random.Generator, start: int, keys: np.ndarray, cluster: np.n
     correct = pred == label[:, None]
     first = np.where(correct.any(1), correct.argmax(1) + 1, 0).astype(np.int32)
     schema = exit_table_schema(DIM, NUM_LAYERS, NUM_LABELS)
+    lists = {
+        "vector": keys,
+        "layer_pred": pred,
+        "layer_correct": correct,
+        "layer_prob": np.exp(np.take_along_axis(logprobs, label[:, None, None], -1)),
+        "layer_logprobs": logprobs,
+        "probe_correct": correct,  # probe columns: shaped like the head's, their values do not matter here
+        "probe_logprobs": logprobs,
+    }
+    plain = {
+        "id": pa.array(np.arange(start, start + n).astype(str)),
+        "label": pa.array(label),
+        "first_correct_layer": pa.array(first, mask=first == 0),
+        "group_id": pa.nulls(n, pa.string()),  # every row a group of its own
+    }
     return pa.record_batch(
-        [
-            pa.array(np.arange(start, start + n).astype(str)),
-            pa.array(label),
-            _fixed_list(keys, DIM),
-            _fixed_list(pred, NUM_LAYERS),
-            _fixed_list(correct, NUM_LAYERS),
-            _fixed_list(np.exp(np.take_along_axis(logprobs, label[:, None, None], -1)), NUM_LAYERS),
-            _fixed_list(logprobs, NUM_LAYERS * NUM_LABELS),
-            pa.array(first, mask=first == 0),
-            _fixed_list(correct, NUM_LAYERS),  # probe columns: shaped like the head's, their values do not matter here
-            _fixed_list(logprobs, NUM_LAYERS * NUM_LABELS),
-            pa.nulls(n, pa.string()),  # group_id: every row a group of its own
-        ],
-        schema=schema,
+        [plain[f.name] if f.name in plain else fixed_list(lists[f.name], f) for f in schema], schema=schema
     )
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def build_table(db: lancedb.DBConnection, rows: int, queries: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray, float]:
     """Write the table chunk by chunk, keeping exact cosine top-k per query, so 1M rows never sit in RAM."""
     mixture, rng = Mixture(SEED), np.random.default_rng(SEED + rows)
-    unit_queries = _unit(queries)
+    unit_queries = unit_rows(queries)
     best_sim = np.full((len(queries), K), -np.inf, dtype=np.float32)
     best_id = np.zeros((len(queries), K), dtype=np.int64)
 
@@ -102,7 +97,7 @@ def build_table(db: lancedb.DBConnection, rows: int, queries: np.ndarray) -> tup
         nonlocal best_sim, best_id
         for start in range(0, rows, CHUNK):
             keys, cluster = mixture.sample(rng, min(CHUNK, rows - start))
-            sims = unit_queries @ _unit(keys).T
+            sims = unit_queries @ unit_rows(keys).T
             top = np.argpartition(-sims, K - 1, axis=1)[:, :K]
             all_sim = np.concatenate([best_sim, np.take_along_axis(sims, top, 1)], axis=1)
             all_id = np.concatenate([best_id, top + start], axis=1)

@@ -503,7 +503,7 @@ def engines(
     hf_logits, hf_s = timed(hf_torch(adapter, label_ids), rows, warm)
 
     def chain(rt: SegmentRuntime) -> Callable[[Rows], np.ndarray]:
-        return lambda r: rt.run_to_exit(TASK, r.prompts, np.full(len(r.prompts), num_layers))
+        return lambda r: rt.run_to_exit_pooled(TASK, r.prompts, np.full(len(r.prompts), num_layers)).logits
 
     chains = {"segments": chain(runtime), "ort-whole": ort_whole(ort_session(whole), runtime)}
     if baseline is not None:

@@ -130,7 +130,7 @@ def unknown_args(
         return f"unexpected argument {first!r}"
     name, elsewhere = first.split("=", 1)[0], elsewhere or {}
     if name in elsewhere:
-        return f"no such option: {name} ({_of_others(name, elsewhere[name])})"
+        return f"no such option: {name} ({_of_others(elsewhere[name])})"
     return (
         f"no such option: {name}{_closest(name, command_options, elsewhere)}; options this command does not know "
         "must be Beam pipeline options"
@@ -144,7 +144,7 @@ def _closest(name: str, command_options: Iterable[str], elsewhere: Mapping[str, 
     recorded = {f"--raee_{name}" for name in RECORDED}  # never to give: not to suggest either
     beam = [o for o in _beam_parser()._option_string_actions if o.startswith("--") and o not in recorded]
     candidates = [(o, o) for o in command_options]
-    candidates += [(o, f"{o}, {_of_others(o, commands)}") for o, commands in elsewhere.items()]
+    candidates += [(o, f"{o}, {_of_others(commands)}") for o, commands in elsewhere.items()]
     candidates += [(o, f"the pipeline option {o}" if o.startswith("--raee_") else f"Beam's {o}") for o in beam]
     bare = name.lstrip("-")  # the dashes every option shares made `--foo` look 60% like `--out`
     score, said = max(
@@ -154,7 +154,7 @@ def _closest(name: str, command_options: Iterable[str], elsewhere: Mapping[str, 
     return f" (did you mean {said}?)" if score >= 0.6 else ""
 
 
-def _of_others(option: str, commands: Sequence[str]) -> str:
+def _of_others(commands: Sequence[str]) -> str:
     listed = " and ".join([", ".join(commands[:-1]), commands[-1]] if len(commands) > 1 else commands)
     return f"an option of {listed}, not of this command"
 

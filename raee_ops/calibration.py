@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
-from raee_ops.metrics import METRICS, Metric, accuracy
+from raee_ops.metrics import METRICS, Metric, accuracy, bootstrap_se
 
 K_GRID = (5, 10, 20, 30)
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75)
@@ -206,13 +206,6 @@ class Trial(NamedTuple):
     pred: np.ndarray
 
 
-def _standard_error(metric: Metric, truth: np.ndarray, pred: np.ndarray, num_labels: int, seed: int) -> float:
-    """Bootstrap standard error of a metric over the LOO queries (any metric, accuracy included)."""
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(truth), size=(BOOTSTRAP, len(truth)))
-    return float(np.std([metric(truth[d], pred[d], num_labels) for d in draws]))
-
-
 def cheapest_within(trials: list[Trial], tolerance: float) -> Trial:
     """The cheapest trial (fewest layers) scoring within `tolerance` of the best; 0: the best, the cheapest of
     equals."""
@@ -255,7 +248,8 @@ def within_budget(front: Sequence[C], max_mean_exit: float, price_per_layer: flo
 def one_se_choice(trials: list[Trial], metric: Metric, truth: np.ndarray, num_labels: int, seed: int) -> Trial:
     """The cheapest trial (fewest layers) scoring within one bootstrap standard error of the best."""
     best = max(trials, key=lambda t: t.score)
-    return cheapest_within(trials, _standard_error(metric, truth, best.pred, num_labels, seed))
+    se = bootstrap_se(lambda rows: metric(truth[rows], best.pred[rows], num_labels), len(truth), BOOTSTRAP, seed)
+    return cheapest_within(trials, se)
 
 
 def loo_neighbours(

@@ -198,7 +198,7 @@ def _answers(
         exits = confident_exits(confidence, exits, strategy.threshold(ctx), key_layers)
     if key_layers:  # as the runtime reads them out, from the key's layers on
         exits = not_before_key(exits, key_layers)
-    # exit 0 runs no layer: its logits are zeros, as run_to_exit returns them
+    # exit 0 runs no layer: its logits are zeros, as run_to_exit_pooled returns them
     at_exit = np.where((exits > 0)[:, None], logprobs[np.maximum(exits, 1) - 1, np.arange(exits.shape[0])], 0.0)
     return strategy.answer(at_exit, exits, nb, ctx).argmax(axis=1), exits
 

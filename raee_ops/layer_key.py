@@ -22,6 +22,11 @@ import numpy as np
 from raee_ops.schemas.tables import decode_array, encode_array
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row scaled to length 1 (a zero row stays zero): every key, so a dot product is the cosine searched."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
 @dataclass(frozen=True)
 class LayerKey:
     """The standardization of one table's layer-N keys: key = unit((state - mean) / scale)."""
@@ -38,8 +43,7 @@ class LayerKey:
         )
 
     def apply(self, states: np.ndarray) -> np.ndarray:
-        z = (np.asarray(states, np.float32) - self.mean) / self.scale
-        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        return unit_rows((np.asarray(states, np.float32) - self.mean) / self.scale)
 
     def to_json(self) -> bytes:
         return json.dumps(

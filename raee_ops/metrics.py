@@ -64,9 +64,16 @@ def paired_difference(
     300 rows each move by a few points with the rows drawn, mostly together; their difference moves less, and a
     goal on the difference is judged by how much."""
     y_true, a, b = (np.asarray(v) for v in (y_true, a, b))
+
+    def difference(rows: np.ndarray) -> float:
+        return metric(y_true[rows], a[rows], num_labels) - metric(y_true[rows], b[rows], num_labels)
+
+    return difference(np.arange(len(y_true))), bootstrap_se(difference, len(y_true), rounds, seed)
+
+
+def bootstrap_se(statistic: Callable[[np.ndarray], float], n: int, rounds: int, seed: int) -> float:
+    """The spread of `statistic` (of the row indices it is given) over `rounds` resamples of n rows with
+    replacement: a standard error for any metric, accuracy's and the others alike."""
     rng = np.random.default_rng(seed)
-    resampled = []
-    for _ in range(rounds):  # one resample at a time: all at once would hold rounds × rows indices
-        rows = rng.integers(0, len(y_true), len(y_true))
-        resampled.append(metric(y_true[rows], a[rows], num_labels) - metric(y_true[rows], b[rows], num_labels))
-    return metric(y_true, a, num_labels) - metric(y_true, b, num_labels), float(np.std(resampled, ddof=1))
+    # one resample at a time: all at once would hold rounds × rows indices
+    return float(np.std([statistic(rng.integers(0, n, n)) for _ in range(rounds)], ddof=1))

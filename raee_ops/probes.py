@@ -200,10 +200,7 @@ def fit_probes(
     n, num_layers = features.shape[:2]
     if features.shape[2] != len(views):
         raise ValueError(f"features hold {features.shape[2]} views, {len(views)} named ({', '.join(views)})")
-    rng = np.random.default_rng(seed)
-    cv = np.sort(rng.choice(n, CV_ROWS, replace=False)) if n > CV_ROWS else np.arange(n)
-    folds = _folds(labels, n, seed, groups)
-    cv_folds = folds if len(cv) == n else _folds(labels[cv], len(cv), seed, None if groups is None else groups[cv])
+    folds, cv, cv_folds = _plan(labels, seed, groups)
 
     # view and C: the pair with the lowest out-of-fold log-loss averaged over a spread of layers
     scored = selection_layers(num_layers)
@@ -219,16 +216,14 @@ def fit_probes(
         x = features[:, layer, p]
         oof[:, layer] = reuse[layer] if layer in reuse else _cross_fit(x, labels, folds, num_labels, c)
         layers.append(_fit(x, labels, num_labels, c))
-    key_c, key_oof = _choose_c(keys[cv], labels[cv], cv_folds, num_labels)
-    if len(cv) != n:
-        key_oof = _cross_fit(keys, labels, folds, num_labels, key_c)
+    key, key_oof = fit_key_probe(keys, labels, num_labels, seed, groups)
     pooling = views[p]
     metric = METRICS[metric_name]
     curve = [metric(labels, oof[:, layer].argmax(1), num_labels) for layer in range(num_layers)]
     probes = ProbeSet(
         pooling=pooling,
         layers=layers,
-        key=_fit(keys, labels, num_labels, key_c),
+        key=key,
         best_layer=int(np.argmax(curve)) + 1,
         oof_metric=[float(v) for v in curve],
         key_oof_metric=float(metric(labels, key_oof.argmax(1), num_labels)),
@@ -244,11 +239,26 @@ def selection_layers(num_layers: int) -> list[int]:
     return sorted({round(i) for i in np.linspace(0, num_layers - 1, min(SELECTION_LAYERS, num_layers))})
 
 
-def fit_key_probe(keys: np.ndarray, labels: np.ndarray, num_labels: int, seed: int = 0) -> tuple[Probe, np.ndarray]:
-    """A key probe fitted as build-db fits one (C by cross-validation), and its out-of-fold log-probs N×C: how well
-    a key answers at exit 0, and what a user's own logistic regression on an embedding scores (the benches)."""
-    c, oof = _choose_c(keys, labels, _folds(labels, len(labels), seed), num_labels)
+def fit_key_probe(
+    keys: np.ndarray, labels: np.ndarray, num_labels: int, seed: int = 0, groups: np.ndarray | None = None
+) -> tuple[Probe, np.ndarray]:
+    """The key's probe (C by cross-validation, on the rows the layers' C is chosen on) and its out-of-fold
+    log-probs N×C: what answers at exit 0, and what a user's own logistic regression on an embedding scores (the
+    benches read it as build-db fits it)."""
+    folds, cv, cv_folds = _plan(labels, seed, groups)
+    c, oof = _choose_c(keys[cv], labels[cv], cv_folds, num_labels)
+    if len(cv) != len(labels):
+        oof = _cross_fit(keys, labels, folds, num_labels, c)
     return _fit(keys, labels, num_labels, c), oof
+
+
+def _plan(labels: np.ndarray, seed: int, groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(every row's fold, the rows C and the view are chosen on: at most CV_ROWS, seeded, and their folds)."""
+    n = len(labels)
+    cv = np.sort(np.random.default_rng(seed).choice(n, CV_ROWS, replace=False)) if n > CV_ROWS else np.arange(n)
+    folds = _folds(labels, n, seed, groups)
+    cv_folds = folds if len(cv) == n else _folds(labels[cv], len(cv), seed, None if groups is None else groups[cv])
+    return folds, cv, cv_folds
 
 
 def _log_loss(log_probs: np.ndarray, y: np.ndarray) -> float:

@@ -25,7 +25,7 @@ from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import CommitConflict, RaeeConfigError, StoreUnavailable, VersionRemoved, first_line
 from raee_ops.exit_policy import Context, Neighbours
 from raee_ops.key_names import BACKBONE, key_available
-from raee_ops.layer_key import LayerKey
+from raee_ops.layer_key import LayerKey, unit_rows
 from raee_ops.probe_policy import ProbePolicy, budgeted
 from raee_ops.probes import ProbeSet, check_probes
 from raee_ops.progress import phase
@@ -465,7 +465,7 @@ class InMemory:
         return 4 * dim * rows + sum(values.nbytes for values in self.columns.values())
 
     def search(self, vectors: np.ndarray, k: int, num_layers: int, num_labels: int) -> Neighbours:
-        queries = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        queries = unit_rows(vectors)
         feed = {"queries": queries.astype(np.float32), "keys_t": self.keys_t, "k": np.array([k], np.int64)}
         top_sims, top = self.session.run(None, feed)  # k <= rows
         found = {name: values[top] for name, values in self.columns.items()}

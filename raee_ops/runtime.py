@@ -20,6 +20,7 @@ from raee_ops import logs
 from raee_ops.errors import ArtifactError
 from raee_ops.extras import onnxruntime
 from raee_ops.key_names import BACKBONE, INT8_SUFFIX, parse_embedder
+from raee_ops.layer_key import unit_rows
 from raee_ops.schemas.manifest import FileRef, Manifest, load_checked, load_manifest, republished_is_retry
 from raee_ops.schemas.tables import POOLINGS
 
@@ -430,9 +431,6 @@ class SegmentRuntime:
     def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
 
-    def token_lengths(self, prompts: Sequence[str]) -> np.ndarray:
-        return np.array([len(ids) for ids in self.encode(prompts)], dtype=np.int64)
-
     def pad(self, encoded: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         return pad_right(encoded, self.manifest.tokenizer.pad_id)
 
@@ -490,10 +488,6 @@ class SegmentRuntime:
             ids, lengths = self.pad([encoded[i] for i in rows])
             yield rows, ids, lengths
 
-    def all_layers(self, task: str, prompts: Sequence[str]) -> np.ndarray:
-        """Head logits after every layer, L×B×C."""
-        return self.all_layers_pooled(task, prompts)[0]
-
     def all_layers_pooled(self, task: str, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Head logits after every layer, L×B×C, and every layer's pooled hidden states, L×B×POOLINGS×H in
         float16 (build-db's exit information and its probes' features, from one pass)."""
@@ -510,10 +504,6 @@ class SegmentRuntime:
                 out[layer, rows] = self.head(task, hidden[picked, pos])
                 pooled[layer, rows] = pool(hidden, mask, pos)
         return out, pooled
-
-    def run_to_exit(self, task: str, prompts: Sequence[str], exit_layers: np.ndarray) -> np.ndarray:
-        """Logits B×C, each row read out at its own 1-based exit layer (0: not run, logits 0)."""
-        return self.run_to_exit_pooled(task, prompts, exit_layers).logits
 
     def prefix(self, prompts: Sequence[str], depth: int) -> Prefix:
         """Every row through the first `depth` layers (a layer key's; rows that go further continue from here in
@@ -647,7 +637,7 @@ class SegmentRuntime:
             mask = self.mask_of(lengths, ids.shape[1])
             hidden = self.embed(ids, mask)
             keys[rows] = (hidden * mask[..., None]).sum(axis=1) / lengths[:, None]
-        return _normalize(keys)
+        return unit_rows(keys)
 
     def embedder_key(self, name: str, texts: Sequence[str]) -> np.ndarray:
         """A sentence embedder's output; inputs over its max_length are truncated (only a key)."""
@@ -671,8 +661,4 @@ class SegmentRuntime:
         for rows, ids, lengths in self._batched(encoded):
             feed = {"input_ids": ids, "attention_mask": self.mask_of(lengths, ids.shape[1])}
             keys[rows] = session.run(None, feed)[0]
-        return _normalize(keys)
-
-
-def _normalize(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return unit_rows(keys)

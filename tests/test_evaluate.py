@@ -42,7 +42,7 @@ def test_report_matches_an_independent_all_layers_run(segment_artifacts, evaluat
     good = [i for i, row_id in enumerate(table.column("id").to_pylist()) if row_id not in BAD_IDS]
     texts = [table.column("text")[i].as_py() for i in good]
     labels = np.array([table.column("label")[i].as_py() for i in good])
-    logits = SegmentRuntime(segment_artifacts).all_layers("sst2", [PRESETS["sst2"].render(t) for t in texts])
+    logits = SegmentRuntime(segment_artifacts).all_layers_pooled("sst2", [PRESETS["sst2"].render(t) for t in texts])[0]
     expected = [float(np.mean(layer.argmax(axis=1) == labels)) for layer in logits]
 
     assert report["rows"] == 25 and report["rejected"] == len(BAD_IDS)

@@ -327,14 +327,14 @@ def test_full_equals_all_layers_and_layer1_exits_first(segment_artifacts, built)
     runtime = SegmentRuntime(segment_artifacts)
     task = PRESETS["sst2"]
     prompts = [task.render(t) for t in full.column("text").to_pylist()]
-    logits = runtime.all_layers("sst2", prompts)
+    logits = runtime.all_layers_pooled("sst2", prompts)[0]
     assert full.column("exit_layer").to_pylist() == [3] * full.num_rows
     assert full.column("prediction").to_pylist() == logits[-1].argmax(1).tolist()
     _, first, _ = classify(segment_artifacts, root, "layer1", strategy="layer:1")
     first = first.sort_by("id")
     prompts = [task.render(t) for t in first.column("text").to_pylist()]
     assert set(first.column("exit_layer").to_pylist()) == {1}
-    assert first.column("prediction").to_pylist() == runtime.all_layers("sst2", prompts)[0].argmax(1).tolist()
+    assert first.column("prediction").to_pylist() == runtime.all_layers_pooled("sst2", prompts)[0][0].argmax(1).tolist()
 
 
 def test_mismatched_tables_and_run_level_errors_fail_before_work(segment_artifacts, built, tmp_path):  # noqa: F811

@@ -42,8 +42,8 @@ def test_int8_layers_are_checked_against_fp32_and_change_fingerprint(tiny_llama_
     assert ops.count("QuantizeLinear") == 4  # one per distinct input: q/k/v share theirs, gate/up theirs
     assert not (tmp_path / "int8" / quantize.INT8_DIR).exists()
     prompts = [TASKS[0].render(t) for t in ("a good film", "bad", "it was fine and fun")]
-    got = SegmentRuntime(tmp_path / "int8").all_layers("sst2", prompts)
-    want = SegmentRuntime(tiny_llama_artifacts).all_layers("sst2", prompts)
+    got = SegmentRuntime(tmp_path / "int8").all_layers_pooled("sst2", prompts)[0]
+    want = SegmentRuntime(tiny_llama_artifacts).all_layers_pooled("sst2", prompts)[0]
     assert got.shape == want.shape and np.isfinite(got).all() and not np.array_equal(got, want)
 
 
@@ -59,8 +59,8 @@ def test_an_int8_row_answers_the_same_whatever_it_is_batched_with(tiny_llama_dir
     runtime = SegmentRuntime(export(tiny_llama_dir, tmp_path / "int8", "int8"))
     row = TASKS[0].render("a good film")
     others = [TASKS[0].render(t) for t in ("bad", "it was fine and fun, " * 6, "AAAA!!! " * 9)]
-    alone = runtime.all_layers("sst2", [row])
-    batched = runtime.all_layers("sst2", [*others, row])[:, -1:]
+    alone = runtime.all_layers_pooled("sst2", [row])[0]
+    batched = runtime.all_layers_pooled("sst2", [*others, row])[0][:, -1:]
     np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-6)
 
 

@@ -37,8 +37,8 @@ def prompts(n: int, seed: int = 0) -> list[str]:
 def test_run_to_exit_matches_all_layers_at_each_rows_exit(runtime):
     batch = prompts(SUB_BATCH + 9)  # crosses a sub-batch boundary
     exits = np.random.default_rng(1).integers(1, runtime.num_layers + 1, size=len(batch))
-    every = runtime.all_layers("sst2", batch)
-    early = runtime.run_to_exit("sst2", batch, exits)
+    every = runtime.all_layers_pooled("sst2", batch)[0]
+    early = runtime.run_to_exit_pooled("sst2", batch, exits).logits
     np.testing.assert_allclose(early, every[exits - 1, np.arange(len(batch))], rtol=1e-5, atol=1e-5)
 
 
@@ -121,32 +121,32 @@ def test_rows_that_left_riding_along_change_no_answer(segment_artifacts, io_bind
 def test_exit_zero_rows_run_no_layer_and_leave_the_others_unchanged(runtime, monkeypatch):
     batch = prompts(12, seed=3)
     exits = np.array([0, 2, 0, 1, 3, 0, 2, 2, 0, 1, 3, 0])[: len(batch)].clip(0, runtime.num_layers)
-    expected = runtime.run_to_exit("sst2", [batch[i] for i in np.flatnonzero(exits)], exits[exits > 0])
+    expected = runtime.run_to_exit_pooled("sst2", [batch[i] for i in np.flatnonzero(exits)], exits[exits > 0]).logits
     embedded = []
     real_embed = runtime.embed_batch
     monkeypatch.setattr(runtime, "embed_batch", lambda ids, mask: embedded.append(len(ids)) or real_embed(ids, mask))
-    out = runtime.run_to_exit("sst2", batch, exits)
+    out = runtime.run_to_exit_pooled("sst2", batch, exits).logits
     assert sum(embedded) == np.count_nonzero(exits)  # exit-0 rows never reach the backbone
     assert not out[exits == 0].any()
     np.testing.assert_allclose(out[exits > 0], expected, rtol=1e-5, atol=1e-5)
-    assert not runtime.run_to_exit("sst2", batch[:3], np.zeros(3, int)).any()
+    assert not runtime.run_to_exit_pooled("sst2", batch[:3], np.zeros(3, int)).logits.any()
     with pytest.raises(ValueError, match="0.."):
-        runtime.run_to_exit("sst2", batch[:1], np.array([-1]))
+        runtime.run_to_exit_pooled("sst2", batch[:1], np.array([-1]))
 
 
 def test_padded_batch_equals_rows_alone(runtime):
     batch = prompts(5, seed=2)
-    together = runtime.all_layers("sst2", batch)
-    alone = np.concatenate([runtime.all_layers("sst2", [p]) for p in batch], axis=1)
+    together = runtime.all_layers_pooled("sst2", batch)[0]
+    alone = np.concatenate([runtime.all_layers_pooled("sst2", [p])[0] for p in batch], axis=1)
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
-    assert runtime.run_to_exit("sst2", [], np.array([], int)).shape == (0, 2)
+    assert runtime.run_to_exit_pooled("sst2", [], np.array([], int)).logits.shape == (0, 2)
 
 
 def test_overlong_prompts_are_refused_not_truncated(runtime):
     with pytest.raises(PromptTooLong):
-        runtime.run_to_exit("sst2", ["good " * 200], np.array([1]))
+        runtime.run_to_exit_pooled("sst2", ["good " * 200], np.array([1]))
     with pytest.raises(ValueError):
-        runtime.run_to_exit("sst2", prompts(1), np.array([runtime.num_layers + 1]))
+        runtime.run_to_exit_pooled("sst2", prompts(1), np.array([runtime.num_layers + 1]))
 
 
 def test_backbone_key_is_mean_embedding_of_raw_text(runtime):
@@ -204,7 +204,8 @@ def test_every_session_of_a_process_shares_one_thread_pool(segment_artifacts):  
         "from raee_ops.runtime import SegmentRuntime, process_thread_pool\n"
         "before = len(os.listdir('/proc/self/task'))\n"
         "rt = SegmentRuntime(sys.argv[1], intra_op_threads=3)\n"
-        "rt.run_to_exit('sst2', ['Review: good\\nSentiment (negative or positive):'] * 4, np.full(4, rt.num_layers))\n"
+        "prompt = 'Review: good\\nSentiment (negative or positive):'\n"
+        "rt.run_to_exit_pooled('sst2', [prompt] * 4, np.full(4, rt.num_layers))\n"
         "print(len(rt.layer_sessions) + 1, len(os.listdir('/proc/self/task')) - before, process_thread_pool(5))\n"
     )
     out = subprocess.run([sys.executable, "-c", script, str(segment_artifacts)], capture_output=True, text=True)

@@ -16,11 +16,11 @@ from raee_ops.tasks import PRESETS
 def test_compaction_and_padding_on_exported_segments(tiny_llama_artifacts):
     runtime = SegmentRuntime(tiny_llama_artifacts)
     prompts = [PRESETS["sst2"].render(t) for t in sentences(9, 7)]
-    every = runtime.all_layers("sst2", prompts)
+    every = runtime.all_layers_pooled("sst2", prompts)[0]
     exits = np.random.default_rng(0).integers(1, runtime.num_layers + 1, size=len(prompts))
-    early = runtime.run_to_exit("sst2", prompts, exits)
+    early = runtime.run_to_exit_pooled("sst2", prompts, exits).logits
     np.testing.assert_allclose(early, every[exits - 1, np.arange(len(prompts))], rtol=1e-4, atol=1e-4)
-    alone = np.concatenate([runtime.all_layers("sst2", [p]) for p in prompts[:3]], axis=1)
+    alone = np.concatenate([runtime.all_layers_pooled("sst2", [p])[0] for p in prompts[:3]], axis=1)
     np.testing.assert_allclose(every[:, :3], alone, rtol=1e-4, atol=1e-4)
 
 

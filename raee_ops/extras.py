@@ -14,8 +14,11 @@ from types import ModuleType
 
 from raee_ops.errors import MissingDependency
 
-#: What goes before an extra's line: a plain `pip install torch` takes the multi-GB CUDA build.
-FIRST = {"export": "pip install torch --index-url https://download.pytorch.org/whl/cpu (the CPU build) first, then "}
+#: What goes before an extra's line: a plain `pip install torch` takes the multi-GB CUDA build. The README's line: the
+#: version the tests and the Makefile run (the extra's own pin is only the oldest that works).
+FIRST = {
+    "export": "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu (the CPU build) first, then "
+}
 
 
 def pins(extra: str) -> list[str]:

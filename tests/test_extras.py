@@ -2,8 +2,11 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 from raee_ops.extras import onnxruntime_missing
+
+REPO = Path(__file__).resolve().parents[1]
 
 WITHOUT_ORT = "import sys; sys.modules['onnxruntime'] = None; from raee_ops.cli import main; main()"
 
@@ -33,4 +36,6 @@ def test_a_package_is_found_by_its_modules_whatever_their_names():
     from raee_ops import extras
 
     extras.require("dev", "the tests")  # pytest-xdist installs `xdist`, moto[server] `moto`: all installed here
-    assert extras.install_line("export").startswith("pip install torch --index-url ")  # the CPU build first
+    first = extras.install_line("export").split(" (the CPU build) first, then ")[0]
+    # the CPU build first, as the README installs it (the line asked for another version than the README's)
+    assert first.startswith("pip install torch==") and f"\n{first}\n" in (REPO / "README.md").read_text()

@@ -21,6 +21,8 @@ PROVIDERS = ("cpu", "cuda")
 #: Beam's local runners (DirectRunner and what it runs), whose workers all run on the launching machine, as
 #: `is_local_runner` reads their names.
 LOCAL_RUNNERS = ("direct", "switchingdirect", "fnapi")
+#: Where Beam's runners live: `--runner` may name one by its module path.
+BEAM_RUNNERS = "apache_beam.runners."
 #: Most ONNX Runtime threads per worker process: far above any machine's cores per process, far below what stalls.
 MAX_THREADS = 1024
 #: Seconds the driver waits on an object store that answers none of its calls before it ends the run (exit 75).
@@ -165,8 +167,11 @@ def _threads(option: int | None) -> int | None:
 
 
 def is_local_runner(name: str | None) -> bool:
-    """Whether `--runner name` is one of Beam's local runners, read as Beam reads it (any case, `Runner` optional:
-    `directrunner` was taken for a remote one, and its workers each sized their pool to every core)."""
+    """Whether `--runner name` is one of Beam's local runners, read as Beam reads it (any case, `Runner` optional,
+    or Beam's own module path: `directrunner` and `apache_beam.runners.direct.direct_runner.DirectRunner` were taken
+    for remote ones, and their workers each sized their pool to every core)."""
+    if name is not None and name.startswith(BEAM_RUNNERS):
+        name = name.rpartition(".")[2]
     return name is None or name.lower().removesuffix("runner") in LOCAL_RUNNERS
 
 

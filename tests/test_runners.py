@@ -89,10 +89,15 @@ def test_local_worker_processes_share_the_cores(monkeypatch):
     given = ["--direct_num_workers", "2", "--raee_intra_op_threads", "3"]
     assert worker_settings([*processes, *given]).threads == 3
     assert worker_settings(["--direct_num_workers", "2", "--direct_running_mode", "multi_threading"]).threads is None
-    for spelling in ("directrunner", "Direct", "SwitchingDirectRunner", "FnApiRunner"):  # as Beam reads names
+    direct = "apache_beam.runners.direct.direct_runner.DirectRunner"
+    for spelling in ("directrunner", "Direct", "SwitchingDirectRunner", "FnApiRunner", direct):  # as Beam reads names
         assert worker_settings(["--runner", spelling, *processes, "--direct_num_workers", "2"]).threads is not None
-    remote = ["--runner", "PortableRunner", "--job_endpoint", "localhost:1"]
-    assert worker_settings([*remote, *processes, "--direct_num_workers", "2"]).threads is None
+    for remote in (
+        ["--runner", "PortableRunner", "--job_endpoint", "localhost:1"],
+        ["--runner", "apache_beam.runners.portability.portable_runner.PortableRunner", "--job_endpoint", "localhost:1"],
+        ["--runner", "BundleBasedDirectRunner"],  # runs in this process: its pool is every core
+    ):
+        assert worker_settings([*remote, *processes, "--direct_num_workers", "2"]).threads is None
 
 
 @pytest.mark.parametrize("running_mode", ["multi_processing", "multi_threading"])

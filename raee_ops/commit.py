@@ -191,6 +191,14 @@ def claimed(place: str, what: str) -> Iterator[None]:
         storage.delete([mine])
 
 
+def live_claim(place: str) -> str | None:
+    """The name of a claim on an object-store place renewed in the last STALE_S seconds by this machine's clock, or
+    None: a reader's guess whether a run is writing there (taking a claim to judge by the store's clock would write
+    to a place the reader must not touch), for what to tell it, never to exclude a writer."""
+    now = time.time()
+    return next((storage.name(c.path) for c in _claims(place) if now - c.last_updated_in_seconds < STALE_S), None)
+
+
 def check_unclaimed(place: str, what: str) -> None:
     """Before long work whose place is claimed only at its end (evaluate's report): refuse at once where a live
     run's claim on an object store would refuse it then (within a killed run's claim's lapse, say), not after the

@@ -350,7 +350,7 @@ def _load_remote(uri: str, check_presence: bool, check_seal: bool) -> Manifest:
     storage.check_scheme(uri, "--artifacts")
     path = storage.join(uri, MANIFEST_NAME)
     if not storage.exists(path):
-        raise ArtifactError(f"no {MANIFEST_NAME} in {uri}: not an exported artifacts directory")
+        raise _no_manifest(uri)
     manifest = parse_manifest(storage.read_bytes(path).decode(), path, check_seal)
     if check_presence:
         present = set(storage.children(uri))
@@ -358,6 +358,27 @@ def _load_remote(uri: str, check_presence: bool, check_seal: bool) -> Manifest:
         if missing:
             raise ArtifactError(f"artifact file missing: {storage.join(uri, missing[0])}")
     return manifest
+
+
+def _no_manifest(uri: str) -> ArtifactError | ArtifactsChanged:
+    """An object-store artifacts folder without a manifest. export-onnx publishing there removes the old one first
+    and writes the new one last, its `_PUBLISHING` mark there meanwhile: while its claim lives, a rerun will find the
+    new export (exit 75, not 2: a scheduler's retry mends it); a mark without a live claim is an export stopped
+    midway, which only a rerun of export-onnx mends."""
+    from raee_ops.commit import PUBLISHING, live_claim
+
+    if not storage.exists(storage.join(uri, PUBLISHING)):
+        return ArtifactError(f"no {MANIFEST_NAME} in {uri}: not an exported artifacts directory")
+    claim = live_claim(uri)
+    if claim is not None:
+        return ArtifactsChanged(
+            f"an export-onnx is publishing the artifacts at {uri} now (its claim {claim}; no {MANIFEST_NAME} yet): "
+            "run again once it is in place"
+        )
+    return ArtifactError(
+        f"no {MANIFEST_NAME} in {uri}: an export-onnx publishing there was stopped midway (its {PUBLISHING} mark "
+        "stays); run export-onnx again"
+    )
 
 
 #: Files this process has hashed and found as a manifest says, by (device, inode, size, mtime, sha256): the driver's

@@ -583,8 +583,10 @@ def test_an_s3_export_killed_while_publishing_excuses_only_an_exports_files(s3, 
     them and its claim: a rerun replaces that. The mark let it replace anything else there too (the user's notes),
     and a killed classify's `_PUBLISHING` (its list of names) counted as the mark."""
     from raee_ops.pipelines.export_checks import EXPORT_MARK, check_out
+    from raee_ops.schemas.manifest import load_manifest
 
     from raee_ops import storage
+    from raee_ops.errors import ArtifactError, ArtifactsChanged
 
     endpoint, client = s3
     storage.configure(s3_args(endpoint))
@@ -594,6 +596,13 @@ def test_an_s3_export_killed_while_publishing_excuses_only_an_exports_files(s3, 
     for name, body in (("_PUBLISHING", EXPORT_MARK), ("layer_007.onnx", b"new"), (f"{CLAIM}x", b"{}")):
         client.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=body)
     check_out(art)
+    # a run reading the folder meanwhile: exit 75 while the export's claim lives (it was exit 2, "not an exported
+    # artifacts directory"), then 2, saying what mends it
+    with pytest.raises(ArtifactsChanged, match=f"an export-onnx is publishing the artifacts at {art} now"):
+        load_manifest(art)
+    client.delete_object(Bucket=BUCKET, Key=f"{prefix}/{CLAIM}x")
+    with pytest.raises(ArtifactError, match="publishing there was stopped midway .*; run export-onnx again"):
+        load_manifest(art)
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/notes.txt", Body=b"mine")
     with pytest.raises(RaeeConfigError, match=f"--out {art} holds notes.txt, not part of the export there"):
         check_out(art)

@@ -1205,6 +1205,34 @@ def plot_scaling(result: Doc) -> None:
     plt.close(fig)
 
 
+def render_workers(result: Doc) -> list[str]:
+    """The local runner's worker processes sharing the cores, each sized to every core, and one process
+    (bench/workers.py)."""
+    settings = result["settings"]
+    one = settings["one process"]["median_s"]
+    rows = [
+        [
+            name,
+            ", ".join(str(s) for s in entry["wall_s"]),
+            entry["median_s"],
+            entry["rows_per_s"],
+            one / entry["median_s"],
+        ]
+        for name, entry in settings.items()
+    ]
+    shared, every = (f"{result['workers']} processes, {how}" for how in ("cores shared", "every core each"))
+    return [
+        f"classify of {result['rows']:,} {result['task']} rows on {result['preset']} (a "
+        f"{result['reference_rows']:,}-row table, the default strategy), local runner, {result['cores']} cores:",
+        "",
+        *_table(["setting", "wall s (each round)", "median s", "rows/s", "× one process"], rows),
+        "",
+        f"Sharing the cores, {result['workers']} worker processes took {settings[shared]['median_s']:.1f} s against "
+        f"{settings[every]['median_s']:.1f} s with every core each "
+        f"({settings[every]['median_s'] / settings[shared]['median_s']:.2f}× the time).",
+    ]
+
+
 def render_generic(result: Any) -> list[str]:
     """Kinds without a renderer yet: show the payload rather than drop it."""
     return ["```json", json.dumps(result, indent=2), "```"]
@@ -1225,6 +1253,7 @@ SECTIONS: list[tuple[str, str, Callable[[Any], list[str]]]] = [
     ("An int8 retrieval key for the default", "key-int8", render_key_policy),
     ("A two-layer retrieval key for the default", "key-depth", render_key_policy),
     ("Reference-size scaling", "scaling", render_scaling),
+    ("Local worker processes", "workers", render_workers),
     ("GPU", "gpu-", render_gpu),
 ]
 

@@ -25,6 +25,7 @@ BENCHES = [
     "int8",
     "int8_methods",
     "scaling",
+    "workers",
 ]
 
 

@@ -177,9 +177,8 @@ def is_local_runner(name: str | None) -> bool:
 
 def _local_process_share(options: PipelineOptions) -> int | None:
     """ONNX Runtime threads for each of the local runner's worker processes (multi_processing): this machine's cores
-    (as a worker sizes its pool by default) shared among them. Each sized to every core, 2 workers on 2 cores
-    classified SST-2's 872 validation rows in 34-38 s, with 1 thread each in 28-33 s. Elsewhere a worker's own
-    cores are its default."""
+    (as a worker sizes its pool by default) shared among them, not every core each, which oversubscribes them
+    (bench/workers.py times both, and one process). Elsewhere a worker's own cores are its default."""
     direct = options.view_as(DirectOptions)
     if not is_local_runner(options.view_as(StandardOptions).runner) or direct.direct_running_mode != "multi_processing":
         return None

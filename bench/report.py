@@ -1227,9 +1227,9 @@ def render_workers(result: Doc) -> list[str]:
         "",
         *_table(["setting", "wall s (each round)", "median s", "rows/s", "× one process"], rows),
         "",
-        f"Sharing the cores, {result['workers']} worker processes took {settings[shared]['median_s']:.1f} s against "
-        f"{settings[every]['median_s']:.1f} s with every core each "
-        f"({settings[every]['median_s'] / settings[shared]['median_s']:.2f}× the time).",
+        f"With {result['workers']} worker processes, every core each took "
+        f"{settings[every]['median_s'] / settings[shared]['median_s']:.2f}× the time of sharing the cores (the "
+        f"default); one process took {one / settings[shared]['median_s']:.2f}× the time of the shared setting.",
     ]
 
 

@@ -183,7 +183,7 @@ def claimed_append_base(
         return AppendBase(opened.version, None)
     if probes is None:
         raise RaeeConfigError("append refused: the table was built before probe heads; rebuild it (--mode overwrite)")
-    checked_features(db_uri, table, opened.schema, storage_options)  # what the refit reads after the work, read now
+    checked_features(db_uri, table, opened.schema, present, storage_options)  # what the refit reads, read now
     clash = ids.filter(pc.is_in(ids, value_set=present))
     if len(clash):
         earlier = _committed_earlier(db_uri, table, job, ids, present, storage_options)
@@ -447,7 +447,8 @@ def previous_rows(
     """What append builds on: the table's rows at `version` and its probes' feature rows (None for tables built
     without)."""
     rows = open_table(db_uri, name, version, storage_options).to_arrow()
-    features = checked_features(db_uri, name, rows.schema, storage_options) if table_probes(rows.schema) else None
+    probed = table_probes(rows.schema) is not None
+    features = checked_features(db_uri, name, rows.schema, rows[ID], storage_options) if probed else None
     return rows, None if features is None else features.to_arrow()
 
 

@@ -29,7 +29,6 @@ from raee_ops.onnx_export.tokenizer_file import save_tokenizer
 from raee_ops.onnx_export.verbalizer import label_token_ids
 from raee_ops.onnx_export.verify import verify_export
 from raee_ops.pipelines.export_checks import (
-    EXPORT_MARK,
     check_before_loading,
     check_replaceable,
     is_export_file,
@@ -49,6 +48,7 @@ from raee_ops.schemas.manifest import (
 
 from raee_ops import storage
 from raee_ops.commit import (
+    EXPORT_MARK,
     PUBLISHING,
     check_held,
     hold,

@@ -14,14 +14,12 @@ from raee_ops.pipelines.options import check_job_service
 from raee_ops.schemas.manifest import MANIFEST_NAME, check_outside_artifacts, load_manifest
 
 from raee_ops import storage
-from raee_ops.commit import CLAIM, PUBLISHING, some
+from raee_ops.commit import CLAIM, PUBLISHING, export_publishing, some
 from raee_ops.errors import ArtifactError, RaeeConfigError
 from raee_ops.key_names import embedder_depth
 
 #: A LanceDB table: a folder of this pattern in its database.
 TABLE_FOLDERS = "*.lance"
-#: What `_publish_remote` writes to `_PUBLISHING` in an object-store --out while it copies an export's files in.
-EXPORT_MARK = b"export-onnx is publishing here\n"
 #: The names of the files an export writes beside its manifest (pipelines/export.py, onnx_export/embedder.py): an
 #: export killed while publishing them on an object store leaves them without the manifest that lists them.
 EXPORT_FILES = (
@@ -119,7 +117,7 @@ def _export_publishing(folder: str, held: Sequence[str]) -> bool:
     the old export's files with or without its manifest, some of the new one's, perhaps the new manifest. Not
     classify's `_PUBLISHING` (a list of its names), nor a local one: a local export is renamed into place whole and
     never leaves one, so there it is a file like any other."""
-    return PUBLISHING in held and storage.read_bytes(storage.join(folder, PUBLISHING)) == EXPORT_MARK
+    return PUBLISHING in held and export_publishing(folder)
 
 
 def _listed(folder: str, out_dir: str) -> set[str]:

@@ -53,6 +53,8 @@ SUCCESS = "_SUCCESS"
 #: folder it lists the names being moved; in an object-store export's --out (export._publish_remote) it marks an
 #: export's folder, even without a manifest.
 PUBLISHING = "_PUBLISHING"
+#: What export-onnx writes to `_PUBLISHING` in an object-store --out while it copies an export's files in.
+EXPORT_MARK = b"export-onnx is publishing here\n"
 CLAIM = "_CLAIM-"
 #: How the file names Beam's writers give their shards end (`predictions-00000-of-00001.parquet`), as a regex.
 SHARD_ENDING = r"-\d+-of-\d+\.parquet"
@@ -189,6 +191,13 @@ def claimed(place: str, what: str) -> Iterator[None]:
         del _held[place]
         beat.end()
         storage.delete([mine])
+
+
+def export_publishing(folder: str) -> bool:
+    """Whether an object-store folder holds export-onnx's mark of a publish, under way or stopped midway (not
+    classify's `_PUBLISHING`, a list of its names)."""
+    mark = storage.join(folder, PUBLISHING)
+    return storage.exists(mark) and storage.read_bytes(mark) == EXPORT_MARK
 
 
 def live_claim(place: str) -> str | None:

@@ -22,10 +22,16 @@ from raee_ops.retrieval import (
     table_probes,
     versions_of,
 )
-from raee_ops.schemas.tables import FEATURES_SUFFIX, TableMeta
+from raee_ops.schemas.tables import FEATURES_SUFFIX, ID, TableMeta
 
 #: Versions shown by the text rendering (newest last); --json lists them all.
 SHOWN_VERSIONS = 10
+#: What `table_info` says of a table: a table that cannot be opened has every one (null but its name and why), so a
+#: reader of --json finds the same keys in every entry.
+INFO_KEYS = (
+    "table", "exit_table", "task", "label_names", "embedder", "fingerprint", "num_layers", "rows", "version",
+    "indices", "policy", "probes", "probe_policy", "versions", "unreadable", "features_unreadable",
+)  # fmt: skip
 
 
 def version_history(table: lancedb.table.Table) -> list[dict[str, Any]]:
@@ -46,6 +52,7 @@ def table_info(table: lancedb.table.Table, db_uri: str, storage_options: dict[st
     meta = TableMeta.decode(table.schema)
     policy = table_policy(table.schema)
     probes, probe_policy = table_probes(table.schema), table_probe_policy(table.schema)
+    why = unreadable(table)
     return {
         "table": table.name,
         "exit_table": meta is not None,
@@ -85,8 +92,8 @@ def table_info(table: lancedb.table.Table, db_uri: str, storage_options: dict[st
         if probe_policy
         else None,
         "versions": version_history(table),
-        "unreadable": unreadable(table),
-        "features_unreadable": None if probes is None else features_unreadable(table, db_uri, storage_options),
+        "unreadable": why,
+        "features_unreadable": None if probes is None or why else features_unreadable(table, db_uri, storage_options),
     }
 
 
@@ -103,9 +110,11 @@ def unreadable(table: lancedb.table.Table) -> str | None:
 
 def features_unreadable(table: lancedb.table.Table, db_uri: str, storage_options: dict[str, str] | None) -> str | None:
     """Why an append of the table would be refused for its probes' feature rows (the companion missing, its version
-    gone, its files damaged), or None: classify reads none of them, but a scheduled append would fail."""
+    gone, its files damaged, rows missing), or None: classify reads none of them, but a scheduled append would fail.
+    (The table's own rows read: `unreadable`.)"""
+    ids = read_column(table, ID, f"table {table.name!r}")
     try:
-        checked_features(db_uri, table.name, table.schema, storage_options)
+        checked_features(db_uri, table.name, table.schema, ids, storage_options)
     except RaeeConfigError as exc:
         return str(exc)
     return None
@@ -141,7 +150,7 @@ def _shown(
             raise found
         return table_info(found, db_uri, storage_options)
     except RaeeConfigError as why:
-        return {"table": name, "version": None, "unreadable": str(why), "features_unreadable": None}
+        return dict.fromkeys(INFO_KEYS) | {"table": name, "unreadable": str(why)}
 
 
 def listed(

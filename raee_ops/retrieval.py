@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from lancedb.index import IvfFlat
 
 from raee_ops import s3_clients, storage
@@ -27,11 +28,12 @@ from raee_ops.exit_policy import Context, Neighbours
 from raee_ops.key_names import BACKBONE, key_available
 from raee_ops.layer_key import LayerKey, unit_rows
 from raee_ops.probe_policy import ProbePolicy, budgeted
-from raee_ops.probes import ProbeSet, check_probes
+from raee_ops.probes import ProbeSet, check_probes, fit_share, in_fit_sample
 from raee_ops.progress import phase
 from raee_ops.runtime import STORED_GRAPHS, open_session, ort
 from raee_ops.schemas.manifest import Manifest
 from raee_ops.schemas.tables import (
+    FEATURES,
     FEATURES_SUFFIX,
     FEATURES_VERSION_META_KEY,
     ID,
@@ -334,29 +336,59 @@ def version_schemas(
 
 
 def checked_features(
-    db_uri: str, name: str, schema: pa.Schema, storage_options: dict[str, str] | None = None
+    db_uri: str, name: str, schema: pa.Schema, ids: pa.Array | pa.ChunkedArray, storage_options: dict[str, str] | None
 ) -> lancedb.table.Table:
-    """The probes' feature rows an append of the table version of `schema` refits on (the companion at the version
-    written with it; the latest for tables built before build-db recorded it), every data file opened: refused with
-    one line where they are missing, gone or damaged (build-db's append checks before its work, info shows it)."""
+    """The probes' feature rows an append of the table version of `schema`, whose rows are `ids`, refits on: the
+    companion at the version written with it (the latest for tables built before build-db recorded it). Refused with
+    one line unless it opens, its `id` column reads, it has a features column and it holds every fit row's (an
+    append checks this before its work, and info shows it: either way the append would fail after it)."""
     companion = name + FEATURES_SUFFIX
-    pinned = (schema.metadata or {}).get(FEATURES_VERSION_META_KEY)
+    where = f"table {companion!r} in {db_uri}, the old rows' features the probes are refitted on,"
+    mend = f"rebuild table {name!r} (build-db --mode overwrite)"
     db = connect(db_uri, storage_options)
     if companion not in table_names(db):
-        raise RaeeConfigError(
-            f"append refused: table {companion!r}, the old rows' features the probes are refitted on, is missing "
-            f"from {db_uri}; rebuild the table (--mode overwrite)"
-        )
-    features = open_listed(db, db_uri, companion)
-    if pinned is not None:
-        if int(pinned) not in [v["version"] for v in versions_of(features)]:
-            raise RaeeConfigError(
-                f"append refused: table {name!r} was built with version {int(pinned)} of {companion!r}, "
-                "which is gone; rebuild the table"
-            )
-        with _reading_versions(features):
-            features.checkout(int(pinned))
-    read_column(features, ID, f"table {companion!r} in {db_uri}")
+        raise RaeeConfigError(f"append refused: {where} is missing; {mend}")
+    folder = table_folder(db_uri, companion)
+    try:
+        features = open_listed(db, db_uri, companion)
+        held = read_column(_pinned(features, schema, where, mend), ID, where)
+    except RaeeConfigError as exc:
+        if isinstance(exc, PinnedGone):
+            raise
+        if isinstance(exc, Unfinished):
+            why = "has no committed version (a build-db writing it was stopped)"
+        else:
+            why = f"cannot be read (damaged or incomplete files?): {_problem(exc.__cause__ or exc)}"
+        raise RaeeConfigError(f"append refused: {where} {why}; move its folder {folder} away and {mend}") from exc
+    if FEATURES not in features.schema.names:
+        raise RaeeConfigError(f"append refused: {where} has no {FEATURES!r} column; {mend}")
+    ids = pa.chunked_array([ids]) if isinstance(ids, pa.Array) else ids
+    fit = ids.filter(pa.array(in_fit_sample(ids.to_pylist(), fit_share(len(ids)))))
+    lacking = len(fit) - pc.sum(pc.is_in(fit, value_set=held.combine_chunks())).as_py() if len(fit) else 0
+    if lacking:
+        raise RaeeConfigError(f"append refused: {where} lacks {lacking} of the table's probe fit rows; {mend}")
+    return features
+
+
+class PinnedGone(RaeeConfigError):
+    """The companion version a table version was written with is no longer in its history."""
+
+
+def _pinned(features: lancedb.table.Table, schema: pa.Schema, where: str, mend: str) -> lancedb.table.Table:
+    """The companion at the version the table's `schema` pins, its manifest alone read (a damaged older version
+    must not stop an append that never reads it)."""
+    pinned = (schema.metadata or {}).get(FEATURES_VERSION_META_KEY)
+    if pinned is None:
+        return features
+    try:
+        features.checkout(int(pinned))
+    except (ValueError, OSError, RuntimeError) as exc:
+        if _removed(features, int(pinned)):
+            raise PinnedGone(
+                f"append refused: {where} no longer holds version {int(pinned)}, which the table "
+                f"was written with; {mend}"
+            ) from exc
+        raise _unreadable(where, exc) from exc
     return features
 
 

@@ -21,8 +21,12 @@ PROVIDERS = ("cpu", "cuda")
 #: Beam's local runners (DirectRunner and what it runs), whose workers all run on the launching machine, as
 #: `is_local_runner` reads their names.
 LOCAL_RUNNERS = ("direct", "switchingdirect", "fnapi")
-#: Where Beam's runners live: `--runner` may name one by its module path.
-BEAM_RUNNERS = "apache_beam.runners."
+#: The same by module path, as `--runner` may also name them (exactly: Beam imports the path).
+LOCAL_RUNNER_PATHS = (
+    "apache_beam.runners.direct.direct_runner.DirectRunner",
+    "apache_beam.runners.direct.direct_runner.SwitchingDirectRunner",
+    "apache_beam.runners.portability.fn_api_runner.FnApiRunner",
+)
 #: Most ONNX Runtime threads per worker process: far above any machine's cores per process, far below what stalls.
 MAX_THREADS = 1024
 #: Seconds the driver waits on an object store that answers none of its calls before it ends the run (exit 75).
@@ -170,9 +174,7 @@ def is_local_runner(name: str | None) -> bool:
     """Whether `--runner name` is one of Beam's local runners, read as Beam reads it (any case, `Runner` optional,
     or Beam's own module path: `directrunner` and `apache_beam.runners.direct.direct_runner.DirectRunner` were taken
     for remote ones, and their workers each sized their pool to every core)."""
-    if name is not None and name.startswith(BEAM_RUNNERS):
-        name = name.rpartition(".")[2]
-    return name is None or name.lower().removesuffix("runner") in LOCAL_RUNNERS
+    return name is None or name in LOCAL_RUNNER_PATHS or name.lower().removesuffix("runner") in LOCAL_RUNNERS
 
 
 def _local_process_share(options: PipelineOptions) -> int | None:

@@ -365,9 +365,9 @@ def _no_manifest(uri: str) -> ArtifactError | ArtifactsChanged:
     and writes the new one last, its `_PUBLISHING` mark there meanwhile: while its claim lives, a rerun will find the
     new export (exit 75, not 2: a scheduler's retry mends it); a mark without a live claim is an export stopped
     midway, which only a rerun of export-onnx mends."""
-    from raee_ops.commit import PUBLISHING, live_claim
+    from raee_ops.commit import PUBLISHING, export_publishing, live_claim
 
-    if not storage.exists(storage.join(uri, PUBLISHING)):
+    if not export_publishing(uri):
         return ArtifactError(f"no {MANIFEST_NAME} in {uri}: not an exported artifacts directory")
     claim = live_claim(uri)
     if claim is not None:

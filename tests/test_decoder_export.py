@@ -23,12 +23,12 @@ from raee_ops.onnx_export.adapters.gemma3 import Gemma3Adapter
 from raee_ops.onnx_export.loader import load_model
 from raee_ops.onnx_export.model_source import fingerprint, gguf_data_end, resolve
 from raee_ops.pipelines.export import run_export
-from raee_ops.pipelines.export_checks import EXPORT_MARK
 from raee_ops.schemas.manifest import MANIFEST_NAME, load_manifest, sealed
 from segment_artifacts import make_artifacts
 from tiny_models import build_tiny_gemma3
 
 from raee_ops import storage
+from raee_ops.commit import EXPORT_MARK
 from raee_ops.errors import ArtifactError, ArtifactsChanged, RaeeConfigError, RaeeRunError
 from raee_ops.tasks import PRESETS, Task
 

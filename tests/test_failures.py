@@ -938,7 +938,12 @@ def test_append_to_a_table_with_damaged_data_files_is_refused_before_the_work(se
     more = labelled(tmp_path / "more.parquet", 4, 7, "more", bad=False)
     run = raee_ops(*build_args(segment_artifacts, damaged, more, extra=["--mode", "append"]))
     line = one_error_line(run)
-    assert run.returncode == 2 and line.startswith(f"error: table {table!r} in {damaged} cannot be read (damaged"), line
+    said = f"table {table!r} in {damaged} cannot be read (damaged"
+    if table != "sst2":  # the companion: what it holds and what mends it (build-db refuses it by its own name)
+        said = f"append refused: table {table!r} in {damaged}, the old rows' features the probes are refitted on, "
+        said += "cannot be read (damaged"
+        assert line.endswith("away and rebuild table 'sst2' (build-db --mode overwrite)"), line
+    assert run.returncode == 2 and line.startswith(f"error: {said}"), line
     assert "inference" not in run.stderr and table_state(damaged) == before
 
 
@@ -951,7 +956,10 @@ def test_append_to_a_table_whose_companion_is_gone_is_refused_before_the_work(se
     more = labelled(tmp_path / "more.parquet", 4, 7, "more", bad=False)
     run = raee_ops(*build_args(segment_artifacts, copy, more, extra=["--mode", "append"]))
     line = one_error_line(run)
-    assert run.returncode == 2 and f"append refused: table 'sst2{FEATURES_SUFFIX}', the old rows' features" in line
+    assert (
+        run.returncode == 2
+        and f"append refused: table 'sst2{FEATURES_SUFFIX}' in {copy}, the old rows' features" in line
+    )
     assert "inference" not in run.stderr and table_state(copy) == before
     assert not list(copy.glob("_errors/**/*.parquet")), list(copy.glob("_errors/**/*"))
 

@@ -120,6 +120,7 @@ def test_info_of_another_programs_table_says_so_and_counts_its_row(tmp_path):
 
 def test_a_table_with_damaged_files_is_one_line_not_an_internal_error(tmp_path):
     db = tmp_path / "db"
+    lancedb.connect(str(tmp_path / "sound-db")).create_table("t", pa.table({"x": [1]}))
     lancedb.connect(str(db)).create_table("t", pa.table({"x": [1, 2]}))
     for manifest in (db / "t.lance" / "_versions").iterdir():
         manifest.write_bytes(b"junk\n")  # a manifest cut short by a full disk, say
@@ -127,6 +128,7 @@ def test_a_table_with_damaged_files_is_one_line_not_an_internal_error(tmp_path):
     assert damaged.returncode == 2 and damaged.stderr == f"error: table(s) t in {db} cannot be read: see above\n"
     line = f"table 't' in {db} cannot be read (damaged or incomplete files?): "
     (shown,) = json.loads(damaged.stdout)["tables"]  # it printed no JSON, only the error line
+    assert set(shown) == set(describe(str(tmp_path / "sound-db"))["tables"][0]) and shown["rows"] is None  # its keys
     assert shown["table"] == "t" and shown["unreadable"].startswith(line) and ".rs:" not in shown["unreadable"]
     # no version opens: rollback and build-db fail alike, so the line does not send the operator to them (sweep T)
     assert f"restore its files, or move its folder {db / 't.lance'} away and rebuild it" in shown["unreadable"]
@@ -185,7 +187,11 @@ def test_a_table_whose_feature_rows_are_damaged_or_gone_says_append_is_refused_a
     assert "UNREADABLE" not in run.stdout
     (line,) = [line for line in run.stdout.splitlines() if line.startswith("  NO APPEND")]
     assert (
-        line.startswith("  NO APPEND (classify is unaffected): table 'sst2__features' in ") and "cannot be read" in line
+        line.startswith("  NO APPEND (classify is unaffected): append refused: table 'sst2__features' in ")
+        and "cannot be read" in line
+    )  # what mends it: the companion's own name in build-db is refused
+    assert line.endswith(
+        f"move its folder {db}/sst2__features.lance away and rebuild table 'sst2' (build-db --mode overwrite)"
     )
     more = labelled(tmp_path / "more.parquet", 4, 7, "more", bad=False)
     with pytest.raises(RaeeConfigError, match="table 'sst2__features' in .* cannot be read"):  # what info foretold
@@ -196,6 +202,31 @@ def test_a_table_whose_feature_rows_are_damaged_or_gone_says_append_is_refused_a
         shown["unreadable"] is None
         and "the old rows' features the probes are refitted on, is missing" in (shown["features_unreadable"])
     )
+
+
+def test_feature_rows_an_append_cannot_refit_on_are_refused_and_old_damage_is_not(segment_artifacts, tmp_path):  # noqa: F811
+    """The companion checked as the refit reads it: one without its features column, or lacking some fit rows, was
+    passed by info (exit 0) and failed the append after its work (exit 1, KeyError; exit 2). A damaged manifest of
+    an older companion version, which an append never reads, refused it, and info showed NO APPEND (recheck 64)."""
+    db = build_twice(segment_artifacts, tmp_path)
+    table = lancedb.connect(db).open_table("sst2")
+    ids = table.to_arrow()["id"]
+    oldest = min(
+        (tmp_path / "db" / "sst2__features.lance" / "_versions").glob("*.manifest"), key=lambda f: f.stat().st_mtime_ns
+    )
+    oldest.write_bytes(b"junk\n")  # version 1; the table's version 2 pins version 2
+    assert describe(db)["tables"][0]["features_unreadable"] is None
+    features = retrieval.checked_features(db, "sst2", table.schema, ids, None).to_arrow()
+    more = labelled(tmp_path / "more.parquet", 4, 7, "more", bad=False)
+    run_build_db(segment_artifacts, "sst2", [str(more)], db, "sst2", "backbone", "append", None)
+    unpinned = table.schema.remove_metadata()  # the companion's latest is read: rewritten below
+    for broken, said in (
+        (features.select(["id"]), "has no 'features' column"),
+        (features.slice(3), "lacks 3 of the table's probe fit rows"),
+    ):
+        lancedb.connect(db).create_table("sst2__features", broken, mode="overwrite")
+        with pytest.raises(RaeeConfigError, match=f"append refused: table 'sst2__features' in .*{said}; rebuild"):
+            retrieval.checked_features(db, "sst2", unpinned, ids, None)
 
 
 def test_a_table_without_a_committed_version_names_the_build_db_that_removes_it(tmp_path):

@@ -582,10 +582,11 @@ def test_an_s3_export_killed_while_publishing_excuses_only_an_exports_files(s3, 
     """An export killed while publishing on S3 leaves its mark, the old export without its manifest, new files among
     them and its claim: a rerun replaces that. The mark let it replace anything else there too (the user's notes),
     and a killed classify's `_PUBLISHING` (its list of names) counted as the mark."""
-    from raee_ops.pipelines.export_checks import EXPORT_MARK, check_out
+    from raee_ops.pipelines.export_checks import check_out
     from raee_ops.schemas.manifest import load_manifest
 
     from raee_ops import storage
+    from raee_ops.commit import EXPORT_MARK
     from raee_ops.errors import ArtifactError, ArtifactsChanged
 
     endpoint, client = s3
@@ -610,6 +611,10 @@ def test_an_s3_export_killed_while_publishing_excuses_only_an_exports_files(s3, 
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/_PUBLISHING", Body=b'["predictions-00000-of-00001.parquet"]')
     with pytest.raises(RaeeConfigError, match=f"--out {art} holds files that are not an export"):
         check_out(art)
+    # --artifacts naming a classify output folder while it publishes: configuration, not an export to wait for
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/{CLAIM}y", Body=b"{}")
+    with pytest.raises(ArtifactError, match=f"no manifest.json in {art}: not an exported artifacts directory"):
+        load_manifest(art)
 
 
 def test_an_s3_export_keeps_files_written_into_out_while_it_ran(s3, segment_artifacts, tmp_path, monkeypatch):  # noqa: F811

@@ -96,6 +96,7 @@ def test_local_worker_processes_share_the_cores(monkeypatch):
         ["--runner", "PortableRunner", "--job_endpoint", "localhost:1"],
         ["--runner", "apache_beam.runners.portability.portable_runner.PortableRunner", "--job_endpoint", "localhost:1"],
         ["--runner", "BundleBasedDirectRunner"],  # runs in this process: its pool is every core
+        ["--runner", "apache_beam.runners.nosuch.DirectRunner"],  # not a path Beam imports
     ):
         assert worker_settings([*remote, *processes, "--direct_num_workers", "2"]).threads is None
 

@@ -24,7 +24,6 @@ from raee_ops import logs
 
 logs.configure(0)  # before Beam's import (below, through raee_ops): third-party noise hidden, as the CLI hides it
 
-from raee_ops.batches import key_inputs  # noqa: E402
 from raee_ops.runtime import SegmentRuntime  # noqa: E402
 from raee_ops.tasks import Task  # noqa: E402
 
@@ -188,7 +187,7 @@ def seeded_sample(table: pa.Table, n: int, rng: np.random.Generator) -> pa.Table
 
 def task_inputs(task: Task, rows: pa.Table, suffix: str) -> tuple[list[str], list[str | None] | None, list[str]]:
     """The rows' raw texts and pairs (what a retrieval key embeds) and their prompts (what the layers run)."""
-    texts, pairs = key_inputs(task, rows)
+    texts, pairs = task.key_inputs(rows)
     prompts = [task.render(t, p, suffix=suffix) for t, p in zip(texts, pairs or [None] * len(texts), strict=True)]
     return texts, pairs, prompts
 

@@ -205,17 +205,10 @@ class BatchWork:
         return [self.task.render(t, p, runtime.suffix, form) for t, p in zip(texts, pairs, strict=True)]
 
     def keys(self, runtime: SegmentRuntime, table: pa.Table) -> np.ndarray:
-        return runtime.key(self.embedder, *key_inputs(self.task, table))
+        return runtime.key(self.embedder, *self.task.key_inputs(table))
 
     def empty(self, model: Loaded) -> pa.Table:
         raise NotImplementedError
-
-
-def key_inputs(task: Task, table: pa.Table) -> tuple[list[str], list[str] | None]:
-    """The texts and pairs a retrieval key embeds: the raw input, stripped, never the prompt (the benches read
-    their keys through this too, so they embed what build-db and classify embed)."""
-    texts = [t.strip() for t in table.column(TEXT).to_pylist()]
-    return texts, [p.strip() for p in table.column(TEXT_PAIR).to_pylist()] if task.is_pair else None
 
 
 class LayerRows(BatchWork):

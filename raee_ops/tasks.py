@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
+
 from raee_ops.errors import RaeeConfigError
 from raee_ops.metrics import BINARY_METRICS, METRICS
-from raee_ops.schemas.tables import table_name_problem
+from raee_ops.schemas.tables import TEXT, TEXT_PAIR, table_name_problem
 
 if TYPE_CHECKING:  # the manifest's module reads storage, which loads Beam's filesystems: not for every task lookup
     from raee_ops.schemas.manifest import Manifest
@@ -103,6 +105,12 @@ class Task:
         if form == "bare":
             return "\n".join(values[name] for name in ("text", "text_pair") if name in values) + suffix
         return self.template.format(**values) + suffix
+
+    def key_inputs(self, table: pa.Table) -> tuple[list[str], list[str] | None]:
+        """The texts and pairs of `table`'s rows that a retrieval key embeds: the raw input, stripped, never the
+        prompt (the benches read their keys through this too, so they embed what build-db and classify embed)."""
+        texts = [t.strip() for t in table.column(TEXT).to_pylist()]
+        return texts, [p.strip() for p in table.column(TEXT_PAIR).to_pylist()] if self.is_pair else None
 
 
 def _task(name: str, template: str, labels: list[str], words: list[str], metric: str | None = None) -> Task:

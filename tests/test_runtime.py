@@ -323,3 +323,14 @@ def test_the_device_graphs_pool_and_compact_as_numpy_does():
     keep = np.array([True, False, True, True, False, False])
     np.testing.assert_array_equal(chain.compact(states, keep, 6).numpy(), hidden[keep, :6])
     np.testing.assert_array_equal(chain.compact(states, ~keep, 9).numpy(), hidden[~keep])
+
+
+def test_the_gpu_bench_loads_where_beam_lancedb_and_torch_are_not():
+    """bench/gpu.py measures on a GPU machine without a package index: no Beam, LanceDB, torch or scikit-learn, its
+    runtime loaded through a stand-in for the few Beam names raee_ops.storage imports. The stand-in lacked one
+    (FileSystem), so the measurement failed at its first line."""
+    absent = "import sys\nfor name in ('apache_beam', 'lancedb', 'torch', 'transformers', 'sklearn'):\n"
+    absent += "    sys.modules[name] = None\nimport gpu\nfrom raee_ops.runtime import SegmentRuntime\n"
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    run = subprocess.run([sys.executable, "-c", absent], cwd=bench, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr

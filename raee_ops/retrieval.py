@@ -348,17 +348,20 @@ def checked_features(
     db = connect(db_uri, storage_options)
     if companion not in table_names(db):
         raise RaeeConfigError(f"append refused: {where} is missing; {mend}")
-    folder = table_folder(db_uri, companion)
     try:
         features = open_listed(db, db_uri, companion)
-        held = read_column(_pinned(features, schema, where, mend), ID, where)
+        pinned = (schema.metadata or {}).get(FEATURES_VERSION_META_KEY)
+        if pinned is not None:
+            _checkout_pinned(features, int(pinned), where, mend)
+        held = read_column(features, ID, where)
+    except _Gone:
+        raise
     except RaeeConfigError as exc:
-        if isinstance(exc, PinnedGone):
-            raise
         if isinstance(exc, Unfinished):
             why = "has no committed version (a build-db writing it was stopped)"
         else:
             why = f"cannot be read (damaged or incomplete files?): {_problem(exc.__cause__ or exc)}"
+        folder = table_folder(db_uri, companion)
         raise RaeeConfigError(f"append refused: {where} {why}; move its folder {folder} away and {mend}") from exc
     if FEATURES not in features.schema.names:
         raise RaeeConfigError(f"append refused: {where} has no {FEATURES!r} column; {mend}")
@@ -370,26 +373,21 @@ def checked_features(
     return features
 
 
-class PinnedGone(RaeeConfigError):
-    """The companion version a table version was written with is no longer in its history."""
+class _Gone(RaeeConfigError):
+    """The companion no longer holds the version its table was written with: not damage."""
 
 
-def _pinned(features: lancedb.table.Table, schema: pa.Schema, where: str, mend: str) -> lancedb.table.Table:
-    """The companion at the version the table's `schema` pins, its manifest alone read (a damaged older version
+def _checkout_pinned(features: lancedb.table.Table, version: int, where: str, mend: str) -> None:
+    """The companion at the version its table pins, that version's manifest alone read (a damaged older version
     must not stop an append that never reads it)."""
-    pinned = (schema.metadata or {}).get(FEATURES_VERSION_META_KEY)
-    if pinned is None:
-        return features
     try:
-        features.checkout(int(pinned))
+        features.checkout(version)
     except (ValueError, OSError, RuntimeError) as exc:
-        if _removed(features, int(pinned)):
-            raise PinnedGone(
-                f"append refused: {where} no longer holds version {int(pinned)}, which the table "
-                f"was written with; {mend}"
+        if _removed(features, version):
+            raise _Gone(
+                f"append refused: {where} no longer holds version {version}, which the table was written with; {mend}"
             ) from exc
         raise _unreadable(where, exc) from exc
-    return features
 
 
 def table_meta(db_uri: str, name: str, storage_options: dict[str, str] | None = None) -> TableMeta:

@@ -227,6 +227,11 @@ def test_feature_rows_an_append_cannot_refit_on_are_refused_and_old_damage_is_no
         lancedb.connect(db).create_table("sst2__features", broken, mode="overwrite")
         with pytest.raises(RaeeConfigError, match=f"append refused: table 'sst2__features' in .*{said}; rebuild"):
             retrieval.checked_features(db, "sst2", unpinned, ids, None)
+    for version in (1, 2):  # removed as a prune removes them (version 1 was the damaged one)
+        (tmp_path / "db" / "sst2__features.lance" / "_versions" / f"{2**64 - 1 - version}.manifest").unlink()
+    gone = "no longer holds version 2, which the table was written with; rebuild table 'sst2'"
+    with pytest.raises(RaeeConfigError, match=gone):  # version 2's files removed: no damage, gone
+        retrieval.checked_features(db, "sst2", table.schema, ids, None)
 
 
 def test_a_table_without_a_committed_version_names_the_build_db_that_removes_it(tmp_path):

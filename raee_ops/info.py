@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lancedb
+import pyarrow as pa
 
 from raee_ops import storage
 from raee_ops.errors import RaeeConfigError
@@ -14,6 +15,7 @@ from raee_ops.retrieval import (
     Unfinished,
     checked_features,
     connect,
+    no_table,
     open_listed,
     read_column,
     table_names,
@@ -52,7 +54,7 @@ def table_info(table: lancedb.table.Table, db_uri: str, storage_options: dict[st
     meta = TableMeta.decode(table.schema)
     policy = table_policy(table.schema)
     probes, probe_policy = table_probes(table.schema), table_probe_policy(table.schema)
-    why = unreadable(table)
+    ids, why = read_whole(table)
     return {
         "table": table.name,
         "exit_table": meta is not None,
@@ -93,26 +95,30 @@ def table_info(table: lancedb.table.Table, db_uri: str, storage_options: dict[st
         else None,
         "versions": version_history(table),
         "unreadable": why,
-        "features_unreadable": None if probes is None or why else features_unreadable(table, db_uri, storage_options),
+        "features_unreadable": None
+        if probes is None or ids is None
+        else features_unreadable(table, ids, db_uri, storage_options),
     }
 
 
-def unreadable(table: lancedb.table.Table) -> str | None:
-    """Why the current version's rows cannot be read, or None. Its manifest can be whole while data files it names
-    are gone or cut short (a lost upload, a bucket lifecycle rule); classify would refuse the table, so info, where
-    an operator looks first, must not show it as sound. One column of every row: every data file is opened."""
+def read_whole(table: lancedb.table.Table) -> tuple[pa.ChunkedArray | None, str | None]:
+    """(One column of every row of the current version, the ids where it has them; or why it cannot be read). Its
+    manifest can be whole while data files it names are gone or cut short (a lost upload, a bucket lifecycle rule);
+    classify would refuse the table, so info, where an operator looks first, must not show it as sound. Reading one
+    column of every row opens every data file."""
+    column = ID if ID in table.schema.names else table.schema.names[0]
     try:
-        read_column(table, table.schema.names[0], f"table {table.name!r}")
+        return read_column(table, column, f"table {table.name!r}"), None
     except RaeeConfigError as exc:
-        return str(exc)
-    return None
+        return None, str(exc)
 
 
-def features_unreadable(table: lancedb.table.Table, db_uri: str, storage_options: dict[str, str] | None) -> str | None:
-    """Why an append of the table would be refused for its probes' feature rows (the companion missing, its version
-    gone, its files damaged, rows missing), or None: classify reads none of them, but a scheduled append would fail.
-    (The table's own rows read: `unreadable`.)"""
-    ids = read_column(table, ID, f"table {table.name!r}")
+def features_unreadable(
+    table: lancedb.table.Table, ids: pa.ChunkedArray, db_uri: str, storage_options: dict[str, str] | None
+) -> str | None:
+    """Why an append of the table (its rows' `ids`) would be refused for its probes' feature rows (the companion
+    missing, its version gone, its files damaged, rows missing), or None: classify reads none of them, but a
+    scheduled append would fail."""
     try:
         checked_features(db_uri, table.name, table.schema, ids, storage_options)
     except RaeeConfigError as exc:
@@ -133,7 +139,7 @@ def describe(db_uri: str, table: str | None = None, storage_options: dict[str, s
     names = table_names(db)
     if table is not None:
         if table not in names:
-            raise RaeeConfigError(f"no table {table!r} in {db_uri} (run build-db first)")
+            raise no_table(table, db_uri)
         found = [(table, _open_or_why(db, db_uri, table))]
     else:
         found = listed(db, db_uri, sorted(name for name in names if not name.endswith(FEATURES_SUFFIX)))

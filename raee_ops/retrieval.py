@@ -272,6 +272,11 @@ def _unreadable(
     return RaeeConfigError(f"{where} cannot be read (damaged or incomplete files?): {_problem(exc)}; {remedy}")
 
 
+def no_table(name: str, db_uri: str) -> RaeeConfigError:
+    """The line for a table the database does not list (a misspelt --table, or no build-db yet)."""
+    return RaeeConfigError(f"no table {name!r} in {db_uri} (run build-db first)")
+
+
 def open_table(
     db_uri: str, name: str, version: int | None = None, storage_options: dict[str, str] | None = None
 ) -> lancedb.table.Table:
@@ -280,7 +285,7 @@ def open_table(
         raise RaeeConfigError(f"no database at {db_uri} (run build-db first, or check --db)")
     db = connect(db_uri, storage_options)
     if name not in table_names(db):
-        raise RaeeConfigError(f"no table {name!r} in {db_uri} (run build-db first)")
+        raise no_table(name, db_uri)
     table = open_listed(db, db_uri, name)
     if version is not None:
         try:
@@ -365,9 +370,8 @@ def checked_features(
         raise RaeeConfigError(f"append refused: {where} {why}; move its folder {folder} away and {mend}") from exc
     if FEATURES not in features.schema.names:
         raise RaeeConfigError(f"append refused: {where} has no {FEATURES!r} column; {mend}")
-    ids = pa.chunked_array([ids]) if isinstance(ids, pa.Array) else ids
     fit = ids.filter(pa.array(in_fit_sample(ids.to_pylist(), fit_share(len(ids)))))
-    lacking = len(fit) - pc.sum(pc.is_in(fit, value_set=held.combine_chunks())).as_py() if len(fit) else 0
+    lacking = len(fit) - (pc.sum(pc.is_in(fit, value_set=held.combine_chunks())).as_py() or 0)
     if lacking:
         raise RaeeConfigError(f"append refused: {where} lacks {lacking} of the table's probe fit rows; {mend}")
     return features

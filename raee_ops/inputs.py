@@ -58,7 +58,7 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
             folder = pattern.rstrip("/")
             raise RaeeConfigError(f"--input {pattern}: a folder; give its files or a glob ({folder}/*.parquet)")
         # an object store's folder markers (zero-byte `prefix/` keys that consoles and tools make) are folders
-        matched = [m for m in storage.match_metadata(pattern) if not m.path.endswith("/")]
+        matched = [m for m in _matched(pattern) if not m.path.endswith("/")]
         if storage.is_local(pattern):  # first: a link to nothing matches nothing, and is better named as what it is
             refuse_unreadable(pattern)
         if not matched:
@@ -66,6 +66,14 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
         for m in matched:  # a file once, however named (a link to it, another route): read twice otherwise
             files.setdefault(storage.identity(m.path), m)
     return list(files.values())
+
+
+def _matched(pattern: str) -> list[FileMetadata]:
+    """The files a pattern matches; a name holding glob characters that names a file is that file (a user's
+    `data[1].parquet`: as a pattern it matches `data1.parquet`, or nothing)."""
+    if storage.is_pattern(pattern) and storage.is_file(pattern):
+        return [storage.metadata(pattern)]
+    return storage.match_metadata(pattern)
 
 
 def refuse_unreadable(pattern: str) -> None:
@@ -164,7 +172,7 @@ def common_schema(first: pa.Schema, other: pa.Schema, first_path: str, path: str
         if common is None:
             raise RaeeConfigError(
                 f"{path}: column {field.name!r} is {theirs} there and {field.type} in {first_path}; inputs must "
-                "share each column's kind"
+                f"share each column's kind{_apart(field.type, theirs)}"
             )
         fields.append(pa.field(field.name, common))
     return pa.schema(fields)
@@ -172,7 +180,8 @@ def common_schema(first: pa.Schema, other: pa.Schema, first_path: str, path: str
 
 def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     """The type holding every value of `a` and `b` unchanged (None: no such type): the wider of two string, binary,
-    integer or floating-point types; a column of nulls takes the other's; a dictionary-encoded one (pandas'
+    integer or floating-point types, and binary where strings meet bytes (a string's bytes are its value; text is
+    decoded from bytes row by row, rows.py); a column of nulls takes the other's; a dictionary-encoded one (pandas'
     categoricals) meets the other as its values' type."""
     if a == b or pa.types.is_null(b):
         return a
@@ -180,18 +189,26 @@ def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
         return b
     if pa.types.is_dictionary(a) or pa.types.is_dictionary(b):
         return _common_type(*(t.value_type if pa.types.is_dictionary(t) else t for t in (a, b)))
-    kinds = (
-        lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
-        lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
-        pa.types.is_integer,
-        pa.types.is_floating,
-    )
+    kinds = (is_text, pa.types.is_integer, pa.types.is_floating)  # is_text: strings and bytes
     if not any(kind(a) and kind(b) for kind in kinds):
         return None
     if pa.uint64() in (a, b) and any(pa.types.is_signed_integer(t) for t in (a, b)):  # Arrow would make it int64
         return None
     unified = pa.unify_schemas([pa.schema([("c", a)]), pa.schema([("c", b)])], promote_options="permissive")
     return unified.field("c").type
+
+
+def _apart(a: pa.DataType, b: pa.DataType) -> str:
+    """Why two number columns meet in no type, for the refusal's line (empty for other kinds)."""
+    whole = [pa.types.is_integer(t) for t in (a, b)]
+    if all(whole):
+        return ": no Arrow type holds every uint64 and every signed integer; write one type in every file"
+    if any(whole) and any(pa.types.is_floating(t) for t in (a, b)):
+        return (
+            ": whole numbers would change as they meet floating point (an id 1 would read as 1.0); pandas writes a "
+            "whole-number column with a missing value as floating point: write one type in every file"
+        )
+    return ""
 
 
 def as_read(table: pa.Table, schema: pa.Schema | None) -> pa.Table:

@@ -301,6 +301,12 @@ def is_file(uri: str) -> bool:
     return exists(uri) and not is_dir(uri) if is_local(uri) else FileSystems.exists(uri)
 
 
+def metadata(uri: str) -> FileMetadata:
+    """One file's path, size and modification time, its name taken as spelt (glob characters and all)."""
+    path = os.path.abspath(local_path(uri)) if is_local(uri) else uri
+    return FileSystems.get_filesystem(path).metadata(path)
+
+
 def match_metadata(pattern: str, limit: int | None = None) -> list[FileMetadata]:
     """Files matching a glob (`*` stays within one folder, `**` crosses folders), sorted by path. A local pattern is
     made absolute first: Beam matches a bare `part-*.parquet` against nothing, not the working directory."""
@@ -315,7 +321,8 @@ def unreadable_matches(pattern: str) -> list[str]:
     skips without a word (its rows would go missing), and a named pipe, socket or device, whose read waits forever."""
     path = os.path.abspath(local_path(pattern))
     prefix = re.match("^[^[*?]*", path).group(0)
-    if prefix == path:
+    named = os.path.lexists(path) and not os.path.isdir(path)  # glob characters and all (inputs._matched)
+    if prefix == path or named:
         found = [path] if os.path.lexists(path) else []
     else:  # the folder Beam walks for it
         walked = (os.path.join(d, f) for d, _, files in os.walk(os.path.dirname(prefix)) for f in files)

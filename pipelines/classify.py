@@ -33,7 +33,7 @@ from raee_ops.inputs import check_inputs, count_rows, input_files, refuse_readin
 from raee_ops.probe_policy import refuse_cost_options
 from raee_ops.progress import NAMESPACE
 from raee_ops.readout import describe
-from raee_ops.report import REPORT_FILES, WRITING, check_outside_outputs
+from raee_ops.report import WRITING, check_outside_outputs
 from raee_ops.retrieval import (
     check_table_contents,
     checked_table,
@@ -54,9 +54,10 @@ PREDICTIONS, ERRORS = "predictions", "_errors"
 OUTPUTS = (f"{PREDICTIONS}-*.parquet", f"{ERRORS}-*.parquet")
 #: Names of the files a run writes there (shards numbered as Beam numbers them), which no --input may match.
 OUTPUT_NAMES = (SUCCESS, first_shard(PREDICTIONS), first_shard(ERRORS))
-#: Another command's outputs (build-db's rejected rows; an earlier classify's, named so; an evaluate report): a folder
-#: holding them that no unfinished classify left is refused, not mixed with this run's.
-OTHERS = ("errors-*.parquet", *REPORT_FILES, WRITING)
+#: What a folder to write must not hold, unless an unfinished classify left it there: anything a reader of the
+#: whole folder takes (every name not `_`- or `.`-prefixed, files and sub-folders: the user's own Parquet files mixed
+#: with the predictions, and the first one's schema taken for all) and an evaluate's mark of its report.
+OTHERS = ("[!_.]*", WRITING)
 
 
 @dataclass(frozen=True)

@@ -352,8 +352,8 @@ def claim_output(
         foreign = [n for n in names if n not in ours and any(fnmatch.fnmatchcase(n, p) for p in (*patterns, *refused))]
         if foreign:  # another command's files (build-db's errors?) would be mixed into this output, or removed
             raise RaeeConfigError(
-                f"{folder} holds {some(foreign)}, which no run of this command left unfinished there; choose another "
-                f"{what}"
+                f"{folder} holds {some(foreign)}, which no run of this command left unfinished there (a reader of "
+                f"the folder would take them with this run's outputs); choose another {what}"
             )
         # the list last: a run killed while removing leaves the next run the list of what is still to remove
         stale = sorted((n for n in names if n in ours or n in (TEMPORARY, PUBLISHING)), key=lambda n: n == PUBLISHING)

@@ -1055,6 +1055,29 @@ def test_16_classify_never_removes_another_commands_files(segment_artifacts, db,
     assert sorted(p.name for p in shared.glob("errors-*.parquet")) == theirs  # build-db's rejected rows stay
 
 
+def test_classify_refuses_a_folder_whose_readers_would_take_other_files_with_its_predictions(
+    segment_artifacts,  # noqa: F811
+    db,
+    tmp_path,
+):
+    """A user's Parquet file (or a folder of them, or any file a reader takes) in --output: classify published beside
+    it, exit 0, and `pq.read_table(out)` read the user's rows with the predictions under the first file's schema,
+    the prediction columns gone (sweep B, session 65). Refused before any work, nothing removed; names a reader
+    skips (`_`, `.`) are left alone and the run completes."""
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    mine = labelled(out / "part-0.parquet", 3, 5, "m", bad=False)
+    shutil.copy(mine, out / "sub" / "x.parquet")
+    queries = labelled(tmp_path / "q.parquet", 4, 1, "q", bad=False)
+    run = raee_ops(*classify_args(segment_artifacts, db, out, queries))
+    assert run.returncode == 2 and "holds part-0.parquet, sub, which no run" in one_error_line(run)
+    assert sorted(p.name for p in out.iterdir()) == ["part-0.parquet", "sub"]
+    mine.rename(out / "_mine.parquet")
+    (out / "sub").rename(out / ".sub")
+    assert raee_ops(*classify_args(segment_artifacts, db, out, queries)).returncode == 0
+    assert pq.read_table(out).num_rows == 4 and "prediction" in pq.read_table(out).column_names
+
+
 @pytest.mark.parametrize(
     ("mode", "status", "stderr"), [("interrupt", 130, "error: interrupted\n"), ("terminate", -signal.SIGTERM, "")]
 )

@@ -266,7 +266,7 @@ def _local_runner() -> Any:
 
     class LocalRunner(FnApiRunner):
         def run_via_runner_api(self, pipeline_proto: Any, options: PipelineOptions) -> Any:
-            command = f"{sys.executable} -m raee_ops.pipelines.local_worker {logs.verbosity()}"
+            command = f"{sys.executable} -m raee_ops.pipelines.local_worker {logs.verbosity()} {os.getpid()}"
             for environment in pipeline_proto.components.environments.values():
                 if environment.urn == python_urns.SUBPROCESS_SDK:  # the command of Beam's own worker
                     environment.payload = command.encode()

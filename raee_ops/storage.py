@@ -432,7 +432,7 @@ def _partial(uri: str) -> str:
     with contextlib.suppress(OSError):
         for entry in os.scandir(local_path(parent(uri))):
             pid = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not alive(int(pid)):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
     return join(parent(uri), f"{prefix}{os.getpid()}")
@@ -448,14 +448,21 @@ def _processes_seen() -> str:
     return f"{socket.gethostname()}-{namespace}"
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine. A zombie does not: ended, it waits for its parent to read its
+    status, and a parent that reads the output of a command it killed first (`subprocess.run(capture_output=True)`)
+    waits for every process holding that output to end."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:  # "pid (name) state …"
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc (not Linux): that it exists is all there is to know
         return True
-    return True
 
 
 def rename(pairs: Iterable[tuple[str, str]]) -> None:

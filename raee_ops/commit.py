@@ -349,7 +349,13 @@ def claim_output(
             )
         names = [n for n in storage.children(folder) if not n.startswith(CLAIM)]
         ours = set(json.loads(storage.read_bytes(storage.join(folder, PUBLISHING)))) if PUBLISHING in names else set()
-        foreign = [n for n in names if n not in ours and any(fnmatch.fnmatchcase(n, p) for p in (*patterns, *refused))]
+        foreign = [
+            n
+            for n in names
+            if n not in ours
+            and any(fnmatch.fnmatchcase(n, p) for p in (*patterns, *refused))
+            and not storage.empty_folder(storage.join(folder, n))  # no reader takes one (a volume's lost+found)
+        ]
         if foreign:  # another command's files (build-db's errors?) would be mixed into this output, or removed
             raise RaeeConfigError(
                 f"{folder} holds {some(foreign)}, which no run of this command left unfinished there (a reader of "

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import FileMetadata
 
 from raee_ops import storage
+from raee_ops.commit import some
 from raee_ops.errors import RaeeConfigError
 from raee_ops.rows import (
     ROW_ID,
@@ -36,7 +37,7 @@ from raee_ops.rows import (
     without_views,
 )
 from raee_ops.schemas.manifest import sha256_stream
-from raee_ops.schemas.tables import ID
+from raee_ops.schemas.tables import ID, TEXT, TEXT_PAIR
 from raee_ops.tasks import Task
 
 #: Rows per element; RunInference then batches several elements into one model call.
@@ -54,7 +55,7 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
     for pattern in patterns:
         storage.check_scheme(pattern, "--input")
         # a folder: an object store lists every key under a prefix, `_SUCCESS` and backups too
-        if pattern.endswith("/") or (not storage.is_pattern(pattern) and storage.is_dir(pattern)):
+        if pattern.endswith("/") or _names_folder(pattern):
             folder = pattern.rstrip("/")
             raise RaeeConfigError(f"--input {pattern}: a folder; give its files or a glob ({folder}/*.parquet)")
         # an object store's folder markers (zero-byte `prefix/` keys that consoles and tools make) are folders
@@ -68,12 +69,25 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
     return list(files.values())
 
 
+def _names_folder(pattern: str) -> bool:
+    """An input that is a folder: as spelt, where that is no pattern; locally also where it is one (a folder named
+    `dir[1]`: as a pattern it matches nothing, or another folder's files)."""
+    return (storage.is_local(pattern) or not storage.is_pattern(pattern)) and storage.is_dir(pattern)
+
+
 def _matched(pattern: str) -> list[FileMetadata]:
     """The files a pattern matches; a name holding glob characters that names a file is that file (a user's
     `data[1].parquet`: as a pattern it matches `data1.parquet`, or nothing)."""
+    found = storage.match_metadata(pattern)
     if storage.is_pattern(pattern) and storage.is_file(pattern):
-        return [storage.metadata(pattern)]
-    return storage.match_metadata(pattern)
+        named = storage.metadata(pattern)
+        others = [m.path for m in found if m.path != named.path]
+        if others:  # which the user meant would be a guess, and a wrong one drops rows without a word
+            raise RaeeConfigError(
+                f"--input {pattern}: names a file, and as a pattern matches {some(others)} too; rename that file"
+            )
+        return [named]
+    return found
 
 
 def refuse_unreadable(pattern: str) -> None:
@@ -168,7 +182,7 @@ def common_schema(first: pa.Schema, other: pa.Schema, first_path: str, path: str
     fields = []
     for field in first:
         theirs = other.field(field.name).type
-        common = _common_type(field.type, theirs)
+        common = _common_type(field.type, theirs, text=field.name in (TEXT, TEXT_PAIR))
         if common is None:
             raise RaeeConfigError(
                 f"{path}: column {field.name!r} is {theirs} there and {field.type} in {first_path}; inputs must "
@@ -178,24 +192,33 @@ def common_schema(first: pa.Schema, other: pa.Schema, first_path: str, path: str
     return pa.schema(fields)
 
 
-def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+def _common_type(a: pa.DataType, b: pa.DataType, text: bool = False) -> pa.DataType | None:
     """The type holding every value of `a` and `b` unchanged (None: no such type): the wider of two string, binary,
-    integer or floating-point types, and binary where strings meet bytes (a string's bytes are its value; text is
-    decoded from bytes row by row, rows.py); a column of nulls takes the other's; a dictionary-encoded one (pandas'
-    categoricals) meets the other as its values' type."""
+    integer or floating-point types; in a `text` column (what the model reads, decoded from bytes row by row and
+    written out as strings, rows.py) binary where strings meet bytes; a column of nulls takes the other's; a
+    dictionary-encoded one (pandas' categoricals) meets the other as its values' type. Other columns keep strings
+    and bytes apart: written out as bytes, a text id could no longer hold its row's position."""
     if a == b or pa.types.is_null(b):
         return a
     if pa.types.is_null(a):
         return b
     if pa.types.is_dictionary(a) or pa.types.is_dictionary(b):
-        return _common_type(*(t.value_type if pa.types.is_dictionary(t) else t for t in (a, b)))
-    kinds = (is_text, pa.types.is_integer, pa.types.is_floating)  # is_text: strings and bytes
-    if not any(kind(a) and kind(b) for kind in kinds):
+        return _common_type(*(t.value_type if pa.types.is_dictionary(t) else t for t in (a, b)), text=text)
+    kinds = (is_text,) if text else (_is_string, _is_binary)
+    if not any(kind(a) and kind(b) for kind in (*kinds, pa.types.is_integer, pa.types.is_floating)):
         return None
     if pa.uint64() in (a, b) and any(pa.types.is_signed_integer(t) for t in (a, b)):  # Arrow would make it int64
         return None
     unified = pa.unify_schemas([pa.schema([("c", a)]), pa.schema([("c", b)])], promote_options="permissive")
     return unified.field("c").type
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
 def _apart(a: pa.DataType, b: pa.DataType) -> str:

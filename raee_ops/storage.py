@@ -287,7 +287,7 @@ def parent(uri: str) -> str:
 
 def exists(uri: str) -> bool:
     """A file, or (locally) a directory."""
-    return FileSystems.exists(uri)
+    return os.path.exists(local_path(uri)) if is_local(uri) else FileSystems.exists(uri)
 
 
 def is_dir(uri: str) -> bool:
@@ -295,6 +295,11 @@ def is_dir(uri: str) -> bool:
     if is_local(uri):
         return os.path.isdir(local_path(uri))
     return bool(match(join(uri, "**"), limit=1))
+
+
+def empty_folder(uri: str) -> bool:
+    """A local folder holding no file at any depth (an object store has no folders without objects under them)."""
+    return is_local(uri) and os.path.isdir(local_path(uri)) and not any(f for _, _, f in os.walk(local_path(uri)))
 
 
 def is_file(uri: str) -> bool:

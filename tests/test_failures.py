@@ -1063,7 +1063,7 @@ def test_classify_refuses_a_folder_whose_readers_would_take_other_files_with_its
     """A user's Parquet file (or a folder of them, or any file a reader takes) in --output: classify published beside
     it, exit 0, and `pq.read_table(out)` read the user's rows with the predictions under the first file's schema,
     the prediction columns gone (sweep B, session 65). Refused before any work, nothing removed; names a reader
-    skips (`_`, `.`) are left alone and the run completes."""
+    skips (`_`, `.`) and empty folders are left alone and the run completes."""
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
     mine = labelled(out / "part-0.parquet", 3, 5, "m", bad=False)
@@ -1074,6 +1074,7 @@ def test_classify_refuses_a_folder_whose_readers_would_take_other_files_with_its
     assert sorted(p.name for p in out.iterdir()) == ["part-0.parquet", "sub"]
     mine.rename(out / "_mine.parquet")
     (out / "sub").rename(out / ".sub")
+    (out / "lost+found" / "empty").mkdir(parents=True)  # a volume's, at its root: no reader takes it (recheck)
     assert raee_ops(*classify_args(segment_artifacts, db, out, queries)).returncode == 0
     assert pq.read_table(out).num_rows == 4 and "prediction" in pq.read_table(out).column_names
 

@@ -5,6 +5,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -540,15 +541,16 @@ def test_the_duplicate_check_reads_ids_as_the_rows_are_stored_in_the_inputs_comm
 
 
 def test_text_files_beside_bytes_files_are_read_together_row_by_row(tmp_path):
-    """A string text file and a binary one (sweep A, session 65: refused, exit 2): read together as bytes, each row
-    decoded as its file alone would be, a row that is not UTF-8 rejected with its reason; ids the same either way."""
+    """A string text file and a binary one (sweep A, session 65: refused, exit 2): their text read together as
+    bytes, each row decoded as its file alone would be, a row that is not UTF-8 rejected with its reason. Other
+    columns keep strings and bytes apart (recheck: a text id read as bytes could not hold its row's position)."""
     strings = tmp_path / "a.parquet"
     pq.write_table(pa.table({"id": ["a", "b"], "text": ["good", "bad"], "label": [1, 0]}), strings)
-    raw = pa.table({"id": pa.array([b"c", b"d"]), "text": pa.array([b"fine", b"\xff"]), "label": [1, 0]})
+    raw = pa.table({"id": ["c", "d"], "text": pa.array([b"fine", b"\xff"], pa.large_binary()), "label": [1, 0]})
     pq.write_table(raw, tmp_path / "b.parquet")
     files = [str(strings), str(tmp_path / "b.parquet")]
     schema, rows = inputs.check_inputs(files, PRESETS["sst2"], need_label=True)
-    assert (schema.field("text").type, schema.field("id").type, rows) == (pa.binary(), pa.binary(), 4)
+    assert (schema.field("text").type, schema.field("id").type, rows) == (pa.large_binary(), pa.string(), 4)
     read = [checked for path in files for checked in read_validated_file(path, PRESETS["sst2"], True, schema)]
     assert sum((t.valid[ROW_ID].to_pylist() for t in read), []) == ["a", "b", "c"]
     assert sum((t.valid["text"].to_pylist() for t in read), []) == ["good", "bad", "fine"]
@@ -558,13 +560,21 @@ def test_text_files_beside_bytes_files_are_read_together_row_by_row(tmp_path):
 
 
 def test_an_input_named_with_glob_characters_is_that_file(tmp_path):
-    """`--input 'data[1].parquet'` (a file that exists) was read as a pattern: "no such file" (exit 2), or another
-    file's rows where the pattern matched one (sweep A, session 65). A name that names no file is still a pattern."""
+    """`--input 'data[1].parquet'` (a file that exists) was read as a pattern: "no such file", exit 2 (sweep A,
+    session 65). A name that names no file is still a pattern; one that names a file and, as a pattern, matches
+    others too is refused (recheck: the others were dropped, exit 0); so is a folder so named (it was "no such
+    file"); a `file://` pattern still matches (recheck: exit 1)."""
     named = write_labelled(tmp_path / "data[1].parquet", ["a"], ["good"], [1])
-    other = write_labelled(tmp_path / "data1.parquet", ["b"], ["bad"], [0])
     assert [m.path for m in inputs.input_files([str(named)])] == [str(named)]
-    assert [m.path for m in inputs.input_files([str(tmp_path / "data[12].parquet")])] == [str(other)]
-    assert [m.path for m in inputs.input_files([str(tmp_path / "data*.parquet")])] == [str(other), str(named)]
+    other = write_labelled(tmp_path / "data2.parquet", ["b"], ["bad"], [0])
+    assert [m.path for m in inputs.input_files([str(tmp_path / "data[23].parquet")])] == [str(other)]
+    assert [m.path for m in inputs.input_files([f"file://{tmp_path}/data*.parquet"])] == [str(other), str(named)]
+    shutil.copy(other, tmp_path / "data1.parquet")
+    with pytest.raises(RaeeConfigError, match=r"data\[1\].parquet: names a file, and as a pattern matches .*data1"):
+        inputs.input_files([str(named)])
+    (tmp_path / "dir[1]").mkdir()
+    with pytest.raises(RaeeConfigError, match=r"dir\[1\]: a folder; give its files or a glob"):
+        inputs.input_files([str(tmp_path / "dir[1]")])
     (tmp_path / "gone[1].parquet").symlink_to(tmp_path / "gone.parquet")
     with pytest.raises(RaeeConfigError, match=r"gone\[1\].parquet is not a file that can be read: a link to nothing"):
         inputs.input_files([str(tmp_path / "gone[1].parquet")])
@@ -627,13 +637,12 @@ def test_a_gpu_run_of_a_row_by_row_strategy_is_told_a_fixed_depth_runs_faster(se
         (pa.int64(), pa.string(), None),
         (pa.float32(), pa.float64(), pa.float64()),
         (pa.float64(), pa.int64(), None),  # an id 1 would read as "1.0"
-        (pa.string(), pa.binary(), pa.binary()),  # a string's bytes are its value: every value kept
-        (pa.large_binary(), pa.string(), pa.large_binary()),
+        (pa.string(), pa.binary(), None),  # as bytes, a text id could not hold its row's position
     ],
 )
 def test_files_of_one_kind_of_column_are_read_in_the_wider_type(first, other, common):
-    """Text beside bytes was refused as another kind (sweep A, session 65), though either file alone is read as
-    text; a refusal of two number columns says why they cannot meet (it said they were of another kind)."""
+    """A refusal of two number columns says why they cannot meet (it said they were of another kind, sweep A,
+    session 65)."""
     a = pa.schema([pa.field("id", first, nullable=pa.types.is_null(first)), pa.field("text", pa.string())])
     b = pa.schema([pa.field("text", pa.string()), pa.field("id", other)])
     if common is None:

@@ -77,7 +77,7 @@ def _names_folder(pattern: str) -> bool:
 
 def _matched(pattern: str) -> list[FileMetadata]:
     """The files a pattern matches; a name holding glob characters that names a file is that file (a user's
-    `data[1].parquet`: as a pattern it matches `data1.parquet`, or nothing)."""
+    `data[1].parquet`: as a pattern it matches nothing), refused where as a pattern it matches others too."""
     found = storage.match_metadata(pattern)
     if storage.is_pattern(pattern) and storage.is_file(pattern):
         named = storage.metadata(pattern)

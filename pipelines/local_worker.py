@@ -8,10 +8,12 @@ failure at INFO there, and printed each failed bundle's traceback, whatever -q o
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from raee_ops import logs
 
@@ -24,17 +26,25 @@ def main(argv: list[str]) -> None:
     logs.configure(verbosity)  # before Beam's import, which logs its own warnings
     from apache_beam.runners.worker import sdk_worker_main
 
-    threading.Thread(target=_end_without, args=(command,), name="raee-watch-command", daemon=True).start()
+    from raee_ops.storage import alive
+
+    # its connection to a command gone is no failure to report: that command's stderr, a scheduler's log, had two
+    # tracebacks from each worker after a SIGKILL
+    logging.getLogger(sdk_worker_main.__name__).addFilter(lambda _: alive(command))
+    threading.Thread(target=_end_without, args=(command, alive), name="raee-watch-command", daemon=True).start()
 
     with logs.library_prints_hidden():
-        sdk_worker_main.main(argv)
+        try:
+            sdk_worker_main.main(argv)
+        except Exception:
+            if alive(command):
+                raise
+            os._exit(1)  # not a traceback, then SIGABRT from native threads at teardown, to a stderr nobody reads
 
 
-def _end_without(command: int) -> None:
+def _end_without(command: int, alive: Callable[[int], bool]) -> None:
     """End this process once the command is gone: a command killed outright (SIGKILL, where nothing of its own
     runs) left its workers computing their bundles for minutes, for nobody, beside the scheduler's retry."""
-    from raee_ops.storage import alive  # after Beam's import (main): it imports Beam
-
     while alive(command):
         time.sleep(WATCH_EVERY_S)
     os._exit(1)

@@ -125,21 +125,29 @@ def test_local_workers_say_as_much_as_their_command(segment_artifacts, tmp_path,
 
 
 @pytest.mark.parametrize(
-    ("stop", "status"),
-    [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)],
-    ids=["int", "term"],
+    ("stop", "status", "rows", "ready"),
+    [
+        (signal.SIGINT, 130, 8, lambda pid: True),  # an SDK worker started, still importing Beam
+        (signal.SIGTERM, -signal.SIGTERM, 8, lambda pid: True),
+        (signal.SIGKILL, -signal.SIGKILL, 300, lambda pid: connected(pid)),  # at work, not starting
+    ],
+    ids=["int", "term", "kill"],
 )
 def test_a_signal_to_the_driver_alone_stops_the_multi_process_workers(
     segment_artifacts,  # noqa: F811
     tmp_path,
     stop,
     status,
+    rows,
+    ready,
 ):
     """A scheduler's signal reaches the driver, not its worker processes (a terminal's reaches the whole group). A
     SIGINT while they started hung the run, the runner waiting for workers that waited for its closed servers; after
     a SIGTERM they lived on, waiting. Now the driver stops them: exit 130 (or the SIGTERM's status), no worker left,
-    no table."""
-    train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
+    no table. A SIGKILL, which the driver cannot see, left them computing for minutes (sweep B, session 65), holding
+    its stderr open (a parent reading it waited for them), then each printed two tracebacks there (its lost
+    connection logged CRITICAL, then uncaught) and aborted: they end once it is gone, without a word."""
+    train = labelled(tmp_path / "train.parquet", rows, 0, "t", bad=False)
     args = ["build-db", "--artifacts", segment_artifacts, "--task", "sst2", "--input", train, "--db", tmp_path / "db"]
     args += ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
     driver = subprocess.Popen(
@@ -151,7 +159,7 @@ def test_a_signal_to_the_driver_alone_stops_the_multi_process_workers(
     )
     try:
         deadline = time.monotonic() + 120
-        while not (workers := worker_processes(driver.pid)):  # an SDK worker started, still importing Beam
+        while not (workers := [pid for pid in worker_processes(driver.pid) if ready(pid)]):
             assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read()
             time.sleep(0.1)
         driver.send_signal(stop)
@@ -159,40 +167,12 @@ def test_a_signal_to_the_driver_alone_stops_the_multi_process_workers(
     finally:
         driver.kill()
     assert driver.returncode == status and ("error: interrupted" in stderr) == (stop == signal.SIGINT), stderr[-2000:]
+    assert "Traceback" not in stderr and "Aborted" not in stderr, stderr[-2000:]
     deadline = time.monotonic() + 20
     while any(map(alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.2)  # SIGTERM'd, or ending themselves; init reaps them
     assert not [pid for pid in workers if alive(pid)], "a worker outlived its interrupted run"
     assert not (tmp_path / "db" / "sst2.lance").exists()
-
-
-def test_the_workers_of_a_command_killed_outright_end_without_a_word(segment_artifacts, tmp_path):  # noqa: F811
-    """A SIGKILL, which the driver cannot see, left its worker processes computing for minutes (sweep B, session
-    65), holding its stderr open: a parent reading it waited for them. Each then printed two tracebacks there (its
-    lost connection logged CRITICAL, then uncaught) and aborted. They end once it is gone, without a word."""
-    train = labelled(tmp_path / "train.parquet", 300, 0, "t", bad=False)
-    args = ["build-db", "--artifacts", segment_artifacts, "--task", "sst2", "--input", train, "--db", tmp_path / "db"]
-    args += ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "raee_ops", *map(str, args)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not (workers := [w for w in worker_processes(driver.pid) if connected(w)]):  # at work, not starting
-            assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read()
-            time.sleep(0.1)
-        driver.kill()
-        _, stderr = driver.communicate(timeout=30)
-    finally:
-        driver.kill()
-    assert driver.returncode == -signal.SIGKILL and "Traceback" not in stderr and "Aborted" not in stderr, stderr
-    deadline = time.monotonic() + 20
-    while any(map(alive, workers)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [pid for pid in workers if alive(pid)], "a worker outlived its killed command"
 
 
 def connected(pid: int) -> bool:

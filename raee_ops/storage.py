@@ -303,7 +303,7 @@ def empty_folder(uri: str) -> bool:
 
 
 def is_file(uri: str) -> bool:
-    return exists(uri) and not is_dir(uri) if is_local(uri) else FileSystems.exists(uri)
+    return exists(uri) and not (is_local(uri) and is_dir(uri))
 
 
 def metadata(uri: str) -> FileMetadata:

@@ -132,11 +132,25 @@ def check_database(db_uri: str) -> None:
         raise RaeeConfigError(f"no LanceDB database at {db_uri}")
 
 
+def check_holds_tables(db_uri: str, names: set[str]) -> None:
+    """Refuse a folder with no table that holds other things: --db names another folder (the artifacts, the input
+    Parquet), which info read as a database with no tables and prune as one with nothing to prune, exit 0, where a
+    scheduled check wants to hear of the typo. An empty folder, or one holding only the tool's own `_` folders, is a
+    database with no tables."""
+    if names:
+        return
+    others = [n for n in storage.children(db_uri) if not n.startswith(("_", ".")) and not n.endswith(".lance")]
+    if others:
+        shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+        raise RaeeConfigError(f"{db_uri} is not a LanceDB database: it holds no table but {shown} (check --db)")
+
+
 def describe(db_uri: str, table: str | None = None, storage_options: dict[str, str] | None = None) -> dict[str, Any]:
     """Every table of the database (or the one named), sorted by name."""
     check_database(db_uri)
     db = connect(db_uri, storage_options)
     names = table_names(db)
+    check_holds_tables(db_uri, names)
     if table is not None:
         if table not in names:
             raise no_table(table, db_uri)

@@ -33,7 +33,7 @@ from raee_ops import storage
 from raee_ops.commit import check_held, hold
 from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.faults import fault_point
-from raee_ops.info import check_database, listed, opened, table_info
+from raee_ops.info import check_database, check_holds_tables, listed, opened, table_info
 from raee_ops.retrieval import (
     committing,
     connect,
@@ -188,6 +188,7 @@ def prune_all(
     check_database(db_uri)
     db = connect(db_uri, storage_options)
     names = table_names(db)
+    check_holds_tables(db_uri, names)
     pruned, held, damaged = [], [], []
     for name, handle in listed(db, db_uri, sorted(n for n in names if not n.endswith(FEATURES_SUFFIX))):
         if isinstance(handle, RaeeConfigError):

@@ -318,6 +318,22 @@ def test_an_empty_object_store_prefix_says_it_may_be_a_typo():
     assert render({"db": "/data/db", "tables": []}) == "/data/db: no tables"  # a local one must exist to get here
 
 
+def test_info_and_prune_refuse_a_folder_that_holds_no_table_but_other_things(tmp_path):
+    """--db naming the artifacts or the input folder (a typo) said "no tables", exit 0; an empty folder, or one
+    with only the tool's `_` folders, is still a database with none."""
+    other = tmp_path / "artifacts"
+    (other / "_raee-work").mkdir(parents=True)
+    (other / "manifest.json").write_text("{}")
+    for command in (["info"], ["prune", "--keep", "1"]):
+        run = run_cli(*command, "--db", str(other))
+        assert run.returncode == 2 and run.stdout == "", run.stdout
+        assert f"{other} is not a LanceDB database: it holds no table but manifest.json (check --db)" in run.stderr
+        (other / "manifest.json").unlink()
+        run = run_cli(*command, "--db", str(other))
+        assert run.returncode == 0 and run.stdout.strip().startswith(f"{other}: no tables"), run.stderr
+        (other / "manifest.json").write_text("{}")
+
+
 def test_prune_keeps_the_newest_versions_those_replaced_lately_and_what_they_were_built_on(
     segment_artifacts,  # noqa: F811
     tmp_path,

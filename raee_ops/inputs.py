@@ -11,6 +11,7 @@ next row group is read as usual.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from functools import cache
 from typing import BinaryIO
@@ -61,6 +62,7 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
         # an object store's folder markers (zero-byte `prefix/` keys that consoles and tools make) are folders
         matched = [m for m in _matched(pattern) if not m.path.endswith("/")]
         if storage.is_local(pattern):  # first: a link to nothing matches nothing, and is better named as what it is
+            refuse_glob_folder(pattern)
             refuse_unreadable(pattern)
         if not matched:
             raise RaeeConfigError(f"--input {pattern}: no such file (no Parquet files match)")
@@ -88,6 +90,25 @@ def _matched(pattern: str) -> list[FileMetadata]:
             )
         return [named]
     return found
+
+
+def refuse_glob_folder(pattern: str) -> None:
+    """Refuse a local pattern below a folder whose name holds glob characters (`dir[1]/*.parquet`), unless it names
+    a file as spelt: a pattern reads them as a pattern too, so it matched nothing, or another folder's files
+    (`dir1/`) with exit 0. Each written as `[c]` (`dir[[]1]`), they stand for themselves."""
+    path = os.path.abspath(storage.local_path(pattern))
+    if os.path.isfile(path):
+        return
+    folder = os.path.dirname(path)
+    while folder != os.path.dirname(folder):
+        name = os.path.basename(folder)
+        if storage.is_pattern(name) and os.path.isdir(folder):
+            escaped = os.path.join(os.path.dirname(folder), re.sub(r"([*?[])", r"[\1]", name))
+            raise RaeeConfigError(
+                f"--input {pattern}: the folder {folder} has glob characters in its name, which a pattern reads as "
+                f"a pattern; write each as [c] ({escaped}{path[len(folder) :]}) or rename the folder"
+            )
+        folder = os.path.dirname(folder)
 
 
 def refuse_unreadable(pattern: str) -> None:

@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import stat
+import warnings
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
@@ -33,6 +34,10 @@ from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 from raee_ops import s3_clients
 from raee_ops.errors import MissingDependency, RaeeConfigError, StoreUnavailable
 from raee_ops.extras import install_line
+
+# `[[]`, the only escape of `[` that Beam's glob has, compiles to a regex Python warns of (a FutureWarning, in a
+# scheduler's log, for a pattern the README tells users to write)
+warnings.filterwarnings("ignore", "Possible nested set", FutureWarning)
 
 #: The extra that installs each scheme's filesystem, and a module whose absence means it is not installed.
 EXTRAS = {"s3": ("aws", "boto3"), "gs": ("gcp", "google.cloud.storage")}

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -42,6 +44,7 @@ from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
 from raee_ops.versions import prune, rollback
 
+CAPTURE = {"capture_output": True, "text": True, "check": False}
 WORDS = "good bad great awful fine movie plot boring fun dull".split()
 BAD_IDS = {
     "null": "text is null",
@@ -563,7 +566,7 @@ def test_an_input_named_with_glob_characters_is_that_file(tmp_path):
     """`--input 'data[1].parquet'` (a file that exists) was read as a pattern: "no such file", exit 2 (sweep A,
     session 65). A name that names no file is still a pattern; one that names a file and, as a pattern, matches
     others too is refused (recheck: the others were dropped, exit 0); so is a folder so named (it was "no such
-    file"); a `file://` pattern still matches (recheck: exit 1)."""
+    file"), and a pattern below it is refused unless escaped; a `file://` pattern still matches (recheck: exit 1)."""
     named = write_labelled(tmp_path / "data[1].parquet", ["a"], ["good"], [1])
     assert [m.path for m in inputs.input_files([str(named)])] == [str(named)]
     other = write_labelled(tmp_path / "data2.parquet", ["b"], ["bad"], [0])
@@ -575,6 +578,17 @@ def test_an_input_named_with_glob_characters_is_that_file(tmp_path):
     (tmp_path / "dir[1]").mkdir()
     with pytest.raises(RaeeConfigError, match=r"dir\[1\]: a folder; give its files or a glob"):
         inputs.input_files([str(tmp_path / "dir[1]")])
+    # a pattern below that folder read another folder's files (`dir1/`), exit 0 (sweep A); escaped, it reads it
+    inside = write_labelled(tmp_path / "dir[1]" / "in.parquet", ["c"], ["fine"], [1])
+    (tmp_path / "dir1").mkdir()
+    write_labelled(tmp_path / "dir1" / "x.parquet", ["d"], ["other"], [0])
+    with pytest.raises(RaeeConfigError, match=r"folder .*dir\[1\] has glob characters .*dir\[\[\]1\]/\*.parquet\)"):
+        inputs.input_files([f"{tmp_path}/dir[1]/*.parquet"])
+    assert [m.path for m in inputs.input_files([f"{tmp_path}/dir[[]1]/*.parquet", str(inside)])] == [str(inside)]
+    # in a process of its own: pytest resets warning filters per test
+    quiet = "from raee_ops import storage; import sys; print(len(storage.match(sys.argv[1])))"
+    run = subprocess.run([sys.executable, "-W", "error", "-c", quiet, f"{tmp_path}/dir[[]1]/*.parquet"], **CAPTURE)
+    assert run.stdout == "1\n" and "Warning" not in run.stderr, run.stderr  # Python's FutureWarning on `[[`
     (tmp_path / "gone[1].parquet").symlink_to(tmp_path / "gone.parquet")
     with pytest.raises(RaeeConfigError, match=r"gone\[1\].parquet is not a file that can be read: a link to nothing"):
         inputs.input_files([str(tmp_path / "gone[1].parquet")])

@@ -78,6 +78,7 @@ from raee_ops.run_record import (
     RunRecord,
     default_errors_dir,
     errors_owner,
+    foreign_parquet,
     forget_errors,
     in_step,
     keep_uncommitted,
@@ -346,6 +347,12 @@ def run_build_db(
     )
     run_id, where, work = new_run_id(), scope(db_uri, table), work_dir(db_uri, table)
     refuse_reading_own_output(found, inputs, errors_dir, [first_shard(f"errors-{run_id}")], "--errors")
+    foreign = foreign_parquet(errors_dir)
+    if foreign:
+        raise RaeeConfigError(
+            f"--errors {errors_dir} holds {some(foreign)}, Parquet no build-db wrote there (a reader of the folder "
+            "would take it with the rejected rows): choose another"
+        )
     check_job_service(beam_args)  # the last check, the only one over the network: then the run makes its folders
     with claim_work_dir(work, f"table {table!r}", run_id) as staging:
         remove_unfinished(db_uri, table, store)

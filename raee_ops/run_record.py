@@ -239,6 +239,18 @@ def _run(path: str) -> str | None:
     return named and named.group(1)
 
 
+def foreign_parquet(errors_dir: str) -> list[str]:
+    """The names in an errors folder of Parquet no build-db wrote there (a file, or a folder holding some), which a
+    reader of the folder (a dataset: `_`- and `.`-prefixed names skipped, folders read) would take with the rejected
+    rows, under the first file's schema. Other files make such a reader fail, so they are left alone."""
+    found = []
+    for name in storage.children(errors_dir, "[!_.]*"):
+        path = storage.join(errors_dir, name)
+        if _run(path) is None and (name.endswith(".parquet") or storage.match(storage.join(path, "**.parquet"), 1)):
+            found.append(name)
+    return found
+
+
 def default_errors_dir(db_uri: str, table: str) -> str:
     return storage.join(db_uri, ERRORS_FOLDER, table)
 

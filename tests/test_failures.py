@@ -454,6 +454,13 @@ def test_10_bad_locations_fail_fast_and_create_nothing(segment_artifacts, db, tm
     (tmp_path / "report" / "report.json").write_text(json.dumps(evaluated))  # an evaluate report: read whole, its
     run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", tmp_path / "report"]))  # predictions
     assert run.returncode == 2 and "holds another job's complete output (report.json)" in one_error_line(run)
+    # a user's Parquet (a file, a folder of them) was read with the rejected rows by a reader of the folder, exit 0
+    for folder, held in ((tmp_path / "mixed", "mine.parquet"), (tmp_path / "mixed2", "old/x.parquet")):
+        (folder / held).parent.mkdir(parents=True)
+        shutil.copy(queries, folder / held)
+        run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", folder]))
+        line = one_error_line(run)
+        assert run.returncode == 2 and f"holds {held.split('/')[0]}, Parquet no build-db wrote" in line, line
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
     run = raee_ops(*build_args(segment_artifacts, tmp_path / "gone" / "db", queries))
     assert run.returncode == 2 and "gone is a link to nothing" in one_error_line(run)

@@ -70,10 +70,11 @@ def _ids_as_text(values: pa.Array) -> pa.Array:
 
 
 def _is_id(t: pa.DataType) -> bool:
-    """Anything that reads as one string per row (ids are stored as text); not lists, structs or maps."""
+    """Anything that reads as one string per row (ids are stored as text); not lists, structs or maps, nor true or
+    false (two values: build-db refused the repeats as duplicate ids, classify's outputs could not be joined)."""
     if pa.types.is_dictionary(t):
         return _is_id(t.value_type)
-    return not pa.types.is_nested(t)
+    return not pa.types.is_nested(t) and not pa.types.is_boolean(t)
 
 
 def required_columns(task: Task, need_label: bool) -> list[str]:

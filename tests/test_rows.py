@@ -149,9 +149,11 @@ def test_an_id_that_is_not_utf8_rejects_its_row_under_its_bytes(stored):
     assert out.errors.to_pylist() == [{"id": "hex:fffe", "reason": "id is not valid UTF-8", "file": "b.parquet"}]
 
 
-def test_an_id_column_of_lists_is_run_level():
-    with pytest.raises(RaeeConfigError, match="column 'id' has type list<item: int64>, which cannot hold ids"):
-        check_columns(pa.schema([("id", pa.list_(pa.int64())), ("text", pa.string())]), SST2, False, "l.parquet")
+@pytest.mark.parametrize("kind", [pa.list_(pa.int64()), pa.bool_(), pa.dictionary(pa.int8(), pa.bool_())])
+def test_an_id_column_of_lists_or_booleans_is_run_level(kind):
+    """A bool id was read as the text true/false: build-db refused the repeats as duplicate ids."""
+    with pytest.raises(RaeeConfigError, match=f"column 'id' has type {kind}, which cannot hold ids"):
+        check_columns(pa.schema([("id", kind), ("text", pa.string())]), SST2, False, "l.parquet")
 
 
 def test_uuid_and_fixed_size_ids_read_as_text():

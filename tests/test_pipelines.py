@@ -562,6 +562,7 @@ def test_text_files_beside_bytes_files_are_read_together_row_by_row(tmp_path):
     ]
 
 
+@pytest.mark.filterwarnings("ignore:Possible nested set:FutureWarning")  # pytest resets raee_ops.storage's filter
 def test_an_input_named_with_glob_characters_is_that_file(tmp_path):
     """`--input 'data[1].parquet'` (a file that exists) was read as a pattern: "no such file", exit 2 (sweep A,
     session 65). A name that names no file is still a pattern; one that names a file and, as a pattern, matches

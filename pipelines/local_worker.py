@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 from raee_ops import logs
 
@@ -26,26 +27,35 @@ def main(argv: list[str]) -> None:
     logs.configure(verbosity)  # before Beam's import, which logs its own warnings
     from apache_beam.runners.worker import sdk_worker_main
 
-    from raee_ops.storage import alive
+    from raee_ops.storage import started
 
+    running = partial(command_running, command, started(command))
     # its connection to a command gone is no failure to report: that command's stderr, a scheduler's log, had two
     # tracebacks from each worker after a SIGKILL
-    logging.getLogger(sdk_worker_main.__name__).addFilter(lambda _: alive(command))
-    threading.Thread(target=_end_without, args=(command, alive), name="raee-watch-command", daemon=True).start()
+    logging.getLogger(sdk_worker_main.__name__).addFilter(lambda _: running())
+    threading.Thread(target=_end_without, args=(running,), name="raee-watch-command", daemon=True).start()
 
     with logs.library_prints_hidden():
         try:
             sdk_worker_main.main(argv)
         except Exception:
-            if alive(command):
+            if running():
                 raise
             os._exit(1)  # not a traceback, then SIGABRT from native threads at teardown, to a stderr nobody reads
 
 
-def _end_without(command: int, alive: Callable[[int], bool]) -> None:
+def command_running(command: int, born: int | None) -> bool:
+    """Whether the command that started this worker (process `command`, started at `born`) still runs: not a
+    later process given its pid once it was gone."""
+    from raee_ops.storage import alive, started
+
+    return alive(command) and started(command) == born
+
+
+def _end_without(running: Callable[[], bool]) -> None:
     """End this process once the command is gone: a command killed outright (SIGKILL, where nothing of its own
     runs) left its workers computing their bundles for minutes, for nobody, beside the scheduler's retry."""
-    while alive(command):
+    while running():
         time.sleep(WATCH_EVERY_S)
     os._exit(1)
 

@@ -468,11 +468,25 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's process
         pass
+    fields = _stat(pid)
+    return fields is None or fields[0] != b"Z"  # None: no /proc (not Linux), that it exists is all there is to know
+
+
+def started(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot), None where that cannot be read: a process known by its
+    pid and this is that process, not a later one given the same pid."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields is not None else None
+
+
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat from the state on (the third; the name before it may hold spaces)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:  # "pid (name) state …"
-            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):  # no /proc (not Linux): that it exists is all there is to know
-        return True
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if len(fields) > 19 else None
 
 
 def rename(pairs: Iterable[tuple[str, str]]) -> None:

@@ -102,6 +102,22 @@ def test_local_worker_processes_share_the_cores(monkeypatch):
         assert worker_settings([*remote, *processes, "--direct_num_workers", "2"]).threads is None
 
 
+def test_a_local_worker_tells_its_command_from_a_later_process_given_its_pid():
+    """Workers watch their command by pid: one reused by another process while they were not looking (they look
+    each second) kept them computing for nobody; the process's start time tells the two apart."""
+    from raee_ops.pipelines.local_worker import command_running
+
+    from raee_ops.storage import started
+
+    me = started(os.getpid())
+    assert isinstance(me, int) and me == started(os.getpid())
+    assert command_running(os.getpid(), me)
+    assert not command_running(os.getpid(), me - 1)  # the same pid, another process
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    assert started(gone.pid) is None and not command_running(gone.pid, me)
+
+
 @pytest.mark.parametrize("running_mode", ["multi_processing", "multi_threading"])
 def test_local_workers_say_as_much_as_their_command(segment_artifacts, tmp_path, running_mode):  # noqa: F811
     """The local runner's workers share the command's stderr: Beam's worker processes logged their start and stop

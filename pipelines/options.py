@@ -253,9 +253,12 @@ def make_pipeline(beam_args: Sequence[str] = (), **settings: str | None) -> beam
     extra = [f"--raee_{key}={value}" for key, value in settings.items() if value is not None]
     options = PipelineOptions(list(beam_args) + extra)
     runner_name = options.view_as(StandardOptions).runner
-    if is_local_runner(runner_name):
-        return beam.Pipeline(runner=_local_runner(), options=options)
-    return beam.Pipeline(options=options)
+    local = is_local_runner(runner_name)
+    pipeline = beam.Pipeline(runner=_local_runner(), options=options) if local else beam.Pipeline(options=options)
+    # Beam's folder for cross-language transforms, which these pipelines have none of, removed only once run() ends:
+    # each run killed, or refused before its run, left one in the temporary folder
+    os.rmdir(pipeline.local_tempdir)
+    return pipeline
 
 
 def _local_runner() -> Any:

@@ -2,6 +2,7 @@
 
 import io
 import os
+import tempfile
 
 import apache_beam as beam
 import numpy as np
@@ -90,8 +91,12 @@ class Units(beam.DoFn):
         yield element
 
 
-def test_workers_count_the_same_units_as_beam_counters():
+def test_workers_count_the_same_units_as_beam_counters(monkeypatch, tmp_path):
+    """...and leave no folder in the temporary folder: Beam made one per pipeline, removed only once run() ended
+    (every run killed, or refused before its run, left one)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     pipeline = make_pipeline([])
+    assert not list(tmp_path.iterdir())
     _ = pipeline | beam.Create([1, 2, 2]) | beam.ParDo(Units())
     result = pipeline.run()
     result.wait_until_finish()

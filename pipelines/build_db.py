@@ -167,19 +167,20 @@ def claimed_append_base(
 ) -> AppendBase:
     """One look at the table under the run's claim, where no other run can write it. Its metadata is checked again:
     another run may have replaced the table (other artifacts, task or key) after this run's first look, and the
-    refit must not merge rows of two keys. An append of the very job the current version was written by is done
-    already (its index built, where due); otherwise new ids already in the table are refused."""
+    refit must not merge rows of two keys. An append of the very job the current version was written by, whose rows
+    are all in it, is done already (its index built, where due); otherwise new ids already in the table are
+    refused."""
     opened = open_table(db_uri, table, storage_options=storage_options)
     check_meta(
         TableMeta.decode(opened.schema), expected, f"table {table!r} in {db_uri}, replaced since this run began,"
     )
     record, probes = RunRecord.of(opened.schema), table_probes(opened.schema)
     done = record.run_of(job) if record is not None else None
-    if done is not None:
+    present = read_column(opened, ID, f"table {table!r} in {db_uri}").combine_chunks()  # the ids alone
+    if done is not None and _holds_rows(done, ids, present):
         if not opened.list_indices():  # killed between its commit and its index
             build_index(opened)
         return AppendBase(opened.version, None, done=done)
-    present = read_column(opened, ID, f"table {table!r} in {db_uri}").combine_chunks()  # the ids alone
     if not len(present):  # built empty (--allow-empty): no probes, no old rows; the append fits them as a build does
         return AppendBase(opened.version, None)
     if probes is None:
@@ -193,6 +194,15 @@ def claimed_append_base(
         shown = _examples(clash)
         raise RaeeConfigError(f"append refused: {len(clash)} id(s) already in table {table!r} (e.g. {shown})")
     return AppendBase(opened.version, (probes.pooling,))
+
+
+def _holds_rows(done: RunRecord, ids: pa.Array, present: pa.Array) -> bool:
+    """Whether the table holds every row of `done`'s job but those it rejected, as this run reads its inputs: a file
+    replaced by other rows under the same job (a footer alike, see job_digest) is not done."""
+    if done.rejected is None:  # recorded before rejected rows were counted
+        return True
+    # at least: a row group that cannot be decoded gives no ids (file_keys), its rows rejected all the same
+    return int(pc.sum(pc.is_in(ids, value_set=present)).as_py() or 0) + done.rejected >= len(ids)
 
 
 def _committed_earlier(

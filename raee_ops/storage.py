@@ -16,6 +16,7 @@ import ctypes
 import errno
 import fnmatch
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -530,6 +531,21 @@ def delete(uris: Iterable[str]) -> None:
 def _unless_gone(_: Any, __: str, exc_info: tuple[type[BaseException], BaseException, Any]) -> None:
     if not issubclass(exc_info[0], FileNotFoundError):
         raise exc_info[1]
+
+
+def parquet_footer_digest(uri: str) -> str:
+    """A digest of a Parquet file's footer (its schema, row groups, and each column chunk's offset, sizes and
+    statistics), read from the file's end alone: what its rows are, however often it was copied; another file at
+    the same path and of the same size almost always differs in it. "unreadable" where there is no footer to read
+    (the run then refuses the file as not Parquet)."""
+    try:
+        with open_read(uri) as handle:
+            handle.seek(-8, os.SEEK_END)
+            length = int.from_bytes(handle.read(4), "little")  # then b"PAR1"
+            handle.seek(-8 - length, os.SEEK_END)
+            return hashlib.sha256(handle.read(length)).hexdigest()
+    except (OSError, ValueError):  # shorter than its footer says
+        return "unreadable"
 
 
 def parquet_rows(uri: str) -> int:

@@ -4,6 +4,8 @@ are lost, 0 duplicated, and nothing temporary is left. The summary is printed at
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import lancedb
@@ -247,3 +249,52 @@ def test_export_killed_then_rerun(tiny_llama_dir, tmp_path, fault_records):
     load_manifest(out)
     for point in ("export:segment@2", "export:move", "export:aside"):
         fault_records.append(FaultRecord("export-onnx", point, 1, 0, 0))
+
+
+def copied_again(path: Path) -> None:
+    """The same bytes written anew, a minute later by the clock (a scheduler staging a retry's inputs again)."""
+    data, then = path.read_bytes(), path.stat().st_mtime + 60
+    path.unlink()
+    path.write_bytes(data)
+    os.utime(path, (then, then))
+
+
+def test_a_retry_whose_inputs_were_copied_again_is_done(segment_artifacts, reference, tmp_path):  # noqa: F811
+    """A job is its settings and its inputs by path, size and Parquet footer, not modification time: a retry after a
+    kill past the commit, its inputs copied again, was another job, refused with exit 2 (build-db for its ids in the
+    table, classify for the complete output there), which a scheduler does not retry (sweep, session 66)."""
+    queries = labelled(tmp_path / "q.parquet", 12, 1, "q")
+    args = classify_args(segment_artifacts, reference, tmp_path / "out", queries)
+    assert raee_ops(*args, fault="publish:_SUCCESS").returncode == KILLED
+    copied_again(queries)
+    rerun = raee_ops(*args)
+    assert rerun.returncode == 0 and "already done" in rerun.stdout, rerun.stderr
+    db = tmp_path / "db"
+    old = labelled(tmp_path / "old.parquet", 30, 0, "t", bad=False)
+    run_build_db(segment_artifacts, "sst2", [str(old)], str(db), "sst2", "backbone", "overwrite", None)
+    new = labelled(tmp_path / "new.parquet", 8, 3, "n")
+    args = build_args(segment_artifacts, db, new, extra=["--mode", "append"])
+    assert raee_ops(*args, fault="commit:table").returncode == KILLED
+    copied_again(new)
+    retry = raee_ops(*args)
+    assert retry.returncode == 0 and "already done: table version 2 holds" in retry.stdout, retry.stderr
+    assert sorted(table_ids(db, "sst2")) == sorted(all_ids(old) | all_ids(new) - set(BAD_IDS))
+
+
+def test_an_input_replaced_by_other_rows_of_its_size_and_time_is_another_job(segment_artifacts, tmp_path):  # noqa: F811
+    """Its rows were never added: the append said 'already done', exit 0, for the job of the file it replaced (same
+    path, size and modification time: `cp -p`, `rsync -t`, an object store's whole seconds) (sweep, session 66)."""
+    db = tmp_path / "db"
+    old = labelled(tmp_path / "old.parquet", 30, 0, "t", bad=False)
+    run_build_db(segment_artifacts, "sst2", [str(old)], str(db), "sst2", "backbone", "overwrite", None)
+    daily, other = tmp_path / "daily.parquet", labelled(tmp_path / "other.parquet", 8, 3, "b", bad=False)
+    labelled(daily, 8, 3, "a", bad=False)
+    assert daily.stat().st_size == other.stat().st_size  # the same rows under other ids
+    args = build_args(segment_artifacts, db, daily, extra=["--mode", "append"])
+    assert raee_ops(*args).returncode == 0
+    then = daily.stat().st_mtime
+    shutil.copy(other, daily)
+    os.utime(daily, (then, then))
+    run = raee_ops(*args)
+    assert run.returncode == 0 and "already done" not in run.stdout, run.stdout
+    assert sorted(table_ids(db, "sst2")) == sorted(all_ids(old) | {f"{p}{i}" for p in "ab" for i in range(8)})

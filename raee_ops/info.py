@@ -127,9 +127,11 @@ def features_unreadable(
 
 
 def check_database(db_uri: str) -> None:
-    """Refuse a local database directory that does not exist (connecting would create it, empty)."""
-    if storage.is_local(db_uri) and not storage.is_dir(db_uri):
-        raise RaeeConfigError(f"no LanceDB database at {db_uri}")
+    """Refuse a database that does not exist: a local directory (connecting would create it, empty), or an
+    object-store prefix with no object under it (a typo: info said "no tables", prune pruned none, exit 0)."""
+    if not storage.is_dir(db_uri):
+        empty = "" if storage.is_local(db_uri) else " (no object under that prefix)"
+        raise RaeeConfigError(f"no LanceDB database at {db_uri}{empty}")
 
 
 def check_holds_tables(db_uri: str, names: set[str]) -> None:

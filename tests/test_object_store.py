@@ -266,6 +266,12 @@ def test_missing_options_and_live_claims_are_refused(s3, segment_artifacts, tmp_
     assert run.returncode == 2 and f"--input {prefix}/** matches what this run writes" in one_error_line(run)
     gone = raee_ops("info", "--db", "s3://no-such-bucket/db", *s3_args(endpoint), env=env, cwd=cwd)
     assert gone.returncode == 2 and "--db s3://no-such-bucket/db: no bucket 'no-such-bucket'" in one_error_line(gone)
+    for command in (["info"], ["prune", "--keep", "1"]):  # a typo'd prefix said "no tables", exit 0, every night
+        typo = raee_ops(*command, "--db", f"s3://{BUCKET}/refused/dbb", *s3_args(endpoint), env=env, cwd=cwd)
+        line = one_error_line(typo)
+        assert typo.returncode == 2 and line.endswith(
+            f"no LanceDB database at s3://{BUCKET}/refused/dbb (no object under that prefix)"
+        )
     # Beam's S3 client would retry these for minutes, silently: each is one line, at once, and a store that does
     # not answer (or answers 503) is a scheduler's retry (75), not a configuration to mend (2)
     elsewhere = s3_args(f"http://127.0.0.1:{free_port()}")

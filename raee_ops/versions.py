@@ -40,13 +40,14 @@ from raee_ops.retrieval import (
     foreign_table,
     open_listed,
     open_table,
+    read_column,
     table_folder,
     table_names,
     version_schemas,
     versions_of,
 )
 from raee_ops.run_record import RunRecord, default_errors_dir, drop_replaced, scope, settle, settle_noted, work_dir
-from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, TableMeta
+from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, ID, TableMeta
 
 
 def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, str] | None = None) -> dict[str, Any]:
@@ -60,6 +61,7 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
         previous = handle.version
         changed = not _holds(handle, version)  # a retried rollback finds its version already current: left so
         if changed:
+            _check_whole(handle, table, version)
             with committing(db_uri, table):
                 handle.restore(version)
         # the errors folder in step with the version now current: the rejected rows of the runs it holds
@@ -80,6 +82,18 @@ def _exit_table(db_uri: str, table: str, storage_options: dict[str, str] | None)
     if TableMeta.decode(handle.schema) is None:
         raise foreign_table(f"table {table!r} in {db_uri}", ", so it is left alone (check --table)")
     return handle
+
+
+def _check_whole(handle: lancedb.table.Table, table: str, version: int) -> None:
+    """Refuse to restore a version whose data files are gone or cut short: the rollback ended with exit 0 and the
+    table unreadable (classify refusing it, info exit 2)."""
+    handle.checkout(version)
+    try:
+        read_column(handle, ID, f"version {version} of table {table!r}")
+    except RaeeConfigError as exc:
+        raise RaeeConfigError(f"rollback refused: {exc}") from exc
+    finally:
+        handle.checkout_latest()
 
 
 def _holds(handle: lancedb.table.Table, version: int) -> bool:
@@ -217,6 +231,10 @@ def _prune(
     table = handle.name
     with hold(work_dir(db_uri, table), f"table {table!r}"):
         handle.checkout_latest()  # what another run committed before the claim was ours
+        try:  # a damaged current version is mended by a rollback to the versions the prune would remove
+            read_column(handle, ID, f"table {table!r}")
+        except RaeeConfigError as exc:
+            raise RaeeConfigError(f"{exc}; nothing pruned: a rollback to a whole earlier version mends it") from exc
         if not dry_run:  # committed runs' staged rejected rows are told apart by the versions about to go
             settle_errors(db_uri, table, default_errors_dir(db_uri, table), True, storage_options or {})
         history = _history(handle)

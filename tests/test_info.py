@@ -296,6 +296,26 @@ def test_rollback_restores_an_earlier_version_as_a_new_one(segment_artifacts, tm
         rollback(db, "sst2", 9)
 
 
+def test_prune_and_rollback_leave_a_damaged_version_as_it_is(segment_artifacts, tmp_path):  # noqa: F811
+    """Version 2's data file cut short (a lost upload, a lifecycle rule): prune removed version 1, the whole one a
+    rollback mends the table with, exit 0; a rollback to version 2 left the table unreadable, exit 0 (audit,
+    session 66). Both are refused now, changing nothing; the rollback to version 1 mends it."""
+    db = build_twice(segment_artifacts, tmp_path)
+    appended = max((tmp_path / "db" / "sst2.lance" / "data").iterdir(), key=lambda f: f.stat().st_mtime_ns)
+    os.truncate(appended, appended.stat().st_size // 2)
+    for command in (["prune", "--keep", "1", "--grace", "0"], ["prune", "--table", "sst2", "--keep", "1"]):
+        run = run_cli(*command, "--db", db)
+        assert run.returncode == 2 and "table 'sst2' cannot be read" in run.stderr, run.stderr
+        assert "nothing pruned: a rollback to a whole earlier version mends it" in run.stderr
+    assert [v["version"] for v in describe(db, "sst2")["tables"][0]["versions"]] == [1, 2]
+    assert run_cli("rollback", "--db", db, "--table", "sst2", "--version", "1").returncode == 0
+    assert describe(db, "sst2")["tables"][0]["unreadable"] is None
+    back = run_cli("rollback", "--db", db, "--table", "sst2", "--version", "2")
+    line = back.stderr.strip().splitlines()[-1]
+    assert back.returncode == 2 and line.startswith("error: rollback refused: version 2 of table 'sst2' cannot be read")
+    assert describe(db, "sst2")["tables"][0]["version"] == 3  # nothing restored
+
+
 def test_rollback_refuses_while_another_run_holds_the_table(segment_artifacts, tmp_path):  # noqa: F811
     db = build_twice(segment_artifacts, tmp_path)
     with hold(work_dir(db, "sst2"), "table 'sst2'"), pytest.raises(Busy, match="another run is writing table 'sst2'"):

@@ -188,9 +188,19 @@ def claimed(place: str, what: str) -> Iterator[None]:
     try:
         yield
     finally:
-        del _held[place]
+        _held.pop(place, None)  # gone already where release_claims gave it up
         beat.end()
         storage.delete([mine])
+
+
+def release_claims() -> None:
+    """Give up every object-store claim this process holds, for a run ending at once with its job cancelled (a
+    SIGTERM): a scheduler's retry was refused with exit 75 until the claim lapsed (STALE_S), where after a Ctrl-C,
+    whose unwinding releases it, it ran at once. What the run staged stays for the next run to remove."""
+    for place, beat in list(_held.items()):
+        beat.end()
+        storage.delete([beat.claim])
+        del _held[place]
 
 
 def export_publishing(folder: str) -> bool:

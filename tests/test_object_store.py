@@ -801,6 +801,31 @@ def test_a_classify_killed_on_s3_blocks_its_output_until_its_claim_is_released(s
     assert SUCCESS in names and not [n for n in names if n.startswith((TEMPORARY, CLAIM))], names
 
 
+def test_a_classify_stopped_on_s3_by_sigterm_releases_its_claim(s3, segment_artifacts, tmp_path):  # noqa: F811
+    """A scheduler's SIGTERM mid-run: its claim stayed, so the retry was refused with 75 for up to STALE_S (sweep,
+    session 66), where a Ctrl-C's released it. The claim goes with the job cancelled; the retry runs at once."""
+    from raee_ops.pipelines.build_db import run_build_db
+
+    endpoint, client = s3
+    art = upload_dir(client, segment_artifacts, "termed/artifacts")
+    client.upload_file(str(labelled(tmp_path / "train.parquet", 16, 0, "t", bad=False)), BUCKET, "termed/train.parquet")
+    client.upload_file(str(labelled(tmp_path / "q.parquet", 40, 3, "q")), BUCKET, "termed/q.parquet")
+    env, cwd = private_env(tmp_path)
+    db, opts = f"s3://{BUCKET}/termed/db", s3_args(endpoint)
+    run_build_db(art, "sst2", [f"s3://{BUCKET}/termed/train.parquet"], db, "sst2", "backbone", "overwrite", None, opts)
+    args = ["classify", "--artifacts", art, "--task", "sst2", "--db", db, "--input", f"s3://{BUCKET}/termed/q.parquet"]
+    args += ["--output", f"s3://{BUCKET}/termed/out", *opts]
+    stopped = raee_ops(*args, env=env | {"RAEE_FAULT": "batch:classify", "RAEE_FAULT_MODE": "terminate"}, cwd=cwd)
+    assert stopped.returncode == -15, stopped.stderr
+    names = [k.removeprefix("termed/out/") for k in keys(client, "termed/out/")]
+    assert SUCCESS not in names and not [n for n in names if n.startswith(CLAIM)], names
+    rerun = raee_ops(*args, env=env, cwd=cwd)
+    assert rerun.returncode == 0, rerun.stderr
+    ids = read_parquet(client, "termed/out/predictions-").column("id").to_pylist()
+    ids += read_parquet(client, "termed/out/_errors-").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 45
+
+
 def test_a_store_that_stops_answering_mid_run_ends_it_with_75(segment_artifacts, tmp_path):  # noqa: F811
     """The store stops answering once the run has claimed its output (a partition; here the server is stopped, so
     connections are taken and never answered): botocore's timeouts and retries under Beam's seven retries had the run

@@ -100,12 +100,15 @@ def _holds(handle: lancedb.table.Table, version: int) -> bool:
     """Whether the latest version is `version` or a restored copy of it: a restore commits a new version number, so a
     rollback retried after a kill that came after its restore compared unequal and restored again, each retry one
     more copy (which `prune --keep` then counted). Every build-db commit stamps its own run record, fit and
-    companion pin in the schema's metadata: equal metadata and row counts are the same rows."""
+    companion pin in the schema's metadata, and a restore reuses the version's data files: equal metadata, row
+    counts and data-file totals (LanceDB's per-version statistics) are the same rows. Another program's edit of a
+    row (an update, which leaves the metadata and count) writes other files, so it is rolled back."""
     if handle.version == version:
         return True
-    latest = handle.schema.metadata, handle.count_rows()
+    files = {v["version"]: v.get("metadata") for v in versions_of(handle)}
+    latest = handle.schema.metadata, handle.count_rows(), files.get(handle.version)
     handle.checkout(version)
-    then = handle.schema.metadata, handle.count_rows()
+    then = handle.schema.metadata, handle.count_rows(), files.get(version)
     handle.checkout_latest()
     return latest == then
 

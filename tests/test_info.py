@@ -295,6 +295,14 @@ def test_rollback_restores_an_earlier_version_as_a_new_one(segment_artifacts, tm
     with pytest.raises(RaeeConfigError, match=r"table 'sst2' has no version 9 \(versions: 1-4\)"):
         rollback(db, "sst2", 9)
 
+    # another program's edit of a row (its metadata and row count as they were) is no restored copy: it said
+    # "version 4 already current (as version 5)", exit 0, the edit kept (audit, session 66)
+    edited = lancedb.connect(db).open_table("sst2")
+    edited.update(
+        where="id = 'a0'", values={"label": 1 - edited.search().where("id = 'a0'").to_arrow()["label"][0].as_py()}
+    )
+    assert rollback(db, "sst2", 4)["changed"] and describe(db, "sst2")["tables"][0]["version"] == 6
+
 
 def test_prune_and_rollback_leave_a_damaged_version_as_it_is(segment_artifacts, tmp_path):  # noqa: F811
     """Version 2's data file cut short (a lost upload, a lifecycle rule): prune removed version 1, the whole one a

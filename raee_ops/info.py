@@ -127,20 +127,20 @@ def features_unreadable(
 
 
 def check_database(db_uri: str) -> None:
-    """Refuse a database that does not exist: a local directory (connecting would create it, empty), or an
-    object-store prefix with no object under it (a typo: info said "no tables", prune pruned none, exit 0)."""
-    if not storage.is_dir(db_uri):
-        empty = "" if storage.is_local(db_uri) else " (no object under that prefix)"
-        raise RaeeConfigError(f"no LanceDB database at {db_uri}{empty}")
+    """Refuse a local database directory that does not exist (connecting would create it, empty)."""
+    if storage.is_local(db_uri) and not storage.is_dir(db_uri):
+        raise RaeeConfigError(f"no LanceDB database at {db_uri}")
 
 
 def check_holds_tables(db_uri: str, names: set[str]) -> None:
-    """Refuse a folder with no table that holds other things: --db names another folder (the artifacts, the input
-    Parquet), which info read as a database with no tables and prune as one with nothing to prune, exit 0, where a
-    scheduled check wants to hear of the typo. An empty folder, or one holding only the tool's own `_` folders, is a
-    database with no tables."""
+    """Refuse a location with no table that holds other things, or (an object-store prefix) nothing: --db names
+    another folder (the artifacts, the input Parquet) or a typo'd prefix, which info read as a database with no
+    tables and prune as one with nothing to prune, exit 0, where a scheduled check wants to hear of it. An empty
+    local folder, or one holding only the tool's own `_` folders, is a database with no tables."""
     if names:
         return
+    if not storage.is_dir(db_uri):  # an object-store prefix (a local folder is checked first): nothing there
+        raise RaeeConfigError(f"no LanceDB database at {db_uri} (no object under that prefix)")
     others = [n for n in storage.children(db_uri) if not n.startswith(("_", ".")) and not n.endswith(".lance")]
     if others:
         shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")

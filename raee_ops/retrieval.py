@@ -319,7 +319,30 @@ def _reading_versions(table: lancedb.table.Table) -> Iterator[None]:
     try:
         yield
     except (ValueError, OSError, RuntimeError) as exc:
-        raise _unreadable(f"table {table.name!r}", exc, "restore them, or move its folder away and rebuild it") from exc
+        raise _unreadable(f"table {table.name!r}", exc, _manifest_remedy(table, str(exc))) from exc
+
+
+#: A version's manifest as LanceDB names it: `<version>.manifest`, or (its newer scheme) `<2**64 - 1 - version>…`.
+_MANIFEST = re.compile(r"_versions/(\d+)\.manifest")
+
+
+def _manifest_remedy(table: lancedb.table.Table, problem: str) -> str:
+    """What mends a table one of whose manifests is damaged: where it is an older version's (the current one reads
+    whole: classify and evaluate run), dropping that version; moving the table away lost every version."""
+    named = _MANIFEST.search(problem)
+    damaged = int(named.group(1)) if named else None
+    if damaged is not None and damaged >= 2**63:
+        damaged = 2**64 - 1 - damaged
+    try:
+        current = table.version
+    except (ValueError, OSError, RuntimeError):
+        current = None
+    if damaged is None or current is None or damaged == current:
+        return "restore them, or move its folder away and rebuild it"
+    return (
+        f"it is version {damaged}'s manifest, not the current version {current}'s (classify and evaluate read that "
+        "one): restore the file, or delete it to drop that version from the history"
+    )
 
 
 def versions_of(table: lancedb.table.Table) -> list[dict[str, Any]]:

@@ -172,6 +172,13 @@ def test_prune_of_every_table_goes_on_past_a_damaged_one(segment_artifacts, tmp_
         "table sst2",
         "table zz",
     ]
+    # what mends zz: its current version reads whole, so not moving it away (every version lost), as the line said
+    zz = shown.stdout.split("\n\n")[2]
+    assert "it is version 1's manifest, not the current version 2's (classify and evaluate read that one): " in zz
+    assert "or delete it to drop that version from the history" in zz
+    assert "delete it to drop" not in shown.stdout.split("\n\n")[0]  # a_damaged: its newest manifest
+    oldest.unlink()
+    assert [v["version"] for v in describe(db, "zz")["tables"][0]["versions"]] == [2]
 
 
 def test_a_table_whose_feature_rows_are_damaged_or_gone_says_append_is_refused_and_exit_2(segment_artifacts, tmp_path):  # noqa: F811

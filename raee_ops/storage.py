@@ -535,9 +535,9 @@ def _unless_gone(_: Any, __: str, exc_info: tuple[type[BaseException], BaseExcep
 
 def parquet_footer_digest(uri: str) -> str:
     """A digest of a Parquet file's footer (its schema, row groups, and each column chunk's offset, sizes and
-    statistics), read from the file's end alone: what its rows are, however often it was copied; another file at
-    the same path and of the same size almost always differs in it. "unreadable" where there is no footer to read
-    (the run then refuses the file as not Parquet)."""
+    min/max statistics), read from the file's end alone: other rows in a file of the same size mostly differ in
+    it, not always (an edit in place that keeps the sizes and touches no minimum or maximum). "unreadable" where
+    there is no footer to read (the run then refuses the file as not Parquet)."""
     try:
         with open_read(uri) as handle:
             handle.seek(-8, os.SEEK_END)

@@ -21,6 +21,8 @@ from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_failures import build_args, classify_args
 from test_pipelines import BAD_IDS, labelled
 
+from raee_ops import storage
+
 KILLED = -9
 ROWS = 200  # enough for several batches (and the @2 points)
 
@@ -251,36 +253,6 @@ def test_export_killed_then_rerun(tiny_llama_dir, tmp_path, fault_records):
         fault_records.append(FaultRecord("export-onnx", point, 1, 0, 0))
 
 
-def copied_again(path: Path) -> None:
-    """The same bytes written anew, a minute later by the clock (a scheduler staging a retry's inputs again)."""
-    data, then = path.read_bytes(), path.stat().st_mtime + 60
-    path.unlink()
-    path.write_bytes(data)
-    os.utime(path, (then, then))
-
-
-def test_a_retry_whose_inputs_were_copied_again_is_done(segment_artifacts, reference, tmp_path):  # noqa: F811
-    """A job is its settings and its inputs by path, size and Parquet footer, not modification time: a retry after a
-    kill past the commit, its inputs copied again, was another job, refused with exit 2 (build-db for its ids in the
-    table, classify for the complete output there), which a scheduler does not retry (sweep, session 66)."""
-    queries = labelled(tmp_path / "q.parquet", 12, 1, "q")
-    args = classify_args(segment_artifacts, reference, tmp_path / "out", queries)
-    assert raee_ops(*args, fault="publish:_SUCCESS").returncode == KILLED
-    copied_again(queries)
-    rerun = raee_ops(*args)
-    assert rerun.returncode == 0 and "already done" in rerun.stdout, rerun.stderr
-    db = tmp_path / "db"
-    old = labelled(tmp_path / "old.parquet", 30, 0, "t", bad=False)
-    run_build_db(segment_artifacts, "sst2", [str(old)], str(db), "sst2", "backbone", "overwrite", None)
-    new = labelled(tmp_path / "new.parquet", 8, 3, "n")
-    args = build_args(segment_artifacts, db, new, extra=["--mode", "append"])
-    assert raee_ops(*args, fault="commit:table").returncode == KILLED
-    copied_again(new)
-    retry = raee_ops(*args)
-    assert retry.returncode == 0 and "already done: table version 2 holds" in retry.stdout, retry.stderr
-    assert sorted(table_ids(db, "sst2")) == sorted(all_ids(old) | all_ids(new) - set(BAD_IDS))
-
-
 def test_an_input_replaced_by_other_rows_of_its_size_and_time_is_another_job(segment_artifacts, tmp_path):  # noqa: F811
     """Its rows were never added: the append said 'already done', exit 0, for the job of the file it replaced (same
     path, size and modification time: `cp -p`, `rsync -t`, an object store's whole seconds) (sweep, session 66)."""
@@ -298,3 +270,23 @@ def test_an_input_replaced_by_other_rows_of_its_size_and_time_is_another_job(seg
     run = raee_ops(*args)
     assert run.returncode == 0 and "already done" not in run.stdout, run.stdout
     assert sorted(table_ids(db, "sst2")) == sorted(all_ids(old) | {f"{p}{i}" for p in "ab" for i in range(8)})
+
+
+def test_an_input_edited_in_place_is_another_job(segment_artifacts, reference, tmp_path):  # noqa: F811
+    """One character changed in place can leave a Parquet footer as it was, byte for byte (sizes and min/max
+    alike): inputs known by their footers alone, the edited input's classify said 'already done' over the old
+    predictions, exit 0 (recheck, session 66). Its modification time still tells it: another job, refused."""
+    path = tmp_path / "q.parquet"
+
+    def write(middle: str) -> None:
+        texts = ["a good film", middle, "the worst"]
+        pq.write_table(pa.table({"id": ["q0", "q1", "q2"], "text": texts}), path, compression="none")
+
+    write("not terrible")
+    before = storage.parquet_footer_digest(str(path))
+    args = classify_args(segment_artifacts, reference, tmp_path / "out", path)
+    assert raee_ops(*args).returncode == 0
+    write("not tarrible")
+    assert storage.parquet_footer_digest(str(path)) == before  # what the footer cannot tell
+    run = raee_ops(*args)
+    assert run.returncode == 2 and "already holds a complete output" in run.stderr, run.stderr

@@ -350,11 +350,9 @@ def test_mismatched_tables_and_run_level_errors_fail_before_work(segment_artifac
         classify(tampered, root, "tampered")
     with pytest.raises(RaeeConfigError, match="unknown strategy"):
         classify(segment_artifacts, root, "nostrategy", strategy="fastest")
-    classify(segment_artifacts, root, "raee-again", strategy="full")
-    assert classify(segment_artifacts, root, "raee-again", strategy="full")[0].done  # its input written again: the job
-    other = str(labelled(tmp_path / "other.parquet", 20, 2, "o"))
-    with pytest.raises(RaeeConfigError, match="already holds"):  # other rows: another job's output is there
-        classify(segment_artifacts, root, "raee-again", strategy="full", inputs=other)
+    with pytest.raises(RaeeConfigError, match="already holds"):
+        classify(segment_artifacts, root, "raee-again", strategy="full")
+        classify(segment_artifacts, root, "raee-again", strategy="full")
     (tampered / "layer_001.onnx").write_bytes(b"junk")
     with pytest.raises(RaeeConfigError, match="checksum"):
         classify(tampered, root, "junk")

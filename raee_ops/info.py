@@ -141,7 +141,14 @@ def check_holds_tables(db_uri: str, names: set[str]) -> None:
         return
     if not storage.is_dir(db_uri):  # an object-store prefix (a local folder is checked first): nothing there
         raise RaeeConfigError(f"no LanceDB database at {db_uri} (no object under that prefix)")
-    others = [n for n in storage.children(db_uri) if not n.startswith(("_", ".")) and not n.endswith(".lance")]
+    others = [
+        n
+        for n in storage.children(db_uri)  # "": an object store's folder marker; an empty folder: lost+found
+        if n
+        and not n.startswith(("_", "."))
+        and not n.endswith(".lance")
+        and not storage.empty_folder(storage.join(db_uri, n))
+    ]
     if others:
         shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
         raise RaeeConfigError(f"{db_uri} is not a LanceDB database: it holds no table but {shown} (check --db)")

@@ -240,15 +240,32 @@ def _run(path: str) -> str | None:
 
 
 def foreign_parquet(errors_dir: str) -> list[str]:
-    """The names in an errors folder of Parquet no build-db wrote there (a file, or a folder holding some), which a
-    reader of the folder (a dataset: `_`- and `.`-prefixed names skipped, folders read) would take with the rejected
-    rows, under the first file's schema. Other files make such a reader fail, so they are left alone."""
+    """The names in an errors folder of Parquet no build-db wrote there (a file, or a folder holding some, by
+    content: Hive's `000000_0` has no suffix), which a reader of the folder (a dataset: `_`- and `.`-prefixed names
+    skipped, folders read) would take with the rejected rows, under the first file's schema. Other files make such
+    a reader fail, so they are left alone."""
     found = []
     for name in storage.children(errors_dir, "[!_.]*"):
         path = storage.join(errors_dir, name)
-        if _run(path) is None and (name.endswith(".parquet") or storage.match(storage.join(path, "**.parquet"), 1)):
+        if name and _run(path) is None and any(map(_is_parquet, storage.match(path) + _files_under(path))):
             found.append(name)
     return found
+
+
+#: The files of a folder in an errors folder read for their first bytes: enough to find a user's Parquet there.
+LOOKED_AT = 100
+
+
+def _files_under(folder: str) -> list[str]:
+    return storage.match(storage.join(folder, "**"), LOOKED_AT)
+
+
+def _is_parquet(path: str) -> bool:
+    try:
+        with storage.open_read(path) as handle:
+            return handle.read(4) == b"PAR1"
+    except OSError:  # a folder (locally), a file gone meanwhile
+        return False
 
 
 def default_errors_dir(db_uri: str, table: str) -> str:

@@ -59,9 +59,9 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
         handle.checkout_latest()  # what another run committed (or pruned) before the claim was ours
         _check_version(handle, table, version)
         previous = handle.version
+        _check_whole(handle, table, version)  # current already (or a copy of it), it is no mended table either
         changed = not _holds(handle, version)  # a retried rollback finds its version already current: left so
         if changed:
-            _check_whole(handle, table, version)
             with committing(db_uri, table):
                 handle.restore(version)
         # the errors folder in step with the version now current: the rejected rows of the runs it holds

@@ -455,7 +455,13 @@ def test_10_bad_locations_fail_fast_and_create_nothing(segment_artifacts, db, tm
     run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", tmp_path / "report"]))  # predictions
     assert run.returncode == 2 and "holds another job's complete output (report.json)" in one_error_line(run)
     # a user's Parquet (a file, a folder of them) was read with the rejected rows by a reader of the folder, exit 0
-    for folder, held in ((tmp_path / "mixed", "mine.parquet"), (tmp_path / "mixed2", "old/x.parquet")):
+    # by content: Hive's file names have no suffix (recheck, session 66)
+    for folder, held in (
+        (tmp_path / "mixed", "mine.parquet"),
+        (tmp_path / "mixed2", "old/x.parquet"),
+        (tmp_path / "mixed3", "000000_0"),
+        (tmp_path / "mixed4", "sub/part.parq"),
+    ):
         (folder / held).parent.mkdir(parents=True)
         shutil.copy(queries, folder / held)
         run = raee_ops(*build_args(segment_artifacts, db, queries, extra=["--errors", folder]))

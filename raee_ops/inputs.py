@@ -11,7 +11,6 @@ next row group is read as usual.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from functools import cache
 from typing import BinaryIO
@@ -61,8 +60,8 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
             raise RaeeConfigError(f"--input {pattern}: a folder; give its files or a glob ({folder}/*.parquet)")
         # an object store's folder markers (zero-byte `prefix/` keys that consoles and tools make) are folders
         matched = [m for m in _matched(pattern) if not m.path.endswith("/")]
+        refuse_glob_folder(pattern)
         if storage.is_local(pattern):  # first: a link to nothing matches nothing, and is better named as what it is
-            refuse_glob_folder(pattern)
             refuse_unreadable(pattern)
         if not matched:
             raise RaeeConfigError(f"--input {pattern}: no such file (no Parquet files match)")
@@ -93,22 +92,23 @@ def _matched(pattern: str) -> list[FileMetadata]:
 
 
 def refuse_glob_folder(pattern: str) -> None:
-    """Refuse a local pattern below a folder whose name holds glob characters (`dir[1]/*.parquet`), unless it names
-    a file as spelt: a pattern reads them as a pattern too, so it matched nothing, or another folder's files
-    (`dir1/`) with exit 0. Each written as `[c]` (`dir[[]1]`), they stand for themselves."""
-    path = os.path.abspath(storage.local_path(pattern))
-    if os.path.isfile(path):
+    """Refuse a pattern below a folder (an object-store prefix) whose name holds glob characters
+    (`dir[1]/*.parquet`), unless it names a file as spelt: a pattern reads them as a pattern too, so it matched
+    nothing, or another folder's files (`dir1/`) with exit 0. Each written as `[c]` (`dir[[]1]`), they stand for
+    themselves."""
+    local = storage.is_local(pattern)
+    path = os.path.abspath(storage.local_path(pattern)) if local else pattern
+    if storage.is_file(path):
         return
-    folder = os.path.dirname(path)
-    while folder != os.path.dirname(folder):
-        name = os.path.basename(folder)
-        if storage.is_pattern(name) and os.path.isdir(folder):
-            escaped = os.path.join(os.path.dirname(folder), re.sub(r"([*?[])", r"[\1]", name))
+    parts = path.rsplit("/", 1)[0].split("/")
+    for end in range(len(parts), 0, -1):  # the innermost first
+        folder = "/".join(parts[:end])
+        if storage.is_pattern(parts[end - 1]) and storage.is_dir(folder if local else storage.escaped(folder)):
+            escaped = "/".join([*parts[: end - 1], storage.escaped(parts[end - 1])])
             raise RaeeConfigError(
                 f"--input {pattern}: the folder {folder} has glob characters in its name, which a pattern reads as "
                 f"a pattern; write each as [c] ({escaped}{path[len(folder) :]}) or rename the folder"
             )
-        folder = os.path.dirname(folder)
 
 
 def refuse_unreadable(pattern: str) -> None:

@@ -229,6 +229,11 @@ def is_pattern(uri: str) -> bool:
     return any(c in uri for c in GLOB_CHARACTERS)
 
 
+def escaped(name: str) -> str:
+    """`name` as a glob that matches it alone: each glob character as `[c]` (Beam's glob has no other escape)."""
+    return re.sub(r"([*?[])", r"[\1]", name)
+
+
 def check_folder(uri: str, what: str) -> None:
     """Refuse, before any work, a location given as a folder that is a file or, locally, that this process cannot
     create or write in (an object store says so only at the first write)."""

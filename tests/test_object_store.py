@@ -529,6 +529,7 @@ def test_a_table_or_export_whose_claim_lapsed_commits_nothing(
     assert "lapsed/art/manifest.json" not in keys(client, "lapsed/art/")
 
 
+@pytest.mark.filterwarnings("ignore:Possible nested set:FutureWarning")  # pytest resets raee_ops.storage's filter
 def test_an_input_glob_skips_the_stores_folder_markers(s3, tmp_path):
     """A zero-byte `prefix/` key (a console's "create folder") matched `prefix/*` and was read as a Parquet file of
     0 bytes, refusing the run; a local folder is not a file either."""
@@ -541,6 +542,16 @@ def test_an_input_glob_skips_the_stores_folder_markers(s3, tmp_path):
     for pattern in ("marked/*", "marked/**"):
         found = [m.path for m in inputs.input_files([f"s3://{BUCKET}/{pattern}"])]
         assert found == [f"s3://{BUCKET}/marked/a.parquet"], pattern
+    # a prefix named with glob characters: a pattern below it read another prefix's files, exit 0 (recheck, session 66)
+    client.put_object(Bucket=BUCKET, Key="g/dir[1]/a.parquet", Body=b"x")
+    client.put_object(Bucket=BUCKET, Key="g/dir1/b.parquet", Body=b"y")
+    with pytest.raises(RaeeConfigError, match=r"folder s3://.*/g/dir\[1\] has glob .*/g/dir\[\[\]1\]/\*.parquet\)"):
+        inputs.input_files([f"s3://{BUCKET}/g/dir[1]/*.parquet"])
+    found = [m.path for m in inputs.input_files([f"s3://{BUCKET}/g/dir[[]1]/*.parquet"])]
+    assert found == [f"s3://{BUCKET}/g/dir[1]/a.parquet"]
+    assert [m.path for m in inputs.input_files([f"s3://{BUCKET}/g/dir*/b.parquet"])] == [
+        f"s3://{BUCKET}/g/dir1/b.parquet"
+    ]
 
 
 def test_s3_operations_share_one_client_per_setting_set(s3, monkeypatch):

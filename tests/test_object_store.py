@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import cli_runs
 import pyarrow as pa
@@ -780,22 +781,31 @@ def test_settings_from_the_environment_are_checked_as_the_options_are(monkeypatc
         worker_settings(args, "/local/db")
 
 
+def classify_on_s3(s3, artifacts, tmp_path, prefix: str) -> tuple[Any, list[str], dict[str, str], Path]:
+    """A table of 16 rows built under `prefix` in the bucket, and the classify of 40 rows (5 bad) into
+    `<prefix>/out`: (the S3 client, the command's arguments, its environment, its working folder)."""
+    from raee_ops.pipelines.build_db import run_build_db
+
+    endpoint, client = s3
+    art = upload_dir(client, artifacts, f"{prefix}/artifacts")
+    client.upload_file(
+        str(labelled(tmp_path / "train.parquet", 16, 0, "t", bad=False)), BUCKET, f"{prefix}/train.parquet"
+    )
+    client.upload_file(str(labelled(tmp_path / "q.parquet", 40, 3, "q")), BUCKET, f"{prefix}/q.parquet")
+    env, cwd = private_env(tmp_path)
+    db, opts = f"s3://{BUCKET}/{prefix}/db", s3_args(endpoint)
+    train = [f"s3://{BUCKET}/{prefix}/train.parquet"]
+    run_build_db(art, "sst2", train, db, "sst2", "backbone", "overwrite", None, opts)  # in this process: quicker
+    args = ["classify", "--artifacts", art, "--task", "sst2", "--db", db]
+    args += ["--input", f"s3://{BUCKET}/{prefix}/q.parquet"]
+    return client, [*args, "--output", f"s3://{BUCKET}/{prefix}/out", *opts], env, cwd
+
+
 def test_a_classify_killed_on_s3_blocks_its_output_until_its_claim_is_released(s3, segment_artifacts, tmp_path):  # noqa: F811
     """Killed mid-publish: no `_SUCCESS`, and the dead run's claim stays (a rerun within STALE_S is refused with
     75, as test_missing_options_and_live_claims_are_refused shows); once the claim is deleted, the rerun removes
     the leftovers and publishes every row once."""
-    from raee_ops.pipelines.build_db import run_build_db
-
-    endpoint, client = s3
-    art = upload_dir(client, segment_artifacts, "killed/artifacts")
-    client.upload_file(str(labelled(tmp_path / "train.parquet", 16, 0, "t", bad=False)), BUCKET, "killed/train.parquet")
-    client.upload_file(str(labelled(tmp_path / "q.parquet", 40, 3, "q")), BUCKET, "killed/q.parquet")
-    env, cwd = private_env(tmp_path)
-    db, opts = f"s3://{BUCKET}/killed/db", s3_args(endpoint)
-    train = [f"s3://{BUCKET}/killed/train.parquet"]
-    run_build_db(art, "sst2", train, db, "sst2", "backbone", "overwrite", None, opts)  # in this process: quicker
-    args = ["classify", "--artifacts", art, "--task", "sst2", "--db", db, "--input", f"s3://{BUCKET}/killed/q.parquet"]
-    args += ["--output", f"s3://{BUCKET}/killed/out", *opts]
+    client, args, env, cwd = classify_on_s3(s3, segment_artifacts, tmp_path, "killed")
     killed = raee_ops(*args, env=env | {"RAEE_FAULT": "publish:predictions-*.parquet"}, cwd=cwd)
     assert killed.returncode == -9
     names = [k.removeprefix("killed/out/") for k in keys(client, "killed/out/")]
@@ -815,17 +825,7 @@ def test_a_classify_killed_on_s3_blocks_its_output_until_its_claim_is_released(s
 def test_a_classify_stopped_on_s3_by_sigterm_releases_its_claim(s3, segment_artifacts, tmp_path):  # noqa: F811
     """A scheduler's SIGTERM mid-run: its claim stayed, so the retry was refused with 75 for up to STALE_S (sweep,
     session 66), where a Ctrl-C's released it. The claim goes with the job cancelled; the retry runs at once."""
-    from raee_ops.pipelines.build_db import run_build_db
-
-    endpoint, client = s3
-    art = upload_dir(client, segment_artifacts, "termed/artifacts")
-    client.upload_file(str(labelled(tmp_path / "train.parquet", 16, 0, "t", bad=False)), BUCKET, "termed/train.parquet")
-    client.upload_file(str(labelled(tmp_path / "q.parquet", 40, 3, "q")), BUCKET, "termed/q.parquet")
-    env, cwd = private_env(tmp_path)
-    db, opts = f"s3://{BUCKET}/termed/db", s3_args(endpoint)
-    run_build_db(art, "sst2", [f"s3://{BUCKET}/termed/train.parquet"], db, "sst2", "backbone", "overwrite", None, opts)
-    args = ["classify", "--artifacts", art, "--task", "sst2", "--db", db, "--input", f"s3://{BUCKET}/termed/q.parquet"]
-    args += ["--output", f"s3://{BUCKET}/termed/out", *opts]
+    client, args, env, cwd = classify_on_s3(s3, segment_artifacts, tmp_path, "termed")
     stopped = raee_ops(*args, env=env | {"RAEE_FAULT": "batch:classify", "RAEE_FAULT_MODE": "terminate"}, cwd=cwd)
     assert stopped.returncode == -15, stopped.stderr
     names = [k.removeprefix("termed/out/") for k in keys(client, "termed/out/")]

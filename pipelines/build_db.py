@@ -198,7 +198,7 @@ def claimed_append_base(
 
 def _holds_rows(done: RunRecord, ids: pa.Array, present: pa.Array) -> bool:
     """Whether the table holds every row of `done`'s job but those it rejected, as this run reads its inputs: a file
-    replaced by other rows under the same job (a footer alike, see job_digest) is not done."""
+    replaced by other rows yet taken for the same job (job_digest: its size, time and footer alike) is not done."""
     if done.rejected is None:  # recorded before rejected rows were counted
         return True
     # at least: a row group that cannot be decoded gives no ids (file_keys), its rows rejected all the same

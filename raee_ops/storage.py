@@ -479,8 +479,8 @@ def alive(pid: int) -> bool:
 
 
 def started(pid: int) -> int | None:
-    """When process `pid` started (clock ticks after boot), None where that cannot be read: a process known by its
-    pid and this is that process, not a later one given the same pid."""
+    """When process `pid` started (clock ticks after boot; None where /proc cannot tell): with the pid, what tells a
+    process from a later one given the same pid."""
     fields = _stat(pid)
     return int(fields[19]) if fields is not None else None
 

@@ -85,7 +85,8 @@ def _matched(pattern: str) -> list[FileMetadata]:
         others = [m.path for m in found if m.path != named.path]
         if others:  # which the user meant would be a guess, and a wrong one drops rows without a word
             raise RaeeConfigError(
-                f"--input {pattern}: names a file, and as a pattern matches {some(others)} too; rename that file"
+                f"--input {pattern}: names a file, and as a pattern matches {some(others)} too; for that file alone "
+                f"write each glob character as [c] ({storage.escaped(pattern)}), or rename it"
             )
         return [named]
     return found

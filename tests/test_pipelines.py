@@ -27,7 +27,7 @@ from raee_ops.schemas.manifest import load_manifest
 from raee_ops.schemas.tables import RUN_META_KEY
 from segment_artifacts import KEY, reexported, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
-from raee_ops import batches, inputs, tasks
+from raee_ops import batches, inputs, storage, tasks
 from raee_ops.errors import RaeeConfigError, VersionRemoved
 from raee_ops.inputs import file_key, read_validated_file
 from raee_ops.retrieval import (
@@ -576,6 +576,11 @@ def test_an_input_named_with_glob_characters_is_that_file(tmp_path):
     shutil.copy(other, tmp_path / "data1.parquet")
     with pytest.raises(RaeeConfigError, match=r"data\[1\].parquet: names a file, and as a pattern matches .*data1"):
         inputs.input_files([str(named)])
+    with pytest.raises(
+        RaeeConfigError, match=r"for that file alone write each glob character as \[c\] \(.*data\[\[\]1\]"
+    ):
+        inputs.input_files([str(named)])  # the message gave no escaped form (recheck, session 66)
+    assert [m.path for m in inputs.input_files([storage.escaped(str(named))])] == [str(named)]
     (tmp_path / "dir[1]").mkdir()
     with pytest.raises(RaeeConfigError, match=r"dir\[1\]: a folder; give its files or a glob"):
         inputs.input_files([str(tmp_path / "dir[1]")])

@@ -29,6 +29,8 @@ from raee_ops.rows import (
     as_text,
     check_columns,
     errors_table,
+    is_binary,
+    is_string,
     is_text,
     nan_ids_as_null,
     positions,
@@ -99,12 +101,13 @@ def refuse_glob_folder(pattern: str) -> None:
     themselves."""
     local = storage.is_local(pattern)
     path = os.path.abspath(storage.local_path(pattern)) if local else pattern
-    if storage.is_file(path):
-        return
     parts = path.rsplit("/", 1)[0].split("/")
-    for end in range(len(parts), 0, -1):  # the innermost first
+    named = [end for end in range(len(parts), 0, -1) if storage.is_pattern(parts[end - 1])]  # the innermost first
+    if not named or storage.is_file(path):  # no store call for an input whose folders are plain
+        return
+    for end in named:
         folder = "/".join(parts[:end])
-        if storage.is_pattern(parts[end - 1]) and storage.is_dir(folder if local else storage.escaped(folder)):
+        if storage.is_dir(folder if local else storage.escaped(folder)):
             escaped = "/".join([*parts[: end - 1], storage.escaped(parts[end - 1])])
             raise RaeeConfigError(
                 f"--input {pattern}: the folder {folder} has glob characters in its name, which a pattern reads as "
@@ -226,21 +229,13 @@ def _common_type(a: pa.DataType, b: pa.DataType, text: bool = False) -> pa.DataT
         return b
     if pa.types.is_dictionary(a) or pa.types.is_dictionary(b):
         return _common_type(*(t.value_type if pa.types.is_dictionary(t) else t for t in (a, b)), text=text)
-    kinds = (is_text,) if text else (_is_string, _is_binary)
+    kinds = (is_text,) if text else (is_string, is_binary)
     if not any(kind(a) and kind(b) for kind in (*kinds, pa.types.is_integer, pa.types.is_floating)):
         return None
     if pa.uint64() in (a, b) and any(pa.types.is_signed_integer(t) for t in (a, b)):  # Arrow would make it int64
         return None
     unified = pa.unify_schemas([pa.schema([("c", a)]), pa.schema([("c", b)])], promote_options="permissive")
     return unified.field("c").type
-
-
-def _is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
-
-
-def _is_binary(t: pa.DataType) -> bool:
-    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
 def _apart(a: pa.DataType, b: pa.DataType) -> str:

@@ -40,18 +40,25 @@ def without_views(schema: pa.Schema) -> pa.Schema:
     return pa.schema([f.with_type(_PLAIN.get(f.type, f.type)) for f in schema], metadata=schema.metadata)
 
 
+def is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
 def is_text(t: pa.DataType) -> bool:
     """A type whose values `as_text` reads as text: strings, bytes, their dictionaries, or nothing at all."""
     if pa.types.is_dictionary(t):
         return is_text(t.value_type)
-    kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
-    return pa.types.is_null(t) or any(kind(t) for kind in kinds)  # null: a column with no value at all
+    return pa.types.is_null(t) or is_string(t) or is_binary(t)  # null: a column with no value at all
 
 
 def _is_label(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         return _is_label(t.value_type)
-    return pa.types.is_null(t) or pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+    return pa.types.is_null(t) or pa.types.is_integer(t) or is_string(t)
 
 
 def _id_text(value: object) -> str:
@@ -199,7 +206,7 @@ def output_columns(schema: pa.Schema, task: Task) -> pa.Schema:
 
 def _holds_positions(t: pa.DataType) -> bool:
     """Whether an `id` column of type `t` can take a row's `row:<file key>:<n>` in place of a null."""
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
+    return is_string(t)
 
 
 def unjoinable(table: pa.Table) -> tuple[np.ndarray, str]:

@@ -184,23 +184,27 @@ def claimed(place: str, what: str) -> Iterator[None]:
             "last renewal; deleting it releases the place now, if no run is alive to renew it)"
         )
     remove_leftovers([c.path for c in others], place)
-    beat = _held[place] = _Beat(mine)
+    _held[place] = _Beat(mine)
     try:
         yield
     finally:
-        _held.pop(place, None)  # gone already where release_claims gave it up
+        _release(place)
+
+
+def _release(place: str) -> None:
+    """Stop renewing this process's claim on a place and delete it (nothing where it was released already)."""
+    beat = _held.pop(place, None)
+    if beat is not None:
         beat.end()
-        storage.delete([mine])
+        storage.delete([beat.claim])
 
 
 def release_claims() -> None:
     """Give up every object-store claim this process holds, for a run ending at once with its job cancelled (a
     SIGTERM): a scheduler's retry was refused with exit 75 until the claim lapsed (STALE_S), where after a Ctrl-C,
     whose unwinding releases it, it ran at once. What the run staged stays for the next run to remove."""
-    for place, beat in list(_held.items()):
-        beat.end()
-        storage.delete([beat.claim])
-        del _held[place]
+    for place in list(_held):
+        _release(place)
 
 
 def export_publishing(folder: str) -> bool:

@@ -231,7 +231,7 @@ def is_pattern(uri: str) -> bool:
 
 def escaped(name: str) -> str:
     """`name` as a glob that matches it alone: each glob character as `[c]` (Beam's glob has no other escape)."""
-    return re.sub(r"([*?[])", r"[\1]", name)
+    return re.sub(f"([{re.escape(GLOB_CHARACTERS)}])", r"[\1]", name)
 
 
 def check_folder(uri: str, what: str) -> None:

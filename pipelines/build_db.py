@@ -197,8 +197,9 @@ def claimed_append_base(
 
 
 def _holds_rows(done: RunRecord, ids: pa.Array, present: pa.Array) -> bool:
-    """Whether the table holds every row of `done`'s job but those it rejected, as this run reads its inputs: a file
-    replaced by other rows yet taken for the same job (job_digest: its size, time and footer alike) is not done."""
+    """Whether the table holds every row of `done`'s job but those it rejected, as this run reads its inputs: where
+    they are gone since (another program deleted them), or an object store's checksum did not tell other bytes
+    apart (job_digest), the job is not done."""
     if done.rejected is None:  # recorded before rejected rows were counted
         return True
     # at least: a row group that cannot be decoded gives no ids (file_keys), its rows rejected all the same

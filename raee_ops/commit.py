@@ -299,14 +299,12 @@ class OutputClaim:
 
 
 def job_digest(identity: dict[str, Any], files: Sequence[FileMetadata]) -> str:
-    """What one job is (settings and input files, each by path, size, modification time and Parquet footer): a
-    complete output or table version that names the same job is this job's, done. The footer: a file replaced by
-    other rows of its size, its time kept (`cp -p`, `rsync -t`, an object store's whole seconds), was taken for the
-    done job (exit 0, its rows never added). The time stays: a footer holds sizes and min/max statistics only, so an
-    edit of one character in place often leaves it as it was. The same file copied again is another job (exit 2)."""
-    inputs = sorted(
-        [m.path, m.size_in_bytes, m.last_updated_in_seconds, storage.parquet_footer_digest(m.path)] for m in files
-    )
+    """What one job is (settings and input files, each by path, size and content): a complete output or table
+    version that names the same job is this job's, done. By content (storage.content_digest), not modification
+    time: the same rows copied again (a scheduler's retry that fetches its input anew) are the same job, done, and
+    other rows in the file's place are another, however their time or Parquet footer were kept (`cp -p`, an edit in
+    place that keeps every size and minimum and maximum)."""
+    inputs = sorted([m.path, m.size_in_bytes, storage.content_digest(m.path)] for m in files)
     return hashlib.sha256(json.dumps([identity, inputs], sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -21,8 +21,6 @@ from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_failures import build_args, classify_args
 from test_pipelines import BAD_IDS, labelled
 
-from raee_ops import storage
-
 KILLED = -9
 ROWS = 200  # enough for several batches (and the @2 points)
 
@@ -272,10 +270,15 @@ def test_an_input_replaced_by_other_rows_of_its_size_and_time_is_another_job(seg
     assert sorted(table_ids(db, "sst2")) == sorted(all_ids(old) | {f"{p}{i}" for p in "ab" for i in range(8)})
 
 
+def footer(path: Path) -> bytes:
+    data = path.read_bytes()
+    return data[-8 - int.from_bytes(data[-8:-4], "little") : -8]
+
+
 def test_an_input_edited_in_place_is_another_job(segment_artifacts, reference, tmp_path):  # noqa: F811
     """One character changed in place can leave a Parquet footer as it was, byte for byte (sizes and min/max
     alike): inputs known by their footers alone, the edited input's classify said 'already done' over the old
-    predictions, exit 0 (recheck, session 66). Its modification time still tells it: another job, refused."""
+    predictions, exit 0 (recheck, session 66). Its content tells it, its time kept too: another job, refused."""
     path = tmp_path / "q.parquet"
 
     def write(middle: str) -> None:
@@ -283,10 +286,33 @@ def test_an_input_edited_in_place_is_another_job(segment_artifacts, reference, t
         pq.write_table(pa.table({"id": ["q0", "q1", "q2"], "text": texts}), path, compression="none")
 
     write("not terrible")
-    before = storage.parquet_footer_digest(str(path))
+    before, then = footer(path), path.stat().st_mtime
     args = classify_args(segment_artifacts, reference, tmp_path / "out", path)
     assert raee_ops(*args).returncode == 0
     write("not tarrible")
-    assert storage.parquet_footer_digest(str(path)) == before  # what the footer cannot tell
+    os.utime(path, (then, then))
+    assert footer(path) == before  # what the footer cannot tell, nor the time
     run = raee_ops(*args)
     assert run.returncode == 2 and "already holds a complete output" in run.stderr, run.stderr
+
+
+def test_an_input_copied_again_is_the_same_job(segment_artifacts, reference, tmp_path):  # noqa: F811
+    """A scheduler's retry that fetches its input anew (the same bytes, a new modification time) was another job:
+    classify was refused 'already holds a complete output', build-db's append 'ids already in table', exit 2 on
+    every retry (sweep, session 66). Both are done, exit 0, as the retry of the same file is."""
+    source = labelled(tmp_path / "source.parquet", 8, 3, "a", bad=False)
+    path = tmp_path / "daily.parquet"
+    shutil.copy(source, path)
+    args = classify_args(segment_artifacts, reference, tmp_path / "out", path)
+    assert raee_ops(*args).returncode == 0
+    db = tmp_path / "db"
+    old = labelled(tmp_path / "old.parquet", 30, 0, "t", bad=False)
+    run_build_db(segment_artifacts, "sst2", [str(old)], str(db), "sst2", "backbone", "overwrite", None)
+    append = build_args(segment_artifacts, db, path, extra=["--mode", "append"])
+    assert raee_ops(*append).returncode == 0
+    later = path.stat().st_mtime + 60
+    shutil.copy(source, path)
+    os.utime(path, (later, later))
+    for again in (raee_ops(*args), raee_ops(*append)):
+        assert again.returncode == 0 and "already done" in again.stdout, again.stderr
+    assert sorted(table_ids(db, "sst2")) == sorted(all_ids(old) | all_ids(source))

@@ -206,6 +206,17 @@ def test_export_build_classify_evaluate_all_on_s3(s3, tiny_llama_dir, tmp_path):
 
     again = raee_ops(*classify, "--input", f"{base}/in/q-*.parquet", *opts, env=env, cwd=cwd)  # a retry: done
     assert again.returncode == 0 and "already done" in again.stdout and "rows in: 17" in again.stdout
+    # an input uploaded again, the same bytes (a new modification time): the same job, done; other rows of its size
+    # in its place: another job (its ETag tells them, as a local file's SHA-256 does)
+    client.upload_file(str(tmp_path / "q1.parquet"), BUCKET, "e2e/in/q-1.parquet")
+    again = raee_ops(*classify, "--input", f"{base}/in/q-*.parquet", *opts, env=env, cwd=cwd)
+    assert again.returncode == 0 and "already done" in again.stdout, again.stderr
+    replaced = labelled(tmp_path / "r1.parquet", 6, 2, "r1-", bad=False)
+    assert replaced.stat().st_size == (tmp_path / "q1.parquet").stat().st_size
+    client.upload_file(str(replaced), BUCKET, "e2e/in/q-1.parquet")
+    other = raee_ops(*classify, "--input", f"{base}/in/q-*.parquet", *opts, env=env, cwd=cwd)
+    assert other.returncode == 2 and "already holds a complete output" in one_error_line(other)
+    client.upload_file(str(tmp_path / "q1.parquet"), BUCKET, "e2e/in/q-1.parquet")
     other = raee_ops(*classify, "--input", f"{base}/in/q-*.parquet", "--k", "3", *opts, env=env, cwd=cwd)
     assert other.returncode == 2 and "already holds a complete output" in one_error_line(other)
 

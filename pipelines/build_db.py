@@ -39,7 +39,7 @@ from raee_ops.commit import (
     SUCCESS,
     check_held,
     claim_work_dir,
-    job_digest,
+    job_of,
     new_run_id,
     say,
     some,
@@ -199,7 +199,7 @@ def claimed_append_base(
 def _holds_rows(done: RunRecord, ids: pa.Array, present: pa.Array) -> bool:
     """Whether the table holds every row of `done`'s job but those it rejected, as this run reads its inputs: where
     they are gone since (another program deleted them), or an object store's checksum did not tell other bytes
-    apart (job_digest), the job is not done."""
+    apart (job_of), the job is not done."""
     if done.rejected is None:  # recorded before rejected rows were counted
         return True
     # at least: a row group that cannot be decoded gives no ids (file_keys), its rows rejected all the same
@@ -353,9 +353,9 @@ def run_build_db(
             f"--errors {errors_dir} holds another job's complete output ({some(there)}): choose another"
         )
     settings_used = {"fingerprint": manifest.fingerprint, "task": task_name, "embedder": embedder, "mode": mode}
-    job = job_digest(
+    job = job_of(
         settings_used | {"group_column": group_column, "layer_budget": layer_budget, "layer_price": layer_price}, found
-    )
+    ).digest
     run_id, where, work = new_run_id(), scope(db_uri, table), work_dir(db_uri, table)
     refuse_reading_own_output(found, inputs, errors_dir, [first_shard(f"errors-{run_id}")], "--errors")
     foreign = foreign_parquet(errors_dir)

@@ -26,7 +26,7 @@ from raee_ops.schemas.tables import ERRORS_SCHEMA, PREDICTION_FIELDS
 
 from raee_ops import storage
 from raee_ops.batches import Classify
-from raee_ops.commit import SUCCESS, claim_output, completed, job_digest, unseen_staging
+from raee_ops.commit import SUCCESS, claim_output, completed, job_of, unseen_staging
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import refuse_head, refuse_unanswerable, resolve
 from raee_ops.inputs import check_inputs, count_rows, input_files, refuse_reading_own_output
@@ -192,7 +192,7 @@ def run_classify(
     refuse_reading_own_output(found, inputs, output_dir, OUTPUT_NAMES, "--output")
     files = [m.path for m in found]
     identity = {"fingerprint": manifest.fingerprint, "task": task_name, "db": storage.resolved(db_uri), "table": table}
-    job = job_digest(
+    job = job_of(
         identity | {"k": k, "strategy": strategy, "layer_budget": layer_budget, "layer_price": layer_price}, found
     )
 
@@ -277,7 +277,9 @@ def run_classify(
         claim.publish(
             {
                 "command": "classify",
-                "job": job,
+                "job": job.digest,
+                "settings": job.settings,
+                "inputs": job.inputs,
                 "rows_in": rows_in,
                 "predicted": predicted,
                 "rejected": rejected,

@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from apache_beam.io.filesystem import FileMetadata
 
@@ -298,14 +298,45 @@ class OutputClaim:
         return storage.join(self.staging, pattern)
 
 
-def job_digest(identity: dict[str, Any], files: Sequence[FileMetadata]) -> str:
+class Job(NamedTuple):
+    """What one job is (`job_of`): its digest, which a complete output or table version records, and the settings
+    and inputs it was taken from, which a complete output's marker keeps so that a refusal can name what differs."""
+
+    digest: str
+    settings: dict[str, Any]
+    inputs: list[list[Any]]
+
+    def differences(self, marker: dict[str, Any]) -> str:
+        """What the job of a complete output's `marker` had otherwise than this one, for its refusal ('' where the
+        marker does not say: another tool's, or written before markers kept it)."""
+        settings, inputs = marker.get("settings"), marker.get("inputs")
+        if not isinstance(settings, dict) or not isinstance(inputs, list):
+            return ""
+        ours, theirs = ({str(i[0]): i for i in rows if isinstance(i, list) and i} for rows in (self.inputs, inputs))
+        said = [
+            f"its {key} was {settings.get(key)!r}, this run's {value!r}"
+            for key, value in self.settings.items()
+            if settings.get(key) != value
+        ]
+        for what, paths in (
+            ("not among its inputs", sorted(ours.keys() - theirs.keys())),
+            ("its inputs, not this run's", sorted(theirs.keys() - ours.keys())),
+            ("changed since", sorted(p for p in ours.keys() & theirs.keys() if ours[p] != theirs[p])),
+        ):
+            if paths:
+                said.append(f"{some([storage.name(p) for p in paths])}: {what}")
+        return f" of another job ({'; '.join(said)})" if said else ""
+
+
+def job_of(settings: dict[str, Any], files: Sequence[FileMetadata]) -> Job:
     """What one job is (settings and input files, each by path, size and content): a complete output or table
     version that names the same job is this job's, done. By content (storage.content_digest), not modification
     time: the same rows copied again (a scheduler's retry that fetches its input anew) are the same job, done, and
     other rows in the file's place are another, however their time or Parquet footer were kept (`cp -p`, an edit in
     place that keeps every size and minimum and maximum)."""
     inputs = sorted([m.path, m.size_in_bytes, storage.content_digest(m.path)] for m in files)
-    return hashlib.sha256(json.dumps([identity, inputs], sort_keys=True, default=str).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([settings, inputs], sort_keys=True, default=str).encode()).hexdigest()
+    return Job(digest, settings, inputs)
 
 
 def read_marker(folder: str) -> dict[str, Any] | None:
@@ -321,11 +352,11 @@ def read_marker(folder: str) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else {}
 
 
-def completed(folder: str, job: str) -> dict[str, Any] | None:
+def completed(folder: str, job: Job) -> dict[str, Any] | None:
     """The `_SUCCESS` marker of a folder holding this very job's complete output (a retry of a run killed after it
     finished, or run twice by a scheduler), else None."""
     found = read_marker(folder)
-    if found is None or found.get("job") != job:
+    if found is None or found.get("job") != job.digest:
         return None
     _tidy(str(folder))
     return found
@@ -346,7 +377,7 @@ def _tidy(folder: str) -> None:
 
 @contextmanager
 def claim_output(
-    folder: str, patterns: Sequence[str], what: str, job: str | None = None, refused: Sequence[str] = ()
+    folder: str, patterns: Sequence[str], what: str, job: Job | None = None, refused: Sequence[str] = ()
 ) -> Iterator[OutputClaim]:
     """Claim an output folder for one run: refuse a folder that holds a complete output (`_SUCCESS`), files matching
     `patterns` or `refused` that no unfinished run left, or is being written by a live run; remove an unfinished
@@ -357,12 +388,13 @@ def claim_output(
     storage.check_folder(folder, what)
     with hold(folder, what):
         found = read_marker(folder)
-        if found is not None and job is not None and found.get("job") == job:
+        if found is not None and job is not None and found.get("job") == job.digest:
             yield OutputClaim(folder, "", tuple(patterns), done=found)
             return
         if found is not None:
+            why = job.differences(found) if job is not None else ""
             raise RaeeConfigError(
-                f"{folder} already holds a complete output ({SUCCESS} present); choose another {what} or delete it"
+                f"{folder} already holds a complete output ({SUCCESS} present){why}; choose another {what} or delete it"
             )
         names = [n for n in storage.children(folder) if not n.startswith(CLAIM)]
         ours = set(json.loads(storage.read_bytes(storage.join(folder, PUBLISHING)))) if PUBLISHING in names else set()

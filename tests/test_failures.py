@@ -98,9 +98,14 @@ def test_1_two_classify_runs_on_one_output_never_both_write(segment_artifacts, d
     assert retry.returncode == 0 and "already done" in retry.stdout, retry.stderr
     other = labelled(tmp_path / "q.parquet", 41, 1, "q", bad=False)  # the same path, other rows: another job
     run = raee_ops(*classify_args(segment_artifacts, db, out, other))
-    assert run.returncode == 2 and "already holds a complete output" in one_error_line(run)
+    assert run.returncode == 2 and "complete output (_SUCCESS present) of another job (q.parquet: changed since)" in (
+        one_error_line(run)
+    )
     run = raee_ops(*classify_args(segment_artifacts, db, out, queries, extra=["--k", "3"]))
-    assert run.returncode == 2 and "already holds a complete output" in one_error_line(run)
+    assert (
+        run.returncode == 2
+        and "of another job (its k was 10, this run's 3; q.parquet: changed since)" in one_error_line(run)
+    )
 
 
 def test_1b_a_twin_that_finishes_first_makes_the_other_done_not_refused(segment_artifacts, db, tmp_path, monkeypatch):  # noqa: F811

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import click
 
 from raee_ops import extras, logs
-from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, StoreUnavailable, first_line
+from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, StoreUnavailable, first_line, not_utf8
 from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES
 from raee_ops.key_names import DEFAULT_KEY, check_key, parse_embedder
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
@@ -162,6 +162,7 @@ class BeamCommand(click.Command):
                 raise click.UsageError(problem, ctx)
             _given_once(ctx, order)
             _not_empty(ctx, opts)
+            _utf8(ctx, opts, extra)
         return super().parse_args(ctx, args)
 
 
@@ -182,6 +183,21 @@ def _not_empty(ctx: click.Context, opts: dict[str, Any]) -> None:
         if any(isinstance(v, str) and not v.strip() for v in (values if isinstance(values, list) else [values])):
             instead = "" if param.required else " or leave the option out"
             raise click.BadParameter(f"is empty (an unset variable?); give a value{instead}", ctx, param)
+
+
+def _utf8(ctx: click.Context, opts: dict[str, Any], extra: list[str]) -> None:
+    """Refuse a value that is not UTF-8: Beam cannot encode it, and the run failed with an internal error in a
+    worker or on the driver, a folder already made."""
+    for param in ctx.command.params:
+        values = opts.get(param.name or "")
+        for value in values if isinstance(values, list) else [values]:
+            shown = not_utf8(value) if isinstance(value, str) else None
+            if shown:
+                raise click.BadParameter(f"{shown} is not UTF-8, which Beam cannot pass on: rename it", ctx, param)
+    for value in extra:
+        shown = not_utf8(value)
+        if shown:
+            raise click.UsageError(f"{shown} is not UTF-8, which Beam cannot pass on", ctx)
 
 
 def _given_once(ctx: click.Context, order: list[click.Parameter]) -> None:

@@ -329,12 +329,12 @@ class Job(NamedTuple):
 
 
 def job_of(settings: dict[str, Any], files: Sequence[FileMetadata]) -> Job:
-    """What one job is (settings and input files, each by path, size and content): a complete output or table
-    version that names the same job is this job's, done. By content (storage.content_digest), not modification
-    time: the same rows copied again (a scheduler's retry that fetches its input anew) are the same job, done, and
-    other rows in the file's place are another, however their time or Parquet footer were kept (`cp -p`, an edit in
-    place that keeps every size and minimum and maximum)."""
-    inputs = sorted([m.path, m.size_in_bytes, storage.content_digest(m.path)] for m in files)
+    """What one job is (settings and input files, each by path with its links resolved, size and content): a
+    complete output or table version that names the same job is this job's, done. By content
+    (storage.content_digest), not modification time: the same rows copied again (a scheduler's retry that fetches
+    its input anew) are the same job, done, and other rows in the file's place are another, however their time or
+    Parquet footer were kept (`cp -p`, an edit in place that keeps every size and minimum and maximum)."""
+    inputs = sorted([storage.resolved(m.path), m.size_in_bytes, storage.content_digest(m.path)] for m in files)
     digest = hashlib.sha256(json.dumps([settings, inputs], sort_keys=True, default=str).encode()).hexdigest()
     return Job(digest, settings, inputs)
 

@@ -99,3 +99,13 @@ def first_line(exc: BaseException | str) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[0] if lines else "" if isinstance(exc, str) else type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def not_utf8(value: str) -> str | None:
+    """A value holding bytes that are not UTF-8 (a file name's, which Python holds as surrogates), spelt printable
+    (those bytes as \\xNN); None for one that is UTF-8. Beam cannot encode such a value to pass it on."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return None

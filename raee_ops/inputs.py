@@ -22,7 +22,7 @@ from apache_beam.io.filesystem import FileMetadata
 
 from raee_ops import storage
 from raee_ops.commit import some
-from raee_ops.errors import RaeeConfigError
+from raee_ops.errors import RaeeConfigError, not_utf8
 from raee_ops.rows import (
     ROW_ID,
     Validated,
@@ -68,6 +68,11 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
         if not matched:
             raise RaeeConfigError(f"--input {pattern}: no such file (no Parquet files match)")
         for m in matched:  # a file once, however named (a link to it, another route): read twice otherwise
+            shown = not_utf8(m.path)
+            if shown:  # Beam cannot encode the name to read the file
+                raise RaeeConfigError(
+                    f"--input {shown}: a file name that is not UTF-8, which Beam cannot read: rename it"
+                )
             files.setdefault(storage.identity(m.path), m)
     return list(files.values())
 

@@ -686,6 +686,25 @@ def test_13_bad_values_names_and_paths_are_configuration_errors(segment_artifact
     assert read_folder(tmp_path / "elsewhere" / "o2", "predictions").num_rows == 5
 
 
+def test_14b_a_name_that_is_not_utf8_is_refused_before_anything_is_made(segment_artifacts, db, tmp_path):  # noqa: F811
+    """Bytes that are not UTF-8 in a location (or a Beam option) failed in Beam: an internal error (exit 1) on the
+    driver, or in a worker with exit 0 and no output; the output folder was made first (sweep, session 67)."""
+    queries = labelled(tmp_path / "q.parquet", 5, 1, "q", bad=False)
+    odd = os.fsdecode(b"\xff")
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / f"o{odd}", queries))
+    assert run.returncode == 2 and f"'--output': {tmp_path}/o\\xff is not UTF-8" in one_error_line(run)
+    run = raee_ops(*build_args(segment_artifacts, tmp_path / f"db{odd}", queries))
+    assert run.returncode == 2 and "'--db':" in one_error_line(run) and "is not UTF-8" in one_error_line(run)
+    extra = ["--temp_location", str(tmp_path / f"t{odd}")]
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=extra))
+    assert run.returncode == 2 and f"{tmp_path}/t\\xff is not UTF-8" in one_error_line(run)
+    (tmp_path / "in").mkdir()
+    shutil.copy(queries, tmp_path / "in" / f"x{odd}.parquet")
+    run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", f"{tmp_path}/in/*.parquet"))
+    assert run.returncode == 2 and "x\\xff.parquet: a file name that is not UTF-8" in one_error_line(run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "q.parquet"]
+
+
 def test_14_what_would_crash_late_or_be_guessed_is_refused_first(segment_artifacts, db, tmp_path):  # noqa: F811
     queries = labelled(tmp_path / "q.parquet", 5, 1, "q", bad=False)
     internal = tmp_path / "internal.parquet"

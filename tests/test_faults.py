@@ -314,6 +314,8 @@ def test_an_input_copied_again_is_the_same_job(segment_artifacts, reference, tmp
     later = path.stat().st_mtime + 60
     shutil.copy(source, path)
     os.utime(path, (later, later))
-    for again in (raee_ops(*args), raee_ops(*append)):
+    (tmp_path / "link.parquet").symlink_to(path)  # the same file through a link: the same job (it was another)
+    via_link = classify_args(segment_artifacts, reference, tmp_path / "out", tmp_path / "link.parquet")
+    for again in (raee_ops(*args), raee_ops(*append), raee_ops(*via_link)):
         assert again.returncode == 0 and "already done" in again.stdout, again.stderr
     assert sorted(table_ids(db, "sst2")) == sorted(all_ids(old) | all_ids(source))

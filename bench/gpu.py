@@ -61,7 +61,7 @@ def local_files_beam() -> None:
 
     names = {
         "apache_beam.io.filesystem": {"CompressionTypes": types.SimpleNamespace(UNCOMPRESSED="uncompressed"),
-                                      "FileMetadata": object, "FileSystem": object},
+                                      "FileMetadata": object, "FileSystem": object, "BeamIOError": OSError},
         "apache_beam.io.filesystems": {"FileSystems": FileSystems},
         "apache_beam.options.pipeline_options": {"PipelineOptions": dict, "S3Options": object},
     }  # fmt: skip

@@ -350,9 +350,9 @@ def test_mismatched_tables_and_run_level_errors_fail_before_work(segment_artifac
         classify(tampered, root, "tampered")
     with pytest.raises(RaeeConfigError, match="unknown strategy"):
         classify(segment_artifacts, root, "nostrategy", strategy="fastest")
-    with pytest.raises(RaeeConfigError, match="already holds"):
+    with pytest.raises(RaeeConfigError, match="already holds"):  # another job's (the same again is done)
         classify(segment_artifacts, root, "raee-again", strategy="full")
-        classify(segment_artifacts, root, "raee-again", strategy="full")
+        classify(segment_artifacts, root, "raee-again", strategy="raee")
     (tampered / "layer_001.onnx").write_bytes(b"junk")
     with pytest.raises(RaeeConfigError, match="checksum"):
         classify(tampered, root, "junk")

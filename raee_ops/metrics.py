@@ -35,7 +35,10 @@ def f1_positive(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int = 2) -> 
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int = 2) -> float:
-    return float(np.mean([_f1(y_true, y_pred, c) for c in range(num_labels)]))
+    """The mean F1 over the labels the rows hold or the answers name (scikit-learn's macro average): a label that
+    is neither has no F1 (0/0), and counted as 0 it capped rows lacking one of 6 labels at 5/6, however answered."""
+    labels = np.union1d(y_true, y_pred)
+    return float(np.mean([_f1(y_true, y_pred, c) for c in labels])) if len(labels) else 0.0
 
 
 METRICS: dict[str, Metric] = {

@@ -56,6 +56,7 @@ class Reference:
     probes: ProbeSet | None
     probe_policy: ProbePolicy | None
     fit_seconds: float = 0.0  # probes and both policies
+    label_names: tuple[str, ...] = ()  # the task's, in label order
 
     def render(self) -> list[str]:
         p, q = self.probes, self.probe_policy
@@ -68,6 +69,21 @@ class Reference:
             f"{curve}; key probe {p.key_oof_metric:.3f}; best layer {p.best_layer}",
             fit_line("probe policy", q),
             *self.no_signal(),
+            *self.unseen_labels(),
+        ]
+
+    def unseen_labels(self) -> list[str]:
+        """A warning naming the task's labels that no reference row has: the table holds nothing that answers them
+        (its probes never saw them, no neighbour carries them), and it built with exit 0 without a word."""
+        counts = self.probes.label_counts if self.probes else None
+        missing = [name for name, n in zip(self.label_names, counts or [], strict=False) if n == 0]
+        if not missing:
+            return []
+        which = f"label {missing[0]!r}" if len(missing) == 1 else f"labels {', '.join(map(repr, missing))}"
+        return [
+            f"warning: no reference row has {which}: the table holds nothing that answers "
+            f"{'it' if len(missing) == 1 else 'them'} (the probes never saw one, no neighbour carries one); add rows "
+            "so labelled (build-db --mode append)"
         ]
 
     def no_signal(self) -> list[str]:
@@ -208,7 +224,8 @@ def assemble(
     }
     data = data.replace_schema_metadata(meta.encode() | {k: v for k, v in extra.items() if v is not None})
     features_rows = _features_table([ids[i] for i in fit_rows], kept, num_layers, hidden)
-    return Reference(data, features_rows, policy, probes, probe_policy, time.perf_counter() - started)
+    fit_seconds = time.perf_counter() - started
+    return Reference(data, features_rows, policy, probes, probe_policy, fit_seconds, tuple(meta.label_names))
 
 
 def _layer_keyed(meta: TableMeta, new: pa.Table, old: pa.Table | None) -> tuple[pa.Table, LayerKey | None]:

@@ -12,6 +12,9 @@ def test_accuracy_and_f1_on_a_hand_counted_case():
     assert f1_positive(y, p) == pytest.approx(4 / 6)
     # negative class: tp=1, predicted=2, actual=2 -> 0.5; macro = (0.5 + 2/3) / 2
     assert macro_f1(y, p) == pytest.approx((0.5 + 4 / 6) / 2)
+    # a third label neither held nor answered has no F1: the same mean, as scikit-learn's (it was 0, capping at 2/3)
+    assert macro_f1(y, p, 3) == pytest.approx((0.5 + 4 / 6) / 2)
+    assert macro_f1(y, np.where(p == 0, 2, p), 3) == pytest.approx((0 + 4 / 6 + 0) / 3)  # a label only answered
 
 
 def test_matthews_matches_the_binary_formula_and_degenerate_cases():

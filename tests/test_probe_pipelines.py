@@ -510,3 +510,23 @@ def test_the_same_rows_fit_the_same_table_whatever_the_shards_order(segment_arti
     small = fitted("small", [staged.slice(0, 24), staged.slice(24, 12)])
     assert same(base, small) and same(grown, fitted("small-grown", [staged.slice(36)], small))
     assert max(parts) == 5 and sum(parts) == 2 * 36 + 2 * 24  # each new row's states read twice: fit, answers
+
+
+def test_a_reference_lacking_a_label_is_built_with_a_warning_naming_it(segment_artifacts, tmp_path):  # noqa: F811
+    """A reference set with no row of some label built with exit 0 and no word, and its table can never answer
+    that label (sweep, session 67); build-db's summary now names it. A reference holding every label says nothing."""
+    texts = [f"review number {i} of the film" for i in range(12)]
+    only_negative = write_labelled(tmp_path / "neg.parquet", [f"n{i}" for i in range(12)], texts, [0] * 12)
+    summary = run_build_db(
+        segment_artifacts, "sst2", [str(only_negative)], str(tmp_path / "db"), "sst2", KEY, "overwrite", None
+    )
+    warned = [line for line in summary.render().splitlines() if "no reference row has" in line]
+    assert warned == [
+        "warning: no reference row has label 'positive': the table holds nothing that answers it (the probes never "
+        "saw one, no neighbour carries one); add rows so labelled (build-db --mode append)"
+    ]
+    both = write_labelled(tmp_path / "both.parquet", [f"b{i}" for i in range(12)], texts, [i % 2 for i in range(12)])
+    summary = run_build_db(
+        segment_artifacts, "sst2", [str(both)], str(tmp_path / "db2"), "sst2", KEY, "overwrite", None
+    )
+    assert "no reference row has" not in summary.render()

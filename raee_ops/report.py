@@ -189,14 +189,18 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
     ]
     best, vote = r["best_layer"], r["neighbour_vote"]
-    rows = [[f"neighbour vote (k={vote['k']}, no layers)", vote["accuracy"], vote["metric"]]]
+    rows = [[f"neighbour vote (build-db's fitted k={vote['k']}, no layers)", vote["accuracy"], vote["metric"]]]
     if r["full"] is None:
         lines += ["No label-word head on this backbone: no zero-shot numbers (full, calibrated, oracle).", ""]
     else:
         rows = [
             ["full model (last layer)", r["full"]["accuracy"], r["full"]["metric"]],
             ["full, calibrated", r["full_calibrated"]["accuracy"], r["full_calibrated"]["metric"]],
-            [f"best single layer (L{best['layer']})", best["accuracy"], best["metric"]],
+            [
+                f"best single layer in hindsight (L{best['layer']}: best {r['metric_name']} on these rows)",
+                best["accuracy"],
+                best["metric"],
+            ],
             ["oracle (any layer right)", r["oracle_accuracy"], r["oracle_metric"]],
             *rows,
         ]
@@ -204,11 +208,11 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["## Against what a user would pick instead", ""]
     lines += [
         "All fitted on the same reference rows. key-lr: logistic regression on the retrieval key; knn-vote: the "
-        "neighbours' label vote; majority: the reference's most common label for every row (what a model that "
-        "learned nothing scores); probe-best: the probe of the one layer that scored best out of fold on the "
-        "reference; probe-last: the last layer's probe; full / full-cal: the zero-shot label-word head; default: "
-        f"`{r['default_strategy']}`. Default minus it: the difference in {r['metric_name']} on these rows, ± its "
-        f"standard error over {BOOTSTRAP_ROUNDS} resamples of the rows (both scored on each).",
+        "label vote of the --k nearest neighbours; majority: the reference's most common label for every row (what "
+        "a model that learned nothing scores); probe-best: the probe of the one layer that scored best out of fold "
+        "on the reference; probe-last: the last layer's probe; full / full-cal: the zero-shot label-word head; "
+        f"default: `{r['default_strategy']}`. Default minus it: the difference in {r['metric_name']} on these "
+        f"rows, ± its standard error over {BOOTSTRAP_ROUNDS} resamples of the rows (both scored on each).",
         "",
     ]
     against = r.get("default_against") or {}

@@ -118,7 +118,11 @@ def _absolute(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     if not value:
         return value
     storage.refuse_half_url(value, param.opts[0])  # made absolute, `s3:/b/x` would be a local folder's path
-    return storage.absolute(value)
+    absolute = storage.absolute(value)
+    shown = not_utf8(absolute)  # the working directory's name: `_utf8` read the value as given
+    if shown:
+        raise click.BadParameter(f"{shown} is not UTF-8, which Beam cannot pass on: rename it", ctx, param)
+    return absolute
 
 
 artifacts_option = click.option(

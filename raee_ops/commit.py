@@ -314,7 +314,7 @@ class Job(NamedTuple):
             return ""
         ours, theirs = ({str(i[0]): i for i in rows if isinstance(i, list) and i} for rows in (self.inputs, inputs))
         said = [
-            f"its {key} was {settings.get(key)!r}, this run's {value!r}"
+            f"its {_setting(key)} was {_value(settings.get(key))}, this run's {_value(value)}"
             for key, value in self.settings.items()
             if settings.get(key) != value
         ]
@@ -324,8 +324,19 @@ class Job(NamedTuple):
             ("changed since", sorted(p for p in ours.keys() & theirs.keys() if ours[p] != theirs[p])),
         ):
             if paths:
-                said.append(f"{some([storage.name(p) for p in paths])}: {what}")
+                said.append(f"{some([_value(p) for p in paths])}: {what}")
         return f" of another job ({'; '.join(said)})" if said else ""
+
+
+def _setting(key: str) -> str:
+    """A job setting as the user gave it: its option."""
+    return "artifacts' fingerprint" if key == "fingerprint" else f"--{key.replace('_', '-')}"
+
+
+def _value(value: Any) -> str:
+    """A job setting's or input's value for a one-line refusal: none given (the table's) said so, long ones cut."""
+    shown = "not given" if value is None else str(value)
+    return shown if len(shown) <= 120 else shown[:117] + "..."
 
 
 def job_of(settings: dict[str, Any], files: Sequence[FileMetadata]) -> Job:

@@ -98,14 +98,12 @@ def test_1_two_classify_runs_on_one_output_never_both_write(segment_artifacts, d
     assert retry.returncode == 0 and "already done" in retry.stdout, retry.stderr
     other = labelled(tmp_path / "q.parquet", 41, 1, "q", bad=False)  # the same path, other rows: another job
     run = raee_ops(*classify_args(segment_artifacts, db, out, other))
-    assert run.returncode == 2 and "complete output (_SUCCESS present) of another job (q.parquet: changed since)" in (
+    changed = f"{os.path.realpath(other)}: changed since"  # named by its path: a partition's files share names
+    assert run.returncode == 2 and f"complete output (_SUCCESS present) of another job ({changed})" in (
         one_error_line(run)
     )
     run = raee_ops(*classify_args(segment_artifacts, db, out, queries, extra=["--k", "3"]))
-    assert (
-        run.returncode == 2
-        and "of another job (its k was 10, this run's 3; q.parquet: changed since)" in one_error_line(run)
-    )
+    assert run.returncode == 2 and f"of another job (its --k was 10, this run's 3; {changed})" in one_error_line(run)
 
 
 def test_1b_a_twin_that_finishes_first_makes_the_other_done_not_refused(segment_artifacts, db, tmp_path, monkeypatch):  # noqa: F811
@@ -702,7 +700,26 @@ def test_14b_a_name_that_is_not_utf8_is_refused_before_anything_is_made(segment_
     shutil.copy(queries, tmp_path / "in" / f"x{odd}.parquet")
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", f"{tmp_path}/in/*.parquet"))
     assert run.returncode == 2 and "x\\xff.parquet: a file name that is not UTF-8" in one_error_line(run)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "q.parquet"]
+    (tmp_path / f"cwd{odd}").mkdir()  # a relative location below a working directory so named (recheck)
+    run = raee_ops(*classify_args(segment_artifacts, db, "out", queries), cwd=tmp_path / f"cwd{odd}")
+    assert run.returncode == 2 and "cwd\\xff/out is not UTF-8" in one_error_line(run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "q.parquet", f"cwd{odd}"])
+    assert list((tmp_path / f"cwd{odd}").iterdir()) == []
+
+
+def test_1c_a_refusal_names_the_other_jobs_settings_and_inputs_readably():
+    """What the refusal of another job's output says (recheck, session 67): options as spelt, a setting left to the
+    table 'not given' (it printed None), inputs by path (a partition's files share their names, and the line said
+    `part-0.parquet: not among its inputs; part-0.parquet: its inputs, not this run's`), long values cut."""
+    from raee_ops.commit import Job
+
+    mine = Job("a", {"k": 10, "layer_price": 0.2}, [["/in/day=2/part-0.parquet", 5, "x"]])
+    theirs = {"settings": {"k": "9" * 500, "layer_price": None}, "inputs": [["/in/day=1/part-0.parquet", 5, "x"]]}
+    said = mine.differences(theirs)
+    assert said.startswith(" of another job (its --k was 999") and "..., this run's 10;" in said
+    assert "its --layer-price was not given, this run's 0.2" in said and len(said) < 400
+    assert "/in/day=2/part-0.parquet: not among its inputs; /in/day=1/part-0.parquet: its inputs, not" in said
+    assert mine.differences({"settings": [], "inputs": 5}) == ""  # a marker that does not say: no detail
 
 
 def test_14_what_would_crash_late_or_be_guessed_is_refused_first(segment_artifacts, db, tmp_path):  # noqa: F811

@@ -215,10 +215,10 @@ def test_export_build_classify_evaluate_all_on_s3(s3, tiny_llama_dir, tmp_path):
     assert replaced.stat().st_size == (tmp_path / "q1.parquet").stat().st_size
     client.upload_file(str(replaced), BUCKET, "e2e/in/q-1.parquet")
     other = raee_ops(*classify, "--input", f"{base}/in/q-*.parquet", *opts, env=env, cwd=cwd)
-    assert other.returncode == 2 and "another job (q-1.parquet: changed since)" in one_error_line(other)
+    assert other.returncode == 2 and f"another job ({base}/in/q-1.parquet: changed since)" in one_error_line(other)
     client.upload_file(str(tmp_path / "q1.parquet"), BUCKET, "e2e/in/q-1.parquet")
     other = raee_ops(*classify, "--input", f"{base}/in/q-*.parquet", "--k", "3", *opts, env=env, cwd=cwd)
-    assert other.returncode == 2 and "of another job (its k was 10, this run's 3)" in one_error_line(other)
+    assert other.returncode == 2 and "of another job (its --k was 10, this run's 3)" in one_error_line(other)
 
     evaluate = ["evaluate", "--artifacts", art, "--task", "sst2", "--db", db, "--report", f"{base}/report"]
     client.put_object(Bucket=BUCKET, Key="e2e/report/_CLAIM-killed-run", Body=b"{}")  # a kill moments ago

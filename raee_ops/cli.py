@@ -119,9 +119,7 @@ def _absolute(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         return value
     storage.refuse_half_url(value, param.opts[0])  # made absolute, `s3:/b/x` would be a local folder's path
     absolute = storage.absolute(value)
-    shown = not_utf8(absolute)  # the working directory's name: `_utf8` read the value as given
-    if shown:
-        raise click.BadParameter(f"{shown} is not UTF-8, which Beam cannot pass on: rename it", ctx, param)
+    _refuse_not_utf8(absolute, ctx, param)  # the working directory's name: `_utf8` read the value as given
     return absolute
 
 
@@ -195,13 +193,18 @@ def _utf8(ctx: click.Context, opts: dict[str, Any], extra: list[str]) -> None:
     for param in ctx.command.params:
         values = opts.get(param.name or "")
         for value in values if isinstance(values, list) else [values]:
-            shown = not_utf8(value) if isinstance(value, str) else None
-            if shown:
-                raise click.BadParameter(f"{shown} is not UTF-8, which Beam cannot pass on: rename it", ctx, param)
+            if isinstance(value, str):
+                _refuse_not_utf8(value, ctx, param)
     for value in extra:
         shown = not_utf8(value)
         if shown:
             raise click.UsageError(f"{shown} is not UTF-8, which Beam cannot pass on", ctx)
+
+
+def _refuse_not_utf8(value: str, ctx: click.Context, param: click.Parameter) -> None:
+    shown = not_utf8(value)
+    if shown:
+        raise click.BadParameter(f"{shown} is not UTF-8, which Beam cannot pass on: rename it", ctx, param)
 
 
 def _given_once(ctx: click.Context, order: list[click.Parameter]) -> None:

@@ -38,7 +38,6 @@ from raee_ops.rows import (
     validate,
     without_views,
 )
-from raee_ops.schemas.manifest import sha256_stream
 from raee_ops.schemas.tables import ID, TEXT, TEXT_PAIR
 from raee_ops.tasks import Task
 
@@ -161,7 +160,7 @@ def file_key(path: str) -> str:
     Not kept across reads: a process outliving one run (a worker pool's) must not key a file rewritten at the same
     path by its old content, which would give new rows the ids of old ones."""
     with storage.open_read(path) as handle:
-        return sha256_stream(handle)[:16]
+        return storage.sha256_stream(handle)[:16]
 
 
 def _lazy_key(path: str) -> Callable[[], str]:

@@ -539,19 +539,24 @@ def _unless_gone(_: Any, __: str, exc_info: tuple[type[BaseException], BaseExcep
 
 
 def content_digest(uri: str) -> str:
-    """What a file holds, byte for byte: a local file's SHA-256, read whole (about 1.5 s a GB on a 2-core machine);
+    """What a file holds, byte for byte: a local file's SHA-256, read whole (about a second a GB on a 2-core machine);
     an object store's own checksum of the object (S3's ETag, GCS's), which changes with its bytes and not with a
     copy of the same bytes. "unreadable" where the file cannot be read (the run then refuses it)."""
     try:
         if not is_local(uri):
             return f"{scheme(uri)}:{FileSystems.checksum(uri)}"
-        digest = hashlib.sha256()
         with open(local_path(uri), "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+            return sha256_stream(handle)
     except (OSError, BeamIOError):
         return "unreadable"
+
+
+def sha256_stream(handle: BinaryIO) -> str:
+    """The SHA-256 of what is left to read from `handle`, read a MB at a time."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 def parquet_rows(uri: str) -> int:

@@ -18,6 +18,7 @@ from raee_ops.schemas.tables import known_fields
 
 from raee_ops import storage
 from raee_ops.errors import ArtifactError, ArtifactsChanged, first_line
+from raee_ops.storage import sha256_stream
 
 FORMAT = "raee-segments/1"
 MANIFEST_NAME = "manifest.json"
@@ -27,13 +28,6 @@ READOUTS = ("last", "mask", "cls")
 SEAL = "seal"
 
 T = TypeVar("T")
-
-
-def sha256_stream(handle: BinaryIO) -> str:
-    digest = hashlib.sha256()
-    for block in iter(lambda: handle.read(1 << 20), b""):
-        digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_file(path: str | Path) -> str:

@@ -199,9 +199,24 @@ def load_task_file(path: str | Path) -> Task:
         given = [key for key in TASK_FILE_OPTIONAL if raw.get(key) is not None]
         strings = {key: _text(raw[key], key) for key in [*TASK_FILE_STRINGS, *given]}
         lists = {key: _texts(raw[key], key) for key in TASK_FILE_LISTS}
-        return Task(**strings, **lists)
+        task = Task(**strings, **lists)
     except RaeeConfigError as err:
         raise RaeeConfigError(f"task file {path}: {err}") from None
+    problem = _file_task_problem(task)
+    if problem:
+        raise RaeeConfigError(f"task file {path}: {problem}")
+    return task
+
+
+def _file_task_problem(task: Task) -> str | None:
+    """What a user's task may not do that a stored one (an export's, read back) is not asked again: take a built-in
+    task's name (`--task sst2` would then mean the file's task in that export, another in the next), or end its
+    template in a space or tab (the label word is read after a space of its own: the prompt would hold two)."""
+    if task.name in PRESETS:
+        return f"name {task.name!r} is a built-in task's; give your task its own name (or use --task {task.name})"
+    if task.template[-1] in " \t":
+        return "template ends in a space or tab; end it where the label word follows (the word is read after a space)"
+    return None
 
 
 class _Twice(ValueError):

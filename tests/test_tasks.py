@@ -57,6 +57,9 @@ def write(tmp_path: Path, content: object) -> Path:
         ({**GOOD, "name": "x" * 300}, "over 100 characters"),  # failed in the export, writing head_<name>.onnx
         ({**GOOD, "name": "my task"}, r"task name: table name 'my task' may hold only letters"),  # exported, then
         ({**GOOD, "name": "t__features"}, "build-db's companion"),  # refused as build-db's default table name
+        ({**GOOD, "name": "sst2"}, "name 'sst2' is a built-in task's; give your task its own name"),
+        ({**GOOD, "template": "Review: {text}\nSentiment: "}, "template ends in a space or tab"),  # the prompt held two
+        ({**GOOD, "template": "Review: {text}\nSentiment:\t"}, "template ends in a space or tab"),
         ({**GOOD, "metric": "auc"}, "metric 'auc' is none of accuracy, matthews_corr, f1, macro_f1"),
         ({**GOOD, "metric": 1}, "metric must be a non-empty string, not a JSON number"),
         ({**GOOD, "label_names": ["a", "b", "c"], "verbalizer": ["x", "y", "z"], "metric": "f1"}, "needs two labels"),
@@ -72,7 +75,7 @@ def test_a_task_is_scored_with_its_own_metric_else_by_its_label_count(tmp_path: 
     """A task file may name its metric (an imbalanced task fitted for accuracy exits for the majority label); a
     task's name is no metric: a task file called `cola` was scored with Matthews correlation, unasked."""
     assert load_task_file(write(tmp_path, {**GOOD, "metric": "matthews_corr"})).metric_name == "matthews_corr"
-    assert load_task_file(write(tmp_path, {**GOOD, "name": "cola"})).metric_name == "accuracy"
+    assert Task(**{**GOOD, "name": "cola"}).metric_name == "accuracy"  # as an export's task read back
     three = {**GOOD, "label_names": ["a", "b", "c"], "verbalizer": ["x", "y", "z"]}
     assert load_task_file(write(tmp_path, three)).metric_name == "macro_f1"
     assert [PRESETS[name].metric_name for name in ("cola", "mrpc", "sst2", "trec")] == [

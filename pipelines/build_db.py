@@ -355,7 +355,7 @@ def run_build_db(
     settings_used = {"fingerprint": manifest.fingerprint, "task": task_name, "embedder": embedder, "mode": mode}
     job = job_of(
         settings_used | {"group_column": group_column, "layer_budget": layer_budget, "layer_price": layer_price}, found
-    ).digest
+    )
     run_id, where, work = new_run_id(), scope(db_uri, table), work_dir(db_uri, table)
     refuse_reading_own_output(found, inputs, errors_dir, [first_shard(f"errors-{run_id}")], "--errors")
     foreign = foreign_parquet(errors_dir)
@@ -368,7 +368,7 @@ def run_build_db(
     with claim_work_dir(work, f"table {table!r}", run_id) as staging:
         remove_unfinished(db_uri, table, store)
         settle_errors(db_uri, table, errors_dir, own_errors, store)
-        base = claimed_append_base(db_uri, table, meta, ids, job, store) if mode == "append" else None
+        base = claimed_append_base(db_uri, table, meta, ids, job.digest, store) if mode == "append" else None
         if base and base.done:
             if base.done.rejected is not None:  # None: recorded before rejected rows were counted
                 done = f"table {table!r} version {base.version} holds this job's rows, committed by an earlier run"
@@ -382,7 +382,7 @@ def run_build_db(
         pipeline = make_pipeline(
             beam_args, command="build-db", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
         )
-        valid, invalid = read_validated(pipeline, files, task, need_label=True, schema=schema_in)
+        valid, invalid = read_validated(pipeline, job.contents, task, need_label=True, schema=schema_in)
         rows, failed = valid | "Infer" >> Infer(layer_rows)
         write_tables(rows, "WriteStaging", storage.join(staging, "rows"), schema)
         errors = (invalid, failed) | "Errors" >> beam.Flatten()
@@ -423,7 +423,9 @@ def run_build_db(
                 layer_price=layer_price,
                 group_of=group_of,
             )
-        record = RunRecord.new(run_id, mode, job, rejected, previous[0].schema if previous[0] is not None else None)
+        record = RunRecord.new(
+            run_id, mode, job.digest, rejected, previous[0].schema if previous[0] is not None else None
+        )
         fault_point("commit:errors")
         check_held(work)  # the fit may have run long: a lapsed claim's table may be another run's by now
         table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store, record)

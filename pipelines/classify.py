@@ -246,7 +246,7 @@ def run_classify(
         pipeline = make_pipeline(
             beam_args, command="classify", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
         )
-        valid, invalid = read_validated(pipeline, files, task, need_label=False, schema=schema)
+        valid, invalid = read_validated(pipeline, job.contents, task, need_label=False, schema=schema)
         rows, failed = valid | "Infer" >> Infer(answering)
         write_tables(rows, "WritePredictions", claim.staging_of(PREDICTIONS), output_schema)
         errors = (invalid, failed) | "Errors" >> beam.Flatten()

@@ -305,6 +305,9 @@ class Job(NamedTuple):
     digest: str
     settings: dict[str, Any]
     inputs: list[list[Any]]
+    #: Each input file as the run reads it (its path as matched) -> its content digest, which the workers check
+    #: the file still holds (inputs.read_validated_file).
+    contents: dict[str, str]
 
     def differences(self, marker: dict[str, Any]) -> str:
         """What the job of a complete output's `marker` had otherwise than this one, for its refusal ('' where the
@@ -345,9 +348,10 @@ def job_of(settings: dict[str, Any], files: Sequence[FileMetadata]) -> Job:
     (storage.content_digest), not modification time: the same rows copied again (a scheduler's retry that fetches
     its input anew) are the same job, done, and other rows in the file's place are another, however their time or
     Parquet footer were kept (`cp -p`, an edit in place that keeps every size and minimum and maximum)."""
-    inputs = sorted([storage.resolved(m.path), m.size_in_bytes, storage.content_digest(m.path)] for m in files)
+    contents = {m.path: storage.content_digest(m.path) for m in files}
+    inputs = sorted([storage.resolved(m.path), m.size_in_bytes, contents[m.path]] for m in files)
     digest = hashlib.sha256(json.dumps([settings, inputs], sort_keys=True, default=str).encode()).hexdigest()
-    return Job(digest, settings, inputs)
+    return Job(digest, settings, inputs, contents)
 
 
 def read_marker(folder: str) -> dict[str, Any] | None:

@@ -82,6 +82,12 @@ class ArtifactsChanged(RetryLater):
     another)."""
 
 
+class InputChanged(RetryLater):
+    """An input file's bytes are not those the run began with (replaced or rewritten while it ran, by another run
+    or a fetch): rows read from it would be published as the job's. A rerun, once it stays put, is the new
+    content's job."""
+
+
 class Interrupted(RaeeError):
     """Ctrl-C (SIGINT) during a command: left as a kill leaves things."""
 

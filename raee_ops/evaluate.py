@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raee_ops import storage
 from raee_ops.batches import LayerRows
 from raee_ops.calibration import label_vote, neighbour_depths, not_before_key
 from raee_ops.errors import CountMismatch, RaeeConfigError
@@ -119,10 +120,11 @@ def _read_validated(inputs: list[str], task: Task) -> tuple[int, pa.Table, list[
     """The input files' row count (from their footers), their valid rows and the rejected ones; run-level problems
     raise before any work."""
     files = expand_inputs(inputs)
+    contents = {file: storage.content_digest(file) for file in files}  # what each file holds before any read
     schema, rows_in = check_inputs(files, task, need_label=True)
     valid, rejected = [], []
     for file in files:
-        for checked in read_validated_file(file, task, need_label=True, schema=schema, rows=CHUNK):
+        for checked in read_validated_file(file, task, True, contents[file], schema, rows=CHUNK):
             if checked.valid.num_rows:
                 valid.append(checked.valid)
             rejected += checked.errors.to_pylist()

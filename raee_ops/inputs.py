@@ -22,7 +22,7 @@ from apache_beam.io.filesystem import FileMetadata
 
 from raee_ops import storage
 from raee_ops.commit import some
-from raee_ops.errors import RaeeConfigError, not_utf8
+from raee_ops.errors import InputChanged, RaeeConfigError, not_utf8
 from raee_ops.rows import (
     ROW_ID,
     Validated,
@@ -325,14 +325,31 @@ def _group_names(values: pa.Array, path: str, column: str, first_row: int) -> pa
 
 
 def read_validated_file(
-    path: str, task: Task, need_label: bool, schema: pa.Schema | None = None, rows: int = ROWS_PER_ELEMENT
+    path: str,
+    task: Task,
+    need_label: bool,
+    content: str,
+    schema: pa.Schema | None = None,
+    rows: int = ROWS_PER_ELEMENT,
 ) -> Iterator[Validated]:
     """One file, `rows` rows at a time, in the inputs' common `schema` (check_inputs; None: the file's own),
-    validated; a row group that cannot be decoded becomes error rows. The file is hashed (file_key: a second full
-    read, from object storage a second download) only where some row's id is its position, not for files whose rows
-    carry ids."""
+    validated; a row group that cannot be decoded becomes error rows. The file must hold `content` (its
+    storage.content_digest when the run began) before and after it is read, or the run ends (InputChanged): a file
+    replaced meanwhile gave other rows than the job's, published as its own with exit 0. The file is hashed once
+    more (file_key: from object storage a download) only where some row's id is its position."""
+    unchanged(path, content)
     with storage.open_read(path) as handle:
         yield from _read_validated_groups(open_parquet(handle), path, task, need_label, schema, rows)
+    unchanged(path, content)
+
+
+def unchanged(path: str, content: str) -> None:
+    """Refuse a file whose content digest is no longer `content` (a local file is read whole: ~1 s a GB)."""
+    if storage.content_digest(path) != content:
+        raise InputChanged(
+            f"--input {path} changed or vanished while the run read it (its bytes are not those the run began "
+            "with); nothing was published: run again once it stays put"
+        )
 
 
 def _positional(table: pa.Table) -> bool:

@@ -315,7 +315,7 @@ def test_6b_a_row_group_that_decodes_short_or_an_unreadable_id_page_loses_no_row
     assert data[offset + 1] == 0
     data[offset + 1] = 0x43
     short.write_bytes(bytes(data))
-    read = list(read_validated_file(str(short), PRESETS["sst2"], need_label=True))
+    read = list(read_validated_file(str(short), PRESETS["sst2"], True, storage.content_digest(str(short))))
     valid, errors = (sum(getattr(v, part).num_rows for v in read) for part in ("valid", "errors"))
     assert valid < 40 and valid + errors == 40
     reasons = pa.concat_tables([v.errors for v in read]).column("reason").to_pylist()
@@ -343,7 +343,7 @@ def test_6c_a_page_that_fails_its_crc_checksum_is_an_unreadable_row_group(tmp_pa
     data = path.read_bytes()
     at = data.index(b"good", offset)
     path.write_bytes(data[:at] + b"dull" + data[at + 4 :])  # the page still decodes, to another text
-    read = list(read_validated_file(str(path), PRESETS["sst2"], need_label=False))
+    read = list(read_validated_file(str(path), PRESETS["sst2"], False, storage.content_digest(str(path))))
     assert [i for v in read for i in v.valid[ROW_ID].to_pylist()] == [f"k{i}" for i in range(10)]
     reasons = pa.concat_tables([v.errors for v in read]).column("reason").to_pylist()
     assert len(reasons) == 10 and all(
@@ -713,7 +713,7 @@ def test_1c_a_refusal_names_the_other_jobs_settings_and_inputs_readably():
     `part-0.parquet: not among its inputs; part-0.parquet: its inputs, not this run's`), long values cut."""
     from raee_ops.commit import Job
 
-    mine = Job("a", {"k": 10, "layer_price": 0.2}, [["/in/day=2/part-0.parquet", 5, "x"]])
+    mine = Job("a", {"k": 10, "layer_price": 0.2}, [["/in/day=2/part-0.parquet", 5, "x"]], {})
     theirs = {"settings": {"k": "9" * 500, "layer_price": None}, "inputs": [["/in/day=1/part-0.parquet", 5, "x"]]}
     said = mine.differences(theirs)
     assert said.startswith(" of another job (its --k was 999") and "..., this run's 10;" in said
@@ -1035,7 +1035,7 @@ def test_a_table_another_program_keeps_is_neither_appended_to_nor_replaced(segme
 
 def test_a_row_that_fails_where_its_batch_runs_is_rejected_alone(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
     rows = labelled(tmp_path / "rows.parquet", 4, 0, "r", bad=False)
-    table = next(iter(read_validated_file(str(rows), PRESETS["sst2"], need_label=True))).valid
+    table = next(iter(read_validated_file(str(rows), PRESETS["sst2"], True, storage.content_digest(str(rows))))).valid
     work = LayerRows(str(segment_artifacts), PRESETS["sst2"], "backbone")
     model, real = work.load(), LayerRows.predict
 

@@ -28,6 +28,7 @@ from raee_ops.probes import PROMPT_VIEWS, VIEWS
 from raee_ops.report import render_markdown
 from raee_ops.retrieval import Retriever
 from raee_ops.runtime import SUB_BATCH, SegmentRuntime
+from raee_ops.storage import content_digest
 from raee_ops.tasks import PRESETS
 
 DEPTH = 2  # of the tiny artifacts' 3 layers: rows whose exit is 1 are read out at 2
@@ -179,7 +180,7 @@ def test_a_layer_key_table_skips_the_bare_input_pass_its_probes_cannot_read(segm
     of running every layer on it; a MiniLM-keyed table's workers run it, unless the caller reads only a prompt view
     (evaluate, on a table whose probes chose one)."""
     rows = signal_rows(tmp_path / "rows.parquet", 12, 0, "r")
-    table = next(iter(read_validated_file(str(rows), PRESETS["sst2"], need_label=True))).valid
+    table = next(iter(read_validated_file(str(rows), PRESETS["sst2"], True, content_digest(str(rows))))).valid
     for embedder, views, bare_run in (("layer-2", None, False), (KEY, None, True), (KEY, ("mean",), False)):
         work = LayerRows(str(segment_artifacts), PRESETS["sst2"], embedder, views)
         staged = work.run(table, work.load()).rows

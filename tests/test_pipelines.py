@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from cli_runs import raee_ops
 from raee_ops.pipelines import build_db
+from raee_ops.pipelines import classify as classify_pipeline
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.schemas.manifest import load_manifest
@@ -28,7 +29,7 @@ from raee_ops.schemas.tables import RUN_META_KEY
 from segment_artifacts import KEY, reexported, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops import batches, inputs, storage, tasks
-from raee_ops.errors import RaeeConfigError, VersionRemoved
+from raee_ops.errors import InputChanged, RaeeConfigError, VersionRemoved
 from raee_ops.inputs import file_key, read_validated_file
 from raee_ops.retrieval import (
     _NOT_FOUND,
@@ -41,6 +42,7 @@ from raee_ops.retrieval import (
 )
 from raee_ops.rows import ROW_ID
 from raee_ops.runtime import SegmentRuntime
+from raee_ops.storage import content_digest
 from raee_ops.tasks import PRESETS
 from raee_ops.versions import prune, rollback
 
@@ -498,7 +500,10 @@ def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position_once_per_rea
     mixed = write_labelled(tmp_path / "mixed.parquet", ["a", None, None, "d"], ["good", "bad", "fun", "dull"], [1] * 4)
 
     def ids(path: Path) -> list[list[str]]:
-        return [t.valid[ROW_ID].to_pylist() for t in read_validated_file(str(path), PRESETS["sst2"], True, rows=2)]
+        return [
+            t.valid[ROW_ID].to_pylist()
+            for t in read_validated_file(str(path), PRESETS["sst2"], True, content_digest(str(path)), rows=2)
+        ]
 
     assert ids(with_ids) == [["a", "b"]] and hashed == []
     assert ids(mixed) == [["a", "row:k1:1"], ["row:k1:2", "d"]] and hashed == [str(mixed)]
@@ -539,7 +544,10 @@ def test_the_duplicate_check_reads_ids_as_the_rows_are_stored_in_the_inputs_comm
                 run_build_db(*args)
         schema, _ = inputs.check_inputs(files, PRESETS["sst2"], need_label=True)
         for path in files:
-            stored = [t.valid[ROW_ID].to_pylist() for t in read_validated_file(path, PRESETS["sst2"], True, schema)]
+            stored = [
+                t.valid[ROW_ID].to_pylist()
+                for t in read_validated_file(path, PRESETS["sst2"], True, content_digest(path), schema)
+            ]
             assert inputs.file_keys(path, None, schema)[0].to_pylist() == sum(stored, []), name
 
 
@@ -554,7 +562,11 @@ def test_text_files_beside_bytes_files_are_read_together_row_by_row(tmp_path):
     files = [str(strings), str(tmp_path / "b.parquet")]
     schema, rows = inputs.check_inputs(files, PRESETS["sst2"], need_label=True)
     assert (schema.field("text").type, schema.field("id").type, rows) == (pa.large_binary(), pa.string(), 4)
-    read = [checked for path in files for checked in read_validated_file(path, PRESETS["sst2"], True, schema)]
+    read = [
+        checked
+        for path in files
+        for checked in read_validated_file(path, PRESETS["sst2"], True, content_digest(path), schema)
+    ]
     assert sum((t.valid[ROW_ID].to_pylist() for t in read), []) == ["a", "b", "c"]
     assert sum((t.valid["text"].to_pylist() for t in read), []) == ["good", "bad", "fine"]
     assert [e for t in read for e in t.errors.to_pylist()] == [
@@ -628,6 +640,58 @@ def test_a_rewritten_file_gets_its_new_contents_key(tmp_path):
     before = file_key(str(path))
     write_labelled(path, [None], ["bad"], [0])
     assert file_key(str(path)) != before
+
+
+def test_a_file_must_hold_the_bytes_its_job_was_taken_from_before_and_after_it_is_read(tmp_path):
+    path = labelled(tmp_path / "a.parquet", 4, 3, "a", bad=False)
+    other = labelled(tmp_path / "b.parquet", 4, 4, "b", bad=False)
+    with pytest.raises(InputChanged, match=f"--input {path} changed or vanished while the run read it"):
+        next(read_validated_file(str(path), PRESETS["sst2"], True, content_digest(str(other))))
+    reading = read_validated_file(str(path), PRESETS["sst2"], True, content_digest(str(path)), rows=2)
+    assert next(reading).valid[ROW_ID].to_pylist() == ["a0", "a1"]
+    os.replace(other, path)  # replaced while it is read: what is read is the old file, no longer the input
+    with pytest.raises(InputChanged) as refused:
+        list(reading)
+    assert refused.value.exit_code == 75
+
+
+def test_an_input_replaced_while_the_run_reads_it_ends_the_run_for_a_retry(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    """A scheduler's second attempt fetches the input anew while the first still runs: rows of other content (as
+    many, so the counts balanced) were published as the job's with exit 0, its marker naming the first content, and
+    an append's ids, checked on the file as it was, went into the table twice. Now the run ends for a retry (75)
+    with nothing published, and the retry is the new content's job."""
+    db = str(tmp_path / "db")
+    run_build_db(
+        segment_artifacts,
+        "sst2",
+        [str(labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False))],
+        db,
+        "t",
+        KEY,
+        "overwrite",
+        None,
+    )
+    path = labelled(tmp_path / "new.parquet", 4, 4, "b", bad=False)
+    swapped = labelled(tmp_path / "swapped.parquet", 4, 3, "a", bad=False)  # ids a0..a3: in the table already
+
+    def swap(_: object) -> None:  # the driver's last check: its digests and ids were taken from the first file
+        shutil.copy(swapped, tmp_path / "fetching")
+        os.replace(tmp_path / "fetching", path)
+
+    for module in (build_db, classify_pipeline):
+        monkeypatch.setattr(module, "check_job_service", swap)
+    with pytest.raises(InputChanged):
+        run_build_db(segment_artifacts, "sst2", [str(path)], db, "t", KEY, "append", None)
+    table = lancedb.connect(db).open_table("t")
+    assert table.count_rows() == 6 and len(set(table.to_arrow()["id"].to_pylist())) == 6
+    labelled(path, 4, 4, "b", bad=False)
+    out = tmp_path / "out"
+    with pytest.raises(InputChanged):
+        run_classify(segment_artifacts, "sst2", db, "t", [str(path)], str(out), 3, "raee")
+    assert not (out / "_SUCCESS").exists() and not glob.glob(str(out / "pred*"))
+    monkeypatch.undo()
+    summary = run_classify(segment_artifacts, "sst2", db, "t", [str(path)], str(out), 3, "raee")
+    assert not summary.done and sorted(pq.read_table(out).column("id").to_pylist()) == [f"a{i}" for i in range(4)]
 
 
 def test_a_gpu_run_of_a_row_by_row_strategy_is_told_a_fixed_depth_runs_faster(segment_artifacts, built, caplog):  # noqa: F811

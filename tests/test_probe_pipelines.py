@@ -470,7 +470,7 @@ def test_the_same_rows_fit_the_same_table_whatever_the_shards_order(segment_arti
     monkeypatch.setattr(probes_module, "FIT_ROWS", 30)  # the other rows are answered by the fitted probes
     rows = signal_rows(tmp_path / "rows.parquet", 60, 0, "r")
     task = PRESETS["sst2"]
-    table = next(iter(read_validated_file(str(rows), task, need_label=True, rows=60))).valid
+    table = next(iter(read_validated_file(str(rows), task, True, storage.content_digest(str(rows)), rows=60))).valid
     work = LayerRows(str(segment_artifacts), task, "backbone")
     staged = work.run(table, work.load()).rows
     manifest = load_manifest(segment_artifacts)

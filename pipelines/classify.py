@@ -199,7 +199,8 @@ def run_classify(
     def already_done(done: dict[str, Any]) -> ClassifySummary:
         return ClassifySummary(
             strategy,
-            described,
+            # as the table version it read had them: an append since may have refitted the table's
+            done.get("described") or f"the settings of table version {done['table_version']}, not recorded",
             manifest.num_layers,
             done["rows_in"],
             done["predicted"],
@@ -285,6 +286,7 @@ def run_classify(
                 "rejected": rejected,
                 "exit_counts": summary.exit_counts,
                 "table_version": version,
+                "described": described,
             }
         )
     return summary

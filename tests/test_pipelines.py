@@ -405,6 +405,37 @@ def test_append_adds_new_ids_and_refuses_present_ones(segment_artifacts, tmp_pat
     assert summary.predicted == 4
 
 
+def test_an_output_already_done_says_the_settings_it_was_made_with(segment_artifacts, tmp_path):  # noqa: F811
+    """The table changed since (an append): a retry's `already done` printed the settings of the table's current
+    version beside the counts and version of the one the output was made from."""
+    db = str(tmp_path / "db")
+    run_build_db(
+        segment_artifacts,
+        "sst2",
+        [str(labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False))],
+        db,
+        "t",
+        KEY,
+        "overwrite",
+        None,
+    )
+    rows, out = str(labelled(tmp_path / "q.parquet", 3, 5, "q", bad=False)), str(tmp_path / "out")
+    first = run_classify(segment_artifacts, "sst2", db, "t", [rows], out, 10, "raee")
+    assert "k=6 (--k 10; the table holds 6 rows)" in first.settings
+    run_build_db(
+        segment_artifacts,
+        "sst2",
+        [str(labelled(tmp_path / "b.parquet", 4, 4, "b", bad=False))],
+        db,
+        "t",
+        KEY,
+        "append",
+        None,
+    )
+    again = run_classify(segment_artifacts, "sst2", db, "t", [rows], out, 10, "raee")
+    assert again.done and (again.settings, again.table_version) == (first.settings, first.table_version)
+
+
 def test_append_refuses_a_table_replaced_before_it_held_the_table(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
     """Another run replaces the table (another key) between an append's first look and its claim: the append
     must see that under the claim and stop, not merge rows of two keys into the other run's table."""

@@ -600,6 +600,7 @@ def evaluate_cmd(
     from raee_ops import storage
     from raee_ops.evaluate import evaluate, exported_task
     from raee_ops.report import check_report_dir, copies_note, write_report
+    from raee_ops.retrieval import neighbours_asked
     from raee_ops.schemas.manifest import load_manifest
 
     if (task_name is None) == (task_file is None):
@@ -625,6 +626,8 @@ def evaluate_cmd(
     zero_shot = f"; full {name} {full['metric']:.4f}" if full else "; no label-word head"
     balance = f"rows in: {report['rows_in']}  scored: {report['rows']}  rejected: {report['rejected']}"
     echo(f"evaluated: {balance}  (in = scored + rejected: ok){zero_shot}")
+    if report["k"] != report["k_asked"]:
+        echo(f"note: {neighbours_asked(report['k_asked'], report['table_rows'])}")
     note = copies_note(report)
     if note:
         echo(f"warning: {note}")

@@ -208,12 +208,12 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["## Against what a user would pick instead", ""]
     lines += [
         "All fitted on the same reference rows. key-lr: logistic regression on the retrieval key; knn-vote: the "
-        f"label vote of the k={r['k_asked']} nearest neighbours (--k); majority: the reference's most common "
-        "label for every row (what a model that learned nothing scores); probe-best: the probe of the one layer "
-        "that scored best out of fold on the reference; probe-last: the last layer's probe; full / full-cal: the "
-        f"zero-shot label-word head; default: `{r['default_strategy']}`. Default minus it: the difference in "
-        f"{r['metric_name']} on these rows, ± its standard error over {BOOTSTRAP_ROUNDS} resamples of the rows "
-        "(both scored on each).",
+        f"label vote of the {neighbours_asked(r['k_asked'], r['table_rows'])} nearest neighbours; majority: the "
+        "reference's most common label for every row (what a model that learned nothing scores); probe-best: the "
+        "probe of the one layer that scored best out of fold on the reference; probe-last: the last layer's probe; "
+        f"full / full-cal: the zero-shot label-word head; default: `{r['default_strategy']}`. Default minus it: the "
+        f"difference in {r['metric_name']} on these rows, ± its standard error over {BOOTSTRAP_ROUNDS} resamples of "
+        "the rows (both scored on each).",
         "",
     ]
     against = r.get("default_against") or {}

@@ -78,7 +78,9 @@ def test_a_k_beyond_the_table_is_reported_as_the_rows_it_reads(segment_artifacts
     root, held_out, _ = evaluated
     report = evaluate(segment_artifacts, "sst2", str(root / "db"), "sst2", [str(held_out)], k=50, strategies=["raee"])
     assert (report.report["k"], report.report["k_asked"], report.report["table_rows"]) == (30, 50, 30)
-    assert "k=30 (--k 50; the table holds 30 rows) for the paper's rules" in render_markdown(report.report)
+    markdown = render_markdown(report.report)
+    assert "k=30 (--k 50; the table holds 30 rows) for the paper's rules" in markdown
+    assert "label vote of the k=30 (--k 50; the table holds 30 rows) nearest neighbours" in markdown  # knn-vote's
 
 
 def test_predictions_are_the_rows_behind_every_number(evaluated):
@@ -213,8 +215,9 @@ def test_rows_the_table_holds_are_counted_and_warned_of(segment_artifacts, evalu
     )
     assert evaluation.report["reference_copies"] == sum(t in texts for t in scored.column("text").to_pylist())
     args = ["--artifacts", str(segment_artifacts), "--task", "sst2", "--db", str(root / "db"), "--strategy", "full"]
-    run = raee_ops("evaluate", *args, "--input", str(train), "--report", str(tmp_path / "report"))
+    run = raee_ops("evaluate", *args, "--input", str(train), "--report", str(tmp_path / "report"), "--k", "50")
     assert run.returncode == 0, run.stderr
+    assert "note: k=30 (--k 50; the table holds 30 rows)" in run.stdout  # said in the report only
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["reference_copies"] == report["rows"] == 30
     assert "warning: 30 of the 30 scored rows have a row of table 'sst2' with the same key" in run.stdout

@@ -56,7 +56,7 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
     for pattern in patterns:
         storage.check_scheme(pattern, "--input")
         # a folder: an object store lists every key under a prefix, `_SUCCESS` and backups too
-        if pattern.endswith("/") or _names_folder(pattern):
+        if _names_folder(pattern) or (pattern.endswith("/") and not storage.is_local(pattern)):
             folder = pattern.rstrip("/")
             raise RaeeConfigError(f"--input {pattern}: a folder; give its files or a glob ({folder}/*.parquet)")
         # an object store's folder markers (zero-byte `prefix/` keys that consoles and tools make) are folders

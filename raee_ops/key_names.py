@@ -96,7 +96,9 @@ def layer_depth(name: str | None) -> int | None:
         return None
     raw = name[len(LAYER_PREFIX) :]
     if not re.fullmatch(r"[1-9][0-9]*", raw):
-        raise RaeeConfigError(f"key {name!r}: N of layer-N must be a positive integer, in digits 0-9")
+        raise RaeeConfigError(
+            f"key {name!r}: N of layer-N must be a positive integer in digits 0-9, without a leading zero"
+        )
     return int(raw)
 
 

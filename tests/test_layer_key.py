@@ -37,8 +37,8 @@ DEPTH = 2  # of the tiny artifacts' 3 layers: rows whose exit is 1 are read out 
 def test_layer_key_specs_and_their_standardization():
     assert layer_depth("layer-3") == 3 and layer_depth("minilm") is None and layer_depth(None) is None
     for wrong in ("layer-x", "layer-0", "layer-03", "layer-²", "layer-３"):  # one spelling per key, no crash
-        with pytest.raises(RaeeConfigError, match="positive integer"):
-            layer_depth(wrong)
+        with pytest.raises(RaeeConfigError, match="positive integer in digits 0-9, without a leading zero"):
+            layer_depth(wrong)  # `layer-03` was told to be a positive integer in digits, which it is
     states = np.random.default_rng(0).normal(size=(50, 8)) * np.array([1, 1, 1, 1, 1, 1, 1, 1000.0])
     key = LayerKey.fit(2, states)
     keys = key.apply(states)

@@ -247,6 +247,11 @@ def echo(text: str) -> None:
         click.echo(text)
 
 
+def echo_json(document: object) -> None:
+    """A --json document: what the user asked for, printed under -q too (which silences the summaries)."""
+    click.echo(json.dumps(document, indent=2))
+
+
 @click.group(context_settings=HELP)
 @click.version_option(package_name="raee-ops", prog_name="raee-ops")
 def cli() -> None:
@@ -648,7 +653,10 @@ def info_cmd(db_uri: str, table: str | None, as_json: bool) -> None:
     from raee_ops.settings import worker_settings
 
     info = describe(db_uri, table, worker_settings(beam_args(), db_uri).db_storage_options)
-    echo(json.dumps(info, indent=2) if as_json else render(info))
+    if as_json:
+        echo_json(info)
+    else:
+        echo(render(info))
     unreadable = [t["table"] for t in info["tables"] if t["unreadable"]]
     no_append = [t["table"] for t in info["tables"] if t["features_unreadable"]]
     problems = [f"table(s) {', '.join(unreadable)} in {db_uri} cannot be read"] if unreadable else []
@@ -717,8 +725,10 @@ def prune_cmd(db_uri: str, table: str | None, keep: int, grace: timedelta, dry_r
     as_dicts = [dataclasses.asdict(p) for p in pruned]
     skipped = held or damaged
     text = "\n".join(p.render() for p in pruned) or ("" if skipped else f"{db_uri}: no tables written by build-db")
-    if as_json or text:  # with every table held or damaged, the one line is the error's
-        echo(json.dumps({"db": db_uri, "tables": as_dicts}, indent=2) if as_json else text)
+    if as_json:
+        echo_json({"db": db_uri, "tables": as_dicts})
+    elif text:  # with every table held or damaged, the one line is the error's
+        echo(text)
     if damaged:  # the others are pruned (printed above); a retry would not mend these
         held_too = f"; held by another run, not pruned: {', '.join(held)}" if held else ""
         others = "the others would be (--dry-run)" if dry_run else "the others were"

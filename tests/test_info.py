@@ -96,7 +96,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_info_cli_json_one_table_and_unknown_table(db):
-    ok = run_cli("info", "--db", db, "--table", "sst2", "--json")
+    ok = run_cli("info", "--db", db, "--table", "sst2", "--json", "-q")  # -q silenced the asked-for document
     assert ok.returncode == 0, ok.stderr
     assert [t["table"] for t in json.loads(ok.stdout)["tables"]] == ["sst2"]
     missing = run_cli("info", "--db", db, "--table", "nope")
@@ -476,7 +476,7 @@ def test_prune_without_a_table_prunes_every_exit_table_and_names_those_another_r
     assert partly.returncode == 75, partly.stderr
     assert partly.stdout.startswith("table sst2: removed version 1; kept version 2")
     assert f"another run is writing table(s) other in {db}: not pruned; retry later" in partly.stderr
-    done = json.loads(run_cli("prune", "--db", db, "--keep", "1", "--grace", "0", "--json").stdout)
+    done = json.loads(run_cli("prune", "--db", db, "--keep", "1", "--grace", "0", "--json", "-q").stdout)
     assert [(t["table"], t["removed"], t["kept"]) for t in done["tables"]] == [("other", [1], [2]), ("sst2", [], [2])]
     assert [v["version"] for v in describe(db, "notes")["tables"][0]["versions"]] == [1, 2]
     # named (a misspelt --table): refused, not compacted and pruned as if build-db had written it (exit 0 or 1)

@@ -318,6 +318,11 @@ def run_build_db(
         )
     found = input_files(inputs)
     files = [m.path for m in found]
+    # the inputs' content first: the driver's checks (ids among them) read what the workers must then find
+    settings_used = {"fingerprint": manifest.fingerprint, "task": task_name, "embedder": embedder, "mode": mode}
+    job = job_of(
+        settings_used | {"group_column": group_column, "layer_budget": layer_budget, "layer_price": layer_price}, found
+    )
     schema_in, rows_in = check_inputs(files, task, need_label=True)
     if group_column and schema_in is not None and group_column not in schema_in.names:
         raise RaeeConfigError(
@@ -352,10 +357,6 @@ def run_build_db(
         raise RaeeConfigError(
             f"--errors {errors_dir} holds another job's complete output ({some(there)}): choose another"
         )
-    settings_used = {"fingerprint": manifest.fingerprint, "task": task_name, "embedder": embedder, "mode": mode}
-    job = job_of(
-        settings_used | {"group_column": group_column, "layer_budget": layer_budget, "layer_price": layer_price}, found
-    )
     run_id, where, work = new_run_id(), scope(db_uri, table), work_dir(db_uri, table)
     refuse_reading_own_output(found, inputs, errors_dir, [first_shard(f"errors-{run_id}")], "--errors")
     foreign = foreign_parquet(errors_dir)

@@ -707,12 +707,18 @@ def test_an_input_replaced_while_the_run_reads_it_ends_the_run_for_a_retry(segme
     path = labelled(tmp_path / "new.parquet", 4, 4, "b", bad=False)
     swapped = labelled(tmp_path / "swapped.parquet", 4, 3, "a", bad=False)  # ids a0..a3: in the table already
 
-    def swap(_: object) -> None:  # the driver's last check: its digests and ids were taken from the first file
+    def swap(_: object) -> None:
         shutil.copy(swapped, tmp_path / "fetching")
         os.replace(tmp_path / "fetching", path)
 
-    for module in (build_db, classify_pipeline):
-        monkeypatch.setattr(module, "check_job_service", swap)
+    def swapped_once_read(*args: object) -> object:  # the ids the append checks are the first file's, then it goes
+        read = real_keys(*args)
+        swap(None)
+        return read
+
+    real_keys = build_db.file_keys
+    monkeypatch.setattr(build_db, "file_keys", swapped_once_read)
+    monkeypatch.setattr(classify_pipeline, "check_job_service", swap)  # the driver's last check
     with pytest.raises(InputChanged):
         run_build_db(segment_artifacts, "sst2", [str(path)], db, "t", KEY, "append", None)
     table = lancedb.connect(db).open_table("t")

@@ -47,7 +47,15 @@ from raee_ops.commit import (
 )
 from raee_ops.errors import CountMismatch, RaeeConfigError, RaeeError, TooManyRejected
 from raee_ops.faults import fault_point
-from raee_ops.inputs import check_inputs, concat_strings, count_rows, file_keys, input_files, refuse_reading_own_output
+from raee_ops.inputs import (
+    check_inputs,
+    concat_strings,
+    count_rows,
+    file_keys,
+    input_files,
+    reading,
+    refuse_reading_own_output,
+)
 from raee_ops.key_names import BACKBONE, DEFAULT_KEY, LAYER_PREFIX, key_available, layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
 from raee_ops.progress import phase
@@ -323,7 +331,8 @@ def run_build_db(
     job = job_of(
         settings_used | {"group_column": group_column, "layer_budget": layer_budget, "layer_price": layer_price}, found
     )
-    schema_in, rows_in = check_inputs(files, task, need_label=True)
+    with reading(job.contents):  # a refusal of a file replaced since its digest is the change's
+        schema_in, rows_in = check_inputs(files, task, need_label=True)
     if group_column and schema_in is not None and group_column not in schema_in.names:
         raise RaeeConfigError(
             f"--group-column {group_column!r}: no such column in {files[0]} (has: {', '.join(schema_in.names)})"
@@ -335,10 +344,11 @@ def run_build_db(
     meta = expected_meta(manifest, task_name, embedder)
     if mode == "append":  # before the claim: a table build-db did not write was refused under it, as 'replaced'
         check_meta(existing, meta, f"table {table!r} in {db_uri}")
-    keys = [file_keys(f, group_column, schema_in) for f in files]
-    ids = concat_strings([file_ids for file_ids, _ in keys])
-    refuse_duplicate_ids(ids)
-    group_of = group_map(ids, [names for _, names in keys], mode) if group_column else None
+    with reading(job.contents):
+        keys = [file_keys(f, group_column, schema_in) for f in files]
+        ids = concat_strings([file_ids for file_ids, _ in keys])
+        refuse_duplicate_ids(ids)
+        group_of = group_map(ids, [names for _, names in keys], mode) if group_column else None
     # the table's own folder, however named; a given --errors may hold other tables' files
     own_folder = default_errors_dir(db_uri, table)
     errors_dir = errors_dir or own_folder
@@ -369,7 +379,8 @@ def run_build_db(
     with claim_work_dir(work, f"table {table!r}", run_id) as staging:
         remove_unfinished(db_uri, table, store)
         settle_errors(db_uri, table, errors_dir, own_errors, store)
-        base = claimed_append_base(db_uri, table, meta, ids, job.digest, store) if mode == "append" else None
+        with reading(job.contents):  # ids the table holds already: those of a file replaced since they were read?
+            base = claimed_append_base(db_uri, table, meta, ids, job.digest, store) if mode == "append" else None
         if base and base.done:
             if base.done.rejected is not None:  # None: recorded before rejected rows were counted
                 done = f"table {table!r} version {base.version} holds this job's rows, committed by an earlier run"

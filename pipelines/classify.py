@@ -29,7 +29,7 @@ from raee_ops.batches import Classify
 from raee_ops.commit import SUCCESS, claim_output, completed, job_of, unseen_staging
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
 from raee_ops.exit_policy import refuse_head, refuse_unanswerable, resolve
-from raee_ops.inputs import check_inputs, count_rows, input_files, refuse_reading_own_output
+from raee_ops.inputs import check_inputs, count_rows, input_files, reading, refuse_reading_own_output
 from raee_ops.probe_policy import refuse_cost_options
 from raee_ops.progress import NAMESPACE
 from raee_ops.readout import describe
@@ -215,7 +215,8 @@ def run_classify(
     done = completed(output_dir, job)
     if done is not None:
         return already_done(done)
-    schema, rows_in = check_inputs(files, task, need_label=False)
+    with reading(job.contents):  # a refusal of a file replaced since its digest is the change's
+        schema, rows_in = check_inputs(files, task, need_label=False)
     clash = [f.name for f in PREDICTION_FIELDS if f.name in schema.names]
     if clash:
         every = " (as every input has)" if len(files) > 1 else ""  # inputs share their columns (check_inputs)

@@ -349,7 +349,9 @@ def job_of(settings: dict[str, Any], files: Sequence[FileMetadata]) -> Job:
     its input anew) are the same job, done, and other rows in the file's place are another, however their time or
     Parquet footer were kept (`cp -p`, an edit in place that keeps every size and minimum and maximum)."""
     contents = {m.path: storage.content_digest(m.path) for m in files}
-    inputs = sorted([storage.resolved(m.path), m.size_in_bytes, contents[m.path]] for m in files)
+    # sizes once hashed, not as listed: a file replaced in between was recorded with the old one's size and the new
+    # one's content, and the same job run again on it was another
+    inputs = sorted([storage.resolved(m.path), storage.size(m.path), contents[m.path]] for m in files)
     digest = hashlib.sha256(json.dumps([settings, inputs], sort_keys=True, default=str).encode()).hexdigest()
     return Job(digest, settings, inputs, contents)
 

@@ -40,7 +40,7 @@ from raee_ops.exit_policy import (
     refuse_unanswerable,
     resolve,
 )
-from raee_ops.inputs import check_inputs, expand_inputs, read_validated_file
+from raee_ops.inputs import check_inputs, expand_inputs, read_validated_file, reading
 from raee_ops.metrics import METRICS, Metric, accuracy, paired_difference
 from raee_ops.probe_policy import (
     HALVINGS,
@@ -121,7 +121,8 @@ def _read_validated(inputs: list[str], task: Task) -> tuple[int, pa.Table, list[
     raise before any work."""
     files = expand_inputs(inputs)
     contents = {file: storage.content_digest(file) for file in files}  # what each file holds before any read
-    schema, rows_in = check_inputs(files, task, need_label=True)
+    with reading(contents):
+        schema, rows_in = check_inputs(files, task, need_label=True)
     valid, rejected = [], []
     for file in files:
         for checked in read_validated_file(file, task, True, contents[file], schema, rows=CHUNK):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cache
 from typing import BinaryIO
 
@@ -338,8 +339,9 @@ def read_validated_file(
     replaced meanwhile gave other rows than the job's, published as its own with exit 0. The file is hashed once
     more (file_key: from object storage a download) only where some row's id is its position."""
     unchanged(path, content)
-    with storage.open_read(path) as handle:
-        yield from _read_validated_groups(open_parquet(handle), path, task, need_label, schema, rows)
+    with reading({path: content}, Exception):
+        with storage.open_read(path) as handle:
+            yield from _read_validated_groups(open_parquet(handle), path, task, need_label, schema, rows)
     unchanged(path, content)
 
 
@@ -347,9 +349,23 @@ def unchanged(path: str, content: str) -> None:
     """Refuse a file whose content digest is no longer `content` (a local file is read whole: ~1 s a GB)."""
     if storage.content_digest(path) != content:
         raise InputChanged(
-            f"--input {path} changed or vanished while the run read it (its bytes are not those the run began "
-            "with); nothing was published: run again once it stays put"
+            f"--input {path} changed or vanished while the run read it (its content digest is not the one the run "
+            "began with; an object uploaded again in parts of another size has another too); nothing was published "
+            "or committed: run again once it stays put"
         )
+
+
+@contextmanager
+def reading(contents: dict[str, str], errors: type[Exception] = RaeeConfigError) -> Iterator[None]:
+    """Reads of inputs whose content digests (path: digest) were taken first: a failure of what a read found (a
+    refusal of its columns or ids, a file the read could not parse) is, where a file changed meanwhile, that change
+    (InputChanged, a retry), not a fault of the new content's."""
+    try:
+        yield
+    except errors:
+        for path, content in contents.items():
+            unchanged(path, content)
+        raise
 
 
 def _positional(table: pa.Table) -> bool:

@@ -323,6 +323,14 @@ def metadata(uri: str) -> FileMetadata:
     return FileSystems.get_filesystem(path).metadata(path)
 
 
+def size(uri: str) -> int | None:
+    """A file's size now (None where it cannot be read)."""
+    try:
+        return metadata(uri).size_in_bytes
+    except (OSError, BeamIOError):
+        return None
+
+
 def match_metadata(pattern: str, limit: int | None = None) -> list[FileMetadata]:
     """Files matching a glob (`*` stays within one folder, `**` crosses folders), sorted by path. A local pattern is
     made absolute first: Beam matches a bare `part-*.parquet` against nothing, not the working directory."""
@@ -540,8 +548,9 @@ def _unless_gone(_: Any, __: str, exc_info: tuple[type[BaseException], BaseExcep
 
 def content_digest(uri: str) -> str:
     """What a file holds, byte for byte: a local file's SHA-256, read whole (about a second a GB on a 2-core machine);
-    an object store's own checksum of the object (S3's ETag, GCS's), which changes with its bytes and not with a
-    copy of the same bytes. "unreadable" where the file cannot be read (the run then refuses it)."""
+    an object store's own checksum of the object (S3's ETag, GCS's CRC32C), which changes with its bytes and not
+    with a copy of the same bytes (S3's does with an upload in parts of another size, or under SSE-KMS or SSE-C).
+    "unreadable" where the file cannot be read (the run then refuses it)."""
     try:
         if not is_local(uri):
             return f"{scheme(uri)}:{FileSystems.checksum(uri)}"

@@ -211,11 +211,15 @@ def load_task_file(path: str | Path) -> Task:
 def _file_task_problem(task: Task) -> str | None:
     """What a user's task may not do that a stored one (an export's, read back) is not asked again: take a built-in
     task's name (`--task sst2` would then mean the file's task in that export, another in the next), or end its
-    template in a space or tab (the label word is read after a space of its own: the prompt would hold two)."""
+    template in a space (a tab, a no-break space: any but a line break; the label word is read after a space of its
+    own, so the prompt would hold two)."""
     if task.name in PRESETS:
         return f"name {task.name!r} is a built-in task's; give your task its own name (or use --task {task.name})"
-    if task.template[-1] in " \t":
-        return "template ends in a space or tab; end it where the label word follows (the word is read after a space)"
+    if task.template[-1].isspace() and task.template[-1] != "\n":
+        return (
+            f"template ends in a space ({task.template[-1]!r}); end it where the label word follows (the word is read "
+            "after a space of its own)"
+        )
     return None
 
 

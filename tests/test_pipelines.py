@@ -29,6 +29,7 @@ from raee_ops.schemas.tables import RUN_META_KEY
 from segment_artifacts import KEY, reexported, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops import batches, inputs, storage, tasks
+from raee_ops.commit import job_of
 from raee_ops.errors import InputChanged, RaeeConfigError, VersionRemoved
 from raee_ops.inputs import file_key, read_validated_file
 from raee_ops.retrieval import (
@@ -686,6 +687,27 @@ def test_a_file_must_hold_the_bytes_its_job_was_taken_from_before_and_after_it_i
     with pytest.raises(InputChanged) as refused:
         list(reading)
     assert refused.value.exit_code == 75
+
+
+def test_a_replacement_that_cannot_be_read_as_the_first_is_the_change_not_a_failure(tmp_path, monkeypatch):
+    """Replaced between the before-check and the read by a file without the text column (or a cut-short one): the
+    read failed (exit 1, a worker's KeyError; the driver's checks, exit 2), where the cause is the change (75)."""
+    path = labelled(tmp_path / "a.parquet", 4, 3, "a", bad=False)
+    listed = storage.metadata(str(path))
+    first = content_digest(str(path))
+    pq.write_table(pa.table({"words": ["x"]}), path)  # another file in its place, of another size
+    job = job_of({}, [listed])  # its size as hashed, not as listed (a retry of the same job was another)
+    assert job.inputs[0][1:] == [path.stat().st_size, content_digest(str(path))]
+    digests = iter([first])
+    monkeypatch.setattr(storage, "content_digest", lambda p: next(digests, None) or content_digest(p))
+    with pytest.raises(InputChanged):  # the worker's before-check saw the first file, its read the second
+        list(read_validated_file(str(path), PRESETS["sst2"], True, first))
+    with pytest.raises(InputChanged):  # the driver's: missing column(s) text
+        with inputs.reading({str(path): first}):
+            inputs.check_inputs([str(path)], PRESETS["sst2"], need_label=True)
+    with pytest.raises(RaeeConfigError, match="missing column"):  # unchanged since: the file's own fault
+        with inputs.reading({str(path): content_digest(str(path))}):
+            inputs.check_inputs([str(path)], PRESETS["sst2"], need_label=True)
 
 
 def test_an_input_replaced_while_the_run_reads_it_ends_the_run_for_a_retry(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811

@@ -58,8 +58,9 @@ def write(tmp_path: Path, content: object) -> Path:
         ({**GOOD, "name": "my task"}, r"task name: table name 'my task' may hold only letters"),  # exported, then
         ({**GOOD, "name": "t__features"}, "build-db's companion"),  # refused as build-db's default table name
         ({**GOOD, "name": "sst2"}, "name 'sst2' is a built-in task's; give your task its own name"),
-        ({**GOOD, "template": "Review: {text}\nSentiment: "}, "template ends in a space or tab"),  # the prompt held two
-        ({**GOOD, "template": "Review: {text}\nSentiment:\t"}, "template ends in a space or tab"),
+        ({**GOOD, "template": "Review: {text}\nSentiment: "}, "template ends in a space"),  # the prompt held two
+        ({**GOOD, "template": "Review: {text}\nSentiment:\t"}, r"template ends in a space \('\\t'\)"),
+        ({**GOOD, "template": "Review: {text}\nSentiment:\u00a0"}, r"template ends in a space \('\\xa0'\)"),
         ({**GOOD, "metric": "auc"}, "metric 'auc' is none of accuracy, matthews_corr, f1, macro_f1"),
         ({**GOOD, "metric": 1}, "metric must be a non-empty string, not a JSON number"),
         ({**GOOD, "label_names": ["a", "b", "c"], "verbalizer": ["x", "y", "z"], "metric": "f1"}, "needs two labels"),
@@ -105,6 +106,7 @@ def test_a_task_file_field_given_twice_is_refused_and_a_byte_order_mark_or_null_
 def test_a_good_task_file_renders_with_literal_braces(tmp_path: Path) -> None:
     task = load_task_file(write(tmp_path, {**GOOD, "template": "{{json}}: {text}\n{text_pair}?"}))
     assert task.is_pair and task.render(" hi ", "there") == "{json}: hi\nthere?"
+    assert load_task_file(write(tmp_path, {**GOOD, "template": "Review: {text}\nSentiment:\n"}))  # a line break: yes
 
 
 def test_cli_refuses_a_positional_template_before_loading_the_model(tmp_path: Path) -> None:

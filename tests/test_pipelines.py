@@ -91,6 +91,11 @@ def classify(artifacts, root, out, strategy="raee", inputs=None, k=5, task="sst2
     return summary, predictions, errors
 
 
+def build(artifacts: str, db: str, rows: Path, mode: str = "overwrite", table: str = "t", key: str = KEY):
+    """build-db of `rows` into `db`'s `table`, the sst2 task, key and options as most tests here take them."""
+    return run_build_db(artifacts, "sst2", [str(rows)], db, table, key, mode, None)
+
+
 def check_errors(errors: pa.Table) -> None:
     reasons = dict(zip(errors.column("id").to_pylist(), errors.column("reason").to_pylist(), strict=True))
     for row_id, reason in BAD_IDS.items():
@@ -410,29 +415,11 @@ def test_an_output_already_done_says_the_settings_it_was_made_with(segment_artif
     """The table changed since (an append): a retry's `already done` printed the settings of the table's current
     version beside the counts and version of the one the output was made from."""
     db = str(tmp_path / "db")
-    run_build_db(
-        segment_artifacts,
-        "sst2",
-        [str(labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False))],
-        db,
-        "t",
-        KEY,
-        "overwrite",
-        None,
-    )
+    build(segment_artifacts, db, labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False))
     rows, out = str(labelled(tmp_path / "q.parquet", 3, 5, "q", bad=False)), str(tmp_path / "out")
     first = run_classify(segment_artifacts, "sst2", db, "t", [rows], out, 10, "raee")
     assert "k=6 (--k 10; the table holds 6 rows)" in first.settings
-    run_build_db(
-        segment_artifacts,
-        "sst2",
-        [str(labelled(tmp_path / "b.parquet", 4, 4, "b", bad=False))],
-        db,
-        "t",
-        KEY,
-        "append",
-        None,
-    )
+    build(segment_artifacts, db, labelled(tmp_path / "b.parquet", 4, 4, "b", bad=False), "append")
     again = run_classify(segment_artifacts, "sst2", db, "t", [rows], out, 10, "raee")
     assert again.done and (again.settings, again.table_version) == (first.settings, first.table_version)
 
@@ -441,16 +428,7 @@ def test_append_refuses_a_table_replaced_before_it_held_the_table(segment_artifa
     """Another run replaces the table (another key) between an append's first look and its claim: the append
     must see that under the claim and stop, not merge rows of two keys into the other run's table."""
     db = str(tmp_path / "db")
-    run_build_db(
-        segment_artifacts,
-        "sst2",
-        [str(labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False))],
-        db,
-        "t",
-        KEY,
-        "overwrite",
-        None,
-    )
+    build(segment_artifacts, db, labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False))
     other = labelled(tmp_path / "o.parquet", 8, 6, "o", bad=False)
     real = build_db.claim_work_dir
 
@@ -716,16 +694,7 @@ def test_an_input_replaced_while_the_run_reads_it_ends_the_run_for_a_retry(segme
     an append's ids, checked on the file as it was, went into the table twice. Now the run ends for a retry (75)
     with nothing published, and the retry is the new content's job."""
     db = str(tmp_path / "db")
-    run_build_db(
-        segment_artifacts,
-        "sst2",
-        [str(labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False))],
-        db,
-        "t",
-        KEY,
-        "overwrite",
-        None,
-    )
+    build(segment_artifacts, db, labelled(tmp_path / "a.parquet", 6, 3, "a", bad=False))
     path = labelled(tmp_path / "new.parquet", 4, 4, "b", bad=False)
     swapped = labelled(tmp_path / "swapped.parquet", 4, 3, "a", bad=False)  # ids a0..a3: in the table already
 

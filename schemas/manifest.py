@@ -258,6 +258,8 @@ def _invalid(m: Manifest) -> str | None:
     for ref in m.file_refs():
         if not (isinstance(ref.file, str) and isinstance(ref.sha256, str)):
             return f"file {ref.file!r} with sha256 {ref.sha256!r}"
+        if ref.file in ("", ".", "..") or "/" in ref.file or "\\" in ref.file:  # read (and cached) outside the folder
+            return f"file {ref.file!r}, expected a file name in the artifacts folder"
     if m.num_layers != len(m.segments.layers) or m.num_layers < 1:
         return f"num_layers {m.num_layers} for {len(m.segments.layers)} layer files"
     sizes = {"hidden_size": m.hidden_size, "max_length": m.max_length}

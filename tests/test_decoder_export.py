@@ -102,6 +102,7 @@ def test_tampered_file_is_refused(tiny_llama_artifacts: Path, tmp_path: Path) ->
         lambda m: m.update(tasks=list(m["tasks"].values())),
         lambda m: m.update(embedders=[]),
         lambda m: m["segments"]["layers"][0].update(sha256=12345),
+        lambda m: m["segments"]["layers"][0].update(file="../layer_000.onnx"),  # a file outside the artifacts
         lambda m: m.update(readout="bogus"),
         lambda m: m.update(num_layers=m["num_layers"] - 1),
         lambda m: m.update(hidden_size=0),
@@ -114,6 +115,7 @@ def test_tampered_file_is_refused(tiny_llama_artifacts: Path, tmp_path: Path) ->
         "tasks-list",
         "embedders-list",
         "sha256-number",
+        "file-outside",
         "readout",
         "num-layers",
         "hidden",

@@ -17,10 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from raee_ops.schemas.manifest import sha256_file
-
 from raee_ops.errors import RaeeConfigError
 from raee_ops.key_names import model_dir
+from raee_ops.storage import sha256_file
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 GGUF_MAGIC = b"GGUF"

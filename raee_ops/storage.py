@@ -554,10 +554,14 @@ def content_digest(uri: str) -> str:
     try:
         if not is_local(uri):
             return f"{scheme(uri)}:{FileSystems.checksum(uri)}"
-        with open(local_path(uri), "rb") as handle:
-            return sha256_stream(handle)
+        return sha256_file(local_path(uri))
     except (OSError, BeamIOError):
         return "unreadable"
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    with open(path, "rb") as handle:
+        return sha256_stream(handle)
 
 
 def sha256_stream(handle: BinaryIO) -> str:

@@ -18,7 +18,7 @@ from raee_ops.schemas.tables import known_fields
 
 from raee_ops import storage
 from raee_ops.errors import ArtifactError, ArtifactsChanged, first_line
-from raee_ops.storage import sha256_stream
+from raee_ops.storage import sha256_file, sha256_stream
 
 FORMAT = "raee-segments/1"
 MANIFEST_NAME = "manifest.json"
@@ -28,11 +28,6 @@ READOUTS = ("last", "mask", "cls")
 SEAL = "seal"
 
 T = TypeVar("T")
-
-
-def sha256_file(path: str | Path) -> str:
-    with open(path, "rb") as handle:
-        return sha256_stream(handle)
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,14 @@ from raee_ops.onnx_export.embedder import INT8_MAX_DISTANCE, export_embedder, me
 from raee_ops.onnx_export.optimize import INT8_MATMUL, graph_report
 from raee_ops.onnx_export.quantize import quantize_matmuls
 from raee_ops.pipelines.export import run_export
-from raee_ops.schemas.manifest import EmbedderEntry, sha256_file
+from raee_ops.schemas.manifest import EmbedderEntry
 from tokenizers import Tokenizer
 from transformers import AutoModel
 
 from raee_ops.errors import ArtifactError, RaeeConfigError
 from raee_ops.key_names import PACKAGES, model_dir
 from raee_ops.runtime import open_session
+from raee_ops.storage import sha256_file
 from raee_ops.tasks import PRESETS
 
 requires_minilm = pytest.mark.skipif(

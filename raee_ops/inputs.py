@@ -346,12 +346,19 @@ def read_validated_file(
 
 
 def unchanged(path: str, content: str) -> None:
-    """Refuse a file whose content digest is no longer `content` (a local file is read whole: ~1 s a GB)."""
-    if storage.content_digest(path) != content:
+    """Refuse a file whose content digest is no longer `content` (a local file is read whole: ~1 s a GB). One that
+    cannot be read says so: gone, or its store not answering, which a retry may outlast as well."""
+    now = storage.content_digest(path)
+    if now == storage.UNREADABLE:
         raise InputChanged(
-            f"--input {path} changed or vanished while the run read it (its content digest is not the one the run "
-            "began with; an object uploaded again in parts of another size has another too); nothing was published "
-            "or committed: run again once it stays put"
+            f"--input {path} could not be read again to check it still holds what the run began with (it vanished, "
+            "or its store did not answer); nothing was published or committed: run again once it can be read"
+        )
+    if now != content:
+        raise InputChanged(
+            f"--input {path} changed while the run read it (its content digest is not the one the run began with; "
+            "an object uploaded again in parts of another size has another too); nothing was published or "
+            "committed: run again once it stays put"
         )
 
 

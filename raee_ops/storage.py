@@ -546,17 +546,21 @@ def _unless_gone(_: Any, __: str, exc_info: tuple[type[BaseException], BaseExcep
         raise exc_info[1]
 
 
+#: content_digest of a file that cannot be read: gone, or on a store that did not answer.
+UNREADABLE = "unreadable"
+
+
 def content_digest(uri: str) -> str:
     """What a file holds, byte for byte: a local file's SHA-256, read whole (about a second a GB on a 2-core machine);
     an object store's own checksum of the object (S3's ETag, GCS's CRC32C), which changes with its bytes and not
     with a copy of the same bytes (S3's does with an upload in parts of another size, or under SSE-KMS or SSE-C).
-    "unreadable" where the file cannot be read (the run then refuses it)."""
+    UNREADABLE where the file cannot be read (the run then refuses it)."""
     try:
         if not is_local(uri):
             return f"{scheme(uri)}:{FileSystems.checksum(uri)}"
         return sha256_file(local_path(uri))
     except (OSError, BeamIOError):
-        return "unreadable"
+        return UNREADABLE
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

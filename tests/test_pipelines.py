@@ -657,7 +657,7 @@ def test_a_rewritten_file_gets_its_new_contents_key(tmp_path):
 def test_a_file_must_hold_the_bytes_its_job_was_taken_from_before_and_after_it_is_read(tmp_path):
     path = labelled(tmp_path / "a.parquet", 4, 3, "a", bad=False)
     other = labelled(tmp_path / "b.parquet", 4, 4, "b", bad=False)
-    with pytest.raises(InputChanged, match=f"--input {path} changed or vanished while the run read it"):
+    with pytest.raises(InputChanged, match=f"--input {path} changed while the run read it"):
         next(read_validated_file(str(path), PRESETS["sst2"], True, content_digest(str(other))))
     reading = read_validated_file(str(path), PRESETS["sst2"], True, content_digest(str(path)), rows=2)
     assert next(reading).valid[ROW_ID].to_pylist() == ["a0", "a1"]
@@ -665,6 +665,11 @@ def test_a_file_must_hold_the_bytes_its_job_was_taken_from_before_and_after_it_i
     with pytest.raises(InputChanged) as refused:
         list(reading)
     assert refused.value.exit_code == 75
+    gone = read_validated_file(str(path), PRESETS["sst2"], True, content_digest(str(path)), rows=2)
+    next(gone)
+    path.unlink()  # gone (or its store not answering): said so, not "changed"
+    with pytest.raises(InputChanged, match=f"--input {path} could not be read again to check it still holds"):
+        list(gone)
 
 
 def test_a_replacement_that_cannot_be_read_as_the_first_is_the_change_not_a_failure(tmp_path, monkeypatch):

@@ -331,16 +331,16 @@ def run_build_db(
     job = job_of(
         settings_used | {"group_column": group_column, "layer_budget": layer_budget, "layer_price": layer_price}, found
     )
-    with reading(job.contents):  # a refusal of a file replaced since its digest is the change's
+    with reading(job.contents):  # a refusal of what a file replaced since its digest holds is the change's
         schema_in, rows_in = check_inputs(files, task, need_label=True)
-    if group_column and schema_in is not None and group_column not in schema_in.names:
-        raise RaeeConfigError(
-            f"--group-column {group_column!r}: no such column in {files[0]} (has: {', '.join(schema_in.names)})"
-        )
-    if rows_in == 0 and mode == "overwrite":
-        refuse_overwrite_with_nothing(table, allow_empty)
-    if mode == "overwrite":  # before any work: after it, the run has made its folders
-        refuse_one_row(table, rows_in)
+        if group_column and schema_in is not None and group_column not in schema_in.names:
+            raise RaeeConfigError(
+                f"--group-column {group_column!r}: no such column in {files[0]} (has: {', '.join(schema_in.names)})"
+            )
+        if rows_in == 0 and mode == "overwrite":
+            refuse_overwrite_with_nothing(table, allow_empty)
+        if mode == "overwrite":  # before any work: after it, the run has made its folders
+            refuse_one_row(table, rows_in)
     meta = expected_meta(manifest, task_name, embedder)
     if mode == "append":  # before the claim: a table build-db did not write was refused under it, as 'replaced'
         check_meta(existing, meta, f"table {table!r} in {db_uri}")

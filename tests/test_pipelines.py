@@ -693,6 +693,29 @@ def test_a_replacement_that_cannot_be_read_as_the_first_is_the_change_not_a_fail
             inputs.check_inputs([str(path)], PRESETS["sst2"], need_label=True)
 
 
+def test_a_driver_refusal_of_what_a_replaced_input_holds_is_the_change(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    """build-db's own refusals of the input's columns and rows (a --group-column it lacks, one row to overwrite
+    with) sat outside the checks that tell a replaced file's fault from the change: exit 2, where it is 75."""
+    path, swapped, db = tmp_path / "a.parquet", tmp_path / "one.parquet", str(tmp_path / "db")
+    real_checks = build_db.check_inputs
+
+    def replaced_first(*args: object, **kwargs: object) -> object:
+        os.replace(swapped, path)  # the job took the first file's digest; its checks read this one
+        return real_checks(*args, **kwargs)
+
+    monkeypatch.setattr(build_db, "check_inputs", replaced_first)
+    for group in ("topic", None):
+        pq.write_table(
+            pq.read_table(labelled(path, 6, 3, "a", bad=False)).append_column("topic", pa.array(["x", "y"] * 3)), path
+        )
+        labelled(swapped, 1, 3, "b", bad=False)  # no topic column, one row
+        with pytest.raises(InputChanged):
+            run_build_db(segment_artifacts, "sst2", [str(path)], db, "t", KEY, "overwrite", None, group_column=group)
+    monkeypatch.undo()
+    with pytest.raises(RaeeConfigError, match="--group-column 'topic': no such column"):  # unchanged: its own fault
+        run_build_db(segment_artifacts, "sst2", [str(path)], db, "t", KEY, "overwrite", None, group_column="topic")
+
+
 def test_an_input_replaced_while_the_run_reads_it_ends_the_run_for_a_retry(segment_artifacts, tmp_path, monkeypatch):  # noqa: F811
     """A scheduler's second attempt fetches the input anew while the first still runs: rows of other content (as
     many, so the counts balanced) were published as the job's with exit 0, its marker naming the first content, and

@@ -14,7 +14,7 @@ only forms deep in the backbone (SmolLM2's NLI pairs: best probe at 60% of the l
 first layers already answer it runs less, where a fixed budget cut every task at the same share. The default price
 was set on reference rows only: over the 24 reference tables of the quality bench (8 tasks, 3 presets), it is the
 smallest round price whose choices run at most 35% of the layers on average, the product's cost target (on those
-tables' left-out reference rows 0.1 ran 32%, 0.05 37%). Not the zero-shot fused
+tables' left-out reference rows 0.1 ran 32%, 0.05 40%). Not the zero-shot fused
 policy's one-standard-error rule: fitting on one half of the sst2 and trec reference rows and scoring on the other
 (SmolLM2, 500 rows, 20 splits; reference rows only), one SE gave up 3-4 points against the best setting to save a
 fifth of the layers. Leave-one-out mean exits matched the exits measured on held-out rows within about a layer in

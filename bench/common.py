@@ -30,9 +30,9 @@ from raee_ops.tasks import Task  # noqa: E402
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-#: Distributions whose versions move benchmark numbers; read from metadata so nothing heavy gets imported.
 #: Timed passes per measurement; the fastest is reported.
 REPEATS = 2
+#: Distributions whose versions move benchmark numbers; read from metadata so nothing heavy gets imported.
 TRACKED_PACKAGES = ("numpy", "pyarrow", "lancedb", "onnxruntime", "apache-beam", "torch", "transformers")
 
 

@@ -14,8 +14,8 @@ The device machine has no package index and takes at most 64 MiB per call, so th
   answers do, so no accuracy is measured there), then, on CUDA, the full chain and the chain to the default's real
   exits, each with hidden states kept on the device (IO binding, the runtime's default on CUDA) and copied to the
   host after every layer; the key; probe-best (every row to the reference's best layer); the same chains on that
-  machine's CPUs; and on CUDA the default's chain compacted at every exit, as the runtime does, and never, and
-  the rows per ONNX call from 32 to 256.
+  machine's CPUs; and on CUDA the default's chain compacted at every exit, once under half its rows still run
+  (the runtime's CUDA_COMPACT_BELOW) and never, and the rows per ONNX call from 32 to 256.
 
 The default's rate on the GPU is composed, not run end to end: LanceDB is not on that machine, so the default's
 host-side phases (retrieval, exit policy, answer) are this machine's, added to the key and the layers measured

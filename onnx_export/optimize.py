@@ -8,8 +8,8 @@ Skip*LayerNormalization (residual Add folded into the norm) is left out: on this
 embedder with it ran ~12% slower (thread CPU time, 32×32 tokens) than with Add + LayerNormalization, and decoder
 layers were the same either way.
 
-Every optimized graph is verified against PyTorch like any other (onnx_export.verify, embedder._check); what was
-fused is recorded per file in the manifest, from the stored graph itself.
+Every optimized graph is verified against PyTorch like any other (onnx_export.verify, embedder.export_embedder);
+what was fused is recorded per file in the manifest, from the stored graph itself.
 """
 
 from __future__ import annotations

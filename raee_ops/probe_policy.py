@@ -6,19 +6,18 @@ no layer at all when its key probe mixed with the neighbours' label vote is at l
 no retrieval, the first layer whose probe is at least conf_t confident.
 
 Both take the setting whose leave-one-out score, less `layer_price` for each share of the layers it runs on average
-(exit 0 counting as none), is highest, among those within `layer_budget` of the layers (the cheapest among
-equals). The price is the product's exchange rate between compute and the task's metric, a user setting (build-db
---layer-price, default DEFAULT_LAYER_PRICE: a tenth of the layers must buy a point of the metric); the budget a
-hard cap (build-db --layer-budget, default none). A price spends layers where they pay: on a task whose answer
-only forms deep in the backbone (SmolLM2's NLI pairs: best probe at 60% of the layers) it runs deeper, on one the
-first layers already answer it runs less, where a fixed budget cut every task at the same share. The default price
-was set on reference rows only: over the 24 reference tables of the quality bench (8 tasks, 3 presets), it is the
-smallest round price whose choices run at most 35% of the layers on average, the product's cost target (on those
-tables' left-out reference rows 0.1 ran 32%, 0.05 40%). Not the zero-shot fused
-policy's one-standard-error rule: fitting on one half of the sst2 and trec reference rows and scoring on the other
-(SmolLM2, 500 rows, 20 splits; reference rows only), one SE gave up 3-4 points against the best setting to save a
-fifth of the layers. Leave-one-out mean exits matched the exits measured on held-out rows within about a layer in
-the benchmark, so the cost holds where it is spent.
+(exit 0 counting as none), is highest, among those within `layer_budget` of the layers (the cheapest among equals). The
+price is the product's exchange rate between compute and the task's metric, a user setting (build-db --layer-price,
+default DEFAULT_LAYER_PRICE: a tenth of the layers must buy a point of the metric); the budget a hard cap (build-db
+--layer-budget, default none). A price spends layers where they pay: on a task whose answer only forms deep in the
+backbone (SmolLM2's NLI pairs: best probe at about two thirds of the layers) it runs deeper, on one the first layers
+already answer it runs less, where a fixed budget cut every task at the same share. The default price was set on
+reference rows only: over the 24 reference tables of the quality bench (8 tasks, 3 presets), it is the smallest round
+price whose choices run at most 35% of the layers on average, the product's cost target (on those tables' left-out
+reference rows 0.1 ran 32%, 0.05 40%). Not the zero-shot fused policy's one-standard-error rule: fitting on one half of
+the sst2 and trec reference rows and scoring on the other (SmolLM2, 500 rows, 20 splits; reference rows only), one SE
+gave up 3-4 points against the best setting to save a fifth of the layers. Leave-one-out mean exits matched the exits
+measured on held-out rows within about a layer in the benchmark, so the cost holds where it is spent.
 """
 
 from __future__ import annotations

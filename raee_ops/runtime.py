@@ -36,8 +36,8 @@ STORED_GRAPHS = Path(__file__).resolve().parent / "graphs"
 #: Rows per ONNX call; rows are sorted by length first so each sub-batch carries little padding.
 SUB_BATCH = 32
 #: The same on the CUDA provider, where a layer call of 32 rows waits on kernel launches more than on arithmetic: on
-#: an H200, of 32-256 rows 128 ran the full chain fastest on both presets and the default fastest or level
-#: (bench/gpu.py's sweep).
+#: an H200, of 32-256 rows 128 ran the full chain fastest on both presets (bench/gpu.py's sweep); the default's
+#: fastest size moves from run to run (256 on SmolLM2, 128 on Gemma 3 in the committed one).
 #: Beam hands the handler up to 128 rows per call (pipelines/inference.py).
 CUDA_SUB_BATCH = 128
 #: On CUDA a layer call costs about the same for a full batch as for a thinned one, and compacting one gathers its
@@ -79,7 +79,8 @@ _pool_threads: int | None = None
 
 def process_thread_pool(threads: int) -> int:
     """Create ONNX Runtime's one intra-op thread pool that every session of this process shares, and return its
-    size. Why: a pool per session put 4 threads behind each of ~32 segment sessions (96 OS threads in a worker),
+    size. Why: a pool per session gave each of ~32 segment sessions 3 pool threads of its own (96 OS threads in a
+    worker at 4 threads a session),
     though the chain only ever runs one session at a time. The first size wins: ORT cannot replace the pool."""
     global _pool_threads
     if _pool_threads is None:

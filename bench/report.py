@@ -1233,6 +1233,47 @@ def render_workers(result: Doc) -> list[str]:
     ]
 
 
+def render_nested(result: Doc) -> list[str]:
+    """bench/nested.py: per preset and task, the default and probe-best as build-db scored them on the reference
+    rows, chosen on folds of them and scored on the rest (nested), and as the quality bench scored them."""
+    lines = [
+        f"Nested cross-validation on the quality bench's reference rows ({result['folds']} folds × "
+        f"{len(result['seeds'])} shuffles): the default's settings chosen as build-db chooses them on the other folds, "
+        "probe-best's layer likewise, each scored on the fold left out. Reference rows only; the scored columns are "
+        "the quality bench's held-out rows, for comparison.",
+        "",
+    ]
+    header = ["task", "metric", "default (build-db's leave-one-out)", "default nested", "probe-best (out of fold)"]
+    header += ["probe-best nested", "default scored", "probe-best scored"]
+    for preset, run in result["presets"].items():
+        tasks = run["tasks"]
+        rows = [
+            [
+                t["task"],
+                t["metric"],
+                f"{_fmt(t['default_loo'])} @ {t['default_loo_mean_exit']:.1f}",
+                f"{_fmt(t['default_nested'])} @ {t['default_nested_mean_exit']:.1f}",
+                t["probe_best_oof"],
+                t["probe_best_nested"],
+                (t["scored"] or {}).get("default"),
+                (t["scored"] or {}).get("probe-best"),
+            ]
+            for t in tasks
+        ]
+        gaps = {
+            "on the reference rows as build-db scored them": [t["default_loo"] - t["probe_best_oof"] for t in tasks],
+            "nested": [t["default_nested"] - t["probe_best_nested"] for t in tasks],
+            "scored": [
+                t["scored"]["default"] - t["scored"]["probe-best"]
+                for t in tasks
+                if t["scored"] and len(t["scored"]) == 2
+            ],
+        }
+        said = "; ".join(f"{100 * sum(v) / len(v):+.1f} {name}" for name, v in gaps.items() if v)
+        lines += [f"### {preset}", "", *_table(header, rows), "", f"Macro, default minus probe-best: {said}.", ""]
+    return lines
+
+
 def render_generic(result: Any) -> list[str]:
     """Kinds without a renderer yet: show the payload rather than drop it."""
     return ["```json", json.dumps(result, indent=2), "```"]
@@ -1252,6 +1293,7 @@ SECTIONS: list[tuple[str, str, Callable[[Any], list[str]]]] = [
     ("Retrieval keys for the default", "key-policy", render_key_policy),
     ("An int8 retrieval key for the default", "key-int8", render_key_policy),
     ("A two-layer retrieval key for the default", "key-depth", render_key_policy),
+    ("Reference-only estimate of the default's choice", "nested", render_nested),
     ("Reference-size scaling", "scaling", render_scaling),
     ("Local worker processes", "workers", render_workers),
     ("GPU", "gpu-", render_gpu),

@@ -18,6 +18,7 @@ BENCHES = [
     "keys",
     "index_recall",
     "quality",
+    "nested",
     "key_policy",
     "key_int8",
     "key_depth",

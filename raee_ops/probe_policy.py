@@ -268,6 +268,42 @@ def fused_trials(
     return trials
 
 
+class LeftOut(NamedTuple):
+    """The probe-fused grid on the reference rows left out one at a time (or by group), as build-db fits it: the rows
+    scored (`queries`, their labels `truth`), their own out-of-fold probes (Q×L×C), the whole reference's out-of-fold
+    probe accuracy per layer, and every setting's Trial."""
+
+    queries: np.ndarray
+    truth: np.ndarray
+    probs: np.ndarray
+    curve: np.ndarray
+    trials: list[Trial]
+
+
+def reference_trials(
+    vectors: np.ndarray,
+    labels: np.ndarray,
+    probe_logprobs: np.ndarray,
+    key_logprobs: np.ndarray,
+    metric_name: str,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+    key_depth: int = 0,
+) -> LeftOut:
+    """Every probe-fused setting scored on the reference rows left out (fit_probe_policy's arguments)."""
+    n, _, num_labels = probe_logprobs.shape
+    queries = loo_queries(n, np.random.default_rng(seed))
+    truth = labels[queries]
+    probs = np.exp(probe_logprobs[queries])  # Q×L×C, each query's own out-of-fold probes
+    correct = probe_logprobs.argmax(axis=2) == labels[:, None]
+    curve = correct.mean(axis=0)
+    ks = neighbour_depths(n)
+    top, sims = loo_neighbours(vectors, queries, max(ks), groups)
+    found = Found(probs, np.exp(key_logprobs[queries]), labels[top], sims, correct[top])
+    trials = fused_trials(found, curve, truth, METRICS[metric_name], num_labels, ks, key_depth)
+    return LeftOut(queries, truth, probs, curve, trials)
+
+
 def fit_probe_policy(
     vectors: np.ndarray,
     labels: np.ndarray,
@@ -285,18 +321,10 @@ def fit_probe_policy(
     with `groups`, N ints: rows of a query's group are never its neighbours). `key_depth`: a layer key's N, which
     every row runs (exit 0 included) and leaves at the earliest, as classify runs it."""
     metric = METRICS[metric_name]
-    n, num_layers = probe_logprobs.shape[:2]
-    rng = np.random.default_rng(seed)
-    queries = loo_queries(n, rng)
-    truth = labels[queries]
-    probs = np.exp(probe_logprobs[queries])  # Q×L×C, each query's own out-of-fold probes
+    num_layers = probe_logprobs.shape[1]
+    left_out = reference_trials(vectors, labels, probe_logprobs, key_logprobs, metric_name, seed, groups, key_depth)
+    queries, truth, probs, reference_curve, trials = left_out
     confidence = probs.max(axis=2)
-    correct = probe_logprobs.argmax(axis=2) == labels[:, None]
-    reference_curve = correct.mean(axis=0)
-    ks = neighbour_depths(n)
-    top, sims = loo_neighbours(vectors, queries, max(ks), groups)
-    found = Found(probs, np.exp(key_logprobs[queries]), labels[top], sims, correct[top])
-    trials = fused_trials(found, reference_curve, truth, metric, num_labels, ks, key_depth)
     front = _points(trials)
     chosen = _choose(front, layer_budget, layer_price, num_layers)
 

@@ -7,7 +7,8 @@ them in .bench/quality-<preset>), the default's settings are chosen as build-db 
 and price) on four fifths of the left-out reference rows and scored on the other fifth, over FOLDS folds and SEEDS
 shuffles; probe-best's layer likewise. The per-layer probe answers are the table's own out-of-fold ones, the key probe's
 refitted as build-db fits it (the tables are keyed by MiniLM: no layer key). A setting's cost on a fold is its mean exit
-over all the left-out rows (a Trial keeps no per-row exits). No validation or test row is read for the estimate; the
+over all the left-out rows (a Trial keeps no per-row exits); a choice scoring no better than the most common label
+falls back to it, as build-db's does. No validation or test row is read for the estimate; the
 quality bench's scored figures (bench/results/quality-<preset>.json) are shown beside it for comparison only.
 """
 
@@ -66,6 +67,7 @@ def nested_task(preset: str, task: str) -> dict[str, Any] | None:
 
     chosen = choose(left.trials)
     layer_pred = left.probs.argmax(axis=2)  # Q×L
+    majority = np.full(len(left.truth), np.bincount(labels, minlength=num_labels).argmax())
     default, best = [], []
     for fit, scored in fold_splits(len(left.truth)):
         truth = left.truth[fit]
@@ -73,6 +75,8 @@ def nested_task(preset: str, task: str) -> dict[str, Any] | None:
             Trial(metric(truth, t.pred[fit], num_labels), 0.0, t.mean_exit, t.settings, t.pred) for t in left.trials
         ]
         pick = choose(on_fit)
+        if pick.score <= metric(truth, majority[fit], num_labels):  # build-db's fall-back: the most common label
+            pick = Trial(pick.score, 0.0, 0.0, None, majority)
         default.append((metric(left.truth[scored], pick.pred[scored], num_labels), pick.mean_exit))
         layer = int(np.argmax([metric(truth, layer_pred[fit, j], num_labels) for j in range(num_layers)]))
         best.append(metric(left.truth[scored], layer_pred[scored, layer], num_labels))

@@ -28,7 +28,7 @@ from raee_ops import storage
 from raee_ops.batches import Classify
 from raee_ops.commit import SUCCESS, claim_output, completed, job_of, unseen_staging
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
-from raee_ops.exit_policy import refuse_head, refuse_unanswerable, resolve
+from raee_ops.exit_policy import DEFAULT_K, refuse_head, refuse_unanswerable, resolve
 from raee_ops.inputs import check_inputs, count_rows, input_files, reading, refuse_reading_own_output
 from raee_ops.probe_policy import refuse_cost_options
 from raee_ops.progress import NAMESPACE
@@ -245,6 +245,8 @@ def run_classify(
     with claim_output(output_dir, OUTPUTS, "--output", job, refused=OTHERS) as claim:
         if claim.done is not None:  # another run of this job finished while this one waited for the claim
             return already_done(claim.done)
+        if k != DEFAULT_K and not chosen.reads_k():  # said once the run goes ahead; --k is part of the job as given
+            log.warning("--k %d is not read by strategy %s (its settings below say what it reads)", k, strategy)
         pipeline = make_pipeline(
             beam_args, command="classify", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
         )

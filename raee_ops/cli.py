@@ -21,7 +21,7 @@ import click
 
 from raee_ops import extras, logs
 from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, StoreUnavailable, first_line, not_utf8
-from raee_ops.exit_policy import DEFAULT_STRATEGY, STRATEGIES
+from raee_ops.exit_policy import DEFAULT_K, DEFAULT_STRATEGY, STRATEGIES
 from raee_ops.key_names import DEFAULT_KEY, check_key, parse_embedder
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
 from raee_ops.schemas.tables import table_name_problem
@@ -506,7 +506,7 @@ def build_db(
 )
 @click.option(
     "--k",
-    default=10,
+    default=DEFAULT_K,
     show_default=True,
     type=click.IntRange(min=1),
     help="Neighbours for the paper's rules (raee*) and knn-vote; fused and probe-fused use the k fitted on the "
@@ -574,7 +574,7 @@ def classify(
 )
 @click.option(
     "--k",
-    default=10,
+    default=DEFAULT_K,
     show_default=True,
     type=click.IntRange(min=1),
     help="Neighbours for the paper's rules (raee*) and knn-vote.",

@@ -295,6 +295,10 @@ class Strategy:
             return 0
         return self.k(ctx) if self.k else ctx.k
 
+    def reads_k(self) -> bool:
+        """Whether a run's --k sets how many neighbours it reads (not for a fitted k, one neighbour, or none)."""
+        return self.needs_retrieval and self.k is None
+
     def threshold(self, ctx: Context) -> float | None:
         return self.stop(ctx) if self.stop else None
 
@@ -381,6 +385,10 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("majority", none, prior_answer, needs_retrieval=False, reads="none", reads_label_counts=True),
     ]
 }
+
+
+#: Neighbours a run reads where its strategy takes --k and none is given.
+DEFAULT_K = 10
 
 
 def resolve(name: str | None, num_layers: int) -> Strategy:

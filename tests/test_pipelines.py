@@ -766,6 +766,16 @@ def test_a_gpu_run_of_a_row_by_row_strategy_is_told_a_fixed_depth_runs_faster(se
         assert (summary.rows_in, summary.predicted, summary.rejected) == (25, 22, 3)
 
 
+def test_a_k_the_strategy_does_not_read_is_said(segment_artifacts, built, caplog):  # noqa: F811
+    """--k given to a strategy with a fitted k, or with no retrieval, went unused without a word."""
+    root, _ = built
+    for strategy, warned in (("probe-best", True), ("raee", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="raee_ops.pipelines.classify"):
+            classify(segment_artifacts, root, f"k-{strategy}", strategy, k=7)
+        assert ("--k 7 is not read by strategy probe-best" in caplog.text) == warned, caplog.text
+
+
 @pytest.mark.parametrize(
     ("first", "other", "common"),
     [

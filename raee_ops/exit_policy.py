@@ -37,6 +37,8 @@ from raee_ops.probe_policy import ProbePolicy
 from raee_ops.probes import ProbeSet
 
 DEFAULT_STRATEGY = "probe-fused"
+#: Neighbours a run reads where its strategy takes --k and none is given.
+DEFAULT_K = 10
 
 
 @dataclass(frozen=True)
@@ -385,10 +387,6 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("majority", none, prior_answer, needs_retrieval=False, reads="none", reads_label_counts=True),
     ]
 }
-
-
-#: Neighbours a run reads where its strategy takes --k and none is given.
-DEFAULT_K = 10
 
 
 def resolve(name: str | None, num_layers: int) -> Strategy:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from raee_ops.metrics import accuracy, f1_positive, macro_f1, matthews, paired_difference
+from raee_ops.metrics import METRICS, accuracy, f1_positive, macro_f1, matthews, paired_difference, scores
 
 
 def test_accuracy_and_f1_on_a_hand_counted_case():
@@ -41,3 +41,31 @@ def test_paired_difference_is_the_score_gap_with_the_bootstrap_spread_of_the_row
     shifted = np.where(np.arange(400) % 5 == 0, 1 - truth, truth)
     gap, se = paired_difference(truth, same_mistakes, shifted, matthews, 2, seed=3)
     assert gap == pytest.approx(matthews(truth, same_mistakes) - matthews(truth, shifted)) and 0 < se < 0.1
+
+
+@pytest.mark.parametrize("num_labels", [2, 3, 6])
+def test_every_metric_matches_scikit_learn_one_answer_set_or_thousands_at_once(num_labels):
+    """build-db scores each of ~13,500 settings' answers on folds of the reference rows at once (`scores`): the same
+    numbers as one at a time, and as scikit-learn's, degenerate answers (one label for every row) included."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    rng = np.random.default_rng(num_labels)
+    truth = rng.integers(0, num_labels, 40)
+    answers = rng.integers(0, num_labels, (300, 40))
+    answers[:20] = answers[:20, :1]  # one label for every row
+    answers[20] = truth
+    reference = {
+        "accuracy": accuracy_score,
+        "matthews_corr": matthews_corrcoef,
+        "macro_f1": lambda y, p: f1_score(y, p, average="macro", zero_division=0),
+        "f1": lambda y, p: f1_score(y, p, zero_division=0),
+    }
+    for name, metric in METRICS.items():
+        if name == "f1" and num_labels != 2:
+            continue
+        at_once = scores(name, truth, answers, num_labels)
+        assert at_once.shape == (300,)
+        one_by_one = [metric(truth, a, num_labels) for a in answers]
+        assert at_once == pytest.approx(one_by_one, abs=1e-12)
+        assert one_by_one == pytest.approx([reference[name](truth, a) for a in answers], abs=1e-9)
+    assert scores("accuracy", truth, answers.reshape(3, 100, 40), num_labels).shape == (3, 100)

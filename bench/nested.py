@@ -4,12 +4,14 @@ build-db's leave-one-out score of the default is the score of the best of ~13,50
 it is optimistic; probe-best's out-of-fold score is the best of a few dozen layers, much less so. Nested
 cross-validation scores the choice itself: on each quality-bench reference table (bench/quality.py runs first and leaves
 them in .bench/quality-<preset>), the default's settings are chosen as build-db chooses them (the table's layer budget
-and price) on four fifths of the left-out reference rows and scored on the other fifth, over FOLDS folds and SEEDS
-shuffles; probe-best's layer likewise. The per-layer probe answers are the table's own out-of-fold ones, the key probe's
-refitted as build-db fits it (the tables are keyed by MiniLM: no layer key). A setting's cost on a fold is its mean exit
-over all the left-out rows (a Trial keeps no per-row exits); a choice scoring no better than the most common label
-falls back to it, as build-db's does. No validation or test row is read for the estimate; the
-quality bench's scored figures (bench/results/quality-<preset>.json) are shown beside it for comparison only.
+and price) on four fifths of the left-out reference rows and scored on the other fifth, over ESTIMATE_FOLDS folds and
+ESTIMATE_SHUFFLES shuffles; probe-best's layer likewise (raee_ops.probe_policy.estimate, which build-db runs on every
+table it fits; tables built before it keep none, so the bench recomputes it). The per-layer probe answers are the
+table's own out-of-fold ones, the key probe's refitted as build-db fits it (the tables are keyed by MiniLM: no layer
+key). A setting's cost on a fold is its mean exit over all the left-out rows (a Trial keeps no per-row exits); a choice
+scoring no better than the most common label falls back to it, as build-db's does. No validation or test row is read for
+the estimate; the quality bench's scored figures (bench/results/quality-<preset>.json) are shown beside it for
+comparison only.
 """
 
 from __future__ import annotations
@@ -24,22 +26,11 @@ from common import RESULTS_DIR, parse_args, write_result
 from quality import PRESETS, QUICK_TASKS, TASKS, work_dir
 from raee_ops.schemas.tables import flat_values
 
-from raee_ops.calibration import Trial, frontier, within_budget
+from raee_ops.calibration import frontier, within_budget
 from raee_ops.metrics import METRICS
-from raee_ops.probe_policy import reference_trials
+from raee_ops.probe_policy import ESTIMATE_FOLDS, ESTIMATE_SHUFFLES, estimate, reference_trials
 from raee_ops.probes import fit_key_probe
 from raee_ops.retrieval import table_probe_policy
-
-FOLDS, SEEDS = 5, (0, 1)
-
-
-def fold_splits(rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(rows to choose on, rows to score on): FOLDS folds of each of SEEDS shuffles."""
-    out = []
-    for seed in SEEDS:
-        fold = np.random.default_rng(seed).permutation(rows) % FOLDS
-        out += [(fold != k, fold == k) for k in range(FOLDS)]
-    return out
 
 
 def nested_task(preset: str, task: str) -> dict[str, Any] | None:
@@ -60,26 +51,13 @@ def nested_task(preset: str, task: str) -> dict[str, Any] | None:
     _, key_oof = fit_key_probe(vectors, labels, num_labels)
     left = reference_trials(vectors, labels, probe_lp, key_oof, policy.metric)
     metric = METRICS[policy.metric]
-    budget, price = policy.layer_budget * num_layers, policy.layer_price / num_layers  # as build-db chooses
-
-    def choose(trials: list[Trial]) -> Trial:
-        return within_budget(frontier(trials), budget, price)
-
-    chosen = choose(left.trials)
+    chosen = within_budget(
+        frontier(left.trials), policy.layer_budget * num_layers, policy.layer_price / num_layers
+    )  # as build-db chooses
+    majority = int(np.bincount(labels, minlength=num_labels).argmax())
+    nested = estimate(left, num_labels, policy.metric, policy.layer_budget, policy.layer_price, majority)
+    assert nested is not None, "a quality-bench table has hundreds of rows"
     layer_pred = left.probs.argmax(axis=2)  # Q×L
-    majority = np.full(len(left.truth), np.bincount(labels, minlength=num_labels).argmax())
-    default, best = [], []
-    for fit, scored in fold_splits(len(left.truth)):
-        truth = left.truth[fit]
-        on_fit = [
-            Trial(metric(truth, t.pred[fit], num_labels), 0.0, t.mean_exit, t.settings, t.pred) for t in left.trials
-        ]
-        pick = choose(on_fit)
-        if pick.score <= metric(truth, majority[fit], num_labels):  # build-db's fall-back: the most common label
-            pick = Trial(pick.score, 0.0, 0.0, None, majority)
-        default.append((metric(left.truth[scored], pick.pred[scored], num_labels), pick.mean_exit))
-        layer = int(np.argmax([metric(truth, layer_pred[fit, j], num_labels) for j in range(num_layers)]))
-        best.append(metric(left.truth[scored], layer_pred[scored, layer], num_labels))
     curve = [metric(left.truth, layer_pred[:, j], num_labels) for j in range(num_layers)]
     return {
         "task": task,
@@ -89,10 +67,10 @@ def nested_task(preset: str, task: str) -> dict[str, Any] | None:
         "default_loo": chosen.score,
         "default_loo_check": policy.loo_metric,
         "default_loo_mean_exit": chosen.mean_exit,
-        "default_nested": float(np.mean([score for score, _ in default])),
-        "default_nested_mean_exit": float(np.mean([exit_ for _, exit_ in default])),
+        "default_nested": nested.metric,
+        "default_nested_mean_exit": nested.mean_exit,
         "probe_best_oof": float(max(curve)),
-        "probe_best_nested": float(np.mean(best)),
+        "probe_best_nested": nested.probe_best,
     }
 
 
@@ -126,7 +104,8 @@ def main() -> int:
     if not presets:
         print("nested: no quality-bench tables (run bench/quality.py first): nothing written", flush=True)
         return 0
-    write_result("nested", {"folds": FOLDS, "seeds": list(SEEDS), "presets": presets}, args.quick)
+    shuffles = list(range(ESTIMATE_SHUFFLES))
+    write_result("nested", {"folds": ESTIMATE_FOLDS, "seeds": shuffles, "presets": presets}, args.quick)
     return 0
 
 

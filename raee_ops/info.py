@@ -89,6 +89,7 @@ def table_info(table: lancedb.table.Table, db_uri: str, storage_options: dict[st
             "settings": probe_policy.settings(),
             "validation": probe_policy.validation(),
             "by_budget": probe_policy.by_budget(),
+            "estimate_line": probe_policy.estimate_line(),
             **probe_policy.to_dict(),
         }
         if probe_policy
@@ -280,6 +281,8 @@ def _render_table(t: dict[str, Any]) -> str:
             f"({pp['validation']}), mean exit layer {pp['loo_mean_exit']:.2f}"
             + ("" if pp["floor"] is None else f"; the most common label there {pp['floor'][0]:.3f}")
         )
+        if pp["estimate_line"]:
+            lines.append(f"  {pp['estimate_line']}")
         if pp["by_budget"]:
             lines.append(f"  {shown_costs(pp)}")
     versions = t["versions"]

@@ -68,6 +68,7 @@ class Reference:
             f"{self.fit_seconds:.1f}s; out-of-fold {p.metric} by layer): "
             f"{curve}; key probe {p.key_oof_metric:.3f}; best layer {p.best_layer}",
             fit_line("probe policy", q),
+            *filter(None, [q.estimate_line()]),
             *self.no_signal(),
             *self.unseen_labels(),
         ]

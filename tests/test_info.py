@@ -81,6 +81,10 @@ def test_info_shows_identity_size_policy_and_history(db, segment_artifacts):  # 
     assert f"probe heads: {probes.pooling} view (runs the {probes.form} input), fitted on 32 rows" in text
     assert f"probe policy (the default's): {probe_policy.settings()}; accuracy " in text
     assert f"; the most common label there {probe_policy.floor[0]:.3f}" in text  # the floor the fall-back compares
+    estimate = probe_policy.estimate  # the default's choice cross-validated on the reference rows, kept by build-db
+    assert estimate is not None and table["probe_policy"]["estimate"] == list(estimate)
+    assert "cross-validated on the reference rows (made on 4 of 5 folds of them, scored on the other; 2 " in text
+    assert f"accuracy {estimate.metric:.3f}, mean exit layer {estimate.mean_exit:.2f}; probe-best " in text
     counts = probes.label_counts  # every row of the table (the fall-back's answer), not only the probes' fit rows
     assert sum(counts) == 32 and f"the most common label for every reference row {max(counts) / 32:.3f}" in text
     budgets = ", ".join(f"{b['layer_budget']}: {b['metric']:.3f} @ {b['mean_exit']:.1f}" for b in by_budget[:6])

@@ -75,6 +75,8 @@ def test_probes_beat_the_zero_shot_head_on_a_task_with_a_known_signal(signal):
     assert report["table_version"] == Retriever(str(root / "db"), "sst2").table.version  # the version it read, named
     base = report["baselines"]
     assert "probe heads (" in summary.render() and "probe policy (" in summary.render()
+    estimate = Retriever(str(root / "db"), "sst2").probe_policy.estimate  # the choice scored on rows it was not made on
+    assert f"probe-best chosen alike {estimate.probe_best:.3f}" in summary.render() and estimate.probe_best >= 0.85
     assert base["probe-best"]["accuracy"] >= 0.85
     assert base["probe-best"]["accuracy"] >= base["full"]["accuracy"] + 0.15
     assert base["default"]["accuracy"] >= base["full"]["accuracy"] + 0.15

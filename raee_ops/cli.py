@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import click
 
 from raee_ops import extras, logs
-from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, StoreUnavailable, first_line, not_utf8
+from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, StoreUnavailable, first_line, not_utf8, one_line
 from raee_ops.exit_policy import DEFAULT_K, DEFAULT_STRATEGY, STRATEGIES
 from raee_ops.key_names import DEFAULT_KEY, check_key, parse_embedder
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
@@ -739,7 +739,7 @@ def prune_cmd(db_uri: str, table: str | None, keep: int, grace: timedelta, dry_r
 
 def _fail(message: str, code: int) -> NoReturn:
     """The one `error:` line: a message of several lines (a library's, inside ours) is joined into it."""
-    click.echo("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()), err=True)
+    click.echo("error: " + one_line(message), err=True)
     sys.exit(code)
 
 

@@ -98,6 +98,11 @@ class MissingDependency(RaeeConfigError, ImportError):
     """An optional package the command needs is not installed; the message names the extra that installs it."""
 
 
+def one_line(text: str) -> str:
+    """A message of several lines (a library's) joined into one: an `error:` line, an errors output's reason."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def first_line(exc: BaseException | str) -> str:
     """A library's message (an exception's, or its text already cleaned) cut to its first non-empty line, at most 300
     characters: every `error:` the CLI prints is one line, and what follows the first line of a library's message is

@@ -23,7 +23,7 @@ from apache_beam.io.filesystem import FileMetadata
 
 from raee_ops import storage
 from raee_ops.commit import some
-from raee_ops.errors import InputChanged, RaeeConfigError, not_utf8
+from raee_ops.errors import InputChanged, RaeeConfigError, not_utf8, one_line
 from raee_ops.rows import (
     ROW_ID,
     Validated,
@@ -394,7 +394,7 @@ def _read_validated_groups(
                 problem = f"its pages held {done} of the {size} rows the footer counts"
                 break
             except (OSError, pa.ArrowException) as exc:  # corrupt data: the rest of this row group is lost
-                problem = f"{type(exc).__name__}: {exc}"
+                problem = f"{type(exc).__name__}: {one_line(str(exc))}"  # a reason is one line
                 break
             table = as_read(pa.Table.from_batches([batch]).replace_schema_metadata(None), schema)
             keyed = key() if _positional(table) else ""  # "": no row here is keyed by position

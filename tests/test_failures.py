@@ -351,6 +351,21 @@ def test_6c_a_page_that_fails_its_crc_checksum_is_an_unreadable_row_group(tmp_pa
     )
 
 
+def test_6c_a_garbled_page_header_is_an_unreadable_row_group_with_a_one_line_reason(tmp_path):
+    """Arrow's message for it runs over three lines; each rejected row's reason is one line."""
+    path = tmp_path / "header.parquet"
+    table = pa.table({"id": [f"k{i}" for i in range(20)], "text": [f"a good plot {i}" for i in range(20)]})
+    pq.write_table(table, path, row_group_size=10, compression="none", use_dictionary=False)
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(1).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 12] = b"\xff" * 12
+    path.write_bytes(bytes(data))
+    read = list(read_validated_file(str(path), PRESETS["sst2"], False, storage.content_digest(str(path))))
+    reasons = pa.concat_tables([v.errors for v in read]).column("reason").to_pylist()
+    assert len(reasons) == 10 and all(r.startswith("unreadable Parquet data (row group 1): OSError: ") for r in reasons)
+    assert all("\n" not in r and "page header failed" in r for r in reasons)
+
+
 def test_6d_a_footer_whose_row_groups_do_not_add_up_is_a_bad_file(segment_artifacts, db, tmp_path):  # noqa: F811
     """A damaged footer gave a row group -61 rows: its rows were never read nor rejected (exit 3, found by fuzzing)."""
     path = tmp_path / "footer.parquet"

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
-from raee_ops.metrics import METRICS, Metric, accuracy, bootstrap_se
+from raee_ops.metrics import METRICS, Metric, bootstrap_se, scores
 
 K_GRID = (5, 10, 20, 30)
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75)
@@ -275,11 +275,23 @@ def loo_neighbours(
     return np.concatenate(tops), np.concatenate(sims_out)
 
 
+def scored_trials(
+    grid: list[tuple[Any, np.ndarray, float]], truth: np.ndarray, metric_name: str, num_labels: int
+) -> list[Trial]:
+    """Trials of a grid's (settings, answers, mean exit), every setting's metric and accuracy counted at once."""
+    answers = np.array([pred for _, pred, _ in grid], np.int16)  # settings × rows
+    values, right = (scores(name, truth, answers, num_labels) for name in (metric_name, "accuracy"))
+    return [
+        Trial(float(value), float(accuracy_), cost, settings, pred)
+        for (settings, pred, cost), value, accuracy_ in zip(grid, values, right, strict=True)
+    ]
+
+
 def fused_trials(
     neighbours: tuple[np.ndarray, np.ndarray, np.ndarray],
     own_logits: np.ndarray,
     truth: np.ndarray,
-    metric: Metric,
+    metric_name: str,
     num_labels: int,
     ks: Sequence[int],
     key_depth: int = 0,
@@ -288,7 +300,7 @@ def fused_trials(
     fused_answer run (raee_ops.exit_policy), over the grid at once. `neighbours`: their labels, similarities and
     calibrated per-layer correctness (Q×k, Q×k, Q×k×L); `own_logits`: each row's calibrated head at every layer."""
     top_labels, top_sims, correct = neighbours
-    trials = []
+    grid = []
     for k in ks:
         accuracy_by_layer = neighbour_accuracy(correct[:, :k], top_sims[:, :k])
         vote = label_vote(top_labels[:, :k], top_sims[:, :k], num_labels)
@@ -300,9 +312,8 @@ def fused_trials(
             for alpha, tau in itertools.product(ALPHA_GRID, TAU_GRID):
                 pred = np.where(by_vote[tau], vote.argmax(axis=1), fused[alpha])
                 cost = float(np.where(by_vote[tau], key_depth, exits).mean())
-                score = metric(truth, pred, num_labels)
-                trials.append(Trial(score, accuracy(truth, pred), cost, (k, alpha, epsilon, tau), pred))
-    return trials
+                grid.append(((k, alpha, epsilon, tau), pred, cost))
+    return scored_trials(grid, truth, metric_name, num_labels)
 
 
 def fit_fused_policy(
@@ -328,7 +339,7 @@ def fit_fused_policy(
     truth = labels[queries]
     neighbours = (labels[top], top_sims, calibrated_correct(logprobs[top], labels[top], bias))
     own_logits = logprobs[queries] + bias  # Q×L×C, the query's own calibrated head at every layer
-    trials = fused_trials(neighbours, own_logits, truth, metric, num_labels, ks, key_depth)
+    trials = fused_trials(neighbours, own_logits, truth, metric_name, num_labels, ks, key_depth)
     chosen = one_se_choice(trials, metric, truth, num_labels, seed)
     k, alpha, epsilon, tau = chosen.settings
     return FusedPolicy(

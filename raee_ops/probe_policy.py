@@ -47,6 +47,7 @@ from raee_ops.calibration import (
     neighbour_depths,
     not_before_key,
     reaches,
+    scored_trials,
     within_budget,
 )
 from raee_ops.errors import RaeeConfigError
@@ -276,7 +277,7 @@ def fused_trials(
     found: Found,
     reference_curve: np.ndarray,
     truth: np.ndarray,
-    metric: Callable[[np.ndarray, np.ndarray, int], float],
+    metric_name: str,
     num_labels: int,
     ks: Sequence[int] = K_GRID,
     key_depth: int = 0,
@@ -285,7 +286,7 @@ def fused_trials(
     rows left out, what build-db fits on; on labelled rows, what evaluate's hindsight bound reads."""
     rows = np.arange(len(truth))
     confidence = found.probs.max(axis=2)
-    trials = []
+    grid = []
     for k in ks:
         neighbours_curve = neighbour_accuracy(found.correct[:, :k], found.similarity[:, :k])
         vote = label_vote(found.labels[:, :k], found.similarity[:, :k], num_labels)
@@ -300,9 +301,8 @@ def fused_trials(
                 zero = np.zeros(len(rows), bool) if tau is None else reaches(at_zero[beta].max(axis=1), tau)
                 pred = np.where(zero, at_zero[beta].argmax(axis=1), answers[alpha])
                 cost = float(np.where(zero, key_depth, exits).mean())
-                settings = (k, shrink, epsilon, alpha, beta, tau, t)
-                trials.append(Trial(metric(truth, pred, num_labels), accuracy(truth, pred), cost, settings, pred))
-    return trials
+                grid.append(((k, shrink, epsilon, alpha, beta, tau, t), pred, cost))
+    return scored_trials(grid, truth, metric_name, num_labels)
 
 
 class LeftOut(NamedTuple):
@@ -337,7 +337,7 @@ def reference_trials(
     ks = neighbour_depths(n)
     top, sims = loo_neighbours(vectors, queries, max(ks), groups)
     found = Found(probs, np.exp(key_logprobs[queries]), labels[top], sims, correct[top])
-    trials = fused_trials(found, curve, truth, METRICS[metric_name], num_labels, ks, key_depth)
+    trials = fused_trials(found, curve, truth, metric_name, num_labels, ks, key_depth)
     return LeftOut(queries, truth, probs, curve, trials)
 
 
@@ -481,7 +481,7 @@ def hindsight(
         return None
     metric = METRICS[metric_name]
     num_labels = found.probs.shape[2]
-    trials = fused_trials(found, np.asarray(policy.curve), truth, metric, num_labels, ks, key_depth)
+    trials = fused_trials(found, np.asarray(policy.curve), truth, metric_name, num_labels, ks, key_depth)
     affordable = [t for t in trials if t.mean_exit <= policy.layer_budget * num_layers + 1e-9]
     if not affordable:  # a layer key deeper than the budget: every setting costs more; the cheapest
         affordable = [min(trials, key=lambda t: t.mean_exit)]

@@ -384,7 +384,6 @@ def test_the_default_classify_runs_is_the_rule_build_db_fits_it_for():
     classify runs (probe_fused_exit, the confidence stop, probe_fused_answer). On the same rows, every setting of
     the grid gives the same answers and exits both ways: a change to one copy that the other lacks would fit
     settings for a rule classify does not run."""
-    from raee_ops.metrics import accuracy
     from raee_ops.probe_policy import Found, confident_exits, fused_trials
 
     rng = np.random.default_rng(7)
@@ -398,7 +397,7 @@ def test_the_default_classify_runs_is_the_rule_build_db_fits_it_for():
         rng.random((rows, k, layers)) < np.linspace(0.3, 0.9, layers),
     )
     reference_curve = rng.uniform(0.3, 0.9, layers)
-    trials = fused_trials(found, reference_curve, rng.integers(0, labels, rows), accuracy, labels, ks=[k])
+    trials = fused_trials(found, reference_curve, rng.integers(0, labels, rows), "accuracy", labels, ks=[k])
     nb = Neighbours(
         np.zeros((rows, k, layers), bool),
         found.similarity,
@@ -423,7 +422,6 @@ def test_the_fused_rule_classify_runs_is_the_one_build_db_fits_it_for():
     """As for the default: calibration.fused_trials scores every `fused` setting at once for build-db's fit, and
     classify runs fused_exit and fused_answer; on the same rows every setting gives the same answers and exits."""
     from raee_ops.calibration import FusedPolicy, calibrated_correct, fused_trials
-    from raee_ops.metrics import accuracy
 
     rng = np.random.default_rng(3)
     rows, k, layers, labels = 50, 5, 4, 3
@@ -433,7 +431,7 @@ def test_the_fused_rule_classify_runs_is_the_one_build_db_fits_it_for():
     own = np.log(rng.dirichlet(np.full(labels, 0.5), size=(rows, layers)))  # Q×L×C, each row's own head
     bias = rng.normal(0, 0.5, (layers, labels))
     neighbours = (nb_labels, similarity, calibrated_correct(nb_logprobs, nb_labels, bias))
-    trials = fused_trials(neighbours, own + bias, rng.integers(0, labels, rows), accuracy, labels, [k])
+    trials = fused_trials(neighbours, own + bias, rng.integers(0, labels, rows), "accuracy", labels, [k])
     nb = Neighbours(np.zeros((rows, k, layers), bool), similarity, nb_labels, nb_logprobs)
     assert len({t.mean_exit for t in trials}) > 5  # exits of every kind, exit 0 among them
     for trial in trials:

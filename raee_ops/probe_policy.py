@@ -490,11 +490,11 @@ def hindsight(
     # first of equal values)
     distinct = {t.pred.tobytes(): t for t in sorted(affordable, key=lambda t: -t.mean_exit)}
     candidates = sorted(distinct.values(), key=lambda t: t.mean_exit)
-    per_layer = policy.layer_price / num_layers
+    answers = np.array([t.pred for t in candidates], np.int16)  # candidates × rows
+    price = policy.layer_price / num_layers * np.array([t.mean_exit for t in candidates])
     picked, default = [], []
     for fit, scored in _halvings(len(truth), seed):
-        values = [metric(truth[fit], t.pred[fit], num_labels) - per_layer * t.mean_exit for t in candidates]
-        choice = candidates[int(np.argmax(values))].pred
+        choice = answers[int(np.argmax(scores(metric_name, truth[fit], answers[:, fit], num_labels) - price))]
         picked.append(metric(truth[scored], choice[scored], num_labels))
         default.append(metric(truth[scored], default_pred[scored], num_labels))
     return Hindsight(

@@ -345,7 +345,7 @@ def run_build_db(
     if mode == "append":  # before the claim: a table build-db did not write was refused under it, as 'replaced'
         check_meta(existing, meta, f"table {table!r} in {db_uri}")
     with reading(job.contents):
-        keys = [file_keys(f, group_column, schema_in) for f in files]
+        keys = [file_keys(f, group_column, schema_in, job.contents[f]) for f in files]
         ids = concat_strings([file_ids for file_ids, _ in keys])
         refuse_duplicate_ids(ids)
         group_of = group_map(ids, [names for _, names in keys], mode) if group_column else None

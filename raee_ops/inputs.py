@@ -156,16 +156,24 @@ def refuse_matched_outputs(patterns: Sequence[str], folder: str, written: Sequen
             )
 
 
+#: A file key is the start of the file's SHA-256 (hex).
+FILE_KEY_CHARS, SHA256_HEX = 16, 64
+
+
 def file_key(path: str) -> str:
     """The key of a file's id-less rows: its content digest, so another spelling of the path gives the same ids.
     Not kept across reads: a process outliving one run (a worker pool's) must not key a file rewritten at the same
     path by its old content, which would give new rows the ids of old ones."""
     with storage.open_read(path) as handle:
-        return storage.sha256_stream(handle)[:16]
+        return storage.sha256_stream(handle)[:FILE_KEY_CHARS]
 
 
-def _lazy_key(path: str) -> Callable[[], str]:
-    """`path`'s file_key, hashed on first use only (a second full read: not for a file whose rows all carry ids)."""
+def _lazy_key(path: str, content: str | None = None) -> Callable[[], str]:
+    """`path`'s file_key, on first use only. A local file's is the start of its SHA-256, the content digest the run
+    took already (`content`: checked to hold before and after the read); any other is hashed then (a second full
+    read, from object storage a download: not for a file whose rows all carry ids)."""
+    if content is not None and storage.is_local(path) and len(content) == SHA256_HEX:
+        return lambda: content[:FILE_KEY_CHARS]
     return cache(lambda: file_key(path))
 
 
@@ -264,17 +272,18 @@ def as_read(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
 
 
 def file_keys(
-    path: str, group_column: str | None = None, schema: pa.Schema | None = None
+    path: str, group_column: str | None = None, schema: pa.Schema | None = None, content: str | None = None
 ) -> tuple[pa.Array, pa.Array | None]:
     """The ids the rows of one file get (id column, else positions), read on the driver for duplicate checks, and with
     `group_column` that column as strings in the same order (null: the row is a group of its own); one read, in the
     inputs' common `schema` (check_inputs; None: the file's own) as the pipeline reads the rows: a float32 id is
     another string once widened to float64, and two files' ids may only meet there. A row group that cannot be
-    decoded gives no ids: its rows are rejected when the pipeline reads them."""
+    decoded gives no ids: its rows are rejected when the pipeline reads them. `content`: its digest as the job took
+    it, whose start keys a local file's id-less rows (_lazy_key)."""
     with storage.open_read(path) as handle:
         parquet = open_parquet(handle)
         columns = [c for c in dict.fromkeys((ID, group_column)) if c and c in parquet.schema_arrow.names]
-        ids, names, first, key = [], [], 0, _lazy_key(path)
+        ids, names, first, key = [], [], 0, _lazy_key(path, content)
         for group in range(parquet.num_row_groups):
             size = parquet.metadata.row_group(group).num_rows
             try:
@@ -336,12 +345,12 @@ def read_validated_file(
     """One file, `rows` rows at a time, in the inputs' common `schema` (check_inputs; None: the file's own),
     validated; a row group that cannot be decoded becomes error rows. The file must hold `content` (its
     storage.content_digest when the run began) before and after it is read, or the run ends (InputChanged): a file
-    replaced meanwhile gave other rows than the job's, published as its own with exit 0. The file is hashed once
-    more (file_key: from object storage a download) only where some row's id is its position."""
+    replaced meanwhile gave other rows than the job's, published as its own with exit 0. A file in object storage
+    is hashed once more (file_key: a download) only where some row's id is its position; a local one never is."""
     unchanged(path, content)
     with reading({path: content}, Exception):
         with storage.open_read(path) as handle:
-            yield from _read_validated_groups(open_parquet(handle), path, task, need_label, schema, rows)
+            yield from _read_validated_groups(open_parquet(handle), path, task, need_label, schema, rows, content)
     unchanged(path, content)
 
 
@@ -381,9 +390,15 @@ def _positional(table: pa.Table) -> bool:
 
 
 def _read_validated_groups(
-    parquet: pq.ParquetFile, path: str, task: Task, need_label: bool, schema: pa.Schema | None, rows: int
+    parquet: pq.ParquetFile,
+    path: str,
+    task: Task,
+    need_label: bool,
+    schema: pa.Schema | None,
+    rows: int,
+    content: str,
 ) -> Iterator[Validated]:
-    first, key = 0, _lazy_key(path)
+    first, key = 0, _lazy_key(path, content)
     for group in range(parquet.num_row_groups):
         size, done, problem = parquet.metadata.row_group(group).num_rows, 0, None
         batches = parquet.iter_batches(batch_size=rows, row_groups=[group])

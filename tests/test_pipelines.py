@@ -503,21 +503,30 @@ def test_predictions_of_an_input_without_ids_carry_the_ids_its_errors_use(segmen
 def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position_once_per_read(tmp_path, monkeypatch):
     """Hashing reads the whole file again (from object storage, a second download): not for rows with ids, once
     for a file read 2 rows at a time; and again on the next read, so a file rewritten at the same path (in a
-    process serving many runs) is keyed by its new content, never its old one's."""
+    process serving many runs) is keyed by its new content, never its old one's. A local file is never hashed
+    again: its key is the start of the SHA-256 the run took of it already, checked before and after the read."""
+    key = file_key(str(write_labelled(tmp_path / "mixed.parquet", [None], ["good"], [1])))
     hashed = []
     monkeypatch.setattr(inputs, "file_key", lambda path: hashed.append(path) or f"k{len(hashed)}")
     with_ids = write_labelled(tmp_path / "ids.parquet", ["a", "b"], ["good", "bad"], [1, 0])
     mixed = write_labelled(tmp_path / "mixed.parquet", ["a", None, None, "d"], ["good", "bad", "fun", "dull"], [1] * 4)
 
-    def ids(path: Path) -> list[list[str]]:
+    def ids(path: Path, content: str) -> list[list[str]]:
         return [
-            t.valid[ROW_ID].to_pylist()
-            for t in read_validated_file(str(path), PRESETS["sst2"], True, content_digest(str(path)), rows=2)
+            t.valid[ROW_ID].to_pylist() for t in read_validated_file(str(path), PRESETS["sst2"], True, content, rows=2)
         ]
 
-    assert ids(with_ids) == [["a", "b"]] and hashed == []
-    assert ids(mixed) == [["a", "row:k1:1"], ["row:k1:2", "d"]] and hashed == [str(mixed)]
-    assert ids(mixed) == [["a", "row:k2:1"], ["row:k2:2", "d"]] and hashed == [str(mixed)] * 2
+    assert ids(with_ids, content_digest(str(with_ids))) == [["a", "b"]] and hashed == []
+    content = content_digest(str(mixed))
+    local = f"row:{content[:16]}"  # the same key a hash of the file gives (as file_key gave the one-row file's)
+    assert len(key) == 16 and key != content[:16]
+    assert ids(mixed, content) == [["a", f"{local}:1"], [f"{local}:2", "d"]] and hashed == []
+    assert inputs.file_keys(str(mixed), content=content)[0].to_pylist() == ["a", f"{local}:1", f"{local}:2", "d"]
+    # a digest that is no local SHA-256 (an object store's checksum): hashed, once a read
+    monkeypatch.setattr(inputs.storage, "is_local", lambda path: False)
+    monkeypatch.setattr(inputs, "unchanged", lambda path, content: None)
+    assert ids(mixed, "s3:etag") == [["a", "row:k1:1"], ["row:k1:2", "d"]] and hashed == [str(mixed)]
+    assert ids(mixed, "s3:etag") == [["a", "row:k2:1"], ["row:k2:2", "d"]] and hashed == [str(mixed)] * 2
     assert inputs.file_keys(str(mixed))[0].to_pylist() == ["a", "row:k3:1", "row:k3:2", "d"]
     floats = tmp_path / "floats.parquet"  # NaN is no id, as null is (sweep S: two NaN ids were one id twice)
     pq.write_table(
@@ -525,7 +534,9 @@ def test_a_file_is_hashed_only_where_a_row_is_keyed_by_its_position_once_per_rea
     )
     assert inputs.file_keys(str(floats))[0].to_pylist() == ["1", "row:k4:1", "row:k4:2"]
     # and as the rows are read: they were keyed 'row::1' (no file key), so two files' NaN rows shared an id
-    assert ids(floats) == [["1", "row:k5:1"], ["row:k5:2"]]
+    assert ids(floats, "s3:etag") == [["1", "row:k5:1"], ["row:k5:2"]]
+    monkeypatch.undo()
+    assert file_key(str(mixed)) == content[:16]
 
 
 def test_the_duplicate_check_reads_ids_as_the_rows_are_stored_in_the_inputs_common_schema(segment_artifacts, tmp_path):  # noqa: F811

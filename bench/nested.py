@@ -26,9 +26,9 @@ from common import RESULTS_DIR, parse_args, write_result
 from quality import PRESETS, QUICK_TASKS, TASKS, work_dir
 from raee_ops.schemas.tables import flat_values
 
-from raee_ops.calibration import frontier, within_budget
+from raee_ops.calibration import frontier
 from raee_ops.metrics import METRICS
-from raee_ops.probe_policy import ESTIMATE_FOLDS, ESTIMATE_SHUFFLES, estimate, reference_trials
+from raee_ops.probe_policy import ESTIMATE_FOLDS, ESTIMATE_SHUFFLES, choose, estimate, reference_trials
 from raee_ops.probes import fit_key_probe
 from raee_ops.retrieval import table_probe_policy
 
@@ -51,9 +51,7 @@ def nested_task(preset: str, task: str) -> dict[str, Any] | None:
     _, key_oof = fit_key_probe(vectors, labels, num_labels)
     left = reference_trials(vectors, labels, probe_lp, key_oof, policy.metric)
     metric = METRICS[policy.metric]
-    chosen = within_budget(
-        frontier(left.trials), policy.layer_budget * num_layers, policy.layer_price / num_layers
-    )  # as build-db chooses
+    chosen = choose(frontier(left.trials), policy.layer_budget, policy.layer_price, num_layers)  # as build-db chooses
     majority = int(np.bincount(labels, minlength=num_labels).argmax())
     nested = estimate(left, num_labels, policy.metric, policy.layer_budget, policy.layer_price, majority)
     assert nested is not None, "a quality-bench table has hundreds of rows"

@@ -80,15 +80,19 @@ def scores(metric_name: str, y_true: np.ndarray, y_pred: np.ndarray, num_labels:
     return np.concatenate(parts or [np.zeros(0)]).reshape(np.shape(y_pred)[:-1])
 
 
-def _one(of: OfCounts) -> Metric:
+def _one(name: str) -> Metric:
+    """The metric `name` of one row of answers."""
+    of = OF_COUNTS[name]
+
     def metric(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int = 2) -> float:
         return float(of(confusion(y_true, y_pred, num_labels)))
 
+    metric.__name__ = metric.__qualname__ = name
     return metric
 
 
-accuracy, matthews, f1_positive, macro_f1 = (_one(of) for of in OF_COUNTS.values())
-METRICS: dict[str, Metric] = {name: _one(of) for name, of in OF_COUNTS.items()}
+METRICS: dict[str, Metric] = {name: _one(name) for name in OF_COUNTS}
+accuracy, matthews, f1_positive, macro_f1 = (METRICS[n] for n in ("accuracy", "matthews_corr", "f1", "macro_f1"))
 #: Metrics of a two-label task only (the F1 of label 1, the positive class).
 BINARY_METRICS = ("f1",)
 #: Resamples of the scored rows behind a paired difference's standard error.

@@ -189,7 +189,7 @@ class ProbePolicy:
         own_budget = 1.0 if self.layer_budget is None else self.layer_budget
         budget = own_budget if layer_budget is None else layer_budget
         price = self.layer_price if layer_price is None else layer_price
-        point, conf = (_choose(front, budget, price, len(self.curve)) for front in (self.frontier, self.conf_frontier))
+        point, conf = (choose(front, budget, price, len(self.curve)) for front in (self.frontier, self.conf_frontier))
         own = (budget, price) == (own_budget, self.layer_price)  # the estimate is of the table's own cost's choice
         chosen = _chosen(point, conf, self.floor)
         return replace(self, **chosen, layer_budget=budget, layer_price=price, estimate=self.estimate if own else None)
@@ -369,7 +369,7 @@ def estimate(
     if any(not scored.any() for _, scored in splits):
         return None
     metric = METRICS[metric_name]
-    answers = np.stack([t.pred for t in left.trials]).astype(np.int16)  # settings × rows
+    answers = np.array([t.pred for t in left.trials], np.int16)  # settings × rows, as scored_trials counts them
     layer_answers = left.probs.argmax(axis=2).T  # layers × rows
     majority = np.full(len(left.truth), majority_label)
     default, depth, best = [], [], []
@@ -380,7 +380,7 @@ def estimate(
             Trial(float(v), 0.0, t.mean_exit, t.settings, a)
             for v, t, a in zip(on_fit, left.trials, answers, strict=True)
         ]
-        pick = _choose(frontier(trials), layer_budget, layer_price, len(layer_answers))
+        pick = choose(frontier(trials), layer_budget, layer_price, len(layer_answers))
         pred, cost = pick.pred, pick.mean_exit
         if pick.score <= metric(truth, majority[fit], num_labels):
             pred, cost = majority, 0.0
@@ -413,7 +413,7 @@ def fit_probe_policy(
     queries, truth, probs, reference_curve, trials = left_out
     confidence = probs.max(axis=2)
     front = _points(trials)
-    chosen = _choose(front, layer_budget, layer_price, num_layers)
+    chosen = choose(front, layer_budget, layer_price, num_layers)
 
     conf_trials, rows = [], np.arange(len(queries))
     for conf_t in CONF_GRID:
@@ -423,7 +423,7 @@ def fit_probe_policy(
             Trial(metric(truth, pred, num_labels), accuracy(truth, pred), float(exits.mean()), conf_t, pred)
         )
     conf_front = _points(conf_trials, lambda conf_t: (conf_t,))
-    conf = _choose(conf_front, layer_budget, layer_price, num_layers)
+    conf = choose(conf_front, layer_budget, layer_price, num_layers)
     # every row's label, as build-db's ProbeSet.label_counts counts them: the label the fall-back answers
     majority = np.full(len(truth), np.bincount(labels, minlength=num_labels).argmax())
     floor = (float(metric(truth, majority, num_labels)), float(accuracy(truth, majority)))
@@ -485,7 +485,7 @@ def hindsight(
     affordable = [t for t in trials if t.mean_exit <= policy.layer_budget * num_layers + 1e-9]
     if not affordable:  # a layer key deeper than the budget: every setting costs more; the cheapest
         affordable = [min(trials, key=lambda t: t.mean_exit)]
-    best = _choose(frontier(affordable), 1.0, policy.layer_price, num_layers)
+    best = choose(frontier(affordable), 1.0, policy.layer_price, num_layers)
     # one candidate per distinct answer vector at the cost of its cheapest setting, cheapest first (argmax keeps the
     # first of equal values)
     distinct = {t.pred.tobytes(): t for t in sorted(affordable, key=lambda t: -t.mean_exit)}
@@ -513,7 +513,7 @@ def _halvings(rows: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _choose(front: Sequence[C], layer_budget: float, layer_price: float, num_layers: int) -> C:
+def choose(front: Sequence[C], layer_budget: float, layer_price: float, num_layers: int) -> C:
     """The point of `front` a budget (share of the layers) and a price (metric per share) choose."""
     return within_budget(front, layer_budget * num_layers, layer_price / num_layers)
 

@@ -80,8 +80,8 @@ _pool_threads: int | None = None
 def process_thread_pool(threads: int) -> int:
     """Create ONNX Runtime's one intra-op thread pool that every session of this process shares, and return its
     size. Why: a pool per session gave each of ~32 segment sessions 3 pool threads of its own (96 OS threads in a
-    worker at 4 threads a session),
-    though the chain only ever runs one session at a time. The first size wins: ORT cannot replace the pool."""
+    worker at 4 threads a session), though the chain only ever runs one session at a time. The first size wins: ORT
+    cannot replace the pool."""
     global _pool_threads
     if _pool_threads is None:
         try:

@@ -20,6 +20,10 @@ from raee_ops import logs
 
 #: How often a worker checks that the command that started it still runs.
 WATCH_EVERY_S = 1.0
+#: How long a worker that failed waits to see its command gone before it reports: a command killed outright closes
+#: its connections while it exits, before /proc shows it ended, so a worker's lost connection could be reported
+#: (a CRITICAL traceback in that command's stderr, a scheduler's log) as a failure of a command still running.
+GONE_WITHIN_S = 2.0
 
 
 def main(argv: list[str]) -> None:
@@ -32,14 +36,16 @@ def main(argv: list[str]) -> None:
     running = partial(command_running, command, started(command))
     # its connection to a command gone is no failure to report: that command's stderr, a scheduler's log, had two
     # tracebacks from each worker after a SIGKILL
-    logging.getLogger(sdk_worker_main.__name__).addFilter(lambda _: running())
+    logging.getLogger(sdk_worker_main.__name__).addFilter(
+        lambda record: running() if record.levelno < logging.ERROR else _outlives(running)
+    )
     threading.Thread(target=_end_without, args=(running,), name="raee-watch-command", daemon=True).start()
 
     with logs.library_prints_hidden():
         try:
             sdk_worker_main.main(argv)
         except Exception:
-            if running():
+            if _outlives(running):
                 raise
             os._exit(1)  # not a traceback, then SIGABRT from native threads at teardown, to a stderr nobody reads
 
@@ -50,6 +56,16 @@ def command_running(command: int, born: int | None) -> bool:
     from raee_ops.storage import alive, started
 
     return alive(command) and started(command) == born
+
+
+def _outlives(running: Callable[[], bool]) -> bool:
+    """Whether the command still runs GONE_WITHIN_S from now (a failure to report), not only at this instant."""
+    deadline = time.monotonic() + GONE_WITHIN_S
+    while running():
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _end_without(running: Callable[[], bool]) -> None:

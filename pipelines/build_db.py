@@ -41,6 +41,7 @@ from raee_ops.commit import (
     claim_work_dir,
     job_of,
     new_run_id,
+    released_on_sigterm,
     say,
     some,
     unseen_staging,
@@ -422,7 +423,8 @@ def run_build_db(
                 forget_errors(work)
             tidy(errors_dir, where, own_errors)
             raise
-        with phase(f"build-db: fitting the probes and policies on {written} new rows"):
+        with phase(f"build-db: fitting the probes and policies on {written} new rows"), released_on_sigterm():
+            fault_point("fit")
             reference = assemble(
                 shards,
                 schema,

@@ -39,7 +39,7 @@ from apache_beam.runners.portability import portable_runner
 from apache_beam.runners.runner import PipelineState
 
 from raee_ops import logs
-from raee_ops.commit import release_claims
+from raee_ops.commit import end_terminated
 from raee_ops.errors import RaeeConfigError, RaeeRunError, RetryLater, first_line
 from raee_ops.settings import RaeeOptions, is_local_runner
 
@@ -479,13 +479,10 @@ _GRPC_CALL = re.compile(r'status = StatusCode\.(\w+)\s+details = "([^"]*)"')
 
 
 def _end_terminated(result: Any, what: str, interrupted: _Interrupts) -> None:
-    """A SIGTERM's end: the job cancelled, the local workers stopped, the run's object-store claims released, then
-    status -15 with nothing else cleaned up, as SIGTERM leaves a process (a scheduler's SIGKILL may follow soon)."""
+    """A SIGTERM's end: the job cancelled and the local workers stopped, then `end_terminated`."""
     _cancel(result, what)
     interrupted.stop_workers()
-    release_claims()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
+    end_terminated()
 
 
 def _streams_without_deadline(result: Any) -> None:

@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -199,12 +200,33 @@ def _release(place: str) -> None:
         storage.delete([beat.claim])
 
 
-def release_claims() -> None:
-    """Give up every object-store claim this process holds, for a run ending at once with its job cancelled (a
-    SIGTERM): a scheduler's retry was refused with exit 75 until the claim lapsed (STALE_S), where after a Ctrl-C,
-    whose unwinding releases it, it ran at once. What the run staged stays for the next run to remove."""
+def end_terminated() -> None:
+    """End as a SIGTERM ends a process (status -15, nothing else cleaned up: a scheduler's SIGKILL may follow soon),
+    once every object-store claim this process holds is given up: a scheduler's retry was refused with exit 75 until
+    the claim lapsed (STALE_S), where after a Ctrl-C, whose unwinding releases it, it ran at once. What the run
+    staged stays for the next run to remove. Only where this process writes nothing more to the claimed places (its
+    job cancelled, or `released_on_sigterm`): a retry must not start while a dying run's writes may still land."""
     for place in list(_held):
         _release(place)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextmanager
+def released_on_sigterm() -> Iterator[None]:
+    """A block where the driver holds its claims but only reads and computes (build-db's fit, minutes on a large
+    table): a scheduler's SIGTERM there gives them up before the process ends (`end_terminated`), where it used to
+    leave them for STALE_S, as a kill does. Elsewhere outside a job (the driver publishing or committing) a SIGTERM
+    still leaves them. Only Python's own handling is replaced, in the main thread (as the job's is)."""
+    main = threading.current_thread() is threading.main_thread()
+    replace = main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if replace:
+        signal.signal(signal.SIGTERM, lambda signum, frame: end_terminated())
+    try:
+        yield
+    finally:
+        if replace:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def export_publishing(folder: str) -> bool:

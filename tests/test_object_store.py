@@ -848,6 +848,27 @@ def test_a_classify_stopped_on_s3_by_sigterm_releases_its_claim(s3, segment_arti
     assert len(ids) == len(set(ids)) == 45
 
 
+def test_a_build_db_stopped_on_s3_by_sigterm_while_it_fits_releases_its_claim(s3, segment_artifacts, tmp_path):  # noqa: F811
+    """A scheduler's SIGTERM while build-db fits (outside its job, minutes on a large table): its table's claim
+    stayed, so the retry was refused with 75 for up to STALE_S. The driver only reads and computes there: the claim
+    goes, nothing is committed, and the retry builds the table at once."""
+    endpoint, client = s3
+    art = upload_dir(client, segment_artifacts, "fitterm/artifacts")
+    client.upload_file(str(labelled(tmp_path / "train.parquet", 20, 0, "t", bad=False)), BUCKET, "fitterm/t.parquet")
+    env, cwd = private_env(tmp_path)
+    db = f"s3://{BUCKET}/fitterm/db"
+    args = ["build-db", "--artifacts", art, "--task", "sst2", "--db", db, "--input", f"s3://{BUCKET}/fitterm/t.parquet"]
+    args += ["--embedder", "backbone", *s3_args(endpoint)]
+    stopped = raee_ops(*args, env=env | {"RAEE_FAULT": "fit", "RAEE_FAULT_MODE": "terminate"}, cwd=cwd)
+    assert stopped.returncode == -15, stopped.stderr
+    names = keys(client, "fitterm/db/")
+    assert not [n for n in names if CLAIM in n] and not [n for n in names if n.startswith("fitterm/db/sst2.lance")]
+    rerun = raee_ops(*args, env=env, cwd=cwd)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "rows in: 20  written: 20  rejected: 0  (in = written + rejected: ok)" in rerun.stdout
+    assert not [n for n in keys(client, "fitterm/db/") if CLAIM in n]
+
+
 def test_a_store_that_stops_answering_mid_run_ends_it_with_75(segment_artifacts, tmp_path):  # noqa: F811
     """The store stops answering once the run has claimed its output (a partition; here the server is stopped, so
     connections are taken and never answered): botocore's timeouts and retries under Beam's seven retries had the run

@@ -66,6 +66,7 @@ from raee_ops.retrieval import (
     Unfinished,
     build_index,
     check_meta,
+    check_writable,
     checked_features,
     committing,
     conflict,
@@ -312,6 +313,7 @@ def run_build_db(
             )
     check_outside_artifacts(db_uri, "--db")  # the default --errors lies in the database
     storage.check_folder(db_uri, "--db")
+    check_writable(db_uri, table)
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
     existing = table_meta(db_uri, table, store) if mode == "append" else None

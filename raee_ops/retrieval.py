@@ -30,6 +30,7 @@ from raee_ops.layer_key import LayerKey, unit_rows
 from raee_ops.probe_policy import ProbePolicy, budgeted
 from raee_ops.probes import ProbeSet, check_probes, fit_share, in_fit_sample
 from raee_ops.progress import phase
+from raee_ops.run_record import default_errors_dir, work_dir
 from raee_ops.runtime import STORED_GRAPHS, open_session, ort
 from raee_ops.schemas.manifest import Manifest
 from raee_ops.schemas.tables import (
@@ -263,6 +264,14 @@ def open_listed(db: lancedb.DBConnection, db_uri: str, name: str) -> lancedb.tab
 def table_folder(db_uri: str, name: str) -> str:
     """Where LanceDB keeps a table of a database directory (or object-store prefix)."""
     return storage.join(db_uri, f"{name}.lance")
+
+
+def check_writable(db_uri: str, table: str) -> None:
+    """Refuse, before any work, a local table whose folders this process cannot write in: its own and its probes'
+    feature rows' (a new version goes into them), its work folder and its default errors folder."""
+    folders = [table_folder(db_uri, name) for name in (table, table + FEATURES_SUFFIX)]
+    for folder in [*folders, work_dir(db_uri, table), default_errors_dir(db_uri, table)]:
+        storage.check_tree(folder, f"table {table!r} in {db_uri}")
 
 
 def _unreadable(

@@ -254,6 +254,23 @@ def check_folder(uri: str, what: str) -> None:
         raise RaeeConfigError(f"{what} {uri}: cannot write in {existing} (permissions, or a read-only filesystem)")
 
 
+def check_tree(uri: str, what: str) -> None:
+    """Refuse, before any work, a local folder with a folder in it (itself included) this process cannot write in,
+    or, where it is not there yet, whose nearest existing parent it cannot: LanceDB writes a table's new version into
+    its subfolders (data, _versions, …), so a table folder another user owns failed the run only at its commit, an
+    internal error after all its work."""
+    if not is_local(uri):
+        return
+    folders = [os.path.abspath(local_path(uri))]
+    if os.path.isdir(folders[0]):
+        folders = [folder for folder, _, _ in os.walk(folders[0])]
+    while not os.path.lexists(folders[0]):
+        folders = [os.path.dirname(folders[0])]
+    for folder in folders:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise RaeeConfigError(f"{what}: cannot write in {folder} (permissions, or a read-only filesystem)")
+
+
 def within(uri: str, folder: str) -> bool:
     """Whether `uri` is `folder` or lies under it (local paths with their links resolved)."""
     inner, outer = (os.path.realpath(local_path(u)) if is_local(u) else u.rstrip("/") for u in (uri, folder))

@@ -35,6 +35,7 @@ from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.faults import fault_point
 from raee_ops.info import check_database, check_holds_tables, listed, opened, table_info
 from raee_ops.retrieval import (
+    check_writable,
     committing,
     connect,
     foreign_table,
@@ -55,6 +56,7 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
     `changed` (False: the latest version held it already)."""
     handle = _exit_table(db_uri, table, storage_options)
     _check_version(handle, table, version)  # a typo is told at once, even while another run holds the table
+    check_writable(db_uri, table)
     with hold(work_dir(db_uri, table), f"table {table!r}"):
         handle.checkout_latest()  # what another run committed (or pruned) before the claim was ours
         _check_version(handle, table, version)
@@ -232,6 +234,8 @@ def _prune(
 ) -> Pruned:
     """One table, opened as `handle` from the database's tables `names` (its companion among them, when it has one)."""
     table = handle.name
+    if not dry_run:
+        check_writable(db_uri, table)
     with hold(work_dir(db_uri, table), f"table {table!r}"):
         handle.checkout_latest()  # what another run committed before the claim was ours
         try:  # a damaged current version is mended by a rollback to the versions the prune would remove

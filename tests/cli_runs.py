@@ -105,21 +105,23 @@ def raee_ops(
     env: dict[str, str | None] | None = None,
     fresh: bool = False,
     timeout: float = TIMEOUT_S,
+    under: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """The CLI in its own process (in `cwd`, with `env` added to this one's environment; None removes a
     variable); `fault` sets RAEE_FAULT (and `mode` RAEE_FAULT_MODE) for that run only, `tmpdir` its system temp
     folder. Ctrl-C is live in it, as in a terminal, even where the test process ignores it (pytest-xdist's workers
-    do, and a child inherits an ignored SIGINT)."""
+    do, and a child inherits an ignored SIGINT). `under`: a command that runs it (`setpriv …`), in a fresh
+    interpreter."""
     extra = {"TMPDIR": tmpdir and str(tmpdir), "RAEE_FAULT": fault, "RAEE_FAULT_MODE": mode}
     environment = _environment((env or {}) | {k: v for k, v in extra.items() if v})
     argv = [str(a) for a in args]
-    if not fresh:
+    if not fresh and not under:
         kind = "export" if _loads_a_model(argv, cwd) else "commands"
         if kind not in _zygotes or _zygotes[kind].process.poll() is not None:
             _zygotes[kind] = _Zygote(kind)
         return _zygotes[kind].run(argv, environment, cwd, timeout)
     return subprocess.run(
-        [sys.executable, "-m", "raee_ops", *argv],
+        [*under, sys.executable, "-m", "raee_ops", *argv],
         capture_output=True,
         text=True,
         timeout=timeout,

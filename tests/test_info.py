@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from datetime import timedelta
@@ -9,7 +10,7 @@ from datetime import timedelta
 import lancedb
 import pyarrow as pa
 import pytest
-from cli_runs import raee_ops
+from cli_runs import one_error_line, raee_ops
 from raee_ops.pipelines.build_db import commit, run_build_db
 from raee_ops.schemas.manifest import load_manifest
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
@@ -335,6 +336,49 @@ def test_prune_and_rollback_leave_a_damaged_version_as_it_is(segment_artifacts, 
     line = back.stderr.strip().splitlines()[-1]
     assert back.returncode == 2 and line.startswith("error: rollback refused: version 2 of table 'sst2' cannot be read")
     assert describe(db, "sst2")["tables"][0]["version"] == 3  # nothing restored
+
+
+def bound_by_permissions() -> tuple[str, ...]:
+    """What runs a command so that its files' permissions bind it: nothing for a user, setpriv for root (without
+    the capability to override them), which may run tests; skipped where root cannot drop it."""
+    if os.geteuid() != 0:
+        return ()
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: permissions would not bind the command")
+    return ("setpriv", "--bounding-set=-dac_override")
+
+
+def test_a_table_folder_the_run_cannot_write_in_is_refused_before_any_work(segment_artifacts, tmp_path):  # noqa: F811
+    """A table folder of another user's in a writable --db: build-db's append ran its whole job, then failed at its
+    commit, exit 1 (`internal error: … Permission denied`, naming a Rust source file), its rejected rows left staged
+    (sweep, session 71). build-db, rollback and prune refuse it before any work: one line, exit 2, nothing made."""
+    db = build_twice(segment_artifacts, tmp_path)
+    versions = tmp_path / "db" / "sst2.lance" / "_versions"
+    versions.chmod(0o555)
+    more = labelled(tmp_path / "later.parquet", 8, 1, "c")
+    before = sorted(tmp_path.joinpath("db").rglob("*"))
+    for args in (
+        ["build-db", "--artifacts", segment_artifacts, "--task", "sst2", "--db", db, "--mode", "append"],
+        ["rollback", "--db", db, "--table", "sst2", "--version", "1"],
+        ["prune", "--db", db, "--table", "sst2", "--keep", "1", "--grace", "0"],
+    ):
+        args += ["--input", more] if args[0] == "build-db" else []
+        run = raee_ops(*args, under=bound_by_permissions(), timeout=120)
+        assert run.returncode == 2, run.stderr
+        expected = f"error: table 'sst2' in {db}: cannot write in {versions} (permissions, or a read-only filesystem)"
+        assert one_error_line(run) == expected
+    assert sorted(tmp_path.joinpath("db").rglob("*")) == before
+    versions.chmod(0o755)
+    # a new table's folders are not there yet: the nearest one that is, the database's work folder here
+    work = tmp_path / "db" / "_raee-work"
+    work.chmod(0o555)
+    args = ["build-db", "--artifacts", segment_artifacts, "--task", "sst2", "--db", db, "--table", "other"]
+    run = raee_ops(*args, "--input", more, under=bound_by_permissions(), timeout=120)
+    assert run.returncode == 2, run.stderr
+    expected = f"error: table 'other' in {db}: cannot write in {work} (permissions, or a read-only filesystem)"
+    assert one_error_line(run) == expected
+    assert sorted(tmp_path.joinpath("db").rglob("*")) == before
+    work.chmod(0o755)
 
 
 def test_rollback_refuses_while_another_run_holds_the_table(segment_artifacts, tmp_path):  # noqa: F811

@@ -40,7 +40,7 @@ from apache_beam.runners.runner import PipelineState
 
 from raee_ops import logs
 from raee_ops.commit import end_terminated
-from raee_ops.errors import RaeeConfigError, RaeeRunError, RetryLater, first_line
+from raee_ops.errors import STORE_FAILED, RaeeConfigError, RaeeRunError, RetryLater, StoreUnavailable, first_line
 from raee_ops.settings import RaeeOptions, is_local_runner
 
 log = logging.getLogger(__name__)
@@ -429,6 +429,8 @@ def _retry_later(exc: BaseException, line: str) -> type[RetryLater] | None:
             return type(chained)
         seen.add(id(chained))
         chained = chained.__cause__ or chained.__context__
+    if STORE_FAILED.search(line):  # a worker's call the store failed (a shard's upload): it ended the run with 1
+        return StoreUnavailable
     named = line.split(WORKER, 1)[1].split(":", 1)[0] if WORKER in line else ""
     return RETRY_LATER.get(named)
 

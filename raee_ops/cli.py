@@ -20,7 +20,16 @@ from typing import Any, NoReturn
 import click
 
 from raee_ops import extras, logs
-from raee_ops.errors import Interrupted, RaeeConfigError, RaeeError, StoreUnavailable, first_line, not_utf8, one_line
+from raee_ops.errors import (
+    STORE_FAILED,
+    Interrupted,
+    RaeeConfigError,
+    RaeeError,
+    StoreUnavailable,
+    first_line,
+    not_utf8,
+    one_line,
+)
 from raee_ops.exit_policy import DEFAULT_K, DEFAULT_STRATEGY, STRATEGIES
 from raee_ops.key_names import DEFAULT_KEY, check_key, parse_embedder
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
@@ -813,10 +822,14 @@ def _path_given_wrong(exc: OSError) -> bool:
 
 
 def _unexpected(exc: Exception) -> NoReturn:
-    """An exception no check anticipated: credentials the store refuses (exit 2), else a bug."""
+    """An exception no check anticipated: credentials the store refuses (exit 2), a server error from it past its
+    client's retries (75: a retry mends an outage), else a bug."""
     if _refused_by_store(exc):
         logging.getLogger(__name__).debug("failed", exc_info=True)
         _fail(f"the object store refused access (check the credentials and permissions): {first_line(exc)}", 2)
+    if STORE_FAILED.search(str(exc)):
+        logging.getLogger(__name__).debug("failed", exc_info=True)
+        _fail(f"the object store is failing (retry later): {first_line(exc)}", 75)
     _internal(exc)
 
 

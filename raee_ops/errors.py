@@ -7,6 +7,12 @@ rejected than --max-rejected allows; 75 retry later (another run holds the outpu
 did not answer); 130 interrupted.
 """
 
+import re
+
+#: botocore's message for a call the store answered with a server error (its status, or S3's code for one) past its
+#: retries: an outage a retry mends (exit 75), wherever it surfaces (a worker's upload, the driver's delete).
+STORE_FAILED = re.compile(r"An error occurred \((5\d\d|InternalError|ServiceUnavailable|SlowDown)\) when calling")
+
 
 class RaeeError(Exception):
     """Base: every raee-ops error carries the exit code the CLI ends with."""

@@ -5,6 +5,7 @@ and workers in their own processes that share no disk with the driver."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import http.server
 import io
 import json
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -341,6 +343,54 @@ def failing_store() -> Iterator[str]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowDown)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def failing_uploads(endpoint: str, deletes: bool = False) -> Iterator[str]:
+    """An S3 endpoint on 127.0.0.1 in front of `endpoint` that answers every upload but a claim's (and with `deletes`,
+    every delete) 500 Internal Server Error, as a store failing under a job's writes does; every other request passes
+    through."""
+    target = urllib.parse.urlsplit(endpoint)
+
+    class Front(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            query = urllib.parse.urlsplit(self.path).query
+            upload = self.command == "PUT" or "upload" in query  # a multipart upload's calls too
+            if upload and CLAIM not in self.path or deletes and (self.command == "DELETE" or "delete" in query):
+                self.send_response(500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+            connection.request(self.command, self.path, body, dict(self.headers))
+            reply = connection.getresponse()
+            data = reply.read()
+            connection.close()
+            self.send_response(reply.status)
+            for name, value in reply.getheaders():  # a HEAD's length is the object's
+                if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(name, value)
+            self.send_header("Content-Length", reply.headers.get("Content-Length", "0") if not data else str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD  # noqa: N815
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Front)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -867,6 +917,33 @@ def test_a_build_db_stopped_on_s3_by_sigterm_while_it_fits_releases_its_claim(s3
     assert rerun.returncode == 0, rerun.stderr
     assert "rows in: 20  written: 20  rejected: 0  (in = written + rejected: ok)" in rerun.stdout
     assert not [n for n in keys(client, "fitterm/db/") if CLAIM in n]
+
+
+def test_a_store_failing_a_workers_upload_ends_the_run_with_75(s3, segment_artifacts, tmp_path):  # noqa: F811
+    """The store answers the job's shard uploads 500 (past botocore's retries, Beam's S3ClientError in the worker):
+    the run ended with exit 1, a failure a scheduler does not retry, where the README promises 75 for a store
+    failing in a worker (sweep, session 71). Nothing is published; the retry, once the store is well, publishes
+    every row once."""
+    client, args, env, cwd = classify_on_s3(s3, segment_artifacts, tmp_path, "failing")
+    endpoint = args[args.index("--s3_endpoint_url") + 1]
+    with failing_uploads(endpoint) as front:
+        run = raee_ops(*[front if a == endpoint else a for a in args], env=env, cwd=cwd)
+    assert run.returncode == 75, run.stderr
+    assert re.search(r"in a Beam worker: S3ClientError: .*\(500\)", one_error_line(run))
+    # its deletes failing too, the driver's release of its claim fails (after the job's failure): 75 as well
+    with failing_uploads(endpoint, deletes=True) as front:
+        run = raee_ops(*[front if a == endpoint else a for a in args], env=env, cwd=cwd)
+    assert run.returncode == 75, run.stderr
+    assert one_error_line(run).startswith("error: the object store is failing (retry later): ")
+    names = [k.removeprefix("failing/out/") for k in keys(client, "failing/out/")]
+    assert SUCCESS not in names
+    for claim in [n for n in names if n.startswith(CLAIM)]:  # not deleted: what an operator does (or 10 minutes)
+        client.delete_object(Bucket=BUCKET, Key=f"failing/out/{claim}")
+    rerun = raee_ops(*args, env=env, cwd=cwd)
+    assert rerun.returncode == 0, rerun.stderr
+    ids = read_parquet(client, "failing/out/predictions-").column("id").to_pylist()
+    ids += read_parquet(client, "failing/out/_errors-").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 45
 
 
 def test_a_store_that_stops_answering_mid_run_ends_it_with_75(segment_artifacts, tmp_path):  # noqa: F811

@@ -279,7 +279,13 @@ def remove_leftovers(paths: Sequence[str], where: str) -> None:
     if not paths:
         return
     for path in paths:
-        storage.delete([path])
+        try:
+            storage.delete([path])
+        except PermissionError as exc:  # another user's run's, say: the bare file name said neither where nor whose
+            raise RaeeConfigError(
+                f"cannot remove what an earlier, unfinished run left in {where}: {exc.strerror}: {exc.filename} "
+                "(remove it as its owner, then run again)"
+            ) from exc
         fault_point("leftovers")
     names = ", ".join(sorted(storage.name(p) for p in paths))
     say(f"removed what an earlier, unfinished run left in {where}: {names}")

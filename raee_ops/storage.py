@@ -558,9 +558,15 @@ def delete(uris: Iterable[str]) -> None:
             FileSystems.delete([uri.rstrip("/") + "/", uri] if exists(uri) else [uri.rstrip("/") + "/"])
 
 
-def _unless_gone(_: Any, __: str, exc_info: tuple[type[BaseException], BaseException, Any]) -> None:
-    if not issubclass(exc_info[0], FileNotFoundError):
-        raise exc_info[1]
+def _unless_gone(_: Any, path: str, exc_info: tuple[type[BaseException], BaseException, Any]) -> None:
+    """rmtree's failure but a file gone meanwhile, naming its whole path (rmtree's own error, from a call relative to
+    its folder, named the file alone)."""
+    exc = exc_info[1]
+    if isinstance(exc, FileNotFoundError):
+        return
+    if isinstance(exc, OSError) and exc.filename != path:
+        raise type(exc)(exc.errno, exc.strerror, path) from exc
+    raise exc
 
 
 #: content_digest of a file that cannot be read: gone, or on a store that did not answer.

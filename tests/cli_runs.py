@@ -13,6 +13,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from raee_ops.onnx_export.model_source import PRESETS
 
 TIMEOUT_S = 300
@@ -138,6 +140,17 @@ def _loads_a_model(argv: list[str], cwd: Path | None) -> bool:
         return False
     model = argv[argv.index("--model") + 1]
     return model in PRESETS or Path(cwd or os.getcwd(), model).exists()
+
+
+def bound_by_permissions() -> tuple[str, ...]:
+    """What runs a command so that its files' permissions bind it: nothing for a user, setpriv for root (without
+    the capability to override them), as tests may run; skipped where root cannot drop that capability."""
+    if os.geteuid() != 0:
+        return ()
+    under = ("setpriv", "--bounding-set=-dac_override")
+    if not shutil.which("setpriv") or subprocess.run([*under, "true"], capture_output=True).returncode:
+        pytest.skip("running as root, unable to drop CAP_DAC_OVERRIDE: permissions would not bind the command")
+    return under
 
 
 def one_error_line(run: subprocess.CompletedProcess) -> str:

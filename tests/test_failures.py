@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from cli_runs import one_error_line, raee_ops, read_folder
+from cli_runs import bound_by_permissions, one_error_line, raee_ops, read_folder
 from raee_ops.pipelines import build_db
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
@@ -1243,6 +1243,30 @@ def test_a_write_that_fails_leaves_no_partial_file_behind(tmp_path):
     with pytest.raises(OSError):
         storage.write_bytes(str(tmp_path / "report.json"), b"{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_leftovers_the_run_cannot_remove_are_named_whole(segment_artifacts, db, tmp_path):  # noqa: F811
+    """A killed run's staging in --output that this run may not remove (another user's run's): the line named the
+    file alone (`Permission denied: <uuid>-predictions.parquet`), neither where it lies nor whose it is (sweep,
+    session 71). It names the whole path and what to do; exit 2, nothing else touched."""
+    out = tmp_path / "out"
+    staged = out / "_temporary" / "20261207T110000-vm-1-000000"
+    staged.mkdir(parents=True)
+    (staged / "b11d219e-predictions.parquet").write_bytes(b"x")
+    staged.chmod(0o555)
+    queries = labelled(tmp_path / "q.parquet", 6, 0, "q", bad=False)
+    run = raee_ops(*classify_args(segment_artifacts, db, out, queries), under=bound_by_permissions(), timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert one_error_line(run) == (
+        f"error: cannot remove what an earlier, unfinished run left in {out}: Permission denied: "
+        f"{staged / 'b11d219e-predictions.parquet'} (remove it as its owner, then run again)"
+    )
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == [
+        Path("_temporary"),
+        staged.relative_to(out),
+        staged.relative_to(out) / "b11d219e-predictions.parquet",
+    ]
+    staged.chmod(0o755)
 
 
 def test_partial_copies_killed_writers_left_are_removed_by_the_next_write_a_live_ones_are_not(tmp_path):

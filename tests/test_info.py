@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from datetime import timedelta
@@ -10,7 +9,7 @@ from datetime import timedelta
 import lancedb
 import pyarrow as pa
 import pytest
-from cli_runs import one_error_line, raee_ops
+from cli_runs import bound_by_permissions, one_error_line, raee_ops
 from raee_ops.pipelines.build_db import commit, run_build_db
 from raee_ops.schemas.manifest import load_manifest
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
@@ -336,17 +335,6 @@ def test_prune_and_rollback_leave_a_damaged_version_as_it_is(segment_artifacts, 
     line = back.stderr.strip().splitlines()[-1]
     assert back.returncode == 2 and line.startswith("error: rollback refused: version 2 of table 'sst2' cannot be read")
     assert describe(db, "sst2")["tables"][0]["version"] == 3  # nothing restored
-
-
-def bound_by_permissions() -> tuple[str, ...]:
-    """What runs a command so that its files' permissions bind it: nothing for a user, setpriv for root (without
-    the capability to override them), as tests may run; skipped where root cannot drop that capability."""
-    if os.geteuid() != 0:
-        return ()
-    under = ("setpriv", "--bounding-set=-dac_override")
-    if not shutil.which("setpriv") or subprocess.run([*under, "true"], capture_output=True).returncode:
-        pytest.skip("running as root, unable to drop CAP_DAC_OVERRIDE: permissions would not bind the command")
-    return under
 
 
 def test_a_table_folder_the_run_cannot_write_in_is_refused_before_any_work(segment_artifacts, tmp_path):  # noqa: F811

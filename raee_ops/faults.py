@@ -16,6 +16,7 @@ the process when it gets there: no cleanup, no `finally`, exactly what a schedul
 - `export:aside`: the new export has swapped places with the previous one, which is not yet removed (where the
   filesystem cannot swap two folders: the previous export is moved aside, the new one not yet in its place)
 - `export:publish`: on an object store, the new export's files are copied over the old one's, its manifest not yet
+- `rollback:restored`: rollback has restored the version, not yet put the table's errors folder in step with it
 - `prune:cut`: prune has removed the table's old versions (@2: and its companion's), not yet what it reports
 - `load:classify`, `load:build-db`, `load:evaluate`: a worker is loading the model (with RAEE_FAULT_MODE=raise: a
   failed job)

@@ -66,6 +66,7 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
         if changed:
             with committing(db_uri, table):
                 handle.restore(version)
+            fault_point("rollback:restored")
         # the errors folder in step with the version now current: the rejected rows of the runs it holds
         settle_errors(db_uri, table, default_errors_dir(db_uri, table), True, storage_options or {})
     return {

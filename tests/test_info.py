@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import lancedb
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from cli_runs import bound_by_permissions, one_error_line, raee_ops
 from raee_ops.pipelines.build_db import commit, run_build_db
@@ -313,6 +314,31 @@ def test_rollback_restores_an_earlier_version_as_a_new_one(segment_artifacts, tm
         where="id = 'a0'", values={"label": 1 - edited.search().where("id = 'a0'").to_arrow()["label"][0].as_py()}
     )
     assert rollback(db, "sst2", 4)["changed"] and describe(db, "sst2")["tables"][0]["version"] == 6
+
+
+def test_a_rollback_killed_after_its_restore_leaves_its_errors_folder_to_its_retry(segment_artifacts, tmp_path):  # noqa: F811
+    """Killed between its restore and its errors folder's update, a rollback leaves that folder as it was (the
+    appended run's rejected row still there, though the restored version does not hold that run) until the table's
+    next run: its retry says `already current` and settles it (sweep, session 71; the README says so)."""
+    db = str(tmp_path / "db")
+    first = labelled(tmp_path / "first.parquet", 24, 0, "a", bad=False)
+    more = labelled(tmp_path / "more.parquet", 8, 1, "b")  # with bad rows, rejected
+    run_build_db(segment_artifacts, "sst2", [str(first)], db, "sst2", "backbone", "overwrite", None)
+    run_build_db(segment_artifacts, "sst2", [str(more)], db, "sst2", "backbone", "append", None)
+    errors = tmp_path / "db" / "_errors" / "sst2"
+
+    def rejected() -> int:
+        return sum(pq.read_metadata(f).num_rows for f in errors.glob("errors-*.parquet"))
+
+    appended = rejected()  # the append's bad rows
+    assert appended > 0
+    args = ["rollback", "--db", db, "--table", "sst2", "--version", "1"]
+    killed = raee_ops(*args, fault="rollback:restored", timeout=60)
+    assert killed.returncode == -9 and describe(db, "sst2")["tables"][0]["version"] == 3
+    assert rejected() == appended
+    retried = run_cli(*args)
+    assert retried.returncode == 0 and "version 1 already current (as version 3)" in retried.stdout
+    assert rejected() == 0 and describe(db, "sst2")["tables"][0]["version"] == 3
 
 
 def test_prune_and_rollback_leave_a_damaged_version_as_it_is(segment_artifacts, tmp_path):  # noqa: F811

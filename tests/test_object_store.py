@@ -342,7 +342,14 @@ def failing_store() -> Iterator[str]:
         def log_message(self, *_: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowDown)
+    with serving(SlowDown) as endpoint:
+        yield endpoint
+
+
+@contextlib.contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 answering with `handler`, in a thread: its endpoint."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -390,14 +397,8 @@ def failing_uploads(endpoint: str, deletes: bool = False) -> Iterator[str]:
         def log_message(self, *_: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Front)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Front) as front:
+        yield front
 
 
 def private_worker_pool(port: int, root: Path) -> subprocess.Popen:
@@ -862,6 +863,21 @@ def classify_on_s3(s3, artifacts, tmp_path, prefix: str) -> tuple[Any, list[str]
     return client, [*args, "--output", f"s3://{BUCKET}/{prefix}/out", *opts], env, cwd
 
 
+def rerun_publishes_every_row_once(client, args, env, cwd, out: str) -> subprocess.CompletedProcess:
+    """The claims a stopped run left in `out` (a prefix in the bucket) deleted, as an operator does for a run known
+    to be dead, the run again: exit 0, and its 40 rows (5 bad) each published once. The rerun."""
+    names = [k.removeprefix(out) for k in keys(client, out)]
+    assert SUCCESS not in names, names
+    for claim in [n for n in names if n.startswith(CLAIM)]:
+        client.delete_object(Bucket=BUCKET, Key=f"{out}{claim}")
+    rerun = raee_ops(*args, env=env, cwd=cwd)
+    assert rerun.returncode == 0, rerun.stderr
+    ids = read_parquet(client, f"{out}predictions-").column("id").to_pylist()
+    ids += read_parquet(client, f"{out}_errors-").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 45
+    return rerun
+
+
 def test_a_classify_killed_on_s3_blocks_its_output_until_its_claim_is_released(s3, segment_artifacts, tmp_path):  # noqa: F811
     """Killed mid-publish: no `_SUCCESS`, and the dead run's claim stays (a rerun within STALE_S is refused with
     75, as test_missing_options_and_live_claims_are_refused shows); once the claim is deleted, the rerun removes
@@ -869,16 +885,9 @@ def test_a_classify_killed_on_s3_blocks_its_output_until_its_claim_is_released(s
     client, args, env, cwd = classify_on_s3(s3, segment_artifacts, tmp_path, "killed")
     killed = raee_ops(*args, env=env | {"RAEE_FAULT": "publish:predictions-*.parquet"}, cwd=cwd)
     assert killed.returncode == -9
-    names = [k.removeprefix("killed/out/") for k in keys(client, "killed/out/")]
-    assert SUCCESS not in names and [n for n in names if n.startswith(CLAIM)], names
-    for claim in [n for n in names if n.startswith(CLAIM)]:  # what an operator does for a run known to be dead
-        client.delete_object(Bucket=BUCKET, Key=f"killed/out/{claim}")
-    rerun = raee_ops(*args, env=env, cwd=cwd)
-    assert rerun.returncode == 0, rerun.stderr
+    assert [k for k in keys(client, "killed/out/") if CLAIM in k]
+    rerun = rerun_publishes_every_row_once(client, args, env, cwd, "killed/out/")
     assert "removed what an earlier, unfinished run left" in rerun.stderr
-    ids = read_parquet(client, "killed/out/predictions-").column("id").to_pylist()
-    ids += read_parquet(client, "killed/out/_errors-").column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 45
     names = [k.removeprefix("killed/out/") for k in keys(client, "killed/out/")]
     assert SUCCESS in names and not [n for n in names if n.startswith((TEMPORARY, CLAIM))], names
 
@@ -891,11 +900,7 @@ def test_a_classify_stopped_on_s3_by_sigterm_releases_its_claim(s3, segment_arti
     assert stopped.returncode == -15, stopped.stderr
     names = [k.removeprefix("termed/out/") for k in keys(client, "termed/out/")]
     assert SUCCESS not in names and not [n for n in names if n.startswith(CLAIM)], names
-    rerun = raee_ops(*args, env=env, cwd=cwd)
-    assert rerun.returncode == 0, rerun.stderr
-    ids = read_parquet(client, "termed/out/predictions-").column("id").to_pylist()
-    ids += read_parquet(client, "termed/out/_errors-").column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 45
+    rerun_publishes_every_row_once(client, args, env, cwd, "termed/out/")
 
 
 def test_a_build_db_stopped_on_s3_by_sigterm_while_it_fits_releases_its_claim(s3, segment_artifacts, tmp_path):  # noqa: F811
@@ -935,15 +940,7 @@ def test_a_store_failing_a_workers_upload_ends_the_run_with_75(s3, segment_artif
         run = raee_ops(*[front if a == endpoint else a for a in args], env=env, cwd=cwd)
     assert run.returncode == 75, run.stderr
     assert one_error_line(run).startswith("error: the object store is failing (retry later): ")
-    names = [k.removeprefix("failing/out/") for k in keys(client, "failing/out/")]
-    assert SUCCESS not in names
-    for claim in [n for n in names if n.startswith(CLAIM)]:  # not deleted: what an operator does (or 10 minutes)
-        client.delete_object(Bucket=BUCKET, Key=f"failing/out/{claim}")
-    rerun = raee_ops(*args, env=env, cwd=cwd)
-    assert rerun.returncode == 0, rerun.stderr
-    ids = read_parquet(client, "failing/out/predictions-").column("id").to_pylist()
-    ids += read_parquet(client, "failing/out/_errors-").column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 45
+    rerun_publishes_every_row_once(client, args, env, cwd, "failing/out/")  # its claim left: not deleted
 
 
 def test_a_store_that_stops_answering_mid_run_ends_it_with_75(segment_artifacts, tmp_path):  # noqa: F811
@@ -983,15 +980,7 @@ def test_a_store_that_stops_answering_mid_run_ends_it_with_75(segment_artifacts,
         assert run.returncode == 75, run.stderr
         assert re.search(rf"the object store at {endpoint} \(.*\) has not answered for \d+ s", one_error_line(run))
         assert time.monotonic() - started < 60  # botocore alone waits 60 s for a reply
-        names = [k.removeprefix("out/") for k in keys(client, "out/")]
-        assert SUCCESS not in names, names
-        for claim in [n for n in names if n.startswith(CLAIM)]:  # the stopped run's, as after a kill
-            client.delete_object(Bucket=BUCKET, Key=f"out/{claim}")
-        rerun = raee_ops(*args, env=env, cwd=cwd)
-        assert rerun.returncode == 0, rerun.stderr
-        ids = read_parquet(client, "out/predictions-").column("id").to_pylist()
-        ids += read_parquet(client, "out/_errors-").column("id").to_pylist()
-        assert len(ids) == len(set(ids)) == 45
+        rerun_publishes_every_row_once(client, args, env, cwd, "out/")  # the stopped run's claim: as after a kill
 
 
 def test_calls_that_get_no_answer_are_timed_and_named_as_beam_can_read_them(monkeypatch):

@@ -417,6 +417,21 @@ def run_build_db(
                 refuse_overwrite_with_nothing(table, allow_empty)
             previous = previous_rows(db_uri, table, base.version, store) if base else (None, None)
             refuse_one_row(table, written + (previous[0].num_rows if previous[0] is not None else 0))
+            # the fit refuses what only the rows written show (one group left once rows were rejected)
+            with phase(f"build-db: fitting the probes and policies on {written} new rows"), released_on_sigterm():
+                fault_point("fit")
+                reference = assemble(
+                    shards,
+                    schema,
+                    task,
+                    meta,
+                    manifest.hidden_size,
+                    *previous,
+                    label_word_head=manifest.label_word_head,
+                    layer_budget=layer_budget,
+                    layer_price=layer_price,
+                    group_of=group_of,
+                )
         except RaeeError as refused:  # the rejected rows say why: kept, outside the errors output
             if rejected:
                 refused.args = (f"{refused}; its rejected rows: {keep_uncommitted(errors_dir, where, run_id)}",)
@@ -425,20 +440,6 @@ def run_build_db(
                 forget_errors(work)
             tidy(errors_dir, where, own_errors)
             raise
-        with phase(f"build-db: fitting the probes and policies on {written} new rows"), released_on_sigterm():
-            fault_point("fit")
-            reference = assemble(
-                shards,
-                schema,
-                task,
-                meta,
-                manifest.hidden_size,
-                *previous,
-                label_word_head=manifest.label_word_head,
-                layer_budget=layer_budget,
-                layer_price=layer_price,
-                group_of=group_of,
-            )
         record = RunRecord.new(
             run_id, mode, job.digest, rejected, previous[0].schema if previous[0] is not None else None
         )

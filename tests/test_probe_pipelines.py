@@ -392,6 +392,18 @@ def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_arti
     with pytest.raises(RaeeConfigError, match="puts all 40 rows in one group"):
         run_build_db(segment_artifacts, "sst2", [str(one)], db, "u", KEY, "overwrite", None, group_column="sentence")
     assert not (tmp_path / "db" / "u.lance").exists()  # refused before any work
+    # one group only once a bad row of another is rejected: refused after the job, which lost that row with a
+    # staged file the next run removed (sweep, session 71); it is kept where the line says, nothing else left
+    rejected = pa.table(
+        {"id": ["x0"], "text": pa.array([None], rows.schema.field("text").type), "label": rows["label"][:1]}
+    ).append_column("sentence", pa.array(["other"]))
+    pq.write_table(pa.concat_tables([pq.read_table(one), rejected]), one)
+    with pytest.raises(RaeeConfigError, match="puts all 40 rows in one group") as refused:
+        run_build_db(segment_artifacts, "sst2", [str(one)], db, "u", KEY, "overwrite", None, group_column="sentence")
+    kept = re.search(r"; its rejected rows: (\S+)$", str(refused.value))
+    assert kept and pq.read_table(kept[1])["id"].to_pylist() == ["x0"]
+    assert list((tmp_path / "db" / "_errors" / "u").rglob("*.parquet")) == list(Path(kept[1]).glob("*.parquet"))
+    assert not (tmp_path / "db" / "u.lance").exists()
     structs = tmp_path / "structs.parquet"
     pq.write_table(rows.append_column("sentence", pa.array([{"s": i // 2} for i in range(40)])), structs)
     with pytest.raises(RaeeConfigError, match="--group-column 'sentence' has type struct"):

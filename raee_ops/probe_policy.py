@@ -456,11 +456,12 @@ class Hindsight(NamedTuple):
     an optimistic one, since the best of thousands of settings on a few hundred rows is partly luck. `held_out`: a
     setting chosen the same way on one random half of the rows, scored on the other half (the mean over HALVINGS
     halvings, both ways): what choosing on rows of the scored distribution is worth on rows the choice did not see.
-    `default_held_out`: the fitted default scored on the same halves, which is what `held_out` compares with."""
+    `default_held_out`: the fitted default scored on the same halves, which is what `held_out` compares with. Both
+    None on a single row, which has no halves."""
 
     best: Point
-    held_out: float
-    default_held_out: float
+    held_out: float | None
+    default_held_out: float | None
 
 
 def hindsight(
@@ -493,13 +494,12 @@ def hindsight(
     answers = np.array([t.pred for t in candidates], np.int16)  # candidates × rows
     price = policy.layer_price / num_layers * np.array([t.mean_exit for t in candidates])
     picked, default = [], []
-    for fit, scored in _halvings(len(truth), seed):
+    for fit, scored in _halvings(len(truth), seed) if len(truth) > 1 else []:
         choice = answers[int(np.argmax(scores(metric_name, truth[fit], answers[:, fit], num_labels) - price))]
         picked.append(metric(truth[scored], choice[scored], num_labels))
         default.append(metric(truth[scored], default_pred[scored], num_labels))
-    return Hindsight(
-        Point(best.mean_exit, best.score, best.accuracy, best.settings), float(np.mean(picked)), float(np.mean(default))
-    )
+    held_out, default_held_out = (float(np.mean(m)) if m else None for m in (picked, default))
+    return Hindsight(Point(best.mean_exit, best.score, best.accuracy, best.settings), held_out, default_held_out)
 
 
 def _halvings(rows: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -150,12 +150,20 @@ def _hindsight_section(r: dict[str, Any]) -> list[str]:
         f"- chosen on all of them and scored on the same rows: {bound['metric']:.4f} (accuracy "
         f"{bound['accuracy']:.4f}) at mean exit {bound['mean_exit_layer']:.2f} ({settings}). An upper bound, and "
         "an optimistic one: the best of thousands of settings on these few rows is partly luck.",
+        _halves_line(bound),
+        "",
+    ]
+
+
+def _halves_line(bound: dict[str, Any]) -> str:
+    if bound["held_out_metric"] is None:
+        return "- chosen on one random half and scored on the other: one scored row has no halves."
+    return (
         f"- chosen on one random half and scored on the other ({bound['halvings']} halvings, both ways): "
         f"{bound['held_out_metric']:.4f}, against {bound['default_held_out_metric']:.4f} for the default on the "
         "same halves: what half of these rows, as the rows to choose settings on instead of the reference rows, "
-        "would be worth on rows the choice did not see.",
-        "",
-    ]
+        "would be worth on rows the choice did not see."
+    )
 
 
 def _gap(against: dict[str, float] | None) -> str:

@@ -237,3 +237,19 @@ def test_nothing_to_evaluate_says_why(segment_artifacts, evaluated, tmp_path):  
     pq.write_table(pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}), empty)
     with pytest.raises(RaeeConfigError, match=f"nothing to evaluate: {empty} holds no rows$"):
         evaluate(segment_artifacts, "sst2", root, "sst2", [str(empty)], k=5)
+
+
+def test_one_scored_row_is_reported(segment_artifacts, evaluated, tmp_path):  # noqa: F811
+    """One row left to score (one given, or the rest rejected): the hindsight's halvings split it into an empty
+    half, and evaluate ended with an internal error, exit 1 (sweep, session 71). The report says one row has no
+    halves; every other number is that row's."""
+    root = str(evaluated[0] / "db")
+    one = tmp_path / "one.parquet"
+    pq.write_table(pa.table({"text": ["a fine film", "", None], "label": [1, 0, 1]}), one)
+    evaluation = evaluate(segment_artifacts, "sst2", root, "sst2", [str(one)], k=5)
+    report = evaluation.report
+    assert report["rows"] == 1 and report["rejected"] == 2
+    hindsight = report["default_hindsight"]
+    assert hindsight["held_out_metric"] is None and hindsight["default_held_out_metric"] is None
+    assert hindsight["metric"] in (0.0, 1.0)
+    assert "one scored row has no halves" in render_markdown(report)

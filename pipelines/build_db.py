@@ -28,6 +28,7 @@ from raee_ops.schemas.tables import (
     FEATURES_SUFFIX,
     FEATURES_VERSION_META_KEY,
     ID,
+    LABEL,
     TableMeta,
     table_name_problem,
 )
@@ -336,6 +337,11 @@ def run_build_db(
     )
     with reading(job.contents):  # a refusal of what a file replaced since its digest holds is the change's
         schema_in, rows_in = check_inputs(files, task, need_label=True)
+        if group_column == LABEL:  # every fold left a label out: no probe answered right out of fold
+            raise RaeeConfigError(
+                f"--group-column {LABEL}: the labels themselves; name the column that says which rows are near copies "
+                "(a source document, a sentence paraphrased)"
+            )
         if group_column and schema_in is not None and group_column not in schema_in.names:
             raise RaeeConfigError(
                 f"--group-column {group_column!r}: no such column in {files[0]} (has: {', '.join(schema_in.names)})"

@@ -387,6 +387,9 @@ def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_arti
 
     with pytest.raises(RaeeConfigError, match="--group-column 'sentense': no such column in .* \\(has: id, text"):
         run_build_db(*args, "overwrite", None, group_column="sentense")
+    # the labels as groups: every fold left a label out, each probe scored 0 out of fold (sweep, session 71)
+    with pytest.raises(RaeeConfigError, match="--group-column label: the labels themselves"):
+        run_build_db(*args, "overwrite", None, group_column="label")
     one = tmp_path / "one.parquet"
     pq.write_table(rows.append_column("sentence", pa.array(["same"] * 40)), one)
     with pytest.raises(RaeeConfigError, match="puts all 40 rows in one group"):

@@ -299,6 +299,11 @@ def run_build_db(
     problem = table_name_problem(table)  # the task's name by default, which a task file may spell freely
     if problem:
         raise RaeeConfigError(problem)
+    if group_column == LABEL:  # every fold left a label out: no probe answered right out of fold
+        raise RaeeConfigError(
+            f"--group-column {LABEL}: the labels themselves; name the column that says which rows are near copies "
+            "(a source document, a sentence paraphrased)"
+        )
     settings = worker_settings(beam_args, db_uri)
     store = settings.db_storage_options
     if errors_dir:
@@ -337,11 +342,6 @@ def run_build_db(
     )
     with reading(job.contents):  # a refusal of what a file replaced since its digest holds is the change's
         schema_in, rows_in = check_inputs(files, task, need_label=True)
-        if group_column == LABEL:  # every fold left a label out: no probe answered right out of fold
-            raise RaeeConfigError(
-                f"--group-column {LABEL}: the labels themselves; name the column that says which rows are near copies "
-                "(a source document, a sentence paraphrased)"
-            )
         if group_column and schema_in is not None and group_column not in schema_in.names:
             raise RaeeConfigError(
                 f"--group-column {group_column!r}: no such column in {files[0]} (has: {', '.join(schema_in.names)})"

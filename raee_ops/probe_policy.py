@@ -494,7 +494,7 @@ def hindsight(
     answers = np.array([t.pred for t in candidates], np.int16)  # candidates × rows
     price = policy.layer_price / num_layers * np.array([t.mean_exit for t in candidates])
     picked, default = [], []
-    for fit, scored in _halvings(len(truth), seed) if len(truth) > 1 else []:
+    for fit, scored in _halvings(len(truth), seed):
         choice = answers[int(np.argmax(scores(metric_name, truth[fit], answers[:, fit], num_labels) - price))]
         picked.append(metric(truth[scored], choice[scored], num_labels))
         default.append(metric(truth[scored], default_pred[scored], num_labels))
@@ -503,9 +503,12 @@ def hindsight(
 
 
 def _halvings(rows: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(rows to choose on, rows to score on): HALVINGS random halvings, each both ways."""
+    """(rows to choose on, rows to score on): HALVINGS random halvings, each both ways; none of a single row, whose
+    halves would hold no row."""
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    if rows < 2:
+        return out
     for _ in range(HALVINGS):
         order = rng.permutation(rows)
         first, second = np.sort(order[: rows // 2]), np.sort(order[rows // 2 :])

@@ -243,15 +243,12 @@ def check_folder(uri: str, what: str) -> None:
         raise RaeeConfigError(f"{what} {uri} exists and is not a directory")
     if not is_local(uri):
         return
-    existing = os.path.abspath(local_path(uri))
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
+    existing = _nearest(uri)
     if not os.path.exists(existing):
         raise RaeeConfigError(f"{what} {uri}: {existing} is a link to nothing ({os.readlink(existing)})")
     if not os.path.isdir(existing):
         raise RaeeConfigError(f"{what} {uri}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RaeeConfigError(f"{what} {uri}: cannot write in {existing} (permissions, or a read-only filesystem)")
+    _writable(existing, f"{what} {uri}")
 
 
 def check_tree(uri: str, what: str) -> None:
@@ -261,14 +258,22 @@ def check_tree(uri: str, what: str) -> None:
     internal error after all its work."""
     if not is_local(uri):
         return
-    folders = [os.path.abspath(local_path(uri))]
-    if os.path.isdir(folders[0]):
-        folders = [folder for folder, _, _ in os.walk(folders[0])]
-    while not os.path.lexists(folders[0]):
-        folders = [os.path.dirname(folders[0])]
-    for folder in folders:
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise RaeeConfigError(f"{what}: cannot write in {folder} (permissions, or a read-only filesystem)")
+    top = os.path.abspath(local_path(uri))
+    for folder in [folder for folder, _, _ in os.walk(top)] if os.path.isdir(top) else [_nearest(uri)]:
+        _writable(folder, what)
+
+
+def _nearest(uri: str) -> str:
+    """A local location, or where it is not there yet, its nearest parent that is (what a write there needs)."""
+    path = os.path.abspath(local_path(uri))
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _writable(folder: str, what: str) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RaeeConfigError(f"{what}: cannot write in {folder} (permissions, or a read-only filesystem)")
 
 
 def within(uri: str, folder: str) -> bool:

@@ -51,7 +51,7 @@ class Number(click.FloatRange):
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
-        return number
+        return number + 0.0  # -0 as 0: it is stored in tables and printed
 
 
 class Duration(click.ParamType):

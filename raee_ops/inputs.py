@@ -328,6 +328,7 @@ def _group_names(values: pa.Array, path: str, column: str, first_row: int) -> pa
         return names.cast(pa.string())
     if pa.types.is_floating(values.type):  # NaN is a missing group, as null is: not one group of every NaN row
         values = pc.if_else(pc.is_nan(values), pa.nulls(len(values), values.type), values)
+        values = pc.add(values, pa.scalar(0.0, values.type))  # -0.0 is 0.0's group, not one of its own ("-0")
     try:
         return pc.cast(values, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:

@@ -34,7 +34,7 @@ from test_pipelines import labelled, sentences
 
 from raee_ops import storage
 from raee_ops.batches import Classify, LayerRows
-from raee_ops.cli import main
+from raee_ops.cli import PRICE, main
 from raee_ops.commit import locked, new_run_id, scratch_folder
 from raee_ops.errors import ArtifactsChanged, RaeeConfigError, RaeeRunError
 from raee_ops.evaluate import evaluate
@@ -670,6 +670,7 @@ def test_13_bad_values_names_and_paths_are_configuration_errors(segment_artifact
         assert run.returncode == 2 and why in one_error_line(run)
         run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o", queries, extra=["--layer-price", price]))
         assert run.returncode == 2 and why in one_error_line(run)
+    assert str(PRICE.convert("-0", None, None)) == "0.0"  # it is stored and printed: not "-0.0"
     for name, why in (("a/b", "may hold only letters"), ("sst2" + FEATURES_SUFFIX, "build-db's companion")):
         run = raee_ops(*build_args(segment_artifacts, db, queries, table=name))
         assert run.returncode == 2 and why in one_error_line(run)

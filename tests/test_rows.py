@@ -168,12 +168,13 @@ def test_uuid_and_fixed_size_ids_read_as_text():
     ]
 
 
-def test_a_nan_group_is_a_missing_group_as_null_is(tmp_path):
+def test_a_nan_group_is_a_missing_group_as_null_is_and_minus_zero_is_zero(tmp_path):
     from raee_ops.inputs import file_keys
 
     path = tmp_path / "g.parquet"
-    pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "g": [1.0, float("nan"), None, float("nan")]}), path)
-    assert file_keys(str(path), "g")[1].to_pylist() == ["1", None, None, None]
+    groups = [1.0, float("nan"), None, float("nan"), 0.0, -0.0]
+    pq.write_table(pa.table({"id": ["a", "b", "c", "d", "e", "f"], "g": groups}), path)
+    assert file_keys(str(path), "g")[1].to_pylist() == ["1", None, None, None, "0", "0"]
 
 
 def test_a_categorical_text_id_is_filled_as_text_and_a_nan_id_is_a_missing_one():

@@ -248,7 +248,13 @@ def run_classify(
         if k != DEFAULT_K and not chosen.reads_k():  # said once the run goes ahead; --k is part of the job as given
             log.warning("--k %d is not read by strategy %s (its settings below say what it reads)", k, strategy)
         pipeline = make_pipeline(
-            beam_args, command="classify", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
+            beam_args,
+            command="classify",
+            artifacts=str(artifacts),
+            task=task_name,
+            db=db_uri,
+            table=table,
+            strategy=strategy,
         )
         valid, invalid = read_validated(pipeline, job.contents, task, need_label=False, schema=schema)
         rows, failed = valid | "Infer" >> Infer(answering)

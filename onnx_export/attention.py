@@ -4,8 +4,8 @@ ORT's transformer optimizer only recognizes the attention subgraphs of its own L
 attention (MatMul, Add, Softmax, MatMul, GQA head repeats) traced from our segments matches none of them. So the
 segments ask transformers for this attention implementation instead: in PyTorch it computes what the eager path
 computes (the verifier compares the exported graph with the HF model's own forward), and the ONNX exporter writes
-the fused contrib op, which both the CPU and the CUDA provider implement. The additive B×1×T×T bias carries the
-causal, padding and sliding-window masks (decoders); an encoder's B×1×1×T key-padding bias is broadcast to it.
+the fused contrib op, which both the CPU and the CUDA provider implement. Decoder layers use it (encoders keep eager
+attention): their additive B×1×T×T bias carries the causal, padding and sliding-window masks.
 """
 
 from __future__ import annotations
@@ -74,11 +74,10 @@ def multi_head_attention(
         raise RaeeConfigError("attention logit soft-capping has no fused ONNX attention")
     batch, _, length, _ = query.shape
     heads = module.config.num_attention_heads  # a constant of the graph, not a traced size
-    kv_heads = getattr(module.config, "num_key_value_heads", None) or heads  # encoders: no grouped heads
+    kv_heads = getattr(module.config, "num_key_value_heads", None) or heads  # a config without grouped heads
     key, value = _repeat_heads(key, heads, kv_heads), _repeat_heads(value, heads, kv_heads)
-    bias = attention_mask.expand(-1, -1, length, -1)  # encoders' B×1×1×T key-padding bias: one row per query
     flat = query.transpose(1, 2).reshape(batch, length, -1)
-    out = _MultiHeadAttention.apply(flat, key, value, bias, heads, float(scaling))
+    out = _MultiHeadAttention.apply(flat, key, value, attention_mask, heads, float(scaling))
     return out.view(batch, length, heads, -1), None
 
 

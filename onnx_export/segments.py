@@ -1,7 +1,8 @@
 """Export one segment module to ONNX with fixed input/output names and dynamic batch and sequence axes.
 
 Generic on purpose: the adapter hands over a plain torch module, which may name its own graph inputs and outputs
-(`input_names`, `output_names`); nothing here knows about model names. Every architecture exports with the legacy
+(`input_names`, `output_names`) and the axes of those that are not B×T×… (`axes`); nothing here knows about model
+names. Every architecture exports with the legacy
 (TorchScript, `dynamo=False`) exporter.
 """
 
@@ -22,8 +23,9 @@ IO_NAMES: dict[str, tuple[list[str], list[str]]] = {
     "head": (["hidden_states"], ["logits"]),
 }
 HEAD_AXES: dict[str, dict[int, str]] = {"hidden_states": {0: "batch"}, "logits": {0: "batch"}}
-#: Per-batch layer inputs whose two last axes are both the sequence (query × key); every other tensor is B×T×…
-SQUARE = "attention_bias"
+#: Every segment tensor's dynamic axes unless its module says otherwise (`axes`); the runtime trims the axes named
+#: "sequence" when rows leave.
+BATCH_TIME = {0: "batch", 1: "sequence"}
 
 
 def io_names(module: torch.nn.Module, kind: str) -> tuple[list[str], list[str]]:
@@ -33,9 +35,11 @@ def io_names(module: torch.nn.Module, kind: str) -> tuple[list[str], list[str]]:
     return list(getattr(module, "input_names", inputs)), list(getattr(module, "output_names", outputs))
 
 
-def dynamic_axes(name: str) -> dict[int, str]:
-    """Batch and sequence axes of a named tensor; the runtime trims the axes named "sequence" when rows leave."""
-    return {0: "batch", 2: "sequence", 3: "sequence"} if name.startswith(SQUARE) else {0: "batch", 1: "sequence"}
+def dynamic_axes(module: torch.nn.Module, names: list[str]) -> dict[str, dict[int, str]]:
+    """Batch and sequence axes of each named tensor: B×T×… unless the module declares a tensor's own (`axes`: a
+    decoder's B×1×T×T attention bias)."""
+    own = getattr(module, "axes", {})
+    return {name: own.get(name, BATCH_TIME) for name in names}
 
 
 def example_inputs(
@@ -70,7 +74,7 @@ def export_segment(
     """Write `module` (a segment of `kind`: embed, layer or head) to `path` and check it with onnx.checker;
     `embed` (the embed segment) makes a layer's example per-batch inputs."""
     inputs, outputs = io_names(module, kind)
-    axes = HEAD_AXES if kind == "head" else {n: dynamic_axes(n) for n in inputs + outputs}
+    axes = HEAD_AXES if kind == "head" else dynamic_axes(module, inputs + outputs)
     args = example_inputs(kind, hidden_size, inputs, embed)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape-derived values are expected here

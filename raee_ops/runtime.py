@@ -23,6 +23,7 @@ from raee_ops.key_names import BACKBONE, INT8_SUFFIX, parse_embedder
 from raee_ops.layer_key import unit_rows
 from raee_ops.schemas.manifest import FileRef, Manifest, load_checked, load_manifest, republished_is_retry
 from raee_ops.schemas.tables import POOLINGS
+from raee_ops.tasks import readout_suffix
 
 ort = onnxruntime()
 set_global_thread_pool_sizes = ort.capi._pybind_state.set_global_thread_pool_sizes
@@ -145,8 +146,8 @@ def ort_log_severity() -> int:
 
 
 def prompt_suffix(manifest: Manifest) -> str:
-    """What every prompt ends with: the mask token a masked-LM readout reads at, else nothing."""
-    return f" {manifest.tokenizer.mask_token}" if manifest.readout == "mask" else ""
+    """What every prompt of this export ends with (tasks.readout_suffix)."""
+    return readout_suffix(manifest.readout, manifest.tokenizer.mask_token)
 
 
 def pad_right(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,12 +185,16 @@ def mean_states(pooled: np.ndarray) -> np.ndarray:
     return pooled[..., POOLINGS.index("mean"), :]
 
 
+def masked_mean(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """B×T×H -> B×H in the states' dtype: the mean over each row's real tokens (mask 1)."""
+    m = mask[..., None].astype(hidden.dtype)
+    return (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
+
+
 def pool_states(hidden: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """B×POOLINGS×H in the states' float32: masked mean over tokens and the readout token of B×T×H hidden states
     (what a device chain's `pool` graph computes; the head reads the readout token's row)."""
-    m = mask[..., None].astype(hidden.dtype)
-    mean = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
-    return np.stack([mean, hidden[np.arange(len(hidden)), pos]], axis=1)
+    return np.stack([masked_mean(hidden, mask), hidden[np.arange(len(hidden)), pos]], axis=1)
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -636,8 +641,7 @@ class SegmentRuntime:
         keys = np.zeros((len(texts), self.manifest.hidden_size), np.float32)
         for rows, ids, lengths in self._batched(self._tokenize(texts)):  # raw texts, never run as prompts
             mask = self.mask_of(lengths, ids.shape[1])
-            hidden = self.embed(ids, mask)
-            keys[rows] = (hidden * mask[..., None]).sum(axis=1) / lengths[:, None]
+            keys[rows] = masked_mean(self.embed(ids, mask), mask)
         return unit_rows(keys)
 
     def embedder_key(self, name: str, texts: Sequence[str]) -> np.ndarray:

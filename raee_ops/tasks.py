@@ -113,6 +113,12 @@ class Task:
         return texts, [p.strip() for p in table.column(TEXT_PAIR).to_pylist()] if self.is_pair else None
 
 
+def readout_suffix(readout: str, mask_token: str | None) -> str:
+    """What every prompt ends with: the mask token a masked-LM readout reads at, else nothing. One rule for the
+    exporter (which verifies and quantizes on such prompts) and the runtime (which builds them from the manifest)."""
+    return f" {mask_token}" if readout == "mask" else ""
+
+
 def _task(name: str, template: str, labels: list[str], words: list[str], metric: str | None = None) -> Task:
     return Task(name=name, template=template, label_names=labels, verbalizer=words, metric=metric)
 

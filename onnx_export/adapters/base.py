@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from raee_ops.tasks import readout_suffix
+
 
 class ArchitectureAdapter(ABC):
     #: `config.model_type` values this adapter handles.
@@ -72,7 +74,7 @@ class ArchitectureAdapter(ABC):
     @property
     def prompt_suffix(self) -> str:
         """Appended to every rendered prompt (masked LMs put their mask token where the label word goes)."""
-        return ""
+        return readout_suffix(self.readout, self.tokenizer.mask_token)
 
 
 def head_kind_of(config: Any) -> str:

@@ -16,6 +16,9 @@ from raee_ops.onnx_export.adapters.base import ArchitectureAdapter
 from raee_ops.onnx_export.attention import fused_attention
 from transformers import AutoModelForCausalLM
 
+#: The per-batch additive attention mask's graph name (a prefix: one per layer kind).
+BIAS = "attention_bias"
+
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """cumsum(mask) - 1, clamped at 0: real tokens of a right-padded row keep their unpadded positions."""
@@ -57,6 +60,7 @@ class DecoderEmbed(torch.nn.Module):
         self.output_names = ["hidden_states"]
         for kind in kinds:
             self.output_names += layer_inputs(kind)[1:]
+        self.axes = square_axes(self.output_names)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         hidden = self.embed_tokens(input_ids)
@@ -72,7 +76,12 @@ class DecoderEmbed(torch.nn.Module):
 def layer_inputs(kind: str) -> list[str]:
     """A decoder layer's graph inputs; per-kind names, so one embed output feeds every layer of its kind."""
     suffix = f"_{kind}" if kind else ""
-    return ["hidden_states", f"attention_bias{suffix}", f"cos{suffix}", f"sin{suffix}"]
+    return ["hidden_states", f"{BIAS}{suffix}", f"cos{suffix}", f"sin{suffix}"]
+
+
+def square_axes(names: list[str]) -> dict[str, dict[int, str]]:
+    """The attention biases' axes (B×1×T×T: query × key, both the sequence); the other tensors are B×T×…."""
+    return {name: {0: "batch", 2: "sequence", 3: "sequence"} for name in names if name.startswith(BIAS)}
 
 
 class DecoderLayer(torch.nn.Module):
@@ -84,6 +93,7 @@ class DecoderLayer(torch.nn.Module):
         self.layer = layer
         self.config = config
         self.input_names = layer_inputs(kind)
+        self.axes = square_axes(self.input_names)
 
     def forward(
         self, hidden_states: torch.Tensor, attention_bias: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

@@ -125,10 +125,6 @@ class MaskedLMEncoderAdapter(EncoderAdapter):
     def mlm_parts(self) -> tuple[torch.nn.Module, torch.nn.Linear]:
         """(transform before the vocabulary projection, the projection itself)."""
 
-    @property
-    def prompt_suffix(self) -> str:
-        return " " + self.tokenizer.mask_token
-
     def head_segment(self, label_token_ids: Sequence[int]) -> torch.nn.Module:
         transform, decoder = self.mlm_parts()
         return MaskedLMHead(transform, decoder, label_token_ids).eval()

@@ -31,6 +31,7 @@ from raee_ops.batches import LayerRows
 from raee_ops.calibration import label_vote, neighbour_depths, not_before_key
 from raee_ops.errors import CountMismatch, RaeeConfigError
 from raee_ops.exit_policy import (
+    DEFAULT_K,
     DEFAULT_STRATEGY,
     STRATEGIES,
     Context,
@@ -256,7 +257,7 @@ def evaluate(
     db_uri: str,
     table: str,
     inputs: list[str],
-    k: int = 10,
+    k: int = DEFAULT_K,
     strategies: list[str] | None = None,
     beam_args: Sequence[str] = (),
     layer_budget: float | None = None,

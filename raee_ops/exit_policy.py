@@ -1,7 +1,8 @@
 """Exit strategies: what retrieval found -> one 1-based exit layer per input, and how to answer there.
 
-Exit 0 means the row is answered from retrieval alone and runs no layer (`fused`, `probe-fused`, and the baselines
-`key-lr`, `knn-vote` and `majority` that never run one).
+Exit 0 means the row is answered without an exit layer: from its key and neighbours (`fused`, `probe-fused`, and
+the baselines `key-lr` and `knn-vote`) or from the label prior (`majority`); it runs no layer beyond those of a
+`layer-N` key, which every row runs.
 
 A strategy is two small functions: `exits` picks the layer before any layer runs (from the neighbours only),
 `answer` turns what is read at that layer into label probabilities (optionally with the neighbours). It reads
@@ -183,7 +184,7 @@ def probe_fused_exit(nb: Neighbours, ctx: Context) -> np.ndarray:
 
 
 def none(nb: Neighbours, ctx: Context) -> np.ndarray:
-    """Exit 0 for every row: baselines answered without the backbone."""
+    """Exit 0 for every row: baselines answered without an exit layer."""
     return np.zeros(len(nb.correct), np.int32)
 
 

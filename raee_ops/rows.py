@@ -289,7 +289,7 @@ def label_indices(table: pa.Table, task: Task) -> tuple[pa.Array, list[tuple[np.
     if pa.types.is_integer(values.type):
         # unchecked: a uint64 past int64's range wraps to a negative index, outside the labels like any other
         index = pc.cast(values, pa.int64(), safe=False)
-    elif pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+    elif is_string(values.type):
         # a name in another Unicode form is that name (`négatif` decomposed, NFD, was a row outside the labels):
         # the column's few distinct strings normalized here, since pyarrow 25's utf8_normalize gives NFD for any form
         distinct = pc.unique(values)
@@ -304,7 +304,7 @@ def label_indices(table: pa.Table, task: Task) -> tuple[pa.Array, list[tuple[np.
     outside = ~null & ((raw < 0) | (raw >= len(names)))
     reason = (  # a string column holds label names; an integer column, indices (a string "0" is neither)
         f"label is not one of the label names {names}"
-        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type)
+        if is_string(values.type)
         else f"label is not one of the label indices 0..{len(names) - 1}"
     )
     return pa.array(np.clip(raw, 0, None).astype(np.int32)), [(null, "label is null"), (outside, reason)]

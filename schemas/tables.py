@@ -78,7 +78,7 @@ HEAD_COLUMNS = ("layer_pred", "layer_correct", "layer_prob", "layer_logprobs", "
 PREDICTION_FIELDS = [
     pa.field("prediction", pa.int64()),
     pa.field("prediction_label", pa.string()),
-    pa.field("exit_layer", pa.int32()),  # 1-based; 0: answered without running a layer
+    pa.field("exit_layer", pa.int32()),  # 1-based; 0: no exit layer (only a layer-N key's layers ran)
     pa.field("confidence", pa.float32()),
 ]
 
@@ -92,7 +92,7 @@ EVALUATION_PREDICTIONS_SCHEMA = pa.schema(
         pa.field("label", pa.int32()),
         pa.field("strategy", pa.string()),
         pa.field("prediction", pa.int64()),
-        pa.field("exit_layer", pa.int32()),  # as classify's: 0 answered from retrieval alone
+        pa.field("exit_layer", pa.int32()),  # as classify's: 0 no exit layer
     ]
 )
 

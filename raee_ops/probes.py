@@ -28,7 +28,7 @@ from raee_ops.calibration import log_softmax
 from raee_ops.errors import RaeeConfigError
 from raee_ops.key_names import layer_depth
 from raee_ops.metrics import METRICS
-from raee_ops.schemas.tables import FORMS, POOLINGS, VIEWS_STAGED, decode_array, encode_array
+from raee_ops.schemas.tables import FORMS, POOLINGS, VIEWS_STAGED, decode_array, encode_array, stored_fields
 
 #: What a probe can read: an input form's pooled states, every form × pooling, in the order build-db stages them
 #: (a form's poolings together, as one runtime pass returns them). The prompt's keep their plain pooling names.
@@ -80,6 +80,7 @@ class Probe:
 
     @classmethod
     def from_dict(cls, raw: dict) -> Probe:
+        stored_fields(cls, raw, "probe heads")
         return cls(**{k: decode_array(v) for k, v in raw.items() if k != "c"}, c=float(raw["c"]))
 
 
@@ -148,7 +149,7 @@ class ProbeSet:
 
     @classmethod
     def from_json(cls, raw: bytes) -> ProbeSet:
-        d = json.loads(raw)
+        d = stored_fields(cls, json.loads(raw), "probe heads")
         return cls(**d | {"layers": [Probe.from_dict(p) for p in d["layers"]], "key": Probe.from_dict(d["key"])})
 
 

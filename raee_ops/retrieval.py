@@ -44,6 +44,7 @@ from raee_ops.schemas.tables import (
     PROBES_META_KEY,
     TableMeta,
     flat_values,
+    stored_fields,
 )
 
 T = TypeVar("T")
@@ -540,7 +541,7 @@ class InMemory:
 
 def table_policy(schema: pa.Schema) -> FusedPolicy | None:
     raw = (schema.metadata or {}).get(POLICY_META_KEY)
-    return FusedPolicy(**json.loads(raw)) if raw else None
+    return FusedPolicy(**stored_fields(FusedPolicy, json.loads(raw), "fused policy")) if raw else None
 
 
 def table_layer_key(schema: pa.Schema) -> LayerKey | None:
@@ -555,7 +556,7 @@ def table_probes(schema: pa.Schema) -> ProbeSet | None:
 
 def table_probe_policy(schema: pa.Schema) -> ProbePolicy | None:
     raw = (schema.metadata or {}).get(PROBE_POLICY_META_KEY)
-    return ProbePolicy(**json.loads(raw)) if raw else None
+    return ProbePolicy(**stored_fields(ProbePolicy, json.loads(raw), "probe policy")) if raw else None
 
 
 def table_context(

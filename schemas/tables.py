@@ -11,6 +11,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from raee_ops import __version__
+from raee_ops.errors import ArtifactError
+
 TEXT, TEXT_PAIR, LABEL, ID = "text", "text_pair", "label", "id"
 #: The exit table's group of each reference row (build-db --group-column; null: a group of its own).
 GROUP = "group_id"
@@ -150,6 +153,18 @@ def known_fields(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
     """`raw`'s fields that dataclass `cls` has: a field a later release records is not this release's to read."""
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in raw.items() if k in names}
+
+
+def stored_fields(cls: type, raw: dict[str, Any], what: str) -> dict[str, Any]:
+    """`raw`, a fitted rule or head as a table stores it, refused where it holds a field dataclass `cls` lacks: a
+    field a later release added changes what the rule does, so this release must not run the rest of it."""
+    unknown = sorted(set(raw) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ArtifactError(
+            f"the table's {what} holds {', '.join(unknown)}, which raee-ops {__version__} does not know: a newer "
+            "release built it; run that release, or rebuild the table with this one"
+        )
+    return raw
 
 
 def fixed_list(values: np.ndarray, field: pa.Field) -> pa.FixedSizeListArray:

@@ -349,6 +349,25 @@ def test_tables_whose_probes_do_not_match_are_refused(segment_artifacts, signal,
         ).predicted
         == 120
     )
+    # a newer release's table: a field this one does not know changes the fitted rule, so none of it is run
+    newer = {
+        PROBE_POLICY_META_KEY: json.dumps(json.loads(data.schema.metadata[PROBE_POLICY_META_KEY]) | {"gate": 1}),
+        PROBES_META_KEY: json.dumps(json.loads(data.schema.metadata[PROBES_META_KEY]) | {"calibration": [1.0]}),
+    }
+    for key, what in (
+        (PROBE_POLICY_META_KEY, "probe policy holds gate"),
+        (PROBES_META_KEY, "probe heads holds calibration"),
+    ):
+        meta = data.schema.metadata | {key: newer[key].encode()}
+        commit(str(tmp_path / "db"), "newer", data.replace_schema_metadata(meta))
+        refusal = f"the table's {what}, which raee-ops .* does not know: a newer release built it"
+        with pytest.raises(RaeeConfigError, match=refusal):
+            run_classify(
+                segment_artifacts, "sst2", str(tmp_path / "db"), "newer", [str(test)], str(tmp_path / "o5"), 5, None
+            )
+        with pytest.raises(RaeeConfigError, match=refusal):
+            evaluate(segment_artifacts, "sst2", str(tmp_path / "db"), "newer", [str(test)])
+    assert not (tmp_path / "o5").exists()
 
 
 def test_groups_are_stored_kept_on_append_and_refused_when_unusable(segment_artifacts, tmp_path):  # noqa: F811

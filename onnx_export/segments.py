@@ -9,10 +9,16 @@ names. Every architecture exports with the legacy
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
+from raee_ops.onnx_export.optimize import optimize_graph
+
+if TYPE_CHECKING:
+    from raee_ops.onnx_export.adapters.base import ArchitectureAdapter
 
 OPSET = 17
 EXAMPLE_BATCH, EXAMPLE_LENGTH = 2, 7  # distinct sizes so tracing cannot confuse the two axes
@@ -89,3 +95,27 @@ def export_segment(
             dynamic_axes=axes,
         )
     onnx.checker.check_model(str(path))
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """One file to export: kind is embed, layer (with index) or head (with the task's label token ids)."""
+
+    kind: str
+    file: str
+    index: int = 0
+    label_token_ids: tuple[int, ...] = ()
+
+
+def export_job(adapter: ArchitectureAdapter, job: SegmentJob, path: Path, optimize: bool) -> None:
+    """Write one job's segment of `adapter`'s model to `path`; a layer fused for ONNX Runtime where `optimize`
+    (where it is exported: each worker fuses its own layers, once)."""
+    modules = {
+        "embed": adapter.embed_segment,
+        "layer": lambda: adapter.layer_segment(job.index),
+        "head": lambda: adapter.head_segment(job.label_token_ids),
+    }
+    embed = adapter.embed_segment() if job.kind == "layer" else None  # a layer's example per-batch inputs
+    export_segment(modules[job.kind](), job.kind, adapter.hidden_size, path, embed=embed)
+    if optimize and job.kind == "layer":
+        optimize_graph(path)

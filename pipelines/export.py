@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
 from raee_ops.onnx_export.loader import LoadedModel, load_model, model_config
 from raee_ops.onnx_export.optimize import METHOD as OPTIMIZE_METHOD
-from raee_ops.onnx_export.optimize import graph_report, optimize_graph
+from raee_ops.onnx_export.optimize import graph_report
 from raee_ops.onnx_export.quantize import quantize_layers
-from raee_ops.onnx_export.segments import export_segment
+from raee_ops.onnx_export.segments import SegmentJob, export_job
 from raee_ops.onnx_export.tokenizer_file import save_tokenizer
 from raee_ops.onnx_export.verbalizer import label_token_ids
 from raee_ops.onnx_export.verify import verify_export
@@ -68,16 +68,6 @@ TOKENIZER_FILE = "tokenizer.json"
 DIGEST = ".sha256-"
 
 
-@dataclass(frozen=True)
-class SegmentJob:
-    """One file to export: kind is embed, layer (with index) or head (with the task's label token ids)."""
-
-    kind: str
-    file: str
-    index: int = 0
-    label_token_ids: tuple[int, ...] = ()
-
-
 class ExportSegmentFn(beam.DoFn):
     def __init__(
         self, model_spec: str, work_dir: str, total: int, filesystem: dict[str, Any], optimize: bool = True
@@ -98,18 +88,9 @@ class ExportSegmentFn(beam.DoFn):
             self.progress.close()
 
     def process(self, job: SegmentJob) -> Iterator[str]:
-        adapter = self.loaded.adapter
-        modules = {
-            "embed": adapter.embed_segment,
-            "layer": lambda: adapter.layer_segment(job.index),
-            "head": lambda: adapter.head_segment(job.label_token_ids),
-        }
         with scratch_folder("segment-scratch") as scratch:  # this worker's own disk
             local = Path(scratch) / job.file
-            embed = adapter.embed_segment() if job.kind == "layer" else None  # a layer's example per-batch inputs
-            export_segment(modules[job.kind](), job.kind, adapter.hidden_size, local, embed=embed)
-            if self.optimize and job.kind == "layer":  # each worker fuses its own layers, once, here
-                optimize_graph(local)
+            export_job(self.loaded.adapter, job, local, self.optimize)
             ref = FileRef.of(Path(scratch), job.file)
             storage.upload(str(local), storage.join(self.work_dir, f"{job.file}{DIGEST}{ref.sha256}"))
         fault_point("export:segment")

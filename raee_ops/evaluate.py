@@ -341,7 +341,7 @@ def evaluate(
         if s in reports and s != default.name:
             gap, se = paired_difference(labels, default_pred, answers[s][0], metric, num_labels)
             against[name] = {"difference": gap, "standard_error": se}
-    bound = hindsight(found, probe_policy, labels, default_pred, metric_name, depths, retriever.key_depth)
+    bound = hindsight(found, probe_policy, labels, default_pred, metric_name, depths, ctx.key_depth)
 
     report = {
         "task": task_name,

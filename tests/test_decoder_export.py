@@ -422,14 +422,14 @@ def test_failed_export_leaves_no_manifest_and_keeps_old(
 ) -> None:
     out = make_artifacts(tmp_path / "out")  # an earlier export
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real = raee_ops.pipelines.export.export_segment
+    real = raee_ops.onnx_export.segments.export_segment
 
     def failing(module, kind, *args, **kwargs):  # noqa: ANN001, ANN202
         if kind == "head":
             raise RuntimeError("simulated exporter failure")
         return real(module, kind, *args, **kwargs)
 
-    monkeypatch.setattr(raee_ops.pipelines.export, "export_segment", failing)
+    monkeypatch.setattr(raee_ops.onnx_export.segments, "export_segment", failing)
     with pytest.raises(RaeeRunError, match="failed in a Beam worker: RuntimeError: simulated exporter failure"):
         export(tiny_llama_dir, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left beside it

@@ -43,7 +43,7 @@ def test_verify_catches_a_wrong_optimized_graph(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An optimized layer whose fused attention scales its scores wrongly must fail verification."""
-    real = raee_ops.pipelines.export.optimize_graph
+    real = raee_ops.onnx_export.segments.optimize_graph
 
     def skewed(path: Path) -> None:
         real(path)
@@ -53,7 +53,7 @@ def test_verify_catches_a_wrong_optimized_graph(
         scale.f *= 3.0
         onnx.save(model, str(path))
 
-    monkeypatch.setattr(raee_ops.pipelines.export, "optimize_graph", skewed)
+    monkeypatch.setattr(raee_ops.onnx_export.segments, "optimize_graph", skewed)
     with pytest.raises(ArtifactError, match="layer 0"):
         run_export(str(tiny_llama_dir), tmp_path / "out", [PRESETS["sst2"]], True, [], 128, [])
     assert not (tmp_path / "out").exists()

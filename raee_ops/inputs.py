@@ -67,6 +67,9 @@ def input_files(patterns: Sequence[str]) -> list[FileMetadata]:
             refuse_unreadable(pattern)
         if not matched:
             raise RaeeConfigError(f"--input {pattern}: no such file (no Parquet files match)")
+        if pattern.endswith("/"):  # Beam's local match drops the `/`: `data.parquet/`, no folder, read the file
+            named = some([m.path for m in matched])
+            raise RaeeConfigError(f"--input {pattern}: ends in / but names files ({named}), not folders; drop the /")
         for m in matched:  # a file once, however named (a link to it, another route): read twice otherwise
             shown = not_utf8(m.path)
             if shown:  # Beam cannot encode the name to read the file

@@ -619,6 +619,8 @@ def test_an_input_named_with_glob_characters_is_that_file(tmp_path):
         inputs.input_files([str(tmp_path / "dir[1]")])
     with pytest.raises(RaeeConfigError, match=r"/nothing/: no such file"):  # was called a folder (sweep B, s68)
         inputs.input_files([f"{tmp_path}/nothing/"])
+    with pytest.raises(RaeeConfigError, match=r"data2.parquet/: ends in / but names files \(.*data2.parquet\), not"):
+        inputs.input_files([f"{other}/"])  # Beam's match dropped the `/` and read the file
     # a pattern below that folder read another folder's files (`dir1/`), exit 0 (sweep A); escaped, it reads it
     inside = write_labelled(tmp_path / "dir[1]" / "in.parquet", ["c"], ["fine"], [1])
     (tmp_path / "dir1").mkdir()

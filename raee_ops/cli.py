@@ -429,7 +429,14 @@ def _key_spec(value: str | None) -> str | None:
     f"`backbone` (the embedding segment's mean: cheapest, weakest neighbours). Default: {DEFAULT_KEY} for a new "
     "table, the table's own for --mode append.",
 )
-@click.option("--mode", default="overwrite", show_default=True, type=click.Choice(["overwrite", "append"]))
+@click.option(
+    "--mode",
+    default="overwrite",
+    show_default=True,
+    type=click.Choice(["overwrite", "append"]),
+    help="overwrite: the table is these rows (a new version; rollback restores the old); append: the table's rows and "
+    "these, probes and policies refitted on all.",
+)
 @click.option(
     "--errors",
     "errors_dir",
@@ -740,7 +747,7 @@ def prune_cmd(db_uri: str, table: str | None, keep: int, grace: timedelta, dry_r
         echo(text)
     if damaged:  # the others are pruned (printed above); a retry would not mend these
         held_too = f"; held by another run, not pruned: {', '.join(held)}" if held else ""
-        others = "the others would be (--dry-run)" if dry_run else "the others were"
+        others = ("the others would be (--dry-run)" if dry_run else "the others were") if pruned else "no other table"
         raise RaeeConfigError(f"not pruned, {others}: {'; '.join(damaged)}{held_too}")
     if held:  # the others are pruned; a scheduler's retry finds these free
         raise Busy(f"another run is writing table(s) {', '.join(held)} in {db_uri}: not pruned; retry later")

@@ -168,6 +168,12 @@ def test_prune_of_every_table_goes_on_past_a_damaged_one(segment_artifacts, tmp_
     assert "; table 'zz' cannot be read (damaged or incomplete files?)" in run.stderr  # was exit 1, internal error
     assert run.stdout.startswith("table sst2: removed version 1"), run.stdout
     assert [v["version"] for v in describe(db, "sst2")["tables"][0]["versions"]] == [2]
+    alone = str(tmp_path / "alone")  # its only table damaged: no "others" to speak of
+    lancedb.connect(alone).create_table("a_damaged", pa.table({"x": [1]}))
+    for manifest in (tmp_path / "alone" / "a_damaged.lance" / "_versions").iterdir():
+        manifest.write_bytes(b"junk\n")
+    run = run_cli("prune", "--db", alone, "--keep", "1", "--grace", "0")
+    assert run.returncode == 2 and run.stderr.startswith("error: not pruned, no other table: table 'a_damaged'")
     shown = run_cli("info", "--db", db)  # each damaged table in place, the sound one whole
     assert (
         shown.returncode == 2 and shown.stderr == f"error: table(s) a_damaged, zz in {db} cannot be read: see above\n"

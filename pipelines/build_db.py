@@ -19,6 +19,7 @@ from functools import partial
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
+from apache_beam.io.filesystem import FileMetadata
 from raee_ops.pipelines.inference import Infer
 from raee_ops.pipelines.options import check_job_service, make_pipeline, run_pipeline
 from raee_ops.pipelines.sources import first_shard, read_validated, write_tables
@@ -307,16 +308,7 @@ def run_build_db(
     settings = worker_settings(beam_args, db_uri)
     store = settings.db_storage_options
     if errors_dir:
-        storage.check_scheme(errors_dir, "--errors")
-        # the table's own default folder only: an overwrite of another table empties that table's
-        storage.check_outside(errors_dir, "--errors", db_uri, storage.join(ERRORS_FOLDER, table))
-        check_outside_artifacts(errors_dir, "--errors")
-        owner = None if storage.within(errors_dir, db_uri) else errors_owner(errors_dir)
-        if owner:
-            raise RaeeConfigError(
-                f"--errors {errors_dir}: inside the errors folder of table {owner[1]!r} in the database {owner[0]}, "
-                "whose build-db sets other runs' files aside there and prunes them; choose a folder outside it"
-            )
+        _refuse_errors_location(errors_dir, db_uri, table)
     check_outside_artifacts(db_uri, "--db")  # the default --errors lies in the database
     storage.check_folder(db_uri, "--db")
     check_writable(db_uri, table)
@@ -358,32 +350,11 @@ def run_build_db(
         ids = concat_strings([file_ids for file_ids, _ in keys])
         refuse_duplicate_ids(ids)
         group_of = group_map(ids, [names for _, names in keys], mode) if group_column else None
-    # the table's own folder, however named; a given --errors may hold other tables' files
+    run_id, where, work = new_run_id(), scope(db_uri, table), work_dir(db_uri, table)
     own_folder = default_errors_dir(db_uri, table)
     errors_dir = errors_dir or own_folder
     own_errors = storage.resolved(errors_dir) == storage.resolved(own_folder)
-    if not own_errors and storage.within(errors_dir, own_folder):
-        raise RaeeConfigError(
-            f"--errors {errors_dir} is inside the table's own errors folder {own_folder}, which holds its runs' files "
-            "and sets some aside: give that folder itself (or leave --errors out), or one outside it"
-        )
-    storage.check_folder(errors_dir, "--errors")
-    check_outside_outputs(errors_dir, "--errors")
-    # a classify output (its _SUCCESS would not list our files) or an evaluate report (read whole, its predictions)
-    there = [SUCCESS] if storage.exists(storage.join(errors_dir, SUCCESS)) else []
-    there += ["report.json"] if is_evaluate_report(storage.join(errors_dir, "report.json")) else []
-    if there:
-        raise RaeeConfigError(
-            f"--errors {errors_dir} holds another job's complete output ({some(there)}): choose another"
-        )
-    run_id, where, work = new_run_id(), scope(db_uri, table), work_dir(db_uri, table)
-    refuse_reading_own_output(found, inputs, errors_dir, [first_shard(f"errors-{run_id}")], "--errors")
-    foreign = foreign_parquet(errors_dir)
-    if foreign:
-        raise RaeeConfigError(
-            f"--errors {errors_dir} holds {some(foreign)}, Parquet no build-db wrote there (a reader of the folder "
-            "would take it with the rejected rows): choose another"
-        )
+    _check_errors_folder(errors_dir, own_folder, own_errors, [first_shard(f"errors-{run_id}")], found, inputs)
     check_job_service(beam_args)  # the last check, the only one over the network: then the run makes its folders
     with claim_work_dir(work, f"table {table!r}", run_id) as staging:
         remove_unfinished(db_uri, table, store)
@@ -472,6 +443,49 @@ def run_build_db(
         reference.render(),
         "fewer than 2 rows" if manifest.label_word_head else "the backbone has no label-word head to fit it on",
     )
+
+
+def _refuse_errors_location(errors_dir: str, db_uri: str, table: str) -> None:
+    """A given --errors where its files would mix with what others own: in the database but for the table's own
+    default folder (an overwrite of another table empties that table's), in artifacts, or in another database's
+    table's errors folder (whose build-db sets other runs' files aside and prunes them)."""
+    storage.check_scheme(errors_dir, "--errors")
+    storage.check_outside(errors_dir, "--errors", db_uri, storage.join(ERRORS_FOLDER, table))
+    check_outside_artifacts(errors_dir, "--errors")
+    owner = None if storage.within(errors_dir, db_uri) else errors_owner(errors_dir)
+    if owner:
+        raise RaeeConfigError(
+            f"--errors {errors_dir}: inside the errors folder of table {owner[1]!r} in the database {owner[0]}, "
+            "whose build-db sets other runs' files aside there and prunes them; choose a folder outside it"
+        )
+
+
+def _check_errors_folder(
+    errors_dir: str, own_folder: str, own_errors: bool, shards: list[str], found: list[FileMetadata], inputs: list[str]
+) -> None:
+    """The run's errors folder (the table's own, however named, or a given one, which may hold other tables'
+    files), refused before any work where this run's `shards` would mix with what is there or be read as input."""
+    if not own_errors and storage.within(errors_dir, own_folder):
+        raise RaeeConfigError(
+            f"--errors {errors_dir} is inside the table's own errors folder {own_folder}, which holds its runs' files "
+            "and sets some aside: give that folder itself (or leave --errors out), or one outside it"
+        )
+    storage.check_folder(errors_dir, "--errors")
+    check_outside_outputs(errors_dir, "--errors")
+    # a classify output (its _SUCCESS would not list our files) or an evaluate report (read whole, its predictions)
+    there = [SUCCESS] if storage.exists(storage.join(errors_dir, SUCCESS)) else []
+    there += ["report.json"] if is_evaluate_report(storage.join(errors_dir, "report.json")) else []
+    if there:
+        raise RaeeConfigError(
+            f"--errors {errors_dir} holds another job's complete output ({some(there)}): choose another"
+        )
+    refuse_reading_own_output(found, inputs, errors_dir, shards, "--errors")
+    foreign = foreign_parquet(errors_dir)
+    if foreign:
+        raise RaeeConfigError(
+            f"--errors {errors_dir} holds {some(foreign)}, Parquet no build-db wrote there (a reader of the folder "
+            "would take it with the rejected rows): choose another"
+        )
 
 
 def group_map(ids: pa.Array, file_names: list[pa.Array], mode: str) -> dict[str, str]:

@@ -64,7 +64,11 @@ def test_fused_policy_answers_from_retrieval_alone_when_neighbours_are_decisive(
     assert policy.tau is not None
     assert policy.loo_accuracy > 0.9
     assert policy.loo_mean_exit < 0.5  # nearly every row skips the backbone
-    assert np.asarray(policy.bias).shape == (4, 2)
+    # the stored bias is each layer's label-prior correction: its mean predicted distribution is the prior
+    shifted = np.exp(logprobs + np.asarray(policy.bias)[None])
+    mean = (shifted / shifted.sum(axis=2, keepdims=True)).mean(axis=0)  # L×C
+    prior = (np.bincount(labels, minlength=2) + 1.0) / (len(labels) + 2.0)
+    np.testing.assert_allclose(mean, np.tile(prior, (4, 1)), atol=1e-4)
 
 
 def test_fused_policy_runs_the_layers_when_neighbours_know_nothing():

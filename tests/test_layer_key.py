@@ -39,10 +39,11 @@ def test_layer_key_specs_and_their_standardization():
     for wrong in ("layer-x", "layer-0", "layer-03", "layer-²", "layer-３"):  # one spelling per key, no crash
         with pytest.raises(RaeeConfigError, match="positive integer in digits 0-9, without a leading zero"):
             layer_depth(wrong)  # `layer-03` was told to be a positive integer in digits, which it is
-    states = np.random.default_rng(0).normal(size=(50, 8)) * np.array([1, 1, 1, 1, 1, 1, 1, 1000.0])
+    states = np.random.default_rng(0).normal(size=(50, 8)) * np.array([1, 1, 1, 1, 1, 1, 1, 1000.0]) + 5.0
     key = LayerKey.fit(2, states)
     keys = key.apply(states)
-    np.testing.assert_allclose(np.linalg.norm(keys, axis=1), 1.0, rtol=1e-5)
+    z = (states - states.mean(axis=0)) / states.std(axis=0)  # standardized on the reference, then unit rows
+    np.testing.assert_allclose(keys, z / np.linalg.norm(z, axis=1, keepdims=True), atol=1e-5)
     assert np.abs(keys[:, -1]).mean() < 0.6  # the huge dimension no longer decides every cosine
     again = LayerKey.from_json(key.to_json())
     assert again.depth == 2
@@ -124,7 +125,9 @@ def test_build_db_stores_standardized_keys_and_classify_answers_as_evaluate_scor
     ids = pq.read_table(ref).column("id").to_pylist()
     order = [ids.index(i) for i in stored.column("id").to_pylist()]
     raw = runtime.prefix([PRESETS["sst2"].render(texts[i]) for i in order], DEPTH).pooled[:, POOLINGS.index("mean")]
-    np.testing.assert_allclose(keys, LayerKey.fit(DEPTH, raw).apply(raw), atol=1e-4)
+    wide = raw.astype(np.float64)
+    z = (wide - wide.mean(axis=0)) / np.maximum(wide.std(axis=0), 1e-6)  # the reference's standardization
+    np.testing.assert_allclose(keys, z / np.linalg.norm(z, axis=1, keepdims=True), atol=1e-4)
     own = retriever.search(raw[:8], 1)  # a query's raw state goes through the table's standardization
     np.testing.assert_allclose(own.similarity[:, 0], 1.0, atol=1e-4)
 

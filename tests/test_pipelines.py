@@ -272,7 +272,7 @@ def test_classify_raee_predicts_valid_rows_and_rejects_bad(segment_artifacts, bu
     whole = pq.read_table(root / "raee")  # the folder read whole is its predictions (it was the errors' columns)
     assert whole.column_names == predictions.column_names and whole.num_rows == summary.predicted
     assert sum(summary.exit_counts.values()) == summary.predicted
-    assert summary.beam_exit_counts in (None, summary.exit_counts)
+    assert summary.beam_exit_counts == summary.exit_counts  # Beam's counters, the cross-check, agree
     text = summary.render()
     assert "rows in: 25  predicted: 22  rejected: 3" in text and "mean exit layer:" in text
     assert "classify with raee (k=5; 3 layers)" in text
@@ -301,8 +301,7 @@ def test_default_strategy_uses_the_policy_fitted_at_build_time(segment_artifacts
     assert policy is not None and policy.loo_queries == 30 and len(policy.bias) == 3
     summary, predictions, _ = classify(segment_artifacts, root, "fused", strategy="fused")
     assert summary.strategy == "fused" and summary.predicted == 22
-    probs = predictions.column("confidence").to_numpy()
-    assert ((probs >= 0.5) & (probs <= 1.0)).all()  # a fused distribution's top share over two labels
+    assert policy.settings() in summary.settings  # the table's fitted settings, not defaults (their effect: below)
     summary, _, _ = classify(segment_artifacts, root, "default", strategy=None)
     retriever = Retriever(str(root / "db"), "sst2")
     probe_policy, probes = retriever.probe_policy, retriever.probes

@@ -6,8 +6,10 @@ import numpy as np
 import onnx
 import pytest
 from raee_ops.onnx_export import quantize
+from raee_ops.onnx_export.verify import sample_prompts
 from raee_ops.pipelines.export import run_export
 from raee_ops.schemas.manifest import load_manifest
+from raee_ops.schemas.tables import POOLINGS
 
 from raee_ops.errors import ArtifactError
 from raee_ops.runtime import SegmentRuntime, open_session
@@ -45,6 +47,17 @@ def test_int8_layers_are_checked_against_fp32_and_change_fingerprint(tiny_llama_
     got = SegmentRuntime(tmp_path / "int8").all_layers_pooled("sst2", prompts)[0]
     want = SegmentRuntime(tiny_llama_artifacts).all_layers_pooled("sst2", prompts)[0]
     assert got.shape == want.shape and np.isfinite(got).all() and not np.array_equal(got, want)
+    # the recorded check, recomputed on its prompts through the runtime: readout states' error, sst2's agreement
+    prompts = sample_prompts(TASKS, "")
+    (got, got_states), (want, want_states) = (
+        SegmentRuntime(a).all_layers_pooled("sst2", prompts) for a in (tmp_path / "int8", tiny_llama_artifacts)
+    )
+    readout = POOLINGS.index("readout")
+    for layer, recorded in enumerate(check["layers"]):
+        a, b = (s[layer, :, readout].astype(np.float64) for s in (want_states, got_states))  # float16 as stored
+        assert recorded["relative_error"] == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(a), rel=0.01)
+        agree = float(np.mean(got[layer].argmax(axis=1) == want[layer].argmax(axis=1)))
+        assert recorded["head_agreement"]["sst2"] == pytest.approx(agree)
 
 
 def test_int8_that_drifts_too_far_is_refused_and_leaves_nothing(tiny_llama_dir, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +14,7 @@ import pytest
 from cli_runs import raee_ops
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.schemas.manifest import load_manifest
+from raee_ops.schemas.tables import flat_values
 from segment_artifacts import KEY, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import BAD_IDS, labelled
 
@@ -54,6 +56,30 @@ def test_report_matches_an_independent_all_layers_run(segment_artifacts, evaluat
     oracle = float((np.stack([layer.argmax(axis=1) for layer in logits]) == labels).any(axis=0).mean())
     assert report["oracle_accuracy"] == pytest.approx(oracle)  # right at some layer: 1 where one layer was not
     assert report["best_layer"]["accuracy"] == max(report["per_layer_accuracy"])
+
+
+def test_raee_exits_where_the_papers_vote_over_the_nearest_rows_says(segment_artifacts, evaluated):  # noqa: F811
+    """The paper's rule, computed here from the table's own rows: each of a query's 5 nearest reference rows (cosine
+    over the stored keys) spreads one vote over the layers whose label-word head it got right (one right nowhere
+    votes for the last), and the row exits at the most voted layer, the earliest of equals."""
+    root, held_out, evaluation = evaluated
+    stored = lancedb.connect(str(root / "db")).open_table("sst2").to_arrow()
+    vectors = flat_values(stored, "vector").reshape(stored.num_rows, -1)
+    correct = flat_values(stored, "layer_correct").reshape(stored.num_rows, -1).astype(float)  # N×L
+    rows = strategy_rows(evaluation.predictions, "raee")
+    table = pq.read_table(held_out)
+    text_of = dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True))
+    keys = SegmentRuntime(segment_artifacts).key(KEY, [text_of[i] for i in rows["id"].to_pylist()])
+    nearest = np.argsort(-(keys @ vectors.T), axis=1)[:, :5]
+    votes = np.zeros((len(keys), correct.shape[1]))
+    for query, neighbours in enumerate(nearest):
+        for right in correct[neighbours]:
+            if right.any():
+                votes[query] += right / right.sum()
+            else:
+                votes[query, -1] += 1.0
+    assert rows["exit_layer"].to_pylist() == (votes.argmax(axis=1) + 1).tolist()
+    assert len(set(rows["exit_layer"].to_pylist())) > 1  # so a wrong column or vote would show
 
 
 def test_strategies_are_consistent(evaluated):

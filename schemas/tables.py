@@ -158,7 +158,7 @@ def known_fields(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
 def stored_fields(cls: type, raw: dict[str, Any], what: str) -> dict[str, Any]:
     """`raw`, a fitted rule or head as a table stores it, refused where it holds a field dataclass `cls` lacks: a
     field a later release added changes what the rule does, so this release must not run the rest of it."""
-    unknown = sorted(set(raw) - {f.name for f in fields(cls)})
+    unknown = sorted(raw.keys() - known_fields(cls, raw).keys())
     if unknown:
         raise ArtifactError(
             f"the table's {what} holds {', '.join(unknown)}, which raee-ops {__version__} does not know: a newer "

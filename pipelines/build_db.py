@@ -61,8 +61,9 @@ from raee_ops.inputs import (
 )
 from raee_ops.key_names import BACKBONE, DEFAULT_KEY, LAYER_PREFIX, key_available, layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
+from raee_ops.probes import CV_ROWS, FOLDS, in_fit_sample, table_views, view_form
 from raee_ops.progress import phase
-from raee_ops.reference import assemble, check_groups, group_codes
+from raee_ops.reference import assemble, check_groups, group_codes, sample_view
 from raee_ops.report import check_outside_outputs, is_evaluate_report
 from raee_ops.retrieval import (
     Unfinished,
@@ -85,6 +86,7 @@ from raee_ops.retrieval import (
     table_probes,
     version_schemas,
 )
+from raee_ops.rows import ROW_ID
 from raee_ops.run_record import (
     ERRORS_FOLDER,
     RunRecord,
@@ -102,13 +104,16 @@ from raee_ops.run_record import (
     work_dir,
 )
 from raee_ops.settings import worker_settings
-from raee_ops.tasks import task_of
+from raee_ops.tasks import Task, task_of
 from raee_ops.versions import recorded_runs, settle_errors
 
 log = logging.getLogger(__name__)
 
 #: Examples of offending ids shown in a refusal.
 SHOWN_IDS = 5
+#: New tables of more input rows run in two jobs (two_pass_share); below, the second job's start-up (seconds here,
+#: minutes on a remote runner) would outweigh the input-form pass it saves on most rows.
+TWO_PASSES_ABOVE = 10_000
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class BuildSummary:
     probes: list[str] = field(default_factory=list)
     no_policy: str = "fewer than 2 rows"  # why there is no fused policy
     done: bool = False  # an append retried after its commit: nothing left to do
+    passes: str | None = None  # how a large new table's two passes went (two_pass_share)
 
     def render(self) -> str:
         if self.done:
@@ -145,6 +151,7 @@ class BuildSummary:
                 f"table rows: {self.table_rows} ({self.search}); table version {self.version}",
                 fitted,
                 *self.probes,
+                *filter(None, [self.passes]),
                 f"errors: {self.errors_dir}",
             ]
         )
@@ -368,20 +375,41 @@ def run_build_db(
                 TooManyRejected.check(base.done.rejected, rows_in, max_rejected, done)
             return BuildSummary(table, mode, rows_in, 0, 0, 0, errors_dir, version=base.version, done=True)
         note_errors(work, errors_dir, own_errors)
-        views = base.views if base else None
-        layer_rows = LayerRows(str(artifacts), task, embedder, views, checked=manifest, **settings.runtime())
-        schema = layer_rows.schema(manifest)
-        pipeline = make_pipeline(
-            beam_args, command="build-db", artifacts=str(artifacts), task=task_name, db=db_uri, table=table
-        )
-        valid, invalid = read_validated(pipeline, job.contents, task, need_label=True, schema=schema_in)
-        rows, failed = valid | "Infer" >> Infer(layer_rows)
-        write_tables(rows, "WriteStaging", storage.join(staging, "rows"), schema)
-        errors = (invalid, failed) | "Errors" >> beam.Flatten()
+        names = {"artifacts": str(artifacts), "task": task_name, "db": db_uri, "table": table}
+        job_run = partial(_layer_job, beam_args, names, job.contents, task, schema_in)
+        runtime = {"checked": manifest, **settings.runtime()}
+        layer_rows = partial(LayerRows, str(artifacts), task, embedder, **runtime)
+        schema = layer_rows().schema(manifest)
+        view, sample_errors, passes = None, None, None
+        share = two_pass_share(rows_in, embedder) if base is None else None
+        if share is not None:  # a sample in every input form first: its rows choose the view the others run
+            sample = storage.join(staging, "sample-rows")  # not rows-*: Beam's sink deletes rows-*-of-N before writing
+            job_run(layer_rows(), schema, sample, storage.join(staging, "sample-errors"), sampled=(share, True))
+            sample_errors = pa.concat_tables(
+                [storage.read_parquet(f) for f in count_rows(storage.join(staging, "sample-errors*.parquet"))[1]]
+                or [ERRORS_SCHEMA.empty_table()]
+            )
+            sampled, sample_shards = count_rows(f"{sample}*.parquet")
+            with phase(f"build-db: choosing the probes' view on {sampled} sample rows"), released_on_sigterm():
+                view = sample_view(sample_shards, meta, manifest.hidden_size, group_of)
+            passes = (
+                f"two passes: the probes' view ({view}) chosen on a sample of {sampled} rows run in every input form, "
+                "the other rows run in its form only"
+                if view
+                else f"two passes: the sample of {sampled} rows could not choose the probes' view (under {FOLDS} rows, "
+                "one label or one group): the other rows run in every input form"
+            )
+        views = base.views if base else (view,) if view else None
         rejects = staging_dir(errors_dir, where, run_id)  # on the errors folder's filesystem: published by a rename
-        write_tables(errors, "WriteErrors", storage.join(rejects, f"errors-{run_id}"), ERRORS_SCHEMA)
-        run_pipeline(pipeline, "build-db")
-        written, shards = count_rows(storage.join(staging, "rows*.parquet"))
+        job_run(
+            layer_rows(views),
+            schema,
+            storage.join(staging, "rows"),
+            storage.join(rejects, f"errors-{run_id}"),
+            sampled=(share, False) if share is not None else None,
+            more_errors=sample_errors,
+        )
+        written, shards = count_rows(storage.join(staging, "*rows*.parquet"))
         rejected, _ = count_rows(storage.join(rejects, "errors-*.parquet"))
         if rows_in != written + rejected:
             raise CountMismatch(
@@ -408,6 +436,7 @@ def run_build_db(
                     layer_budget=layer_budget,
                     layer_price=layer_price,
                     group_of=group_of,
+                    view=view,
                 )
         except RaeeError as refused:  # the rejected rows say why: kept, outside the errors output
             if rejected:
@@ -442,7 +471,54 @@ def run_build_db(
         version,
         reference.render(),
         "fewer than 2 rows" if manifest.label_word_head else "the backbone has no label-word head to fit it on",
+        passes=passes,
     )
+
+
+def two_pass_share(rows_in: int, embedder: str) -> float | None:
+    """The share of a new table's input rows build-db runs first in every input form, choosing the probes' view on
+    them, so that the other rows run only the chosen view's form; None: one pass (every form for every row) where
+    the table's views read one form or the rows are too few for the second job's start-up to pay."""
+    if rows_in <= TWO_PASSES_ABOVE or len({view_form(v) for v in table_views(embedder)}) < 2:
+        return None
+    return CV_ROWS / rows_in
+
+
+def _layer_job(
+    beam_args: list[str] | tuple[str, ...],
+    names: dict[str, str],
+    contents: dict[str, str],
+    task: Task,
+    schema_in: pa.Schema,
+    layer_rows: LayerRows,
+    schema: pa.Schema,
+    rows_at: str,
+    errors_at: str,
+    sampled: tuple[float, bool] | None = None,
+    more_errors: pa.Table | None = None,
+) -> None:
+    """One build-db job: the inputs' valid rows -> layer rows staged at `rows_at`, rejected rows at `errors_at`.
+    `sampled` (share, inside): only the rows whose id hashes below the share (inside) or not; the sample's job drops
+    invalid rows (the other job rejects them, each once). `more_errors`: the sample's job's rejected rows."""
+    pipeline = make_pipeline(beam_args, command="build-db", **names)
+    valid, invalid = read_validated(pipeline, contents, task, need_label=True, schema=schema_in)
+    if sampled is not None:
+        valid = valid | "Sample" >> beam.Map(_sample_part, *sampled) | "NonEmpty" >> beam.Filter(len)
+    rows, failed = valid | "Infer" >> Infer(layer_rows)
+    write_tables(rows, "WriteStaging", rows_at, schema)
+    rejected = [failed] if sampled and sampled[1] else [invalid, failed]
+    if more_errors is not None and more_errors.num_rows:
+        rejected.append(pipeline | "SampleErrors" >> beam.Create([more_errors]))
+    errors = rejected | "Errors" >> beam.Flatten()
+    write_tables(errors, "WriteErrors", errors_at, ERRORS_SCHEMA)
+    run_pipeline(pipeline, "build-db")
+
+
+def _sample_part(table: pa.Table, share: float, inside: bool) -> pa.Table:
+    """The rows of `table` whose id hashes below `share` (probes.in_fit_sample: the probes' fit sample holds them),
+    or the others."""
+    inner = in_fit_sample(table.column(ROW_ID).to_pylist(), share)
+    return table.filter(pa.array(inner if inside else ~inner))
 
 
 def _refuse_errors_location(errors_dir: str, db_uri: str, table: str) -> None:

@@ -5,7 +5,7 @@ written through Beam's file sink.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import apache_beam as beam
 import pyarrow as pa
@@ -30,7 +30,7 @@ class ReadValidated(beam.DoFn):
     def setup(self) -> None:
         storage.on_worker(self.filesystem)
 
-    def process(self, path: str) -> Iterator[pa.Table | beam.pvalue.TaggedOutput]:
+    def process(self, path: str) -> Iterator[pa.Table | beam.pvalue.TaggedOutput[Literal["errors"], pa.Table]]:
         for checked in read_validated_file(path, self.task, self.need_label, self.contents[path], self.schema):
             if checked.valid.num_rows:
                 yield checked.valid

@@ -202,15 +202,9 @@ def fit_probes(
     if features.shape[2] != len(views):
         raise ValueError(f"features hold {features.shape[2]} views, {len(views)} named ({', '.join(views)})")
     folds, cv, cv_folds = _plan(labels, seed, groups)
-
-    # view and C: the pair with the lowest out-of-fold log-loss averaged over a spread of layers
-    scored = selection_layers(num_layers)
-    trials: dict[tuple[int, float], tuple[float, dict[int, np.ndarray]]] = {}
-    for p, c in itertools.product(range(len(views)), C_GRID):
-        oofs = {layer: _cross_fit(features[cv, layer, p], labels[cv], cv_folds, num_labels, c) for layer in scored}
-        trials[p, c] = (float(np.mean([_log_loss(o, labels[cv]) for o in oofs.values()])), oofs)
-    p, c = min(trials, key=lambda pc: trials[pc][0])
-    reuse = trials[p, c][1] if len(cv) == n else {}
+    every = len(cv) == n  # no copy of the states then
+    p, c, chosen_on = _view_and_c(features if every else features[cv], labels[cv], cv_folds, num_labels)
+    reuse = chosen_on if every else {}
 
     layers, oof = [], np.zeros((n, num_layers, num_labels), np.float32)
     for layer in range(num_layers):
@@ -233,6 +227,35 @@ def fit_probes(
         identity=identity,
     )
     return Fitted(probes, oof, key_oof)
+
+
+def choose_view(
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_labels: int,
+    views: tuple[str, ...] = VIEWS,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> str:
+    """The view fit_probes would choose on these rows (features N×L×len(views)×H): build-db's first pass on a
+    sample of a large table chooses it there, so that the other rows run only the chosen view's input form."""
+    _, cv, cv_folds = _plan(labels, seed, groups)
+    chosen_on = features if len(cv) == len(labels) else features[cv]
+    return views[_view_and_c(chosen_on, labels[cv], cv_folds, num_labels)[0]]
+
+
+def _view_and_c(
+    features: np.ndarray, labels: np.ndarray, folds: np.ndarray, num_labels: int
+) -> tuple[int, float, dict[int, np.ndarray]]:
+    """(view index, C, the selection layers' out-of-fold log-probs): the pair with the lowest out-of-fold log-loss
+    averaged over a spread of layers."""
+    scored = selection_layers(features.shape[1])
+    trials: dict[tuple[int, float], tuple[float, dict[int, np.ndarray]]] = {}
+    for p, c in itertools.product(range(features.shape[2]), C_GRID):
+        oofs = {layer: _cross_fit(features[:, layer, p], labels, folds, num_labels, c) for layer in scored}
+        trials[p, c] = (float(np.mean([_log_loss(o, labels) for o in oofs.values()])), oofs)
+    p, c = min(trials, key=lambda pc: trials[pc][0])
+    return p, c, trials[p, c][1]
 
 
 def selection_layers(num_layers: int) -> list[int]:

@@ -27,7 +27,7 @@ from raee_ops.errors import CountMismatch, RaeeConfigError
 from raee_ops.key_names import layer_depth
 from raee_ops.layer_key import LayerKey
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE, ProbePolicy, fit_probe_policy
-from raee_ops.probes import VIEWS, ProbeSet, fit_probes, fit_share, in_fit_sample, table_views
+from raee_ops.probes import FOLDS, VIEWS, ProbeSet, choose_view, fit_probes, fit_share, in_fit_sample, table_views
 from raee_ops.retrieval import probe_identity, table_layer_key
 from raee_ops.schemas.tables import (
     FEATURES,
@@ -121,11 +121,12 @@ def assemble(
     layer_budget: float = DEFAULT_LAYER_BUDGET,
     group_of: dict[str, str] | None = None,
     layer_price: float = DEFAULT_LAYER_PRICE,
+    view: str | None = None,
 ) -> Reference:
     """The reference table from staged shards (plus, on append, the table's rows and feature rows so far). Without
     a label-word head the table has no head columns (the staged ones hold only the runtime's placeholders) and no
     fused policy is fitted. `group_of` maps new rows' ids to their group (build-db --group-column); old rows keep
-    the groups stored with them."""
+    the groups stored with them. `view`: the one chosen already (sample_view), the only one staged for every row."""
     num_layers, num_labels = meta.num_layers, len(meta.label_names)
     dim = staged.field("vector").type.list_size
     schema = exit_table_schema(dim, num_layers, num_labels, label_word_head)
@@ -154,7 +155,7 @@ def assemble(
     labels = np.concatenate([old.column("label").to_numpy(), new.column("label").to_numpy()]).astype(np.int64)
     vectors = np.concatenate([flat_values(t, "vector").reshape(t.num_rows, dim) for t in (old, new)])
     sample = in_fit_sample(ids, fit_share(rows))
-    views = (old_probes.pooling,) if old_probes else table_views(meta.embedder)
+    views = (old_probes.pooling,) if old_probes else (view,) if view else table_views(meta.embedder)
     pick = [VIEWS.index(v) for v in views]
 
     def staged_features() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -227,6 +228,25 @@ def assemble(
     features_rows = _features_table([ids[i] for i in fit_rows], kept, num_layers, hidden)
     fit_seconds = time.perf_counter() - started
     return Reference(data, features_rows, policy, probes, probe_policy, fit_seconds, tuple(meta.label_names))
+
+
+def sample_view(shards: list[str], meta: TableMeta, hidden: int, group_of: dict[str, str] | None) -> str | None:
+    """The view the probes will read, chosen on build-db's first pass (a sample of a large table's rows, staged in
+    every view) as fit_probes chooses; None where the sample cannot choose (under FOLDS rows, one label or one group):
+    the other rows then run every input form, as in one pass."""
+    views = table_views(meta.embedder)
+    parts = [storage.read_parquet(s, columns=["id", "label", FEATURES]) for s in shards]
+    rows = pa.concat_tables(parts).sort_by("id") if parts else None
+    if rows is None or rows.num_rows < FOLDS or pc.count_distinct(rows.column("label")).as_py() < 2:
+        return None
+    shape = (rows.num_rows, meta.num_layers, len(VIEWS), hidden)
+    features = flat_values(rows, FEATURES).reshape(shape)[:, :, [VIEWS.index(v) for v in views]]
+    ids = rows.column("id").to_pylist()
+    groups = group_codes(ids, [(group_of or {}).get(i) for i in ids])
+    if groups is not None and groups.max() < 1:  # one group: nothing to fit on when it is left out
+        return None
+    labels = rows.column("label").to_numpy().astype(np.int64)
+    return choose_view(features, labels, len(meta.label_names), views, groups=groups)
 
 
 def _layer_keyed(meta: TableMeta, new: pa.Table, old: pa.Table | None) -> tuple[pa.Table, LayerKey | None]:

@@ -12,10 +12,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from raee_ops.pipelines import build_db as build_db_module
 from raee_ops.pipelines.build_db import claimed_append_base, commit, run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.schemas.manifest import load_manifest
-from raee_ops.schemas.tables import FEATURES_SUFFIX, GROUP, PROBE_POLICY_META_KEY, PROBES_META_KEY
+from raee_ops.schemas.tables import (
+    FEATURES_SUFFIX,
+    GROUP,
+    POLICY_META_KEY,
+    PROBE_POLICY_META_KEY,
+    PROBES_META_KEY,
+)
 from segment_artifacts import KEY, segment_artifacts, write_labelled  # noqa: F401 - fixture
 
 from raee_ops import probes as probes_module
@@ -566,3 +573,64 @@ def test_a_reference_lacking_a_label_is_built_with_a_warning_naming_it(segment_a
         segment_artifacts, "sst2", [str(both)], str(tmp_path / "db2"), "sst2", KEY, "overwrite", None
     )
     assert "no reference row has" not in summary.render()
+
+
+def _forms_run(monkeypatch) -> dict[str, int]:
+    """Rows each input form's all-layer pass ran on, counted as the runtime's passes see them (the local runner
+    runs the job in this process)."""
+    counts: dict[str, int] = {"prompt": 0, "bare": 0}
+    whole = SegmentRuntime.all_layers_pooled
+
+    def counted(self, task: str, prompts):
+        form = "prompt" if prompts and prompts[0].startswith("Review:") else "bare"
+        counts[form] += len(prompts)
+        return whole(self, task, prompts)
+
+    monkeypatch.setattr(SegmentRuntime, "all_layers_pooled", counted)
+    return counts
+
+
+def test_a_large_new_table_runs_a_sample_in_every_form_and_the_other_rows_in_the_chosen_views_only(
+    segment_artifacts,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    """build-db ran every input form on every row, though the probes read one: above TWO_PASSES_ABOVE rows a sample
+    runs first in every form, its rows choose the view, the others run its form only (and the prompt, for the
+    label-word head). Rows rejected in either pass are counted once; a sample of every row fits what one pass fits."""
+    monkeypatch.setattr(build_db_module, "TWO_PASSES_ABOVE", 100)
+    rows = signal_rows(tmp_path / "rows.parquet", 160, 0, "r")
+    good = pq.read_table(rows)
+    bad = pa.table({"id": ["x0", "x1"], "text": [None, "good " * 5000], "label": pa.array([1, 0], pa.int64())})
+    pq.write_table(pa.concat_tables([good, bad]), rows)  # one rejected as read, one by the pass (too long)
+
+    def build(name: str) -> tuple[object, pa.Table]:
+        summary = run_build_db(
+            segment_artifacts, "sst2", [str(rows)], str(tmp_path / name), "t", KEY, "overwrite", None
+        )
+        return summary, lancedb.connect(str(tmp_path / name)).open_table("t").to_arrow()
+
+    monkeypatch.setattr(build_db_module, "CV_ROWS", 1000)  # a sample of every row: the one pass's choice exactly
+    whole_sample, whole_table = build("whole")
+    monkeypatch.setattr(build_db_module, "TWO_PASSES_ABOVE", 1000)
+    one_pass, one_table = build("one")
+    assert one_pass.passes is None and "two passes" in whole_sample.render()
+    for summary in (whole_sample, one_pass):  # the sample's pass rejected the long row: once, with its reason
+        assert (summary.rows_in, summary.written, summary.rejected) == (162, 160, 2)
+    fitted = (PROBES_META_KEY, PROBE_POLICY_META_KEY, POLICY_META_KEY)  # the rest names the run
+    assert whole_table.equals(one_table) and all(
+        whole_table.schema.metadata[k] == one_table.schema.metadata[k] for k in fitted
+    )
+    # the sample's choice as the one pass makes it, above; here a prompt view, so the other rows run one form
+    counts = _forms_run(monkeypatch)
+    monkeypatch.setattr(build_db_module, "sample_view", lambda *_: "readout")
+    monkeypatch.setattr(build_db_module, "TWO_PASSES_ABOVE", 100)
+    monkeypatch.setattr(build_db_module, "CV_ROWS", 60)
+    two, table = build("two")
+    assert (two.rows_in, two.written, two.rejected) == (162, 160, 2)
+    assert sorted(table.column("id").to_pylist()) == sorted(good.column("id").to_pylist())
+    errors = pa.concat_tables(pq.read_table(f) for f in (tmp_path / "two" / "_errors" / "t").glob("errors-*.parquet"))
+    assert sorted(errors.column("id").to_pylist()) == ["x0", "x1"]
+    assert json.loads(table.schema.metadata[PROBES_META_KEY])["pooling"] == "readout"
+    sampled = int(re.search(r"view \(readout\) chosen on a sample of (\d+) rows", two.render()).group(1))
+    assert 30 < sampled < 100 and counts == {"prompt": 160, "bare": sampled}, counts

@@ -1233,6 +1233,48 @@ def render_workers(result: Doc) -> list[str]:
     ]
 
 
+def render_build_passes(result: Doc) -> list[str]:
+    """build-db's two passes against one on the same rows (bench/build_passes.py)."""
+    header = ["preset", "input rows", "build", "wall s", "rows run: prompt form", "bare form", "probe view"]
+    header += ["default on reference", "× one pass's time"]
+    rows, lines = [], []
+    for preset, run in result["presets"].items():
+        one = run["one pass"]["wall_s"]
+        for name in ("one pass", "two passes"):
+            build = run[name]
+            rows.append(
+                [
+                    preset,
+                    run["rows"],
+                    name,
+                    build["wall_s"],
+                    build["rows_run"]["prompt"],
+                    build["rows_run"]["bare"],
+                    build["view"],
+                    f"{_fmt(build['default_reference'])} @ {build['default_layers']:.1f}",
+                    build["wall_s"] / one,
+                ]
+            )
+        two = run["two passes"]
+        lines.append(
+            f"{preset}: two passes took {two['wall_s'] / one:.2f}× the one pass's time ({two['passes']}); the "
+            f"default scored {two['default_reference'] - run['one pass']['default_reference']:+.3f} "
+            f"{two['metric']} against the one pass's table on the reference rows."
+        )
+    return [
+        f"build-db of {result['task']} train rows (seeded samples, `{result['embedder']}` keys), one pass (every input "
+        "form on every row) and two (above "
+        f"{result['threshold']:,} input rows, the default: a sample in every form chooses the probes' view, the other "
+        "rows run its form only, and the prompt where a label-word head reads it), one after the other on the same "
+        "rows. Rows run: the rows each form's all-layer pass read. Default on reference: build-db's own leave-one-out "
+        "score of the default @ mean layers, its fit's rows' view of the two tables.",
+        "",
+        *_table(header, rows),
+        "",
+        *lines,
+    ]
+
+
 def render_nested(result: Doc) -> list[str]:
     """bench/nested.py: per preset and task, the default and probe-best as build-db scored them on the reference
     rows, chosen on folds of them and scored on the rest (nested), and as the quality bench scored them."""
@@ -1296,6 +1338,7 @@ SECTIONS: list[tuple[str, str, Callable[[Any], list[str]]]] = [
     ("Reference-only estimate of the default's choice", "nested", render_nested),
     ("Reference-size scaling", "scaling", render_scaling),
     ("Local worker processes", "workers", render_workers),
+    ("build-db in two passes", "build-passes", render_build_passes),
     ("GPU", "gpu-", render_gpu),
 ]
 

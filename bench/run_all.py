@@ -27,6 +27,7 @@ BENCHES = [
     "int8_methods",
     "scaling",
     "workers",
+    "build_passes",
 ]
 
 

@@ -1255,10 +1255,12 @@ def render_build_passes(result: Doc) -> list[str]:
                     build["wall_s"] / one,
                 ]
             )
-        two = run["two passes"]
+        one_run, two = run["one pass"], run["two passes"]
+        moved = two["default_reference"] - one_run["default_reference"]
         lines.append(
-            f"{preset}: two passes took {two['wall_s'] / one:.2f}× the one pass's time ({two['passes']}); the "
-            f"default scored {two['default_reference'] - run['one pass']['default_reference']:+.3f} "
+            f"{preset}: two passes took {two['wall_s'] / one:.2f}× the one pass's time, running "
+            f"{sum(two['rows_run'].values()) / sum(one_run['rows_run'].values()):.2f}× its rows through the layers; "
+            f"view {two['view']} (one pass: {one_run['view']}); the default {moved:+.3f} "
             f"{two['metric']} against the one pass's table on the reference rows."
         )
     return [
@@ -1266,8 +1268,9 @@ def render_build_passes(result: Doc) -> list[str]:
         "form on every row) and two (above "
         f"{result['threshold']:,} input rows, the default: a sample in every form chooses the probes' view, the other "
         "rows run its form only, and the prompt where a label-word head reads it), one after the other on the same "
-        "rows. Rows run: the rows each form's all-layer pass read. Default on reference: build-db's own leave-one-out "
-        "score of the default @ mean layers, its fit's rows' view of the two tables.",
+        "rows. Rows run: the rows each form's all-layer pass read. Default on reference: the default's score @ mean "
+        "layers on the table's reference rows, as build-db scores it (leave-one-out). The time also holds what both "
+        "builds do alike: the key, the fits, the commit.",
         "",
         *_table(header, rows),
         "",

@@ -5,7 +5,9 @@ refused), workers write exit rows as Parquet shards into this run's staging fold
 its staging in the errors folder (raee_ops/run_record.py), and the driver checks conservation (rows in = written
 + rejected) and its refusals (no rows to overwrite with, too many rejected) before it commits the table in one
 LanceDB version and then publishes the errors, so a failed or killed run leaves the table as it was. The next run
-removes a killed run's staging and settles its errors folder, whichever --errors it is given itself.
+removes a killed run's staging and settles its errors folder, whichever --errors it is given itself. A large new
+table runs two jobs under the one claim (two_pass_share): a sample in every input form, whose rows choose the probes'
+view, then the other rows in that view's form only.
 """
 
 from __future__ import annotations
@@ -392,6 +394,7 @@ def run_build_db(
             sampled, sample_shards = count_rows(f"{sample}*.parquet")
             with phase(f"build-db: choosing the probes' view on {sampled} sample rows"), released_on_sigterm():
                 view = sample_view(sample_shards, meta, manifest.hidden_size, group_of)
+            fault_point("view")
             passes = (
                 f"two passes: the probes' view ({view}) chosen on a sample of {sampled} rows run in every input form, "
                 "the other rows run in its form only"

@@ -8,6 +8,8 @@ the process when it gets there: no cleanup, no `finally`, exactly what a schedul
 - `publish:_errors-*.parquet`: both are published, `_SUCCESS` is not
 - `publish:_SUCCESS`: `_SUCCESS` is written, the list of what was being published not yet removed
 - `leftovers`: a run removed one file of what an unfinished run left (use @N to die midway)
+- `view`: build-db's first job of two (a large new table) has staged its sample, whose rows chose the probes' view;
+  the other rows not run yet
 - `fit`: build-db is about to fit its probes and policies, its job's rows staged (its claims held, nothing written)
 - `commit:errors`: build-db has staged its errors and fitted, not committed the table
 - `commit:table`: build-db has committed the table but not yet its index or published its errors

@@ -31,6 +31,7 @@ from raee_ops import storage
 from raee_ops.batches import LayerRows
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate
+from raee_ops.faults import InjectedFault
 from raee_ops.exit_policy import Context, Neighbours, resolve
 from raee_ops.inputs import read_validated_file
 from raee_ops.probe_policy import (
@@ -622,10 +623,17 @@ def test_a_large_new_table_runs_a_sample_in_every_form_and_the_other_rows_in_the
         whole_table.schema.metadata[k] == one_table.schema.metadata[k] for k in fitted
     )
     # the sample's choice as the one pass makes it, above; here a prompt view, so the other rows run one form
-    counts = _forms_run(monkeypatch)
     monkeypatch.setattr(build_db_module, "sample_view", lambda *_: "readout")
     monkeypatch.setattr(build_db_module, "TWO_PASSES_ABOVE", 100)
     monkeypatch.setattr(build_db_module, "CV_ROWS", 60)
+    monkeypatch.setenv("RAEE_FAULT", "view")  # a failure between the two jobs: no table, no errors, a rerun whole
+    monkeypatch.setenv("RAEE_FAULT_MODE", "raise")
+    with pytest.raises(InjectedFault):
+        build("two")
+    assert "t" not in lancedb.connect(str(tmp_path / "two")).table_names()
+    assert not list((tmp_path / "two" / "_errors" / "t").glob("errors-*.parquet"))
+    monkeypatch.delenv("RAEE_FAULT")
+    counts = _forms_run(monkeypatch)
     two, table = build("two")
     assert (two.rows_in, two.written, two.rejected) == (162, 160, 2)
     assert sorted(table.column("id").to_pylist()) == sorted(good.column("id").to_pylist())

@@ -31,8 +31,8 @@ from raee_ops import storage
 from raee_ops.batches import LayerRows
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate
-from raee_ops.faults import InjectedFault
 from raee_ops.exit_policy import Context, Neighbours, resolve
+from raee_ops.faults import InjectedFault
 from raee_ops.inputs import read_validated_file
 from raee_ops.probe_policy import (
     DEFAULT_LAYER_BUDGET,

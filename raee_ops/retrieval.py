@@ -200,6 +200,9 @@ _OUTAGE = re.compile(r"kind: (?:Connect|Timeout)\b|status: 5\d\d\b")
 _S3_ERROR = re.compile(r"<Code>([^<]+)</Code>\s*<Message>([^<]*)</Message>")
 
 
+#: What LanceDB wraps the words of an error in (0.40: layers of "Wrapped error: "; 0.41 drops those and keeps
+#: "Generic <store> error: ").
+_LANCE_LAYERS = re.compile(r"Wrapped error: |Generic [\w/]+ error: ")
 #: A lost file's path as LanceDB's local reader gives it: absolute, less its leading slash.
 _NOT_FOUND = re.compile(r"(?<=Not found: )(?!/)(\S+)")
 
@@ -220,8 +223,8 @@ def _problem(exc: Exception) -> str:
     (`Failed to connect to namespace: IO { source: Generic { … } }`): their head, then the innermost cause (an S3
     error body's code and message, a `message: "…"`, a `source: "…"` up to its own dump, else the innermost
     `source: Name`). Other errors: the first line
-    without the Rust source lines that raised it and the layers of "Wrapped error: " around a lost file's
-    "Not found: <path>"."""
+    without the Rust source lines that raised it and the layers LanceDB wraps around a lost file's
+    "Not found: <path>" (_LANCE_LAYERS)."""
     text = str(exc)
     coded = _S3_ERROR.search(text)
     messages = re.findall(r'message: "([^"]+)"', text)
@@ -229,7 +232,7 @@ def _problem(exc: Exception) -> str:
     sources = re.findall(r"source: ([A-Za-z]\w*) \}", text)
     cause = f"{coded[1]}: {coded[2]}" if coded else (messages or told or sources or [None])[-1]
     if cause is None or " { " not in text:
-        said = first_line(re.sub(r",\s*/\S+\.rs:\d+:\d+", "", text)).rpartition("Wrapped error: ")[2]
+        said = _LANCE_LAYERS.split(first_line(re.sub(r",\s*/\S+\.rs:\d+:\d+", "", text)))[-1]
         return _NOT_FOUND.sub(_rooted, said)
     head = re.sub(r": [A-Z]\w*$", "", first_line(text).split(" { ", 1)[0])
     return first_line(f"{head}: {cause}")
@@ -468,6 +471,8 @@ class Retriever:
             if self._memory is None:
                 self._memory = self._read(lambda: InMemory.read(self.table, self._columns()))
             return self._memory.search(vectors, k, num_layers, num_labels)
+        if not np.isfinite(vectors).all():  # LanceDB 0.40 finds no neighbours for it, 0.41 refuses the query whole
+            raise _too_few(0, k)
         query = self.table.search(list(vectors), vector_column_name="vector").metric("cosine").limit(k)
         query = query.bypass_vector_index() if self.nprobes is None else query.nprobes(self.nprobes)
         hits = self._read(lambda: query.select([*self._columns(), "_distance"]).to_arrow())
@@ -668,9 +673,14 @@ def _group(hits: pa.Table, num_queries: int, k: int, num_layers: int, num_labels
     query = hits.column("query_index").to_numpy()
     found = np.bincount(query, minlength=num_queries)
     if not np.array_equal(found, np.full(num_queries, k)):
-        raise ValueError(f"{found.min()} neighbours found for a key, not {k} (a key that is not finite?)")
+        raise _too_few(found.min(), k)
     similarity = 1.0 - hits.column("_distance").to_numpy().reshape(num_queries, k)
     return _neighbours(_arrays(hits.drop_columns(["query_index", "_distance"])), similarity, num_layers, num_labels)
+
+
+def _too_few(found: int, k: int) -> ValueError:
+    """A search's failure for its batch's rows (retried one by one, they reject the row alone), not the table's."""
+    return ValueError(f"{found} neighbours found for a key, not {k} (a key that is not finite?)")
 
 
 def _arrays(table: pa.Table) -> dict[str, np.ndarray]:

@@ -44,7 +44,7 @@ from raee_ops.probe_policy import (
 from raee_ops.readout import answer_batch
 from raee_ops.reference import Reference, assemble
 from raee_ops.report import render_markdown, write_report
-from raee_ops.retrieval import Retriever, expected_meta, table_meta
+from raee_ops.retrieval import Retriever, expected_meta, table_meta, table_names
 from raee_ops.rows import ROW_ID
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
@@ -630,7 +630,7 @@ def test_a_large_new_table_runs_a_sample_in_every_form_and_the_other_rows_in_the
     monkeypatch.setenv("RAEE_FAULT_MODE", "raise")
     with pytest.raises(InjectedFault):
         build("two")
-    assert "t" not in lancedb.connect(str(tmp_path / "two")).table_names()
+    assert "t" not in table_names(lancedb.connect(str(tmp_path / "two")))
     assert not list((tmp_path / "two" / "_errors" / "t").glob("errors-*.parquet"))
     monkeypatch.delenv("RAEE_FAULT")
     counts = _forms_run(monkeypatch)

@@ -53,7 +53,8 @@ class TooManyRejected(RaeeError):
         share = rejected / rows_in if rows_in else 0.0
         if share > max_rejected:
             raise cls(
-                f"{rejected} of {rows_in} rows rejected ({share:.0%}), over --max-rejected {max_rejected:g}: {outcome}"
+                f"{rejected} of {rows_in} rows rejected (a share of {share:.3g}), over --max-rejected "
+                f"{max_rejected:g}: {outcome}"
             )
 
 

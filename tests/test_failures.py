@@ -826,7 +826,9 @@ def test_12_a_failed_job_and_failed_counts_are_not_exit_0(segment_artifacts, db,
     rejected = tmp_path / "mostly-bad.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "c"], "text": ["good", None, " "]}), rejected)
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o3", rejected))
-    assert run.returncode == 4 and "2 of 3 rows rejected (67%), over --max-rejected 0.5" in one_error_line(run)
+    assert run.returncode == 4 and "2 of 3 rows rejected (a share of 0.667), over --max-rejected 0.5" in one_error_line(
+        run
+    )
     assert (tmp_path / "o3" / "_SUCCESS").exists()  # the outputs are complete; the exit code flags them
     retry = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "o3", rejected))  # done, flagged again
     assert retry.returncode == 4 and "already done" in retry.stdout

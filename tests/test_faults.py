@@ -162,7 +162,9 @@ def test_a_retried_append_is_held_to_its_own_max_rejected(segment_artifacts, tmp
     assert raee_ops(*args, fault="commit:table").returncode == KILLED
     stricter = raee_ops(*args, "--max-rejected", "0.2")  # its stderr first names the killed run's staging, removed
     line = stricter.stderr.splitlines()[-1]
-    assert stricter.returncode == 4 and line.startswith("error: 5 of 13 rows rejected (38%), over --max-rejected 0.2")
+    assert stricter.returncode == 4 and line.startswith(
+        "error: 5 of 13 rows rejected (a share of 0.385), over --max-rejected 0.2"
+    )
     assert "version 2 holds this job's rows" in line and len(table_ids(db, "sst2")) == 38  # as it was committed
     retry = raee_ops(*args)
     assert retry.returncode == 0 and "already done: table version 2 holds" in retry.stdout, retry.stderr

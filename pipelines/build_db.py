@@ -63,7 +63,7 @@ from raee_ops.inputs import (
 )
 from raee_ops.key_names import BACKBONE, DEFAULT_KEY, LAYER_PREFIX, key_available, layer_depth
 from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
-from raee_ops.probes import CV_ROWS, FOLDS, in_fit_sample, table_views, view_form
+from raee_ops.probes import CV_ROWS, FOLDS, in_fit_sample
 from raee_ops.progress import phase
 from raee_ops.reference import assemble, check_groups, group_codes, sample_view
 from raee_ops.report import check_outside_outputs, is_evaluate_report
@@ -381,12 +381,13 @@ def run_build_db(
         job_run = partial(_layer_job, beam_args, names, job.contents, task, schema_in)
         runtime = {"checked": manifest, **settings.runtime()}
         layer_rows = partial(LayerRows, str(artifacts), task, embedder, **runtime)
-        schema = layer_rows().schema(manifest)
+        one_pass = layer_rows(base.views if base else None)  # every input form the table's views read
+        schema = one_pass.schema(manifest)
         view, sample_errors, passes = None, None, None
-        share = two_pass_share(rows_in, embedder) if base is None else None
+        share = two_pass_share(rows_in, one_pass.forms) if base is None else None
         if share is not None:  # a sample in every input form first: its rows choose the view the others run
             sample = storage.join(staging, "sample-rows")  # not rows-*: Beam's sink deletes rows-*-of-N before writing
-            job_run(layer_rows(), schema, sample, storage.join(staging, "sample-errors"), sampled=(share, True))
+            job_run(one_pass, schema, sample, storage.join(staging, "sample-errors"), sampled=(share, True))
             sample_errors = pa.concat_tables(
                 [storage.read_parquet(f) for f in count_rows(storage.join(staging, "sample-errors*.parquet"))[1]]
                 or [ERRORS_SCHEMA.empty_table()]
@@ -402,10 +403,9 @@ def run_build_db(
                 else f"two passes: the sample of {sampled} rows could not choose the probes' view (under {FOLDS} rows, "
                 "one label or one group): the other rows run in every input form"
             )
-        views = base.views if base else (view,) if view else None
         rejects = staging_dir(errors_dir, where, run_id)  # on the errors folder's filesystem: published by a rename
         job_run(
-            layer_rows(views),
+            layer_rows((view,)) if view else one_pass,
             schema,
             storage.join(staging, "rows"),
             storage.join(rejects, f"errors-{run_id}"),
@@ -478,11 +478,12 @@ def run_build_db(
     )
 
 
-def two_pass_share(rows_in: int, embedder: str) -> float | None:
-    """The share of a new table's input rows build-db runs first in every input form, choosing the probes' view on
-    them, so that the other rows run only the chosen view's form; None: one pass (every form for every row) where
-    the table's views read one form or the rows are too few for the second job's start-up to pay."""
-    if rows_in <= TWO_PASSES_ABOVE or len({view_form(v) for v in table_views(embedder)}) < 2:
+def two_pass_share(rows_in: int, forms: set[str]) -> float | None:
+    """The share of a new table's input rows build-db runs first in every input form (`forms`: those the table's
+    views read), choosing the probes' view on them, so that the other rows run only the chosen view's form; None: one
+    pass (every form for every row) where the views read one form or the rows are too few for the second job's
+    start-up to pay."""
+    if rows_in <= TWO_PASSES_ABOVE or len(forms) < 2:
         return None
     return CV_ROWS / rows_in
 

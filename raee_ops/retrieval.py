@@ -471,8 +471,6 @@ class Retriever:
             if self._memory is None:
                 self._memory = self._read(lambda: InMemory.read(self.table, self._columns()))
             return self._memory.search(vectors, k, num_layers, num_labels)
-        if not np.isfinite(vectors).all():  # LanceDB 0.40 finds no neighbours for it, 0.41 refuses the query whole
-            raise _too_few(0, k)
         query = self.table.search(list(vectors), vector_column_name="vector").metric("cosine").limit(k)
         query = query.bypass_vector_index() if self.nprobes is None else query.nprobes(self.nprobes)
         hits = self._read(lambda: query.select([*self._columns(), "_distance"]).to_arrow())
@@ -501,6 +499,8 @@ class Retriever:
         vectors = np.asarray(vectors, np.float32)
         if self.layer_key is not None:
             vectors = self.layer_key.apply(vectors)
+        if not np.isfinite(vectors).all():  # no neighbours (LanceDB 0.40), a refused query (0.41), NaN ones in memory
+            raise _too_few(0, k)
         found = self._search(vectors, k, num_layers, num_labels)
         if self.probes is None:
             return found

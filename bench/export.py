@@ -1,4 +1,5 @@
-"""ONNX export per preset through the CLI: wall time, artifact size by kind, the child's peak RSS, verification.
+"""ONNX export per preset through the CLI: wall time, artifact size by kind, the child's peak RSS, verification, and
+the fusions the export found in each stored graph (the manifest's record).
 
 Each export runs in its own child process (as a user would run it) into a fresh directory, and its peak RSS
 comes from os.wait4 on that child alone, so presets never mask each other's memory peak.
@@ -18,7 +19,7 @@ from raee_ops.schemas.manifest import load_manifest
 
 from raee_ops.key_names import DEFAULT_KEY
 
-PRESETS = ("smollm2-135m", "gemma3-270m")
+PRESETS = ("smollm2-135m", "gemma3-270m", "minilm-l6")
 TASKS = ("sst2",)
 EMBEDDER = DEFAULT_KEY
 MB = 1024**2
@@ -38,7 +39,7 @@ def sizes_by_kind(out_dir: Path) -> dict[str, float]:
     kinds = {
         "embed": [m.segments.embed.file],
         "layers": [ref.file for ref in m.segments.layers],
-        "heads": [t.head.file for t in m.tasks.values()],
+        "heads": [t.head.file for t in m.tasks.values() if t.head],  # none on a bare encoder
         "tokenizer": [m.tokenizer.file],
         "embedders": [ref.file for e in m.embedders.values() for ref in (e.model, e.tokenizer)],
     }
@@ -87,6 +88,7 @@ def export_preset(preset: str) -> dict[str, Any]:
         "peak_rss_mb": round(peak_rss_mb),
         "verify_max_abs_diff": max(diffs) if diffs else None,
         "passed": bool((manifest.verify or {}).get("passed")),
+        "optimization": manifest.optimization,
     }
 
 

@@ -141,7 +141,8 @@ def render_export(result: Doc) -> list[str]:
     """ONNX export per preset.
 
     Shape: {"presets": [{"preset": str, "wall_s": float, "size_mb": float, "size_mb_by_kind": {kind: float},
-    "peak_rss_mb": float, "verify_max_abs_diff": float, "passed": bool, "error": str (only on failure)}, ...]}
+    "peak_rss_mb": float, "verify_max_abs_diff": float, "passed": bool, "error": str (only on failure),
+    "optimization": the manifest's record (absent before it was kept)}, ...]}
     """
     header = ["preset", "wall s", "size MB", "MB by kind", "peak RSS MB", "verify max abs diff", "passed"]
     rows = []
@@ -158,7 +159,11 @@ def render_export(result: Doc) -> list[str]:
                 p.get("passed"),
             ]
         )
-    return _table(header, rows)
+    lines = _table(header, rows)
+    for p in result["presets"]:
+        if "optimization" in p:
+            lines += _fusions(p["optimization"], f" of {p['preset']}")
+    return lines
 
 
 #: Strategies whose scores are the quality table's own "full" and "full calibrated" columns (at every layer).
@@ -608,10 +613,10 @@ def render_speed(result: Doc) -> list[str]:
     return lines + _table(header, rows) + _fusions(result.get("fusions"))
 
 
-def _fusions(optimization: Doc | None) -> list[str]:
+def _fusions(optimization: Doc | None, of: str = "") -> list[str]:
     """The artifacts' manifest record of fused ops per stored graph, runs of identical layers on one line."""
     if not optimization:
-        return ["", "Fusions per segment: graphs stored as exported (no optimization recorded in the manifest)."]
+        return ["", f"Fusions per segment{of}: graphs stored as exported (no optimization recorded in the manifest)."]
     groups: list[list[Any]] = []  # [first file, last file, nodes, fused]
     for file, report in optimization["graphs"].items():
         fused = ", ".join(f"{op} {n}" for op, n in report["fused"].items()) or "none"
@@ -620,7 +625,8 @@ def _fusions(optimization: Doc | None) -> list[str]:
         else:
             groups.append([file, file, report["nodes"], fused])
     rows = [[first if first == last else f"{first} … {last}", nodes, fused] for first, last, nodes, fused in groups]
-    return ["", f"Fusions per segment ({optimization['method']}):", "", *_table(["graph", "nodes", "fused ops"], rows)]
+    title = f"Fusions per segment{of} ({optimization['method']}):"
+    return ["", title, "", *_table(["graph", "nodes", "fused ops"], rows)]
 
 
 SPEED_GOAL = 3.0

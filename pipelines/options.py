@@ -39,7 +39,7 @@ from apache_beam.runners.portability import portable_runner
 from apache_beam.runners.runner import PipelineState
 
 from raee_ops import logs
-from raee_ops.commit import end_terminated
+from raee_ops.commit import end_terminated, note_interrupt
 from raee_ops.errors import STORE_FAILED, RaeeConfigError, RaeeRunError, RetryLater, StoreUnavailable, first_line
 from raee_ops.settings import RaeeOptions, is_local_runner
 
@@ -299,8 +299,10 @@ class _Interrupts:
         self.terminated = False
         self._left = threading.Event()
         main = threading.current_thread() is threading.main_thread()
-        # only Python's own handling is replaced: an ignored SIGINT (a `cmd &` job, `trap '' INT`) stays so
-        self._sigint = main and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # only Python's own handling (or a command's, which notes it) is replaced: an ignored SIGINT (a `cmd &` job,
+        # `trap '' INT`) stays so
+        self._previous = signal.getsignal(signal.SIGINT)
+        self._sigint = main and self._previous in (signal.default_int_handler, note_interrupt)
         self._sigterm = main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
         self._local_workers = local_workers
 
@@ -313,14 +315,14 @@ class _Interrupts:
     def __exit__(self, *exc: object) -> None:
         self._left.set()
         if self._sigint:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, self._previous)
         if self._sigterm:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def _note(self, signum: int, frame: object) -> None:
         self.seen = True
         self._reap()
-        signal.default_int_handler(signum, frame)
+        self._previous(signum, frame)
 
     def _terminated(self, signum: int, frame: object) -> None:
         self.terminated = True

@@ -237,10 +237,13 @@ def command(name: str, runs_pipeline: bool = True) -> Callable[[Callable[..., An
     def wrap(fn: Callable[..., Any]) -> click.Command:
         @functools.wraps(fn)
         def run(*args: Any, verbose: int, quiet: bool, **kwargs: Any) -> Any:  # -v/-q: applied in parse_args
+            from raee_ops.commit import interrupts_noted
+
             if _own_process:
                 _watch_the_store()
             try:
-                return fn(*args, **kwargs)
+                with interrupts_noted():
+                    return fn(*args, **kwargs)
             except KeyboardInterrupt:  # before click turns it into an Abort, printing a blank line
                 raise Interrupted("interrupted") from None
 

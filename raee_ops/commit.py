@@ -160,9 +160,42 @@ class _Beat:
 _held: dict[str, _Beat] = {}
 
 
+#: Set by `note_interrupt` once a Ctrl-C reached this process.
+_interrupted = threading.Event()
+
+
+def note_interrupt(signum: int, frame: object) -> None:
+    """SIGINT's handler while a command runs: Python's own (KeyboardInterrupt), remembered. Where the exception lands
+    in a library that cannot pass it on (LanceDB's client, opening a table, printed it as "Exception ignored" and
+    went on), the run went on to publish with exit 0; `check_held` raises it again before anything is written."""
+    _interrupted.set()
+    signal.default_int_handler(signum, frame)
+
+
+@contextmanager
+def interrupts_noted() -> Iterator[None]:
+    """A command's run: SIGINT handled by `note_interrupt` where Python's own handler was in place (in the main
+    thread; an ignored SIGINT, as in a `cmd &` job, stays ignored)."""
+    replace = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if replace:
+        signal.signal(signal.SIGINT, note_interrupt)
+    try:
+        yield
+    finally:
+        if replace:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            _interrupted.clear()
+
+
 def check_held(place: str) -> None:
-    """Before writing what others must not overwrite (publishing an output): refuse (Busy) where this run's claim
-    on an object-store place lapsed; a local lock cannot lapse."""
+    """Before writing what others must not overwrite (publishing an output, committing a table): stop a run whose
+    Ctrl-C a library swallowed (`note_interrupt`); refuse (Busy) where this run's claim on an object-store place
+    lapsed; a local lock cannot lapse."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
     beat = _held.get(place)
     if beat is not None:
         beat.check()

@@ -24,14 +24,18 @@ the process when it gets there: no cleanup, no `finally`, exactly what a schedul
   failed job)
 
 `RAEE_FAULT_MODE=raise` raises `InjectedFault` there instead of killing: a worker's failure, not a kill;
-`RAEE_FAULT_MODE=interrupt` sends SIGINT: a Ctrl-C; `RAEE_FAULT_MODE=terminate` sends SIGTERM: a scheduler's stop.
+`RAEE_FAULT_MODE=interrupt` sends SIGINT: a Ctrl-C; `RAEE_FAULT_MODE=terminate` sends SIGTERM: a scheduler's stop;
+`RAEE_FAULT_MODE=swallowed-interrupt` sends SIGINT where a library catches the KeyboardInterrupt and goes on (in the
+driver's thread, where Python raises it; LanceDB's client once did so).
 Unset (always, outside tests), `fault_point` is one dictionary look-up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import time
 
 ENV, MODE_ENV = "RAEE_FAULT", "RAEE_FAULT_MODE"
 _seen: dict[str, int] = {}
@@ -53,5 +57,10 @@ def fault_point(name: str) -> None:
         mode = os.environ.get(MODE_ENV)
         if mode == "raise":
             raise InjectedFault(f"injected fault at {name}")
+        if mode == "swallowed-interrupt":
+            with contextlib.suppress(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs in the main thread between two bytecodes: here, at once
+            return
         signals = {"interrupt": signal.SIGINT, "terminate": signal.SIGTERM}
         os.kill(os.getpid(), signals.get(mode or "", signal.SIGKILL))

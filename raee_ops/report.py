@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raee_ops import storage
-from raee_ops.commit import SHARD_ENDING, SUCCESS, check_unclaimed, hold, read_marker, some
+from raee_ops.commit import SHARD_ENDING, SUCCESS, check_held, check_unclaimed, hold, read_marker, some
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import Evaluation
 from raee_ops.extras import install_line
@@ -53,6 +53,7 @@ def write_report(evaluation: Evaluation, directory: str) -> str:
         )
     md_file, png_file, predictions_file, json_file = (storage.join(out, name) for name in REPORT_FILES)
     with hold(out, "--report", wait=True):
+        check_held(out)
         storage.write_bytes(storage.join(out, WRITING), b"evaluate\n")  # an empty upload fails on some stores
         storage.delete([json_file])
         storage.write_bytes(md_file, markdown)

@@ -64,6 +64,7 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
         _check_whole(handle, table, version)  # current already (or a copy of it), it is no mended table either
         changed = not _holds(handle, version)  # a retried rollback finds its version already current: left so
         if changed:
+            check_held(work_dir(db_uri, table))
             with committing(db_uri, table):
                 handle.restore(version)
             fault_point("rollback:restored")

@@ -1173,6 +1173,28 @@ def test_17_a_signal_in_the_pipeline_is_that_signal_not_a_workers_failure(
     assert raee_ops(*args).returncode == 0
 
 
+@pytest.mark.parametrize("command", ["classify", "build-db"])
+def test_a_ctrl_c_a_library_swallowed_still_stops_the_run_before_it_writes(
+    segment_artifacts,  # noqa: F811
+    db,
+    tmp_path,
+    command,
+):
+    """The KeyboardInterrupt of a Ctrl-C landed where a library could not pass it on (LanceDB's client, opening the
+    table, printed "Exception ignored" and went on): the run went on to publish, exit 0. It is remembered: the run
+    stops before it publishes or commits, as an interrupted run (130), and a rerun completes."""
+    rows = labelled(tmp_path / "rows.parquet", 40, 1, "q", bad=False)
+    if command == "classify":
+        args, point, written = classify_args(segment_artifacts, db, tmp_path / "out", rows), "batch:classify", None
+    else:
+        args, point = build_args(segment_artifacts, tmp_path / "db", rows), "fit"
+        written = tmp_path / "db" / "sst2.lance"
+    run = raee_ops(*args, fault=point, mode="swallowed-interrupt")
+    assert (run.returncode, run.stderr) == (130, "error: interrupted\n")
+    assert not (tmp_path / "out" / "_SUCCESS").exists() and not (written and written.exists())
+    assert raee_ops(*args).returncode == 0
+
+
 def test_workers_read_the_table_version_the_driver_checked(segment_artifacts, tmp_path):  # noqa: F811
     from raee_ops.retrieval import Retriever
 

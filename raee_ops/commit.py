@@ -34,10 +34,11 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -182,12 +183,27 @@ def interrupts_noted() -> Iterator[None]:
     )
     if replace:
         signal.signal(signal.SIGINT, note_interrupt)
+        sys.unraisablehook, printing = _unraisable(sys.unraisablehook), sys.unraisablehook
     try:
         yield
     finally:
         if replace:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            sys.unraisablehook = printing
             _interrupted.clear()
+
+
+def _unraisable(printing: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Python's hook for an exception it could not raise, but for a swallowed Ctrl-C's, which goes to the log (-v):
+    its "Exception ignored ... KeyboardInterrupt" traceback stood above the run's one `error: interrupted` line."""
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            log.debug("a library swallowed the interrupt in %r", unraisable.object)
+        else:
+            printing(unraisable)
+
+    return hook
 
 
 def check_held(place: str) -> None:

@@ -25,14 +25,13 @@ the process when it gets there: no cleanup, no `finally`, exactly what a schedul
 
 `RAEE_FAULT_MODE=raise` raises `InjectedFault` there instead of killing: a worker's failure, not a kill;
 `RAEE_FAULT_MODE=interrupt` sends SIGINT: a Ctrl-C; `RAEE_FAULT_MODE=terminate` sends SIGTERM: a scheduler's stop;
-`RAEE_FAULT_MODE=swallowed-interrupt` sends SIGINT where a library catches the KeyboardInterrupt and goes on (in the
-driver's thread, where Python raises it; LanceDB's client once did so).
+`RAEE_FAULT_MODE=swallowed-interrupt` sends SIGINT where Python cannot raise the KeyboardInterrupt and goes on (in the
+main thread, where Python raises it; LanceDB's client, opening a table, once met a Ctrl-C so).
 Unset (always, outside tests), `fault_point` is one dictionary look-up.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -43,6 +42,15 @@ _seen: dict[str, int] = {}
 
 class InjectedFault(RuntimeError):
     """Raised at a fault point under RAEE_FAULT_MODE=raise."""
+
+
+class _Swallows:
+    """Sends SIGINT as it is collected: the KeyboardInterrupt lands in __del__, where Python prints it as "Exception
+    ignored" and goes on, as code a library runs where it cannot raise does."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs in the main thread between two bytecodes: here, at once
 
 
 def fault_point(name: str) -> None:
@@ -58,9 +66,7 @@ def fault_point(name: str) -> None:
         if mode == "raise":
             raise InjectedFault(f"injected fault at {name}")
         if mode == "swallowed-interrupt":
-            with contextlib.suppress(KeyboardInterrupt):
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(1)  # the handler runs in the main thread between two bytecodes: here, at once
+            _Swallows()  # collected at once: its __del__ meets the interrupt, which Python can only print
             return
         signals = {"interrupt": signal.SIGINT, "terminate": signal.SIGTERM}
         os.kill(os.getpid(), signals.get(mode or "", signal.SIGKILL))

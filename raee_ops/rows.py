@@ -286,12 +286,14 @@ def label_indices(table: pa.Table, task: Task) -> tuple[pa.Array, list[tuple[np.
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
     names = task.label_names
+    undecodable = np.zeros(len(values), bool)
     if pa.types.is_integer(values.type):
         # unchecked: a uint64 past int64's range wraps to a negative index, outside the labels like any other
         index = pc.cast(values, pa.int64(), safe=False)
     elif is_string(values.type):
         # a name in another Unicode form is that name (`négatif` decomposed, NFD, was a row outside the labels):
         # the column's few distinct strings normalized here, since pyarrow 25's utf8_normalize gives NFD for any form
+        values, undecodable = as_text(values)  # a name that is not UTF-8 is no name (decoding it failed the run)
         distinct = pc.unique(values)
         as_nfc = pa.array([v and unicodedata.normalize("NFC", v) for v in distinct.to_pylist()], values.type)
         nfc = pa.array([unicodedata.normalize("NFC", name) for name in names], values.type)
@@ -307,7 +309,8 @@ def label_indices(table: pa.Table, task: Task) -> tuple[pa.Array, list[tuple[np.
         if is_string(values.type)
         else f"label is not one of the label indices 0..{len(names) - 1}"
     )
-    return pa.array(np.clip(raw, 0, None).astype(np.int32)), [(null, "label is null"), (outside, reason)]
+    checks = [(undecodable, "label is not valid UTF-8"), (null, "label is null"), (outside, reason)]
+    return pa.array(np.clip(raw, 0, None).astype(np.int32)), checks
 
 
 def validate(

@@ -47,6 +47,17 @@ def test_a_label_name_in_another_unicode_form_is_that_label():
     assert out.errors.column("reason").to_pylist() == ["label is not one of the label names ['négatif', 'positif']"]
 
 
+def test_a_label_that_is_not_utf8_rejects_its_row():
+    """A string label column holding bytes that are not UTF-8 failed evaluate and build-db with UnicodeDecodeError
+    (exit 1, the whole run); as in the text and id columns, it is that row's problem (an input fuzz sweep)."""
+    labels = pa.array([b"\xffpositive", b"negative", None], pa.binary()).view(pa.string())
+    table = pa.table({"id": ["a", "b", "c"], "text": ["x", "y", "z"], "label": labels})
+    out = validate(table, SST2, source="s", file_key="k", need_label=True)
+    assert out.valid.column("label").to_pylist() == [0]
+    reasons = dict(zip(out.errors.column("id").to_pylist(), out.errors.column("reason").to_pylist(), strict=True))
+    assert reasons == {"a": "label is not valid UTF-8", "c": "label is null"}
+
+
 def test_string_labels_map_to_indices_and_classify_ignores_labels():
     table = pa.table({"text": ["a", "b", "c"], "label": ["positive", "negative", "meh"]})
     out = validate(table, SST2, source="s", file_key="s", need_label=True, first_row=10)

@@ -419,12 +419,30 @@ def _read_validated_groups(
             keyed = key() if _positional(table) else ""  # "": no row here is keyed by position
             yield validate(table, task, source=path, file_key=keyed, need_label=need_label, first_row=first + done)
             done += table.num_rows
-        if problem is not None:  # the rest of the row group, by position, as the footer counts it
+        if problem is not None:  # the rest of the row group, as the footer counts it
             reason = f"unreadable Parquet data (row group {group}): {problem}"[:500]
-            ids = positions(key(), first + done, size - done)
+            ids = _unread_ids(parquet, group, schema, done, key, first)
             errors = errors_table(ids, [reason] * len(ids), [path] * len(ids))
             yield Validated(pa.table({ROW_ID: pa.array([], pa.string())}), errors)
         first += size
+
+
+def _unread_ids(
+    parquet: pq.ParquetFile, group: int, schema: pa.Schema | None, done: int, key: Callable[[], str], first: int
+) -> pa.Array:
+    """Names for the rows of row `group` from `done` on, which could not be read: their ids, as validate reads them,
+    where the id column decodes alone (the damage lay in another column's pages: they were named by position,
+    though their ids were there), else their positions."""
+    size = parquet.metadata.row_group(group).num_rows
+    try:
+        table = parquet.read_row_group(group, columns=[ID]) if ID in parquet.schema_arrow.names else None
+    except (OSError, pa.ArrowException):
+        table = None
+    if table is None or table.num_rows != size:
+        return positions(key(), first + done, size - done)
+    table = table.cast(without_views(pa.schema([schema.field(ID)]) if schema is not None else table.schema))
+    table = nan_ids_as_null(table.slice(done))
+    return row_ids(table, key() if _positional(table) else "", first + done)[0]
 
 
 def count_rows(pattern: str) -> tuple[int, list[str]]:

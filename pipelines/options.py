@@ -407,6 +407,8 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
         line = failure(what, exc, result)
         retry = _retry_later(exc, line)  # a prune under the run, the store not answering: nothing wrong, run again
         raise (retry or RaeeRunError)(line) from exc
+    if interrupted.terminated:  # its _Terminated swallowed where it landed (a library's code that cannot raise): the
+        _end_terminated(result, what, interrupted)  # job ran on to its end, and the run must not go on to publish
     if state != "DONE":
         raise RaeeRunError(f"{what} pipeline ended in state {state}")
     return result

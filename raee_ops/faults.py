@@ -25,8 +25,9 @@ the process when it gets there: no cleanup, no `finally`, exactly what a schedul
 
 `RAEE_FAULT_MODE=raise` raises `InjectedFault` there instead of killing: a worker's failure, not a kill;
 `RAEE_FAULT_MODE=interrupt` sends SIGINT: a Ctrl-C; `RAEE_FAULT_MODE=terminate` sends SIGTERM: a scheduler's stop;
-`RAEE_FAULT_MODE=swallowed-interrupt` sends SIGINT where Python cannot raise the KeyboardInterrupt and goes on (in the
-main thread, where Python raises it; LanceDB's client, opening a table, once met a Ctrl-C so).
+`RAEE_FAULT_MODE=swallowed-interrupt` (`swallowed-terminate`) sends SIGINT (SIGTERM) where Python cannot raise what
+its handler raises and goes on (in the main thread, where handlers run; LanceDB's client, opening a table, once met
+a Ctrl-C so).
 Unset (always, outside tests), `fault_point` is one dictionary look-up.
 """
 
@@ -45,11 +46,14 @@ class InjectedFault(RuntimeError):
 
 
 class _Swallows:
-    """Sends SIGINT as it is collected: the KeyboardInterrupt lands in __del__, where Python prints it as "Exception
-    ignored" and goes on, as code a library runs where it cannot raise does."""
+    """Sends `signum` as it is collected: what its handler raises lands in __del__, where Python prints it as
+    "Exception ignored" and goes on, as code a library runs where it cannot raise does."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
 
     def __del__(self) -> None:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), self.signum)
         time.sleep(1)  # the handler runs in the main thread between two bytecodes: here, at once
 
 
@@ -65,8 +69,9 @@ def fault_point(name: str) -> None:
         mode = os.environ.get(MODE_ENV)
         if mode == "raise":
             raise InjectedFault(f"injected fault at {name}")
-        if mode == "swallowed-interrupt":
-            _Swallows()  # collected at once: its __del__ meets the interrupt, which Python can only print
-            return
         signals = {"interrupt": signal.SIGINT, "terminate": signal.SIGTERM}
+        swallowed = (mode or "").removeprefix("swallowed-")
+        if swallowed != mode and swallowed in signals:
+            _Swallows(signals[swallowed])  # collected at once: its __del__ meets the signal
+            return
         os.kill(os.getpid(), signals.get(mode or "", signal.SIGKILL))

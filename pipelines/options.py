@@ -409,6 +409,8 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
         raise (retry or RaeeRunError)(line) from exc
     if interrupted.terminated:  # its _Terminated swallowed where it landed (a library's code that cannot raise): the
         _end_terminated(result, what, interrupted)  # job ran on to its end, and the run must not go on to publish
+    if interrupted.seen:  # a KeyboardInterrupt swallowed likewise: stopped now, not after build-db's fit (check_held)
+        raise KeyboardInterrupt
     if state != "DONE":
         raise RaeeRunError(f"{what} pipeline ended in state {state}")
     return result

@@ -183,7 +183,8 @@ def interrupts_noted() -> Iterator[None]:
     )
     if replace:
         signal.signal(signal.SIGINT, note_interrupt)
-        sys.unraisablehook, printing = _unraisable(sys.unraisablehook), sys.unraisablehook
+        printing = sys.unraisablehook
+        sys.unraisablehook = _unraisable(printing)
     try:
         yield
     finally:

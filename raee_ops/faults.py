@@ -70,8 +70,7 @@ def fault_point(name: str) -> None:
         if mode == "raise":
             raise InjectedFault(f"injected fault at {name}")
         signals = {"interrupt": signal.SIGINT, "terminate": signal.SIGTERM}
-        swallowed = (mode or "").removeprefix("swallowed-")
-        if swallowed != mode and swallowed in signals:
-            _Swallows(signals[swallowed])  # collected at once: its __del__ meets the signal
+        if mode in ("swallowed-interrupt", "swallowed-terminate"):
+            _Swallows(signals[mode.removeprefix("swallowed-")])  # collected at once: its __del__ meets the signal
             return
         os.kill(os.getpid(), signals.get(mode or "", signal.SIGKILL))

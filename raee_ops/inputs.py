@@ -440,8 +440,8 @@ def _unread_ids(
         table = None
     if table is None or table.num_rows != size:
         return positions(key(), first + done, size - done)
-    table = table.cast(without_views(pa.schema([schema.field(ID)]) if schema is not None else table.schema))
-    table = nan_ids_as_null(table.slice(done))
+    table = as_read(table, pa.schema([schema.field(ID)]) if schema is not None else None)
+    table = nan_ids_as_null(table.cast(without_views(table.schema)).slice(done))
     return row_ids(table, key() if _positional(table) else "", first + done)[0]
 
 

@@ -223,23 +223,20 @@ def test_a_worker_started_after_the_signal_is_stopped_too():
     assert after.wait(timeout=30) == 0
 
 
-class _SwallowsCtrlC:
-    """A Ctrl-C that lands where Python cannot raise it (a __del__, a library's callback): printed and gone."""
-
-    def __del__(self) -> None:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)  # the handler runs here, in the main thread, where the local runner runs the transform
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed Ctrl-C, as meant
-def test_a_ctrl_c_swallowed_in_the_job_stops_the_run_as_the_job_ends():
+def test_a_ctrl_c_swallowed_in_the_job_stops_the_run_as_the_job_ends(monkeypatch):
     """The job ran on to its end, and so did the run, to build-db's fit (minutes on a large table) before its commit
-    noticed (check_held): it stops as the job ends."""
+    noticed (check_held): it stops as the job ends. The transform meets the Ctrl-C where Python cannot raise it, in
+    the main thread, where the local runner runs it."""
     import apache_beam as beam
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
+    from raee_ops.faults import ENV, MODE_ENV, fault_point
+
+    monkeypatch.setenv(ENV, "swallow")
+    monkeypatch.setenv(MODE_ENV, "swallowed-interrupt")
     pipeline = beam.Pipeline(runner=FnApiRunner())
-    _ = pipeline | beam.Create([1]) | beam.Map(lambda x: (_SwallowsCtrlC(), x)[1])
+    _ = pipeline | beam.Create([1]) | beam.Map(lambda x: (fault_point("swallow"), x)[1])
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # the handler _Interrupts replaces
     try:
         with pytest.raises(KeyboardInterrupt):

@@ -154,12 +154,13 @@ class ProbeSet:
 
 
 def check_probes(probes: ProbeSet | None, identity: dict, where: str) -> ProbeSet:
-    """Refuse probes fitted for other artifacts, task, embedder or table contents, in one line."""
+    """Refuse probes fitted for other artifacts, task, embedder or table contents, in one line. A field the probes'
+    build-db did not record yet (None: the task's fingerprint before it was recorded) is checked without, as the
+    table's own identity is (`check_meta`): an earlier release's table stays usable."""
     if probes is None:
         raise RaeeConfigError(f"{where} has no probe heads: rebuild it with this version's build-db")
-    diffs = [
-        f"{k} {probes.identity.get(k)!r} (expected {v!r})" for k, v in identity.items() if probes.identity.get(k) != v
-    ]
+    fitted = {k: probes.identity.get(k) for k in identity}
+    diffs = [f"{k} {fitted[k]!r} (expected {v!r})" for k, v in identity.items() if fitted[k] not in (v, None)]
     if diffs:
         raise RaeeConfigError(f"probe heads of {where} were fitted for something else: {'; '.join(diffs)}")
     return probes

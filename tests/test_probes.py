@@ -80,6 +80,14 @@ def test_probes_round_trip_as_plain_arrays_and_refuse_other_tables():
         check_probes(again, IDENTITY | {"rows": 81}, "t")
     with pytest.raises(RaeeConfigError, match="no probe heads"):
         check_probes(None, IDENTITY, "t")
+    # probes fitted before the task's fingerprint was recorded (an earlier release's table) are checked without it,
+    # as the table's identity is; one that recorded another is refused
+    assert check_probes(again, IDENTITY | {"task_fingerprint": "tf"}, "t") is again
+    told = ProbeSet.from_json(
+        fit_probes(x, keys, labels, 3, "macro_f1", IDENTITY | {"task_fingerprint": "tf"}).probes.to_json()
+    )
+    with pytest.raises(RaeeConfigError, match="task_fingerprint 'tf' \\(expected 'tg'\\)"):
+        check_probes(told, IDENTITY | {"task_fingerprint": "tg"}, "t")
 
 
 def test_fit_sample_of_a_grown_table_is_a_subset_of_the_old_one():

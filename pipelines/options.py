@@ -51,6 +51,13 @@ log = logging.getLogger(__name__)
 JOB_SERVICE_WAIT_S = 10.0
 
 
+#: gRPC's word for a port that answered, but not in HTTP/2 (a web server's, the object store's endpoint): not an outage.
+_NOT_GRPC = "Failed parsing HTTP/2"
+#: A job service's answer to the driver's call when it is gone or stalled: an outage a retry mends (exit 75), before
+#: the run's work (check_job_service) as during it.
+_SERVICE_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 def check_job_service(beam_args: Sequence[str]) -> None:
     """A portable runner's job service must answer, as a job service, before the run makes anything (called after
     the checks that need no network: a wrong option is exit 2 at once, not a retry). One that does not answer is an
@@ -73,7 +80,7 @@ def check_job_service(beam_args: Sequence[str]) -> None:
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             said = f"{code.name}: {first_line(exc.details() or '')}" if code else first_line(exc)
-            if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED):
+            if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED) or _NOT_GRPC in said:
                 raise RaeeConfigError(
                     f"--job_endpoint {endpoint} answers, but not as a Beam job service ({said})"
                 ) from None
@@ -428,6 +435,8 @@ WORKER = " in a Beam worker: "
 def _retry_later(exc: BaseException, line: str) -> type[RetryLater] | None:
     """The kind of RetryLater a worker's failure was, if it was one: in this process, an exception in the chain
     Beam wrapped it in; in workers of their own, the exception the failure's line names first."""
+    if isinstance(exc, grpc.Call) and exc.code() in _SERVICE_LOST:  # the job service lost mid-run (`failure`)
+        return RetryLater
     seen: set[int] = set()
     chained: BaseException | None = exc
     while chained is not None and id(chained) not in seen:

@@ -1,5 +1,6 @@
 """Both pipelines on real multi-process and portable runners, so nothing depends on in-process state."""
 
+import http.server
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
 
 from raee_ops import batches
-from raee_ops.errors import StoreUnavailable, VersionRemoved
+from raee_ops.errors import RaeeConfigError, RetryLater, StoreUnavailable, VersionRemoved
 from raee_ops.storage import alive
 
 pytestmark = pytest.mark.runners
@@ -393,6 +394,12 @@ def test_runner_settings_are_checked_before_the_run_makes_anything(tmp_path, tin
     finally:
         not_a_job_service.stop(None)
     assert run.returncode == 2 and "answers, but not as a Beam job service (UNIMPLEMENTED" in one_error_line(run)
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler) as web:
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        # a web server's port (the object store's endpoint, copied by mistake), which gRPC calls UNAVAILABLE: was 75
+        with pytest.raises(RaeeConfigError, match="answers, but not as a Beam job service .UNAVAILABLE: "):
+            options.check_job_service(["--runner", "PortableRunner", "--job_endpoint", f"127.0.0.1:{web.server_port}"])
+        web.shutdown()
     options.check_job_service(["--job_endpoint", nobody])  # the local runner ignores it: so does the check
     evaluate = ["evaluate", "--artifacts", tmp_path / "art", "--task", "sst2", "--db", tmp_path / "db"]
     evaluate += ["--input", tmp_path / "q.parquet", "--report", tmp_path / "report"]
@@ -415,6 +422,7 @@ def test_a_lost_job_service_is_named_as_such():
         stub.GetState(beam_job_api_pb2.GetJobStateRequest(job_id="x"), timeout=5)
     line = options.failure("classify", lost.value)
     assert line.startswith("classify pipeline failed: the job service stopped answering (UNAVAILABLE: "), line
+    assert options._retry_later(lost.value, line) is RetryLater  # an outage, as before the run's work: exit 75
     assert (
         options.failure("classify", ValueError("bad\nmore"))
         == "classify pipeline failed in a Beam worker: ValueError: bad"

@@ -40,7 +40,15 @@ from apache_beam.runners.runner import PipelineState
 
 from raee_ops import logs
 from raee_ops.commit import end_terminated, note_interrupt
-from raee_ops.errors import STORE_FAILED, RaeeConfigError, RaeeRunError, RetryLater, StoreUnavailable, first_line
+from raee_ops.errors import (
+    STORE_FAILED,
+    NotShared,
+    RaeeConfigError,
+    RaeeRunError,
+    RetryLater,
+    StoreUnavailable,
+    first_line,
+)
 from raee_ops.settings import RaeeOptions, is_local_runner
 
 log = logging.getLogger(__name__)
@@ -412,8 +420,8 @@ def run_pipeline(pipeline: beam.Pipeline, what: str):
             raise KeyboardInterrupt from exc
         log.debug("%s pipeline failed", what, exc_info=True)
         line = failure(what, exc, result)
-        retry = _retry_later(exc, line)  # a prune under the run, the store not answering: nothing wrong, run again
-        raise (retry or RaeeRunError)(line) from exc
+        own = _own_exit(exc, line)  # a prune under the run, the store not answering (run again); a path unseen
+        raise (own or RaeeRunError)(line) from exc
     if interrupted.terminated:  # its _Terminated swallowed where it landed (a library's code that cannot raise): the
         _end_terminated(result, what, interrupted)  # job ran on to its end, and the run must not go on to publish
     if interrupted.seen:  # a KeyboardInterrupt swallowed likewise: stopped now, not after build-db's fit (check_held)
@@ -427,27 +435,28 @@ def _kinds(cls: type[RetryLater]) -> dict[str, type[RetryLater]]:
     return {cls.__name__: cls} | {name: kind for sub in cls.__subclasses__() for name, kind in _kinds(sub).items()}
 
 
-#: The worker failures a rerun cures (raee_ops.errors), by name: a worker of its own reports only its traceback.
-RETRY_LATER = _kinds(RetryLater)
+#: The worker failures that end the run with their own exit code (raee_ops.errors), by name, as a worker of its own
+#: reports only its traceback: those a rerun cures, and a location the workers cannot see.
+OWN_EXITS = _kinds(RetryLater) | {NotShared.__name__: NotShared}
 WORKER = " in a Beam worker: "
 
 
-def _retry_later(exc: BaseException, line: str) -> type[RetryLater] | None:
-    """The kind of RetryLater a worker's failure was, if it was one: in this process, an exception in the chain
-    Beam wrapped it in; in workers of their own, the exception the failure's line names first."""
+def _own_exit(exc: BaseException, line: str) -> type[RetryLater | NotShared] | None:
+    """The kind of RetryLater (or NotShared) a worker's failure was, if it was one: in this process, an exception in
+    the chain Beam wrapped it in; in workers of their own, the exception the failure's line names first."""
     if isinstance(exc, grpc.Call) and exc.code() in _SERVICE_LOST:  # the job service lost mid-run (`failure`)
         return RetryLater
     seen: set[int] = set()
     chained: BaseException | None = exc
     while chained is not None and id(chained) not in seen:
-        if isinstance(chained, RetryLater):
+        if isinstance(chained, (RetryLater, NotShared)):
             return type(chained)
         seen.add(id(chained))
         chained = chained.__cause__ or chained.__context__
     if STORE_FAILED.search(line):  # a worker's call the store failed (a shard's upload): it ended the run with 1
         return StoreUnavailable
     named = line.split(WORKER, 1)[1].split(":", 1)[0] if WORKER in line else ""
-    return RETRY_LATER.get(named)
+    return OWN_EXITS.get(named)
 
 
 def failure(what: str, exc: Exception, result: Any = None) -> str:
@@ -464,7 +473,7 @@ def failure(what: str, exc: Exception, result: Any = None) -> str:
 
 #: The last line of a Python traceback: the exception's name (its module's dotted path dropped) and its message.
 _RAISED = re.compile(
-    rf"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Fault|Exit|Interrupt)\w*|{'|'.join(RETRY_LATER)}): (.+)$",
+    rf"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Fault|Exit|Interrupt)\w*|{'|'.join(OWN_EXITS)}): (.+)$",
     re.M,
 )
 

@@ -84,6 +84,8 @@ class BatchWork:
     def _runtime(self) -> SegmentRuntime:
         fault_point(f"load:{self.command}")
         storage.on_worker(self.filesystem)
+        if unseen := storage.unseen(self.artifacts, "--artifacts"):
+            raise unseen
         directory = local_artifacts(self.artifacts)  # fetched into this worker's cache when not local
         try:
             runtime = SegmentRuntime(directory, providers=self.providers, intra_op_threads=self.threads)

@@ -101,6 +101,12 @@ class Interrupted(RaeeError):
     exit_code = 130
 
 
+class NotShared(RaeeConfigError):
+    """A worker that runs elsewhere than the command (another machine, a container) cannot see a local location the
+    command saw: configuration (exit 2), where a location gone mid-run would be a retry's (ArtifactsChanged,
+    InputChanged): retried, it fails the same way every time. From a worker too (pipelines.options)."""
+
+
 class MissingDependency(RaeeConfigError, ImportError):
     """An optional package the command needs is not installed; the message names the extra that installs it."""
 

@@ -362,6 +362,8 @@ def unchanged(path: str, content: str) -> None:
     """Refuse a file whose content digest is no longer `content` (a local file is read whole: ~1 s a GB). One that
     cannot be read says so: gone, or its store not answering, which a retry may outlast as well."""
     now = storage.content_digest(path)
+    if now == storage.UNREADABLE and (unseen := storage.unseen(path, "--input")):
+        raise unseen
     if now == storage.UNREADABLE:
         raise InputChanged(
             f"--input {path} could not be read again to check it still holds what the run began with (it vanished, "

@@ -295,7 +295,9 @@ def open_table(
 ) -> lancedb.table.Table:
     """An existing table (at `version`, when given); a missing database is refused, never created."""
     if storage.is_local(db_uri) and not storage.is_dir(db_uri):
-        raise RaeeConfigError(f"no database at {db_uri} (run build-db first, or check --db)")
+        raise storage.unseen(db_uri, "--db") or RaeeConfigError(
+            f"no database at {db_uri} (run build-db first, or check --db)"
+        )
     db = connect(db_uri, storage_options)
     if name not in table_names(db):
         raise no_table(name, db_uri)

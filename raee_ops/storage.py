@@ -33,7 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
 from raee_ops import s3_clients
-from raee_ops.errors import MissingDependency, RaeeConfigError, StoreUnavailable
+from raee_ops.errors import MissingDependency, NotShared, RaeeConfigError, StoreUnavailable
 from raee_ops.extras import install_line
 
 # `[[]`, the only escape of `[` that Beam's glob has, compiles to a regex Python warns of (a FutureWarning, in a
@@ -120,19 +120,51 @@ def configure(beam_args: Sequence[str] | PipelineOptions = ()) -> PipelineOption
     return options
 
 
+#: In `carry`'s dict: where the command runs (`here`), so that a worker can tell a local location it cannot see there.
+PLACE = "_raee_place"
+#: The launching command's place, in a worker that `on_worker` gave the run's options.
+_launched_from: str | None = None
+
+
+def here() -> str:
+    """Which files this process sees: its host, its boot and its mount namespace (a container's, or `unshare -m`'s,
+    differs on the same host)."""
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()  # noqa: SIM115 - a one-line read
+        mounts = os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:  # not Linux: the host alone
+        boot, mounts = "", 0
+    return f"{socket.gethostname()}/{boot}/{mounts}"
+
+
 def carry(options: PipelineOptions) -> dict[str, Any]:
     """The run's options as a plain dict that DoFns and the batch work carry to workers (see `on_worker`); options of
-    classes this process has not imported are kept as given, not dropped."""
-    return options.get_all_options(drop_default=True, retain_unknown_options=True)
+    classes this process has not imported are kept as given, not dropped; and where this process runs (`PLACE`)."""
+    return options.get_all_options(drop_default=True, retain_unknown_options=True) | {PLACE: here()}
 
 
 def on_worker(carried: dict[str, Any] | None) -> None:
     """Give a worker's filesystems the run's options. Beam's own worker entry point (the containers Dataflow and
     the portable runners start) does this already; a harness started another way (Beam's external worker pool)
     does not, and a worker would then reach S3 without the run's endpoint and keys."""
+    global _launched_from
     s3_clients.share()
     if carried is not None:
-        configure(PipelineOptions.from_dictionary(carried))
+        options = dict(carried)
+        _launched_from = options.pop(PLACE, None)
+        configure(PipelineOptions.from_dictionary(options))
+
+
+def unseen(uri: str, what: str) -> NotShared | None:
+    """The refusal for a local location this worker cannot find where it runs elsewhere than the command that found
+    it (another machine, a container): the workers need locations they share with it. None where it is there, or
+    not local, or the worker runs beside the command (a location gone there went during the run)."""
+    if not is_local(uri) or _launched_from in (None, here()) or exists(uri):
+        return None
+    return NotShared(
+        f"{what} {uri} is not there for the workers, which run elsewhere than this command (another machine or "
+        "container): give locations they see too (an object store, a shared filesystem)"
+    )
 
 
 #: A location spelled as a URL short of its `//` (`s3:/bucket/x`, `file:/tmp/x`): Beam reads it as a local folder

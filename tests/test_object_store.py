@@ -401,6 +401,14 @@ def failing_uploads(endpoint: str, deletes: bool = False) -> Iterator[str]:
         yield front
 
 
+def hidden_from_pools() -> bool:
+    """Whether `private_worker_pool` can hide the test's files from its workers (`unshare` lets it mount over them)."""
+    return (
+        bool(shutil.which("unshare"))
+        and subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+    )
+
+
 def private_worker_pool(port: int, root: Path) -> subprocess.Popen:
     """Beam's external worker pool; its workers are processes with their own temp folder and cache, and where
     `unshare` allows, a private mount (a tmpfs) over the test session's whole temp folder, where every file the
@@ -409,7 +417,7 @@ def private_worker_pool(port: int, root: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # workers run `python`
     command = [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", "--service_port", str(port)]
-    if shutil.which("unshare") and subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0:
+    if hidden_from_pools():
         hidden = shlex.quote(str(root.parent))  # pytest's base temp folder: every test's and fixture's files
         mount = f'mount -t tmpfs none {hidden} && mkdir -p {hidden}/worker && exec "$@"'
         command = ["unshare", "-rm", "sh", "-c", mount, "sh", *command]
@@ -480,6 +488,17 @@ def test_portable_runner_with_an_external_worker_pool(s3, segment_artifacts, job
         assert "rows in: 17  predicted: 14  rejected: 3  (in = predicted + rejected: ok)" in done.stdout
         assert read_parquet(client, "pool/out/predictions-").num_rows == 14
         assert not (tmp_path / "driver" / "cache").exists()  # the driver fetched nothing: the workers did
+        if hidden_from_pools():  # local files the workers cannot see: configuration (2), where a retry (75) was said
+            classify[classify.index("--output") + 1] += "-local"
+            for option, local in (("--input", tmp_path / "q.parquet"), ("--artifacts", segment_artifacts)):
+                given = list(classify)
+                given[given.index(option) + 1] = local
+                done = raee_ops(*given, *runner, env=env, cwd=cwd)
+                said = (
+                    f"NotShared: {option} {local} is not there for the workers, which run elsewhere than this command"
+                )
+                assert done.returncode == 2 and said in one_error_line(done), done.stderr
+            assert keys(client, "pool/out-local") == []
     finally:
         pool.terminate()
         pool.wait(timeout=30)

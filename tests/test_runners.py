@@ -21,8 +21,8 @@ from raee_ops.pipelines.classify import run_classify
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
 
-from raee_ops import batches
-from raee_ops.errors import RaeeConfigError, RetryLater, StoreUnavailable, VersionRemoved
+from raee_ops import batches, storage
+from raee_ops.errors import NotShared, RaeeConfigError, RetryLater, StoreUnavailable, VersionRemoved
 from raee_ops.storage import alive
 
 pytestmark = pytest.mark.runners
@@ -422,7 +422,7 @@ def test_a_lost_job_service_is_named_as_such():
         stub.GetState(beam_job_api_pb2.GetJobStateRequest(job_id="x"), timeout=5)
     line = options.failure("classify", lost.value)
     assert line.startswith("classify pipeline failed: the job service stopped answering (UNAVAILABLE: "), line
-    assert options._retry_later(lost.value, line) is RetryLater  # an outage, as before the run's work: exit 75
+    assert options._own_exit(lost.value, line) is RetryLater  # an outage, as before the run's work: exit 75
     assert (
         options.failure("classify", ValueError("bad\nmore"))
         == "classify pipeline failed in a Beam worker: ValueError: bad"
@@ -450,11 +450,27 @@ def test_a_workers_retry_later_is_the_runs_exit_code_from_workers_of_their_own_t
         "classify pipeline failed in a Beam worker: VersionRemoved: table 'sst2': version 2, which this run read, "
         "was removed meanwhile (prune --grace 0 ...); run again"
     )
-    assert options._retry_later(RuntimeError(traceback), line) is VersionRemoved
+    assert options._own_exit(RuntimeError(traceback), line) is VersionRemoved
     in_process = RuntimeError("wrapped")
     in_process.__cause__ = StoreUnavailable("cannot reach S3")
-    assert options._retry_later(in_process, options.failure("build-db", in_process)) is StoreUnavailable
+    assert options._own_exit(in_process, options.failure("build-db", in_process)) is StoreUnavailable
     cycle = ValueError("a message naming in a Beam worker: VersionRemoved: x")
     cycle.__context__ = KeyError("k")
     cycle.__context__.__context__ = cycle  # a chain that loops ends, and a message is not a worker's exception
-    assert options._retry_later(cycle, options.failure("classify", cycle)) is None
+    assert options._own_exit(cycle, options.failure("classify", cycle)) is None
+
+
+def test_a_worker_elsewhere_says_which_local_location_it_cannot_see(tmp_path, monkeypatch):
+    """A worker on another machine or in a container missed a local --input or --artifacts the command had checked,
+    and the run said they changed or vanished mid-run (exit 75: a scheduler retried it for ever). The command's place
+    (`storage.carry`) tells the cases apart; test_object_store runs it through a real worker pool."""
+    gone, there = tmp_path / "gone", tmp_path
+    monkeypatch.setattr(storage, "_launched_from", storage.here())  # a worker beside the command
+    assert storage.unseen(str(gone), "--input") is None  # gone there: it went during the run
+    monkeypatch.setattr(storage, "_launched_from", "another-host/boot/1")
+    assert "--input " + str(gone) + " is not there for the workers" in str(storage.unseen(str(gone), "--input"))
+    assert storage.unseen(str(there), "--artifacts") is None and storage.unseen("s3://b/x", "--db") is None
+    traceback = "Traceback (most recent call last):\n  File ...\nraee_ops.errors.NotShared: --input /x is not there\n"
+    line = options.failure("classify", RuntimeError(traceback))
+    assert line.endswith("in a Beam worker: NotShared: --input /x is not there")
+    assert options._own_exit(RuntimeError(traceback), line) is NotShared  # exit 2

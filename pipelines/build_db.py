@@ -62,7 +62,6 @@ from raee_ops.inputs import (
     refuse_reading_own_output,
 )
 from raee_ops.key_names import BACKBONE, DEFAULT_KEY, LAYER_PREFIX, key_available, layer_depth
-from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE
 from raee_ops.probes import CV_ROWS, FOLDS, in_fit_sample
 from raee_ops.progress import phase
 from raee_ops.reference import assemble, check_groups, group_codes, sample_view
@@ -79,11 +78,11 @@ from raee_ops.retrieval import (
     expected_meta,
     foreign_table,
     index_partitions,
+    kept_costs,
     open_listed,
     open_table,
     read_column,
     table_folder,
-    table_meta,
     table_names,
     table_probes,
     version_schemas,
@@ -302,9 +301,9 @@ def run_build_db(
     beam_args: list[str] | tuple[str, ...] = (),
     max_rejected: float = 1.0,
     allow_empty: bool = False,
-    layer_budget: float = DEFAULT_LAYER_BUDGET,
+    layer_budget: float | None = None,
     group_column: str | None = None,
-    layer_price: float = DEFAULT_LAYER_PRICE,
+    layer_price: float | None = None,
 ) -> BuildSummary:
     problem = table_name_problem(table)  # the task's name by default, which a task file may spell freely
     if problem:
@@ -323,10 +322,12 @@ def run_build_db(
     check_writable(db_uri, table)
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
-    existing = table_meta(db_uri, table, store) if mode == "append" else None
+    before = open_table(db_uri, table, storage_options=store).schema if mode == "append" else None
+    existing = TableMeta.decode(before) if before is not None else None
     if mode == "overwrite":
         refuse_replacing_foreign(db_uri, table, store)
     embedder = embedder or (existing.embedder if existing else DEFAULT_KEY)
+    layer_budget, layer_price = kept_costs(before, layer_budget, layer_price)
     if not key_available(manifest, embedder):
         raise RaeeConfigError(
             f"--embedder {embedder}: the backbone in {artifacts} has {manifest.num_layers} layers"

@@ -455,20 +455,19 @@ def _key_spec(value: str | None) -> str | None:
 )
 @click.option(
     "--layer-budget",
-    default=DEFAULT_LAYER_BUDGET,
-    show_default=True,
+    default=None,
     type=share(low_open=True),
     help="Share of the layers the fitted probe strategies may run at most on average on the reference rows (a hard "
-    "cap; 1: none).",
+    f"cap; 1: none). Default: {DEFAULT_LAYER_BUDGET:g} for a new table, the table's own for --mode append.",
 )
 @click.option(
     "--layer-price",
-    default=DEFAULT_LAYER_PRICE,
-    show_default=True,
+    default=None,
     type=PRICE,
     help="Metric the fitted probe strategies must gain on the reference rows for running all the layers rather than "
     "none: the setting whose metric less this price per share of the layers it runs is highest is chosen (0.1: a "
-    "tenth of the layers must buy a point; 0 puts accuracy first).",
+    f"tenth of the layers must buy a point; 0 puts accuracy first). Default: {DEFAULT_LAYER_PRICE:g} for a new table, "
+    "the table's own for --mode append.",
 )
 @click.option(
     "--group-column",
@@ -488,8 +487,8 @@ def build_db(
     errors_dir: str | None,
     max_rejected: float,
     allow_empty: bool,
-    layer_budget: float,
-    layer_price: float,
+    layer_budget: float | None,
+    layer_price: float | None,
     group_column: str | None,
 ) -> None:
     """Run labelled rows through every layer and store their exit information in LanceDB."""

@@ -27,7 +27,7 @@ from raee_ops.errors import CommitConflict, RaeeConfigError, StoreUnavailable, V
 from raee_ops.exit_policy import Context, Neighbours
 from raee_ops.key_names import BACKBONE, key_available
 from raee_ops.layer_key import LayerKey, unit_rows
-from raee_ops.probe_policy import ProbePolicy, budgeted
+from raee_ops.probe_policy import DEFAULT_LAYER_BUDGET, DEFAULT_LAYER_PRICE, ProbePolicy, budgeted
 from raee_ops.probes import ProbeSet, check_probes, fit_share, in_fit_sample
 from raee_ops.progress import phase
 from raee_ops.run_record import default_errors_dir, work_dir
@@ -432,10 +432,6 @@ def _checkout_pinned(features: lancedb.table.Table, version: int, where: str, me
         raise _unreadable(where, exc) from exc
 
 
-def table_meta(db_uri: str, name: str, storage_options: dict[str, str] | None = None) -> TableMeta:
-    return TableMeta.decode(open_table(db_uri, name, storage_options=storage_options).schema)
-
-
 class Retriever:
     """Top-k neighbours' exit information for many query vectors at once.
 
@@ -564,6 +560,18 @@ def table_probes(schema: pa.Schema) -> ProbeSet | None:
 def table_probe_policy(schema: pa.Schema) -> ProbePolicy | None:
     raw = (schema.metadata or {}).get(PROBE_POLICY_META_KEY)
     return ProbePolicy(**stored_fields(ProbePolicy, json.loads(raw), "probe policy")) if raw else None
+
+
+def kept_costs(schema: pa.Schema | None, layer_budget: float | None, layer_price: float | None) -> tuple[float, float]:
+    """build-db's layer budget and price: as given, else those the table (`schema`: an append's) was fitted with, as
+    an append keeps its key (an append without them reset a table built at another cost to the defaults, and its
+    rows ran other layers), else the defaults."""
+    own = table_probe_policy(schema) if schema is not None else None
+    if layer_budget is None:
+        layer_budget = own.layer_budget if own is not None and own.layer_budget is not None else DEFAULT_LAYER_BUDGET
+    if layer_price is None:
+        layer_price = own.layer_price if own is not None else DEFAULT_LAYER_PRICE
+    return layer_budget, layer_price
 
 
 def table_context(

@@ -39,7 +39,6 @@ from raee_ops.retrieval import (
     check_table_contents,
     expected_meta,
     open_table,
-    table_meta,
 )
 from raee_ops.rows import ROW_ID
 from raee_ops.runtime import SegmentRuntime
@@ -440,7 +439,7 @@ def test_append_refuses_a_table_replaced_before_it_held_the_table(segment_artifa
     more = labelled(tmp_path / "b.parquet", 4, 4, "b", bad=False)
     with pytest.raises(RaeeConfigError, match="replaced since this run began, does not match this run: embedder"):
         run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", KEY, "append", None)
-    assert table_meta(db, "t").embedder == "backbone"
+    assert Retriever(db, "t").meta.embedder == "backbone"
     assert lancedb.connect(db).open_table("t").count_rows() == 8
 
 

@@ -44,7 +44,7 @@ from raee_ops.probe_policy import (
 from raee_ops.readout import answer_batch
 from raee_ops.reference import Reference, assemble
 from raee_ops.report import render_markdown, write_report
-from raee_ops.retrieval import Retriever, expected_meta, table_meta, table_names
+from raee_ops.retrieval import Retriever, expected_meta, table_names
 from raee_ops.rows import ROW_ID
 from raee_ops.runtime import SegmentRuntime
 from raee_ops.tasks import PRESETS
@@ -232,9 +232,11 @@ def test_append_refits_the_probes_on_every_row(segment_artifacts, signal, tmp_pa
         KEY,
         "overwrite",
         None,
+        layer_budget=0.5,
+        layer_price=0.0,
     )
     before = Retriever(db, "t").probes
-    base = claimed_append_base(db, "t", table_meta(db, "t"), pa.array([], pa.string()), "another job", {})
+    base = claimed_append_base(db, "t", Retriever(db, "t").meta, pa.array([], pa.string()), "another job", {})
     assert base.views == (before.pooling,)  # the refit keeps the view: no other input form is run
     more = signal_rows(tmp_path / "b.parquet", 30, 3, "b")
     run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", KEY, "append", None)
@@ -244,6 +246,22 @@ def test_append_refits_the_probes_on_every_row(segment_artifacts, signal, tmp_pa
     assert not np.array_equal(after.probes.key.weight, before.key.weight)
     assert lancedb.connect(db).open_table("t" + FEATURES_SUFFIX).count_rows() == 70
     assert after.has_probe_answers
+    # the append kept the layer budget and price the table was built with (it reset them to the defaults)
+    kept = after.probe_policy
+    assert (kept.layer_budget, kept.layer_price) == (0.5, 0.0)
+    run_build_db(
+        segment_artifacts,
+        "sst2",
+        [str(signal_rows(tmp_path / "c.parquet", 6, 4, "c"))],
+        db,
+        "t",
+        KEY,
+        "append",
+        None,
+        layer_price=0.2,
+    )  # one given: that one changes
+    kept = Retriever(db, "t").probe_policy
+    assert (kept.layer_budget, kept.layer_price) == (0.5, 0.2)
     # a table of one row would have nothing to fit its probes on, nor keep for an append: refused, nothing written
     one = str(tmp_path / "one")
     with pytest.raises(RaeeConfigError, match="'t' would hold 1 row"):

@@ -389,10 +389,11 @@ class Job(NamedTuple):
 
     def differences(self, marker: dict[str, Any]) -> str:
         """What the job of a complete output's `marker` had otherwise than this one, for its refusal ('' where the
-        marker does not say: another tool's, or written before markers kept it)."""
+        marker does not say: another tool's; an earlier release's, which names its job otherwise, said so)."""
         settings, inputs = marker.get("settings"), marker.get("inputs")
         if not isinstance(settings, dict) or not isinstance(inputs, list):
-            return ""
+            earlier = " of a job an earlier raee-ops recorded without its settings (that release's rerun of it is done)"
+            return earlier if "job" in marker else ""
         ours, theirs = ({str(i[0]): i for i in rows if isinstance(i, list) and i} for rows in (self.inputs, inputs))
         said = [
             f"its {_setting(key)} was {_value(settings.get(key))}, this run's {_value(value)}"

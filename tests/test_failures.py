@@ -739,6 +739,8 @@ def test_1c_a_refusal_names_the_other_jobs_settings_and_inputs_readably():
     assert "its --layer-price was not given, this run's 0.2" in said and len(said) < 400
     assert "/in/day=2/part-0.parquet: not among its inputs; /in/day=1/part-0.parquet: its inputs, not" in said
     assert mine.differences({"settings": [], "inputs": 5}) == ""  # a marker that does not say: no detail
+    # an earlier release's marker (its job named otherwise, no settings kept): said so, where nothing was said
+    assert mine.differences({"job": "b"}).startswith(" of a job an earlier raee-ops recorded without its settings")
 
 
 def test_14_what_would_crash_late_or_be_guessed_is_refused_first(segment_artifacts, db, tmp_path):  # noqa: F811

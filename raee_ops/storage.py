@@ -130,7 +130,8 @@ def here() -> str:
     """Which files this process sees: its host, its boot and its mount namespace (a container's, or `unshare -m`'s,
     differs on the same host)."""
     try:
-        boot = open("/proc/sys/kernel/random/boot_id").read().strip()  # noqa: SIM115 - a one-line read
+        with open("/proc/sys/kernel/random/boot_id") as boot_id:
+            boot = boot_id.read().strip()
         mounts = os.stat("/proc/self/ns/mnt").st_ino
     except OSError:  # not Linux: the host alone
         boot, mounts = "", 0

@@ -41,6 +41,7 @@ from apache_beam.runners.runner import PipelineState
 from raee_ops import logs
 from raee_ops.commit import end_terminated, note_interrupt
 from raee_ops.errors import (
+    DISK_FULL,
     STORE_FAILED,
     NotShared,
     RaeeConfigError,
@@ -468,7 +469,8 @@ def failure(what: str, exc: Exception, result: Any = None) -> str:
         return f"{what} pipeline failed: the job service stopped answering ({exc.code().name}: {exc.details()})"
     traced = first_line(exc).startswith("Traceback (most recent call last)") and _raised([str(exc)])
     cause = _job_error(result) or traced or f"{type(exc).__name__}: {first_line(exc)}"
-    return f"{what} pipeline failed{WORKER}{cause}"
+    mend = "; free space where it writes, then run again" if DISK_FULL.search(cause) else ""  # not a bug: its disk
+    return f"{what} pipeline failed{WORKER}{cause}{mend}"
 
 
 #: The last line of a Python traceback: the exception's name (its module's dotted path dropped) and its message.

@@ -21,6 +21,7 @@ import click
 
 from raee_ops import extras, logs
 from raee_ops.errors import (
+    DISK_FULL,
     STORE_FAILED,
     Interrupted,
     RaeeConfigError,
@@ -804,8 +805,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{exc.format_message()} (see {ctx.command_path if ctx else 'raee-ops'} --help)", exc.exit_code)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # not a bug: the line says where, and what mends it
-            where = exc.filename or "where this command writes (its outputs, the temporary folders beside them, TMPDIR)"
-            _fail(f"{exc.strerror}: {where}: free space there, then run again", 1)
+            _disk_full(exc.strerror, exc.filename)
         if not _path_given_wrong(exc):
             _unexpected(exc)
         logging.getLogger(__name__).debug("failed", exc_info=True)
@@ -830,15 +830,24 @@ def _path_given_wrong(exc: OSError) -> bool:
     return isinstance(exc, wrong) or exc.errno == errno.EROFS
 
 
+def _disk_full(said: str, where: str | None = None) -> NoReturn:
+    where = where or "where this command writes (its outputs, the temporary folders beside them, TMPDIR)"
+    _fail(f"{said}: {where}: free space there, then run again", 1)
+
+
 def _unexpected(exc: Exception) -> NoReturn:
     """An exception no check anticipated: credentials the store refuses (exit 2), a server error from it past its
-    client's retries (75: a retry mends an outage), else a bug."""
+    client's retries (75: a retry mends an outage), a full disk in a library's own error (LanceDB's), else a bug."""
     if _refused_by_store(exc):
         logging.getLogger(__name__).debug("failed", exc_info=True)
         _fail(f"the object store refused access (check the credentials and permissions): {first_line(exc)}", 2)
     if STORE_FAILED.search(str(exc)):
         logging.getLogger(__name__).debug("failed", exc_info=True)
         _fail(f"the object store is failing (retry later): {first_line(exc)}", 75)
+    full = DISK_FULL.search(str(exc))
+    if full:
+        logging.getLogger(__name__).debug("failed", exc_info=True)
+        _disk_full(full[0])
     _internal(exc)
 
 

@@ -12,6 +12,9 @@ import re
 #: botocore's message for a call the store answered with a server error (its status, or S3's code for one) past its
 #: retries: an outage a retry mends (exit 75), wherever it surfaces (a worker's upload, the driver's delete).
 STORE_FAILED = re.compile(r"An error occurred \((5\d\d|InternalError|ServiceUnavailable|SlowDown)\) when calling")
+#: A full disk (or quota) in whatever error it surfaced as: Python's OSError, LanceDB's RuntimeError ("... (os error
+#: 28)"), a worker's failure line. Not a bug: the command's own writing filled it (exit 1, "free space there").
+DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded")
 
 
 class RaeeError(Exception):

@@ -23,7 +23,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import bound_by_permissions, one_error_line, raee_ops, read_folder
-from raee_ops.pipelines import build_db
+from raee_ops.pipelines import build_db, options
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.schemas import manifest as manifest_module
@@ -1661,22 +1661,30 @@ def test_only_lancedb_commit_conflicts_read_as_conflicts():
     assert conflict(OSError("/data/commit conflict notes/rows.parquet: No such file or directory")) is None
 
 
+WRITES = "where this command writes (its outputs, the temporary folders beside them, TMPDIR)"
+
+
 @pytest.mark.parametrize(
-    ("filename", "where"),
+    ("raised", "where"),
     [
-        ("/data/.artifacts.tmp-1/layer_003.onnx", "/data/.artifacts.tmp-1/layer_003.onnx"),
-        (None, "where this command writes (its outputs, the temporary folders beside them, TMPDIR)"),  # torch's save
+        (OSError(28, os.strerror(28), "/data/.tmp-1/layer_003.onnx"), "/data/.tmp-1/layer_003.onnx"),
+        (OSError(28, os.strerror(28)), WRITES),  # torch's save names no file
+        # LanceDB's, committing a table to a full disk: was "internal error: RuntimeError: lance error: ..." with the
+        # Rust source's path (resource-limits sweep)
+        (
+            RuntimeError("lance error: LanceError(IO): No space left on device (os error 28), /x/structural.rs:1:9"),
+            WRITES,
+        ),
     ],
 )
-def test_a_full_disk_is_one_line_saying_where_not_an_internal_error(monkeypatch, capsys, filename, where):
+def test_a_full_disk_is_one_line_saying_where_not_an_internal_error(monkeypatch, capsys, raised, where):
     """An export filling its disk ended `internal error: OSError: [Errno 28] No space left on device`, as for a bug
-    (sweep Y). What fills a disk is the command's own writing; here the command raises it as it would."""
-    import errno
-
+    (sweep Y). What fills a disk is the command's own writing; here the command raises it as it would. A worker's
+    full disk is the job's failure (exit 1) with the same remedy."""
     import raee_ops.cli
 
     def fills_the_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        raise raised
 
     monkeypatch.setattr(raee_ops.cli.cli, "main", fills_the_disk)
     with pytest.raises(SystemExit) as ended:
@@ -1684,6 +1692,10 @@ def test_a_full_disk_is_one_line_saying_where_not_an_internal_error(monkeypatch,
     assert ended.value.code == 1
     line = capsys.readouterr().err.strip()
     assert line == f"error: No space left on device: {where}: free space there, then run again"
+    worker = RuntimeError("OSError: [Errno 28] No space left on device [while running 'WritePredictions/Write']")
+    assert options.failure("classify", worker).endswith(
+        "] No space left on device [while running 'WritePredictions/Write']; free space where it writes, then run again"
+    )
 
 
 def test_an_input_with_a_column_classify_adds_is_refused_naming_the_file(segment_artifacts, db, tmp_path):  # noqa: F811

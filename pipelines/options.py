@@ -41,13 +41,13 @@ from apache_beam.runners.runner import PipelineState
 from raee_ops import logs
 from raee_ops.commit import end_terminated, note_interrupt
 from raee_ops.errors import (
-    DISK_FULL,
     STORE_FAILED,
     NotShared,
     RaeeConfigError,
     RaeeRunError,
     RetryLater,
     StoreUnavailable,
+    exhausted,
     first_line,
 )
 from raee_ops.settings import RaeeOptions, is_local_runner
@@ -469,7 +469,8 @@ def failure(what: str, exc: Exception, result: Any = None) -> str:
         return f"{what} pipeline failed: the job service stopped answering ({exc.code().name}: {exc.details()})"
     traced = first_line(exc).startswith("Traceback (most recent call last)") and _raised([str(exc)])
     cause = _job_error(result) or traced or f"{type(exc).__name__}: {first_line(exc)}"
-    mend = "; free space where it writes, then run again" if DISK_FULL.search(cause) else ""  # not a bug: its disk
+    ran_out = exhausted(cause)  # not a bug: the worker's disk, its open files
+    mend = f"; {ran_out[1]}, then run again" if ran_out else ""
     return f"{what} pipeline failed{WORKER}{cause}{mend}"
 
 

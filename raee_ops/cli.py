@@ -21,12 +21,12 @@ import click
 
 from raee_ops import extras, logs
 from raee_ops.errors import (
-    DISK_FULL,
     STORE_FAILED,
     Interrupted,
     RaeeConfigError,
     RaeeError,
     StoreUnavailable,
+    exhausted,
     first_line,
     not_utf8,
     one_line,
@@ -804,13 +804,17 @@ def main(argv: list[str] | None = None) -> None:
         ctx = getattr(exc, "ctx", None)
         _fail(f"{exc.format_message()} (see {ctx.command_path if ctx else 'raee-ops'} --help)", exc.exit_code)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # not a bug: the line says where, and what mends it
-            _disk_full(exc.strerror, exc.filename)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EMFILE):  # not a bug: the line says where, what mends it
+            _exhausted(exc.strerror, exc.filename)
         if not _path_given_wrong(exc):
             _unexpected(exc)
         logging.getLogger(__name__).debug("failed", exc_info=True)
         _fail(f"{exc.strerror or type(exc).__name__}: {exc.filename or exc}", 2)
     except Exception as exc:
+        _unexpected(exc)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # a native library's panic (pyo3's PanicException): a Python traceback, no line
         _unexpected(exc)
 
 
@@ -830,24 +834,28 @@ def _path_given_wrong(exc: OSError) -> bool:
     return isinstance(exc, wrong) or exc.errno == errno.EROFS
 
 
-def _disk_full(said: str, where: str | None = None) -> NoReturn:
-    where = where or "where this command writes (its outputs, the temporary folders beside them, TMPDIR)"
-    _fail(f"{said}: {where}: free space there, then run again", 1)
+def _exhausted(said: str, where: str | None = None) -> NoReturn:
+    """The line of a resource the run exhausted: where (a remedy "there" needs a place), and what mends it."""
+    mend = (exhausted(said) or (said, "free space there"))[1]
+    if not where and "there" in mend:
+        where = "where this command writes (its outputs, the temporary folders beside them, TMPDIR)"
+    _fail(f"{said}: {f'{where}: ' if where else ''}{mend}, then run again", 1)
 
 
-def _unexpected(exc: Exception) -> NoReturn:
+def _unexpected(exc: BaseException) -> NoReturn:
     """An exception no check anticipated: credentials the store refuses (exit 2), a server error from it past its
-    client's retries (75: a retry mends an outage), a full disk in a library's own error (LanceDB's), else a bug."""
+    client's retries (75: a retry mends an outage), a resource run out in a library's own error (LanceDB's), else
+    a bug."""
     if _refused_by_store(exc):
         logging.getLogger(__name__).debug("failed", exc_info=True)
         _fail(f"the object store refused access (check the credentials and permissions): {first_line(exc)}", 2)
     if STORE_FAILED.search(str(exc)):
         logging.getLogger(__name__).debug("failed", exc_info=True)
         _fail(f"the object store is failing (retry later): {first_line(exc)}", 75)
-    full = DISK_FULL.search(str(exc))
-    if full:
+    ran_out = exhausted(str(exc))
+    if ran_out:
         logging.getLogger(__name__).debug("failed", exc_info=True)
-        _disk_full(full[0])
+        _exhausted(ran_out[0])
     _internal(exc)
 
 

@@ -12,9 +12,18 @@ import re
 #: botocore's message for a call the store answered with a server error (its status, or S3's code for one) past its
 #: retries: an outage a retry mends (exit 75), wherever it surfaces (a worker's upload, the driver's delete).
 STORE_FAILED = re.compile(r"An error occurred \((5\d\d|InternalError|ServiceUnavailable|SlowDown)\) when calling")
-#: A full disk (or quota) in whatever error it surfaced as: Python's OSError, LanceDB's RuntimeError ("... (os error
-#: 28)"), a worker's failure line. Not a bug: the command's own writing filled it (exit 1, "free space there").
-DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded")
+#: What a run's own work can exhaust, as every error it surfaces in says it (Python's OSError, LanceDB's RuntimeError
+#: or panic "... (os error 28)", a worker's failure line), and what mends it: neither a bug nor configuration (exit 1).
+EXHAUSTED = {
+    "No space left on device": "free space there",
+    "Disk quota exceeded": "free space there",
+    "Too many open files": "raise the open-file limit (ulimit -n)",
+}
+
+
+def exhausted(text: str) -> tuple[str, str] | None:
+    """The resource `text` says ran out, and its remedy."""
+    return next(((said, mend) for said, mend in EXHAUSTED.items() if said in text), None)
 
 
 class RaeeError(Exception):

@@ -23,7 +23,16 @@ from lancedb.index import IvfFlat
 
 from raee_ops import s3_clients, storage
 from raee_ops.calibration import FusedPolicy
-from raee_ops.errors import CommitConflict, RaeeConfigError, StoreUnavailable, VersionRemoved, first_line
+from raee_ops.errors import (
+    CommitConflict,
+    RaeeConfigError,
+    RaeeError,
+    RaeeRunError,
+    StoreUnavailable,
+    VersionRemoved,
+    exhausted,
+    first_line,
+)
 from raee_ops.exit_policy import Context, Neighbours
 from raee_ops.key_names import BACKBONE, key_available
 from raee_ops.layer_key import LayerKey, unit_rows
@@ -182,10 +191,14 @@ def _waiting_on(db_uri: str) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext() if storage.is_local(db_uri) else s3_clients.waiting_on(db_uri)
 
 
-def unreachable(db_uri: str, exc: Exception) -> RaeeConfigError | StoreUnavailable:
+def unreachable(db_uri: str, exc: Exception) -> RaeeError:
     """A database LanceDB cannot reach, as one short line: its error is kilobytes of the store client's debug dump.
     No connection, a timeout or a server error is an outage a scheduler's retry mends (75); anything else (a wrong
-    endpoint's scheme, a missing bucket, refused credentials) is configuration (2)."""
+    endpoint's scheme, a missing bucket, refused credentials) is configuration (2); this process out of open files
+    is neither (1: it said "check --db")."""
+    ran_out = exhausted(str(exc))  # this process's open files, not the database: not configuration
+    if ran_out:
+        return RaeeRunError(f"{ran_out[0]} opening the database at {db_uri}: {ran_out[1]}, then run again")
     line = f"cannot reach the database at {db_uri} (check --db and the store's settings): {_problem(exc)}"
     if "BadScheme" in str(exc):  # an http:// endpoint from the environment (AWS_ENDPOINT_URL), which LanceDB refuses
         line += " (an http:// endpoint: pass it as --s3_endpoint_url, or set AWS_ALLOW_HTTP=true)"

@@ -32,7 +32,7 @@ from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, 
 from segment_artifacts import make_artifacts, reexported, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled, sentences
 
-from raee_ops import storage
+from raee_ops import retrieval, storage
 from raee_ops.batches import Classify, LayerRows
 from raee_ops.cli import PRICE, main
 from raee_ops.commit import locked, new_run_id, scratch_folder
@@ -1664,23 +1664,37 @@ def test_only_lancedb_commit_conflicts_read_as_conflicts():
 WRITES = "where this command writes (its outputs, the temporary folders beside them, TMPDIR)"
 
 
+class Panic(BaseException):
+    """As pyo3's PanicException, which LanceDB raises where its Rust code panics: not an Exception."""
+
+
 @pytest.mark.parametrize(
-    ("raised", "where"),
+    ("raised", "line"),
     [
-        (OSError(28, os.strerror(28), "/data/.tmp-1/layer_003.onnx"), "/data/.tmp-1/layer_003.onnx"),
-        (OSError(28, os.strerror(28)), WRITES),  # torch's save names no file
+        (
+            OSError(28, os.strerror(28), "/d/.tmp-1/layer_3.onnx"),
+            "No space left on device: /d/.tmp-1/layer_3.onnx: free",
+        ),
+        (OSError(28, os.strerror(28)), f"No space left on device: {WRITES}: free"),  # torch's save names no file
         # LanceDB's, committing a table to a full disk: was "internal error: RuntimeError: lance error: ..." with the
         # Rust source's path (resource-limits sweep)
         (
-            RuntimeError("lance error: LanceError(IO): No space left on device (os error 28), /x/structural.rs:1:9"),
-            WRITES,
+            RuntimeError("lance error: IO: No space left on device (os error 28), /x/a.rs:1:9"),
+            "No space left on device",
         ),
+        # out of file descriptors: was "internal error", or a Python traceback where LanceDB panicked
+        (
+            OSError(24, os.strerror(24), "/o/_temporary"),
+            "Too many open files: /o/_temporary: raise the open-file limit",
+        ),
+        (Panic("Failed to build tokio runtime: Too many open files"), "Too many open files: raise the open-file limit"),
+        (Panic("index out of bounds"), "internal error: Panic: index out of bounds (run with -v for the traceback)"),
     ],
 )
-def test_a_full_disk_is_one_line_saying_where_not_an_internal_error(monkeypatch, capsys, raised, where):
+def test_a_resource_run_out_is_one_line_saying_where_not_an_internal_error(monkeypatch, capsys, raised, line):
     """An export filling its disk ended `internal error: OSError: [Errno 28] No space left on device`, as for a bug
     (sweep Y). What fills a disk is the command's own writing; here the command raises it as it would. A worker's
-    full disk is the job's failure (exit 1) with the same remedy."""
+    full disk is the job's failure (exit 1) with the same remedy; so are too many open files."""
     import raee_ops.cli
 
     def fills_the_disk(*args, **kwargs):
@@ -1690,11 +1704,17 @@ def test_a_full_disk_is_one_line_saying_where_not_an_internal_error(monkeypatch,
     with pytest.raises(SystemExit) as ended:
         main(["info", "--db", "unused"])
     assert ended.value.code == 1
-    line = capsys.readouterr().err.strip()
-    assert line == f"error: No space left on device: {where}: free space there, then run again"
+    said = capsys.readouterr().err.strip()
+    assert said.startswith(f"error: {line}") and "\n" not in said, said
+    assert said.endswith(", then run again") or said.startswith("error: internal error")
     worker = RuntimeError("OSError: [Errno 28] No space left on device [while running 'WritePredictions/Write']")
     assert options.failure("classify", worker).endswith(
-        "] No space left on device [while running 'WritePredictions/Write']; free space where it writes, then run again"
+        "] No space left on device [while running 'WritePredictions/Write']; free space there, then run again"
+    )
+    walk = RuntimeError("Unable to walk dir: IO error for operation on /db: Too many open files (os error 24)")
+    told = retrieval.unreachable("/db", walk)  # was "cannot reach the database ... (check --db ...)", exit 2
+    assert told.exit_code == 1 and str(told) == (
+        "Too many open files opening the database at /db: raise the open-file limit (ulimit -n), then run again"
     )
 
 

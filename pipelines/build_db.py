@@ -62,7 +62,7 @@ from raee_ops.inputs import (
     refuse_reading_own_output,
 )
 from raee_ops.key_names import BACKBONE, DEFAULT_KEY, LAYER_PREFIX, key_available, layer_depth
-from raee_ops.probes import CV_ROWS, FOLDS, in_fit_sample
+from raee_ops.probes import CV_ROWS, FOLDS, in_fit_sample, load_solver
 from raee_ops.progress import phase
 from raee_ops.reference import assemble, check_groups, group_codes, sample_view
 from raee_ops.report import check_outside_outputs, is_evaluate_report
@@ -366,6 +366,7 @@ def run_build_db(
     own_errors = storage.resolved(errors_dir) == storage.resolved(own_folder)
     _check_errors_folder(errors_dir, own_folder, own_errors, [first_shard(f"errors-{run_id}")], found, inputs)
     check_job_service(beam_args)  # the last check, the only one over the network: then the run makes its folders
+    load_solver()
     with claim_work_dir(work, f"table {table!r}", run_id) as staging:
         remove_unfinished(db_uri, table, store)
         settle_errors(db_uri, table, errors_dir, own_errors, store)

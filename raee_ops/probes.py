@@ -326,6 +326,13 @@ def _cross_fit(x: np.ndarray, y: np.ndarray, folds: np.ndarray, num_labels: int,
     return out
 
 
+def load_solver() -> None:
+    """Load scikit-learn and its BLAS now, before build-db's job: loading it after the job, under an address-space
+    limit (`ulimit -v`) with the job's memory taken, OpenBLAS retried a failing allocation in native code for ever,
+    where the fit's SIGTERM handler could not run. Before the job a SIGTERM ends the process at once."""
+    _thread_pools()
+
+
 @functools.cache
 def _thread_pools() -> Any:
     """The BLAS/OpenMP pools loaded once scikit-learn is: found once per process (threadpoolctl's

@@ -5,6 +5,7 @@ and workers in their own processes that share no disk with the driver."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import http.server
 import io
@@ -401,6 +402,7 @@ def failing_uploads(endpoint: str, deletes: bool = False) -> Iterator[str]:
         yield front
 
 
+@functools.cache
 def hidden_from_pools() -> bool:
     """Whether `private_worker_pool` can hide the test's files from its workers (`unshare` lets it mount over them)."""
     return (

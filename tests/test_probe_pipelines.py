@@ -235,8 +235,9 @@ def test_append_refits_the_probes_on_every_row(segment_artifacts, signal, tmp_pa
         layer_budget=0.5,
         layer_price=0.0,
     )
-    before = Retriever(db, "t").probes
-    base = claimed_append_base(db, "t", Retriever(db, "t").meta, pa.array([], pa.string()), "another job", {})
+    built = Retriever(db, "t")
+    before = built.probes
+    base = claimed_append_base(db, "t", built.meta, pa.array([], pa.string()), "another job", {})
     assert base.views == (before.pooling,)  # the refit keeps the view: no other input form is run
     more = signal_rows(tmp_path / "b.parquet", 30, 3, "b")
     run_build_db(segment_artifacts, "sst2", [str(more)], db, "t", KEY, "append", None)

@@ -71,8 +71,13 @@ def default_threads(processes: int = 1) -> int:
     """The cores this process may run on, shared by `processes` like it on one machine (at most 8): one worker per
     machine is the common case. Elsewhere with N worker processes per machine pass --raee_intra_op_threads cores / N.
     `processes` 0: one per core."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     return max(1, min(8, cores // (processes or cores)))
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 _pool_threads: int | None = None
@@ -82,9 +87,20 @@ def process_thread_pool(threads: int) -> int:
     """Create ONNX Runtime's one intra-op thread pool that every session of this process shares, and return its
     size. Why: a pool per session gave each of ~32 segment sessions 3 pool threads of its own (96 OS threads in a
     worker at 4 threads a session), though the chain only ever runs one session at a time. The first size wins: ORT
-    cannot replace the pool."""
+    cannot replace the pool. More threads than the process's cores are cut to its cores: the count is set where the
+    command starts, which cannot know a worker's cores, and ORT's spinning threads past them stalled a run (1000
+    threads on 2 cores)."""
     global _pool_threads
     if _pool_threads is None:
+        cores = available_cores()
+        if threads > cores:
+            log.warning(
+                "%d ONNX Runtime threads asked for, more than the process's cores (%d): the pool gets %d",
+                threads,
+                cores,
+                cores,
+            )
+            threads = cores
         try:
             set_global_thread_pool_sizes(threads, 1)
             _pool_threads = threads

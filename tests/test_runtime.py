@@ -201,6 +201,7 @@ def test_every_session_of_a_process_shares_one_thread_pool(segment_artifacts):  
     """A pool per session meant threads × sessions OS threads in one worker; the shared pool keeps its size."""
     script = (
         "import os, sys, numpy as np\n"
+        "os.sched_getaffinity = lambda pid: set(range(8))  # the machine's 2 cores would cut the pool to 2\n"
         "from raee_ops.runtime import SegmentRuntime, process_thread_pool\n"
         "before = len(os.listdir('/proc/self/task'))\n"
         "rt = SegmentRuntime(sys.argv[1], intra_op_threads=3)\n"
@@ -213,6 +214,23 @@ def test_every_session_of_a_process_shares_one_thread_pool(segment_artifacts):  
     sessions, new_threads, pool = map(int, out.stdout.split()[-3:])
     assert sessions >= 3 and pool == 3  # the first size wins
     assert new_threads <= pool + 1  # the pool's workers (and at most one helper thread), not one pool per session
+
+
+def test_a_pool_larger_than_the_cores_is_cut_to_them():
+    """--raee_intra_op_threads is set where the command starts, which cannot know a worker's cores; 1000 threads on
+    2 cores stalled a run. A worker cuts its pool to its own cores, saying so."""
+    script = (
+        "import logging, os\n"
+        "logging.basicConfig()\n"
+        "os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])\n"
+        "from raee_ops.runtime import process_thread_pool\n"
+        "print(process_thread_pool(1000), len(os.listdir('/proc/self/task')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    pool, threads = map(int, out.stdout.split())
+    assert pool == 1 and threads < 20, out.stdout
+    assert "1000 ONNX Runtime threads asked for, more than the process's cores (1): the pool gets 1" in out.stderr
 
 
 def test_every_session_of_a_process_allocates_from_one_arena(tmp_path):

@@ -844,15 +844,15 @@ def _exhausted(said: str, where: str | None = None) -> NoReturn:
 
 def _unexpected(exc: BaseException) -> NoReturn:
     """An exception no check anticipated: credentials the store refuses (exit 2), a server error from it past its
-    client's retries (75: a retry mends an outage), a resource run out in a library's own error (LanceDB's), else
-    a bug."""
+    client's retries (75: a retry mends an outage), a resource run out (memory; disk or files in a library's own
+    error, LanceDB's), else a bug."""
     if _refused_by_store(exc):
         logging.getLogger(__name__).debug("failed", exc_info=True)
         _fail(f"the object store refused access (check the credentials and permissions): {first_line(exc)}", 2)
     if STORE_FAILED.search(str(exc)):
         logging.getLogger(__name__).debug("failed", exc_info=True)
         _fail(f"the object store is failing (retry later): {first_line(exc)}", 75)
-    ran_out = exhausted(str(exc))
+    ran_out = exhausted(f"{type(exc).__name__}: {exc}")  # a MemoryError may say nothing more
     if ran_out:
         logging.getLogger(__name__).debug("failed", exc_info=True)
         _exhausted(ran_out[0])

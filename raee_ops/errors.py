@@ -18,6 +18,12 @@ EXHAUSTED = {
     "No space left on device": "free space there",
     "Disk quota exceeded": "free space there",
     "Too many open files": "raise the open-file limit (ulimit -n)",
+    # Python's, numpy's ("MemoryError: Unable to allocate ..."), ONNX Runtime's C++ allocator's, the system's
+    # (ENOMEM), the loader's mapping a library (an ImportError)
+    "MemoryError": "give the command and its workers more memory",
+    "bad_alloc": "give the command and its workers more memory",
+    "Cannot allocate memory": "give the command and its workers more memory",
+    "failed to map segment from shared object": "give the command and its workers more memory",
 }
 
 

@@ -1689,6 +1689,12 @@ class Panic(BaseException):
         ),
         (Panic("Failed to build tokio runtime: Too many open files"), "Too many open files: raise the open-file limit"),
         (Panic("index out of bounds"), "internal error: Panic: index out of bounds (run with -v for the traceback)"),
+        # out of memory (importing scipy under ulimit -v, say): was "internal error: MemoryError: "
+        (MemoryError(), "MemoryError: give the command and its workers more memory"),
+        (
+            ImportError("/v/_lancedb.abi3.so: failed to map segment from shared object"),
+            "failed to map segment from shared object: give the command and its workers more memory",
+        ),
     ],
 )
 def test_a_resource_run_out_is_one_line_saying_where_not_an_internal_error(monkeypatch, capsys, raised, line):
@@ -1711,6 +1717,8 @@ def test_a_resource_run_out_is_one_line_saying_where_not_an_internal_error(monke
     assert options.failure("classify", worker).endswith(
         "] No space left on device [while running 'WritePredictions/Write']; free space there, then run again"
     )
+    oom = RuntimeError("RuntimeException: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc")
+    assert options.failure("classify", oom).endswith("; give the command and its workers more memory, then run again")
     walk = RuntimeError("Unable to walk dir: IO error for operation on /db: Too many open files (os error 24)")
     told = retrieval.unreachable("/db", walk)  # was "cannot reach the database ... (check --db ...)", exit 2
     assert told.exit_code == 1 and str(told) == (

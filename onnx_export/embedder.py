@@ -22,6 +22,7 @@ from raee_ops.onnx_export.adapters.bert import arange_positions
 from raee_ops.onnx_export.adapters.encoder import EncoderEmbed, EncoderLayer
 from raee_ops.onnx_export.optimize import optimize_graph
 from raee_ops.onnx_export.quantize import quantize_matmuls
+from raee_ops.onnx_export.segments import OPSET
 from raee_ops.schemas.manifest import EmbedderEntry, FileRef
 from tokenizers import Tokenizer
 from transformers import AutoModel
@@ -33,7 +34,6 @@ from raee_ops.runtime import open_session
 
 ort = onnxruntime()
 
-OPSET = 17
 CHECK_TEXTS = ["A short sentence.", "A longer sentence, so that the first row of the batch is padded."]
 CHECK_ATOL = 1e-4
 #: Largest accepted distance between an int8 key's unit vector and PyTorch's on the check texts: a guard against a

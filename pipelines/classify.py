@@ -28,10 +28,10 @@ from raee_ops import storage
 from raee_ops.batches import Classify
 from raee_ops.commit import SUCCESS, claim_output, completed, job_of, unseen_staging
 from raee_ops.errors import CountMismatch, RaeeConfigError, TooManyRejected
-from raee_ops.exit_policy import DEFAULT_K, refuse_head, refuse_unanswerable, resolve
+from raee_ops.exit_policy import DEFAULT_K, check_k, refuse_head, refuse_unanswerable, resolve, unfitted
 from raee_ops.inputs import check_inputs, count_rows, input_files, reading, refuse_reading_own_output
 from raee_ops.probe_policy import refuse_cost_options
-from raee_ops.progress import NAMESPACE
+from raee_ops.progress import NAMESPACE, counter_layer
 from raee_ops.readout import describe
 from raee_ops.report import WRITING, check_outside_outputs
 from raee_ops.retrieval import (
@@ -132,8 +132,8 @@ def beam_exit_counts(result) -> dict[int, int] | None:
         return None
     exits = {}
     for c in counters:
-        if c.key.metric.name.startswith("exit_layer_"):
-            layer = int(c.key.metric.name.rsplit("_", 1)[1])
+        layer = counter_layer(c.key.metric.name)
+        if layer is not None:
             exits[layer] = exits.get(layer, 0) + int(c.committed if c.committed is not None else c.attempted)
     return exits if counters else None  # a runner that reports no counters at all cannot be compared
 
@@ -163,8 +163,7 @@ def run_classify(
     chosen = resolve(strategy, manifest.num_layers)
     refuse_head([chosen], manifest.label_word_head)
     strategy = chosen.name
-    if k < 1:
-        raise RaeeConfigError(f"--k must be at least 1, got {k}")
+    check_k(k)
     opened, expected = checked_table(db_uri, table, manifest, task_name, str(artifacts), settings.db_storage_options)
     version, table_schema, embedder = opened.version, opened.schema, expected.embedder
     reads_rows = chosen.needs_retrieval or chosen.needs_probes() or chosen.needs_policy
@@ -174,7 +173,7 @@ def run_classify(
     refuse_cost_options([strategy], chosen.needs_probe_policy, layer_budget, layer_price)
     ctx = table_context(table_schema, manifest.num_layers, len(task.label_names), k, layer_budget, layer_price)
     if chosen.needs_policy and ctx.policy is None:
-        raise RaeeConfigError(f"strategy {strategy!r} needs a fitted policy; rebuild table {table!r} with build-db")
+        raise unfitted("fitted policy", f"table {table!r}", strategy)
     refuse_unanswerable([chosen], ctx.probes, f"table {table!r} in {db_uri}")
     note = other_metric(ctx, task.metric_name, f"table {table!r} in {db_uri}")
     if note and (chosen.needs_policy or chosen.needs_probe_policy):  # only then does the run read the policies

@@ -262,9 +262,13 @@ def run_export(
     beam_args: list[str],
     quantize: str | None = None,
     optimize: bool = True,
+    prechecked: bool = False,
 ) -> Manifest:
+    """Export, verify and publish the segments (`prechecked`: the caller ran `check_before_loading` on the same
+    request, as the CLI does before torch's import; its job-service probe is not repeated)."""
     out_dir = storage.absolute(str(out_dir)).rstrip("/")  # the workers' working directory is not this one
-    check_before_loading(model_spec, out_dir, embedders, beam_args)
+    if not prechecked:
+        check_before_loading(model_spec, out_dir, embedders, beam_args)
     _check_request(model_spec, tasks, max_length)
     with phase("export-onnx: loading the model"):
         loaded = load_model(model_spec)

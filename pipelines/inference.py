@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from raee_ops.batches import BatchWork, Loaded, Outcome
-from raee_ops.progress import NAMESPACE
+from raee_ops.progress import NAMESPACE, exit_counter
 
 
 def _beam_inference_base():
@@ -61,7 +61,7 @@ class WorkHandler(ModelHandler[pa.Table, Outcome, Loaded]):
         exits = self.work.exit_layers(outcome.rows)
         if exits is not None:
             for layer, count in zip(*np.unique(exits, return_counts=True), strict=True):
-                beam.metrics.Metrics.counter(NAMESPACE, f"exit_layer_{int(layer):03d}").inc(int(count))
+                beam.metrics.Metrics.counter(NAMESPACE, exit_counter(layer)).inc(int(count))
         return [outcome]
 
     def batch_elements_kwargs(self) -> dict[str, Any]:

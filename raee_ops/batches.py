@@ -50,7 +50,8 @@ class Outcome(NamedTuple):
 
 @dataclass
 class Loaded:
-    """What a worker holds: the runtime, and for classify the retriever and the strategy."""
+    """What a worker holds: the runtime, its progress line, and for classify the retriever, the strategy and the
+    table's context (its probes and policy)."""
 
     runtime: SegmentRuntime
     retriever: Retriever | None = None
@@ -182,7 +183,8 @@ class BatchWork:
             return rows, failed
 
     def ran_layers(self, model: Loaded, rows: pa.Table) -> bool:
-        """Whether answering these rows (`predict`'s table) ran the backbone: every row build-db answers does."""
+        """Whether answering these rows (`predict`'s table) ran the backbone: every row that build-db's and evaluate's
+        layer rows answer does."""
         return True
 
     def exit_layers(self, rows: pa.Table) -> np.ndarray | None:

@@ -383,6 +383,7 @@ def export_onnx(
         beam_args=beam_args(),
         quantize=quantize,
         optimize=optimize,
+        prechecked=True,
     )
     echo(f"fusions per stored graph:\n{fusion_table(manifest)}")
     int8 = ", int8" if manifest.quantization else ""

@@ -37,9 +37,11 @@ from raee_ops.exit_policy import (
     Context,
     Neighbours,
     Strategy,
+    check_k,
     refuse_head,
     refuse_unanswerable,
     resolve,
+    unfitted,
 )
 from raee_ops.inputs import check_inputs, expand_inputs, read_validated_file, reading
 from raee_ops.metrics import METRICS, Metric, accuracy, paired_difference
@@ -266,8 +268,7 @@ def evaluate(
     """The report (per-layer, full, calibrated, oracle, neighbour-vote and per-strategy scores, and the default at
     other layer budgets) and each row's answers. `layer_budget`, `layer_price`: the probe strategies' settings for
     that budget and price, not the table's."""
-    if k < 1:
-        raise RaeeConfigError(f"--k must be at least 1, got {k}")
+    check_k(k)
     settings = worker_settings(beam_args, db_uri)
     manifest = load_manifest(artifacts)
     task = task_of(manifest, task_name)
@@ -289,7 +290,7 @@ def evaluate(
     policy, probes, probe_policy = ctx.policy, ctx.probes, ctx.probe_policy
     own = table_probe_policy(retriever.table.schema)  # as build-db fitted it; `probe_policy`: at this run's cost
     if (head and policy is None) or probes is None or probe_policy is None:
-        raise RaeeConfigError(f"table {table!r} has no fitted policy: rebuild it with this version's build-db")
+        raise unfitted("fitted policy", f"table {table!r}")
     note = other_metric(ctx, task.metric_name, f"table {table!r} in {db_uri}")
     if note:
         log.warning(note)

@@ -4,8 +4,9 @@ Exit 0 means the row is answered without an exit layer: from its key and neighbo
 the baselines `key-lr` and `knn-vote`) or from the label prior (`majority`); it runs no layer beyond those of a
 `layer-N` key, which every row runs.
 
-A strategy is two small functions: `exits` picks the layer before any layer runs (from the neighbours only),
-`answer` turns what is read at that layer into label probabilities (optionally with the neighbours). It reads
+A strategy is mainly two small functions: `exits` picks the layer before any layer runs (from the neighbours only),
+`answer` turns what is read at that layer into label probabilities (optionally with the neighbours); its other
+fields say what it needs (neighbours, probes, a fitted policy) and reads. It reads
 either the label-word head (`reads="head"`), the layer's probe head (`reads="probe"`, raee_ops.probes) or no layer
 at all (`reads="none"`: the baselines answered from retrieval alone); a
 `stop` threshold lets a row leave before its exit where its probe is that confident. Each strategy is one entry
@@ -40,6 +41,12 @@ from raee_ops.probes import ProbeSet
 DEFAULT_STRATEGY = "probe-fused"
 #: Neighbours a run reads where its strategy takes --k and none is given.
 DEFAULT_K = 10
+
+
+def check_k(k: int) -> None:
+    """--k, the neighbours the paper's rules read, as classify and evaluate refuse it."""
+    if k < 1:
+        raise RaeeConfigError(f"--k must be at least 1, got {k}")
 
 
 @dataclass(frozen=True)
@@ -96,18 +103,25 @@ class Context:
 
     def fitted(self) -> FusedPolicy:
         if self.policy is None:
-            raise RaeeConfigError("this table has no fitted policy: rebuild it with this version's build-db")
+            raise unfitted("fitted policy")
         return self.policy
 
     def fitted_probes(self) -> ProbeSet:
         if self.probes is None:
-            raise RaeeConfigError("this table has no probe heads: rebuild it with this version's build-db")
+            raise unfitted("probe heads")
         return self.probes
 
     def fitted_probe_policy(self) -> ProbePolicy:
         if self.probe_policy is None:
-            raise RaeeConfigError("this table has no probe policy: rebuild it with this version's build-db")
+            raise unfitted("probe policy")
         return self.probe_policy
+
+
+def unfitted(what: str, where: str = "this table", reader: str | None = None) -> RaeeConfigError:
+    """The one line for a table without what a strategy (`reader`) reads: built by an earlier build-db, or one that
+    had nothing to fit it on."""
+    need = f", which strategy {reader!r} reads" if reader else ""
+    return RaeeConfigError(f"{where} has no {what}{need}: rebuild it with this version's build-db")
 
 
 ExitFn = Callable[[Neighbours, Context], np.ndarray]

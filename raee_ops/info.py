@@ -13,6 +13,7 @@ from raee_ops.errors import RaeeConfigError
 from raee_ops.probe_policy import SHOWN_BUDGETS
 from raee_ops.retrieval import (
     Unfinished,
+    check_database,
     checked_features,
     connect,
     no_table,
@@ -125,12 +126,6 @@ def features_unreadable(
     except RaeeConfigError as exc:
         return str(exc)
     return None
-
-
-def check_database(db_uri: str) -> None:
-    """Refuse a local database directory that does not exist (connecting would create it, empty)."""
-    if storage.is_local(db_uri) and not storage.is_dir(db_uri):
-        raise RaeeConfigError(f"no LanceDB database at {db_uri}")
 
 
 def check_holds_tables(db_uri: str, names: set[str]) -> None:

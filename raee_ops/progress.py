@@ -18,6 +18,20 @@ from raee_ops import logs
 
 #: Beam counter namespace of every raee-ops counter (progress, rows out and rejected, exit layers).
 NAMESPACE = "raee"
+#: Prefix of the counters of rows that left at each layer (`exit_counter`), which classify checks its outputs against.
+EXIT_COUNTER = "exit_layer_"
+
+
+def exit_counter(layer: int) -> str:
+    """The Beam counter of the rows that left at `layer` (0: answered without running one)."""
+    return f"{EXIT_COUNTER}{int(layer):03d}"
+
+
+def counter_layer(name: str) -> int | None:
+    """The layer an `exit_counter` name counts; None for another counter."""
+    return int(name.removeprefix(EXIT_COUNTER)) if name.startswith(EXIT_COUNTER) else None
+
+
 #: Seconds between two redraws of a progress line.
 REFRESH_SECONDS = 0.5
 #: Seconds between two lines of a worker's progress.

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from raee_ops.calibration import FusedPolicy, reaches
-from raee_ops.errors import RaeeConfigError
-from raee_ops.exit_policy import Context, Neighbours, Strategy
+from raee_ops.exit_policy import Context, Neighbours, Strategy, unfitted
 from raee_ops.probe_policy import ProbePolicy
 from raee_ops.probes import ProbeSet
 from raee_ops.runtime import Prefix, SegmentRuntime, StopFn
@@ -78,7 +77,7 @@ def describe(
     )
     if strategy.needs_probe_policy:
         if probe_policy is None:
-            raise RaeeConfigError(f"strategy {strategy.name!r} needs the probe policy; rebuild the table with build-db")
+            raise unfitted("probe policy", reader=strategy.name)
         fitted = probe_policy.settings() if strategy.needs_retrieval else probe_policy.conf_settings()
         return f"fitted on the table for {probe_policy.metric}: {fitted}{reads}"
     if strategy.reads_key_probe:  # its one neighbour only carries the key: --k is not read

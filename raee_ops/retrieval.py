@@ -303,14 +303,20 @@ def no_table(name: str, db_uri: str) -> RaeeConfigError:
     return RaeeConfigError(f"no table {name!r} in {db_uri} (run build-db first)")
 
 
+def check_database(db_uri: str) -> None:
+    """Refuse a local database directory that does not exist (connecting would create it, empty), or that the
+    workers cannot see (`storage.unseen`)."""
+    if storage.is_local(db_uri) and not storage.is_dir(db_uri):
+        raise storage.unseen(db_uri, "--db") or RaeeConfigError(
+            f"no LanceDB database at {db_uri} (run build-db first, or check --db)"
+        )
+
+
 def open_table(
     db_uri: str, name: str, version: int | None = None, storage_options: dict[str, str] | None = None
 ) -> lancedb.table.Table:
     """An existing table (at `version`, when given); a missing database is refused, never created."""
-    if storage.is_local(db_uri) and not storage.is_dir(db_uri):
-        raise storage.unseen(db_uri, "--db") or RaeeConfigError(
-            f"no database at {db_uri} (run build-db first, or check --db)"
-        )
+    check_database(db_uri)
     db = connect(db_uri, storage_options)
     if name not in table_names(db):
         raise no_table(name, db_uri)

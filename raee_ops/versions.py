@@ -33,8 +33,9 @@ from raee_ops import storage
 from raee_ops.commit import check_held, hold
 from raee_ops.errors import Busy, RaeeConfigError
 from raee_ops.faults import fault_point
-from raee_ops.info import check_database, check_holds_tables, listed, opened, table_info
+from raee_ops.info import check_holds_tables, listed, opened, table_info
 from raee_ops.retrieval import (
+    check_database,
     check_writable,
     committing,
     connect,
@@ -81,7 +82,6 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
 def _exit_table(db_uri: str, table: str, storage_options: dict[str, str] | None) -> lancedb.table.Table:
     """The exit table rollback or prune acts on; another program's table (a misspelt --table) is refused before
     anything is claimed or changed, as build-db refuses it."""
-    check_database(db_uri)
     handle = open_table(db_uri, table, storage_options=storage_options)
     if TableMeta.decode(handle.schema) is None:
         raise foreign_table(f"table {table!r} in {db_uri}", ", so it is left alone (check --table)")

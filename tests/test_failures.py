@@ -446,7 +446,7 @@ def test_10_bad_locations_fail_fast_and_create_nothing(segment_artifacts, db, tm
     run = raee_ops(*classify_args(segment_artifacts, db, tmp_path / "afile", queries))
     assert run.returncode == 2 and "exists and is not a directory" in one_error_line(run)
     run = raee_ops(*classify_args(segment_artifacts, tmp_path / "no-such-db", tmp_path / "out", queries))
-    assert run.returncode == 2 and "no database at" in one_error_line(run)
+    assert run.returncode == 2 and "no LanceDB database at" in one_error_line(run)
     assert not (tmp_path / "no-such-db").exists() and not (tmp_path / "out").exists()
     run = raee_ops(
         *build_args(segment_artifacts, tmp_path / "new-db", queries, extra=["--errors", tmp_path / "afile/e"])

@@ -25,14 +25,11 @@ class Gemma3Adapter(DecoderAdapter):
         if getattr(self.config, "use_bidirectional_attention", False):
             raise RaeeConfigError("Gemma 3 with use_bidirectional_attention is not supported (causal only)")
 
-    def layer_type(self, index: int) -> str:
+    def layer_kind(self, index: int) -> str:
         return self.config.layer_types[index]
 
-    def layer_kind(self, index: int) -> str:
-        return self.layer_type(index)
-
     def rotary_kwargs(self, index: int) -> dict[str, Any]:
-        return {"layer_type": self.layer_type(index)}
+        return {"layer_type": self.layer_kind(index)}
 
     def window(self, index: int) -> int | None:
-        return self.config.sliding_window if self.layer_type(index) == "sliding_attention" else None
+        return self.config.sliding_window if self.layer_kind(index) == "sliding_attention" else None

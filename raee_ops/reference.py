@@ -142,7 +142,7 @@ def assemble(
     new, layer_key = _layer_keyed(meta, new, old)
     key_depth = layer_key.depth if layer_key else 0  # layers every row runs for its key: the fits count them
     old_probes = None
-    if old is not None:  # with probe columns and feature rows: build_db.claimed_append_base refused it otherwise
+    if old is not None:  # with probe columns and feature rows: exit_table.claimed_append_base refused it otherwise
         old_probes = ProbeSet.from_json(old.schema.metadata[PROBES_META_KEY]) if old.num_rows > 1 else None
     if old is not None and GROUP not in old.column_names:  # built before groups: every row a group of its own
         old = old.append_column(GROUP, pa.nulls(old.num_rows, pa.string()))

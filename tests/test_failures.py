@@ -23,7 +23,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import bound_by_permissions, one_error_line, raee_ops, read_folder
-from raee_ops.pipelines import build_db, options
+from raee_ops.pipelines import options
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.schemas import manifest as manifest_module
@@ -32,7 +32,7 @@ from raee_ops.schemas.tables import FEATURES_SUFFIX, FEATURES_VERSION_META_KEY, 
 from segment_artifacts import make_artifacts, reexported, segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled, sentences
 
-from raee_ops import retrieval, storage
+from raee_ops import exit_table, retrieval, storage
 from raee_ops.batches import Classify, LayerRows
 from raee_ops.cli import PRICE, main
 from raee_ops.commit import locked, new_run_id, scratch_folder
@@ -1623,7 +1623,7 @@ def test_a_writer_outside_raee_ops_committing_first_is_a_retry(segment_artifacts
     main(["build-db", *common, "--input", str(labelled(tmp_path / "base.parquet", 8, 0, "b", bad=False))])
     append = ["build-db", *common, "--input", str(labelled(tmp_path / "more.parquet", 6, 1, "m", bad=False))]
     capsys.readouterr()
-    real_connect = build_db.connect
+    real_connect = exit_table.connect
 
     def beaten(db_uri: str, storage_options: dict[str, str] | None = None) -> lancedb.DBConnection:
         connection = real_connect(db_uri, storage_options)
@@ -1637,7 +1637,7 @@ def test_a_writer_outside_raee_ops_committing_first_is_a_retry(segment_artifacts
         connection.create_table = create_exit_table
         return connection
 
-    monkeypatch.setattr(build_db, "connect", beaten)
+    monkeypatch.setattr(exit_table, "connect", beaten)
     with pytest.raises(SystemExit) as ended:
         main([*append, "--mode", "append"])
     line = one_error_line(SimpleNamespace(stderr=capsys.readouterr().err))

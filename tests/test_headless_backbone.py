@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import one_error_line, raee_ops
-from raee_ops.pipelines.build_db import commit, run_build_db
+from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.pipelines.export import run_export
 from raee_ops.schemas.tables import PROBES_META_KEY
@@ -18,6 +18,7 @@ from tiny_encoders import build_tiny_encoder
 
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate
+from raee_ops.exit_table import commit
 from raee_ops.report import render_markdown
 from raee_ops.retrieval import open_table
 from raee_ops.runtime import SegmentRuntime

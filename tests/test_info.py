@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import bound_by_permissions, one_error_line, raee_ops
-from raee_ops.pipelines.build_db import commit, run_build_db
+from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.schemas.manifest import load_manifest
 from segment_artifacts import segment_artifacts  # noqa: F401 - fixture
 from test_pipelines import labelled
@@ -21,6 +21,7 @@ from raee_ops import retrieval
 from raee_ops.calibration import K_GRID
 from raee_ops.commit import hold
 from raee_ops.errors import Busy, RaeeConfigError
+from raee_ops.exit_table import commit
 from raee_ops.info import describe, render
 from raee_ops.probe_policy import SHOWN_BUDGETS, SHOWN_PRICES
 from raee_ops.retrieval import Retriever

@@ -313,9 +313,9 @@ def test_default_strategy_uses_the_policy_fitted_at_build_time(segment_artifacts
 def test_rows_answered_from_retrieval_alone_are_written_with_exit_0(segment_artifacts, built, tmp_path):  # noqa: F811
     import dataclasses
 
-    from raee_ops.pipelines.build_db import commit
     from raee_ops.schemas.tables import POLICY_META_KEY
 
+    from raee_ops.exit_table import commit
     from raee_ops.retrieval import Retriever
 
     root, _ = built

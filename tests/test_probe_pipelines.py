@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from raee_ops.pipelines import build_db as build_db_module
-from raee_ops.pipelines.build_db import claimed_append_base, commit, run_build_db
+from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.schemas.manifest import load_manifest
 from raee_ops.schemas.tables import (
@@ -32,6 +32,7 @@ from raee_ops.batches import LayerRows
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate
 from raee_ops.exit_policy import Context, Neighbours, resolve
+from raee_ops.exit_table import claimed_append_base, commit
 from raee_ops.faults import InjectedFault
 from raee_ops.inputs import read_validated_file
 from raee_ops.probe_policy import (

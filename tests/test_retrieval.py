@@ -3,11 +3,11 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import pytest
-from raee_ops.pipelines.build_db import commit
 from raee_ops.schemas.tables import TableMeta, exit_table_schema
 
 from raee_ops import retrieval
 from raee_ops.errors import RaeeConfigError, RaeeError
+from raee_ops.exit_table import commit
 from raee_ops.retrieval import Retriever, table_names
 
 

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> None:
     logs.configure(verbosity)  # before Beam's import, which logs its own warnings
     from apache_beam.runners.worker import sdk_worker_main
 
-    from raee_ops.storage import started
+    from raee_ops.processes import started
 
     running = partial(command_running, command, started(command))
     # its connection to a command gone is no failure to report: that command's stderr, a scheduler's log, had two
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
 def command_running(command: int, born: int | None) -> bool:
     """Whether the command that started this worker (process `command`, started at `born`) still runs: not a
     later process given its pid once it was gone."""
-    from raee_ops.storage import alive, started
+    from raee_ops.processes import alive, started
 
     return alive(command) and started(command) == born
 

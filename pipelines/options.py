@@ -50,6 +50,7 @@ from raee_ops.errors import (
     exhausted,
     first_line,
 )
+from raee_ops.processes import descendants
 from raee_ops.settings import RaeeOptions, is_local_runner
 
 log = logging.getLogger(__name__)
@@ -367,29 +368,9 @@ class _Interrupts:
 
 def stop_local_workers() -> None:
     """Stop the local runner's worker processes: this process's descendants."""
-    for pid in _descendants(os.getpid()):
+    for pid in descendants(os.getpid()):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-
-
-def _descendants(root: int) -> list[int]:
-    """The processes under `root` (children first), read from /proc; none where there is no /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():  # self, thread-self, and what is not a process
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:  # "pid (name) state ppid ...": name may hold spaces
-                ppid = int(stat.read().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):  # one that ended meanwhile
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop(0)
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
 
 
 def run_pipeline(pipeline: beam.Pipeline, what: str):

@@ -35,6 +35,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 from raee_ops import s3_clients
 from raee_ops.errors import MissingDependency, NotShared, RaeeConfigError, StoreUnavailable
 from raee_ops.extras import install_line
+from raee_ops.processes import alive
 
 # `[[]`, the only escape of `[` that Beam's glob has, compiles to a regex Python warns of (a FutureWarning, in a
 # scheduler's log, for a pattern the README tells users to write)
@@ -525,37 +526,6 @@ def _processes_seen() -> str:
     except OSError:  # no /proc (not Linux): the host's one namespace
         namespace = 0
     return f"{socket.gethostname()}-{namespace}"
-
-
-def alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine. A zombie does not: ended, it waits for its parent to read its
-    status, and a parent that reads the output of a command it killed first (`subprocess.run(capture_output=True)`)
-    waits for every process holding that output to end."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    fields = _stat(pid)
-    return fields is None or fields[0] != b"Z"  # None: no /proc (not Linux), that it exists is all there is to know
-
-
-def started(pid: int) -> int | None:
-    """When process `pid` started (clock ticks after boot; None where /proc cannot tell): with the pid, what tells a
-    process from a later one given the same pid."""
-    fields = _stat(pid)
-    return int(fields[19]) if fields is not None else None
-
-
-def _stat(pid: int) -> list[bytes] | None:
-    """The fields of /proc/<pid>/stat from the state on (the third; the name before it may hold spaces)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:  # "pid (name) state …"
-            fields = stat.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields if len(fields) > 19 else None
 
 
 def rename(pairs: Iterable[tuple[str, str]]) -> None:

@@ -23,7 +23,7 @@ from test_pipelines import labelled
 
 from raee_ops import batches, storage
 from raee_ops.errors import NotShared, RaeeConfigError, RetryLater, StoreUnavailable, VersionRemoved
-from raee_ops.storage import alive
+from raee_ops.processes import alive, descendants
 
 pytestmark = pytest.mark.runners
 
@@ -108,7 +108,7 @@ def test_a_local_worker_tells_its_command_from_a_later_process_given_its_pid():
     each second) kept them computing for nobody; the process's start time tells the two apart."""
     from raee_ops.pipelines.local_worker import command_running
 
-    from raee_ops.storage import started
+    from raee_ops.processes import started
 
     me = started(os.getpid())
     assert isinstance(me, int) and me == started(os.getpid())
@@ -256,7 +256,7 @@ def wait_or_explain(process: subprocess.Popen, interrupts: options._Interrupts) 
         reapers = [t.name for t in threading.enumerate() if t.name == "raee-reap-workers"]
         pytest.fail(
             f"pid {process.pid} not stopped in 30 s: signal noted {interrupts.seen}, reaper threads alive {reapers}, "
-            f"processes under this one {options._descendants(os.getpid())}"
+            f"processes under this one {descendants(os.getpid())}"
         )
 
 

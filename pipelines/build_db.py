@@ -48,6 +48,7 @@ from raee_ops.errors import CountMismatch, RaeeConfigError, RaeeError, TooManyRe
 from raee_ops.exit_table import (
     claimed_append_base,
     commit,
+    current_version,
     group_map,
     previous_rows,
     refuse_duplicate_ids,
@@ -228,6 +229,7 @@ def run_build_db(
     load_solver()
     with claim_work_dir(work, f"table {table!r}", run_id) as staging:
         remove_unfinished(db_uri, table, store)
+        read = current_version(db_uri, table, store)  # a commit's version follows it (exit_table.commit)
         settle_errors(db_uri, table, errors_dir, own_errors, store)
         with reading(job.contents):  # ids the table holds already: those of a file replaced since they were read?
             base = claimed_append_base(db_uri, table, meta, ids, job.digest, store) if mode == "append" else None
@@ -315,7 +317,7 @@ def run_build_db(
         )
         fault_point("commit:errors")
         check_held(work)  # the fit may have run long: a lapsed claim's table may be another run's by now
-        table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store, record)
+        table_rows, indexed, version = commit(db_uri, table, reference.data, reference.features, store, record, read)
         publish(rejects, errors_dir)
         tidy(errors_dir, where, own_errors)
         # follows the version now current, wherever this run's rows went

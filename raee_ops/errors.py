@@ -96,6 +96,12 @@ class CommitConflict(RetryLater):
     version this run meant to write was not made, and a rerun writes it (retrieval.committing)."""
 
 
+class Overtaken(RetryLater):
+    """Another run committed to the table between the version this run read under its claim and this run's own
+    commit: this run's claim had lapsed (stalled past its life). The other run's version is made current again and
+    this run's is not kept (retrieval.keep_theirs); a rerun builds on it."""
+
+
 class StoreUnavailable(RetryLater):
     """The object store did not answer (no connection, a timeout, a server error): before any work, or under a
     worker reading the table."""

@@ -31,6 +31,7 @@ from raee_ops.retrieval import (
     conflict,
     connect,
     foreign_table,
+    keep_theirs,
     open_listed,
     open_table,
     read_column,
@@ -200,6 +201,14 @@ def previous_rows(
     return rows, None if features is None else features.to_arrow()
 
 
+def current_version(db_uri: str, name: str, storage_options: dict[str, str] | None = None) -> int | None:
+    """The table's latest version; None where there is no table (nor database) yet."""
+    if storage.is_local(db_uri) and not storage.is_dir(db_uri):
+        return None  # connecting would create it
+    db = connect(db_uri, storage_options)
+    return open_listed(db, db_uri, name).version if name in table_names(db) else None
+
+
 def commit(
     db_uri: str,
     name: str,
@@ -207,11 +216,14 @@ def commit(
     features: pa.Table | None = None,
     storage_options: dict[str, str] | None = None,
     record: RunRecord | None = None,
+    read: int | None = None,
 ) -> tuple[int, bool, int]:
     """The run's table write, a whole new table version; a large table then gets its ANN index (a second version:
     until it lands, searches scan exactly, so a failed index build leaves a correct table). (rows, indexed,
     version). The probes' feature rows are written first: the exit table never refers to feature rows that are not
-    there (a run failing in between leaves extra feature rows, which append ignores)."""
+    there (a run failing in between leaves extra feature rows, which append ignores). `read`: the table's version
+    when the run first looked under its claim (None: no table), which the new version must follow
+    (`keep_theirs`): a caller writing over a table passes the version it built on."""
     db = connect(db_uri, storage_options)
     with phase(f"build-db: committing {data.num_rows} rows to LanceDB"), committing(db_uri, name):
         meta = record.metadata() if record is not None else {}
@@ -220,6 +232,7 @@ def commit(
             meta[FEATURES_VERSION_META_KEY] = str(written.version).encode()
         data = data.replace_schema_metadata((data.schema.metadata or {}) | meta)
         table = db.create_table(name, data, schema=data.schema, mode="overwrite")
+    keep_theirs(table, read, f"table {name!r} in {db_uri}")
     fault_point("commit:table")
     try:
         indexed = build_index(table)

@@ -25,6 +25,7 @@ from raee_ops import s3_clients, storage
 from raee_ops.calibration import FusedPolicy
 from raee_ops.errors import (
     CommitConflict,
+    Overtaken,
     RaeeConfigError,
     RaeeError,
     RaeeRunError,
@@ -183,6 +184,27 @@ def committing(db_uri: str, table: str) -> Iterator[None]:
             f"another writer, outside raee-ops's claims, committed to table {table!r} in {db_uri} first ({said}): "
             "this run's version was not made; run again"
         ) from exc
+
+
+def keep_theirs(table: lancedb.table.Table, read: int | None, what: str) -> None:
+    """After this run's commit (`table` at its new version): a version between `read`, the latest when this run
+    looked under its claim (None: there was no table), and this run's own is another run's, made once this run's
+    claim lapsed (the run stalled past the claim's life: a paused VM, a stopped process, a store that did not answer),
+    and this run's whole-table write replaced it. The claim's checks cannot close that window: a stall can come
+    between the last check and the write. That version is made current again, as a new version, and the run ends
+    with Overtaken (75): a rerun builds on it."""
+    theirs = table.version - 1
+    if theirs <= (read or 0):
+        return
+    table.checkout(theirs)
+    table.restore()
+    seen = "found no table" if read is None else f"read version {read}"
+    raise Overtaken(
+        f"{what}: version {theirs} was committed by another run after this run {seen} under its claim (this run "
+        f"stalled past its claim's life, or a writer outside raee-ops's claims), and this run's version {theirs + 1} "
+        f"replaced it: version {theirs} is current again (as version {table.version}), nothing of this run's is kept; "
+        "run again"
+    )
 
 
 def _waiting_on(db_uri: str) -> contextlib.AbstractContextManager[None]:

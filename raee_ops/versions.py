@@ -40,6 +40,7 @@ from raee_ops.retrieval import (
     committing,
     connect,
     foreign_table,
+    keep_theirs,
     open_listed,
     open_table,
     read_column,
@@ -68,6 +69,7 @@ def rollback(db_uri: str, table: str, version: int, storage_options: dict[str, s
             check_held(work_dir(db_uri, table))
             with committing(db_uri, table):
                 handle.restore(version)
+            keep_theirs(handle, previous, f"table {table!r} in {db_uri}")
             fault_point("rollback:restored")
         # the errors folder in step with the version now current: the rejected rows of the runs it holds
         settle_errors(db_uri, table, default_errors_dir(db_uri, table), True, storage_options or {})

@@ -23,7 +23,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from cli_runs import bound_by_permissions, one_error_line, raee_ops, read_folder
-from raee_ops.pipelines import options
+from raee_ops.pipelines import build_db, options
 from raee_ops.pipelines.build_db import run_build_db
 from raee_ops.pipelines.classify import run_classify
 from raee_ops.schemas import manifest as manifest_module
@@ -1650,6 +1650,41 @@ def test_a_writer_outside_raee_ops_committing_first_is_a_retry(segment_artifacts
     features = lancedb.connect(str(db)).open_table("sst2" + FEATURES_SUFFIX)
     assert table.count_rows() == 14
     assert table.schema.metadata[FEATURES_VERSION_META_KEY] == str(features.version).encode()
+
+
+def test_a_run_overtaken_keeps_the_other_runs_version(segment_artifacts, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """An append stalled past its claim's life on an object store (a paused VM) while another run took the table and
+    committed; resumed, it wrote its whole table over that version and exited 0, the other run's rows gone (stall
+    sweep F1). The claim's checks cannot close the window: a stall can come after the last one. Here a version lands
+    while this run fits (locally, where a lock cannot lapse, only a writer outside the claims can do that: LanceDB's
+    own restore here): this run's commit is undone, the other version current again, and it ends 75; the rerun
+    appends on top of it."""
+    db = tmp_path / "db"
+    common = ["--artifacts", str(segment_artifacts), "--task", "sst2", "--db", str(db)]
+    main(["build-db", *common, "--input", str(labelled(tmp_path / "base.parquet", 8, 0, "b", bad=False))])
+    append = ["build-db", *common, "--mode", "append", "--input"]
+    append.append(str(labelled(tmp_path / "more.parquet", 6, 1, "m", bad=False)))
+    real_assemble = build_db.assemble
+
+    def another_version_meanwhile(*args: object, **kwargs: object) -> object:
+        other = lancedb.connect(str(db)).open_table("sst2")
+        other.checkout(1)
+        other.restore()  # version 2, as version 1
+        return real_assemble(*args, **kwargs)
+
+    monkeypatch.setattr(build_db, "assemble", another_version_meanwhile)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        main(append)
+    line = one_error_line(SimpleNamespace(stderr=capsys.readouterr().err))
+    assert ended.value.code == 75, line
+    assert "version 2 was committed by another run after this run read version 1 under its claim" in line
+    assert "version 2 is current again (as version 4), nothing of this run's is kept; run again" in line
+    table = lancedb.connect(str(db)).open_table("sst2")
+    assert table.version == 4 and sorted(table.to_arrow()["id"].to_pylist()) == sorted(f"b{i}" for i in range(8))
+    monkeypatch.undo()
+    main(append)
+    assert lancedb.connect(str(db)).open_table("sst2").count_rows() == 14
 
 
 def test_only_lancedb_commit_conflicts_read_as_conflicts():

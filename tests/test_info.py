@@ -21,7 +21,7 @@ from raee_ops import retrieval
 from raee_ops.calibration import K_GRID
 from raee_ops.commit import hold
 from raee_ops.errors import Busy, RaeeConfigError
-from raee_ops.exit_table import commit
+from raee_ops.exit_table import commit, current_version
 from raee_ops.info import describe, render
 from raee_ops.probe_policy import SHOWN_BUDGETS, SHOWN_PRICES
 from raee_ops.retrieval import Retriever
@@ -591,7 +591,8 @@ def test_prune_of_an_indexed_table_keeps_its_rows_index_and_run_record(tmp_path,
     table, _ = _exit_table(4000)
     db = str(tmp_path / "db")
     for run in ("r1", "r2"):
-        commit(db, "large", table, record=RunRecord(run, "overwrite", f"job-{run}", 0))  # a version, its index one more
+        read = current_version(db, "large")  # the version this run builds on, as build-db reads it under its claim
+        commit(db, "large", table, record=RunRecord(run, "overwrite", f"job-{run}", 0), read=read)  # and its index
         time.sleep(1)  # the cut lies midway between the runs' versions: not within the index build's moment
     pruned = prune(db, "large", 2, timedelta(0))
     assert pruned.removed == [1, 2] and pruned.kept[:2] == [3, 4] and pruned.bytes_freed > 0

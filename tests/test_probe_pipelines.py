@@ -32,7 +32,7 @@ from raee_ops.batches import LayerRows
 from raee_ops.errors import RaeeConfigError
 from raee_ops.evaluate import evaluate
 from raee_ops.exit_policy import Context, Neighbours, resolve
-from raee_ops.exit_table import claimed_append_base, commit
+from raee_ops.exit_table import claimed_append_base, commit, current_version
 from raee_ops.faults import InjectedFault
 from raee_ops.inputs import read_validated_file
 from raee_ops.probe_policy import (
@@ -387,7 +387,8 @@ def test_tables_whose_probes_do_not_match_are_refused(segment_artifacts, signal,
         (PROBES_META_KEY, "probe heads holds calibration"),
     ):
         meta = data.schema.metadata | {key: newer[key].encode()}
-        commit(str(tmp_path / "db"), "newer", data.replace_schema_metadata(meta))
+        read = current_version(str(tmp_path / "db"), "newer")  # the second time round, the first's
+        commit(str(tmp_path / "db"), "newer", data.replace_schema_metadata(meta), read=read)
         refusal = f"the table's {what}, which raee-ops .* does not know: a newer release built it"
         with pytest.raises(RaeeConfigError, match=refusal):
             run_classify(

@@ -119,6 +119,15 @@ def _claims(place: str) -> list[Any]:
     return storage.match_metadata(storage.join(place, CLAIM + "*"))
 
 
+#: The heartbeat's clock, which goes on while the machine sleeps (CLOCK_BOOTTIME; a laptop's suspend): other runs
+#: judge a claim by the store's clock, and CLOCK_MONOTONIC, which stops then, hid such a lapse from the run itself.
+_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def _now() -> float:
+    return time.clock_gettime(_CLOCK)
+
+
 class _Beat:
     """Renews one object-store claim every HEARTBEAT_S seconds while the run lives, and knows whether it lapsed: a
     claim not renewed for STALE_S seconds (the store unreachable, the driver stalled) is another run's to take, which
@@ -128,7 +137,7 @@ class _Beat:
     LAPSE_S = STALE_S - HEARTBEAT_S
 
     def __init__(self, claim: str) -> None:
-        self.claim, self.renewed, self.lapsed = claim, time.monotonic(), False
+        self.claim, self.renewed, self.lapsed = claim, _now(), False
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -141,12 +150,16 @@ class _Beat:
                 log.warning("could not renew the claim %s: %s", self.claim, first_line(exc))
                 log.debug("renewing the claim %s failed", self.claim, exc_info=True)
                 continue
-            now = time.monotonic()
+            now = _now()
             self.lapsed = self.lapsed or now - self.renewed >= self.LAPSE_S
             self.renewed = now
 
+    def gone(self) -> bool:
+        """Whether the claim lapsed: another run may hold the place now."""
+        return self.lapsed or _now() - self.renewed >= self.LAPSE_S
+
     def check(self) -> None:
-        if self.lapsed or time.monotonic() - self.renewed >= self.LAPSE_S:
+        if self.gone():
             raise Busy(
                 f"this run's claim on {storage.parent(self.claim)} went {self.LAPSE_S:.0f} s or more without "
                 "renewal, so another run may have taken it over; nothing more is written (retry)"
@@ -205,6 +218,13 @@ def _unraisable(printing: Callable[[Any], None]) -> Callable[[Any], None]:
             printing(unraisable)
 
     return hook
+
+
+def lapsed(place: str) -> bool:
+    """Whether this run's claim on an object-store place lapsed (a local lock cannot): what it staged there may be
+    another run's to remove by now, and what is there another run's."""
+    beat = _held.get(place)
+    return beat is not None and beat.gone()
 
 
 def check_held(place: str) -> None:
@@ -362,7 +382,12 @@ class OutputClaim:
         published = []
         for pattern, files in staged.items():
             moves = [(s, storage.join(self.folder, storage.name(s))) for s in files]
-            storage.rename(moves)
+            check_held(self.folder)  # each move a store's copies long: no file of a run that lost its place
+            try:
+                storage.rename(moves)
+            except Exception:
+                check_held(self.folder)  # the run that took the place over removed them: its place, not a failure
+                raise
             published += [target for _, target in moves]
             fault_point(f"publish:{pattern}")
         marker = marker | {"files": names}
@@ -514,7 +539,8 @@ def claim_output(
         try:
             yield OutputClaim(folder, staging, tuple(patterns))
         finally:
-            storage.delete([storage.join(folder, TEMPORARY)])
+            if not lapsed(folder):  # else another run's staging may be there now: the next run removes ours
+                storage.delete([storage.join(folder, TEMPORARY)])
 
 
 @contextmanager

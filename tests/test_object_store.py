@@ -550,16 +550,22 @@ def test_a_run_whose_claim_lapsed_publishes_nothing(s3, monkeypatch):
     for heartbeat, lapses in ((0.05, False), (3600.0, True)):
         monkeypatch.setattr(commit, "HEARTBEAT_S", heartbeat)
         place = f"s3://{BUCKET}/lapse/{lapses}"
+        theirs = f"{place}/_temporary/the-run-that-took-over/predictions-0.parquet"
         with commit.claim_output(place, ["predictions-*.parquet"], "--output") as claim:
             storage.write_bytes(claim.staging_of("predictions-0.parquet"), b"x")
             time.sleep(1.0)
             if lapses:
+                storage.write_bytes(theirs, b"y")  # the run that took the place over, staging
                 with pytest.raises(Busy, match="another run may have taken it over"):
                     claim.publish({"command": "test"})
             else:
                 claim.publish({"command": "test"})
-        published = [k for k in keys(client, f"lapse/{lapses}/") if not k.split("/")[-1].startswith("_CLAIM")]
+        found = [k for k in keys(client, f"lapse/{lapses}/") if not k.split("/")[-1].startswith("_CLAIM")]
+        published = [k for k in found if "/_temporary/" not in k]
         assert published == ([] if lapses else [f"lapse/{lapses}/_SUCCESS", f"lapse/{lapses}/predictions-0.parquet"])
+        # a run that lost its place leaves the staging there (it removed the other run's, which then failed: stall
+        # sweep F2); the next run removes its own
+        assert storage.exists(theirs) == lapses and len(found) - len(published) == (2 if lapses else 0)
 
 
 def test_a_table_or_export_whose_claim_lapsed_commits_nothing(

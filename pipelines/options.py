@@ -367,10 +367,13 @@ class _Interrupts:
 
 
 def stop_local_workers() -> None:
-    """Stop the local runner's worker processes: this process's descendants."""
+    """Stop the local runner's worker processes: this process's descendants. A stopped one (SIGSTOP) acts on the
+    SIGTERM only once continued, so each is continued too, as systemd does: a stopped worker's shell held a
+    terminated run for ever, and a stopped worker outlived its command (stall sweep F5)."""
     for pid in descendants(os.getpid()):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+        for sent in (signal.SIGTERM, signal.SIGCONT):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sent)
 
 
 def run_pipeline(pipeline: beam.Pipeline, what: str):

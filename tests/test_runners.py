@@ -142,13 +142,16 @@ def test_local_workers_say_as_much_as_their_command(segment_artifacts, tmp_path,
 
 
 @pytest.mark.parametrize(
-    ("stop", "status", "rows", "ready"),
+    ("stop", "status", "rows", "ready", "frozen"),
     [
-        (signal.SIGINT, 130, 8, lambda pid: True),  # an SDK worker started, still importing Beam
-        (signal.SIGTERM, -signal.SIGTERM, 8, lambda pid: True),
-        (signal.SIGKILL, -signal.SIGKILL, 300, lambda pid: connected(pid)),  # at work, not starting
+        (signal.SIGINT, 130, 8, lambda pid: True, False),  # an SDK worker started, still importing Beam
+        (signal.SIGTERM, -signal.SIGTERM, 8, lambda pid: True, False),
+        (signal.SIGKILL, -signal.SIGKILL, 300, lambda pid: connected(pid), False),  # at work, not starting
+        # every process under the driver stopped (SIGSTOP: swapped out, a debugger): a stopped worker's shell held the
+        # terminated driver for ever, and a stopped worker outlived it (stall sweep F5)
+        (signal.SIGTERM, -signal.SIGTERM, 8, lambda pid: True, True),
     ],
-    ids=["int", "term", "kill"],
+    ids=["int", "term", "kill", "term-stopped"],
 )
 def test_a_signal_to_the_driver_alone_stops_the_multi_process_workers(
     segment_artifacts,  # noqa: F811
@@ -157,6 +160,7 @@ def test_a_signal_to_the_driver_alone_stops_the_multi_process_workers(
     status,
     rows,
     ready,
+    frozen,
 ):
     """A scheduler's signal reaches the driver, not its worker processes (a terminal's reaches the whole group). A
     SIGINT while they started hung the run, the runner waiting for workers that waited for its closed servers; after
@@ -179,6 +183,8 @@ def test_a_signal_to_the_driver_alone_stops_the_multi_process_workers(
         while not (workers := [pid for pid in worker_processes(driver.pid) if ready(pid)]):
             assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read()
             time.sleep(0.1)
+        for pid in descendants(driver.pid) if frozen else ():
+            os.kill(pid, signal.SIGSTOP)
         driver.send_signal(stop)
         _, stderr = driver.communicate(timeout=60)
     finally:

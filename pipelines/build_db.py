@@ -1,14 +1,14 @@
 """build-db: labelled Parquet -> exit information for every row -> one LanceDB commit.
 
-The run claims the table's work folder (`<db>/_raee-work/<table>/`; a second live run on the same table is
-refused). Workers write each row's per-layer results (layer rows) as Parquet shards into this run's staging folder
-there, and rejected rows into its staging in the errors folder (raee_ops/run_record.py). The driver checks
-conservation (rows in = written + rejected) and its refusals (no rows to overwrite with, too many rejected), turns
-the layer rows into exit rows (raee_ops/reference.py: probes fitted, policies chosen), commits the table in one
-LanceDB version and then publishes the errors, so a failed or killed run leaves the table as it
-was. The next run removes a killed run's staging and settles its errors folder, whichever --errors it is given
-itself. A large new table runs two jobs under the one claim (two_pass_share): a sample in every input form, whose
-rows choose the probes' view, then the other rows in that view's form only.
+The run claims the table's work folder (`<db>/_raee-work/<table>/`; a second live run on the same table is refused).
+Workers write each row's per-layer results (layer rows) as Parquet shards into this run's staging folder there, and
+rejected rows into its staging in the errors folder (raee_ops/run_record.py). The driver checks conservation (rows
+in = written + rejected) and its refusals (no rows to overwrite with, too many rejected), turns the layer rows into
+exit rows (raee_ops/reference.py: probes fitted, policies chosen), commits the table in one LanceDB version
+(raee_ops/exit_table.py: the table's refusals, append base and commit) and then publishes the errors, so a failed or
+killed run leaves the table as it was. The next run removes a killed run's staging and settles its errors folder,
+whichever --errors it is given itself. A large new table runs two jobs under the one claim (two_pass_share): a
+sample in every input form, whose rows choose the probes' view, then the other rows in that view's form only.
 """
 
 from __future__ import annotations

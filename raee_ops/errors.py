@@ -92,8 +92,9 @@ class VersionRemoved(RetryLater):
 
 
 class CommitConflict(RetryLater):
-    """A writer outside raee-ops's claims committed to the table between this run's read and its commit: the
-    version this run meant to write was not made, and a rerun writes it (retrieval.committing)."""
+    """A writer outside raee-ops's claims (or a run that took the table over once this run stalled past its claim)
+    committed to the table between this run's read and its commit: the version this run meant to write was not
+    made, and a rerun writes it (retrieval.committing)."""
 
 
 class Overtaken(RetryLater):

@@ -181,7 +181,8 @@ def committing(db_uri: str, table: str) -> Iterator[None]:
         if said is None:
             raise
         raise CommitConflict(
-            f"another writer, outside raee-ops's claims, committed to table {table!r} in {db_uri} first ({said}): "
+            f"another writer committed to table {table!r} in {db_uri} first (one outside raee-ops's claims, or a run "
+            f"that took the table over once this run stalled past its claim; {said}): "
             "this run's version was not made; run again"
         ) from exc
 

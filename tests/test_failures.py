@@ -1641,7 +1641,7 @@ def test_a_writer_outside_raee_ops_committing_first_is_a_retry(segment_artifacts
     with pytest.raises(SystemExit) as ended:
         main([*append, "--mode", "append"])
     line = one_error_line(SimpleNamespace(stderr=capsys.readouterr().err))
-    assert ended.value.code == 75 and "another writer, outside raee-ops's claims" in line and "run again" in line
+    assert ended.value.code == 75 and "another writer committed to table 'sst2'" in line and "run again" in line
     assert ".rs:" not in line  # LanceDB's Rust source location is not the user's business
     assert lancedb.connect(str(db)).open_table("sst2").count_rows() == 8
     monkeypatch.undo()

@@ -18,13 +18,12 @@ EXHAUSTED = {
     "No space left on device": "free space there",
     "Disk quota exceeded": "free space there",
     "Too many open files": "raise the open-file limit (ulimit -n)",
+} | dict.fromkeys(
     # Python's, numpy's ("MemoryError: Unable to allocate ..."), ONNX Runtime's C++ allocator's, the system's
     # (ENOMEM), the loader's mapping a library (an ImportError)
-    "MemoryError": "give the command and its workers more memory",
-    "bad_alloc": "give the command and its workers more memory",
-    "Cannot allocate memory": "give the command and its workers more memory",
-    "failed to map segment from shared object": "give the command and its workers more memory",
-}
+    ("MemoryError", "bad_alloc", "Cannot allocate memory", "failed to map segment from shared object"),
+    "give the command and its workers more memory",
+)
 
 
 def exhausted(text: str) -> tuple[str, str] | None:
@@ -99,8 +98,8 @@ class CommitConflict(RetryLater):
 
 class Overtaken(RetryLater):
     """Another run committed to the table between the version this run read under its claim and this run's own
-    commit: this run's claim had lapsed (stalled past its life). The other run's version is made current again and
-    this run's is not kept (retrieval.keep_theirs); a rerun builds on it."""
+    commit: this run's claim had lapsed (stalled past its life), or a writer outside the claims committed. The other
+    version is made current again and this run's is not kept (retrieval.keep_theirs); a rerun builds on it."""
 
 
 class StoreUnavailable(RetryLater):

@@ -32,6 +32,7 @@ from raee_ops.retrieval import (
     connect,
     foreign_table,
     keep_theirs,
+    no_database,
     open_listed,
     open_table,
     read_column,
@@ -138,8 +139,8 @@ def _committed_earlier(
 def refuse_replacing_foreign(db_uri: str, table: str, storage_options: dict[str, str]) -> None:
     """An overwrite replaces exit tables only: a table another program keeps in the database (a misspelt --table)
     is not build-db's to replace."""
-    if storage.is_local(db_uri) and not storage.is_dir(db_uri):
-        return  # no database yet (connecting would create it)
+    if no_database(db_uri):
+        return
     db = connect(db_uri, storage_options)
     if table in table_names(db):
         with contextlib.suppress(Unfinished):  # no version: build-db's own, killed before its first commit
@@ -203,8 +204,8 @@ def previous_rows(
 
 def current_version(db_uri: str, name: str, storage_options: dict[str, str] | None = None) -> int | None:
     """The table's latest version; None where there is no table (nor database) yet."""
-    if storage.is_local(db_uri) and not storage.is_dir(db_uri):
-        return None  # connecting would create it
+    if no_database(db_uri):
+        return None
     db = connect(db_uri, storage_options)
     return open_listed(db, db_uri, name).version if name in table_names(db) else None
 

@@ -326,10 +326,16 @@ def no_table(name: str, db_uri: str) -> RaeeConfigError:
     return RaeeConfigError(f"no table {name!r} in {db_uri} (run build-db first)")
 
 
+def no_database(db_uri: str) -> bool:
+    """Whether `db_uri` is a local database directory that does not exist yet: connecting would create it, empty
+    (an object-store database has no directory to look for)."""
+    return storage.is_local(db_uri) and not storage.is_dir(db_uri)
+
+
 def check_database(db_uri: str) -> None:
-    """Refuse a local database directory that does not exist (connecting would create it, empty), or that the
-    workers cannot see (`storage.unseen`)."""
-    if storage.is_local(db_uri) and not storage.is_dir(db_uri):
+    """Refuse a local database directory that does not exist (`no_database`), or that the workers cannot see
+    (`storage.unseen`)."""
+    if no_database(db_uri):
         raise storage.unseen(db_uri, "--db") or RaeeConfigError(
             f"no LanceDB database at {db_uri} (run build-db first, or check --db)"
         )

@@ -31,8 +31,10 @@ def main(argv: list[str]) -> None:
     logs.configure(verbosity)  # before Beam's import, which logs its own warnings
     from apache_beam.runners.worker import sdk_worker_main
 
+    from raee_ops.faults import fault_point
     from raee_ops.processes import started
 
+    fault_point("worker:start")  # before it connects: Beam's handler waited for it for ever
     running = partial(command_running, command, started(command))
     # its connection to a command gone is no failure to report: that command's stderr, a scheduler's log, had two
     # tracebacks from each worker after a SIGKILL

@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import signal
-import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cache
@@ -37,6 +36,7 @@ from apache_beam.options.pipeline_options import (
 from apache_beam.portability.api import beam_job_api_pb2
 from apache_beam.runners.portability import portable_runner
 from apache_beam.runners.runner import PipelineState
+from raee_ops.pipelines.local_runner import CHANNEL_CLOSED, failed_worker, local_runner
 
 from raee_ops import logs
 from raee_ops.commit import end_terminated, note_interrupt
@@ -272,28 +272,11 @@ def make_pipeline(beam_args: Sequence[str] = (), **settings: str | None) -> beam
     options = PipelineOptions(list(beam_args) + extra)
     runner_name = options.view_as(StandardOptions).runner
     local = is_local_runner(runner_name)
-    pipeline = beam.Pipeline(runner=_local_runner(), options=options) if local else beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=local_runner(), options=options) if local else beam.Pipeline(options=options)
     # Beam's folder for cross-language transforms, which these pipelines have none of, removed only once run() ends:
     # each run killed, or refused before its run, left one in the temporary folder
     os.rmdir(pipeline.local_tempdir)
     return pipeline
-
-
-def _local_runner() -> Any:
-    """Beam's local runner, whose worker processes of their own (multi_processing) run `local_worker`, which
-    logs as this command does."""
-    from apache_beam.portability import python_urns
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-    class LocalRunner(FnApiRunner):
-        def run_via_runner_api(self, pipeline_proto: Any, options: PipelineOptions) -> Any:
-            command = f"{sys.executable} -m raee_ops.pipelines.local_worker {logs.verbosity()} {os.getpid()}"
-            for environment in pipeline_proto.components.environments.values():
-                if environment.urn == python_urns.SUBPROCESS_SDK:  # the command of Beam's own worker
-                    environment.payload = command.encode()
-            return super().run_via_runner_api(pipeline_proto, options)
-
-    return LocalRunner()
 
 
 class _Terminated(BaseException):
@@ -448,11 +431,13 @@ def failure(what: str, exc: Exception, result: Any = None) -> str:
     """The line of a failed run: a job service's lost call names the service and its status (its first line was
     "<_MultiThreadedRendezvous of RPC that terminated with:"), a job that failed on a job service the worker's error
     from the job's messages (Beam's exception says only "Error running pipeline."), a failure in workers of their
-    own the exception their traceback ends with, anything else the worker's error."""
+    own the exception their traceback ends with (or how one died mid-bundle), anything else the worker's error."""
     if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
         return f"{what} pipeline failed: the job service stopped answering ({exc.code().name}: {exc.details()})"
     traced = first_line(exc).startswith("Traceback (most recent call last)") and _raised([str(exc)])
     cause = _job_error(result) or traced or f"{type(exc).__name__}: {first_line(exc)}"
+    if cause == CHANNEL_CLOSED:  # a local worker died mid-bundle: how it ended says more
+        cause = failed_worker() or cause
     ran_out = exhausted(cause)  # not a bug: the worker's disk, its open files
     mend = f"; {ran_out[1]}, then run again" if ran_out else ""
     return f"{what} pipeline failed{WORKER}{cause}{mend}"

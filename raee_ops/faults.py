@@ -20,6 +20,7 @@ the process when it gets there: no cleanup, no `finally`, exactly what a schedul
 - `export:publish`: on an object store, the new export's files are copied over the old one's, its manifest not yet
 - `rollback:restored`: rollback has restored the version, not yet put the table's errors folder in step with it
 - `prune:cut`: prune has removed the table's old versions (@2: and its companion's), not yet what it reports
+- `worker:start`: a worker process of the local runner (multi_processing) starts, not yet connected to its job
 - `load:classify`, `load:build-db`, `load:evaluate`: a worker is loading the model (with RAEE_FAULT_MODE=raise: a
   failed job)
 

@@ -141,6 +141,22 @@ def test_local_workers_say_as_much_as_their_command(segment_artifacts, tmp_path,
     assert done.returncode == 0 and done.stderr == "" and done.stdout == ""
 
 
+@pytest.mark.parametrize("fault", ["worker:start", "batch:build-db"], ids=["at-start", "mid-bundle"])
+def test_a_local_worker_that_dies_ends_the_run_with_how_it_ended(segment_artifacts, tmp_path, fault):  # noqa: F811
+    """A worker process killed before it connected (out of memory while importing) hung the run for ever: Beam's
+    handler waited for its answers. One killed mid-bundle ended the run with Beam's "RuntimeError: Channel closed
+    prematurely.", naming nothing. Both end with exit 1 and the worker's end, and no table."""
+    train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
+    args = ["build-db", "--artifacts", segment_artifacts, "--task", "sst2", "--input", train, "--db", tmp_path / "db"]
+    args += ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
+    failed = raee_ops(*args, fault=fault, timeout=120)
+    assert failed.returncode == 1 and one_error_line(failed) == (
+        "error: build-db pipeline failed in a Beam worker: LocalWorkerError: a worker process of the local runner "
+        "was killed by SIGKILL (out of memory, or killed from outside) before its work was done"
+    )
+    assert not (tmp_path / "db" / "sst2.lance").exists()
+
+
 @pytest.mark.parametrize(
     ("stop", "status", "rows", "ready", "frozen"),
     [
@@ -267,16 +283,12 @@ def wait_or_explain(process: subprocess.Popen, interrupts: options._Interrupts) 
 
 
 def worker_processes(parent: int) -> list[int]:
-    """The Python SDK workers under `parent` (each started through a shell), from /proc."""
+    """The Python SDK workers under `parent` (its children: each shell execs its worker), from /proc."""
     found = []
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if (
-                b"raee_ops.pipelines.local_worker" in cmdline
-                and not cmdline.startswith(b"/bin/sh")
-                and parent_of(parent_of(pid)) == parent
-            ):
+            if b"raee_ops.pipelines.local_worker" in cmdline and parent_of(pid) == parent:
                 found.append(pid)
         except (OSError, ValueError):  # ended meanwhile
             continue

@@ -144,6 +144,9 @@ class _Beat:
 
     def _run(self) -> None:
         while not self.stop.wait(HEARTBEAT_S):
+            if self.gone():  # renewing now would put back a claim the run that took the place over removed
+                self.lapsed = True
+                return
             try:
                 storage.write_bytes(self.claim, json.dumps({"run": self.claim, "time": time.time()}).encode())
             except Exception as exc:  # a missed beat only shortens the claim; the run goes on until `check`
@@ -151,7 +154,7 @@ class _Beat:
                 log.debug("renewing the claim %s failed", self.claim, exc_info=True)
                 continue
             now = _now()
-            self.lapsed = self.lapsed or now - self.renewed >= self.LAPSE_S
+            self.lapsed = now - self.renewed >= self.LAPSE_S  # a renewal that took that long to land
             self.renewed = now
 
     def gone(self) -> bool:

@@ -568,6 +568,31 @@ def test_a_run_whose_claim_lapsed_publishes_nothing(s3, monkeypatch):
         assert storage.exists(theirs) == lapses and len(found) - len(published) == (2 if lapses else 0)
 
 
+def test_a_lapsed_claim_is_not_put_back(s3, monkeypatch):
+    """A run stalled past its claim's life, whose claim the run that took the place over removed, wrote it back on
+    its first beat once resumed: a third run was refused as long as the lapsed one lived on. It renews no more."""
+    from raee_ops import commit, storage
+
+    endpoint, client = s3
+    storage.configure(s3_args(endpoint))
+    clock = [0.0]
+    monkeypatch.setattr(commit, "_now", lambda: clock[0])
+    monkeypatch.setattr(commit, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(commit._Beat, "LAPSE_S", 10.0)
+    claim = f"s3://{BUCKET}/beat/_CLAIM-stalled"
+    storage.write_bytes(claim, b"{}")
+    beat = commit._Beat(claim)
+    try:
+        time.sleep(0.3)
+        assert not beat.gone() and keys(client, "beat/") == ["beat/_CLAIM-stalled"]  # renewed, not lapsed
+        storage.delete([claim])  # taken over while this run was stopped ...
+        clock[0] += 11.0  # ... for longer than its claim lives
+        time.sleep(0.3)
+        assert beat.gone() and keys(client, "beat/") == []
+    finally:
+        beat.end()
+
+
 def test_a_table_or_export_whose_claim_lapsed_commits_nothing(
     s3,
     segment_artifacts,  # noqa: F811

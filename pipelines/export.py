@@ -14,7 +14,7 @@ the next export to the same place removes what a killed one left and never a liv
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,9 @@ from raee_ops.onnx_export.segments import SegmentJob, export_job
 from raee_ops.onnx_export.tokenizer_file import save_tokenizer
 from raee_ops.onnx_export.verbalizer import label_token_ids
 from raee_ops.onnx_export.verify import verify_export
-from raee_ops.pipelines.export_checks import (
-    check_before_loading,
-    check_replaceable,
-    is_export_file,
-)
+from raee_ops.pipelines.export_checks import check_before_loading
 from raee_ops.pipelines.options import make_pipeline, run_pipeline
 from raee_ops.schemas.manifest import (
-    MANIFEST_NAME,
     EmbedderEntry,
     FileRef,
     Manifest,
@@ -48,17 +43,13 @@ from raee_ops.schemas.manifest import (
 
 from raee_ops import storage
 from raee_ops.commit import (
-    EXPORT_MARK,
-    PUBLISHING,
-    check_held,
     hold,
     new_run_id,
     reclaim_siblings,
-    run_named,
-    say,
     scratch_folder,
 )
 from raee_ops.errors import RaeeConfigError
+from raee_ops.export_place import move_into_place, publish_remote, put_back
 from raee_ops.faults import fault_point
 from raee_ops.progress import Progress, phase
 from raee_ops.tasks import Task
@@ -149,78 +140,6 @@ def _check_request(model_spec: str, tasks: Sequence[Task], max_length: int) -> N
         raise RaeeConfigError(f"--max-length {max_length} must be between 1 and the model's limit {limit}")
 
 
-def _move_into_place(work: str, out_dir: str) -> None:
-    """Replace out_dir by work (local folders) once work is complete, in one step where the filesystem can swap
-    two folders, else by moving the old export aside first (`_put_back` mends a kill in between). Exports to the
-    same place take turns here (the parent's lock), so two at once both end with a complete one.
-
-    Files written into out_dir while this run exported would be deleted with the old export, so it is checked
-    again here, and once more when out of the way, before it is deleted (a file written in between); found, the
-    old export goes back to out_dir and the run is refused. One window is left, a listing long, between the swap and
-    its undoing: a run killed there leaves the old export with the file in work, which the next run removes, and a
-    file written into out_dir then goes with the new export, dropped."""
-    parent = storage.parent(out_dir)
-    with hold(parent, f"the folder of {out_dir}", wait=True):
-        if not storage.exists(out_dir):
-            storage.rename([(work, out_dir)])
-            return
-        _check_late_files(out_dir)
-        if storage.exchange(work, out_dir):
-            fault_point("export:aside")  # work holds the old export now: the run's end (or the next run) removes it
-            _check_late_files(out_dir, aside=work, undo=lambda: storage.exchange(work, out_dir))
-            return
-        old = storage.join(parent, f".{storage.name(out_dir)}.old-{new_run_id()}")
-        storage.rename([(out_dir, old)])
-        fault_point("export:aside")
-        _check_late_files(out_dir, aside=old, undo=lambda: storage.rename([(old, out_dir)]))
-        storage.rename([(work, out_dir)])
-        storage.delete([old])  # a concurrent run may have reclaimed it
-
-
-def _check_late_files(out_dir: str, aside: str = "", undo: Callable[[], object] = lambda: None) -> None:
-    """Refuse where out_dir's old export (at `aside` once out of the way, to be deleted) holds files its manifest
-    does not list, written while this run exported; `undo` first puts it back at out_dir."""
-    try:
-        check_replaceable(out_dir, found_at=aside)
-    except RaeeConfigError as exc:
-        undo()
-        raise RaeeConfigError(
-            f"{exc} (written while this export ran: the old export stays, the new one is dropped)"
-        ) from exc
-
-
-def _put_back(out_dir: str) -> None:
-    """A run killed between moving the old export aside and the new one in left none at out_dir: the old one goes
-    back, before anything else may fail (a local folder's `.old-*` sibling; object stores publish in place)."""
-    parent, name = storage.parent(out_dir), storage.name(out_dir)
-    with hold(parent, f"the folder of {out_dir}", wait=True):
-        aside = run_named(parent, f".{name}.old-")
-        if aside and not storage.exists(out_dir):
-            storage.rename([(storage.join(parent, aside[-1]), out_dir)])
-            say(f"put back {out_dir}: an export killed while replacing it had moved it aside")
-
-
-def _publish_remote(work: str, out_dir: str, manifest: Manifest) -> None:
-    """Move the files of an object-store export into place (a copy: an old export cannot stay whole), marked as
-    being published first, the old manifest removed, the new one written last; files of the old export that the new
-    one does not have are removed at the end. A run killed in between leaves the mark: the folder is an export's,
-    without a manifest, which a rerun may replace. --out is checked again first (a file written there while this
-    run exported), and only files of the names an export gives its files are removed at the end: one written during
-    the copy stays, and the next export refuses the folder."""
-    with hold(out_dir, f"--out {out_dir}"):
-        _check_late_files(out_dir)
-        storage.write_bytes(storage.join(out_dir, PUBLISHING), EXPORT_MARK)  # not empty: S3
-        storage.delete([storage.join(out_dir, MANIFEST_NAME)])
-        files = sorted({ref.file for ref in manifest.file_refs()})
-        storage.rename((storage.join(work, f), storage.join(out_dir, f)) for f in files)
-        fault_point("export:publish")
-        check_held(out_dir)  # a model's worth of copies: the manifest makes them an export only while ours
-        storage.write_bytes(storage.join(out_dir, MANIFEST_NAME), manifest.to_json().encode())
-        stale = [n for n in storage.children(out_dir) if n not in files and is_export_file(n)]
-        storage.delete([storage.join(out_dir, n) for n in stale])
-        storage.delete([storage.join(out_dir, PUBLISHING)])
-
-
 def _export_embedders(names: Sequence[str], work: Path, optimize: bool) -> dict[str, EmbedderEntry]:
     if not names:
         return {}
@@ -278,7 +197,7 @@ def run_export(
     parent, name, local = storage.parent(out_dir), storage.name(out_dir), storage.is_local(out_dir)
     storage.mkdirs(parent)
     if local:
-        _put_back(out_dir)
+        put_back(out_dir)
     for leftover in (".tmp-", ".old-"):
         reclaim_siblings(parent, f".{name}{leftover}")
     work = storage.join(parent, f".{name}.tmp-{new_run_id()}")
@@ -341,9 +260,9 @@ def run_export(
             fault_point("export:move")
             if local:
                 write_manifest(files, manifest)
-                _move_into_place(work, out_dir)
+                move_into_place(work, out_dir)
             else:
-                _publish_remote(work, out_dir, manifest)
+                publish_remote(work, out_dir, manifest)
     finally:  # a failed run's folder, or what a published one left (a retried bundle's second copy)
         storage.delete([work])
     return manifest

@@ -541,9 +541,8 @@ def test_an_export_takes_only_its_own_runs_folders_beside_out(tmp_path: Path, mo
     which may hold a whole export) were taken for a killed run's: put back as --out, then replaced, or removed,
     and the user's files with them. Only run-named ones are taken. Where the filesystem cannot swap two folders
     in one step, a kill between the two moves leaves no --out, which the next run puts back."""
-    from raee_ops.pipelines.export import _move_into_place, _put_back
-
     from raee_ops.commit import new_run_id, reclaim_siblings
+    from raee_ops.export_place import move_into_place, put_back
     from raee_ops.faults import InjectedFault
 
     out, old = make_artifacts(tmp_path / "out"), load_manifest(tmp_path / "out")
@@ -556,16 +555,16 @@ def test_an_export_takes_only_its_own_runs_folders_beside_out(tmp_path: Path, mo
     monkeypatch.setenv("RAEE_FAULT", "export:aside")
     monkeypatch.setenv("RAEE_FAULT_MODE", "raise")
     with pytest.raises(InjectedFault):
-        _move_into_place(str(work), str(out))
+        move_into_place(str(work), str(out))
     assert not out.exists()
     monkeypatch.delenv("RAEE_FAULT")
-    _put_back(str(out))
+    put_back(str(out))
     for leftover in (".tmp-", ".old-"):
         reclaim_siblings(str(tmp_path), f".out{leftover}")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old-backup", ".out.tmp-x", "out"]
     assert load_manifest(out) == old and (backup / "notes.txt").read_text() == "precious"
     monkeypatch.undo()
-    _move_into_place(str(make_artifacts(tmp_path / f".out.tmp-{new_run_id()}", seed=1)), str(out))  # one swap
+    move_into_place(str(make_artifacts(tmp_path / f".out.tmp-{new_run_id()}", seed=1)), str(out))  # one swap
     assert load_manifest(out) != old and load_manifest(tmp_path / ".out.tmp-x")
 
 
@@ -597,9 +596,8 @@ def test_a_file_written_into_out_as_the_export_moves_in_is_kept(
 ) -> None:
     """A file written into --out after its last check but before the old export is out of the way goes with it:
     the old export is checked again there, before it is deleted, and put back with the file."""
-    from raee_ops.pipelines.export import _move_into_place
-
     from raee_ops.commit import new_run_id
+    from raee_ops.export_place import move_into_place
 
     out, old = make_artifacts(tmp_path / "out"), load_manifest(tmp_path / "out")
     work = make_artifacts(tmp_path / f".out.tmp-{new_run_id()}", seed=1)
@@ -612,7 +610,7 @@ def test_a_file_written_into_out_as_the_export_moves_in_is_kept(
 
     monkeypatch.setattr(storage, "exchange", late_write)
     with pytest.raises(RaeeConfigError, match=f"--out {out} holds notes.txt, not part of the export there .* ran"):
-        _move_into_place(str(work), str(out))
+        move_into_place(str(work), str(out))
     assert load_manifest(out) == old and (out / "notes.txt").read_text() == "precious"
     assert load_manifest(work) == new and sorted(p.name for p in tmp_path.iterdir()) == [work.name, "out"]
 

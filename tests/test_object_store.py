@@ -568,7 +568,7 @@ def test_a_run_whose_claim_lapsed_publishes_nothing(s3, monkeypatch):
         assert storage.exists(theirs) == lapses and len(found) - len(published) == (2 if lapses else 0)
 
 
-def test_a_lapsed_claim_is_not_put_back(s3, monkeypatch):
+def test_a_lapsed_claim_is_notput_back(s3, monkeypatch):
     """A run stalled past its claim's life, whose claim the run that took the place over removed, wrote it back on
     its first beat once resumed: a third run was refused as long as the lapsed one lived on. It renews no more."""
     from raee_ops import commit, storage
@@ -694,10 +694,10 @@ def test_s3_operations_share_one_client_per_setting_set(s3, monkeypatch):
 def test_an_s3_export_folder_keeps_what_is_not_the_export(s3, segment_artifacts):  # noqa: F811
     """A re-export replaces its s3:// --out whole: a database may not be built in it, and one found there (or any
     object its manifest does not list) refuses the export, before the model loads."""
-    from raee_ops.pipelines.export_checks import check_out
     from raee_ops.schemas.manifest import check_outside_artifacts
 
     from raee_ops import storage
+    from raee_ops.export_place import check_out
 
     endpoint, client = s3
     storage.configure(s3_args(endpoint))
@@ -714,12 +714,12 @@ def test_an_s3_export_killed_while_publishing_excuses_only_an_exports_files(s3, 
     """An export killed while publishing on S3 leaves its mark, the old export without its manifest, new files among
     them and its claim: a rerun replaces that. The mark let it replace anything else there too (the user's notes),
     and a killed classify's `_PUBLISHING` (its list of names) counted as the mark."""
-    from raee_ops.pipelines.export_checks import check_out
     from raee_ops.schemas.manifest import load_manifest
 
     from raee_ops import storage
     from raee_ops.commit import EXPORT_MARK
     from raee_ops.errors import ArtifactError, ArtifactsChanged
+    from raee_ops.export_place import check_out
 
     endpoint, client = s3
     storage.configure(s3_args(endpoint))
@@ -756,11 +756,9 @@ def test_an_s3_export_keeps_files_written_into_out_while_it_ran(s3, segment_arti
     during the copy stays)."""
     from dataclasses import replace
 
-    import raee_ops.pipelines.export
-    from raee_ops.pipelines.export import _publish_remote
     from raee_ops.schemas.manifest import load_manifest
 
-    from raee_ops import storage
+    from raee_ops import export_place, storage
 
     endpoint, client = s3
     storage.configure(s3_args(endpoint))
@@ -770,15 +768,13 @@ def test_an_s3_export_keeps_files_written_into_out_while_it_ran(s3, segment_arti
     client.put_object(Bucket=BUCKET, Key="late/out/notes.txt", Body=b"mine")
     before = keys(client, "late/out/")
     with pytest.raises(RaeeConfigError, match=f"--out {late} holds notes.txt, not part of the export there .* ran"):
-        _publish_remote(upload_dir(client, segment_artifacts, "late/work"), late, manifest)
+        export_place.publish_remote(upload_dir(client, segment_artifacts, "late/work"), late, manifest)
     assert keys(client, "late/out/") == before
 
     during = upload_dir(client, segment_artifacts, "during/out")
     put = client.put_object
-    monkeypatch.setattr(
-        raee_ops.pipelines.export, "fault_point", lambda _: put(Bucket=BUCKET, Key="during/out/notes.txt")
-    )
-    _publish_remote(upload_dir(client, segment_artifacts, "during/work"), during, manifest)
+    monkeypatch.setattr(export_place, "fault_point", lambda _: put(Bucket=BUCKET, Key="during/out/notes.txt"))
+    export_place.publish_remote(upload_dir(client, segment_artifacts, "during/work"), during, manifest)
     names = {k.rsplit("/", 1)[1] for k in keys(client, "during/out/")}
     assert names == {ref.file for ref in manifest.file_refs()} | {"manifest.json", "notes.txt"}
 

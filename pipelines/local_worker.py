@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from functools import partial
 
@@ -43,13 +44,27 @@ def main(argv: list[str]) -> None:
     )
     threading.Thread(target=_end_without, args=(running,), name="raee-watch-command", daemon=True).start()
 
+    failed = None
     with logs.library_prints_hidden():
         try:
             sdk_worker_main.main(argv)
-        except Exception:
-            if _outlives(running):
-                raise
-            os._exit(1)  # not a traceback, then SIGABRT from native threads at teardown, to a stderr nobody reads
+        except Exception as exc:
+            if not _outlives(running):
+                os._exit(1)  # not a traceback, then SIGABRT from native threads at teardown, to a stderr nobody reads
+            failed = exc
+    if failed is not None:
+        traceback.print_exception(failed)
+    _exit(1 if failed else 0)
+
+
+def _exit(status: int) -> None:
+    """End now, skipping the interpreter's teardown: a worker whose job ended while its bundle ran (the job failed
+    in another worker) tore down with ONNX Runtime's threads at work, and printed "terminate called without an
+    active exception" into the command's stderr, under its one error line, as it aborted."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def command_running(command: int, born: int | None) -> bool:

@@ -585,8 +585,9 @@ def test_a_lapsed_claim_is_notput_back(s3, monkeypatch):
     try:
         time.sleep(0.3)
         assert not beat.gone() and keys(client, "beat/") == ["beat/_CLAIM-stalled"]  # renewed, not lapsed
-        storage.delete([claim])  # taken over while this run was stopped ...
-        clock[0] += 11.0  # ... for longer than its claim lives
+        clock[0] += 11.0  # stopped for longer than its claim lives ...
+        beat.thread.join(timeout=10)  # its first beat since sees it
+        storage.delete([claim])  # ... and taken over meanwhile
         time.sleep(0.3)
         assert beat.gone() and keys(client, "beat/") == []
     finally:

@@ -63,9 +63,10 @@ class _LocalWorkerHandler(SubprocessSdkWorkerHandler):
         try:
             self.worker.run()
         except RuntimeError as exc:  # Beam's: "Worker subprocess exited with return code N"
-            _failed_ends.append(f"{LocalWorkerError.__name__}: {_ended(str(exc))}")
-            try:
-                raise LocalWorkerError(_ended(str(exc))) from None
+            ended = _ended(str(exc))
+            _failed_ends.append(f"{LocalWorkerError.__name__}: {ended}")
+            try:  # a traceback, as a worker reports its failure: the run's line names its last line's exception
+                raise LocalWorkerError(ended) from None
             except LocalWorkerError:
                 self._answer_all(traceback.format_exc())
 

@@ -22,7 +22,11 @@ from apache_beam.portability import python_urns
 from apache_beam.portability.api import beam_fn_api_pb2
 from apache_beam.runners.portability import local_job_service
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.runners.portability.fn_api_runner.worker_handlers import SubprocessSdkWorkerHandler, WorkerHandler
+from apache_beam.runners.portability.fn_api_runner.worker_handlers import (
+    BeamFnControlServicer,
+    SubprocessSdkWorkerHandler,
+    WorkerHandler,
+)
 
 from raee_ops import logs
 
@@ -50,9 +54,14 @@ class LocalWorkerError(RuntimeError):
 @WorkerHandler.register_environment(LOCAL_WORKER_URN, bytes)
 class _LocalWorkerHandler(SubprocessSdkWorkerHandler):
     """Beam's subprocess worker handler, whose worker's failed end answers the job's requests of it with that
-    failure, as a worker reports its own: the job's threads wait on those answers, and on nothing else that ends."""
+    failure, as a worker reports its own (the job's threads wait on those answers, and on nothing else that ends),
+    and whose close reaches a worker that has not connected yet."""
+
+    #: How often the requests of a worker that ended are answered again: one may be made as it ends.
+    ANSWER_EVERY_S = 0.1
 
     def start_worker(self) -> None:
+        self._closing = threading.Event()
         self.worker = local_job_service.SubprocessSdkWorker(
             self._worker_command_line, self.control_address, self.provision_info, self.worker_id
         )
@@ -68,23 +77,27 @@ class _LocalWorkerHandler(SubprocessSdkWorkerHandler):
             try:  # a traceback, as a worker reports its failure: the run's line names its last line's exception
                 raise LocalWorkerError(ended) from None
             except LocalWorkerError:
-                self._answer_all(traceback.format_exc())
+                self._answer_until_closed(traceback.format_exc())
 
-    def _answer_all(self, error: str) -> None:
-        """Answer the requests waiting on the worker with `error`, and any made later: the job may not have sent its
-        first yet."""
+    def _answer_until_closed(self, error: str) -> None:
+        """Answer every request made of the worker with `error` until the handler closes: those waiting, those made
+        later, and one made as the worker ended (the job may not have sent its first yet)."""
         connection = self.control_conn
-        push = connection.push
+        while True:
+            for instruction, future in list(connection._futures_by_id.items()):
+                if not future.is_done():
+                    future.set(beam_fn_api_pb2.InstructionResponse(instruction_id=instruction, error=error))
+            if self._closing.wait(self.ANSWER_EVERY_S):
+                return
 
-        def answered(request: Any) -> Any:
-            future = push(request)
-            if future is not None:
-                future.set(beam_fn_api_pb2.InstructionResponse(instruction_id=request.instruction_id, error=error))
-            return future
-
-        connection.push = answered
-        for instruction, future in list(connection._futures_by_id.items()):
-            future.set(beam_fn_api_pb2.InstructionResponse(instruction_id=instruction, error=error))
+    def close(self) -> None:
+        """Beam ends a worker's control stream only if it has connected: one still starting when the job failed in
+        another worker (a second's import) connected after the close and waited for ever for an end nobody sent,
+        and the run with it. Queued now, the end reaches it as it connects."""
+        self._closing.set()
+        if self.control_conn._state != BeamFnControlServicer.STARTED_STATE:
+            self.control_conn.push(BeamFnControlServicer._DONE_MARKER)
+        super().close()
 
 
 def _ended(beams: str) -> str:

@@ -141,20 +141,42 @@ def test_local_workers_say_as_much_as_their_command(segment_artifacts, tmp_path,
     assert done.returncode == 0 and done.stderr == "" and done.stdout == ""
 
 
-@pytest.mark.parametrize("fault", ["worker:start", "batch:build-db"], ids=["at-start", "mid-bundle"])
-def test_a_local_worker_that_dies_ends_the_run_with_how_it_ended(segment_artifacts, tmp_path, fault):  # noqa: F811
+@pytest.mark.parametrize("death", ["each-at-start", "one-at-start", "mid-bundle"])
+def test_a_local_worker_that_dies_ends_the_run_with_how_it_ended(segment_artifacts, tmp_path, death):  # noqa: F811
     """A worker process killed before it connected (out of memory while importing) hung the run for ever: Beam's
-    handler waited for its answers. One killed mid-bundle ended the run with Beam's "RuntimeError: Channel closed
-    prematurely.", naming nothing. Both end with exit 1 and the worker's end, and no table."""
+    handler waited for its answers. So did one killed while the other still started: the job failed at once, Beam's
+    close ended the control stream of connected workers only, and the other connected after it and waited for an end
+    nobody sent. One killed mid-bundle ended the run with Beam's "RuntimeError: Channel closed prematurely.", naming
+    nothing. Each ends with exit 1 and the worker's end, and no table."""
     train = labelled(tmp_path / "train.parquet", 8, 0, "t", bad=False)
     args = ["build-db", "--artifacts", segment_artifacts, "--task", "sst2", "--input", train, "--db", tmp_path / "db"]
     args += ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
-    failed = raee_ops(*args, fault=fault, timeout=120)
+    if death == "one-at-start":
+        failed = kill_the_later_worker_as_it_starts([str(a) for a in args])
+    else:
+        failed = raee_ops(*args, fault={"each-at-start": "worker:start", "mid-bundle": "batch:build-db"}[death])
     assert failed.returncode == 1 and one_error_line(failed) == (
         "error: build-db pipeline failed in a Beam worker: LocalWorkerError: a worker process of the local runner "
         "was killed by SIGKILL (out of memory, or killed from outside) before its work was done"
     )
     assert not (tmp_path / "db" / "sst2.lance").exists()
+
+
+def kill_the_later_worker_as_it_starts(args: list[str]) -> subprocess.CompletedProcess:
+    """The command run with SIGKILL sent to the later of its two local workers as soon as both are seen."""
+    driver = subprocess.Popen([sys.executable, "-m", "raee_ops", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := worker_processes(driver.pid)) < 2:
+            assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read()
+            time.sleep(0.02)
+        os.kill(max(workers), signal.SIGKILL)
+        stdout, stderr = driver.communicate(timeout=90)
+    finally:
+        for pid in worker_processes(driver.pid):  # a hung run's, before the driver they are known by goes
+            os.kill(pid, signal.SIGKILL)
+        driver.kill()
+    return subprocess.CompletedProcess(args, driver.returncode, stdout.decode(), stderr.decode())
 
 
 @pytest.mark.parametrize(

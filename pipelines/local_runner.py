@@ -107,11 +107,10 @@ def _ended(beams: str) -> str:
         status = int(code)
     except ValueError:
         return f"a worker process of the local runner failed: {beams}"
-    number = -status if status < 0 else status - 128  # Popen's -N, or a shell's 128+N
-    if number == signal.SIGKILL:
+    if status == -signal.SIGKILL:  # Popen's -N: the shell execs the worker, so no shell's 128+N comes in between
         how = "was killed by SIGKILL (out of memory, or killed from outside)"
-    elif number in set(signal.Signals):
-        how = f"was killed by {signal.Signals(number).name}"
+    elif -status in set(signal.Signals):
+        how = f"was killed by {signal.Signals(-status).name}"
     else:
         how = f"exited with status {status} (its messages above say why)"
     return f"a worker process of the local runner {how} before its work was done"
